@@ -1,0 +1,585 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`.
+//!
+//! Both go the same way: check the request (every 4xx is decided before a byte of the
+//! answer is sent, so streaming requests get proper status codes too), tokenize, wait for
+//! the engine, then either stream SSE chunks or collect the whole text.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream::{self, Stream, StreamExt};
+use serde::Serialize;
+use shoal_engine::{ChatMessage, FinishReason, GenerateParams, Model, SamplingParams};
+
+use crate::error::{ApiError, Json};
+use crate::runner::{self, Event, Job};
+use crate::state::{unix_now, AppState};
+use crate::types::{
+    ChatChoice, ChatChunkChoice, CompletionObject, CompletionRequest, Content, Delta, MessageIn,
+    MessageOut, Prompt, TextChoice, Usage,
+};
+
+/// Tokens generated when the request does not say (and the context has room).
+pub const DEFAULT_MAX_TOKENS: usize = 512;
+
+/// Sampling defaults when a request leaves a field out: llama-server's, which suit small
+/// local models better than OpenAI's plain temperature 1.
+const DEFAULT_TEMPERATURE: f32 = 0.8;
+const DEFAULT_TOP_K: usize = 40;
+const DEFAULT_TOP_P: f32 = 0.95;
+const DEFAULT_MIN_P: f32 = 0.05;
+
+/// Every answer says it came from this backend.
+const SYSTEM_FINGERPRINT: &str = concat!("shoal-", env!("CARGO_PKG_VERSION"));
+
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
+    Json(req): Json<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let checked = check(&state, &req, "messages")?;
+    let messages = chat_messages(req.messages.as_deref())?;
+    let prepared = checked.with_model(state.model()?);
+    let model = Arc::clone(&prepared.model);
+    let prompt = blocking(move || {
+        let text = model
+            .render_chat(&messages)
+            .map_err(|e| ApiError::from_engine(e, "messages"))?;
+        model
+            .encode_prompt(&text)
+            .map_err(|e| ApiError::from_engine(e, "messages"))
+    })
+    .await?;
+    respond(state, prepared, prompt, received, Kind::Chat).await
+}
+
+pub(crate) async fn completions(
+    State(state): State<AppState>,
+    Json(mut req): Json<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let checked = check(&state, &req, "prompt")?;
+    let prompt = prompt_in(req.prompt.take())?;
+    let prepared = checked.with_model(state.model()?);
+    let model = Arc::clone(&prepared.model);
+    let prompt = match prompt {
+        PromptIn::Text(text) => {
+            blocking(move || {
+                model
+                    .encode_prompt(&text)
+                    .map_err(|e| ApiError::from_engine(e, "prompt"))
+            })
+            .await?
+        }
+        PromptIn::Tokens(ids) => {
+            let vocab = model.config().vocab_size;
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(ApiError::invalid_value(
+                    "prompt",
+                    format!("token id {bad} is outside the vocabulary (size {vocab})"),
+                ));
+            }
+            ids
+        }
+    };
+    respond(state, prepared, prompt, received, Kind::Text).await
+}
+
+/// Which API a response speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// A checked request, waiting for its prompt tokens.
+struct Prepared<M = Arc<Model>> {
+    model: M,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    max_tokens: Option<usize>,
+    stream: bool,
+    include_usage: bool,
+    /// The request field the prompt came from, for error messages.
+    prompt_param: &'static str,
+}
+
+impl Prepared<()> {
+    fn with_model(self, model: Arc<Model>) -> Prepared {
+        Prepared {
+            model,
+            sampling: self.sampling,
+            stop: self.stop,
+            max_tokens: self.max_tokens,
+            stream: self.stream,
+            include_usage: self.include_usage,
+            prompt_param: self.prompt_param,
+        }
+    }
+}
+
+/// Checks everything that needs no model: `n`, `model`, `max_tokens`, sampling ranges.
+/// (Request errors come before "still loading", so clients learn of them at once.)
+fn check(
+    state: &AppState,
+    req: &CompletionRequest,
+    prompt_param: &'static str,
+) -> Result<Prepared<()>, ApiError> {
+    if let Some(n) = req.n {
+        if n != 1 {
+            return Err(ApiError::invalid_value(
+                "n",
+                format!("only n = 1 is supported, got {n}"),
+            ));
+        }
+    }
+    if let Some(model) = &req.model {
+        if model != state.model_id() {
+            return Err(ApiError::model_not_found(model));
+        }
+    }
+    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
+        None => None,
+        Some(n) if n < 1 => {
+            let param = if req.max_completion_tokens.is_some() {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            };
+            return Err(ApiError::invalid_value(
+                param,
+                format!("`{param}` must be at least 1, got {n}"),
+            ));
+        }
+        Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+    };
+    let sampling = sampling(req)?;
+    let stop = match &req.stop {
+        None => Vec::new(),
+        Some(stop) => stop
+            .to_vec()
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect(),
+    };
+    Ok(Prepared {
+        model: (),
+        sampling,
+        stop,
+        max_tokens,
+        stream: req.stream.unwrap_or(false),
+        include_usage: req
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        prompt_param,
+    })
+}
+
+fn sampling(req: &CompletionRequest) -> Result<SamplingParams, ApiError> {
+    let mut p = SamplingParams {
+        temperature: DEFAULT_TEMPERATURE,
+        top_k: DEFAULT_TOP_K,
+        top_p: DEFAULT_TOP_P,
+        min_p: DEFAULT_MIN_P,
+        ..SamplingParams::default()
+    };
+    if let Some(t) = req.temperature {
+        p.temperature = in_range("temperature", t, 0.0, 2.0)?;
+    }
+    if let Some(v) = req.top_p {
+        p.top_p = in_range("top_p", v, 0.0, 1.0)?;
+    }
+    if let Some(v) = req.min_p {
+        p.min_p = in_range("min_p", v, 0.0, 1.0)?;
+    }
+    if let Some(k) = req.top_k {
+        // llama-server: zero or less turns top-k off.
+        p.top_k = usize::try_from(k).unwrap_or(0);
+    }
+    if let Some(v) = req.frequency_penalty {
+        p.frequency_penalty = in_range("frequency_penalty", v, -2.0, 2.0)?;
+    }
+    if let Some(v) = req.presence_penalty {
+        p.presence_penalty = in_range("presence_penalty", v, -2.0, 2.0)?;
+    }
+    if let Some(v) = req.repeat_penalty {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(ApiError::invalid_value(
+                "repeat_penalty",
+                format!("`repeat_penalty` must be greater than 0, got {v}"),
+            ));
+        }
+        p.repeat_penalty = v;
+    }
+    if let Some(n) = req.repeat_last_n {
+        p.repeat_last_n = match n {
+            // llama-server: -1 means the whole context.
+            -1 => usize::MAX,
+            n => usize::try_from(n).map_err(|_| {
+                ApiError::invalid_value(
+                    "repeat_last_n",
+                    format!("`repeat_last_n` must be -1 or more, got {n}"),
+                )
+            })?,
+        };
+    }
+    p.seed = match &req.seed {
+        // Two-complement reinterpretation keeps negative seeds distinct and valid.
+        Some(n) => n
+            .as_u64()
+            .or_else(|| n.as_i64().map(|i| i as u64))
+            .ok_or_else(|| {
+                ApiError::invalid_value("seed", format!("`seed` must be an integer, got {n}"))
+            })?,
+        None => random_seed(),
+    };
+    Ok(p)
+}
+
+fn in_range(param: &str, v: f32, lo: f32, hi: f32) -> Result<f32, ApiError> {
+    if (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ApiError::invalid_value(
+            param,
+            format!("`{param}` must be between {lo} and {hi}, got {v}"),
+        ))
+    }
+}
+
+/// A seed for requests that give none: different each time, as OpenAI's sampling is.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish()
+}
+
+/// The conversation as the chat template wants it.
+fn chat_messages(messages: Option<&[MessageIn]>) -> Result<Vec<ChatMessage>, ApiError> {
+    let messages = messages.ok_or_else(|| ApiError::missing_param("messages"))?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid_value(
+            "messages",
+            "`messages` must contain at least one message",
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(s)) => s.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut texts = Vec::with_capacity(parts.len());
+                    for (j, part) in parts.iter().enumerate() {
+                        match (part.kind.as_str(), &part.text) {
+                            ("text", Some(text)) => texts.push(text.as_str()),
+                            ("text", None) => {
+                                return Err(ApiError::missing_param(&format!(
+                                    "messages[{i}].content[{j}].text"
+                                )))
+                            }
+                            (other, _) => {
+                                return Err(ApiError::invalid_value(
+                                    &format!("messages[{i}].content[{j}].type"),
+                                    format!(
+                                        "content parts of type `{other}` are not supported; \
+                                         only `text` is"
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    texts.join("\n")
+                }
+            };
+            // OpenAI's newer name for the system role; templates know only `system`.
+            let role = match m.role.as_str() {
+                "developer" => "system".to_string(),
+                r => r.to_string(),
+            };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+/// A completion prompt, as text to tokenize or as token ids.
+enum PromptIn {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+fn prompt_in(prompt: Option<Prompt>) -> Result<PromptIn, ApiError> {
+    let one = || {
+        ApiError::invalid_value(
+            "prompt",
+            "exactly one prompt is supported per request (batches are not)",
+        )
+    };
+    match prompt {
+        None => Err(ApiError::missing_param("prompt")),
+        Some(Prompt::Text(s)) => Ok(PromptIn::Text(s)),
+        Some(Prompt::Texts(v)) => match <[String; 1]>::try_from(v) {
+            Ok([s]) => Ok(PromptIn::Text(s)),
+            Err(_) => Err(one()),
+        },
+        Some(Prompt::Tokens(ids)) => Ok(PromptIn::Tokens(ids)),
+        Some(Prompt::TokenBatches(v)) => match <[Vec<u32>; 1]>::try_from(v) {
+            Ok([ids]) => Ok(PromptIn::Tokens(ids)),
+            Err(_) => Err(one()),
+        },
+    }
+}
+
+/// Runs CPU work (templates, tokenizing) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))?
+}
+
+/// Checks the prompt against the context, waits for the engine and answers.
+async fn respond(
+    state: AppState,
+    prepared: Prepared,
+    prompt: Vec<u32>,
+    received: Instant,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let context = prepared.model.config().context_length;
+    let param = prepared.prompt_param;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_value(
+            param,
+            format!("`{param}` is empty"),
+        ));
+    }
+    // The engine needs room for at least one generated token.
+    if prompt.len() >= context {
+        return Err(ApiError::context_length_exceeded(
+            param,
+            format!(
+                "this model's maximum context length is {context} tokens, but the {param} \
+                 is {} tokens long; shorten it",
+                prompt.len()
+            ),
+        ));
+    }
+    let room = context - prompt.len();
+    let max_tokens = match prepared.max_tokens {
+        None => room.min(DEFAULT_MAX_TOKENS),
+        Some(n) if n > room => {
+            return Err(ApiError::context_length_exceeded(
+                "max_tokens",
+                format!(
+                    "this model's maximum context length is {context} tokens; you asked for \
+                     {n} tokens of completion after {} tokens of {param}, which leaves room \
+                     for {room} at most; lower max_tokens or shorten the {param}",
+                    prompt.len()
+                ),
+            ));
+        }
+        Some(n) => n,
+    };
+    let params = GenerateParams {
+        sampling: prepared.sampling,
+        max_tokens,
+        stop: prepared.stop,
+    };
+    let job = Job {
+        model: prepared.model,
+        prompt,
+        params,
+        received,
+    };
+    let rx = runner::start(state.engine(), state.metrics(), job).await?;
+    let out = Output {
+        id: state.new_id(match kind {
+            Kind::Chat => "chatcmpl",
+            Kind::Text => "cmpl",
+        }),
+        created: unix_now(),
+        model: state.model_id().to_string(),
+        kind,
+        include_usage: prepared.include_usage,
+    };
+    if prepared.stream {
+        Ok(Sse::new(out.stream(rx))
+            .keep_alive(KeepAlive::default())
+            .into_response())
+    } else {
+        let (text, finish, usage) = runner::collect(rx).await?;
+        Ok(out.whole(text, finish, usage))
+    }
+}
+
+/// Writes one response's objects: the whole answer, or its stream of chunks.
+struct Output {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+    include_usage: bool,
+}
+
+impl Output {
+    fn object<C>(&self, object: &'static str, choices: Vec<C>) -> CompletionObject<'_, C> {
+        CompletionObject {
+            id: &self.id,
+            object,
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: SYSTEM_FINGERPRINT,
+            choices,
+            usage: None,
+        }
+    }
+
+    fn whole(&self, text: String, finish: FinishReason, usage: Usage) -> Response {
+        let finish_reason = finish.as_str();
+        match self.kind {
+            Kind::Chat => {
+                let choice = ChatChoice {
+                    index: 0,
+                    message: MessageOut {
+                        role: "assistant",
+                        content: text,
+                    },
+                    logprobs: None,
+                    finish_reason,
+                };
+                let mut body = self.object("chat.completion", vec![choice]);
+                body.usage = Some(usage);
+                axum::Json(body).into_response()
+            }
+            Kind::Text => {
+                let choice = TextChoice {
+                    index: 0,
+                    text,
+                    logprobs: None,
+                    finish_reason: Some(finish_reason),
+                };
+                let mut body = self.object("text_completion", vec![choice]);
+                body.usage = Some(usage);
+                axum::Json(body).into_response()
+            }
+        }
+    }
+
+    /// A chunk carrying `text` (with the role, for the first chat chunk) or the finish
+    /// reason.
+    fn chunk(&self, role: bool, text: Option<String>, finish: Option<FinishReason>) -> SseEvent {
+        let finish_reason = finish.map(FinishReason::as_str);
+        match self.kind {
+            Kind::Chat => {
+                let delta = Delta {
+                    role: role.then_some("assistant"),
+                    content: text,
+                };
+                let choice = ChatChunkChoice {
+                    index: 0,
+                    delta,
+                    logprobs: None,
+                    finish_reason,
+                };
+                sse_json(&self.object("chat.completion.chunk", vec![choice]))
+            }
+            Kind::Text => {
+                let choice = TextChoice {
+                    index: 0,
+                    text: text.unwrap_or_default(),
+                    logprobs: None,
+                    finish_reason,
+                };
+                sse_json(&self.object("text_completion", vec![choice]))
+            }
+        }
+    }
+
+    /// The usage chunk: no choices, only `usage` (sent when the client asked for it).
+    fn usage_chunk(&self, usage: Usage) -> SseEvent {
+        let object = match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Text => "text_completion",
+        };
+        let mut body = self.object::<TextChoice>(object, Vec::new());
+        body.usage = Some(usage);
+        sse_json(&body)
+    }
+
+    /// The SSE events of a streamed answer: for chat, a first chunk with the role; then
+    /// one chunk per piece of text; a chunk with the finish reason; the usage chunk if
+    /// asked; `[DONE]`. A failure after the start becomes an `{"error": …}` event, which
+    /// the `openai` clients raise as an exception.
+    fn stream(
+        self,
+        rx: tokio::sync::mpsc::Receiver<Event>,
+    ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+        enum Phase {
+            Start,
+            Running,
+            Finished,
+        }
+        let out = Arc::new(self);
+        stream::unfold((rx, Phase::Start), move |(mut rx, phase)| {
+            let out = Arc::clone(&out);
+            async move {
+                let events = match phase {
+                    Phase::Finished => return None,
+                    Phase::Start if out.kind == Kind::Chat => {
+                        vec![out.chunk(true, Some(String::new()), None)]
+                    }
+                    Phase::Start => Vec::new(),
+                    Phase::Running => match rx.recv().await {
+                        Some(Event::Text(text)) => vec![out.chunk(false, Some(text), None)],
+                        Some(Event::Done { finish, usage }) => {
+                            let mut events = vec![out.chunk(false, None, Some(finish))];
+                            if out.include_usage {
+                                events.push(out.usage_chunk(usage));
+                            }
+                            events.push(SseEvent::default().data("[DONE]"));
+                            return Some((events, (rx, Phase::Finished)));
+                        }
+                        Some(Event::Failed(e)) => {
+                            return Some((vec![sse_error(&e)], (rx, Phase::Finished)))
+                        }
+                        None => {
+                            let e = runner::ended_unexpectedly();
+                            return Some((vec![sse_error(&e)], (rx, Phase::Finished)));
+                        }
+                    },
+                };
+                Some((events, (rx, Phase::Running)))
+            }
+        })
+        .flat_map(|events| stream::iter(events.into_iter().map(Ok)))
+    }
+}
+
+fn sse_json<T: Serialize>(value: &T) -> SseEvent {
+    match serde_json::to_string(value) {
+        Ok(json) => SseEvent::default().data(json),
+        Err(e) => sse_error(&ApiError::internal(format!(
+            "cannot serialize a chunk: {e}"
+        ))),
+    }
+}
+
+fn sse_error(e: &ApiError) -> SseEvent {
+    SseEvent::default().data(e.body())
+}

@@ -1,0 +1,155 @@
+//! The HTTP face of a Shoal node: an OpenAI-compatible API, `/health` and `/metrics`.
+//!
+//! - `POST /v1/chat/completions`, `POST /v1/completions`: streaming (SSE, ending with
+//!   `data: [DONE]`; a usage chunk only with `stream_options.include_usage`) or whole.
+//! - `GET /v1/models`, `GET /v1/models/{id}`: the one model this node serves.
+//! - `GET /health`: 503 while the model loads (or when it failed), then `{"status":"ok"}`.
+//! - `GET /metrics`: Prometheus metrics prefixed `shoal_`.
+//!
+//! Errors are OpenAI's `{"error":{"message","type","param","code"}}`, made in one place:
+//! [`ApiError`]. Generations run one at a time on the engine; the others queue (see
+//! `runner`). With an API key configured, everything but `/health` wants
+//! `Authorization: Bearer <key>`; without one, any token (or none) is accepted.
+//!
+//! [`app`] builds the router from an [`AppState`]; the binary serves it, loads the model
+//! in the background and calls [`AppState::set_ready`].
+
+mod completions;
+mod error;
+mod metrics;
+mod runner;
+mod state;
+mod types;
+
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use completions::DEFAULT_MAX_TOKENS;
+pub use error::{ApiError, Json};
+pub use state::AppState;
+
+use types::{ModelList, ModelObject};
+
+/// The router of a node's HTTP API.
+pub fn app(state: AppState) -> Router {
+    let protected = Router::new()
+        .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .merge(protected)
+        .route("/health", get(health))
+        .route("/v1/health", get(health))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    match state.model() {
+        Ok(_) => axum::Json(serde_json::json!({ "status": "ok" })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn list_models(State(state): State<AppState>) -> Response {
+    axum::Json(ModelList {
+        object: "list",
+        data: vec![model_object(&state)],
+    })
+    .into_response()
+}
+
+async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    if id == state.model_id() {
+        axum::Json(model_object(&state)).into_response()
+    } else {
+        ApiError::model_not_found(&id).into_response()
+    }
+}
+
+fn model_object(state: &AppState) -> ModelObject<'_> {
+    ModelObject {
+        id: state.model_id(),
+        object: "model",
+        created: state.started(),
+        owned_by: "shoal",
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, state.registry()) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError::internal(format!("cannot encode metrics: {e}")).into_response(),
+    }
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::unknown_route(method.as_str(), uri.path())
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+/// With an API key configured, wants `Authorization: Bearer <key>`.
+async fn require_api_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = state.api_key() {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without stopping at the first difference, so response times do not tell an
+/// attacker how much of a guessed key was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Counts every answer by route (not raw path, which would let clients mint label values)
+/// and status.
+async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let response = next.run(req).await;
+    state
+        .metrics()
+        .record_request(&endpoint, response.status().as_u16());
+    response
+}

@@ -1,0 +1,146 @@
+//! Prometheus metrics, all prefixed `shoal_`, in the OpenMetrics text format.
+//!
+//! Names follow llama-server's where there is one (prompt tokens, generated tokens,
+//! requests processing and deferred) so dashboards carry over.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    pub(crate) endpoint: String,
+    pub(crate) status: String,
+}
+
+/// Handles to every metric; cheap to clone (each is an `Arc` inside).
+#[derive(Clone, Debug)]
+pub(crate) struct Metrics {
+    pub(crate) requests: Family<RequestLabels, Counter>,
+    pub(crate) prompt_tokens: Counter,
+    pub(crate) generated_tokens: Counter,
+    pub(crate) decode_seconds: Counter<f64, AtomicU64>,
+    pub(crate) time_to_first_token: Histogram,
+    pub(crate) decode_tokens_per_second: Gauge<f64, AtomicU64>,
+    pub(crate) in_flight: Gauge,
+    pub(crate) queued: Gauge,
+    pub(crate) cancelled: Counter,
+}
+
+impl Metrics {
+    /// The metrics, registered in a fresh registry.
+    pub(crate) fn new() -> (Self, Registry) {
+        let metrics = Self {
+            requests: Family::default(),
+            prompt_tokens: Counter::default(),
+            generated_tokens: Counter::default(),
+            decode_seconds: Counter::default(),
+            time_to_first_token: Histogram::new([
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+            decode_tokens_per_second: Gauge::default(),
+            in_flight: Gauge::default(),
+            queued: Gauge::default(),
+            cancelled: Counter::default(),
+        };
+        let mut registry = Registry::with_prefix("shoal");
+        registry.register(
+            "requests",
+            "HTTP requests answered, by endpoint and status code",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens processed",
+            metrics.prompt_tokens.clone(),
+        );
+        registry.register(
+            "generated_tokens",
+            "Tokens generated",
+            metrics.generated_tokens.clone(),
+        );
+        registry.register_with_unit(
+            "decode",
+            "Time spent generating tokens after the first (rate(generated_tokens) / rate(decode_seconds) is the decode speed)",
+            Unit::Seconds,
+            metrics.decode_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "time_to_first_token",
+            "Time from a request's arrival (queueing included) to its first generated token",
+            Unit::Seconds,
+            metrics.time_to_first_token.clone(),
+        );
+        registry.register(
+            "decode_tokens_per_second",
+            "Decode speed of the last finished generation",
+            metrics.decode_tokens_per_second.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Generations running on the engine",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "requests_queued",
+            "Generations waiting for the engine",
+            metrics.queued.clone(),
+        );
+        registry.register(
+            "requests_cancelled",
+            "Generations stopped early because the client went away",
+            metrics.cancelled.clone(),
+        );
+        (metrics, registry)
+    }
+
+    pub(crate) fn record_request(&self, endpoint: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    /// Token counts and decode speed of one generation, finished or not.
+    pub(crate) fn record_generation(
+        &self,
+        prompt_tokens: usize,
+        generated_tokens: usize,
+        decode: Duration,
+    ) {
+        self.prompt_tokens.inc_by(prompt_tokens as u64);
+        self.generated_tokens.inc_by(generated_tokens as u64);
+        self.decode_seconds.inc_by(decode.as_secs_f64());
+        // The first token comes out of the prompt pass; decode speed is the rest.
+        let decoded = generated_tokens.saturating_sub(1);
+        if decoded > 0 && !decode.is_zero() {
+            self.decode_tokens_per_second
+                .set(decoded as f64 / decode.as_secs_f64());
+        }
+    }
+}
+
+/// Increments a gauge now and decrements it when dropped, so a cancelled future or a
+/// panicking task cannot leave it counting.
+pub(crate) struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub(crate) fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,135 @@
+//! What every handler shares: the model (once loaded), the engine's admission
+//! semaphore, the API key and the metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus_client::registry::Registry;
+use shoal_engine::Model;
+use tokio::sync::Semaphore;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// Where the model is in its life.
+enum Load {
+    Loading,
+    Ready(Arc<Model>),
+    Failed(String),
+}
+
+/// State shared by all handlers. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    model_id: String,
+    api_key: Option<String>,
+    load: RwLock<Load>,
+    /// One permit: one generation on the engine at a time; the rest wait in line.
+    engine: Arc<Semaphore>,
+    metrics: Metrics,
+    registry: Registry,
+    /// Unix time of start-up, reported as the model's `created`.
+    started: u64,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// `model_id` is the id `/v1/models` lists and clients send as `model`. With an
+    /// `api_key`, every endpoint but `/health` wants `Authorization: Bearer <api_key>`.
+    pub fn new(model_id: String, api_key: Option<String>) -> Self {
+        let (metrics, registry) = Metrics::new();
+        Self {
+            inner: Arc::new(Inner {
+                model_id,
+                api_key,
+                load: RwLock::new(Load::Loading),
+                engine: Arc::new(Semaphore::new(1)),
+                metrics,
+                registry,
+                started: unix_now(),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The model has loaded: requests are served from now on.
+    pub fn set_ready(&self, model: Arc<Model>) {
+        *self.write_load() = Load::Ready(model);
+    }
+
+    /// The model could not load: `/health` and every request say why, with a 503.
+    pub fn set_failed(&self, message: String) {
+        *self.write_load() = Load::Failed(message);
+    }
+
+    fn write_load(&self) -> std::sync::RwLockWriteGuard<'_, Load> {
+        // A writer that panicked left a whole `Load` behind; it is still valid.
+        self.inner
+            .load
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The loaded model, or the 503 to answer while there is none.
+    pub(crate) fn model(&self) -> Result<Arc<Model>, ApiError> {
+        let load = self
+            .inner
+            .load
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*load {
+            Load::Ready(model) => Ok(Arc::clone(model)),
+            Load::Loading => Err(ApiError::unavailable("the model is still loading")),
+            Load::Failed(message) => Err(ApiError::unavailable(format!(
+                "the model failed to load: {message}"
+            ))),
+        }
+    }
+
+    pub(crate) fn model_id(&self) -> &str {
+        &self.inner.model_id
+    }
+
+    pub(crate) fn api_key(&self) -> Option<&str> {
+        self.inner.api_key.as_deref()
+    }
+
+    pub(crate) fn engine(&self) -> &Arc<Semaphore> {
+        &self.inner.engine
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub(crate) fn started(&self) -> u64 {
+        self.inner.started
+    }
+
+    /// A fresh response id such as `chatcmpl-18a2f…`: unique within this process, and
+    /// unlikely to repeat across restarts.
+    pub(crate) fn new_id(&self, prefix: &str) -> String {
+        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        format!("{prefix}-{nanos:x}{n:04x}")
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}

@@ -1,0 +1,173 @@
+//! OpenAI's request and response objects, as far as Shoal serves them.
+//!
+//! One request struct serves both `/v1/chat/completions` and `/v1/completions`: the
+//! sampling fields are the same, and each handler checks that the field it needs
+//! (`messages` or `prompt`) is present. Unknown fields are ignored, as OpenAI clients send
+//! many we have no use for.
+
+use serde::{Deserialize, Serialize};
+
+/// The body of a completion request (chat or plain).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct CompletionRequest {
+    pub(crate) model: Option<String>,
+    /// Chat only.
+    pub(crate) messages: Option<Vec<MessageIn>>,
+    /// Completions only.
+    pub(crate) prompt: Option<Prompt>,
+    pub(crate) max_tokens: Option<i64>,
+    /// The chat API's newer name for `max_tokens`; wins when both are present.
+    pub(crate) max_completion_tokens: Option<i64>,
+    pub(crate) temperature: Option<f32>,
+    pub(crate) top_p: Option<f32>,
+    pub(crate) seed: Option<serde_json::Number>,
+    pub(crate) stop: Option<Stop>,
+    pub(crate) frequency_penalty: Option<f32>,
+    pub(crate) presence_penalty: Option<f32>,
+    pub(crate) n: Option<i64>,
+    pub(crate) stream: Option<bool>,
+    pub(crate) stream_options: Option<StreamOptions>,
+    // llama-server's extras.
+    pub(crate) top_k: Option<i64>,
+    pub(crate) min_p: Option<f32>,
+    pub(crate) repeat_penalty: Option<f32>,
+    pub(crate) repeat_last_n: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct StreamOptions {
+    pub(crate) include_usage: Option<bool>,
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub(crate) fn to_vec(&self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s.clone()],
+            Self::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// `prompt`: a string, a batch of one string, or token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenBatches(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct MessageIn {
+    pub(crate) role: String,
+    /// Absent or null on assistant messages that only carried tool calls.
+    #[serde(default)]
+    pub(crate) content: Option<Content>,
+}
+
+/// A message's content: a string, or an array of typed parts of which we read the text.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ContentPart {
+    #[serde(rename = "type")]
+    pub(crate) kind: String,
+    pub(crate) text: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub(crate) struct Usage {
+    pub(crate) prompt_tokens: usize,
+    pub(crate) completion_tokens: usize,
+    pub(crate) total_tokens: usize,
+}
+
+impl Usage {
+    pub(crate) fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// `chat.completion` and `chat.completion.chunk`; `text_completion` (both ways).
+#[derive(Debug, Serialize)]
+pub(crate) struct CompletionObject<'a, C> {
+    pub(crate) id: &'a str,
+    pub(crate) object: &'static str,
+    pub(crate) created: u64,
+    pub(crate) model: &'a str,
+    pub(crate) system_fingerprint: &'static str,
+    pub(crate) choices: Vec<C>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatChoice {
+    pub(crate) index: u32,
+    pub(crate) message: MessageOut,
+    pub(crate) logprobs: Option<()>,
+    pub(crate) finish_reason: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct MessageOut {
+    pub(crate) role: &'static str,
+    pub(crate) content: String,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatChunkChoice {
+    pub(crate) index: u32,
+    pub(crate) delta: Delta,
+    pub(crate) logprobs: Option<()>,
+    pub(crate) finish_reason: Option<&'static str>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) content: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct TextChoice {
+    pub(crate) index: u32,
+    pub(crate) text: String,
+    pub(crate) logprobs: Option<()>,
+    pub(crate) finish_reason: Option<&'static str>,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ModelList<'a> {
+    pub(crate) object: &'static str,
+    pub(crate) data: Vec<ModelObject<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct ModelObject<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) object: &'static str,
+    pub(crate) created: u64,
+    pub(crate) owned_by: &'static str,
+}

@@ -1,0 +1,646 @@
+//! The router without a socket (`oneshot`): error cases that need no model, then the
+//! OpenAI endpoints on the real SmolLM2-135M model.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use shoal_api::{app, AppState};
+use shoal_engine::Model;
+use tower::ServiceExt;
+
+const MODEL_ID: &str = "smollm2";
+const MODEL_FILE: &str = "smollm2-135m-instruct-q4_1.gguf";
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("SHOAL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
+}
+
+/// The test model, loaded once per test binary.
+fn model() -> Arc<Model> {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = models_dir().join(MODEL_FILE);
+            assert!(
+                path.is_file(),
+                "{} is missing: run scripts/fetch-models.sh (or set SHOAL_MODELS_DIR)",
+                path.display()
+            );
+            Arc::new(Model::load(&path, |_, _| {}).expect("the test model loads"))
+        })
+        .clone()
+}
+
+fn loading_app() -> (AppState, Router) {
+    let state = AppState::new(MODEL_ID.into(), None);
+    (state.clone(), app(state))
+}
+
+fn ready_app() -> (AppState, Router) {
+    let state = AppState::new(MODEL_ID.into(), None);
+    state.set_ready(model());
+    (state.clone(), app(state))
+}
+
+struct Answer {
+    status: StatusCode,
+    content_type: String,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+
+    /// Asserts an OpenAI error body with this status and returns its `error` object.
+    fn error(&self, status: StatusCode) -> Value {
+        assert_eq!(self.status, status, "body: {}", self.body);
+        assert!(self.content_type.starts_with("application/json"));
+        let body = self.json();
+        let error = body["error"].clone();
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+        assert!(error["type"].is_string(), "{body}");
+        assert!(error.get("param").is_some(), "{body}");
+        assert!(error.get("code").is_some(), "{body}");
+        error
+    }
+
+    /// The `data:` payloads of an SSE body.
+    fn sse_data(&self) -> Vec<String> {
+        assert_eq!(self.status, StatusCode::OK, "body: {}", self.body);
+        assert!(self.content_type.starts_with("text/event-stream"));
+        self.body
+            .split("\n\n")
+            .flat_map(|event| event.lines())
+            .filter_map(|line| line.strip_prefix("data: ").or(line.strip_prefix("data:")))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+async fn send(app: &Router, req: Request<Body>) -> Answer {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let content_type = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    Answer {
+        status,
+        content_type,
+        body: String::from_utf8(bytes.to_vec()).unwrap(),
+    }
+}
+
+async fn get(app: &Router, uri: &str) -> Answer {
+    send(app, Request::get(uri).body(Body::empty()).unwrap()).await
+}
+
+async fn post_raw(app: &Router, uri: &str, body: &str) -> Answer {
+    let req = Request::post(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    send(app, req).await
+}
+
+async fn post(app: &Router, uri: &str, body: Value) -> Answer {
+    post_raw(app, uri, &body.to_string()).await
+}
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+    });
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    body
+}
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+// ---- no model needed ----
+
+#[tokio::test]
+async fn malformed_json_is_400() {
+    let (_, app) = loading_app();
+    let error = post_raw(&app, "/v1/chat/completions", "{\"messages\": [")
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["type"], "invalid_request_error");
+    assert_eq!(error["code"], "invalid_json");
+    post_raw(&app, "/v1/completions", "")
+        .await
+        .error(StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn invalid_fields_are_400_with_param() {
+    let (_, app) = loading_app();
+    let error = post(&app, "/v1/chat/completions", json!({"messages": "hi"}))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "messages");
+    let error = post(&app, "/v1/chat/completions", json!({"model": MODEL_ID}))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "messages");
+    let error = post(&app, "/v1/completions", json!({"model": MODEL_ID}))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "prompt");
+    let error = post(
+        &app,
+        "/v1/chat/completions",
+        chat("hi", json!({"temperature": "hot"})),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "temperature");
+    let error = post(
+        &app,
+        "/v1/chat/completions",
+        chat("hi", json!({"temperature": 7})),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "temperature");
+    let error = post(&app, "/v1/chat/completions", chat("hi", json!({"n": 2})))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "n");
+    for bad in [json!(0), json!(-3)] {
+        let error = post(
+            &app,
+            "/v1/chat/completions",
+            chat("hi", json!({"max_tokens": bad})),
+        )
+        .await
+        .error(StatusCode::BAD_REQUEST);
+        assert_eq!(error["param"], "max_tokens");
+    }
+    let error = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "messages[0].content[0].type");
+}
+
+#[tokio::test]
+async fn unknown_model_is_404() {
+    let (_, app) = loading_app();
+    let error = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .error(StatusCode::NOT_FOUND);
+    assert_eq!(error["code"], "model_not_found");
+    let error = get(&app, "/v1/models/gpt-4o")
+        .await
+        .error(StatusCode::NOT_FOUND);
+    assert_eq!(error["code"], "model_not_found");
+}
+
+#[tokio::test]
+async fn loading_and_failed_are_503() {
+    let (state, app) = loading_app();
+    let error = get(&app, "/health")
+        .await
+        .error(StatusCode::SERVICE_UNAVAILABLE);
+    assert!(error["message"].as_str().unwrap().contains("loading"));
+    post(&app, "/v1/chat/completions", chat("hi", json!({})))
+        .await
+        .error(StatusCode::SERVICE_UNAVAILABLE);
+    post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "hi", "stream": true}),
+    )
+    .await
+    .error(StatusCode::SERVICE_UNAVAILABLE);
+    // The model list needs no model.
+    let models = get(&app, "/v1/models").await;
+    assert_eq!(models.status, StatusCode::OK);
+    assert_eq!(models.json()["data"][0]["id"], MODEL_ID);
+
+    state.set_failed("out of memory".into());
+    let error = get(&app, "/health")
+        .await
+        .error(StatusCode::SERVICE_UNAVAILABLE);
+    assert!(error["message"].as_str().unwrap().contains("out of memory"));
+}
+
+#[tokio::test]
+async fn unknown_route_and_method() {
+    let (_, app) = loading_app();
+    let error = get(&app, "/v1/nope").await.error(StatusCode::NOT_FOUND);
+    assert!(error["message"].as_str().unwrap().contains("/v1/nope"));
+    get(&app, "/v1/chat/completions")
+        .await
+        .error(StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn api_key_is_enforced_except_on_health() {
+    let state = AppState::new(MODEL_ID.into(), Some("sesame".into()));
+    state.set_ready(model());
+    let app = app(state);
+    let with_key = |uri: &str, key: &str| {
+        Request::get(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let error = get(&app, "/v1/models")
+        .await
+        .error(StatusCode::UNAUTHORIZED);
+    assert_eq!(error["code"], "invalid_api_key");
+    send(&app, with_key("/v1/models", "wrong"))
+        .await
+        .error(StatusCode::UNAUTHORIZED);
+    post(&app, "/v1/chat/completions", chat("hi", json!({})))
+        .await
+        .error(StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(&app, with_key("/v1/models", "sesame")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(get(&app, "/health").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn any_token_is_fine_without_a_key() {
+    let (_, app) = loading_app();
+    let req = Request::get("/v1/models")
+        .header(header::AUTHORIZATION, "Bearer sk-whatever")
+        .body(Body::empty())
+        .unwrap();
+    let answer = send(&app, req).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let list = answer.json();
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    assert_eq!(list["data"][0]["object"], "model");
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text() {
+    let (_, app) = loading_app();
+    get(&app, "/health").await;
+    let answer = get(&app, "/metrics").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(answer.content_type.contains("text"));
+    let text = answer.body;
+    for name in [
+        "shoal_requests_total",
+        "shoal_prompt_tokens_total",
+        "shoal_generated_tokens_total",
+        "shoal_time_to_first_token_seconds",
+        "shoal_decode_tokens_per_second",
+        "shoal_requests_in_flight",
+        "shoal_requests_queued",
+        "shoal_requests_cancelled_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from\n{text}");
+    }
+    assert_eq!(
+        metric(
+            &text,
+            r#"shoal_requests_total{endpoint="/health",status="503"}"#
+        ),
+        1.0,
+        "{text}"
+    );
+}
+
+// ---- with the model ----
+
+#[tokio::test]
+async fn health_is_ok_when_ready() {
+    let (_, app) = ready_app();
+    let answer = get(&app, "/health").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.json(), json!({"status": "ok"}));
+}
+
+#[tokio::test]
+async fn chat_completion_whole() {
+    let (_, app) = ready_app();
+    let answer = post(
+        &app,
+        "/v1/chat/completions",
+        chat("What is the capital of France?", json!({"max_tokens": 16})),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let body = answer.json();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], MODEL_ID);
+    assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let choice = &body["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let text = choice["message"]["content"].as_str().unwrap();
+    assert!(!text.is_empty());
+    assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()));
+    let usage = &body["usage"];
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!(prompt > 5);
+    assert!((1..=16).contains(&completion));
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt + completion);
+}
+
+#[tokio::test]
+async fn chat_completion_streamed() {
+    let (_, app) = ready_app();
+    let request = chat(
+        "Count from 1 to 5.",
+        json!({"max_tokens": 12, "stream": true}),
+    );
+    let whole = post(&app, "/v1/chat/completions", {
+        let mut r = request.clone();
+        r["stream"] = json!(false);
+        r
+    })
+    .await
+    .json();
+
+    let data = post(&app, "/v1/chat/completions", request.clone())
+        .await
+        .sse_data();
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks.len() >= 3, "{data:?}");
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], chunks[0]["id"]);
+        assert!(c.get("usage").is_none(), "no usage chunk unless asked: {c}");
+    }
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let last = chunks.last().unwrap();
+    assert_eq!(
+        last["choices"][0]["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
+    assert_eq!(last["choices"][0]["delta"], json!({}));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+
+    // With include_usage: one more chunk, choices empty, usage set.
+    let mut request = request;
+    request["stream_options"] = json!({"include_usage": true});
+    let data = post(&app, "/v1/chat/completions", request).await.sse_data();
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let usage_chunk: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"], whole["usage"]);
+}
+
+#[tokio::test]
+async fn completions_whole_and_streamed() {
+    let (_, app) = ready_app();
+    let request = json!({"model": MODEL_ID, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0});
+    let whole = post(&app, "/v1/completions", request.clone()).await;
+    assert_eq!(whole.status, StatusCode::OK, "{}", whole.body);
+    let whole = whole.json();
+    assert_eq!(whole["object"], "text_completion");
+    assert!(whole["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    assert_eq!(whole["usage"]["completion_tokens"], 8);
+
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let data = post(&app, "/v1/completions", streamed).await.sse_data();
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap());
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["usage"], whole["usage"]);
+    assert_eq!(
+        chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+        "length"
+    );
+
+    // Token ids work as a prompt too, and give the same text.
+    let ids = model().encode_prompt("The quick brown fox").unwrap();
+    let by_ids = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": ids, "max_tokens": 8, "temperature": 0}),
+    )
+    .await
+    .json();
+    assert_eq!(by_ids["choices"][0]["text"], whole["choices"][0]["text"]);
+}
+
+#[tokio::test]
+async fn greedy_is_deterministic_and_parts_equal_strings() {
+    let (_, app) = ready_app();
+    let request = chat(
+        "Write a haiku about the sea.",
+        json!({"max_tokens": 24, "seed": 7}),
+    );
+    let a = post(&app, "/v1/chat/completions", request.clone())
+        .await
+        .json();
+    let b = post(&app, "/v1/chat/completions", request).await.json();
+    assert_eq!(a["choices"][0]["message"], b["choices"][0]["message"]);
+
+    let parts = json!({
+        "model": MODEL_ID,
+        "temperature": 0,
+        "max_tokens": 24,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Write a haiku about the sea."}]}],
+    });
+    let c = post(&app, "/v1/chat/completions", parts).await.json();
+    assert_eq!(a["choices"][0]["message"], c["choices"][0]["message"]);
+}
+
+#[tokio::test]
+async fn stop_strings_cut_the_text() {
+    let (_, app) = ready_app();
+    let request = json!({"prompt": "1, 2, 3, 4, 5,", "max_tokens": 20, "temperature": 0});
+    let free = post(&app, "/v1/completions", request.clone()).await.json();
+    let text = free["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(text.contains(" 8"), "{text}");
+    for stop in [json!(" 8"), json!(["nope", " 8"])] {
+        let mut r = request.clone();
+        r["stop"] = stop;
+        let cut = post(&app, "/v1/completions", r).await.json();
+        let expected = &text[..text.find(" 8").unwrap()];
+        assert_eq!(cut["choices"][0]["text"], expected);
+        assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+    }
+}
+
+#[tokio::test]
+async fn context_limits_are_400() {
+    let (_, app) = ready_app();
+    let context = model().config().context_length;
+    let long = "hello ".repeat(context + 100);
+    let error = post(&app, "/v1/chat/completions", chat(&long, json!({})))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["code"], "context_length_exceeded");
+    let error = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": long, "stream": true}),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["code"], "context_length_exceeded");
+    let error = post(
+        &app,
+        "/v1/chat/completions",
+        chat("hi", json!({"max_tokens": context})),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "max_tokens");
+    let error = post(&app, "/v1/completions", json!({"prompt": [999_999_999u32]}))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "prompt");
+}
+
+#[tokio::test]
+async fn concurrent_requests_queue_and_all_succeed() {
+    let (_, app) = ready_app();
+    let requests = (0..3).map(|i| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            post(
+                &app,
+                "/v1/chat/completions",
+                chat(&format!("Say the number {i}."), json!({"max_tokens": 8})),
+            )
+            .await
+        })
+    });
+    for answer in futures::future::join_all(requests).await {
+        let answer = answer.unwrap();
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        assert!(
+            answer.json()["usage"]["completion_tokens"]
+                .as_u64()
+                .unwrap()
+                > 0
+        );
+    }
+    let metrics = get(&app, "/metrics").await.body;
+    assert_eq!(
+        metric(&metrics, "shoal_requests_in_flight"),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "shoal_requests_queued"), 0.0, "{metrics}");
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"shoal_requests_total{endpoint="/v1/chat/completions",status="200"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(&metrics, "shoal_time_to_first_token_seconds_count"),
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_stream_stops_its_generation() {
+    let (_, app) = ready_app();
+    let request = Request::post("/v1/completions")
+        .body(Body::from(
+            json!({"prompt": "1, 2, 3, 4, 5,", "max_tokens": 4000, "stream": true, "temperature": 0})
+                .to_string(),
+        ))
+        .unwrap();
+    let res = app.clone().oneshot(request).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body().into_data_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(std::str::from_utf8(&first).unwrap().starts_with("data: "));
+    drop(body);
+
+    // The engine is free again almost at once, not after 4000 tokens.
+    let started = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(60),
+        post(
+            &app,
+            "/v1/completions",
+            json!({"prompt": "Hi", "max_tokens": 2}),
+        ),
+    )
+    .await
+    .expect("the next request is served");
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let metrics = get(&app, "/metrics").await.body;
+    assert_eq!(
+        metric(&metrics, "shoal_requests_cancelled_total"),
+        1.0,
+        "{metrics}"
+    );
+    let generated = metric(&metrics, "shoal_generated_tokens_total");
+    assert!(
+        generated < 200.0,
+        "{generated} tokens generated for a dropped stream"
+    );
+}

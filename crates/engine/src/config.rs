@@ -1,0 +1,158 @@
+//! Model hyper-parameters, read from GGUF metadata.
+
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::Value;
+
+use crate::error::{EngineError, Result};
+
+/// The families of decoder we run. They differ in a few switches, not in code paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Architecture {
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "llama" => Ok(Self::Llama),
+            "qwen2" => Ok(Self::Qwen2),
+            "qwen3" => Ok(Self::Qwen3),
+            other => Err(EngineError::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+        }
+    }
+
+    /// llama.cpp's llama weights are permuted for rotation of adjacent pairs ("normal" RoPE);
+    /// qwen models rotate the two halves of each head ("neox" RoPE).
+    pub fn rope_interleaved(self) -> bool {
+        matches!(self, Self::Llama)
+    }
+
+    /// Qwen3 normalises each head of q and k before RoPE.
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Self::Qwen3)
+    }
+}
+
+/// Hyper-parameters of a decoder-only transformer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Architecture,
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_hidden: usize,
+    pub rms_eps: f64,
+    pub rope_theta: f32,
+    pub rope_dim: usize,
+    pub context_length: usize,
+    pub vocab_size: usize,
+}
+
+impl ModelConfig {
+    pub fn from_metadata(md: &HashMap<String, Value>) -> Result<Self> {
+        let arch_name = get_string(md, "general.architecture")?;
+        let arch = Architecture::from_name(&arch_name)?;
+        let p = |key: &str| format!("{arch_name}.{key}");
+        let hidden = get_usize(md, &p("embedding_length"))?;
+        let n_heads = get_usize(md, &p("attention.head_count"))?;
+        let n_kv_heads = get_usize_or(md, &p("attention.head_count_kv"), n_heads)?;
+        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+            return Err(EngineError::InvalidInput(format!(
+                "head counts {n_heads}/{n_kv_heads} do not allow grouped-query attention"
+            )));
+        }
+        let head_dim = get_usize_or(md, &p("attention.key_length"), hidden / n_heads)?;
+        let rope_dim = get_usize_or(md, &p("rope.dimension_count"), head_dim)?;
+        let vocab_size = match md.get("tokenizer.ggml.tokens") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|source| EngineError::BadMetadata {
+                    key: "tokenizer.ggml.tokens".into(),
+                    source,
+                })?
+                .len(),
+            None => get_usize(md, &p("vocab_size"))?,
+        };
+        Ok(Self {
+            arch,
+            n_layers: get_usize(md, &p("block_count"))?,
+            hidden,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn_hidden: get_usize(md, &p("feed_forward_length"))?,
+            rms_eps: get_f64_or(md, &p("attention.layer_norm_rms_epsilon"), 1e-6)?,
+            rope_theta: get_f64_or(md, &p("rope.freq_base"), 10_000.0)? as f32,
+            rope_dim,
+            context_length: get_usize_or(md, &p("context_length"), 4096)?,
+            vocab_size,
+        })
+    }
+}
+
+fn bad(key: &str) -> impl FnOnce(candle_core::Error) -> EngineError + '_ {
+    move |source| EngineError::BadMetadata {
+        key: key.to_string(),
+        source,
+    }
+}
+
+pub(crate) fn get_string(md: &HashMap<String, Value>, key: &str) -> Result<String> {
+    let v = md
+        .get(key)
+        .ok_or_else(|| EngineError::MissingMetadata(key.to_string()))?;
+    Ok(v.to_string().map_err(bad(key))?.clone())
+}
+
+fn to_u64(v: &Value) -> candle_core::Result<u64> {
+    match v {
+        Value::U8(x) => Ok(*x as u64),
+        Value::U16(x) => Ok(*x as u64),
+        Value::U32(x) => Ok(*x as u64),
+        Value::U64(x) => Ok(*x),
+        Value::I8(x) if *x >= 0 => Ok(*x as u64),
+        Value::I16(x) if *x >= 0 => Ok(*x as u64),
+        Value::I32(x) if *x >= 0 => Ok(*x as u64),
+        Value::I64(x) if *x >= 0 => Ok(*x as u64),
+        other => candle_core::bail!("expected a non-negative integer, got {other:?}"),
+    }
+}
+
+fn get_usize(md: &HashMap<String, Value>, key: &str) -> Result<usize> {
+    let v = md
+        .get(key)
+        .ok_or_else(|| EngineError::MissingMetadata(key.to_string()))?;
+    Ok(to_u64(v).map_err(bad(key))? as usize)
+}
+
+fn get_usize_or(md: &HashMap<String, Value>, key: &str, default: usize) -> Result<usize> {
+    match md.get(key) {
+        Some(v) => Ok(to_u64(v).map_err(bad(key))? as usize),
+        None => Ok(default),
+    }
+}
+
+fn get_f64_or(md: &HashMap<String, Value>, key: &str, default: f64) -> Result<f64> {
+    match md.get(key) {
+        Some(Value::F32(x)) => Ok(*x as f64),
+        Some(Value::F64(x)) => Ok(*x),
+        Some(other) => Err(EngineError::BadMetadata {
+            key: key.to_string(),
+            source: candle_core::Error::Msg(format!("expected a float, got {other:?}")),
+        }),
+        None => Ok(default),
+    }
+}

@@ -1,0 +1,347 @@
+//! A whole model on one device, and text generation with it.
+//!
+//! [`Model`] bundles the one stage `[0..L)` with the tokenizer and chat template from the
+//! same GGUF file. [`Generation`] is a pull-based token loop: the caller drives it (a CLI
+//! loop, an HTTP handler's blocking task), so the engine owns no threads.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+use crate::chat_template::{ChatMessage, ChatTemplate};
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
+use crate::kv_cache::KvCache;
+use crate::sampler::{Sampler, SamplingParams};
+use crate::stage::{logits_row, Logits, Stage, StageInput, StageOutput, StageSpec};
+use crate::tokenizer::Tokenizer;
+
+/// Prompts are fed through the model in chunks of this many tokens, which bounds the
+/// attention matrix of a long prompt.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// A whole model loaded on one device.
+pub struct Model {
+    name: String,
+    stage: Stage,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+}
+
+impl Model {
+    /// Loads a GGUF model. `progress(done, total)` is called as layers load.
+    pub fn load(path: impl AsRef<Path>, progress: impl FnMut(usize, usize)) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let device = Device::Cpu;
+        let tokenizer = Tokenizer::from_gguf_metadata(file.metadata())?;
+        let template = match file.metadata().get("tokenizer.chat_template") {
+            Some(_) => Some(ChatTemplate::from_gguf_metadata(file.metadata())?),
+            None => None,
+        };
+        let spec = StageSpec::whole(file.config().n_layers);
+        let stage = Stage::load(&file, spec, &device, progress)?;
+        Ok(Self {
+            name: file.model_name(),
+            stage,
+            tokenizer,
+            template,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.stage.config()
+    }
+
+    pub fn stage(&self) -> &Stage {
+        &self.stage
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids of a raw prompt: special tokens parsed, BOS added if the model wants it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if self.tokenizer.add_bos() {
+            if let Some(bos) = self.tokenizer.bos_id() {
+                ids.push(bos);
+            }
+        }
+        ids.extend(self.tokenizer.encode(text, true)?);
+        Ok(ids)
+    }
+
+    /// Renders a conversation with the model's own chat template, ready for the
+    /// assistant's turn. Models without a template get a plain "role: content" layout.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
+        match &self.template {
+            Some(t) => Ok(t.render(messages, true)?),
+            None => {
+                let mut s = String::new();
+                for m in messages {
+                    s.push_str(&format!("{}: {}\n", m.role, m.content));
+                }
+                s.push_str("assistant:");
+                Ok(s)
+            }
+        }
+    }
+
+    /// Starts generating after `prompt`. Nothing runs until the first `next()`.
+    pub fn generate(&self, prompt: Vec<u32>, params: GenerateParams) -> Result<Generation<'_>> {
+        Generation::new(self, prompt, params)
+    }
+}
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub sampling: SamplingParams,
+    /// Upper bound on generated tokens.
+    pub max_tokens: usize,
+    /// Generation ends before the first occurrence of any of these strings.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            sampling: SamplingParams::default(),
+            max_tokens: 256,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Why generation ended, in OpenAI's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// One generated token and the text it makes visible (may be empty while a multi-byte
+/// character or a possible stop string is incomplete).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    pub token: u32,
+    pub text: String,
+}
+
+/// Time spent, for metrics and benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    pub prompt_tokens: usize,
+    pub prompt_time: Duration,
+    pub generated_tokens: usize,
+    pub generate_time: Duration,
+}
+
+/// A generation in progress. Pull tokens with [`Generation::next_step`].
+pub struct Generation<'m> {
+    model: &'m Model,
+    cache: KvCache,
+    sampler: Sampler,
+    params: GenerateParams,
+    /// Prompt and generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Generated bytes decoded so far, and how many of them were handed out.
+    text: String,
+    emitted: usize,
+    decoder: crate::tokenizer::DecodeStream<'m>,
+    finish: Option<FinishReason>,
+    timings: Timings,
+}
+
+impl<'m> Generation<'m> {
+    fn new(model: &'m Model, prompt: Vec<u32>, params: GenerateParams) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidInput("the prompt is empty".into()));
+        }
+        let limit = model.config().context_length;
+        if prompt.len() >= limit {
+            return Err(EngineError::ContextFull {
+                needed: prompt.len() + 1,
+                limit,
+            });
+        }
+        Ok(Self {
+            model,
+            cache: model.stage.new_cache(),
+            sampler: Sampler::new(params.sampling.clone()),
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            params,
+            text: String::new(),
+            emitted: 0,
+            decoder: model.tokenizer.decode_stream(true),
+            finish: None,
+            timings: Timings::default(),
+        })
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Generated token ids so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
+    /// The visible text generated so far (stop string excluded).
+    pub fn text(&self) -> &str {
+        &self.text[..self.emitted]
+    }
+
+    /// Runs the model for one more token. `Ok(None)` once finished; then
+    /// [`Generation::finish_reason`] says why. All visible text is handed out in steps:
+    /// the step that ends generation carries whatever was held back.
+    pub fn next_step(&mut self) -> Result<Option<Step>> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        if self.params.max_tokens == 0 {
+            self.finish = Some(FinishReason::Length);
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let first = self.tokens.len() == self.prompt_len;
+        let mut logits = self.run_pending()?;
+        let token = self.sampler.sample(&mut logits, &self.tokens);
+        self.tokens.push(token);
+        if first {
+            self.timings.prompt_tokens = self.prompt_len;
+            self.timings.prompt_time += started.elapsed();
+        } else {
+            self.timings.generate_time += started.elapsed();
+        }
+        self.timings.generated_tokens += 1;
+
+        let text = if self.model.tokenizer.is_eog(token) {
+            self.finish = Some(FinishReason::Stop);
+            self.flush_all()
+        } else {
+            let piece = self.decoder.push(token)?;
+            self.text.push_str(&piece);
+            let generated = self.tokens.len() - self.prompt_len;
+            if let Some(cut) = self.find_stop() {
+                self.text.truncate(cut);
+                self.finish = Some(FinishReason::Stop);
+                self.take_visible(cut)
+            } else if generated >= self.params.max_tokens
+                || self.tokens.len() >= self.model.config().context_length
+            {
+                self.finish = Some(FinishReason::Length);
+                self.flush_all()
+            } else {
+                let upto = self.safe_end();
+                self.take_visible(upto)
+            }
+        };
+        Ok(Some(Step { token, text }))
+    }
+
+    /// Feeds every token not yet in the cache and returns the logits of the last one.
+    fn run_pending(&mut self) -> Result<Vec<f32>> {
+        let start = self.cache.len();
+        let pending = &self.tokens[start..];
+        let mut last = None;
+        for (i, chunk) in pending.chunks(PREFILL_CHUNK).enumerate() {
+            let first = start + i * PREFILL_CHUNK;
+            let positions: Vec<usize> = (first..first + chunk.len()).collect();
+            let out = self.model.stage.forward(
+                StageInput::Tokens(chunk),
+                &positions,
+                &mut self.cache,
+                Logits::Last,
+            )?;
+            last = Some(out);
+        }
+        match last {
+            Some(StageOutput::Logits(l)) => logits_row(&l, 0),
+            _ => Err(EngineError::InvalidInput("no logits produced".into())),
+        }
+    }
+
+    /// Byte offset of the earliest complete stop string in the generated text.
+    fn find_stop(&self) -> Option<usize> {
+        self.params
+            .stop
+            .iter()
+            .filter(|stop| !stop.is_empty())
+            .filter_map(|stop| {
+                // Only text past what was emitted can complete a stop string; it may
+                // straddle the boundary.
+                let from = floor_char_boundary(&self.text, self.emitted.saturating_sub(stop.len()));
+                self.text[from..].find(stop.as_str()).map(|i| from + i)
+            })
+            .min()
+            .map(|at| at.max(self.emitted))
+    }
+
+    /// End of the text that is safe to show: a tail that could still grow into a stop
+    /// string is held back.
+    fn safe_end(&self) -> usize {
+        let mut end = self.text.len();
+        for stop in &self.params.stop {
+            if let Some(k) = (1..stop.len())
+                .rev()
+                .filter(|&k| stop.is_char_boundary(k))
+                .find(|&k| self.text.ends_with(&stop[..k]))
+            {
+                end = end.min(self.text.len() - k);
+            }
+        }
+        end.max(self.emitted)
+    }
+
+    fn take_visible(&mut self, upto: usize) -> String {
+        let s = self.text[self.emitted..upto].to_string();
+        self.emitted = upto;
+        s
+    }
+
+    /// Everything still held back (a partial character, a stop string that never
+    /// completed), at the end of generation.
+    fn flush_all(&mut self) -> String {
+        let tail = self.decoder.flush();
+        self.text.push_str(&tail);
+        let upto = self.text.len();
+        self.take_visible(upto)
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}

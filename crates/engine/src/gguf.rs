@@ -1,0 +1,93 @@
+//! A GGUF file opened for reading: metadata now, tensors on demand.
+//!
+//! A stage reads only the tensors it needs, by offset, so its memory is about its share
+//! of the weights rather than the whole file.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
+use candle_core::Device;
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    reader: Mutex<BufReader<File>>,
+    config: ModelConfig,
+}
+
+impl GgufFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|source| EngineError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|source| EngineError::Gguf {
+            path: path.clone(),
+            source,
+        })?;
+        let config = ModelConfig::from_metadata(&content.metadata)?;
+        Ok(Self {
+            path,
+            content,
+            reader: Mutex::new(reader),
+            config,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Size in bytes of a tensor's data in the file (for progress and memory estimates).
+    pub fn tensor_bytes(&self, name: &str) -> Option<u64> {
+        self.content.tensor_infos.get(name).map(|info| {
+            let dtype = info.ggml_dtype;
+            (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64
+        })
+    }
+
+    pub fn tensor(&self, name: &str, device: &Device) -> Result<QTensor> {
+        if !self.has_tensor(name) {
+            return Err(EngineError::MissingTensor(name.to_string()));
+        }
+        let mut reader = self
+            .reader
+            .lock()
+            .map_err(|_| EngineError::InvalidInput("GGUF reader lock poisoned".into()))?;
+        Ok(self.content.tensor(&mut *reader, name, device)?)
+    }
+
+    /// A human-readable model name: `general.name`, else the file stem.
+    pub fn model_name(&self) -> String {
+        match self.content.metadata.get("general.name") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => self
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".to_string()),
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! The Shoal engine: GGUF models on candle tensors, run range-of-layers by
+//! range-of-layers.
+//!
+//! - [`gguf::GgufFile`] opens a file and reads tensors on demand.
+//! - [`stage::Stage`] runs layers `[a..b)`, with the embedding in front when `a == 0` and
+//!   the final norm and LM head behind when `b == L`. A whole model is one stage.
+//! - [`kv_cache::KvCache`] holds one session's keys and values, outside the weights, with
+//!   the absolute position of every token.
+//! - [`tokenizer::Tokenizer`] and [`chat_template::ChatTemplate`] come from the GGUF's own
+//!   metadata; [`sampler::Sampler`] picks tokens; [`generate::Model`] ties them together.
+//!
+//! The engine has no sockets, no threads of its own and no idea that peers exist.
+
+pub mod chat_template;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+mod kernels;
+pub mod kv_cache;
+pub mod sampler;
+pub mod stage;
+pub mod tokenizer;
+
+pub use chat_template::{ChatMessage, ChatTemplate};
+pub use config::{Architecture, ModelConfig};
+pub use error::{EngineError, Result};
+pub use generate::{FinishReason, GenerateParams, Generation, Model, Step, Timings};
+pub use gguf::GgufFile;
+pub use kv_cache::KvCache;
+pub use sampler::{Sampler, SamplingParams};
+pub use stage::{Logits, Stage, StageInput, StageOutput, StageSpec};
+pub use tokenizer::Tokenizer;
+
+/// Re-exported so callers can build devices and tensors without naming candle.
+pub use candle_core;

@@ -1,0 +1,58 @@
+//! Shared by the engine's integration tests: where the real models and the llama.cpp
+//! reference outputs live.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+
+pub const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
+pub const QWEN05: &str = "qwen2.5-coder-0.5b-instruct.gguf";
+
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("SHOAL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
+}
+
+pub fn golden_dir() -> PathBuf {
+    std::env::var_os("SHOAL_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../../shared/golden"
+            ))
+        })
+}
+
+/// Path of a real model; a missing file fails the test with the way to fetch it.
+pub fn model_path(file: &str) -> PathBuf {
+    let p = models_dir().join(file);
+    assert!(
+        p.is_file(),
+        "model {} is missing: run scripts/fetch-models.sh",
+        p.display()
+    );
+    p
+}
+
+/// The llama.cpp reference outputs for a model (see shared/golden/README.md).
+pub fn golden(file: &str) -> serde_json::Value {
+    let name = match file {
+        SMOLLM2 => "smollm2-135m-instruct-q4_1.json",
+        QWEN05 => "qwen2.5-coder-0.5b-instruct.json",
+        other => panic!("no golden file for {other}"),
+    };
+    let p = golden_dir().join(name);
+    let text =
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+    serde_json::from_str(&text).expect("golden file is JSON")
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}

@@ -1,0 +1,128 @@
+//! `shoal bench`: prefill and decode speed and peak memory of one model on this device.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Args;
+use serde::Serialize;
+use shoal_engine::{Logits, StageInput};
+
+use crate::load::{load_model, resolve_model};
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    #[arg(long, short)]
+    pub(crate) model: Option<PathBuf>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) prompt_tokens: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    pub(crate) decode_tokens: usize,
+    /// Repetitions; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) repeat: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Serialize)]
+struct BenchResult {
+    model: String,
+    threads: usize,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    load_s: f64,
+    peak_rss_mib: f64,
+}
+
+pub(crate) fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    let path = resolve_model(a.model.as_deref())?;
+    let started = Instant::now();
+    let model = load_model(&path, true)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let stage = model.stage();
+    let vocab = model.config().vocab_size as u32;
+    // A fixed, ordinary-looking token sequence: the speed of a forward pass does not
+    // depend on which ids it sees.
+    let text =
+        "The quick brown fox jumps over the lazy dog while the sun sets slowly behind the hills. ";
+    let mut ids = model
+        .tokenizer()
+        .encode(&text.repeat(1 + a.prompt_tokens / 8), false)?;
+    ids.truncate(a.prompt_tokens.max(1));
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for _ in 0..a.repeat.max(1) {
+        let mut cache = stage.new_cache();
+        let positions: Vec<usize> = (0..ids.len()).collect();
+        let t = Instant::now();
+        for (i, chunk) in ids
+            .chunks(shoal_engine::generate::PREFILL_CHUNK)
+            .enumerate()
+        {
+            let p = &positions[i * shoal_engine::generate::PREFILL_CHUNK..][..chunk.len()];
+            stage.forward(StageInput::Tokens(chunk), p, &mut cache, Logits::Last)?;
+        }
+        prefill.push(ids.len() as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let mut token = ids[ids.len() - 1];
+        for i in 0..a.decode_tokens {
+            let pos = ids.len() + i;
+            let out = stage.forward(
+                StageInput::Tokens(&[token]),
+                &[pos],
+                &mut cache,
+                Logits::Last,
+            )?;
+            if let shoal_engine::StageOutput::Logits(l) = out {
+                let row = shoal_engine::stage::logits_row(&l, 0)?;
+                token = shoal_engine::sampler::argmax(&row) % vocab;
+            }
+        }
+        decode.push(a.decode_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    let result = BenchResult {
+        model: model.name().to_string(),
+        threads: shoal_engine::candle_core::utils::get_num_threads(),
+        prompt_tokens: ids.len(),
+        decode_tokens: a.decode_tokens,
+        prefill_tokens_per_s: median(&mut prefill),
+        decode_tokens_per_s: median(&mut decode),
+        load_s,
+        peak_rss_mib: peak_rss_bytes().unwrap_or(0) as f64 / (1024.0 * 1024.0),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        println!(
+            "{} | threads {} | prefill {} tok: {:.1} tok/s | decode {} tok: {:.1} tok/s | peak RSS {:.0} MiB | load {:.2} s",
+            result.model,
+            result.threads,
+            result.prompt_tokens,
+            result.prefill_tokens_per_s,
+            result.decode_tokens,
+            result.decode_tokens_per_s,
+            result.peak_rss_mib,
+            result.load_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Peak resident set size of this process (Linux: VmHWM), in bytes.
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

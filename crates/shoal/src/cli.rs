@@ -1,0 +1,280 @@
+//! Command-line interface.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use shoal_engine::{ChatMessage, GenerateParams, Generation, SamplingParams};
+
+use crate::load::{load_model, resolve_model};
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "One LLM service from the devices you already own"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+    /// Worker threads for the CPU kernels (default: all cores).
+    #[arg(long, global = true)]
+    pub(crate) threads: Option<usize>,
+    /// More logging (-v info, -vv debug). SHOAL_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Answer one prompt and stream the answer to stdout.
+    Run(RunArgs),
+    /// Talk to a model in the terminal.
+    Chat(ChatArgs),
+    /// Serve the OpenAI-compatible API.
+    Serve(ServeArgs),
+    /// Measure prefill and decode speed and peak memory.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct ModelArg {
+    /// GGUF model file (default: the built-in default model in $SHOAL_MODELS_DIR or ./models).
+    #[arg(long, short)]
+    pub(crate) model: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    pub(crate) stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> GenerateParams {
+        GenerateParams {
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                seed: self.seed,
+                ..SamplingParams::default()
+            },
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct RunArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArg,
+    /// The user's message.
+    #[arg(long, short)]
+    pub(crate) prompt: String,
+    /// Optional system message.
+    #[arg(long)]
+    pub(crate) system: Option<String>,
+    /// Send the prompt as is, without the chat template.
+    #[arg(long)]
+    pub(crate) raw: bool,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
+    /// Print timings to stderr at the end.
+    #[arg(long)]
+    pub(crate) timings: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct ChatArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArg,
+    #[arg(long)]
+    pub(crate) system: Option<String>,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArg,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) host: String,
+    /// HTTP port (0 picks a free one).
+    #[arg(long, default_value_t = 8080)]
+    pub(crate) port: u16,
+    /// The model id clients send (default: the file's stem).
+    #[arg(long)]
+    pub(crate) model_id: Option<String>,
+    /// Require this bearer token on API requests.
+    #[arg(long, env = "SHOAL_API_KEY")]
+    pub(crate) api_key: Option<String>,
+}
+
+pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(a) => run_once(a),
+        Command::Chat(a) => chat(a),
+        Command::Serve(a) => serve(a),
+        Command::Bench(a) => crate::bench::bench(a),
+    }
+}
+
+fn messages(system: Option<&str>) -> Vec<ChatMessage> {
+    system
+        .map(|s| ChatMessage {
+            role: "system".into(),
+            content: s.into(),
+        })
+        .into_iter()
+        .collect()
+}
+
+/// Streams a generation to stdout; returns the full text.
+fn stream_to_stdout(generation: &mut Generation<'_>) -> anyhow::Result<String> {
+    let mut out = std::io::stdout().lock();
+    let mut text = String::new();
+    while let Some(step) = generation.next_step()? {
+        out.write_all(step.text.as_bytes())?;
+        out.flush()?;
+        text.push_str(&step.text);
+    }
+    Ok(text)
+}
+
+fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let path = resolve_model(a.model.model.as_deref())?;
+    let model = load_model(&path, false)?;
+    let prompt = if a.raw {
+        a.prompt.clone()
+    } else {
+        let mut m = messages(a.system.as_deref());
+        m.push(ChatMessage {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
+        model.render_chat(&m)?
+    };
+    let ids = model.encode_prompt(&prompt)?;
+    let mut generation = model.generate(ids, a.sampling.params())?;
+    stream_to_stdout(&mut generation)?;
+    println!();
+    if a.timings {
+        print_timings(&generation);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_timings(g: &Generation<'_>) {
+    let t = g.timings();
+    let rate = |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
+    eprintln!(
+        "prompt: {} tokens in {:.0} ms ({:.1} tok/s); generated: {} tokens ({:.1} tok/s); finish: {}",
+        t.prompt_tokens,
+        t.prompt_time.as_secs_f64() * 1e3,
+        rate(t.prompt_tokens, t.prompt_time),
+        t.generated_tokens,
+        rate(t.generated_tokens.saturating_sub(1), t.generate_time),
+        g.finish_reason().map(|f| f.as_str()).unwrap_or("-"),
+    );
+}
+
+fn chat(a: ChatArgs) -> anyhow::Result<ExitCode> {
+    let path = resolve_model(a.model.model.as_deref())?;
+    let model = load_model(&path, false)?;
+    let mut history = messages(a.system.as_deref());
+    let stdin = std::io::stdin();
+    eprintln!(
+        "chatting with {} — an empty line or Ctrl-D ends",
+        model.name()
+    );
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        history.push(ChatMessage {
+            role: "user".into(),
+            content: line.trim_end().to_string(),
+        });
+        let ids = model.encode_prompt(&model.render_chat(&history)?)?;
+        let mut generation = model.generate(ids, a.sampling.params())?;
+        let answer = stream_to_stdout(&mut generation)?;
+        println!();
+        history.push(ChatMessage {
+            role: "assistant".into(),
+            content: answer,
+        });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let path = resolve_model(a.model.model.as_deref())?;
+    let model_id = a.model_id.clone().unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let addr: SocketAddr = format!("{}:{}", a.host, a.port).parse().or_else(|_| {
+            std::net::ToSocketAddrs::to_socket_addrs(&(a.host.as_str(), a.port))
+                .ok()
+                .and_then(|mut it| it.next())
+                .context("cannot resolve --host")
+        })?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        let state = shoal_api::AppState::new(model_id, a.api_key.clone());
+        // Tests and scripts read this exact line to learn the port.
+        eprintln!("listening on http://{local}");
+        let loader_state = state.clone();
+        tokio::task::spawn_blocking(move || match load_model(&path, true) {
+            Ok(model) => loader_state.set_ready(Arc::new(model)),
+            Err(e) => {
+                tracing::error!("{e:#}");
+                loader_state.set_failed(format!("{e:#}"));
+            }
+        });
+        axum::serve(listener, shoal_api::app(state))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
