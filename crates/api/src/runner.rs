@@ -75,6 +75,9 @@ fn run(job: Job, tx: &mpsc::Sender<Event>, metrics: &Metrics) -> Option<Event> {
         Ok(g) => g,
         Err(e) => return Some(Event::Failed(ApiError::from_engine(e, "prompt"))),
     };
+    // A client that leaves during a long prefill stops it between chunks.
+    let watcher = tx.clone();
+    generation.set_interrupt(move || watcher.is_closed());
     let mut first = true;
     let outcome: Result<(), Option<EngineError>> = loop {
         match generation.next_step() {
@@ -97,6 +100,7 @@ fn run(job: Job, tx: &mpsc::Sender<Event>, metrics: &Metrics) -> Option<Event> {
                 }
             }
             Ok(None) => break Ok(()),
+            Err(EngineError::Interrupted) => break Err(None),
             Err(e) => break Err(Some(e)),
         }
     };

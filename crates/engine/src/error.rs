@@ -30,6 +30,8 @@ pub enum EngineError {
     InvalidInput(String),
     #[error("the context is full: {needed} positions needed, the model allows {limit}")]
     ContextFull { needed: usize, limit: usize },
+    #[error("generation was interrupted")]
+    Interrupted,
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error(transparent)]

@@ -170,6 +170,8 @@ pub struct Generation<'m> {
     decoder: crate::tokenizer::DecodeStream<'m>,
     finish: Option<FinishReason>,
     timings: Timings,
+    /// Asked between prefill chunks: `true` means stop (the caller lost interest).
+    interrupt: Option<Box<dyn Fn() -> bool + Send + 'm>>,
 }
 
 impl<'m> Generation<'m> {
@@ -196,7 +198,15 @@ impl<'m> Generation<'m> {
             decoder: model.tokenizer.decode_stream(true),
             finish: None,
             timings: Timings::default(),
+            interrupt: None,
         })
+    }
+
+    /// Installs a check that is asked between prefill chunks; when it answers `true`,
+    /// `next_step` stops with [`EngineError::Interrupted`]. A long prompt then does not
+    /// hold the device for a client that has gone.
+    pub fn set_interrupt(&mut self, check: impl Fn() -> bool + Send + 'm) {
+        self.interrupt = Some(Box::new(check));
     }
 
     pub fn prompt_len(&self) -> usize {
@@ -275,6 +285,9 @@ impl<'m> Generation<'m> {
         let pending = &self.tokens[start..];
         let mut last = None;
         for (i, chunk) in pending.chunks(PREFILL_CHUNK).enumerate() {
+            if i > 0 && self.interrupt.as_ref().is_some_and(|stop| stop()) {
+                return Err(EngineError::Interrupted);
+            }
             let first = start + i * PREFILL_CHUNK;
             let positions: Vec<usize> = (first..first + chunk.len()).collect();
             let out = self.model.stage.forward(
