@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use crate::kernels::Q4_1Matrix;
+use crate::kernels::{Format, QuantMatrix};
 use crate::kv_cache::KvCache;
 
 /// Which part of a model a stage runs.
@@ -93,15 +93,22 @@ impl RmsNorm {
 /// for its format and by candle's otherwise.
 enum Weight {
     Candle(QMatMul),
-    Q4_1(Q4_1Matrix),
+    Own(QuantMatrix),
 }
 
 impl Weight {
     fn new(t: QTensor) -> Result<Self> {
-        if t.dtype() == GgmlDType::Q4_1 && t.device().is_cpu() {
+        let own = match t.dtype() {
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q5_0 => Some(Format::Q5_0),
+            _ => None,
+        };
+        if let (Some(format), true) = (own, t.device().is_cpu()) {
             let (rows, cols) = t.shape().dims2()?;
             let bytes = t.data()?.into_owned();
-            return Ok(Self::Q4_1(Q4_1Matrix::from_bytes(rows, cols, bytes)?));
+            return Ok(Self::Own(QuantMatrix::from_bytes(
+                format, rows, cols, bytes,
+            )?));
         }
         Ok(Self::Candle(QMatMul::from_qtensor(t)?))
     }
@@ -109,7 +116,7 @@ impl Weight {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(w) => Ok(w.forward(x)?),
-            Self::Q4_1(w) => w.matmul(x),
+            Self::Own(w) => w.matmul(x),
         }
     }
 }

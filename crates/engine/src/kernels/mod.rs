@@ -6,9 +6,10 @@
 //! nodes of one swarm have different CPUs). Every SIMD path is tested against the scalar
 //! reference on random blocks.
 //!
-//! Today: Q4_1 weights times Q8_1-quantized activations, the format of the default model
-//! (SmolLM2-135M), for which candle has only a scalar loop. Activation quantization
-//! follows llama.cpp's `quantize_row_q8_1` exactly, so our rounding is its rounding.
+//! Today: Q4_1 weights times Q8_1-quantized activations (the default model, SmolLM2-135M)
+//! and Q5_0 times Q8_0 (most of Qwen2.5-Coder-0.5B): the formats for which candle has
+//! only a scalar loop. Activation quantization follows llama.cpp's `quantize_row_q8_1`
+//! and `quantize_row_q8_0` exactly, so our rounding is its rounding.
 
 #![allow(unsafe_code)]
 
@@ -22,26 +23,46 @@ use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 
-/// Elements per Q4_1 / Q8_1 block.
+/// Elements per block, for every format here.
 pub(crate) const QK: usize = 32;
 /// Bytes of one Q4_1 block: f16 scale, f16 minimum, 16 bytes of nibbles.
 pub(crate) const Q4_1_BLOCK_BYTES: usize = 20;
+/// Bytes of one Q5_0 block: f16 scale, 32 high bits, 16 bytes of nibbles.
+pub(crate) const Q5_0_BLOCK_BYTES: usize = 22;
 
-/// One row of activations quantized to Q8_1: per block a scale `d`, `s = d * sum(qs)`
-/// (both rounded through f16, as llama.cpp stores them) and 32 signed bytes.
-pub(crate) struct Q8_1Row {
+/// The weight formats with a kernel of ours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Format {
+    Q4_1,
+    Q5_0,
+}
+
+impl Format {
+    fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => Q4_1_BLOCK_BYTES,
+            Self::Q5_0 => Q5_0_BLOCK_BYTES,
+        }
+    }
+}
+
+/// One row of activations quantized to 8 bits per block of 32: a scale `d` per block,
+/// for Q8_1 also `s = d * sum(qs)` (both rounded through f16, as llama.cpp stores them),
+/// and 32 signed bytes per block.
+pub(crate) struct Q8Row {
     pub(crate) d: Vec<f32>,
     pub(crate) s: Vec<f32>,
     pub(crate) qs: Vec<i8>,
 }
 
-impl Q8_1Row {
-    /// llama.cpp's `quantize_row_q8_1`: `d = amax / 127`, `q = round(x / d)`.
-    pub(crate) fn quantize(x: &[f32]) -> Self {
+impl Q8Row {
+    /// llama.cpp's `quantize_row_q8_0` / `quantize_row_q8_1`: `d = amax / 127`,
+    /// `q = round(x / d)`; `with_sums` adds the Q8_1 block sums.
+    pub(crate) fn quantize(x: &[f32], with_sums: bool) -> Self {
         let nb = x.len() / QK;
         let mut row = Self {
             d: Vec::with_capacity(nb),
-            s: Vec::with_capacity(nb),
+            s: Vec::with_capacity(if with_sums { nb } else { 0 }),
             qs: vec![0; nb * QK],
         };
         for (b, block) in x.chunks_exact(QK).enumerate() {
@@ -54,32 +75,45 @@ impl Q8_1Row {
                 sum += *q as i32;
             }
             row.d.push(f16::from_f32(d).to_f32());
-            row.s.push(f16::from_f32(d * sum as f32).to_f32());
+            if with_sums {
+                row.s.push(f16::from_f32(d * sum as f32).to_f32());
+            }
         }
         row
     }
 }
 
-/// A Q4_1 matrix `[rows, cols]` in GGUF's block layout, row-major.
-pub(crate) struct Q4_1Matrix {
+/// A quantized matrix `[rows, cols]` in GGUF's block layout, row-major.
+pub(crate) struct QuantMatrix {
+    format: Format,
     rows: usize,
     cols: usize,
     data: Vec<u8>,
 }
 
-impl Q4_1Matrix {
-    pub(crate) fn from_bytes(rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
-        if !cols.is_multiple_of(QK) || data.len() != rows * cols / QK * Q4_1_BLOCK_BYTES {
+impl QuantMatrix {
+    pub(crate) fn from_bytes(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<Self> {
+        if !cols.is_multiple_of(QK) || data.len() != rows * cols / QK * format.block_bytes() {
             return Err(EngineError::InvalidInput(format!(
-                "Q4_1 data of {} bytes does not make a {rows}x{cols} matrix",
+                "{format:?} data of {} bytes does not make a {rows}x{cols} matrix",
                 data.len()
             )));
         }
-        Ok(Self { rows, cols, data })
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            data,
+        })
     }
 
     fn row_bytes(&self) -> usize {
-        self.cols / QK * Q4_1_BLOCK_BYTES
+        self.cols / QK * self.format.block_bytes()
     }
 
     /// `x [.., cols] -> [.., rows]`: every input row times every matrix row.
@@ -96,48 +130,64 @@ impl Q4_1Matrix {
         }
         let m: usize = batch.iter().product();
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let rows: Vec<Q8_1Row> = xs.par_chunks(k).map(Q8_1Row::quantize).collect();
+        let with_sums = self.format == Format::Q4_1;
+        let acts: Vec<Q8Row> = xs
+            .par_chunks(k)
+            .map(|row| Q8Row::quantize(row, with_sums))
+            .collect();
         let n = self.rows;
-        let mut out = vec![0f32; m * n];
-        let dot = vec_dot_fn();
+        let dot = vec_dot_fn(self.format);
+        let row_bytes = self.row_bytes();
         // Parallel over matrix rows, so each weight row is read once from memory and
-        // reused for every activation row while it is in cache.
+        // reused for every activation row while it is in cache. The result comes out
+        // transposed ([rows, m]) and is turned around at the end when m > 1.
         const CHUNK: usize = 16;
-        let mut transposed = vec![0f32; n * m];
-        transposed
+        let mut by_weight_row = vec![0f32; n * m];
+        by_weight_row
             .par_chunks_mut(CHUNK * m)
             .enumerate()
             .for_each(|(c, dst)| {
-                let first = c * CHUNK;
                 for (j, dst_row) in dst.chunks_mut(m).enumerate() {
-                    let w = &self.data[(first + j) * self.row_bytes()..][..self.row_bytes()];
-                    for (i, act) in rows.iter().enumerate() {
-                        dst_row[i] = dot(w, act);
+                    let w = &self.data[(c * CHUNK + j) * row_bytes..][..row_bytes];
+                    for (out, act) in dst_row.iter_mut().zip(&acts) {
+                        *out = dot(w, act);
                     }
                 }
             });
-        for j in 0..n {
-            for i in 0..m {
-                out[i * n + j] = transposed[j * m + i];
+        let out = if m == 1 {
+            by_weight_row
+        } else {
+            let mut out = vec![0f32; m * n];
+            for (j, row) in by_weight_row.chunks(m).enumerate() {
+                for (i, v) in row.iter().enumerate() {
+                    out[i * n + j] = *v;
+                }
             }
-        }
+            out
+        };
         let mut shape = batch.to_vec();
         shape.push(n);
         Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
     }
 }
 
-type VecDot = fn(&[u8], &Q8_1Row) -> f32;
+type VecDot = fn(&[u8], &Q8Row) -> f32;
 
-/// The fastest dot product this CPU runs.
-fn vec_dot_fn() -> VecDot {
+/// The fastest dot product this CPU runs for `format`.
+fn vec_dot_fn(format: Format) -> VecDot {
     #[cfg(target_arch = "x86_64")]
     {
         if x86::available() {
-            return x86::vec_dot_q4_1_q8_1;
+            return match format {
+                Format::Q4_1 => x86::vec_dot_q4_1_q8_1,
+                Format::Q5_0 => x86::vec_dot_q5_0_q8_0,
+            };
         }
     }
-    scalar::vec_dot_q4_1_q8_1
+    match format {
+        Format::Q4_1 => scalar::vec_dot_q4_1_q8_1,
+        Format::Q5_0 => scalar::vec_dot_q5_0_q8_0,
+    }
 }
 
 #[cfg(test)]
@@ -155,19 +205,34 @@ mod tests {
         }
     }
 
-    fn random_q4_1(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    /// Random blocks of `format`: random scales, minimums, nibbles and high bits.
+    fn random_blocks(format: Format, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
         let mut r = lcg(seed);
         let mut data = Vec::new();
         for _ in 0..rows * cols / QK {
             let d = f16::from_f32((r() % 1000) as f32 / 20000.0);
-            let m = f16::from_f32(-((r() % 1000) as f32) / 4000.0);
             data.extend_from_slice(&d.to_le_bytes());
-            data.extend_from_slice(&m.to_le_bytes());
+            match format {
+                Format::Q4_1 => {
+                    let m = f16::from_f32(-((r() % 1000) as f32) / 4000.0);
+                    data.extend_from_slice(&m.to_le_bytes());
+                }
+                Format::Q5_0 => {
+                    data.extend_from_slice(&(r() as u32 ^ (r() as u32) << 16).to_le_bytes())
+                }
+            }
             for _ in 0..16 {
                 data.push((r() & 0xff) as u8);
             }
         }
         data
+    }
+
+    fn dequantize(format: Format, data: &[u8]) -> Vec<f32> {
+        match format {
+            Format::Q4_1 => scalar::dequantize_q4_1(data),
+            Format::Q5_0 => scalar::dequantize_q5_0(data),
+        }
     }
 
     fn random_f32(n: usize, seed: u64) -> Vec<f32> {
@@ -178,11 +243,14 @@ mod tests {
     }
 
     #[test]
-    fn q8_1_quantization_matches_llama_cpp_rules() {
+    fn q8_quantization_follows_llama_cpp_rules() {
         let mut x = random_f32(64, 1);
         x[5] = 0.0;
-        x[40..].iter_mut().for_each(|v| *v = 0.0); // an all-zero tail block part
-        let q = Q8_1Row::quantize(&x);
+        x[40..].iter_mut().for_each(|v| *v = 0.0);
+        let q = Q8Row::quantize(&x, true);
+        let q0 = Q8Row::quantize(&x, false);
+        assert!(q0.s.is_empty());
+        assert_eq!(q.qs, q0.qs);
         for b in 0..2 {
             let block = &x[b * QK..(b + 1) * QK];
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -191,48 +259,88 @@ mod tests {
             assert_eq!(q.s[b], f16::from_f32(amax / 127.0 * sum as f32).to_f32());
             assert!(q.qs[b * QK..(b + 1) * QK].iter().any(|&v| v.abs() == 127));
         }
+        // An all-zero block quantizes to zeros, not NaN.
+        let z = Q8Row::quantize(&[0.0; 32], true);
+        assert_eq!((z.d[0], z.s[0]), (0.0, 0.0));
+        assert!(z.qs.iter().all(|&v| v == 0));
     }
 
     #[test]
-    fn simd_dot_matches_scalar_on_random_blocks() {
-        for (cols, seed) in [(32, 1), (64, 2), (576, 3), (1536, 4), (4864, 5)] {
-            let w = random_q4_1(1, cols, seed);
-            let act = Q8_1Row::quantize(&random_f32(cols, seed + 100));
-            let want = scalar::vec_dot_q4_1_q8_1(&w, &act);
-            let got = vec_dot_fn()(&w, &act);
-            let tol = 1e-4 * want.abs().max(1.0);
-            assert!((got - want).abs() <= tol, "cols {cols}: {got} vs {want}");
+    fn scalar_dot_is_the_dot_of_the_dequantized_values() {
+        for format in [Format::Q4_1, Format::Q5_0] {
+            let cols = 256;
+            let w = random_blocks(format, 1, cols, 7);
+            let act = Q8Row::quantize(&random_f32(cols, 8), format == Format::Q4_1);
+            let deq = dequantize(format, &w);
+            // The activations as the kernel sees them: q * d.
+            let want: f32 = (0..cols)
+                .map(|c| deq[c] * act.qs[c] as f32 * act.d[c / QK])
+                .sum();
+            let got = match format {
+                Format::Q4_1 => scalar::vec_dot_q4_1_q8_1(&w, &act),
+                Format::Q5_0 => scalar::vec_dot_q5_0_q8_0(&w, &act),
+            };
+            // Q4_1 uses s rounded through f16 for the minimum's term.
+            assert!(
+                (got - want).abs() <= 2e-3 * want.abs().max(1.0),
+                "{format:?}: {got} vs {want}"
+            );
         }
     }
 
     #[test]
-    fn matmul_matches_dequantized_f32_product() {
-        let (rows, cols, m) = (37, 96, 3);
-        let data = random_q4_1(rows, cols, 9);
-        let w = Q4_1Matrix::from_bytes(rows, cols, data.clone()).unwrap();
-        let x = random_f32(m * cols, 10);
-        let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
-        let y = w.matmul(&xt).unwrap().to_vec2::<f32>().unwrap();
-        // Reference: dequantize the weights and multiply in f32.
-        let deq = scalar::dequantize_q4_1(&data);
-        for i in 0..m {
-            for j in 0..rows {
-                let want: f32 = (0..cols).map(|c| x[i * cols + c] * deq[j * cols + c]).sum();
-                // Activations are quantized to 8 bits: allow their rounding error.
+    fn simd_dot_matches_scalar_on_random_blocks() {
+        for format in [Format::Q4_1, Format::Q5_0] {
+            for (cols, seed) in [(32, 1), (64, 2), (576, 3), (1536, 4), (4864, 5)] {
+                let w = random_blocks(format, 1, cols, seed);
+                let act = Q8Row::quantize(&random_f32(cols, seed + 100), format == Format::Q4_1);
+                let want = match format {
+                    Format::Q4_1 => scalar::vec_dot_q4_1_q8_1(&w, &act),
+                    Format::Q5_0 => scalar::vec_dot_q5_0_q8_0(&w, &act),
+                };
+                let got = vec_dot_fn(format)(&w, &act);
+                let tol = 1e-4 * want.abs().max(1.0);
                 assert!(
-                    (y[i][j] - want).abs() <= 0.02 * want.abs().max(1.0),
-                    "({i},{j}): {} vs {want}",
-                    y[i][j]
+                    (got - want).abs() <= tol,
+                    "{format:?} cols {cols}: {got} vs {want}"
                 );
             }
         }
     }
 
     #[test]
+    fn matmul_matches_dequantized_f32_product() {
+        for format in [Format::Q4_1, Format::Q5_0] {
+            // 37 rows: not a multiple of the row chunk, so the tail chunk is exercised.
+            let (rows, cols, m) = (37, 96, 3);
+            let data = random_blocks(format, rows, cols, 9);
+            let w = QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap();
+            let x = random_f32(m * cols, 10);
+            let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
+            let y = w.matmul(&xt).unwrap().to_vec2::<f32>().unwrap();
+            let single = w.matmul(&xt.get(1).unwrap().unsqueeze(0).unwrap()).unwrap();
+            assert_eq!(single.to_vec2::<f32>().unwrap()[0], y[1]);
+            let deq = dequantize(format, &data);
+            for i in 0..m {
+                for j in 0..rows {
+                    let want: f32 = (0..cols).map(|c| x[i * cols + c] * deq[j * cols + c]).sum();
+                    // Activations are quantized to 8 bits: allow their rounding error.
+                    assert!(
+                        (y[i][j] - want).abs() <= 0.02 * want.abs().max(1.0),
+                        "{format:?} ({i},{j}): {} vs {want}",
+                        y[i][j]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn malformed_sizes_are_errors() {
-        assert!(Q4_1Matrix::from_bytes(2, 33, vec![0; 40]).is_err());
-        assert!(Q4_1Matrix::from_bytes(2, 32, vec![0; 39]).is_err());
-        let w = Q4_1Matrix::from_bytes(2, 32, vec![0; 40]).unwrap();
+        assert!(QuantMatrix::from_bytes(Format::Q4_1, 2, 33, vec![0; 40]).is_err());
+        assert!(QuantMatrix::from_bytes(Format::Q4_1, 2, 32, vec![0; 39]).is_err());
+        assert!(QuantMatrix::from_bytes(Format::Q5_0, 2, 32, vec![0; 40]).is_err());
+        let w = QuantMatrix::from_bytes(Format::Q5_0, 2, 32, vec![0; 44]).unwrap();
         let x = Tensor::zeros((1, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(w.matmul(&x).is_err());
     }

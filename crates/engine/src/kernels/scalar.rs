@@ -2,7 +2,7 @@
 
 use half::f16;
 
-use super::{Q8_1Row, Q4_1_BLOCK_BYTES, QK};
+use super::{Q8Row, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, QK};
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
@@ -10,7 +10,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 
 /// Dot product of one Q4_1 row (GGUF bytes) with one Q8_1 activation row, as
 /// llama.cpp's `ggml_vec_dot_q4_1_q8_1`: `sum_b d_x d_y sum(q_x q_y) + m_x s_y`.
-pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], act: &Q8_1Row) -> f32 {
+pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], act: &Q8Row) -> f32 {
     let mut sum = 0f32;
     for (b, block) in w.chunks_exact(Q4_1_BLOCK_BYTES).enumerate() {
         let (d, m) = (f16_at(block, 0), f16_at(block, 2));
@@ -24,6 +24,48 @@ pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], act: &Q8_1Row) -> f32 {
         sum += sumi as f32 * d * act.d[b] + m * act.s[b];
     }
     sum
+}
+
+/// The 32 signed 5-bit values of a Q5_0 block: nibble plus high bit, minus 16.
+fn q5_0_values(block: &[u8]) -> [i32; QK] {
+    let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+    let qs = &block[6..];
+    let mut v = [0i32; QK];
+    for j in 0..QK / 2 {
+        let h0 = ((qh >> j) & 1) << 4;
+        let h1 = ((qh >> (j + 16)) & 1) << 4;
+        v[j] = ((qs[j] & 0x0f) as u32 | h0) as i32 - 16;
+        v[j + QK / 2] = ((qs[j] >> 4) as u32 | h1) as i32 - 16;
+    }
+    v
+}
+
+/// Dot product of one Q5_0 row with one Q8_0 activation row, as llama.cpp's
+/// `ggml_vec_dot_q5_0_q8_0`: `sum_b d_x d_y sum(q_x q_y)`.
+pub(super) fn vec_dot_q5_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
+    let mut sum = 0f32;
+    for (b, block) in w.chunks_exact(Q5_0_BLOCK_BYTES).enumerate() {
+        let d = f16_at(block, 0);
+        let y = &act.qs[b * QK..(b + 1) * QK];
+        let sumi: i32 = q5_0_values(block)
+            .iter()
+            .zip(y)
+            .map(|(x, y)| x * *y as i32)
+            .sum();
+        sum += sumi as f32 * d * act.d[b];
+    }
+    sum
+}
+
+/// Q5_0 bytes to f32 values (tests and reference computations).
+#[cfg(test)]
+pub(super) fn dequantize_q5_0(w: &[u8]) -> Vec<f32> {
+    w.chunks_exact(Q5_0_BLOCK_BYTES)
+        .flat_map(|block| {
+            let d = f16_at(block, 0);
+            q5_0_values(block).map(|v| v as f32 * d)
+        })
+        .collect()
 }
 
 /// Q4_1 bytes to f32 values (tests and reference computations).

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Q8_1Row, Q4_1_BLOCK_BYTES, QK};
+use super::{Q8Row, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, QK};
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2")
@@ -10,7 +10,7 @@ pub(super) fn available() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
-pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], act: &Q8_1Row) -> f32 {
+pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], act: &Q8Row) -> f32 {
     // Safety: only selected by `vec_dot_fn` after `available()` confirmed AVX2, FMA, F16C.
     unsafe { vec_dot_q4_1_q8_1_avx2(w, act) }
 }
@@ -18,7 +18,7 @@ pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], act: &Q8_1Row) -> f32 {
 /// llama.cpp's AVX2 loop: per block, the 32 nibbles times 32 bytes as 8 lanes of int
 /// sums, scaled by `d_x d_y` into an f32 accumulator; `m_x s_y` summed on the side.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn vec_dot_q4_1_q8_1_avx2(w: &[u8], act: &Q8_1Row) -> f32 {
+unsafe fn vec_dot_q4_1_q8_1_avx2(w: &[u8], act: &Q8Row) -> f32 {
     let nb = w.len() / Q4_1_BLOCK_BYTES;
     debug_assert!(act.d.len() >= nb && act.qs.len() >= nb * QK);
     let mut acc = _mm256_setzero_ps();
@@ -43,6 +43,59 @@ unsafe fn vec_dot_q4_1_q8_1_avx2(w: &[u8], act: &Q8_1Row) -> f32 {
         acc = _mm256_fmadd_ps(dd, sums, acc);
     }
     hsum(acc) + summs
+}
+
+pub(super) fn vec_dot_q5_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
+    // Safety: only selected by `vec_dot_fn` after `available()` confirmed AVX2, FMA, F16C.
+    unsafe { vec_dot_q5_0_q8_0_avx2(w, act) }
+}
+
+/// llama.cpp's AVX2 loop: nibbles plus the high bit as signed bytes (`- 16` folded in by
+/// setting 0xF0 where the high bit is clear), times the activation bytes, as 8 lanes of
+/// int sums scaled by `d_x d_y` into an f32 accumulator.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn vec_dot_q5_0_q8_0_avx2(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q5_0_BLOCK_BYTES;
+    debug_assert!(act.d.len() >= nb && act.qs.len() >= nb * QK);
+    let mut acc = _mm256_setzero_ps();
+    let low_mask = _mm_set1_epi8(0x0f);
+    // Spreads bit i of a u32 onto byte i (as 0xFF / 0x00).
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
+    let bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    let all_ones = _mm256_set1_epi64x(-1);
+    let high_nibble = _mm256_set1_epi8(0xf0u8 as i8);
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q5_0_BLOCK_BYTES);
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (block as *const u16).read_unaligned() as i32,
+        )));
+        let qh = (block.add(2) as *const i32).read_unaligned();
+        let packed = _mm_loadu_si128(block.add(6) as *const __m128i);
+        let lo = _mm_and_si128(packed, low_mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);
+        let nibbles = _mm256_set_m128i(hi, lo);
+        let bits = _mm256_cmpeq_epi8(
+            _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit_mask),
+            all_ones,
+        );
+        let qx = _mm256_or_si256(nibbles, _mm256_andnot_si256(bits, high_nibble));
+        let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
+        // Signed times signed through maddubs: |x| times y with x's sign.
+        let ax = _mm256_sign_epi8(qx, qx);
+        let sy = _mm256_sign_epi8(qy, qx);
+        let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+            _mm256_maddubs_epi16(ax, sy),
+            _mm256_set1_epi16(1),
+        ));
+        let dd = _mm256_set1_ps(d * *act.d.get_unchecked(b));
+        acc = _mm256_fmadd_ps(dd, sums, acc);
+    }
+    hsum(acc)
 }
 
 #[target_feature(enable = "avx2")]
