@@ -3,19 +3,51 @@
 //! The cache records the absolute position of every token it holds, so a stage never
 //! infers positions from counts: it is told them, and RoPE and the causal mask follow.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use crate::error::{EngineError, Result};
 
-#[derive(Clone, Default)]
+/// Keys and values of one layer in buffers that grow by doubling, so appending a token
+/// copies only that token (a concatenation would copy the whole history every step).
+#[derive(Default)]
 struct LayerKv {
-    /// [n_kv_heads, tokens, head_dim]
+    /// [n_kv_heads, capacity, head_dim]; the first `len` positions are filled.
     k: Option<Tensor>,
     v: Option<Tensor>,
+    len: usize,
 }
 
+impl LayerKv {
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (n_kv, new, hd) = k.dims3()?;
+        let needed = self.len + new;
+        let capacity = self.k.as_ref().map_or(0, |t| t.dim(1).unwrap_or(0));
+        if needed > capacity {
+            let capacity = needed.next_power_of_two().max(MIN_CAPACITY);
+            let grow = |old: &Option<Tensor>| -> Result<Tensor> {
+                let buf = Tensor::zeros((n_kv, capacity, hd), k.dtype(), k.device())?;
+                if let (Some(old), true) = (old, self.len > 0) {
+                    buf.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                }
+                Ok(buf)
+            };
+            self.k = Some(grow(&self.k)?);
+            self.v = Some(grow(&self.v)?);
+        }
+        let (Some(kb), Some(vb)) = (&self.k, &self.v) else {
+            return Err(EngineError::InvalidInput("KV buffers missing".into()));
+        };
+        kb.slice_set(&k.contiguous()?, 1, self.len)?;
+        vb.slice_set(&v.contiguous()?, 1, self.len)?;
+        self.len = needed;
+        Ok((kb.narrow(1, 0, needed)?, vb.narrow(1, 0, needed)?))
+    }
+}
+
+/// Smallest buffer a layer's cache starts with, in positions.
+const MIN_CAPACITY: usize = 64;
+
 /// The KV cache of one session on one stage.
-#[derive(Clone)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
     positions: Vec<usize>,
@@ -24,7 +56,7 @@ pub struct KvCache {
 impl KvCache {
     pub(crate) fn new(n_layers: usize) -> Self {
         Self {
-            layers: vec![LayerKv::default(); n_layers],
+            layers: (0..n_layers).map(|_| LayerKv::default()).collect(),
             positions: Vec::new(),
         }
     }
@@ -48,24 +80,17 @@ impl KvCache {
     }
 
     /// Keep only the first `len` tokens (rolls back rejected speculative tokens).
-    pub fn truncate(&mut self, len: usize) -> Result<()> {
+    pub fn truncate(&mut self, len: usize) {
         if len >= self.positions.len() {
-            return Ok(());
+            return;
         }
         self.positions.truncate(len);
         for layer in &mut self.layers {
-            for t in [&mut layer.k, &mut layer.v] {
-                if let Some(x) = t.take() {
-                    if len > 0 {
-                        *t = Some(x.narrow(1, 0, len)?.contiguous()?);
-                    }
-                }
-            }
+            layer.len = layer.len.min(len);
         }
-        Ok(())
     }
 
-    /// Forget everything.
+    /// Forget everything (and free the buffers).
     pub fn clear(&mut self) {
         self.positions.clear();
         for layer in &mut self.layers {
@@ -80,24 +105,13 @@ impl KvCache {
     /// Append `k`, `v` ([n_kv_heads, new, head_dim]) to layer `i` and return the whole
     /// keys and values of that layer.
     pub(crate) fn append(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let layer = self
-            .layers
+        self.layers
             .get_mut(i)
-            .ok_or_else(|| EngineError::InvalidInput(format!("no cache for layer {i}")))?;
-        let cat = |old: &Option<Tensor>, new: &Tensor| -> Result<Tensor> {
-            Ok(match old {
-                Some(old) => Tensor::cat(&[old, new], D::Minus2)?,
-                None => new.contiguous()?,
-            })
-        };
-        let k = cat(&layer.k, k)?;
-        let v = cat(&layer.v, v)?;
-        layer.k = Some(k.clone());
-        layer.v = Some(v.clone());
-        Ok((k, v))
+            .ok_or_else(|| EngineError::InvalidInput(format!("no cache for layer {i}")))?
+            .append(k, v)
     }
 
-    /// Bytes held by keys and values.
+    /// Bytes reserved for keys and values.
     pub fn size_in_bytes(&self) -> usize {
         self.layers
             .iter()

@@ -435,3 +435,68 @@ fn unsupported_architecture_is_a_clear_error() {
     assert!(GgufFile::open(&path).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The KV cache across its growth (64 → 128 positions) and after a rollback: a prefill,
+/// single steps past the first buffer's end, then `truncate` and a re-feed, all against
+/// the reference.
+#[test]
+fn kv_cache_grows_and_rolls_back() {
+    let c = Cfg {
+        arch: "qwen2",
+        layers: 2,
+        hidden: 64,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        ffn: 64,
+        vocab: 50,
+        theta: 10000.0,
+        eps: 1e-6,
+        tied: true,
+    };
+    let w = make_weights(&c, 7);
+    let dir = std::env::temp_dir().join(format!("shoal-ref-kv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.gguf");
+    write_gguf(&c, &w, &path);
+    let tokens: Vec<u32> = (0..100u32).map(|i| (i * 7 + 3) % 50).collect();
+    let want = reference_logits(&c, &w, &tokens);
+    let file = GgufFile::open(&path).unwrap();
+    let stage = Stage::load(&file, StageSpec::whole(c.layers), &Device::Cpu, |_, _| {}).unwrap();
+    let mut cache = stage.new_cache();
+    let close = |got: &[f32], want: &[f64]| {
+        got.iter()
+            .zip(want)
+            .all(|(g, w)| (*g as f64 - w).abs() / w.abs().max(1.0) < 1e-3)
+    };
+    let run = |cache: &mut shoal_engine::KvCache, from: usize, to: usize| -> Vec<Vec<f32>> {
+        let pos: Vec<usize> = (from..to).collect();
+        let out = stage
+            .forward(
+                StageInput::Tokens(&tokens[from..to]),
+                &pos,
+                cache,
+                Logits::All,
+            )
+            .unwrap();
+        let StageOutput::Logits(l) = out else {
+            panic!("logits")
+        };
+        (0..to - from).map(|i| logits_row(&l, i).unwrap()).collect()
+    };
+    let mut rows = run(&mut cache, 0, 60);
+    for i in 60..100 {
+        rows.extend(run(&mut cache, i, i + 1));
+    }
+    assert_eq!(cache.len(), 100);
+    for (i, (g, w)) in rows.iter().zip(&want).enumerate() {
+        assert!(close(g, w), "position {i} differs from the reference");
+    }
+    cache.truncate(50);
+    assert_eq!(cache.len(), 50);
+    let again = run(&mut cache, 50, 100);
+    for (i, (g, w)) in again.iter().zip(&want[50..]).enumerate() {
+        assert!(close(g, w), "position {} differs after rollback", 50 + i);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
