@@ -39,11 +39,15 @@ pub(crate) enum Command {
     Serve(ServeArgs),
     /// Measure prefill and decode speed and peak memory.
     Bench(crate::bench::BenchArgs),
+    /// List the known models and which are here; `models pull NAME` fetches one.
+    Models(crate::models::ModelsArgs),
 }
 
 #[derive(Args)]
 pub(crate) struct ModelArg {
-    /// GGUF model file (default: the built-in default model in $SHOAL_MODELS_DIR or ./models).
+    /// GGUF model file, or a known model's name (smollm2, qwen05, qwen15, gemma3; see
+    /// `shoal models`), fetched into $SHOAL_MODELS_DIR or ./models if missing. Default:
+    /// smollm2.
     #[arg(long, short)]
     pub(crate) model: Option<PathBuf>,
 }
@@ -143,6 +147,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Chat(a) => chat(a),
         Command::Serve(a) => serve(a),
         Command::Bench(a) => crate::bench::bench(a),
+        Command::Models(a) => crate::models::models(a),
     }
 }
 

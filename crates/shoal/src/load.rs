@@ -7,9 +7,6 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use shoal_engine::Model;
 
-/// The built-in default model: small enough for every device and every test.
-pub(crate) const DEFAULT_MODEL_FILE: &str = "smollm2-135m-instruct-q4_1.gguf";
-
 /// Where models live: `$SHOAL_MODELS_DIR`, else `./models`.
 pub(crate) fn models_dir() -> PathBuf {
     std::env::var_os("SHOAL_MODELS_DIR")
@@ -17,22 +14,23 @@ pub(crate) fn models_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("models"))
 }
 
-/// The model to use: the one given, else the default model in the models directory.
+/// The model to use: a file given by path; else a known model given by name (`qwen05`),
+/// fetched into the models directory if missing; else the default model, likewise.
 pub(crate) fn resolve_model(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = given {
-        if !p.is_file() {
-            bail!("model file {} does not exist", p.display());
-        }
+    let Some(p) = given else {
+        return crate::models::ensure(shoal_models::default_model());
+    };
+    if p.is_file() {
         return Ok(p.to_path_buf());
     }
-    let default = models_dir().join(DEFAULT_MODEL_FILE);
-    if default.is_file() {
-        return Ok(default);
+    match p.to_str().and_then(shoal_models::lookup) {
+        Some(model) => crate::models::ensure(model),
+        None => bail!(
+            "model file {} does not exist, and it is not a known model name ({}; see `shoal models`)",
+            p.display(),
+            shoal_models::known_names()
+        ),
     }
-    bail!(
-        "no --model given and the default model {} is missing; fetch it with `scripts/fetch-models.sh smollm2`",
-        default.display()
-    )
 }
 
 /// Loads a model, showing a progress bar on a terminal.

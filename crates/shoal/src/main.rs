@@ -4,6 +4,7 @@
 mod bench;
 mod cli;
 mod load;
+mod models;
 
 use std::process::ExitCode;
 

