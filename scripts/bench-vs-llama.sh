@@ -57,15 +57,19 @@ for bin in "$shoal" "$llama"; do
   [[ -x $bin ]] || { echo "missing $bin (run without --no-build)" >&2; exit 1; }
 done
 
+# Run private copies: others may rebuild target/release/shoal while this runs.
+work=${BENCH_KEEP:-$(mktemp -d)}
+mkdir -p "$work"
+[[ -n ${BENCH_KEEP:-} ]] || trap 'rm -rf "$work"' EXIT
+cp "$shoal" "$work/shoal" && shoal=$work/shoal
+cp "$llama" "$work/llama-ref" && llama=$work/llama-ref
+
 missing=0
 for m in "${models[@]}"; do [[ -f $models_dir/$m ]] || missing=1; done
 if ((missing)); then
   SHOAL_MODELS_DIR=$models_dir scripts/fetch-models.sh smollm2 qwen05 >&2
 fi
 
-work=${BENCH_KEEP:-$(mktemp -d)}
-mkdir -p "$work"
-[[ -n ${BENCH_KEEP:-} ]] || trap 'rm -rf "$work"' EXIT
 results=$work/results.jsonl
 : >"$results"
 
@@ -98,7 +102,7 @@ echo
 echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "- machine: ${cpu:-unknown CPU}, $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GiB"
 echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg); CPU busy (2 s sample): $(busy_pct)%"
-echo "- shoal: $(git describe --always --dirty 2>/dev/null || echo unknown)"
+echo "- shoal: tree $(git describe --always --dirty 2>/dev/null || echo unknown), binary built $(date -u -r "$repo/target/release/shoal" '+%H:%M UTC')"
 echo "- llama.cpp: llama-cpp-2 $(sed -n 's/^llama-cpp-2 = { version = "\([^"]*\)".*/\1/p' bench/llama-ref/Cargo.toml), CPU, GGML_NATIVE, OpenMP"
 echo "- method: ${runs} processes per engine, alternating, each the median of ${repeat} repetitions;" \
   "table shows the median over processes; ${decode_tokens} greedy decode tokens; ratio = shoal / llama.cpp"
@@ -171,6 +175,23 @@ for (file, threads, prompt), g in groups.items():
         a, b = med(s, k), med(l, k)
         cells += [fmt.format(a), fmt.format(b), ratio(a, b)]
     print("| " + " | ".join(cells) + " |")
+
+# A process that shared the cores with something else reads far off its siblings
+# (llama.cpp's OpenMP threads spin at barriers and collapse under contention);
+# the median absorbs one such outlier, but say so rather than hide it.
+noisy = []
+for (file, threads, prompt), g in groups.items():
+    for engine, rs in sorted(g.items()):
+        for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            xs = [r[k] for r in rs]
+            if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) > 1.5:
+                noisy.append(f"{file.removesuffix('.gguf')} t{threads} p{prompt} {engine} "
+                             f"{k.split('_')[0]}: " + ", ".join(f"{x:.1f}" for x in xs))
+if noisy:
+    print()
+    print("Noisy (processes differ by more than 1.5x; the median is shown above):")
+    for n in noisy:
+        print(f"- {n}")
 EOF
 echo
 echo "- load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

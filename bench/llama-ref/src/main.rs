@@ -35,7 +35,7 @@ const TEXT: &str =
     "The quick brown fox jumps over the lazy dog while the sun sets slowly behind the hills. ";
 
 const USAGE: &str = "usage: llama-ref --model PATH [--threads N] [--prompt-tokens P] \
-[--decode-tokens D] [--repeat R] [--json] [--verbose]";
+[--decode-tokens D] [--repeat R] [--json] [--verbose]\n  --verbose  keep llama.cpp's log on stderr and print the greedy continuation";
 
 struct Args {
     model: PathBuf,
@@ -160,7 +160,8 @@ fn run() -> anyhow::Result<ExitCode> {
     let mut sampler = LlamaSampler::greedy();
     let mut prefill = Vec::with_capacity(a.repeat);
     let mut decode = Vec::with_capacity(a.repeat);
-    for _ in 0..a.repeat {
+    let mut generated = Vec::with_capacity(a.decode_tokens);
+    for rep in 0..a.repeat {
         ctx.clear_kv_cache();
 
         batch.clear();
@@ -178,6 +179,9 @@ fn run() -> anyhow::Result<ExitCode> {
             // Greedy; an end-of-generation token is fed back like any other, so every
             // repetition decodes exactly `decode_tokens` tokens.
             let token = sampler.sample(&ctx, last);
+            if rep == 0 && a.verbose {
+                generated.push(token);
+            }
             batch.clear();
             batch.add(token, i32::try_from(n_prompt + i)?, &[0], true)?;
             ctx.decode(&mut batch).context("decode step")?;
@@ -187,6 +191,15 @@ fn run() -> anyhow::Result<ExitCode> {
         if a.decode_tokens > 0 {
             decode.push(a.decode_tokens as f64 / t.elapsed().as_secs_f64());
         }
+    }
+
+    if a.verbose {
+        // A sanity check that the timed work is real: the greedy continuation.
+        let text = vocab.detokenize(&generated, false, false);
+        eprintln!(
+            "llama-ref: greedy continuation: {:?}",
+            String::from_utf8_lossy(&text)
+        );
     }
 
     let model_name = model
