@@ -18,6 +18,7 @@ pub mod generate;
 pub mod gguf;
 mod kernels;
 pub mod kv_cache;
+pub mod profile;
 pub mod sampler;
 pub mod stage;
 pub mod tokenizer;

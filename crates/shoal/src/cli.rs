@@ -41,6 +41,8 @@ pub(crate) enum Command {
     Bench(crate::bench::BenchArgs),
     /// List the known models and which are here; `models pull NAME` fetches one.
     Models(crate::models::ModelsArgs),
+    /// Where a model's layers would go across devices, with predicted speed, and why.
+    Plan(crate::plan::PlanArgs),
 }
 
 #[derive(Args)]
@@ -147,6 +149,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Chat(a) => chat(a),
         Command::Serve(a) => serve(a),
         Command::Bench(a) => crate::bench::bench(a),
+        Command::Plan(a) => crate::plan::run(a),
         Command::Models(a) => crate::models::models(a),
     }
 }

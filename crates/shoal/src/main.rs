@@ -5,6 +5,7 @@ mod bench;
 mod cli;
 mod load;
 mod models;
+mod plan;
 
 use std::process::ExitCode;
 

@@ -210,3 +210,49 @@ fn a_file_that_is_not_gguf_is_a_clear_error() {
     assert!(err.contains("GGUF"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn plan_measures_this_node_and_explains_the_ring() {
+    let m = model();
+    // A forced three-way split over this node and two described peers.
+    let out = stdout(&shoal(&[
+        "plan",
+        "--model",
+        m.to_str().unwrap(),
+        "--node",
+        "b:1:0.2",
+        "--node",
+        "c:1:0.2",
+        "--split",
+        "0-9,10-19,20-29",
+    ]));
+    for want in [
+        "layers 0-9",
+        "layers 10-19",
+        "layers 20-29",
+        "predicted:",
+        "3 hops",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    // A device far slower than this one is left out of a latency plan, with the reason.
+    let out = stdout(&shoal(&[
+        "plan",
+        "--model",
+        m.to_str().unwrap(),
+        "--node",
+        "slow:8:500",
+    ]));
+    assert!(out.contains("left out `slow`"), "{out}");
+    // A split that does not cover the model is refused.
+    let o = shoal(&[
+        "plan",
+        "--model",
+        m.to_str().unwrap(),
+        "--node",
+        "b:1:0.2",
+        "--split",
+        "0-9,10-20",
+    ]);
+    assert!(!o.status.success());
+}

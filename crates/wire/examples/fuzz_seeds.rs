@@ -1,0 +1,136 @@
+//! Writes one valid frame of every message type into a directory, as a seed corpus for the
+//! `wire_decode` fuzz target (see docs/FUZZING.md):
+//!
+//! ```text
+//! cargo run --release -p shoal-wire --example fuzz_seeds -- fuzz/corpus/wire_decode
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use shoal_wire::{
+    Activations, Capabilities, DType, EndSession, ErrorCode, ErrorMessage, Forward, Hello,
+    HelloAck, LoadStage, LogitRows, Logits, Message, Payload, Ping, Pong, SamplingSpec, StageReady,
+    Token, Truncate, Want,
+};
+
+fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 7070));
+    let hidden = Activations::from_f32(2, 3, &[0.5, -1.0, 2.0, 0.0, 1e-3, 7.0], DType::F16)?;
+    let logits = Activations::from_f32(1, 4, &[1.0, 2.0, 3.0, 4.0], DType::BF16)?;
+    Ok(vec![
+        Message::Hello(Hello {
+            node_id: "node-a".into(),
+            software_version: "0.1.0".into(),
+            capabilities: Capabilities::STAGE | Capabilities::HEAD,
+        }),
+        Message::HelloAck(HelloAck {
+            node_id: "node-b".into(),
+            software_version: "0.1.0".into(),
+            capabilities: Capabilities::STAGE,
+        }),
+        Message::Error(ErrorMessage::new(
+            ErrorCode::UNKNOWN_SESSION,
+            Some(3),
+            "no such session",
+        )),
+        Message::Ping(Ping { nonce: 1 }),
+        Message::Pong(Pong { nonce: 1 }),
+        Message::LoadStage(LoadStage {
+            plan_id: 1,
+            model_id: "qwen2.5-0.5b".into(),
+            model_sha256: [7; 32],
+            layer_start: 0,
+            layer_end: 12,
+            embed: true,
+            head: false,
+            activation_dtype: DType::F16,
+            max_context: 4096,
+            next: Some(addr),
+        }),
+        Message::StageReady(StageReady {
+            plan_id: 1,
+            layer_start: 0,
+            layer_end: 12,
+            resident_bytes: 1 << 28,
+            load_ms: 900,
+        }),
+        Message::Forward(Forward {
+            session_id: 9,
+            seq: 1,
+            positions: vec![0, 1, 2],
+            payload: Payload::Tokens(vec![1, 2, 3]),
+            want: Want::Nothing,
+            reply_to: addr,
+        }),
+        Message::Forward(Forward {
+            session_id: 9,
+            seq: 2,
+            positions: vec![3, 4],
+            payload: Payload::Hidden(hidden),
+            want: Want::Token(SamplingSpec {
+                temperature: 0.7,
+                top_k: 40,
+                top_p: 0.9,
+                penalty_tokens: vec![1, 2],
+                ..SamplingSpec::greedy()
+            }),
+            reply_to: "[::1]:7070".parse().unwrap_or(addr),
+        }),
+        Message::Forward(Forward {
+            session_id: 9,
+            seq: 3,
+            positions: vec![5],
+            payload: Payload::Tokens(vec![4]),
+            want: Want::Logits {
+                rows: LogitRows::All,
+                dtype: DType::F32,
+            },
+            reply_to: addr,
+        }),
+        Message::Token(Token {
+            session_id: 9,
+            seq: 2,
+            token_id: 42,
+            logprob: Some(-0.25),
+        }),
+        Message::Logits(Logits {
+            session_id: 9,
+            seq: 3,
+            logits,
+        }),
+        Message::EndSession(EndSession { session_id: 9 }),
+        Message::Truncate(Truncate {
+            session_id: 9,
+            len: 4,
+        }),
+    ])
+}
+
+fn main() -> ExitCode {
+    let Some(dir) = std::env::args_os().nth(1).map(PathBuf::from) else {
+        eprintln!("usage: fuzz_seeds DIR");
+        return ExitCode::FAILURE;
+    };
+    let result = (|| -> Result<usize, Box<dyn std::error::Error>> {
+        std::fs::create_dir_all(&dir)?;
+        let messages = seeds()?;
+        for (i, msg) in messages.iter().enumerate() {
+            std::fs::write(
+                dir.join(format!("seed-{i:02}-{}", msg.name())),
+                msg.to_frame()?,
+            )?;
+        }
+        Ok(messages.len())
+    })();
+    match result {
+        Ok(n) => {
+            println!("wrote {n} seed frames to {}", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

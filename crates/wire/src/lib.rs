@@ -1,0 +1,84 @@
+//! Shoal's peer protocol: frames, messages, activation encoding and connections.
+//!
+//! Nodes of a ring talk through this crate: the head sends `LoadStage` to set up stages, then
+//! `Forward`s of tokens or hidden states flow stage to stage, and the last stage sends a
+//! `Token` (or `Logits`) back to the head (design §3, issue #4). The crate knows nothing of the
+//! engine: activations are `f32` matrices in memory and f16 / bf16 / f32 bytes on the wire.
+//!
+//! # Frames
+//!
+//! Every message travels in one frame: a 12-byte header, then the payload. All integers are
+//! little-endian.
+//!
+//! | offset | size | field | value |
+//! |---:|---:|---|---|
+//! | 0 | 4 | magic | `b"SHOL"` ([`MAGIC`]) |
+//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 1 |
+//! | 6 | 2 | type | `u16`, a [`MessageType`] id (table below) |
+//! | 8 | 4 | length | `u32`, payload bytes that follow, ≤ [`Limits::max_payload`] (default 64 MiB) |
+//! | 12 | length | payload | the message's fields, in the layout its type documents |
+//!
+//! A reader refuses a frame — and the connection it came on — as soon as the bytes that show a
+//! problem have arrived: a wrong magic byte, a version not in [`SUPPORTED_VERSIONS`] (the error
+//! lists them), an unknown type, or a length over the bound. The bound is checked on the header
+//! alone, before anything is allocated for the payload. Fewer bytes than a whole frame is not an
+//! error but "incomplete" (`Ok(None)` from [`check_frame`]). Inside the payload every length is
+//! checked against its field's bound and against the bytes left before a `Vec` or `String` is
+//! made, and the parse of every message ends by checking that nothing is left over.
+//!
+//! # Messages
+//!
+//! | id | message | direction | purpose |
+//! |---|---|---|---|
+//! | `0x0001` | [`Hello`] | dialler → acceptor | who is calling (node id, release, [`Capabilities`]) |
+//! | `0x0002` | [`HelloAck`] | acceptor → dialler | who answered |
+//! | `0x0003` | [`ErrorMessage`] | any | a failure with an [`ErrorCode`], optionally for one session |
+//! | `0x0004` | [`Ping`] | any | round-trip probe (`nonce`) |
+//! | `0x0005` | [`Pong`] | any | answer with the same `nonce` |
+//! | `0x0010` | [`LoadStage`] | head → node | load layers `[start, end)` of a model (by id and sha256) |
+//! | `0x0011` | [`StageReady`] | node → head | the stage is loaded |
+//! | `0x0020` | [`Forward`] | head → stage → … → last stage | tokens or hidden states, positions, sampling, `reply_to` |
+//! | `0x0021` | [`Token`] | last stage → head | the sampled token (+ logprob) |
+//! | `0x0022` | [`Logits`] | last stage → head | logits for the last or every row (speculative verify) |
+//! | `0x0023` | [`EndSession`] | head → stages | drop a session's KV cache |
+//! | `0x0024` | [`Truncate`] | head → stages | roll a session's KV cache back to a length |
+//!
+//! Shared field encodings: `bool` and option tags are one byte, 0 or 1; strings are a `u32`
+//! byte length then UTF-8; vectors of `u32` are a `u32` count then the elements; a socket
+//! address is a family byte (4 or 6), 4 or 16 octets and a `u16` port; activations are
+//! `u32` rows, `u32` cols, a [`DType`] byte (0 f16, 1 bf16, 2 f32) and `rows × cols` elements.
+//! Every message has exactly one encoding, so decode-then-encode gives back the same bytes.
+//!
+//! # Connections
+//!
+//! [`Connection`] reads and writes frames over a `TcpStream` (with `TCP_NODELAY`) or any byte
+//! stream; [`serve_connections`] runs a handler per accepted peer, so a malformed or hostile
+//! frame closes that peer's connection and nothing else; [`handshake`] is where the swarm-key
+//! authentication layer will go.
+
+mod activations;
+mod codec;
+mod connection;
+mod error;
+mod frame;
+pub mod handshake;
+mod message;
+mod server;
+
+pub use activations::{
+    decode_activations, encode_activations, Activations, DType, MAX_COLS, MAX_ROWS,
+};
+pub use connection::{Connection, FrameReader, FrameWriter, READ_CHUNK};
+pub use error::WireError;
+pub use frame::{
+    check_frame, decode_frame, FrameHeader, Limits, DEFAULT_MAX_PAYLOAD, HEADER_LEN, MAGIC,
+    PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+};
+pub use handshake::{client_handshake, server_handshake};
+pub use message::{
+    Capabilities, EndSession, ErrorCode, ErrorMessage, Forward, Hello, HelloAck, LoadStage,
+    LogitRows, Logits, Message, MessageType, Payload, Ping, Pong, SamplingSpec, StageReady, Token,
+    Truncate, Want, MAX_ERROR_MESSAGE, MAX_MODEL_ID, MAX_NODE_ID, MAX_PENALTY_TOKENS,
+    MAX_SOFTWARE_VERSION, MAX_TOKENS,
+};
+pub use server::{serve_connections, ServeConfig};

@@ -1,0 +1,843 @@
+//! The messages of a running session: `Forward` down the ring, `Token` or `Logits` back to the
+//! head, and `EndSession` / `Truncate` to manage the stages' KV caches.
+//!
+//! The head owns the session (prompt, output, sampling parameters, seed); a stage holds only
+//! the session's KV cache, keyed by `session_id`. So every `Forward` carries all a stage needs:
+//! the absolute position of each token (RoPE is right on every device), where the last stage
+//! must send its answer, and how to sample. That keeps stages stateless beyond their caches,
+//! which is what lets the head recover from a lost stage by replaying history on a new ring.
+
+use std::net::SocketAddr;
+
+use bytes::BufMut;
+
+use crate::activations::{Activations, DType, MAX_ROWS};
+use crate::codec::{bound, put_bool, put_socket_addr, put_u32_vec, Reader};
+use crate::error::WireError;
+use crate::message::finite;
+
+/// Most tokens (rows) in one `Forward`.
+pub const MAX_TOKENS: usize = MAX_ROWS as usize;
+/// Most tokens in a [`SamplingSpec::penalty_tokens`] window.
+pub const MAX_PENALTY_TOKENS: usize = 1 << 16;
+
+/// `Forward` (`0x0020`): one step of one session moving down the ring.
+///
+/// The first stage receives `Tokens` (from the head) and embeds them; every other stage
+/// receives the previous stage's `Hidden` states. Each stage appends to the session's KV cache
+/// at `positions` and forwards to its `next`; the last stage does what `want` says and sends the
+/// result to `reply_to`. Chunked prefill is a series of `Forward`s with `Want::Nothing` and a
+/// final one that wants a token; speculative verify is one `Forward` of the k draft tokens that
+/// wants `Logits` for every row.
+///
+/// | field | encoding |
+/// |---|---|
+/// | `session_id` | `u64` |
+/// | `seq` | `u64` |
+/// | `positions` | `u32` count (1..=[`MAX_TOKENS`]), then `u32` each |
+/// | `payload` | `u8` tag: 0 tokens: `u32` count, `u32` each; 1 hidden: activations (`u32` rows, `u32` cols, `u8` dtype, data) |
+/// | `want` | `u8` tag: 0 nothing; 1 token: [`SamplingSpec`]; 2 logits: `u8` rows (0 last, 1 all), `u8` dtype |
+/// | `reply_to` | socket address (`u8` family 4/6, 4 or 16 octets, `u16` port) |
+///
+/// Checked on both ends: at least one token, and exactly one position per token (row).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Forward {
+    /// The session, chosen by its head; keys the KV cache on every stage.
+    pub session_id: u64,
+    /// The head's sequence number for this request, echoed in the reply, so the head can match
+    /// replies and drop stale ones (e.g. from a ring it has since replaced).
+    pub seq: u64,
+    /// Absolute position of each token in the session.
+    pub positions: Vec<u32>,
+    /// Token ids or hidden states.
+    pub payload: Payload,
+    /// What the last stage must send back.
+    pub want: Want,
+    /// The head's wire address: where the last stage sends `Token` / `Logits` / `Error`.
+    pub reply_to: SocketAddr,
+}
+
+/// What a [`Forward`] carries.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Payload {
+    /// Token ids, for the first stage.
+    Tokens(Vec<u32>),
+    /// Hidden states, one row per token.
+    Hidden(Activations),
+}
+
+impl Payload {
+    /// Number of tokens (rows).
+    pub fn rows(&self) -> usize {
+        match self {
+            Payload::Tokens(t) => t.len(),
+            Payload::Hidden(a) => a.rows() as usize,
+        }
+    }
+}
+
+/// What the last stage does with the final hidden states of a [`Forward`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Want {
+    /// Nothing: only fill the caches (a prefill chunk that is not the last). No reply unless
+    /// something fails.
+    Nothing,
+    /// Sample one token from the last row with these parameters and reply [`Token`].
+    Token(SamplingSpec),
+    /// Reply [`Logits`] for the last row or for every row, encoded as `dtype`.
+    Logits {
+        /// Which rows.
+        rows: LogitRows,
+        /// Their encoding.
+        dtype: DType,
+    },
+}
+
+/// Which rows' logits a [`Want::Logits`] asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitRows {
+    /// The last row only.
+    Last,
+    /// Every row (speculative verify: one row per draft token).
+    All,
+}
+
+/// How the last stage samples. The head owns these and sends them with every sampling
+/// `Forward`, so the last stage keeps no per-session state beyond its cache.
+///
+/// | field | encoding |
+/// |---|---|
+/// | `temperature`, then `top_k` | `f32`, `u32` |
+/// | `top_p`, `min_p`, `repeat_penalty`, `frequency_penalty`, `presence_penalty` | `f32` each |
+/// | `seed` | `u64` |
+/// | `logprob` | `u8` 0/1 |
+/// | `penalty_tokens` | `u32` count (≤ [`MAX_PENALTY_TOKENS`]), `u32` each |
+///
+/// Checked on both ends: every float finite, `temperature ≥ 0`, `top_p` and `min_p` in
+/// `[0, 1]`, `repeat_penalty > 0`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingSpec {
+    /// 0 = greedy (exactly deterministic).
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 = off.
+    pub top_k: u32,
+    /// Nucleus sampling mass; 1 = off.
+    pub top_p: f32,
+    /// Drop tokens below `min_p ×` the top probability; 0 = off.
+    pub min_p: f32,
+    /// Multiplicative repetition penalty (llama.cpp style); 1 = off.
+    pub repeat_penalty: f32,
+    /// OpenAI frequency penalty; 0 = off.
+    pub frequency_penalty: f32,
+    /// OpenAI presence penalty; 0 = off.
+    pub presence_penalty: f32,
+    /// Seed for this step's draw. The head derives it from the session seed and the position,
+    /// so a replay after recovery draws the same token.
+    pub seed: u64,
+    /// Return the sampled token's log-probability.
+    pub logprob: bool,
+    /// The recent tokens the penalties look at. Only the head has the history, so it sends the
+    /// window (its length is the repeat-last-n setting).
+    pub penalty_tokens: Vec<u32>,
+}
+
+impl SamplingSpec {
+    /// Greedy sampling, no penalties.
+    pub fn greedy() -> Self {
+        SamplingSpec {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: 0,
+            logprob: false,
+            penalty_tokens: Vec::new(),
+        }
+    }
+
+    fn parse(r: &mut Reader) -> Result<Self, WireError> {
+        Ok(SamplingSpec {
+            temperature: r.f32("temperature")?,
+            top_k: r.u32("top_k")?,
+            top_p: r.f32("top_p")?,
+            min_p: r.f32("min_p")?,
+            repeat_penalty: r.f32("repeat_penalty")?,
+            frequency_penalty: r.f32("frequency_penalty")?,
+            presence_penalty: r.f32("presence_penalty")?,
+            seed: r.u64("seed")?,
+            logprob: r.bool("logprob")?,
+            penalty_tokens: r.u32_vec("penalty_tokens", MAX_PENALTY_TOKENS)?,
+        })
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.put_f32_le(self.temperature);
+        out.put_u32_le(self.top_k);
+        out.put_f32_le(self.top_p);
+        out.put_f32_le(self.min_p);
+        out.put_f32_le(self.repeat_penalty);
+        out.put_f32_le(self.frequency_penalty);
+        out.put_f32_le(self.presence_penalty);
+        out.put_u64_le(self.seed);
+        put_bool(out, self.logprob);
+        put_u32_vec(out, &self.penalty_tokens);
+    }
+
+    fn validate(&self, m: &'static str) -> Result<(), WireError> {
+        for (what, v) in [
+            ("temperature", self.temperature),
+            ("top_p", self.top_p),
+            ("min_p", self.min_p),
+            ("repeat_penalty", self.repeat_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            finite(m, what, v)?;
+        }
+        let range = |what: &'static str, v: f32, ok: bool, expected: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(WireError::Invalid {
+                    message: m,
+                    what,
+                    detail: format!("is {v}, expected {expected}"),
+                })
+            }
+        };
+        range(
+            "temperature",
+            self.temperature,
+            self.temperature >= 0.0,
+            "≥ 0",
+        )?;
+        range(
+            "top_p",
+            self.top_p,
+            (0.0..=1.0).contains(&self.top_p),
+            "in [0, 1]",
+        )?;
+        range(
+            "min_p",
+            self.min_p,
+            (0.0..=1.0).contains(&self.min_p),
+            "in [0, 1]",
+        )?;
+        range(
+            "repeat_penalty",
+            self.repeat_penalty,
+            self.repeat_penalty > 0.0,
+            "> 0",
+        )?;
+        bound(
+            m,
+            "penalty_tokens",
+            self.penalty_tokens.len() as u64,
+            MAX_PENALTY_TOKENS,
+        )
+    }
+}
+
+impl Default for SamplingSpec {
+    fn default() -> Self {
+        SamplingSpec::greedy()
+    }
+}
+
+impl Forward {
+    pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
+        let session_id = r.u64("session_id")?;
+        let seq = r.u64("seq")?;
+        let positions = r.u32_vec("positions", MAX_TOKENS)?;
+        let payload = match r.u8("payload tag")? {
+            0 => Payload::Tokens(r.u32_vec("tokens", MAX_TOKENS)?),
+            1 => Payload::Hidden(Activations::parse(r)?),
+            t => {
+                return Err(r.invalid(
+                    "payload tag",
+                    format!("is {t}, expected 0 (tokens) or 1 (hidden)"),
+                ))
+            }
+        };
+        let want = match r.u8("want tag")? {
+            0 => Want::Nothing,
+            1 => Want::Token(SamplingSpec::parse(r)?),
+            2 => {
+                let rows = match r.u8("logit rows")? {
+                    0 => LogitRows::Last,
+                    1 => LogitRows::All,
+                    t => {
+                        return Err(r.invalid(
+                            "logit rows",
+                            format!("is {t}, expected 0 (last) or 1 (all)"),
+                        ))
+                    }
+                };
+                Want::Logits {
+                    rows,
+                    dtype: DType::parse(r, "logits dtype")?,
+                }
+            }
+            t => {
+                return Err(r.invalid(
+                    "want tag",
+                    format!("is {t}, expected 0 (nothing), 1 (token) or 2 (logits)"),
+                ))
+            }
+        };
+        let reply_to = r.socket_addr("reply_to")?;
+        let msg = Forward {
+            session_id,
+            seq,
+            positions,
+            payload,
+            want,
+            reply_to,
+        };
+        msg.validate()?;
+        Ok(msg)
+    }
+
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u64_le(self.session_id);
+        out.put_u64_le(self.seq);
+        put_u32_vec(out, &self.positions);
+        match &self.payload {
+            Payload::Tokens(t) => {
+                out.put_u8(0);
+                put_u32_vec(out, t);
+            }
+            Payload::Hidden(a) => {
+                out.put_u8(1);
+                a.encode(out);
+            }
+        }
+        match &self.want {
+            Want::Nothing => out.put_u8(0),
+            Want::Token(s) => {
+                out.put_u8(1);
+                s.encode(out);
+            }
+            Want::Logits { rows, dtype } => {
+                out.put_u8(2);
+                out.put_u8(match rows {
+                    LogitRows::Last => 0,
+                    LogitRows::All => 1,
+                });
+                out.put_u8(dtype.to_u8());
+            }
+        }
+        put_socket_addr(out, &self.reply_to);
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        const M: &str = "Forward";
+        let rows = self.payload.rows();
+        bound(M, "positions", self.positions.len() as u64, MAX_TOKENS)?;
+        bound(M, "tokens", rows as u64, MAX_TOKENS)?;
+        if rows == 0 {
+            return Err(WireError::Invalid {
+                message: M,
+                what: "payload",
+                detail: "has no tokens".to_owned(),
+            });
+        }
+        if self.positions.len() != rows {
+            return Err(WireError::Invalid {
+                message: M,
+                what: "positions",
+                detail: format!(
+                    "has {} entries but the payload has {rows} tokens; every token needs its position",
+                    self.positions.len()
+                ),
+            });
+        }
+        if let Want::Token(s) = &self.want {
+            s.validate(M)?;
+        }
+        Ok(())
+    }
+}
+
+/// `Token` (`0x0021`): last stage → head, the token sampled for `(session_id, seq)`.
+///
+/// | field | encoding |
+/// |---|---|
+/// | `session_id`, `seq` | `u64`, `u64` |
+/// | `token_id` | `u32` |
+/// | `logprob` | `u8` tag, then `f32` (not NaN) |
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Token {
+    /// The session.
+    pub session_id: u64,
+    /// The `seq` of the `Forward` this answers.
+    pub seq: u64,
+    /// The sampled token.
+    pub token_id: u32,
+    /// Its log-probability, when the `SamplingSpec` asked for it.
+    pub logprob: Option<f32>,
+}
+
+impl Token {
+    pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
+        let msg = Token {
+            session_id: r.u64("session_id")?,
+            seq: r.u64("seq")?,
+            token_id: r.u32("token_id")?,
+            logprob: if r.present("logprob")? {
+                Some(r.f32("logprob")?)
+            } else {
+                None
+            },
+        };
+        msg.validate()?;
+        Ok(msg)
+    }
+
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u64_le(self.session_id);
+        out.put_u64_le(self.seq);
+        out.put_u32_le(self.token_id);
+        put_bool(out, self.logprob.is_some());
+        if let Some(lp) = self.logprob {
+            out.put_f32_le(lp);
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        match self.logprob {
+            // -inf is a legitimate (if useless) log-probability; NaN never is.
+            Some(lp) if lp.is_nan() => Err(WireError::Invalid {
+                message: "Token",
+                what: "logprob",
+                detail: "is NaN".to_owned(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `Logits` (`0x0022`): last stage → head, logits for `(session_id, seq)`, one row per
+/// requested token, `cols` = vocabulary size.
+///
+/// | field | encoding |
+/// |---|---|
+/// | `session_id`, `seq` | `u64`, `u64` |
+/// | `logits` | activations (`u32` rows, `u32` cols, `u8` dtype, data) |
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logits {
+    /// The session.
+    pub session_id: u64,
+    /// The `seq` of the `Forward` this answers.
+    pub seq: u64,
+    /// `rows × vocab` logits.
+    pub logits: Activations,
+}
+
+impl Logits {
+    pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
+        Ok(Logits {
+            session_id: r.u64("session_id")?,
+            seq: r.u64("seq")?,
+            logits: Activations::parse(r)?,
+        })
+    }
+
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u64_le(self.session_id);
+        out.put_u64_le(self.seq);
+        self.logits.encode(out);
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        Ok(())
+    }
+}
+
+/// `EndSession` (`0x0023`): head → every stage, `session_id: u64`; free its KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndSession {
+    /// The session to forget.
+    pub session_id: u64,
+}
+
+impl EndSession {
+    pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
+        Ok(EndSession {
+            session_id: r.u64("session_id")?,
+        })
+    }
+
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u64_le(self.session_id);
+    }
+}
+
+/// `Truncate` (`0x0024`): head → every stage, `session_id: u64`, `len: u32`; keep only the
+/// first `len` positions of the session's KV cache (rolling back rejected draft tokens, or an
+/// edit of the conversation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Truncate {
+    /// The session.
+    pub session_id: u64,
+    /// Positions to keep.
+    pub len: u32,
+}
+
+impl Truncate {
+    pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
+        Ok(Truncate {
+            session_id: r.u64("session_id")?,
+            len: r.u32("len")?,
+        })
+    }
+
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u64_le(self.session_id);
+        out.put_u32_le(self.len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::activations::{Activations, DType};
+    use crate::error::WireError;
+    use crate::frame::{decode_frame, Limits, HEADER_LEN};
+    use crate::message::*;
+
+    fn addr() -> std::net::SocketAddr {
+        "192.168.1.2:7070".parse().unwrap()
+    }
+
+    fn decode(frame: &[u8]) -> Result<Message, WireError> {
+        decode_frame(frame, &Limits::default()).map(|m| m.unwrap().0)
+    }
+
+    #[test]
+    fn forward_tokens_frame_bytes() {
+        let msg = Message::Forward(Forward {
+            session_id: 0x11,
+            seq: 0x22,
+            positions: vec![0, 1],
+            payload: Payload::Tokens(vec![0x0100, 0x0200]),
+            want: Want::Nothing,
+            reply_to: addr(),
+        });
+        let frame = msg.to_frame().unwrap();
+        #[rustfmt::skip]
+        let expected = [
+            b'S', b'H', b'O', b'L', 1, 0, 0x20, 0, 49, 0, 0, 0,
+            0x11, 0, 0, 0, 0, 0, 0, 0,              // session_id
+            0x22, 0, 0, 0, 0, 0, 0, 0,              // seq
+            2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0,     // positions [0, 1]
+            0,                                      // payload: tokens
+            2, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0,     // [256, 512]
+            0,                                      // want: nothing
+            4, 192, 168, 1, 2, 0x9E, 0x1B,          // reply_to 192.168.1.2:7070
+        ];
+        assert_eq!(frame, expected);
+        assert_eq!(decode(&frame).unwrap(), msg);
+    }
+
+    #[test]
+    fn forward_hidden_frame_bytes() {
+        let hidden = Activations::from_f32(1, 2, &[1.0, -2.0], DType::F16).unwrap();
+        let msg = Message::Forward(Forward {
+            session_id: 1,
+            seq: 2,
+            positions: vec![7],
+            payload: Payload::Hidden(hidden),
+            want: Want::Logits {
+                rows: LogitRows::All,
+                dtype: DType::BF16,
+            },
+            reply_to: addr(),
+        });
+        let frame = msg.to_frame().unwrap();
+        #[rustfmt::skip]
+        let expected = [
+            b'S', b'H', b'O', b'L', 1, 0, 0x20, 0, 48, 0, 0, 0,
+            1, 0, 0, 0, 0, 0, 0, 0,
+            2, 0, 0, 0, 0, 0, 0, 0,
+            1, 0, 0, 0, 7, 0, 0, 0,                 // positions [7]
+            1,                                      // payload: hidden
+            1, 0, 0, 0, 2, 0, 0, 0, 0,              // 1×2 f16
+            0x00, 0x3C, 0x00, 0xC0,                 // 1.0, -2.0
+            2, 1, 1,                                // want: logits, all rows, bf16
+            4, 192, 168, 1, 2, 0x9E, 0x1B,
+        ];
+        assert_eq!(frame, expected);
+        let Message::Forward(back) = decode(&frame).unwrap() else {
+            panic!("not a Forward")
+        };
+        let Payload::Hidden(h) = &back.payload else {
+            panic!("not hidden")
+        };
+        assert_eq!(h.to_f32(), [1.0, -2.0]);
+    }
+
+    #[test]
+    fn forward_sampling_frame_bytes() {
+        let spec = SamplingSpec {
+            temperature: 1.0,
+            seed: 42,
+            logprob: true,
+            penalty_tokens: vec![5],
+            ..SamplingSpec::greedy()
+        };
+        let msg = Message::Forward(Forward {
+            session_id: 1,
+            seq: 1,
+            positions: vec![3],
+            payload: Payload::Tokens(vec![9]),
+            want: Want::Token(spec),
+            reply_to: addr(),
+        });
+        let frame = msg.to_frame().unwrap();
+        let want_at = HEADER_LEN + 8 + 8 + 8 + 1 + 8;
+        #[rustfmt::skip]
+        let spec_bytes = [
+            1,                      // want: token
+            0, 0, 0x80, 0x3F,       // temperature 1.0
+            0, 0, 0, 0,             // top_k 0
+            0, 0, 0x80, 0x3F,       // top_p 1.0
+            0, 0, 0, 0,             // min_p 0
+            0, 0, 0x80, 0x3F,       // repeat_penalty 1.0
+            0, 0, 0, 0,             // frequency_penalty
+            0, 0, 0, 0,             // presence_penalty
+            42, 0, 0, 0, 0, 0, 0, 0, // seed
+            1,                      // logprob
+            1, 0, 0, 0, 5, 0, 0, 0, // penalty_tokens [5]
+        ];
+        assert_eq!(&frame[want_at..want_at + spec_bytes.len()], spec_bytes);
+        assert_eq!(frame.len(), want_at + spec_bytes.len() + 7);
+        assert_eq!(decode(&frame).unwrap(), msg);
+    }
+
+    #[test]
+    fn token_and_session_control_bytes() {
+        let frame = Message::Token(Token {
+            session_id: 3,
+            seq: 4,
+            token_id: 0x0102_0304,
+            logprob: Some(-0.5),
+        })
+        .to_frame()
+        .unwrap();
+        #[rustfmt::skip]
+        assert_eq!(frame, [
+            b'S', b'H', b'O', b'L', 1, 0, 0x21, 0, 25, 0, 0, 0,
+            3, 0, 0, 0, 0, 0, 0, 0,
+            4, 0, 0, 0, 0, 0, 0, 0,
+            4, 3, 2, 1,
+            1, 0, 0, 0, 0xBF,       // Some(-0.5)
+        ]);
+        let frame = Message::EndSession(EndSession { session_id: 5 })
+            .to_frame()
+            .unwrap();
+        assert_eq!(
+            frame,
+            [b'S', b'H', b'O', b'L', 1, 0, 0x23, 0, 8, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]
+        );
+        let frame = Message::Truncate(Truncate {
+            session_id: 5,
+            len: 6,
+        })
+        .to_frame()
+        .unwrap();
+        #[rustfmt::skip]
+        assert_eq!(frame, [
+            b'S', b'H', b'O', b'L', 1, 0, 0x24, 0, 12, 0, 0, 0,
+            5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0,
+        ]);
+    }
+
+    #[test]
+    fn logits_frame_bytes() {
+        let logits = Activations::from_f32(1, 1, &[2.0], DType::F32).unwrap();
+        let frame = Message::Logits(Logits {
+            session_id: 1,
+            seq: 2,
+            logits,
+        })
+        .to_frame()
+        .unwrap();
+        #[rustfmt::skip]
+        assert_eq!(frame, [
+            b'S', b'H', b'O', b'L', 1, 0, 0x22, 0, 29, 0, 0, 0,
+            1, 0, 0, 0, 0, 0, 0, 0,
+            2, 0, 0, 0, 0, 0, 0, 0,
+            1, 0, 0, 0, 1, 0, 0, 0, 2,
+            0, 0, 0, 0x40,
+        ]);
+    }
+
+    fn tokens_forward() -> Vec<u8> {
+        Message::Forward(Forward {
+            session_id: 1,
+            seq: 1,
+            positions: vec![0, 1, 2],
+            payload: Payload::Tokens(vec![10, 11, 12]),
+            want: Want::Nothing,
+            reply_to: addr(),
+        })
+        .to_frame()
+        .unwrap()
+    }
+
+    #[test]
+    fn lying_token_count_is_an_error() {
+        // Claim 1,000,000 tokens where 3 are: refused before a 4 MB Vec is made.
+        let mut frame = tokens_forward();
+        let count_at = HEADER_LEN + 8 + 8 + 4 + 12 + 1;
+        frame[count_at..count_at + 4].copy_from_slice(&1_000_000u32.to_le_bytes());
+        let err = decode(&frame).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WireError::Truncated {
+                    what: "tokens",
+                    needed: 4_000_000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Over the field bound: refused on the count alone.
+        frame[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode(&frame).unwrap_err(),
+            WireError::TooLong { what: "tokens", .. }
+        ));
+    }
+
+    #[test]
+    fn positions_must_match_tokens() {
+        let mut frame = tokens_forward();
+        // Say the tokens vector has 2 entries and drop the last one, fixing the header length.
+        let count_at = HEADER_LEN + 8 + 8 + 4 + 12 + 1;
+        frame[count_at] = 2;
+        frame.drain(count_at + 4 + 8..count_at + 4 + 12);
+        let len = (frame.len() - HEADER_LEN) as u32;
+        frame[8..12].copy_from_slice(&len.to_le_bytes());
+        let err = decode(&frame).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("positions has 3 entries but the payload has 2 tokens"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn empty_forward_is_refused() {
+        let msg = Message::Forward(Forward {
+            session_id: 1,
+            seq: 1,
+            positions: vec![],
+            payload: Payload::Tokens(vec![]),
+            want: Want::Nothing,
+            reply_to: addr(),
+        });
+        assert!(msg.to_frame().is_err());
+    }
+
+    #[test]
+    fn bad_tags_are_errors() {
+        let frame = tokens_forward();
+        let payload_tag_at = HEADER_LEN + 8 + 8 + 4 + 12;
+        let mut bad = frame.clone();
+        bad[payload_tag_at] = 2;
+        assert!(matches!(
+            decode(&bad).unwrap_err(),
+            WireError::Invalid {
+                what: "payload tag",
+                ..
+            }
+        ));
+        let mut bad = frame.clone();
+        let want_at = payload_tag_at + 1 + 4 + 12;
+        bad[want_at] = 3;
+        assert!(matches!(
+            decode(&bad).unwrap_err(),
+            WireError::Invalid {
+                what: "want tag",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn sampling_values_are_checked() {
+        let with = |spec: SamplingSpec| {
+            Message::Forward(Forward {
+                session_id: 1,
+                seq: 1,
+                positions: vec![0],
+                payload: Payload::Tokens(vec![1]),
+                want: Want::Token(spec),
+                reply_to: addr(),
+            })
+            .to_frame()
+        };
+        assert!(with(SamplingSpec::greedy()).is_ok());
+        for bad in [
+            SamplingSpec {
+                temperature: f32::NAN,
+                ..SamplingSpec::greedy()
+            },
+            SamplingSpec {
+                temperature: -1.0,
+                ..SamplingSpec::greedy()
+            },
+            SamplingSpec {
+                top_p: 1.5,
+                ..SamplingSpec::greedy()
+            },
+            SamplingSpec {
+                min_p: -0.1,
+                ..SamplingSpec::greedy()
+            },
+            SamplingSpec {
+                repeat_penalty: 0.0,
+                ..SamplingSpec::greedy()
+            },
+            SamplingSpec {
+                presence_penalty: f32::INFINITY,
+                ..SamplingSpec::greedy()
+            },
+        ] {
+            assert!(with(bad.clone()).is_err(), "{bad:?}");
+        }
+        // And a NaN temperature written by hand is refused on receipt.
+        let mut frame = with(SamplingSpec::greedy()).unwrap();
+        let temp_at = HEADER_LEN + 8 + 8 + 8 + 1 + 8 + 1;
+        frame[temp_at..temp_at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let err = decode(&frame).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("temperature is NaN, expected a finite number"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn nan_logprob_is_refused() {
+        let t = Message::Token(Token {
+            session_id: 1,
+            seq: 1,
+            token_id: 1,
+            logprob: Some(f32::NAN),
+        });
+        assert!(t.to_frame().is_err());
+        let t = Message::Token(Token {
+            session_id: 1,
+            seq: 1,
+            token_id: 1,
+            logprob: Some(f32::NEG_INFINITY),
+        });
+        assert!(t.to_frame().is_ok());
+    }
+}

@@ -1,0 +1,357 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Property-style tests with a seeded PRNG: random messages of every type round-trip byte for
+//! byte, streams of them survive arbitrary read boundaries, and mutated frames never panic.
+
+use bytes::Bytes;
+use shoal_wire::{
+    check_frame, decode_activations, decode_frame, encode_activations, Activations, Capabilities,
+    Connection, DType, EndSession, ErrorCode, ErrorMessage, Forward, Hello, HelloAck, Limits,
+    LoadStage, LogitRows, Logits, Message, MessageType, Payload, Ping, Pong, SamplingSpec,
+    StageReady, Token, Truncate, Want, HEADER_LEN,
+};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use tokio::io::AsyncWriteExt;
+
+/// SplitMix64: tiny, seeded, good enough to drive tests.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn u32(&mut self) -> u32 {
+        self.next() as u32
+    }
+    fn bool(&mut self) -> bool {
+        self.next() & 1 == 1
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn string(&mut self, max: u64) -> String {
+        const CHARS: &[char] = &['a', 'z', '0', '-', '.', 'é', '漢', '🐟', ' '];
+        (0..self.below(max + 1))
+            .map(|_| CHARS[self.below(CHARS.len() as u64) as usize])
+            .collect::<String>()
+    }
+    fn node_id(&mut self) -> String {
+        let mut s = self.string(20);
+        s.push('n');
+        s
+    }
+    fn u32s(&mut self, n: usize) -> Vec<u32> {
+        (0..n).map(|_| self.u32()).collect()
+    }
+    fn addr(&mut self) -> SocketAddr {
+        let ip = if self.bool() {
+            IpAddr::V4(Ipv4Addr::from(self.u32()))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(
+                (u128::from(self.next()) << 64) | u128::from(self.next()),
+            ))
+        };
+        SocketAddr::new(ip, self.next() as u16)
+    }
+    fn dtype(&mut self) -> DType {
+        [DType::F16, DType::BF16, DType::F32][self.below(3) as usize]
+    }
+    fn activations(&mut self, rows: u32) -> Activations {
+        let cols = self.below(64) as u32 + 1;
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| (self.unit() - 0.5) * 100.0)
+            .collect();
+        Activations::from_f32(rows, cols, &values, self.dtype()).unwrap()
+    }
+    fn sampling(&mut self) -> SamplingSpec {
+        let n = self.below(70) as usize;
+        SamplingSpec {
+            temperature: self.unit() * 2.0,
+            top_k: self.below(100) as u32,
+            top_p: self.unit(),
+            min_p: self.unit(),
+            repeat_penalty: 0.5 + self.unit(),
+            frequency_penalty: self.unit() * 4.0 - 2.0,
+            presence_penalty: self.unit() * 4.0 - 2.0,
+            seed: self.next(),
+            logprob: self.bool(),
+            penalty_tokens: self.u32s(n),
+        }
+    }
+}
+
+fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
+    match ty {
+        MessageType::Hello => Message::Hello(Hello {
+            node_id: rng.node_id(),
+            software_version: rng.string(10),
+            capabilities: Capabilities(rng.next()),
+        }),
+        MessageType::HelloAck => Message::HelloAck(HelloAck {
+            node_id: rng.node_id(),
+            software_version: rng.string(10),
+            capabilities: Capabilities(rng.next()),
+        }),
+        MessageType::Error => Message::Error(ErrorMessage::new(
+            ErrorCode(rng.next() as u16),
+            rng.bool().then(|| rng.next()),
+            rng.string(200),
+        )),
+        MessageType::Ping => Message::Ping(Ping { nonce: rng.next() }),
+        MessageType::Pong => Message::Pong(Pong { nonce: rng.next() }),
+        MessageType::LoadStage => {
+            let start = rng.below(80) as u32;
+            let head = rng.bool();
+            Message::LoadStage(LoadStage {
+                plan_id: rng.next(),
+                model_id: rng.string(60),
+                model_sha256: std::array::from_fn(|_| rng.next() as u8),
+                layer_start: start,
+                layer_end: start + 1 + rng.below(40) as u32,
+                embed: rng.bool(),
+                head,
+                activation_dtype: rng.dtype(),
+                max_context: rng.u32(),
+                next: (!head).then(|| rng.addr()),
+            })
+        }
+        MessageType::StageReady => {
+            let start = rng.below(80) as u32;
+            Message::StageReady(StageReady {
+                plan_id: rng.next(),
+                layer_start: start,
+                layer_end: start + rng.below(40) as u32,
+                resident_bytes: rng.next(),
+                load_ms: rng.u32(),
+            })
+        }
+        MessageType::Forward => {
+            let rows = rng.below(20) as u32 + 1;
+            let first = rng.below(1 << 20) as u32;
+            Message::Forward(Forward {
+                session_id: rng.next(),
+                seq: rng.next(),
+                positions: (first..first + rows).collect(),
+                payload: if rng.bool() {
+                    Payload::Tokens(rng.u32s(rows as usize))
+                } else {
+                    Payload::Hidden(rng.activations(rows))
+                },
+                want: match rng.below(3) {
+                    0 => Want::Nothing,
+                    1 => Want::Token(rng.sampling()),
+                    _ => Want::Logits {
+                        rows: if rng.bool() {
+                            LogitRows::Last
+                        } else {
+                            LogitRows::All
+                        },
+                        dtype: rng.dtype(),
+                    },
+                },
+                reply_to: rng.addr(),
+            })
+        }
+        MessageType::Token => Message::Token(Token {
+            session_id: rng.next(),
+            seq: rng.next(),
+            token_id: rng.u32(),
+            logprob: rng.bool().then(|| -rng.unit() * 30.0),
+        }),
+        MessageType::Logits => {
+            let rows = rng.below(5) as u32 + 1;
+            Message::Logits(Logits {
+                session_id: rng.next(),
+                seq: rng.next(),
+                logits: rng.activations(rows),
+            })
+        }
+        MessageType::EndSession => Message::EndSession(EndSession {
+            session_id: rng.next(),
+        }),
+        MessageType::Truncate => Message::Truncate(Truncate {
+            session_id: rng.next(),
+            len: rng.u32(),
+        }),
+    }
+}
+
+#[test]
+fn random_messages_of_every_type_round_trip_byte_for_byte() {
+    let mut rng = Rng(0x0005_4031);
+    let limits = Limits::default();
+    for _ in 0..300 {
+        for ty in MessageType::ALL {
+            let msg = random_message(&mut rng, ty);
+            let frame = msg
+                .to_frame()
+                .unwrap_or_else(|e| panic!("{ty}: {e}: {msg:?}"));
+            assert_eq!(&frame[6..8], &ty.to_u16().to_le_bytes());
+            let (back, used) = decode_frame(&frame, &limits).unwrap().unwrap();
+            assert_eq!(used, frame.len());
+            assert_eq!(back, msg);
+            assert_eq!(back.to_frame().unwrap(), frame, "{ty}: re-encoding differs");
+        }
+    }
+}
+
+#[test]
+fn every_prefix_of_every_message_is_incomplete() {
+    let mut rng = Rng(7);
+    let limits = Limits::default();
+    for ty in MessageType::ALL {
+        for _ in 0..5 {
+            let frame = random_message(&mut rng, ty).to_frame().unwrap();
+            for n in 0..frame.len() {
+                assert!(
+                    matches!(check_frame(&frame[..n], &limits), Ok(None)),
+                    "{ty}: prefix of {n}/{} bytes",
+                    frame.len()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn truncated_or_extended_payloads_are_errors() {
+    // Cut the payload short (and fix the header length), or add a byte: never a panic, never
+    // the original message.
+    let mut rng = Rng(99);
+    let limits = Limits::default();
+    for ty in MessageType::ALL {
+        for _ in 0..20 {
+            let frame = random_message(&mut rng, ty).to_frame().unwrap();
+            let payload_len = frame.len() - HEADER_LEN;
+            if payload_len > 0 {
+                let keep = rng.below(payload_len as u64) as usize;
+                let mut short = frame[..HEADER_LEN + keep].to_vec();
+                short[8..12].copy_from_slice(&(keep as u32).to_le_bytes());
+                assert!(
+                    decode_frame(&short, &limits).is_err(),
+                    "{ty}: cut to {keep}"
+                );
+            }
+            let mut long = frame.clone();
+            long.push(rng.next() as u8);
+            long[8..12].copy_from_slice(&((payload_len + 1) as u32).to_le_bytes());
+            assert!(decode_frame(&long, &limits).is_err(), "{ty}: one byte more");
+        }
+    }
+}
+
+#[test]
+fn mutated_frames_never_panic_and_what_parses_is_canonical() {
+    // A small in-tree fuzzer (the real one is fuzz/fuzz_targets/wire_decode.rs): corrupt valid
+    // frames at random; decoding must return, and anything that still decodes must re-encode
+    // to exactly the bytes it came from.
+    let mut rng = Rng(2024);
+    let limits = Limits {
+        max_payload: 1 << 16,
+    };
+    let mut decoded = 0;
+    for i in 0..30_000 {
+        let ty = MessageType::ALL[i % MessageType::ALL.len()];
+        let mut frame = random_message(&mut rng, ty).to_frame().unwrap();
+        for _ in 0..=rng.below(3) {
+            match rng.below(4) {
+                0 => {
+                    let at = rng.below(frame.len() as u64) as usize;
+                    frame[at] ^= 1 << rng.below(8);
+                }
+                1 => {
+                    let at = HEADER_LEN + rng.below((frame.len() - HEADER_LEN) as u64 + 1) as usize;
+                    frame.truncate(at.min(frame.len()));
+                }
+                2 => {
+                    let at = rng.below(frame.len() as u64) as usize;
+                    frame[at] = rng.next() as u8;
+                }
+                _ => frame.push(rng.next() as u8),
+            }
+        }
+        if let Ok(Some((msg, used))) = decode_frame(&frame, &limits) {
+            decoded += 1;
+            assert_eq!(msg.to_frame().unwrap(), &frame[..used], "{msg:?}");
+        }
+    }
+    assert!(
+        decoded > 1000,
+        "the mutations should leave some frames valid ({decoded})"
+    );
+}
+
+#[test]
+fn activation_encodings_match_the_reference_conversion() {
+    let mut rng = Rng(3);
+    let values: Vec<f32> = (0..5000)
+        .map(|_| f32::from_bits(rng.u32()))
+        .filter(|v| v.is_finite())
+        .collect();
+    let f16 = encode_activations(&values, DType::F16);
+    let bf16 = encode_activations(&values, DType::BF16);
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(
+            &f16[2 * i..2 * i + 2],
+            &half::f16::from_f32(*v).to_le_bytes()
+        );
+        assert_eq!(
+            &bf16[2 * i..2 * i + 2],
+            &half::bf16::from_f32(*v).to_le_bytes()
+        );
+    }
+    let back = decode_activations(&f16, DType::F16).unwrap();
+    for (i, v) in back.iter().enumerate() {
+        assert_eq!(
+            v.to_bits(),
+            half::f16::from_f32(values[i]).to_f32().to_bits()
+        );
+    }
+    let exact = decode_activations(&encode_activations(&values, DType::F32), DType::F32).unwrap();
+    assert_eq!(exact, values);
+}
+
+#[tokio::test]
+async fn a_stream_of_frames_survives_any_read_boundaries() {
+    let mut rng = Rng(11);
+    let messages: Vec<Message> = (0..400)
+        .map(|i| random_message(&mut rng, MessageType::ALL[i % MessageType::ALL.len()]))
+        .collect();
+    let bytes: Vec<u8> = messages
+        .iter()
+        .flat_map(|m| m.to_frame().unwrap())
+        .collect();
+    let (client, server) = tokio::io::duplex(1 << 12);
+    let writer = tokio::spawn(async move {
+        let mut client = client;
+        let mut rng = Rng(12);
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let n = (rng.below(300) as usize + 1).min(rest.len());
+            client.write_all(&rest[..n]).await.unwrap();
+            rest = &rest[n..];
+        }
+    });
+    let mut conn = Connection::from_stream(server, Limits::default());
+    for (i, expected) in messages.iter().enumerate() {
+        let got = conn.read_frame().await.unwrap().unwrap();
+        assert_eq!(&got, expected, "message {i}");
+    }
+    writer.await.unwrap();
+    assert!(conn.read_frame().await.unwrap().is_none());
+}
+
+#[test]
+fn hidden_payload_shares_the_frame_bytes() {
+    // Activations keep the wire bytes; decoding converts once.
+    let a = Activations::from_f32(2, 2, &[1.0, 2.0, 3.0, 4.0], DType::BF16).unwrap();
+    assert_eq!(a.data().len(), 8);
+    let b = Activations::from_encoded(2, 2, DType::BF16, Bytes::copy_from_slice(a.data())).unwrap();
+    assert_eq!(b.to_f32(), [1.0, 2.0, 3.0, 4.0]);
+}
