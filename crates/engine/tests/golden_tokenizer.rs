@@ -7,29 +7,14 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use shoal_engine::chat_template::{ChatMessage, ChatTemplate};
 use shoal_engine::tokenizer::Tokenizer;
 
-fn golden_dir() -> PathBuf {
-    std::env::var_os("SHOAL_GOLDEN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../../shared/golden"
-            ))
-        })
-}
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("SHOAL_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
-}
+mod common;
+use common::{ids, models_dir};
 
 fn load_metadata(name: &str) -> HashMap<String, Value> {
     let path = models_dir().join(format!("{name}.gguf"));
@@ -45,23 +30,7 @@ fn load_metadata(name: &str) -> HashMap<String, Value> {
 }
 
 fn load_golden(name: &str) -> serde_json::Value {
-    let path = golden_dir().join(format!("{name}.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "cannot read golden file {}: {e}; it comes with shared/golden (set SHOAL_GOLDEN_DIR), \
-             and the models with scripts/fetch-models.sh",
-            path.display()
-        )
-    });
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: bad JSON: {e}", path.display()))
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("an array of ids")
-        .iter()
-        .map(|x| x.as_u64().expect("an id") as u32)
-        .collect()
+    common::golden(&format!("{name}.gguf"))
 }
 
 fn stream_decode(tok: &Tokenizer, ids: &[u32]) -> String {

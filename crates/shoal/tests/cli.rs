@@ -40,10 +40,10 @@ fn stdout(o: &Output) -> String {
 
 const PROMPT: &str = "What is the capital of France?";
 
-#[test]
-fn run_streams_the_engines_greedy_answer() {
+/// `shoal run` on the default model's greedy answer to [`PROMPT`], with `extra` flags.
+fn greedy_answer(extra: &[&str]) -> String {
     let m = model();
-    let out = stdout(&shoal(&[
+    let mut args = vec![
         "run",
         "--model",
         m.to_str().unwrap(),
@@ -51,7 +51,15 @@ fn run_streams_the_engines_greedy_answer() {
         PROMPT,
         "--max-tokens",
         "24",
-    ]));
+    ];
+    args.extend_from_slice(extra);
+    stdout(&shoal(&args))
+}
+
+#[test]
+fn run_streams_the_engines_greedy_answer() {
+    let m = model();
+    let out = greedy_answer(&[]);
     // The same generation through the library.
     let model = Model::load(&m, |_, _| {}).unwrap();
     let prompt = model
@@ -102,29 +110,10 @@ fn sampling_is_reproducible_by_seed() {
 
 #[test]
 fn stop_strings_end_the_answer() {
-    let m = model();
-    let full = stdout(&shoal(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--max-tokens",
-        "24",
-    ]));
+    let full = greedy_answer(&[]);
     // Stop at the first space of the greedy answer: only the first word remains.
     let first_word = full.trim_start().split(' ').next().unwrap().to_string();
-    let cut = stdout(&shoal(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--max-tokens",
-        "24",
-        "--stop",
-        " ",
-    ]));
+    let cut = greedy_answer(&["--stop", " "]);
     assert_eq!(
         cut.trim_end_matches('\n'),
         full[..full.find(' ').unwrap()].to_string()
