@@ -1,0 +1,52 @@
+//! The one error type of the pipeline crate.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use shoal_engine::EngineError;
+use shoal_wire::WireError;
+
+/// Everything that can go wrong while setting up or running a ring of stages.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// Loading or running the local stage failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Talking to a peer failed.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// Reading the model file (for its hash) failed.
+    #[error("cannot read model file: {0}")]
+    Io(#[from] std::io::Error),
+    /// The model a `LoadStage` names is not on this node, or is a different file.
+    #[error("model `{model_id}` is not available on this node: {reason}")]
+    ModelUnavailable { model_id: String, reason: String },
+    /// A peer answered a request with an error.
+    #[error("stage at {peer} refused: {message}")]
+    Refused { peer: SocketAddr, message: String },
+    /// A stage reported a failure for this session (to the head's reply listener).
+    #[error("a stage failed while running the session: {0}")]
+    StageFailed(String),
+    /// No answer came in time.
+    #[error("no {what} arrived within {after:?}; is every stage of the ring still up?")]
+    Timeout { what: &'static str, after: Duration },
+    /// The pipeline's description does not fit the model.
+    #[error("invalid pipeline: {0}")]
+    Config(String),
+    /// The request cannot be run.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// A blocking compute task panicked or was cancelled.
+    #[error("a compute task failed: {0}")]
+    Task(String),
+}
+
+impl From<tokio::task::JoinError> for PipelineError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        PipelineError::Task(e.to_string())
+    }
+}
+
+/// Result with [`PipelineError`].
+pub type Result<T, E = PipelineError> = std::result::Result<T, E>;

@@ -1,0 +1,30 @@
+//! Pipeline mode (design §3, issue #4): a session's ring of stages.
+//!
+//! ```text
+//! head: tokenize → Pipeline [embed, 0..k) ──Forward──► StageServer [k..m) ──► StageServer [m..L), sample
+//!   ▲                                                                                 │
+//!   └──────────────────────────── Token (to the head's reply listener) ◄──────────────┘
+//! ```
+//!
+//! - [`StageServer`] serves stage work on a node's peer port: `LoadStage` → `StageReady`,
+//!   `Forward` → run the stage on the session's KV cache and forward hidden states to the
+//!   next stage, or (last stage) sample and send the `Token` to the head. `EndSession`,
+//!   `Truncate`, and idle eviction look after the caches.
+//! - [`Pipeline`] is the head: it runs the first stage itself, sets up the peers in order and
+//!   generates, owning the session (prompt, tokens, sampling parameters, seed).
+//!
+//! Greedy output equals the single-process [`shoal_engine::Model`] run exactly when
+//! activations travel as f32 (and, in practice, with the default f16 for short outputs);
+//! sampled output equals it for the same seed because the last stage keeps one sampler per
+//! session, whose random stream advances once per token as in the single-process loop.
+
+mod convert;
+mod error;
+mod head;
+mod link;
+mod server;
+
+pub use convert::{file_sha256, sampling_params, sampling_spec};
+pub use error::{PipelineError, Result};
+pub use head::{PeerStage, Pipeline, PipelineConfig};
+pub use server::{StageServer, StageServerConfig};

@@ -1,0 +1,119 @@
+//! Outgoing links: dialling a peer with the handshake, and keeping a writer to it whose
+//! incoming frames (errors, mostly) are drained by a small task.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use shoal_wire::{
+    client_handshake, Capabilities, Connection, FrameWriter, Hello, Limits, Message, WireError,
+};
+use tokio::io::WriteHalf;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+/// The writing half of a connection we dialled.
+pub(crate) type Writer = FrameWriter<WriteHalf<TcpStream>>;
+
+/// Dials `addr` and says hello.
+pub(crate) async fn dial(
+    addr: SocketAddr,
+    node_id: &str,
+    capabilities: Capabilities,
+    limits: Limits,
+) -> Result<Connection, WireError> {
+    let mut conn = Connection::connect(addr, limits).await?;
+    client_handshake(
+        &mut conn,
+        Hello {
+            node_id: node_id.to_owned(),
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            capabilities,
+        },
+    )
+    .await?;
+    Ok(conn)
+}
+
+/// A dialled connection used for writing; what the peer sends back goes to `on_message`.
+pub(crate) struct Link {
+    pub(crate) writer: Writer,
+    drain: JoinHandle<()>,
+}
+
+impl Link {
+    pub(crate) fn new(
+        conn: Connection,
+        addr: SocketAddr,
+        on_message: impl Fn(Message) + Send + 'static,
+    ) -> Self {
+        let (mut reader, writer) = conn.into_split();
+        let drain = tokio::spawn(async move {
+            loop {
+                match reader.read_frame().await {
+                    Ok(Some(msg)) => on_message(msg),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(peer = %addr, error = %e, "link closed");
+                        break;
+                    }
+                }
+            }
+        });
+        Link { writer, drain }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.drain.abort();
+    }
+}
+
+/// Links by address, dialled on first use and re-dialled once when a write fails (the peer
+/// restarted, or dropped an idle connection).
+pub(crate) struct LinkPool {
+    node_id: String,
+    capabilities: Capabilities,
+    limits: Limits,
+    links: HashMap<SocketAddr, Link>,
+}
+
+impl LinkPool {
+    pub(crate) fn new(node_id: String, capabilities: Capabilities, limits: Limits) -> Self {
+        LinkPool {
+            node_id,
+            capabilities,
+            limits,
+            links: HashMap::new(),
+        }
+    }
+
+    pub(crate) async fn send(&mut self, addr: SocketAddr, msg: &Message) -> Result<(), WireError> {
+        let mut last_err = None;
+        for _ in 0..2 {
+            if !self.links.contains_key(&addr) {
+                let conn = dial(addr, &self.node_id, self.capabilities, self.limits).await?;
+                let link = Link::new(conn, addr, move |m| {
+                    if let Message::Error(e) = m {
+                        tracing::warn!(peer = %addr, error = %e.message, "peer reported an error");
+                    }
+                });
+                self.links.insert(addr, link);
+            }
+            let Some(link) = self.links.get_mut(&addr) else {
+                continue;
+            };
+            match link.writer.write_frame(msg).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(peer = %addr, error = %e, "write failed; re-dialling");
+                    self.links.remove(&addr);
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or(WireError::Closed {
+            expected: "a writable link",
+        }))
+    }
+}

@@ -1,0 +1,517 @@
+//! [`StageServer`]: the stage side of a ring, served on a node's peer port.
+//!
+//! A head sends `LoadStage`; the server loads that layer range from its own copy of the model
+//! and answers `StageReady`. Then `Forward`s arrive: the server runs its stage on the
+//! session's KV cache and either forwards the hidden states to the next stage (ring, not star:
+//! design §3) or, as the last stage, samples and sends the `Token` to the `reply_to` address of
+//! the head. Stages hold only KV caches and, on the last stage, the session's sampler (its
+//! random state must carry from token to token to match a single-process run with the same
+//! seed); the head owns everything else.
+//!
+//! Tensor work runs in `spawn_blocking`, so the async runtime keeps serving other connections;
+//! an idle server has no work in flight and only a slow eviction timer, so it never spins.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use shoal_engine::candle_core::Device;
+use shoal_engine::stage::logits_row;
+use shoal_engine::{
+    EngineError, GgufFile, KvCache, Logits, Sampler, Stage, StageInput, StageOutput, StageSpec,
+};
+use shoal_wire::{
+    serve_connections, server_handshake, Capabilities, Connection, ErrorCode, ErrorMessage,
+    Forward, HelloAck, Limits, LoadStage, Message, Payload, Pong, ServeConfig, StageReady, Token,
+    Want, WireError,
+};
+use tokio::net::TcpListener;
+
+use crate::convert::{
+    activations_to_tensor, file_sha256, logprob, sampling_params, tensor_to_activations,
+};
+use crate::error::{PipelineError, Result};
+use crate::link::LinkPool;
+
+/// How a [`StageServer`] finds models and looks after sessions.
+#[derive(Clone, Debug)]
+pub struct StageServerConfig {
+    /// This node's id, sent in handshakes.
+    pub node_id: String,
+    /// Where `LoadStage::model_id` is looked up: `<dir>/<model_id>` or `<dir>/<model_id>.gguf`.
+    pub models_dir: PathBuf,
+    /// A session whose cache has not been used for this long is dropped (a head that died
+    /// without `EndSession` must not pin memory for ever).
+    pub session_idle_timeout: Duration,
+    /// Frame limits for every connection.
+    pub limits: Limits,
+}
+
+impl StageServerConfig {
+    /// Defaults: node id `"stage"`, a 10-minute idle timeout, default frame limits.
+    pub fn new(models_dir: impl Into<PathBuf>) -> Self {
+        StageServerConfig {
+            node_id: "stage".to_owned(),
+            models_dir: models_dir.into(),
+            session_idle_timeout: Duration::from_secs(600),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Serves stage work on a TCP listener. Cheap to clone: clones share the loaded stage and the
+/// sessions.
+#[derive(Clone)]
+pub struct StageServer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: StageServerConfig,
+    loaded: RwLock<Option<Arc<Loaded>>>,
+    sessions: Mutex<HashMap<u64, SessionEntry>>,
+    /// Links to the next stage and to heads' reply listeners.
+    links: tokio::sync::Mutex<LinkPool>,
+    /// SHA-256 of model files already hashed, by path.
+    hashes: Mutex<HashMap<PathBuf, [u8; 32]>>,
+}
+
+struct Loaded {
+    stage: Arc<Stage>,
+    plan: LoadStage,
+}
+
+struct SessionEntry {
+    state: Arc<Mutex<SessionState>>,
+    last_used: Instant,
+}
+
+struct SessionState {
+    cache: KvCache,
+    /// Last stage only: created on the session's first sampled token, kept so the random
+    /// stream continues exactly as in a single-process run.
+    sampler: Option<Sampler>,
+}
+
+/// What running a `Forward` produced.
+enum Outcome {
+    Hidden(shoal_wire::Activations),
+    Token(u32, Option<f32>),
+    Nothing,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl StageServer {
+    /// A server with no stage loaded yet.
+    pub fn new(config: StageServerConfig) -> Self {
+        let links = LinkPool::new(config.node_id.clone(), Capabilities::STAGE, config.limits);
+        StageServer {
+            inner: Arc::new(Inner {
+                config,
+                loaded: RwLock::new(None),
+                sessions: Mutex::new(HashMap::new()),
+                links: tokio::sync::Mutex::new(links),
+                hashes: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Serves `listener` until `shutdown` completes. Each peer gets its own task: a peer that
+    /// sends a malformed or hostile frame loses its connection and nothing else.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let evictor = {
+            let me = self.clone();
+            tokio::spawn(async move { me.evict_loop().await })
+        };
+        let config = ServeConfig {
+            limits: self.inner.config.limits,
+            ..ServeConfig::default()
+        };
+        let me = self.clone();
+        serve_connections(
+            listener,
+            config,
+            move |conn, peer| {
+                let me = me.clone();
+                async move { me.handle(conn, peer).await }
+            },
+            shutdown,
+        )
+        .await;
+        evictor.abort();
+    }
+
+    /// Sessions with a KV cache on this stage.
+    pub fn session_count(&self) -> usize {
+        lock(&self.inner.sessions).len()
+    }
+
+    /// Tokens held in a session's cache, if the session exists.
+    pub fn session_len(&self, session_id: u64) -> Option<usize> {
+        let state = lock(&self.inner.sessions).get(&session_id)?.state.clone();
+        let len = lock(&state).cache.len();
+        Some(len)
+    }
+
+    /// The layers of the loaded stage, if one is loaded.
+    pub fn loaded_layers(&self) -> Option<Range<usize>> {
+        self.loaded().map(|l| l.stage.spec().layers.clone())
+    }
+
+    /// Drops sessions idle for longer than the timeout; returns how many.
+    pub fn evict_idle(&self) -> usize {
+        let timeout = self.inner.config.session_idle_timeout;
+        let mut sessions = lock(&self.inner.sessions);
+        let before = sessions.len();
+        sessions.retain(|_, s| s.last_used.elapsed() < timeout);
+        let evicted = before - sessions.len();
+        if evicted > 0 {
+            tracing::info!(evicted, "dropped idle sessions");
+        }
+        evicted
+    }
+
+    async fn evict_loop(&self) {
+        let period = (self.inner.config.session_idle_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(30));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.evict_idle();
+        }
+    }
+
+    fn loaded(&self) -> Option<Arc<Loaded>> {
+        self.inner
+            .loaded
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    async fn handle(self, mut conn: Connection, peer: SocketAddr) -> Result<(), WireError> {
+        let node_id = self.inner.config.node_id.clone();
+        let accept = |_: &shoal_wire::Hello| {
+            Ok(HelloAck {
+                node_id,
+                software_version: env!("CARGO_PKG_VERSION").to_owned(),
+                capabilities: Capabilities::STAGE,
+            })
+        };
+        if let Err(e) = server_handshake(&mut conn, accept).await {
+            if e.is_protocol_violation() {
+                conn.close_with_error(&e).await;
+            }
+            return Err(e);
+        }
+        loop {
+            let msg = match conn.read_frame().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    if e.is_protocol_violation() {
+                        conn.close_with_error(&e).await;
+                    }
+                    return Err(e);
+                }
+            };
+            match msg {
+                Message::LoadStage(load) => {
+                    let reply = match self.load(load).await {
+                        Ok(ready) => Message::StageReady(ready),
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "LoadStage failed");
+                            Message::Error(ErrorMessage::new(error_code(&e), None, e.to_string()))
+                        }
+                    };
+                    conn.write_frame(&reply).await?;
+                }
+                Message::Forward(f) => self.forward(f).await,
+                Message::EndSession(e) => {
+                    lock(&self.inner.sessions).remove(&e.session_id);
+                }
+                Message::Truncate(t) => {
+                    let state = lock(&self.inner.sessions)
+                        .get(&t.session_id)
+                        .map(|s| s.state.clone());
+                    if let Some(state) = state {
+                        lock(&state).cache.truncate(t.len as usize);
+                    }
+                }
+                Message::Ping(p) => conn.write_frame(&Message::Pong(Pong { nonce: p.nonce })).await?,
+                Message::Pong(_) => {}
+                Message::Error(e) => tracing::warn!(%peer, error = %e.message, "peer reported an error"),
+                other => {
+                    let e = WireError::UnexpectedMessage {
+                        expected: "a stage request",
+                        got: other.name(),
+                    };
+                    conn.close_with_error(&e).await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn load(&self, plan: LoadStage) -> Result<StageReady> {
+        if let Some(current) = self.loaded() {
+            if current.plan == plan {
+                return Ok(ready(&plan, 0, 0));
+            }
+        }
+        let path = resolve_model(&self.inner.config.models_dir, &plan.model_id)?;
+        let started = Instant::now();
+        let inner = self.inner.clone();
+        let p = plan.clone();
+        let (stage, bytes) = tokio::task::spawn_blocking(move || -> Result<(Stage, u64)> {
+            if p.model_sha256 != [0; 32] {
+                let sha = inner.sha256_of(&path)?;
+                if sha != p.model_sha256 {
+                    return Err(PipelineError::ModelUnavailable {
+                        model_id: p.model_id.clone(),
+                        reason: format!(
+                            "{} has sha256 {}, the head asked for {}",
+                            path.display(),
+                            hex(&sha),
+                            hex(&p.model_sha256)
+                        ),
+                    });
+                }
+            }
+            let file = GgufFile::open(&path)?;
+            let n = file.config().n_layers;
+            let (start, end) = (p.layer_start as usize, p.layer_end as usize);
+            if end > n || p.embed != (start == 0) || p.head != (end == n) {
+                return Err(PipelineError::Config(format!(
+                    "layers {start}..{end} (embed {}, head {}) do not fit a model of {n} layers",
+                    p.embed, p.head
+                )));
+            }
+            let spec = StageSpec {
+                layers: start..end,
+                embed: p.embed,
+                head: p.head,
+            };
+            let bytes = Stage::weight_bytes(&file, &spec);
+            Ok((Stage::load(&file, spec, &Device::Cpu, |_, _| {})?, bytes))
+        })
+        .await??;
+        let load_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+        let reply = ready(&plan, bytes, load_ms);
+        tracing::info!(layers = ?stage.spec().layers, load_ms, "stage loaded");
+        *self
+            .inner
+            .loaded
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Loaded {
+            stage: Arc::new(stage),
+            plan,
+        }));
+        // Caches of the previous stage have another shape.
+        lock(&self.inner.sessions).clear();
+        Ok(reply)
+    }
+
+    /// Runs one `Forward`. A failure is reported to the session's head (`reply_to`), never
+    /// to the connection it came on: the upstream stage is not the one waiting.
+    async fn forward(&self, f: Forward) {
+        let (session_id, reply_to) = (f.session_id, f.reply_to);
+        if let Err(e) = self.try_forward(f).await {
+            tracing::warn!(session_id, error = %e, "Forward failed");
+            let msg = Message::Error(ErrorMessage::new(
+                error_code(&e),
+                Some(session_id),
+                e.to_string(),
+            ));
+            if let Err(e) = self.inner.links.lock().await.send(reply_to, &msg).await {
+                tracing::warn!(%reply_to, error = %e, "could not report a failure to the head");
+            }
+        }
+    }
+
+    async fn try_forward(&self, f: Forward) -> Result<()> {
+        let loaded = self.loaded().ok_or_else(|| {
+            PipelineError::InvalidRequest("no stage is loaded on this node (send LoadStage)".into())
+        })?;
+        let state = {
+            let mut sessions = lock(&self.inner.sessions);
+            let entry = sessions.entry(f.session_id).or_insert_with(|| SessionEntry {
+                state: Arc::new(Mutex::new(SessionState {
+                    cache: loaded.stage.new_cache(),
+                    sampler: None,
+                })),
+                last_used: Instant::now(),
+            });
+            entry.last_used = Instant::now();
+            entry.state.clone()
+        };
+        let Forward {
+            session_id,
+            seq,
+            positions,
+            payload,
+            want,
+            reply_to,
+        } = f;
+        let stage = loaded.stage.clone();
+        let dtype = loaded.plan.activation_dtype;
+        let want2 = want.clone();
+        let positions2 = positions.clone();
+        let outcome = tokio::task::spawn_blocking(move || -> Result<Outcome> {
+            let mut guard = lock(&state);
+            let state = &mut *guard;
+            let positions: Vec<usize> = positions2.iter().map(|&p| p as usize).collect();
+            let input = match &payload {
+                Payload::Tokens(t) => StageInput::Tokens(t),
+                Payload::Hidden(a) => StageInput::Hidden(activations_to_tensor(a)?),
+            };
+            match stage.forward(input, &positions, &mut state.cache, Logits::Last)? {
+                StageOutput::Hidden(h) => Ok(Outcome::Hidden(tensor_to_activations(&h, dtype)?)),
+                StageOutput::Logits(l) => match want2 {
+                    Want::Nothing => Ok(Outcome::Nothing),
+                    Want::Token(spec) => {
+                        let mut logits = logits_row(&l, 0)?;
+                        let lp = spec.logprob.then(|| logits.clone());
+                        let params = sampling_params(&spec);
+                        if state.sampler.as_ref().is_some_and(|s| *s.params() != params) {
+                            state.sampler = None;
+                        }
+                        let sampler = state.sampler.get_or_insert_with(|| Sampler::new(params));
+                        let token = sampler.sample(&mut logits, &spec.penalty_tokens);
+                        Ok(Outcome::Token(token, lp.and_then(|l| logprob(&l, token))))
+                    }
+                    Want::Logits { .. } => Err(PipelineError::InvalidRequest(
+                        "logits replies are not implemented yet; ask for a token".into(),
+                    )),
+                },
+            }
+        })
+        .await??;
+        match outcome {
+            Outcome::Hidden(a) => {
+                let next = loaded.plan.next.ok_or_else(|| {
+                    PipelineError::Config("this stage has no next stage to forward to".into())
+                })?;
+                let msg = Message::Forward(Forward {
+                    session_id,
+                    seq,
+                    positions,
+                    payload: Payload::Hidden(a),
+                    want,
+                    reply_to,
+                });
+                self.inner.links.lock().await.send(next, &msg).await?;
+            }
+            Outcome::Token(token_id, logprob) => {
+                let msg = Message::Token(Token {
+                    session_id,
+                    seq,
+                    token_id,
+                    logprob,
+                });
+                self.inner.links.lock().await.send(reply_to, &msg).await?;
+            }
+            Outcome::Nothing => {}
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn sha256_of(&self, path: &Path) -> Result<[u8; 32]> {
+        if let Some(sha) = lock(&self.hashes).get(path) {
+            return Ok(*sha);
+        }
+        let sha = file_sha256(path)?;
+        lock(&self.hashes).insert(path.to_path_buf(), sha);
+        Ok(sha)
+    }
+}
+
+fn ready(plan: &LoadStage, resident_bytes: u64, load_ms: u32) -> StageReady {
+    StageReady {
+        plan_id: plan.plan_id,
+        layer_start: plan.layer_start,
+        layer_end: plan.layer_end,
+        resident_bytes,
+        load_ms,
+    }
+}
+
+/// The file a model id names under `dir`. Ids are file names, never paths: a peer must not be
+/// able to make this node open anything outside its models directory.
+pub(crate) fn resolve_model(dir: &Path, model_id: &str) -> Result<PathBuf> {
+    let unavailable = |reason: String| PipelineError::ModelUnavailable {
+        model_id: model_id.to_owned(),
+        reason,
+    };
+    if model_id.is_empty()
+        || model_id.starts_with('.')
+        || model_id.contains(['/', '\\', '\0'])
+    {
+        return Err(unavailable("a model id is a file name, not a path".into()));
+    }
+    let candidates = [dir.join(model_id), dir.join(format!("{model_id}.gguf"))];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            unavailable(format!(
+                "neither {model_id} nor {model_id}.gguf is in {} (fetch it, or copy it there)",
+                dir.display()
+            ))
+        })
+}
+
+fn error_code(e: &PipelineError) -> ErrorCode {
+    match e {
+        PipelineError::ModelUnavailable { .. } => ErrorCode::MODEL_UNAVAILABLE,
+        PipelineError::Config(_)
+        | PipelineError::InvalidRequest(_)
+        | PipelineError::Engine(
+            EngineError::InvalidInput(_)
+            | EngineError::InvalidStage(_)
+            | EngineError::ContextFull { .. },
+        ) => ErrorCode::BAD_REQUEST,
+        _ => ErrorCode::INTERNAL,
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_ids_are_file_names() {
+        let dir = std::env::temp_dir();
+        for bad in ["", "../etc/passwd", "a/b", ".hidden", "a\\b"] {
+            assert!(
+                matches!(
+                    resolve_model(&dir, bad),
+                    Err(PipelineError::ModelUnavailable { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let err = resolve_model(&dir, "surely-not-a-model-here").unwrap_err();
+        assert!(err.to_string().contains(".gguf"), "{err}");
+    }
+
+    #[test]
+    fn hex_is_lower_case() {
+        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
+    }
+}
