@@ -101,6 +101,7 @@ impl Weight {
         let own = match t.dtype() {
             GgmlDType::Q4_1 => Some(Format::Q4_1),
             GgmlDType::Q5_0 => Some(Format::Q5_0),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
             _ => None,
         };
         if let (Some(format), true) = (own, t.device().is_cpu()) {
@@ -117,6 +118,14 @@ impl Weight {
         match self {
             Self::Candle(w) => Ok(w.forward(x)?),
             Self::Own(w) => w.matmul(x),
+        }
+    }
+
+    /// Rows `ids` as f32: an embedding lookup; the table stays quantized.
+    fn embedding(&self, ids: &[u32]) -> Result<Tensor> {
+        match self {
+            Self::Candle(w) => Ok(w.embedding(&Tensor::new(ids, &Device::Cpu)?)?),
+            Self::Own(w) => w.rows_f32(ids),
         }
     }
 }
@@ -337,10 +346,10 @@ pub struct Stage {
     cfg: ModelConfig,
     spec: StageSpec,
     device: Device,
-    embedding: Option<Arc<QTensor>>,
+    embedding: Option<Arc<Weight>>,
     layers: Vec<Layer>,
     norm: Option<RmsNorm>,
-    lm_head: Option<QMatMul>,
+    lm_head: Option<Arc<Weight>>,
 }
 
 impl Stage {
@@ -399,8 +408,11 @@ impl Stage {
             )));
         }
         let tied = !file.has_tensor("output.weight");
+        // One copy of the embedding table serves both ends of a tied model.
         let embedding = if spec.embed || (spec.head && tied) {
-            Some(Arc::new(file.tensor("token_embd.weight", device)?))
+            Some(Arc::new(Weight::new(
+                file.tensor("token_embd.weight", device)?,
+            )?))
         } else {
             None
         };
@@ -413,8 +425,8 @@ impl Stage {
         let (norm, lm_head) = if spec.head {
             let norm = RmsNorm::load(file, "output_norm.weight", cfg.rms_eps, device)?;
             let head = match (&embedding, tied) {
-                (Some(e), true) => QMatMul::from_arc(e.clone())?,
-                _ => QMatMul::from_qtensor(file.tensor("output.weight", device)?)?,
+                (Some(e), true) => e.clone(),
+                _ => Arc::new(Weight::new(file.tensor("output.weight", device)?)?),
             };
             (Some(norm), Some(head))
         } else {
@@ -494,8 +506,7 @@ impl Stage {
                         self.cfg.vocab_size
                     )));
                 }
-                let ids = Tensor::new(ids, &self.device)?;
-                embedding.embedding(&ids)?
+                embedding.embedding(ids)?
             }
             StageInput::Hidden(h) => {
                 if self.embedding.is_some() {

@@ -6,9 +6,10 @@
 //! nodes of one swarm have different CPUs). Every SIMD path is tested against the scalar
 //! reference on random blocks.
 //!
-//! Today: Q4_1 weights times Q8_1-quantized activations (the default model, SmolLM2-135M)
-//! and Q5_0 times Q8_0 (most of Qwen2.5-Coder-0.5B): the formats for which candle has
-//! only a scalar loop. Activation quantization follows llama.cpp's `quantize_row_q8_1`
+//! Today: Q4_1 weights times Q8_1-quantized activations (the default model, SmolLM2-135M),
+//! Q5_0 times Q8_0 (most of Qwen2.5-Coder-0.5B), for which candle has only a scalar
+//! loop, and Q8_0 times Q8_0 (embeddings and LM heads), where candle's kernel rounds
+//! activations differently from llama.cpp. Activation quantization follows llama.cpp's `quantize_row_q8_1`
 //! and `quantize_row_q8_0` exactly, so our rounding is its rounding.
 
 #![allow(unsafe_code)]
@@ -29,12 +30,15 @@ pub(crate) const QK: usize = 32;
 pub(crate) const Q4_1_BLOCK_BYTES: usize = 20;
 /// Bytes of one Q5_0 block: f16 scale, 32 high bits, 16 bytes of nibbles.
 pub(crate) const Q5_0_BLOCK_BYTES: usize = 22;
+/// Bytes of one Q8_0 block: f16 scale, 32 signed bytes.
+pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
 
 /// The weight formats with a kernel of ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Format {
     Q4_1,
     Q5_0,
+    Q8_0,
 }
 
 impl Format {
@@ -42,6 +46,7 @@ impl Format {
         match self {
             Self::Q4_1 => Q4_1_BLOCK_BYTES,
             Self::Q5_0 => Q5_0_BLOCK_BYTES,
+            Self::Q8_0 => Q8_0_BLOCK_BYTES,
         }
     }
 }
@@ -116,6 +121,24 @@ impl QuantMatrix {
         self.cols / QK * self.format.block_bytes()
     }
 
+    /// Rows `ids` as f32, `[ids.len(), cols]`: an embedding lookup that leaves the table
+    /// quantized.
+    pub(crate) fn rows_f32(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.rows {
+                return Err(EngineError::InvalidInput(format!(
+                    "row {id} of a matrix of {} rows",
+                    self.rows
+                )));
+            }
+            let row = &self.data[id * self.row_bytes()..][..self.row_bytes()];
+            scalar::dequantize(self.format, row, &mut out);
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)?)
+    }
+
     /// `x [.., cols] -> [.., rows]`: every input row times every matrix row.
     pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -130,7 +153,7 @@ impl QuantMatrix {
         }
         let m: usize = batch.iter().product();
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let with_sums = self.format == Format::Q4_1;
+        let with_sums = self.format == Format::Q4_1; // Q8_1; the others pair with Q8_0
         let acts: Vec<Q8Row> = xs
             .par_chunks(k)
             .map(|row| Q8Row::quantize(row, with_sums))
@@ -181,12 +204,18 @@ fn vec_dot_fn(format: Format) -> VecDot {
             return match format {
                 Format::Q4_1 => x86::vec_dot_q4_1_q8_1,
                 Format::Q5_0 => x86::vec_dot_q5_0_q8_0,
+                Format::Q8_0 => x86::vec_dot_q8_0_q8_0,
             };
         }
     }
+    scalar_dot(format)
+}
+
+fn scalar_dot(format: Format) -> VecDot {
     match format {
         Format::Q4_1 => scalar::vec_dot_q4_1_q8_1,
         Format::Q5_0 => scalar::vec_dot_q5_0_q8_0,
+        Format::Q8_0 => scalar::vec_dot_q8_0_q8_0,
     }
 }
 
@@ -220,8 +249,10 @@ mod tests {
                 Format::Q5_0 => {
                     data.extend_from_slice(&(r() as u32 ^ (r() as u32) << 16).to_le_bytes())
                 }
+                Format::Q8_0 => {}
             }
-            for _ in 0..16 {
+            let quant_bytes = if format == Format::Q8_0 { 32 } else { 16 };
+            for _ in 0..quant_bytes {
                 data.push((r() & 0xff) as u8);
             }
         }
@@ -229,11 +260,12 @@ mod tests {
     }
 
     fn dequantize(format: Format, data: &[u8]) -> Vec<f32> {
-        match format {
-            Format::Q4_1 => scalar::dequantize_q4_1(data),
-            Format::Q5_0 => scalar::dequantize_q5_0(data),
-        }
+        let mut out = Vec::new();
+        scalar::dequantize(format, data, &mut out);
+        out
     }
+
+    const FORMATS: [Format; 3] = [Format::Q4_1, Format::Q5_0, Format::Q8_0];
 
     fn random_f32(n: usize, seed: u64) -> Vec<f32> {
         let mut r = lcg(seed);
@@ -267,7 +299,7 @@ mod tests {
 
     #[test]
     fn scalar_dot_is_the_dot_of_the_dequantized_values() {
-        for format in [Format::Q4_1, Format::Q5_0] {
+        for format in FORMATS {
             let cols = 256;
             let w = random_blocks(format, 1, cols, 7);
             let act = Q8Row::quantize(&random_f32(cols, 8), format == Format::Q4_1);
@@ -276,10 +308,7 @@ mod tests {
             let want: f32 = (0..cols)
                 .map(|c| deq[c] * act.qs[c] as f32 * act.d[c / QK])
                 .sum();
-            let got = match format {
-                Format::Q4_1 => scalar::vec_dot_q4_1_q8_1(&w, &act),
-                Format::Q5_0 => scalar::vec_dot_q5_0_q8_0(&w, &act),
-            };
+            let got = scalar_dot(format)(&w, &act);
             // Q4_1 uses s rounded through f16 for the minimum's term.
             assert!(
                 (got - want).abs() <= 2e-3 * want.abs().max(1.0),
@@ -290,14 +319,11 @@ mod tests {
 
     #[test]
     fn simd_dot_matches_scalar_on_random_blocks() {
-        for format in [Format::Q4_1, Format::Q5_0] {
+        for format in FORMATS {
             for (cols, seed) in [(32, 1), (64, 2), (576, 3), (1536, 4), (4864, 5)] {
                 let w = random_blocks(format, 1, cols, seed);
                 let act = Q8Row::quantize(&random_f32(cols, seed + 100), format == Format::Q4_1);
-                let want = match format {
-                    Format::Q4_1 => scalar::vec_dot_q4_1_q8_1(&w, &act),
-                    Format::Q5_0 => scalar::vec_dot_q5_0_q8_0(&w, &act),
-                };
+                let want = scalar_dot(format)(&w, &act);
                 let got = vec_dot_fn(format)(&w, &act);
                 let tol = 1e-4 * want.abs().max(1.0);
                 assert!(
@@ -310,7 +336,7 @@ mod tests {
 
     #[test]
     fn matmul_matches_dequantized_f32_product() {
-        for format in [Format::Q4_1, Format::Q5_0] {
+        for format in FORMATS {
             // 37 rows: not a multiple of the row chunk, so the tail chunk is exercised.
             let (rows, cols, m) = (37, 96, 3);
             let data = random_blocks(format, rows, cols, 9);
@@ -324,14 +350,37 @@ mod tests {
             for i in 0..m {
                 for j in 0..rows {
                     let want: f32 = (0..cols).map(|c| x[i * cols + c] * deq[j * cols + c]).sum();
-                    // Activations are quantized to 8 bits: allow their rounding error.
+                    // Activations are rounded to 8 bits: each is off by at most half its
+                    // block's step (amax / 127 / 2), plus f16 rounding of scales.
+                    let bound: f32 = (0..cols)
+                        .map(|c| {
+                            let block = &x[i * cols + c / QK * QK..][..QK];
+                            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+                            deq[j * cols + c].abs() * (amax / 254.0 + 2e-3 * x[i * cols + c].abs())
+                        })
+                        .sum();
                     assert!(
-                        (y[i][j] - want).abs() <= 0.02 * want.abs().max(1.0),
+                        (y[i][j] - want).abs() <= bound + 1e-5,
                         "{format:?} ({i},{j}): {} vs {want}",
                         y[i][j]
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn rows_are_the_dequantized_rows() {
+        for format in FORMATS {
+            let (rows, cols) = (5, 64);
+            let data = random_blocks(format, rows, cols, 21);
+            let w = QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap();
+            let deq = dequantize(format, &data);
+            let got = w.rows_f32(&[3, 0, 3]).unwrap().to_vec2::<f32>().unwrap();
+            for (row, id) in got.iter().zip([3, 0, 3]) {
+                assert_eq!(row.as_slice(), &deq[id * cols..(id + 1) * cols]);
+            }
+            assert!(w.rows_f32(&[5]).is_err());
         }
     }
 

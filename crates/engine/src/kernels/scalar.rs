@@ -2,7 +2,7 @@
 
 use half::f16;
 
-use super::{Q8Row, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, QK};
+use super::{Format, Q8Row, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK};
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
@@ -57,26 +57,36 @@ pub(super) fn vec_dot_q5_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
     sum
 }
 
-/// Q5_0 bytes to f32 values (tests and reference computations).
-#[cfg(test)]
-pub(super) fn dequantize_q5_0(w: &[u8]) -> Vec<f32> {
-    w.chunks_exact(Q5_0_BLOCK_BYTES)
-        .flat_map(|block| {
-            let d = f16_at(block, 0);
-            q5_0_values(block).map(|v| v as f32 * d)
-        })
-        .collect()
+/// Dot product of one Q8_0 row with one Q8_0 activation row, as llama.cpp's
+/// `ggml_vec_dot_q8_0_q8_0`: `sum_b d_x d_y sum(q_x q_y)`.
+pub(super) fn vec_dot_q8_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
+    let mut sum = 0f32;
+    for (b, block) in w.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
+        let d = f16_at(block, 0);
+        let y = &act.qs[b * QK..(b + 1) * QK];
+        let sumi: i32 = block[2..]
+            .iter()
+            .zip(y)
+            .map(|(&x, &y)| x as i8 as i32 * y as i32)
+            .sum();
+        sum += sumi as f32 * d * act.d[b];
+    }
+    sum
 }
 
-/// Q4_1 bytes to f32 values (tests and reference computations).
-#[cfg(test)]
-pub(super) fn dequantize_q4_1(w: &[u8]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(w.len() / Q4_1_BLOCK_BYTES * QK);
-    for block in w.chunks_exact(Q4_1_BLOCK_BYTES) {
-        let (d, m) = (f16_at(block, 0), f16_at(block, 2));
-        let qs = &block[4..];
-        out.extend(qs.iter().map(|q| (q & 0x0f) as f32 * d + m));
-        out.extend(qs.iter().map(|q| (q >> 4) as f32 * d + m));
+/// Appends the f32 values of `w` (whole blocks of `format`) to `out`.
+pub(super) fn dequantize(format: Format, w: &[u8], out: &mut Vec<f32>) {
+    for block in w.chunks_exact(format.block_bytes()) {
+        let d = f16_at(block, 0);
+        match format {
+            Format::Q4_1 => {
+                let m = f16_at(block, 2);
+                let qs = &block[4..];
+                out.extend(qs.iter().map(|q| (q & 0x0f) as f32 * d + m));
+                out.extend(qs.iter().map(|q| (q >> 4) as f32 * d + m));
+            }
+            Format::Q5_0 => out.extend(q5_0_values(block).map(|v| v as f32 * d)),
+            Format::Q8_0 => out.extend(block[2..].iter().map(|&q| q as i8 as f32 * d)),
+        }
     }
-    out
 }

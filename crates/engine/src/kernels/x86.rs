@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Q8Row, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, QK};
+use super::{Q8Row, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK};
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2")
@@ -85,17 +85,49 @@ unsafe fn vec_dot_q5_0_q8_0_avx2(w: &[u8], act: &Q8Row) -> f32 {
         );
         let qx = _mm256_or_si256(nibbles, _mm256_andnot_si256(bits, high_nibble));
         let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
-        // Signed times signed through maddubs: |x| times y with x's sign.
-        let ax = _mm256_sign_epi8(qx, qx);
-        let sy = _mm256_sign_epi8(qy, qx);
-        let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(
-            _mm256_maddubs_epi16(ax, sy),
-            _mm256_set1_epi16(1),
-        ));
         let dd = _mm256_set1_ps(d * *act.d.get_unchecked(b));
-        acc = _mm256_fmadd_ps(dd, sums, acc);
+        acc = _mm256_fmadd_ps(dd, mul_sum_i8_pairs(qx, qy), acc);
     }
     hsum(acc)
+}
+
+pub(super) fn vec_dot_q8_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
+    // Safety: only selected by `vec_dot_fn` after `available()` confirmed AVX2, FMA, F16C.
+    unsafe { vec_dot_q8_0_q8_0_avx2(w, act) }
+}
+
+/// llama.cpp's AVX2 loop: 32 signed bytes times 32 signed bytes as 8 lanes of int sums,
+/// scaled by `d_x d_y` into an f32 accumulator.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn vec_dot_q8_0_q8_0_avx2(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q8_0_BLOCK_BYTES;
+    debug_assert!(act.d.len() >= nb && act.qs.len() >= nb * QK);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q8_0_BLOCK_BYTES);
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (block as *const u16).read_unaligned() as i32,
+        )));
+        let qx = _mm256_loadu_si256(block.add(2) as *const __m256i);
+        let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
+        let dd = _mm256_set1_ps(d * *act.d.get_unchecked(b));
+        acc = _mm256_fmadd_ps(dd, mul_sum_i8_pairs(qx, qy), acc);
+    }
+    hsum(acc)
+}
+
+/// Signed bytes times signed bytes, summed in pairs of pairs to 8 f32 lanes. `maddubs`
+/// takes unsigned times signed, so |x| (128 for -128 reads right as unsigned) times y
+/// with x's sign. `y` must not hold -128 (negating it wraps); activations rounded as
+/// llama.cpp rounds them stay within ±127.
+#[target_feature(enable = "avx2")]
+unsafe fn mul_sum_i8_pairs(x: __m256i, y: __m256i) -> __m256 {
+    let ax = _mm256_sign_epi8(x, x);
+    let sy = _mm256_sign_epi8(y, x);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(
+        _mm256_maddubs_epi16(ax, sy),
+        _mm256_set1_epi16(1),
+    ))
 }
 
 #[target_feature(enable = "avx2")]
