@@ -154,10 +154,18 @@ impl QuantMatrix {
         let m: usize = batch.iter().product();
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let with_sums = self.format == Format::Q4_1; // Q8_1; the others pair with Q8_0
-        let acts: Vec<Q8Row> = xs
-            .par_chunks(k)
-            .map(|row| Q8Row::quantize(row, with_sums))
-            .collect();
+                                                     // Handing work to rayon's pool costs a wake-up and a hand-back (two context
+                                                     // switches when the pool has one thread): small products run on the caller.
+        let serial = rayon::current_num_threads() <= 1 || m * self.rows * k < SERIAL_BELOW;
+        let acts: Vec<Q8Row> = if serial || m == 1 {
+            xs.chunks(k)
+                .map(|row| Q8Row::quantize(row, with_sums))
+                .collect()
+        } else {
+            xs.par_chunks(k)
+                .map(|row| Q8Row::quantize(row, with_sums))
+                .collect()
+        };
         let n = self.rows;
         let dot = vec_dot_fn(self.format);
         let row_bytes = self.row_bytes();
@@ -166,17 +174,25 @@ impl QuantMatrix {
         // transposed ([rows, m]) and is turned around at the end when m > 1.
         const CHUNK: usize = 16;
         let mut by_weight_row = vec![0f32; n * m];
-        by_weight_row
-            .par_chunks_mut(CHUNK * m)
-            .enumerate()
-            .for_each(|(c, dst)| {
-                for (j, dst_row) in dst.chunks_mut(m).enumerate() {
-                    let w = &self.data[(c * CHUNK + j) * row_bytes..][..row_bytes];
-                    for (out, act) in dst_row.iter_mut().zip(&acts) {
-                        *out = dot(w, act);
-                    }
+        let work = |(c, dst): (usize, &mut [f32])| {
+            for (j, dst_row) in dst.chunks_mut(m).enumerate() {
+                let w = &self.data[(c * CHUNK + j) * row_bytes..][..row_bytes];
+                for (out, act) in dst_row.iter_mut().zip(&acts) {
+                    *out = dot(w, act);
                 }
-            });
+            }
+        };
+        if serial {
+            by_weight_row
+                .chunks_mut(CHUNK * m)
+                .enumerate()
+                .for_each(work);
+        } else {
+            by_weight_row
+                .par_chunks_mut(CHUNK * m)
+                .enumerate()
+                .for_each(work);
+        }
         let out = if m == 1 {
             by_weight_row
         } else {
@@ -193,6 +209,9 @@ impl QuantMatrix {
         Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
     }
 }
+
+/// Products with fewer multiply-adds than this run on the calling thread.
+const SERIAL_BELOW: usize = 1 << 16;
 
 type VecDot = fn(&[u8], &Q8Row) -> f32;
 
