@@ -13,23 +13,27 @@ use crate::error::{PipelineError, Result};
 
 /// Hidden states `[n, hidden]` as a wire matrix in `dtype`.
 pub(crate) fn tensor_to_activations(t: &Tensor, dtype: DType) -> Result<Activations> {
-    let (rows, cols) = t
-        .dims2()
-        .map_err(|e| PipelineError::Engine(e.into()))?;
+    let (rows, cols) = t.dims2().map_err(|e| PipelineError::Engine(e.into()))?;
     let values = t
         .to_dtype(TensorDType::F32)
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(|e| PipelineError::Engine(e.into()))?;
-    let rows = u32::try_from(rows).map_err(|_| PipelineError::InvalidRequest("too many rows".into()))?;
-    let cols = u32::try_from(cols).map_err(|_| PipelineError::InvalidRequest("too many columns".into()))?;
+    let rows =
+        u32::try_from(rows).map_err(|_| PipelineError::InvalidRequest("too many rows".into()))?;
+    let cols = u32::try_from(cols)
+        .map_err(|_| PipelineError::InvalidRequest("too many columns".into()))?;
     Ok(Activations::from_f32(rows, cols, &values, dtype)?)
 }
 
 /// A wire matrix as an `f32` tensor on the CPU.
 pub(crate) fn activations_to_tensor(a: &Activations) -> Result<Tensor> {
-    Tensor::from_vec(a.to_f32(), (a.rows() as usize, a.cols() as usize), &Device::Cpu)
-        .map_err(|e| PipelineError::Engine(e.into()))
+    Tensor::from_vec(
+        a.to_f32(),
+        (a.rows() as usize, a.cols() as usize),
+        &Device::Cpu,
+    )
+    .map_err(|e| PipelineError::Engine(e.into()))
 }
 
 /// The wire form of `params`, with the history tokens the penalties look at.
@@ -117,7 +121,9 @@ mod tests {
         assert_eq!(back.seed, 7);
         assert_eq!(back.temperature, 0.8);
         assert_eq!(back.repeat_last_n, usize::MAX);
-        assert!(sampling_spec(&SamplingParams::greedy(), &[1, 2]).penalty_tokens.is_empty());
+        assert!(sampling_spec(&SamplingParams::greedy(), &[1, 2])
+            .penalty_tokens
+            .is_empty());
     }
 
     #[test]

@@ -18,9 +18,8 @@ use shoal_engine::{
     StageOutput, StageSpec, Tokenizer,
 };
 use shoal_wire::{
-    serve_connections, server_handshake, Activations, Capabilities, Connection, DType,
-    EndSession, Forward, HelloAck, Limits, LoadStage, Message, Payload, ServeConfig, Token, Want,
-    WireError,
+    serve_connections, server_handshake, Activations, Capabilities, Connection, DType, EndSession,
+    Forward, HelloAck, Limits, LoadStage, Message, Payload, ServeConfig, Token, Want, WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -70,7 +69,11 @@ pub struct PipelineConfig {
 impl PipelineConfig {
     /// Defaults: f16 activations, prefill chunks of 512 (the engine's), replies on
     /// `127.0.0.1:0`, a 2-minute timeout, SHA-256 checked.
-    pub fn new(model_path: impl Into<PathBuf>, local_layers: Range<usize>, peers: Vec<PeerStage>) -> Self {
+    pub fn new(
+        model_path: impl Into<PathBuf>,
+        local_layers: Range<usize>,
+        peers: Vec<PeerStage>,
+    ) -> Self {
         let model_path = model_path.into();
         let model_id = model_path
             .file_name()
@@ -153,7 +156,7 @@ pub struct Pipeline {
     config: PipelineConfig,
     stage: Arc<Stage>,
     tokenizer: Tokenizer,
-    peers: Vec<Peer>,
+    peers: Arc<Vec<Peer>>,
     router: Arc<Router>,
     reply_addr: SocketAddr,
     listener: JoinHandle<()>,
@@ -202,7 +205,7 @@ impl Pipeline {
             router.clone(),
         ));
 
-        let plan_id = next_plan_id();
+        let plan_id = fresh_id();
         let n = stage.config().n_layers;
         let mut peers = Vec::with_capacity(config.peers.len());
         for (i, p) in config.peers.iter().enumerate() {
@@ -237,11 +240,13 @@ impl Pipeline {
             config,
             stage: Arc::new(stage),
             tokenizer,
-            peers,
+            peers: Arc::new(peers),
             router,
             reply_addr,
             listener,
-            next_session: AtomicU64::new(1),
+            // Stages key caches by session id, and several heads may share a stage: start
+            // each head's ids somewhere else.
+            next_session: AtomicU64::new(fresh_id() >> 1),
         })
     }
 
@@ -267,7 +272,8 @@ impl Pipeline {
         sampling: &SamplingParams,
         max_tokens: usize,
     ) -> Result<Vec<u32>> {
-        self.generate_with(prompt, sampling, max_tokens, |_| {}).await
+        self.generate_with(prompt, sampling, max_tokens, |_| {})
+            .await
     }
 
     /// As [`Pipeline::generate`], calling `on_token` with each token as it arrives.
@@ -293,11 +299,25 @@ impl Pipeline {
         }
         let session_id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let mut rx = self.router.register(session_id);
+        let mut guard = SessionGuard {
+            id: session_id,
+            router: self.router.clone(),
+            peers: self.peers.clone(),
+            ended: false,
+        };
         let result = self
-            .run_session(session_id, &mut rx, prompt, sampling, max_tokens, &mut on_token)
+            .run_session(
+                session_id,
+                &mut rx,
+                prompt,
+                sampling,
+                max_tokens,
+                &mut on_token,
+            )
             .await;
         self.router.unregister(session_id);
-        self.end_session(session_id).await;
+        end_session(self.peers.clone(), session_id).await;
+        guard.ended = true;
         result
     }
 
@@ -331,7 +351,9 @@ impl Pipeline {
                 let positions: Vec<u32> = (first..first + piece.len())
                     .map(to_u32)
                     .collect::<Result<_>>()?;
-                let out = self.run_local(&mut cache, piece.to_vec(), &positions).await?;
+                let out = self
+                    .run_local(&mut cache, piece.to_vec(), &positions)
+                    .await?;
                 match out {
                     LocalOut::Logits(mut logits) => {
                         if last {
@@ -354,7 +376,7 @@ impl Pipeline {
                             want,
                             reply_to: self.reply_addr,
                         });
-                        self.send_first(&msg).await?;
+                        self.send_first(msg).await?;
                         if last {
                             token = Some(self.wait_token(rx, seq).await?);
                         }
@@ -362,13 +384,14 @@ impl Pipeline {
                     }
                 }
             }
-            let token = token.ok_or_else(|| {
-                PipelineError::StageFailed("the ring produced no token".into())
-            })?;
+            let token = token
+                .ok_or_else(|| PipelineError::StageFailed("the ring produced no token".into()))?;
             history.push(token);
             generated.push(token);
             on_token(token);
-            if self.tokenizer.is_eog(token) || generated.len() >= max_tokens || history.len() >= limit
+            if self.tokenizer.is_eog(token)
+                || generated.len() >= max_tokens
+                || history.len() >= limit
             {
                 return Ok(generated);
             }
@@ -391,8 +414,15 @@ impl Pipeline {
         let positions: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
         let (c, out) = tokio::task::spawn_blocking(move || {
             let out = (|| -> Result<LocalOut> {
-                match stage.forward(StageInput::Tokens(&tokens), &positions, &mut c, Logits::Last)? {
-                    StageOutput::Hidden(h) => Ok(LocalOut::Hidden(tensor_to_activations(&h, dtype)?)),
+                match stage.forward(
+                    StageInput::Tokens(&tokens),
+                    &positions,
+                    &mut c,
+                    Logits::Last,
+                )? {
+                    StageOutput::Hidden(h) => {
+                        Ok(LocalOut::Hidden(tensor_to_activations(&h, dtype)?))
+                    }
                     StageOutput::Logits(l) => Ok(LocalOut::Logits(logits_row(&l, 0)?)),
                 }
             })();
@@ -403,13 +433,22 @@ impl Pipeline {
         out
     }
 
-    async fn send_first(&self, msg: &Message) -> Result<()> {
-        let peer = self
-            .peers
-            .first()
-            .ok_or_else(|| PipelineError::Config("no peer to forward to".into()))?;
-        let mut link = peer.link.lock().await;
-        link.writer.write_frame(msg).await.map_err(PipelineError::from)
+    /// Sends to the first peer from a task of its own: `write_frame` is not cancel-safe, and a
+    /// `generate` dropped mid-write must not leave half a frame on the link every session uses.
+    async fn send_first(&self, msg: Message) -> Result<()> {
+        if self.peers.is_empty() {
+            return Err(PipelineError::Config("no peer to forward to".into()));
+        }
+        let peers = self.peers.clone();
+        tokio::spawn(async move {
+            let Some(peer) = peers.first() else {
+                return Ok(());
+            };
+            let mut link = peer.link.lock().await;
+            link.writer.write_frame(&msg).await
+        })
+        .await?
+        .map_err(PipelineError::from)
     }
 
     async fn wait_token(&self, rx: &mut mpsc::UnboundedReceiver<Reply>, seq: u64) -> Result<u32> {
@@ -422,7 +461,11 @@ impl Pipeline {
                         after: self.config.timeout,
                     })
                 }
-                Ok(None) => return Err(PipelineError::StageFailed("the reply channel closed".into())),
+                Ok(None) => {
+                    return Err(PipelineError::StageFailed(
+                        "the reply channel closed".into(),
+                    ))
+                }
                 Ok(Some(Reply::Token(t))) if t.seq == seq => return Ok(t.token_id),
                 Ok(Some(Reply::Token(t))) => {
                     tracing::debug!(seq = t.seq, expected = seq, "stale token ignored");
@@ -431,15 +474,45 @@ impl Pipeline {
             }
         }
     }
+}
 
-    /// Tells every peer to drop the session's cache (best effort).
-    async fn end_session(&self, session_id: u64) {
+/// Ends a session however `generate` stops, including when its future is dropped (a client
+/// that went away): the reply route goes at once and the stages get `EndSession`.
+struct SessionGuard {
+    id: u64,
+    router: Arc<Router>,
+    peers: Arc<Vec<Peer>>,
+    ended: bool,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.router.unregister(self.id);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(end_session(self.peers.clone(), self.id));
+        }
+    }
+}
+
+/// Tells every peer to drop the session's cache (best effort). Runs in its own task, so a
+/// caller that is cancelled never leaves half a frame on a link.
+async fn end_session(peers: Arc<Vec<Peer>>, session_id: u64) {
+    if peers.is_empty() {
+        return;
+    }
+    let task = tokio::spawn(async move {
         let msg = Message::EndSession(EndSession { session_id });
-        for peer in &self.peers {
+        for peer in peers.iter() {
             if let Err(e) = peer.link.lock().await.writer.write_frame(&msg).await {
                 tracing::warn!(peer = %peer.addr, error = %e, "EndSession was not delivered");
             }
         }
+    });
+    if let Err(e) = task.await {
+        tracing::warn!(error = %e, "EndSession task failed");
     }
 }
 
@@ -484,7 +557,12 @@ async fn load_peer(
 }
 
 /// Accepts the last stage's connections and routes `Token`s and errors to their sessions.
-async fn serve_replies(listener: TcpListener, node_id: String, limits: Limits, router: Arc<Router>) {
+async fn serve_replies(
+    listener: TcpListener,
+    node_id: String,
+    limits: Limits,
+    router: Arc<Router>,
+) {
     let config = ServeConfig {
         limits,
         ..ServeConfig::default()
@@ -548,8 +626,8 @@ fn to_u32(v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| PipelineError::InvalidRequest(format!("{v} does not fit in u32")))
 }
 
-/// A plan id unlikely to repeat across restarts of the head.
-fn next_plan_id() -> u64 {
+/// An id unlikely to repeat across restarts of the head (plan ids, the first session id).
+fn fresh_id() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -13,10 +13,15 @@
 //! - [`Pipeline`] is the head: it runs the first stage itself, sets up the peers in order and
 //!   generates, owning the session (prompt, tokens, sampling parameters, seed).
 //!
-//! Greedy output equals the single-process [`shoal_engine::Model`] run exactly when
-//! activations travel as f32 (and, in practice, with the default f16 for short outputs);
-//! sampled output equals it for the same seed because the last stage keeps one sampler per
-//! session, whose random stream advances once per token as in the single-process loop.
+//! Greedy output equals the single-process [`shoal_engine::Model`] run bit for bit when
+//! activations travel as f32 and the prompt is prefilled in the same chunks (the engine's
+//! numerics depend on the chunking, not on the split); with the default f16 the tests see the
+//! same tokens for SmolLM2, but that is rounding luck, not a guarantee. Sampled output equals it
+//! for the same seed because the last stage keeps one sampler per session, whose random stream
+//! advances once per token as in the single-process loop.
+//!
+//! Not yet: `Logits` replies (speculative verify), recovery after a lost stage (the last
+//! stage's sampler state would have to be rebuilt), batching across sessions, authentication.
 
 mod convert;
 mod error;

@@ -74,6 +74,10 @@ struct Inner {
     config: StageServerConfig,
     loaded: RwLock<Option<Arc<Loaded>>>,
     sessions: Mutex<HashMap<u64, SessionEntry>>,
+    /// Sessions ended recently. A `Forward` still in flight from the stage before (the head
+    /// sends `EndSession` to every stage directly, which can overtake it) must not bring the
+    /// session back to life; kept for one idle timeout.
+    ended: Mutex<HashMap<u64, Instant>>,
     /// Links to the next stage and to heads' reply listeners.
     links: tokio::sync::Mutex<LinkPool>,
     /// SHA-256 of model files already hashed, by path.
@@ -117,6 +121,7 @@ impl StageServer {
                 config,
                 loaded: RwLock::new(None),
                 sessions: Mutex::new(HashMap::new()),
+                ended: Mutex::new(HashMap::new()),
                 links: tokio::sync::Mutex::new(links),
                 hashes: Mutex::new(HashMap::new()),
             }),
@@ -172,6 +177,8 @@ impl StageServer {
         let before = sessions.len();
         sessions.retain(|_, s| s.last_used.elapsed() < timeout);
         let evicted = before - sessions.len();
+        drop(sessions);
+        lock(&self.inner.ended).retain(|_, at| at.elapsed() < timeout);
         if evicted > 0 {
             tracing::info!(evicted, "dropped idle sessions");
         }
@@ -237,6 +244,7 @@ impl StageServer {
                 Message::Forward(f) => self.forward(f).await,
                 Message::EndSession(e) => {
                     lock(&self.inner.sessions).remove(&e.session_id);
+                    lock(&self.inner.ended).insert(e.session_id, Instant::now());
                 }
                 Message::Truncate(t) => {
                     let state = lock(&self.inner.sessions)
@@ -246,9 +254,14 @@ impl StageServer {
                         lock(&state).cache.truncate(t.len as usize);
                     }
                 }
-                Message::Ping(p) => conn.write_frame(&Message::Pong(Pong { nonce: p.nonce })).await?,
+                Message::Ping(p) => {
+                    conn.write_frame(&Message::Pong(Pong { nonce: p.nonce }))
+                        .await?
+                }
                 Message::Pong(_) => {}
-                Message::Error(e) => tracing::warn!(%peer, error = %e.message, "peer reported an error"),
+                Message::Error(e) => {
+                    tracing::warn!(%peer, error = %e.message, "peer reported an error")
+                }
                 other => {
                     let e = WireError::UnexpectedMessage {
                         expected: "a stage request",
@@ -341,15 +354,24 @@ impl StageServer {
         let loaded = self.loaded().ok_or_else(|| {
             PipelineError::InvalidRequest("no stage is loaded on this node (send LoadStage)".into())
         })?;
+        if lock(&self.inner.ended).contains_key(&f.session_id) {
+            tracing::debug!(
+                session_id = f.session_id,
+                "Forward for an ended session dropped"
+            );
+            return Ok(());
+        }
         let state = {
             let mut sessions = lock(&self.inner.sessions);
-            let entry = sessions.entry(f.session_id).or_insert_with(|| SessionEntry {
-                state: Arc::new(Mutex::new(SessionState {
-                    cache: loaded.stage.new_cache(),
-                    sampler: None,
-                })),
-                last_used: Instant::now(),
-            });
+            let entry = sessions
+                .entry(f.session_id)
+                .or_insert_with(|| SessionEntry {
+                    state: Arc::new(Mutex::new(SessionState {
+                        cache: loaded.stage.new_cache(),
+                        sampler: None,
+                    })),
+                    last_used: Instant::now(),
+                });
             entry.last_used = Instant::now();
             entry.state.clone()
         };
@@ -381,7 +403,11 @@ impl StageServer {
                         let mut logits = logits_row(&l, 0)?;
                         let lp = spec.logprob.then(|| logits.clone());
                         let params = sampling_params(&spec);
-                        if state.sampler.as_ref().is_some_and(|s| *s.params() != params) {
+                        if state
+                            .sampler
+                            .as_ref()
+                            .is_some_and(|s| *s.params() != params)
+                        {
                             state.sampler = None;
                         }
                         let sampler = state.sampler.get_or_insert_with(|| Sampler::new(params));
@@ -453,10 +479,7 @@ pub(crate) fn resolve_model(dir: &Path, model_id: &str) -> Result<PathBuf> {
         model_id: model_id.to_owned(),
         reason,
     };
-    if model_id.is_empty()
-        || model_id.starts_with('.')
-        || model_id.contains(['/', '\\', '\0'])
-    {
+    if model_id.is_empty() || model_id.starts_with('.') || model_id.contains(['/', '\\', '\0']) {
         return Err(unavailable("a model id is a file name, not a path".into()));
     }
     let candidates = [dir.join(model_id), dir.join(format!("{model_id}.gguf"))];

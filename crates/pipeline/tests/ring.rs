@@ -1,0 +1,651 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Real rings on 127.0.0.1: stage servers as tasks of this process, the head in front, and the
+//! single-process `Model` as the reference. Uses the real SmolLM2 model (issue #4).
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use shoal_engine::sampler::argmax;
+use shoal_engine::stage::logits_row;
+use shoal_engine::{
+    ChatMessage, GenerateParams, Logits, Model, SamplingParams, StageInput, StageOutput,
+};
+use shoal_pipeline::{PeerStage, Pipeline, PipelineConfig, StageServer, StageServerConfig};
+use shoal_wire::{
+    client_handshake, Activations, Capabilities, Connection, DType, Forward, Hello, Limits,
+    Message, Payload, Want,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
+const MAX_TOKENS: usize = 32;
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("SHOAL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
+}
+
+fn model_path() -> PathBuf {
+    let p = models_dir().join(SMOLLM2);
+    assert!(
+        p.is_file(),
+        "model {} is missing: run scripts/fetch-models.sh",
+        p.display()
+    );
+    p
+}
+
+/// The single-process model, loaded once for all tests.
+fn reference() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| Model::load(model_path(), |_, _| {}).expect("model loads"))
+}
+
+fn prompt() -> Vec<u32> {
+    let m = reference();
+    let text = m
+        .render_chat(&[ChatMessage {
+            role: "user".into(),
+            content: "What is the capital of France?".into(),
+        }])
+        .unwrap();
+    m.encode_prompt(&text).unwrap()
+}
+
+fn single_process(sampling: &SamplingParams) -> Vec<u32> {
+    let m = reference();
+    let mut g = m
+        .generate(
+            prompt(),
+            GenerateParams {
+                sampling: sampling.clone(),
+                max_tokens: MAX_TOKENS,
+                stop: Vec::new(),
+            },
+        )
+        .unwrap();
+    while g.next_step().unwrap().is_some() {}
+    g.generated().to_vec()
+}
+
+fn sampled() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        seed: 7,
+        ..SamplingParams::default()
+    }
+}
+
+async fn start_server(idle: Duration) -> (StageServer, SocketAddr) {
+    let mut config = StageServerConfig::new(models_dir());
+    config.session_idle_timeout = idle;
+    let server = StageServer::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server.clone().serve(listener, std::future::pending()));
+    (server, addr)
+}
+
+/// A head on `0..splits[0]` and one stage server per further range.
+async fn ring(splits: &[usize], dtype: DType) -> (Pipeline, Vec<StageServer>, Vec<SocketAddr>) {
+    let n = reference().config().n_layers;
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(splits);
+    bounds.push(n);
+    let mut servers = Vec::new();
+    let mut peers = Vec::new();
+    let mut addrs = Vec::new();
+    for w in bounds.windows(2).skip(1) {
+        let (server, addr) = start_server(Duration::from_secs(600)).await;
+        servers.push(server);
+        addrs.push(addr);
+        peers.push(PeerStage {
+            addr,
+            layers: w[0]..w[1],
+        });
+    }
+    let mut config = PipelineConfig::new(model_path(), 0..bounds[1], peers);
+    config.activation_dtype = dtype;
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    (pipeline, servers, addrs)
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+async fn all_sessions_ended(servers: &[StageServer]) {
+    eventually("every stage dropped the session", || {
+        servers.iter().all(|s| s.session_count() == 0)
+    })
+    .await;
+}
+
+fn layers(servers: &[StageServer]) -> Vec<Range<usize>> {
+    servers.iter().map(|s| s.loaded_layers().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stages_match_single_process_greedy_and_sampled() {
+    let greedy_ref = single_process(&SamplingParams::greedy());
+    let sampled_ref = single_process(&sampled());
+    assert_eq!(
+        greedy_ref.len(),
+        MAX_TOKENS,
+        "the reference should run the full length"
+    );
+
+    let (pipeline, servers, _) = ring(&[15], DType::F32).await;
+    assert_eq!(layers(&servers), vec![15..30]);
+    let mut streamed = Vec::new();
+    let greedy = pipeline
+        .generate_with(&prompt(), &SamplingParams::greedy(), MAX_TOKENS, |t| {
+            streamed.push(t)
+        })
+        .await
+        .unwrap();
+    assert_eq!(greedy, greedy_ref);
+    assert_eq!(streamed, greedy);
+    all_sessions_ended(&servers).await;
+
+    let sampled_out = pipeline
+        .generate(&prompt(), &sampled(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(sampled_out, sampled_ref);
+    assert_ne!(
+        sampled_out, greedy_ref,
+        "temperature 0.8 should change something"
+    );
+    all_sessions_ended(&servers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_stages_match_single_process_greedy_and_sampled() {
+    let greedy_ref = single_process(&SamplingParams::greedy());
+    let sampled_ref = single_process(&sampled());
+    let (pipeline, servers, _) = ring(&[10, 20], DType::F32).await;
+    assert_eq!(layers(&servers), vec![10..20, 20..30]);
+    let greedy = pipeline
+        .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(greedy, greedy_ref);
+    let sampled_out = pipeline
+        .generate(&prompt(), &sampled(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(sampled_out, sampled_ref);
+    all_sessions_ended(&servers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_f16_activations_match_greedy() {
+    let greedy_ref = single_process(&SamplingParams::greedy());
+    let (_, a) = start_server(Duration::from_secs(600)).await;
+    let (_, b) = start_server(Duration::from_secs(600)).await;
+    let peers = vec![
+        PeerStage {
+            addr: a,
+            layers: 10..20,
+        },
+        PeerStage {
+            addr: b,
+            layers: 20..30,
+        },
+    ];
+    let config = PipelineConfig::new(model_path(), 0..10, peers);
+    assert_eq!(config.activation_dtype, DType::F16, "f16 is the default");
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    let out = pipeline
+        .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(out, greedy_ref);
+}
+
+/// Greedy decoding on the whole model in one process, with the prompt fed in `chunk`s.
+fn single_process_chunked(chunk: usize) -> Vec<u32> {
+    let m = reference();
+    let stage = m.stage();
+    let mut cache = stage.new_cache();
+    let mut tokens = prompt();
+    let mut pending = tokens.clone();
+    let mut start = 0;
+    for _ in 0..MAX_TOKENS {
+        let mut last = None;
+        for (i, piece) in pending.chunks(chunk).enumerate() {
+            let first = start + i * chunk;
+            let positions: Vec<usize> = (first..first + piece.len()).collect();
+            last = Some(
+                stage
+                    .forward(
+                        StageInput::Tokens(piece),
+                        &positions,
+                        &mut cache,
+                        Logits::Last,
+                    )
+                    .unwrap(),
+            );
+        }
+        let Some(StageOutput::Logits(l)) = last else {
+            panic!("no logits")
+        };
+        let token = argmax(&logits_row(&l, 0).unwrap());
+        tokens.push(token);
+        if m.tokenizer().is_eog(token) {
+            break;
+        }
+        start = tokens.len() - 1;
+        pending = vec![token];
+    }
+    tokens[prompt().len()..].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_prefill_matches_the_same_chunking_in_one_process() {
+    let reference = single_process_chunked(8);
+    let (_, a) = start_server(Duration::from_secs(600)).await;
+    let mut config = PipelineConfig::new(
+        model_path(),
+        0..15,
+        vec![PeerStage {
+            addr: a,
+            layers: 15..30,
+        }],
+    );
+    config.prefill_chunk = 8;
+    config.activation_dtype = DType::F32;
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    assert!(prompt().len() > 16, "the prompt spans several chunks");
+    let out = pipeline
+        .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(out, reference);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_closes_only_that_connection() {
+    let greedy_ref = single_process(&SamplingParams::greedy());
+    let (pipeline, _servers, addrs) = ring(&[10, 20], DType::F32).await;
+    // Every stage server must survive a peer that is not speaking Shoal at all.
+    for addr in addrs {
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        // A reset instead of a clean close is fine too: either way the connection is gone.
+        let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut buf))
+            .await
+            .expect("the server closes a peer that sends garbage");
+        if !buf.is_empty() {
+            let reply = shoal_wire::decode_frame(&buf, &Limits::default());
+            assert!(
+                matches!(reply, Ok(Some((Message::Error(_), _)))),
+                "only an Error frame may come back: {reply:?}"
+            );
+        }
+    }
+    let out = pipeline
+        .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(out, greedy_ref, "the ring keeps working");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_session_and_idle_eviction_free_the_cache() {
+    let n = reference().config().n_layers;
+    let hidden = reference().config().hidden;
+    let (server, addr) = start_server(Duration::from_millis(300)).await;
+    let mut conn = Connection::connect(addr, Limits::default()).await.unwrap();
+    client_handshake(
+        &mut conn,
+        Hello {
+            node_id: "test-head".into(),
+            software_version: "test".into(),
+            capabilities: Capabilities::HEAD,
+        },
+    )
+    .await
+    .unwrap();
+    conn.write_frame(&Message::LoadStage(shoal_wire::LoadStage {
+        plan_id: 1,
+        model_id: SMOLLM2.trim_end_matches(".gguf").into(),
+        model_sha256: [0; 32],
+        layer_start: 20,
+        layer_end: n as u32,
+        embed: false,
+        head: true,
+        activation_dtype: DType::F16,
+        max_context: 2048,
+        next: None,
+    }))
+    .await
+    .unwrap();
+    let Some(Message::StageReady(ready)) = conn.read_frame().await.unwrap() else {
+        panic!("no StageReady")
+    };
+    assert_eq!((ready.layer_start, ready.layer_end), (20, n as u32));
+    assert!(ready.resident_bytes > 0);
+
+    let forward = |session_id: u64| {
+        Message::Forward(Forward {
+            session_id,
+            seq: 0,
+            positions: vec![0, 1, 2],
+            payload: Payload::Hidden(
+                Activations::from_f32(3, hidden as u32, &vec![0.01; 3 * hidden], DType::F16)
+                    .unwrap(),
+            ),
+            want: Want::Nothing,
+            reply_to: addr,
+        })
+    };
+    // EndSession drops the cache at once.
+    conn.write_frame(&forward(1)).await.unwrap();
+    eventually("session 1 exists", || server.session_len(1) == Some(3)).await;
+    conn.write_frame(&Message::EndSession(shoal_wire::EndSession {
+        session_id: 1,
+    }))
+    .await
+    .unwrap();
+    eventually("session 1 is gone", || server.session_count() == 0).await;
+
+    // Truncate rolls back; an idle session is evicted after the timeout.
+    conn.write_frame(&forward(2)).await.unwrap();
+    eventually("session 2 exists", || server.session_len(2) == Some(3)).await;
+    conn.write_frame(&Message::Truncate(shoal_wire::Truncate {
+        session_id: 2,
+        len: 1,
+    }))
+    .await
+    .unwrap();
+    eventually("session 2 is truncated", || {
+        server.session_len(2) == Some(1)
+    })
+    .await;
+    eventually("session 2 is evicted", || server.session_count() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_ring_is_refused() {
+    let (_, a) = start_server(Duration::from_secs(600)).await;
+    // A gap between the head's layers and the peer's.
+    let config = PipelineConfig::new(
+        model_path(),
+        0..10,
+        vec![PeerStage {
+            addr: a,
+            layers: 12..30,
+        }],
+    );
+    let err = Pipeline::connect(config).await.err().expect("refused");
+    assert!(err.to_string().contains("layer 10"), "{err}");
+
+    // A model id the peer does not have.
+    let mut config = PipelineConfig::new(
+        model_path(),
+        0..10,
+        vec![PeerStage {
+            addr: a,
+            layers: 10..30,
+        }],
+    );
+    config.model_id = "no-such-model".into();
+    let err = Pipeline::connect(config).await.err().expect("refused");
+    assert!(err.to_string().contains("no-such-model"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_share_the_ring() {
+    let greedy_ref = single_process(&SamplingParams::greedy());
+    let sampled_ref = single_process(&sampled());
+    let (pipeline, servers, _) = ring(&[15], DType::F32).await;
+    let p = prompt();
+    let (greedy, temp) = (SamplingParams::greedy(), sampled());
+    let (a, b) = tokio::join!(
+        pipeline.generate(&p, &greedy, MAX_TOKENS),
+        pipeline.generate(&p, &temp, MAX_TOKENS),
+    );
+    assert_eq!(a.unwrap(), greedy_ref);
+    assert_eq!(b.unwrap(), sampled_ref);
+    all_sessions_ended(&servers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn penalties_and_cuts_match_single_process() {
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.02,
+        repeat_penalty: 1.3,
+        repeat_last_n: 16,
+        frequency_penalty: 0.2,
+        presence_penalty: 0.1,
+        seed: 1234,
+    };
+    let reference = single_process(&params);
+    let (pipeline, _servers, _) = ring(&[10, 20], DType::F32).await;
+    let out = pipeline
+        .generate(&prompt(), &params, MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(out, reference);
+}
+
+/// Dials a server as a head would.
+async fn dial(addr: SocketAddr) -> Connection {
+    let mut conn = Connection::connect(addr, Limits::default()).await.unwrap();
+    client_handshake(
+        &mut conn,
+        Hello {
+            node_id: "test-head".into(),
+            software_version: "test".into(),
+            capabilities: Capabilities::HEAD,
+        },
+    )
+    .await
+    .unwrap();
+    conn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_model_hash_is_refused() {
+    let (server, addr) = start_server(Duration::from_secs(600)).await;
+    let mut conn = dial(addr).await;
+    conn.write_frame(&Message::LoadStage(shoal_wire::LoadStage {
+        plan_id: 9,
+        model_id: SMOLLM2.into(),
+        model_sha256: [0xab; 32],
+        layer_start: 15,
+        layer_end: 30,
+        embed: false,
+        head: true,
+        activation_dtype: DType::F16,
+        max_context: 2048,
+        next: None,
+    }))
+    .await
+    .unwrap();
+    let Some(Message::Error(e)) = conn.read_frame().await.unwrap() else {
+        panic!("expected a refusal")
+    };
+    assert_eq!(e.code, shoal_wire::ErrorCode::MODEL_UNAVAILABLE);
+    assert!(e.message.contains("sha256"), "{}", e.message);
+    assert_eq!(server.loaded_layers(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_frame_mid_ring_closes_only_its_connection() {
+    let greedy_ref = single_process(&SamplingParams::greedy());
+    let (pipeline, _servers, addrs) = ring(&[10, 20], DType::F16).await;
+    for addr in addrs {
+        // A well-formed handshake, then a Forward header whose payload lies about its shape.
+        let mut raw = raw_handshake(addr).await;
+        let mut frame = Message::Ping(shoal_wire::Ping { nonce: 1 })
+            .to_frame()
+            .unwrap();
+        frame.truncate(shoal_wire::HEADER_LEN);
+        frame[6..8].copy_from_slice(&shoal_wire::MessageType::Forward.to_u16().to_le_bytes());
+        let payload = [0xffu8; 64];
+        frame[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&payload);
+        raw.write_all(&frame).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut buf))
+            .await
+            .expect("the server closes the hostile peer")
+            .ok();
+        let reply = shoal_wire::decode_frame(&buf, &Limits::default());
+        assert!(
+            matches!(reply, Ok(Some((Message::Error(_), _)))),
+            "the peer is told why: {reply:?}"
+        );
+    }
+    let out = pipeline
+        .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(out, greedy_ref, "the ring keeps working");
+}
+
+/// The handshake over a bare socket, for tests that then misbehave.
+async fn raw_handshake(addr: SocketAddr) -> TcpStream {
+    let mut raw = TcpStream::connect(addr).await.unwrap();
+    let hello = Message::Hello(Hello {
+        node_id: "hostile".into(),
+        software_version: "test".into(),
+        capabilities: Capabilities::NONE,
+    });
+    raw.write_all(&hello.to_frame().unwrap()).await.unwrap();
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 256];
+        let n = raw.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed during the handshake");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some((msg, used)) = shoal_wire::decode_frame(&buf, &Limits::default()).unwrap() {
+            assert!(matches!(msg, Message::HelloAck(_)), "{msg:?}");
+            assert_eq!(used, buf.len());
+            return raw;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_forward_is_reported_to_the_head() {
+    let (_server, addr) = start_server(Duration::from_secs(600)).await;
+    let mut conn = dial(addr).await;
+    conn.write_frame(&Message::LoadStage(shoal_wire::LoadStage {
+        plan_id: 3,
+        model_id: SMOLLM2.into(),
+        model_sha256: [0; 32],
+        layer_start: 20,
+        layer_end: 30,
+        embed: false,
+        head: true,
+        activation_dtype: DType::F16,
+        max_context: 2048,
+        next: None,
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(
+        conn.read_frame().await.unwrap(),
+        Some(Message::StageReady(_))
+    ));
+
+    // The head's reply listener, played by the test.
+    let replies = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reply_to = replies.local_addr().unwrap();
+    // Token ids to a stage that takes hidden states: the stage must say so to the head.
+    conn.write_frame(&Message::Forward(Forward {
+        session_id: 77,
+        seq: 5,
+        positions: vec![0],
+        payload: Payload::Tokens(vec![1]),
+        want: Want::Token(shoal_wire::SamplingSpec::greedy()),
+        reply_to,
+    }))
+    .await
+    .unwrap();
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(10), replies.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut head = Connection::new(stream, Limits::default()).unwrap();
+    shoal_wire::server_handshake(&mut head, |_| {
+        Ok(shoal_wire::HelloAck {
+            node_id: "head".into(),
+            software_version: "test".into(),
+            capabilities: Capabilities::HEAD,
+        })
+    })
+    .await
+    .unwrap();
+    let Some(Message::Error(e)) = head.read_frame().await.unwrap() else {
+        panic!("expected an error for the session")
+    };
+    assert_eq!(e.session_id, Some(77));
+    assert_eq!(e.code, shoal_wire::ErrorCode::BAD_REQUEST);
+    assert!(e.message.contains("token ids"), "{}", e.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_of_one_is_the_whole_model_on_the_head() {
+    let n = reference().config().n_layers;
+    let pipeline = Pipeline::connect(PipelineConfig::new(model_path(), 0..n, Vec::new()))
+        .await
+        .unwrap();
+    let greedy = pipeline
+        .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(greedy, single_process(&SamplingParams::greedy()));
+    let temp = pipeline
+        .generate(&prompt(), &sampled(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(temp, single_process(&sampled()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_generation_ends_its_session_and_spares_the_ring() {
+    let greedy_ref = single_process(&SamplingParams::greedy());
+    let (pipeline, servers, _) = ring(&[10, 20], DType::F16).await;
+    let third = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut seen = 0;
+    let signal = third.clone();
+    let p = prompt();
+    let greedy = SamplingParams::greedy();
+    tokio::select! {
+        r = pipeline.generate_with(&p, &greedy, MAX_TOKENS, |_| {
+            seen += 1;
+            if seen == 3 {
+                signal.notify_one();
+            }
+        }) => panic!("generation should have been dropped, got {r:?}"),
+        () = third.notified() => {}
+    }
+    all_sessions_ended(&servers).await;
+    // A Forward still in flight when EndSession arrived must not bring the session back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(servers.iter().all(|s| s.session_count() == 0));
+    let out = pipeline.generate(&p, &greedy, MAX_TOKENS).await.unwrap();
+    assert_eq!(out, greedy_ref);
+}
