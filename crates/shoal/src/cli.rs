@@ -113,6 +113,18 @@ pub(crate) struct RunArgs {
     /// Print timings to stderr at the end.
     #[arg(long)]
     pub(crate) timings: bool,
+    /// Pipeline mode (preview): a peer running `shoal serve --peer-port`, as HOST:PORT
+    /// (repeatable, in ring order). Needs --split.
+    #[arg(long = "peer", value_name = "HOST:PORT", requires = "split")]
+    pub(crate) peers: Vec<String>,
+    /// Layers per stage, e.g. `0-9,10-19,20-29`: this node runs the first range, each --peer
+    /// the next one in order.
+    #[arg(long, requires = "peers")]
+    pub(crate) split: Option<String>,
+    /// How hidden states travel between stages (f32 keeps the output identical to a
+    /// single process).
+    #[arg(long, value_enum, default_value_t = crate::ring::ActivationsArg::F32)]
+    pub(crate) activations: crate::ring::ActivationsArg,
 }
 
 #[derive(Args)]
@@ -141,6 +153,10 @@ pub(crate) struct ServeArgs {
     /// Require this bearer token on API requests.
     #[arg(long, env = "SHOAL_API_KEY")]
     pub(crate) api_key: Option<String>,
+    /// Also serve stage work to pipeline heads (`shoal run --peer`) on this port of --host
+    /// (0 picks a free one).
+    #[arg(long)]
+    pub(crate) peer_port: Option<u16>,
 }
 
 pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -190,6 +206,21 @@ fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
         model.render_chat(&m)?
     };
     let ids = model.encode_prompt(&prompt)?;
+    if let Some(split) = a.split.as_deref() {
+        let ranges = crate::ring::check_split(split, a.peers.len(), model.config().n_layers)?;
+        // The head loads its own stage; the whole model is not needed any more.
+        drop(model);
+        crate::ring::run_ring(
+            &path,
+            &ids,
+            &a.peers,
+            &ranges,
+            &a.sampling.params(),
+            a.activations,
+        )?;
+        println!();
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut generation = model.generate(ids, a.sampling.params())?;
     stream_to_stdout(&mut generation)?;
     println!();
@@ -245,6 +276,16 @@ fn chat(a: ChatArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Resolves `host:port`.
+fn bind_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    format!("{host}:{port}").parse().or_else(|_| {
+        std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+            .ok()
+            .and_then(|mut it| it.next())
+            .context("cannot resolve --host")
+    })
+}
+
 fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let path = resolve_model(a.model.model.as_deref())?;
     let model_id = a.model_id.clone().unwrap_or_else(|| {
@@ -257,12 +298,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let addr: SocketAddr = format!("{}:{}", a.host, a.port).parse().or_else(|_| {
-            std::net::ToSocketAddrs::to_socket_addrs(&(a.host.as_str(), a.port))
-                .ok()
-                .and_then(|mut it| it.next())
-                .context("cannot resolve --host")
-        })?;
+        let addr = bind_addr(&a.host, a.port)?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
@@ -270,6 +306,19 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         let state = shoal_api::AppState::new(model_id, a.api_key.clone());
         // Tests and scripts read this exact line to learn the port.
         eprintln!("listening on http://{local}");
+        if let Some(peer_port) = a.peer_port {
+            let peer_addr = bind_addr(&a.host, peer_port)?;
+            let peer_listener = tokio::net::TcpListener::bind(peer_addr)
+                .await
+                .with_context(|| format!("cannot listen for peers on {peer_addr}"))?;
+            let peer_local = peer_listener.local_addr()?;
+            // Tests and scripts read this exact line to learn the peer port.
+            eprintln!("peer port listening on {peer_local}");
+            let stage_model = path.clone();
+            tokio::spawn(async move {
+                crate::ring::serve_stages(peer_listener, &stage_model).await;
+            });
+        }
         let loader_state = state.clone();
         tokio::task::spawn_blocking(move || match load_model(&path, true) {
             Ok(model) => loader_state.set_ready(Arc::new(model)),

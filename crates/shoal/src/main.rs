@@ -6,6 +6,7 @@ mod cli;
 mod load;
 mod models;
 mod plan;
+mod ring;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,297 @@
+//! Pipeline mode (preview) from the command line: `shoal run --peer … --split …` drives a
+//! ring of stages as its head, and `shoal serve --peer-port …` serves stage work to heads.
+
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use clap::ValueEnum;
+use shoal_engine::{GenerateParams, Tokenizer};
+use shoal_pipeline::{PeerStage, Pipeline, PipelineConfig, StageServer, StageServerConfig};
+use shoal_wire::DType;
+
+/// How hidden states travel between stages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ActivationsArg {
+    /// Half precision: half the bytes, may round differently from a single process.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// Exact: the output equals a single-process run.
+    #[default]
+    F32,
+}
+
+impl ActivationsArg {
+    fn dtype(self) -> DType {
+        match self {
+            ActivationsArg::F16 => DType::F16,
+            ActivationsArg::Bf16 => DType::BF16,
+            ActivationsArg::F32 => DType::F32,
+        }
+    }
+}
+
+/// Resolves `HOST:PORT`.
+fn resolve_addr(text: &str) -> anyhow::Result<SocketAddr> {
+    text.to_socket_addrs()
+        .with_context(|| format!("cannot resolve peer `{text}` (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("peer `{text}` resolves to no address"))
+}
+
+/// Checks a `--split` against the peers and the model: one range for the head and one per
+/// peer, in order, contiguous from layer 0 to the last layer.
+pub(crate) fn check_split(
+    split: &str,
+    n_peers: usize,
+    n_layers: usize,
+) -> anyhow::Result<Vec<Range<usize>>> {
+    let ranges = shoal_cluster::parse_split(split).map_err(|e| anyhow::anyhow!("--split: {e}"))?;
+    if ranges.len() != n_peers + 1 {
+        bail!(
+            "--split has {} ranges but there are {} stages (this node and {} --peer): give one \
+             range for this node, then one per --peer in order",
+            ranges.len(),
+            n_peers + 1,
+            n_peers
+        );
+    }
+    let mut next = 0;
+    for (i, r) in ranges.iter().enumerate() {
+        if r.start != next {
+            bail!(
+                "--split: stage {i} starts at layer {} but layer {next} is next",
+                r.start
+            );
+        }
+        next = r.end;
+    }
+    if next != n_layers {
+        bail!(
+            "--split ends at layer {} but the model has layers 0-{}",
+            next.saturating_sub(1),
+            n_layers.saturating_sub(1)
+        );
+    }
+    Ok(ranges)
+}
+
+/// The address this host uses to reach `peer` (the head's reply listener must be one the
+/// last stage can reach).
+fn local_ip_towards(peer: SocketAddr) -> std::net::IpAddr {
+    let any: SocketAddr = if peer.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    std::net::UdpSocket::bind(any)
+        .and_then(|s| {
+            s.connect(peer)?;
+            s.local_addr()
+        })
+        .map(|a| a.ip())
+        .unwrap_or_else(|_| peer.ip())
+}
+
+/// Visible text of a generation, decoded token by token as the single-process
+/// [`shoal_engine::Generation`] does (stop strings held back until they cannot match).
+struct TextOut<'t> {
+    tokenizer: &'t Tokenizer,
+    decoder: shoal_engine::tokenizer::DecodeStream<'t>,
+    stop: Vec<String>,
+    text: String,
+    emitted: usize,
+    done: bool,
+}
+
+impl<'t> TextOut<'t> {
+    fn new(tokenizer: &'t Tokenizer, stop: Vec<String>) -> Self {
+        TextOut {
+            tokenizer,
+            decoder: tokenizer.decode_stream(true),
+            stop,
+            text: String::new(),
+            emitted: 0,
+            done: false,
+        }
+    }
+
+    /// The text `token` makes visible.
+    fn push(&mut self, token: u32) -> anyhow::Result<String> {
+        if self.done {
+            return Ok(String::new());
+        }
+        if self.tokenizer.is_eog(token) {
+            self.done = true;
+            return Ok(self.flush());
+        }
+        let piece = self.decoder.push(token)?;
+        self.text.push_str(&piece);
+        if let Some(cut) = self.find_stop() {
+            self.text.truncate(cut);
+            self.done = true;
+            return Ok(self.take(cut));
+        }
+        let upto = self.safe_end();
+        Ok(self.take(upto))
+    }
+
+    /// Whatever is still held back, at the end.
+    fn flush(&mut self) -> String {
+        let tail = self.decoder.flush();
+        self.text.push_str(&tail);
+        let upto = self.text.len();
+        self.take(upto)
+    }
+
+    fn find_stop(&self) -> Option<usize> {
+        self.stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| {
+                let from = floor_char_boundary(&self.text, self.emitted.saturating_sub(s.len()));
+                self.text[from..].find(s.as_str()).map(|i| from + i)
+            })
+            .min()
+            .map(|at| at.max(self.emitted))
+    }
+
+    fn safe_end(&self) -> usize {
+        let mut end = self.text.len();
+        for stop in &self.stop {
+            if let Some(k) = (1..stop.len())
+                .rev()
+                .filter(|&k| stop.is_char_boundary(k))
+                .find(|&k| self.text.ends_with(&stop[..k]))
+            {
+                end = end.min(self.text.len() - k);
+            }
+        }
+        end.max(self.emitted)
+    }
+
+    fn take(&mut self, upto: usize) -> String {
+        let s = self.text[self.emitted..upto].to_string();
+        self.emitted = upto;
+        s
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Runs `prompt` through a ring: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`.
+/// Streams the text to stdout like the single-process `run`.
+pub(crate) fn run_ring(
+    model_path: &Path,
+    prompt: &[u32],
+    peers: &[String],
+    ranges: &[Range<usize>],
+    params: &GenerateParams,
+    activations: ActivationsArg,
+) -> anyhow::Result<()> {
+    let addrs = peers
+        .iter()
+        .map(|p| resolve_addr(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let Some((local, rest)) = ranges.split_first() else {
+        bail!("--split has no ranges");
+    };
+    let stages: Vec<PeerStage> = addrs
+        .iter()
+        .zip(rest)
+        .map(|(&addr, layers)| PeerStage {
+            addr,
+            layers: layers.clone(),
+        })
+        .collect();
+    let mut config = PipelineConfig::new(model_path, local.clone(), stages);
+    config.activation_dtype = activations.dtype();
+    if let Some(last) = addrs.last() {
+        config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let pipeline = Pipeline::connect(config)
+            .await
+            .context("setting up the ring of stages")?;
+        let mut out = TextOut::new(pipeline.tokenizer(), params.stop.clone());
+        let mut failed: Option<anyhow::Error> = None;
+        let generated = pipeline
+            .generate_with(prompt, &params.sampling, params.max_tokens, |token| {
+                if failed.is_some() {
+                    return;
+                }
+                let written = out.push(token).and_then(|text| {
+                    let mut stdout = std::io::stdout();
+                    stdout.write_all(text.as_bytes())?;
+                    stdout.flush()?;
+                    Ok(())
+                });
+                if let Err(e) = written {
+                    failed = Some(e);
+                }
+            })
+            .await
+            .context("generating through the ring")?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // Generation ended by length (no EOG): hand out what was held back.
+        if !out.done {
+            let tail = out.flush();
+            let mut stdout = std::io::stdout();
+            stdout.write_all(tail.as_bytes())?;
+            stdout.flush()?;
+        }
+        tracing::debug!(tokens = generated.len(), "ring generation done");
+        Ok(())
+    })
+}
+
+/// Serves stage work for peers on `listener` until Ctrl-C. Models are looked up in the
+/// directory of `model_path` (heads send the file name as the model id).
+pub(crate) async fn serve_stages(listener: tokio::net::TcpListener, model_path: &Path) {
+    let dir = model_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
+    let server = StageServer::new(StageServerConfig::new(dir));
+    server
+        .serve(listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn split_must_match_peers_and_model() {
+        assert_eq!(
+            check_split("0-9,10-19,20-29", 2, 30).unwrap(),
+            vec![0..10, 10..20, 20..30]
+        );
+        let e = check_split("0-9,10-29", 2, 30).unwrap_err().to_string();
+        assert!(e.contains("2 ranges but there are 3 stages"), "{e}");
+        assert!(check_split("0-9,10-19", 1, 30).is_err());
+        assert!(check_split("0-9,11-29", 1, 30).is_err());
+        assert!(check_split("1-9,10-29", 1, 30).is_err());
+        assert!(check_split("zero", 0, 30).is_err());
+    }
+}
