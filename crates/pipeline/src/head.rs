@@ -586,12 +586,7 @@ async fn serve_replies(
                     match conn.read_frame().await {
                         Ok(Some(msg)) => router.route(msg),
                         Ok(None) => return Ok(()),
-                        Err(e) => {
-                            if e.is_protocol_violation() {
-                                conn.close_with_error(&e).await;
-                            }
-                            return Err(e);
-                        }
+                        Err(e) => return Err(conn.fail(e).await),
                     }
                 }
             }

@@ -214,21 +214,13 @@ impl StageServer {
             })
         };
         if let Err(e) = server_handshake(&mut conn, accept).await {
-            if e.is_protocol_violation() {
-                conn.close_with_error(&e).await;
-            }
-            return Err(e);
+            return Err(conn.fail(e).await);
         }
         loop {
             let msg = match conn.read_frame().await {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
-                Err(e) => {
-                    if e.is_protocol_violation() {
-                        conn.close_with_error(&e).await;
-                    }
-                    return Err(e);
-                }
+                Err(e) => return Err(conn.fail(e).await),
             };
             match msg {
                 Message::LoadStage(load) => {

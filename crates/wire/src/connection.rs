@@ -200,6 +200,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// Ends the connection after a failed read or handshake and hands the error back for
+    /// the caller to return: a peer that broke the protocol is first told why
+    /// ([`Connection::close_with_error`]); after an I/O error there is nobody to tell.
+    pub async fn fail(self, err: WireError) -> WireError {
+        if err.is_protocol_violation() {
+            self.close_with_error(&err).await;
+        }
+        err
+    }
+
     /// Splits into independent reading and writing halves, for a task that must read and write
     /// at the same time (a head sends `Forward`s while `Token`s come back).
     pub fn into_split(self) -> (FrameReader<ReadHalf<S>>, FrameWriter<WriteHalf<S>>) {

@@ -30,21 +30,13 @@ async fn toy_stage(mut conn: Connection, _peer: SocketAddr) -> Result<(), WireEr
         })
     };
     if let Err(e) = server_handshake(&mut conn, accept).await {
-        if e.is_protocol_violation() {
-            conn.close_with_error(&e).await;
-        }
-        return Err(e);
+        return Err(conn.fail(e).await);
     }
     loop {
         let msg = match conn.read_frame().await {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(()),
-            Err(e) => {
-                if e.is_protocol_violation() {
-                    conn.close_with_error(&e).await;
-                }
-                return Err(e);
-            }
+            Err(e) => return Err(conn.fail(e).await),
         };
         let reply = match msg {
             Message::Ping(p) => Message::Pong(Pong { nonce: p.nonce }),
