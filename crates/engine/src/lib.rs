@@ -21,6 +21,7 @@ pub mod kv_cache;
 pub mod profile;
 pub mod sampler;
 pub mod stage;
+pub mod text_stream;
 pub mod tokenizer;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
@@ -31,6 +32,7 @@ pub use gguf::GgufFile;
 pub use kv_cache::KvCache;
 pub use sampler::{Sampler, SamplingParams};
 pub use stage::{Logits, Stage, StageInput, StageOutput, StageSpec};
+pub use text_stream::TextStream;
 pub use tokenizer::Tokenizer;
 
 /// Re-exported so callers can build devices and tensors without naming candle.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use clap::ValueEnum;
-use shoal_engine::{GenerateParams, Tokenizer};
+use shoal_engine::{GenerateParams, TextStream, Tokenizer};
 use shoal_pipeline::{PeerStage, Pipeline, PipelineConfig, StageServer, StageServerConfig};
 use shoal_wire::DType;
 
@@ -96,14 +96,12 @@ fn local_ip_towards(peer: SocketAddr) -> std::net::IpAddr {
         .unwrap_or_else(|_| peer.ip())
 }
 
-/// Visible text of a generation, decoded token by token as the single-process
-/// [`shoal_engine::Generation`] does (stop strings held back until they cannot match).
+/// Visible text of a generation through the ring, shown exactly as the single-process
+/// [`shoal_engine::Generation`] shows it (the same [`TextStream`]); the ring itself stops
+/// only at end-of-generation tokens or the token limit, so a stop string ends it here.
 struct TextOut<'t> {
     tokenizer: &'t Tokenizer,
-    decoder: shoal_engine::tokenizer::DecodeStream<'t>,
-    stop: Vec<String>,
-    text: String,
-    emitted: usize,
+    stream: TextStream<'t>,
     done: bool,
 }
 
@@ -111,10 +109,7 @@ impl<'t> TextOut<'t> {
     fn new(tokenizer: &'t Tokenizer, stop: Vec<String>) -> Self {
         TextOut {
             tokenizer,
-            decoder: tokenizer.decode_stream(true),
-            stop,
-            text: String::new(),
-            emitted: 0,
+            stream: TextStream::new(tokenizer, stop),
             done: false,
         }
     }
@@ -126,65 +121,17 @@ impl<'t> TextOut<'t> {
         }
         if self.tokenizer.is_eog(token) {
             self.done = true;
-            return Ok(self.flush());
+            return Ok(self.stream.flush());
         }
-        let piece = self.decoder.push(token)?;
-        self.text.push_str(&piece);
-        if let Some(cut) = self.find_stop() {
-            self.text.truncate(cut);
-            self.done = true;
-            return Ok(self.take(cut));
-        }
-        let upto = self.safe_end();
-        Ok(self.take(upto))
+        let (text, stopped) = self.stream.push(token)?;
+        self.done = stopped;
+        Ok(text)
     }
 
     /// Whatever is still held back, at the end.
     fn flush(&mut self) -> String {
-        let tail = self.decoder.flush();
-        self.text.push_str(&tail);
-        let upto = self.text.len();
-        self.take(upto)
+        self.stream.flush()
     }
-
-    fn find_stop(&self) -> Option<usize> {
-        self.stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| {
-                let from = floor_char_boundary(&self.text, self.emitted.saturating_sub(s.len()));
-                self.text[from..].find(s.as_str()).map(|i| from + i)
-            })
-            .min()
-            .map(|at| at.max(self.emitted))
-    }
-
-    fn safe_end(&self) -> usize {
-        let mut end = self.text.len();
-        for stop in &self.stop {
-            if let Some(k) = (1..stop.len())
-                .rev()
-                .filter(|&k| stop.is_char_boundary(k))
-                .find(|&k| self.text.ends_with(&stop[..k]))
-            {
-                end = end.min(self.text.len() - k);
-            }
-        }
-        end.max(self.emitted)
-    }
-
-    fn take(&mut self, upto: usize) -> String {
-        let s = self.text[self.emitted..upto].to_string();
-        self.emitted = upto;
-        s
-    }
-}
-
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    while i > 0 && !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
 }
 
 /// Runs `prompt` through a ring: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`.
