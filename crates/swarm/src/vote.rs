@@ -1,0 +1,1 @@
+//! TODO: filled by the swarm work of issue #5.
