@@ -13,7 +13,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
-use shoal_engine::{ChatMessage, FinishReason, GenerateParams, Model, SamplingParams};
+use shoal_engine::{ChatMessage, FinishReason, GenerateParams, SamplingParams};
+
+use crate::backend::Backend;
 
 use crate::error::{ApiError, Json};
 use crate::runner::{self, Event, Job};
@@ -44,12 +46,13 @@ pub(crate) async fn chat_completions(
     let checked = check(&state, &req, "messages")?;
     let messages = chat_messages(req.messages.as_deref())?;
     let prepared = checked.with_model(state.model()?);
-    let model = Arc::clone(&prepared.model);
+    let backend = prepared.model.clone();
     let prompt = blocking(move || {
-        let text = model
+        let format = backend.prompt_format();
+        let text = format
             .render_chat(&messages)
             .map_err(|e| ApiError::from_engine(e, "messages"))?;
-        model
+        format
             .encode_prompt(&text)
             .map_err(|e| ApiError::from_engine(e, "messages"))
     })
@@ -65,18 +68,19 @@ pub(crate) async fn completions(
     let checked = check(&state, &req, "prompt")?;
     let prompt = prompt_in(req.prompt.take())?;
     let prepared = checked.with_model(state.model()?);
-    let model = Arc::clone(&prepared.model);
+    let backend = prepared.model.clone();
     let prompt = match prompt {
         PromptIn::Text(text) => {
             blocking(move || {
-                model
+                backend
+                    .prompt_format()
                     .encode_prompt(&text)
                     .map_err(|e| ApiError::from_engine(e, "prompt"))
             })
             .await?
         }
         PromptIn::Tokens(ids) => {
-            let vocab = model.config().vocab_size;
+            let vocab = prepared.model.config().vocab_size;
             if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
                 return Err(ApiError::invalid_value(
                     "prompt",
@@ -97,7 +101,7 @@ enum Kind {
 }
 
 /// A checked request, waiting for its prompt tokens.
-struct Prepared<M = Arc<Model>> {
+struct Prepared<M = Backend> {
     model: M,
     sampling: SamplingParams,
     stop: Vec<String>,
@@ -109,7 +113,7 @@ struct Prepared<M = Arc<Model>> {
 }
 
 impl Prepared<()> {
-    fn with_model(self, model: Arc<Model>) -> Prepared {
+    fn with_model(self, model: Backend) -> Prepared {
         Prepared {
             model,
             sampling: self.sampling,
@@ -402,12 +406,12 @@ async fn respond(
         stop: prepared.stop,
     };
     let job = Job {
-        model: prepared.model,
+        backend: prepared.model,
         prompt,
         params,
         received,
     };
-    let rx = runner::start(state.engine(), state.metrics(), job).await?;
+    let rx = runner::start(state.admission(&job.backend), state.metrics(), job).await?;
     let out = Output {
         id: state.new_id(match kind {
             Kind::Chat => "chatcmpl",

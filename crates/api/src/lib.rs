@@ -14,6 +14,7 @@
 //! [`app`] builds the router from an [`AppState`]; the binary serves it, loads the model
 //! in the background and calls [`AppState::set_ready`].
 
+mod backend;
 mod completions;
 mod error;
 mod metrics;
@@ -28,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
+pub use backend::Backend;
 pub use completions::DEFAULT_MAX_TOKENS;
 pub use error::{ApiError, Json};
 pub use state::AppState;

@@ -10,9 +10,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use shoal_engine::{EngineError, FinishReason, GenerateParams, Model};
+use shoal_engine::{EngineError, FinishReason, GenerateParams, Model, TextStream};
+use shoal_pipeline::Pipeline;
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::backend::Backend;
 use crate::error::ApiError;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::types::Usage;
@@ -22,7 +24,7 @@ const CHANNEL_CAPACITY: usize = 32;
 
 /// One prepared generation.
 pub(crate) struct Job {
-    pub(crate) model: Arc<Model>,
+    pub(crate) backend: Backend,
     pub(crate) prompt: Vec<u32>,
     pub(crate) params: GenerateParams,
     /// When the request arrived, for time-to-first-token.
@@ -37,8 +39,9 @@ pub(crate) enum Event {
     Failed(ApiError),
 }
 
-/// Waits for the engine, then starts `job` on a blocking thread. Dropping the future
-/// while it waits leaves the queue; dropping the receiver stops the generation.
+/// Waits for the engine, then starts `job`: on a blocking thread for a local model, as a
+/// task driving the ring for a pipeline. Dropping the future while it waits leaves the
+/// queue; dropping the receiver stops the generation.
 pub(crate) async fn start(
     engine: &Arc<Semaphore>,
     metrics: &Metrics,
@@ -53,25 +56,41 @@ pub(crate) async fn start(
     };
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     let metrics = metrics.clone();
-    tokio::task::spawn_blocking(move || {
-        let last = {
-            let _permit = permit;
-            let _in_flight = GaugeGuard::new(&metrics.in_flight);
-            run(job, &tx, &metrics)
-        };
-        // The engine is free before the client hears the end, so a client that sends its
-        // next request at once finds it free and the gauges already settled.
-        if let Some(event) = last {
-            let _ = tx.blocking_send(event);
+    match job.backend.clone() {
+        Backend::Local(model) => {
+            tokio::task::spawn_blocking(move || {
+                let last = {
+                    let _permit = permit;
+                    let _in_flight = GaugeGuard::new(&metrics.in_flight);
+                    run(&model, job, &tx, &metrics)
+                };
+                // The engine is free before the client hears the end, so a client that
+                // sends its next request at once finds it free and the gauges settled.
+                if let Some(event) = last {
+                    let _ = tx.blocking_send(event);
+                }
+            });
         }
-    });
+        Backend::Ring(pipeline) => {
+            tokio::spawn(async move {
+                let last = {
+                    let _permit = permit;
+                    let _in_flight = GaugeGuard::new(&metrics.in_flight);
+                    run_ring(&pipeline, job, &tx, &metrics).await
+                };
+                if let Some(event) = last {
+                    let _ = tx.send(event).await;
+                }
+            });
+        }
+    }
     Ok(rx)
 }
 
 /// Generates, sending text as it comes; returns the closing event, if anyone listens.
-fn run(job: Job, tx: &mpsc::Sender<Event>, metrics: &Metrics) -> Option<Event> {
+fn run(model: &Model, job: Job, tx: &mpsc::Sender<Event>, metrics: &Metrics) -> Option<Event> {
     let prompt_tokens = job.prompt.len();
-    let mut generation = match job.model.generate(job.prompt, job.params) {
+    let mut generation = match model.generate(job.prompt, job.params) {
         Ok(g) => g,
         Err(e) => return Some(Event::Failed(ApiError::from_engine(e, "prompt"))),
     };
@@ -129,6 +148,100 @@ fn run(job: Job, tx: &mpsc::Sender<Event>, metrics: &Metrics) -> Option<Event> {
             Some(Event::Failed(ApiError::internal(format!(
                 "generation failed: {e}"
             ))))
+        }
+    }
+}
+
+/// Generates through a ring of stages, sending text as tokens come back from the last
+/// stage; returns the closing event, if anyone listens. The ring stops by itself only at an
+/// end-of-generation token or `max_tokens`; a stop string, or a client that left, ends it
+/// here by dropping the generation, which ends the session on every stage.
+async fn run_ring(
+    pipeline: &Pipeline,
+    job: Job,
+    tx: &mpsc::Sender<Event>,
+    metrics: &Metrics,
+) -> Option<Event> {
+    let prompt_tokens = job.prompt.len();
+    let tokenizer = pipeline.tokenizer();
+    let (token_tx, mut token_rx) = mpsc::unbounded_channel();
+    let generation = pipeline.generate_with(
+        &job.prompt,
+        &job.params.sampling,
+        job.params.max_tokens,
+        move |token| {
+            let _ = token_tx.send(token);
+        },
+    );
+    tokio::pin!(generation);
+    let mut text = TextStream::new(tokenizer, job.params.stop.clone());
+    let mut generated = 0usize;
+    let mut first_token_at = None;
+    let mut ended = None;
+    // Ok(finish), Err(None) = the client left, Err(Some(message)) = the ring failed.
+    let outcome: Result<FinishReason, Option<String>> = loop {
+        tokio::select! {
+            biased;
+            () = tx.closed() => break Err(None),
+            token = token_rx.recv() => {
+                let Some(token) = token else {
+                    // The generation finished (its callback, holding the sender, is gone)
+                    // and every token it produced has been handled.
+                    break match ended.take() {
+                        Some(Ok(_)) => Ok(FinishReason::Length),
+                        Some(Err(e)) => Err(Some(format!("the pipeline failed: {e}"))),
+                        None => Err(Some("the pipeline ended without a result".to_owned())),
+                    };
+                };
+                generated += 1;
+                if first_token_at.is_none() {
+                    first_token_at = Some(Instant::now());
+                    metrics
+                        .time_to_first_token
+                        .observe(job.received.elapsed().as_secs_f64());
+                }
+                let (piece, stop) = if tokenizer.is_eog(token) {
+                    (text.flush(), true)
+                } else {
+                    match text.push(token) {
+                        Ok(pushed) => pushed,
+                        Err(e) => break Err(Some(format!("decoding failed: {e}"))),
+                    }
+                };
+                if !piece.is_empty() && tx.send(Event::Text(piece)).await.is_err() {
+                    break Err(None);
+                }
+                if stop {
+                    break Ok(FinishReason::Stop);
+                }
+            }
+            result = &mut generation, if ended.is_none() => ended = Some(result),
+        }
+    };
+    let generate_time = first_token_at.map(|t| t.elapsed()).unwrap_or_default();
+    metrics.record_generation(prompt_tokens, generated, generate_time);
+    match outcome {
+        Ok(finish) => {
+            if finish == FinishReason::Length {
+                let tail = text.flush();
+                if !tail.is_empty() && tx.send(Event::Text(tail)).await.is_err() {
+                    metrics.cancelled.inc();
+                    return None;
+                }
+            }
+            Some(Event::Done {
+                finish,
+                usage: Usage::new(prompt_tokens, generated),
+            })
+        }
+        Err(None) => {
+            metrics.cancelled.inc();
+            tracing::debug!(generated, "client went away; ring generation stopped");
+            None
+        }
+        Err(Some(message)) => {
+            tracing::warn!(error = %message, "ring generation failed");
+            Some(Event::Failed(ApiError::unavailable(message)))
         }
     }
 }

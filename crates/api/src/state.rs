@@ -6,16 +6,19 @@ use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::registry::Registry;
-use shoal_engine::Model;
 use tokio::sync::Semaphore;
 
+use crate::backend::Backend;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+
+/// Most sessions one ring runs at once; more wait in line.
+const RING_SESSIONS: usize = 4;
 
 /// Where the model is in its life.
 enum Load {
     Loading,
-    Ready(Arc<Model>),
+    Ready(Backend),
     Failed(String),
 }
 
@@ -31,6 +34,9 @@ struct Inner {
     load: RwLock<Load>,
     /// One permit: one generation on the engine at a time; the rest wait in line.
     engine: Arc<Semaphore>,
+    /// Sessions a ring runs at once: stages key their caches by session and interleave
+    /// them, so a ring serves several clients without queueing them all behind one.
+    ring_sessions: Arc<Semaphore>,
     metrics: Metrics,
     registry: Registry,
     /// Unix time of start-up, reported as the model's `created`.
@@ -49,6 +55,7 @@ impl AppState {
                 api_key,
                 load: RwLock::new(Load::Loading),
                 engine: Arc::new(Semaphore::new(1)),
+                ring_sessions: Arc::new(Semaphore::new(RING_SESSIONS)),
                 metrics,
                 registry,
                 started: unix_now(),
@@ -58,8 +65,8 @@ impl AppState {
     }
 
     /// The model has loaded: requests are served from now on.
-    pub fn set_ready(&self, model: Arc<Model>) {
-        *self.write_load() = Load::Ready(model);
+    pub fn set_ready(&self, backend: impl Into<Backend>) {
+        *self.write_load() = Load::Ready(backend.into());
     }
 
     /// The model could not load: `/health` and every request say why, with a 503.
@@ -76,14 +83,14 @@ impl AppState {
     }
 
     /// The loaded model, or the 503 to answer while there is none.
-    pub(crate) fn model(&self) -> Result<Arc<Model>, ApiError> {
+    pub(crate) fn model(&self) -> Result<Backend, ApiError> {
         let load = self
             .inner
             .load
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match &*load {
-            Load::Ready(model) => Ok(Arc::clone(model)),
+            Load::Ready(backend) => Ok(backend.clone()),
             Load::Loading => Err(ApiError::unavailable("the model is still loading")),
             Load::Failed(message) => Err(ApiError::unavailable(format!(
                 "the model failed to load: {message}"
@@ -99,8 +106,12 @@ impl AppState {
         self.inner.api_key.as_deref()
     }
 
-    pub(crate) fn engine(&self) -> &Arc<Semaphore> {
-        &self.inner.engine
+    /// The queue a generation on `backend` waits in.
+    pub(crate) fn admission(&self, backend: &Backend) -> &Arc<Semaphore> {
+        match backend {
+            Backend::Local(_) => &self.inner.engine,
+            Backend::Ring(_) => &self.inner.ring_sessions,
+        }
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
-use crate::chat_template::{ChatMessage, ChatTemplate};
+use crate::chat_template::ChatMessage;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
+use crate::prompt::PromptFormat;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stage::{logits_row, Logits, Stage, StageInput, StageOutput, StageSpec};
 use crate::text_stream::TextStream;
@@ -27,27 +28,20 @@ pub const PREFILL_CHUNK: usize = 512;
 pub struct Model {
     name: String,
     stage: Stage,
-    tokenizer: Tokenizer,
-    template: Option<ChatTemplate>,
+    format: PromptFormat,
 }
 
 impl Model {
     /// Loads a GGUF model. `progress(done, total)` is called as layers load.
     pub fn load(path: impl AsRef<Path>, progress: impl FnMut(usize, usize)) -> Result<Self> {
         let file = GgufFile::open(path)?;
-        let device = Device::Cpu;
-        let tokenizer = Tokenizer::from_gguf_metadata(file.metadata())?;
-        let template = match file.metadata().get("tokenizer.chat_template") {
-            Some(_) => Some(ChatTemplate::from_gguf_metadata(file.metadata())?),
-            None => None,
-        };
+        let format = PromptFormat::from_gguf(&file)?;
         let spec = StageSpec::whole(file.config().n_layers);
-        let stage = Stage::load(&file, spec, &device, progress)?;
+        let stage = Stage::load(&file, spec, &Device::Cpu, progress)?;
         Ok(Self {
             name: file.model_name(),
             stage,
-            tokenizer,
-            template,
+            format,
         })
     }
 
@@ -64,35 +58,23 @@ impl Model {
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.format.tokenizer()
+    }
+
+    /// The tokenizer and chat template.
+    pub fn prompt_format(&self) -> &PromptFormat {
+        &self.format
     }
 
     /// Token ids of a raw prompt: special tokens parsed, BOS added if the model wants it.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        if self.tokenizer.add_bos() {
-            if let Some(bos) = self.tokenizer.bos_id() {
-                ids.push(bos);
-            }
-        }
-        ids.extend(self.tokenizer.encode(text, true)?);
-        Ok(ids)
+        self.format.encode_prompt(text)
     }
 
     /// Renders a conversation with the model's own chat template, ready for the
     /// assistant's turn. Models without a template get a plain "role: content" layout.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
-        match &self.template {
-            Some(t) => Ok(t.render(messages, true)?),
-            None => {
-                let mut s = String::new();
-                for m in messages {
-                    s.push_str(&format!("{}: {}\n", m.role, m.content));
-                }
-                s.push_str("assistant:");
-                Ok(s)
-            }
-        }
+        self.format.render_chat(messages)
     }
 
     /// Starts generating after `prompt`. Nothing runs until the first `next()`.
@@ -191,7 +173,7 @@ impl<'m> Generation<'m> {
             sampler: Sampler::new(params.sampling.clone()),
             prompt_len: prompt.len(),
             tokens: prompt,
-            text: TextStream::new(&model.tokenizer, params.stop.clone()),
+            text: TextStream::new(model.tokenizer(), params.stop.clone()),
             params,
             finish: None,
             timings: Timings::default(),
@@ -252,7 +234,7 @@ impl<'m> Generation<'m> {
         }
         self.timings.generated_tokens += 1;
 
-        let text = if self.model.tokenizer.is_eog(token) {
+        let text = if self.model.tokenizer().is_eog(token) {
             self.finish = Some(FinishReason::Stop);
             self.text.flush()
         } else {

@@ -14,8 +14,8 @@ use std::time::Duration;
 use shoal_engine::candle_core::Device;
 use shoal_engine::stage::logits_row;
 use shoal_engine::{
-    GgufFile, KvCache, Logits, ModelConfig, Sampler, SamplingParams, Stage, StageInput,
-    StageOutput, StageSpec, Tokenizer,
+    GgufFile, KvCache, Logits, ModelConfig, PromptFormat, Sampler, SamplingParams, Stage,
+    StageInput, StageOutput, StageSpec, Tokenizer,
 };
 use shoal_wire::{
     serve_connections, server_handshake, Activations, Capabilities, Connection, DType, EndSession,
@@ -155,7 +155,7 @@ struct Peer {
 pub struct Pipeline {
     config: PipelineConfig,
     stage: Arc<Stage>,
-    tokenizer: Tokenizer,
+    format: PromptFormat,
     peers: Arc<Vec<Peer>>,
     router: Arc<Router>,
     reply_addr: SocketAddr,
@@ -176,10 +176,9 @@ impl Pipeline {
         let path = config.model_path.clone();
         let local = config.local_layers.clone();
         let verify = config.verify_sha256;
-        let (stage, tokenizer, sha) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (stage, format, sha) = tokio::task::spawn_blocking(move || -> Result<_> {
             let file = GgufFile::open(&path)?;
-            let tokenizer = Tokenizer::from_gguf_metadata(file.metadata())
-                .map_err(shoal_engine::EngineError::from)?;
+            let format = PromptFormat::from_gguf(&file)?;
             let n = file.config().n_layers;
             if local.start != 0 || local.end > n {
                 return Err(PipelineError::Config(format!(
@@ -188,7 +187,7 @@ impl Pipeline {
             }
             let stage = Stage::load(&file, StageSpec::range(local, n), &Device::Cpu, |_, _| {})?;
             let sha = if verify { file_sha256(&path)? } else { [0; 32] };
-            Ok((stage, tokenizer, sha))
+            Ok((stage, format, sha))
         })
         .await??;
         check_ring(&config, stage.config())?;
@@ -239,7 +238,7 @@ impl Pipeline {
         Ok(Pipeline {
             config,
             stage: Arc::new(stage),
-            tokenizer,
+            format,
             peers: Arc::new(peers),
             router,
             reply_addr,
@@ -252,7 +251,12 @@ impl Pipeline {
 
     /// The model's tokenizer (for `is_eog`, decoding).
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.format.tokenizer()
+    }
+
+    /// The model's tokenizer and chat template, for turning requests into prompts.
+    pub fn prompt_format(&self) -> &PromptFormat {
+        &self.format
     }
 
     /// The model's shape.
@@ -389,7 +393,7 @@ impl Pipeline {
             history.push(token);
             generated.push(token);
             on_token(token);
-            if self.tokenizer.is_eog(token)
+            if self.format.tokenizer().is_eog(token)
                 || generated.len() >= max_tokens
                 || history.len() >= limit
             {

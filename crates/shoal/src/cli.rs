@@ -157,6 +157,18 @@ pub(crate) struct ServeArgs {
     /// (0 picks a free one).
     #[arg(long)]
     pub(crate) peer_port: Option<u16>,
+    /// Another node's peer port, as HOST:PORT (repeatable, in ring order). With --split this
+    /// node heads a pipeline over itself and these peers and answers the API through it.
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    pub(crate) peers: Vec<String>,
+    /// Layers per stage, e.g. `0-9,10-19,20-29`: this node runs the first range, each --peer
+    /// the next one in order.
+    #[arg(long, requires = "peers")]
+    pub(crate) split: Option<String>,
+    /// How hidden states travel between stages (f32 keeps the output identical to a
+    /// single process).
+    #[arg(long, value_enum, default_value_t = crate::ring::ActivationsArg::F32)]
+    pub(crate) activations: crate::ring::ActivationsArg,
 }
 
 pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -320,13 +332,34 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             });
         }
         let loader_state = state.clone();
-        tokio::task::spawn_blocking(move || match load_model(&path, true) {
-            Ok(model) => loader_state.set_ready(Arc::new(model)),
-            Err(e) => {
-                tracing::error!("{e:#}");
-                loader_state.set_failed(format!("{e:#}"));
-            }
-        });
+        if let Some(split) = a.split.clone() {
+            // Pipeline head: load only the first stage and set up the peers' stages.
+            tokio::spawn(async move {
+                let ring = async {
+                    let n_layers = shoal_engine::GgufFile::open(&path)?.config().n_layers;
+                    let ranges = crate::ring::check_split(&split, a.peers.len(), n_layers)?;
+                    crate::ring::connect_ring(&path, &a.peers, &ranges, a.activations).await
+                };
+                match ring.await {
+                    Ok(pipeline) => {
+                        eprintln!("pipeline ready: {split} over this node and {:?}", a.peers);
+                        loader_state.set_ready(Arc::new(pipeline));
+                    }
+                    Err(e) => {
+                        tracing::error!("{e:#}");
+                        loader_state.set_failed(format!("{e:#}"));
+                    }
+                }
+            });
+        } else {
+            tokio::task::spawn_blocking(move || match load_model(&path, true) {
+                Ok(model) => loader_state.set_ready(Arc::new(model)),
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    loader_state.set_failed(format!("{e:#}"));
+                }
+            });
+        }
         axum::serve(listener, shoal_api::app(state))
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;

@@ -5,12 +5,15 @@ use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use shoal_engine::{GenerateParams, TextStream, Tokenizer};
-use shoal_pipeline::{PeerStage, Pipeline, PipelineConfig, StageServer, StageServerConfig};
-use shoal_wire::DType;
+use shoal_pipeline::{
+    PeerStage, Pipeline, PipelineConfig, PipelineError, StageServer, StageServerConfig,
+};
+use shoal_wire::{DType, WireError};
 
 /// How hidden states travel between stages.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -134,16 +137,18 @@ impl<'t> TextOut<'t> {
     }
 }
 
-/// Runs `prompt` through a ring: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`.
-/// Streams the text to stdout like the single-process `run`.
-pub(crate) fn run_ring(
+/// How long a head keeps trying to reach its peers at start-up: nodes of a cluster are
+/// started in any order, so a peer that is not listening yet is waited for.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`.
+/// Peers not yet listening are retried for [`CONNECT_PATIENCE`].
+pub(crate) async fn connect_ring(
     model_path: &Path,
-    prompt: &[u32],
     peers: &[String],
     ranges: &[Range<usize>],
-    params: &GenerateParams,
     activations: ActivationsArg,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Pipeline> {
     let addrs = peers
         .iter()
         .map(|p| resolve_addr(p))
@@ -164,14 +169,44 @@ pub(crate) fn run_ring(
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }
+    let deadline = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match Pipeline::connect(config.clone()).await {
+            Ok(pipeline) => return Ok(pipeline),
+            Err(e) if not_listening_yet(&e) && Instant::now() < deadline => {
+                tracing::info!("a peer is not listening yet ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("setting up the ring of stages")),
+        }
+    }
+}
+
+/// A peer refused the connection: nothing listens on its port (yet).
+fn not_listening_yet(e: &PipelineError) -> bool {
+    let io = match e {
+        PipelineError::Wire(WireError::Io(io)) | PipelineError::Io(io) => io,
+        _ => return false,
+    };
+    io.kind() == std::io::ErrorKind::ConnectionRefused
+}
+
+/// Runs `prompt` through a ring (see [`connect_ring`]) and streams the text to stdout like
+/// the single-process `run`.
+pub(crate) fn run_ring(
+    model_path: &Path,
+    prompt: &[u32],
+    peers: &[String],
+    ranges: &[Range<usize>],
+    params: &GenerateParams,
+    activations: ActivationsArg,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let pipeline = Pipeline::connect(config)
-            .await
-            .context("setting up the ring of stages")?;
+        let pipeline = connect_ring(model_path, peers, ranges, activations).await?;
         let mut out = TextOut::new(pipeline.tokenizer(), params.stop.clone());
         let mut failed: Option<anyhow::Error> = None;
         let generated = pipeline

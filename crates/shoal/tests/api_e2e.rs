@@ -8,187 +8,23 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const MODEL_FILE: &str = "smollm2-135m-instruct-q4_1.gguf";
+use common::{chat_body, http, metric, model_path, workspace_root, SMOLLM2};
 
-fn workspace_root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-fn model_path() -> PathBuf {
-    let dir = std::env::var_os("SHOAL_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("models"));
-    let path = dir.join(MODEL_FILE);
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-models.sh (or set SHOAL_MODELS_DIR)",
-        path.display()
-    );
-    path
-}
-
-/// The server process; killed when dropped, so a failing test leaves nothing running.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["serve", "--model"])
-            .arg(model_path())
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .env_remove("SHOAL_API_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("shoal starts");
-        // Both pipes are drained for the life of the process (a full pipe would stall
-        // the server) and echoed, so a failure shows the server's own words.
-        let (tx, rx) = mpsc::channel::<String>();
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        for pipe in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    eprintln!("[shoal] {line}");
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        drop(tx);
-        let mut server = Server {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.trim().strip_prefix("listening on http://") {
-                        server.addr = addr.parse().expect("a socket address");
-                        break;
-                    }
-                }
-                Err(_) => panic!("shoal never printed `listening on http://ADDR`"),
-            }
-        }
-        // Keep draining; nobody reads the lines any more.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        server
-    }
-
-    fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(r) = http(self.addr, "GET", "/health", None) {
-                if r.status == 200 {
-                    return;
-                }
-                assert_eq!(r.status, 503, "while loading: {}", r.body);
-            }
-            assert!(Instant::now() < deadline, "the model did not load in time");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-struct HttpResponse {
-    status: u16,
-    body: String,
-}
-
-/// One HTTP/1.1 request on a fresh connection, read to the end.
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> std::io::Result<HttpResponse> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
-    let body = body.unwrap_or("");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    Ok(HttpResponse { status, body })
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
-    }
-    out
-}
-
-fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let text = http(addr, "GET", "/metrics", None).unwrap().body;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
-}
-
-fn chat_body(model: &str, content: &str, max_tokens: usize, stream: bool) -> String {
-    serde_json::json!({
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": stream,
-    })
-    .to_string()
+/// The test server: `shoal serve` with the default model.
+fn start_server() -> common::Server {
+    common::Server::start(&model_path(SMOLLM2), &[])
 }
 
 #[test]
 fn openai_api_end_to_end() {
-    let server = Server::start();
+    let server = start_server();
     server.wait_healthy();
     let addr = server.addr;
     let models: serde_json::Value =

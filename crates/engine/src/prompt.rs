@@ -1,0 +1,61 @@
+//! [`PromptFormat`]: the text side of a model — its tokenizer and chat template — apart from
+//! the weights, so that a node holding only some layers (a pipeline head) formats prompts
+//! exactly as a whole [`crate::Model`] does.
+
+use crate::chat_template::{ChatMessage, ChatTemplate};
+use crate::error::Result;
+use crate::gguf::GgufFile;
+use crate::tokenizer::Tokenizer;
+
+/// A model's tokenizer and chat template, both read from its GGUF metadata.
+pub struct PromptFormat {
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+}
+
+impl PromptFormat {
+    /// Reads `tokenizer.ggml.*` and `tokenizer.chat_template` (if present) from `file`.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let tokenizer = Tokenizer::from_gguf_metadata(file.metadata())?;
+        let template = match file.metadata().get("tokenizer.chat_template") {
+            Some(_) => Some(ChatTemplate::from_gguf_metadata(file.metadata())?),
+            None => None,
+        };
+        Ok(Self {
+            tokenizer,
+            template,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids of a raw prompt: special tokens parsed, BOS added if the model wants it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if self.tokenizer.add_bos() {
+            if let Some(bos) = self.tokenizer.bos_id() {
+                ids.push(bos);
+            }
+        }
+        ids.extend(self.tokenizer.encode(text, true)?);
+        Ok(ids)
+    }
+
+    /// Renders a conversation with the model's own chat template, ready for the
+    /// assistant's turn. Models without a template get a plain "role: content" layout.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
+        match &self.template {
+            Some(t) => Ok(t.render(messages, true)?),
+            None => {
+                let mut s = String::new();
+                for m in messages {
+                    s.push_str(&format!("{}: {}\n", m.role, m.content));
+                }
+                s.push_str("assistant:");
+                Ok(s)
+            }
+        }
+    }
+}

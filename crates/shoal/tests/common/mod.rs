@@ -1,0 +1,236 @@
+//! What the process tests share: where the test models are, a real `shoal serve` process
+//! on 127.0.0.1:0, and a small HTTP/1.1 client.
+
+// Each test file uses a different part of this module.
+#![allow(dead_code, unreachable_pub)]
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The built-in default and test model.
+pub const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// A model of `scripts/fetch-models.sh`, from `SHOAL_MODELS_DIR` or the workspace's `models/`.
+pub fn model_path(file: &str) -> PathBuf {
+    let dir = std::env::var_os("SHOAL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("models"));
+    let path = dir.join(file);
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-models.sh (or set SHOAL_MODELS_DIR)",
+        path.display()
+    );
+    path
+}
+
+/// A `shoal serve` process; killed when dropped, so a failing test leaves nothing running.
+pub struct Server {
+    child: Child,
+    /// The HTTP address it printed (`listening on http://ADDR`).
+    pub addr: SocketAddr,
+    /// The peer port it printed (`peer port listening on ADDR`), when started with one.
+    pub peer_addr: Option<SocketAddr>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Server {
+    /// `shoal serve --model MODEL --host 127.0.0.1 --port 0` plus `extra`; returns once the
+    /// HTTP port (and the peer port, when `--peer-port` is among `extra`) is known.
+    pub fn start(model: &Path, extra: &[&str]) -> Self {
+        let mut args: Vec<OsString> = vec!["serve".into(), "--model".into(), model.into()];
+        args.extend(["--host", "127.0.0.1", "--port", "0"].map(OsString::from));
+        args.extend(extra.iter().map(OsString::from));
+        let wants_peer_port = extra.contains(&"--peer-port");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(&args)
+            .env_remove("SHOAL_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("shoal starts");
+        // Both pipes are drained for the life of the process (a full pipe would stall the
+        // server) and echoed, so a failure shows the server's own words.
+        let (tx, rx) = mpsc::channel::<String>();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let pid = child.id();
+        for pipe in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    eprintln!("[shoal {pid}] {line}");
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        drop(tx);
+        let mut server = Server {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            peer_addr: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut http = None;
+        while http.is_none() || (wants_peer_port && server.peer_addr.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                panic!("shoal {args:?} never printed its addresses");
+            };
+            let line = line.trim();
+            if let Some(addr) = line.strip_prefix("listening on http://") {
+                http = Some(addr.parse().expect("a socket address"));
+            } else if let Some(addr) = line.strip_prefix("peer port listening on ") {
+                server.peer_addr = Some(addr.parse().expect("a socket address"));
+            }
+        }
+        server.addr = http.unwrap_or(server.addr);
+        // Keep draining; nobody reads the lines any more.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        server
+    }
+
+    /// The peer address as `HOST:PORT`, for another node's `--peer`.
+    pub fn peer(&self) -> String {
+        self.peer_addr
+            .expect("started with --peer-port")
+            .to_string()
+    }
+
+    /// Waits until `/health` says 200 (503 while loading is fine; anything else is not).
+    pub fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Ok(r) = http(self.addr, "GET", "/health", None) {
+                if r.status == 200 {
+                    return;
+                }
+                assert_eq!(r.status, 503, "while loading: {}", r.body);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the node did not get ready in time"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the process at once (SIGKILL), as a crashed device would go.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection, read to the end.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<HttpResponse> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok(HttpResponse { status, body })
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
+
+/// `POST /v1/chat/completions`, expecting 200; returns the response's JSON.
+pub fn chat(addr: SocketAddr, body: &str) -> serde_json::Value {
+    let r = http(addr, "POST", "/v1/chat/completions", Some(body)).expect("HTTP request");
+    assert_eq!(r.status, 200, "chat completion failed: {}", r.body);
+    r.json()
+}
+
+/// The text of a non-streamed chat completion.
+pub fn chat_text(addr: SocketAddr, body: &str) -> String {
+    chat(addr, body)["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("message content")
+        .to_owned()
+}
+
+/// A value of a Prometheus metric (0 when absent).
+pub fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let text = http(addr, "GET", "/metrics", None).unwrap().body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// A chat request body with one user message.
+pub fn chat_body(model: &str, content: &str, max_tokens: usize, stream: bool) -> String {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    })
+    .to_string()
+}

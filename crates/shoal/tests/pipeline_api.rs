@@ -1,0 +1,157 @@
+//! Pipeline mode behind the OpenAI API, with real processes on 127.0.0.1: stage nodes
+//! (`shoal serve --peer-port 0`) and a head (`shoal serve --peer … --split …`) that answers
+//! chat completions through the ring. Every answer must equal the single-process server's
+//! (f32 activations, the default, are exact): greedy on the golden chat cases of both test
+//! models, and sampled with a fixed seed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{chat_text, http, model_path, Server, SMOLLM2};
+use serde_json::{json, Value};
+
+const QWEN05: &str = "qwen2.5-coder-0.5b-instruct.gguf";
+
+/// The golden chat conversations of a model (`../shared/golden`, or `SHOAL_GOLDEN_DIR`).
+fn golden_chats(golden_file: &str) -> Vec<Value> {
+    let dir = std::env::var_os("SHOAL_GOLDEN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| common::workspace_root().join("../shared/golden"));
+    let text = std::fs::read_to_string(dir.join(golden_file)).expect("golden file");
+    let golden: Value = serde_json::from_str(&text).unwrap();
+    golden["chat"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["messages"].clone())
+        .collect()
+}
+
+/// A ring of `splits.len()` stages: the head and `splits.len() - 1` stage nodes.
+fn ring(model: &str, split: &str) -> (Server, Vec<Server>) {
+    let n = split.split(',').count();
+    let nodes: Vec<Server> = (1..n)
+        .map(|_| Server::start(&model_path(model), &["--peer-port", "0"]))
+        .collect();
+    let peers: Vec<String> = nodes.iter().map(Server::peer).collect();
+    let mut args = vec!["--peer-port", "0"];
+    for p in &peers {
+        args.extend(["--peer", p.as_str()]);
+    }
+    args.extend(["--split", split]);
+    let head = Server::start(&model_path(model), &args);
+    head.wait_healthy();
+    (head, nodes)
+}
+
+fn body(messages: &Value, max_tokens: usize, sampling: Value) -> String {
+    let mut b = json!({
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    });
+    if let (Some(b), Some(s)) = (b.as_object_mut(), sampling.as_object()) {
+        b.extend(s.clone());
+    }
+    b.to_string()
+}
+
+/// The streamed text of a chat completion, pieced together from its SSE chunks.
+fn streamed_text(server: &Server, body: &str) -> String {
+    let mut request: Value = serde_json::from_str(body).unwrap();
+    request["stream"] = json!(true);
+    let r = http(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&request.to_string()),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.trim_end().ends_with("data: [DONE]"), "{}", r.body);
+    r.body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| {
+            let v: Value = serde_json::from_str(d).unwrap();
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[test]
+fn smollm2_three_stage_head_answers_like_a_single_process() {
+    let single = Server::start(&model_path(SMOLLM2), &[]);
+    let (head, _nodes) = ring(SMOLLM2, "0-9,10-19,20-29");
+    single.wait_healthy();
+    for messages in golden_chats("smollm2-135m-instruct-q4_1.json") {
+        let b = body(&messages, 48, json!({}));
+        let want = chat_text(single.addr, &b);
+        assert!(!want.trim().is_empty());
+        assert_eq!(chat_text(head.addr, &b), want, "greedy, {messages}");
+    }
+    // Sampling with a fixed seed, a stop string, and streaming.
+    let messages = json!([{"role": "user", "content": "Write a short poem about the sea."}]);
+    let sampled = body(&messages, 40, json!({"temperature": 0.8, "seed": 7}));
+    let want = chat_text(single.addr, &sampled);
+    assert_eq!(chat_text(head.addr, &sampled), want, "sampled");
+    assert_eq!(streamed_text(&head, &sampled), want, "streamed");
+    let word = want.split_whitespace().nth(3).unwrap_or("the").to_owned();
+    let stopped = body(
+        &messages,
+        40,
+        json!({"temperature": 0.8, "seed": 7, "stop": [word]}),
+    );
+    let want_stopped = chat_text(single.addr, &stopped);
+    assert!(want_stopped.len() < want.len());
+    assert_eq!(chat_text(head.addr, &stopped), want_stopped, "stop string");
+}
+
+#[test]
+fn qwen_two_stage_head_answers_like_a_single_process() {
+    let single = Server::start(&model_path(QWEN05), &[]);
+    let (head, _nodes) = ring(QWEN05, "0-11,12-23");
+    single.wait_healthy();
+    for messages in golden_chats("qwen2.5-coder-0.5b-instruct.json") {
+        let b = body(&messages, 24, json!({}));
+        let want = chat_text(single.addr, &b);
+        assert_eq!(chat_text(head.addr, &b), want, "greedy, {messages}");
+    }
+}
+
+#[test]
+fn head_reports_a_bad_split_on_health_and_requests() {
+    let node = Server::start(&model_path(SMOLLM2), &["--peer-port", "0"]);
+    let peer = node.peer();
+    let head = Server::start(
+        &model_path(SMOLLM2),
+        &["--peer", peer.as_str(), "--split", "0-9,10-19,20-29"],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = http(head.addr, "GET", "/health", None).unwrap();
+        assert_eq!(r.status, 503);
+        if r.body.contains("--split has 3 ranges") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", r.body);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let r = http(
+        head.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body(
+            &json!([{"role": "user", "content": "hi"}]),
+            4,
+            json!({}),
+        )),
+    )
+    .unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("--split has 3 ranges"), "{}", r.body);
+}
