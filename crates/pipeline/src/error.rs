@@ -48,5 +48,19 @@ impl From<tokio::task::JoinError> for PipelineError {
     }
 }
 
+impl PipelineError {
+    /// True when the error means a stage (or the link to it) is gone or hung, so the session
+    /// could go on after a re-plan; false for bad requests and local failures.
+    pub fn is_stage_loss(&self) -> bool {
+        match self {
+            PipelineError::Wire(e) => !e.is_protocol_violation(),
+            PipelineError::StageFailed(_)
+            | PipelineError::Timeout { .. }
+            | PipelineError::Refused { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 /// Result with [`PipelineError`].
 pub type Result<T, E = PipelineError> = std::result::Result<T, E>;

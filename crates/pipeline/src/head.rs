@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use shoal_engine::candle_core::Device;
@@ -62,6 +62,9 @@ pub struct PipelineConfig {
     pub reply_bind: SocketAddr,
     /// How long to wait for `StageReady` and for each token.
     pub timeout: Duration,
+    /// When a stage is lost mid-session, re-plan on the nodes left and replay the session
+    /// there (greedy output unchanged) instead of failing the request.
+    pub recover: bool,
     /// Frame limits.
     pub limits: Limits,
 }
@@ -90,6 +93,7 @@ impl PipelineConfig {
             prefill_chunk: shoal_engine::generate::PREFILL_CHUNK,
             reply_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             timeout: Duration::from_secs(120),
+            recover: true,
             limits: Limits::default(),
         }
     }
@@ -129,6 +133,14 @@ impl Router {
         }
     }
 
+    /// Reports `message` to every session waiting for a reply.
+    fn fail_all(&self, message: &str) {
+        let sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        for tx in sessions.values() {
+            let _ = tx.send(Reply::Error(message.to_owned()));
+        }
+    }
+
     fn register(&self, session_id: u64) -> mpsc::UnboundedReceiver<Reply> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.sessions
@@ -151,12 +163,102 @@ struct Peer {
     link: tokio::sync::Mutex<Link>,
 }
 
+/// The stages sessions run on now: the head's own and the peers', in ring order.
+struct Ring {
+    /// Bumped at every re-plan, so sessions that failed on the same ring re-plan it once.
+    epoch: u64,
+    stage: Arc<Stage>,
+    peers: Arc<Vec<Peer>>,
+    /// Each peer's layers, in ring order (the head's are `stage`'s).
+    peer_layers: Vec<Range<usize>>,
+}
+
+/// What setting up a ring needs from its [`Pipeline`].
+struct RingSetup<'a> {
+    config: &'a PipelineConfig,
+    model: &'a ModelConfig,
+    sha: [u8; 32],
+    router: &'a Arc<Router>,
+}
+
+impl RingSetup<'_> {
+    /// Loads the head's stage for `local` (unless `reuse` already runs exactly it) and sets
+    /// up `peers` with a fresh plan id.
+    async fn build(
+        &self,
+        epoch: u64,
+        reuse: Option<Arc<Stage>>,
+        local: Range<usize>,
+        peers: &[PeerStage],
+    ) -> Result<Ring> {
+        let n = self.model.n_layers;
+        let stage = match reuse.filter(|s| s.spec().layers == local) {
+            Some(stage) => stage,
+            None => {
+                let path = self.config.model_path.clone();
+                Arc::new(
+                    tokio::task::spawn_blocking(move || -> Result<Stage> {
+                        let file = GgufFile::open(&path)?;
+                        Ok(Stage::load(
+                            &file,
+                            StageSpec::range(local, n),
+                            &Device::Cpu,
+                            |_, _| {},
+                        )?)
+                    })
+                    .await??,
+                )
+            }
+        };
+        let plan_id = fresh_id();
+        let mut links = Vec::with_capacity(peers.len());
+        for (i, p) in peers.iter().enumerate() {
+            let next = peers.get(i + 1).map(|q| q.addr);
+            let load = LoadStage {
+                plan_id,
+                model_id: self.config.model_id.clone(),
+                model_sha256: self.sha,
+                layer_start: to_u32(p.layers.start)?,
+                layer_end: to_u32(p.layers.end)?,
+                embed: false,
+                head: p.layers.end == n,
+                activation_dtype: self.config.activation_dtype,
+                max_context: to_u32(self.model.context_length)?,
+                next,
+            };
+            let link = tokio::time::timeout(
+                self.config.timeout,
+                load_peer(p.addr, self.config, load, self.router.clone()),
+            )
+            .await
+            .map_err(|_| PipelineError::Timeout {
+                what: "StageReady",
+                after: self.config.timeout,
+            })??;
+            links.push(Peer {
+                addr: p.addr,
+                link: tokio::sync::Mutex::new(link),
+            });
+        }
+        Ok(Ring {
+            epoch,
+            stage,
+            peers: Arc::new(links),
+            peer_layers: peers.iter().map(|p| p.layers.clone()).collect(),
+        })
+    }
+}
+
 /// The head of a ring of stages.
 pub struct Pipeline {
     config: PipelineConfig,
-    stage: Arc<Stage>,
     format: PromptFormat,
-    peers: Arc<Vec<Peer>>,
+    model: ModelConfig,
+    /// The model file's SHA-256 (zeros when not checked), sent in every `LoadStage`.
+    sha: [u8; 32],
+    ring: RwLock<Arc<Ring>>,
+    /// Held while re-planning, so concurrent sessions that lost the same stage re-plan once.
+    replan: tokio::sync::Mutex<()>,
     router: Arc<Router>,
     reply_addr: SocketAddr,
     listener: JoinHandle<()>,
@@ -169,28 +271,33 @@ impl Drop for Pipeline {
     }
 }
 
+/// Most re-plans one generation makes before it gives up.
+const MAX_RECOVERIES: usize = 3;
+
+/// How long a peer has to answer a handshake to count as alive when re-planning.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Pipeline {
     /// Loads the head's stage, opens the reply listener, and sets up every peer with
     /// `LoadStage` (each peer's `next` is the following peer; the last has none).
     pub async fn connect(config: PipelineConfig) -> Result<Pipeline> {
         let path = config.model_path.clone();
-        let local = config.local_layers.clone();
         let verify = config.verify_sha256;
-        let (stage, format, sha) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (format, model, sha) = tokio::task::spawn_blocking(move || -> Result<_> {
             let file = GgufFile::open(&path)?;
             let format = PromptFormat::from_gguf(&file)?;
-            let n = file.config().n_layers;
-            if local.start != 0 || local.end > n {
-                return Err(PipelineError::Config(format!(
-                    "the head runs layers 0..k of the model's {n}, not {local:?}"
-                )));
-            }
-            let stage = Stage::load(&file, StageSpec::range(local, n), &Device::Cpu, |_, _| {})?;
             let sha = if verify { file_sha256(&path)? } else { [0; 32] };
-            Ok((stage, format, sha))
+            Ok((format, file.config().clone(), sha))
         })
         .await??;
-        check_ring(&config, stage.config())?;
+        let n = model.n_layers;
+        if config.local_layers.start != 0 || config.local_layers.end > n {
+            return Err(PipelineError::Config(format!(
+                "the head runs layers 0..k of the model's {n}, not {:?}",
+                config.local_layers
+            )));
+        }
+        check_ring(&config, &model)?;
 
         let listener = TcpListener::bind(config.reply_bind)
             .await
@@ -203,50 +310,123 @@ impl Pipeline {
             config.limits,
             router.clone(),
         ));
-
-        let plan_id = fresh_id();
-        let n = stage.config().n_layers;
-        let mut peers = Vec::with_capacity(config.peers.len());
-        for (i, p) in config.peers.iter().enumerate() {
-            let next = config.peers.get(i + 1).map(|q| q.addr);
-            let load = LoadStage {
-                plan_id,
-                model_id: config.model_id.clone(),
-                model_sha256: sha,
-                layer_start: to_u32(p.layers.start)?,
-                layer_end: to_u32(p.layers.end)?,
-                embed: false,
-                head: p.layers.end == n,
-                activation_dtype: config.activation_dtype,
-                max_context: to_u32(stage.config().context_length)?,
-                next,
-            };
-            let link = tokio::time::timeout(
-                config.timeout,
-                load_peer(p.addr, &config, load, router.clone()),
-            )
-            .await
-            .map_err(|_| PipelineError::Timeout {
-                what: "StageReady",
-                after: config.timeout,
-            })??;
-            peers.push(Peer {
-                addr: p.addr,
-                link: tokio::sync::Mutex::new(link),
-            });
-        }
+        let setup = RingSetup {
+            config: &config,
+            model: &model,
+            sha,
+            router: &router,
+        };
+        let ring = setup
+            .build(0, None, config.local_layers.clone(), &config.peers)
+            .await?;
         Ok(Pipeline {
-            config,
-            stage: Arc::new(stage),
             format,
-            peers: Arc::new(peers),
+            model,
+            sha,
+            ring: RwLock::new(Arc::new(ring)),
+            replan: tokio::sync::Mutex::new(()),
             router,
             reply_addr,
             listener,
             // Stages key caches by session id, and several heads may share a stage: start
             // each head's ids somewhere else.
             next_session: AtomicU64::new(fresh_id() >> 1),
+            config,
         })
+    }
+
+    fn setup(&self) -> RingSetup<'_> {
+        RingSetup {
+            config: &self.config,
+            model: &self.model,
+            sha: self.sha,
+            router: &self.router,
+        }
+    }
+
+    fn current_ring(&self) -> Arc<Ring> {
+        self.ring
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The ring as it stands: the head's layers, then each peer's address and layers.
+    pub fn layout(&self) -> (Range<usize>, Vec<PeerStage>) {
+        let ring = self.current_ring();
+        let peers = ring
+            .peers
+            .iter()
+            .zip(&ring.peer_layers)
+            .map(|(p, layers)| PeerStage {
+                addr: p.addr,
+                layers: layers.clone(),
+            })
+            .collect();
+        (ring.stage.spec().layers.clone(), peers)
+    }
+
+    /// After a session lost a stage on `failed`: finds which peers still answer and spreads
+    /// the layers over the head and those, each keeping its share of the old plan (a plan
+    /// made from measured speeds stays proportionate). Only the first session to get here
+    /// for a ring re-plans; the others find the new ring in place.
+    async fn recover(&self, failed: &Ring) -> Result<()> {
+        let _replanning = self.replan.lock().await;
+        if self.current_ring().epoch != failed.epoch {
+            return Ok(());
+        }
+        let mut shares = vec![failed.stage.spec().layers.len()];
+        let mut alive = Vec::new();
+        for (peer, layers) in failed.peers.iter().zip(&failed.peer_layers) {
+            let probe = tokio::time::timeout(
+                PROBE_TIMEOUT,
+                dial(
+                    peer.addr,
+                    &self.config.node_id,
+                    Capabilities::HEAD,
+                    self.config.limits,
+                ),
+            )
+            .await;
+            match probe {
+                Ok(Ok(_)) => {
+                    alive.push(peer.addr);
+                    shares.push(layers.len());
+                }
+                Ok(Err(e)) => tracing::warn!(peer = %peer.addr, error = %e, "stage is gone"),
+                Err(_) => tracing::warn!(peer = %peer.addr, "stage does not answer"),
+            }
+        }
+        let ranges = redistribute(&shares, self.model.n_layers);
+        let Some((local, rest)) = ranges.split_first() else {
+            return Err(PipelineError::Config(
+                "no stage left to run the model".into(),
+            ));
+        };
+        let peers: Vec<PeerStage> = alive
+            .iter()
+            .zip(rest)
+            .map(|(&addr, layers)| PeerStage {
+                addr,
+                layers: layers.clone(),
+            })
+            .collect();
+        tracing::warn!(
+            head = ?local,
+            peers = ?peers,
+            "re-planned the ring on the nodes left"
+        );
+        let ring = self
+            .setup()
+            .build(
+                failed.epoch + 1,
+                Some(failed.stage.clone()),
+                local.clone(),
+                &peers,
+            )
+            .await?;
+        *self.ring.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(ring);
+        Ok(())
     }
 
     /// The model's tokenizer (for `is_eog`, decoding).
@@ -261,7 +441,7 @@ impl Pipeline {
 
     /// The model's shape.
     pub fn model_config(&self) -> &ModelConfig {
-        self.stage.config()
+        &self.model
     }
 
     /// Where the last stage sends tokens.
@@ -291,7 +471,7 @@ impl Pipeline {
         if prompt.is_empty() {
             return Err(PipelineError::InvalidRequest("the prompt is empty".into()));
         }
-        let limit = self.stage.config().context_length;
+        let limit = self.model.context_length;
         if prompt.len() >= limit {
             return Err(PipelineError::InvalidRequest(format!(
                 "the prompt has {} tokens and the context holds {limit}",
@@ -301,116 +481,173 @@ impl Pipeline {
         if max_tokens == 0 {
             return Ok(Vec::new());
         }
+        let mut generated = Vec::new();
+        let mut recoveries = 0;
+        loop {
+            let ring = self.current_ring();
+            let attempt = self
+                .run_on(
+                    &ring,
+                    prompt,
+                    &mut generated,
+                    sampling,
+                    max_tokens,
+                    &mut on_token,
+                )
+                .await;
+            match attempt {
+                Ok(()) => return Ok(generated),
+                Err(e)
+                    if self.config.recover
+                        && e.is_stage_loss()
+                        && !ring.peers.is_empty()
+                        && recoveries < MAX_RECOVERIES =>
+                {
+                    recoveries += 1;
+                    tracing::warn!(
+                        error = %e,
+                        generated = generated.len(),
+                        "lost a stage mid-session; re-planning and replaying the session"
+                    );
+                    self.recover(&ring).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs one session on `ring`. Tokens already in `generated` (from a ring that failed)
+    /// are replayed, not sampled: fed exactly as they were first fed — the prompt in the same
+    /// chunks, then one token per step — so every stage computes what the lost ring had, and
+    /// greedy output goes on as if nothing had failed.
+    async fn run_on(
+        &self,
+        ring: &Ring,
+        prompt: &[u32],
+        generated: &mut Vec<u32>,
+        sampling: &SamplingParams,
+        max_tokens: usize,
+        on_token: &mut (impl FnMut(u32) + Send),
+    ) -> Result<()> {
         let session_id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let mut rx = self.router.register(session_id);
         let mut guard = SessionGuard {
             id: session_id,
             router: self.router.clone(),
-            peers: self.peers.clone(),
+            peers: ring.peers.clone(),
             ended: false,
         };
+        let session = Session {
+            ring,
+            id: session_id,
+            prompt,
+            sampling,
+            max_tokens,
+        };
         let result = self
-            .run_session(
-                session_id,
-                &mut rx,
-                prompt,
-                sampling,
-                max_tokens,
-                &mut on_token,
-            )
+            .run_session(&session, &mut rx, generated, on_token)
             .await;
         self.router.unregister(session_id);
-        end_session(self.peers.clone(), session_id).await;
+        end_session(ring.peers.clone(), session_id).await;
         guard.ended = true;
         result
     }
 
     async fn run_session(
         &self,
-        session_id: u64,
+        session: &Session<'_>,
         rx: &mut mpsc::UnboundedReceiver<Reply>,
-        prompt: &[u32],
-        sampling: &SamplingParams,
-        max_tokens: usize,
+        generated: &mut Vec<u32>,
         on_token: &mut (impl FnMut(u32) + Send),
-    ) -> Result<Vec<u32>> {
-        let limit = self.stage.config().context_length;
+    ) -> Result<()> {
+        let ring = session.ring;
+        let limit = self.model.context_length;
         let chunk = self.config.prefill_chunk.max(1);
-        let mut cache = Some(self.stage.new_cache());
-        let mut local_sampler = self
+        let replay = generated.clone();
+        let mut cache = Some(ring.stage.new_cache());
+        let mut local_sampler = ring
             .peers
             .is_empty()
-            .then(|| Sampler::new(sampling.clone()));
-        let mut history = prompt.to_vec();
-        let mut generated = Vec::new();
-        let mut pending = prompt.to_vec();
+            .then(|| Sampler::new(session.sampling.clone()));
+        let mut history = session.prompt.to_vec();
+        let mut pending = session.prompt.to_vec();
         let mut start = 0usize;
         let mut seq = 0u64;
-        loop {
+        for step in 0.. {
+            let replayed = replay.get(step).copied();
             let n_chunks = pending.len().div_ceil(chunk);
             let mut token = None;
             for (i, piece) in pending.chunks(chunk).enumerate() {
-                let last = i + 1 == n_chunks;
+                let wants_token = i + 1 == n_chunks && replayed.is_none();
                 let first = start + i * chunk;
                 let positions: Vec<u32> = (first..first + piece.len())
                     .map(to_u32)
                     .collect::<Result<_>>()?;
                 let out = self
-                    .run_local(&mut cache, piece.to_vec(), &positions)
+                    .run_local(ring, &mut cache, piece.to_vec(), &positions)
                     .await?;
                 match out {
                     LocalOut::Logits(mut logits) => {
-                        if last {
+                        if wants_token {
                             if let Some(s) = local_sampler.as_mut() {
                                 token = Some(s.sample(&mut logits, &history));
                             }
                         }
                     }
                     LocalOut::Hidden(a) => {
-                        let want = if last {
-                            Want::Token(sampling_spec(sampling, &history))
+                        let want = if wants_token {
+                            Want::Token(sampling_spec(session.sampling, &history))
                         } else {
                             Want::Nothing
                         };
                         let msg = Message::Forward(Forward {
-                            session_id,
+                            session_id: session.id,
                             seq,
                             positions,
                             payload: Payload::Hidden(a),
                             want,
                             reply_to: self.reply_addr,
                         });
-                        self.send_first(msg).await?;
-                        if last {
+                        send_first(ring, msg).await?;
+                        if wants_token {
                             token = Some(self.wait_token(rx, seq).await?);
                         }
                         seq += 1;
                     }
                 }
             }
-            let token = token
-                .ok_or_else(|| PipelineError::StageFailed("the ring produced no token".into()))?;
+            let token = match replayed {
+                Some(t) => t,
+                None => {
+                    let t = token.ok_or_else(|| {
+                        PipelineError::StageFailed("the ring produced no token".into())
+                    })?;
+                    generated.push(t);
+                    on_token(t);
+                    t
+                }
+            };
             history.push(token);
-            generated.push(token);
-            on_token(token);
             if self.format.tokenizer().is_eog(token)
-                || generated.len() >= max_tokens
+                || generated.len() >= session.max_tokens
                 || history.len() >= limit
             {
-                return Ok(generated);
+                break;
             }
             start = history.len() - 1;
             pending = vec![token];
         }
+        Ok(())
     }
 
     async fn run_local(
         &self,
+        ring: &Ring,
         cache: &mut Option<KvCache>,
         tokens: Vec<u32>,
         positions: &[u32],
     ) -> Result<LocalOut> {
-        let stage = self.stage.clone();
+        let stage = ring.stage.clone();
         let dtype = self.config.activation_dtype;
         let mut c = cache
             .take()
@@ -437,24 +674,6 @@ impl Pipeline {
         out
     }
 
-    /// Sends to the first peer from a task of its own: `write_frame` is not cancel-safe, and a
-    /// `generate` dropped mid-write must not leave half a frame on the link every session uses.
-    async fn send_first(&self, msg: Message) -> Result<()> {
-        if self.peers.is_empty() {
-            return Err(PipelineError::Config("no peer to forward to".into()));
-        }
-        let peers = self.peers.clone();
-        tokio::spawn(async move {
-            let Some(peer) = peers.first() else {
-                return Ok(());
-            };
-            let mut link = peer.link.lock().await;
-            link.writer.write_frame(&msg).await
-        })
-        .await?
-        .map_err(PipelineError::from)
-    }
-
     async fn wait_token(&self, rx: &mut mpsc::UnboundedReceiver<Reply>, seq: u64) -> Result<u32> {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         loop {
@@ -478,6 +697,34 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Sends to the ring's first peer from a task of its own: `write_frame` is not cancel-safe,
+/// and a `generate` dropped mid-write must not leave half a frame on the link every session
+/// uses.
+async fn send_first(ring: &Ring, msg: Message) -> Result<()> {
+    if ring.peers.is_empty() {
+        return Err(PipelineError::Config("no peer to forward to".into()));
+    }
+    let peers = ring.peers.clone();
+    tokio::spawn(async move {
+        let Some(peer) = peers.first() else {
+            return Ok(());
+        };
+        let mut link = peer.link.lock().await;
+        link.writer.write_frame(&msg).await
+    })
+    .await?
+    .map_err(PipelineError::from)
+}
+
+/// One attempt at a session, on one ring.
+struct Session<'a> {
+    ring: &'a Ring,
+    id: u64,
+    prompt: &'a [u32],
+    sampling: &'a SamplingParams,
+    max_tokens: usize,
 }
 
 /// Ends a session however `generate` stops, including when its future is dropped (a client
@@ -557,7 +804,14 @@ async fn load_peer(
             .into())
         }
     }
-    Ok(Link::new(conn, addr, move |m| router.route(m)))
+    let on_message = {
+        let router = router.clone();
+        move |m| router.route(m)
+    };
+    // A stage that vanishes answers no session: tell every waiting one now rather than
+    // after the token timeout.
+    let on_close = move || router.fail_all(&format!("lost the link to the stage at {addr}"));
+    Ok(Link::new(conn, addr, on_message, on_close))
 }
 
 /// Accepts the last stage's connections and routes `Token`s and errors to their sessions.
@@ -600,6 +854,43 @@ async fn serve_replies(
     .await;
 }
 
+/// Splits `n_layers` into consecutive ranges in proportion to `shares` (largest remainder),
+/// every range at least one layer; stages beyond the number of layers get none and are
+/// left out.
+fn redistribute(shares: &[usize], n_layers: usize) -> Vec<Range<usize>> {
+    let n_stages = shares.len().min(n_layers);
+    if n_stages == 0 {
+        return Vec::new();
+    }
+    let weights: Vec<usize> = shares[..n_stages].iter().map(|&s| s.max(1)).collect();
+    let total: usize = weights.iter().sum();
+    // Each its share rounded down, at least one layer (taken back from the largest)...
+    let mut sizes: Vec<usize> = weights
+        .iter()
+        .map(|&w| (n_layers * w / total).max(1))
+        .collect();
+    while sizes.iter().sum::<usize>() > n_layers {
+        let largest = (0..n_stages).max_by_key(|&i| (sizes[i], i)).unwrap_or(0);
+        sizes[largest] -= 1;
+    }
+    // ...and the layers left over to the largest remainders.
+    let assigned: usize = sizes.iter().sum();
+    let mut order: Vec<usize> = (0..n_stages).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(n_layers * weights[i] % total), i));
+    for &i in order.iter().cycle().take(n_layers - assigned) {
+        sizes[i] += 1;
+    }
+    let mut start = 0;
+    sizes
+        .into_iter()
+        .map(|size| {
+            let r = start..start + size;
+            start += size;
+            r
+        })
+        .collect()
+}
+
 /// Checks that the head's layers and the peers' tile the model in order.
 fn check_ring(config: &PipelineConfig, model: &ModelConfig) -> Result<()> {
     let n = model.n_layers;
@@ -633,4 +924,31 @@ fn fresh_id() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(ranges: &[Range<usize>]) -> Vec<usize> {
+        ranges.iter().map(|r| r.len()).collect()
+    }
+
+    #[test]
+    fn redistribute_keeps_proportions_and_tiles_the_model() {
+        assert_eq!(redistribute(&[10, 10], 30), vec![0..15, 15..30]);
+        assert_eq!(sizes(&redistribute(&[20, 5], 30)), vec![24, 6]);
+        assert_eq!(redistribute(&[7], 30), vec![0..30]);
+        assert_eq!(sizes(&redistribute(&[1, 1, 1], 2)), vec![1, 1]);
+        assert!(redistribute(&[], 30).is_empty());
+        for shares in [vec![3, 9, 1], vec![0, 0, 5], vec![1, 2, 3, 4, 5]] {
+            for n in [1usize, 5, 24, 30] {
+                let r = redistribute(&shares, n);
+                assert_eq!(r.first().map(|r| r.start), Some(0));
+                assert_eq!(r.last().map(|r| r.end), Some(n));
+                assert!(r.windows(2).all(|w| w[0].end == w[1].start));
+                assert!(r.iter().all(|r| !r.is_empty()));
+            }
+        }
+    }
 }

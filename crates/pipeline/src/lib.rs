@@ -20,8 +20,15 @@
 //! for the same seed because the last stage keeps one sampler per session, whose random stream
 //! advances once per token as in the single-process loop.
 //!
-//! Not yet: `Logits` replies (speculative verify), recovery after a lost stage (the last
-//! stage's sampler state would have to be rebuilt), batching across sessions, authentication.
+//! **Recovery.** When a stage dies mid-session (its link closes, it reports an error, or no
+//! token comes in time), the head probes the peers, spreads the layers over itself and the
+//! ones that answer (each keeping its share of the old plan), and replays the session on the
+//! new ring: the prompt in the same chunks, then every token generated so far one step at a
+//! time, exactly as first fed. Every stage then computes what the lost ring had, so greedy
+//! output goes on unchanged. A sampled session goes on too, but the new last stage's sampler
+//! starts a fresh random stream, so its remaining tokens are a different (valid) sample.
+//!
+//! Not yet: `Logits` replies (speculative verify), batching across sessions, authentication.
 
 mod convert;
 mod error;

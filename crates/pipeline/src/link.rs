@@ -34,7 +34,8 @@ pub(crate) async fn dial(
     Ok(conn)
 }
 
-/// A dialled connection used for writing; what the peer sends back goes to `on_message`.
+/// A dialled connection used for writing; what the peer sends back goes to `on_message`, and
+/// `on_close` runs once if the peer closes it or it breaks (not when the link is dropped).
 pub(crate) struct Link {
     pub(crate) writer: Writer,
     drain: JoinHandle<()>,
@@ -45,6 +46,7 @@ impl Link {
         conn: Connection,
         addr: SocketAddr,
         on_message: impl Fn(Message) + Send + 'static,
+        on_close: impl FnOnce() + Send + 'static,
     ) -> Self {
         let (mut reader, writer) = conn.into_split();
         let drain = tokio::spawn(async move {
@@ -58,6 +60,7 @@ impl Link {
                     }
                 }
             }
+            on_close();
         });
         Link { writer, drain }
     }
@@ -93,11 +96,17 @@ impl LinkPool {
         for _ in 0..2 {
             if !self.links.contains_key(&addr) {
                 let conn = dial(addr, &self.node_id, self.capabilities, self.limits).await?;
-                let link = Link::new(conn, addr, move |m| {
-                    if let Message::Error(e) = m {
-                        tracing::warn!(peer = %addr, error = %e.message, "peer reported an error");
-                    }
-                });
+                let link = Link::new(
+                    conn,
+                    addr,
+                    move |m| {
+                        if let Message::Error(e) = m {
+                            tracing::warn!(peer = %addr, error = %e.message, "peer reported an error");
+                        }
+                    },
+                    // The next write finds out and re-dials.
+                    || {},
+                );
                 self.links.insert(addr, link);
             }
             let Some(link) = self.links.get_mut(&addr) else {

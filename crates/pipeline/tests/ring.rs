@@ -649,3 +649,107 @@ async fn a_dropped_generation_ends_its_session_and_spares_the_ring() {
     let out = pipeline.generate(&p, &greedy, MAX_TOKENS).await.unwrap();
     assert_eq!(out, greedy_ref);
 }
+
+/// A stage server that stops (listener closed, connections cut) when `stop` is notified,
+/// as a device that dies would.
+async fn start_killable_server() -> (StageServer, SocketAddr, std::sync::Arc<tokio::sync::Notify>) {
+    let server = StageServer::new(StageServerConfig::new(models_dir()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let stopped = stop.clone();
+    tokio::spawn(
+        server
+            .clone()
+            .serve(listener, async move { stopped.notified().await }),
+    );
+    (server, addr, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_stages_are_replaced_and_greedy_output_is_unchanged() {
+    let want = single_process(&SamplingParams::greedy());
+    let n = reference().config().n_layers;
+    let (_s1, a1, stop1) = start_killable_server().await;
+    let (_s2, a2, stop2) = start_killable_server().await;
+    let peers = vec![
+        PeerStage {
+            addr: a1,
+            layers: 10..20,
+        },
+        PeerStage {
+            addr: a2,
+            layers: 20..n,
+        },
+    ];
+    let mut config = PipelineConfig::new(model_path(), 0..10, peers);
+    config.activation_dtype = DType::F32;
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    // The last stage dies after the 3rd token, the one left after the 8th: the head ends up
+    // running the whole model, and the answer must not notice.
+    let mut seen = 0;
+    let got = pipeline
+        .generate_with(&prompt(), &SamplingParams::greedy(), MAX_TOKENS, |_| {
+            seen += 1;
+            if seen == 3 {
+                stop2.notify_one();
+            }
+            if seen == 8 {
+                stop1.notify_one();
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, want);
+    let (local, peers) = pipeline.layout();
+    assert_eq!(
+        local,
+        0..n,
+        "the head runs everything once both peers are gone"
+    );
+    assert!(peers.is_empty());
+    // And it keeps serving.
+    let again = pipeline
+        .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(again, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_middle_stage_moves_its_layers_to_the_others() {
+    let want = single_process(&SamplingParams::greedy());
+    let n = reference().config().n_layers;
+    let (_s1, a1, stop1) = start_killable_server().await;
+    let (s2, a2, _stop2) = start_killable_server().await;
+    let peers = vec![
+        PeerStage {
+            addr: a1,
+            layers: 10..20,
+        },
+        PeerStage {
+            addr: a2,
+            layers: 20..n,
+        },
+    ];
+    let mut config = PipelineConfig::new(model_path(), 0..10, peers);
+    config.activation_dtype = DType::F32;
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    let mut seen = 0;
+    let got = pipeline
+        .generate_with(&prompt(), &SamplingParams::greedy(), MAX_TOKENS, |_| {
+            seen += 1;
+            if seen == 4 {
+                stop1.notify_one();
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, want);
+    let (local, peers) = pipeline.layout();
+    assert_eq!(local, 0..n / 2);
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].addr, a2);
+    assert_eq!(peers[0].layers, n / 2..n);
+    assert_eq!(s2.loaded_layers(), Some(n / 2..n));
+}

@@ -155,3 +155,64 @@ fn head_reports_a_bad_split_on_health_and_requests() {
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.body.contains("--split has 3 ranges"), "{}", r.body);
 }
+
+/// Streams a chat completion; after `after` content chunks calls `midway` once; returns the
+/// whole streamed text.
+fn stream_with(server: &Server, body: &str, after: usize, midway: impl FnOnce()) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut request: Value = serde_json::from_str(body).unwrap();
+    request["stream"] = json!(true);
+    let request = request.to_string();
+    let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{request}",
+        request.len()
+    )
+    .unwrap();
+    let mut midway = Some(midway);
+    let mut chunks = 0;
+    let mut text = String::new();
+    let mut done = false;
+    for line in BufReader::new(stream).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        assert!(v.get("error").is_none(), "the stream failed: {v}");
+        if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(piece);
+            chunks += 1;
+            if chunks == after {
+                if let Some(f) = midway.take() {
+                    f();
+                }
+            }
+        }
+    }
+    assert!(done, "the stream ended without [DONE]");
+    assert!(midway.is_none(), "the answer ended before the kill");
+    text
+}
+
+#[test]
+fn a_stage_killed_mid_answer_does_not_change_the_answer() {
+    let single = Server::start(&model_path(SMOLLM2), &[]);
+    let (head, mut nodes) = ring(SMOLLM2, "0-9,10-19,20-29");
+    single.wait_healthy();
+    let messages =
+        json!([{"role": "user", "content": "Tell me a long story about a brave dragon."}]);
+    let b = body(&messages, 160, json!({}));
+    let want = chat_text(single.addr, &b);
+    let got = stream_with(&head, &b, 5, || nodes[1].kill());
+    assert_eq!(got, want);
+    // The head serves on, on what is left.
+    assert_eq!(chat_text(head.addr, &b), want);
+    drop(nodes);
+}
