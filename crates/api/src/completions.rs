@@ -43,6 +43,9 @@ pub(crate) async fn chat_completions(
     Json(req): Json<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
+    if let Some(strategy) = crate::swarm::swarm_model(req.model.as_deref())? {
+        return crate::swarm::chat(state, req, strategy, received).await;
+    }
     let checked = check(&state, &req, "messages")?;
     let messages = chat_messages(req.messages.as_deref())?;
     let prepared = checked.with_model(state.model()?);
@@ -95,19 +98,19 @@ pub(crate) async fn completions(
 
 /// Which API a response speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Chat,
     Text,
 }
 
 /// A checked request, waiting for its prompt tokens.
-struct Prepared<M = Backend> {
+pub(crate) struct Prepared<M = Backend> {
     model: M,
-    sampling: SamplingParams,
-    stop: Vec<String>,
-    max_tokens: Option<usize>,
-    stream: bool,
-    include_usage: bool,
+    pub(crate) sampling: SamplingParams,
+    pub(crate) stop: Vec<String>,
+    pub(crate) max_tokens: Option<usize>,
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
     /// The request field the prompt came from, for error messages.
     prompt_param: &'static str,
 }
@@ -128,7 +131,7 @@ impl Prepared<()> {
 
 /// Checks everything that needs no model: `n`, `model`, `max_tokens`, sampling ranges.
 /// (Request errors come before "still loading", so clients learn of them at once.)
-fn check(
+pub(crate) fn check(
     state: &AppState,
     req: &CompletionRequest,
     prompt_param: &'static str,
@@ -142,7 +145,7 @@ fn check(
         }
     }
     if let Some(model) = &req.model {
-        if model != state.model_id() {
+        if model != state.model_id() && crate::swarm::swarm_model(Some(model))?.is_none() {
             return Err(ApiError::model_not_found(model));
         }
     }
@@ -271,7 +274,7 @@ fn random_seed() -> u64 {
 }
 
 /// The conversation as the chat template wants it.
-fn chat_messages(messages: Option<&[MessageIn]>) -> Result<Vec<ChatMessage>, ApiError> {
+pub(crate) fn chat_messages(messages: Option<&[MessageIn]>) -> Result<Vec<ChatMessage>, ApiError> {
     let messages = messages.ok_or_else(|| ApiError::missing_param("messages"))?;
     if messages.is_empty() {
         return Err(ApiError::invalid_value(
@@ -433,12 +436,12 @@ async fn respond(
 }
 
 /// Writes one response's objects: the whole answer, or its stream of chunks.
-struct Output {
-    id: String,
-    created: u64,
-    model: String,
-    kind: Kind,
-    include_usage: bool,
+pub(crate) struct Output {
+    pub(crate) id: String,
+    pub(crate) created: u64,
+    pub(crate) model: String,
+    pub(crate) kind: Kind,
+    pub(crate) include_usage: bool,
 }
 
 impl Output {
@@ -451,10 +454,22 @@ impl Output {
             system_fingerprint: SYSTEM_FINGERPRINT,
             choices,
             usage: None,
+            swarm: None,
         }
     }
 
     fn whole(&self, text: String, finish: FinishReason, usage: Usage) -> Response {
+        self.whole_with(text, finish, usage, None)
+    }
+
+    /// The whole answer, with `swarm` (what the swarm did) as an extra top-level field.
+    pub(crate) fn whole_with(
+        &self,
+        text: String,
+        finish: FinishReason,
+        usage: Usage,
+        swarm: Option<serde_json::Value>,
+    ) -> Response {
         let finish_reason = finish.as_str();
         match self.kind {
             Kind::Chat => {
@@ -469,6 +484,7 @@ impl Output {
                 };
                 let mut body = self.object("chat.completion", vec![choice]);
                 body.usage = Some(usage);
+                body.swarm = swarm;
                 axum::Json(body).into_response()
             }
             Kind::Text => {
@@ -530,7 +546,7 @@ impl Output {
     /// one chunk per piece of text; a chunk with the finish reason; the usage chunk if
     /// asked; `[DONE]`. A failure after the start becomes an `{"error": …}` event, which
     /// the `openai` clients raise as an exception.
-    fn stream(
+    pub(crate) fn stream(
         self,
         rx: tokio::sync::mpsc::Receiver<Event>,
     ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {

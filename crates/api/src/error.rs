@@ -92,6 +92,12 @@ impl ApiError {
             .code("context_length_exceeded")
     }
 
+    /// The same error with another message.
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
     /// 404: a model this node does not serve.
     pub fn model_not_found(model: &str) -> Self {
         Self::new(

@@ -20,6 +20,7 @@ mod error;
 mod metrics;
 mod runner;
 mod state;
+mod swarm;
 mod types;
 
 use axum::extract::{MatchedPath, Path, Request, State};
@@ -42,6 +43,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/swarm/status", get(swarm::status))
+        .route("/v1/swarm/query", post(swarm::query))
         .route("/v1/models/{*id}", get(get_model))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
@@ -68,25 +71,41 @@ async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
+/// The node's own model, then, on a swarm head, `swarm` and `swarm:STRATEGY` for each
+/// strategy.
+fn model_ids(state: &AppState) -> Vec<String> {
+    let mut ids = vec![state.model_id().to_owned()];
+    if state.swarm().is_some() {
+        ids.push("swarm".to_owned());
+        ids.extend(
+            shoal_swarm::routing::Strategy::ALL
+                .iter()
+                .map(|s| format!("swarm:{s}")),
+        );
+    }
+    ids
+}
+
 async fn list_models(State(state): State<AppState>) -> Response {
+    let ids = model_ids(&state);
     axum::Json(ModelList {
         object: "list",
-        data: vec![model_object(&state)],
+        data: ids.iter().map(|id| model_object(&state, id)).collect(),
     })
     .into_response()
 }
 
 async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    if id == state.model_id() {
-        axum::Json(model_object(&state)).into_response()
+    if model_ids(&state).contains(&id) {
+        axum::Json(model_object(&state, &id)).into_response()
     } else {
         ApiError::model_not_found(&id).into_response()
     }
 }
 
-fn model_object(state: &AppState) -> ModelObject<'_> {
+fn model_object<'a>(state: &AppState, id: &'a str) -> ModelObject<'a> {
     ModelObject {
-        id: state.model_id(),
+        id,
         object: "model",
         created: state.started(),
         owned_by: "shoal",

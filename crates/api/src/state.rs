@@ -8,6 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
 
+use shoal_swarm::Swarm;
+
 use crate::backend::Backend;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -39,6 +41,8 @@ struct Inner {
     ring_sessions: Arc<Semaphore>,
     metrics: Metrics,
     registry: Registry,
+    /// Swarm mode, when this node heads one.
+    swarm: std::sync::OnceLock<Arc<Swarm>>,
     /// Unix time of start-up, reported as the model's `created`.
     started: u64,
     next_id: AtomicU64,
@@ -58,6 +62,7 @@ impl AppState {
                 ring_sessions: Arc::new(Semaphore::new(RING_SESSIONS)),
                 metrics,
                 registry,
+                swarm: std::sync::OnceLock::new(),
                 started: unix_now(),
                 next_id: AtomicU64::new(0),
             }),
@@ -67,6 +72,16 @@ impl AppState {
     /// The model has loaded: requests are served from now on.
     pub fn set_ready(&self, backend: impl Into<Backend>) {
         *self.write_load() = Load::Ready(backend.into());
+    }
+
+    /// This node heads a swarm: `"model": "swarm"` and the `/v1/swarm/*` routes use it.
+    /// Set once; later calls are ignored.
+    pub fn set_swarm(&self, swarm: Arc<Swarm>) {
+        let _ = self.inner.swarm.set(swarm);
+    }
+
+    pub(crate) fn swarm(&self) -> Option<Arc<Swarm>> {
+        self.inner.swarm.get().cloned()
     }
 
     /// The model could not load: `/health` and every request say why, with a 503.

@@ -74,6 +74,16 @@ pub(crate) struct MessageIn {
     pub(crate) content: Option<Content>,
 }
 
+impl MessageIn {
+    /// A user message with `text`.
+    pub(crate) fn user(text: String) -> Self {
+        MessageIn {
+            role: "user".to_owned(),
+            content: Some(Content::Text(text)),
+        }
+    }
+}
+
 /// A message's content: a string, or an array of typed parts of which we read the text.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -117,6 +127,9 @@ pub(crate) struct CompletionObject<'a, C> {
     pub(crate) choices: Vec<C>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) usage: Option<Usage>,
+    /// Swarm answers only: the query type, strategy and who answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) swarm: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]

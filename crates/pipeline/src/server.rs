@@ -204,16 +204,18 @@ impl StageServer {
             .clone()
     }
 
+    /// The handshake answer of a node that serves stages.
+    pub fn hello_ack(&self, capabilities: Capabilities) -> HelloAck {
+        HelloAck {
+            node_id: self.inner.config.node_id.clone(),
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            capabilities,
+        }
+    }
+
     async fn handle(self, mut conn: Connection, peer: SocketAddr) -> Result<(), WireError> {
-        let node_id = self.inner.config.node_id.clone();
-        let accept = |_: &shoal_wire::Hello| {
-            Ok(HelloAck {
-                node_id,
-                software_version: env!("CARGO_PKG_VERSION").to_owned(),
-                capabilities: Capabilities::STAGE,
-            })
-        };
-        if let Err(e) = server_handshake(&mut conn, accept).await {
+        let ack = self.hello_ack(Capabilities::STAGE);
+        if let Err(e) = server_handshake(&mut conn, |_| Ok(ack)).await {
             return Err(conn.fail(e).await);
         }
         loop {
@@ -222,48 +224,61 @@ impl StageServer {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(conn.fail(e).await),
             };
-            match msg {
-                Message::LoadStage(load) => {
-                    let reply = match self.load(load).await {
-                        Ok(ready) => Message::StageReady(ready),
-                        Err(e) => {
-                            tracing::warn!(%peer, error = %e, "LoadStage failed");
-                            Message::Error(ErrorMessage::new(error_code(&e), None, e.to_string()))
-                        }
-                    };
-                    conn.write_frame(&reply).await?;
-                }
-                Message::Forward(f) => self.forward(f).await,
-                Message::EndSession(e) => {
-                    lock(&self.inner.sessions).remove(&e.session_id);
-                    lock(&self.inner.ended).insert(e.session_id, Instant::now());
-                }
-                Message::Truncate(t) => {
-                    let state = lock(&self.inner.sessions)
-                        .get(&t.session_id)
-                        .map(|s| s.state.clone());
-                    if let Some(state) = state {
-                        lock(&state).cache.truncate(t.len as usize);
-                    }
-                }
-                Message::Ping(p) => {
-                    conn.write_frame(&Message::Pong(Pong { nonce: p.nonce }))
-                        .await?
-                }
-                Message::Pong(_) => {}
-                Message::Error(e) => {
-                    tracing::warn!(%peer, error = %e.message, "peer reported an error")
-                }
-                other => {
-                    let e = WireError::UnexpectedMessage {
-                        expected: "a stage request",
-                        got: other.name(),
-                    };
-                    conn.close_with_error(&e).await;
-                    return Err(e);
-                }
+            if let Err(e) = self.handle_message(msg, &mut conn, peer).await {
+                return Err(conn.fail(e).await);
             }
         }
+    }
+
+    /// Serves one stage request that arrived on `conn` (after the handshake). A message that
+    /// is not a stage request returns [`WireError::UnexpectedMessage`]: the caller closes the
+    /// connection, or hands the message to another service of the same peer port.
+    pub async fn handle_message(
+        &self,
+        msg: Message,
+        conn: &mut Connection,
+        peer: SocketAddr,
+    ) -> Result<(), WireError> {
+        match msg {
+            Message::LoadStage(load) => {
+                let reply = match self.load(load).await {
+                    Ok(ready) => Message::StageReady(ready),
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "LoadStage failed");
+                        Message::Error(ErrorMessage::new(error_code(&e), None, e.to_string()))
+                    }
+                };
+                conn.write_frame(&reply).await?;
+            }
+            Message::Forward(f) => self.forward(f).await,
+            Message::EndSession(e) => {
+                lock(&self.inner.sessions).remove(&e.session_id);
+                lock(&self.inner.ended).insert(e.session_id, Instant::now());
+            }
+            Message::Truncate(t) => {
+                let state = lock(&self.inner.sessions)
+                    .get(&t.session_id)
+                    .map(|s| s.state.clone());
+                if let Some(state) = state {
+                    lock(&state).cache.truncate(t.len as usize);
+                }
+            }
+            Message::Ping(p) => {
+                conn.write_frame(&Message::Pong(Pong { nonce: p.nonce }))
+                    .await?
+            }
+            Message::Pong(_) => {}
+            Message::Error(e) => {
+                tracing::warn!(%peer, error = %e.message, "peer reported an error")
+            }
+            other => {
+                return Err(WireError::UnexpectedMessage {
+                    expected: "a stage request",
+                    got: other.name(),
+                })
+            }
+        }
+        Ok(())
     }
 
     async fn load(&self, plan: LoadStage) -> Result<StageReady> {

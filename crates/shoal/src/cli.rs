@@ -5,10 +5,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use shoal_engine::{ChatMessage, GenerateParams, Generation, SamplingParams};
+use shoal_swarm::roles::{Role, RolePrompts};
+use shoal_swarm::routing::Strategy;
+use shoal_swarm::{Swarm, SwarmConfig};
 
 use crate::load::{load_model, resolve_model};
 
@@ -43,6 +47,8 @@ pub(crate) enum Command {
     Models(crate::models::ModelsArgs),
     /// Where a model's layers would go across devices, with predicted speed, and why.
     Plan(crate::plan::PlanArgs),
+    /// Measure answer quality against a running API (`eval humaneval`: pass@1).
+    Eval(crate::eval::EvalArgs),
 }
 
 #[derive(Args)]
@@ -158,7 +164,8 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     pub(crate) peer_port: Option<u16>,
     /// Another node's peer port, as HOST:PORT (repeatable, in ring order). With --split this
-    /// node heads a pipeline over itself and these peers and answers the API through it.
+    /// node heads a pipeline over itself and these peers and answers the API through it;
+    /// without, it heads a swarm of these agents (`"model": "swarm"`).
     #[arg(long = "peer", value_name = "HOST:PORT")]
     pub(crate) peers: Vec<String>,
     /// Layers per stage, e.g. `0-9,10-19,20-29`: this node runs the first range, each --peer
@@ -169,6 +176,25 @@ pub(crate) struct ServeArgs {
     /// single process).
     #[arg(long, value_enum, default_value_t = crate::ring::ActivationsArg::F32)]
     pub(crate) activations: crate::ring::ActivationsArg,
+    /// Swarm role of this node as an agent: reasoner, writer, concise, critic, factchecker,
+    /// drafter, spotter or aggregator (none: a plain worker).
+    #[arg(long)]
+    pub(crate) role: Option<String>,
+    /// This node's id on the peer protocol (default: host name and peer port).
+    #[arg(long)]
+    pub(crate) node_id: Option<String>,
+    /// Swarm head: the strategy of `"model": "swarm"` (moa, vote, confidence, fastest, speed).
+    #[arg(long, default_value = "moa")]
+    pub(crate) swarm_strategy: String,
+    /// Swarm head: seconds allowed for answers to simple factual queries.
+    #[arg(long, default_value_t = 6.0)]
+    pub(crate) swarm_timeout_simple: f64,
+    /// Swarm head: seconds allowed for answers to every other query type.
+    #[arg(long, default_value_t = 12.0)]
+    pub(crate) swarm_timeout_complex: f64,
+    /// Swarm head: answers sampled in all for `vote`.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) swarm_samples: usize,
 }
 
 pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -179,6 +205,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(a) => crate::bench::bench(a),
         Command::Plan(a) => crate::plan::run(a),
         Command::Models(a) => crate::models::models(a),
+        Command::Eval(a) => crate::eval::run(a),
     }
 }
 
@@ -305,6 +332,16 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
+    let role = a
+        .role
+        .as_deref()
+        .map(str::parse::<Role>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--role: {e}"))?;
+    let strategy = a
+        .swarm_strategy
+        .parse::<Strategy>()
+        .map_err(|e| anyhow::anyhow!("--swarm-strategy: {e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -318,6 +355,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         let state = shoal_api::AppState::new(model_id, a.api_key.clone());
         // Tests and scripts read this exact line to learn the port.
         eprintln!("listening on http://{local}");
+        let mut node_id = a
+            .node_id
+            .clone()
+            .unwrap_or_else(|| crate::node::default_node_id(None));
+        let agent: crate::node::AgentSlot = Default::default();
         if let Some(peer_port) = a.peer_port {
             let peer_addr = bind_addr(&a.host, peer_port)?;
             let peer_listener = tokio::net::TcpListener::bind(peer_addr)
@@ -326,38 +368,62 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             let peer_local = peer_listener.local_addr()?;
             // Tests and scripts read this exact line to learn the peer port.
             eprintln!("peer port listening on {peer_local}");
-            let stage_model = path.clone();
+            if a.node_id.is_none() {
+                node_id = crate::node::default_node_id(Some(peer_local.port()));
+            }
+            let (model_path, node_id, agent) = (path.clone(), node_id.clone(), agent.clone());
             tokio::spawn(async move {
-                crate::ring::serve_stages(peer_listener, &stage_model).await;
+                crate::node::serve_peer_port(peer_listener, &model_path, node_id, agent).await;
             });
         }
-        let loader_state = state.clone();
         if let Some(split) = a.split.clone() {
-            // Pipeline head: load only the first stage and set up the peers' stages.
-            tokio::spawn(async move {
-                let ring = async {
-                    let n_layers = shoal_engine::GgufFile::open(&path)?.config().n_layers;
-                    let ranges = crate::ring::check_split(&split, a.peers.len(), n_layers)?;
-                    crate::ring::connect_ring(&path, &a.peers, &ranges, a.activations).await
-                };
-                match ring.await {
-                    Ok(pipeline) => {
-                        eprintln!("pipeline ready: {split} over this node and {:?}", a.peers);
-                        loader_state.set_ready(Arc::new(pipeline));
-                    }
+            start_pipeline_head(state.clone(), path, split, a.peers.clone(), a.activations);
+        } else {
+            let swarm = if a.peers.is_empty() {
+                None
+            } else {
+                let agents = a
+                    .peers
+                    .iter()
+                    .map(|p| crate::ring::resolve_addr(p))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let mut config = SwarmConfig::new(node_id.clone(), agents);
+                config.strategy = strategy;
+                config.timeouts.simple = Duration::from_secs_f64(a.swarm_timeout_simple);
+                config.timeouts.complex = Duration::from_secs_f64(a.swarm_timeout_complex);
+                config.vote_samples = a.swarm_samples;
+                Some(config)
+            };
+            let loader_state = state.clone();
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                let model = match load_model(&path, true) {
+                    Ok(model) => Arc::new(model),
                     Err(e) => {
                         tracing::error!("{e:#}");
                         loader_state.set_failed(format!("{e:#}"));
+                        return;
+                    }
+                };
+                // Every node with a peer port is a swarm agent (a plain worker without a
+                // role), and a swarm head answers with its own model as a last resort.
+                if a.peer_port.is_some() || swarm.is_some() {
+                    let service = crate::node::make_agent(
+                        model.clone(),
+                        &node_id,
+                        &path,
+                        role,
+                        &RolePrompts::new(),
+                    );
+                    let _ = agent.set(service.clone());
+                    if let Some(config) = swarm {
+                        let _guard = handle.enter();
+                        let swarm = Arc::new(Swarm::new(config, Some(service)));
+                        swarm.spawn_monitor(Duration::from_secs(5));
+                        loader_state.set_swarm(swarm);
                     }
                 }
-            });
-        } else {
-            tokio::task::spawn_blocking(move || match load_model(&path, true) {
-                Ok(model) => loader_state.set_ready(Arc::new(model)),
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    loader_state.set_failed(format!("{e:#}"));
-                }
+                loader_state.set_ready(model);
             });
         }
         axum::serve(listener, shoal_api::app(state))
@@ -367,4 +433,32 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             .await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Pipeline head: loads only the first stage, sets up the peers' stages, then answers
+/// through the ring.
+fn start_pipeline_head(
+    state: shoal_api::AppState,
+    path: std::path::PathBuf,
+    split: String,
+    peers: Vec<String>,
+    activations: crate::ring::ActivationsArg,
+) {
+    tokio::spawn(async move {
+        let ring = async {
+            let n_layers = shoal_engine::GgufFile::open(&path)?.config().n_layers;
+            let ranges = crate::ring::check_split(&split, peers.len(), n_layers)?;
+            crate::ring::connect_ring(&path, &peers, &ranges, activations).await
+        };
+        match ring.await {
+            Ok(pipeline) => {
+                eprintln!("pipeline ready: {split} over this node and {peers:?}");
+                state.set_ready(Arc::new(pipeline));
+            }
+            Err(e) => {
+                tracing::error!("{e:#}");
+                state.set_failed(format!("{e:#}"));
+            }
+        }
+    });
 }

@@ -3,8 +3,10 @@
 
 mod bench;
 mod cli;
+mod eval;
 mod load;
 mod models;
+mod node;
 mod plan;
 mod ring;
 

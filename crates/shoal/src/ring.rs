@@ -1,5 +1,6 @@
-//! Pipeline mode (preview) from the command line: `shoal run --peer … --split …` drives a
-//! ring of stages as its head, and `shoal serve --peer-port …` serves stage work to heads.
+//! Pipeline mode from the command line: `shoal run --peer … --split …` and `shoal serve
+//! --peer … --split …` drive a ring of stages as its head (stage nodes serve on their peer
+//! port, see `node`).
 
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -10,9 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use shoal_engine::{GenerateParams, TextStream, Tokenizer};
-use shoal_pipeline::{
-    PeerStage, Pipeline, PipelineConfig, PipelineError, StageServer, StageServerConfig,
-};
+use shoal_pipeline::{PeerStage, Pipeline, PipelineConfig, PipelineError};
 use shoal_wire::{DType, WireError};
 
 /// How hidden states travel between stages.
@@ -38,7 +37,7 @@ impl ActivationsArg {
 }
 
 /// Resolves `HOST:PORT`.
-fn resolve_addr(text: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) fn resolve_addr(text: &str) -> anyhow::Result<SocketAddr> {
     text.to_socket_addrs()
         .with_context(|| format!("cannot resolve peer `{text}` (expected HOST:PORT)"))?
         .next()
@@ -239,22 +238,6 @@ pub(crate) fn run_ring(
         tracing::debug!(tokens = generated.len(), "ring generation done");
         Ok(())
     })
-}
-
-/// Serves stage work for peers on `listener` until Ctrl-C. Models are looked up in the
-/// directory of `model_path` (heads send the file name as the model id).
-pub(crate) async fn serve_stages(listener: tokio::net::TcpListener, model_path: &Path) {
-    let dir = model_path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| std::path::PathBuf::from("."));
-    let server = StageServer::new(StageServerConfig::new(dir));
-    server
-        .serve(listener, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await;
 }
 
 #[cfg(test)]

@@ -10,9 +10,13 @@
 //! - [`weight`]: an agent's weight from its speed and the device's thermal state.
 //! - [`agent`]: the agent side of the peer protocol (answers `Describe` and `Ask` with its
 //!   local model) and the client the head uses to reach agents.
+//! - [`head`]: [`Swarm`], the head: agents' status, classification, fan-out, strategies.
+
+pub use head::{Swarm, SwarmConfig, SwarmError, SwarmOutcome, SwarmRequest, SwarmStatus};
 
 pub mod agent;
 pub mod classify;
+pub mod head;
 pub mod roles;
 pub mod routing;
 pub mod vote;

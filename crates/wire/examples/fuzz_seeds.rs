@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use shoal_wire::{
-    Activations, Capabilities, DType, EndSession, ErrorCode, ErrorMessage, Forward, Hello,
-    HelloAck, LoadStage, LogitRows, Logits, Message, Payload, Ping, Pong, SamplingSpec, StageReady,
-    Token, Truncate, Want,
+    Activations, AgentCard, Answer, Ask, Capabilities, ChatTurn, DType, Describe, EndSession,
+    ErrorCode, ErrorMessage, Finish, Forward, Hello, HelloAck, LoadStage, LogitRows, Logits,
+    Message, Payload, Ping, Pong, SamplingSpec, StageReady, Token, Truncate, Want,
 };
 
 fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
@@ -103,6 +103,61 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
         Message::Truncate(Truncate {
             session_id: 9,
             len: 4,
+        }),
+        Message::Describe(Describe),
+        Message::AgentCard(AgentCard {
+            node_id: "agent-1".into(),
+            role: "critic".into(),
+            model_id: "smollm2-135m-instruct-q4_1.gguf".into(),
+            model_name: "SmolLM2 135M Instruct".into(),
+            context_length: 8192,
+            tokens_per_s: 55.5,
+            thermal_penalty: 0.9,
+            busy: 1,
+        }),
+        Message::Ask(Ask {
+            request_id: 11,
+            system: Some("You are a careful critic.".into()),
+            messages: vec![
+                ChatTurn {
+                    role: "user".into(),
+                    content: "What is 2+2?".into(),
+                },
+                ChatTurn {
+                    role: "assistant".into(),
+                    content: "5".into(),
+                },
+                ChatTurn {
+                    role: "user".into(),
+                    content: "Check that.".into(),
+                },
+            ],
+            max_tokens: 64,
+            temperature: 0.7,
+            top_p: 0.9,
+            seed: 5,
+            stop: vec!["\n\n".into(), "</s>".into()],
+        }),
+        Message::Ask(Ask {
+            request_id: 12,
+            system: None,
+            messages: vec![ChatTurn {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            max_tokens: 1,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+        }),
+        Message::Answer(Answer {
+            request_id: 11,
+            text: "2+2 is 4, not 5.".into(),
+            finish: Finish::Stop,
+            prompt_tokens: 40,
+            completion_tokens: 9,
+            elapsed_ms: 250,
         }),
     ])
 }

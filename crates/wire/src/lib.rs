@@ -2,8 +2,11 @@
 //!
 //! Nodes of a ring talk through this crate: the head sends `LoadStage` to set up stages, then
 //! `Forward`s of tokens or hidden states flow stage to stage, and the last stage sends a
-//! `Token` (or `Logits`) back to the head (design §3, issue #4). The crate knows nothing of the
-//! engine: activations are `f32` matrices in memory and f16 / bf16 / f32 bytes on the wire.
+//! `Token` (or `Logits`) back to the head (design §3, issue #4). In swarm mode the head asks
+//! whole-model agents who they are (`Describe` → `AgentCard`) and puts questions to them as
+//! text (`Ask` → `Answer`), failures coming back as `Error` (design §4, issue #5). The crate
+//! knows nothing of the engine: activations are `f32` matrices in memory and f16 / bf16 / f32
+//! bytes on the wire.
 //!
 //! # Frames
 //!
@@ -42,11 +45,16 @@
 //! | `0x0022` | [`Logits`] | last stage → head | logits for the last or every row (speculative verify) |
 //! | `0x0023` | [`EndSession`] | head → stages | drop a session's KV cache |
 //! | `0x0024` | [`Truncate`] | head → stages | roll a session's KV cache back to a length |
+//! | `0x0030` | [`Describe`] | head → agent | who are you (empty payload) |
+//! | `0x0031` | [`AgentCard`] | agent → head | node id, role, model, context length, measured tokens/s, thermal penalty, requests busy |
+//! | `0x0032` | [`Ask`] | head → agent | a conversation to answer: system prompt override, turns, sampling, stop strings |
+//! | `0x0033` | [`Answer`] | agent → head | the generated text, finish reason, token counts, time taken |
 //!
 //! Shared field encodings: `bool` and option tags are one byte, 0 or 1; strings are a `u32`
 //! byte length then UTF-8; vectors of `u32` are a `u32` count then the elements; a socket
 //! address is a family byte (4 or 6), 4 or 16 octets and a `u16` port; activations are
 //! `u32` rows, `u32` cols, a [`DType`] byte (0 f16, 1 bf16, 2 f32) and `rows × cols` elements.
+//! Lists of strings (an `Ask`'s turns and stop strings) are a `u32` count then the elements.
 //! Every message has exactly one encoding, so decode-then-encode gives back the same bytes.
 //!
 //! # Connections
@@ -76,9 +84,10 @@ pub use frame::{
 };
 pub use handshake::{client_handshake, server_handshake};
 pub use message::{
-    Capabilities, EndSession, ErrorCode, ErrorMessage, Forward, Hello, HelloAck, LoadStage,
-    LogitRows, Logits, Message, MessageType, Payload, Ping, Pong, SamplingSpec, StageReady, Token,
-    Truncate, Want, MAX_ERROR_MESSAGE, MAX_MODEL_ID, MAX_NODE_ID, MAX_PENALTY_TOKENS,
-    MAX_SOFTWARE_VERSION, MAX_TOKENS,
+    AgentCard, Answer, Ask, Capabilities, ChatTurn, Describe, EndSession, ErrorCode, ErrorMessage,
+    Finish, Forward, Hello, HelloAck, LoadStage, LogitRows, Logits, Message, MessageType, Payload,
+    Ping, Pong, SamplingSpec, StageReady, Token, Truncate, Want, MAX_CHAT_ROLE, MAX_CHAT_TEXT,
+    MAX_CHAT_TURNS, MAX_ERROR_MESSAGE, MAX_MODEL_ID, MAX_MODEL_NAME, MAX_NODE_ID,
+    MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION, MAX_STOP, MAX_STOP_LEN, MAX_TOKENS,
 };
 pub use server::{serve_connections, ServeConfig};

@@ -4,10 +4,11 @@
 
 use bytes::Bytes;
 use shoal_wire::{
-    check_frame, decode_activations, decode_frame, encode_activations, Activations, Capabilities,
-    Connection, DType, EndSession, ErrorCode, ErrorMessage, Forward, Hello, HelloAck, Limits,
-    LoadStage, LogitRows, Logits, Message, MessageType, Payload, Ping, Pong, SamplingSpec,
-    StageReady, Token, Truncate, Want, HEADER_LEN,
+    check_frame, decode_activations, decode_frame, encode_activations, Activations, AgentCard,
+    Answer, Ask, Capabilities, ChatTurn, Connection, DType, Describe, EndSession, ErrorCode,
+    ErrorMessage, Finish, Forward, Hello, HelloAck, Limits, LoadStage, LogitRows, Logits, Message,
+    MessageType, Payload, Ping, Pong, SamplingSpec, StageReady, Token, Truncate, Want, WireError,
+    HEADER_LEN, MAX_CHAT_TURNS, MAX_STOP,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use tokio::io::AsyncWriteExt;
@@ -178,6 +179,49 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
         MessageType::Truncate => Message::Truncate(Truncate {
             session_id: rng.next(),
             len: rng.u32(),
+        }),
+        MessageType::Describe => Message::Describe(Describe),
+        MessageType::AgentCard => Message::AgentCard(AgentCard {
+            node_id: rng.node_id(),
+            role: rng.string(12),
+            model_id: rng.string(40),
+            model_name: rng.string(40),
+            context_length: rng.u32(),
+            tokens_per_s: rng.unit() * 200.0,
+            thermal_penalty: rng.unit(),
+            busy: rng.below(10) as u32,
+        }),
+        MessageType::Ask => {
+            let turns = rng.below(6) as usize + 1;
+            let stops = rng.below(MAX_STOP as u64 + 1) as usize;
+            Message::Ask(Ask {
+                request_id: rng.next(),
+                system: rng.bool().then(|| rng.string(80)),
+                messages: (0..turns)
+                    .map(|_| ChatTurn {
+                        role: ["system", "user", "assistant", ""][rng.below(4) as usize].into(),
+                        content: rng.string(200),
+                    })
+                    .collect(),
+                max_tokens: rng.u32(),
+                temperature: rng.unit() * 2.0,
+                // (0, 1]: never exactly 0.
+                top_p: 1.0 - rng.unit() * 0.99,
+                seed: rng.next(),
+                stop: (0..stops).map(|_| rng.string(8)).collect(),
+            })
+        }
+        MessageType::Answer => Message::Answer(Answer {
+            request_id: rng.next(),
+            text: rng.string(300),
+            finish: if rng.bool() {
+                Finish::Stop
+            } else {
+                Finish::Length
+            },
+            prompt_tokens: rng.u32(),
+            completion_tokens: rng.u32(),
+            elapsed_ms: rng.u32(),
         }),
     }
 }
@@ -354,4 +398,300 @@ fn hidden_payload_shares_the_frame_bytes() {
     assert_eq!(a.data().len(), 8);
     let b = Activations::from_encoded(2, 2, DType::BF16, Bytes::copy_from_slice(a.data())).unwrap();
     assert_eq!(b.to_f32(), [1.0, 2.0, 3.0, 4.0]);
+}
+
+fn decode(frame: &[u8]) -> Result<Message, WireError> {
+    decode_frame(frame, &Limits::default()).map(|m| m.expect("a whole frame").0)
+}
+
+/// Writes a new payload length into a frame's header after its payload was edited.
+fn fix_len(frame: &mut [u8]) {
+    let len = (frame.len() - HEADER_LEN) as u32;
+    frame[8..12].copy_from_slice(&len.to_le_bytes());
+}
+
+fn card() -> AgentCard {
+    AgentCard {
+        node_id: "a1".into(),
+        role: "critic".into(),
+        model_id: "m.gguf".into(),
+        model_name: "M".into(),
+        context_length: 8192,
+        tokens_per_s: 40.0,
+        thermal_penalty: 1.0,
+        busy: 2,
+    }
+}
+
+fn ask() -> Ask {
+    Ask {
+        request_id: 7,
+        system: Some("Be brief.".into()),
+        messages: vec![ChatTurn {
+            role: "user".into(),
+            content: "2+2?".into(),
+        }],
+        max_tokens: 16,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 3,
+        stop: vec!["\n".into()],
+    }
+}
+
+#[test]
+fn agent_message_frame_bytes() {
+    let frame = Message::Describe(Describe).to_frame().unwrap();
+    assert_eq!(frame, [b'S', b'H', b'O', b'L', 1, 0, 0x30, 0, 0, 0, 0, 0]);
+
+    let frame = Message::AgentCard(card()).to_frame().unwrap();
+    #[rustfmt::skip]
+    let expected = [
+        b'S', b'H', b'O', b'L', 1, 0, 0x31, 0, 47, 0, 0, 0,
+        2, 0, 0, 0, b'a', b'1',                         // node_id
+        6, 0, 0, 0, b'c', b'r', b'i', b't', b'i', b'c', // role
+        6, 0, 0, 0, b'm', b'.', b'g', b'g', b'u', b'f', // model_id
+        1, 0, 0, 0, b'M',                               // model_name
+        0x00, 0x20, 0, 0,                               // context_length 8192
+        0, 0, 0x20, 0x42,                               // tokens_per_s 40.0
+        0, 0, 0x80, 0x3F,                               // thermal_penalty 1.0
+        2, 0, 0, 0,                                     // busy
+    ];
+    assert_eq!(frame, expected);
+    assert_eq!(decode(&frame).unwrap(), Message::AgentCard(card()));
+
+    let frame = Message::Ask(ask()).to_frame().unwrap();
+    #[rustfmt::skip]
+    let expected = [
+        b'S', b'H', b'O', b'L', 1, 0, 0x32, 0, 71, 0, 0, 0,
+        7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
+        1, 9, 0, 0, 0, b'B', b'e', b' ', b'b', b'r', b'i', b'e', b'f', b'.', // Some(system)
+        1, 0, 0, 0,                                     // one turn
+        4, 0, 0, 0, b'u', b's', b'e', b'r',
+        4, 0, 0, 0, b'2', b'+', b'2', b'?',
+        16, 0, 0, 0,                                    // max_tokens
+        0, 0, 0, 0,                                     // temperature 0
+        0, 0, 0x80, 0x3F,                               // top_p 1.0
+        3, 0, 0, 0, 0, 0, 0, 0,                         // seed
+        1, 0, 0, 0, 1, 0, 0, 0, b'\n',                  // stop ["\n"]
+    ];
+    assert_eq!(frame, expected);
+    assert_eq!(decode(&frame).unwrap(), Message::Ask(ask()));
+
+    // `None` and `Some("")` are different requests and different bytes.
+    let none = Message::Ask(Ask {
+        system: None,
+        ..ask()
+    })
+    .to_frame()
+    .unwrap();
+    let empty = Message::Ask(Ask {
+        system: Some(String::new()),
+        ..ask()
+    })
+    .to_frame()
+    .unwrap();
+    assert_eq!(&none[HEADER_LEN + 8..HEADER_LEN + 9], [0]);
+    assert_eq!(&empty[HEADER_LEN + 8..HEADER_LEN + 13], [1, 0, 0, 0, 0]);
+
+    let answer = Answer {
+        request_id: 7,
+        text: "4".into(),
+        finish: Finish::Length,
+        prompt_tokens: 20,
+        completion_tokens: 1,
+        elapsed_ms: 300,
+    };
+    let frame = Message::Answer(answer.clone()).to_frame().unwrap();
+    #[rustfmt::skip]
+    let expected = [
+        b'S', b'H', b'O', b'L', 1, 0, 0x33, 0, 26, 0, 0, 0,
+        7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
+        1, 0, 0, 0, b'4',                               // text
+        1,                                              // finish: length
+        20, 0, 0, 0,                                    // prompt_tokens
+        1, 0, 0, 0,                                     // completion_tokens
+        0x2C, 0x01, 0, 0,                               // elapsed_ms 300
+    ];
+    assert_eq!(frame, expected);
+    assert_eq!(decode(&frame).unwrap(), Message::Answer(answer));
+}
+
+#[test]
+fn agent_messages_with_bad_values_are_refused_both_ways() {
+    // Refused when writing...
+    for bad in [
+        AgentCard {
+            tokens_per_s: f32::NAN,
+            ..card()
+        },
+        AgentCard {
+            tokens_per_s: -1.0,
+            ..card()
+        },
+        AgentCard {
+            thermal_penalty: 1.5,
+            ..card()
+        },
+        AgentCard {
+            thermal_penalty: f32::INFINITY,
+            ..card()
+        },
+        AgentCard {
+            node_id: String::new(),
+            ..card()
+        },
+    ] {
+        assert!(
+            Message::AgentCard(bad.clone()).to_frame().is_err(),
+            "{bad:?}"
+        );
+    }
+    for bad in [
+        Ask {
+            temperature: f32::NAN,
+            ..ask()
+        },
+        Ask {
+            temperature: -0.5,
+            ..ask()
+        },
+        Ask {
+            top_p: 0.0,
+            ..ask()
+        },
+        Ask {
+            top_p: 1.01,
+            ..ask()
+        },
+        Ask {
+            messages: vec![],
+            ..ask()
+        },
+        Ask {
+            stop: vec!["x".into(); MAX_STOP + 1],
+            ..ask()
+        },
+        Ask {
+            messages: vec![ask().messages[0].clone(); MAX_CHAT_TURNS + 1],
+            ..ask()
+        },
+    ] {
+        assert!(Message::Ask(bad.clone()).to_frame().is_err(), "{bad:?}");
+    }
+
+    // ...and on receipt, when written by hand.
+    let mut frame = Message::AgentCard(card()).to_frame().unwrap();
+    let tps_at = frame.len() - 12;
+    frame[tps_at..tps_at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    let err = decode(&frame).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("tokens_per_s is inf, expected a finite number"),
+        "{err}"
+    );
+
+    let mut frame = Message::Ask(ask()).to_frame().unwrap();
+    let temp_at = frame.len() - 9 - 8 - 4 - 4;
+    frame[temp_at..temp_at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let err = decode(&frame).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("temperature is NaN, expected a finite number"),
+        "{err}"
+    );
+}
+
+#[test]
+fn answer_finish_must_be_stop_or_length() {
+    let answer = Answer {
+        request_id: 1,
+        text: "hi".into(),
+        finish: Finish::Stop,
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        elapsed_ms: 1,
+    };
+    let mut frame = Message::Answer(answer).to_frame().unwrap();
+    let finish_at = HEADER_LEN + 8 + 4 + 2;
+    assert_eq!(frame[finish_at], 0);
+    frame[finish_at] = 2;
+    let err = decode(&frame).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "malformed Answer: finish is 2, expected 0 (stop) or 1 (length)"
+    );
+}
+
+#[test]
+fn oversized_ask_counts_are_refused_on_the_count_alone() {
+    let frame = Message::Ask(ask()).to_frame().unwrap();
+    // The turn count, claiming far more turns than the bound: refused before any turn is read.
+    let turns_at = HEADER_LEN + 8 + 1 + 4 + 9;
+    let mut bad = frame.clone();
+    bad[turns_at..turns_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(
+        matches!(
+            decode(&bad).unwrap_err(),
+            WireError::TooLong {
+                what: "messages",
+                len: 0xFFFF_FFFF,
+                ..
+            }
+        ),
+        "turn count"
+    );
+    // A count within the bound but beyond the bytes present: truncated, not a panic.
+    bad[turns_at..turns_at + 4].copy_from_slice(&(MAX_CHAT_TURNS as u32).to_le_bytes());
+    assert!(matches!(
+        decode(&bad).unwrap_err(),
+        WireError::Truncated { .. } | WireError::Invalid { .. } | WireError::TooLong { .. }
+    ));
+    // The stop count.
+    let stop_at = frame.len() - 9;
+    let mut bad = frame.clone();
+    bad[stop_at..stop_at + 4].copy_from_slice(&9u32.to_le_bytes());
+    assert!(matches!(
+        decode(&bad).unwrap_err(),
+        WireError::TooLong {
+            what: "stop",
+            len: 9,
+            ..
+        }
+    ));
+    // A content length that lies.
+    let content_len_at = turns_at + 4 + 8;
+    let mut bad = frame.clone();
+    bad[content_len_at..content_len_at + 4].copy_from_slice(&1_000u32.to_le_bytes());
+    assert!(matches!(
+        decode(&bad).unwrap_err(),
+        WireError::Truncated { .. }
+    ));
+}
+
+#[test]
+fn agent_messages_refuse_leftover_bytes() {
+    for msg in [
+        Message::Describe(Describe),
+        Message::AgentCard(card()),
+        Message::Ask(ask()),
+        Message::Answer(Answer {
+            request_id: 1,
+            text: String::new(),
+            finish: Finish::Stop,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            elapsed_ms: 0,
+        }),
+    ] {
+        let mut frame = msg.to_frame().unwrap();
+        frame.push(0);
+        fix_len(&mut frame);
+        let err = decode(&frame).unwrap_err();
+        assert!(
+            matches!(err, WireError::TrailingBytes { extra: 1, .. }),
+            "{}: {err}",
+            msg.name()
+        );
+    }
 }

@@ -130,6 +130,21 @@ impl Server {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, …) to the process: a stopped process keeps its
+    /// sockets open but answers nothing, like a hung device.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     /// Kills the process at once (SIGKILL), as a crashed device would go.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

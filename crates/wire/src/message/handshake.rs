@@ -39,6 +39,8 @@ impl Capabilities {
     pub const ACT_F32: Capabilities = Capabilities(1 << 3);
     /// Returns `Logits` for every row (speculative verify).
     pub const LOGITS_ALL: Capabilities = Capabilities(1 << 4);
+    /// Is a swarm agent: answers `Describe` and `Ask` with a whole model (issue #5).
+    pub const AGENT: Capabilities = Capabilities(1 << 5);
 
     /// True when every bit of `other` is set here.
     pub fn contains(self, other: Capabilities) -> bool {

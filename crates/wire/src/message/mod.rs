@@ -6,6 +6,7 @@
 //! every length is bounded. [`Message::validate`] applies the same rules to a message about to
 //! be sent, so a node never writes a frame its peer would refuse.
 
+mod agent;
 mod control;
 mod handshake;
 mod session;
@@ -13,6 +14,10 @@ mod stage;
 
 use bytes::Bytes;
 
+pub use agent::{
+    AgentCard, Answer, Ask, ChatTurn, Describe, Finish, MAX_CHAT_ROLE, MAX_CHAT_TEXT,
+    MAX_CHAT_TURNS, MAX_MODEL_NAME, MAX_ROLE, MAX_STOP, MAX_STOP_LEN,
+};
 pub use control::{ErrorCode, ErrorMessage, Ping, Pong, MAX_ERROR_MESSAGE};
 pub use handshake::{Capabilities, Hello, HelloAck, MAX_NODE_ID, MAX_SOFTWARE_VERSION};
 pub use session::{
@@ -52,11 +57,19 @@ pub enum MessageType {
     EndSession,
     /// `0x0024` [`Truncate`]
     Truncate,
+    /// `0x0030` [`Describe`]
+    Describe,
+    /// `0x0031` [`AgentCard`]
+    AgentCard,
+    /// `0x0032` [`Ask`]
+    Ask,
+    /// `0x0033` [`Answer`]
+    Answer,
 }
 
 impl MessageType {
     /// Every message type, in wire order.
-    pub const ALL: [MessageType; 12] = [
+    pub const ALL: [MessageType; 16] = [
         MessageType::Hello,
         MessageType::HelloAck,
         MessageType::Error,
@@ -69,6 +82,10 @@ impl MessageType {
         MessageType::Logits,
         MessageType::EndSession,
         MessageType::Truncate,
+        MessageType::Describe,
+        MessageType::AgentCard,
+        MessageType::Ask,
+        MessageType::Answer,
     ];
 
     /// The type id on the wire.
@@ -86,6 +103,10 @@ impl MessageType {
             MessageType::Logits => 0x0022,
             MessageType::EndSession => 0x0023,
             MessageType::Truncate => 0x0024,
+            MessageType::Describe => 0x0030,
+            MessageType::AgentCard => 0x0031,
+            MessageType::Ask => 0x0032,
+            MessageType::Answer => 0x0033,
         }
     }
 
@@ -109,6 +130,10 @@ impl MessageType {
             MessageType::Logits => "Logits",
             MessageType::EndSession => "EndSession",
             MessageType::Truncate => "Truncate",
+            MessageType::Describe => "Describe",
+            MessageType::AgentCard => "AgentCard",
+            MessageType::Ask => "Ask",
+            MessageType::Answer => "Answer",
         }
     }
 }
@@ -146,6 +171,14 @@ pub enum Message {
     EndSession(EndSession),
     /// Head → stages: roll the session's KV cache back to a length.
     Truncate(Truncate),
+    /// Head → agent: who are you?
+    Describe(Describe),
+    /// Agent → head: role, model, measured speed and load.
+    AgentCard(AgentCard),
+    /// Head → agent: answer this conversation.
+    Ask(Ask),
+    /// Agent → head: the answer to an [`Ask`].
+    Answer(Answer),
 }
 
 impl Message {
@@ -164,6 +197,10 @@ impl Message {
             Message::Logits(_) => MessageType::Logits,
             Message::EndSession(_) => MessageType::EndSession,
             Message::Truncate(_) => MessageType::Truncate,
+            Message::Describe(_) => MessageType::Describe,
+            Message::AgentCard(_) => MessageType::AgentCard,
+            Message::Ask(_) => MessageType::Ask,
+            Message::Answer(_) => MessageType::Answer,
         }
     }
 
@@ -188,6 +225,10 @@ impl Message {
             MessageType::Logits => Message::Logits(Logits::parse(&mut r)?),
             MessageType::EndSession => Message::EndSession(EndSession::parse(&mut r)?),
             MessageType::Truncate => Message::Truncate(Truncate::parse(&mut r)?),
+            MessageType::Describe => Message::Describe(Describe::parse(&mut r)?),
+            MessageType::AgentCard => Message::AgentCard(AgentCard::parse(&mut r)?),
+            MessageType::Ask => Message::Ask(Ask::parse(&mut r)?),
+            MessageType::Answer => Message::Answer(Answer::parse(&mut r)?),
         };
         r.finish()?;
         Ok(msg)
@@ -208,6 +249,10 @@ impl Message {
             Message::Logits(m) => m.encode(out),
             Message::EndSession(m) => m.encode(out),
             Message::Truncate(m) => m.encode(out),
+            Message::Describe(m) => m.encode(out),
+            Message::AgentCard(m) => m.encode(out),
+            Message::Ask(m) => m.encode(out),
+            Message::Answer(m) => m.encode(out),
         }
     }
 
@@ -222,9 +267,14 @@ impl Message {
             Message::Forward(m) => m.validate(),
             Message::Token(m) => m.validate(),
             Message::Logits(m) => m.validate(),
-            Message::Ping(_) | Message::Pong(_) | Message::EndSession(_) | Message::Truncate(_) => {
-                Ok(())
-            }
+            Message::AgentCard(m) => m.validate(),
+            Message::Ask(m) => m.validate(),
+            Message::Answer(m) => m.validate(),
+            Message::Ping(_)
+            | Message::Pong(_)
+            | Message::EndSession(_)
+            | Message::Truncate(_)
+            | Message::Describe(_) => Ok(()),
         }
     }
 
@@ -286,6 +336,10 @@ impl_from!(
     Logits(Logits),
     EndSession(EndSession),
     Truncate(Truncate),
+    Describe(Describe),
+    AgentCard(AgentCard),
+    Ask(Ask),
+    Answer(Answer),
 );
 
 /// Finite-float check shared by validators.

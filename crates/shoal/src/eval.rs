@@ -1,0 +1,642 @@
+//! `shoal eval`: measured quality. `shoal eval humaneval` asks a running Shoal API (one
+//! model, or a swarm strategy) to solve HumanEval's problems, runs each answer with the
+//! problem's own tests in a subprocess (timeout, no network) and reports pass@1.
+//! `--check-harness` runs the canonical solutions instead, with no server: all 164 must
+//! pass, which proves the extraction and the execution. See docs/EVAL.md.
+
+mod client;
+mod exec;
+mod extract;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use client::{Client, RequestError};
+use exec::{Isolation, Sandbox, Verdict};
+
+#[derive(Args)]
+pub(crate) struct EvalArgs {
+    #[command(subcommand)]
+    benchmark: Benchmark,
+}
+
+#[derive(Subcommand)]
+enum Benchmark {
+    /// HumanEval's 164 Python problems: pass@1 against a running Shoal API, each answer run
+    /// with the problem's tests in a subprocess with a timeout and no network.
+    Humaneval(HumanevalArgs),
+}
+
+/// How the API is asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Strategy {
+    /// One model: `--model`, or the first of `GET /v1/models`.
+    Single,
+    /// `swarm:moa`: the agents answer, an aggregator synthesizes.
+    Moa,
+    /// `swarm:vote`: several samples, the answer most agree with.
+    Vote,
+    /// `swarm:confidence`: the model whose own samples agree most.
+    Confidence,
+    /// `swarm:fastest`: the first answer.
+    Fastest,
+    /// `swarm:speed`: a drafter answers, a reasoner corrects.
+    Speed,
+}
+
+impl Strategy {
+    fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Single => "single",
+            Strategy::Moa => "moa",
+            Strategy::Vote => "vote",
+            Strategy::Confidence => "confidence",
+            Strategy::Fastest => "fastest",
+            Strategy::Speed => "speed",
+        }
+    }
+}
+
+#[derive(Args)]
+struct HumanevalArgs {
+    /// The Shoal API (`/v1` may be included).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The model id for --strategy single (default: the first of GET /v1/models).
+    #[arg(long)]
+    model: Option<String>,
+    /// Single model, or a swarm strategy (sent as `"model": "swarm:STRATEGY"`).
+    #[arg(long, value_enum, default_value_t = Strategy::Single)]
+    strategy: Strategy,
+    /// Only this many problems (after --offset).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Skip this many problems first.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy, the pass@1 convention here).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seconds each program may run with its tests before it is killed.
+    #[arg(long, default_value_t = 10.0)]
+    timeout_s: f64,
+    /// Seconds one API request may take.
+    #[arg(long, default_value_t = 600.0)]
+    request_timeout_s: f64,
+    /// Seconds to wait for the server's model to load (GET /health) before starting.
+    #[arg(long, default_value_t = 300.0)]
+    wait_s: f64,
+    /// Write one JSON line per problem here (the answer, the code run, the verdict, and
+    /// the head's swarm report when it gives one).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Run the canonical solutions instead of asking the API (no server needed): proves
+    /// the harness, which must pass every problem.
+    #[arg(long)]
+    check_harness: bool,
+    /// HumanEval.jsonl(.gz) (default: HumanEval.jsonl.gz in $SHOAL_MODELS_DIR or ./models).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The Python 3 interpreter that runs the programs.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// How programs are kept off the network: `unshare` (a network namespace of their
+    /// own), `python-guard` (socket functions that raise), or `auto` (unshare where it
+    /// works).
+    #[arg(long, value_enum, default_value_t = IsolationArg::Auto)]
+    isolation: IsolationArg,
+    /// Bearer token for the API.
+    #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum IsolationArg {
+    Auto,
+    Unshare,
+    PythonGuard,
+}
+
+pub(crate) fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    match a.benchmark {
+        Benchmark::Humaneval(h) => humaneval(h),
+    }
+}
+
+/// One HumanEval problem, as in the data file.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Problem {
+    pub(crate) task_id: String,
+    pub(crate) prompt: String,
+    pub(crate) canonical_solution: String,
+    pub(crate) test: String,
+    pub(crate) entry_point: String,
+}
+
+const FETCH_HINT: &str = "fetch it with `scripts/fetch-models.sh humaneval`, or pass --data FILE";
+
+fn default_data_path() -> PathBuf {
+    crate::load::models_dir().join("HumanEval.jsonl.gz")
+}
+
+/// The problems of a HumanEval JSON-lines file, gzipped (`.gz`) or not.
+pub(crate) fn load_problems(path: &Path) -> anyhow::Result<Vec<Problem>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("HumanEval data {} is missing: {FETCH_HINT}", path.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+    };
+    let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let mut problems = Vec::new();
+    for (i, line) in BufReader::new(reader).lines().enumerate() {
+        let line = line.with_context(|| {
+            format!(
+                "cannot read {} (a damaged download? {FETCH_HINT})",
+                path.display()
+            )
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let p: Problem = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "line {} of {} is not a HumanEval problem",
+                i + 1,
+                path.display()
+            )
+        })?;
+        if p.entry_point.is_empty()
+            || !p
+                .entry_point
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            bail!(
+                "line {} of {}: entry_point {:?} is not a Python name",
+                i + 1,
+                path.display(),
+                p.entry_point
+            );
+        }
+        problems.push(p);
+    }
+    if problems.is_empty() {
+        bail!("{} holds no problems ({FETCH_HINT})", path.display());
+    }
+    Ok(problems)
+}
+
+const SYSTEM_PROMPT: &str = "You are an expert Python programmer. Complete the Python function the user gives you. Reply with the complete implementation (the imports and the whole function definition) in a single ```python code block, and nothing else.";
+
+/// The chat completion request for one problem.
+fn request_body(model: &str, prompt: &str, max_tokens: usize, temperature: f32) -> Value {
+    json!({
+        "model": model,
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": format!("Complete this Python function:\n```python\n{}\n```", prompt.trim_end())},
+        ],
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": false,
+    })
+}
+
+/// What happened to one problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Outcome {
+    Passed,
+    Failed,
+    TimedOut,
+    /// The API gave no answer (the problem counts as failed).
+    RequestError,
+}
+
+/// One line of `--out`.
+#[derive(Serialize)]
+struct Record<'a> {
+    task_id: &'a str,
+    passed: bool,
+    outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    request_s: f64,
+    exec_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finish_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    completion_tokens: Option<u64>,
+    /// The model's reply as it came.
+    completion: String,
+    /// The code taken from it, and whether it defined the entry point.
+    code: String,
+    full_definition: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    stderr_tail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    swarm: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agents_responded: Option<Value>,
+}
+
+/// The report.
+#[derive(Serialize)]
+struct Summary {
+    benchmark: &'static str,
+    /// `canonical` for --check-harness.
+    strategy: String,
+    /// The `model` sent (`swarm:…` for a swarm); null for --check-harness.
+    model: Option<String>,
+    url: Option<String>,
+    problems: usize,
+    offset: usize,
+    passed: usize,
+    failed: usize,
+    timed_out: usize,
+    request_errors: usize,
+    pass_at_1: f64,
+    wall_s: f64,
+    mean_s_per_problem: f64,
+    mean_request_s: f64,
+    mean_exec_s: f64,
+    max_tokens: usize,
+    temperature: f32,
+    exec_timeout_s: f64,
+    isolation: &'static str,
+    data: String,
+    /// Task ids that did not pass.
+    not_passed: Vec<String>,
+}
+
+fn seconds(what: &str, s: f64) -> anyhow::Result<Duration> {
+    if s.is_nan() || s <= 0.0 {
+        bail!("{what} must be a positive number of seconds");
+    }
+    Duration::try_from_secs_f64(s).with_context(|| format!("{what}: {s} is not a duration"))
+}
+
+/// After this many request errors in a row the run stops: the server is not well.
+const MAX_CONSECUTIVE_ERRORS: usize = 3;
+
+fn humaneval(a: HumanevalArgs) -> anyhow::Result<ExitCode> {
+    let exec_timeout = seconds("--timeout-s", a.timeout_s)?;
+    let request_timeout = seconds("--request-timeout-s", a.request_timeout_s)?;
+    let wait = seconds("--wait-s", a.wait_s)?;
+    if !(0.0..=2.0).contains(&a.temperature) {
+        bail!("--temperature must be within 0..=2");
+    }
+    let data = a.data.clone().unwrap_or_else(default_data_path);
+    let all = load_problems(&data)?;
+    if a.offset >= all.len() {
+        bail!(
+            "--offset {} is past the last of the {} problems",
+            a.offset,
+            all.len()
+        );
+    }
+    let end = a
+        .limit
+        .map_or(all.len(), |l| a.offset.saturating_add(l).min(all.len()));
+    let problems = &all[a.offset..end];
+    if problems.is_empty() {
+        bail!("--limit 0: nothing to evaluate");
+    }
+    let isolation = match a.isolation {
+        IsolationArg::Auto => Isolation::probe(),
+        IsolationArg::PythonGuard => Isolation::PythonGuard,
+        IsolationArg::Unshare => match Isolation::probe() {
+            Isolation::Unshare => Isolation::Unshare,
+            Isolation::PythonGuard => bail!(
+                "`unshare --net --map-root-user` does not work here (user namespaces off?); \
+                 use --isolation python-guard"
+            ),
+        },
+    };
+    let sandbox = Sandbox::with_isolation(&a.python, exec_timeout, isolation)?;
+
+    let api = if a.check_harness {
+        None
+    } else {
+        let client = Client::new(&a.url, a.api_key.clone(), request_timeout);
+        client.wait_ready(wait, || {
+            eprintln!("waiting for the model at {} to load…", a.url);
+        })?;
+        let model = match a.strategy {
+            Strategy::Single => match &a.model {
+                Some(m) => m.clone(),
+                None => client.first_model()?,
+            },
+            s => format!("swarm:{}", s.as_str()),
+        };
+        Some((client, model))
+    };
+
+    let mut out = match &a.out {
+        Some(p) => Some(BufWriter::new(
+            File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => None,
+    };
+
+    let bar = ProgressBar::new(problems.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed} (eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message("humaneval: 0 passed");
+
+    let started = Instant::now();
+    let (mut passed, mut failed, mut timed_out, mut request_errors) = (0, 0, 0, 0);
+    let (mut request_total, mut exec_total) = (0.0, 0.0);
+    let mut consecutive_errors = 0;
+    let mut not_passed = Vec::new();
+    for p in problems {
+        let asked = Instant::now();
+        let reply = match &api {
+            None => Ok(client::ChatReply {
+                content: p.canonical_solution.clone(),
+                ..Default::default()
+            }),
+            Some((client, model)) => {
+                client.chat(&request_body(model, &p.prompt, a.max_tokens, a.temperature))
+            }
+        };
+        let request_s = if api.is_some() {
+            asked.elapsed().as_secs_f64()
+        } else {
+            0.0
+        };
+        request_total += request_s;
+        let record = match reply {
+            Ok(reply) => {
+                consecutive_errors = 0;
+                let program = extract::build_program(&p.prompt, &reply.content, &p.entry_point);
+                let run = sandbox
+                    .run_check(&program.source, &p.test, &p.entry_point)
+                    .with_context(|| format!("running {}", p.task_id))?;
+                exec_total += run.seconds;
+                let outcome = match run.verdict {
+                    Verdict::Passed => Outcome::Passed,
+                    Verdict::Failed => Outcome::Failed,
+                    Verdict::TimedOut => Outcome::TimedOut,
+                };
+                Record {
+                    task_id: &p.task_id,
+                    passed: outcome == Outcome::Passed,
+                    outcome,
+                    error: None,
+                    request_s,
+                    exec_s: run.seconds,
+                    finish_reason: reply.finish_reason,
+                    prompt_tokens: reply.prompt_tokens,
+                    completion_tokens: reply.completion_tokens,
+                    completion: reply.content,
+                    code: program.code,
+                    full_definition: program.full_definition,
+                    exit_code: run.exit_code,
+                    stderr_tail: run.stderr_tail,
+                    swarm: reply.swarm,
+                    agents_responded: reply.agents_responded,
+                }
+            }
+            Err(e) => {
+                let fatal = match &e {
+                    RequestError::Unreachable(_) => true,
+                    // A request the server refuses (bad model name, bad key) will be
+                    // refused every time.
+                    RequestError::Status { status, .. } => (400..500).contains(status),
+                    RequestError::Timeout(_) | RequestError::Invalid(_) => false,
+                };
+                consecutive_errors += 1;
+                if fatal || consecutive_errors >= MAX_CONSECUTIVE_ERRORS {
+                    bar.abandon();
+                    if let Some(w) = out.as_mut() {
+                        w.flush()?;
+                    }
+                    let model = api.as_ref().map(|(_, m)| m.as_str()).unwrap_or("");
+                    let hint = match &e {
+                        RequestError::Unreachable(_) => {
+                            " (is `shoal serve` still running there?)".to_string()
+                        }
+                        RequestError::Status { status: 401, .. } => {
+                            " (pass --api-key or set SHOAL_API_KEY)".to_string()
+                        }
+                        RequestError::Status { status: 404, .. } => {
+                            format!(" (does the server offer model `{model}`?)")
+                        }
+                        _ => String::new(),
+                    };
+                    bail!(
+                        "{}: POST {}/v1/chat/completions (model `{model}`): {e}{hint}",
+                        p.task_id,
+                        api.as_ref().map(|(c, _)| c.base()).unwrap_or(""),
+                    );
+                }
+                bar.suspend(|| eprintln!("{}: {e}; counted as failed", p.task_id));
+                Record {
+                    task_id: &p.task_id,
+                    passed: false,
+                    outcome: Outcome::RequestError,
+                    error: Some(e.to_string()),
+                    request_s,
+                    exec_s: 0.0,
+                    finish_reason: None,
+                    prompt_tokens: None,
+                    completion_tokens: None,
+                    completion: String::new(),
+                    code: String::new(),
+                    full_definition: false,
+                    exit_code: None,
+                    stderr_tail: String::new(),
+                    swarm: None,
+                    agents_responded: None,
+                }
+            }
+        };
+        match record.outcome {
+            Outcome::Passed => passed += 1,
+            Outcome::Failed => failed += 1,
+            Outcome::TimedOut => timed_out += 1,
+            Outcome::RequestError => request_errors += 1,
+        }
+        if !record.passed {
+            not_passed.push(p.task_id.clone());
+        }
+        if let Some(w) = out.as_mut() {
+            serde_json::to_writer(&mut *w, &record)?;
+            w.write_all(b"\n")?;
+            w.flush()?;
+        }
+        bar.set_message(format!("humaneval: {passed} passed"));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let wall_s = started.elapsed().as_secs_f64();
+    let n = problems.len();
+    let summary = Summary {
+        benchmark: "humaneval",
+        strategy: if a.check_harness {
+            "canonical".into()
+        } else {
+            a.strategy.as_str().into()
+        },
+        model: api.as_ref().map(|(_, m)| m.clone()),
+        url: api.as_ref().map(|(c, _)| c.base().to_string()),
+        problems: n,
+        offset: a.offset,
+        passed,
+        failed,
+        timed_out,
+        request_errors,
+        pass_at_1: passed as f64 / n as f64,
+        wall_s,
+        mean_s_per_problem: wall_s / n as f64,
+        mean_request_s: request_total / n as f64,
+        mean_exec_s: exec_total / n as f64,
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        exec_timeout_s: a.timeout_s,
+        isolation: sandbox.isolation().as_str(),
+        data: data.display().to_string(),
+        not_passed,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_table(&summary, a.check_harness);
+    }
+    if a.check_harness && summary.passed < n {
+        eprintln!(
+            "shoal: the harness failed {} canonical solution(s): {}",
+            n - summary.passed,
+            summary.not_passed.join(", ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(s: &Summary, check_harness: bool) {
+    let title = if check_harness {
+        "HumanEval harness check (canonical solutions)"
+    } else {
+        "HumanEval"
+    };
+    println!("{title}");
+    let rows: Vec<(&str, String)> = vec![
+        (
+            "problems",
+            format!("{} (HumanEval/{}..)", s.problems, s.offset),
+        ),
+        ("strategy", s.strategy.clone()),
+        ("model", s.model.clone().unwrap_or_else(|| "-".into())),
+        ("url", s.url.clone().unwrap_or_else(|| "-".into())),
+        ("passed", format!("{}/{}", s.passed, s.problems)),
+        ("pass@1", format!("{:.1}%", s.pass_at_1 * 100.0)),
+        (
+            "failed",
+            format!(
+                "{} (timed out {}, request errors {})",
+                s.failed + s.timed_out + s.request_errors,
+                s.timed_out,
+                s.request_errors
+            ),
+        ),
+        ("wall time", format!("{:.1} s", s.wall_s)),
+        (
+            "per problem",
+            format!(
+                "{:.2} s (request {:.2} s, tests {:.2} s)",
+                s.mean_s_per_problem, s.mean_request_s, s.mean_exec_s
+            ),
+        ),
+        (
+            "sampling",
+            format!("max_tokens {}, temperature {}", s.max_tokens, s.temperature),
+        ),
+        (
+            "sandbox",
+            format!("{}, {} s per program", s.isolation, s.exec_timeout_s),
+        ),
+    ];
+    for (k, v) in rows {
+        println!("  {k:<12} {v}");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_asks_for_one_fenced_block() {
+        let b = request_body("m", "def f():\n    \"\"\"x\"\"\"\n", 64, 0.0);
+        assert_eq!(b["model"], "m");
+        assert_eq!(b["stream"], false);
+        assert_eq!(b["max_tokens"], 64);
+        assert_eq!(b["messages"][0]["role"], "system");
+        assert!(b["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("```python"));
+        assert!(b["messages"][1]["content"]
+            .as_str()
+            .unwrap()
+            .contains("def f():"));
+    }
+
+    #[test]
+    fn a_missing_data_file_says_how_to_fetch_it() {
+        let e = load_problems(Path::new("/nonexistent/HumanEval.jsonl.gz")).unwrap_err();
+        assert!(
+            e.to_string().contains("scripts/fetch-models.sh humaneval"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn plain_jsonl_loads_and_bad_lines_are_named() {
+        let dir = std::env::temp_dir().join(format!("shoal-eval-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.jsonl");
+        std::fs::write(
+            &good,
+            "{\"task_id\":\"T/0\",\"prompt\":\"p\",\"canonical_solution\":\"c\",\"test\":\"t\",\"entry_point\":\"f\"}\n\n",
+        )
+        .unwrap();
+        assert_eq!(load_problems(&good).unwrap()[0].task_id, "T/0");
+        let bad = dir.join("bad.jsonl");
+        std::fs::write(&bad, "{\"task_id\":1}\n").unwrap();
+        let e = load_problems(&bad).unwrap_err();
+        assert!(format!("{e:#}").contains("line 1"), "{e:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,144 @@
+//! A node's peer port: one listener for everything peers ask of this node — stage work from
+//! pipeline heads (`LoadStage`, `Forward`, …) and swarm requests from swarm heads
+//! (`Describe`, `Ask`) — and the swarm head's setup.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use shoal_engine::Model;
+use shoal_pipeline::{StageServer, StageServerConfig};
+use shoal_swarm::agent::{measure_decode_speed, AgentConfig, AgentService};
+use shoal_swarm::roles::{Role, RolePrompts};
+use shoal_swarm::weight::thermal_penalty;
+use shoal_wire::{
+    serve_connections, server_handshake, Capabilities, Connection, ErrorCode, ErrorMessage,
+    Message, ServeConfig, WireError,
+};
+use tokio::net::TcpListener;
+
+/// This node as a swarm agent, once its model has loaded.
+pub(crate) type AgentSlot = Arc<OnceLock<Arc<AgentService>>>;
+
+/// Wraps a loaded model as this node's agent: its role and role prompt, its measured decode
+/// speed, and its device's thermal penalty, as swarm heads will see them in its card.
+pub(crate) fn make_agent(
+    model: Arc<Model>,
+    node_id: &str,
+    model_path: &Path,
+    role: Option<Role>,
+    prompts: &RolePrompts,
+) -> Arc<AgentService> {
+    let model_id = model_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut config = AgentConfig::new(node_id, model_id);
+    config.role = role.map(|r| r.as_str().to_owned()).unwrap_or_default();
+    config.system_prompt = role.map(|r| prompts.get(r).to_owned());
+    config.tokens_per_s = measure_decode_speed(&model);
+    config.thermal_penalty = thermal_penalty();
+    tracing::info!(
+        role = %config.role,
+        tokens_per_s = config.tokens_per_s,
+        "serving as a swarm agent"
+    );
+    Arc::new(AgentService::new(model, config))
+}
+
+/// Serves the peer port until Ctrl-C: stage requests go to a [`StageServer`] over the
+/// models in `model_path`'s directory, swarm requests to the agent (once loaded).
+pub(crate) async fn serve_peer_port(
+    listener: TcpListener,
+    model_path: &Path,
+    node_id: String,
+    agent: AgentSlot,
+) {
+    let dir = model_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
+    let mut config = StageServerConfig::new(dir);
+    config.node_id = node_id;
+    let stages = StageServer::new(config);
+    let evictor = {
+        let stages = stages.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                stages.evict_idle();
+            }
+        })
+    };
+    serve_connections(
+        listener,
+        ServeConfig::default(),
+        move |conn, peer| {
+            let stages = stages.clone();
+            let agent = agent.clone();
+            async move { serve_peer(conn, peer, &stages, &agent).await }
+        },
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+    )
+    .await;
+    evictor.abort();
+}
+
+async fn serve_peer(
+    mut conn: Connection,
+    peer: SocketAddr,
+    stages: &StageServer,
+    agent: &AgentSlot,
+) -> Result<(), WireError> {
+    let ack = stages.hello_ack(Capabilities::STAGE | Capabilities::AGENT);
+    if let Err(e) = server_handshake(&mut conn, |_| Ok(ack)).await {
+        return Err(conn.fail(e).await);
+    }
+    loop {
+        let msg = match conn.read_frame().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(conn.fail(e).await),
+        };
+        let handled = match msg {
+            Message::Describe(_) | Message::Ask(_) => match agent.get() {
+                Some(agent) => agent.handle(msg, &mut conn).await,
+                None => {
+                    let request = match &msg {
+                        Message::Ask(a) => Some(a.request_id),
+                        _ => None,
+                    };
+                    let reply = ErrorMessage::new(
+                        ErrorCode::MODEL_UNAVAILABLE,
+                        request,
+                        "this node's model is still loading".to_owned(),
+                    );
+                    conn.write_frame(&Message::Error(reply)).await
+                }
+            },
+            other => stages.handle_message(other, &mut conn, peer).await,
+        };
+        if let Err(e) = handled {
+            return Err(conn.fail(e).await);
+        }
+    }
+}
+
+/// A default node id: the host name and the peer port.
+pub(crate) fn default_node_id(peer_port: Option<u16>) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "node".to_owned());
+    match peer_port {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    }
+}

@@ -1,0 +1,263 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+//! `shoal eval humaneval` as a real process: the harness on the canonical solutions (no
+//! server), a short run against a real `shoal serve` with the SmolLM2-135M test model on
+//! 127.0.0.1:0, and the errors a user meets (no server, unknown model, no data).
+//!
+//! Needs `python3`, the model and the data (`scripts/fetch-models.sh smollm2 humaneval`).
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("SHOAL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
+}
+
+fn data() -> PathBuf {
+    let p = models_dir().join("HumanEval.jsonl.gz");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-models.sh humaneval (or set SHOAL_MODELS_DIR)",
+        p.display()
+    );
+    p
+}
+
+fn model() -> PathBuf {
+    let p = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-models.sh",
+        p.display()
+    );
+    p
+}
+
+/// `shoal eval humaneval --data DATA ARGS…`.
+fn eval(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["eval", "humaneval", "--data"])
+        .arg(data())
+        .args(args)
+        .env("SHOAL_LOG", "warn")
+        .env_remove("SHOAL_API_KEY")
+        .stdin(Stdio::null())
+        .output()
+        .expect("shoal runs")
+}
+
+fn report(o: &Output) -> Value {
+    assert!(
+        o.status.success(),
+        "shoal eval failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("--json prints one JSON object")
+}
+
+fn failure(o: &Output) -> String {
+    assert!(!o.status.success(), "shoal eval should have failed");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn the_harness_passes_the_first_20_canonical_solutions() {
+    let r = report(&eval(&["--check-harness", "--limit", "20", "--json"]));
+    assert_eq!(r["problems"], 20);
+    assert_eq!(r["passed"], 20, "{r:#}");
+    assert_eq!(r["pass_at_1"], 1.0);
+    assert_eq!(r["strategy"], "canonical");
+}
+
+#[test]
+fn the_harness_passes_all_164_canonical_solutions() {
+    let r = report(&eval(&["--check-harness", "--json"]));
+    assert_eq!(r["problems"], 164);
+    assert_eq!(r["passed"], 164, "{r:#}");
+    assert!(r["not_passed"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn the_python_network_guard_lets_the_canonical_solutions_pass() {
+    let r = report(&eval(&[
+        "--check-harness",
+        "--json",
+        "--isolation",
+        "python-guard",
+        "--offset",
+        "100",
+        "--limit",
+        "40",
+    ]));
+    assert_eq!(r["isolation"], "python-guard");
+    assert_eq!(r["passed"], 40, "{r:#}");
+}
+
+#[test]
+fn the_harness_table_and_offset() {
+    let o = eval(&["--check-harness", "--offset", "160", "--limit", "10"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8(o.stdout).unwrap();
+    assert!(table.contains("4/4"), "{table}");
+    assert!(table.contains("100.0%"), "{table}");
+}
+
+#[test]
+fn a_missing_data_file_says_how_to_fetch_it() {
+    let o = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "eval",
+            "humaneval",
+            "--check-harness",
+            "--data",
+            "/nonexistent/HumanEval.jsonl.gz",
+        ])
+        .output()
+        .unwrap();
+    let err = failure(&o);
+    assert!(err.contains("scripts/fetch-models.sh humaneval"), "{err}");
+}
+
+#[test]
+fn no_server_is_a_clear_error() {
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let err = failure(&eval(&["--url", &url, "--limit", "1"]));
+    assert!(err.contains("cannot reach the Shoal API"), "{err}");
+    assert!(err.contains(&url), "{err}");
+}
+
+/// The server process; killed when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start() -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["serve", "--model"])
+            .arg(model())
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .env_remove("SHOAL_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("shoal starts");
+        let (tx, rx) = mpsc::channel::<String>();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        for pipe in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    eprintln!("[shoal] {line}");
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        drop(tx);
+        let mut server = Server {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.trim().strip_prefix("listening on http://") {
+                        server.addr = addr.parse().expect("a socket address");
+                        break;
+                    }
+                }
+                Err(_) => panic!("shoal never printed `listening on http://ADDR`"),
+            }
+        }
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        server
+    }
+}
+
+#[test]
+fn two_problems_against_a_real_server() {
+    let server = Server::start();
+    let url = format!("http://{}", server.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results.jsonl");
+    // `eval` waits for the model to load by itself.
+    let r = report(&eval(&[
+        "--url",
+        &url,
+        "--limit",
+        "2",
+        "--max-tokens",
+        "64",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert_eq!(r["problems"], 2, "{r:#}");
+    let passed = r["passed"].as_u64().unwrap();
+    assert!(passed <= 2);
+    assert_eq!(r["request_errors"], 0, "{r:#}");
+    assert_eq!(
+        r["passed"].as_u64().unwrap()
+            + r["failed"].as_u64().unwrap()
+            + r["timed_out"].as_u64().unwrap(),
+        2
+    );
+    assert_eq!(r["pass_at_1"].as_f64().unwrap(), passed as f64 / 2.0);
+    assert_eq!(r["strategy"], "single");
+    // The default model is the server's one.
+    assert_eq!(r["model"], "smollm2-135m-instruct-q4_1");
+    assert_eq!(r["url"], url.as_str());
+    assert!(r["wall_s"].as_f64().unwrap() > 0.0);
+    assert!(r["mean_s_per_problem"].as_f64().unwrap() > 0.0);
+
+    let lines: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["task_id"], format!("HumanEval/{i}"));
+        assert!(line["completion"].is_string());
+        assert!(line["code"].is_string());
+        assert!(["passed", "failed", "timed_out"].contains(&line["outcome"].as_str().unwrap()));
+        assert!(line["completion_tokens"].as_u64().unwrap() <= 64);
+        assert!(line["request_s"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(
+        lines.iter().filter(|l| l["passed"] == true).count() as u64,
+        passed
+    );
+
+    // A model the server does not have: the API's own message, and a failure.
+    let err = failure(&eval(&["--url", &url, "--limit", "1", "--model", "gpt-9"]));
+    assert!(err.contains("404"), "{err}");
+    assert!(err.contains("gpt-9"), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+}

@@ -1,0 +1,296 @@
+//! Swarm mode with real processes on 127.0.0.1: agents (`shoal serve --peer-port 0
+//! --role ROLE`) and a head (`shoal serve --peer AGENT …`) that answers `"model": "swarm"`,
+//! `/v1/swarm/query` and `/v1/swarm/status`. Agents that hang, die mid-request or are
+//! missing are left out and the request still answers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{chat, http, model_path, Server, SMOLLM2};
+use serde_json::{json, Value};
+
+fn agent(role: &str) -> Server {
+    let server = Server::start(&model_path(SMOLLM2), &["--peer-port", "0", "--role", role]);
+    server.wait_healthy();
+    server
+}
+
+fn head(agents: &[&Server], extra: &[&str]) -> Server {
+    let peers: Vec<String> = agents.iter().map(|a| a.peer()).collect();
+    let mut args: Vec<&str> = Vec::new();
+    for p in &peers {
+        args.extend(["--peer", p.as_str()]);
+    }
+    args.extend(extra);
+    let head = Server::start(&model_path(SMOLLM2), &args);
+    head.wait_healthy();
+    head
+}
+
+fn query(head: &Server, body: Value) -> Value {
+    let r = http(
+        head.addr,
+        "POST",
+        "/v1/swarm/query",
+        Some(&body.to_string()),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect()
+}
+
+const CODE_QUESTION: &str = "Write a Python function add(a, b) that returns the sum of a and b.";
+
+#[test]
+fn status_lists_every_agent_with_role_model_health_and_speed() {
+    let reasoner = agent("reasoner");
+    let critic = agent("critic");
+    let head = head(&[&reasoner, &critic], &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let r = http(head.addr, "GET", "/v1/swarm/status", None).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        if v["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["healthy"] == true)
+        {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "agents never healthy: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let agents = status["agents"].as_array().unwrap();
+    assert_eq!(agents.len(), 2);
+    let mut roles: Vec<&str> = agents.iter().map(|a| a["role"].as_str().unwrap()).collect();
+    roles.sort_unstable();
+    assert_eq!(roles, ["critic", "reasoner"]);
+    for a in agents {
+        assert_eq!(a["model"], SMOLLM2);
+        assert!(a["tokens_per_s"].as_f64().unwrap() > 0.0, "{a}");
+        assert!(a["weight"].as_f64().unwrap() > 0.0, "{a}");
+    }
+    // The head lists the swarm as models.
+    let models = http(head.addr, "GET", "/v1/models", None).unwrap().json();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"swarm") && ids.contains(&"swarm:vote"),
+        "{ids:?}"
+    );
+}
+
+#[test]
+fn moa_fans_out_and_aggregates_and_each_strategy_answers() {
+    let reasoner = agent("reasoner");
+    let factchecker = agent("factchecker");
+    let aggregator = agent("aggregator");
+    let head = head(&[&reasoner, &factchecker, &aggregator], &[]);
+
+    let out = query(
+        &head,
+        json!({"query": CODE_QUESTION, "strategy": "moa", "max_tokens": 48, "temperature": 0, "timeout_s": 120}),
+    );
+    assert_eq!(out["query_type"], "CODE", "{out}");
+    assert_eq!(out["strategy"], "moa");
+    let answers = out["answers"].as_array().unwrap();
+    let answered: Vec<&str> = answers
+        .iter()
+        .filter(|a| a["task"] == "answer")
+        .map(|a| a["role"].as_str().unwrap())
+        .collect();
+    assert!(
+        answered.contains(&"reasoner") && answered.contains(&"factchecker"),
+        "both routed agents answer a CODE query: {out}"
+    );
+    assert!(answers
+        .iter()
+        .all(|a| a["elapsed_ms"].is_u64() && a["model"] == SMOLLM2));
+    assert!(
+        out["decided_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("aggregated by"),
+        "{out}"
+    );
+    assert!(answers
+        .iter()
+        .any(|a| a["task"] == "aggregate" && a["role"] == "aggregator"));
+    assert!(!out["final_answer"].as_str().unwrap().trim().is_empty());
+    assert_eq!(strings(&out["agents_responded"]).len(), 3, "{out}");
+
+    // Every strategy through the chat API, as a client sees it.
+    for strategy in ["moa", "vote", "confidence", "fastest", "speed"] {
+        let body = json!({
+            "model": format!("swarm:{strategy}"),
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 24,
+            "temperature": 0,
+        });
+        let v = chat(head.addr, &body.to_string());
+        assert_eq!(v["model"], format!("swarm:{strategy}"));
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(!text.trim().is_empty(), "{strategy}: {v}");
+        assert!(
+            !strings(&v["swarm"]["agents_responded"]).is_empty(),
+            "{strategy}: {v}"
+        );
+        assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    }
+    // Streaming: SSE chunks that join to the same answer the swarm chose.
+    let body = json!({
+        "model": "swarm:fastest",
+        "messages": [{"role": "user", "content": "Name a color."}],
+        "max_tokens": 16,
+        "temperature": 0,
+        "stream": true,
+    });
+    let r = http(
+        head.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.trim_end().ends_with("data: [DONE]"), "{}", r.body);
+    assert!(r.body.matches("data: ").count() >= 4, "{}", r.body);
+}
+
+#[test]
+fn a_hung_agent_times_out_and_a_killed_one_is_left_out() {
+    let fast = agent("reasoner");
+    let hung = agent("critic");
+    let mut doomed = agent("factchecker");
+    let head = head(&[&fast, &hung, &doomed], &[]);
+    // Wait until the head has seen all three.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http(head.addr, "GET", "/v1/swarm/status", None)
+        .unwrap()
+        .json()["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["healthy"] != true)
+    {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    hung.signal("STOP");
+    let request = json!({
+        "query": CODE_QUESTION, "strategy": "moa", "max_tokens": 200, "temperature": 0,
+        "timeout_s": 8,
+    });
+    let started = Instant::now();
+    let addr = head.addr;
+    let pending = std::thread::spawn(move || {
+        http(addr, "POST", "/v1/swarm/query", Some(&request.to_string())).unwrap()
+    });
+    // Kill the fact-checker while it works on the request.
+    std::thread::sleep(Duration::from_millis(400));
+    doomed.kill();
+    let r = pending.join().unwrap();
+    hung.signal("CONT");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let out = r.json();
+    let responded = strings(&out["agents_responded"]);
+    assert!(
+        responded
+            .iter()
+            .any(|a| a.ends_with(&fast.peer_addr.unwrap().port().to_string())),
+        "{out}"
+    );
+    let failed = out["failed"].as_array().unwrap();
+    let failed_roles: Vec<&str> = failed.iter().map(|f| f["role"].as_str().unwrap()).collect();
+    assert!(
+        failed_roles.contains(&"critic"),
+        "the hung agent is reported: {out}"
+    );
+    assert!(
+        failed_roles.contains(&"factchecker"),
+        "the killed agent is reported: {out}"
+    );
+    let hung_error = failed.iter().find(|f| f["role"] == "critic").unwrap()["error"]
+        .as_str()
+        .unwrap();
+    assert!(hung_error.contains("did not answer"), "{hung_error}");
+    assert!(!out["final_answer"].as_str().unwrap().trim().is_empty());
+    // The timeout bounded the wait (the head's own aggregation comes on top).
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
+    let reasoner = agent("reasoner");
+    let critic = agent("critic");
+    let aggregator = agent("aggregator");
+    let head = head(&[&reasoner, &critic, &aggregator], &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http(head.addr, "GET", "/v1/swarm/status", None)
+        .unwrap()
+        .json()["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["healthy"] != true)
+    {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The aggregator hangs: the highest-weight agent's answer stands.
+    aggregator.signal("STOP");
+    let out = query(
+        &head,
+        json!({"query": "Explain why the sky is blue.", "strategy": "moa", "max_tokens": 32,
+               "temperature": 0, "timeout_s": 6}),
+    );
+    aggregator.signal("CONT");
+    assert!(
+        out["decided_by"]
+            .as_str()
+            .unwrap()
+            .contains("no aggregator answered"),
+        "{out}"
+    );
+    assert!(!out["final_answer"].as_str().unwrap().is_empty());
+
+    // A head with no swarm says so.
+    let plain = Server::start(&model_path(SMOLLM2), &[]);
+    plain.wait_healthy();
+    let r = http(plain.addr, "GET", "/v1/swarm/status", None).unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains("--peer"), "{}", r.body);
+    let r = http(
+        head.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(
+            &json!({"model": "swarm:bogus", "messages": [{"role": "user", "content": "hi"}]})
+                .to_string(),
+        ),
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("valid strategies"), "{}", r.body);
+}

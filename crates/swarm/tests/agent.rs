@@ -1,0 +1,480 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The agent side and the head's client, end to end over loopback TCP with the real
+//! SmolLM2-135M model: the card, greedy answers identical to the engine's own, a head that
+//! leaves or times out freeing the agent, hostile peers, and refused requests.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use shoal_engine::{ChatMessage, FinishReason, GenerateParams, Model, SamplingParams};
+use shoal_swarm::agent::{
+    ask, describe, measure_decode_speed, AgentConfig, AgentError, AgentService,
+};
+use shoal_wire::{
+    client_handshake, server_handshake, Ask, Capabilities, ChatTurn, Connection, Describe,
+    EndSession, ErrorCode, Finish, Hello, HelloAck, Limits, Message, Ping,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
+/// Generous: the tests of this file run in parallel on a small shared CPU.
+const LONG: Duration = Duration::from_secs(120);
+const HEAD: &str = "test-head";
+const SYSTEM: &str = "You are a concise assistant.";
+/// A prompt SmolLM2 answers at length (it runs past 400 tokens greedily), so that a
+/// generation is surely still running when the test pulls the plug.
+const STORY: &str = "Write a very long story about a dragon, with many chapters.";
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("SHOAL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
+}
+
+/// The model, loaded once for every test of this file.
+fn model() -> Arc<Model> {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = models_dir().join(SMOLLM2);
+            assert!(
+                path.is_file(),
+                "model {} is missing: run scripts/fetch-models.sh",
+                path.display()
+            );
+            Arc::new(Model::load(&path, |_, _| {}).expect("the model loads"))
+        })
+        .clone()
+}
+
+struct Agent {
+    service: Arc<AgentService>,
+    addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn start(config: AgentConfig) -> Agent {
+    let service = Arc::new(AgentService::new(model(), config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(Arc::clone(&service).serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    Agent {
+        service,
+        addr,
+        _stop: stop,
+    }
+}
+
+fn config() -> AgentConfig {
+    AgentConfig {
+        role: "concise".into(),
+        system_prompt: Some(SYSTEM.into()),
+        ..AgentConfig::new("agent-1", SMOLLM2)
+    }
+}
+
+fn user_ask(request_id: u64, content: &str, max_tokens: u32) -> Ask {
+    Ask {
+        request_id,
+        system: None,
+        messages: vec![ChatTurn {
+            role: "user".into(),
+            content: content.into(),
+        }],
+        max_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        stop: Vec::new(),
+    }
+}
+
+/// A connection that has passed the handshake, for tests that drive the protocol by hand.
+async fn dial(addr: SocketAddr) -> Connection {
+    let mut conn = Connection::connect(addr, Limits::default()).await.unwrap();
+    let ack = client_handshake(
+        &mut conn,
+        Hello {
+            node_id: HEAD.into(),
+            software_version: "0.1.0".into(),
+            capabilities: Capabilities::HEAD,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(ack.capabilities.contains(Capabilities::AGENT));
+    assert_eq!(ack.node_id, "agent-1");
+    conn
+}
+
+/// Waits until `cond` holds, for at most `limit`; returns how long it took.
+async fn wait_for(limit: Duration, what: &str, cond: impl Fn() -> bool) -> Duration {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
+/// What the engine itself generates greedily for this conversation.
+fn reference(chat: &[ChatMessage], max_tokens: usize) -> (String, usize, usize, FinishReason) {
+    let m = model();
+    let prompt = m.encode_prompt(&m.render_chat(chat).unwrap()).unwrap();
+    let prompt_len = prompt.len();
+    let params = GenerateParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        stop: Vec::new(),
+    };
+    let mut generation = m.generate(prompt, params).unwrap();
+    while generation.next_step().unwrap().is_some() {}
+    (
+        generation.text().to_owned(),
+        prompt_len,
+        generation.generated().len(),
+        generation.finish_reason().unwrap(),
+    )
+}
+
+fn chat(role: &str, content: &str) -> ChatMessage {
+    ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
+#[tokio::test]
+async fn describe_returns_the_card() {
+    let agent = start(AgentConfig {
+        role: "critic".into(),
+        tokens_per_s: 42.5,
+        thermal_penalty: 0.75,
+        ..config()
+    })
+    .await;
+    let card = describe(agent.addr, HEAD, LONG).await.unwrap();
+    let m = model();
+    assert_eq!(card.node_id, "agent-1");
+    assert_eq!(card.role, "critic");
+    assert_eq!(card.model_id, SMOLLM2);
+    assert_eq!(card.model_name, m.name());
+    assert_eq!(card.context_length as usize, m.config().context_length);
+    assert_eq!(card.tokens_per_s, 42.5);
+    assert_eq!(card.thermal_penalty, 0.75);
+    assert_eq!(card.busy, 0);
+
+    // Updates show in the next card; values the wire refuses are clamped.
+    agent.service.set_tokens_per_s(f32::NAN);
+    agent.service.set_thermal_penalty(3.0);
+    let card = describe(agent.addr, HEAD, LONG).await.unwrap();
+    assert_eq!(card.tokens_per_s, 0.0);
+    assert_eq!(card.thermal_penalty, 1.0);
+}
+
+#[tokio::test]
+async fn greedy_answers_are_the_engines_own() {
+    let agent = start(config()).await;
+    let question = "What is the capital of France?";
+
+    // The agent's role prompt, then the question.
+    let answer = ask(agent.addr, HEAD, user_ask(1, question, 24), LONG)
+        .await
+        .unwrap();
+    let (text, prompt_tokens, completion_tokens, finish) =
+        reference(&[chat("system", SYSTEM), chat("user", question)], 24);
+    assert!(!text.is_empty());
+    assert_eq!(answer.request_id, 1);
+    assert_eq!(answer.text, text);
+    assert_eq!(answer.prompt_tokens as usize, prompt_tokens);
+    assert_eq!(answer.completion_tokens as usize, completion_tokens);
+    assert_eq!(
+        answer.finish,
+        match finish {
+            FinishReason::Stop => Finish::Stop,
+            FinishReason::Length => Finish::Length,
+        }
+    );
+
+    // `Some("")` drops the role prompt; the model's template then adds its own default.
+    let answer = ask(
+        agent.addr,
+        HEAD,
+        Ask {
+            system: Some(String::new()),
+            ..user_ask(2, question, 16)
+        },
+        LONG,
+    )
+    .await
+    .unwrap();
+    let (text, prompt_tokens, ..) = reference(&[chat("user", question)], 16);
+    assert_eq!(answer.text, text);
+    assert_eq!(answer.prompt_tokens as usize, prompt_tokens);
+
+    // Another system prompt replaces the role's.
+    let other = "You answer in French.";
+    let answer = ask(
+        agent.addr,
+        HEAD,
+        Ask {
+            system: Some(other.into()),
+            ..user_ask(3, question, 16)
+        },
+        LONG,
+    )
+    .await
+    .unwrap();
+    let (text, ..) = reference(&[chat("system", other), chat("user", question)], 16);
+    assert_eq!(answer.text, text);
+    assert_eq!(agent.service.busy(), 0);
+}
+
+#[tokio::test]
+async fn a_dropped_connection_frees_the_agent() {
+    let agent = start(config()).await;
+    let mut conn = dial(agent.addr).await;
+    conn.write_frame(&Message::Ask(user_ask(7, STORY, 4000)))
+        .await
+        .unwrap();
+    // Wait until it runs, and let it decode for a while.
+    let service = Arc::clone(&agent.service);
+    wait_for(LONG, "the Ask to start", || service.busy() == 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let card = describe(agent.addr, HEAD, LONG).await.unwrap();
+    assert_eq!(card.busy, 1, "the long generation is still running");
+
+    drop(conn);
+    let freed = wait_for(Duration::from_secs(10), "the agent to be free", || {
+        service.busy() == 0
+    })
+    .await;
+    // A 4000-token story takes a minute; a stop is one decode step.
+    assert!(freed < Duration::from_secs(10), "{freed:?}");
+
+    let started = Instant::now();
+    let answer = ask(agent.addr, HEAD, user_ask(8, "Say hi.", 4), LONG)
+        .await
+        .unwrap();
+    assert_eq!(answer.request_id, 8);
+    assert!(answer.completion_tokens <= 4);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(describe(agent.addr, HEAD, LONG).await.unwrap().busy, 0);
+}
+
+#[tokio::test]
+async fn a_head_that_leaves_during_a_long_prefill_stops_it() {
+    let agent = start(config()).await;
+    // About 3000 prompt tokens: six prefill chunks, tens of seconds of work on a small CPU.
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(300);
+    let mut conn = dial(agent.addr).await;
+    conn.write_frame(&Message::Ask(user_ask(14, &long, 8)))
+        .await
+        .unwrap();
+    let service = Arc::clone(&agent.service);
+    wait_for(LONG, "the Ask to start", || service.busy() == 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(service.busy(), 1);
+    drop(conn);
+    // The prefill stops at the next chunk boundary instead of running to the end.
+    let freed = wait_for(LONG, "the agent to be free", || service.busy() == 0).await;
+    assert!(freed < Duration::from_secs(12), "{freed:?}");
+}
+
+#[tokio::test]
+async fn a_client_timeout_is_reported_and_abandons_the_work() {
+    let agent = start(config()).await;
+    let err = ask(
+        agent.addr,
+        HEAD,
+        user_ask(9, STORY, 4000),
+        Duration::from_millis(400),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, AgentError::Timeout { what: "Ask", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("did not answer Ask within 400 ms"));
+    // The timeout dropped the connection, which stops the generation.
+    let service = Arc::clone(&agent.service);
+    wait_for(Duration::from_secs(20), "the agent to be free", || {
+        service.busy() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn garbage_closes_only_that_connection() {
+    let agent = start(config()).await;
+
+    // Not a shoal peer at all.
+    let mut raw = TcpStream::connect(agent.addr).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: agent\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut reply))
+        .await
+        .expect("the agent closes the connection")
+        .unwrap();
+    let (msg, _) = shoal_wire::decode_frame(&reply, &Limits::default())
+        .unwrap()
+        .expect("the agent says why before closing");
+    let Message::Error(e) = msg else {
+        panic!("not an Error: {msg:?}")
+    };
+    assert_eq!(e.code, ErrorCode::MALFORMED);
+    assert!(e.message.contains("not a Shoal peer"), "{}", e.message);
+
+    // A shoal peer sending a message agents do not take.
+    let mut conn = dial(agent.addr).await;
+    conn.write_frame(&Message::EndSession(EndSession { session_id: 1 }))
+        .await
+        .unwrap();
+    let Some(Message::Error(e)) = conn.read_frame().await.unwrap() else {
+        panic!("no Error frame")
+    };
+    assert!(e.message.contains("EndSession"), "{}", e.message);
+    assert_eq!(conn.read_frame().await.unwrap(), None, "closed");
+
+    // Garbage after the handshake, on a connection while another one is used normally.
+    let mut good = dial(agent.addr).await;
+    let mut bad = TcpStream::connect(agent.addr).await.unwrap();
+    let hello = Message::Hello(Hello {
+        node_id: "rogue".into(),
+        software_version: "0.1.0".into(),
+        capabilities: Capabilities::HEAD,
+    });
+    bad.write_all(&hello.to_frame().unwrap()).await.unwrap();
+    bad.write_all(&[0xFF; 64]).await.unwrap();
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), bad.read_to_end(&mut sink))
+        .await
+        .expect("the agent closes the rogue connection")
+        .unwrap();
+
+    good.write_frame(&Message::Ping(Ping { nonce: 5 }))
+        .await
+        .unwrap();
+    assert!(matches!(
+        good.read_frame().await.unwrap(),
+        Some(Message::Pong(p)) if p.nonce == 5
+    ));
+    good.write_frame(&Message::Describe(Describe))
+        .await
+        .unwrap();
+    assert!(matches!(
+        good.read_frame().await.unwrap(),
+        Some(Message::AgentCard(_))
+    ));
+    let answer = ask(agent.addr, HEAD, user_ask(10, "Say hi.", 4), LONG)
+        .await
+        .unwrap();
+    assert_eq!(answer.request_id, 10);
+}
+
+#[tokio::test]
+async fn a_prompt_beyond_the_context_is_refused_and_the_connection_stays() {
+    let agent = start(config()).await;
+    let too_long = "hello ".repeat(model().config().context_length + 100);
+
+    let mut conn = dial(agent.addr).await;
+    conn.write_frame(&Message::Ask(user_ask(11, &too_long, 8)))
+        .await
+        .unwrap();
+    let Some(Message::Error(e)) = conn.read_frame().await.unwrap() else {
+        panic!("no Error frame")
+    };
+    assert_eq!(e.code, ErrorCode::BAD_REQUEST);
+    assert_eq!(e.session_id, Some(11), "the error names the request");
+    assert!(e.message.contains("context"), "{}", e.message);
+
+    // Same connection, next request.
+    conn.write_frame(&Message::Ask(user_ask(12, "Say hi.", 4)))
+        .await
+        .unwrap();
+    let Some(Message::Answer(a)) = conn.read_frame().await.unwrap() else {
+        panic!("no Answer")
+    };
+    assert_eq!(a.request_id, 12);
+    conn.write_frame(&Message::Describe(Describe))
+        .await
+        .unwrap();
+    let Some(Message::AgentCard(card)) = conn.read_frame().await.unwrap() else {
+        panic!("no AgentCard")
+    };
+    assert_eq!(card.busy, 0);
+
+    // Through the client: a remote error with the agent's words.
+    let err = ask(agent.addr, HEAD, user_ask(13, &too_long, 8), LONG)
+        .await
+        .unwrap_err();
+    match &err {
+        AgentError::Remote { code, message, .. } => {
+            assert_eq!(*code, ErrorCode::BAD_REQUEST);
+            assert!(message.contains("context of"), "{message}");
+        }
+        other => panic!("not a remote error: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn client_errors_say_what_to_check() {
+    // Nothing listening.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let err = describe(addr, HEAD, LONG).await.unwrap_err();
+    assert!(matches!(err, AgentError::Connect { .. }), "{err}");
+    assert!(err.to_string().contains("cannot connect to agent"), "{err}");
+
+    // A shoal node that is not an agent (a pipeline stage).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut conn = Connection::new(stream, Limits::default()).unwrap();
+        server_handshake(&mut conn, |_| {
+            Ok(HelloAck {
+                node_id: "stage-1".into(),
+                software_version: "0.1.0".into(),
+                capabilities: Capabilities::STAGE,
+            })
+        })
+        .await
+        .unwrap();
+        let _ = conn.read_frame().await;
+    });
+    let err = describe(addr, HEAD, LONG).await.unwrap_err();
+    assert!(
+        matches!(&err, AgentError::NotAnAgent { node_id, .. } if node_id == "stage-1"),
+        "{err}"
+    );
+
+    // An invalid Ask is refused before dialling.
+    let bad = Ask {
+        temperature: f32::NAN,
+        ..user_ask(1, "hi", 1)
+    };
+    let err = ask(addr, HEAD, bad, LONG).await.unwrap_err();
+    assert!(matches!(err, AgentError::InvalidRequest(_)), "{err}");
+}
+
+#[test]
+fn decode_speed_is_measured() {
+    let tps = measure_decode_speed(&model());
+    assert!(tps.is_finite() && tps > 1.0, "{tps}");
+}
