@@ -65,6 +65,10 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn health(State(state): State<AppState>) -> Response {
+    if state.is_stage_only() {
+        return axum::Json(serde_json::json!({ "status": "ok", "mode": "stage-only" }))
+            .into_response();
+    }
     match state.model() {
         Ok(_) => axum::Json(serde_json::json!({ "status": "ok" })).into_response(),
         Err(e) => e.into_response(),

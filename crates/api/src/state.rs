@@ -21,6 +21,8 @@ const RING_SESSIONS: usize = 4;
 enum Load {
     Loading,
     Ready(Backend),
+    /// The node serves pipeline stages on its peer port and holds no whole model.
+    StageOnly,
     Failed(String),
 }
 
@@ -84,6 +86,23 @@ impl AppState {
         self.inner.swarm.get().cloned()
     }
 
+    /// The node holds no whole model and only serves pipeline stages: `/health` is ok,
+    /// generation requests get a 503 that points to the head.
+    pub fn set_stage_only(&self) {
+        *self.write_load() = Load::StageOnly;
+    }
+
+    pub(crate) fn is_stage_only(&self) -> bool {
+        matches!(
+            *self
+                .inner
+                .load
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            Load::StageOnly
+        )
+    }
+
     /// The model could not load: `/health` and every request say why, with a 503.
     pub fn set_failed(&self, message: String) {
         *self.write_load() = Load::Failed(message);
@@ -107,6 +126,10 @@ impl AppState {
         match &*load {
             Load::Ready(backend) => Ok(backend.clone()),
             Load::Loading => Err(ApiError::unavailable("the model is still loading")),
+            Load::StageOnly => Err(ApiError::unavailable(
+                "this node only serves pipeline stages (--stage-only); send requests to the \
+                 pipeline's head",
+            )),
             Load::Failed(message) => Err(ApiError::unavailable(format!(
                 "the model failed to load: {message}"
             ))),

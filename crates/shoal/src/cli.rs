@@ -176,6 +176,10 @@ pub(crate) struct ServeArgs {
     /// single process).
     #[arg(long, value_enum, default_value_t = crate::ring::ActivationsArg::F32)]
     pub(crate) activations: crate::ring::ActivationsArg,
+    /// Serve only pipeline stages on --peer-port: no whole model in memory (a stage holds
+    /// just its layers), no answers of this node's own.
+    #[arg(long, requires = "peer_port", conflicts_with_all = ["split", "role", "peers"])]
+    pub(crate) stage_only: bool,
     /// Swarm role of this node as an agent: reasoner, writer, concise, critic, factchecker,
     /// drafter, spotter or aggregator (none: a plain worker).
     #[arg(long)]
@@ -376,7 +380,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
                 crate::node::serve_peer_port(peer_listener, &model_path, node_id, agent).await;
             });
         }
-        if let Some(split) = a.split.clone() {
+        if a.stage_only {
+            state.set_stage_only();
+        } else if let Some(split) = a.split.clone() {
             start_pipeline_head(state.clone(), path, split, a.peers.clone(), a.activations);
         } else {
             let swarm = if a.peers.is_empty() {

@@ -216,3 +216,55 @@ fn a_stage_killed_mid_answer_does_not_change_the_answer() {
     assert_eq!(chat_text(head.addr, &b), want);
     drop(nodes);
 }
+
+/// Peak resident memory of a process, in KiB (`VmHWM` of /proc/PID/status).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn stage_only_nodes_hold_their_layers_and_answer_nothing_themselves() {
+    let single = Server::start(&model_path(QWEN05), &[]);
+    let nodes: Vec<Server> = (0..2)
+        .map(|_| Server::start(&model_path(QWEN05), &["--peer-port", "0", "--stage-only"]))
+        .collect();
+    let (b, c) = (nodes[0].peer(), nodes[1].peer());
+    let head = Server::start(
+        &model_path(QWEN05),
+        &[
+            "--peer",
+            b.as_str(),
+            "--peer",
+            c.as_str(),
+            "--split",
+            "0-7,8-15,16-23",
+        ],
+    );
+    head.wait_healthy();
+    single.wait_healthy();
+    let messages = json!([{"role": "user", "content": "Write a haiku about rivers."}]);
+    let b = body(&messages, 24, json!({}));
+    let want = chat_text(single.addr, &b);
+    assert_eq!(chat_text(head.addr, &b), want);
+
+    let health = http(nodes[0].addr, "GET", "/health", None).unwrap();
+    assert_eq!(health.status, 200, "{}", health.body);
+    assert!(health.body.contains("stage-only"), "{}", health.body);
+    let r = http(nodes[0].addr, "POST", "/v1/chat/completions", Some(&b)).unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("head"), "{}", r.body);
+
+    // The middle stage holds a third of the layers and no embedding or head.
+    let whole = peak_rss_kib(single.pid());
+    let middle = peak_rss_kib(nodes[0].pid());
+    eprintln!("peak RSS: whole model {whole} KiB, middle stage {middle} KiB");
+    assert!(
+        (middle as f64) <= 0.45 * whole as f64,
+        "a third of the layers took {middle} KiB against {whole} KiB for the whole model"
+    );
+}
