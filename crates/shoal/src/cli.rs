@@ -49,6 +49,9 @@ pub(crate) enum Command {
     Plan(crate::plan::PlanArgs),
     /// Measure answer quality against a running API (`eval humaneval`: pass@1).
     Eval(crate::eval::EvalArgs),
+    /// Test and bench tool: a TCP relay that delays every byte by --delay-ms each way (a slow
+    /// link between pipeline stages on one machine).
+    Relay(crate::relay::RelayArgs),
 }
 
 #[derive(Args)]
@@ -145,6 +148,9 @@ pub(crate) struct ChatArgs {
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
+    /// Read settings from this TOML file (keys are these flags' names; flags given here win).
+    #[arg(long, env = "SHOAL_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) model: ModelArg,
     /// Address to listen on.
@@ -170,7 +176,7 @@ pub(crate) struct ServeArgs {
     pub(crate) peers: Vec<String>,
     /// Layers per stage, e.g. `0-9,10-19,20-29`: this node runs the first range, each --peer
     /// the next one in order.
-    #[arg(long, requires = "peers")]
+    #[arg(long)]
     pub(crate) split: Option<String>,
     /// How hidden states travel between stages (f32 keeps the output identical to a
     /// single process).
@@ -178,7 +184,7 @@ pub(crate) struct ServeArgs {
     pub(crate) activations: crate::ring::ActivationsArg,
     /// Serve only pipeline stages on --peer-port: no whole model in memory (a stage holds
     /// just its layers), no answers of this node's own.
-    #[arg(long, requires = "peer_port", conflicts_with_all = ["split", "role", "peers"])]
+    #[arg(long)]
     pub(crate) stage_only: bool,
     /// Swarm role of this node as an agent: reasoner, writer, concise, critic, factchecker,
     /// drafter, spotter or aggregator (none: a plain worker).
@@ -201,15 +207,19 @@ pub(crate) struct ServeArgs {
     pub(crate) swarm_samples: usize,
 }
 
-pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(a) => run_once(a),
         Command::Chat(a) => chat(a),
-        Command::Serve(a) => serve(a),
+        Command::Serve(mut a) => {
+            let prompts = crate::config::apply(&mut a, matches.subcommand_matches("serve"))?;
+            serve(a, prompts)
+        }
         Command::Bench(a) => crate::bench::bench(a),
         Command::Plan(a) => crate::plan::run(a),
         Command::Models(a) => crate::models::models(a),
         Command::Eval(a) => crate::eval::run(a),
+        Command::Relay(a) => crate::relay::run(a),
     }
 }
 
@@ -329,7 +339,18 @@ fn bind_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
     })
 }
 
-fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+fn serve(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<ExitCode> {
+    if a.stage_only && (a.split.is_some() || a.role.is_some() || !a.peers.is_empty()) {
+        anyhow::bail!(
+            "--stage-only serves stages for a head; it takes no --split, --role or --peer"
+        );
+    }
+    if a.stage_only && a.peer_port.is_none() {
+        anyhow::bail!("--stage-only needs --peer-port (where heads send stage work)");
+    }
+    if a.split.is_some() && a.peers.is_empty() {
+        anyhow::bail!("--split needs a --peer for every range after this node's");
+    }
     let path = resolve_model(a.model.model.as_deref())?;
     let model_id = a.model_id.clone().unwrap_or_else(|| {
         path.file_stem()
@@ -398,6 +419,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
                 config.timeouts.simple = Duration::from_secs_f64(a.swarm_timeout_simple);
                 config.timeouts.complex = Duration::from_secs_f64(a.swarm_timeout_complex);
                 config.vote_samples = a.swarm_samples;
+                config.prompts = prompts.clone();
                 Some(config)
             };
             let loader_state = state.clone();
@@ -414,13 +436,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
                 // Every node with a peer port is a swarm agent (a plain worker without a
                 // role), and a swarm head answers with its own model as a last resort.
                 if a.peer_port.is_some() || swarm.is_some() {
-                    let service = crate::node::make_agent(
-                        model.clone(),
-                        &node_id,
-                        &path,
-                        role,
-                        &RolePrompts::new(),
-                    );
+                    let service =
+                        crate::node::make_agent(model.clone(), &node_id, &path, role, &prompts);
                     let _ = agent.set(service.clone());
                     if let Some(config) = swarm {
                         let _guard = handle.enter();

@@ -3,26 +3,32 @@
 
 mod bench;
 mod cli;
+mod config;
 mod eval;
 mod load;
 mod models;
 mod node;
 mod plan;
+mod relay;
 mod ring;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let matches = cli::Cli::command().get_matches();
+    let args = match cli::Cli::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
     init_tracing(args.verbose);
     if let Some(n) = args.threads {
         // candle's CPU kernels size their rayon pool from this variable on first use, so it
         // must be set before anything touches a tensor.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    match cli::run(args) {
+    match cli::run(args, &matches) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("shoal: error: {e:#}");

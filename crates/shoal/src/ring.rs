@@ -15,7 +15,8 @@ use shoal_pipeline::{PeerStage, Pipeline, PipelineConfig, PipelineError};
 use shoal_wire::{DType, WireError};
 
 /// How hidden states travel between stages.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum ActivationsArg {
     /// Half precision: half the bytes, may round differently from a single process.
     F16,

@@ -56,7 +56,19 @@ const CODE_QUESTION: &str = "Write a Python function add(a, b) that returns the 
 fn status_lists_every_agent_with_role_model_health_and_speed() {
     let reasoner = agent("reasoner");
     let critic = agent("critic");
-    let head = head(&[&reasoner, &critic], &[]);
+    // The head takes its peers and strategy from a config file.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("shoal.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "peers = [\"{}\", \"{}\"]\n[swarm]\nstrategy = \"fastest\"\n",
+            reasoner.peer(),
+            critic.peer()
+        ),
+    )
+    .unwrap();
+    let head = head(&[], &["--config", config.to_str().unwrap()]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         let r = http(head.addr, "GET", "/v1/swarm/status", None).unwrap();
@@ -73,6 +85,7 @@ fn status_lists_every_agent_with_role_model_health_and_speed() {
         assert!(Instant::now() < deadline, "agents never healthy: {v}");
         std::thread::sleep(Duration::from_millis(200));
     };
+    assert_eq!(status["strategy"], "fastest");
     let agents = status["agents"].as_array().unwrap();
     assert_eq!(agents.len(), 2);
     let mut roles: Vec<&str> = agents.iter().map(|a| a["role"].as_str().unwrap()).collect();

@@ -1,0 +1,230 @@
+//! The config file of `shoal serve --config FILE` (TOML). Every key is a `serve` flag with
+//! the same name (`peer_port` for `--peer-port`, `peers` for the repeatable `--peer`); a
+//! flag given on the command line (or by its environment variable) wins over the file.
+//! Sections: `[swarm]` for the swarm head's settings and `[prompts]` for role system
+//! prompts that replace the built-in ones.
+//!
+//! ```toml
+//! model = "models/qwen2.5-coder-0.5b-instruct.gguf"
+//! host = "0.0.0.0"
+//! port = 8080
+//! peer_port = 7070
+//! peers = ["192.168.1.20:7070", "192.168.1.21:7070"]
+//! # split = "0-7,8-15,16-23"      # pipeline mode; without it the peers form a swarm
+//! role = "reasoner"
+//!
+//! [swarm]
+//! strategy = "vote"
+//! timeout_simple_s = 6
+//! timeout_complex_s = 12
+//! vote_samples = 5
+//!
+//! [prompts]
+//! reasoner = "You are a careful reasoner. Think step by step, then answer."
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::parser::ValueSource;
+use clap::ArgMatches;
+use serde::Deserialize;
+use shoal_swarm::roles::{Role, RolePrompts};
+
+use crate::cli::ServeArgs;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConfigFile {
+    model: Option<PathBuf>,
+    model_id: Option<String>,
+    host: Option<String>,
+    port: Option<u16>,
+    api_key: Option<String>,
+    peer_port: Option<u16>,
+    peers: Option<Vec<String>>,
+    split: Option<String>,
+    activations: Option<crate::ring::ActivationsArg>,
+    stage_only: Option<bool>,
+    role: Option<String>,
+    node_id: Option<String>,
+    #[serde(default)]
+    swarm: SwarmSection,
+    /// Role name → system prompt.
+    #[serde(default)]
+    prompts: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwarmSection {
+    strategy: Option<String>,
+    timeout_simple_s: Option<f64>,
+    timeout_complex_s: Option<f64>,
+    vote_samples: Option<usize>,
+}
+
+impl ConfigFile {
+    pub(crate) fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+    }
+}
+
+/// Fills every `serve` setting not given on the command line from the config file (if
+/// any); returns the role prompts with the file's overrides.
+pub(crate) fn apply(
+    a: &mut ServeArgs,
+    matches: Option<&ArgMatches>,
+) -> anyhow::Result<RolePrompts> {
+    let Some(path) = a.config.clone() else {
+        return Ok(RolePrompts::new());
+    };
+    let file = ConfigFile::read(&path)?;
+    // Relative paths in the file are relative to the file.
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let given = |id: &str| {
+        matches.is_some_and(|m| {
+            matches!(
+                m.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        })
+    };
+    macro_rules! take {
+        ($field:ident) => {
+            if !given(stringify!($field)) {
+                if let Some(v) = file.$field {
+                    a.$field = v.into();
+                }
+            }
+        };
+    }
+    if !given("model") {
+        if let Some(m) = file.model {
+            a.model.model = Some(if m.is_relative() && m.components().count() > 1 {
+                base.join(m)
+            } else {
+                m
+            });
+        }
+    }
+    take!(model_id);
+    take!(host);
+    take!(port);
+    take!(api_key);
+    take!(peer_port);
+    take!(split);
+    take!(activations);
+    take!(stage_only);
+    take!(role);
+    take!(node_id);
+    if !given("peers") {
+        if let Some(peers) = file.peers {
+            a.peers = peers;
+        }
+    }
+    let s = file.swarm;
+    if !given("swarm_strategy") {
+        if let Some(v) = s.strategy {
+            a.swarm_strategy = v;
+        }
+    }
+    if !given("swarm_timeout_simple") {
+        if let Some(v) = s.timeout_simple_s {
+            a.swarm_timeout_simple = v;
+        }
+    }
+    if !given("swarm_timeout_complex") {
+        if let Some(v) = s.timeout_complex_s {
+            a.swarm_timeout_complex = v;
+        }
+    }
+    if !given("swarm_samples") {
+        if let Some(v) = s.vote_samples {
+            a.swarm_samples = v;
+        }
+    }
+    let mut prompts = RolePrompts::new();
+    for (role, text) in file.prompts {
+        let role: Role = role
+            .parse()
+            .map_err(|e| anyhow::anyhow!("config file [prompts]: {e}"))?;
+        prompts.set_override(role, text);
+    }
+    Ok(prompts)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn serve_with(args: &[&str], file: &str) -> (ServeArgs, RolePrompts) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shoal.toml");
+        std::fs::write(&path, file).unwrap();
+        let mut argv = vec!["shoal", "serve", "--config", path.to_str().unwrap()];
+        argv.extend(args);
+        let matches = Cli::command().try_get_matches_from(argv).unwrap();
+        let cli = Cli::from_arg_matches(&matches).unwrap();
+        let Command::Serve(mut a) = cli.command else {
+            panic!("not serve")
+        };
+        let prompts = apply(&mut a, matches.subcommand_matches("serve")).unwrap();
+        (a, prompts)
+    }
+
+    #[test]
+    fn the_file_fills_what_the_command_line_leaves_out() {
+        let file = r#"
+            host = "0.0.0.0"
+            port = 9000
+            peer_port = 7070
+            peers = ["10.0.0.2:7070", "10.0.0.3:7070"]
+            role = "critic"
+            [swarm]
+            strategy = "vote"
+            vote_samples = 7
+            [prompts]
+            critic = "Find the flaw."
+        "#;
+        let (a, prompts) = serve_with(&["--port", "8081"], file);
+        assert_eq!(a.host, "0.0.0.0");
+        assert_eq!(a.port, 8081, "the command line wins");
+        assert_eq!(a.peer_port, Some(7070));
+        assert_eq!(a.peers, ["10.0.0.2:7070", "10.0.0.3:7070"]);
+        assert_eq!(a.role.as_deref(), Some("critic"));
+        assert_eq!(a.swarm_strategy, "vote");
+        assert_eq!(a.swarm_samples, 7);
+        assert_eq!(prompts.get(Role::Critic), "Find the flaw.");
+        assert_ne!(prompts.get(Role::Reasoner), "Find the flaw.");
+    }
+
+    #[test]
+    fn unknown_keys_and_roles_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "prot = 1\n").unwrap();
+        let e = format!("{:#}", ConfigFile::read(&path).unwrap_err());
+        assert!(e.contains("prot"), "{e}");
+        let path_str = path.to_str().unwrap().to_owned();
+        std::fs::write(&path, "[prompts]\nwizard = \"x\"\n").unwrap();
+        let matches = Cli::command()
+            .try_get_matches_from(["shoal", "serve", "--config", path_str.as_str()])
+            .unwrap();
+        let Command::Serve(mut a) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!()
+        };
+        let e = apply(&mut a, matches.subcommand_matches("serve"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown role"), "{e}");
+    }
+}
