@@ -34,9 +34,11 @@ mod convert;
 mod error;
 mod head;
 mod link;
+mod profile;
 mod server;
 
 pub use convert::{file_sha256, sampling_params, sampling_spec};
 pub use error::{PipelineError, Result};
 pub use head::{PeerStage, Pipeline, PipelineConfig};
+pub use profile::{available_memory_bytes, measure_profile, probe_peer, PeerProfile};
 pub use server::{StageServer, StageServerConfig};

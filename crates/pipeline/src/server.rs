@@ -26,8 +26,8 @@ use shoal_engine::{
 };
 use shoal_wire::{
     serve_connections, server_handshake, Capabilities, Connection, ErrorCode, ErrorMessage,
-    Forward, HelloAck, Limits, LoadStage, Message, Payload, Pong, ServeConfig, StageReady, Token,
-    Want, WireError,
+    Forward, HelloAck, Limits, LoadStage, Message, Payload, Pong, Profile, ServeConfig, StageReady,
+    Token, Want, WireError,
 };
 use tokio::net::TcpListener;
 
@@ -82,6 +82,8 @@ struct Inner {
     links: tokio::sync::Mutex<LinkPool>,
     /// SHA-256 of model files already hashed, by path.
     hashes: Mutex<HashMap<PathBuf, [u8; 32]>>,
+    /// Measured profiles by model id.
+    profiles: Mutex<HashMap<String, Profile>>,
 }
 
 struct Loaded {
@@ -124,6 +126,7 @@ impl StageServer {
                 ended: Mutex::new(HashMap::new()),
                 links: tokio::sync::Mutex::new(links),
                 hashes: Mutex::new(HashMap::new()),
+                profiles: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -263,6 +266,15 @@ impl StageServer {
                     lock(&state).cache.truncate(t.len as usize);
                 }
             }
+            Message::GetProfile(g) => {
+                let reply = match self.profile(&g.model_id).await {
+                    Ok(profile) => Message::Profile(profile),
+                    Err(e) => {
+                        Message::Error(ErrorMessage::new(error_code(&e), None, e.to_string()))
+                    }
+                };
+                conn.write_frame(&reply).await?;
+            }
             Message::Ping(p) => {
                 conn.write_frame(&Message::Pong(Pong { nonce: p.nonce }))
                     .await?
@@ -279,6 +291,23 @@ impl StageServer {
             }
         }
         Ok(())
+    }
+
+    /// This node's profile on a model, measured the first time a head asks (and kept: the
+    /// device does not change between heads' questions).
+    async fn profile(&self, model_id: &str) -> Result<Profile> {
+        if let Some(p) = lock(&self.inner.profiles).get(model_id) {
+            return Ok(p.clone());
+        }
+        let path = resolve_model(&self.inner.config.models_dir, model_id)?;
+        let node_id = self.inner.config.node_id.clone();
+        let mut profile =
+            tokio::task::spawn_blocking(move || crate::profile::measure_profile(&path, &node_id))
+                .await??;
+        lock(&self.inner.profiles).insert(model_id.to_owned(), profile.clone());
+        // Memory is what is free now, not when first measured.
+        profile.free_memory_bytes = crate::profile::available_memory_bytes().unwrap_or(0);
+        Ok(profile)
     }
 
     async fn load(&self, plan: LoadStage) -> Result<StageReady> {

@@ -175,9 +175,13 @@ pub(crate) struct ServeArgs {
     #[arg(long = "peer", value_name = "HOST:PORT")]
     pub(crate) peers: Vec<String>,
     /// Layers per stage, e.g. `0-9,10-19,20-29`: this node runs the first range, each --peer
-    /// the next one in order.
+    /// the next one in order. `auto`: measure this node and ask every peer for its profile
+    /// (time per layer, free memory, round trip), and let the planner place the layers.
     #[arg(long)]
     pub(crate) split: Option<String>,
+    /// With `--split auto`: memory (GiB) this node offers to the plan, below what is free.
+    #[arg(long)]
+    pub(crate) plan_memory_gib: Option<f64>,
     /// How hidden states travel between stages (f32 keeps the output identical to a
     /// single process).
     #[arg(long, value_enum, default_value_t = crate::ring::ActivationsArg::F32)]
@@ -404,7 +408,20 @@ fn serve(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<ExitCode> {
         if a.stage_only {
             state.set_stage_only();
         } else if let Some(split) = a.split.clone() {
-            start_pipeline_head(state.clone(), path, split, a.peers.clone(), a.activations);
+            let plan = PlanInputs {
+                node_id: node_id.clone(),
+                memory_cap: a
+                    .plan_memory_gib
+                    .map(|g| (g * 1024.0 * 1024.0 * 1024.0) as u64),
+            };
+            start_pipeline_head(
+                state.clone(),
+                path,
+                split,
+                a.peers.clone(),
+                a.activations,
+                plan,
+            );
         } else {
             let swarm = if a.peers.is_empty() {
                 None
@@ -458,30 +475,49 @@ fn serve(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Pipeline head: loads only the first stage, sets up the peers' stages, then answers
-/// through the ring.
+/// Pipeline head: plans the ring (`--split auto`) or checks the given split, loads only the
+/// first stage, sets up the peers' stages, then answers through the ring.
 fn start_pipeline_head(
     state: shoal_api::AppState,
     path: std::path::PathBuf,
     split: String,
     peers: Vec<String>,
     activations: crate::ring::ActivationsArg,
+    plan: PlanInputs,
 ) {
     tokio::spawn(async move {
         let ring = async {
-            let n_layers = shoal_engine::GgufFile::open(&path)?.config().n_layers;
-            let ranges = crate::ring::check_split(&split, peers.len(), n_layers)?;
-            crate::ring::connect_ring(&path, &peers, &ranges, activations).await
+            let (ranges, peers) = if split.trim() == "auto" {
+                crate::ring::plan_ring(&path, &peers, &plan.node_id, plan.memory_cap).await?
+            } else {
+                let n_layers = shoal_engine::GgufFile::open(&path)?.config().n_layers;
+                let ranges = crate::ring::check_split(&split, peers.len(), n_layers)?;
+                (ranges, peers)
+            };
+            let shown: Vec<String> = ranges
+                .iter()
+                .map(|r| format!("{}-{}", r.start, r.end.saturating_sub(1)))
+                .collect();
+            let pipeline = crate::ring::connect_ring(&path, &peers, &ranges, activations).await?;
+            eprintln!(
+                "pipeline ready: {} over this node and {peers:?}",
+                shown.join(",")
+            );
+            anyhow::Ok(pipeline)
         };
         match ring.await {
-            Ok(pipeline) => {
-                eprintln!("pipeline ready: {split} over this node and {peers:?}");
-                state.set_ready(Arc::new(pipeline));
-            }
+            Ok(pipeline) => state.set_ready(Arc::new(pipeline)),
             Err(e) => {
                 tracing::error!("{e:#}");
                 state.set_failed(format!("{e:#}"));
             }
         }
     });
+}
+
+/// What `--split auto` needs besides the peers.
+struct PlanInputs {
+    node_id: String,
+    /// Memory this node offers to the plan, if capped below what is free.
+    memory_cap: Option<u64>,
 }

@@ -1,8 +1,8 @@
 //! `shoal plan`: where a model's layers would go, and why.
 //!
-//! This node measures itself on the real model (time per layer, free memory). Until
-//! peers report their own profiles over the wire, other devices are described with
-//! `--node`, and hop costs with `--link-ms`.
+//! This node measures itself on the real model (time per layer, free memory); other
+//! devices are described with `--node`, and hop costs with `--link-ms`. (`shoal serve
+//! --split auto` plans the same way from profiles the peers report over the wire.)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,7 +52,7 @@ pub(crate) fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     let timing = shoal_engine::profile::measure(model.stage(), 64, 16)?;
     let free = match a.memory_gib {
         Some(g) => (g * GIB) as u64,
-        None => available_memory_bytes().context("cannot read /proc/meminfo")?,
+        None => shoal_pipeline::available_memory_bytes().context("cannot read /proc/meminfo")?,
     };
     let mut nodes = vec![NodeProfile {
         id: "this-node".into(),
@@ -127,14 +127,6 @@ fn parse_node(spec: &str) -> anyhow::Result<NodeProfile> {
             None => decode / 8.0,
         },
     })
-}
-
-/// MemAvailable from /proc/meminfo, in bytes.
-fn available_memory_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 #[cfg(test)]

@@ -183,12 +183,91 @@ pub(crate) async fn connect_ring(
 }
 
 /// A peer refused the connection: nothing listens on its port (yet).
-fn not_listening_yet(e: &PipelineError) -> bool {
+pub(crate) fn not_listening_yet(e: &PipelineError) -> bool {
     let io = match e {
         PipelineError::Wire(WireError::Io(io)) | PipelineError::Io(io) => io,
         _ => return false,
     };
     io.kind() == std::io::ErrorKind::ConnectionRefused
+}
+
+/// `--split auto`: asks every peer for its profile on the model (time per layer, free
+/// memory) and times the round trip to it, measures this node, and lets the planner place
+/// the layers for one stream. Returns the head's range and the peers that take part, with
+/// their ranges, in ring order (possibly none: a model that runs best on the head alone).
+///
+/// Link costs: head ↔ peer is half the measured round trip; peer ↔ peer, which the head
+/// cannot see, is taken as the mean of the two peers' one-way costs to the head.
+pub(crate) async fn plan_ring(
+    model_path: &Path,
+    peers: &[String],
+    node_id: &str,
+    memory_cap: Option<u64>,
+) -> anyhow::Result<(Vec<Range<usize>>, Vec<String>)> {
+    let model_id = model_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut probed = Vec::with_capacity(peers.len());
+    for p in peers {
+        let addr = resolve_addr(p)?;
+        let deadline = Instant::now() + CONNECT_PATIENCE;
+        let probe = loop {
+            match shoal_pipeline::probe_peer(addr, node_id, &model_id, Duration::from_secs(120))
+                .await
+            {
+                Err(e) if not_listening_yet(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => break other,
+            }
+        };
+        probed.push(probe.with_context(|| format!("asking peer {p} for its profile"))?);
+    }
+    let path = model_path.to_path_buf();
+    let id = node_id.to_owned();
+    let mine =
+        tokio::task::spawn_blocking(move || shoal_pipeline::measure_profile(&path, &id)).await??;
+    let free = memory_cap.map_or(mine.free_memory_bytes, |cap| {
+        cap.min(mine.free_memory_bytes)
+    });
+    let profile = |id: &str, p: &shoal_wire::Profile, free: u64| shoal_cluster::NodeProfile {
+        id: id.to_owned(),
+        free_memory_bytes: free,
+        decode_ms_per_layer: f64::from(p.decode_ms_per_layer),
+        prefill_ms_per_layer_token: f64::from(p.prefill_ms_per_layer_token),
+    };
+    let mut nodes = vec![profile(node_id, &mine, free)];
+    for (p, addr) in probed.iter().zip(peers) {
+        nodes.push(profile(addr, &p.profile, p.profile.free_memory_bytes));
+    }
+    let one_way: Vec<f64> = std::iter::once(0.0)
+        .chain(probed.iter().map(|p| p.rtt.as_secs_f64() * 1e3 / 2.0))
+        .collect();
+    let links: Vec<Vec<f64>> = (0..nodes.len())
+        .map(|i| {
+            (0..nodes.len())
+                .map(|j| match (i, j) {
+                    _ if i == j => 0.0,
+                    (0, k) | (k, 0) => one_way[k],
+                    (a, b) => (one_way[a] + one_way[b]) / 2.0,
+                })
+                .collect()
+        })
+        .collect();
+    let file = shoal_engine::GgufFile::open(model_path)?;
+    let context = file.config().context_length.min(4096);
+    let shape = crate::plan::model_shape(&file, context);
+    let plan = shoal_cluster::plan(&shape, &nodes, &links, shoal_cluster::Objective::Latency)?;
+    eprintln!("{plan}");
+    let ranges = plan.ranges();
+    let ring_peers = plan
+        .stages
+        .iter()
+        .skip(1)
+        .filter_map(|s| peers.get(s.node.checked_sub(1)?).cloned())
+        .collect();
+    Ok((ranges, ring_peers))
 }
 
 /// Runs `prompt` through a ring (see [`connect_ring`]) and streams the text to stdout like

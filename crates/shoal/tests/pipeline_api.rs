@@ -268,3 +268,37 @@ fn stage_only_nodes_hold_their_layers_and_answer_nothing_themselves() {
         "a third of the layers took {middle} KiB against {whole} KiB for the whole model"
     );
 }
+
+#[test]
+fn split_auto_plans_from_measured_profiles_and_answers_the_same() {
+    let single = Server::start(&model_path(QWEN05), &[]);
+    let nodes: Vec<Server> = (0..2)
+        .map(|_| Server::start(&model_path(QWEN05), &["--peer-port", "0", "--stage-only"]))
+        .collect();
+    let (b, c) = (nodes[0].peer(), nodes[1].peer());
+    // The head offers too little memory for the whole model: the planner must use peers.
+    let head = Server::start(
+        &model_path(QWEN05),
+        &[
+            "--peer",
+            b.as_str(),
+            "--peer",
+            c.as_str(),
+            "--split",
+            "auto",
+            "--plan-memory-gib",
+            "0.25",
+        ],
+    );
+    head.wait_healthy();
+    single.wait_healthy();
+    let messages = json!([{"role": "user", "content": "Write a haiku about rivers."}]);
+    let b = body(&messages, 24, json!({}));
+    assert_eq!(chat_text(head.addr, &b), chat_text(single.addr, &b));
+    // The peers hold layers now.
+    let used: usize = nodes
+        .iter()
+        .filter(|n| peak_rss_kib(n.pid()) > 100 * 1024)
+        .count();
+    assert!(used >= 1, "no peer took layers");
+}

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use shoal_wire::{
     Activations, AgentCard, Answer, Ask, Capabilities, ChatTurn, DType, Describe, EndSession,
-    ErrorCode, ErrorMessage, Finish, Forward, Hello, HelloAck, LoadStage, LogitRows, Logits,
-    Message, Payload, Ping, Pong, SamplingSpec, StageReady, Token, Truncate, Want,
+    ErrorCode, ErrorMessage, Finish, Forward, GetProfile, Hello, HelloAck, LoadStage, LogitRows,
+    Logits, Message, Payload, Ping, Pong, Profile, SamplingSpec, StageReady, Token, Truncate, Want,
 };
 
 fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
@@ -158,6 +158,15 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             prompt_tokens: 40,
             completion_tokens: 9,
             elapsed_ms: 250,
+        }),
+        Message::GetProfile(GetProfile {
+            model_id: "qwen2.5-coder-0.5b-instruct.gguf".into(),
+        }),
+        Message::Profile(Profile {
+            node_id: "pi".into(),
+            free_memory_bytes: 4 << 30,
+            decode_ms_per_layer: 2.5,
+            prefill_ms_per_layer_token: 0.3,
         }),
     ])
 }

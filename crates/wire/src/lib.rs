@@ -49,6 +49,8 @@
 //! | `0x0031` | [`AgentCard`] | agent → head | node id, role, model, context length, measured tokens/s, thermal penalty, requests busy |
 //! | `0x0032` | [`Ask`] | head → agent | a conversation to answer: system prompt override, turns, sampling, stop strings |
 //! | `0x0033` | [`Answer`] | agent → head | the generated text, finish reason, token counts, time taken |
+//! | `0x0040` | [`GetProfile`] | head → node | measure yourself on this model (by file name) |
+//! | `0x0041` | [`Profile`] | node → head | decode and prefill ms per layer, free memory |
 //!
 //! Shared field encodings: `bool` and option tags are one byte, 0 or 1; strings are a `u32`
 //! byte length then UTF-8; vectors of `u32` are a `u32` count then the elements; a socket
@@ -85,9 +87,10 @@ pub use frame::{
 pub use handshake::{client_handshake, server_handshake};
 pub use message::{
     AgentCard, Answer, Ask, Capabilities, ChatTurn, Describe, EndSession, ErrorCode, ErrorMessage,
-    Finish, Forward, Hello, HelloAck, LoadStage, LogitRows, Logits, Message, MessageType, Payload,
-    Ping, Pong, SamplingSpec, StageReady, Token, Truncate, Want, MAX_CHAT_ROLE, MAX_CHAT_TEXT,
-    MAX_CHAT_TURNS, MAX_ERROR_MESSAGE, MAX_MODEL_ID, MAX_MODEL_NAME, MAX_NODE_ID,
-    MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION, MAX_STOP, MAX_STOP_LEN, MAX_TOKENS,
+    Finish, Forward, GetProfile, Hello, HelloAck, LoadStage, LogitRows, Logits, Message,
+    MessageType, Payload, Ping, Pong, Profile, SamplingSpec, StageReady, Token, Truncate, Want,
+    MAX_CHAT_ROLE, MAX_CHAT_TEXT, MAX_CHAT_TURNS, MAX_ERROR_MESSAGE, MAX_MODEL_ID, MAX_MODEL_NAME,
+    MAX_NODE_ID, MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION, MAX_STOP, MAX_STOP_LEN,
+    MAX_TOKENS,
 };
 pub use server::{serve_connections, ServeConfig};

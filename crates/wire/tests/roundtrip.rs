@@ -6,9 +6,9 @@ use bytes::Bytes;
 use shoal_wire::{
     check_frame, decode_activations, decode_frame, encode_activations, Activations, AgentCard,
     Answer, Ask, Capabilities, ChatTurn, Connection, DType, Describe, EndSession, ErrorCode,
-    ErrorMessage, Finish, Forward, Hello, HelloAck, Limits, LoadStage, LogitRows, Logits, Message,
-    MessageType, Payload, Ping, Pong, SamplingSpec, StageReady, Token, Truncate, Want, WireError,
-    HEADER_LEN, MAX_CHAT_TURNS, MAX_STOP,
+    ErrorMessage, Finish, Forward, GetProfile, Hello, HelloAck, Limits, LoadStage, LogitRows,
+    Logits, Message, MessageType, Payload, Ping, Pong, Profile, SamplingSpec, StageReady, Token,
+    Truncate, Want, WireError, HEADER_LEN, MAX_CHAT_TURNS, MAX_STOP,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use tokio::io::AsyncWriteExt;
@@ -181,6 +181,15 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
             len: rng.u32(),
         }),
         MessageType::Describe => Message::Describe(Describe),
+        MessageType::GetProfile => Message::GetProfile(GetProfile {
+            model_id: rng.string(40),
+        }),
+        MessageType::Profile => Message::Profile(Profile {
+            node_id: rng.node_id(),
+            free_memory_bytes: rng.next(),
+            decode_ms_per_layer: rng.unit() * 50.0,
+            prefill_ms_per_layer_token: rng.unit() * 5.0,
+        }),
         MessageType::AgentCard => Message::AgentCard(AgentCard {
             node_id: rng.node_id(),
             role: rng.string(12),
@@ -694,4 +703,47 @@ fn agent_messages_refuse_leftover_bytes() {
             msg.name()
         );
     }
+}
+
+#[test]
+fn profile_bytes_and_refusals() {
+    let msg = Message::Profile(Profile {
+        node_id: "pi".to_owned(),
+        free_memory_bytes: 1 << 32,
+        decode_ms_per_layer: 1.5,
+        prefill_ms_per_layer_token: 0.25,
+    });
+    let frame = msg.to_frame().unwrap();
+    let mut want = Vec::new();
+    want.extend_from_slice(b"SHOL");
+    want.extend_from_slice(&1u16.to_le_bytes());
+    want.extend_from_slice(&0x0041u16.to_le_bytes());
+    want.extend_from_slice(&(4u32 + 2 + 8 + 4 + 4).to_le_bytes());
+    want.extend_from_slice(&2u32.to_le_bytes());
+    want.extend_from_slice(b"pi");
+    want.extend_from_slice(&(1u64 << 32).to_le_bytes());
+    want.extend_from_slice(&1.5f32.to_le_bytes());
+    want.extend_from_slice(&0.25f32.to_le_bytes());
+    assert_eq!(frame, want);
+    assert_eq!(decode(&frame).unwrap(), msg);
+    for bad in [f32::NAN, -1.0, f32::INFINITY] {
+        let msg = Message::Profile(Profile {
+            node_id: "pi".to_owned(),
+            free_memory_bytes: 0,
+            decode_ms_per_layer: bad,
+            prefill_ms_per_layer_token: 0.0,
+        });
+        assert!(msg.to_frame().is_err(), "{bad} must be refused");
+    }
+    let mut leftover = Message::GetProfile(GetProfile {
+        model_id: "m.gguf".to_owned(),
+    })
+    .to_frame()
+    .unwrap();
+    leftover.push(0);
+    fix_len(&mut leftover);
+    assert!(matches!(
+        decode(&leftover).unwrap_err(),
+        WireError::TrailingBytes { extra: 1, .. }
+    ));
 }

@@ -9,6 +9,7 @@
 mod agent;
 mod control;
 mod handshake;
+mod profile;
 mod session;
 mod stage;
 
@@ -20,6 +21,7 @@ pub use agent::{
 };
 pub use control::{ErrorCode, ErrorMessage, Ping, Pong, MAX_ERROR_MESSAGE};
 pub use handshake::{Capabilities, Hello, HelloAck, MAX_NODE_ID, MAX_SOFTWARE_VERSION};
+pub use profile::{GetProfile, Profile};
 pub use session::{
     EndSession, Forward, LogitRows, Logits, Payload, SamplingSpec, Token, Truncate, Want,
     MAX_PENALTY_TOKENS, MAX_TOKENS,
@@ -65,11 +67,15 @@ pub enum MessageType {
     Ask,
     /// `0x0033` [`Answer`]
     Answer,
+    /// `0x0040` [`GetProfile`]
+    GetProfile,
+    /// `0x0041` [`Profile`]
+    Profile,
 }
 
 impl MessageType {
     /// Every message type, in wire order.
-    pub const ALL: [MessageType; 16] = [
+    pub const ALL: [MessageType; 18] = [
         MessageType::Hello,
         MessageType::HelloAck,
         MessageType::Error,
@@ -86,6 +92,8 @@ impl MessageType {
         MessageType::AgentCard,
         MessageType::Ask,
         MessageType::Answer,
+        MessageType::GetProfile,
+        MessageType::Profile,
     ];
 
     /// The type id on the wire.
@@ -107,6 +115,8 @@ impl MessageType {
             MessageType::AgentCard => 0x0031,
             MessageType::Ask => 0x0032,
             MessageType::Answer => 0x0033,
+            MessageType::GetProfile => 0x0040,
+            MessageType::Profile => 0x0041,
         }
     }
 
@@ -134,6 +144,8 @@ impl MessageType {
             MessageType::AgentCard => "AgentCard",
             MessageType::Ask => "Ask",
             MessageType::Answer => "Answer",
+            MessageType::GetProfile => "GetProfile",
+            MessageType::Profile => "Profile",
         }
     }
 }
@@ -179,6 +191,10 @@ pub enum Message {
     Ask(Ask),
     /// Agent → head: the answer to an [`Ask`].
     Answer(Answer),
+    /// Head → node: measure yourself on this model.
+    GetProfile(GetProfile),
+    /// Node → head: time per layer and free memory.
+    Profile(Profile),
 }
 
 impl Message {
@@ -201,6 +217,8 @@ impl Message {
             Message::AgentCard(_) => MessageType::AgentCard,
             Message::Ask(_) => MessageType::Ask,
             Message::Answer(_) => MessageType::Answer,
+            Message::GetProfile(_) => MessageType::GetProfile,
+            Message::Profile(_) => MessageType::Profile,
         }
     }
 
@@ -229,6 +247,8 @@ impl Message {
             MessageType::AgentCard => Message::AgentCard(AgentCard::parse(&mut r)?),
             MessageType::Ask => Message::Ask(Ask::parse(&mut r)?),
             MessageType::Answer => Message::Answer(Answer::parse(&mut r)?),
+            MessageType::GetProfile => Message::GetProfile(GetProfile::parse(&mut r)?),
+            MessageType::Profile => Message::Profile(Profile::parse(&mut r)?),
         };
         r.finish()?;
         Ok(msg)
@@ -253,6 +273,8 @@ impl Message {
             Message::AgentCard(m) => m.encode(out),
             Message::Ask(m) => m.encode(out),
             Message::Answer(m) => m.encode(out),
+            Message::GetProfile(m) => m.encode(out),
+            Message::Profile(m) => m.encode(out),
         }
     }
 
@@ -270,6 +292,8 @@ impl Message {
             Message::AgentCard(m) => m.validate(),
             Message::Ask(m) => m.validate(),
             Message::Answer(m) => m.validate(),
+            Message::GetProfile(m) => m.validate(),
+            Message::Profile(m) => m.validate(),
             Message::Ping(_)
             | Message::Pong(_)
             | Message::EndSession(_)
@@ -340,6 +364,8 @@ impl_from!(
     AgentCard(AgentCard),
     Ask(Ask),
     Answer(Answer),
+    GetProfile(GetProfile),
+    Profile(Profile),
 );
 
 /// Finite-float check shared by validators.
