@@ -311,6 +311,13 @@ fn humaneval(a: HumanevalArgs) -> anyhow::Result<ExitCode> {
     if !(0.0..=2.0).contains(&a.temperature) {
         bail!("--temperature must be within 0..=2");
     }
+    if a.model.is_some() && a.strategy != Strategy::Single && !a.check_harness {
+        bail!(
+            "--model is for --strategy single; --strategy {} sends `\"model\": \"swarm:{}\"`",
+            a.strategy.as_str(),
+            a.strategy.as_str()
+        );
+    }
     let data = a.data.clone().unwrap_or_else(default_data_path);
     let all = load_problems(&data)?;
     if a.offset >= all.len() {

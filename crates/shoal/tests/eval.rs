@@ -261,3 +261,17 @@ fn two_problems_against_a_real_server() {
     assert!(err.contains("gpt-9"), "{err}");
     assert!(err.contains("does not exist"), "{err}");
 }
+
+#[test]
+fn a_model_name_with_a_swarm_strategy_is_refused() {
+    let err = failure(&eval(&[
+        "--strategy",
+        "vote",
+        "--model",
+        "m",
+        "--limit",
+        "1",
+    ]));
+    assert!(err.contains("--model is for --strategy single"), "{err}");
+    assert!(err.contains("swarm:vote"), "{err}");
+}
