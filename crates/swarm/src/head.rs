@@ -108,6 +108,9 @@ pub struct AgentStatus {
     pub busy: u32,
     /// Why it is unhealthy.
     pub last_error: Option<String>,
+    /// Whether a `Describe` has been tried yet.
+    #[serde(skip)]
+    checked: bool,
 }
 
 impl AgentStatus {
@@ -124,6 +127,7 @@ impl AgentStatus {
             weight: 0.0,
             busy: 0,
             last_error: Some("not contacted yet".to_owned()),
+            checked: false,
         }
     }
 
@@ -317,6 +321,7 @@ impl Swarm {
         .await;
         let mut agents = self.lock_agents();
         for (status, card) in agents.iter_mut().zip(cards) {
+            status.checked = true;
             match card {
                 Ok(card) => status.update(&card),
                 Err(e) => {
@@ -390,8 +395,8 @@ impl Swarm {
             .find(|t| t.role == "user")
             .map(|t| t.content.clone())
             .ok_or(SwarmError::NoQuestion)?;
-        // Agents never contacted yet (a head that just started) are asked first.
-        if self.lock_agents().iter().any(|s| s.node_id.is_none()) {
+        // A head that just started, before its monitor's first round: ask the agents first.
+        if self.lock_agents().iter().all(|s| !s.checked) {
             self.refresh().await;
         }
         let strategy = request.strategy.unwrap_or(self.config.strategy);
