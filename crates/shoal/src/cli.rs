@@ -423,48 +423,16 @@ fn serve(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<ExitCode> {
                 plan,
             );
         } else {
-            let swarm = if a.peers.is_empty() {
-                None
-            } else {
-                let agents = a
-                    .peers
-                    .iter()
-                    .map(|p| crate::ring::resolve_addr(p))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let mut config = SwarmConfig::new(node_id.clone(), agents);
-                config.strategy = strategy;
-                config.timeouts.simple = Duration::from_secs_f64(a.swarm_timeout_simple);
-                config.timeouts.complex = Duration::from_secs_f64(a.swarm_timeout_complex);
-                config.vote_samples = a.swarm_samples;
-                config.prompts = prompts.clone();
-                Some(config)
-            };
-            let loader_state = state.clone();
-            let handle = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || {
-                let model = match load_model(&path, true) {
-                    Ok(model) => Arc::new(model),
-                    Err(e) => {
-                        tracing::error!("{e:#}");
-                        loader_state.set_failed(format!("{e:#}"));
-                        return;
-                    }
-                };
-                // Every node with a peer port is a swarm agent (a plain worker without a
-                // role), and a swarm head answers with its own model as a last resort.
-                if a.peer_port.is_some() || swarm.is_some() {
-                    let service =
-                        crate::node::make_agent(model.clone(), &node_id, &path, role, &prompts);
-                    let _ = agent.set(service.clone());
-                    if let Some(config) = swarm {
-                        let _guard = handle.enter();
-                        let swarm = Arc::new(Swarm::new(config, Some(service)));
-                        swarm.spawn_monitor(Duration::from_secs(5));
-                        loader_state.set_swarm(swarm);
-                    }
-                }
-                loader_state.set_ready(model);
+            let swarm = swarm_config(&a, &node_id, strategy, &prompts)?;
+            // Every node with a peer port is a swarm agent (a plain worker without a role),
+            // and a swarm head answers with its own model as a last resort.
+            let agent = (a.peer_port.is_some() || swarm.is_some()).then(|| AgentSetup {
+                slot: agent,
+                node_id: node_id.clone(),
+                role,
+                prompts,
             });
+            start_local_model(state.clone(), path, agent, swarm);
         }
         axum::serve(listener, shoal_api::app(state))
             .with_graceful_shutdown(async {
@@ -473,6 +441,72 @@ fn serve(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<ExitCode> {
             .await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The swarm this node heads: one agent per `--peer` (without `--split`).
+fn swarm_config(
+    a: &ServeArgs,
+    node_id: &str,
+    strategy: Strategy,
+    prompts: &RolePrompts,
+) -> anyhow::Result<Option<SwarmConfig>> {
+    if a.peers.is_empty() {
+        return Ok(None);
+    }
+    let agents = a
+        .peers
+        .iter()
+        .map(|p| crate::ring::resolve_addr(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut config = SwarmConfig::new(node_id, agents);
+    config.strategy = strategy;
+    config.timeouts.simple = Duration::from_secs_f64(a.swarm_timeout_simple);
+    config.timeouts.complex = Duration::from_secs_f64(a.swarm_timeout_complex);
+    config.vote_samples = a.swarm_samples;
+    config.prompts = prompts.clone();
+    Ok(Some(config))
+}
+
+/// How this node's model also serves as a swarm agent.
+struct AgentSetup {
+    /// Where the peer port finds the agent once the model has loaded.
+    slot: crate::node::AgentSlot,
+    node_id: String,
+    role: Option<Role>,
+    prompts: RolePrompts,
+}
+
+/// Loads the whole model in the background; then makes it this node's agent (with a peer
+/// port or a swarm), starts heading the swarm (with `--peer`), and serves the API.
+fn start_local_model(
+    state: shoal_api::AppState,
+    path: PathBuf,
+    agent: Option<AgentSetup>,
+    swarm: Option<SwarmConfig>,
+) {
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let model = match load_model(&path, true) {
+            Ok(model) => Arc::new(model),
+            Err(e) => {
+                tracing::error!("{e:#}");
+                state.set_failed(format!("{e:#}"));
+                return;
+            }
+        };
+        if let Some(a) = agent {
+            let service =
+                crate::node::make_agent(model.clone(), &a.node_id, &path, a.role, &a.prompts);
+            let _ = a.slot.set(service.clone());
+            if let Some(config) = swarm {
+                let _runtime = handle.enter();
+                let swarm = Arc::new(Swarm::new(config, Some(service)));
+                swarm.spawn_monitor(Duration::from_secs(5));
+                state.set_swarm(swarm);
+            }
+        }
+        state.set_ready(model);
+    });
 }
 
 /// Pipeline head: plans the ring (`--split auto`) or checks the given split, loads only the
