@@ -53,20 +53,20 @@ impl SamplingParams {
     }
 }
 
-/// A sampler with its own random state, seeded once per session.
+/// A sampler for one session. Its random draw for a token depends only on the seed and the
+/// token's position in the session, not on how many draws came before: any node that
+/// samples a position draws the same, so a ring re-planned mid-session (a new last stage,
+/// a new sampler) replays to exactly the tokens the lost ring would have drawn.
 pub struct Sampler {
     params: SamplingParams,
-    rng: Xoshiro256,
     /// Scratch space reused between tokens.
     candidates: Vec<(u32, f32)>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        let rng = Xoshiro256::seed(params.seed);
         Self {
             params,
-            rng,
             candidates: Vec::new(),
         }
     }
@@ -76,8 +76,15 @@ impl Sampler {
     }
 
     /// Picks a token. `history` is every token of the session so far (prompt included),
-    /// for the penalties. `logits` is modified in place.
+    /// for the penalties; the token is drawn for position `history.len()`. `logits` is
+    /// modified in place.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.sample_at(logits, history, history.len())
+    }
+
+    /// Picks the token at `position` (its index in the session). `history` holds the tokens
+    /// the penalties look at (the whole session, or just its last `repeat_last_n`).
+    pub fn sample_at(&mut self, logits: &mut [f32], history: &[u32], position: usize) -> u32 {
         self.apply_penalties(logits, history);
         if self.params.is_greedy() {
             return argmax(logits);
@@ -120,7 +127,12 @@ impl Sampler {
         }
         let t = p.temperature;
         let probs = softmax(c.iter().map(|x| x.1 / t));
-        let r = self.rng.next_f64() * probs.iter().sum::<f64>();
+        let mut rng = Xoshiro256::seed(
+            self.params
+                .seed
+                .wrapping_add((position as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)),
+        );
+        let r = rng.next_f64() * probs.iter().sum::<f64>();
         let mut cum = 0.0;
         for (i, pr) in probs.iter().enumerate() {
             cum += pr;
@@ -298,10 +310,36 @@ mod tests {
         }));
         let logits = [0.0f32, (3.0f32).ln()]; // p = 0.25, 0.75
         let ones = (0..4000)
-            .filter(|_| s.sample(&mut logits.clone(), &[]) == 1)
+            .filter(|&i| s.sample_at(&mut logits.clone(), &[], i) == 1)
             .count();
         let frac = ones as f64 / 4000.0;
         assert!((frac - 0.75).abs() < 0.03, "{frac}");
+    }
+
+    #[test]
+    fn a_draw_depends_on_seed_and_position_only() {
+        let p = params(|p| {
+            p.temperature = 1.0;
+            p.seed = 5;
+        });
+        let logits = [0.0f32, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7];
+        let mut busy = Sampler::new(p.clone());
+        for i in 0..37 {
+            busy.sample_at(&mut logits.clone(), &[], i);
+        }
+        let draws: Vec<u32> = (100..140)
+            .map(|i| busy.sample_at(&mut logits.clone(), &[], i))
+            .collect();
+        // A fresh sampler (a new last stage after a re-plan) draws the same.
+        let mut fresh = Sampler::new(p);
+        let again: Vec<u32> = (100..140)
+            .map(|i| fresh.sample_at(&mut logits.clone(), &[], i))
+            .collect();
+        assert_eq!(draws, again);
+        assert!(
+            draws.iter().any(|&t| t != draws[0]),
+            "positions draw differently"
+        );
     }
 
     #[test]

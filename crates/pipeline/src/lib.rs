@@ -17,16 +17,17 @@
 //! activations travel as f32 and the prompt is prefilled in the same chunks (the engine's
 //! numerics depend on the chunking, not on the split); with the default f16 the tests see the
 //! same tokens for SmolLM2, but that is rounding luck, not a guarantee. Sampled output equals it
-//! for the same seed because the last stage keeps one sampler per session, whose random stream
-//! advances once per token as in the single-process loop.
+//! for the same seed because every token's draw is seeded by the session seed and the token's
+//! position, on the last stage as in the single-process loop.
 //!
 //! **Recovery.** When a stage dies mid-session (its link closes, it reports an error, or no
 //! token comes in time), the head probes the peers, spreads the layers over itself and the
 //! ones that answer (each keeping its share of the old plan), and replays the session on the
 //! new ring: the prompt in the same chunks, then every token generated so far one step at a
 //! time, exactly as first fed. Every stage then computes what the lost ring had, so greedy
-//! output goes on unchanged. A sampled session goes on too, but the new last stage's sampler
-//! starts a fresh random stream, so its remaining tokens are a different (valid) sample.
+//! output goes on unchanged; so does a sampled session, since a token's random draw depends
+//! only on the seed and its position (see [`shoal_engine::Sampler`]), not on which node
+//! draws it.
 //!
 //! Not yet: `Logits` replies (speculative verify), batching across sessions, authentication.
 

@@ -447,7 +447,9 @@ impl StageServer {
                             state.sampler = None;
                         }
                         let sampler = state.sampler.get_or_insert_with(|| Sampler::new(params));
-                        let token = sampler.sample(&mut logits, &spec.penalty_tokens);
+                        // The token drawn is the one after the last position fed.
+                        let position = positions.last().map_or(0, |&p| p + 1);
+                        let token = sampler.sample_at(&mut logits, &spec.penalty_tokens, position);
                         Ok(Outcome::Token(token, lp.and_then(|l| logprob(&l, token))))
                     }
                     Want::Logits { .. } => Err(PipelineError::InvalidRequest(

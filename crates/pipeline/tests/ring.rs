@@ -753,3 +753,39 @@ async fn losing_the_middle_stage_moves_its_layers_to_the_others() {
     assert_eq!(peers[0].layers, n / 2..n);
     assert_eq!(s2.loaded_layers(), Some(n / 2..n));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sampled_session_goes_on_unchanged_after_a_lost_stage() {
+    let want = single_process(&sampled());
+    let n = reference().config().n_layers;
+    let (_s1, a1, _stop1) = start_killable_server().await;
+    let (_s2, a2, stop2) = start_killable_server().await;
+    let peers = vec![
+        PeerStage {
+            addr: a1,
+            layers: 10..20,
+        },
+        PeerStage {
+            addr: a2,
+            layers: 20..n,
+        },
+    ];
+    let mut config = PipelineConfig::new(model_path(), 0..10, peers);
+    config.activation_dtype = DType::F32;
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    let mut seen = 0;
+    let got = pipeline
+        .generate_with(&prompt(), &sampled(), MAX_TOKENS, |_| {
+            seen += 1;
+            if seen == 5 {
+                stop2.notify_one();
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        got, want,
+        "the new last stage draws what the lost one would have"
+    );
+    assert_eq!(pipeline.layout().1.len(), 1, "the ring was re-planned");
+}
