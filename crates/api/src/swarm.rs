@@ -36,10 +36,11 @@ pub(crate) async fn status(State(state): State<AppState>) -> Result<Response, Ap
     Ok(axum::Json(swarm.status()).into_response())
 }
 
-/// `POST /v1/swarm/query`: `{"query": "…"}` or `{"messages": […]}`, optionally `strategy`,
+/// `POST /v1/swarm/query`: `{"query": "…"}` (or `"prompt"`) or `{"messages": […]}`, optionally `strategy`,
 /// `max_tokens`, `temperature`, `top_p`, `seed`, `timeout_s`.
 #[derive(Debug, Deserialize)]
 pub(crate) struct QueryRequest {
+    #[serde(alias = "prompt")]
     query: Option<String>,
     #[serde(flatten)]
     rest: CompletionRequest,

@@ -93,6 +93,7 @@ fn status_lists_every_agent_with_role_model_health_and_speed() {
     assert_eq!(roles, ["critic", "reasoner"]);
     for a in agents {
         assert_eq!(a["model"], SMOLLM2);
+        assert_eq!(a["health"], "ok");
         assert!(a["tokens_per_s"].as_f64().unwrap() > 0.0, "{a}");
         assert!(a["weight"].as_f64().unwrap() > 0.0, "{a}");
     }
@@ -275,7 +276,7 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
     aggregator.signal("STOP");
     let out = query(
         &head,
-        json!({"query": "Explain why the sky is blue.", "strategy": "moa", "max_tokens": 32,
+        json!({"prompt": "Explain why the sky is blue.", "strategy": "moa", "max_tokens": 32,
                "temperature": 0, "timeout_s": 6}),
     );
     aggregator.signal("CONT");

@@ -98,6 +98,8 @@ pub struct AgentStatus {
     pub model_name: Option<String>,
     /// Whether it answered the last `Describe` (and no request since failed to reach it).
     pub healthy: bool,
+    /// The same in words: `ok`, `down`, or `unknown` before the first `Describe`.
+    pub health: &'static str,
     /// Measured decode speed.
     pub tokens_per_s: f32,
     /// Thermal penalty of its device (1 = cool).
@@ -122,6 +124,7 @@ impl AgentStatus {
             model: None,
             model_name: None,
             healthy: false,
+            health: "unknown",
             tokens_per_s: 0.0,
             thermal_penalty: 1.0,
             weight: 0.0,
@@ -141,6 +144,7 @@ impl AgentStatus {
         self.model = Some(card.model_id.clone());
         self.model_name = Some(card.model_name.clone());
         self.healthy = true;
+        self.health = "ok";
         self.tokens_per_s = card.tokens_per_s;
         self.thermal_penalty = card.thermal_penalty;
         self.weight = agent_weight(card.tokens_per_s, card.thermal_penalty);
@@ -326,6 +330,7 @@ impl Swarm {
                 Ok(card) => status.update(&card),
                 Err(e) => {
                     status.healthy = false;
+                    status.health = "down";
                     status.last_error = Some(e.to_string());
                 }
             }
@@ -449,6 +454,7 @@ impl Swarm {
     fn mark_unhealthy(&self, index: usize, error: &str) {
         if let Some(s) = self.lock_agents().get_mut(index) {
             s.healthy = false;
+            s.health = "down";
             s.last_error = Some(error.to_owned());
         }
     }
