@@ -11,7 +11,7 @@ if ! "$py" -c "import openai" 2>/dev/null; then
 fi
 
 echo "== fetching test models"
-scripts/fetch-models.sh smollm2 qwen05
+scripts/fetch-models.sh smollm2 qwen05 humaneval
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
