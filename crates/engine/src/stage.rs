@@ -102,14 +102,13 @@ impl Weight {
             GgmlDType::Q4_1 => Some(Format::Q4_1),
             GgmlDType::Q5_0 => Some(Format::Q5_0),
             GgmlDType::Q8_0 => Some(Format::Q8_0),
+            // Ours for single rows (decode), candle's repacked GEMM for prompts.
+            GgmlDType::Q4K => Some(Format::Q4K),
+            GgmlDType::Q6K => Some(Format::Q6K),
             _ => None,
         };
         if let (Some(format), true) = (own, t.device().is_cpu()) {
-            let (rows, cols) = t.shape().dims2()?;
-            let bytes = t.data()?.into_owned();
-            return Ok(Self::Own(QuantMatrix::from_bytes(
-                format, rows, cols, bytes,
-            )?));
+            return Ok(Self::Own(QuantMatrix::from_qtensor(format, t)?));
         }
         Ok(Self::Candle(QMatMul::from_qtensor(t)?))
     }

@@ -9,8 +9,10 @@
 //! Today: Q4_1 weights times Q8_1-quantized activations (the default model, SmolLM2-135M),
 //! Q5_0 times Q8_0 (most of Qwen2.5-Coder-0.5B), for which candle has only a scalar
 //! loop, and Q8_0 times Q8_0 (embeddings and LM heads), where candle's kernel rounds
-//! activations differently from llama.cpp. Activation quantization follows llama.cpp's `quantize_row_q8_1`
-//! and `quantize_row_q8_0` exactly, so our rounding is its rounding.
+//! activations differently from llama.cpp. Q4_K and Q6_K (the k-quant tensors of the Qwen
+//! models: super-blocks of 256) pair with Q8_K activations, as in llama.cpp. Activation
+//! quantization follows llama.cpp's `quantize_row_q8_1`, `quantize_row_q8_0` and
+//! `quantize_row_q8_K` exactly, so our rounding is its rounding.
 
 #![allow(unsafe_code)]
 
@@ -18,20 +20,32 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use candle_core::{Device, Tensor};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 
-/// Elements per block, for every format here.
+/// Elements per block of the 32-element formats (Q4_1, Q5_0, Q8_0, and Q8_0/Q8_1 rows).
 pub(crate) const QK: usize = 32;
+/// Elements per super-block of the k-quants (Q4_K, Q6_K, and Q8_K rows).
+pub(crate) const QK_K: usize = 256;
 /// Bytes of one Q4_1 block: f16 scale, f16 minimum, 16 bytes of nibbles.
 pub(crate) const Q4_1_BLOCK_BYTES: usize = 20;
 /// Bytes of one Q5_0 block: f16 scale, 32 high bits, 16 bytes of nibbles.
 pub(crate) const Q5_0_BLOCK_BYTES: usize = 22;
 /// Bytes of one Q8_0 block: f16 scale, 32 signed bytes.
 pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
+/// Bytes of one Q4_K super-block: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales
+/// and minimums (8 each), 128 bytes of nibbles.
+pub(crate) const Q4_K_BLOCK_BYTES: usize = 144;
+/// Bytes of one Q6_K super-block: 128 bytes of low nibbles (`ql`), 64 of high bit pairs
+/// (`qh`), 16 signed scales, f16 `d` last.
+pub(crate) const Q6_K_BLOCK_BYTES: usize = 210;
 
 /// The weight formats with a kernel of ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +53,16 @@ pub(crate) enum Format {
     Q4_1,
     Q5_0,
     Q8_0,
+    Q4K,
+    Q6K,
+}
+
+/// How a format wants its activation rows quantized (llama.cpp's `vec_dot_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Activation {
+    Q8_0,
+    Q8_1,
+    Q8K,
 }
 
 impl Format {
@@ -47,17 +71,37 @@ impl Format {
             Self::Q4_1 => Q4_1_BLOCK_BYTES,
             Self::Q5_0 => Q5_0_BLOCK_BYTES,
             Self::Q8_0 => Q8_0_BLOCK_BYTES,
+            Self::Q4K => Q4_K_BLOCK_BYTES,
+            Self::Q6K => Q6_K_BLOCK_BYTES,
+        }
+    }
+
+    /// Elements per block.
+    fn block_len(self) -> usize {
+        match self {
+            Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => QK,
+            Self::Q4K | Self::Q6K => QK_K,
+        }
+    }
+
+    fn activation(self) -> Activation {
+        match self {
+            Self::Q4_1 => Activation::Q8_1,
+            Self::Q5_0 | Self::Q8_0 => Activation::Q8_0,
+            Self::Q4K | Self::Q6K => Activation::Q8K,
         }
     }
 }
 
-/// One row of activations quantized to 8 bits per block of 32: a scale `d` per block,
-/// for Q8_1 also `s = d * sum(qs)` (both rounded through f16, as llama.cpp stores them),
-/// and 32 signed bytes per block.
+/// One row of activations quantized to 8 bits per block: a scale `d` per block, for Q8_1
+/// also `s = d * sum(qs)` (both rounded through f16, as llama.cpp stores them), and 32
+/// signed bytes per block. As Q8_K (`quantize_k`): blocks of 256, `d` kept in f32, and
+/// `bsums`, the sum of each 16 bytes.
 pub(crate) struct Q8Row {
     pub(crate) d: Vec<f32>,
     pub(crate) s: Vec<f32>,
     pub(crate) qs: Vec<i8>,
+    pub(crate) bsums: Vec<i16>,
 }
 
 impl Q8Row {
@@ -69,6 +113,7 @@ impl Q8Row {
             d: Vec::with_capacity(nb),
             s: Vec::with_capacity(if with_sums { nb } else { 0 }),
             qs: vec![0; nb * QK],
+            bsums: Vec::new(),
         };
         for (b, block) in x.chunks_exact(QK).enumerate() {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -86,6 +131,52 @@ impl Q8Row {
         }
         row
     }
+
+    /// llama.cpp's `quantize_row_q8_K_ref`: per block of 256, `max` the value of largest
+    /// magnitude, `q = nearest_int(-127 / max * x)` (ties to even, as its float trick
+    /// rounds), `d = 1 / (-127 / max)` in f32, and the sums of each 16 `q`.
+    pub(crate) fn quantize_k(x: &[f32]) -> Self {
+        let nb = x.len() / QK_K;
+        let mut row = Self {
+            d: Vec::with_capacity(nb),
+            s: Vec::new(),
+            qs: vec![0; nb * QK_K],
+            bsums: Vec::with_capacity(nb * QK_K / 16),
+        };
+        for (b, block) in x.chunks_exact(QK_K).enumerate() {
+            let (mut amax, mut max) = (0f32, 0f32);
+            for &v in block {
+                if v.abs() > amax {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            let qs = &mut row.qs[b * QK_K..(b + 1) * QK_K];
+            if amax == 0.0 {
+                row.d.push(0.0);
+                row.bsums.extend([0i16; QK_K / 16]);
+                continue;
+            }
+            let iscale = -127.0 / max;
+            for (q, &v) in qs.iter_mut().zip(block) {
+                *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            }
+            row.bsums.extend(
+                qs.chunks_exact(16)
+                    .map(|c| c.iter().map(|&q| q as i16).sum::<i16>()),
+            );
+            row.d.push(1.0 / iscale);
+        }
+        row
+    }
+
+    fn quantize_as(x: &[f32], kind: Activation) -> Self {
+        match kind {
+            Activation::Q8_0 => Self::quantize(x, false),
+            Activation::Q8_1 => Self::quantize(x, true),
+            Activation::Q8K => Self::quantize_k(x),
+        }
+    }
 }
 
 /// A quantized matrix `[rows, cols]` in GGUF's block layout, row-major.
@@ -93,7 +184,30 @@ pub(crate) struct QuantMatrix {
     format: Format,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    data: Bytes,
+}
+
+/// Where a matrix's bytes live.
+enum Bytes {
+    Owned(Vec<u8>),
+    /// Candle's tensor, shared (not copied) with candle's matmul, which does the products
+    /// of several activation rows (prompts): for the k-quants its tiled, repacked GEMM
+    /// beats our row-by-row loop, while our kernel wins the single-row products of decode
+    /// (see docs/PERFORMANCE.md).
+    Shared {
+        tensor: Arc<QTensor>,
+        gemm: QMatMul,
+    },
+}
+
+fn check_size(format: Format, rows: usize, cols: usize, len: usize) -> Result<()> {
+    let bl = format.block_len();
+    if !cols.is_multiple_of(bl) || len != rows * cols / bl * format.block_bytes() {
+        return Err(EngineError::InvalidInput(format!(
+            "{format:?} data of {len} bytes does not make a {rows}x{cols} matrix"
+        )));
+    }
+    Ok(())
 }
 
 impl QuantMatrix {
@@ -103,28 +217,51 @@ impl QuantMatrix {
         cols: usize,
         data: Vec<u8>,
     ) -> Result<Self> {
-        if !cols.is_multiple_of(QK) || data.len() != rows * cols / QK * format.block_bytes() {
-            return Err(EngineError::InvalidInput(format!(
-                "{format:?} data of {} bytes does not make a {rows}x{cols} matrix",
-                data.len()
-            )));
-        }
+        check_size(format, rows, cols, data.len())?;
         Ok(Self {
             format,
             rows,
             cols,
-            data,
+            data: Bytes::Owned(data),
         })
     }
 
+    /// A matrix from a CPU tensor of candle's, `[rows, cols]` in `format`. The k-quants keep
+    /// the tensor (shared with candle's matmul for multi-row products); the others copy
+    /// its bytes.
+    pub(crate) fn from_qtensor(format: Format, t: QTensor) -> Result<Self> {
+        let (rows, cols) = t.shape().dims2()?;
+        if format.block_len() != QK_K || !t.device().is_cpu() {
+            return Self::from_bytes(format, rows, cols, t.data()?.into_owned());
+        }
+        check_size(format, rows, cols, t.data()?.len())?;
+        let tensor = Arc::new(t);
+        let gemm = QMatMul::from_arc(tensor.clone())?;
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            data: Bytes::Shared { tensor, gemm },
+        })
+    }
+
+    /// The GGUF bytes (borrowed: candle's CPU tensors hand out their own memory).
+    fn bytes(&self) -> Result<Cow<'_, [u8]>> {
+        match &self.data {
+            Bytes::Owned(v) => Ok(Cow::Borrowed(v)),
+            Bytes::Shared { tensor, .. } => Ok(tensor.data()?),
+        }
+    }
+
     fn row_bytes(&self) -> usize {
-        self.cols / QK * self.format.block_bytes()
+        self.cols / self.format.block_len() * self.format.block_bytes()
     }
 
     /// Rows `ids` as f32, `[ids.len(), cols]`: an embedding lookup that leaves the table
     /// quantized.
     pub(crate) fn rows_f32(&self, ids: &[u32]) -> Result<Tensor> {
         let mut out = Vec::with_capacity(ids.len() * self.cols);
+        let data = self.bytes()?;
         for &id in ids {
             let id = id as usize;
             if id >= self.rows {
@@ -133,7 +270,7 @@ impl QuantMatrix {
                     self.rows
                 )));
             }
-            let row = &self.data[id * self.row_bytes()..][..self.row_bytes()];
+            let row = &data[id * self.row_bytes()..][..self.row_bytes()];
             scalar::dequantize(self.format, row, &mut out);
         }
         Ok(Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)?)
@@ -152,18 +289,23 @@ impl QuantMatrix {
             )));
         }
         let m: usize = batch.iter().product();
+        if let (true, Bytes::Shared { gemm, .. }) = (m > 1, &self.data) {
+            return Ok(gemm.forward(x)?);
+        }
+        let data = self.bytes()?;
+        let data: &[u8] = &data;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let with_sums = self.format == Format::Q4_1; // Q8_1; the others pair with Q8_0
-                                                     // Handing work to rayon's pool costs a wake-up and a hand-back (two context
-                                                     // switches when the pool has one thread): small products run on the caller.
+        let kind = self.format.activation();
+        // Handing work to rayon's pool costs a wake-up and a hand-back (two context
+        // switches when the pool has one thread): small products run on the caller.
         let serial = rayon::current_num_threads() <= 1 || m * self.rows * k < SERIAL_BELOW;
         let acts: Vec<Q8Row> = if serial || m == 1 {
             xs.chunks(k)
-                .map(|row| Q8Row::quantize(row, with_sums))
+                .map(|row| Q8Row::quantize_as(row, kind))
                 .collect()
         } else {
             xs.par_chunks(k)
-                .map(|row| Q8Row::quantize(row, with_sums))
+                .map(|row| Q8Row::quantize_as(row, kind))
                 .collect()
         };
         let n = self.rows;
@@ -176,7 +318,7 @@ impl QuantMatrix {
         let mut by_weight_row = vec![0f32; n * m];
         let work = |(c, dst): (usize, &mut [f32])| {
             for (j, dst_row) in dst.chunks_mut(m).enumerate() {
-                let w = &self.data[(c * CHUNK + j) * row_bytes..][..row_bytes];
+                let w = &data[(c * CHUNK + j) * row_bytes..][..row_bytes];
                 for (out, act) in dst_row.iter_mut().zip(&acts) {
                     *out = dot(w, act);
                 }
@@ -224,6 +366,8 @@ fn vec_dot_fn(format: Format) -> VecDot {
                 Format::Q4_1 => x86::vec_dot_q4_1_q8_1,
                 Format::Q5_0 => x86::vec_dot_q5_0_q8_0,
                 Format::Q8_0 => x86::vec_dot_q8_0_q8_0,
+                Format::Q4K => x86::vec_dot_q4_k_q8_k,
+                Format::Q6K => x86::vec_dot_q6_k_q8_k,
             };
         }
     }
@@ -235,6 +379,8 @@ fn scalar_dot(format: Format) -> VecDot {
         Format::Q4_1 => scalar::vec_dot_q4_1_q8_1,
         Format::Q5_0 => scalar::vec_dot_q5_0_q8_0,
         Format::Q8_0 => scalar::vec_dot_q8_0_q8_0,
+        Format::Q4K => scalar::vec_dot_q4_k_q8_k,
+        Format::Q6K => scalar::vec_dot_q6_k_q8_k,
     }
 }
 
@@ -257,6 +403,29 @@ mod tests {
     fn random_blocks(format: Format, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
         let mut r = lcg(seed);
         let mut data = Vec::new();
+        if format.block_len() == QK_K {
+            for _ in 0..rows * cols / QK_K {
+                let d = f16::from_f32((r() % 1000) as f32 / 200000.0);
+                let dmin = f16::from_f32((r() % 1000) as f32 / 400000.0);
+                if format == Format::Q4K {
+                    data.extend_from_slice(&d.to_le_bytes());
+                    data.extend_from_slice(&dmin.to_le_bytes());
+                }
+                // Q4_K: packed scales, minimums, nibbles; Q6_K: ql, qh, signed scales.
+                let quant_bytes = if format == Format::Q4K {
+                    Q4_K_BLOCK_BYTES - 4
+                } else {
+                    Q6_K_BLOCK_BYTES - 2
+                };
+                for _ in 0..quant_bytes {
+                    data.push((r() & 0xff) as u8);
+                }
+                if format == Format::Q6K {
+                    data.extend_from_slice(&d.to_le_bytes());
+                }
+            }
+            return data;
+        }
         for _ in 0..rows * cols / QK {
             let d = f16::from_f32((r() % 1000) as f32 / 20000.0);
             data.extend_from_slice(&d.to_le_bytes());
@@ -268,7 +437,7 @@ mod tests {
                 Format::Q5_0 => {
                     data.extend_from_slice(&(r() as u32 ^ (r() as u32) << 16).to_le_bytes())
                 }
-                Format::Q8_0 => {}
+                Format::Q8_0 | Format::Q4K | Format::Q6K => {}
             }
             let quant_bytes = if format == Format::Q8_0 { 32 } else { 16 };
             for _ in 0..quant_bytes {
@@ -284,7 +453,26 @@ mod tests {
         out
     }
 
-    const FORMATS: [Format; 3] = [Format::Q4_1, Format::Q5_0, Format::Q8_0];
+    const FORMATS: [Format; 5] = [
+        Format::Q4_1,
+        Format::Q5_0,
+        Format::Q8_0,
+        Format::Q4K,
+        Format::Q6K,
+    ];
+
+    fn quantize_for(format: Format, x: &[f32]) -> Q8Row {
+        Q8Row::quantize_as(x, format.activation())
+    }
+
+    /// Elements per activation scale: the error of one quantized activation is at most
+    /// half the step of its block.
+    fn act_block(format: Format) -> usize {
+        match format.activation() {
+            Activation::Q8K => QK_K,
+            _ => QK,
+        }
+    }
 
     fn random_f32(n: usize, seed: u64) -> Vec<f32> {
         let mut r = lcg(seed);
@@ -319,13 +507,14 @@ mod tests {
     #[test]
     fn scalar_dot_is_the_dot_of_the_dequantized_values() {
         for format in FORMATS {
-            let cols = 256;
+            let cols = 512;
             let w = random_blocks(format, 1, cols, 7);
-            let act = Q8Row::quantize(&random_f32(cols, 8), format == Format::Q4_1);
+            let act = quantize_for(format, &random_f32(cols, 8));
             let deq = dequantize(format, &w);
             // The activations as the kernel sees them: q * d.
+            let ab = act_block(format);
             let want: f32 = (0..cols)
-                .map(|c| deq[c] * act.qs[c] as f32 * act.d[c / QK])
+                .map(|c| deq[c] * act.qs[c] as f32 * act.d[c / ab])
                 .sum();
             let got = scalar_dot(format)(&w, &act);
             // Q4_1 uses s rounded through f16 for the minimum's term.
@@ -339,9 +528,19 @@ mod tests {
     #[test]
     fn simd_dot_matches_scalar_on_random_blocks() {
         for format in FORMATS {
-            for (cols, seed) in [(32, 1), (64, 2), (576, 3), (1536, 4), (4864, 5)] {
+            for (cols, seed) in [
+                (32usize, 1),
+                (64, 2),
+                (576, 3),
+                (1536, 4),
+                (4864, 5),
+                (256, 6),
+            ] {
+                if !cols.is_multiple_of(format.block_len()) {
+                    continue;
+                }
                 let w = random_blocks(format, 1, cols, seed);
-                let act = Q8Row::quantize(&random_f32(cols, seed + 100), format == Format::Q4_1);
+                let act = quantize_for(format, &random_f32(cols, seed + 100));
                 let want = scalar_dot(format)(&w, &act);
                 let got = vec_dot_fn(format)(&w, &act);
                 let tol = 1e-4 * want.abs().max(1.0);
@@ -357,7 +556,9 @@ mod tests {
     fn matmul_matches_dequantized_f32_product() {
         for format in FORMATS {
             // 37 rows: not a multiple of the row chunk, so the tail chunk is exercised.
-            let (rows, cols, m) = (37, 96, 3);
+            let cols = if format.block_len() == QK_K { 512 } else { 96 };
+            let (rows, m) = (37, 3);
+            let ab = act_block(format);
             let data = random_blocks(format, rows, cols, 9);
             let w = QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap();
             let x = random_f32(m * cols, 10);
@@ -373,7 +574,7 @@ mod tests {
                     // block's step (amax / 127 / 2), plus f16 rounding of scales.
                     let bound: f32 = (0..cols)
                         .map(|c| {
-                            let block = &x[i * cols + c / QK * QK..][..QK];
+                            let block = &x[i * cols + c / ab * ab..][..ab];
                             let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
                             deq[j * cols + c].abs() * (amax / 254.0 + 2e-3 * x[i * cols + c].abs())
                         })
@@ -391,7 +592,7 @@ mod tests {
     #[test]
     fn rows_are_the_dequantized_rows() {
         for format in FORMATS {
-            let (rows, cols) = (5, 64);
+            let (rows, cols) = (5, 2 * format.block_len());
             let data = random_blocks(format, rows, cols, 21);
             let w = QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap();
             let deq = dequantize(format, &data);
@@ -404,10 +605,188 @@ mod tests {
     }
 
     #[test]
+    fn q8_k_quantization_follows_llama_cpp_rules() {
+        let mut x = random_f32(3 * QK_K, 11);
+        x[700] = -3.0; // the largest magnitude of block 2 is negative
+        x[256..512].iter_mut().for_each(|v| *v = 0.0);
+        let q = Q8Row::quantize_k(&x);
+        assert_eq!((q.d.len(), q.qs.len(), q.bsums.len()), (3, 3 * QK_K, 48));
+        for b in 0..3 {
+            let block = &x[b * QK_K..(b + 1) * QK_K];
+            let qs = &q.qs[b * QK_K..(b + 1) * QK_K];
+            let max = block
+                .iter()
+                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            if max == 0.0 {
+                assert_eq!(q.d[b], 0.0);
+                assert!(qs.iter().all(|&v| v == 0));
+            } else {
+                let iscale = -127.0 / max;
+                assert_eq!(q.d[b], 1.0 / iscale);
+                for (&v, &xv) in qs.iter().zip(block) {
+                    assert_eq!(v as f32, (iscale * xv).round_ties_even().min(127.0));
+                }
+                // The value of largest magnitude lands on -127.
+                assert!(qs.contains(&-127));
+            }
+            for (j, chunk) in qs.chunks(16).enumerate() {
+                let sum: i32 = chunk.iter().map(|&v| v as i32).sum();
+                assert_eq!(q.bsums[b * 16 + j] as i32, sum);
+            }
+        }
+        // Ties go to even, as llama.cpp's `nearest_int`: max 127 makes iscale -1.
+        let mut t = vec![0f32; QK_K];
+        t[0] = 127.0;
+        t[1] = 2.5;
+        t[2] = -3.5;
+        let q = Q8Row::quantize_k(&t);
+        assert_eq!(&q.qs[..3], &[-127, -2, 4]);
+    }
+
+    #[test]
+    fn k_quant_dequantization_matches_candle() {
+        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+        for (format, dtype) in [(Format::Q4K, GgmlDType::Q4K), (Format::Q6K, GgmlDType::Q6K)] {
+            let (rows, cols) = (3, 3 * QK_K);
+            let data = random_blocks(format, rows, cols, 31);
+            let ours = dequantize(format, &data);
+            let qt = qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
+            let theirs = qt
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(ours.len(), theirs.len());
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                    "{format:?} element {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn k_quant_matmul_matches_candle() {
+        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
+        use candle_core::Module;
+        for (format, dtype) in [(Format::Q4K, GgmlDType::Q4K), (Format::Q6K, GgmlDType::Q6K)] {
+            let (rows, cols, m) = (19, 2 * QK_K, 2);
+            let data = random_blocks(format, rows, cols, 41);
+            let ours = QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap();
+            let qt = qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
+            let theirs = QMatMul::from_qtensor(qt).unwrap();
+            let x = random_f32(m * cols, 42);
+            let xt = Tensor::from_vec(x, (m, cols), &Device::Cpu).unwrap();
+            let a = ours.matmul(&xt).unwrap().to_vec2::<f32>().unwrap();
+            let b = theirs.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
+            for i in 0..m {
+                for j in 0..rows {
+                    let tol = 1e-4 * b[i][j].abs().max(1.0);
+                    assert!(
+                        (a[i][j] - b[i][j]).abs() <= tol,
+                        "{format:?} ({i},{j}): {} vs {}",
+                        a[i][j],
+                        b[i][j]
+                    );
+                }
+            }
+            // Built from candle's tensor: prompts go to candle's GEMM (the same numbers),
+            // single rows to our kernel (the same numbers as from bytes).
+            let qt = qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
+            let shared = QuantMatrix::from_qtensor(format, qt).unwrap();
+            assert!(matches!(shared.data, Bytes::Shared { .. }));
+            let c = shared.matmul(&xt).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(c, b);
+            let row = xt.get(1).unwrap().unsqueeze(0).unwrap();
+            let one = shared.matmul(&row).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(one, ours.matmul(&row).unwrap().to_vec2::<f32>().unwrap());
+            assert_eq!(
+                shared.rows_f32(&[4]).unwrap().to_vec2::<f32>().unwrap(),
+                ours.rows_f32(&[4]).unwrap().to_vec2::<f32>().unwrap()
+            );
+        }
+    }
+
+    /// Not a test: our k-quant matmuls against candle's on the shapes of the Qwen models,
+    /// fastest of many runs (robust to a noisy, shared machine). Run with
+    /// `cargo test --release -p shoal-engine --lib kernels::tests::bench_k_quants -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_k_quants_against_candle() {
+        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
+        use candle_core::Module;
+        use std::time::Instant;
+        fn fastest(runs: usize, mut f: impl FnMut()) -> f64 {
+            (0..runs)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        }
+        for (format, dtype) in [(Format::Q4K, GgmlDType::Q4K), (Format::Q6K, GgmlDType::Q6K)] {
+            for (rows, cols) in [(896, 4864), (8960, 1536)] {
+                // Enough distinct matrices (~100 MB) that the weights come from memory,
+                // as in a model's decode step, not from cache.
+                let copies = (100 << 20) / (rows * cols / QK_K * format.block_bytes());
+                let mut ours = Vec::new();
+                let mut theirs = Vec::new();
+                let mut shared = Vec::new();
+                for c in 0..copies {
+                    let data = random_blocks(format, rows, cols, 51 + c as u64);
+                    ours.push(QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap());
+                    let qt =
+                        qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
+                    theirs.push(QMatMul::from_qtensor(qt).unwrap());
+                    let qt =
+                        qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
+                    shared.push(QuantMatrix::from_qtensor(format, qt).unwrap());
+                }
+                for m in [1, 64] {
+                    let x = random_f32(m * cols, 52);
+                    let xt = Tensor::from_vec(x, (m, cols), &Device::Cpu).unwrap();
+                    let (runs, n) = if m == 1 { (10, copies) } else { (6, 4) };
+                    let a = fastest(runs, || {
+                        for w in &ours[..n] {
+                            w.matmul(&xt).unwrap();
+                        }
+                    }) / n as f64;
+                    let b = fastest(runs, || {
+                        for w in &theirs[..n] {
+                            w.forward(&xt).unwrap();
+                        }
+                    }) / n as f64;
+                    // What the engine runs: ours for one row, candle's for several.
+                    let c = fastest(runs, || {
+                        for w in &shared[..n] {
+                            w.matmul(&xt).unwrap();
+                        }
+                    }) / n as f64;
+                    println!(
+                        "{format:?} {rows}x{cols} m={m} threads={}: ours {:.3} ms, candle {:.3} ms, candle/ours {:.2}, as wired {:.3} ms",
+                        rayon::current_num_threads(),
+                        a * 1e3,
+                        b * 1e3,
+                        b / a,
+                        c * 1e3
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn malformed_sizes_are_errors() {
         assert!(QuantMatrix::from_bytes(Format::Q4_1, 2, 33, vec![0; 40]).is_err());
         assert!(QuantMatrix::from_bytes(Format::Q4_1, 2, 32, vec![0; 39]).is_err());
         assert!(QuantMatrix::from_bytes(Format::Q5_0, 2, 32, vec![0; 40]).is_err());
+        assert!(QuantMatrix::from_bytes(Format::Q4K, 1, 128, vec![0; 72]).is_err());
+        assert!(QuantMatrix::from_bytes(Format::Q6K, 1, 256, vec![0; 209]).is_err());
+        assert!(QuantMatrix::from_bytes(Format::Q6K, 1, 256, vec![0; 210]).is_ok());
         let w = QuantMatrix::from_bytes(Format::Q5_0, 2, 32, vec![0; 44]).unwrap();
         let x = Tensor::zeros((1, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(w.matmul(&x).is_err());

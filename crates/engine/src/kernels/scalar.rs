@@ -2,7 +2,10 @@
 
 use half::f16;
 
-use super::{Format, Q8Row, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK};
+use super::{
+    Format, Q8Row, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q6_K_BLOCK_BYTES,
+    Q8_0_BLOCK_BYTES, QK, QK_K,
+};
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
@@ -74,19 +77,135 @@ pub(super) fn vec_dot_q8_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
     sum
 }
 
+/// Scale and minimum `j` (0..8) of a Q4_K super-block, from its 12 bytes of packed 6-bit
+/// values: llama.cpp's `get_scale_min_k4`.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The 256 unsigned 4-bit values of a Q4_K super-block, in element order: each 32 bytes
+/// of `qs` hold 64 values, low nibbles first.
+fn q4_k_values(block: &[u8]) -> [u8; QK_K] {
+    let qs = &block[16..];
+    let mut v = [0u8; QK_K];
+    for (c, chunk) in qs.chunks_exact(32).enumerate() {
+        for (l, &q) in chunk.iter().enumerate() {
+            v[c * 64 + l] = q & 0x0f;
+            v[c * 64 + 32 + l] = q >> 4;
+        }
+    }
+    v
+}
+
+/// Dot product of one Q4_K row with one Q8_K activation row, as llama.cpp's
+/// `ggml_vec_dot_q4_K_q8_K`: per super-block `d_x d_y sum_j sc_j sum(q_x q_y)` minus
+/// `dmin_x d_y sum_j m_j sum(q_y)`, both inner sums exact in integers.
+pub(super) fn vec_dot_q4_k_q8_k(w: &[u8], act: &Q8Row) -> f32 {
+    let mut sum = 0f32;
+    for (b, block) in w.chunks_exact(Q4_K_BLOCK_BYTES).enumerate() {
+        let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+        let scales = &block[4..16];
+        let x = q4_k_values(block);
+        let y = &act.qs[b * QK_K..(b + 1) * QK_K];
+        let (mut isum, mut msum) = (0i32, 0i32);
+        for j in 0..QK_K / 32 {
+            let (sc, m) = scale_min_k4(j, scales);
+            let dot: i32 = (j * 32..(j + 1) * 32)
+                .map(|i| x[i] as i32 * y[i] as i32)
+                .sum();
+            isum += sc as i32 * dot;
+            // The sum of the activations of this sub-block, from the two 16-sums.
+            let ysum = act.bsums[b * 16 + 2 * j] as i32 + act.bsums[b * 16 + 2 * j + 1] as i32;
+            msum += m as i32 * ysum;
+        }
+        let dy = act.d[b];
+        sum += d * dy * isum as f32 - dmin * dy * msum as f32;
+    }
+    sum
+}
+
+/// The 256 signed 6-bit values of a Q6_K super-block (`ql` low nibbles, `qh` high bit
+/// pairs, minus 32), in element order, as llama.cpp's `dequantize_row_q6_K` reads them.
+fn q6_k_values(block: &[u8]) -> [i32; QK_K] {
+    let (ql, qh) = (&block[..128], &block[128..192]);
+    let mut v = [0i32; QK_K];
+    for half in 0..2 {
+        let (ql, qh) = (&ql[half * 64..], &qh[half * 32..]);
+        let y = &mut v[half * 128..];
+        for l in 0..32 {
+            y[l] = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
+            y[l + 32] = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            y[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            y[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+        }
+    }
+    v
+}
+
+/// Dot product of one Q6_K row with one Q8_K activation row, as llama.cpp's
+/// `ggml_vec_dot_q6_K_q8_K`: per super-block `d_x d_y sum_j sc_j sum(q_x q_y)` over the
+/// 16 sub-blocks of 16, the inner sum exact in integers.
+pub(super) fn vec_dot_q6_k_q8_k(w: &[u8], act: &Q8Row) -> f32 {
+    let mut sum = 0f32;
+    for (b, block) in w.chunks_exact(Q6_K_BLOCK_BYTES).enumerate() {
+        let d = f16_at(block, 208);
+        let x = q6_k_values(block);
+        let y = &act.qs[b * QK_K..(b + 1) * QK_K];
+        let mut isum = 0i32;
+        for j in 0..QK_K / 16 {
+            let sc = block[192 + j] as i8 as i32;
+            let dot: i32 = (j * 16..(j + 1) * 16).map(|i| x[i] * y[i] as i32).sum();
+            isum += sc * dot;
+        }
+        sum += d * act.d[b] * isum as f32;
+    }
+    sum
+}
+
 /// Appends the f32 values of `w` (whole blocks of `format`) to `out`.
 pub(super) fn dequantize(format: Format, w: &[u8], out: &mut Vec<f32>) {
     for block in w.chunks_exact(format.block_bytes()) {
-        let d = f16_at(block, 0);
         match format {
             Format::Q4_1 => {
-                let m = f16_at(block, 2);
+                let (d, m) = (f16_at(block, 0), f16_at(block, 2));
                 let qs = &block[4..];
                 out.extend(qs.iter().map(|q| (q & 0x0f) as f32 * d + m));
                 out.extend(qs.iter().map(|q| (q >> 4) as f32 * d + m));
             }
-            Format::Q5_0 => out.extend(q5_0_values(block).map(|v| v as f32 * d)),
-            Format::Q8_0 => out.extend(block[2..].iter().map(|&q| q as i8 as f32 * d)),
+            Format::Q5_0 => {
+                let d = f16_at(block, 0);
+                out.extend(q5_0_values(block).map(|v| v as f32 * d));
+            }
+            Format::Q8_0 => {
+                let d = f16_at(block, 0);
+                out.extend(block[2..].iter().map(|&q| q as i8 as f32 * d));
+            }
+            // As llama.cpp's `dequantize_row_q4_K`: `d sc_j q - dmin m_j`.
+            Format::Q4K => {
+                let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+                let x = q4_k_values(block);
+                for (j, v) in x.chunks_exact(32).enumerate() {
+                    let (sc, m) = scale_min_k4(j, &block[4..16]);
+                    let (d1, m1) = (d * sc as f32, dmin * m as f32);
+                    out.extend(v.iter().map(|&q| d1 * q as f32 - m1));
+                }
+            }
+            // As llama.cpp's `dequantize_row_q6_K`: `d sc_j q`.
+            Format::Q6K => {
+                let d = f16_at(block, 208);
+                let x = q6_k_values(block);
+                for (j, v) in x.chunks_exact(16).enumerate() {
+                    let ds = d * (block[192 + j] as i8 as f32);
+                    out.extend(v.iter().map(|&q| ds * q as f32));
+                }
+            }
         }
     }
 }

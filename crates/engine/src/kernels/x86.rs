@@ -2,7 +2,10 @@
 
 use std::arch::x86_64::*;
 
-use super::{Q8Row, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK};
+use super::{
+    Q8Row, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q6_K_BLOCK_BYTES,
+    Q8_0_BLOCK_BYTES, QK, QK_K,
+};
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2")
@@ -112,6 +115,147 @@ unsafe fn vec_dot_q8_0_q8_0_avx2(w: &[u8], act: &Q8Row) -> f32 {
         let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
         let dd = _mm256_set1_ps(d * *act.d.get_unchecked(b));
         acc = _mm256_fmadd_ps(dd, mul_sum_i8_pairs(qx, qy), acc);
+    }
+    hsum(acc)
+}
+
+pub(super) fn vec_dot_q4_k_q8_k(w: &[u8], act: &Q8Row) -> f32 {
+    // Safety: only selected by `vec_dot_fn` after `available()` confirmed AVX2, FMA, F16C.
+    unsafe { vec_dot_q4_k_q8_k_avx2(w, act) }
+}
+
+/// The 8 scales then the 8 minimums of a Q4_K super-block as bytes, unpacked from their
+/// 12 bytes of 6-bit fields with llama.cpp's masks.
+#[inline(always)]
+unsafe fn q4_k_scales_mins(p: *const u8) -> __m128i {
+    const KMASK1: u32 = 0x3f3f3f3f;
+    const KMASK2: u32 = 0x0f0f0f0f;
+    const KMASK3: u32 = 0x03030303;
+    let u0 = (p as *const u32).read_unaligned();
+    let u1 = (p.add(4) as *const u32).read_unaligned();
+    let u2 = (p.add(8) as *const u32).read_unaligned();
+    let scales_lo = u0 & KMASK1;
+    let scales_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let mins_lo = u1 & KMASK1;
+    let mins_hi = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    _mm_set_epi32(
+        mins_hi as i32,
+        mins_lo as i32,
+        scales_hi as i32,
+        scales_lo as i32,
+    )
+}
+
+/// llama.cpp's AVX2 loop: per super-block, nibbles times activation bytes (`maddubs`),
+/// times the 16-bit sub-block scale (`madd`), summed as 8 lanes of i32 and scaled by
+/// `d_x d_y` into an f32 accumulator; the minimums' term from the activation 16-sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn vec_dot_q4_k_q8_k_avx2(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q4_K_BLOCK_BYTES;
+    debug_assert!(
+        act.d.len() >= nb && act.qs.len() >= nb * QK_K && act.bsums.len() >= nb * QK_K / 16
+    );
+    let m4 = _mm256_set1_epi8(0x0f);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm_setzero_ps();
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q4_K_BLOCK_BYTES);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+        let dy = *act.d.get_unchecked(b);
+        let d = dy * _mm_cvtss_f32(dm);
+        let dmin = -dy * _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        // 16 lanes of i16: the 8 scales, then the 8 minimums.
+        let mins_and_scales = _mm256_cvtepu8_epi16(q4_k_scales_mins(block.add(4)));
+        let q8sums = _mm256_loadu_si256(act.bsums.as_ptr().add(b * QK_K / 16) as *const __m256i);
+        // Pairs of 16-sums: the activation sum of each sub-block of 32.
+        let q8s = _mm_hadd_epi16(
+            _mm256_castsi256_si128(q8sums),
+            _mm256_extracti128_si256(q8sums, 1),
+        );
+        let prod = _mm_madd_epi16(_mm256_extracti128_si256(mins_and_scales, 1), q8s);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+        let sc128 = _mm256_castsi256_si128(mins_and_scales);
+        let scales = _mm256_set_m128i(sc128, sc128);
+        let q4 = block.add(16);
+        let q8 = act.qs.as_ptr().add(b * QK_K);
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..QK_K / 64 {
+            // Broadcast the i16 scale of sub-block 2j (then 2j + 1) to all lanes.
+            let lo = (4 * j) as i16 | ((4 * j + 1) as i16) << 8;
+            let hi = (4 * j + 2) as i16 | ((4 * j + 3) as i16) << 8;
+            let scale_l = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(lo));
+            let scale_h = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(hi));
+            let q4bits = _mm256_loadu_si256(q4.add(32 * j) as *const __m256i);
+            let q4l = _mm256_and_si256(q4bits, m4);
+            let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+            let q8l = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
+            let q8h = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
+            let p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
+            let p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16l, p16h));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
+    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    hsum(acc) + _mm_cvtss_f32(m)
+}
+
+pub(super) fn vec_dot_q6_k_q8_k(w: &[u8], act: &Q8Row) -> f32 {
+    // Safety: only selected by `vec_dot_fn` after `available()` confirmed AVX2, FMA, F16C.
+    unsafe { vec_dot_q6_k_q8_k_avx2(w, act) }
+}
+
+/// llama.cpp's AVX2 loop: the 6-bit values as unsigned bytes (0..64) times activation
+/// bytes (`maddubs`), minus 32 times the activation pair sums (the `- 32` of the format),
+/// times the 16-bit sub-block scale (`madd`), summed as 8 lanes of i32 and scaled by
+/// `d_x d_y` into an f32 accumulator.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn vec_dot_q6_k_q8_k_avx2(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q6_K_BLOCK_BYTES;
+    debug_assert!(act.d.len() >= nb && act.qs.len() >= nb * QK_K);
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m2 = _mm256_set1_epi8(3);
+    let m32s = _mm256_set1_epi8(32);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q6_K_BLOCK_BYTES);
+        let dx = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (block.add(208) as *const u16).read_unaligned() as i32,
+        )));
+        let d = dx * *act.d.get_unchecked(b);
+        let scales = _mm_loadu_si128(block.add(192) as *const __m128i);
+        let q8 = act.qs.as_ptr().add(b * QK_K);
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..QK_K / 128 {
+            let ql = block.add(64 * j);
+            let qh = block.add(128 + 32 * j);
+            let q8 = q8.add(128 * j);
+            let q4bits1 = _mm256_loadu_si256(ql as *const __m256i);
+            let q4bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+            let q4bits_h = _mm256_loadu_si256(qh as *const __m256i);
+            let q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, m2), 4);
+            let q4h_1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 2), m2), 4);
+            let q4h_2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 4), m2), 4);
+            let q4h_3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 6), m2), 4);
+            let q6 = [
+                _mm256_or_si256(_mm256_and_si256(q4bits1, m4), q4h_0),
+                _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3),
+            ];
+            for (k, &q6k) in q6.iter().enumerate() {
+                let q8k = _mm256_loadu_si256(q8.add(32 * k) as *const __m256i);
+                let q8s = _mm256_maddubs_epi16(m32s, q8k);
+                let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q6k, q8k), q8s);
+                // Scales 8j + 2k (first 16 values) and 8j + 2k + 1 (next 16) as i16.
+                let s = (8 * j + 2 * k) as i64;
+                let shuf = _mm_set_epi64x((s + 1) * 0x0101010101010101, s * 0x0101010101010101);
+                let scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, shuf));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale, p16));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum(acc)
 }
