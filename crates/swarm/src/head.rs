@@ -20,7 +20,7 @@ use crate::agent::{self, AgentService};
 use crate::classify::{classify_keywords, parse_label, QueryType};
 use crate::roles::{aggregator_prompt, correction_prompt, spotter_prompt, Role, RolePrompts};
 use crate::routing::{pick, Candidate, Strategy, Timeouts};
-use crate::vote::{self_agreement, vote};
+use crate::vote::{self_agreement, vote, VoteMethod};
 use crate::weight::agent_weight;
 
 /// How a [`Swarm`] works.
@@ -833,10 +833,14 @@ impl Run<'_> {
         let outcome =
             tokio::task::spawn_blocking(move || vote(&question, &texts, code_timeout)).await;
         match outcome {
-            Ok(Some(o)) => (
-                o.winner,
-                format!("{:?} vote, {} of {n} agree", o.method, o.support).to_lowercase(),
-            ),
+            Ok(Some(o)) => {
+                let method = match o.method {
+                    VoteMethod::Majority => "majority vote",
+                    VoteMethod::CodeExamples => "vote among answers passing the prompt's examples",
+                    VoteMethod::Similarity => "similarity vote",
+                };
+                (o.winner, format!("{method}, {} of {n} agree", o.support))
+            }
             _ => (0, "no vote possible; first answer".to_owned()),
         }
     }
