@@ -553,6 +553,30 @@ mod tests {
     }
 
     #[test]
+    fn matmul_rows_match_the_scalar_dot_including_the_tail_chunk() {
+        for format in FORMATS {
+            // 16 rows per work chunk: 37 leaves a tail of 5, 7 is all tail.
+            for (rows, seed) in [(37, 61), (7, 62)] {
+                let cols = 2 * format.block_len().max(QK_K);
+                let data = random_blocks(format, rows, cols, seed);
+                let w = QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap();
+                let x = random_f32(cols, seed + 1);
+                let act = quantize_for(format, &x);
+                let xt = Tensor::from_vec(x, (1, cols), &Device::Cpu).unwrap();
+                let y = w.matmul(&xt).unwrap().to_vec2::<f32>().unwrap();
+                let row_bytes = data.len() / rows;
+                for (j, got) in y[0].iter().enumerate() {
+                    let want = scalar_dot(format)(&data[j * row_bytes..][..row_bytes], &act);
+                    assert!(
+                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "{format:?} rows {rows} row {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn matmul_matches_dequantized_f32_product() {
         for format in FORMATS {
             // 37 rows: not a multiple of the row chunk, so the tail chunk is exercised.
