@@ -50,13 +50,14 @@ pub struct SwarmConfig {
 }
 
 impl SwarmConfig {
-    /// Defaults: `moa`, 6 s / 12 s timeouts, 5 vote samples, 3 confidence samples.
+    /// Defaults: `vote` (the strategy that measured best on HumanEval, docs/EVAL.md),
+    /// 6 s / 12 s timeouts, 5 vote samples, 3 confidence samples.
     pub fn new(node_id: impl Into<String>, agents: Vec<SocketAddr>) -> Self {
         SwarmConfig {
             node_id: node_id.into(),
             agents,
             timeouts: Timeouts::default(),
-            strategy: Strategy::Moa,
+            strategy: Strategy::Vote,
             prompts: RolePrompts::new(),
             vote_samples: 5,
             confidence_samples: 3,
