@@ -245,3 +245,33 @@ fn plan_measures_this_node_and_explains_the_ring() {
     ]);
     assert!(!o.status.success());
 }
+
+#[test]
+fn greedy_output_is_identical_across_thread_counts() {
+    let qwen = model()
+        .with_file_name("qwen2.5-coder-0.5b-instruct.gguf")
+        .to_string_lossy()
+        .into_owned();
+    let smol = model().to_string_lossy().into_owned();
+    // Qwen exercises the Q4_K, Q6_K, Q5_0 and Q8_0 kernels, SmolLM2 Q4_1.
+    for path in [qwen.as_str(), smol.as_str()] {
+        let answer = |threads: &str| {
+            stdout(&shoal(&[
+                "--threads",
+                threads,
+                "run",
+                "-m",
+                path,
+                "--prompt",
+                "Write quicksort in Python.",
+                "--max-tokens",
+                "40",
+                "--temperature",
+                "0",
+            ]))
+        };
+        let one = answer("1");
+        assert!(!one.trim().is_empty());
+        assert_eq!(answer("2"), one, "{path}: 1 vs 2 threads");
+    }
+}
