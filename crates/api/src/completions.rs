@@ -68,6 +68,12 @@ pub(crate) async fn completions(
     Json(mut req): Json<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
+    if crate::swarm::swarm_model(req.model.as_deref())?.is_some() {
+        return Err(ApiError::invalid_value(
+            "model",
+            "the swarm answers chat completions only: use /v1/chat/completions",
+        ));
+    }
     let checked = check(&state, &req, "prompt")?;
     let prompt = prompt_in(req.prompt.take())?;
     let prepared = checked.with_model(state.model()?);

@@ -234,6 +234,50 @@ async fn unknown_model_is_404() {
 }
 
 #[tokio::test]
+async fn swarm_requests_without_a_swarm_are_clear_errors() {
+    let (_, app) = loading_app();
+    let chat_with =
+        |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    let error = post(&app, "/v1/chat/completions", chat_with("swarm"))
+        .await
+        .error(StatusCode::NOT_FOUND);
+    assert!(
+        error["message"].as_str().unwrap().contains("--peer"),
+        "{error}"
+    );
+    let error = post(&app, "/v1/chat/completions", chat_with("swarm:bogus"))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "model");
+    assert!(error["message"]
+        .as_str()
+        .unwrap()
+        .contains("valid strategies"));
+    let error = post(
+        &app,
+        "/v1/completions",
+        json!({"model": "swarm", "prompt": "hi"}),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST);
+    assert!(error["message"]
+        .as_str()
+        .unwrap()
+        .contains("chat completions only"));
+    let error = get(&app, "/v1/swarm/status")
+        .await
+        .error(StatusCode::NOT_FOUND);
+    assert!(
+        error["message"].as_str().unwrap().contains("no swarm"),
+        "{error}"
+    );
+    let error = post(&app, "/v1/swarm/query", json!({"query": "hi"}))
+        .await
+        .error(StatusCode::NOT_FOUND);
+    assert_eq!(error["code"], "model_not_found");
+}
+
+#[tokio::test]
 async fn loading_and_failed_are_503() {
     let (state, app) = loading_app();
     let error = get(&app, "/health")
