@@ -5,6 +5,7 @@
 //! pass, which proves the extraction and the execution. See docs/EVAL.md.
 
 mod client;
+mod cluster;
 mod exec;
 mod extract;
 
@@ -123,6 +124,14 @@ struct HumanevalArgs {
     /// Bearer token for the API.
     #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Start the swarm to measure instead of using --url: one agent process per
+    /// `MODEL[:ROLE]` (a file or a known model's name) and a head over them, on 127.0.0.1;
+    /// all stopped at the end. With --strategy single: one server for the one MODEL.
+    #[arg(long, value_name = "MODEL[:ROLE],…")]
+    agents: Option<String>,
+    /// With --agents: the head's own model (default: the first agent's).
+    #[arg(long, requires = "agents")]
+    head_model: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -347,12 +356,23 @@ fn humaneval(a: HumanevalArgs) -> anyhow::Result<ExitCode> {
     };
     let sandbox = Sandbox::with_isolation(&a.python, exec_timeout, isolation)?;
 
+    // `--agents`: this run starts (and at the end stops) what it measures.
+    let cluster = match (&a.agents, a.check_harness) {
+        (Some(list), false) => Some(cluster::LocalCluster::start(
+            &cluster::parse_agents(list)?,
+            a.head_model.as_deref(),
+            a.strategy == Strategy::Single,
+            request_timeout,
+        )?),
+        _ => None,
+    };
+    let url = cluster.as_ref().map_or(a.url.clone(), |c| c.url.clone());
     let api = if a.check_harness {
         None
     } else {
-        let client = Client::new(&a.url, a.api_key.clone(), request_timeout);
+        let client = Client::new(&url, a.api_key.clone(), request_timeout);
         client.wait_ready(wait, || {
-            eprintln!("waiting for the model at {} to load…", a.url);
+            eprintln!("waiting for the model at {url} to load…");
         })?;
         let model = match a.strategy {
             Strategy::Single => match &a.model {

@@ -275,3 +275,38 @@ fn a_model_name_with_a_swarm_strategy_is_refused() {
     assert!(err.contains("--model is for --strategy single"), "{err}");
     assert!(err.contains("swarm:vote"), "{err}");
 }
+
+#[test]
+fn agents_start_the_swarm_that_is_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("vote.jsonl");
+    let smol = model().to_string_lossy().into_owned();
+    let agents = format!("{smol}:reasoner,{smol}:critic");
+    let r = report(&eval(&[
+        "--agents",
+        agents.as_str(),
+        "--strategy",
+        "vote",
+        "--limit",
+        "1",
+        "--max-tokens",
+        "48",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert_eq!(r["problems"], 1, "{r:#}");
+    assert_eq!(r["model"], "swarm:vote");
+    let line: Value = serde_json::from_str(
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let responded = line["agents_responded"]
+        .as_array()
+        .expect("the head's report");
+    assert_eq!(responded.len(), 2, "both started agents answered: {line}");
+}

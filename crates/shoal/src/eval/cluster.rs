@@ -1,0 +1,202 @@
+//! `--agents`: the eval starts the swarm it measures — one `shoal serve` agent process per
+//! `MODEL[:ROLE]` and a head with `--peer` for each — on 127.0.0.1, and stops them all
+//! when it is done (or fails).
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+/// One agent to start: its model (a file or a known model's name) and role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct AgentSpec {
+    pub(super) model: PathBuf,
+    pub(super) role: Option<String>,
+}
+
+/// Parses `MODEL[:ROLE],MODEL[:ROLE],…` (a Windows-style `C:\…` path is not expected here).
+pub(super) fn parse_agents(text: &str) -> anyhow::Result<Vec<AgentSpec>> {
+    let specs: Vec<AgentSpec> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.rsplit_once(':') {
+            Some((model, role)) if !role.contains('/') => AgentSpec {
+                model: PathBuf::from(model),
+                role: Some(role.to_owned()),
+            },
+            _ => AgentSpec {
+                model: PathBuf::from(s),
+                role: None,
+            },
+        })
+        .collect();
+    if specs.is_empty() {
+        bail!("--agents: expected MODEL[:ROLE],… (e.g. qwen05:reasoner,smollm2:critic)");
+    }
+    Ok(specs)
+}
+
+/// The processes of a local swarm (or of one server); all killed when dropped.
+pub(super) struct LocalCluster {
+    children: Vec<Child>,
+    /// The API to evaluate: the head's, or the single server's.
+    pub(super) url: String,
+    /// The agents' own APIs (their `/health` says when their model is ready).
+    pub(super) agent_urls: Vec<String>,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Addresses a `shoal serve` printed.
+struct Started {
+    http: String,
+    peer: Option<String>,
+}
+
+impl LocalCluster {
+    /// `single`: one server for `agents[0]` (exactly one agent allowed). Otherwise: the
+    /// agents with their roles, and a head on `head_model` (default: the first agent's
+    /// model) with `--peer` for each, whose swarm waits up to `timeout` for answers.
+    pub(super) fn start(
+        agents: &[AgentSpec],
+        head_model: Option<&Path>,
+        single: bool,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the shoal executable")?;
+        let mut cluster = LocalCluster {
+            children: Vec::new(),
+            url: String::new(),
+            agent_urls: Vec::new(),
+        };
+        let resolve = |m: &Path| crate::load::resolve_model(Some(m));
+        if single {
+            let [agent] = agents else {
+                bail!("--strategy single with --agents takes exactly one MODEL");
+            };
+            let model = resolve(&agent.model)?;
+            let s = cluster.spawn(&exe, vec!["--model".into(), model.into()], false)?;
+            cluster.url = format!("http://{}", s.http);
+            return Ok(cluster);
+        }
+        let mut peers = Vec::new();
+        for a in agents {
+            let model = resolve(&a.model)?;
+            let mut args: Vec<OsString> = vec![
+                "--model".into(),
+                model.into(),
+                "--peer-port".into(),
+                "0".into(),
+            ];
+            if let Some(role) = &a.role {
+                args.extend(["--role".into(), role.into()]);
+            }
+            let s = cluster.spawn(&exe, args, true)?;
+            cluster.agent_urls.push(format!("http://{}", s.http));
+            peers.extend(s.peer);
+        }
+        // The head counts only agents that answer its first `Describe`: start it once every
+        // agent's model has loaded.
+        for url in &cluster.agent_urls {
+            super::client::Client::new(url, None, timeout).wait_ready(
+                Duration::from_secs(300),
+                || {
+                    eprintln!("waiting for the agent at {url} to load…");
+                },
+            )?;
+        }
+        let head = resolve(head_model.unwrap_or(&agents[0].model))?;
+        let secs = format!("{}", timeout.as_secs_f64());
+        let mut args: Vec<OsString> = vec!["--model".into(), head.into()];
+        for p in peers {
+            args.extend(["--peer".into(), p.into()]);
+        }
+        args.extend([
+            "--swarm-timeout-simple".into(),
+            secs.clone().into(),
+            "--swarm-timeout-complex".into(),
+            secs.into(),
+        ]);
+        let s = cluster.spawn(&exe, args, false)?;
+        cluster.url = format!("http://{}", s.http);
+        Ok(cluster)
+    }
+
+    /// Starts `shoal serve ARGS --host 127.0.0.1 --port 0` and waits for its addresses.
+    fn spawn(
+        &mut self,
+        exe: &Path,
+        args: Vec<OsString>,
+        wants_peer: bool,
+    ) -> anyhow::Result<Started> {
+        let mut child = Command::new(exe)
+            .arg("serve")
+            .args(args)
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .env_remove("SHOAL_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start shoal serve")?;
+        let stderr = child.stderr.take();
+        self.children.push(child);
+        let Some(stderr) = stderr else {
+            bail!("shoal serve has no stderr");
+        };
+        let (tx, rx) = mpsc::channel();
+        // Drain stderr for the life of the process, so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut http = None;
+        let mut peer = None;
+        while http.is_none() || (wants_peer && peer.is_none()) {
+            let line = rx
+                .recv_timeout(Duration::from_secs(120))
+                .context("shoal serve did not print its addresses")?;
+            if let Some(a) = line.trim().strip_prefix("listening on http://") {
+                http = Some(a.to_owned());
+            } else if let Some(a) = line.trim().strip_prefix("peer port listening on ") {
+                peer = Some(a.to_owned());
+            }
+        }
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        Ok(Started {
+            http: http.unwrap_or_default(),
+            peer,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn agent_lists_parse() {
+        let a = parse_agents("qwen05:reasoner, models/x.gguf ,smollm2:critic").unwrap();
+        assert_eq!(a.len(), 3);
+        assert_eq!(a[0].model, PathBuf::from("qwen05"));
+        assert_eq!(a[0].role.as_deref(), Some("reasoner"));
+        assert_eq!(a[1].model, PathBuf::from("models/x.gguf"));
+        assert_eq!(a[1].role, None);
+        assert!(parse_agents(" , ").is_err());
+    }
+}
