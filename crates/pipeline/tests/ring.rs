@@ -666,25 +666,33 @@ async fn start_killable_server() -> (StageServer, SocketAddr, std::sync::Arc<tok
     (server, addr, stop)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_stages_are_replaced_and_greedy_output_is_unchanged() {
-    let want = single_process(&SamplingParams::greedy());
+type Killable = (StageServer, SocketAddr, std::sync::Arc<tokio::sync::Notify>);
+
+/// A head on layers 0..10 and two killable stage servers on 10..20 and 20..L, f32 activations.
+async fn killable_ring() -> (Pipeline, [Killable; 2]) {
     let n = reference().config().n_layers;
-    let (_s1, a1, stop1) = start_killable_server().await;
-    let (_s2, a2, stop2) = start_killable_server().await;
+    let first = start_killable_server().await;
+    let second = start_killable_server().await;
     let peers = vec![
         PeerStage {
-            addr: a1,
+            addr: first.1,
             layers: 10..20,
         },
         PeerStage {
-            addr: a2,
+            addr: second.1,
             layers: 20..n,
         },
     ];
     let mut config = PipelineConfig::new(model_path(), 0..10, peers);
     config.activation_dtype = DType::F32;
-    let pipeline = Pipeline::connect(config).await.unwrap();
+    (Pipeline::connect(config).await.unwrap(), [first, second])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_stages_are_replaced_and_greedy_output_is_unchanged() {
+    let want = single_process(&SamplingParams::greedy());
+    let n = reference().config().n_layers;
+    let (pipeline, [(_s1, _, stop1), (_s2, _, stop2)]) = killable_ring().await;
     // The last stage dies after the 3rd token, the one left after the 8th: the head ends up
     // running the whole model, and the answer must not notice.
     let mut seen = 0;
@@ -720,21 +728,7 @@ async fn lost_stages_are_replaced_and_greedy_output_is_unchanged() {
 async fn losing_the_middle_stage_moves_its_layers_to_the_others() {
     let want = single_process(&SamplingParams::greedy());
     let n = reference().config().n_layers;
-    let (_s1, a1, stop1) = start_killable_server().await;
-    let (s2, a2, _stop2) = start_killable_server().await;
-    let peers = vec![
-        PeerStage {
-            addr: a1,
-            layers: 10..20,
-        },
-        PeerStage {
-            addr: a2,
-            layers: 20..n,
-        },
-    ];
-    let mut config = PipelineConfig::new(model_path(), 0..10, peers);
-    config.activation_dtype = DType::F32;
-    let pipeline = Pipeline::connect(config).await.unwrap();
+    let (pipeline, [(_s1, _, stop1), (s2, a2, _stop2)]) = killable_ring().await;
     let mut seen = 0;
     let got = pipeline
         .generate_with(&prompt(), &SamplingParams::greedy(), MAX_TOKENS, |_| {
@@ -757,22 +751,7 @@ async fn losing_the_middle_stage_moves_its_layers_to_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sampled_session_goes_on_unchanged_after_a_lost_stage() {
     let want = single_process(&sampled());
-    let n = reference().config().n_layers;
-    let (_s1, a1, _stop1) = start_killable_server().await;
-    let (_s2, a2, stop2) = start_killable_server().await;
-    let peers = vec![
-        PeerStage {
-            addr: a1,
-            layers: 10..20,
-        },
-        PeerStage {
-            addr: a2,
-            layers: 20..n,
-        },
-    ];
-    let mut config = PipelineConfig::new(model_path(), 0..10, peers);
-    config.activation_dtype = DType::F32;
-    let pipeline = Pipeline::connect(config).await.unwrap();
+    let (pipeline, [(_s1, _, _stop1), (_s2, _, stop2)]) = killable_ring().await;
     let mut seen = 0;
     let got = pipeline
         .generate_with(&prompt(), &sampled(), MAX_TOKENS, |_| {

@@ -30,6 +30,26 @@ fn head(agents: &[&Server], extra: &[&str]) -> Server {
     head
 }
 
+/// Waits until the head's status shows every agent healthy; returns that status.
+fn all_agents_healthy(head: &Server) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = http(head.addr, "GET", "/v1/swarm/status", None).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let status = r.json();
+        if status["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["healthy"] == true)
+        {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "agents never healthy: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn query(head: &Server, body: Value) -> Value {
     let r = http(
         head.addr,
@@ -69,22 +89,7 @@ fn status_lists_every_agent_with_role_model_health_and_speed() {
     )
     .unwrap();
     let head = head(&[], &["--config", config.to_str().unwrap()]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        let r = http(head.addr, "GET", "/v1/swarm/status", None).unwrap();
-        assert_eq!(r.status, 200, "{}", r.body);
-        let v = r.json();
-        if v["agents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|a| a["healthy"] == true)
-        {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "agents never healthy: {v}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = all_agents_healthy(&head);
     assert_eq!(status["strategy"], "fastest");
     let agents = status["agents"].as_array().unwrap();
     assert_eq!(agents.len(), 2);
@@ -194,19 +199,7 @@ fn a_hung_agent_times_out_and_a_killed_one_is_left_out() {
     let hung = agent("critic");
     let mut doomed = agent("factchecker");
     let head = head(&[&fast, &hung, &doomed], &[]);
-    // Wait until the head has seen all three.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http(head.addr, "GET", "/v1/swarm/status", None)
-        .unwrap()
-        .json()["agents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|a| a["healthy"] != true)
-    {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    all_agents_healthy(&head);
     hung.signal("STOP");
     let request = json!({
         "query": CODE_QUESTION, "strategy": "moa", "max_tokens": 200, "temperature": 0,
@@ -260,18 +253,7 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
     let critic = agent("critic");
     let aggregator = agent("aggregator");
     let head = head(&[&reasoner, &critic, &aggregator], &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http(head.addr, "GET", "/v1/swarm/status", None)
-        .unwrap()
-        .json()["agents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|a| a["healthy"] != true)
-    {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    all_agents_healthy(&head);
     // The aggregator hangs: the highest-weight agent's answer stands.
     aggregator.signal("STOP");
     let out = query(
