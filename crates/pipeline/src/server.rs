@@ -134,10 +134,7 @@ impl StageServer {
     /// Serves `listener` until `shutdown` completes. Each peer gets its own task: a peer that
     /// sends a malformed or hostile frame loses its connection and nothing else.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let evictor = {
-            let me = self.clone();
-            tokio::spawn(async move { me.evict_loop().await })
-        };
+        let evictor = self.spawn_evictor();
         let config = ServeConfig {
             limits: self.inner.config.limits,
             ..ServeConfig::default()
@@ -186,6 +183,14 @@ impl StageServer {
             tracing::info!(evicted, "dropped idle sessions");
         }
         evicted
+    }
+
+    /// Drops idle sessions in the background (every quarter of the idle timeout) until the
+    /// task is aborted. [`StageServer::serve`] runs one; a caller that serves connections
+    /// itself through [`StageServer::handle_message`] starts its own.
+    pub fn spawn_evictor(&self) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move { me.evict_loop().await })
     }
 
     async fn evict_loop(&self) {

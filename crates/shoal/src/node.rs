@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use shoal_engine::Model;
 use shoal_pipeline::{StageServer, StageServerConfig};
@@ -63,16 +62,7 @@ pub(crate) async fn serve_peer_port(
     let mut config = StageServerConfig::new(dir);
     config.node_id = node_id;
     let stages = StageServer::new(config);
-    let evictor = {
-        let stages = stages.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
-            loop {
-                tick.tick().await;
-                stages.evict_idle();
-            }
-        })
-    };
+    let evictor = stages.spawn_evictor();
     serve_connections(
         listener,
         ServeConfig::default(),
