@@ -384,6 +384,21 @@ impl Swarm {
             .collect()
     }
 
+    /// The healthy agent with `role` and the highest weight, other than the one named
+    /// `except`.
+    fn best_with_role(&self, role: Role, except: Option<&str>) -> Option<Target> {
+        self.targets()
+            .into_iter()
+            .filter(|t| t.role() == Some(role) && except != Some(t.name().as_str()))
+            .max_by(|a, b| a.weight().total_cmp(&b.weight()))
+    }
+
+    /// The head's own model doing `role`'s job: the target and that role's system prompt.
+    fn local_as(&self, role: Role) -> Option<(Target, Option<String>)> {
+        let prompt = self.config.prompts.get(role).to_owned();
+        self.local_target().map(|t| (t, Some(prompt)))
+    }
+
     fn local_target(&self) -> Option<Target> {
         self.local.as_ref().map(|service| Target::Local {
             service: service.clone(),
@@ -487,13 +502,7 @@ struct Job {
 impl Run<'_> {
     /// The query type: the spotter's label when a spotter is up and gives one, else keywords.
     async fn classify(&mut self) -> (QueryType, &'static str) {
-        let spotter = self
-            .swarm
-            .targets()
-            .into_iter()
-            .filter(|t| t.role() == Some(Role::Spotter))
-            .max_by(|a, b| a.weight().total_cmp(&b.weight()));
-        if let Some(spotter) = spotter {
+        if let Some(spotter) = self.swarm.best_with_role(Role::Spotter, None) {
             let job = Job {
                 target: spotter,
                 task: "classify",
@@ -553,6 +562,28 @@ impl Run<'_> {
         }
     }
 
+    /// A job on the request's settings with one user message of the head's making
+    /// (aggregate, correct): `system` replaces the agent's role prompt when given.
+    fn task_job(
+        &self,
+        target: Target,
+        task: &'static str,
+        system: Option<String>,
+        prompt: String,
+    ) -> Job {
+        Job {
+            target,
+            task,
+            system,
+            messages: vec![user(prompt)],
+            max_tokens: self.request.max_tokens,
+            temperature: self.request.temperature,
+            top_p: self.request.top_p,
+            seed: self.request.seed,
+            stop: self.request.stop.clone(),
+        }
+    }
+
     /// Mixture of agents: every picked agent answers; an aggregator (the aggregator agent,
     /// else the head's own model) writes the final answer from theirs. When it is missing or
     /// fails, the answer of the highest-weight agent stands.
@@ -589,29 +620,12 @@ impl Run<'_> {
             .collect();
         let aggregator = self
             .swarm
-            .targets()
-            .into_iter()
-            .filter(|t| t.role() == Some(Role::Aggregator))
-            .max_by(|a, b| a.weight().total_cmp(&b.weight()))
+            .best_with_role(Role::Aggregator, None)
             .map(|t| (t, None))
-            .or_else(|| {
-                self.swarm.local_target().map(|t| {
-                    let prompt = self.swarm.config.prompts.get(Role::Aggregator).to_owned();
-                    (t, Some(prompt))
-                })
-            });
+            .or_else(|| self.swarm.local_as(Role::Aggregator));
         if let Some((target, system)) = aggregator {
-            let job = Job {
-                target,
-                task: "aggregate",
-                system,
-                messages: vec![user(aggregator_prompt(&self.question, &labelled))],
-                max_tokens: self.request.max_tokens,
-                temperature: self.request.temperature,
-                top_p: self.request.top_p,
-                seed: self.request.seed,
-                stop: self.request.stop.clone(),
-            };
+            let prompt = aggregator_prompt(&self.question, &labelled);
+            let job = self.task_job(target, "aggregate", system, prompt);
             if let Some(a) = self.ask_one(job, timeout).await {
                 if !a.text.trim().is_empty() {
                     return Ok((a.text, format!("aggregated by {} ({})", a.agent, a.model)));
@@ -762,14 +776,11 @@ impl Run<'_> {
         answerers: &[Target],
         timeout: Duration,
     ) -> Result<(String, String), SwarmError> {
-        let all = self.swarm.targets();
-        let by_speed = |a: &&Target, b: &&Target| a.weight().total_cmp(&b.weight());
-        let drafter = all
-            .iter()
-            .filter(|t| t.role() == Some(Role::Drafter))
-            .max_by(by_speed)
-            .or_else(|| answerers.iter().max_by(by_speed))
-            .cloned()
+        let by_weight = |a: &&Target, b: &&Target| a.weight().total_cmp(&b.weight());
+        let drafter = self
+            .swarm
+            .best_with_role(Role::Drafter, None)
+            .or_else(|| answerers.iter().max_by(by_weight).cloned())
             .ok_or(SwarmError::NoAgents)?;
         let job = self.answer_job(
             drafter.clone(),
@@ -780,36 +791,22 @@ impl Run<'_> {
         let Some(draft) = self.ask_one(job, timeout).await else {
             return Err(self.no_answer());
         };
-        let checker = all
-            .iter()
-            .filter(|t| t.role() == Some(Role::Reasoner) && t.name() != drafter.name())
-            .max_by(by_speed)
+        let drafter_name = drafter.name();
+        let checker = self
+            .swarm
+            .best_with_role(Role::Reasoner, Some(&drafter_name))
             .or_else(|| {
                 answerers
                     .iter()
-                    .filter(|t| t.name() != drafter.name())
-                    .max_by(by_speed)
+                    .filter(|t| t.name() != drafter_name)
+                    .max_by(by_weight)
+                    .cloned()
             })
-            .cloned()
             .map(|t| (t, None))
-            .or_else(|| {
-                self.swarm.local_target().map(|t| {
-                    let prompt = self.swarm.config.prompts.get(Role::Reasoner).to_owned();
-                    (t, Some(prompt))
-                })
-            });
+            .or_else(|| self.swarm.local_as(Role::Reasoner));
         if let Some((target, system)) = checker {
-            let job = Job {
-                target,
-                task: "correct",
-                system,
-                messages: vec![user(correction_prompt(&self.question, &draft.text))],
-                max_tokens: self.request.max_tokens,
-                temperature: self.request.temperature,
-                top_p: self.request.top_p,
-                seed: self.request.seed,
-                stop: self.request.stop.clone(),
-            };
+            let prompt = correction_prompt(&self.question, &draft.text);
+            let job = self.task_job(target, "correct", system, prompt);
             if let Some(a) = self.ask_one(job, timeout).await {
                 if !a.text.trim().is_empty() {
                     return Ok((
