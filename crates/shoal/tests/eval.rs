@@ -6,39 +6,19 @@
 //!
 //! Needs `python3`, the model and the data (`scripts/fetch-models.sh smollm2 humaneval`).
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-fn models_dir() -> PathBuf {
-    std::env::var_os("SHOAL_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
-}
-
 fn data() -> PathBuf {
-    let p = models_dir().join("HumanEval.jsonl.gz");
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-models.sh humaneval (or set SHOAL_MODELS_DIR)",
-        p.display()
-    );
-    p
+    common::model_path("HumanEval.jsonl.gz")
 }
 
 fn model() -> PathBuf {
-    let p = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-models.sh",
-        p.display()
-    );
-    p
+    common::model_path(common::SMOLLM2)
 }
 
 /// `shoal eval humaneval --data DATA ARGS…`.
@@ -140,69 +120,9 @@ fn no_server_is_a_clear_error() {
     assert!(err.contains(&url), "{err}");
 }
 
-/// The server process; killed when dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["serve", "--model"])
-            .arg(model())
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .env_remove("SHOAL_API_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("shoal starts");
-        let (tx, rx) = mpsc::channel::<String>();
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        for pipe in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    eprintln!("[shoal] {line}");
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        drop(tx);
-        let mut server = Server {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.trim().strip_prefix("listening on http://") {
-                        server.addr = addr.parse().expect("a socket address");
-                        break;
-                    }
-                }
-                Err(_) => panic!("shoal never printed `listening on http://ADDR`"),
-            }
-        }
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        server
-    }
-}
-
 #[test]
 fn two_problems_against_a_real_server() {
-    let server = Server::start();
+    let server = common::Server::start(&model(), &[]);
     let url = format!("http://{}", server.addr);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("results.jsonl");

@@ -28,22 +28,41 @@ fn golden_chats(golden_file: &str) -> Vec<Value> {
         .collect()
 }
 
-/// A ring of `splits.len()` stages: the head and `splits.len() - 1` stage nodes.
+/// A ring of as many stages as `split` has ranges: the head and one stage node per range
+/// after the first.
 fn ring(model: &str, split: &str) -> (Server, Vec<Server>) {
     let n = split.split(',').count();
-    let nodes: Vec<Server> = (1..n)
-        .map(|_| Server::start(&model_path(model), &["--peer-port", "0"]))
+    ring_of(
+        model,
+        n - 1,
+        &["--peer-port", "0"],
+        &["--peer-port", "0", "--split", split],
+    )
+}
+
+/// A head (`head_flags` plus `--peer` for each node, once healthy) over `n_nodes` stage
+/// nodes started with `node_flags`.
+fn ring_of(
+    model: &str,
+    n_nodes: usize,
+    node_flags: &[&str],
+    head_flags: &[&str],
+) -> (Server, Vec<Server>) {
+    let nodes: Vec<Server> = (0..n_nodes)
+        .map(|_| Server::start(&model_path(model), node_flags))
         .collect();
     let peers: Vec<String> = nodes.iter().map(Server::peer).collect();
-    let mut args = vec!["--peer-port", "0"];
+    let mut args = head_flags.to_vec();
     for p in &peers {
         args.extend(["--peer", p.as_str()]);
     }
-    args.extend(["--split", split]);
     let head = Server::start(&model_path(model), &args);
     head.wait_healthy();
     (head, nodes)
 }
+
+/// Stage nodes that hold only their layers.
+const STAGE_ONLY: [&str; 3] = ["--peer-port", "0", "--stage-only"];
 
 fn body(messages: &Value, max_tokens: usize, sampling: Value) -> String {
     let mut b = json!({
@@ -240,22 +259,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 #[test]
 fn stage_only_nodes_hold_their_layers_and_answer_nothing_themselves() {
     let single = Server::start(&model_path(QWEN05), &[]);
-    let nodes: Vec<Server> = (0..2)
-        .map(|_| Server::start(&model_path(QWEN05), &["--peer-port", "0", "--stage-only"]))
-        .collect();
-    let (b, c) = (nodes[0].peer(), nodes[1].peer());
-    let head = Server::start(
-        &model_path(QWEN05),
-        &[
-            "--peer",
-            b.as_str(),
-            "--peer",
-            c.as_str(),
-            "--split",
-            "0-7,8-15,16-23",
-        ],
-    );
-    head.wait_healthy();
+    let (head, nodes) = ring_of(QWEN05, 2, &STAGE_ONLY, &["--split", "0-7,8-15,16-23"]);
     single.wait_healthy();
     let messages = json!([{"role": "user", "content": "Write a haiku about rivers."}]);
     let b = body(&messages, 24, json!({}));
@@ -292,25 +296,13 @@ fn stage_only_nodes_hold_their_layers_and_answer_nothing_themselves() {
 #[test]
 fn split_auto_plans_from_measured_profiles_and_answers_the_same() {
     let single = Server::start(&model_path(QWEN05), &[]);
-    let nodes: Vec<Server> = (0..2)
-        .map(|_| Server::start(&model_path(QWEN05), &["--peer-port", "0", "--stage-only"]))
-        .collect();
-    let (b, c) = (nodes[0].peer(), nodes[1].peer());
     // The head offers too little memory for the whole model: the planner must use peers.
-    let head = Server::start(
-        &model_path(QWEN05),
-        &[
-            "--peer",
-            b.as_str(),
-            "--peer",
-            c.as_str(),
-            "--split",
-            "auto",
-            "--plan-memory-gib",
-            "0.25",
-        ],
+    let (head, nodes) = ring_of(
+        QWEN05,
+        2,
+        &STAGE_ONLY,
+        &["--split", "auto", "--plan-memory-gib", "0.25"],
     );
-    head.wait_healthy();
     single.wait_healthy();
     let messages = json!([{"role": "user", "content": "Write a haiku about rivers."}]);
     let b = body(&messages, 24, json!({}));
