@@ -169,21 +169,31 @@ pub(crate) async fn connect_ring(
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }
+    until_listening(|| Pipeline::connect(config.clone()))
+        .await
+        .context("setting up the ring of stages")
+}
+
+/// Runs `attempt` until it succeeds or fails for another reason than a peer not listening
+/// yet, for at most [`CONNECT_PATIENCE`].
+async fn until_listening<T, F>(mut attempt: impl FnMut() -> F) -> Result<T, PipelineError>
+where
+    F: std::future::Future<Output = Result<T, PipelineError>>,
+{
     let deadline = Instant::now() + CONNECT_PATIENCE;
     loop {
-        match Pipeline::connect(config.clone()).await {
-            Ok(pipeline) => return Ok(pipeline),
+        match attempt().await {
             Err(e) if not_listening_yet(&e) && Instant::now() < deadline => {
                 tracing::info!("a peer is not listening yet ({e}); retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(anyhow::Error::new(e).context("setting up the ring of stages")),
+            other => return other,
         }
     }
 }
 
 /// A peer refused the connection: nothing listens on its port (yet).
-pub(crate) fn not_listening_yet(e: &PipelineError) -> bool {
+fn not_listening_yet(e: &PipelineError) -> bool {
     let io = match e {
         PipelineError::Wire(WireError::Io(io)) | PipelineError::Io(io) => io,
         _ => return false,
@@ -211,17 +221,10 @@ pub(crate) async fn plan_ring(
     let mut probed = Vec::with_capacity(peers.len());
     for p in peers {
         let addr = resolve_addr(p)?;
-        let deadline = Instant::now() + CONNECT_PATIENCE;
-        let probe = loop {
-            match shoal_pipeline::probe_peer(addr, node_id, &model_id, Duration::from_secs(120))
-                .await
-            {
-                Err(e) if not_listening_yet(&e) && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                other => break other,
-            }
-        };
+        let probe = until_listening(|| {
+            shoal_pipeline::probe_peer(addr, node_id, &model_id, Duration::from_secs(120))
+        })
+        .await;
         probed.push(probe.with_context(|| format!("asking peer {p} for its profile"))?);
     }
     let path = model_path.to_path_buf();
