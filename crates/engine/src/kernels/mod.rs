@@ -292,9 +292,18 @@ impl QuantMatrix {
         if let (true, Bytes::Shared { gemm, .. }) = (m > 1, &self.data) {
             return Ok(gemm.forward(x)?);
         }
+        let out = self.matmul_f32(&x.flatten_all()?.to_vec1::<f32>()?, m, true)?;
+        let mut shape = batch.to_vec();
+        shape.push(self.rows);
+        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+    }
+
+    /// `xs [m, cols] -> [m, rows]`. `tiled` multiplies each weight row by `TILE` activation
+    /// rows at a time (bit for bit the same numbers); without it, one pair at a time.
+    fn matmul_f32(&self, xs: &[f32], m: usize, tiled: bool) -> Result<Vec<f32>> {
+        let k = self.cols;
         let data = self.bytes()?;
         let data: &[u8] = &data;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let kind = self.format.activation();
         // Handing work to rayon's pool costs a wake-up and a hand-back (two context
         // switches when the pool has one thread): small products run on the caller.
@@ -310,17 +319,32 @@ impl QuantMatrix {
         };
         let n = self.rows;
         let dot = vec_dot_fn(self.format);
+        let multi = multi_dot_fn(self.format).filter(|_| tiled && m > 1);
         let row_bytes = self.row_bytes();
-        // Parallel over matrix rows, so each weight row is read once from memory and
-        // reused for every activation row while it is in cache. The result comes out
-        // transposed ([rows, m]) and is turned around at the end when m > 1.
+        // Parallel over chunks of matrix rows (each thread gets whole tiles), so each
+        // weight row is read once from memory and reused for every activation row while
+        // it is in cache. The result comes out transposed ([rows, m]) and is turned around
+        // at the end when m > 1.
         const CHUNK: usize = 16;
         let mut by_weight_row = vec![0f32; n * m];
         let work = |(c, dst): (usize, &mut [f32])| {
+            let weight = |j: usize| &data[(c * CHUNK + j) * row_bytes..][..row_bytes];
+            if let Some((multi, tile)) = multi {
+                // Activation tiles outside, the chunk's weight rows (in cache) inside.
+                for (g, group) in acts.chunks(tile).enumerate() {
+                    for j in 0..dst.len() / m {
+                        multi(
+                            weight(j),
+                            group,
+                            &mut dst[j * m + g * tile..][..group.len()],
+                        );
+                    }
+                }
+                return;
+            }
             for (j, dst_row) in dst.chunks_mut(m).enumerate() {
-                let w = &data[(c * CHUNK + j) * row_bytes..][..row_bytes];
                 for (out, act) in dst_row.iter_mut().zip(&acts) {
-                    *out = dot(w, act);
+                    *out = dot(weight(j), act);
                 }
             }
         };
@@ -346,9 +370,7 @@ impl QuantMatrix {
             }
             out
         };
-        let mut shape = batch.to_vec();
-        shape.push(n);
-        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+        Ok(out)
     }
 }
 
@@ -372,6 +394,30 @@ fn vec_dot_fn(format: Format) -> VecDot {
         }
     }
     scalar_dot(format)
+}
+
+/// Dot products of one weight row with a few activation rows (at most the tile width):
+/// `out[i]` is bit for bit `vec_dot(w, &acts[i])` of the same CPU.
+type MultiDot = fn(&[u8], &[Q8Row], &mut [f32]);
+
+/// The fastest multi-row dot product this CPU runs for `format`, and its tile width;
+/// `None` where there is none (the scalar path runs one pair at a time).
+fn multi_dot_fn(format: Format) -> Option<(MultiDot, usize)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::available() {
+            let f: MultiDot = match format {
+                Format::Q4_1 => x86::dots_q4_1_q8_1,
+                Format::Q5_0 => x86::dots_q5_0_q8_0,
+                Format::Q8_0 => x86::dots_q8_0_q8_0,
+                Format::Q4K => x86::dots_q4_k_q8_k,
+                Format::Q6K => x86::dots_q6_k_q8_k,
+            };
+            return Some((f, x86::TILE));
+        }
+    }
+    let _ = format;
+    None
 }
 
 fn scalar_dot(format: Format) -> VecDot {
@@ -734,12 +780,89 @@ mod tests {
         }
     }
 
-    /// Not a test: our k-quant matmuls against candle's on the shapes of the Qwen models,
-    /// fastest of many runs (robust to a noisy, shared machine). Run with
-    /// `cargo test --release -p shoal-engine --lib kernels::tests::bench_k_quants -- --ignored --nocapture`.
+    #[test]
+    fn multi_row_dots_are_bit_identical_to_single_row_dots() {
+        let Some((multi, tile)) = multi_dot_fn(Format::Q4_1) else {
+            return;
+        };
+        for format in FORMATS {
+            let (multi, _) = multi_dot_fn(format).unwrap();
+            for (cols, seed) in [(256usize, 1), (512, 2), (1536, 3), (4864, 4), (32, 5)] {
+                if !cols.is_multiple_of(format.block_len()) {
+                    continue;
+                }
+                let w = random_blocks(format, 1, cols, seed);
+                for n in 1..=tile {
+                    let acts: Vec<Q8Row> = (0..n)
+                        .map(|i| quantize_for(format, &random_f32(cols, seed * 10 + i as u64)))
+                        .collect();
+                    let mut out = vec![f32::NAN; n];
+                    multi(&w, &acts, &mut out);
+                    for (got, act) in out.iter().zip(&acts) {
+                        let want = vec_dot_fn(format)(&w, act);
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{format:?} cols {cols} n {n}"
+                        );
+                    }
+                }
+            }
+        }
+        let _ = multi;
+    }
+
+    #[test]
+    fn tiled_matmul_is_bit_identical_to_pairwise_on_any_thread_count() {
+        for format in FORMATS {
+            let cols = 2 * QK_K;
+            // Rows not a multiple of the 16-row chunk, m not a multiple of the tile.
+            for (rows, m, seed) in [
+                (37, 2, 71),
+                (37, 3, 72),
+                (21, 5, 73),
+                (16, 4, 74),
+                (7, 9, 75),
+                (40, 13, 76),
+                (33, 64, 77),
+            ] {
+                let data = random_blocks(format, rows, cols, seed);
+                let w = QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap();
+                let x = random_f32(m * cols, seed + 1);
+                let pairwise = w.matmul_f32(&x, m, false).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let tiled = pool.install(|| w.matmul_f32(&x, m, true).unwrap());
+                    assert_eq!(
+                        bits(&tiled),
+                        bits(&pairwise),
+                        "{format:?} {rows}x{cols} m {m}"
+                    );
+                }
+                // And each entry is the single-row kernel's dot of its pair.
+                let row_bytes = data.len() / rows;
+                for (i, xi) in x.chunks(cols).enumerate() {
+                    let act = quantize_for(format, xi);
+                    for j in 0..rows {
+                        let want = vec_dot_fn(format)(&data[j * row_bytes..][..row_bytes], &act);
+                        assert_eq!(pairwise[i * rows + j].to_bits(), want.to_bits());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Not a test: the prompt matmul one pair at a time against the tiled one (and
+    /// candle's `QMatMul` for the k-quants) on the shapes of Qwen2.5-Coder-0.5B, fastest of
+    /// a few runs. Run with `RAYON_NUM_THREADS=1 cargo test --release -p shoal-engine --lib
+    /// kernels::tests::bench_prefill -- --ignored --nocapture` (and 2).
     #[test]
     #[ignore]
-    fn bench_k_quants_against_candle() {
+    fn bench_prefill_tiled_against_pairwise() {
         use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
         use candle_core::Module;
         use std::time::Instant;
@@ -752,51 +875,52 @@ mod tests {
                 })
                 .fold(f64::INFINITY, f64::min)
         }
-        for (format, dtype) in [(Format::Q4K, GgmlDType::Q4K), (Format::Q6K, GgmlDType::Q6K)] {
-            for (rows, cols) in [(896, 4864), (8960, 1536)] {
-                // Enough distinct matrices (~100 MB) that the weights come from memory,
-                // as in a model's decode step, not from cache.
-                let copies = (100 << 20) / (rows * cols / QK_K * format.block_bytes());
-                let mut ours = Vec::new();
-                let mut theirs = Vec::new();
-                let mut shared = Vec::new();
-                for c in 0..copies {
-                    let data = random_blocks(format, rows, cols, 51 + c as u64);
-                    ours.push(QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap());
-                    let qt =
-                        qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
-                    theirs.push(QMatMul::from_qtensor(qt).unwrap());
-                    let qt =
-                        qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
-                    shared.push(QuantMatrix::from_qtensor(format, qt).unwrap());
+        let only = std::env::var("BENCH_FORMAT").ok();
+        for format in FORMATS {
+            if only.as_ref().is_some_and(|f| *f != format!("{format:?}")) {
+                continue;
+            }
+            for (rows, cols) in [(896usize, 896usize), (4864, 896), (896, 4864)] {
+                if !cols.is_multiple_of(format.block_len()) {
+                    continue;
                 }
-                for m in [1, 64] {
-                    let x = random_f32(m * cols, 52);
-                    let xt = Tensor::from_vec(x, (m, cols), &Device::Cpu).unwrap();
-                    let (runs, n) = if m == 1 { (10, copies) } else { (6, 4) };
+                let data = random_blocks(format, rows, cols, 91);
+                let w = QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap();
+                let candle = match format {
+                    Format::Q4K => Some(GgmlDType::Q4K),
+                    Format::Q6K => Some(GgmlDType::Q6K),
+                    _ => None,
+                }
+                .map(|dtype| {
+                    let qt =
+                        qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
+                    QMatMul::from_qtensor(qt).unwrap()
+                });
+                for m in [64, 512] {
+                    let x = random_f32(m * cols, 92);
+                    let runs = if m == 64 { 5 } else { 2 };
                     let a = fastest(runs, || {
-                        for w in &ours[..n] {
-                            w.matmul(&xt).unwrap();
-                        }
-                    }) / n as f64;
+                        w.matmul_f32(&x, m, false).unwrap();
+                    });
                     let b = fastest(runs, || {
-                        for w in &theirs[..n] {
-                            w.forward(&xt).unwrap();
-                        }
-                    }) / n as f64;
-                    // What the engine runs: ours for one row, candle's for several.
-                    let c = fastest(runs, || {
-                        for w in &shared[..n] {
-                            w.matmul(&xt).unwrap();
-                        }
-                    }) / n as f64;
+                        w.matmul_f32(&x, m, true).unwrap();
+                    });
+                    let c = candle.as_ref().map(|g| {
+                        let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
+                        fastest(runs, || {
+                            g.forward(&xt).unwrap();
+                        })
+                    });
+                    let gmacs = (m * rows * cols) as f64 / 1e9;
                     println!(
-                        "{format:?} {rows}x{cols} m={m} threads={}: ours {:.3} ms, candle {:.3} ms, candle/ours {:.2}, as wired {:.3} ms",
+                        "{format:?} {rows}x{cols} m={m} threads={}: pairwise {:.2} ms, tiled {:.2} ms ({:.1} GMAC/s), speed-up {:.2}{}",
                         rayon::current_num_threads(),
                         a * 1e3,
                         b * 1e3,
-                        b / a,
-                        c * 1e3
+                        gmacs / b,
+                        a / b,
+                        c.map(|c| format!(", candle {:.2} ms, candle/tiled {:.2}", c * 1e3, c / b))
+                            .unwrap_or_default()
                     );
                 }
             }

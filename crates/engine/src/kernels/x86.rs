@@ -283,3 +283,283 @@ unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
 }
+
+// Tiles: one weight row times up to `TILE` activation rows at once. Each weight block is
+// unpacked once and multiplied against every activation row of the tile; every pair keeps
+// its own accumulators and runs exactly the operations of the single-row kernel above, in
+// the same order, so each result is bit for bit that kernel's (integer sums are exact, so
+// only the order of the f32 operations matters, and that is unchanged).
+
+/// Activation rows per tile.
+pub(super) const TILE: usize = 4;
+
+/// Runs `tile::<N>` on `acts.len()` rows (at most `TILE`), or the single-row kernel for
+/// one.
+macro_rules! dots_many {
+    ($name:ident, $tile:ident, $single:ident) => {
+        pub(super) fn $name(w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+            assert!(acts.len() == out.len() && acts.len() <= TILE);
+            // Safety: only selected by `multi_dot_fn` after `available()` confirmed AVX2,
+            // FMA, F16C; the tile kernels check the activation rows' lengths.
+            unsafe {
+                match acts.len() {
+                    4 => $tile::<4>(w, acts, out),
+                    3 => $tile::<3>(w, acts, out),
+                    2 => $tile::<2>(w, acts, out),
+                    1 => out[0] = $single(w, &acts[0]),
+                    _ => {}
+                }
+            }
+        }
+    };
+}
+
+dots_many!(dots_q4_1_q8_1, tile_q4_1_q8_1, vec_dot_q4_1_q8_1_avx2);
+dots_many!(dots_q5_0_q8_0, tile_q5_0_q8_0, vec_dot_q5_0_q8_0_avx2);
+dots_many!(dots_q8_0_q8_0, tile_q8_0_q8_0, vec_dot_q8_0_q8_0_avx2);
+dots_many!(dots_q4_k_q8_k, tile_q4_k_q8_k, vec_dot_q4_k_q8_k_avx2);
+dots_many!(dots_q6_k_q8_k, tile_q6_k_q8_k, vec_dot_q6_k_q8_k_avx2);
+
+/// The activation rows' quantized bytes and scales, checked long enough for `nb` blocks
+/// of `block` elements (and `bsums` for the k-quants).
+#[inline(always)]
+fn act_ptrs<const N: usize>(
+    acts: &[Q8Row],
+    nb: usize,
+    block: usize,
+) -> ([*const i8; N], [*const f32; N]) {
+    assert!(acts.len() == N);
+    for a in acts {
+        assert!(a.d.len() >= nb && a.qs.len() >= nb * block);
+    }
+    (
+        std::array::from_fn(|i| acts[i].qs.as_ptr()),
+        std::array::from_fn(|i| acts[i].d.as_ptr()),
+    )
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q4_1_q8_1<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+    let nb = w.len() / Q4_1_BLOCK_BYTES;
+    let (qy, dy) = act_ptrs::<N>(acts, nb, QK);
+    for a in acts {
+        assert!(a.s.len() >= nb);
+    }
+    let sy: [*const f32; N] = std::array::from_fn(|i| acts[i].s.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut summs = [0f32; N];
+    let low_mask = _mm_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q4_1_BLOCK_BYTES);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+        let d = _mm_cvtss_f32(dm);
+        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let packed = _mm_loadu_si128(block.add(4) as *const __m128i);
+        let lo = _mm_and_si128(packed, low_mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);
+        let qx = _mm256_set_m128i(hi, lo);
+        for i in 0..N {
+            summs[i] += m * *sy[i].add(b);
+            let q = _mm256_loadu_si256(qy[i].add(b * QK) as *const __m256i);
+            let pairs = _mm256_maddubs_epi16(qx, q);
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            let dd = _mm256_set1_ps(d * *dy[i].add(b));
+            acc[i] = _mm256_fmadd_ps(dd, sums, acc[i]);
+        }
+    }
+    for i in 0..N {
+        out[i] = hsum(acc[i]) + summs[i];
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q5_0_q8_0<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+    let nb = w.len() / Q5_0_BLOCK_BYTES;
+    let (qy, dy) = act_ptrs::<N>(acts, nb, QK);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let low_mask = _mm_set1_epi8(0x0f);
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
+    let bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    let all_ones = _mm256_set1_epi64x(-1);
+    let high_nibble = _mm256_set1_epi8(0xf0u8 as i8);
+    let ones = _mm256_set1_epi16(1);
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q5_0_BLOCK_BYTES);
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (block as *const u16).read_unaligned() as i32,
+        )));
+        let qh = (block.add(2) as *const i32).read_unaligned();
+        let packed = _mm_loadu_si128(block.add(6) as *const __m128i);
+        let lo = _mm_and_si128(packed, low_mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);
+        let nibbles = _mm256_set_m128i(hi, lo);
+        let bits = _mm256_cmpeq_epi8(
+            _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit_mask),
+            all_ones,
+        );
+        let qx = _mm256_or_si256(nibbles, _mm256_andnot_si256(bits, high_nibble));
+        let ax = _mm256_sign_epi8(qx, qx);
+        for i in 0..N {
+            let q = _mm256_loadu_si256(qy[i].add(b * QK) as *const __m256i);
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+                _mm256_maddubs_epi16(ax, _mm256_sign_epi8(q, qx)),
+                ones,
+            ));
+            let dd = _mm256_set1_ps(d * *dy[i].add(b));
+            acc[i] = _mm256_fmadd_ps(dd, sums, acc[i]);
+        }
+    }
+    for i in 0..N {
+        out[i] = hsum(acc[i]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q8_0_q8_0<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+    let nb = w.len() / Q8_0_BLOCK_BYTES;
+    let (qy, dy) = act_ptrs::<N>(acts, nb, QK);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let ones = _mm256_set1_epi16(1);
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q8_0_BLOCK_BYTES);
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (block as *const u16).read_unaligned() as i32,
+        )));
+        let qx = _mm256_loadu_si256(block.add(2) as *const __m256i);
+        let ax = _mm256_sign_epi8(qx, qx);
+        for i in 0..N {
+            let q = _mm256_loadu_si256(qy[i].add(b * QK) as *const __m256i);
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+                _mm256_maddubs_epi16(ax, _mm256_sign_epi8(q, qx)),
+                ones,
+            ));
+            let dd = _mm256_set1_ps(d * *dy[i].add(b));
+            acc[i] = _mm256_fmadd_ps(dd, sums, acc[i]);
+        }
+    }
+    for i in 0..N {
+        out[i] = hsum(acc[i]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q4_k_q8_k<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+    let nb = w.len() / Q4_K_BLOCK_BYTES;
+    let (qy, dy) = act_ptrs::<N>(acts, nb, QK_K);
+    for a in acts {
+        assert!(a.bsums.len() >= nb * QK_K / 16);
+    }
+    let bs: [*const i16; N] = std::array::from_fn(|i| acts[i].bsums.as_ptr());
+    let m4 = _mm256_set1_epi8(0x0f);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut acc_m = [_mm_setzero_ps(); N];
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q4_K_BLOCK_BYTES);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+        let dx = _mm_cvtss_f32(dm);
+        let dminx = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let mins_and_scales = _mm256_cvtepu8_epi16(q4_k_scales_mins(block.add(4)));
+        let mins = _mm256_extracti128_si256(mins_and_scales, 1);
+        for i in 0..N {
+            let dyb = *dy[i].add(b);
+            let q8sums = _mm256_loadu_si256(bs[i].add(b * QK_K / 16) as *const __m256i);
+            let q8s = _mm_hadd_epi16(
+                _mm256_castsi256_si128(q8sums),
+                _mm256_extracti128_si256(q8sums, 1),
+            );
+            let prod = _mm_madd_epi16(mins, q8s);
+            acc_m[i] = _mm_fmadd_ps(_mm_set1_ps(-dyb * dminx), _mm_cvtepi32_ps(prod), acc_m[i]);
+        }
+        let sc128 = _mm256_castsi256_si128(mins_and_scales);
+        let scales = _mm256_set_m128i(sc128, sc128);
+        let q4 = block.add(16);
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for j in 0..QK_K / 64 {
+            let lo = (4 * j) as i16 | ((4 * j + 1) as i16) << 8;
+            let hi = (4 * j + 2) as i16 | ((4 * j + 3) as i16) << 8;
+            let scale_l = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(lo));
+            let scale_h = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(hi));
+            let q4bits = _mm256_loadu_si256(q4.add(32 * j) as *const __m256i);
+            let q4l = _mm256_and_si256(q4bits, m4);
+            let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+            for i in 0..N {
+                let q8 = qy[i].add(b * QK_K + 64 * j);
+                let q8l = _mm256_loadu_si256(q8 as *const __m256i);
+                let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
+                let p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
+                let p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
+                sumi[i] = _mm256_add_epi32(sumi[i], _mm256_add_epi32(p16l, p16h));
+            }
+        }
+        for i in 0..N {
+            let d = *dy[i].add(b) * dx;
+            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[i]), acc[i]);
+        }
+    }
+    for i in 0..N {
+        let m = _mm_add_ps(acc_m[i], _mm_movehl_ps(acc_m[i], acc_m[i]));
+        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        out[i] = hsum(acc[i]) + _mm_cvtss_f32(m);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q6_k_q8_k<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+    let nb = w.len() / Q6_K_BLOCK_BYTES;
+    let (qy, dy) = act_ptrs::<N>(acts, nb, QK_K);
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m2 = _mm256_set1_epi8(3);
+    let m32s = _mm256_set1_epi8(32);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q6_K_BLOCK_BYTES);
+        let dx = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (block.add(208) as *const u16).read_unaligned() as i32,
+        )));
+        let scales = _mm_loadu_si128(block.add(192) as *const __m128i);
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for j in 0..QK_K / 128 {
+            let ql = block.add(64 * j);
+            let qh = block.add(128 + 32 * j);
+            let q4bits1 = _mm256_loadu_si256(ql as *const __m256i);
+            let q4bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+            let q4bits_h = _mm256_loadu_si256(qh as *const __m256i);
+            let q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, m2), 4);
+            let q4h_1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 2), m2), 4);
+            let q4h_2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 4), m2), 4);
+            let q4h_3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 6), m2), 4);
+            let q6 = [
+                _mm256_or_si256(_mm256_and_si256(q4bits1, m4), q4h_0),
+                _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3),
+            ];
+            for (k, &q6k) in q6.iter().enumerate() {
+                let s = (8 * j + 2 * k) as i64;
+                let shuf = _mm_set_epi64x((s + 1) * 0x0101010101010101, s * 0x0101010101010101);
+                let scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, shuf));
+                for i in 0..N {
+                    let q8k = _mm256_loadu_si256(
+                        qy[i].add(b * QK_K + 128 * j + 32 * k) as *const __m256i
+                    );
+                    let q8s = _mm256_maddubs_epi16(m32s, q8k);
+                    let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q6k, q8k), q8s);
+                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(scale, p16));
+                }
+            }
+        }
+        for i in 0..N {
+            let d = dx * *dy[i].add(b);
+            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[i]), acc[i]);
+        }
+    }
+    for i in 0..N {
+        out[i] = hsum(acc[i]);
+    }
+}
