@@ -16,6 +16,8 @@
 
 #![allow(unsafe_code)]
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -108,6 +110,24 @@ impl Q8Row {
     /// llama.cpp's `quantize_row_q8_0` / `quantize_row_q8_1`: `d = amax / 127`,
     /// `q = round(x / d)`; `with_sums` adds the Q8_1 block sums.
     pub(crate) fn quantize(x: &[f32], with_sums: bool) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if x86::available() {
+            // Safety: AVX2, FMA and F16C are there.
+            return unsafe { Self::quantize_avx2(x, with_sums) };
+        }
+        Self::quantize_body(x, with_sums)
+    }
+
+    /// The same code compiled for AVX2: `round` becomes an inline (exact) instruction
+    /// sequence instead of a call to `roundf` per element.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn quantize_avx2(x: &[f32], with_sums: bool) -> Self {
+        Self::quantize_body(x, with_sums)
+    }
+
+    #[inline(always)]
+    fn quantize_body(x: &[f32], with_sums: bool) -> Self {
         let nb = x.len() / QK;
         let mut row = Self {
             d: Vec::with_capacity(nb),
@@ -136,6 +156,23 @@ impl Q8Row {
     /// magnitude, `q = nearest_int(-127 / max * x)` (ties to even, as its float trick
     /// rounds), `d = 1 / (-127 / max)` in f32, and the sums of each 16 `q`.
     pub(crate) fn quantize_k(x: &[f32]) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if x86::available() {
+            // Safety: AVX2, FMA and F16C are there.
+            return unsafe { Self::quantize_k_avx2(x) };
+        }
+        Self::quantize_k_body(x)
+    }
+
+    /// The same code compiled for AVX2 (inline rounding).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn quantize_k_avx2(x: &[f32]) -> Self {
+        Self::quantize_k_body(x)
+    }
+
+    #[inline(always)]
+    fn quantize_k_body(x: &[f32]) -> Self {
         let nb = x.len() / QK_K;
         let mut row = Self {
             d: Vec::with_capacity(nb),
@@ -176,6 +213,46 @@ impl Q8Row {
             Activation::Q8_1 => Self::quantize(x, true),
             Activation::Q8K => Self::quantize_k(x),
         }
+    }
+}
+
+/// The activation rows of one tile of the AVX-512 kernels (32-element formats), block by
+/// block: for block `b`, the 32 bytes of each of `rows` rows in turn, and their scales
+/// (and Q8_1 sums) `[b * rows + r]`. A short last tile is padded with zero rows.
+pub(crate) struct Q8Tile {
+    pub(crate) rows: usize,
+    pub(crate) d: Vec<f32>,
+    pub(crate) s: Vec<f32>,
+    pub(crate) qs: Vec<i8>,
+}
+
+impl Q8Tile {
+    /// The rows of a tile (at most `tile`) holding `n` activation rows: `n` rounded up to
+    /// a multiple of 4, so a short last tile runs a narrower kernel.
+    fn rows_for(n: usize, tile: usize) -> usize {
+        n.div_ceil(4).clamp(1, tile / 4) * 4
+    }
+
+    fn new(group: &[Q8Row], rows: usize) -> Self {
+        let nb = group[0].d.len();
+        let sums = !group[0].s.is_empty();
+        let mut t = Self {
+            rows,
+            d: vec![0.0; nb * rows],
+            s: vec![0.0; if sums { nb * rows } else { 0 }],
+            qs: vec![0; nb * rows * QK],
+        };
+        for (r, row) in group.iter().enumerate() {
+            for b in 0..nb {
+                let at = b * rows + r;
+                t.qs[at * QK..][..QK].copy_from_slice(&row.qs[b * QK..][..QK]);
+                t.d[at] = row.d[b];
+                if sums {
+                    t.s[at] = row.s[b];
+                }
+            }
+        }
+        t
     }
 }
 
@@ -320,6 +397,13 @@ impl QuantMatrix {
         let n = self.rows;
         let dot = vec_dot_fn(self.format);
         let multi = multi_dot_fn(self.format).filter(|_| tiled && m > 1);
+        let tiles: Vec<Q8Tile> = match multi {
+            Some(Multi::Interleaved(_, tile)) => acts
+                .chunks(tile)
+                .map(|g| Q8Tile::new(g, Q8Tile::rows_for(g.len(), tile)))
+                .collect(),
+            _ => Vec::new(),
+        };
         let row_bytes = self.row_bytes();
         // Parallel over chunks of matrix rows (each thread gets whole tiles), so each
         // weight row is read once from memory and reused for every activation row while
@@ -329,18 +413,30 @@ impl QuantMatrix {
         let mut by_weight_row = vec![0f32; n * m];
         let work = |(c, dst): (usize, &mut [f32])| {
             let weight = |j: usize| &data[(c * CHUNK + j) * row_bytes..][..row_bytes];
-            if let Some((multi, tile)) = multi {
-                // Activation tiles outside, the chunk's weight rows (in cache) inside.
-                for (g, group) in acts.chunks(tile).enumerate() {
-                    for j in 0..dst.len() / m {
-                        multi(
-                            weight(j),
-                            group,
-                            &mut dst[j * m + g * tile..][..group.len()],
-                        );
+            // Activation tiles outside, the chunk's weight rows (in cache) inside.
+            match multi {
+                Some(Multi::Rows(multi, tile)) => {
+                    for (g, group) in acts.chunks(tile).enumerate() {
+                        for j in 0..dst.len() / m {
+                            multi(
+                                weight(j),
+                                group,
+                                &mut dst[j * m + g * tile..][..group.len()],
+                            );
+                        }
                     }
+                    return;
                 }
-                return;
+                Some(Multi::Interleaved(multi, tile)) => {
+                    for (g, t) in tiles.iter().enumerate() {
+                        let n = tile.min(m - g * tile);
+                        for j in 0..dst.len() / m {
+                            multi(weight(j), t, &mut dst[j * m + g * tile..][..n]);
+                        }
+                    }
+                    return;
+                }
+                None => {}
             }
             for (j, dst_row) in dst.chunks_mut(m).enumerate() {
                 for (out, act) in dst_row.iter_mut().zip(&acts) {
@@ -362,10 +458,16 @@ impl QuantMatrix {
         let out = if m == 1 {
             by_weight_row
         } else {
+            // Turned around in blocks of 16 x 16, which stay in cache.
+            const B: usize = 16;
             let mut out = vec![0f32; m * n];
-            for (j, row) in by_weight_row.chunks(m).enumerate() {
-                for (i, v) in row.iter().enumerate() {
-                    out[i * n + j] = *v;
+            for j0 in (0..n).step_by(B) {
+                for i0 in (0..m).step_by(B) {
+                    for j in j0..(j0 + B).min(n) {
+                        for i in i0..(i0 + B).min(m) {
+                            out[i * n + j] = by_weight_row[j * m + i];
+                        }
+                    }
                 }
             }
             out
@@ -400,11 +502,33 @@ fn vec_dot_fn(format: Format) -> VecDot {
 /// `out[i]` is bit for bit `vec_dot(w, &acts[i])` of the same CPU.
 type MultiDot = fn(&[u8], &[Q8Row], &mut [f32]);
 
-/// The fastest multi-row dot product this CPU runs for `format`, and its tile width;
-/// `None` where there is none (the scalar path runs one pair at a time).
-fn multi_dot_fn(format: Format) -> Option<(MultiDot, usize)> {
+/// Dot products of one weight row with the (first `out.len()`) rows of a `Q8Tile`, bit for
+/// bit `vec_dot` of each pair.
+type TileDot = fn(&[u8], &Q8Tile, &mut [f32]);
+
+/// A multi-row kernel and its tile width (activation rows).
+#[derive(Clone, Copy)]
+enum Multi {
+    Rows(MultiDot, usize),
+    Interleaved(TileDot, usize),
+}
+
+/// The fastest multi-row dot product this CPU runs for `format`; `None` where there is
+/// none (the scalar path runs one pair at a time).
+fn multi_dot_fn(format: Format) -> Option<Multi> {
     #[cfg(target_arch = "x86_64")]
     {
+        if avx512::available() && std::env::var_os("SHOAL_NO_AVX512").is_none() {
+            let f: Option<TileDot> = match format {
+                Format::Q4_1 => Some(avx512::tile_q4_1_q8_1),
+                Format::Q5_0 => Some(avx512::tile_q5_0_q8_0),
+                Format::Q8_0 => Some(avx512::tile_q8_0_q8_0),
+                Format::Q4K | Format::Q6K => None,
+            };
+            if let Some(f) = f {
+                return Some(Multi::Interleaved(f, avx512::TILE));
+            }
+        }
         if x86::available() {
             let f: MultiDot = match format {
                 Format::Q4_1 => x86::dots_q4_1_q8_1,
@@ -413,7 +537,7 @@ fn multi_dot_fn(format: Format) -> Option<(MultiDot, usize)> {
                 Format::Q4K => x86::dots_q4_k_q8_k,
                 Format::Q6K => x86::dots_q6_k_q8_k,
             };
-            return Some((f, x86::TILE));
+            return Some(Multi::Rows(f, x86::TILE));
         }
     }
     let _ = format;
@@ -782,11 +906,14 @@ mod tests {
 
     #[test]
     fn multi_row_dots_are_bit_identical_to_single_row_dots() {
-        let Some((multi, tile)) = multi_dot_fn(Format::Q4_1) else {
+        if multi_dot_fn(Format::Q4_1).is_none() {
             return;
-        };
+        }
         for format in FORMATS {
-            let (multi, _) = multi_dot_fn(format).unwrap();
+            let multi = multi_dot_fn(format).unwrap();
+            let tile = match multi {
+                Multi::Rows(_, t) | Multi::Interleaved(_, t) => t,
+            };
             for (cols, seed) in [(256usize, 1), (512, 2), (1536, 3), (4864, 4), (32, 5)] {
                 if !cols.is_multiple_of(format.block_len()) {
                     continue;
@@ -797,7 +924,12 @@ mod tests {
                         .map(|i| quantize_for(format, &random_f32(cols, seed * 10 + i as u64)))
                         .collect();
                     let mut out = vec![f32::NAN; n];
-                    multi(&w, &acts, &mut out);
+                    match multi {
+                        Multi::Rows(f, _) => f(&w, &acts, &mut out),
+                        Multi::Interleaved(f, _) => {
+                            f(&w, &Q8Tile::new(&acts, Q8Tile::rows_for(n, tile)), &mut out)
+                        }
+                    }
                     for (got, act) in out.iter().zip(&acts) {
                         let want = vec_dot_fn(format)(&w, act);
                         assert_eq!(
@@ -809,7 +941,6 @@ mod tests {
                 }
             }
         }
-        let _ = multi;
     }
 
     #[test]
@@ -825,6 +956,7 @@ mod tests {
                 (7, 9, 75),
                 (40, 13, 76),
                 (33, 64, 77),
+                (17, 30, 78),
             ] {
                 let data = random_blocks(format, rows, cols, seed);
                 let w = QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap();

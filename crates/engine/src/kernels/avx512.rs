@@ -1,0 +1,220 @@
+//! x86-64 AVX-512 (BW + VNNI) tiles for the 32-element formats, chosen at run time.
+//!
+//! The activation rows of a tile are interleaved block by block (`Q8Tile`), so one zmm
+//! register holds the same block of two rows: the weight block, unpacked once, is
+//! broadcast to both halves and multiplied against `TILE` rows with half the
+//! instructions of the AVX2 tile. Bit for bit the AVX2 single-row kernels: each i32 lane
+//! holds the same exact integer sum of 4 products (`vpdpbusd` sums the 4 byte products
+//! that `maddubs` + `madd` sum in two steps, which never saturate for these formats), and
+//! each f32 lane runs the same `d_x * d_y` product and the same fused multiply-add per
+//! block, in block order; the horizontal sums at the end are the AVX2 kernel's.
+
+use std::arch::x86_64::*;
+
+use super::{Q8Tile, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK};
+
+/// Activation rows per tile (two per register): at most 16, and a short last tile is
+/// padded to a multiple of 4 (`Q8Tile::rows_for`).
+pub(super) const TILE: usize = 16;
+
+pub(super) fn available() -> bool {
+    super::x86::available()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+macro_rules! tile_fn {
+    ($name:ident, $tile:ident) => {
+        pub(super) fn $name(w: &[u8], t: &Q8Tile, out: &mut [f32]) {
+            // Safety: only selected by `multi_dot_fn` after `available()` confirmed
+            // AVX-512 F/BW/DQ/VNNI (and AVX2, FMA, F16C); the kernel checks the tile's
+            // sizes.
+            unsafe {
+                match t.rows {
+                    16 => $tile::<8>(w, t, out),
+                    12 => $tile::<6>(w, t, out),
+                    8 => $tile::<4>(w, t, out),
+                    4 => $tile::<2>(w, t, out),
+                    r => panic!("a tile of {r} rows"),
+                }
+            }
+        }
+    };
+}
+
+tile_fn!(tile_q4_1_q8_1, tile_q4_1_q8_1_avx512);
+tile_fn!(tile_q5_0_q8_0, tile_q5_0_q8_0_avx512);
+tile_fn!(tile_q8_0_q8_0, tile_q8_0_q8_0_avx512);
+
+/// Checks the tile against `nb` weight blocks and `P` pairs of rows.
+#[inline(always)]
+fn check<const P: usize>(t: &Q8Tile, nb: usize, out: &[f32], sums: bool) {
+    assert!(t.rows == 2 * P && out.len() <= t.rows);
+    assert!(t.d.len() >= nb * t.rows && t.qs.len() >= nb * t.rows * QK);
+    assert!(!sums || t.s.len() >= nb * t.rows);
+}
+
+/// For each pair `p`, the permutation that puts lane `2p` of a vector in lanes 0..8 and
+/// lane `2p + 1` in lanes 8..16.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+#[inline]
+unsafe fn pair_spread<const P: usize>() -> [__m512i; P] {
+    std::array::from_fn(|p| {
+        let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+        _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a)
+    })
+}
+
+/// The 2P products `d_x * d_y[r]` of block `b`, in lanes 0..2P.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+#[inline]
+unsafe fn scales<const P: usize>(dx: f32, d: *const f32) -> __m512 {
+    let dy = _mm512_maskz_loadu_ps(((1u32 << (2 * P)) - 1) as u16, d);
+    _mm512_mul_ps(_mm512_set1_ps(dx), dy)
+}
+
+/// The AVX2 kernels' horizontal sum of each half of each accumulator: row `2p` and
+/// `2p + 1`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+#[inline]
+unsafe fn store<const P: usize>(acc: &[__m512; P], out: &mut [f32], extra: Option<&[f32]>) {
+    for (r, o) in out.iter_mut().enumerate() {
+        let a = acc[r / 2];
+        let half = if r % 2 == 0 {
+            _mm512_castps512_ps256(a)
+        } else {
+            _mm512_extractf32x8_ps(a, 1)
+        };
+        // Adding 0.0 would turn a -0.0 into +0.0: only add what the AVX2 kernel adds.
+        *o = match extra {
+            Some(e) => hsum(half) + e[r],
+            None => hsum(half),
+        };
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+unsafe fn tile_q4_1_q8_1_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut [f32]) {
+    let nb = w.len() / Q4_1_BLOCK_BYTES;
+    check::<P>(t, nb, out, true);
+    let spread = pair_spread::<P>();
+    let mut acc = [_mm512_setzero_ps(); P];
+    let mut summs = _mm512_setzero_ps();
+    let low_mask = _mm_set1_epi8(0x0f);
+    let rows_mask = ((1u32 << (2 * P)) - 1) as u16;
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q4_1_BLOCK_BYTES);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+        let d = _mm_cvtss_f32(dm);
+        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        // `summs += m * s` per row: a product then a sum, as the single-row kernel.
+        let s = _mm512_maskz_loadu_ps(rows_mask, t.s.as_ptr().add(b * 2 * P));
+        summs = _mm512_add_ps(summs, _mm512_mul_ps(_mm512_set1_ps(m), s));
+        let packed = _mm_loadu_si128(block.add(4) as *const __m128i);
+        let lo = _mm_and_si128(packed, low_mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);
+        let qx = _mm512_broadcast_i64x4(_mm256_set_m128i(hi, lo));
+        let dd = scales::<P>(d, t.d.as_ptr().add(b * 2 * P));
+        let qy = t.qs.as_ptr().add(b * 2 * P * QK);
+        for p in 0..P {
+            let y = _mm512_loadu_si512(qy.add(2 * p * QK) as *const __m512i);
+            let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), qx, y));
+            acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(spread[p], dd), sums, acc[p]);
+        }
+    }
+    let mut extra = [0f32; 16];
+    _mm512_storeu_ps(extra.as_mut_ptr(), summs);
+    store::<P>(&acc, out, Some(&extra));
+}
+
+/// Signed weight bytes `qx` against interleaved activation rows, as the AVX2 kernels'
+/// `mul_sum_i8_pairs`: |x| times y with x's sign (a masked negation: AVX-512 has no
+/// `vpsignb`; where x = 0 the product is 0 either way).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+#[inline]
+unsafe fn signed_block<const P: usize>(
+    qx: __m256i,
+    dx: f32,
+    t: &Q8Tile,
+    b: usize,
+    spread: &[__m512i; P],
+    acc: &mut [__m512; P],
+) {
+    let qx = _mm512_broadcast_i64x4(qx);
+    let ax = _mm512_abs_epi8(qx);
+    let neg = _mm512_movepi8_mask(qx);
+    let dd = scales::<P>(dx, t.d.as_ptr().add(b * 2 * P));
+    let qy = t.qs.as_ptr().add(b * 2 * P * QK);
+    for p in 0..P {
+        let y = _mm512_loadu_si512(qy.add(2 * p * QK) as *const __m512i);
+        let sy = _mm512_mask_sub_epi8(y, neg, _mm512_setzero_si512(), y);
+        let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, sy));
+        acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(spread[p], dd), sums, acc[p]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+unsafe fn tile_q5_0_q8_0_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut [f32]) {
+    let nb = w.len() / Q5_0_BLOCK_BYTES;
+    check::<P>(t, nb, out, false);
+    let spread = pair_spread::<P>();
+    let mut acc = [_mm512_setzero_ps(); P];
+    let low_mask = _mm_set1_epi8(0x0f);
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
+    let bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    let all_ones = _mm256_set1_epi64x(-1);
+    let high_nibble = _mm256_set1_epi8(0xf0u8 as i8);
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q5_0_BLOCK_BYTES);
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (block as *const u16).read_unaligned() as i32,
+        )));
+        let qh = (block.add(2) as *const i32).read_unaligned();
+        let packed = _mm_loadu_si128(block.add(6) as *const __m128i);
+        let lo = _mm_and_si128(packed, low_mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);
+        let nibbles = _mm256_set_m128i(hi, lo);
+        let bits = _mm256_cmpeq_epi8(
+            _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit_mask),
+            all_ones,
+        );
+        let qx = _mm256_or_si256(nibbles, _mm256_andnot_si256(bits, high_nibble));
+        signed_block::<P>(qx, d, t, b, &spread, &mut acc);
+    }
+    store::<P>(&acc, out, None);
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+unsafe fn tile_q8_0_q8_0_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut [f32]) {
+    let nb = w.len() / Q8_0_BLOCK_BYTES;
+    check::<P>(t, nb, out, false);
+    let spread = pair_spread::<P>();
+    let mut acc = [_mm512_setzero_ps(); P];
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q8_0_BLOCK_BYTES);
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (block as *const u16).read_unaligned() as i32,
+        )));
+        let qx = _mm256_loadu_si256(block.add(2) as *const __m256i);
+        signed_block::<P>(qx, d, t, b, &spread, &mut acc);
+    }
+    store::<P>(&acc, out, None);
+}
+
+/// The AVX2 kernels' horizontal sum (`x86::hsum`), the same additions in the same order.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn hsum(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
