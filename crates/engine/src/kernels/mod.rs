@@ -13,6 +13,13 @@
 //! models: super-blocks of 256) pair with Q8_K activations, as in llama.cpp. Activation
 //! quantization follows llama.cpp's `quantize_row_q8_1`, `quantize_row_q8_0` and
 //! `quantize_row_q8_K` exactly, so our rounding is its rounding.
+//!
+//! Products of several activation rows (prompts) run on tiles: one weight row against a
+//! few activation rows at once, each weight block unpacked once for all of them (AVX2: 4
+//! rows, `x86.rs`; AVX-512 VNNI: 16 rows, two per register, `avx512.rs`). Every entry of
+//! a tile is bit for bit the single-row `vec_dot` of its pair (the same exact integer sums
+//! and the same f32 operations in the same order per pair), so results do not depend on
+//! the number of rows, the tiling or the threads.
 
 #![allow(unsafe_code)]
 
@@ -369,7 +376,8 @@ impl QuantMatrix {
         if let (true, Bytes::Shared { gemm, .. }) = (m > 1, &self.data) {
             return Ok(gemm.forward(x)?);
         }
-        let out = self.matmul_f32(&x.flatten_all()?.to_vec1::<f32>()?, m, true)?;
+        let tiled = tiles_setting() != "pairwise";
+        let out = self.matmul_f32(&x.flatten_all()?.to_vec1::<f32>()?, m, tiled)?;
         let mut shape = batch.to_vec();
         shape.push(self.rows);
         Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
@@ -476,6 +484,14 @@ impl QuantMatrix {
     }
 }
 
+/// For measurements: `SHOAL_KERNEL_TILES=pairwise` sends prompts one (weight row,
+/// activation row) pair at a time (the path before tiles), `avx2` keeps the AVX-512 tiles
+/// out; unset, the fastest this CPU has. Every setting gives the same bits.
+fn tiles_setting() -> &'static str {
+    static SETTING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SETTING.get_or_init(|| std::env::var("SHOAL_KERNEL_TILES").unwrap_or_default())
+}
+
 /// Products with fewer multiply-adds than this run on the calling thread.
 const SERIAL_BELOW: usize = 1 << 16;
 
@@ -518,7 +534,7 @@ enum Multi {
 fn multi_dot_fn(format: Format) -> Option<Multi> {
     #[cfg(target_arch = "x86_64")]
     {
-        if avx512::available() && std::env::var_os("SHOAL_NO_AVX512").is_none() {
+        if avx512::available() && tiles_setting() != "avx2" {
             let f: Option<TileDot> = match format {
                 Format::Q4_1 => Some(avx512::tile_q4_1_q8_1),
                 Format::Q5_0 => Some(avx512::tile_q5_0_q8_0),
