@@ -223,14 +223,18 @@ impl Q8Row {
     }
 }
 
-/// The activation rows of one tile of the AVX-512 kernels (32-element formats), block by
-/// block: for block `b`, the 32 bytes of each of `rows` rows in turn, and their scales
-/// (and Q8_1 sums) `[b * rows + r]`. A short last tile is padded with zero rows.
+/// The activation rows of one tile of the AVX-512 kernels, interleaved by chunks of 32:
+/// chunk `c` of every row in turn (`qs[(c * rows + r) * 32..]`: a block of the 32-element
+/// formats is one chunk, a Q8_K super-block eight), so one 64-byte load brings the same
+/// chunk of two rows. Scales `d[b * rows + r]`, Q8_1 sums `s[b * rows + r]`, and for
+/// Q8_K the activation sum of each sub-block of 32 (`sums32[(b * rows + r) * 8 + j]`,
+/// pairs of `bsums`). A short last tile is padded with zero rows.
 pub(crate) struct Q8Tile {
     pub(crate) rows: usize,
     pub(crate) d: Vec<f32>,
     pub(crate) s: Vec<f32>,
     pub(crate) qs: Vec<i8>,
+    pub(crate) sums32: Vec<i16>,
 }
 
 impl Q8Tile {
@@ -242,20 +246,30 @@ impl Q8Tile {
 
     fn new(group: &[Q8Row], rows: usize) -> Self {
         let nb = group[0].d.len();
+        let chunks = group[0].qs.len() / QK;
+        let k_quant = !group[0].bsums.is_empty();
         let sums = !group[0].s.is_empty();
         let mut t = Self {
             rows,
             d: vec![0.0; nb * rows],
             s: vec![0.0; if sums { nb * rows } else { 0 }],
-            qs: vec![0; nb * rows * QK],
+            qs: vec![0; chunks * rows * QK],
+            sums32: vec![0; if k_quant { nb * rows * 8 } else { 0 }],
         };
         for (r, row) in group.iter().enumerate() {
+            for c in 0..chunks {
+                t.qs[(c * rows + r) * QK..][..QK].copy_from_slice(&row.qs[c * QK..][..QK]);
+            }
             for b in 0..nb {
-                let at = b * rows + r;
-                t.qs[at * QK..][..QK].copy_from_slice(&row.qs[b * QK..][..QK]);
-                t.d[at] = row.d[b];
+                t.d[b * rows + r] = row.d[b];
                 if sums {
-                    t.s[at] = row.s[b];
+                    t.s[b * rows + r] = row.s[b];
+                }
+                if k_quant {
+                    for j in 0..8 {
+                        t.sums32[(b * rows + r) * 8 + j] =
+                            row.bsums[b * 16 + 2 * j].wrapping_add(row.bsums[b * 16 + 2 * j + 1]);
+                    }
                 }
             }
         }
@@ -274,10 +288,10 @@ pub(crate) struct QuantMatrix {
 /// Where a matrix's bytes live.
 enum Bytes {
     Owned(Vec<u8>),
-    /// Candle's tensor, shared (not copied) with candle's matmul, which does the products
-    /// of several activation rows (prompts): for the k-quants its tiled, repacked GEMM
-    /// beats our row-by-row loop, while our kernel wins the single-row products of decode
-    /// (see docs/PERFORMANCE.md).
+    /// Candle's tensor, shared (not copied) with candle's matmul, which does the k-quant
+    /// products of several activation rows (prompts): its numbers there are llama.cpp's
+    /// closely enough for the greedy golden tests, which ours (the single-row kernel's
+    /// order) are not; single rows (decode) run on our kernel (see docs/PERFORMANCE.md).
     Shared {
         tensor: Arc<QTensor>,
         gemm: QMatMul,
@@ -311,11 +325,11 @@ impl QuantMatrix {
     }
 
     /// A matrix from a CPU tensor of candle's, `[rows, cols]` in `format`. The k-quants keep
-    /// the tensor (shared with candle's matmul for multi-row products); the others copy
-    /// its bytes.
+    /// the tensor (shared with candle's matmul for multi-row products) unless
+    /// `SHOAL_KQUANT_PROMPTS=ours`; the others copy its bytes.
     pub(crate) fn from_qtensor(format: Format, t: QTensor) -> Result<Self> {
         let (rows, cols) = t.shape().dims2()?;
-        if format.block_len() != QK_K || !t.device().is_cpu() {
+        if format.block_len() != QK_K || !t.device().is_cpu() || !candle_prompts() {
             return Self::from_bytes(format, rows, cols, t.data()?.into_owned());
         }
         check_size(format, rows, cols, t.data()?.len())?;
@@ -436,11 +450,10 @@ impl QuantMatrix {
                     return;
                 }
                 Some(Multi::Interleaved(multi, tile)) => {
+                    let rows = &data[c * CHUNK * row_bytes..][..dst.len() / m * row_bytes];
                     for (g, t) in tiles.iter().enumerate() {
                         let n = tile.min(m - g * tile);
-                        for j in 0..dst.len() / m {
-                            multi(weight(j), t, &mut dst[j * m + g * tile..][..n]);
-                        }
+                        multi(rows, row_bytes, t, n, &mut dst[g * tile..], m);
                     }
                     return;
                 }
@@ -492,6 +505,14 @@ fn tiles_setting() -> &'static str {
     SETTING.get_or_init(|| std::env::var("SHOAL_KERNEL_TILES").unwrap_or_default())
 }
 
+/// Whether k-quant prompts go to candle's GEMM (the default) rather than our tiles
+/// (`SHOAL_KQUANT_PROMPTS=ours`: faster with two threads here, no `QMatMul`, but the
+/// greedy golden test against llama.cpp drifts at a near-tie, see docs/PERFORMANCE.md).
+fn candle_prompts() -> bool {
+    static SETTING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SETTING.get_or_init(|| std::env::var("SHOAL_KQUANT_PROMPTS").map_or(true, |v| v != "ours"))
+}
+
 /// Products with fewer multiply-adds than this run on the calling thread.
 const SERIAL_BELOW: usize = 1 << 16;
 
@@ -518,9 +539,10 @@ fn vec_dot_fn(format: Format) -> VecDot {
 /// `out[i]` is bit for bit `vec_dot(w, &acts[i])` of the same CPU.
 type MultiDot = fn(&[u8], &[Q8Row], &mut [f32]);
 
-/// Dot products of one weight row with the (first `out.len()`) rows of a `Q8Tile`, bit for
-/// bit `vec_dot` of each pair.
-type TileDot = fn(&[u8], &Q8Tile, &mut [f32]);
+/// Dot products of weight rows (`w`, whole rows of `row_bytes`) with the first `n` rows of
+/// a `Q8Tile`, bit for bit `vec_dot` of each pair: weight row `j` times activation row `i`
+/// into `out[j * stride + i]`.
+type TileDot = fn(&[u8], usize, &Q8Tile, usize, &mut [f32], usize);
 
 /// A multi-row kernel and its tile width (activation rows).
 #[derive(Clone, Copy)]
@@ -539,10 +561,16 @@ fn multi_dot_fn(format: Format) -> Option<Multi> {
                 Format::Q4_1 => Some(avx512::tile_q4_1_q8_1),
                 Format::Q5_0 => Some(avx512::tile_q5_0_q8_0),
                 Format::Q8_0 => Some(avx512::tile_q8_0_q8_0),
-                Format::Q4K | Format::Q6K => None,
+                Format::Q4K => Some(avx512::tile_q4_k_q8_k),
+                Format::Q6K => Some(avx512::tile_q6_k_q8_k),
             };
             if let Some(f) = f {
-                return Some(Multi::Interleaved(f, avx512::TILE));
+                let tile = if format.block_len() == QK_K {
+                    avx512::K_TILE
+                } else {
+                    avx512::TILE
+                };
+                return Some(Multi::Interleaved(f, tile));
             }
         }
         if x86::available() {
@@ -907,6 +935,9 @@ mod tests {
             // single rows to our kernel (the same numbers as from bytes).
             let qt = qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
             let shared = QuantMatrix::from_qtensor(format, qt).unwrap();
+            if !candle_prompts() {
+                continue;
+            }
             assert!(matches!(shared.data, Bytes::Shared { .. }));
             let c = shared.matmul(&xt).unwrap().to_vec2::<f32>().unwrap();
             assert_eq!(c, b);
@@ -943,7 +974,8 @@ mod tests {
                     match multi {
                         Multi::Rows(f, _) => f(&w, &acts, &mut out),
                         Multi::Interleaved(f, _) => {
-                            f(&w, &Q8Tile::new(&acts, Q8Tile::rows_for(n, tile)), &mut out)
+                            let t = Q8Tile::new(&acts, Q8Tile::rows_for(n, tile));
+                            f(&w, w.len(), &t, n, &mut out, n)
                         }
                     }
                     for (got, act) in out.iter().zip(&acts) {
