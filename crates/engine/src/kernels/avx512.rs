@@ -12,8 +12,8 @@
 use std::arch::x86_64::*;
 
 use super::{
-    Q8Tile, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q6_K_BLOCK_BYTES,
-    Q8_0_BLOCK_BYTES, QK,
+    Q8Tile, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES,
+    Q5_1_BLOCK_BYTES, Q6_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK,
 };
 
 /// Activation rows per tile (two per register): at most 16, and a short last tile is
@@ -59,7 +59,9 @@ macro_rules! tile_fn {
     };
 }
 
+tile_fn!(tile_q4_0_q8_0, tile_q4_0_q8_0_avx512);
 tile_fn!(tile_q4_1_q8_1, tile_q4_1_q8_1_avx512);
+tile_fn!(tile_q5_1_q8_1, tile_q5_1_q8_1_avx512);
 tile_fn!(tile_q5_0_q8_0, tile_q5_0_q8_0_avx512);
 tile_fn!(tile_q8_0_q8_0, tile_q8_0_q8_0_avx512);
 
@@ -147,6 +149,36 @@ unsafe fn tile_q4_1_q8_1_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
     store::<P>(&acc, out, Some(&extra));
 }
 
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+unsafe fn tile_q5_1_q8_1_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut [f32]) {
+    let nb = w.len() / Q5_1_BLOCK_BYTES;
+    check::<P>(t, nb, out, true);
+    let spread = pair_spread::<P>();
+    let mut acc = [_mm512_setzero_ps(); P];
+    let mut summs = _mm512_setzero_ps();
+    let rows_mask = ((1u32 << (2 * P)) - 1) as u16;
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q5_1_BLOCK_BYTES);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+        let d = _mm_cvtss_f32(dm);
+        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        // `summs += m * s` per row: a product then a sum, as the single-row kernel.
+        let s = _mm512_maskz_loadu_ps(rows_mask, t.s.as_ptr().add(b * 2 * P));
+        summs = _mm512_add_ps(summs, _mm512_mul_ps(_mm512_set1_ps(m), s));
+        let qx = _mm512_broadcast_i64x4(super::x86::q5_1_block(block));
+        let dd = scales::<P>(d, t.d.as_ptr().add(b * 2 * P));
+        let qy = t.qs.as_ptr().add(b * 2 * P * QK);
+        for p in 0..P {
+            let y = _mm512_loadu_si512(qy.add(2 * p * QK) as *const __m512i);
+            let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), qx, y));
+            acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(spread[p], dd), sums, acc[p]);
+        }
+    }
+    let mut extra = [0f32; 16];
+    _mm512_storeu_ps(extra.as_mut_ptr(), summs);
+    store::<P>(&acc, out, Some(&extra));
+}
+
 /// Signed weight bytes `qx` against interleaved activation rows, as the AVX2 kernels'
 /// `mul_sum_i8_pairs`: |x| times y with x's sign (a masked negation: AVX-512 has no
 /// `vpsignb`; where x = 0 the product is 0 either way).
@@ -205,6 +237,22 @@ unsafe fn tile_q5_0_q8_0_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
         );
         let qx = _mm256_or_si256(nibbles, _mm256_andnot_si256(bits, high_nibble));
         signed_block::<P>(qx, d, t, b, &spread, &mut acc);
+    }
+    store::<P>(&acc, out, None);
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+unsafe fn tile_q4_0_q8_0_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut [f32]) {
+    let nb = w.len() / Q4_0_BLOCK_BYTES;
+    check::<P>(t, nb, out, false);
+    let spread = pair_spread::<P>();
+    let mut acc = [_mm512_setzero_ps(); P];
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q4_0_BLOCK_BYTES);
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (block as *const u16).read_unaligned() as i32,
+        )));
+        signed_block::<P>(super::x86::q4_0_block(block), d, t, b, &spread, &mut acc);
     }
     store::<P>(&acc, out, None);
 }

@@ -43,10 +43,14 @@ use crate::error::{EngineError, Result};
 pub(crate) const QK: usize = 32;
 /// Elements per super-block of the k-quants (Q4_K, Q6_K, and Q8_K rows).
 pub(crate) const QK_K: usize = 256;
+/// Bytes of one Q4_0 block: f16 scale, 16 bytes of nibbles (value - 8).
+pub(crate) const Q4_0_BLOCK_BYTES: usize = 18;
 /// Bytes of one Q4_1 block: f16 scale, f16 minimum, 16 bytes of nibbles.
 pub(crate) const Q4_1_BLOCK_BYTES: usize = 20;
 /// Bytes of one Q5_0 block: f16 scale, 32 high bits, 16 bytes of nibbles.
 pub(crate) const Q5_0_BLOCK_BYTES: usize = 22;
+/// Bytes of one Q5_1 block: f16 scale, f16 minimum, 32 high bits, 16 bytes of nibbles.
+pub(crate) const Q5_1_BLOCK_BYTES: usize = 24;
 /// Bytes of one Q8_0 block: f16 scale, 32 signed bytes.
 pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
 /// Bytes of one Q4_K super-block: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales
@@ -59,8 +63,13 @@ pub(crate) const Q6_K_BLOCK_BYTES: usize = 210;
 /// The weight formats with a kernel of ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Format {
+    // Q4_0 and Q5_1 are not mapped from GGUF tensors yet (stage.rs's `Weight::new`).
+    #[allow(dead_code)]
+    Q4_0,
     Q4_1,
     Q5_0,
+    #[allow(dead_code)]
+    Q5_1,
     Q8_0,
     Q4K,
     Q6K,
@@ -77,8 +86,10 @@ enum Activation {
 impl Format {
     fn block_bytes(self) -> usize {
         match self {
+            Self::Q4_0 => Q4_0_BLOCK_BYTES,
             Self::Q4_1 => Q4_1_BLOCK_BYTES,
             Self::Q5_0 => Q5_0_BLOCK_BYTES,
+            Self::Q5_1 => Q5_1_BLOCK_BYTES,
             Self::Q8_0 => Q8_0_BLOCK_BYTES,
             Self::Q4K => Q4_K_BLOCK_BYTES,
             Self::Q6K => Q6_K_BLOCK_BYTES,
@@ -88,15 +99,15 @@ impl Format {
     /// Elements per block.
     fn block_len(self) -> usize {
         match self {
-            Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => QK,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => QK,
             Self::Q4K | Self::Q6K => QK_K,
         }
     }
 
     fn activation(self) -> Activation {
         match self {
-            Self::Q4_1 => Activation::Q8_1,
-            Self::Q5_0 | Self::Q8_0 => Activation::Q8_0,
+            Self::Q4_1 | Self::Q5_1 => Activation::Q8_1,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => Activation::Q8_0,
             Self::Q4K | Self::Q6K => Activation::Q8K,
         }
     }
@@ -524,8 +535,10 @@ fn vec_dot_fn(format: Format) -> VecDot {
     {
         if x86::available() {
             return match format {
+                Format::Q4_0 => x86::vec_dot_q4_0_q8_0,
                 Format::Q4_1 => x86::vec_dot_q4_1_q8_1,
                 Format::Q5_0 => x86::vec_dot_q5_0_q8_0,
+                Format::Q5_1 => x86::vec_dot_q5_1_q8_1,
                 Format::Q8_0 => x86::vec_dot_q8_0_q8_0,
                 Format::Q4K => x86::vec_dot_q4_k_q8_k,
                 Format::Q6K => x86::vec_dot_q6_k_q8_k,
@@ -558,8 +571,10 @@ fn multi_dot_fn(format: Format) -> Option<Multi> {
     {
         if avx512::available() && tiles_setting() != "avx2" {
             let f: Option<TileDot> = match format {
+                Format::Q4_0 => Some(avx512::tile_q4_0_q8_0),
                 Format::Q4_1 => Some(avx512::tile_q4_1_q8_1),
                 Format::Q5_0 => Some(avx512::tile_q5_0_q8_0),
+                Format::Q5_1 => Some(avx512::tile_q5_1_q8_1),
                 Format::Q8_0 => Some(avx512::tile_q8_0_q8_0),
                 Format::Q4K => Some(avx512::tile_q4_k_q8_k),
                 Format::Q6K => Some(avx512::tile_q6_k_q8_k),
@@ -575,8 +590,10 @@ fn multi_dot_fn(format: Format) -> Option<Multi> {
         }
         if x86::available() {
             let f: MultiDot = match format {
+                Format::Q4_0 => x86::dots_q4_0_q8_0,
                 Format::Q4_1 => x86::dots_q4_1_q8_1,
                 Format::Q5_0 => x86::dots_q5_0_q8_0,
+                Format::Q5_1 => x86::dots_q5_1_q8_1,
                 Format::Q8_0 => x86::dots_q8_0_q8_0,
                 Format::Q4K => x86::dots_q4_k_q8_k,
                 Format::Q6K => x86::dots_q6_k_q8_k,
@@ -590,8 +607,10 @@ fn multi_dot_fn(format: Format) -> Option<Multi> {
 
 fn scalar_dot(format: Format) -> VecDot {
     match format {
+        Format::Q4_0 => scalar::vec_dot_q4_0_q8_0,
         Format::Q4_1 => scalar::vec_dot_q4_1_q8_1,
         Format::Q5_0 => scalar::vec_dot_q5_0_q8_0,
+        Format::Q5_1 => scalar::vec_dot_q5_1_q8_1,
         Format::Q8_0 => scalar::vec_dot_q8_0_q8_0,
         Format::Q4K => scalar::vec_dot_q4_k_q8_k,
         Format::Q6K => scalar::vec_dot_q6_k_q8_k,
@@ -643,15 +662,12 @@ mod tests {
         for _ in 0..rows * cols / QK {
             let d = f16::from_f32((r() % 1000) as f32 / 20000.0);
             data.extend_from_slice(&d.to_le_bytes());
-            match format {
-                Format::Q4_1 => {
-                    let m = f16::from_f32(-((r() % 1000) as f32) / 4000.0);
-                    data.extend_from_slice(&m.to_le_bytes());
-                }
-                Format::Q5_0 => {
-                    data.extend_from_slice(&(r() as u32 ^ (r() as u32) << 16).to_le_bytes())
-                }
-                Format::Q8_0 | Format::Q4K | Format::Q6K => {}
+            if matches!(format, Format::Q4_1 | Format::Q5_1) {
+                let m = f16::from_f32(-((r() % 1000) as f32) / 4000.0);
+                data.extend_from_slice(&m.to_le_bytes());
+            }
+            if matches!(format, Format::Q5_0 | Format::Q5_1) {
+                data.extend_from_slice(&(r() as u32 ^ (r() as u32) << 16).to_le_bytes())
             }
             let quant_bytes = if format == Format::Q8_0 { 32 } else { 16 };
             for _ in 0..quant_bytes {
@@ -667,9 +683,11 @@ mod tests {
         out
     }
 
-    const FORMATS: [Format; 5] = [
+    const FORMATS: [Format; 7] = [
+        Format::Q4_0,
         Format::Q4_1,
         Format::Q5_0,
+        Format::Q5_1,
         Format::Q8_0,
         Format::Q4K,
         Format::Q6K,
@@ -882,9 +900,14 @@ mod tests {
     }
 
     #[test]
-    fn k_quant_dequantization_matches_candle() {
+    fn dequantization_matches_candle() {
         use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
-        for (format, dtype) in [(Format::Q4K, GgmlDType::Q4K), (Format::Q6K, GgmlDType::Q6K)] {
+        for (format, dtype) in [
+            (Format::Q4K, GgmlDType::Q4K),
+            (Format::Q6K, GgmlDType::Q6K),
+            (Format::Q4_0, GgmlDType::Q4_0),
+            (Format::Q5_1, GgmlDType::Q5_1),
+        ] {
             let (rows, cols) = (3, 3 * QK_K);
             let data = random_blocks(format, rows, cols, 31);
             let ours = dequantize(format, &data);

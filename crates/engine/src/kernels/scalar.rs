@@ -3,12 +3,71 @@
 use half::f16;
 
 use super::{
-    Format, Q8Row, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q6_K_BLOCK_BYTES,
-    Q8_0_BLOCK_BYTES, QK, QK_K,
+    Format, Q8Row, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES,
+    Q5_1_BLOCK_BYTES, Q6_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK, QK_K,
 };
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// The 32 signed 4-bit values of a Q4_0 block: nibble minus 8, low nibbles first.
+fn q4_0_values(block: &[u8]) -> [i32; QK] {
+    let qs = &block[2..];
+    let mut v = [0i32; QK];
+    for j in 0..QK / 2 {
+        v[j] = (qs[j] & 0x0f) as i32 - 8;
+        v[j + QK / 2] = (qs[j] >> 4) as i32 - 8;
+    }
+    v
+}
+
+/// Dot product of one Q4_0 row with one Q8_0 activation row, as llama.cpp's
+/// `ggml_vec_dot_q4_0_q8_0`: `sum_b d_x d_y sum(q_x q_y)`.
+pub(super) fn vec_dot_q4_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
+    let mut sum = 0f32;
+    for (b, block) in w.chunks_exact(Q4_0_BLOCK_BYTES).enumerate() {
+        let d = f16_at(block, 0);
+        let y = &act.qs[b * QK..(b + 1) * QK];
+        let sumi: i32 = q4_0_values(block)
+            .iter()
+            .zip(y)
+            .map(|(x, y)| x * *y as i32)
+            .sum();
+        sum += sumi as f32 * d * act.d[b];
+    }
+    sum
+}
+
+/// The 32 unsigned 5-bit values of a Q5_1 block: nibble plus high bit.
+fn q5_1_values(block: &[u8]) -> [i32; QK] {
+    let qh = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
+    let qs = &block[8..];
+    let mut v = [0i32; QK];
+    for j in 0..QK / 2 {
+        let h0 = ((qh >> j) & 1) << 4;
+        let h1 = ((qh >> (j + 16)) & 1) << 4;
+        v[j] = ((qs[j] & 0x0f) as u32 | h0) as i32;
+        v[j + QK / 2] = ((qs[j] >> 4) as u32 | h1) as i32;
+    }
+    v
+}
+
+/// Dot product of one Q5_1 row with one Q8_1 activation row, as llama.cpp's
+/// `ggml_vec_dot_q5_1_q8_1`: `sum_b d_x d_y sum(q_x q_y) + m_x s_y`.
+pub(super) fn vec_dot_q5_1_q8_1(w: &[u8], act: &Q8Row) -> f32 {
+    let mut sum = 0f32;
+    for (b, block) in w.chunks_exact(Q5_1_BLOCK_BYTES).enumerate() {
+        let (d, m) = (f16_at(block, 0), f16_at(block, 2));
+        let y = &act.qs[b * QK..(b + 1) * QK];
+        let sumi: i32 = q5_1_values(block)
+            .iter()
+            .zip(y)
+            .map(|(x, y)| x * *y as i32)
+            .sum();
+        sum += sumi as f32 * d * act.d[b] + m * act.s[b];
+    }
+    sum
 }
 
 /// Dot product of one Q4_1 row (GGUF bytes) with one Q8_1 activation row, as
@@ -179,9 +238,19 @@ pub(super) fn dequantize(format: Format, w: &[u8], out: &mut Vec<f32>) {
                 out.extend(qs.iter().map(|q| (q & 0x0f) as f32 * d + m));
                 out.extend(qs.iter().map(|q| (q >> 4) as f32 * d + m));
             }
+            // As llama.cpp's `dequantize_row_q4_0`: `(q - 8) d`.
+            Format::Q4_0 => {
+                let d = f16_at(block, 0);
+                out.extend(q4_0_values(block).map(|v| v as f32 * d));
+            }
             Format::Q5_0 => {
                 let d = f16_at(block, 0);
                 out.extend(q5_0_values(block).map(|v| v as f32 * d));
+            }
+            // As llama.cpp's `dequantize_row_q5_1`: `q d + m`.
+            Format::Q5_1 => {
+                let (d, m) = (f16_at(block, 0), f16_at(block, 2));
+                out.extend(q5_1_values(block).map(|v| v as f32 * d + m));
             }
             Format::Q8_0 => {
                 let d = f16_at(block, 0);

@@ -3,14 +3,104 @@
 use std::arch::x86_64::*;
 
 use super::{
-    Q8Row, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q6_K_BLOCK_BYTES,
-    Q8_0_BLOCK_BYTES, QK, QK_K,
+    Q8Row, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES,
+    Q5_1_BLOCK_BYTES, Q6_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK, QK_K,
 };
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
+}
+
+pub(super) fn vec_dot_q4_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
+    // Safety: only selected by `vec_dot_fn` after `available()` confirmed AVX2, FMA, F16C.
+    unsafe { vec_dot_q4_0_q8_0_avx2(w, act) }
+}
+
+/// The 32 signed values of a Q4_0 block (nibble - 8), low nibbles first.
+#[inline(always)]
+pub(super) unsafe fn q4_0_block(block: *const u8) -> __m256i {
+    let low_mask = _mm_set1_epi8(0x0f);
+    let packed = _mm_loadu_si128(block.add(2) as *const __m128i);
+    let lo = _mm_and_si128(packed, low_mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);
+    _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8))
+}
+
+/// llama.cpp's AVX2 loop: nibbles minus 8 as signed bytes times the activation bytes, as
+/// 8 lanes of int sums scaled by `d_x d_y` into an f32 accumulator.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn vec_dot_q4_0_q8_0_avx2(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q4_0_BLOCK_BYTES;
+    assert!(act.d.len() >= nb && act.qs.len() >= nb * QK);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q4_0_BLOCK_BYTES);
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (block as *const u16).read_unaligned() as i32,
+        )));
+        let qx = q4_0_block(block);
+        let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
+        let dd = _mm256_set1_ps(d * *act.d.get_unchecked(b));
+        acc = _mm256_fmadd_ps(dd, mul_sum_i8_pairs(qx, qy), acc);
+    }
+    hsum(acc)
+}
+
+pub(super) fn vec_dot_q5_1_q8_1(w: &[u8], act: &Q8Row) -> f32 {
+    // Safety: only selected by `vec_dot_fn` after `available()` confirmed AVX2, FMA, F16C.
+    unsafe { vec_dot_q5_1_q8_1_avx2(w, act) }
+}
+
+/// The 32 unsigned 5-bit values of a Q5_1 block (nibble plus high bit).
+#[inline(always)]
+pub(super) unsafe fn q5_1_block(block: *const u8) -> __m256i {
+    let low_mask = _mm_set1_epi8(0x0f);
+    // Spreads bit i of a u32 onto byte i (as 0xFF / 0x00).
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
+    let bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    let qh = (block.add(4) as *const i32).read_unaligned();
+    let packed = _mm_loadu_si128(block.add(8) as *const __m128i);
+    let lo = _mm_and_si128(packed, low_mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);
+    let bits = _mm256_cmpeq_epi8(
+        _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit_mask),
+        _mm256_set1_epi64x(-1),
+    );
+    _mm256_or_si256(
+        _mm256_set_m128i(hi, lo),
+        _mm256_and_si256(bits, _mm256_set1_epi8(0x10)),
+    )
+}
+
+/// llama.cpp's AVX2 loop: the unsigned 5-bit values times the activation bytes, as 8
+/// lanes of int sums scaled by `d_x d_y` into an f32 accumulator; `m_x s_y` on the side.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn vec_dot_q5_1_q8_1_avx2(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q5_1_BLOCK_BYTES;
+    assert!(act.d.len() >= nb && act.s.len() >= nb && act.qs.len() >= nb * QK);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    let ones = _mm256_set1_epi16(1);
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q5_1_BLOCK_BYTES);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+        let d = _mm_cvtss_f32(dm);
+        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        summs += m * *act.s.get_unchecked(b);
+        let qx = q5_1_block(block);
+        let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
+        let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones));
+        let dd = _mm256_set1_ps(d * *act.d.get_unchecked(b));
+        acc = _mm256_fmadd_ps(dd, sums, acc);
+    }
+    hsum(acc) + summs
 }
 
 pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], act: &Q8Row) -> f32 {
@@ -314,7 +404,9 @@ macro_rules! dots_many {
     };
 }
 
+dots_many!(dots_q4_0_q8_0, tile_q4_0_q8_0, vec_dot_q4_0_q8_0_avx2);
 dots_many!(dots_q4_1_q8_1, tile_q4_1_q8_1, vec_dot_q4_1_q8_1_avx2);
+dots_many!(dots_q5_1_q8_1, tile_q5_1_q8_1, vec_dot_q5_1_q8_1_avx2);
 dots_many!(dots_q5_0_q8_0, tile_q5_0_q8_0, vec_dot_q5_0_q8_0_avx2);
 dots_many!(dots_q8_0_q8_0, tile_q8_0_q8_0, vec_dot_q8_0_q8_0_avx2);
 dots_many!(dots_q4_k_q8_k, tile_q4_k_q8_k, vec_dot_q4_k_q8_k_avx2);
@@ -336,6 +428,64 @@ fn act_ptrs<const N: usize>(
         std::array::from_fn(|i| acts[i].qs.as_ptr()),
         std::array::from_fn(|i| acts[i].d.as_ptr()),
     )
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q4_0_q8_0<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+    let nb = w.len() / Q4_0_BLOCK_BYTES;
+    let (qy, dy) = act_ptrs::<N>(acts, nb, QK);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let ones = _mm256_set1_epi16(1);
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q4_0_BLOCK_BYTES);
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (block as *const u16).read_unaligned() as i32,
+        )));
+        let qx = q4_0_block(block);
+        let ax = _mm256_sign_epi8(qx, qx);
+        for i in 0..N {
+            let q = _mm256_loadu_si256(qy[i].add(b * QK) as *const __m256i);
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(
+                _mm256_maddubs_epi16(ax, _mm256_sign_epi8(q, qx)),
+                ones,
+            ));
+            let dd = _mm256_set1_ps(d * *dy[i].add(b));
+            acc[i] = _mm256_fmadd_ps(dd, sums, acc[i]);
+        }
+    }
+    for i in 0..N {
+        out[i] = hsum(acc[i]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q5_1_q8_1<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+    let nb = w.len() / Q5_1_BLOCK_BYTES;
+    let (qy, dy) = act_ptrs::<N>(acts, nb, QK);
+    for a in acts {
+        assert!(a.s.len() >= nb);
+    }
+    let sy: [*const f32; N] = std::array::from_fn(|i| acts[i].s.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut summs = [0f32; N];
+    let ones = _mm256_set1_epi16(1);
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q5_1_BLOCK_BYTES);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+        let d = _mm_cvtss_f32(dm);
+        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let qx = q5_1_block(block);
+        for i in 0..N {
+            summs[i] += m * *sy[i].add(b);
+            let q = _mm256_loadu_si256(qy[i].add(b * QK) as *const __m256i);
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qx, q), ones));
+            let dd = _mm256_set1_ps(d * *dy[i].add(b));
+            acc[i] = _mm256_fmadd_ps(dd, sums, acc[i]);
+        }
+    }
+    for i in 0..N {
+        out[i] = hsum(acc[i]) + summs[i];
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
