@@ -56,6 +56,9 @@ pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
 /// Bytes of one Q4_K super-block: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales
 /// and minimums (8 each), 128 bytes of nibbles.
 pub(crate) const Q4_K_BLOCK_BYTES: usize = 144;
+/// Bytes of one Q5_K super-block: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales
+/// and minimums, 32 bytes of high bits (`qh`), 128 bytes of nibbles.
+pub(crate) const Q5_K_BLOCK_BYTES: usize = 176;
 /// Bytes of one Q6_K super-block: 128 bytes of low nibbles (`ql`), 64 of high bit pairs
 /// (`qh`), 16 signed scales, f16 `d` last.
 pub(crate) const Q6_K_BLOCK_BYTES: usize = 210;
@@ -72,6 +75,8 @@ pub(crate) enum Format {
     Q5_1,
     Q8_0,
     Q4K,
+    #[allow(dead_code)]
+    Q5K,
     Q6K,
 }
 
@@ -92,6 +97,7 @@ impl Format {
             Self::Q5_1 => Q5_1_BLOCK_BYTES,
             Self::Q8_0 => Q8_0_BLOCK_BYTES,
             Self::Q4K => Q4_K_BLOCK_BYTES,
+            Self::Q5K => Q5_K_BLOCK_BYTES,
             Self::Q6K => Q6_K_BLOCK_BYTES,
         }
     }
@@ -100,7 +106,7 @@ impl Format {
     fn block_len(self) -> usize {
         match self {
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => QK,
-            Self::Q4K | Self::Q6K => QK_K,
+            Self::Q4K | Self::Q5K | Self::Q6K => QK_K,
         }
     }
 
@@ -108,7 +114,7 @@ impl Format {
         match self {
             Self::Q4_1 | Self::Q5_1 => Activation::Q8_1,
             Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => Activation::Q8_0,
-            Self::Q4K | Self::Q6K => Activation::Q8K,
+            Self::Q4K | Self::Q5K | Self::Q6K => Activation::Q8K,
         }
     }
 }
@@ -541,6 +547,7 @@ fn vec_dot_fn(format: Format) -> VecDot {
                 Format::Q5_1 => x86::vec_dot_q5_1_q8_1,
                 Format::Q8_0 => x86::vec_dot_q8_0_q8_0,
                 Format::Q4K => x86::vec_dot_q4_k_q8_k,
+                Format::Q5K => x86::vec_dot_q5_k_q8_k,
                 Format::Q6K => x86::vec_dot_q6_k_q8_k,
             };
         }
@@ -577,6 +584,8 @@ fn multi_dot_fn(format: Format) -> Option<Multi> {
                 Format::Q5_1 => Some(avx512::tile_q5_1_q8_1),
                 Format::Q8_0 => Some(avx512::tile_q8_0_q8_0),
                 Format::Q4K => Some(avx512::tile_q4_k_q8_k),
+                // No AVX-512 tile yet: the AVX2 one below.
+                Format::Q5K => None,
                 Format::Q6K => Some(avx512::tile_q6_k_q8_k),
             };
             if let Some(f) = f {
@@ -596,6 +605,7 @@ fn multi_dot_fn(format: Format) -> Option<Multi> {
                 Format::Q5_1 => x86::dots_q5_1_q8_1,
                 Format::Q8_0 => x86::dots_q8_0_q8_0,
                 Format::Q4K => x86::dots_q4_k_q8_k,
+                Format::Q5K => x86::dots_q5_k_q8_k,
                 Format::Q6K => x86::dots_q6_k_q8_k,
             };
             return Some(Multi::Rows(f, x86::TILE));
@@ -613,6 +623,7 @@ fn scalar_dot(format: Format) -> VecDot {
         Format::Q5_1 => scalar::vec_dot_q5_1_q8_1,
         Format::Q8_0 => scalar::vec_dot_q8_0_q8_0,
         Format::Q4K => scalar::vec_dot_q4_k_q8_k,
+        Format::Q5K => scalar::vec_dot_q5_k_q8_k,
         Format::Q6K => scalar::vec_dot_q6_k_q8_k,
     }
 }
@@ -640,16 +651,13 @@ mod tests {
             for _ in 0..rows * cols / QK_K {
                 let d = f16::from_f32((r() % 1000) as f32 / 200000.0);
                 let dmin = f16::from_f32((r() % 1000) as f32 / 400000.0);
-                if format == Format::Q4K {
+                if format != Format::Q6K {
                     data.extend_from_slice(&d.to_le_bytes());
                     data.extend_from_slice(&dmin.to_le_bytes());
                 }
-                // Q4_K: packed scales, minimums, nibbles; Q6_K: ql, qh, signed scales.
-                let quant_bytes = if format == Format::Q4K {
-                    Q4_K_BLOCK_BYTES - 4
-                } else {
-                    Q6_K_BLOCK_BYTES - 2
-                };
+                // Q4_K: packed scales, minimums, nibbles; Q5_K: the same with high bits
+                // before the nibbles; Q6_K: ql, qh, signed scales.
+                let quant_bytes = format.block_bytes() - if format == Format::Q6K { 2 } else { 4 };
                 for _ in 0..quant_bytes {
                     data.push((r() & 0xff) as u8);
                 }
@@ -683,13 +691,14 @@ mod tests {
         out
     }
 
-    const FORMATS: [Format; 7] = [
+    const FORMATS: [Format; 8] = [
         Format::Q4_0,
         Format::Q4_1,
         Format::Q5_0,
         Format::Q5_1,
         Format::Q8_0,
         Format::Q4K,
+        Format::Q5K,
         Format::Q6K,
     ];
 
@@ -906,6 +915,7 @@ mod tests {
             (Format::Q4K, GgmlDType::Q4K),
             (Format::Q6K, GgmlDType::Q6K),
             (Format::Q4_0, GgmlDType::Q4_0),
+            (Format::Q5K, GgmlDType::Q5K),
             (Format::Q5_1, GgmlDType::Q5_1),
         ] {
             let (rows, cols) = (3, 3 * QK_K);

@@ -4,7 +4,7 @@ use half::f16;
 
 use super::{
     Format, Q8Row, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES,
-    Q5_1_BLOCK_BYTES, Q6_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK, QK_K,
+    Q5_1_BLOCK_BYTES, Q5_K_BLOCK_BYTES, Q6_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK, QK_K,
 };
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -190,6 +190,47 @@ pub(super) fn vec_dot_q4_k_q8_k(w: &[u8], act: &Q8Row) -> f32 {
     sum
 }
 
+/// The 256 unsigned 5-bit values of a Q5_K super-block, in element order: each 32 bytes
+/// of `qs` hold 64 values, low nibbles first; the high bit of value `64c + l` is bit `2c`
+/// of `qh[l]`, of value `64c + 32 + l` bit `2c + 1`.
+fn q5_k_values(block: &[u8]) -> [u8; QK_K] {
+    let (qh, qs) = (&block[16..48], &block[48..]);
+    let mut v = [0u8; QK_K];
+    for (c, chunk) in qs.chunks_exact(32).enumerate() {
+        for (l, &q) in chunk.iter().enumerate() {
+            v[c * 64 + l] = (q & 0x0f) | (((qh[l] >> (2 * c)) & 1) << 4);
+            v[c * 64 + 32 + l] = (q >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4);
+        }
+    }
+    v
+}
+
+/// Dot product of one Q5_K row with one Q8_K activation row, as llama.cpp's
+/// `ggml_vec_dot_q5_K_q8_K`: per super-block `d_x d_y sum_j sc_j sum(q_x q_y)` minus
+/// `dmin_x d_y sum_j m_j sum(q_y)`, both inner sums exact in integers.
+pub(super) fn vec_dot_q5_k_q8_k(w: &[u8], act: &Q8Row) -> f32 {
+    let mut sum = 0f32;
+    for (b, block) in w.chunks_exact(Q5_K_BLOCK_BYTES).enumerate() {
+        let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+        let scales = &block[4..16];
+        let x = q5_k_values(block);
+        let y = &act.qs[b * QK_K..(b + 1) * QK_K];
+        let (mut isum, mut msum) = (0i32, 0i32);
+        for j in 0..QK_K / 32 {
+            let (sc, m) = scale_min_k4(j, scales);
+            let dot: i32 = (j * 32..(j + 1) * 32)
+                .map(|i| x[i] as i32 * y[i] as i32)
+                .sum();
+            isum += sc as i32 * dot;
+            let ysum = act.bsums[b * 16 + 2 * j] as i32 + act.bsums[b * 16 + 2 * j + 1] as i32;
+            msum += m as i32 * ysum;
+        }
+        let dy = act.d[b];
+        sum += d * dy * isum as f32 - dmin * dy * msum as f32;
+    }
+    sum
+}
+
 /// The 256 signed 6-bit values of a Q6_K super-block (`ql` low nibbles, `qh` high bit
 /// pairs, minus 32), in element order, as llama.cpp's `dequantize_row_q6_K` reads them.
 fn q6_k_values(block: &[u8]) -> [i32; QK_K] {
@@ -260,6 +301,16 @@ pub(super) fn dequantize(format: Format, w: &[u8], out: &mut Vec<f32>) {
             Format::Q4K => {
                 let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
                 let x = q4_k_values(block);
+                for (j, v) in x.chunks_exact(32).enumerate() {
+                    let (sc, m) = scale_min_k4(j, &block[4..16]);
+                    let (d1, m1) = (d * sc as f32, dmin * m as f32);
+                    out.extend(v.iter().map(|&q| d1 * q as f32 - m1));
+                }
+            }
+            // As llama.cpp's `dequantize_row_q5_K`: `d sc_j q - dmin m_j`.
+            Format::Q5K => {
+                let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+                let x = q5_k_values(block);
                 for (j, v) in x.chunks_exact(32).enumerate() {
                     let (sc, m) = scale_min_k4(j, &block[4..16]);
                     let (d1, m1) = (d * sc as f32, dmin * m as f32);

@@ -4,7 +4,7 @@ use std::arch::x86_64::*;
 
 use super::{
     Q8Row, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES,
-    Q5_1_BLOCK_BYTES, Q6_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK, QK_K,
+    Q5_1_BLOCK_BYTES, Q5_K_BLOCK_BYTES, Q6_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK, QK_K,
 };
 
 pub(super) fn available() -> bool {
@@ -291,6 +291,83 @@ unsafe fn vec_dot_q4_k_q8_k_avx2(w: &[u8], act: &Q8Row) -> f32 {
     hsum(acc) + _mm_cvtss_f32(m)
 }
 
+pub(super) fn vec_dot_q5_k_q8_k(w: &[u8], act: &Q8Row) -> f32 {
+    // Safety: only selected by `vec_dot_fn` after `available()` confirmed AVX2, FMA, F16C.
+    unsafe { vec_dot_q5_k_q8_k_avx2(w, act) }
+}
+
+/// The minimums' term of a Q4_K/Q5_K super-block as llama.cpp's Q5_K loop forms it: the
+/// i32 sum of `m_j` times the sub-block activation sums.
+#[inline(always)]
+unsafe fn k_min_sum(mins_and_scales: __m256i, bsums: *const i16) -> i32 {
+    let q8sums = _mm256_loadu_si256(bsums as *const __m256i);
+    let q8s = _mm_hadd_epi16(
+        _mm256_castsi256_si128(q8sums),
+        _mm256_extracti128_si256(q8sums, 1),
+    );
+    let prod = _mm_madd_epi16(_mm256_extracti128_si256(mins_and_scales, 1), q8s);
+    let zero = _mm_setzero_si128();
+    _mm_cvtsi128_si32(_mm_hadd_epi32(_mm_hadd_epi32(prod, zero), zero))
+}
+
+/// The 5-bit values of sub-blocks `2j` (low nibbles) and `2j + 1` (high nibbles) of a
+/// Q5_K super-block: nibbles plus the high bits `2j` and `2j + 1` of `qh`.
+#[inline(always)]
+unsafe fn q5_k_pair(block: *const u8, hbits: __m256i, j: usize) -> (__m256i, __m256i) {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let q5bits = _mm256_loadu_si256(block.add(48 + 32 * j) as *const __m256i);
+    let bit0 = _mm256_and_si256(hbits, _mm256_set1_epi8(1 << (2 * j)));
+    let bit1 = _mm256_and_si256(hbits, _mm256_set1_epi8((1u8 << (2 * j + 1)) as i8));
+    // Each masked bit moved to bit 4 of its byte (16-bit shifts stay within the byte).
+    let h0 = _mm256_slli_epi16(_mm256_srl_epi16(bit0, _mm_cvtsi32_si128(2 * j as i32)), 4);
+    let h1 = _mm256_slli_epi16(
+        _mm256_srl_epi16(bit1, _mm_cvtsi32_si128(2 * j as i32 + 1)),
+        4,
+    );
+    (
+        _mm256_add_epi8(_mm256_and_si256(q5bits, m4), h0),
+        _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(q5bits, 4), m4), h1),
+    )
+}
+
+/// llama.cpp's AVX2 loop: as Q4_K with the high bits added to the nibbles, and the
+/// minimums' term summed as an integer per super-block and added on the side in f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn vec_dot_q5_k_q8_k_avx2(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q5_K_BLOCK_BYTES;
+    assert!(act.d.len() >= nb && act.qs.len() >= nb * QK_K && act.bsums.len() >= nb * 16);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q5_K_BLOCK_BYTES);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+        let dy = *act.d.get_unchecked(b);
+        let d = dy * _mm_cvtss_f32(dm);
+        let dmin = -dy * _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let mins_and_scales = _mm256_cvtepu8_epi16(q4_k_scales_mins(block.add(4)));
+        summs += dmin * k_min_sum(mins_and_scales, act.bsums.as_ptr().add(b * 16)) as f32;
+        let sc128 = _mm256_castsi256_si128(mins_and_scales);
+        let scales = _mm256_set_m128i(sc128, sc128);
+        let hbits = _mm256_loadu_si256(block.add(16) as *const __m256i);
+        let q8 = act.qs.as_ptr().add(b * QK_K);
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..QK_K / 64 {
+            let lo = (4 * j) as i16 | ((4 * j + 1) as i16) << 8;
+            let hi = (4 * j + 2) as i16 | ((4 * j + 3) as i16) << 8;
+            let scale_l = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(lo));
+            let scale_h = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(hi));
+            let (q5l, q5h) = q5_k_pair(block, hbits, j);
+            let q8l = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
+            let q8h = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
+            let p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q5l, q8l));
+            let p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q5h, q8h));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16l, p16h));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum(acc) + summs
+}
+
 pub(super) fn vec_dot_q6_k_q8_k(w: &[u8], act: &Q8Row) -> f32 {
     // Safety: only selected by `vec_dot_fn` after `available()` confirmed AVX2, FMA, F16C.
     unsafe { vec_dot_q6_k_q8_k_avx2(w, act) }
@@ -410,6 +487,7 @@ dots_many!(dots_q5_1_q8_1, tile_q5_1_q8_1, vec_dot_q5_1_q8_1_avx2);
 dots_many!(dots_q5_0_q8_0, tile_q5_0_q8_0, vec_dot_q5_0_q8_0_avx2);
 dots_many!(dots_q8_0_q8_0, tile_q8_0_q8_0, vec_dot_q8_0_q8_0_avx2);
 dots_many!(dots_q4_k_q8_k, tile_q4_k_q8_k, vec_dot_q4_k_q8_k_avx2);
+dots_many!(dots_q5_k_q8_k, tile_q5_k_q8_k, vec_dot_q5_k_q8_k_avx2);
 dots_many!(dots_q6_k_q8_k, tile_q6_k_q8_k, vec_dot_q6_k_q8_k_avx2);
 
 /// The activation rows' quantized bytes and scales, checked long enough for `nb` blocks
@@ -656,6 +734,55 @@ unsafe fn tile_q4_k_q8_k<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f3
         let m = _mm_add_ps(acc_m[i], _mm_movehl_ps(acc_m[i], acc_m[i]));
         let m = _mm_add_ss(m, _mm_movehdup_ps(m));
         out[i] = hsum(acc[i]) + _mm_cvtss_f32(m);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q5_k_q8_k<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+    let nb = w.len() / Q5_K_BLOCK_BYTES;
+    let (qy, dy) = act_ptrs::<N>(acts, nb, QK_K);
+    for a in acts {
+        assert!(a.bsums.len() >= nb * QK_K / 16);
+    }
+    let bs: [*const i16; N] = std::array::from_fn(|i| acts[i].bsums.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut summs = [0f32; N];
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q5_K_BLOCK_BYTES);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+        let dx = _mm_cvtss_f32(dm);
+        let dminx = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let mins_and_scales = _mm256_cvtepu8_epi16(q4_k_scales_mins(block.add(4)));
+        for i in 0..N {
+            let dmin = -*dy[i].add(b) * dminx;
+            summs[i] += dmin * k_min_sum(mins_and_scales, bs[i].add(b * 16)) as f32;
+        }
+        let sc128 = _mm256_castsi256_si128(mins_and_scales);
+        let scales = _mm256_set_m128i(sc128, sc128);
+        let hbits = _mm256_loadu_si256(block.add(16) as *const __m256i);
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for j in 0..QK_K / 64 {
+            let lo = (4 * j) as i16 | ((4 * j + 1) as i16) << 8;
+            let hi = (4 * j + 2) as i16 | ((4 * j + 3) as i16) << 8;
+            let scale_l = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(lo));
+            let scale_h = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(hi));
+            let (q5l, q5h) = q5_k_pair(block, hbits, j);
+            for i in 0..N {
+                let q8 = qy[i].add(b * QK_K + 64 * j);
+                let q8l = _mm256_loadu_si256(q8 as *const __m256i);
+                let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
+                let p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q5l, q8l));
+                let p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q5h, q8h));
+                sumi[i] = _mm256_add_epi32(sumi[i], _mm256_add_epi32(p16l, p16h));
+            }
+        }
+        for i in 0..N {
+            let d = *dy[i].add(b) * dx;
+            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[i]), acc[i]);
+        }
+    }
+    for i in 0..N {
+        out[i] = hsum(acc[i]) + summs[i];
     }
 }
 
