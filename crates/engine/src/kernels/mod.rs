@@ -246,6 +246,7 @@ impl Q8Row {
 /// chunk of two rows. Scales `d[b * rows + r]`, Q8_1 sums `s[b * rows + r]`, and for
 /// Q8_K the activation sum of each sub-block of 32 (`sums32[(b * rows + r) * 8 + j]`,
 /// pairs of `bsums`). A short last tile is padded with zero rows.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Q8Tile {
     pub(crate) rows: usize,
     pub(crate) d: Vec<f32>,
@@ -566,6 +567,7 @@ type TileDot = fn(&[u8], usize, &Q8Tile, usize, &mut [f32], usize);
 
 /// A multi-row kernel and its tile width (activation rows).
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Multi {
     Rows(MultiDot, usize),
     Interleaved(TileDot, usize),
