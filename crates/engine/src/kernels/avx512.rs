@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 
 use super::{
     Q8Tile, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES,
-    Q5_1_BLOCK_BYTES, Q6_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK,
+    Q5_1_BLOCK_BYTES, Q5_K_BLOCK_BYTES, Q6_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK,
 };
 
 /// Activation rows per tile (two per register): at most 16, and a short last tile is
@@ -66,6 +66,7 @@ tile_fn!(tile_q5_0_q8_0, tile_q5_0_q8_0_avx512);
 tile_fn!(tile_q8_0_q8_0, tile_q8_0_q8_0_avx512);
 
 tile_fn!(tile_q4_k_q8_k, tile_q4_k_q8_k_avx512);
+tile_fn!(tile_q5_k_q8_k, tile_q5_k_q8_k_avx512);
 tile_fn!(tile_q6_k_q8_k, tile_q6_k_q8_k_avx512);
 
 /// Checks the tile against `nb` weight blocks and `P` pairs of rows.
@@ -387,6 +388,71 @@ unsafe fn tile_q4_k_q8_k_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
         *e = _mm_cvtss_f32(m);
     }
     store::<P>(&acc, out, Some(&extra));
+}
+
+/// As the AVX2 kernel (llama.cpp's Q5_K loop), per pair of rows: as Q4_K with the high
+/// bits added to the nibbles; the minimums' term an exact integer per row and super-block,
+/// scaled and summed on the side in f32, as that kernel does.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+unsafe fn tile_q5_k_q8_k_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut [f32]) {
+    let nb = w.len() / Q5_K_BLOCK_BYTES;
+    check_k::<P>(t, nb, out.len());
+    let rows = 2 * P;
+    let spread = pair_spread::<P>();
+    let m4 = _mm512_set1_epi8(0x0f);
+    let mut acc = [_mm512_setzero_ps(); P];
+    let mut summs = [0f32; 16];
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q5_K_BLOCK_BYTES);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+        let dx = _mm_cvtss_f32(dm);
+        let dminx = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let sm = q4_k_scales_mins(block.add(4));
+        let d_rows = t.d.as_ptr().add(b * rows);
+        let sums32 = t.sums32.as_ptr().add(b * rows * 8);
+        for (r, summ) in summs.iter_mut().enumerate().take(rows) {
+            let mut mins = 0i32;
+            for j in 0..8 {
+                mins += sm[8 + j] as i32 * *sums32.add(r * 8 + j) as i32;
+            }
+            let dmin = -*d_rows.add(r) * dminx;
+            *summ += dmin * mins as f32;
+        }
+        let hbits = _mm512_broadcast_i64x4(_mm256_loadu_si256(block.add(16) as *const __m256i));
+        let qy = t.qs.as_ptr().add(b * 8 * rows * QK);
+        let mut sumi = [_mm512_setzero_si512(); P];
+        for j in 0..4 {
+            let scale_l = _mm512_set1_epi16(sm[2 * j] as i16);
+            let scale_h = _mm512_set1_epi16(sm[2 * j + 1] as i16);
+            let q5bits = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                block.add(48 + 32 * j) as *const __m256i
+            ));
+            let bit0 = _mm512_and_si512(hbits, _mm512_set1_epi8(1 << (2 * j)));
+            let bit1 = _mm512_and_si512(hbits, _mm512_set1_epi8((1u8 << (2 * j + 1)) as i8));
+            let h0 = _mm512_slli_epi16(_mm512_srl_epi16(bit0, _mm_cvtsi32_si128(2 * j as i32)), 4);
+            let h1 = _mm512_slli_epi16(
+                _mm512_srl_epi16(bit1, _mm_cvtsi32_si128(2 * j as i32 + 1)),
+                4,
+            );
+            let q5l = _mm512_add_epi8(_mm512_and_si512(q5bits, m4), h0);
+            let q5h = _mm512_add_epi8(_mm512_and_si512(_mm512_srli_epi16(q5bits, 4), m4), h1);
+            let ql = qy.add(2 * j * rows * QK);
+            let qh = qy.add((2 * j + 1) * rows * QK);
+            for (p, sumi) in sumi.iter_mut().enumerate() {
+                let q8l = _mm512_loadu_si512(ql.add(2 * p * QK) as *const __m512i);
+                let q8h = _mm512_loadu_si512(qh.add(2 * p * QK) as *const __m512i);
+                *sumi = _mm512_dpwssd_epi32(*sumi, _mm512_maddubs_epi16(q5l, q8l), scale_l);
+                *sumi = _mm512_dpwssd_epi32(*sumi, _mm512_maddubs_epi16(q5h, q8h), scale_h);
+            }
+        }
+        let dy = _mm512_maskz_loadu_ps(((1u32 << rows) - 1) as u16, d_rows);
+        let dd = _mm512_mul_ps(dy, _mm512_set1_ps(dx));
+        for p in 0..P {
+            let f = _mm512_permutexvar_ps(spread[p], dd);
+            acc[p] = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(sumi[p]), acc[p]);
+        }
+    }
+    store::<P>(&acc, out, Some(&summs));
 }
 
 /// As the AVX2 kernel, per pair of rows: the 6-bit values as unsigned bytes times the

@@ -586,8 +586,7 @@ fn multi_dot_fn(format: Format) -> Option<Multi> {
                 Format::Q5_1 => Some(avx512::tile_q5_1_q8_1),
                 Format::Q8_0 => Some(avx512::tile_q8_0_q8_0),
                 Format::Q4K => Some(avx512::tile_q4_k_q8_k),
-                // No AVX-512 tile yet: the AVX2 one below.
-                Format::Q5K => None,
+                Format::Q5K => Some(avx512::tile_q5_k_q8_k),
                 Format::Q6K => Some(avx512::tile_q6_k_q8_k),
             };
             if let Some(f) = f {
