@@ -12,7 +12,9 @@
 //! activations differently from llama.cpp. Q4_K and Q6_K (the k-quant tensors of the Qwen
 //! models: super-blocks of 256) pair with Q8_K activations, as in llama.cpp. Activation
 //! quantization follows llama.cpp's `quantize_row_q8_1`, `quantize_row_q8_0` and
-//! `quantize_row_q8_K` exactly, so our rounding is its rounding.
+//! `quantize_row_q8_K` exactly, so our rounding is its rounding. Q4_0 (times Q8_0),
+//! Q5_1 (times Q8_1) and Q5_K (times Q8_K) have kernels too, not yet mapped from GGUF
+//! tensors.
 //!
 //! Products of several activation rows (prompts) run on tiles: one weight row against a
 //! few activation rows at once, each weight block unpacked once for all of them (AVX2: 4
@@ -66,7 +68,7 @@ pub(crate) const Q6_K_BLOCK_BYTES: usize = 210;
 /// The weight formats with a kernel of ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Format {
-    // Q4_0 and Q5_1 are not mapped from GGUF tensors yet (stage.rs's `Weight::new`).
+    // Q4_0, Q5_1 and Q5_K are not mapped from GGUF tensors yet (stage.rs's `Weight::new`).
     #[allow(dead_code)]
     Q4_0,
     Q4_1,
