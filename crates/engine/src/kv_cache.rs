@@ -3,49 +3,26 @@
 //! The cache records the absolute position of every token it holds, so a stage never
 //! infers positions from counts: it is told them, and RoPE and the causal mask follow.
 
-use candle_core::Tensor;
+use half::f16;
 
 use crate::error::{EngineError, Result};
 
-/// Keys and values of one layer in buffers that grow by doubling, so appending a token
-/// copies only that token (a concatenation would copy the whole history every step).
+/// Keys and values of one layer, in f16 as llama.cpp keeps them (half the memory of f32,
+/// and the rounding its attention sees), position-major: `[len, n_kv_heads, head_dim]`,
+/// so appending a token copies only that token (the buffers grow by doubling) and
+/// truncating is cutting the tail.
 #[derive(Default)]
-struct LayerKv {
-    /// [n_kv_heads, capacity, head_dim]; the first `len` positions are filled.
-    k: Option<Tensor>,
-    v: Option<Tensor>,
-    len: usize,
+pub(crate) struct LayerKv {
+    pub(crate) k: Vec<f16>,
+    pub(crate) v: Vec<f16>,
 }
 
 impl LayerKv {
-    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (n_kv, new, hd) = k.dims3()?;
-        let needed = self.len + new;
-        let capacity = self.k.as_ref().map_or(0, |t| t.dim(1).unwrap_or(0));
-        if needed > capacity {
-            let capacity = needed.next_power_of_two().max(MIN_CAPACITY);
-            let grow = |old: &Option<Tensor>| -> Result<Tensor> {
-                let buf = Tensor::zeros((n_kv, capacity, hd), k.dtype(), k.device())?;
-                if let (Some(old), true) = (old, self.len > 0) {
-                    buf.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                }
-                Ok(buf)
-            };
-            self.k = Some(grow(&self.k)?);
-            self.v = Some(grow(&self.v)?);
-        }
-        let (Some(kb), Some(vb)) = (&self.k, &self.v) else {
-            return Err(EngineError::InvalidInput("KV buffers missing".into()));
-        };
-        kb.slice_set(&k.contiguous()?, 1, self.len)?;
-        vb.slice_set(&v.contiguous()?, 1, self.len)?;
-        self.len = needed;
-        Ok((kb.narrow(1, 0, needed)?, vb.narrow(1, 0, needed)?))
+    fn append(&mut self, k: &[f32], v: &[f32]) {
+        self.k.extend(k.iter().map(|&x| f16::from_f32(x)));
+        self.v.extend(v.iter().map(|&x| f16::from_f32(x)));
     }
 }
-
-/// Smallest buffer a layer's cache starts with, in positions.
-const MIN_CAPACITY: usize = 64;
 
 /// The KV cache of one session on one stage.
 pub struct KvCache {
@@ -81,12 +58,16 @@ impl KvCache {
 
     /// Keep only the first `len` tokens (rolls back rejected speculative tokens).
     pub fn truncate(&mut self, len: usize) {
-        if len >= self.positions.len() {
+        let held = self.positions.len();
+        if len >= held {
             return;
         }
         self.positions.truncate(len);
         for layer in &mut self.layers {
-            layer.len = layer.len.min(len);
+            // Layers hold `held` tokens each (or none yet); keep the first `len`.
+            let per_token = layer.k.len() / held.max(1);
+            layer.k.truncate(len * per_token);
+            layer.v.truncate(len * per_token);
         }
     }
 
@@ -102,22 +83,22 @@ impl KvCache {
         self.positions.extend_from_slice(positions);
     }
 
-    /// Append `k`, `v` ([n_kv_heads, new, head_dim]) to layer `i` and return the whole
-    /// keys and values of that layer.
-    pub(crate) fn append(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.layers
+    /// Append `k`, `v` (`[new, n_kv_heads, head_dim]`, rounded to f16 here) to layer `i`
+    /// and return all keys and values of that layer.
+    pub(crate) fn append(&mut self, i: usize, k: &[f32], v: &[f32]) -> Result<&LayerKv> {
+        let layer = self
+            .layers
             .get_mut(i)
-            .ok_or_else(|| EngineError::InvalidInput(format!("no cache for layer {i}")))?
-            .append(k, v)
+            .ok_or_else(|| EngineError::InvalidInput(format!("no cache for layer {i}")))?;
+        layer.append(k, v);
+        Ok(layer)
     }
 
     /// Bytes reserved for keys and values.
     pub fn size_in_bytes(&self) -> usize {
         self.layers
             .iter()
-            .flat_map(|l| [&l.k, &l.v])
-            .flatten()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .map(|l| (l.k.capacity() + l.v.capacity()) * std::mem::size_of::<f16>())
             .sum()
     }
 }

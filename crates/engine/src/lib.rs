@@ -11,10 +11,12 @@
 //!
 //! The engine has no sockets, no threads of its own and no idea that peers exist.
 
+mod attention;
 pub mod chat_template;
 pub mod config;
 pub mod error;
 pub mod generate;
+mod ggml_math;
 pub mod gguf;
 mod kernels;
 pub mod kv_cache;

@@ -11,8 +11,10 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::attention::{attend, Heads};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::ggml_math;
 use crate::gguf::GgufFile;
 use crate::kernels::{Format, QuantMatrix};
 use crate::kv_cache::KvCache;
@@ -84,9 +86,34 @@ impl RmsNorm {
         })
     }
 
+    /// llama.cpp's order: the sum of squares in f64 (each square in f32), the mean
+    /// rounded to f32, `scale = 1 / sqrt(mean + eps)` in f32, then `x * scale * w`.
+    /// (candle divides by the root instead: one rounding apart, which is enough to flip
+    /// an 8-bit activation rounding in the next matmul.) Over the last dimension.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+        let n = self.weight.elem_count();
+        let w: Vec<f32> = self.weight.to_vec1()?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut out = Vec::with_capacity(xs.len());
+        for row in xs.chunks_exact(n) {
+            let sum: f64 = row.iter().map(|v| (v * v) as f64).sum();
+            let mean = (sum / n as f64) as f32;
+            let scale = 1.0 / (mean + self.eps).sqrt();
+            out.extend(row.iter().zip(&w).map(|(v, w)| v * scale * w));
+        }
+        Ok(Tensor::from_vec(out, x.shape(), x.device())?)
     }
+}
+
+/// `silu(gate) * up` as llama.cpp computes it (its vectorised `expf`).
+fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let g: Vec<f32> = gate.flatten_all()?.to_vec1()?;
+    let u: Vec<f32> = up.flatten_all()?.to_vec1()?;
+    Ok(Tensor::from_vec(
+        ggml_math::swiglu(&g, &u),
+        gate.shape(),
+        gate.device(),
+    )?)
 }
 
 /// A weight matrix in its quantized form, multiplied by our own kernel where we have one
@@ -102,7 +129,9 @@ impl Weight {
             GgmlDType::Q4_1 => Some(Format::Q4_1),
             GgmlDType::Q5_0 => Some(Format::Q5_0),
             GgmlDType::Q8_0 => Some(Format::Q8_0),
-            // Ours for single rows (decode), candle's repacked GEMM for prompts.
+            // In llama.cpp's shape-dependent float order (kernels/kquant.rs). Q4_0, Q5_1 and
+            // Q5_K have kernels too, but stay on candle's until they follow llama.cpp's
+            // order (it repacks Q4_0 and tiles Q5_K prompts).
             GgmlDType::Q4K => Some(Format::Q4K),
             GgmlDType::Q6K => Some(Format::Q6K),
             _ => None,
@@ -232,7 +261,6 @@ impl Layer {
         &self,
         x: &Tensor,
         rope: &RopeAt,
-        mask: Option<&Tensor>,
         cache: &mut KvCache,
         cache_layer: usize,
         cfg: &ModelConfig,
@@ -240,12 +268,13 @@ impl Layer {
         let _span = tracing::trace_span!("layer", cache_layer).entered();
         let residual = x;
         let h = self.attn_norm.forward(x)?;
-        let h = self.attention(&h, rope, mask, cache, cache_layer, cfg)?;
+        let h = self.attention(&h, rope, cache, cache_layer, cfg)?;
         let x = (residual + h)?;
         let residual = &x;
         let h = self.ffn_norm.forward(&x)?;
-        let gate = candle_nn::ops::silu(&self.gate.forward(&h)?)?;
-        let h = self.down.forward(&(gate * self.up.forward(&h)?)?)?;
+        let h = self
+            .down
+            .forward(&swiglu(&self.gate.forward(&h)?, &self.up.forward(&h)?)?)?;
         Ok((residual + h)?)
     }
 
@@ -253,90 +282,100 @@ impl Layer {
         &self,
         x: &Tensor,
         rope: &RopeAt,
-        mask: Option<&Tensor>,
         cache: &mut KvCache,
         cache_layer: usize,
         cfg: &ModelConfig,
     ) -> Result<Tensor> {
         let (seq, _hidden) = x.dims2()?;
         let (n_heads, n_kv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        // [seq, heads*hd] -> [1, heads, seq, hd]
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((1, seq, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let mut q = heads(self.q.forward(x)?, n_heads)?;
-        let mut k = heads(self.k.forward(x)?, n_kv)?;
-        let v = heads(self.v.forward(x)?, n_kv)?;
+        // Rows of [seq, heads, hd], the layout of the projections and of the cache.
+        let mut q = self.q.forward(x)?;
+        let mut k = self.k.forward(x)?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(&q)?;
+            q = qn.forward(&q)?; // over each head's hd values
             k = kn.forward(&k)?;
         }
-        let q = rope.apply(&q)?;
-        let k = rope.apply(&k)?;
-        let (k, v) = cache.append(cache_layer, &k.squeeze(0)?, &v.squeeze(0)?)?;
-        let total = k.dim(1)?;
-
-        // Grouped-query attention without copying K/V: the n_rep query heads that share a
-        // KV head are laid out one after another, so [heads, seq, hd] reshapes to
-        // [kv_heads, n_rep*seq, hd] and multiplies each KV head once.
-        let n_rep = n_heads / n_kv;
-        let q = q.squeeze(0)?.reshape((n_kv, n_rep * seq, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = match mask {
-            Some(m) => att
-                .reshape((n_kv, n_rep, seq, total))?
-                .broadcast_add(m)?
-                .reshape((n_kv, n_rep * seq, total))?,
-            None => att,
+        let mut q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+        let mut k: Vec<f32> = k.flatten_all()?.to_vec1()?;
+        let v: Vec<f32> = self.v.forward(x)?.flatten_all()?.to_vec1()?;
+        rope.apply(&mut q, hd);
+        rope.apply(&mut k, hd);
+        // The cache already lists the new tokens' positions, last.
+        let key_pos = cache.positions().to_vec();
+        let query_pos = &key_pos[key_pos.len() - seq..];
+        let layer_kv = cache.append(cache_layer, &k, &v)?;
+        let heads = Heads {
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim: hd,
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?; // [kv, n_rep*seq, hd]
-        let y = y
-            .reshape((n_heads, seq, hd))?
-            .transpose(0, 1)?
-            .reshape((seq, n_heads * hd))?;
+        let y = attend(heads, &q, &layer_kv.k, &layer_kv.v, query_pos, &key_pos);
+        let y = Tensor::from_vec(y, (seq, n_heads * hd), x.device())?;
         self.o.forward(&y)
     }
 }
 
-/// RoPE cos/sin for the exact positions of one forward pass.
+/// RoPE angles for the exact positions of one forward pass, and the rotation, both as
+/// llama.cpp's CPU backend computes them (so the f16 rounding of Q and K that attention
+/// sees is the same).
 struct RopeAt {
-    cos: Tensor,
-    sin: Tensor,
+    /// `[positions, rope_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    rope_dim: usize,
     interleaved: bool,
 }
 
 impl RopeAt {
-    fn new(cfg: &ModelConfig, positions: &[usize], device: &Device) -> Result<Self> {
+    /// In f32: `theta = position`, multiplied by `base^(-2/dim)` once per pair of
+    /// dimensions (not `position * base^(-2i/dim)`: the rounding differs).
+    fn new(cfg: &ModelConfig, positions: &[usize]) -> Self {
         let half = cfg.rope_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.rope_dim as f64))
-            .collect();
+        let theta_scale = cfg.rope_theta.powf(-2.0 / cfg.rope_dim as f32);
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
-            for f in &inv_freq {
-                let angle = p as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+            let mut theta = p as f32;
+            for _ in 0..half {
+                cos.push(theta.cos());
+                sin.push(theta.sin());
+                theta *= theta_scale;
             }
         }
-        let n = positions.len();
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (n, half), device)?,
-            sin: Tensor::from_vec(sin, (n, half), device)?,
+        Self {
+            cos,
+            sin,
+            rope_dim: cfg.rope_dim,
             interleaved: cfg.arch.rope_interleaved(),
-        })
+        }
     }
 
-    /// x: [1, heads, seq, hd], contiguous.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(if self.interleaved {
-            candle_nn::rotary_emb::rope_i(x, &self.cos, &self.sin)?
-        } else {
-            candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)?
-        })
+    /// Rotates `x` (`[positions, heads, hd]`) in place: pairs `(2i, 2i+1)` when
+    /// interleaved, `(i, i + rope_dim/2)` otherwise; dimensions past `rope_dim` stay.
+    /// `x0·cos − x1·sin` and `x0·sin + x1·cos` each with one fused multiply-add, the
+    /// way ggml's C compiles.
+    fn apply(&self, x: &mut [f32], hd: usize) {
+        let half = self.rope_dim / 2;
+        let n_pos = self.cos.len() / half.max(1);
+        if n_pos == 0 {
+            return;
+        }
+        let per_pos = x.len() / n_pos;
+        for (p, row) in x.chunks_exact_mut(per_pos).enumerate() {
+            let (cos, sin) = (&self.cos[p * half..][..half], &self.sin[p * half..][..half]);
+            for head in row.chunks_exact_mut(hd) {
+                for i in 0..half {
+                    let (a, b) = if self.interleaved {
+                        (2 * i, 2 * i + 1)
+                    } else {
+                        (i, i + half)
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0.mul_add(cos[i], -(x1 * sin[i]));
+                    head[b] = x0.mul_add(sin[i], x1 * cos[i]);
+                }
+            }
+        }
     }
 }
 
@@ -524,11 +563,10 @@ impl Stage {
             }
         };
 
-        let mask = self.mask(positions, cache)?;
-        let rope = RopeAt::new(&self.cfg, positions, &self.device)?;
+        let rope = RopeAt::new(&self.cfg, positions);
         cache.push_positions(positions);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &rope, mask.as_ref(), cache, i, &self.cfg)?;
+            x = layer.forward(&x, &rope, cache, i, &self.cfg)?;
         }
 
         match (&self.norm, &self.lm_head) {
@@ -542,32 +580,6 @@ impl Stage {
             }
             _ => Ok(StageOutput::Hidden(x)),
         }
-    }
-
-    /// Causal mask over the cache plus the new tokens, by absolute position: a token
-    /// sees every token at the same or an earlier position. `None` when nothing is hidden.
-    fn mask(&self, positions: &[usize], cache: &KvCache) -> Result<Option<Tensor>> {
-        let keys: Vec<usize> = cache.positions().iter().chain(positions).copied().collect();
-        let mut any_hidden = false;
-        let mut mask = Vec::with_capacity(positions.len() * keys.len());
-        for &q in positions {
-            for &k in &keys {
-                if k <= q {
-                    mask.push(0f32);
-                } else {
-                    any_hidden = true;
-                    mask.push(f32::NEG_INFINITY);
-                }
-            }
-        }
-        if !any_hidden {
-            return Ok(None);
-        }
-        Ok(Some(Tensor::from_vec(
-            mask,
-            (positions.len(), keys.len()),
-            &self.device,
-        )?))
     }
 }
 

@@ -20,8 +20,9 @@ fn logits(out: StageOutput) -> shoal_engine::candle_core::Tensor {
 }
 
 /// Teacher-forced: at every position our argmax is compared with llama.cpp's, and our max
-/// logit with its. `min_agreement` and `max_mean_diff` are the bars.
-fn teacher_forced(file: &str, min_agreement: f64, max_mean_diff: f64) {
+/// logit with its. `min_agreement` and `max_diff` (the largest difference allowed at any
+/// position) are the bars.
+fn teacher_forced(file: &str, min_agreement: f64, max_diff: f64) {
     let g = golden(file);
     let tf = &g["teacher_forced"];
     let ids = ids(&tf["ids"]);
@@ -92,16 +93,15 @@ fn teacher_forced(file: &str, min_agreement: f64, max_mean_diff: f64) {
         "argmax agreement {frac} < {min_agreement}"
     );
     assert!(
-        mean_diff <= max_mean_diff,
-        "mean max-logit difference {mean_diff}"
+        worst <= max_diff,
+        "max logit differs by {worst} (bar {max_diff})"
     );
-    assert!(worst < 1.0, "max logit differs by {worst}");
 }
 
 /// Greedy continuations of the golden chat prompts against llama.cpp's: at least
-/// `min_prefix` tokens of every case must match (the count is reported). An independent
-/// implementation sums floats in another order, so at a near-tie it may take the other
-/// branch and drift from there.
+/// `min_prefix` tokens of every case must match (the count is reported). Summing floats
+/// in another order than llama.cpp's would take the other branch at a near-tie and drift
+/// from there.
 fn greedy_chat(file: &str, min_prefix: usize) {
     let g = golden(file);
     let model = Model::load(model_path(file), |_, _| {}).unwrap();
@@ -194,44 +194,35 @@ fn stage_composition(file: &str, splits: &[usize]) {
 }
 
 // The bars of shared/golden/README.md are 98 % teacher-forced agreement and 16 greedy
-// tokens per case. Qwen2.5 meets both (its greedy cases match llama.cpp token for token
-// since decode runs on our k-quant kernels with llama.cpp's Q8_K rounding). SmolLM2's
-// Q4_1 weights are sensitive to how activations are quantized and summed: every
-// disagreement we see is a near-tie (top-2 margin < 0.2 logits). The SmolLM2 bars below
-// are what the engine meets today; its `*_full_bar` tests hold the README's bars and are
-// ignored until they are met (issue #3).
+// tokens per case. The engine computes what llama.cpp's CPU backend computes, in its
+// order (attention over an f16 cache, its RMSNorm, RoPE, SiLU and activation rounding,
+// and the k-quants' shape-dependent float order: see attention.rs and kernels/kquant.rs),
+// so both models go further: every argmax agrees, the largest max-logit difference is
+// under 1e-3 (llama.cpp run here against the golden files: 5e-5), and every greedy case
+// matches in full. A change of summation order anywhere moves logits by ~0.05 and
+// breaks these.
+
+/// Every greedy case must match in full (the README asks for 16 tokens).
+const WHOLE_CASE: usize = usize::MAX;
 
 #[test]
 fn smollm2_teacher_forced_matches_llama_cpp() {
-    teacher_forced(SMOLLM2, 0.96, 0.2);
+    teacher_forced(SMOLLM2, 0.98, 1e-3);
 }
 
 #[test]
 fn qwen05_teacher_forced_matches_llama_cpp() {
-    teacher_forced(QWEN05, 0.98, 0.1);
+    teacher_forced(QWEN05, 0.98, 1e-3);
 }
 
 #[test]
 fn smollm2_greedy_chat_matches_llama_cpp() {
-    greedy_chat(SMOLLM2, 7);
+    greedy_chat(SMOLLM2, WHOLE_CASE);
 }
 
 #[test]
 fn qwen05_greedy_chat_matches_llama_cpp() {
-    // The full bar: at least 16 tokens of every case (all cases match in full today).
-    greedy_chat(QWEN05, 16);
-}
-
-#[test]
-#[ignore = "needs llama.cpp-exact kernels (issue #3)"]
-fn smollm2_teacher_forced_full_bar() {
-    teacher_forced(SMOLLM2, 0.98, 0.2);
-}
-
-#[test]
-#[ignore = "needs llama.cpp-exact kernels (issue #3)"]
-fn smollm2_greedy_chat_full_bar() {
-    greedy_chat(SMOLLM2, 16);
+    greedy_chat(QWEN05, WHOLE_CASE);
 }
 
 #[test]

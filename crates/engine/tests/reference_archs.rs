@@ -143,7 +143,7 @@ fn write_gguf(c: &Cfg, w: &Weights, path: &std::path::Path) {
     gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
 }
 
-// ---- the reference: one token at a time, f64, no tensors ----
+// ---- the reference: one token at a time, f64 (but f16 where llama.cpp rounds), no tensors ----
 
 fn matvec(w: &(Vec<f32>, usize, usize), x: &[f64]) -> Vec<f64> {
     let (v, rows, cols) = w;
@@ -173,6 +173,16 @@ fn rope(x: &mut [f64], pos: usize, theta: f32, interleaved: bool) {
         x[b] = xa * s + xb * c;
     }
 }
+
+/// Rounded to f16: llama.cpp keeps K and V in f16 and multiplies Q and the attention
+/// probabilities in f16, and so does the engine; the reference follows those roundings
+/// (and nothing else of its arithmetic).
+fn f16r(x: f64) -> f64 {
+    half::f16::from_f64(x).to_f64()
+}
+
+/// Largest relative logit difference from the reference (see the comment at its use).
+const F16_TOLERANCE: f64 = 4e-3;
 
 fn reference_logits(c: &Cfg, w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> {
     let hd = c.head_dim;
@@ -215,8 +225,9 @@ fn reference_logits(c: &Cfg, w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> {
                     rope(head, pos, c.theta, c.arch == "llama");
                 }
             }
-            keys[l].push(k);
-            values[l].push(v);
+            let q: Vec<f64> = q.into_iter().map(f16r).collect();
+            keys[l].push(k.into_iter().map(f16r).collect());
+            values[l].push(v.into_iter().map(f16r).collect());
             let group = c.heads / c.kv_heads;
             let mut att_out = vec![0f64; c.heads * hd];
             for head in 0..c.heads {
@@ -234,7 +245,7 @@ fn reference_logits(c: &Cfg, w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> {
                 let sum: f64 = exps.iter().sum();
                 for (p_, v) in exps.iter().zip(&values[l]) {
                     for d in 0..hd {
-                        att_out[head * hd + d] += p_ / sum * v[kvh * hd + d];
+                        att_out[head * hd + d] += f16r(p_ / sum) * v[kvh * hd + d];
                     }
                 }
             }
@@ -305,8 +316,11 @@ fn check(c: Cfg) {
         "{}: largest relative logit difference from the reference {worst:.2e}",
         c.arch
     );
+    // f16 steps are 1/2048 relative; Q, K, V and the probabilities are rounded to them
+    // from inputs that differ from the reference's in the last f32 bits, so a value may
+    // land one step away: a few 1e-4 of drift per layer (a real fault is O(1)).
     assert!(
-        worst < 1e-3,
+        worst < F16_TOLERANCE,
         "{}: logits differ from the reference by {worst}",
         c.arch
     );
@@ -467,7 +481,7 @@ fn kv_cache_grows_and_rolls_back() {
     let close = |got: &[f32], want: &[f64]| {
         got.iter()
             .zip(want)
-            .all(|(g, w)| (*g as f64 - w).abs() / w.abs().max(1.0) < 1e-3)
+            .all(|(g, w)| (*g as f64 - w).abs() / w.abs().max(1.0) < F16_TOLERANCE)
     };
     let run = |cache: &mut shoal_engine::KvCache, from: usize, to: usize| -> Vec<Vec<f32>> {
         let pos: Vec<usize> = (from..to).collect();

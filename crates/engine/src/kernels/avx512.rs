@@ -12,8 +12,8 @@
 use std::arch::x86_64::*;
 
 use super::{
-    Q8Tile, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES,
-    Q5_1_BLOCK_BYTES, Q5_K_BLOCK_BYTES, Q6_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK,
+    Q8Tile, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q5_1_BLOCK_BYTES,
+    Q5_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK,
 };
 
 /// Activation rows per tile (two per register): at most 16, and a short last tile is
@@ -65,9 +65,7 @@ tile_fn!(tile_q5_1_q8_1, tile_q5_1_q8_1_avx512);
 tile_fn!(tile_q5_0_q8_0, tile_q5_0_q8_0_avx512);
 tile_fn!(tile_q8_0_q8_0, tile_q8_0_q8_0_avx512);
 
-tile_fn!(tile_q4_k_q8_k, tile_q4_k_q8_k_avx512);
 tile_fn!(tile_q5_k_q8_k, tile_q5_k_q8_k_avx512);
-tile_fn!(tile_q6_k_q8_k, tile_q6_k_q8_k_avx512);
 
 /// Checks the tile against `nb` weight blocks and `P` pairs of rows.
 #[inline(always)]
@@ -304,92 +302,6 @@ unsafe fn q4_k_scales_mins(p: *const u8) -> [u8; 16] {
     out
 }
 
-/// For each pair `p`, the permutation that puts lane `2p` of a vector in lanes 0..4 and
-/// lane `2p + 1` in lanes 4..8 (the 4-lane minimums' accumulators of two rows).
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
-#[inline]
-unsafe fn pair_spread4<const P: usize>() -> [__m512i; P] {
-    std::array::from_fn(|p| {
-        let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
-        _mm512_set_epi32(b, b, b, b, b, b, b, b, b, b, b, b, a, a, a, a)
-    })
-}
-
-/// As the AVX2 kernel, per pair of rows: the integer products of each sub-block of 32
-/// times its scale (`maddubs`, then `vpdpwssd`: the same exact i32 lane sums as `madd` +
-/// add), scaled by `d_x d_y` into the f32 accumulator once per super-block; the minimums'
-/// term from the sub-block activation sums, in 4 lanes per row.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
-unsafe fn tile_q4_k_q8_k_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut [f32]) {
-    let nb = w.len() / Q4_K_BLOCK_BYTES;
-    check_k::<P>(t, nb, out.len());
-    let rows = 2 * P;
-    let spread = pair_spread::<P>();
-    let spread4 = pair_spread4::<P>();
-    let m4 = _mm512_set1_epi8(0x0f);
-    let mut acc = [_mm512_setzero_ps(); P];
-    let mut acc_m = [_mm256_setzero_ps(); P];
-    for b in 0..nb {
-        let block = w.as_ptr().add(b * Q4_K_BLOCK_BYTES);
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
-        let dx = _mm_cvtss_f32(dm);
-        let dminx = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-        let sm = q4_k_scales_mins(block.add(4));
-        // The minimums as 8 i16, in both halves.
-        let mins = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(
-            sm.as_ptr().add(8) as *const __m128i,
-        )));
-        let dy = _mm512_maskz_loadu_ps(((1u32 << rows) - 1) as u16, t.d.as_ptr().add(b * rows));
-        // `-d_y * dmin_x` per row, as the single-row kernel rounds it.
-        let neg_dy = _mm512_xor_ps(dy, _mm512_set1_ps(-0.0));
-        let dmin = _mm512_mul_ps(neg_dy, _mm512_set1_ps(dminx));
-        let sums32 = t.sums32.as_ptr().add(b * rows * 8);
-        for p in 0..P {
-            let q8s = _mm256_loadu_si256(sums32.add(2 * p * 8) as *const __m256i);
-            let prod = _mm256_madd_epi16(mins, q8s);
-            let f = _mm512_castps512_ps256(_mm512_permutexvar_ps(spread4[p], dmin));
-            acc_m[p] = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(prod), acc_m[p]);
-        }
-        let q4 = block.add(16);
-        let qy = t.qs.as_ptr().add(b * 8 * rows * QK);
-        let mut sumi = [_mm512_setzero_si512(); P];
-        for j in 0..4 {
-            let scale_l = _mm512_set1_epi16(sm[2 * j] as i16);
-            let scale_h = _mm512_set1_epi16(sm[2 * j + 1] as i16);
-            let q4bits =
-                _mm512_broadcast_i64x4(_mm256_loadu_si256(q4.add(32 * j) as *const __m256i));
-            let q4l = _mm512_and_si512(q4bits, m4);
-            let q4h = _mm512_and_si512(_mm512_srli_epi16(q4bits, 4), m4);
-            let ql = qy.add(2 * j * rows * QK);
-            let qh = qy.add((2 * j + 1) * rows * QK);
-            for (p, sumi) in sumi.iter_mut().enumerate() {
-                let q8l = _mm512_loadu_si512(ql.add(2 * p * QK) as *const __m512i);
-                let q8h = _mm512_loadu_si512(qh.add(2 * p * QK) as *const __m512i);
-                *sumi = _mm512_dpwssd_epi32(*sumi, _mm512_maddubs_epi16(q4l, q8l), scale_l);
-                *sumi = _mm512_dpwssd_epi32(*sumi, _mm512_maddubs_epi16(q4h, q8h), scale_h);
-            }
-        }
-        let dd = _mm512_mul_ps(dy, _mm512_set1_ps(dx));
-        for p in 0..P {
-            let f = _mm512_permutexvar_ps(spread[p], dd);
-            acc[p] = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(sumi[p]), acc[p]);
-        }
-    }
-    let mut extra = [0f32; 16];
-    for (r, e) in extra.iter_mut().take(out.len()).enumerate() {
-        let a = acc_m[r / 2];
-        let m = if r % 2 == 0 {
-            _mm256_castps256_ps128(a)
-        } else {
-            _mm256_extractf128_ps(a, 1)
-        };
-        let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        *e = _mm_cvtss_f32(m);
-    }
-    store::<P>(&acc, out, Some(&extra));
-}
-
 /// As the AVX2 kernel (llama.cpp's Q5_K loop), per pair of rows: as Q4_K with the high
 /// bits added to the nibbles; the minimums' term an exact integer per row and super-block,
 /// scaled and summed on the side in f32, as that kernel does.
@@ -453,70 +365,6 @@ unsafe fn tile_q5_k_q8_k_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
         }
     }
     store::<P>(&acc, out, Some(&summs));
-}
-
-/// As the AVX2 kernel, per pair of rows: the 6-bit values as unsigned bytes times the
-/// activation bytes, minus 32 times the activation pair sums, times the i16 scale of
-/// each 16 (`vpdpwssd`: the same exact i32 lane sums as `madd` + add), scaled by
-/// `d_x d_y` into the f32 accumulator once per super-block.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
-unsafe fn tile_q6_k_q8_k_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut [f32]) {
-    let nb = w.len() / Q6_K_BLOCK_BYTES;
-    check_k::<P>(t, nb, out.len());
-    let rows = 2 * P;
-    let spread = pair_spread::<P>();
-    let m4 = _mm512_set1_epi8(0x0f);
-    let m2 = _mm512_set1_epi8(3);
-    let m32s = _mm512_set1_epi8(32);
-    let mut acc = [_mm512_setzero_ps(); P];
-    for b in 0..nb {
-        let block = w.as_ptr().add(b * Q6_K_BLOCK_BYTES);
-        let dx = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (block.add(208) as *const u16).read_unaligned() as i32,
-        )));
-        let scales = _mm_loadu_si128(block.add(192) as *const __m128i);
-        let qy = t.qs.as_ptr().add(b * 8 * rows * QK);
-        let mut sumi = [_mm512_setzero_si512(); P];
-        for j in 0..2 {
-            let ql = block.add(64 * j);
-            let qh = block.add(128 + 32 * j);
-            let bcast =
-                |p: *const u8| _mm512_broadcast_i64x4(_mm256_loadu_si256(p as *const __m256i));
-            let q4bits1 = bcast(ql);
-            let q4bits2 = bcast(ql.add(32));
-            let q4bits_h = bcast(qh);
-            let q4h_0 = _mm512_slli_epi16(_mm512_and_si512(q4bits_h, m2), 4);
-            let q4h_1 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(q4bits_h, 2), m2), 4);
-            let q4h_2 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(q4bits_h, 4), m2), 4);
-            let q4h_3 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(q4bits_h, 6), m2), 4);
-            let q6 = [
-                _mm512_or_si512(_mm512_and_si512(q4bits1, m4), q4h_0),
-                _mm512_or_si512(_mm512_and_si512(q4bits2, m4), q4h_1),
-                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(q4bits1, 4), m4), q4h_2),
-                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(q4bits2, 4), m4), q4h_3),
-            ];
-            for (k, &q6k) in q6.iter().enumerate() {
-                let s = (8 * j + 2 * k) as i64;
-                let shuf = _mm_set_epi64x((s + 1) * 0x0101010101010101, s * 0x0101010101010101);
-                let scale =
-                    _mm512_broadcast_i64x4(_mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, shuf)));
-                let q8 = qy.add((4 * j + k) * rows * QK);
-                for (p, sumi) in sumi.iter_mut().enumerate() {
-                    let q8k = _mm512_loadu_si512(q8.add(2 * p * QK) as *const __m512i);
-                    let q8s = _mm512_maddubs_epi16(m32s, q8k);
-                    let p16 = _mm512_sub_epi16(_mm512_maddubs_epi16(q6k, q8k), q8s);
-                    *sumi = _mm512_dpwssd_epi32(*sumi, p16, scale);
-                }
-            }
-        }
-        let dy = _mm512_maskz_loadu_ps(((1u32 << rows) - 1) as u16, t.d.as_ptr().add(b * rows));
-        let dd = _mm512_mul_ps(_mm512_set1_ps(dx), dy);
-        for p in 0..P {
-            let f = _mm512_permutexvar_ps(spread[p], dd);
-            acc[p] = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(sumi[p]), acc[p]);
-        }
-    }
-    store::<P>(&acc, out, None);
 }
 
 /// The AVX2 kernels' horizontal sum (`x86::hsum`), the same additions in the same order.

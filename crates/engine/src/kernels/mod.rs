@@ -27,15 +27,13 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod kquant;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use std::borrow::Cow;
-use std::sync::Arc;
-
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
@@ -133,8 +131,8 @@ pub(crate) struct Q8Row {
 }
 
 impl Q8Row {
-    /// llama.cpp's `quantize_row_q8_0` / `quantize_row_q8_1`: `d = amax / 127`,
-    /// `q = round(x / d)`; `with_sums` adds the Q8_1 block sums.
+    /// llama.cpp's `quantize_row_q8_0` / `quantize_row_q8_1` (x86): `d = amax / 127`,
+    /// `q = round_half_even(x * 127 / amax)`; `with_sums` adds the Q8_1 block sums.
     pub(crate) fn quantize(x: &[f32], with_sums: bool) -> Self {
         #[cfg(target_arch = "x86_64")]
         if x86::available() {
@@ -164,10 +162,12 @@ impl Q8Row {
         for (b, block) in x.chunks_exact(QK).enumerate() {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            // As llama.cpp's x86 code: multiply by 127/amax (not 1/d) and round half to
+            // even (`_mm256_round_ps`), so the 8-bit values are its values.
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
             let mut sum = 0i32;
             for (q, &v) in row.qs[b * QK..(b + 1) * QK].iter_mut().zip(block) {
-                *q = (v * id).round() as i8;
+                *q = (v * id).round_ties_even() as i8;
                 sum += *q as i32;
             }
             row.d.push(f16::from_f32(d).to_f32());
@@ -302,20 +302,8 @@ pub(crate) struct QuantMatrix {
     format: Format,
     rows: usize,
     cols: usize,
-    data: Bytes,
-}
-
-/// Where a matrix's bytes live.
-enum Bytes {
-    Owned(Vec<u8>),
-    /// Candle's tensor, shared (not copied) with candle's matmul, which does the k-quant
-    /// products of several activation rows (prompts): its numbers there are llama.cpp's
-    /// closely enough for the greedy golden tests, which ours (the single-row kernel's
-    /// order) are not; single rows (decode) run on our kernel (see docs/PERFORMANCE.md).
-    Shared {
-        tensor: Arc<QTensor>,
-        gemm: QMatMul,
-    },
+    /// The GGUF bytes of the whole matrix.
+    data: Vec<u8>,
 }
 
 fn check_size(format: Format, rows: usize, cols: usize, len: usize) -> Result<()> {
@@ -340,35 +328,14 @@ impl QuantMatrix {
             format,
             rows,
             cols,
-            data: Bytes::Owned(data),
+            data,
         })
     }
 
-    /// A matrix from a CPU tensor of candle's, `[rows, cols]` in `format`. The k-quants keep
-    /// the tensor (shared with candle's matmul for multi-row products) unless
-    /// `SHOAL_KQUANT_PROMPTS=ours`; the others copy its bytes.
+    /// A matrix from a CPU tensor of candle's, `[rows, cols]` in `format` (its bytes).
     pub(crate) fn from_qtensor(format: Format, t: QTensor) -> Result<Self> {
         let (rows, cols) = t.shape().dims2()?;
-        if format.block_len() != QK_K || !t.device().is_cpu() || !candle_prompts() {
-            return Self::from_bytes(format, rows, cols, t.data()?.into_owned());
-        }
-        check_size(format, rows, cols, t.data()?.len())?;
-        let tensor = Arc::new(t);
-        let gemm = QMatMul::from_arc(tensor.clone())?;
-        Ok(Self {
-            format,
-            rows,
-            cols,
-            data: Bytes::Shared { tensor, gemm },
-        })
-    }
-
-    /// The GGUF bytes (borrowed: candle's CPU tensors hand out their own memory).
-    fn bytes(&self) -> Result<Cow<'_, [u8]>> {
-        match &self.data {
-            Bytes::Owned(v) => Ok(Cow::Borrowed(v)),
-            Bytes::Shared { tensor, .. } => Ok(tensor.data()?),
-        }
+        Self::from_bytes(format, rows, cols, t.data()?.into_owned())
     }
 
     fn row_bytes(&self) -> usize {
@@ -379,7 +346,7 @@ impl QuantMatrix {
     /// quantized.
     pub(crate) fn rows_f32(&self, ids: &[u32]) -> Result<Tensor> {
         let mut out = Vec::with_capacity(ids.len() * self.cols);
-        let data = self.bytes()?;
+        let data: &[u8] = &self.data;
         for &id in ids {
             let id = id as usize;
             if id >= self.rows {
@@ -407,9 +374,6 @@ impl QuantMatrix {
             )));
         }
         let m: usize = batch.iter().product();
-        if let (true, Bytes::Shared { gemm, .. }) = (m > 1, &self.data) {
-            return Ok(gemm.forward(x)?);
-        }
         let tiled = tiles_setting() != "pairwise";
         let out = self.matmul_f32(&x.flatten_all()?.to_vec1::<f32>()?, m, tiled)?;
         let mut shape = batch.to_vec();
@@ -421,8 +385,7 @@ impl QuantMatrix {
     /// rows at a time (bit for bit the same numbers); without it, one pair at a time.
     fn matmul_f32(&self, xs: &[f32], m: usize, tiled: bool) -> Result<Vec<f32>> {
         let k = self.cols;
-        let data = self.bytes()?;
-        let data: &[u8] = &data;
+        let data: &[u8] = &self.data;
         let kind = self.format.activation();
         // Handing work to rayon's pool costs a wake-up and a hand-back (two context
         // switches when the pool has one thread): small products run on the caller.
@@ -437,7 +400,14 @@ impl QuantMatrix {
                 .collect()
         };
         let n = self.rows;
-        let dot = vec_dot_fn(self.format);
+        // One dot product per activation row: the k-quants follow llama.cpp's order,
+        // which depends on the shape of the product (kquant.rs).
+        let vec_dot = vec_dot_fn(self.format);
+        let dots: Vec<VecDot> = (0..m)
+            .map(|i| {
+                kquant::order(self.format, n, m, i).map_or(vec_dot, |o| kquant::dot_for(o, vec_dot))
+            })
+            .collect();
         let multi = multi_dot_fn(self.format).filter(|_| tiled && m > 1);
         let tiles: Vec<Q8Tile> = match multi {
             Some(Multi::Interleaved(_, tile)) => acts
@@ -480,7 +450,7 @@ impl QuantMatrix {
                 None => {}
             }
             for (j, dst_row) in dst.chunks_mut(m).enumerate() {
-                for (out, act) in dst_row.iter_mut().zip(&acts) {
+                for ((out, act), dot) in dst_row.iter_mut().zip(&acts).zip(&dots) {
                     *out = dot(weight(j), act);
                 }
             }
@@ -525,14 +495,6 @@ fn tiles_setting() -> &'static str {
     SETTING.get_or_init(|| std::env::var("SHOAL_KERNEL_TILES").unwrap_or_default())
 }
 
-/// Whether k-quant prompts go to candle's GEMM (the default) rather than our tiles
-/// (`SHOAL_KQUANT_PROMPTS=ours`: faster with two threads here, no `QMatMul`, but the
-/// greedy golden test against llama.cpp drifts at a near-tie, see docs/PERFORMANCE.md).
-fn candle_prompts() -> bool {
-    static SETTING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SETTING.get_or_init(|| std::env::var("SHOAL_KQUANT_PROMPTS").map_or(true, |v| v != "ours"))
-}
-
 /// Products with fewer multiply-adds than this run on the calling thread.
 const SERIAL_BELOW: usize = 1 << 16;
 
@@ -551,7 +513,7 @@ fn vec_dot_fn(format: Format) -> VecDot {
                 Format::Q8_0 => x86::vec_dot_q8_0_q8_0,
                 Format::Q4K => x86::vec_dot_q4_k_q8_k,
                 Format::Q5K => x86::vec_dot_q5_k_q8_k,
-                Format::Q6K => x86::vec_dot_q6_k_q8_k,
+                Format::Q6K => kquant::dot_for(kquant::Order::Q6kLanes, scalar::vec_dot_q6_k_q8_k),
             };
         }
     }
@@ -587,9 +549,9 @@ fn multi_dot_fn(format: Format) -> Option<Multi> {
                 Format::Q5_0 => Some(avx512::tile_q5_0_q8_0),
                 Format::Q5_1 => Some(avx512::tile_q5_1_q8_1),
                 Format::Q8_0 => Some(avx512::tile_q8_0_q8_0),
-                Format::Q4K => Some(avx512::tile_q4_k_q8_k),
+                // The k-quants follow llama.cpp's shape-dependent order (kquant.rs).
+                Format::Q4K | Format::Q6K => None,
                 Format::Q5K => Some(avx512::tile_q5_k_q8_k),
-                Format::Q6K => Some(avx512::tile_q6_k_q8_k),
             };
             if let Some(f) = f {
                 let tile = if format.block_len() == QK_K {
@@ -607,9 +569,8 @@ fn multi_dot_fn(format: Format) -> Option<Multi> {
                 Format::Q5_0 => x86::dots_q5_0_q8_0,
                 Format::Q5_1 => x86::dots_q5_1_q8_1,
                 Format::Q8_0 => x86::dots_q8_0_q8_0,
-                Format::Q4K => x86::dots_q4_k_q8_k,
                 Format::Q5K => x86::dots_q5_k_q8_k,
-                Format::Q6K => x86::dots_q6_k_q8_k,
+                Format::Q4K | Format::Q6K => return None,
             };
             return Some(Multi::Rows(f, x86::TILE));
         }
@@ -742,6 +703,14 @@ mod tests {
             assert_eq!(q.s[b], f16::from_f32(amax / 127.0 * sum as f32).to_f32());
             assert!(q.qs[b * QK..(b + 1) * QK].iter().any(|&v| v.abs() == 127));
         }
+        // Ties round to even, as `_mm256_round_ps` does (`roundf` would give 3 and -3).
+        let mut tie = [0f32; 32];
+        tie[0] = 127.0;
+        tie[1] = 2.5;
+        tie[2] = -2.5;
+        tie[3] = 3.5;
+        let t = Q8Row::quantize(&tie, false);
+        assert_eq!(&t.qs[..4], &[127, 2, -2, 4]);
         // An all-zero block quantizes to zeros, not NaN.
         let z = Q8Row::quantize(&[0.0; 32], true);
         assert_eq!((z.d[0], z.s[0]), (0.0, 0.0));
@@ -967,21 +936,19 @@ mod tests {
                     );
                 }
             }
-            // Built from candle's tensor: prompts go to candle's GEMM (the same numbers),
-            // single rows to our kernel (the same numbers as from bytes).
+            // Built from candle's tensor: the same bytes, the same numbers.
             let qt = qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
-            let shared = QuantMatrix::from_qtensor(format, qt).unwrap();
-            if !candle_prompts() {
-                continue;
-            }
-            assert!(matches!(shared.data, Bytes::Shared { .. }));
-            let c = shared.matmul(&xt).unwrap().to_vec2::<f32>().unwrap();
-            assert_eq!(c, b);
-            let row = xt.get(1).unwrap().unsqueeze(0).unwrap();
-            let one = shared.matmul(&row).unwrap().to_vec2::<f32>().unwrap();
-            assert_eq!(one, ours.matmul(&row).unwrap().to_vec2::<f32>().unwrap());
+            let from_candle = QuantMatrix::from_qtensor(format, qt).unwrap();
             assert_eq!(
-                shared.rows_f32(&[4]).unwrap().to_vec2::<f32>().unwrap(),
+                from_candle.matmul(&xt).unwrap().to_vec2::<f32>().unwrap(),
+                a
+            );
+            assert_eq!(
+                from_candle
+                    .rows_f32(&[4])
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap(),
                 ours.rows_f32(&[4]).unwrap().to_vec2::<f32>().unwrap()
             );
         }
@@ -993,7 +960,10 @@ mod tests {
             return;
         }
         for format in FORMATS {
-            let multi = multi_dot_fn(format).unwrap();
+            // The k-quants have no tiles: their order depends on the product's shape.
+            let Some(multi) = multi_dot_fn(format) else {
+                continue;
+            };
             let tile = match multi {
                 Multi::Rows(_, t) | Multi::Interleaved(_, t) => t,
             };
@@ -1059,12 +1029,16 @@ mod tests {
                         "{format:?} {rows}x{cols} m {m}"
                     );
                 }
-                // And each entry is the single-row kernel's dot of its pair.
+                // And each entry is the dot of its pair in the order llama.cpp uses for
+                // this shape (the single-row kernel, or the k-quants' own).
                 let row_bytes = data.len() / rows;
                 for (i, xi) in x.chunks(cols).enumerate() {
                     let act = quantize_for(format, xi);
+                    let dot = kquant::order(format, rows, m, i).map_or(vec_dot_fn(format), |o| {
+                        kquant::dot_for(o, vec_dot_fn(format))
+                    });
                     for j in 0..rows {
-                        let want = vec_dot_fn(format)(&data[j * row_bytes..][..row_bytes], &act);
+                        let want = dot(&data[j * row_bytes..][..row_bytes], &act);
                         assert_eq!(pairwise[i * rows + j].to_bits(), want.to_bits());
                     }
                 }

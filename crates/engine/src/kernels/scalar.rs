@@ -249,6 +249,40 @@ fn q6_k_values(block: &[u8]) -> [i32; QK_K] {
     v
 }
 
+/// One Q6_K super-block times Q8_K values (`q8`, `bsums` of that super-block) as
+/// integer totals in the 8 lanes of llama.cpp's AVX2 loop: lane `n` holds elements
+/// `4n..4n+3` of every 32 (unsigned 6-bit values times the scale of their 16), minus
+/// 32 × the scaled activation sums of sub-blocks `2n` and `2n + 1` (the format's `- 32`).
+pub(super) fn q6_k_lane_totals(block: &[u8], q8: &[i8], bsums: &[i16]) -> [i32; 8] {
+    let x = q6_k_values(block);
+    let scale = |j: usize| block[192 + j] as i8 as i32;
+    let mut lanes = [0i32; 8];
+    for (e, (&v, &q)) in x.iter().zip(q8).enumerate() {
+        lanes[(e % 32) / 4] += scale(e / 16) * (v + 32) * q as i32;
+    }
+    for (n, lane) in lanes.iter_mut().enumerate() {
+        *lane -=
+            32 * (bsums[2 * n] as i32 * scale(2 * n) + bsums[2 * n + 1] as i32 * scale(2 * n + 1));
+    }
+    lanes
+}
+
+/// One Q4_K super-block times Q8_K values: per pair of sub-blocks of 32 (64 elements),
+/// the scaled integer sum and the minimums times the activation sums.
+pub(super) fn q4_k_pair_totals(block: &[u8], q8: &[i8], bsums: &[i16]) -> ([i32; 4], [i32; 4]) {
+    let x = q4_k_values(block);
+    let (mut sums, mut mins) = ([0i32; 4], [0i32; 4]);
+    for j in 0..QK_K / 32 {
+        let (sc, m) = scale_min_k4(j, &block[4..16]);
+        let dot: i32 = (j * 32..(j + 1) * 32)
+            .map(|i| x[i] as i32 * q8[i] as i32)
+            .sum();
+        sums[j / 2] += sc as i32 * dot;
+        mins[j / 2] += m as i32 * (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32);
+    }
+    (sums, mins)
+}
+
 /// Dot product of one Q6_K row with one Q8_K activation row, as llama.cpp's
 /// `ggml_vec_dot_q6_K_q8_K`: per super-block `d_x d_y sum_j sc_j sum(q_x q_y)` over the
 /// 16 sub-blocks of 16, the inner sum exact in integers.

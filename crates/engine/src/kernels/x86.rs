@@ -4,7 +4,7 @@ use std::arch::x86_64::*;
 
 use super::{
     Q8Row, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES,
-    Q5_1_BLOCK_BYTES, Q5_K_BLOCK_BYTES, Q6_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK, QK_K,
+    Q5_1_BLOCK_BYTES, Q5_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK, QK_K,
 };
 
 pub(super) fn available() -> bool {
@@ -368,63 +368,101 @@ unsafe fn vec_dot_q5_k_q8_k_avx2(w: &[u8], act: &Q8Row) -> f32 {
     hsum(acc) + summs
 }
 
-pub(super) fn vec_dot_q6_k_q8_k(w: &[u8], act: &Q8Row) -> f32 {
-    // Safety: only selected by `vec_dot_fn` after `available()` confirmed AVX2, FMA, F16C.
-    unsafe { vec_dot_q6_k_q8_k_avx2(w, act) }
-}
-
-/// llama.cpp's AVX2 loop: the 6-bit values as unsigned bytes (0..64) times activation
-/// bytes (`maddubs`), minus 32 times the activation pair sums (the `- 32` of the format),
-/// times the 16-bit sub-block scale (`madd`), summed as 8 lanes of i32 and scaled by
-/// `d_x d_y` into an f32 accumulator.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn vec_dot_q6_k_q8_k_avx2(w: &[u8], act: &Q8Row) -> f32 {
-    let nb = w.len() / Q6_K_BLOCK_BYTES;
-    debug_assert!(act.d.len() >= nb && act.qs.len() >= nb * QK_K);
+/// `scalar::q6_k_lane_totals` on AVX2: llama.cpp's loop, integers only (the float step
+/// is in kquant.rs, the same on every CPU).
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn q6_k_lane_totals(block: &[u8], q8: &[i8], bsums: &[i16]) -> [i32; 8] {
     let m4 = _mm256_set1_epi8(0x0f);
     let m2 = _mm256_set1_epi8(3);
-    let m32s = _mm256_set1_epi8(32);
-    let mut acc = _mm256_setzero_ps();
-    for b in 0..nb {
-        let block = w.as_ptr().add(b * Q6_K_BLOCK_BYTES);
-        let dx = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (block.add(208) as *const u16).read_unaligned() as i32,
-        )));
-        let d = dx * *act.d.get_unchecked(b);
-        let scales = _mm_loadu_si128(block.add(192) as *const __m128i);
-        let q8 = act.qs.as_ptr().add(b * QK_K);
-        let mut sumi = _mm256_setzero_si256();
-        for j in 0..QK_K / 128 {
-            let ql = block.add(64 * j);
-            let qh = block.add(128 + 32 * j);
-            let q8 = q8.add(128 * j);
-            let q4bits1 = _mm256_loadu_si256(ql as *const __m256i);
-            let q4bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-            let q4bits_h = _mm256_loadu_si256(qh as *const __m256i);
-            let q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, m2), 4);
-            let q4h_1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 2), m2), 4);
-            let q4h_2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 4), m2), 4);
-            let q4h_3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 6), m2), 4);
-            let q6 = [
-                _mm256_or_si256(_mm256_and_si256(q4bits1, m4), q4h_0),
-                _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3),
-            ];
-            for (k, &q6k) in q6.iter().enumerate() {
-                let q8k = _mm256_loadu_si256(q8.add(32 * k) as *const __m256i);
-                let q8s = _mm256_maddubs_epi16(m32s, q8k);
-                let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q6k, q8k), q8s);
-                // Scales 8j + 2k (first 16 values) and 8j + 2k + 1 (next 16) as i16.
-                let s = (8 * j + 2 * k) as i64;
-                let shuf = _mm_set_epi64x((s + 1) * 0x0101010101010101, s * 0x0101010101010101);
-                let scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, shuf));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale, p16));
-            }
+    let block = block.as_ptr();
+    let scales = _mm_loadu_si128(block.add(192) as *const __m128i);
+    // 32 × (bsums[2n]·sc[2n] + bsums[2n+1]·sc[2n+1]) in lane n.
+    let q8sums = _mm256_loadu_si256(bsums.as_ptr() as *const __m256i);
+    let q8sclsub = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, _mm256_cvtepi8_epi16(scales)), 5);
+    let q8 = q8.as_ptr();
+    let mut sumi = _mm256_setzero_si256();
+    for j in 0..QK_K / 128 {
+        let ql = block.add(64 * j);
+        let qh = block.add(128 + 32 * j);
+        let q8 = q8.add(128 * j);
+        let q4bits1 = _mm256_loadu_si256(ql as *const __m256i);
+        let q4bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+        let q4bits_h = _mm256_loadu_si256(qh as *const __m256i);
+        let q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, m2), 4);
+        let q4h_1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 2), m2), 4);
+        let q4h_2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 4), m2), 4);
+        let q4h_3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 6), m2), 4);
+        let q6 = [
+            _mm256_or_si256(_mm256_and_si256(q4bits1, m4), q4h_0),
+            _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3),
+        ];
+        for (k, &q6k) in q6.iter().enumerate() {
+            let q8k = _mm256_loadu_si256(q8.add(32 * k) as *const __m256i);
+            let p16 = _mm256_maddubs_epi16(q6k, q8k);
+            // Scales 8j + 2k (first 16 values) and 8j + 2k + 1 (next 16) as i16.
+            let s = (8 * j + 2 * k) as i64;
+            let shuf = _mm_set_epi64x((s + 1) * 0x0101010101010101, s * 0x0101010101010101);
+            let scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, shuf));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale, p16));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum(acc)
+    let mut lanes = [0i32; 8];
+    _mm256_storeu_si256(
+        lanes.as_mut_ptr() as *mut __m256i,
+        _mm256_sub_epi32(sumi, q8sclsub),
+    );
+    lanes
+}
+
+/// `scalar::q4_k_pair_totals` on AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn q4_k_pair_totals(
+    block: &[u8],
+    q8: &[i8],
+    bsums: &[i16],
+) -> ([i32; 4], [i32; 4]) {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let block = block.as_ptr();
+    // 16 lanes of i16: the 8 scales, then the 8 minimums.
+    let mins_and_scales = _mm256_cvtepu8_epi16(q4_k_scales_mins(block.add(4)));
+    let q8sums = _mm256_loadu_si256(bsums.as_ptr() as *const __m256i);
+    // Pairs of 16-sums: the activation sum of each sub-block of 32.
+    let q8s = _mm_hadd_epi16(
+        _mm256_castsi256_si128(q8sums),
+        _mm256_extracti128_si256(q8sums, 1),
+    );
+    let mut mins = [0i32; 4];
+    _mm_storeu_si128(
+        mins.as_mut_ptr() as *mut __m128i,
+        _mm_madd_epi16(_mm256_extracti128_si256(mins_and_scales, 1), q8s),
+    );
+    let sc128 = _mm256_castsi256_si128(mins_and_scales);
+    let scales = _mm256_set_m128i(sc128, sc128);
+    let q4 = block.add(16);
+    let q8 = q8.as_ptr();
+    let mut sums = [0i32; 4];
+    for (j, sum) in sums.iter_mut().enumerate() {
+        let lo = (4 * j) as i16 | ((4 * j + 1) as i16) << 8;
+        let hi = (4 * j + 2) as i16 | ((4 * j + 3) as i16) << 8;
+        let scale_l = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(lo));
+        let scale_h = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(hi));
+        let q4bits = _mm256_loadu_si256(q4.add(32 * j) as *const __m256i);
+        let q4l = _mm256_and_si256(q4bits, m4);
+        let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+        let q8l = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
+        let q8h = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
+        let p = _mm256_add_epi32(
+            _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l)),
+            _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h)),
+        );
+        let p = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+        let p = _mm_add_epi32(p, _mm_unpackhi_epi64(p, p));
+        let p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0b01));
+        *sum = _mm_cvtsi128_si32(p);
+    }
+    (sums, mins)
 }
 
 /// Signed bytes times signed bytes, summed in pairs of pairs to 8 f32 lanes. `maddubs`
@@ -486,9 +524,7 @@ dots_many!(dots_q4_1_q8_1, tile_q4_1_q8_1, vec_dot_q4_1_q8_1_avx2);
 dots_many!(dots_q5_1_q8_1, tile_q5_1_q8_1, vec_dot_q5_1_q8_1_avx2);
 dots_many!(dots_q5_0_q8_0, tile_q5_0_q8_0, vec_dot_q5_0_q8_0_avx2);
 dots_many!(dots_q8_0_q8_0, tile_q8_0_q8_0, vec_dot_q8_0_q8_0_avx2);
-dots_many!(dots_q4_k_q8_k, tile_q4_k_q8_k, vec_dot_q4_k_q8_k_avx2);
 dots_many!(dots_q5_k_q8_k, tile_q5_k_q8_k, vec_dot_q5_k_q8_k_avx2);
-dots_many!(dots_q6_k_q8_k, tile_q6_k_q8_k, vec_dot_q6_k_q8_k_avx2);
 
 /// The activation rows' quantized bytes and scales, checked long enough for `nb` blocks
 /// of `block` elements (and `bsums` for the k-quants).
@@ -677,67 +713,6 @@ unsafe fn tile_q8_0_q8_0<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f3
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q4_k_q8_k<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
-    let nb = w.len() / Q4_K_BLOCK_BYTES;
-    let (qy, dy) = act_ptrs::<N>(acts, nb, QK_K);
-    for a in acts {
-        assert!(a.bsums.len() >= nb * QK_K / 16);
-    }
-    let bs: [*const i16; N] = std::array::from_fn(|i| acts[i].bsums.as_ptr());
-    let m4 = _mm256_set1_epi8(0x0f);
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut acc_m = [_mm_setzero_ps(); N];
-    for b in 0..nb {
-        let block = w.as_ptr().add(b * Q4_K_BLOCK_BYTES);
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
-        let dx = _mm_cvtss_f32(dm);
-        let dminx = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-        let mins_and_scales = _mm256_cvtepu8_epi16(q4_k_scales_mins(block.add(4)));
-        let mins = _mm256_extracti128_si256(mins_and_scales, 1);
-        for i in 0..N {
-            let dyb = *dy[i].add(b);
-            let q8sums = _mm256_loadu_si256(bs[i].add(b * QK_K / 16) as *const __m256i);
-            let q8s = _mm_hadd_epi16(
-                _mm256_castsi256_si128(q8sums),
-                _mm256_extracti128_si256(q8sums, 1),
-            );
-            let prod = _mm_madd_epi16(mins, q8s);
-            acc_m[i] = _mm_fmadd_ps(_mm_set1_ps(-dyb * dminx), _mm_cvtepi32_ps(prod), acc_m[i]);
-        }
-        let sc128 = _mm256_castsi256_si128(mins_and_scales);
-        let scales = _mm256_set_m128i(sc128, sc128);
-        let q4 = block.add(16);
-        let mut sumi = [_mm256_setzero_si256(); N];
-        for j in 0..QK_K / 64 {
-            let lo = (4 * j) as i16 | ((4 * j + 1) as i16) << 8;
-            let hi = (4 * j + 2) as i16 | ((4 * j + 3) as i16) << 8;
-            let scale_l = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(lo));
-            let scale_h = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(hi));
-            let q4bits = _mm256_loadu_si256(q4.add(32 * j) as *const __m256i);
-            let q4l = _mm256_and_si256(q4bits, m4);
-            let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
-            for i in 0..N {
-                let q8 = qy[i].add(b * QK_K + 64 * j);
-                let q8l = _mm256_loadu_si256(q8 as *const __m256i);
-                let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
-                let p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
-                let p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
-                sumi[i] = _mm256_add_epi32(sumi[i], _mm256_add_epi32(p16l, p16h));
-            }
-        }
-        for i in 0..N {
-            let d = *dy[i].add(b) * dx;
-            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[i]), acc[i]);
-        }
-    }
-    for i in 0..N {
-        let m = _mm_add_ps(acc_m[i], _mm_movehl_ps(acc_m[i], acc_m[i]));
-        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        out[i] = hsum(acc[i]) + _mm_cvtss_f32(m);
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_q5_k_q8_k<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
     let nb = w.len() / Q5_K_BLOCK_BYTES;
     let (qy, dy) = act_ptrs::<N>(acts, nb, QK_K);
@@ -783,60 +758,5 @@ unsafe fn tile_q5_k_q8_k<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f3
     }
     for i in 0..N {
         out[i] = hsum(acc[i]) + summs[i];
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q6_k_q8_k<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
-    let nb = w.len() / Q6_K_BLOCK_BYTES;
-    let (qy, dy) = act_ptrs::<N>(acts, nb, QK_K);
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m2 = _mm256_set1_epi8(3);
-    let m32s = _mm256_set1_epi8(32);
-    let mut acc = [_mm256_setzero_ps(); N];
-    for b in 0..nb {
-        let block = w.as_ptr().add(b * Q6_K_BLOCK_BYTES);
-        let dx = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (block.add(208) as *const u16).read_unaligned() as i32,
-        )));
-        let scales = _mm_loadu_si128(block.add(192) as *const __m128i);
-        let mut sumi = [_mm256_setzero_si256(); N];
-        for j in 0..QK_K / 128 {
-            let ql = block.add(64 * j);
-            let qh = block.add(128 + 32 * j);
-            let q4bits1 = _mm256_loadu_si256(ql as *const __m256i);
-            let q4bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-            let q4bits_h = _mm256_loadu_si256(qh as *const __m256i);
-            let q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, m2), 4);
-            let q4h_1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 2), m2), 4);
-            let q4h_2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 4), m2), 4);
-            let q4h_3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 6), m2), 4);
-            let q6 = [
-                _mm256_or_si256(_mm256_and_si256(q4bits1, m4), q4h_0),
-                _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3),
-            ];
-            for (k, &q6k) in q6.iter().enumerate() {
-                let s = (8 * j + 2 * k) as i64;
-                let shuf = _mm_set_epi64x((s + 1) * 0x0101010101010101, s * 0x0101010101010101);
-                let scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, shuf));
-                for i in 0..N {
-                    let q8k = _mm256_loadu_si256(
-                        qy[i].add(b * QK_K + 128 * j + 32 * k) as *const __m256i
-                    );
-                    let q8s = _mm256_maddubs_epi16(m32s, q8k);
-                    let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q6k, q8k), q8s);
-                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(scale, p16));
-                }
-            }
-        }
-        for i in 0..N {
-            let d = dx * *dy[i].add(b);
-            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[i]), acc[i]);
-        }
-    }
-    for i in 0..N {
-        out[i] = hsum(acc[i]);
     }
 }

@@ -1,0 +1,91 @@
+//! Elementwise math as ggml's CPU backend computes it, where its result differs from the
+//! correctly rounded one: its vectorised `expf` is a polynomial with up to ~1.5 ulp of
+//! error, and matching llama.cpp's logits means matching that too (see attention.rs).
+
+/// ggml's vectorised `expf` (its AVX-512 variant, from ARM's optimized routines),
+/// lane by lane: a degree-5 polynomial on the reduced argument, scaled by `2^n`.
+#[inline(always)]
+pub(crate) fn ggml_expf(x: f32) -> f32 {
+    // ggml's constants, bit for bit (hex floats in its source).
+    const SHIFT: f32 = f32::from_bits(0x4b40_0000); // 0x1.8p23
+    const LOG2E: f32 = f32::from_bits(0x3fb8_aa3b); // 0x1.715476p+0
+    const LN2_HI: f32 = f32::from_bits(0x3f31_7200); // 0x1.62e4p-1
+    const LN2_LO: f32 = f32::from_bits(0x35bf_be8e); // 0x1.7f7d1cp-20
+    const C1: f32 = f32::from_bits(0x3f7f_fff6); // 0x1.ffffecp-1
+    const C2: f32 = f32::from_bits(0x3eff_fedb); // 0x1.fffdb6p-2
+    const C3: f32 = f32::from_bits(0x3e2a_af33); // 0x1.555e66p-3
+    const C4: f32 = f32::from_bits(0x3d2b_9f17); // 0x1.573e2ep-5
+    const C5: f32 = f32::from_bits(0x3c07_2010); // 0x1.0e4020p-7
+    let z = x.mul_add(LOG2E, SHIFT);
+    let n = z - SHIFT;
+    let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    if n.abs() > 192.0 || n.is_nan() {
+        return if n <= 0.0 || n.is_nan() {
+            0.0
+        } else {
+            f32::INFINITY
+        };
+    }
+    let u = b * b;
+    let j = C5
+        .mul_add(b, C4)
+        .mul_add(u, C3.mul_add(b, C2))
+        .mul_add(u, C1.mul_add(b, 1.0));
+    // `scalef`: j·2^n rounded once (exact in f64, then one rounding to f32).
+    (j as f64 * 2f64.powi(n as i32)) as f32
+}
+
+/// `silu(gate) * up`, element by element, as `ggml_vec_swiglu_f32` computes it: the
+/// vector `expf` for every whole group of 16, libm's `expf` for the rest.
+pub(crate) fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let whole = gate.len() / 16 * 16;
+    gate.iter()
+        .zip(up)
+        .enumerate()
+        .map(|(i, (&x, &g))| {
+            let e = if i < whole { ggml_expf(-x) } else { (-x).exp() };
+            x / (1.0 + e) * g
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expf_is_within_two_ulp_of_exp_and_saturates() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = ggml_expf(x) as f64;
+            let ulp = (want as f32).abs() * f32::EPSILON;
+            assert!(
+                (got - want).abs() <= 2.0 * ulp as f64,
+                "exp({x}) = {got}, want {want}"
+            );
+            x += 0.0137;
+        }
+        assert_eq!(ggml_expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(ggml_expf(-200.0), 0.0);
+        assert_eq!(ggml_expf(0.0), 1.0);
+        assert_eq!(ggml_expf(200.0), f32::INFINITY);
+    }
+
+    #[test]
+    fn swiglu_is_silu_times_up_and_uses_libm_on_the_tail() {
+        let gate: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.37).collect();
+        let up: Vec<f32> = (0..37).map(|i| 1.0 + i as f32 * 0.01).collect();
+        let y = swiglu(&gate, &up);
+        for (i, ((&x, &g), &y)) in gate.iter().zip(&up).zip(&y).enumerate() {
+            let want = x / (1.0 + (-x).exp()) * g;
+            assert!(
+                (y - want).abs() <= 4.0 * f32::EPSILON * want.abs().max(1e-6),
+                "{i}"
+            );
+            if i >= 32 {
+                assert_eq!(y, want, "the tail past the last 16 uses libm");
+            }
+        }
+    }
+}
