@@ -53,7 +53,9 @@ pub struct PipelineConfig {
     pub local_layers: Range<usize>,
     /// The other stages, in ring order. Empty: the head runs the whole model.
     pub peers: Vec<PeerStage>,
-    /// Encoding of hidden states between stages (f16 halves the bytes per hop).
+    /// Encoding of hidden states between stages: f32 (the default) gives exactly the
+    /// single process's output; f16 and bf16 halve the bytes per hop but round the hidden
+    /// state at each boundary, which can change the text at a near-tie.
     pub activation_dtype: DType,
     /// Prompt tokens per prefill `Forward`.
     pub prefill_chunk: usize,
@@ -70,7 +72,7 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// Defaults: f16 activations, prefill chunks of 512 (the engine's), replies on
+    /// Defaults: f32 activations (exact), prefill chunks of 512 (the engine's), replies on
     /// `127.0.0.1:0`, a 2-minute timeout, SHA-256 checked.
     pub fn new(
         model_path: impl Into<PathBuf>,
@@ -89,7 +91,7 @@ impl PipelineConfig {
             verify_sha256: true,
             local_layers,
             peers,
-            activation_dtype: DType::F16,
+            activation_dtype: DType::F32,
             prefill_chunk: shoal_engine::generate::PREFILL_CHUNK,
             reply_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             timeout: Duration::from_secs(120),

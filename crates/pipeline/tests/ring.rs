@@ -190,29 +190,31 @@ async fn three_stages_match_single_process_greedy_and_sampled() {
     all_sessions_ended(&servers).await;
 }
 
+/// f32 is the default: exact. f16 halves the bytes per hop but rounds the hidden state at
+/// each boundary, which a single process does not do: on this model the greedy text
+/// follows the single process for a while, then takes the other branch at a near-tie.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn default_f16_activations_match_greedy() {
+async fn f32_activations_are_the_default_and_f16_is_selectable() {
     let greedy_ref = single_process(&SamplingParams::greedy());
-    let (_, a) = start_server(Duration::from_secs(600)).await;
-    let (_, b) = start_server(Duration::from_secs(600)).await;
-    let peers = vec![
-        PeerStage {
-            addr: a,
-            layers: 10..20,
-        },
-        PeerStage {
-            addr: b,
-            layers: 20..30,
-        },
-    ];
-    let config = PipelineConfig::new(model_path(), 0..10, peers);
-    assert_eq!(config.activation_dtype, DType::F16, "f16 is the default");
-    let pipeline = Pipeline::connect(config).await.unwrap();
-    let out = pipeline
-        .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
-        .await
-        .unwrap();
-    assert_eq!(out, greedy_ref);
+    let config = PipelineConfig::new(model_path(), 0..10, Vec::new());
+    assert_eq!(config.activation_dtype, DType::F32, "f32 is the default");
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let (pipeline, _servers, _) = ring(&[10, 20], dtype).await;
+        let out = pipeline
+            .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+            .await
+            .unwrap();
+        let same = out.iter().zip(&greedy_ref).take_while(|(a, b)| a == b).count();
+        eprintln!("{dtype:?}: {same}/{} tokens as the single process", greedy_ref.len());
+        if dtype == DType::F32 {
+            assert_eq!(out, greedy_ref);
+        } else {
+            // Rounded hidden states still make the same opening (a broken encoding would
+            // not), and the answer runs to its full length.
+            assert!(same >= 4, "{dtype:?}: {out:?} vs {greedy_ref:?}");
+            assert_eq!(out.len(), greedy_ref.len());
+        }
+    }
 }
 
 /// Greedy decoding on the whole model in one process, with the prompt fed in `chunk`s.
@@ -493,7 +495,7 @@ async fn a_wrong_model_hash_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_frame_mid_ring_closes_only_its_connection() {
     let greedy_ref = single_process(&SamplingParams::greedy());
-    let (pipeline, _servers, addrs) = ring(&[10, 20], DType::F16).await;
+    let (pipeline, _servers, addrs) = ring(&[10, 20], DType::F32).await;
     for addr in addrs {
         // A well-formed handshake, then a Forward header whose payload lies about its shape.
         let mut raw = raw_handshake(addr).await;
@@ -627,7 +629,7 @@ async fn a_ring_of_one_is_the_whole_model_on_the_head() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_generation_ends_its_session_and_spares_the_ring() {
     let greedy_ref = single_process(&SamplingParams::greedy());
-    let (pipeline, servers, _) = ring(&[10, 20], DType::F16).await;
+    let (pipeline, servers, _) = ring(&[10, 20], DType::F32).await;
     let third = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut seen = 0;
     let signal = third.clone();
