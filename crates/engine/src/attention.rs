@@ -25,6 +25,7 @@
 #![allow(unsafe_code)] // only to call the same loops compiled with FMA enabled
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::ggml_math::ggml_expf;
@@ -248,6 +249,48 @@ pub(crate) fn attend(
     query_pos: &[usize],
     key_pos: &[usize],
 ) -> Vec<f32> {
+    let total = key_pos.len();
+    let Heads {
+        n_kv_heads,
+        head_dim: hd,
+        ..
+    } = heads;
+    // Padded so both orders run whole chunks; the padding keys are never visible and the
+    // padding values are zero.
+    let padded = total.div_ceil(STEP) * STEP;
+    // Keys and values of every KV head as f32 ([head][K then V][padded][hd]), in a buffer
+    // kept per thread: this runs for every layer of every token, and a fresh allocation
+    // of this size is fresh pages (page faults) each time.
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let per_head = padded * hd;
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.resize(n_kv_heads * 2 * per_head, 0.0);
+        for (g, kv) in scratch.chunks_exact_mut(2 * per_head).enumerate() {
+            let (keys, values) = kv.split_at_mut(per_head);
+            // Vectorised f16 -> f32 (F16C where the CPU has it).
+            for j in 0..total {
+                let src = (j * n_kv_heads + g) * hd;
+                k[src..src + hd].convert_to_f32_slice(&mut keys[j * hd..][..hd]);
+                v[src..src + hd].convert_to_f32_slice(&mut values[j * hd..][..hd]);
+            }
+            keys[total * hd..].fill(0.0);
+            values[total * hd..].fill(0.0);
+        }
+        attend_converted(heads, q, scratch, query_pos, key_pos, padded)
+    })
+}
+
+/// `attend` once K and V are f32 in `kv` ([head][K then V][padded][hd]).
+fn attend_converted(
+    heads: Heads,
+    q: &[f32],
+    kv: &[f32],
+    query_pos: &[usize],
+    key_pos: &[usize],
+    padded: usize,
+) -> Vec<f32> {
     let (seq, total) = (query_pos.len(), key_pos.len());
     let Heads {
         n_heads,
@@ -256,22 +299,10 @@ pub(crate) fn attend(
     } = heads;
     let n_rep = n_heads / n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    // Padded so both orders run whole chunks; the padding keys are never visible and the
-    // padding values are zero.
-    let padded = total.div_ceil(STEP) * STEP;
-    let per_kv_head = |g: usize| -> (Vec<f32>, Vec<f32>) {
-        let mut keys = vec![0f32; padded * hd];
-        let mut values = vec![0f32; padded * hd];
-        for j in 0..total {
-            let src = (j * n_kv_heads + g) * hd;
-            for d in 0..hd {
-                keys[j * hd + d] = k[src + d].to_f32();
-                values[j * hd + d] = v[src + d].to_f32();
-            }
-        }
-        (keys, values)
-    };
-    let run_head = |h: usize, kv: &(Vec<f32>, Vec<f32>)| -> Vec<f32> {
+    let per_head = padded * hd;
+    let run_head = |h: usize| -> Vec<f32> {
+        let g = h / n_rep;
+        let (keys, values) = kv[2 * g * per_head..][..2 * per_head].split_at(per_head);
         let mut qh = vec![0f32; seq * hd];
         for i in 0..seq {
             for d in 0..hd {
@@ -280,8 +311,8 @@ pub(crate) fn attend(
         }
         let job = HeadJob {
             q: &qh,
-            keys: &kv.0,
-            values: &kv.1,
+            keys,
+            values,
             query_pos,
             key_pos,
             padded,
@@ -292,15 +323,14 @@ pub(crate) fn attend(
         job.run(&mut out);
         out
     };
-    let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..n_kv_heads).map(per_kv_head).collect();
     // Heads in parallel when there is enough work to pay for the hand-off.
     let per_head: Vec<Vec<f32>> = if seq * total * hd >= 1 << 16 {
         (0..n_heads)
             .into_par_iter()
-            .map(|h| run_head(h, &kv[h / n_rep]))
+            .map(run_head)
             .collect()
     } else {
-        (0..n_heads).map(|h| run_head(h, &kv[h / n_rep])).collect()
+        (0..n_heads).map(run_head).collect()
     };
     let mut out = vec![0f32; seq * n_heads * hd];
     for (h, rows) in per_head.iter().enumerate() {

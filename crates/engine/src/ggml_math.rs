@@ -2,6 +2,8 @@
 //! correctly rounded one: its vectorised `expf` is a polynomial with up to ~1.5 ulp of
 //! error, and matching llama.cpp's logits means matching that too (see attention.rs).
 
+#![allow(unsafe_code)] // only to call the same loops compiled with FMA enabled
+
 /// ggml's vectorised `expf` (its AVX-512 variant, from ARM's optimized routines),
 /// lane by lane: a degree-5 polynomial on the reduced argument, scaled by `2^n`.
 #[inline(always)]
@@ -31,13 +33,33 @@ pub(crate) fn ggml_expf(x: f32) -> f32 {
         .mul_add(b, C4)
         .mul_add(u, C3.mul_add(b, C2))
         .mul_add(u, C1.mul_add(b, 1.0));
-    // `scalef`: j·2^n rounded once (exact in f64, then one rounding to f32).
-    (j as f64 * 2f64.powi(n as i32)) as f32
+    // `scalef`: j·2^n rounded once (exact in f64, then one rounding to f32). |n| <= 192,
+    // so 2^n is a normal f64, built from its exponent bits (`powi` is a library call).
+    let two_n = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+    (j as f64 * two_n) as f32
 }
 
 /// `silu(gate) * up`, element by element, as `ggml_vec_swiglu_f32` computes it: the
 /// vector `expf` for every whole group of 16, libm's `expf` for the rest.
 pub(crate) fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { swiglu_fma(gate, up) };
+    }
+    swiglu_body(gate, up)
+}
+
+/// The same loop with fused multiply-adds as instructions (`mul_add` is exact either way;
+/// without FMA it is a library call per element).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_fma(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    swiglu_body(gate, up)
+}
+
+#[inline(always)]
+fn swiglu_body(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let whole = gate.len() / 16 * 16;
     gate.iter()
         .zip(up)
