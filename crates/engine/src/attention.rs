@@ -325,10 +325,7 @@ fn attend_converted(
     };
     // Heads in parallel when there is enough work to pay for the hand-off.
     let per_head: Vec<Vec<f32>> = if seq * total * hd >= 1 << 16 {
-        (0..n_heads)
-            .into_par_iter()
-            .map(run_head)
-            .collect()
+        (0..n_heads).into_par_iter().map(run_head).collect()
     } else {
         (0..n_heads).map(run_head).collect()
     };
