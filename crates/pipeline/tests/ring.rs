@@ -204,8 +204,15 @@ async fn f32_activations_are_the_default_and_f16_is_selectable() {
             .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
             .await
             .unwrap();
-        let same = out.iter().zip(&greedy_ref).take_while(|(a, b)| a == b).count();
-        eprintln!("{dtype:?}: {same}/{} tokens as the single process", greedy_ref.len());
+        let same = out
+            .iter()
+            .zip(&greedy_ref)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "{dtype:?}: {same}/{} tokens as the single process",
+            greedy_ref.len()
+        );
         if dtype == DType::F32 {
             assert_eq!(out, greedy_ref);
         } else {

@@ -53,6 +53,17 @@ pub(super) fn order(format: Format, rows: usize, m: usize, i: usize) -> Option<O
 
 /// The dot product function for an order (`VecDot` gives the format's own kernel).
 pub(super) fn dot_for(order: Order, vec_dot: VecDot) -> VecDot {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::available() {
+        return match order {
+            Order::Q6kLanes => fma::q6k_lanes,
+            Order::Q6kTiled => fma::q6k_tiled,
+            Order::Q4kPairs => fma::q4k_pairs,
+            Order::Q4kBlocks => fma::q4k_blocks,
+            Order::Q4kTiled => fma::q4k_tiled,
+            Order::VecDot => vec_dot,
+        };
+    }
     match order {
         Order::Q6kLanes => q6k_lanes,
         Order::Q6kTiled => q6k_tiled,
@@ -63,11 +74,35 @@ pub(super) fn dot_for(order: Order, vec_dot: VecDot) -> VecDot {
     }
 }
 
+/// The same functions compiled with AVX2 and FMA: `mul_add` becomes one instruction (it is
+/// exact either way; without FMA it is a library call) and the AVX2 integer parts inline.
+#[cfg(target_arch = "x86_64")]
+mod fma {
+    use super::Q8Row;
+
+    macro_rules! with_fma {
+        ($($name:ident),*) => {$(
+            pub(super) fn $name(w: &[u8], act: &Q8Row) -> f32 {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn inner(w: &[u8], act: &Q8Row) -> f32 {
+                    super::$name(w, act)
+                }
+                // Safety: only handed out by `dot_for` after `x86::available()`.
+                unsafe { inner(w, act) }
+            }
+        )*};
+    }
+
+    with_fma!(q6k_lanes, q6k_tiled, q4k_pairs, q4k_blocks, q4k_tiled);
+}
+
+#[inline(always)]
 fn f16_le(b: &[u8]) -> f32 {
     half::f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
 
 /// Integer totals of one Q6_K super-block in llama.cpp's 8 lanes.
+#[inline(always)]
 fn q6k_lane_totals(block: &[u8], act: &Q8Row, b: usize) -> [i32; 8] {
     let q8 = &act.qs[b * QK_K..][..QK_K];
     let bsums = &act.bsums[b * 16..][..16];
@@ -80,6 +115,7 @@ fn q6k_lane_totals(block: &[u8], act: &Q8Row, b: usize) -> [i32; 8] {
 }
 
 /// Integer sums and minimum sums of one Q4_K super-block per pair of sub-blocks.
+#[inline(always)]
 fn q4k_pair_totals(block: &[u8], act: &Q8Row, b: usize) -> ([i32; 4], [i32; 4]) {
     let q8 = &act.qs[b * QK_K..][..QK_K];
     let bsums = &act.bsums[b * 16..][..16];
@@ -91,6 +127,7 @@ fn q4k_pair_totals(block: &[u8], act: &Q8Row, b: usize) -> ([i32; 4], [i32; 4]) 
     scalar::q4_k_pair_totals(block, q8, bsums)
 }
 
+#[inline(always)]
 fn q6k_lanes(w: &[u8], act: &Q8Row) -> f32 {
     let mut acc = [0f32; 8];
     for (b, block) in w.chunks_exact(Q6_K_BLOCK_BYTES).enumerate() {
@@ -103,6 +140,7 @@ fn q6k_lanes(w: &[u8], act: &Q8Row) -> f32 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
+#[inline(always)]
 fn q6k_tiled(w: &[u8], act: &Q8Row) -> f32 {
     let mut acc = 0f32;
     for (b, block) in w.chunks_exact(Q6_K_BLOCK_BYTES).enumerate() {
@@ -113,6 +151,7 @@ fn q6k_tiled(w: &[u8], act: &Q8Row) -> f32 {
 }
 
 /// Q4_K with the float step every `per` pairs of sub-blocks (1: GEMM, 4: GEMV).
+#[inline(always)]
 fn q4k_repacked(w: &[u8], act: &Q8Row, per: usize) -> f32 {
     let (mut acc, mut acc_min) = (0f32, 0f32);
     for (b, block) in w.chunks_exact(Q4_K_BLOCK_BYTES).enumerate() {
@@ -127,14 +166,17 @@ fn q4k_repacked(w: &[u8], act: &Q8Row, per: usize) -> f32 {
     acc - acc_min
 }
 
+#[inline(always)]
 fn q4k_pairs(w: &[u8], act: &Q8Row) -> f32 {
     q4k_repacked(w, act, 1)
 }
 
+#[inline(always)]
 fn q4k_blocks(w: &[u8], act: &Q8Row) -> f32 {
     q4k_repacked(w, act, 4)
 }
 
+#[inline(always)]
 fn q4k_tiled(w: &[u8], act: &Q8Row) -> f32 {
     let mut acc = 0f32;
     for (b, block) in w.chunks_exact(Q4_K_BLOCK_BYTES).enumerate() {
