@@ -496,7 +496,7 @@ fn tiles_setting() -> &'static str {
 }
 
 /// Products with fewer multiply-adds than this run on the calling thread.
-const SERIAL_BELOW: usize = 1 << 16;
+const SERIAL_BELOW: usize = 1 << 19;
 
 type VecDot = fn(&[u8], &Q8Row) -> f32;
 
