@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
 use crate::config::ModelConfig;
@@ -66,6 +66,46 @@ impl GgufFile {
             let dtype = info.ggml_dtype;
             (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64
         })
+    }
+
+    /// A tensor's GGUF type, if the file has it.
+    pub(crate) fn tensor_dtype(&self, name: &str) -> Option<GgmlDType> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|info| info.ggml_dtype)
+    }
+
+    /// A tensor's type, shape (candle's order: rows first) and raw GGUF bytes, read by
+    /// offset straight into one buffer (no typed copy on the way, so loading a large
+    /// matrix does not hold it twice).
+    pub(crate) fn tensor_raw(&self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>)> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+        let dtype = info.ggml_dtype;
+        let elems = info.shape.elem_count();
+        if elems % dtype.block_size() != 0 {
+            return Err(EngineError::InvalidInput(format!(
+                "tensor {name}: {elems} values are not whole {dtype:?} blocks"
+            )));
+        }
+        let len = elems / dtype.block_size() * dtype.type_size();
+        let start = self.content.tensor_data_offset.saturating_add(info.offset);
+        let mut bytes = vec![0u8; len];
+        let mut reader = self
+            .reader
+            .lock()
+            .map_err(|_| EngineError::InvalidInput("GGUF reader lock poisoned".into()))?;
+        let read = |source| EngineError::Open {
+            path: self.path.clone(),
+            source,
+        };
+        reader.seek(SeekFrom::Start(start)).map_err(read)?;
+        reader.read_exact(&mut bytes).map_err(read)?;
+        Ok((dtype, info.shape.dims().to_vec(), bytes))
     }
 
     pub fn tensor(&self, name: &str, device: &Device) -> Result<QTensor> {

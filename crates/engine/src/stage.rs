@@ -116,6 +116,21 @@ fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     )?)
 }
 
+/// The formats our kernels take, by GGUF type.
+fn own_format(dtype: GgmlDType) -> Option<Format> {
+    match dtype {
+        GgmlDType::Q4_1 => Some(Format::Q4_1),
+        GgmlDType::Q5_0 => Some(Format::Q5_0),
+        GgmlDType::Q8_0 => Some(Format::Q8_0),
+        // In llama.cpp's shape-dependent float order (kernels/kquant.rs). Q4_0, Q5_1 and
+        // Q5_K have kernels too, but stay on candle's until they follow llama.cpp's
+        // order (it repacks Q4_0 and tiles Q5_K prompts).
+        GgmlDType::Q4K => Some(Format::Q4K),
+        GgmlDType::Q6K => Some(Format::Q6K),
+        _ => None,
+    }
+}
+
 /// A weight matrix in its quantized form, multiplied by our own kernel where we have one
 /// for its format and by candle's otherwise.
 enum Weight {
@@ -124,21 +139,28 @@ enum Weight {
 }
 
 impl Weight {
-    fn new(t: QTensor) -> Result<Self> {
-        let own = match t.dtype() {
-            GgmlDType::Q4_1 => Some(Format::Q4_1),
-            GgmlDType::Q5_0 => Some(Format::Q5_0),
-            GgmlDType::Q8_0 => Some(Format::Q8_0),
-            // In llama.cpp's shape-dependent float order (kernels/kquant.rs). Q4_0, Q5_1 and
-            // Q5_K have kernels too, but stay on candle's until they follow llama.cpp's
-            // order (it repacks Q4_0 and tiles Q5_K prompts).
-            GgmlDType::Q4K => Some(Format::Q4K),
-            GgmlDType::Q6K => Some(Format::Q6K),
-            _ => None,
-        };
-        if let (Some(format), true) = (own, t.device().is_cpu()) {
-            return Ok(Self::Own(QuantMatrix::from_qtensor(format, t)?));
+    /// Tensor `name` of `file`: the formats with a kernel of ours are read as raw bytes
+    /// straight into our matrix (one copy in memory while loading), the others through
+    /// candle.
+    fn load(file: &GgufFile, name: &str, device: &Device) -> Result<Self> {
+        if device.is_cpu() {
+            if let Some(format) = file.tensor_dtype(name).and_then(own_format) {
+                let (_, dims, bytes) = file.tensor_raw(name)?;
+                let [rows, cols] = dims[..] else {
+                    return Err(EngineError::InvalidInput(format!(
+                        "tensor {name} has {} dimensions, not 2",
+                        dims.len()
+                    )));
+                };
+                return Ok(Self::Own(QuantMatrix::from_bytes(
+                    format, rows, cols, bytes,
+                )?));
+            }
         }
+        Self::new(file.tensor(name, device)?)
+    }
+
+    fn new(t: QTensor) -> Result<Self> {
         Ok(Self::Candle(QMatMul::from_qtensor(t)?))
     }
 
@@ -166,7 +188,7 @@ struct Linear {
 
 impl Linear {
     fn load(file: &GgufFile, prefix: &str, device: &Device) -> Result<Self> {
-        let weight = Weight::new(file.tensor(&format!("{prefix}.weight"), device)?)?;
+        let weight = Weight::load(file, &format!("{prefix}.weight"), device)?;
         let bias_name = format!("{prefix}.bias");
         let bias = if file.has_tensor(&bias_name) {
             Some(file.tensor(&bias_name, device)?.dequantize(device)?)
@@ -448,9 +470,7 @@ impl Stage {
         let tied = !file.has_tensor("output.weight");
         // One copy of the embedding table serves both ends of a tied model.
         let embedding = if spec.embed || (spec.head && tied) {
-            Some(Arc::new(Weight::new(
-                file.tensor("token_embd.weight", device)?,
-            )?))
+            Some(Arc::new(Weight::load(file, "token_embd.weight", device)?))
         } else {
             None
         };
@@ -464,7 +484,7 @@ impl Stage {
             let norm = RmsNorm::load(file, "output_norm.weight", cfg.rms_eps, device)?;
             let head = match (&embedding, tied) {
                 (Some(e), true) => e.clone(),
-                _ => Arc::new(Weight::new(file.tensor("output.weight", device)?)?),
+                _ => Arc::new(Weight::load(file, "output.weight", device)?),
             };
             (Some(norm), Some(head))
         } else {

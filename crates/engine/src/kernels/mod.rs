@@ -32,7 +32,6 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
@@ -330,12 +329,6 @@ impl QuantMatrix {
             cols,
             data,
         })
-    }
-
-    /// A matrix from a CPU tensor of candle's, `[rows, cols]` in `format` (its bytes).
-    pub(crate) fn from_qtensor(format: Format, t: QTensor) -> Result<Self> {
-        let (rows, cols) = t.shape().dims2()?;
-        Self::from_bytes(format, rows, cols, t.data()?.into_owned())
     }
 
     fn row_bytes(&self) -> usize {
@@ -936,21 +929,6 @@ mod tests {
                     );
                 }
             }
-            // Built from candle's tensor: the same bytes, the same numbers.
-            let qt = qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
-            let from_candle = QuantMatrix::from_qtensor(format, qt).unwrap();
-            assert_eq!(
-                from_candle.matmul(&xt).unwrap().to_vec2::<f32>().unwrap(),
-                a
-            );
-            assert_eq!(
-                from_candle
-                    .rows_f32(&[4])
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap(),
-                ours.rows_f32(&[4]).unwrap().to_vec2::<f32>().unwrap()
-            );
         }
     }
 
