@@ -21,7 +21,9 @@
 //! rows, `x86.rs`; AVX-512 VNNI: 16 rows, two per register, `avx512.rs`). Every entry of
 //! a tile is bit for bit the single-row `vec_dot` of its pair (the same exact integer sums
 //! and the same f32 operations in the same order per pair), so results do not depend on
-//! the number of rows, the tiling or the threads.
+//! the tiling or the threads. The k-quants are the exception by design: llama.cpp sums
+//! them in a float order that depends on the shape of the product, and `kquant.rs`
+//! follows it (one pair at a time, no tiles yet), so that our numbers stay its numbers.
 
 #![allow(unsafe_code)]
 
