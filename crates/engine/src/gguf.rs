@@ -9,7 +9,7 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
@@ -62,10 +62,10 @@ impl GgufFile {
 
     /// Size in bytes of a tensor's data in the file (for progress and memory estimates).
     pub fn tensor_bytes(&self, name: &str) -> Option<u64> {
-        self.content.tensor_infos.get(name).map(|info| {
-            let dtype = info.ggml_dtype;
-            (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64
-        })
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|info| data_len(info) as u64)
     }
 
     /// A tensor's GGUF type, if the file has it.
@@ -92,7 +92,7 @@ impl GgufFile {
                 "tensor {name}: {elems} values are not whole {dtype:?} blocks"
             )));
         }
-        let len = elems / dtype.block_size() * dtype.type_size();
+        let len = data_len(info);
         let start = self.content.tensor_data_offset.saturating_add(info.offset);
         let mut bytes = vec![0u8; len];
         let mut reader = self
@@ -130,4 +130,10 @@ impl GgufFile {
                 .unwrap_or_else(|| "model".to_string()),
         }
     }
+}
+
+/// Bytes of a tensor's data: whole blocks of its type.
+fn data_len(info: &TensorInfo) -> usize {
+    let dtype = info.ggml_dtype;
+    info.shape.elem_count() / dtype.block_size() * dtype.type_size()
 }

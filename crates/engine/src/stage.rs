@@ -8,7 +8,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::attention::{attend, Heads};
@@ -157,11 +157,9 @@ impl Weight {
                 )?));
             }
         }
-        Self::new(file.tensor(name, device)?)
-    }
-
-    fn new(t: QTensor) -> Result<Self> {
-        Ok(Self::Candle(QMatMul::from_qtensor(t)?))
+        Ok(Self::Candle(QMatMul::from_qtensor(
+            file.tensor(name, device)?,
+        )?))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -190,24 +190,11 @@ fn q4k_tiled(w: &[u8], act: &Q8Row) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{lcg, random_f32};
     use super::*;
 
-    fn lcg(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = seed;
-        move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            s >> 33
-        }
-    }
-
     fn random_act(seed: u64, blocks: usize) -> Q8Row {
-        let mut r = lcg(seed);
-        let x: Vec<f32> = (0..blocks * QK_K)
-            .map(|_| (r() % 2001) as f32 / 1000.0 - 1.0)
-            .collect();
-        Q8Row::quantize_k(&x)
+        Q8Row::quantize_k(&random_f32(blocks * QK_K, seed))
     }
 
     fn random_bytes(seed: u64, n: usize) -> Vec<u8> {

@@ -592,7 +592,7 @@ mod tests {
     use super::*;
 
     /// A deterministic pseudo-random stream, so failures reproduce.
-    fn lcg(seed: u64) -> impl FnMut() -> u64 {
+    pub(super) fn lcg(seed: u64) -> impl FnMut() -> u64 {
         let mut s = seed;
         move || {
             s = s
@@ -674,7 +674,7 @@ mod tests {
         }
     }
 
-    fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+    pub(super) fn random_f32(n: usize, seed: u64) -> Vec<f32> {
         let mut r = lcg(seed);
         (0..n)
             .map(|_| (r() % 20001) as f32 / 10000.0 - 1.0)
