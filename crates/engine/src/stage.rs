@@ -11,6 +11,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
+use rayon::prelude::*;
+
 use crate::attention::{attend, Heads};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -72,6 +74,17 @@ pub enum StageOutput {
     Hidden(Tensor),
 }
 
+/// One session's part of a batched pass ([`Stage::forward_batch`]): what
+/// [`Stage::forward`] takes, for one session.
+pub struct BatchItem<'a> {
+    pub input: StageInput<'a>,
+    /// Absolute positions of the input's tokens.
+    pub positions: &'a [usize],
+    /// The session's cache on this stage; the new keys and values are appended to it.
+    pub cache: &'a mut KvCache,
+    pub logits: Logits,
+}
+
 struct RmsNorm {
     weight: Tensor,
     eps: f32,
@@ -105,15 +118,18 @@ impl RmsNorm {
     }
 }
 
-/// `silu(gate) * up` as llama.cpp computes it (its vectorised `expf`).
+/// `silu(gate) * up` as llama.cpp computes it (its vectorised `expf`), row by row as
+/// ggml does: which elements take the vector `expf` depends on the row's length only, so
+/// a row's result does not depend on the rows stacked with it.
 fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (_, n) = gate.dims2()?;
     let g: Vec<f32> = gate.flatten_all()?.to_vec1()?;
     let u: Vec<f32> = up.flatten_all()?.to_vec1()?;
-    Ok(Tensor::from_vec(
-        ggml_math::swiglu(&g, &u),
-        gate.shape(),
-        gate.device(),
-    )?)
+    let mut out = Vec::with_capacity(g.len());
+    for (g, u) in g.chunks(n.max(1)).zip(u.chunks(n.max(1))) {
+        out.extend(ggml_math::swiglu(g, u));
+    }
+    Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
 }
 
 /// The formats our kernels take, by GGUF type.
@@ -162,10 +178,24 @@ impl Weight {
         )?))
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x [m, cols]` times the matrix, `x` being the stacked rows of products of `rows`
+    /// rows each (one per session of a batch); each segment's rows come out as they would
+    /// from a product of that segment alone.
+    fn forward(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
         match self {
-            Self::Candle(w) => Ok(w.forward(x)?),
-            Self::Own(w) => w.matmul(x),
+            Self::Own(w) => w.matmul_segments(x, Some(rows)),
+            Self::Candle(w) if rows.len() <= 1 => Ok(w.forward(x)?),
+            Self::Candle(w) => {
+                // candle's kernels may sum in an order that depends on the product's
+                // shape: each segment alone, so its numbers are those it gets unbatched.
+                let mut parts = Vec::with_capacity(rows.len());
+                let mut start = 0;
+                for &n in rows {
+                    parts.push(w.forward(&x.narrow(0, start, n)?)?);
+                    start += n;
+                }
+                Ok(Tensor::cat(&parts, 0)?)
+            }
         }
     }
 
@@ -196,8 +226,8 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+    fn forward(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        let y = self.weight.forward(x, rows)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -277,62 +307,110 @@ impl Layer {
         .map(move |n| format!("blk.{i}.{n}"))
     }
 
+    /// The layer over the stacked rows of a batch's sessions (`segments`, in order).
+    /// Everything but attention works row by row (or, for the matrices, segment by
+    /// segment in its numbers), so it runs once over all rows: each weight matrix is read
+    /// once for every session. Attention runs per session, on its own cache.
     fn forward(
         &self,
         x: &Tensor,
-        rope: &RopeAt,
-        cache: &mut KvCache,
+        segments: &mut [Segment<'_>],
+        rows: &[usize],
         cache_layer: usize,
         cfg: &ModelConfig,
     ) -> Result<Tensor> {
         let _span = tracing::trace_span!("layer", cache_layer).entered();
         let residual = x;
         let h = self.attn_norm.forward(x)?;
-        let h = self.attention(&h, rope, cache, cache_layer, cfg)?;
+        let h = self.attention(&h, segments, rows, cache_layer, cfg)?;
         let x = (residual + h)?;
         let residual = &x;
         let h = self.ffn_norm.forward(&x)?;
-        let h = self
-            .down
-            .forward(&swiglu(&self.gate.forward(&h)?, &self.up.forward(&h)?)?)?;
+        let gate = self.gate.forward(&h, rows)?;
+        let up = self.up.forward(&h, rows)?;
+        let h = self.down.forward(&swiglu(&gate, &up)?, rows)?;
         Ok((residual + h)?)
     }
 
     fn attention(
         &self,
         x: &Tensor,
-        rope: &RopeAt,
-        cache: &mut KvCache,
+        segments: &mut [Segment<'_>],
+        rows: &[usize],
         cache_layer: usize,
         cfg: &ModelConfig,
     ) -> Result<Tensor> {
-        let (seq, _hidden) = x.dims2()?;
+        let (total, _hidden) = x.dims2()?;
         let (n_heads, n_kv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         // Rows of [seq, heads, hd], the layout of the projections and of the cache.
-        let mut q = self.q.forward(x)?;
-        let mut k = self.k.forward(x)?;
+        let mut q = self.q.forward(x, rows)?;
+        let mut k = self.k.forward(x, rows)?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q)?; // over each head's hd values
             k = kn.forward(&k)?;
         }
         let mut q: Vec<f32> = q.flatten_all()?.to_vec1()?;
         let mut k: Vec<f32> = k.flatten_all()?.to_vec1()?;
-        let v: Vec<f32> = self.v.forward(x)?.flatten_all()?.to_vec1()?;
-        rope.apply(&mut q, hd);
-        rope.apply(&mut k, hd);
-        // The cache already lists the new tokens' positions, last.
-        let key_pos = cache.positions().to_vec();
-        let query_pos = &key_pos[key_pos.len() - seq..];
-        let layer_kv = cache.append(cache_layer, &k, &v)?;
+        let v: Vec<f32> = self.v.forward(x, rows)?.flatten_all()?.to_vec1()?;
         let heads = Heads {
             n_heads,
             n_kv_heads: n_kv,
             head_dim: hd,
         };
-        let y = attend(heads, &q, &layer_kv.k, &layer_kv.v, query_pos, &key_pos);
-        let y = Tensor::from_vec(y, (seq, n_heads * hd), x.device())?;
-        self.o.forward(&y)
+        // Multiply-adds of the sessions' attention (the cache holds the new tokens' keys
+        // only after `append`, so theirs are added).
+        let work: usize = segments
+            .iter()
+            .map(|s| s.rows * (s.cache.len() + s.rows) * hd)
+            .sum();
+        // Each session's slices of Q, K and V, with its cache.
+        let mut jobs = Vec::with_capacity(segments.len());
+        let (mut q_rest, mut k_rest, mut v_rest) = (&mut q[..], &mut k[..], &v[..]);
+        for seg in segments.iter_mut() {
+            let (qs, qr) = std::mem::take(&mut q_rest).split_at_mut(seg.rows * n_heads * hd);
+            let (ks, kr) = std::mem::take(&mut k_rest).split_at_mut(seg.rows * n_kv * hd);
+            let (vs, vr) = v_rest.split_at(seg.rows * n_kv * hd);
+            (q_rest, k_rest, v_rest) = (qr, kr, vr);
+            jobs.push((seg, qs, ks, vs));
+        }
+        let run = |(seg, q, k, v): (&mut Segment<'_>, &mut [f32], &mut [f32], &[f32])| {
+            seg.rope.apply(q, hd);
+            seg.rope.apply(k, hd);
+            // The cache already lists the new tokens' positions, last.
+            let key_pos = seg.cache.positions().to_vec();
+            let query_pos = &key_pos[key_pos.len() - seg.rows..];
+            let layer_kv = seg.cache.append(cache_layer, k, v)?;
+            Ok(attend(
+                heads,
+                q,
+                &layer_kv.k,
+                &layer_kv.v,
+                query_pos,
+                &key_pos,
+            ))
+        };
+        // Sessions side by side when there is enough work to pay for the hand-off (each
+        // session's attention is the same whichever thread runs it).
+        let outs: Vec<Result<Vec<f32>>> = if jobs.len() > 1 && work >= 1 << 16 {
+            jobs.into_par_iter().map(run).collect()
+        } else {
+            jobs.into_iter().map(run).collect()
+        };
+        let mut y = Vec::with_capacity(total * n_heads * hd);
+        for out in outs {
+            y.extend(out?);
+        }
+        let y = Tensor::from_vec(y, (total, n_heads * hd), x.device())?;
+        self.o.forward(&y, rows)
     }
+}
+
+/// One session's place in a batched pass: its rows of the stacked activations, the RoPE
+/// angles of their positions, and its cache.
+struct Segment<'c> {
+    rows: usize,
+    rope: RopeAt,
+    cache: &'c mut KvCache,
 }
 
 /// RoPE angles for the exact positions of one forward pass, and the rotation, both as
@@ -519,7 +597,7 @@ impl Stage {
     }
 
     /// Runs the stage on `input`, whose tokens sit at absolute `positions`, appending
-    /// their keys and values to `cache`.
+    /// their keys and values to `cache`. The batch of one: [`Stage::forward_batch`].
     pub fn forward(
         &self,
         input: StageInput<'_>,
@@ -527,7 +605,89 @@ impl Stage {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<StageOutput> {
-        let _span = tracing::debug_span!("stage", layers = ?self.spec.layers).entered();
+        let item = BatchItem {
+            input,
+            positions,
+            cache,
+            logits,
+        };
+        self.forward_batch(vec![item])
+            .pop()
+            .unwrap_or_else(|| Err(EngineError::InvalidInput("no output".into())))
+    }
+
+    /// Runs several sessions' inputs through the stage in one pass; one output per item,
+    /// in order. Each item's output (and what its cache holds afterwards) is bit for bit
+    /// what [`Stage::forward`] gives for that item alone: the row-wise steps (norms,
+    /// residuals, SwiGLU) are the same per row, the quantized products compute each
+    /// session's rows in the order of that session's own product, and RoPE and attention
+    /// run per session on its positions and cache. What batching saves is memory traffic:
+    /// every weight matrix is read once for all sessions' rows instead of once each.
+    ///
+    /// An item that is invalid on its own (a wrong shape, a token outside the vocabulary,
+    /// a full context) gets its error and is left out, its cache untouched; an error of
+    /// the shared computation (not expected once the inputs are checked) fails every item
+    /// left.
+    pub fn forward_batch(&self, items: Vec<BatchItem<'_>>) -> Vec<Result<StageOutput>> {
+        let _span = tracing::debug_span!("stage", layers = ?self.spec.layers, batch = items.len())
+            .entered();
+        let mut results: Vec<Option<Result<StageOutput>>> = Vec::with_capacity(items.len());
+        // The items that passed their checks: index, input rows, cache, logits wanted.
+        let mut xs = Vec::with_capacity(items.len());
+        let mut segments = Vec::with_capacity(items.len());
+        let mut wanted = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            match self.input_rows(item.input, item.positions, item.cache) {
+                Ok(x) => {
+                    results.push(None);
+                    xs.push((i, x));
+                    item.cache.push_positions(item.positions);
+                    wanted.push(item.logits);
+                    segments.push(Segment {
+                        rows: item.positions.len(),
+                        rope: RopeAt::new(&self.cfg, item.positions),
+                        cache: item.cache,
+                    });
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        if !xs.is_empty() {
+            let indices: Vec<usize> = xs.iter().map(|(i, _)| *i).collect();
+            let inputs: Vec<Tensor> = xs.into_iter().map(|(_, x)| x).collect();
+            match self.run_batch(inputs, &mut segments, &wanted) {
+                Ok(outs) => {
+                    for (i, out) in indices.into_iter().zip(outs) {
+                        results[i] = Some(Ok(out));
+                    }
+                }
+                Err(e) => {
+                    // Every item left shares the failure; the first gets the error itself.
+                    let message = e.to_string();
+                    let mut first = Some(e);
+                    for i in indices {
+                        let e = first.take().unwrap_or_else(|| {
+                            EngineError::Candle(candle_core::Error::Msg(message.clone()))
+                        });
+                        results[i] = Some(Err(e));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(EngineError::InvalidInput("no output".into()))))
+            .collect()
+    }
+
+    /// Checks one item against this stage and returns its input rows as f32
+    /// `[tokens, hidden]` (looked up in the embedding on a first stage).
+    fn input_rows(
+        &self,
+        input: StageInput<'_>,
+        positions: &[usize],
+        cache: &KvCache,
+    ) -> Result<Tensor> {
         if cache.n_layers() != self.layers.len() {
             return Err(EngineError::InvalidInput(
                 "KV cache belongs to a stage of another shape".into(),
@@ -545,7 +705,7 @@ impl Stage {
                 });
             }
         }
-        let mut x = match input {
+        match input {
             StageInput::Tokens(ids) => {
                 let embedding = self.embedding.as_ref().ok_or_else(|| {
                     EngineError::InvalidInput("this stage does not take token ids".into())
@@ -562,7 +722,7 @@ impl Stage {
                         self.cfg.vocab_size
                     )));
                 }
-                embedding.embedding(ids)?
+                embedding.embedding(ids)
             }
             StageInput::Hidden(h) => {
                 if self.embedding.is_some() {
@@ -577,27 +737,72 @@ impl Stage {
                         self.cfg.hidden
                     )));
                 }
-                h.to_dtype(DType::F32)?.to_device(&self.device)?
+                Ok(h.to_dtype(DType::F32)?.to_device(&self.device)?)
             }
+        }
+    }
+
+    /// The layers (and the head) over the checked items' stacked rows; one output each.
+    fn run_batch(
+        &self,
+        inputs: Vec<Tensor>,
+        segments: &mut [Segment<'_>],
+        wanted: &[Logits],
+    ) -> Result<Vec<StageOutput>> {
+        let rows: Vec<usize> = segments.iter().map(|s| s.rows).collect();
+        let mut x = if inputs.len() == 1 {
+            inputs
+                .into_iter()
+                .next()
+                .ok_or_else(|| EngineError::InvalidInput("no input".into()))?
+        } else {
+            Tensor::cat(&inputs, 0)?
         };
-
-        let rope = RopeAt::new(&self.cfg, positions);
-        cache.push_positions(positions);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &rope, cache, i, &self.cfg)?;
+            x = layer.forward(&x, segments, &rows, i, &self.cfg)?;
         }
-
-        match (&self.norm, &self.lm_head) {
-            (Some(norm), Some(head)) => {
-                let x = match logits {
-                    Logits::Last => x.narrow(0, n - 1, 1)?,
-                    Logits::All => x,
-                };
-                let x = norm.forward(&x)?;
-                Ok(StageOutput::Logits(head.forward(&x)?))
-            }
-            _ => Ok(StageOutput::Hidden(x)),
+        let (Some(norm), Some(head)) = (&self.norm, &self.lm_head) else {
+            // Each session's rows of the hidden states.
+            let mut start = 0;
+            return rows
+                .iter()
+                .map(|&n| {
+                    let h = x.narrow(0, start, n)?;
+                    start += n;
+                    Ok(StageOutput::Hidden(h))
+                })
+                .collect();
+        };
+        // The rows each session wants logits for: its last, or all of them.
+        let mut picked = Vec::with_capacity(rows.len());
+        let mut counts = Vec::with_capacity(rows.len());
+        let mut start = 0;
+        for (&n, &logits) in rows.iter().zip(wanted) {
+            let (first, count) = match logits {
+                Logits::Last => (start + n - 1, 1),
+                Logits::All => (start, n),
+            };
+            picked.push(x.narrow(0, first, count)?);
+            counts.push(count);
+            start += n;
         }
+        let x = if picked.len() == 1 {
+            picked
+                .pop()
+                .ok_or_else(|| EngineError::InvalidInput("no rows".into()))?
+        } else {
+            Tensor::cat(&picked, 0)?
+        };
+        let logits = head.forward(&norm.forward(&x)?, &counts)?;
+        let mut start = 0;
+        counts
+            .iter()
+            .map(|&n| {
+                let l = logits.narrow(0, start, n)?;
+                start += n;
+                Ok(StageOutput::Logits(l))
+            })
+            .collect()
     }
 }
 

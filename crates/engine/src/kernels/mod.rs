@@ -357,7 +357,18 @@ impl QuantMatrix {
     }
 
     /// `x [.., cols] -> [.., rows]`: every input row times every matrix row.
+    #[cfg(test)]
     pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        self.matmul_segments(x, None)
+    }
+
+    /// `x [m, cols] -> [m, rows]` for the rows of several independent products stacked
+    /// (the sessions of a batch): `segments` are their row counts, in order, summing to
+    /// `m`. Each row gets exactly the numbers it would get in a product of its own segment
+    /// alone: the k-quants' float order depends on the product's shape (kquant.rs), so it
+    /// is chosen from the row's segment, not from `m`. The weights are still read once
+    /// for all rows. `None` is one segment of every row.
+    pub(crate) fn matmul_segments(&self, x: &Tensor, segments: Option<&[usize]>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (&k, batch) = dims
             .split_last()
@@ -369,8 +380,16 @@ impl QuantMatrix {
             )));
         }
         let m: usize = batch.iter().product();
+        let whole = [m];
+        let segments = segments.unwrap_or(&whole);
+        if segments.iter().sum::<usize>() != m {
+            return Err(EngineError::InvalidInput(format!(
+                "segments of {segments:?} rows for a product of {m} rows"
+            )));
+        }
         let tiled = tiles_setting() != "pairwise";
-        let out = self.matmul_f32(&x.flatten_all()?.to_vec1::<f32>()?, m, tiled)?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let out = self.matmul_segments_f32(&xs, segments, tiled)?;
         let mut shape = batch.to_vec();
         shape.push(self.rows);
         Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
@@ -378,8 +397,15 @@ impl QuantMatrix {
 
     /// `xs [m, cols] -> [m, rows]`. `tiled` multiplies each weight row by `TILE` activation
     /// rows at a time (bit for bit the same numbers); without it, one pair at a time.
+    #[cfg(test)]
     fn matmul_f32(&self, xs: &[f32], m: usize, tiled: bool) -> Result<Vec<f32>> {
+        self.matmul_segments_f32(xs, &[m], tiled)
+    }
+
+    /// `matmul_f32` of stacked products of `segments` rows each (see `matmul_segments`).
+    fn matmul_segments_f32(&self, xs: &[f32], segments: &[usize], tiled: bool) -> Result<Vec<f32>> {
         let k = self.cols;
+        let m: usize = segments.iter().sum();
         let data: &[u8] = &self.data;
         let kind = self.format.activation();
         // Handing work to rayon's pool costs a wake-up and a hand-back (two context
@@ -396,11 +422,17 @@ impl QuantMatrix {
         };
         let n = self.rows;
         // One dot product per activation row: the k-quants follow llama.cpp's order,
-        // which depends on the shape of the product (kquant.rs).
+        // which depends on the shape of the product (kquant.rs): that of the row's own
+        // segment, its row count and the row's index within it.
         let vec_dot = vec_dot_fn(self.format);
-        let dots: Vec<VecDot> = (0..m)
-            .map(|i| {
-                kquant::order(self.format, n, m, i).map_or(vec_dot, |o| kquant::dot_for(o, vec_dot))
+        let format = self.format;
+        let dots: Vec<VecDot> = segments
+            .iter()
+            .flat_map(|&len| {
+                (0..len).map(move |i| {
+                    kquant::order(format, n, len, i)
+                        .map_or(vec_dot, |o| kquant::dot_for(o, vec_dot))
+                })
             })
             .collect();
         let multi = multi_dot_fn(self.format).filter(|_| tiled && m > 1);
