@@ -58,17 +58,19 @@ unsafe fn swiglu_fma(gate: &[f32], up: &[f32]) -> Vec<f32> {
     swiglu_body(gate, up)
 }
 
+// A plain indexed loop, not an iterator chain: the chain's `collect` is a generic function
+// of its own, compiled without FMA, and `mul_add` there was a library call per element.
 #[inline(always)]
 fn swiglu_body(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let whole = gate.len() / 16 * 16;
-    gate.iter()
-        .zip(up)
-        .enumerate()
-        .map(|(i, (&x, &g))| {
-            let e = if i < whole { ggml_expf(-x) } else { (-x).exp() };
-            x / (1.0 + e) * g
-        })
-        .collect()
+    let n = gate.len().min(up.len());
+    let whole = n / 16 * 16;
+    let mut out = vec![0f32; n];
+    for i in 0..n {
+        let x = gate[i];
+        let e = if i < whole { ggml_expf(-x) } else { (-x).exp() };
+        out[i] = x / (1.0 + e) * up[i];
+    }
+    out
 }
 
 #[cfg(test)]

@@ -222,9 +222,7 @@ unsafe fn tile_q5_0_q8_0_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
     let high_nibble = _mm256_set1_epi8(0xf0u8 as i8);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q5_0_BLOCK_BYTES);
-        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (block as *const u16).read_unaligned() as i32,
-        )));
+        let d = super::x86::block_scale(block);
         let qh = (block.add(2) as *const i32).read_unaligned();
         let packed = _mm_loadu_si128(block.add(6) as *const __m128i);
         let lo = _mm_and_si128(packed, low_mask);
@@ -248,9 +246,7 @@ unsafe fn tile_q4_0_q8_0_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
     let mut acc = [_mm512_setzero_ps(); P];
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q4_0_BLOCK_BYTES);
-        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (block as *const u16).read_unaligned() as i32,
-        )));
+        let d = super::x86::block_scale(block);
         signed_block::<P>(super::x86::q4_0_block(block), d, t, b, &spread, &mut acc);
     }
     store::<P>(&acc, out, None);
@@ -264,9 +260,7 @@ unsafe fn tile_q8_0_q8_0_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
     let mut acc = [_mm512_setzero_ps(); P];
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q8_0_BLOCK_BYTES);
-        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (block as *const u16).read_unaligned() as i32,
-        )));
+        let d = super::x86::block_scale(block);
         let qx = _mm256_loadu_si256(block.add(2) as *const __m256i);
         signed_block::<P>(qx, d, t, b, &spread, &mut acc);
     }

@@ -13,6 +13,24 @@ pub(super) fn available() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
+/// The f16 scale that opens a block, as f32. The load is written in assembly so that it
+/// zeroes the vector register: from intrinsics, LLVM turns it into `vpinsrw` into whatever
+/// register is at hand (in these loops the accumulator, whatever width we ask it to read),
+/// which ties every block's scale to the previous block's sum and makes the whole loop one
+/// dependency chain: decode ran at half llama.cpp's speed on the same instructions.
+#[inline(always)]
+pub(super) unsafe fn block_scale(block: *const u8) -> f32 {
+    let bits: __m128i;
+    // Safety: every block starts with its f16 scale and has at least 4 bytes.
+    std::arch::asm!(
+        "vmovd {bits}, dword ptr [{p}]",
+        p = in(reg) block,
+        bits = out(xmm_reg) bits,
+        options(pure, readonly, nostack, preserves_flags)
+    );
+    _mm_cvtss_f32(_mm_cvtph_ps(bits))
+}
+
 pub(super) fn vec_dot_q4_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
     // Safety: only selected by `vec_dot_fn` after `available()` confirmed AVX2, FMA, F16C.
     unsafe { vec_dot_q4_0_q8_0_avx2(w, act) }
@@ -37,9 +55,7 @@ unsafe fn vec_dot_q4_0_q8_0_avx2(w: &[u8], act: &Q8Row) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q4_0_BLOCK_BYTES);
-        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (block as *const u16).read_unaligned() as i32,
-        )));
+        let d = block_scale(block);
         let qx = q4_0_block(block);
         let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
         let dd = _mm256_set1_ps(d * *act.d.get_unchecked(b));
@@ -164,9 +180,7 @@ unsafe fn vec_dot_q5_0_q8_0_avx2(w: &[u8], act: &Q8Row) -> f32 {
     let high_nibble = _mm256_set1_epi8(0xf0u8 as i8);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q5_0_BLOCK_BYTES);
-        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (block as *const u16).read_unaligned() as i32,
-        )));
+        let d = block_scale(block);
         let qh = (block.add(2) as *const i32).read_unaligned();
         let packed = _mm_loadu_si128(block.add(6) as *const __m128i);
         let lo = _mm_and_si128(packed, low_mask);
@@ -198,9 +212,7 @@ unsafe fn vec_dot_q8_0_q8_0_avx2(w: &[u8], act: &Q8Row) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q8_0_BLOCK_BYTES);
-        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (block as *const u16).read_unaligned() as i32,
-        )));
+        let d = block_scale(block);
         let qx = _mm256_loadu_si256(block.add(2) as *const __m256i);
         let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
         let dd = _mm256_set1_ps(d * *act.d.get_unchecked(b));
@@ -552,9 +564,7 @@ unsafe fn tile_q4_0_q8_0<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f3
     let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q4_0_BLOCK_BYTES);
-        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (block as *const u16).read_unaligned() as i32,
-        )));
+        let d = block_scale(block);
         let qx = q4_0_block(block);
         let ax = _mm256_sign_epi8(qx, qx);
         for i in 0..N {
@@ -655,9 +665,7 @@ unsafe fn tile_q5_0_q8_0<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f3
     let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q5_0_BLOCK_BYTES);
-        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (block as *const u16).read_unaligned() as i32,
-        )));
+        let d = block_scale(block);
         let qh = (block.add(2) as *const i32).read_unaligned();
         let packed = _mm_loadu_si128(block.add(6) as *const __m128i);
         let lo = _mm_and_si128(packed, low_mask);
@@ -692,9 +700,7 @@ unsafe fn tile_q8_0_q8_0<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f3
     let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q8_0_BLOCK_BYTES);
-        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (block as *const u16).read_unaligned() as i32,
-        )));
+        let d = block_scale(block);
         let qx = _mm256_loadu_si256(block.add(2) as *const __m256i);
         let ax = _mm256_sign_epi8(qx, qx);
         for i in 0..N {
