@@ -6,12 +6,14 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+use shoal_pipeline::BatchStats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RequestLabels {
@@ -31,6 +33,8 @@ pub(crate) struct Metrics {
     pub(crate) in_flight: Gauge,
     pub(crate) queued: Gauge,
     pub(crate) cancelled: Counter,
+    /// Batches of stage work run on this node (pipeline mode), read at each scrape.
+    pub(crate) batches: BatchStats,
 }
 
 impl Metrics {
@@ -48,6 +52,7 @@ impl Metrics {
             in_flight: Gauge::default(),
             queued: Gauge::default(),
             cancelled: Counter::default(),
+            batches: BatchStats::default(),
         };
         let mut registry = Registry::with_prefix("shoal");
         registry.register(
@@ -97,6 +102,7 @@ impl Metrics {
             "Generations stopped early because the client went away",
             metrics.cancelled.clone(),
         );
+        registry.register_collector(Box::new(BatchCollector(metrics.batches.clone())));
         (metrics, registry)
     }
 
@@ -142,5 +148,51 @@ impl GaugeGuard {
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// The pipeline's batch counts as metrics: `stage_batches_total` and the others below.
+#[derive(Debug)]
+struct BatchCollector(BatchStats);
+
+impl Collector for BatchCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self.0.counts();
+        let counters = [
+            (
+                "stage_batches",
+                "Passes of a pipeline stage on this node (its own first stage as a head, the \
+                 stages it serves), each over one session or more",
+                c.batches,
+            ),
+            (
+                "stage_batch_sessions",
+                "Session steps run in those passes (divided by stage_batches: sessions per pass)",
+                c.sessions,
+            ),
+            ("stage_batch_rows", "Token rows run in those passes", c.rows),
+            (
+                "stage_batches_shared",
+                "Passes that ran two sessions or more at once",
+                c.shared,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        let largest = ConstGauge::new(i64::try_from(c.largest).unwrap_or(i64::MAX));
+        largest.encode(encoder.encode_descriptor(
+            "stage_batch_sessions_max",
+            "The most sessions run in one pass",
+            None,
+            largest.metric_type(),
+        )?)?;
+        Ok(())
     }
 }

@@ -152,6 +152,12 @@ impl AppState {
         }
     }
 
+    /// Where this node's pipeline stages count their batches (for `/metrics`): hand it to
+    /// the stage server and the pipeline head this node runs.
+    pub fn batch_stats(&self) -> shoal_pipeline::BatchStats {
+        self.inner.metrics.batches.clone()
+    }
+
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }

@@ -1,7 +1,9 @@
 //! [`Pipeline`]: the head of a ring. It owns the first stage (embedding and the first layers)
 //! and the session — prompt, generated tokens, sampling parameters and seed — and drives the
 //! peers: `LoadStage` to each, then per step a `Forward` of hidden states to the first peer
-//! and a wait for the `Token` the last stage sends to this head's reply listener.
+//! and a wait for the `Token` the last stage sends to this head's reply listener. The head's
+//! own stage batches too: the steps of concurrent sessions that meet at it run as one pass
+//! (crate::batch).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use shoal_engine::candle_core::Device;
-use shoal_engine::stage::logits_row;
+use shoal_engine::stage::{logits_row, BatchItem};
 use shoal_engine::{
     GgufFile, KvCache, Logits, ModelConfig, PromptFormat, Sampler, SamplingParams, Stage,
     StageInput, StageOutput, StageSpec, Tokenizer,
@@ -22,9 +24,10 @@ use shoal_wire::{
     Forward, HelloAck, Limits, LoadStage, Message, Payload, ServeConfig, Token, Want, WireError,
 };
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::batch::{default_batch_rows, spawn_worker, BatchStats, Job};
 use crate::convert::{file_sha256, sampling_spec, tensor_to_activations};
 use crate::error::{PipelineError, Result};
 use crate::link::{dial, Link};
@@ -69,6 +72,11 @@ pub struct PipelineConfig {
     pub recover: bool,
     /// Frame limits.
     pub limits: Limits,
+    /// Token rows one batch of the head's own stage takes at most (unless its first step
+    /// alone has more).
+    pub batch_rows: usize,
+    /// Where the head's batches are counted (the node's metrics).
+    pub stats: BatchStats,
 }
 
 impl PipelineConfig {
@@ -97,6 +105,8 @@ impl PipelineConfig {
             timeout: Duration::from_secs(120),
             recover: true,
             limits: Limits::default(),
+            batch_rows: default_batch_rows(),
+            stats: BatchStats::default(),
         }
     }
 }
@@ -264,12 +274,16 @@ pub struct Pipeline {
     router: Arc<Router>,
     reply_addr: SocketAddr,
     listener: JoinHandle<()>,
+    /// Steps of the head's own stage, to its batching worker.
+    local: mpsc::UnboundedSender<LocalJob>,
+    batcher: JoinHandle<()>,
     next_session: AtomicU64,
 }
 
 impl Drop for Pipeline {
     fn drop(&mut self) {
         self.listener.abort();
+        self.batcher.abort();
     }
 }
 
@@ -321,6 +335,18 @@ impl Pipeline {
         let ring = setup
             .build(0, None, config.local_layers.clone(), &config.peers)
             .await?;
+        let (local, jobs) = mpsc::unbounded_channel();
+        let batcher = spawn_worker(
+            jobs,
+            config.batch_rows,
+            config.stats.clone(),
+            |batch| async {
+                // A panic drops the batch's replies: its sessions fail, the worker goes on.
+                if let Err(e) = tokio::task::spawn_blocking(move || run_local_batch(batch)).await {
+                    tracing::error!(error = %e, "the head's stage failed");
+                }
+            },
+        );
         Ok(Pipeline {
             format,
             model,
@@ -330,6 +356,8 @@ impl Pipeline {
             router,
             reply_addr,
             listener,
+            local,
+            batcher,
             // Stages key caches by session id, and several heads may share a stage: start
             // each head's ids somewhere else.
             next_session: AtomicU64::new(fresh_id() >> 1),
@@ -586,7 +614,7 @@ impl Pipeline {
                     .map(to_u32)
                     .collect::<Result<_>>()?;
                 let out = self
-                    .run_local(ring, &mut cache, piece.to_vec(), &positions)
+                    .run_local(session.id, ring, &mut cache, piece.to_vec(), &positions)
                     .await?;
                 match out {
                     LocalOut::Logits(mut logits) => {
@@ -642,36 +670,30 @@ impl Pipeline {
         Ok(())
     }
 
+    /// One step of the session on the head's own stage, batched with the other sessions'
+    /// steps that meet it there. The cache travels with the step and comes back with it.
     async fn run_local(
         &self,
+        session: u64,
         ring: &Ring,
         cache: &mut Option<KvCache>,
         tokens: Vec<u32>,
         positions: &[u32],
     ) -> Result<LocalOut> {
-        let stage = ring.stage.clone();
-        let dtype = self.config.activation_dtype;
-        let mut c = cache
-            .take()
-            .ok_or_else(|| PipelineError::Task("the session's cache was lost".into()))?;
-        let positions: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
-        let (c, out) = tokio::task::spawn_blocking(move || {
-            let out = (|| -> Result<LocalOut> {
-                match stage.forward(
-                    StageInput::Tokens(&tokens),
-                    &positions,
-                    &mut c,
-                    Logits::Last,
-                )? {
-                    StageOutput::Hidden(h) => {
-                        Ok(LocalOut::Hidden(tensor_to_activations(&h, dtype)?))
-                    }
-                    StageOutput::Logits(l) => Ok(LocalOut::Logits(logits_row(&l, 0)?)),
-                }
-            })();
-            (c, out)
-        })
-        .await?;
+        let lost = || PipelineError::Task("the session's cache was lost".into());
+        let c = cache.take().ok_or_else(lost)?;
+        let (reply, answer) = oneshot::channel();
+        let job = LocalJob {
+            session,
+            stage: ring.stage.clone(),
+            tokens,
+            positions: positions.iter().map(|&p| p as usize).collect(),
+            cache: c,
+            dtype: self.config.activation_dtype,
+            reply,
+        };
+        self.local.send(job).map_err(|_| lost())?;
+        let (c, out) = answer.await.map_err(|_| lost())?;
         *cache = Some(c);
         out
     }
@@ -772,6 +794,60 @@ async fn end_session(peers: Arc<Vec<Peer>>, session_id: u64) {
 enum LocalOut {
     Hidden(Activations),
     Logits(Vec<f32>),
+}
+
+/// One session's step on the head's own stage, waiting for its batch.
+struct LocalJob {
+    session: u64,
+    /// The ring's stage when the step was made (a re-plan may replace it).
+    stage: Arc<Stage>,
+    tokens: Vec<u32>,
+    positions: Vec<usize>,
+    cache: KvCache,
+    dtype: DType,
+    /// The cache back, with the step's output.
+    reply: oneshot::Sender<(KvCache, Result<LocalOut>)>,
+}
+
+impl Job for LocalJob {
+    fn session(&self) -> u64 {
+        self.session
+    }
+
+    fn rows(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Steps share a pass only on the same stage.
+    fn fits_with(&self, first: &Self) -> bool {
+        Arc::ptr_eq(&self.stage, &first.stage)
+    }
+}
+
+/// A batch of the head's steps as one pass of its stage (blocking); each session gets its
+/// cache back with its own output or error.
+fn run_local_batch(mut batch: Vec<LocalJob>) {
+    let Some(stage) = batch.first().map(|j| j.stage.clone()) else {
+        return;
+    };
+    let items = batch
+        .iter_mut()
+        .map(|j| BatchItem {
+            input: StageInput::Tokens(&j.tokens),
+            positions: &j.positions,
+            cache: &mut j.cache,
+            logits: Logits::Last,
+        })
+        .collect();
+    let outputs = stage.forward_batch(items);
+    for (job, output) in batch.into_iter().zip(outputs) {
+        let out = output.map_err(PipelineError::from).and_then(|o| match o {
+            StageOutput::Hidden(h) => Ok(LocalOut::Hidden(tensor_to_activations(&h, job.dtype)?)),
+            StageOutput::Logits(l) => Ok(LocalOut::Logits(logits_row(&l, 0)?)),
+        });
+        // A session that went away meanwhile no longer listens.
+        let _ = job.reply.send((job.cache, out));
+    }
 }
 
 /// Dials a peer, sends `LoadStage` and waits for `StageReady`; then the link's incoming

@@ -29,8 +29,13 @@
 //! only on the seed and its position (see [`shoal_engine::Sampler`]), not on which node
 //! draws it.
 //!
-//! Not yet: `Logits` replies (speculative verify), batching across sessions, authentication.
+//! **Batching.** Several sessions share a ring at once; every stage (the head's own too) runs
+//! the steps of different sessions that meet there as one pass (see `batch`), each session's
+//! numbers unchanged.
+//!
+//! Not yet: `Logits` replies (speculative verify), authentication.
 
+mod batch;
 mod convert;
 mod error;
 mod head;
@@ -38,6 +43,7 @@ mod link;
 mod profile;
 mod server;
 
+pub use batch::{BatchCounts, BatchStats, DEFAULT_BATCH_ROWS};
 pub use convert::{file_sha256, sampling_params, sampling_spec};
 pub use error::{PipelineError, Result};
 pub use head::{PeerStage, Pipeline, PipelineConfig};

@@ -8,19 +8,22 @@
 //! random state must carry from token to token to match a single-process run with the same
 //! seed); the head owns everything else.
 //!
-//! Tensor work runs in `spawn_blocking`, so the async runtime keeps serving other connections;
-//! an idle server has no work in flight and only a slow eviction timer, so it never spins.
+//! `Forward`s go into a queue as they are read (reading never waits for compute); one worker
+//! runs what has queued as one batch across sessions (crate::batch), in `spawn_blocking`, so
+//! the async runtime keeps serving connections, then sends each session's result on. An idle
+//! server has no work in flight, a worker parked on its channel and only a slow eviction
+//! timer, so it never spins.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use shoal_engine::candle_core::Device;
-use shoal_engine::stage::logits_row;
+use shoal_engine::stage::{logits_row, BatchItem};
 use shoal_engine::{
     EngineError, GgufFile, KvCache, Logits, Sampler, Stage, StageInput, StageOutput, StageSpec,
 };
@@ -30,7 +33,9 @@ use shoal_wire::{
     Token, Want, WireError,
 };
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
+use crate::batch::{default_batch_rows, spawn_worker, BatchStats, Job};
 use crate::convert::{
     activations_to_tensor, file_sha256, logprob, sampling_params, tensor_to_activations,
 };
@@ -49,16 +54,23 @@ pub struct StageServerConfig {
     pub session_idle_timeout: Duration,
     /// Frame limits for every connection.
     pub limits: Limits,
+    /// Token rows one batch takes at most (unless its first `Forward` alone has more).
+    pub batch_rows: usize,
+    /// Where the batches run are counted (the node's metrics).
+    pub stats: BatchStats,
 }
 
 impl StageServerConfig {
-    /// Defaults: node id `"stage"`, a 10-minute idle timeout, default frame limits.
+    /// Defaults: node id `"stage"`, a 10-minute idle timeout, default frame limits, batches
+    /// of [`crate::DEFAULT_BATCH_ROWS`] rows (or `SHOAL_BATCH_ROWS`).
     pub fn new(models_dir: impl Into<PathBuf>) -> Self {
         StageServerConfig {
             node_id: "stage".to_owned(),
             models_dir: models_dir.into(),
             session_idle_timeout: Duration::from_secs(600),
             limits: Limits::default(),
+            batch_rows: default_batch_rows(),
+            stats: BatchStats::default(),
         }
     }
 }
@@ -84,6 +96,9 @@ struct Inner {
     hashes: Mutex<HashMap<PathBuf, [u8; 32]>>,
     /// Measured profiles by model id.
     profiles: Mutex<HashMap<String, Profile>>,
+    /// The queue of `Forward`s to the batching worker, started with the first one (it needs
+    /// the runtime); the worker ends when this goes with the server.
+    queue: OnceLock<mpsc::UnboundedSender<Forward>>,
 }
 
 struct Loaded {
@@ -127,6 +142,7 @@ impl StageServer {
                 links: tokio::sync::Mutex::new(links),
                 hashes: Mutex::new(HashMap::new()),
                 profiles: Mutex::new(HashMap::new()),
+                queue: OnceLock::new(),
             }),
         }
     }
@@ -163,6 +179,11 @@ impl StageServer {
         let state = lock(&self.inner.sessions).get(&session_id)?.state.clone();
         let len = lock(&state).cache.len();
         Some(len)
+    }
+
+    /// Counts of the batches this server has run.
+    pub fn batch_stats(&self) -> &BatchStats {
+        &self.inner.config.stats
     }
 
     /// The layers of the loaded stage, if one is loaded.
@@ -258,7 +279,7 @@ impl StageServer {
                 };
                 conn.write_frame(&reply).await?;
             }
-            Message::Forward(f) => self.forward(f).await,
+            Message::Forward(f) => self.enqueue(f),
             Message::EndSession(e) => {
                 lock(&self.inner.sessions).remove(&e.session_id);
                 lock(&self.inner.ended).insert(e.session_id, Instant::now());
@@ -374,123 +395,260 @@ impl StageServer {
         Ok(reply)
     }
 
-    /// Runs one `Forward`. A failure is reported to the session's head (`reply_to`), never
-    /// to the connection it came on: the upstream stage is not the one waiting.
-    async fn forward(&self, f: Forward) {
-        let (session_id, reply_to) = (f.session_id, f.reply_to);
-        if let Err(e) = self.try_forward(f).await {
-            tracing::warn!(session_id, error = %e, "Forward failed");
-            let msg = Message::Error(ErrorMessage::new(
-                error_code(&e),
-                Some(session_id),
-                e.to_string(),
-            ));
-            if let Err(e) = self.inner.links.lock().await.send(reply_to, &msg).await {
-                tracing::warn!(%reply_to, error = %e, "could not report a failure to the head");
+    /// Queues a `Forward` for the batching worker (started here the first time).
+    fn enqueue(&self, f: Forward) {
+        let queue = self.inner.queue.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            // The worker holds the server weakly: dropping the last clone closes the queue.
+            let server = Arc::downgrade(&self.inner);
+            let config = &self.inner.config;
+            spawn_worker(rx, config.batch_rows, config.stats.clone(), move |batch| {
+                run_batch(server.clone(), batch)
+            });
+            tx
+        });
+        if let Err(lost) = queue.send(f) {
+            // Only if the worker panicked; its head hears nothing and times out.
+            tracing::error!(session_id = lost.0.session_id, "the stage's worker is gone");
+        }
+    }
+
+    /// The session's state, created on its first `Forward`; `None` for a session ended
+    /// already (a `Forward` still in flight from the stage before must not bring it back).
+    fn session(&self, loaded: &Loaded, session_id: u64) -> Option<Arc<Mutex<SessionState>>> {
+        if lock(&self.inner.ended).contains_key(&session_id) {
+            tracing::debug!(session_id, "Forward for an ended session dropped");
+            return None;
+        }
+        let mut sessions = lock(&self.inner.sessions);
+        let entry = sessions.entry(session_id).or_insert_with(|| SessionEntry {
+            state: Arc::new(Mutex::new(SessionState {
+                cache: loaded.stage.new_cache(),
+                sampler: None,
+            })),
+            last_used: Instant::now(),
+        });
+        entry.last_used = Instant::now();
+        Some(entry.state.clone())
+    }
+
+    /// Runs a batch of `Forward`s (one per session) as one pass of the stage, then sends
+    /// each session's result on: hidden states to the next stage, or (last stage) the
+    /// sampled token to its head. A failure is reported to that session's head
+    /// (`reply_to`), never to the connection it came on (the upstream stage is not the one
+    /// waiting), and fails only that session.
+    async fn run(&self, batch: Vec<Forward>) {
+        let Some(loaded) = self.loaded() else {
+            for f in batch {
+                let e = PipelineError::InvalidRequest(
+                    "no stage is loaded on this node (send LoadStage)".into(),
+                );
+                self.report(&f, e).await;
+            }
+            return;
+        };
+        let mut jobs = Vec::with_capacity(batch.len());
+        let mut metas = Vec::with_capacity(batch.len());
+        for f in batch {
+            let Some(state) = self.session(&loaded, f.session_id) else {
+                continue;
+            };
+            let Forward {
+                session_id,
+                seq,
+                positions,
+                payload,
+                want,
+                reply_to,
+            } = f;
+            jobs.push(StageJob {
+                state,
+                payload,
+                positions: positions.iter().map(|&p| p as usize).collect(),
+                want: want.clone(),
+            });
+            metas.push(Forward {
+                session_id,
+                seq,
+                positions,
+                // Not sent: replaced by the result.
+                payload: Payload::Tokens(Vec::new()),
+                want,
+                reply_to,
+            });
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        let stage = loaded.stage.clone();
+        let dtype = loaded.plan.activation_dtype;
+        let outcomes = tokio::task::spawn_blocking(move || compute(&stage, dtype, jobs)).await;
+        let outcomes = match outcomes {
+            Ok(o) => o,
+            Err(e) => {
+                let message = format!("the stage's computation failed: {e}");
+                metas
+                    .iter()
+                    .map(|_| Err(PipelineError::Task(message.clone())))
+                    .collect()
+            }
+        };
+        for (meta, outcome) in metas.into_iter().zip(outcomes) {
+            let sent = match outcome {
+                Ok(outcome) => self.deliver(&loaded, &meta, outcome).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
+                self.report(&meta, e).await;
             }
         }
     }
 
-    async fn try_forward(&self, f: Forward) -> Result<()> {
-        let loaded = self.loaded().ok_or_else(|| {
-            PipelineError::InvalidRequest("no stage is loaded on this node (send LoadStage)".into())
-        })?;
-        if lock(&self.inner.ended).contains_key(&f.session_id) {
-            tracing::debug!(
-                session_id = f.session_id,
-                "Forward for an ended session dropped"
-            );
-            return Ok(());
-        }
-        let state = {
-            let mut sessions = lock(&self.inner.sessions);
-            let entry = sessions
-                .entry(f.session_id)
-                .or_insert_with(|| SessionEntry {
-                    state: Arc::new(Mutex::new(SessionState {
-                        cache: loaded.stage.new_cache(),
-                        sampler: None,
-                    })),
-                    last_used: Instant::now(),
-                });
-            entry.last_used = Instant::now();
-            entry.state.clone()
-        };
-        let Forward {
-            session_id,
-            seq,
-            positions,
-            payload,
-            want,
-            reply_to,
-        } = f;
-        let stage = loaded.stage.clone();
-        let dtype = loaded.plan.activation_dtype;
-        let want2 = want.clone();
-        let positions2 = positions.clone();
-        let outcome = tokio::task::spawn_blocking(move || -> Result<Outcome> {
-            let mut guard = lock(&state);
-            let state = &mut *guard;
-            let positions: Vec<usize> = positions2.iter().map(|&p| p as usize).collect();
-            let input = match &payload {
-                Payload::Tokens(t) => StageInput::Tokens(t),
-                Payload::Hidden(a) => StageInput::Hidden(activations_to_tensor(a)?),
-            };
-            match stage.forward(input, &positions, &mut state.cache, Logits::Last)? {
-                StageOutput::Hidden(h) => Ok(Outcome::Hidden(tensor_to_activations(&h, dtype)?)),
-                StageOutput::Logits(l) => match want2 {
-                    Want::Nothing => Ok(Outcome::Nothing),
-                    Want::Token(spec) => {
-                        let mut logits = logits_row(&l, 0)?;
-                        let lp = spec.logprob.then(|| logits.clone());
-                        let params = sampling_params(&spec);
-                        if state
-                            .sampler
-                            .as_ref()
-                            .is_some_and(|s| *s.params() != params)
-                        {
-                            state.sampler = None;
-                        }
-                        let sampler = state.sampler.get_or_insert_with(|| Sampler::new(params));
-                        // The token drawn is the one after the last position fed.
-                        let position = positions.last().map_or(0, |&p| p + 1);
-                        let token = sampler.sample_at(&mut logits, &spec.penalty_tokens, position);
-                        Ok(Outcome::Token(token, lp.and_then(|l| logprob(&l, token))))
-                    }
-                    Want::Logits { .. } => Err(PipelineError::InvalidRequest(
-                        "logits replies are not implemented yet; ask for a token".into(),
-                    )),
-                },
-            }
-        })
-        .await??;
+    /// Sends one session's result on.
+    async fn deliver(&self, loaded: &Loaded, f: &Forward, outcome: Outcome) -> Result<()> {
         match outcome {
             Outcome::Hidden(a) => {
                 let next = loaded.plan.next.ok_or_else(|| {
                     PipelineError::Config("this stage has no next stage to forward to".into())
                 })?;
                 let msg = Message::Forward(Forward {
-                    session_id,
-                    seq,
-                    positions,
+                    session_id: f.session_id,
+                    seq: f.seq,
+                    positions: f.positions.clone(),
                     payload: Payload::Hidden(a),
-                    want,
-                    reply_to,
+                    want: f.want.clone(),
+                    reply_to: f.reply_to,
                 });
                 self.inner.links.lock().await.send(next, &msg).await?;
             }
             Outcome::Token(token_id, logprob) => {
                 let msg = Message::Token(Token {
-                    session_id,
-                    seq,
+                    session_id: f.session_id,
+                    seq: f.seq,
                     token_id,
                     logprob,
                 });
-                self.inner.links.lock().await.send(reply_to, &msg).await?;
+                self.inner.links.lock().await.send(f.reply_to, &msg).await?;
             }
             Outcome::Nothing => {}
         }
         Ok(())
+    }
+
+    /// Tells a session's head that its `Forward` failed.
+    async fn report(&self, f: &Forward, e: PipelineError) {
+        let (session_id, reply_to) = (f.session_id, f.reply_to);
+        tracing::warn!(session_id, error = %e, "Forward failed");
+        let msg = Message::Error(ErrorMessage::new(
+            error_code(&e),
+            Some(session_id),
+            e.to_string(),
+        ));
+        if let Err(e) = self.inner.links.lock().await.send(reply_to, &msg).await {
+            tracing::warn!(%reply_to, error = %e, "could not report a failure to the head");
+        }
+    }
+}
+
+impl Job for Forward {
+    fn session(&self) -> u64 {
+        self.session_id
+    }
+
+    fn rows(&self) -> usize {
+        self.positions.len()
+    }
+}
+
+/// The worker's batch: on the server, if it is still there.
+async fn run_batch(server: Weak<Inner>, batch: Vec<Forward>) {
+    if let Some(inner) = server.upgrade() {
+        StageServer { inner }.run(batch).await;
+    }
+}
+
+/// One session's part of a batch.
+struct StageJob {
+    state: Arc<Mutex<SessionState>>,
+    payload: Payload,
+    positions: Vec<usize>,
+    want: Want,
+}
+
+/// The stage over a batch of sessions (blocking): one `forward_batch`, then per session
+/// the hidden states to send on or the token sampled. One result per job, in order.
+fn compute(stage: &Stage, dtype: shoal_wire::DType, jobs: Vec<StageJob>) -> Vec<Result<Outcome>> {
+    // Every session of a batch is a different one, so these are distinct locks.
+    let mut guards: Vec<_> = jobs.iter().map(|j| lock(&j.state)).collect();
+    let mut results: Vec<Option<Result<Outcome>>> = jobs.iter().map(|_| None).collect();
+    let mut samplers = Vec::with_capacity(jobs.len());
+    let mut items = Vec::with_capacity(jobs.len());
+    for (i, (job, guard)) in jobs.iter().zip(guards.iter_mut()).enumerate() {
+        // Hidden states that do not decode fail their session alone.
+        let input = match &job.payload {
+            Payload::Tokens(t) => StageInput::Tokens(t),
+            Payload::Hidden(a) => match activations_to_tensor(a) {
+                Ok(h) => StageInput::Hidden(h),
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    continue;
+                }
+            },
+        };
+        let SessionState { cache, sampler } = &mut **guard;
+        samplers.push((i, sampler));
+        items.push(BatchItem {
+            input,
+            positions: &job.positions,
+            cache,
+            logits: Logits::Last,
+        });
+    }
+    let outputs = stage.forward_batch(items);
+    for ((i, sampler), output) in samplers.into_iter().zip(outputs) {
+        let job = &jobs[i];
+        let outcome = output
+            .map_err(PipelineError::from)
+            .and_then(|out| finish(out, &job.want, &job.positions, sampler, dtype));
+        results[i] = Some(outcome);
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(PipelineError::Task("no result".into()))))
+        .collect()
+}
+
+/// What one session's stage output becomes: hidden states to send on, or (last stage) the
+/// token drawn with the session's sampler, which carries its random state from token to
+/// token as in a single-process run.
+fn finish(
+    out: StageOutput,
+    want: &Want,
+    positions: &[usize],
+    sampler: &mut Option<Sampler>,
+    dtype: shoal_wire::DType,
+) -> Result<Outcome> {
+    match out {
+        StageOutput::Hidden(h) => Ok(Outcome::Hidden(tensor_to_activations(&h, dtype)?)),
+        StageOutput::Logits(l) => match want {
+            Want::Nothing => Ok(Outcome::Nothing),
+            Want::Token(spec) => {
+                let mut logits = logits_row(&l, 0)?;
+                let lp = spec.logprob.then(|| logits.clone());
+                let params = sampling_params(spec);
+                if sampler.as_ref().is_some_and(|s| *s.params() != params) {
+                    *sampler = None;
+                }
+                let sampler = sampler.get_or_insert_with(|| Sampler::new(params));
+                // The token drawn is the one after the last position fed.
+                let position = positions.last().map_or(0, |&p| p + 1);
+                let token = sampler.sample_at(&mut logits, &spec.penalty_tokens, position);
+                Ok(Outcome::Token(token, lp.and_then(|l| logprob(&l, token))))
+            }
+            Want::Logits { .. } => Err(PipelineError::InvalidRequest(
+                "logits replies are not implemented yet; ask for a token".into(),
+            )),
+        },
     }
 }
 

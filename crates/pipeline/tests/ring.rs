@@ -47,21 +47,29 @@ fn reference() -> &'static Model {
 }
 
 fn prompt() -> Vec<u32> {
+    chat_prompt("What is the capital of France?")
+}
+
+fn chat_prompt(content: &str) -> Vec<u32> {
     let m = reference();
     let text = m
         .render_chat(&[ChatMessage {
             role: "user".into(),
-            content: "What is the capital of France?".into(),
+            content: content.into(),
         }])
         .unwrap();
     m.encode_prompt(&text).unwrap()
 }
 
 fn single_process(sampling: &SamplingParams) -> Vec<u32> {
+    single_process_for(&prompt(), sampling)
+}
+
+fn single_process_for(prompt: &[u32], sampling: &SamplingParams) -> Vec<u32> {
     let m = reference();
     let mut g = m
         .generate(
-            prompt(),
+            prompt.to_vec(),
             GenerateParams {
                 sampling: sampling.clone(),
                 max_tokens: MAX_TOKENS,
@@ -433,6 +441,206 @@ async fn concurrent_sessions_share_the_ring() {
     assert_eq!(a.unwrap(), greedy_ref);
     assert_eq!(b.unwrap(), sampled_ref);
     all_sessions_ended(&servers).await;
+}
+
+/// Four sessions with different prompts at once through three stages: each stage (the
+/// head's own too) runs the steps that meet there as one batch, and every answer is still
+/// exactly the single process's for its prompt, greedy and sampled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_batch_at_every_stage_and_answer_as_alone() {
+    let prompts = [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers.",
+        "Why is the sky blue? Answer in one sentence.",
+    ]
+    .map(chat_prompt);
+    let params = [
+        SamplingParams::greedy(),
+        SamplingParams::greedy(),
+        sampled(),
+        SamplingParams::greedy(),
+    ];
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&params)
+        .map(|(p, s)| single_process_for(p, s))
+        .collect();
+
+    let n = reference().config().n_layers;
+    let mut servers = Vec::new();
+    let mut peers = Vec::new();
+    for layers in [10..20, 20..n] {
+        let (server, addr) = start_server(Duration::from_secs(600)).await;
+        servers.push(server);
+        peers.push(PeerStage { addr, layers });
+    }
+    let mut config = PipelineConfig::new(model_path(), 0..10, peers);
+    let head_stats = shoal_pipeline::BatchStats::default();
+    config.stats = head_stats.clone();
+    let pipeline = std::sync::Arc::new(Pipeline::connect(config).await.unwrap());
+
+    let runs: Vec<_> = prompts
+        .iter()
+        .zip(&params)
+        .map(|(p, s)| {
+            let (pipeline, p, s) = (pipeline.clone(), p.clone(), s.clone());
+            tokio::spawn(async move { pipeline.generate(&p, &s, MAX_TOKENS).await })
+        })
+        .collect();
+    for (i, (run, want)) in runs.into_iter().zip(&want).enumerate() {
+        assert_eq!(&run.await.unwrap().unwrap(), want, "session {i}");
+    }
+    all_sessions_ended(&servers).await;
+    // Batching really happened, at every stage.
+    let counts = std::iter::once(head_stats.counts())
+        .chain(servers.iter().map(|s| s.batch_stats().counts()))
+        .collect::<Vec<_>>();
+    eprintln!("batch counts, head then peers: {counts:?}");
+    for (stage, c) in counts.iter().enumerate() {
+        assert!(
+            c.shared > 0 && c.largest >= 2,
+            "stage {stage} never batched: {c:?}"
+        );
+        assert!(c.sessions > c.batches, "stage {stage}: {c:?}");
+    }
+}
+
+/// Sessions whose `Forward`s queue up behind a long one run as one batch; one of them is
+/// bad (token ids to a stage that takes hidden states): it alone gets an error, the others
+/// their tokens, exactly those of running alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_forward_in_a_batch_fails_only_its_session() {
+    let (server, addr) = start_server(Duration::from_secs(600)).await;
+    let mut conn = dial(addr).await;
+    conn.write_frame(&Message::LoadStage(shoal_wire::LoadStage {
+        plan_id: 4,
+        model_id: SMOLLM2.into(),
+        model_sha256: [0; 32],
+        layer_start: 20,
+        layer_end: 30,
+        embed: false,
+        head: true,
+        activation_dtype: DType::F32,
+        max_context: 2048,
+        next: None,
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(
+        conn.read_frame().await.unwrap(),
+        Some(Message::StageReady(_))
+    ));
+    let replies = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reply_to = replies.local_addr().unwrap();
+    let hidden = reference().config().hidden;
+    let rows = |n: usize, seed: u32| -> Vec<f32> {
+        (0..n * hidden)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    };
+    let forward = |session_id: u64, positions: Vec<u32>, payload: Payload, want: Want| {
+        Message::Forward(Forward {
+            session_id,
+            seq: 0,
+            positions,
+            payload,
+            want,
+            reply_to,
+        })
+    };
+    let greedy = || Want::Token(shoal_wire::SamplingSpec::greedy());
+    let activations = |v: &[f32], n: usize| {
+        Payload::Hidden(Activations::from_f32(n as u32, hidden as u32, v, DType::F32).unwrap())
+    };
+    // A long prefill keeps the stage busy while the others arrive.
+    let long = rows(300, 1);
+    let (a, b) = (rows(1, 2), rows(3, 3));
+    let frames = [
+        forward(
+            1,
+            (0..300).collect(),
+            activations(&long, 300),
+            Want::Nothing,
+        ),
+        forward(3, vec![0], Payload::Tokens(vec![1]), greedy()),
+        forward(2, vec![0], activations(&a, 1), greedy()),
+        forward(4, vec![5, 6, 7], activations(&b, 3), greedy()),
+    ];
+    for f in &frames {
+        conn.write_frame(f).await.unwrap();
+    }
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(30), replies.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut head = Connection::new(stream, Limits::default()).unwrap();
+    shoal_wire::server_handshake(&mut head, |_| {
+        Ok(shoal_wire::HelloAck {
+            node_id: "head".into(),
+            software_version: "test".into(),
+            capabilities: Capabilities::HEAD,
+        })
+    })
+    .await
+    .unwrap();
+    let mut tokens = std::collections::HashMap::new();
+    let mut errors = Vec::new();
+    while tokens.len() + errors.len() < 3 {
+        match head.read_frame().await.unwrap() {
+            Some(Message::Token(t)) => {
+                tokens.insert(t.session_id, t.token_id);
+            }
+            Some(Message::Error(e)) => errors.push(e),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].session_id, Some(3));
+    assert!(
+        errors[0].message.contains("token ids"),
+        "{}",
+        errors[0].message
+    );
+    // The others' tokens are those of the same stage run on each alone.
+    let file = shoal_engine::GgufFile::open(model_path()).unwrap();
+    let n = file.config().n_layers;
+    let stage = shoal_engine::Stage::load(
+        &file,
+        shoal_engine::StageSpec::range(20..n, n),
+        &shoal_engine::candle_core::Device::Cpu,
+        |_, _| {},
+    )
+    .unwrap();
+    let alone = |v: &[f32], positions: &[usize]| {
+        let h = shoal_engine::candle_core::Tensor::from_vec(
+            v.to_vec(),
+            (positions.len(), hidden),
+            &shoal_engine::candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let mut cache = stage.new_cache();
+        let out = stage
+            .forward(StageInput::Hidden(h), positions, &mut cache, Logits::Last)
+            .unwrap();
+        let StageOutput::Logits(l) = out else {
+            panic!("logits")
+        };
+        argmax(&logits_row(&l, 0).unwrap())
+    };
+    assert_eq!(tokens.get(&2), Some(&alone(&a, &[0])));
+    assert_eq!(tokens.get(&4), Some(&alone(&b, &[5, 6, 7])));
+    assert_eq!(server.session_len(1), Some(300));
+    assert_eq!(
+        server.session_len(3),
+        Some(0),
+        "a failed step leaves the cache as it was"
+    );
+    let c = server.batch_stats().counts();
+    assert!(
+        c.largest >= 2,
+        "the queued Forwards were not batched: {c:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

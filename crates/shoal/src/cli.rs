@@ -402,8 +402,10 @@ fn serve(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<ExitCode> {
                 node_id = crate::node::default_node_id(Some(peer_local.port()));
             }
             let (model_path, node_id, agent) = (path.clone(), node_id.clone(), agent.clone());
+            let stats = state.batch_stats();
             tokio::spawn(async move {
-                crate::node::serve_peer_port(peer_listener, &model_path, node_id, agent).await;
+                crate::node::serve_peer_port(peer_listener, &model_path, node_id, agent, stats)
+                    .await;
             });
         }
         if a.stage_only {
@@ -533,7 +535,9 @@ fn start_pipeline_head(
                 .iter()
                 .map(|r| format!("{}-{}", r.start, r.end.saturating_sub(1)))
                 .collect();
-            let pipeline = crate::ring::connect_ring(&path, &peers, &ranges, activations).await?;
+            let stats = state.batch_stats();
+            let pipeline =
+                crate::ring::connect_ring(&path, &peers, &ranges, activations, stats).await?;
             eprintln!(
                 "pipeline ready: {} over this node and {peers:?}",
                 shown.join(",")

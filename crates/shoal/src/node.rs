@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use shoal_engine::Model;
-use shoal_pipeline::{StageServer, StageServerConfig};
+use shoal_pipeline::{BatchStats, StageServer, StageServerConfig};
 use shoal_swarm::agent::{measure_decode_speed, AgentConfig, AgentService};
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::weight::thermal_penalty;
@@ -47,12 +47,14 @@ pub(crate) fn make_agent(
 }
 
 /// Serves the peer port until Ctrl-C: stage requests go to a [`StageServer`] over the
-/// models in `model_path`'s directory, swarm requests to the agent (once loaded).
+/// models in `model_path`'s directory (counting its batches in `stats`), swarm requests to
+/// the agent (once loaded).
 pub(crate) async fn serve_peer_port(
     listener: TcpListener,
     model_path: &Path,
     node_id: String,
     agent: AgentSlot,
+    stats: BatchStats,
 ) {
     let dir = model_path
         .parent()
@@ -61,6 +63,7 @@ pub(crate) async fn serve_peer_port(
         .unwrap_or_else(|| std::path::PathBuf::from("."));
     let mut config = StageServerConfig::new(dir);
     config.node_id = node_id;
+    config.stats = stats;
     let stages = StageServer::new(config);
     let evictor = stages.spawn_evictor();
     serve_connections(

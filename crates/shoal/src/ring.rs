@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use shoal_engine::{GenerateParams, TextStream, Tokenizer};
-use shoal_pipeline::{PeerStage, Pipeline, PipelineConfig, PipelineError};
+use shoal_pipeline::{BatchStats, PeerStage, Pipeline, PipelineConfig, PipelineError};
 use shoal_wire::{DType, WireError};
 
 /// How hidden states travel between stages.
@@ -142,12 +142,14 @@ impl<'t> TextOut<'t> {
 const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`.
-/// Peers not yet listening are retried for [`CONNECT_PATIENCE`].
+/// Peers not yet listening are retried for [`CONNECT_PATIENCE`]. The head's batches are
+/// counted in `stats`.
 pub(crate) async fn connect_ring(
     model_path: &Path,
     peers: &[String],
     ranges: &[Range<usize>],
     activations: ActivationsArg,
+    stats: BatchStats,
 ) -> anyhow::Result<Pipeline> {
     let addrs = peers
         .iter()
@@ -166,6 +168,7 @@ pub(crate) async fn connect_ring(
         .collect();
     let mut config = PipelineConfig::new(model_path, local.clone(), stages);
     config.activation_dtype = activations.dtype();
+    config.stats = stats;
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }
@@ -288,7 +291,14 @@ pub(crate) fn run_ring(
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let pipeline = connect_ring(model_path, peers, ranges, activations).await?;
+        let pipeline = connect_ring(
+            model_path,
+            peers,
+            ranges,
+            activations,
+            BatchStats::default(),
+        )
+        .await?;
         let mut out = TextOut::new(pipeline.tokenizer(), params.stop.clone());
         let mut failed: Option<anyhow::Error> = None;
         let generated = pipeline
