@@ -531,6 +531,14 @@ type VecDot = fn(&[u8], &Q8Row) -> f32;
 fn vec_dot_fn(format: Format) -> VecDot {
     #[cfg(target_arch = "x86_64")]
     {
+        if avx512::available() && tiles_setting() != "avx2" {
+            match format {
+                Format::Q4_1 => return avx512::vec_dot_q4_1_q8_1,
+                Format::Q5_0 => return avx512::vec_dot_q5_0_q8_0,
+                Format::Q8_0 => return avx512::vec_dot_q8_0_q8_0,
+                _ => {}
+            }
+        }
         if x86::available() {
             return match format {
                 Format::Q4_0 => x86::vec_dot_q4_0_q8_0,
@@ -788,6 +796,43 @@ mod tests {
                     (got - want).abs() <= tol,
                     "{format:?} cols {cols}: {got} vs {want}"
                 );
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_single_rows_are_bit_identical_to_avx2() {
+        if !avx512::available() {
+            eprintln!("no AVX-512 VNNI here: nothing to compare");
+            return;
+        }
+        type Pair = (Format, VecDot, VecDot);
+        let pairs: [Pair; 3] = [
+            (
+                Format::Q4_1,
+                avx512::vec_dot_q4_1_q8_1,
+                x86::vec_dot_q4_1_q8_1,
+            ),
+            (
+                Format::Q5_0,
+                avx512::vec_dot_q5_0_q8_0,
+                x86::vec_dot_q5_0_q8_0,
+            ),
+            (
+                Format::Q8_0,
+                avx512::vec_dot_q8_0_q8_0,
+                x86::vec_dot_q8_0_q8_0,
+            ),
+        ];
+        for (format, fast, avx2) in pairs {
+            for (cols, seed) in [(32usize, 11), (96, 12), (896, 13), (4864, 14)] {
+                for row in 0..8u64 {
+                    let w = random_blocks(format, 1, cols, seed * 100 + row);
+                    let act = quantize_for(format, &random_f32(cols, seed * 100 + row + 50));
+                    let (got, want) = (fast(&w, &act), avx2(&w, &act));
+                    assert_eq!(got.to_bits(), want.to_bits(), "{format:?} cols {cols}");
+                }
             }
         }
     }

@@ -492,7 +492,7 @@ unsafe fn mul_sum_i8_pairs(x: __m256i, y: __m256i) -> __m256 {
 }
 
 #[target_feature(enable = "avx2")]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps(v, 1);
     let s = _mm_add_ps(lo, hi);
