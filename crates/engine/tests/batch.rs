@@ -383,3 +383,57 @@ fn a_batch_equals_each_session_alone_on_smollm2() {
 fn a_batch_equals_each_session_alone_on_qwen() {
     check_real_model(common::QWEN05);
 }
+
+/// Not a test: decode steps of several sessions as one pass against one pass each, on the
+/// real Qwen model (fastest of a few runs). Run with `cargo test --release -p shoal-engine
+/// --test batch bench_decode -- --ignored --nocapture` (RAYON_NUM_THREADS=1 or 2).
+#[test]
+#[ignore]
+fn bench_decode_batched_against_alone() {
+    let gguf = GgufFile::open(common::model_path(common::QWEN05)).unwrap();
+    let n_layers = gguf.config().n_layers;
+    let stage = Stage::load(&gguf, StageSpec::whole(n_layers), &Device::Cpu, |_, _| {}).unwrap();
+    for sessions in [1usize, 2, 4, 8] {
+        let mut caches: Vec<KvCache> = (0..sessions).map(|_| stage.new_cache()).collect();
+        let prompt: Vec<u32> = (0..64u32).map(|i| 100 + i * 37).collect();
+        let positions: Vec<usize> = (0..64).collect();
+        for c in caches.iter_mut() {
+            stage
+                .forward(StageInput::Tokens(&prompt), &positions, c, Logits::Last)
+                .unwrap();
+        }
+        let (mut alone, mut together) = (f64::MAX, f64::MAX);
+        for step in 0..6 {
+            let pos = [64 + 2 * step];
+            let t = std::time::Instant::now();
+            for c in caches.iter_mut() {
+                stage
+                    .forward(StageInput::Tokens(&[42]), &pos, c, Logits::Last)
+                    .unwrap();
+            }
+            alone = alone.min(t.elapsed().as_secs_f64());
+            let pos = [65 + 2 * step];
+            let t = std::time::Instant::now();
+            let items = caches
+                .iter_mut()
+                .map(|cache| BatchItem {
+                    input: StageInput::Tokens(&[43]),
+                    positions: &pos,
+                    cache,
+                    logits: Logits::Last,
+                })
+                .collect();
+            for out in stage.forward_batch(items) {
+                out.unwrap();
+            }
+            together = together.min(t.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "{sessions} sessions, one decode step each: alone {:.1} ms ({:.1} tok/s), one pass {:.1} ms ({:.1} tok/s)",
+            alone * 1e3,
+            sessions as f64 / alone,
+            together * 1e3,
+            sessions as f64 / together
+        );
+    }
+}

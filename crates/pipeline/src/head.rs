@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::batch::{default_batch_rows, spawn_worker, BatchStats, Job};
+use crate::batch::{default_batch_rows, spawn_worker, Active, BatchStats, Job};
 use crate::convert::{file_sha256, sampling_spec, tensor_to_activations};
 use crate::error::{PipelineError, Result};
 use crate::link::{dial, Link};
@@ -160,6 +160,14 @@ impl Router {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(session_id, tx);
         rx
+    }
+
+    /// Sessions waiting for replies: those generating now.
+    fn len(&self) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     fn unregister(&self, session_id: u64) {
@@ -336,10 +344,16 @@ impl Pipeline {
             .build(0, None, config.local_layers.clone(), &config.peers)
             .await?;
         let (local, jobs) = mpsc::unbounded_channel();
+        // The sessions generating now are those the head's stage may wait for.
+        let active: Active = {
+            let router = router.clone();
+            Box::new(move || router.len())
+        };
         let batcher = spawn_worker(
             jobs,
             config.batch_rows,
             config.stats.clone(),
+            Some(active),
             |batch| async {
                 // A panic drops the batch's replies: its sessions fail, the worker goes on.
                 if let Err(e) = tokio::task::spawn_blocking(move || run_local_batch(batch)).await {

@@ -30,7 +30,7 @@ use shoal_engine::{
 use shoal_wire::{
     serve_connections, server_handshake, Capabilities, Connection, ErrorCode, ErrorMessage,
     Forward, HelloAck, Limits, LoadStage, Message, Payload, Pong, Profile, ServeConfig, StageReady,
-    Token, Want, WireError,
+    Token, Truncate, Want, WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -98,7 +98,7 @@ struct Inner {
     profiles: Mutex<HashMap<String, Profile>>,
     /// The queue of `Forward`s to the batching worker, started with the first one (it needs
     /// the runtime); the worker ends when this goes with the server.
-    queue: OnceLock<mpsc::UnboundedSender<Forward>>,
+    queue: OnceLock<mpsc::UnboundedSender<Work>>,
 }
 
 struct Loaded {
@@ -279,19 +279,13 @@ impl StageServer {
                 };
                 conn.write_frame(&reply).await?;
             }
-            Message::Forward(f) => self.enqueue(f),
+            Message::Forward(f) => self.enqueue(Work::Forward(f)),
             Message::EndSession(e) => {
                 lock(&self.inner.sessions).remove(&e.session_id);
                 lock(&self.inner.ended).insert(e.session_id, Instant::now());
             }
-            Message::Truncate(t) => {
-                let state = lock(&self.inner.sessions)
-                    .get(&t.session_id)
-                    .map(|s| s.state.clone());
-                if let Some(state) = state {
-                    lock(&state).cache.truncate(t.len as usize);
-                }
-            }
+            // Queued behind the session's `Forward`s, so it cuts what they leave.
+            Message::Truncate(t) => self.enqueue(Work::Truncate(t)),
             Message::GetProfile(g) => {
                 let reply = match self.profile(&g.model_id).await {
                     Ok(profile) => Message::Profile(profile),
@@ -395,21 +389,26 @@ impl StageServer {
         Ok(reply)
     }
 
-    /// Queues a `Forward` for the batching worker (started here the first time).
-    fn enqueue(&self, f: Forward) {
+    /// Queues work for the batching worker (started here the first time).
+    fn enqueue(&self, work: Work) {
         let queue = self.inner.queue.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             // The worker holds the server weakly: dropping the last clone closes the queue.
             let server = Arc::downgrade(&self.inner);
             let config = &self.inner.config;
-            spawn_worker(rx, config.batch_rows, config.stats.clone(), move |batch| {
-                run_batch(server.clone(), batch)
-            });
+            // No waiting for sessions here: the head gathers them (crate::batch).
+            spawn_worker(
+                rx,
+                config.batch_rows,
+                config.stats.clone(),
+                None,
+                move |batch| run_batch(server.clone(), batch),
+            );
             tx
         });
-        if let Err(lost) = queue.send(f) {
+        if let Err(lost) = queue.send(work) {
             // Only if the worker panicked; its head hears nothing and times out.
-            tracing::error!(session_id = lost.0.session_id, "the stage's worker is gone");
+            tracing::error!(session_id = lost.0.session(), "the stage's worker is gone");
         }
     }
 
@@ -437,7 +436,17 @@ impl StageServer {
     /// sampled token to its head. A failure is reported to that session's head
     /// (`reply_to`), never to the connection it came on (the upstream stage is not the one
     /// waiting), and fails only that session.
-    async fn run(&self, batch: Vec<Forward>) {
+    async fn run(&self, work: Vec<Work>) {
+        let mut batch = Vec::with_capacity(work.len());
+        for w in work {
+            match w {
+                Work::Forward(f) => batch.push(f),
+                Work::Truncate(t) => self.truncate(&t),
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
         let Some(loaded) = self.loaded() else {
             for f in batch {
                 let e = PipelineError::InvalidRequest(
@@ -535,6 +544,16 @@ impl StageServer {
         Ok(())
     }
 
+    /// Keeps only the first `len` tokens of a session's cache.
+    fn truncate(&self, t: &Truncate) {
+        let state = lock(&self.inner.sessions)
+            .get(&t.session_id)
+            .map(|s| s.state.clone());
+        if let Some(state) = state {
+            lock(&state).cache.truncate(t.len as usize);
+        }
+    }
+
     /// Tells a session's head that its `Forward` failed.
     async fn report(&self, f: &Forward, e: PipelineError) {
         let (session_id, reply_to) = (f.session_id, f.reply_to);
@@ -550,18 +569,31 @@ impl StageServer {
     }
 }
 
-impl Job for Forward {
+/// What the worker takes in order per session: a `Forward`, or a `Truncate`, which must cut
+/// the cache the session's earlier `Forward`s leave (it goes in the batch after theirs).
+enum Work {
+    Forward(Forward),
+    Truncate(Truncate),
+}
+
+impl Job for Work {
     fn session(&self) -> u64 {
-        self.session_id
+        match self {
+            Work::Forward(f) => f.session_id,
+            Work::Truncate(t) => t.session_id,
+        }
     }
 
     fn rows(&self) -> usize {
-        self.positions.len()
+        match self {
+            Work::Forward(f) => f.positions.len(),
+            Work::Truncate(_) => 0,
+        }
     }
 }
 
 /// The worker's batch: on the server, if it is still there.
-async fn run_batch(server: Weak<Inner>, batch: Vec<Forward>) {
+async fn run_batch(server: Weak<Inner>, batch: Vec<Work>) {
     if let Some(inner) = server.upgrade() {
         StageServer { inner }.run(batch).await;
     }

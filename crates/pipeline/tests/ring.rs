@@ -395,6 +395,19 @@ async fn end_session_and_idle_eviction_free_the_cache() {
         server.session_len(2) == Some(1)
     })
     .await;
+    // A Truncate right behind a session's Forward cuts what that Forward leaves: it is
+    // queued after it, not applied before it has run.
+    conn.write_frame(&forward(3)).await.unwrap();
+    conn.write_frame(&Message::Truncate(shoal_wire::Truncate {
+        session_id: 3,
+        len: 2,
+    }))
+    .await
+    .unwrap();
+    eventually("session 3 is truncated", || {
+        server.session_len(3) == Some(2)
+    })
+    .await;
     eventually("session 2 is evicted", || server.session_count() == 0).await;
 }
 
