@@ -26,7 +26,6 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 
 use crate::ggml_math::ggml_expf;
 
@@ -352,7 +351,9 @@ fn attend_converted(
     };
     // Heads in parallel when there is enough work to pay for the hand-off.
     let per_head: Vec<Vec<f32>> = if seq * total * hd >= 1 << 16 {
-        (0..n_heads).into_par_iter().map(run_head).collect()
+        let mut per_head = vec![Vec::new(); n_heads];
+        crate::pool::for_each_chunk_mut(&mut per_head, 1, |h, slot| slot[0] = run_head(h));
+        per_head
     } else {
         (0..n_heads).map(run_head).collect()
     };

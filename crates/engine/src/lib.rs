@@ -20,6 +20,7 @@ mod ggml_math;
 pub mod gguf;
 mod kernels;
 pub mod kv_cache;
+mod pool;
 pub mod profile;
 pub mod prompt;
 pub mod sampler;

@@ -12,8 +12,8 @@
 use std::arch::x86_64::*;
 
 use super::{
-    Q8Row, Q8Tile, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q5_1_BLOCK_BYTES,
-    Q5_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK,
+    kquant, Q8Row, Q8Tile, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q4_K_BLOCK_BYTES, Q5_0_BLOCK_BYTES,
+    Q5_1_BLOCK_BYTES, Q5_K_BLOCK_BYTES, Q6_K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK, QK_K,
 };
 
 /// Activation rows per tile (two per register): at most 16, and a short last tile is
@@ -477,4 +477,263 @@ unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
+}
+
+// K-quant tiles (prompts): one weight row against up to 16 activation rows, each row's
+// float state in one lane of a zmm register. llama.cpp turns the k-quants' integer sums
+// into floats per (weight row, activation row) pair in an order that depends on the shape
+// of the product (kquant.rs); each lane here runs exactly that pair's float steps in that
+// order (Q4_K "pairs", Q6_K "tiled"), so every result is bit for bit the pairwise one. The
+// integer sums are exact whatever their grouping: per row, `vpdpbusd` sums 4 products to
+// a lane, lanes are scaled by their sub-block's scale, and `row_totals` adds each row's 16
+// lanes, for 16 rows at once.
+
+/// Activation rows per k-quant tile (one per f32 lane of a zmm register).
+pub(super) const KQ_TILE: usize = 16;
+
+/// Up to 16 Q8_K activation rows, with their per-super-block scales and 16-element sums
+/// laid out across rows so a tile's lanes load them at once.
+pub(super) struct KTile<'a> {
+    qs: [&'a [i8]; KQ_TILE],
+    /// Rows in the tile; the lanes past it hold copies of row 0 and are not stored.
+    pub(super) n: usize,
+    /// `d[b * 16 + r]`: row r's scale of super-block b.
+    d: Vec<f32>,
+    /// `bsums[(b * 16 + j) * 16 + r]`: row r's sum of elements `16j..16j+16` of block b.
+    bsums: Vec<i32>,
+}
+
+impl<'a> KTile<'a> {
+    pub(super) fn new(rows: &[&'a Q8Row]) -> Self {
+        assert!(!rows.is_empty() && rows.len() <= KQ_TILE);
+        let nb = rows[0].d.len();
+        let row = |r: usize| if r < rows.len() { rows[r] } else { rows[0] };
+        let mut t = KTile {
+            qs: std::array::from_fn(|r| row(r).qs.as_slice()),
+            n: rows.len(),
+            d: vec![0.0; nb * KQ_TILE],
+            bsums: vec![0; nb * 16 * KQ_TILE],
+        };
+        for r in 0..KQ_TILE {
+            let src = row(r);
+            assert!(src.d.len() == nb && src.qs.len() == nb * QK_K && src.bsums.len() == nb * 16);
+            for b in 0..nb {
+                t.d[b * KQ_TILE + r] = src.d[b];
+                for j in 0..16 {
+                    t.bsums[(b * 16 + j) * KQ_TILE + r] = src.bsums[b * 16 + j] as i32;
+                }
+            }
+        }
+        t
+    }
+}
+
+/// `out[r]` = the sum of the 16 lanes of `v[r]`, for 16 vectors at once (a transposing
+/// tree of adds: exact, as all of it is integer). Plain functions, not closures: a closure
+/// does not inherit the target features, and its intrinsics become calls.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn row_totals(v: &[__m512i; KQ_TILE]) -> __m512i {
+    let w01 = chunk_halves(row_quad(v, 0), row_quad(v, 4));
+    let w23 = chunk_halves(row_quad(v, 8), row_quad(v, 12));
+    chunk_halves(w01, w23)
+}
+
+/// Rows `a..a+4`: per 128-bit chunk, the four rows' sums of that chunk side by side.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn row_quad(v: &[__m512i; KQ_TILE], a: usize) -> __m512i {
+    let t01 = _mm512_add_epi32(
+        _mm512_unpacklo_epi32(v[a], v[a + 1]),
+        _mm512_unpackhi_epi32(v[a], v[a + 1]),
+    );
+    let t23 = _mm512_add_epi32(
+        _mm512_unpacklo_epi32(v[a + 2], v[a + 3]),
+        _mm512_unpackhi_epi32(v[a + 2], v[a + 3]),
+    );
+    _mm512_add_epi32(
+        _mm512_unpacklo_epi64(t01, t23),
+        _mm512_unpackhi_epi64(t01, t23),
+    )
+}
+
+/// Chunks (0 and 2 of x, 0 and 2 of y) plus chunks (1 and 3 of x, 1 and 3 of y).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn chunk_halves(x: __m512i, y: __m512i) -> __m512i {
+    _mm512_add_epi32(
+        _mm512_shuffle_i32x4::<0b10_00_10_00>(x, y),
+        _mm512_shuffle_i32x4::<0b11_01_11_01>(x, y),
+    )
+}
+
+/// Q4_K weight row times a tile in llama.cpp's repacked-GEMM order (`Order::Q4kPairs`):
+/// per pair of sub-blocks, `acc = fma(sum, d_w·d_a, acc)` and `acc_min = fma(min_sum,
+/// dmin_w·d_a, acc_min)`; the result `acc - acc_min`.
+pub(super) fn tile_q4_k_pairs(w: &[u8], t: &KTile, out: &mut [f32]) {
+    // Safety: only selected after `available()`; the sizes are checked inside.
+    unsafe { tile_q4_k_pairs_avx512(w, t, out) }
+}
+
+/// Q6_K weight row times a tile in llama.cpp's tiled order (`Order::Q6kTiled`): per
+/// super-block `acc = fma(total·d_w, d_a, acc)`.
+pub(super) fn tile_q6_k_tiled(w: &[u8], t: &KTile, out: &mut [f32]) {
+    // Safety: as above.
+    unsafe { tile_q6_k_tiled_avx512(w, t, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+unsafe fn tile_q4_k_pairs_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
+    let nb = w.len() / Q4_K_BLOCK_BYTES;
+    assert!(t.d.len() >= nb * KQ_TILE && out.len() >= t.n);
+    assert!(t.qs.iter().all(|q| q.len() >= nb * QK_K));
+    let mut acc = _mm512_setzero_ps();
+    let mut acc_min = _mm512_setzero_ps();
+    let low = _mm256_set1_epi8(0x0f);
+    for b in 0..nb {
+        let block = &w[b * Q4_K_BLOCK_BYTES..][..Q4_K_BLOCK_BYTES];
+        let da = _mm512_loadu_ps(t.d.as_ptr().add(b * KQ_TILE));
+        let d = _mm512_mul_ps(
+            _mm512_set1_ps(kquant::f16_bits_to_f32(u16::from_le_bytes([
+                block[0], block[1],
+            ]))),
+            da,
+        );
+        let dmin = _mm512_mul_ps(
+            _mm512_set1_ps(kquant::f16_bits_to_f32(u16::from_le_bytes([
+                block[2], block[3],
+            ]))),
+            da,
+        );
+        let scales = &block[4..16];
+        for p in 0..4 {
+            let (sc0, m0) = super::scalar::scale_min_k4(2 * p, scales);
+            let (sc1, m1) = super::scalar::scale_min_k4(2 * p + 1, scales);
+            let packed = _mm256_loadu_si256(block.as_ptr().add(16 + 32 * p) as *const __m256i);
+            let nibbles = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_and_si256(packed, low)),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low),
+            );
+            let sc = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_set1_epi32(sc0 as i32)),
+                _mm256_set1_epi32(sc1 as i32),
+            );
+            let zero = _mm512_setzero_si512();
+            let mut lanes = [zero; KQ_TILE];
+            for (r, l) in lanes.iter_mut().enumerate().take(t.n) {
+                let a = _mm512_loadu_si512(t.qs[r].as_ptr().add(b * QK_K + 64 * p) as *const _);
+                *l = _mm512_mullo_epi32(_mm512_dpbusd_epi32(zero, nibbles, a), sc);
+            }
+            let sums = row_totals(&lanes);
+            let bsums = t.bsums.as_ptr().add(b * 16 * KQ_TILE);
+            let bs = |j: usize| bsums.add(j * KQ_TILE) as *const __m512i;
+            let (bs0, bs1) = (
+                _mm512_loadu_si512(bs(4 * p) as *const _),
+                _mm512_loadu_si512(bs(4 * p + 1) as *const _),
+            );
+            let (bs2, bs3) = (
+                _mm512_loadu_si512(bs(4 * p + 2) as *const _),
+                _mm512_loadu_si512(bs(4 * p + 3) as *const _),
+            );
+            let mins = _mm512_add_epi32(
+                _mm512_mullo_epi32(_mm512_add_epi32(bs0, bs1), _mm512_set1_epi32(m0 as i32)),
+                _mm512_mullo_epi32(_mm512_add_epi32(bs2, bs3), _mm512_set1_epi32(m1 as i32)),
+            );
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, acc);
+            acc_min = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins), dmin, acc_min);
+        }
+    }
+    store_lanes(_mm512_sub_ps(acc, acc_min), t.n, out);
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+unsafe fn tile_q6_k_tiled_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
+    let nb = w.len() / Q6_K_BLOCK_BYTES;
+    assert!(t.d.len() >= nb * KQ_TILE && out.len() >= t.n);
+    assert!(t.qs.iter().all(|q| q.len() >= nb * QK_K));
+    let mut acc = _mm512_setzero_ps();
+    let low = _mm256_set1_epi8(0x0f);
+    let two = _mm256_set1_epi8(0x03);
+    for b in 0..nb {
+        let block = &w[b * Q6_K_BLOCK_BYTES..][..Q6_K_BLOCK_BYTES];
+        let scale = |j: usize| block[192 + j] as i8 as i32;
+        // The 256 unsigned 6-bit values in element order, 64 per register: per half of
+        // 128, `ql` bytes 0..32 and 32..64 give the low nibbles of elements 0..32 and
+        // 32..64 and the high nibbles of 64..96 and 96..128; `qh` their top two bits.
+        let mut values = [_mm512_setzero_si512(); 4];
+        for h in 0..2 {
+            let ql_a = _mm256_loadu_si256(block.as_ptr().add(64 * h) as *const __m256i);
+            let ql_b = _mm256_loadu_si256(block.as_ptr().add(64 * h + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(block.as_ptr().add(128 + 32 * h) as *const __m256i);
+            // Bits 2k, 2k + 1 of each `qh` byte, moved to bits 4 and 5.
+            let top0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, two));
+            let top1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<2>(two)));
+            let top2 = _mm256_and_si256(qh, _mm256_slli_epi16::<4>(two));
+            let top3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<6>(two)));
+            let e0 = _mm256_or_si256(_mm256_and_si256(ql_a, low), top0);
+            let e1 = _mm256_or_si256(_mm256_and_si256(ql_b, low), top1);
+            let e2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql_a), low), top2);
+            let e3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql_b), low), top3);
+            values[2 * h] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(e0), e1);
+            values[2 * h + 1] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(e2), e3);
+        }
+        // Register k covers sub-blocks 4k..4k+4 (16 elements, 4 lanes each).
+        let sc = [
+            q6_k_scales(block, 0),
+            q6_k_scales(block, 1),
+            q6_k_scales(block, 2),
+            q6_k_scales(block, 3),
+        ];
+        let zero = _mm512_setzero_si512();
+        let mut lanes = [zero; KQ_TILE];
+        for (r, l) in lanes.iter_mut().enumerate().take(t.n) {
+            let q = t.qs[r].as_ptr().add(b * QK_K);
+            let mut sum = zero;
+            for (k, (v, s)) in values.iter().zip(&sc).enumerate() {
+                let a = _mm512_loadu_si512(q.add(64 * k) as *const _);
+                sum = _mm512_add_epi32(
+                    sum,
+                    _mm512_mullo_epi32(_mm512_dpbusd_epi32(zero, *v, a), *s),
+                );
+            }
+            *l = sum;
+        }
+        // Minus 32 × the scaled activation sums (the values are stored + 32).
+        let mut offset = zero;
+        for j in 0..16 {
+            let bs = _mm512_loadu_si512(t.bsums.as_ptr().add((b * 16 + j) * KQ_TILE) as *const _);
+            offset = _mm512_add_epi32(
+                offset,
+                _mm512_mullo_epi32(bs, _mm512_set1_epi32(32 * scale(j))),
+            );
+        }
+        let total = _mm512_sub_epi32(row_totals(&lanes), offset);
+        let d_w = kquant::f16_bits_to_f32(u16::from_le_bytes([block[208], block[209]]));
+        let da = _mm512_loadu_ps(t.d.as_ptr().add(b * KQ_TILE));
+        acc = _mm512_fmadd_ps(
+            _mm512_mul_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(d_w)),
+            da,
+            acc,
+        );
+    }
+    store_lanes(acc, t.n, out);
+}
+
+/// The signed scales of Q6_K sub-blocks `4k..4k+4`, each over its 4 lanes.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn q6_k_scales(block: &[u8], k: usize) -> __m512i {
+    let s = |j: usize| block[192 + 4 * k + j] as i8 as i32;
+    let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
+    _mm512_set_epi32(
+        s3, s3, s3, s3, s2, s2, s2, s2, s1, s1, s1, s1, s0, s0, s0, s0,
+    )
+}
+
+/// The first `n` lanes of `v` into `out`.
+#[inline(always)]
+unsafe fn store_lanes(v: __m512, n: usize, out: &mut [f32]) {
+    let mut lanes = [0f32; KQ_TILE];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+    out[..n].copy_from_slice(&lanes[..n]);
 }

@@ -96,9 +96,34 @@ mod fma {
     with_fma!(q6k_lanes, q6k_tiled, q4k_pairs, q4k_blocks, q4k_tiled);
 }
 
+/// The little-endian f16 at the start of `b`, as f32.
 #[inline(always)]
 fn f16_le(b: &[u8]) -> f32 {
-    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+    f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]))
+}
+
+/// f16 → f32 exactly as F16C's `vcvtph2ps` converts (NaNs quieted, payload kept), in
+/// integer steps that inline anywhere: `half`'s conversion is a function call (its F16C
+/// path is compiled apart), about 2 % of a Qwen prompt.
+#[inline(always)]
+pub(super) fn f16_bits_to_f32(h: u16) -> f32 {
+    let sign = ((h & 0x8000) as u32) << 16;
+    let magnitude = (h & 0x7fff) as u32;
+    if magnitude >= 0x7c00 {
+        // Infinity, or NaN with the quiet bit set.
+        let mantissa = (magnitude & 0x03ff) << 13;
+        let quiet = if mantissa != 0 { 0x0040_0000 } else { 0 };
+        return f32::from_bits(sign | 0x7f80_0000 | mantissa | quiet);
+    }
+    let abs = if magnitude >= 0x0400 {
+        // Normal: the same bits, the exponent rebased from 15 to 127.
+        f32::from_bits((magnitude << 13) + (112 << 23))
+    } else {
+        // Subnormal (or zero): m · 2^-24, exact. Not by scaling a subnormal f32, which
+        // costs a microcode assist per multiply on this CPU (prompts ran 30 % slower).
+        magnitude as f32 * f32::from_bits(0x3380_0000)
+    };
+    f32::from_bits(sign | abs.to_bits())
 }
 
 /// Integer totals of one Q6_K super-block in llama.cpp's 8 lanes.
@@ -261,6 +286,14 @@ mod tests {
                     "{got} vs {want}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn f16_conversion_is_the_hardware_one_for_every_value() {
+        for h in 0..=u16::MAX {
+            let want = half::f16::from_bits(h).to_f32();
+            assert_eq!(f16_bits_to_f32(h).to_bits(), want.to_bits(), "{h:#06x}");
         }
     }
 

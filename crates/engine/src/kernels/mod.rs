@@ -36,9 +36,9 @@ mod x86;
 
 use candle_core::{Device, Tensor};
 use half::f16;
-use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
+use crate::pool;
 
 /// Elements per block of the 32-element formats (Q4_1, Q5_0, Q8_0, and Q8_0/Q8_1 rows).
 pub(crate) const QK: usize = 32;
@@ -124,6 +124,7 @@ impl Format {
 /// also `s = d * sum(qs)` (both rounded through f16, as llama.cpp stores them), and 32
 /// signed bytes per block. As Q8_K (`quantize_k`): blocks of 256, `d` kept in f32, and
 /// `bsums`, the sum of each 16 bytes.
+#[derive(Default)]
 pub(crate) struct Q8Row {
     pub(crate) d: Vec<f32>,
     pub(crate) s: Vec<f32>,
@@ -408,17 +409,19 @@ impl QuantMatrix {
         let m: usize = segments.iter().sum();
         let data: &[u8] = &self.data;
         let kind = self.format.activation();
-        // Handing work to rayon's pool costs a wake-up and a hand-back (two context
-        // switches when the pool has one thread): small products run on the caller.
-        let serial = rayon::current_num_threads() <= 1 || m * self.rows * k < SERIAL_BELOW;
+        // Even a cheap hand-off to the pool's threads costs more than the smallest
+        // products: those run on the caller.
+        let serial = pool::threads() <= 1 || m * self.rows * k < SERIAL_BELOW;
         let acts: Vec<Q8Row> = if serial || m == 1 {
             xs.chunks(k)
                 .map(|row| Q8Row::quantize_as(row, kind))
                 .collect()
         } else {
-            xs.par_chunks(k)
-                .map(|row| Q8Row::quantize_as(row, kind))
-                .collect()
+            let mut acts: Vec<Q8Row> = (0..m).map(|_| Q8Row::default()).collect();
+            pool::for_each_chunk_mut(&mut acts, 1, |i, act| {
+                act[0] = Q8Row::quantize_as(&xs[i * k..][..k], kind);
+            });
+            acts
         };
         let n = self.rows;
         // One dot product per activation row: the k-quants follow llama.cpp's order,
@@ -443,6 +446,8 @@ impl QuantMatrix {
                 .collect(),
             _ => Vec::new(),
         };
+        #[cfg(target_arch = "x86_64")]
+        let k_tiles = k_tiles(&acts, segments, format, n, tiled);
         let row_bytes = self.row_bytes();
         // Parallel over chunks of matrix rows (each thread gets whole tiles), so each
         // weight row is read once from memory and reused for every activation row while
@@ -476,6 +481,24 @@ impl QuantMatrix {
                 }
                 None => {}
             }
+            #[cfg(target_arch = "x86_64")]
+            if let Some((kernel, tiles, tiled_rows)) = &k_tiles {
+                let mut lanes = [0f32; avx512::KQ_TILE];
+                for (j, dst_row) in dst.chunks_mut(m).enumerate() {
+                    for (tile, rows) in tiles {
+                        kernel(weight(j), tile, &mut lanes);
+                        for (&i, &v) in rows.iter().zip(&lanes) {
+                            dst_row[i] = v;
+                        }
+                    }
+                    for (i, out) in dst_row.iter_mut().enumerate() {
+                        if !tiled_rows[i] {
+                            *out = dots[i](weight(j), &acts[i]);
+                        }
+                    }
+                }
+                return;
+            }
             for (j, dst_row) in dst.chunks_mut(m).enumerate() {
                 for ((out, act), dot) in dst_row.iter_mut().zip(&acts).zip(&dots) {
                     *out = dot(weight(j), act);
@@ -488,10 +511,7 @@ impl QuantMatrix {
                 .enumerate()
                 .for_each(work);
         } else {
-            by_weight_row
-                .par_chunks_mut(CHUNK * m)
-                .enumerate()
-                .for_each(work);
+            pool::for_each_chunk_mut(&mut by_weight_row, CHUNK * m, |c, dst| work((c, dst)));
         }
         let out = if m == 1 {
             by_weight_row
@@ -512,6 +532,52 @@ impl QuantMatrix {
         };
         Ok(out)
     }
+}
+
+/// A k-quant tile kernel: one weight row times a tile's rows, lane `r` into `out[r]`.
+#[cfg(target_arch = "x86_64")]
+type KTileDot = fn(&[u8], &avx512::KTile, &mut [f32]);
+
+/// K-quant prompt rows whose order (`kquant::order`, from the row's own segment) has a
+/// tile kernel on this CPU, in tiles of up to 16 rows: the kernel, the tiles with the
+/// indices of their rows, and which rows are tiled. `None` where nothing is tiled.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::type_complexity)]
+fn k_tiles<'a>(
+    acts: &'a [Q8Row],
+    segments: &[usize],
+    format: Format,
+    n: usize,
+    tiled: bool,
+) -> Option<(KTileDot, Vec<(avx512::KTile<'a>, Vec<usize>)>, Vec<bool>)> {
+    let (order, kernel): (kquant::Order, KTileDot) = match format {
+        Format::Q4K => (kquant::Order::Q4kPairs, avx512::tile_q4_k_pairs),
+        Format::Q6K => (kquant::Order::Q6kTiled, avx512::tile_q6_k_tiled),
+        _ => return None,
+    };
+    if !tiled || !avx512::available() || tiles_setting() == "avx2" {
+        return None;
+    }
+    let mut tiled_rows = vec![false; acts.len()];
+    let mut start = 0;
+    for &len in segments {
+        for i in 0..len {
+            tiled_rows[start + i] = kquant::order(format, n, len, i) == Some(order);
+        }
+        start += len;
+    }
+    let rows: Vec<usize> = (0..acts.len()).filter(|&i| tiled_rows[i]).collect();
+    if rows.len() < 2 {
+        return None;
+    }
+    let tiles = rows
+        .chunks(avx512::KQ_TILE)
+        .map(|idx| {
+            let group: Vec<&Q8Row> = idx.iter().map(|&i| &acts[i]).collect();
+            (avx512::KTile::new(&group), idx.to_vec())
+        })
+        .collect();
+    Some((kernel, tiles, tiled_rows))
 }
 
 /// For measurements: `SHOAL_KERNEL_TILES=pairwise` sends prompts one (weight row,
@@ -1075,11 +1141,7 @@ mod tests {
                 let pairwise = w.matmul_f32(&x, m, false).unwrap();
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 for threads in [1, 2, 3] {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap();
-                    let tiled = pool.install(|| w.matmul_f32(&x, m, true).unwrap());
+                    let tiled = pool::with_threads(threads, || w.matmul_f32(&x, m, true).unwrap());
                     assert_eq!(
                         bits(&tiled),
                         bits(&pairwise),
@@ -1161,7 +1223,7 @@ mod tests {
                     let gmacs = (m * rows * cols) as f64 / 1e9;
                     println!(
                         "{format:?} {rows}x{cols} m={m} threads={}: pairwise {:.2} ms, tiled {:.2} ms ({:.1} GMAC/s), speed-up {:.2}{}",
-                        rayon::current_num_threads(),
+                        pool::threads(),
                         a * 1e3,
                         b * 1e3,
                         gmacs / b,

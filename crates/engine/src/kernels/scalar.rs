@@ -138,7 +138,7 @@ pub(super) fn vec_dot_q8_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
 
 /// Scale and minimum `j` (0..8) of a Q4_K super-block, from its 12 bytes of packed 6-bit
 /// values: llama.cpp's `get_scale_min_k4`.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
