@@ -9,7 +9,8 @@
 //! - [`tokenizer::Tokenizer`] and [`chat_template::ChatTemplate`] come from the GGUF's own
 //!   metadata; [`sampler::Sampler`] picks tokens; [`generate::Model`] ties them together.
 //!
-//! The engine has no sockets, no threads of its own and no idea that peers exist.
+//! The engine has no sockets and no idea that peers exist; its only threads are the
+//! kernels' fork-join pool (`pool.rs`).
 
 mod attention;
 pub mod chat_template;
@@ -34,6 +35,7 @@ pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateParams, Generation, Model, Step, Timings};
 pub use gguf::GgufFile;
 pub use kv_cache::KvCache;
+pub use pool::with_threads as with_kernel_threads;
 pub use prompt::PromptFormat;
 pub use sampler::{Sampler, SamplingParams};
 pub use stage::{Logits, Stage, StageInput, StageOutput, StageSpec};

@@ -91,10 +91,9 @@ thread_local! {
     static MAX_THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
 }
 
-/// Runs `f` with at most `n` threads taking part in this thread's jobs (results do not
-/// depend on it; tests check that they do not).
-#[cfg(test)]
-pub(crate) fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> R {
+/// Runs `f` with at most `n` kernel threads taking part in this thread's jobs (results do
+/// not depend on it; tests check that they do not).
+pub fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> R {
     let before = MAX_THREADS.with(|m| m.replace(n.max(1)));
     let out = f();
     MAX_THREADS.with(|m| m.set(before));

@@ -11,8 +11,6 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
-use rayon::prelude::*;
-
 use crate::attention::{attend, Heads};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -392,7 +390,20 @@ impl Layer {
         // Sessions side by side when there is enough work to pay for the hand-off (each
         // session's attention is the same whichever thread runs it).
         let outs: Vec<Result<Vec<f32>>> = if jobs.len() > 1 && work >= 1 << 16 {
-            jobs.into_par_iter().map(run).collect()
+            let mut slots: Vec<_> = jobs.into_iter().map(|job| (Some(job), None)).collect();
+            crate::pool::for_each_chunk_mut(&mut slots, 1, |_, slot| {
+                if let Some(job) = slot[0].0.take() {
+                    slot[0].1 = Some(run(job));
+                }
+            });
+            slots
+                .into_iter()
+                .map(|(_, out)| {
+                    out.unwrap_or_else(|| {
+                        Err(EngineError::InvalidInput("attention not run".into()))
+                    })
+                })
+                .collect()
         } else {
             jobs.into_iter().map(run).collect()
         };

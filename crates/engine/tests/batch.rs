@@ -312,11 +312,7 @@ fn a_batch_equals_each_session_alone_on_every_format_and_thread_count() {
         load(StageSpec::range(1..LAYERS, LAYERS)),
     ];
     for threads in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| check_random_model(&stages, &whole));
+        shoal_engine::with_kernel_threads(threads, || check_random_model(&stages, &whole));
     }
     std::fs::remove_dir_all(&dir).ok();
 }
