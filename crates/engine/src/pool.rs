@@ -294,7 +294,11 @@ fn worker(s: &'static Shared, index: usize) {
             // Safety: this worker entered the job before it was closed, so the caller is
             // still waiting in `run` and the function is alive.
             let f = unsafe { &*job.run };
-            if catch_unwind(AssertUnwindSafe(|| claim_chunks(s, job.chunks, job.workers + 1, f))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| {
+                claim_chunks(s, job.chunks, job.workers + 1, f)
+            }))
+            .is_err()
+            {
                 s.panicked.store(true, Ordering::SeqCst);
             }
         }
