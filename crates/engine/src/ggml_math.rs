@@ -39,6 +39,55 @@ pub(crate) fn ggml_expf(x: f32) -> f32 {
     (j as f64 * two_n) as f32
 }
 
+/// [`ggml_expf`] on 16 lanes (ggml's AVX-512 `ggml_v_expf`, whose `scalef` is the single
+/// rounding of `j·2^n` that the scalar port does in f64): lane for lane the scalar result,
+/// NaN and out-of-range inputs included (tested).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn expf16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let shift = _mm512_set1_ps(f32::from_bits(0x4b40_0000));
+    let z = _mm512_fmadd_ps(x, _mm512_set1_ps(f32::from_bits(0x3fb8_aa3b)), shift);
+    let n = _mm512_sub_ps(z, shift);
+    let b = _mm512_fnmadd_ps(
+        n,
+        _mm512_set1_ps(f32::from_bits(0x35bf_be8e)),
+        _mm512_fnmadd_ps(n, _mm512_set1_ps(f32::from_bits(0x3f31_7200)), x),
+    );
+    let u = _mm512_mul_ps(b, b);
+    let j = _mm512_fmadd_ps(
+        _mm512_fmadd_ps(
+            _mm512_fmadd_ps(
+                _mm512_set1_ps(f32::from_bits(0x3c07_2010)),
+                b,
+                _mm512_set1_ps(f32::from_bits(0x3d2b_9f17)),
+            ),
+            u,
+            _mm512_fmadd_ps(
+                _mm512_set1_ps(f32::from_bits(0x3e2a_af33)),
+                b,
+                _mm512_set1_ps(f32::from_bits(0x3eff_fedb)),
+            ),
+        ),
+        u,
+        _mm512_fmadd_ps(
+            _mm512_set1_ps(f32::from_bits(0x3f7f_fff6)),
+            b,
+            _mm512_set1_ps(1.0),
+        ),
+    );
+    let res = _mm512_scalef_ps(j, n);
+    // |n| > 192 or NaN: 0 where n <= 0 or NaN, else infinity (as the scalar port).
+    let out_of_range = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+    if out_of_range == 0 {
+        return res;
+    }
+    let to_zero = _mm512_cmp_ps_mask::<_CMP_NGT_UQ>(n, _mm512_setzero_ps());
+    let alt = _mm512_mask_blend_ps(to_zero, _mm512_set1_ps(f32::INFINITY), _mm512_setzero_ps());
+    _mm512_mask_blend_ps(out_of_range, res, alt)
+}
+
 /// `silu(gate) * up`, element by element, as `ggml_vec_swiglu_f32` computes it: the
 /// vector `expf` for every whole group of 16, libm's `expf` for the rest.
 pub(crate) fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
@@ -94,6 +143,44 @@ mod tests {
         assert_eq!(ggml_expf(-200.0), 0.0);
         assert_eq!(ggml_expf(0.0), 1.0);
         assert_eq!(ggml_expf(200.0), f32::INFINITY);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_expf_is_the_scalar_one_lane_for_lane() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut xs: Vec<f32> = vec![
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            f32::NAN,
+            -0.0,
+            0.0,
+            -200.0,
+            200.0,
+            -103.5,
+            -87.4,
+            88.7,
+            -192.0 * std::f32::consts::LN_2,
+        ];
+        let mut x = -110.0f32;
+        while x < 95.0 {
+            xs.push(x);
+            x += 0.00731;
+        }
+        xs.resize(xs.len().div_ceil(16) * 16, 1.0);
+        for c in xs.chunks_exact(16) {
+            let mut got = [0f32; 16];
+            // SAFETY: AVX-512F checked above.
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm512_storeu_ps(got.as_mut_ptr(), expf16(_mm512_loadu_ps(c.as_ptr())));
+            }
+            for (g, &x) in got.iter().zip(c) {
+                assert_eq!(g.to_bits(), ggml_expf(x).to_bits(), "exp({x})");
+            }
+        }
     }
 
     #[test]

@@ -24,6 +24,9 @@
 
 #![allow(unsafe_code)] // only to call the same loops compiled with FMA enabled
 
+#[cfg(target_arch = "x86_64")]
+mod decode_avx512;
+
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
@@ -248,6 +251,22 @@ pub(crate) fn attend(
     query_pos: &[usize],
     key_pos: &[usize],
 ) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if query_pos.len() == 1 && heads.head_dim.is_multiple_of(STEP) && decode_avx512::available() {
+        return decode_avx512::attend_one(heads, q, k, v, query_pos[0], key_pos);
+    }
+    attend_portable(heads, q, k, v, query_pos, key_pos)
+}
+
+/// [`attend`] on any CPU: K and V converted to f32, then `HeadJob`.
+fn attend_portable(
+    heads: Heads,
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    query_pos: &[usize],
+    key_pos: &[usize],
+) -> Vec<f32> {
     let total = key_pos.len();
     let Heads {
         n_kv_heads,
@@ -369,6 +388,43 @@ fn attend_converted(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_decode_is_bit_identical_to_the_portable_path() {
+        if !decode_avx512::available() {
+            return;
+        }
+        for (n_heads, n_kv_heads, hd) in [(9, 3, 64), (14, 2, 64), (4, 4, 128), (2, 1, 192)] {
+            for total in [1usize, 2, 15, 16, 17, 63, 64, 65, 130, 300] {
+                let mut r = lcg((n_heads * 1000 + total * 7 + hd) as u64);
+                let heads = Heads {
+                    n_heads,
+                    n_kv_heads,
+                    head_dim: hd,
+                };
+                let q: Vec<f32> = (0..n_heads * hd).map(|_| r() * 4.0).collect();
+                let kv = |r: &mut dyn FnMut() -> f32| -> Vec<f16> {
+                    (0..total * n_kv_heads * hd)
+                        .map(|_| f16::from_f32(r() * 3.0))
+                        .collect()
+                };
+                let (k, v) = (kv(&mut r), kv(&mut r));
+                // Positions with a gap, as after a truncated turn; the last is the query.
+                let key_pos: Vec<usize> =
+                    (0..total).map(|j| j + usize::from(j > total / 2)).collect();
+                let query = [key_pos[total - 1]];
+                let fast = decode_avx512::attend_one(heads, &q, &k, &v, query[0], &key_pos);
+                let portable = attend_portable(heads, &q, &k, &v, &query, &key_pos);
+                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&fast),
+                    bits(&portable),
+                    "{n_heads}/{n_kv_heads}x{hd}, {total} keys"
+                );
+            }
+        }
+    }
 
     fn lcg(seed: u64) -> impl FnMut() -> f32 {
         let mut s = seed;
