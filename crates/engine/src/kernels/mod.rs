@@ -454,7 +454,6 @@ impl QuantMatrix {
         // it is in cache. The result comes out transposed ([rows, m]) and is turned around
         // at the end when m > 1.
         const CHUNK: usize = 16;
-        let mut by_weight_row = vec![0f32; n * m];
         let work = |(c, dst): (usize, &mut [f32])| {
             let weight = |j: usize| &data[(c * CHUNK + j) * row_bytes..][..row_bytes];
             // Activation tiles outside, the chunk's weight rows (in cache) inside.
@@ -505,32 +504,52 @@ impl QuantMatrix {
                 }
             }
         };
-        if serial {
-            by_weight_row
-                .chunks_mut(CHUNK * m)
-                .enumerate()
-                .for_each(work);
-        } else {
-            pool::for_each_chunk_mut(&mut by_weight_row, CHUNK * m, |c, dst| work((c, dst)));
+        if m == 1 {
+            // One activation row: the chunks are the output itself.
+            let mut by_weight_row = vec![0f32; n];
+            if serial {
+                by_weight_row.chunks_mut(CHUNK).enumerate().for_each(work);
+            } else {
+                pool::for_each_chunk_mut(&mut by_weight_row, CHUNK, |c, dst| work((c, dst)));
+            }
+            return Ok(by_weight_row);
         }
-        let out = if m == 1 {
-            by_weight_row
-        } else {
-            // Turned around in blocks of 16 x 16, which stay in cache.
-            const B: usize = 16;
-            let mut out = vec![0f32; m * n];
-            for j0 in (0..n).step_by(B) {
-                for i0 in (0..m).step_by(B) {
-                    for j in j0..(j0 + B).min(n) {
-                        for i in i0..(i0 + B).min(m) {
-                            out[i * n + j] = by_weight_row[j * m + i];
-                        }
-                    }
+        // Each chunk is computed by weight row ([rows, m]) and turned around into its
+        // columns of the output ([m, n]) by the thread that computed it, while it is in
+        // cache.
+        let mut out = vec![0f32; m * n];
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let chunk_then_turn = |c: usize| {
+            let rows = CHUNK.min(n - c * CHUNK);
+            let mut dst = vec![0f32; rows * m];
+            work((c, &mut dst));
+            for i in 0..m {
+                for (jj, col) in dst.chunks_exact(m).enumerate() {
+                    // Safety: chunk `c` owns columns `c * CHUNK ..` of every output row,
+                    // which no other chunk writes; `out` outlives the loop.
+                    unsafe { *out_ptr.get().add(i * n + c * CHUNK + jj) = col[i] };
                 }
             }
-            out
         };
+        let chunks = n.div_ceil(CHUNK);
+        if serial {
+            (0..chunks).for_each(chunk_then_turn);
+        } else {
+            pool::for_each(chunks, chunk_then_turn);
+        }
         Ok(out)
+    }
+}
+
+/// The output of a product, written by chunks into disjoint columns.
+struct OutPtr(*mut f32);
+// Safety: only used to write disjoint elements of one output from the pool's threads.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    // A method, so closures capture the whole (Sync) wrapper.
+    fn get(&self) -> *mut f32 {
+        self.0
     }
 }
 
