@@ -25,7 +25,7 @@
 #![allow(unsafe_code)] // only to call the same loops compiled with FMA enabled
 
 #[cfg(target_arch = "x86_64")]
-mod decode_avx512;
+mod avx512;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -252,8 +252,8 @@ pub(crate) fn attend(
     key_pos: &[usize],
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if query_pos.len() == 1 && heads.head_dim.is_multiple_of(STEP) && decode_avx512::available() {
-        return decode_avx512::attend_one(heads, q, k, v, query_pos[0], key_pos);
+    if heads.head_dim.is_multiple_of(STEP) && avx512::available() {
+        return avx512::attend(heads, q, k, v, query_pos, key_pos);
     }
     attend_portable(heads, q, k, v, query_pos, key_pos)
 }
@@ -391,8 +391,8 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_decode_is_bit_identical_to_the_portable_path() {
-        if !decode_avx512::available() {
+    fn avx512_attention_is_bit_identical_to_the_portable_path() {
+        if !avx512::available() {
             return;
         }
         for (n_heads, n_kv_heads, hd) in [(9, 3, 64), (14, 2, 64), (4, 4, 128), (2, 1, 192)] {
@@ -413,15 +413,20 @@ mod tests {
                 // Positions with a gap, as after a truncated turn; the last is the query.
                 let key_pos: Vec<usize> =
                     (0..total).map(|j| j + usize::from(j > total / 2)).collect();
-                let query = [key_pos[total - 1]];
-                let fast = decode_avx512::attend_one(heads, &q, &k, &v, query[0], &key_pos);
-                let portable = attend_portable(heads, &q, &k, &v, &query, &key_pos);
-                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(
-                    bits(&fast),
-                    bits(&portable),
-                    "{n_heads}/{n_kv_heads}x{hd}, {total} keys"
-                );
+                // One token (the last position), and prompts of the last tokens.
+                for seq in [1, 2, 5, total] {
+                    let seq = seq.min(total);
+                    let query = &key_pos[total - seq..];
+                    let q: Vec<f32> = q.iter().cycle().take(seq * n_heads * hd).copied().collect();
+                    let fast = avx512::attend(heads, &q, &k, &v, query, &key_pos);
+                    let portable = attend_portable(heads, &q, &k, &v, query, &key_pos);
+                    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&fast),
+                        bits(&portable),
+                        "{n_heads}/{n_kv_heads}x{hd}, {total} keys, {seq} queries"
+                    );
+                }
             }
         }
     }
