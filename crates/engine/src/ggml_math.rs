@@ -90,36 +90,74 @@ pub(crate) unsafe fn expf16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::
 
 /// `silu(gate) * up`, element by element, as `ggml_vec_swiglu_f32` computes it: the
 /// vector `expf` for every whole group of 16, libm's `expf` for the rest.
+#[cfg(test)]
 pub(crate) fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; gate.len().min(up.len())];
+    swiglu_into(gate, up, &mut out);
+    out
+}
+
+/// [`swiglu`] into `out` (as long as `gate`).
+pub(crate) fn swiglu_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    assert!(gate.len() == up.len() && gate.len() == out.len());
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { swiglu_fma(gate, up) };
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            unsafe { swiglu_avx512(gate, up, out) };
+            return;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            unsafe { swiglu_fma(gate, up, out) };
+            return;
+        }
     }
-    swiglu_body(gate, up)
+    swiglu_body(gate, up, out)
+}
+
+/// Sixteen at a time with [`expf16`]: lane for lane the scalar loop's operations.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn swiglu_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let whole = gate.len() / 16 * 16;
+    let one = _mm512_set1_ps(1.0);
+    for i in (0..whole).step_by(16) {
+        let x = _mm512_loadu_ps(gate.as_ptr().add(i));
+        let minus_x = _mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(x),
+            _mm512_set1_epi32(i32::MIN),
+        ));
+        let e = expf16(minus_x);
+        let y = _mm512_mul_ps(
+            _mm512_div_ps(x, _mm512_add_ps(one, e)),
+            _mm512_loadu_ps(up.as_ptr().add(i)),
+        );
+        _mm512_storeu_ps(out.as_mut_ptr().add(i), y);
+    }
+    swiglu_body(&gate[whole..], &up[whole..], &mut out[whole..]);
 }
 
 /// The same loop with fused multiply-adds as instructions (`mul_add` is exact either way;
 /// without FMA it is a library call per element).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn swiglu_fma(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    swiglu_body(gate, up)
+unsafe fn swiglu_fma(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    swiglu_body(gate, up, out)
 }
 
 // A plain indexed loop, not an iterator chain: the chain's `collect` is a generic function
 // of its own, compiled without FMA, and `mul_add` there was a library call per element.
+// Called on a tail shorter than 16, every element takes libm's `expf`.
 #[inline(always)]
-fn swiglu_body(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let n = gate.len().min(up.len());
-    let whole = n / 16 * 16;
-    let mut out = vec![0f32; n];
-    for i in 0..n {
+fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let whole = gate.len() / 16 * 16;
+    for i in 0..gate.len() {
         let x = gate[i];
         let e = if i < whole { ggml_expf(-x) } else { (-x).exp() };
         out[i] = x / (1.0 + e) * up[i];
     }
-    out
 }
 
 #[cfg(test)]
@@ -180,6 +218,23 @@ mod tests {
             for (g, &x) in got.iter().zip(c) {
                 assert_eq!(g.to_bits(), ggml_expf(x).to_bits(), "exp({x})");
             }
+        }
+    }
+
+    #[test]
+    fn swiglu_paths_agree_bit_for_bit() {
+        let n = 4864 + 7;
+        let gate: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 2000) as f32 / 97.0 - 10.0)
+            .collect();
+        let up: Vec<f32> = (0..n)
+            .map(|i| ((i * 104729) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        let mut plain = vec![0f32; n];
+        swiglu_body(&gate, &up, &mut plain);
+        let fast = swiglu(&gate, &up);
+        for i in 0..n {
+            assert_eq!(fast[i].to_bits(), plain[i].to_bits(), "element {i}");
         }
     }
 

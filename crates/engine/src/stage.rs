@@ -123,9 +123,21 @@ fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (_, n) = gate.dims2()?;
     let g: Vec<f32> = gate.flatten_all()?.to_vec1()?;
     let u: Vec<f32> = up.flatten_all()?.to_vec1()?;
-    let mut out = Vec::with_capacity(g.len());
-    for (g, u) in g.chunks(n.max(1)).zip(u.chunks(n.max(1))) {
-        out.extend(ggml_math::swiglu(g, u));
+    if g.len() != u.len() {
+        return Err(EngineError::InvalidInput(
+            "gate and up differ in shape".into(),
+        ));
+    }
+    let mut out = vec![0f32; g.len()];
+    let row =
+        |r: usize, o: &mut [f32]| ggml_math::swiglu_into(&g[r * n..][..n], &u[r * n..][..n], o);
+    // Rows side by side for prompts (each row's result is the same on any thread).
+    if g.len() >= 1 << 16 {
+        crate::pool::for_each_chunk_mut(&mut out, n, row);
+    } else {
+        out.chunks_mut(n.max(1))
+            .enumerate()
+            .for_each(|(r, o)| row(r, o));
     }
     Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
 }
