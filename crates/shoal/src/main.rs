@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     init_tracing(args.verbose);
+    keep_large_allocations_in_the_heap();
     if let Some(n) = args.threads {
         // candle's CPU kernels size their rayon pool from this variable on first use, so it
         // must be set before anything touches a tensor.
@@ -36,6 +37,26 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// glibc serves each allocation over its mmap threshold (128 KiB, rising to at most 32 MiB)
+/// with fresh pages from the kernel and hands them back on free, and trims the heap's top
+/// as soon as it is free. A prompt's per-layer buffers (a few MiB each, every layer) then
+/// cost page faults and zeroing every time: ~15 % of a 512-token prompt at 2 threads
+/// (docs/PERFORMANCE.md). Keeping them in the heap costs no peak memory: it is reused.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn keep_large_allocations_in_the_heap() {
+    const ONE_GIB: libc::c_int = 1 << 30;
+    // Safety: mallopt only changes glibc's allocator parameters; called before any other
+    // thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, ONE_GIB);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, ONE_GIB);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_large_allocations_in_the_heap() {}
 
 fn init_tracing(verbose: u8) {
     let default = match verbose {
