@@ -30,6 +30,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod kquant;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -614,6 +616,15 @@ type VecDot = fn(&[u8], &Q8Row) -> f32;
 
 /// The fastest dot product this CPU runs for `format`.
 fn vec_dot_fn(format: Format) -> VecDot {
+    #[cfg(target_arch = "aarch64")]
+    if neon::available() {
+        match format {
+            Format::Q4_1 => return neon::vec_dot_q4_1_q8_1,
+            Format::Q5_0 => return neon::vec_dot_q5_0_q8_0,
+            Format::Q8_0 => return neon::vec_dot_q8_0_q8_0,
+            _ => {}
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     {
         if avx512::available() && tiles_setting() != "avx2" {
@@ -917,6 +928,40 @@ mod tests {
                     let act = quantize_for(format, &random_f32(cols, seed * 100 + row + 50));
                     let (got, want) = (fast(&w, &act), avx2(&w, &act));
                     assert_eq!(got.to_bits(), want.to_bits(), "{format:?} cols {cols}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_dots_give_the_same_bits_on_every_cpu() {
+        #[cfg(target_arch = "x86_64")]
+        let simd = x86::available();
+        #[cfg(target_arch = "aarch64")]
+        let simd = neon::available();
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        let simd = false;
+        if !simd {
+            eprintln!("no SIMD kernels on this CPU: nothing to compare");
+            return;
+        }
+        for format in [Format::Q4_1, Format::Q5_0, Format::Q8_0] {
+            for (cols, seed) in [(32usize, 21), (96, 22), (576, 23), (4864, 24)] {
+                for row in 0..6u64 {
+                    let w = random_blocks(format, 1, cols, seed * 100 + row);
+                    let act = quantize_for(format, &random_f32(cols, seed * 100 + row + 50));
+                    let want = scalar::lane_order_dot(format, &w, &act);
+                    let got = vec_dot_fn(format)(&w, &act);
+                    assert_eq!(got.to_bits(), want.to_bits(), "{format:?} cols {cols}");
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        let avx2 = match format {
+                            Format::Q4_1 => x86::vec_dot_q4_1_q8_1(&w, &act),
+                            Format::Q5_0 => x86::vec_dot_q5_0_q8_0(&w, &act),
+                            _ => x86::vec_dot_q8_0_q8_0(&w, &act),
+                        };
+                        assert_eq!(avx2.to_bits(), want.to_bits(), "AVX2 {format:?}");
+                    }
                 }
             }
         }

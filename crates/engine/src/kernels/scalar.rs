@@ -363,3 +363,41 @@ pub(super) fn dequantize(format: Format, w: &[u8], out: &mut Vec<f32>) {
         }
     }
 }
+
+/// Q4_1, Q5_0 and Q8_0 dot products in the SIMD kernels' float order (x86 and NEON alike):
+/// eight lanes of 4-product integer sums per block, `fma(d_w·d_a, lane, acc)` per lane, the
+/// lanes added ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)); Q4_1's `m·s` terms summed on the
+/// side. The SIMD paths must give these bits exactly, on every CPU.
+#[cfg(test)]
+pub(super) fn lane_order_dot(format: Format, w: &[u8], act: &Q8Row) -> f32 {
+    let block_bytes = format.block_bytes();
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    for (b, block) in w.chunks_exact(block_bytes).enumerate() {
+        let values: [i32; QK] = match format {
+            Format::Q4_1 => {
+                summs += f16_at(block, 2) * act.s[b];
+                std::array::from_fn(|i| {
+                    let q = block[4 + i % 16];
+                    (if i < 16 { q & 0x0f } else { q >> 4 }) as i32
+                })
+            }
+            Format::Q5_0 => q5_0_values(block),
+            Format::Q8_0 => std::array::from_fn(|i| block[2 + i] as i8 as i32),
+            other => panic!("no lane order for {other:?}"),
+        };
+        let dd = f16_at(block, 0) * act.d[b];
+        for (l, a) in acc.iter_mut().enumerate() {
+            let lane: i32 = (4 * l..4 * l + 4)
+                .map(|i| values[i] * act.qs[b * QK + i] as i32)
+                .sum();
+            *a = dd.mul_add(lane as f32, *a);
+        }
+    }
+    let sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    if format == Format::Q4_1 {
+        sum + summs
+    } else {
+        sum
+    }
+}

@@ -1,0 +1,139 @@
+//! AArch64 NEON kernels for decode (one activation row): Q4_1, Q5_0 and Q8_0, the formats
+//! of the default and test models, on the baseline NEON every 64-bit ARM core has (a
+//! Raspberry Pi 4's Cortex-A72 included: no `sdot`).
+//!
+//! Bit for bit the x86 kernels' results: the same eight integer lanes per block (lane `l`
+//! sums the products of bytes `4l..4l+4`, exact), the same `fma(d_w·d_a, lane, acc)` per
+//! lane and block, the same final sum ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)), so a
+//! model gives the same tokens on an ARM node as on an x86 one. Tested against the scalar
+//! reference like every SIMD path (`cargo test --target aarch64-unknown-linux-gnu` under
+//! `qemu-aarch64`, see docs/PERFORMANCE.md).
+
+use std::arch::aarch64::*;
+
+use super::kquant::f16_bits_to_f32;
+use super::{Q8Row, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK};
+
+/// Always true on AArch64 (NEON is part of the base architecture).
+pub(super) fn available() -> bool {
+    std::arch::is_aarch64_feature_detected!("neon")
+}
+
+fn f16_at(block: &[u8]) -> f32 {
+    f16_bits_to_f32(u16::from_le_bytes([block[0], block[1]]))
+}
+
+/// The eight lanes of one 32-element block: lane `l` = sum of `x[i]·y[i]` for `i` in
+/// `4l..4l+4`, as i32 (exact: |x| <= 128, |y| <= 127).
+#[inline(always)]
+unsafe fn block_lanes(x: [int8x16_t; 2], y: [int8x16_t; 2]) -> (int32x4_t, int32x4_t) {
+    let half = |x: int8x16_t, y: int8x16_t| {
+        let lo = vpaddlq_s16(vmull_s8(vget_low_s8(x), vget_low_s8(y)));
+        let hi = vpaddlq_s16(vmull_s8(vget_high_s8(x), vget_high_s8(y)));
+        vpaddq_s32(lo, hi)
+    };
+    (half(x[0], y[0]), half(x[1], y[1]))
+}
+
+/// `acc += dd · lanes`, lane by lane, fused as on x86.
+#[inline(always)]
+unsafe fn accumulate(acc: &mut [float32x4_t; 2], dd: f32, lanes: (int32x4_t, int32x4_t)) {
+    let d = vdupq_n_f32(dd);
+    acc[0] = vfmaq_f32(acc[0], d, vcvtq_f32_s32(lanes.0));
+    acc[1] = vfmaq_f32(acc[1], d, vcvtq_f32_s32(lanes.1));
+}
+
+/// x86's `hsum` of eight lanes: halves added, then pairs, then the last two.
+#[inline(always)]
+unsafe fn hsum(acc: [float32x4_t; 2]) -> f32 {
+    let s = vaddq_f32(acc[0], acc[1]);
+    let t = vadd_f32(vget_low_f32(s), vget_high_f32(s));
+    vget_lane_f32::<0>(t) + vget_lane_f32::<1>(t)
+}
+
+#[inline(always)]
+unsafe fn act_bytes(act: &Q8Row, b: usize) -> [int8x16_t; 2] {
+    let p = act.qs.as_ptr().add(b * QK);
+    [vld1q_s8(p), vld1q_s8(p.add(16))]
+}
+
+/// The 32 nibbles of 16 packed bytes, low nibbles first.
+#[inline(always)]
+unsafe fn nibbles(packed: *const u8) -> [uint8x16_t; 2] {
+    let v = vld1q_u8(packed);
+    [vandq_u8(v, vdupq_n_u8(0x0f)), vshrq_n_u8::<4>(v)]
+}
+
+pub(super) fn vec_dot_q8_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q8_0_BLOCK_BYTES;
+    assert!(act.d.len() >= nb && act.qs.len() >= nb * QK);
+    // Safety: NEON is there (base architecture); every load is inside `w` or `act`.
+    unsafe {
+        let mut acc = [vdupq_n_f32(0.0); 2];
+        for (b, block) in w.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
+            let q = block.as_ptr().add(2) as *const i8;
+            let lanes = block_lanes([vld1q_s8(q), vld1q_s8(q.add(16))], act_bytes(act, b));
+            accumulate(&mut acc, f16_at(block) * act.d[b], lanes);
+        }
+        hsum(acc)
+    }
+}
+
+pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q4_1_BLOCK_BYTES;
+    assert!(act.d.len() >= nb && act.s.len() >= nb && act.qs.len() >= nb * QK);
+    // Safety: as above.
+    unsafe {
+        let mut acc = [vdupq_n_f32(0.0); 2];
+        let mut summs = 0f32;
+        for (b, block) in w.chunks_exact(Q4_1_BLOCK_BYTES).enumerate() {
+            let m = f16_bits_to_f32(u16::from_le_bytes([block[2], block[3]]));
+            summs += m * act.s[b];
+            let [lo, hi] = nibbles(block.as_ptr().add(4));
+            let x = [vreinterpretq_s8_u8(lo), vreinterpretq_s8_u8(hi)];
+            accumulate(
+                &mut acc,
+                f16_at(block) * act.d[b],
+                block_lanes(x, act_bytes(act, b)),
+            );
+        }
+        hsum(acc) + summs
+    }
+}
+
+pub(super) fn vec_dot_q5_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q5_0_BLOCK_BYTES;
+    assert!(act.d.len() >= nb && act.qs.len() >= nb * QK);
+    // Bit j of each byte, to test the high bits 8 at a time.
+    const BITS: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+    // Safety: as above.
+    unsafe {
+        let bits = vld1q_u8(BITS.as_ptr());
+        let mut acc = [vdupq_n_f32(0.0); 2];
+        for (b, block) in w.chunks_exact(Q5_0_BLOCK_BYTES).enumerate() {
+            let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+            let [lo, hi] = nibbles(block.as_ptr().add(6));
+            // High bit of element i is bit i of `qh`: bytes 0..2 for elements 0..16.
+            let spread = |k: u32| {
+                let b0 = vdup_n_u8((qh >> (16 * k)) as u8);
+                let b1 = vdup_n_u8((qh >> (16 * k + 8)) as u8);
+                vtstq_u8(vcombine_u8(b0, b1), bits)
+            };
+            let sixteen = vdupq_n_u8(0x10);
+            // nibble | (high bit << 4), minus 16: as signed bytes.
+            let value = |n: uint8x16_t, mask: uint8x16_t| {
+                vsubq_s8(
+                    vreinterpretq_s8_u8(vorrq_u8(n, vandq_u8(mask, sixteen))),
+                    vdupq_n_s8(16),
+                )
+            };
+            let x = [value(lo, spread(0)), value(hi, spread(1))];
+            accumulate(
+                &mut acc,
+                f16_at(block) * act.d[b],
+                block_lanes(x, act_bytes(act, b)),
+            );
+        }
+        hsum(acc)
+    }
+}
