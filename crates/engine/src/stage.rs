@@ -148,11 +148,16 @@ fn own_format(dtype: GgmlDType) -> Option<Format> {
         GgmlDType::Q4_1 => Some(Format::Q4_1),
         GgmlDType::Q5_0 => Some(Format::Q5_0),
         GgmlDType::Q8_0 => Some(Format::Q8_0),
-        // In llama.cpp's shape-dependent float order (kernels/kquant.rs). Q4_0, Q5_1 and
-        // Q5_K have kernels too, but stay on candle's until they follow llama.cpp's
-        // order (it repacks Q4_0 and tiles Q5_K prompts).
+        // In llama.cpp's shape-dependent float order (kernels/kquant.rs).
         GgmlDType::Q4K => Some(Format::Q4K),
         GgmlDType::Q6K => Some(Format::Q6K),
+        // Ours as well, in the order of llama.cpp's plain x86 dot products. llama.cpp
+        // itself takes other orders for some shapes (it repacks Q4_0, and tiles Q5_K
+        // prompts), so for these three our numbers are near llama.cpp's rather than
+        // bit for bit — as candle's kernels, which they replace, were.
+        GgmlDType::Q4_0 => Some(Format::Q4_0),
+        GgmlDType::Q5_1 => Some(Format::Q5_1),
+        GgmlDType::Q5K => Some(Format::Q5K),
         _ => None,
     }
 }

@@ -36,7 +36,7 @@ const VOCAB: usize = 100;
 const LAYERS: usize = 2;
 
 /// A qwen2-shaped model (q/k/v biases) whose matrices use every format the engine maps,
-/// Q4_K and Q6_K at shapes that take each of llama.cpp's orders, and Q4_0 (candle's).
+/// Q4_K and Q6_K at shapes that take each of llama.cpp's orders, and Q3_K (candle's).
 fn write_model(path: &std::path::Path) {
     let a = "qwen2";
     let md: Vec<(String, Value)> = vec![
@@ -71,7 +71,7 @@ fn write_model(path: &std::path::Path) {
     let layer_types = [
         // q, k, v, o, gate, up, down
         [Q4K, Q6K, Q8_0, Q4_1, Q4K, Q5_0, Q6K],
-        [Q6K, Q4K, Q4_0, Q6K, Q6K, Q4K, Q4K],
+        [Q6K, Q4K, Q3K, Q6K, Q6K, Q4K, Q4K],
     ];
     for (i, t) in layer_types.iter().enumerate() {
         let p = |n: &str| format!("blk.{i}.{n}");

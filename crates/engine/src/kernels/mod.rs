@@ -13,8 +13,8 @@
 //! models: super-blocks of 256) pair with Q8_K activations, as in llama.cpp. Activation
 //! quantization follows llama.cpp's `quantize_row_q8_1`, `quantize_row_q8_0` and
 //! `quantize_row_q8_K` exactly, so our rounding is its rounding. Q4_0 (times Q8_0),
-//! Q5_1 (times Q8_1) and Q5_K (times Q8_K) have kernels too, not yet mapped from GGUF
-//! tensors.
+//! Q5_1 (times Q8_1) and Q5_K (times Q8_K) run in the order of llama.cpp's plain x86 dot
+//! products, which llama.cpp itself leaves for other orders in some shapes (stage.rs).
 //!
 //! Products of several activation rows (prompts) run on tiles: one weight row against a
 //! few activation rows at once, each weight block unpacked once for all of them (AVX2: 4
@@ -69,16 +69,12 @@ pub(crate) const Q6_K_BLOCK_BYTES: usize = 210;
 /// The weight formats with a kernel of ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Format {
-    // Q4_0, Q5_1 and Q5_K are not mapped from GGUF tensors yet (stage.rs's `Weight::new`).
-    #[allow(dead_code)]
     Q4_0,
     Q4_1,
     Q5_0,
-    #[allow(dead_code)]
     Q5_1,
     Q8_0,
     Q4K,
-    #[allow(dead_code)]
     Q5K,
     Q6K,
 }
