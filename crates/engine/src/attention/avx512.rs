@@ -41,21 +41,7 @@ pub(super) fn attend(
         unsafe { head_avx512(heads, h, q, k, v, query_pos, key_pos, &mut out) };
         out
     };
-    // Heads in parallel when there is enough work to pay for the hand-off.
-    let per_head: Vec<Vec<f32>> = if seq * total * hd >= 1 << 16 {
-        let mut per_head = vec![Vec::new(); n_heads];
-        crate::pool::for_each_chunk_mut(&mut per_head, 1, |h, slot| slot[0] = run_head(h));
-        per_head
-    } else {
-        (0..n_heads).map(run_head).collect()
-    };
-    let mut out = vec![0f32; seq * n_heads * hd];
-    for (h, rows) in per_head.iter().enumerate() {
-        for i in 0..seq {
-            out[(i * n_heads + h) * hd..][..hd].copy_from_slice(&rows[i * hd..][..hd]);
-        }
-    }
-    out
+    super::by_head(heads, seq, total, run_head)
 }
 
 /// Query head `h` for every query: `out` [seq, hd].

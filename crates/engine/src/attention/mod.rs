@@ -368,7 +368,22 @@ fn attend_converted(
         job.run(&mut out);
         out
     };
-    // Heads in parallel when there is enough work to pay for the hand-off.
+    by_head(heads, seq, total, run_head)
+}
+
+/// `run_head(h)` ([seq, hd]) for every query head, in parallel when there is enough work
+/// to pay for the hand-off, laid out as [seq, n_heads * hd].
+fn by_head(
+    heads: Heads,
+    seq: usize,
+    total: usize,
+    run_head: impl Fn(usize) -> Vec<f32> + Sync,
+) -> Vec<f32> {
+    let Heads {
+        n_heads,
+        head_dim: hd,
+        ..
+    } = heads;
     let per_head: Vec<Vec<f32>> = if seq * total * hd >= 1 << 16 {
         let mut per_head = vec![Vec::new(); n_heads];
         crate::pool::for_each_chunk_mut(&mut per_head, 1, |h, slot| slot[0] = run_head(h));
