@@ -203,8 +203,17 @@ impl Pool {
         let mine = catch_unwind(AssertUnwindSafe(|| claim_chunks(s, chunks, workers + 1, f)));
         // No worker may enter from now on; wait for those inside to leave.
         s.state.fetch_or(CLOSED, Ordering::SeqCst);
+        // Usually a few chunks' time; but a worker preempted in the middle of a chunk
+        // (more runnable threads than cores: stages sharing a machine) would keep a
+        // spinning caller off the core it needs, so past a short spin, yield it.
+        let mut spins = 0u32;
         while s.state.load(Ordering::SeqCst) & ACTIVE_MASK != 0 {
-            std::hint::spin_loop();
+            spins = spins.saturating_add(1);
+            if spins < 256 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
         if let Err(panic) = mine {
             std::panic::resume_unwind(panic);
