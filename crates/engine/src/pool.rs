@@ -18,7 +18,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
+use std::sync::{Condvar, Mutex, OnceLock, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How long an idle worker keeps watching for the next job before it parks.
@@ -179,10 +179,15 @@ impl Pool {
     }
 
     fn run(&self, chunks: usize, workers: usize, f: &(dyn Fn(usize) + Sync)) {
-        let Ok(_busy) = self.busy.try_lock() else {
-            // Another job is running (or this is a chunk of it): do it here.
-            (0..chunks).for_each(f);
-            return;
+        let _busy = match self.busy.try_lock() {
+            Ok(guard) => guard,
+            // A chunk panicked under an earlier job: the pool itself is intact.
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                // Another job is running (or this is a chunk of it): do it here.
+                (0..chunks).for_each(f);
+                return;
+            }
         };
         let s = self.shared;
         // Safety: the lifetime is erased only for the workers; see `Job`.
@@ -385,5 +390,22 @@ mod tests {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.into_inner(), 32);
+        // And its workers still take part (not everything on the caller from now on).
+        // Tries a few times: another test may hold the pool at that moment, and then a
+        // job rightly runs on its caller alone.
+        if threads() > 1 {
+            let caller = std::thread::current().id();
+            let worker_took_part = (0..20).any(|_| {
+                let elsewhere = AtomicUsize::new(0);
+                for_each(16, |_| {
+                    std::thread::sleep(Duration::from_millis(1));
+                    if std::thread::current().id() != caller {
+                        elsewhere.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                elsewhere.into_inner() > 0
+            });
+            assert!(worker_took_part, "no worker took part after the panic");
+        }
     }
 }
