@@ -14,7 +14,10 @@ use super::{Heads, LANES, STEP};
 
 /// Whether this CPU runs [`attend`].
 pub(super) fn available() -> bool {
-    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c")
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
 }
 
 /// `super::attend` (`q`: [seq, n_heads, hd]); `hd` a multiple of 64.
@@ -144,7 +147,9 @@ unsafe fn score_steps(q: &[f32], k: *const f16, hd: usize) -> f32 {
 #[target_feature(enable = "avx512f,avx2")]
 #[inline]
 unsafe fn reduce16(v: __m512) -> f32 {
-    let x8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+    // The upper half through the f64 view: `extractf32x8` would need AVX-512 DQ.
+    let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    let x8 = _mm256_add_ps(_mm512_castps512_ps256(v), upper);
     let x4 = _mm_add_ps(_mm256_castps256_ps128(x8), _mm256_extractf128_ps::<1>(x8));
     let x2 = _mm_add_ps(x4, _mm_movehl_ps(x4, x4));
     _mm_cvtss_f32(_mm_add_ss(x2, _mm_movehdup_ps(x2)))
