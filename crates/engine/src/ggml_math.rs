@@ -102,7 +102,7 @@ pub(crate) fn swiglu_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == up.len() && gate.len() == out.len());
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has the features the function is compiled for.
             unsafe { swiglu_avx512(gate, up, out) };
             return;
