@@ -615,8 +615,10 @@ fn vec_dot_fn(format: Format) -> VecDot {
     #[cfg(target_arch = "aarch64")]
     if neon::available() {
         match format {
+            Format::Q4_0 => return neon::vec_dot_q4_0_q8_0,
             Format::Q4_1 => return neon::vec_dot_q4_1_q8_1,
             Format::Q5_0 => return neon::vec_dot_q5_0_q8_0,
+            Format::Q5_1 => return neon::vec_dot_q5_1_q8_1,
             Format::Q8_0 => return neon::vec_dot_q8_0_q8_0,
             _ => {}
         }
@@ -941,7 +943,13 @@ mod tests {
             eprintln!("no SIMD kernels on this CPU: nothing to compare");
             return;
         }
-        for format in [Format::Q4_1, Format::Q5_0, Format::Q8_0] {
+        for format in [
+            Format::Q4_0,
+            Format::Q4_1,
+            Format::Q5_0,
+            Format::Q5_1,
+            Format::Q8_0,
+        ] {
             for (cols, seed) in [(32usize, 21), (96, 22), (576, 23), (4864, 24)] {
                 for row in 0..6u64 {
                     let w = random_blocks(format, 1, cols, seed * 100 + row);
@@ -952,8 +960,10 @@ mod tests {
                     #[cfg(target_arch = "x86_64")]
                     {
                         let avx2 = match format {
+                            Format::Q4_0 => x86::vec_dot_q4_0_q8_0(&w, &act),
                             Format::Q4_1 => x86::vec_dot_q4_1_q8_1(&w, &act),
                             Format::Q5_0 => x86::vec_dot_q5_0_q8_0(&w, &act),
+                            Format::Q5_1 => x86::vec_dot_q5_1_q8_1(&w, &act),
                             _ => x86::vec_dot_q8_0_q8_0(&w, &act),
                         };
                         assert_eq!(avx2.to_bits(), want.to_bits(), "AVX2 {format:?}");

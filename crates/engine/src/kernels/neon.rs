@@ -1,6 +1,6 @@
-//! AArch64 NEON kernels for decode (one activation row): Q4_1, Q5_0 and Q8_0, the formats
-//! of the default and test models, on the baseline NEON every 64-bit ARM core has (a
-//! Raspberry Pi 4's Cortex-A72 included: no `sdot`).
+//! AArch64 NEON kernels for decode (one activation row) of the 32-element formats: Q4_0,
+//! Q4_1, Q5_0, Q5_1 and Q8_0, on the baseline NEON every 64-bit ARM core has (a Raspberry
+//! Pi 4's Cortex-A72 included: no `sdot`).
 //!
 //! Bit for bit the x86 kernels' results: the same eight integer lanes per block (lane `l`
 //! sums the products of bytes `4l..4l+4`, exact), the same `fma(d_w·d_a, lane, acc)` per
@@ -12,7 +12,10 @@
 use std::arch::aarch64::*;
 
 use super::kquant::f16_bits_to_f32;
-use super::{Q8Row, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK};
+use super::{
+    Q8Row, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q5_0_BLOCK_BYTES, Q5_1_BLOCK_BYTES,
+    Q8_0_BLOCK_BYTES, QK,
+};
 
 /// Always true on AArch64 (NEON is part of the base architecture).
 pub(super) fn available() -> bool {
@@ -101,33 +104,37 @@ pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], act: &Q8Row) -> f32 {
     }
 }
 
+/// The high bits of a 5-bit block (`qh`, bit i for element i) as 0x10 in each byte whose
+/// bit is set: elements 0..16 and 16..32.
+#[inline(always)]
+unsafe fn high_bits(qh: u32) -> [uint8x16_t; 2] {
+    // Bit j of each byte, to test the bits 8 at a time.
+    const BITS: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+    let bits = vld1q_u8(BITS.as_ptr());
+    let sixteen = vdupq_n_u8(0x10);
+    let spread = |k: u32| {
+        let b0 = vdup_n_u8((qh >> (16 * k)) as u8);
+        let b1 = vdup_n_u8((qh >> (16 * k + 8)) as u8);
+        vandq_u8(vtstq_u8(vcombine_u8(b0, b1), bits), sixteen)
+    };
+    [spread(0), spread(1)]
+}
+
 pub(super) fn vec_dot_q5_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
     let nb = w.len() / Q5_0_BLOCK_BYTES;
     assert!(act.d.len() >= nb && act.qs.len() >= nb * QK);
-    // Bit j of each byte, to test the high bits 8 at a time.
-    const BITS: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
     // Safety: as above.
     unsafe {
-        let bits = vld1q_u8(BITS.as_ptr());
         let mut acc = [vdupq_n_f32(0.0); 2];
         for (b, block) in w.chunks_exact(Q5_0_BLOCK_BYTES).enumerate() {
             let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
             let [lo, hi] = nibbles(block.as_ptr().add(6));
-            // High bit of element i is bit i of `qh`: bytes 0..2 for elements 0..16.
-            let spread = |k: u32| {
-                let b0 = vdup_n_u8((qh >> (16 * k)) as u8);
-                let b1 = vdup_n_u8((qh >> (16 * k + 8)) as u8);
-                vtstq_u8(vcombine_u8(b0, b1), bits)
+            let [h0, h1] = high_bits(qh);
+            // nibble | (high bit << 4), minus 16, as signed bytes.
+            let value = |n: uint8x16_t, h: uint8x16_t| {
+                vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(n, h)), vdupq_n_s8(16))
             };
-            let sixteen = vdupq_n_u8(0x10);
-            // nibble | (high bit << 4), minus 16: as signed bytes.
-            let value = |n: uint8x16_t, mask: uint8x16_t| {
-                vsubq_s8(
-                    vreinterpretq_s8_u8(vorrq_u8(n, vandq_u8(mask, sixteen))),
-                    vdupq_n_s8(16),
-                )
-            };
-            let x = [value(lo, spread(0)), value(hi, spread(1))];
+            let x = [value(lo, h0), value(hi, h1)];
             accumulate(
                 &mut acc,
                 f16_at(block) * act.d[b],
@@ -135,5 +142,52 @@ pub(super) fn vec_dot_q5_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
             );
         }
         hsum(acc)
+    }
+}
+
+pub(super) fn vec_dot_q4_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q4_0_BLOCK_BYTES;
+    assert!(act.d.len() >= nb && act.qs.len() >= nb * QK);
+    // Safety: as above.
+    unsafe {
+        let mut acc = [vdupq_n_f32(0.0); 2];
+        for (b, block) in w.chunks_exact(Q4_0_BLOCK_BYTES).enumerate() {
+            let [lo, hi] = nibbles(block.as_ptr().add(2));
+            let minus_8 = |n: uint8x16_t| vsubq_s8(vreinterpretq_s8_u8(n), vdupq_n_s8(8));
+            let x = [minus_8(lo), minus_8(hi)];
+            accumulate(
+                &mut acc,
+                f16_at(block) * act.d[b],
+                block_lanes(x, act_bytes(act, b)),
+            );
+        }
+        hsum(acc)
+    }
+}
+
+pub(super) fn vec_dot_q5_1_q8_1(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q5_1_BLOCK_BYTES;
+    assert!(act.d.len() >= nb && act.s.len() >= nb && act.qs.len() >= nb * QK);
+    // Safety: as above.
+    unsafe {
+        let mut acc = [vdupq_n_f32(0.0); 2];
+        let mut summs = 0f32;
+        for (b, block) in w.chunks_exact(Q5_1_BLOCK_BYTES).enumerate() {
+            let m = f16_bits_to_f32(u16::from_le_bytes([block[2], block[3]]));
+            summs += m * act.s[b];
+            let qh = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
+            let [lo, hi] = nibbles(block.as_ptr().add(8));
+            let [h0, h1] = high_bits(qh);
+            let x = [
+                vreinterpretq_s8_u8(vorrq_u8(lo, h0)),
+                vreinterpretq_s8_u8(vorrq_u8(hi, h1)),
+            ];
+            accumulate(
+                &mut acc,
+                f16_at(block) * act.d[b],
+                block_lanes(x, act_bytes(act, b)),
+            );
+        }
+        hsum(acc) + summs
     }
 }

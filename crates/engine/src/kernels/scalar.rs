@@ -364,10 +364,10 @@ pub(super) fn dequantize(format: Format, w: &[u8], out: &mut Vec<f32>) {
     }
 }
 
-/// Q4_1, Q5_0 and Q8_0 dot products in the SIMD kernels' float order (x86 and NEON alike):
+/// The 32-element formats' dot products in the SIMD kernels' float order (x86 and NEON):
 /// eight lanes of 4-product integer sums per block, `fma(d_w·d_a, lane, acc)` per lane, the
 /// lanes added ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)); Q4_1's `m·s` terms summed on the
-/// side. The SIMD paths must give these bits exactly, on every CPU.
+/// side (Q4_1, Q5_1). The SIMD paths must give these bits exactly, on every CPU.
 #[cfg(test)]
 pub(super) fn lane_order_dot(format: Format, w: &[u8], act: &Q8Row) -> f32 {
     let block_bytes = format.block_bytes();
@@ -383,6 +383,11 @@ pub(super) fn lane_order_dot(format: Format, w: &[u8], act: &Q8Row) -> f32 {
                 })
             }
             Format::Q5_0 => q5_0_values(block),
+            Format::Q4_0 => q4_0_values(block),
+            Format::Q5_1 => {
+                summs += f16_at(block, 2) * act.s[b];
+                q5_1_values(block)
+            }
             Format::Q8_0 => std::array::from_fn(|i| block[2 + i] as i8 as i32),
             other => panic!("no lane order for {other:?}"),
         };
@@ -395,7 +400,7 @@ pub(super) fn lane_order_dot(format: Format, w: &[u8], act: &Q8Row) -> f32 {
         }
     }
     let sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-    if format == Format::Q4_1 {
+    if matches!(format, Format::Q4_1 | Format::Q5_1) {
         sum + summs
     } else {
         sum
