@@ -136,6 +136,10 @@ fn q6k_lane_totals(block: &[u8], act: &Q8Row, b: usize) -> [i32; 8] {
         // Safety: AVX2 is there; `block`, `q8` and `bsums` are whole super-blocks.
         return unsafe { super::x86::q6_k_lane_totals(block, q8, bsums) };
     }
+    #[cfg(target_arch = "aarch64")]
+    if super::neon::available() {
+        return super::neon::q6_k_lane_totals(block, q8, bsums);
+    }
     scalar::q6_k_lane_totals(block, q8, bsums)
 }
 
@@ -148,6 +152,10 @@ fn q4k_pair_totals(block: &[u8], act: &Q8Row, b: usize) -> ([i32; 4], [i32; 4]) 
     if super::x86::available() {
         // Safety: AVX2 is there; `block`, `q8` and `bsums` are whole super-blocks.
         return unsafe { super::x86::q4_k_pair_totals(block, q8, bsums) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if super::neon::available() {
+        return super::neon::q4_k_pair_totals(block, q8, bsums);
     }
     scalar::q4_k_pair_totals(block, q8, bsums)
 }
