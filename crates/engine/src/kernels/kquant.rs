@@ -51,27 +51,36 @@ pub(super) fn order(format: Format, rows: usize, m: usize, i: usize) -> Option<O
     })
 }
 
-/// The dot product function for an order (`VecDot` gives the format's own kernel).
+/// The dot product function for an order (`VecDot` gives the format's own kernel): the
+/// FMA-compiled copy where the CPU has it (`fma`), else the plain one.
 pub(super) fn dot_for(order: Order, vec_dot: VecDot) -> VecDot {
+    let (plain, fused): (VecDot, VecDot) = match order {
+        Order::Q6kLanes => (q6k_lanes, fma::q6k_lanes),
+        Order::Q6kTiled => (q6k_tiled, fma::q6k_tiled),
+        Order::Q4kPairs => (q4k_pairs, fma::q4k_pairs),
+        Order::Q4kBlocks => (q4k_blocks, fma::q4k_blocks),
+        Order::Q4kTiled => (q4k_tiled, fma::q4k_tiled),
+        Order::VecDot => return vec_dot,
+    };
+    if fma_compiled() {
+        fused
+    } else {
+        plain
+    }
+}
+
+/// Whether the `fma` copies are compiled with FMA and may run here.
+fn fma_compiled() -> bool {
     #[cfg(target_arch = "x86_64")]
-    if super::x86::available() {
-        return match order {
-            Order::Q6kLanes => fma::q6k_lanes,
-            Order::Q6kTiled => fma::q6k_tiled,
-            Order::Q4kPairs => fma::q4k_pairs,
-            Order::Q4kBlocks => fma::q4k_blocks,
-            Order::Q4kTiled => fma::q4k_tiled,
-            Order::VecDot => vec_dot,
-        };
-    }
-    match order {
-        Order::Q6kLanes => q6k_lanes,
-        Order::Q6kTiled => q6k_tiled,
-        Order::Q4kPairs => q4k_pairs,
-        Order::Q4kBlocks => q4k_blocks,
-        Order::Q4kTiled => q4k_tiled,
-        Order::VecDot => vec_dot,
-    }
+    return super::x86::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Elsewhere the "FMA-compiled" copies are the plain functions.
+#[cfg(not(target_arch = "x86_64"))]
+mod fma {
+    pub(super) use super::{q4k_blocks, q4k_pairs, q4k_tiled, q6k_lanes, q6k_tiled};
 }
 
 /// The same functions compiled with AVX2 and FMA: `mul_add` becomes one instruction (it is
