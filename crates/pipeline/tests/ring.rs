@@ -526,24 +526,7 @@ async fn concurrent_sessions_batch_at_every_stage_and_answer_as_alone() {
 async fn a_bad_forward_in_a_batch_fails_only_its_session() {
     let (server, addr) = start_server(Duration::from_secs(600)).await;
     let mut conn = dial(addr).await;
-    conn.write_frame(&Message::LoadStage(shoal_wire::LoadStage {
-        plan_id: 4,
-        model_id: SMOLLM2.into(),
-        model_sha256: [0; 32],
-        layer_start: 20,
-        layer_end: 30,
-        embed: false,
-        head: true,
-        activation_dtype: DType::F32,
-        max_context: 2048,
-        next: None,
-    }))
-    .await
-    .unwrap();
-    assert!(matches!(
-        conn.read_frame().await.unwrap(),
-        Some(Message::StageReady(_))
-    ));
+    load_last_stage(&mut conn, 4, DType::F32).await;
     let replies = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let reply_to = replies.local_addr().unwrap();
     let hidden = reference().config().hidden;
@@ -679,6 +662,28 @@ async fn penalties_and_cuts_match_single_process() {
 }
 
 /// Dials a server as a head would.
+/// Loads SmolLM2's layers 20..30 (the last stage: it samples) on the server behind `conn`.
+async fn load_last_stage(conn: &mut Connection, plan_id: u64, dtype: DType) {
+    conn.write_frame(&Message::LoadStage(shoal_wire::LoadStage {
+        plan_id,
+        model_id: SMOLLM2.into(),
+        model_sha256: [0; 32],
+        layer_start: 20,
+        layer_end: 30,
+        embed: false,
+        head: true,
+        activation_dtype: dtype,
+        max_context: 2048,
+        next: None,
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(
+        conn.read_frame().await.unwrap(),
+        Some(Message::StageReady(_))
+    ));
+}
+
 async fn dial(addr: SocketAddr) -> Connection {
     let mut conn = Connection::connect(addr, Limits::default()).await.unwrap();
     client_handshake(
@@ -781,24 +786,7 @@ async fn raw_handshake(addr: SocketAddr) -> TcpStream {
 async fn a_failing_forward_is_reported_to_the_head() {
     let (_server, addr) = start_server(Duration::from_secs(600)).await;
     let mut conn = dial(addr).await;
-    conn.write_frame(&Message::LoadStage(shoal_wire::LoadStage {
-        plan_id: 3,
-        model_id: SMOLLM2.into(),
-        model_sha256: [0; 32],
-        layer_start: 20,
-        layer_end: 30,
-        embed: false,
-        head: true,
-        activation_dtype: DType::F16,
-        max_context: 2048,
-        next: None,
-    }))
-    .await
-    .unwrap();
-    assert!(matches!(
-        conn.read_frame().await.unwrap(),
-        Some(Message::StageReady(_))
-    ));
+    load_last_stage(&mut conn, 3, DType::F16).await;
 
     // The head's reply listener, played by the test.
     let replies = TcpListener::bind("127.0.0.1:0").await.unwrap();
