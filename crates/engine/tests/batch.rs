@@ -14,17 +14,7 @@ use shoal_engine::candle_core::{Device, Tensor};
 use shoal_engine::stage::BatchItem;
 use shoal_engine::{GgufFile, KvCache, Logits, Stage, StageInput, StageOutput, StageSpec};
 
-/// A deterministic pseudo-random stream.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
+use common::Rng;
 
 const HIDDEN: usize = 256;
 const HEADS: usize = 4;

@@ -6,6 +6,8 @@
 //! adjacent pairs, qwen rotates halves), qwen2's q/k/v biases, qwen3's per-head q/k norms
 //! and its head size that is not hidden/heads, and tied vs separate output weights.
 
+mod common;
+
 use shoal_engine::candle_core::quantized::gguf_file::{self, Value};
 use shoal_engine::candle_core::quantized::{GgmlDType, QTensor};
 use shoal_engine::candle_core::{Device, Tensor};
@@ -26,20 +28,7 @@ struct Cfg {
     tied: bool,
 }
 
-/// A deterministic pseudo-random stream.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-}
+use common::Rng;
 
 /// Weights as plain row-major f32 arrays, by GGUF tensor name, with their [rows, cols].
 type Weights = std::collections::BTreeMap<String, (Vec<f32>, usize, usize)>;
