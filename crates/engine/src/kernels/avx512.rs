@@ -101,10 +101,7 @@ unsafe fn vec_dot_q4_1_q8_1_avx512(w: &[u8], act: &Q8Row) -> f32 {
     let mut summs = 0f32;
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q4_1_BLOCK_BYTES);
-        // d and m as f16 -> f32 in one conversion (a 32-bit load zeroes the register).
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
-        let d = _mm_cvtss_f32(dm);
-        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let (d, m) = super::x86::block_scale_min(block);
         summs += m * *act.s.get_unchecked(b);
         let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
         // Nibbles are unsigned already: no sign trick.

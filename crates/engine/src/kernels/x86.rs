@@ -31,6 +31,14 @@ pub(super) unsafe fn block_scale(block: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(bits))
 }
 
+/// The f16 scale and minimum that open a Q4_1/Q5_1 block, as f32, in one conversion (a
+/// 32-bit load zeroes the register, so no false dependency as in `block_scale`).
+#[inline(always)]
+pub(super) unsafe fn block_scale_min(block: *const u8) -> (f32, f32) {
+    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+    (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+}
+
 pub(super) fn vec_dot_q4_0_q8_0(w: &[u8], act: &Q8Row) -> f32 {
     // Safety: only selected by `vec_dot_fn` after `available()` confirmed AVX2, FMA, F16C.
     unsafe { vec_dot_q4_0_q8_0_avx2(w, act) }
@@ -106,9 +114,7 @@ unsafe fn vec_dot_q5_1_q8_1_avx2(w: &[u8], act: &Q8Row) -> f32 {
     let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q5_1_BLOCK_BYTES);
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
-        let d = _mm_cvtss_f32(dm);
-        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let (d, m) = block_scale_min(block);
         summs += m * *act.s.get_unchecked(b);
         let qx = q5_1_block(block);
         let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
@@ -136,10 +142,7 @@ unsafe fn vec_dot_q4_1_q8_1_avx2(w: &[u8], act: &Q8Row) -> f32 {
     let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q4_1_BLOCK_BYTES);
-        // d and m as f16 -> f32 in one conversion.
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
-        let d = _mm_cvtss_f32(dm);
-        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let (d, m) = block_scale_min(block);
         summs += m * *act.s.get_unchecked(b);
         let packed = _mm_loadu_si128(block.add(4) as *const __m128i);
         let lo = _mm_and_si128(packed, low_mask);
@@ -595,9 +598,7 @@ unsafe fn tile_q5_1_q8_1<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f3
     let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q5_1_BLOCK_BYTES);
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
-        let d = _mm_cvtss_f32(dm);
-        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let (d, m) = block_scale_min(block);
         let qx = q5_1_block(block);
         for i in 0..N {
             summs[i] += m * *sy[i].add(b);
@@ -626,9 +627,7 @@ unsafe fn tile_q4_1_q8_1<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f3
     let ones = _mm256_set1_epi16(1);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q4_1_BLOCK_BYTES);
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
-        let d = _mm_cvtss_f32(dm);
-        let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let (d, m) = block_scale_min(block);
         let packed = _mm_loadu_si128(block.add(4) as *const __m128i);
         let lo = _mm_and_si128(packed, low_mask);
         let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);
