@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 
 use crate::chat_template::ChatMessage;
+use crate::choices::Choices;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
@@ -153,6 +154,8 @@ pub struct Generation<'m> {
     timings: Timings,
     /// Asked between prefill chunks: `true` means stop (the caller lost interest).
     interrupt: Option<Box<dyn Fn() -> bool + Send + 'm>>,
+    /// When set, the answer is one of these token sequences ([`Generation::constrain_to`]).
+    choices: Option<Choices>,
 }
 
 impl<'m> Generation<'m> {
@@ -178,7 +181,23 @@ impl<'m> Generation<'m> {
             finish: None,
             timings: Timings::default(),
             interrupt: None,
+            choices: None,
         })
+    }
+
+    /// Constrains the answer to exactly one of `texts` (as plain text, e.g. a classifier's
+    /// labels): only tokens that continue a choice can be drawn, and generation ends with
+    /// [`FinishReason::Stop`] once a choice is complete (unless `max_tokens` cuts it first).
+    /// Call before the first step. Fails on an empty list, more than
+    /// [`crate::choices::MAX_CHOICES`] choices, or an empty choice.
+    pub fn constrain_to(&mut self, texts: &[String]) -> Result<()> {
+        if self.tokens.len() > self.prompt_len {
+            return Err(EngineError::InvalidInput(
+                "an answer can only be constrained before it starts".into(),
+            ));
+        }
+        self.choices = Some(Choices::new(self.model.tokenizer(), texts)?);
+        Ok(())
     }
 
     /// Installs a check that is asked between prefill chunks; when it answers `true`,
@@ -224,6 +243,10 @@ impl<'m> Generation<'m> {
         let started = Instant::now();
         let first = self.tokens.len() == self.prompt_len;
         let mut logits = self.run_pending()?;
+        if let Some(choices) = &self.choices {
+            let answer = &self.tokens[self.prompt_len..];
+            choices.mask(&mut logits, answer, self.model.tokenizer().eos_ids());
+        }
         let token = self.sampler.sample(&mut logits, &self.tokens);
         self.tokens.push(token);
         if first {
@@ -240,8 +263,15 @@ impl<'m> Generation<'m> {
         } else {
             let (mut text, stopped) = self.text.push(token)?;
             let generated = self.tokens.len() - self.prompt_len;
+            let chosen = self
+                .choices
+                .as_ref()
+                .is_some_and(|c| c.is_finished(&self.tokens[self.prompt_len..]));
             if stopped {
                 self.finish = Some(FinishReason::Stop);
+            } else if chosen {
+                self.finish = Some(FinishReason::Stop);
+                text.push_str(&self.text.flush());
             } else if generated >= self.params.max_tokens
                 || self.tokens.len() >= self.model.config().context_length
             {

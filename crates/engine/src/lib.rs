@@ -14,6 +14,7 @@
 
 mod attention;
 pub mod chat_template;
+pub mod choices;
 pub mod config;
 pub mod error;
 pub mod generate;

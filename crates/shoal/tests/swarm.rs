@@ -117,6 +117,39 @@ fn status_lists_every_agent_with_role_model_health_and_speed() {
 }
 
 #[test]
+fn a_spotter_classifies_with_exactly_one_label() {
+    let spotter = agent("spotter");
+    let reasoner = agent("reasoner");
+    let head = head(&[&spotter, &reasoner], &[]);
+    let labels = [
+        "SIMPLE_FACT",
+        "COMPLEX_REASONING",
+        "CREATIVE",
+        "CODE",
+        "MATH",
+        "OPINION",
+    ];
+    for question in [CODE_QUESTION, "Write a haiku about the sea."] {
+        let out = query(
+            &head,
+            json!({"query": question, "strategy": "fastest", "max_tokens": 16, "temperature": 0, "timeout_s": 120}),
+        );
+        assert_eq!(out["classified_by"], "spotter", "{out}");
+        let classify = out["answers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["task"] == "classify")
+            .unwrap_or_else(|| panic!("the spotter was asked: {out}"));
+        assert_eq!(classify["role"], "spotter");
+        // Its answer is a bare label (its sampler could draw nothing else), the query type.
+        let label = classify["text"].as_str().unwrap();
+        assert!(labels.contains(&label), "{out}");
+        assert_eq!(out["query_type"], label, "{out}");
+    }
+}
+
+#[test]
 fn moa_fans_out_and_aggregates_and_each_strategy_answers() {
     let reasoner = agent("reasoner");
     let factchecker = agent("factchecker");

@@ -310,6 +310,7 @@ impl AgentService {
             top_p,
             seed,
             stop,
+            choices,
         } = ask;
 
         let mut chat = Vec::with_capacity(messages.len() + 1);
@@ -380,7 +381,7 @@ impl AgentService {
             // a head that asks again at once finds the agent free.
             let _permit = permit;
             let _busy = busy;
-            generate(&model, prompt, params, &cancel)
+            generate(&model, prompt, params, &choices, &cancel)
         })
         .await
         .map_err(|_| internal("generation ended unexpectedly"))??;
@@ -436,15 +437,20 @@ fn generate(
     model: &Model,
     prompt: Vec<u32>,
     params: GenerateParams,
+    choices: &[String],
     cancel: &Arc<AtomicBool>,
 ) -> Result<Generated, AskFailure> {
     let prompt_tokens = prompt.len();
-    let mut generation = model.generate(prompt, params).map_err(|e| match e {
+    let refused = |e: EngineError| match e {
         EngineError::ContextFull { .. } | EngineError::InvalidInput(_) => {
             AskFailure::Refused(ErrorCode::BAD_REQUEST, e.to_string())
         }
         e => AskFailure::Refused(ErrorCode::INTERNAL, format!("generation failed: {e}")),
-    })?;
+    };
+    let mut generation = model.generate(prompt, params).map_err(refused)?;
+    if !choices.is_empty() {
+        generation.constrain_to(choices).map_err(refused)?;
+    }
     let watch = Arc::clone(cancel);
     generation.set_interrupt(move || watch.load(Ordering::Relaxed));
     loop {

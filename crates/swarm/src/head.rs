@@ -497,10 +497,14 @@ struct Job {
     top_p: f32,
     seed: u64,
     stop: Vec<String>,
+    /// When not empty, the answer must be one of these (the spotter's labels).
+    choices: Vec<String>,
 }
 
 impl Run<'_> {
     /// The query type: the spotter's label when a spotter is up and gives one, else keywords.
+    /// The spotter's answer is constrained to the labels (its sampler can draw nothing
+    /// else); the answer is still parsed, tolerantly, in case an agent ignores the choices.
     async fn classify(&mut self) -> (QueryType, &'static str) {
         if let Some(spotter) = self.swarm.best_with_role(Role::Spotter, None) {
             let job = Job {
@@ -508,11 +512,16 @@ impl Run<'_> {
                 task: "classify",
                 system: None,
                 messages: vec![user(spotter_prompt(&self.question))],
-                max_tokens: 8,
+                // The longest label, COMPLEX_REASONING, is a handful of tokens.
+                max_tokens: 16,
                 temperature: 0.0,
                 top_p: 1.0,
                 seed: self.request.seed,
                 stop: Vec::new(),
+                choices: QueryType::ALL
+                    .iter()
+                    .map(|q| q.as_str().to_owned())
+                    .collect(),
             };
             let timeout = self.swarm.config.timeouts.simple;
             if let Some(answer) = self.ask_one(job, timeout).await {
@@ -559,6 +568,7 @@ impl Run<'_> {
             top_p: self.request.top_p,
             seed,
             stop: self.request.stop.clone(),
+            choices: Vec::new(),
         }
     }
 
@@ -581,6 +591,7 @@ impl Run<'_> {
             top_p: self.request.top_p,
             seed: self.request.seed,
             stop: self.request.stop.clone(),
+            choices: Vec::new(),
         }
     }
 
@@ -931,6 +942,7 @@ impl Swarm {
             top_p: job.top_p,
             seed: job.seed,
             stop: job.stop,
+            choices: job.choices,
         };
         match job.target {
             Target::Remote { index, addr, .. } => {

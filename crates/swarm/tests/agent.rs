@@ -93,6 +93,7 @@ fn user_ask(request_id: u64, content: &str, max_tokens: u32) -> Ask {
         top_p: 1.0,
         seed: 0,
         stop: Vec::new(),
+        choices: Vec::new(),
     }
 }
 
@@ -149,6 +150,47 @@ fn chat(role: &str, content: &str) -> ChatMessage {
         role: role.into(),
         content: content.into(),
     }
+}
+
+#[tokio::test]
+async fn choices_limit_the_answer_to_one_of_them() {
+    let agent = start(config()).await;
+    let question = "Is the sky green? Answer yes or no.";
+    let choices: Vec<String> = vec!["Maybe".into(), "Perhaps not".into()];
+    // Free, the model answers in its own words...
+    let free = ask(agent.addr, HEAD, user_ask(1, question, 16), LONG)
+        .await
+        .unwrap();
+    assert!(!choices.contains(&free.text), "{:?}", free.text);
+    // ...constrained, with one of the choices, exactly what the engine gives.
+    let answer = ask(
+        agent.addr,
+        HEAD,
+        Ask {
+            choices: choices.clone(),
+            ..user_ask(2, question, 16)
+        },
+        LONG,
+    )
+    .await
+    .unwrap();
+    assert!(choices.contains(&answer.text), "{:?}", answer.text);
+    assert_eq!(answer.finish, Finish::Stop);
+    let m = model();
+    let chat = [chat("system", SYSTEM), chat("user", question)];
+    let prompt = m.encode_prompt(&m.render_chat(&chat).unwrap()).unwrap();
+    let params = GenerateParams {
+        max_tokens: 16,
+        ..GenerateParams::default()
+    };
+    let mut generation = m.generate(prompt, params).unwrap();
+    generation.constrain_to(&choices).unwrap();
+    while generation.next_step().unwrap().is_some() {}
+    assert_eq!(answer.text, generation.text());
+    assert_eq!(
+        answer.completion_tokens as usize,
+        generation.generated().len()
+    );
 }
 
 #[tokio::test]

@@ -137,6 +137,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             top_p: 0.9,
             seed: 5,
             stop: vec!["\n\n".into(), "</s>".into()],
+            choices: Vec::new(),
         }),
         Message::Ask(Ask {
             request_id: 12,
@@ -150,6 +151,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             top_p: 1.0,
             seed: 0,
             stop: Vec::new(),
+            choices: vec!["CODE".into(), "MATH".into(), "SIMPLE_FACT".into()],
         }),
         Message::Answer(Answer {
             request_id: 11,

@@ -47,7 +47,7 @@
 //! | `0x0024` | [`Truncate`] | head → stages | roll a session's KV cache back to a length |
 //! | `0x0030` | [`Describe`] | head → agent | who are you (empty payload) |
 //! | `0x0031` | [`AgentCard`] | agent → head | node id, role, model, context length, measured tokens/s, thermal penalty, requests busy |
-//! | `0x0032` | [`Ask`] | head → agent | a conversation to answer: system prompt override, turns, sampling, stop strings |
+//! | `0x0032` | [`Ask`] | head → agent | a conversation to answer: system prompt override, turns, sampling, stop strings, choices the answer is limited to |
 //! | `0x0033` | [`Answer`] | agent → head | the generated text, finish reason, token counts, time taken |
 //! | `0x0040` | [`GetProfile`] | head → node | measure yourself on this model (by file name) |
 //! | `0x0041` | [`Profile`] | node → head | decode and prefill ms per layer, free memory |
@@ -56,7 +56,7 @@
 //! byte length then UTF-8; vectors of `u32` are a `u32` count then the elements; a socket
 //! address is a family byte (4 or 6), 4 or 16 octets and a `u16` port; activations are
 //! `u32` rows, `u32` cols, a [`DType`] byte (0 f16, 1 bf16, 2 f32) and `rows × cols` elements.
-//! Lists of strings (an `Ask`'s turns and stop strings) are a `u32` count then the elements.
+//! Lists of strings (an `Ask`'s turns, stop strings and choices) are a `u32` count then the elements.
 //! Every message has exactly one encoding, so decode-then-encode gives back the same bytes.
 //!
 //! # Connections
@@ -89,8 +89,8 @@ pub use message::{
     AgentCard, Answer, Ask, Capabilities, ChatTurn, Describe, EndSession, ErrorCode, ErrorMessage,
     Finish, Forward, GetProfile, Hello, HelloAck, LoadStage, LogitRows, Logits, Message,
     MessageType, Payload, Ping, Pong, Profile, SamplingSpec, StageReady, Token, Truncate, Want,
-    MAX_CHAT_ROLE, MAX_CHAT_TEXT, MAX_CHAT_TURNS, MAX_ERROR_MESSAGE, MAX_MODEL_ID, MAX_MODEL_NAME,
-    MAX_NODE_ID, MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION, MAX_STOP, MAX_STOP_LEN,
-    MAX_TOKENS,
+    MAX_CHAT_ROLE, MAX_CHAT_TEXT, MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_ERROR_MESSAGE,
+    MAX_MODEL_ID, MAX_MODEL_NAME, MAX_NODE_ID, MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION,
+    MAX_STOP, MAX_STOP_LEN, MAX_TOKENS,
 };
 pub use server::{serve_connections, ServeConfig};

@@ -8,7 +8,7 @@ use shoal_wire::{
     Answer, Ask, Capabilities, ChatTurn, Connection, DType, Describe, EndSession, ErrorCode,
     ErrorMessage, Finish, Forward, GetProfile, Hello, HelloAck, Limits, LoadStage, LogitRows,
     Logits, Message, MessageType, Payload, Ping, Pong, Profile, SamplingSpec, StageReady, Token,
-    Truncate, Want, WireError, HEADER_LEN, MAX_CHAT_TURNS, MAX_STOP,
+    Truncate, Want, WireError, HEADER_LEN, MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use tokio::io::AsyncWriteExt;
@@ -203,6 +203,7 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
         MessageType::Ask => {
             let turns = rng.below(6) as usize + 1;
             let stops = rng.below(MAX_STOP as u64 + 1) as usize;
+            let choices = rng.below(8) as usize;
             Message::Ask(Ask {
                 request_id: rng.next(),
                 system: rng.bool().then(|| rng.string(80)),
@@ -218,6 +219,10 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
                 top_p: 1.0 - rng.unit() * 0.99,
                 seed: rng.next(),
                 stop: (0..stops).map(|_| rng.string(8)).collect(),
+                // A choice is never empty.
+                choices: (0..choices)
+                    .map(|_| format!("c{}", rng.string(12)))
+                    .collect(),
             })
         }
         MessageType::Answer => Message::Answer(Answer {
@@ -445,6 +450,7 @@ fn ask() -> Ask {
         top_p: 1.0,
         seed: 3,
         stop: vec!["\n".into()],
+        choices: vec!["A".into(), "BC".into()],
     }
 }
 
@@ -472,7 +478,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Ask(ask()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 1, 0, 0x32, 0, 71, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 1, 0, 0x32, 0, 86, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 9, 0, 0, 0, b'B', b'e', b' ', b'b', b'r', b'i', b'e', b'f', b'.', // Some(system)
         1, 0, 0, 0,                                     // one turn
@@ -483,6 +489,7 @@ fn agent_message_frame_bytes() {
         0, 0, 0x80, 0x3F,                               // top_p 1.0
         3, 0, 0, 0, 0, 0, 0, 0,                         // seed
         1, 0, 0, 0, 1, 0, 0, 0, b'\n',                  // stop ["\n"]
+        2, 0, 0, 0, 1, 0, 0, 0, b'A', 2, 0, 0, 0, b'B', b'C', // choices ["A", "BC"]
     ];
     assert_eq!(frame, expected);
     assert_eq!(decode(&frame).unwrap(), Message::Ask(ask()));
@@ -582,6 +589,18 @@ fn agent_messages_with_bad_values_are_refused_both_ways() {
             ..ask()
         },
         Ask {
+            choices: vec!["x".into(); MAX_CHOICES + 1],
+            ..ask()
+        },
+        Ask {
+            choices: vec!["A".into(), String::new()],
+            ..ask()
+        },
+        Ask {
+            choices: vec!["x".repeat(MAX_CHOICE_LEN + 1)],
+            ..ask()
+        },
+        Ask {
             messages: vec![ask().messages[0].clone(); MAX_CHAT_TURNS + 1],
             ..ask()
         },
@@ -601,7 +620,7 @@ fn agent_messages_with_bad_values_are_refused_both_ways() {
     );
 
     let mut frame = Message::Ask(ask()).to_frame().unwrap();
-    let temp_at = frame.len() - 9 - 8 - 4 - 4;
+    let temp_at = frame.len() - 15 - 9 - 8 - 4 - 4;
     frame[temp_at..temp_at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     let err = decode(&frame).unwrap_err();
     assert!(
@@ -656,8 +675,8 @@ fn oversized_ask_counts_are_refused_on_the_count_alone() {
         decode(&bad).unwrap_err(),
         WireError::Truncated { .. } | WireError::Invalid { .. } | WireError::TooLong { .. }
     ));
-    // The stop count.
-    let stop_at = frame.len() - 9;
+    // The stop count (before the 15 bytes of the two choices and their count).
+    let stop_at = frame.len() - 15 - 9;
     let mut bad = frame.clone();
     bad[stop_at..stop_at + 4].copy_from_slice(&9u32.to_le_bytes());
     assert!(matches!(
@@ -665,6 +684,18 @@ fn oversized_ask_counts_are_refused_on_the_count_alone() {
         WireError::TooLong {
             what: "stop",
             len: 9,
+            ..
+        }
+    ));
+    // The choice count.
+    let choices_at = frame.len() - 15;
+    let mut bad = frame.clone();
+    bad[choices_at..choices_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        decode(&bad).unwrap_err(),
+        WireError::TooLong {
+            what: "choices",
+            len: 0xFFFF_FFFF,
             ..
         }
     ));

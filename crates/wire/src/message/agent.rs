@@ -33,6 +33,10 @@ pub const MAX_CHAT_TEXT: usize = 1 << 20;
 pub const MAX_STOP: usize = 8;
 /// Longest stop string, in bytes.
 pub const MAX_STOP_LEN: usize = 256;
+/// Most choices an [`Ask`] may constrain its answer to (a classifier's labels).
+pub const MAX_CHOICES: usize = 64;
+/// Longest choice, in bytes.
+pub const MAX_CHOICE_LEN: usize = 256;
 
 /// `Describe` (`0x0030`): head → agent, "who are you". Empty payload; the agent answers with
 /// its [`AgentCard`].
@@ -164,6 +168,7 @@ pub struct ChatTurn {
 /// | `top_p` | `f32`, finite, in `(0, 1]` |
 /// | `seed` | `u64` |
 /// | `stop` | `u32` count (≤ [`MAX_STOP`]), then per string `u32` length (≤ [`MAX_STOP_LEN`]), UTF-8 |
+/// | `choices` | `u32` count (≤ [`MAX_CHOICES`]), then per choice `u32` length (1..=[`MAX_CHOICE_LEN`]), UTF-8 |
 #[derive(Clone, Debug, PartialEq)]
 pub struct Ask {
     /// Chosen by the head; echoed in the [`Answer`] or `Error`.
@@ -184,6 +189,9 @@ pub struct Ask {
     pub seed: u64,
     /// Generation ends before the first of these strings.
     pub stop: Vec<String>,
+    /// When not empty, the answer must be exactly one of these texts (the agent's sampler
+    /// can draw nothing else): how the head makes a spotter answer one label.
+    pub choices: Vec<String>,
 }
 
 impl Ask {
@@ -214,6 +222,12 @@ impl Ask {
         for _ in 0..count {
             stop.push(r.string("stop string", MAX_STOP_LEN)?);
         }
+        let count = r.u32("choices")?;
+        r.bound("choices", u64::from(count), MAX_CHOICES)?;
+        let mut choices = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            choices.push(r.string("choice", MAX_CHOICE_LEN)?);
+        }
         let msg = Ask {
             request_id,
             system,
@@ -223,6 +237,7 @@ impl Ask {
             top_p,
             seed,
             stop,
+            choices,
         };
         msg.validate()?;
         Ok(msg)
@@ -246,6 +261,10 @@ impl Ask {
         put_len(out, self.stop.len());
         for s in &self.stop {
             put_string(out, s);
+        }
+        put_len(out, self.choices.len());
+        for c in &self.choices {
+            put_string(out, c);
         }
     }
 
@@ -290,6 +309,13 @@ impl Ask {
         bound(M, "stop", self.stop.len() as u64, MAX_STOP)?;
         for s in &self.stop {
             bound(M, "stop string", s.len() as u64, MAX_STOP_LEN)?;
+        }
+        bound(M, "choices", self.choices.len() as u64, MAX_CHOICES)?;
+        for c in &self.choices {
+            if c.is_empty() {
+                return Err(invalid(M, "choice", "is empty".to_owned()));
+            }
+            bound(M, "choice", c.len() as u64, MAX_CHOICE_LEN)?;
         }
         Ok(())
     }
@@ -440,6 +466,7 @@ mod tests {
             top_p: 1.0,
             seed: 0,
             stop: vec![],
+            choices: vec![],
         });
         assert!(ask.to_frame().is_err());
         let mut payload = Vec::new();

@@ -17,7 +17,7 @@ use bytes::Bytes;
 
 pub use agent::{
     AgentCard, Answer, Ask, ChatTurn, Describe, Finish, MAX_CHAT_ROLE, MAX_CHAT_TEXT,
-    MAX_CHAT_TURNS, MAX_MODEL_NAME, MAX_ROLE, MAX_STOP, MAX_STOP_LEN,
+    MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_MODEL_NAME, MAX_ROLE, MAX_STOP, MAX_STOP_LEN,
 };
 pub use control::{ErrorCode, ErrorMessage, Ping, Pong, MAX_ERROR_MESSAGE};
 pub use handshake::{Capabilities, Hello, HelloAck, MAX_NODE_ID, MAX_SOFTWARE_VERSION};
