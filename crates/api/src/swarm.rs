@@ -141,6 +141,7 @@ pub(crate) async fn chat(
         let o = run.await.map_err(from_swarm)?;
         let summary = serde_json::json!({
             "query_type": o.query_type,
+            "classified_by": o.classified_by,
             "strategy": o.strategy,
             "decided_by": o.decided_by,
             "agents_responded": o.agents_responded,

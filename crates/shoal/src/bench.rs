@@ -12,6 +12,7 @@ use crate::load::{load_model, resolve_model};
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
+    /// The model measured (with --swarm-overhead: the head's model, which stays idle).
     #[arg(long, short)]
     pub(crate) model: Option<PathBuf>,
     /// Prompt length in tokens.
@@ -26,6 +27,13 @@ pub(crate) struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Instead: what a swarm head adds to a request, with instant stand-in agents (a real
+    /// `shoal serve --peer …` head, chat completions over HTTP, each strategy).
+    #[arg(long)]
+    pub(crate) swarm_overhead: bool,
+    /// With --swarm-overhead: measured requests per strategy.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) requests: usize,
 }
 
 #[derive(Serialize)]
@@ -41,6 +49,9 @@ struct BenchResult {
 }
 
 pub(crate) fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    if a.swarm_overhead {
+        return crate::bench_swarm::swarm_overhead(&a);
+    }
     let path = resolve_model(a.model.as_deref())?;
     let started = Instant::now();
     let model = load_model(&path, true)?;

@@ -4,8 +4,8 @@
 //! `--check-harness` runs the canonical solutions instead, with no server: all 164 must
 //! pass, which proves the extraction and the execution. See docs/EVAL.md.
 
-mod client;
-mod cluster;
+pub(crate) mod client;
+pub(crate) mod cluster;
 mod exec;
 mod extract;
 

@@ -2,6 +2,7 @@
 //! together; the work happens in the library crates.
 
 mod bench;
+mod bench_swarm;
 mod cli;
 mod config;
 mod eval;
@@ -64,8 +65,13 @@ fn init_tracing(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // An empty SHOAL_LOG (exported but unset) counts as absent: as a filter it would log
+    // everything at INFO.
+    let filter = std::env::var("SHOAL_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

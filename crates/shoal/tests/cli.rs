@@ -174,6 +174,42 @@ fn bench_reports_speed_and_memory_as_json() {
 }
 
 #[test]
+fn bench_swarm_overhead_measures_every_strategy_through_a_real_head() {
+    let m = model();
+    let out = stdout(&shoal(&[
+        "bench",
+        "--swarm-overhead",
+        "--model",
+        m.to_str().unwrap(),
+        "--requests",
+        "3",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["health_median_ms"].as_f64().unwrap() > 0.0, "{v}");
+    let rows = v["rows"].as_array().unwrap();
+    // (strategy, classified by, Asks each request must have cost at least)
+    let expected = [
+        ("fastest", "keywords", 1.0),
+        ("vote", "keywords", 5.0),
+        ("moa", "keywords", 4.0),
+        ("confidence", "keywords", 9.0),
+        ("speed", "keywords", 2.0),
+        ("fastest", "spotter", 2.0),
+        ("vote", "spotter", 6.0),
+    ];
+    assert_eq!(rows.len(), expected.len(), "{v}");
+    for (row, (strategy, classified_by, asks)) in rows.iter().zip(expected) {
+        assert_eq!(row["strategy"], strategy, "{row}");
+        assert_eq!(row["classified_by"], classified_by, "{row}");
+        assert_eq!(row["requests"], 3, "{row}");
+        assert!(row["asks_per_request"].as_f64().unwrap() >= asks, "{row}");
+        let median = row["median_ms"].as_f64().unwrap();
+        assert!(median > 0.0 && median <= row["max_ms"].as_f64().unwrap(), "{row}");
+    }
+}
+
+#[test]
 fn a_missing_model_is_a_clear_error() {
     let o = shoal(&[
         "run",

@@ -233,6 +233,25 @@ impl Client {
         }
     }
 
+    /// `GET /health`, expecting 200.
+    pub(crate) fn health(&self) -> anyhow::Result<()> {
+        match self.get("/health") {
+            Ok((200, _)) => Ok(()),
+            Ok((status, body)) => bail!("GET {}/health answered {status}: {}", self.base, error_message(&body)),
+            Err(e) => bail!("GET {}/health: {e}", self.base),
+        }
+    }
+
+    /// `GET path` as JSON, expecting 200.
+    pub(crate) fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        match self.get(path) {
+            Ok((200, body)) => serde_json::from_str(&body)
+                .map_err(|e| anyhow::anyhow!("GET {}{path}: not JSON ({e})", self.base)),
+            Ok((status, body)) => bail!("GET {}{path} answered {status}: {}", self.base, error_message(&body)),
+            Err(e) => bail!("GET {}{path}: {e}", self.base),
+        }
+    }
+
     /// The first model id of `GET /v1/models`.
     pub(crate) fn first_model(&self) -> anyhow::Result<String> {
         match self.get("/v1/models") {

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -42,10 +43,10 @@ pub(super) fn parse_agents(text: &str) -> anyhow::Result<Vec<AgentSpec>> {
 }
 
 /// The processes of a local swarm (or of one server); all killed when dropped.
-pub(super) struct LocalCluster {
+pub(crate) struct LocalCluster {
     children: Vec<Child>,
     /// The API to evaluate: the head's, or the single server's.
-    pub(super) url: String,
+    pub(crate) url: String,
     /// The agents' own APIs (their `/health` says when their model is ready).
     pub(super) agent_urls: Vec<String>,
 }
@@ -118,6 +119,37 @@ impl LocalCluster {
             )?;
         }
         let head = resolve(head_model.unwrap_or(&agents[0].model))?;
+        let s = cluster.spawn_head(&exe, &head, &peers, timeout)?;
+        cluster.url = format!("http://{}", s.http);
+        Ok(cluster)
+    }
+
+    /// A head alone: `shoal serve --model HEAD --peer P …` with swarm timeouts of `timeout`,
+    /// for agents that are already up (they must answer its first `Describe`).
+    pub(crate) fn start_head(
+        head: &Path,
+        peers: &[SocketAddr],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the shoal executable")?;
+        let mut cluster = LocalCluster {
+            children: Vec::new(),
+            url: String::new(),
+            agent_urls: Vec::new(),
+        };
+        let peers: Vec<String> = peers.iter().map(ToString::to_string).collect();
+        let s = cluster.spawn_head(&exe, head, &peers, timeout)?;
+        cluster.url = format!("http://{}", s.http);
+        Ok(cluster)
+    }
+
+    fn spawn_head(
+        &mut self,
+        exe: &Path,
+        head: &Path,
+        peers: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<Started> {
         let secs = format!("{}", timeout.as_secs_f64());
         let mut args: Vec<OsString> = vec!["--model".into(), head.into()];
         for p in peers {
@@ -129,9 +161,7 @@ impl LocalCluster {
             "--swarm-timeout-complex".into(),
             secs.into(),
         ]);
-        let s = cluster.spawn(&exe, args, false)?;
-        cluster.url = format!("http://{}", s.http);
-        Ok(cluster)
+        self.spawn(exe, args, false)
     }
 
     /// Starts `shoal serve ARGS --host 127.0.0.1 --port 0` and waits for its addresses.
