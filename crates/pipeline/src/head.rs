@@ -6,9 +6,11 @@
 //! (crate::batch).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
@@ -41,6 +43,25 @@ pub struct PeerStage {
     pub layers: Range<usize>,
 }
 
+/// What a [`Replan`] answers: the head's new layers and the new stages, or why it has none.
+pub type ReplanResult = std::result::Result<(Range<usize>, Vec<PeerStage>), String>;
+
+/// Chooses the ring's layout after stages were lost ([`PipelineConfig::replan`]), e.g. by
+/// asking the nodes left for fresh profiles and running the planner on them.
+pub trait Replan: Send + Sync + std::fmt::Debug {
+    /// `head`: the head's layers now; `alive`: the ring's peers that still answer, in ring
+    /// order, with the layers they hold now; `lost`: the ring's peers that do not. Returns
+    /// the head's new layers (from 0) and the new stages in ring order: any nodes the hook
+    /// knows to serve stages (a node the old plan left out may join), none of `lost`. The
+    /// layout is checked; one that does not tile the model is not used.
+    fn replan<'a>(
+        &'a self,
+        head: Range<usize>,
+        alive: &'a [PeerStage],
+        lost: &'a [SocketAddr],
+    ) -> Pin<Box<dyn Future<Output = ReplanResult> + Send + 'a>>;
+}
+
 /// How to build a [`Pipeline`].
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
@@ -70,6 +91,9 @@ pub struct PipelineConfig {
     /// When a stage is lost mid-session, re-plan on the nodes left and replay the session
     /// there (greedy output unchanged) instead of failing the request.
     pub recover: bool,
+    /// How to re-plan: `None` (or a [`Replan`] that fails) spreads the layers over the
+    /// nodes left in proportion to their shares of the old plan.
+    pub replan: Option<Arc<dyn Replan>>,
     /// Frame limits.
     pub limits: Limits,
     /// Token rows one batch of the head's own stage takes at most (unless its first step
@@ -104,6 +128,7 @@ impl PipelineConfig {
             reply_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             timeout: Duration::from_secs(120),
             recover: true,
+            replan: None,
             limits: Limits::default(),
             batch_rows: default_batch_rows(),
             stats: BatchStats::default(),
@@ -410,17 +435,19 @@ impl Pipeline {
         (ring.stage.spec().layers.clone(), peers)
     }
 
-    /// After a session lost a stage on `failed`: finds which peers still answer and spreads
-    /// the layers over the head and those, each keeping its share of the old plan (a plan
-    /// made from measured speeds stays proportionate). Only the first session to get here
-    /// for a ring re-plans; the others find the new ring in place.
+    /// After a session lost a stage on `failed`: finds which peers still answer and lays the
+    /// model out over the head and those — as [`PipelineConfig::replan`] decides (fresh
+    /// profiles and the planner, in the binary), or else with each keeping its share of the
+    /// old plan (a plan made from measured speeds stays proportionate). Only the first
+    /// session to get here for a ring re-plans; the others find the new ring in place.
     async fn recover(&self, failed: &Ring) -> Result<()> {
         let _replanning = self.replan.lock().await;
         if self.current_ring().epoch != failed.epoch {
             return Ok(());
         }
-        let mut shares = vec![failed.stage.spec().layers.len()];
+        let head_layers = failed.stage.spec().layers.clone();
         let mut alive = Vec::new();
+        let mut lost = Vec::new();
         for (peer, layers) in failed.peers.iter().zip(&failed.peer_layers) {
             let probe = tokio::time::timeout(
                 PROBE_TIMEOUT,
@@ -433,28 +460,41 @@ impl Pipeline {
             )
             .await;
             match probe {
-                Ok(Ok(_)) => {
-                    alive.push(peer.addr);
-                    shares.push(layers.len());
+                Ok(Ok(_)) => alive.push(PeerStage {
+                    addr: peer.addr,
+                    layers: layers.clone(),
+                }),
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %peer.addr, error = %e, "stage is gone");
+                    lost.push(peer.addr);
                 }
-                Ok(Err(e)) => tracing::warn!(peer = %peer.addr, error = %e, "stage is gone"),
-                Err(_) => tracing::warn!(peer = %peer.addr, "stage does not answer"),
+                Err(_) => {
+                    tracing::warn!(peer = %peer.addr, "stage does not answer");
+                    lost.push(peer.addr);
+                }
             }
         }
-        let ranges = redistribute(&shares, self.model.n_layers);
-        let Some((local, rest)) = ranges.split_first() else {
-            return Err(PipelineError::Config(
-                "no stage left to run the model".into(),
-            ));
+        let n = self.model.n_layers;
+        let planned = match &self.config.replan {
+            Some(replan) => match replan.replan(head_layers.clone(), &alive, &lost).await {
+                Ok((local, peers)) => match check_layout(&local, &peers, &lost, n) {
+                    Ok(()) => Some((local, peers)),
+                    Err(why) => {
+                        tracing::warn!(%why, "the re-plan is not a usable layout; keeping shares instead");
+                        None
+                    }
+                },
+                Err(why) => {
+                    tracing::warn!(%why, "could not re-plan from profiles; keeping shares instead");
+                    None
+                }
+            },
+            None => None,
         };
-        let peers: Vec<PeerStage> = alive
-            .iter()
-            .zip(rest)
-            .map(|(&addr, layers)| PeerStage {
-                addr,
-                layers: layers.clone(),
-            })
-            .collect();
+        let (local, peers) = match planned {
+            Some(layout) => layout,
+            None => proportional(head_layers, &alive, n)?,
+        };
         tracing::warn!(
             head = ?local,
             peers = ?peers,
@@ -462,12 +502,7 @@ impl Pipeline {
         );
         let ring = self
             .setup()
-            .build(
-                failed.epoch + 1,
-                Some(failed.stage.clone()),
-                local.clone(),
-                &peers,
-            )
+            .build(failed.epoch + 1, Some(failed.stage.clone()), local, &peers)
             .await?;
         *self.ring.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(ring);
         Ok(())
@@ -949,6 +984,68 @@ async fn serve_replies(
 /// Splits `n_layers` into consecutive ranges in proportion to `shares` (largest remainder),
 /// every range at least one layer; stages beyond the number of layers get none and are
 /// left out.
+/// The head and the peers left, each keeping its share of the old plan.
+fn proportional(
+    head: Range<usize>,
+    alive: &[PeerStage],
+    n_layers: usize,
+) -> Result<(Range<usize>, Vec<PeerStage>)> {
+    let shares: Vec<usize> = std::iter::once(head.len())
+        .chain(alive.iter().map(|p| p.layers.len()))
+        .collect();
+    let ranges = redistribute(&shares, n_layers);
+    let Some((local, rest)) = ranges.split_first() else {
+        return Err(PipelineError::Config(
+            "no stage left to run the model".into(),
+        ));
+    };
+    let peers = alive
+        .iter()
+        .zip(rest)
+        .map(|(p, layers)| PeerStage {
+            addr: p.addr,
+            layers: layers.clone(),
+        })
+        .collect();
+    Ok((local.clone(), peers))
+}
+
+/// Whether a re-plan's layout can be built: the head from layer 0, then the peers, each a
+/// non-empty range following the last, ending at the model's last layer, none of them one
+/// of the `lost` and none twice.
+fn check_layout(
+    local: &Range<usize>,
+    peers: &[PeerStage],
+    lost: &[SocketAddr],
+    n_layers: usize,
+) -> std::result::Result<(), String> {
+    if local.start != 0 || local.is_empty() {
+        return Err(format!("the head must run layers from 0, not {local:?}"));
+    }
+    let mut next = local.end;
+    for (i, p) in peers.iter().enumerate() {
+        if lost.contains(&p.addr) {
+            return Err(format!("{} was just lost", p.addr));
+        }
+        if peers[..i].iter().any(|q| q.addr == p.addr) {
+            return Err(format!("{} has two stages", p.addr));
+        }
+        if p.layers.start != next || p.layers.is_empty() {
+            return Err(format!(
+                "{} runs {:?}, but layer {next} is next",
+                p.addr, p.layers
+            ));
+        }
+        next = p.layers.end;
+    }
+    if next != n_layers {
+        return Err(format!(
+            "the layout ends at layer {next} of the model's {n_layers}"
+        ));
+    }
+    Ok(())
+}
+
 fn redistribute(shares: &[usize], n_layers: usize) -> Vec<Range<usize>> {
     let n_stages = shares.len().min(n_layers);
     if n_stages == 0 {
@@ -1024,6 +1121,36 @@ mod tests {
 
     fn sizes(ranges: &[Range<usize>]) -> Vec<usize> {
         ranges.iter().map(|r| r.len()).collect()
+    }
+
+    #[test]
+    fn a_layout_must_tile_the_model_with_nodes_left() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let gone: SocketAddr = "127.0.0.1:3".parse().unwrap();
+        let stage = |addr, layers| PeerStage { addr, layers };
+        let ok =
+            |local: Range<usize>, peers: &[PeerStage]| check_layout(&local, peers, &[gone], 30);
+        assert_eq!(ok(0..30, &[]), Ok(()));
+        assert_eq!(ok(0..4, &[stage(b, 4..30)]), Ok(()));
+        assert_eq!(ok(0..4, &[stage(b, 4..9), stage(a, 9..30)]), Ok(()));
+        assert!(ok(1..30, &[]).is_err(), "the head embeds: it starts at 0");
+        assert!(
+            ok(0..0, &[stage(a, 0..30)]).is_err(),
+            "the head runs a layer"
+        );
+        assert!(ok(0..29, &[]).is_err(), "a layer left out");
+        assert!(ok(0..4, &[stage(a, 5..30)]).is_err(), "a gap");
+        assert!(ok(0..4, &[stage(a, 3..30)]).is_err(), "an overlap");
+        assert!(ok(0..4, &[stage(gone, 4..30)]).is_err(), "a node just lost");
+        assert!(
+            ok(0..4, &[stage(a, 4..8), stage(a, 8..30)]).is_err(),
+            "a node twice"
+        );
+        assert!(
+            ok(0..4, &[stage(a, 4..4), stage(b, 4..30)]).is_err(),
+            "an empty stage"
+        );
     }
 
     #[test]

@@ -46,6 +46,6 @@ mod server;
 pub use batch::{BatchCounts, BatchStats, DEFAULT_BATCH_ROWS};
 pub use convert::{file_sha256, sampling_params, sampling_spec};
 pub use error::{PipelineError, Result};
-pub use head::{PeerStage, Pipeline, PipelineConfig};
+pub use head::{PeerStage, Pipeline, PipelineConfig, Replan, ReplanResult};
 pub use profile::{available_memory_bytes, measure_profile, probe_peer, PeerProfile};
 pub use server::{StageServer, StageServerConfig};

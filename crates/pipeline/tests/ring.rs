@@ -13,7 +13,9 @@ use shoal_engine::stage::logits_row;
 use shoal_engine::{
     ChatMessage, GenerateParams, Logits, Model, SamplingParams, StageInput, StageOutput,
 };
-use shoal_pipeline::{PeerStage, Pipeline, PipelineConfig, StageServer, StageServerConfig};
+use shoal_pipeline::{
+    PeerStage, Pipeline, PipelineConfig, Replan, ReplanResult, StageServer, StageServerConfig,
+};
 use shoal_wire::{
     client_handshake, Activations, Capabilities, Connection, DType, Forward, Hello, Limits,
     Message, Payload, Want,
@@ -888,6 +890,13 @@ type Killable = (StageServer, SocketAddr, std::sync::Arc<tokio::sync::Notify>);
 
 /// A head on layers 0..10 and two killable stage servers on 10..20 and 20..L, f32 activations.
 async fn killable_ring() -> (Pipeline, [Killable; 2]) {
+    killable_ring_with(None).await
+}
+
+/// [`killable_ring`] with a re-plan hook.
+async fn killable_ring_with(
+    replan: Option<std::sync::Arc<dyn Replan>>,
+) -> (Pipeline, [Killable; 2]) {
     let n = reference().config().n_layers;
     let first = start_killable_server().await;
     let second = start_killable_server().await;
@@ -903,7 +912,132 @@ async fn killable_ring() -> (Pipeline, [Killable; 2]) {
     ];
     let mut config = PipelineConfig::new(model_path(), 0..10, peers);
     config.activation_dtype = DType::F32;
+    config.replan = replan;
     (Pipeline::connect(config).await.unwrap(), [first, second])
+}
+
+/// A re-plan hook that gives a fixed layout (built from the nodes it is told are left) and
+/// records what it was asked.
+#[derive(Debug)]
+struct FixedReplan {
+    /// (head layers, peers left) → layout.
+    layout: fn(Range<usize>, &[PeerStage]) -> ReplanResult,
+    asked: std::sync::Mutex<Vec<(Range<usize>, Vec<PeerStage>)>>,
+}
+
+impl Replan for FixedReplan {
+    fn replan<'a>(
+        &'a self,
+        head: Range<usize>,
+        alive: &'a [PeerStage],
+        _lost: &'a [SocketAddr],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ReplanResult> + Send + 'a>> {
+        self.asked
+            .lock()
+            .unwrap()
+            .push((head.clone(), alive.to_vec()));
+        let layout = (self.layout)(head, alive);
+        Box::pin(async move { layout })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replan_hook_lays_out_the_ring_after_a_loss() {
+    let want = single_process(&SamplingParams::greedy());
+    let n = reference().config().n_layers;
+    // The planner's answer: the head keeps 2 layers, the survivor takes all the rest.
+    let hook = std::sync::Arc::new(FixedReplan {
+        layout: |_, alive| {
+            let n = reference().config().n_layers;
+            Ok((
+                0..2,
+                vec![PeerStage {
+                    addr: alive[0].addr,
+                    layers: 2..n,
+                }],
+            ))
+        },
+        asked: std::sync::Mutex::new(Vec::new()),
+    });
+    let (pipeline, [(s1, a1, _stop1), (_s2, _, stop2)]) =
+        killable_ring_with(Some(hook.clone())).await;
+    let mut seen = 0;
+    let got = pipeline
+        .generate_with(&prompt(), &SamplingParams::greedy(), MAX_TOKENS, |_| {
+            seen += 1;
+            if seen == 3 {
+                stop2.notify_one();
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, want);
+    let asked = hook.asked.lock().unwrap().clone();
+    assert_eq!(
+        asked,
+        vec![(
+            0..10,
+            vec![PeerStage {
+                addr: a1,
+                layers: 10..20
+            }]
+        )],
+        "asked once, with the head's layers and the survivor's"
+    );
+    let (local, peers) = pipeline.layout();
+    assert_eq!(local, 0..2);
+    assert_eq!(
+        peers,
+        vec![PeerStage {
+            addr: a1,
+            layers: 2..n
+        }]
+    );
+    assert_eq!(s1.loaded_layers(), Some(2..n));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replan_that_does_not_tile_the_model_falls_back_to_shares() {
+    let want = single_process(&SamplingParams::greedy());
+    let n = reference().config().n_layers;
+    // Layers 5 and 6 belong to nobody: not a usable layout.
+    let hook = std::sync::Arc::new(FixedReplan {
+        layout: |_, alive| {
+            let n = reference().config().n_layers;
+            Ok((
+                0..5,
+                vec![PeerStage {
+                    addr: alive[0].addr,
+                    layers: 7..n,
+                }],
+            ))
+        },
+        asked: std::sync::Mutex::new(Vec::new()),
+    });
+    let (pipeline, [(_s1, a1, _stop1), (_s2, _, stop2)]) =
+        killable_ring_with(Some(hook.clone())).await;
+    let mut seen = 0;
+    let got = pipeline
+        .generate_with(&prompt(), &SamplingParams::greedy(), MAX_TOKENS, |_| {
+            seen += 1;
+            if seen == 3 {
+                stop2.notify_one();
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, want);
+    assert_eq!(hook.asked.lock().unwrap().len(), 1);
+    // Head and survivor had 10 layers each: they split the model evenly.
+    let (local, peers) = pipeline.layout();
+    assert_eq!(local, 0..n / 2);
+    assert_eq!(
+        peers,
+        vec![PeerStage {
+            addr: a1,
+            layers: n / 2..n
+        }]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

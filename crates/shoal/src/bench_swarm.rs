@@ -188,9 +188,7 @@ pub(crate) fn swarm_overhead(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     let mut roles: Vec<&'static str> = ROLES.to_vec();
     roles.push("spotter");
     let (agents, addrs) = runtime.block_on(start_agents(&roles))?;
-    let (spotter_addr, plain_addrs) = addrs
-        .split_last()
-        .context("the agents did not start")?;
+    let (spotter_addr, plain_addrs) = addrs.split_last().context("the agents did not start")?;
 
     let timeout = Duration::from_secs(30);
     let mut rows = Vec::new();
@@ -272,7 +270,9 @@ pub(crate) fn swarm_overhead(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             "swarm head overhead: head model {}, {} instant agents (+ spotter), {} requests per row; GET /health median {:.3} ms",
             report.head_model, report.agents, requests, report.health_median_ms
         );
-        println!("strategy    classified  median ms  p90 ms  max ms  asks/request  agents ms/request");
+        println!(
+            "strategy    classified  median ms  p90 ms  max ms  asks/request  agents ms/request"
+        );
         for r in &report.rows {
             println!(
                 "{:<11} {:<10} {:>9.3} {:>7.3} {:>7.3} {:>13.1} {:>18.4}",

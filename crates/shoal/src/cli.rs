@@ -524,12 +524,15 @@ fn start_pipeline_head(
 ) {
     tokio::spawn(async move {
         let ring = async {
-            let (ranges, peers) = if split.trim() == "auto" {
-                crate::ring::plan_ring(&path, &peers, &plan.node_id, plan.memory_cap).await?
+            let (ranges, peers, replan) = if split.trim() == "auto" {
+                let (ranges, peers, planner) =
+                    crate::ring::plan_ring(&path, &peers, &plan.node_id, plan.memory_cap).await?;
+                let replan: Arc<dyn shoal_pipeline::Replan> = Arc::new(planner);
+                (ranges, peers, Some(replan))
             } else {
                 let n_layers = shoal_engine::GgufFile::open(&path)?.config().n_layers;
                 let ranges = crate::ring::check_split(&split, peers.len(), n_layers)?;
-                (ranges, peers)
+                (ranges, peers, None)
             };
             let shown: Vec<String> = ranges
                 .iter()
@@ -537,7 +540,8 @@ fn start_pipeline_head(
                 .collect();
             let stats = state.batch_stats();
             let pipeline =
-                crate::ring::connect_ring(&path, &peers, &ranges, activations, stats).await?;
+                crate::ring::connect_ring(&path, &peers, &ranges, activations, stats, replan)
+                    .await?;
             eprintln!(
                 "pipeline ready: {} over this node and {peers:?}",
                 shown.join(",")

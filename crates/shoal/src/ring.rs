@@ -2,16 +2,21 @@
 //! --peer … --split …` drive a ring of stages as its head (stage nodes serve on their peer
 //! port, see `node`).
 
+use std::future::Future;
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use shoal_engine::{GenerateParams, TextStream, Tokenizer};
-use shoal_pipeline::{BatchStats, PeerStage, Pipeline, PipelineConfig, PipelineError};
+use shoal_pipeline::{
+    BatchStats, PeerStage, Pipeline, PipelineConfig, PipelineError, Replan, ReplanResult,
+};
 use shoal_wire::{DType, WireError};
 
 /// How hidden states travel between stages.
@@ -143,13 +148,15 @@ const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`.
 /// Peers not yet listening are retried for [`CONNECT_PATIENCE`]. The head's batches are
-/// counted in `stats`.
+/// counted in `stats`. After a loss the ring is laid out by `replan` (the planner, with
+/// `--split auto`), else in proportion to the old split.
 pub(crate) async fn connect_ring(
     model_path: &Path,
     peers: &[String],
     ranges: &[Range<usize>],
     activations: ActivationsArg,
     stats: BatchStats,
+    replan: Option<Arc<dyn Replan>>,
 ) -> anyhow::Result<Pipeline> {
     let addrs = peers
         .iter()
@@ -169,6 +176,7 @@ pub(crate) async fn connect_ring(
     let mut config = PipelineConfig::new(model_path, local.clone(), stages);
     config.activation_dtype = activations.dtype();
     config.stats = stats;
+    config.replan = replan;
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }
@@ -207,64 +215,29 @@ fn not_listening_yet(e: &PipelineError) -> bool {
 /// `--split auto`: asks every peer for its profile on the model (time per layer, free
 /// memory) and times the round trip to it, measures this node, and lets the planner place
 /// the layers for one stream. Returns the head's range and the peers that take part, with
-/// their ranges, in ring order (possibly none: a model that runs best on the head alone).
-///
-/// Link costs: head ↔ peer is half the measured round trip; peer ↔ peer, which the head
-/// cannot see, is taken as the mean of the two peers' one-way costs to the head.
+/// their ranges, in ring order (possibly none: a model that runs best on the head alone),
+/// and the planner, which re-plans the ring from fresh profiles if a stage is lost.
 pub(crate) async fn plan_ring(
     model_path: &Path,
     peers: &[String],
     node_id: &str,
     memory_cap: Option<u64>,
-) -> anyhow::Result<(Vec<Range<usize>>, Vec<String>)> {
-    let model_id = model_path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+) -> anyhow::Result<(Vec<Range<usize>>, Vec<String>, RingPlanner)> {
+    let addrs = peers
+        .iter()
+        .map(|p| resolve_addr(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let planner = RingPlanner::measure(model_path, node_id, memory_cap, addrs.clone()).await?;
     let mut probed = Vec::with_capacity(peers.len());
-    for p in peers {
-        let addr = resolve_addr(p)?;
+    for (p, &addr) in peers.iter().zip(&addrs) {
         let probe = until_listening(|| {
-            shoal_pipeline::probe_peer(addr, node_id, &model_id, Duration::from_secs(120))
+            shoal_pipeline::probe_peer(addr, node_id, &planner.model_id, Duration::from_secs(120))
         })
         .await;
-        probed.push(probe.with_context(|| format!("asking peer {p} for its profile"))?);
+        let probe = probe.with_context(|| format!("asking peer {p} for its profile"))?;
+        probed.push((probe, 0));
     }
-    let path = model_path.to_path_buf();
-    let id = node_id.to_owned();
-    let mine =
-        tokio::task::spawn_blocking(move || shoal_pipeline::measure_profile(&path, &id)).await??;
-    let free = memory_cap.map_or(mine.free_memory_bytes, |cap| {
-        cap.min(mine.free_memory_bytes)
-    });
-    let profile = |id: &str, p: &shoal_wire::Profile, free: u64| shoal_cluster::NodeProfile {
-        id: id.to_owned(),
-        free_memory_bytes: free,
-        decode_ms_per_layer: f64::from(p.decode_ms_per_layer),
-        prefill_ms_per_layer_token: f64::from(p.prefill_ms_per_layer_token),
-    };
-    let mut nodes = vec![profile(node_id, &mine, free)];
-    for (p, addr) in probed.iter().zip(peers) {
-        nodes.push(profile(addr, &p.profile, p.profile.free_memory_bytes));
-    }
-    let one_way: Vec<f64> = std::iter::once(0.0)
-        .chain(probed.iter().map(|p| p.rtt.as_secs_f64() * 1e3 / 2.0))
-        .collect();
-    let links: Vec<Vec<f64>> = (0..nodes.len())
-        .map(|i| {
-            (0..nodes.len())
-                .map(|j| match (i, j) {
-                    _ if i == j => 0.0,
-                    (0, k) | (k, 0) => one_way[k],
-                    (a, b) => (one_way[a] + one_way[b]) / 2.0,
-                })
-                .collect()
-        })
-        .collect();
-    let file = shoal_engine::GgufFile::open(model_path)?;
-    let context = file.config().context_length.min(4096);
-    let shape = crate::plan::model_shape(&file, context);
-    let plan = shoal_cluster::plan(&shape, &nodes, &links, shoal_cluster::Objective::Latency)?;
+    let plan = planner.plan(&probed, peers)?;
     eprintln!("{plan}");
     let ranges = plan.ranges();
     let ring_peers = plan
@@ -273,7 +246,186 @@ pub(crate) async fn plan_ring(
         .skip(1)
         .filter_map(|s| peers.get(s.node.checked_sub(1)?).cloned())
         .collect();
-    Ok((ranges, ring_peers))
+    Ok((ranges, ring_peers, planner))
+}
+
+/// What `--split auto` plans with: this node's profile, measured once at start-up, the
+/// model's shape and every `--peer`. It plans the first ring and, as the ring's [`Replan`],
+/// the ring after a loss, from the profiles the nodes left give then — peers the first plan
+/// left out included.
+#[derive(Debug)]
+pub(crate) struct RingPlanner {
+    model_id: String,
+    node_id: String,
+    /// Every `--peer`, in the order given.
+    peers: Vec<SocketAddr>,
+    shape: shoal_cluster::ModelShape,
+    /// This node, its free memory taken before its stage was loaded (capped by
+    /// `--plan-memory-gib`): what it offers to any plan.
+    head: shoal_cluster::NodeProfile,
+}
+
+/// How long a peer has to give a fresh profile when re-planning (its speed is measured once
+/// and kept, so this is a round trip and a memory reading).
+const REPLAN_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl RingPlanner {
+    async fn measure(
+        model_path: &Path,
+        node_id: &str,
+        memory_cap: Option<u64>,
+        peers: Vec<SocketAddr>,
+    ) -> anyhow::Result<Self> {
+        let model_id = model_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let path = model_path.to_path_buf();
+        let id = node_id.to_owned();
+        let mine = tokio::task::spawn_blocking(move || shoal_pipeline::measure_profile(&path, &id))
+            .await??;
+        let free = memory_cap.map_or(mine.free_memory_bytes, |cap| {
+            cap.min(mine.free_memory_bytes)
+        });
+        let file = shoal_engine::GgufFile::open(model_path)?;
+        let context = file.config().context_length.min(4096);
+        Ok(RingPlanner {
+            model_id,
+            node_id: node_id.to_owned(),
+            peers,
+            shape: crate::plan::model_shape(&file, context),
+            head: node_profile(node_id, &mine, free),
+        })
+    }
+
+    /// Plans over this node and the `probed` peers (named `names`), for one stream. Each
+    /// peer comes with the weight bytes it holds now, which count as free: a new stage
+    /// replaces them.
+    ///
+    /// Link costs: head ↔ peer is half the measured round trip; peer ↔ peer, which the head
+    /// cannot see, is taken as the mean of the two peers' one-way costs to the head.
+    fn plan(
+        &self,
+        probed: &[(shoal_pipeline::PeerProfile, u64)],
+        names: &[String],
+    ) -> anyhow::Result<shoal_cluster::Plan> {
+        let mut nodes = vec![self.head.clone()];
+        for ((p, held), name) in probed.iter().zip(names) {
+            let free = p.profile.free_memory_bytes.saturating_add(*held);
+            nodes.push(node_profile(name, &p.profile, free));
+        }
+        let one_way: Vec<f64> = std::iter::once(0.0)
+            .chain(probed.iter().map(|(p, _)| p.rtt.as_secs_f64() * 1e3 / 2.0))
+            .collect();
+        let links: Vec<Vec<f64>> = (0..nodes.len())
+            .map(|i| {
+                (0..nodes.len())
+                    .map(|j| match (i, j) {
+                        _ if i == j => 0.0,
+                        (0, k) | (k, 0) => one_way[k],
+                        (a, b) => (one_way[a] + one_way[b]) / 2.0,
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(shoal_cluster::plan(
+            &self.shape,
+            &nodes,
+            &links,
+            shoal_cluster::Objective::Latency,
+        )?)
+    }
+
+    /// Weight bytes a stage of `layers` holds (the LM head too when it is the last).
+    fn held_bytes(&self, layers: &Range<usize>) -> u64 {
+        let mut bytes = self.shape.layer_bytes.saturating_mul(layers.len() as u64);
+        if layers.end == self.shape.n_layers && !layers.is_empty() {
+            bytes = bytes.saturating_add(self.shape.head_bytes);
+        }
+        bytes
+    }
+
+    /// Probes every known peer but the `lost` (one that does not answer is left out), and
+    /// plans over this node and those that answer. `alive`: the ring's peers left, with the
+    /// layers they hold.
+    async fn replan_now(
+        &self,
+        alive: &[PeerStage],
+        lost: &[SocketAddr],
+    ) -> anyhow::Result<(Range<usize>, Vec<PeerStage>)> {
+        let mut probed = Vec::new();
+        let mut names = Vec::new();
+        let mut addrs = Vec::new();
+        for &addr in self.peers.iter().filter(|a| !lost.contains(a)) {
+            let probe = shoal_pipeline::probe_peer(
+                addr,
+                &self.node_id,
+                &self.model_id,
+                REPLAN_PROBE_TIMEOUT,
+            )
+            .await;
+            let p = match probe {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(peer = %addr, error = %e, "left out of the re-plan: no fresh profile");
+                    continue;
+                }
+            };
+            let held = alive
+                .iter()
+                .find(|s| s.addr == addr)
+                .map_or(0, |s| self.held_bytes(&s.layers));
+            probed.push((p, held));
+            names.push(addr.to_string());
+            addrs.push(addr);
+        }
+        let plan = self.plan(&probed, &names)?;
+        eprintln!("re-planned the ring from fresh profiles of the nodes left:\n{plan}");
+        let mut stages = plan.stages.iter();
+        let local = stages
+            .next()
+            .context("the plan has no stage for the head")?
+            .layers
+            .clone();
+        let peers = stages
+            .map(|s| {
+                let addr = s
+                    .node
+                    .checked_sub(1)
+                    .and_then(|i| addrs.get(i))
+                    .context("the plan names a node that was not probed")?;
+                Ok(PeerStage {
+                    addr: *addr,
+                    layers: s.layers.clone(),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((local, peers))
+    }
+}
+
+impl Replan for RingPlanner {
+    fn replan<'a>(
+        &'a self,
+        _head: Range<usize>,
+        alive: &'a [PeerStage],
+        lost: &'a [SocketAddr],
+    ) -> Pin<Box<dyn Future<Output = ReplanResult> + Send + 'a>> {
+        Box::pin(async move {
+            self.replan_now(alive, lost)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        })
+    }
+}
+
+fn node_profile(id: &str, p: &shoal_wire::Profile, free: u64) -> shoal_cluster::NodeProfile {
+    shoal_cluster::NodeProfile {
+        id: id.to_owned(),
+        free_memory_bytes: free,
+        decode_ms_per_layer: f64::from(p.decode_ms_per_layer),
+        prefill_ms_per_layer_token: f64::from(p.prefill_ms_per_layer_token),
+    }
 }
 
 /// Runs `prompt` through a ring (see [`connect_ring`]) and streams the text to stdout like
@@ -297,6 +449,7 @@ pub(crate) fn run_ring(
             ranges,
             activations,
             BatchStats::default(),
+            None,
         )
         .await?;
         let mut out = TextOut::new(pipeline.tokenizer(), params.stop.clone());

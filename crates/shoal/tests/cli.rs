@@ -205,7 +205,10 @@ fn bench_swarm_overhead_measures_every_strategy_through_a_real_head() {
         assert_eq!(row["requests"], 3, "{row}");
         assert!(row["asks_per_request"].as_f64().unwrap() >= asks, "{row}");
         let median = row["median_ms"].as_f64().unwrap();
-        assert!(median > 0.0 && median <= row["max_ms"].as_f64().unwrap(), "{row}");
+        assert!(
+            median > 0.0 && median <= row["max_ms"].as_f64().unwrap(),
+            "{row}"
+        );
     }
 }
 

@@ -314,3 +314,35 @@ fn split_auto_plans_from_measured_profiles_and_answers_the_same() {
         .count();
     assert!(used >= 1, "no peer took layers");
 }
+
+#[test]
+fn after_a_loss_split_auto_replans_from_fresh_profiles() {
+    let single = Server::start(&model_path(QWEN05), &[]);
+    // The head offers 0.25 GiB, too little for the model: whatever the ring loses, the
+    // planner must keep the head within that and put the rest on the peer left.
+    let (head, mut nodes) = ring_of(
+        QWEN05,
+        2,
+        &STAGE_ONLY,
+        &["--split", "auto", "--plan-memory-gib", "0.25"],
+    );
+    single.wait_healthy();
+    let ready = head
+        .printed_line("pipeline ready")
+        .expect("the head says how it laid out the ring");
+    // Kill a peer the ring uses (the planner may have left one out).
+    let victim = (0..nodes.len())
+        .find(|&i| ready.contains(&nodes[i].peer()))
+        .expect("the ring uses a peer");
+    let messages = json!([{"role": "user", "content": "Write a haiku about rivers."}]);
+    let b = body(&messages, 32, json!({}));
+    let want = chat_text(single.addr, &b);
+    let got = stream_with(&head, &b, 4, || nodes[victim].kill());
+    assert_eq!(got, want);
+    assert!(
+        head.printed("re-planned the ring from fresh profiles"),
+        "the head re-planned with the planner, not by shares"
+    );
+    // The head serves on, on the new ring.
+    assert_eq!(chat_text(head.addr, &b), want);
+}

@@ -237,7 +237,11 @@ impl Client {
     pub(crate) fn health(&self) -> anyhow::Result<()> {
         match self.get("/health") {
             Ok((200, _)) => Ok(()),
-            Ok((status, body)) => bail!("GET {}/health answered {status}: {}", self.base, error_message(&body)),
+            Ok((status, body)) => bail!(
+                "GET {}/health answered {status}: {}",
+                self.base,
+                error_message(&body)
+            ),
             Err(e) => bail!("GET {}/health: {e}", self.base),
         }
     }
@@ -247,7 +251,11 @@ impl Client {
         match self.get(path) {
             Ok((200, body)) => serde_json::from_str(&body)
                 .map_err(|e| anyhow::anyhow!("GET {}{path}: not JSON ({e})", self.base)),
-            Ok((status, body)) => bail!("GET {}{path} answered {status}: {}", self.base, error_message(&body)),
+            Ok((status, body)) => bail!(
+                "GET {}{path} answered {status}: {}",
+                self.base,
+                error_message(&body)
+            ),
             Err(e) => bail!("GET {}{path}: {e}", self.base),
         }
     }

@@ -4,10 +4,10 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context};

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The built-in default and test model.
@@ -40,6 +40,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The peer port it printed (`peer port listening on ADDR`), when started with one.
     pub peer_addr: Option<SocketAddr>,
+    /// Every line it has printed so far (stdout and stderr).
+    output: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Server {
@@ -70,11 +72,14 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
         let pid = child.id();
+        let output = Arc::new(Mutex::new(Vec::new()));
         for pipe in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
             let tx = tx.clone();
+            let output = Arc::clone(&output);
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                     eprintln!("[shoal {pid}] {line}");
+                    output.lock().unwrap().push(line.clone());
                     let _ = tx.send(line);
                 }
             });
@@ -84,6 +89,7 @@ impl Server {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             peer_addr: None,
+            output,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut http = None;
@@ -132,6 +138,22 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process has printed a line containing `text` (ANSI colours included,
+    /// so look for plain words).
+    pub fn printed(&self, text: &str) -> bool {
+        self.printed_line(text).is_some()
+    }
+
+    /// The first line printed so far that contains `text`.
+    pub fn printed_line(&self, text: &str) -> Option<String> {
+        self.output
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains(text))
+            .cloned()
     }
 
     /// Sends a signal (`STOP`, `CONT`, …) to the process: a stopped process keeps its
