@@ -981,9 +981,6 @@ async fn serve_replies(
     .await;
 }
 
-/// Splits `n_layers` into consecutive ranges in proportion to `shares` (largest remainder),
-/// every range at least one layer; stages beyond the number of layers get none and are
-/// left out.
 /// The head and the peers left, each keeping its share of the old plan.
 fn proportional(
     head: Range<usize>,
@@ -1046,6 +1043,9 @@ fn check_layout(
     Ok(())
 }
 
+/// Splits `n_layers` into consecutive ranges in proportion to `shares` (largest remainder),
+/// every range at least one layer; stages beyond the number of layers get none and are
+/// left out.
 fn redistribute(shares: &[usize], n_layers: usize) -> Vec<Range<usize>> {
     let n_stages = shares.len().min(n_layers);
     if n_stages == 0 {

@@ -165,7 +165,7 @@ struct Row {
     max_ms: f64,
     /// `Ask`s the agents answered per request.
     asks_per_request: f64,
-    /// The agents' own time per request, ms (the instant agents' work: encoding a reply).
+    /// The agents' own time per request, ms (the instant agents' work: building a reply).
     agents_ms_per_request: f64,
 }
 
