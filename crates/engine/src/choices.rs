@@ -47,9 +47,10 @@ impl Choices {
         Ok(Self { sequences })
     }
 
-    /// Sets every logit that may not come after `answer` to −∞: the next token of each choice
-    /// that `answer` begins, and the `end` tokens when `answer` is itself a choice. An `answer`
-    /// that no choice begins (it cannot happen through [`Choices::mask`]) leaves only `end`.
+    /// Sets every logit to −∞ except those of the tokens that may come after `answer`: the
+    /// next token of each choice that `answer` begins, and the `end` tokens when `answer` is
+    /// itself a choice. An `answer` that no choice begins (impossible when each of its tokens
+    /// was drawn through this mask) leaves only `end`.
     pub(crate) fn mask(&self, logits: &mut [f32], answer: &[u32], end: &[u32]) {
         let mut allowed: Vec<u32> = Vec::new();
         let mut complete = false;
