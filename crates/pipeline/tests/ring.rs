@@ -941,6 +941,23 @@ impl Replan for FixedReplan {
     }
 }
 
+/// The greedy answer, with the stage that `stop` kills lost after the 3rd token.
+async fn greedy_losing_after_3(
+    pipeline: &Pipeline,
+    stop: &std::sync::Arc<tokio::sync::Notify>,
+) -> Vec<u32> {
+    let mut seen = 0;
+    pipeline
+        .generate_with(&prompt(), &SamplingParams::greedy(), MAX_TOKENS, |_| {
+            seen += 1;
+            if seen == 3 {
+                stop.notify_one();
+            }
+        })
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replan_hook_lays_out_the_ring_after_a_loss() {
     let want = single_process(&SamplingParams::greedy());
@@ -961,17 +978,7 @@ async fn a_replan_hook_lays_out_the_ring_after_a_loss() {
     });
     let (pipeline, [(s1, a1, _stop1), (_s2, _, stop2)]) =
         killable_ring_with(Some(hook.clone())).await;
-    let mut seen = 0;
-    let got = pipeline
-        .generate_with(&prompt(), &SamplingParams::greedy(), MAX_TOKENS, |_| {
-            seen += 1;
-            if seen == 3 {
-                stop2.notify_one();
-            }
-        })
-        .await
-        .unwrap();
-    assert_eq!(got, want);
+    assert_eq!(greedy_losing_after_3(&pipeline, &stop2).await, want);
     let asked = hook.asked.lock().unwrap().clone();
     assert_eq!(
         asked,
@@ -1016,17 +1023,7 @@ async fn a_replan_that_does_not_tile_the_model_falls_back_to_shares() {
     });
     let (pipeline, [(_s1, a1, _stop1), (_s2, _, stop2)]) =
         killable_ring_with(Some(hook.clone())).await;
-    let mut seen = 0;
-    let got = pipeline
-        .generate_with(&prompt(), &SamplingParams::greedy(), MAX_TOKENS, |_| {
-            seen += 1;
-            if seen == 3 {
-                stop2.notify_one();
-            }
-        })
-        .await
-        .unwrap();
-    assert_eq!(got, want);
+    assert_eq!(greedy_losing_after_3(&pipeline, &stop2).await, want);
     assert_eq!(hook.asked.lock().unwrap().len(), 1);
     // Head and survivor had 10 layers each: they split the model evenly.
     let (local, peers) = pipeline.layout();

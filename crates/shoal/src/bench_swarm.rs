@@ -228,11 +228,7 @@ pub(crate) fn swarm_overhead(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             for _ in 0..WARMUP {
                 check_reply(&client.chat(&body)?, strategy, with_spotter)?;
             }
-            let asks_before: u64 = agents.iter().map(|g| g.asks.load(Ordering::Relaxed)).sum();
-            let busy_before: u64 = agents
-                .iter()
-                .map(|g| g.busy_ns.load(Ordering::Relaxed))
-                .sum();
+            let (asks_before, busy_before) = totals(&agents);
             let mut ms = Vec::with_capacity(requests);
             for _ in 0..requests {
                 let t = Instant::now();
@@ -240,11 +236,7 @@ pub(crate) fn swarm_overhead(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                 ms.push(t.elapsed().as_secs_f64() * 1e3);
                 check_reply(&reply, strategy, with_spotter)?;
             }
-            let asks: u64 = agents.iter().map(|g| g.asks.load(Ordering::Relaxed)).sum();
-            let busy: u64 = agents
-                .iter()
-                .map(|g| g.busy_ns.load(Ordering::Relaxed))
-                .sum();
+            let (asks, busy) = totals(&agents);
             rows.push(Row {
                 strategy: strategy.to_owned(),
                 classified_by: if with_spotter { "spotter" } else { "keywords" }.to_owned(),
@@ -287,6 +279,16 @@ pub(crate) fn swarm_overhead(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `Ask`s answered and nanoseconds spent on them, over all the agents.
+fn totals(agents: &[Arc<InstantAgent>]) -> (u64, u64) {
+    agents.iter().fold((0, 0), |(asks, ns), g| {
+        (
+            asks + g.asks.load(Ordering::Relaxed),
+            ns + g.busy_ns.load(Ordering::Relaxed),
+        )
+    })
 }
 
 /// Waits until the head's `/v1/swarm/status` shows `n` healthy agents.

@@ -121,14 +121,10 @@ fn a_spotter_classifies_with_exactly_one_label() {
     let spotter = agent("spotter");
     let reasoner = agent("reasoner");
     let head = head(&[&spotter, &reasoner], &[]);
-    let labels = [
-        "SIMPLE_FACT",
-        "COMPLEX_REASONING",
-        "CREATIVE",
-        "CODE",
-        "MATH",
-        "OPINION",
-    ];
+    let labels: Vec<&str> = shoal_swarm::classify::QueryType::ALL
+        .iter()
+        .map(|q| q.as_str())
+        .collect();
     for question in [CODE_QUESTION, "Write a haiku about the sea."] {
         let out = query(
             &head,

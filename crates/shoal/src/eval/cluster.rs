@@ -60,6 +60,11 @@ impl Drop for LocalCluster {
     }
 }
 
+/// This very program, which the cluster's processes run.
+fn shoal_exe() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("cannot find the shoal executable")
+}
+
 /// Addresses a `shoal serve` printed.
 struct Started {
     http: String,
@@ -76,12 +81,8 @@ impl LocalCluster {
         single: bool,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("cannot find the shoal executable")?;
-        let mut cluster = LocalCluster {
-            children: Vec::new(),
-            url: String::new(),
-            agent_urls: Vec::new(),
-        };
+        let exe = shoal_exe()?;
+        let mut cluster = LocalCluster::empty();
         let resolve = |m: &Path| crate::load::resolve_model(Some(m));
         if single {
             let [agent] = agents else {
@@ -119,8 +120,7 @@ impl LocalCluster {
             )?;
         }
         let head = resolve(head_model.unwrap_or(&agents[0].model))?;
-        let s = cluster.spawn_head(&exe, &head, &peers, timeout)?;
-        cluster.url = format!("http://{}", s.http);
+        cluster.spawn_head(&exe, &head, &peers, timeout)?;
         Ok(cluster)
     }
 
@@ -131,25 +131,28 @@ impl LocalCluster {
         peers: &[SocketAddr],
         timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("cannot find the shoal executable")?;
-        let mut cluster = LocalCluster {
-            children: Vec::new(),
-            url: String::new(),
-            agent_urls: Vec::new(),
-        };
+        let mut cluster = LocalCluster::empty();
         let peers: Vec<String> = peers.iter().map(ToString::to_string).collect();
-        let s = cluster.spawn_head(&exe, head, &peers, timeout)?;
-        cluster.url = format!("http://{}", s.http);
+        cluster.spawn_head(&shoal_exe()?, head, &peers, timeout)?;
         Ok(cluster)
     }
 
+    fn empty() -> Self {
+        LocalCluster {
+            children: Vec::new(),
+            url: String::new(),
+            agent_urls: Vec::new(),
+        }
+    }
+
+    /// Starts the head and makes its API the one evaluated (`url`).
     fn spawn_head(
         &mut self,
         exe: &Path,
         head: &Path,
         peers: &[String],
         timeout: Duration,
-    ) -> anyhow::Result<Started> {
+    ) -> anyhow::Result<()> {
         let secs = format!("{}", timeout.as_secs_f64());
         let mut args: Vec<OsString> = vec!["--model".into(), head.into()];
         for p in peers {
@@ -161,7 +164,9 @@ impl LocalCluster {
             "--swarm-timeout-complex".into(),
             secs.into(),
         ]);
-        self.spawn(exe, args, false)
+        let s = self.spawn(exe, args, false)?;
+        self.url = format!("http://{}", s.http);
+        Ok(())
     }
 
     /// Starts `shoal serve ARGS --host 127.0.0.1 --port 0` and waits for its addresses.
