@@ -236,16 +236,6 @@ fn a_stage_killed_mid_answer_does_not_change_the_answer() {
     drop(nodes);
 }
 
-/// CPU time a process has used (user + system), in clock ticks (1/100 s).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 /// Peak resident memory of a process, in KiB (`VmHWM` of /proc/PID/status).
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -276,10 +266,10 @@ fn stage_only_nodes_hold_their_layers_and_answer_nothing_themselves() {
     // Idle stages park: after serving, a stage process burns (almost) no CPU while it
     // waits, so co-located stages do not starve each other.
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let before: Vec<u64> = nodes.iter().map(|n| cpu_ticks(n.pid())).collect();
+    let before: Vec<u64> = nodes.iter().map(|n| n.cpu_ticks()).collect();
     std::thread::sleep(std::time::Duration::from_secs(2));
     for (n, before) in nodes.iter().zip(before) {
-        let used = cpu_ticks(n.pid()) - before;
+        let used = n.cpu_ticks() - before;
         assert!(used <= 10, "an idle stage used {used} ticks of CPU in 2 s");
     }
 

@@ -235,12 +235,15 @@ fn a_hung_agent_times_out_and_a_killed_one_is_left_out() {
         "timeout_s": 8,
     });
     let started = Instant::now();
+    let idle_ticks = doomed.cpu_ticks();
     let addr = head.addr;
     let pending = std::thread::spawn(move || {
         http(addr, "POST", "/v1/swarm/query", Some(&request.to_string())).unwrap()
     });
-    // Kill the fact-checker while it works on the request.
-    std::thread::sleep(Duration::from_millis(400));
+    // Kill the fact-checker while it works on the request: once it has spent 20 ms of CPU
+    // on it (its answer takes hundreds), not after a fixed sleep, which on a busy machine
+    // can come after it has already answered.
+    doomed.wait_busy(idle_ticks, 2, Duration::from_secs(30));
     doomed.kill();
     let r = pending.join().unwrap();
     hung.signal("CONT");

@@ -140,6 +140,26 @@ impl Server {
         self.child.id()
     }
 
+    /// CPU time the process has used (user + system), in clock ticks (1/100 s).
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    /// Waits until the process has used `ticks` more CPU than `since` (it is working on
+    /// something), polling every 5 ms.
+    pub fn wait_busy(&self, since: u64, ticks: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.cpu_ticks() < since + ticks {
+            assert!(Instant::now() < deadline, "the process never got busy");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Whether the process has printed a line containing `text` (ANSI colours included,
     /// so look for plain words).
     pub fn printed(&self, text: &str) -> bool {
