@@ -28,6 +28,7 @@ pub const PREFILL_CHUNK: usize = 512;
 /// A whole model loaded on one device.
 pub struct Model {
     name: String,
+    parameters: u64,
     stage: Stage,
     format: PromptFormat,
 }
@@ -41,6 +42,7 @@ impl Model {
         let stage = Stage::load(&file, spec, &Device::Cpu, progress)?;
         Ok(Self {
             name: file.model_name(),
+            parameters: file.parameter_count(),
             stage,
             format,
         })
@@ -48,6 +50,11 @@ impl Model {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// How many parameters the model has (its tensors' values).
+    pub fn parameters(&self) -> u64 {
+        self.parameters
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -60,6 +60,17 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(name)
     }
 
+    /// The model's parameter count: the values of every tensor in the file (an output
+    /// matrix tied to the embedding counts once where the file stores it once, twice where
+    /// it stores a copy, as Qwen2.5 files do).
+    pub fn parameter_count(&self) -> u64 {
+        self.content
+            .tensor_infos
+            .values()
+            .map(|info| info.shape.elem_count() as u64)
+            .sum()
+    }
+
     /// Size in bytes of a tensor's data in the file (for progress and memory estimates).
     pub fn tensor_bytes(&self, name: &str) -> Option<u64> {
         self.content

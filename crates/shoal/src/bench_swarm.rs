@@ -59,6 +59,8 @@ impl InstantAgent {
             tokens_per_s: 40.0,
             thermal_penalty: 1.0,
             busy: 0,
+            // No model; all stand-ins alike, so `strongest` goes by weight, then order.
+            parameters: 0,
         }
     }
 
@@ -216,7 +218,7 @@ pub(crate) fn swarm_overhead(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         let strategies: &[&str] = if with_spotter {
             &["fastest", "vote"]
         } else {
-            &["fastest", "vote", "moa", "confidence", "speed"]
+            &["fastest", "vote", "moa", "confidence", "speed", "strongest"]
         };
         for &strategy in strategies {
             let body = json!({

@@ -197,9 +197,10 @@ pub(crate) struct ServeArgs {
     /// This node's id on the peer protocol (default: host name and peer port).
     #[arg(long)]
     pub(crate) node_id: Option<String>,
-    /// Swarm head: the strategy of `"model": "swarm"` (moa, vote, confidence, fastest, speed;
-    /// vote measured best on HumanEval, see docs/EVAL.md).
-    #[arg(long, default_value = "vote")]
+    /// Swarm head: the strategy of `"model": "swarm"` (moa, vote, confidence, fastest, speed,
+    /// strongest, auto). `auto` asks the largest model alone when it has twice the
+    /// parameters of every other agent's, else votes: what measured best, docs/EVAL.md.
+    #[arg(long, default_value = "auto")]
     pub(crate) swarm_strategy: String,
     /// Swarm head: seconds allowed for answers to simple factual queries.
     #[arg(long, default_value_t = 6.0)]

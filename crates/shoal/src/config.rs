@@ -14,7 +14,7 @@
 //! role = "reasoner"
 //!
 //! [swarm]
-//! strategy = "vote"
+//! strategy = "auto"               # or moa, vote, confidence, fastest, speed, strongest
 //! timeout_simple_s = 6
 //! timeout_complex_s = 12
 //! vote_samples = 5

@@ -52,6 +52,10 @@ enum Strategy {
     Fastest,
     /// `swarm:speed`: a drafter answers, a reasoner corrects.
     Speed,
+    /// `swarm:strongest`: the agent with the largest model answers alone.
+    Strongest,
+    /// `swarm:auto`: the head's default (strongest or vote, by the agents' model sizes).
+    Auto,
 }
 
 impl Strategy {
@@ -63,6 +67,8 @@ impl Strategy {
             Strategy::Confidence => "confidence",
             Strategy::Fastest => "fastest",
             Strategy::Speed => "speed",
+            Strategy::Strongest => "strongest",
+            Strategy::Auto => "auto",
         }
     }
 }

@@ -195,6 +195,7 @@ fn bench_swarm_overhead_measures_every_strategy_through_a_real_head() {
         ("moa", "keywords", 4.0),
         ("confidence", "keywords", 9.0),
         ("speed", "keywords", 2.0),
+        ("strongest", "keywords", 1.0),
         ("fastest", "spotter", 2.0),
         ("vote", "spotter", 6.0),
     ];

@@ -8,10 +8,8 @@
 
 mod common;
 
-use common::{chat_text, http, model_path, Server, SMOLLM2};
+use common::{chat_text, http, model_path, Server, QWEN05, SMOLLM2};
 use serde_json::{json, Value};
-
-const QWEN05: &str = "qwen2.5-coder-0.5b-instruct.gguf";
 
 /// The golden chat conversations of a model (`../shared/golden`, or `SHOAL_GOLDEN_DIR`).
 fn golden_chats(golden_file: &str) -> Vec<Value> {

@@ -8,10 +8,8 @@
 
 mod common;
 
-use common::{chat_text, metric, model_path, Server, SMOLLM2};
+use common::{chat_text, metric, model_path, Server, QWEN05, SMOLLM2};
 use serde_json::json;
-
-const QWEN05: &str = "qwen2.5-coder-0.5b-instruct.gguf";
 
 fn body(content: &str, max_tokens: usize, sampled: bool) -> String {
     let mut b = json!({

@@ -9,11 +9,15 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{chat, http, model_path, Server, SMOLLM2};
+use common::{chat, http, model_path, Server, QWEN05, SMOLLM2};
 use serde_json::{json, Value};
 
 fn agent(role: &str) -> Server {
-    let server = Server::start(&model_path(SMOLLM2), &["--peer-port", "0", "--role", role]);
+    agent_with(SMOLLM2, role)
+}
+
+fn agent_with(model: &str, role: &str) -> Server {
+    let server = Server::start(&model_path(model), &["--peer-port", "0", "--role", role]);
     server.wait_healthy();
     server
 }
@@ -321,4 +325,99 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
     .unwrap();
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("valid strategies"), "{}", r.body);
+}
+
+#[test]
+fn by_default_a_far_larger_model_answers_alone_and_peers_of_one_size_vote() {
+    let small = agent("reasoner");
+    let mut large = agent_with(QWEN05, "factchecker");
+    let critic = agent("critic");
+    let head = head(&[&small, &large, &critic], &[]);
+    let status = all_agents_healthy(&head);
+    assert_eq!(status["strategy"], "auto");
+    let size_of = |port: u16| {
+        let agents = status["agents"].as_array().unwrap();
+        let a = agents
+            .iter()
+            .find(|a| a["addr"].as_str().unwrap().ends_with(&format!(":{port}")))
+            .unwrap();
+        a["parameters"].as_u64().unwrap()
+    };
+    let (small_size, large_size) = (
+        size_of(small.peer_addr.unwrap().port()),
+        size_of(large.peer_addr.unwrap().port()),
+    );
+    // The real models' sizes, counted from their GGUF tensors (this Qwen file stores its
+    // tied output matrix a second time: 494 M + 136 M).
+    assert!((130_000_000..140_000_000).contains(&small_size), "{status}");
+    assert!((480_000_000..640_000_000).contains(&large_size), "{status}");
+    let large_port = large.peer_addr.unwrap().port().to_string();
+
+    // "model": "swarm" (the default, auto): Qwen 0.5B has over twice SmolLM2's parameters,
+    // so it answers alone.
+    let body = json!({
+        "model": "swarm",
+        "messages": [{"role": "user", "content": CODE_QUESTION}],
+        "max_tokens": 48,
+        "temperature": 0,
+    });
+    let v = chat(head.addr, &body.to_string());
+    let swarm = &v["swarm"];
+    assert_eq!(swarm["strategy"], "strongest", "{v}");
+    let responded = strings(&swarm["agents_responded"]);
+    assert_eq!(responded.len(), 1, "{v}");
+    assert!(responded[0].ends_with(&large_port), "{v}");
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("def add"),
+        "{v}"
+    );
+
+    // The largest gone: the next largest answers, and the loss is reported.
+    large.kill();
+    let out = query(
+        &head,
+        json!({"query": CODE_QUESTION, "strategy": "strongest", "max_tokens": 32,
+               "temperature": 0}),
+    );
+    // Reported as failed, unless the head's health check saw it go first and never asked.
+    let failed = out["failed"].as_array().unwrap();
+    let asked_and_failed = failed
+        .iter()
+        .any(|f| f["addr"].as_str().unwrap().ends_with(&large_port));
+    let status = http(head.addr, "GET", "/v1/swarm/status", None)
+        .unwrap()
+        .json();
+    let seen_down = status["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["addr"].as_str().unwrap().ends_with(&large_port) && a["healthy"] == false);
+    assert!(asked_and_failed || seen_down, "{out}");
+    let responded = strings(&out["agents_responded"]);
+    assert_eq!(responded.len(), 1, "{out}");
+    assert!(!responded[0].ends_with(&large_port), "{out}");
+    assert!(
+        out["decided_by"]
+            .as_str()
+            .unwrap()
+            .contains("largest model"),
+        "{out}"
+    );
+
+    // Two SmolLM2 left, one size: the default votes.
+    let out = query(
+        &head,
+        json!({"query": CODE_QUESTION, "max_tokens": 32, "temperature": 0}),
+    );
+    assert_eq!(out["strategy"], "vote", "{out}");
+    assert!(
+        out["decided_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("auto chose vote"),
+        "{out}"
+    );
 }

@@ -163,6 +163,7 @@ impl AgentService {
             tokens_per_s: f32::from_bits(self.tokens_per_s.load(Ordering::Relaxed)),
             thermal_penalty: f32::from_bits(self.thermal_penalty.load(Ordering::Relaxed)),
             busy: self.busy(),
+            parameters: self.model.parameters(),
         }
     }
 

@@ -50,14 +50,15 @@ pub struct SwarmConfig {
 }
 
 impl SwarmConfig {
-    /// Defaults: `vote` (the strategy that measured best on HumanEval, docs/EVAL.md),
+    /// Defaults: `auto` (`strongest` or `vote`, whichever measured best on HumanEval for
+    /// swarms like this one, docs/EVAL.md),
     /// 6 s / 12 s timeouts, 5 vote samples, 3 confidence samples.
     pub fn new(node_id: impl Into<String>, agents: Vec<SocketAddr>) -> Self {
         SwarmConfig {
             node_id: node_id.into(),
             agents,
             timeouts: Timeouts::default(),
-            strategy: Strategy::Vote,
+            strategy: Strategy::Auto,
             prompts: RolePrompts::new(),
             vote_samples: 5,
             confidence_samples: 3,
@@ -109,6 +110,8 @@ pub struct AgentStatus {
     pub weight: f32,
     /// Requests queued or running on it.
     pub busy: u32,
+    /// Its model's parameter count (0 before the first `Describe`).
+    pub parameters: u64,
     /// Why it is unhealthy.
     pub last_error: Option<String>,
     /// Whether a `Describe` has been tried yet.
@@ -130,6 +133,7 @@ impl AgentStatus {
             thermal_penalty: 1.0,
             weight: 0.0,
             busy: 0,
+            parameters: 0,
             last_error: Some("not contacted yet".to_owned()),
             checked: false,
         }
@@ -150,6 +154,7 @@ impl AgentStatus {
         self.thermal_penalty = card.thermal_penalty;
         self.weight = agent_weight(card.tokens_per_s, card.thermal_penalty);
         self.busy = card.busy;
+        self.parameters = card.parameters;
         self.last_error = None;
     }
 
@@ -235,6 +240,7 @@ enum Target {
         role: Option<Role>,
         model: String,
         weight: f32,
+        parameters: u64,
     },
     Local {
         service: Arc<AgentService>,
@@ -282,6 +288,21 @@ impl Target {
             Target::Remote { weight, .. } | Target::Local { weight, .. } => *weight,
         }
     }
+
+    fn parameters(&self) -> u64 {
+        match self {
+            Target::Remote { parameters, .. } => *parameters,
+            Target::Local { service, .. } => service.model().parameters(),
+        }
+    }
+}
+
+/// A parameter count in words: `1.54 B parameters`.
+fn billions(parameters: u64) -> String {
+    if parameters == 0 {
+        return "size unknown".to_owned();
+    }
+    format!("{:.2} B parameters", parameters as f64 / 1e9)
 }
 
 /// The swarm as its head sees it.
@@ -379,6 +400,7 @@ impl Swarm {
                     role: s.parsed_role(),
                     model: s.model.clone().unwrap_or_default(),
                     weight: s.weight,
+                    parameters: s.parameters,
                 })
             })
             .collect()
@@ -420,7 +442,7 @@ impl Swarm {
         if self.lock_agents().iter().all(|s| !s.checked) {
             self.refresh().await;
         }
-        let strategy = request.strategy.unwrap_or(self.config.strategy);
+        let requested = request.strategy.unwrap_or(self.config.strategy);
         let mut run = Run {
             swarm: self,
             request: &request,
@@ -433,12 +455,22 @@ impl Swarm {
             .timeout
             .unwrap_or_else(|| self.config.timeouts.for_query(query_type));
         let answerers = run.answerers(query_type)?;
+        let sizes: Vec<u64> = answerers.iter().map(Target::parameters).collect();
+        let strategy = requested.resolve(&sizes);
         let (final_answer, decided_by) = match strategy {
             Strategy::Moa => run.moa(&answerers, timeout).await?,
             Strategy::Vote => run.vote(&answerers, timeout).await?,
             Strategy::Confidence => run.confidence(&answerers, timeout).await?,
             Strategy::Fastest => run.fastest(&answerers, timeout).await?,
             Strategy::Speed => run.speed(&answerers, timeout).await?,
+            Strategy::Strongest => run.strongest(&answerers, timeout).await?,
+            // Resolved above; `resolve` never returns it.
+            Strategy::Auto => run.vote(&answerers, timeout).await?,
+        };
+        let decided_by = if requested == Strategy::Auto {
+            format!("auto chose {strategy}: {decided_by}")
+        } else {
+            decided_by
         };
         let mut agents_responded: Vec<String> = Vec::new();
         for a in &run.answers {
@@ -774,6 +806,42 @@ impl Run<'_> {
                 }
                 Ok(_) => self.record_failure(&target, "answer", "an empty answer".to_owned()),
                 Err(e) => self.record_failure(&target, "answer", e),
+            }
+        }
+        Err(self.no_answer())
+    }
+
+    /// The agent with the largest model answers alone (ties: the higher weight); when it
+    /// fails or gives nothing, the next largest, and so on.
+    async fn strongest(
+        &mut self,
+        answerers: &[Target],
+        timeout: Duration,
+    ) -> Result<(String, String), SwarmError> {
+        let mut by_size: Vec<&Target> = answerers.iter().collect();
+        by_size.sort_by(|a, b| {
+            b.parameters()
+                .cmp(&a.parameters())
+                .then(b.weight().total_cmp(&a.weight()))
+        });
+        for target in by_size {
+            let job = self.answer_job(
+                target.clone(),
+                "answer",
+                self.request.temperature,
+                self.request.seed,
+            );
+            match self.swarm.send(job, timeout).await {
+                Ok(answer) if !answer.text.trim().is_empty() => {
+                    let a = self.record(target, "answer", answer);
+                    let size = billions(target.parameters());
+                    return Ok((
+                        a.text,
+                        format!("the largest model answering ({size}), from {}", a.agent),
+                    ));
+                }
+                Ok(_) => self.record_failure(target, "answer", "an empty answer".to_owned()),
+                Err(e) => self.record_failure(target, "answer", e),
             }
         }
         Err(self.no_answer())

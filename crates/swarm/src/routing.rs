@@ -71,16 +71,24 @@ pub enum Strategy {
     Fastest,
     /// A drafter answers; the highest-weight reasoner checks and corrects the draft.
     Speed,
+    /// The agent with the largest model answers alone (the next largest if it fails).
+    Strongest,
+    /// The default: `strongest` when one agent's model is far larger than every other's,
+    /// else `vote` — what measured best for each kind of swarm (docs/EVAL.md); see
+    /// [`Strategy::resolve`].
+    Auto,
 }
 
 impl Strategy {
     /// Every strategy.
-    pub const ALL: [Strategy; 5] = [
+    pub const ALL: [Strategy; 7] = [
         Strategy::Moa,
         Strategy::Vote,
         Strategy::Confidence,
         Strategy::Fastest,
         Strategy::Speed,
+        Strategy::Strongest,
+        Strategy::Auto,
     ];
 
     /// The lowercase name, as in `"model": "swarm:NAME"`, on the command line and in JSON.
@@ -91,9 +99,45 @@ impl Strategy {
             Strategy::Confidence => "confidence",
             Strategy::Fastest => "fastest",
             Strategy::Speed => "speed",
+            Strategy::Strongest => "strongest",
+            Strategy::Auto => "auto",
+        }
+    }
+
+    /// What `auto` becomes for agents whose models have `parameters` (one entry per agent
+    /// that would answer): `strongest` when there are two or more and the largest model has
+    /// at least [`STRONGEST_FACTOR`] times the parameters of every other, else `vote`. Any
+    /// other strategy is itself.
+    ///
+    /// Why: on HumanEval (docs/EVAL.md) a vote among agents of one size class beat the best
+    /// of them alone (two Qwen 0.5B and a SmolLM2: 36/40 against 29/40), while a 1.5B
+    /// among two 0.5Bs was outvoted and did worse than the 1.5B alone (33/40 against 34/40).
+    /// When any size is unknown (0) there is nothing to judge by: `vote`.
+    pub fn resolve(self, parameters: &[u64]) -> Strategy {
+        if self != Strategy::Auto {
+            return self;
+        }
+        let Some((largest_at, &largest)) = parameters.iter().enumerate().max_by_key(|(_, p)| **p)
+        else {
+            return Strategy::Vote;
+        };
+        let dominates = parameters.len() >= 2
+            && parameters.iter().all(|&p| p > 0)
+            && parameters
+                .iter()
+                .enumerate()
+                .all(|(i, &p)| i == largest_at || largest >= p.saturating_mul(STRONGEST_FACTOR));
+        if dominates {
+            Strategy::Strongest
+        } else {
+            Strategy::Vote
         }
     }
 }
+
+/// How many times the parameters of every other agent's model the largest must have for
+/// `auto` to ask it alone (swarm B of docs/EVAL.md: a 1.5B among 0.5Bs, about 3×).
+pub const STRONGEST_FACTOR: u64 = 2;
 
 impl fmt::Display for Strategy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -104,7 +148,7 @@ impl fmt::Display for Strategy {
 /// A strategy name that is not one of [`Strategy::ALL`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown swarm strategy {given:?}; valid strategies: moa, vote, confidence, fastest, speed"
+    "unknown swarm strategy {given:?}; valid strategies: moa, vote, confidence, fastest, speed, strongest, auto"
 )]
 pub struct UnknownStrategy {
     /// The name as given.
@@ -269,6 +313,41 @@ mod tests {
             "{error}"
         );
         assert!(serde_json::from_str::<Strategy>("\"bogus\"").is_err());
+    }
+
+    #[test]
+    fn auto_asks_a_far_larger_model_alone_and_votes_otherwise() {
+        const B: u64 = 1_000_000_000;
+        let qwen15 = 1_540_000_000;
+        let qwen05 = 494_000_000;
+        let smol = 134_500_000;
+        // Swarm B of docs/EVAL.md: the 1.5B among two 0.5Bs answers alone.
+        assert_eq!(
+            Strategy::Auto.resolve(&[qwen15, qwen05, qwen05]),
+            Strategy::Strongest
+        );
+        // Swarm A: two 0.5Bs (and a SmolLM2) vote.
+        assert_eq!(
+            Strategy::Auto.resolve(&[qwen05, qwen05, smol]),
+            Strategy::Vote
+        );
+        // Just under twice, or a tie at the top: vote.
+        assert_eq!(
+            Strategy::Auto.resolve(&[2 * B - 1, B, B / 2]),
+            Strategy::Vote
+        );
+        assert_eq!(Strategy::Auto.resolve(&[2 * B, B]), Strategy::Strongest);
+        assert_eq!(Strategy::Auto.resolve(&[3 * B, 3 * B, B]), Strategy::Vote);
+        // One agent, none, or sizes unknown: vote (its samples still compete).
+        assert_eq!(Strategy::Auto.resolve(&[qwen15]), Strategy::Vote);
+        assert_eq!(Strategy::Auto.resolve(&[]), Strategy::Vote);
+        assert_eq!(Strategy::Auto.resolve(&[0, 0]), Strategy::Vote);
+        // An unknown size beside known ones: nothing to judge by.
+        assert_eq!(Strategy::Auto.resolve(&[0, qwen05]), Strategy::Vote);
+        // Other strategies are themselves.
+        for s in Strategy::ALL.into_iter().filter(|&s| s != Strategy::Auto) {
+            assert_eq!(s.resolve(&[qwen15, qwen05]), s);
+        }
     }
 
     #[test]

@@ -114,6 +114,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             tokens_per_s: 55.5,
             thermal_penalty: 0.9,
             busy: 1,
+            parameters: 134_515_008,
         }),
         Message::Ask(Ask {
             request_id: 11,

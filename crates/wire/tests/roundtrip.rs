@@ -199,6 +199,7 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
             tokens_per_s: rng.unit() * 200.0,
             thermal_penalty: rng.unit(),
             busy: rng.below(10) as u32,
+            parameters: rng.below(100_000_000_000),
         }),
         MessageType::Ask => {
             let turns = rng.below(6) as usize + 1;
@@ -434,6 +435,7 @@ fn card() -> AgentCard {
         tokens_per_s: 40.0,
         thermal_penalty: 1.0,
         busy: 2,
+        parameters: 134_515_008,
     }
 }
 
@@ -462,7 +464,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::AgentCard(card()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 1, 0, 0x31, 0, 47, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 1, 0, 0x31, 0, 55, 0, 0, 0,
         2, 0, 0, 0, b'a', b'1',                         // node_id
         6, 0, 0, 0, b'c', b'r', b'i', b't', b'i', b'c', // role
         6, 0, 0, 0, b'm', b'.', b'g', b'g', b'u', b'f', // model_id
@@ -471,6 +473,7 @@ fn agent_message_frame_bytes() {
         0, 0, 0x20, 0x42,                               // tokens_per_s 40.0
         0, 0, 0x80, 0x3F,                               // thermal_penalty 1.0
         2, 0, 0, 0,                                     // busy
+        0x40, 0x89, 0x04, 0x08, 0, 0, 0, 0,             // parameters 134,515,008
     ];
     assert_eq!(frame, expected);
     assert_eq!(decode(&frame).unwrap(), Message::AgentCard(card()));
@@ -610,7 +613,8 @@ fn agent_messages_with_bad_values_are_refused_both_ways() {
 
     // ...and on receipt, when written by hand.
     let mut frame = Message::AgentCard(card()).to_frame().unwrap();
-    let tps_at = frame.len() - 12;
+    // tokens_per_s, then thermal_penalty (4), busy (4) and parameters (8).
+    let tps_at = frame.len() - 20;
     frame[tps_at..tps_at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
     let err = decode(&frame).unwrap_err();
     assert!(

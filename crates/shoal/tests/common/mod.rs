@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 /// The built-in default and test model.
 pub const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
+/// A larger model the suite also fetches.
+pub const QWEN05: &str = "qwen2.5-coder-0.5b-instruct.gguf";
 
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))

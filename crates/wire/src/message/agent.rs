@@ -65,6 +65,8 @@ impl Describe {
 /// | `tokens_per_s` | `f32`, finite, ≥ 0 |
 /// | `thermal_penalty` | `f32`, finite, in `[0, 1]` |
 /// | `busy` | `u32` |
+/// | `parameters` | `u64`: the model's parameter count (what the head's `strongest`
+/// strategy and its default go by) |
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentCard {
     /// The agent's node id.
@@ -83,6 +85,8 @@ pub struct AgentCard {
     pub thermal_penalty: f32,
     /// Requests queued or running on the agent right now.
     pub busy: u32,
+    /// How many parameters the agent's model has.
+    pub parameters: u64,
 }
 
 impl AgentCard {
@@ -96,6 +100,7 @@ impl AgentCard {
             tokens_per_s: r.f32("tokens_per_s")?,
             thermal_penalty: r.f32("thermal_penalty")?,
             busy: r.u32("busy")?,
+            parameters: r.u64("parameters")?,
         };
         msg.validate()?;
         Ok(msg)
@@ -110,6 +115,7 @@ impl AgentCard {
         out.put_f32_le(self.tokens_per_s);
         out.put_f32_le(self.thermal_penalty);
         out.put_u32_le(self.busy);
+        out.put_u64_le(self.parameters);
     }
 
     pub(crate) fn validate(&self) -> Result<(), WireError> {
