@@ -916,13 +916,23 @@ async fn killable_ring_with(
     (Pipeline::connect(config).await.unwrap(), [first, second])
 }
 
-/// A re-plan hook that gives a fixed layout (built from the nodes it is told are left) and
-/// records what it was asked.
+/// A re-plan hook that gives a fixed layout — the head keeps `head`, the first node left
+/// takes the layers from `survivor_from` to the end — and records what it was asked.
 #[derive(Debug)]
 struct FixedReplan {
-    /// (head layers, peers left) → layout.
-    layout: fn(Range<usize>, &[PeerStage]) -> ReplanResult,
+    head: Range<usize>,
+    survivor_from: usize,
     asked: std::sync::Mutex<Vec<(Range<usize>, Vec<PeerStage>)>>,
+}
+
+impl FixedReplan {
+    fn new(head: Range<usize>, survivor_from: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(FixedReplan {
+            head,
+            survivor_from,
+            asked: std::sync::Mutex::new(Vec::new()),
+        })
+    }
 }
 
 impl Replan for FixedReplan {
@@ -936,7 +946,13 @@ impl Replan for FixedReplan {
             .lock()
             .unwrap()
             .push((head.clone(), alive.to_vec()));
-        let layout = (self.layout)(head, alive);
+        let layout = Ok((
+            self.head.clone(),
+            vec![PeerStage {
+                addr: alive[0].addr,
+                layers: self.survivor_from..reference().config().n_layers,
+            }],
+        ));
         Box::pin(async move { layout })
     }
 }
@@ -963,19 +979,7 @@ async fn a_replan_hook_lays_out_the_ring_after_a_loss() {
     let want = single_process(&SamplingParams::greedy());
     let n = reference().config().n_layers;
     // The planner's answer: the head keeps 2 layers, the survivor takes all the rest.
-    let hook = std::sync::Arc::new(FixedReplan {
-        layout: |_, alive| {
-            let n = reference().config().n_layers;
-            Ok((
-                0..2,
-                vec![PeerStage {
-                    addr: alive[0].addr,
-                    layers: 2..n,
-                }],
-            ))
-        },
-        asked: std::sync::Mutex::new(Vec::new()),
-    });
+    let hook = FixedReplan::new(0..2, 2);
     let (pipeline, [(s1, a1, _stop1), (_s2, _, stop2)]) =
         killable_ring_with(Some(hook.clone())).await;
     assert_eq!(greedy_losing_after_3(&pipeline, &stop2).await, want);
@@ -1008,19 +1012,7 @@ async fn a_replan_that_does_not_tile_the_model_falls_back_to_shares() {
     let want = single_process(&SamplingParams::greedy());
     let n = reference().config().n_layers;
     // Layers 5 and 6 belong to nobody: not a usable layout.
-    let hook = std::sync::Arc::new(FixedReplan {
-        layout: |_, alive| {
-            let n = reference().config().n_layers;
-            Ok((
-                0..5,
-                vec![PeerStage {
-                    addr: alive[0].addr,
-                    layers: 7..n,
-                }],
-            ))
-        },
-        asked: std::sync::Mutex::new(Vec::new()),
-    });
+    let hook = FixedReplan::new(0..5, 7);
     let (pipeline, [(_s1, a1, _stop1), (_s2, _, stop2)]) =
         killable_ring_with(Some(hook.clone())).await;
     assert_eq!(greedy_losing_after_3(&pipeline, &stop2).await, want);
