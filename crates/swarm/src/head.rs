@@ -799,13 +799,8 @@ impl Run<'_> {
             })
             .collect();
         while let Some((target, result)) = pending.next().await {
-            match result {
-                Ok(answer) if !answer.text.trim().is_empty() => {
-                    let a = self.record(&target, "answer", answer);
-                    return Ok((a.text, format!("fastest answer, from {}", a.agent)));
-                }
-                Ok(_) => self.record_failure(&target, "answer", "an empty answer".to_owned()),
-                Err(e) => self.record_failure(&target, "answer", e),
+            if let Some(a) = self.accept(&target, "answer", result) {
+                return Ok((a.text, format!("fastest answer, from {}", a.agent)));
             }
         }
         Err(self.no_answer())
@@ -831,17 +826,13 @@ impl Run<'_> {
                 self.request.temperature,
                 self.request.seed,
             );
-            match self.swarm.send(job, timeout).await {
-                Ok(answer) if !answer.text.trim().is_empty() => {
-                    let a = self.record(target, "answer", answer);
-                    let size = billions(target.parameters());
-                    return Ok((
-                        a.text,
-                        format!("the largest model answering ({size}), from {}", a.agent),
-                    ));
-                }
-                Ok(_) => self.record_failure(target, "answer", "an empty answer".to_owned()),
-                Err(e) => self.record_failure(target, "answer", e),
+            let result = self.swarm.send(job, timeout).await;
+            if let Some(a) = self.accept(target, "answer", result) {
+                let size = billions(target.parameters());
+                return Ok((
+                    a.text,
+                    format!("the largest model answering ({size}), from {}", a.agent),
+                ));
             }
         }
         Err(self.no_answer())
@@ -933,13 +924,8 @@ impl Run<'_> {
         .await;
         let mut got = Vec::new();
         for (target, task, result) in results {
-            match result {
-                Ok(answer) if !answer.text.trim().is_empty() => {
-                    let a = self.record(&target, task, answer);
-                    got.push((target, a));
-                }
-                Ok(_) => self.record_failure(&target, task, "an empty answer".to_owned()),
-                Err(e) => self.record_failure(&target, task, e),
+            if let Some(a) = self.accept(&target, task, result) {
+                got.push((target, a));
             }
         }
         got
@@ -971,6 +957,27 @@ impl Run<'_> {
         };
         self.answers.push(a.clone());
         a
+    }
+
+    /// Records what an agent sent back: its answer, or — for an error or an empty answer —
+    /// a failure, leaving it out.
+    fn accept(
+        &mut self,
+        target: &Target,
+        task: &'static str,
+        result: Result<Answer, String>,
+    ) -> Option<AgentAnswer> {
+        match result {
+            Ok(answer) if !answer.text.trim().is_empty() => Some(self.record(target, task, answer)),
+            Ok(_) => {
+                self.record_failure(target, task, "an empty answer".to_owned());
+                None
+            }
+            Err(e) => {
+                self.record_failure(target, task, e);
+                None
+            }
+        }
     }
 
     fn record_failure(&mut self, target: &Target, task: &'static str, error: String) {
