@@ -16,7 +16,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::ggml_math;
 use crate::gguf::GgufFile;
-use crate::kernels::{Format, QuantMatrix};
+use crate::kernels::{with_f32, Format, QuantMatrix};
 use crate::kv_cache::KvCache;
 
 /// Which part of a model a stage runs.
@@ -121,24 +121,28 @@ impl RmsNorm {
 /// a row's result does not depend on the rows stacked with it.
 fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (_, n) = gate.dims2()?;
-    let g: Vec<f32> = gate.flatten_all()?.to_vec1()?;
-    let u: Vec<f32> = up.flatten_all()?.to_vec1()?;
-    if g.len() != u.len() {
-        return Err(EngineError::InvalidInput(
-            "gate and up differ in shape".into(),
-        ));
-    }
-    let mut out = vec![0f32; g.len()];
-    let row =
-        |r: usize, o: &mut [f32]| ggml_math::swiglu_into(&g[r * n..][..n], &u[r * n..][..n], o);
-    // Rows side by side for prompts (each row's result is the same on any thread).
-    if g.len() >= 1 << 16 {
-        crate::pool::for_each_chunk_mut(&mut out, n, row);
-    } else {
-        out.chunks_mut(n.max(1))
-            .enumerate()
-            .for_each(|(r, o)| row(r, o));
-    }
+    let out = with_f32(gate, |g| {
+        with_f32(up, |u| {
+            if g.len() != u.len() {
+                return Err(EngineError::InvalidInput(
+                    "gate and up differ in shape".into(),
+                ));
+            }
+            let mut out = vec![0f32; g.len()];
+            let row = |r: usize, o: &mut [f32]| {
+                ggml_math::swiglu_into(&g[r * n..][..n], &u[r * n..][..n], o)
+            };
+            // Rows side by side for prompts (each row's result is the same on any thread).
+            if g.len() >= 1 << 16 {
+                crate::pool::for_each_chunk_mut(&mut out, n, row);
+            } else {
+                out.chunks_mut(n.max(1))
+                    .enumerate()
+                    .for_each(|(r, o)| row(r, o));
+            }
+            Ok(out)
+        })
+    })???;
     Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
 }
 
@@ -339,12 +343,19 @@ impl Layer {
         let h = self.attn_norm.forward(x)?;
         let h = self.attention(&h, segments, rows, cache_layer, cfg)?;
         let x = (residual + h)?;
-        let residual = &x;
-        let h = self.ffn_norm.forward(&x)?;
-        let gate = self.gate.forward(&h, rows)?;
-        let up = self.up.forward(&h, rows)?;
-        let h = self.down.forward(&swiglu(&gate, &up)?, rows)?;
-        Ok((residual + h)?)
+        // Each buffer goes as soon as it is used: a prompt's MLP rows are the largest a
+        // layer holds (3 MiB each for a 512-token chunk of SmolLM2), and they set the
+        // peak memory of every stage.
+        let act = {
+            let h = self.ffn_norm.forward(&x)?;
+            let gate = self.gate.forward(&h, rows)?;
+            let up = self.up.forward(&h, rows)?;
+            drop(h);
+            swiglu(&gate, &up)?
+        };
+        let h = self.down.forward(&act, rows)?;
+        drop(act);
+        Ok((x + h)?)
     }
 
     fn attention(
