@@ -234,16 +234,6 @@ fn a_stage_killed_mid_answer_does_not_change_the_answer() {
     drop(nodes);
 }
 
-/// Peak resident memory of a process, in KiB (`VmHWM` of /proc/PID/status).
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn stage_only_nodes_hold_their_layers_and_answer_nothing_themselves() {
     let single = Server::start(&model_path(QWEN05), &[]);
@@ -272,8 +262,8 @@ fn stage_only_nodes_hold_their_layers_and_answer_nothing_themselves() {
     }
 
     // The middle stage holds a third of the layers and no embedding or head.
-    let whole = peak_rss_kib(single.pid());
-    let middle = peak_rss_kib(nodes[0].pid());
+    let whole = single.peak_rss_kib();
+    let middle = nodes[0].peak_rss_kib();
     eprintln!("peak RSS: whole model {whole} KiB, middle stage {middle} KiB");
     assert!(
         (middle as f64) <= 0.45 * whole as f64,
@@ -298,7 +288,7 @@ fn split_auto_plans_from_measured_profiles_and_answers_the_same() {
     // The peers hold layers now.
     let used: usize = nodes
         .iter()
-        .filter(|n| peak_rss_kib(n.pid()) > 100 * 1024)
+        .filter(|n| n.peak_rss_kib() > 100 * 1024)
         .count();
     assert!(used >= 1, "no peer took layers");
 }
