@@ -121,13 +121,13 @@ impl RmsNorm {
 /// a row's result does not depend on the rows stacked with it.
 fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (_, n) = gate.dims2()?;
+    if gate.elem_count() != up.elem_count() {
+        return Err(EngineError::InvalidInput(
+            "gate and up differ in shape".into(),
+        ));
+    }
     let out = with_f32(gate, |g| {
         with_f32(up, |u| {
-            if g.len() != u.len() {
-                return Err(EngineError::InvalidInput(
-                    "gate and up differ in shape".into(),
-                ));
-            }
             let mut out = vec![0f32; g.len()];
             let row = |r: usize, o: &mut [f32]| {
                 ggml_math::swiglu_into(&g[r * n..][..n], &u[r * n..][..n], o)
@@ -140,9 +140,9 @@ fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
                     .enumerate()
                     .for_each(|(r, o)| row(r, o));
             }
-            Ok(out)
+            out
         })
-    })???;
+    })??;
     Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
 }
 

@@ -20,11 +20,20 @@ fn stage_node() -> Server {
 }
 
 fn shoal_run<S: AsRef<std::ffi::OsStr>>(extra: &[S]) -> Output {
+    shoal_run_prompt(PROMPT, 24, extra)
+}
+
+/// `shoal run` on SmolLM2 with this prompt and token limit, plus `extra`.
+fn shoal_run_prompt<S: AsRef<std::ffi::OsStr>>(
+    prompt: &str,
+    max_tokens: u32,
+    extra: &[S],
+) -> Output {
     Command::new(env!("CARGO_BIN_EXE_shoal"))
         .arg("run")
         .arg("--model")
         .arg(model_path(SMOLLM2))
-        .args(["--prompt", PROMPT, "--max-tokens", "24"])
+        .args(["--prompt", prompt, "--max-tokens", &max_tokens.to_string()])
         .args(extra)
         .stdin(Stdio::null())
         .output()
@@ -139,19 +148,9 @@ fn a_stage_does_not_grow_with_every_long_prompt() {
     let prompt: String = (0..45)
         .map(|i| format!("The quick brown fox jumps over the lazy dog number {i}. "))
         .collect();
+    let ring = ring_args(&nodes, "0-9,10-19,20-29");
     let long_prompt = |n: usize| {
-        let mut args = vec!["--prompt".to_owned(), format!("{prompt}Prompt {n}.")];
-        args.extend(ring_args(&nodes, "0-9,10-19,20-29"));
-        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .arg("run")
-            .arg("--model")
-            .arg(model_path(SMOLLM2))
-            .args(["--max-tokens", "2"])
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run shoal");
-        stdout_ok(&out);
+        stdout_ok(&shoal_run_prompt(&format!("{prompt}Prompt {n}."), 2, &ring));
     };
     long_prompt(0);
     let first = nodes[0].peak_rss_kib();

@@ -459,13 +459,12 @@ impl Swarm {
         let strategy = requested.resolve(&sizes);
         let (final_answer, decided_by) = match strategy {
             Strategy::Moa => run.moa(&answerers, timeout).await?,
-            Strategy::Vote => run.vote(&answerers, timeout).await?,
+            // `resolve` never returns `Auto`; were it to, `auto`'s fallback is the vote.
+            Strategy::Vote | Strategy::Auto => run.vote(&answerers, timeout).await?,
             Strategy::Confidence => run.confidence(&answerers, timeout).await?,
             Strategy::Fastest => run.fastest(&answerers, timeout).await?,
             Strategy::Speed => run.speed(&answerers, timeout).await?,
             Strategy::Strongest => run.strongest(&answerers, timeout).await?,
-            // Resolved above; `resolve` never returns it.
-            Strategy::Auto => run.vote(&answerers, timeout).await?,
         };
         let decided_by = if requested == Strategy::Auto {
             format!("auto chose {strategy}: {decided_by}")
