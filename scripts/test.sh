@@ -17,7 +17,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "== cargo clippy"
-cargo clippy --release --workspace --all-targets -- -D warnings
+cargo clippy --locked --release --workspace --all-targets -- -D warnings
 
 echo "== cargo test"
-cargo test --release --workspace
+cargo test --locked --release --workspace

@@ -200,13 +200,9 @@ async fn run_ring(
                         .time_to_first_token
                         .observe(job.received.elapsed().as_secs_f64());
                 }
-                let (piece, stop) = if tokenizer.is_eog(token) {
-                    (text.flush(), true)
-                } else {
-                    match text.push(token) {
-                        Ok(pushed) => pushed,
-                        Err(e) => break Err(Some(format!("decoding failed: {e}"))),
-                    }
+                let (piece, stop) = match text.push_generated(token) {
+                    Ok(pushed) => pushed,
+                    Err(e) => break Err(Some(format!("decoding failed: {e}"))),
                 };
                 if !piece.is_empty() && tx.send(Event::Text(piece)).await.is_err() {
                     break Err(None);

@@ -264,29 +264,24 @@ impl<'m> Generation<'m> {
         }
         self.timings.generated_tokens += 1;
 
-        let text = if self.model.tokenizer().is_eog(token) {
-            self.finish = Some(FinishReason::Stop);
-            self.text.flush()
-        } else {
-            let (mut text, stopped) = self.text.push(token)?;
-            let generated = self.tokens.len() - self.prompt_len;
-            let chosen = self
-                .choices
+        let (mut text, ended) = self.text.push_generated(token)?;
+        let generated = self.tokens.len() - self.prompt_len;
+        let chosen = || {
+            self.choices
                 .as_ref()
-                .is_some_and(|c| c.is_finished(&self.tokens[self.prompt_len..]));
-            if stopped {
-                self.finish = Some(FinishReason::Stop);
-            } else if chosen {
-                self.finish = Some(FinishReason::Stop);
-                text.push_str(&self.text.flush());
-            } else if generated >= self.params.max_tokens
-                || self.tokens.len() >= self.model.config().context_length
-            {
-                self.finish = Some(FinishReason::Length);
-                text.push_str(&self.text.flush());
-            }
-            text
+                .is_some_and(|c| c.is_finished(&self.tokens[self.prompt_len..]))
         };
+        if ended {
+            self.finish = Some(FinishReason::Stop);
+        } else if chosen() {
+            self.finish = Some(FinishReason::Stop);
+            text.push_str(&self.text.flush());
+        } else if generated >= self.params.max_tokens
+            || self.tokens.len() >= self.model.config().context_length
+        {
+            self.finish = Some(FinishReason::Length);
+            text.push_str(&self.text.flush());
+        }
         Ok(Some(Step { token, text }))
     }
 

@@ -2,12 +2,13 @@
 //! before the first stop string, and holding back a tail that could still become one.
 //!
 //! Shared by every place that streams a generation (a local [`crate::Generation`], a
-//! pipeline head), so they all show exactly the same text.
+//! pipeline head, the API), so they all show exactly the same text.
 
 use crate::error::Result;
 use crate::tokenizer::{DecodeStream, Tokenizer};
 
 pub struct TextStream<'t> {
+    tokenizer: &'t Tokenizer,
     decoder: DecodeStream<'t>,
     stop: Vec<String>,
     /// Everything decoded so far (cut at a stop string once one is found).
@@ -20,6 +21,7 @@ impl<'t> TextStream<'t> {
     /// Special tokens are not shown; `stop` strings end the text before them.
     pub fn new(tokenizer: &'t Tokenizer, stop: Vec<String>) -> Self {
         Self {
+            tokenizer,
             decoder: tokenizer.decode_stream(true),
             stop,
             text: String::new(),
@@ -38,6 +40,16 @@ impl<'t> TextStream<'t> {
         }
         let upto = self.safe_end();
         Ok((self.take(upto), false))
+    }
+
+    /// Adds any generated token: an end-of-generation token ends the text (whatever was
+    /// held back comes out with it), any other is [`TextStream::push`]ed. Returns the text
+    /// it makes visible and whether the text has ended (end of generation or a stop string).
+    pub fn push_generated(&mut self, token: u32) -> Result<(String, bool)> {
+        if self.tokenizer.is_eog(token) {
+            return Ok((self.flush(), true));
+        }
+        self.push(token)
     }
 
     /// Everything still held back (a partial character, a stop string that never

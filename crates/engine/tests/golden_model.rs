@@ -193,7 +193,7 @@ fn stage_composition(file: &str, splits: &[usize]) {
     }
 }
 
-// The bars of shared/golden/README.md are 98 % teacher-forced agreement and 16 greedy
+// The bars of tests/golden/README.md are 98 % teacher-forced agreement and 16 greedy
 // tokens per case. The engine computes what llama.cpp's CPU backend computes, in its
 // order (attention over an f16 cache, its RMSNorm, RoPE, SiLU and activation rounding,
 // and the k-quants' shape-dependent float order: see attention.rs and kernels/kquant.rs),

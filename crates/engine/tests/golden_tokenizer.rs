@@ -1,4 +1,4 @@
-//! Tokenizer and chat template against llama.cpp's reference outputs in `shared/golden/`.
+//! Tokenizer and chat template against llama.cpp's reference outputs in `tests/golden/`.
 //!
 //! Files are found through `SHOAL_GOLDEN_DIR` and `SHOAL_MODELS_DIR`; a missing file fails the
 //! test (run `scripts/fetch-models.sh` to get the models).

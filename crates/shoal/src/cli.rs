@@ -1,20 +1,18 @@
 //! Command-line interface.
 
 use std::io::{BufRead, Write};
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use shoal_engine::{ChatMessage, GenerateParams, Generation, SamplingParams};
-use shoal_swarm::roles::{Role, RolePrompts};
-use shoal_swarm::routing::Strategy;
-use shoal_swarm::{Swarm, SwarmConfig};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use shoal_engine::{ChatMessage, GenerateParams, Generation, SamplingParams, TextStream};
+use shoal_wire::DType;
 
 use crate::load::{load_model, resolve_model};
+use crate::serve::ServeArgs;
 
 #[derive(Parser)]
 #[command(
@@ -42,16 +40,16 @@ pub(crate) enum Command {
     /// Serve the OpenAI-compatible API.
     Serve(ServeArgs),
     /// Measure prefill and decode speed and peak memory.
-    Bench(crate::bench::BenchArgs),
+    Bench(shoal_eval::engine_bench::BenchArgs),
     /// List the known models and which are here; `models pull NAME` fetches one.
     Models(crate::models::ModelsArgs),
     /// Where a model's layers would go across devices, with predicted speed, and why.
     Plan(crate::plan::PlanArgs),
     /// Measure answer quality against a running API (`eval humaneval`: pass@1).
-    Eval(crate::eval::EvalArgs),
+    Eval(shoal_eval::humaneval::EvalArgs),
     /// Test and bench tool: a TCP relay that delays every byte by --delay-ms each way (a slow
     /// link between pipeline stages on one machine).
-    Relay(crate::relay::RelayArgs),
+    Relay(shoal_eval::relay::RelayArgs),
 }
 
 #[derive(Args)]
@@ -132,8 +130,31 @@ pub(crate) struct RunArgs {
     pub(crate) split: Option<String>,
     /// How hidden states travel between stages (f32 keeps the output identical to a
     /// single process).
-    #[arg(long, value_enum, default_value_t = crate::ring::ActivationsArg::F32)]
-    pub(crate) activations: crate::ring::ActivationsArg,
+    #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]
+    pub(crate) activations: ActivationsArg,
+}
+
+/// How hidden states travel between stages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ActivationsArg {
+    /// Half precision: half the bytes, may round differently from a single process.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// Exact: the output equals a single-process run.
+    #[default]
+    F32,
+}
+
+impl ActivationsArg {
+    pub(crate) fn dtype(self) -> DType {
+        match self {
+            ActivationsArg::F16 => DType::F16,
+            ActivationsArg::Bf16 => DType::BF16,
+            ActivationsArg::F32 => DType::F32,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -146,86 +167,19 @@ pub(crate) struct ChatArgs {
     pub(crate) sampling: SamplingArgs,
 }
 
-#[derive(Args)]
-pub(crate) struct ServeArgs {
-    /// Read settings from this TOML file (keys are these flags' names; flags given here win).
-    #[arg(long, env = "SHOAL_CONFIG")]
-    pub(crate) config: Option<PathBuf>,
-    #[command(flatten)]
-    pub(crate) model: ModelArg,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub(crate) host: String,
-    /// HTTP port (0 picks a free one).
-    #[arg(long, default_value_t = 8080)]
-    pub(crate) port: u16,
-    /// The model id clients send (default: the file's stem).
-    #[arg(long)]
-    pub(crate) model_id: Option<String>,
-    /// Require this bearer token on API requests.
-    #[arg(long, env = "SHOAL_API_KEY")]
-    pub(crate) api_key: Option<String>,
-    /// Also serve stage work to pipeline heads (`shoal run --peer`) on this port of --host
-    /// (0 picks a free one).
-    #[arg(long)]
-    pub(crate) peer_port: Option<u16>,
-    /// Another node's peer port, as HOST:PORT (repeatable, in ring order). With --split this
-    /// node heads a pipeline over itself and these peers and answers the API through it;
-    /// without, it heads a swarm of these agents (`"model": "swarm"`).
-    #[arg(long = "peer", value_name = "HOST:PORT")]
-    pub(crate) peers: Vec<String>,
-    /// Layers per stage, e.g. `0-9,10-19,20-29`: this node runs the first range, each --peer
-    /// the next one in order. `auto`: measure this node and ask every peer for its profile
-    /// (time per layer, free memory, round trip), and let the planner place the layers.
-    #[arg(long)]
-    pub(crate) split: Option<String>,
-    /// With `--split auto`: memory (GiB) this node offers to the plan, below what is free.
-    #[arg(long)]
-    pub(crate) plan_memory_gib: Option<f64>,
-    /// How hidden states travel between stages (f32 keeps the output identical to a
-    /// single process).
-    #[arg(long, value_enum, default_value_t = crate::ring::ActivationsArg::F32)]
-    pub(crate) activations: crate::ring::ActivationsArg,
-    /// Serve only pipeline stages on --peer-port: no whole model in memory (a stage holds
-    /// just its layers), no answers of this node's own.
-    #[arg(long)]
-    pub(crate) stage_only: bool,
-    /// Swarm role of this node as an agent: reasoner, writer, concise, critic, factchecker,
-    /// drafter, spotter or aggregator (none: a plain worker).
-    #[arg(long)]
-    pub(crate) role: Option<String>,
-    /// This node's id on the peer protocol (default: host name and peer port).
-    #[arg(long)]
-    pub(crate) node_id: Option<String>,
-    /// Swarm head: the strategy of `"model": "swarm"` (moa, vote, confidence, fastest, speed,
-    /// strongest, auto). `auto` asks the largest model alone when it has twice the
-    /// parameters of every other agent's, else votes: what measured best, docs/EVAL.md.
-    #[arg(long, default_value = "auto")]
-    pub(crate) swarm_strategy: String,
-    /// Swarm head: seconds allowed for answers to simple factual queries.
-    #[arg(long, default_value_t = 6.0)]
-    pub(crate) swarm_timeout_simple: f64,
-    /// Swarm head: seconds allowed for answers to every other query type.
-    #[arg(long, default_value_t = 12.0)]
-    pub(crate) swarm_timeout_complex: f64,
-    /// Swarm head: answers sampled in all for `vote`.
-    #[arg(long, default_value_t = 5)]
-    pub(crate) swarm_samples: usize,
-}
-
 pub(crate) fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(a) => run_once(a),
         Command::Chat(a) => chat(a),
         Command::Serve(mut a) => {
             let prompts = crate::config::apply(&mut a, matches.subcommand_matches("serve"))?;
-            serve(a, prompts)
+            crate::serve::serve(a, prompts)
         }
-        Command::Bench(a) => crate::bench::bench(a),
+        Command::Bench(a) => shoal_eval::engine_bench::run(a, &resolve_model),
         Command::Plan(a) => crate::plan::run(a),
         Command::Models(a) => crate::models::models(a),
-        Command::Eval(a) => crate::eval::run(a),
-        Command::Relay(a) => crate::relay::run(a),
+        Command::Eval(a) => shoal_eval::humaneval::run(a, &resolve_model),
+        Command::Relay(a) => shoal_eval::relay::run(a),
     }
 }
 
@@ -266,16 +220,16 @@ fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let ids = model.encode_prompt(&prompt)?;
     if let Some(split) = a.split.as_deref() {
-        let ranges = crate::ring::check_split(split, a.peers.len(), model.config().n_layers)?;
+        let ranges = shoal_pipeline::check_split(split, a.peers.len(), model.config().n_layers)?;
         // The head loads its own stage; the whole model is not needed any more.
         drop(model);
-        crate::ring::run_ring(
+        run_ring(
             &path,
             &ids,
             &a.peers,
             &ranges,
             &a.sampling.params(),
-            a.activations,
+            a.activations.dtype(),
         )?;
         println!();
         return Ok(ExitCode::SUCCESS);
@@ -335,233 +289,69 @@ fn chat(a: ChatArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves `host:port`.
-fn bind_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
-    format!("{host}:{port}").parse().or_else(|_| {
-        std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
-            .ok()
-            .and_then(|mut it| it.next())
-            .context("cannot resolve --host")
-    })
-}
-
-fn serve(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<ExitCode> {
-    if a.stage_only && (a.split.is_some() || a.role.is_some() || !a.peers.is_empty()) {
-        anyhow::bail!(
-            "--stage-only serves stages for a head; it takes no --split, --role or --peer"
-        );
-    }
-    if a.stage_only && a.peer_port.is_none() {
-        anyhow::bail!("--stage-only needs --peer-port (where heads send stage work)");
-    }
-    if a.split.is_some() && a.peers.is_empty() {
-        anyhow::bail!("--split needs a --peer for every range after this node's");
-    }
-    let path = resolve_model(a.model.model.as_deref())?;
-    let model_id = a.model_id.clone().unwrap_or_else(|| {
-        path.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    });
-    let role = a
-        .role
-        .as_deref()
-        .map(str::parse::<Role>)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("--role: {e}"))?;
-    let strategy = a
-        .swarm_strategy
-        .parse::<Strategy>()
-        .map_err(|e| anyhow::anyhow!("--swarm-strategy: {e}"))?;
+/// Runs `prompt` through a ring ([`shoal_pipeline::connect_ring`]) and streams the text to
+/// stdout like the single-process `run`.
+fn run_ring(
+    model_path: &Path,
+    prompt: &[u32],
+    peers: &[String],
+    ranges: &[Range<usize>],
+    params: &GenerateParams,
+    activations: DType,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
-        let addr = bind_addr(&a.host, a.port)?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        let local = listener.local_addr()?;
-        let state = shoal_api::AppState::new(model_id, a.api_key.clone());
-        // Tests and scripts read this exact line to learn the port.
-        eprintln!("listening on http://{local}");
-        let mut node_id = a
-            .node_id
-            .clone()
-            .unwrap_or_else(|| crate::node::default_node_id(None));
-        let agent: crate::node::AgentSlot = Default::default();
-        if let Some(peer_port) = a.peer_port {
-            let peer_addr = bind_addr(&a.host, peer_port)?;
-            let peer_listener = tokio::net::TcpListener::bind(peer_addr)
-                .await
-                .with_context(|| format!("cannot listen for peers on {peer_addr}"))?;
-            let peer_local = peer_listener.local_addr()?;
-            // Tests and scripts read this exact line to learn the peer port.
-            eprintln!("peer port listening on {peer_local}");
-            if a.node_id.is_none() {
-                node_id = crate::node::default_node_id(Some(peer_local.port()));
-            }
-            let (model_path, node_id, agent) = (path.clone(), node_id.clone(), agent.clone());
-            let stats = state.batch_stats();
-            tokio::spawn(async move {
-                crate::node::serve_peer_port(peer_listener, &model_path, node_id, agent, stats)
-                    .await;
-            });
-        }
-        if a.stage_only {
-            state.set_stage_only();
-        } else if let Some(split) = a.split.clone() {
-            let plan = PlanInputs {
-                node_id: node_id.clone(),
-                memory_cap: a
-                    .plan_memory_gib
-                    .map(|g| (g * 1024.0 * 1024.0 * 1024.0) as u64),
-            };
-            start_pipeline_head(
-                state.clone(),
-                path,
-                split,
-                a.peers.clone(),
-                a.activations,
-                plan,
-            );
-        } else {
-            let swarm = swarm_config(&a, &node_id, strategy, &prompts)?;
-            // Every node with a peer port is a swarm agent (a plain worker without a role),
-            // and a swarm head answers with its own model as a last resort.
-            let agent = (a.peer_port.is_some() || swarm.is_some()).then(|| AgentSetup {
-                slot: agent,
-                node_id: node_id.clone(),
-                role,
-                prompts,
-            });
-            start_local_model(state.clone(), path, agent, swarm);
-        }
-        axum::serve(listener, shoal_api::app(state))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
+    runtime.block_on(async {
+        let pipeline = shoal_pipeline::connect_ring(
+            model_path,
+            peers,
+            ranges,
+            activations,
+            shoal_pipeline::BatchStats::default(),
+            None,
+        )
+        .await
+        .context("setting up the ring of stages")?;
+        let mut text = TextStream::new(pipeline.tokenizer(), params.stop.clone());
+        // The ring stops only at end-of-generation tokens or the token limit, so a stop
+        // string ends the visible text here.
+        let mut ended = false;
+        let mut failed: Option<anyhow::Error> = None;
+        let generated = pipeline
+            .generate_with(prompt, &params.sampling, params.max_tokens, |token| {
+                if failed.is_some() || ended {
+                    return;
+                }
+                let written = text
+                    .push_generated(token)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|(piece, end)| {
+                        ended = end;
+                        print_now(&piece)
+                    });
+                if let Err(e) = written {
+                    failed = Some(e);
+                }
             })
-            .await?;
-        Ok(ExitCode::SUCCESS)
+            .await
+            .context("generating through the ring")?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // Generation ended by length: hand out what was held back.
+        if !ended {
+            print_now(&text.flush())?;
+        }
+        tracing::debug!(tokens = generated.len(), "ring generation done");
+        Ok(())
     })
 }
 
-/// The swarm this node heads: one agent per `--peer` (without `--split`).
-fn swarm_config(
-    a: &ServeArgs,
-    node_id: &str,
-    strategy: Strategy,
-    prompts: &RolePrompts,
-) -> anyhow::Result<Option<SwarmConfig>> {
-    if a.peers.is_empty() {
-        return Ok(None);
-    }
-    let agents = a
-        .peers
-        .iter()
-        .map(|p| crate::ring::resolve_addr(p))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut config = SwarmConfig::new(node_id, agents);
-    config.strategy = strategy;
-    config.timeouts.simple = Duration::from_secs_f64(a.swarm_timeout_simple);
-    config.timeouts.complex = Duration::from_secs_f64(a.swarm_timeout_complex);
-    config.vote_samples = a.swarm_samples;
-    config.prompts = prompts.clone();
-    Ok(Some(config))
-}
-
-/// How this node's model also serves as a swarm agent.
-struct AgentSetup {
-    /// Where the peer port finds the agent once the model has loaded.
-    slot: crate::node::AgentSlot,
-    node_id: String,
-    role: Option<Role>,
-    prompts: RolePrompts,
-}
-
-/// Loads the whole model in the background; then makes it this node's agent (with a peer
-/// port or a swarm), starts heading the swarm (with `--peer`), and serves the API.
-fn start_local_model(
-    state: shoal_api::AppState,
-    path: PathBuf,
-    agent: Option<AgentSetup>,
-    swarm: Option<SwarmConfig>,
-) {
-    let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || {
-        let model = match load_model(&path, true) {
-            Ok(model) => Arc::new(model),
-            Err(e) => {
-                tracing::error!("{e:#}");
-                state.set_failed(format!("{e:#}"));
-                return;
-            }
-        };
-        if let Some(a) = agent {
-            let service =
-                crate::node::make_agent(model.clone(), &a.node_id, &path, a.role, &a.prompts);
-            let _ = a.slot.set(service.clone());
-            if let Some(config) = swarm {
-                let _runtime = handle.enter();
-                let swarm = Arc::new(Swarm::new(config, Some(service)));
-                swarm.spawn_monitor(Duration::from_secs(5));
-                state.set_swarm(swarm);
-            }
-        }
-        state.set_ready(model);
-    });
-}
-
-/// Pipeline head: plans the ring (`--split auto`) or checks the given split, loads only the
-/// first stage, sets up the peers' stages, then answers through the ring.
-fn start_pipeline_head(
-    state: shoal_api::AppState,
-    path: std::path::PathBuf,
-    split: String,
-    peers: Vec<String>,
-    activations: crate::ring::ActivationsArg,
-    plan: PlanInputs,
-) {
-    tokio::spawn(async move {
-        let ring = async {
-            let (ranges, peers, replan) = if split.trim() == "auto" {
-                let (ranges, peers, planner) =
-                    crate::ring::plan_ring(&path, &peers, &plan.node_id, plan.memory_cap).await?;
-                let replan: Arc<dyn shoal_pipeline::Replan> = Arc::new(planner);
-                (ranges, peers, Some(replan))
-            } else {
-                let n_layers = shoal_engine::GgufFile::open(&path)?.config().n_layers;
-                let ranges = crate::ring::check_split(&split, peers.len(), n_layers)?;
-                (ranges, peers, None)
-            };
-            let shown: Vec<String> = ranges
-                .iter()
-                .map(|r| format!("{}-{}", r.start, r.end.saturating_sub(1)))
-                .collect();
-            let stats = state.batch_stats();
-            let pipeline =
-                crate::ring::connect_ring(&path, &peers, &ranges, activations, stats, replan)
-                    .await?;
-            eprintln!(
-                "pipeline ready: {} over this node and {peers:?}",
-                shown.join(",")
-            );
-            anyhow::Ok(pipeline)
-        };
-        match ring.await {
-            Ok(pipeline) => state.set_ready(Arc::new(pipeline)),
-            Err(e) => {
-                tracing::error!("{e:#}");
-                state.set_failed(format!("{e:#}"));
-            }
-        }
-    });
-}
-
-/// What `--split auto` needs besides the peers.
-struct PlanInputs {
-    node_id: String,
-    /// Memory this node offers to the plan, if capped below what is free.
-    memory_cap: Option<u64>,
+fn print_now(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()?;
+    Ok(())
 }

@@ -32,7 +32,7 @@ use clap::ArgMatches;
 use serde::Deserialize;
 use shoal_swarm::roles::{Role, RolePrompts};
 
-use crate::cli::ServeArgs;
+use crate::serve::ServeArgs;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,7 +45,7 @@ pub(crate) struct ConfigFile {
     peer_port: Option<u16>,
     peers: Option<Vec<String>>,
     split: Option<String>,
-    activations: Option<crate::ring::ActivationsArg>,
+    activations: Option<crate::cli::ActivationsArg>,
     stage_only: Option<bool>,
     role: Option<String>,
     node_id: Option<String>,
@@ -165,6 +165,7 @@ mod tests {
 
     use super::*;
     use crate::cli::{Cli, Command};
+    use crate::serve::ServeArgs;
 
     fn serve_with(args: &[&str], file: &str) -> (ServeArgs, RolePrompts) {
         let dir = tempfile::tempdir().unwrap();

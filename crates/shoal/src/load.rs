@@ -7,13 +7,6 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use shoal_engine::Model;
 
-/// Where models live: `$SHOAL_MODELS_DIR`, else `./models`.
-pub(crate) fn models_dir() -> PathBuf {
-    std::env::var_os("SHOAL_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("models"))
-}
-
 /// The model to use: a file given by path; else a known model given by name (`qwen05`),
 /// fetched into the models directory if missing; else the default model, likewise.
 pub(crate) fn resolve_model(given: Option<&Path>) -> anyhow::Result<PathBuf> {

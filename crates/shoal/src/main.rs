@@ -1,17 +1,12 @@
 //! `shoal`: the one binary every device runs. It parses flags and wires the parts
 //! together; the work happens in the library crates.
 
-mod bench;
-mod bench_swarm;
 mod cli;
 mod config;
-mod eval;
 mod load;
 mod models;
-mod node;
 mod plan;
-mod relay;
-mod ring;
+mod serve;
 
 use std::process::ExitCode;
 

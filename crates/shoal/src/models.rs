@@ -9,10 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
-use shoal_models::{Fetcher, FileStatus, ModelInfo, Progress, Source};
+use shoal_models::{Fetcher, FileStatus, Listing, ModelInfo, Progress, Source};
 
-use crate::load::models_dir;
+use shoal_models::models_dir;
 
 #[derive(Args)]
 pub(crate) struct ModelsArgs {
@@ -59,7 +58,7 @@ pub(crate) fn models(a: ModelsArgs) -> anyhow::Result<ExitCode> {
                 if !a.json {
                     println!("{}: {} (verified)", m.name, path.display());
                 }
-                pulled.push(Entry::new(m, &dir));
+                pulled.push(Listing::new(m, &dir));
             }
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&pulled)?);
@@ -79,55 +78,10 @@ pub(crate) fn find(name: &str) -> anyhow::Result<&'static ModelInfo> {
     })
 }
 
-/// One model in `shoal models --json`.
-#[derive(Serialize)]
-struct Entry {
-    name: &'static str,
-    title: &'static str,
-    arch: &'static str,
-    file: &'static str,
-    path: PathBuf,
-    bytes: u64,
-    sha256: &'static str,
-    default: bool,
-    present: bool,
-    /// present, missing, partial (an interrupted download to resume) or wrong-size.
-    status: &'static str,
-    bytes_on_disk: u64,
-    hf_url: String,
-    wheels: Vec<&'static str>,
-}
-
-impl Entry {
-    fn new(m: &'static ModelInfo, dir: &Path) -> Self {
-        let (status, on_disk) = match m.status_in(dir) {
-            FileStatus::Present => ("present", m.size),
-            FileStatus::Missing => ("missing", 0),
-            FileStatus::Partial(n) => ("partial", n),
-            FileStatus::WrongSize(n) => ("wrong-size", n),
-        };
-        Entry {
-            name: m.name,
-            title: m.title,
-            arch: m.arch,
-            file: m.file,
-            path: m.path_in(dir),
-            bytes: m.size,
-            sha256: m.sha256,
-            default: std::ptr::eq(m, shoal_models::default_model()),
-            present: status == "present",
-            status,
-            bytes_on_disk: on_disk,
-            hf_url: m.hf.url(&Fetcher::from_env().hf_endpoint),
-            wheels: m.wheels.iter().map(|w| w.package).collect(),
-        }
-    }
-}
-
 fn list(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let entries: Vec<Entry> = shoal_models::REGISTRY
+    let entries: Vec<Listing> = shoal_models::REGISTRY
         .iter()
-        .map(|m| Entry::new(m, dir))
+        .map(|m| Listing::new(m, dir))
         .collect();
     if json {
         println!("{}", serde_json::to_string_pretty(&entries)?);

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use shoal_cluster::{parse_split, plan, validate_split, ModelShape, NodeProfile, Objective};
-use shoal_engine::{GgufFile, Stage, StageSpec};
+use shoal_cluster::{parse_split, plan, validate_split, NodeProfile, Objective};
+use shoal_engine::GgufFile;
 
 use crate::load::{load_model, resolve_model};
 
@@ -45,7 +45,7 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 pub(crate) fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     let path = resolve_model(a.model.as_deref())?;
     let file = GgufFile::open(&path)?;
-    let shape = model_shape(&file, a.context);
+    let shape = shoal_pipeline::model_shape(&file, a.context);
 
     eprintln!("measuring this node on {} ...", path.display());
     let model = load_model(&path, true)?;
@@ -83,29 +83,6 @@ pub(crate) fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     };
     println!("{result}");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Sizes of a model's parts, from its GGUF file.
-pub(crate) fn model_shape(file: &GgufFile, context: usize) -> ModelShape {
-    let cfg = file.config();
-    let n = cfg.n_layers;
-    let only = |layers: std::ops::Range<usize>, embed, head| StageSpec {
-        layers,
-        embed,
-        head,
-    };
-    let layers_bytes = Stage::weight_bytes(file, &only(0..n, false, false));
-    let embed_bytes = Stage::weight_bytes(file, &only(0..0, true, false));
-    let head_bytes = Stage::weight_bytes(file, &only(n..n, false, true));
-    // Keys and values in f32, for every position of the context.
-    let kv = 2 * cfg.n_kv_heads * cfg.head_dim * 4 * context;
-    ModelShape {
-        n_layers: n,
-        layer_bytes: layers_bytes / n.max(1) as u64,
-        embed_bytes,
-        head_bytes,
-        kv_bytes_per_layer: kv as u64,
-    }
 }
 
 fn parse_node(spec: &str) -> anyhow::Result<NodeProfile> {

@@ -11,11 +11,11 @@ mod common;
 use common::{chat_text, http, model_path, Server, QWEN05, SMOLLM2};
 use serde_json::{json, Value};
 
-/// The golden chat conversations of a model (`../shared/golden`, or `SHOAL_GOLDEN_DIR`).
+/// The golden chat conversations of a model (`tests/golden`, or `SHOAL_GOLDEN_DIR`).
 fn golden_chats(golden_file: &str) -> Vec<Value> {
     let dir = std::env::var_os("SHOAL_GOLDEN_DIR")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| common::workspace_root().join("../shared/golden"));
+        .unwrap_or_else(|| common::workspace_root().join("tests/golden"));
     let text = std::fs::read_to_string(dir.join(golden_file)).expect("golden file");
     let golden: Value = serde_json::from_str(&text).unwrap();
     golden["chat"]

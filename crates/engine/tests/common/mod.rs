@@ -18,10 +18,7 @@ pub fn golden_dir() -> PathBuf {
     std::env::var_os("SHOAL_GOLDEN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../../shared/golden"
-            ))
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/golden"))
         })
 }
 
@@ -36,7 +33,7 @@ pub fn model_path(file: &str) -> PathBuf {
     p
 }
 
-/// The llama.cpp reference outputs for a model (see shared/golden/README.md).
+/// The llama.cpp reference outputs for a model (see tests/golden/README.md).
 pub fn golden(file: &str) -> serde_json::Value {
     let name = match file {
         SMOLLM2 => "smollm2-135m-instruct-q4_1.json",

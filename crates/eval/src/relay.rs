@@ -23,18 +23,18 @@ use anyhow::Context;
 use clap::Args;
 
 #[derive(Args)]
-pub(crate) struct RelayArgs {
+pub struct RelayArgs {
     /// Address to listen on, HOST:PORT (port 0 picks a free one; the chosen address is printed
     /// as `relay listening on ADDR` on stderr).
     #[arg(long, value_name = "HOST:PORT")]
-    pub(crate) listen: String,
+    pub listen: String,
     /// Where each accepted connection is forwarded, HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
-    pub(crate) to: String,
+    pub to: String,
     /// How long every chunk is held, in milliseconds, in each direction (a round trip through
     /// the relay gains twice this).
     #[arg(long, default_value_t = 0.0)]
-    pub(crate) delay_ms: f64,
+    pub delay_ms: f64,
 }
 
 /// Largest chunk read at once.
@@ -45,7 +45,8 @@ const IN_FLIGHT: usize = 1024;
 /// A chunk and when it is due; `None` is the end of the stream.
 type Timed = (Instant, Option<Vec<u8>>);
 
-pub(crate) fn run(a: RelayArgs) -> anyhow::Result<ExitCode> {
+/// Runs the relay until the process is stopped.
+pub fn run(a: RelayArgs) -> anyhow::Result<ExitCode> {
     if !a.delay_ms.is_finite() || a.delay_ms < 0.0 {
         anyhow::bail!("--delay-ms must be a non-negative number of milliseconds");
     }

@@ -12,15 +12,17 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use crate::ResolveModel;
+
 /// One agent to start: its model (a file or a known model's name) and role.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct AgentSpec {
-    pub(super) model: PathBuf,
-    pub(super) role: Option<String>,
+pub(crate) struct AgentSpec {
+    pub(crate) model: PathBuf,
+    pub(crate) role: Option<String>,
 }
 
 /// Parses `MODEL[:ROLE],MODEL[:ROLE],…` (a Windows-style `C:\…` path is not expected here).
-pub(super) fn parse_agents(text: &str) -> anyhow::Result<Vec<AgentSpec>> {
+pub(crate) fn parse_agents(text: &str) -> anyhow::Result<Vec<AgentSpec>> {
     let specs: Vec<AgentSpec> = text
         .split(',')
         .map(str::trim)
@@ -48,7 +50,7 @@ pub(crate) struct LocalCluster {
     /// The API to evaluate: the head's, or the single server's.
     pub(crate) url: String,
     /// The agents' own APIs (their `/health` says when their model is ready).
-    pub(super) agent_urls: Vec<String>,
+    pub(crate) agent_urls: Vec<String>,
 }
 
 impl Drop for LocalCluster {
@@ -75,15 +77,16 @@ impl LocalCluster {
     /// `single`: one server for `agents[0]` (exactly one agent allowed). Otherwise: the
     /// agents with their roles, and a head on `head_model` (default: the first agent's
     /// model) with `--peer` for each, whose swarm waits up to `timeout` for answers.
-    pub(super) fn start(
+    pub(crate) fn start(
         agents: &[AgentSpec],
         head_model: Option<&Path>,
         single: bool,
         timeout: Duration,
+        resolve_model: ResolveModel<'_>,
     ) -> anyhow::Result<Self> {
         let exe = shoal_exe()?;
         let mut cluster = LocalCluster::empty();
-        let resolve = |m: &Path| crate::load::resolve_model(Some(m));
+        let resolve = |m: &Path| resolve_model(Some(m));
         if single {
             let [agent] = agents else {
                 bail!("--strategy single with --agents takes exactly one MODEL");
@@ -112,7 +115,7 @@ impl LocalCluster {
         // The head counts only agents that answer its first `Describe`: start it once every
         // agent's model has loaded.
         for url in &cluster.agent_urls {
-            super::client::Client::new(url, None, timeout).wait_ready(
+            crate::client::Client::new(url, None, timeout).wait_ready(
                 Duration::from_secs(300),
                 || {
                     eprintln!("waiting for the agent at {url} to load…");

@@ -4,11 +4,6 @@
 //! `--check-harness` runs the canonical solutions instead, with no server: all 164 must
 //! pass, which proves the extraction and the execution. See docs/EVAL.md.
 
-pub(crate) mod client;
-pub(crate) mod cluster;
-mod exec;
-mod extract;
-
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -21,11 +16,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use client::{Client, RequestError};
-use exec::{Isolation, Sandbox, Verdict};
+use crate::client::{Client, RequestError};
+use crate::exec::{Isolation, Sandbox, Verdict};
+use crate::{client, cluster, extract, ResolveModel};
 
 #[derive(Args)]
-pub(crate) struct EvalArgs {
+pub struct EvalArgs {
     #[command(subcommand)]
     benchmark: Benchmark,
 }
@@ -147,9 +143,10 @@ enum IsolationArg {
     PythonGuard,
 }
 
-pub(crate) fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
+/// Runs `shoal eval`; `resolve` finds the models `--agents` names.
+pub fn run(a: EvalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<ExitCode> {
     match a.benchmark {
-        Benchmark::Humaneval(h) => humaneval(h),
+        Benchmark::Humaneval(h) => humaneval(h, resolve),
     }
 }
 
@@ -166,7 +163,7 @@ pub(crate) struct Problem {
 const FETCH_HINT: &str = "fetch it with `scripts/fetch-models.sh humaneval`, or pass --data FILE";
 
 fn default_data_path() -> PathBuf {
-    crate::load::models_dir().join("HumanEval.jsonl.gz")
+    shoal_models::models_dir().join("HumanEval.jsonl.gz")
 }
 
 /// The problems of a HumanEval JSON-lines file, gzipped (`.gz`) or not.
@@ -319,7 +316,7 @@ fn seconds(what: &str, s: f64) -> anyhow::Result<Duration> {
 /// After this many request errors in a row the run stops: the server is not well.
 const MAX_CONSECUTIVE_ERRORS: usize = 3;
 
-fn humaneval(a: HumanevalArgs) -> anyhow::Result<ExitCode> {
+fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<ExitCode> {
     let exec_timeout = seconds("--timeout-s", a.timeout_s)?;
     let request_timeout = seconds("--request-timeout-s", a.request_timeout_s)?;
     let wait = seconds("--wait-s", a.wait_s)?;
@@ -369,6 +366,7 @@ fn humaneval(a: HumanevalArgs) -> anyhow::Result<ExitCode> {
             a.head_model.as_deref(),
             a.strategy == Strategy::Single,
             request_timeout,
+            resolve,
         )?),
         _ => None,
     };

@@ -9,6 +9,7 @@
 //! fan-out over fresh TCP connections, waiting, combining, and the response.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,9 +24,8 @@ use shoal_wire::{
 };
 use tokio::net::TcpListener;
 
-use crate::bench::BenchArgs;
-use crate::eval::client::Client;
-use crate::eval::cluster::LocalCluster;
+use crate::client::Client;
+use crate::cluster::LocalCluster;
 
 /// The roles of the instant agents: every role a strategy asks (the spotter is added for
 /// the rows that classify with one).
@@ -180,9 +180,10 @@ struct Report {
     rows: Vec<Row>,
 }
 
-pub(crate) fn swarm_overhead(a: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let requests = a.requests.max(1);
-    let head_model = crate::load::resolve_model(a.model.as_deref())?;
+/// Runs the measurement: `requests` measured requests per strategy through a real head on
+/// `head_model`; prints a table, or JSON with `json`.
+pub fn swarm_overhead(head_model: &Path, requests: usize, json: bool) -> anyhow::Result<ExitCode> {
+    let requests = requests.max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -200,7 +201,7 @@ pub(crate) fn swarm_overhead(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         if with_spotter {
             peers.push(*spotter_addr);
         }
-        let head = LocalCluster::start_head(&head_model, &peers, timeout)?;
+        let head = LocalCluster::start_head(head_model, &peers, timeout)?;
         let client = Client::new(&head.url, None, timeout);
         client.wait_ready(Duration::from_secs(300), || {
             eprintln!("waiting for the head at {} to load…", head.url)
@@ -257,7 +258,7 @@ pub(crate) fn swarm_overhead(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         health_median_ms,
         rows,
     };
-    if a.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
@@ -313,7 +314,7 @@ fn wait_agents_healthy(client: &Client, n: usize) -> anyhow::Result<()> {
 
 /// A measured request must be a real swarm answer, not an error that happened to be fast.
 fn check_reply(
-    reply: &crate::eval::client::ChatReply,
+    reply: &crate::client::ChatReply,
     strategy: &str,
     with_spotter: bool,
 ) -> anyhow::Result<()> {

@@ -1,9 +1,9 @@
-//! Pipeline mode from the command line: `shoal run --peer … --split …` and `shoal serve
-//! --peer … --split …` drive a ring of stages as its head (stage nodes serve on their peer
-//! port, see `node`).
+//! Setting up a ring from a node: the peers named by address, a `--split` checked against
+//! the model, or the layers placed by the planner (`--split auto`) from the profiles the
+//! peers report; connecting with patience (nodes of a cluster start in any order); and
+//! re-planning from fresh profiles after a loss ([`RingPlanner`] as the ring's [`Replan`]).
 
 use std::future::Future;
-use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::Path;
@@ -11,78 +11,63 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use clap::ValueEnum;
-use shoal_engine::{GenerateParams, TextStream, Tokenizer};
-use shoal_pipeline::{
-    BatchStats, PeerStage, Pipeline, PipelineConfig, PipelineError, Replan, ReplanResult,
-};
+use shoal_engine::{GgufFile, Stage, StageSpec};
 use shoal_wire::{DType, WireError};
 
-/// How hidden states travel between stages.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum ActivationsArg {
-    /// Half precision: half the bytes, may round differently from a single process.
-    F16,
-    /// bfloat16.
-    Bf16,
-    /// Exact: the output equals a single-process run.
-    #[default]
-    F32,
-}
-
-impl ActivationsArg {
-    fn dtype(self) -> DType {
-        match self {
-            ActivationsArg::F16 => DType::F16,
-            ActivationsArg::Bf16 => DType::BF16,
-            ActivationsArg::F32 => DType::F32,
-        }
-    }
-}
+use crate::error::{PipelineError, Result};
+use crate::head::{PeerStage, Pipeline, PipelineConfig, Replan, ReplanResult};
+use crate::BatchStats;
 
 /// Resolves `HOST:PORT`.
-pub(crate) fn resolve_addr(text: &str) -> anyhow::Result<SocketAddr> {
+pub fn resolve_addr(text: &str) -> Result<SocketAddr> {
     text.to_socket_addrs()
-        .with_context(|| format!("cannot resolve peer `{text}` (expected HOST:PORT)"))?
+        .map_err(|e| {
+            PipelineError::Address(format!(
+                "cannot resolve peer `{text}` (expected HOST:PORT): {e}"
+            ))
+        })?
         .next()
-        .with_context(|| format!("peer `{text}` resolves to no address"))
+        .ok_or_else(|| PipelineError::Address(format!("peer `{text}` resolves to no address")))
+}
+
+/// Resolves every `HOST:PORT`.
+fn resolve_all(peers: &[String]) -> Result<Vec<SocketAddr>> {
+    peers.iter().map(|p| resolve_addr(p)).collect()
 }
 
 /// Checks a `--split` against the peers and the model: one range for the head and one per
 /// peer, in order, contiguous from layer 0 to the last layer.
-pub(crate) fn check_split(
-    split: &str,
-    n_peers: usize,
-    n_layers: usize,
-) -> anyhow::Result<Vec<Range<usize>>> {
-    let ranges = shoal_cluster::parse_split(split).map_err(|e| anyhow::anyhow!("--split: {e}"))?;
+pub fn check_split(split: &str, n_peers: usize, n_layers: usize) -> Result<Vec<Range<usize>>> {
+    let bad = |msg: String| Err(PipelineError::Config(msg));
+    let ranges = match shoal_cluster::parse_split(split) {
+        Ok(ranges) => ranges,
+        Err(e) => return bad(format!("--split: {e}")),
+    };
     if ranges.len() != n_peers + 1 {
-        bail!(
+        return bad(format!(
             "--split has {} ranges but there are {} stages (this node and {} --peer): give one \
              range for this node, then one per --peer in order",
             ranges.len(),
             n_peers + 1,
             n_peers
-        );
+        ));
     }
     let mut next = 0;
     for (i, r) in ranges.iter().enumerate() {
         if r.start != next {
-            bail!(
+            return bad(format!(
                 "--split: stage {i} starts at layer {} but layer {next} is next",
                 r.start
-            );
+            ));
         }
         next = r.end;
     }
     if next != n_layers {
-        bail!(
+        return bad(format!(
             "--split ends at layer {} but the model has layers 0-{}",
             next.saturating_sub(1),
             n_layers.saturating_sub(1)
-        );
+        ));
     }
     Ok(ranges)
 }
@@ -104,66 +89,26 @@ fn local_ip_towards(peer: SocketAddr) -> std::net::IpAddr {
         .unwrap_or_else(|_| peer.ip())
 }
 
-/// Visible text of a generation through the ring, shown exactly as the single-process
-/// [`shoal_engine::Generation`] shows it (the same [`TextStream`]); the ring itself stops
-/// only at end-of-generation tokens or the token limit, so a stop string ends it here.
-struct TextOut<'t> {
-    tokenizer: &'t Tokenizer,
-    stream: TextStream<'t>,
-    done: bool,
-}
-
-impl<'t> TextOut<'t> {
-    fn new(tokenizer: &'t Tokenizer, stop: Vec<String>) -> Self {
-        TextOut {
-            tokenizer,
-            stream: TextStream::new(tokenizer, stop),
-            done: false,
-        }
-    }
-
-    /// The text `token` makes visible.
-    fn push(&mut self, token: u32) -> anyhow::Result<String> {
-        if self.done {
-            return Ok(String::new());
-        }
-        if self.tokenizer.is_eog(token) {
-            self.done = true;
-            return Ok(self.stream.flush());
-        }
-        let (text, stopped) = self.stream.push(token)?;
-        self.done = stopped;
-        Ok(text)
-    }
-
-    /// Whatever is still held back, at the end.
-    fn flush(&mut self) -> String {
-        self.stream.flush()
-    }
-}
-
 /// How long a head keeps trying to reach its peers at start-up: nodes of a cluster are
 /// started in any order, so a peer that is not listening yet is waited for.
-const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
+pub const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
 
-/// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`.
-/// Peers not yet listening are retried for [`CONNECT_PATIENCE`]. The head's batches are
-/// counted in `stats`. After a loss the ring is laid out by `replan` (the planner, with
-/// `--split auto`), else in proportion to the old split.
-pub(crate) async fn connect_ring(
+/// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`;
+/// hidden states travel as `activations`. Peers not yet listening are retried for
+/// [`CONNECT_PATIENCE`]. The head's batches are counted in `stats`. After a loss the ring is
+/// laid out by `replan` (the planner, with `--split auto`), else in proportion to the old
+/// split.
+pub async fn connect_ring(
     model_path: &Path,
     peers: &[String],
     ranges: &[Range<usize>],
-    activations: ActivationsArg,
+    activations: DType,
     stats: BatchStats,
     replan: Option<Arc<dyn Replan>>,
-) -> anyhow::Result<Pipeline> {
-    let addrs = peers
-        .iter()
-        .map(|p| resolve_addr(p))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+) -> Result<Pipeline> {
+    let addrs = resolve_all(peers)?;
     let Some((local, rest)) = ranges.split_first() else {
-        bail!("--split has no ranges");
+        return Err(PipelineError::Config("--split has no ranges".into()));
     };
     let stages: Vec<PeerStage> = addrs
         .iter()
@@ -174,15 +119,13 @@ pub(crate) async fn connect_ring(
         })
         .collect();
     let mut config = PipelineConfig::new(model_path, local.clone(), stages);
-    config.activation_dtype = activations.dtype();
+    config.activation_dtype = activations;
     config.stats = stats;
     config.replan = replan;
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }
-    until_listening(|| Pipeline::connect(config.clone()))
-        .await
-        .context("setting up the ring of stages")
+    until_listening(|| Pipeline::connect(config.clone())).await
 }
 
 /// Runs `attempt` until it succeeds or fails for another reason than a peer not listening
@@ -217,28 +160,28 @@ fn not_listening_yet(e: &PipelineError) -> bool {
 /// the layers for one stream. Returns the head's range and the peers that take part, with
 /// their ranges, in ring order (possibly none: a model that runs best on the head alone),
 /// and the planner, which re-plans the ring from fresh profiles if a stage is lost.
-pub(crate) async fn plan_ring(
+pub async fn plan_ring(
     model_path: &Path,
     peers: &[String],
     node_id: &str,
     memory_cap: Option<u64>,
-) -> anyhow::Result<(Vec<Range<usize>>, Vec<String>, RingPlanner)> {
-    let addrs = peers
-        .iter()
-        .map(|p| resolve_addr(p))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+) -> Result<(Vec<Range<usize>>, Vec<String>, RingPlanner)> {
+    let addrs = resolve_all(peers)?;
     let planner = RingPlanner::measure(model_path, node_id, memory_cap, addrs.clone()).await?;
     let mut probed = Vec::with_capacity(peers.len());
     for (p, &addr) in peers.iter().zip(&addrs) {
         let probe = until_listening(|| {
-            shoal_pipeline::probe_peer(addr, node_id, &planner.model_id, Duration::from_secs(120))
+            crate::probe_peer(addr, node_id, &planner.model_id, Duration::from_secs(120))
         })
         .await;
-        let probe = probe.with_context(|| format!("asking peer {p} for its profile"))?;
+        let probe = probe.map_err(|e| PipelineError::Probe {
+            peer: p.clone(),
+            source: Box::new(e),
+        })?;
         probed.push((probe, 0));
     }
     let plan = planner.plan(&probed, peers)?;
-    eprintln!("{plan}");
+    tracing::info!("{plan}");
     let ranges = plan.ranges();
     let ring_peers = plan
         .stages
@@ -254,7 +197,7 @@ pub(crate) async fn plan_ring(
 /// the ring after a loss, from the profiles the nodes left give then — peers the first plan
 /// left out included.
 #[derive(Debug)]
-pub(crate) struct RingPlanner {
+pub struct RingPlanner {
     model_id: String,
     node_id: String,
     /// Every `--peer`, in the order given.
@@ -275,25 +218,25 @@ impl RingPlanner {
         node_id: &str,
         memory_cap: Option<u64>,
         peers: Vec<SocketAddr>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         let model_id = model_path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let path = model_path.to_path_buf();
         let id = node_id.to_owned();
-        let mine = tokio::task::spawn_blocking(move || shoal_pipeline::measure_profile(&path, &id))
-            .await??;
+        let mine =
+            tokio::task::spawn_blocking(move || crate::measure_profile(&path, &id)).await??;
         let free = memory_cap.map_or(mine.free_memory_bytes, |cap| {
             cap.min(mine.free_memory_bytes)
         });
-        let file = shoal_engine::GgufFile::open(model_path)?;
+        let file = GgufFile::open(model_path)?;
         let context = file.config().context_length.min(4096);
         Ok(RingPlanner {
             model_id,
             node_id: node_id.to_owned(),
             peers,
-            shape: crate::plan::model_shape(&file, context),
+            shape: model_shape(&file, context),
             head: node_profile(node_id, &mine, free),
         })
     }
@@ -306,9 +249,9 @@ impl RingPlanner {
     /// cannot see, is taken as the mean of the two peers' one-way costs to the head.
     fn plan(
         &self,
-        probed: &[(shoal_pipeline::PeerProfile, u64)],
+        probed: &[(crate::PeerProfile, u64)],
         names: &[String],
-    ) -> anyhow::Result<shoal_cluster::Plan> {
+    ) -> Result<shoal_cluster::Plan> {
         let mut nodes = vec![self.head.clone()];
         for ((p, held), name) in probed.iter().zip(names) {
             let free = p.profile.free_memory_bytes.saturating_add(*held);
@@ -352,18 +295,13 @@ impl RingPlanner {
         &self,
         alive: &[PeerStage],
         lost: &[SocketAddr],
-    ) -> anyhow::Result<(Range<usize>, Vec<PeerStage>)> {
+    ) -> Result<(Range<usize>, Vec<PeerStage>)> {
         let mut probed = Vec::new();
         let mut names = Vec::new();
         let mut addrs = Vec::new();
         for &addr in self.peers.iter().filter(|a| !lost.contains(a)) {
-            let probe = shoal_pipeline::probe_peer(
-                addr,
-                &self.node_id,
-                &self.model_id,
-                REPLAN_PROBE_TIMEOUT,
-            )
-            .await;
+            let probe =
+                crate::probe_peer(addr, &self.node_id, &self.model_id, REPLAN_PROBE_TIMEOUT).await;
             let p = match probe {
                 Ok(p) => p,
                 Err(e) => {
@@ -380,11 +318,11 @@ impl RingPlanner {
             addrs.push(addr);
         }
         let plan = self.plan(&probed, &names)?;
-        eprintln!("re-planned the ring from fresh profiles of the nodes left:\n{plan}");
+        tracing::info!("re-planned the ring from fresh profiles of the nodes left:\n{plan}");
         let mut stages = plan.stages.iter();
         let local = stages
             .next()
-            .context("the plan has no stage for the head")?
+            .ok_or_else(|| PipelineError::Config("the plan has no stage for the head".into()))?
             .layers
             .clone();
         let peers = stages
@@ -393,13 +331,15 @@ impl RingPlanner {
                     .node
                     .checked_sub(1)
                     .and_then(|i| addrs.get(i))
-                    .context("the plan names a node that was not probed")?;
+                    .ok_or_else(|| {
+                        PipelineError::Config("the plan names a node that was not probed".into())
+                    })?;
                 Ok(PeerStage {
                     addr: *addr,
                     layers: s.layers.clone(),
                 })
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()?;
         Ok((local, peers))
     }
 }
@@ -414,7 +354,7 @@ impl Replan for RingPlanner {
         Box::pin(async move {
             self.replan_now(alive, lost)
                 .await
-                .map_err(|e| format!("{e:#}"))
+                .map_err(|e| e.to_string())
         })
     }
 }
@@ -428,62 +368,28 @@ fn node_profile(id: &str, p: &shoal_wire::Profile, free: u64) -> shoal_cluster::
     }
 }
 
-/// Runs `prompt` through a ring (see [`connect_ring`]) and streams the text to stdout like
-/// the single-process `run`.
-pub(crate) fn run_ring(
-    model_path: &Path,
-    prompt: &[u32],
-    peers: &[String],
-    ranges: &[Range<usize>],
-    params: &GenerateParams,
-    activations: ActivationsArg,
-) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let pipeline = connect_ring(
-            model_path,
-            peers,
-            ranges,
-            activations,
-            BatchStats::default(),
-            None,
-        )
-        .await?;
-        let mut out = TextOut::new(pipeline.tokenizer(), params.stop.clone());
-        let mut failed: Option<anyhow::Error> = None;
-        let generated = pipeline
-            .generate_with(prompt, &params.sampling, params.max_tokens, |token| {
-                if failed.is_some() {
-                    return;
-                }
-                let written = out.push(token).and_then(|text| {
-                    let mut stdout = std::io::stdout();
-                    stdout.write_all(text.as_bytes())?;
-                    stdout.flush()?;
-                    Ok(())
-                });
-                if let Err(e) = written {
-                    failed = Some(e);
-                }
-            })
-            .await
-            .context("generating through the ring")?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        // Generation ended by length (no EOG): hand out what was held back.
-        if !out.done {
-            let tail = out.flush();
-            let mut stdout = std::io::stdout();
-            stdout.write_all(tail.as_bytes())?;
-            stdout.flush()?;
-        }
-        tracing::debug!(tokens = generated.len(), "ring generation done");
-        Ok(())
-    })
+/// Sizes of a model's parts, from its GGUF file: what the planner places, with KV cache
+/// reserved for `context` positions.
+pub fn model_shape(file: &GgufFile, context: usize) -> shoal_cluster::ModelShape {
+    let cfg = file.config();
+    let n = cfg.n_layers;
+    let only = |layers: Range<usize>, embed, head| StageSpec {
+        layers,
+        embed,
+        head,
+    };
+    let layers_bytes = Stage::weight_bytes(file, &only(0..n, false, false));
+    let embed_bytes = Stage::weight_bytes(file, &only(0..0, true, false));
+    let head_bytes = Stage::weight_bytes(file, &only(n..n, false, true));
+    // Keys and values in f32, for every position of the context.
+    let kv = 2 * cfg.n_kv_heads * cfg.head_dim * 4 * context;
+    shoal_cluster::ModelShape {
+        n_layers: n,
+        layer_bytes: layers_bytes / n.max(1) as u64,
+        embed_bytes,
+        head_bytes,
+        kv_bytes_per_layer: kv as u64,
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! A node's peer port: one listener for everything peers ask of this node — stage work from
 //! pipeline heads (`LoadStage`, `Forward`, …) and swarm requests from swarm heads
-//! (`Describe`, `Ask`) — and the swarm head's setup.
+//! (`Describe`, `Ask`).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -46,7 +47,7 @@ pub(crate) fn make_agent(
     Arc::new(AgentService::new(model, config))
 }
 
-/// Serves the peer port until Ctrl-C: stage requests go to a [`StageServer`] over the
+/// Serves the peer port until `shutdown`: stage requests go to a [`StageServer`] over the
 /// models in `model_path`'s directory (counting its batches in `stats`), swarm requests to
 /// the agent (once loaded).
 pub(crate) async fn serve_peer_port(
@@ -55,6 +56,7 @@ pub(crate) async fn serve_peer_port(
     node_id: String,
     agent: AgentSlot,
     stats: BatchStats,
+    shutdown: impl Future<Output = ()>,
 ) {
     let dir = model_path
         .parent()
@@ -74,9 +76,7 @@ pub(crate) async fn serve_peer_port(
             let agent = agent.clone();
             async move { serve_peer(conn, peer, &stages, &agent).await }
         },
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        },
+        shutdown,
     )
     .await;
     evictor.abort();

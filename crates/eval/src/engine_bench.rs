@@ -1,39 +1,41 @@
-//! `shoal bench`: prefill and decode speed and peak memory of one model on this device.
+//! `shoal bench`: prefill and decode speed and peak memory of one model on this device
+//! (with `--swarm-overhead`, [`crate::swarm_overhead`] instead).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
-use shoal_engine::{Logits, StageInput};
+use shoal_engine::{Logits, Model, StageInput};
 
-use crate::load::{load_model, resolve_model};
+use crate::ResolveModel;
 
 #[derive(Args)]
-pub(crate) struct BenchArgs {
+pub struct BenchArgs {
     /// The model measured (with --swarm-overhead: the head's model, which stays idle).
     #[arg(long, short)]
-    pub(crate) model: Option<PathBuf>,
+    pub model: Option<PathBuf>,
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 64)]
-    pub(crate) prompt_tokens: usize,
+    pub prompt_tokens: usize,
     /// Tokens to decode.
     #[arg(long, default_value_t = 128)]
-    pub(crate) decode_tokens: usize,
+    pub decode_tokens: usize,
     /// Repetitions; the median is reported.
     #[arg(long, default_value_t = 3)]
-    pub(crate) repeat: usize,
+    pub repeat: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
-    pub(crate) json: bool,
+    pub json: bool,
     /// Instead: what a swarm head adds to a request, with instant stand-in agents (a real
     /// `shoal serve --peer …` head, chat completions over HTTP, each strategy).
     #[arg(long)]
-    pub(crate) swarm_overhead: bool,
+    pub swarm_overhead: bool,
     /// With --swarm-overhead: measured requests per strategy.
     #[arg(long, default_value_t = 200)]
-    pub(crate) requests: usize,
+    pub requests: usize,
 }
 
 #[derive(Serialize)]
@@ -48,13 +50,15 @@ struct BenchResult {
     peak_rss_mib: f64,
 }
 
-pub(crate) fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
+/// Runs `shoal bench`; `resolve` finds the model.
+pub fn run(a: BenchArgs, resolve: ResolveModel<'_>) -> anyhow::Result<ExitCode> {
+    let path = resolve(a.model.as_deref())?;
     if a.swarm_overhead {
-        return crate::bench_swarm::swarm_overhead(&a);
+        return crate::swarm_overhead::swarm_overhead(&path, a.requests, a.json);
     }
-    let path = resolve_model(a.model.as_deref())?;
     let started = Instant::now();
-    let model = load_model(&path, true)?;
+    let model =
+        Model::load(&path, |_, _| {}).with_context(|| format!("loading {}", path.display()))?;
     let load_s = started.elapsed().as_secs_f64();
     let stage = model.stage();
     let vocab = model.config().vocab_size as u32;
@@ -131,7 +135,7 @@ fn median(xs: &mut [f64]) -> f64 {
 }
 
 /// Peak resident set size of this process (Linux: VmHWM), in bytes.
-pub(crate) fn peak_rss_bytes() -> Option<u64> {
+fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -1,0 +1,123 @@
+//! Everything a node can be told: what `shoal serve` and its config file say, already parsed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use shoal_swarm::roles::{Role, RolePrompts};
+use shoal_swarm::routing::Strategy;
+use shoal_wire::DType;
+
+use crate::error::NodeError;
+
+/// How to start a node ([`crate::Node::start`]).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The GGUF model file (already found or fetched: the node does not download).
+    pub model: PathBuf,
+    /// The model id clients send (default: the file's stem).
+    pub model_id: Option<String>,
+    /// Where the HTTP API listens (port 0 picks a free one).
+    pub http_addr: SocketAddr,
+    /// Bearer token the API requires, if any.
+    pub api_key: Option<String>,
+    /// Where the peer port listens, if this node serves peers (stage work, swarm requests).
+    pub peer_addr: Option<SocketAddr>,
+    /// Other nodes' peer ports, `HOST:PORT`, in ring order. With `split` this node heads a
+    /// pipeline over itself and these; without, a swarm of these agents.
+    pub peers: Vec<String>,
+    /// Layers per stage (`0-9,10-19,20-29`: this node the first range, each peer the next),
+    /// or `auto` to let the planner place them from measured profiles.
+    pub split: Option<String>,
+    /// With `split = auto`: memory this node offers to the plan, below what is free.
+    pub plan_memory_bytes: Option<u64>,
+    /// How hidden states travel between stages (f32 keeps the output exact).
+    pub activations: DType,
+    /// Serve only pipeline stages on the peer port: no whole model, no answers of its own.
+    pub stage_only: bool,
+    /// This node's swarm role as an agent (`None`: a plain worker).
+    pub role: Option<Role>,
+    /// This node's id on the peer protocol (default: host name and peer port).
+    pub node_id: Option<String>,
+    /// How this node heads a swarm (with `peers` and no `split`).
+    pub swarm: SwarmSettings,
+}
+
+/// The swarm head's settings.
+#[derive(Clone, Debug)]
+pub struct SwarmSettings {
+    /// The strategy of `"model": "swarm"`.
+    pub strategy: Strategy,
+    /// Time allowed for answers to simple factual queries.
+    pub timeout_simple: Duration,
+    /// Time allowed for answers to every other query type.
+    pub timeout_complex: Duration,
+    /// Answers sampled in all for `vote`.
+    pub vote_samples: usize,
+    /// Role system prompts (the built-in ones, with any overrides).
+    pub prompts: RolePrompts,
+}
+
+impl Default for SwarmSettings {
+    /// `serve`'s defaults: `auto`, 6 s / 12 s, 5 vote samples, the built-in prompts.
+    fn default() -> Self {
+        SwarmSettings {
+            strategy: Strategy::Auto,
+            timeout_simple: Duration::from_secs(6),
+            timeout_complex: Duration::from_secs(12),
+            vote_samples: 5,
+            prompts: RolePrompts::new(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// A node serving `model` over HTTP on `http_addr`, with no peer port, no peers and the
+    /// defaults of `shoal serve` for everything else.
+    pub fn new(model: impl Into<PathBuf>, http_addr: SocketAddr) -> Self {
+        NodeConfig {
+            model: model.into(),
+            model_id: None,
+            http_addr,
+            api_key: None,
+            peer_addr: None,
+            peers: Vec::new(),
+            split: None,
+            plan_memory_bytes: None,
+            activations: DType::F32,
+            stage_only: false,
+            role: None,
+            node_id: None,
+            swarm: SwarmSettings::default(),
+        }
+    }
+
+    /// Refuses combinations that cannot work, with what to change.
+    pub fn check(&self) -> Result<(), NodeError> {
+        let bad = |msg: &str| Err(NodeError::Config(msg.to_owned()));
+        if self.stage_only
+            && (self.split.is_some() || self.role.is_some() || !self.peers.is_empty())
+        {
+            return bad(
+                "--stage-only serves stages for a head; it takes no --split, --role or --peer",
+            );
+        }
+        if self.stage_only && self.peer_addr.is_none() {
+            return bad("--stage-only needs --peer-port (where heads send stage work)");
+        }
+        if self.split.is_some() && self.peers.is_empty() {
+            return bad("--split needs a --peer for every range after this node's");
+        }
+        Ok(())
+    }
+
+    /// The model id clients send: the configured one, else the file's stem.
+    pub(crate) fn model_id(&self) -> String {
+        self.model_id.clone().unwrap_or_else(|| {
+            self.model
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        })
+    }
+}

@@ -1,0 +1,366 @@
+//! A Shoal node as a library: a [`NodeConfig`] in, a running [`Node`] out.
+//!
+//! A node is what `shoal serve` runs on every device: the HTTP API (OpenAI-compatible,
+//! `/metrics`, swarm routes), and with a peer port, the stage server and swarm agent that
+//! other nodes use. What it does with its model depends on the config:
+//!
+//! - **stage only** (`stage_only`): serves pipeline stages on its peer port, holds no whole
+//!   model and answers no requests itself;
+//! - **pipeline head** (`split` and `peers`): connects a ring over itself and the peers
+//!   (placed by the planner with `split = "auto"`) and answers through it;
+//! - **swarm head** (`peers` without `split`): answers `"model": "swarm"` with the peers as
+//!   agents, and with its own model otherwise;
+//! - **single node** (neither): loads the whole model and answers with it; with a peer port
+//!   it is also a swarm agent for other heads.
+//!
+//! [`Node::start`] binds the listeners and returns at once with their addresses; the model
+//! loads (or the ring connects) in the background while `/health` says so. Several nodes
+//! can run in one process, which is how the end-to-end tests in `tests/` start clusters.
+//! The `shoal` binary only turns flags and the config file into a [`NodeConfig`].
+
+mod config;
+mod error;
+mod peer_port;
+
+pub use config::{NodeConfig, SwarmSettings};
+pub use error::NodeError;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_api::AppState;
+use shoal_engine::Model;
+use shoal_pipeline::Replan;
+use shoal_swarm::{Swarm, SwarmConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::peer_port::AgentSlot;
+
+/// How often a swarm head asks its agents how they are.
+const SWARM_MONITOR_PERIOD: Duration = Duration::from_secs(5);
+
+/// A running node. Dropping it stops nothing; call [`Node::shutdown`].
+pub struct Node {
+    http_addr: SocketAddr,
+    peer_addr: Option<SocketAddr>,
+    node_id: String,
+    state: AppState,
+    /// Set to `true` once: every listener and background loop stops.
+    stop: watch::Sender<bool>,
+    http: JoinHandle<std::io::Result<()>>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Checks the config, binds the HTTP API (and the peer port), and starts the node's
+    /// work in the background: loading the model, connecting the ring, heading the swarm.
+    /// Must be called inside a multi-threaded tokio runtime.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        config.check()?;
+        let swarm_agents = config
+            .peers
+            .iter()
+            .map(|p| shoal_pipeline::resolve_addr(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(NodeError::Peers)?;
+        let listener = bind("for HTTP", config.http_addr).await?;
+        let http_addr = local_addr("for HTTP", config.http_addr, &listener)?;
+        let state = AppState::new(config.model_id(), config.api_key.clone());
+        let (stop, _) = watch::channel(false);
+        let mut background = Vec::new();
+
+        let agent: AgentSlot = Default::default();
+        let mut node_id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| peer_port::default_node_id(None));
+        let mut peer_addr = None;
+        if let Some(addr) = config.peer_addr {
+            let peer_listener = bind("for peers", addr).await?;
+            let bound = local_addr("for peers", addr, &peer_listener)?;
+            peer_addr = Some(bound);
+            if config.node_id.is_none() {
+                node_id = peer_port::default_node_id(Some(bound.port()));
+            }
+            let (model, id, agent, stats) = (
+                config.model.clone(),
+                node_id.clone(),
+                agent.clone(),
+                state.batch_stats(),
+            );
+            let stopped = stopped(&stop);
+            background.push(tokio::spawn(async move {
+                peer_port::serve_peer_port(peer_listener, &model, id, agent, stats, stopped).await;
+            }));
+        }
+
+        if config.stage_only {
+            state.set_stage_only();
+        } else if let Some(split) = config.split.clone() {
+            let head = PipelineHead {
+                model: config.model.clone(),
+                split,
+                peers: config.peers.clone(),
+                activations: config.activations,
+                node_id: node_id.clone(),
+                memory_cap: config.plan_memory_bytes,
+            };
+            background.push(head.start(state.clone()));
+        } else {
+            let swarm = (!swarm_agents.is_empty())
+                .then(|| swarm_config(&config.swarm, &node_id, swarm_agents));
+            // Every node with a peer port is a swarm agent (a plain worker without a role),
+            // and a swarm head answers with its own model as a last resort.
+            let setup = (config.peer_addr.is_some() || swarm.is_some()).then(|| AgentSetup {
+                slot: agent,
+                node_id: node_id.clone(),
+                role: config.role,
+                prompts: config.swarm.prompts.clone(),
+            });
+            start_local_model(state.clone(), config.model.clone(), setup, swarm, &stop);
+        }
+
+        let app = shoal_api::app(state.clone());
+        let http_stopped = stopped(&stop);
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(http_stopped)
+                .await
+        });
+        Ok(Node {
+            http_addr,
+            peer_addr,
+            node_id,
+            state,
+            stop,
+            http,
+            background,
+        })
+    }
+
+    /// Where the HTTP API listens.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Where the peer port listens, if this node has one.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
+    }
+
+    /// This node's id on the peer protocol.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The API's shared state (readiness, metrics).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `signal` (e.g. Ctrl-C) or until the HTTP server fails, then shuts down.
+    pub async fn serve_until(mut self, signal: impl Future<Output = ()>) -> Result<(), NodeError> {
+        let failed = tokio::select! {
+            () = signal => None,
+            ended = &mut self.http => Some(ended),
+        };
+        match failed {
+            None => self.shutdown().await,
+            Some(ended) => {
+                let _ = self.stop.send(true);
+                for task in &self.background {
+                    task.abort();
+                }
+                match ended {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(NodeError::Http(e)),
+                    Err(e) => Err(NodeError::Http(std::io::Error::other(e))),
+                }
+            }
+        }
+    }
+
+    /// Stops accepting, lets the HTTP requests in flight finish, and ends the peer port and
+    /// every background loop. A model still loading finishes loading on its own thread and
+    /// is then dropped.
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        let _ = self.stop.send(true);
+        let served = self.http.await;
+        for task in self.background {
+            task.abort();
+            let _ = task.await;
+        }
+        match served {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(NodeError::Http(e)),
+            Err(e) => Err(NodeError::Http(std::io::Error::other(e))),
+        }
+    }
+}
+
+/// Resolves once `stop` says so (or its sender is gone).
+fn stopped(stop: &watch::Sender<bool>) -> impl Future<Output = ()> + Send + 'static {
+    let mut rx = stop.subscribe();
+    async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Listen { what, addr, source })
+}
+
+fn local_addr(
+    what: &'static str,
+    addr: SocketAddr,
+    listener: &TcpListener,
+) -> Result<SocketAddr, NodeError> {
+    listener
+        .local_addr()
+        .map_err(|source| NodeError::Listen { what, addr, source })
+}
+
+/// The swarm this node heads: one agent per peer.
+fn swarm_config(settings: &SwarmSettings, node_id: &str, agents: Vec<SocketAddr>) -> SwarmConfig {
+    let mut config = SwarmConfig::new(node_id, agents);
+    config.strategy = settings.strategy;
+    config.timeouts.simple = settings.timeout_simple;
+    config.timeouts.complex = settings.timeout_complex;
+    config.vote_samples = settings.vote_samples;
+    config.prompts = settings.prompts.clone();
+    config
+}
+
+/// How this node's model also serves as a swarm agent.
+struct AgentSetup {
+    /// Where the peer port finds the agent once the model has loaded.
+    slot: AgentSlot,
+    node_id: String,
+    role: Option<shoal_swarm::roles::Role>,
+    prompts: shoal_swarm::roles::RolePrompts,
+}
+
+/// Loads the whole model in the background; then makes it this node's agent (with a peer
+/// port or a swarm), starts heading the swarm (with peers), and serves the API.
+fn start_local_model(
+    state: AppState,
+    path: PathBuf,
+    agent: Option<AgentSetup>,
+    swarm: Option<SwarmConfig>,
+    stop: &watch::Sender<bool>,
+) {
+    let handle = tokio::runtime::Handle::current();
+    let stopped = stopped(stop);
+    tokio::task::spawn_blocking(move || {
+        let model = match load_model(&path) {
+            Ok(model) => Arc::new(model),
+            Err(e) => {
+                tracing::error!("{e}");
+                state.set_failed(e.to_string());
+                return;
+            }
+        };
+        if let Some(a) = agent {
+            let service =
+                peer_port::make_agent(model.clone(), &a.node_id, &path, a.role, &a.prompts);
+            let _ = a.slot.set(service.clone());
+            if let Some(config) = swarm {
+                let _runtime = handle.enter();
+                let swarm = Arc::new(Swarm::new(config, Some(service)));
+                let monitor = swarm.spawn_monitor(SWARM_MONITOR_PERIOD);
+                handle.spawn(async move {
+                    stopped.await;
+                    monitor.abort();
+                });
+                state.set_swarm(swarm);
+            }
+        }
+        state.set_ready(model);
+    });
+}
+
+/// Loads the whole model, logging how long it took.
+fn load_model(path: &Path) -> Result<Model, String> {
+    let started = Instant::now();
+    let model =
+        Model::load(path, |_, _| {}).map_err(|e| format!("loading {}: {e}", path.display()))?;
+    tracing::info!(
+        model = model.name(),
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    Ok(model)
+}
+
+/// A pipeline head's ring, before it is connected.
+struct PipelineHead {
+    model: PathBuf,
+    /// `auto`, or layers per stage.
+    split: String,
+    peers: Vec<String>,
+    activations: shoal_wire::DType,
+    node_id: String,
+    /// Memory this node offers to an `auto` plan, if capped below what is free.
+    memory_cap: Option<u64>,
+}
+
+impl PipelineHead {
+    /// Plans the ring (`auto`) or checks the given split, loads only the first stage, sets
+    /// up the peers' stages, then answers through the ring.
+    fn start(self, state: AppState) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            match self.connect(&state).await {
+                Ok(pipeline) => state.set_ready(Arc::new(pipeline)),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    state.set_failed(e);
+                }
+            }
+        })
+    }
+
+    async fn connect(self, state: &AppState) -> Result<shoal_pipeline::Pipeline, String> {
+        let (ranges, peers, replan) = if self.split.trim() == "auto" {
+            let (ranges, peers, planner) =
+                shoal_pipeline::plan_ring(&self.model, &self.peers, &self.node_id, self.memory_cap)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let replan: Arc<dyn Replan> = Arc::new(planner);
+            (ranges, peers, Some(replan))
+        } else {
+            let n_layers = shoal_engine::GgufFile::open(&self.model)
+                .map_err(|e| e.to_string())?
+                .config()
+                .n_layers;
+            let ranges = shoal_pipeline::check_split(&self.split, self.peers.len(), n_layers)
+                .map_err(|e| e.to_string())?;
+            (ranges, self.peers.clone(), None)
+        };
+        let shown: Vec<String> = ranges
+            .iter()
+            .map(|r| format!("{}-{}", r.start, r.end.saturating_sub(1)))
+            .collect();
+        let pipeline = shoal_pipeline::connect_ring(
+            &self.model,
+            &peers,
+            &ranges,
+            self.activations,
+            state.batch_stats(),
+            replan,
+        )
+        .await
+        .map_err(|e| format!("setting up the ring of stages: {e}"))?;
+        tracing::info!(
+            "pipeline ready: {} over this node and {peers:?}",
+            shown.join(",")
+        );
+        Ok(pipeline)
+    }
+}

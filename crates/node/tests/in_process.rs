@@ -1,0 +1,206 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Nodes started in-process on 127.0.0.1:0, talked to over real sockets: a two-node pipeline
+//! (a stage-only node and a head) answers exactly what a single node answers, a swarm head
+//! asks a node it was given as a peer, and a shut-down node frees its ports. Uses the real
+//! SmolLM2 model. (Tests where killing a process is the point stay in `crates/shoal/tests`.)
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use shoal_node::{Node, NodeConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
+
+fn model_path() -> PathBuf {
+    let dir = std::env::var_os("SHOAL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")));
+    let p = dir.join(SMOLLM2);
+    assert!(
+        p.is_file(),
+        "model {} is missing: run scripts/fetch-models.sh",
+        p.display()
+    );
+    p
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// One HTTP/1.1 request; the status and the body.
+async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut stream = TcpStream::connect(addr).await.expect("node accepts");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status code");
+    (status, body.to_owned())
+}
+
+/// Waits until the node's `/health` says ok (its model loaded, its ring connected).
+async fn wait_ready(node: &Node) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, body) = http(node.http_addr(), "GET", "/health", None).await;
+        if status == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node at {} not ready: {status} {body}",
+            node.http_addr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A greedy chat answer from the node; `model` is the id to ask for.
+async fn ask(node: &Node, model: &str, question: &str) -> String {
+    let request = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 24,
+        "temperature": 0,
+    });
+    let (status, body) = http(
+        node.http_addr(),
+        "POST",
+        "/v1/chat/completions",
+        Some(&request),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    reply["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("an answer")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_node_pipeline_in_one_process_answers_as_one_node() {
+    let model = model_path();
+    let single = Node::start(NodeConfig::new(&model, loopback()))
+        .await
+        .unwrap();
+
+    let mut stage = NodeConfig::new(&model, loopback());
+    stage.peer_addr = Some(loopback());
+    stage.stage_only = true;
+    let stage = Node::start(stage).await.unwrap();
+    let stage_peer = stage
+        .peer_addr()
+        .expect("a stage-only node has a peer port");
+
+    let mut head = NodeConfig::new(&model, loopback());
+    head.peers = vec![stage_peer.to_string()];
+    head.split = Some("0-11,12-29".into());
+    let head = Node::start(head).await.unwrap();
+
+    wait_ready(&single).await;
+    wait_ready(&stage).await;
+    wait_ready(&head).await;
+
+    let id = "smollm2-135m-instruct-q4_1";
+    for question in ["What is the capital of France?", "Name three colours."] {
+        let alone = ask(&single, id, question).await;
+        let ring = ask(&head, id, question).await;
+        assert!(!alone.is_empty());
+        assert_eq!(ring, alone, "the ring must answer as one node does");
+    }
+    // The stage-only node answers nothing itself, and says where to go.
+    let request = json!({"model": id, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, body) = http(
+        stage.http_addr(),
+        "POST",
+        "/v1/chat/completions",
+        Some(&request),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("stage"), "{body}");
+
+    for node in [head, stage, single] {
+        let (http_addr, peer_addr) = (node.http_addr(), node.peer_addr());
+        node.shutdown().await.unwrap();
+        assert!(
+            TcpStream::connect(http_addr).await.is_err(),
+            "the HTTP port is closed after shutdown"
+        );
+        if let Some(peer) = peer_addr {
+            assert!(
+                TcpStream::connect(peer).await.is_err(),
+                "the peer port is closed after shutdown"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swarm_head_in_one_process_asks_its_peer() {
+    let model = model_path();
+    let mut agent = NodeConfig::new(&model, loopback());
+    agent.peer_addr = Some(loopback());
+    agent.role = Some("concise".parse().unwrap());
+    agent.node_id = Some("agent-one".into());
+    let agent = Node::start(agent).await.unwrap();
+    wait_ready(&agent).await;
+
+    let mut head = NodeConfig::new(&model, loopback());
+    head.peers = vec![agent.peer_addr().unwrap().to_string()];
+    let head = Node::start(head).await.unwrap();
+    wait_ready(&head).await;
+
+    let (status, body) = http(head.http_addr(), "GET", "/v1/swarm/status", None).await;
+    assert_eq!(status, 200, "{body}");
+    let swarm: Value = serde_json::from_str(&body).unwrap();
+    let agents = swarm["agents"].as_array().expect("agents");
+    assert!(
+        agents
+            .iter()
+            .any(|a| a["node_id"] == "agent-one" && a["role"] == "concise"),
+        "the head lists its peer with its role: {body}"
+    );
+    let answer = ask(&head, "swarm:fastest", "What is 2 + 2?").await;
+    assert!(!answer.is_empty());
+
+    head.shutdown().await.unwrap();
+    agent.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contradictory_configs_are_refused_before_anything_listens() {
+    let mut config = NodeConfig::new(model_path(), loopback());
+    config.stage_only = true;
+    let e = Node::start(config)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("--stage-only needs --peer-port"), "{e}");
+
+    let mut config = NodeConfig::new(model_path(), loopback());
+    config.split = Some("0-9,10-29".into());
+    let e = Node::start(config)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("--split needs a --peer"), "{e}");
+}

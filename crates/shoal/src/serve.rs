@@ -1,0 +1,154 @@
+//! `shoal serve`: flags and the config file become a [`NodeConfig`]; `shoal-node` runs it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use shoal_node::{Node, NodeConfig, SwarmSettings};
+use shoal_swarm::roles::{Role, RolePrompts};
+use shoal_swarm::routing::Strategy;
+
+use crate::cli::{ActivationsArg, ModelArg};
+use crate::load::resolve_model;
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// Read settings from this TOML file (keys are these flags' names; flags given here win).
+    #[arg(long, env = "SHOAL_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) model: ModelArg,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) host: String,
+    /// HTTP port (0 picks a free one).
+    #[arg(long, default_value_t = 8080)]
+    pub(crate) port: u16,
+    /// The model id clients send (default: the file's stem).
+    #[arg(long)]
+    pub(crate) model_id: Option<String>,
+    /// Require this bearer token on API requests.
+    #[arg(long, env = "SHOAL_API_KEY")]
+    pub(crate) api_key: Option<String>,
+    /// Also serve stage work to pipeline heads (`shoal run --peer`) on this port of --host
+    /// (0 picks a free one).
+    #[arg(long)]
+    pub(crate) peer_port: Option<u16>,
+    /// Another node's peer port, as HOST:PORT (repeatable, in ring order). With --split this
+    /// node heads a pipeline over itself and these peers and answers the API through it;
+    /// without, it heads a swarm of these agents (`"model": "swarm"`).
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    pub(crate) peers: Vec<String>,
+    /// Layers per stage, e.g. `0-9,10-19,20-29`: this node runs the first range, each --peer
+    /// the next one in order. `auto`: measure this node and ask every peer for its profile
+    /// (time per layer, free memory, round trip), and let the planner place the layers.
+    #[arg(long)]
+    pub(crate) split: Option<String>,
+    /// With `--split auto`: memory (GiB) this node offers to the plan, below what is free.
+    #[arg(long)]
+    pub(crate) plan_memory_gib: Option<f64>,
+    /// How hidden states travel between stages (f32 keeps the output identical to a
+    /// single process).
+    #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]
+    pub(crate) activations: ActivationsArg,
+    /// Serve only pipeline stages on --peer-port: no whole model in memory (a stage holds
+    /// just its layers), no answers of this node's own.
+    #[arg(long)]
+    pub(crate) stage_only: bool,
+    /// Swarm role of this node as an agent: reasoner, writer, concise, critic, factchecker,
+    /// drafter, spotter or aggregator (none: a plain worker).
+    #[arg(long)]
+    pub(crate) role: Option<String>,
+    /// This node's id on the peer protocol (default: host name and peer port).
+    #[arg(long)]
+    pub(crate) node_id: Option<String>,
+    /// Swarm head: the strategy of `"model": "swarm"` (moa, vote, confidence, fastest, speed,
+    /// strongest, auto). `auto` asks the largest model alone when it has twice the
+    /// parameters of every other agent's, else votes: what measured best, docs/EVAL.md.
+    #[arg(long, default_value = "auto")]
+    pub(crate) swarm_strategy: String,
+    /// Swarm head: seconds allowed for answers to simple factual queries.
+    #[arg(long, default_value_t = 6.0)]
+    pub(crate) swarm_timeout_simple: f64,
+    /// Swarm head: seconds allowed for answers to every other query type.
+    #[arg(long, default_value_t = 12.0)]
+    pub(crate) swarm_timeout_complex: f64,
+    /// Swarm head: answers sampled in all for `vote`.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) swarm_samples: usize,
+}
+
+pub(crate) fn serve(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<ExitCode> {
+    let config = node_config(a, prompts)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let node = Node::start(config).await?;
+        // Tests and scripts read these exact lines to learn the ports.
+        eprintln!("listening on http://{}", node.http_addr());
+        if let Some(peer) = node.peer_addr() {
+            eprintln!("peer port listening on {peer}");
+        }
+        node.serve_until(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// The node `serve`'s flags describe; the model is found (or fetched) here.
+fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig> {
+    let role = a
+        .role
+        .as_deref()
+        .map(str::parse::<Role>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--role: {e}"))?;
+    let strategy = a
+        .swarm_strategy
+        .parse::<Strategy>()
+        .map_err(|e| anyhow::anyhow!("--swarm-strategy: {e}"))?;
+    let mut config = NodeConfig::new(PathBuf::new(), bind_addr(&a.host, a.port)?);
+    config.model_id = a.model_id;
+    config.api_key = a.api_key;
+    config.peer_addr = a
+        .peer_port
+        .map(|port| bind_addr(&a.host, port))
+        .transpose()?;
+    config.peers = a.peers;
+    config.split = a.split;
+    config.plan_memory_bytes = a
+        .plan_memory_gib
+        .map(|g| (g * 1024.0 * 1024.0 * 1024.0) as u64);
+    config.activations = a.activations.dtype();
+    config.stage_only = a.stage_only;
+    config.role = role;
+    config.node_id = a.node_id;
+    config.swarm = SwarmSettings {
+        strategy,
+        timeout_simple: Duration::from_secs_f64(a.swarm_timeout_simple),
+        timeout_complex: Duration::from_secs_f64(a.swarm_timeout_complex),
+        vote_samples: a.swarm_samples,
+        prompts,
+    };
+    // Refuse a contradiction before a model is fetched for it.
+    config.check()?;
+    config.model = resolve_model(a.model.model.as_deref())?;
+    Ok(config)
+}
+
+/// Resolves `host:port`.
+fn bind_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    format!("{host}:{port}").parse().or_else(|_| {
+        std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+            .ok()
+            .and_then(|mut it| it.next())
+            .context("cannot resolve --host")
+    })
+}
