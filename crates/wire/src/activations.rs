@@ -131,7 +131,7 @@ fn encode_into(values: &[f32], dtype: DType, out: &mut Vec<u8>) {
 /// Decodes little-endian `dtype` elements back to `f32`. Errors when `bytes` is not a whole
 /// number of elements.
 pub fn decode_activations(bytes: &[u8], dtype: DType) -> Result<Vec<f32>, WireError> {
-    if bytes.len() % dtype.size() != 0 {
+    if !bytes.len().is_multiple_of(dtype.size()) {
         return Err(WireError::Invalid {
             message: "activations",
             what: "data",
