@@ -77,7 +77,7 @@ mod types;
 
 pub use error::PlanError;
 pub use planner::{plan, plan_with_options, PlanOptions, DEFAULT_MAX_EXACT_NODES};
-pub use split::{parse_split, validate_split, validate_stages};
+pub use split::{check_tiling, parse_split, validate_split, validate_stages, TilingError};
 pub use types::{
     LeftOut, LeftOutReason, ModelShape, NodeProfile, Objective, Plan, Prediction, Search, StagePlan,
 };

@@ -44,6 +44,68 @@ pub fn parse_split(text: &str) -> Result<Vec<Range<usize>>, PlanError> {
         .collect()
 }
 
+/// How layer ranges, in ring order, fail to tile a model's layers `0..n_layers`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TilingError {
+    #[error("stage {stage} has no layers")]
+    Empty { stage: usize },
+    #[error(
+        "stage {stage} starts at layer {start} but layer {expected} is next ({})",
+        if start > expected { "a gap" } else { "an overlap" }
+    )]
+    NotNext {
+        stage: usize,
+        start: usize,
+        expected: usize,
+    },
+    #[error("stage {stage} ends at layer {} but the model has {n_layers} layers", end - 1)]
+    PastEnd {
+        stage: usize,
+        end: usize,
+        n_layers: usize,
+    },
+    #[error("the stages stop at layer {end} but the model has {n_layers} layers (0..{n_layers})")]
+    Short { end: usize, n_layers: usize },
+}
+
+/// Checks that `ranges`, in ring order, tile layers `0..n_layers`: the first starts at 0,
+/// each is non-empty and starts where the one before ended, and the last ends at the model's
+/// last layer. The one check of a layout's layers, whoever made the layout (a `--split`,
+/// the planner, a re-plan).
+pub fn check_tiling<'a>(
+    ranges: impl IntoIterator<Item = &'a Range<usize>>,
+    n_layers: usize,
+) -> Result<(), TilingError> {
+    let mut next = 0;
+    for (stage, range) in ranges.into_iter().enumerate() {
+        if range.start != next {
+            return Err(TilingError::NotNext {
+                stage,
+                start: range.start,
+                expected: next,
+            });
+        }
+        if range.end <= range.start {
+            return Err(TilingError::Empty { stage });
+        }
+        if range.end > n_layers {
+            return Err(TilingError::PastEnd {
+                stage,
+                end: range.end,
+                n_layers,
+            });
+        }
+        next = range.end;
+    }
+    if next != n_layers {
+        return Err(TilingError::Short {
+            end: next,
+            n_layers,
+        });
+    }
+    Ok(())
+}
+
 /// Checks a forced split where stage `i` runs `ranges[i]` on node `i`: the head
 /// (node 0) owns the first range and the peers the following ranges, in the order the
 /// nodes are given. Nodes past the last range are left out. Returns the plan with its
@@ -86,9 +148,8 @@ pub fn validate_stages(
             "the first stage must run on the head (node 0), not node {first_node}"
         ));
     }
-    let mut next = 0;
     let mut seen = vec![false; nodes.len()];
-    for (i, (node, range)) in stages.iter().enumerate() {
+    for (i, (node, _)) in stages.iter().enumerate() {
         let Some(was) = seen.get_mut(*node) else {
             return bad(format!(
                 "stage {i} names node {node}, but there are only {} nodes",
@@ -99,32 +160,9 @@ pub fn validate_stages(
             return bad(format!("node {node} runs two stages"));
         }
         *was = true;
-        if range.start != next {
-            return bad(format!(
-                "stage {i} starts at layer {} but layer {next} is next ({})",
-                range.start,
-                if range.start > next {
-                    "a gap"
-                } else {
-                    "an overlap"
-                }
-            ));
-        }
-        if range.end <= range.start {
-            return bad(format!("stage {i} has no layers"));
-        }
-        if range.end > l {
-            return bad(format!(
-                "stage {i} ends at layer {} but the model has {l} layers",
-                range.end - 1
-            ));
-        }
-        next = range.end;
     }
-    if next != l {
-        return bad(format!(
-            "the split stops at layer {next} but the model has {l} layers (0..{l})"
-        ));
+    if let Err(e) = check_tiling(stages.iter().map(|(_, range)| range), l) {
+        return bad(e.to_string());
     }
 
     let order: Vec<usize> = stages.iter().map(|(n, _)| *n).collect();

@@ -515,3 +515,49 @@ fn many_nodes_use_the_heuristic_and_keep_every_invariant() {
     .unwrap();
     assert!(matches!(p.search, Search::Exact { peers: 9, .. }));
 }
+
+#[test]
+fn tiling_is_checked_in_one_place_and_says_what_is_wrong() {
+    use shoal_cluster::{check_tiling, TilingError};
+    assert_eq!(check_tiling(&[0..10, 10..20, 20..30], 30), Ok(()));
+    assert_eq!(check_tiling(&[0..30], 30), Ok(()));
+    assert_eq!(
+        check_tiling(&[1..30], 30),
+        Err(TilingError::NotNext {
+            stage: 0,
+            start: 1,
+            expected: 0
+        })
+    );
+    let gap = check_tiling(&[0..10, 11..30], 30).unwrap_err();
+    assert!(gap.to_string().contains("a gap"), "{gap}");
+    let overlap = check_tiling(&[0..10, 9..30], 30).unwrap_err();
+    assert!(overlap.to_string().contains("an overlap"), "{overlap}");
+    assert_eq!(
+        check_tiling(&[0..10, 10..10, 10..30], 30),
+        Err(TilingError::Empty { stage: 1 })
+    );
+    assert_eq!(
+        check_tiling(&[0..10, 10..31], 30),
+        Err(TilingError::PastEnd {
+            stage: 1,
+            end: 31,
+            n_layers: 30
+        })
+    );
+    assert_eq!(
+        check_tiling(&[0..10, 10..29], 30),
+        Err(TilingError::Short {
+            end: 29,
+            n_layers: 30
+        })
+    );
+    let none: [std::ops::Range<usize>; 0] = [];
+    assert_eq!(
+        check_tiling(&none, 30),
+        Err(TilingError::Short {
+            end: 0,
+            n_layers: 30
+        })
+    );
+}

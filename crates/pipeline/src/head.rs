@@ -339,13 +339,6 @@ impl Pipeline {
             Ok((format, file.config().clone(), sha))
         })
         .await??;
-        let n = model.n_layers;
-        if config.local_layers.start != 0 || config.local_layers.end > n {
-            return Err(PipelineError::Config(format!(
-                "the head runs layers 0..k of the model's {n}, not {:?}",
-                config.local_layers
-            )));
-        }
         check_ring(&config, &model)?;
 
         let listener = TcpListener::bind(config.reply_bind)
@@ -1016,10 +1009,6 @@ fn check_layout(
     lost: &[SocketAddr],
     n_layers: usize,
 ) -> std::result::Result<(), String> {
-    if local.start != 0 || local.is_empty() {
-        return Err(format!("the head must run layers from 0, not {local:?}"));
-    }
-    let mut next = local.end;
     for (i, p) in peers.iter().enumerate() {
         if lost.contains(&p.addr) {
             return Err(format!("{} was just lost", p.addr));
@@ -1027,20 +1016,9 @@ fn check_layout(
         if peers[..i].iter().any(|q| q.addr == p.addr) {
             return Err(format!("{} has two stages", p.addr));
         }
-        if p.layers.start != next || p.layers.is_empty() {
-            return Err(format!(
-                "{} runs {:?}, but layer {next} is next",
-                p.addr, p.layers
-            ));
-        }
-        next = p.layers.end;
     }
-    if next != n_layers {
-        return Err(format!(
-            "the layout ends at layer {next} of the model's {n_layers}"
-        ));
-    }
-    Ok(())
+    let layers = std::iter::once(local).chain(peers.iter().map(|p| &p.layers));
+    shoal_cluster::check_tiling(layers, n_layers).map_err(|e| format!("the layout: {e}"))
 }
 
 /// Splits `n_layers` into consecutive ranges in proportion to `shares` (largest remainder),
@@ -1080,25 +1058,13 @@ fn redistribute(shares: &[usize], n_layers: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// Checks that the head's layers and the peers' tile the model in order.
+/// Checks that the head's layers and the peers' tile the model in order (stage 0 is the
+/// head, stage `i` the `i`-th peer).
 fn check_ring(config: &PipelineConfig, model: &ModelConfig) -> Result<()> {
-    let n = model.n_layers;
-    let mut end = config.local_layers.end;
-    for p in &config.peers {
-        if p.layers.start != end || p.layers.end <= p.layers.start {
-            return Err(PipelineError::Config(format!(
-                "peer {} runs layers {:?}, but the ring needs the next range to start at layer {end}",
-                p.addr, p.layers
-            )));
-        }
-        end = p.layers.end;
-    }
-    if end != n {
-        return Err(PipelineError::Config(format!(
-            "the ring covers layers 0..{end} of the model's {n}"
-        )));
-    }
-    Ok(())
+    let layers =
+        std::iter::once(&config.local_layers).chain(config.peers.iter().map(|p| &p.layers));
+    shoal_cluster::check_tiling(layers, model.n_layers)
+        .map_err(|e| PipelineError::Config(format!("the ring: {e}")))
 }
 
 fn to_u32(v: usize) -> Result<u32> {

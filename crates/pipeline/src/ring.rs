@@ -52,24 +52,10 @@ pub fn check_split(split: &str, n_peers: usize, n_layers: usize) -> Result<Vec<R
             n_peers
         ));
     }
-    let mut next = 0;
-    for (i, r) in ranges.iter().enumerate() {
-        if r.start != next {
-            return bad(format!(
-                "--split: stage {i} starts at layer {} but layer {next} is next",
-                r.start
-            ));
-        }
-        next = r.end;
+    match shoal_cluster::check_tiling(&ranges, n_layers) {
+        Ok(()) => Ok(ranges),
+        Err(e) => bad(format!("--split: {e}")),
     }
-    if next != n_layers {
-        return bad(format!(
-            "--split ends at layer {} but the model has layers 0-{}",
-            next.saturating_sub(1),
-            n_layers.saturating_sub(1)
-        ));
-    }
-    Ok(ranges)
 }
 
 /// The address this host uses to reach `peer` (the head's reply listener must be one the
