@@ -19,8 +19,8 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::json;
 use shoal_wire::{
-    serve_connections, server_handshake, AgentCard, Answer, Capabilities, Connection, Finish,
-    HelloAck, Message, Pong, ServeConfig, WireError,
+    serve_peers, AgentCard, Answer, Capabilities, Connection, ErrorMessage, Finish, Hello,
+    HelloAck, Message, PeerService, Pong, ServeConfig, WireError,
 };
 use tokio::net::TcpListener;
 
@@ -63,66 +63,56 @@ impl InstantAgent {
             parameters: 0,
         }
     }
+}
 
-    async fn serve_connection(&self, mut conn: Connection) -> Result<(), WireError> {
-        let ack = HelloAck {
+impl PeerService for InstantAgent {
+    fn accept(&self, _hello: &Hello) -> Result<HelloAck, ErrorMessage> {
+        Ok(HelloAck {
             node_id: format!("instant-{}", self.role),
             software_version: env!("CARGO_PKG_VERSION").to_owned(),
             capabilities: Capabilities::AGENT,
-        };
-        match server_handshake(&mut conn, |_| Ok(ack)).await {
-            Ok(_) => {}
-            // Dialled, then dropped before its Hello: a `fastest` loser, cancelled early.
-            Err(WireError::Io(_) | WireError::Closed { .. }) => return Ok(()),
-            Err(e) => return Err(conn.fail(e).await),
-        }
-        loop {
-            let msg = match conn.read_frame().await {
-                Ok(Some(msg)) => msg,
-                Ok(None) => return Ok(()),
-                // The head drops the connections of answers it no longer wants (`fastest`):
-                // a reset is how a request ends here, not a failure worth logging.
-                Err(WireError::Io(_)) => return Ok(()),
-                Err(e) => return Err(conn.fail(e).await),
-            };
-            let reply = match msg {
-                Message::Describe(_) => Message::AgentCard(self.card()),
-                Message::Ping(p) => Message::Pong(Pong { nonce: p.nonce }),
-                Message::Ask(ask) => {
-                    let started = Instant::now();
-                    let text = ask
-                        .choices
-                        .iter()
-                        .find(|c| c.as_str() == "MATH")
-                        .or(ask.choices.first())
-                        .cloned()
-                        .unwrap_or_else(|| ANSWER.to_owned());
-                    let answer = Message::Answer(Answer {
-                        request_id: ask.request_id,
-                        text,
-                        finish: Finish::Stop,
-                        prompt_tokens: 1,
-                        completion_tokens: 8,
-                        elapsed_ms: 0,
-                    });
-                    self.asks.fetch_add(1, Ordering::Relaxed);
-                    let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    self.busy_ns.fetch_add(ns, Ordering::Relaxed);
-                    answer
-                }
-                other => {
-                    return Err(conn
-                        .fail(WireError::UnexpectedMessage {
-                            expected: "Describe, Ask or Ping",
-                            got: other.name(),
-                        })
-                        .await)
-                }
-            };
-            if conn.write_frame(&reply).await.is_err() {
-                return Ok(());
+        })
+    }
+
+    async fn handle(
+        &self,
+        msg: Message,
+        conn: &mut Connection,
+        _peer: SocketAddr,
+    ) -> Result<(), WireError> {
+        let reply = match msg {
+            Message::Describe(_) => Message::AgentCard(self.card()),
+            Message::Ping(p) => Message::Pong(Pong { nonce: p.nonce }),
+            Message::Ask(ask) => {
+                let started = Instant::now();
+                let text = ask
+                    .choices
+                    .iter()
+                    .find(|c| c.as_str() == "MATH")
+                    .or(ask.choices.first())
+                    .cloned()
+                    .unwrap_or_else(|| ANSWER.to_owned());
+                let answer = Message::Answer(Answer {
+                    request_id: ask.request_id,
+                    text,
+                    finish: Finish::Stop,
+                    prompt_tokens: 1,
+                    completion_tokens: 8,
+                    elapsed_ms: 0,
+                });
+                self.asks.fetch_add(1, Ordering::Relaxed);
+                let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.busy_ns.fetch_add(ns, Ordering::Relaxed);
+                answer
             }
-        }
+            other => {
+                return Err(WireError::UnexpectedMessage {
+                    expected: "Describe, Ask or Ping",
+                    got: other.name(),
+                })
+            }
+        };
+        conn.write_frame(&reply).await
     }
 }
 
@@ -141,13 +131,10 @@ async fn start_agents(
             busy_ns: AtomicU64::new(0),
         });
         agents.push(Arc::clone(&agent));
-        tokio::spawn(serve_connections(
+        tokio::spawn(serve_peers(
             listener,
             ServeConfig::default(),
-            move |conn, _peer| {
-                let agent = Arc::clone(&agent);
-                async move { agent.serve_connection(conn).await }
-            },
+            agent,
             std::future::pending(),
         ));
     }

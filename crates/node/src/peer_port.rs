@@ -13,8 +13,8 @@ use shoal_swarm::agent::{measure_decode_speed, AgentConfig, AgentService};
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::weight::thermal_penalty;
 use shoal_wire::{
-    serve_connections, server_handshake, Capabilities, Connection, ErrorCode, ErrorMessage,
-    Message, ServeConfig, WireError,
+    serve_peers, Capabilities, Connection, ErrorCode, ErrorMessage, Hello, HelloAck, Message,
+    PeerService, ServeConfig, WireError,
 };
 use tokio::net::TcpListener;
 
@@ -68,39 +68,34 @@ pub(crate) async fn serve_peer_port(
     config.stats = stats;
     let stages = StageServer::new(config);
     let evictor = stages.spawn_evictor();
-    serve_connections(
-        listener,
-        ServeConfig::default(),
-        move |conn, peer| {
-            let stages = stages.clone();
-            let agent = agent.clone();
-            async move { serve_peer(conn, peer, &stages, &agent).await }
-        },
-        shutdown,
-    )
-    .await;
+    let port = PeerPort { stages, agent };
+    serve_peers(listener, ServeConfig::default(), Arc::new(port), shutdown).await;
     evictor.abort();
 }
 
-async fn serve_peer(
-    mut conn: Connection,
-    peer: SocketAddr,
-    stages: &StageServer,
-    agent: &AgentSlot,
-) -> Result<(), WireError> {
-    let ack = stages.hello_ack(Capabilities::STAGE | Capabilities::AGENT);
-    if let Err(e) = server_handshake(&mut conn, |_| Ok(ack)).await {
-        return Err(conn.fail(e).await);
+/// Everything a node serves its peers on one port: stage work, and swarm requests to its
+/// agent once the model has loaded.
+struct PeerPort {
+    stages: StageServer,
+    agent: AgentSlot,
+}
+
+impl PeerService for PeerPort {
+    fn accept(&self, _hello: &Hello) -> Result<HelloAck, ErrorMessage> {
+        Ok(self
+            .stages
+            .hello_ack(Capabilities::STAGE | Capabilities::AGENT))
     }
-    loop {
-        let msg = match conn.read_frame().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(conn.fail(e).await),
-        };
-        let handled = match msg {
-            Message::Describe(_) | Message::Ask(_) => match agent.get() {
-                Some(agent) => agent.handle(msg, &mut conn).await,
+
+    async fn handle(
+        &self,
+        msg: Message,
+        conn: &mut Connection,
+        peer: SocketAddr,
+    ) -> Result<(), WireError> {
+        match msg {
+            Message::Describe(_) | Message::Ask(_) => match self.agent.get() {
+                Some(agent) => agent.handle(msg, conn).await,
                 None => {
                     let request = match &msg {
                         Message::Ask(a) => Some(a.request_id),
@@ -114,10 +109,7 @@ async fn serve_peer(
                     conn.write_frame(&Message::Error(reply)).await
                 }
             },
-            other => stages.handle_message(other, &mut conn, peer).await,
-        };
-        if let Err(e) = handled {
-            return Err(conn.fail(e).await);
+            other => self.stages.handle_message(other, conn, peer).await,
         }
     }
 }

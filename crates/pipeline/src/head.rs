@@ -22,8 +22,9 @@ use shoal_engine::{
     StageInput, StageOutput, StageSpec, Tokenizer,
 };
 use shoal_wire::{
-    serve_connections, server_handshake, Activations, Capabilities, Connection, DType, EndSession,
-    Forward, HelloAck, Limits, LoadStage, Message, Payload, ServeConfig, Token, Want, WireError,
+    serve_peers, Activations, Capabilities, Connection, DType, EndSession, ErrorMessage, Forward,
+    HelloAck, Limits, LoadStage, Message, Payload, PeerService, ServeConfig, Token, Want,
+    WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -945,33 +946,34 @@ async fn serve_replies(
         limits,
         ..ServeConfig::default()
     };
-    serve_connections(
-        listener,
-        config,
-        move |mut conn: Connection, _peer| {
-            let router = router.clone();
-            let node_id = node_id.clone();
-            async move {
-                let accept = |_: &shoal_wire::Hello| {
-                    Ok(HelloAck {
-                        node_id,
-                        software_version: env!("CARGO_PKG_VERSION").to_owned(),
-                        capabilities: Capabilities::HEAD,
-                    })
-                };
-                server_handshake(&mut conn, accept).await?;
-                loop {
-                    match conn.read_frame().await {
-                        Ok(Some(msg)) => router.route(msg),
-                        Ok(None) => return Ok(()),
-                        Err(e) => return Err(conn.fail(e).await),
-                    }
-                }
-            }
-        },
-        std::future::pending(),
-    )
-    .await;
+    let replies = ReplyListener { node_id, router };
+    serve_peers(listener, config, Arc::new(replies), std::future::pending()).await;
+}
+
+/// The head's reply listener as a peer service.
+struct ReplyListener {
+    node_id: String,
+    router: Arc<Router>,
+}
+
+impl PeerService for ReplyListener {
+    fn accept(&self, _hello: &shoal_wire::Hello) -> std::result::Result<HelloAck, ErrorMessage> {
+        Ok(HelloAck {
+            node_id: self.node_id.clone(),
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            capabilities: Capabilities::HEAD,
+        })
+    }
+
+    async fn handle(
+        &self,
+        msg: Message,
+        _conn: &mut Connection,
+        _peer: SocketAddr,
+    ) -> std::result::Result<(), WireError> {
+        self.router.route(msg);
+        Ok(())
+    }
 }
 
 /// The head and the peers left, each keeping its share of the old plan.

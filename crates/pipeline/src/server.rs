@@ -28,8 +28,8 @@ use shoal_engine::{
     EngineError, GgufFile, KvCache, Logits, Sampler, Stage, StageInput, StageOutput, StageSpec,
 };
 use shoal_wire::{
-    serve_connections, server_handshake, Capabilities, Connection, ErrorCode, ErrorMessage,
-    Forward, HelloAck, Limits, LoadStage, Message, Payload, Pong, Profile, ServeConfig, StageReady,
+    serve_peers, Capabilities, Connection, ErrorCode, ErrorMessage, Forward, Hello, HelloAck,
+    Limits, LoadStage, Message, Payload, PeerService, Pong, Profile, ServeConfig, StageReady,
     Token, Truncate, Want, WireError,
 };
 use tokio::net::TcpListener;
@@ -129,6 +129,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A stage server alone on a port (a node's peer port serves it among other things).
+impl PeerService for StageServer {
+    fn accept(&self, _hello: &Hello) -> std::result::Result<HelloAck, ErrorMessage> {
+        Ok(self.hello_ack(Capabilities::STAGE))
+    }
+
+    async fn handle(
+        &self,
+        msg: Message,
+        conn: &mut Connection,
+        peer: SocketAddr,
+    ) -> std::result::Result<(), WireError> {
+        self.handle_message(msg, conn, peer).await
+    }
+}
+
 impl StageServer {
     /// A server with no stage loaded yet.
     pub fn new(config: StageServerConfig) -> Self {
@@ -155,17 +171,7 @@ impl StageServer {
             limits: self.inner.config.limits,
             ..ServeConfig::default()
         };
-        let me = self.clone();
-        serve_connections(
-            listener,
-            config,
-            move |conn, peer| {
-                let me = me.clone();
-                async move { me.handle(conn, peer).await }
-            },
-            shutdown,
-        )
-        .await;
+        serve_peers(listener, config, Arc::new(self), shutdown).await;
         evictor.abort();
     }
 
@@ -239,23 +245,6 @@ impl StageServer {
             node_id: self.inner.config.node_id.clone(),
             software_version: env!("CARGO_PKG_VERSION").to_owned(),
             capabilities,
-        }
-    }
-
-    async fn handle(self, mut conn: Connection, peer: SocketAddr) -> Result<(), WireError> {
-        let ack = self.hello_ack(Capabilities::STAGE);
-        if let Err(e) = server_handshake(&mut conn, |_| Ok(ack)).await {
-            return Err(conn.fail(e).await);
-        }
-        loop {
-            let msg = match conn.read_frame().await {
-                Ok(Some(m)) => m,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(conn.fail(e).await),
-            };
-            if let Err(e) = self.handle_message(msg, &mut conn, peer).await {
-                return Err(conn.fail(e).await);
-            }
         }
     }
 

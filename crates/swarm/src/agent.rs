@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use shoal_engine::{ChatMessage, EngineError, FinishReason, GenerateParams, Model, SamplingParams};
 use shoal_wire::{
-    client_handshake, serve_connections, server_handshake, AgentCard, Answer, Ask, Capabilities,
-    Connection, Describe, ErrorCode, ErrorMessage, Finish, Hello, HelloAck, Limits, Message, Pong,
+    client_handshake, serve_peers, AgentCard, Answer, Ask, Capabilities, Connection, Describe,
+    ErrorCode, ErrorMessage, Finish, Hello, HelloAck, Limits, Message, PeerService, Pong,
     ServeConfig, WireError, MAX_CHAT_TEXT,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -98,6 +98,26 @@ pub struct AgentService {
     engine: Arc<Semaphore>,
     /// Asks queued for the model or running on it.
     busy: Arc<AtomicU32>,
+}
+
+/// An agent alone on a port (a node's peer port serves it among other things).
+impl PeerService for AgentService {
+    fn accept(&self, _hello: &Hello) -> Result<HelloAck, ErrorMessage> {
+        Ok(self.hello_ack())
+    }
+
+    async fn handle(
+        &self,
+        msg: Message,
+        conn: &mut Connection,
+        peer: SocketAddr,
+    ) -> Result<(), WireError> {
+        let handled = AgentService::handle(self, msg, conn).await;
+        if let Err(e) = &handled {
+            tracing::debug!(%peer, error = %e, "agent connection failed");
+        }
+        handled
+    }
 }
 
 impl AgentService {
@@ -203,42 +223,15 @@ impl AgentService {
             limits: self.config.limits,
             ..ServeConfig::default()
         };
-        serve_connections(
-            listener,
-            config,
-            move |conn, peer| {
-                let me = Arc::clone(&self);
-                async move { me.serve_connection(conn, peer).await }
-            },
-            shutdown,
-        )
-        .await;
+        serve_peers(listener, config, self, shutdown).await;
     }
 
-    /// One accepted connection: handshake, then requests until the peer closes it.
-    async fn serve_connection(
-        &self,
-        mut conn: Connection,
-        peer: SocketAddr,
-    ) -> Result<(), WireError> {
-        let ack = HelloAck {
+    /// The handshake answer of an agent.
+    pub fn hello_ack(&self) -> HelloAck {
+        HelloAck {
             node_id: self.config.node_id.clone(),
             software_version: SOFTWARE_VERSION.to_owned(),
             capabilities: Capabilities::AGENT,
-        };
-        if let Err(e) = server_handshake(&mut conn, |_| Ok(ack)).await {
-            return Err(conn.fail(e).await);
-        }
-        loop {
-            let msg = match conn.read_frame().await {
-                Ok(Some(m)) => m,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(conn.fail(e).await),
-            };
-            if let Err(e) = self.handle(msg, &mut conn).await {
-                tracing::debug!(%peer, error = %e, "agent connection failed");
-                return Err(conn.fail(e).await);
-            }
         }
     }
 

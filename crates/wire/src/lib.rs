@@ -93,4 +93,4 @@ pub use message::{
     MAX_MODEL_ID, MAX_MODEL_NAME, MAX_NODE_ID, MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION,
     MAX_STOP, MAX_STOP_LEN, MAX_TOKENS,
 };
-pub use server::{serve_connections, ServeConfig};
+pub use server::{serve_connections, serve_peer_connection, serve_peers, PeerService, ServeConfig};

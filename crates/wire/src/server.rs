@@ -1,5 +1,6 @@
 //! Accepting peers: one task per connection, so a peer that misbehaves loses its own connection
-//! and nothing else (mini-redis `server.rs`).
+//! and nothing else (mini-redis `server.rs`); and the one life every served connection has —
+//! the handshake, then each message to a [`PeerService`] until the peer closes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,6 +14,8 @@ use tokio::task::JoinSet;
 use crate::connection::Connection;
 use crate::error::WireError;
 use crate::frame::Limits;
+use crate::handshake::server_handshake;
+use crate::message::{ErrorMessage, Hello, HelloAck, Message};
 
 /// How [`serve_connections`] accepts peers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,4 +108,64 @@ pub async fn serve_connections<H, F>(
         });
     }
     tasks.shutdown().await;
+}
+
+/// What a listener does for its peers: answers their handshake, then handles each message
+/// they send. Every peer port (a node's, a stage server's, an agent's, a head's reply
+/// listener) is one of these under [`serve_peers`].
+pub trait PeerService: Send + Sync + 'static {
+    /// The answer to a peer's [`Hello`]: accept it with a [`HelloAck`], or refuse it.
+    fn accept(&self, hello: &Hello) -> Result<HelloAck, ErrorMessage>;
+
+    /// Handles one message of an accepted connection, replying on `conn` if it calls for
+    /// it. An error ends this connection (a peer that broke the protocol is told why first)
+    /// and no other.
+    fn handle(
+        &self,
+        msg: Message,
+        conn: &mut Connection,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Result<(), WireError>> + Send;
+}
+
+/// Serves `service` on `listener` until `shutdown` (see [`serve_connections`]).
+pub async fn serve_peers<S: PeerService>(
+    listener: TcpListener,
+    config: ServeConfig,
+    service: Arc<S>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_connections(
+        listener,
+        config,
+        move |conn, peer| {
+            let service = Arc::clone(&service);
+            async move { serve_peer_connection(&*service, conn, peer).await }
+        },
+        shutdown,
+    )
+    .await;
+}
+
+/// One accepted connection's life: the handshake, then every message to `service` until the
+/// peer closes the connection (`Ok`) or something fails (the error, after the peer was told
+/// when it broke the protocol).
+pub async fn serve_peer_connection<S: PeerService>(
+    service: &S,
+    mut conn: Connection,
+    peer: SocketAddr,
+) -> Result<(), WireError> {
+    if let Err(e) = server_handshake(&mut conn, |hello| service.accept(hello)).await {
+        return Err(conn.fail(e).await);
+    }
+    loop {
+        let msg = match conn.read_frame().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(conn.fail(e).await),
+        };
+        if let Err(e) = service.handle(msg, &mut conn, peer).await {
+            return Err(conn.fail(e).await);
+        }
+    }
 }
