@@ -1,4 +1,11 @@
-//! What a node knows about the cluster. For now: the placement planner.
+//! What a node knows about the cluster: its peers and whether they answer ([`Membership`]),
+//! and where a model's layers should go (the placement planner).
+//!
+//! # Membership
+//!
+//! One [`Membership`] per set of peers a node talks to: every contact that works or fails
+//! is recorded there, and whoever needs the live peers asks it (the swarm head for its
+//! agents, the pipeline head when it re-plans after a loss).
 //!
 //! # Placement
 //!
@@ -71,11 +78,13 @@
 
 mod error;
 mod explain;
+mod membership;
 mod planner;
 mod split;
 mod types;
 
 pub use error::PlanError;
+pub use membership::{Member, MemberState, Membership};
 pub use planner::{plan, plan_with_options, PlanOptions, DEFAULT_MAX_EXACT_NODES};
 pub use split::{check_tiling, parse_split, validate_split, validate_stages, TilingError};
 pub use types::{

@@ -177,6 +177,12 @@ async fn a_swarm_head_in_one_process_asks_its_peer() {
             .any(|a| a["node_id"] == "agent-one" && a["role"] == "concise"),
         "the head lists its peer with its role: {body}"
     );
+    let peer = &agents[0];
+    assert_eq!(peer["health"], "ok", "{body}");
+    assert!(
+        peer["last_seen_ms"].is_u64(),
+        "when it last answered: {body}"
+    );
     let answer = ask(&head, "swarm:fastest", "What is 2 + 2?").await;
     assert!(!answer.is_empty());
 

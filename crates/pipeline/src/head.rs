@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use shoal_cluster::{Member, Membership};
 use shoal_engine::candle_core::Device;
 use shoal_engine::stage::{logits_row, BatchItem};
 use shoal_engine::{
@@ -303,6 +304,9 @@ pub struct Pipeline {
     /// The model file's SHA-256 (zeros when not checked), sent in every `LoadStage`.
     sha: [u8; 32],
     ring: RwLock<Arc<Ring>>,
+    /// The ring's peers (every one it ever used) and whether they answer: set up, probed
+    /// after a loss.
+    members: Membership,
     /// Held while re-planning, so concurrent sessions that lost the same stage re-plan once.
     replan: tokio::sync::Mutex<()>,
     router: Arc<Router>,
@@ -380,11 +384,16 @@ impl Pipeline {
                 }
             },
         );
+        let members = Membership::new(config.peers.iter().map(|p| p.addr));
+        for p in &config.peers {
+            members.seen(p.addr, None);
+        }
         Ok(Pipeline {
             format,
             model,
             sha,
             ring: RwLock::new(Arc::new(ring)),
+            members,
             replan: tokio::sync::Mutex::new(()),
             router,
             reply_addr,
@@ -440,9 +449,7 @@ impl Pipeline {
             return Ok(());
         }
         let head_layers = failed.stage.spec().layers.clone();
-        let mut alive = Vec::new();
-        let mut lost = Vec::new();
-        for (peer, layers) in failed.peers.iter().zip(&failed.peer_layers) {
+        for peer in failed.peers.iter() {
             let probe = tokio::time::timeout(
                 PROBE_TIMEOUT,
                 dial(
@@ -454,18 +461,28 @@ impl Pipeline {
             )
             .await;
             match probe {
-                Ok(Ok(_)) => alive.push(PeerStage {
-                    addr: peer.addr,
-                    layers: layers.clone(),
-                }),
+                Ok(Ok(_)) => self.members.seen(peer.addr, None),
                 Ok(Err(e)) => {
                     tracing::warn!(peer = %peer.addr, error = %e, "stage is gone");
-                    lost.push(peer.addr);
+                    self.members.failed(peer.addr, &e.to_string());
                 }
                 Err(_) => {
                     tracing::warn!(peer = %peer.addr, "stage does not answer");
-                    lost.push(peer.addr);
+                    self.members
+                        .failed(peer.addr, "no handshake within the probe timeout");
                 }
+            }
+        }
+        let mut alive = Vec::new();
+        let mut lost = Vec::new();
+        for (peer, layers) in failed.peers.iter().zip(&failed.peer_layers) {
+            if self.members.is_alive(peer.addr) {
+                alive.push(PeerStage {
+                    addr: peer.addr,
+                    layers: layers.clone(),
+                });
+            } else {
+                lost.push(peer.addr);
             }
         }
         let n = self.model.n_layers;
@@ -498,8 +515,16 @@ impl Pipeline {
             .setup()
             .build(failed.epoch + 1, Some(failed.stage.clone()), local, &peers)
             .await?;
+        for p in &peers {
+            self.members.seen(p.addr, None);
+        }
         *self.ring.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(ring);
         Ok(())
+    }
+
+    /// Every peer the ring has used, and whether it answered when last contacted.
+    pub fn members(&self) -> Vec<Member> {
+        self.members.members()
     }
 
     /// The model's tokenizer (for `is_eog`, decoding).

@@ -1069,7 +1069,13 @@ async fn lost_stages_are_replaced_and_greedy_output_is_unchanged() {
 async fn losing_the_middle_stage_moves_its_layers_to_the_others() {
     let want = single_process(&SamplingParams::greedy());
     let n = reference().config().n_layers;
-    let (pipeline, [(_s1, _, stop1), (s2, a2, _stop2)]) = killable_ring().await;
+    let (pipeline, [(_s1, a1, stop1), (s2, a2, _stop2)]) = killable_ring().await;
+    let state = |addr| {
+        let members = pipeline.members();
+        let member = members.iter().find(|m| m.addr == addr).expect("a member");
+        member.state
+    };
+    assert_eq!(state(a1), shoal_cluster::MemberState::Alive);
     let mut seen = 0;
     let got = pipeline
         .generate_with(&prompt(), &SamplingParams::greedy(), MAX_TOKENS, |_| {
@@ -1087,6 +1093,12 @@ async fn losing_the_middle_stage_moves_its_layers_to_the_others() {
     assert_eq!(peers[0].addr, a2);
     assert_eq!(peers[0].layers, n / 2..n);
     assert_eq!(s2.loaded_layers(), Some(n / 2..n));
+    assert_eq!(
+        state(a1),
+        shoal_cluster::MemberState::Dead,
+        "the lost stage is recorded as dead"
+    );
+    assert_eq!(state(a2), shoal_cluster::MemberState::Alive);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
+use shoal_cluster::{Member, MemberState, Membership};
 use shoal_wire::{AgentCard, Answer, Ask, ChatTurn};
 
 use crate::agent::{self, AgentService};
@@ -114,9 +115,8 @@ pub struct AgentStatus {
     pub parameters: u64,
     /// Why it is unhealthy.
     pub last_error: Option<String>,
-    /// Whether a `Describe` has been tried yet.
-    #[serde(skip)]
-    checked: bool,
+    /// Milliseconds since it last answered (`None`: never).
+    pub last_seen_ms: Option<u64>,
 }
 
 impl AgentStatus {
@@ -135,8 +135,26 @@ impl AgentStatus {
             busy: 0,
             parameters: 0,
             last_error: Some("not contacted yet".to_owned()),
-            checked: false,
+            last_seen_ms: None,
         }
+    }
+
+    /// Health as the membership records it.
+    fn with_health(mut self, member: Option<Member>) -> Self {
+        let Some(member) = member else { return self };
+        self.healthy = member.is_alive();
+        self.health = match member.state {
+            MemberState::Unknown => "unknown",
+            MemberState::Alive => "ok",
+            MemberState::Dead => "down",
+        };
+        if member.state != MemberState::Unknown {
+            self.last_error = member.last_error.clone();
+        }
+        self.last_seen_ms = member
+            .since_seen()
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self
     }
 
     fn update(&mut self, card: &AgentCard) {
@@ -148,14 +166,11 @@ impl AgentStatus {
         });
         self.model = Some(card.model_id.clone());
         self.model_name = Some(card.model_name.clone());
-        self.healthy = true;
-        self.health = "ok";
         self.tokens_per_s = card.tokens_per_s;
         self.thermal_penalty = card.thermal_penalty;
         self.weight = agent_weight(card.tokens_per_s, card.thermal_penalty);
         self.busy = card.busy;
         self.parameters = card.parameters;
-        self.last_error = None;
     }
 
     fn parsed_role(&self) -> Option<Role> {
@@ -308,7 +323,11 @@ fn billions(parameters: u64) -> String {
 /// The swarm as its head sees it.
 pub struct Swarm {
     config: SwarmConfig,
+    /// What each agent's card says, in the order of `config.agents`.
     agents: Mutex<Vec<AgentStatus>>,
+    /// Whether each agent answers: its last `Describe`, and any request that failed to
+    /// reach it since.
+    members: Membership,
     /// The head's own model as an agent: aggregator of last resort, and the only answerer
     /// when no agent is up.
     local: Option<Arc<AgentService>>,
@@ -323,6 +342,7 @@ impl Swarm {
             .map(|&a| AgentStatus::unknown(a))
             .collect();
         Swarm {
+            members: Membership::new(config.agents.iter().copied()),
             config,
             agents: Mutex::new(agents),
             local,
@@ -346,15 +366,13 @@ impl Swarm {
         )
         .await;
         let mut agents = self.lock_agents();
-        for (status, card) in agents.iter_mut().zip(cards) {
-            status.checked = true;
+        for ((status, card), &addr) in agents.iter_mut().zip(cards).zip(&self.config.agents) {
             match card {
-                Ok(card) => status.update(&card),
-                Err(e) => {
-                    status.healthy = false;
-                    status.health = "down";
-                    status.last_error = Some(e.to_string());
+                Ok(card) => {
+                    status.update(&card);
+                    self.members.seen(addr, Some(&card.node_id));
                 }
+                Err(e) => self.members.failed(addr, &e.to_string()),
             }
         }
     }
@@ -377,7 +395,12 @@ impl Swarm {
     pub fn status(&self) -> SwarmStatus {
         SwarmStatus {
             strategy: self.config.strategy,
-            agents: self.lock_agents().clone(),
+            agents: self
+                .lock_agents()
+                .iter()
+                .zip(&self.config.agents)
+                .map(|(status, &addr)| status.clone().with_health(self.members.get(addr)))
+                .collect(),
             head_model: self.local.as_ref().map(|l| l.config().model_id.clone()),
         }
     }
@@ -391,7 +414,10 @@ impl Swarm {
         self.lock_agents()
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.healthy)
+            .filter(|&(index, _)| {
+                let addr = self.config.agents.get(index);
+                addr.is_some_and(|&a| self.members.is_alive(a))
+            })
             .filter_map(|(index, s)| {
                 Some(Target::Remote {
                     index,
@@ -439,7 +465,8 @@ impl Swarm {
             .map(|t| t.content.clone())
             .ok_or(SwarmError::NoQuestion)?;
         // A head that just started, before its monitor's first round: ask the agents first.
-        if self.lock_agents().iter().all(|s| !s.checked) {
+        let contacted = |m: &Member| m.state != MemberState::Unknown;
+        if !self.members.members().iter().any(contacted) {
             self.refresh().await;
         }
         let requested = request.strategy.unwrap_or(self.config.strategy);
@@ -499,10 +526,8 @@ impl Swarm {
     }
 
     fn mark_unhealthy(&self, index: usize, error: &str) {
-        if let Some(s) = self.lock_agents().get_mut(index) {
-            s.healthy = false;
-            s.health = "down";
-            s.last_error = Some(error.to_owned());
+        if let Some(&addr) = self.config.agents.get(index) {
+            self.members.failed(addr, error);
         }
     }
 }
