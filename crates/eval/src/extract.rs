@@ -1,5 +1,6 @@
 //! From a model's reply to a program: which code to run, and how it joins the problem's
-//! prompt. Pure string work, no I/O.
+//! prompt. Pure string work, no I/O; the fenced blocks are `shoal-sandbox`'s, as every
+//! use of model-written code finds them.
 //!
 //! - The code is the reply's fenced block (```` ```python ````; a block cut off by the token
 //!   limit counts), preferring a Python block that defines the entry point; without a
@@ -12,6 +13,8 @@
 //!   by the model's definition.
 //! - Otherwise the reply is the body of the prompt's function, and the program is the
 //!   prompt followed by it (indented by four spaces when it starts at column 0).
+
+use shoal_sandbox::is_python;
 
 /// A program to run, and the code it was built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,59 +49,9 @@ pub(crate) fn build_program(prompt: &str, reply: &str, entry_point: &str) -> Pro
     }
 }
 
-/// One fenced block of a Markdown reply.
-#[derive(Debug)]
-struct Block {
-    lang: String,
-    code: String,
-}
-
-/// The fenced blocks of `text`, in order; an unterminated last block runs to the end.
-fn fenced_blocks(text: &str) -> Vec<Block> {
-    let mut blocks = Vec::new();
-    let mut open: Option<(String, Vec<&str>)> = None;
-    for line in text.lines() {
-        let t = line.trim();
-        match open.take() {
-            None => {
-                if let Some(info) = t.strip_prefix("```") {
-                    let lang = info
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_ascii_lowercase();
-                    open = Some((lang, Vec::new()));
-                }
-            }
-            Some((lang, mut lines)) => {
-                if t.starts_with("```") {
-                    blocks.push(Block {
-                        lang,
-                        code: lines.join("\n"),
-                    });
-                } else {
-                    lines.push(line);
-                    open = Some((lang, lines));
-                }
-            }
-        }
-    }
-    if let Some((lang, lines)) = open {
-        blocks.push(Block {
-            lang,
-            code: lines.join("\n"),
-        });
-    }
-    blocks
-}
-
-fn is_python(lang: &str) -> bool {
-    matches!(lang, "" | "python" | "py" | "python3" | "py3")
-}
-
 /// The code in a reply: the best fenced block, else the whole reply.
 fn pick_code(reply: &str, entry_point: &str) -> String {
-    let blocks = fenced_blocks(reply);
+    let blocks = shoal_sandbox::fenced_blocks(reply);
     let chosen = blocks
         .iter()
         .find(|b| is_python(&b.lang) && defines(&b.code, entry_point))

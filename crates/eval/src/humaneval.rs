@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::client::{Client, RequestError};
-use crate::exec::{Isolation, Sandbox, Verdict};
+use crate::exec::{Checker, Verdict};
 use crate::{client, cluster, extract, ResolveModel};
+use shoal_sandbox::Isolation;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -357,7 +358,7 @@ fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<Exit
             ),
         },
     };
-    let sandbox = Sandbox::with_isolation(&a.python, exec_timeout, isolation)?;
+    let sandbox = Checker::with_isolation(&a.python, exec_timeout, isolation)?;
 
     // `--agents`: this run starts (and at the end stops) what it measures.
     let cluster = match (&a.agents, a.check_harness) {

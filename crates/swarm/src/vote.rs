@@ -8,7 +8,8 @@
 //! 1. **Code that passes the prompt's own examples.** When the prompt has examples
 //!    (doctests, `>>> call(args)` and the expected value on the next line, or prose like
 //!    `call(args) ==> value`, as HumanEval prompts have them) and some answers contain
-//!    code, each code block is run against them in a `python3` subprocess with a timeout
+//!    code, each code block is run against them in the sandbox of `shoal-sandbox` (no
+//!    network, limits, killed with its process group at its timeout)
 //!    ([`code_passes_examples`]). Among the passing answers the most common code wins (by
 //!    normalised text); if all passing code differs, the passing answer most similar to the
 //!    others.
@@ -28,11 +29,11 @@
 //! year; the head decides which questions to vote on.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde::Serialize;
+use shoal_sandbox::{fenced_blocks, is_python, FencedBlock, Isolation, Sandbox};
 
 /// A final answer that can be compared exactly between answers.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -273,54 +274,21 @@ pub fn extract_choice(text: &str) -> Option<char> {
     best.map(|(_, letter)| letter)
 }
 
-/// A fenced code block: its info string (language tag, lowercase) and its body.
-struct FencedBlock<'a> {
-    language: String,
-    body: &'a str,
-}
-
-/// Every fenced block (```` ``` ````) in `text`. A block left open (an answer cut off at the
-/// token limit) runs to the end of the text.
-fn fenced_blocks(text: &str) -> Vec<FencedBlock<'_>> {
-    let mut blocks = Vec::new();
-    let mut rest = text;
-    while let Some(open) = rest.find("```") {
-        let after_fence = &rest[open + 3..];
-        let (info, body_start) = match after_fence.find('\n') {
-            Some(newline) => (&after_fence[..newline], newline + 1),
-            None => (after_fence, after_fence.len()),
-        };
-        let body_and_rest = &after_fence[body_start..];
-        let (body, next) = match body_and_rest.find("```") {
-            Some(close) => (&body_and_rest[..close], &body_and_rest[close + 3..]),
-            None => (body_and_rest, ""),
-        };
-        blocks.push(FencedBlock {
-            language: info.trim().to_ascii_lowercase(),
-            body,
-        });
-        rest = next;
-    }
-    blocks
-}
-
 /// The code of an answer: the longest fenced block tagged Python (or untagged), else the
 /// first fenced block; `None` when the answer has no non-empty fenced block.
 pub fn extract_code(text: &str) -> Option<String> {
-    let blocks: Vec<FencedBlock<'_>> = fenced_blocks(text)
+    let blocks: Vec<FencedBlock> = fenced_blocks(text)
         .into_iter()
-        .filter(|b| !b.body.trim().is_empty())
+        .filter(|b| !b.code.trim().is_empty())
         .collect();
-    let pythonish =
-        |b: &&FencedBlock<'_>| matches!(b.language.as_str(), "" | "python" | "py" | "python3");
     // `max_by_key` keeps the last of equal maxima; reverse so the first longest wins.
     let chosen = blocks
         .iter()
         .rev()
-        .filter(pythonish)
-        .max_by_key(|b| b.body.trim().len())
+        .filter(|b| is_python(&b.lang))
+        .max_by_key(|b| b.code.trim().len())
         .or_else(|| blocks.first())?;
-    Some(chosen.body.trim_matches('\n').trim_end().to_string())
+    Some(chosen.code.trim_matches('\n').trim_end().to_string())
 }
 
 /// Code reduced for comparison: trailing spaces, blank lines and whole-line `#` comments
@@ -613,46 +581,34 @@ fn check_program(code: &str, examples: &[Example]) -> String {
     program
 }
 
-/// How often a running check is polled for completion.
-const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// The sandbox every check runs in (`python3`, off the network where `unshare` works, with
+/// limits; see `shoal-sandbox`), set up on first use; `None` where no Python 3 runs here.
+fn sandbox() -> Option<&'static Sandbox> {
+    static SANDBOX: OnceLock<Option<Sandbox>> = OnceLock::new();
+    SANDBOX
+        .get_or_init(|| match Sandbox::new("python3", Isolation::probe()) {
+            Ok(sandbox) => Some(sandbox),
+            Err(e) => {
+                tracing::warn!(error = %e, "vote cannot check code against examples");
+                None
+            }
+        })
+        .as_ref()
+}
 
-/// Runs the [`check_program`] `program` with `python3 -I -` (isolated mode, the program on
-/// stdin, output discarded, working directory the temp dir). `Some(true)` when it exits with
-/// status 0 within `timeout`; `None` on status 3 (nothing checked) or when `python3` cannot
-/// be started; `Some(false)` on any other status or when it runs past the timeout (the child
-/// is killed).
+/// Runs the [`check_program`] `program` in the [`sandbox`]. `Some(true)` when it exits with
+/// status 0 within `timeout`; `None` on status 3 (nothing checked) or when it cannot be run
+/// here; `Some(false)` on any other status or when it runs past the timeout (it is killed
+/// with everything it started).
 fn run_python(program: &str, timeout: Duration) -> Option<bool> {
-    let mut child = Command::new("python3")
-        .args(["-I", "-"])
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let deadline = Instant::now() + timeout;
-    if let Some(mut stdin) = child.stdin.take() {
-        // Python reads the whole program before running it, so this cannot block on a
-        // child that is busy running code. A write error means the child already died,
-        // which the status below reports.
-        let _ = stdin.write_all(program.as_bytes());
+    let run = sandbox()?.run(program, timeout).ok()?;
+    if run.timed_out {
+        return Some(false);
     }
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                return match status.code() {
-                    Some(0) => Some(true),
-                    Some(3) => None,
-                    _ => Some(false),
-                }
-            }
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_INTERVAL),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Some(false);
-            }
-        }
+    match run.exit_code {
+        Some(0) => Some(true),
+        Some(3) => None,
+        _ => Some(false),
     }
 }
 
@@ -990,6 +946,8 @@ pub fn self_agreement(samples: &[String]) -> f32 {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Instant;
 
     use super::*;
 
