@@ -43,6 +43,7 @@ mod batch;
 mod convert;
 mod error;
 mod head;
+mod idle;
 mod link;
 mod profile;
 mod ring;

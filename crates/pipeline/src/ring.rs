@@ -9,10 +9,11 @@ use std::ops::Range;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shoal_engine::{GgufFile, Stage, StageSpec};
 use shoal_wire::{DType, WireError};
+use tokio::time::Instant;
 
 use crate::error::{PipelineError, Result};
 use crate::head::{PeerStage, Pipeline, PipelineConfig, Replan, ReplanResult};
@@ -114,6 +115,9 @@ pub async fn connect_ring(
     until_listening(|| Pipeline::connect(config.clone())).await
 }
 
+/// Pause between attempts to reach a peer that is not listening yet.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
 /// Runs `attempt` until it succeeds or fails for another reason than a peer not listening
 /// yet, for at most [`CONNECT_PATIENCE`].
 async fn until_listening<T, F>(mut attempt: impl FnMut() -> F) -> Result<T, PipelineError>
@@ -125,7 +129,7 @@ where
         match attempt().await {
             Err(e) if not_listening_yet(&e) && Instant::now() < deadline => {
                 tracing::info!("a peer is not listening yet ({e}); retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(RETRY_PAUSE).await;
             }
             other => return other,
         }
@@ -396,5 +400,55 @@ mod tests {
         assert!(check_split("0-9,11-29", 1, 30).is_err());
         assert!(check_split("1-9,10-29", 1, 30).is_err());
         assert!(check_split("zero", 0, 30).is_err());
+    }
+
+    fn refused() -> PipelineError {
+        PipelineError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_not_listening_yet_is_waited_for_until_the_patience_runs_out() {
+        let started = Instant::now();
+        let mut attempts = 0;
+        let result: Result<()> = until_listening(|| {
+            attempts += 1;
+            std::future::ready(Err(refused()))
+        })
+        .await;
+        assert!(matches!(result, Err(PipelineError::Io(_))), "{result:?}");
+        let waited = started.elapsed();
+        assert!(waited >= CONNECT_PATIENCE, "{waited:?}");
+        assert!(waited < CONNECT_PATIENCE + RETRY_PAUSE * 2, "{waited:?}");
+        let expected = (CONNECT_PATIENCE.as_millis() / RETRY_PAUSE.as_millis()) as usize + 1;
+        assert!(
+            (expected..=expected + 1).contains(&attempts),
+            "{attempts} attempts, one every {RETRY_PAUSE:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_starts_listening_is_used_and_other_errors_are_not_retried() {
+        let started = Instant::now();
+        let mut attempts = 0;
+        let result = until_listening(|| {
+            attempts += 1;
+            std::future::ready(if attempts < 4 { Err(refused()) } else { Ok(7) })
+        })
+        .await;
+        assert_eq!(result.unwrap(), 7);
+        assert_eq!(attempts, 4);
+        assert_eq!(started.elapsed(), RETRY_PAUSE * 3);
+
+        let mut attempts = 0;
+        let result: Result<()> = until_listening(|| {
+            attempts += 1;
+            std::future::ready(Err(PipelineError::Config("bad".into())))
+        })
+        .await;
+        assert!(matches!(result, Err(PipelineError::Config(_))));
+        assert_eq!(
+            attempts, 1,
+            "only a refused connection is worth waiting for"
+        );
     }
 }

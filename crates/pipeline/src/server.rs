@@ -40,6 +40,7 @@ use crate::convert::{
     activations_to_tensor, file_sha256, logprob, sampling_params, tensor_to_activations,
 };
 use crate::error::{PipelineError, Result};
+use crate::idle::IdleMap;
 use crate::link::LinkPool;
 
 /// How a [`StageServer`] finds models and looks after sessions.
@@ -85,11 +86,12 @@ pub struct StageServer {
 struct Inner {
     config: StageServerConfig,
     loaded: RwLock<Option<Arc<Loaded>>>,
-    sessions: Mutex<HashMap<u64, SessionEntry>>,
+    /// KV caches by session, dropped when unused for the idle timeout.
+    sessions: Mutex<IdleMap<Arc<Mutex<SessionState>>>>,
     /// Sessions ended recently. A `Forward` still in flight from the stage before (the head
     /// sends `EndSession` to every stage directly, which can overtake it) must not bring the
     /// session back to life; kept for one idle timeout.
-    ended: Mutex<HashMap<u64, Instant>>,
+    ended: Mutex<IdleMap<()>>,
     /// Links to the next stage and to heads' reply listeners.
     links: tokio::sync::Mutex<LinkPool>,
     /// SHA-256 of model files already hashed, by path.
@@ -104,11 +106,6 @@ struct Inner {
 struct Loaded {
     stage: Arc<Stage>,
     plan: LoadStage,
-}
-
-struct SessionEntry {
-    state: Arc<Mutex<SessionState>>,
-    last_used: Instant,
 }
 
 struct SessionState {
@@ -153,8 +150,8 @@ impl StageServer {
             inner: Arc::new(Inner {
                 config,
                 loaded: RwLock::new(None),
-                sessions: Mutex::new(HashMap::new()),
-                ended: Mutex::new(HashMap::new()),
+                sessions: Mutex::new(IdleMap::default()),
+                ended: Mutex::new(IdleMap::default()),
                 links: tokio::sync::Mutex::new(links),
                 hashes: Mutex::new(HashMap::new()),
                 profiles: Mutex::new(HashMap::new()),
@@ -182,7 +179,7 @@ impl StageServer {
 
     /// Tokens held in a session's cache, if the session exists.
     pub fn session_len(&self, session_id: u64) -> Option<usize> {
-        let state = lock(&self.inner.sessions).get(&session_id)?.state.clone();
+        let state = lock(&self.inner.sessions).get(session_id)?.clone();
         let len = lock(&state).cache.len();
         Some(len)
     }
@@ -200,12 +197,8 @@ impl StageServer {
     /// Drops sessions idle for longer than the timeout; returns how many.
     pub fn evict_idle(&self) -> usize {
         let timeout = self.inner.config.session_idle_timeout;
-        let mut sessions = lock(&self.inner.sessions);
-        let before = sessions.len();
-        sessions.retain(|_, s| s.last_used.elapsed() < timeout);
-        let evicted = before - sessions.len();
-        drop(sessions);
-        lock(&self.inner.ended).retain(|_, at| at.elapsed() < timeout);
+        let evicted = lock(&self.inner.sessions).evict(timeout);
+        lock(&self.inner.ended).evict(timeout);
         if evicted > 0 {
             tracing::info!(evicted, "dropped idle sessions");
         }
@@ -270,8 +263,8 @@ impl StageServer {
             }
             Message::Forward(f) => self.enqueue(Work::Forward(f)),
             Message::EndSession(e) => {
-                lock(&self.inner.sessions).remove(&e.session_id);
-                lock(&self.inner.ended).insert(e.session_id, Instant::now());
+                lock(&self.inner.sessions).remove(e.session_id);
+                lock(&self.inner.ended).insert(e.session_id, ());
             }
             // Queued behind the session's `Forward`s, so it cuts what they leave.
             Message::Truncate(t) => self.enqueue(Work::Truncate(t)),
@@ -404,20 +397,18 @@ impl StageServer {
     /// The session's state, created on its first `Forward`; `None` for a session ended
     /// already (a `Forward` still in flight from the stage before must not bring it back).
     fn session(&self, loaded: &Loaded, session_id: u64) -> Option<Arc<Mutex<SessionState>>> {
-        if lock(&self.inner.ended).contains_key(&session_id) {
+        if lock(&self.inner.ended).contains(session_id) {
             tracing::debug!(session_id, "Forward for an ended session dropped");
             return None;
         }
         let mut sessions = lock(&self.inner.sessions);
-        let entry = sessions.entry(session_id).or_insert_with(|| SessionEntry {
-            state: Arc::new(Mutex::new(SessionState {
+        let state = sessions.use_or_insert_with(session_id, || {
+            Arc::new(Mutex::new(SessionState {
                 cache: loaded.stage.new_cache(),
                 sampler: None,
-            })),
-            last_used: Instant::now(),
+            }))
         });
-        entry.last_used = Instant::now();
-        Some(entry.state.clone())
+        Some(state.clone())
     }
 
     /// Runs a batch of `Forward`s (one per session) as one pass of the stage, then sends
@@ -535,9 +526,7 @@ impl StageServer {
 
     /// Keeps only the first `len` tokens of a session's cache.
     fn truncate(&self, t: &Truncate) {
-        let state = lock(&self.inner.sessions)
-            .get(&t.session_id)
-            .map(|s| s.state.clone());
+        let state = lock(&self.inner.sessions).get(t.session_id).cloned();
         if let Some(state) = state {
             lock(&state).cache.truncate(t.len as usize);
         }
