@@ -1,48 +1,22 @@
-//! Swarm agents over the peer protocol (design §4, issue #5): the agent side, which answers
-//! with its local model, and the client the head uses to reach agents.
-//!
-//! An agent is a node that runs a whole model with a role prompt. The head talks to it over
-//! the same framed protocol and port as pipeline stages (`shoal-wire`):
-//!
-//! ```text
-//! head ── Hello ─────────────────► agent      (capabilities: the agent's ack has AGENT)
-//!      ◄─────────────── HelloAck ──
-//!      ── Describe ──────────────►            "who are you"
-//!      ◄─────────────── AgentCard ─           role, model, measured tokens/s, busy
-//!      ── Ask ───────────────────►            a conversation, sampling, stop strings
-//!      ◄──────── Answer or Error ──           Error.session_id = Ask.request_id
-//! ```
-//!
-//! [`AgentService`] is the agent side. Its model runs one generation at a time (a semaphore
-//! with one permit, fair, so requests queue in arrival order), on a blocking thread so the
-//! runtime keeps serving other connections. While an `Ask` runs the service keeps reading its
-//! connection: if the head closes it (it timed out, was killed, or dropped the request) the
-//! generation stops between prefill chunks or decode steps, and the model is free for the
-//! next request. A killed head must not keep an agent busy for `max_tokens` of nobody's text.
-//!
-//! [`describe`] and [`ask`] are the head's side: each dials a fresh connection, so that
-//! dropping the call — or its timeout firing — closes that connection, which is exactly what
-//! stops the agent's work. A fresh TCP connection on a LAN costs well under a millisecond, far
-//! below one decode step.
+//! The agent side: a node's model answering `Describe` and `Ask` from swarm heads.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use shoal_engine::{ChatMessage, EngineError, FinishReason, GenerateParams, Model, SamplingParams};
 use shoal_wire::{
-    client_handshake, serve_peers, AgentCard, Answer, Ask, Capabilities, Connection, Describe,
-    ErrorCode, ErrorMessage, Finish, Hello, HelloAck, Limits, Message, PeerService, Pong,
-    ServeConfig, WireError, MAX_CHAT_TEXT,
+    serve_peers, AgentCard, Answer, Ask, Capabilities, Connection, Describe, ErrorCode,
+    ErrorMessage, Finish, Hello, HelloAck, Limits, Message, PeerService, Pong, ServeConfig,
+    WireError, MAX_CHAT_TEXT,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-/// This build's release, sent in handshakes.
-const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
+use super::SOFTWARE_VERSION;
 
 /// Prompt of [`measure_decode_speed`]: plain text (no chat template), so that a base
 /// continuation runs on instead of ending the turn early.
@@ -537,208 +511,6 @@ pub fn measure_decode_speed(model: &Model) -> f32 {
     }
 }
 
-/// What can go wrong reaching an agent from the head. Each message names the agent and says
-/// what to check.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AgentError {
-    /// The TCP connection could not be made.
-    #[error(
-        "cannot connect to agent {addr}: {source} (is `shoal serve --peer-port` running there, \
-         and is the port reachable?)"
-    )]
-    Connect {
-        /// The agent's peer address.
-        addr: SocketAddr,
-        /// Why the connect failed.
-        source: std::io::Error,
-    },
-    /// The agent did not answer in time; the connection was closed, which stops its work.
-    #[error(
-        "agent {addr} did not answer {what} within {} ms (busy or slow; the request was \
-         abandoned and the agent told so by closing the connection)",
-        .timeout.as_millis()
-    )]
-    Timeout {
-        /// The agent's peer address.
-        addr: SocketAddr,
-        /// Which request timed out (`"Describe"`, `"Ask"`).
-        what: &'static str,
-        /// The time allowed.
-        timeout: Duration,
-    },
-    /// The peer answered the handshake but is not a swarm agent.
-    #[error(
-        "the peer at {addr} (node {node_id}) is not a swarm agent (start it with \
-         `shoal serve --peer-port`, or remove it from the swarm's peers)"
-    )]
-    NotAnAgent {
-        /// The peer's address.
-        addr: SocketAddr,
-        /// The node id it announced.
-        node_id: String,
-    },
-    /// The agent refused the request with an `Error`.
-    #[error("agent {addr} refused: {message} (code {code})")]
-    Remote {
-        /// The agent's peer address.
-        addr: SocketAddr,
-        /// The agent's error code.
-        code: ErrorCode,
-        /// The agent's explanation.
-        message: String,
-    },
-    /// The connection failed or closed before the answer arrived (the agent crashed or
-    /// restarted).
-    #[error("agent {addr} went away before answering: {source}")]
-    Disconnected {
-        /// The agent's peer address.
-        addr: SocketAddr,
-        /// The socket error or the early close.
-        source: WireError,
-    },
-    /// The agent broke the protocol (a different shoal release, or not a shoal peer).
-    #[error(
-        "protocol error talking to agent {addr}: {source} (run the same shoal release on every \
-         node)"
-    )]
-    Protocol {
-        /// The agent's peer address.
-        addr: SocketAddr,
-        /// What was wrong.
-        source: WireError,
-    },
-    /// The `Ask` itself is not valid and was not sent.
-    #[error("invalid Ask, not sent: {0}")]
-    InvalidRequest(#[source] WireError),
-}
-
-/// Asks the agent at `addr` who it is. `node_id` is the head's own id, for the handshake.
-/// The whole exchange (connect included) must finish within `timeout`.
-pub async fn describe(
-    addr: SocketAddr,
-    node_id: &str,
-    timeout: Duration,
-) -> Result<AgentCard, AgentError> {
-    let exchange = async {
-        match request(addr, node_id, &Message::Describe(Describe), "AgentCard").await? {
-            Message::AgentCard(card) => Ok(card),
-            other => Err(unexpected(addr, "AgentCard", &other)),
-        }
-    };
-    within(addr, "Describe", timeout, exchange).await
-}
-
-/// Puts `ask` to the agent at `addr` and returns its answer. The whole exchange (connect
-/// included) must finish within `timeout`; when it does not, or when this future is dropped,
-/// the connection closes and the agent stops generating.
-pub async fn ask(
-    addr: SocketAddr,
-    node_id: &str,
-    ask: Ask,
-    timeout: Duration,
-) -> Result<Answer, AgentError> {
-    let request_id = ask.request_id;
-    let msg = Message::Ask(ask);
-    msg.validate().map_err(AgentError::InvalidRequest)?;
-    let exchange = async {
-        match request(addr, node_id, &msg, "Answer").await? {
-            Message::Answer(answer) if answer.request_id == request_id => Ok(answer),
-            Message::Answer(answer) => Err(AgentError::Protocol {
-                addr,
-                source: WireError::Invalid {
-                    message: "Answer",
-                    what: "request_id",
-                    detail: format!("is {}, expected {request_id}", answer.request_id),
-                },
-            }),
-            other => Err(unexpected(addr, "Answer", &other)),
-        }
-    };
-    within(addr, "Ask", timeout, exchange).await
-}
-
-async fn within<T>(
-    addr: SocketAddr,
-    what: &'static str,
-    timeout: Duration,
-    exchange: impl Future<Output = Result<T, AgentError>>,
-) -> Result<T, AgentError> {
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(result) => result,
-        Err(_) => Err(AgentError::Timeout {
-            addr,
-            what,
-            timeout,
-        }),
-    }
-}
-
-/// Dials, shakes hands, sends `msg` and returns the reply; an `Error` reply becomes
-/// [`AgentError::Remote`].
-async fn request(
-    addr: SocketAddr,
-    node_id: &str,
-    msg: &Message,
-    expected: &'static str,
-) -> Result<Message, AgentError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|source| AgentError::Connect { addr, source })?;
-    let mut conn = Connection::new(stream, Limits::default()).map_err(|e| wire(addr, e))?;
-    let hello = Hello {
-        node_id: node_id.to_owned(),
-        software_version: SOFTWARE_VERSION.to_owned(),
-        capabilities: Capabilities::HEAD,
-    };
-    let ack = client_handshake(&mut conn, hello)
-        .await
-        .map_err(|e| wire(addr, e))?;
-    if !ack.capabilities.contains(Capabilities::AGENT) {
-        return Err(AgentError::NotAnAgent {
-            addr,
-            node_id: ack.node_id,
-        });
-    }
-    conn.write_frame(msg).await.map_err(|e| wire(addr, e))?;
-    match conn.read_frame().await {
-        Ok(Some(Message::Error(e))) => Err(AgentError::Remote {
-            addr,
-            code: e.code,
-            message: e.message,
-        }),
-        Ok(Some(reply)) => Ok(reply),
-        Ok(None) => Err(AgentError::Disconnected {
-            addr,
-            source: WireError::Closed { expected },
-        }),
-        Err(e) => Err(wire(addr, e)),
-    }
-}
-
-/// Sorts a wire error into the agent error a person can act on.
-fn wire(addr: SocketAddr, e: WireError) -> AgentError {
-    match e {
-        WireError::Remote { code, message } => AgentError::Remote {
-            addr,
-            code,
-            message,
-        },
-        e if e.is_protocol_violation() => AgentError::Protocol { addr, source: e },
-        e => AgentError::Disconnected { addr, source: e },
-    }
-}
-
-fn unexpected(addr: SocketAddr, expected: &'static str, got: &Message) -> AgentError {
-    AgentError::Protocol {
-        addr,
-        source: WireError::UnexpectedMessage {
-            expected,
-            got: got.name(),
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -762,28 +534,5 @@ mod tests {
         assert!(!flag.load(Ordering::Relaxed));
         drop(c);
         assert!(flag.load(Ordering::Relaxed));
-    }
-
-    #[test]
-    fn wire_errors_are_sorted() {
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        assert!(matches!(
-            wire(
-                addr,
-                WireError::Remote {
-                    code: ErrorCode::BAD_REQUEST,
-                    message: "no".into()
-                }
-            ),
-            AgentError::Remote { .. }
-        ));
-        assert!(matches!(
-            wire(addr, WireError::Closed { expected: "Answer" }),
-            AgentError::Disconnected { .. }
-        ));
-        assert!(matches!(
-            wire(addr, WireError::BadMagic { found: vec![1] }),
-            AgentError::Protocol { .. }
-        ));
     }
 }

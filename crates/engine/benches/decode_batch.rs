@@ -1,0 +1,64 @@
+//! Decode steps of several sessions as one batched pass against one pass each, on the real
+//! Qwen2.5-Coder-0.5B (fastest of a few runs). Not a test: a measurement.
+//!
+//! `cargo bench -p shoal-engine --bench decode_batch` (the model from
+//! `scripts/fetch-models.sh qwen05`; `RAYON_NUM_THREADS=1` or `2` for the thread count).
+
+use std::path::PathBuf;
+
+use shoal_engine::candle_core::Device;
+use shoal_engine::stage::BatchItem;
+use shoal_engine::{GgufFile, KvCache, Logits, Stage, StageInput, StageSpec};
+
+fn model_path() -> PathBuf {
+    std::env::var_os("SHOAL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
+        .join("qwen2.5-coder-0.5b-instruct.gguf")
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let gguf = GgufFile::open(model_path())?;
+    let n_layers = gguf.config().n_layers;
+    let stage = Stage::load(&gguf, StageSpec::whole(n_layers), &Device::Cpu, |_, _| {})?;
+    for sessions in [1usize, 2, 4, 8] {
+        let mut caches: Vec<KvCache> = (0..sessions).map(|_| stage.new_cache()).collect();
+        let prompt: Vec<u32> = (0..64u32).map(|i| 100 + i * 37).collect();
+        let positions: Vec<usize> = (0..64).collect();
+        for c in caches.iter_mut() {
+            stage.forward(StageInput::Tokens(&prompt), &positions, c, Logits::Last)?;
+        }
+        let (mut alone, mut together) = (f64::MAX, f64::MAX);
+        for step in 0..6 {
+            let pos = [64 + 2 * step];
+            let t = std::time::Instant::now();
+            for c in caches.iter_mut() {
+                stage.forward(StageInput::Tokens(&[42]), &pos, c, Logits::Last)?;
+            }
+            alone = alone.min(t.elapsed().as_secs_f64());
+            let pos = [65 + 2 * step];
+            let t = std::time::Instant::now();
+            let items = caches
+                .iter_mut()
+                .map(|cache| BatchItem {
+                    input: StageInput::Tokens(&[43]),
+                    positions: &pos,
+                    cache,
+                    logits: Logits::Last,
+                })
+                .collect();
+            for out in stage.forward_batch(items) {
+                out?;
+            }
+            together = together.min(t.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "{sessions} sessions, one decode step each: alone {:.1} ms ({:.1} tok/s), one pass {:.1} ms ({:.1} tok/s)",
+            alone * 1e3,
+            sessions as f64 / alone,
+            together * 1e3,
+            sessions as f64 / together
+        );
+    }
+    Ok(())
+}

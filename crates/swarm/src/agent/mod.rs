@@ -1,0 +1,36 @@
+//! Swarm agents over the peer protocol (design §4, issue #5): the agent side
+//! ([`AgentService`], `service.rs`), which answers with its local model, and the client the
+//! head uses to reach agents ([`describe`], [`ask`], `client.rs`).
+//!
+//! An agent is a node that runs a whole model with a role prompt. The head talks to it over
+//! the same framed protocol and port as pipeline stages (`shoal-wire`):
+//!
+//! ```text
+//! head ── Hello ─────────────────► agent      (capabilities: the agent's ack has AGENT)
+//!      ◄─────────────── HelloAck ──
+//!      ── Describe ──────────────►            "who are you"
+//!      ◄─────────────── AgentCard ─           role, model, measured tokens/s, busy
+//!      ── Ask ───────────────────►            a conversation, sampling, stop strings
+//!      ◄──────── Answer or Error ──           Error.session_id = Ask.request_id
+//! ```
+//!
+//! [`AgentService`] is the agent side. Its model runs one generation at a time (a semaphore
+//! with one permit, fair, so requests queue in arrival order), on a blocking thread so the
+//! runtime keeps serving other connections. While an `Ask` runs the service keeps reading its
+//! connection: if the head closes it (it timed out, was killed, or dropped the request) the
+//! generation stops between prefill chunks or decode steps, and the model is free for the
+//! next request. A killed head must not keep an agent busy for `max_tokens` of nobody's text.
+//!
+//! [`describe`] and [`ask`] are the head's side: each dials a fresh connection, so that
+//! dropping the call — or its timeout firing — closes that connection, which is exactly what
+//! stops the agent's work. A fresh TCP connection on a LAN costs well under a millisecond, far
+//! below one decode step.
+
+mod client;
+mod service;
+
+pub use client::{ask, describe, AgentError};
+pub use service::{measure_decode_speed, AgentConfig, AgentService};
+
+/// This build's release, sent in handshakes.
+const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
