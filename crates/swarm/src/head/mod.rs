@@ -1,0 +1,349 @@
+//! The head's side of swarm mode: [`Swarm`] knows the agents (from `--peer`), keeps their
+//! cards fresh, and runs a query: classify it, pick agents by the routing table, fan out with
+//! the query type's timeout, and combine by the chosen [`Strategy`].
+//!
+//! Agents are reached over the peer protocol, one connection per request ([`crate::agent`]):
+//! an agent that fails, times out or answers nothing is left out and named in
+//! [`SwarmOutcome::failed`]; a request still answers as long as one agent (or the head's own
+//! model) does. Dropping a run closes every connection, which stops the agents' work.
+//!
+//! Here: the swarm and its agents (`Swarm`, their health in a [`shoal_cluster::Membership`]);
+//! `report.rs`: what a run and `/v1/swarm/status` report; `target.rs`: who is asked;
+//! `strategies.rs`: one run, and each way of combining answers.
+
+mod report;
+mod strategies;
+mod target;
+
+pub use report::{AgentAnswer, AgentFailure, AgentStatus, SwarmError, SwarmOutcome, SwarmStatus};
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use shoal_cluster::{Member, MemberState, Membership};
+use shoal_wire::{Answer, Ask, ChatTurn};
+
+use crate::agent::{self, AgentService};
+use crate::roles::{Role, RolePrompts};
+use crate::routing::{Strategy, Timeouts};
+use crate::weight::agent_weight;
+
+use strategies::{Job, Run};
+use target::Target;
+
+/// How a [`Swarm`] works.
+#[derive(Clone, Debug)]
+pub struct SwarmConfig {
+    /// This node's id, sent in handshakes.
+    pub node_id: String,
+    /// The agents' peer addresses.
+    pub agents: Vec<SocketAddr>,
+    /// Time allowed for the agents' answers, per query type.
+    pub timeouts: Timeouts,
+    /// The strategy of requests that name none (`"model": "swarm"`).
+    pub strategy: Strategy,
+    /// System prompts for what the head's own model does (aggregate, correct, classify).
+    pub prompts: RolePrompts,
+    /// `vote`: how many answers are sampled in all, across the agents.
+    pub vote_samples: usize,
+    /// `confidence`: samples per model.
+    pub confidence_samples: usize,
+    /// Temperature of the extra samples of `vote` and `confidence` (the first answer of each
+    /// agent uses the request's own temperature).
+    pub sample_temperature: f32,
+    /// How long a `Describe` may take before the agent counts as unhealthy.
+    pub describe_timeout: Duration,
+    /// Time allowed to run code against a prompt's examples when voting.
+    pub code_timeout: Duration,
+}
+
+impl SwarmConfig {
+    /// Defaults: `auto` (`strongest` or `vote`, whichever measured best on HumanEval for
+    /// swarms like this one, docs/EVAL.md),
+    /// 6 s / 12 s timeouts, 5 vote samples, 3 confidence samples.
+    pub fn new(node_id: impl Into<String>, agents: Vec<SocketAddr>) -> Self {
+        SwarmConfig {
+            node_id: node_id.into(),
+            agents,
+            timeouts: Timeouts::default(),
+            strategy: Strategy::Auto,
+            prompts: RolePrompts::new(),
+            vote_samples: 5,
+            confidence_samples: 3,
+            sample_temperature: 0.7,
+            describe_timeout: Duration::from_secs(2),
+            code_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One swarm request.
+#[derive(Clone, Debug)]
+pub struct SwarmRequest {
+    /// The conversation; the last user turn is the question.
+    pub messages: Vec<ChatTurn>,
+    /// `None`: the swarm's default.
+    pub strategy: Option<Strategy>,
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub stop: Vec<String>,
+    /// Overrides the query type's timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// The swarm as its head sees it.
+pub struct Swarm {
+    config: SwarmConfig,
+    /// What each agent's card says, in the order of `config.agents`.
+    agents: Mutex<Vec<AgentStatus>>,
+    /// Whether each agent answers: its last `Describe`, and any request that failed to
+    /// reach it since.
+    members: Membership,
+    /// The head's own model as an agent: aggregator of last resort, and the only answerer
+    /// when no agent is up.
+    local: Option<Arc<AgentService>>,
+    next_request: AtomicU64,
+}
+
+impl Swarm {
+    pub fn new(config: SwarmConfig, local: Option<Arc<AgentService>>) -> Self {
+        let agents = config
+            .agents
+            .iter()
+            .map(|&a| AgentStatus::unknown(a))
+            .collect();
+        Swarm {
+            members: Membership::new(config.agents.iter().copied()),
+            config,
+            agents: Mutex::new(agents),
+            local,
+            next_request: AtomicU64::new(1),
+        }
+    }
+
+    pub fn config(&self) -> &SwarmConfig {
+        &self.config
+    }
+
+    /// Asks every agent who it is (in parallel) and updates their status.
+    pub async fn refresh(&self) {
+        let timeout = self.config.describe_timeout;
+        let node_id = self.config.node_id.clone();
+        let cards = futures::future::join_all(
+            self.config
+                .agents
+                .iter()
+                .map(|&addr| agent::describe(addr, &node_id, timeout)),
+        )
+        .await;
+        let mut agents = self.lock_agents();
+        for ((status, card), &addr) in agents.iter_mut().zip(cards).zip(&self.config.agents) {
+            match card {
+                Ok(card) => {
+                    status.update(&card);
+                    self.members.seen(addr, Some(&card.node_id));
+                }
+                Err(e) => self.members.failed(addr, &e.to_string()),
+            }
+        }
+    }
+
+    /// Refreshes the agents' status every `period`, for as long as the swarm lives.
+    pub fn spawn_monitor(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(swarm) = me.upgrade() else { return };
+                swarm.refresh().await;
+            }
+        })
+    }
+
+    /// Every agent with its role, model, health and speed.
+    pub fn status(&self) -> SwarmStatus {
+        SwarmStatus {
+            strategy: self.config.strategy,
+            agents: self
+                .lock_agents()
+                .iter()
+                .zip(&self.config.agents)
+                .map(|(status, &addr)| status.clone().with_health(self.members.get(addr)))
+                .collect(),
+            head_model: self.local.as_ref().map(|l| l.config().model_id.clone()),
+        }
+    }
+
+    fn lock_agents(&self) -> std::sync::MutexGuard<'_, Vec<AgentStatus>> {
+        self.agents.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The healthy agents as targets.
+    fn targets(&self) -> Vec<Target> {
+        self.lock_agents()
+            .iter()
+            .enumerate()
+            .filter(|&(index, _)| {
+                let addr = self.config.agents.get(index);
+                addr.is_some_and(|&a| self.members.is_alive(a))
+            })
+            .filter_map(|(index, s)| {
+                Some(Target::Remote {
+                    index,
+                    addr: s.addr.parse().ok()?,
+                    name: s.node_id.clone().unwrap_or_else(|| s.addr.clone()),
+                    role: s.parsed_role(),
+                    model: s.model.clone().unwrap_or_default(),
+                    weight: s.weight,
+                    parameters: s.parameters,
+                })
+            })
+            .collect()
+    }
+
+    /// The healthy agent with `role` and the highest weight, other than the one named
+    /// `except`.
+    fn best_with_role(&self, role: Role, except: Option<&str>) -> Option<Target> {
+        self.targets()
+            .into_iter()
+            .filter(|t| t.role() == Some(role) && except != Some(t.name().as_str()))
+            .max_by(|a, b| a.weight().total_cmp(&b.weight()))
+    }
+
+    /// The head's own model doing `role`'s job: the target and that role's system prompt.
+    fn local_as(&self, role: Role) -> Option<(Target, Option<String>)> {
+        let prompt = self.config.prompts.get(role).to_owned();
+        self.local_target().map(|t| (t, Some(prompt)))
+    }
+
+    fn local_target(&self) -> Option<Target> {
+        self.local.as_ref().map(|service| Target::Local {
+            service: service.clone(),
+            weight: agent_weight(service.card().tokens_per_s, service.card().thermal_penalty),
+        })
+    }
+
+    /// Runs a request. Fails only when nobody answered at all.
+    pub async fn run(&self, request: SwarmRequest) -> Result<SwarmOutcome, SwarmError> {
+        let started = Instant::now();
+        let question = request
+            .messages
+            .iter()
+            .rev()
+            .find(|t| t.role == "user")
+            .map(|t| t.content.clone())
+            .ok_or(SwarmError::NoQuestion)?;
+        // A head that just started, before its monitor's first round: ask the agents first.
+        let contacted = |m: &Member| m.state != MemberState::Unknown;
+        if !self.members.members().iter().any(contacted) {
+            self.refresh().await;
+        }
+        let requested = request.strategy.unwrap_or(self.config.strategy);
+        let mut run = Run {
+            swarm: self,
+            request: &request,
+            question,
+            answers: Vec::new(),
+            failed: Vec::new(),
+        };
+        let (query_type, classified_by) = run.classify().await;
+        let timeout = request
+            .timeout
+            .unwrap_or_else(|| self.config.timeouts.for_query(query_type));
+        let answerers = run.answerers(query_type)?;
+        let sizes: Vec<u64> = answerers.iter().map(Target::parameters).collect();
+        let strategy = requested.resolve(&sizes);
+        let (final_answer, decided_by) = match strategy {
+            Strategy::Moa => run.moa(&answerers, timeout).await?,
+            // `resolve` never returns `Auto`; were it to, `auto`'s fallback is the vote.
+            Strategy::Vote | Strategy::Auto => run.vote(&answerers, timeout).await?,
+            Strategy::Confidence => run.confidence(&answerers, timeout).await?,
+            Strategy::Fastest => run.fastest(&answerers, timeout).await?,
+            Strategy::Speed => run.speed(&answerers, timeout).await?,
+            Strategy::Strongest => run.strongest(&answerers, timeout).await?,
+        };
+        let decided_by = if requested == Strategy::Auto {
+            format!("auto chose {strategy}: {decided_by}")
+        } else {
+            decided_by
+        };
+        let mut agents_responded: Vec<String> = Vec::new();
+        for a in &run.answers {
+            if !agents_responded.contains(&a.agent) {
+                agents_responded.push(a.agent.clone());
+            }
+        }
+        let prompt_tokens = run.answers.iter().map(|a| u64::from(a.prompt_tokens)).sum();
+        let completion_tokens = run
+            .answers
+            .iter()
+            .map(|a| u64::from(a.completion_tokens))
+            .sum();
+        Ok(SwarmOutcome {
+            query_type,
+            classified_by,
+            strategy,
+            answers: run.answers,
+            failed: run.failed,
+            final_answer,
+            decided_by,
+            agents_responded,
+            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            prompt_tokens,
+            completion_tokens,
+        })
+    }
+
+    fn mark_unhealthy(&self, index: usize, error: &str) {
+        if let Some(&addr) = self.config.agents.get(index) {
+            self.members.failed(addr, error);
+        }
+    }
+}
+
+impl Swarm {
+    /// Sends one job to its target and waits at most `timeout`.
+    async fn send(&self, job: Job, timeout: Duration) -> Result<Answer, String> {
+        let ask = Ask {
+            request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
+            system: job.system,
+            messages: job.messages,
+            max_tokens: job.max_tokens,
+            temperature: job.temperature,
+            top_p: job.top_p,
+            seed: job.seed,
+            stop: job.stop,
+            choices: job.choices,
+        };
+        match job.target {
+            Target::Remote { index, addr, .. } => {
+                let result = agent::ask(addr, &self.config.node_id, ask, timeout).await;
+                result.map_err(|e| {
+                    // An agent that cannot be reached is out until its next good `Describe`.
+                    if matches!(
+                        e,
+                        agent::AgentError::Connect { .. } | agent::AgentError::Disconnected { .. }
+                    ) {
+                        self.mark_unhealthy(index, &e.to_string());
+                    }
+                    e.to_string()
+                })
+            }
+            Target::Local { service, .. } => {
+                match tokio::time::timeout(timeout, service.answer_here(ask)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(format!(
+                        "the head's own model did not answer within {} ms",
+                        timeout.as_millis()
+                    )),
+                }
+            }
+        }
+    }
+}
