@@ -4,206 +4,44 @@
 //! and a wait for the `Token` the last stage sends to this head's reply listener. The head's
 //! own stage batches too: the steps of concurrent sessions that meet at it run as one pass
 //! (crate::batch).
+//!
+//! Here: the pipeline, its ring and recovery, its sessions; `config.rs`: how a pipeline is
+//! described (peers, layers, the re-plan hook); `replies.rs`: the reply listener and the
+//! router that hands tokens to their sessions; `local.rs`: the head's own stage, batched;
+//! `layout.rs`: the layer arithmetic of a ring and of a re-plan.
 
-use std::collections::HashMap;
-use std::future::Future;
+mod config;
+mod layout;
+mod local;
+mod replies;
+
+pub use config::{PeerStage, PipelineConfig, Replan, ReplanResult};
+
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use shoal_cluster::{Member, Membership};
 use shoal_engine::candle_core::Device;
-use shoal_engine::stage::{logits_row, BatchItem};
 use shoal_engine::{
-    GgufFile, KvCache, Logits, ModelConfig, PromptFormat, Sampler, SamplingParams, Stage,
-    StageInput, StageOutput, StageSpec, Tokenizer,
+    GgufFile, KvCache, ModelConfig, PromptFormat, Sampler, SamplingParams, Stage, StageSpec,
+    Tokenizer,
 };
-use shoal_wire::{
-    serve_peers, Activations, Capabilities, Connection, DType, EndSession, ErrorMessage, Forward,
-    HelloAck, Limits, LoadStage, Message, Payload, PeerService, ServeConfig, Token, Want,
-    WireError,
-};
+use shoal_wire::{Capabilities, EndSession, Forward, LoadStage, Message, Payload, Want, WireError};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::batch::{default_batch_rows, spawn_worker, Active, BatchStats, Job};
-use crate::convert::{file_sha256, sampling_spec, tensor_to_activations};
+use crate::batch::{spawn_worker, Active};
+use crate::convert::{file_sha256, sampling_spec};
 use crate::error::{PipelineError, Result};
 use crate::link::{dial, Link};
 
-/// One peer of the ring and the layers it runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerStage {
-    /// The peer's wire address (its [`crate::StageServer`]).
-    pub addr: SocketAddr,
-    /// Layers `[start, end)` it runs; the last peer's range ends at the model's last layer.
-    pub layers: Range<usize>,
-}
-
-/// What a [`Replan`] answers: the head's new layers and the new stages, or why it has none.
-pub type ReplanResult = std::result::Result<(Range<usize>, Vec<PeerStage>), String>;
-
-/// Chooses the ring's layout after stages were lost ([`PipelineConfig::replan`]), e.g. by
-/// asking the nodes left for fresh profiles and running the planner on them.
-pub trait Replan: Send + Sync + std::fmt::Debug {
-    /// `head`: the head's layers now; `alive`: the ring's peers that still answer, in ring
-    /// order, with the layers they hold now; `lost`: the ring's peers that do not. Returns
-    /// the head's new layers (from 0) and the new stages in ring order: any nodes the hook
-    /// knows to serve stages (a node the old plan left out may join), none of `lost`. The
-    /// layout is checked; one that does not tile the model is not used.
-    fn replan<'a>(
-        &'a self,
-        head: Range<usize>,
-        alive: &'a [PeerStage],
-        lost: &'a [SocketAddr],
-    ) -> Pin<Box<dyn Future<Output = ReplanResult> + Send + 'a>>;
-}
-
-/// How to build a [`Pipeline`].
-#[derive(Clone, Debug)]
-pub struct PipelineConfig {
-    /// This node's id, sent in handshakes.
-    pub node_id: String,
-    /// The head's copy of the model.
-    pub model_path: PathBuf,
-    /// The id peers resolve in their models directory (default: the file name).
-    pub model_id: String,
-    /// Send the file's SHA-256 so peers check they have the very same weights.
-    pub verify_sha256: bool,
-    /// Layers the head runs itself; starts at 0 (the head embeds).
-    pub local_layers: Range<usize>,
-    /// The other stages, in ring order. Empty: the head runs the whole model.
-    pub peers: Vec<PeerStage>,
-    /// Encoding of hidden states between stages: f32 (the default) gives exactly the
-    /// single process's output; f16 and bf16 halve the bytes per hop but round the hidden
-    /// state at each boundary, which can change the text at a near-tie.
-    pub activation_dtype: DType,
-    /// Prompt tokens per prefill `Forward`.
-    pub prefill_chunk: usize,
-    /// Address the reply listener binds (the `reply_to` of every `Forward`); must be one the
-    /// last stage can reach, not `0.0.0.0`.
-    pub reply_bind: SocketAddr,
-    /// How long to wait for `StageReady` and for each token.
-    pub timeout: Duration,
-    /// When a stage is lost mid-session, re-plan on the nodes left and replay the session
-    /// there (greedy output unchanged) instead of failing the request.
-    pub recover: bool,
-    /// How to re-plan: `None` (or a [`Replan`] that fails) spreads the layers over the
-    /// nodes left in proportion to their shares of the old plan.
-    pub replan: Option<Arc<dyn Replan>>,
-    /// Frame limits.
-    pub limits: Limits,
-    /// Token rows one batch of the head's own stage takes at most (unless its first step
-    /// alone has more).
-    pub batch_rows: usize,
-    /// Where the head's batches are counted (the node's metrics).
-    pub stats: BatchStats,
-}
-
-impl PipelineConfig {
-    /// Defaults: f32 activations (exact), prefill chunks of 512 (the engine's), replies on
-    /// `127.0.0.1:0`, a 2-minute timeout, SHA-256 checked.
-    pub fn new(
-        model_path: impl Into<PathBuf>,
-        local_layers: Range<usize>,
-        peers: Vec<PeerStage>,
-    ) -> Self {
-        let model_path = model_path.into();
-        let model_id = model_path
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        PipelineConfig {
-            node_id: "head".to_owned(),
-            model_path,
-            model_id,
-            verify_sha256: true,
-            local_layers,
-            peers,
-            activation_dtype: DType::F32,
-            prefill_chunk: shoal_engine::generate::PREFILL_CHUNK,
-            reply_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-            timeout: Duration::from_secs(120),
-            recover: true,
-            replan: None,
-            limits: Limits::default(),
-            batch_rows: default_batch_rows(),
-            stats: BatchStats::default(),
-        }
-    }
-}
-
-/// What the reply listener hands a waiting session.
-enum Reply {
-    Token(Token),
-    Error(String),
-}
-
-/// Sessions waiting for replies, by id.
-#[derive(Default)]
-struct Router {
-    sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>,
-}
-
-impl Router {
-    fn deliver(&self, session_id: u64, reply: Reply) {
-        let sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
-        match sessions.get(&session_id) {
-            Some(tx) => {
-                let _ = tx.send(reply);
-            }
-            None => tracing::debug!(session_id, "reply for a session that is gone"),
-        }
-    }
-
-    fn route(&self, msg: Message) {
-        match msg {
-            Message::Token(t) => self.deliver(t.session_id, Reply::Token(t)),
-            Message::Error(e) => match e.session_id {
-                Some(id) => self.deliver(id, Reply::Error(e.message)),
-                None => tracing::warn!(error = %e.message, "a stage reported an error"),
-            },
-            other => tracing::debug!(message = other.name(), "ignored a message on a reply link"),
-        }
-    }
-
-    /// Reports `message` to every session waiting for a reply.
-    fn fail_all(&self, message: &str) {
-        let sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
-        for tx in sessions.values() {
-            let _ = tx.send(Reply::Error(message.to_owned()));
-        }
-    }
-
-    fn register(&self, session_id: u64) -> mpsc::UnboundedReceiver<Reply> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(session_id, tx);
-        rx
-    }
-
-    /// Sessions waiting for replies: those generating now.
-    fn len(&self) -> usize {
-        self.sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-
-    fn unregister(&self, session_id: u64) {
-        self.sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&session_id);
-    }
-}
+use layout::{check_layout, check_ring, proportional};
+use local::{run_local_batch, LocalJob, LocalOut};
+use replies::{serve_replies, Reply, Router};
 
 struct Peer {
     addr: SocketAddr,
@@ -859,65 +697,6 @@ async fn end_session(peers: Arc<Vec<Peer>>, session_id: u64) {
     }
 }
 
-enum LocalOut {
-    Hidden(Activations),
-    Logits(Vec<f32>),
-}
-
-/// One session's step on the head's own stage, waiting for its batch.
-struct LocalJob {
-    session: u64,
-    /// The ring's stage when the step was made (a re-plan may replace it).
-    stage: Arc<Stage>,
-    tokens: Vec<u32>,
-    positions: Vec<usize>,
-    cache: KvCache,
-    dtype: DType,
-    /// The cache back, with the step's output.
-    reply: oneshot::Sender<(KvCache, Result<LocalOut>)>,
-}
-
-impl Job for LocalJob {
-    fn session(&self) -> u64 {
-        self.session
-    }
-
-    fn rows(&self) -> usize {
-        self.positions.len()
-    }
-
-    /// Steps share a pass only on the same stage.
-    fn fits_with(&self, first: &Self) -> bool {
-        Arc::ptr_eq(&self.stage, &first.stage)
-    }
-}
-
-/// A batch of the head's steps as one pass of its stage (blocking); each session gets its
-/// cache back with its own output or error.
-fn run_local_batch(mut batch: Vec<LocalJob>) {
-    let Some(stage) = batch.first().map(|j| j.stage.clone()) else {
-        return;
-    };
-    let items = batch
-        .iter_mut()
-        .map(|j| BatchItem {
-            input: StageInput::Tokens(&j.tokens),
-            positions: &j.positions,
-            cache: &mut j.cache,
-            logits: Logits::Last,
-        })
-        .collect();
-    let outputs = stage.forward_batch(items);
-    for (job, output) in batch.into_iter().zip(outputs) {
-        let out = output.map_err(PipelineError::from).and_then(|o| match o {
-            StageOutput::Hidden(h) => Ok(LocalOut::Hidden(tensor_to_activations(&h, job.dtype)?)),
-            StageOutput::Logits(l) => Ok(LocalOut::Logits(logits_row(&l, 0)?)),
-        });
-        // A session that went away meanwhile no longer listens.
-        let _ = job.reply.send((job.cache, out));
-    }
-}
-
 /// Dials a peer, sends `LoadStage` and waits for `StageReady`; then the link's incoming
 /// frames (errors for a session) go to the router.
 async fn load_peer(
@@ -960,140 +739,6 @@ async fn load_peer(
     Ok(Link::new(conn, addr, on_message, on_close))
 }
 
-/// Accepts the last stage's connections and routes `Token`s and errors to their sessions.
-async fn serve_replies(
-    listener: TcpListener,
-    node_id: String,
-    limits: Limits,
-    router: Arc<Router>,
-) {
-    let config = ServeConfig {
-        limits,
-        ..ServeConfig::default()
-    };
-    let replies = ReplyListener { node_id, router };
-    serve_peers(listener, config, Arc::new(replies), std::future::pending()).await;
-}
-
-/// The head's reply listener as a peer service.
-struct ReplyListener {
-    node_id: String,
-    router: Arc<Router>,
-}
-
-impl PeerService for ReplyListener {
-    fn accept(&self, _hello: &shoal_wire::Hello) -> std::result::Result<HelloAck, ErrorMessage> {
-        Ok(HelloAck {
-            node_id: self.node_id.clone(),
-            software_version: env!("CARGO_PKG_VERSION").to_owned(),
-            capabilities: Capabilities::HEAD,
-        })
-    }
-
-    async fn handle(
-        &self,
-        msg: Message,
-        _conn: &mut Connection,
-        _peer: SocketAddr,
-    ) -> std::result::Result<(), WireError> {
-        self.router.route(msg);
-        Ok(())
-    }
-}
-
-/// The head and the peers left, each keeping its share of the old plan.
-fn proportional(
-    head: Range<usize>,
-    alive: &[PeerStage],
-    n_layers: usize,
-) -> Result<(Range<usize>, Vec<PeerStage>)> {
-    let shares: Vec<usize> = std::iter::once(head.len())
-        .chain(alive.iter().map(|p| p.layers.len()))
-        .collect();
-    let ranges = redistribute(&shares, n_layers);
-    let Some((local, rest)) = ranges.split_first() else {
-        return Err(PipelineError::Config(
-            "no stage left to run the model".into(),
-        ));
-    };
-    let peers = alive
-        .iter()
-        .zip(rest)
-        .map(|(p, layers)| PeerStage {
-            addr: p.addr,
-            layers: layers.clone(),
-        })
-        .collect();
-    Ok((local.clone(), peers))
-}
-
-/// Whether a re-plan's layout can be built: the head from layer 0, then the peers, each a
-/// non-empty range following the last, ending at the model's last layer, none of them one
-/// of the `lost` and none twice.
-fn check_layout(
-    local: &Range<usize>,
-    peers: &[PeerStage],
-    lost: &[SocketAddr],
-    n_layers: usize,
-) -> std::result::Result<(), String> {
-    for (i, p) in peers.iter().enumerate() {
-        if lost.contains(&p.addr) {
-            return Err(format!("{} was just lost", p.addr));
-        }
-        if peers[..i].iter().any(|q| q.addr == p.addr) {
-            return Err(format!("{} has two stages", p.addr));
-        }
-    }
-    let layers = std::iter::once(local).chain(peers.iter().map(|p| &p.layers));
-    shoal_cluster::check_tiling(layers, n_layers).map_err(|e| format!("the layout: {e}"))
-}
-
-/// Splits `n_layers` into consecutive ranges in proportion to `shares` (largest remainder),
-/// every range at least one layer; stages beyond the number of layers get none and are
-/// left out.
-fn redistribute(shares: &[usize], n_layers: usize) -> Vec<Range<usize>> {
-    let n_stages = shares.len().min(n_layers);
-    if n_stages == 0 {
-        return Vec::new();
-    }
-    let weights: Vec<usize> = shares[..n_stages].iter().map(|&s| s.max(1)).collect();
-    let total: usize = weights.iter().sum();
-    // Each its share rounded down, at least one layer (taken back from the largest)...
-    let mut sizes: Vec<usize> = weights
-        .iter()
-        .map(|&w| (n_layers * w / total).max(1))
-        .collect();
-    while sizes.iter().sum::<usize>() > n_layers {
-        let largest = (0..n_stages).max_by_key(|&i| (sizes[i], i)).unwrap_or(0);
-        sizes[largest] -= 1;
-    }
-    // ...and the layers left over to the largest remainders.
-    let assigned: usize = sizes.iter().sum();
-    let mut order: Vec<usize> = (0..n_stages).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(n_layers * weights[i] % total), i));
-    for &i in order.iter().cycle().take(n_layers - assigned) {
-        sizes[i] += 1;
-    }
-    let mut start = 0;
-    sizes
-        .into_iter()
-        .map(|size| {
-            let r = start..start + size;
-            start += size;
-            r
-        })
-        .collect()
-}
-
-/// Checks that the head's layers and the peers' tile the model in order (stage 0 is the
-/// head, stage `i` the `i`-th peer).
-fn check_ring(config: &PipelineConfig, model: &ModelConfig) -> Result<()> {
-    let layers =
-        std::iter::once(&config.local_layers).chain(config.peers.iter().map(|p| &p.layers));
-    shoal_cluster::check_tiling(layers, model.n_layers)
-        .map_err(|e| PipelineError::Config(format!("the ring: {e}")))
-}
-
 fn to_u32(v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| PipelineError::InvalidRequest(format!("{v} does not fit in u32")))
 }
@@ -1106,61 +751,4 @@ fn fresh_id() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sizes(ranges: &[Range<usize>]) -> Vec<usize> {
-        ranges.iter().map(|r| r.len()).collect()
-    }
-
-    #[test]
-    fn a_layout_must_tile_the_model_with_nodes_left() {
-        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
-        let gone: SocketAddr = "127.0.0.1:3".parse().unwrap();
-        let stage = |addr, layers| PeerStage { addr, layers };
-        let ok =
-            |local: Range<usize>, peers: &[PeerStage]| check_layout(&local, peers, &[gone], 30);
-        assert_eq!(ok(0..30, &[]), Ok(()));
-        assert_eq!(ok(0..4, &[stage(b, 4..30)]), Ok(()));
-        assert_eq!(ok(0..4, &[stage(b, 4..9), stage(a, 9..30)]), Ok(()));
-        assert!(ok(1..30, &[]).is_err(), "the head embeds: it starts at 0");
-        assert!(
-            ok(0..0, &[stage(a, 0..30)]).is_err(),
-            "the head runs a layer"
-        );
-        assert!(ok(0..29, &[]).is_err(), "a layer left out");
-        assert!(ok(0..4, &[stage(a, 5..30)]).is_err(), "a gap");
-        assert!(ok(0..4, &[stage(a, 3..30)]).is_err(), "an overlap");
-        assert!(ok(0..4, &[stage(gone, 4..30)]).is_err(), "a node just lost");
-        assert!(
-            ok(0..4, &[stage(a, 4..8), stage(a, 8..30)]).is_err(),
-            "a node twice"
-        );
-        assert!(
-            ok(0..4, &[stage(a, 4..4), stage(b, 4..30)]).is_err(),
-            "an empty stage"
-        );
-    }
-
-    #[test]
-    fn redistribute_keeps_proportions_and_tiles_the_model() {
-        assert_eq!(redistribute(&[10, 10], 30), vec![0..15, 15..30]);
-        assert_eq!(sizes(&redistribute(&[20, 5], 30)), vec![24, 6]);
-        assert_eq!(redistribute(&[7], 30), vec![0..30]);
-        assert_eq!(sizes(&redistribute(&[1, 1, 1], 2)), vec![1, 1]);
-        assert!(redistribute(&[], 30).is_empty());
-        for shares in [vec![3, 9, 1], vec![0, 0, 5], vec![1, 2, 3, 4, 5]] {
-            for n in [1usize, 5, 24, 30] {
-                let r = redistribute(&shares, n);
-                assert_eq!(r.first().map(|r| r.start), Some(0));
-                assert_eq!(r.last().map(|r| r.end), Some(n));
-                assert!(r.windows(2).all(|w| w[0].end == w[1].start));
-                assert!(r.iter().all(|r| !r.is_empty()));
-            }
-        }
-    }
 }
