@@ -20,6 +20,7 @@ use crate::client::{Client, RequestError};
 use crate::exec::{Checker, Verdict};
 use crate::{client, cluster, extract, ResolveModel};
 use shoal_sandbox::Isolation;
+use shoal_swarm::routing::Strategy as SwarmStrategy;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -34,39 +35,34 @@ enum Benchmark {
     Humaneval(HumanevalArgs),
 }
 
-/// How the API is asked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+/// How the API is asked: one model, or one of the swarm head's strategies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Strategy {
     /// One model: `--model`, or the first of `GET /v1/models`.
     Single,
-    /// `swarm:moa`: the agents answer, an aggregator synthesizes.
-    Moa,
-    /// `swarm:vote`: several samples, the answer most agree with.
-    Vote,
-    /// `swarm:confidence`: the model whose own samples agree most.
-    Confidence,
-    /// `swarm:fastest`: the first answer.
-    Fastest,
-    /// `swarm:speed`: a drafter answers, a reasoner corrects.
-    Speed,
-    /// `swarm:strongest`: the agent with the largest model answers alone.
-    Strongest,
-    /// `swarm:auto`: the head's default (strongest or vote, by the agents' model sizes).
-    Auto,
+    /// `"model": "swarm:STRATEGY"`.
+    Swarm(SwarmStrategy),
 }
 
 impl Strategy {
     fn as_str(self) -> &'static str {
         match self {
             Strategy::Single => "single",
-            Strategy::Moa => "moa",
-            Strategy::Vote => "vote",
-            Strategy::Confidence => "confidence",
-            Strategy::Fastest => "fastest",
-            Strategy::Speed => "speed",
-            Strategy::Strongest => "strongest",
-            Strategy::Auto => "auto",
+            Strategy::Swarm(s) => s.as_str(),
         }
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().eq_ignore_ascii_case("single") {
+            return Ok(Strategy::Single);
+        }
+        s.parse()
+            .map(Strategy::Swarm)
+            .map_err(|e| format!("{e} (or single)"))
     }
 }
 
@@ -78,8 +74,9 @@ struct HumanevalArgs {
     /// The model id for --strategy single (default: the first of GET /v1/models).
     #[arg(long)]
     model: Option<String>,
-    /// Single model, or a swarm strategy (sent as `"model": "swarm:STRATEGY"`).
-    #[arg(long, value_enum, default_value_t = Strategy::Single)]
+    /// `single` (one model), or a swarm strategy sent as `"model": "swarm:STRATEGY"`: moa,
+    /// vote, confidence, fastest, speed, strongest or auto.
+    #[arg(long, default_value = "single")]
     strategy: Strategy,
     /// Only this many problems (after --offset).
     #[arg(long)]
@@ -384,7 +381,7 @@ fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<Exit
                 Some(m) => m.clone(),
                 None => client.first_model()?,
             },
-            s => format!("swarm:{}", s.as_str()),
+            Strategy::Swarm(s) => format!("swarm:{s}"),
         };
         Some((client, model))
     };
