@@ -62,12 +62,17 @@ impl Node {
     /// Must be called inside a multi-threaded tokio runtime.
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         config.check()?;
-        let swarm_agents = config
-            .peers
-            .iter()
-            .map(|p| shoal_pipeline::resolve_addr(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(NodeError::Peers)?;
+        // A swarm head's agents are resolved now (a bad address fails the start); a
+        // pipeline head resolves its peers when it connects the ring, in the background.
+        let swarm_agents = match config.split {
+            Some(_) => Vec::new(),
+            None => config
+                .peers
+                .iter()
+                .map(|p| shoal_pipeline::resolve_addr(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(NodeError::Peers)?,
+        };
         let listener = bind("for HTTP", config.http_addr).await?;
         let http_addr = local_addr("for HTTP", config.http_addr, &listener)?;
         let state = AppState::new(config.model_id(), config.api_key.clone());

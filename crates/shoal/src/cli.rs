@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use shoal_engine::{ChatMessage, GenerateParams, Generation, SamplingParams, TextStream};
 use shoal_wire::DType;
