@@ -10,6 +10,8 @@ use candle_core::quantized::gguf_file::Value as GgufValue;
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind};
 
+use crate::metadata::{get_array, get_int, get_str};
+
 const TEMPLATE_NAME: &str = "chat";
 
 /// Errors from loading or rendering a chat template.
@@ -52,27 +54,22 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     /// Loads `tokenizer.chat_template` and the BOS/EOS token strings from GGUF metadata.
     pub fn from_gguf_metadata(md: &HashMap<String, GgufValue>) -> Result<Self, ChatTemplateError> {
-        let source = match md.get("tokenizer.chat_template") {
-            None => return Err(ChatTemplateError::MissingTemplate),
-            Some(GgufValue::String(s)) => s.as_str(),
-            Some(_) => {
-                return Err(ChatTemplateError::BadMetadata(
-                    "tokenizer.chat_template".to_string(),
-                ))
-            }
+        let source = match get_str(md, "tokenizer.chat_template") {
+            Ok(Some(source)) => source,
+            Ok(None) => return Err(ChatTemplateError::MissingTemplate),
+            Err(w) => return Err(ChatTemplateError::BadMetadata(w.key)),
         };
-        let tokens = match md.get("tokenizer.ggml.tokens") {
-            Some(GgufValue::Array(a)) => a.as_slice(),
-            _ => &[],
-        };
+        // The special tokens' text, for templates that use `bos_token`/`eos_token`; a
+        // missing or malformed entry gives an empty string, as the template may not need it.
+        let tokens = get_array(md, "tokenizer.ggml.tokens")
+            .ok()
+            .flatten()
+            .unwrap_or(&[]);
         let token_str = |key: &str| -> String {
-            let id = match md.get(key) {
-                Some(GgufValue::U32(x)) => Some(*x as usize),
-                Some(GgufValue::I32(x)) => usize::try_from(*x).ok(),
-                Some(GgufValue::U64(x)) => usize::try_from(*x).ok(),
-                Some(GgufValue::I64(x)) => usize::try_from(*x).ok(),
-                _ => None,
-            };
+            let id = get_int(md, key)
+                .ok()
+                .flatten()
+                .and_then(|i| usize::try_from(i).ok());
             match id.and_then(|i| tokens.get(i)) {
                 Some(GgufValue::String(s)) => s.clone(),
                 _ => String::new(),

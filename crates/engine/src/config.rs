@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use candle_core::quantized::gguf_file::Value;
 
 use crate::error::{EngineError, Result};
+use crate::metadata::{get_float, get_int, get_str, WrongType};
 
 /// The families of decoder we run. They differ in a few switches, not in code paths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,56 +104,42 @@ impl ModelConfig {
     }
 }
 
-fn bad(key: &str) -> impl FnOnce(candle_core::Error) -> EngineError + '_ {
-    move |source| EngineError::BadMetadata {
-        key: key.to_string(),
-        source,
+/// A value of the wrong kind, as the engine reports it.
+fn bad(w: WrongType) -> EngineError {
+    EngineError::BadMetadata {
+        source: candle_core::Error::Msg(format!("expected {}, got {}", w.expected, w.found)),
+        key: w.key,
     }
 }
 
 pub(crate) fn get_string(md: &HashMap<String, Value>, key: &str) -> Result<String> {
-    let v = md
-        .get(key)
-        .ok_or_else(|| EngineError::MissingMetadata(key.to_string()))?;
-    Ok(v.to_string().map_err(bad(key))?.clone())
+    get_str(md, key)
+        .map_err(bad)?
+        .map(str::to_owned)
+        .ok_or_else(|| EngineError::MissingMetadata(key.to_string()))
 }
 
-fn to_u64(v: &Value) -> candle_core::Result<u64> {
-    match v {
-        Value::U8(x) => Ok(*x as u64),
-        Value::U16(x) => Ok(*x as u64),
-        Value::U32(x) => Ok(*x as u64),
-        Value::U64(x) => Ok(*x),
-        Value::I8(x) if *x >= 0 => Ok(*x as u64),
-        Value::I16(x) if *x >= 0 => Ok(*x as u64),
-        Value::I32(x) if *x >= 0 => Ok(*x as u64),
-        Value::I64(x) if *x >= 0 => Ok(*x as u64),
-        other => candle_core::bail!("expected a non-negative integer, got {other:?}"),
-    }
+fn get_usize_opt(md: &HashMap<String, Value>, key: &str) -> Result<Option<usize>> {
+    let Some(v) = get_int(md, key).map_err(bad)? else {
+        return Ok(None);
+    };
+    usize::try_from(v).map(Some).map_err(|_| {
+        bad(WrongType {
+            key: key.to_string(),
+            expected: "a non-negative integer",
+            found: v.to_string(),
+        })
+    })
 }
 
 fn get_usize(md: &HashMap<String, Value>, key: &str) -> Result<usize> {
-    let v = md
-        .get(key)
-        .ok_or_else(|| EngineError::MissingMetadata(key.to_string()))?;
-    Ok(to_u64(v).map_err(bad(key))? as usize)
+    get_usize_opt(md, key)?.ok_or_else(|| EngineError::MissingMetadata(key.to_string()))
 }
 
 fn get_usize_or(md: &HashMap<String, Value>, key: &str, default: usize) -> Result<usize> {
-    match md.get(key) {
-        Some(v) => Ok(to_u64(v).map_err(bad(key))? as usize),
-        None => Ok(default),
-    }
+    Ok(get_usize_opt(md, key)?.unwrap_or(default))
 }
 
 fn get_f64_or(md: &HashMap<String, Value>, key: &str, default: f64) -> Result<f64> {
-    match md.get(key) {
-        Some(Value::F32(x)) => Ok(*x as f64),
-        Some(Value::F64(x)) => Ok(*x),
-        Some(other) => Err(EngineError::BadMetadata {
-            key: key.to_string(),
-            source: candle_core::Error::Msg(format!("expected a float, got {other:?}")),
-        }),
-        None => Ok(default),
-    }
+    Ok(get_float(md, key).map_err(bad)?.unwrap_or(default))
 }

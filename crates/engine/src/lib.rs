@@ -22,6 +22,7 @@ mod ggml_math;
 pub mod gguf;
 mod kernels;
 pub mod kv_cache;
+mod metadata;
 mod pool;
 pub mod profile;
 pub mod prompt;

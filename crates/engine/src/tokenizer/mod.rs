@@ -14,13 +14,12 @@
 //! Only the `gpt2` tokenizer model (byte-level BPE) is implemented; SentencePiece (`llama`) and
 //! the others give [`TokenizerError::UnsupportedModel`].
 //!
-//! Here: the tokenizer and its public API; `metadata.rs`: reading the `tokenizer.ggml.*`
-//! keys; `special.rs`: special token ids and their detection; `pretokenize.rs`: the
+//! Here: the tokenizer and its public API (its `tokenizer.ggml.*` keys read by the crate's
+//! `metadata` module); `special.rs`: special token ids and their detection; `pretokenize.rs`: the
 //! pre-tokenizers; `bpe.rs`: byte-level BPE merging; `decode.rs`: streaming detokenization.
 
 mod bpe;
 mod decode;
-mod metadata;
 mod pretokenize;
 mod special;
 
@@ -34,8 +33,10 @@ use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Value;
 
+use crate::metadata::{
+    array_str, get_array, get_bool, get_int, get_str, type_name, value_as_i64, WrongType,
+};
 use bpe::{Fragment, PairMap, Scratch};
-use metadata::{array_str, get_array, get_bool, get_int, get_str, type_name, value_as_i64};
 use pretokenize::{pre_type_of, CharClasses, PreType};
 use special::{detect_special_tokens, SpecialIds};
 
@@ -82,6 +83,16 @@ pub enum TokenizerError {
         /// The number of tokens in the vocabulary.
         vocab_size: usize,
     },
+}
+
+impl From<WrongType> for TokenizerError {
+    fn from(w: WrongType) -> Self {
+        TokenizerError::WrongType {
+            key: w.key,
+            expected: w.expected,
+            found: w.found,
+        }
+    }
 }
 
 // Token attributes, as llama.cpp's `llama_token_attr`.
