@@ -170,22 +170,11 @@ impl Node {
 
     /// Serves until `signal` (e.g. Ctrl-C) or until the HTTP server fails, then shuts down.
     pub async fn serve_until(mut self, signal: impl Future<Output = ()>) -> Result<(), NodeError> {
-        let failed = tokio::select! {
-            () = signal => None,
-            ended = &mut self.http => Some(ended),
-        };
-        match failed {
-            None => self.shutdown().await,
-            Some(ended) => {
-                let _ = self.stop.send(true);
-                for task in &self.background {
-                    task.abort();
-                }
-                match ended {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(NodeError::Http(e)),
-                    Err(e) => Err(NodeError::Http(std::io::Error::other(e))),
-                }
+        tokio::select! {
+            () = signal => self.shutdown().await,
+            ended = &mut self.http => {
+                stop_all(&self.stop, self.background).await;
+                http_outcome(ended)
             }
         }
     }
@@ -196,15 +185,28 @@ impl Node {
     pub async fn shutdown(self) -> Result<(), NodeError> {
         let _ = self.stop.send(true);
         let served = self.http.await;
-        for task in self.background {
-            task.abort();
-            let _ = task.await;
-        }
-        match served {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(NodeError::Http(e)),
-            Err(e) => Err(NodeError::Http(std::io::Error::other(e))),
-        }
+        stop_all(&self.stop, self.background).await;
+        http_outcome(served)
+    }
+}
+
+/// Tells every loop to stop and ends the background tasks.
+async fn stop_all(stop: &watch::Sender<bool>, background: Vec<JoinHandle<()>>) {
+    let _ = stop.send(true);
+    for task in background {
+        task.abort();
+        let _ = task.await;
+    }
+}
+
+/// How the HTTP server's task ended, as the node reports it.
+fn http_outcome(
+    ended: Result<std::io::Result<()>, tokio::task::JoinError>,
+) -> Result<(), NodeError> {
+    match ended {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(NodeError::Http(e)),
+        Err(e) => Err(NodeError::Http(std::io::Error::other(e))),
     }
 }
 
