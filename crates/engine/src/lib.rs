@@ -46,3 +46,6 @@ pub use tokenizer::Tokenizer;
 
 /// Re-exported so callers can build devices and tensors without naming candle.
 pub use candle_core;
+#[cfg(feature = "bench")]
+#[doc(hidden)]
+pub use kernels::bench as kernel_bench;

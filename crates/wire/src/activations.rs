@@ -105,26 +105,66 @@ fn encode_into(values: &[f32], dtype: DType, out: &mut Vec<u8>) {
                 out.put_f32_le(*v);
             }
         }
-        DType::F16 => {
-            let mut tmp = [f16::ZERO; CHUNK];
-            for chunk in values.chunks(CHUNK) {
-                let tmp = &mut tmp[..chunk.len()];
-                tmp.convert_from_f32_slice(chunk);
-                for h in tmp.iter() {
-                    out.put_slice(&h.to_le_bytes());
-                }
-            }
+        DType::F16 => encode_halves::<f16>(values, out),
+        DType::BF16 => encode_halves::<bf16>(values, out),
+    }
+}
+
+/// The two 16-bit float formats, so that one body converts either (a chunk at a time, which
+/// lets `half` use F16C/NEON).
+trait Half: Copy {
+    const ZERO: Self;
+    fn to_le(self) -> [u8; 2];
+    fn from_le(bytes: [u8; 2]) -> Self;
+}
+
+impl Half for f16 {
+    const ZERO: Self = f16::ZERO;
+    fn to_le(self) -> [u8; 2] {
+        self.to_le_bytes()
+    }
+    fn from_le(bytes: [u8; 2]) -> Self {
+        f16::from_le_bytes(bytes)
+    }
+}
+
+impl Half for bf16 {
+    const ZERO: Self = bf16::ZERO;
+    fn to_le(self) -> [u8; 2] {
+        self.to_le_bytes()
+    }
+    fn from_le(bytes: [u8; 2]) -> Self {
+        bf16::from_le_bytes(bytes)
+    }
+}
+
+fn encode_halves<H: Half>(values: &[f32], out: &mut Vec<u8>)
+where
+    [H]: HalfFloatSliceExt,
+{
+    let mut tmp = [H::ZERO; CHUNK];
+    for chunk in values.chunks(CHUNK) {
+        let tmp = &mut tmp[..chunk.len()];
+        tmp.convert_from_f32_slice(chunk);
+        for h in tmp.iter() {
+            out.put_slice(&h.to_le());
         }
-        DType::BF16 => {
-            let mut tmp = [bf16::ZERO; CHUNK];
-            for chunk in values.chunks(CHUNK) {
-                let tmp = &mut tmp[..chunk.len()];
-                tmp.convert_from_f32_slice(chunk);
-                for h in tmp.iter() {
-                    out.put_slice(&h.to_le_bytes());
-                }
-            }
+    }
+}
+
+fn decode_halves<H: Half>(bytes: &[u8], out: &mut Vec<f32>)
+where
+    [H]: HalfFloatSliceExt,
+{
+    let mut tmp = [H::ZERO; CHUNK];
+    let mut wide = [0f32; CHUNK];
+    for chunk in bytes.chunks(CHUNK * 2) {
+        let n = chunk.len() / 2;
+        for (h, c) in tmp.iter_mut().zip(chunk.chunks_exact(2)) {
+            *h = H::from_le([c[0], c[1]]);
         }
+        tmp[..n].convert_to_f32_slice(&mut wide[..n]);
+        out.extend_from_slice(&wide[..n]);
     }
 }
 
@@ -154,30 +194,8 @@ fn decode_into(bytes: &[u8], dtype: DType, out: &mut Vec<f32>) {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         ),
-        DType::F16 => {
-            let mut tmp = [f16::ZERO; CHUNK];
-            let mut wide = [0f32; CHUNK];
-            for chunk in bytes.chunks(CHUNK * 2) {
-                let n = chunk.len() / 2;
-                for (h, c) in tmp.iter_mut().zip(chunk.chunks_exact(2)) {
-                    *h = f16::from_le_bytes([c[0], c[1]]);
-                }
-                tmp[..n].convert_to_f32_slice(&mut wide[..n]);
-                out.extend_from_slice(&wide[..n]);
-            }
-        }
-        DType::BF16 => {
-            let mut tmp = [bf16::ZERO; CHUNK];
-            let mut wide = [0f32; CHUNK];
-            for chunk in bytes.chunks(CHUNK * 2) {
-                let n = chunk.len() / 2;
-                for (h, c) in tmp.iter_mut().zip(chunk.chunks_exact(2)) {
-                    *h = bf16::from_le_bytes([c[0], c[1]]);
-                }
-                tmp[..n].convert_to_f32_slice(&mut wide[..n]);
-                out.extend_from_slice(&wide[..n]);
-            }
-        }
+        DType::F16 => decode_halves::<f16>(bytes, out),
+        DType::BF16 => decode_halves::<bf16>(bytes, out),
     }
 }
 

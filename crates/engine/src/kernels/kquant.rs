@@ -232,7 +232,7 @@ fn q4k_tiled(w: &[u8], act: &Q8Row) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{lcg, random_f32};
+    use super::super::sample::{lcg, random_f32};
     use super::*;
 
     fn random_act(seed: u64, blocks: usize) -> Q8Row {

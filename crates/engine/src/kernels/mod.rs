@@ -29,9 +29,13 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(feature = "bench")]
+pub mod bench;
 mod kquant;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(any(test, feature = "bench"))]
+mod sample;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -415,7 +419,7 @@ impl QuantMatrix {
 
     /// `xs [m, cols] -> [m, rows]`. `tiled` multiplies each weight row by `TILE` activation
     /// rows at a time (bit for bit the same numbers); without it, one pair at a time.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "bench"))]
     fn matmul_f32(&self, xs: &[f32], m: usize, tiled: bool) -> Result<Vec<f32>> {
         self.matmul_segments_f32(xs, &[m], tiled)
     }
@@ -742,6 +746,7 @@ fn scalar_dot(format: Format) -> VecDot {
 
 #[cfg(test)]
 mod tests {
+    use super::sample::{random_blocks, random_f32, FORMATS};
     use super::*;
 
     #[test]
@@ -765,75 +770,11 @@ mod tests {
         assert!(with_f32(&ints, <[f32]>::to_vec).is_err());
     }
 
-    /// A deterministic pseudo-random stream, so failures reproduce.
-    pub(super) fn lcg(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = seed;
-        move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            s >> 33
-        }
-    }
-
-    /// Random blocks of `format`: random scales, minimums, nibbles and high bits.
-    fn random_blocks(format: Format, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-        let mut r = lcg(seed);
-        let mut data = Vec::new();
-        if format.block_len() == QK_K {
-            for _ in 0..rows * cols / QK_K {
-                let d = f16::from_f32((r() % 1000) as f32 / 200000.0);
-                let dmin = f16::from_f32((r() % 1000) as f32 / 400000.0);
-                if format != Format::Q6K {
-                    data.extend_from_slice(&d.to_le_bytes());
-                    data.extend_from_slice(&dmin.to_le_bytes());
-                }
-                // Q4_K: packed scales, minimums, nibbles; Q5_K: the same with high bits
-                // before the nibbles; Q6_K: ql, qh, signed scales.
-                let quant_bytes = format.block_bytes() - if format == Format::Q6K { 2 } else { 4 };
-                for _ in 0..quant_bytes {
-                    data.push((r() & 0xff) as u8);
-                }
-                if format == Format::Q6K {
-                    data.extend_from_slice(&d.to_le_bytes());
-                }
-            }
-            return data;
-        }
-        for _ in 0..rows * cols / QK {
-            let d = f16::from_f32((r() % 1000) as f32 / 20000.0);
-            data.extend_from_slice(&d.to_le_bytes());
-            if matches!(format, Format::Q4_1 | Format::Q5_1) {
-                let m = f16::from_f32(-((r() % 1000) as f32) / 4000.0);
-                data.extend_from_slice(&m.to_le_bytes());
-            }
-            if matches!(format, Format::Q5_0 | Format::Q5_1) {
-                data.extend_from_slice(&(r() as u32 ^ (r() as u32) << 16).to_le_bytes())
-            }
-            let quant_bytes = if format == Format::Q8_0 { 32 } else { 16 };
-            for _ in 0..quant_bytes {
-                data.push((r() & 0xff) as u8);
-            }
-        }
-        data
-    }
-
     fn dequantize(format: Format, data: &[u8]) -> Vec<f32> {
         let mut out = Vec::new();
         scalar::dequantize(format, data, &mut out);
         out
     }
-
-    const FORMATS: [Format; 8] = [
-        Format::Q4_0,
-        Format::Q4_1,
-        Format::Q5_0,
-        Format::Q5_1,
-        Format::Q8_0,
-        Format::Q4K,
-        Format::Q5K,
-        Format::Q6K,
-    ];
 
     fn quantize_for(format: Format, x: &[f32]) -> Q8Row {
         Q8Row::quantize_as(x, format.activation())
@@ -846,13 +787,6 @@ mod tests {
             Activation::Q8K => QK_K,
             _ => QK,
         }
-    }
-
-    pub(super) fn random_f32(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = lcg(seed);
-        (0..n)
-            .map(|_| (r() % 20001) as f32 / 10000.0 - 1.0)
-            .collect()
     }
 
     #[test]
@@ -1270,77 +1204,6 @@ mod tests {
                         let want = dot(&data[j * row_bytes..][..row_bytes], &act);
                         assert_eq!(pairwise[i * rows + j].to_bits(), want.to_bits());
                     }
-                }
-            }
-        }
-    }
-
-    /// Not a test: the prompt matmul one pair at a time against the tiled one (and
-    /// candle's `QMatMul` for the k-quants) on the shapes of Qwen2.5-Coder-0.5B, fastest of
-    /// a few runs. Run with `RAYON_NUM_THREADS=1 cargo test --release -p shoal-engine --lib
-    /// kernels::tests::bench_prefill -- --ignored --nocapture` (and 2).
-    #[test]
-    #[ignore]
-    fn bench_prefill_tiled_against_pairwise() {
-        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
-        use candle_core::Module;
-        use std::time::Instant;
-        fn fastest(runs: usize, mut f: impl FnMut()) -> f64 {
-            (0..runs)
-                .map(|_| {
-                    let t = Instant::now();
-                    f();
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min)
-        }
-        let only = std::env::var("BENCH_FORMAT").ok();
-        for format in FORMATS {
-            if only.as_ref().is_some_and(|f| *f != format!("{format:?}")) {
-                continue;
-            }
-            for (rows, cols) in [(896usize, 896usize), (4864, 896), (896, 4864)] {
-                if !cols.is_multiple_of(format.block_len()) {
-                    continue;
-                }
-                let data = random_blocks(format, rows, cols, 91);
-                let w = QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap();
-                let candle = match format {
-                    Format::Q4K => Some(GgmlDType::Q4K),
-                    Format::Q6K => Some(GgmlDType::Q6K),
-                    _ => None,
-                }
-                .map(|dtype| {
-                    let qt =
-                        qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu).unwrap();
-                    QMatMul::from_qtensor(qt).unwrap()
-                });
-                for m in [64, 512] {
-                    let x = random_f32(m * cols, 92);
-                    let runs = if m == 64 { 5 } else { 2 };
-                    let a = fastest(runs, || {
-                        w.matmul_f32(&x, m, false).unwrap();
-                    });
-                    let b = fastest(runs, || {
-                        w.matmul_f32(&x, m, true).unwrap();
-                    });
-                    let c = candle.as_ref().map(|g| {
-                        let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
-                        fastest(runs, || {
-                            g.forward(&xt).unwrap();
-                        })
-                    });
-                    let gmacs = (m * rows * cols) as f64 / 1e9;
-                    println!(
-                        "{format:?} {rows}x{cols} m={m} threads={}: pairwise {:.2} ms, tiled {:.2} ms ({:.1} GMAC/s), speed-up {:.2}{}",
-                        pool::threads(),
-                        a * 1e3,
-                        b * 1e3,
-                        gmacs / b,
-                        a / b,
-                        c.map(|c| format!(", candle {:.2} ms, candle/tiled {:.2}", c * 1e3, c / b))
-                            .unwrap_or_default()
-                    );
                 }
             }
         }

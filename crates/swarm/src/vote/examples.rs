@@ -15,12 +15,13 @@ pub(super) struct Example {
     pub(super) expected: Option<String>,
 }
 
-/// How many brackets `text` leaves open, outside string literals.
-pub(super) fn open_brackets(text: &str) -> i32 {
+/// The brackets of `text` outside string literals, each with its byte offset and the depth
+/// after it (a closing bracket with depth 0 closes the first one opened).
+fn brackets(text: &str) -> impl Iterator<Item = (usize, char, i32)> + '_ {
     let mut depth = 0;
     let mut quote: Option<char> = None;
     let mut escaped = false;
-    for c in text.chars() {
+    text.char_indices().filter_map(move |(at, c)| {
         match quote {
             Some(q) => {
                 if escaped {
@@ -33,13 +34,24 @@ pub(super) fn open_brackets(text: &str) -> i32 {
             }
             None => match c {
                 '\'' | '"' => quote = Some(c),
-                '(' | '[' | '{' => depth += 1,
-                ')' | ']' | '}' => depth -= 1,
+                '(' | '[' | '{' => {
+                    depth += 1;
+                    return Some((at, c, depth));
+                }
+                ')' | ']' | '}' => {
+                    depth -= 1;
+                    return Some((at, c, depth));
+                }
                 _ => {}
             },
         }
-    }
-    depth
+        None
+    })
+}
+
+/// How many brackets `text` leaves open, outside string literals.
+pub(super) fn open_brackets(text: &str) -> i32 {
+    brackets(text).last().map_or(0, |(_, _, depth)| depth)
 }
 
 /// The doctest examples of a prompt, in order.
@@ -92,34 +104,9 @@ pub(super) fn doctest_examples(prompt: &str) -> Vec<Example> {
 /// `(`, outside string literals.
 pub(super) fn call_end(text: &str) -> Option<usize> {
     let open = text.find('(')?;
-    let mut depth = 0;
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
-    for (at, c) in text.char_indices().skip_while(|(at, _)| *at < open) {
-        match quote {
-            Some(q) => {
-                if escaped {
-                    escaped = false;
-                } else if c == '\\' {
-                    escaped = true;
-                } else if c == q {
-                    quote = None;
-                }
-            }
-            None => match c {
-                '\'' | '"' => quote = Some(c),
-                '(' | '[' | '{' => depth += 1,
-                ')' | ']' | '}' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        return Some(at + c.len_utf8());
-                    }
-                }
-                _ => {}
-            },
-        }
-    }
-    None
+    brackets(&text[open..])
+        .find(|&(_, c, depth)| depth == 0 && matches!(c, ')' | ']' | '}'))
+        .map(|(at, c, _)| open + at + c.len_utf8())
 }
 
 /// What separates a call from its result in prose examples (`f(1) ==> 2`, `f(1) ➞ 2`,

@@ -49,6 +49,11 @@ impl Describe {
     }
 
     pub(crate) fn encode(&self, _out: &mut Vec<u8>) {}
+
+    /// Nothing to check: every value of this message is valid.
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        Ok(())
+    }
 }
 
 /// `AgentCard` (`0x0031`): agent → head, who the agent is and how fast and busy it is. The head

@@ -158,6 +158,11 @@ impl Ping {
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         out.put_u64_le(self.nonce);
     }
+
+    /// Nothing to check: every value of this message is valid.
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        Ok(())
+    }
 }
 
 impl Pong {
@@ -169,6 +174,11 @@ impl Pong {
 
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         out.put_u64_le(self.nonce);
+    }
+
+    /// Nothing to check: every value of this message is valid.
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        Ok(())
     }
 }
 

@@ -108,53 +108,36 @@ fn validate_identity(message: &'static str, node_id: &str, version: &str) -> Res
     )
 }
 
-impl Hello {
-    pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
-        let (node_id, software_version, capabilities) = parse_identity(r)?;
-        Ok(Hello {
-            node_id,
-            software_version,
-            capabilities,
-        })
-    }
+/// `Hello` and `HelloAck` carry the same identity; one body of parse, encode and validate.
+macro_rules! identity_message {
+    ($($ty:ident),+) => {$(
+        impl $ty {
+            pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
+                let (node_id, software_version, capabilities) = parse_identity(r)?;
+                Ok($ty {
+                    node_id,
+                    software_version,
+                    capabilities,
+                })
+            }
 
-    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
-        encode_identity(
-            out,
-            &self.node_id,
-            &self.software_version,
-            self.capabilities,
-        );
-    }
+            pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+                encode_identity(
+                    out,
+                    &self.node_id,
+                    &self.software_version,
+                    self.capabilities,
+                );
+            }
 
-    pub(crate) fn validate(&self) -> Result<(), WireError> {
-        validate_identity("Hello", &self.node_id, &self.software_version)
-    }
+            pub(crate) fn validate(&self) -> Result<(), WireError> {
+                validate_identity(stringify!($ty), &self.node_id, &self.software_version)
+            }
+        }
+    )+};
 }
 
-impl HelloAck {
-    pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
-        let (node_id, software_version, capabilities) = parse_identity(r)?;
-        Ok(HelloAck {
-            node_id,
-            software_version,
-            capabilities,
-        })
-    }
-
-    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
-        encode_identity(
-            out,
-            &self.node_id,
-            &self.software_version,
-            self.capabilities,
-        );
-    }
-
-    pub(crate) fn validate(&self) -> Result<(), WireError> {
-        validate_identity("HelloAck", &self.node_id, &self.software_version)
-    }
-}
+identity_message!(Hello, HelloAck);
 
 #[cfg(test)]
 mod tests {

@@ -474,6 +474,11 @@ impl EndSession {
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         out.put_u64_le(self.session_id);
     }
+
+    /// Nothing to check: every value of this message is valid.
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        Ok(())
+    }
 }
 
 /// `Truncate` (`0x0024`): head → every stage, `session_id: u64`, `len: u32`; keep only the
@@ -498,6 +503,11 @@ impl Truncate {
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         out.put_u64_le(self.session_id);
         out.put_u32_le(self.len);
+    }
+
+    /// Nothing to check: every value of this message is valid.
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        Ok(())
     }
 }
 

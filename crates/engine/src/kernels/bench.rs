@@ -1,0 +1,76 @@
+//! Measurements of the kernels that need their private parts, for `benches/`; built only
+//! with the `bench` feature. Not tests: they print times and assert nothing.
+
+use std::time::Instant;
+
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
+use candle_core::{Device, Module, Tensor};
+
+use crate::error::Result;
+
+use super::sample::{random_blocks, random_f32, FORMATS};
+use super::{pool, Format, QuantMatrix};
+
+/// The prompt matmul one pair at a time against the tiled one (and candle's `QMatMul` for
+/// the k-quants) on the shapes of Qwen2.5-Coder-0.5B, fastest of a few runs; `only` names
+/// one format (`Q4K`, …).
+pub fn prefill_tiled_against_pairwise(only: Option<&str>) -> Result<()> {
+    for format in FORMATS {
+        if only.is_some_and(|f| f != format!("{format:?}")) {
+            continue;
+        }
+        for (rows, cols) in [(896usize, 896usize), (4864, 896), (896, 4864)] {
+            if !cols.is_multiple_of(format.block_len()) {
+                continue;
+            }
+            let data = random_blocks(format, rows, cols, 91);
+            let w = QuantMatrix::from_bytes(format, rows, cols, data.clone())?;
+            let candle = match format {
+                Format::Q4K => Some(GgmlDType::Q4K),
+                Format::Q6K => Some(GgmlDType::Q6K),
+                _ => None,
+            }
+            .map(|dtype| {
+                let qt = qtensor_from_ggml(dtype, &data, vec![rows, cols], &Device::Cpu)?;
+                QMatMul::from_qtensor(qt)
+            })
+            .transpose()?;
+            for m in [64, 512] {
+                let x = random_f32(m * cols, 92);
+                let runs = if m == 64 { 5 } else { 2 };
+                let a = fastest(runs, || w.matmul_f32(&x, m, false).map(drop))?;
+                let b = fastest(runs, || w.matmul_f32(&x, m, true).map(drop))?;
+                let c = match &candle {
+                    Some(g) => {
+                        let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu)?;
+                        Some(fastest(runs, || Ok(g.forward(&xt).map(drop)?))?)
+                    }
+                    None => None,
+                };
+                let gmacs = (m * rows * cols) as f64 / 1e9;
+                println!(
+                    "{format:?} {rows}x{cols} m={m} threads={}: pairwise {:.2} ms, tiled {:.2} ms ({:.1} GMAC/s), speed-up {:.2}{}",
+                    pool::threads(),
+                    a * 1e3,
+                    b * 1e3,
+                    gmacs / b,
+                    a / b,
+                    c.map(|c| format!(", candle {:.2} ms, candle/tiled {:.2}", c * 1e3, c / b))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The fastest of `runs` runs of `f`, in seconds.
+fn fastest(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..runs {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
