@@ -27,11 +27,13 @@
 # sampling spec + 7 reply address), sent on each of the N-1 stage-to-stage hops, plus
 # one 33-byte `Token` frame back to the head. Peak RSS = VmHWM of every process at the end.
 #
-# Usage: scripts/bench-pipeline.sh [--model PATH] [--runs N] [--f16] [--wait-idle P]
+# Usage: scripts/bench-pipeline.sh [--model PATH] [--runs N] [--f16] [--keyed] [--wait-idle P]
 #                                  [--no-build] [--json FILE]
 #   --model PATH   GGUF file (default models/qwen2.5-coder-0.5b-instruct.gguf)
 #   --runs N       rounds over all configurations; medians are reported (default 3)
 #   --f16          also f16 activations (3 stages, delay 0 and 10 ms)
+#   --keyed        also the largest ring with delay 0 under a swarm key (every hop
+#                  encrypted, docs/SECURITY.md), next to the same ring without one
 #   --wait-idle P  before each measurement wait (at most 60 s, 5 min in all) until the CPU
 #                  is under P % busy (2 s sample, niced processes not counted; the servers
 #                  here park when idle)
@@ -45,16 +47,17 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
 model=$repo/models/qwen2.5-coder-0.5b-instruct.gguf
-runs=3 f16=0 wait_idle= build=1 json=$repo/target/bench-pipeline.json
+runs=3 f16=0 keyed=0 wait_idle= build=1 json=$repo/target/bench-pipeline.json
 while (($#)); do
   case $1 in
     --model) model=$2; shift ;;
     --runs) runs=$2; shift ;;
     --f16) f16=1 ;;
+    --keyed) keyed=1 ;;
     --wait-idle) wait_idle=$2; shift ;;
     --no-build) build=0 ;;
     --json) json=$2; shift ;;
-    -h | --help) sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,43p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -74,7 +77,7 @@ mkdir -p "$work" "$(dirname "$json")"
 [[ -n ${BENCH_KEEP:-} ]] || trap 'rm -rf "$work"' EXIT
 cp "$shoal" "$work/shoal"
 
-SHOAL=$work/shoal MODEL=$model RUNS=$runs F16=$f16 WAIT_IDLE=$wait_idle JSON_OUT=$json \
+SHOAL=$work/shoal MODEL=$model RUNS=$runs F16=$f16 KEYED=$keyed WAIT_IDLE=$wait_idle JSON_OUT=$json \
   WORK=$work DECODE_TOKENS=${BENCH_DECODE_TOKENS:-128} DELAYS=${BENCH_DELAYS:-"0 2 10"} \
   STAGES=${BENCH_STAGES:-"2 3"} TREE=$(git describe --always --dirty 2>/dev/null || echo unknown) \
   python3 -u - <<'PYEOF'
@@ -166,11 +169,12 @@ atexit.register(stop_all)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
 class Proc:
-    def __init__(self, name, args, want):
+    def __init__(self, name, args, want, env=None):
         self.name = name
         self.logf = open(os.path.join(WORK, f"{name}.log"), "w")
         self.p = subprocess.Popen([SHOAL] + args, stdin=subprocess.DEVNULL,
-                                  stdout=self.logf, stderr=subprocess.PIPE, text=True)
+                                  stdout=self.logf, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, **(env or {})})
         self.found = {}
         self.ready = threading.Event()
         procs.append(self)
@@ -371,14 +375,15 @@ wait_healthy(single.found["http"], "single")
 configs.append({"name": "1 stage", "stages": 1, "delay_ms": 0.0, "activations": "f32",
                 "split": [(0, N_LAYERS - 1)], "head": single, "stage_procs": []})
 
-def start_ring(n, delay, act):
+def start_ring(n, delay, act, keyed=False):
     split = split_evenly(n)
-    tag = f"s{n}-d{delay:g}-{act}"
+    tag = f"s{n}-d{delay:g}-{act}" + ("-keyed" if keyed else "")
+    env = {"SHOAL_SWARM_KEY": SWARM_KEY} if keyed else {}
     nodes = []
     for i in range(1, n):
         nodes.append(Proc(f"{tag}-stage{i}", ["serve", "--model", MODEL, "--host", "127.0.0.1",
                                               "--port", "0", "--peer-port", "0", "--stage-only"],
-                          ["http", "peer"]))
+                          ["http", "peer"], env))
     peers = []
     for i, node in enumerate(nodes, 1):
         if delay > 0:
@@ -391,17 +396,22 @@ def start_ring(n, delay, act):
             "--activations", act, "--split", ",".join(f"{a}-{b}" for a, b in split)]
     for p in peers:
         args += ["--peer", p]
-    head = Proc(f"{tag}-head", args, ["http"])
+    head = Proc(f"{tag}-head", args, ["http"], env)
     wait_healthy(head.found["http"], tag)
-    return {"name": f"{n} stages, {delay:g} ms, {act}", "stages": n, "delay_ms": delay,
+    return {"name": f"{n} stages, {delay:g} ms, {act}" + (", keyed" if keyed else ""),
+            "stages": n, "delay_ms": delay,
             "activations": act, "split": split, "head": head, "stage_procs": nodes}
 
-wanted = [(n, d, "f32") for n in STAGES for d in DELAYS]
+wanted = [(n, d, "f32", False) for n in STAGES for d in DELAYS]
 if E["F16"] == "1":
-    wanted += [(max(STAGES), d, "f16") for d in (DELAYS[0], DELAYS[-1])]
-for n, d, act in wanted:
-    log(f"starting {n} stages, delay {d:g} ms, {act} …")
-    configs.append(start_ring(n, d, act))
+    wanted += [(max(STAGES), d, "f16", False) for d in (DELAYS[0], DELAYS[-1])]
+if E["KEYED"] == "1":
+    SWARM_KEY = subprocess.run([SHOAL, "key", "new"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    wanted += [(max(STAGES), 0.0, "f32", True)]
+for n, d, act, keyed in wanted:
+    log(f"starting {n} stages, delay {d:g} ms, {act}{', keyed' if keyed else ''} …")
+    configs.append(start_ring(n, d, act, keyed))
 def cpu_ticks(p):
     try:
         v = open(f"/proc/{p.p.pid}/stat").read().rsplit(")", 1)[1].split()

@@ -22,6 +22,9 @@ pub enum PlanError {
     #[error("bad link costs: {0}")]
     BadLinks(String),
 
+    #[error("node {spec:?}: {reason} (expected ID:FREE_GIB:DECODE_MS_PER_LAYER[:PREFILL_MS])")]
+    BadNodeSpec { spec: String, reason: String },
+
     #[error(
         "not enough memory: the model needs at least {} and the nodes have {} free in all ({} missing)",
         human_bytes(*needed_bytes),

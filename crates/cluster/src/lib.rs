@@ -88,5 +88,6 @@ pub use membership::{Member, MemberState, Membership};
 pub use planner::{plan, plan_with_options, PlanOptions, DEFAULT_MAX_EXACT_NODES};
 pub use split::{check_tiling, parse_split, validate_split, validate_stages, TilingError};
 pub use types::{
-    LeftOut, LeftOutReason, ModelShape, NodeProfile, Objective, Plan, Prediction, Search, StagePlan,
+    uniform_links, LeftOut, LeftOutReason, ModelShape, NodeProfile, Objective, Plan, Prediction,
+    Search, StagePlan,
 };

@@ -17,6 +17,48 @@ pub struct NodeProfile {
     pub prefill_ms_per_layer_token: f64,
 }
 
+impl std::str::FromStr for NodeProfile {
+    type Err = crate::PlanError;
+
+    /// A device described by hand (`shoal plan --node`):
+    /// `ID:FREE_GIB:DECODE_MS_PER_LAYER[:PREFILL_MS_PER_LAYER_TOKEN]`; prefill defaults to an
+    /// eighth of decode.
+    fn from_str(spec: &str) -> Result<NodeProfile, crate::PlanError> {
+        let bad = |reason: String| crate::PlanError::BadNodeSpec {
+            spec: spec.to_owned(),
+            reason,
+        };
+        let parts: Vec<&str> = spec.split(':').collect();
+        if !(3..=4).contains(&parts.len()) {
+            return Err(bad(format!("{} fields", parts.len())));
+        }
+        let num = |s: &str, what: &str| {
+            s.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .ok_or_else(|| bad(format!("{what} {s:?} is not a number")))
+        };
+        let decode = num(parts[2], "decode ms per layer")?;
+        Ok(NodeProfile {
+            id: parts[0].to_string(),
+            free_memory_bytes: (num(parts[1], "free GiB")? * (1u64 << 30) as f64) as u64,
+            decode_ms_per_layer: decode,
+            prefill_ms_per_layer_token: match parts.get(3) {
+                Some(p) => num(p, "prefill ms")?,
+                None => decode / 8.0,
+            },
+        })
+    }
+}
+
+/// One-way hop costs of `n` nodes, `ms` between any two (0 from a node to itself): the
+/// link matrix of a planner's input when nothing better is known.
+pub fn uniform_links(n: usize, ms: f64) -> Vec<Vec<f64>> {
+    (0..n)
+        .map(|i| (0..n).map(|j| if i == j { 0.0 } else { ms }).collect())
+        .collect()
+}
+
 /// The sizes that decide what fits where.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ModelShape {
@@ -254,5 +296,23 @@ impl Plan {
             .map(|s| format!("{}-{}", s.layers.start, s.layers.end.saturating_sub(1)))
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_specs_parse_and_bad_ones_are_explained() {
+        let n: NodeProfile = "pi:2:1.5".parse().unwrap();
+        assert_eq!(n.id, "pi");
+        assert_eq!(n.free_memory_bytes, 2 * 1024 * 1024 * 1024);
+        assert_eq!(n.decode_ms_per_layer, 1.5);
+        assert_eq!(n.prefill_ms_per_layer_token, 1.5 / 8.0);
+        assert!("pi:2".parse::<NodeProfile>().is_err());
+        let e = "pi:lots:1".parse::<NodeProfile>().unwrap_err().to_string();
+        assert!(e.contains("free GiB"), "{e}");
+        assert_eq!(uniform_links(2, 0.5), vec![vec![0.0, 0.5], vec![0.5, 0.0]]);
     }
 }

@@ -56,6 +56,34 @@ pub struct Listing {
     pub wheels: Vec<&'static str>,
 }
 
+/// The listing as `shoal models` prints it: the directory, then a row per model (name,
+/// architecture, size, status, file).
+pub fn listing_table(dir: &Path, entries: &[Listing]) -> String {
+    let mb = |bytes: u64| format!("{:.0} MB", bytes as f64 / 1e6);
+    let mut out = format!("models directory: {}\n", dir.display());
+    out += &format!(
+        "{:<8} {:<7} {:>8}  {:<22} FILE\n",
+        "NAME", "ARCH", "SIZE", "STATUS"
+    );
+    for e in entries {
+        let status = match e.status {
+            "partial" => format!("partial {}", mb(e.bytes_on_disk)),
+            "wrong-size" => format!("wrong size {}", mb(e.bytes_on_disk)),
+            s => s.to_string(),
+        };
+        out += &format!(
+            "{:<8} {:<7} {:>8}  {:<22} {}{}\n",
+            e.name,
+            e.arch,
+            mb(e.bytes),
+            status,
+            e.file,
+            if e.default { "  (default)" } else { "" }
+        );
+    }
+    out
+}
+
 impl Listing {
     pub fn new(m: &'static ModelInfo, dir: &Path) -> Self {
         let (status, on_disk) = match m.status_in(dir) {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::routing::Strategy;
-use shoal_wire::DType;
+use shoal_wire::{DType, SwarmKey};
 
 use crate::error::NodeError;
 
@@ -41,6 +41,12 @@ pub struct NodeConfig {
     pub node_id: Option<String>,
     /// How this node heads a swarm (with `peers` and no `split`).
     pub swarm: SwarmSettings,
+    /// The swarm key: every peer connection, in and out, is authenticated and encrypted
+    /// with it. Without one, peer connections are plain and must stay on this machine.
+    pub swarm_key: Option<SwarmKey>,
+    /// Allow plain peer connections beyond loopback (no swarm key): anyone on the network
+    /// could then use and read this node's peer traffic.
+    pub insecure_peers: bool,
 }
 
 /// The swarm head's settings.
@@ -89,6 +95,8 @@ impl NodeConfig {
             role: None,
             node_id: None,
             swarm: SwarmSettings::default(),
+            swarm_key: None,
+            insecure_peers: false,
         }
     }
 
@@ -108,6 +116,20 @@ impl NodeConfig {
         if self.split.is_some() && self.peers.is_empty() {
             return bad("--split needs a --peer for every range after this node's");
         }
+        if self.swarm_key.is_none() && !self.insecure_peers {
+            if let Some(addr) = self.peer_addr.filter(|a| !a.ip().is_loopback()) {
+                return Err(NodeError::Config(format!(
+                    "the peer port would listen on {addr} without a swarm key, open to anyone on \
+                     the network. {MAKE_A_KEY}"
+                )));
+            }
+            if let Some(peer) = self.peers.iter().find(|p| !is_loopback_peer(p)) {
+                return Err(NodeError::Config(format!(
+                    "peer {peer} is not on this machine, and without a swarm key the traffic to \
+                     it would be readable and forgeable by anyone on the network. {MAKE_A_KEY}"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -119,5 +141,65 @@ impl NodeConfig {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into())
         })
+    }
+}
+
+/// What to do about a missing swarm key.
+const MAKE_A_KEY: &str = "Make a key with `shoal key new` and give the same key to every node \
+     (--swarm-key, SHOAL_SWARM_KEY, or swarm_key_file in the config file); or, on a network \
+     you trust completely, pass --insecure-peers";
+
+/// Whether a `HOST:PORT` peer names this machine (`localhost`, `127.x.x.x`, `[::1]`).
+/// Other names count as remote: a plain connection to them would leave the machine.
+fn is_loopback_peer(peer: &str) -> bool {
+    let host = peer
+        .rsplit_once(':')
+        .map_or(peer, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_peers_are_told_apart_from_remote_ones() {
+        for p in ["127.0.0.1:7000", "localhost:1", "[::1]:9", "127.3.4.5:80"] {
+            assert!(is_loopback_peer(p), "{p}");
+        }
+        for p in [
+            "192.168.1.5:7000",
+            "pi.local:7000",
+            "[fe80::1]:9",
+            "0.0.0.0:1",
+        ] {
+            assert!(!is_loopback_peer(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn plain_peer_traffic_beyond_this_machine_is_refused_without_a_key() {
+        let mut config = NodeConfig::new("m.gguf", "127.0.0.1:0".parse().unwrap());
+        config.peer_addr = Some("0.0.0.0:0".parse().unwrap());
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("without a swarm key"), "{err}");
+        assert!(err.contains("shoal key new"), "{err}");
+        config.insecure_peers = true;
+        assert!(config.check().is_ok());
+        config.insecure_peers = false;
+        config.swarm_key = Some(SwarmKey::from_bytes([1; 32]));
+        assert!(config.check().is_ok());
+
+        let mut head = NodeConfig::new("m.gguf", "127.0.0.1:0".parse().unwrap());
+        head.peers = vec!["192.168.1.9:7000".into()];
+        let err = head.check().unwrap_err().to_string();
+        assert!(err.contains("192.168.1.9:7000"), "{err}");
+        head.peers = vec!["127.0.0.1:7000".into()];
+        assert!(head.check().is_ok());
     }
 }

@@ -35,6 +35,7 @@ use shoal_api::AppState;
 use shoal_engine::Model;
 use shoal_pipeline::Replan;
 use shoal_swarm::{Swarm, SwarmConfig};
+use shoal_wire::Transport;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -84,6 +85,16 @@ impl Node {
             .node_id
             .clone()
             .unwrap_or_else(|| peer_port::default_node_id(None));
+        let transport = Transport::with_key(config.swarm_key.clone());
+        match &config.swarm_key {
+            Some(key) => tracing::info!(
+                key_id = %key.id(),
+                "peer connections are authenticated and encrypted with the swarm key"
+            ),
+            None => {
+                tracing::info!("no swarm key: peer connections are plain, on this machine only")
+            }
+        }
         let mut peer_addr = None;
         if let Some(addr) = config.peer_addr {
             let peer_listener = bind("for peers", addr).await?;
@@ -92,15 +103,16 @@ impl Node {
             if config.node_id.is_none() {
                 node_id = peer_port::default_node_id(Some(bound.port()));
             }
-            let (model, id, agent, stats) = (
-                config.model.clone(),
-                node_id.clone(),
-                agent.clone(),
-                state.batch_stats(),
-            );
+            let port = peer_port::PeerPortSetup {
+                model_path: config.model.clone(),
+                node_id: node_id.clone(),
+                agent: agent.clone(),
+                stats: state.batch_stats(),
+                transport: transport.clone(),
+            };
             let stopped = stopped(&stop);
             background.push(tokio::spawn(async move {
-                peer_port::serve_peer_port(peer_listener, &model, id, agent, stats, stopped).await;
+                peer_port::serve_peer_port(peer_listener, port, stopped).await;
             }));
         }
 
@@ -114,11 +126,12 @@ impl Node {
                 activations: config.activations,
                 node_id: node_id.clone(),
                 memory_cap: config.plan_memory_bytes,
+                transport: transport.clone(),
             };
             background.push(head.start(state.clone()));
         } else {
             let swarm = (!swarm_agents.is_empty())
-                .then(|| swarm_config(&config.swarm, &node_id, swarm_agents));
+                .then(|| swarm_config(&config.swarm, &node_id, swarm_agents, &transport));
             // Every node with a peer port is a swarm agent (a plain worker without a role),
             // and a swarm head answers with its own model as a last resort.
             let setup = (config.peer_addr.is_some() || swarm.is_some()).then(|| AgentSetup {
@@ -235,8 +248,14 @@ fn local_addr(
 }
 
 /// The swarm this node heads: one agent per peer.
-fn swarm_config(settings: &SwarmSettings, node_id: &str, agents: Vec<SocketAddr>) -> SwarmConfig {
+fn swarm_config(
+    settings: &SwarmSettings,
+    node_id: &str,
+    agents: Vec<SocketAddr>,
+    transport: &Transport,
+) -> SwarmConfig {
     let mut config = SwarmConfig::new(node_id, agents);
+    config.transport = transport.clone();
     config.strategy = settings.strategy;
     config.timeouts.simple = settings.timeout_simple;
     config.timeouts.complex = settings.timeout_complex;
@@ -316,6 +335,8 @@ struct PipelineHead {
     node_id: String,
     /// Memory this node offers to an `auto` plan, if capped below what is free.
     memory_cap: Option<u64>,
+    /// How the stages are reached (the swarm key).
+    transport: Transport,
 }
 
 impl PipelineHead {
@@ -335,10 +356,15 @@ impl PipelineHead {
 
     async fn connect(self, state: &AppState) -> Result<shoal_pipeline::Pipeline, String> {
         let (ranges, peers, replan) = if self.split.trim() == "auto" {
-            let (ranges, peers, planner) =
-                shoal_pipeline::plan_ring(&self.model, &self.peers, &self.node_id, self.memory_cap)
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let (ranges, peers, planner) = shoal_pipeline::plan_ring(
+                &self.model,
+                &self.peers,
+                &self.node_id,
+                self.memory_cap,
+                &self.transport,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             let replan: Arc<dyn Replan> = Arc::new(planner);
             (ranges, peers, Some(replan))
         } else {
@@ -361,6 +387,7 @@ impl PipelineHead {
             self.activations,
             state.batch_stats(),
             replan,
+            self.transport.clone(),
         )
         .await
         .map_err(|e| format!("setting up the ring of stages: {e}"))?;

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use shoal_engine::Model;
@@ -14,7 +14,7 @@ use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::weight::thermal_penalty;
 use shoal_wire::{
     serve_peers, Capabilities, Connection, ErrorCode, ErrorMessage, Hello, HelloAck, Message,
-    PeerService, ServeConfig, WireError,
+    PeerService, ServeConfig, Transport, WireError,
 };
 use tokio::net::TcpListener;
 
@@ -47,29 +47,44 @@ pub(crate) fn make_agent(
     Arc::new(AgentService::new(model, config))
 }
 
+/// What the peer port serves, and how.
+pub(crate) struct PeerPortSetup {
+    /// The node's model; stages load from its directory.
+    pub(crate) model_path: PathBuf,
+    pub(crate) node_id: String,
+    /// The agent, once the model has loaded.
+    pub(crate) agent: AgentSlot,
+    /// Where stage batches are counted.
+    pub(crate) stats: BatchStats,
+    /// The swarm key, limits and deadlines, for peers in and stage links out.
+    pub(crate) transport: Transport,
+}
+
 /// Serves the peer port until `shutdown`: stage requests go to a [`StageServer`] over the
-/// models in `model_path`'s directory (counting its batches in `stats`), swarm requests to
-/// the agent (once loaded).
+/// models in the model's directory, swarm requests to the agent (once loaded).
 pub(crate) async fn serve_peer_port(
     listener: TcpListener,
-    model_path: &Path,
-    node_id: String,
-    agent: AgentSlot,
-    stats: BatchStats,
+    setup: PeerPortSetup,
     shutdown: impl Future<Output = ()>,
 ) {
-    let dir = model_path
+    let dir = setup
+        .model_path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| std::path::PathBuf::from("."));
     let mut config = StageServerConfig::new(dir);
-    config.node_id = node_id;
-    config.stats = stats;
+    config.node_id = setup.node_id;
+    config.stats = setup.stats;
+    config.transport = setup.transport.clone();
     let stages = StageServer::new(config);
     let evictor = stages.spawn_evictor();
-    let port = PeerPort { stages, agent };
-    serve_peers(listener, ServeConfig::default(), Arc::new(port), shutdown).await;
+    let port = PeerPort {
+        stages,
+        agent: setup.agent,
+    };
+    let serve = ServeConfig::over(setup.transport);
+    serve_peers(listener, serve, Arc::new(port), shutdown).await;
     evictor.abort();
 }
 

@@ -4,40 +4,29 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use shoal_wire::{
-    client_handshake, Capabilities, Connection, FrameWriter, Hello, Limits, Message, WireError,
-};
-use tokio::io::WriteHalf;
-use tokio::net::TcpStream;
+use shoal_wire::{Capabilities, Connection, Hello, Message, PeerWriter, Transport, WireError};
 use tokio::task::JoinHandle;
 
-/// The writing half of a connection we dialled.
-pub(crate) type Writer = FrameWriter<WriteHalf<TcpStream>>;
-
-/// Dials `addr` and says hello.
+/// Dials `addr` (swarm key and deadlines from `transport`) and says hello.
 pub(crate) async fn dial(
     addr: SocketAddr,
     node_id: &str,
     capabilities: Capabilities,
-    limits: Limits,
+    transport: &Transport,
 ) -> Result<Connection, WireError> {
-    let mut conn = Connection::connect(addr, limits).await?;
-    client_handshake(
-        &mut conn,
-        Hello {
-            node_id: node_id.to_owned(),
-            software_version: env!("CARGO_PKG_VERSION").to_owned(),
-            capabilities,
-        },
-    )
-    .await?;
+    let hello = Hello {
+        node_id: node_id.to_owned(),
+        software_version: env!("CARGO_PKG_VERSION").to_owned(),
+        capabilities,
+    };
+    let (conn, _ack) = transport.dial(addr, hello).await?;
     Ok(conn)
 }
 
 /// A dialled connection used for writing; what the peer sends back goes to `on_message`, and
 /// `on_close` runs once if the peer closes it or it breaks (not when the link is dropped).
 pub(crate) struct Link {
-    pub(crate) writer: Writer,
+    pub(crate) writer: PeerWriter,
     drain: JoinHandle<()>,
 }
 
@@ -77,16 +66,16 @@ impl Drop for Link {
 pub(crate) struct LinkPool {
     node_id: String,
     capabilities: Capabilities,
-    limits: Limits,
+    transport: Transport,
     links: HashMap<SocketAddr, Link>,
 }
 
 impl LinkPool {
-    pub(crate) fn new(node_id: String, capabilities: Capabilities, limits: Limits) -> Self {
+    pub(crate) fn new(node_id: String, capabilities: Capabilities, transport: Transport) -> Self {
         LinkPool {
             node_id,
             capabilities,
-            limits,
+            transport,
             links: HashMap::new(),
         }
     }
@@ -95,7 +84,7 @@ impl LinkPool {
         let mut last_err = None;
         for _ in 0..2 {
             if !self.links.contains_key(&addr) {
-                let conn = dial(addr, &self.node_id, self.capabilities, self.limits).await?;
+                let conn = dial(addr, &self.node_id, self.capabilities, &self.transport).await?;
                 let link = Link::new(
                     conn,
                     addr,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use shoal_engine::candle_core::Device;
 use shoal_engine::{GgufFile, Stage, StageSpec};
-use shoal_wire::{Capabilities, GetProfile, Limits, Message, Ping, Profile, WireError};
+use shoal_wire::{Capabilities, GetProfile, Message, Ping, Profile, Transport, WireError};
 
 use crate::error::{PipelineError, Result};
 use crate::link::dial;
@@ -60,11 +60,12 @@ pub struct PeerProfile {
 pub async fn probe_peer(
     addr: SocketAddr,
     node_id: &str,
+    transport: &Transport,
     model_id: &str,
     timeout: Duration,
 ) -> Result<PeerProfile> {
     let exchange = async {
-        let mut conn = dial(addr, node_id, Capabilities::HEAD, Limits::default()).await?;
+        let mut conn = dial(addr, node_id, Capabilities::HEAD, transport).await?;
         let mut rtt = Duration::MAX;
         for nonce in 0..3u64 {
             let sent = Instant::now();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_engine::{GgufFile, Stage, StageSpec};
-use shoal_wire::{DType, WireError};
+use shoal_wire::{DType, Transport, WireError};
 use tokio::time::Instant;
 
 use crate::error::{PipelineError, Result};
@@ -92,6 +92,7 @@ pub async fn connect_ring(
     activations: DType,
     stats: BatchStats,
     replan: Option<Arc<dyn Replan>>,
+    transport: Transport,
 ) -> Result<Pipeline> {
     let addrs = resolve_all(peers)?;
     let Some((local, rest)) = ranges.split_first() else {
@@ -109,6 +110,7 @@ pub async fn connect_ring(
     config.activation_dtype = activations;
     config.stats = stats;
     config.replan = replan;
+    config.transport = transport;
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }
@@ -155,13 +157,21 @@ pub async fn plan_ring(
     peers: &[String],
     node_id: &str,
     memory_cap: Option<u64>,
+    transport: &Transport,
 ) -> Result<(Vec<Range<usize>>, Vec<String>, RingPlanner)> {
     let addrs = resolve_all(peers)?;
-    let planner = RingPlanner::measure(model_path, node_id, memory_cap, addrs.clone()).await?;
+    let planner =
+        RingPlanner::measure(model_path, node_id, memory_cap, addrs.clone(), transport).await?;
     let mut probed = Vec::with_capacity(peers.len());
     for (p, &addr) in peers.iter().zip(&addrs) {
         let probe = until_listening(|| {
-            crate::probe_peer(addr, node_id, &planner.model_id, Duration::from_secs(120))
+            crate::probe_peer(
+                addr,
+                node_id,
+                transport,
+                &planner.model_id,
+                Duration::from_secs(120),
+            )
         })
         .await;
         let probe = probe.map_err(|e| PipelineError::Probe {
@@ -192,6 +202,8 @@ pub struct RingPlanner {
     node_id: String,
     /// Every `--peer`, in the order given.
     peers: Vec<SocketAddr>,
+    /// How the peers are reached (the swarm key).
+    transport: Transport,
     shape: shoal_cluster::ModelShape,
     /// This node, its free memory taken before its stage was loaded (capped by
     /// `--plan-memory-gib`): what it offers to any plan.
@@ -208,6 +220,7 @@ impl RingPlanner {
         node_id: &str,
         memory_cap: Option<u64>,
         peers: Vec<SocketAddr>,
+        transport: &Transport,
     ) -> Result<Self> {
         let model_id = model_path
             .file_name()
@@ -226,6 +239,7 @@ impl RingPlanner {
             model_id,
             node_id: node_id.to_owned(),
             peers,
+            transport: transport.clone(),
             shape: model_shape(&file, context),
             head: node_profile(node_id, &mine, free),
         })
@@ -290,8 +304,14 @@ impl RingPlanner {
         let mut names = Vec::new();
         let mut addrs = Vec::new();
         for &addr in self.peers.iter().filter(|a| !lost.contains(a)) {
-            let probe =
-                crate::probe_peer(addr, &self.node_id, &self.model_id, REPLAN_PROBE_TIMEOUT).await;
+            let probe = crate::probe_peer(
+                addr,
+                &self.node_id,
+                &self.transport,
+                &self.model_id,
+                REPLAN_PROBE_TIMEOUT,
+            )
+            .await;
             let p = match probe {
                 Ok(p) => p,
                 Err(e) => {

@@ -29,8 +29,8 @@ use shoal_engine::{
 };
 use shoal_wire::{
     serve_peers, Capabilities, Connection, ErrorCode, ErrorMessage, Forward, Hello, HelloAck,
-    Limits, LoadStage, Message, Payload, PeerService, Pong, Profile, ServeConfig, StageReady,
-    Token, Truncate, Want, WireError,
+    LoadStage, Message, Payload, PeerService, Pong, Profile, ServeConfig, StageReady, Token,
+    Transport, Truncate, Want, WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -53,8 +53,8 @@ pub struct StageServerConfig {
     /// A session whose cache has not been used for this long is dropped (a head that died
     /// without `EndSession` must not pin memory for ever).
     pub session_idle_timeout: Duration,
-    /// Frame limits for every connection.
-    pub limits: Limits,
+    /// The swarm key, frame limits and deadlines of every connection, in and out.
+    pub transport: Transport,
     /// Token rows one batch takes at most (unless its first `Forward` alone has more).
     pub batch_rows: usize,
     /// Where the batches run are counted (the node's metrics).
@@ -62,14 +62,14 @@ pub struct StageServerConfig {
 }
 
 impl StageServerConfig {
-    /// Defaults: node id `"stage"`, a 10-minute idle timeout, default frame limits, batches
+    /// Defaults: node id `"stage"`, a 10-minute idle timeout, no swarm key, batches
     /// of [`crate::DEFAULT_BATCH_ROWS`] rows (or `SHOAL_BATCH_ROWS`).
     pub fn new(models_dir: impl Into<PathBuf>) -> Self {
         StageServerConfig {
             node_id: "stage".to_owned(),
             models_dir: models_dir.into(),
             session_idle_timeout: Duration::from_secs(600),
-            limits: Limits::default(),
+            transport: Transport::default(),
             batch_rows: default_batch_rows(),
             stats: BatchStats::default(),
         }
@@ -145,7 +145,11 @@ impl PeerService for StageServer {
 impl StageServer {
     /// A server with no stage loaded yet.
     pub fn new(config: StageServerConfig) -> Self {
-        let links = LinkPool::new(config.node_id.clone(), Capabilities::STAGE, config.limits);
+        let links = LinkPool::new(
+            config.node_id.clone(),
+            Capabilities::STAGE,
+            config.transport.clone(),
+        );
         StageServer {
             inner: Arc::new(Inner {
                 config,
@@ -164,10 +168,7 @@ impl StageServer {
     /// sends a malformed or hostile frame loses its connection and nothing else.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let evictor = self.spawn_evictor();
-        let config = ServeConfig {
-            limits: self.inner.config.limits,
-            ..ServeConfig::default()
-        };
+        let config = ServeConfig::over(self.inner.config.transport.clone());
         serve_peers(listener, config, Arc::new(self), shutdown).await;
         evictor.abort();
     }

@@ -46,6 +46,9 @@ pub(crate) enum Command {
     Plan(crate::plan::PlanArgs),
     /// Measure answer quality against a running API (`eval humaneval`: pass@1).
     Eval(shoal_eval::humaneval::EvalArgs),
+    /// Swarm keys: `key new` prints a new one.
+    #[command(subcommand)]
+    Key(crate::key::KeyCommand),
     /// Test and bench tool: a TCP relay that delays every byte by --delay-ms each way (a slow
     /// link between pipeline stages on one machine).
     Relay(shoal_eval::relay::RelayArgs),
@@ -131,6 +134,8 @@ pub(crate) struct RunArgs {
     /// single process).
     #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]
     pub(crate) activations: ActivationsArg,
+    #[command(flatten)]
+    pub(crate) key: crate::key::KeyArgs,
 }
 
 /// How hidden states travel between stages.
@@ -179,6 +184,7 @@ pub(crate) fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         Command::Models(a) => crate::models::models(a),
         Command::Eval(a) => shoal_eval::humaneval::run(a, &resolve_model),
         Command::Relay(a) => shoal_eval::relay::run(a),
+        Command::Key(k) => crate::key::run(k),
     }
 }
 
@@ -229,6 +235,7 @@ fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
             &ranges,
             &a.sampling.params(),
             a.activations.dtype(),
+            shoal_wire::Transport::with_key(a.key.key()?),
         )?;
         println!();
         return Ok(ExitCode::SUCCESS);
@@ -297,6 +304,7 @@ fn run_ring(
     ranges: &[Range<usize>],
     params: &GenerateParams,
     activations: DType,
+    transport: shoal_wire::Transport,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -310,6 +318,7 @@ fn run_ring(
             activations,
             shoal_pipeline::BatchStats::default(),
             None,
+            transport,
         )
         .await
         .context("setting up the ring of stages")?;

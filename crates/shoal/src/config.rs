@@ -12,6 +12,7 @@
 //! peers = ["192.168.1.20:7070", "192.168.1.21:7070"]
 //! # split = "0-7,8-15,16-23"      # pipeline mode; without it the peers form a swarm
 //! role = "reasoner"
+//! swarm_key_file = "swarm.key"     # from `shoal key new`; relative to this file
 //!
 //! [swarm]
 //! strategy = "auto"               # or moa, vote, confidence, fastest, speed, strongest
@@ -49,6 +50,9 @@ pub(crate) struct ConfigFile {
     stage_only: Option<bool>,
     role: Option<String>,
     node_id: Option<String>,
+    /// A file holding the swarm key (the key itself stays out of the config file).
+    swarm_key_file: Option<PathBuf>,
+    insecure_peers: Option<bool>,
     #[serde(default)]
     swarm: SwarmSection,
     /// Role name → system prompt.
@@ -95,8 +99,11 @@ pub(crate) fn apply(
     };
     macro_rules! take {
         ($field:ident) => {
+            take!($field, file.$field)
+        };
+        ($field:ident, $value:expr) => {
             if !given(stringify!($field)) {
-                if let Some(v) = file.$field {
+                if let Some(v) = $value {
                     a.$field = v.into();
                 }
             }
@@ -121,32 +128,22 @@ pub(crate) fn apply(
     take!(stage_only);
     take!(role);
     take!(node_id);
-    if !given("peers") {
-        if let Some(peers) = file.peers {
-            a.peers = peers;
+    if !given("swarm_key") && !given("swarm_key_file") {
+        if let Some(f) = file.swarm_key_file {
+            a.key.swarm_key_file = Some(if f.is_relative() { base.join(f) } else { f });
         }
     }
+    if !given("insecure_peers") {
+        if let Some(v) = file.insecure_peers {
+            a.key.insecure_peers = v;
+        }
+    }
+    take!(peers);
     let s = file.swarm;
-    if !given("swarm_strategy") {
-        if let Some(v) = s.strategy {
-            a.swarm_strategy = v;
-        }
-    }
-    if !given("swarm_timeout_simple") {
-        if let Some(v) = s.timeout_simple_s {
-            a.swarm_timeout_simple = v;
-        }
-    }
-    if !given("swarm_timeout_complex") {
-        if let Some(v) = s.timeout_complex_s {
-            a.swarm_timeout_complex = v;
-        }
-    }
-    if !given("swarm_samples") {
-        if let Some(v) = s.vote_samples {
-            a.swarm_samples = v;
-        }
-    }
+    take!(swarm_strategy, s.strategy);
+    take!(swarm_timeout_simple, s.timeout_simple_s);
+    take!(swarm_timeout_complex, s.timeout_complex_s);
+    take!(swarm_samples, s.vote_samples);
     let mut prompts = RolePrompts::new();
     for (role, text) in file.prompts {
         let role: Role = role

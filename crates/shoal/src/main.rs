@@ -3,6 +3,7 @@
 
 mod cli;
 mod config;
+mod key;
 mod load;
 mod models;
 mod plan;
@@ -62,7 +63,7 @@ fn keep_large_allocations_in_the_heap() {}
 
 fn init_tracing(verbose: u8) {
     let default = match verbose {
-        0 => "warn,shoal=info,shoal_api=info",
+        0 => "warn,shoal=info,shoal_api=info,shoal_node=info",
         1 => "info",
         _ => "debug",
     };

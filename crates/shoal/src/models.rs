@@ -87,27 +87,7 @@ fn list(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("models directory: {}", dir.display());
-    println!(
-        "{:<8} {:<7} {:>8}  {:<22} FILE",
-        "NAME", "ARCH", "SIZE", "STATUS"
-    );
-    for e in &entries {
-        let status = match e.status {
-            "partial" => format!("partial {}", mb(e.bytes_on_disk)),
-            "wrong-size" => format!("wrong size {}", mb(e.bytes_on_disk)),
-            s => s.to_string(),
-        };
-        println!(
-            "{:<8} {:<7} {:>8}  {:<22} {}{}",
-            e.name,
-            e.arch,
-            mb(e.bytes),
-            status,
-            e.file,
-            if e.default { "  (default)" } else { "" }
-        );
-    }
+    print!("{}", shoal_models::listing_table(dir, &entries));
     println!("fetch one with `shoal models pull NAME`; use it with `--model NAME`");
     Ok(ExitCode::SUCCESS)
 }

@@ -7,9 +7,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
-use shoal_cluster::{parse_split, plan, validate_split, NodeProfile, Objective};
+use shoal_cluster::{parse_split, plan, uniform_links, validate_split, NodeProfile, Objective};
 use shoal_engine::GgufFile;
 
 use crate::load::{load_model, resolve_model};
@@ -61,16 +61,9 @@ pub(crate) fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
         prefill_ms_per_layer_token: timing.prefill_ms_per_layer_token,
     }];
     for spec in &a.nodes {
-        nodes.push(parse_node(spec)?);
+        nodes.push(spec.parse::<NodeProfile>()?);
     }
-    let n = nodes.len();
-    let links: Vec<Vec<f64>> = (0..n)
-        .map(|i| {
-            (0..n)
-                .map(|j| if i == j { 0.0 } else { a.link_ms })
-                .collect()
-        })
-        .collect();
+    let links = uniform_links(nodes.len(), a.link_ms);
     let result = match &a.split {
         Some(split) => validate_split(&shape, &nodes, &links, &parse_split(split)?)?,
         None => {
@@ -83,41 +76,4 @@ pub(crate) fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     };
     println!("{result}");
     Ok(ExitCode::SUCCESS)
-}
-
-fn parse_node(spec: &str) -> anyhow::Result<NodeProfile> {
-    let parts: Vec<&str> = spec.split(':').collect();
-    if !(3..=4).contains(&parts.len()) {
-        bail!("--node {spec:?}: expected ID:FREE_GIB:DECODE_MS_PER_LAYER[:PREFILL_MS]");
-    }
-    let num = |s: &str, what: &str| -> anyhow::Result<f64> {
-        s.parse::<f64>()
-            .with_context(|| format!("--node {spec:?}: {what} {s:?} is not a number"))
-    };
-    let decode = num(parts[2], "decode ms per layer")?;
-    Ok(NodeProfile {
-        id: parts[0].to_string(),
-        free_memory_bytes: (num(parts[1], "free GiB")? * GIB) as u64,
-        decode_ms_per_layer: decode,
-        prefill_ms_per_layer_token: match parts.get(3) {
-            Some(p) => num(p, "prefill ms")?,
-            None => decode / 8.0,
-        },
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_specs_parse_and_bad_ones_are_explained() {
-        let n = parse_node("pi:2:1.5").unwrap();
-        assert_eq!(n.id, "pi");
-        assert_eq!(n.free_memory_bytes, 2 * 1024 * 1024 * 1024);
-        assert_eq!(n.decode_ms_per_layer, 1.5);
-        assert!(parse_node("pi:2").is_err());
-        let e = parse_node("pi:lots:1").unwrap_err().to_string();
-        assert!(e.contains("free GiB"), "{e}");
-    }
 }

@@ -79,6 +79,8 @@ pub(crate) struct ServeArgs {
     /// Swarm head: answers sampled in all for `vote`.
     #[arg(long, default_value_t = 5)]
     pub(crate) swarm_samples: usize,
+    #[command(flatten)]
+    pub(crate) key: crate::key::KeyArgs,
 }
 
 pub(crate) fn serve(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<ExitCode> {
@@ -130,6 +132,8 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
     config.stage_only = a.stage_only;
     config.role = role;
     config.node_id = a.node_id;
+    config.swarm_key = a.key.key()?;
+    config.insecure_peers = a.key.insecure_peers;
     config.swarm = SwarmSettings {
         strategy,
         timeout_simple: Duration::from_secs_f64(a.swarm_timeout_simple),
@@ -145,10 +149,8 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
 
 /// Resolves `host:port`.
 fn bind_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
-    format!("{host}:{port}").parse().or_else(|_| {
-        std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
-            .ok()
-            .and_then(|mut it| it.next())
-            .context("cannot resolve --host")
-    })
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .ok()
+        .and_then(|mut it| it.next())
+        .with_context(|| format!("cannot resolve --host {host}"))
 }

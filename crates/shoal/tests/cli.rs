@@ -315,3 +315,92 @@ fn greedy_output_is_identical_across_thread_counts() {
         assert_eq!(answer("2"), one, "{path}: 1 vs 2 threads");
     }
 }
+
+#[test]
+fn key_new_prints_a_fresh_key_that_serve_accepts() {
+    let a = stdout(&shoal(&["key", "new"]));
+    let b = stdout(&shoal(&["key", "new"]));
+    let key = a.trim();
+    assert_eq!(key.len(), 64, "{a}");
+    assert!(key.chars().all(|c| c.is_ascii_hexdigit()), "{a}");
+    assert_ne!(key, b.trim(), "every key is new");
+    // A bad key is refused before anything listens, saying how to make a good one.
+    let o = shoal(&[
+        "serve",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--swarm-key",
+        "abc",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("shoal key new"), "{err}");
+}
+
+#[test]
+fn a_peer_port_beyond_loopback_needs_a_key() {
+    // Refused before the model is looked for (the path does not exist).
+    let o = shoal(&[
+        "serve",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "0",
+        "--peer-port",
+        "0",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("without a swarm key"), "{err}");
+    assert!(err.contains("shoal key new"), "{err}");
+    assert!(err.contains("--insecure-peers"), "{err}");
+    // With a key the same flags get past that check (and stop at the missing model).
+    let key = stdout(&shoal(&["key", "new"]));
+    let o = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "serve",
+            "--model",
+            "/nonexistent/model.gguf",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--peer-port",
+            "0",
+        ])
+        .env("SHOAL_SWARM_KEY", key.trim())
+        .env("SHOAL_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("without a swarm key"), "{err}");
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+}
+
+#[test]
+fn the_config_file_names_a_key_file() {
+    let dir = std::env::temp_dir().join(format!("shoal-key-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = stdout(&shoal(&["key", "new"]));
+    std::fs::write(dir.join("swarm.key"), &key).unwrap();
+    let config = dir.join("shoal.toml");
+    std::fs::write(
+        &config,
+        "model = \"/nonexistent/model.gguf\"\nhost = \"0.0.0.0\"\nport = 0\npeer_port = 0\n\
+         swarm_key_file = \"swarm.key\"\n",
+    )
+    .unwrap();
+    let o = shoal(&["serve", "--config", config.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("without a swarm key"), "{err}");
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+    // A key file that holds no key is named in the error.
+    std::fs::write(dir.join("swarm.key"), "not a key").unwrap();
+    let o = shoal(&["serve", "--config", config.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("swarm.key"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use shoal_engine::{ChatMessage, FinishReason, GenerateParams, Model, SamplingParams};
 use shoal_swarm::agent::{
-    ask, describe, measure_decode_speed, AgentConfig, AgentError, AgentService,
+    ask, describe, measure_decode_speed, AgentConfig, AgentError, AgentService, Caller,
 };
 use shoal_wire::{
     client_handshake, server_handshake, Ask, Capabilities, ChatTurn, Connection, Describe,
-    EndSession, ErrorCode, Finish, Hello, HelloAck, Limits, Message, Ping,
+    EndSession, ErrorCode, Finish, Hello, HelloAck, Limits, Message, Ping, Transport,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +24,14 @@ const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
 /// Generous: the tests of this file run in parallel on a small shared CPU.
 const LONG: Duration = Duration::from_secs(120);
 const HEAD: &str = "test-head";
+
+/// The head, as the agent client sees it: no swarm key.
+fn head() -> Caller {
+    Caller {
+        node_id: HEAD.into(),
+        transport: Transport::default(),
+    }
+}
 const SYSTEM: &str = "You are a concise assistant.";
 /// A prompt SmolLM2 answers at length (it runs past 400 tokens greedily), so that a
 /// generation is surely still running when the test pulls the plug.
@@ -158,14 +166,14 @@ async fn choices_limit_the_answer_to_one_of_them() {
     let question = "Is the sky green? Answer yes or no.";
     let choices: Vec<String> = vec!["Maybe".into(), "Perhaps not".into()];
     // Free, the model answers in its own words...
-    let free = ask(agent.addr, HEAD, user_ask(1, question, 16), LONG)
+    let free = ask(agent.addr, &head(), user_ask(1, question, 16), LONG)
         .await
         .unwrap();
     assert!(!choices.contains(&free.text), "{:?}", free.text);
     // ...constrained, with one of the choices, exactly what the engine gives.
     let answer = ask(
         agent.addr,
-        HEAD,
+        &head(),
         Ask {
             choices: choices.clone(),
             ..user_ask(2, question, 16)
@@ -202,7 +210,7 @@ async fn describe_returns_the_card() {
         ..config()
     })
     .await;
-    let card = describe(agent.addr, HEAD, LONG).await.unwrap();
+    let card = describe(agent.addr, &head(), LONG).await.unwrap();
     let m = model();
     assert_eq!(card.node_id, "agent-1");
     assert_eq!(card.role, "critic");
@@ -216,7 +224,7 @@ async fn describe_returns_the_card() {
     // Updates show in the next card; values the wire refuses are clamped.
     agent.service.set_tokens_per_s(f32::NAN);
     agent.service.set_thermal_penalty(3.0);
-    let card = describe(agent.addr, HEAD, LONG).await.unwrap();
+    let card = describe(agent.addr, &head(), LONG).await.unwrap();
     assert_eq!(card.tokens_per_s, 0.0);
     assert_eq!(card.thermal_penalty, 1.0);
 }
@@ -227,7 +235,7 @@ async fn greedy_answers_are_the_engines_own() {
     let question = "What is the capital of France?";
 
     // The agent's role prompt, then the question.
-    let answer = ask(agent.addr, HEAD, user_ask(1, question, 24), LONG)
+    let answer = ask(agent.addr, &head(), user_ask(1, question, 24), LONG)
         .await
         .unwrap();
     let (text, prompt_tokens, completion_tokens, finish) =
@@ -248,7 +256,7 @@ async fn greedy_answers_are_the_engines_own() {
     // `Some("")` drops the role prompt; the model's template then adds its own default.
     let answer = ask(
         agent.addr,
-        HEAD,
+        &head(),
         Ask {
             system: Some(String::new()),
             ..user_ask(2, question, 16)
@@ -265,7 +273,7 @@ async fn greedy_answers_are_the_engines_own() {
     let other = "You answer in French.";
     let answer = ask(
         agent.addr,
-        HEAD,
+        &head(),
         Ask {
             system: Some(other.into()),
             ..user_ask(3, question, 16)
@@ -290,7 +298,7 @@ async fn a_dropped_connection_frees_the_agent() {
     let service = Arc::clone(&agent.service);
     wait_for(LONG, "the Ask to start", || service.busy() == 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let card = describe(agent.addr, HEAD, LONG).await.unwrap();
+    let card = describe(agent.addr, &head(), LONG).await.unwrap();
     assert_eq!(card.busy, 1, "the long generation is still running");
 
     drop(conn);
@@ -302,7 +310,7 @@ async fn a_dropped_connection_frees_the_agent() {
     assert!(freed < Duration::from_secs(10), "{freed:?}");
 
     let started = Instant::now();
-    let answer = ask(agent.addr, HEAD, user_ask(8, "Say hi.", 4), LONG)
+    let answer = ask(agent.addr, &head(), user_ask(8, "Say hi.", 4), LONG)
         .await
         .unwrap();
     assert_eq!(answer.request_id, 8);
@@ -312,7 +320,7 @@ async fn a_dropped_connection_frees_the_agent() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(describe(agent.addr, HEAD, LONG).await.unwrap().busy, 0);
+    assert_eq!(describe(agent.addr, &head(), LONG).await.unwrap().busy, 0);
 }
 
 #[tokio::test]
@@ -339,7 +347,7 @@ async fn a_client_timeout_is_reported_and_abandons_the_work() {
     let agent = start(config()).await;
     let err = ask(
         agent.addr,
-        HEAD,
+        &head(),
         user_ask(9, STORY, 4000),
         Duration::from_millis(400),
     )
@@ -422,7 +430,7 @@ async fn garbage_closes_only_that_connection() {
         good.read_frame().await.unwrap(),
         Some(Message::AgentCard(_))
     ));
-    let answer = ask(agent.addr, HEAD, user_ask(10, "Say hi.", 4), LONG)
+    let answer = ask(agent.addr, &head(), user_ask(10, "Say hi.", 4), LONG)
         .await
         .unwrap();
     assert_eq!(answer.request_id, 10);
@@ -461,7 +469,7 @@ async fn a_prompt_beyond_the_context_is_refused_and_the_connection_stays() {
     assert_eq!(card.busy, 0);
 
     // Through the client: a remote error with the agent's words.
-    let err = ask(agent.addr, HEAD, user_ask(13, &too_long, 8), LONG)
+    let err = ask(agent.addr, &head(), user_ask(13, &too_long, 8), LONG)
         .await
         .unwrap_err();
     match &err {
@@ -479,7 +487,7 @@ async fn client_errors_say_what_to_check() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
-    let err = describe(addr, HEAD, LONG).await.unwrap_err();
+    let err = describe(addr, &head(), LONG).await.unwrap_err();
     assert!(matches!(err, AgentError::Connect { .. }), "{err}");
     assert!(err.to_string().contains("cannot connect to agent"), "{err}");
 
@@ -500,7 +508,7 @@ async fn client_errors_say_what_to_check() {
         .unwrap();
         let _ = conn.read_frame().await;
     });
-    let err = describe(addr, HEAD, LONG).await.unwrap_err();
+    let err = describe(addr, &head(), LONG).await.unwrap_err();
     assert!(
         matches!(&err, AgentError::NotAnAgent { node_id, .. } if node_id == "stage-1"),
         "{err}"
@@ -511,7 +519,7 @@ async fn client_errors_say_what_to_check() {
         temperature: f32::NAN,
         ..user_ask(1, "hi", 1)
     };
-    let err = ask(addr, HEAD, bad, LONG).await.unwrap_err();
+    let err = ask(addr, &head(), bad, LONG).await.unwrap_err();
     assert!(matches!(err, AgentError::InvalidRequest(_)), "{err}");
 }
 

@@ -7,8 +7,8 @@
 //! [`READ_CHUNK`] ahead of what has been received, so a peer that announces a 64 MiB frame
 //! and sends 10 bytes costs about 1 MiB, not 64.
 //!
-//! The stream type is generic so that the swarm-key layer (authenticated encryption, see
-//! [`crate::handshake`]) can wrap a `TcpStream` underneath without this code changing.
+//! The stream type is generic; between nodes it is a [`PeerStream`] (TCP, encrypted under the
+//! swarm key when there is one, see [`crate::secure`]), in tests any in-memory pipe.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,6 +20,7 @@ use tokio::net::{TcpStream, ToSocketAddrs};
 use crate::error::WireError;
 use crate::frame::{check_frame, Limits, HEADER_LEN};
 use crate::message::{ErrorMessage, Message};
+use crate::secure::PeerStream;
 
 /// Most bytes the read buffer reserves ahead of what has arrived.
 pub const READ_CHUNK: usize = 1 << 20;
@@ -36,6 +37,8 @@ const ERROR_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 struct ReadState {
     buffer: BytesMut,
     limits: Limits,
+    /// Longest wait for more bytes of a frame that has started to arrive.
+    stall_timeout: Option<Duration>,
 }
 
 impl ReadState {
@@ -43,6 +46,7 @@ impl ReadState {
         ReadState {
             buffer: BytesMut::with_capacity(MIN_READ),
             limits,
+            stall_timeout: None,
         }
     }
 
@@ -83,7 +87,20 @@ impl ReadState {
             // header that has passed the bound check.
             self.buffer
                 .reserve(self.missing().clamp(MIN_READ, READ_CHUNK));
-            if stream.read_buf(&mut self.buffer).await? == 0 {
+            let mid_frame = !self.buffer.is_empty();
+            let read = stream.read_buf(&mut self.buffer);
+            let n = match self.stall_timeout {
+                Some(after) if mid_frame => {
+                    tokio::time::timeout(after, read)
+                        .await
+                        .map_err(|_| WireError::Timeout {
+                            what: "waiting for the rest of a frame",
+                            after,
+                        })??
+                }
+                _ => read.await?,
+            };
+            if n == 0 {
                 return if self.buffer.is_empty() {
                     Ok(None)
                 } else {
@@ -132,29 +149,39 @@ impl WriteState {
 
 /// A framed connection to one peer.
 #[derive(Debug)]
-pub struct Connection<S = TcpStream> {
+pub struct Connection<S = PeerStream> {
     stream: S,
     read: ReadState,
     write: WriteState,
 }
 
-impl Connection<TcpStream> {
-    /// Wraps an accepted or connected socket, turning Nagle off (`TCP_NODELAY`): a decode step
-    /// sends one small frame per hop, and waiting to coalesce it would add latency to every
-    /// token.
+impl Connection<PeerStream> {
+    /// Wraps an accepted or connected socket, unencrypted (between nodes, connections come
+    /// from [`crate::Transport`], which encrypts them under the swarm key).
     pub fn new(stream: TcpStream, limits: Limits) -> Result<Self, WireError> {
-        stream.set_nodelay(true)?;
+        Connection::over(PeerStream::plain(stream), limits)
+    }
+
+    /// Wraps a peer stream, turning Nagle off (`TCP_NODELAY`): a decode step sends one small
+    /// frame per hop, and waiting to coalesce it would add latency to every token.
+    pub fn over(stream: PeerStream, limits: Limits) -> Result<Self, WireError> {
+        stream.tcp().set_nodelay(true)?;
         Ok(Connection::from_stream(stream, limits))
     }
 
-    /// Dials `addr`.
+    /// Dials `addr`, unencrypted (tools and tests; nodes dial with [`crate::Transport::dial`]).
     pub async fn connect(addr: impl ToSocketAddrs, limits: Limits) -> Result<Self, WireError> {
         Connection::new(TcpStream::connect(addr).await?, limits)
     }
 
     /// The peer's address.
     pub fn peer_addr(&self) -> Result<SocketAddr, WireError> {
-        Ok(self.stream.peer_addr()?)
+        Ok(self.stream.tcp().peer_addr()?)
+    }
+
+    /// Whether the connection is encrypted under the swarm key.
+    pub fn is_encrypted(&self) -> bool {
+        self.stream.is_encrypted()
     }
 }
 
@@ -166,6 +193,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             read: ReadState::new(limits),
             write: WriteState::new(limits),
         }
+    }
+
+    /// Ends the connection with [`WireError::Timeout`] when a frame that has begun to arrive
+    /// stalls for longer than `after` (`None`: wait for ever). Between frames there is no limit
+    /// here; an idle connection is the server's to close.
+    pub fn set_stall_timeout(&mut self, after: Option<Duration>) {
+        self.read.stall_timeout = after;
     }
 
     /// Reads the next message. `Ok(None)` when the peer closed the connection cleanly between
@@ -229,6 +263,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// The stream underneath.
     pub fn get_ref(&self) -> &S {
         &self.stream
+    }
+
+    /// The stream underneath, to write bytes that are not a whole frame (tests of what a
+    /// peer does with a broken one).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
     }
 }
 

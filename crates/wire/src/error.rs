@@ -134,6 +134,29 @@ pub enum WireError {
         expected: &'static str,
     },
 
+    /// A peer opened a keyed (encrypted) connection to this node, which has no swarm key.
+    #[error(
+        "a swarm key is in use on one side only: the peer opened an encrypted connection and \
+         this node has no key (give every node the same --swarm-key)"
+    )]
+    KeyedPeer,
+
+    /// The swarm-key handshake failed: the peer has no key, another key, or is not a node.
+    #[error("secure handshake failed: {detail}")]
+    Handshake {
+        /// What went wrong, for a person.
+        detail: String,
+    },
+
+    /// A peer took longer than its deadline.
+    #[error("timed out after {after:?} {what}")]
+    Timeout {
+        /// What this node was waiting for ("connecting", "waiting for the handshake", …).
+        what: &'static str,
+        /// The deadline.
+        after: std::time::Duration,
+    },
+
     /// The peer answered with an `Error` message.
     #[error("peer refused: {message} (code {code})")]
     Remote {
@@ -150,9 +173,11 @@ impl WireError {
         match self {
             WireError::UnsupportedVersion { .. } => ErrorCode::UNSUPPORTED_VERSION,
             WireError::FrameTooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
-            WireError::Io(_) | WireError::Remote { .. } | WireError::Closed { .. } => {
-                ErrorCode::INTERNAL
-            }
+            WireError::Io(_)
+            | WireError::Remote { .. }
+            | WireError::Closed { .. }
+            | WireError::Timeout { .. } => ErrorCode::INTERNAL,
+            WireError::KeyedPeer | WireError::Handshake { .. } => ErrorCode::UNAUTHORIZED,
             WireError::BadMagic { .. }
             | WireError::UnknownMessageType { .. }
             | WireError::Truncated { .. }
@@ -168,7 +193,11 @@ impl WireError {
     pub fn is_protocol_violation(&self) -> bool {
         !matches!(
             self,
-            WireError::Io(_) | WireError::Remote { .. } | WireError::Closed { .. }
+            WireError::Io(_)
+                | WireError::Remote { .. }
+                | WireError::Closed { .. }
+                | WireError::Handshake { .. }
+                | WireError::Timeout { .. }
         )
     }
 }

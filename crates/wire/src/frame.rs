@@ -77,6 +77,10 @@ pub fn check_frame(buf: &[u8], limits: &Limits) -> Result<Option<FrameHeader>, W
     // wrong byte rather than after we wait for more.
     let m = buf.len().min(MAGIC.len());
     if buf[..m] != MAGIC[..m] {
+        if buf.len() >= MAGIC.len() && buf[..MAGIC.len()] == crate::secure::PREAMBLE[..MAGIC.len()]
+        {
+            return Err(WireError::KeyedPeer);
+        }
         return Err(WireError::BadMagic {
             found: buf[..m].to_vec(),
         });

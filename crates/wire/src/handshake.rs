@@ -1,20 +1,9 @@
 //! The opening exchange of every connection: the dialler sends [`Hello`], the acceptor answers
 //! [`HelloAck`] or an `Error`.
 //!
-//! # Where authentication goes
-//!
-//! Design §5 asks for every connection to be mutually authenticated with the swarm key and
-//! encrypted. That layer belongs *under* the frames, not in them: a Noise (`snow`, e.g.
-//! `Noise_XXpsk3` with the swarm key as PSK) or TLS handshake runs on the raw `TcpStream` first,
-//! and the resulting encrypted stream is what [`Connection::from_stream`] wraps. Then:
-//!
-//! 1. a peer without the key fails the crypto handshake and never gets a frame parsed;
-//! 2. [`client_handshake`] / [`server_handshake`] below run unchanged on top, and can check the
-//!    authenticated peer identity against [`Hello::node_id`];
-//! 3. the `Error` code [`ErrorCode::UNAUTHORIZED`] is reserved for refusals.
-//!
-//! Until then these functions are the single place both sides of every connection pass
-//! through, so adding the layer is one change here plus one in the dialling/accepting code.
+//! Between nodes these run inside the swarm key's encryption ([`crate::secure`]): a peer
+//! without the key never gets as far as a `Hello`. A refusal uses an `Error` frame, e.g.
+//! [`ErrorCode::OVERLOADED`].
 
 use tokio::io::{AsyncRead, AsyncWrite};
 

@@ -61,10 +61,11 @@
 //!
 //! # Connections
 //!
-//! [`Connection`] reads and writes frames over a `TcpStream` (with `TCP_NODELAY`) or any byte
-//! stream; [`serve_connections`] runs a handler per accepted peer, so a malformed or hostile
-//! frame closes that peer's connection and nothing else; [`handshake`] is where the swarm-key
-//! authentication layer will go.
+//! [`Connection`] reads and writes frames over a [`PeerStream`] (TCP with `TCP_NODELAY`,
+//! encrypted under the swarm key when the swarm has one: [`secure`]) or any byte stream.
+//! [`Transport`] dials with a deadline on every step; [`serve_peers`] runs a [`PeerService`]
+//! per accepted peer, so a malformed or hostile frame closes that peer's connection and
+//! nothing else, and silent or surplus connections cannot lock real peers out.
 
 mod activations;
 mod codec;
@@ -72,8 +73,11 @@ mod connection;
 mod error;
 mod frame;
 pub mod handshake;
+mod key;
 mod message;
+pub mod secure;
 mod server;
+mod transport;
 
 pub use activations::{
     decode_activations, encode_activations, Activations, DType, MAX_COLS, MAX_ROWS,
@@ -85,6 +89,7 @@ pub use frame::{
     PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
 pub use handshake::{client_handshake, server_handshake};
+pub use key::{KeyError, SwarmKey, KEY_LEN};
 pub use message::{
     AgentCard, Answer, Ask, Capabilities, ChatTurn, Describe, EndSession, ErrorCode, ErrorMessage,
     Finish, Forward, GetProfile, Hello, HelloAck, LoadStage, LogitRows, Logits, Message,
@@ -93,4 +98,11 @@ pub use message::{
     MAX_MODEL_ID, MAX_MODEL_NAME, MAX_NODE_ID, MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION,
     MAX_STOP, MAX_STOP_LEN, MAX_TOKENS,
 };
-pub use server::{serve_connections, serve_peer_connection, serve_peers, PeerService, ServeConfig};
+pub use secure::PeerStream;
+pub use server::{serve_peers, PeerService, ServeConfig};
+pub use transport::{Transport, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, STALL_TIMEOUT};
+
+/// The reading half of a split peer connection.
+pub type PeerReader = FrameReader<tokio::io::ReadHalf<PeerStream>>;
+/// The writing half of a split peer connection.
+pub type PeerWriter = FrameWriter<tokio::io::WriteHalf<PeerStream>>;

@@ -1,36 +1,62 @@
 //! Accepting peers: one task per connection, so a peer that misbehaves loses its own connection
 //! and nothing else (mini-redis `server.rs`); and the one life every served connection has —
-//! the handshake, then each message to a [`PeerService`] until the peer closes.
+//! the handshakes (swarm key, then `Hello`) under a deadline, then each message to a
+//! [`PeerService`] until the peer closes.
+//!
+//! Two bounds keep a flood of connections from freezing a node (issue #14). Connections still
+//! in their handshake are few ([`ServeConfig::max_handshakes`]) and short-lived (the
+//! transport's handshake deadline); when a new one arrives and they are all taken, the oldest
+//! is dropped, so silent sockets can delay a real peer by one handshake at most, never lock it
+//! out. Connections past the handshake — peers that proved they hold the swarm key — are
+//! capped at [`ServeConfig::max_connections`]; one over the cap is told `OVERLOADED`.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::connection::Connection;
 use crate::error::WireError;
-use crate::frame::Limits;
 use crate::handshake::server_handshake;
-use crate::message::{ErrorMessage, Hello, HelloAck, Message};
+use crate::message::{ErrorCode, ErrorMessage, Hello, HelloAck, Message};
+use crate::transport::Transport;
 
-/// How [`serve_connections`] accepts peers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How [`serve_peers`] accepts peers.
+#[derive(Clone, Debug)]
 pub struct ServeConfig {
-    /// Frame limits for every connection.
-    pub limits: Limits,
-    /// Most connections served at once; further peers wait in the listen backlog.
+    /// The swarm key, frame limits and deadlines for every connection.
+    pub transport: Transport,
+    /// Most connections served at once past their handshake.
     pub max_connections: usize,
+    /// Most connections in their handshake at once; a new one past this drops the oldest.
+    pub max_handshakes: usize,
+    /// A connection with no message for this long is closed (`None`: kept while the peer
+    /// keeps it; ring links are long-lived and may idle between requests).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
-            limits: Limits::default(),
+            transport: Transport::default(),
             max_connections: 256,
+            max_handshakes: 64,
+            idle_timeout: None,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// The defaults, over `transport`.
+    pub fn over(transport: Transport) -> Self {
+        ServeConfig {
+            transport,
+            ..ServeConfig::default()
         }
     }
 }
@@ -38,36 +64,45 @@ impl Default for ServeConfig {
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Accepts connections on `listener` until `shutdown` completes, running `handler` on each in
-/// its own task with `TCP_NODELAY` set.
+/// What a listener does for its peers: answers their handshake, then handles each message
+/// they send. Every peer port (a node's, a stage server's, an agent's, a head's reply
+/// listener) is one of these under [`serve_peers`].
+pub trait PeerService: Send + Sync + 'static {
+    /// The answer to a peer's [`Hello`]: accept it with a [`HelloAck`], or refuse it.
+    fn accept(&self, hello: &Hello) -> Result<HelloAck, ErrorMessage>;
+
+    /// Handles one message of an accepted connection, replying on `conn` if it calls for
+    /// it. An error ends this connection (a peer that broke the protocol is told why first)
+    /// and no other.
+    fn handle(
+        &self,
+        msg: Message,
+        conn: &mut Connection,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Result<(), WireError>> + Send;
+}
+
+/// Accepts connections on `listener` until `shutdown` completes, serving each with `service`
+/// in its own task.
 ///
-/// The connection closes when its handler returns. An `Err` is logged with the peer's address
-/// and affects no other connection; a handler that panics takes down only its own task. On
-/// shutdown the loop stops accepting and aborts the connections still open: ring links are
-/// long-lived, and a head that loses a stage re-plans rather than waiting for it.
-pub async fn serve_connections<H, F>(
+/// An `Err` of a connection is logged with the peer's address and affects no other
+/// connection; a handler that panics takes down only its own task. On shutdown the loop stops
+/// accepting and aborts the connections still open: ring links are long-lived, and a head
+/// that loses a stage re-plans rather than waiting for it.
+pub async fn serve_peers<S: PeerService>(
     listener: TcpListener,
     config: ServeConfig,
-    handler: H,
+    service: Arc<S>,
     shutdown: impl Future<Output = ()>,
-) where
-    H: Fn(Connection, SocketAddr) -> F + Send + Sync + 'static,
-    F: Future<Output = Result<(), WireError>> + Send + 'static,
-{
-    let handler = Arc::new(handler);
+) {
+    let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    // One sender per connection still in its handshake, oldest first: sending on it (or
+    // dropping it) ends that handshake.
+    let mut handshaking: VecDeque<oneshot::Sender<()>> = VecDeque::new();
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        // Take a permit before accepting, so a flood of peers waits in the backlog instead of
-        // costing a task and a buffer each.
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break, // the semaphore is never closed
-            },
-        };
         let accepted = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
@@ -88,17 +123,22 @@ pub async fn serve_connections<H, F>(
                 continue;
             }
         };
-        let conn = match Connection::new(stream, config.limits) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "setting up a wire connection failed");
-                continue;
+        handshaking.retain(|evict| !evict.is_closed());
+        if handshaking.len() >= config.max_handshakes.max(1) {
+            if let Some(oldest) = handshaking.pop_front() {
+                let _ = oldest.send(());
             }
-        };
-        let handler = Arc::clone(&handler);
+        }
+        let (evict, evicted) = oneshot::channel();
+        handshaking.push_back(evict);
+        let (service, config, permits) = (
+            Arc::clone(&service),
+            Arc::clone(&config),
+            Arc::clone(&permits),
+        );
         tasks.spawn(async move {
-            let _permit = permit;
-            match handler(conn, peer).await {
+            let result = serve_one(&*service, &config, &permits, stream, peer, evicted).await;
+            match result {
                 Ok(()) => tracing::debug!(%peer, "wire connection closed"),
                 Err(e) if e.is_protocol_violation() => {
                     tracing::warn!(%peer, error = %e, "closed a wire connection that broke the protocol");
@@ -110,56 +150,82 @@ pub async fn serve_connections<H, F>(
     tasks.shutdown().await;
 }
 
-/// What a listener does for its peers: answers their handshake, then handles each message
-/// they send. Every peer port (a node's, a stage server's, an agent's, a head's reply
-/// listener) is one of these under [`serve_peers`].
-pub trait PeerService: Send + Sync + 'static {
-    /// The answer to a peer's [`Hello`]: accept it with a [`HelloAck`], or refuse it.
-    fn accept(&self, hello: &Hello) -> Result<HelloAck, ErrorMessage>;
-
-    /// Handles one message of an accepted connection, replying on `conn` if it calls for
-    /// it. An error ends this connection (a peer that broke the protocol is told why first)
-    /// and no other.
-    fn handle(
-        &self,
-        msg: Message,
-        conn: &mut Connection,
-        peer: SocketAddr,
-    ) -> impl Future<Output = Result<(), WireError>> + Send;
+/// One accepted connection's life: the handshakes (ended early if evicted), a permit, then
+/// every message to `service` until the peer closes the connection (`Ok`) or something fails
+/// (the error, after the peer was told when it broke the protocol).
+async fn serve_one<S: PeerService>(
+    service: &S,
+    config: &ServeConfig,
+    permits: &Arc<Semaphore>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    evicted: oneshot::Receiver<()>,
+) -> Result<(), WireError> {
+    let deadline = config.transport.handshake_timeout;
+    let opening = tokio::time::timeout(deadline, open(service, &config.transport, stream));
+    let conn = tokio::select! {
+        opened = opening => opened.map_err(|_| WireError::Timeout {
+            what: "for the peer's handshake",
+            after: deadline,
+        })??,
+        _ = evicted => {
+            return Err(WireError::Timeout {
+                what: "for the peer's handshake (dropped for a newer connection)",
+                after: deadline,
+            })
+        }
+    };
+    let Ok(_permit) = Arc::clone(permits).try_acquire_owned() else {
+        let busy = ErrorMessage::new(
+            ErrorCode::OVERLOADED,
+            None,
+            format!(
+                "this node serves {} peer connections already; try again later",
+                config.max_connections
+            ),
+        );
+        let mut conn = conn;
+        let _ = conn.write_frame(&Message::Error(busy)).await;
+        return Ok(());
+    };
+    serve_messages(service, conn, peer, config.idle_timeout).await
 }
 
-/// Serves `service` on `listener` until `shutdown` (see [`serve_connections`]).
-pub async fn serve_peers<S: PeerService>(
-    listener: TcpListener,
-    config: ServeConfig,
-    service: Arc<S>,
-    shutdown: impl Future<Output = ()>,
-) {
-    serve_connections(
-        listener,
-        config,
-        move |conn, peer| {
-            let service = Arc::clone(&service);
-            async move { serve_peer_connection(&*service, conn, peer).await }
-        },
-        shutdown,
-    )
-    .await;
+/// The swarm-key handshake, then the `Hello` answered by `service`.
+async fn open<S: PeerService>(
+    service: &S,
+    transport: &Transport,
+    stream: TcpStream,
+) -> Result<Connection, WireError> {
+    let mut conn = transport.accept(stream).await?;
+    match server_handshake(&mut conn, |hello| service.accept(hello)).await {
+        Ok(_) => Ok(conn),
+        Err(e) => Err(conn.fail(e).await),
+    }
 }
 
-/// One accepted connection's life: the handshake, then every message to `service` until the
-/// peer closes the connection (`Ok`) or something fails (the error, after the peer was told
-/// when it broke the protocol).
-pub async fn serve_peer_connection<S: PeerService>(
+/// Every message of an open connection to `service`, until the peer closes it, something
+/// fails, or (with `idle_timeout`) it stays silent too long.
+async fn serve_messages<S: PeerService>(
     service: &S,
     mut conn: Connection,
     peer: SocketAddr,
+    idle_timeout: Option<Duration>,
 ) -> Result<(), WireError> {
-    if let Err(e) = server_handshake(&mut conn, |hello| service.accept(hello)).await {
-        return Err(conn.fail(e).await);
-    }
     loop {
-        let msg = match conn.read_frame().await {
+        let read = match idle_timeout {
+            Some(after) => match tokio::time::timeout(after, conn.read_frame()).await {
+                Ok(read) => read,
+                Err(_) => {
+                    return Err(WireError::Timeout {
+                        what: "idle, with no message from the peer",
+                        after,
+                    })
+                }
+            },
+            None => conn.read_frame().await,
+        };
+        let msg = match read {
             Ok(Some(msg)) => msg,
             Ok(None) => return Ok(()),
             Err(e) => return Err(conn.fail(e).await),

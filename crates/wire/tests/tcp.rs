@@ -1,14 +1,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! Real sockets on 127.0.0.1: a listener served by `serve_connections`, well-behaved peers that
+//! Real sockets on 127.0.0.1: a listener served by `serve_peers`, well-behaved peers that
 //! keep working, and hostile peers that lose their own connection and nothing else.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use shoal_wire::{
-    client_handshake, decode_frame, serve_connections, server_handshake, Capabilities, Connection,
-    ErrorCode, ErrorMessage, Forward, Hello, HelloAck, Limits, Message, Payload, Ping, Pong,
-    SamplingSpec, ServeConfig, Token, Want, WireError, HEADER_LEN,
+    client_handshake, decode_frame, serve_peers, Capabilities, Connection, ErrorCode, ErrorMessage,
+    Forward, Hello, HelloAck, Limits, Message, Payload, PeerService, Ping, Pong, SamplingSpec,
+    ServeConfig, Token, Want, WireError, HEADER_LEN,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,23 +23,23 @@ async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
 }
 
 /// A toy last stage: answers Ping with Pong and Forward with the token after its last input.
-async fn toy_stage(mut conn: Connection, _peer: SocketAddr) -> Result<(), WireError> {
-    let accept = |h: &Hello| {
+struct ToyStage;
+
+impl PeerService for ToyStage {
+    fn accept(&self, h: &Hello) -> Result<HelloAck, ErrorMessage> {
         Ok(HelloAck {
             node_id: format!("stage-for-{}", h.node_id),
             software_version: "test".into(),
             capabilities: Capabilities::STAGE,
         })
-    };
-    if let Err(e) = server_handshake(&mut conn, accept).await {
-        return Err(conn.fail(e).await);
     }
-    loop {
-        let msg = match conn.read_frame().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(conn.fail(e).await),
-        };
+
+    async fn handle(
+        &self,
+        msg: Message,
+        conn: &mut Connection,
+        _peer: SocketAddr,
+    ) -> Result<(), WireError> {
         let reply = match msg {
             Message::Ping(p) => Message::Pong(Pong { nonce: p.nonce }),
             Message::Forward(f) => match &f.payload {
@@ -59,7 +61,7 @@ async fn toy_stage(mut conn: Connection, _peer: SocketAddr) -> Result<(), WireEr
                 format!("toy stage does not handle {}", other.name()),
             )),
         };
-        conn.write_frame(&reply).await?;
+        conn.write_frame(&reply).await
     }
 }
 
@@ -73,10 +75,10 @@ async fn start() -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve_connections(
+    let task = tokio::spawn(serve_peers(
         listener,
         ServeConfig::default(),
-        toy_stage,
+        Arc::new(ToyStage),
         async {
             let _ = stopped.await;
         },
@@ -90,7 +92,10 @@ async fn start() -> Server {
 
 async fn good_client(addr: SocketAddr, name: &str) -> Connection {
     let mut conn = Connection::connect(addr, Limits::default()).await.unwrap();
-    assert!(conn.get_ref().nodelay().unwrap(), "TCP_NODELAY must be set");
+    assert!(
+        conn.get_ref().tcp().nodelay().unwrap(),
+        "TCP_NODELAY must be set"
+    );
     let ack = client_handshake(
         &mut conn,
         Hello {
@@ -274,7 +279,7 @@ async fn concurrent_sessions_get_their_own_tokens() {
         let addr = server.addr;
         clients.push(tokio::spawn(async move {
             let conn = good_client(addr, &format!("head{c}")).await;
-            let reply_to = conn.get_ref().local_addr().unwrap();
+            let reply_to = conn.get_ref().tcp().local_addr().unwrap();
             let (mut rx, mut tx) = conn.into_split();
             // Pipeline: send every step before reading any reply.
             for seq in 0..20u64 {

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_wire::{DType, Limits};
+use shoal_wire::{DType, Transport};
 
 use crate::batch::{default_batch_rows, BatchStats};
 
@@ -72,8 +72,8 @@ pub struct PipelineConfig {
     /// How to re-plan: `None` (or a [`Replan`] that fails) spreads the layers over the
     /// nodes left in proportion to their shares of the old plan.
     pub replan: Option<Arc<dyn Replan>>,
-    /// Frame limits.
-    pub limits: Limits,
+    /// The swarm key, frame limits and deadlines of every connection.
+    pub transport: Transport,
     /// Token rows one batch of the head's own stage takes at most (unless its first step
     /// alone has more).
     pub batch_rows: usize,
@@ -107,7 +107,7 @@ impl PipelineConfig {
             timeout: Duration::from_secs(120),
             recover: true,
             replan: None,
-            limits: Limits::default(),
+            transport: Transport::default(),
             batch_rows: default_batch_rows(),
             stats: BatchStats::default(),
         }

@@ -192,7 +192,7 @@ impl Pipeline {
         let listener = tokio::spawn(serve_replies(
             listener,
             config.node_id.clone(),
-            config.limits,
+            config.transport.clone(),
             router.clone(),
         ));
         let setup = RingSetup {
@@ -294,7 +294,7 @@ impl Pipeline {
                     peer.addr,
                     &self.config.node_id,
                     Capabilities::HEAD,
-                    self.config.limits,
+                    &self.config.transport,
                 ),
             )
             .await;
@@ -705,7 +705,7 @@ async fn load_peer(
     load: LoadStage,
     router: Arc<Router>,
 ) -> Result<Link> {
-    let mut conn = dial(addr, &config.node_id, Capabilities::HEAD, config.limits).await?;
+    let mut conn = dial(addr, &config.node_id, Capabilities::HEAD, &config.transport).await?;
     conn.write_frame(&Message::LoadStage(load)).await?;
     match conn.read_frame().await? {
         Some(Message::StageReady(_)) => {}

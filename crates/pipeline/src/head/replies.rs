@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use shoal_wire::{
-    serve_peers, Capabilities, Connection, ErrorMessage, HelloAck, Limits, Message, PeerService,
-    ServeConfig, Token, WireError,
+    serve_peers, Capabilities, Connection, ErrorMessage, HelloAck, Message, PeerService,
+    ServeConfig, Token, Transport, WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -82,13 +82,10 @@ impl Router {
 pub(super) async fn serve_replies(
     listener: TcpListener,
     node_id: String,
-    limits: Limits,
+    transport: Transport,
     router: Arc<Router>,
 ) {
-    let config = ServeConfig {
-        limits,
-        ..ServeConfig::default()
-    };
+    let config = ServeConfig::over(transport);
     let replies = ReplyListener { node_id, router };
     serve_peers(listener, config, Arc::new(replies), std::future::pending()).await;
 }

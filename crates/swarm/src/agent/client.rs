@@ -5,10 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use shoal_wire::{
-    client_handshake, AgentCard, Answer, Ask, Capabilities, Connection, Describe, ErrorCode, Hello,
-    Limits, Message, WireError,
+    AgentCard, Answer, Ask, Capabilities, Describe, ErrorCode, Hello, Message, Transport, WireError,
 };
-use tokio::net::TcpStream;
 
 use super::SOFTWARE_VERSION;
 
@@ -41,6 +39,14 @@ pub enum AgentError {
         what: &'static str,
         /// The time allowed.
         timeout: Duration,
+    },
+    /// The agent and this head do not share the swarm key.
+    #[error("agent {addr} is not in this swarm: {source} (give every node the same --swarm-key)")]
+    Unauthorized {
+        /// The agent's peer address.
+        addr: SocketAddr,
+        /// The refused handshake.
+        source: WireError,
     },
     /// The peer answered the handshake but is not a swarm agent.
     #[error(
@@ -88,15 +94,25 @@ pub enum AgentError {
     InvalidRequest(#[source] WireError),
 }
 
-/// Asks the agent at `addr` who it is. `node_id` is the head's own id, for the handshake.
-/// The whole exchange (connect included) must finish within `timeout`.
+/// How the head reaches its agents: its node id (for the handshake) and the transport (the
+/// swarm key and deadlines).
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The head's node id.
+    pub node_id: String,
+    /// The swarm key, frame limits and deadlines.
+    pub transport: Transport,
+}
+
+/// Asks the agent at `addr` who it is. The whole exchange (connect included) must finish
+/// within `timeout`.
 pub async fn describe(
     addr: SocketAddr,
-    node_id: &str,
+    caller: &Caller,
     timeout: Duration,
 ) -> Result<AgentCard, AgentError> {
     let exchange = async {
-        match request(addr, node_id, &Message::Describe(Describe), "AgentCard").await? {
+        match request(addr, caller, &Message::Describe(Describe), "AgentCard").await? {
             Message::AgentCard(card) => Ok(card),
             other => Err(unexpected(addr, "AgentCard", &other)),
         }
@@ -109,7 +125,7 @@ pub async fn describe(
 /// the connection closes and the agent stops generating.
 pub async fn ask(
     addr: SocketAddr,
-    node_id: &str,
+    caller: &Caller,
     ask: Ask,
     timeout: Duration,
 ) -> Result<Answer, AgentError> {
@@ -117,7 +133,7 @@ pub async fn ask(
     let msg = Message::Ask(ask);
     msg.validate().map_err(AgentError::InvalidRequest)?;
     let exchange = async {
-        match request(addr, node_id, &msg, "Answer").await? {
+        match request(addr, caller, &msg, "Answer").await? {
             Message::Answer(answer) if answer.request_id == request_id => Ok(answer),
             Message::Answer(answer) => Err(AgentError::Protocol {
                 addr,
@@ -153,22 +169,23 @@ async fn within<T>(
 /// [`AgentError::Remote`].
 async fn request(
     addr: SocketAddr,
-    node_id: &str,
+    caller: &Caller,
     msg: &Message,
     expected: &'static str,
 ) -> Result<Message, AgentError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|source| AgentError::Connect { addr, source })?;
-    let mut conn = Connection::new(stream, Limits::default()).map_err(|e| wire(addr, e))?;
     let hello = Hello {
-        node_id: node_id.to_owned(),
+        node_id: caller.node_id.clone(),
         software_version: SOFTWARE_VERSION.to_owned(),
         capabilities: Capabilities::HEAD,
     };
-    let ack = client_handshake(&mut conn, hello)
+    let (mut conn, ack) = caller
+        .transport
+        .dial(addr, hello)
         .await
-        .map_err(|e| wire(addr, e))?;
+        .map_err(|e| match e {
+            WireError::Io(source) => AgentError::Connect { addr, source },
+            e => wire(addr, e),
+        })?;
     if !ack.capabilities.contains(Capabilities::AGENT) {
         return Err(AgentError::NotAnAgent {
             addr,
@@ -194,6 +211,12 @@ async fn request(
 /// Sorts a wire error into the agent error a person can act on.
 fn wire(addr: SocketAddr, e: WireError) -> AgentError {
     match e {
+        WireError::Handshake { .. } | WireError::KeyedPeer => {
+            AgentError::Unauthorized { addr, source: e }
+        }
+        WireError::Remote { code, .. } if code == ErrorCode::UNAUTHORIZED => {
+            AgentError::Unauthorized { addr, source: e }
+        }
         WireError::Remote { code, message } => AgentError::Remote {
             addr,
             code,

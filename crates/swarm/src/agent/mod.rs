@@ -29,7 +29,7 @@
 mod client;
 mod service;
 
-pub use client::{ask, describe, AgentError};
+pub use client::{ask, describe, AgentError, Caller};
 pub use service::{measure_decode_speed, AgentConfig, AgentService};
 
 /// This build's release, sent in handshakes.

@@ -9,7 +9,7 @@ use std::time::Instant;
 use shoal_engine::{ChatMessage, EngineError, FinishReason, GenerateParams, Model, SamplingParams};
 use shoal_wire::{
     serve_peers, AgentCard, Answer, Ask, Capabilities, Connection, Describe, ErrorCode,
-    ErrorMessage, Finish, Hello, HelloAck, Limits, Message, PeerService, Pong, ServeConfig,
+    ErrorMessage, Finish, Hello, HelloAck, Message, PeerService, Pong, ServeConfig, Transport,
     WireError, MAX_CHAT_TEXT,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -41,13 +41,13 @@ pub struct AgentConfig {
     pub tokens_per_s: f32,
     /// 1.0 when the device is cool, lower as it throttles.
     pub thermal_penalty: f32,
-    /// Frame limits for every connection.
-    pub limits: Limits,
+    /// The swarm key, frame limits and deadlines of every connection.
+    pub transport: Transport,
 }
 
 impl AgentConfig {
     /// A plain worker with no system prompt, speed 0 (unmeasured), thermal penalty 1 and the
-    /// default frame limits.
+    /// no swarm key.
     pub fn new(node_id: impl Into<String>, model_id: impl Into<String>) -> Self {
         AgentConfig {
             node_id: node_id.into(),
@@ -56,7 +56,7 @@ impl AgentConfig {
             system_prompt: None,
             tokens_per_s: 0.0,
             thermal_penalty: 1.0,
-            limits: Limits::default(),
+            transport: Transport::default(),
         }
     }
 }
@@ -193,10 +193,7 @@ impl AgentService {
     /// announces [`Capabilities::AGENT`], then [`AgentService::handle`] for each message. A
     /// peer that breaks the protocol is told why and loses its connection, and nothing else.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let config = ServeConfig {
-            limits: self.config.limits,
-            ..ServeConfig::default()
-        };
+        let config = ServeConfig::over(self.config.transport.clone());
         serve_peers(listener, config, self, shutdown).await;
     }
 

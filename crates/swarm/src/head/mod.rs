@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use shoal_cluster::{Member, MemberState, Membership};
-use shoal_wire::{Answer, Ask, ChatTurn};
+use shoal_wire::{Answer, Ask, ChatTurn, Transport};
 
 use crate::agent::{self, AgentService};
 use crate::roles::{Role, RolePrompts};
@@ -38,6 +38,8 @@ use target::Target;
 pub struct SwarmConfig {
     /// This node's id, sent in handshakes.
     pub node_id: String,
+    /// The swarm key, frame limits and deadlines of connections to the agents.
+    pub transport: Transport,
     /// The agents' peer addresses.
     pub agents: Vec<SocketAddr>,
     /// Time allowed for the agents' answers, per query type.
@@ -66,6 +68,7 @@ impl SwarmConfig {
     pub fn new(node_id: impl Into<String>, agents: Vec<SocketAddr>) -> Self {
         SwarmConfig {
             node_id: node_id.into(),
+            transport: Transport::default(),
             agents,
             timeouts: Timeouts::default(),
             strategy: Strategy::Auto,
@@ -129,15 +132,23 @@ impl Swarm {
         &self.config
     }
 
+    /// Who this head is to its agents, and how it reaches them.
+    fn caller(&self) -> agent::Caller {
+        agent::Caller {
+            node_id: self.config.node_id.clone(),
+            transport: self.config.transport.clone(),
+        }
+    }
+
     /// Asks every agent who it is (in parallel) and updates their status.
     pub async fn refresh(&self) {
         let timeout = self.config.describe_timeout;
-        let node_id = self.config.node_id.clone();
+        let caller = self.caller();
         let cards = futures::future::join_all(
             self.config
                 .agents
                 .iter()
-                .map(|&addr| agent::describe(addr, &node_id, timeout)),
+                .map(|&addr| agent::describe(addr, &caller, timeout)),
         )
         .await;
         let mut agents = self.lock_agents();
@@ -323,7 +334,7 @@ impl Swarm {
         };
         match job.target {
             Target::Remote { index, addr, .. } => {
-                let result = agent::ask(addr, &self.config.node_id, ask, timeout).await;
+                let result = agent::ask(addr, &self.caller(), ask, timeout).await;
                 result.map_err(|e| {
                     // An agent that cannot be reached is out until its next good `Describe`.
                     if matches!(

@@ -30,8 +30,7 @@ impl ErrorCode {
     pub const OUT_OF_MEMORY: ErrorCode = ErrorCode(7);
     /// Too busy now; try again or elsewhere.
     pub const OVERLOADED: ErrorCode = ErrorCode(8);
-    /// The peer did not prove it holds the swarm key (reserved for the authenticated
-    /// handshake).
+    /// The peer did not prove it holds the swarm key (or has one where this node has none).
     pub const UNAUTHORIZED: ErrorCode = ErrorCode(9);
     /// A bug or an unexpected failure on the sending node.
     pub const INTERNAL: ErrorCode = ErrorCode(0xFFFF);

@@ -1,0 +1,298 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The swarm key between real nodes (in-process, real sockets, the real SmolLM2): a keyed
+//! ring answers exactly as one node does and a keyed swarm head asks its agent, while a
+//! recording relay in the middle sees neither the prompt, nor the model's name, nor a frame
+//! header in plaintext; and strangers — no key, another key — can neither load a stage, ask
+//! the agent, nor head a ring of the swarm's nodes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use shoal_node::{Node, NodeConfig};
+use shoal_wire::{
+    client_handshake, Ask, Capabilities, ChatTurn, Connection, ErrorCode, Hello, Limits, LoadStage,
+    Message, SwarmKey, Transport, WireError,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
+const MODEL_ID: &str = "smollm2-135m-instruct-q4_1";
+
+fn model_path() -> PathBuf {
+    let dir = std::env::var_os("SHOAL_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")));
+    let p = dir.join(SMOLLM2);
+    assert!(
+        p.is_file(),
+        "model {} is missing: run scripts/fetch-models.sh",
+        p.display()
+    );
+    p
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// One HTTP/1.1 request; the status and the body.
+async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut stream = TcpStream::connect(addr).await.expect("node accepts");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status code");
+    (status, body.to_owned())
+}
+
+/// Waits until `/health` leaves 503-loading: `Ok` when ready, `Err(body)` when it failed.
+async fn settle(node: &Node) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, body) = http(node.http_addr(), "GET", "/health", None).await;
+        if status == 200 {
+            return Ok(());
+        }
+        if body.contains("failed to load") {
+            return Err(body);
+        }
+        assert!(Instant::now() < deadline, "node not ready: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn ask(node: &Node, model: &str, question: &str) -> String {
+    let request = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 16,
+        "temperature": 0,
+    });
+    let (status, body) = http(
+        node.http_addr(),
+        "POST",
+        "/v1/chat/completions",
+        Some(&request),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    reply["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("an answer")
+        .to_owned()
+}
+
+/// A relay to `upstream` that records every byte of every connection, both ways.
+async fn recording_relay(upstream: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (client_rx, client_tx) = client.into_split();
+            let (server_rx, server_tx) = server.into_split();
+            tokio::spawn(pump(client_rx, server_tx, Arc::clone(&record)));
+            tokio::spawn(pump(server_rx, client_tx, Arc::clone(&record)));
+        }
+    });
+    (addr, seen)
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    seen: Arc<Mutex<Vec<u8>>>,
+) {
+    let mut buf = vec![0u8; 1 << 16];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        seen.lock().unwrap().extend_from_slice(&buf[..n]);
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Asserts that what a relay saw is all ciphertext: no frame header, none of `secrets`.
+fn assert_sealed(seen: &[u8], secrets: &[&str]) {
+    assert!(
+        seen.len() > 500,
+        "the relay saw the traffic: {}",
+        seen.len()
+    );
+    assert!(
+        !contains(seen, b"SHOL"),
+        "a frame header crossed in plaintext"
+    );
+    for secret in secrets {
+        assert!(
+            !contains(seen, secret.as_bytes()),
+            "{secret:?} crossed in plaintext"
+        );
+    }
+}
+
+fn keyed(mut config: NodeConfig, key: &SwarmKey) -> NodeConfig {
+    config.swarm_key = Some(key.clone());
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_ring_answers_as_one_node_and_shows_nothing_on_the_wire() {
+    let model = model_path();
+    let key = SwarmKey::generate().unwrap();
+    let single = Node::start(NodeConfig::new(&model, loopback()))
+        .await
+        .unwrap();
+
+    let mut stage = keyed(NodeConfig::new(&model, loopback()), &key);
+    stage.peer_addr = Some(loopback());
+    stage.stage_only = true;
+    let stage = Node::start(stage).await.unwrap();
+    let (via, seen) = recording_relay(stage.peer_addr().unwrap()).await;
+
+    let mut head = keyed(NodeConfig::new(&model, loopback()), &key);
+    head.peers = vec![via.to_string()];
+    head.split = Some("0-11,12-29".into());
+    let head = Node::start(head).await.unwrap();
+
+    settle(&single).await.unwrap();
+    settle(&stage).await.unwrap();
+    settle(&head).await.unwrap();
+    let question = "What is the capital of France?";
+    let alone = ask(&single, MODEL_ID, question).await;
+    assert_eq!(ask(&head, MODEL_ID, question).await, alone);
+    // The head → stage link carried the model's name (LoadStage) and the hidden states of
+    // the prompt; none of it readable.
+    let seen = seen.lock().unwrap().clone();
+    assert_sealed(&seen, &[SMOLLM2, MODEL_ID]);
+
+    // A head with another key cannot use the stage: its ring fails, and says why.
+    let mut stranger = keyed(
+        NodeConfig::new(&model, loopback()),
+        &SwarmKey::generate().unwrap(),
+    );
+    stranger.peers = vec![stage.peer_addr().unwrap().to_string()];
+    stranger.split = Some("0-11,12-29".into());
+    let stranger = Node::start(stranger).await.unwrap();
+    let why = settle(&stranger)
+        .await
+        .expect_err("a ring with another key");
+    assert!(why.contains("swarm key"), "{why}");
+    // ... and the real ring is unharmed.
+    assert_eq!(ask(&head, MODEL_ID, question).await, alone);
+
+    for node in [stranger, head, stage, single] {
+        node.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_swarm_asks_its_agent_in_ciphertext_and_strangers_get_nothing() {
+    let model = model_path();
+    let key = SwarmKey::generate().unwrap();
+    let mut agent = keyed(NodeConfig::new(&model, loopback()), &key);
+    agent.peer_addr = Some(loopback());
+    agent.node_id = Some("agent-secret-name".into());
+    let agent = Node::start(agent).await.unwrap();
+    settle(&agent).await.unwrap();
+    let agent_port = agent.peer_addr().unwrap();
+    let (via, seen) = recording_relay(agent_port).await;
+
+    let mut head = keyed(NodeConfig::new(&model, loopback()), &key);
+    head.peers = vec![via.to_string()];
+    let head = Node::start(head).await.unwrap();
+    settle(&head).await.unwrap();
+    let question = "Spell the word zanzibarian backwards.";
+    assert!(!ask(&head, "swarm:fastest", question).await.is_empty());
+    let seen = seen.lock().unwrap().clone();
+    assert_sealed(&seen, &[question, "zanzibarian", "agent-secret-name"]);
+
+    // A stranger without the key is told it needs one, and gets no further.
+    let mut plain = Connection::connect(agent_port, Limits::default())
+        .await
+        .unwrap();
+    let hello = Hello {
+        node_id: "stranger".into(),
+        software_version: "0".into(),
+        capabilities: Capabilities::HEAD,
+    };
+    match client_handshake(&mut plain, hello.clone()).await {
+        Err(WireError::Remote { code, .. }) => assert_eq!(code, ErrorCode::UNAUTHORIZED),
+        other => panic!("a plain stranger got {other:?}"),
+    }
+    // Even ignoring the refusal and sending requests, nothing comes back.
+    let mut raw = TcpStream::connect(agent_port).await.unwrap();
+    for msg in [
+        Message::Hello(hello.clone()),
+        Message::LoadStage(LoadStage {
+            plan_id: 1,
+            model_id: SMOLLM2.into(),
+            model_sha256: [0; 32],
+            layer_start: 0,
+            layer_end: 30,
+            embed: true,
+            head: true,
+            activation_dtype: shoal_wire::DType::F32,
+            max_context: 64,
+            next: None,
+        }),
+        Message::Ask(Ask {
+            request_id: 1,
+            system: None,
+            messages: vec![ChatTurn {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            max_tokens: 4,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+            choices: Vec::new(),
+        }),
+    ] {
+        let _ = raw.write_all(&msg.to_frame().unwrap()).await;
+    }
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut got)).await;
+    let replies = shoal_wire::decode_frame(&got, &Limits::default());
+    assert!(
+        matches!(replies, Ok(Some((Message::Error(ref e), used))) if e.code == ErrorCode::UNAUTHORIZED && used == got.len()),
+        "a stranger got more than one refusal: {replies:?}"
+    );
+    // Another key: the handshake fails, naming the cause.
+    let other = Transport::with_key(Some(SwarmKey::generate().unwrap()));
+    let err = other.dial(agent_port, hello).await.unwrap_err().to_string();
+    assert!(err.contains("swarm keys differ"), "{err}");
+    // The swarm still answers.
+    assert!(!ask(&head, "swarm:fastest", "What is 2 + 2?")
+        .await
+        .is_empty());
+
+    head.shutdown().await.unwrap();
+    agent.shutdown().await.unwrap();
+}

@@ -1,0 +1,112 @@
+//! How a node reaches its peers and lets them reach it: the swarm key (or none), the frame
+//! limits, and a deadline on every step that waits for the other side.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::connection::Connection;
+use crate::error::WireError;
+use crate::frame::Limits;
+use crate::handshake::client_handshake;
+use crate::key::SwarmKey;
+use crate::message::{Hello, HelloAck};
+use crate::secure::PeerStream;
+
+/// Default deadline for a TCP connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default deadline for a whole handshake (the swarm key's, then `Hello`).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default longest stall inside a frame.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything about peer connections that both sides must agree on, or that bounds how long
+/// this node waits for a peer.
+#[derive(Clone, Debug)]
+pub struct Transport {
+    /// The swarm key: with one, every connection is authenticated and encrypted; without,
+    /// connections are plain (a node only listens on loopback then).
+    pub key: Option<SwarmKey>,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Longest wait for a TCP connect.
+    pub connect_timeout: Duration,
+    /// Longest wait for the handshakes of a new connection, either side.
+    pub handshake_timeout: Duration,
+    /// Longest stall inside a frame once it has begun to arrive.
+    pub stall_timeout: Duration,
+}
+
+impl Default for Transport {
+    /// No key, default limits and deadlines.
+    fn default() -> Self {
+        Transport {
+            key: None,
+            limits: Limits::default(),
+            connect_timeout: CONNECT_TIMEOUT,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            stall_timeout: STALL_TIMEOUT,
+        }
+    }
+}
+
+impl Transport {
+    /// Default limits and deadlines, with this key (or none).
+    pub fn with_key(key: Option<SwarmKey>) -> Self {
+        Transport {
+            key,
+            ..Transport::default()
+        }
+    }
+
+    /// Dials `addr`, runs the swarm-key handshake (when there is a key) and says `hello`;
+    /// returns the connection and the peer's answer. Every step has its deadline.
+    pub async fn dial(
+        &self,
+        addr: SocketAddr,
+        hello: Hello,
+    ) -> Result<(Connection, HelloAck), WireError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| WireError::Timeout {
+                what: "connecting",
+                after: self.connect_timeout,
+            })??;
+        let handshake = async {
+            let mut conn = self.secure(tcp, Side::Dialler).await?;
+            let ack = client_handshake(&mut conn, hello).await?;
+            Ok((conn, ack))
+        };
+        tokio::time::timeout(self.handshake_timeout, handshake)
+            .await
+            .map_err(|_| WireError::Timeout {
+                what: "for the handshake",
+                after: self.handshake_timeout,
+            })?
+    }
+
+    /// The acceptor's side of the swarm-key handshake on an accepted socket (no deadline
+    /// here: the server applies it around this and the `Hello`).
+    pub(crate) async fn accept(&self, tcp: TcpStream) -> Result<Connection, WireError> {
+        self.secure(tcp, Side::Acceptor).await
+    }
+
+    async fn secure(&self, tcp: TcpStream, side: Side) -> Result<Connection, WireError> {
+        tcp.set_nodelay(true)?;
+        let stream = match (&self.key, side) {
+            (None, _) => PeerStream::plain(tcp),
+            (Some(key), Side::Dialler) => PeerStream::initiate(tcp, key).await?,
+            (Some(key), Side::Acceptor) => PeerStream::respond(tcp, key).await?,
+        };
+        let mut conn = Connection::over(stream, self.limits)?;
+        conn.set_stall_timeout(Some(self.stall_timeout));
+        Ok(conn)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Dialler,
+    Acceptor,
+}
