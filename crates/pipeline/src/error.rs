@@ -28,6 +28,16 @@ pub enum PipelineError {
     /// A stage reported a failure for this session (to the head's reply listener).
     #[error("a stage failed while running the session: {0}")]
     StageFailed(String),
+    /// A stage that is up refused the session's work (its code says why: a bad request, too
+    /// many sessions, …). Not a lost stage.
+    #[error("a stage refused the session's work: {message} ({code})")]
+    Rejected {
+        code: shoal_wire::ErrorCode,
+        message: String,
+    },
+    /// This node has as much work as it may take.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     /// No answer came in time.
     #[error("no {what} arrived within {after:?}; is every stage of the ring still up?")]
     Timeout { what: &'static str, after: Duration },

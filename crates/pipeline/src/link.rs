@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use shoal_wire::{Capabilities, Connection, Hello, Message, PeerWriter, Transport, WireError};
 use tokio::task::JoinHandle;
@@ -63,11 +64,17 @@ impl Drop for Link {
 
 /// Links by address, dialled on first use and re-dialled once when a write fails (the peer
 /// restarted, or dropped an idle connection).
+///
+/// Each address has its own slot: the map is locked only to find the slot, and the slot is
+/// locked over its own dial and write (frames to one peer must not interleave). A peer that
+/// stalls holds up only what goes to it, and for at most the transport's deadlines: a dial
+/// has its connect and handshake deadlines, a write the stall deadline, after which the
+/// link is dropped.
 pub(crate) struct LinkPool {
     node_id: String,
     capabilities: Capabilities,
     transport: Transport,
-    links: HashMap<SocketAddr, Link>,
+    slots: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Link>>>>>,
 }
 
 impl LinkPool {
@@ -76,37 +83,53 @@ impl LinkPool {
             node_id,
             capabilities,
             transport,
-            links: HashMap::new(),
+            slots: Mutex::new(HashMap::new()),
         }
     }
 
-    pub(crate) async fn send(&mut self, addr: SocketAddr, msg: &Message) -> Result<(), WireError> {
+    pub(crate) async fn send(&self, addr: SocketAddr, msg: &Message) -> Result<(), WireError> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(slots.entry(addr).or_default())
+        };
+        let mut link = slot.lock().await;
         let mut last_err = None;
         for _ in 0..2 {
-            if !self.links.contains_key(&addr) {
-                let conn = dial(addr, &self.node_id, self.capabilities, &self.transport).await?;
-                let link = Link::new(
-                    conn,
-                    addr,
-                    move |m| {
-                        if let Message::Error(e) = m {
-                            tracing::warn!(peer = %addr, error = %e.message, "peer reported an error");
-                        }
-                    },
-                    // The next write finds out and re-dials.
-                    || {},
-                );
-                self.links.insert(addr, link);
-            }
-            let Some(link) = self.links.get_mut(&addr) else {
-                continue;
+            let writer = match link.as_mut() {
+                Some(l) => &mut l.writer,
+                None => {
+                    let conn =
+                        dial(addr, &self.node_id, self.capabilities, &self.transport).await?;
+                    let l = link.insert(Link::new(
+                        conn,
+                        addr,
+                        move |m| {
+                            if let Message::Error(e) = m {
+                                tracing::warn!(peer = %addr, error = %e.message, "peer reported an error");
+                            }
+                        },
+                        // The next write finds out and re-dials.
+                        || {},
+                    ));
+                    &mut l.writer
+                }
             };
-            match link.writer.write_frame(msg).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
+            let after = self.transport.stall_timeout;
+            match tokio::time::timeout(after, writer.write_frame(msg)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
                     tracing::debug!(peer = %addr, error = %e, "write failed; re-dialling");
-                    self.links.remove(&addr);
+                    *link = None;
                     last_err = Some(e);
+                }
+                Err(_) => {
+                    // Half a frame may be on the link: it is unusable. A peer that stalls
+                    // is not dialled again for this frame.
+                    *link = None;
+                    return Err(WireError::Timeout {
+                        what: "writing to the peer",
+                        after,
+                    });
                 }
             }
         }

@@ -33,7 +33,7 @@ use shoal_wire::{
     Transport, Truncate, Want, WireError,
 };
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::batch::{default_batch_rows, spawn_worker, BatchStats, Job};
 use crate::convert::{
@@ -42,6 +42,13 @@ use crate::convert::{
 use crate::error::{PipelineError, Result};
 use crate::idle::IdleMap;
 use crate::link::LinkPool;
+
+/// KiB of queued work a stage holds at most (see `Inner::queue_room`).
+const QUEUE_KIB: u32 = 256 * 1024;
+
+/// Default of [`StageServerConfig::max_sessions`]: far more than the heads' own admission
+/// (a few sessions each), so only a runaway or hostile peer meets it.
+pub const DEFAULT_MAX_SESSIONS: usize = 64;
 
 /// How a [`StageServer`] finds models and looks after sessions.
 #[derive(Clone, Debug)]
@@ -57,6 +64,9 @@ pub struct StageServerConfig {
     pub transport: Transport,
     /// Token rows one batch takes at most (unless its first `Forward` alone has more).
     pub batch_rows: usize,
+    /// Most sessions with a cache at once; a new session past this is refused
+    /// (`OVERLOADED`) until one ends or idles out.
+    pub max_sessions: usize,
     /// Where the batches run are counted (the node's metrics).
     pub stats: BatchStats,
 }
@@ -71,6 +81,7 @@ impl StageServerConfig {
             session_idle_timeout: Duration::from_secs(600),
             transport: Transport::default(),
             batch_rows: default_batch_rows(),
+            max_sessions: DEFAULT_MAX_SESSIONS,
             stats: BatchStats::default(),
         }
     }
@@ -93,14 +104,18 @@ struct Inner {
     /// session back to life; kept for one idle timeout.
     ended: Mutex<IdleMap<()>>,
     /// Links to the next stage and to heads' reply listeners.
-    links: tokio::sync::Mutex<LinkPool>,
+    links: LinkPool,
     /// SHA-256 of model files already hashed, by path.
     hashes: Mutex<HashMap<PathBuf, [u8; 32]>>,
     /// Measured profiles by model id.
     profiles: Mutex<HashMap<String, Profile>>,
     /// The queue of `Forward`s to the batching worker, started with the first one (it needs
     /// the runtime); the worker ends when this goes with the server.
-    queue: OnceLock<mpsc::UnboundedSender<Work>>,
+    queue: OnceLock<mpsc::UnboundedSender<Queued>>,
+    /// KiB of work that may wait in the queue. A peer's connection waits for room before it
+    /// reads its next frame, so a flood of `Forward`s slows its sender down (TCP
+    /// backpressure) instead of growing this node's memory.
+    queue_room: Arc<Semaphore>,
 }
 
 struct Loaded {
@@ -156,10 +171,11 @@ impl StageServer {
                 loaded: RwLock::new(None),
                 sessions: Mutex::new(IdleMap::default()),
                 ended: Mutex::new(IdleMap::default()),
-                links: tokio::sync::Mutex::new(links),
+                links,
                 hashes: Mutex::new(HashMap::new()),
                 profiles: Mutex::new(HashMap::new()),
                 queue: OnceLock::new(),
+                queue_room: Arc::new(Semaphore::new(QUEUE_KIB as usize)),
             }),
         }
     }
@@ -262,13 +278,13 @@ impl StageServer {
                 };
                 conn.write_frame(&reply).await?;
             }
-            Message::Forward(f) => self.enqueue(Work::Forward(f)),
+            Message::Forward(f) => self.enqueue(Work::Forward(f)).await,
             Message::EndSession(e) => {
                 lock(&self.inner.sessions).remove(e.session_id);
                 lock(&self.inner.ended).insert(e.session_id, ());
             }
             // Queued behind the session's `Forward`s, so it cuts what they leave.
-            Message::Truncate(t) => self.enqueue(Work::Truncate(t)),
+            Message::Truncate(t) => self.enqueue(Work::Truncate(t)).await,
             Message::GetProfile(g) => {
                 let reply = match self.profile(&g.model_id).await {
                     Ok(profile) => Message::Profile(profile),
@@ -372,8 +388,24 @@ impl StageServer {
         Ok(reply)
     }
 
-    /// Queues work for the batching worker (started here the first time).
-    fn enqueue(&self, work: Work) {
+    /// Queues work for the batching worker (started here the first time), once there is
+    /// room for it.
+    async fn enqueue(&self, work: Work) {
+        let kib = match &work {
+            Work::Forward(f) => match &f.payload {
+                Payload::Hidden(a) => a.data().len() / 1024,
+                Payload::Tokens(t) => t.len() * 4 / 1024,
+            },
+            Work::Truncate(_) => 0,
+        };
+        let kib = u32::try_from(kib).unwrap_or(QUEUE_KIB).clamp(1, QUEUE_KIB);
+        let Ok(room) = Arc::clone(&self.inner.queue_room)
+            .acquire_many_owned(kib)
+            .await
+        else {
+            return; // never closed
+        };
+        let work = Queued { work, room };
         let queue = self.inner.queue.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             // The worker holds the server weakly: dropping the last clone closes the queue.
@@ -391,25 +423,39 @@ impl StageServer {
         });
         if let Err(lost) = queue.send(work) {
             // Only if the worker panicked; its head hears nothing and times out.
-            tracing::error!(session_id = lost.0.session(), "the stage's worker is gone");
+            tracing::error!(
+                session_id = lost.0.work.session(),
+                "the stage's worker is gone"
+            );
         }
     }
 
-    /// The session's state, created on its first `Forward`; `None` for a session ended
-    /// already (a `Forward` still in flight from the stage before must not bring it back).
-    fn session(&self, loaded: &Loaded, session_id: u64) -> Option<Arc<Mutex<SessionState>>> {
+    /// The session's state, created on its first `Forward`; `Ok(None)` for a session ended
+    /// already (a `Forward` still in flight from the stage before must not bring it back);
+    /// an error for a new session when the stage holds as many as it may.
+    fn session(
+        &self,
+        loaded: &Loaded,
+        session_id: u64,
+    ) -> Result<Option<Arc<Mutex<SessionState>>>> {
         if lock(&self.inner.ended).contains(session_id) {
             tracing::debug!(session_id, "Forward for an ended session dropped");
-            return None;
+            return Ok(None);
         }
         let mut sessions = lock(&self.inner.sessions);
+        let max = self.inner.config.max_sessions;
+        if !sessions.contains(session_id) && sessions.len() >= max {
+            return Err(PipelineError::Overloaded(format!(
+                "this stage holds {max} sessions already; try again when one ends"
+            )));
+        }
         let state = sessions.use_or_insert_with(session_id, || {
             Arc::new(Mutex::new(SessionState {
                 cache: loaded.stage.new_cache(),
                 sampler: None,
             }))
         });
-        Some(state.clone())
+        Ok(Some(state.clone()))
     }
 
     /// Runs a batch of `Forward`s (one per session) as one pass of the stage, then sends
@@ -417,10 +463,14 @@ impl StageServer {
     /// sampled token to its head. A failure is reported to that session's head
     /// (`reply_to`), never to the connection it came on (the upstream stage is not the one
     /// waiting), and fails only that session.
-    async fn run(&self, work: Vec<Work>) {
-        let mut batch = Vec::with_capacity(work.len());
-        for w in work {
-            match w {
+    async fn run(&self, queued: Vec<Queued>) {
+        let mut batch = Vec::with_capacity(queued.len());
+        // The queue's room is given back when this batch is done (its frames are in memory
+        // until then).
+        let mut rooms = Vec::with_capacity(queued.len());
+        for q in queued {
+            rooms.push(q.room);
+            match q.work {
                 Work::Forward(f) => batch.push(f),
                 Work::Truncate(t) => self.truncate(&t),
             }
@@ -440,8 +490,13 @@ impl StageServer {
         let mut jobs = Vec::with_capacity(batch.len());
         let mut metas = Vec::with_capacity(batch.len());
         for f in batch {
-            let Some(state) = self.session(&loaded, f.session_id) else {
-                continue;
+            let state = match self.session(&loaded, f.session_id) {
+                Ok(Some(state)) => state,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.report(&f, e).await;
+                    continue;
+                }
             };
             let Forward {
                 session_id,
@@ -509,7 +564,7 @@ impl StageServer {
                     want: f.want.clone(),
                     reply_to: f.reply_to,
                 });
-                self.inner.links.lock().await.send(next, &msg).await?;
+                self.inner.links.send(next, &msg).await?;
             }
             Outcome::Token(token_id, logprob) => {
                 let msg = Message::Token(Token {
@@ -518,7 +573,7 @@ impl StageServer {
                     token_id,
                     logprob,
                 });
-                self.inner.links.lock().await.send(f.reply_to, &msg).await?;
+                self.inner.links.send(f.reply_to, &msg).await?;
             }
             Outcome::Nothing => {}
         }
@@ -542,7 +597,7 @@ impl StageServer {
             Some(session_id),
             e.to_string(),
         ));
-        if let Err(e) = self.inner.links.lock().await.send(reply_to, &msg).await {
+        if let Err(e) = self.inner.links.send(reply_to, &msg).await {
             tracing::warn!(%reply_to, error = %e, "could not report a failure to the head");
         }
     }
@@ -571,8 +626,25 @@ impl Job for Work {
     }
 }
 
+/// Work in the queue, holding its share of the queue's room.
+struct Queued {
+    work: Work,
+    /// Given back to the queue when dropped.
+    room: OwnedSemaphorePermit,
+}
+
+impl Job for Queued {
+    fn session(&self) -> u64 {
+        self.work.session()
+    }
+
+    fn rows(&self) -> usize {
+        self.work.rows()
+    }
+}
+
 /// The worker's batch: on the server, if it is still there.
-async fn run_batch(server: Weak<Inner>, batch: Vec<Work>) {
+async fn run_batch(server: Weak<Inner>, batch: Vec<Queued>) {
     if let Some(inner) = server.upgrade() {
         StageServer { inner }.run(batch).await;
     }
@@ -607,6 +679,10 @@ fn compute(stage: &Stage, dtype: shoal_wire::DType, jobs: Vec<StageJob>) -> Vec<
             },
         };
         let SessionState { cache, sampler } = &mut **guard;
+        if let Err(e) = continues(cache, &job.positions) {
+            results[i] = Some(Err(e));
+            continue;
+        }
         samplers.push((i, sampler));
         items.push(BatchItem {
             input,
@@ -627,6 +703,23 @@ fn compute(stage: &Stage, dtype: shoal_wire::DType, jobs: Vec<StageJob>) -> Vec<
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(PipelineError::Task("no result".into()))))
         .collect()
+}
+
+/// Checks that `positions` continue the session's cache: the next position, then one
+/// after another. Anything else (a `Forward` lost, repeated or reordered, or a peer
+/// writing where it likes) would corrupt the cache or grow it without end.
+fn continues(cache: &KvCache, positions: &[usize]) -> Result<()> {
+    let next = cache.positions().last().map_or(0, |&p| p + 1);
+    let expected = next..next + positions.len();
+    if positions.is_empty() || !positions.iter().copied().eq(expected.clone()) {
+        return Err(PipelineError::InvalidRequest(format!(
+            "positions {}..{} do not continue the session's cache, which holds positions \
+             0..{next} (a Forward was lost, repeated or reordered)",
+            positions.first().copied().unwrap_or(0),
+            positions.last().map_or(0, |&p| p + 1),
+        )));
+    }
+    Ok(())
 }
 
 /// What one session's stage output becomes: hidden states to send on, or (last stage) the
@@ -710,6 +803,7 @@ pub(crate) fn resolve_model(dir: &Path, model_id: &str) -> Result<PathBuf> {
 fn error_code(e: &PipelineError) -> ErrorCode {
     match e {
         PipelineError::ModelUnavailable { .. } => ErrorCode::MODEL_UNAVAILABLE,
+        PipelineError::Overloaded(_) => ErrorCode::OVERLOADED,
         PipelineError::Config(_)
         | PipelineError::InvalidRequest(_)
         | PipelineError::Engine(

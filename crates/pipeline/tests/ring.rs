@@ -563,7 +563,7 @@ async fn a_bad_forward_in_a_batch_fails_only_its_session() {
         ),
         forward(3, vec![0], Payload::Tokens(vec![1]), greedy()),
         forward(2, vec![0], activations(&a, 1), greedy()),
-        forward(4, vec![5, 6, 7], activations(&b, 3), greedy()),
+        forward(4, vec![0, 1, 2], activations(&b, 3), greedy()),
     ];
     for f in &frames {
         conn.write_frame(f).await.unwrap();
@@ -627,7 +627,7 @@ async fn a_bad_forward_in_a_batch_fails_only_its_session() {
         argmax(&logits_row(&l, 0).unwrap())
     };
     assert_eq!(tokens.get(&2), Some(&alone(&a, &[0])));
-    assert_eq!(tokens.get(&4), Some(&alone(&b, &[5, 6, 7])));
+    assert_eq!(tokens.get(&4), Some(&alone(&b, &[0, 1, 2])));
     assert_eq!(server.session_len(1), Some(300));
     assert_eq!(
         server.session_len(3),
@@ -1120,4 +1120,148 @@ async fn a_sampled_session_goes_on_unchanged_after_a_lost_stage() {
         "the new last stage draws what the lost one would have"
     );
     assert_eq!(pipeline.layout().1.len(), 1, "the ring was re-planned");
+}
+
+/// The head's reply listener, played by a test: accepts the stage's connection and answers
+/// its handshake.
+async fn accept_replies(replies: &TcpListener) -> Connection {
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(30), replies.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut head = Connection::new(stream, Limits::default()).unwrap();
+    shoal_wire::server_handshake(&mut head, |_| {
+        Ok(shoal_wire::HelloAck {
+            node_id: "head".into(),
+            software_version: "test".into(),
+            capabilities: Capabilities::HEAD,
+        })
+    })
+    .await
+    .unwrap();
+    head
+}
+
+/// A step of one token's hidden state for the last stage, at `positions`.
+fn step(session_id: u64, seq: u64, positions: Vec<u32>, reply_to: SocketAddr) -> Message {
+    let hidden = reference().config().hidden;
+    let rows = positions.len();
+    let values: Vec<f32> = (0..rows * hidden).map(|i| (i % 7) as f32 / 7.0).collect();
+    Message::Forward(Forward {
+        session_id,
+        seq,
+        positions,
+        payload: Payload::Hidden(
+            Activations::from_f32(rows as u32, hidden as u32, &values, DType::F32).unwrap(),
+        ),
+        want: Want::Token(shoal_wire::SamplingSpec::greedy()),
+        reply_to,
+    })
+}
+
+/// Issue #14: a session's positions must continue its cache; a peer that skips, repeats or
+/// rewinds them gets an error for that session and the cache stays as it was (no unbounded
+/// growth, no corrupted attention).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_must_continue_the_cache() {
+    let (server, addr) = start_server(Duration::from_secs(600)).await;
+    let mut conn = dial(addr).await;
+    load_last_stage(&mut conn, 5, DType::F32).await;
+    let replies = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reply_to = replies.local_addr().unwrap();
+    conn.write_frame(&step(1, 0, vec![0, 1], reply_to))
+        .await
+        .unwrap();
+    let mut head = accept_replies(&replies).await;
+    assert!(matches!(
+        head.read_frame().await.unwrap(),
+        Some(Message::Token(_))
+    ));
+    let cases: [(&str, Vec<u32>); 4] = [
+        ("a repeat", vec![1]),
+        ("a gap", vec![3]),
+        ("a rewind", vec![0, 1]),
+        ("out of order", vec![2, 4]),
+    ];
+    for (seq, (what, positions)) in cases.into_iter().enumerate() {
+        conn.write_frame(&step(1, seq as u64 + 1, positions, reply_to))
+            .await
+            .unwrap();
+        let Some(Message::Error(e)) = head.read_frame().await.unwrap() else {
+            panic!("{what}: expected an error")
+        };
+        assert_eq!(e.session_id, Some(1), "{what}");
+        assert_eq!(e.code, shoal_wire::ErrorCode::BAD_REQUEST, "{what}");
+        assert!(
+            e.message.contains("do not continue"),
+            "{what}: {}",
+            e.message
+        );
+        assert_eq!(
+            server.session_len(1),
+            Some(2),
+            "{what}: the cache is as it was"
+        );
+    }
+    // The next position is still welcome.
+    conn.write_frame(&step(1, 9, vec![2], reply_to))
+        .await
+        .unwrap();
+    assert!(matches!(
+        head.read_frame().await.unwrap(),
+        Some(Message::Token(_))
+    ));
+    assert_eq!(server.session_len(1), Some(3));
+}
+
+/// Issue #14: a stage holds at most `max_sessions` caches; a new session past that is
+/// refused as overloaded, and a session that ends makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_per_stage_are_capped() {
+    let mut config = StageServerConfig::new(models_dir());
+    config.max_sessions = 2;
+    let server = StageServer::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server.clone().serve(listener, std::future::pending()));
+    let mut conn = dial(addr).await;
+    load_last_stage(&mut conn, 6, DType::F32).await;
+    let replies = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reply_to = replies.local_addr().unwrap();
+    conn.write_frame(&step(1, 0, vec![0], reply_to))
+        .await
+        .unwrap();
+    let mut head = accept_replies(&replies).await;
+    for session in [2, 3] {
+        conn.write_frame(&step(session, 0, vec![0], reply_to))
+            .await
+            .unwrap();
+    }
+    let mut refused = Vec::new();
+    let mut answered = Vec::new();
+    while refused.len() + answered.len() < 3 {
+        match head.read_frame().await.unwrap() {
+            Some(Message::Token(t)) => answered.push(t.session_id),
+            Some(Message::Error(e)) => {
+                assert_eq!(e.code, shoal_wire::ErrorCode::OVERLOADED, "{}", e.message);
+                refused.push(e.session_id);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, [1, 2]);
+    assert_eq!(refused, [Some(3)]);
+    conn.write_frame(&Message::EndSession(shoal_wire::EndSession {
+        session_id: 1,
+    }))
+    .await
+    .unwrap();
+    conn.write_frame(&step(3, 1, vec![0], reply_to))
+        .await
+        .unwrap();
+    let Some(Message::Token(t)) = head.read_frame().await.unwrap() else {
+        panic!("room was made")
+    };
+    assert_eq!(t.session_id, 3);
 }

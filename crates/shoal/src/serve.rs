@@ -70,10 +70,11 @@ pub(crate) struct ServeArgs {
     /// parameters of every other agent's, else votes: what measured best, docs/EVAL.md.
     #[arg(long, default_value = "auto")]
     pub(crate) swarm_strategy: String,
-    /// Swarm head: seconds allowed for answers to simple factual queries.
+    /// Swarm head: seconds after which a simple factual query takes the answers it has (with
+    /// none yet, it waits for the first, up to what its max_tokens needs).
     #[arg(long, default_value_t = 6.0)]
     pub(crate) swarm_timeout_simple: f64,
-    /// Swarm head: seconds allowed for answers to every other query type.
+    /// Swarm head: the same for every other query type.
     #[arg(long, default_value_t = 12.0)]
     pub(crate) swarm_timeout_complex: f64,
     /// Swarm head: answers sampled in all for `vote`.

@@ -18,7 +18,7 @@ use crate::secure::PeerStream;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default deadline for a whole handshake (the swarm key's, then `Hello`).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default longest stall inside a frame.
+/// Default longest stall inside a frame, either way.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything about peer connections that both sides must agree on, or that bounds how long
@@ -34,7 +34,7 @@ pub struct Transport {
     pub connect_timeout: Duration,
     /// Longest wait for the handshakes of a new connection, either side.
     pub handshake_timeout: Duration,
-    /// Longest stall inside a frame once it has begun to arrive.
+    /// Longest stall inside a frame, reading one that has begun to arrive or writing one.
     pub stall_timeout: Duration,
 }
 

@@ -29,7 +29,9 @@ use shoal_engine::{
     GgufFile, KvCache, ModelConfig, PromptFormat, Sampler, SamplingParams, Stage, StageSpec,
     Tokenizer,
 };
-use shoal_wire::{Capabilities, EndSession, Forward, LoadStage, Message, Payload, Want, WireError};
+use shoal_wire::{
+    Capabilities, EndSession, ErrorCode, Forward, LoadStage, Message, Payload, Want, WireError,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -624,6 +626,14 @@ impl Pipeline {
                     tracing::debug!(seq = t.seq, expected = seq, "stale token ignored");
                 }
                 Ok(Some(Reply::Error(m))) => return Err(PipelineError::StageFailed(m)),
+                // A stage that failed inside is lost; one that refused the work (a bad
+                // request, too many sessions) is up and said why.
+                Ok(Some(Reply::Refused(code, m))) if code == ErrorCode::INTERNAL => {
+                    return Err(PipelineError::StageFailed(m))
+                }
+                Ok(Some(Reply::Refused(code, message))) => {
+                    return Err(PipelineError::Rejected { code, message })
+                }
             }
         }
     }

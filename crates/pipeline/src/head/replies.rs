@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use shoal_wire::{
-    serve_peers, Capabilities, Connection, ErrorMessage, HelloAck, Message, PeerService,
+    serve_peers, Capabilities, Connection, ErrorCode, ErrorMessage, HelloAck, Message, PeerService,
     ServeConfig, Token, Transport, WireError,
 };
 use tokio::net::TcpListener;
@@ -14,7 +14,10 @@ use tokio::sync::mpsc;
 /// What the reply listener hands a waiting session.
 pub(super) enum Reply {
     Token(Token),
+    /// The session's ring broke (a link closed).
     Error(String),
+    /// A stage refused the session's work, with its error code.
+    Refused(ErrorCode, String),
 }
 
 /// Sessions waiting for replies, by id.
@@ -38,7 +41,7 @@ impl Router {
         match msg {
             Message::Token(t) => self.deliver(t.session_id, Reply::Token(t)),
             Message::Error(e) => match e.session_id {
-                Some(id) => self.deliver(id, Reply::Error(e.message)),
+                Some(id) => self.deliver(id, Reply::Refused(e.code, e.message)),
                 None => tracing::warn!(error = %e.message, "a stage reported an error"),
             },
             other => tracing::debug!(message = other.name(), "ignored a message on a reply link"),

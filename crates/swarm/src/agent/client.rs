@@ -184,6 +184,12 @@ async fn request(
         .await
         .map_err(|e| match e {
             WireError::Io(source) => AgentError::Connect { addr, source },
+            // Connected (the kernel accepts for a stopped process too), but no handshake.
+            WireError::Timeout { after, .. } => AgentError::Timeout {
+                addr,
+                what: "the handshake",
+                timeout: after,
+            },
             e => wire(addr, e),
         })?;
     if !ack.capabilities.contains(Capabilities::AGENT) {

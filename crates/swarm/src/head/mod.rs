@@ -14,6 +14,7 @@
 mod report;
 mod strategies;
 mod target;
+mod wait;
 
 pub use report::{AgentAnswer, AgentFailure, AgentStatus, SwarmError, SwarmOutcome, SwarmStatus};
 
@@ -32,6 +33,7 @@ use crate::weight::agent_weight;
 
 use strategies::{Job, Run};
 use target::Target;
+use wait::Wait;
 
 /// How a [`Swarm`] works.
 #[derive(Clone, Debug)]
@@ -213,6 +215,7 @@ impl Swarm {
                     model: s.model.clone().unwrap_or_default(),
                     weight: s.weight,
                     parameters: s.parameters,
+                    tokens_per_s: s.tokens_per_s,
                 })
             })
             .collect()
@@ -264,10 +267,22 @@ impl Swarm {
             failed: Vec::new(),
         };
         let (query_type, classified_by) = run.classify().await;
-        let timeout = request
-            .timeout
-            .unwrap_or_else(|| self.config.timeouts.for_query(query_type));
         let answerers = run.answerers(query_type)?;
+        let timeout = match request.timeout {
+            Some(t) => Wait {
+                enough: t,
+                limit: t,
+            },
+            None => Wait::for_request(
+                self.config.timeouts.for_query(query_type),
+                &answerers,
+                request.max_tokens,
+                // The most answers one agent may owe this request, one after another.
+                (self.config.vote_samples)
+                    .div_ceil(answerers.len().max(1))
+                    .max(self.config.confidence_samples),
+            ),
+        };
         let sizes: Vec<u64> = answerers.iter().map(Target::parameters).collect();
         let strategy = requested.resolve(&sizes);
         let (final_answer, decided_by) = match strategy {
@@ -319,7 +334,7 @@ impl Swarm {
 }
 
 impl Swarm {
-    /// Sends one job to its target and waits at most `timeout`.
+    /// Sends one job to its target and waits at most `timeout` (the request's limit).
     async fn send(&self, job: Job, timeout: Duration) -> Result<Answer, String> {
         let ask = Ask {
             request_id: self.next_request.fetch_add(1, Ordering::Relaxed),

@@ -12,6 +12,7 @@ use crate::vote::{self_agreement, vote, VoteMethod};
 
 use super::report::{AgentAnswer, AgentFailure, SwarmError};
 use super::target::{billions, Target};
+use super::wait::{gather, Wait};
 use super::{Swarm, SwarmRequest};
 
 /// One request in progress: what was asked, and every answer and failure so far.
@@ -145,7 +146,7 @@ impl Run<'_> {
     pub(super) async fn moa(
         &mut self,
         answerers: &[Target],
-        timeout: Duration,
+        wait: Wait,
     ) -> Result<(String, String), SwarmError> {
         let jobs = answerers
             .iter()
@@ -158,7 +159,7 @@ impl Run<'_> {
                 )
             })
             .collect();
-        let got = self.ask_all(jobs, timeout).await;
+        let got = self.ask_all(jobs, wait).await;
         if got.is_empty() {
             return Err(self.no_answer());
         }
@@ -181,7 +182,7 @@ impl Run<'_> {
         if let Some((target, system)) = aggregator {
             let prompt = aggregator_prompt(&self.question, &labelled);
             let job = self.task_job(target, "aggregate", system, prompt);
-            if let Some(a) = self.ask_one(job, timeout).await {
+            if let Some(a) = self.ask_one(job, wait.limit).await {
                 if !a.text.trim().is_empty() {
                     return Ok((a.text, format!("aggregated by {} ({})", a.agent, a.model)));
                 }
@@ -199,7 +200,7 @@ impl Run<'_> {
     pub(super) async fn vote(
         &mut self,
         answerers: &[Target],
-        timeout: Duration,
+        wait: Wait,
     ) -> Result<(String, String), SwarmError> {
         let n = self.swarm.config.vote_samples.max(1);
         let jobs = (0..n)
@@ -219,7 +220,7 @@ impl Run<'_> {
                 ))
             })
             .collect();
-        let got = self.ask_all(jobs, timeout).await;
+        let got = self.ask_all(jobs, wait).await;
         if got.is_empty() {
             return Err(self.no_answer());
         }
@@ -234,7 +235,7 @@ impl Run<'_> {
     pub(super) async fn confidence(
         &mut self,
         answerers: &[Target],
-        timeout: Duration,
+        wait: Wait,
     ) -> Result<(String, String), SwarmError> {
         let k = self.swarm.config.confidence_samples.max(1);
         let mut jobs = Vec::new();
@@ -249,7 +250,7 @@ impl Run<'_> {
                 jobs.push(self.answer_job(target.clone(), "sample", temperature, seed));
             }
         }
-        let got = self.ask_all(jobs, timeout).await;
+        let got = self.ask_all(jobs, wait).await;
         if got.is_empty() {
             return Err(self.no_answer());
         }
@@ -291,7 +292,7 @@ impl Run<'_> {
     pub(super) async fn fastest(
         &mut self,
         answerers: &[Target],
-        timeout: Duration,
+        wait: Wait,
     ) -> Result<(String, String), SwarmError> {
         let mut pending: FuturesUnordered<_> = answerers
             .iter()
@@ -305,7 +306,7 @@ impl Run<'_> {
                 let swarm = self.swarm;
                 async move {
                     let target = job.target.clone();
-                    let result = swarm.send(job, timeout).await;
+                    let result = swarm.send(job, wait.limit).await;
                     (target, result)
                 }
             })
@@ -323,7 +324,7 @@ impl Run<'_> {
     pub(super) async fn strongest(
         &mut self,
         answerers: &[Target],
-        timeout: Duration,
+        wait: Wait,
     ) -> Result<(String, String), SwarmError> {
         let mut by_size: Vec<&Target> = answerers.iter().collect();
         by_size.sort_by(|a, b| {
@@ -338,7 +339,7 @@ impl Run<'_> {
                 self.request.temperature,
                 self.request.seed,
             );
-            let result = self.swarm.send(job, timeout).await;
+            let result = self.swarm.send(job, wait.limit).await;
             if let Some(a) = self.accept(target, "answer", result) {
                 let size = billions(target.parameters());
                 return Ok((
@@ -356,7 +357,7 @@ impl Run<'_> {
     pub(super) async fn speed(
         &mut self,
         answerers: &[Target],
-        timeout: Duration,
+        wait: Wait,
     ) -> Result<(String, String), SwarmError> {
         let by_weight = |a: &&Target, b: &&Target| a.weight().total_cmp(&b.weight());
         let drafter = self
@@ -370,7 +371,7 @@ impl Run<'_> {
             self.request.temperature,
             self.request.seed,
         );
-        let Some(draft) = self.ask_one(job, timeout).await else {
+        let Some(draft) = self.ask_one(job, wait.limit).await else {
             return Err(self.no_answer());
         };
         let drafter_name = drafter.name();
@@ -389,7 +390,7 @@ impl Run<'_> {
         if let Some((target, system)) = checker {
             let prompt = correction_prompt(&self.question, &draft.text);
             let job = self.task_job(target, "correct", system, prompt);
-            if let Some(a) = self.ask_one(job, timeout).await {
+            if let Some(a) = self.ask_one(job, wait.limit).await {
                 if !a.text.trim().is_empty() {
                     return Ok((
                         a.text,
@@ -425,21 +426,36 @@ impl Run<'_> {
         }
     }
 
-    /// Asks every job in parallel; returns the answers that came, in job order.
+    /// Asks every job in parallel; returns the answers that came, in job order. Waits for
+    /// all of them until `wait.enough`; past it, stops as soon as one has answered (the
+    /// others are abandoned, which stops their generation); with none by then, waits for
+    /// the first up to `wait.limit`.
     pub(super) async fn ask_all(
         &mut self,
         jobs: Vec<Job>,
-        timeout: Duration,
+        wait: Wait,
     ) -> Vec<(Target, AgentAnswer)> {
         let swarm = self.swarm;
-        let results = futures::future::join_all(jobs.into_iter().map(|job| async move {
-            let target = job.target.clone();
-            let task = job.task;
-            (target, task, swarm.send(job, timeout).await)
-        }))
-        .await;
+        let asked: Vec<(Target, &'static str)> =
+            jobs.iter().map(|j| (j.target.clone(), j.task)).collect();
+        let sends = jobs
+            .into_iter()
+            .map(|job| swarm.send(job, wait.limit))
+            .collect();
+        let gathered = gather(sends, wait, |a: &Answer| !a.text.trim().is_empty()).await;
         let mut got = Vec::new();
-        for (target, task, result) in results {
+        for ((target, task), result) in asked.into_iter().zip(gathered.results) {
+            let result = result.unwrap_or_else(|| {
+                Err(format!(
+                    "did not answer in time: the head stopped waiting after {} ms ({})",
+                    gathered.waited.as_millis(),
+                    if gathered.answered {
+                        "others had answered"
+                    } else {
+                        "the request's limit"
+                    }
+                ))
+            });
             if let Some(a) = self.accept(&target, task, result) {
                 got.push((target, a));
             }

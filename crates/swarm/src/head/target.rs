@@ -17,6 +17,8 @@ pub(super) enum Target {
         model: String,
         weight: f32,
         parameters: u64,
+        /// Measured decode speed (0: not measured).
+        tokens_per_s: f32,
     },
     Local {
         service: Arc<AgentService>,
@@ -62,6 +64,14 @@ impl Target {
     pub(super) fn weight(&self) -> f32 {
         match self {
             Target::Remote { weight, .. } | Target::Local { weight, .. } => *weight,
+        }
+    }
+
+    /// Measured decode speed, tokens per second (0: not measured).
+    pub(super) fn tokens_per_s(&self) -> f32 {
+        match self {
+            Target::Remote { tokens_per_s, .. } => *tokens_per_s,
+            Target::Local { service, .. } => service.card().tokens_per_s,
         }
     }
 

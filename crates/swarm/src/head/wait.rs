@@ -1,0 +1,208 @@
+//! How long a request waits for its agents (issue #14): the per-type timeout is when the head
+//! stops waiting for *more* answers, not a reason to throw away the work of agents that are
+//! still generating. Only when no answer has come by then does the head wait on, for the
+//! first complete answer, up to the request's own limit: what it asks for (`max_tokens`) at
+//! the slowest answering agent's measured speed, with room for prefill and for agents that
+//! share cores.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use super::target::Target;
+
+/// Assumed decode speed of an agent that has not measured itself.
+const UNMEASURED_TOKENS_PER_S: f32 = 5.0;
+/// Room for prompt processing, connecting and queueing, per answer.
+const PER_ANSWER_ALLOWANCE: Duration = Duration::from_secs(5);
+/// Measured speeds are of an agent alone; several agents (and samples) on shared cores go
+/// slower than that.
+const CONTENTION: f64 = 2.0;
+/// No request waits longer than this for its first answer.
+const MAX_LIMIT: Duration = Duration::from_secs(600);
+
+/// A request's two deadlines, from its start.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Wait {
+    /// Past this the head stops waiting for more answers, once it has one.
+    pub(super) enough: Duration,
+    /// Past this the head stops waiting at all. Never less than `enough`.
+    pub(super) limit: Duration,
+}
+
+impl Wait {
+    /// The deadlines of a request of `max_tokens` to `answerers`, each of which may owe up
+    /// to `per_agent` answers one after another; `enough` is the query type's timeout.
+    pub(super) fn for_request(
+        enough: Duration,
+        answerers: &[Target],
+        max_tokens: u32,
+        per_agent: usize,
+    ) -> Wait {
+        let slowest = answerers
+            .iter()
+            .map(|t| match t.tokens_per_s() {
+                s if s.is_finite() && s > 0.0 => s,
+                _ => UNMEASURED_TOKENS_PER_S,
+            })
+            .fold(f32::INFINITY, f32::min);
+        let slowest = if slowest.is_finite() {
+            slowest
+        } else {
+            UNMEASURED_TOKENS_PER_S
+        };
+        let one_answer =
+            PER_ANSWER_ALLOWANCE.as_secs_f64() + f64::from(max_tokens) / f64::from(slowest);
+        let seconds = one_answer * per_agent.max(1) as f64 * CONTENTION;
+        let limit = Duration::from_secs_f64(seconds.min(MAX_LIMIT.as_secs_f64()));
+        Wait {
+            enough,
+            limit: limit.max(enough),
+        }
+    }
+}
+
+/// What [`gather`] collected.
+pub(super) struct Gathered<T> {
+    /// Each future's result, in the order given; `None` for those still running when the
+    /// wait ended (they were dropped, which stops their work).
+    pub(super) results: Vec<Option<Result<T, String>>>,
+    /// Whether an answer (a result `is_answer` accepts) had come.
+    pub(super) answered: bool,
+    /// How long the wait took.
+    pub(super) waited: Duration,
+}
+
+/// Runs `asks` together: all of them until `wait.enough`; past it, stops as soon as one
+/// has answered; with none by then, waits for the first up to `wait.limit`.
+pub(super) async fn gather<T, F>(
+    asks: Vec<F>,
+    wait: Wait,
+    is_answer: impl Fn(&T) -> bool,
+) -> Gathered<T>
+where
+    F: Future<Output = Result<T, String>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut results: Vec<Option<Result<T, String>>> = asks.iter().map(|_| None).collect();
+    let mut pending: FuturesUnordered<_> = asks
+        .into_iter()
+        .enumerate()
+        .map(|(i, ask)| async move { (i, ask.await) })
+        .collect();
+    let mut answered = false;
+    while !pending.is_empty() {
+        let until = started + if answered { wait.enough } else { wait.limit };
+        tokio::select! {
+            next = pending.next() => {
+                let Some((i, result)) = next else { break };
+                answered |= result.as_ref().is_ok_and(&is_answer);
+                results[i] = Some(result);
+            }
+            () = tokio::time::sleep_until(until) => break,
+        }
+    }
+    Gathered {
+        results,
+        answered,
+        waited: started.elapsed(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(tokens_per_s: f32) -> Target {
+        Target::Remote {
+            index: 0,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            name: "a".into(),
+            role: None,
+            model: "m".into(),
+            weight: 1.0,
+            parameters: 0,
+            tokens_per_s,
+        }
+    }
+
+    #[test]
+    fn the_limit_follows_the_tokens_asked_and_the_slowest_agent() {
+        let twelve = Duration::from_secs(12);
+        // 512 tokens at 20 tok/s: 5 + 25.6 s per answer, two answers each, doubled.
+        let w = Wait::for_request(twelve, &[agent(40.0), agent(20.0)], 512, 2);
+        assert_eq!(w.enough, twelve);
+        assert!((w.limit.as_secs_f64() - 4.0 * 30.6).abs() < 1e-6, "{w:?}");
+        // A short answer from fast agents: never less than the per-type timeout.
+        let w = Wait::for_request(twelve, &[agent(100.0)], 8, 1);
+        assert_eq!(w.limit, twelve);
+        // An agent that never measured itself counts as slow; no request waits for ever.
+        let w = Wait::for_request(twelve, &[agent(0.0)], 4096, 5);
+        assert_eq!(w.limit, MAX_LIMIT);
+        let w = Wait::for_request(twelve, &[], 100, 1);
+        assert!(w.limit > twelve);
+    }
+
+    /// An answer that takes `secs` (or fails after it).
+    async fn answer(secs: u64, ok: bool) -> Result<u64, String> {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        if ok {
+            Ok(secs)
+        } else {
+            Err("failed".into())
+        }
+    }
+
+    fn wait(enough: u64, limit: u64) -> Wait {
+        Wait {
+            enough: Duration::from_secs(enough),
+            limit: Duration::from_secs(limit),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn everyone_who_answers_in_time_counts() {
+        let asks = vec![answer(3, true), answer(5, true), answer(11, true)];
+        let g = gather(asks, wait(12, 100), |_| true).await;
+        let got: Vec<_> = g.results.into_iter().map(|r| r.map(|r| r.ok())).collect();
+        assert_eq!(got, [Some(Some(3)), Some(Some(5)), Some(Some(11))]);
+        assert_eq!(
+            g.waited,
+            Duration::from_secs(11),
+            "no wait past the last answer"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_enough_the_head_stops_waiting_for_more() {
+        let asks = vec![answer(3, true), answer(30, true)];
+        let g = gather(asks, wait(12, 100), |_| true).await;
+        assert!(g.answered);
+        assert!(g.results[0].is_some() && g.results[1].is_none());
+        assert_eq!(g.waited, Duration::from_secs(12));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_answer_by_then_the_first_one_is_awaited() {
+        // Every agent is still generating at 12 s: the work is not thrown away; the first
+        // complete answer (at 40 s) ends the wait, a failure before it does not.
+        let asks = vec![answer(70, true), answer(40, true), answer(20, false)];
+        let g = gather(asks, wait(12, 100), |_| true).await;
+        assert_eq!(g.waited, Duration::from_secs(40));
+        assert!(matches!(g.results[1], Some(Ok(40))));
+        assert!(matches!(g.results[2], Some(Err(_))));
+        assert!(g.results[0].is_none());
+        // ... but never past the request's limit.
+        let g = gather(vec![answer(500, true)], wait(12, 100), |_| true).await;
+        assert!(!g.answered && g.results[0].is_none());
+        assert_eq!(g.waited, Duration::from_secs(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_the_head_cannot_use_does_not_end_the_wait() {
+        let asks = vec![answer(2, true), answer(50, true)];
+        let g = gather(asks, wait(12, 100), |secs| *secs > 2).await;
+        assert_eq!(g.waited, Duration::from_secs(50));
+    }
+}
