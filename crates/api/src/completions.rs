@@ -171,7 +171,7 @@ pub(crate) fn check(
         Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
     };
     let sampling = sampling(req)?;
-    let stop = match &req.stop {
+    let stop: Vec<String> = match &req.stop {
         None => Vec::new(),
         Some(stop) => stop
             .to_vec()
@@ -179,6 +179,27 @@ pub(crate) fn check(
             .filter(|s| !s.is_empty())
             .collect(),
     };
+    let limits = state.limits();
+    if stop.len() > limits.max_stop {
+        return Err(ApiError::invalid_value(
+            "stop",
+            format!(
+                "at most {} stop strings are allowed, got {}",
+                limits.max_stop,
+                stop.len()
+            ),
+        ));
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > limits.max_stop_len) {
+        return Err(ApiError::invalid_value(
+            "stop",
+            format!(
+                "a stop string may be {} bytes at most, got one of {}",
+                limits.max_stop_len,
+                long.len()
+            ),
+        ));
+    }
     Ok(Prepared {
         model: (),
         sampling,
@@ -420,7 +441,7 @@ async fn respond(
         params,
         received,
     };
-    let rx = runner::start(state.admission(&job.backend), state.metrics(), job).await?;
+    let rx = runner::start(&state, job).await?;
     let out = Output {
         id: state.new_id(match kind {
             Kind::Chat => "chatcmpl",

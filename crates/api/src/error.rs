@@ -11,6 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_engine::EngineError;
 
+use crate::state::AppState;
+
 /// An error answer: HTTP status plus OpenAI's error object.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{status}: {message}")]
@@ -21,6 +23,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds a client told to come back later should wait (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -45,6 +49,7 @@ impl ApiError {
             kind,
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -139,6 +144,33 @@ impl ApiError {
         .code("invalid_api_key")
     }
 
+    /// 429: the queue for the engine is full; come back in `retry_after` seconds.
+    pub fn queue_full(waiting: usize, retry_after: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!(
+                "the server is busy: {waiting} requests are waiting already; try again shortly"
+            ),
+        )
+        .code("queue_full");
+        e.retry_after = Some(retry_after);
+        e
+    }
+
+    /// 408: the client took too long to send its request.
+    pub fn request_timeout(after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {} s",
+                after.as_secs()
+            ),
+        )
+        .code("request_timeout")
+    }
+
     /// 503: the model is not loaded (yet, or at all).
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(
@@ -198,12 +230,18 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = %self.status, message = %self.message, "request rejected");
         }
-        (
+        let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/json")],
             self.body(),
         )
-            .into_response()
+            .into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -215,15 +253,20 @@ impl IntoResponse for ApiError {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Json<T>(pub T);
 
-impl<S, T> FromRequest<S> for Json<T>
+impl<T> FromRequest<AppState> for Json<T>
 where
-    S: Send + Sync,
     T: DeserializeOwned,
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+    /// Reads the body within the node's request-read timeout (a client that trickles its
+    /// body gets a 408), then parses it.
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let within = state.limits().request_read_timeout;
+        let read = tokio::time::timeout(within, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| ApiError::request_timeout(within))?;
+        let bytes = read.map_err(|rejection| {
             ApiError::new(
                 rejection.status(),
                 "invalid_request_error",

@@ -17,8 +17,10 @@
 mod backend;
 mod completions;
 mod error;
+mod limits;
 mod metrics;
 mod runner;
+mod serve;
 mod state;
 mod swarm;
 mod types;
@@ -33,6 +35,8 @@ use axum::Router;
 pub use backend::Backend;
 pub use completions::DEFAULT_MAX_TOKENS;
 pub use error::{ApiError, Json};
+pub use limits::HttpLimits;
+pub use serve::serve;
 pub use state::AppState;
 
 use types::{ModelList, ModelObject};

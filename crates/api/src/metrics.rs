@@ -33,6 +33,7 @@ pub(crate) struct Metrics {
     pub(crate) in_flight: Gauge,
     pub(crate) queued: Gauge,
     pub(crate) cancelled: Counter,
+    pub(crate) rejected: Counter,
     /// Batches of stage work run on this node (pipeline mode), read at each scrape.
     pub(crate) batches: BatchStats,
 }
@@ -52,6 +53,7 @@ impl Metrics {
             in_flight: Gauge::default(),
             queued: Gauge::default(),
             cancelled: Counter::default(),
+            rejected: Counter::default(),
             batches: BatchStats::default(),
         };
         let mut registry = Registry::with_prefix("shoal");
@@ -99,8 +101,13 @@ impl Metrics {
         );
         registry.register(
             "requests_cancelled",
-            "Generations stopped early because the client went away",
+            "Generations stopped early because the client went away or stopped reading",
             metrics.cancelled.clone(),
+        );
+        registry.register(
+            "requests_rejected",
+            "Generations refused with 429 because the queue for the engine was full",
+            metrics.rejected.clone(),
         );
         registry.register_collector(Box::new(BatchCollector(metrics.batches.clone())));
         (metrics, registry)

@@ -3,20 +3,24 @@
 //! The engine is synchronous and CPU-bound, so each generation runs in
 //! `spawn_blocking` and hands its text to the handler through a small bounded channel.
 //! A semaphore with one permit stands in front of the engine: requests queue for it in
-//! arrival order (tokio's semaphore is fair). When the handler goes away (the client
-//! disconnected, hyper dropped the response) the receiver is dropped, the next send fails,
-//! and the generation stops there instead of running to `max_tokens` for nobody.
+//! arrival order (tokio's semaphore is fair), at most [`HttpLimits::max_queue`] of them (one
+//! more gets a 429). When the handler goes away (the client disconnected, hyper dropped the
+//! response) the receiver is dropped, the next send fails, and the generation stops there
+//! instead of running to `max_tokens` for nobody. A client that stays connected but stops
+//! reading is treated the same once a piece has waited [`HttpLimits::client_stall_timeout`]:
+//! it must not hold the engine that everyone else waits for.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use shoal_engine::{EngineError, FinishReason, GenerateParams, Model, TextStream};
 use shoal_pipeline::Pipeline;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
 use crate::backend::Backend;
 use crate::error::ApiError;
+use crate::limits::{HttpLimits, RETRY_AFTER_S};
 use crate::metrics::{GaugeGuard, Metrics};
+use crate::state::AppState;
 use crate::types::Usage;
 
 /// Steps buffered between the engine and a slow client before the engine waits.
@@ -42,18 +46,27 @@ pub(crate) enum Event {
 /// Waits for the engine, then starts `job`: on a blocking thread for a local model, as a
 /// task driving the ring for a pipeline. Dropping the future while it waits leaves the
 /// queue; dropping the receiver stops the generation.
-pub(crate) async fn start(
-    engine: &Arc<Semaphore>,
-    metrics: &Metrics,
-    job: Job,
-) -> Result<mpsc::Receiver<Event>, ApiError> {
-    let permit = {
-        let _queued = GaugeGuard::new(&metrics.queued);
-        Arc::clone(engine)
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::unavailable("the server is shutting down"))?
+pub(crate) async fn start(state: &AppState, job: Job) -> Result<mpsc::Receiver<Event>, ApiError> {
+    let metrics = state.metrics();
+    let limits: &HttpLimits = state.limits();
+    let engine = state.admission(&job.backend);
+    let permit = match engine.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => {
+            let waiting = usize::try_from(metrics.queued.get()).unwrap_or(0);
+            if waiting >= limits.max_queue {
+                metrics.rejected.inc();
+                return Err(ApiError::queue_full(waiting, RETRY_AFTER_S));
+            }
+            let _queued = GaugeGuard::new(&metrics.queued);
+            engine
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| ApiError::unavailable("the server is shutting down"))?
+        }
     };
+    let stall = limits.client_stall_timeout;
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     let metrics = metrics.clone();
     match job.backend.clone() {
@@ -62,12 +75,12 @@ pub(crate) async fn start(
                 let last = {
                     let _permit = permit;
                     let _in_flight = GaugeGuard::new(&metrics.in_flight);
-                    run(&model, job, &tx, &metrics)
+                    run(&model, job, &tx, &metrics, stall)
                 };
                 // The engine is free before the client hears the end, so a client that
                 // sends its next request at once finds it free and the gauges settled.
                 if let Some(event) = last {
-                    let _ = tx.blocking_send(event);
+                    let _ = send_blocking(&tx, event, stall);
                 }
             });
         }
@@ -76,10 +89,10 @@ pub(crate) async fn start(
                 let last = {
                     let _permit = permit;
                     let _in_flight = GaugeGuard::new(&metrics.in_flight);
-                    run_ring(&pipeline, job, &tx, &metrics).await
+                    run_ring(&pipeline, job, &tx, &metrics, stall).await
                 };
                 if let Some(event) = last {
-                    let _ = tx.send(event).await;
+                    let _ = send(&tx, event, stall).await;
                 }
             });
         }
@@ -87,8 +100,41 @@ pub(crate) async fn start(
     Ok(rx)
 }
 
+/// Hands `event` to the client's handler, waiting at most `stall` for room; `Err` when the
+/// client is gone or stopped reading.
+async fn send(tx: &mpsc::Sender<Event>, event: Event, stall: Duration) -> Result<(), ()> {
+    match tokio::time::timeout(stall, tx.send(event)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(()),
+        Err(_) => {
+            tracing::info!(
+                seconds = stall.as_secs_f64(),
+                "a client stopped reading its answer; dropping it"
+            );
+            Err(())
+        }
+    }
+}
+
+/// [`send`] from a blocking thread (the engine's).
+fn send_blocking(tx: &mpsc::Sender<Event>, event: Event, stall: Duration) -> Result<(), ()> {
+    match tx.try_send(event) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        Err(mpsc::error::TrySendError::Full(event)) => {
+            tokio::runtime::Handle::current().block_on(send(tx, event, stall))
+        }
+    }
+}
+
 /// Generates, sending text as it comes; returns the closing event, if anyone listens.
-fn run(model: &Model, job: Job, tx: &mpsc::Sender<Event>, metrics: &Metrics) -> Option<Event> {
+fn run(
+    model: &Model,
+    job: Job,
+    tx: &mpsc::Sender<Event>,
+    metrics: &Metrics,
+    stall: Duration,
+) -> Option<Event> {
     let prompt_tokens = job.prompt.len();
     let mut generation = match model.generate(job.prompt, job.params) {
         Ok(g) => g,
@@ -112,7 +158,7 @@ fn run(model: &Model, job: Job, tx: &mpsc::Sender<Event>, metrics: &Metrics) -> 
                 let gone = if step.text.is_empty() {
                     tx.is_closed()
                 } else {
-                    tx.blocking_send(Event::Text(step.text)).is_err()
+                    send_blocking(tx, Event::Text(step.text), stall).is_err()
                 };
                 if gone {
                     break Err(None);
@@ -161,6 +207,7 @@ async fn run_ring(
     job: Job,
     tx: &mpsc::Sender<Event>,
     metrics: &Metrics,
+    stall: Duration,
 ) -> Option<Event> {
     let prompt_tokens = job.prompt.len();
     let tokenizer = pipeline.tokenizer();
@@ -204,7 +251,7 @@ async fn run_ring(
                     Ok(pushed) => pushed,
                     Err(e) => break Err(Some(format!("decoding failed: {e}"))),
                 };
-                if !piece.is_empty() && tx.send(Event::Text(piece)).await.is_err() {
+                if !piece.is_empty() && send(tx, Event::Text(piece), stall).await.is_err() {
                     break Err(None);
                 }
                 if stop {
@@ -220,7 +267,7 @@ async fn run_ring(
         Ok(finish) => {
             if finish == FinishReason::Length {
                 let tail = text.flush();
-                if !tail.is_empty() && tx.send(Event::Text(tail)).await.is_err() {
+                if !tail.is_empty() && send(tx, Event::Text(tail), stall).await.is_err() {
                     metrics.cancelled.inc();
                     return None;
                 }

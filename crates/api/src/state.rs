@@ -12,6 +12,7 @@ use shoal_swarm::Swarm;
 
 use crate::backend::Backend;
 use crate::error::ApiError;
+use crate::limits::HttpLimits;
 use crate::metrics::Metrics;
 
 /// Most sessions one ring runs at once; more wait in line.
@@ -35,6 +36,7 @@ pub struct AppState {
 struct Inner {
     model_id: String,
     api_key: Option<String>,
+    limits: HttpLimits,
     load: RwLock<Load>,
     /// One permit: one generation on the engine at a time; the rest wait in line.
     engine: Arc<Semaphore>,
@@ -54,11 +56,17 @@ impl AppState {
     /// `model_id` is the id `/v1/models` lists and clients send as `model`. With an
     /// `api_key`, every endpoint but `/health` wants `Authorization: Bearer <api_key>`.
     pub fn new(model_id: String, api_key: Option<String>) -> Self {
+        Self::with_limits(model_id, api_key, HttpLimits::default())
+    }
+
+    /// [`AppState::new`] with these limits on what clients may ask.
+    pub fn with_limits(model_id: String, api_key: Option<String>, limits: HttpLimits) -> Self {
         let (metrics, registry) = Metrics::new();
         Self {
             inner: Arc::new(Inner {
                 model_id,
                 api_key,
+                limits,
                 load: RwLock::new(Load::Loading),
                 engine: Arc::new(Semaphore::new(1)),
                 ring_sessions: Arc::new(Semaphore::new(RING_SESSIONS)),
@@ -138,6 +146,11 @@ impl AppState {
 
     pub(crate) fn model_id(&self) -> &str {
         &self.inner.model_id
+    }
+
+    /// What clients may ask.
+    pub fn limits(&self) -> &HttpLimits {
+        &self.inner.limits
     }
 
     pub(crate) fn api_key(&self) -> Option<&str> {

@@ -6,6 +6,8 @@
 //!   (or a local swarm it starts), every answer run with the problem's tests in a sandbox.
 //! - [`swarm_overhead`]: `shoal bench --swarm-overhead`, what a swarm head adds to a request,
 //!   with instant stand-in agents speaking the real peer protocol.
+//! - [`plan`]: `shoal plan`, where a model's layers would go across devices described by
+//!   hand, this node measured on the real model.
 //! - [`relay`]: `shoal relay`, a TCP delay line that makes a slow link between pipeline
 //!   stages on one machine (this kernel has no `netem`).
 //!
@@ -13,6 +15,7 @@
 
 pub mod engine_bench;
 pub mod humaneval;
+pub mod plan;
 pub mod relay;
 pub mod swarm_overhead;
 

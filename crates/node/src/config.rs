@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use shoal_api::HttpLimits;
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::routing::Strategy;
 use shoal_wire::{DType, SwarmKey};
@@ -21,6 +22,8 @@ pub struct NodeConfig {
     pub http_addr: SocketAddr,
     /// Bearer token the API requires, if any.
     pub api_key: Option<String>,
+    /// What one HTTP client may ask, and how long it may take.
+    pub http_limits: HttpLimits,
     /// Where the peer port listens, if this node serves peers (stage work, swarm requests).
     pub peer_addr: Option<SocketAddr>,
     /// Other nodes' peer ports, `HOST:PORT`, in ring order. With `split` this node heads a
@@ -86,6 +89,7 @@ impl NodeConfig {
             model_id: None,
             http_addr,
             api_key: None,
+            http_limits: HttpLimits::default(),
             peer_addr: None,
             peers: Vec::new(),
             split: None,

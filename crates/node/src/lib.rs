@@ -53,7 +53,7 @@ pub struct Node {
     state: AppState,
     /// Set to `true` once: every listener and background loop stops.
     stop: watch::Sender<bool>,
-    http: JoinHandle<std::io::Result<()>>,
+    http: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -76,7 +76,11 @@ impl Node {
         };
         let listener = bind("for HTTP", config.http_addr).await?;
         let http_addr = local_addr("for HTTP", config.http_addr, &listener)?;
-        let state = AppState::new(config.model_id(), config.api_key.clone());
+        let state = AppState::with_limits(
+            config.model_id(),
+            config.api_key.clone(),
+            config.http_limits.clone(),
+        );
         let (stop, _) = watch::channel(false);
         let mut background = Vec::new();
 
@@ -143,13 +147,7 @@ impl Node {
             start_local_model(state.clone(), config.model.clone(), setup, swarm, &stop);
         }
 
-        let app = shoal_api::app(state.clone());
-        let http_stopped = stopped(&stop);
-        let http = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(http_stopped)
-                .await
-        });
+        let http = tokio::spawn(shoal_api::serve(listener, state.clone(), stopped(&stop)));
         Ok(Node {
             http_addr,
             peer_addr,
@@ -213,14 +211,8 @@ async fn stop_all(stop: &watch::Sender<bool>, background: Vec<JoinHandle<()>>) {
 }
 
 /// How the HTTP server's task ended, as the node reports it.
-fn http_outcome(
-    ended: Result<std::io::Result<()>, tokio::task::JoinError>,
-) -> Result<(), NodeError> {
-    match ended {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(NodeError::Http(e)),
-        Err(e) => Err(NodeError::Http(std::io::Error::other(e))),
-    }
+fn http_outcome(ended: Result<(), tokio::task::JoinError>) -> Result<(), NodeError> {
+    ended.map_err(|e| NodeError::Http(std::io::Error::other(e)))
 }
 
 /// Resolves once `stop` says so (or its sender is gone).

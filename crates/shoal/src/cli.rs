@@ -43,7 +43,7 @@ pub(crate) enum Command {
     /// List the known models and which are here; `models pull NAME` fetches one.
     Models(crate::models::ModelsArgs),
     /// Where a model's layers would go across devices, with predicted speed, and why.
-    Plan(crate::plan::PlanArgs),
+    Plan(shoal_eval::plan::PlanArgs),
     /// Measure answer quality against a running API (`eval humaneval`: pass@1).
     Eval(shoal_eval::humaneval::EvalArgs),
     /// Swarm keys: `key new` prints a new one.
@@ -180,7 +180,7 @@ pub(crate) fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
             crate::serve::serve(a, prompts)
         }
         Command::Bench(a) => shoal_eval::engine_bench::run(a, &resolve_model),
-        Command::Plan(a) => crate::plan::run(a),
+        Command::Plan(a) => shoal_eval::plan::run(a, &resolve_model),
         Command::Models(a) => crate::models::models(a),
         Command::Eval(a) => shoal_eval::humaneval::run(a, &resolve_model),
         Command::Relay(a) => shoal_eval::relay::run(a),
@@ -212,7 +212,7 @@ fn stream_to_stdout(generation: &mut Generation<'_>) -> anyhow::Result<String> {
 
 fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
     let path = resolve_model(a.model.model.as_deref())?;
-    let model = load_model(&path, false)?;
+    let model = load_model(&path)?;
     let prompt = if a.raw {
         a.prompt.clone()
     } else {
@@ -265,7 +265,7 @@ fn print_timings(g: &Generation<'_>) {
 
 fn chat(a: ChatArgs) -> anyhow::Result<ExitCode> {
     let path = resolve_model(a.model.model.as_deref())?;
-    let model = load_model(&path, false)?;
+    let model = load_model(&path)?;
     let mut history = messages(a.system.as_deref());
     let stdin = std::io::stdin();
     eprintln!(

@@ -53,6 +53,11 @@ pub(crate) struct ConfigFile {
     /// A file holding the swarm key (the key itself stays out of the config file).
     swarm_key_file: Option<PathBuf>,
     insecure_peers: Option<bool>,
+    max_queue: Option<usize>,
+    client_stall_timeout_s: Option<f64>,
+    request_timeout_s: Option<f64>,
+    max_stop: Option<usize>,
+    max_stop_len: Option<usize>,
     #[serde(default)]
     swarm: SwarmSection,
     /// Role name → system prompt.
@@ -139,6 +144,11 @@ pub(crate) fn apply(
         }
     }
     take!(peers);
+    take!(max_queue);
+    take!(client_stall_timeout_s);
+    take!(request_timeout_s);
+    take!(max_stop);
+    take!(max_stop_len);
     let s = file.swarm;
     take!(swarm_strategy, s.strategy);
     take!(swarm_timeout_simple, s.timeout_simple_s);

@@ -27,13 +27,9 @@ pub(crate) fn resolve_model(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 /// Loads a model, showing a progress bar on a terminal.
-pub(crate) fn load_model(path: &Path, quiet: bool) -> anyhow::Result<Model> {
+pub(crate) fn load_model(path: &Path) -> anyhow::Result<Model> {
     let started = Instant::now();
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
+    let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())

@@ -6,7 +6,6 @@ mod config;
 mod key;
 mod load;
 mod models;
-mod plan;
 mod serve;
 
 use std::process::ExitCode;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use shoal_api::HttpLimits;
 use shoal_node::{Node, NodeConfig, SwarmSettings};
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::routing::Strategy;
@@ -82,6 +83,22 @@ pub(crate) struct ServeArgs {
     pub(crate) swarm_samples: usize,
     #[command(flatten)]
     pub(crate) key: crate::key::KeyArgs,
+    /// Requests waiting for the model at most; more are answered 429 with Retry-After.
+    #[arg(long, default_value_t = HttpLimits::default().max_queue)]
+    pub(crate) max_queue: usize,
+    /// Seconds a streaming client may stop reading before it is dropped (and its
+    /// generation stopped).
+    #[arg(long, default_value_t = 30.0)]
+    pub(crate) client_stall_timeout_s: f64,
+    /// Seconds a client may take to send a request's headers, and then its body.
+    #[arg(long, default_value_t = 30.0)]
+    pub(crate) request_timeout_s: f64,
+    /// Stop strings per request at most.
+    #[arg(long, default_value_t = HttpLimits::default().max_stop)]
+    pub(crate) max_stop: usize,
+    /// Bytes per stop string at most.
+    #[arg(long, default_value_t = HttpLimits::default().max_stop_len)]
+    pub(crate) max_stop_len: usize,
 }
 
 pub(crate) fn serve(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<ExitCode> {
@@ -120,6 +137,13 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
     let mut config = NodeConfig::new(PathBuf::new(), bind_addr(&a.host, a.port)?);
     config.model_id = a.model_id;
     config.api_key = a.api_key;
+    config.http_limits = HttpLimits {
+        max_queue: a.max_queue,
+        client_stall_timeout: secs(a.client_stall_timeout_s, "client-stall-timeout-s")?,
+        request_read_timeout: secs(a.request_timeout_s, "request-timeout-s")?,
+        max_stop: a.max_stop,
+        max_stop_len: a.max_stop_len,
+    };
     config.peer_addr = a
         .peer_port
         .map(|port| bind_addr(&a.host, port))
@@ -137,8 +161,8 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
     config.insecure_peers = a.key.insecure_peers;
     config.swarm = SwarmSettings {
         strategy,
-        timeout_simple: Duration::from_secs_f64(a.swarm_timeout_simple),
-        timeout_complex: Duration::from_secs_f64(a.swarm_timeout_complex),
+        timeout_simple: secs(a.swarm_timeout_simple, "swarm-timeout-simple")?,
+        timeout_complex: secs(a.swarm_timeout_complex, "swarm-timeout-complex")?,
         vote_samples: a.swarm_samples,
         prompts,
     };
@@ -146,6 +170,12 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
     config.check()?;
     config.model = resolve_model(a.model.model.as_deref())?;
     Ok(config)
+}
+
+/// A flag's seconds as a duration (not negative, not NaN).
+fn secs(v: f64, flag: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("--{flag}: {v} is not a time in seconds"))
 }
 
 /// Resolves `host:port`.

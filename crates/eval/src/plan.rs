@@ -10,45 +10,46 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use shoal_cluster::{parse_split, plan, uniform_links, validate_split, NodeProfile, Objective};
-use shoal_engine::GgufFile;
+use shoal_engine::{GgufFile, Model};
 
-use crate::load::{load_model, resolve_model};
+use crate::ResolveModel;
 
 #[derive(Args)]
-pub(crate) struct PlanArgs {
+pub struct PlanArgs {
     /// GGUF model file or known model name (default: the built-in default model).
     #[arg(long, short)]
-    pub(crate) model: Option<PathBuf>,
+    pub model: Option<PathBuf>,
     /// Another device: `ID:FREE_GIB:DECODE_MS_PER_LAYER[:PREFILL_MS_PER_LAYER_TOKEN]`
     /// (repeatable, in ring order for `--split`).
     #[arg(long = "node")]
-    pub(crate) nodes: Vec<String>,
+    pub nodes: Vec<String>,
     /// One-way hop cost between any two devices, in milliseconds.
     #[arg(long, default_value_t = 0.5)]
-    pub(crate) link_ms: f64,
+    pub link_ms: f64,
     /// `latency` (one stream) or `throughput` (many streams).
     #[arg(long, default_value = "latency")]
-    pub(crate) objective: String,
+    pub objective: String,
     /// Check and cost a forced split instead, e.g. `0-9,10-19,20-29`.
     #[arg(long)]
-    pub(crate) split: Option<String>,
+    pub split: Option<String>,
     /// Context length to reserve KV cache for.
     #[arg(long, default_value_t = 4096)]
-    pub(crate) context: usize,
+    pub context: usize,
     /// This node's free memory in GiB (default: measured, MemAvailable).
     #[arg(long)]
-    pub(crate) memory_gib: Option<f64>,
+    pub memory_gib: Option<f64>,
 }
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
-pub(crate) fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
+pub fn run(a: PlanArgs, resolve_model: ResolveModel<'_>) -> anyhow::Result<ExitCode> {
     let path = resolve_model(a.model.as_deref())?;
     let file = GgufFile::open(&path)?;
     let shape = shoal_pipeline::model_shape(&file, a.context);
 
     eprintln!("measuring this node on {} ...", path.display());
-    let model = load_model(&path, true)?;
+    let model =
+        Model::load(&path, |_, _| {}).with_context(|| format!("loading {}", path.display()))?;
     let timing = shoal_engine::profile::measure(model.stage(), 64, 16)?;
     let free = match a.memory_gib {
         Some(g) => (g * GIB) as u64,
