@@ -23,7 +23,7 @@
 # own per-layer profile is printed alongside as a cross-check). Per-hop time =
 # (ring ms/token − single-process ms/token) / hops, hops = stages (the ring closes at the
 # head). Bytes per token = one decode `Forward` frame (crates/wire/src/message/session.rs:
-# 12 header + 16 ids + 8 position + 10 activation header + hidden × dtype size + 42 greedy
+# 12 header + 24 ids (session, seq, plan) + 8 position + 10 activation header + hidden × dtype size + 42 greedy
 # sampling spec + 7 reply address), sent on each of the N-1 stage-to-stage hops, plus
 # one 33-byte `Token` frame back to the head. Peak RSS = VmHWM of every process at the end.
 #
@@ -145,10 +145,10 @@ def split_evenly(n_stages):
 
 DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 def forward_frame_bytes(dtype):
-    # header 12; session_id + seq 16; positions u32 count + 1 × u32 = 8; payload tag 1 +
+    # header 12; session_id + seq + plan_id 24; positions u32 count + 1 × u32 = 8; payload tag 1 +
     # rows 4 + cols 4 + dtype 1; data; want tag 1 + greedy SamplingSpec (7 × 4 + seed 8 +
     # logprob 1 + empty penalty window 4 = 41); reply_to IPv4 1 + 4 + 2.
-    return 12 + 16 + 8 + 10 + HIDDEN * DTYPE_BYTES[dtype] + 42 + 7
+    return 12 + 24 + 8 + 10 + HIDDEN * DTYPE_BYTES[dtype] + 42 + 7
 TOKEN_FRAME_BYTES = 12 + 8 + 8 + 4 + 1
 
 # ---------------------------------------------------------------- processes

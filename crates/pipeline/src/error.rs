@@ -38,6 +38,12 @@ pub enum PipelineError {
     /// This node has as much work as it may take.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// A `Forward` of a plan this stage does not serve (it was loaded for another).
+    #[error(
+        "this stage serves plan {loaded:016x}, not {sent:016x}: it was loaded again (by \
+         another head, or a re-plan), so the session's cache is not here"
+    )]
+    StalePlan { loaded: u64, sent: u64 },
     /// No answer came in time.
     #[error("no {what} arrived within {after:?}; is every stage of the ring still up?")]
     Timeout { what: &'static str, after: Duration },

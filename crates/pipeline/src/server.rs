@@ -490,6 +490,14 @@ impl StageServer {
         let mut jobs = Vec::with_capacity(batch.len());
         let mut metas = Vec::with_capacity(batch.len());
         for f in batch {
+            if f.plan_id != loaded.plan.plan_id {
+                let e = PipelineError::StalePlan {
+                    loaded: loaded.plan.plan_id,
+                    sent: f.plan_id,
+                };
+                self.report(&f, e).await;
+                continue;
+            }
             let state = match self.session(&loaded, f.session_id) {
                 Ok(Some(state)) => state,
                 Ok(None) => continue,
@@ -501,6 +509,7 @@ impl StageServer {
             let Forward {
                 session_id,
                 seq,
+                plan_id,
                 positions,
                 payload,
                 want,
@@ -515,6 +524,7 @@ impl StageServer {
             metas.push(Forward {
                 session_id,
                 seq,
+                plan_id,
                 positions,
                 // Not sent: replaced by the result.
                 payload: Payload::Tokens(Vec::new()),
@@ -559,6 +569,7 @@ impl StageServer {
                 let msg = Message::Forward(Forward {
                     session_id: f.session_id,
                     seq: f.seq,
+                    plan_id: f.plan_id,
                     positions: f.positions.clone(),
                     payload: Payload::Hidden(a),
                     want: f.want.clone(),
@@ -804,6 +815,7 @@ fn error_code(e: &PipelineError) -> ErrorCode {
     match e {
         PipelineError::ModelUnavailable { .. } => ErrorCode::MODEL_UNAVAILABLE,
         PipelineError::Overloaded(_) => ErrorCode::OVERLOADED,
+        PipelineError::StalePlan { .. } => ErrorCode::STALE_PLAN,
         PipelineError::Config(_)
         | PipelineError::InvalidRequest(_)
         | PipelineError::Engine(

@@ -365,6 +365,7 @@ async fn end_session_and_idle_eviction_free_the_cache() {
         Message::Forward(Forward {
             session_id,
             seq: 0,
+            plan_id: 1,
             positions: vec![0, 1, 2],
             payload: Payload::Hidden(
                 Activations::from_f32(3, hidden as u32, &vec![0.01; 3 * hidden], DType::F16)
@@ -541,6 +542,7 @@ async fn a_bad_forward_in_a_batch_fails_only_its_session() {
         Message::Forward(Forward {
             session_id,
             seq: 0,
+            plan_id: 4,
             positions,
             payload,
             want,
@@ -797,6 +799,7 @@ async fn a_failing_forward_is_reported_to_the_head() {
     conn.write_frame(&Message::Forward(Forward {
         session_id: 77,
         seq: 5,
+        plan_id: 3,
         positions: vec![0],
         payload: Payload::Tokens(vec![1]),
         want: Want::Token(shoal_wire::SamplingSpec::greedy()),
@@ -1142,14 +1145,21 @@ async fn accept_replies(replies: &TcpListener) -> Connection {
     head
 }
 
-/// A step of one token's hidden state for the last stage, at `positions`.
-fn step(session_id: u64, seq: u64, positions: Vec<u32>, reply_to: SocketAddr) -> Message {
+/// A step of one token's hidden state for the last stage of plan `plan_id`, at `positions`.
+fn step(
+    plan_id: u64,
+    session_id: u64,
+    seq: u64,
+    positions: Vec<u32>,
+    reply_to: SocketAddr,
+) -> Message {
     let hidden = reference().config().hidden;
     let rows = positions.len();
     let values: Vec<f32> = (0..rows * hidden).map(|i| (i % 7) as f32 / 7.0).collect();
     Message::Forward(Forward {
         session_id,
         seq,
+        plan_id,
         positions,
         payload: Payload::Hidden(
             Activations::from_f32(rows as u32, hidden as u32, &values, DType::F32).unwrap(),
@@ -1169,7 +1179,7 @@ async fn positions_must_continue_the_cache() {
     load_last_stage(&mut conn, 5, DType::F32).await;
     let replies = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let reply_to = replies.local_addr().unwrap();
-    conn.write_frame(&step(1, 0, vec![0, 1], reply_to))
+    conn.write_frame(&step(5, 1, 0, vec![0, 1], reply_to))
         .await
         .unwrap();
     let mut head = accept_replies(&replies).await;
@@ -1184,7 +1194,7 @@ async fn positions_must_continue_the_cache() {
         ("out of order", vec![2, 4]),
     ];
     for (seq, (what, positions)) in cases.into_iter().enumerate() {
-        conn.write_frame(&step(1, seq as u64 + 1, positions, reply_to))
+        conn.write_frame(&step(5, 1, seq as u64 + 1, positions, reply_to))
             .await
             .unwrap();
         let Some(Message::Error(e)) = head.read_frame().await.unwrap() else {
@@ -1204,7 +1214,7 @@ async fn positions_must_continue_the_cache() {
         );
     }
     // The next position is still welcome.
-    conn.write_frame(&step(1, 9, vec![2], reply_to))
+    conn.write_frame(&step(5, 1, 9, vec![2], reply_to))
         .await
         .unwrap();
     assert!(matches!(
@@ -1228,12 +1238,12 @@ async fn sessions_per_stage_are_capped() {
     load_last_stage(&mut conn, 6, DType::F32).await;
     let replies = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let reply_to = replies.local_addr().unwrap();
-    conn.write_frame(&step(1, 0, vec![0], reply_to))
+    conn.write_frame(&step(6, 1, 0, vec![0], reply_to))
         .await
         .unwrap();
     let mut head = accept_replies(&replies).await;
     for session in [2, 3] {
-        conn.write_frame(&step(session, 0, vec![0], reply_to))
+        conn.write_frame(&step(6, session, 0, vec![0], reply_to))
             .await
             .unwrap();
     }
@@ -1257,11 +1267,68 @@ async fn sessions_per_stage_are_capped() {
     }))
     .await
     .unwrap();
-    conn.write_frame(&step(3, 1, vec![0], reply_to))
+    conn.write_frame(&step(6, 3, 1, vec![0], reply_to))
         .await
         .unwrap();
     let Some(Message::Token(t)) = head.read_frame().await.unwrap() else {
         panic!("room was made")
     };
     assert_eq!(t.session_id, 3);
+}
+
+/// Issue #14: a stage serves only the plan it was loaded for. Loaded again (by another
+/// head, or a re-plan), it refuses a `Forward` of the plan before with a clean error
+/// instead of running the session on a fresh, empty cache; the new plan's sessions start
+/// from their first position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_of_another_plan_is_refused() {
+    let (server, addr) = start_server(Duration::from_secs(600)).await;
+    let mut conn = dial(addr).await;
+    load_last_stage(&mut conn, 7, DType::F32).await;
+    let replies = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reply_to = replies.local_addr().unwrap();
+    conn.write_frame(&step(7, 1, 0, vec![0, 1], reply_to))
+        .await
+        .unwrap();
+    let mut head = accept_replies(&replies).await;
+    assert!(matches!(
+        head.read_frame().await.unwrap(),
+        Some(Message::Token(_))
+    ));
+    assert_eq!(server.session_len(1), Some(2));
+
+    // A plan this stage never had.
+    conn.write_frame(&step(99, 1, 1, vec![2], reply_to))
+        .await
+        .unwrap();
+    let Some(Message::Error(e)) = head.read_frame().await.unwrap() else {
+        panic!("expected an error")
+    };
+    assert_eq!(e.code, shoal_wire::ErrorCode::STALE_PLAN);
+    assert_eq!(e.session_id, Some(1));
+    assert_eq!(server.session_len(1), Some(2), "the cache is as it was");
+
+    // Loaded again for plan 8: plan 7's session is gone and cannot come back half-empty.
+    load_last_stage(&mut conn, 8, DType::F32).await;
+    conn.write_frame(&step(7, 1, 2, vec![2], reply_to))
+        .await
+        .unwrap();
+    let Some(Message::Error(e)) = head.read_frame().await.unwrap() else {
+        panic!("expected an error")
+    };
+    assert_eq!(e.code, shoal_wire::ErrorCode::STALE_PLAN);
+    assert!(e.message.contains("loaded again"), "{}", e.message);
+    assert_eq!(
+        server.session_len(1),
+        None,
+        "no fresh cache was made for it"
+    );
+    conn.write_frame(&step(8, 1, 3, vec![0, 1], reply_to))
+        .await
+        .unwrap();
+    assert!(matches!(
+        head.read_frame().await.unwrap(),
+        Some(Message::Token(_))
+    ));
+    assert_eq!(server.session_len(1), Some(2));
 }

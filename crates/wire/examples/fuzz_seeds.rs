@@ -58,6 +58,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
         Message::Forward(Forward {
             session_id: 9,
             seq: 1,
+            plan_id: 1,
             positions: vec![0, 1, 2],
             payload: Payload::Tokens(vec![1, 2, 3]),
             want: Want::Nothing,
@@ -66,6 +67,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
         Message::Forward(Forward {
             session_id: 9,
             seq: 2,
+            plan_id: 1,
             positions: vec![3, 4],
             payload: Payload::Hidden(hidden),
             want: Want::Token(SamplingSpec {
@@ -80,6 +82,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
         Message::Forward(Forward {
             session_id: 9,
             seq: 3,
+            plan_id: 1,
             positions: vec![5],
             payload: Payload::Tokens(vec![4]),
             want: Want::Logits {

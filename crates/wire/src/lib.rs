@@ -16,7 +16,7 @@
 //! | offset | size | field | value |
 //! |---:|---:|---|---|
 //! | 0 | 4 | magic | `b"SHOL"` ([`MAGIC`]) |
-//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 1 |
+//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 2 (2: `Forward` carries its `plan_id`) |
 //! | 6 | 2 | type | `u16`, a [`MessageType`] id (table below) |
 //! | 8 | 4 | length | `u32`, payload bytes that follow, ≤ [`Limits::max_payload`] (default 64 MiB) |
 //! | 12 | length | payload | the message's fields, in the layout its type documents |
@@ -40,7 +40,7 @@
 //! | `0x0005` | [`Pong`] | any | answer with the same `nonce` |
 //! | `0x0010` | [`LoadStage`] | head → node | load layers `[start, end)` of a model (by id and sha256) |
 //! | `0x0011` | [`StageReady`] | node → head | the stage is loaded |
-//! | `0x0020` | [`Forward`] | head → stage → … → last stage | tokens or hidden states, positions, sampling, `reply_to` |
+//! | `0x0020` | [`Forward`] | head → stage → … → last stage | tokens or hidden states, the plan, positions, sampling, `reply_to` |
 //! | `0x0021` | [`Token`] | last stage → head | the sampled token (+ logprob) |
 //! | `0x0022` | [`Logits`] | last stage → head | logits for the last or every row (speculative verify) |
 //! | `0x0023` | [`EndSession`] | head → stages | drop a session's KV cache |

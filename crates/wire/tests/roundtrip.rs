@@ -9,6 +9,7 @@ use shoal_wire::{
     ErrorMessage, Finish, Forward, GetProfile, Hello, HelloAck, Limits, LoadStage, LogitRows,
     Logits, Message, MessageType, Payload, Ping, Pong, Profile, SamplingSpec, StageReady, Token,
     Truncate, Want, WireError, HEADER_LEN, MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP,
+    PROTOCOL_VERSION,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use tokio::io::AsyncWriteExt;
@@ -138,6 +139,7 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
             Message::Forward(Forward {
                 session_id: rng.next(),
                 seq: rng.next(),
+                plan_id: rng.next(),
                 positions: (first..first + rows).collect(),
                 payload: if rng.bool() {
                     Payload::Tokens(rng.u32s(rows as usize))
@@ -459,12 +461,12 @@ fn ask() -> Ask {
 #[test]
 fn agent_message_frame_bytes() {
     let frame = Message::Describe(Describe).to_frame().unwrap();
-    assert_eq!(frame, [b'S', b'H', b'O', b'L', 1, 0, 0x30, 0, 0, 0, 0, 0]);
+    assert_eq!(frame, [b'S', b'H', b'O', b'L', 2, 0, 0x30, 0, 0, 0, 0, 0]);
 
     let frame = Message::AgentCard(card()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 1, 0, 0x31, 0, 55, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 2, 0, 0x31, 0, 55, 0, 0, 0,
         2, 0, 0, 0, b'a', b'1',                         // node_id
         6, 0, 0, 0, b'c', b'r', b'i', b't', b'i', b'c', // role
         6, 0, 0, 0, b'm', b'.', b'g', b'g', b'u', b'f', // model_id
@@ -481,7 +483,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Ask(ask()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 1, 0, 0x32, 0, 86, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 2, 0, 0x32, 0, 86, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 9, 0, 0, 0, b'B', b'e', b' ', b'b', b'r', b'i', b'e', b'f', b'.', // Some(system)
         1, 0, 0, 0,                                     // one turn
@@ -524,7 +526,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Answer(answer.clone()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 1, 0, 0x33, 0, 26, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 2, 0, 0x33, 0, 26, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 0, 0, 0, b'4',                               // text
         1,                                              // finish: length
@@ -751,7 +753,7 @@ fn profile_bytes_and_refusals() {
     let frame = msg.to_frame().unwrap();
     let mut want = Vec::new();
     want.extend_from_slice(b"SHOL");
-    want.extend_from_slice(&1u16.to_le_bytes());
+    want.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     want.extend_from_slice(&0x0041u16.to_le_bytes());
     want.extend_from_slice(&(4u32 + 2 + 8 + 4 + 4).to_le_bytes());
     want.extend_from_slice(&2u32.to_le_bytes());

@@ -89,6 +89,7 @@ fn big_forward(reply_to: SocketAddr) -> Forward {
     Forward {
         session_id: 7,
         seq: 1,
+        plan_id: 1,
         positions: (0..rows).collect(),
         payload: Payload::Hidden(Activations::from_f32(rows, cols, &values, DType::F32).unwrap()),
         want: Want::Token(SamplingSpec::greedy()),

@@ -54,6 +54,8 @@ struct Peer {
 struct Ring {
     /// Bumped at every re-plan, so sessions that failed on the same ring re-plan it once.
     epoch: u64,
+    /// The plan its stages were loaded for; every `Forward` carries it.
+    plan_id: u64,
     stage: Arc<Stage>,
     peers: Arc<Vec<Peer>>,
     /// Each peer's layers, in ring order (the head's are `stage`'s).
@@ -129,6 +131,7 @@ impl RingSetup<'_> {
         }
         Ok(Ring {
             epoch,
+            plan_id,
             stage,
             peers: Arc::new(links),
             peer_layers: peers.iter().map(|p| p.layers.clone()).collect(),
@@ -541,6 +544,7 @@ impl Pipeline {
                         let msg = Message::Forward(Forward {
                             session_id: session.id,
                             seq,
+                            plan_id: ring.plan_id,
                             positions,
                             payload: Payload::Hidden(a),
                             want,
@@ -626,9 +630,13 @@ impl Pipeline {
                     tracing::debug!(seq = t.seq, expected = seq, "stale token ignored");
                 }
                 Ok(Some(Reply::Error(m))) => return Err(PipelineError::StageFailed(m)),
-                // A stage that failed inside is lost; one that refused the work (a bad
-                // request, too many sessions) is up and said why.
-                Ok(Some(Reply::Refused(code, m))) if code == ErrorCode::INTERNAL => {
+                // A stage that failed inside is lost, and so is one loaded again for
+                // another plan (the ring is re-planned, reloaded and the session replayed);
+                // one that refused the work (a bad request, too many sessions) is up and
+                // said why.
+                Ok(Some(Reply::Refused(code, m)))
+                    if code == ErrorCode::INTERNAL || code == ErrorCode::STALE_PLAN =>
+                {
                     return Err(PipelineError::StageFailed(m))
                 }
                 Ok(Some(Reply::Refused(code, message))) => {

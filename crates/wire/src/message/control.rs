@@ -32,6 +32,9 @@ impl ErrorCode {
     pub const OVERLOADED: ErrorCode = ErrorCode(8);
     /// The peer did not prove it holds the swarm key (or has one where this node has none).
     pub const UNAUTHORIZED: ErrorCode = ErrorCode(9);
+    /// A `Forward` of a plan other than the one the stage has loaded (it was loaded again,
+    /// by another head or a re-plan): the session's cache is not there.
+    pub const STALE_PLAN: ErrorCode = ErrorCode(10);
     /// A bug or an unexpected failure on the sending node.
     pub const INTERNAL: ErrorCode = ErrorCode(0xFFFF);
 
@@ -47,6 +50,7 @@ impl ErrorCode {
             ErrorCode::OUT_OF_MEMORY => "out_of_memory",
             ErrorCode::OVERLOADED => "overloaded",
             ErrorCode::UNAUTHORIZED => "unauthorized",
+            ErrorCode::STALE_PLAN => "stale_plan",
             ErrorCode::INTERNAL => "internal",
             _ => return None,
         })
@@ -196,7 +200,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 1, 0, 0x03, 0x00, 19, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 2, 0, 0x03, 0x00, 19, 0, 0, 0,
             0x05, 0x00,                 // code 5
             1, 7, 0, 0, 0, 0, 0, 0, 0,  // Some(7)
             4, 0, 0, 0, b'g', b'o', b'n', b'e',
@@ -213,7 +217,7 @@ mod tests {
         let frame = Message::Pong(Pong { nonce: 1 }).to_frame().unwrap();
         assert_eq!(
             frame,
-            [b'S', b'H', b'O', b'L', 1, 0, 5, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+            [b'S', b'H', b'O', b'L', 2, 0, 5, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
         );
     }
 

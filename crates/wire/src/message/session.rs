@@ -34,6 +34,7 @@ pub const MAX_PENALTY_TOKENS: usize = 1 << 16;
 /// |---|---|
 /// | `session_id` | `u64` |
 /// | `seq` | `u64` |
+/// | `plan_id` | `u64` |
 /// | `positions` | `u32` count (1..=[`MAX_TOKENS`]), then `u32` each |
 /// | `payload` | `u8` tag: 0 tokens: `u32` count, `u32` each; 1 hidden: activations (`u32` rows, `u32` cols, `u8` dtype, data) |
 /// | `want` | `u8` tag: 0 nothing; 1 token: [`SamplingSpec`]; 2 logits: `u8` rows (0 last, 1 all), `u8` dtype |
@@ -47,6 +48,10 @@ pub struct Forward {
     /// The head's sequence number for this request, echoed in the reply, so the head can match
     /// replies and drop stale ones (e.g. from a ring it has since replaced).
     pub seq: u64,
+    /// The plan (`LoadStage::plan_id`) the head laid this ring out by. A stage serves only
+    /// the plan it has loaded: a `Forward` of another plan is refused, so a stage reloaded
+    /// by another head (or re-planned) never runs a session on a cache it does not hold.
+    pub plan_id: u64,
     /// Absolute position of each token in the session.
     pub positions: Vec<u32>,
     /// Token ids or hidden states.
@@ -251,6 +256,7 @@ impl Forward {
     pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
         let session_id = r.u64("session_id")?;
         let seq = r.u64("seq")?;
+        let plan_id = r.u64("plan_id")?;
         let positions = r.u32_vec("positions", MAX_TOKENS)?;
         let payload = match r.u8("payload tag")? {
             0 => Payload::Tokens(r.u32_vec("tokens", MAX_TOKENS)?),
@@ -292,6 +298,7 @@ impl Forward {
         let msg = Forward {
             session_id,
             seq,
+            plan_id,
             positions,
             payload,
             want,
@@ -304,6 +311,7 @@ impl Forward {
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         out.put_u64_le(self.session_id);
         out.put_u64_le(self.seq);
+        out.put_u64_le(self.plan_id);
         put_u32_vec(out, &self.positions);
         match &self.payload {
             Payload::Tokens(t) => {
@@ -531,6 +539,7 @@ mod tests {
         let msg = Message::Forward(Forward {
             session_id: 0x11,
             seq: 0x22,
+            plan_id: 0x33,
             positions: vec![0, 1],
             payload: Payload::Tokens(vec![0x0100, 0x0200]),
             want: Want::Nothing,
@@ -539,9 +548,10 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 1, 0, 0x20, 0, 49, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 2, 0, 0x20, 0, 57, 0, 0, 0,
             0x11, 0, 0, 0, 0, 0, 0, 0,              // session_id
             0x22, 0, 0, 0, 0, 0, 0, 0,              // seq
+            0x33, 0, 0, 0, 0, 0, 0, 0,              // plan_id
             2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0,     // positions [0, 1]
             0,                                      // payload: tokens
             2, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0,     // [256, 512]
@@ -558,6 +568,7 @@ mod tests {
         let msg = Message::Forward(Forward {
             session_id: 1,
             seq: 2,
+            plan_id: 1,
             positions: vec![7],
             payload: Payload::Hidden(hidden),
             want: Want::Logits {
@@ -569,9 +580,10 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 1, 0, 0x20, 0, 48, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 2, 0, 0x20, 0, 56, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
+            1, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 7, 0, 0, 0,                 // positions [7]
             1,                                      // payload: hidden
             1, 0, 0, 0, 2, 0, 0, 0, 0,              // 1×2 f16
@@ -601,13 +613,14 @@ mod tests {
         let msg = Message::Forward(Forward {
             session_id: 1,
             seq: 1,
+            plan_id: 1,
             positions: vec![3],
             payload: Payload::Tokens(vec![9]),
             want: Want::Token(spec),
             reply_to: addr(),
         });
         let frame = msg.to_frame().unwrap();
-        let want_at = HEADER_LEN + 8 + 8 + 8 + 1 + 8;
+        let want_at = HEADER_LEN + 8 + 8 + 8 + 8 + 1 + 8;
         #[rustfmt::skip]
         let spec_bytes = [
             1,                      // want: token
@@ -639,7 +652,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 1, 0, 0x21, 0, 25, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 2, 0, 0x21, 0, 25, 0, 0, 0,
             3, 0, 0, 0, 0, 0, 0, 0,
             4, 0, 0, 0, 0, 0, 0, 0,
             4, 3, 2, 1,
@@ -650,7 +663,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             frame,
-            [b'S', b'H', b'O', b'L', 1, 0, 0x23, 0, 8, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]
+            [b'S', b'H', b'O', b'L', 2, 0, 0x23, 0, 8, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]
         );
         let frame = Message::Truncate(Truncate {
             session_id: 5,
@@ -660,7 +673,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 1, 0, 0x24, 0, 12, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 2, 0, 0x24, 0, 12, 0, 0, 0,
             5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0,
         ]);
     }
@@ -677,7 +690,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 1, 0, 0x22, 0, 29, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 2, 0, 0x22, 0, 29, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 1, 0, 0, 0, 2,
@@ -689,6 +702,7 @@ mod tests {
         Message::Forward(Forward {
             session_id: 1,
             seq: 1,
+            plan_id: 1,
             positions: vec![0, 1, 2],
             payload: Payload::Tokens(vec![10, 11, 12]),
             want: Want::Nothing,
@@ -702,7 +716,7 @@ mod tests {
     fn lying_token_count_is_an_error() {
         // Claim 1,000,000 tokens where 3 are: refused before a 4 MB Vec is made.
         let mut frame = tokens_forward();
-        let count_at = HEADER_LEN + 8 + 8 + 4 + 12 + 1;
+        let count_at = HEADER_LEN + 8 + 8 + 8 + 4 + 12 + 1;
         frame[count_at..count_at + 4].copy_from_slice(&1_000_000u32.to_le_bytes());
         let err = decode(&frame).unwrap_err();
         assert!(
@@ -728,7 +742,7 @@ mod tests {
     fn positions_must_match_tokens() {
         let mut frame = tokens_forward();
         // Say the tokens vector has 2 entries and drop the last one, fixing the header length.
-        let count_at = HEADER_LEN + 8 + 8 + 4 + 12 + 1;
+        let count_at = HEADER_LEN + 8 + 8 + 8 + 4 + 12 + 1;
         frame[count_at] = 2;
         frame.drain(count_at + 4 + 8..count_at + 4 + 12);
         let len = (frame.len() - HEADER_LEN) as u32;
@@ -746,6 +760,7 @@ mod tests {
         let msg = Message::Forward(Forward {
             session_id: 1,
             seq: 1,
+            plan_id: 1,
             positions: vec![],
             payload: Payload::Tokens(vec![]),
             want: Want::Nothing,
@@ -757,7 +772,7 @@ mod tests {
     #[test]
     fn bad_tags_are_errors() {
         let frame = tokens_forward();
-        let payload_tag_at = HEADER_LEN + 8 + 8 + 4 + 12;
+        let payload_tag_at = HEADER_LEN + 8 + 8 + 8 + 4 + 12;
         let mut bad = frame.clone();
         bad[payload_tag_at] = 2;
         assert!(matches!(
@@ -785,6 +800,7 @@ mod tests {
             Message::Forward(Forward {
                 session_id: 1,
                 seq: 1,
+                plan_id: 1,
                 positions: vec![0],
                 payload: Payload::Tokens(vec![1]),
                 want: Want::Token(spec),
@@ -823,7 +839,7 @@ mod tests {
         }
         // And a NaN temperature written by hand is refused on receipt.
         let mut frame = with(SamplingSpec::greedy()).unwrap();
-        let temp_at = HEADER_LEN + 8 + 8 + 8 + 1 + 8 + 1;
+        let temp_at = HEADER_LEN + 8 + 8 + 8 + 8 + 1 + 8 + 1;
         frame[temp_at..temp_at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
         let err = decode(&frame).unwrap_err();
         assert!(
