@@ -76,12 +76,14 @@ struct Started {
 impl LocalCluster {
     /// `single`: one server for `agents[0]` (exactly one agent allowed). Otherwise: the
     /// agents with their roles, and a head on `head_model` (default: the first agent's
-    /// model) with `--peer` for each, whose swarm waits up to `timeout` for answers.
+    /// model) with `--peer` for each, whose swarm timeouts are `swarm_timeout` (`None`:
+    /// serve's defaults); `timeout` bounds the wait for each agent's API.
     pub(crate) fn start(
         agents: &[AgentSpec],
         head_model: Option<&Path>,
         single: bool,
         timeout: Duration,
+        swarm_timeout: Option<Duration>,
         resolve_model: ResolveModel<'_>,
     ) -> anyhow::Result<Self> {
         let exe = shoal_exe()?;
@@ -123,7 +125,7 @@ impl LocalCluster {
             )?;
         }
         let head = resolve(head_model.unwrap_or(&agents[0].model))?;
-        cluster.spawn_head(&exe, &head, &peers, timeout)?;
+        cluster.spawn_head(&exe, &head, &peers, swarm_timeout)?;
         Ok(cluster)
     }
 
@@ -136,7 +138,7 @@ impl LocalCluster {
     ) -> anyhow::Result<Self> {
         let mut cluster = LocalCluster::empty();
         let peers: Vec<String> = peers.iter().map(ToString::to_string).collect();
-        cluster.spawn_head(&shoal_exe()?, head, &peers, timeout)?;
+        cluster.spawn_head(&shoal_exe()?, head, &peers, Some(timeout))?;
         Ok(cluster)
     }
 
@@ -154,19 +156,21 @@ impl LocalCluster {
         exe: &Path,
         head: &Path,
         peers: &[String],
-        timeout: Duration,
+        swarm_timeout: Option<Duration>,
     ) -> anyhow::Result<()> {
-        let secs = format!("{}", timeout.as_secs_f64());
         let mut args: Vec<OsString> = vec!["--model".into(), head.into()];
         for p in peers {
             args.extend(["--peer".into(), p.into()]);
         }
-        args.extend([
-            "--swarm-timeout-simple".into(),
-            secs.clone().into(),
-            "--swarm-timeout-complex".into(),
-            secs.into(),
-        ]);
+        if let Some(timeout) = swarm_timeout {
+            let secs = format!("{}", timeout.as_secs_f64());
+            args.extend([
+                "--swarm-timeout-simple".into(),
+                secs.clone().into(),
+                "--swarm-timeout-complex".into(),
+                secs.into(),
+            ]);
+        }
         let s = self.spawn(exe, args, false)?;
         self.url = format!("http://{}", s.http);
         Ok(())

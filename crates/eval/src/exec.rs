@@ -39,14 +39,14 @@ pub(crate) struct Checker {
 }
 
 impl Checker {
-    /// Checks that `python` runs (Python 3.7 or newer).
+    /// Checks that `python` runs (Python 3.7 or newer), in the sandbox for `Unshare`.
     pub(crate) fn with_isolation(
         python: &str,
         timeout: Duration,
         isolation: Isolation,
     ) -> anyhow::Result<Self> {
         let sandbox = Sandbox::new(python, isolation)
-            .context("HumanEval's tests need Python 3 (see --python)")?;
+            .context("HumanEval's tests need Python 3 (see --python) and a sandbox to run in (see --isolation)")?;
         Ok(Checker { sandbox, timeout })
     }
 
@@ -95,8 +95,10 @@ mod tests {
     fn sandboxes(timeout: Duration) -> Vec<Checker> {
         let mut v =
             vec![Checker::with_isolation("python3", timeout, Isolation::PythonGuard).unwrap()];
-        if Isolation::probe() == Isolation::Unshare {
-            v.push(Checker::with_isolation("python3", timeout, Isolation::Unshare).unwrap());
+        match Checker::with_isolation("python3", timeout, Isolation::Unshare) {
+            Ok(checker) => v.push(checker),
+            // shoal-sandbox's own suite fails where the sandbox is missing.
+            Err(e) => eprintln!("{e:#}"),
         }
         v
     }

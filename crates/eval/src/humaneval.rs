@@ -116,9 +116,10 @@ struct HumanevalArgs {
     /// The Python 3 interpreter that runs the programs.
     #[arg(long, default_value = "python3")]
     python: String,
-    /// How programs are kept off the network: `unshare` (a network namespace of their
-    /// own), `python-guard` (socket functions that raise), or `auto` (unshare where it
-    /// works).
+    /// How programs are isolated: `unshare` (the sandbox: namespaces of their own, no
+    /// network, a private read-only root, OS limits), `python-guard` (no sandbox, only a
+    /// Python-level guard; for machines without user namespaces), or `auto` (the sandbox
+    /// where it works, else the guard with a warning).
     #[arg(long, value_enum, default_value_t = IsolationArg::Auto)]
     isolation: IsolationArg,
     /// Bearer token for the API.
@@ -132,6 +133,10 @@ struct HumanevalArgs {
     /// With --agents: the head's own model (default: the first agent's).
     #[arg(long, requires = "agents")]
     head_model: Option<PathBuf>,
+    /// With --agents: leave the head's swarm timeouts at `shoal serve`'s defaults (6 s and
+    /// 12 s, after which it stops waiting for more answers) instead of --request-timeout-s.
+    #[arg(long, requires = "agents")]
+    swarm_defaults: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -344,18 +349,22 @@ fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<Exit
     if problems.is_empty() {
         bail!("--limit 0: nothing to evaluate");
     }
-    let isolation = match a.isolation {
-        IsolationArg::Auto => Isolation::probe(),
-        IsolationArg::PythonGuard => Isolation::PythonGuard,
-        IsolationArg::Unshare => match Isolation::probe() {
-            Isolation::Unshare => Isolation::Unshare,
-            Isolation::PythonGuard => bail!(
-                "`unshare --net --map-root-user` does not work here (user namespaces off?); \
-                 use --isolation python-guard"
-            ),
-        },
+    let sandbox = match a.isolation {
+        IsolationArg::Auto => Checker::with_isolation(&a.python, exec_timeout, Isolation::Unshare)
+            .or_else(|e| {
+                eprintln!(
+                    "warning: {e:#}\n  programs run with --isolation python-guard, which is no \
+                     sandbox: only a Python-level guard"
+                );
+                Checker::with_isolation(&a.python, exec_timeout, Isolation::PythonGuard)
+            })?,
+        IsolationArg::PythonGuard => {
+            Checker::with_isolation(&a.python, exec_timeout, Isolation::PythonGuard)?
+        }
+        IsolationArg::Unshare => {
+            Checker::with_isolation(&a.python, exec_timeout, Isolation::Unshare)?
+        }
     };
-    let sandbox = Checker::with_isolation(&a.python, exec_timeout, isolation)?;
 
     // `--agents`: this run starts (and at the end stops) what it measures.
     let cluster = match (&a.agents, a.check_harness) {
@@ -364,6 +373,7 @@ fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<Exit
             a.head_model.as_deref(),
             a.strategy == Strategy::Single,
             request_timeout,
+            (!a.swarm_defaults).then_some(request_timeout),
             resolve,
         )?),
         _ => None,

@@ -63,18 +63,23 @@ pub struct SwarmSettings {
     pub timeout_complex: Duration,
     /// Answers sampled in all for `vote`.
     pub vote_samples: usize,
+    /// `vote` runs candidates' code against the prompt's examples (in the sandbox, where
+    /// this machine has one; never without).
+    pub code_checks: bool,
     /// Role system prompts (the built-in ones, with any overrides).
     pub prompts: RolePrompts,
 }
 
 impl Default for SwarmSettings {
-    /// `serve`'s defaults: `auto`, 6 s / 12 s, 5 vote samples, the built-in prompts.
+    /// `serve`'s defaults: `auto`, 6 s / 12 s, 5 vote samples, code checks on, the built-in
+    /// prompts.
     fn default() -> Self {
         SwarmSettings {
             strategy: Strategy::Auto,
             timeout_simple: Duration::from_secs(6),
             timeout_complex: Duration::from_secs(12),
             vote_samples: 5,
+            code_checks: true,
             prompts: RolePrompts::new(),
         }
     }

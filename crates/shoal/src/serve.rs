@@ -12,7 +12,7 @@ use shoal_node::{Node, NodeConfig, SwarmSettings};
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::routing::Strategy;
 
-use crate::cli::{ActivationsArg, ModelArg};
+use crate::cli::{ActivationsArg, ModelArg, Switch};
 use crate::load::resolve_model;
 
 #[derive(Args)]
@@ -81,6 +81,10 @@ pub(crate) struct ServeArgs {
     /// Swarm head: answers sampled in all for `vote`.
     #[arg(long, default_value_t = 5)]
     pub(crate) swarm_samples: usize,
+    /// Swarm head: `vote` runs candidates' code against the examples in the prompt, in a
+    /// sandbox (docs/SECURITY.md); where this machine has none, no code runs either way.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub(crate) swarm_code_checks: Switch,
     #[command(flatten)]
     pub(crate) key: crate::key::KeyArgs,
     /// Requests waiting for the model at most; more are answered 429 with Retry-After.
@@ -164,6 +168,7 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
         timeout_simple: secs(a.swarm_timeout_simple, "swarm-timeout-simple")?,
         timeout_complex: secs(a.swarm_timeout_complex, "swarm-timeout-complex")?,
         vote_samples: a.swarm_samples,
+        code_checks: a.swarm_code_checks == Switch::On,
         prompts,
     };
     // Refuse a contradiction before a model is fetched for it.

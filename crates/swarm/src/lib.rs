@@ -13,6 +13,7 @@
 //! - [`head`]: [`Swarm`], the head: agents' status, classification, fan-out, strategies.
 
 pub use head::{Swarm, SwarmConfig, SwarmError, SwarmOutcome, SwarmRequest, SwarmStatus};
+pub use vote::CodeChecks;
 
 pub mod agent;
 pub mod classify;

@@ -29,6 +29,7 @@ use shoal_wire::{Answer, Ask, ChatTurn, Transport};
 use crate::agent::{self, AgentService};
 use crate::roles::{Role, RolePrompts};
 use crate::routing::{Strategy, Timeouts};
+use crate::vote::CodeChecks;
 use crate::weight::agent_weight;
 
 use strategies::{Job, Run};
@@ -59,8 +60,9 @@ pub struct SwarmConfig {
     pub sample_temperature: f32,
     /// How long a `Describe` may take before the agent counts as unhealthy.
     pub describe_timeout: Duration,
-    /// Time allowed to run code against a prompt's examples when voting.
-    pub code_timeout: Duration,
+    /// Whether voting runs code against a prompt's examples (in the sandbox, where there
+    /// is one), and for how long each run.
+    pub code_checks: CodeChecks,
 }
 
 impl SwarmConfig {
@@ -79,7 +81,9 @@ impl SwarmConfig {
             confidence_samples: 3,
             sample_temperature: 0.7,
             describe_timeout: Duration::from_secs(2),
-            code_timeout: Duration::from_secs(10),
+            code_checks: CodeChecks::On {
+                timeout: Duration::from_secs(10),
+            },
         }
     }
 }

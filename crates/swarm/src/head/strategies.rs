@@ -409,10 +409,9 @@ impl Run<'_> {
     /// index and how it won.
     pub(super) async fn vote_over(&self, texts: Vec<String>) -> (usize, String) {
         let question = self.question.clone();
-        let code_timeout = self.swarm.config.code_timeout;
+        let checks = self.swarm.config.code_checks;
         let n = texts.len();
-        let outcome =
-            tokio::task::spawn_blocking(move || vote(&question, &texts, code_timeout)).await;
+        let outcome = tokio::task::spawn_blocking(move || vote(&question, &texts, checks)).await;
         match outcome {
             Ok(Some(o)) => {
                 let method = match o.method {
@@ -420,7 +419,11 @@ impl Run<'_> {
                     VoteMethod::CodeExamples => "vote among answers passing the prompt's examples",
                     VoteMethod::Similarity => "similarity vote",
                 };
-                (o.winner, format!("{method}, {} of {n} agree", o.support))
+                let mut decided_by = format!("{method}, {} of {n} agree", o.support);
+                if let Some(why) = o.unchecked {
+                    decided_by.push_str(&format!("; code not run against the examples: {why}"));
+                }
+                (o.winner, decided_by)
             }
             _ => (0, "no vote possible; first answer".to_owned()),
         }

@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use shoal_sandbox::{Isolation, Sandbox};
+use shoal_sandbox::Sandbox;
 
 /// One doctest example from a prompt: the source after `>>>` and the expected output, or
 /// `None` for a line without output (run for its effect; its errors are ignored, since
@@ -273,19 +273,19 @@ pub(super) fn check_program(code: &str, examples: &[Example]) -> String {
     program
 }
 
-/// The sandbox every check runs in (`python3`, off the network where `unshare` works, with
-/// limits; see `shoal-sandbox`), set up on first use; `None` where no Python 3 runs here.
-pub(super) fn sandbox() -> Option<&'static Sandbox> {
-    static SANDBOX: OnceLock<Option<Sandbox>> = OnceLock::new();
+/// The sandbox every check runs in (`python3` in `shoal-sandbox`'s namespaces, proven by a
+/// trial run), set up on first use; else why there is none here (then no code runs).
+pub fn sandbox() -> Result<&'static Sandbox, &'static str> {
+    static SANDBOX: OnceLock<Result<Sandbox, String>> = OnceLock::new();
     SANDBOX
-        .get_or_init(|| match Sandbox::new("python3", Isolation::probe()) {
-            Ok(sandbox) => Some(sandbox),
-            Err(e) => {
-                tracing::warn!(error = %e, "vote cannot check code against examples");
-                None
-            }
+        .get_or_init(|| {
+            Sandbox::isolated("python3").map_err(|e| {
+                tracing::warn!(error = %e, "vote will not run code against examples");
+                e.to_string()
+            })
         })
         .as_ref()
+        .map_err(String::as_str)
 }
 
 /// Runs the [`check_program`] `program` in the [`sandbox`]. `Some(true)` when it exits with
@@ -293,7 +293,7 @@ pub(super) fn sandbox() -> Option<&'static Sandbox> {
 /// here; `Some(false)` on any other status or when it runs past the timeout (it is killed
 /// with everything it started).
 pub(super) fn run_python(program: &str, timeout: Duration) -> Option<bool> {
-    let run = sandbox()?.run(program, timeout).ok()?;
+    let run = sandbox().ok()?.run(program, timeout).ok()?;
     if run.timed_out {
         return Some(false);
     }
@@ -322,8 +322,8 @@ pub(super) fn prompt_examples(prompt: &str) -> Vec<Example> {
 /// `None` when the prompt has no example with an expected value, or none that could be
 /// checked (an expected value that is no valid Python expression, or a call that fails even
 /// with the function replaced by a stub, is the prompt's fault and skipped), or when
-/// `python3` cannot be started: nothing can be judged. Otherwise `Some(all passed)`: the
-/// code is defined in a fresh namespace in a `python3` subprocess and each example's value
+/// there is no [`sandbox`] here: nothing can be judged. Otherwise `Some(all passed)`: the
+/// code is defined in a fresh namespace in a sandboxed `python3` and each example's value
 /// is compared with `==` against `eval(expected)`; a syntax error, an exception or running
 /// past `timeout` (the child is killed) counts as failing.
 ///

@@ -8,9 +8,11 @@
 //! 1. **Code that passes the prompt's own examples.** When the prompt has examples
 //!    (doctests, `>>> call(args)` and the expected value on the next line, or prose like
 //!    `call(args) ==> value`, as HumanEval prompts have them) and some answers contain
-//!    code, each code block is run against them in the sandbox of `shoal-sandbox` (no
-//!    network, limits, killed with its process group at its timeout)
-//!    ([`code_passes_examples`]). Among the passing answers the most common code wins (by
+//!    code, each code block is run against them in the sandbox of `shoal-sandbox`
+//!    (namespaces of its own: no network, none of the user's files, no other process; OS
+//!    limits; killed with everything it started at its timeout) ([`code_passes_examples`]).
+//!    Where there is no sandbox, or [`CodeChecks::Off`], no code runs and the outcome says
+//!    so ([`VoteOutcome::unchecked`]); the vote goes on with the methods below. Among the passing answers the most common code wins (by
 //!    normalised text); if all passing code differs, the passing answer most similar to the
 //!    others.
 //! 2. **Majority over code** when at least half the answers contain code and two or more
@@ -36,7 +38,7 @@ mod examples;
 mod extract;
 mod similarity;
 
-pub use examples::code_passes_examples;
+pub use examples::{code_passes_examples, sandbox};
 pub use extract::{extract_choice, extract_code, extract_number, normalise_code, FinalAnswer};
 pub use similarity::similarity;
 
@@ -70,6 +72,29 @@ pub struct VoteOutcome {
     /// (for [`VoteMethod::CodeExamples`]: passing the examples), or for
     /// [`VoteMethod::Similarity`] a similarity of at least [`AGREEMENT_SIMILARITY`].
     pub support: usize,
+    /// Why code that could have been checked against the prompt's examples was not run
+    /// (checks off, or no sandbox here); `None` when it ran or there was nothing to run.
+    pub unchecked: Option<&'static str>,
+}
+
+/// Whether [`vote`] runs code against a prompt's examples (`--swarm-code-checks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodeChecks {
+    Off,
+    /// In the sandbox, where this machine has one; each run for at most `timeout`.
+    On {
+        timeout: Duration,
+    },
+}
+
+impl CodeChecks {
+    /// The time allowed to each run, or why nothing may run.
+    fn runnable(self) -> Result<Duration, &'static str> {
+        match self {
+            CodeChecks::Off => Err("code checks are off"),
+            CodeChecks::On { timeout } => sandbox().map(|_| timeout),
+        }
+    }
 }
 
 /// Two answers with at least this [`similarity`] count as agreeing.
@@ -137,9 +162,10 @@ pub fn final_answer(text: &str) -> Option<FinalAnswer> {
 }
 
 /// Picks the best of `answers` to `prompt`; see the module docs for the order of methods.
-/// `code_timeout` bounds each run of code against the prompt's examples (they run in
-/// parallel, one subprocess per distinct code). `None` only when `answers` is empty.
-pub fn vote(prompt: &str, answers: &[String], code_timeout: Duration) -> Option<VoteOutcome> {
+/// `checks` says whether code runs against the prompt's examples and for how long (runs are
+/// in parallel, one sandboxed process per distinct code). `None` only when `answers` is
+/// empty.
+pub fn vote(prompt: &str, answers: &[String], checks: CodeChecks) -> Option<VoteOutcome> {
     if answers.is_empty() {
         return None;
     }
@@ -149,9 +175,24 @@ pub fn vote(prompt: &str, answers: &[String], code_timeout: Duration) -> Option<
         .map(|code| code.as_deref().map(normalise_code))
         .collect();
     let with_code = codes.iter().filter(|c| c.is_some()).count();
+    let mut unchecked = None;
+    let outcome = |winner, method, support, unchecked| VoteOutcome {
+        winner,
+        method,
+        support,
+        unchecked,
+    };
 
-    if with_code > 0 && prompt_examples(prompt).iter().any(|e| e.expected.is_some()) {
-        let passed = run_checks(prompt, &raw_codes, &codes, code_timeout);
+    let checkable = with_code > 0 && prompt_examples(prompt).iter().any(|e| e.expected.is_some());
+    let timeout = match checks.runnable() {
+        Ok(timeout) => Some(timeout),
+        Err(why) => {
+            unchecked = checkable.then_some(why);
+            None
+        }
+    };
+    if let Some(timeout) = timeout.filter(|_| checkable) {
+        let passed = run_checks(prompt, &raw_codes, &codes, timeout);
         let passing: Vec<usize> = (0..answers.len())
             .filter(|&i| passed[i] == Some(true))
             .collect();
@@ -169,22 +210,19 @@ pub fn vote(prompt: &str, answers: &[String], code_timeout: Duration) -> Option<
                 Some((first, size)) if size >= 2 => first,
                 _ => most_similar(answers, &passing).map_or(passing[0], |(winner, _)| winner),
             };
-            return Some(VoteOutcome {
+            return Some(outcome(
                 winner,
-                method: VoteMethod::CodeExamples,
-                support: passing.len(),
-            });
+                VoteMethod::CodeExamples,
+                passing.len(),
+                None,
+            ));
         }
     }
 
     if with_code * 2 >= answers.len() {
         if let Some((winner, support)) = majority(&codes) {
             if support >= 2 {
-                return Some(VoteOutcome {
-                    winner,
-                    method: VoteMethod::Majority,
-                    support,
-                });
+                return Some(outcome(winner, VoteMethod::Majority, support, unchecked));
             }
         }
     }
@@ -193,21 +231,13 @@ pub fn vote(prompt: &str, answers: &[String], code_timeout: Duration) -> Option<
     let with_final = finals.iter().filter(|f| f.is_some()).count();
     if with_final * 2 >= answers.len() {
         if let Some((winner, support)) = majority(&finals) {
-            return Some(VoteOutcome {
-                winner,
-                method: VoteMethod::Majority,
-                support,
-            });
+            return Some(outcome(winner, VoteMethod::Majority, support, unchecked));
         }
     }
 
     let everyone: Vec<usize> = (0..answers.len()).collect();
     let (winner, support) = most_similar(answers, &everyone)?;
-    Some(VoteOutcome {
-        winner,
-        method: VoteMethod::Similarity,
-        support,
-    })
+    Some(outcome(winner, VoteMethod::Similarity, support, unchecked))
 }
 
 /// Runs [`code_passes_examples`] for every answer that has code, in parallel, once per
@@ -288,6 +318,7 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
+    const CHECKS: CodeChecks = CodeChecks::On { timeout: TIMEOUT };
 
     const PROMPT: &str = "from typing import List\n\n\ndef below_zero(operations: List[int]) -> bool:\n    \"\"\" You're given a list of deposit and withdrawal operations on a bank account that starts with\n    zero balance. Your task is to detect if at any point the balance of account falls below zero, and\n    at that point function should return True. Otherwise it should return False.\n    >>> below_zero([1, 2, 3])\n    False\n    >>> below_zero([1, 2, -4, 5])\n    True\n    \"\"\"\n";
 
@@ -490,13 +521,14 @@ mod tests {
             fenced(CORRECT),
             "I am not sure.".to_string(),
         ];
-        let outcome = vote(PROMPT, &answers, TIMEOUT).unwrap();
+        let outcome = vote(PROMPT, &answers, CHECKS).unwrap();
         assert_eq!(
             outcome,
             VoteOutcome {
                 winner: 2,
                 method: VoteMethod::CodeExamples,
-                support: 1
+                support: 1,
+                unchecked: None,
             }
         );
     }
@@ -510,13 +542,14 @@ mod tests {
             fenced(WRONG),
             format!("Sure.\n```python\n{CORRECT}\n# done\n```"),
         ];
-        let outcome = vote(PROMPT, &answers, TIMEOUT).unwrap();
+        let outcome = vote(PROMPT, &answers, CHECKS).unwrap();
         assert_eq!(
             outcome,
             VoteOutcome {
                 winner: 1,
                 method: VoteMethod::CodeExamples,
-                support: 3
+                support: 3,
+                unchecked: None,
             }
         );
     }
@@ -530,13 +563,14 @@ mod tests {
             fenced(add),
             fenced(add),
         ];
-        let outcome = vote(prompt, &answers, TIMEOUT).unwrap();
+        let outcome = vote(prompt, &answers, CHECKS).unwrap();
         assert_eq!(
             outcome,
             VoteOutcome {
                 winner: 1,
                 method: VoteMethod::Majority,
-                support: 2
+                support: 2,
+                unchecked: None,
             }
         );
     }
@@ -550,13 +584,14 @@ mod tests {
             "Let me think. 7",
             "I don't know",
         ]);
-        let outcome = vote("How many apples?", &answers, TIMEOUT).unwrap();
+        let outcome = vote("How many apples?", &answers, CHECKS).unwrap();
         assert_eq!(
             outcome,
             VoteOutcome {
                 winner: 0,
                 method: VoteMethod::Majority,
-                support: 3
+                support: 3,
+                unchecked: None,
             }
         );
     }
@@ -564,13 +599,14 @@ mod tests {
     #[test]
     fn vote_number_ties_go_to_the_earliest() {
         let answers = strings(&["It is 8.", "It is 7.", "It is 7.0", "The answer is 8"]);
-        let outcome = vote("?", &answers, TIMEOUT).unwrap();
+        let outcome = vote("?", &answers, CHECKS).unwrap();
         assert_eq!(
             outcome,
             VoteOutcome {
                 winner: 0,
                 method: VoteMethod::Majority,
-                support: 2
+                support: 2,
+                unchecked: None,
             }
         );
     }
@@ -578,13 +614,14 @@ mod tests {
     #[test]
     fn vote_majority_over_choices() {
         let answers = strings(&["The answer is (B)", "Answer: C", "answer is B."]);
-        let outcome = vote("Pick one", &answers, TIMEOUT).unwrap();
+        let outcome = vote("Pick one", &answers, CHECKS).unwrap();
         assert_eq!(
             outcome,
             VoteOutcome {
                 winner: 0,
                 method: VoteMethod::Majority,
-                support: 2
+                support: 2,
+                unchecked: None,
             }
         );
     }
@@ -597,7 +634,7 @@ mod tests {
             "The capital city of France is Paris, which is also its largest city.",
             "Paris is the capital city of France.",
         ]);
-        let outcome = vote("What is the capital of France?", &answers, TIMEOUT).unwrap();
+        let outcome = vote("What is the capital of France?", &answers, CHECKS).unwrap();
         assert_eq!(outcome.method, VoteMethod::Similarity);
         assert_ne!(outcome.winner, 0);
         assert!(outcome.support >= 1);
@@ -605,14 +642,15 @@ mod tests {
 
     #[test]
     fn vote_edge_cases() {
-        assert_eq!(vote("q", &[], TIMEOUT), None);
-        let one = vote("q", &strings(&["only one"]), TIMEOUT).unwrap();
+        assert_eq!(vote("q", &[], CHECKS), None);
+        let one = vote("q", &strings(&["only one"]), CHECKS).unwrap();
         assert_eq!(
             one,
             VoteOutcome {
                 winner: 0,
                 method: VoteMethod::Similarity,
-                support: 1
+                support: 1,
+                unchecked: None,
             }
         );
         let serialised = serde_json::to_value(one).unwrap();
@@ -679,13 +717,14 @@ mod tests {
         assert_eq!(code_passes_examples(prompt, right, TIMEOUT), Some(true));
         assert_eq!(code_passes_examples(prompt, wrong, TIMEOUT), Some(false));
         let answers = vec![fenced(wrong), fenced(right)];
-        let outcome = vote(prompt, &answers, TIMEOUT).unwrap();
+        let outcome = vote(prompt, &answers, CHECKS).unwrap();
         assert_eq!(
             outcome,
             VoteOutcome {
                 winner: 1,
                 method: VoteMethod::CodeExamples,
-                support: 1
+                support: 1,
+                unchecked: None,
             }
         );
         // Unquoted arguments fail even against a stub: the examples are skipped, nothing is
