@@ -78,7 +78,7 @@ impl PeerService for InstantAgent {
         &self,
         msg: Message,
         conn: &mut Connection,
-        _peer: SocketAddr,
+        _peer: &shoal_wire::RemotePeer,
     ) -> Result<(), WireError> {
         let reply = match msg {
             Message::Describe(_) => Message::AgentCard(self.card()),

@@ -3,7 +3,6 @@
 //! (`Describe`, `Ask`).
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -106,7 +105,7 @@ impl PeerService for PeerPort {
         &self,
         msg: Message,
         conn: &mut Connection,
-        peer: SocketAddr,
+        peer: &shoal_wire::RemotePeer,
     ) -> Result<(), WireError> {
         match msg {
             Message::Describe(_) | Message::Ask(_) => match self.agent.get() {

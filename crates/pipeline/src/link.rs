@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use shoal_wire::{Capabilities, Connection, Hello, Message, PeerWriter, Transport, WireError};
+use shoal_wire::{
+    Capabilities, Connection, Hello, HelloAck, Message, PeerWriter, Transport, WireError,
+};
 use tokio::task::JoinHandle;
 
 /// Dials `addr` (swarm key and deadlines from `transport`) and says hello.
@@ -15,13 +17,23 @@ pub(crate) async fn dial(
     capabilities: Capabilities,
     transport: &Transport,
 ) -> Result<Connection, WireError> {
+    let (conn, _ack) = dial_with_ack(addr, node_id, capabilities, transport).await?;
+    Ok(conn)
+}
+
+/// [`dial`], also returning the peer's answer to the hello (its node id).
+pub(crate) async fn dial_with_ack(
+    addr: SocketAddr,
+    node_id: &str,
+    capabilities: Capabilities,
+    transport: &Transport,
+) -> Result<(Connection, HelloAck), WireError> {
     let hello = Hello {
         node_id: node_id.to_owned(),
         software_version: env!("CARGO_PKG_VERSION").to_owned(),
         capabilities,
     };
-    let (conn, _ack) = transport.dial(addr, hello).await?;
-    Ok(conn)
+    transport.dial(addr, hello).await
 }
 
 /// A dialled connection used for writing; what the peer sends back goes to `on_message`, and

@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
@@ -151,7 +150,7 @@ impl PeerService for StageServer {
         &self,
         msg: Message,
         conn: &mut Connection,
-        peer: SocketAddr,
+        peer: &shoal_wire::RemotePeer,
     ) -> std::result::Result<(), WireError> {
         self.handle_message(msg, conn, peer).await
     }
@@ -265,7 +264,7 @@ impl StageServer {
         &self,
         msg: Message,
         conn: &mut Connection,
-        peer: SocketAddr,
+        peer: &shoal_wire::RemotePeer,
     ) -> Result<(), WireError> {
         match msg {
             Message::LoadStage(load) => {

@@ -99,7 +99,7 @@ pub use message::{
     MAX_STOP, MAX_STOP_LEN, MAX_TOKENS,
 };
 pub use secure::PeerStream;
-pub use server::{serve_peers, PeerService, ServeConfig};
+pub use server::{serve_peers, PeerService, RemotePeer, ServeConfig};
 pub use transport::{Transport, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, STALL_TIMEOUT};
 
 /// The reading half of a split peer connection.

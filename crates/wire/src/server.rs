@@ -8,12 +8,14 @@
 //! transport's handshake deadline); when a new one arrives and they are all taken, the oldest
 //! is dropped, so silent sockets can delay a real peer by one handshake at most, never lock it
 //! out. Connections past the handshake — peers that proved they hold the swarm key — are
-//! capped at [`ServeConfig::max_connections`]; one over the cap is told `OVERLOADED`.
+//! capped at [`ServeConfig::max_connections`] in all and [`ServeConfig::max_per_address`]
+//! from one IP address, so one device cannot take every slot; one over a cap is told
+//! `OVERLOADED`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -33,6 +35,8 @@ pub struct ServeConfig {
     pub transport: Transport,
     /// Most connections served at once past their handshake.
     pub max_connections: usize,
+    /// Most of those from one IP address.
+    pub max_per_address: usize,
     /// Most connections in their handshake at once; a new one past this drops the oldest.
     pub max_handshakes: usize,
     /// A connection with no message for this long is closed (`None`: kept while the peer
@@ -45,6 +49,7 @@ impl Default for ServeConfig {
         ServeConfig {
             transport: Transport::default(),
             max_connections: 256,
+            max_per_address: 64,
             max_handshakes: 64,
             idle_timeout: None,
         }
@@ -61,8 +66,60 @@ impl ServeConfig {
     }
 }
 
+/// Connections past their handshake, counted by IP address.
+#[derive(Default)]
+struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
+
+impl PerAddress {
+    /// A slot for one more connection from `ip`, or `None` when it has `max` already.
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= max.max(1) {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            counts: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+/// One connection's place in [`PerAddress`], given back when it ends.
+struct AddressSlot {
+    counts: Arc<PerAddress>,
+    ip: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Who is at the other end of an accepted connection: its address, and the node id its
+/// `Hello` gave (proven only to be a member's, by the swarm key, where there is one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemotePeer {
+    pub addr: SocketAddr,
+    pub node_id: String,
+}
+
+impl std::fmt::Display for RemotePeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.node_id, self.addr)
+    }
+}
 
 /// What a listener does for its peers: answers their handshake, then handles each message
 /// they send. Every peer port (a node's, a stage server's, an agent's, a head's reply
@@ -78,7 +135,7 @@ pub trait PeerService: Send + Sync + 'static {
         &self,
         msg: Message,
         conn: &mut Connection,
-        peer: SocketAddr,
+        peer: &RemotePeer,
     ) -> impl Future<Output = Result<(), WireError>> + Send;
 }
 
@@ -97,6 +154,7 @@ pub async fn serve_peers<S: PeerService>(
 ) {
     let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let per_address = Arc::new(PerAddress::default());
     // One sender per connection still in its handshake, oldest first: sending on it (or
     // dropping it) ends that handshake.
     let mut handshaking: VecDeque<oneshot::Sender<()>> = VecDeque::new();
@@ -131,13 +189,18 @@ pub async fn serve_peers<S: PeerService>(
         }
         let (evict, evicted) = oneshot::channel();
         handshaking.push_back(evict);
-        let (service, config, permits) = (
+        let (service, config, permits, per_address) = (
             Arc::clone(&service),
             Arc::clone(&config),
             Arc::clone(&permits),
+            Arc::clone(&per_address),
         );
         tasks.spawn(async move {
-            let result = serve_one(&*service, &config, &permits, stream, peer, evicted).await;
+            let slots = Slots {
+                permits: &permits,
+                per_address: &per_address,
+            };
+            let result = serve_one(&*service, &config, slots, stream, peer, evicted).await;
             match result {
                 Ok(()) => tracing::debug!(%peer, "wire connection closed"),
                 Err(e) if e.is_protocol_violation() => {
@@ -150,20 +213,27 @@ pub async fn serve_peers<S: PeerService>(
     tasks.shutdown().await;
 }
 
+/// The caps a connection must find room under once its handshakes are done.
+#[derive(Clone, Copy)]
+struct Slots<'a> {
+    permits: &'a Arc<Semaphore>,
+    per_address: &'a Arc<PerAddress>,
+}
+
 /// One accepted connection's life: the handshakes (ended early if evicted), a permit, then
 /// every message to `service` until the peer closes the connection (`Ok`) or something fails
 /// (the error, after the peer was told when it broke the protocol).
 async fn serve_one<S: PeerService>(
     service: &S,
     config: &ServeConfig,
-    permits: &Arc<Semaphore>,
+    slots: Slots<'_>,
     stream: TcpStream,
     peer: SocketAddr,
     evicted: oneshot::Receiver<()>,
 ) -> Result<(), WireError> {
     let deadline = config.transport.handshake_timeout;
     let opening = tokio::time::timeout(deadline, open(service, &config.transport, stream));
-    let conn = tokio::select! {
+    let (conn, hello) = tokio::select! {
         opened = opening => opened.map_err(|_| WireError::Timeout {
             what: "for the peer's handshake",
             after: deadline,
@@ -175,20 +245,31 @@ async fn serve_one<S: PeerService>(
             })
         }
     };
-    let Ok(_permit) = Arc::clone(permits).try_acquire_owned() else {
-        let busy = ErrorMessage::new(
-            ErrorCode::OVERLOADED,
-            None,
-            format!(
-                "this node serves {} peer connections already; try again later",
-                config.max_connections
-            ),
-        );
+    let permit = Arc::clone(slots.permits).try_acquire_owned();
+    let slot = slots.per_address.take(peer.ip(), config.max_per_address);
+    let busy = match (&permit, &slot) {
+        (Err(_), _) => Some(format!(
+            "this node serves {} peer connections already; try again later",
+            config.max_connections
+        )),
+        (_, None) => Some(format!(
+            "this node serves {} peer connections from {} already; try again later",
+            config.max_per_address,
+            peer.ip()
+        )),
+        _ => None,
+    };
+    if let Some(busy) = busy {
+        let busy = ErrorMessage::new(ErrorCode::OVERLOADED, None, busy);
         let mut conn = conn;
         let _ = conn.write_frame(&Message::Error(busy)).await;
         return Ok(());
+    }
+    let peer = RemotePeer {
+        addr: peer,
+        node_id: hello.node_id,
     };
-    serve_messages(service, conn, peer, config.idle_timeout).await
+    serve_messages(service, conn, &peer, config.idle_timeout).await
 }
 
 /// The swarm-key handshake, then the `Hello` answered by `service`.
@@ -196,10 +277,10 @@ async fn open<S: PeerService>(
     service: &S,
     transport: &Transport,
     stream: TcpStream,
-) -> Result<Connection, WireError> {
+) -> Result<(Connection, Hello), WireError> {
     let mut conn = transport.accept(stream).await?;
     match server_handshake(&mut conn, |hello| service.accept(hello)).await {
-        Ok(_) => Ok(conn),
+        Ok(hello) => Ok((conn, hello)),
         Err(e) => Err(conn.fail(e).await),
     }
 }
@@ -209,7 +290,7 @@ async fn open<S: PeerService>(
 async fn serve_messages<S: PeerService>(
     service: &S,
     mut conn: Connection,
-    peer: SocketAddr,
+    peer: &RemotePeer,
     idle_timeout: Option<Duration>,
 ) -> Result<(), WireError> {
     loop {

@@ -38,7 +38,7 @@ impl PeerService for Echo {
         &self,
         msg: Message,
         conn: &mut Connection,
-        _peer: SocketAddr,
+        _peer: &shoal_wire::RemotePeer,
     ) -> Result<(), WireError> {
         let reply = match msg {
             Message::Ping(p) => Message::Pong(Pong { nonce: p.nonce }),
@@ -350,4 +350,44 @@ async fn a_frame_that_stalls_halfway_ends_its_connection() {
     let read = conn.read_frame().await;
     assert!(matches!(read, Ok(None) | Err(_)), "{read:?}");
     assert!(started.elapsed() >= shoal_wire::STALL_TIMEOUT);
+}
+
+/// Issue #14: one address may hold only so many of a port's connections, so one device
+/// cannot take every slot; when one of its connections ends, it may open another.
+#[tokio::test]
+async fn connections_per_address_are_capped() {
+    let k = key();
+    let mut config = ServeConfig::over(Transport::with_key(Some(k.clone())));
+    config.max_per_address = 2;
+    let addr = serve(config).await;
+    let member = Transport::with_key(Some(k));
+    let (mut first, _) = within(member.dial(addr, hello("a"))).await.unwrap();
+    let (mut second, _) = within(member.dial(addr, hello("b"))).await.unwrap();
+    ping(&mut first, 1).await;
+    ping(&mut second, 2).await;
+    // The third is accepted by the key, then told the address is full, and closed.
+    let (mut third, _) = within(member.dial(addr, hello("c"))).await.unwrap();
+    match within(third.read_frame()).await {
+        Ok(Some(Message::Error(e))) => {
+            assert_eq!(e.code, ErrorCode::OVERLOADED);
+            assert!(e.message.contains("from 127.0.0.1"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(first);
+    // Its slot comes back once the server has seen it close.
+    let mut again = None;
+    for _ in 0..50 {
+        let (mut conn, _) = within(member.dial(addr, hello("d"))).await.unwrap();
+        conn.write_frame(&Message::Ping(Ping { nonce: 4 }))
+            .await
+            .unwrap();
+        if let Ok(Some(Message::Pong(_))) = within(conn.read_frame()).await {
+            again = Some(conn);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "the address got no slot back");
+    ping(&mut second, 5).await;
 }

@@ -38,7 +38,7 @@ impl PeerService for ToyStage {
         &self,
         msg: Message,
         conn: &mut Connection,
-        _peer: SocketAddr,
+        _peer: &shoal_wire::RemotePeer,
     ) -> Result<(), WireError> {
         let reply = match msg {
             Message::Ping(p) => Message::Pong(Pong { nonce: p.nonce }),

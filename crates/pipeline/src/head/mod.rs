@@ -39,7 +39,7 @@ use tokio::task::JoinHandle;
 use crate::batch::{spawn_worker, Active};
 use crate::convert::{file_sha256, sampling_spec};
 use crate::error::{PipelineError, Result};
-use crate::link::{dial, Link};
+use crate::link::{dial, dial_with_ack, Link};
 
 use layout::{check_layout, check_ring, proportional};
 use local::{run_local_batch, LocalJob, LocalOut};
@@ -101,6 +101,7 @@ impl RingSetup<'_> {
         };
         let plan_id = fresh_id();
         let mut links = Vec::with_capacity(peers.len());
+        let mut last_stage = None;
         for (i, p) in peers.iter().enumerate() {
             let next = peers.get(i + 1).map(|q| q.addr);
             let load = LoadStage {
@@ -115,7 +116,7 @@ impl RingSetup<'_> {
                 max_context: to_u32(self.model.context_length)?,
                 next,
             };
-            let link = tokio::time::timeout(
+            let (link, node_id) = tokio::time::timeout(
                 self.config.timeout,
                 load_peer(p.addr, self.config, load, self.router.clone()),
             )
@@ -128,7 +129,10 @@ impl RingSetup<'_> {
                 addr: p.addr,
                 link: tokio::sync::Mutex::new(link),
             });
+            last_stage = Some(node_id);
         }
+        // From now on only this ring's last stage is heard for tokens.
+        self.router.set_last_stage(last_stage);
         Ok(Ring {
             epoch,
             plan_id,
@@ -722,8 +726,9 @@ async fn load_peer(
     config: &PipelineConfig,
     load: LoadStage,
     router: Arc<Router>,
-) -> Result<Link> {
-    let mut conn = dial(addr, &config.node_id, Capabilities::HEAD, &config.transport).await?;
+) -> Result<(Link, String)> {
+    let (mut conn, ack) =
+        dial_with_ack(addr, &config.node_id, Capabilities::HEAD, &config.transport).await?;
     conn.write_frame(&Message::LoadStage(load)).await?;
     match conn.read_frame().await? {
         Some(Message::StageReady(_)) => {}
@@ -749,12 +754,13 @@ async fn load_peer(
     }
     let on_message = {
         let router = router.clone();
-        move |m| router.route(m)
+        let node_id = ack.node_id.clone();
+        move |m| router.route(m, &node_id)
     };
     // A stage that vanishes answers no session: tell every waiting one now rather than
     // after the token timeout.
     let on_close = move || router.fail_all(&format!("lost the link to the stage at {addr}"));
-    Ok(Link::new(conn, addr, on_message, on_close))
+    Ok((Link::new(conn, addr, on_message, on_close), ack.node_id))
 }
 
 fn to_u32(v: usize) -> Result<u32> {

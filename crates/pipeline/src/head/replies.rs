@@ -1,7 +1,6 @@
 //! The head's reply listener: the last stage's tokens and errors, routed to their sessions.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use shoal_wire::{
@@ -24,6 +23,8 @@ pub(super) enum Reply {
 #[derive(Default)]
 pub(super) struct Router {
     sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>,
+    /// The node id of the current ring's last stage: the only peer whose tokens count.
+    last_stage: Mutex<Option<String>>,
 }
 
 impl Router {
@@ -37,15 +38,40 @@ impl Router {
         }
     }
 
-    pub(super) fn route(&self, msg: Message) {
+    /// Routes a message from a stage; `from` is the node id the stage gave in its hello.
+    /// A token counts only from the ring's last stage; errors from any stage of it.
+    pub(super) fn route(&self, msg: Message, from: &str) {
         match msg {
-            Message::Token(t) => self.deliver(t.session_id, Reply::Token(t)),
+            Message::Token(t) if self.is_last_stage(from) => {
+                self.deliver(t.session_id, Reply::Token(t))
+            }
+            Message::Token(t) => tracing::warn!(
+                from,
+                session_id = t.session_id,
+                "dropped a token from a node that is not the ring's last stage"
+            ),
             Message::Error(e) => match e.session_id {
                 Some(id) => self.deliver(id, Reply::Refused(e.code, e.message)),
                 None => tracing::warn!(error = %e.message, "a stage reported an error"),
             },
             other => tracing::debug!(message = other.name(), "ignored a message on a reply link"),
         }
+    }
+
+    /// The ring's last stage is now `node_id` (`None`: the head alone, no peer sends tokens).
+    pub(super) fn set_last_stage(&self, node_id: Option<String>) {
+        *self
+            .last_stage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = node_id;
+    }
+
+    fn is_last_stage(&self, node_id: &str) -> bool {
+        self.last_stage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_deref()
+            == Some(node_id)
     }
 
     /// Reports `message` to every session waiting for a reply.
@@ -112,9 +138,55 @@ impl PeerService for ReplyListener {
         &self,
         msg: Message,
         _conn: &mut Connection,
-        _peer: SocketAddr,
+        peer: &shoal_wire::RemotePeer,
     ) -> std::result::Result<(), WireError> {
-        self.router.route(msg);
+        self.router.route(msg, &peer.node_id);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn token(session_id: u64) -> Message {
+        Message::Token(Token {
+            session_id,
+            seq: 0,
+            token_id: 42,
+            logprob: None,
+        })
+    }
+
+    /// Issue #14: a token counts only from the ring's last stage; another member (a middle
+    /// stage, a stage of an earlier ring, any node with the key) cannot inject one. Errors
+    /// are heard from every stage, since any of them may fail a session's work.
+    #[test]
+    fn tokens_count_only_from_the_last_stage() {
+        let router = Router::default();
+        let mut rx = router.register(1);
+        router.route(token(1), "last");
+        assert!(rx.try_recv().is_err(), "no ring yet: no token counts");
+
+        router.set_last_stage(Some("last".into()));
+        router.route(token(1), "middle");
+        assert!(rx.try_recv().is_err(), "a token from a middle stage counts");
+        router.route(token(1), "last");
+        assert!(matches!(rx.try_recv(), Ok(Reply::Token(t)) if t.token_id == 42));
+
+        let error = ErrorMessage::new(ErrorCode::BAD_REQUEST, Some(1), "no");
+        router.route(Message::Error(error), "middle");
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Reply::Refused(ErrorCode::BAD_REQUEST, _))
+        ));
+
+        router.set_last_stage(Some("new-last".into()));
+        router.route(token(1), "last");
+        assert!(
+            rx.try_recv().is_err(),
+            "the last stage of an earlier ring counts"
+        );
     }
 }

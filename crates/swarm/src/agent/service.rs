@@ -1,7 +1,6 @@
 //! The agent side: a node's model answering `Describe` and `Ask` from swarm heads.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -84,7 +83,7 @@ impl PeerService for AgentService {
         &self,
         msg: Message,
         conn: &mut Connection,
-        peer: SocketAddr,
+        peer: &shoal_wire::RemotePeer,
     ) -> Result<(), WireError> {
         let handled = AgentService::handle(self, msg, conn).await;
         if let Err(e) = &handled {
