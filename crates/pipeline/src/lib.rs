@@ -57,4 +57,4 @@ pub use profile::{available_memory_bytes, measure_profile, probe_peer, PeerProfi
 pub use ring::{
     check_split, connect_ring, model_shape, plan_ring, resolve_addr, RingPlanner, CONNECT_PATIENCE,
 };
-pub use server::{StageServer, StageServerConfig, DEFAULT_MAX_SESSIONS};
+pub use server::{StageServer, StageServerConfig, DEFAULT_MAX_SESSIONS, DEFAULT_QUEUE_KIB};

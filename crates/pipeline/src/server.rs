@@ -42,8 +42,9 @@ use crate::error::{PipelineError, Result};
 use crate::idle::IdleMap;
 use crate::link::LinkPool;
 
-/// KiB of queued work a stage holds at most (see `Inner::queue_room`).
-const QUEUE_KIB: u32 = 256 * 1024;
+/// Default of [`StageServerConfig::queue_kib`]: 256 MiB of queued work (see
+/// `Inner::queue_room`).
+pub const DEFAULT_QUEUE_KIB: u32 = 256 * 1024;
 
 /// Default of [`StageServerConfig::max_sessions`]: far more than the heads' own admission
 /// (a few sessions each), so only a runaway or hostile peer meets it.
@@ -66,6 +67,9 @@ pub struct StageServerConfig {
     /// Most sessions with a cache at once; a new session past this is refused
     /// (`OVERLOADED`) until one ends or idles out.
     pub max_sessions: usize,
+    /// KiB of received work that may wait for the stage; past it the stage stops reading
+    /// from the connections that send more (TCP backpressure). Default [`DEFAULT_QUEUE_KIB`].
+    pub queue_kib: u32,
     /// Where the batches run are counted (the node's metrics).
     pub stats: BatchStats,
 }
@@ -81,6 +85,7 @@ impl StageServerConfig {
             transport: Transport::default(),
             batch_rows: default_batch_rows(),
             max_sessions: DEFAULT_MAX_SESSIONS,
+            queue_kib: DEFAULT_QUEUE_KIB,
             stats: BatchStats::default(),
         }
     }
@@ -164,6 +169,7 @@ impl StageServer {
             Capabilities::STAGE,
             config.transport.clone(),
         );
+        let queue_room = Arc::new(Semaphore::new(config.queue_kib.max(1) as usize));
         StageServer {
             inner: Arc::new(Inner {
                 config,
@@ -174,7 +180,7 @@ impl StageServer {
                 hashes: Mutex::new(HashMap::new()),
                 profiles: Mutex::new(HashMap::new()),
                 queue: OnceLock::new(),
-                queue_room: Arc::new(Semaphore::new(QUEUE_KIB as usize)),
+                queue_room,
             }),
         }
     }
@@ -397,7 +403,8 @@ impl StageServer {
             },
             Work::Truncate(_) => 0,
         };
-        let kib = u32::try_from(kib).unwrap_or(QUEUE_KIB).clamp(1, QUEUE_KIB);
+        let most = self.inner.config.queue_kib.max(1);
+        let kib = u32::try_from(kib).unwrap_or(most).clamp(1, most);
         let Ok(room) = Arc::clone(&self.inner.queue_room)
             .acquire_many_owned(kib)
             .await

@@ -1332,3 +1332,73 @@ async fn a_forward_of_another_plan_is_refused() {
     ));
     assert_eq!(server.session_len(1), Some(2));
 }
+
+/// Issue #14: a flood of `Forward`s does not grow a stage's memory. Past its queue bound
+/// (here 2 MiB) the stage stops reading from the sender, whose writes wait (TCP
+/// backpressure): what it has sent is computed, queued, or in the sockets' buffers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forwards_is_held_back_by_the_queue_bound() {
+    const FRAMES: u64 = 400;
+    const ROWS: u32 = 64;
+    let mut config = StageServerConfig::new(models_dir());
+    config.queue_kib = 2 * 1024;
+    config.max_sessions = 10_000;
+    let server = StageServer::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server.clone().serve(listener, std::future::pending()));
+    let mut conn = dial(addr).await;
+    load_last_stage(&mut conn, 9, DType::F32).await;
+    // Nothing is asked back; a failure would be reported here, and drained.
+    let replies = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reply_to = replies.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut head = accept_replies(&replies).await;
+        while let Ok(Some(msg)) = head.read_frame().await {
+            eprintln!("unexpected reply: {}", msg.name());
+        }
+    });
+
+    let hidden = reference().config().hidden;
+    let values = vec![0.01f32; ROWS as usize * hidden];
+    let frame = move |session_id: u64| {
+        Message::Forward(Forward {
+            session_id,
+            seq: 0,
+            plan_id: 9,
+            positions: (0..ROWS).collect(),
+            payload: Payload::Hidden(
+                Activations::from_f32(ROWS, hidden as u32, &values, DType::F32).unwrap(),
+            ),
+            want: Want::Nothing,
+            reply_to,
+        })
+    };
+    let frame_kib = frame(0).to_frame().unwrap().len() / 1024;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            for session in 0..FRAMES {
+                conn.write_frame(&frame(session)).await.unwrap();
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    // Unheld, the writer would put all 400 frames (59 MB) on loopback in well under this.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+    let computed = (0..sent)
+        .filter(|&s| server.session_len(s) == Some(ROWS as usize))
+        .count() as u64;
+    writer.abort();
+    // Queue (2 MiB) + a batch in progress + loopback socket buffers (≤ ~10 MiB both sides).
+    let waiting = sent - computed;
+    let bound = (2 * 1024 + 12 * 1024) / frame_kib as u64 + 16;
+    eprintln!("sent {sent} frames of {frame_kib} KiB, computed {computed}, waiting {waiting}, bound {bound}");
+    assert!(sent < FRAMES, "the sender was never held back");
+    assert!(
+        waiting <= bound,
+        "{waiting} frames waiting, more than {bound}"
+    );
+}
