@@ -82,26 +82,6 @@ impl Isolation {
             Isolation::PythonGuard => "python-guard",
         }
     }
-
-    /// `Unshare` if its namespaces can be made here, else the guard. ([`Sandbox::new`]
-    /// still proves the whole sandbox with a trial run.)
-    pub fn probe() -> Self {
-        let works = Command::new("unshare")
-            .args(UNSHARE_ARGS)
-            .arg("true")
-            .env_clear()
-            .env("PATH", SYSTEM_PATH)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if works {
-            Isolation::Unshare
-        } else {
-            Isolation::PythonGuard
-        }
-    }
 }
 
 /// The namespaces of the sandbox. `--fork` makes the program PID 1 of its own PID
@@ -152,8 +132,8 @@ for n in null zero random urandom; do
   mount --bind "/dev/$n" "$root/dev/$n"
 done
 mount --bind "$scratch" "$root/work"
-exec chroot "$root" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/work LANG=C.UTF-8 \
-  /usr/bin/env -C /work "$python" -I main.py
+exec chroot "$root" /bin/sh -c \
+  'cd /work && exec env -i PATH=/usr/bin:/bin HOME=/work LANG=C.UTF-8 "$0" -I main.py' "$python"
 "#;
 
 /// The OS limits of a sandboxed program, as `prlimit` arguments.

@@ -11,10 +11,10 @@
 //!    code, each code block is run against them in the sandbox of `shoal-sandbox`
 //!    (namespaces of its own: no network, none of the user's files, no other process; OS
 //!    limits; killed with everything it started at its timeout) ([`code_passes_examples`]).
-//!    Where there is no sandbox, or [`CodeChecks::Off`], no code runs and the outcome says
-//!    so ([`VoteOutcome::unchecked`]); the vote goes on with the methods below. Among the passing answers the most common code wins (by
-//!    normalised text); if all passing code differs, the passing answer most similar to the
-//!    others.
+//!    Among the passing answers the most common code wins (by normalised text); if all
+//!    passing code differs, the passing answer most similar to the others. Where there is
+//!    no sandbox, or with [`CodeChecks::Off`], no code runs and the outcome says so
+//!    ([`VoteOutcome::unchecked`]); the vote goes on with the methods below.
 //! 2. **Majority over code** when at least half the answers contain code and two or more
 //!    share the same (normalised) code.
 //! 3. **Majority over final answers** (choice letters or numbers) when at least half the
@@ -175,7 +175,6 @@ pub fn vote(prompt: &str, answers: &[String], checks: CodeChecks) -> Option<Vote
         .map(|code| code.as_deref().map(normalise_code))
         .collect();
     let with_code = codes.iter().filter(|c| c.is_some()).count();
-    let mut unchecked = None;
     let outcome = |winner, method, support, unchecked| VoteOutcome {
         winner,
         method,
@@ -184,14 +183,16 @@ pub fn vote(prompt: &str, answers: &[String], checks: CodeChecks) -> Option<Vote
     };
 
     let checkable = with_code > 0 && prompt_examples(prompt).iter().any(|e| e.expected.is_some());
-    let timeout = match checks.runnable() {
-        Ok(timeout) => Some(timeout),
-        Err(why) => {
-            unchecked = checkable.then_some(why);
-            None
+    // The sandbox is set up (and proven) only when there is code to check.
+    let (timeout, unchecked) = if checkable {
+        match checks.runnable() {
+            Ok(timeout) => (Some(timeout), None),
+            Err(why) => (None, Some(why)),
         }
+    } else {
+        (None, None)
     };
-    if let Some(timeout) = timeout.filter(|_| checkable) {
+    if let Some(timeout) = timeout {
         let passed = run_checks(prompt, &raw_codes, &codes, timeout);
         let passing: Vec<usize> = (0..answers.len())
             .filter(|&i| passed[i] == Some(true))
