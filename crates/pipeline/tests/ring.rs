@@ -1402,3 +1402,38 @@ async fn a_flood_of_forwards_is_held_back_by_the_queue_bound() {
         "{waiting} frames waiting, more than {bound}"
     );
 }
+
+/// Issue #14: 300 silent connections to a stage's peer port (sockets that never say hello)
+/// do not stop a ring from forming through it and answering exactly: handshakes have a
+/// deadline, and a new one drops the oldest pending one rather than waiting behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_do_not_stop_a_ring() {
+    let reference_tokens = single_process(&SamplingParams::greedy());
+    let (middle, middle_addr) = start_server(Duration::from_secs(600)).await;
+    let (last, last_addr) = start_server(Duration::from_secs(600)).await;
+    let mut silent = Vec::with_capacity(300);
+    for _ in 0..300 {
+        silent.push(TcpStream::connect(last_addr).await.unwrap());
+    }
+    // The head dials both stages, and the middle stage dials the last, all behind them.
+    let peers = vec![
+        PeerStage {
+            addr: middle_addr,
+            layers: 10..20,
+        },
+        PeerStage {
+            addr: last_addr,
+            layers: 20..30,
+        },
+    ];
+    let pipeline = Pipeline::connect(PipelineConfig::new(model_path(), 0..10, peers))
+        .await
+        .unwrap();
+    let out = pipeline
+        .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(out, reference_tokens);
+    all_sessions_ended(&[middle, last]).await;
+    drop(silent);
+}
