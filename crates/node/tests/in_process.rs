@@ -4,93 +4,18 @@
 //! asks a node it was given as a peer, and a shut-down node frees its ports. Uses the real
 //! SmolLM2 model. (Tests where killing a process is the point stay in `crates/shoal/tests`.)
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+mod common;
 
+use common::{ask, http, loopback, model_path, settle};
 use serde_json::{json, Value};
 use shoal_node::{Node, NodeConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
-
-fn model_path() -> PathBuf {
-    let dir = std::env::var_os("SHOAL_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")));
-    let p = dir.join(SMOLLM2);
-    assert!(
-        p.is_file(),
-        "model {} is missing: run scripts/fetch-models.sh",
-        p.display()
-    );
-    p
-}
-
-fn loopback() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-/// One HTTP/1.1 request; the status and the body.
-async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let mut stream = TcpStream::connect(addr).await.expect("node accepts");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status code");
-    (status, body.to_owned())
-}
 
 /// Waits until the node's `/health` says ok (its model loaded, its ring connected).
 async fn wait_ready(node: &Node) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (status, body) = http(node.http_addr(), "GET", "/health", None).await;
-        if status == 200 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node at {} not ready: {status} {body}",
-            node.http_addr()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Err(body) = settle(node).await {
+        panic!("node at {} not ready: {body}", node.http_addr());
     }
-}
-
-/// A greedy chat answer from the node; `model` is the id to ask for.
-async fn ask(node: &Node, model: &str, question: &str) -> String {
-    let request = json!({
-        "model": model,
-        "messages": [{"role": "user", "content": question}],
-        "max_tokens": 24,
-        "temperature": 0,
-    });
-    let (status, body) = http(
-        node.http_addr(),
-        "POST",
-        "/v1/chat/completions",
-        Some(&request),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let reply: Value = serde_json::from_str(&body).unwrap();
-    reply["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("an answer")
-        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,8 +44,8 @@ async fn a_two_node_pipeline_in_one_process_answers_as_one_node() {
 
     let id = "smollm2-135m-instruct-q4_1";
     for question in ["What is the capital of France?", "Name three colours."] {
-        let alone = ask(&single, id, question).await;
-        let ring = ask(&head, id, question).await;
+        let alone = ask(&single, id, question, 24).await;
+        let ring = ask(&head, id, question, 24).await;
         assert!(!alone.is_empty());
         assert_eq!(ring, alone, "the ring must answer as one node does");
     }
@@ -183,7 +108,7 @@ async fn a_swarm_head_in_one_process_asks_its_peer() {
         peer["last_seen_ms"].is_u64(),
         "when it last answered: {body}"
     );
-    let answer = ask(&head, "swarm:fastest", "What is 2 + 2?").await;
+    let answer = ask(&head, "swarm:fastest", "What is 2 + 2?", 24).await;
     assert!(!answer.is_empty());
 
     head.shutdown().await.unwrap();

@@ -5,12 +5,14 @@
 //! header in plaintext; and strangers — no key, another key — can neither load a stage, ask
 //! the agent, nor head a ring of the swarm's nodes.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod common;
 
-use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{ask, loopback, model_path, settle, SMOLLM2};
+
 use shoal_node::{Node, NodeConfig};
 use shoal_wire::{
     client_handshake, Ask, Capabilities, ChatTurn, Connection, ErrorCode, Hello, Limits, LoadStage,
@@ -19,84 +21,7 @@ use shoal_wire::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
 const MODEL_ID: &str = "smollm2-135m-instruct-q4_1";
-
-fn model_path() -> PathBuf {
-    let dir = std::env::var_os("SHOAL_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")));
-    let p = dir.join(SMOLLM2);
-    assert!(
-        p.is_file(),
-        "model {} is missing: run scripts/fetch-models.sh",
-        p.display()
-    );
-    p
-}
-
-fn loopback() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-/// One HTTP/1.1 request; the status and the body.
-async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let mut stream = TcpStream::connect(addr).await.expect("node accepts");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status code");
-    (status, body.to_owned())
-}
-
-/// Waits until `/health` leaves 503-loading: `Ok` when ready, `Err(body)` when it failed.
-async fn settle(node: &Node) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (status, body) = http(node.http_addr(), "GET", "/health", None).await;
-        if status == 200 {
-            return Ok(());
-        }
-        if body.contains("failed to load") {
-            return Err(body);
-        }
-        assert!(Instant::now() < deadline, "node not ready: {status} {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn ask(node: &Node, model: &str, question: &str) -> String {
-    let request = json!({
-        "model": model,
-        "messages": [{"role": "user", "content": question}],
-        "max_tokens": 16,
-        "temperature": 0,
-    });
-    let (status, body) = http(
-        node.http_addr(),
-        "POST",
-        "/v1/chat/completions",
-        Some(&request),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let reply: Value = serde_json::from_str(&body).unwrap();
-    reply["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("an answer")
-        .to_owned()
-}
 
 /// A relay to `upstream` that records every byte of every connection, both ways.
 async fn recording_relay(upstream: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
@@ -183,8 +108,8 @@ async fn a_keyed_ring_answers_as_one_node_and_shows_nothing_on_the_wire() {
     settle(&stage).await.unwrap();
     settle(&head).await.unwrap();
     let question = "What is the capital of France?";
-    let alone = ask(&single, MODEL_ID, question).await;
-    assert_eq!(ask(&head, MODEL_ID, question).await, alone);
+    let alone = ask(&single, MODEL_ID, question, 16).await;
+    assert_eq!(ask(&head, MODEL_ID, question, 16).await, alone);
     // The head → stage link carried the model's name (LoadStage) and the hidden states of
     // the prompt; none of it readable.
     let seen = seen.lock().unwrap().clone();
@@ -203,7 +128,7 @@ async fn a_keyed_ring_answers_as_one_node_and_shows_nothing_on_the_wire() {
         .expect_err("a ring with another key");
     assert!(why.contains("swarm key"), "{why}");
     // ... and the real ring is unharmed.
-    assert_eq!(ask(&head, MODEL_ID, question).await, alone);
+    assert_eq!(ask(&head, MODEL_ID, question, 16).await, alone);
 
     for node in [stranger, head, stage, single] {
         node.shutdown().await.unwrap();
@@ -227,7 +152,7 @@ async fn a_keyed_swarm_asks_its_agent_in_ciphertext_and_strangers_get_nothing() 
     let head = Node::start(head).await.unwrap();
     settle(&head).await.unwrap();
     let question = "Spell the word zanzibarian backwards.";
-    assert!(!ask(&head, "swarm:fastest", question).await.is_empty());
+    assert!(!ask(&head, "swarm:fastest", question, 16).await.is_empty());
     let seen = seen.lock().unwrap().clone();
     assert_sealed(&seen, &[question, "zanzibarian", "agent-secret-name"]);
 
@@ -289,7 +214,7 @@ async fn a_keyed_swarm_asks_its_agent_in_ciphertext_and_strangers_get_nothing() 
     let err = other.dial(agent_port, hello).await.unwrap_err().to_string();
     assert!(err.contains("swarm keys differ"), "{err}");
     // The swarm still answers.
-    assert!(!ask(&head, "swarm:fastest", "What is 2 + 2?")
+    assert!(!ask(&head, "swarm:fastest", "What is 2 + 2?", 16)
         .await
         .is_empty());
 
