@@ -13,13 +13,15 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
-use shoal_engine::{ChatMessage, FinishReason, GenerateParams, SamplingParams};
+use serde_json::Value;
+use shoal_engine::{ChatMessage, FinishReason, GenerateParams, JsonGrammar, SamplingParams};
 
 use crate::backend::Backend;
 
 use crate::error::{ApiError, Json};
 use crate::runner::{self, Event, Job};
 use crate::state::{unix_now, AppState};
+use crate::tools::{argument_fragments, template_messages, Call, Format, StreamGate, ToolSet};
 use crate::types::{
     ChatChoice, ChatChunkChoice, CompletionObject, CompletionRequest, Content, Delta, MessageIn,
     MessageOut, Prompt, TextChoice, Usage,
@@ -47,20 +49,100 @@ pub(crate) async fn chat_completions(
         return crate::swarm::chat(state, req, strategy, received).await;
     }
     let checked = check(&state, &req, "messages")?;
-    let messages = chat_messages(req.messages.as_deref())?;
-    let prepared = checked.with_model(state.model()?);
+    let tools = ToolSet::from_request(
+        req.tools.as_deref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    let answer_format = response_format(req.response_format.as_ref())?;
+    if answer_format.is_some() && tools.as_ref().is_some_and(ToolSet::forced) {
+        return Err(ApiError::invalid_value(
+            "response_format",
+            "`response_format` and a forced `tool_choice` cannot be combined: the answer \
+             would have to be both",
+        ));
+    }
+    let messages = chat_json(req.messages.as_deref())?;
+    let mut prepared = checked.with_model(state.model()?);
     let backend = prepared.model.clone();
-    let prompt = blocking(move || {
-        let format = backend.prompt_format();
-        let text = format
-            .render_chat(&messages)
+    let format = Format::of(backend.prompt_format());
+    let (prompt, grammar) = blocking(move || {
+        let prompt_format = backend.prompt_format();
+        let renders_tools = prompt_format.template().is_some_and(|t| t.renders_tools());
+        let mut messages = template_messages(messages, renders_tools || tools.is_none());
+        let rendered_tools = match &tools {
+            Some(t) if renders_tools => Some(t.rendered().clone()),
+            Some(t) => {
+                describe_tools(&mut messages, &t.description());
+                None
+            }
+            None => None,
+        };
+        let mut text = prompt_format
+            .render_conversation(&Value::Array(messages), rendered_tools.as_ref())
             .map_err(|e| ApiError::from_engine(e, "messages"))?;
-        format
+        let grammar = match &tools {
+            Some(t) if t.forced() => {
+                text.push_str(format.opening());
+                Some(t.call_grammar(format)?)
+            }
+            _ => answer_format,
+        };
+        let ids = prompt_format
             .encode_prompt(&text)
-            .map_err(|e| ApiError::from_engine(e, "messages"))
+            .map_err(|e| ApiError::from_engine(e, "messages"))?;
+        Ok(((ids, tools), grammar))
     })
     .await?;
+    let (prompt, tools) = prompt;
+    prepared.grammar = grammar;
+    prepared.tools = tools.map(|t| (Arc::new(t), format));
     respond(state, prepared, prompt, received, Kind::Chat).await
+}
+
+/// `response_format`: `None` for plain text; the grammar JSON answers must follow.
+fn response_format(format: Option<&Value>) -> Result<Option<JsonGrammar>, ApiError> {
+    let Some(format) = format else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(JsonGrammar::any_object())),
+        Some("json_schema") => {
+            // OpenAI nests the schema in `json_schema.schema`; llama-server also takes it
+            // one level up.
+            let schema = format
+                .pointer("/json_schema/schema")
+                .or_else(|| format.get("schema"))
+                .ok_or_else(|| ApiError::missing_param("response_format.json_schema.schema"))?;
+            JsonGrammar::from_schema(schema)
+                .map(Some)
+                .map_err(|e| ApiError::from_engine(e, "response_format"))
+        }
+        Some(other) => Err(ApiError::invalid_value(
+            "response_format.type",
+            format!(
+                "`response_format.type` must be \"text\", \"json_object\" or \
+                 \"json_schema\", got {other:?}"
+            ),
+        )),
+        None => Err(ApiError::missing_param("response_format.type")),
+    }
+}
+
+/// Puts the tools' description at the head of the system message (a new one if the
+/// conversation has none), for templates that render no tools.
+fn describe_tools(messages: &mut Vec<Value>, description: &str) {
+    match messages.first_mut() {
+        Some(first) if first["role"] == "system" => {
+            let content = first["content"].as_str().unwrap_or_default();
+            first["content"] = Value::String(format!("{content}\n\n{description}"));
+        }
+        _ => messages.insert(
+            0,
+            serde_json::json!({"role": "system", "content": description}),
+        ),
+    }
 }
 
 pub(crate) async fn completions(
@@ -117,6 +199,11 @@ pub(crate) struct Prepared<M = Backend> {
     pub(crate) max_tokens: Option<usize>,
     pub(crate) stream: bool,
     pub(crate) include_usage: bool,
+    pub(crate) ignore_eos: bool,
+    /// The JSON the answer must be (`response_format`, a forced tool call).
+    grammar: Option<JsonGrammar>,
+    /// The tools the answer may call, and how the model writes calls.
+    tools: Option<(Arc<ToolSet>, Format)>,
     /// The request field the prompt came from, for error messages.
     prompt_param: &'static str,
 }
@@ -130,6 +217,9 @@ impl Prepared<()> {
             max_tokens: self.max_tokens,
             stream: self.stream,
             include_usage: self.include_usage,
+            ignore_eos: self.ignore_eos,
+            grammar: self.grammar,
+            tools: self.tools,
             prompt_param: self.prompt_param,
         }
     }
@@ -211,6 +301,9 @@ pub(crate) fn check(
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        ignore_eos: req.ignore_eos.unwrap_or(false),
+        grammar: None,
+        tools: None,
         prompt_param,
     })
 }
@@ -300,8 +393,45 @@ fn random_seed() -> u64 {
     h.finish()
 }
 
-/// The conversation as the chat template wants it.
+/// The conversation as plain role and text (what the swarm's agents take).
 pub(crate) fn chat_messages(messages: Option<&[MessageIn]>) -> Result<Vec<ChatMessage>, ApiError> {
+    checked_messages(messages)?
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            Ok(ChatMessage {
+                role: role(m),
+                content: message_text(i, m)?,
+            })
+        })
+        .collect()
+}
+
+/// The conversation in OpenAI's shape, as the chat template wants it: role and text, and
+/// the tool calls and tool results of an agent's history.
+fn chat_json(messages: Option<&[MessageIn]>) -> Result<Vec<Value>, ApiError> {
+    checked_messages(messages)?
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let mut out = serde_json::Map::new();
+            out.insert("role".into(), Value::String(role(m)));
+            out.insert("content".into(), Value::String(message_text(i, m)?));
+            if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_empty()) {
+                out.insert("tool_calls".into(), Value::Array(calls.clone()));
+            }
+            if let Some(id) = &m.tool_call_id {
+                out.insert("tool_call_id".into(), Value::String(id.clone()));
+            }
+            if let Some(name) = &m.name {
+                out.insert("name".into(), Value::String(name.clone()));
+            }
+            Ok(Value::Object(out))
+        })
+        .collect()
+}
+
+fn checked_messages(messages: Option<&[MessageIn]>) -> Result<&[MessageIn], ApiError> {
     let messages = messages.ok_or_else(|| ApiError::missing_param("messages"))?;
     if messages.is_empty() {
         return Err(ApiError::invalid_value(
@@ -309,45 +439,46 @@ pub(crate) fn chat_messages(messages: Option<&[MessageIn]>) -> Result<Vec<ChatMe
             "`messages` must contain at least one message",
         ));
     }
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let content = match &m.content {
-                None => String::new(),
-                Some(Content::Text(s)) => s.clone(),
-                Some(Content::Parts(parts)) => {
-                    let mut texts = Vec::with_capacity(parts.len());
-                    for (j, part) in parts.iter().enumerate() {
-                        match (part.kind.as_str(), &part.text) {
-                            ("text", Some(text)) => texts.push(text.as_str()),
-                            ("text", None) => {
-                                return Err(ApiError::missing_param(&format!(
-                                    "messages[{i}].content[{j}].text"
-                                )))
-                            }
-                            (other, _) => {
-                                return Err(ApiError::invalid_value(
-                                    &format!("messages[{i}].content[{j}].type"),
-                                    format!(
-                                        "content parts of type `{other}` are not supported; \
-                                         only `text` is"
-                                    ),
-                                ))
-                            }
-                        }
+    Ok(messages)
+}
+
+/// OpenAI's newer name for the system role is `developer`; templates know only `system`.
+fn role(m: &MessageIn) -> String {
+    match m.role.as_str() {
+        "developer" => "system".to_string(),
+        r => r.to_string(),
+    }
+}
+
+/// A message's text: its string, or its text parts joined.
+fn message_text(i: usize, m: &MessageIn) -> Result<String, ApiError> {
+    Ok(match &m.content {
+        None => String::new(),
+        Some(Content::Text(s)) => s.clone(),
+        Some(Content::Parts(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.iter().enumerate() {
+                match (part.kind.as_str(), &part.text) {
+                    ("text", Some(text)) => texts.push(text.as_str()),
+                    ("text", None) => {
+                        return Err(ApiError::missing_param(&format!(
+                            "messages[{i}].content[{j}].text"
+                        )))
                     }
-                    texts.join("\n")
+                    (other, _) => {
+                        return Err(ApiError::invalid_value(
+                            &format!("messages[{i}].content[{j}].type"),
+                            format!(
+                                "content parts of type `{other}` are not supported; only \
+                                 `text` is"
+                            ),
+                        ))
+                    }
                 }
-            };
-            // OpenAI's newer name for the system role; templates know only `system`.
-            let role = match m.role.as_str() {
-                "developer" => "system".to_string(),
-                r => r.to_string(),
-            };
-            Ok(ChatMessage { role, content })
-        })
-        .collect()
+            }
+            texts.join("\n")
+        }
+    })
 }
 
 /// A completion prompt, as text to tokenize or as token ids.
@@ -415,31 +546,45 @@ async fn respond(
         ));
     }
     let room = context - prompt.len();
+    // A `max_tokens` beyond the room left is cut to it, as llama-server and Ollama do
+    // (agents such as opencode ask for 32000); the answer then ends with "length".
     let max_tokens = match prepared.max_tokens {
         None => room.min(DEFAULT_MAX_TOKENS),
-        Some(n) if n > room => {
-            return Err(ApiError::context_length_exceeded(
-                "max_tokens",
-                format!(
-                    "this model's maximum context length is {context} tokens; you asked for \
-                     {n} tokens of completion after {} tokens of {param}, which leaves room \
-                     for {room} at most; lower max_tokens or shorten the {param}",
-                    prompt.len()
-                ),
-            ));
-        }
-        Some(n) => n,
+        Some(n) => n.min(room),
     };
     let params = GenerateParams {
         sampling: prepared.sampling,
         max_tokens,
         stop: prepared.stop,
     };
+    if let Backend::Ring(_) = &prepared.model {
+        let unsupported = if prepared.grammar.is_some() {
+            Some((
+                "response_format",
+                "`response_format` and a forced `tool_choice`",
+            ))
+        } else if prepared.ignore_eos {
+            Some(("ignore_eos", "`ignore_eos`"))
+        } else {
+            None
+        };
+        if let Some((param, what)) = unsupported {
+            return Err(ApiError::invalid_value(
+                param,
+                format!(
+                    "{what} need the whole model on this node; this node answers through a \
+                     pipeline of stages, which does not constrain answers yet"
+                ),
+            ));
+        }
+    }
     let job = Job {
         backend: prepared.model,
         prompt,
         params,
         received,
+        grammar: prepared.grammar,
+        ignore_eos: prepared.ignore_eos,
     };
     let rx = runner::start(&state, job).await?;
     let out = Output {
@@ -451,6 +596,7 @@ async fn respond(
         model: state.model_id().to_string(),
         kind,
         include_usage: prepared.include_usage,
+        tools: prepared.tools,
     };
     if prepared.stream {
         Ok(Sse::new(out.stream(rx))
@@ -469,6 +615,35 @@ pub(crate) struct Output {
     pub(crate) model: String,
     pub(crate) kind: Kind,
     pub(crate) include_usage: bool,
+    /// The tools the answer may call: its text is read back into calls.
+    pub(crate) tools: Option<(Arc<ToolSet>, Format)>,
+}
+
+/// A tool call as the chat API writes it, whole (`index` only in stream deltas).
+fn call_json(call: &Call, index: Option<usize>, arguments: &str) -> Value {
+    let mut v = serde_json::json!({
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": arguments},
+    });
+    if let Some(i) = index {
+        v["index"] = Value::from(i);
+    }
+    v
+}
+
+/// A call's id, as OpenAI's look (`call_` and 24 letters and digits).
+fn new_call_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut x = random_seed();
+    let mut id = String::from("call_");
+    for _ in 0..24 {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        id.push(char::from(ALPHABET[(x >> 58) as usize % ALPHABET.len()]));
+    }
+    id
 }
 
 impl Output {
@@ -497,14 +672,32 @@ impl Output {
         usage: Usage,
         swarm: Option<serde_json::Value>,
     ) -> Response {
-        let finish_reason = finish.as_str();
+        let mut finish_reason = finish.as_str();
         match self.kind {
             Kind::Chat => {
+                let (content, tool_calls) = match &self.tools {
+                    None => (Some(text), Vec::new()),
+                    Some((tools, format)) => {
+                        let parsed = tools.parse(&text, *format, new_call_id);
+                        if !parsed.calls.is_empty() {
+                            finish_reason = "tool_calls";
+                        }
+                        let calls = parsed
+                            .calls
+                            .iter()
+                            .map(|c| call_json(c, None, &c.arguments))
+                            .collect();
+                        let content = (!parsed.content.is_empty() || parsed.calls.is_empty())
+                            .then_some(parsed.content);
+                        (content, calls)
+                    }
+                };
                 let choice = ChatChoice {
                     index: 0,
                     message: MessageOut {
                         role: "assistant",
-                        content: text,
+                        content,
+                        tool_calls,
                     },
                     logprobs: None,
                     finish_reason,
@@ -530,32 +723,36 @@ impl Output {
 
     /// A chunk carrying `text` (with the role, for the first chat chunk) or the finish
     /// reason.
-    fn chunk(&self, role: bool, text: Option<String>, finish: Option<FinishReason>) -> SseEvent {
-        let finish_reason = finish.map(FinishReason::as_str);
+    fn chunk(&self, role: bool, text: Option<String>, finish: Option<&'static str>) -> SseEvent {
         match self.kind {
-            Kind::Chat => {
-                let delta = Delta {
+            Kind::Chat => self.delta_chunk(
+                Delta {
                     role: role.then_some("assistant"),
                     content: text,
-                };
-                let choice = ChatChunkChoice {
-                    index: 0,
-                    delta,
-                    logprobs: None,
-                    finish_reason,
-                };
-                sse_json(&self.object("chat.completion.chunk", vec![choice]))
-            }
+                    tool_calls: None,
+                },
+                finish,
+            ),
             Kind::Text => {
                 let choice = TextChoice {
                     index: 0,
                     text: text.unwrap_or_default(),
                     logprobs: None,
-                    finish_reason,
+                    finish_reason: finish,
                 };
                 sse_json(&self.object("text_completion", vec![choice]))
             }
         }
+    }
+
+    fn delta_chunk(&self, delta: Delta, finish_reason: Option<&'static str>) -> SseEvent {
+        let choice = ChatChunkChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason,
+        };
+        sse_json(&self.object("chat.completion.chunk", vec![choice]))
     }
 
     /// The usage chunk: no choices, only `usage` (sent when the client asked for it).
@@ -567,6 +764,57 @@ impl Output {
         let mut body = self.object::<TextChoice>(object, Vec::new());
         body.usage = Some(usage);
         sse_json(&body)
+    }
+
+    /// A piece of streamed text: sent as it comes, or, when the answer may hold tool calls,
+    /// only as far as the gate lets content out.
+    fn text_events(&self, gate: &mut StreamGate, text: String) -> Vec<SseEvent> {
+        let text = match &self.tools {
+            Some(_) => gate.push(&text),
+            None => text,
+        };
+        if text.is_empty() && self.tools.is_some() {
+            return Vec::new();
+        }
+        vec![self.chunk(false, Some(text), None)]
+    }
+
+    /// The end of a streamed answer: content the gate held back, the tool calls as OpenAI
+    /// streams them (a first delta with id and name, then the arguments in fragments), the
+    /// finish reason.
+    fn end_events(&self, gate: &StreamGate, finish: FinishReason) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        let mut finish_reason = finish.as_str();
+        if let Some((tools, format)) = &self.tools {
+            let parsed = tools.parse(gate.seen(), *format, new_call_id);
+            let rest = gate.rest(&parsed);
+            if !rest.is_empty() {
+                events.push(self.chunk(false, Some(rest), None));
+            }
+            for (i, call) in parsed.calls.iter().enumerate() {
+                let mut first = true;
+                for fragment in argument_fragments(&call.arguments) {
+                    let call = if first {
+                        call_json(call, Some(i), fragment)
+                    } else {
+                        serde_json::json!({"index": i, "function": {"arguments": fragment}})
+                    };
+                    first = false;
+                    events.push(self.delta_chunk(
+                        Delta {
+                            tool_calls: Some(vec![call]),
+                            ..Delta::default()
+                        },
+                        None,
+                    ));
+                }
+            }
+            if !parsed.calls.is_empty() {
+                finish_reason = "tool_calls";
+            }
+        }
+        events.push(self.chunk(false, None, Some(finish_reason)));
+        events
     }
 
     /// The SSE events of a streamed answer: for chat, a first chunk with the role; then
@@ -583,37 +831,41 @@ impl Output {
             Finished,
         }
         let out = Arc::new(self);
-        stream::unfold((rx, Phase::Start), move |(mut rx, phase)| {
-            let out = Arc::clone(&out);
-            async move {
-                let events = match phase {
-                    Phase::Finished => return None,
-                    Phase::Start if out.kind == Kind::Chat => {
-                        vec![out.chunk(true, Some(String::new()), None)]
-                    }
-                    Phase::Start => Vec::new(),
-                    Phase::Running => match rx.recv().await {
-                        Some(Event::Text(text)) => vec![out.chunk(false, Some(text), None)],
-                        Some(Event::Done { finish, usage }) => {
-                            let mut events = vec![out.chunk(false, None, Some(finish))];
-                            if out.include_usage {
-                                events.push(out.usage_chunk(usage));
+        let gate = StreamGate::default();
+        stream::unfold(
+            (rx, Phase::Start, gate),
+            move |(mut rx, phase, mut gate)| {
+                let out = Arc::clone(&out);
+                async move {
+                    let events = match phase {
+                        Phase::Finished => return None,
+                        Phase::Start if out.kind == Kind::Chat => {
+                            vec![out.chunk(true, Some(String::new()), None)]
+                        }
+                        Phase::Start => Vec::new(),
+                        Phase::Running => match rx.recv().await {
+                            Some(Event::Text(text)) => out.text_events(&mut gate, text),
+                            Some(Event::Done { finish, usage }) => {
+                                let mut events = out.end_events(&gate, finish);
+                                if out.include_usage {
+                                    events.push(out.usage_chunk(usage));
+                                }
+                                events.push(SseEvent::default().data("[DONE]"));
+                                return Some((events, (rx, Phase::Finished, gate)));
                             }
-                            events.push(SseEvent::default().data("[DONE]"));
-                            return Some((events, (rx, Phase::Finished)));
-                        }
-                        Some(Event::Failed(e)) => {
-                            return Some((vec![sse_error(&e)], (rx, Phase::Finished)))
-                        }
-                        None => {
-                            let e = runner::ended_unexpectedly();
-                            return Some((vec![sse_error(&e)], (rx, Phase::Finished)));
-                        }
-                    },
-                };
-                Some((events, (rx, Phase::Running)))
-            }
-        })
+                            Some(Event::Failed(e)) => {
+                                return Some((vec![sse_error(&e)], (rx, Phase::Finished, gate)))
+                            }
+                            None => {
+                                let e = runner::ended_unexpectedly();
+                                return Some((vec![sse_error(&e)], (rx, Phase::Finished, gate)));
+                            }
+                        },
+                    };
+                    Some((events, (rx, Phase::Running, gate)))
+                }
+            },
+        )
         .flat_map(|events| stream::iter(events.into_iter().map(Ok)))
     }
 }

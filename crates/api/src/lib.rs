@@ -23,6 +23,7 @@ mod runner;
 mod serve;
 mod state;
 mod swarm;
+mod tools;
 mod types;
 
 use axum::extract::{MatchedPath, Path, Request, State};

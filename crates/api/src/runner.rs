@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use shoal_engine::{EngineError, FinishReason, GenerateParams, Model, TextStream};
+use shoal_engine::{EngineError, FinishReason, GenerateParams, JsonGrammar, Model, TextStream};
 use shoal_pipeline::Pipeline;
 use tokio::sync::mpsc;
 
@@ -33,6 +33,9 @@ pub(crate) struct Job {
     pub(crate) params: GenerateParams,
     /// When the request arrived, for time-to-first-token.
     pub(crate) received: Instant,
+    /// The JSON the answer must be (local models only).
+    pub(crate) grammar: Option<JsonGrammar>,
+    pub(crate) ignore_eos: bool,
 }
 
 /// What a running generation reports, in order: text pieces, then one `Done` or `Failed`.
@@ -140,6 +143,12 @@ fn run(
         Ok(g) => g,
         Err(e) => return Some(Event::Failed(ApiError::from_engine(e, "prompt"))),
     };
+    if let Some(grammar) = &job.grammar {
+        if let Err(e) = generation.constrain_json(grammar) {
+            return Some(Event::Failed(ApiError::from_engine(e, "response_format")));
+        }
+    }
+    generation.ignore_eos(job.ignore_eos);
     // A client that leaves during a long prefill stops it between chunks.
     let watcher = tx.clone();
     generation.set_interrupt(move || watcher.is_closed());

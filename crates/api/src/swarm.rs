@@ -83,6 +83,22 @@ pub(crate) async fn chat(
 ) -> Result<Response, ApiError> {
     let swarm = state.swarm().ok_or_else(no_swarm)?;
     let prepared = completions::check(&state, &req, "messages")?;
+    // Not yet through the swarm: say so rather than answer as if they were not asked for.
+    for (param, given) in [
+        ("tools", req.tools.as_ref().is_some_and(|t| !t.is_empty())),
+        ("response_format", req.response_format.is_some()),
+        ("ignore_eos", req.ignore_eos == Some(true)),
+    ] {
+        if given {
+            return Err(ApiError::invalid_value(
+                param,
+                format!(
+                    "`{param}` is not supported by the swarm yet; ask the node's own model \
+                     (without `model: \"swarm…\"`)"
+                ),
+            ));
+        }
+    }
     let request = swarm_request(&req, &prepared, strategy, None)?;
     let model = match strategy {
         Some(s) => format!("swarm:{s}"),
@@ -94,6 +110,7 @@ pub(crate) async fn chat(
         model,
         kind: Kind::Chat,
         include_usage: prepared.include_usage,
+        tools: None,
     };
     let metrics = state.metrics().clone();
     let stream = prepared.stream;

@@ -32,6 +32,14 @@ pub(crate) struct CompletionRequest {
     pub(crate) min_p: Option<f32>,
     pub(crate) repeat_penalty: Option<f32>,
     pub(crate) repeat_last_n: Option<i64>,
+    /// llama-server's: never end at an end-of-generation token.
+    pub(crate) ignore_eos: Option<bool>,
+    /// Chat only: the functions the model may call.
+    pub(crate) tools: Option<Vec<serde_json::Value>>,
+    pub(crate) tool_choice: Option<serde_json::Value>,
+    pub(crate) parallel_tool_calls: Option<bool>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
+    pub(crate) response_format: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +80,14 @@ pub(crate) struct MessageIn {
     /// Absent or null on assistant messages that only carried tool calls.
     #[serde(default)]
     pub(crate) content: Option<Content>,
+    /// Assistant messages: the calls the model made, as the API returned them.
+    #[serde(default)]
+    pub(crate) tool_calls: Option<Vec<serde_json::Value>>,
+    /// Tool messages: which call this is the result of.
+    #[serde(default)]
+    pub(crate) tool_call_id: Option<String>,
+    #[serde(default)]
+    pub(crate) name: Option<String>,
 }
 
 impl MessageIn {
@@ -80,6 +96,9 @@ impl MessageIn {
         MessageIn {
             role: "user".to_owned(),
             content: Some(Content::Text(text)),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 }
@@ -143,7 +162,10 @@ pub(crate) struct ChatChoice {
 #[derive(Debug, Serialize)]
 pub(crate) struct MessageOut {
     pub(crate) role: &'static str,
-    pub(crate) content: String,
+    /// `null` when the answer is only tool calls, as OpenAI sends it.
+    pub(crate) content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) tool_calls: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -160,6 +182,8 @@ pub(crate) struct Delta {
     pub(crate) role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) tool_calls: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Debug, Serialize)]

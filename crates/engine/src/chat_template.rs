@@ -47,6 +47,7 @@ pub struct ChatMessage {
 #[derive(Clone, Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -97,6 +98,7 @@ impl ChatTemplate {
             .map_err(ChatTemplateError::Compile)?;
         Ok(Self {
             env,
+            source: source.to_owned(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
@@ -109,16 +111,58 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_with(
+            Value::from_serialize(messages),
+            Value::from(()),
+            add_generation_prompt,
+        )
+    }
+
+    /// Renders messages given as JSON objects in OpenAI's shape — with `tool_calls` on
+    /// assistant messages and `tool_call_id` on tool results — and the `tools` the model may
+    /// call (`[{"type": "function", "function": {...}}]`, what transformers passes), for
+    /// templates that render tools themselves.
+    pub fn render_json(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
+        let tools = tools.map_or(Value::from(()), Value::from_serialize);
+        self.render_with(
+            Value::from_serialize(messages),
+            tools,
+            add_generation_prompt,
+        )
+    }
+
+    /// Whether the template renders a `tools` list at all (Qwen2.5, Llama 3.x, Hermes do;
+    /// SmolLM2 does not, and a request's tools must then be described in the prompt).
+    pub fn renders_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// The template's own text, for telling the tool-call formats apart.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    fn render_with(
+        &self,
+        messages: Value,
+        tools: Value,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
         let tmpl = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(ChatTemplateError::Compile)?;
         tmpl.render(minijinja::context! {
-            messages => Value::from_serialize(messages),
+            messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
-            tools => Value::from(()),
+            tools => tools,
             documents => Value::from(()),
         })
         .map_err(ChatTemplateError::Render)

@@ -14,6 +14,7 @@ use crate::choices::Choices;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+use crate::json_grammar::{JsonConstraint, JsonGrammar};
 use crate::kv_cache::KvCache;
 use crate::prompt::PromptFormat;
 use crate::sampler::{Sampler, SamplingParams};
@@ -163,6 +164,10 @@ pub struct Generation<'m> {
     interrupt: Option<Box<dyn Fn() -> bool + Send + 'm>>,
     /// When set, the answer is one of these token sequences ([`Generation::constrain_to`]).
     choices: Option<Choices>,
+    /// When set, the answer is JSON of this grammar ([`Generation::constrain_json`]).
+    json: Option<JsonConstraint>,
+    /// End-of-generation tokens are never drawn ([`Generation::ignore_eos`]).
+    ignore_eos: bool,
 }
 
 impl<'m> Generation<'m> {
@@ -189,6 +194,8 @@ impl<'m> Generation<'m> {
             timings: Timings::default(),
             interrupt: None,
             choices: None,
+            json: None,
+            ignore_eos: false,
         })
     }
 
@@ -205,6 +212,27 @@ impl<'m> Generation<'m> {
         }
         self.choices = Some(Choices::new(self.model.tokenizer(), texts)?);
         Ok(())
+    }
+
+    /// Constrains the answer to JSON that `grammar` accepts: a token that would break it is
+    /// never drawn, and generation ends with [`FinishReason::Stop`] as soon as the value is
+    /// whole (unless `max_tokens` cuts it first, leaving it unfinished). Call before the
+    /// first step.
+    pub fn constrain_json(&mut self, grammar: &JsonGrammar) -> Result<()> {
+        if self.tokens.len() > self.prompt_len {
+            return Err(EngineError::InvalidInput(
+                "an answer can only be constrained before it starts".into(),
+            ));
+        }
+        self.json = Some(JsonConstraint::new(grammar, self.model.tokenizer()));
+        Ok(())
+    }
+
+    /// Never draws an end-of-generation token, so the answer runs to `max_tokens` or a stop
+    /// string (llama-server's `ignore_eos`, which benchmark tools use for fixed lengths).
+    /// A constrained answer still ends where its constraint is complete.
+    pub fn ignore_eos(&mut self, ignore: bool) {
+        self.ignore_eos = ignore;
     }
 
     /// Installs a check that is asked between prefill chunks; when it answers `true`,
@@ -254,7 +282,29 @@ impl<'m> Generation<'m> {
             let answer = &self.tokens[self.prompt_len..];
             choices.mask(&mut logits, answer, self.model.tokenizer().eos_ids());
         }
-        let token = self.sampler.sample(&mut logits, &self.tokens);
+        let tokenizer = self.model.tokenizer();
+        if self.ignore_eos && self.choices.is_none() {
+            for &eog in tokenizer.eos_ids() {
+                if let Some(l) = logits.get_mut(eog as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let token = match &self.json {
+            None => self.sampler.sample(&mut logits, &self.tokens),
+            Some(json) => {
+                let (sampler, history) = (&mut self.sampler, &self.tokens);
+                json.draw(&mut logits, tokenizer, |l| sampler.sample(l, history))
+                    .ok_or_else(|| {
+                        EngineError::InvalidInput(
+                            "no token can continue the constrained JSON answer".into(),
+                        )
+                    })?
+            }
+        };
+        if let Some(json) = &mut self.json {
+            json.accept(token, tokenizer);
+        }
         self.tokens.push(token);
         if first {
             self.timings.prompt_tokens = self.prompt_len;
@@ -270,6 +320,7 @@ impl<'m> Generation<'m> {
             self.choices
                 .as_ref()
                 .is_some_and(|c| c.is_finished(&self.tokens[self.prompt_len..]))
+                || self.json.as_ref().is_some_and(JsonConstraint::done)
         };
         if ended {
             self.finish = Some(FinishReason::Stop);

@@ -58,4 +58,36 @@ impl PromptFormat {
             }
         }
     }
+
+    /// Renders a conversation given as OpenAI-shaped JSON messages (tool calls and tool
+    /// results included) with the `tools` the model may call, ready for the assistant's
+    /// turn. Models without a template get the plain layout of [`Self::render_chat`].
+    pub fn render_conversation(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String> {
+        match &self.template {
+            Some(t) => Ok(t.render_json(messages, tools, true)?),
+            None => {
+                let plain: Vec<ChatMessage> = messages
+                    .as_array()
+                    .map(|list| {
+                        list.iter()
+                            .map(|m| ChatMessage {
+                                role: m["role"].as_str().unwrap_or("user").to_owned(),
+                                content: m["content"].as_str().unwrap_or_default().to_owned(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.render_chat(&plain)
+            }
+        }
+    }
+
+    /// The chat template, when the model has one.
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        self.template.as_ref()
+    }
 }

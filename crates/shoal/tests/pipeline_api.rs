@@ -138,6 +138,33 @@ fn qwen_two_stage_head_answers_like_a_single_process() {
         let want = chat_text(single.addr, &b);
         assert_eq!(chat_text(head.addr, &b), want, "greedy, {messages}");
     }
+
+    // Tool calls go through the ring as through one process (rendered by the template,
+    // read back on the head); answers the ring cannot constrain yet are refused clearly.
+    let tools = json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a given city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]);
+    let ask = |extra: Value| {
+        let mut b = json!({
+            "messages": [{"role": "user", "content": "What is the weather in Paris now?"}],
+            "max_tokens": 60, "temperature": 0, "tools": tools,
+        });
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b.to_string()
+    };
+    let call = |server: &Server| {
+        let r = http(server.addr, "POST", "/v1/chat/completions", Some(&ask(json!({})))).unwrap();
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+        v["choices"][0]["message"]["tool_calls"][0]["function"].clone()
+    };
+    assert_eq!(call(&head), call(&single));
+    let forced = ask(json!({"tool_choice": "required"}));
+    let r = http(head.addr, "POST", "/v1/chat/completions", Some(&forced)).unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("pipeline"), "{}", r.body);
 }
 
 #[test]

@@ -29,7 +29,7 @@ use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::gguf_file::Value;
 
@@ -150,6 +150,9 @@ struct Inner {
     pad: Option<u32>,
     add_bos: bool,
     eog: Vec<u32>,
+    /// Each token's bytes (empty for control tokens), built the first time a constrained
+    /// answer needs them.
+    pieces: OnceLock<Arc<Vec<Vec<u8>>>>,
 }
 
 /// A byte-level BPE tokenizer matching llama.cpp for the same GGUF metadata.
@@ -358,6 +361,7 @@ impl Tokenizer {
                 pad: sp.pad,
                 add_bos,
                 eog,
+                pieces: OnceLock::new(),
             }),
         })
     }
@@ -402,6 +406,18 @@ impl Tokenizer {
         let mut bytes = Vec::new();
         self.inner.piece(id, !skip_special, &mut bytes)?;
         Ok(bytes)
+    }
+
+    /// Every token's bytes, by id; empty for control tokens (`<|im_end|>` and the like),
+    /// which constrained answers never draw as text. Built once per tokenizer.
+    pub(crate) fn pieces(&self) -> Arc<Vec<Vec<u8>>> {
+        Arc::clone(self.inner.pieces.get_or_init(|| {
+            Arc::new(
+                (0..self.vocab_size() as u32)
+                    .map(|id| self.token_bytes(id, true).unwrap_or_default())
+                    .collect(),
+            )
+        }))
     }
 
     /// Number of tokens in the vocabulary.

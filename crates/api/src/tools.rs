@@ -1,0 +1,721 @@
+//! Tool calls: OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`, and the
+//! `tool_calls` of an answer.
+//!
+//! Tools go to the model the way it was trained to see them: through its own chat template
+//! (Qwen2.5 and Hermes-style templates list them in `<tools>` and expect
+//! `<tool_call>{"name": …, "arguments": …}</tool_call>`; Llama 3.x templates expect a bare
+//! `{"name": …, "parameters": …}`). A template that renders no tools (SmolLM2) gets them
+//! described in the system message in the Hermes way. The answer is read back in the same
+//! format; a call is passed on only when its name is one of the tools and its arguments fit
+//! that tool's parameter schema — anything else stays text, so nothing is lost.
+//!
+//! `tool_choice: "required"` or a named function forces a call: the opening of a call is
+//! put at the start of the assistant's turn and the rest is drawn under a JSON grammar made
+//! from the tools' schemas, so the call always parses and fits (llama-server does the
+//! same with a GBNF grammar).
+
+use serde_json::{json, Map, Value};
+use shoal_engine::{JsonGrammar, PromptFormat};
+
+use crate::error::ApiError;
+
+/// Most tools one request may offer.
+pub(crate) const MAX_TOOLS: usize = 128;
+
+/// How the model writes a tool call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>` (Qwen2.5, Hermes, and our
+    /// own description for templates without tools).
+    Hermes,
+    /// `{"name": …, "parameters": {…}}` as the whole answer (Llama 3.x).
+    Llama3,
+}
+
+impl Format {
+    /// The format a model's template teaches.
+    pub(crate) fn of(format: &PromptFormat) -> Self {
+        match format.template() {
+            Some(t) if t.renders_tools() && !t.source().contains("<tool_call>") => {
+                if t.source().contains("\"parameters\"") || t.source().contains("<|python_tag|>") {
+                    Format::Llama3
+                } else {
+                    Format::Hermes
+                }
+            }
+            _ => Format::Hermes,
+        }
+    }
+
+    fn arguments_key(self) -> &'static str {
+        match self {
+            Format::Hermes => "arguments",
+            Format::Llama3 => "parameters",
+        }
+    }
+
+    /// What a forced answer starts with, written into the prompt.
+    pub(crate) fn opening(self) -> &'static str {
+        match self {
+            Format::Hermes => "<tool_call>\n",
+            Format::Llama3 => "",
+        }
+    }
+}
+
+/// One function the model may call.
+#[derive(Debug)]
+struct Tool {
+    name: String,
+    /// The parameters' JSON schema (`{"type": "object"}` when the request gives none).
+    parameters: Value,
+    /// The schema compiled, to check arguments; `None` when it uses what the grammar does
+    /// not support, and then any JSON object is taken.
+    grammar: Option<JsonGrammar>,
+}
+
+/// Which calls the answer may or must make.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Choice {
+    Auto,
+    Required,
+    Named(String),
+}
+
+/// A request's tools, checked.
+#[derive(Debug)]
+pub(crate) struct ToolSet {
+    tools: Vec<Tool>,
+    /// The `tools` array as the template wants it.
+    rendered: Value,
+    choice: Choice,
+    parallel: bool,
+}
+
+/// One call the model made.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Call {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    /// The arguments as a JSON text, as OpenAI sends them.
+    pub(crate) arguments: String,
+}
+
+/// An answer read back: its text and its calls.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Parsed {
+    pub(crate) content: String,
+    pub(crate) calls: Vec<Call>,
+}
+
+impl ToolSet {
+    /// Checks `tools`, `tool_choice` and `parallel_tool_calls`. `None` when the model is to
+    /// see no tools: none given, or `tool_choice: "none"`.
+    pub(crate) fn from_request(
+        tools: Option<&[Value]>,
+        tool_choice: Option<&Value>,
+        parallel: Option<bool>,
+    ) -> Result<Option<Self>, ApiError> {
+        let choice = match tool_choice {
+            None => Choice::Auto,
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => return Ok(None),
+                "auto" => Choice::Auto,
+                "required" => Choice::Required,
+                other => {
+                    return Err(ApiError::invalid_value(
+                        "tool_choice",
+                        format!(
+                            "`tool_choice` must be \"none\", \"auto\", \"required\" or a \
+                             function, got {other:?}"
+                        ),
+                    ))
+                }
+            },
+            Some(v @ Value::Object(_)) => match v.pointer("/function/name").and_then(Value::as_str)
+            {
+                Some(name) => Choice::Named(name.to_owned()),
+                None => {
+                    return Err(ApiError::invalid_value(
+                        "tool_choice",
+                        "a named `tool_choice` needs {\"type\": \"function\", \"function\": \
+                         {\"name\": …}}",
+                    ))
+                }
+            },
+            Some(other) => {
+                return Err(ApiError::invalid_value(
+                    "tool_choice",
+                    format!("`tool_choice` must be a string or an object, got {other}"),
+                ))
+            }
+        };
+        let tools = match tools {
+            None | Some([]) => {
+                return match choice {
+                    Choice::Auto => Ok(None),
+                    _ => Err(ApiError::invalid_value(
+                        "tool_choice",
+                        "`tool_choice` asks for a tool call, but the request has no `tools`",
+                    )),
+                };
+            }
+            Some(tools) => tools,
+        };
+        if tools.len() > MAX_TOOLS {
+            return Err(ApiError::invalid_value(
+                "tools",
+                format!("at most {MAX_TOOLS} tools are allowed, got {}", tools.len()),
+            ));
+        }
+        let mut checked = Vec::with_capacity(tools.len());
+        let mut rendered = Vec::with_capacity(tools.len());
+        for (i, tool) in tools.iter().enumerate() {
+            let param = format!("tools[{i}]");
+            if let Some(kind) = tool.get("type").and_then(Value::as_str) {
+                if kind != "function" {
+                    return Err(ApiError::invalid_value(
+                        &format!("{param}.type"),
+                        format!("only tools of type \"function\" are supported, got {kind:?}"),
+                    ));
+                }
+            }
+            let function = tool
+                .get("function")
+                .and_then(Value::as_object)
+                .ok_or_else(|| ApiError::missing_param(&format!("{param}.function")))?;
+            let name = function
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| ApiError::missing_param(&format!("{param}.function.name")))?;
+            if checked.iter().any(|t: &Tool| t.name == name) {
+                return Err(ApiError::invalid_value(
+                    &format!("{param}.function.name"),
+                    format!("two tools are named {name:?}"),
+                ));
+            }
+            let parameters = match function.get("parameters") {
+                None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+                Some(p @ Value::Object(_)) => p.clone(),
+                Some(_) => {
+                    return Err(ApiError::invalid_value(
+                        &format!("{param}.function.parameters"),
+                        "`parameters` must be a JSON schema object",
+                    ))
+                }
+            };
+            let grammar = JsonGrammar::from_schema(&parameters).ok();
+            let mut function = function.clone();
+            function.insert("parameters".to_owned(), parameters.clone());
+            rendered.push(json!({"type": "function", "function": function}));
+            checked.push(Tool {
+                name: name.to_owned(),
+                parameters,
+                grammar,
+            });
+        }
+        if let Choice::Named(name) = &choice {
+            if !checked.iter().any(|t| &t.name == name) {
+                return Err(ApiError::invalid_value(
+                    "tool_choice",
+                    format!("`tool_choice` names {name:?}, which is not one of the tools"),
+                ));
+            }
+        }
+        Ok(Some(Self {
+            tools: checked,
+            rendered: Value::Array(rendered),
+            choice,
+            parallel: parallel.unwrap_or(true),
+        }))
+    }
+
+    /// The `tools` list for the chat template.
+    pub(crate) fn rendered(&self) -> &Value {
+        &self.rendered
+    }
+
+    /// Whether the answer must be a call.
+    pub(crate) fn forced(&self) -> bool {
+        self.choice != Choice::Auto
+    }
+
+    /// The grammar of a forced call in `format`: the call object of one of the allowed
+    /// tools, with that tool's arguments. Fails when a tool's schema cannot be compiled.
+    pub(crate) fn call_grammar(&self, format: Format) -> Result<JsonGrammar, ApiError> {
+        let allowed = self.tools.iter().filter(|t| match &self.choice {
+            Choice::Named(name) => &t.name == name,
+            _ => true,
+        });
+        let alternatives: Vec<Value> = allowed
+            .map(|t| {
+                json!({
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": t.name},
+                        format.arguments_key(): t.parameters,
+                    },
+                    "required": ["name", format.arguments_key()],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        JsonGrammar::from_schema(&json!({ "anyOf": alternatives }))
+            .map_err(|e| ApiError::from_engine(e, "tools"))
+    }
+
+    /// A system message describing the tools, for templates that render none (the Hermes
+    /// wording Qwen2.5's template uses).
+    pub(crate) fn description(&self) -> String {
+        let mut s = String::from(
+            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
+             You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
+        );
+        for tool in self.rendered.as_array().into_iter().flatten() {
+            s.push('\n');
+            s.push_str(&tool.to_string());
+        }
+        s.push_str(
+            "\n</tools>\n\nFor each function call, return a json object with function name and \
+             arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": \
+             <function-name>, \"arguments\": <args-json-object>}\n</tool_call>",
+        );
+        s
+    }
+
+    /// Reads an answer back into text and calls. `forced`: the answer is the inside of
+    /// one call (its opening was in the prompt).
+    pub(crate) fn parse(
+        &self,
+        text: &str,
+        format: Format,
+        new_id: impl FnMut() -> String,
+    ) -> Parsed {
+        let mut new_id = new_id;
+        let mut calls = Vec::new();
+        let mut content = String::new();
+        if self.forced() {
+            let inside = text.split("</tool_call>").next().unwrap_or(text);
+            match self.call(inside, format, &mut new_id) {
+                Some(call) => calls.push(call),
+                None => content.push_str(text),
+            }
+        } else {
+            let mut rest = text;
+            while let Some(open) = rest.find(TAG_OPEN) {
+                content.push_str(&rest[..open]);
+                let after = &rest[open + TAG_OPEN.len()..];
+                let (inside, next) = match after.find(TAG_CLOSE) {
+                    Some(close) => (&after[..close], &after[close + TAG_CLOSE.len()..]),
+                    None => (after, ""),
+                };
+                match self.call(inside, format, &mut new_id) {
+                    Some(call) => calls.push(call),
+                    None => content.push_str(&rest[open..rest.len() - next.len()]),
+                }
+                rest = next;
+            }
+            content.push_str(rest);
+            if calls.is_empty() {
+                // Small models often drop the tags, or fence the call as code.
+                let bare = content.trim();
+                let bare = bare
+                    .strip_prefix("<|python_tag|>")
+                    .or_else(|| {
+                        bare.strip_prefix("```")
+                            .and_then(|b| b.strip_suffix("```"))
+                            .map(|b| b.strip_prefix("json").unwrap_or(b))
+                    })
+                    .unwrap_or(bare)
+                    .trim();
+                if bare.starts_with('{') {
+                    if let Some(call) = self.call(bare, format, &mut new_id) {
+                        calls.push(call);
+                        content.clear();
+                    }
+                }
+            }
+        }
+        if !self.parallel {
+            calls.truncate(1);
+        }
+        if !calls.is_empty() && content.trim().is_empty() {
+            content.clear();
+        }
+        Parsed { content, calls }
+    }
+
+    /// One call object, when it names a tool and its arguments fit.
+    fn call(
+        &self,
+        text: &str,
+        format: Format,
+        new_id: &mut impl FnMut() -> String,
+    ) -> Option<Call> {
+        let value: Value = serde_json::from_str(text.trim()).ok()?;
+        let obj = value.as_object()?;
+        let name = obj.get("name")?.as_str()?;
+        let tool = self.tools.iter().find(|t| t.name == name)?;
+        let arguments = obj
+            .get(format.arguments_key())
+            .or_else(|| obj.get("arguments"))
+            .or_else(|| obj.get("parameters"))
+            .cloned()
+            .unwrap_or_else(|| Value::Object(Map::new()));
+        // Some models write the arguments as a JSON string, as the API does.
+        let arguments = match arguments {
+            Value::String(s) => serde_json::from_str(&s).ok()?,
+            v => v,
+        };
+        let arguments = serde_json::to_string(&arguments).ok()?;
+        let fits = match &tool.grammar {
+            Some(g) => g.accepts(&arguments),
+            None => arguments.starts_with('{'),
+        };
+        if !fits {
+            tracing::debug!(tool = name, %arguments, "a tool call's arguments do not fit its schema");
+            return None;
+        }
+        Some(Call {
+            id: new_id(),
+            name: name.to_owned(),
+            arguments,
+        })
+    }
+}
+
+const TAG_OPEN: &str = "<tool_call>";
+/// How an answer that is a call without the tags may open.
+const BARE_OPENINGS: [&str; 3] = ["{", "```", "<|python_tag|>"];
+const TAG_CLOSE: &str = "</tool_call>";
+
+/// Decides, piece by piece, which text of a streamed answer can go out as content before
+/// the answer is whole: everything before a tool call's opening. Text that might be the
+/// start of a call is held back until it is clear; an answer that opens like a bare call
+/// (`{`, a code fence) is held back entirely, and read at the end.
+#[derive(Debug, Default)]
+pub(crate) struct StreamGate {
+    seen: String,
+    sent: usize,
+    closed: bool,
+}
+
+impl StreamGate {
+    /// Takes the next piece; returns the content that may be sent now.
+    pub(crate) fn push(&mut self, piece: &str) -> String {
+        self.seen.push_str(piece);
+        if self.closed {
+            return String::new();
+        }
+        if self.sent == 0 {
+            let start = self.seen.trim_start();
+            // An answer that opens like a bare call is read whole at the end; one that is
+            // still too short to tell waits.
+            if BARE_OPENINGS.iter().any(|o| start.starts_with(o)) {
+                self.closed = true;
+                return String::new();
+            }
+            if start.is_empty() || BARE_OPENINGS.iter().any(|o| o.starts_with(start)) {
+                return String::new();
+            }
+        }
+        let open = self.seen[self.sent..].find(TAG_OPEN).map(|i| self.sent + i);
+        let until = match open {
+            Some(i) => {
+                self.closed = true;
+                i
+            }
+            // Hold back a tail that could be the start of the tag.
+            None => {
+                let mut until = self.seen.len();
+                for k in (1..TAG_OPEN.len()).rev() {
+                    if self.seen.len() >= k
+                        && self.seen.is_char_boundary(self.seen.len() - k)
+                        && TAG_OPEN.starts_with(&self.seen[self.seen.len() - k..])
+                    {
+                        until = self.seen.len() - k;
+                        break;
+                    }
+                }
+                until
+            }
+        };
+        if until <= self.sent {
+            return String::new();
+        }
+        let out = self.seen[self.sent..until].to_owned();
+        self.sent = until;
+        out
+    }
+
+    /// The whole answer so far.
+    pub(crate) fn seen(&self) -> &str {
+        &self.seen
+    }
+
+    /// The content of the whole answer not yet sent, once `parsed` has read it. Sent text
+    /// is always the start of the parsed content (it came before any call).
+    pub(crate) fn rest(&self, parsed: &Parsed) -> String {
+        parsed
+            .content
+            .get(self.sent.min(parsed.content.len())..)
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+/// The `arguments` text of a call, cut into the few pieces a streamed answer sends (OpenAI
+/// streams arguments as fragments; clients join them).
+pub(crate) fn argument_fragments(arguments: &str) -> Vec<&str> {
+    const PIECE: usize = 32;
+    let mut out = Vec::new();
+    let mut rest = arguments;
+    while !rest.is_empty() {
+        let mut cut = rest.len().min(PIECE);
+        while !rest.is_char_boundary(cut) {
+            cut += 1;
+        }
+        let (a, b) = rest.split_at(cut);
+        out.push(a);
+        rest = b;
+    }
+    if out.is_empty() {
+        out.push("");
+    }
+    out
+}
+
+/// The chat history in the shape templates expect: OpenAI's messages, with each call's
+/// `arguments` parsed back into an object (transformers' templates write them with
+/// `tojson`). For templates that render no tools, calls and results become text in the
+/// Hermes way, so the model still sees what happened.
+pub(crate) fn template_messages(messages: Vec<Value>, template_renders_tools: bool) -> Vec<Value> {
+    messages
+        .into_iter()
+        .map(|mut m| {
+            if let Some(calls) = m.get_mut("tool_calls").and_then(Value::as_array_mut) {
+                for call in calls.iter_mut() {
+                    if let Some(args) = call.pointer_mut("/function/arguments") {
+                        if let Value::String(s) = args {
+                            if let Ok(v) = serde_json::from_str::<Value>(s) {
+                                *args = v;
+                            }
+                        }
+                    }
+                }
+            }
+            if template_renders_tools {
+                return m;
+            }
+            let role = m["role"].as_str().unwrap_or_default().to_owned();
+            let content = m["content"].as_str().unwrap_or_default().to_owned();
+            match role.as_str() {
+                "assistant" => {
+                    let mut text = content;
+                    for call in m["tool_calls"].as_array().into_iter().flatten() {
+                        let call = json!({
+                            "name": call.pointer("/function/name").cloned().unwrap_or_default(),
+                            "arguments": call.pointer("/function/arguments").cloned().unwrap_or_default(),
+                        });
+                        if !text.is_empty() {
+                            text.push('\n');
+                        }
+                        text.push_str(&format!("{TAG_OPEN}\n{call}\n{TAG_CLOSE}"));
+                    }
+                    json!({"role": "assistant", "content": text})
+                }
+                "tool" => json!({
+                    "role": "user",
+                    "content": format!("<tool_response>\n{content}\n</tool_response>"),
+                }),
+                _ => m,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weather() -> ToolSet {
+        let tools = [json!({
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                    "required": ["city"]
+                }
+            }
+        })];
+        ToolSet::from_request(Some(&tools), None, None)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn ids() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("call_{n}")
+        }
+    }
+
+    #[test]
+    fn hermes_calls_are_read_and_checked() {
+        let t = weather();
+        let p = t.parse(
+            "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+            Format::Hermes,
+            ids(),
+        );
+        assert_eq!(p.content, "Let me look.\n");
+        assert_eq!(p.calls.len(), 1);
+        assert_eq!(p.calls[0].name, "get_weather");
+        assert_eq!(p.calls[0].arguments, r#"{"city":"Paris"}"#);
+
+        // Wrong argument type, unknown tool, broken JSON: not calls; the text stays.
+        for bad in [
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": 3}}</tool_call>",
+            "<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>",
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": </tool_call>",
+        ] {
+            let p = t.parse(bad, Format::Hermes, ids());
+            assert!(p.calls.is_empty(), "{bad}");
+            assert_eq!(p.content, bad);
+        }
+    }
+
+    #[test]
+    fn bare_and_llama3_calls_and_string_arguments() {
+        let t = weather();
+        let p = t.parse(
+            "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\", \"days\": 2}}",
+            Format::Llama3,
+            ids(),
+        );
+        assert_eq!(p.calls[0].arguments, r#"{"city":"Oslo","days":2}"#);
+        assert_eq!(p.content, "");
+        let p = t.parse(
+            "```json\n{\"name\": \"get_weather\", \"arguments\": \"{\\\"city\\\": \\\"Rome\\\"}\"}\n```",
+            Format::Hermes,
+            ids(),
+        );
+        assert_eq!(p.calls[0].arguments, r#"{"city":"Rome"}"#);
+        let p = t.parse("{\"answer\": 42}", Format::Hermes, ids());
+        assert!(p.calls.is_empty());
+        assert_eq!(p.content, "{\"answer\": 42}");
+    }
+
+    #[test]
+    fn parallel_false_keeps_the_first_call() {
+        let tools = [json!({"type": "function", "function": {"name": "f"}})];
+        let t = ToolSet::from_request(Some(&tools), None, Some(false))
+            .unwrap()
+            .unwrap();
+        let two = "<tool_call>{\"name\":\"f\",\"arguments\":{}}</tool_call>\n<tool_call>{\"name\":\"f\",\"arguments\":{}}</tool_call>";
+        assert_eq!(t.parse(two, Format::Hermes, ids()).calls.len(), 1);
+        let t = ToolSet::from_request(Some(&tools), None, None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.parse(two, Format::Hermes, ids()).calls.len(), 2);
+    }
+
+    #[test]
+    fn tool_choice_is_checked() {
+        let tools = [json!({"type": "function", "function": {"name": "f"}})];
+        assert!(
+            ToolSet::from_request(Some(&tools), Some(&json!("none")), None)
+                .unwrap()
+                .is_none()
+        );
+        let forced = ToolSet::from_request(
+            Some(&tools),
+            Some(&json!({"type": "function", "function": {"name": "f"}})),
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(forced.forced());
+        let g = forced.call_grammar(Format::Hermes).unwrap();
+        assert!(g.accepts(r#"{"name": "f", "arguments": {}}"#));
+        assert!(!g.accepts(r#"{"name": "g", "arguments": {}}"#));
+        for (choice, tools) in [
+            (json!("sometimes"), Some(&tools[..])),
+            (
+                json!({"type": "function", "function": {"name": "g"}}),
+                Some(&tools[..]),
+            ),
+            (json!("required"), None),
+        ] {
+            assert!(
+                ToolSet::from_request(tools, Some(&choice), None).is_err(),
+                "{choice}"
+            );
+        }
+        let nameless = [json!({"type": "function", "function": {}})];
+        assert!(ToolSet::from_request(Some(&nameless), None, None).is_err());
+    }
+
+    #[test]
+    fn the_stream_gate_holds_back_calls() {
+        let t = weather();
+        let mut gate = StreamGate::default();
+        let pieces = [
+            "Sure",
+            ", let me check. <",
+            "tool_",
+            "call>\n{\"name\": \"get_weather\", ",
+            "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+        ];
+        let mut sent = String::new();
+        let mut whole = String::new();
+        for p in pieces {
+            sent.push_str(&gate.push(p));
+            whole.push_str(p);
+        }
+        assert_eq!(sent, "Sure, let me check. ");
+        let parsed = t.parse(&whole, Format::Hermes, ids());
+        assert_eq!(parsed.calls.len(), 1);
+        assert_eq!(gate.rest(&parsed), "");
+
+        let mut gate = StreamGate::default();
+        assert_eq!(gate.push("{\"name\""), "");
+        assert_eq!(gate.push(": 1}"), "");
+
+        let mut gate = StreamGate::default();
+        assert_eq!(gate.push("a < b"), "a < b");
+        assert_eq!(gate.push(" and <t"), " and ");
+        assert_eq!(gate.push("ag>"), "<tag>");
+    }
+
+    #[test]
+    fn history_is_shaped_for_templates() {
+        let history = vec![
+            json!({"role": "user", "content": "weather?"}),
+            json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}
+            ]}),
+            json!({"role": "tool", "tool_call_id": "c1", "content": "sunny"}),
+        ];
+        let shaped = template_messages(history.clone(), true);
+        assert_eq!(
+            shaped[1]["tool_calls"][0]["function"]["arguments"]["city"],
+            "Paris"
+        );
+        let plain = template_messages(history, false);
+        assert!(plain[1]["content"]
+            .as_str()
+            .unwrap()
+            .contains("<tool_call>"));
+        assert_eq!(plain[2]["role"], "user");
+        assert!(plain[2]["content"]
+            .as_str()
+            .unwrap()
+            .contains("<tool_response>\nsunny"));
+    }
+}

@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""What coding agents need from a Shoal node, seen through the official `openai` client:
+tool calls (asked for, forced, streamed, answered with the tool's result) and JSON output
+that always parses. Meant for a model whose chat template renders tools (Qwen2.5-Coder).
+
+Usage: SHOAL_BASE_URL=http://127.0.0.1:PORT/v1 python3 tests/python/test_agent_api.py
+
+Env:
+  SHOAL_BASE_URL  the server's OpenAI base URL, ending in /v1 (required)
+  SHOAL_MODEL     the model id to send (default: the first id /v1/models lists)
+  SHOAL_SEEDS     how many seeds the JSON-schema check runs (default 20)
+
+The `openai` package is required (`pip install openai`).
+"""
+
+import json
+import os
+import sys
+import unittest
+
+try:
+    import openai
+except ImportError:
+    sys.stderr.write("FAILED: the `openai` Python package is not installed (pip install openai)\n")
+    sys.exit(1)
+
+BASE_URL = os.environ.get("SHOAL_BASE_URL", "").rstrip("/")
+if not BASE_URL:
+    sys.stderr.write("FAILED: set SHOAL_BASE_URL, e.g. http://127.0.0.1:8080/v1\n")
+    sys.exit(1)
+SEEDS = int(os.environ.get("SHOAL_SEEDS", "20"))
+
+client = openai.OpenAI(base_url=BASE_URL, api_key="sk-test", max_retries=0, timeout=600)
+MODEL = os.environ.get("SHOAL_MODEL") or client.models.list().data[0].id
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a given city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "The city, e.g. Paris"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Get the current local time in a given city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+QUESTION = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+
+
+def check_call(test, call, name="get_weather"):
+    test.assertEqual(call.type, "function")
+    test.assertTrue(call.id.startswith("call_"), call.id)
+    test.assertEqual(call.function.name, name)
+    args = json.loads(call.function.arguments)
+    test.assertIsInstance(args, dict)
+    test.assertIsInstance(args["city"], str)
+    return args
+
+
+class ToolCalls(unittest.TestCase):
+    def test_the_model_calls_the_tool_it_is_offered(self):
+        r = client.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=[WEATHER, TIME], temperature=0, max_tokens=100
+        )
+        choice = r.choices[0]
+        self.assertEqual(choice.finish_reason, "tool_calls", choice.message)
+        self.assertEqual(len(choice.message.tool_calls), 1)
+        args = check_call(self, choice.message.tool_calls[0])
+        self.assertIn("paris", args["city"].lower())
+
+    def test_a_streamed_call_is_the_same_call(self):
+        whole = client.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=[WEATHER], temperature=0, max_tokens=100
+        )
+        stream = client.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=[WEATHER], temperature=0, max_tokens=100,
+            stream=True,
+        )
+        calls = {}
+        finish = None
+        for chunk in stream:
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            for tc in delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+                if tc.id:
+                    entry["id"] = tc.id
+                if tc.function and tc.function.name:
+                    entry["name"] += tc.function.name
+                if tc.function and tc.function.arguments:
+                    entry["arguments"] += tc.function.arguments
+            if chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+        self.assertEqual(finish, "tool_calls")
+        self.assertEqual(len(calls), 1)
+        expected = whole.choices[0].message.tool_calls[0]
+        self.assertEqual(calls[0]["name"], expected.function.name)
+        self.assertEqual(json.loads(calls[0]["arguments"]), json.loads(expected.function.arguments))
+        self.assertTrue(calls[0]["id"].startswith("call_"))
+
+    def test_the_tool_result_is_answered(self):
+        # The simplest tool: with a choice of units the 0.5B model asks again and again.
+        simple = {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Get the current weather in a given city.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+        first = client.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=[simple], temperature=0, max_tokens=100
+        )
+        call = first.choices[0].message.tool_calls[0]
+        history = QUESTION + [
+            first.choices[0].message.model_dump(exclude_none=True),
+            {
+                "role": "tool",
+                "tool_call_id": call.id,
+                "content": json.dumps({"city": "Paris", "temperature_c": 17, "sky": "rain"}),
+            },
+        ]
+        r = client.chat.completions.create(
+            model=MODEL, messages=history, tools=[simple], temperature=0, max_tokens=80
+        )
+        answer = r.choices[0].message.content or ""
+        self.assertEqual(r.choices[0].finish_reason, "stop", answer)
+        self.assertFalse(r.choices[0].message.tool_calls)
+        self.assertTrue("17" in answer or "rain" in answer.lower(), answer)
+
+    def test_required_and_named_choices_force_a_call(self):
+        chat = [{"role": "user", "content": "Hello! How are you today?"}]
+        r = client.chat.completions.create(
+            model=MODEL, messages=chat, tools=[WEATHER, TIME], tool_choice="required",
+            temperature=0, max_tokens=100,
+        )
+        self.assertEqual(r.choices[0].finish_reason, "tool_calls")
+        call = r.choices[0].message.tool_calls[0]
+        self.assertIn(call.function.name, ("get_weather", "get_time"))
+        json.loads(call.function.arguments)
+        r = client.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=[WEATHER, TIME],
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
+            temperature=0, max_tokens=100,
+        )
+        check_call(self, r.choices[0].message.tool_calls[0], name="get_time")
+
+    def test_tool_choice_none_answers_in_words(self):
+        r = client.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice="none",
+            temperature=0, max_tokens=30,
+        )
+        self.assertFalse(r.choices[0].message.tool_calls)
+        self.assertTrue(r.choices[0].message.content)
+
+
+class JsonOutput(unittest.TestCase):
+    SCHEMA = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "language": {"type": "string", "enum": ["python", "rust", "go"]},
+            "lines": {"type": "integer"},
+            "tested": {"type": "boolean"},
+        },
+        "required": ["name", "language", "lines", "tested"],
+        "additionalProperties": False,
+    }
+
+    def test_json_schema_output_parses_for_every_seed(self):
+        prompt = [{"role": "user", "content": "Describe a small program you could write."}]
+        whole = 0
+        for seed in range(SEEDS):
+            r = client.chat.completions.create(
+                model=MODEL, messages=prompt, temperature=1.0, seed=seed, max_tokens=120,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "program", "strict": True, "schema": self.SCHEMA},
+                },
+            )
+            text = r.choices[0].message.content
+            if r.choices[0].finish_reason == "length":
+                self.assertTrue(text.lstrip().startswith("{"), text)
+                continue
+            whole += 1
+            value = json.loads(text)
+            self.assertEqual(set(value), set(self.SCHEMA["properties"]), text)
+            self.assertIn(value["language"], ("python", "rust", "go"))
+            self.assertIsInstance(value["lines"], int)
+            self.assertIsInstance(value["tested"], bool)
+        self.assertGreaterEqual(whole, SEEDS * 3 // 4, f"only {whole} of {SEEDS} answers were whole")
+
+    def test_json_object_mode(self):
+        r = client.chat.completions.create(
+            model=MODEL, temperature=0, max_tokens=80, response_format={"type": "json_object"},
+            messages=[{"role": "user", "content": "Give the capital of France as JSON."}],
+        )
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+        self.assertIsInstance(json.loads(r.choices[0].message.content), dict)
+
+    def test_a_32000_token_max_tokens_is_clamped(self):
+        r = client.chat.completions.create(
+            model=MODEL, temperature=0, max_tokens=32000,
+            messages=[{"role": "user", "content": "Say hello."}],
+        )
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
