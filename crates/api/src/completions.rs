@@ -12,6 +12,7 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, Stream, StreamExt};
+use tokio::sync::mpsc;
 use serde::Serialize;
 use serde_json::Value;
 use shoal_engine::{ChatMessage, FinishReason, GenerateParams, JsonGrammar, SamplingParams};
@@ -48,7 +49,18 @@ pub(crate) async fn chat_completions(
     if let Some(strategy) = crate::swarm::swarm_model(req.model.as_deref())? {
         return crate::swarm::chat(state, req, strategy, received).await;
     }
-    let checked = check(&state, &req, "messages")?;
+    let (prepared, prompt) = prepare_chat(&state, &req).await?;
+    respond(state, prepared, prompt, received, Kind::Chat).await
+}
+
+/// A chat request checked and its prompt rendered and tokenized — everything before the
+/// engine, shared by every API that chats (OpenAI's, Anthropic's and Ollama's, which
+/// translate their requests into OpenAI's first).
+pub(crate) async fn prepare_chat(
+    state: &AppState,
+    req: &CompletionRequest,
+) -> Result<(Prepared, Vec<u32>), ApiError> {
+    let checked = check(state, req, "messages")?;
     let tools = ToolSet::from_request(
         req.tools.as_deref(),
         req.tool_choice.as_ref(),
@@ -66,9 +78,11 @@ pub(crate) async fn chat_completions(
     let mut prepared = checked.with_model(state.model()?);
     let backend = prepared.model.clone();
     let format = Format::of(backend.prompt_format());
-    let (prompt, grammar) = blocking(move || {
+    let ((prompt, tools), grammar) = blocking(move || {
         let prompt_format = backend.prompt_format();
-        let renders_tools = prompt_format.template().is_some_and(|t| t.renders_tools());
+        let renders_tools = prompt_format
+            .template()
+            .is_some_and(|t| t.renders_tools());
         let mut messages = template_messages(messages, renders_tools || tools.is_none());
         let rendered_tools = match &tools {
             Some(t) if renders_tools => Some(t.rendered().clone()),
@@ -94,10 +108,9 @@ pub(crate) async fn chat_completions(
         Ok(((ids, tools), grammar))
     })
     .await?;
-    let (prompt, tools) = prompt;
     prepared.grammar = grammar;
     prepared.tools = tools.map(|t| (Arc::new(t), format));
-    respond(state, prepared, prompt, received, Kind::Chat).await
+    Ok((prepared, prompt))
 }
 
 /// `response_format`: `None` for plain text; the grammar JSON answers must follow.
@@ -156,7 +169,16 @@ pub(crate) async fn completions(
             "the swarm answers chat completions only: use /v1/chat/completions",
         ));
     }
-    let checked = check(&state, &req, "prompt")?;
+    let (prepared, prompt) = prepare_text(&state, &mut req).await?;
+    respond(state, prepared, prompt, received, Kind::Text).await
+}
+
+/// A raw-prompt request (`prompt`, text or token ids) checked and tokenized, no template.
+pub(crate) async fn prepare_text(
+    state: &AppState,
+    req: &mut CompletionRequest,
+) -> Result<(Prepared, Vec<u32>), ApiError> {
+    let checked = check(state, req, "prompt")?;
     let prompt = prompt_in(req.prompt.take())?;
     let prepared = checked.with_model(state.model()?);
     let backend = prepared.model.clone();
@@ -181,7 +203,7 @@ pub(crate) async fn completions(
             ids
         }
     };
-    respond(state, prepared, prompt, received, Kind::Text).await
+    Ok((prepared, prompt))
 }
 
 /// Which API a response speaks.
@@ -518,14 +540,14 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))?
 }
 
-/// Checks the prompt against the context, waits for the engine and answers.
-async fn respond(
-    state: AppState,
+/// Checks the prompt against the context, waits for the engine and starts the
+/// generation; its events come on the receiver. Every API answers through here.
+pub(crate) async fn start(
+    state: &AppState,
     prepared: Prepared,
     prompt: Vec<u32>,
     received: Instant,
-    kind: Kind,
-) -> Result<Response, ApiError> {
+) -> Result<(mpsc::Receiver<Event>, Answering), ApiError> {
     let context = prepared.model.config().context_length;
     let param = prepared.prompt_param;
     if prompt.is_empty() {
@@ -578,6 +600,11 @@ async fn respond(
             ));
         }
     }
+    let answering = Answering {
+        stream: prepared.stream,
+        include_usage: prepared.include_usage,
+        tools: prepared.tools,
+    };
     let job = Job {
         backend: prepared.model,
         prompt,
@@ -586,7 +613,27 @@ async fn respond(
         grammar: prepared.grammar,
         ignore_eos: prepared.ignore_eos,
     };
-    let rx = runner::start(&state, job).await?;
+    let rx = runner::start(state, job).await?;
+    Ok((rx, answering))
+}
+
+/// How a started generation is to be answered.
+pub(crate) struct Answering {
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
+    /// The tools the answer may call, and how the model writes calls.
+    pub(crate) tools: Option<(Arc<ToolSet>, Format)>,
+}
+
+/// Starts the generation and answers it in OpenAI's shape.
+async fn respond(
+    state: AppState,
+    prepared: Prepared,
+    prompt: Vec<u32>,
+    received: Instant,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let (rx, answering) = start(&state, prepared, prompt, received).await?;
     let out = Output {
         id: state.new_id(match kind {
             Kind::Chat => "chatcmpl",
@@ -595,10 +642,10 @@ async fn respond(
         created: unix_now(),
         model: state.model_id().to_string(),
         kind,
-        include_usage: prepared.include_usage,
-        tools: prepared.tools,
+        include_usage: answering.include_usage,
+        tools: answering.tools,
     };
-    if prepared.stream {
+    if answering.stream {
         Ok(Sse::new(out.stream(rx))
             .keep_alive(KeepAlive::default())
             .into_response())
@@ -633,7 +680,7 @@ fn call_json(call: &Call, index: Option<usize>, arguments: &str) -> Value {
 }
 
 /// A call's id, as OpenAI's look (`call_` and 24 letters and digits).
-fn new_call_id() -> String {
+pub(crate) fn new_call_id() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut x = random_seed();
     let mut id = String::from("call_");

@@ -14,6 +14,7 @@
 //! [`app`] builds the router from an [`AppState`]; the binary serves it, loads the model
 //! in the background and calls [`AppState::set_ready`].
 
+mod anthropic;
 mod backend;
 mod completions;
 mod error;
@@ -47,6 +48,7 @@ pub fn app(state: AppState) -> Router {
     let protected = Router::new()
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(list_models))
         .route("/v1/swarm/status", get(swarm::status))
         .route("/v1/swarm/query", post(swarm::query))
@@ -144,7 +146,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::method_not_allowed(method.as_str(), uri.path())
 }
 
-/// With an API key configured, wants `Authorization: Bearer <key>`.
+/// With an API key configured, wants `Authorization: Bearer <key>` (or `x-api-key: <key>`).
 async fn require_api_key(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -152,10 +154,12 @@ async fn require_api_key(
     next: Next,
 ) -> Response {
     if let Some(key) = state.api_key() {
+        // Anthropic's clients send the key as `x-api-key`; it counts like the bearer token.
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
             .map(str::trim);
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
             return ApiError::unauthorized().into_response();
