@@ -13,6 +13,7 @@
 //! `HF_ENDPOINT`), default `https://huggingface.co`; tests point it at a local server.
 
 mod error;
+pub mod hardware;
 pub mod http;
 mod registry;
 mod wheels;

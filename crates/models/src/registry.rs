@@ -57,6 +57,13 @@ pub struct ModelInfo {
     pub hf: HfFile,
 }
 
+impl ModelInfo {
+    /// The quantization, as the title ends with it (`Q4_1`, `Q4_K_M`).
+    pub fn quantization(&self) -> &'static str {
+        self.title.rsplit(' ').next().unwrap_or(self.title)
+    }
+}
+
 const fn part(package: &'static str, path: &'static str) -> WheelPart {
     WheelPart { package, path }
 }

@@ -46,6 +46,8 @@ pub(crate) enum Command {
     Plan(shoal_eval::plan::PlanArgs),
     /// Measure answer quality against a running API (`eval humaneval`: pass@1).
     Eval(shoal_eval::humaneval::EvalArgs),
+    /// This device's CPU, memory, GPUs, temperatures and battery, and the model it would run.
+    Detect(crate::detect::DetectArgs),
     /// Swarm keys: `key new` prints a new one.
     #[command(subcommand)]
     Key(crate::key::KeyCommand),
@@ -194,6 +196,7 @@ pub(crate) fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         Command::Eval(a) => shoal_eval::humaneval::run(a, &resolve_model),
         Command::Relay(a) => shoal_eval::relay::run(a),
         Command::Key(k) => crate::key::run(k),
+        Command::Detect(a) => crate::detect::run(a),
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod cli;
 mod config;
+mod detect;
 mod key;
 mod load;
 mod models;

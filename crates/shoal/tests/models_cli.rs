@@ -148,3 +148,35 @@ fn unknown_model_name_is_explained() {
     assert!(text(&out.stderr).contains("unknown model `llama-9000`"));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// `shoal detect --json`: this machine's hardware as scripts read it, and a model choice
+/// that fits the memory it reports.
+#[test]
+fn detect_reports_this_machine_and_a_model_that_fits() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["detect", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hw = &v["hardware"];
+    assert!(hw["cpu"]["logical_cores"].as_u64().unwrap() >= 1);
+    assert_eq!(hw["arch"], std::env::consts::ARCH);
+    if cfg!(target_os = "linux") {
+        let total = hw["memory"]["total_bytes"].as_u64().unwrap();
+        let available = hw["memory"]["available_bytes"].as_u64().unwrap();
+        assert!(0 < available && available <= total);
+        let size = v["recommended"]["size_bytes"].as_u64().unwrap();
+        assert!(size < available, "{v}");
+    }
+    assert!(v["recommended"]["model"].is_string());
+    let table = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .arg("detect")
+        .output()
+        .unwrap();
+    assert!(
+        text(&table.stdout).contains("would run"),
+        "{}",
+        text(&table.stdout)
+    );
+}
