@@ -12,10 +12,10 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, Stream, StreamExt};
-use tokio::sync::mpsc;
 use serde::Serialize;
 use serde_json::Value;
 use shoal_engine::{ChatMessage, FinishReason, GenerateParams, JsonGrammar, SamplingParams};
+use tokio::sync::mpsc;
 
 use crate::backend::Backend;
 
@@ -80,9 +80,7 @@ pub(crate) async fn prepare_chat(
     let format = Format::of(backend.prompt_format());
     let ((prompt, tools), grammar) = blocking(move || {
         let prompt_format = backend.prompt_format();
-        let renders_tools = prompt_format
-            .template()
-            .is_some_and(|t| t.renders_tools());
+        let renders_tools = prompt_format.template().is_some_and(|t| t.renders_tools());
         let mut messages = template_messages(messages, renders_tools || tools.is_none());
         let rendered_tools = match &tools {
             Some(t) if renders_tools => Some(t.rendered().clone()),

@@ -20,6 +20,7 @@ mod completions;
 mod error;
 mod limits;
 mod metrics;
+mod ollama;
 mod runner;
 mod serve;
 mod state;
@@ -54,6 +55,19 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/swarm/query", post(swarm::query))
         .route("/v1/models/{*id}", get(get_model))
         .route("/metrics", get(metrics))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/version", get(ollama::version))
+        .route("/api/embed", post(ollama::unsupported))
+        .route("/api/embeddings", post(ollama::unsupported))
+        .route("/api/pull", post(ollama::unsupported))
+        .route("/api/push", post(ollama::unsupported))
+        .route("/api/create", post(ollama::unsupported))
+        .route("/api/copy", post(ollama::unsupported))
+        .route("/api/delete", axum::routing::delete(ollama::unsupported))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

@@ -48,6 +48,8 @@ pub(crate) enum Command {
     Eval(shoal_eval::humaneval::EvalArgs),
     /// This device's CPU, memory, GPUs, temperatures and battery, and the model it would run.
     Detect(crate::detect::DetectArgs),
+    /// An MCP server on stdio (for Claude Desktop, opencode, …) answering through a node.
+    Mcp(crate::mcp::McpArgs),
     /// Swarm keys: `key new` prints a new one.
     #[command(subcommand)]
     Key(crate::key::KeyCommand),
@@ -197,6 +199,7 @@ pub(crate) fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         Command::Relay(a) => shoal_eval::relay::run(a),
         Command::Key(k) => crate::key::run(k),
         Command::Detect(a) => crate::detect::run(a),
+        Command::Mcp(a) => crate::mcp::run(a),
     }
 }
 

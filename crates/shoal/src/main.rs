@@ -6,6 +6,7 @@ mod config;
 mod detect;
 mod key;
 mod load;
+mod mcp;
 mod models;
 mod serve;
 

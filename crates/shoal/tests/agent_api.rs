@@ -35,5 +35,8 @@ fn agent_api_end_to_end() {
         .env("SHOAL_ROOT_URL", format!("http://{}", server.addr))
         .status()
         .expect("python3 runs");
-    assert!(status.success(), "tests/python/test_anthropic_client.py failed");
+    assert!(
+        status.success(),
+        "tests/python/test_anthropic_client.py failed"
+    );
 }

@@ -151,11 +151,19 @@ fn qwen_two_stage_head_answers_like_a_single_process() {
             "messages": [{"role": "user", "content": "What is the weather in Paris now?"}],
             "max_tokens": 60, "temperature": 0, "tools": tools,
         });
-        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         b.to_string()
     };
     let call = |server: &Server| {
-        let r = http(server.addr, "POST", "/v1/chat/completions", Some(&ask(json!({})))).unwrap();
+        let r = http(
+            server.addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&ask(json!({}))),
+        )
+        .unwrap();
         let v: Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
         v["choices"][0]["message"]["tool_calls"][0]["function"].clone()
