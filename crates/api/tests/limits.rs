@@ -5,8 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+mod common;
+
+use common::model;
+
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -15,29 +17,8 @@ use axum::Router;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use shoal_api::{app, AppState, HttpLimits};
-use shoal_engine::Model;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
-
-fn model() -> Arc<Model> {
-    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let dir = std::env::var_os("SHOAL_MODELS_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models"))
-                });
-            let path = dir.join("smollm2-135m-instruct-q4_1.gguf");
-            assert!(
-                path.is_file(),
-                "{} is missing: run scripts/fetch-models.sh",
-                path.display()
-            );
-            Arc::new(Model::load(&path, |_, _| {}).unwrap())
-        })
-        .clone()
-}
 
 fn ready(limits: HttpLimits) -> (AppState, Router) {
     let state = AppState::with_limits("smollm2".into(), None, limits);

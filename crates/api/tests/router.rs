@@ -3,8 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+mod common;
+
+use common::{get, model, post, post_raw, send, Answer};
+
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -13,55 +15,21 @@ use axum::Router;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use shoal_api::{app, AppState};
-use shoal_engine::Model;
 use tower::ServiceExt;
 
 const MODEL_ID: &str = "smollm2";
-const MODEL_FILE: &str = "smollm2-135m-instruct-q4_1.gguf";
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("SHOAL_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
-}
-
-/// The test model, loaded once per test binary.
-fn model() -> Arc<Model> {
-    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = models_dir().join(MODEL_FILE);
-            assert!(
-                path.is_file(),
-                "{} is missing: run scripts/fetch-models.sh (or set SHOAL_MODELS_DIR)",
-                path.display()
-            );
-            Arc::new(Model::load(&path, |_, _| {}).expect("the test model loads"))
-        })
-        .clone()
-}
 
 fn loading_app() -> (AppState, Router) {
-    let state = AppState::new(MODEL_ID.into(), None);
-    (state.clone(), app(state))
+    common::loading_app(MODEL_ID)
 }
 
 fn ready_app() -> (AppState, Router) {
-    let state = AppState::new(MODEL_ID.into(), None);
-    state.set_ready(model());
-    (state.clone(), app(state))
-}
-
-struct Answer {
-    status: StatusCode,
-    content_type: String,
-    body: String,
+    common::ready_app(MODEL_ID)
 }
 
 impl Answer {
     fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+        self.body_json()
     }
 
     /// Asserts an OpenAI error body with this status and returns its `error` object.
@@ -91,40 +59,6 @@ impl Answer {
             .map(str::to_string)
             .collect()
     }
-}
-
-async fn send(app: &Router, req: Request<Body>) -> Answer {
-    let res = app.clone().oneshot(req).await.unwrap();
-    let status = res.status();
-    let content_type = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    Answer {
-        status,
-        content_type,
-        body: String::from_utf8(bytes.to_vec()).unwrap(),
-    }
-}
-
-async fn get(app: &Router, uri: &str) -> Answer {
-    send(app, Request::get(uri).body(Body::empty()).unwrap()).await
-}
-
-async fn post_raw(app: &Router, uri: &str, body: &str) -> Answer {
-    let req = Request::post(uri)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    send(app, req).await
-}
-
-async fn post(app: &Router, uri: &str, body: Value) -> Answer {
-    post_raw(app, uri, &body.to_string()).await
 }
 
 fn chat(content: &str, extra: Value) -> Value {
