@@ -319,17 +319,21 @@ impl ToolSet {
             content.push_str(rest);
             if calls.is_empty() {
                 // Small models often drop the tags, or fence the call as code.
-                let bare = content.trim();
-                let bare = bare
+                let whole = content.trim();
+                // Only the openings a stream holds back (so nothing sent as text turns out
+                // to have been a call).
+                let opens_bare = BARE_OPENINGS.iter().any(|o| whole.starts_with(o));
+                let bare = whole
                     .strip_prefix("<|python_tag|>")
                     .or_else(|| {
-                        bare.strip_prefix("```")
+                        whole
+                            .strip_prefix("```")
                             .and_then(|b| b.strip_suffix("```"))
                             .map(|b| b.strip_prefix("json").unwrap_or(b))
                     })
-                    .unwrap_or(bare)
+                    .unwrap_or(whole)
                     .trim();
-                if bare.starts_with('{') {
+                if opens_bare && bare.starts_with('{') {
                     if let Some(call) = self.call(bare, format, &mut new_id) {
                         calls.push(call);
                         content.clear();
@@ -386,8 +390,9 @@ impl ToolSet {
 }
 
 const TAG_OPEN: &str = "<tool_call>";
-/// How an answer that is a call without the tags may open.
-const BARE_OPENINGS: [&str; 3] = ["{", "```", "<|python_tag|>"];
+/// How an answer that is a call without the tags may open: bare JSON, JSON in a code
+/// fence, Llama's python tag. (Other fenced code, a coding agent's daily bread, streams.)
+const BARE_OPENINGS: [&str; 5] = ["{", "```json", "```\n{", "```{", "<|python_tag|>"];
 const TAG_CLOSE: &str = "</tool_call>";
 
 /// Decides, piece by piece, which text of a streamed answer can go out as content before
@@ -686,6 +691,14 @@ mod tests {
         let mut gate = StreamGate::default();
         assert_eq!(gate.push("{\"name\""), "");
         assert_eq!(gate.push(": 1}"), "");
+
+        // A fenced call waits; other fenced code streams.
+        let mut gate = StreamGate::default();
+        assert_eq!(gate.push("``"), "");
+        assert_eq!(gate.push("`json\n{\"name\""), "");
+        let mut gate = StreamGate::default();
+        assert_eq!(gate.push("```"), "");
+        assert_eq!(gate.push("python\nprint(1)"), "```python\nprint(1)");
 
         let mut gate = StreamGate::default();
         assert_eq!(gate.push("a < b"), "a < b");
