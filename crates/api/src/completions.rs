@@ -141,7 +141,7 @@ fn response_format(format: Option<&Value>) -> Result<Option<JsonGrammar>, ApiErr
     }
 }
 
-/// Puts the tools' description at the head of the system message (a new one if the
+/// Adds the tools' description to the end of the system message (a new one if the
 /// conversation has none), for templates that render no tools.
 fn describe_tools(messages: &mut Vec<Value>, description: &str) {
     match messages.first_mut() {
