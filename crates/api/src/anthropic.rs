@@ -364,13 +364,7 @@ struct Writer {
 
 /// The answer read back: its text and calls (calls only when tools were offered).
 fn read_back(text: &str, answering: &Answering) -> Parsed {
-    match &answering.tools {
-        Some((tools, format)) => tools.parse(text, *format, new_tool_id),
-        None => Parsed {
-            content: text.to_owned(),
-            calls: Vec::new(),
-        },
-    }
+    crate::tools::read_back(answering.tools.as_ref(), text, new_tool_id)
 }
 
 /// A tool-use id as Anthropic's look.

@@ -843,13 +843,8 @@ impl Reply {
 
     /// The whole answer, read back into text and tool calls.
     fn split(&self, text: &str) -> (String, Vec<Value>) {
-        match &self.tools {
-            None => (text.to_owned(), Vec::new()),
-            Some((tools, format)) => {
-                let parsed = tools.parse(text, *format, new_call_id);
-                (parsed.content, ollama_calls(&parsed.calls))
-            }
-        }
+        let parsed = crate::tools::read_back(self.tools.as_ref(), text, new_call_id);
+        (parsed.content, ollama_calls(&parsed.calls))
     }
 
     /// A non-streamed answer: one object with the whole text and the totals.

@@ -389,6 +389,21 @@ impl ToolSet {
     }
 }
 
+/// An answer read back: into text and calls when tools were offered, else all text.
+pub(crate) fn read_back(
+    tools: Option<&(std::sync::Arc<ToolSet>, Format)>,
+    text: &str,
+    new_id: impl FnMut() -> String,
+) -> Parsed {
+    match tools {
+        Some((tools, format)) => tools.parse(text, *format, new_id),
+        None => Parsed {
+            content: text.to_owned(),
+            calls: Vec::new(),
+        },
+    }
+}
+
 const TAG_OPEN: &str = "<tool_call>";
 /// How an answer that is a call without the tags may open: bare JSON, JSON in a code
 /// fence, Llama's python tag. (Other fenced code, a coding agent's daily bread, streams.)
