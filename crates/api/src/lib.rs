@@ -5,6 +5,7 @@
 //! - `GET /v1/models`, `GET /v1/models/{id}`: the one model this node serves.
 //! - `GET /health`: 503 while the model loads (or when it failed), then `{"status":"ok"}`.
 //! - `GET /metrics`: Prometheus metrics prefixed `shoal_`.
+//! - `GET /v1/cluster`, `POST /v1/cluster/join`: the members and their state; adding a peer.
 //!
 //! Errors are OpenAI's `{"error":{"message","type","param","code"}}`, made in one place:
 //! [`ApiError`]. Generations run one at a time on the engine; the others queue (see
@@ -16,6 +17,7 @@
 
 mod anthropic;
 mod backend;
+mod cluster;
 mod completions;
 mod error;
 mod limits;
@@ -36,6 +38,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 pub use backend::Backend;
+pub use cluster::ClusterHandle;
 pub use completions::DEFAULT_MAX_TOKENS;
 pub use error::{ApiError, Json};
 pub use limits::HttpLimits;
@@ -53,6 +56,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/swarm/status", get(swarm::status))
         .route("/v1/swarm/query", post(swarm::query))
+        .route("/v1/cluster", get(cluster::status))
+        .route("/v1/cluster/join", post(cluster::join))
         .route("/v1/models/{*id}", get(get_model))
         .route("/metrics", get(metrics))
         .route("/api/chat", post(ollama::chat))

@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use shoal_swarm::Swarm;
 
 use crate::backend::Backend;
+use crate::cluster::ClusterHandle;
 use crate::error::ApiError;
 use crate::limits::HttpLimits;
 use crate::metrics::Metrics;
@@ -47,6 +48,8 @@ struct Inner {
     registry: Registry,
     /// Swarm mode, when this node heads one.
     swarm: std::sync::OnceLock<Arc<Swarm>>,
+    /// The cluster's members as this node sees them.
+    cluster: std::sync::OnceLock<ClusterHandle>,
     /// Unix time of start-up, reported as the model's `created`.
     started: u64,
     next_id: AtomicU64,
@@ -73,6 +76,7 @@ impl AppState {
                 metrics,
                 registry,
                 swarm: std::sync::OnceLock::new(),
+                cluster: std::sync::OnceLock::new(),
                 started: unix_now(),
                 next_id: AtomicU64::new(0),
             }),
@@ -92,6 +96,15 @@ impl AppState {
 
     pub(crate) fn swarm(&self) -> Option<Arc<Swarm>> {
         self.inner.swarm.get().cloned()
+    }
+
+    /// The cluster's member list: `/v1/cluster` shows it. Set once; later calls are ignored.
+    pub fn set_cluster(&self, cluster: ClusterHandle) {
+        let _ = self.inner.cluster.set(cluster);
+    }
+
+    pub(crate) fn cluster(&self) -> Option<ClusterHandle> {
+        self.inner.cluster.get().cloned()
     }
 
     /// The node holds no whole model and only serves pipeline stages: `/health` is ok,

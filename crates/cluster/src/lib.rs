@@ -1,7 +1,15 @@
-//! What a node knows about the cluster: its peers and whether they answer ([`Membership`]),
-//! and where a model's layers should go (the placement planner).
+//! What a node knows about the cluster: its members and whether they are alive ([`Roster`],
+//! kept by heartbeats: [`heartbeat`]), the peers a head talks to ([`Membership`]), and where
+//! a model's layers should go (the placement planner).
 //!
-//! # Membership
+//! # Members
+//!
+//! The [`Roster`] is the cluster as this node sees it: every node it has exchanged an
+//! authenticated heartbeat with, alive, suspect or dead by how long it has been silent, and
+//! the addresses still being tried (static peers, joins, mDNS answers, other members' gossip).
+//! [`heartbeat::run_heartbeats`] keeps it; `GET /v1/cluster` shows it.
+//!
+//! # Peers of a head
 //!
 //! One [`Membership`] per set of peers a node talks to: every contact that works or fails
 //! is recorded there, and whoever needs the live peers asks it (the swarm head for its
@@ -76,16 +84,20 @@
 //! Forced splits (`--split 0-9,10-19,20-29`) are checked and costed by
 //! [`validate_split`]; [`parse_split`] reads the flag's text.
 
+pub mod discovery;
 mod error;
 mod explain;
+pub mod heartbeat;
 mod membership;
 mod planner;
+mod roster;
 mod split;
 mod types;
 
 pub use error::PlanError;
 pub use membership::{Member, MemberState, Membership};
 pub use planner::{plan, plan_with_options, PlanOptions, DEFAULT_MAX_EXACT_NODES};
+pub use roster::{DetectorConfig, Liveness, MemberView, Roster, RosterError, RosterView, Source};
 pub use split::{check_tiling, parse_split, validate_split, validate_stages, TilingError};
 pub use types::{
     uniform_links, LeftOut, LeftOutReason, ModelShape, NodeProfile, Objective, Plan, Prediction,

@@ -10,6 +10,7 @@ use shoal_swarm::routing::Strategy;
 use shoal_wire::{DType, SwarmKey};
 
 use crate::error::NodeError;
+use crate::membership::ClusterSettings;
 
 /// How to start a node ([`crate::Node::start`]).
 #[derive(Clone, Debug)]
@@ -50,6 +51,8 @@ pub struct NodeConfig {
     /// Allow plain peer connections beyond loopback (no swarm key): anyone on the network
     /// could then use and read this node's peer traffic.
     pub insecure_peers: bool,
+    /// Membership: heartbeats, failure detection, discovery.
+    pub cluster: ClusterSettings,
 }
 
 /// The swarm head's settings.
@@ -106,24 +109,35 @@ impl NodeConfig {
             swarm: SwarmSettings::default(),
             swarm_key: None,
             insecure_peers: false,
+            cluster: ClusterSettings::default(),
         }
     }
 
     /// Refuses combinations that cannot work, with what to change.
     pub fn check(&self) -> Result<(), NodeError> {
         let bad = |msg: &str| Err(NodeError::Config(msg.to_owned()));
-        if self.stage_only
-            && (self.split.is_some() || self.role.is_some() || !self.peers.is_empty())
-        {
-            return bad(
-                "--stage-only serves stages for a head; it takes no --split, --role or --peer",
-            );
+        // A stage-only node's --peers only introduce it to the cluster.
+        if self.stage_only && (self.split.is_some() || self.role.is_some()) {
+            return bad("--stage-only serves stages for a head; it takes no --split or --role");
         }
         if self.stage_only && self.peer_addr.is_none() {
             return bad("--stage-only needs --peer-port (where heads send stage work)");
         }
-        if self.split.is_some() && self.peers.is_empty() {
-            return bad("--split needs a --peer for every range after this node's");
+        let d = &self.cluster.detector;
+        if d.interval.is_zero() || d.suspect_after >= d.dead_after || d.suspect_after <= d.interval
+        {
+            return Err(NodeError::Config(format!(
+                "heartbeats every {:?}, suspect after {:?}, dead after {:?}: the interval must \
+                 be above zero and below the suspect time, and that below the dead time",
+                d.interval, d.suspect_after, d.dead_after
+            )));
+        }
+        let auto = self.split.as_deref().map(str::trim) == Some("auto");
+        if self.split.is_some() && self.peers.is_empty() && !(auto && self.peer_addr.is_some()) {
+            return bad(
+                "--split needs a --peer for every range after this node's (or --split auto \
+                 with a peer port: the ring is then planned over the members found)",
+            );
         }
         if self.swarm_key.is_none() && !self.insecure_peers {
             if let Some(addr) = self.peer_addr.filter(|a| !a.ip().is_loopback()) {

@@ -20,10 +20,12 @@
 
 mod config;
 mod error;
+mod membership;
 mod peer_port;
 
 pub use config::{NodeConfig, SwarmSettings};
 pub use error::NodeError;
+pub use membership::ClusterSettings;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,7 +33,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shoal_api::AppState;
+use shoal_api::{AppState, ClusterHandle};
+use shoal_cluster::Roster;
 use shoal_engine::Model;
 use shoal_pipeline::Replan;
 use shoal_swarm::{CodeChecks, Swarm, SwarmConfig};
@@ -51,6 +54,7 @@ pub struct Node {
     peer_addr: Option<SocketAddr>,
     node_id: String,
     state: AppState,
+    roster: Arc<Roster>,
     /// Set to `true` once: every listener and background loop stops.
     stop: watch::Sender<bool>,
     http: JoinHandle<()>,
@@ -99,25 +103,62 @@ impl Node {
                 tracing::info!("no swarm key: peer connections are plain, on this machine only")
             }
         }
-        let mut peer_addr = None;
+        let mut peer_listener = None;
         if let Some(addr) = config.peer_addr {
-            let peer_listener = bind("for peers", addr).await?;
-            let bound = local_addr("for peers", addr, &peer_listener)?;
-            peer_addr = Some(bound);
+            let listener = bind("for peers", addr).await?;
+            let bound = local_addr("for peers", addr, &listener)?;
+            peer_listener = Some((listener, bound));
             if config.node_id.is_none() {
                 node_id = peer_port::default_node_id(Some(bound.port()));
             }
+        }
+        let peer_addr = peer_listener.as_ref().map(|(_, bound)| *bound);
+
+        let me = {
+            let (id, model) = (node_id.clone(), config.model.clone());
+            let role = config.role.map(|r| r.as_str().to_owned());
+            let (http_port, peer_port) = (http_addr.port(), peer_addr.map_or(0, |a| a.port()));
+            tokio::task::spawn_blocking(move || {
+                membership::describe_me(&id, &model, role.as_deref(), http_port, peer_port)
+            })
+            .await
+            .map_err(|e| NodeError::Config(format!("reading this device's hardware: {e}")))?
+        };
+        let roster = Arc::new(Roster::new(me, peer_addr, config.cluster.detector));
+        state.set_cluster(ClusterHandle {
+            roster: roster.clone(),
+            prober: peer_addr.map(|_| {
+                membership::prober(&roster, transport.clone())
+                    as Arc<dyn shoal_cluster::heartbeat::Prober>
+            }),
+        });
+
+        if let Some((listener, _)) = peer_listener {
             let port = peer_port::PeerPortSetup {
                 model_path: config.model.clone(),
                 node_id: node_id.clone(),
                 agent: agent.clone(),
                 stats: state.batch_stats(),
                 transport: transport.clone(),
+                roster: roster.clone(),
             };
-            let stopped = stopped(&stop);
+            let stopped_port = stopped(&stop);
             background.push(tokio::spawn(async move {
-                peer_port::serve_peer_port(peer_listener, port, stopped).await;
+                peer_port::serve_peer_port(listener, port, stopped_port).await;
             }));
+            background.push(membership::start_heartbeats(
+                roster.clone(),
+                transport.clone(),
+                config.peers.clone(),
+                stopped(&stop),
+            ));
+            let beyond_loopback = peer_addr.is_some_and(|a| !a.ip().is_loopback());
+            if config.cluster.mdns && beyond_loopback {
+                let fingerprint = config.swarm_key.as_ref().map(|k| k.id());
+                if let Some(task) = membership::start_mdns(&roster, fingerprint, stopped(&stop)) {
+                    background.push(task);
+                }
+            }
         }
 
         if config.stage_only {
@@ -127,6 +168,7 @@ impl Node {
                 model: config.model.clone(),
                 split,
                 peers: config.peers.clone(),
+                roster: roster.clone(),
                 activations: config.activations,
                 node_id: node_id.clone(),
                 memory_cap: config.plan_memory_bytes,
@@ -153,6 +195,7 @@ impl Node {
             peer_addr,
             node_id,
             state,
+            roster,
             stop,
             http,
             background,
@@ -172,6 +215,11 @@ impl Node {
     /// This node's id on the peer protocol.
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// The cluster's members as this node sees them.
+    pub fn roster(&self) -> &Arc<Roster> {
+        &self.roster
     }
 
     /// The API's shared state (readiness, metrics).
@@ -326,6 +374,8 @@ struct PipelineHead {
     /// `auto`, or layers per stage.
     split: String,
     peers: Vec<String>,
+    /// The members: with `auto` and no `peers`, the ring is planned over those found.
+    roster: Arc<Roster>,
     activations: shoal_wire::DType,
     node_id: String,
     /// Memory this node offers to an `auto` plan, if capped below what is free.
@@ -351,9 +401,21 @@ impl PipelineHead {
 
     async fn connect(self, state: &AppState) -> Result<shoal_pipeline::Pipeline, String> {
         let (ranges, peers, replan) = if self.split.trim() == "auto" {
+            let mut candidates = self.peers.clone();
+            if candidates.is_empty() {
+                let file = self
+                    .model
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                candidates = membership::discovered_peers(&self.roster, &file).await;
+                tracing::info!(
+                    "planning over the members found with {file}: {candidates:?} and this node"
+                );
+            }
             let (ranges, peers, planner) = shoal_pipeline::plan_ring(
                 &self.model,
-                &self.peers,
+                &candidates,
                 &self.node_id,
                 self.memory_cap,
                 &self.transport,

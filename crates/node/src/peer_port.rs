@@ -6,6 +6,8 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use shoal_cluster::heartbeat::answer_heartbeat;
+use shoal_cluster::Roster;
 use shoal_engine::Model;
 use shoal_pipeline::{BatchStats, StageServer, StageServerConfig};
 use shoal_swarm::agent::{measure_decode_speed, AgentConfig, AgentService};
@@ -16,6 +18,8 @@ use shoal_wire::{
     PeerService, ServeConfig, Transport, WireError,
 };
 use tokio::net::TcpListener;
+
+use crate::membership;
 
 /// This node as a swarm agent, once its model has loaded.
 pub(crate) type AgentSlot = Arc<OnceLock<Arc<AgentService>>>;
@@ -57,6 +61,8 @@ pub(crate) struct PeerPortSetup {
     pub(crate) stats: BatchStats,
     /// The swarm key, limits and deadlines, for peers in and stage links out.
     pub(crate) transport: Transport,
+    /// The cluster's members: heartbeats from peers go here.
+    pub(crate) roster: Arc<Roster>,
 }
 
 /// Serves the peer port until `shutdown`: stage requests go to a [`StageServer`] over the
@@ -78,12 +84,19 @@ pub(crate) async fn serve_peer_port(
     config.transport = setup.transport.clone();
     let stages = StageServer::new(config);
     let evictor = stages.spawn_evictor();
+    let (stop_refresh, refresh_stopped) = tokio::sync::oneshot::channel::<()>();
+    let refresh = membership::start_refresh(setup.roster.clone(), Some(stages.clone()), async {
+        let _ = refresh_stopped.await;
+    });
     let port = PeerPort {
         stages,
         agent: setup.agent,
+        roster: setup.roster,
     };
     let serve = ServeConfig::over(setup.transport);
     serve_peers(listener, serve, Arc::new(port), shutdown).await;
+    let _ = stop_refresh.send(());
+    refresh.abort();
     evictor.abort();
 }
 
@@ -92,6 +105,7 @@ pub(crate) async fn serve_peer_port(
 struct PeerPort {
     stages: StageServer,
     agent: AgentSlot,
+    roster: Arc<Roster>,
 }
 
 impl PeerService for PeerPort {
@@ -123,6 +137,10 @@ impl PeerService for PeerPort {
                     conn.write_frame(&Message::Error(reply)).await
                 }
             },
+            Message::Heartbeat(theirs) => {
+                let reply = answer_heartbeat(&self.roster, peer.addr, &theirs);
+                conn.write_frame(&reply).await
+            }
             other => self.stages.handle_message(other, conn, peer).await,
         }
     }

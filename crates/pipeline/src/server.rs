@@ -216,6 +216,12 @@ impl StageServer {
         self.loaded().map(|l| l.stage.spec().layers.clone())
     }
 
+    /// The model (as heads name it) and layers of the loaded stage, if one is loaded.
+    pub fn loaded_stage(&self) -> Option<(String, Range<usize>)> {
+        self.loaded()
+            .map(|l| (l.plan.model_id.clone(), l.stage.spec().layers.clone()))
+    }
+
     /// Drops sessions idle for longer than the timeout; returns how many.
     pub fn evict_idle(&self) -> usize {
         let timeout = self.inner.config.session_idle_timeout;

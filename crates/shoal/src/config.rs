@@ -9,7 +9,9 @@
 //! host = "0.0.0.0"
 //! port = 8080
 //! peer_port = 7070
-//! peers = ["192.168.1.20:7070", "192.168.1.21:7070"]
+//! peers = ["192.168.1.20:7070", "192.168.1.21:7070"]   # found by mDNS anyway, where it passes
+//! # mdns = "off"
+//! # dead_after_s = 6                # heartbeat_interval_s = 1, suspect_after_s = 3
 //! # split = "0-7,8-15,16-23"      # pipeline mode; without it the peers form a swarm
 //! role = "reasoner"
 //! swarm_key_file = "swarm.key"     # from `shoal key new`; relative to this file
@@ -45,6 +47,11 @@ pub(crate) struct ConfigFile {
     port: Option<u16>,
     api_key: Option<String>,
     peer_port: Option<u16>,
+    peer_host: Option<String>,
+    mdns: Option<crate::cli::Switch>,
+    heartbeat_interval_s: Option<f64>,
+    suspect_after_s: Option<f64>,
+    dead_after_s: Option<f64>,
     peers: Option<Vec<String>>,
     split: Option<String>,
     activations: Option<crate::cli::ActivationsArg>,
@@ -130,6 +137,11 @@ pub(crate) fn apply(
     take!(port);
     take!(api_key);
     take!(peer_port);
+    take!(peer_host);
+    take!(mdns);
+    take!(heartbeat_interval_s);
+    take!(suspect_after_s);
+    take!(dead_after_s);
     take!(split);
     take!(activations);
     take!(stage_only);

@@ -8,12 +8,16 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use shoal_api::HttpLimits;
-use shoal_node::{Node, NodeConfig, SwarmSettings};
+use shoal_cluster::DetectorConfig;
+use shoal_node::{ClusterSettings, Node, NodeConfig, SwarmSettings};
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::routing::Strategy;
 
 use crate::cli::{ActivationsArg, ModelArg, Switch};
 use crate::load::resolve_model;
+
+/// The peer port a node with a swarm key listens on when not told.
+const DEFAULT_PEER_PORT: u16 = 7471;
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
@@ -34,10 +38,27 @@ pub(crate) struct ServeArgs {
     /// Require this bearer token on API requests.
     #[arg(long, env = "SHOAL_API_KEY")]
     pub(crate) api_key: Option<String>,
-    /// Also serve stage work to pipeline heads (`shoal run --peer`) on this port of --host
-    /// (0 picks a free one).
+    /// The peer port: where other nodes reach this one (membership heartbeats, stage work,
+    /// swarm requests); 0 picks a free one. Default: 7471 with a swarm key, none without.
     #[arg(long)]
     pub(crate) peer_port: Option<u16>,
+    /// Address the peer port listens on. Default: every interface with a swarm key (peers
+    /// must prove they hold it), --host without one.
+    #[arg(long)]
+    pub(crate) peer_host: Option<String>,
+    /// Advertise this node and find the others of its swarm on the local network by mDNS
+    /// (with a peer port beyond loopback).
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub(crate) mdns: Switch,
+    /// Seconds between heartbeats to every member.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) heartbeat_interval_s: f64,
+    /// Seconds of silence after which a member is `suspect`.
+    #[arg(long, default_value_t = 3.0)]
+    pub(crate) suspect_after_s: f64,
+    /// Seconds of silence after which a member is `dead` (and no longer used).
+    #[arg(long, default_value_t = 6.0)]
+    pub(crate) dead_after_s: f64,
     /// Another node's peer port, as HOST:PORT (repeatable, in ring order). With --split this
     /// node heads a pipeline over itself and these peers and answers the API through it;
     /// without, it heads a swarm of these agents (`"model": "swarm"`).
@@ -148,9 +169,14 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
         max_stop: a.max_stop,
         max_stop_len: a.max_stop_len,
     };
-    config.peer_addr = a
-        .peer_port
-        .map(|port| bind_addr(&a.host, port))
+    let key = a.key.key()?;
+    let peer_port = a.peer_port.or(key.as_ref().map(|_| DEFAULT_PEER_PORT));
+    let peer_host = a.peer_host.clone().unwrap_or_else(|| match &key {
+        Some(_) => "0.0.0.0".to_owned(),
+        None => a.host.clone(),
+    });
+    config.peer_addr = peer_port
+        .map(|port| bind_addr(&peer_host, port))
         .transpose()?;
     config.peers = a.peers;
     config.split = a.split;
@@ -161,7 +187,7 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
     config.stage_only = a.stage_only;
     config.role = role;
     config.node_id = a.node_id;
-    config.swarm_key = a.key.key()?;
+    config.swarm_key = key;
     config.insecure_peers = a.key.insecure_peers;
     config.swarm = SwarmSettings {
         strategy,
@@ -170,6 +196,17 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
         vote_samples: a.swarm_samples,
         code_checks: a.swarm_code_checks == Switch::On,
         prompts,
+    };
+    let interval = secs(a.heartbeat_interval_s, "heartbeat-interval-s")?;
+    config.cluster = ClusterSettings {
+        detector: DetectorConfig {
+            interval,
+            probe_timeout: (2 * interval).max(Duration::from_secs(1)),
+            suspect_after: secs(a.suspect_after_s, "suspect-after-s")?,
+            dead_after: secs(a.dead_after_s, "dead-after-s")?,
+            ..DetectorConfig::default()
+        },
+        mdns: a.mdns == Switch::On,
     };
     // Refuse a contradiction before a model is fetched for it.
     config.check()?;

@@ -6,10 +6,10 @@ use bytes::Bytes;
 use shoal_wire::{
     check_frame, decode_activations, decode_frame, encode_activations, Activations, AgentCard,
     Answer, Ask, Capabilities, ChatTurn, Connection, DType, Describe, EndSession, ErrorCode,
-    ErrorMessage, Finish, Forward, GetProfile, Hello, HelloAck, Limits, LoadStage, LogitRows,
-    Logits, Message, MessageType, Payload, Ping, Pong, Profile, SamplingSpec, StageReady, Token,
-    Truncate, Want, WireError, HEADER_LEN, MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP,
-    PROTOCOL_VERSION,
+    ErrorMessage, Finish, Forward, GetProfile, Heartbeat, HeldStage, Hello, HelloAck, KnownMember,
+    Limits, LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo, Payload, Ping, Pong,
+    Profile, SamplingSpec, StageReady, Token, Truncate, Want, WireError, HEADER_LEN,
+    MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP, PROTOCOL_VERSION,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use tokio::io::AsyncWriteExt;
@@ -240,6 +240,41 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
             completion_tokens: rng.u32(),
             elapsed_ms: rng.u32(),
         }),
+        MessageType::Heartbeat => {
+            let models = rng.below(5) as usize;
+            let stages = rng.below(4) as usize;
+            let known = rng.below(6) as usize;
+            Message::Heartbeat(Heartbeat {
+                node: NodeInfo {
+                    node_id: rng.node_id(),
+                    version: rng.string(10),
+                    peer_port: rng.below(65536) as u16,
+                    http_port: rng.below(65536) as u16,
+                    memory_total: rng.next(),
+                    memory_free: rng.next(),
+                    cores: rng.u32(),
+                    accelerator: rng.string(20),
+                    role: rng.string(12),
+                    models: (0..models).map(|_| rng.string(40)).collect(),
+                    stages: (0..stages)
+                        .map(|_| {
+                            let start = rng.below(100) as u32;
+                            HeldStage {
+                                model_id: rng.string(40),
+                                start,
+                                end: start + 1 + rng.below(100) as u32,
+                            }
+                        })
+                        .collect(),
+                },
+                known: (0..known)
+                    .map(|_| KnownMember {
+                        node_id: rng.node_id(),
+                        addr: rng.addr(),
+                    })
+                    .collect(),
+            })
+        }
     }
 }
 

@@ -60,7 +60,26 @@ impl Server {
         args.extend(["--host", "127.0.0.1", "--port", "0"].map(OsString::from));
         args.extend(extra.iter().map(OsString::from));
         let wants_peer_port = extra.contains(&"--peer-port");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        Server::spawn(
+            Command::new(env!("CARGO_BIN_EXE_shoal")),
+            args,
+            wants_peer_port,
+        )
+    }
+
+    /// `shoal serve --model MODEL` plus `args` inside the network namespace `netns` (as
+    /// root: `ip netns exec`, which becomes the server's process); returns once both ports
+    /// are known.
+    pub fn start_in_netns(netns: &str, model: &Path, args: &[&str]) -> Self {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_shoal")]);
+        let mut all: Vec<OsString> = vec!["serve".into(), "--model".into(), model.into()];
+        all.extend(args.iter().map(OsString::from));
+        Server::spawn(command, all, true)
+    }
+
+    fn spawn(mut command: Command, args: Vec<OsString>, wants_peer_port: bool) -> Self {
+        let mut child = command
             .args(&args)
             .env_remove("SHOAL_API_KEY")
             .stdin(Stdio::null())

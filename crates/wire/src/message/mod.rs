@@ -9,6 +9,7 @@
 mod agent;
 mod control;
 mod handshake;
+mod membership;
 mod profile;
 mod session;
 mod stage;
@@ -21,6 +22,10 @@ pub use agent::{
 };
 pub use control::{ErrorCode, ErrorMessage, Ping, Pong, MAX_ERROR_MESSAGE};
 pub use handshake::{Capabilities, Hello, HelloAck, MAX_NODE_ID, MAX_SOFTWARE_VERSION};
+pub use membership::{
+    Heartbeat, HeldStage, KnownMember, NodeInfo, MAX_ACCELERATOR, MAX_HELD_STAGES,
+    MAX_KNOWN_MEMBERS, MAX_MODELS,
+};
 pub use profile::{GetProfile, Profile};
 pub use session::{
     EndSession, Forward, LogitRows, Logits, Payload, SamplingSpec, Token, Truncate, Want,
@@ -147,6 +152,8 @@ messages! {
     0x0040 GetProfile(GetProfile),
     /// Node → head: time per layer and free memory.
     0x0041 Profile(Profile),
+    /// Member ↔ member: who I am and whom I know (both ways on one connection).
+    0x0050 Heartbeat(Heartbeat),
 }
 
 impl MessageType {

@@ -1,0 +1,247 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Membership between real nodes (in-process, real sockets, the swarm key's handshake): one
+//! address is enough to join — through `--peer` or `POST /v1/cluster/join` — and then every
+//! node lists every other; a node with another key is never listed and cannot join; a node
+//! that stops is `suspect`, then `dead`, on every other within the detector's times; and
+//! `GET /v1/cluster` keeps the contract scripts rely on.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{http, loopback, model_path};
+use serde_json::{json, Value};
+use shoal_cluster::DetectorConfig;
+use shoal_node::{Node, NodeConfig};
+use shoal_wire::SwarmKey;
+
+/// Fast heartbeats, so the test takes seconds.
+fn detector() -> DetectorConfig {
+    DetectorConfig {
+        interval: Duration::from_millis(200),
+        probe_timeout: Duration::from_millis(1000),
+        suspect_after: Duration::from_millis(800),
+        dead_after: Duration::from_millis(1600),
+        ..DetectorConfig::default()
+    }
+}
+
+/// A stage-only node (no model in memory) with a peer port and `key`, knowing `peers`.
+async fn start(key: [u8; 32], peers: &[SocketAddr]) -> Node {
+    let mut config = NodeConfig::new(model_path(), loopback());
+    config.stage_only = true;
+    config.peer_addr = Some(loopback());
+    config.swarm_key = Some(SwarmKey::from_bytes(key));
+    config.peers = peers.iter().map(|p| p.to_string()).collect();
+    config.cluster.detector = detector();
+    config.cluster.mdns = false;
+    Node::start(config).await.unwrap()
+}
+
+async fn cluster(node: &Node) -> Value {
+    let (status, body) = http(node.http_addr(), "GET", "/v1/cluster", None).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// `(id, state)` of every member `node` lists, itself included.
+async fn states(node: &Node) -> Vec<(String, String)> {
+    let mut list: Vec<(String, String)> = cluster(node).await["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_owned(),
+                m["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    list.sort();
+    list
+}
+
+fn expect(nodes: &[(&Node, &str)]) -> Vec<(String, String)> {
+    let mut list: Vec<(String, String)> = nodes
+        .iter()
+        .map(|(n, s)| (n.node_id().to_owned(), (*s).to_owned()))
+        .collect();
+    list.sort();
+    list
+}
+
+/// Polls until every node in `nodes` lists `want`; panics with what they list after `within`.
+async fn converge(nodes: &[&Node], want: &[(String, String)], within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let mut all = true;
+        for n in nodes {
+            all &= states(n).await == want;
+        }
+        if all {
+            return started.elapsed();
+        }
+        if started.elapsed() > within {
+            for n in nodes {
+                eprintln!("{}: {:?}", n.node_id(), states(n).await);
+            }
+            panic!("no agreement on {want:?} within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_through_one_address_strangers_stay_out_and_the_dead_are_seen_dead() {
+    let key = [7; 32];
+    let a = start(key, &[]).await;
+    let b = start(key, &[a.peer_addr().unwrap()]).await;
+    let both = expect(&[(&a, "alive"), (&b, "alive")]);
+    let took = converge(&[&a, &b], &both, Duration::from_secs(5)).await;
+    eprintln!("b joined a through --peer in {took:?}");
+
+    // The contract of GET /v1/cluster.
+    let view = cluster(&a).await;
+    assert_eq!(view["self"], a.node_id());
+    let members = view["members"].as_array().unwrap();
+    assert_eq!(members[0]["id"], a.node_id(), "this node first");
+    assert_eq!(members[0]["self"], true);
+    for m in members {
+        for field in [
+            "id",
+            "addr",
+            "state",
+            "last_seen_ms",
+            "memory_total",
+            "memory_free",
+            "cores",
+            "models",
+            "role",
+            "layers",
+        ] {
+            assert!(m.get(field).is_some(), "{field} missing from {m}");
+        }
+        assert!(m["memory_total"].as_u64().unwrap() > 0, "{m}");
+        assert!(m["cores"].as_u64().unwrap() > 0, "{m}");
+        let models: Vec<&str> = m["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(models.contains(&common::SMOLLM2), "{m}");
+    }
+    let b_in_a = &members[1];
+    assert_eq!(b_in_a["id"], b.node_id());
+    assert_eq!(
+        b_in_a["addr"],
+        b.peer_addr().unwrap().to_string(),
+        "b's peer port, reached from a"
+    );
+    assert!(b_in_a["last_seen_ms"].as_u64().unwrap() < 800);
+
+    // c knows nobody; one join through a's HTTP API and it learns b too, and b learns c.
+    let c = start(key, &[]).await;
+    let (status, body) = http(
+        c.http_addr(),
+        "POST",
+        "/v1/cluster/join",
+        Some(&json!({"addr": a.peer_addr().unwrap().to_string()})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let joined: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(joined["joined"]["id"], a.node_id());
+    assert_eq!(joined["joined"]["state"], "alive");
+    let three = expect(&[(&a, "alive"), (&b, "alive"), (&c, "alive")]);
+    let took = converge(&[&a, &b, &c], &three, Duration::from_secs(5)).await;
+    eprintln!("all three agree {took:?} after c's join");
+
+    // A node with another key: never listed, lists nobody, and cannot join.
+    let stranger = start([9; 32], &[a.peer_addr().unwrap()]).await;
+    let (status, body) = http(
+        stranger.http_addr(),
+        "POST",
+        "/v1/cluster/join",
+        Some(&json!({"addr": b.peer_addr().unwrap().to_string()})),
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("peer_unreachable"), "{body}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for n in [&a, &b, &c] {
+        assert_eq!(states(n).await, three, "the stranger is not listed");
+    }
+    assert_eq!(
+        states(&stranger).await,
+        expect(&[(&stranger, "alive")]),
+        "the stranger learnt nobody"
+    );
+    stranger.shutdown().await.unwrap();
+
+    // Bad joins are 400s in OpenAI's error shape.
+    for bad in [
+        json!({"addr": "nowhere"}),
+        json!({"address": "x:1"}),
+        json!({}),
+    ] {
+        let (status, body) = http(c.http_addr(), "POST", "/v1/cluster/join", Some(&bad)).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains("\"error\""), "{body}");
+    }
+
+    // c stops: suspect, then dead, on a and b.
+    let c_id = c.node_id().to_owned();
+    c.shutdown().await.unwrap();
+    let stopped = Instant::now();
+    let dead = vec![
+        (a.node_id().to_owned(), "alive".to_owned()),
+        (b.node_id().to_owned(), "alive".to_owned()),
+        (c_id.clone(), "dead".to_owned()),
+    ];
+    let mut dead_sorted = dead.clone();
+    dead_sorted.sort();
+    let mut saw_suspect = false;
+    loop {
+        let view = states(&a).await;
+        saw_suspect |= view.contains(&(c_id.clone(), "suspect".to_owned()));
+        if view == dead_sorted {
+            break;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(5), "{view:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = stopped.elapsed();
+    eprintln!("a saw c dead {took:?} after it stopped");
+    assert!(saw_suspect, "suspect on the way to dead");
+    assert!(
+        took >= Duration::from_millis(1300),
+        "not before dead_after: {took:?}"
+    );
+    converge(&[&a, &b], &dead_sorted, Duration::from_secs(2)).await;
+
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_peer_port_lists_itself_and_cannot_join() {
+    let node = Node::start(NodeConfig::new(model_path(), loopback()))
+        .await
+        .unwrap();
+    let view = cluster(&node).await;
+    assert_eq!(view["members"].as_array().unwrap().len(), 1, "{view}");
+    assert_eq!(view["members"][0]["state"], "alive");
+    assert_eq!(view["members"][0]["addr"], Value::Null);
+    let (status, body) = http(
+        node.http_addr(),
+        "POST",
+        "/v1/cluster/join",
+        Some(&json!({"addr": "127.0.0.1:1"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("no peer port"), "{body}");
+    node.shutdown().await.unwrap();
+}
