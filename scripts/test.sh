@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need (the Python
-# `openai`, `anthropic`, `ollama` and `mcp` clients, the models), checks formatting and lints,
-# then runs every test.
+# `openai`, `anthropic`, `ollama` and `mcp` clients, Playwright and Chromium for the
+# dashboard, the models), checks formatting and lints, then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 py=$(command -v python3 || command -v python)
 # The official clients the API tests drive, pinned; each installed only where missing.
-for pkg in openai==3.54.0 anthropic==2.16.0 ollama==0.6.3 mcp==2.3.0; do
+for pkg in openai==3.54.0 anthropic==2.16.0 ollama==0.6.3 mcp==2.3.0 playwright==1.65.2; do
   if ! "$py" -c "import ${pkg%%==*}" 2>/dev/null; then
     echo "== installing the ${pkg%%==*} Python client (used by the API tests)"
     "$py" -m pip install --quiet --disable-pip-version-check "$pkg"
   fi
 done
+
+# The dashboard test drives Debian's Chromium through Playwright (Playwright's own browser
+# download needs more of the internet than the package registries).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium (used by the dashboard test)"
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null \
+    || { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null; }
+fi
 
 echo "== fetching test models"
 scripts/fetch-models.sh smollm2 qwen05 humaneval

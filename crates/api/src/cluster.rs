@@ -21,8 +21,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use shoal_cluster::heartbeat::{self, Prober};
-use shoal_cluster::{MemberView, Roster};
+use shoal_cluster::heartbeat::{self, WireProber};
+use shoal_cluster::{MemberView, Roster, RosterView};
 use shoal_wire::NodeInfo;
 
 use crate::error::{ApiError, Json};
@@ -33,7 +33,7 @@ use crate::state::AppState;
 #[derive(Clone)]
 pub struct ClusterHandle {
     pub roster: Arc<Roster>,
-    pub prober: Option<Arc<dyn Prober>>,
+    pub prober: Option<Arc<WireProber>>,
 }
 
 /// One member in `GET /v1/cluster`.
@@ -54,6 +54,10 @@ struct MemberJson {
     models: Vec<String>,
     role: Option<String>,
     layers: Vec<LayersJson>,
+    /// Requests it is answering now.
+    busy: u32,
+    /// Its last answer's decode speed.
+    tokens_per_s: f32,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
 }
@@ -100,6 +104,8 @@ impl MemberJson {
                     end: s.end,
                 })
                 .collect(),
+            busy: info.busy,
+            tokens_per_s: info.tokens_per_s,
             last_error: None,
         }
     }
@@ -119,16 +125,21 @@ pub(crate) async fn status(State(state): State<AppState>) -> Result<Response, Ap
         .cluster()
         .ok_or_else(|| ApiError::unavailable("the node is still starting"))?;
     let view = cluster.roster.view(Instant::now());
+    Ok(axum::Json(view_json(&view)).into_response())
+}
+
+/// The body of `GET /v1/cluster` (the dashboard's feed carries it too).
+pub(crate) fn view_json(view: &RosterView) -> serde_json::Value {
     let mut me = MemberJson::new(&view.me, view.my_addr, "alive");
     me.is_self = true;
     let mut members = vec![me];
     members.extend(view.members.iter().map(MemberJson::member));
-    Ok(axum::Json(ClusterJson {
+    serde_json::to_value(ClusterJson {
         me: view.me.node_id.clone(),
         members,
         candidates: view.candidates.iter().map(|a| a.to_string()).collect(),
     })
-    .into_response())
+    .unwrap_or(serde_json::Value::Null)
 }
 
 #[derive(Deserialize)]
@@ -169,6 +180,23 @@ pub(crate) async fn join(
 }
 
 impl ApiError {
+    /// 403: this node does not allow what was asked.
+    pub fn forbidden(message: impl Into<String>, code: &'static str) -> Self {
+        let mut e = ApiError::internal(message);
+        e.status = StatusCode::FORBIDDEN;
+        e.kind = "permission_error";
+        e.code = Some(code);
+        e
+    }
+
+    /// 404: the request names something that does not exist.
+    pub fn not_found(param: &str, message: impl Into<String>) -> Self {
+        let mut e = ApiError::invalid_value(param, message);
+        e.status = StatusCode::NOT_FOUND;
+        e.code = Some("not_found");
+        e
+    }
+
     /// 502: another node this one asked did not answer.
     pub fn bad_gateway(message: impl Into<String>) -> Self {
         let mut e = ApiError::internal(message);
@@ -177,4 +205,65 @@ impl ApiError {
         e.code = Some("peer_unreachable");
         e
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ChaosRequest {
+    /// The member's id.
+    node: String,
+    /// `kill` or `heal`.
+    action: String,
+}
+
+/// `POST /v1/cluster/chaos`: `{"node": ID, "action": "kill"|"heal"}` — for demos and failure
+/// drills, a member plays dead (its peer port refuses everything, it stops heartbeating) or
+/// stops. Only on a node started with `--api-key` (the request carries it, as every request
+/// there must): without one, anyone who reaches the HTTP port could take the cluster down.
+pub(crate) async fn chaos(
+    State(state): State<AppState>,
+    Json(request): Json<ChaosRequest>,
+) -> Result<Response, ApiError> {
+    if state.api_key().is_none() {
+        return Err(ApiError::forbidden(
+            "kill and heal are allowed only on a node started with --api-key",
+            "chaos_disabled",
+        ));
+    }
+    let down = match request.action.as_str() {
+        "kill" => true,
+        "heal" => false,
+        other => {
+            return Err(ApiError::invalid_value(
+                "action",
+                format!("is {other:?}; expected \"kill\" or \"heal\""),
+            ))
+        }
+    };
+    let cluster = state
+        .cluster()
+        .ok_or_else(|| ApiError::unavailable("the node is still starting"))?;
+    let view = cluster.roster.view(Instant::now());
+    let now_down = if request.node == view.me.node_id {
+        cluster.roster.set_down(down);
+        tracing::warn!(
+            down,
+            "this node plays dead: {down} (the dashboard's kill/heal)"
+        );
+        down
+    } else {
+        let member = view
+            .members
+            .iter()
+            .find(|m| m.info.node_id == request.node)
+            .ok_or_else(|| ApiError::not_found("node", format!("no member {:?}", request.node)))?;
+        let prober = cluster.prober.ok_or_else(|| {
+            ApiError::invalid_request("this node has no peer port to reach its members with")
+        })?;
+        prober
+            .chaos(member.addr, down)
+            .await
+            .map_err(ApiError::bad_gateway)?
+    };
+    Ok(axum::Json(serde_json::json!({"node": request.node, "down": now_down})).into_response())
 }

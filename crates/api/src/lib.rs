@@ -6,6 +6,8 @@
 //! - `GET /health`: 503 while the model loads (or when it failed), then `{"status":"ok"}`.
 //! - `GET /metrics`: Prometheus metrics prefixed `shoal_`.
 //! - `GET /v1/cluster`, `POST /v1/cluster/join`: the members and their state; adding a peer.
+//!   `POST /v1/cluster/chaos`: a member plays dead, or stops (only with an API key).
+//! - `GET /`: the dashboard; `GET /v1/dashboard/events`: its live feed (SSE).
 //!
 //! Errors are OpenAI's `{"error":{"message","type","param","code"}}`, made in one place:
 //! [`ApiError`]. Generations run one at a time on the engine; the others queue (see
@@ -19,6 +21,7 @@ mod anthropic;
 mod backend;
 mod cluster;
 mod completions;
+mod dashboard;
 mod error;
 mod limits;
 mod metrics;
@@ -58,6 +61,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/swarm/query", post(swarm::query))
         .route("/v1/cluster", get(cluster::status))
         .route("/v1/cluster/join", post(cluster::join))
+        .route("/v1/cluster/chaos", post(cluster::chaos))
+        .route("/v1/dashboard/events", get(dashboard::events))
         .route("/v1/models/{*id}", get(get_model))
         .route("/metrics", get(metrics))
         .route("/api/chat", post(ollama::chat))
@@ -79,6 +84,8 @@ pub fn app(state: AppState) -> Router {
         ));
     Router::new()
         .merge(protected)
+        .route("/", get(dashboard::page))
+        .route("/dashboard", get(dashboard::page))
         .route("/health", get(health))
         .route("/v1/health", get(health))
         .fallback(unknown_route)
@@ -91,12 +98,21 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn health(State(state): State<AppState>) -> Response {
+    // Whether the other routes want a key: the dashboard asks for one before it calls them.
+    let api_key_required = state.api_key().is_some();
     if state.is_stage_only() {
-        return axum::Json(serde_json::json!({ "status": "ok", "mode": "stage-only" }))
-            .into_response();
+        return axum::Json(serde_json::json!({
+            "status": "ok",
+            "mode": "stage-only",
+            "api_key_required": api_key_required,
+        }))
+        .into_response();
     }
     match state.model() {
-        Ok(_) => axum::Json(serde_json::json!({ "status": "ok" })).into_response(),
+        Ok(_) => {
+            axum::Json(serde_json::json!({ "status": "ok", "api_key_required": api_key_required }))
+                .into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -184,6 +184,22 @@ impl AppState {
         self.inner.metrics.batches.clone()
     }
 
+    /// Requests being answered now, and the last answer's decode speed (tokens/s): what this
+    /// node tells its cluster about its load.
+    pub fn load_figures(&self) -> (u32, f32) {
+        let metrics = &self.inner.metrics;
+        let busy = u32::try_from(metrics.in_flight.get().max(0)).unwrap_or(u32::MAX);
+        let speed = metrics.decode_tokens_per_second.get();
+        (
+            busy,
+            if speed.is_finite() {
+                speed.max(0.0) as f32
+            } else {
+                0.0
+            },
+        )
+    }
+
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }

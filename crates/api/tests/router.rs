@@ -330,7 +330,10 @@ async fn health_is_ok_when_ready() {
     let (_, app) = ready_app();
     let answer = get(&app, "/health").await;
     assert_eq!(answer.status, StatusCode::OK);
-    assert_eq!(answer.json(), json!({"status": "ok"}));
+    assert_eq!(
+        answer.json(),
+        json!({"status": "ok", "api_key_required": false})
+    );
 }
 
 #[tokio::test]

@@ -115,7 +115,7 @@ mod txt_key {
 }
 
 /// What a node advertises about itself.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Advert {
     /// Its id, ports, memory, cores, accelerator, role and models (`stages` is not advertised).
     pub info: NodeInfo,
@@ -596,7 +596,7 @@ fn parse_advert(txt: &TxtProperties) -> Result<Advert, BadAdvert> {
             accelerator: truncate_utf8(optional(txt, ACCELERATOR), MAX_ACCELERATOR).to_owned(),
             role: truncate_utf8(optional(txt, ROLE), MAX_ROLE).to_owned(),
             models,
-            stages: Vec::new(),
+            ..NodeInfo::default()
         },
         key_fingerprint: key_fingerprint.to_owned(),
     })
@@ -682,7 +682,7 @@ mod tests {
                 accelerator: "NVIDIA H200".into(),
                 role: "critic".into(),
                 models: vec!["smollm2.gguf".into(), "qwen.gguf".into()],
-                stages: Vec::new(),
+                ..NodeInfo::default()
             },
             key_fingerprint: "1a2b3c4d".into(),
         }

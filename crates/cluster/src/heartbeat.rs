@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use shoal_wire::{ErrorCode, ErrorMessage, Heartbeat, Hello, Message, Transport};
+use shoal_wire::{Chaos, ErrorCode, ErrorMessage, Heartbeat, Hello, Message, Transport};
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
@@ -60,10 +60,45 @@ impl Prober for WireProber {
     }
 }
 
+impl WireProber {
+    /// Tells the node at `addr` to play dead (`down`) or to stop; its state as it answers.
+    pub async fn chaos(&self, addr: SocketAddr, down: bool) -> Result<bool, String> {
+        let exchange = async {
+            let (mut conn, _ack) = self
+                .transport
+                .dial(addr, self.hello.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.write_frame(&Message::Chaos(Chaos { down }))
+                .await
+                .map_err(|e| e.to_string())?;
+            match conn.read_frame().await.map_err(|e| e.to_string())? {
+                Some(Message::Chaos(state)) => Ok(state.down),
+                Some(Message::Error(e)) => Err(e.message),
+                Some(other) => Err(format!("answered with {}", other.name())),
+                None => Err("closed the connection instead of answering".to_owned()),
+            }
+        };
+        tokio::time::timeout(CHAOS_TIMEOUT, exchange)
+            .await
+            .map_err(|_| format!("no answer within {CHAOS_TIMEOUT:?}"))?
+    }
+}
+
+/// Longest wait for a `Chaos` answer.
+const CHAOS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What a node's peer port does with a heartbeat from a peer at `remote` (the connection's
 /// source address): records the sender, reached at its own peer port on that IP, and
 /// answers with this node's heartbeat (or an error when the sender has this node's id).
 pub fn answer_heartbeat(roster: &Roster, remote: SocketAddr, theirs: &Heartbeat) -> Message {
+    if roster.is_down() {
+        return Message::Error(ErrorMessage::new(
+            ErrorCode::MODEL_UNAVAILABLE,
+            None,
+            "this node is playing dead".to_owned(),
+        ));
+    }
     let addr = SocketAddr::new(remote.ip(), theirs.node.peer_port);
     let now = now();
     match roster.record_heartbeat(addr, theirs, now) {
@@ -91,6 +126,9 @@ pub async fn run_heartbeats(
         tokio::select! {
             () = &mut stop => return,
             _ = tick.tick() => {}
+        }
+        if roster.is_down() {
+            continue;
         }
         let now = now();
         let mine = roster.heartbeat(now);
@@ -331,6 +369,21 @@ mod tests {
         for r in [&r1, &r2, &r4] {
             assert!(states(r).contains(&("n3".into(), Liveness::Alive)));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_playing_dead_is_seen_dead_and_comes_back_when_it_stops() {
+        let net = Arc::new(FakeNet::default());
+        let (r1, _t1) = start(&net, 1, &[]);
+        let (r2, _t2) = start(&net, 2, &[1]);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(states(&r1), vec![("n2".to_owned(), Liveness::Alive)]);
+        r2.set_down(true);
+        tokio::time::sleep(Duration::from_millis(7000)).await;
+        assert_eq!(states(&r1), vec![("n2".to_owned(), Liveness::Dead)]);
+        r2.set_down(false);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(states(&r1), vec![("n2".to_owned(), Liveness::Alive)]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -92,7 +92,7 @@ impl Source {
 }
 
 /// One member as this node sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MemberView {
     /// Its peer address, as this node reaches it.
     pub addr: SocketAddr,
@@ -106,7 +106,7 @@ pub struct MemberView {
 }
 
 /// The whole list, as `GET /v1/cluster` shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RosterView {
     /// This node, as it describes itself.
     pub me: NodeInfo,
@@ -159,6 +159,9 @@ struct Lists {
 pub struct Roster {
     config: DetectorConfig,
     lists: Mutex<Lists>,
+    /// Playing dead (the dashboard's kill): no heartbeats out, none answered; the peer port
+    /// watches it to drop its connections.
+    down: tokio::sync::watch::Sender<bool>,
 }
 
 impl Roster {
@@ -172,7 +175,25 @@ impl Roster {
                 members: Vec::new(),
                 candidates: Vec::new(),
             }),
+            down: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Plays dead (`true`) or stops (the dashboard's kill and heal): while down, this node
+    /// sends no heartbeats and answers none, so the others see it suspect, then dead.
+    pub fn set_down(&self, down: bool) {
+        self.down
+            .send_if_modified(|now| std::mem::replace(now, down) != down);
+    }
+
+    /// Whether this node is playing dead.
+    pub fn is_down(&self) -> bool {
+        *self.down.borrow()
+    }
+
+    /// Follows [`Roster::set_down`].
+    pub fn watch_down(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.down.subscribe()
     }
 
     pub fn config(&self) -> &DetectorConfig {

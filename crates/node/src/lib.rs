@@ -127,10 +127,7 @@ impl Node {
         let roster = Arc::new(Roster::new(me, peer_addr, config.cluster.detector));
         state.set_cluster(ClusterHandle {
             roster: roster.clone(),
-            prober: peer_addr.map(|_| {
-                membership::prober(&roster, transport.clone())
-                    as Arc<dyn shoal_cluster::heartbeat::Prober>
-            }),
+            prober: peer_addr.map(|_| membership::prober(&roster, transport.clone())),
         });
 
         if let Some((listener, _)) = peer_listener {
@@ -141,6 +138,10 @@ impl Node {
                 stats: state.batch_stats(),
                 transport: transport.clone(),
                 roster: roster.clone(),
+                load: {
+                    let state = state.clone();
+                    Arc::new(move || state.load_figures())
+                },
             };
             let stopped_port = stopped(&stop);
             background.push(tokio::spawn(async move {
@@ -176,7 +177,10 @@ impl Node {
             };
             background.push(head.start(state.clone()));
         } else {
-            let swarm = (!swarm_agents.is_empty())
+            // With a peer port the node is a member of its cluster, and heads a swarm of the
+            // members it finds (with `--peer`s, of those from the start).
+            let members = config.peer_addr.is_some().then(|| roster.clone());
+            let swarm = (!swarm_agents.is_empty() || members.is_some())
                 .then(|| swarm_config(&config.swarm, &node_id, swarm_agents, &transport));
             // Every node with a peer port is a swarm agent (a plain worker without a role),
             // and a swarm head answers with its own model as a last resort.
@@ -186,6 +190,7 @@ impl Node {
                 role: config.role,
                 prompts: config.swarm.prompts.clone(),
             });
+            let swarm = swarm.map(|config| (config, members));
             start_local_model(state.clone(), config.model.clone(), setup, swarm, &stop);
         }
 
@@ -317,12 +322,13 @@ struct AgentSetup {
 }
 
 /// Loads the whole model in the background; then makes it this node's agent (with a peer
-/// port or a swarm), starts heading the swarm (with peers), and serves the API.
+/// port or a swarm), starts heading the swarm (with peers, and the cluster's members as
+/// they are found), and serves the API.
 fn start_local_model(
     state: AppState,
     path: PathBuf,
     agent: Option<AgentSetup>,
-    swarm: Option<SwarmConfig>,
+    swarm: Option<(SwarmConfig, Option<Arc<Roster>>)>,
     stop: &watch::Sender<bool>,
 ) {
     let handle = tokio::runtime::Handle::current();
@@ -340,19 +346,43 @@ fn start_local_model(
             let service =
                 peer_port::make_agent(model.clone(), &a.node_id, &path, a.role, &a.prompts);
             let _ = a.slot.set(service.clone());
-            if let Some(config) = swarm {
+            if let Some((config, members)) = swarm {
                 let _runtime = handle.enter();
                 let swarm = Arc::new(Swarm::new(config, Some(service)));
                 let monitor = swarm.spawn_monitor(SWARM_MONITOR_PERIOD);
+                let adopt = members.map(|roster| adopt_members(swarm.clone(), roster));
                 handle.spawn(async move {
                     stopped.await;
                     monitor.abort();
+                    if let Some(adopt) = adopt {
+                        adopt.abort();
+                    }
                 });
                 state.set_swarm(swarm);
             }
         }
         state.set_ready(model);
     });
+}
+
+/// Makes every alive member of the cluster an agent of `swarm` as it is found (a member
+/// that dies is dropped from answers by the swarm's own health checks).
+fn adopt_members(swarm: Arc<Swarm>, roster: Arc<Roster>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for member in roster.alive(tokio::time::Instant::now().into_std()) {
+                if swarm.add_agent(member.addr) {
+                    tracing::info!(
+                        agent = %member.info.node_id,
+                        role = %member.info.role,
+                        "a member of the cluster joins the swarm as an agent"
+                    );
+                }
+            }
+        }
+    })
 }
 
 /// Loads the whole model, logging how long it took.

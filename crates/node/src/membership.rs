@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use shoal_cluster::discovery::{Advert, Discovery};
@@ -13,8 +13,14 @@ use shoal_cluster::{DetectorConfig, Roster, Source};
 use shoal_pipeline::StageServer;
 use shoal_wire::{Capabilities, HeldStage, Hello, NodeInfo, Transport, MAX_MODELS, MAX_MODEL_ID};
 
-/// How often this node re-reads its free memory and the stage it holds.
-const REFRESH_PERIOD: Duration = Duration::from_secs(5);
+/// How often this node re-reads its free memory, load and the stage it holds.
+const REFRESH_PERIOD: Duration = Duration::from_secs(1);
+
+/// The peer port's stage server, while it has one (none while playing dead).
+pub(crate) type CurrentStages = Arc<Mutex<Option<StageServer>>>;
+
+/// Requests being answered now and the last decode speed (the API's figures).
+pub(crate) type LoadFigures = Arc<dyn Fn() -> (u32, f32) + Send + Sync>;
 
 /// How this node takes part in membership.
 #[derive(Clone, Debug)]
@@ -61,6 +67,8 @@ pub(crate) fn describe_me(
         role: role.unwrap_or_default().to_owned(),
         models: models_beside(model),
         stages: Vec::new(),
+        busy: 0,
+        tokens_per_s: 0.0,
     }
 }
 
@@ -98,12 +106,7 @@ pub(crate) fn start_heartbeats(
     peers: Vec<String>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
-    let hello = Hello {
-        node_id: roster.my_id(),
-        software_version: env!("CARGO_PKG_VERSION").to_owned(),
-        capabilities: Capabilities::STAGE | Capabilities::AGENT,
-    };
-    let prober = Arc::new(WireProber { transport, hello });
+    let prober = prober(&roster, transport);
     tokio::spawn(async move {
         for peer in &peers {
             match resolve(peer).await {
@@ -127,11 +130,12 @@ pub(crate) fn prober(roster: &Roster, transport: Transport) -> Arc<WireProber> {
     })
 }
 
-/// Keeps this node's own figures current until `stop`: free memory, the stage it holds,
-/// and — when it listens on every interface — the address members reach it at.
+/// Keeps this node's own figures current until `stop`: free memory, load, the stage it
+/// holds, and — when it listens on every interface — the address members reach it at.
 pub(crate) fn start_refresh(
     roster: Arc<Roster>,
-    stages: Option<StageServer>,
+    stages: CurrentStages,
+    load: LoadFigures,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -143,8 +147,15 @@ pub(crate) fn start_refresh(
                 _ = tick.tick() => {}
             }
             let free = shoal_pipeline::available_memory_bytes();
-            let held = stages.as_ref().and_then(StageServer::loaded_stage);
+            let held = stages
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .and_then(StageServer::loaded_stage);
+            let (busy, tokens_per_s) = load();
             roster.update_me(|me| {
+                me.busy = busy;
+                me.tokens_per_s = tokens_per_s;
                 if let Some(free) = free {
                     me.memory_free = free;
                 }

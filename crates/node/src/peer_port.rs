@@ -14,8 +14,8 @@ use shoal_swarm::agent::{measure_decode_speed, AgentConfig, AgentService};
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::weight::thermal_penalty;
 use shoal_wire::{
-    serve_peers, Capabilities, Connection, ErrorCode, ErrorMessage, Hello, HelloAck, Message,
-    PeerService, ServeConfig, Transport, WireError,
+    serve_peers, Capabilities, Chaos, Connection, ErrorCode, ErrorMessage, Hello, HelloAck,
+    Message, PeerService, ServeConfig, Transport, WireError,
 };
 use tokio::net::TcpListener;
 
@@ -63,10 +63,18 @@ pub(crate) struct PeerPortSetup {
     pub(crate) transport: Transport,
     /// The cluster's members: heartbeats from peers go here.
     pub(crate) roster: Arc<Roster>,
+    /// This node's load, as its heartbeats report it.
+    pub(crate) load: membership::LoadFigures,
 }
 
 /// Serves the peer port until `shutdown`: stage requests go to a [`StageServer`] over the
-/// models in the model's directory, swarm requests to the agent (once loaded).
+/// models in the model's directory, swarm requests to the agent (once loaded), heartbeats
+/// to the roster.
+///
+/// While the node plays dead (the dashboard's kill, [`Roster::set_down`]) every connection
+/// it had is dropped — a ring's head and the stage before see their links break, as when a
+/// device dies — and the port answers nothing but the `Chaos` that heals it. Healed, it
+/// starts with a fresh stage server, as a device that came back would.
 pub(crate) async fn serve_peer_port(
     listener: TcpListener,
     setup: PeerPortSetup,
@@ -78,26 +86,145 @@ pub(crate) async fn serve_peer_port(
         .filter(|d| !d.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| std::path::PathBuf::from("."));
-    let mut config = StageServerConfig::new(dir);
-    config.node_id = setup.node_id;
-    config.stats = setup.stats;
-    config.transport = setup.transport.clone();
-    let stages = StageServer::new(config);
-    let evictor = stages.spawn_evictor();
-    let (stop_refresh, refresh_stopped) = tokio::sync::oneshot::channel::<()>();
-    let refresh = membership::start_refresh(setup.roster.clone(), Some(stages.clone()), async {
-        let _ = refresh_stopped.await;
-    });
-    let port = PeerPort {
-        stages,
-        agent: setup.agent,
-        roster: setup.roster,
+    let new_stages = || {
+        let mut config = StageServerConfig::new(dir.clone());
+        config.node_id = setup.node_id.clone();
+        config.stats = setup.stats.clone();
+        config.transport = setup.transport.clone();
+        StageServer::new(config)
     };
-    let serve = ServeConfig::over(setup.transport);
-    serve_peers(listener, serve, Arc::new(port), shutdown).await;
+    let current: membership::CurrentStages = Default::default();
+    let (stop_refresh, refresh_stopped) = tokio::sync::oneshot::channel::<()>();
+    let refresh = membership::start_refresh(
+        setup.roster.clone(),
+        current.clone(),
+        setup.load.clone(),
+        async {
+            let _ = refresh_stopped.await;
+        },
+    );
+    // One socket for the node's life; each phase (alive, playing dead) serves a handle to it.
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("the peer port cannot be served: {e}");
+            return;
+        }
+    };
+    let mut down = setup.roster.watch_down();
+    tokio::pin!(shutdown);
+    loop {
+        let phase = match listener.try_clone().and_then(TcpListener::from_std) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("the peer port cannot be served: {e}");
+                break;
+            }
+        };
+        let serve = ServeConfig::over(setup.transport.clone());
+        let mut shut = false;
+        let playing_dead = *down.borrow_and_update();
+        let until = async {
+            tokio::select! {
+                () = &mut shutdown => shut = true,
+                _ = down.changed() => {}
+            }
+        };
+        if playing_dead {
+            *lock(&current) = None;
+            let port = DeadPort {
+                roster: setup.roster.clone(),
+                node_id: setup.node_id.clone(),
+            };
+            serve_peers(phase, serve, Arc::new(port), until).await;
+        } else {
+            let stages = new_stages();
+            let evictor = stages.spawn_evictor();
+            *lock(&current) = Some(stages.clone());
+            let port = PeerPort {
+                stages,
+                agent: setup.agent.clone(),
+                roster: setup.roster.clone(),
+            };
+            serve_peers(phase, serve, Arc::new(port), until).await;
+            evictor.abort();
+        }
+        if shut {
+            break;
+        }
+    }
     let _ = stop_refresh.send(());
     refresh.abort();
-    evictor.abort();
+}
+
+fn lock(stages: &membership::CurrentStages) -> std::sync::MutexGuard<'_, Option<StageServer>> {
+    stages
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The peer port of a node playing dead: it answers only the `Chaos` that heals it.
+struct DeadPort {
+    roster: Arc<Roster>,
+    node_id: String,
+}
+
+impl PeerService for DeadPort {
+    fn accept(&self, hello: &Hello) -> Result<HelloAck, ErrorMessage> {
+        // A pipeline head probing for live stages must find none here; the members' own
+        // dials (heartbeats, the `Chaos` that heals) are let through to be refused or heard.
+        if hello.capabilities.contains(Capabilities::HEAD) {
+            return Err(ErrorMessage::new(
+                ErrorCode::MODEL_UNAVAILABLE,
+                None,
+                "this node is playing dead".to_owned(),
+            ));
+        }
+        Ok(HelloAck {
+            node_id: self.node_id.clone(),
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            capabilities: Capabilities::NONE,
+        })
+    }
+
+    async fn handle(
+        &self,
+        msg: Message,
+        conn: &mut Connection,
+        peer: &shoal_wire::RemotePeer,
+    ) -> Result<(), WireError> {
+        match msg {
+            Message::Chaos(chaos) => answer_chaos(&self.roster, chaos, conn, peer).await,
+            // Like a dead device: the connection just ends.
+            _ => Err(WireError::Io(std::io::Error::other(
+                "this node is playing dead",
+            ))),
+        }
+    }
+}
+
+/// Answers a `Chaos`, then plays dead or stops: the answer goes first, since changing
+/// state ends this connection with every other.
+async fn answer_chaos(
+    roster: &Roster,
+    chaos: Chaos,
+    conn: &mut Connection,
+    peer: &shoal_wire::RemotePeer,
+) -> Result<(), WireError> {
+    conn.write_frame(&Message::Chaos(chaos)).await?;
+    if chaos.down != roster.is_down() {
+        tracing::warn!(
+            peer = %peer,
+            "{}",
+            if chaos.down {
+                "playing dead, as a peer asked (the dashboard's kill)"
+            } else {
+                "back to life, as a peer asked (the dashboard's heal)"
+            }
+        );
+    }
+    roster.set_down(chaos.down);
+    Ok(())
 }
 
 /// Everything a node serves its peers on one port: stage work, and swarm requests to its
@@ -121,6 +248,9 @@ impl PeerService for PeerPort {
         conn: &mut Connection,
         peer: &shoal_wire::RemotePeer,
     ) -> Result<(), WireError> {
+        if let Message::Chaos(chaos) = msg {
+            return answer_chaos(&self.roster, chaos, conn, peer).await;
+        }
         match msg {
             Message::Describe(_) | Message::Ask(_) => match self.agent.get() {
                 Some(agent) => agent.handle(msg, conn).await,

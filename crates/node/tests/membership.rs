@@ -40,7 +40,16 @@ async fn start(key: [u8; 32], peers: &[SocketAddr]) -> Node {
 }
 
 async fn cluster(node: &Node) -> Value {
-    let (status, body) = http(node.http_addr(), "GET", "/v1/cluster", None).await;
+    // Nodes without an API key take any token; the one with a key takes this one.
+    let (status, body) = http_keyed(
+        node.http_addr(),
+        "GET",
+        "/v1/cluster",
+        None,
+        "secret",
+        usize::MAX,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -244,4 +253,210 @@ async fn a_node_without_a_peer_port_lists_itself_and_cannot_join() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("no peer port"), "{body}");
     node.shutdown().await.unwrap();
+}
+
+/// One HTTP/1.1 request with a bearer token; the status and the body (read up to `limit`
+/// bytes, for a stream that does not end).
+async fn http_keyed(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    key: &str,
+    limit: usize,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while raw.len() < limit {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if limit < usize::MAX && String::from_utf8_lossy(&raw).contains("\n\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_feed_and_kill_and_heal() {
+    let key = [5; 32];
+    let mut config = NodeConfig::new(model_path(), loopback());
+    config.stage_only = true;
+    config.peer_addr = Some(loopback());
+    config.swarm_key = Some(SwarmKey::from_bytes(key));
+    config.api_key = Some("secret".into());
+    config.cluster.detector = detector();
+    config.cluster.mdns = false;
+    let a = Node::start(config).await.unwrap();
+    let b = start(key, &[a.peer_addr().unwrap()]).await;
+    let both = expect(&[(&a, "alive"), (&b, "alive")]);
+    let keyed = |path: &'static str, body: Option<Value>, limit: usize| {
+        let addr = a.http_addr();
+        async move { http_keyed(addr, "POST", path, body.as_ref(), "secret", limit).await }
+    };
+    let (status, _) = http_keyed(
+        a.http_addr(),
+        "GET",
+        "/v1/cluster",
+        None,
+        "secret",
+        usize::MAX,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // The page, without a key; the feed, with one.
+    let (status, page) = http(a.http_addr(), "GET", "/", None).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<html"), "{page}");
+    let (status, _) = http(a.http_addr(), "GET", "/v1/dashboard/events", None).await;
+    assert_eq!(status, 401, "the feed needs the key");
+    let (status, feed) = http_keyed(
+        a.http_addr(),
+        "GET",
+        "/v1/dashboard/events",
+        None,
+        "secret",
+        1 << 16,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let data = feed
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("an event");
+    let state: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(state["node"]["mode"], "stage-only", "{state}");
+    assert_eq!(state["node"]["chaos_allowed"], true);
+    assert_eq!(state["cluster"]["self"], a.node_id());
+
+    // Wait until a knows b, then kill b from a's API: dead on a; heal: alive again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while states(&a).await != both {
+        assert!(Instant::now() < deadline, "b never joined");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = keyed(
+        "/v1/cluster/chaos",
+        Some(json!({"node": b.node_id(), "action": "kill"})),
+        usize::MAX,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"down\":true"), "{body}");
+    let dead = {
+        let mut d = vec![
+            (a.node_id().to_owned(), "alive".to_owned()),
+            (b.node_id().to_owned(), "dead".to_owned()),
+        ];
+        d.sort();
+        d
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while states(&a).await != dead {
+        assert!(Instant::now() < deadline, "b never went dead");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = keyed(
+        "/v1/cluster/chaos",
+        Some(json!({"node": b.node_id(), "action": "heal"})),
+        usize::MAX,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while states(&a).await != both {
+        assert!(Instant::now() < deadline, "b never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = keyed(
+        "/v1/cluster/chaos",
+        Some(json!({"node": "nobody", "action": "kill"})),
+        usize::MAX,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = keyed(
+        "/v1/cluster/chaos",
+        Some(json!({"node": b.node_id(), "action": "explode"})),
+        usize::MAX,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+
+    // Without an API key, nobody may kill.
+    let (status, body) = http(
+        b.http_addr(),
+        "POST",
+        "/v1/cluster/chaos",
+        Some(&json!({"node": a.node_id(), "action": "kill"})),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("chaos_disabled"), "{body}");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_heads_a_swarm_of_the_members_it_finds() {
+    let key = [3; 32];
+    let whole = |peers: Vec<String>, role: Option<shoal_swarm::roles::Role>| {
+        let mut config = NodeConfig::new(model_path(), loopback());
+        config.peer_addr = Some(loopback());
+        config.swarm_key = Some(SwarmKey::from_bytes(key));
+        config.peers = peers;
+        config.role = role;
+        config.cluster.detector = detector();
+        config.cluster.mdns = false;
+        config
+    };
+    let a = Node::start(whole(vec![], None)).await.unwrap();
+    let critic = Some(shoal_swarm::roles::Role::Critic);
+    let b = Node::start(whole(vec![a.peer_addr().unwrap().to_string()], critic))
+        .await
+        .unwrap();
+    common::settle(&a).await.unwrap();
+    common::settle(&b).await.unwrap();
+    // a was told of nobody; b joined it, and becomes one of its agents with its role.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = http(a.http_addr(), "GET", "/v1/swarm/status", None).await;
+        assert_eq!(status, 200, "{body}");
+        let swarm: Value = serde_json::from_str(&body).unwrap();
+        let agents = swarm["agents"].as_array().unwrap();
+        if agents
+            .iter()
+            .any(|g| g["role"] == "critic" && g["healthy"] == true)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b never became a's agent: {swarm}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let answer = common::ask(&a, "swarm:fastest", "Say hello.", 8).await;
+    assert!(!answer.trim().is_empty());
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
 }

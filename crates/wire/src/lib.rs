@@ -52,6 +52,7 @@
 //! | `0x0040` | [`GetProfile`] | head → node | measure yourself on this model (by file name) |
 //! | `0x0041` | [`Profile`] | node → head | decode and prefill ms per layer, free memory |
 //! | `0x0050` | [`Heartbeat`] | member ↔ member | who the sender is ([`NodeInfo`]) and the members it knows |
+//! | `0x0051` | [`Chaos`] | member → member | play dead, or stop (the dashboard's kill and heal); answered in kind |
 //!
 //! Shared field encodings: `bool` and option tags are one byte, 0 or 1; strings are a `u32`
 //! byte length then UTF-8; vectors of `u32` are a `u32` count then the elements; a socket
@@ -92,10 +93,10 @@ pub use frame::{
 pub use handshake::{client_handshake, server_handshake};
 pub use key::{KeyError, SwarmKey, KEY_LEN};
 pub use message::{
-    AgentCard, Answer, Ask, Capabilities, ChatTurn, Describe, EndSession, ErrorCode, ErrorMessage,
-    Finish, Forward, GetProfile, Heartbeat, HeldStage, Hello, HelloAck, KnownMember, LoadStage,
-    LogitRows, Logits, Message, MessageType, NodeInfo, Payload, Ping, Pong, Profile, SamplingSpec,
-    StageReady, Token, Truncate, Want, MAX_ACCELERATOR, MAX_CHAT_ROLE, MAX_CHAT_TEXT,
+    AgentCard, Answer, Ask, Capabilities, Chaos, ChatTurn, Describe, EndSession, ErrorCode,
+    ErrorMessage, Finish, Forward, GetProfile, Heartbeat, HeldStage, Hello, HelloAck, KnownMember,
+    LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo, Payload, Ping, Pong, Profile,
+    SamplingSpec, StageReady, Token, Truncate, Want, MAX_ACCELERATOR, MAX_CHAT_ROLE, MAX_CHAT_TEXT,
     MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_ERROR_MESSAGE, MAX_HELD_STAGES,
     MAX_KNOWN_MEMBERS, MAX_MODELS, MAX_MODEL_ID, MAX_MODEL_NAME, MAX_NODE_ID, MAX_PENALTY_TOKENS,
     MAX_ROLE, MAX_SOFTWARE_VERSION, MAX_STOP, MAX_STOP_LEN, MAX_TOKENS,

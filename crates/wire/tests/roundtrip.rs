@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use shoal_wire::{
     check_frame, decode_activations, decode_frame, encode_activations, Activations, AgentCard,
-    Answer, Ask, Capabilities, ChatTurn, Connection, DType, Describe, EndSession, ErrorCode,
+    Answer, Ask, Capabilities, Chaos, ChatTurn, Connection, DType, Describe, EndSession, ErrorCode,
     ErrorMessage, Finish, Forward, GetProfile, Heartbeat, HeldStage, Hello, HelloAck, KnownMember,
     Limits, LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo, Payload, Ping, Pong,
     Profile, SamplingSpec, StageReady, Token, Truncate, Want, WireError, HEADER_LEN,
@@ -240,6 +240,7 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
             completion_tokens: rng.u32(),
             elapsed_ms: rng.u32(),
         }),
+        MessageType::Chaos => Message::Chaos(Chaos { down: rng.bool() }),
         MessageType::Heartbeat => {
             let models = rng.below(5) as usize;
             let stages = rng.below(4) as usize;
@@ -266,6 +267,8 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
                             }
                         })
                         .collect(),
+                    busy: rng.u32(),
+                    tokens_per_s: rng.unit() * 300.0,
                 },
                 known: (0..known)
                     .map(|_| KnownMember {

@@ -107,7 +107,10 @@ pub struct SwarmRequest {
 /// The swarm as its head sees it.
 pub struct Swarm {
     config: SwarmConfig,
-    /// What each agent's card says, in the order of `config.agents`.
+    /// The agents' peer addresses: `config.agents`, then those added since (members of the
+    /// cluster found after start). Only ever appended to, so an index names one agent.
+    addrs: Mutex<Vec<SocketAddr>>,
+    /// What each agent's card says, in the order of `addrs`.
     agents: Mutex<Vec<AgentStatus>>,
     /// Whether each agent answers: its last `Describe`, and any request that failed to
     /// reach it since.
@@ -127,6 +130,7 @@ impl Swarm {
             .collect();
         Swarm {
             members: Membership::new(config.agents.iter().copied()),
+            addrs: Mutex::new(config.agents.clone()),
             config,
             agents: Mutex::new(agents),
             local,
@@ -136,6 +140,29 @@ impl Swarm {
 
     pub fn config(&self) -> &SwarmConfig {
         &self.config
+    }
+
+    /// Adds an agent (a member of the cluster that joined after the head started); it is
+    /// asked who it is at the monitor's next round and used once it answers. `false` when
+    /// it is an agent already.
+    pub fn add_agent(&self, addr: SocketAddr) -> bool {
+        let mut agents = self.lock_agents();
+        let mut addrs = self.addrs.lock().unwrap_or_else(PoisonError::into_inner);
+        if addrs.contains(&addr) {
+            return false;
+        }
+        addrs.push(addr);
+        agents.push(AgentStatus::unknown(addr));
+        self.members.add(addr);
+        true
+    }
+
+    /// The agents' addresses, in the order of their statuses.
+    fn agent_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Who this head is to its agents, and how it reaches them.
@@ -150,15 +177,15 @@ impl Swarm {
     pub async fn refresh(&self) {
         let timeout = self.config.describe_timeout;
         let caller = self.caller();
+        let addrs = self.agent_addrs();
         let cards = futures::future::join_all(
-            self.config
-                .agents
+            addrs
                 .iter()
                 .map(|&addr| agent::describe(addr, &caller, timeout)),
         )
         .await;
         let mut agents = self.lock_agents();
-        for ((status, card), &addr) in agents.iter_mut().zip(cards).zip(&self.config.agents) {
+        for ((status, card), &addr) in agents.iter_mut().zip(cards).zip(&addrs) {
             match card {
                 Ok(card) => {
                     status.update(&card);
@@ -190,7 +217,7 @@ impl Swarm {
             agents: self
                 .lock_agents()
                 .iter()
-                .zip(&self.config.agents)
+                .zip(&self.agent_addrs())
                 .map(|(status, &addr)| status.clone().with_health(self.members.get(addr)))
                 .collect(),
             head_model: self.local.as_ref().map(|l| l.config().model_id.clone()),
@@ -203,11 +230,12 @@ impl Swarm {
 
     /// The healthy agents as targets.
     fn targets(&self) -> Vec<Target> {
+        let addrs = self.agent_addrs();
         self.lock_agents()
             .iter()
             .enumerate()
             .filter(|&(index, _)| {
-                let addr = self.config.agents.get(index);
+                let addr = addrs.get(index);
                 addr.is_some_and(|&a| self.members.is_alive(a))
             })
             .filter_map(|(index, s)| {
@@ -331,7 +359,7 @@ impl Swarm {
     }
 
     fn mark_unhealthy(&self, index: usize, error: &str) {
-        if let Some(&addr) = self.config.agents.get(index) {
+        if let Some(&addr) = self.agent_addrs().get(index) {
             self.members.failed(addr, error);
         }
     }

@@ -1,4 +1,5 @@
-//! `Heartbeat`: how members of a cluster keep each other's list (issue #15).
+//! `Heartbeat`: how members of a cluster keep each other's list (issue #15); and `Chaos`, the
+//! dashboard's kill and heal.
 //!
 //! Every member sends a `Heartbeat` to every other member it knows, about once a second, on a
 //! fresh authenticated connection; the receiver answers with its own. Each carries what the
@@ -11,9 +12,9 @@ use std::net::SocketAddr;
 
 use bytes::BufMut;
 
-use crate::codec::{bound, put_len, put_socket_addr, put_string, Reader};
+use crate::codec::{bound, put_bool, put_len, put_socket_addr, put_string, Reader};
 use crate::error::WireError;
-use crate::message::{MAX_MODEL_ID, MAX_NODE_ID, MAX_ROLE, MAX_SOFTWARE_VERSION};
+use crate::message::{finite, MAX_MODEL_ID, MAX_NODE_ID, MAX_ROLE, MAX_SOFTWARE_VERSION};
 
 /// Most model files one node lists.
 pub const MAX_MODELS: usize = 64;
@@ -39,7 +40,9 @@ pub const MAX_ACCELERATOR: usize = 128;
 /// | `role` | `u32` length (≤ [`MAX_ROLE`]), UTF-8 (empty: a plain worker) |
 /// | `models` | `u32` count (≤ [`MAX_MODELS`]), then each `u32` length (≤ [`MAX_MODEL_ID`]), UTF-8 |
 /// | `stages` | `u32` count (≤ [`MAX_HELD_STAGES`]), then each [`HeldStage`] |
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// | `busy` | `u32`: requests it is answering now |
+/// | `tokens_per_s` | `f32`, finite, ≥ 0: its last answer's decode speed |
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeInfo {
     pub node_id: String,
     /// The node's software version.
@@ -61,6 +64,10 @@ pub struct NodeInfo {
     pub models: Vec<String>,
     /// The pipeline stages it holds now.
     pub stages: Vec<HeldStage>,
+    /// Requests it is answering now.
+    pub busy: u32,
+    /// Its last answer's decode speed.
+    pub tokens_per_s: f32,
 }
 
 /// One pipeline stage a node holds: `model_id` (`u32` length ≤ [`MAX_MODEL_ID`], UTF-8), then
@@ -83,7 +90,7 @@ pub struct KnownMember {
 /// `Heartbeat` (`0x0050`): member ↔ member, both ways on one connection: the sender's
 /// [`NodeInfo`], then `known`: `u32` count (≤ [`MAX_KNOWN_MEMBERS`]) of [`KnownMember`]s —
 /// the members it believes alive, itself not included.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Heartbeat {
     pub node: NodeInfo,
     pub known: Vec<KnownMember>,
@@ -125,6 +132,32 @@ impl Heartbeat {
 
 const M: &str = "Heartbeat";
 
+/// `Chaos` (`0x0051`): `down`, one byte 0 or 1. Member → member, for demos and failure
+/// drills (the dashboard's kill and heal): with `down` the receiver plays dead — its peer
+/// port refuses every message but `Chaos` and it stops heartbeating — until a `Chaos` without
+/// it. The receiver answers with its state, as a `Chaos`. Only a peer holding the swarm key
+/// can send one, and a node only sends one for an HTTP client that had its API key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chaos {
+    pub down: bool,
+}
+
+impl Chaos {
+    pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
+        Ok(Chaos {
+            down: r.bool("down")?,
+        })
+    }
+
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        put_bool(out, self.down);
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        Ok(())
+    }
+}
+
 impl NodeInfo {
     fn parse(r: &mut Reader) -> Result<Self, WireError> {
         let node_id = node_id(r, "node_id")?;
@@ -159,7 +192,9 @@ impl NodeInfo {
             }
             stages.push(stage);
         }
-        Ok(NodeInfo {
+        let busy = r.u32("busy")?;
+        let tokens_per_s = r.f32("tokens_per_s")?;
+        let info = NodeInfo {
             node_id,
             version,
             peer_port,
@@ -171,7 +206,11 @@ impl NodeInfo {
             role,
             models,
             stages,
-        })
+            busy,
+            tokens_per_s,
+        };
+        check_speed(info.tokens_per_s)?;
+        Ok(info)
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
@@ -194,6 +233,8 @@ impl NodeInfo {
             out.put_u32_le(s.start);
             out.put_u32_le(s.end);
         }
+        out.put_u32_le(self.busy);
+        out.put_f32_le(self.tokens_per_s);
     }
 
     fn validate(&self) -> Result<(), WireError> {
@@ -226,8 +267,20 @@ impl NodeInfo {
                 });
             }
         }
-        Ok(())
+        check_speed(self.tokens_per_s)
     }
+}
+
+fn check_speed(v: f32) -> Result<(), WireError> {
+    finite(M, "tokens_per_s", v)?;
+    if v < 0.0 {
+        return Err(WireError::Invalid {
+            message: M,
+            what: "tokens_per_s",
+            detail: format!("is {v}, expected ≥ 0"),
+        });
+    }
+    Ok(())
 }
 
 /// A node id: not empty, at most [`MAX_NODE_ID`] bytes.
@@ -276,6 +329,8 @@ mod tests {
                     start: 12,
                     end: 24,
                 }],
+                busy: 2,
+                tokens_per_s: 41.5,
             },
             known: vec![
                 KnownMember {
@@ -313,6 +368,14 @@ mod tests {
         // An empty stage range.
         let mut bad = sample();
         bad.node.stages[0].end = 12;
+        assert!(Message::Heartbeat(bad.clone()).to_frame().is_err());
+        let mut payload = Vec::new();
+        bad.encode(&mut payload);
+        assert!(Message::parse(MessageType::Heartbeat, payload.into()).is_err());
+
+        // A speed that is not a number.
+        let mut bad = sample();
+        bad.node.tokens_per_s = f32::NAN;
         assert!(Message::Heartbeat(bad.clone()).to_frame().is_err());
         let mut payload = Vec::new();
         bad.encode(&mut payload);

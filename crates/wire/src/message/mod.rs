@@ -23,7 +23,7 @@ pub use agent::{
 pub use control::{ErrorCode, ErrorMessage, Ping, Pong, MAX_ERROR_MESSAGE};
 pub use handshake::{Capabilities, Hello, HelloAck, MAX_NODE_ID, MAX_SOFTWARE_VERSION};
 pub use membership::{
-    Heartbeat, HeldStage, KnownMember, NodeInfo, MAX_ACCELERATOR, MAX_HELD_STAGES,
+    Chaos, Heartbeat, HeldStage, KnownMember, NodeInfo, MAX_ACCELERATOR, MAX_HELD_STAGES,
     MAX_KNOWN_MEMBERS, MAX_MODELS,
 };
 pub use profile::{GetProfile, Profile};
@@ -154,6 +154,8 @@ messages! {
     0x0041 Profile(Profile),
     /// Member ↔ member: who I am and whom I know (both ways on one connection).
     0x0050 Heartbeat(Heartbeat),
+    /// Member → member: play dead (or stop playing dead), for demos and drills.
+    0x0051 Chaos(Chaos),
 }
 
 impl MessageType {
