@@ -349,11 +349,7 @@ async fn the_dashboard_feed_and_kill_and_heal() {
     assert_eq!(state["cluster"]["self"], a.node_id());
 
     // Wait until a knows b, then kill b from a's API: dead on a; heal: alive again.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while states(&a).await != both {
-        assert!(Instant::now() < deadline, "b never joined");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    converge(&[&a], &both, Duration::from_secs(5)).await;
     let (status, body) = keyed(
         "/v1/cluster/chaos",
         Some(json!({"node": b.node_id(), "action": "kill"})),
@@ -362,19 +358,8 @@ async fn the_dashboard_feed_and_kill_and_heal() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"down\":true"), "{body}");
-    let dead = {
-        let mut d = vec![
-            (a.node_id().to_owned(), "alive".to_owned()),
-            (b.node_id().to_owned(), "dead".to_owned()),
-        ];
-        d.sort();
-        d
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while states(&a).await != dead {
-        assert!(Instant::now() < deadline, "b never went dead");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let dead = expect(&[(&a, "alive"), (&b, "dead")]);
+    converge(&[&a], &dead, Duration::from_secs(5)).await;
     let (status, body) = keyed(
         "/v1/cluster/chaos",
         Some(json!({"node": b.node_id(), "action": "heal"})),
@@ -382,11 +367,7 @@ async fn the_dashboard_feed_and_kill_and_heal() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while states(&a).await != both {
-        assert!(Instant::now() < deadline, "b never came back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    converge(&[&a], &both, Duration::from_secs(5)).await;
     let (status, body) = keyed(
         "/v1/cluster/chaos",
         Some(json!({"node": "nobody", "action": "kill"})),
