@@ -90,7 +90,7 @@ class Models(unittest.TestCase):
 
     def test_health_and_metrics(self):
         status, body, _ = http("GET", "/health", root=True)
-        self.assertEqual((status, body), (200, {"status": "ok"}))
+        self.assertEqual((status, body), (200, {"status": "ok", "api_key_required": False}))
         status, text, ctype = http("GET", "/metrics", root=True)
         self.assertEqual(status, 200)
         self.assertIn("text", ctype)

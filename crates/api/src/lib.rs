@@ -3,7 +3,8 @@
 //! - `POST /v1/chat/completions`, `POST /v1/completions`: streaming (SSE, ending with
 //!   `data: [DONE]`; a usage chunk only with `stream_options.include_usage`) or whole.
 //! - `GET /v1/models`, `GET /v1/models/{id}`: the one model this node serves.
-//! - `GET /health`: 503 while the model loads (or when it failed), then `{"status":"ok"}`.
+//! - `GET /health`: 503 while the model loads (or when it failed), then
+//!   `{"status":"ok","api_key_required":BOOL}` (whether the other routes want a key).
 //! - `GET /metrics`: Prometheus metrics prefixed `shoal_`.
 //! - `GET /v1/cluster`, `POST /v1/cluster/join`: the members and their state; adding a peer.
 //!   `POST /v1/cluster/chaos`: a member plays dead, or stops (only with an API key).
