@@ -157,6 +157,28 @@ class Chat(unittest.TestCase):
         b = client.chat.completions.create(**args).choices[0].message.content
         self.assertEqual(a, b)
 
+    def test_the_next_turn_reports_its_cached_prompt(self):
+        # The prompt cache: the second turn reuses the first turn's prompt and says so in
+        # usage.prompt_tokens_details.cached_tokens, as OpenAI reports its own caching.
+        system = {"role": "system", "content": "Answer in a few words. " * 20}
+        first = [system, {"role": "user", "content": "Name a colour."}]
+        r1 = client.chat.completions.create(
+            model=MODEL, messages=first, max_tokens=8, temperature=0)
+        second = first + [
+            {"role": "assistant", "content": r1.choices[0].message.content},
+            {"role": "user", "content": "Another one?"},
+        ]
+        r2 = client.chat.completions.create(
+            model=MODEL, messages=second, max_tokens=8, temperature=0)
+        cached = r2.usage.prompt_tokens_details.cached_tokens
+        self.assertGreater(cached, r1.usage.prompt_tokens // 2, r2.usage)
+        self.assertLess(cached, r2.usage.prompt_tokens)
+        r3 = client.chat.completions.create(
+            model=MODEL, messages=second, max_tokens=8, temperature=0,
+            extra_body={"cache_prompt": False})
+        self.assertEqual(r3.usage.prompt_tokens_details.cached_tokens, 0)
+        self.assertEqual(r3.choices[0].message.content, r2.choices[0].message.content)
+
     def test_content_parts(self):
         args = chat_args("Say hi.")
         plain = client.chat.completions.create(**args).choices[0].message.content

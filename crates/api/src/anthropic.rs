@@ -372,6 +372,16 @@ fn new_tool_id() -> String {
     format!("toolu_{}", &new_call_id()[5..])
 }
 
+/// Anthropic's usage: `input_tokens` are the prompt tokens computed, and the ones the prompt
+/// cache held are `cache_read_input_tokens` (its own prompt caching reports them so).
+fn anthropic_usage(usage: &Usage) -> serde_json::Value {
+    json!({
+        "input_tokens": usage.uncached_prompt_tokens(),
+        "cache_read_input_tokens": usage.prompt_tokens_details.cached_tokens,
+        "output_tokens": usage.completion_tokens,
+    })
+}
+
 fn stop_reason(finish: FinishReason, calls: bool) -> &'static str {
     match (calls, finish) {
         (true, _) => "tool_use",
@@ -407,7 +417,7 @@ impl Writer {
             "content": content,
             "stop_reason": stop_reason(finish, !parsed.calls.is_empty()),
             "stop_sequence": null,
-            "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens},
+            "usage": anthropic_usage(&usage),
         })
     }
 
@@ -516,8 +526,7 @@ impl Writer {
                                 "type": "message_delta",
                                 "delta": {"stop_reason": stop_reason(finish, !parsed.calls.is_empty()),
                                           "stop_sequence": null},
-                                "usage": {"input_tokens": usage.prompt_tokens,
-                                          "output_tokens": usage.completion_tokens},
+                                "usage": anthropic_usage(&usage),
                             }),
                         ));
                         events.push(named("message_stop", &json!({"type": "message_stop"})));

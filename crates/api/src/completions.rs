@@ -220,6 +220,8 @@ pub(crate) struct Prepared<M = Backend> {
     pub(crate) stream: bool,
     pub(crate) include_usage: bool,
     pub(crate) ignore_eos: bool,
+    /// Reuse a kept prompt prefix and keep this prompt (`cache_prompt`).
+    pub(crate) cache_prompt: bool,
     /// The JSON the answer must be (`response_format`, a forced tool call).
     grammar: Option<JsonGrammar>,
     /// The tools the answer may call, and how the model writes calls.
@@ -238,6 +240,7 @@ impl Prepared<()> {
             stream: self.stream,
             include_usage: self.include_usage,
             ignore_eos: self.ignore_eos,
+            cache_prompt: self.cache_prompt,
             grammar: self.grammar,
             tools: self.tools,
             prompt_param: self.prompt_param,
@@ -322,6 +325,7 @@ pub(crate) fn check(
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         ignore_eos: req.ignore_eos.unwrap_or(false),
+        cache_prompt: req.cache_prompt.unwrap_or(true),
         grammar: None,
         tools: None,
         prompt_param,
@@ -576,6 +580,7 @@ pub(crate) async fn start(
         sampling: prepared.sampling,
         max_tokens,
         stop: prepared.stop,
+        cache_prompt: prepared.cache_prompt,
     };
     if let Backend::Ring(_) = &prepared.model {
         let unsupported = if prepared.grammar.is_some() {

@@ -34,6 +34,14 @@ pub(crate) struct Metrics {
     pub(crate) queued: Gauge,
     pub(crate) cancelled: Counter,
     pub(crate) rejected: Counter,
+    /// Generations that resumed from a kept prompt prefix, and the tokens they reused.
+    pub(crate) prompt_cache_hits: Counter,
+    pub(crate) prompt_cache_reused_tokens: Counter,
+    /// Bytes of keys and values the prompt cache keeps, after the last generation.
+    pub(crate) prompt_cache_bytes: Gauge,
+    /// Tokens drafted for speculative decoding (prompt lookup), and those the model kept.
+    pub(crate) draft_tokens: Counter,
+    pub(crate) draft_accepted_tokens: Counter,
     /// Batches of stage work run on this node (pipeline mode), read at each scrape.
     pub(crate) batches: BatchStats,
 }
@@ -54,6 +62,11 @@ impl Metrics {
             queued: Gauge::default(),
             cancelled: Counter::default(),
             rejected: Counter::default(),
+            prompt_cache_hits: Counter::default(),
+            prompt_cache_reused_tokens: Counter::default(),
+            prompt_cache_bytes: Gauge::default(),
+            draft_tokens: Counter::default(),
+            draft_accepted_tokens: Counter::default(),
             batches: BatchStats::default(),
         };
         let mut registry = Registry::with_prefix("shoal");
@@ -109,6 +122,32 @@ impl Metrics {
             "Generations refused with 429 because the queue for the engine was full",
             metrics.rejected.clone(),
         );
+        registry.register(
+            "prompt_cache_hits",
+            "Generations that reused the keys and values of a kept prompt prefix",
+            metrics.prompt_cache_hits.clone(),
+        );
+        registry.register(
+            "prompt_cache_reused_tokens",
+            "Prompt tokens not computed because a kept prefix held them (included in prompt_tokens)",
+            metrics.prompt_cache_reused_tokens.clone(),
+        );
+        registry.register_with_unit(
+            "prompt_cache",
+            "Keys and values kept for reuse by later prompts",
+            Unit::Bytes,
+            metrics.prompt_cache_bytes.clone(),
+        );
+        registry.register(
+            "draft_tokens",
+            "Tokens drafted by prompt lookup and verified (--lookup)",
+            metrics.draft_tokens.clone(),
+        );
+        registry.register(
+            "draft_accepted_tokens",
+            "Drafted tokens the model drew too, and so kept",
+            metrics.draft_accepted_tokens.clone(),
+        );
         registry.register_collector(Box::new(BatchCollector(metrics.batches.clone())));
         (metrics, registry)
     }
@@ -126,10 +165,15 @@ impl Metrics {
     pub(crate) fn record_generation(
         &self,
         prompt_tokens: usize,
+        cached_tokens: usize,
         generated_tokens: usize,
         decode: Duration,
     ) {
         self.prompt_tokens.inc_by(prompt_tokens as u64);
+        if cached_tokens > 0 {
+            self.prompt_cache_hits.inc();
+            self.prompt_cache_reused_tokens.inc_by(cached_tokens as u64);
+        }
         self.generated_tokens.inc_by(generated_tokens as u64);
         self.decode_seconds.inc_by(decode.as_secs_f64());
         // The first token comes out of the prompt pass; decode speed is the rest.

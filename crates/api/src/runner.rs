@@ -10,10 +10,12 @@
 //! reading is treated the same once a piece has waited [`HttpLimits::client_stall_timeout`]:
 //! it must not hold the engine that everyone else waits for.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_engine::{EngineError, FinishReason, GenerateParams, JsonGrammar, Model, TextStream};
-use shoal_pipeline::Pipeline;
+use shoal_pipeline::{Pipeline, RingRequest};
 use tokio::sync::mpsc;
 
 use crate::backend::Backend;
@@ -181,13 +183,25 @@ fn run(
     let timings = generation.timings();
     metrics.record_generation(
         prompt_tokens,
+        timings.cached_tokens,
         timings.generated_tokens,
         timings.generate_time,
     );
+    metrics.draft_tokens.inc_by(timings.drafted_tokens as u64);
+    metrics
+        .draft_accepted_tokens
+        .inc_by(timings.accepted_tokens as u64);
+    let finish = generation.finish_reason().unwrap_or(FinishReason::Stop);
+    // The cache is kept when the generation goes: count it after.
+    drop(generation);
+    let (_, kept_bytes) = model.prompt_cache_usage();
+    metrics
+        .prompt_cache_bytes
+        .set(i64::try_from(kept_bytes).unwrap_or(i64::MAX));
     match outcome {
         Ok(()) => {
-            let finish = generation.finish_reason().unwrap_or(FinishReason::Stop);
-            let usage = Usage::new(prompt_tokens, timings.generated_tokens);
+            let usage = Usage::new(prompt_tokens, timings.generated_tokens)
+                .with_cached(timings.cached_tokens);
             Some(Event::Done { finish, usage })
         }
         Err(None) => {
@@ -208,9 +222,11 @@ fn run(
 }
 
 /// Generates through a ring of stages, sending text as tokens come back from the last
-/// stage; returns the closing event, if anyone listens. The ring stops by itself only at an
-/// end-of-generation token or `max_tokens`; a stop string, or a client that left, ends it
-/// here by dropping the generation, which ends the session on every stage.
+/// stage; returns the closing event, if anyone listens. The ring stops by itself at an
+/// end-of-generation token or `max_tokens`, and at a stop string when its token callback
+/// says so (it may have run a token further; the session ends normally and its prompt is
+/// kept); a client that left ends it here by dropping the generation, which ends the
+/// session on every stage.
 async fn run_ring(
     pipeline: &Pipeline,
     job: Job,
@@ -221,14 +237,18 @@ async fn run_ring(
     let prompt_tokens = job.prompt.len();
     let tokenizer = pipeline.tokenizer();
     let (token_tx, mut token_rx) = mpsc::unbounded_channel();
-    let generation = pipeline.generate_with(
-        &job.prompt,
-        &job.params.sampling,
-        job.params.max_tokens,
-        move |token| {
-            let _ = token_tx.send(token);
-        },
-    );
+    let request = RingRequest {
+        prompt: &job.prompt,
+        sampling: &job.params.sampling,
+        max_tokens: job.params.max_tokens,
+        cache_prompt: job.params.cache_prompt,
+    };
+    let stop_ring = Arc::new(AtomicBool::new(false));
+    let stopped = stop_ring.clone();
+    let generation = pipeline.run(request, move |token| {
+        let _ = token_tx.send(token);
+        !stopped.load(Ordering::Relaxed)
+    });
     tokio::pin!(generation);
     let mut text = TextStream::new(tokenizer, job.params.stop.clone());
     let mut generated = 0usize;
@@ -243,7 +263,7 @@ async fn run_ring(
                 let Some(token) = token else {
                     // The generation finished (its callback, holding the sender, is gone)
                     // and every token it produced has been handled.
-                    break match ended.take() {
+                    break match &ended {
                         Some(Ok(_)) => Ok(FinishReason::Length),
                         Some(Err(e)) => Err(Some(format!("the pipeline failed: {e}"))),
                         None => Err(Some("the pipeline ended without a result".to_owned())),
@@ -264,14 +284,24 @@ async fn run_ring(
                     break Err(None);
                 }
                 if stop {
+                    stop_ring.store(true, Ordering::Relaxed);
                     break Ok(FinishReason::Stop);
                 }
             }
             result = &mut generation, if ended.is_none() => ended = Some(result),
         }
     };
+    // Stopped at a stop string: the ring ends at its next token; its answer says how much
+    // of the prompt was resumed.
+    if outcome.is_ok() && ended.is_none() {
+        ended = Some(generation.await);
+    }
+    let cached_tokens = match &ended {
+        Some(Ok(answer)) => answer.cached_tokens,
+        _ => 0,
+    };
     let generate_time = first_token_at.map(|t| t.elapsed()).unwrap_or_default();
-    metrics.record_generation(prompt_tokens, generated, generate_time);
+    metrics.record_generation(prompt_tokens, cached_tokens, generated, generate_time);
     match outcome {
         Ok(finish) => {
             if finish == FinishReason::Length {
@@ -283,7 +313,7 @@ async fn run_ring(
             }
             Some(Event::Done {
                 finish,
-                usage: Usage::new(prompt_tokens, generated),
+                usage: Usage::new(prompt_tokens, generated).with_cached(cached_tokens),
             })
         }
         Err(None) => {

@@ -122,6 +122,7 @@ pub(crate) async fn chat(
                 .observe(received.elapsed().as_secs_f64());
             metrics.record_generation(
                 usize::try_from(o.prompt_tokens).unwrap_or(usize::MAX),
+                0,
                 usize::try_from(o.completion_tokens).unwrap_or(usize::MAX),
                 Duration::from_millis(o.elapsed_ms),
             );

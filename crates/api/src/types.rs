@@ -34,6 +34,8 @@ pub(crate) struct CompletionRequest {
     pub(crate) repeat_last_n: Option<i64>,
     /// llama-server's: never end at an end-of-generation token.
     pub(crate) ignore_eos: Option<bool>,
+    /// llama-server's: reuse a kept prompt prefix and keep this prompt (default true).
+    pub(crate) cache_prompt: Option<bool>,
     /// Chat only: the functions the model may call.
     pub(crate) tools: Option<Vec<serde_json::Value>>,
     pub(crate) tool_choice: Option<serde_json::Value>,
@@ -123,6 +125,13 @@ pub(crate) struct Usage {
     pub(crate) prompt_tokens: usize,
     pub(crate) completion_tokens: usize,
     pub(crate) total_tokens: usize,
+    /// How many prompt tokens came from the prompt cache, as OpenAI reports its own.
+    pub(crate) prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub(crate) struct PromptTokensDetails {
+    pub(crate) cached_tokens: usize,
 }
 
 impl Usage {
@@ -131,7 +140,23 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails::default(),
         }
+    }
+
+    /// Of the prompt's tokens, `cached` were reused from the prompt cache.
+    pub(crate) fn with_cached(mut self, cached: usize) -> Self {
+        self.prompt_tokens_details.cached_tokens = cached;
+        self
+    }
+
+    /// Prompt tokens that were computed.
+    pub(crate) fn uncached_prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+            - self
+                .prompt_tokens_details
+                .cached_tokens
+                .min(self.prompt_tokens)
     }
 }
 

@@ -880,3 +880,75 @@ async fn malformed_tool_requests_are_400() {
         assert_eq!(error["param"], param, "{extra}");
     }
 }
+
+/// The prompt cache through the API: a conversation's second turn reuses the first turn's
+/// prompt, says so in `usage.prompt_tokens_details.cached_tokens` (and in Anthropic's
+/// `cache_read_input_tokens`) and `/metrics`, and answers exactly as with `cache_prompt: false`.
+#[tokio::test]
+async fn a_conversations_next_turn_reuses_its_prompt() {
+    let model = shoal_engine::Model::load(common::models_dir().join(common::MODEL_FILE), |_, _| {})
+        .unwrap();
+    model.set_prompt_cache_bytes(64 << 20);
+    let state = AppState::new(MODEL_ID.into(), None);
+    state.set_ready(std::sync::Arc::new(model));
+    let app = app(state);
+    let system = "You answer questions about geography in one short sentence. ".repeat(6);
+    let mut messages = vec![
+        json!({"role": "system", "content": system}),
+        json!({"role": "user", "content": "What is the capital of France?"}),
+    ];
+    let ask = |messages: &Vec<Value>, cache_prompt: bool| {
+        json!({"model": MODEL_ID, "messages": messages, "temperature": 0,
+               "max_tokens": 12, "cache_prompt": cache_prompt})
+    };
+    let first = post(&app, "/v1/chat/completions", ask(&messages, true)).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let first = first.json();
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let first_prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    messages.push(json!({"role": "assistant",
+                         "content": first["choices"][0]["message"]["content"]}));
+    messages.push(json!({"role": "user", "content": "And of Italy?"}));
+
+    let second = post(&app, "/v1/chat/completions", ask(&messages, true))
+        .await
+        .json();
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    // All of the first prompt but the rows of its last chunk that are not whole groups.
+    assert!(
+        cached + 12 >= first_prompt && cached < second["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "{cached} cached of a first prompt of {first_prompt}: {second}"
+    );
+    let fresh = post(&app, "/v1/chat/completions", ask(&messages, false))
+        .await
+        .json();
+    assert_eq!(fresh["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        second["choices"][0]["message"]["content"],
+        fresh["choices"][0]["message"]["content"]
+    );
+
+    let text = get(&app, "/metrics").await.body;
+    assert_eq!(
+        metric(&text, "shoal_prompt_cache_hits_total"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "shoal_prompt_cache_reused_tokens_total"),
+        cached as f64
+    );
+    assert!(metric(&text, "shoal_prompt_cache_bytes") > 0.0, "{text}");
+
+    // Anthropic's usage counts the reused tokens apart from the computed ones.
+    let body = json!({"model": MODEL_ID, "max_tokens": 12, "temperature": 0, "system": system,
+                      "messages": &messages[1..]});
+    let answer = post(&app, "/v1/messages", body).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let usage = answer.json()["usage"].clone();
+    let read = usage["cache_read_input_tokens"].as_u64().unwrap();
+    assert!(read >= cached, "{usage}");
+    assert!(usage["input_tokens"].as_u64().unwrap() > 0, "{usage}");
+}

@@ -5,6 +5,7 @@
 //! loop, an HTTP handler's blocking task), so the engine owns no threads.
 
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -16,6 +17,8 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::json_grammar::{JsonConstraint, JsonGrammar};
 use crate::kv_cache::KvCache;
+use crate::lookup::Lookup;
+use crate::prefix_cache::{canonical_len, resume_point, PrefixCache};
 use crate::prompt::PromptFormat;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stage::{logits_row, Logits, Stage, StageInput, StageOutput, StageSpec};
@@ -32,6 +35,14 @@ pub struct Model {
     parameters: u64,
     stage: Stage,
     format: PromptFormat,
+    /// Caches of finished generations, reused by later prompts that start the same way.
+    /// Empty budget (no reuse) until [`Model::set_prompt_cache_bytes`].
+    prompt_cache: Mutex<PrefixCache>,
+    /// [`Stage::rows_reusable_across_chunks`] of the file.
+    reuse_by_rows: bool,
+    /// Speculative decoding by prompt lookup, for every generation (off until
+    /// [`Model::set_lookup`]).
+    lookup: Mutex<Option<Lookup>>,
 }
 
 impl Model {
@@ -42,11 +53,42 @@ impl Model {
         let spec = StageSpec::whole(file.config().n_layers);
         let stage = Stage::load(&file, spec, &Device::Cpu, progress)?;
         Ok(Self {
+            reuse_by_rows: Stage::rows_reusable_across_chunks(&file),
             name: file.model_name(),
             parameters: file.parameter_count(),
             stage,
             format,
+            prompt_cache: Mutex::new(PrefixCache::new(0)),
+            lookup: Mutex::new(None),
         })
+    }
+
+    /// Drafts tokens by prompt lookup and verifies them in one pass, in every generation
+    /// from now on (`None`: plain decoding). The output is the same either way.
+    pub fn set_lookup(&self, lookup: Option<Lookup>) {
+        *self.lookup.lock().unwrap_or_else(PoisonError::into_inner) = lookup;
+    }
+
+    /// Keeps up to `bytes` of finished generations' keys and values, so that a prompt that
+    /// starts as an earlier one did (the conversation's previous turn, a shared system
+    /// prompt) computes only what is new. 0 turns reuse off and frees what is kept.
+    pub fn set_prompt_cache_bytes(&self, bytes: usize) {
+        let mut cache = self.prompt_cache();
+        if cache.budget_bytes() != bytes {
+            *cache = PrefixCache::new(bytes);
+        }
+    }
+
+    /// Caches kept for reuse, and their bytes.
+    pub fn prompt_cache_usage(&self) -> (usize, usize) {
+        let cache = self.prompt_cache();
+        (cache.len(), cache.bytes())
+    }
+
+    fn prompt_cache(&self) -> std::sync::MutexGuard<'_, PrefixCache> {
+        self.prompt_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn name(&self) -> &str {
@@ -100,6 +142,10 @@ pub struct GenerateParams {
     pub max_tokens: usize,
     /// Generation ends before the first occurrence of any of these strings.
     pub stop: Vec<String>,
+    /// Reuse the keys and values of a kept prompt that starts the same way, and keep this
+    /// one's for later (llama-server's `cache_prompt`). Has no effect while the model keeps
+    /// no caches ([`Model::set_prompt_cache_bytes`]).
+    pub cache_prompt: bool,
 }
 
 impl Default for GenerateParams {
@@ -108,6 +154,7 @@ impl Default for GenerateParams {
             sampling: SamplingParams::default(),
             max_tokens: 256,
             stop: Vec::new(),
+            cache_prompt: true,
         }
     }
 }
@@ -142,9 +189,14 @@ pub struct Step {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Timings {
     pub prompt_tokens: usize,
+    /// Of the prompt's tokens, those whose keys and values came from a kept cache.
+    pub cached_tokens: usize,
     pub prompt_time: Duration,
     pub generated_tokens: usize,
     pub generate_time: Duration,
+    /// Tokens drafted (by lookup) and verified, and how many of them were kept.
+    pub drafted_tokens: usize,
+    pub accepted_tokens: usize,
 }
 
 /// A generation in progress. Pull tokens with [`Generation::next_step`].
@@ -168,6 +220,53 @@ pub struct Generation<'m> {
     json: Option<JsonConstraint>,
     /// End-of-generation tokens are never drawn ([`Generation::ignore_eos`]).
     ignore_eos: bool,
+    /// Whether `cache` holds exactly the keys and values of `tokens[..cache.len()]`: false
+    /// while the model runs and after it failed, so a cache left half-written is never
+    /// kept for reuse.
+    cache_whole: bool,
+    /// Where the prompt's computation started: the kept prefix it resumed from, or 0.
+    computed_from: usize,
+    /// Drafting by lookup, when the model does it.
+    lookup: Option<Lookup>,
+    /// Tokens a verification pass accepted that are not handed out yet.
+    ready: std::collections::VecDeque<u32>,
+    /// How many tokens the next draft may have: grown while drafts are kept whole, shrunk
+    /// when one is cut short (the running acceptance decides what a pass is worth).
+    draft_len: usize,
+}
+
+impl Drop for Generation<'_> {
+    /// Keeps the cache for later prompts that start as this one did (however the
+    /// generation ended: finished, stopped early, or its client went away).
+    fn drop(&mut self) {
+        if !self.params.cache_prompt || !self.cache_whole || self.cache.is_empty() {
+            return;
+        }
+        let mut kept = self.model.prompt_cache();
+        if kept.budget_bytes() == 0 {
+            return;
+        }
+        // Only what a fresh prefill computes the same: the prompt's rows (not the answer's,
+        // decoded one by one), the last chunk's as far as they are canonical.
+        let held = self.cache.len();
+        let canonical = if held >= self.prompt_len {
+            canonical_len(
+                self.prompt_len,
+                self.computed_from,
+                PREFILL_CHUNK,
+                self.model.reuse_by_rows,
+            )
+        } else {
+            // Stopped mid-prompt: the chunks done all end at chunk boundaries.
+            held
+        };
+        if canonical == 0 {
+            return;
+        }
+        let cache = std::mem::replace(&mut self.cache, KvCache::new(0));
+        let key = kept.fresh_key();
+        kept.keep(key, &self.tokens[..canonical], cache);
+    }
 }
 
 impl<'m> Generation<'m> {
@@ -182,20 +281,39 @@ impl<'m> Generation<'m> {
                 limit,
             });
         }
+        // Resume from the longest kept prefix, leaving at least one prompt token to compute
+        // (its logits choose the first token).
+        let mut cache = None;
+        let mut timings = Timings::default();
+        if params.cache_prompt {
+            let mut kept = model.prompt_cache();
+            if let Some(m) = kept.longest(&prompt, prompt.len() - 1) {
+                let at = resume_point(m.len, prompt.len(), PREFILL_CHUNK, model.reuse_by_rows);
+                if at > 0 {
+                    cache = kept.resume(m.key, at);
+                    timings.cached_tokens = cache.as_ref().map_or(0, KvCache::len);
+                }
+            }
+        }
         Ok(Self {
             model,
-            cache: model.stage.new_cache(),
+            cache: cache.unwrap_or_else(|| model.stage.new_cache()),
             sampler: Sampler::new(params.sampling.clone()),
             prompt_len: prompt.len(),
             tokens: prompt,
             text: TextStream::new(model.tokenizer(), params.stop.clone()),
             params,
             finish: None,
-            timings: Timings::default(),
+            timings,
             interrupt: None,
             choices: None,
             json: None,
             ignore_eos: false,
+            cache_whole: true,
+            computed_from: timings.cached_tokens,
+            lookup: *model.lookup.lock().unwrap_or_else(PoisonError::into_inner),
+            ready: std::collections::VecDeque::new(),
+            draft_len: 0,
         })
     }
 
@@ -246,6 +364,12 @@ impl<'m> Generation<'m> {
         self.prompt_len
     }
 
+    /// How many of the prompt's tokens were not computed: their keys and values came from a
+    /// kept cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.timings.cached_tokens
+    }
+
     /// Generated token ids so far.
     pub fn generated(&self) -> &[u32] {
         &self.tokens[self.prompt_len..]
@@ -277,34 +401,13 @@ impl<'m> Generation<'m> {
         }
         let started = Instant::now();
         let first = self.tokens.len() == self.prompt_len;
-        let mut logits = self.run_pending()?;
-        if let Some(choices) = &self.choices {
-            let answer = &self.tokens[self.prompt_len..];
-            choices.mask(&mut logits, answer, self.model.tokenizer().eos_ids());
-        }
-        let tokenizer = self.model.tokenizer();
-        if self.ignore_eos && self.choices.is_none() {
-            for &eog in tokenizer.eos_ids() {
-                if let Some(l) = logits.get_mut(eog as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
-        }
-        let token = match &self.json {
-            None => self.sampler.sample(&mut logits, &self.tokens),
-            Some(json) => {
-                let (sampler, history) = (&mut self.sampler, &self.tokens);
-                json.draw(&mut logits, tokenizer, |l| sampler.sample(l, history))
-                    .ok_or_else(|| {
-                        EngineError::InvalidInput(
-                            "no token can continue the constrained JSON answer".into(),
-                        )
-                    })?
-            }
+        let token = match self.ready.pop_front() {
+            Some(token) => token,
+            None => match self.speculate()? {
+                Some(token) => token,
+                None => self.decode_one()?,
+            },
         };
-        if let Some(json) = &mut self.json {
-            json.accept(token, tokenizer);
-        }
         self.tokens.push(token);
         if first {
             self.timings.prompt_tokens = self.prompt_len;
@@ -336,24 +439,131 @@ impl<'m> Generation<'m> {
         Ok(Some(Step { token, text }))
     }
 
+    /// Drafts tokens by lookup and verifies them in one pass: the tokens the sampler draws
+    /// at each verified row, up to the first that differs from the draft (which it
+    /// replaces), the first handed out now and the rest queued. `None` when no draft is
+    /// worth a pass (drafting off, a constrained answer, no repeat found, little room left,
+    /// or the prompt still to compute).
+    fn speculate(&mut self) -> Result<Option<u32>> {
+        let Some(lookup) = self.lookup else {
+            return Ok(None);
+        };
+        let n = self.tokens.len();
+        if self.choices.is_some() || self.json.is_some() || self.cache.len() + 1 != n {
+            return Ok(None);
+        }
+        // Drafted tokens past what the answer may still hold would be thrown away.
+        let left = (self.params.max_tokens + self.prompt_len)
+            .min(self.model.config().context_length)
+            .saturating_sub(n + 1);
+        if self.draft_len == 0 {
+            self.draft_len = lookup.draft_max.div_ceil(2);
+        }
+        let draft = lookup.draft(&self.tokens, self.draft_len.min(left));
+        if draft.is_empty() || draft.len() < lookup.draft_min {
+            return Ok(None);
+        }
+        let mut input = Vec::with_capacity(draft.len() + 1);
+        input.push(self.tokens[n - 1]);
+        input.extend_from_slice(&draft);
+        let positions: Vec<usize> = (n - 1..n + draft.len()).collect();
+        self.cache_whole = false;
+        let out = self.model.stage.forward(
+            StageInput::Tokens(&input),
+            &positions,
+            &mut self.cache,
+            Logits::Verify,
+        )?;
+        let StageOutput::Logits(rows) = out else {
+            return Err(EngineError::InvalidInput("no logits produced".into()));
+        };
+        let tokenizer = self.model.tokenizer();
+        let mut history = self.tokens.clone();
+        for i in 0..input.len() {
+            let mut logits = logits_row(&rows, i)?;
+            self.mask_eos(&mut logits);
+            let token = self.sampler.sample(&mut logits, &history);
+            history.push(token);
+            self.ready.push_back(token);
+            if draft.get(i) != Some(&token) || tokenizer.is_eog(token) {
+                break;
+            }
+        }
+        // Keep the keys and values of the tokens now in the answer; the rest were guesses.
+        let kept = self.ready.len();
+        self.cache.truncate(n - 1 + kept);
+        self.cache_whole = true;
+        self.timings.drafted_tokens += draft.len();
+        self.timings.accepted_tokens += kept - 1;
+        self.draft_len = if kept > draft.len() {
+            (self.draft_len + 2).min(lookup.draft_max)
+        } else {
+            self.draft_len.saturating_sub(1).max(1)
+        };
+        Ok(self.ready.pop_front())
+    }
+
+    /// Never an end-of-generation token with `ignore_eos` (and no choices to finish).
+    fn mask_eos(&self, logits: &mut [f32]) {
+        if self.ignore_eos && self.choices.is_none() {
+            for &eog in self.model.tokenizer().eos_ids() {
+                if let Some(l) = logits.get_mut(eog as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+
+    /// Runs the model for the pending tokens and draws one.
+    fn decode_one(&mut self) -> Result<u32> {
+        let mut logits = self.run_pending()?;
+        if let Some(choices) = &self.choices {
+            let answer = &self.tokens[self.prompt_len..];
+            choices.mask(&mut logits, answer, self.model.tokenizer().eos_ids());
+        }
+        self.mask_eos(&mut logits);
+        let tokenizer = self.model.tokenizer();
+        let token = match &self.json {
+            None => self.sampler.sample(&mut logits, &self.tokens),
+            Some(json) => {
+                let (sampler, history) = (&mut self.sampler, &self.tokens);
+                json.draw(&mut logits, tokenizer, |l| sampler.sample(l, history))
+                    .ok_or_else(|| {
+                        EngineError::InvalidInput(
+                            "no token can continue the constrained JSON answer".into(),
+                        )
+                    })?
+            }
+        };
+        if let Some(json) = &mut self.json {
+            json.accept(token, tokenizer);
+        }
+        Ok(token)
+    }
+
     /// Feeds every token not yet in the cache and returns the logits of the last one.
+    /// Prompt chunks end at multiples of [`PREFILL_CHUNK`] positions, wherever the cache
+    /// left off, so a prompt resumed from a kept prefix is cut where it would be cut whole.
     fn run_pending(&mut self) -> Result<Vec<f32>> {
-        let start = self.cache.len();
-        let pending = &self.tokens[start..];
+        let mut start = self.cache.len();
+        let end = self.tokens.len();
         let mut last = None;
-        for (i, chunk) in pending.chunks(PREFILL_CHUNK).enumerate() {
-            if i > 0 && self.interrupt.as_ref().is_some_and(|stop| stop()) {
+        while start < end {
+            if last.is_some() && self.interrupt.as_ref().is_some_and(|stop| stop()) {
                 return Err(EngineError::Interrupted);
             }
-            let first = start + i * PREFILL_CHUNK;
-            let positions: Vec<usize> = (first..first + chunk.len()).collect();
+            let stop = ((start / PREFILL_CHUNK + 1) * PREFILL_CHUNK).min(end);
+            let positions: Vec<usize> = (start..stop).collect();
+            self.cache_whole = false;
             let out = self.model.stage.forward(
-                StageInput::Tokens(chunk),
+                StageInput::Tokens(&self.tokens[start..stop]),
                 &positions,
                 &mut self.cache,
                 Logits::Last,
             )?;
+            self.cache_whole = true;
             last = Some(out);
+            start = stop;
         }
         match last {
             Some(StageOutput::Logits(l)) => logits_row(&l, 0),

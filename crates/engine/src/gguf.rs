@@ -87,6 +87,14 @@ impl GgufFile {
             .map(|info| info.ggml_dtype)
     }
 
+    /// How many dimensions a tensor has, if the file has it.
+    pub(crate) fn tensor_rank(&self, name: &str) -> Option<usize> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|info| info.shape.rank())
+    }
+
     /// A tensor's type, shape (candle's order: rows first) and raw GGUF bytes, read by
     /// offset straight into one buffer (no typed copy on the way, so loading a large
     /// matrix does not hold it twice).

@@ -24,7 +24,9 @@ impl LayerKv {
     }
 }
 
-/// The KV cache of one session on one stage.
+/// The KV cache of one session on one stage. The default holds nothing and has no layers
+/// (a placeholder for a cache moved elsewhere).
+#[derive(Default)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
     positions: Vec<usize>,
@@ -68,6 +70,38 @@ impl KvCache {
             let per_token = layer.k.len() / held.max(1);
             layer.k.truncate(len * per_token);
             layer.v.truncate(len * per_token);
+        }
+    }
+
+    /// A copy of the first `len` positions (all of them if it holds fewer): a session that
+    /// starts with a kept session's prefix (crate::prefix_cache).
+    pub fn prefix(&self, len: usize) -> KvCache {
+        let held = self.positions.len();
+        let len = len.min(held);
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                let per_token = layer.k.len() / held.max(1);
+                LayerKv {
+                    k: layer.k[..len * per_token].to_vec(),
+                    v: layer.v[..len * per_token].to_vec(),
+                }
+            })
+            .collect();
+        KvCache {
+            layers,
+            positions: self.positions[..len].to_vec(),
+        }
+    }
+
+    /// Gives back the room reserved beyond what is held (a cache kept for later need not
+    /// keep the doubling buffers' slack).
+    pub fn shrink_to_fit(&mut self) {
+        self.positions.shrink_to_fit();
+        for layer in &mut self.layers {
+            layer.k.shrink_to_fit();
+            layer.v.shrink_to_fit();
         }
     }
 

@@ -61,8 +61,14 @@ pub enum StageInput<'a> {
 pub enum Logits {
     /// Only the last token's (generation).
     Last,
-    /// Every token's (scoring, speculative verification, tests).
+    /// Every token's (scoring, tests), computed as a prompt chunk is.
     All,
+    /// Every token's, each row computed exactly as if its token had been decoded alone
+    /// after the ones before it: every product and the attention run row by row in
+    /// decode's orders (llama.cpp's orders depend on how many rows a product has), while
+    /// each weight matrix is still read once for all rows. Speculative decoding verifies
+    /// drafted tokens so, and its output is then the plain decode's, token for token.
+    Verify,
 }
 
 /// The output of a stage: logits `[n, vocab]` from a head stage, hidden states
@@ -406,14 +412,31 @@ impl Layer {
             let key_pos = seg.cache.positions().to_vec();
             let query_pos = &key_pos[key_pos.len() - seg.rows..];
             let layer_kv = seg.cache.append(cache_layer, k, v)?;
-            Ok(attend(
-                heads,
-                q,
-                &layer_kv.k,
-                &layer_kv.v,
-                query_pos,
-                &key_pos,
-            ))
+            if !seg.alone {
+                return Ok(attend(
+                    heads,
+                    q,
+                    &layer_kv.k,
+                    &layer_kv.v,
+                    query_pos,
+                    &key_pos,
+                ));
+            }
+            // Row by row, each over the keys up to its own, as decode steps would run.
+            let before = key_pos.len() - seg.rows;
+            let mut out = Vec::with_capacity(q.len());
+            for (i, qi) in q.chunks_exact(n_heads * hd).enumerate() {
+                let keys = before + i + 1;
+                out.extend(attend(
+                    heads,
+                    qi,
+                    &layer_kv.k[..keys * n_kv * hd],
+                    &layer_kv.v[..keys * n_kv * hd],
+                    &query_pos[i..=i],
+                    &key_pos[..keys],
+                ));
+            }
+            Ok(out)
         };
         // Sessions side by side when there is enough work to pay for the hand-off (each
         // session's attention is the same whichever thread runs it).
@@ -448,6 +471,8 @@ impl Layer {
 /// angles of their positions, and its cache.
 struct Segment<'c> {
     rows: usize,
+    /// Each row as if decoded alone ([`Logits::Verify`]).
+    alone: bool,
     rope: RopeAt,
     cache: &'c mut KvCache,
 }
@@ -545,6 +570,18 @@ impl Stage {
             }
         }
         names
+    }
+
+    /// Whether a prompt row's numbers depend on its prefill chunk only as the prefix cache
+    /// allows for (crate::prefix_cache): true when every matrix of the model is multiplied
+    /// by our own kernels, which follow llama.cpp's shape-dependent orders exactly and
+    /// nothing else; false when candle multiplies some (its orders may follow any shape),
+    /// and then only whole chunks are reused.
+    pub fn rows_reusable_across_chunks(file: &GgufFile) -> bool {
+        Self::tensor_names(file, &StageSpec::whole(file.config().n_layers))
+            .iter()
+            .filter(|n| file.tensor_rank(n) == Some(2))
+            .all(|n| file.tensor_dtype(n).and_then(own_format).is_some())
     }
 
     /// Bytes of weights a stage reads from the file.
@@ -684,6 +721,7 @@ impl Stage {
                     wanted.push(item.logits);
                     segments.push(Segment {
                         rows: item.positions.len(),
+                        alone: item.logits == Logits::Verify,
                         rope: RopeAt::new(&self.cfg, item.positions),
                         cache: item.cache,
                     });
@@ -788,7 +826,15 @@ impl Stage {
         segments: &mut [Segment<'_>],
         wanted: &[Logits],
     ) -> Result<Vec<StageOutput>> {
-        let rows: Vec<usize> = segments.iter().map(|s| s.rows).collect();
+        // The products' segments: a session's rows together, or one by one where each row
+        // is to be computed as if decoded alone.
+        let rows: Vec<usize> = segments
+            .iter()
+            .flat_map(|s| match s.alone {
+                true => vec![1; s.rows],
+                false => vec![s.rows],
+            })
+            .collect();
         let mut x = if inputs.len() == 1 {
             inputs
                 .into_iter()
@@ -803,26 +849,33 @@ impl Stage {
         let (Some(norm), Some(head)) = (&self.norm, &self.lm_head) else {
             // Each session's rows of the hidden states.
             let mut start = 0;
-            return rows
+            return segments
                 .iter()
-                .map(|&n| {
+                .map(|s| s.rows)
+                .map(|n| {
                     let h = x.narrow(0, start, n)?;
                     start += n;
                     Ok(StageOutput::Hidden(h))
                 })
                 .collect();
         };
-        // The rows each session wants logits for: its last, or all of them.
-        let mut picked = Vec::with_capacity(rows.len());
-        let mut counts = Vec::with_capacity(rows.len());
+        // The rows each session wants logits for: its last, or all of them (one by one
+        // for `Verify`: the LM head's product too is a decode step's).
+        let mut picked = Vec::with_capacity(segments.len());
+        let mut counts = Vec::with_capacity(segments.len());
+        let mut products = Vec::with_capacity(segments.len());
         let mut start = 0;
-        for (&n, &logits) in rows.iter().zip(wanted) {
+        for (n, &logits) in segments.iter().map(|s| s.rows).zip(wanted) {
             let (first, count) = match logits {
                 Logits::Last => (start + n - 1, 1),
-                Logits::All => (start, n),
+                Logits::All | Logits::Verify => (start, n),
             };
             picked.push(x.narrow(0, first, count)?);
             counts.push(count);
+            match logits {
+                Logits::Verify => products.extend(std::iter::repeat_n(1, count)),
+                _ => products.push(count),
+            }
             start += n;
         }
         let x = if picked.len() == 1 {
@@ -832,7 +885,7 @@ impl Stage {
         } else {
             Tensor::cat(&picked, 0)?
         };
-        let logits = head.forward(&norm.forward(&x)?, &counts)?;
+        let logits = head.forward(&norm.forward(&x)?, &products)?;
         let mut start = 0;
         counts
             .iter()

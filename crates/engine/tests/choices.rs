@@ -44,6 +44,7 @@ fn answer(model: &Model, prompt: Vec<u32>, sampling: SamplingParams, choices: &[
         sampling,
         max_tokens: 32,
         stop: Vec::new(),
+        cache_prompt: true,
     };
     let mut g = model.generate(prompt, params).unwrap();
     g.constrain_to(choices).unwrap();

@@ -36,6 +36,7 @@ fn answer(
         },
         max_tokens: 200,
         stop: Vec::new(),
+        cache_prompt: true,
     };
     let mut g = model.generate(prompt(model, question), params).unwrap();
     g.constrain_json(grammar).unwrap();

@@ -10,7 +10,7 @@ use clap::Args;
 use serde::Serialize;
 use shoal_engine::{Logits, Model, StageInput};
 
-use crate::ResolveModel;
+use crate::{median, ResolveModel};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -36,6 +36,20 @@ pub struct BenchArgs {
     /// With --swarm-overhead: measured requests per strategy.
     #[arg(long, default_value_t = 200)]
     pub requests: usize,
+    /// Instead: a conversation's second turn with and without the prompt cache (time to
+    /// first token; --prompt-tokens is the first turn's prompt, --decode-tokens its answer).
+    #[arg(long)]
+    pub prompt_cache: bool,
+    /// Instead: speculative decoding by prompt lookup on an edit (--prompt-tokens of file,
+    /// --decode-tokens of answer), against plain decoding.
+    #[arg(long)]
+    pub lookup: bool,
+    /// With --lookup: most tokens drafted per pass.
+    #[arg(long, default_value_t = shoal_engine::Lookup::default().draft_max)]
+    pub draft_max: usize,
+    /// With --lookup: fewest drafted tokens worth a pass.
+    #[arg(long, default_value_t = shoal_engine::Lookup::default().draft_min)]
+    pub draft_min: usize,
 }
 
 #[derive(Serialize)]
@@ -55,6 +69,29 @@ pub fn run(a: BenchArgs, resolve: ResolveModel<'_>) -> anyhow::Result<ExitCode> 
     let path = resolve(a.model.as_deref())?;
     if a.swarm_overhead {
         return crate::swarm_overhead::swarm_overhead(&path, a.requests, a.json);
+    }
+    if a.lookup {
+        return crate::lookup_bench::run(
+            &path,
+            a.prompt_tokens,
+            a.decode_tokens,
+            a.repeat,
+            shoal_engine::Lookup {
+                draft_max: a.draft_max.max(1),
+                draft_min: a.draft_min,
+                ..shoal_engine::Lookup::default()
+            },
+            a.json,
+        );
+    }
+    if a.prompt_cache {
+        return crate::prompt_cache_bench::run(
+            &path,
+            a.prompt_tokens,
+            a.decode_tokens,
+            a.repeat,
+            a.json,
+        );
     }
     let started = Instant::now();
     let model =
@@ -127,11 +164,6 @@ pub fn run(a: BenchArgs, resolve: ResolveModel<'_>) -> anyhow::Result<ExitCode> 
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Peak resident set size of this process (Linux: VmHWM), in bytes.

@@ -4,6 +4,10 @@
 //! - [`engine_bench`]: `shoal bench`, prefill and decode speed and peak memory of one model.
 //! - [`humaneval`]: `shoal eval humaneval`, pass@1 on HumanEval against a running Shoal API
 //!   (or a local swarm it starts), every answer run with the problem's tests in a sandbox.
+//! - [`lookup_bench`]: `shoal bench --lookup`, speculative decoding by prompt lookup on an
+//!   edit, against plain decoding.
+//! - [`prompt_cache_bench`]: `shoal bench --prompt-cache`, a conversation's next turn with
+//!   and without the prompt cache.
 //! - [`swarm_overhead`]: `shoal bench --swarm-overhead`, what a swarm head adds to a request,
 //!   with instant stand-in agents speaking the real peer protocol.
 //! - [`plan`]: `shoal plan`, where a model's layers would go across devices described by
@@ -15,7 +19,9 @@
 
 pub mod engine_bench;
 pub mod humaneval;
+pub mod lookup_bench;
 pub mod plan;
+pub mod prompt_cache_bench;
 pub mod relay;
 pub mod swarm_overhead;
 
@@ -30,3 +36,9 @@ use std::path::{Path, PathBuf};
 /// into the models directory when missing (the binary's resolver, with its progress bars);
 /// `None` is the default model.
 pub type ResolveModel<'a> = &'a dyn Fn(Option<&Path>) -> anyhow::Result<PathBuf>;
+
+/// The median of `xs` (the upper one of an even count); 0 for none.
+pub(crate) fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+}

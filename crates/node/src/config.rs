@@ -5,12 +5,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use shoal_api::HttpLimits;
+use shoal_engine::Lookup;
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::routing::Strategy;
 use shoal_wire::{DType, SwarmKey};
 
 use crate::error::NodeError;
 use crate::membership::ClusterSettings;
+
+/// Default of [`NodeConfig::prompt_cache_bytes`]: 1 GiB.
+pub const DEFAULT_PROMPT_CACHE_BYTES: usize = 1 << 30;
 
 /// How to start a node ([`crate::Node::start`]).
 #[derive(Clone, Debug)]
@@ -53,6 +57,10 @@ pub struct NodeConfig {
     pub insecure_peers: bool,
     /// Membership: heartbeats, failure detection, discovery.
     pub cluster: ClusterSettings,
+    /// Bytes of keys and values kept from earlier prompts for reuse (0: none).
+    pub prompt_cache_bytes: usize,
+    /// Speculative decoding by prompt lookup (whole model on this node only).
+    pub lookup: Option<Lookup>,
 }
 
 /// The swarm head's settings.
@@ -110,6 +118,8 @@ impl NodeConfig {
             swarm_key: None,
             insecure_peers: false,
             cluster: ClusterSettings::default(),
+            prompt_cache_bytes: DEFAULT_PROMPT_CACHE_BYTES,
+            lookup: None,
         }
     }
 
@@ -119,6 +129,12 @@ impl NodeConfig {
         // A stage-only node's --peers only introduce it to the cluster.
         if self.stage_only && (self.split.is_some() || self.role.is_some()) {
             return bad("--stage-only serves stages for a head; it takes no --split or --role");
+        }
+        if self.lookup.is_some() && (self.split.is_some() || self.stage_only) {
+            return bad(
+                "--lookup drafts for the whole model on this node; through a pipeline of \
+                 stages it does not work yet (leave it off with --split or --stage-only)",
+            );
         }
         if self.stage_only && self.peer_addr.is_none() {
             return bad("--stage-only needs --peer-port (where heads send stage work)");

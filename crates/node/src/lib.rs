@@ -23,7 +23,7 @@ mod error;
 mod membership;
 mod peer_port;
 
-pub use config::{NodeConfig, SwarmSettings};
+pub use config::{NodeConfig, SwarmSettings, DEFAULT_PROMPT_CACHE_BYTES};
 pub use error::NodeError;
 pub use membership::ClusterSettings;
 
@@ -138,6 +138,7 @@ impl Node {
                 stats: state.batch_stats(),
                 transport: transport.clone(),
                 roster: roster.clone(),
+                prompt_cache_bytes: config.prompt_cache_bytes,
                 load: {
                     let state = state.clone();
                     Arc::new(move || state.load_figures())
@@ -174,6 +175,7 @@ impl Node {
                 node_id: node_id.clone(),
                 memory_cap: config.plan_memory_bytes,
                 transport: transport.clone(),
+                prompt_cache_bytes: config.prompt_cache_bytes,
             };
             background.push(head.start(state.clone()));
         } else {
@@ -191,7 +193,15 @@ impl Node {
                 prompts: config.swarm.prompts.clone(),
             });
             let swarm = swarm.map(|config| (config, members));
-            start_local_model(state.clone(), config.model.clone(), setup, swarm, &stop);
+            start_local_model(
+                state.clone(),
+                config.model.clone(),
+                config.prompt_cache_bytes,
+                config.lookup,
+                setup,
+                swarm,
+                &stop,
+            );
         }
 
         let http = tokio::spawn(shoal_api::serve(listener, state.clone(), stopped(&stop)));
@@ -327,6 +337,8 @@ struct AgentSetup {
 fn start_local_model(
     state: AppState,
     path: PathBuf,
+    prompt_cache_bytes: usize,
+    lookup: Option<shoal_engine::Lookup>,
     agent: Option<AgentSetup>,
     swarm: Option<(SwarmConfig, Option<Arc<Roster>>)>,
     stop: &watch::Sender<bool>,
@@ -335,7 +347,11 @@ fn start_local_model(
     let stopped = stopped(stop);
     tokio::task::spawn_blocking(move || {
         let model = match load_model(&path) {
-            Ok(model) => Arc::new(model),
+            Ok(model) => {
+                model.set_prompt_cache_bytes(prompt_cache_bytes);
+                model.set_lookup(lookup);
+                Arc::new(model)
+            }
             Err(e) => {
                 tracing::error!("{e}");
                 state.set_failed(e.to_string());
@@ -412,6 +428,8 @@ struct PipelineHead {
     memory_cap: Option<u64>,
     /// How the stages are reached (the swarm key).
     transport: Transport,
+    /// The head's prompt cache.
+    prompt_cache_bytes: usize,
 }
 
 impl PipelineHead {
@@ -467,17 +485,16 @@ impl PipelineHead {
             .iter()
             .map(|r| format!("{}-{}", r.start, r.end.saturating_sub(1)))
             .collect();
-        let pipeline = shoal_pipeline::connect_ring(
-            &self.model,
-            &peers,
-            &ranges,
-            self.activations,
-            state.batch_stats(),
+        let settings = shoal_pipeline::RingSettings {
+            activations: self.activations,
+            stats: state.batch_stats(),
             replan,
-            self.transport.clone(),
-        )
-        .await
-        .map_err(|e| format!("setting up the ring of stages: {e}"))?;
+            transport: self.transport.clone(),
+            prompt_cache_bytes: self.prompt_cache_bytes,
+        };
+        let pipeline = shoal_pipeline::connect_ring(&self.model, &peers, &ranges, settings)
+            .await
+            .map_err(|e| format!("setting up the ring of stages: {e}"))?;
         tracing::info!(
             "pipeline ready: {} over this node and {peers:?}",
             shown.join(",")

@@ -65,6 +65,8 @@ pub(crate) struct PeerPortSetup {
     pub(crate) roster: Arc<Roster>,
     /// This node's load, as its heartbeats report it.
     pub(crate) load: membership::LoadFigures,
+    /// Bytes of ended sessions' caches its stage server keeps for heads to resume from.
+    pub(crate) prompt_cache_bytes: usize,
 }
 
 /// Serves the peer port until `shutdown`: stage requests go to a [`StageServer`] over the
@@ -91,6 +93,7 @@ pub(crate) async fn serve_peer_port(
         config.node_id = setup.node_id.clone();
         config.stats = setup.stats.clone();
         config.transport = setup.transport.clone();
+        config.prompt_cache_bytes = setup.prompt_cache_bytes;
         StageServer::new(config)
     };
     let current: membership::CurrentStages = Default::default();

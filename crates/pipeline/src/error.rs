@@ -44,6 +44,12 @@ pub enum PipelineError {
          another head, or a re-plan), so the session's cache is not here"
     )]
     StalePlan { loaded: u64, sent: u64 },
+    /// A session was to resume from a kept cache this stage no longer holds (its prompt
+    /// cache needed the room, or it was loaded again since).
+    #[error(
+        "the kept cache of session {from_session} (first {len} positions) is not on this stage"
+    )]
+    PrefixGone { from_session: u64, len: u32 },
     /// No answer came in time.
     #[error("no {what} arrived within {after:?}; is every stage of the ring still up?")]
     Timeout { what: &'static str, after: Duration },
@@ -88,6 +94,14 @@ impl PipelineError {
             | PipelineError::Refused { .. } => true,
             _ => false,
         }
+    }
+
+    /// True when a stage no longer holds the kept cache a session was to resume from.
+    pub fn is_prefix_gone(&self) -> bool {
+        matches!(
+            self,
+            PipelineError::Rejected { code, .. } if *code == shoal_wire::ErrorCode::PREFIX_GONE
+        )
     }
 }
 

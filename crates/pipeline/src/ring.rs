@@ -80,19 +80,29 @@ fn local_ip_towards(peer: SocketAddr) -> std::net::IpAddr {
 /// started in any order, so a peer that is not listening yet is waited for.
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
 
-/// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`;
-/// hidden states travel as `activations`. Peers not yet listening are retried for
-/// [`CONNECT_PATIENCE`]. The head's batches are counted in `stats`. After a loss the ring is
-/// laid out by `replan` (the planner, with `--split auto`), else in proportion to the old
-/// split.
+/// How a ring set up by [`connect_ring`] runs.
+#[derive(Clone, Debug, Default)]
+pub struct RingSettings {
+    /// How hidden states travel.
+    pub activations: DType,
+    /// Where the head's batches are counted.
+    pub stats: BatchStats,
+    /// How to lay the ring out after a loss (the planner, with `--split auto`); `None`: in
+    /// proportion to the old split.
+    pub replan: Option<Arc<dyn Replan>>,
+    /// The swarm key, limits and deadlines of every link.
+    pub transport: Transport,
+    /// The head's prompt cache ([`PipelineConfig::prompt_cache_bytes`]).
+    pub prompt_cache_bytes: usize,
+}
+
+/// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`,
+/// as `settings` say. Peers not yet listening are retried for [`CONNECT_PATIENCE`].
 pub async fn connect_ring(
     model_path: &Path,
     peers: &[String],
     ranges: &[Range<usize>],
-    activations: DType,
-    stats: BatchStats,
-    replan: Option<Arc<dyn Replan>>,
-    transport: Transport,
+    settings: RingSettings,
 ) -> Result<Pipeline> {
     let addrs = resolve_all(peers)?;
     let Some((local, rest)) = ranges.split_first() else {
@@ -107,10 +117,11 @@ pub async fn connect_ring(
         })
         .collect();
     let mut config = PipelineConfig::new(model_path, local.clone(), stages);
-    config.activation_dtype = activations;
-    config.stats = stats;
-    config.replan = replan;
-    config.transport = transport;
+    config.activation_dtype = settings.activations;
+    config.stats = settings.stats;
+    config.replan = settings.replan;
+    config.transport = settings.transport;
+    config.prompt_cache_bytes = settings.prompt_cache_bytes;
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }

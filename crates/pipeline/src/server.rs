@@ -24,12 +24,13 @@ use std::time::{Duration, Instant};
 use shoal_engine::candle_core::Device;
 use shoal_engine::stage::{logits_row, BatchItem};
 use shoal_engine::{
-    EngineError, GgufFile, KvCache, Logits, Sampler, Stage, StageInput, StageOutput, StageSpec,
+    EngineError, GgufFile, KvCache, Logits, PrefixCache, Sampler, Stage, StageInput, StageOutput,
+    StageSpec,
 };
 use shoal_wire::{
-    serve_peers, Capabilities, Connection, ErrorCode, ErrorMessage, Forward, Hello, HelloAck,
-    LoadStage, Message, Payload, PeerService, Pong, Profile, ServeConfig, StageReady, Token,
-    Transport, Truncate, Want, WireError,
+    serve_peers, Capabilities, Connection, EndSession, ErrorCode, ErrorMessage, Forward, Hello,
+    HelloAck, LoadStage, Message, Payload, PeerService, Pong, Profile, Resume, ServeConfig,
+    StageReady, Token, Transport, Truncate, Want, WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -72,6 +73,9 @@ pub struct StageServerConfig {
     pub queue_kib: u32,
     /// Where the batches run are counted (the node's metrics).
     pub stats: BatchStats,
+    /// Bytes of ended sessions' caches kept for heads to resume later sessions from
+    /// (`EndSession::keep`, `Forward::resume`: the prompt cache); 0 keeps none.
+    pub prompt_cache_bytes: usize,
 }
 
 impl StageServerConfig {
@@ -87,6 +91,7 @@ impl StageServerConfig {
             max_sessions: DEFAULT_MAX_SESSIONS,
             queue_kib: DEFAULT_QUEUE_KIB,
             stats: BatchStats::default(),
+            prompt_cache_bytes: 0,
         }
     }
 }
@@ -107,6 +112,8 @@ struct Inner {
     /// sends `EndSession` to every stage directly, which can overtake it) must not bring the
     /// session back to life; kept for one idle timeout.
     ended: Mutex<IdleMap<()>>,
+    /// Caches of ended sessions that their heads asked to keep, by session id.
+    kept: Mutex<PrefixCache>,
     /// Links to the next stage and to heads' reply listeners.
     links: LinkPool,
     /// SHA-256 of model files already hashed, by path.
@@ -170,12 +177,14 @@ impl StageServer {
             config.transport.clone(),
         );
         let queue_room = Arc::new(Semaphore::new(config.queue_kib.max(1) as usize));
+        let prompt_cache_bytes = config.prompt_cache_bytes;
         StageServer {
             inner: Arc::new(Inner {
                 config,
                 loaded: RwLock::new(None),
                 sessions: Mutex::new(IdleMap::default()),
                 ended: Mutex::new(IdleMap::default()),
+                kept: Mutex::new(PrefixCache::new(prompt_cache_bytes)),
                 links,
                 hashes: Mutex::new(HashMap::new()),
                 profiles: Mutex::new(HashMap::new()),
@@ -197,6 +206,12 @@ impl StageServer {
     /// Sessions with a KV cache on this stage.
     pub fn session_count(&self) -> usize {
         lock(&self.inner.sessions).len()
+    }
+
+    /// Caches of ended sessions kept for heads to resume from, and their bytes.
+    pub fn prompt_cache_usage(&self) -> (usize, usize) {
+        let kept = lock(&self.inner.kept);
+        (kept.len(), kept.bytes())
     }
 
     /// Tokens held in a session's cache, if the session exists.
@@ -290,10 +305,7 @@ impl StageServer {
                 conn.write_frame(&reply).await?;
             }
             Message::Forward(f) => self.enqueue(Work::Forward(f)).await,
-            Message::EndSession(e) => {
-                lock(&self.inner.sessions).remove(e.session_id);
-                lock(&self.inner.ended).insert(e.session_id, ());
-            }
+            Message::EndSession(e) => self.end_session(e),
             // Queued behind the session's `Forward`s, so it cuts what they leave.
             Message::Truncate(t) => self.enqueue(Work::Truncate(t)).await,
             Message::GetProfile(g) => {
@@ -396,6 +408,7 @@ impl StageServer {
         }));
         // Caches of the previous stage have another shape.
         lock(&self.inner.sessions).clear();
+        lock(&self.inner.kept).clear();
         Ok(reply)
     }
 
@@ -442,13 +455,36 @@ impl StageServer {
         }
     }
 
-    /// The session's state, created on its first `Forward`; `Ok(None)` for a session ended
-    /// already (a `Forward` still in flight from the stage before must not bring it back);
-    /// an error for a new session when the stage holds as many as it may.
+    /// Ends a session: its cache is freed, or with `keep` kept for later sessions to resume
+    /// from. A cache still in use (a head that ended its session while a step was running:
+    /// a client that left) is not kept, and neither is one this stage has no room for. An
+    /// `EndSession` without `keep` for a kept cache frees it.
+    fn end_session(&self, e: EndSession) {
+        let state = lock(&self.inner.sessions).remove(e.session_id);
+        lock(&self.inner.ended).insert(e.session_id, ());
+        let mut kept = lock(&self.inner.kept);
+        if !e.keep {
+            kept.forget(e.session_id);
+            return;
+        }
+        let cache = state.and_then(|s| {
+            let mut s = s.try_lock().ok()?;
+            Some(std::mem::take(&mut s.cache))
+        });
+        if let Some(cache) = cache {
+            kept.keep(e.session_id, &[], cache);
+        }
+    }
+
+    /// The session's state, created on its first `Forward` (from a kept cache when it says
+    /// `resume`); `Ok(None)` for a session ended already (a `Forward` still in flight from
+    /// the stage before must not bring it back); an error for a new session when the stage
+    /// holds as many as it may, or when the cache it resumes is gone.
     fn session(
         &self,
         loaded: &Loaded,
         session_id: u64,
+        resume: Option<Resume>,
     ) -> Result<Option<Arc<Mutex<SessionState>>>> {
         if lock(&self.inner.ended).contains(session_id) {
             tracing::debug!(session_id, "Forward for an ended session dropped");
@@ -460,6 +496,20 @@ impl StageServer {
             return Err(PipelineError::Overloaded(format!(
                 "this stage holds {max} sessions already; try again when one ends"
             )));
+        }
+        if let (false, Some(r)) = (sessions.contains(session_id), resume) {
+            let cache = lock(&self.inner.kept)
+                .resume(r.from_session, r.len as usize)
+                .ok_or(PipelineError::PrefixGone {
+                    from_session: r.from_session,
+                    len: r.len,
+                })?;
+            let state = Arc::new(Mutex::new(SessionState {
+                cache,
+                sampler: None,
+            }));
+            sessions.insert(session_id, state.clone());
+            return Ok(Some(state));
         }
         let state = sessions.use_or_insert_with(session_id, || {
             Arc::new(Mutex::new(SessionState {
@@ -510,7 +560,7 @@ impl StageServer {
                 self.report(&f, e).await;
                 continue;
             }
-            let state = match self.session(&loaded, f.session_id) {
+            let state = match self.session(&loaded, f.session_id, f.resume) {
                 Ok(Some(state)) => state,
                 Ok(None) => continue,
                 Err(e) => {
@@ -526,6 +576,7 @@ impl StageServer {
                 payload,
                 want,
                 reply_to,
+                resume,
             } = f;
             jobs.push(StageJob {
                 state,
@@ -542,6 +593,7 @@ impl StageServer {
                 payload: Payload::Tokens(Vec::new()),
                 want,
                 reply_to,
+                resume,
             });
         }
         if jobs.is_empty() {
@@ -586,6 +638,7 @@ impl StageServer {
                     payload: Payload::Hidden(a),
                     want: f.want.clone(),
                     reply_to: f.reply_to,
+                    resume: f.resume,
                 });
                 self.inner.links.send(next, &msg).await?;
             }
@@ -828,6 +881,7 @@ fn error_code(e: &PipelineError) -> ErrorCode {
         PipelineError::ModelUnavailable { .. } => ErrorCode::MODEL_UNAVAILABLE,
         PipelineError::Overloaded(_) => ErrorCode::OVERLOADED,
         PipelineError::StalePlan { .. } => ErrorCode::STALE_PLAN,
+        PipelineError::PrefixGone { .. } => ErrorCode::PREFIX_GONE,
         PipelineError::Config(_)
         | PipelineError::InvalidRequest(_)
         | PipelineError::Engine(

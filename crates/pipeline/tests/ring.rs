@@ -76,6 +76,7 @@ fn single_process_for(prompt: &[u32], sampling: &SamplingParams) -> Vec<u32> {
                 sampling: sampling.clone(),
                 max_tokens: MAX_TOKENS,
                 stop: Vec::new(),
+                cache_prompt: true,
             },
         )
         .unwrap();
@@ -373,16 +374,15 @@ async fn end_session_and_idle_eviction_free_the_cache() {
             ),
             want: Want::Nothing,
             reply_to: addr,
+            resume: None,
         })
     };
     // EndSession drops the cache at once.
     conn.write_frame(&forward(1)).await.unwrap();
     eventually("session 1 exists", || server.session_len(1) == Some(3)).await;
-    conn.write_frame(&Message::EndSession(shoal_wire::EndSession {
-        session_id: 1,
-    }))
-    .await
-    .unwrap();
+    conn.write_frame(&Message::EndSession(shoal_wire::EndSession::free(1)))
+        .await
+        .unwrap();
     eventually("session 1 is gone", || server.session_count() == 0).await;
 
     // Truncate rolls back; an idle session is evicted after the timeout.
@@ -547,6 +547,7 @@ async fn a_bad_forward_in_a_batch_fails_only_its_session() {
             payload,
             want,
             reply_to,
+            resume: None,
         })
     };
     let greedy = || Want::Token(shoal_wire::SamplingSpec::greedy());
@@ -804,6 +805,7 @@ async fn a_failing_forward_is_reported_to_the_head() {
         payload: Payload::Tokens(vec![1]),
         want: Want::Token(shoal_wire::SamplingSpec::greedy()),
         reply_to,
+        resume: None,
     }))
     .await
     .unwrap();
@@ -1166,6 +1168,7 @@ fn step(
         ),
         want: Want::Token(shoal_wire::SamplingSpec::greedy()),
         reply_to,
+        resume: None,
     })
 }
 
@@ -1262,11 +1265,9 @@ async fn sessions_per_stage_are_capped() {
     answered.sort_unstable();
     assert_eq!(answered, [1, 2]);
     assert_eq!(refused, [Some(3)]);
-    conn.write_frame(&Message::EndSession(shoal_wire::EndSession {
-        session_id: 1,
-    }))
-    .await
-    .unwrap();
+    conn.write_frame(&Message::EndSession(shoal_wire::EndSession::free(1)))
+        .await
+        .unwrap();
     conn.write_frame(&step(6, 3, 1, vec![0], reply_to))
         .await
         .unwrap();
@@ -1372,6 +1373,7 @@ async fn a_flood_of_forwards_is_held_back_by_the_queue_bound() {
             ),
             want: Want::Nothing,
             reply_to,
+            resume: None,
         })
     };
     let frame_kib = frame(0).to_frame().unwrap().len() / 1024;

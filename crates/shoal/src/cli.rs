@@ -104,6 +104,7 @@ impl SamplingArgs {
             },
             max_tokens: self.max_tokens,
             stop: self.stop.clone(),
+            cache_prompt: true,
         }
     }
 }
@@ -326,17 +327,14 @@ fn run_ring(
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let pipeline = shoal_pipeline::connect_ring(
-            model_path,
-            peers,
-            ranges,
+        let settings = shoal_pipeline::RingSettings {
             activations,
-            shoal_pipeline::BatchStats::default(),
-            None,
             transport,
-        )
-        .await
-        .context("setting up the ring of stages")?;
+            ..Default::default()
+        };
+        let pipeline = shoal_pipeline::connect_ring(model_path, peers, ranges, settings)
+            .await
+            .context("setting up the ring of stages")?;
         let mut text = TextStream::new(pipeline.tokenizer(), params.stop.clone());
         // The ring stops only at end-of-generation tokens or the token limit, so a stop
         // string ends the visible text here.

@@ -13,6 +13,8 @@
 //! # mdns = "off"
 //! # dead_after_s = 6                # heartbeat_interval_s = 1, suspect_after_s = 3
 //! # split = "0-7,8-15,16-23"      # pipeline mode; without it the peers form a swarm
+//! # cache_ram = 1024               # MiB of prompt cache (0: off)
+//! # lookup = true                  # speculative decoding by prompt lookup; draft_max = 12
 //! role = "reasoner"
 //! swarm_key_file = "swarm.key"     # from `shoal key new`; relative to this file
 //!
@@ -62,6 +64,10 @@ pub(crate) struct ConfigFile {
     swarm_key_file: Option<PathBuf>,
     insecure_peers: Option<bool>,
     max_queue: Option<usize>,
+    cache_ram: Option<usize>,
+    lookup: Option<bool>,
+    draft_max: Option<usize>,
+    draft_min: Option<usize>,
     client_stall_timeout_s: Option<f64>,
     request_timeout_s: Option<f64>,
     max_stop: Option<usize>,
@@ -159,6 +165,10 @@ pub(crate) fn apply(
     }
     take!(peers);
     take!(max_queue);
+    take!(cache_ram);
+    take!(lookup);
+    take!(draft_max);
+    take!(draft_min);
     take!(client_stall_timeout_s);
     take!(request_timeout_s);
     take!(max_stop);

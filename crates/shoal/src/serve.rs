@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use shoal_api::HttpLimits;
 use shoal_cluster::DetectorConfig;
+use shoal_engine::Lookup;
 use shoal_node::{ClusterSettings, Node, NodeConfig, SwarmSettings};
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::routing::Strategy;
@@ -18,6 +19,10 @@ use crate::load::resolve_model;
 
 /// The peer port a node with a swarm key listens on when not told.
 const DEFAULT_PEER_PORT: u16 = 7471;
+
+/// Default of `--cache-ram`: room for a few long conversations (a 4,000-token prompt of
+/// Qwen2.5-Coder-1.5B keeps 109 MiB; of SmolLM2-135M, 88 MiB).
+const DEFAULT_CACHE_RAM_MIB: usize = 1024;
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
@@ -108,6 +113,23 @@ pub(crate) struct ServeArgs {
     pub(crate) swarm_code_checks: Switch,
     #[command(flatten)]
     pub(crate) key: crate::key::KeyArgs,
+    /// MiB of keys and values kept from earlier prompts, so that a prompt that starts the
+    /// same way (a conversation's next turn, a shared system prompt) computes only what is
+    /// new (llama-server's flag). 0 turns the prompt cache off.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_CACHE_RAM_MIB)]
+    pub(crate) cache_ram: usize,
+    /// Speculative decoding by prompt lookup: draft the tokens that followed the answer's
+    /// latest words where they appeared before (code edits, agents' turns) and verify them
+    /// in one pass. The answer is the same, token for token; only faster where the text
+    /// repeats. Whole model on this node only, for now.
+    #[arg(long)]
+    pub(crate) lookup: bool,
+    /// With --lookup: most tokens drafted per pass.
+    #[arg(long, default_value_t = Lookup::default().draft_max)]
+    pub(crate) draft_max: usize,
+    /// With --lookup: fewest drafted tokens worth a verification pass.
+    #[arg(long, default_value_t = Lookup::default().draft_min)]
+    pub(crate) draft_min: usize,
     /// Requests waiting for the model at most; more are answered 429 with Retry-After.
     #[arg(long, default_value_t = HttpLimits::default().max_queue)]
     pub(crate) max_queue: usize,
@@ -161,6 +183,12 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
         .map_err(|e| anyhow::anyhow!("--swarm-strategy: {e}"))?;
     let mut config = NodeConfig::new(PathBuf::new(), bind_addr(&a.host, a.port)?);
     config.model_id = a.model_id;
+    config.prompt_cache_bytes = a.cache_ram.saturating_mul(1 << 20);
+    config.lookup = a.lookup.then(|| Lookup {
+        draft_max: a.draft_max.max(1),
+        draft_min: a.draft_min,
+        ..Lookup::default()
+    });
     config.api_key = a.api_key;
     config.http_limits = HttpLimits {
         max_queue: a.max_queue,

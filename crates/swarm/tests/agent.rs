@@ -142,6 +142,7 @@ fn reference(chat: &[ChatMessage], max_tokens: usize) -> (String, usize, usize, 
         sampling: SamplingParams::greedy(),
         max_tokens,
         stop: Vec::new(),
+        cache_prompt: true,
     };
     let mut generation = m.generate(prompt, params).unwrap();
     while generation.next_step().unwrap().is_some() {}
@@ -391,7 +392,7 @@ async fn garbage_closes_only_that_connection() {
 
     // A shoal peer sending a message agents do not take.
     let mut conn = dial(agent.addr).await;
-    conn.write_frame(&Message::EndSession(EndSession { session_id: 1 }))
+    conn.write_frame(&Message::EndSession(EndSession::free(1)))
         .await
         .unwrap();
     let Some(Message::Error(e)) = conn.read_frame().await.unwrap() else {

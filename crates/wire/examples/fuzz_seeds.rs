@@ -11,7 +11,8 @@ use std::process::ExitCode;
 use shoal_wire::{
     Activations, AgentCard, Answer, Ask, Capabilities, ChatTurn, DType, Describe, EndSession,
     ErrorCode, ErrorMessage, Finish, Forward, GetProfile, Hello, HelloAck, LoadStage, LogitRows,
-    Logits, Message, Payload, Ping, Pong, Profile, SamplingSpec, StageReady, Token, Truncate, Want,
+    Logits, Message, Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token,
+    Truncate, Want,
 };
 
 fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
@@ -63,6 +64,10 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             payload: Payload::Tokens(vec![1, 2, 3]),
             want: Want::Nothing,
             reply_to: addr,
+            resume: Some(Resume {
+                from_session: 3,
+                len: 96,
+            }),
         }),
         Message::Forward(Forward {
             session_id: 9,
@@ -78,6 +83,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
                 ..SamplingSpec::greedy()
             }),
             reply_to: "[::1]:7070".parse().unwrap_or(addr),
+            resume: None,
         }),
         Message::Forward(Forward {
             session_id: 9,
@@ -90,6 +96,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
                 dtype: DType::F32,
             },
             reply_to: addr,
+            resume: None,
         }),
         Message::Token(Token {
             session_id: 9,
@@ -102,7 +109,10 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             seq: 3,
             logits,
         }),
-        Message::EndSession(EndSession { session_id: 9 }),
+        Message::EndSession(EndSession {
+            session_id: 9,
+            keep: true,
+        }),
         Message::Truncate(Truncate {
             session_id: 9,
             len: 4,

@@ -96,8 +96,8 @@ pub use message::{
     AgentCard, Answer, Ask, Capabilities, Chaos, ChatTurn, Describe, EndSession, ErrorCode,
     ErrorMessage, Finish, Forward, GetProfile, Heartbeat, HeldStage, Hello, HelloAck, KnownMember,
     LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo, Payload, Ping, Pong, Profile,
-    SamplingSpec, StageReady, Token, Truncate, Want, MAX_ACCELERATOR, MAX_CHAT_ROLE, MAX_CHAT_TEXT,
-    MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_ERROR_MESSAGE, MAX_HELD_STAGES,
+    Resume, SamplingSpec, StageReady, Token, Truncate, Want, MAX_ACCELERATOR, MAX_CHAT_ROLE,
+    MAX_CHAT_TEXT, MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_ERROR_MESSAGE, MAX_HELD_STAGES,
     MAX_KNOWN_MEMBERS, MAX_MODELS, MAX_MODEL_ID, MAX_MODEL_NAME, MAX_NODE_ID, MAX_PENALTY_TOKENS,
     MAX_ROLE, MAX_SOFTWARE_VERSION, MAX_STOP, MAX_STOP_LEN, MAX_TOKENS,
 };

@@ -8,7 +8,7 @@ use shoal_wire::{
     Answer, Ask, Capabilities, Chaos, ChatTurn, Connection, DType, Describe, EndSession, ErrorCode,
     ErrorMessage, Finish, Forward, GetProfile, Heartbeat, HeldStage, Hello, HelloAck, KnownMember,
     Limits, LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo, Payload, Ping, Pong,
-    Profile, SamplingSpec, StageReady, Token, Truncate, Want, WireError, HEADER_LEN,
+    Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Want, WireError, HEADER_LEN,
     MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP, PROTOCOL_VERSION,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -159,6 +159,10 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
                     },
                 },
                 reply_to: rng.addr(),
+                resume: rng.bool().then(|| Resume {
+                    from_session: rng.next(),
+                    len: rng.u32(),
+                }),
             })
         }
         MessageType::Token => Message::Token(Token {
@@ -177,6 +181,7 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
         }
         MessageType::EndSession => Message::EndSession(EndSession {
             session_id: rng.next(),
+            keep: rng.below(2) == 1,
         }),
         MessageType::Truncate => Message::Truncate(Truncate {
             session_id: rng.next(),
@@ -499,12 +504,12 @@ fn ask() -> Ask {
 #[test]
 fn agent_message_frame_bytes() {
     let frame = Message::Describe(Describe).to_frame().unwrap();
-    assert_eq!(frame, [b'S', b'H', b'O', b'L', 2, 0, 0x30, 0, 0, 0, 0, 0]);
+    assert_eq!(frame, [b'S', b'H', b'O', b'L', 3, 0, 0x30, 0, 0, 0, 0, 0]);
 
     let frame = Message::AgentCard(card()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 2, 0, 0x31, 0, 55, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 3, 0, 0x31, 0, 55, 0, 0, 0,
         2, 0, 0, 0, b'a', b'1',                         // node_id
         6, 0, 0, 0, b'c', b'r', b'i', b't', b'i', b'c', // role
         6, 0, 0, 0, b'm', b'.', b'g', b'g', b'u', b'f', // model_id
@@ -521,7 +526,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Ask(ask()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 2, 0, 0x32, 0, 86, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 3, 0, 0x32, 0, 86, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 9, 0, 0, 0, b'B', b'e', b' ', b'b', b'r', b'i', b'e', b'f', b'.', // Some(system)
         1, 0, 0, 0,                                     // one turn
@@ -564,7 +569,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Answer(answer.clone()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 2, 0, 0x33, 0, 26, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 3, 0, 0x33, 0, 26, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 0, 0, 0, b'4',                               // text
         1,                                              // finish: length

@@ -94,6 +94,7 @@ fn big_forward(reply_to: SocketAddr) -> Forward {
         payload: Payload::Hidden(Activations::from_f32(rows, cols, &values, DType::F32).unwrap()),
         want: Want::Token(SamplingSpec::greedy()),
         reply_to,
+        resume: None,
     }
 }
 

@@ -247,7 +247,7 @@ async fn a_newer_peer_is_told_which_versions_this_node_speaks() {
     assert_eq!(e.code, ErrorCode::UNSUPPORTED_VERSION);
     assert_eq!(
         e.message,
-        "peer speaks wire protocol version 9, this node speaks version(s) 2; \
+        "peer speaks wire protocol version 9, this node speaks version(s) 3; \
          run the same shoal release on every node"
     );
 }
@@ -291,6 +291,7 @@ async fn concurrent_sessions_get_their_own_tokens() {
                     payload: Payload::Tokens(vec![(c * 1000 + seq) as u32]),
                     want: Want::Token(SamplingSpec::greedy()),
                     reply_to,
+                    resume: None,
                 };
                 tx.write_frame(&Message::Forward(f)).await.unwrap();
             }

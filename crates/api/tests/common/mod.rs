@@ -16,7 +16,7 @@ use tower::ServiceExt;
 
 pub(crate) const MODEL_FILE: &str = "smollm2-135m-instruct-q4_1.gguf";
 
-fn models_dir() -> PathBuf {
+pub(crate) fn models_dir() -> PathBuf {
     std::env::var_os("SHOAL_MODELS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))

@@ -79,6 +79,10 @@ pub struct PipelineConfig {
     pub batch_rows: usize,
     /// Where the head's batches are counted (the node's metrics).
     pub stats: BatchStats,
+    /// Bytes of the head's own stage's caches kept from ended sessions, so a prompt that
+    /// starts as an earlier one did resumes from it on every stage (the prompt cache;
+    /// each peer bounds what it keeps by its own setting). 0 keeps none.
+    pub prompt_cache_bytes: usize,
 }
 
 impl PipelineConfig {
@@ -110,6 +114,7 @@ impl PipelineConfig {
             transport: Transport::default(),
             batch_rows: default_batch_rows(),
             stats: BatchStats::default(),
+            prompt_cache_bytes: 0,
         }
     }
 }

@@ -20,17 +20,19 @@ pub use config::{PeerStage, PipelineConfig, Replan, ReplanResult};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use shoal_cluster::{Member, Membership};
 use shoal_engine::candle_core::Device;
+use shoal_engine::prefix_cache::{canonical_len, resume_point};
 use shoal_engine::{
-    GgufFile, KvCache, ModelConfig, PromptFormat, Sampler, SamplingParams, Stage, StageSpec,
-    Tokenizer,
+    GgufFile, KvCache, ModelConfig, PrefixCache, PromptFormat, Sampler, SamplingParams, Stage,
+    StageSpec, Tokenizer,
 };
 use shoal_wire::{
-    Capabilities, EndSession, ErrorCode, Forward, LoadStage, Message, Payload, Want, WireError,
+    Capabilities, EndSession, ErrorCode, Forward, LoadStage, Message, Payload, Resume, Want,
+    WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -163,6 +165,37 @@ pub struct Pipeline {
     local: mpsc::UnboundedSender<LocalJob>,
     batcher: JoinHandle<()>,
     next_session: AtomicU64,
+    /// The prompt cache: the head's own stage's caches of ended sessions with their tokens,
+    /// by session id (the peers keep theirs under the same ids), for the ring of one epoch.
+    kept: Mutex<KeptPrompts>,
+    /// [`Stage::rows_reusable_across_chunks`] of the model.
+    reuse_by_rows: bool,
+}
+
+/// Caches kept on the ring of `epoch`; a re-plan reloads every stage, so they go with it.
+struct KeptPrompts {
+    epoch: u64,
+    cache: PrefixCache,
+}
+
+/// One generation through the ring.
+#[derive(Clone, Copy, Debug)]
+pub struct RingRequest<'a> {
+    pub prompt: &'a [u32],
+    pub sampling: &'a SamplingParams,
+    /// Upper bound on generated tokens.
+    pub max_tokens: usize,
+    /// Resume from a kept prompt that starts the same way, and keep this one (llama-server's
+    /// `cache_prompt`); no effect with [`PipelineConfig::prompt_cache_bytes`] 0.
+    pub cache_prompt: bool,
+}
+
+/// What a [`Pipeline::run`] produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingAnswer {
+    pub tokens: Vec<u32>,
+    /// Of the prompt's tokens, those resumed from a kept cache rather than computed.
+    pub cached_tokens: usize,
 }
 
 impl Drop for Pipeline {
@@ -184,13 +217,15 @@ impl Pipeline {
     pub async fn connect(config: PipelineConfig) -> Result<Pipeline> {
         let path = config.model_path.clone();
         let verify = config.verify_sha256;
-        let (format, model, sha) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let file = GgufFile::open(&path)?;
-            let format = PromptFormat::from_gguf(&file)?;
-            let sha = if verify { file_sha256(&path)? } else { [0; 32] };
-            Ok((format, file.config().clone(), sha))
-        })
-        .await??;
+        let (format, model, sha, reuse_by_rows) =
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                let file = GgufFile::open(&path)?;
+                let format = PromptFormat::from_gguf(&file)?;
+                let sha = if verify { file_sha256(&path)? } else { [0; 32] };
+                let by_rows = Stage::rows_reusable_across_chunks(&file);
+                Ok((format, file.config().clone(), sha, by_rows))
+            })
+            .await??;
         check_ring(&config, &model)?;
 
         let listener = TcpListener::bind(config.reply_bind)
@@ -250,6 +285,11 @@ impl Pipeline {
             // Stages key caches by session id, and several heads may share a stage: start
             // each head's ids somewhere else.
             next_session: AtomicU64::new(fresh_id() >> 1),
+            kept: Mutex::new(KeptPrompts {
+                epoch: 0,
+                cache: PrefixCache::new(config.prompt_cache_bytes),
+            }),
+            reuse_by_rows,
             config,
         })
     }
@@ -413,6 +453,32 @@ impl Pipeline {
         max_tokens: usize,
         mut on_token: impl FnMut(u32) + Send,
     ) -> Result<Vec<u32>> {
+        let request = RingRequest {
+            prompt,
+            sampling,
+            max_tokens,
+            cache_prompt: true,
+        };
+        let answer = self
+            .run(request, |t| {
+                on_token(t);
+                true
+            })
+            .await?;
+        Ok(answer.tokens)
+    }
+
+    /// Generates as `request` says, calling `on_token` with each token as it arrives; when
+    /// it answers `false` the generation ends there, as at `max_tokens` (a stop string the
+    /// caller found: the session ends normally, and its prompt is kept).
+    pub async fn run(
+        &self,
+        request: RingRequest<'_>,
+        mut on_token: impl FnMut(u32) -> bool + Send,
+    ) -> Result<RingAnswer> {
+        let RingRequest {
+            prompt, max_tokens, ..
+        } = request;
         if prompt.is_empty() {
             return Err(PipelineError::InvalidRequest("the prompt is empty".into()));
         }
@@ -424,24 +490,31 @@ impl Pipeline {
             )));
         }
         if max_tokens == 0 {
-            return Ok(Vec::new());
+            return Ok(RingAnswer {
+                tokens: Vec::new(),
+                cached_tokens: 0,
+            });
         }
         let mut generated = Vec::new();
         let mut recoveries = 0;
+        let mut reuse = request.cache_prompt;
         loop {
             let ring = self.current_ring();
             let attempt = self
-                .run_on(
-                    &ring,
-                    prompt,
-                    &mut generated,
-                    sampling,
-                    max_tokens,
-                    &mut on_token,
-                )
+                .run_on(&ring, &request, reuse, &mut generated, &mut on_token)
                 .await;
             match attempt {
-                Ok(()) => return Ok(generated),
+                Ok(cached_tokens) => {
+                    return Ok(RingAnswer {
+                        tokens: generated,
+                        cached_tokens,
+                    })
+                }
+                // A stage let the kept prompt go: run the session again from the start.
+                Err(e) if reuse && generated.is_empty() && e.is_prefix_gone() => {
+                    tracing::info!(error = %e, "a kept prompt is gone from a stage; computing it");
+                    reuse = false;
+                }
                 Err(e)
                     if self.config.recover
                         && e.is_stage_loss()
@@ -461,19 +534,19 @@ impl Pipeline {
         }
     }
 
-    /// Runs one session on `ring`. Tokens already in `generated` (from a ring that failed)
-    /// are replayed, not sampled: fed exactly as they were first fed — the prompt in the same
-    /// chunks, then one token per step — so every stage computes what the lost ring had, and
-    /// greedy output goes on as if nothing had failed.
+    /// Runs one session on `ring`; returns how many prompt tokens it resumed from a kept
+    /// cache. Tokens already in `generated` (from a ring that failed) are replayed, not
+    /// sampled: fed exactly as they were first fed — the prompt in the same chunks, then one
+    /// token per step — so every stage computes what the lost ring had, and greedy output
+    /// goes on as if nothing had failed.
     async fn run_on(
         &self,
         ring: &Ring,
-        prompt: &[u32],
+        request: &RingRequest<'_>,
+        reuse: bool,
         generated: &mut Vec<u32>,
-        sampling: &SamplingParams,
-        max_tokens: usize,
-        on_token: &mut (impl FnMut(u32) + Send),
-    ) -> Result<()> {
+        on_token: &mut (impl FnMut(u32) -> bool + Send),
+    ) -> Result<usize> {
         let session_id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let mut rx = self.router.register(session_id);
         let mut guard = SessionGuard {
@@ -482,20 +555,109 @@ impl Pipeline {
             peers: ring.peers.clone(),
             ended: false,
         };
+        let resumed = if reuse && generated.is_empty() {
+            self.resume_prompt(ring, request.prompt)
+        } else {
+            None
+        };
+        let from = resumed.as_ref().map_or(0, |(r, _)| r.len as usize);
+        let (resume, cache) = match resumed {
+            Some((r, cache)) => (Some(r), cache),
+            None => (None, ring.stage.new_cache()),
+        };
         let session = Session {
             ring,
             id: session_id,
-            prompt,
-            sampling,
-            max_tokens,
+            prompt: request.prompt,
+            sampling: request.sampling,
+            max_tokens: request.max_tokens,
+            resume,
+        };
+        let mut progress = Progress {
+            cache: Some(cache),
+            prompt_done: false,
         };
         let result = self
-            .run_session(&session, &mut rx, generated, on_token)
+            .run_session(&session, &mut rx, generated, on_token, &mut progress)
             .await;
         self.router.unregister(session_id);
-        end_session(ring.peers.clone(), session_id).await;
+        let mut ends = vec![EndSession::free(session_id)];
+        match (&result, progress.cache.take()) {
+            (Ok(()), Some(cache)) if request.cache_prompt && progress.prompt_done => {
+                ends = self.keep_prompt(ring, session_id, request.prompt, from, cache);
+            }
+            (Err(e), _) if e.is_prefix_gone() => {
+                if let Some(r) = resume {
+                    lock(&self.kept).cache.forget(r.from_session);
+                    ends.push(EndSession::free(r.from_session));
+                }
+            }
+            _ => {}
+        }
+        end_sessions(ring.peers.clone(), ends).await;
         guard.ended = true;
-        result
+        result.map(|()| from)
+    }
+
+    /// The head's copy of the longest kept prompt `prompt` starts with, cut where a resumed
+    /// prompt computes what a whole one would (crate docs of `shoal_engine::prefix_cache`),
+    /// and where the peers resume theirs.
+    fn resume_prompt(&self, ring: &Ring, prompt: &[u32]) -> Option<(Resume, KvCache)> {
+        let mut kept = lock(&self.kept);
+        if kept.epoch != ring.epoch {
+            kept.cache.clear();
+            kept.epoch = ring.epoch;
+            return None;
+        }
+        let m = kept.cache.longest(prompt, prompt.len().saturating_sub(1))?;
+        let chunk = self.config.prefill_chunk.max(1);
+        let at = resume_point(m.len, prompt.len(), chunk, self.reuse_by_rows);
+        let len = u32::try_from(at).ok().filter(|&l| l > 0)?;
+        let cache = kept.cache.resume(m.key, at)?;
+        Some((
+            Resume {
+                from_session: m.key,
+                len,
+            },
+            cache,
+        ))
+    }
+
+    /// Keeps a finished session's prompt (the head's cache here, the peers' on the peers):
+    /// the `EndSession`s to send — this session's, with `keep` unless the head had no room,
+    /// and a plain one for every kept prompt it superseded or pushed out.
+    fn keep_prompt(
+        &self,
+        ring: &Ring,
+        session_id: u64,
+        prompt: &[u32],
+        from: usize,
+        cache: KvCache,
+    ) -> Vec<EndSession> {
+        let chunk = self.config.prefill_chunk.max(1);
+        let canonical = canonical_len(prompt.len(), from, chunk, self.reuse_by_rows);
+        let mut kept = lock(&self.kept);
+        if canonical == 0 || kept.epoch != ring.epoch || self.current_ring().epoch != ring.epoch {
+            return vec![EndSession::free(session_id)];
+        }
+        let dropped = kept.cache.keep(session_id, &prompt[..canonical], cache);
+        let mut ends = vec![EndSession {
+            session_id,
+            keep: !dropped.contains(&session_id),
+        }];
+        ends.extend(
+            dropped
+                .into_iter()
+                .filter(|&k| k != session_id)
+                .map(EndSession::free),
+        );
+        ends
+    }
+
+    /// Prompts kept for reuse by this head, and their bytes on its own stage.
+    pub fn prompt_cache_usage(&self) -> (usize, usize) {
+        let kept = lock(&self.kept);
+        (kept.cache.len(), kept.cache.bytes())
     }
 
     async fn run_session(
@@ -503,33 +665,38 @@ impl Pipeline {
         session: &Session<'_>,
         rx: &mut mpsc::UnboundedReceiver<Reply>,
         generated: &mut Vec<u32>,
-        on_token: &mut (impl FnMut(u32) + Send),
+        on_token: &mut (impl FnMut(u32) -> bool + Send),
+        progress: &mut Progress,
     ) -> Result<()> {
         let ring = session.ring;
         let limit = self.model.context_length;
         let chunk = self.config.prefill_chunk.max(1);
         let replay = generated.clone();
-        let mut cache = Some(ring.stage.new_cache());
+        let cache = &mut progress.cache;
         let mut local_sampler = ring
             .peers
             .is_empty()
             .then(|| Sampler::new(session.sampling.clone()));
         let mut history = session.prompt.to_vec();
-        let mut pending = session.prompt.to_vec();
-        let mut start = 0usize;
+        let mut start = session.resume.map_or(0, |r| r.len as usize);
+        let mut pending = session.prompt[start..].to_vec();
+        let mut resume = session.resume;
         let mut seq = 0u64;
         for step in 0.. {
             let replayed = replay.get(step).copied();
-            let n_chunks = pending.len().div_ceil(chunk);
+            let pieces = chunk_ends(start, start + pending.len(), chunk);
+            let n_chunks = pieces.len();
             let mut token = None;
-            for (i, piece) in pending.chunks(chunk).enumerate() {
+            let mut piece_start = start;
+            for (i, piece_end) in pieces.into_iter().enumerate() {
+                let piece = &pending[piece_start - start..piece_end - start];
                 let wants_token = i + 1 == n_chunks && replayed.is_none();
-                let first = start + i * chunk;
-                let positions: Vec<u32> = (first..first + piece.len())
+                let positions: Vec<u32> = (piece_start..piece_end)
                     .map(to_u32)
                     .collect::<Result<_>>()?;
+                piece_start = piece_end;
                 let out = self
-                    .run_local(session.id, ring, &mut cache, piece.to_vec(), &positions)
+                    .run_local(session.id, ring, cache, piece.to_vec(), &positions)
                     .await?;
                 match out {
                     LocalOut::Logits(mut logits) => {
@@ -553,6 +720,7 @@ impl Pipeline {
                             payload: Payload::Hidden(a),
                             want,
                             reply_to: self.reply_addr,
+                            resume: resume.take(),
                         });
                         send_first(ring, msg).await?;
                         if wants_token {
@@ -562,6 +730,9 @@ impl Pipeline {
                     }
                 }
             }
+            // A token back means every stage has run everything sent so far.
+            progress.prompt_done |= token.is_some();
+            let mut go_on = true;
             let token = match replayed {
                 Some(t) => t,
                 None => {
@@ -569,12 +740,13 @@ impl Pipeline {
                         PipelineError::StageFailed("the ring produced no token".into())
                     })?;
                     generated.push(t);
-                    on_token(t);
+                    go_on = on_token(t);
                     t
                 }
             };
             history.push(token);
-            if self.format.tokenizer().is_eog(token)
+            if !go_on
+                || self.format.tokenizer().is_eog(token)
                 || generated.len() >= session.max_tokens
                 || history.len() >= limit
             {
@@ -677,6 +849,31 @@ struct Session<'a> {
     prompt: &'a [u32],
     sampling: &'a SamplingParams,
     max_tokens: usize,
+    /// The kept prompt it starts from, on every stage.
+    resume: Option<Resume>,
+}
+
+/// What a session attempt leaves for its end: the head's cache (gone if a step failed),
+/// and whether the whole prompt has been through every stage.
+struct Progress {
+    cache: Option<KvCache>,
+    prompt_done: bool,
+}
+
+/// Where the chunks of positions `start..end` end: at multiples of `chunk` (so a prompt
+/// resumed mid-way is cut where a whole one is) and at `end`.
+fn chunk_ends(start: usize, end: usize, chunk: usize) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut at = start;
+    while at < end {
+        at = ((at / chunk + 1) * chunk).min(end);
+        ends.push(at);
+    }
+    ends
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Ends a session however `generate` stops, including when its future is dropped (a client
@@ -695,22 +892,29 @@ impl Drop for SessionGuard {
         }
         self.router.unregister(self.id);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(end_session(self.peers.clone(), self.id));
+            rt.spawn(end_sessions(
+                self.peers.clone(),
+                vec![EndSession::free(self.id)],
+            ));
         }
     }
 }
 
-/// Tells every peer to drop the session's cache (best effort). Runs in its own task, so a
-/// caller that is cancelled never leaves half a frame on a link.
-async fn end_session(peers: Arc<Vec<Peer>>, session_id: u64) {
-    if peers.is_empty() {
+/// Tells every peer that sessions ended: drop their caches, or keep them (best effort).
+/// Runs in its own task, so a caller that is cancelled never leaves half a frame on a link.
+async fn end_sessions(peers: Arc<Vec<Peer>>, ends: Vec<EndSession>) {
+    if peers.is_empty() || ends.is_empty() {
         return;
     }
     let task = tokio::spawn(async move {
-        let msg = Message::EndSession(EndSession { session_id });
         for peer in peers.iter() {
-            if let Err(e) = peer.link.lock().await.writer.write_frame(&msg).await {
-                tracing::warn!(peer = %peer.addr, error = %e, "EndSession was not delivered");
+            let mut link = peer.link.lock().await;
+            for end in &ends {
+                let msg = Message::EndSession(*end);
+                if let Err(e) = link.writer.write_frame(&msg).await {
+                    tracing::warn!(peer = %peer.addr, error = %e, "EndSession was not delivered");
+                    break;
+                }
             }
         }
     });

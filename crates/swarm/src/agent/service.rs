@@ -338,6 +338,7 @@ impl AgentService {
             },
             max_tokens: max_tokens as usize,
             stop,
+            cache_prompt: true,
         };
         let model = Arc::clone(&self.model);
         let generated = tokio::task::spawn_blocking(move || {
@@ -486,6 +487,7 @@ pub fn measure_decode_speed(model: &Model) -> f32 {
             sampling: SamplingParams::greedy(),
             max_tokens: SPEED_TOKENS,
             stop: Vec::new(),
+            cache_prompt: true,
         };
         let mut generation = model.generate(prompt, params)?;
         while generation.next_step()?.is_some() {}

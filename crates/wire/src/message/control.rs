@@ -35,6 +35,9 @@ impl ErrorCode {
     /// A `Forward` of a plan other than the one the stage has loaded (it was loaded again,
     /// by another head or a re-plan): the session's cache is not there.
     pub const STALE_PLAN: ErrorCode = ErrorCode(10);
+    /// A `Forward` resumed a kept cache (`Forward::resume`) the stage no longer holds: the
+    /// head runs the session again from the start.
+    pub const PREFIX_GONE: ErrorCode = ErrorCode(11);
     /// A bug or an unexpected failure on the sending node.
     pub const INTERNAL: ErrorCode = ErrorCode(0xFFFF);
 
@@ -51,6 +54,7 @@ impl ErrorCode {
             ErrorCode::OVERLOADED => "overloaded",
             ErrorCode::UNAUTHORIZED => "unauthorized",
             ErrorCode::STALE_PLAN => "stale_plan",
+            ErrorCode::PREFIX_GONE => "prefix_gone",
             ErrorCode::INTERNAL => "internal",
             _ => return None,
         })
@@ -200,7 +204,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 2, 0, 0x03, 0x00, 19, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 3, 0, 0x03, 0x00, 19, 0, 0, 0,
             0x05, 0x00,                 // code 5
             1, 7, 0, 0, 0, 0, 0, 0, 0,  // Some(7)
             4, 0, 0, 0, b'g', b'o', b'n', b'e',
@@ -217,7 +221,7 @@ mod tests {
         let frame = Message::Pong(Pong { nonce: 1 }).to_frame().unwrap();
         assert_eq!(
             frame,
-            [b'S', b'H', b'O', b'L', 2, 0, 5, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+            [b'S', b'H', b'O', b'L', 3, 0, 5, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
         );
     }
 

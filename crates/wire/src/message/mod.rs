@@ -28,7 +28,7 @@ pub use membership::{
 };
 pub use profile::{GetProfile, Profile};
 pub use session::{
-    EndSession, Forward, LogitRows, Logits, Payload, SamplingSpec, Token, Truncate, Want,
+    EndSession, Forward, LogitRows, Logits, Payload, Resume, SamplingSpec, Token, Truncate, Want,
     MAX_PENALTY_TOKENS, MAX_TOKENS,
 };
 pub use stage::{LoadStage, StageReady, MAX_MODEL_ID};

@@ -39,6 +39,7 @@ pub const MAX_PENALTY_TOKENS: usize = 1 << 16;
 /// | `payload` | `u8` tag: 0 tokens: `u32` count, `u32` each; 1 hidden: activations (`u32` rows, `u32` cols, `u8` dtype, data) |
 /// | `want` | `u8` tag: 0 nothing; 1 token: [`SamplingSpec`]; 2 logits: `u8` rows (0 last, 1 all), `u8` dtype |
 /// | `reply_to` | socket address (`u8` family 4/6, 4 or 16 octets, `u16` port) |
+/// | `resume` | `u8` tag: 0 none; 1: `u64` from_session, `u32` len |
 ///
 /// Checked on both ends: at least one token, and exactly one position per token (row).
 #[derive(Clone, Debug, PartialEq)]
@@ -60,6 +61,19 @@ pub struct Forward {
     pub want: Want,
     /// The head's wire address: where the last stage sends `Token` / `Logits` / `Error`.
     pub reply_to: SocketAddr,
+    /// On a session's first `Forward` only: the session starts from a cache the stage
+    /// kept (the prompt cache), not from an empty one.
+    pub resume: Option<Resume>,
+}
+
+/// Where a new session's cache starts: a copy of the first `len` positions of the cache the
+/// stage kept when session `from_session` ended (`EndSession::keep`). A stage that no longer
+/// holds it (or holds fewer positions) refuses the session with
+/// [`crate::ErrorCode::PREFIX_GONE`], and the head runs it again from the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    pub from_session: u64,
+    pub len: u32,
 }
 
 /// What a [`Forward`] carries.
@@ -295,6 +309,19 @@ impl Forward {
             }
         };
         let reply_to = r.socket_addr("reply_to")?;
+        let resume = match r.u8("resume tag")? {
+            0 => None,
+            1 => Some(Resume {
+                from_session: r.u64("resume from_session")?,
+                len: r.u32("resume len")?,
+            }),
+            t => {
+                return Err(r.invalid(
+                    "resume tag",
+                    format!("is {t}, expected 0 (none) or 1 (resume)"),
+                ))
+            }
+        };
         let msg = Forward {
             session_id,
             seq,
@@ -303,6 +330,7 @@ impl Forward {
             payload,
             want,
             reply_to,
+            resume,
         };
         msg.validate()?;
         Ok(msg)
@@ -339,6 +367,14 @@ impl Forward {
             }
         }
         put_socket_addr(out, &self.reply_to);
+        match self.resume {
+            None => out.put_u8(0),
+            Some(r) => {
+                out.put_u8(1);
+                out.put_u64_le(r.from_session);
+                out.put_u32_le(r.len);
+            }
+        }
     }
 
     pub(crate) fn validate(&self) -> Result<(), WireError> {
@@ -465,22 +501,37 @@ impl Logits {
     }
 }
 
-/// `EndSession` (`0x0023`): head → every stage, `session_id: u64`; free its KV cache.
+/// `EndSession` (`0x0023`): head → every stage, `session_id: u64`, `keep: u8` 0/1. The
+/// session is over: its KV cache is freed, or with `keep` kept for later sessions to start
+/// from (`Forward::resume`, the prompt cache) until an `EndSession` without `keep` names it
+/// again or the stage needs the room. Naming a kept cache without `keep` frees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EndSession {
     /// The session to forget.
     pub session_id: u64,
+    /// Keep its cache for later sessions.
+    pub keep: bool,
 }
 
 impl EndSession {
+    /// Ends a session and frees its cache.
+    pub fn free(session_id: u64) -> Self {
+        EndSession {
+            session_id,
+            keep: false,
+        }
+    }
+
     pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
         Ok(EndSession {
             session_id: r.u64("session_id")?,
+            keep: r.bool("keep")?,
         })
     }
 
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         out.put_u64_le(self.session_id);
+        put_bool(out, self.keep);
     }
 
     /// Nothing to check: every value of this message is valid.
@@ -544,11 +595,12 @@ mod tests {
             payload: Payload::Tokens(vec![0x0100, 0x0200]),
             want: Want::Nothing,
             reply_to: addr(),
+            resume: None,
         });
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 2, 0, 0x20, 0, 57, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 3, 0, 0x20, 0, 58, 0, 0, 0,
             0x11, 0, 0, 0, 0, 0, 0, 0,              // session_id
             0x22, 0, 0, 0, 0, 0, 0, 0,              // seq
             0x33, 0, 0, 0, 0, 0, 0, 0,              // plan_id
@@ -557,6 +609,7 @@ mod tests {
             2, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0,     // [256, 512]
             0,                                      // want: nothing
             4, 192, 168, 1, 2, 0x9E, 0x1B,          // reply_to 192.168.1.2:7070
+            0,                                      // resume: none
         ];
         assert_eq!(frame, expected);
         assert_eq!(decode(&frame).unwrap(), msg);
@@ -576,11 +629,12 @@ mod tests {
                 dtype: DType::BF16,
             },
             reply_to: addr(),
+            resume: None,
         });
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 2, 0, 0x20, 0, 56, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 3, 0, 0x20, 0, 57, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
@@ -590,6 +644,7 @@ mod tests {
             0x00, 0x3C, 0x00, 0xC0,                 // 1.0, -2.0
             2, 1, 1,                                // want: logits, all rows, bf16
             4, 192, 168, 1, 2, 0x9E, 0x1B,
+            0,
         ];
         assert_eq!(frame, expected);
         let Message::Forward(back) = decode(&frame).unwrap() else {
@@ -618,6 +673,7 @@ mod tests {
             payload: Payload::Tokens(vec![9]),
             want: Want::Token(spec),
             reply_to: addr(),
+            resume: None,
         });
         let frame = msg.to_frame().unwrap();
         let want_at = HEADER_LEN + 8 + 8 + 8 + 8 + 1 + 8;
@@ -636,7 +692,8 @@ mod tests {
             1, 0, 0, 0, 5, 0, 0, 0, // penalty_tokens [5]
         ];
         assert_eq!(&frame[want_at..want_at + spec_bytes.len()], spec_bytes);
-        assert_eq!(frame.len(), want_at + spec_bytes.len() + 7);
+        // reply_to (7 bytes), no resume (1).
+        assert_eq!(frame.len(), want_at + spec_bytes.len() + 8);
         assert_eq!(decode(&frame).unwrap(), msg);
     }
 
@@ -652,19 +709,27 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 2, 0, 0x21, 0, 25, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 3, 0, 0x21, 0, 25, 0, 0, 0,
             3, 0, 0, 0, 0, 0, 0, 0,
             4, 0, 0, 0, 0, 0, 0, 0,
             4, 3, 2, 1,
             1, 0, 0, 0, 0xBF,       // Some(-0.5)
         ]);
-        let frame = Message::EndSession(EndSession { session_id: 5 })
-            .to_frame()
-            .unwrap();
+        let frame = Message::EndSession(EndSession::free(5)).to_frame().unwrap();
         assert_eq!(
             frame,
-            [b'S', b'H', b'O', b'L', 2, 0, 0x23, 0, 8, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]
+            [b'S', b'H', b'O', b'L', 3, 0, 0x23, 0, 9, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0]
         );
+        let frame = Message::EndSession(EndSession {
+            session_id: 5,
+            keep: true,
+        })
+        .to_frame()
+        .unwrap();
+        assert_eq!(frame[HEADER_LEN + 8], 1);
+        let mut bad = frame.clone();
+        bad[HEADER_LEN + 8] = 2;
+        assert!(decode(&bad).is_err(), "keep must be 0 or 1");
         let frame = Message::Truncate(Truncate {
             session_id: 5,
             len: 6,
@@ -673,7 +738,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 2, 0, 0x24, 0, 12, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 3, 0, 0x24, 0, 12, 0, 0, 0,
             5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0,
         ]);
     }
@@ -690,7 +755,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 2, 0, 0x22, 0, 29, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 3, 0, 0x22, 0, 29, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 1, 0, 0, 0, 2,
@@ -707,6 +772,7 @@ mod tests {
             payload: Payload::Tokens(vec![10, 11, 12]),
             want: Want::Nothing,
             reply_to: addr(),
+            resume: None,
         })
         .to_frame()
         .unwrap()
@@ -765,6 +831,7 @@ mod tests {
             payload: Payload::Tokens(vec![]),
             want: Want::Nothing,
             reply_to: addr(),
+            resume: None,
         });
         assert!(msg.to_frame().is_err());
     }
@@ -805,6 +872,7 @@ mod tests {
                 payload: Payload::Tokens(vec![1]),
                 want: Want::Token(spec),
                 reply_to: addr(),
+                resume: None,
             })
             .to_frame()
         };
