@@ -39,7 +39,8 @@ pub(crate) struct Metrics {
     pub(crate) prompt_cache_reused_tokens: Counter,
     /// Bytes of keys and values the prompt cache keeps, after the last generation.
     pub(crate) prompt_cache_bytes: Gauge,
-    /// Tokens drafted for speculative decoding (prompt lookup), and those the model kept.
+    /// Tokens drafted for speculative decoding (prompt lookup, a draft model), and those the
+    /// model kept.
     pub(crate) draft_tokens: Counter,
     pub(crate) draft_accepted_tokens: Counter,
     /// Batches of stage work run on this node (pipeline mode), read at each scrape.
@@ -140,7 +141,7 @@ impl Metrics {
         );
         registry.register(
             "draft_tokens",
-            "Tokens drafted by prompt lookup and verified (--lookup)",
+            "Tokens drafted (--lookup, --model-draft) and verified",
             metrics.draft_tokens.clone(),
         );
         registry.register(

@@ -17,10 +17,10 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::json_grammar::{JsonConstraint, JsonGrammar};
 use crate::kv_cache::KvCache;
-use crate::lookup::Lookup;
 use crate::prefix_cache::{canonical_len, resume_point, PrefixCache};
 use crate::prompt::PromptFormat;
 use crate::sampler::{Sampler, SamplingParams};
+use crate::speculation::{check_draft_vocabulary, Drafter, Speculation};
 use crate::stage::{logits_row, Logits, Stage, StageInput, StageOutput, StageSpec};
 use crate::text_stream::TextStream;
 use crate::tokenizer::Tokenizer;
@@ -40,9 +40,11 @@ pub struct Model {
     prompt_cache: Mutex<PrefixCache>,
     /// [`Stage::rows_reusable_across_chunks`] of the file.
     reuse_by_rows: bool,
-    /// Speculative decoding by prompt lookup, for every generation (off until
-    /// [`Model::set_lookup`]).
-    lookup: Mutex<Option<Lookup>>,
+    /// Speculative decoding, for every generation (off until [`Model::set_speculation`]).
+    speculation: Mutex<Option<Speculation>>,
+    /// A smaller model of the same vocabulary that drafts for this one
+    /// ([`Model::attach_draft`]).
+    draft: Option<Box<Model>>,
 }
 
 impl Model {
@@ -59,14 +61,32 @@ impl Model {
             stage,
             format,
             prompt_cache: Mutex::new(PrefixCache::new(0)),
-            lookup: Mutex::new(None),
+            speculation: Mutex::new(None),
+            draft: None,
         })
     }
 
-    /// Drafts tokens by prompt lookup and verifies them in one pass, in every generation
-    /// from now on (`None`: plain decoding). The output is the same either way.
-    pub fn set_lookup(&self, lookup: Option<Lookup>) {
-        *self.lookup.lock().unwrap_or_else(PoisonError::into_inner) = lookup;
+    /// Guesses tokens ahead (by prompt lookup, with the attached draft model, or both) and
+    /// verifies them in one pass, in every generation from now on (`None`: plain
+    /// decoding). The output is the same either way.
+    pub fn set_speculation(&self, speculation: Option<Speculation>) {
+        *self
+            .speculation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = speculation;
+    }
+
+    /// Makes `draft` this model's draft model (for [`Speculation::draft_model`]). Refused
+    /// when its tokens are not this model's (ids meaning other text, other end tokens).
+    pub fn attach_draft(&mut self, draft: Model) -> Result<()> {
+        check_draft_vocabulary(self, &draft)?;
+        self.draft = Some(Box::new(draft));
+        Ok(())
+    }
+
+    /// The attached draft model.
+    pub fn draft_model(&self) -> Option<&Model> {
+        self.draft.as_deref()
     }
 
     /// Keeps up to `bytes` of finished generations' keys and values, so that a prompt that
@@ -85,7 +105,7 @@ impl Model {
         (cache.len(), cache.bytes())
     }
 
-    fn prompt_cache(&self) -> std::sync::MutexGuard<'_, PrefixCache> {
+    pub(crate) fn prompt_cache(&self) -> std::sync::MutexGuard<'_, PrefixCache> {
         self.prompt_cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -93,6 +113,11 @@ impl Model {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// [`Stage::rows_reusable_across_chunks`] of the model's file.
+    pub(crate) fn reuse_by_rows(&self) -> bool {
+        self.reuse_by_rows
     }
 
     /// How many parameters the model has (its tensors' values).
@@ -226,8 +251,10 @@ pub struct Generation<'m> {
     cache_whole: bool,
     /// Where the prompt's computation started: the kept prefix it resumed from, or 0.
     computed_from: usize,
-    /// Drafting by lookup, when the model does it.
-    lookup: Option<Lookup>,
+    /// How the generation guesses ahead, when it does.
+    speculation: Option<Speculation>,
+    /// The draft model's side of this generation, once it has drafted.
+    drafter: Option<Drafter<'m>>,
     /// Tokens a verification pass accepted that are not handed out yet.
     ready: std::collections::VecDeque<u32>,
     /// How many tokens the next draft may have: grown while drafts are kept whole, shrunk
@@ -239,34 +266,56 @@ impl Drop for Generation<'_> {
     /// Keeps the cache for later prompts that start as this one did (however the
     /// generation ended: finished, stopped early, or its client went away).
     fn drop(&mut self) {
-        if !self.params.cache_prompt || !self.cache_whole || self.cache.is_empty() {
-            return;
-        }
-        let mut kept = self.model.prompt_cache();
-        if kept.budget_bytes() == 0 {
-            return;
-        }
-        // Only what a fresh prefill computes the same: the prompt's rows (not the answer's,
-        // decoded one by one), the last chunk's as far as they are canonical.
-        let held = self.cache.len();
-        let canonical = if held >= self.prompt_len {
-            canonical_len(
-                self.prompt_len,
-                self.computed_from,
-                PREFILL_CHUNK,
-                self.model.reuse_by_rows,
-            )
-        } else {
-            // Stopped mid-prompt: the chunks done all end at chunk boundaries.
-            held
-        };
-        if canonical == 0 {
+        if !self.params.cache_prompt || !self.cache_whole {
             return;
         }
         let cache = std::mem::replace(&mut self.cache, KvCache::new(0));
-        let key = kept.fresh_key();
-        kept.keep(key, &self.tokens[..canonical], cache);
+        keep_prompt(
+            self.model,
+            &self.tokens,
+            self.prompt_len,
+            self.computed_from,
+            cache,
+        );
     }
+}
+
+/// Keeps the rows of `cache` (the keys and values of `tokens`, a prompt of `prompt_len`
+/// tokens and what followed it, computed from position `computed_from` on) that a fresh
+/// prefill of the same prompt computes the same, in `model`'s prompt cache.
+pub(crate) fn keep_prompt(
+    model: &Model,
+    tokens: &[u32],
+    prompt_len: usize,
+    computed_from: usize,
+    cache: KvCache,
+) {
+    if cache.is_empty() {
+        return;
+    }
+    let mut kept = model.prompt_cache();
+    if kept.budget_bytes() == 0 {
+        return;
+    }
+    // Only what a fresh prefill computes the same: the prompt's rows (not the answer's,
+    // decoded one by one), the last chunk's as far as they are canonical.
+    let held = cache.len().min(tokens.len());
+    let canonical = if held >= prompt_len {
+        canonical_len(
+            prompt_len,
+            computed_from,
+            PREFILL_CHUNK,
+            model.reuse_by_rows,
+        )
+    } else {
+        // Stopped mid-prompt: the chunks done all end at chunk boundaries.
+        held
+    };
+    if canonical == 0 {
+        return;
+    }
+    let key = kept.fresh_key();
+    kept.keep(key, &tokens[..canonical], cache);
 }
 
 impl<'m> Generation<'m> {
@@ -311,7 +360,11 @@ impl<'m> Generation<'m> {
             ignore_eos: false,
             cache_whole: true,
             computed_from: timings.cached_tokens,
-            lookup: *model.lookup.lock().unwrap_or_else(PoisonError::into_inner),
+            speculation: *model
+                .speculation
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            drafter: None,
             ready: std::collections::VecDeque::new(),
             draft_len: 0,
         })
@@ -410,6 +463,8 @@ impl<'m> Generation<'m> {
         };
         self.tokens.push(token);
         if first {
+            // The draft model reads the prompt now, as part of the prompt's time.
+            self.drafter_prompt()?;
             self.timings.prompt_tokens = self.prompt_len;
             self.timings.prompt_time += started.elapsed();
         } else {
@@ -439,28 +494,45 @@ impl<'m> Generation<'m> {
         Ok(Some(Step { token, text }))
     }
 
-    /// Drafts tokens by lookup and verifies them in one pass: the tokens the sampler draws
-    /// at each verified row, up to the first that differs from the draft (which it
-    /// replaces), the first handed out now and the rest queued. `None` when no draft is
-    /// worth a pass (drafting off, a constrained answer, no repeat found, little room left,
-    /// or the prompt still to compute).
+    /// Guesses tokens ahead and verifies them in one pass: the tokens the sampler draws at
+    /// each verified row, up to the first that differs from the guess (which it replaces),
+    /// the first handed out now and the rest queued. `None` when no guess is worth a pass
+    /// (speculation off, a constrained answer, nothing to guess from, little room left, or
+    /// the prompt still to compute).
     fn speculate(&mut self) -> Result<Option<u32>> {
-        let Some(lookup) = self.lookup else {
+        let Some(spec) = self.speculation else {
             return Ok(None);
         };
         let n = self.tokens.len();
         if self.choices.is_some() || self.json.is_some() || self.cache.len() + 1 != n {
             return Ok(None);
         }
-        // Drafted tokens past what the answer may still hold would be thrown away.
+        // Guessed tokens past what the answer may still hold would be thrown away.
         let left = (self.params.max_tokens + self.prompt_len)
             .min(self.model.config().context_length)
             .saturating_sub(n + 1);
         if self.draft_len == 0 {
-            self.draft_len = lookup.draft_max.div_ceil(2);
+            self.draft_len = spec.draft_max.div_ceil(2).max(1);
         }
-        let draft = lookup.draft(&self.tokens, self.draft_len.min(left));
-        if draft.is_empty() || draft.len() < lookup.draft_min {
+        let max = self.draft_len.min(left);
+        let enough = spec.draft_min.max(1);
+        if max < enough {
+            return Ok(None);
+        }
+        // Lookup first: it costs nothing.
+        let mut draft = spec
+            .lookup
+            .map(|lookup| lookup.draft(&self.tokens, max))
+            .unwrap_or_default();
+        if draft.len() < enough {
+            let vocab = self.model.config().vocab_size;
+            let interrupt = &self.interrupt;
+            let interrupted = || interrupt.as_ref().is_some_and(|stop| stop());
+            if let Some(drafter) = &mut self.drafter {
+                draft = drafter.draft(&self.tokens, max, spec.p_min, vocab, &interrupted)?;
+            }
+        }
+        if draft.len() < enough {
             return Ok(None);
         }
         let mut input = Vec::with_capacity(draft.len() + 1);
@@ -496,11 +568,31 @@ impl<'m> Generation<'m> {
         self.timings.drafted_tokens += draft.len();
         self.timings.accepted_tokens += kept - 1;
         self.draft_len = if kept > draft.len() {
-            (self.draft_len + 2).min(lookup.draft_max)
+            (self.draft_len + 2).min(spec.draft_max.max(1))
         } else {
             self.draft_len.saturating_sub(1).max(1)
         };
         Ok(self.ready.pop_front())
+    }
+
+    /// Starts the draft model's side of the generation, when it drafts: its cache of the
+    /// prompt (resumed from its own kept prompts where it can).
+    fn drafter_prompt(&mut self) -> Result<()> {
+        let Some(spec) = self.speculation else {
+            return Ok(());
+        };
+        let Some(draft_model) = self.model.draft.as_deref() else {
+            return Ok(());
+        };
+        if !spec.draft_model || self.choices.is_some() || self.json.is_some() {
+            return Ok(());
+        }
+        let prompt = &self.tokens[..self.prompt_len];
+        let mut drafter = Drafter::new(draft_model, prompt, self.params.cache_prompt);
+        let interrupt = &self.interrupt;
+        drafter.read(prompt, &|| interrupt.as_ref().is_some_and(|stop| stop()))?;
+        self.drafter = Some(drafter);
+        Ok(())
     }
 
     /// Never an end-of-generation token with `ignore_eos` (and no choices to finish).

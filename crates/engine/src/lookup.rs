@@ -1,24 +1,16 @@
 //! Drafting by prompt lookup (issue #17; Saxena's "prompt lookup decoding", llama.cpp's
 //! `lookup`): code edits and agent turns repeat their context heavily, so the tokens that
 //! followed the last earlier occurrence of the answer's latest few tokens are a good guess at
-//! what comes next, and cost nothing to make. A generation verifies such a draft in one pass
-//! ([`crate::Logits::Verify`]): each drafted row is computed exactly as a decode step would
-//! compute it, and a drafted token is kept only while it is the token the sampler draws
-//! there, so the output is the plain decode's, token for token — greedy or seeded (a draw
-//! depends only on the seed and the position, [`crate::Sampler`]).
+//! what comes next, and cost nothing to make. [`crate::Speculation`] says how such guesses
+//! are verified.
 
-/// How a generation drafts by lookup.
+/// How tokens are drafted by lookup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lookup {
     /// The longest run of latest tokens looked up (shorter ones are tried after it).
     pub max_ngram: usize,
     /// The shortest run looked up: shorter matches guess too badly to pay for their rows.
     pub min_ngram: usize,
-    /// Most tokens drafted per pass (llama-server's `--draft-max`).
-    pub draft_max: usize,
-    /// Fewest tokens worth a verification pass (`--draft-min`); a shorter draft decodes
-    /// one token the plain way.
-    pub draft_min: usize,
 }
 
 impl Default for Lookup {
@@ -26,8 +18,6 @@ impl Default for Lookup {
         Lookup {
             max_ngram: 4,
             min_ngram: 2,
-            draft_max: 8,
-            draft_min: 1,
         }
     }
 }

@@ -8,8 +8,9 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
-use shoal_engine::{Logits, Model, StageInput};
+use shoal_engine::{Logits, Model, Speculation, StageInput};
 
+use crate::spec_bench::{SpecBench, Workload};
 use crate::{median, ResolveModel};
 
 #[derive(Args)]
@@ -40,16 +41,30 @@ pub struct BenchArgs {
     /// first token; --prompt-tokens is the first turn's prompt, --decode-tokens its answer).
     #[arg(long)]
     pub prompt_cache: bool,
-    /// Instead: speculative decoding by prompt lookup on an edit (--prompt-tokens of file,
-    /// --decode-tokens of answer), against plain decoding.
+    /// Instead: speculative decoding by prompt lookup against plain decoding, on
+    /// --workload (answers of up to --decode-tokens).
     #[arg(long)]
     pub lookup: bool,
-    /// With --lookup: most tokens drafted per pass.
-    #[arg(long, default_value_t = shoal_engine::Lookup::default().draft_max)]
+    /// Instead: speculative decoding with this draft model (a file or a known name)
+    /// against plain decoding; with --lookup too, each alone and both together.
+    #[arg(long, value_name = "PATH|NAME")]
+    pub model_draft: Option<PathBuf>,
+    /// With --lookup or --model-draft: an edit (--prompt-tokens of file, the whole file
+    /// answered back) or the first --prompts HumanEval problems.
+    #[arg(long, value_enum, default_value_t = Workload::Edit)]
+    pub workload: Workload,
+    /// With --workload humaneval: how many problems.
+    #[arg(long, default_value_t = 10)]
+    pub prompts: usize,
+    /// Most tokens drafted per pass.
+    #[arg(long, default_value_t = Speculation::default().draft_max)]
     pub draft_max: usize,
-    /// With --lookup: fewest drafted tokens worth a pass.
-    #[arg(long, default_value_t = shoal_engine::Lookup::default().draft_min)]
+    /// Fewest drafted tokens worth a pass.
+    #[arg(long, default_value_t = Speculation::default().draft_min)]
     pub draft_min: usize,
+    /// The draft model stops where its probability of its pick falls below this.
+    #[arg(long, default_value_t = Speculation::default().p_min)]
+    pub draft_p_min: f32,
 }
 
 #[derive(Serialize)]
@@ -70,19 +85,25 @@ pub fn run(a: BenchArgs, resolve: ResolveModel<'_>) -> anyhow::Result<ExitCode> 
     if a.swarm_overhead {
         return crate::swarm_overhead::swarm_overhead(&path, a.requests, a.json);
     }
-    if a.lookup {
-        return crate::lookup_bench::run(
-            &path,
-            a.prompt_tokens,
-            a.decode_tokens,
-            a.repeat,
-            shoal_engine::Lookup {
-                draft_max: a.draft_max.max(1),
-                draft_min: a.draft_min,
-                ..shoal_engine::Lookup::default()
-            },
-            a.json,
-        );
+    if a.lookup || a.model_draft.is_some() {
+        let draft_model = match &a.model_draft {
+            Some(d) => Some(resolve(Some(d)).context("--model-draft")?),
+            None => None,
+        };
+        return crate::spec_bench::run(SpecBench {
+            model: &path,
+            draft_model,
+            lookup: a.lookup,
+            workload: a.workload,
+            prompt_tokens: a.prompt_tokens,
+            answer_tokens: a.decode_tokens,
+            prompts: a.prompts,
+            repeat: a.repeat,
+            draft_max: a.draft_max,
+            draft_min: a.draft_min,
+            p_min: a.draft_p_min,
+            json: a.json,
+        });
     }
     if a.prompt_cache {
         return crate::prompt_cache_bench::run(

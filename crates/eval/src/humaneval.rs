@@ -165,7 +165,7 @@ pub(crate) struct Problem {
 
 const FETCH_HINT: &str = "fetch it with `scripts/fetch-models.sh humaneval`, or pass --data FILE";
 
-fn default_data_path() -> PathBuf {
+pub(crate) fn default_data_path() -> PathBuf {
     shoal_models::models_dir().join("HumanEval.jsonl.gz")
 }
 
@@ -222,7 +222,15 @@ pub(crate) fn load_problems(path: &Path) -> anyhow::Result<Vec<Problem>> {
     Ok(problems)
 }
 
-const SYSTEM_PROMPT: &str = "You are an expert Python programmer. Complete the Python function the user gives you. Reply with the complete implementation (the imports and the whole function definition) in a single ```python code block, and nothing else.";
+pub(crate) const SYSTEM_PROMPT: &str = "You are an expert Python programmer. Complete the Python function the user gives you. Reply with the complete implementation (the imports and the whole function definition) in a single ```python code block, and nothing else.";
+
+/// The user's message of one problem.
+pub(crate) fn user_message(prompt: &str) -> String {
+    format!(
+        "Complete this Python function:\n```python\n{}\n```",
+        prompt.trim_end()
+    )
+}
 
 /// The chat completion request for one problem.
 fn request_body(model: &str, prompt: &str, max_tokens: usize, temperature: f32) -> Value {
@@ -230,7 +238,7 @@ fn request_body(model: &str, prompt: &str, max_tokens: usize, temperature: f32) 
         "model": model,
         "messages": [
             {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": format!("Complete this Python function:\n```python\n{}\n```", prompt.trim_end())},
+            {"role": "user", "content": user_message(prompt)},
         ],
         "max_tokens": max_tokens,
         "temperature": temperature,

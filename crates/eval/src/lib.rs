@@ -4,8 +4,8 @@
 //! - [`engine_bench`]: `shoal bench`, prefill and decode speed and peak memory of one model.
 //! - [`humaneval`]: `shoal eval humaneval`, pass@1 on HumanEval against a running Shoal API
 //!   (or a local swarm it starts), every answer run with the problem's tests in a sandbox.
-//! - [`lookup_bench`]: `shoal bench --lookup`, speculative decoding by prompt lookup on an
-//!   edit, against plain decoding.
+//! - [`spec_bench`]: `shoal bench --lookup` / `--model-draft`, speculative decoding on an
+//!   edit or on HumanEval prompts, against plain decoding.
 //! - [`prompt_cache_bench`]: `shoal bench --prompt-cache`, a conversation's next turn with
 //!   and without the prompt cache.
 //! - [`swarm_overhead`]: `shoal bench --swarm-overhead`, what a swarm head adds to a request,
@@ -19,10 +19,10 @@
 
 pub mod engine_bench;
 pub mod humaneval;
-pub mod lookup_bench;
 pub mod plan;
 pub mod prompt_cache_bench;
 pub mod relay;
+pub mod spec_bench;
 pub mod swarm_overhead;
 
 mod client;

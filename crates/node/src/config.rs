@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use shoal_api::HttpLimits;
-use shoal_engine::Lookup;
+use shoal_engine::Speculation;
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::routing::Strategy;
 use shoal_wire::{DType, SwarmKey};
@@ -59,8 +59,10 @@ pub struct NodeConfig {
     pub cluster: ClusterSettings,
     /// Bytes of keys and values kept from earlier prompts for reuse (0: none).
     pub prompt_cache_bytes: usize,
-    /// Speculative decoding by prompt lookup (whole model on this node only).
-    pub lookup: Option<Lookup>,
+    /// Speculative decoding (whole model on this node only).
+    pub speculation: Option<Speculation>,
+    /// The draft model's GGUF file, for [`Speculation::draft_model`].
+    pub model_draft: Option<PathBuf>,
 }
 
 /// The swarm head's settings.
@@ -119,7 +121,8 @@ impl NodeConfig {
             insecure_peers: false,
             cluster: ClusterSettings::default(),
             prompt_cache_bytes: DEFAULT_PROMPT_CACHE_BYTES,
-            lookup: None,
+            speculation: None,
+            model_draft: None,
         }
     }
 
@@ -130,11 +133,15 @@ impl NodeConfig {
         if self.stage_only && (self.split.is_some() || self.role.is_some()) {
             return bad("--stage-only serves stages for a head; it takes no --split or --role");
         }
-        if self.lookup.is_some() && (self.split.is_some() || self.stage_only) {
+        if self.speculation.is_some() && (self.split.is_some() || self.stage_only) {
             return bad(
-                "--lookup drafts for the whole model on this node; through a pipeline of \
-                 stages it does not work yet (leave it off with --split or --stage-only)",
+                "--lookup and --model-draft draft for the whole model on this node; through \
+                 a pipeline of stages they do not work yet (leave them off with --split or \
+                 --stage-only)",
             );
+        }
+        if self.speculation.is_some_and(|s| s.draft_model) && self.model_draft.is_none() {
+            return bad("speculation with a draft model needs --model-draft");
         }
         if self.stage_only && self.peer_addr.is_none() {
             return bad("--stage-only needs --peer-port (where heads send stage work)");

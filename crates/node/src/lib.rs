@@ -196,8 +196,11 @@ impl Node {
             start_local_model(
                 state.clone(),
                 config.model.clone(),
-                config.prompt_cache_bytes,
-                config.lookup,
+                LocalModelSettings {
+                    prompt_cache_bytes: config.prompt_cache_bytes,
+                    speculation: config.speculation,
+                    model_draft: config.model_draft.clone(),
+                },
                 setup,
                 swarm,
                 &stop,
@@ -337,8 +340,7 @@ struct AgentSetup {
 fn start_local_model(
     state: AppState,
     path: PathBuf,
-    prompt_cache_bytes: usize,
-    lookup: Option<shoal_engine::Lookup>,
+    settings: LocalModelSettings,
     agent: Option<AgentSetup>,
     swarm: Option<(SwarmConfig, Option<Arc<Roster>>)>,
     stop: &watch::Sender<bool>,
@@ -346,12 +348,8 @@ fn start_local_model(
     let handle = tokio::runtime::Handle::current();
     let stopped = stopped(stop);
     tokio::task::spawn_blocking(move || {
-        let model = match load_model(&path) {
-            Ok(model) => {
-                model.set_prompt_cache_bytes(prompt_cache_bytes);
-                model.set_lookup(lookup);
-                Arc::new(model)
-            }
+        let model = match load_model(&path).and_then(|model| settings.apply(model)) {
+            Ok(model) => Arc::new(model),
             Err(e) => {
                 tracing::error!("{e}");
                 state.set_failed(e.to_string());
@@ -402,6 +400,27 @@ fn adopt_members(swarm: Arc<Swarm>, roster: Arc<Roster>) -> JoinHandle<()> {
 }
 
 /// Loads the whole model, logging how long it took.
+/// What a node's whole model is set up with once loaded.
+struct LocalModelSettings {
+    prompt_cache_bytes: usize,
+    speculation: Option<shoal_engine::Speculation>,
+    model_draft: Option<PathBuf>,
+}
+
+impl LocalModelSettings {
+    fn apply(self, mut model: Model) -> Result<Model, String> {
+        model.set_prompt_cache_bytes(self.prompt_cache_bytes);
+        if let Some(path) = &self.model_draft {
+            let draft = load_model(path)?;
+            // The draft keeps its own rows of the same prompts, within the same budget.
+            draft.set_prompt_cache_bytes(self.prompt_cache_bytes);
+            model.attach_draft(draft).map_err(|e| e.to_string())?;
+        }
+        model.set_speculation(self.speculation);
+        Ok(model)
+    }
+}
+
 fn load_model(path: &Path) -> Result<Model, String> {
     let started = Instant::now();
     let model =

@@ -37,7 +37,7 @@ pub(crate) enum Command {
     /// Talk to a model in the terminal.
     Chat(ChatArgs),
     /// Serve the OpenAI-compatible API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Measure prefill and decode speed and peak memory.
     Bench(shoal_eval::engine_bench::BenchArgs),
     /// List the known models and which are here; `models pull NAME` fetches one.
@@ -191,7 +191,7 @@ pub(crate) fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         Command::Chat(a) => chat(a),
         Command::Serve(mut a) => {
             let prompts = crate::config::apply(&mut a, matches.subcommand_matches("serve"))?;
-            crate::serve::serve(a, prompts)
+            crate::serve::serve(*a, prompts)
         }
         Command::Bench(a) => shoal_eval::engine_bench::run(a, &resolve_model),
         Command::Plan(a) => shoal_eval::plan::run(a, &resolve_model),

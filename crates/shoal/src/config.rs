@@ -15,6 +15,7 @@
 //! # split = "0-7,8-15,16-23"      # pipeline mode; without it the peers form a swarm
 //! # cache_ram = 1024               # MiB of prompt cache (0: off)
 //! # lookup = true                  # speculative decoding by prompt lookup; draft_max = 12
+//! # model_draft = "qwen05"         # ... or with a draft model (and lookup first, if on)
 //! role = "reasoner"
 //! swarm_key_file = "swarm.key"     # from `shoal key new`; relative to this file
 //!
@@ -66,8 +67,10 @@ pub(crate) struct ConfigFile {
     max_queue: Option<usize>,
     cache_ram: Option<usize>,
     lookup: Option<bool>,
+    model_draft: Option<PathBuf>,
     draft_max: Option<usize>,
     draft_min: Option<usize>,
+    draft_p_min: Option<f32>,
     client_stall_timeout_s: Option<f64>,
     request_timeout_s: Option<f64>,
     max_stop: Option<usize>,
@@ -129,13 +132,22 @@ pub(crate) fn apply(
             }
         };
     }
+    // A bare name is a known model's; a relative path is relative to the file.
+    let model_path = |m: PathBuf| {
+        if m.is_relative() && m.components().count() > 1 {
+            base.join(m)
+        } else {
+            m
+        }
+    };
     if !given("model") {
         if let Some(m) = file.model {
-            a.model.model = Some(if m.is_relative() && m.components().count() > 1 {
-                base.join(m)
-            } else {
-                m
-            });
+            a.model.model = Some(model_path(m));
+        }
+    }
+    if !given("model_draft") {
+        if let Some(m) = file.model_draft {
+            a.model_draft = Some(model_path(m));
         }
     }
     take!(model_id);
@@ -169,6 +181,7 @@ pub(crate) fn apply(
     take!(lookup);
     take!(draft_max);
     take!(draft_min);
+    take!(draft_p_min);
     take!(client_stall_timeout_s);
     take!(request_timeout_s);
     take!(max_stop);
@@ -211,7 +224,7 @@ mod tests {
             panic!("not serve")
         };
         let prompts = apply(&mut a, matches.subcommand_matches("serve")).unwrap();
-        (a, prompts)
+        (*a, prompts)
     }
 
     #[test]
@@ -222,6 +235,10 @@ mod tests {
             peer_port = 7070
             peers = ["10.0.0.2:7070", "10.0.0.3:7070"]
             role = "critic"
+            lookup = true
+            model_draft = "qwen05"
+            draft_max = 12
+            draft_p_min = 0.5
             [swarm]
             strategy = "vote"
             vote_samples = 7
@@ -235,6 +252,12 @@ mod tests {
         assert_eq!(a.peer_port, Some(7070));
         assert_eq!(a.peers, ["10.0.0.2:7070", "10.0.0.3:7070"]);
         assert_eq!(a.role.as_deref(), Some("critic"));
+        assert!(a.lookup);
+        assert_eq!(
+            a.model_draft.as_deref(),
+            Some(std::path::Path::new("qwen05"))
+        );
+        assert_eq!((a.draft_max, a.draft_p_min), (12, 0.5));
         assert_eq!(a.swarm_strategy, "vote");
         assert_eq!(a.swarm_samples, 7);
         assert_eq!(a.swarm_code_checks, crate::cli::Switch::Off);

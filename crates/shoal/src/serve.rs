@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use shoal_api::HttpLimits;
 use shoal_cluster::DetectorConfig;
-use shoal_engine::Lookup;
+use shoal_engine::{Lookup, Speculation};
 use shoal_node::{ClusterSettings, Node, NodeConfig, SwarmSettings};
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::routing::Strategy;
@@ -124,12 +124,21 @@ pub(crate) struct ServeArgs {
     /// repeats. Whole model on this node only, for now.
     #[arg(long)]
     pub(crate) lookup: bool,
-    /// With --lookup: most tokens drafted per pass.
-    #[arg(long, default_value_t = Lookup::default().draft_max)]
+    /// Speculative decoding with a draft model (a file or a known name): a smaller model
+    /// of the same tokenizer guesses the next tokens, the model checks them in one pass.
+    /// The answer is the same, token for token. With --lookup too, lookup drafts first.
+    #[arg(long, value_name = "PATH|NAME")]
+    pub(crate) model_draft: Option<PathBuf>,
+    /// With --lookup or --model-draft: most tokens drafted per pass.
+    #[arg(long, default_value_t = Speculation::default().draft_max)]
     pub(crate) draft_max: usize,
-    /// With --lookup: fewest drafted tokens worth a verification pass.
-    #[arg(long, default_value_t = Lookup::default().draft_min)]
+    /// With --lookup or --model-draft: fewest drafted tokens worth a verification pass.
+    #[arg(long, default_value_t = Speculation::default().draft_min)]
     pub(crate) draft_min: usize,
+    /// With --model-draft: the draft model stops guessing where its own probability of its
+    /// pick falls below this.
+    #[arg(long, default_value_t = Speculation::default().p_min)]
+    pub(crate) draft_p_min: f32,
     /// Requests waiting for the model at most; more are answered 429 with Retry-After.
     #[arg(long, default_value_t = HttpLimits::default().max_queue)]
     pub(crate) max_queue: usize,
@@ -184,11 +193,15 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
     let mut config = NodeConfig::new(PathBuf::new(), bind_addr(&a.host, a.port)?);
     config.model_id = a.model_id;
     config.prompt_cache_bytes = a.cache_ram.saturating_mul(1 << 20);
-    config.lookup = a.lookup.then(|| Lookup {
+    config.speculation = (a.lookup || a.model_draft.is_some()).then(|| Speculation {
+        lookup: a.lookup.then(Lookup::default),
+        draft_model: a.model_draft.is_some(),
         draft_max: a.draft_max.max(1),
         draft_min: a.draft_min,
-        ..Lookup::default()
+        p_min: a.draft_p_min,
     });
+    // Resolved (perhaps fetched) after the checks below.
+    config.model_draft = a.model_draft.clone();
     config.api_key = a.api_key;
     config.http_limits = HttpLimits {
         max_queue: a.max_queue,
@@ -239,6 +252,9 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
     // Refuse a contradiction before a model is fetched for it.
     config.check()?;
     config.model = resolve_model(a.model.model.as_deref())?;
+    if let Some(draft) = config.model_draft.take() {
+        config.model_draft = Some(resolve_model(Some(&draft)).context("--model-draft")?);
+    }
     Ok(config)
 }
 

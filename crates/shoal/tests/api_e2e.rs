@@ -138,3 +138,63 @@ fn hang_up(addr: SocketAddr, model: &str, stream: bool) {
     }
     drop(socket);
 }
+
+/// `--model-draft` and `--lookup`: the answers are the plain server's, the guesses are
+/// counted, and a draft model of another vocabulary keeps the node from getting ready, with
+/// the reason in `/health`.
+#[test]
+fn speculative_decoding_answers_as_the_plain_server_does() {
+    let smollm2 = model_path(SMOLLM2);
+    let draft = smollm2.to_str().unwrap().to_string();
+    let plain = start_server();
+    let fast = common::Server::start(&smollm2, &["--model-draft", &draft, "--lookup"]);
+    plain.wait_healthy();
+    fast.wait_healthy();
+    let model = SMOLLM2.trim_end_matches(".gguf");
+    let code =
+        "def area(w, h):\n    return w * h\n\ndef perimeter(w, h):\n    return 2 * (w + h)\n";
+    let prompt = format!("Rename `area` to `surface` and answer with the whole file:\n{code}");
+    for stream in [false, true] {
+        let body = chat_body(model, &prompt, 60, stream);
+        let want = http(plain.addr, "POST", "/v1/chat/completions", Some(&body)).unwrap();
+        let got = http(fast.addr, "POST", "/v1/chat/completions", Some(&body)).unwrap();
+        assert_eq!(got.status, 200, "{}", got.body);
+        let text = |b: &str| -> String {
+            if !stream {
+                let v: serde_json::Value = serde_json::from_str(b).unwrap();
+                return v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .into();
+            }
+            b.lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter(|d| *d != "[DONE]")
+                .filter_map(|d| {
+                    let v: serde_json::Value = serde_json::from_str(d).unwrap();
+                    v["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(String::from)
+                })
+                .collect()
+        };
+        assert_eq!(text(&got.body), text(&want.body), "stream: {stream}");
+    }
+    let drafted = metric(fast.addr, "shoal_draft_tokens_total");
+    let kept = metric(fast.addr, "shoal_draft_accepted_tokens_total");
+    assert!(kept > 0.0 && drafted >= kept, "{kept} of {drafted} kept");
+    assert_eq!(metric(plain.addr, "shoal_draft_tokens_total"), 0.0);
+
+    let qwen = model_path(common::QWEN05);
+    let refused = common::Server::start(&smollm2, &["--model-draft", qwen.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = http(refused.addr, "GET", "/health", None).unwrap();
+        assert_eq!(r.status, 503, "{}", r.body);
+        if r.body.contains("cannot draft") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reason given: {}", r.body);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -492,6 +492,9 @@ pub(super) const KQ_TILE: usize = 16;
 /// laid out across rows so a tile's lanes load them at once.
 pub(super) struct KTile<'a> {
     qs: [&'a [i8]; KQ_TILE],
+    /// Each row's own 16-element sums (`Q8Row::bsums`), for the orders that need them
+    /// per row.
+    row_bsums: [&'a [i16]; KQ_TILE],
     /// Rows in the tile; the lanes past it hold copies of row 0 and are not stored.
     pub(super) n: usize,
     /// `d[b * 16 + r]`: row r's scale of super-block b.
@@ -507,6 +510,7 @@ impl<'a> KTile<'a> {
         let row = |r: usize| if r < rows.len() { rows[r] } else { rows[0] };
         let mut t = KTile {
             qs: std::array::from_fn(|r| row(r).qs.as_slice()),
+            row_bsums: std::array::from_fn(|r| row(r).bsums.as_slice()),
             n: rows.len(),
             d: vec![0.0; nb * KQ_TILE],
             bsums: vec![0; nb * 16 * KQ_TILE],
@@ -569,7 +573,23 @@ unsafe fn chunk_halves(x: __m512i, y: __m512i) -> __m512i {
 /// dmin_w·d_a, acc_min)`; the result `acc - acc_min`.
 pub(super) fn tile_q4_k_pairs(w: &[u8], t: &KTile, out: &mut [f32]) {
     // Safety: only selected after `available()`; the sizes are checked inside.
-    unsafe { tile_q4_k_pairs_avx512(w, t, out) }
+    unsafe { tile_q4_k_avx512::<true>(w, t, out) }
+}
+
+/// Q4_K weight row times a tile in llama.cpp's repacked-GEMV order (`Order::Q4kBlocks`,
+/// a decode step's): the same per whole super-block. Several decode steps at once (a
+/// verification pass, sessions batched) then share the weights' unpacking.
+pub(super) fn tile_q4_k_blocks(w: &[u8], t: &KTile, out: &mut [f32]) {
+    // Safety: as above.
+    unsafe { tile_q4_k_avx512::<false>(w, t, out) }
+}
+
+/// Q6_K weight row times a tile in `ggml_vec_dot_q6_K_q8_K`'s order (`Order::Q6kLanes`, a
+/// decode step's): each row's 8 lane totals accumulated apart, added at the end as
+/// `hsum_float_8` adds them.
+pub(super) fn tile_q6_k_lanes(w: &[u8], t: &KTile, out: &mut [f32]) {
+    // Safety: as above.
+    unsafe { tile_q6_k_lanes_avx512(w, t, out) }
 }
 
 /// Q6_K weight row times a tile in llama.cpp's tiled order (`Order::Q6kTiled`): per
@@ -579,8 +599,10 @@ pub(super) fn tile_q6_k_tiled(w: &[u8], t: &KTile, out: &mut [f32]) {
     unsafe { tile_q6_k_tiled_avx512(w, t, out) }
 }
 
+/// `PAIRS`: the float step per pair of sub-blocks (`Q4kPairs`), else per super-block
+/// (`Q4kBlocks`, the pair sums added first: exact, as they are integers).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-unsafe fn tile_q4_k_pairs_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
+unsafe fn tile_q4_k_avx512<const PAIRS: bool>(w: &[u8], t: &KTile, out: &mut [f32]) {
     let nb = w.len() / Q4_K_BLOCK_BYTES;
     assert!(t.d.len() >= nb * KQ_TILE && out.len() >= t.n);
     assert!(t.qs.iter().all(|q| q.len() >= nb * QK_K));
@@ -603,6 +625,11 @@ unsafe fn tile_q4_k_pairs_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
             da,
         );
         let scales = &block[4..16];
+        let zero = _mm512_setzero_si512();
+        // Blocks: each row's lanes summed over the super-block (exact, as integers), then
+        // added across lanes once.
+        let mut block_lanes = [zero; KQ_TILE];
+        let mut block_mins = zero;
         for p in 0..4 {
             let (sc0, m0) = super::scalar::scale_min_k4(2 * p, scales);
             let (sc1, m1) = super::scalar::scale_min_k4(2 * p + 1, scales);
@@ -615,13 +642,16 @@ unsafe fn tile_q4_k_pairs_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
                 _mm512_castsi256_si512(_mm256_set1_epi32(sc0 as i32)),
                 _mm256_set1_epi32(sc1 as i32),
             );
-            let zero = _mm512_setzero_si512();
             let mut lanes = [zero; KQ_TILE];
-            for (r, l) in lanes.iter_mut().enumerate().take(t.n) {
+            for r in 0..t.n {
                 let a = _mm512_loadu_si512(t.qs[r].as_ptr().add(b * QK_K + 64 * p) as *const _);
-                *l = _mm512_mullo_epi32(_mm512_dpbusd_epi32(zero, nibbles, a), sc);
+                let scaled = _mm512_mullo_epi32(_mm512_dpbusd_epi32(zero, nibbles, a), sc);
+                if PAIRS {
+                    lanes[r] = scaled;
+                } else {
+                    block_lanes[r] = _mm512_add_epi32(block_lanes[r], scaled);
+                }
             }
-            let sums = row_totals(&lanes);
             let bsums = t.bsums.as_ptr().add(b * 16 * KQ_TILE);
             let bs = |j: usize| bsums.add(j * KQ_TILE) as *const __m512i;
             let (bs0, bs1) = (
@@ -636,8 +666,18 @@ unsafe fn tile_q4_k_pairs_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
                 _mm512_mullo_epi32(_mm512_add_epi32(bs0, bs1), _mm512_set1_epi32(m0 as i32)),
                 _mm512_mullo_epi32(_mm512_add_epi32(bs2, bs3), _mm512_set1_epi32(m1 as i32)),
             );
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, acc);
-            acc_min = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins), dmin, acc_min);
+            if PAIRS {
+                let sums = row_totals(&lanes);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, acc);
+                acc_min = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins), dmin, acc_min);
+            } else {
+                block_mins = _mm512_add_epi32(block_mins, mins);
+            }
+        }
+        if !PAIRS {
+            let block_sums = row_totals(&block_lanes);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_sums), d, acc);
+            acc_min = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_mins), dmin, acc_min);
         }
     }
     store_lanes(_mm512_sub_ps(acc, acc_min), t.n, out);
@@ -649,51 +689,14 @@ unsafe fn tile_q6_k_tiled_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
     assert!(t.d.len() >= nb * KQ_TILE && out.len() >= t.n);
     assert!(t.qs.iter().all(|q| q.len() >= nb * QK_K));
     let mut acc = _mm512_setzero_ps();
-    let low = _mm256_set1_epi8(0x0f);
-    let two = _mm256_set1_epi8(0x03);
     for b in 0..nb {
         let block = &w[b * Q6_K_BLOCK_BYTES..][..Q6_K_BLOCK_BYTES];
         let scale = |j: usize| block[192 + j] as i8 as i32;
-        // The 256 unsigned 6-bit values in element order, 64 per register: per half of
-        // 128, `ql` bytes 0..32 and 32..64 give the low nibbles of elements 0..32 and
-        // 32..64 and the high nibbles of 64..96 and 96..128; `qh` their top two bits.
-        let mut values = [_mm512_setzero_si512(); 4];
-        for h in 0..2 {
-            let ql_a = _mm256_loadu_si256(block.as_ptr().add(64 * h) as *const __m256i);
-            let ql_b = _mm256_loadu_si256(block.as_ptr().add(64 * h + 32) as *const __m256i);
-            let qh = _mm256_loadu_si256(block.as_ptr().add(128 + 32 * h) as *const __m256i);
-            // Bits 2k, 2k + 1 of each `qh` byte, moved to bits 4 and 5.
-            let top0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, two));
-            let top1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<2>(two)));
-            let top2 = _mm256_and_si256(qh, _mm256_slli_epi16::<4>(two));
-            let top3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<6>(two)));
-            let e0 = _mm256_or_si256(_mm256_and_si256(ql_a, low), top0);
-            let e1 = _mm256_or_si256(_mm256_and_si256(ql_b, low), top1);
-            let e2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql_a), low), top2);
-            let e3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql_b), low), top3);
-            values[2 * h] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(e0), e1);
-            values[2 * h + 1] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(e2), e3);
-        }
-        // Register k covers sub-blocks 4k..4k+4 (16 elements, 4 lanes each).
-        let sc = [
-            q6_k_scales(block, 0),
-            q6_k_scales(block, 1),
-            q6_k_scales(block, 2),
-            q6_k_scales(block, 3),
-        ];
+        let (values, sc) = q6_k_unpack(block);
         let zero = _mm512_setzero_si512();
         let mut lanes = [zero; KQ_TILE];
         for (r, l) in lanes.iter_mut().enumerate().take(t.n) {
-            let q = t.qs[r].as_ptr().add(b * QK_K);
-            let mut sum = zero;
-            for (k, (v, s)) in values.iter().zip(&sc).enumerate() {
-                let a = _mm512_loadu_si512(q.add(64 * k) as *const _);
-                sum = _mm512_add_epi32(
-                    sum,
-                    _mm512_mullo_epi32(_mm512_dpbusd_epi32(zero, *v, a), *s),
-                );
-            }
-            *l = sum;
+            *l = q6_k_row_lanes(&values, &sc, t.qs[r].as_ptr().add(b * QK_K));
         }
         // Minus 32 × the scaled activation sums (the values are stored + 32).
         let mut offset = zero;
@@ -714,6 +717,101 @@ unsafe fn tile_q6_k_tiled_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
         );
     }
     store_lanes(acc, t.n, out);
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+unsafe fn tile_q6_k_lanes_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
+    let nb = w.len() / Q6_K_BLOCK_BYTES;
+    assert!(t.d.len() >= nb * KQ_TILE && out.len() >= t.n);
+    assert!(t.qs.iter().all(|q| q.len() >= nb * QK_K));
+    assert!(t.row_bsums.iter().all(|s| s.len() >= nb * 16));
+    let mut acc = [_mm256_setzero_ps(); KQ_TILE];
+    for b in 0..nb {
+        let block = &w[b * Q6_K_BLOCK_BYTES..][..Q6_K_BLOCK_BYTES];
+        let (values, sc) = q6_k_unpack(block);
+        // The 16 sub-block scales, ×32 (the values are stored + 32).
+        let scales32 = _mm512_slli_epi32::<5>(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            block.as_ptr().add(192) as *const __m128i,
+        )));
+        let d_w = kquant::f16_bits_to_f32(u16::from_le_bytes([block[208], block[209]]));
+        for (r, acc) in acc.iter_mut().enumerate().take(t.n) {
+            let sum = q6_k_row_lanes(&values, &sc, t.qs[r].as_ptr().add(b * QK_K));
+            // Register lane L holds elements 4L..4L+4 of a 64: llama.cpp's lane L % 8.
+            let folded = _mm256_add_epi32(
+                _mm512_castsi512_si256(sum),
+                _mm512_extracti64x4_epi64::<1>(sum),
+            );
+            // Lane n's offset: sub-blocks 2n and 2n + 1, each sum times 32 × its scale.
+            let bs = _mm512_cvtepi16_epi32(_mm256_loadu_si256(
+                t.row_bsums[r].as_ptr().add(b * 16) as *const __m256i
+            ));
+            let scaled = _mm512_mullo_epi32(bs, scales32);
+            let pairs = _mm512_add_epi32(scaled, _mm512_srli_epi64::<32>(scaled));
+            let offset = _mm512_cvtepi64_epi32(pairs);
+            let lanes = _mm256_cvtepi32_ps(_mm256_sub_epi32(folded, offset));
+            let d = t.d[b * KQ_TILE + r] * d_w;
+            *acc = _mm256_fmadd_ps(lanes, _mm256_set1_ps(d), *acc);
+        }
+    }
+    for (r, acc) in acc.iter().enumerate().take(t.n) {
+        let mut a = [0f32; 8];
+        _mm256_storeu_ps(a.as_mut_ptr(), *acc);
+        // hsum_float_8: the halves, then pairs, then the last two.
+        out[r] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+    }
+}
+
+/// One row's scaled integer products with a Q6_K super-block: 16 lanes, lane L of the sum
+/// holding elements `4L..4L+4` of each 64.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn q6_k_row_lanes(values: &[__m512i; 4], sc: &[__m512i; 4], q: *const i8) -> __m512i {
+    let zero = _mm512_setzero_si512();
+    let mut sum = zero;
+    for (k, (v, s)) in values.iter().zip(sc).enumerate() {
+        let a = _mm512_loadu_si512(q.add(64 * k) as *const _);
+        sum = _mm512_add_epi32(
+            sum,
+            _mm512_mullo_epi32(_mm512_dpbusd_epi32(zero, *v, a), *s),
+        );
+    }
+    sum
+}
+
+/// A Q6_K super-block's 256 unsigned 6-bit values in element order, 64 per register, and
+/// the scales of the sub-blocks each register's lanes cover.
+#[target_feature(enable = "avx2,avx512f,avx512bw")]
+#[inline]
+unsafe fn q6_k_unpack(block: &[u8]) -> ([__m512i; 4], [__m512i; 4]) {
+    let low = _mm256_set1_epi8(0x0f);
+    let two = _mm256_set1_epi8(0x03);
+    // Per half of 128, `ql` bytes 0..32 and 32..64 give the low nibbles of elements 0..32
+    // and 32..64 and the high nibbles of 64..96 and 96..128; `qh` their top two bits.
+    let mut values = [_mm512_setzero_si512(); 4];
+    for h in 0..2 {
+        let ql_a = _mm256_loadu_si256(block.as_ptr().add(64 * h) as *const __m256i);
+        let ql_b = _mm256_loadu_si256(block.as_ptr().add(64 * h + 32) as *const __m256i);
+        let qh = _mm256_loadu_si256(block.as_ptr().add(128 + 32 * h) as *const __m256i);
+        // Bits 2k, 2k + 1 of each `qh` byte, moved to bits 4 and 5.
+        let top0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, two));
+        let top1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<2>(two)));
+        let top2 = _mm256_and_si256(qh, _mm256_slli_epi16::<4>(two));
+        let top3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_slli_epi16::<6>(two)));
+        let e0 = _mm256_or_si256(_mm256_and_si256(ql_a, low), top0);
+        let e1 = _mm256_or_si256(_mm256_and_si256(ql_b, low), top1);
+        let e2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql_a), low), top2);
+        let e3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql_b), low), top3);
+        values[2 * h] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(e0), e1);
+        values[2 * h + 1] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(e2), e3);
+    }
+    // Register k covers sub-blocks 4k..4k+4 (16 elements, 4 lanes each).
+    let sc = [
+        q6_k_scales(block, 0),
+        q6_k_scales(block, 1),
+        q6_k_scales(block, 2),
+        q6_k_scales(block, 3),
+    ];
+    (values, sc)
 }
 
 /// The signed scales of Q6_K sub-blocks `4k..4k+4`, each over its 4 lanes.

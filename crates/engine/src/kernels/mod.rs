@@ -502,10 +502,10 @@ impl QuantMatrix {
                 None => {}
             }
             #[cfg(target_arch = "x86_64")]
-            if let Some((kernel, tiles, tiled_rows)) = &k_tiles {
+            if let Some((tiles, tiled_rows)) = &k_tiles {
                 let mut lanes = [0f32; avx512::KQ_TILE];
                 for (j, dst_row) in dst.chunks_mut(m).enumerate() {
-                    for (tile, rows) in tiles {
+                    for (kernel, tile, rows) in tiles {
                         kernel(weight(j), tile, &mut lanes);
                         for (&i, &v) in rows.iter().zip(&lanes) {
                             dst_row[i] = v;
@@ -578,9 +578,10 @@ impl OutPtr {
 #[cfg(target_arch = "x86_64")]
 type KTileDot = fn(&[u8], &avx512::KTile, &mut [f32]);
 
-/// K-quant prompt rows whose order (`kquant::order`, from the row's own segment) has a
-/// tile kernel on this CPU, in tiles of up to 16 rows: the kernel, the tiles with the
-/// indices of their rows, and which rows are tiled. `None` where nothing is tiled.
+/// K-quant rows whose order (`kquant::order`, from the row's own segment) has a tile
+/// kernel on this CPU — a prompt's, or several decode steps' (a verification pass, sessions
+/// batched) — in tiles of up to 16 rows of one order: per tile its kernel and the indices
+/// of its rows, and which rows are tiled. `None` where nothing is tiled.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::type_complexity)]
 fn k_tiles<'a>(
@@ -589,35 +590,50 @@ fn k_tiles<'a>(
     format: Format,
     n: usize,
     tiled: bool,
-) -> Option<(KTileDot, Vec<(avx512::KTile<'a>, Vec<usize>)>, Vec<bool>)> {
-    let (order, kernel): (kquant::Order, KTileDot) = match format {
-        Format::Q4K => (kquant::Order::Q4kPairs, avx512::tile_q4_k_pairs),
-        Format::Q6K => (kquant::Order::Q6kTiled, avx512::tile_q6_k_tiled),
+) -> Option<(Vec<(KTileDot, avx512::KTile<'a>, Vec<usize>)>, Vec<bool>)> {
+    use kquant::Order;
+    let kernels: &[(Order, KTileDot)] = match format {
+        Format::Q4K => &[
+            (Order::Q4kPairs, avx512::tile_q4_k_pairs),
+            (Order::Q4kBlocks, avx512::tile_q4_k_blocks),
+        ],
+        Format::Q6K => &[
+            (Order::Q6kTiled, avx512::tile_q6_k_tiled),
+            (Order::Q6kLanes, avx512::tile_q6_k_lanes),
+        ],
         _ => return None,
     };
     if !tiled || !avx512::available() || tiles_setting() == "avx2" {
         return None;
     }
-    let mut tiled_rows = vec![false; acts.len()];
-    let mut start = 0;
+    // Each row's kernel, where its order has one.
+    let mut by_row = Vec::with_capacity(acts.len());
     for &len in segments {
         for i in 0..len {
-            tiled_rows[start + i] = kquant::order(format, n, len, i) == Some(order);
+            let order = kquant::order(format, n, len, i);
+            by_row.push(kernels.iter().position(|(o, _)| Some(*o) == order));
         }
-        start += len;
     }
-    let rows: Vec<usize> = (0..acts.len()).filter(|&i| tiled_rows[i]).collect();
-    if rows.len() < 2 {
+    let mut tiled_rows = vec![false; acts.len()];
+    let mut tiles = Vec::new();
+    for (k, &(_, kernel)) in kernels.iter().enumerate() {
+        let rows: Vec<usize> = (0..acts.len()).filter(|&i| by_row[i] == Some(k)).collect();
+        // One row alone gains nothing from a tile.
+        if rows.len() < 2 {
+            continue;
+        }
+        for idx in rows.chunks(avx512::KQ_TILE) {
+            let group: Vec<&Q8Row> = idx.iter().map(|&i| &acts[i]).collect();
+            tiles.push((kernel, avx512::KTile::new(&group), idx.to_vec()));
+            for &i in idx {
+                tiled_rows[i] = true;
+            }
+        }
+    }
+    if tiles.is_empty() {
         return None;
     }
-    let tiles = rows
-        .chunks(avx512::KQ_TILE)
-        .map(|idx| {
-            let group: Vec<&Q8Row> = idx.iter().map(|&i| &acts[i]).collect();
-            (avx512::KTile::new(&group), idx.to_vec())
-        })
-        .collect();
-    Some((kernel, tiles, tiled_rows))
+    Some((tiles, tiled_rows))
 }
 
 /// For measurements: `SHOAL_KERNEL_TILES=pairwise` sends prompts one (weight row,
@@ -1203,6 +1219,58 @@ mod tests {
                     for j in 0..rows {
                         let want = dot(&data[j * row_bytes..][..row_bytes], &act);
                         assert_eq!(pairwise[i * rows + j].to_bits(), want.to_bits());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stacked products (a verification pass's rows each a decode step, sessions batched):
+    /// the tiles give every row the bits of its own segment's order.
+    #[test]
+    fn tiled_segments_are_bit_identical_to_each_rows_own_order() {
+        for format in FORMATS {
+            let cols = 3 * QK_K;
+            for (rows, segments, seed) in [
+                (32, vec![1; 9], 91),
+                (40, vec![1, 1, 4, 1, 8, 2, 1], 92),
+                (37, vec![1; 17], 93),
+                (24, vec![3, 1, 1], 94),
+            ] {
+                let m: usize = segments.iter().sum();
+                let data = random_blocks(format, rows, cols, seed);
+                let w = QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap();
+                let x = random_f32(m * cols, seed + 1);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                let pairwise = w.matmul_segments_f32(&x, &segments, false).unwrap();
+                for threads in [1, 2] {
+                    let tiled = pool::with_threads(threads, || {
+                        w.matmul_segments_f32(&x, &segments, true).unwrap()
+                    });
+                    assert_eq!(
+                        bits(&tiled),
+                        bits(&pairwise),
+                        "{format:?} {rows}x{cols} segments {segments:?}"
+                    );
+                }
+                let row_bytes = data.len() / rows;
+                let mut i = 0;
+                for &len in &segments {
+                    for within in 0..len {
+                        let act = quantize_for(format, &x[i * cols..][..cols]);
+                        let dot = kquant::order(format, rows, len, within)
+                            .map_or(vec_dot_fn(format), |o| {
+                                kquant::dot_for(o, vec_dot_fn(format))
+                            });
+                        for j in 0..rows {
+                            let want = dot(&data[j * row_bytes..][..row_bytes], &act);
+                            assert_eq!(
+                                pairwise[i * rows + j].to_bits(),
+                                want.to_bits(),
+                                "{format:?} row {i}"
+                            );
+                        }
+                        i += 1;
                     }
                 }
             }

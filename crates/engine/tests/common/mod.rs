@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 pub const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
 pub const QWEN05: &str = "qwen2.5-coder-0.5b-instruct.gguf";
+/// Only the draft-model tests use it (Qwen2.5-Coder-0.5B drafts for it).
+pub const QWEN15: &str = "qwen2.5-coder-1.5b-instruct.gguf";
 
 pub fn models_dir() -> PathBuf {
     std::env::var_os("SHOAL_MODELS_DIR")
