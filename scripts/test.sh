@@ -24,7 +24,7 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 
 echo "== fetching test models"
-scripts/fetch-models.sh smollm2 qwen05 humaneval
+scripts/fetch-models.sh smollm2 qwen05 qwen15 humaneval
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

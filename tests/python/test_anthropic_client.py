@@ -90,6 +90,28 @@ class Messages(unittest.TestCase):
         self.assertEqual(m.usage.output_tokens, 3)
 
 
+    def test_a_stop_sequence_is_named(self):
+        args = dict(
+            model=MODEL, max_tokens=30, extra_body=GREEDY,
+            messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}],
+        )
+        text = client.messages.create(**args).content[0].text
+        words = text.split()
+        self.assertGreater(len(words), 3, text)
+        stop = words[2]
+        m = client.messages.create(stop_sequences=["never-said", stop], **args)
+        self.assertEqual(m.stop_reason, "stop_sequence")
+        self.assertEqual(m.stop_sequence, stop)
+        self.assertEqual(m.content[0].text, text[: text.index(stop)])
+        with client.messages.stream(stop_sequences=["never-said", stop], **args) as stream:
+            final = stream.get_final_message()
+        self.assertEqual(final.stop_reason, "stop_sequence")
+        self.assertEqual(final.stop_sequence, stop)
+        self.assertEqual(final.content[0].text, m.content[0].text)
+        # Without one, there is none.
+        self.assertIsNone(client.messages.create(**args).stop_sequence)
+
+
 class ToolUse(unittest.TestCase):
     def test_a_tool_use_and_its_result(self):
         m = client.messages.create(

@@ -6,14 +6,14 @@
 //! blocks become `tool` messages, `tools[].input_schema` becomes `parameters`,
 //! `tool_choice` `any` becomes `required` — then prepared and run the same way. Only the
 //! answer is written differently: content blocks (`text`, `tool_use` with its `input`
-//! object), `stop_reason` (`end_turn`, `max_tokens`, `tool_use`), and when streaming the
+//! object), `stop_reason` (`end_turn`, `max_tokens`, `tool_use`, `stop_sequence` with the
+//! `stop_sequence` that ended the answer), and when streaming the
 //! named SSE events `message_start`, `content_block_start`, `content_block_delta`
 //! (`text_delta`, `input_json_delta`), `content_block_stop`, `message_delta`,
 //! `message_stop`. Errors use Anthropic's shape, `{"type":"error","error":{"type","message"}}`.
 //!
 //! Not supported: images and documents in content (a 400 says so), server tools (web
-//! search and the like), extended thinking (`thinking` is ignored), and `stop_sequence`
-//! naming which stop string ended the answer (`end_turn` is reported).
+//! search and the like), extended thinking (`thinking` is ignored).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -99,8 +99,8 @@ async fn answer(
             .keep_alive(KeepAlive::default())
             .into_response())
     } else {
-        let (text, finish, usage) = runner::collect(rx).await?;
-        Ok(axum::Json(out.whole(&text, finish, usage, &answering)).into_response())
+        let whole = runner::collect(rx).await?;
+        Ok(axum::Json(out.whole(&whole, &answering)).into_response())
     }
 }
 
@@ -382,10 +382,11 @@ fn anthropic_usage(usage: &Usage) -> serde_json::Value {
     })
 }
 
-fn stop_reason(finish: FinishReason, calls: bool) -> &'static str {
+fn stop_reason(finish: FinishReason, calls: bool, stop_sequence: Option<&str>) -> &'static str {
     match (calls, finish) {
         (true, _) => "tool_use",
         (false, FinishReason::Length) => "max_tokens",
+        (false, _) if stop_sequence.is_some() => "stop_sequence",
         (false, _) => "end_turn",
     }
 }
@@ -396,14 +397,9 @@ fn tool_use_block(call: &crate::tools::Call) -> Value {
 }
 
 impl Writer {
-    fn whole(
-        &self,
-        text: &str,
-        finish: FinishReason,
-        usage: Usage,
-        answering: &Answering,
-    ) -> Value {
-        let parsed = read_back(text, answering);
+    fn whole(&self, whole: &runner::Whole, answering: &Answering) -> Value {
+        let parsed = read_back(&whole.text, answering);
+        let stop_sequence = whole.stop_sequence.as_deref();
         let mut content = Vec::new();
         if !parsed.content.is_empty() || parsed.calls.is_empty() {
             content.push(json!({"type": "text", "text": parsed.content}));
@@ -415,9 +411,9 @@ impl Writer {
             "role": "assistant",
             "model": self.model,
             "content": content,
-            "stop_reason": stop_reason(finish, !parsed.calls.is_empty()),
-            "stop_sequence": null,
-            "usage": anthropic_usage(&usage),
+            "stop_reason": stop_reason(whole.finish, !parsed.calls.is_empty(), stop_sequence),
+            "stop_sequence": stop_sequence,
+            "usage": anthropic_usage(&whole.usage),
         })
     }
 
@@ -476,7 +472,11 @@ impl Writer {
                         };
                         text_events(&mut run.text_open, text)
                     }
-                    Some(Event::Done { finish, usage }) => {
+                    Some(Event::Done {
+                        finish,
+                        usage,
+                        stop_sequence,
+                    }) => {
                         run.finished = true;
                         let mut events = Vec::new();
                         let parsed = read_back(run.gate.seen(), &answering);
@@ -524,8 +524,9 @@ impl Writer {
                             "message_delta",
                             &json!({
                                 "type": "message_delta",
-                                "delta": {"stop_reason": stop_reason(finish, !parsed.calls.is_empty()),
-                                          "stop_sequence": null},
+                                "delta": {"stop_reason": stop_reason(finish, !parsed.calls.is_empty(),
+                                                                     stop_sequence.as_deref()),
+                                          "stop_sequence": stop_sequence},
                                 "usage": anthropic_usage(&usage),
                             }),
                         ));

@@ -653,7 +653,12 @@ async fn respond(
             .keep_alive(KeepAlive::default())
             .into_response())
     } else {
-        let (text, finish, usage) = runner::collect(rx).await?;
+        let runner::Whole {
+            text,
+            finish,
+            usage,
+            ..
+        } = runner::collect(rx).await?;
         Ok(out.whole(text, finish, usage))
     }
 }
@@ -895,7 +900,7 @@ impl Output {
                         Phase::Start => Vec::new(),
                         Phase::Running => match rx.recv().await {
                             Some(Event::Text(text)) => out.text_events(&mut gate, text),
-                            Some(Event::Done { finish, usage }) => {
+                            Some(Event::Done { finish, usage, .. }) => {
                                 let mut events = out.end_events(&gate, finish);
                                 if out.include_usage {
                                     events.push(out.usage_chunk(usage));

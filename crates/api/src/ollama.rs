@@ -857,7 +857,7 @@ impl Reply {
                     first_piece.get_or_insert_with(Instant::now);
                     text.push_str(&piece);
                 }
-                Event::Done { finish, usage } => {
+                Event::Done { finish, usage, .. } => {
                     let (content, calls) = self.split(&text);
                     let totals = self.totals(usage, first_piece);
                     return Ok(
@@ -923,7 +923,7 @@ impl Streaming {
                     }
                     Some(ndjson(&reply.line(content, Vec::new(), None)))
                 }
-                Some(Event::Done { finish, usage }) => {
+                Some(Event::Done { finish, usage, .. }) => {
                     self.finished = true;
                     let (rest, calls) = match &reply.tools {
                         None => (String::new(), Vec::new()),

@@ -44,7 +44,12 @@ pub(crate) struct Job {
 #[derive(Debug)]
 pub(crate) enum Event {
     Text(String),
-    Done { finish: FinishReason, usage: Usage },
+    Done {
+        finish: FinishReason,
+        usage: Usage,
+        /// The stop string that ended the answer, if one did.
+        stop_sequence: Option<String>,
+    },
     Failed(ApiError),
 }
 
@@ -192,6 +197,7 @@ fn run(
         .draft_accepted_tokens
         .inc_by(timings.accepted_tokens as u64);
     let finish = generation.finish_reason().unwrap_or(FinishReason::Stop);
+    let stop_sequence = generation.stop_string().map(str::to_owned);
     // The cache is kept when the generation goes: count it after.
     drop(generation);
     let (_, kept_bytes) = model.prompt_cache_usage();
@@ -202,7 +208,11 @@ fn run(
         Ok(()) => {
             let usage = Usage::new(prompt_tokens, timings.generated_tokens)
                 .with_cached(timings.cached_tokens);
-            Some(Event::Done { finish, usage })
+            Some(Event::Done {
+                finish,
+                usage,
+                stop_sequence,
+            })
         }
         Err(None) => {
             metrics.cancelled.inc();
@@ -314,6 +324,7 @@ async fn run_ring(
             Some(Event::Done {
                 finish,
                 usage: Usage::new(prompt_tokens, generated).with_cached(cached_tokens),
+                stop_sequence: text.stop_string().map(str::to_owned),
             })
         }
         Err(None) => {
@@ -328,15 +339,33 @@ async fn run_ring(
     }
 }
 
+/// A whole answer, for non-streaming replies.
+pub(crate) struct Whole {
+    pub(crate) text: String,
+    pub(crate) finish: FinishReason,
+    pub(crate) usage: Usage,
+    /// The stop string that ended the answer, if one did.
+    pub(crate) stop_sequence: Option<String>,
+}
+
 /// The whole text of a generation, for non-streaming answers.
-pub(crate) async fn collect(
-    mut rx: mpsc::Receiver<Event>,
-) -> Result<(String, FinishReason, Usage), ApiError> {
+pub(crate) async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Whole, ApiError> {
     let mut text = String::new();
     while let Some(event) = rx.recv().await {
         match event {
             Event::Text(t) => text.push_str(&t),
-            Event::Done { finish, usage } => return Ok((text, finish, usage)),
+            Event::Done {
+                finish,
+                usage,
+                stop_sequence,
+            } => {
+                return Ok(Whole {
+                    text,
+                    finish,
+                    usage,
+                    stop_sequence,
+                })
+            }
             Event::Failed(e) => return Err(e),
         }
     }

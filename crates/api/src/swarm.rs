@@ -181,6 +181,7 @@ fn done(o: &SwarmOutcome) -> Event {
     Event::Done {
         finish: FinishReason::Stop,
         usage: usage(o),
+        stop_sequence: None,
     }
 }
 

@@ -441,6 +441,11 @@ impl<'m> Generation<'m> {
         self.text.visible()
     }
 
+    /// The stop string that ended the answer, if one did.
+    pub fn stop_string(&self) -> Option<&str> {
+        self.text.stop_string()
+    }
+
     /// Runs the model for one more token. `Ok(None)` once finished; then
     /// [`Generation::finish_reason`] says why. All visible text is handed out in steps:
     /// the step that ends generation carries whatever was held back.

@@ -15,6 +15,8 @@ pub struct TextStream<'t> {
     text: String,
     /// How much of `text` was handed out.
     emitted: usize,
+    /// The stop string that ended the text, once one did.
+    stopped_by: Option<usize>,
 }
 
 impl<'t> TextStream<'t> {
@@ -26,6 +28,7 @@ impl<'t> TextStream<'t> {
             stop,
             text: String::new(),
             emitted: 0,
+            stopped_by: None,
         }
     }
 
@@ -34,8 +37,9 @@ impl<'t> TextStream<'t> {
     pub fn push(&mut self, token: u32) -> Result<(String, bool)> {
         let piece = self.decoder.push(token)?;
         self.text.push_str(&piece);
-        if let Some(cut) = self.find_stop() {
+        if let Some((cut, which)) = self.find_stop() {
             self.text.truncate(cut);
+            self.stopped_by = Some(which);
             return Ok((self.take(cut), true));
         }
         let upto = self.safe_end();
@@ -66,19 +70,30 @@ impl<'t> TextStream<'t> {
         &self.text[..self.emitted]
     }
 
-    /// Byte offset of the earliest complete stop string in the text.
-    fn find_stop(&self) -> Option<usize> {
+    /// The stop string that ended the text, if one did (Anthropic's `stop_sequence`).
+    pub fn stop_string(&self) -> Option<&str> {
+        self.stopped_by
+            .and_then(|i| self.stop.get(i))
+            .map(String::as_str)
+    }
+
+    /// Byte offset of the earliest complete stop string in the text, and which one it is
+    /// (the first listed, of several ending there).
+    fn find_stop(&self) -> Option<(usize, usize)> {
         self.stop
             .iter()
-            .filter(|stop| !stop.is_empty())
-            .filter_map(|stop| {
+            .enumerate()
+            .filter(|(_, stop)| !stop.is_empty())
+            .filter_map(|(which, stop)| {
                 // Only text past what was emitted can complete a stop string; it may
                 // straddle the boundary.
                 let from = floor_char_boundary(&self.text, self.emitted.saturating_sub(stop.len()));
-                self.text[from..].find(stop.as_str()).map(|i| from + i)
+                self.text[from..]
+                    .find(stop.as_str())
+                    .map(|i| (from + i, which))
             })
             .min()
-            .map(|at| at.max(self.emitted))
+            .map(|(at, which)| (at.max(self.emitted), which))
     }
 
     /// End of the text that is safe to show: a tail that could still grow into a stop

@@ -33,14 +33,7 @@ fn teacher_forced(file: &str, min_agreement: f64, max_diff: f64) {
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect();
-    let gguf = GgufFile::open(model_path(file)).unwrap();
-    let stage = Stage::load(
-        &gguf,
-        StageSpec::whole(gguf.config().n_layers),
-        &Device::Cpu,
-        |_, _| {},
-    )
-    .unwrap();
+    let (_, stage) = whole_stage(file);
     let mut cache = stage.new_cache();
     let positions: Vec<usize> = (0..ids.len()).collect();
     let l = logits(

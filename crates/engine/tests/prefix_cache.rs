@@ -8,13 +8,11 @@
 mod common;
 
 use common::*;
-use shoal_engine::candle_core::Device;
 use shoal_engine::generate::PREFILL_CHUNK;
 use shoal_engine::prefix_cache::{canonical_len, resume_point};
 use shoal_engine::stage::logits_row;
 use shoal_engine::{
-    ChatMessage, GenerateParams, GgufFile, KvCache, Logits, Model, Stage, StageInput, StageOutput,
-    StageSpec,
+    ChatMessage, GenerateParams, KvCache, Logits, Model, Stage, StageInput, StageOutput,
 };
 
 /// Prefills `tokens[cache.len()..]` in chunks that end at multiples of [`PREFILL_CHUNK`], as
@@ -51,14 +49,7 @@ fn tokens(n: usize, salt: u32) -> Vec<u32> {
 }
 
 fn resumed_logits_are_fresh_logits(file: &str) {
-    let gguf = GgufFile::open(model_path(file)).unwrap();
-    let stage = Stage::load(
-        &gguf,
-        StageSpec::whole(gguf.config().n_layers),
-        &Device::Cpu,
-        |_, _| {},
-    )
-    .unwrap();
+    let (gguf, stage) = whole_stage(file);
     let by_rows = Stage::rows_reusable_across_chunks(&gguf);
     assert!(by_rows, "{file}: every matrix should be ours");
     // (first prompt, shared with the second, second prompt): last chunks of every kind of

@@ -13,11 +13,10 @@
 mod common;
 
 use common::*;
-use shoal_engine::candle_core::Device;
 use shoal_engine::stage::logits_row;
 use shoal_engine::{
-    ChatMessage, GenerateParams, GgufFile, Logits, Lookup, Model, SamplingParams, Speculation,
-    Stage, StageInput, StageOutput, StageSpec,
+    ChatMessage, GenerateParams, Logits, Lookup, Model, SamplingParams, Speculation, StageInput,
+    StageOutput,
 };
 
 /// A request that makes the model repeat its context: the case lookup drafting is for.
@@ -235,14 +234,7 @@ fn a_draft_model_of_another_vocabulary_is_refused() {
 /// `Logits::All` (a prompt chunk's orders) does not, on the k-quant model.
 #[test]
 fn verify_rows_are_decode_steps_bit_for_bit() {
-    let gguf = GgufFile::open(model_path(QWEN05)).unwrap();
-    let stage = Stage::load(
-        &gguf,
-        StageSpec::whole(gguf.config().n_layers),
-        &Device::Cpu,
-        |_, _| {},
-    )
-    .unwrap();
+    let (_, stage) = whole_stage(QWEN05);
     let ids: Vec<u32> = (0..40u32).map(|i| (i * 977) % 3000 + 30).collect();
     let (prefix, tail) = ids.split_at(30);
     let logits = |out: StageOutput| match out {

@@ -229,6 +229,22 @@ mod tests {
     }
 
     #[test]
+    fn speculation_is_for_a_whole_model_with_its_draft_model_given() {
+        let mut config = NodeConfig::new("m.gguf", "127.0.0.1:0".parse().unwrap());
+        config.speculation = Some(Speculation {
+            draft_model: true,
+            ..Speculation::default()
+        });
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("--model-draft"), "{err}");
+        config.model_draft = Some("d.gguf".into());
+        assert!(config.check().is_ok());
+        config.split = Some("0-9,10-19".into());
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("pipeline"), "{err}");
+    }
+
+    #[test]
     fn plain_peer_traffic_beyond_this_machine_is_refused_without_a_key() {
         let mut config = NodeConfig::new("m.gguf", "127.0.0.1:0".parse().unwrap());
         config.peer_addr = Some("0.0.0.0:0".parse().unwrap());

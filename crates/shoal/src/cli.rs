@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use shoal_engine::{ChatMessage, GenerateParams, Generation, SamplingParams, TextStream};
+use shoal_engine::{
+    ChatMessage, GenerateParams, Generation, Lookup, Model, SamplingParams, Speculation, TextStream,
+};
 use shoal_wire::DType;
 
 use crate::load::{load_model, resolve_model};
@@ -109,6 +111,56 @@ impl SamplingArgs {
     }
 }
 
+/// Speculative decoding: guesses checked in one pass; the answer stays the same, token for
+/// token.
+#[derive(Args, Clone, Default)]
+pub(crate) struct SpeculationArgs {
+    /// Speculative decoding by prompt lookup: draft the tokens that followed the answer's
+    /// latest words where they appeared before (code edits, agents' turns) and verify them
+    /// in one pass. The answer is the same, token for token; only faster where the text
+    /// repeats. Whole model on this node only, for now.
+    #[arg(long)]
+    pub(crate) lookup: bool,
+    /// Speculative decoding with a draft model (a file or a known name): a smaller model
+    /// of the same tokenizer guesses the next tokens, the model checks them in one pass.
+    /// The answer is the same, token for token. With --lookup too, lookup drafts first.
+    #[arg(long, value_name = "PATH|NAME")]
+    pub(crate) model_draft: Option<PathBuf>,
+    /// With --lookup or --model-draft: most tokens drafted per pass.
+    #[arg(long, default_value_t = Speculation::default().draft_max)]
+    pub(crate) draft_max: usize,
+    /// With --lookup or --model-draft: fewest drafted tokens worth a verification pass.
+    #[arg(long, default_value_t = Speculation::default().draft_min)]
+    pub(crate) draft_min: usize,
+    /// With --model-draft: the draft model stops guessing where its own probability of its
+    /// pick falls below this.
+    #[arg(long, default_value_t = Speculation::default().p_min)]
+    pub(crate) draft_p_min: f32,
+}
+
+impl SpeculationArgs {
+    /// The speculation asked for; `None` for plain decoding.
+    pub(crate) fn speculation(&self) -> Option<Speculation> {
+        (self.lookup || self.model_draft.is_some()).then(|| Speculation {
+            lookup: self.lookup.then(Lookup::default),
+            draft_model: self.model_draft.is_some(),
+            draft_max: self.draft_max.max(1),
+            draft_min: self.draft_min,
+            p_min: self.draft_p_min,
+        })
+    }
+
+    /// Loads the draft model (if any) onto `model` and turns speculation on.
+    fn apply(&self, model: &mut Model) -> anyhow::Result<()> {
+        if let Some(draft) = &self.model_draft {
+            let path = resolve_model(Some(draft)).context("--model-draft")?;
+            model.attach_draft(load_model(&path)?)?;
+        }
+        model.set_speculation(self.speculation());
+        Ok(())
+    }
+}
+
 #[derive(Args)]
 pub(crate) struct RunArgs {
     #[command(flatten)]
@@ -124,6 +176,8 @@ pub(crate) struct RunArgs {
     pub(crate) raw: bool,
     #[command(flatten)]
     pub(crate) sampling: SamplingArgs,
+    #[command(flatten)]
+    pub(crate) speculation: SpeculationArgs,
     /// Print timings to stderr at the end.
     #[arg(long)]
     pub(crate) timings: bool,
@@ -183,6 +237,12 @@ pub(crate) struct ChatArgs {
     pub(crate) system: Option<String>,
     #[command(flatten)]
     pub(crate) sampling: SamplingArgs,
+    #[command(flatten)]
+    pub(crate) speculation: SpeculationArgs,
+    /// MiB of keys and values kept from earlier turns, so each turn computes only what is
+    /// new (0: every turn reads the whole conversation again).
+    #[arg(long, value_name = "MIB", default_value_t = crate::serve::DEFAULT_CACHE_RAM_MIB)]
+    pub(crate) cache_ram: usize,
 }
 
 pub(crate) fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
@@ -228,7 +288,10 @@ fn stream_to_stdout(generation: &mut Generation<'_>) -> anyhow::Result<String> {
 
 fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
     let path = resolve_model(a.model.model.as_deref())?;
-    let model = load_model(&path)?;
+    if a.split.is_some() && a.speculation.speculation().is_some() {
+        anyhow::bail!("--lookup and --model-draft do not work through a pipeline (--split) yet");
+    }
+    let mut model = load_model(&path)?;
     let prompt = if a.raw {
         a.prompt.clone()
     } else {
@@ -256,6 +319,7 @@ fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
         println!();
         return Ok(ExitCode::SUCCESS);
     }
+    a.speculation.apply(&mut model)?;
     let mut generation = model.generate(ids, a.sampling.params())?;
     stream_to_stdout(&mut generation)?;
     println!();
@@ -277,11 +341,22 @@ fn print_timings(g: &Generation<'_>) {
         rate(t.generated_tokens.saturating_sub(1), t.generate_time),
         g.finish_reason().map(|f| f.as_str()).unwrap_or("-"),
     );
+    if t.drafted_tokens > 0 {
+        eprintln!(
+            "speculation: {} of {} guessed tokens kept",
+            t.accepted_tokens, t.drafted_tokens
+        );
+    }
 }
 
 fn chat(a: ChatArgs) -> anyhow::Result<ExitCode> {
     let path = resolve_model(a.model.model.as_deref())?;
-    let model = load_model(&path)?;
+    let mut model = load_model(&path)?;
+    a.speculation.apply(&mut model)?;
+    model.set_prompt_cache_bytes(a.cache_ram.saturating_mul(1 << 20));
+    if let Some(draft) = model.draft_model() {
+        draft.set_prompt_cache_bytes(a.cache_ram.saturating_mul(1 << 20));
+    }
     let mut history = messages(a.system.as_deref());
     let stdin = std::io::stdin();
     eprintln!(

@@ -131,6 +131,14 @@ pub(crate) fn apply(
                 }
             }
         };
+        // A flag of a flattened group: its id is the field's own name.
+        ($group:ident . $field:ident, $value:expr) => {
+            if !given(stringify!($field)) {
+                if let Some(v) = $value {
+                    a.$group.$field = v.into();
+                }
+            }
+        };
     }
     // A bare name is a known model's; a relative path is relative to the file.
     let model_path = |m: PathBuf| {
@@ -147,7 +155,7 @@ pub(crate) fn apply(
     }
     if !given("model_draft") {
         if let Some(m) = file.model_draft {
-            a.model_draft = Some(model_path(m));
+            a.speculation.model_draft = Some(model_path(m));
         }
     }
     take!(model_id);
@@ -178,10 +186,10 @@ pub(crate) fn apply(
     take!(peers);
     take!(max_queue);
     take!(cache_ram);
-    take!(lookup);
-    take!(draft_max);
-    take!(draft_min);
-    take!(draft_p_min);
+    take!(speculation.lookup, file.lookup);
+    take!(speculation.draft_max, file.draft_max);
+    take!(speculation.draft_min, file.draft_min);
+    take!(speculation.draft_p_min, file.draft_p_min);
     take!(client_stall_timeout_s);
     take!(request_timeout_s);
     take!(max_stop);
@@ -252,12 +260,15 @@ mod tests {
         assert_eq!(a.peer_port, Some(7070));
         assert_eq!(a.peers, ["10.0.0.2:7070", "10.0.0.3:7070"]);
         assert_eq!(a.role.as_deref(), Some("critic"));
-        assert!(a.lookup);
+        assert!(a.speculation.lookup);
         assert_eq!(
-            a.model_draft.as_deref(),
+            a.speculation.model_draft.as_deref(),
             Some(std::path::Path::new("qwen05"))
         );
-        assert_eq!((a.draft_max, a.draft_p_min), (12, 0.5));
+        assert_eq!(
+            (a.speculation.draft_max, a.speculation.draft_p_min),
+            (12, 0.5)
+        );
         assert_eq!(a.swarm_strategy, "vote");
         assert_eq!(a.swarm_samples, 7);
         assert_eq!(a.swarm_code_checks, crate::cli::Switch::Off);

@@ -9,7 +9,6 @@ use anyhow::Context;
 use clap::Args;
 use shoal_api::HttpLimits;
 use shoal_cluster::DetectorConfig;
-use shoal_engine::{Lookup, Speculation};
 use shoal_node::{ClusterSettings, Node, NodeConfig, SwarmSettings};
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::routing::Strategy;
@@ -22,7 +21,7 @@ const DEFAULT_PEER_PORT: u16 = 7471;
 
 /// Default of `--cache-ram`: room for a few long conversations (a 4,000-token prompt of
 /// Qwen2.5-Coder-1.5B keeps 109 MiB; of SmolLM2-135M, 88 MiB).
-const DEFAULT_CACHE_RAM_MIB: usize = 1024;
+pub(crate) const DEFAULT_CACHE_RAM_MIB: usize = 1024;
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
@@ -118,27 +117,8 @@ pub(crate) struct ServeArgs {
     /// new (llama-server's flag). 0 turns the prompt cache off.
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT_CACHE_RAM_MIB)]
     pub(crate) cache_ram: usize,
-    /// Speculative decoding by prompt lookup: draft the tokens that followed the answer's
-    /// latest words where they appeared before (code edits, agents' turns) and verify them
-    /// in one pass. The answer is the same, token for token; only faster where the text
-    /// repeats. Whole model on this node only, for now.
-    #[arg(long)]
-    pub(crate) lookup: bool,
-    /// Speculative decoding with a draft model (a file or a known name): a smaller model
-    /// of the same tokenizer guesses the next tokens, the model checks them in one pass.
-    /// The answer is the same, token for token. With --lookup too, lookup drafts first.
-    #[arg(long, value_name = "PATH|NAME")]
-    pub(crate) model_draft: Option<PathBuf>,
-    /// With --lookup or --model-draft: most tokens drafted per pass.
-    #[arg(long, default_value_t = Speculation::default().draft_max)]
-    pub(crate) draft_max: usize,
-    /// With --lookup or --model-draft: fewest drafted tokens worth a verification pass.
-    #[arg(long, default_value_t = Speculation::default().draft_min)]
-    pub(crate) draft_min: usize,
-    /// With --model-draft: the draft model stops guessing where its own probability of its
-    /// pick falls below this.
-    #[arg(long, default_value_t = Speculation::default().p_min)]
-    pub(crate) draft_p_min: f32,
+    #[command(flatten)]
+    pub(crate) speculation: crate::cli::SpeculationArgs,
     /// Requests waiting for the model at most; more are answered 429 with Retry-After.
     #[arg(long, default_value_t = HttpLimits::default().max_queue)]
     pub(crate) max_queue: usize,
@@ -193,15 +173,9 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
     let mut config = NodeConfig::new(PathBuf::new(), bind_addr(&a.host, a.port)?);
     config.model_id = a.model_id;
     config.prompt_cache_bytes = a.cache_ram.saturating_mul(1 << 20);
-    config.speculation = (a.lookup || a.model_draft.is_some()).then(|| Speculation {
-        lookup: a.lookup.then(Lookup::default),
-        draft_model: a.model_draft.is_some(),
-        draft_max: a.draft_max.max(1),
-        draft_min: a.draft_min,
-        p_min: a.draft_p_min,
-    });
+    config.speculation = a.speculation.speculation();
     // Resolved (perhaps fetched) after the checks below.
-    config.model_draft = a.model_draft.clone();
+    config.model_draft = a.speculation.model_draft.clone();
     config.api_key = a.api_key;
     config.http_limits = HttpLimits {
         max_queue: a.max_queue,

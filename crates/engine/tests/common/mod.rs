@@ -24,6 +24,15 @@ pub fn golden_dir() -> PathBuf {
         })
 }
 
+/// A real model's file and its whole stack of layers as one stage.
+pub fn whole_stage(file: &str) -> (shoal_engine::GgufFile, shoal_engine::Stage) {
+    let gguf = shoal_engine::GgufFile::open(model_path(file)).unwrap();
+    let whole = shoal_engine::StageSpec::whole(gguf.config().n_layers);
+    let device = shoal_engine::candle_core::Device::Cpu;
+    let stage = shoal_engine::Stage::load(&gguf, whole, &device, |_, _| {}).unwrap();
+    (gguf, stage)
+}
+
 /// Path of a real model; a missing file fails the test with the way to fetch it.
 pub fn model_path(file: &str) -> PathBuf {
     let p = models_dir().join(file);
