@@ -132,8 +132,10 @@ impl<'m> Drafter<'m> {
         interrupted: &dyn Fn() -> bool,
     ) -> Result<Vec<u32>> {
         if !self.whole {
+            // A pass failed half way: start again from nothing.
             self.cache = self.model.stage().new_cache();
             self.fed.clear();
+            self.computed_from = 0;
         }
         // Roll back to what the target kept.
         let common = shared_prefix(&self.fed, history).min(self.cache.len());
