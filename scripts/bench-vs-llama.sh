@@ -17,7 +17,9 @@
 #   --wait-idle P before each pair of processes, wait (at most 10 min) until other
 #                processes use less than P% of all cores (2 s sample; shared machines)
 # Env: SHOAL_MODELS_DIR (default <repo>/models), BENCH_THREADS (default "1 2"),
-#      BENCH_DECODE_TOKENS (default 128), BENCH_KEEP (keep raw results in this dir)
+#      BENCH_DECODE_TOKENS (default 128), BENCH_KEEP (keep raw results in this dir),
+#      BENCH_PROMPTS (prompt lengths, e.g. "512 4096 16384"; overrides --long),
+#      BENCH_MODELS (files in the models dir, default SmolLM2 and Qwen2.5-Coder-0.5B)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,7 +44,11 @@ threads_list=${BENCH_THREADS:-"1 2"}
 decode_tokens=${BENCH_DECODE_TOKENS:-128}
 prompts=(64)
 ((long)) && prompts+=(512)
+# Long contexts (issue #17): e.g. BENCH_PROMPTS="512 4096 16384".
+[[ -n ${BENCH_PROMPTS:-} ]] && read -r -a prompts <<<"$BENCH_PROMPTS"
 models=(smollm2-135m-instruct-q4_1.gguf qwen2.5-coder-0.5b-instruct.gguf)
+# Other files of models/, e.g. BENCH_MODELS="qwen2.5-coder-1.5b-instruct.gguf".
+[[ -n ${BENCH_MODELS:-} ]] && read -r -a models <<<"$BENCH_MODELS"
 
 shoal=$repo/target/release/shoal
 llama=$repo/bench/llama-ref/target/release/llama-ref
@@ -67,7 +73,7 @@ cp "$llama" "$work/llama-ref" && llama=$work/llama-ref
 missing=0
 for m in "${models[@]}"; do [[ -f $models_dir/$m ]] || missing=1; done
 if ((missing)); then
-  SHOAL_MODELS_DIR=$models_dir scripts/fetch-models.sh smollm2 qwen05 >&2
+  SHOAL_MODELS_DIR=$models_dir scripts/fetch-models.sh smollm2 qwen05 qwen15 >&2
 fi
 
 results=$work/results.jsonl

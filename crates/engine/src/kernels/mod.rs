@@ -618,7 +618,8 @@ fn k_tiles<'a>(
     let mut tiles = Vec::new();
     for (k, &(_, kernel)) in kernels.iter().enumerate() {
         let rows: Vec<usize> = (0..acts.len()).filter(|&i| by_row[i] == Some(k)).collect();
-        // One row alone gains nothing from a tile.
+        // One row alone: the single-row kernel is faster than a tile (measured on Qwen 1.5B
+        // decode, 30 against 21 tok/s: the tile's set-up and transposition are not shared).
         if rows.len() < 2 {
             continue;
         }
