@@ -92,16 +92,27 @@ async fn a_swarm_head_in_one_process_asks_its_peer() {
     let head = Node::start(head).await.unwrap();
     wait_ready(&head).await;
 
-    let (status, body) = http(head.http_addr(), "GET", "/v1/swarm/status", None).await;
-    assert_eq!(status, 200, "{body}");
-    let swarm: Value = serde_json::from_str(&body).unwrap();
-    let agents = swarm["agents"].as_array().expect("agents");
-    assert!(
-        agents
+    // Ready means the model is loaded; the head's first look at its peers runs beside it.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (body, swarm) = loop {
+        let (status, body) = http(head.http_addr(), "GET", "/v1/swarm/status", None).await;
+        assert_eq!(status, 200, "{body}");
+        let swarm: Value = serde_json::from_str(&body).unwrap();
+        let described = swarm["agents"]
+            .as_array()
+            .expect("agents")
             .iter()
-            .any(|a| a["node_id"] == "agent-one" && a["role"] == "concise"),
-        "the head lists its peer with its role: {body}"
-    );
+            .any(|a| a["node_id"] == "agent-one" && a["role"] == "concise");
+        if described {
+            break (body, swarm);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the head lists its peer with its role: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let agents = swarm["agents"].as_array().expect("agents");
     let peer = &agents[0];
     assert_eq!(peer["health"], "ok", "{body}");
     assert!(
