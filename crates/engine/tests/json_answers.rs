@@ -6,19 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+use common::chat_prompt;
 
 use serde_json::{json, Value};
-use shoal_engine::{ChatMessage, FinishReason, GenerateParams, JsonGrammar, Model, SamplingParams};
-
-fn prompt(model: &Model, question: &str) -> Vec<u32> {
-    let text = model
-        .render_chat(&[ChatMessage {
-            role: "user".into(),
-            content: question.into(),
-        }])
-        .unwrap();
-    model.encode_prompt(&text).unwrap()
-}
+use shoal_engine::{FinishReason, GenerateParams, JsonGrammar, Model, SamplingParams};
 
 fn answer(
     model: &Model,
@@ -38,7 +29,9 @@ fn answer(
         stop: Vec::new(),
         cache_prompt: true,
     };
-    let mut g = model.generate(prompt(model, question), params).unwrap();
+    let mut g = model
+        .generate(chat_prompt(model, question), params)
+        .unwrap();
     g.constrain_json(grammar).unwrap();
     while g.next_step().unwrap().is_some() {}
     (g.text().to_owned(), g.finish_reason().unwrap())

@@ -15,8 +15,7 @@ mod common;
 use common::*;
 use shoal_engine::stage::logits_row;
 use shoal_engine::{
-    ChatMessage, GenerateParams, Logits, Lookup, Model, SamplingParams, Speculation, StageInput,
-    StageOutput,
+    GenerateParams, Logits, Lookup, Model, SamplingParams, Speculation, StageInput, StageOutput,
 };
 
 /// A request that makes the model repeat its context: the case lookup drafting is for.
@@ -24,23 +23,13 @@ fn edit_prompt(model: &Model) -> Vec<u32> {
     let code = "def area(width, height):\n    return width * height\n\n\
                 def perimeter(width, height):\n    return 2 * (width + height)\n\n\
                 def describe(width, height):\n    return f\"{width}x{height}\"\n";
-    chat(
+    chat_prompt(
         model,
         &format!(
             "Rename `perimeter` to `outline` in this file and answer with the whole \
              file:\n\n```python\n{code}```"
         ),
     )
-}
-
-fn chat(model: &Model, text: &str) -> Vec<u32> {
-    let text = model
-        .render_chat(&[ChatMessage {
-            role: "user".into(),
-            content: text.into(),
-        }])
-        .unwrap();
-    model.encode_prompt(&text).unwrap()
 }
 
 struct Answer {
@@ -150,7 +139,7 @@ fn qwen05_drafts_for_qwen15_and_the_answer_is_the_same() {
         draft_model: true,
         ..Speculation::default()
     };
-    let prompt = chat(
+    let prompt = chat_prompt(
         &model,
         "Write a Python function that checks whether a string is a palindrome.",
     );
@@ -199,7 +188,7 @@ fn a_draft_model_mostly_wrong_changes_nothing() {
     model
         .attach_draft(Model::load(model_path(SMOLLM2), |_, _| {}).unwrap())
         .unwrap();
-    let prompt = chat(&model, "Tell me a short story about a lighthouse keeper.");
+    let prompt = chat_prompt(&model, "Tell me a short story about a lighthouse keeper.");
     let speculation = Speculation {
         draft_model: true,
         p_min: 0.0,

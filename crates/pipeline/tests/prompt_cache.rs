@@ -6,7 +6,6 @@
 //! of this process on 127.0.0.1.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use shoal_engine::{ChatMessage, GenerateParams, Model, SamplingParams};
 use shoal_pipeline::{
@@ -14,20 +13,10 @@ use shoal_pipeline::{
 };
 use tokio::net::TcpListener;
 
-const MAX_TOKENS: usize = 24;
+mod common;
+use common::model_path;
 
-fn model_path() -> PathBuf {
-    let dir = std::env::var_os("SHOAL_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")));
-    let p = dir.join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-models.sh",
-        p.display()
-    );
-    p
-}
+const MAX_TOKENS: usize = 24;
 
 /// A stage server keeping `kept_bytes` of ended sessions' caches.
 async fn stage(kept_bytes: usize) -> (StageServer, SocketAddr) {

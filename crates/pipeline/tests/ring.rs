@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -23,24 +22,10 @@ use shoal_wire::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const SMOLLM2: &str = "smollm2-135m-instruct-q4_1.gguf";
+mod common;
+use common::{model_path, models_dir, SMOLLM2};
+
 const MAX_TOKENS: usize = 32;
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("SHOAL_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
-}
-
-fn model_path() -> PathBuf {
-    let p = models_dir().join(SMOLLM2);
-    assert!(
-        p.is_file(),
-        "model {} is missing: run scripts/fetch-models.sh",
-        p.display()
-    );
-    p
-}
 
 /// The single-process model, loaded once for all tests.
 fn reference() -> &'static Model {

@@ -24,6 +24,17 @@ pub fn golden_dir() -> PathBuf {
         })
 }
 
+/// The token ids of one user message in the model's chat template.
+pub fn chat_prompt(model: &shoal_engine::Model, text: &str) -> Vec<u32> {
+    let text = model
+        .render_chat(&[shoal_engine::ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+        }])
+        .unwrap();
+    model.encode_prompt(&text).unwrap()
+}
+
 /// A real model's file and its whole stack of layers as one stage.
 pub fn whole_stage(file: &str) -> (shoal_engine::GgufFile, shoal_engine::Stage) {
     let gguf = shoal_engine::GgufFile::open(model_path(file)).unwrap();
