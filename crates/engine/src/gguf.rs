@@ -138,6 +138,45 @@ impl GgufFile {
         Ok(self.content.tensor(&mut *reader, name, device)?)
     }
 
+    /// A tensor's type, shape and offset in the data section, if the file has it.
+    pub(crate) fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.content.tensor_infos.get(name)
+    }
+
+    /// Where the tensors' data section begins in the file.
+    pub(crate) fn data_offset(&self) -> u64 {
+        self.content.tensor_data_offset
+    }
+
+    /// The alignment of tensor data (`general.alignment`, else GGUF's 32), read as candle
+    /// reads it.
+    pub(crate) fn alignment(&self) -> u64 {
+        match self.content.metadata.get("general.alignment") {
+            Some(Value::U8(v)) => u64::from(*v),
+            Some(Value::U16(v)) => u64::from(*v),
+            Some(Value::U32(v)) => u64::from(*v),
+            Some(Value::I8(v)) if *v > 0 => *v as u64,
+            Some(Value::I16(v)) if *v > 0 => *v as u64,
+            Some(Value::I32(v)) if *v > 0 => *v as u64,
+            _ => 32,
+        }
+        .max(1)
+    }
+
+    /// Reads `buf.len()` bytes of the file from `offset`.
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut reader = self
+            .reader
+            .lock()
+            .map_err(|_| EngineError::InvalidInput("GGUF reader lock poisoned".into()))?;
+        let read = |source| EngineError::Open {
+            path: self.path.clone(),
+            source,
+        };
+        reader.seek(SeekFrom::Start(offset)).map_err(read)?;
+        reader.read_exact(buf).map_err(read)
+    }
+
     /// A human-readable model name: `general.name`, else the file stem.
     pub fn model_name(&self) -> String {
         match self.content.metadata.get("general.name") {

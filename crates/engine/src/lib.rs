@@ -32,6 +32,7 @@ pub mod prompt;
 pub mod sampler;
 pub mod speculation;
 pub mod stage;
+pub mod stage_file;
 pub mod text_stream;
 pub mod tokenizer;
 
@@ -49,6 +50,7 @@ pub use prompt::PromptFormat;
 pub use sampler::{Sampler, SamplingParams};
 pub use speculation::{check_draft_vocabulary, Speculation};
 pub use stage::{Logits, Stage, StageInput, StageOutput, StageSpec};
+pub use stage_file::StageFile;
 pub use text_stream::TextStream;
 pub use tokenizer::Tokenizer;
 

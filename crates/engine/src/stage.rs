@@ -89,6 +89,7 @@ pub struct BatchItem<'a> {
     pub logits: Logits,
 }
 
+#[derive(Clone)]
 struct RmsNorm {
     weight: Tensor,
     eps: f32,
@@ -547,7 +548,8 @@ pub struct Stage {
     spec: StageSpec,
     device: Device,
     embedding: Option<Arc<Weight>>,
-    layers: Vec<Layer>,
+    /// Shared with any stage cut from this one ([`Stage::share`]).
+    layers: Vec<Arc<Layer>>,
     norm: Option<RmsNorm>,
     lm_head: Option<Arc<Weight>>,
 }
@@ -629,7 +631,7 @@ impl Stage {
         let total = spec.layers.len();
         let mut layers = Vec::with_capacity(total);
         for (done, i) in spec.layers.clone().enumerate() {
-            layers.push(Layer::load(file, i, &cfg, device)?);
+            layers.push(Arc::new(Layer::load(file, i, &cfg, device)?));
             progress(done + 1, total);
         }
         let (norm, lm_head) = if spec.head {
@@ -652,6 +654,45 @@ impl Stage {
             layers,
             norm,
             lm_head,
+        })
+    }
+
+    /// The stage `spec` of the same model, sharing this stage's weights instead of loading
+    /// them again: a node that holds the whole model and also serves a stage of it keeps one
+    /// copy (issue #15). `spec` must lie within this stage.
+    pub fn share(&self, spec: StageSpec) -> Result<Stage> {
+        let n = self.cfg.n_layers;
+        let mine = &self.spec.layers;
+        let inside = mine.start <= spec.layers.start
+            && spec.layers.start <= spec.layers.end
+            && spec.layers.end <= mine.end;
+        let ends = spec.embed == (spec.layers.start == 0) && spec.head == (spec.layers.end == n);
+        let has_ends = (!spec.embed || self.embedding.is_some())
+            && (!spec.head || (self.norm.is_some() && self.lm_head.is_some()));
+        if !(inside && ends && has_ends) {
+            return Err(EngineError::InvalidStage(format!(
+                "layers {:?} (embed {}, head {}) are not within this stage's {:?}",
+                spec.layers, spec.embed, spec.head, self.spec.layers
+            )));
+        }
+        let from = spec.layers.start - mine.start;
+        let layers = self.layers[from..from + spec.layers.len()].to_vec();
+        Ok(Stage {
+            cfg: self.cfg.clone(),
+            device: self.device.clone(),
+            embedding: if spec.embed {
+                self.embedding.clone()
+            } else {
+                None
+            },
+            layers,
+            norm: if spec.head { self.norm.clone() } else { None },
+            lm_head: if spec.head {
+                self.lm_head.clone()
+            } else {
+                None
+            },
+            spec,
         })
     }
 

@@ -475,9 +475,9 @@ impl PipelineHead {
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                candidates = membership::discovered_peers(&self.roster, &file).await;
+                candidates = membership::discovered_peers(&self.roster).await;
                 tracing::info!(
-                    "planning over the members found with {file}: {candidates:?} and this node"
+                    "planning {file} over the members found: {candidates:?} and this node"
                 );
             }
             let (ranges, peers, planner) = shoal_pipeline::plan_ring(

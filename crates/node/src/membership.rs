@@ -202,17 +202,17 @@ const DISCOVERY_SETTLE: Duration = Duration::from_secs(3);
 /// The longest it waits in all.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(12);
 
-/// The peer addresses of the alive members that have `model_file`, once the list has not
-/// changed for [`DISCOVERY_SETTLE`] (at most [`DISCOVERY_WAIT`] after the call): what a
-/// `--split auto` head with no `--peer` plans its ring over.
-pub(crate) async fn discovered_peers(roster: &Roster, model_file: &str) -> Vec<String> {
+/// The peer addresses of the alive members, once the list has not changed for
+/// [`DISCOVERY_SETTLE`] (at most [`DISCOVERY_WAIT`] after the call): what a `--split auto`
+/// head with no `--peer` plans its ring over. Members need not have the model: those
+/// without it get the layers they measure on and those they run from the head.
+pub(crate) async fn discovered_peers(roster: &Roster) -> Vec<String> {
     let started = tokio::time::Instant::now();
     let mut last: Option<(Vec<String>, tokio::time::Instant)> = None;
     loop {
         let now_peers: Vec<String> = roster
             .alive(now())
             .into_iter()
-            .filter(|m| m.info.models.iter().any(|f| f == model_file))
             .map(|m| m.addr.to_string())
             .collect();
         let at = tokio::time::Instant::now();

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use shoal_cluster::heartbeat::answer_heartbeat;
 use shoal_cluster::Roster;
 use shoal_engine::Model;
-use shoal_pipeline::{BatchStats, StageServer, StageServerConfig};
+use shoal_pipeline::{BatchStats, StageServer, StageServerConfig, WholeModel};
 use shoal_swarm::agent::{measure_decode_speed, AgentConfig, AgentService};
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::weight::thermal_penalty;
@@ -94,6 +94,13 @@ pub(crate) async fn serve_peer_port(
         config.stats = setup.stats.clone();
         config.transport = setup.transport.clone();
         config.prompt_cache_bytes = setup.prompt_cache_bytes;
+        // A node that runs its model whole (as an agent) lends its layers to the stages
+        // it serves of that same file.
+        let agent = setup.agent.clone();
+        config.whole_model = Some(WholeModel {
+            path: setup.model_path.clone(),
+            loaded: Arc::new(move || agent.get().map(|a| a.model().clone())),
+        });
         StageServer::new(config)
     };
     let current: membership::CurrentStages = Default::default();

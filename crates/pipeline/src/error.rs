@@ -59,6 +59,10 @@ pub enum PipelineError {
     /// The pipeline's description does not fit the model.
     #[error("invalid pipeline: {0}")]
     Config(String),
+
+    /// A stage's weights could not be fetched over the LAN, or arrived altered.
+    #[error("fetching a stage's weights: {0}")]
+    Weights(String),
     /// The request cannot be run.
     #[error("invalid request: {0}")]
     InvalidRequest(String),

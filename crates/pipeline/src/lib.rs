@@ -48,6 +48,7 @@ mod link;
 mod profile;
 mod ring;
 mod server;
+mod weights;
 
 pub use batch::{BatchCounts, BatchStats, DEFAULT_BATCH_ROWS};
 pub use convert::{file_sha256, sampling_params, sampling_spec};
@@ -55,9 +56,12 @@ pub use error::{PipelineError, Result};
 pub use head::{
     PeerStage, Pipeline, PipelineConfig, Replan, ReplanResult, RingAnswer, RingRequest,
 };
-pub use profile::{available_memory_bytes, measure_profile, probe_peer, PeerProfile};
+pub use profile::{available_memory_bytes, measure_profile, probe_peer, PeerProfile, ProbedModel};
 pub use ring::{
     check_split, connect_ring, model_shape, plan_ring, resolve_addr, RingPlanner, RingSettings,
     CONNECT_PATIENCE,
 };
-pub use server::{StageServer, StageServerConfig, DEFAULT_MAX_SESSIONS, DEFAULT_QUEUE_KIB};
+pub use server::{
+    StageServer, StageServerConfig, WholeModel, DEFAULT_MAX_SESSIONS, DEFAULT_QUEUE_KIB,
+};
+pub use weights::STAGES_DIR;

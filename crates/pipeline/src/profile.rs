@@ -3,18 +3,40 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use shoal_engine::candle_core::Device;
 use shoal_engine::{GgufFile, Stage, StageSpec};
-use shoal_wire::{Capabilities, GetProfile, Message, Ping, Profile, Transport, WireError};
+use shoal_wire::{
+    Capabilities, ErrorCode, ErrorMessage, GetProfile, Message, Ping, Profile, Transport, WireError,
+};
 
 use crate::error::{PipelineError, Result};
 use crate::link::dial;
 
 /// Layers measured for a profile: enough to average over, few enough to load in a moment.
 const MEASURED_LAYERS: usize = 4;
+
+/// The layers a node without the model asks the head for, to measure itself on: those
+/// [`measure_profile`] picks from a model of more than `MEASURED_LAYERS + 1` layers.
+pub(crate) fn measured_stage() -> StageSpec {
+    StageSpec {
+        layers: 1..1 + MEASURED_LAYERS,
+        embed: false,
+        head: false,
+    }
+}
+
+/// The model a planning head asks peers about.
+#[derive(Clone, Debug)]
+pub struct ProbedModel {
+    /// The model file's name, as peers resolve it.
+    pub id: String,
+    /// The head's copy and its SHA-256, served to a peer without the model so it can
+    /// measure itself; `None`: peers must have the model.
+    pub weights: Option<(PathBuf, [u8; 32])>,
+}
 
 /// Measures this node on the model at `path`: a few middle layers (no embedding or head, so
 /// the figures are per layer), a 64-token prefill and 16 decode steps; and the memory it has
@@ -55,13 +77,14 @@ pub struct PeerProfile {
 }
 
 /// Dials `addr`, times three `Ping` round trips (keeping the fastest), and asks for the
-/// peer's profile on `model_id`. The whole exchange must finish within `timeout` (the peer
-/// measures itself, which takes a moment the first time).
+/// peer's profile on `model`, sending it the layers it asks for to measure on when it lacks
+/// the model. The whole exchange must finish within `timeout` (the peer measures itself,
+/// which takes a moment the first time).
 pub async fn probe_peer(
     addr: SocketAddr,
     node_id: &str,
     transport: &Transport,
-    model_id: &str,
+    model: &ProbedModel,
     timeout: Duration,
 ) -> Result<PeerProfile> {
     let exchange = async {
@@ -76,16 +99,34 @@ pub async fn probe_peer(
             }
         }
         conn.write_frame(&Message::GetProfile(GetProfile {
-            model_id: model_id.to_owned(),
+            model_id: model.id.clone(),
+            model_sha256: model.weights.as_ref().map_or([0; 32], |(_, sha)| *sha),
         }))
         .await?;
-        match conn.read_frame().await? {
-            Some(Message::Profile(profile)) => Ok(PeerProfile { addr, profile, rtt }),
-            Some(Message::Error(e)) => Err(PipelineError::Refused {
-                peer: addr,
-                message: e.message,
-            }),
-            other => Err(unexpected("Profile", other)),
+        loop {
+            match conn.read_frame().await? {
+                Some(Message::Profile(profile)) => return Ok(PeerProfile { addr, profile, rtt }),
+                Some(Message::GetWeights(req)) => match &model.weights {
+                    Some((path, sha)) if *sha == req.model_sha256 => {
+                        crate::weights::send_weights(&mut conn, path.clone(), &req).await?
+                    }
+                    _ => {
+                        let e = ErrorMessage::new(
+                            ErrorCode::MODEL_UNAVAILABLE,
+                            None,
+                            "this head sends only its own model's weights, by its SHA-256",
+                        );
+                        conn.write_frame(&Message::Error(e)).await?
+                    }
+                },
+                Some(Message::Error(e)) => {
+                    return Err(PipelineError::Refused {
+                        peer: addr,
+                        message: e.message,
+                    })
+                }
+                other => return Err(unexpected("Profile", other)),
+            }
         }
     };
     tokio::time::timeout(timeout, exchange)

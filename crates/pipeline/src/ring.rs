@@ -180,7 +180,7 @@ pub async fn plan_ring(
                 addr,
                 node_id,
                 transport,
-                &planner.model_id,
+                &planner.model,
                 Duration::from_secs(120),
             )
         })
@@ -209,7 +209,8 @@ pub async fn plan_ring(
 /// left out included.
 #[derive(Debug)]
 pub struct RingPlanner {
-    model_id: String,
+    /// The model, as peers are asked about it (and served its weights).
+    model: crate::ProbedModel,
     node_id: String,
     /// Every `--peer`, in the order given.
     peers: Vec<SocketAddr>,
@@ -239,15 +240,24 @@ impl RingPlanner {
             .unwrap_or_default();
         let path = model_path.to_path_buf();
         let id = node_id.to_owned();
-        let mine =
-            tokio::task::spawn_blocking(move || crate::measure_profile(&path, &id)).await??;
+        // The SHA-256 lets peers without the model get the layers they measure on.
+        let (mine, sha) = tokio::task::spawn_blocking(move || -> Result<_> {
+            Ok((
+                crate::measure_profile(&path, &id)?,
+                crate::file_sha256(&path)?,
+            ))
+        })
+        .await??;
         let free = memory_cap.map_or(mine.free_memory_bytes, |cap| {
             cap.min(mine.free_memory_bytes)
         });
         let file = GgufFile::open(model_path)?;
         let context = file.config().context_length.min(4096);
         Ok(RingPlanner {
-            model_id,
+            model: crate::ProbedModel {
+                id: model_id,
+                weights: Some((model_path.to_path_buf(), sha)),
+            },
             node_id: node_id.to_owned(),
             peers,
             transport: transport.clone(),
@@ -319,7 +329,7 @@ impl RingPlanner {
                 addr,
                 &self.node_id,
                 &self.transport,
-                &self.model_id,
+                &self.model,
                 REPLAN_PROBE_TIMEOUT,
             )
             .await;

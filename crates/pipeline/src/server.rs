@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 use shoal_engine::candle_core::Device;
 use shoal_engine::stage::{logits_row, BatchItem};
 use shoal_engine::{
-    EngineError, GgufFile, KvCache, Logits, PrefixCache, Sampler, Stage, StageInput, StageOutput,
-    StageSpec,
+    EngineError, GgufFile, KvCache, Logits, Model, PrefixCache, Sampler, Stage, StageInput,
+    StageOutput, StageSpec,
 };
 use shoal_wire::{
-    serve_peers, Capabilities, Connection, EndSession, ErrorCode, ErrorMessage, Forward, Hello,
-    HelloAck, LoadStage, Message, Payload, PeerService, Pong, Profile, Resume, ServeConfig,
-    StageReady, Token, Transport, Truncate, Want, WireError,
+    serve_peers, Capabilities, Connection, EndSession, ErrorCode, ErrorMessage, Forward,
+    GetProfile, GetWeights, Hello, HelloAck, LoadStage, Message, Payload, PeerService, Pong,
+    Profile, Resume, ServeConfig, StageReady, Token, Transport, Truncate, Want, WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -76,6 +76,37 @@ pub struct StageServerConfig {
     /// Bytes of ended sessions' caches kept for heads to resume later sessions from
     /// (`EndSession::keep`, `Forward::resume`: the prompt cache); 0 keeps none.
     pub prompt_cache_bytes: usize,
+    /// The node's own whole model, if it runs one: a stage of that very file shares its
+    /// weights instead of loading the layers a second time.
+    pub whole_model: Option<WholeModel>,
+}
+
+/// A node's own whole model as its stage server sees it: the file, and the model once it
+/// has loaded (`None` before).
+#[derive(Clone)]
+pub struct WholeModel {
+    pub path: PathBuf,
+    pub loaded: Arc<dyn Fn() -> Option<Arc<Model>> + Send + Sync>,
+}
+
+impl std::fmt::Debug for WholeModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WholeModel")
+            .field("path", &self.path)
+            .field("loaded", &(self.loaded)().is_some())
+            .finish()
+    }
+}
+
+impl WholeModel {
+    /// The loaded model, if it is the file at `path`.
+    fn of(&self, path: &Path) -> Option<Arc<Model>> {
+        let same = match (self.path.canonicalize(), path.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        same.then(|| (self.loaded)()).flatten()
+    }
 }
 
 impl StageServerConfig {
@@ -92,6 +123,7 @@ impl StageServerConfig {
             queue_kib: DEFAULT_QUEUE_KIB,
             stats: BatchStats::default(),
             prompt_cache_bytes: 0,
+            whole_model: None,
         }
     }
 }
@@ -305,11 +337,12 @@ impl StageServer {
                 conn.write_frame(&reply).await?;
             }
             Message::Forward(f) => self.enqueue(Work::Forward(f)).await,
+            Message::GetWeights(req) => self.send_weights(req, conn).await?,
             Message::EndSession(e) => self.end_session(e),
             // Queued behind the session's `Forward`s, so it cuts what they leave.
             Message::Truncate(t) => self.enqueue(Work::Truncate(t)).await,
             Message::GetProfile(g) => {
-                let reply = match self.profile(&g.model_id).await {
+                let reply = match self.profile(&g, conn).await {
                     Ok(profile) => Message::Profile(profile),
                     Err(e) => {
                         Message::Error(ErrorMessage::new(error_code(&e), None, e.to_string()))
@@ -337,15 +370,42 @@ impl StageServer {
 
     /// This node's profile on a model, measured the first time a head asks (and kept: the
     /// device does not change between heads' questions).
-    async fn profile(&self, model_id: &str) -> Result<Profile> {
+    /// Without the model, and asked by a head that serves its weights, the node measures
+    /// itself on a few layers it gets from that head on the same connection (then drops
+    /// them: they are a sample, not a stage).
+    async fn profile(&self, asked: &GetProfile, conn: &mut Connection) -> Result<Profile> {
+        let model_id = asked.model_id.as_str();
         if let Some(p) = lock(&self.inner.profiles).get(model_id) {
             return Ok(p.clone());
         }
-        let path = resolve_model(&self.inner.config.models_dir, model_id)?;
+        let sample = crate::profile::measured_stage();
+        let sha = asked.model_sha256;
+        let (path, fetched) = match self.model_file(model_id, &sha, &sample).await {
+            Ok(path) => (path, false),
+            Err(_) if sha != [0; 32] => {
+                let request = GetWeights {
+                    model_id: model_id.to_owned(),
+                    model_sha256: sha,
+                    layer_start: sample.layers.start as u32,
+                    layer_end: sample.layers.end as u32,
+                    embed: false,
+                    head: false,
+                };
+                let dir = &self.inner.config.models_dir;
+                let path = crate::weights::fetch_over(conn, "the head", request, dir).await?;
+                (path, true)
+            }
+            Err(e) => return Err(e),
+        };
         let node_id = self.inner.config.node_id.clone();
-        let mut profile =
-            tokio::task::spawn_blocking(move || crate::profile::measure_profile(&path, &node_id))
-                .await??;
+        let from = path.clone();
+        let measured =
+            tokio::task::spawn_blocking(move || crate::profile::measure_profile(&from, &node_id))
+                .await?;
+        if fetched {
+            let _ = std::fs::remove_file(&path);
+        }
+        let mut profile = measured?;
         lock(&self.inner.profiles).insert(model_id.to_owned(), profile.clone());
         // Memory is what is free now, not when first measured.
         profile.free_memory_bytes = crate::profile::available_memory_bytes().unwrap_or(0);
@@ -358,26 +418,48 @@ impl StageServer {
                 return Ok(ready(&plan, 0, 0));
             }
         }
-        let path = resolve_model(&self.inner.config.models_dir, &plan.model_id)?;
         let started = Instant::now();
-        let inner = self.inner.clone();
-        let p = plan.clone();
-        let (stage, bytes) = tokio::task::spawn_blocking(move || -> Result<(Stage, u64)> {
-            if p.model_sha256 != [0; 32] {
-                let sha = inner.sha256_of(&path)?;
-                if sha != p.model_sha256 {
-                    return Err(PipelineError::ModelUnavailable {
-                        model_id: p.model_id.clone(),
-                        reason: format!(
-                            "{} has sha256 {}, the head asked for {}",
-                            path.display(),
-                            hex(&sha),
-                            hex(&p.model_sha256)
-                        ),
-                    });
+        let spec = StageSpec {
+            layers: plan.layer_start as usize..plan.layer_end as usize,
+            embed: plan.embed,
+            head: plan.head,
+        };
+        let path = match self
+            .model_file(&plan.model_id, &plan.model_sha256, &spec)
+            .await
+        {
+            Ok(path) => path,
+            // Not here: fetch the stage's share from the member the head named.
+            Err(missing) => match plan.weights_from {
+                Some(from) if plan.model_sha256 != [0; 32] => {
+                    let request = crate::weights::request_for(&plan);
+                    let config = &self.inner.config;
+                    crate::weights::fetch(
+                        from,
+                        &config.node_id,
+                        &config.transport,
+                        request,
+                        &config.models_dir,
+                    )
+                    .await?
                 }
+                _ => return Err(missing),
+            },
+        };
+        let p = plan.clone();
+        let from = path.clone();
+        let whole = self
+            .inner
+            .config
+            .whole_model
+            .as_ref()
+            .and_then(|w| w.of(&path));
+        let loaded = tokio::task::spawn_blocking(move || -> Result<(Stage, u64)> {
+            if let Some(model) = whole {
+                // The node runs this very file already: share its layers, load nothing.
+                return Ok((model.stage().share(spec)?, 0));
             }
-            let file = GgufFile::open(&path)?;
+            let file = GgufFile::open(&from)?;
             let n = file.config().n_layers;
             let (start, end) = (p.layer_start as usize, p.layer_end as usize);
             if end > n || p.embed != (start == 0) || p.head != (end == n) {
@@ -386,15 +468,27 @@ impl StageServer {
                     p.embed, p.head
                 )));
             }
-            let spec = StageSpec {
-                layers: start..end,
-                embed: p.embed,
-                head: p.head,
-            };
             let bytes = Stage::weight_bytes(&file, &spec);
             Ok((Stage::load(&file, spec, &Device::Cpu, |_, _| {})?, bytes))
         })
-        .await??;
+        .await?;
+        let (stage, bytes) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                // A kept stage file that does not load is not kept: the next `LoadStage`
+                // fetches it anew rather than failing on it for ever.
+                let stages = self
+                    .inner
+                    .config
+                    .models_dir
+                    .join(crate::weights::STAGES_DIR);
+                if path.parent() == Some(stages.as_path()) {
+                    tracing::warn!(path = %path.display(), error = %e, "dropped a stage file that does not load");
+                    let _ = std::fs::remove_file(&path);
+                }
+                return Err(e);
+            }
+        };
         let load_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
         let reply = ready(&plan, bytes, load_ms);
         tracing::info!(layers = ?stage.spec().layers, load_ms, "stage loaded");
@@ -410,6 +504,75 @@ impl StageServer {
         lock(&self.inner.sessions).clear();
         lock(&self.inner.kept).clear();
         Ok(reply)
+    }
+
+    /// This node's file that holds `spec` of the model with id `model_id` and this SHA-256
+    /// (zeros: unchecked): the model file itself, or a stage file kept from an earlier
+    /// transfer (crate::weights). The error says why neither will do.
+    async fn model_file(
+        &self,
+        model_id: &str,
+        sha: &[u8; 32],
+        spec: &StageSpec,
+    ) -> Result<PathBuf> {
+        let dir = &self.inner.config.models_dir;
+        let whole = resolve_model(dir, model_id);
+        let unchecked = *sha == [0; 32];
+        let missing = match whole {
+            Ok(path) if unchecked => return Ok(path),
+            Ok(path) => {
+                let inner = self.inner.clone();
+                let p = path.clone();
+                let found = tokio::task::spawn_blocking(move || inner.sha256_of(&p)).await??;
+                if found == *sha {
+                    return Ok(path);
+                }
+                PipelineError::ModelUnavailable {
+                    model_id: model_id.to_owned(),
+                    reason: format!(
+                        "{} has sha256 {}, the head asked for {}",
+                        path.display(),
+                        hex(&found),
+                        hex(sha)
+                    ),
+                }
+            }
+            Err(e) => e,
+        };
+        if !unchecked {
+            if let Some(kept) = crate::weights::find_kept(dir, sha, spec) {
+                return Ok(kept);
+            }
+        }
+        Err(missing)
+    }
+
+    /// Serves a member's `GetWeights` from this node's copy of the model (or a kept stage
+    /// file that holds the share asked for).
+    async fn send_weights(&self, req: GetWeights, conn: &mut Connection) -> Result<(), WireError> {
+        let spec = StageSpec {
+            layers: req.layer_start as usize..req.layer_end as usize,
+            embed: req.embed,
+            head: req.head,
+        };
+        if req.model_sha256 == [0; 32] {
+            let e = ErrorMessage::new(
+                ErrorCode::BAD_REQUEST,
+                None,
+                "GetWeights names no SHA-256: weights are sent only for a model both ends can check",
+            );
+            return conn.write_frame(&Message::Error(e)).await;
+        }
+        match self
+            .model_file(&req.model_id, &req.model_sha256, &spec)
+            .await
+        {
+            Ok(path) => crate::weights::send_weights(conn, path, &req).await,
+            Err(e) => {
+                let e = ErrorMessage::new(error_code(&e), None, e.to_string());
+                conn.write_frame(&Message::Error(e)).await
+            }
+        }
     }
 
     /// Queues work for the batching worker (started here the first time), once there is
@@ -878,7 +1041,9 @@ pub(crate) fn resolve_model(dir: &Path, model_id: &str) -> Result<PathBuf> {
 
 fn error_code(e: &PipelineError) -> ErrorCode {
     match e {
-        PipelineError::ModelUnavailable { .. } => ErrorCode::MODEL_UNAVAILABLE,
+        PipelineError::ModelUnavailable { .. } | PipelineError::Weights(_) => {
+            ErrorCode::MODEL_UNAVAILABLE
+        }
         PipelineError::Overloaded(_) => ErrorCode::OVERLOADED,
         PipelineError::StalePlan { .. } => ErrorCode::STALE_PLAN,
         PipelineError::PrefixGone { .. } => ErrorCode::PREFIX_GONE,

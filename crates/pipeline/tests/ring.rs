@@ -338,6 +338,7 @@ async fn end_session_and_idle_eviction_free_the_cache() {
         activation_dtype: DType::F16,
         max_context: 2048,
         next: None,
+        weights_from: None,
     }))
     .await
     .unwrap();
@@ -414,7 +415,8 @@ async fn a_bad_ring_is_refused() {
     let err = Pipeline::connect(config).await.err().expect("refused");
     assert!(err.to_string().contains("layer 10"), "{err}");
 
-    // A model id the peer does not have.
+    // A model id the peer does not have, and no SHA-256 to send it the weights by (with
+    // one, the peer gets its layers from the head: tests/weights.rs).
     let mut config = PipelineConfig::new(
         model_path(),
         0..10,
@@ -424,6 +426,7 @@ async fn a_bad_ring_is_refused() {
         }],
     );
     config.model_id = "no-such-model".into();
+    config.verify_sha256 = false;
     let err = Pipeline::connect(config).await.err().expect("refused");
     assert!(err.to_string().contains("no-such-model"), "{err}");
 }
@@ -665,6 +668,7 @@ async fn load_last_stage(conn: &mut Connection, plan_id: u64, dtype: DType) {
         activation_dtype: dtype,
         max_context: 2048,
         next: None,
+        weights_from: None,
     }))
     .await
     .unwrap();
@@ -704,6 +708,7 @@ async fn a_wrong_model_hash_is_refused() {
         activation_dtype: DType::F16,
         max_context: 2048,
         next: None,
+        weights_from: None,
     }))
     .await
     .unwrap();

@@ -81,7 +81,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]
     pub(crate) activations: ActivationsArg,
     /// Serve only pipeline stages on --peer-port: no whole model in memory (a stage holds
-    /// just its layers), no answers of this node's own.
+    /// just its layers), no answers of this node's own. Without --model no model file is
+    /// needed: the head sends the layers (kept under `<models dir>/stages/`).
     #[arg(long)]
     pub(crate) stage_only: bool,
     /// Swarm role of this node as an agent: reasoner, writer, concise, critic, factchecker,
@@ -225,7 +226,12 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
     };
     // Refuse a contradiction before a model is fetched for it.
     config.check()?;
-    config.model = resolve_model(a.model.model.as_deref())?;
+    config.model = match a.model.model.as_deref() {
+        // A stage-only node needs no model file: heads send it the layers it is to run
+        // (weights over the LAN), kept in its models directory for next time.
+        None if a.stage_only => shoal_models::models_dir().join(shoal_models::default_model().file),
+        given => resolve_model(given)?,
+    };
     if let Some(draft) = config.model_draft.take() {
         config.model_draft = Some(resolve_model(Some(&draft)).context("--model-draft")?);
     }

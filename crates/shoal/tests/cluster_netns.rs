@@ -178,6 +178,9 @@ fn nodes_on_a_lan_find_each_other_by_mdns_and_see_a_killed_one_dead() {
     let model = model_path(SMOLLM2);
     let key = "11".repeat(32);
     let other_key = "22".repeat(32);
+    // Stage-only members start with no model and empty models directories: they get the
+    // layers they are given from the head (weights over the LAN).
+    let dirs: Vec<tempfile::TempDir> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
     let start_with = |i: usize, key: &str, role: &[&str]| {
         let host = format!("{SUBNET}.{i}");
         let id = format!("node-{i}");
@@ -198,7 +201,11 @@ fn nodes_on_a_lan_find_each_other_by_mdns_and_see_a_killed_one_dead() {
             "--dead-after-s",
             "3",
         ]);
-        Server::start_in_netns(&lan.ns(i), &model, &args)
+        if role.contains(&"--stage-only") {
+            Server::start_in_netns_without_model(&lan.ns(i), dirs[i].path(), &args)
+        } else {
+            Server::start_in_netns(&lan.ns(i), &model, &args)
+        }
     };
     let start = |i: usize, key: &str| start_with(i, key, &["--stage-only"]);
 
@@ -233,7 +240,7 @@ fn nodes_on_a_lan_find_each_other_by_mdns_and_see_a_killed_one_dead() {
     // token for token as a single process does.
     n1.wait_healthy();
     assert!(
-        n1.printed("planning over the members found"),
+        n1.printed("over the members found"),
         "the head planned over discovered members"
     );
     let question = chat_body(
@@ -264,6 +271,25 @@ fn nodes_on_a_lan_find_each_other_by_mdns_and_see_a_killed_one_dead() {
         std::thread::sleep(Duration::from_millis(250));
     };
     assert!(!holding.is_empty(), "members show the layers they hold");
+    for id in &holding {
+        let i: usize = id.trim_start_matches("node-").parse().unwrap();
+        if i == 1 {
+            continue;
+        }
+        let kept = std::fs::read_dir(dirs[i].path().join("stages")).map_or(0, |d| d.count());
+        assert_eq!(kept, 1, "{id} keeps the layers it was sent");
+        let gguf_models = std::fs::read_dir(dirs[i].path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "gguf")
+            })
+            .count();
+        assert_eq!(gguf_models, 0, "{id} has no model file of its own");
+    }
 
     // Another swarm on the same LAN: it sees the adverts, but never becomes a member.
     let stranger = start(4, &other_key);

@@ -306,6 +306,34 @@ fn stage_only_nodes_hold_their_layers_and_answer_nothing_themselves() {
     );
 }
 
+/// Issue #15 item 4: a node that runs the whole model (an agent) and also serves a stage of
+/// it shares the layers instead of loading them again (before, such a node peaked at 1.17×
+/// a whole-model process).
+#[test]
+fn a_node_that_runs_the_model_shares_its_layers_with_the_stage_it_serves() {
+    let single = Server::start(&model_path(QWEN05), &[]);
+    let node = Server::start(&model_path(QWEN05), &["--peer-port", "0"]);
+    node.wait_healthy();
+    single.wait_healthy();
+    let peer = node.peer();
+    let head = Server::start(
+        &model_path(QWEN05),
+        &["--peer", peer.as_str(), "--split", "0-5,6-23"],
+    );
+    head.wait_healthy();
+    let messages = json!([{"role": "user", "content": "Write a haiku about rivers."}]);
+    let b = body(&messages, 24, json!({}));
+    let want = chat_text(single.addr, &b);
+    assert_eq!(chat_text(head.addr, &b), want, "through the ring");
+    assert_eq!(chat_text(node.addr, &b), want, "the node itself");
+    let (whole, both) = (single.peak_rss_kib(), node.peak_rss_kib());
+    eprintln!("peak RSS: whole model {whole} KiB, whole model and a stage {both} KiB");
+    assert!(
+        (both as f64) <= 1.08 * whole as f64,
+        "the stage loaded its layers again: {both} KiB against {whole} KiB"
+    );
+}
+
 #[test]
 fn split_auto_plans_from_measured_profiles_and_answers_the_same() {
     let single = Server::start(&model_path(QWEN05), &[]);

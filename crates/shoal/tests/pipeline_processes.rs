@@ -70,6 +70,31 @@ fn three_stage_ring_of_processes_matches_single_process() {
     assert_eq!(ring, single);
 }
 
+/// Issue #15 item 4: stage-only nodes started with no model and an empty models directory
+/// get their layers from the head and answer token for token as the single process.
+#[test]
+fn stage_only_nodes_without_a_model_get_their_layers_from_the_head() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let nodes = dirs
+        .each_ref()
+        .map(|d| Server::start_without_model(d.path(), &["--peer-port", "0", "--stage-only"]));
+    let single = stdout_ok(&shoal_run::<&str>(&[]));
+    let ring = stdout_ok(&shoal_run(&ring_args(&nodes, "0-9,10-19,20-29")));
+    assert_eq!(ring, single);
+    for dir in &dirs {
+        let kept: Vec<_> = std::fs::read_dir(dir.path().join("stages"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let entries = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(
+            entries, 1,
+            "no model file was fetched, only the stage's layers"
+        );
+    }
+}
+
 #[test]
 fn two_stage_ring_of_processes_matches_single_process() {
     let nodes = [stage_node()];

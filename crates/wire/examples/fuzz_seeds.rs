@@ -10,9 +10,9 @@ use std::process::ExitCode;
 
 use shoal_wire::{
     Activations, AgentCard, Answer, Ask, Capabilities, ChatTurn, DType, Describe, EndSession,
-    ErrorCode, ErrorMessage, Finish, Forward, GetProfile, Hello, HelloAck, LoadStage, LogitRows,
-    Logits, Message, Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token,
-    Truncate, Want,
+    ErrorCode, ErrorMessage, Finish, Forward, GetProfile, GetWeights, Hello, HelloAck, LoadStage,
+    LogitRows, Logits, Message, Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady,
+    Token, Truncate, Want, WeightsChunk, WeightsManifest, WeightsRegion,
 };
 
 fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
@@ -48,6 +48,31 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             activation_dtype: DType::F16,
             max_context: 4096,
             next: Some(addr),
+            weights_from: None,
+        }),
+        Message::GetWeights(GetWeights {
+            model_id: "qwen2.5-0.5b".into(),
+            model_sha256: [7; 32],
+            layer_start: 12,
+            layer_end: 24,
+            embed: false,
+            head: true,
+        }),
+        Message::WeightsManifest(WeightsManifest {
+            file_len: 4096 + 1000,
+            regions: vec![
+                WeightsRegion {
+                    len: 4096,
+                    sha256: [1; 32],
+                },
+                WeightsRegion {
+                    len: 1000,
+                    sha256: [2; 32],
+                },
+            ],
+        }),
+        Message::WeightsChunk(WeightsChunk {
+            data: vec![0x5A; 256].into(),
         }),
         Message::StageReady(StageReady {
             plan_id: 1,
@@ -177,6 +202,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
         }),
         Message::GetProfile(GetProfile {
             model_id: "qwen2.5-coder-0.5b-instruct.gguf".into(),
+            model_sha256: [3; 32],
         }),
         Message::Profile(Profile {
             node_id: "pi".into(),

@@ -36,7 +36,7 @@ impl Reader {
         self.buf.len() - self.pos
     }
 
-    fn check(&self, needed: u64, what: &'static str) -> Result<usize, WireError> {
+    pub(crate) fn check(&self, needed: u64, what: &'static str) -> Result<usize, WireError> {
         match usize::try_from(needed) {
             Ok(n) if n <= self.remaining() => Ok(n),
             _ => Err(WireError::Truncated {

@@ -16,7 +16,7 @@
 //! | offset | size | field | value |
 //! |---:|---:|---|---|
 //! | 0 | 4 | magic | `b"SHOL"` ([`MAGIC`]) |
-//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 2 (2: `Forward` carries its `plan_id`) |
+//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 4 (2: `Forward` carries its `plan_id`; 3: the prompt cache's `Forward.resume` and `EndSession.keep`; 4: weights over the LAN, `LoadStage.weights_from`) |
 //! | 6 | 2 | type | `u16`, a [`MessageType`] id (table below) |
 //! | 8 | 4 | length | `u32`, payload bytes that follow, ≤ [`Limits::max_payload`] (default 64 MiB) |
 //! | 12 | length | payload | the message's fields, in the layout its type documents |
@@ -49,10 +49,13 @@
 //! | `0x0031` | [`AgentCard`] | agent → head | node id, role, model, context length, measured tokens/s, thermal penalty, requests busy |
 //! | `0x0032` | [`Ask`] | head → agent | a conversation to answer: system prompt override, turns, sampling, stop strings, choices the answer is limited to |
 //! | `0x0033` | [`Answer`] | agent → head | the generated text, finish reason, token counts, time taken |
-//! | `0x0040` | [`GetProfile`] | head → node | measure yourself on this model (by file name) |
+//! | `0x0040` | [`GetProfile`] | head → node | measure yourself on this model (by file name and sha256; with a sha256 the head serves its weights on the same connection) |
 //! | `0x0041` | [`Profile`] | node → head | decode and prefill ms per layer, free memory |
 //! | `0x0050` | [`Heartbeat`] | member ↔ member | who the sender is ([`NodeInfo`]) and the members it knows |
 //! | `0x0051` | [`Chaos`] | member → member | play dead, or stop (the dashboard's kill and heal); answered in kind |
+//! | `0x0060` | [`GetWeights`] | node → holder | send me the share of a model (by id and sha256) that these layers need |
+//! | `0x0061` | [`WeightsManifest`] | holder → node | the stage file's length and its regions' SHA-256 |
+//! | `0x0062` | [`WeightsChunk`] | holder → node | the stage file's next bytes |
 //!
 //! Shared field encodings: `bool` and option tags are one byte, 0 or 1; strings are a `u32`
 //! byte length then UTF-8; vectors of `u32` are a `u32` count then the elements; a socket
@@ -94,12 +97,13 @@ pub use handshake::{client_handshake, server_handshake};
 pub use key::{KeyError, SwarmKey, KEY_LEN};
 pub use message::{
     AgentCard, Answer, Ask, Capabilities, Chaos, ChatTurn, Describe, EndSession, ErrorCode,
-    ErrorMessage, Finish, Forward, GetProfile, Heartbeat, HeldStage, Hello, HelloAck, KnownMember,
-    LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo, Payload, Ping, Pong, Profile,
-    Resume, SamplingSpec, StageReady, Token, Truncate, Want, MAX_ACCELERATOR, MAX_CHAT_ROLE,
-    MAX_CHAT_TEXT, MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_ERROR_MESSAGE, MAX_HELD_STAGES,
-    MAX_KNOWN_MEMBERS, MAX_MODELS, MAX_MODEL_ID, MAX_MODEL_NAME, MAX_NODE_ID, MAX_PENALTY_TOKENS,
-    MAX_ROLE, MAX_SOFTWARE_VERSION, MAX_STOP, MAX_STOP_LEN, MAX_TOKENS,
+    ErrorMessage, Finish, Forward, GetProfile, GetWeights, Heartbeat, HeldStage, Hello, HelloAck,
+    KnownMember, LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo, Payload, Ping, Pong,
+    Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Want, WeightsChunk,
+    WeightsManifest, WeightsRegion, MAX_ACCELERATOR, MAX_CHAT_ROLE, MAX_CHAT_TEXT, MAX_CHAT_TURNS,
+    MAX_CHOICES, MAX_CHOICE_LEN, MAX_ERROR_MESSAGE, MAX_HELD_STAGES, MAX_KNOWN_MEMBERS, MAX_MODELS,
+    MAX_MODEL_ID, MAX_MODEL_NAME, MAX_NODE_ID, MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION,
+    MAX_STAGE_FILE, MAX_STOP, MAX_STOP_LEN, MAX_TOKENS, MAX_WEIGHTS_CHUNK, MAX_WEIGHT_REGIONS,
 };
 pub use secure::PeerStream;
 pub use server::{serve_peers, PeerService, RemotePeer, ServeConfig};

@@ -6,10 +6,11 @@ use bytes::Bytes;
 use shoal_wire::{
     check_frame, decode_activations, decode_frame, encode_activations, Activations, AgentCard,
     Answer, Ask, Capabilities, Chaos, ChatTurn, Connection, DType, Describe, EndSession, ErrorCode,
-    ErrorMessage, Finish, Forward, GetProfile, Heartbeat, HeldStage, Hello, HelloAck, KnownMember,
-    Limits, LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo, Payload, Ping, Pong,
-    Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Want, WireError, HEADER_LEN,
-    MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP, PROTOCOL_VERSION,
+    ErrorMessage, Finish, Forward, GetProfile, GetWeights, Heartbeat, HeldStage, Hello, HelloAck,
+    KnownMember, Limits, LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo, Payload,
+    Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Want, WeightsChunk,
+    WeightsManifest, WeightsRegion, WireError, HEADER_LEN, MAX_CHAT_TURNS, MAX_CHOICES,
+    MAX_CHOICE_LEN, MAX_STOP, PROTOCOL_VERSION,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use tokio::io::AsyncWriteExt;
@@ -121,6 +122,7 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
                 activation_dtype: rng.dtype(),
                 max_context: rng.u32(),
                 next: (!head).then(|| rng.addr()),
+                weights_from: rng.bool().then(|| rng.addr()),
             })
         }
         MessageType::StageReady => {
@@ -190,6 +192,7 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
         MessageType::Describe => Message::Describe(Describe),
         MessageType::GetProfile => Message::GetProfile(GetProfile {
             model_id: rng.string(40),
+            model_sha256: std::array::from_fn(|_| rng.next() as u8),
         }),
         MessageType::Profile => Message::Profile(Profile {
             node_id: rng.node_id(),
@@ -246,6 +249,35 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
             elapsed_ms: rng.u32(),
         }),
         MessageType::Chaos => Message::Chaos(Chaos { down: rng.bool() }),
+        MessageType::GetWeights => {
+            let start = rng.below(80) as u32;
+            Message::GetWeights(GetWeights {
+                model_id: rng.string(60),
+                model_sha256: std::array::from_fn(|_| rng.next() as u8),
+                layer_start: start,
+                layer_end: start + 1 + rng.below(40) as u32,
+                embed: rng.bool(),
+                head: rng.bool(),
+            })
+        }
+        MessageType::WeightsManifest => {
+            let regions: Vec<WeightsRegion> = (0..1 + rng.below(20))
+                .map(|_| WeightsRegion {
+                    len: 1 + rng.below(1 << 32),
+                    sha256: std::array::from_fn(|_| rng.next() as u8),
+                })
+                .collect();
+            Message::WeightsManifest(WeightsManifest {
+                file_len: regions.iter().map(|r| r.len).sum(),
+                regions,
+            })
+        }
+        MessageType::WeightsChunk => Message::WeightsChunk(WeightsChunk {
+            data: (0..1 + rng.below(3000))
+                .map(|_| rng.next() as u8)
+                .collect::<Vec<u8>>()
+                .into(),
+        }),
         MessageType::Heartbeat => {
             let models = rng.below(5) as usize;
             let stages = rng.below(4) as usize;
@@ -504,12 +536,12 @@ fn ask() -> Ask {
 #[test]
 fn agent_message_frame_bytes() {
     let frame = Message::Describe(Describe).to_frame().unwrap();
-    assert_eq!(frame, [b'S', b'H', b'O', b'L', 3, 0, 0x30, 0, 0, 0, 0, 0]);
+    assert_eq!(frame, [b'S', b'H', b'O', b'L', 4, 0, 0x30, 0, 0, 0, 0, 0]);
 
     let frame = Message::AgentCard(card()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 3, 0, 0x31, 0, 55, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 4, 0, 0x31, 0, 55, 0, 0, 0,
         2, 0, 0, 0, b'a', b'1',                         // node_id
         6, 0, 0, 0, b'c', b'r', b'i', b't', b'i', b'c', // role
         6, 0, 0, 0, b'm', b'.', b'g', b'g', b'u', b'f', // model_id
@@ -526,7 +558,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Ask(ask()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 3, 0, 0x32, 0, 86, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 4, 0, 0x32, 0, 86, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 9, 0, 0, 0, b'B', b'e', b' ', b'b', b'r', b'i', b'e', b'f', b'.', // Some(system)
         1, 0, 0, 0,                                     // one turn
@@ -569,7 +601,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Answer(answer.clone()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 3, 0, 0x33, 0, 26, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 4, 0, 0x33, 0, 26, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 0, 0, 0, b'4',                               // text
         1,                                              // finish: length
@@ -817,6 +849,7 @@ fn profile_bytes_and_refusals() {
     }
     let mut leftover = Message::GetProfile(GetProfile {
         model_id: "m.gguf".to_owned(),
+        model_sha256: [0; 32],
     })
     .to_frame()
     .unwrap();

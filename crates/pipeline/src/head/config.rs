@@ -64,8 +64,12 @@ pub struct PipelineConfig {
     /// Address the reply listener binds (the `reply_to` of every `Forward`); must be one the
     /// last stage can reach, not `0.0.0.0`.
     pub reply_bind: SocketAddr,
-    /// How long to wait for `StageReady` and for each token.
+    /// How long to wait for each token.
     pub timeout: Duration,
+    /// How long to wait for a peer's `StageReady`: loading may begin with fetching the
+    /// stage's weights from the head over the LAN (a stalled transfer is cut sooner, by the
+    /// peer's own deadline on every chunk).
+    pub load_timeout: Duration,
     /// When a stage is lost mid-session, re-plan on the nodes left and replay the session
     /// there (greedy output unchanged) instead of failing the request.
     pub recover: bool,
@@ -87,7 +91,8 @@ pub struct PipelineConfig {
 
 impl PipelineConfig {
     /// Defaults: f32 activations (exact), prefill chunks of 512 (the engine's), replies on
-    /// `127.0.0.1:0`, a 2-minute timeout, SHA-256 checked.
+    /// `127.0.0.1:0`, a 2-minute timeout per token and 30 minutes to load a stage (weights
+    /// over the LAN included), SHA-256 checked.
     pub fn new(
         model_path: impl Into<PathBuf>,
         local_layers: Range<usize>,
@@ -109,6 +114,7 @@ impl PipelineConfig {
             prefill_chunk: shoal_engine::generate::PREFILL_CHUNK,
             reply_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             timeout: Duration::from_secs(120),
+            load_timeout: Duration::from_secs(30 * 60),
             recover: true,
             replan: None,
             transport: Transport::default(),

@@ -70,6 +70,9 @@ struct RingSetup<'a> {
     model: &'a ModelConfig,
     sha: [u8; 32],
     router: &'a Arc<Router>,
+    /// Where peers without the model get their layers: the head's reply listener, which
+    /// serves them from the head's file (`None` without a SHA-256 to check them by).
+    weights_from: Option<SocketAddr>,
 }
 
 impl RingSetup<'_> {
@@ -117,15 +120,16 @@ impl RingSetup<'_> {
                 activation_dtype: self.config.activation_dtype,
                 max_context: to_u32(self.model.context_length)?,
                 next,
+                weights_from: self.weights_from,
             };
             let (link, node_id) = tokio::time::timeout(
-                self.config.timeout,
+                self.config.load_timeout,
                 load_peer(p.addr, self.config, load, self.router.clone()),
             )
             .await
             .map_err(|_| PipelineError::Timeout {
                 what: "StageReady",
-                after: self.config.timeout,
+                after: self.config.load_timeout,
             })??;
             links.push(Peer {
                 addr: p.addr,
@@ -233,17 +237,22 @@ impl Pipeline {
             .map_err(WireError::from)?;
         let reply_addr = listener.local_addr().map_err(WireError::from)?;
         let router = Arc::new(Router::default());
+        // With a SHA-256 to check them by, the reply listener also serves the head's
+        // model to peers that lack it (crate::weights).
+        let weights = (sha != [0; 32]).then(|| (config.model_path.clone(), sha));
         let listener = tokio::spawn(serve_replies(
             listener,
             config.node_id.clone(),
             config.transport.clone(),
             router.clone(),
+            weights,
         ));
         let setup = RingSetup {
             config: &config,
             model: &model,
             sha,
             router: &router,
+            weights_from: (sha != [0; 32]).then_some(reply_addr),
         };
         let ring = setup
             .build(0, None, config.local_layers.clone(), &config.peers)
@@ -300,6 +309,7 @@ impl Pipeline {
             model: &self.model,
             sha: self.sha,
             router: &self.router,
+            weights_from: (self.sha != [0; 32]).then_some(self.reply_addr),
         }
     }
 

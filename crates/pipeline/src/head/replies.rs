@@ -1,6 +1,7 @@
 //! The head's reply listener: the last stage's tokens and errors, routed to their sessions.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use shoal_wire::{
@@ -107,15 +108,22 @@ impl Router {
     }
 }
 
-/// Accepts the last stage's connections and routes `Token`s and errors to their sessions.
+/// Accepts the last stage's connections and routes `Token`s and errors to their sessions;
+/// with `weights` (the head's model file and its SHA-256), also serves peers' `GetWeights`
+/// for that model.
 pub(super) async fn serve_replies(
     listener: TcpListener,
     node_id: String,
     transport: Transport,
     router: Arc<Router>,
+    weights: Option<(PathBuf, [u8; 32])>,
 ) {
     let config = ServeConfig::over(transport);
-    let replies = ReplyListener { node_id, router };
+    let replies = ReplyListener {
+        node_id,
+        router,
+        weights,
+    };
     serve_peers(listener, config, Arc::new(replies), std::future::pending()).await;
 }
 
@@ -123,6 +131,8 @@ pub(super) async fn serve_replies(
 pub(super) struct ReplyListener {
     node_id: String,
     router: Arc<Router>,
+    /// The head's model file and its SHA-256, served to peers without it.
+    weights: Option<(PathBuf, [u8; 32])>,
 }
 
 impl PeerService for ReplyListener {
@@ -137,11 +147,28 @@ impl PeerService for ReplyListener {
     async fn handle(
         &self,
         msg: Message,
-        _conn: &mut Connection,
+        conn: &mut Connection,
         peer: &shoal_wire::RemotePeer,
     ) -> std::result::Result<(), WireError> {
-        self.router.route(msg, &peer.node_id);
-        Ok(())
+        match msg {
+            Message::GetWeights(req) => match &self.weights {
+                Some((path, sha)) if *sha == req.model_sha256 => {
+                    crate::weights::send_weights(conn, path.clone(), &req).await
+                }
+                _ => {
+                    let e = ErrorMessage::new(
+                        ErrorCode::MODEL_UNAVAILABLE,
+                        None,
+                        "this head serves only its own model's weights, by its SHA-256",
+                    );
+                    conn.write_frame(&Message::Error(e)).await
+                }
+            },
+            msg => {
+                self.router.route(msg, &peer.node_id);
+                Ok(())
+            }
+        }
     }
 }
 

@@ -67,6 +67,17 @@ impl Server {
         )
     }
 
+    /// `shoal serve --host 127.0.0.1 --port 0` plus `extra`, with no `--model` and
+    /// `SHOAL_MODELS_DIR` set to `models_dir`.
+    pub fn start_without_model(models_dir: &Path, extra: &[&str]) -> Self {
+        let mut args: Vec<OsString> = vec!["serve".into()];
+        args.extend(["--host", "127.0.0.1", "--port", "0"].map(OsString::from));
+        args.extend(extra.iter().map(OsString::from));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        command.env("SHOAL_MODELS_DIR", models_dir);
+        Server::spawn(command, args, extra.contains(&"--peer-port"))
+    }
+
     /// `shoal serve --model MODEL` plus `args` inside the network namespace `netns` (as
     /// root: `ip netns exec`, which becomes the server's process); returns once both ports
     /// are known.
@@ -74,6 +85,17 @@ impl Server {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_shoal")]);
         let mut all: Vec<OsString> = vec!["serve".into(), "--model".into(), model.into()];
+        all.extend(args.iter().map(OsString::from));
+        Server::spawn(command, all, true)
+    }
+
+    /// `shoal serve` with no `--model`, `SHOAL_MODELS_DIR` set to `models_dir`, plus `args`,
+    /// inside the network namespace `netns`; returns once both ports are known.
+    pub fn start_in_netns_without_model(netns: &str, models_dir: &Path, args: &[&str]) -> Self {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_shoal")]);
+        command.env("SHOAL_MODELS_DIR", models_dir);
+        let mut all: Vec<OsString> = vec!["serve".into()];
         all.extend(args.iter().map(OsString::from));
         Server::spawn(command, all, true)
     }

@@ -13,6 +13,7 @@ mod membership;
 mod profile;
 mod session;
 mod stage;
+mod weights;
 
 use bytes::Bytes;
 
@@ -32,6 +33,10 @@ pub use session::{
     MAX_PENALTY_TOKENS, MAX_TOKENS,
 };
 pub use stage::{LoadStage, StageReady, MAX_MODEL_ID};
+pub use weights::{
+    GetWeights, WeightsChunk, WeightsManifest, WeightsRegion, MAX_STAGE_FILE, MAX_WEIGHTS_CHUNK,
+    MAX_WEIGHT_REGIONS,
+};
 
 use crate::codec::Reader;
 use crate::error::WireError;
@@ -156,6 +161,12 @@ messages! {
     0x0050 Heartbeat(Heartbeat),
     /// Member → member: play dead (or stop playing dead), for demos and drills.
     0x0051 Chaos(Chaos),
+    /// Node → holder: send me my stage's share of this model.
+    0x0060 GetWeights(GetWeights),
+    /// Holder → node: the stage file to come, its regions and their SHA-256.
+    0x0061 WeightsManifest(WeightsManifest),
+    /// Holder → node: the next bytes of the stage file.
+    0x0062 WeightsChunk(WeightsChunk),
 }
 
 impl MessageType {

@@ -13,16 +13,24 @@ use crate::message::{finite, MAX_MODEL_ID, MAX_NODE_ID};
 /// | field | encoding |
 /// |---|---|
 /// | `model_id` | `u32` length (≤ [`MAX_MODEL_ID`]), UTF-8: the model file's name |
+/// | `model_sha256` | 32 bytes: the model file's SHA-256, or zeros |
+///
+/// With a SHA-256, the head also serves that model's weights on this connection: a node
+/// without the model may answer with a `GetWeights` for a few layers first, measure itself
+/// on them, and then answer the `Profile`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GetProfile {
     /// The model file's name, resolved in the node's models directory.
     pub model_id: String,
+    /// The model file's SHA-256; zeros: the head sends no weights.
+    pub model_sha256: [u8; 32],
 }
 
 impl GetProfile {
     pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
         let msg = GetProfile {
             model_id: r.string("model_id", MAX_MODEL_ID)?,
+            model_sha256: r.sha256("model_sha256")?,
         };
         msg.validate()?;
         Ok(msg)
@@ -30,6 +38,7 @@ impl GetProfile {
 
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         put_string(out, &self.model_id);
+        out.put_slice(&self.model_sha256);
     }
 
     pub(crate) fn validate(&self) -> Result<(), WireError> {

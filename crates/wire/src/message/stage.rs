@@ -25,6 +25,7 @@ pub const MAX_MODEL_ID: usize = 256;
 /// | `activation_dtype` | `u8` (0 f16, 1 bf16, 2 f32) |
 /// | `max_context` | `u32` |
 /// | `next` | `u8` tag, then socket address (`u8` family 4/6, 4 or 16 octets, `u16` port) |
+/// | `weights_from` | `u8` tag, then socket address |
 ///
 /// Rules checked on both ends: `layer_start ≤ layer_end`; a stage with no layers has `embed`
 /// or `head`; `next` is present exactly when the stage is not the last (`head` false) — the
@@ -52,6 +53,9 @@ pub struct LoadStage {
     pub max_context: u32,
     /// The next stage's wire address; `None` for the last stage.
     pub next: Option<SocketAddr>,
+    /// A member that holds the model file and serves its stages' shares (`GetWeights`): a
+    /// node without the file fetches its layers from there. `None`: the node must have it.
+    pub weights_from: Option<SocketAddr>,
 }
 
 impl LoadStage {
@@ -70,6 +74,11 @@ impl LoadStage {
         } else {
             None
         };
+        let weights_from = if r.present("weights_from")? {
+            Some(r.socket_addr("weights_from")?)
+        } else {
+            None
+        };
         let msg = LoadStage {
             plan_id,
             model_id,
@@ -81,6 +90,7 @@ impl LoadStage {
             activation_dtype,
             max_context,
             next,
+            weights_from,
         };
         msg.validate()?;
         Ok(msg)
@@ -98,6 +108,10 @@ impl LoadStage {
         out.put_u32_le(self.max_context);
         put_bool(out, self.next.is_some());
         if let Some(addr) = &self.next {
+            put_socket_addr(out, addr);
+        }
+        put_bool(out, self.weights_from.is_some());
+        if let Some(addr) = &self.weights_from {
             put_socket_addr(out, addr);
         }
     }
@@ -178,7 +192,7 @@ impl StageReady {
     }
 }
 
-fn check_layers(message: &'static str, start: u32, end: u32) -> Result<(), WireError> {
+pub(super) fn check_layers(message: &'static str, start: u32, end: u32) -> Result<(), WireError> {
     if start > end {
         return Err(WireError::Invalid {
             message,
@@ -215,13 +229,14 @@ mod tests {
             activation_dtype: DType::F16,
             max_context: 4096,
             next: Some("127.0.0.1:9000".parse().unwrap()),
+            weights_from: None,
         }
     }
 
     #[test]
     fn load_stage_frame_bytes() {
         let frame = Message::LoadStage(load()).to_frame().unwrap();
-        let mut expected = vec![b'S', b'H', b'O', b'L', 3, 0, 0x10, 0, 68, 0, 0, 0];
+        let mut expected = vec![b'S', b'H', b'O', b'L', 4, 0, 0x10, 0, 69, 0, 0, 0];
         expected.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]); // plan_id
         expected.extend_from_slice(&[1, 0, 0, 0, b'm']); // model_id
         expected.extend_from_slice(&[0xAB; 32]); // sha256
@@ -229,6 +244,7 @@ mod tests {
         expected.extend_from_slice(&[0, 0, 0]); // embed, head, f16
         expected.extend_from_slice(&[0x00, 0x10, 0, 0]); // max_context 4096
         expected.extend_from_slice(&[1, 4, 127, 0, 0, 1, 0x28, 0x23]); // Some(127.0.0.1:9000)
+        expected.push(0); // weights_from: None
         assert_eq!(frame, expected);
         assert_eq!(
             decode_frame(&frame, &Limits::default()).unwrap().unwrap().0,
@@ -290,7 +306,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 3, 0, 0x11, 0, 28, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 4, 0, 0x11, 0, 28, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             0, 0, 0, 0, 12, 0, 0, 0,
             0, 0, 0, 0, 1, 0, 0, 0,

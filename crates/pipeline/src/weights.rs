@@ -1,0 +1,535 @@
+//! Weights over the LAN (design §5, issue #15 item 4): a node asked to run layers of a model
+//! it does not have gets just those layers' share of the file — a stage file
+//! ([`shoal_engine::StageFile`]) — from a member that has it, checks every region against the
+//! SHA-256 the holder computed, and keeps it under `<models dir>/stages/` for next time.
+//!
+//! The holder is the ring's head (every `LoadStage` names it in `weights_from`; its reply
+//! listener serves `GetWeights`) or any stage server that holds the model, or a stage file
+//! that covers the layers asked for. Kept stage files are named by the model's SHA-256 and
+//! their layers, so a file of another version of the model is never taken for this one.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use shoal_engine::{GgufFile, StageFile, StageSpec};
+use shoal_wire::{
+    Capabilities, Connection, ErrorCode, ErrorMessage, GetWeights, LoadStage, Message, Transport,
+    WeightsChunk, WeightsManifest, WeightsRegion, WireError,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::error::{PipelineError, Result};
+use crate::link::dial;
+use crate::server::hex;
+
+/// Where a models directory keeps stage files.
+pub const STAGES_DIR: &str = "stages";
+
+/// Bytes per `WeightsChunk`.
+const CHUNK: usize = 4 << 20;
+
+/// Longest wait for the manifest: the holder reads and hashes the whole share first (a
+/// gigabyte takes seconds on a laptop, longer on a Raspberry Pi's SD card).
+const MANIFEST_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Longest wait for each chunk once the transfer runs.
+const CHUNK_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The `GetWeights` for the stage a `LoadStage` describes.
+pub(crate) fn request_for(load: &LoadStage) -> GetWeights {
+    GetWeights {
+        model_id: load.model_id.clone(),
+        model_sha256: load.model_sha256,
+        layer_start: load.layer_start,
+        layer_end: load.layer_end,
+        embed: load.embed,
+        head: load.head,
+    }
+}
+
+/// The stage a `GetWeights` asks for.
+fn spec_of(req: &GetWeights) -> StageSpec {
+    StageSpec {
+        layers: req.layer_start as usize..req.layer_end as usize,
+        embed: req.embed,
+        head: req.head,
+    }
+}
+
+/// A kept stage file: the model it is a share of and what it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Kept {
+    sha_hex: String,
+    layers: Range<usize>,
+    embed: bool,
+    head: bool,
+}
+
+impl Kept {
+    fn of(sha: &[u8; 32], spec: &StageSpec) -> Kept {
+        Kept {
+            sha_hex: hex(sha),
+            layers: spec.layers.clone(),
+            embed: spec.embed,
+            head: spec.head,
+        }
+    }
+
+    /// `<sha256>.layers-<start>-<end>[.embed][.head].gguf`
+    fn file_name(&self) -> String {
+        format!(
+            "{}.layers-{}-{}{}{}.gguf",
+            self.sha_hex,
+            self.layers.start,
+            self.layers.end,
+            if self.embed { ".embed" } else { "" },
+            if self.head { ".head" } else { "" }
+        )
+    }
+
+    fn parse(name: &str) -> Option<Kept> {
+        let rest = name.strip_suffix(".gguf")?;
+        let (sha_hex, rest) = rest.split_once(".layers-")?;
+        if sha_hex.len() != 64 || !sha_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let (rest, head) = match rest.strip_suffix(".head") {
+            Some(r) => (r, true),
+            None => (rest, false),
+        };
+        let (rest, embed) = match rest.strip_suffix(".embed") {
+            Some(r) => (r, true),
+            None => (rest, false),
+        };
+        let (start, end) = rest.split_once('-')?;
+        let kept = Kept {
+            sha_hex: sha_hex.to_owned(),
+            layers: start.parse().ok()?..end.parse().ok()?,
+            embed,
+            head,
+        };
+        (kept.file_name() == name).then_some(kept)
+    }
+
+    /// Holds every tensor `spec` needs.
+    fn covers(&self, spec: &StageSpec) -> bool {
+        self.layers.start <= spec.layers.start
+            && spec.layers.end <= self.layers.end
+            && (self.embed || !spec.embed)
+            && (self.head || !spec.head)
+    }
+}
+
+/// A kept stage file of the model with this SHA-256 that holds `spec`'s tensors (the
+/// smallest such), if `models_dir` has one.
+pub(crate) fn find_kept(models_dir: &Path, sha: &[u8; 32], spec: &StageSpec) -> Option<PathBuf> {
+    let want = hex(sha);
+    let entries = std::fs::read_dir(models_dir.join(STAGES_DIR)).ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let kept = Kept::parse(&name)?;
+            (kept.sha_hex == want && kept.covers(spec)).then(|| (kept.layers.len(), e.path()))
+        })
+        .min()
+        .map(|(_, path)| path)
+}
+
+/// Serves a `GetWeights` on `conn` from `model` (a model file or a stage file that holds the
+/// share asked for; the caller has checked it is the very model asked for): the manifest,
+/// then the stage file's bytes. A share the file cannot give is answered with an `Error`.
+pub(crate) async fn send_weights(
+    conn: &mut Connection,
+    model: PathBuf,
+    req: &GetWeights,
+) -> std::result::Result<(), WireError> {
+    let spec = spec_of(req);
+    let planned = tokio::task::spawn_blocking(move || plan_and_hash(&model, &spec)).await;
+    let (file, layout, manifest) = match planned {
+        Ok(Ok(planned)) => planned,
+        Ok(Err(e)) => {
+            let error = ErrorMessage::new(ErrorCode::MODEL_UNAVAILABLE, None, e.to_string());
+            return conn.write_frame(&Message::Error(error)).await;
+        }
+        Err(e) => {
+            let error = ErrorMessage::new(ErrorCode::INTERNAL, None, e.to_string());
+            return conn.write_frame(&Message::Error(error)).await;
+        }
+    };
+    tracing::info!(
+        layers = ?req.layer_start..req.layer_end,
+        bytes = layout.len(),
+        "sending a stage's weights"
+    );
+    conn.write_frame(&Message::WeightsManifest(manifest))
+        .await?;
+    // A reader thread stays two chunks ahead of the socket, no more.
+    let (tx, mut rx) = mpsc::channel::<std::result::Result<Bytes, String>>(2);
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut offset = 0u64;
+        while offset < layout.len() {
+            let n = (CHUNK as u64).min(layout.len() - offset) as usize;
+            let mut buf = vec![0u8; n];
+            let read = layout
+                .read(&file, offset, &mut buf)
+                .map(|()| Bytes::from(buf))
+                .map_err(|e| e.to_string());
+            let failed = read.is_err();
+            if tx.blocking_send(read).is_err() || failed {
+                return;
+            }
+            offset += n as u64;
+        }
+    });
+    while let Some(chunk) = rx.recv().await {
+        match chunk {
+            Ok(data) => {
+                conn.write_frame(&Message::WeightsChunk(WeightsChunk { data }))
+                    .await?
+            }
+            Err(e) => {
+                // The receiver sees the transfer end short and discards it.
+                tracing::warn!(error = %e, "reading a stage's weights failed");
+                break;
+            }
+        }
+    }
+    drop(rx);
+    let _ = reader.await;
+    Ok(())
+}
+
+/// Lays out the stage file of `spec` from `model` and hashes each of its regions.
+fn plan_and_hash(
+    model: &Path,
+    spec: &StageSpec,
+) -> Result<(Arc<GgufFile>, StageFile, WeightsManifest)> {
+    let file = GgufFile::open(model)?;
+    let n = file.config().n_layers;
+    if spec.layers.end > n
+        || spec.embed != (spec.layers.start == 0)
+        || spec.head != (spec.layers.end == n)
+    {
+        return Err(PipelineError::Config(format!(
+            "layers {:?} (embed {}, head {}) are not a stage of a model of {n} layers",
+            spec.layers, spec.embed, spec.head
+        )));
+    }
+    let layout = StageFile::plan(&file, spec)?;
+    let mut regions = Vec::new();
+    let mut buf = Vec::new();
+    for region in layout.regions() {
+        let mut hasher = Sha256::new();
+        let mut at = region.start;
+        while at < region.end {
+            let n = (CHUNK as u64).min(region.end - at) as usize;
+            buf.resize(n, 0);
+            layout.read(&file, at, &mut buf)?;
+            hasher.update(&buf);
+            at += n as u64;
+        }
+        regions.push(WeightsRegion {
+            len: region.end - region.start,
+            sha256: hasher.finalize().into(),
+        });
+    }
+    let manifest = WeightsManifest {
+        file_len: layout.len(),
+        regions,
+    };
+    Ok((Arc::new(file), layout, manifest))
+}
+
+/// Gets the stage file `req` asks for from the holder at `from` into
+/// `<models_dir>/stages/`, checking every region's SHA-256 as it arrives; nothing is kept
+/// of a transfer that fails. Stage files of the same model that the new one covers are
+/// removed (they would never be chosen again). Returns the stage file's path.
+pub(crate) async fn fetch(
+    from: SocketAddr,
+    node_id: &str,
+    transport: &Transport,
+    req: GetWeights,
+    models_dir: &Path,
+) -> Result<PathBuf> {
+    let mut conn = dial(from, node_id, Capabilities::STAGE, transport).await?;
+    fetch_over(&mut conn, &from.to_string(), req, models_dir).await
+}
+
+/// [`fetch`] over a connection already open to the holder (`holder` names it in errors):
+/// a node without the model that a planning head asks for its profile gets the layers it
+/// measures on from that head, on the head's own connection.
+pub(crate) async fn fetch_over(
+    conn: &mut Connection,
+    holder: &str,
+    req: GetWeights,
+    models_dir: &Path,
+) -> Result<PathBuf> {
+    let from = holder;
+    let started = std::time::Instant::now();
+    let spec = spec_of(&req);
+    let kept = Kept::of(&req.model_sha256, &spec);
+    let dir = models_dir.join(STAGES_DIR);
+    tokio::fs::create_dir_all(&dir).await?;
+    let path = dir.join(kept.file_name());
+    let partial = dir.join(format!("{}.part", kept.file_name()));
+    let unavailable = |reason: String| PipelineError::ModelUnavailable {
+        model_id: req.model_id.clone(),
+        reason,
+    };
+    conn.write_frame(&Message::GetWeights(req.clone())).await?;
+    let manifest = match read_within(conn, MANIFEST_DEADLINE, "WeightsManifest").await? {
+        Message::WeightsManifest(m) => m,
+        Message::Error(e) => {
+            return Err(unavailable(format!(
+                "the holder at {from} cannot send it: {}",
+                e.message
+            )))
+        }
+        other => {
+            return Err(WireError::UnexpectedMessage {
+                expected: "WeightsManifest",
+                got: other.name(),
+            }
+            .into())
+        }
+    };
+    let mut received = receive(conn, &manifest, &partial).await;
+    if received.is_ok() {
+        // Bytes that match their hashes are still checked to be the stage asked for.
+        let (file, spec) = (partial.clone(), spec.clone());
+        received = tokio::task::spawn_blocking(move || check_stage_file(&file, &spec))
+            .await
+            .map_err(|e| PipelineError::Task(e.to_string()))
+            .and_then(|checked| checked);
+    }
+    if let Err(e) = received {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(match e {
+            PipelineError::Wire(WireError::Closed { .. }) => {
+                unavailable(format!("the holder at {from} ended the transfer early"))
+            }
+            e => e,
+        });
+    }
+    tokio::fs::rename(&partial, &path).await?;
+    remove_covered(&dir, &kept);
+    tracing::info!(
+        %from,
+        layers = ?spec.layers,
+        bytes = manifest.file_len,
+        seconds = started.elapsed().as_secs_f64(),
+        "received a stage's weights"
+    );
+    Ok(path)
+}
+
+/// Reads the stage file's chunks into `partial`, checking each region as it completes.
+async fn receive(conn: &mut Connection, manifest: &WeightsManifest, partial: &Path) -> Result<()> {
+    let mut out = tokio::fs::File::create(partial).await?;
+    let mut regions = manifest.regions.iter().enumerate();
+    let mut current = regions.next();
+    let mut left_in_region = current.map_or(0, |(_, r)| r.len);
+    let mut hasher = Sha256::new();
+    let mut got = 0u64;
+    while got < manifest.file_len {
+        let data = match read_within(conn, CHUNK_DEADLINE, "WeightsChunk").await? {
+            Message::WeightsChunk(c) => c.data,
+            other => {
+                return Err(WireError::UnexpectedMessage {
+                    expected: "WeightsChunk",
+                    got: other.name(),
+                }
+                .into())
+            }
+        };
+        if got + data.len() as u64 > manifest.file_len {
+            return Err(PipelineError::Weights(format!(
+                "the holder sent more than the {} bytes it announced",
+                manifest.file_len
+            )));
+        }
+        let mut rest: &[u8] = &data;
+        while !rest.is_empty() {
+            let Some((index, region)) = current else {
+                break;
+            };
+            let take = (left_in_region.min(rest.len() as u64)) as usize;
+            hasher.update(&rest[..take]);
+            rest = &rest[take..];
+            left_in_region -= take as u64;
+            if left_in_region == 0 {
+                let sha: [u8; 32] = std::mem::take(&mut hasher).finalize().into();
+                if sha != region.sha256 {
+                    return Err(PipelineError::Weights(format!(
+                        "region {index} of the stage file does not match its SHA-256 \
+                         (corrupted or altered on the way); nothing was kept"
+                    )));
+                }
+                current = regions.next();
+                left_in_region = current.map_or(0, |(_, r)| r.len);
+            }
+        }
+        out.write_all(&data).await?;
+        got += data.len() as u64;
+    }
+    out.sync_all().await?;
+    Ok(())
+}
+
+/// Whether the file at `path` is a GGUF file with every tensor `spec` loads.
+fn check_stage_file(path: &Path, spec: &StageSpec) -> Result<()> {
+    let file = GgufFile::open(path)
+        .map_err(|e| PipelineError::Weights(format!("the stage file received: {e}")))?;
+    let n = file.config().n_layers;
+    if spec.layers.end > n {
+        return Err(PipelineError::Weights(format!(
+            "the stage file received is of a model of {n} layers, not of layers {:?}",
+            spec.layers
+        )));
+    }
+    // The ends' tensors by name; each layer by its first tensor (the rest are optional by
+    // architecture, and loading names any that is missing).
+    let missing = shoal_engine::Stage::tensor_names(&file, spec)
+        .into_iter()
+        .chain(
+            spec.layers
+                .clone()
+                .map(|i| format!("blk.{i}.attn_norm.weight")),
+        )
+        .find(|name| !file.has_tensor(name));
+    match missing {
+        Some(name) => Err(PipelineError::Weights(format!(
+            "the stage file received lacks {name}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The next message, within `deadline`; a closed connection is an error.
+async fn read_within(
+    conn: &mut Connection,
+    deadline: Duration,
+    expected: &'static str,
+) -> Result<Message> {
+    match tokio::time::timeout(deadline, conn.read_frame()).await {
+        Err(_) => Err(PipelineError::Timeout {
+            what: expected,
+            after: deadline,
+        }),
+        Ok(Ok(Some(msg))) => Ok(msg),
+        Ok(Ok(None)) => Err(WireError::Closed { expected }.into()),
+        Ok(Err(e)) => Err(e.into()),
+    }
+}
+
+/// Removes the kept stage files of the same model that `new` covers.
+fn remove_covered(dir: &Path, new: &Kept) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let Some(old) = e.file_name().to_str().and_then(Kept::parse) else {
+            continue;
+        };
+        let spec = StageSpec {
+            layers: old.layers.clone(),
+            embed: old.embed,
+            head: old.head,
+        };
+        if old != *new && old.sha_hex == new.sha_hex && new.covers(&spec) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn spec(layers: Range<usize>, embed: bool, head: bool) -> StageSpec {
+        StageSpec {
+            layers,
+            embed,
+            head,
+        }
+    }
+
+    #[test]
+    fn kept_file_names_round_trip_and_nothing_else_parses() {
+        let sha = [0xAB; 32];
+        for s in [
+            spec(0..4, true, false),
+            spec(4..9, false, false),
+            spec(9..30, false, true),
+            spec(0..30, true, true),
+        ] {
+            let kept = Kept::of(&sha, &s);
+            assert_eq!(Kept::parse(&kept.file_name()), Some(kept));
+        }
+        let good = Kept::of(&sha, &spec(4..9, false, false)).file_name();
+        for bad in [
+            "model.gguf".to_owned(),
+            format!("{good}.part"),
+            good.replace("layers-4-9", "layers-04-9"),
+            good.replace(&"ab".repeat(32), "ab"),
+            good.replace(".gguf", ".head.embed.gguf"),
+            good.replace("4-9", "4-x"),
+        ] {
+            assert_eq!(Kept::parse(&bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_kept_file_covers_the_stages_whose_tensors_it_holds() {
+        let kept = Kept::of(&[1; 32], &spec(0..10, true, false));
+        assert!(kept.covers(&spec(0..10, true, false)));
+        assert!(kept.covers(&spec(2..5, false, false)));
+        assert!(!kept.covers(&spec(0..11, true, false)));
+        let last = Kept::of(&[1; 32], &spec(20..30, false, true));
+        assert!(last.covers(&spec(25..30, false, true)));
+        assert!(!last.covers(&spec(19..30, false, true)));
+        assert!(
+            !Kept::of(&[1; 32], &spec(20..29, false, false)).covers(&spec(20..29, false, true))
+        );
+    }
+
+    #[test]
+    fn find_kept_chooses_the_smallest_file_of_the_same_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let stages = dir.path().join(STAGES_DIR);
+        std::fs::create_dir_all(&stages).unwrap();
+        let (sha, other) = ([1; 32], [2; 32]);
+        for (s, k) in [
+            (sha, spec(0..30, true, true)),
+            (sha, spec(5..12, false, false)),
+            (other, spec(6..8, false, false)),
+        ] {
+            std::fs::write(stages.join(Kept::of(&s, &k).file_name()), b"x").unwrap();
+        }
+        let found = |s: &[u8; 32], k| find_kept(dir.path(), s, &k);
+        assert_eq!(
+            found(&sha, spec(6..8, false, false)),
+            Some(stages.join(Kept::of(&sha, &spec(5..12, false, false)).file_name()))
+        );
+        assert_eq!(
+            found(&sha, spec(20..30, false, true)),
+            Some(stages.join(Kept::of(&sha, &spec(0..30, true, true)).file_name()))
+        );
+        assert_eq!(found(&[3; 32], spec(6..8, false, false)), None);
+
+        remove_covered(&stages, &Kept::of(&sha, &spec(0..30, true, true)));
+        assert_eq!(
+            std::fs::read_dir(&stages).unwrap().count(),
+            2,
+            "the covered file of the same model went, the other model's stayed"
+        );
+    }
+}
