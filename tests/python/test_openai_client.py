@@ -214,6 +214,71 @@ class Chat(unittest.TestCase):
         self.assertEqual(a, b)
 
 
+class Logprobs(unittest.TestCase):
+    """`logprobs` / `top_logprobs`: each token's log-probability under the model, as the
+    OpenAI client parses them, the same whole and streamed."""
+
+    def check_content(self, content, text, top):
+        self.assertTrue(content)
+        self.assertEqual("".join(t.token for t in content), text)
+        for t in content:
+            self.assertLessEqual(t.logprob, 0.0)
+            self.assertEqual(bytes(t.bytes).decode("utf-8", "replace"), t.token)
+            self.assertEqual(len(t.top_logprobs), top)
+            if top:
+                # Greedy: the token drawn is the likeliest, and the list is ordered.
+                self.assertEqual(t.top_logprobs[0].token, t.token)
+                self.assertAlmostEqual(t.top_logprobs[0].logprob, t.logprob, places=5)
+                lps = [a.logprob for a in t.top_logprobs]
+                self.assertEqual(lps, sorted(lps, reverse=True))
+                self.assertLessEqual(sum(2.718281828 ** lp for lp in lps), 1.0 + 1e-4)
+
+    def test_chat_whole_and_streamed(self):
+        args = chat_args("Name three colors.", logprobs=True, top_logprobs=3)
+        whole = client.chat.completions.create(**args)
+        text = whole.choices[0].message.content
+        content = whole.choices[0].logprobs.content
+        self.check_content(content, text, 3)
+
+        streamed = list(client.chat.completions.create(**args, stream=True))
+        parts = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+        self.assertEqual([(t.token, t.logprob) for t in parts], [(t.token, t.logprob) for t in content])
+
+        plain = client.chat.completions.create(**chat_args("Name three colors."))
+        self.assertIsNone(plain.choices[0].logprobs)
+        self.assertEqual(plain.choices[0].message.content, text)
+        only = client.chat.completions.create(**chat_args("Name three colors.", logprobs=True))
+        self.check_content(only.choices[0].logprobs.content, text, 0)
+
+    def test_completions_legacy_shape(self):
+        r = client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=2
+        )
+        lp = r.choices[0].logprobs
+        text = r.choices[0].text
+        self.assertEqual("".join(lp.tokens), text)
+        self.assertEqual(len(lp.token_logprobs), len(lp.tokens))
+        self.assertEqual(lp.text_offset[0], 0)
+        self.assertEqual(lp.text_offset[1:], [sum(len(t) for t in lp.tokens[:i]) for i in range(1, len(lp.tokens))])
+        for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            self.assertEqual(len(top), 2)
+            self.assertIn(token, top)
+            self.assertAlmostEqual(max(top.values()), logprob, places=5)
+
+    def test_bad_values_are_refused(self):
+        for extra, param in (
+            ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+            ({"top_logprobs": 2}, "top_logprobs"),
+            ({"logprobs": 3}, "logprobs"),
+        ):
+            status, body, _ = http("POST", "/chat/completions", chat_args("hi", **extra))
+            self.assertEqual(status, 400, body)
+            self.assertEqual(body["error"]["param"], param, body)
+        status, body, _ = http("POST", "/completions", {"model": MODEL, "prompt": "hi", "logprobs": 99})
+        self.assertEqual(status, 400, body)
+        self.assertEqual(body["error"]["param"], "logprobs", body)
+
+
 class Completions(unittest.TestCase):
     def test_whole_and_streamed(self):
         args = dict(model=MODEL, prompt="The capital of France is", max_tokens=10, temperature=0)

@@ -465,6 +465,8 @@ impl Writer {
                     return Some((events, run));
                 }
                 let events = match run.rx.recv().await {
+                    // Not asked for through this API.
+                    Some(Event::Logprob(_)) => Vec::new(),
                     Some(Event::Text(text)) => {
                         let text = match &answering.tools {
                             Some(_) => run.gate.push(&text),

@@ -222,6 +222,9 @@ pub(crate) struct Prepared<M = Backend> {
     pub(crate) ignore_eos: bool,
     /// Reuse a kept prompt prefix and keep this prompt (`cache_prompt`).
     pub(crate) cache_prompt: bool,
+    /// Each token's log-probability, with this many alternatives (`logprobs`,
+    /// `top_logprobs`).
+    pub(crate) logprobs: Option<usize>,
     /// The JSON the answer must be (`response_format`, a forced tool call).
     grammar: Option<JsonGrammar>,
     /// The tools the answer may call, and how the model writes calls.
@@ -241,6 +244,7 @@ impl Prepared<()> {
             include_usage: self.include_usage,
             ignore_eos: self.ignore_eos,
             cache_prompt: self.cache_prompt,
+            logprobs: self.logprobs,
             grammar: self.grammar,
             tools: self.tools,
             prompt_param: self.prompt_param,
@@ -326,10 +330,59 @@ pub(crate) fn check(
             .unwrap_or(false),
         ignore_eos: req.ignore_eos.unwrap_or(false),
         cache_prompt: req.cache_prompt.unwrap_or(true),
+        logprobs: logprobs(req, prompt_param == "messages")?,
         grammar: None,
         tools: None,
         prompt_param,
     })
+}
+
+/// How many alternatives per token the request asks log-probabilities with, if it asks for
+/// them: chat's `logprobs: true` and `top_logprobs` (0–20), or the completions API's
+/// `logprobs` number (0–20; OpenAI's legacy bound is 5, llama-server's is higher).
+fn logprobs(req: &CompletionRequest, chat: bool) -> Result<Option<usize>, ApiError> {
+    let max = shoal_engine::MAX_TOP_LOGPROBS as i64;
+    let count = |param: &str, n: i64| -> Result<usize, ApiError> {
+        if (0..=max).contains(&n) {
+            Ok(n as usize)
+        } else {
+            Err(ApiError::invalid_value(
+                param,
+                format!("`{param}` must be between 0 and {max}, got {n}"),
+            ))
+        }
+    };
+    let given = req.logprobs.as_ref().filter(|v| !v.is_null());
+    if chat {
+        let on = match given {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(ApiError::invalid_value(
+                    "logprobs",
+                    format!("`logprobs` is true or false in the chat API, got {other}"),
+                ))
+            }
+        };
+        return match (on, req.top_logprobs) {
+            (true, top) => Ok(Some(count("top_logprobs", top.unwrap_or(0))?)),
+            (false, Some(_)) => Err(ApiError::invalid_value(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            )),
+            (false, None) => Ok(None),
+        };
+    }
+    match given {
+        None => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(n) => Ok(Some(count("logprobs", n)?)),
+            None => Err(ApiError::invalid_value(
+                "logprobs",
+                format!("`logprobs` is a number of alternatives per token, got {v}"),
+            )),
+        },
+    }
 }
 
 fn sampling(req: &CompletionRequest) -> Result<SamplingParams, ApiError> {
@@ -590,6 +643,8 @@ pub(crate) async fn start(
             ))
         } else if prepared.ignore_eos {
             Some(("ignore_eos", "`ignore_eos`"))
+        } else if prepared.logprobs.is_some() {
+            Some(("logprobs", "`logprobs`"))
         } else {
             None
         };
@@ -598,7 +653,7 @@ pub(crate) async fn start(
                 param,
                 format!(
                     "{what} need the whole model on this node; this node answers through a \
-                     pipeline of stages, which does not constrain answers yet"
+                     pipeline of stages, which does not do that yet"
                 ),
             ));
         }
@@ -607,6 +662,7 @@ pub(crate) async fn start(
         stream: prepared.stream,
         include_usage: prepared.include_usage,
         tools: prepared.tools,
+        logprobs: prepared.logprobs.is_some(),
     };
     let job = Job {
         backend: prepared.model,
@@ -615,6 +671,7 @@ pub(crate) async fn start(
         received,
         grammar: prepared.grammar,
         ignore_eos: prepared.ignore_eos,
+        logprobs: prepared.logprobs,
     };
     let rx = runner::start(state, job).await?;
     Ok((rx, answering))
@@ -626,6 +683,8 @@ pub(crate) struct Answering {
     pub(crate) include_usage: bool,
     /// The tools the answer may call, and how the model writes calls.
     pub(crate) tools: Option<(Arc<ToolSet>, Format)>,
+    /// Whether to report log-probabilities.
+    pub(crate) logprobs: bool,
 }
 
 /// Starts the generation and answers it in OpenAI's shape.
@@ -647,6 +706,7 @@ async fn respond(
         kind,
         include_usage: answering.include_usage,
         tools: answering.tools,
+        logprobs: answering.logprobs,
     };
     if answering.stream {
         Ok(Sse::new(out.stream(rx))
@@ -657,9 +717,11 @@ async fn respond(
             text,
             finish,
             usage,
+            logprobs,
             ..
         } = runner::collect(rx).await?;
-        Ok(out.whole(text, finish, usage))
+        let logprobs = out.logprobs.then(|| out.logprobs_json(&logprobs, &mut 0));
+        Ok(out.whole_full(text, finish, usage, None, logprobs))
     }
 }
 
@@ -672,6 +734,8 @@ pub(crate) struct Output {
     pub(crate) include_usage: bool,
     /// The tools the answer may call: its text is read back into calls.
     pub(crate) tools: Option<(Arc<ToolSet>, Format)>,
+    /// Whether the client asked for log-probabilities (`logprobs` is `null` otherwise).
+    pub(crate) logprobs: bool,
 }
 
 /// A tool call as the chat API writes it, whole (`index` only in stream deltas).
@@ -715,8 +779,57 @@ impl Output {
         }
     }
 
-    fn whole(&self, text: String, finish: FinishReason, usage: Usage) -> Response {
-        self.whole_with(text, finish, usage, None)
+    /// Log-probabilities in the shape of this response's API: chat's `{"content": [{token,
+    /// logprob, bytes, top_logprobs}]}`, or the completions API's `{tokens, token_logprobs,
+    /// top_logprobs, text_offset}` (offsets counted on from `offset`, in characters).
+    fn logprobs_json(&self, entries: &[runner::LogprobEntry], offset: &mut usize) -> Value {
+        match self.kind {
+            Kind::Chat => {
+                let content: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let top: Vec<Value> = e
+                            .top
+                            .iter()
+                            .map(|(token, bytes, logprob)| {
+                                serde_json::json!({"token": token, "logprob": logprob, "bytes": bytes})
+                            })
+                            .collect();
+                        serde_json::json!({
+                            "token": e.token,
+                            "logprob": e.logprob,
+                            "bytes": e.bytes,
+                            "top_logprobs": top,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "content": content })
+            }
+            Kind::Text => {
+                let mut text_offset = Vec::with_capacity(entries.len());
+                for e in entries {
+                    text_offset.push(*offset);
+                    *offset += e.token.chars().count();
+                }
+                let top: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let alternatives: serde_json::Map<String, Value> = e
+                            .top
+                            .iter()
+                            .map(|(token, _, logprob)| (token.clone(), Value::from(*logprob)))
+                            .collect();
+                        Value::Object(alternatives)
+                    })
+                    .collect();
+                serde_json::json!({
+                    "tokens": entries.iter().map(|e| e.token.as_str()).collect::<Vec<_>>(),
+                    "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": top,
+                    "text_offset": text_offset,
+                })
+            }
+        }
     }
 
     /// The whole answer, with `swarm` (what the swarm did) as an extra top-level field.
@@ -726,6 +839,18 @@ impl Output {
         finish: FinishReason,
         usage: Usage,
         swarm: Option<serde_json::Value>,
+    ) -> Response {
+        self.whole_full(text, finish, usage, swarm, None)
+    }
+
+    /// The whole answer, with what the swarm did and the tokens' log-probabilities.
+    fn whole_full(
+        &self,
+        text: String,
+        finish: FinishReason,
+        usage: Usage,
+        swarm: Option<serde_json::Value>,
+        logprobs: Option<Value>,
     ) -> Response {
         let mut finish_reason = finish.as_str();
         match self.kind {
@@ -754,7 +879,7 @@ impl Output {
                         content,
                         tool_calls,
                     },
-                    logprobs: None,
+                    logprobs,
                     finish_reason,
                 };
                 let mut body = self.object("chat.completion", vec![choice]);
@@ -766,7 +891,7 @@ impl Output {
                 let choice = TextChoice {
                     index: 0,
                     text,
-                    logprobs: None,
+                    logprobs,
                     finish_reason: Some(finish_reason),
                 };
                 let mut body = self.object("text_completion", vec![choice]);
@@ -779,20 +904,37 @@ impl Output {
     /// A chunk carrying `text` (with the role, for the first chat chunk) or the finish
     /// reason.
     fn chunk(&self, role: bool, text: Option<String>, finish: Option<&'static str>) -> SseEvent {
+        self.chunk_with(role, text, finish, None)
+    }
+
+    /// [`Output::chunk`], with the log-probabilities of the tokens it carries.
+    fn chunk_with(
+        &self,
+        role: bool,
+        text: Option<String>,
+        finish: Option<&'static str>,
+        logprobs: Option<Value>,
+    ) -> SseEvent {
         match self.kind {
-            Kind::Chat => self.delta_chunk(
-                Delta {
+            Kind::Chat => {
+                let delta = Delta {
                     role: role.then_some("assistant"),
                     content: text,
                     tool_calls: None,
-                },
-                finish,
-            ),
+                };
+                let choice = ChatChunkChoice {
+                    index: 0,
+                    delta,
+                    logprobs,
+                    finish_reason: finish,
+                };
+                sse_json(&self.object("chat.completion.chunk", vec![choice]))
+            }
             Kind::Text => {
                 let choice = TextChoice {
                     index: 0,
                     text: text.unwrap_or_default(),
-                    logprobs: None,
+                    logprobs,
                     finish_reason: finish,
                 };
                 sse_json(&self.object("text_completion", vec![choice]))
@@ -823,7 +965,12 @@ impl Output {
 
     /// A piece of streamed text: sent as it comes, or, when the answer may hold tool calls,
     /// only as far as the gate lets content out.
-    fn text_events(&self, gate: &mut StreamGate, text: String) -> Vec<SseEvent> {
+    fn text_events(
+        &self,
+        gate: &mut StreamGate,
+        text: String,
+        logprobs: &mut Logprobs,
+    ) -> Vec<SseEvent> {
         let text = match &self.tools {
             Some(_) => gate.push(&text),
             None => text,
@@ -831,13 +978,19 @@ impl Output {
         if text.is_empty() && self.tools.is_some() {
             return Vec::new();
         }
-        vec![self.chunk(false, Some(text), None)]
+        let lp = logprobs.take(self);
+        vec![self.chunk_with(false, Some(text), None, lp)]
     }
 
     /// The end of a streamed answer: content the gate held back, the tool calls as OpenAI
     /// streams them (a first delta with id and name, then the arguments in fragments), the
     /// finish reason.
-    fn end_events(&self, gate: &StreamGate, finish: FinishReason) -> Vec<SseEvent> {
+    fn end_events(
+        &self,
+        gate: &StreamGate,
+        finish: FinishReason,
+        logprobs: &mut Logprobs,
+    ) -> Vec<SseEvent> {
         let mut events = Vec::new();
         let mut finish_reason = finish.as_str();
         if let Some((tools, format)) = &self.tools {
@@ -868,7 +1021,8 @@ impl Output {
                 finish_reason = "tool_calls";
             }
         }
-        events.push(self.chunk(false, None, Some(finish_reason)));
+        let lp = logprobs.take(self);
+        events.push(self.chunk_with(false, None, Some(finish_reason), lp));
         events
     }
 
@@ -888,8 +1042,8 @@ impl Output {
         let out = Arc::new(self);
         let gate = StreamGate::default();
         stream::unfold(
-            (rx, Phase::Start, gate),
-            move |(mut rx, phase, mut gate)| {
+            (rx, Phase::Start, gate, Logprobs::default()),
+            move |(mut rx, phase, mut gate, mut logprobs)| {
                 let out = Arc::clone(&out);
                 async move {
                     let events = match phase {
@@ -899,29 +1053,56 @@ impl Output {
                         }
                         Phase::Start => Vec::new(),
                         Phase::Running => match rx.recv().await {
-                            Some(Event::Text(text)) => out.text_events(&mut gate, text),
+                            Some(Event::Text(text)) => {
+                                out.text_events(&mut gate, text, &mut logprobs)
+                            }
+                            Some(Event::Logprob(entry)) => {
+                                logprobs.pending.push(entry);
+                                Vec::new()
+                            }
                             Some(Event::Done { finish, usage, .. }) => {
-                                let mut events = out.end_events(&gate, finish);
+                                let mut events = out.end_events(&gate, finish, &mut logprobs);
                                 if out.include_usage {
                                     events.push(out.usage_chunk(usage));
                                 }
                                 events.push(SseEvent::default().data("[DONE]"));
-                                return Some((events, (rx, Phase::Finished, gate)));
+                                let state = (rx, Phase::Finished, gate, logprobs);
+                                return Some((events, state));
                             }
                             Some(Event::Failed(e)) => {
-                                return Some((vec![sse_error(&e)], (rx, Phase::Finished, gate)))
+                                let state = (rx, Phase::Finished, gate, logprobs);
+                                return Some((vec![sse_error(&e)], state));
                             }
                             None => {
                                 let e = runner::ended_unexpectedly();
-                                return Some((vec![sse_error(&e)], (rx, Phase::Finished, gate)));
+                                let state = (rx, Phase::Finished, gate, logprobs);
+                                return Some((vec![sse_error(&e)], state));
                             }
                         },
                     };
-                    Some((events, (rx, Phase::Running, gate)))
+                    Some((events, (rx, Phase::Running, gate, logprobs)))
                 }
             },
         )
         .flat_map(|events| stream::iter(events.into_iter().map(Ok)))
+    }
+}
+
+/// A stream's log-probabilities not yet sent: they go with the next chunk of text (or the
+/// last chunk), and the completions API counts `text_offset` on across chunks.
+#[derive(Default)]
+struct Logprobs {
+    pending: Vec<runner::LogprobEntry>,
+    offset: usize,
+}
+
+impl Logprobs {
+    fn take(&mut self, out: &Output) -> Option<Value> {
+        if !out.logprobs || self.pending.is_empty() {
+            return None;
+        }
+        let entries = std::mem::take(&mut self.pending);
+        Some(out.logprobs_json(&entries, &mut self.offset))
     }
 }
 

@@ -857,6 +857,8 @@ impl Reply {
                     first_piece.get_or_insert_with(Instant::now);
                     text.push_str(&piece);
                 }
+                // Not asked for through this API.
+                Event::Logprob(_) => {}
                 Event::Done { finish, usage, .. } => {
                     let (content, calls) = self.split(&text);
                     let totals = self.totals(usage, first_piece);
@@ -912,6 +914,7 @@ impl Streaming {
             let event = self.rx.recv().await;
             let reply = &self.reply;
             return match event {
+                Some(Event::Logprob(_)) => continue,
                 Some(Event::Text(piece)) => {
                     self.first_piece.get_or_insert_with(Instant::now);
                     let content = match &reply.tools {

@@ -38,12 +38,49 @@ pub(crate) struct Job {
     /// The JSON the answer must be (local models only).
     pub(crate) grammar: Option<JsonGrammar>,
     pub(crate) ignore_eos: bool,
+    /// Report each token's log-probability with this many alternatives (local models).
+    pub(crate) logprobs: Option<usize>,
+}
+
+/// A generated token's log-probability as the APIs report it: the token as text and
+/// bytes, and the likeliest alternatives likewise.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct LogprobEntry {
+    pub(crate) token: String,
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) logprob: f32,
+    pub(crate) top: Vec<(String, Vec<u8>, f32)>,
+}
+
+impl LogprobEntry {
+    fn new(lp: &shoal_engine::TokenLogprob, tokenizer: &shoal_engine::Tokenizer) -> Self {
+        let text = |id: u32| {
+            let bytes = tokenizer.token_bytes(id, false).unwrap_or_default();
+            (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+        };
+        let (token, bytes) = text(lp.token);
+        LogprobEntry {
+            token,
+            bytes,
+            logprob: lp.logprob,
+            top: lp
+                .top
+                .iter()
+                .map(|&(id, logprob)| {
+                    let (t, b) = text(id);
+                    (t, b, logprob)
+                })
+                .collect(),
+        }
+    }
 }
 
 /// What a running generation reports, in order: text pieces, then one `Done` or `Failed`.
 #[derive(Debug)]
 pub(crate) enum Event {
     Text(String),
+    /// The log-probability of the token whose text comes next (asked-for only).
+    Logprob(LogprobEntry),
     Done {
         finish: FinishReason,
         usage: Usage,
@@ -156,6 +193,9 @@ fn run(
         }
     }
     generation.ignore_eos(job.ignore_eos);
+    if let Some(top) = job.logprobs {
+        generation.want_logprobs(top);
+    }
     // A client that leaves during a long prefill stops it between chunks.
     let watcher = tx.clone();
     generation.set_interrupt(move || watcher.is_closed());
@@ -168,6 +208,15 @@ fn run(
                     metrics
                         .time_to_first_token
                         .observe(job.received.elapsed().as_secs_f64());
+                }
+                // The end-of-generation token is not part of the answer's text, nor of its
+                // log-probabilities (as OpenAI reports them).
+                let eog = model.tokenizer().is_eog(step.token);
+                if let Some(lp) = step.logprob.as_ref().filter(|_| !eog) {
+                    let entry = LogprobEntry::new(lp, model.tokenizer());
+                    if send_blocking(tx, Event::Logprob(entry), stall).is_err() {
+                        break Err(None);
+                    }
                 }
                 // An empty step (half a character, a possible stop string held back)
                 // sends nothing, but a gone client still ends the work.
@@ -346,14 +395,18 @@ pub(crate) struct Whole {
     pub(crate) usage: Usage,
     /// The stop string that ended the answer, if one did.
     pub(crate) stop_sequence: Option<String>,
+    /// Each token's log-probability, when asked for.
+    pub(crate) logprobs: Vec<LogprobEntry>,
 }
 
 /// The whole text of a generation, for non-streaming answers.
 pub(crate) async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Whole, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
             Event::Text(t) => text.push_str(&t),
+            Event::Logprob(entry) => logprobs.push(entry),
             Event::Done {
                 finish,
                 usage,
@@ -364,6 +417,7 @@ pub(crate) async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Whole, ApiE
                     finish,
                     usage,
                     stop_sequence,
+                    logprobs,
                 })
             }
             Event::Failed(e) => return Err(e),

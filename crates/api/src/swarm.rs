@@ -88,6 +88,7 @@ pub(crate) async fn chat(
         ("tools", req.tools.as_ref().is_some_and(|t| !t.is_empty())),
         ("response_format", req.response_format.is_some()),
         ("ignore_eos", req.ignore_eos == Some(true)),
+        ("logprobs", prepared.logprobs.is_some()),
     ] {
         if given {
             return Err(ApiError::invalid_value(
@@ -111,6 +112,7 @@ pub(crate) async fn chat(
         kind: Kind::Chat,
         include_usage: prepared.include_usage,
         tools: None,
+        logprobs: false,
     };
     let metrics = state.metrics().clone();
     let stream = prepared.stream;

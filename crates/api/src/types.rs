@@ -42,6 +42,11 @@ pub(crate) struct CompletionRequest {
     pub(crate) parallel_tool_calls: Option<bool>,
     /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
     pub(crate) response_format: Option<serde_json::Value>,
+    /// Chat: `true` for each token's log-probability; completions: how many alternatives
+    /// per token (OpenAI's legacy field is a number).
+    pub(crate) logprobs: Option<serde_json::Value>,
+    /// Chat: how many alternatives per token, with `logprobs: true`.
+    pub(crate) top_logprobs: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,7 +185,7 @@ pub(crate) struct CompletionObject<'a, C> {
 pub(crate) struct ChatChoice {
     pub(crate) index: u32,
     pub(crate) message: MessageOut,
-    pub(crate) logprobs: Option<()>,
+    pub(crate) logprobs: Option<serde_json::Value>,
     pub(crate) finish_reason: &'static str,
 }
 
@@ -197,7 +202,7 @@ pub(crate) struct MessageOut {
 pub(crate) struct ChatChunkChoice {
     pub(crate) index: u32,
     pub(crate) delta: Delta,
-    pub(crate) logprobs: Option<()>,
+    pub(crate) logprobs: Option<serde_json::Value>,
     pub(crate) finish_reason: Option<&'static str>,
 }
 
@@ -215,7 +220,7 @@ pub(crate) struct Delta {
 pub(crate) struct TextChoice {
     pub(crate) index: u32,
     pub(crate) text: String,
-    pub(crate) logprobs: Option<()>,
+    pub(crate) logprobs: Option<serde_json::Value>,
     pub(crate) finish_reason: Option<&'static str>,
 }
 

@@ -17,6 +17,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::json_grammar::{JsonConstraint, JsonGrammar};
 use crate::kv_cache::KvCache;
+use crate::logprobs::{token_logprob, TokenLogprob};
 use crate::prefix_cache::{canonical_len, resume_point, PrefixCache};
 use crate::prompt::PromptFormat;
 use crate::sampler::{Sampler, SamplingParams};
@@ -208,6 +209,9 @@ impl FinishReason {
 pub struct Step {
     pub token: u32,
     pub text: String,
+    /// The token's log-probability and the likeliest alternatives, when asked for
+    /// ([`Generation::want_logprobs`]).
+    pub logprob: Option<TokenLogprob>,
 }
 
 /// Time spent, for metrics and benchmarks.
@@ -257,6 +261,12 @@ pub struct Generation<'m> {
     drafter: Option<Drafter<'m>>,
     /// Tokens a verification pass accepted that are not handed out yet.
     ready: std::collections::VecDeque<u32>,
+    /// With logprobs asked for ([`Generation::want_logprobs`]): how many alternatives per
+    /// token.
+    logprobs: Option<usize>,
+    /// The log-probabilities of the tokens in `ready`, in order, and of the token drawn
+    /// last (the next to hand out).
+    ready_logprobs: std::collections::VecDeque<TokenLogprob>,
     /// How many tokens the next draft may have: grown while drafts are kept whole, shrunk
     /// when one is cut short (the running acceptance decides what a pass is worth).
     draft_len: usize,
@@ -366,6 +376,8 @@ impl<'m> Generation<'m> {
                 .unwrap_or_else(PoisonError::into_inner),
             drafter: None,
             ready: std::collections::VecDeque::new(),
+            logprobs: None,
+            ready_logprobs: std::collections::VecDeque::new(),
             draft_len: 0,
         })
     }
@@ -466,6 +478,7 @@ impl<'m> Generation<'m> {
                 None => self.decode_one()?,
             },
         };
+        let logprob = self.ready_logprobs.pop_front();
         self.tokens.push(token);
         if first {
             // The draft model reads the prompt now, as part of the prompt's time.
@@ -496,7 +509,11 @@ impl<'m> Generation<'m> {
             self.finish = Some(FinishReason::Length);
             text.push_str(&self.text.flush());
         }
-        Ok(Some(Step { token, text }))
+        Ok(Some(Step {
+            token,
+            text,
+            logprob,
+        }))
     }
 
     /// Guesses tokens ahead and verifies them in one pass: the tokens the sampler draws at
@@ -558,8 +575,10 @@ impl<'m> Generation<'m> {
         let mut history = self.tokens.clone();
         for i in 0..input.len() {
             let mut logits = logits_row(&rows, i)?;
+            let raw = self.logprobs.map(|_| logits.clone());
             self.mask_eos(&mut logits);
             let token = self.sampler.sample(&mut logits, &history);
+            self.note_logprob(raw.as_deref(), token);
             history.push(token);
             self.ready.push_back(token);
             if draft.get(i) != Some(&token) || tokenizer.is_eog(token) {
@@ -600,6 +619,12 @@ impl<'m> Generation<'m> {
         Ok(())
     }
 
+    /// Reports each token's log-probability and its `top` likeliest alternatives (at most
+    /// [`crate::MAX_TOP_LOGPROBS`]) in [`Step::logprob`].
+    pub fn want_logprobs(&mut self, top: usize) {
+        self.logprobs = Some(top.min(crate::MAX_TOP_LOGPROBS));
+    }
+
     /// Never an end-of-generation token with `ignore_eos` (and no choices to finish).
     fn mask_eos(&self, logits: &mut [f32]) {
         if self.ignore_eos && self.choices.is_none() {
@@ -614,6 +639,7 @@ impl<'m> Generation<'m> {
     /// Runs the model for the pending tokens and draws one.
     fn decode_one(&mut self) -> Result<u32> {
         let mut logits = self.run_pending()?;
+        let raw = self.logprobs.map(|_| logits.clone());
         if let Some(choices) = &self.choices {
             let answer = &self.tokens[self.prompt_len..];
             choices.mask(&mut logits, answer, self.model.tokenizer().eos_ids());
@@ -635,7 +661,18 @@ impl<'m> Generation<'m> {
         if let Some(json) = &mut self.json {
             json.accept(token, tokenizer);
         }
+        self.note_logprob(raw.as_deref(), token);
         Ok(token)
+    }
+
+    /// Queues `token`'s log-probabilities under the model's own logits `raw` (taken
+    /// before masks and sampling settings), when they were asked for.
+    fn note_logprob(&mut self, raw: Option<&[f32]>, token: u32) {
+        if let (Some(top), Some(raw)) = (self.logprobs, raw) {
+            if let Some(entry) = token_logprob(raw, token, top) {
+                self.ready_logprobs.push_back(entry);
+            }
+        }
     }
 
     /// Feeds every token not yet in the cache and returns the logits of the last one.

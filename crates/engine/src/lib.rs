@@ -23,6 +23,7 @@ pub mod gguf;
 pub mod json_grammar;
 mod kernels;
 pub mod kv_cache;
+pub mod logprobs;
 pub mod lookup;
 mod metadata;
 mod pool;
@@ -43,6 +44,7 @@ pub use generate::{FinishReason, GenerateParams, Generation, Model, Step, Timing
 pub use gguf::GgufFile;
 pub use json_grammar::JsonGrammar;
 pub use kv_cache::KvCache;
+pub use logprobs::{token_logprob, TokenLogprob, MAX_TOP_LOGPROBS};
 pub use lookup::Lookup;
 pub use pool::with_threads as with_kernel_threads;
 pub use prefix_cache::{PrefixCache, PrefixMatch};

@@ -96,10 +96,7 @@ pub fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
 
 /// Log-probability of `token` under `logits` (before any penalty), for `Token::logprob`.
 pub(crate) fn logprob(logits: &[f32], token: u32) -> Option<f32> {
-    let x = *logits.get(token as usize)?;
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    Some((x as f64 - max - sum.ln()) as f32)
+    shoal_engine::token_logprob(logits, token, 0).map(|t| t.logprob)
 }
 
 #[cfg(test)]

@@ -326,6 +326,23 @@ fn a_node_that_runs_the_model_shares_its_layers_with_the_stage_it_serves() {
     let want = chat_text(single.addr, &b);
     assert_eq!(chat_text(head.addr, &b), want, "through the ring");
     assert_eq!(chat_text(node.addr, &b), want, "the node itself");
+    // What a ring cannot do yet is refused, not ignored.
+    for (extra, param) in [
+        (json!({"logprobs": true}), "logprobs"),
+        (json!({"ignore_eos": true}), "ignore_eos"),
+        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+    ] {
+        let r = http(
+            head.addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&body(&messages, 8, extra)),
+        )
+        .unwrap();
+        assert_eq!(r.status, 400, "{}", r.body);
+        let e: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(e["error"]["param"], param, "{}", r.body);
+    }
     let (whole, both) = (single.peak_rss_kib(), node.peak_rss_kib());
     eprintln!("peak RSS: whole model {whole} KiB, whole model and a stage {both} KiB");
     assert!(
