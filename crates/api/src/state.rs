@@ -25,6 +25,8 @@ enum Load {
     Ready(Backend),
     /// The node serves pipeline stages on its peer port and holds no whole model.
     StageOnly,
+    /// Not ready, for a reason that may pass (a ring waiting for members to join).
+    Waiting(String),
     Failed(String),
 }
 
@@ -124,6 +126,12 @@ impl AppState {
         )
     }
 
+    /// Not ready yet, for a reason that may pass (`message` says which): `/health` and
+    /// every request say so, with a 503, until [`AppState::set_ready`].
+    pub fn set_waiting(&self, message: String) {
+        *self.write_load() = Load::Waiting(message);
+    }
+
     /// The model could not load: `/health` and every request say why, with a 503.
     pub fn set_failed(&self, message: String) {
         *self.write_load() = Load::Failed(message);
@@ -151,6 +159,9 @@ impl AppState {
                 "this node only serves pipeline stages (--stage-only); send requests to the \
                  pipeline's head",
             )),
+            Load::Waiting(message) => {
+                Err(ApiError::unavailable(format!("not ready yet: {message}")))
+            }
             Load::Failed(message) => Err(ApiError::unavailable(format!(
                 "the model failed to load: {message}"
             ))),

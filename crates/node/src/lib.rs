@@ -454,19 +454,54 @@ struct PipelineHead {
 impl PipelineHead {
     /// Plans the ring (`auto`) or checks the given split, loads only the first stage, sets
     /// up the peers' stages, then answers through the ring.
+    ///
+    /// Planned over the members found (`auto`, no `--peer`), the ring follows the cluster:
+    /// a plan that cannot be made yet (too little memory among the members so far) is
+    /// tried again when members join, and a member that joins a running ring is offered
+    /// to the planner, which moves the ring onto it from the next request on when that is
+    /// better (the planner still keeps the model on one device when it fits there and that
+    /// is fastest).
     fn start(self, state: AppState) -> JoinHandle<()> {
         tokio::spawn(async move {
-            match self.connect(&state).await {
-                Ok(pipeline) => state.set_ready(Arc::new(pipeline)),
-                Err(e) => {
-                    tracing::error!("{e}");
-                    state.set_failed(e);
+            let follows = self.split.trim() == "auto" && self.peers.is_empty();
+            loop {
+                match self.connect(&state).await {
+                    Ok((pipeline, planner)) => {
+                        let pipeline = Arc::new(pipeline);
+                        state.set_ready(pipeline.clone());
+                        if let Some(planner) = planner.filter(|_| follows) {
+                            follow_members(&self.roster, &pipeline, &planner).await;
+                        }
+                        return;
+                    }
+                    Err(e) if follows => {
+                        let known = membership::alive_peers(&self.roster);
+                        let message = format!("{e}; planning again when a member joins");
+                        tracing::warn!("{message}");
+                        state.set_waiting(message);
+                        membership::member_joins(&self.roster, &known).await;
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        state.set_failed(e);
+                        return;
+                    }
                 }
             }
         })
     }
 
-    async fn connect(self, state: &AppState) -> Result<shoal_pipeline::Pipeline, String> {
+    async fn connect(
+        &self,
+        state: &AppState,
+    ) -> Result<
+        (
+            shoal_pipeline::Pipeline,
+            Option<Arc<shoal_pipeline::RingPlanner>>,
+        ),
+        String,
+    > {
+        let mut planner_kept = None;
         let (ranges, peers, replan) = if self.split.trim() == "auto" {
             let mut candidates = self.peers.clone();
             if candidates.is_empty() {
@@ -489,7 +524,9 @@ impl PipelineHead {
             )
             .await
             .map_err(|e| e.to_string())?;
-            let replan: Arc<dyn Replan> = Arc::new(planner);
+            let planner = Arc::new(planner);
+            planner_kept = Some(planner.clone());
+            let replan: Arc<dyn Replan> = planner;
             (ranges, peers, Some(replan))
         } else {
             let n_layers = shoal_engine::GgufFile::open(&self.model)
@@ -518,6 +555,39 @@ impl PipelineHead {
             "pipeline ready: {} over this node and {peers:?}",
             shown.join(",")
         );
-        Ok(pipeline)
+        Ok((pipeline, planner_kept))
+    }
+}
+
+/// How often a head that plans over the members looks for members that joined.
+const FOLLOW_PERIOD: Duration = Duration::from_secs(2);
+
+/// Offers every member that joins to the ring's planner and re-plans, for as long as the
+/// node runs (the task ends with the node).
+async fn follow_members(
+    roster: &Roster,
+    pipeline: &shoal_pipeline::Pipeline,
+    planner: &shoal_pipeline::RingPlanner,
+) {
+    let mut tick = tokio::time::interval(FOLLOW_PERIOD);
+    loop {
+        tick.tick().await;
+        let joined = planner.add_candidates(&membership::alive_peers(roster));
+        if joined.is_empty() {
+            continue;
+        }
+        match pipeline.replan().await {
+            Ok(true) => {
+                let (head, peers) = pipeline.layout();
+                tracing::info!(
+                    ?joined,
+                    ?head,
+                    ?peers,
+                    "members joined: the ring moved to a new plan"
+                );
+            }
+            Ok(false) => tracing::info!(?joined, "members joined: the ring keeps its plan"),
+            Err(e) => tracing::warn!(?joined, error = %e, "members joined, but re-planning failed"),
+        }
     }
 }

@@ -228,6 +228,21 @@ pub(crate) async fn discovered_peers(roster: &Roster) -> Vec<String> {
     }
 }
 
+/// The peer addresses of the alive members now.
+pub(crate) fn alive_peers(roster: &Roster) -> Vec<SocketAddr> {
+    roster.alive(now()).into_iter().map(|m| m.addr).collect()
+}
+
+/// Returns once an alive member is listed that is not among `known`.
+pub(crate) async fn member_joins(roster: &Roster, known: &[SocketAddr]) {
+    loop {
+        if alive_peers(roster).iter().any(|a| !known.contains(a)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Advertises this node by mDNS and adds the nodes of its swarm that answer as candidates,
 /// until `stop`. `None` (with a warning) where mDNS cannot start: static peers and joins
 /// still work.

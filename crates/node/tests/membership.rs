@@ -441,3 +441,101 @@ async fn a_node_heads_a_swarm_of_the_members_it_finds() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// Issue #15 item 3: a `--split auto` head that plans over the members it finds, started
+/// before any member with too little memory of its own, waits and plans when one joins
+/// (with no model file: it gets its layers from the head); a member that joins the running
+/// ring is offered to the planner; every answer is the single node's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_over_the_members_forms_when_one_joins_and_follows_later_joins() {
+    let key = [5; 32];
+    let single = Node::start(NodeConfig::new(model_path(), loopback()))
+        .await
+        .unwrap();
+    let mut head = NodeConfig::new(model_path(), loopback());
+    head.peer_addr = Some(loopback());
+    head.swarm_key = Some(SwarmKey::from_bytes(key));
+    head.split = Some("auto".into());
+    // Less than SmolLM2 needs: the head cannot run it alone.
+    head.plan_memory_bytes = Some(60 << 20);
+    head.cluster.detector = detector();
+    head.cluster.mdns = false;
+    let head = Node::start(head).await.unwrap();
+    let head_peer = head.peer_addr().unwrap();
+
+    // Alone, the head waits for members and says so.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = http(head.http_addr(), "GET", "/health", None).await;
+        assert_ne!(status, 200, "the head cannot run the model alone: {body}");
+        if body.contains("when a member joins") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the head never said it waits: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A stage-only member with an empty models directory joins through the head's address.
+    let empty = tempfile::tempdir().unwrap();
+    let member = |dir: &std::path::Path| {
+        let mut config = NodeConfig::new(dir.join(common::SMOLLM2), loopback());
+        config.stage_only = true;
+        config.peer_addr = Some(loopback());
+        config.swarm_key = Some(SwarmKey::from_bytes(key));
+        config.peers = vec![head_peer.to_string()];
+        config.cluster.detector = detector();
+        config.cluster.mdns = false;
+        config
+    };
+    let first = Node::start(member(empty.path())).await.unwrap();
+    common::settle(&head).await.unwrap();
+    common::settle(&single).await.unwrap();
+    let id = "smollm2-135m-instruct-q4_1";
+    let question = "What is the capital of France?";
+    let alone = common::ask(&single, id, question, 24).await;
+    assert_eq!(common::ask(&head, id, question, 24).await, alone);
+    assert!(
+        std::fs::read_dir(empty.path().join("stages"))
+            .unwrap()
+            .count()
+            == 1,
+        "the member got its layers from the head"
+    );
+
+    // A second member joins the running ring: the planner is asked again, and the ring
+    // answers exactly as before, whether or not it moved.
+    let empty2 = tempfile::tempdir().unwrap();
+    let second = Node::start(member(empty2.path())).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while states(&head).await.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the second member was never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Past the head's next look at its members (every 2 s) and the re-plan it starts.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(common::ask(&head, id, question, 24).await, alone);
+
+    // The first member goes: the ring recovers onto the one that joined later (which the
+    // head was never told of), getting it its layers, and the answer is unchanged.
+    first.shutdown().await.unwrap();
+    assert_eq!(
+        common::ask(&head, id, "Name three colours.", 24).await,
+        common::ask(&single, id, "Name three colours.", 24).await
+    );
+    assert_eq!(
+        std::fs::read_dir(empty2.path().join("stages"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        1,
+        "the member that joined later holds layers now"
+    );
+    for node in [head, second, single] {
+        node.shutdown().await.unwrap();
+    }
+}

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use shoal_engine::{GgufFile, Stage, StageSpec};
@@ -212,8 +212,9 @@ pub struct RingPlanner {
     /// The model, as peers are asked about it (and served its weights).
     model: crate::ProbedModel,
     node_id: String,
-    /// Every `--peer`, in the order given.
-    peers: Vec<SocketAddr>,
+    /// Every `--peer`, in the order given, and members found later
+    /// ([`RingPlanner::add_candidates`]).
+    peers: std::sync::Mutex<Vec<SocketAddr>>,
     /// How the peers are reached (the swarm key).
     transport: Transport,
     shape: shoal_cluster::ModelShape,
@@ -227,6 +228,27 @@ pub struct RingPlanner {
 const REPLAN_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl RingPlanner {
+    /// Makes `addrs` candidates of the next re-plan (members that joined); returns those
+    /// that were not already.
+    pub fn add_candidates(&self, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let new: Vec<SocketAddr> = addrs
+            .iter()
+            .filter(|a| !peers.contains(a))
+            .copied()
+            .collect();
+        peers.extend(&new);
+        new
+    }
+
+    /// The peers a re-plan probes.
+    pub fn candidates(&self) -> Vec<SocketAddr> {
+        self.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     async fn measure(
         model_path: &Path,
         node_id: &str,
@@ -259,7 +281,7 @@ impl RingPlanner {
                 weights: Some((model_path.to_path_buf(), sha)),
             },
             node_id: node_id.to_owned(),
-            peers,
+            peers: std::sync::Mutex::new(peers),
             transport: transport.clone(),
             shape: model_shape(&file, context),
             head: node_profile(node_id, &mine, free),
@@ -324,7 +346,7 @@ impl RingPlanner {
         let mut probed = Vec::new();
         let mut names = Vec::new();
         let mut addrs = Vec::new();
-        for &addr in self.peers.iter().filter(|a| !lost.contains(a)) {
+        for addr in self.candidates().into_iter().filter(|a| !lost.contains(a)) {
             let probe = crate::probe_peer(
                 addr,
                 &self.node_id,

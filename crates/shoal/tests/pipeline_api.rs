@@ -330,7 +330,10 @@ fn a_node_that_runs_the_model_shares_its_layers_with_the_stage_it_serves() {
     for (extra, param) in [
         (json!({"logprobs": true}), "logprobs"),
         (json!({"ignore_eos": true}), "ignore_eos"),
-        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
     ] {
         let r = http(
             head.addr,

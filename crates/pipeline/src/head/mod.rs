@@ -419,6 +419,39 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Plans the ring again with [`PipelineConfig::replan`] over the peers it knows now
+    /// (members that joined since the last plan included: the planner may now put layers
+    /// on them), and moves to the new layout when it differs. Returns whether it moved.
+    ///
+    /// Sessions running meanwhile stay exact: a stage reloaded for the new plan refuses
+    /// their next step as `stale_plan`, and they replay on the new ring as after a loss.
+    pub async fn replan(&self) -> Result<bool> {
+        let Some(replan) = &self.config.replan else {
+            return Ok(false);
+        };
+        let _replanning = self.replan.lock().await;
+        let ring = self.current_ring();
+        let (head_layers, current) = self.layout();
+        let (local, peers) = replan
+            .replan(head_layers.clone(), &current, &[])
+            .await
+            .map_err(PipelineError::Config)?;
+        check_layout(&local, &peers, &[], self.model.n_layers).map_err(PipelineError::Config)?;
+        if local == head_layers && peers == current {
+            return Ok(false);
+        }
+        tracing::info!(head = ?local, peers = ?peers, "moving the ring to a new plan");
+        let new = self
+            .setup()
+            .build(ring.epoch + 1, Some(ring.stage.clone()), local, &peers)
+            .await?;
+        for p in &peers {
+            self.members.seen(p.addr, None);
+        }
+        *self.ring.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(new);
+        Ok(true)
+    }
+
     /// Every peer the ring has used, and whether it answered when last contacted.
     pub fn members(&self) -> Vec<Member> {
         self.members.members()
