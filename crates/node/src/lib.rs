@@ -130,6 +130,7 @@ impl Node {
             prober: peer_addr.map(|_| membership::prober(&roster, transport.clone())),
         });
 
+        let head_ring = membership::HeadRing::default();
         if let Some((listener, _)) = peer_listener {
             let port = peer_port::PeerPortSetup {
                 model_path: config.model.clone(),
@@ -143,6 +144,7 @@ impl Node {
                     let state = state.clone();
                     Arc::new(move || state.load_figures())
                 },
+                head: head_ring.clone(),
             };
             let stopped_port = stopped(&stop);
             background.push(tokio::spawn(async move {
@@ -176,6 +178,7 @@ impl Node {
                 memory_cap: config.plan_memory_bytes,
                 transport: transport.clone(),
                 prompt_cache_bytes: config.prompt_cache_bytes,
+                ring: head_ring.clone(),
             };
             background.push(head.start(state.clone()));
         } else {
@@ -449,6 +452,8 @@ struct PipelineHead {
     transport: Transport,
     /// The head's prompt cache.
     prompt_cache_bytes: usize,
+    /// Where the ring goes once connected, so members see the head's own layers.
+    ring: membership::HeadRing,
 }
 
 impl PipelineHead {
@@ -469,6 +474,12 @@ impl PipelineHead {
                     Ok((pipeline, planner)) => {
                         let pipeline = Arc::new(pipeline);
                         state.set_ready(pipeline.clone());
+                        let model_id = self
+                            .model
+                            .file_name()
+                            .map(|f| f.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        let _ = self.ring.set((model_id, pipeline.clone()));
                         if let Some(planner) = planner.filter(|_| follows) {
                             follow_members(&self.roster, &pipeline, &planner).await;
                         }

@@ -22,6 +22,10 @@ pub(crate) type CurrentStages = Arc<Mutex<Option<StageServer>>>;
 /// Requests being answered now and the last decode speed (the API's figures).
 pub(crate) type LoadFigures = Arc<dyn Fn() -> (u32, f32) + Send + Sync>;
 
+/// The ring this node heads, once it is connected: its own layers are among those it
+/// holds, as members see them.
+pub(crate) type HeadRing = Arc<std::sync::OnceLock<(String, Arc<shoal_pipeline::Pipeline>)>>;
+
 /// How this node takes part in membership.
 #[derive(Clone, Debug)]
 pub struct ClusterSettings {
@@ -135,6 +139,7 @@ pub(crate) fn prober(roster: &Roster, transport: Transport) -> Arc<WireProber> {
 pub(crate) fn start_refresh(
     roster: Arc<Roster>,
     stages: CurrentStages,
+    head: HeadRing,
     load: LoadFigures,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
@@ -147,11 +152,15 @@ pub(crate) fn start_refresh(
                 _ = tick.tick() => {}
             }
             let free = shoal_pipeline::available_memory_bytes();
-            let held = stages
+            let served = stages
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .as_ref()
                 .and_then(StageServer::loaded_stage);
+            let headed = head
+                .get()
+                .map(|(model_id, ring)| (model_id.clone(), ring.layout().0));
+            let held = headed.into_iter().chain(served);
             let (busy, tokens_per_s) = load();
             roster.update_me(|me| {
                 me.busy = busy;
@@ -160,7 +169,6 @@ pub(crate) fn start_refresh(
                     me.memory_free = free;
                 }
                 me.stages = held
-                    .into_iter()
                     .filter_map(|(model_id, layers)| {
                         Some(HeldStage {
                             model_id: truncate(model_id, MAX_MODEL_ID),

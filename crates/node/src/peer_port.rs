@@ -65,6 +65,8 @@ pub(crate) struct PeerPortSetup {
     pub(crate) roster: Arc<Roster>,
     /// This node's load, as its heartbeats report it.
     pub(crate) load: membership::LoadFigures,
+    /// The ring this node heads, if it heads one.
+    pub(crate) head: membership::HeadRing,
     /// Bytes of ended sessions' caches its stage server keeps for heads to resume from.
     pub(crate) prompt_cache_bytes: usize,
 }
@@ -108,6 +110,7 @@ pub(crate) async fn serve_peer_port(
     let refresh = membership::start_refresh(
         setup.roster.clone(),
         current.clone(),
+        setup.head.clone(),
         setup.load.clone(),
         async {
             let _ = refresh_stopped.await;

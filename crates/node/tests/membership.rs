@@ -504,6 +504,25 @@ async fn a_ring_over_the_members_forms_when_one_joins_and_follows_later_joins() 
             == 1,
         "the member got its layers from the head"
     );
+    // Every member shows the layers it holds, the head its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = cluster(&head).await;
+        let holding: Vec<String> = view["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["layers"].as_array().is_some_and(|l| !l.is_empty()))
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect();
+        if holding.contains(&head.node_id().to_owned())
+            && holding.contains(&first.node_id().to_owned())
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "layers not shown: {view}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     // A second member joins the running ring: the planner is asked again, and the ring
     // answers exactly as before, whether or not it moved.

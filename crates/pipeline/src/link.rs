@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use shoal_wire::{
@@ -41,6 +42,10 @@ pub(crate) async fn dial_with_ack(
 pub(crate) struct Link {
     pub(crate) writer: PeerWriter,
     drain: JoinHandle<()>,
+    /// Set when the peer closed the link or it broke: a write may still seem to succeed
+    /// (the kernel takes the bytes before the peer's reset comes back), so a sender asks
+    /// this first instead of waiting for an answer that cannot come.
+    closed: Arc<AtomicBool>,
 }
 
 impl Link {
@@ -51,6 +56,8 @@ impl Link {
         on_close: impl FnOnce() + Send + 'static,
     ) -> Self {
         let (mut reader, writer) = conn.into_split();
+        let closed = Arc::new(AtomicBool::new(false));
+        let mark = closed.clone();
         let drain = tokio::spawn(async move {
             loop {
                 match reader.read_frame().await {
@@ -62,9 +69,19 @@ impl Link {
                     }
                 }
             }
+            mark.store(true, Ordering::Release);
             on_close();
         });
-        Link { writer, drain }
+        Link {
+            writer,
+            drain,
+            closed,
+        }
+    }
+
+    /// Whether the peer closed the link or it broke.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -105,6 +122,10 @@ impl LinkPool {
             Arc::clone(slots.entry(addr).or_default())
         };
         let mut link = slot.lock().await;
+        // A link the peer closed may still take a write into the void: dial afresh.
+        if link.as_ref().is_some_and(Link::is_closed) {
+            *link = None;
+        }
         let mut last_err = None;
         for _ in 0..2 {
             let writer = match link.as_mut() {

@@ -1060,6 +1060,46 @@ async fn lost_stages_are_replaced_and_greedy_output_is_unchanged() {
     assert_eq!(again, want);
 }
 
+/// A stage that dies while the ring is idle is found out at the next request's first step
+/// (its link is closed), not after a token timeout: the write into its dead socket may
+/// seem to succeed, and nothing would ever answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_lost_between_requests_is_recovered_from_at_once() {
+    let want = single_process(&SamplingParams::greedy());
+    let n = reference().config().n_layers;
+    let first = start_killable_server().await;
+    let mut config = PipelineConfig::new(
+        model_path(),
+        0..10,
+        vec![PeerStage {
+            addr: first.1,
+            layers: 10..n,
+        }],
+    );
+    config.timeout = Duration::from_secs(60);
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    let out = pipeline
+        .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(out, want);
+    first.2.notify_one();
+    // The head sees the link close; then the next request comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let out = pipeline
+        .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(out, want);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the answer waited {:?}: a token timeout (60 s) for a stage already gone?",
+        started.elapsed()
+    );
+    assert_eq!(pipeline.layout().0, 0..n, "the head runs everything now");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_middle_stage_moves_its_layers_to_the_others() {
     let want = single_process(&SamplingParams::greedy());

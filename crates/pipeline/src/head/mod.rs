@@ -879,6 +879,13 @@ async fn send_first(ring: &Ring, msg: Message) -> Result<()> {
             return Ok(());
         };
         let mut link = peer.link.lock().await;
+        if link.is_closed() {
+            // The stage went while the ring was idle: fail now (and recover) rather than
+            // write into a dead socket and wait a token timeout for nothing.
+            return Err(WireError::Closed {
+                expected: "a live link to the ring's first stage",
+            });
+        }
         link.writer.write_frame(&msg).await
     })
     .await?
