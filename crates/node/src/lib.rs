@@ -45,6 +45,10 @@ use tokio::task::JoinHandle;
 
 use crate::peer_port::AgentSlot;
 
+/// The role a stage-only node gives in its heartbeats (`/v1/cluster` shows it): it serves
+/// pipeline stages and no whole model, so it is no swarm agent.
+pub const STAGE_ONLY_ROLE: &str = "stage";
+
 /// How often a swarm head asks its agents how they are.
 const SWARM_MONITOR_PERIOD: Duration = Duration::from_secs(5);
 
@@ -116,7 +120,13 @@ impl Node {
 
         let me = {
             let (id, model) = (node_id.clone(), config.model.clone());
-            let role = config.role.map(|r| r.as_str().to_owned());
+            // A stage-only node says so: it holds no whole model, so swarm heads do not
+            // take it for an agent.
+            let role = match config.role {
+                Some(r) => Some(r.as_str().to_owned()),
+                None if config.stage_only => Some(STAGE_ONLY_ROLE.to_owned()),
+                None => None,
+            };
             let (http_port, peer_port) = (http_addr.port(), peer_addr.map_or(0, |a| a.port()));
             tokio::task::spawn_blocking(move || {
                 membership::describe_me(&id, &model, role.as_deref(), http_port, peer_port)
@@ -389,7 +399,8 @@ fn adopt_members(swarm: Arc<Swarm>, roster: Arc<Roster>) -> JoinHandle<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            for member in roster.alive(tokio::time::Instant::now().into_std()) {
+            let alive = roster.alive(tokio::time::Instant::now().into_std());
+            for member in alive.iter().filter(|m| m.info.role != STAGE_ONLY_ROLE) {
                 if swarm.add_agent(member.addr) {
                     tracing::info!(
                         agent = %member.info.node_id,

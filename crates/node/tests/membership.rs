@@ -438,8 +438,42 @@ async fn a_node_heads_a_swarm_of_the_members_it_finds() {
     }
     let answer = common::ask(&a, "swarm:fastest", "Say hello.", 8).await;
     assert!(!answer.trim().is_empty());
-    a.shutdown().await.unwrap();
-    b.shutdown().await.unwrap();
+
+    // A stage-only member is listed as one (`role: "stage"`) and never made an agent: it
+    // holds no whole model to answer with.
+    let c = start(key, &[a.peer_addr().unwrap()]).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let view = cluster(&a).await;
+        let listed = view["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == c.node_id())
+            .cloned();
+        if let Some(m) = listed {
+            assert_eq!(m["role"], "stage", "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "c was never listed: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Past the swarm head's next look at its members (every second).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, body) = http(a.http_addr(), "GET", "/v1/swarm/status", None).await;
+    let swarm: Value = serde_json::from_str(&body).unwrap();
+    let c_addr = c.peer_addr().unwrap().to_string();
+    assert!(
+        swarm["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|g| g["addr"] != c_addr.as_str()),
+        "a stage-only member became an agent: {swarm}"
+    );
+    for node in [a, b, c] {
+        node.shutdown().await.unwrap();
+    }
 }
 
 /// Issue #15 item 3: a `--split auto` head that plans over the members it finds, started
