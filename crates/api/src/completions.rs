@@ -643,8 +643,6 @@ pub(crate) async fn start(
             ))
         } else if prepared.ignore_eos {
             Some(("ignore_eos", "`ignore_eos`"))
-        } else if prepared.logprobs.is_some() {
-            Some(("logprobs", "`logprobs`"))
         } else {
             None
         };
@@ -653,7 +651,7 @@ pub(crate) async fn start(
                 param,
                 format!(
                     "{what} need the whole model on this node; this node answers through a \
-                     pipeline of stages, which does not do that yet"
+                     pipeline of stages, which does not constrain answers yet"
                 ),
             ));
         }

@@ -301,11 +301,12 @@ async fn run_ring(
         sampling: &job.params.sampling,
         max_tokens: job.params.max_tokens,
         cache_prompt: job.params.cache_prompt,
+        logprobs: job.logprobs,
     };
     let stop_ring = Arc::new(AtomicBool::new(false));
     let stopped = stop_ring.clone();
-    let generation = pipeline.run(request, move |token| {
-        let _ = token_tx.send(token);
+    let generation = pipeline.run(request, move |token, logprob| {
+        let _ = token_tx.send((token, logprob));
         !stopped.load(Ordering::Relaxed)
     });
     tokio::pin!(generation);
@@ -319,7 +320,7 @@ async fn run_ring(
             biased;
             () = tx.closed() => break Err(None),
             token = token_rx.recv() => {
-                let Some(token) = token else {
+                let Some((token, logprob)) = token else {
                     // The generation finished (its callback, holding the sender, is gone)
                     // and every token it produced has been handled.
                     break match &ended {
@@ -334,6 +335,12 @@ async fn run_ring(
                     metrics
                         .time_to_first_token
                         .observe(job.received.elapsed().as_secs_f64());
+                }
+                if let Some(lp) = logprob.filter(|_| !tokenizer.is_eog(token)) {
+                    let entry = LogprobEntry::new(&lp, tokenizer);
+                    if send(tx, Event::Logprob(entry), stall).await.is_err() {
+                        break Err(None);
+                    }
                 }
                 let (piece, stop) = match text.push_generated(token) {
                     Ok(pushed) => pushed,

@@ -59,6 +59,7 @@ pub fn sampling_spec(params: &SamplingParams, history: &[u32]) -> SamplingSpec {
         presence_penalty: params.presence_penalty,
         seed: params.seed,
         logprob: false,
+        top_logprobs: 0,
         penalty_tokens,
     }
 }
@@ -94,11 +95,6 @@ pub fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
     Ok(hasher.finalize().into())
 }
 
-/// Log-probability of `token` under `logits` (before any penalty), for `Token::logprob`.
-pub(crate) fn logprob(logits: &[f32], token: u32) -> Option<f32> {
-    shoal_engine::token_logprob(logits, token, 0).map(|t| t.logprob)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,13 +117,6 @@ mod tests {
         assert!(sampling_spec(&SamplingParams::greedy(), &[1, 2])
             .penalty_tokens
             .is_empty());
-    }
-
-    #[test]
-    fn logprob_is_a_log_softmax() {
-        let lp = logprob(&[0.0, 0.0], 1).unwrap_or(f32::NAN);
-        assert!((lp - 0.5f32.ln()).abs() < 1e-6);
-        assert!(logprob(&[0.0], 3).is_none());
     }
 
     #[test]

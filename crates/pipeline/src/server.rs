@@ -36,9 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::batch::{default_batch_rows, spawn_worker, BatchStats, Job};
-use crate::convert::{
-    activations_to_tensor, file_sha256, logprob, sampling_params, tensor_to_activations,
-};
+use crate::convert::{activations_to_tensor, file_sha256, sampling_params, tensor_to_activations};
 use crate::error::{PipelineError, Result};
 use crate::idle::IdleMap;
 use crate::link::LinkPool;
@@ -176,7 +174,7 @@ struct SessionState {
 /// What running a `Forward` produced.
 enum Outcome {
     Hidden(shoal_wire::Activations),
-    Token(u32, Option<f32>),
+    Token(u32, Option<shoal_engine::TokenLogprob>),
     Nothing,
 }
 
@@ -810,7 +808,8 @@ impl StageServer {
                     session_id: f.session_id,
                     seq: f.seq,
                     token_id,
-                    logprob,
+                    logprob: logprob.as_ref().map(|l| l.logprob),
+                    top: logprob.map(|l| l.top).unwrap_or_default(),
                 });
                 self.inner.links.send(f.reply_to, &msg).await?;
             }
@@ -977,7 +976,7 @@ fn finish(
             Want::Nothing => Ok(Outcome::Nothing),
             Want::Token(spec) => {
                 let mut logits = logits_row(&l, 0)?;
-                let lp = spec.logprob.then(|| logits.clone());
+                let raw = spec.logprob.then(|| logits.clone());
                 let params = sampling_params(spec);
                 if sampler.as_ref().is_some_and(|s| *s.params() != params) {
                     *sampler = None;
@@ -986,7 +985,9 @@ fn finish(
                 // The token drawn is the one after the last position fed.
                 let position = positions.last().map_or(0, |&p| p + 1);
                 let token = sampler.sample_at(&mut logits, &spec.penalty_tokens, position);
-                Ok(Outcome::Token(token, lp.and_then(|l| logprob(&l, token))))
+                let top = usize::from(spec.top_logprobs);
+                let lp = raw.and_then(|l| shoal_engine::token_logprob(&l, token, top));
+                Ok(Outcome::Token(token, lp))
             }
             Want::Logits { .. } => Err(PipelineError::InvalidRequest(
                 "logits replies are not implemented yet; ask for a token".into(),

@@ -98,8 +98,9 @@ async fn ask(pipeline: &Pipeline, prompt: &[u32], cache_prompt: bool) -> (Vec<u3
         sampling: &SamplingParams::greedy(),
         max_tokens: MAX_TOKENS,
         cache_prompt,
+        logprobs: None,
     };
-    let answer = pipeline.run(request, |_| true).await.unwrap();
+    let answer = pipeline.run(request, |_, _| true).await.unwrap();
     (answer.tokens, answer.cached_tokens)
 }
 

@@ -1060,6 +1060,53 @@ async fn lost_stages_are_replaced_and_greedy_output_is_unchanged() {
     assert_eq!(again, want);
 }
 
+/// Log-probabilities drawn by the last stage (and by the head once it runs alone) are the
+/// single process's, bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_through_the_ring_are_the_single_process_ones() {
+    let m = reference();
+    let mut g = m
+        .generate(
+            prompt(),
+            GenerateParams {
+                sampling: SamplingParams::greedy(),
+                max_tokens: MAX_TOKENS,
+                stop: Vec::new(),
+                cache_prompt: false,
+            },
+        )
+        .unwrap();
+    g.want_logprobs(3);
+    let mut want = Vec::new();
+    while let Some(step) = g.next_step().unwrap() {
+        want.push((step.token, step.logprob.unwrap()));
+    }
+    let (pipeline, [(_s1, _, stop1), (_s2, _, stop2)]) = killable_ring().await;
+    let ask = || async {
+        let mut got = Vec::new();
+        let request = shoal_pipeline::RingRequest {
+            prompt: &prompt(),
+            sampling: &SamplingParams::greedy(),
+            max_tokens: MAX_TOKENS,
+            cache_prompt: false,
+            logprobs: Some(3),
+        };
+        pipeline
+            .run(request, |t, lp| {
+                got.push((t, lp.expect("asked for logprobs")));
+                true
+            })
+            .await
+            .unwrap();
+        got
+    };
+    assert_eq!(ask().await, want, "drawn by the last stage");
+    stop1.notify_one();
+    stop2.notify_one();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ask().await, want, "drawn by the head alone");
+}
+
 /// A stage that dies while the ring is idle is found out at the next request's first step
 /// (its link is closed), not after a token timeout: the write into its dead socket may
 /// seem to succeed, and nothing would ever answer.

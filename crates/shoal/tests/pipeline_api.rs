@@ -326,9 +326,29 @@ fn a_node_that_runs_the_model_shares_its_layers_with_the_stage_it_serves() {
     let want = chat_text(single.addr, &b);
     assert_eq!(chat_text(head.addr, &b), want, "through the ring");
     assert_eq!(chat_text(node.addr, &b), want, "the node itself");
+    // Log-probabilities through the ring are the single process's, to the bit (f32
+    // activations), whichever stage draws the token.
+    let lp = |addr| {
+        let r = http(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&body(
+                &messages,
+                12,
+                json!({"logprobs": true, "top_logprobs": 2}),
+            )),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        v["choices"][0]["logprobs"].clone()
+    };
+    let through_ring = lp(head.addr);
+    assert_eq!(through_ring["content"].as_array().map(Vec::len), Some(12));
+    assert_eq!(through_ring, lp(single.addr));
     // What a ring cannot do yet is refused, not ignored.
     for (extra, param) in [
-        (json!({"logprobs": true}), "logprobs"),
         (json!({"ignore_eos": true}), "ignore_eos"),
         (
             json!({"response_format": {"type": "json_object"}}),

@@ -128,6 +128,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             seq: 2,
             token_id: 42,
             logprob: Some(-0.25),
+            top: vec![(3, -1.5), (9, -2.0)],
         }),
         Message::Logits(Logits {
             session_id: 9,

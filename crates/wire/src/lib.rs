@@ -41,7 +41,7 @@
 //! | `0x0010` | [`LoadStage`] | head → node | load layers `[start, end)` of a model (by id and sha256) |
 //! | `0x0011` | [`StageReady`] | node → head | the stage is loaded |
 //! | `0x0020` | [`Forward`] | head → stage → … → last stage | tokens or hidden states, the plan, positions, sampling, `reply_to` |
-//! | `0x0021` | [`Token`] | last stage → head | the sampled token (+ logprob) |
+//! | `0x0021` | [`Token`] | last stage → head | the sampled token (+ its logprob and the likeliest alternatives, when asked) |
 //! | `0x0022` | [`Logits`] | last stage → head | logits for the last or every row (speculative verify) |
 //! | `0x0023` | [`EndSession`] | head → stages | drop a session's KV cache |
 //! | `0x0024` | [`Truncate`] | head → stages | roll a session's KV cache back to a length |
@@ -103,7 +103,8 @@ pub use message::{
     WeightsManifest, WeightsRegion, MAX_ACCELERATOR, MAX_CHAT_ROLE, MAX_CHAT_TEXT, MAX_CHAT_TURNS,
     MAX_CHOICES, MAX_CHOICE_LEN, MAX_ERROR_MESSAGE, MAX_HELD_STAGES, MAX_KNOWN_MEMBERS, MAX_MODELS,
     MAX_MODEL_ID, MAX_MODEL_NAME, MAX_NODE_ID, MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION,
-    MAX_STAGE_FILE, MAX_STOP, MAX_STOP_LEN, MAX_TOKENS, MAX_WEIGHTS_CHUNK, MAX_WEIGHT_REGIONS,
+    MAX_STAGE_FILE, MAX_STOP, MAX_STOP_LEN, MAX_TOKENS, MAX_TOP_LOGPROBS, MAX_WEIGHTS_CHUNK,
+    MAX_WEIGHT_REGIONS,
 };
 pub use secure::PeerStream;
 pub use server::{serve_peers, PeerService, RemotePeer, ServeConfig};

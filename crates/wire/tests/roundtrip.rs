@@ -74,6 +74,7 @@ impl Rng {
     }
     fn sampling(&mut self) -> SamplingSpec {
         let n = self.below(70) as usize;
+        let logprob = self.bool();
         SamplingSpec {
             temperature: self.unit() * 2.0,
             top_k: self.below(100) as u32,
@@ -83,7 +84,8 @@ impl Rng {
             frequency_penalty: self.unit() * 4.0 - 2.0,
             presence_penalty: self.unit() * 4.0 - 2.0,
             seed: self.next(),
-            logprob: self.bool(),
+            logprob,
+            top_logprobs: if logprob { self.below(21) as u8 } else { 0 },
             penalty_tokens: self.u32s(n),
         }
     }
@@ -167,12 +169,22 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
                 }),
             })
         }
-        MessageType::Token => Message::Token(Token {
-            session_id: rng.next(),
-            seq: rng.next(),
-            token_id: rng.u32(),
-            logprob: rng.bool().then(|| -rng.unit() * 30.0),
-        }),
+        MessageType::Token => {
+            let logprob = rng.bool().then(|| -rng.unit() * 30.0);
+            let top = match logprob {
+                Some(_) => (0..rng.below(21))
+                    .map(|_| (rng.u32(), -rng.unit() * 30.0))
+                    .collect(),
+                None => Vec::new(),
+            };
+            Message::Token(Token {
+                session_id: rng.next(),
+                seq: rng.next(),
+                token_id: rng.u32(),
+                logprob,
+                top,
+            })
+        }
         MessageType::Logits => {
             let rows = rng.below(5) as u32 + 1;
             Message::Logits(Logits {

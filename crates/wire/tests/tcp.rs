@@ -48,6 +48,7 @@ impl PeerService for ToyStage {
                     seq: f.seq,
                     token_id: t[t.len() - 1] + 1,
                     logprob: None,
+                    top: Vec::new(),
                 }),
                 Payload::Hidden(_) => Message::Error(ErrorMessage::new(
                     ErrorCode::BAD_REQUEST,
@@ -304,6 +305,7 @@ async fn concurrent_sessions_get_their_own_tokens() {
                         seq,
                         token_id: (c * 1000 + seq + 1) as u32,
                         logprob: None,
+                        top: Vec::new(),
                     })
                 );
             }

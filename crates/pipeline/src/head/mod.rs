@@ -28,11 +28,11 @@ use shoal_engine::candle_core::Device;
 use shoal_engine::prefix_cache::{canonical_len, resume_point};
 use shoal_engine::{
     GgufFile, KvCache, ModelConfig, PrefixCache, PromptFormat, Sampler, SamplingParams, Stage,
-    StageSpec, Tokenizer,
+    StageSpec, TokenLogprob, Tokenizer,
 };
 use shoal_wire::{
     Capabilities, EndSession, ErrorCode, Forward, LoadStage, Message, Payload, Resume, Want,
-    WireError,
+    WireError, MAX_TOP_LOGPROBS,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -192,6 +192,9 @@ pub struct RingRequest<'a> {
     /// Resume from a kept prompt that starts the same way, and keep this one (llama-server's
     /// `cache_prompt`); no effect with [`PipelineConfig::prompt_cache_bytes`] 0.
     pub cache_prompt: bool,
+    /// Report each token's log-probability with this many alternatives (OpenAI's
+    /// `logprobs` / `top_logprobs`), computed where the token is drawn.
+    pub logprobs: Option<usize>,
 }
 
 /// What a [`Pipeline::run`] produced.
@@ -501,9 +504,10 @@ impl Pipeline {
             sampling,
             max_tokens,
             cache_prompt: true,
+            logprobs: None,
         };
         let answer = self
-            .run(request, |t| {
+            .run(request, |t, _| {
                 on_token(t);
                 true
             })
@@ -511,13 +515,14 @@ impl Pipeline {
         Ok(answer.tokens)
     }
 
-    /// Generates as `request` says, calling `on_token` with each token as it arrives; when
-    /// it answers `false` the generation ends there, as at `max_tokens` (a stop string the
-    /// caller found: the session ends normally, and its prompt is kept).
+    /// Generates as `request` says, calling `on_token` with each token as it arrives (and
+    /// its log-probabilities, when the request asks for them); when it answers `false` the
+    /// generation ends there, as at `max_tokens` (a stop string the caller found: the
+    /// session ends normally, and its prompt is kept).
     pub async fn run(
         &self,
         request: RingRequest<'_>,
-        mut on_token: impl FnMut(u32) -> bool + Send,
+        mut on_token: impl FnMut(u32, Option<TokenLogprob>) -> bool + Send,
     ) -> Result<RingAnswer> {
         let RingRequest {
             prompt, max_tokens, ..
@@ -588,7 +593,7 @@ impl Pipeline {
         request: &RingRequest<'_>,
         reuse: bool,
         generated: &mut Vec<u32>,
-        on_token: &mut (impl FnMut(u32) -> bool + Send),
+        on_token: &mut (impl FnMut(u32, Option<TokenLogprob>) -> bool + Send),
     ) -> Result<usize> {
         let session_id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let mut rx = self.router.register(session_id);
@@ -615,6 +620,7 @@ impl Pipeline {
             sampling: request.sampling,
             max_tokens: request.max_tokens,
             resume,
+            logprobs: request.logprobs,
         };
         let mut progress = Progress {
             cache: Some(cache),
@@ -708,7 +714,7 @@ impl Pipeline {
         session: &Session<'_>,
         rx: &mut mpsc::UnboundedReceiver<Reply>,
         generated: &mut Vec<u32>,
-        on_token: &mut (impl FnMut(u32) -> bool + Send),
+        on_token: &mut (impl FnMut(u32, Option<TokenLogprob>) -> bool + Send),
         progress: &mut Progress,
     ) -> Result<()> {
         let ring = session.ring;
@@ -745,13 +751,24 @@ impl Pipeline {
                     LocalOut::Logits(mut logits) => {
                         if wants_token {
                             if let Some(s) = local_sampler.as_mut() {
-                                token = Some(s.sample(&mut logits, &history));
+                                let raw = session.logprobs.map(|top| (logits.clone(), top));
+                                let t = s.sample(&mut logits, &history);
+                                let lp = raw.and_then(|(raw, top)| {
+                                    shoal_engine::token_logprob(&raw, t, top)
+                                });
+                                token = Some((t, lp));
                             }
                         }
                     }
                     LocalOut::Hidden(a) => {
                         let want = if wants_token {
-                            Want::Token(sampling_spec(session.sampling, &history))
+                            let mut spec = sampling_spec(session.sampling, &history);
+                            if let Some(top) = session.logprobs {
+                                spec.logprob = true;
+                                spec.top_logprobs =
+                                    u8::try_from(top.min(MAX_TOP_LOGPROBS)).unwrap_or(0);
+                            }
+                            Want::Token(spec)
                         } else {
                             Want::Nothing
                         };
@@ -779,11 +796,11 @@ impl Pipeline {
             let token = match replayed {
                 Some(t) => t,
                 None => {
-                    let t = token.ok_or_else(|| {
+                    let (t, lp) = token.ok_or_else(|| {
                         PipelineError::StageFailed("the ring produced no token".into())
                     })?;
                     generated.push(t);
-                    go_on = on_token(t);
+                    go_on = on_token(t, lp);
                     t
                 }
             };
@@ -829,7 +846,13 @@ impl Pipeline {
         out
     }
 
-    async fn wait_token(&self, rx: &mut mpsc::UnboundedReceiver<Reply>, seq: u64) -> Result<u32> {
+    /// The token the last stage drew for step `seq`, with its log-probabilities when they
+    /// were asked for.
+    async fn wait_token(
+        &self,
+        rx: &mut mpsc::UnboundedReceiver<Reply>,
+        seq: u64,
+    ) -> Result<(u32, Option<TokenLogprob>)> {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -844,7 +867,14 @@ impl Pipeline {
                         "the reply channel closed".into(),
                     ))
                 }
-                Ok(Some(Reply::Token(t))) if t.seq == seq => return Ok(t.token_id),
+                Ok(Some(Reply::Token(t))) if t.seq == seq => {
+                    let lp = t.logprob.map(|logprob| TokenLogprob {
+                        token: t.token_id,
+                        logprob,
+                        top: t.top,
+                    });
+                    return Ok((t.token_id, lp));
+                }
                 Ok(Some(Reply::Token(t))) => {
                     tracing::debug!(seq = t.seq, expected = seq, "stale token ignored");
                 }
@@ -901,6 +931,8 @@ struct Session<'a> {
     max_tokens: usize,
     /// The kept prompt it starts from, on every stage.
     resume: Option<Resume>,
+    /// Log-probabilities asked for, with this many alternatives.
+    logprobs: Option<usize>,
 }
 
 /// What a session attempt leaves for its end: the head's cache (gone if a step failed),

@@ -183,6 +183,7 @@ mod tests {
             seq: 0,
             token_id: 42,
             logprob: None,
+            top: Vec::new(),
         })
     }
 

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use bytes::BufMut;
 
 use crate::activations::{Activations, DType, MAX_ROWS};
-use crate::codec::{bound, put_bool, put_socket_addr, put_u32_vec, Reader};
+use crate::codec::{bound, put_bool, put_len, put_socket_addr, put_u32_vec, Reader};
 use crate::error::WireError;
 use crate::message::finite;
 
@@ -20,6 +20,8 @@ use crate::message::finite;
 pub const MAX_TOKENS: usize = MAX_ROWS as usize;
 /// Most tokens in a [`SamplingSpec::penalty_tokens`] window.
 pub const MAX_PENALTY_TOKENS: usize = 1 << 16;
+/// Most alternatives a `Token` reports (OpenAI's bound for `top_logprobs`).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// `Forward` (`0x0020`): one step of one session moving down the ring.
 ///
@@ -130,6 +132,7 @@ pub enum LogitRows {
 /// | `top_p`, `min_p`, `repeat_penalty`, `frequency_penalty`, `presence_penalty` | `f32` each |
 /// | `seed` | `u64` |
 /// | `logprob` | `u8` 0/1 |
+/// | `top_logprobs` | `u8` (≤ [`MAX_TOP_LOGPROBS`]; 0 unless `logprob`) |
 /// | `penalty_tokens` | `u32` count (≤ [`MAX_PENALTY_TOKENS`]), `u32` each |
 ///
 /// Checked on both ends: every float finite, `temperature ≥ 0`, `top_p` and `min_p` in
@@ -155,6 +158,8 @@ pub struct SamplingSpec {
     pub seed: u64,
     /// Return the sampled token's log-probability.
     pub logprob: bool,
+    /// With `logprob`: also the log-probabilities of this many likeliest tokens.
+    pub top_logprobs: u8,
     /// The recent tokens the penalties look at. Only the head has the history, so it sends the
     /// window (its length is the repeat-last-n setting).
     pub penalty_tokens: Vec<u32>,
@@ -173,6 +178,7 @@ impl SamplingSpec {
             presence_penalty: 0.0,
             seed: 0,
             logprob: false,
+            top_logprobs: 0,
             penalty_tokens: Vec::new(),
         }
     }
@@ -188,6 +194,7 @@ impl SamplingSpec {
             presence_penalty: r.f32("presence_penalty")?,
             seed: r.u64("seed")?,
             logprob: r.bool("logprob")?,
+            top_logprobs: r.u8("top_logprobs")?,
             penalty_tokens: r.u32_vec("penalty_tokens", MAX_PENALTY_TOKENS)?,
         })
     }
@@ -202,10 +209,23 @@ impl SamplingSpec {
         out.put_f32_le(self.presence_penalty);
         out.put_u64_le(self.seed);
         put_bool(out, self.logprob);
+        out.put_u8(self.top_logprobs);
         put_u32_vec(out, &self.penalty_tokens);
     }
 
     fn validate(&self, m: &'static str) -> Result<(), WireError> {
+        if usize::from(self.top_logprobs) > MAX_TOP_LOGPROBS
+            || (!self.logprob && self.top_logprobs != 0)
+        {
+            return Err(WireError::Invalid {
+                message: m,
+                what: "top_logprobs",
+                detail: format!(
+                    "is {}, expected at most {MAX_TOP_LOGPROBS}, and 0 without logprob",
+                    self.top_logprobs
+                ),
+            });
+        }
         for (what, v) in [
             ("temperature", self.temperature),
             ("top_p", self.top_p),
@@ -413,7 +433,8 @@ impl Forward {
 /// | `session_id`, `seq` | `u64`, `u64` |
 /// | `token_id` | `u32` |
 /// | `logprob` | `u8` tag, then `f32` (not NaN) |
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// | `top` | `u32` count (≤ [`MAX_TOP_LOGPROBS`]; 0 without `logprob`), then per entry `u32` token id and `f32` log-probability (not NaN) |
+#[derive(Clone, Debug, PartialEq)]
 pub struct Token {
     /// The session.
     pub session_id: u64,
@@ -423,6 +444,9 @@ pub struct Token {
     pub token_id: u32,
     /// Its log-probability, when the `SamplingSpec` asked for it.
     pub logprob: Option<f32>,
+    /// The likeliest tokens and their log-probabilities, likeliest first, as many as the
+    /// `SamplingSpec`'s `top_logprobs`.
+    pub top: Vec<(u32, f32)>,
 }
 
 impl Token {
@@ -435,6 +459,15 @@ impl Token {
                 Some(r.f32("logprob")?)
             } else {
                 None
+            },
+            top: {
+                let count = r.u32("top")?;
+                r.bound("top", u64::from(count), MAX_TOP_LOGPROBS)?;
+                let mut top = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    top.push((r.u32("top token")?, r.f32("top logprob")?));
+                }
+                top
             },
         };
         msg.validate()?;
@@ -449,18 +482,30 @@ impl Token {
         if let Some(lp) = self.logprob {
             out.put_f32_le(lp);
         }
+        put_len(out, self.top.len());
+        for &(id, lp) in &self.top {
+            out.put_u32_le(id);
+            out.put_f32_le(lp);
+        }
     }
 
     pub(crate) fn validate(&self) -> Result<(), WireError> {
-        match self.logprob {
-            // -inf is a legitimate (if useless) log-probability; NaN never is.
-            Some(lp) if lp.is_nan() => Err(WireError::Invalid {
-                message: "Token",
-                what: "logprob",
-                detail: "is NaN".to_owned(),
-            }),
-            _ => Ok(()),
+        let invalid = |what, detail: &str| WireError::Invalid {
+            message: "Token",
+            what,
+            detail: detail.to_owned(),
+        };
+        // -inf is a legitimate (if useless) log-probability; NaN never is.
+        if self.logprob.is_some_and(f32::is_nan) || self.top.iter().any(|t| t.1.is_nan()) {
+            return Err(invalid("logprob", "is NaN"));
         }
+        if self.top.len() > MAX_TOP_LOGPROBS {
+            return Err(invalid("top", "lists more than MAX_TOP_LOGPROBS tokens"));
+        }
+        if self.logprob.is_none() && !self.top.is_empty() {
+            return Err(invalid("top", "is given without the token's logprob"));
+        }
+        Ok(())
     }
 }
 
@@ -662,6 +707,7 @@ mod tests {
             temperature: 1.0,
             seed: 42,
             logprob: true,
+            top_logprobs: 3,
             penalty_tokens: vec![5],
             ..SamplingSpec::greedy()
         };
@@ -689,6 +735,7 @@ mod tests {
             0, 0, 0, 0,             // presence_penalty
             42, 0, 0, 0, 0, 0, 0, 0, // seed
             1,                      // logprob
+            3,                      // top_logprobs
             1, 0, 0, 0, 5, 0, 0, 0, // penalty_tokens [5]
         ];
         assert_eq!(&frame[want_at..want_at + spec_bytes.len()], spec_bytes);
@@ -704,16 +751,19 @@ mod tests {
             seq: 4,
             token_id: 0x0102_0304,
             logprob: Some(-0.5),
+            top: vec![(7, -0.25)],
         })
         .to_frame()
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 4, 0, 0x21, 0, 25, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 4, 0, 0x21, 0, 37, 0, 0, 0,
             3, 0, 0, 0, 0, 0, 0, 0,
             4, 0, 0, 0, 0, 0, 0, 0,
             4, 3, 2, 1,
             1, 0, 0, 0, 0xBF,       // Some(-0.5)
+            1, 0, 0, 0,             // one alternative:
+            7, 0, 0, 0, 0, 0, 0x80, 0xBE, // token 7, -0.25
         ]);
         let frame = Message::EndSession(EndSession::free(5)).to_frame().unwrap();
         assert_eq!(
@@ -924,6 +974,7 @@ mod tests {
             seq: 1,
             token_id: 1,
             logprob: Some(f32::NAN),
+            top: Vec::new(),
         });
         assert!(t.to_frame().is_err());
         let t = Message::Token(Token {
@@ -931,7 +982,29 @@ mod tests {
             seq: 1,
             token_id: 1,
             logprob: Some(f32::NEG_INFINITY),
+            top: vec![(2, f32::NEG_INFINITY)],
         });
         assert!(t.to_frame().is_ok());
+        for top in [vec![(2, f32::NAN)], vec![(0, -1.0); MAX_TOP_LOGPROBS + 1]] {
+            let t = Message::Token(Token {
+                session_id: 1,
+                seq: 1,
+                token_id: 1,
+                logprob: Some(-1.0),
+                top,
+            });
+            assert!(t.to_frame().is_err());
+        }
+        let without = Message::Token(Token {
+            session_id: 1,
+            seq: 1,
+            token_id: 1,
+            logprob: None,
+            top: vec![(2, -1.0)],
+        });
+        assert!(
+            without.to_frame().is_err(),
+            "alternatives without the token's logprob"
+        );
     }
 }
