@@ -214,6 +214,37 @@ class Chat(unittest.TestCase):
         self.assertEqual(a, b)
 
 
+class SeveralChoices(unittest.TestCase):
+    """`n` > 1: one choice per generation, indexed; greedy ones agree, seeded sampled ones
+    are reproducible; usage counts the prompt once and every choice's tokens."""
+
+    def test_chat(self):
+        one = client.chat.completions.create(**chat_args("Name a colour."))
+        three = client.chat.completions.create(**chat_args("Name a colour.", n=3))
+        self.assertEqual([c.index for c in three.choices], [0, 1, 2])
+        for c in three.choices:
+            self.assertEqual(c.message.content, one.choices[0].message.content)
+        self.assertEqual(three.usage.prompt_tokens, one.usage.prompt_tokens)
+        self.assertEqual(three.usage.completion_tokens, 3 * one.usage.completion_tokens)
+
+        args = chat_args("Write a word.", n=4, temperature=1.0, seed=11, max_tokens=8)
+        a = client.chat.completions.create(**args)
+        b = client.chat.completions.create(**args)
+        texts = [c.message.content for c in a.choices]
+        self.assertEqual(texts, [c.message.content for c in b.choices])
+        self.assertGreater(len(set(texts)), 1, texts)
+        # The first choice is the one `n` = 1 gives for the same seed.
+        single = client.chat.completions.create(**{**args, "n": 1})
+        self.assertEqual(single.choices[0].message.content, texts[0])
+
+    def test_completions(self):
+        r = client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, n=2
+        )
+        self.assertEqual([c.index for c in r.choices], [0, 1])
+        self.assertEqual(r.choices[0].text, r.choices[1].text)
+
+
 class Logprobs(unittest.TestCase):
     """`logprobs` / `top_logprobs`: each token's log-probability under the model, as the
     OpenAI client parses them, the same whole and streamed."""
@@ -345,7 +376,10 @@ class Errors(unittest.TestCase):
         self.assertError(status, body, 400, param="messages")
         status, body, _ = http("POST", "/chat/completions", {"model": MODEL, "messages": "hi"})
         self.assertError(status, body, 400, param="messages")
-        status, body, _ = http("POST", "/chat/completions", chat_args("hi", n=2))
+        for n in (0, 17):
+            status, body, _ = http("POST", "/chat/completions", chat_args("hi", n=n))
+            self.assertError(status, body, 400, param="n")
+        status, body, _ = http("POST", "/chat/completions", chat_args("hi", n=2, stream=True))
         self.assertError(status, body, 400, param="n")
         status, body, _ = http("POST", "/chat/completions", chat_args("hi", temperature=-1))
         self.assertError(status, body, 400, param="temperature")

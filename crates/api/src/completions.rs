@@ -212,6 +212,7 @@ pub(crate) enum Kind {
 }
 
 /// A checked request, waiting for its prompt tokens.
+#[derive(Clone)]
 pub(crate) struct Prepared<M = Backend> {
     model: M,
     pub(crate) sampling: SamplingParams,
@@ -225,6 +226,8 @@ pub(crate) struct Prepared<M = Backend> {
     /// Each token's log-probability, with this many alternatives (`logprobs`,
     /// `top_logprobs`).
     pub(crate) logprobs: Option<usize>,
+    /// How many choices to answer (`n`).
+    pub(crate) n: usize,
     /// The JSON the answer must be (`response_format`, a forced tool call).
     grammar: Option<JsonGrammar>,
     /// The tools the answer may call, and how the model writes calls.
@@ -245,12 +248,16 @@ impl Prepared<()> {
             ignore_eos: self.ignore_eos,
             cache_prompt: self.cache_prompt,
             logprobs: self.logprobs,
+            n: self.n,
             grammar: self.grammar,
             tools: self.tools,
             prompt_param: self.prompt_param,
         }
     }
 }
+
+/// Most choices one request may ask for (`n`).
+const MAX_CHOICES: usize = 16;
 
 /// Checks everything that needs no model: `n`, `model`, `max_tokens`, sampling ranges.
 /// (Request errors come before "still loading", so clients learn of them at once.)
@@ -259,13 +266,22 @@ pub(crate) fn check(
     req: &CompletionRequest,
     prompt_param: &'static str,
 ) -> Result<Prepared<()>, ApiError> {
-    if let Some(n) = req.n {
-        if n != 1 {
+    let n = match req.n {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
+        Some(n) => {
             return Err(ApiError::invalid_value(
                 "n",
-                format!("only n = 1 is supported, got {n}"),
-            ));
+                format!("`n` is the number of choices, 1 to {MAX_CHOICES}, got {n}"),
+            ))
         }
+    };
+    if n > 1 && req.stream == Some(true) {
+        return Err(ApiError::invalid_value(
+            "n",
+            "several choices (`n` > 1) are answered whole, not streamed yet; ask without \
+             `stream`, or once per choice",
+        ));
     }
     if let Some(model) = &req.model {
         if model != state.model_id() && crate::swarm::swarm_model(Some(model))?.is_none() {
@@ -331,6 +347,7 @@ pub(crate) fn check(
         ignore_eos: req.ignore_eos.unwrap_or(false),
         cache_prompt: req.cache_prompt.unwrap_or(true),
         logprobs: logprobs(req, prompt_param == "messages")?,
+        n,
         grammar: None,
         tools: None,
         prompt_param,
@@ -693,6 +710,9 @@ async fn respond(
     received: Instant,
     kind: Kind,
 ) -> Result<Response, ApiError> {
+    if prepared.n > 1 {
+        return respond_many(state, prepared, prompt, received, kind).await;
+    }
     let (rx, answering) = start(&state, prepared, prompt, received).await?;
     let out = Output {
         id: state.new_id(match kind {
@@ -720,6 +740,54 @@ async fn respond(
         } = runner::collect(rx).await?;
         let logprobs = out.logprobs.then(|| out.logprobs_json(&logprobs, &mut 0));
         Ok(out.whole_full(text, finish, usage, None, logprobs))
+    }
+}
+
+/// Answers `n` > 1 choices, whole: one generation per choice, one after another, the
+/// `i`-th drawn with the request's seed plus `i` (so greedy choices are the same and
+/// sampled ones differ, each reproducible). Usage counts the prompt once and every
+/// choice's tokens.
+async fn respond_many(
+    state: AppState,
+    prepared: Prepared,
+    prompt: Vec<u32>,
+    received: Instant,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let mut answers = Vec::with_capacity(prepared.n);
+    let mut usage: Option<Usage> = None;
+    let mut out = None;
+    for i in 0..prepared.n {
+        let mut choice = prepared.clone();
+        choice.sampling.seed = prepared.sampling.seed.wrapping_add(i as u64);
+        let (rx, answering) = start(&state, choice, prompt.clone(), received).await?;
+        let o = out.get_or_insert_with(|| Output {
+            id: state.new_id(match kind {
+                Kind::Chat => "chatcmpl",
+                Kind::Text => "cmpl",
+            }),
+            created: unix_now(),
+            model: state.model_id().to_string(),
+            kind,
+            include_usage: answering.include_usage,
+            tools: answering.tools,
+            logprobs: answering.logprobs,
+        });
+        let whole = runner::collect(rx).await?;
+        let logprobs = o.logprobs.then(|| o.logprobs_json(&whole.logprobs, &mut 0));
+        usage = Some(match usage {
+            None => whole.usage,
+            Some(u) => Usage::new(
+                u.prompt_tokens,
+                u.completion_tokens + whole.usage.completion_tokens,
+            )
+            .with_cached(u.prompt_tokens_details.cached_tokens),
+        });
+        answers.push((whole.text, whole.finish, logprobs));
+    }
+    match (out, usage) {
+        (Some(out), Some(usage)) => Ok(out.whole_choices(answers, usage, None)),
+        _ => Err(ApiError::internal("no choice was generated")),
     }
 }
 
@@ -850,52 +918,83 @@ impl Output {
         swarm: Option<serde_json::Value>,
         logprobs: Option<Value>,
     ) -> Response {
-        let mut finish_reason = finish.as_str();
+        self.whole_choices(vec![(text, finish, logprobs)], usage, swarm)
+    }
+
+    /// The whole answer with one choice per `(text, finish, logprobs)`, in order (`n`).
+    fn whole_choices(
+        &self,
+        answers: Vec<(String, FinishReason, Option<Value>)>,
+        usage: Usage,
+        swarm: Option<serde_json::Value>,
+    ) -> Response {
         match self.kind {
             Kind::Chat => {
-                let (content, tool_calls) = match &self.tools {
-                    None => (Some(text), Vec::new()),
-                    Some((tools, format)) => {
-                        let parsed = tools.parse(&text, *format, new_call_id);
-                        if !parsed.calls.is_empty() {
-                            finish_reason = "tool_calls";
-                        }
-                        let calls = parsed
-                            .calls
-                            .iter()
-                            .map(|c| call_json(c, None, &c.arguments))
-                            .collect();
-                        let content = (!parsed.content.is_empty() || parsed.calls.is_empty())
-                            .then_some(parsed.content);
-                        (content, calls)
-                    }
-                };
-                let choice = ChatChoice {
-                    index: 0,
-                    message: MessageOut {
-                        role: "assistant",
-                        content,
-                        tool_calls,
-                    },
-                    logprobs,
-                    finish_reason,
-                };
-                let mut body = self.object("chat.completion", vec![choice]);
+                let choices: Vec<ChatChoice> = answers
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, (text, finish, logprobs))| {
+                        self.chat_choice(index, text, finish, logprobs)
+                    })
+                    .collect();
+                let mut body = self.object("chat.completion", choices);
                 body.usage = Some(usage);
                 body.swarm = swarm;
                 axum::Json(body).into_response()
             }
             Kind::Text => {
-                let choice = TextChoice {
-                    index: 0,
-                    text,
-                    logprobs,
-                    finish_reason: Some(finish_reason),
-                };
-                let mut body = self.object("text_completion", vec![choice]);
+                let choices: Vec<TextChoice> = answers
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, (text, finish, logprobs))| TextChoice {
+                        index: u32::try_from(index).unwrap_or(u32::MAX),
+                        text,
+                        logprobs,
+                        finish_reason: Some(finish.as_str()),
+                    })
+                    .collect();
+                let mut body = self.object("text_completion", choices);
                 body.usage = Some(usage);
                 axum::Json(body).into_response()
             }
+        }
+    }
+
+    /// One chat choice: the text, or the tool calls read back from it.
+    fn chat_choice(
+        &self,
+        index: usize,
+        text: String,
+        finish: FinishReason,
+        logprobs: Option<Value>,
+    ) -> ChatChoice {
+        let mut finish_reason = finish.as_str();
+        let (content, tool_calls) = match &self.tools {
+            None => (Some(text), Vec::new()),
+            Some((tools, format)) => {
+                let parsed = tools.parse(&text, *format, new_call_id);
+                if !parsed.calls.is_empty() {
+                    finish_reason = "tool_calls";
+                }
+                let calls = parsed
+                    .calls
+                    .iter()
+                    .map(|c| call_json(c, None, &c.arguments))
+                    .collect();
+                let content = (!parsed.content.is_empty() || parsed.calls.is_empty())
+                    .then_some(parsed.content);
+                (content, calls)
+            }
+        };
+        ChatChoice {
+            index: u32::try_from(index).unwrap_or(u32::MAX),
+            message: MessageOut {
+                role: "assistant",
+                content,
+                tool_calls,
+            },
+            logprobs,
+            finish_reason,
         }
     }
 

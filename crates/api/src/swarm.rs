@@ -89,6 +89,7 @@ pub(crate) async fn chat(
         ("response_format", req.response_format.is_some()),
         ("ignore_eos", req.ignore_eos == Some(true)),
         ("logprobs", prepared.logprobs.is_some()),
+        ("n", prepared.n > 1),
     ] {
         if given {
             return Err(ApiError::invalid_value(

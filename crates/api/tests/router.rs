@@ -126,7 +126,7 @@ async fn invalid_fields_are_400_with_param() {
     .await
     .error(StatusCode::BAD_REQUEST);
     assert_eq!(error["param"], "temperature");
-    let error = post(&app, "/v1/chat/completions", chat("hi", json!({"n": 2})))
+    let error = post(&app, "/v1/chat/completions", chat("hi", json!({"n": 17})))
         .await
         .error(StatusCode::BAD_REQUEST);
     assert_eq!(error["param"], "n");
