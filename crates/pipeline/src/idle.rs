@@ -47,6 +47,11 @@ impl<V> IdleMap<V> {
         self.entries.contains_key(&id)
     }
 
+    /// Every value, without counting as a use.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
+        self.entries.values().map(|(value, _)| value)
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }

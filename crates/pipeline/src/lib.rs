@@ -62,6 +62,7 @@ pub use ring::{
     CONNECT_PATIENCE,
 };
 pub use server::{
-    StageServer, StageServerConfig, WholeModel, DEFAULT_MAX_SESSIONS, DEFAULT_QUEUE_KIB,
+    StageServer, StageServerConfig, WholeModel, DEFAULT_MAX_SESSIONS,
+    DEFAULT_MAX_SESSIONS_PER_HEAD, DEFAULT_QUEUE_KIB,
 };
 pub use weights::STAGES_DIR;

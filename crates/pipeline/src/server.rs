@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
@@ -45,6 +46,10 @@ use crate::link::LinkPool;
 /// `Inner::queue_room`).
 pub const DEFAULT_QUEUE_KIB: u32 = 256 * 1024;
 
+/// Default of [`StageServerConfig::max_sessions_per_head`]: half the stage, still far more
+/// than a head's own admission lets run at once.
+pub const DEFAULT_MAX_SESSIONS_PER_HEAD: usize = DEFAULT_MAX_SESSIONS / 2;
+
 /// Default of [`StageServerConfig::max_sessions`]: far more than the heads' own admission
 /// (a few sessions each), so only a runaway or hostile peer meets it.
 pub const DEFAULT_MAX_SESSIONS: usize = 64;
@@ -66,6 +71,10 @@ pub struct StageServerConfig {
     /// Most sessions with a cache at once; a new session past this is refused
     /// (`OVERLOADED`) until one ends or idles out.
     pub max_sessions: usize,
+    /// Most of those one head may hold (sessions are told apart by the head they answer
+    /// to), so one runaway or hostile member cannot take every slot. Default
+    /// [`DEFAULT_MAX_SESSIONS_PER_HEAD`].
+    pub max_sessions_per_head: usize,
     /// KiB of received work that may wait for the stage; past it the stage stops reading
     /// from the connections that send more (TCP backpressure). Default [`DEFAULT_QUEUE_KIB`].
     pub queue_kib: u32,
@@ -118,6 +127,7 @@ impl StageServerConfig {
             transport: Transport::default(),
             batch_rows: default_batch_rows(),
             max_sessions: DEFAULT_MAX_SESSIONS,
+            max_sessions_per_head: DEFAULT_MAX_SESSIONS_PER_HEAD,
             queue_kib: DEFAULT_QUEUE_KIB,
             stats: BatchStats::default(),
             prompt_cache_bytes: 0,
@@ -137,7 +147,8 @@ struct Inner {
     config: StageServerConfig,
     loaded: RwLock<Option<Arc<Loaded>>>,
     /// KV caches by session, dropped when unused for the idle timeout.
-    sessions: Mutex<IdleMap<Arc<Mutex<SessionState>>>>,
+    /// With each, the head it answers to (its `reply_to`), for the cap per head.
+    sessions: Mutex<IdleMap<(SocketAddr, Arc<Mutex<SessionState>>)>>,
     /// Sessions ended recently. A `Forward` still in flight from the stage before (the head
     /// sends `EndSession` to every stage directly, which can overtake it) must not bring the
     /// session back to life; kept for one idle timeout.
@@ -246,7 +257,7 @@ impl StageServer {
 
     /// Tokens held in a session's cache, if the session exists.
     pub fn session_len(&self, session_id: u64) -> Option<usize> {
-        let state = lock(&self.inner.sessions).get(session_id)?.clone();
+        let state = lock(&self.inner.sessions).get(session_id)?.1.clone();
         let len = lock(&state).cache.len();
         Some(len)
     }
@@ -621,7 +632,9 @@ impl StageServer {
     /// a client that left) is not kept, and neither is one this stage has no room for. An
     /// `EndSession` without `keep` for a kept cache frees it.
     fn end_session(&self, e: EndSession) {
-        let state = lock(&self.inner.sessions).remove(e.session_id);
+        let state = lock(&self.inner.sessions)
+            .remove(e.session_id)
+            .map(|(_, state)| state);
         lock(&self.inner.ended).insert(e.session_id, ());
         let mut kept = lock(&self.inner.kept);
         if !e.keep {
@@ -645,6 +658,7 @@ impl StageServer {
         &self,
         loaded: &Loaded,
         session_id: u64,
+        head: SocketAddr,
         resume: Option<Resume>,
     ) -> Result<Option<Arc<Mutex<SessionState>>>> {
         if lock(&self.inner.ended).contains(session_id) {
@@ -652,11 +666,21 @@ impl StageServer {
             return Ok(None);
         }
         let mut sessions = lock(&self.inner.sessions);
-        let max = self.inner.config.max_sessions;
-        if !sessions.contains(session_id) && sessions.len() >= max {
-            return Err(PipelineError::Overloaded(format!(
-                "this stage holds {max} sessions already; try again when one ends"
-            )));
+        if !sessions.contains(session_id) {
+            let max = self.inner.config.max_sessions;
+            if sessions.len() >= max {
+                return Err(PipelineError::Overloaded(format!(
+                    "this stage holds {max} sessions already; try again when one ends"
+                )));
+            }
+            // One head (a runaway or hostile member) cannot take every slot.
+            let per_head = self.inner.config.max_sessions_per_head;
+            if sessions.values().filter(|(h, _)| *h == head).count() >= per_head {
+                return Err(PipelineError::Overloaded(format!(
+                    "this stage holds {per_head} sessions of the head at {head} already; \
+                     try again when one ends"
+                )));
+            }
         }
         if let (false, Some(r)) = (sessions.contains(session_id), resume) {
             let cache = lock(&self.inner.kept)
@@ -669,14 +693,15 @@ impl StageServer {
                 cache,
                 sampler: None,
             }));
-            sessions.insert(session_id, state.clone());
+            sessions.insert(session_id, (head, state.clone()));
             return Ok(Some(state));
         }
-        let state = sessions.use_or_insert_with(session_id, || {
-            Arc::new(Mutex::new(SessionState {
+        let (_, state) = sessions.use_or_insert_with(session_id, || {
+            let state = Arc::new(Mutex::new(SessionState {
                 cache: loaded.stage.new_cache(),
                 sampler: None,
-            }))
+            }));
+            (head, state)
         });
         Ok(Some(state.clone()))
     }
@@ -721,7 +746,7 @@ impl StageServer {
                 self.report(&f, e).await;
                 continue;
             }
-            let state = match self.session(&loaded, f.session_id, f.resume) {
+            let state = match self.session(&loaded, f.session_id, f.reply_to, f.resume) {
                 Ok(Some(state)) => state,
                 Ok(None) => continue,
                 Err(e) => {
@@ -820,7 +845,9 @@ impl StageServer {
 
     /// Keeps only the first `len` tokens of a session's cache.
     fn truncate(&self, t: &Truncate) {
-        let state = lock(&self.inner.sessions).get(t.session_id).cloned();
+        let state = lock(&self.inner.sessions)
+            .get(t.session_id)
+            .map(|(_, state)| state.clone());
         if let Some(state) = state {
             lock(&state).cache.truncate(t.len as usize);
         }

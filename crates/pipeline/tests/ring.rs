@@ -1354,6 +1354,59 @@ async fn sessions_per_stage_are_capped() {
     assert_eq!(t.session_id, 3);
 }
 
+/// Issue #14: one head holds at most `max_sessions_per_head` of a stage's sessions, so a
+/// runaway or hostile member cannot take every slot; another head still gets one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_per_head_are_capped() {
+    let mut config = StageServerConfig::new(models_dir());
+    config.max_sessions = 4;
+    config.max_sessions_per_head = 2;
+    let server = StageServer::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server.clone().serve(listener, std::future::pending()));
+    let mut conn = dial(addr).await;
+    load_last_stage(&mut conn, 6, DType::F32).await;
+    let (greedy_head, other_head) = (
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    );
+    let (a, b) = (
+        greedy_head.local_addr().unwrap(),
+        other_head.local_addr().unwrap(),
+    );
+    conn.write_frame(&step(6, 1, 0, vec![0], a)).await.unwrap();
+    let mut replies_a = accept_replies(&greedy_head).await;
+    for session in [2, 3] {
+        conn.write_frame(&step(6, session, 0, vec![0], a))
+            .await
+            .unwrap();
+    }
+    let mut refused = Vec::new();
+    let mut answered = Vec::new();
+    while refused.len() + answered.len() < 3 {
+        match replies_a.read_frame().await.unwrap() {
+            Some(Message::Token(t)) => answered.push(t.session_id),
+            Some(Message::Error(e)) => {
+                assert_eq!(e.code, shoal_wire::ErrorCode::OVERLOADED, "{}", e.message);
+                assert!(e.message.contains("of the head at"), "{}", e.message);
+                refused.push(e.session_id);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    answered.sort_unstable();
+    assert_eq!((answered, refused), (vec![1, 2], vec![Some(3)]));
+    // Another head is answered: the stage has room, only the first head had its share.
+    conn.write_frame(&step(6, 4, 0, vec![0], b)).await.unwrap();
+    let mut replies_b = accept_replies(&other_head).await;
+    let Some(Message::Token(t)) = replies_b.read_frame().await.unwrap() else {
+        panic!("the other head was refused")
+    };
+    assert_eq!(t.session_id, 4);
+    assert_eq!(server.session_count(), 3);
+}
+
 /// Issue #14: a stage serves only the plan it was loaded for. Loaded again (by another
 /// head, or a re-plan), it refuses a `Forward` of the plan before with a clean error
 /// instead of running the session on a fresh, empty cache; the new plan's sessions start
