@@ -714,19 +714,9 @@ async fn respond(
         return respond_many(state, prepared, prompt, received, kind).await;
     }
     let (rx, answering) = start(&state, prepared, prompt, received).await?;
-    let out = Output {
-        id: state.new_id(match kind {
-            Kind::Chat => "chatcmpl",
-            Kind::Text => "cmpl",
-        }),
-        created: unix_now(),
-        model: state.model_id().to_string(),
-        kind,
-        include_usage: answering.include_usage,
-        tools: answering.tools,
-        logprobs: answering.logprobs,
-    };
-    if answering.stream {
+    let stream = answering.stream;
+    let out = Output::new(&state, kind, answering);
+    if stream {
         Ok(Sse::new(out.stream(rx))
             .keep_alive(KeepAlive::default())
             .into_response())
@@ -761,18 +751,7 @@ async fn respond_many(
         let mut choice = prepared.clone();
         choice.sampling.seed = prepared.sampling.seed.wrapping_add(i as u64);
         let (rx, answering) = start(&state, choice, prompt.clone(), received).await?;
-        let o = out.get_or_insert_with(|| Output {
-            id: state.new_id(match kind {
-                Kind::Chat => "chatcmpl",
-                Kind::Text => "cmpl",
-            }),
-            created: unix_now(),
-            model: state.model_id().to_string(),
-            kind,
-            include_usage: answering.include_usage,
-            tools: answering.tools,
-            logprobs: answering.logprobs,
-        });
+        let o = out.get_or_insert_with(|| Output::new(&state, kind, answering));
         let whole = runner::collect(rx).await?;
         let logprobs = o.logprobs.then(|| o.logprobs_json(&whole.logprobs, &mut 0));
         usage = Some(match usage {
@@ -832,6 +811,22 @@ pub(crate) fn new_call_id() -> String {
 }
 
 impl Output {
+    /// The writer of one answer of `kind` to a request answered as `answering` says.
+    fn new(state: &AppState, kind: Kind, answering: Answering) -> Output {
+        Output {
+            id: state.new_id(match kind {
+                Kind::Chat => "chatcmpl",
+                Kind::Text => "cmpl",
+            }),
+            created: unix_now(),
+            model: state.model_id().to_string(),
+            kind,
+            include_usage: answering.include_usage,
+            tools: answering.tools,
+            logprobs: answering.logprobs,
+        }
+    }
+
     fn object<C>(&self, object: &'static str, choices: Vec<C>) -> CompletionObject<'_, C> {
         CompletionObject {
             id: &self.id,

@@ -114,16 +114,7 @@ impl GgufFile {
         let len = data_len(info);
         let start = self.content.tensor_data_offset.saturating_add(info.offset);
         let mut bytes = vec![0u8; len];
-        let mut reader = self
-            .reader
-            .lock()
-            .map_err(|_| EngineError::InvalidInput("GGUF reader lock poisoned".into()))?;
-        let read = |source| EngineError::Open {
-            path: self.path.clone(),
-            source,
-        };
-        reader.seek(SeekFrom::Start(start)).map_err(read)?;
-        reader.read_exact(&mut bytes).map_err(read)?;
+        self.read_at(start, &mut bytes)?;
         Ok((dtype, info.shape.dims().to_vec(), bytes))
     }
 

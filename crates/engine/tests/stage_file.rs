@@ -38,6 +38,15 @@ fn run(stage: &Stage, input: StageInput<'_>, positions: &[usize]) -> Tensor {
     }
 }
 
+/// Tokens for a stage that embeds them, hidden states for one that does not.
+fn input_for<'a>(spec: &StageSpec, tokens: &'a [u32], hidden: &Tensor) -> StageInput<'a> {
+    if spec.embed {
+        StageInput::Tokens(tokens)
+    } else {
+        StageInput::Hidden(hidden.clone())
+    }
+}
+
 fn bits(t: &Tensor) -> Vec<u32> {
     t.flatten_all()
         .unwrap()
@@ -106,13 +115,7 @@ fn a_stage_file_runs_its_layers_bit_for_bit_as_the_model_does() {
 
         let from_model = Stage::load(&model, spec.clone(), &Device::Cpu, |_, _| {}).unwrap();
         let from_part = Stage::load(&part, spec.clone(), &Device::Cpu, |_, _| {}).unwrap();
-        let input = || {
-            if spec.embed {
-                StageInput::Tokens(&tokens)
-            } else {
-                StageInput::Hidden(hidden.clone())
-            }
-        };
+        let input = || input_for(&spec, &tokens, &hidden);
         assert_eq!(
             bits(&run(&from_part, input(), &positions)),
             bits(&run(&from_model, input(), &positions)),
@@ -143,13 +146,7 @@ fn a_stage_shared_from_the_whole_model_runs_as_a_loaded_one() {
         let shared = whole.share(spec.clone()).unwrap();
         let loaded = Stage::load(&model, spec.clone(), &Device::Cpu, |_, _| {}).unwrap();
         assert_eq!(shared.spec(), loaded.spec());
-        let input = || {
-            if spec.embed {
-                StageInput::Tokens(&tokens)
-            } else {
-                StageInput::Hidden(hidden.clone())
-            }
-        };
+        let input = || input_for(&spec, &tokens, &hidden);
         assert_eq!(
             bits(&run(&shared, input(), &positions)),
             bits(&run(&loaded, input(), &positions)),

@@ -1327,19 +1327,7 @@ async fn sessions_per_stage_are_capped() {
             .await
             .unwrap();
     }
-    let mut refused = Vec::new();
-    let mut answered = Vec::new();
-    while refused.len() + answered.len() < 3 {
-        match head.read_frame().await.unwrap() {
-            Some(Message::Token(t)) => answered.push(t.session_id),
-            Some(Message::Error(e)) => {
-                assert_eq!(e.code, shoal_wire::ErrorCode::OVERLOADED, "{}", e.message);
-                refused.push(e.session_id);
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    answered.sort_unstable();
+    let (answered, refused) = answered_and_overloaded(&mut head, 3, "holds 2 sessions").await;
     assert_eq!(answered, [1, 2]);
     assert_eq!(refused, [Some(3)]);
     conn.write_frame(&Message::EndSession(shoal_wire::EndSession::free(1)))
@@ -1352,6 +1340,30 @@ async fn sessions_per_stage_are_capped() {
         panic!("room was made")
     };
     assert_eq!(t.session_id, 3);
+}
+
+/// Reads `n` replies on a head's reply link: the sessions answered with a token (sorted),
+/// and those refused as overloaded with a message that says `why`.
+async fn answered_and_overloaded(
+    replies: &mut Connection,
+    n: usize,
+    why: &str,
+) -> (Vec<u64>, Vec<Option<u64>>) {
+    let mut refused = Vec::new();
+    let mut answered = Vec::new();
+    while refused.len() + answered.len() < n {
+        match replies.read_frame().await.unwrap() {
+            Some(Message::Token(t)) => answered.push(t.session_id),
+            Some(Message::Error(e)) => {
+                assert_eq!(e.code, shoal_wire::ErrorCode::OVERLOADED, "{}", e.message);
+                assert!(e.message.contains(why), "{}", e.message);
+                refused.push(e.session_id);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    answered.sort_unstable();
+    (answered, refused)
 }
 
 /// Issue #14: one head holds at most `max_sessions_per_head` of a stage's sessions, so a
@@ -1382,20 +1394,7 @@ async fn sessions_per_head_are_capped() {
             .await
             .unwrap();
     }
-    let mut refused = Vec::new();
-    let mut answered = Vec::new();
-    while refused.len() + answered.len() < 3 {
-        match replies_a.read_frame().await.unwrap() {
-            Some(Message::Token(t)) => answered.push(t.session_id),
-            Some(Message::Error(e)) => {
-                assert_eq!(e.code, shoal_wire::ErrorCode::OVERLOADED, "{}", e.message);
-                assert!(e.message.contains("of the head at"), "{}", e.message);
-                refused.push(e.session_id);
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    answered.sort_unstable();
+    let (answered, refused) = answered_and_overloaded(&mut replies_a, 3, "of the head at").await;
     assert_eq!((answered, refused), (vec![1, 2], vec![Some(3)]));
     // Another head is answered: the stage has room, only the first head had its share.
     conn.write_frame(&step(6, 4, 0, vec![0], b)).await.unwrap();
