@@ -195,9 +195,10 @@ pub(crate) async fn send_weights(
                     .await?
             }
             Err(e) => {
-                // The receiver sees the transfer end short and discards it.
+                // Closing the connection tells the receiver at once that the transfer
+                // ended short; it keeps nothing of it.
                 tracing::warn!(error = %e, "reading a stage's weights failed");
-                break;
+                return Err(WireError::Io(std::io::Error::other(e)));
             }
         }
     }
