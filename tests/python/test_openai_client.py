@@ -237,6 +237,28 @@ class SeveralChoices(unittest.TestCase):
         single = client.chat.completions.create(**{**args, "n": 1})
         self.assertEqual(single.choices[0].message.content, texts[0])
 
+    def test_streamed(self):
+        args = chat_args("Write a word.", n=3, temperature=1.0, seed=5, max_tokens=8)
+        whole = client.chat.completions.create(**args)
+        chunks = list(
+            client.chat.completions.create(
+                **args, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        texts = {}
+        finishes = {}
+        for c in chunks[:-1]:
+            self.assertEqual(len(c.choices), 1)
+            choice = c.choices[0]
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+        self.assertEqual(sorted(texts), [0, 1, 2])
+        self.assertEqual([texts[i] for i in range(3)], [c.message.content for c in whole.choices])
+        self.assertEqual([finishes[i] for i in range(3)], [c.finish_reason for c in whole.choices])
+        self.assertEqual(chunks[-1].choices, [])
+        self.assertEqual(chunks[-1].usage.completion_tokens, whole.usage.completion_tokens)
+
     def test_completions(self):
         r = client.completions.create(
             model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, n=2
@@ -379,8 +401,6 @@ class Errors(unittest.TestCase):
         for n in (0, 17):
             status, body, _ = http("POST", "/chat/completions", chat_args("hi", n=n))
             self.assertError(status, body, 400, param="n")
-        status, body, _ = http("POST", "/chat/completions", chat_args("hi", n=2, stream=True))
-        self.assertError(status, body, 400, param="n")
         status, body, _ = http("POST", "/chat/completions", chat_args("hi", temperature=-1))
         self.assertError(status, body, 400, param="temperature")
 

@@ -276,13 +276,6 @@ pub(crate) fn check(
             ))
         }
     };
-    if n > 1 && req.stream == Some(true) {
-        return Err(ApiError::invalid_value(
-            "n",
-            "several choices (`n` > 1) are answered whole, not streamed yet; ask without \
-             `stream`, or once per choice",
-        ));
-    }
     if let Some(model) = &req.model {
         if model != state.model_id() && crate::swarm::swarm_model(Some(model))?.is_none() {
             return Err(ApiError::model_not_found(model));
@@ -710,6 +703,9 @@ async fn respond(
     received: Instant,
     kind: Kind,
 ) -> Result<Response, ApiError> {
+    if prepared.n > 1 && prepared.stream {
+        return respond_many_streamed(state, prepared, prompt, received, kind).await;
+    }
     if prepared.n > 1 {
         return respond_many(state, prepared, prompt, received, kind).await;
     }
@@ -770,8 +766,55 @@ async fn respond_many(
     }
 }
 
+/// Streams `n` > 1 choices: generated one after another as in [`respond_many`], each
+/// choice's chunks carrying its `index` (its role chunk first, its finish chunk last), then
+/// the usage chunk (if asked) for all of them and `[DONE]`.
+async fn respond_many_streamed(
+    state: AppState,
+    prepared: Prepared,
+    prompt: Vec<u32>,
+    received: Instant,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let n = prepared.n;
+    // The first choice starts here, so what fails before anything is sent (a full queue,
+    // a prompt too long) is a plain error response.
+    let (first, answering) = start(&state, prepared.clone(), prompt.clone(), received).await?;
+    let out = Output::new(&state, kind, answering);
+    let (tx, rx) = tokio::sync::mpsc::channel::<(u32, Event)>(32);
+    tokio::spawn(async move {
+        let mut current = first;
+        for i in 0..n {
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            while let Some(event) = current.recv().await {
+                if tx.send((index, event)).await.is_err() {
+                    return; // the client left
+                }
+            }
+            if i + 1 == n {
+                return;
+            }
+            let mut choice = prepared.clone();
+            choice.sampling.seed = prepared.sampling.seed.wrapping_add(i as u64 + 1);
+            match start(&state, choice, prompt.clone(), received).await {
+                Ok((rx, _)) => current = rx,
+                Err(e) => {
+                    let _ = tx.send((index + 1, Event::Failed(e))).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Sse::new(out.stream_choices(rx, n))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
 /// Writes one response's objects: the whole answer, or its stream of chunks.
+#[derive(Clone)]
 pub(crate) struct Output {
+    /// The choice a streamed chunk is of (`n` > 1 streams several, by index).
+    pub(crate) index: u32,
     pub(crate) id: String,
     pub(crate) created: u64,
     pub(crate) model: String,
@@ -814,6 +857,7 @@ impl Output {
     /// The writer of one answer of `kind` to a request answered as `answering` says.
     fn new(state: &AppState, kind: Kind, answering: Answering) -> Output {
         Output {
+            index: 0,
             id: state.new_id(match kind {
                 Kind::Chat => "chatcmpl",
                 Kind::Text => "cmpl",
@@ -1015,7 +1059,7 @@ impl Output {
                     tool_calls: None,
                 };
                 let choice = ChatChunkChoice {
-                    index: 0,
+                    index: self.index,
                     delta,
                     logprobs,
                     finish_reason: finish,
@@ -1024,7 +1068,7 @@ impl Output {
             }
             Kind::Text => {
                 let choice = TextChoice {
-                    index: 0,
+                    index: self.index,
                     text: text.unwrap_or_default(),
                     logprobs,
                     finish_reason: finish,
@@ -1036,7 +1080,7 @@ impl Output {
 
     fn delta_chunk(&self, delta: Delta, finish_reason: Option<&'static str>) -> SseEvent {
         let choice = ChatChunkChoice {
-            index: 0,
+            index: self.index,
             delta,
             logprobs: None,
             finish_reason,
@@ -1195,6 +1239,112 @@ impl Logprobs {
         }
         let entries = std::mem::take(&mut self.pending);
         Some(out.logprobs_json(&entries, &mut self.offset))
+    }
+}
+
+impl Output {
+    /// The SSE events of `n` choices streamed one after another (`(index, event)` from
+    /// `rx`): per choice, as [`Output::stream`] sends one, with its index; then the usage
+    /// chunk for all (if asked) and `[DONE]`.
+    fn stream_choices(
+        self,
+        rx: tokio::sync::mpsc::Receiver<(u32, Event)>,
+        n: usize,
+    ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+        struct Choice {
+            out: Output,
+            gate: StreamGate,
+            logprobs: Logprobs,
+            started: bool,
+        }
+        struct State {
+            rx: tokio::sync::mpsc::Receiver<(u32, Event)>,
+            choices: Vec<Choice>,
+            usage: Option<Usage>,
+            done: usize,
+            finished: bool,
+        }
+        let choices = (0..n)
+            .map(|i| Choice {
+                out: Output {
+                    index: u32::try_from(i).unwrap_or(u32::MAX),
+                    ..self.clone()
+                },
+                gate: StreamGate::default(),
+                logprobs: Logprobs::default(),
+                started: false,
+            })
+            .collect();
+        let state = State {
+            rx,
+            choices,
+            usage: None,
+            done: 0,
+            finished: false,
+        };
+        let out = Arc::new(self);
+        stream::unfold(state, move |mut st| {
+            let out = Arc::clone(&out);
+            async move {
+                if st.finished {
+                    return None;
+                }
+                let Some((index, event)) = st.rx.recv().await else {
+                    st.finished = true;
+                    let events = if st.done == st.choices.len() {
+                        let mut events = Vec::new();
+                        if let (true, Some(usage)) = (out.include_usage, st.usage) {
+                            events.push(out.usage_chunk(usage));
+                        }
+                        events.push(SseEvent::default().data("[DONE]"));
+                        events
+                    } else {
+                        vec![sse_error(&runner::ended_unexpectedly())]
+                    };
+                    return Some((events, st));
+                };
+                let Some(choice) = st.choices.get_mut(index as usize) else {
+                    st.finished = true;
+                    let e = ApiError::internal("a choice out of range");
+                    return Some((vec![sse_error(&e)], st));
+                };
+                let mut events = Vec::new();
+                if !choice.started && choice.out.kind == Kind::Chat {
+                    events.push(choice.out.chunk(true, Some(String::new()), None));
+                }
+                choice.started = true;
+                match event {
+                    Event::Text(text) => events.extend(choice.out.text_events(
+                        &mut choice.gate,
+                        text,
+                        &mut choice.logprobs,
+                    )),
+                    Event::Logprob(entry) => choice.logprobs.pending.push(entry),
+                    Event::Done { finish, usage, .. } => {
+                        events.extend(choice.out.end_events(
+                            &choice.gate,
+                            finish,
+                            &mut choice.logprobs,
+                        ));
+                        st.done += 1;
+                        st.usage = Some(match st.usage {
+                            None => usage,
+                            Some(u) => Usage::new(
+                                u.prompt_tokens,
+                                u.completion_tokens + usage.completion_tokens,
+                            )
+                            .with_cached(u.prompt_tokens_details.cached_tokens),
+                        });
+                    }
+                    Event::Failed(e) => {
+                        st.finished = true;
+                        events.push(sse_error(&e));
+                    }
+                }
+                Some((events, st))
+            }
+        })
+        .flat_map(|events| stream::iter(events.into_iter().map(Ok)))
     }
 }
 

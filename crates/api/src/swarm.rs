@@ -107,6 +107,7 @@ pub(crate) async fn chat(
         None => "swarm".to_owned(),
     };
     let out = Output {
+        index: 0,
         id: state.new_id("chatcmpl"),
         created: crate::state::unix_now(),
         model,
