@@ -1472,7 +1472,9 @@ async fn a_flood_of_forwards_is_held_back_by_the_queue_bound() {
     const ROWS: u32 = 64;
     let mut config = StageServerConfig::new(models_dir());
     config.queue_kib = 2 * 1024;
+    // Every frame is a new session of one head: no session cap may refuse them early.
     config.max_sessions = 10_000;
+    config.max_sessions_per_head = 10_000;
     let server = StageServer::new(config);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
