@@ -703,37 +703,23 @@ async fn respond(
     received: Instant,
     kind: Kind,
 ) -> Result<Response, ApiError> {
-    if prepared.n > 1 && prepared.stream {
-        return respond_many_streamed(state, prepared, prompt, received, kind).await;
-    }
-    if prepared.n > 1 {
-        return respond_many(state, prepared, prompt, received, kind).await;
-    }
-    let (rx, answering) = start(&state, prepared, prompt, received).await?;
-    let stream = answering.stream;
-    let out = Output::new(&state, kind, answering);
-    if stream {
-        Ok(Sse::new(out.stream(rx))
-            .keep_alive(KeepAlive::default())
-            .into_response())
-    } else {
-        let runner::Whole {
-            text,
-            finish,
-            usage,
-            logprobs,
-            ..
-        } = runner::collect(rx).await?;
-        let logprobs = out.logprobs.then(|| out.logprobs_json(&logprobs, &mut 0));
-        Ok(out.whole_full(text, finish, usage, None, logprobs))
+    match (prepared.stream, prepared.n) {
+        (false, _) => respond_whole(state, prepared, prompt, received, kind).await,
+        (true, 1) => {
+            let (rx, answering) = start(&state, prepared, prompt, received).await?;
+            Ok(Sse::new(Output::new(&state, kind, answering).stream(rx))
+                .keep_alive(KeepAlive::default())
+                .into_response())
+        }
+        (true, _) => respond_many_streamed(state, prepared, prompt, received, kind).await,
     }
 }
 
-/// Answers `n` > 1 choices, whole: one generation per choice, one after another, the
+/// Answers whole, with `n` choices: one generation per choice, one after another, the
 /// `i`-th drawn with the request's seed plus `i` (so greedy choices are the same and
 /// sampled ones differ, each reproducible). Usage counts the prompt once and every
 /// choice's tokens.
-async fn respond_many(
+async fn respond_whole(
     state: AppState,
     prepared: Prepared,
     prompt: Vec<u32>,
@@ -750,14 +736,7 @@ async fn respond_many(
         let o = out.get_or_insert_with(|| Output::new(&state, kind, answering));
         let whole = runner::collect(rx).await?;
         let logprobs = o.logprobs.then(|| o.logprobs_json(&whole.logprobs, &mut 0));
-        usage = Some(match usage {
-            None => whole.usage,
-            Some(u) => Usage::new(
-                u.prompt_tokens,
-                u.completion_tokens + whole.usage.completion_tokens,
-            )
-            .with_cached(u.prompt_tokens_details.cached_tokens),
-        });
+        usage = Some(usage.map_or(whole.usage, |u| u.with_more_choice(whole.usage)));
         answers.push((whole.text, whole.finish, logprobs));
     }
     match (out, usage) {
@@ -766,7 +745,7 @@ async fn respond_many(
     }
 }
 
-/// Streams `n` > 1 choices: generated one after another as in [`respond_many`], each
+/// Streams `n` > 1 choices: generated one after another as in [`respond_whole`], each
 /// choice's chunks carrying its `index` (its role chunk first, its finish chunk last), then
 /// the usage chunk (if asked) for all of them and `[DONE]`.
 async fn respond_many_streamed(
@@ -781,7 +760,7 @@ async fn respond_many_streamed(
     // a prompt too long) is a plain error response.
     let (first, answering) = start(&state, prepared.clone(), prompt.clone(), received).await?;
     let out = Output::new(&state, kind, answering);
-    let (tx, rx) = tokio::sync::mpsc::channel::<(u32, Event)>(32);
+    let (tx, rx) = mpsc::channel::<(u32, Event)>(32);
     tokio::spawn(async move {
         let mut current = first;
         for i in 0..n {
@@ -805,7 +784,7 @@ async fn respond_many_streamed(
             }
         }
     });
-    Ok(Sse::new(out.stream_choices(rx, n))
+    Ok(Sse::new(out.stream_choices(channel_stream(rx), n))
         .keep_alive(KeepAlive::default())
         .into_response())
 }
@@ -945,19 +924,7 @@ impl Output {
         usage: Usage,
         swarm: Option<serde_json::Value>,
     ) -> Response {
-        self.whole_full(text, finish, usage, swarm, None)
-    }
-
-    /// The whole answer, with what the swarm did and the tokens' log-probabilities.
-    fn whole_full(
-        &self,
-        text: String,
-        finish: FinishReason,
-        usage: Usage,
-        swarm: Option<serde_json::Value>,
-        logprobs: Option<Value>,
-    ) -> Response {
-        self.whole_choices(vec![(text, finish, logprobs)], usage, swarm)
+        self.whole_choices(vec![(text, finish, None)], usage, swarm)
     }
 
     /// The whole answer with one choice per `(text, finish, logprobs)`, in order (`n`).
@@ -1165,63 +1132,23 @@ impl Output {
     /// The SSE events of a streamed answer: for chat, a first chunk with the role; then
     /// one chunk per piece of text; a chunk with the finish reason; the usage chunk if
     /// asked; `[DONE]`. A failure after the start becomes an `{"error": …}` event, which
-    /// the `openai` clients raise as an exception.
+    /// the `openai` clients raise as an exception. (The one-choice case of
+    /// [`Output::stream_choices`].)
     pub(crate) fn stream(
         self,
-        rx: tokio::sync::mpsc::Receiver<Event>,
+        rx: mpsc::Receiver<Event>,
     ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
-        enum Phase {
-            Start,
-            Running,
-            Finished,
-        }
-        let out = Arc::new(self);
-        let gate = StreamGate::default();
-        stream::unfold(
-            (rx, Phase::Start, gate, Logprobs::default()),
-            move |(mut rx, phase, mut gate, mut logprobs)| {
-                let out = Arc::clone(&out);
-                async move {
-                    let events = match phase {
-                        Phase::Finished => return None,
-                        Phase::Start if out.kind == Kind::Chat => {
-                            vec![out.chunk(true, Some(String::new()), None)]
-                        }
-                        Phase::Start => Vec::new(),
-                        Phase::Running => match rx.recv().await {
-                            Some(Event::Text(text)) => {
-                                out.text_events(&mut gate, text, &mut logprobs)
-                            }
-                            Some(Event::Logprob(entry)) => {
-                                logprobs.pending.push(entry);
-                                Vec::new()
-                            }
-                            Some(Event::Done { finish, usage, .. }) => {
-                                let mut events = out.end_events(&gate, finish, &mut logprobs);
-                                if out.include_usage {
-                                    events.push(out.usage_chunk(usage));
-                                }
-                                events.push(SseEvent::default().data("[DONE]"));
-                                let state = (rx, Phase::Finished, gate, logprobs);
-                                return Some((events, state));
-                            }
-                            Some(Event::Failed(e)) => {
-                                let state = (rx, Phase::Finished, gate, logprobs);
-                                return Some((vec![sse_error(&e)], state));
-                            }
-                            None => {
-                                let e = runner::ended_unexpectedly();
-                                let state = (rx, Phase::Finished, gate, logprobs);
-                                return Some((vec![sse_error(&e)], state));
-                            }
-                        },
-                    };
-                    Some((events, (rx, Phase::Running, gate, logprobs)))
-                }
-            },
-        )
-        .flat_map(|events| stream::iter(events.into_iter().map(Ok)))
+        self.stream_choices(channel_stream(rx).map(|event| (0, event)), 1)
     }
+}
+
+/// What a channel receives, as a stream that ends when every sender is gone.
+fn channel_stream<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+) -> impl Stream<Item = T> + Send + 'static {
+    stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
 }
 
 /// A stream's log-probabilities not yet sent: they go with the next chunk of text (or the
@@ -1248,7 +1175,7 @@ impl Output {
     /// chunk for all (if asked) and `[DONE]`.
     fn stream_choices(
         self,
-        rx: tokio::sync::mpsc::Receiver<(u32, Event)>,
+        events: impl Stream<Item = (u32, Event)> + Send + 'static,
         n: usize,
     ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
         struct Choice {
@@ -1257,8 +1184,9 @@ impl Output {
             logprobs: Logprobs,
             started: bool,
         }
-        struct State {
-            rx: tokio::sync::mpsc::Receiver<(u32, Event)>,
+        struct State<S> {
+            events: S,
+            opened: bool,
             choices: Vec<Choice>,
             usage: Option<Usage>,
             done: usize,
@@ -1276,7 +1204,8 @@ impl Output {
             })
             .collect();
         let state = State {
-            rx,
+            events: Box::pin(events),
+            opened: false,
             choices,
             usage: None,
             done: 0,
@@ -1289,19 +1218,21 @@ impl Output {
                 if st.finished {
                     return None;
                 }
-                let Some((index, event)) = st.rx.recv().await else {
-                    st.finished = true;
-                    let events = if st.done == st.choices.len() {
-                        let mut events = Vec::new();
-                        if let (true, Some(usage)) = (out.include_usage, st.usage) {
-                            events.push(out.usage_chunk(usage));
+                // The first choice's role chunk goes at once: the client sees the answer
+                // begin before the first token.
+                if !st.opened {
+                    st.opened = true;
+                    if let Some(first) = st.choices.first_mut() {
+                        if first.out.kind == Kind::Chat {
+                            first.started = true;
+                            let role = first.out.chunk(true, Some(String::new()), None);
+                            return Some((vec![role], st));
                         }
-                        events.push(SseEvent::default().data("[DONE]"));
-                        events
-                    } else {
-                        vec![sse_error(&runner::ended_unexpectedly())]
-                    };
-                    return Some((events, st));
+                    }
+                }
+                let Some((index, event)) = st.events.next().await else {
+                    st.finished = true;
+                    return Some((vec![sse_error(&runner::ended_unexpectedly())], st));
                 };
                 let Some(choice) = st.choices.get_mut(index as usize) else {
                     st.finished = true;
@@ -1327,14 +1258,16 @@ impl Output {
                             &mut choice.logprobs,
                         ));
                         st.done += 1;
-                        st.usage = Some(match st.usage {
-                            None => usage,
-                            Some(u) => Usage::new(
-                                u.prompt_tokens,
-                                u.completion_tokens + usage.completion_tokens,
-                            )
-                            .with_cached(u.prompt_tokens_details.cached_tokens),
-                        });
+                        let usage = st.usage.map_or(usage, |u| u.with_more_choice(usage));
+                        st.usage = Some(usage);
+                        // The last choice done: the usage chunk (if asked) and the end.
+                        if st.done == st.choices.len() {
+                            st.finished = true;
+                            if out.include_usage {
+                                events.push(out.usage_chunk(usage));
+                            }
+                            events.push(SseEvent::default().data("[DONE]"));
+                        }
                     }
                     Event::Failed(e) => {
                         st.finished = true;

@@ -140,6 +140,16 @@ pub(crate) struct PromptTokensDetails {
 }
 
 impl Usage {
+    /// This usage and another choice's of the same prompt (`n` > 1): the prompt counted
+    /// once, the completions added.
+    pub(crate) fn with_more_choice(self, other: Usage) -> Self {
+        Usage::new(
+            self.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
+        .with_cached(self.prompt_tokens_details.cached_tokens)
+    }
+
     pub(crate) fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
         Self {
             prompt_tokens,
