@@ -83,13 +83,13 @@ async fn answer(
     let received = Instant::now();
     let Json(req) = body?;
     let model = req.model.clone().unwrap_or_default();
-    let openai = translate(req, state.model_id())?;
+    let openai = translate(req, &state.model_id())?;
     let (prepared, prompt) = completions::prepare_chat(&state, &openai).await?;
     let (rx, answering) = completions::start(&state, prepared, prompt, received).await?;
     let out = Writer {
         id: format!("msg_{}", &new_call_id()[5..]),
         model: if model.is_empty() {
-            state.model_id().to_owned()
+            state.model_id()
         } else {
             model
         },

@@ -16,6 +16,15 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Whether both are the very same model or ring.
+    pub(crate) fn same(&self, other: &Backend) -> bool {
+        match (self, other) {
+            (Backend::Local(a), Backend::Local(b)) => Arc::ptr_eq(a, b),
+            (Backend::Ring(a), Backend::Ring(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     pub(crate) fn config(&self) -> &ModelConfig {
         match self {
             Backend::Local(m) => m.config(),

@@ -277,7 +277,7 @@ pub(crate) fn check(
         }
     };
     if let Some(model) = &req.model {
-        if model != state.model_id() && crate::swarm::swarm_model(Some(model))?.is_none() {
+        if !state.answers_to(model) && crate::swarm::swarm_model(Some(model))?.is_none() {
             return Err(ApiError::model_not_found(model));
         }
     }
@@ -842,7 +842,7 @@ impl Output {
                 Kind::Text => "cmpl",
             }),
             created: unix_now(),
-            model: state.model_id().to_string(),
+            model: state.model_id(),
             kind,
             include_usage: answering.include_usage,
             tools: answering.tools,

@@ -144,6 +144,12 @@ impl ApiError {
         .code("invalid_api_key")
     }
 
+    /// This error, telling the client to try again in `seconds` (`Retry-After`).
+    pub fn retry_in(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
     /// 429: the queue for the engine is full; come back in `retry_after` seconds.
     pub fn queue_full(waiting: usize, retry_after: u64) -> Self {
         let mut e = Self::new(

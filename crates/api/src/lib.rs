@@ -121,7 +121,8 @@ async fn health(State(state): State<AppState>) -> Response {
 /// The node's own model, then, on a swarm head, `swarm` and `swarm:STRATEGY` for each
 /// strategy.
 fn model_ids(state: &AppState) -> Vec<String> {
-    let mut ids = vec![state.model_id().to_owned()];
+    let mut ids = vec![state.model_id()];
+    ids.extend(state.model_alias().map(str::to_owned));
     if state.swarm().is_some() {
         ids.push("swarm".to_owned());
         ids.extend(

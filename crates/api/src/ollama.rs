@@ -93,14 +93,14 @@ fn served_model(state: &AppState, name: Option<&str>) -> Result<String, ApiError
 
 fn is_served(state: &AppState, name: &str) -> bool {
     let id = state.model_id();
-    name == id || name.strip_suffix(DEFAULT_TAG) == Some(id)
+    name == id || name.strip_suffix(DEFAULT_TAG) == Some(id.as_str())
 }
 
 /// The model as `/api/tags` lists it: Ollama names always carry a tag.
 fn listed_name(state: &AppState) -> String {
     let id = state.model_id();
     if id.contains(':') {
-        id.to_owned()
+        id
     } else {
         format!("{id}{DEFAULT_TAG}")
     }
@@ -544,7 +544,7 @@ impl ModelFacts {
             "family": family.unwrap_or_default(),
             "families": family.map(|f| vec![f]),
             "parameter_size": if parameters == 0 { String::new() } else { human_number(parameters) },
-            "quantization_level": quantization_level(state.model_id()),
+            "quantization_level": quantization_level(&state.model_id()),
         });
         Self {
             name: listed_name(state),

@@ -113,6 +113,14 @@ pub(crate) async fn start(state: &AppState, job: Job) -> Result<mpsc::Receiver<E
                 .map_err(|_| ApiError::unavailable("the server is shutting down"))?
         }
     };
+    if !state.is_current(&job.backend) {
+        // The node moved to another model while this request waited: its prompt was
+        // tokenized for the old one.
+        return Err(ApiError::unavailable(
+            "the node moved to another model while this request waited; send it again",
+        )
+        .retry_in(0));
+    }
     let stall = limits.client_stall_timeout;
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     let metrics = metrics.clone();

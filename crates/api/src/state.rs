@@ -19,6 +19,9 @@ use crate::metrics::Metrics;
 /// Most sessions one ring runs at once; more wait in line.
 const RING_SESSIONS: usize = 4;
 
+/// Seconds a client is told to wait while the node moves to another model.
+const SWITCH_RETRY_AFTER_S: u64 = 5;
+
 /// Where the model is in its life.
 enum Load {
     Loading,
@@ -27,6 +30,8 @@ enum Load {
     StageOnly,
     /// Not ready, for a reason that may pass (a ring waiting for members to join).
     Waiting(String),
+    /// Moving to another model (`--model auto` as members join): back in seconds.
+    Switching(String),
     Failed(String),
 }
 
@@ -37,7 +42,10 @@ pub struct AppState {
 }
 
 struct Inner {
-    model_id: String,
+    /// The id of the model answering; it changes when the node moves to another model.
+    model_id: RwLock<String>,
+    /// Another id clients may send for whatever model answers (`auto`), if any.
+    model_alias: std::sync::OnceLock<String>,
     api_key: Option<String>,
     limits: HttpLimits,
     load: RwLock<Load>,
@@ -69,7 +77,8 @@ impl AppState {
         let (metrics, registry) = Metrics::new();
         Self {
             inner: Arc::new(Inner {
-                model_id,
+                model_id: RwLock::new(model_id),
+                model_alias: std::sync::OnceLock::new(),
                 api_key,
                 limits,
                 load: RwLock::new(Load::Loading),
@@ -88,6 +97,55 @@ impl AppState {
     /// The model has loaded: requests are served from now on.
     pub fn set_ready(&self, backend: impl Into<Backend>) {
         *self.write_load() = Load::Ready(backend.into());
+    }
+
+    /// The node moves to another model: `backend`, known as `model_id`, answers from now
+    /// on (requests that waited for the old one are refused, see [`AppState::is_current`]).
+    pub fn set_ready_as(&self, backend: impl Into<Backend>, model_id: String) {
+        let mut load = self.write_load();
+        *self
+            .inner
+            .model_id
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = model_id;
+        *load = Load::Ready(backend.into());
+    }
+
+    /// Clients may also send `alias` as the model (`auto`: whichever model the cluster
+    /// chose); `/v1/models` lists it after the model's own id. Set once.
+    pub fn set_model_alias(&self, alias: String) {
+        let _ = self.inner.model_alias.set(alias);
+    }
+
+    /// The node is moving to another model (`message` says which): requests get a 503
+    /// with `Retry-After` until [`AppState::set_ready_as`].
+    pub fn set_switching(&self, message: String) {
+        *self.write_load() = Load::Switching(message);
+    }
+
+    /// Waits until no ring session runs or waits, and keeps new ones out while the
+    /// returned permits live: a node moves its ring to another model between requests.
+    pub async fn drain_ring(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inner
+            .ring_sessions
+            .clone()
+            .acquire_many_owned(RING_SESSIONS as u32)
+            .await
+            .ok()
+    }
+
+    /// Whether `backend` still answers: a request that waited in line while the node moved
+    /// to another model must not run on the old one.
+    pub(crate) fn is_current(&self, backend: &Backend) -> bool {
+        match &*self
+            .inner
+            .load
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            Load::Ready(now) => now.same(backend),
+            _ => false,
+        }
     }
 
     /// This node heads a swarm: `"model": "swarm"` and the `/v1/swarm/*` routes use it.
@@ -162,14 +220,33 @@ impl AppState {
             Load::Waiting(message) => {
                 Err(ApiError::unavailable(format!("not ready yet: {message}")))
             }
+            Load::Switching(message) => Err(ApiError::unavailable(format!(
+                "{message}; try again in a few seconds"
+            ))
+            .retry_in(SWITCH_RETRY_AFTER_S)),
             Load::Failed(message) => Err(ApiError::unavailable(format!(
                 "the model failed to load: {message}"
             ))),
         }
     }
 
-    pub(crate) fn model_id(&self) -> &str {
-        &self.inner.model_id
+    /// The id of the model answering now.
+    pub(crate) fn model_id(&self) -> String {
+        self.inner
+            .model_id
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The other id clients may send, if any (`auto`).
+    pub(crate) fn model_alias(&self) -> Option<&str> {
+        self.inner.model_alias.get().map(String::as_str)
+    }
+
+    /// Whether clients may name the model answering `model`.
+    pub(crate) fn answers_to(&self, model: &str) -> bool {
+        model == self.model_id() || self.model_alias() == Some(model)
     }
 
     /// What clients may ask.

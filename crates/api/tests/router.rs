@@ -241,6 +241,52 @@ async fn loading_and_failed_are_503() {
 }
 
 #[tokio::test]
+async fn a_node_moving_to_another_model_asks_clients_to_wait_then_answers_under_its_id() {
+    let (state, app) = ready_app();
+    state.set_model_alias("auto".into());
+    let ids = get(&app, "/v1/models").await.json();
+    assert_eq!(ids["data"][0]["id"], MODEL_ID);
+    assert_eq!(ids["data"][1]["id"], "auto");
+    let ask = |model: &str| json!({"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(
+        post(&app, "/v1/chat/completions", ask("auto")).await.status,
+        StatusCode::OK
+    );
+
+    // While it moves, requests are told to come back (Retry-After), not queued on the old.
+    state.set_switching("moving up to qwen05 for 2 members".into());
+    let res = app
+        .clone()
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(ask("auto").to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers().get(header::RETRY_AFTER).unwrap(), "5");
+    let error = get(&app, "/health")
+        .await
+        .error(StatusCode::SERVICE_UNAVAILABLE);
+    assert!(error["message"].as_str().unwrap().contains("moving up"));
+
+    // Moved: the new id is listed first, `auto` still answers, the old id is gone.
+    state.set_ready_as(model(), "bigger".into());
+    let ids = get(&app, "/v1/models").await.json();
+    assert_eq!(ids["data"][0]["id"], "bigger");
+    assert_eq!(ids["data"][1]["id"], "auto");
+    for id in ["auto", "bigger"] {
+        let answer = post(&app, "/v1/chat/completions", ask(id)).await;
+        assert_eq!(answer.status, StatusCode::OK, "{id}: {}", answer.body);
+    }
+    post(&app, "/v1/chat/completions", ask(MODEL_ID))
+        .await
+        .error(StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn unknown_route_and_method() {
     let (_, app) = loading_app();
     let error = get(&app, "/v1/nope").await.error(StatusCode::NOT_FOUND);

@@ -80,11 +80,11 @@ pub struct Recommendation {
 
 /// Memory a model needs beyond its file: KV cache, activations and the runtime, as a share
 /// of the file (a short-context chat needs far less, a long one more).
-const OVERHEAD: f64 = 0.5;
+pub(crate) const OVERHEAD: f64 = 0.5;
 /// The architectures the engine runs (Gemma 3 is in the registry ahead of its support).
-const RUNNABLE_ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "qwen3"];
+pub(crate) const RUNNABLE_ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "qwen3"];
 /// The share of available memory a model may take, leaving the rest to the device's owner.
-const SHARE_OF_AVAILABLE: f64 = 0.8;
+pub(crate) const SHARE_OF_AVAILABLE: f64 = 0.8;
 
 impl Hardware {
     /// Reads this device. Never fails: what cannot be read is absent.

@@ -16,6 +16,7 @@ mod error;
 pub mod hardware;
 pub mod http;
 mod registry;
+pub mod room;
 mod wheels;
 
 use std::fmt;

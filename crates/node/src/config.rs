@@ -37,8 +37,13 @@ pub struct NodeConfig {
     /// Layers per stage (`0-9,10-19,20-29`: this node the first range, each peer the next),
     /// or `auto` to let the planner place them from measured profiles.
     pub split: Option<String>,
-    /// With `split = auto`: memory this node offers to the plan, below what is free.
+    /// Memory this node offers to pipeline plans at most, below what is free: to its own
+    /// `split = auto` plan as a head, and to other heads' (its heartbeats and profiles
+    /// report no more).
     pub plan_memory_bytes: Option<u64>,
+    /// `--model auto`: this node heads a ring over the members and picks the model for
+    /// them (`model` then only says where the models directory is).
+    pub auto_model: Option<AutoModel>,
     /// How hidden states travel between stages (f32 keeps the output exact).
     pub activations: DType,
     /// Serve only pipeline stages on the peer port: no whole model, no answers of its own.
@@ -63,6 +68,36 @@ pub struct NodeConfig {
     pub speculation: Option<Speculation>,
     /// The draft model's GGUF file, for [`Speculation::draft_model`].
     pub model_draft: Option<PathBuf>,
+}
+
+/// How a head picks the model for the room (`--model auto`): the largest known model the
+/// members' free memory holds together, if the planner predicts at least
+/// `min_tokens_per_s` for it; again, to move up, whenever members join.
+#[derive(Clone)]
+pub struct AutoModel {
+    /// Where the known models are (or are fetched to).
+    pub models_dir: PathBuf,
+    /// A model whose planned ring is predicted slower than this (tokens per second, one
+    /// stream) is passed over for a smaller one.
+    pub min_tokens_per_s: f64,
+    /// Fetches a known model missing from `models_dir` (the binary's `shoal models pull`);
+    /// `None`: only the models already there are candidates.
+    pub fetch: Option<FetchModel>,
+}
+
+/// Puts a known model into the models directory; its path, or why not.
+pub type FetchModel = std::sync::Arc<
+    dyn Fn(&'static shoal_models::ModelInfo) -> Result<PathBuf, String> + Send + Sync,
+>;
+
+impl std::fmt::Debug for AutoModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AutoModel")
+            .field("models_dir", &self.models_dir)
+            .field("min_tokens_per_s", &self.min_tokens_per_s)
+            .field("fetch", &self.fetch.is_some())
+            .finish()
+    }
 }
 
 /// The swarm head's settings.
@@ -112,6 +147,7 @@ impl NodeConfig {
             peers: Vec::new(),
             split: None,
             plan_memory_bytes: None,
+            auto_model: None,
             activations: DType::F32,
             stage_only: false,
             role: None,
@@ -133,7 +169,9 @@ impl NodeConfig {
         if self.stage_only && (self.split.is_some() || self.role.is_some()) {
             return bad("--stage-only serves stages for a head; it takes no --split or --role");
         }
-        if self.speculation.is_some() && (self.split.is_some() || self.stage_only) {
+        if self.speculation.is_some()
+            && (self.split.is_some() || self.stage_only || self.auto_model.is_some())
+        {
             return bad(
                 "--lookup and --model-draft draft for the whole model on this node; through \
                  a pipeline of stages they do not work yet (leave them off with --split or \
@@ -142,6 +180,22 @@ impl NodeConfig {
         }
         if self.speculation.is_some_and(|s| s.draft_model) && self.model_draft.is_none() {
             return bad("speculation with a draft model needs --model-draft");
+        }
+        if self.auto_model.is_some() {
+            if self.stage_only {
+                return bad("--stage-only serves the layers heads send; it takes no --model auto");
+            }
+            if self.peer_addr.is_none() {
+                return bad(
+                    "--model auto picks the model for the cluster's members: it needs a peer \
+                     port (a swarm key, or --peer-port)",
+                );
+            }
+            if self.split.as_deref().is_some_and(|s| s.trim() != "auto") {
+                return bad(
+                    "--model auto plans the layers itself: leave --split off (or say auto)",
+                );
+            }
         }
         if self.stage_only && self.peer_addr.is_none() {
             return bad("--stage-only needs --peer-port (where heads send stage work)");

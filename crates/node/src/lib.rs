@@ -18,12 +18,15 @@
 //! can run in one process, which is how the end-to-end tests in `tests/` start clusters.
 //! The `shoal` binary only turns flags and the config file into a [`NodeConfig`].
 
+mod auto_model;
 mod config;
 mod error;
+mod head;
 mod membership;
 mod peer_port;
 
-pub use config::{NodeConfig, SwarmSettings, DEFAULT_PROMPT_CACHE_BYTES};
+pub use auto_model::AUTO_MODEL_ID;
+pub use config::{AutoModel, FetchModel, NodeConfig, SwarmSettings, DEFAULT_PROMPT_CACHE_BYTES};
 pub use error::NodeError;
 pub use membership::ClusterSettings;
 
@@ -36,7 +39,6 @@ use std::time::{Duration, Instant};
 use shoal_api::{AppState, ClusterHandle};
 use shoal_cluster::Roster;
 use shoal_engine::Model;
-use shoal_pipeline::Replan;
 use shoal_swarm::{CodeChecks, Swarm, SwarmConfig};
 use shoal_wire::Transport;
 use tokio::net::TcpListener;
@@ -69,7 +71,11 @@ impl Node {
     /// Checks the config, binds the HTTP API (and the peer port), and starts the node's
     /// work in the background: loading the model, connecting the ring, heading the swarm.
     /// Must be called inside a multi-threaded tokio runtime.
-    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+    pub async fn start(mut config: NodeConfig) -> Result<Node, NodeError> {
+        if config.auto_model.is_some() && config.split.is_none() {
+            // The model for the room runs as a ring planned over the members.
+            config.split = Some("auto".to_owned());
+        }
         config.check()?;
         // A swarm head's agents are resolved now (a bad address fails the start); a
         // pipeline head resolves its peers when it connects the ring, in the background.
@@ -128,8 +134,9 @@ impl Node {
                 None => None,
             };
             let (http_port, peer_port) = (http_addr.port(), peer_addr.map_or(0, |a| a.port()));
+            let offer = config.plan_memory_bytes;
             tokio::task::spawn_blocking(move || {
-                membership::describe_me(&id, &model, role.as_deref(), http_port, peer_port)
+                membership::describe_me(&id, &model, role.as_deref(), http_port, peer_port, offer)
             })
             .await
             .map_err(|e| NodeError::Config(format!("reading this device's hardware: {e}")))?
@@ -155,6 +162,7 @@ impl Node {
                     Arc::new(move || state.load_figures())
                 },
                 head: head_ring.clone(),
+                memory_offer: config.plan_memory_bytes,
             };
             let stopped_port = stopped(&stop);
             background.push(tokio::spawn(async move {
@@ -178,7 +186,7 @@ impl Node {
         if config.stage_only {
             state.set_stage_only();
         } else if let Some(split) = config.split.clone() {
-            let head = PipelineHead {
+            let head = head::PipelineHead {
                 model: config.model.clone(),
                 split,
                 peers: config.peers.clone(),
@@ -190,7 +198,10 @@ impl Node {
                 prompt_cache_bytes: config.prompt_cache_bytes,
                 ring: head_ring.clone(),
             };
-            background.push(head.start(state.clone()));
+            background.push(match config.auto_model.clone() {
+                Some(auto) => auto_model::start(head, auto, state.clone()),
+                None => head.start(state.clone()),
+            });
         } else {
             // With a peer port the node is a member of its cluster, and heads a swarm of the
             // members it finds (with `--peer`s, of those from the start).
@@ -445,171 +456,4 @@ fn load_model(path: &Path) -> Result<Model, String> {
         "model loaded"
     );
     Ok(model)
-}
-
-/// A pipeline head's ring, before it is connected.
-struct PipelineHead {
-    model: PathBuf,
-    /// `auto`, or layers per stage.
-    split: String,
-    peers: Vec<String>,
-    /// The members: with `auto` and no `peers`, the ring is planned over those found.
-    roster: Arc<Roster>,
-    activations: shoal_wire::DType,
-    node_id: String,
-    /// Memory this node offers to an `auto` plan, if capped below what is free.
-    memory_cap: Option<u64>,
-    /// How the stages are reached (the swarm key).
-    transport: Transport,
-    /// The head's prompt cache.
-    prompt_cache_bytes: usize,
-    /// Where the ring goes once connected, so members see the head's own layers.
-    ring: membership::HeadRing,
-}
-
-impl PipelineHead {
-    /// Plans the ring (`auto`) or checks the given split, loads only the first stage, sets
-    /// up the peers' stages, then answers through the ring.
-    ///
-    /// Planned over the members found (`auto`, no `--peer`), the ring follows the cluster:
-    /// a plan that cannot be made yet (too little memory among the members so far) is
-    /// tried again when members join, and a member that joins a running ring is offered
-    /// to the planner, which moves the ring onto it from the next request on when that is
-    /// better (the planner still keeps the model on one device when it fits there and that
-    /// is fastest).
-    fn start(self, state: AppState) -> JoinHandle<()> {
-        tokio::spawn(async move {
-            let follows = self.split.trim() == "auto" && self.peers.is_empty();
-            loop {
-                match self.connect(&state).await {
-                    Ok((pipeline, planner)) => {
-                        let pipeline = Arc::new(pipeline);
-                        state.set_ready(pipeline.clone());
-                        let model_id = self
-                            .model
-                            .file_name()
-                            .map(|f| f.to_string_lossy().into_owned())
-                            .unwrap_or_default();
-                        let _ = self.ring.set((model_id, pipeline.clone()));
-                        if let Some(planner) = planner.filter(|_| follows) {
-                            follow_members(&self.roster, &pipeline, &planner).await;
-                        }
-                        return;
-                    }
-                    Err(e) if follows => {
-                        let known = membership::alive_peers(&self.roster);
-                        let message = format!("{e}; planning again when a member joins");
-                        tracing::warn!("{message}");
-                        state.set_waiting(message);
-                        membership::member_joins(&self.roster, &known).await;
-                    }
-                    Err(e) => {
-                        tracing::error!("{e}");
-                        state.set_failed(e);
-                        return;
-                    }
-                }
-            }
-        })
-    }
-
-    async fn connect(
-        &self,
-        state: &AppState,
-    ) -> Result<
-        (
-            shoal_pipeline::Pipeline,
-            Option<Arc<shoal_pipeline::RingPlanner>>,
-        ),
-        String,
-    > {
-        let mut planner_kept = None;
-        let (ranges, peers, replan) = if self.split.trim() == "auto" {
-            let mut candidates = self.peers.clone();
-            if candidates.is_empty() {
-                let file = self
-                    .model
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                candidates = membership::discovered_peers(&self.roster).await;
-                tracing::info!(
-                    "planning {file} over the members found: {candidates:?} and this node"
-                );
-            }
-            let (ranges, peers, planner) = shoal_pipeline::plan_ring(
-                &self.model,
-                &candidates,
-                &self.node_id,
-                self.memory_cap,
-                &self.transport,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            let planner = Arc::new(planner);
-            planner_kept = Some(planner.clone());
-            let replan: Arc<dyn Replan> = planner;
-            (ranges, peers, Some(replan))
-        } else {
-            let n_layers = shoal_engine::GgufFile::open(&self.model)
-                .map_err(|e| e.to_string())?
-                .config()
-                .n_layers;
-            let ranges = shoal_pipeline::check_split(&self.split, self.peers.len(), n_layers)
-                .map_err(|e| e.to_string())?;
-            (ranges, self.peers.clone(), None)
-        };
-        let shown: Vec<String> = ranges
-            .iter()
-            .map(|r| format!("{}-{}", r.start, r.end.saturating_sub(1)))
-            .collect();
-        let settings = shoal_pipeline::RingSettings {
-            activations: self.activations,
-            stats: state.batch_stats(),
-            replan,
-            transport: self.transport.clone(),
-            prompt_cache_bytes: self.prompt_cache_bytes,
-        };
-        let pipeline = shoal_pipeline::connect_ring(&self.model, &peers, &ranges, settings)
-            .await
-            .map_err(|e| format!("setting up the ring of stages: {e}"))?;
-        tracing::info!(
-            "pipeline ready: {} over this node and {peers:?}",
-            shown.join(",")
-        );
-        Ok((pipeline, planner_kept))
-    }
-}
-
-/// How often a head that plans over the members looks for members that joined.
-const FOLLOW_PERIOD: Duration = Duration::from_secs(2);
-
-/// Offers every member that joins to the ring's planner and re-plans, for as long as the
-/// node runs (the task ends with the node).
-async fn follow_members(
-    roster: &Roster,
-    pipeline: &shoal_pipeline::Pipeline,
-    planner: &shoal_pipeline::RingPlanner,
-) {
-    let mut tick = tokio::time::interval(FOLLOW_PERIOD);
-    loop {
-        tick.tick().await;
-        let joined = planner.add_candidates(&membership::alive_peers(roster));
-        if joined.is_empty() {
-            continue;
-        }
-        match pipeline.replan().await {
-            Ok(true) => {
-                let (head, peers) = pipeline.layout();
-                tracing::info!(
-                    ?joined,
-                    ?head,
-                    ?peers,
-                    "members joined: the ring moved to a new plan"
-                );
-            }
-            Ok(false) => tracing::info!(?joined, "members joined: the ring keeps its plan"),
-            Err(e) => tracing::warn!(?joined, error = %e, "members joined, but re-planning failed"),
-        }
-    }
 }

@@ -22,9 +22,10 @@ pub(crate) type CurrentStages = Arc<Mutex<Option<StageServer>>>;
 /// Requests being answered now and the last decode speed (the API's figures).
 pub(crate) type LoadFigures = Arc<dyn Fn() -> (u32, f32) + Send + Sync>;
 
-/// The ring this node heads, once it is connected: its own layers are among those it
-/// holds, as members see them.
-pub(crate) type HeadRing = Arc<std::sync::OnceLock<(String, Arc<shoal_pipeline::Pipeline>)>>;
+/// The ring this node heads, once it is connected (and the model's file name): its own
+/// layers are among those it holds, as members see them. Replaced when the head moves to
+/// another model (`--model auto`).
+pub(crate) type HeadRing = Arc<Mutex<Option<(String, Arc<shoal_pipeline::Pipeline>)>>>;
 
 /// How this node takes part in membership.
 #[derive(Clone, Debug)]
@@ -52,6 +53,7 @@ pub(crate) fn describe_me(
     role: Option<&str>,
     http_port: u16,
     peer_port: u16,
+    memory_offer: Option<u64>,
 ) -> NodeInfo {
     let hardware = shoal_models::hardware::Hardware::detect();
     let accelerator = hardware
@@ -65,7 +67,7 @@ pub(crate) fn describe_me(
         peer_port,
         http_port,
         memory_total: hardware.memory.total_bytes.unwrap_or(0),
-        memory_free: hardware.memory.available_bytes.unwrap_or(0),
+        memory_free: offered(hardware.memory.available_bytes.unwrap_or(0), memory_offer),
         cores: u32::try_from(hardware.cpu.logical_cores).unwrap_or(u32::MAX),
         accelerator: truncate(accelerator, shoal_wire::MAX_ACCELERATOR),
         role: role.unwrap_or_default().to_owned(),
@@ -93,6 +95,12 @@ fn models_beside(model: &Path) -> Vec<String> {
     models.sort();
     models.truncate(MAX_MODELS);
     models
+}
+
+/// The free memory a node reports: what is free, but no more than it offers
+/// (`--plan-memory-gib`).
+pub(crate) fn offered(free: u64, offer: Option<u64>) -> u64 {
+    offer.map_or(free, |o| o.min(free))
 }
 
 fn truncate(mut s: String, max: usize) -> String {
@@ -141,6 +149,7 @@ pub(crate) fn start_refresh(
     stages: CurrentStages,
     head: HeadRing,
     load: LoadFigures,
+    memory_offer: Option<u64>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -158,7 +167,9 @@ pub(crate) fn start_refresh(
                 .as_ref()
                 .and_then(StageServer::loaded_stage);
             let headed = head
-                .get()
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
                 .map(|(model_id, ring)| (model_id.clone(), ring.layout().0));
             let held = headed.into_iter().chain(served);
             let (busy, tokens_per_s) = load();
@@ -166,7 +177,7 @@ pub(crate) fn start_refresh(
                 me.busy = busy;
                 me.tokens_per_s = tokens_per_s;
                 if let Some(free) = free {
-                    me.memory_free = free;
+                    me.memory_free = offered(free, memory_offer);
                 }
                 me.stages = held
                     .filter_map(|(model_id, layers)| {
@@ -278,6 +289,6 @@ pub(crate) fn start_mdns(
     }
 }
 
-fn now() -> std::time::Instant {
+pub(crate) fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }

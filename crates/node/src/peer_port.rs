@@ -69,6 +69,8 @@ pub(crate) struct PeerPortSetup {
     pub(crate) head: membership::HeadRing,
     /// Bytes of ended sessions' caches its stage server keeps for heads to resume from.
     pub(crate) prompt_cache_bytes: usize,
+    /// Memory this node offers to heads' plans at most, below what is free.
+    pub(crate) memory_offer: Option<u64>,
 }
 
 /// Serves the peer port until `shutdown`: stage requests go to a [`StageServer`] over the
@@ -96,6 +98,7 @@ pub(crate) async fn serve_peer_port(
         config.stats = setup.stats.clone();
         config.transport = setup.transport.clone();
         config.prompt_cache_bytes = setup.prompt_cache_bytes;
+        config.memory_offer = setup.memory_offer;
         // A node that runs its model whole (as an agent) lends its layers to the stages
         // it serves of that same file.
         let agent = setup.agent.clone();
@@ -112,6 +115,7 @@ pub(crate) async fn serve_peer_port(
         current.clone(),
         setup.head.clone(),
         setup.load.clone(),
+        setup.memory_offer,
         async {
             let _ = refresh_stopped.await;
         },

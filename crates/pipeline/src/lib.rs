@@ -58,8 +58,8 @@ pub use head::{
 };
 pub use profile::{available_memory_bytes, measure_profile, probe_peer, PeerProfile, ProbedModel};
 pub use ring::{
-    check_split, connect_ring, model_shape, plan_ring, resolve_addr, RingPlanner, RingSettings,
-    CONNECT_PATIENCE,
+    check_split, connect_ring, model_shape, plan_ring, resolve_addr, PlannedRing, RingPlanner,
+    RingSettings, CONNECT_PATIENCE,
 };
 pub use server::{
     StageServer, StageServerConfig, WholeModel, DEFAULT_MAX_SESSIONS,

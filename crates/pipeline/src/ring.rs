@@ -158,18 +158,30 @@ fn not_listening_yet(e: &PipelineError) -> bool {
     io.kind() == std::io::ErrorKind::ConnectionRefused
 }
 
+/// A ring [`plan_ring`] planned, before it is connected.
+#[derive(Debug)]
+pub struct PlannedRing {
+    /// Layers per stage in ring order, the head's first.
+    pub ranges: Vec<Range<usize>>,
+    /// The peers that take part, in ring order (possibly none: a model that runs best on
+    /// the head alone).
+    pub peers: Vec<String>,
+    /// Re-plans the ring from fresh profiles if a stage is lost.
+    pub planner: RingPlanner,
+    /// The plan, with its predicted speed.
+    pub plan: shoal_cluster::Plan,
+}
+
 /// `--split auto`: asks every peer for its profile on the model (time per layer, free
 /// memory) and times the round trip to it, measures this node, and lets the planner place
-/// the layers for one stream. Returns the head's range and the peers that take part, with
-/// their ranges, in ring order (possibly none: a model that runs best on the head alone),
-/// and the planner, which re-plans the ring from fresh profiles if a stage is lost.
+/// the layers for one stream.
 pub async fn plan_ring(
     model_path: &Path,
     peers: &[String],
     node_id: &str,
     memory_cap: Option<u64>,
     transport: &Transport,
-) -> Result<(Vec<Range<usize>>, Vec<String>, RingPlanner)> {
+) -> Result<PlannedRing> {
     let addrs = resolve_all(peers)?;
     let planner =
         RingPlanner::measure(model_path, node_id, memory_cap, addrs.clone(), transport).await?;
@@ -200,7 +212,12 @@ pub async fn plan_ring(
         .skip(1)
         .filter_map(|s| peers.get(s.node.checked_sub(1)?).cloned())
         .collect();
-    Ok((ranges, ring_peers, planner))
+    Ok(PlannedRing {
+        ranges,
+        peers: ring_peers,
+        planner,
+        plan,
+    })
 }
 
 /// What `--split auto` plans with: this node's profile, measured once at start-up, the

@@ -86,6 +86,9 @@ pub struct StageServerConfig {
     /// The node's own whole model, if it runs one: a stage of that very file shares its
     /// weights instead of loading the layers a second time.
     pub whole_model: Option<WholeModel>,
+    /// Memory this node offers to heads' plans at most (`--plan-memory-gib`), below what
+    /// is free; profiles report the smaller.
+    pub memory_offer: Option<u64>,
 }
 
 /// A node's own whole model as its stage server sees it: the file, and the model once it
@@ -132,6 +135,7 @@ impl StageServerConfig {
             stats: BatchStats::default(),
             prompt_cache_bytes: 0,
             whole_model: None,
+            memory_offer: None,
         }
     }
 }
@@ -384,8 +388,9 @@ impl StageServer {
     /// them: they are a sample, not a stage).
     async fn profile(&self, asked: &GetProfile, conn: &mut Connection) -> Result<Profile> {
         let model_id = asked.model_id.as_str();
-        if let Some(p) = lock(&self.inner.profiles).get(model_id) {
-            return Ok(p.clone());
+        let cached = lock(&self.inner.profiles).get(model_id).cloned();
+        if let Some(p) = cached {
+            return Ok(self.with_free_memory(p));
         }
         let sample = crate::profile::measured_stage();
         let sha = asked.model_sha256;
@@ -414,11 +419,17 @@ impl StageServer {
         if fetched {
             let _ = std::fs::remove_file(&path);
         }
-        let mut profile = measured?;
+        let profile = measured?;
         lock(&self.inner.profiles).insert(model_id.to_owned(), profile.clone());
-        // Memory is what is free now, not when first measured.
-        profile.free_memory_bytes = crate::profile::available_memory_bytes().unwrap_or(0);
-        Ok(profile)
+        Ok(self.with_free_memory(profile))
+    }
+
+    /// `profile` with the memory free now, not when first measured (and no more than this
+    /// node offers).
+    fn with_free_memory(&self, mut profile: Profile) -> Profile {
+        let free = crate::profile::available_memory_bytes().unwrap_or(0);
+        profile.free_memory_bytes = self.inner.config.memory_offer.map_or(free, |o| o.min(free));
+        profile
     }
 
     async fn load(&self, plan: LoadStage) -> Result<StageReady> {

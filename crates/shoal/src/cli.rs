@@ -63,8 +63,9 @@ pub(crate) enum Command {
 #[derive(Args)]
 pub(crate) struct ModelArg {
     /// GGUF model file, or a known model's name (smollm2, qwen05, qwen15, gemma3; see
-    /// `shoal models`), fetched into $SHOAL_MODELS_DIR or ./models if missing. Default:
-    /// smollm2.
+    /// `shoal models`), fetched into $SHOAL_MODELS_DIR or ./models if missing, or `auto`:
+    /// the largest known model this device (`serve` with a peer port: the cluster's
+    /// members together) can hold. Default: smollm2.
     #[arg(long, short)]
     pub(crate) model: Option<PathBuf>,
 }

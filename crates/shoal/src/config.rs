@@ -5,7 +5,7 @@
 //! prompts that replace the built-in ones.
 //!
 //! ```toml
-//! model = "models/qwen2.5-coder-0.5b-instruct.gguf"
+//! model = "models/qwen2.5-coder-0.5b-instruct.gguf"   # or "auto": the cluster chooses
 //! host = "0.0.0.0"
 //! port = 8080
 //! peer_port = 7070
@@ -13,6 +13,7 @@
 //! # mdns = "off"
 //! # dead_after_s = 6                # heartbeat_interval_s = 1, suspect_after_s = 3
 //! # split = "0-7,8-15,16-23"      # pipeline mode; without it the peers form a swarm
+//! # plan_memory_gib = 2            # memory offered to pipeline plans; auto_min_speed = 4
 //! # cache_ram = 1024               # MiB of prompt cache (0: off)
 //! # lookup = true                  # speculative decoding by prompt lookup; draft_max = 12
 //! # model_draft = "qwen05"         # ... or with a draft model (and lookup first, if on)
@@ -57,6 +58,8 @@ pub(crate) struct ConfigFile {
     dead_after_s: Option<f64>,
     peers: Option<Vec<String>>,
     split: Option<String>,
+    plan_memory_gib: Option<f64>,
+    auto_min_speed: Option<f64>,
     activations: Option<crate::cli::ActivationsArg>,
     stage_only: Option<bool>,
     role: Option<String>,
@@ -169,6 +172,8 @@ pub(crate) fn apply(
     take!(suspect_after_s);
     take!(dead_after_s);
     take!(split);
+    take!(plan_memory_gib);
+    take!(auto_min_speed);
     take!(activations);
     take!(stage_only);
     take!(role);

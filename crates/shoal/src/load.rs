@@ -16,6 +16,15 @@ pub(crate) fn resolve_model(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     if p.is_file() {
         return Ok(p.to_path_buf());
     }
+    if p.as_os_str() == shoal_node::AUTO_MODEL_ID {
+        // One device: the largest known model its free memory holds (a cluster's head
+        // picks for all its members instead, see `serve`).
+        let pick = shoal_models::hardware::Hardware::detect().recommend();
+        eprintln!("--model auto: {} ({})", pick.model, pick.reason);
+        let model = shoal_models::lookup(pick.model)
+            .with_context(|| format!("{} is not in the registry", pick.model))?;
+        return crate::models::ensure(model);
+    }
     match p.to_str().and_then(shoal_models::lookup) {
         Some(model) => crate::models::ensure(model),
         None => bail!(

@@ -37,12 +37,24 @@ enum ModelsCommand {
         #[arg(long, default_value = "auto")]
         source: Source,
     },
+    /// What `--model auto` would run on clusters of 1 to N devices like this one: the
+    /// largest known model their free memory holds together (a head then checks the
+    /// planner's predicted speed, `--auto-min-speed`).
+    Room {
+        /// Clusters of up to this many devices.
+        #[arg(long, default_value_t = 4)]
+        devices: usize,
+        /// Free memory of each device, GiB (default: what is free on this one).
+        #[arg(long)]
+        free_gib: Option<f64>,
+    },
 }
 
 pub(crate) fn models(a: ModelsArgs) -> anyhow::Result<ExitCode> {
     let dir = models_dir();
     match a.command.unwrap_or(ModelsCommand::List) {
         ModelsCommand::List => list(&dir, a.json),
+        ModelsCommand::Room { devices, free_gib } => room(devices, free_gib, a.json),
         ModelsCommand::Pull { names, source } => {
             let models: Vec<&'static ModelInfo> = if names.iter().any(|n| n == "all") {
                 shoal_models::REGISTRY.to_vec()
@@ -89,6 +101,56 @@ fn list(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
     }
     print!("{}", shoal_models::listing_table(dir, &entries));
     println!("fetch one with `shoal models pull NAME`; use it with `--model NAME`");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Most devices `shoal models room` lists.
+const MAX_ROOM_DEVICES: usize = 64;
+
+fn room(devices: usize, free_gib: Option<f64>, json: bool) -> anyhow::Result<ExitCode> {
+    if !(1..=MAX_ROOM_DEVICES).contains(&devices) {
+        bail!("--devices: 1 to {MAX_ROOM_DEVICES}, got {devices}");
+    }
+    let free_each = match free_gib {
+        Some(g) if g.is_finite() && g >= 0.0 => (g * (1u64 << 30) as f64) as u64,
+        Some(g) => bail!("--free-gib: {g} is not an amount of memory"),
+        None => shoal_models::hardware::Hardware::detect()
+            .memory
+            .available_bytes
+            .context("this device's free memory cannot be read; give --free-gib")?,
+    };
+    let rows = shoal_models::room::room_table(free_each, devices);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "devices with {} free each (--model auto picks the largest that fits; the file and \
+         its cache need the free memory shown):",
+        mb(free_each)
+    );
+    println!(
+        "{:>7}  {:>10}  {:<10}  {:>9}  {:>9}",
+        "devices", "free", "model", "file", "needs"
+    );
+    for r in rows {
+        println!(
+            "{:>7}  {:>10}  {:<10}  {:>9}  {:>9}",
+            r.devices,
+            mb(r.free_bytes),
+            r.model.unwrap_or("(none)"),
+            if r.model.is_some() {
+                mb(r.size_bytes)
+            } else {
+                "-".to_owned()
+            },
+            if r.model.is_some() {
+                mb(r.needs_bytes)
+            } else {
+                "-".to_owned()
+            },
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

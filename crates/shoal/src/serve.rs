@@ -16,6 +16,9 @@ use shoal_swarm::routing::Strategy;
 use crate::cli::{ActivationsArg, ModelArg, Switch};
 use crate::load::resolve_model;
 
+/// Default of `--auto-min-speed`, tokens per second: about reading speed.
+const DEFAULT_AUTO_MIN_SPEED: f64 = 4.0;
+
 /// The peer port a node with a swarm key listens on when not told.
 const DEFAULT_PEER_PORT: u16 = 7471;
 
@@ -73,9 +76,14 @@ pub(crate) struct ServeArgs {
     /// (time per layer, free memory, round trip), and let the planner place the layers.
     #[arg(long)]
     pub(crate) split: Option<String>,
-    /// With `--split auto`: memory (GiB) this node offers to the plan, below what is free.
+    /// Memory (GiB) this node offers to pipeline plans at most, below what is free: its own
+    /// (`--split auto`, `--model auto`) and other heads' (its heartbeats report no more).
     #[arg(long)]
     pub(crate) plan_memory_gib: Option<f64>,
+    /// With `--model auto`: a model whose ring the planner predicts slower than this
+    /// (tokens/s, one stream) is passed over for a smaller one.
+    #[arg(long, default_value_t = DEFAULT_AUTO_MIN_SPEED)]
+    pub(crate) auto_min_speed: f64,
     /// How hidden states travel between stages (f32 keeps the output identical to a
     /// single process).
     #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]
@@ -226,16 +234,40 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
     };
     // Refuse a contradiction before a model is fetched for it.
     config.check()?;
+    let auto = a.model.model.as_deref() == Some(std::path::Path::new(shoal_node::AUTO_MODEL_ID));
     config.model = match a.model.model.as_deref() {
         // A stage-only node needs no model file: heads send it the layers it is to run
         // (weights over the LAN), kept in its models directory for next time.
         None if a.stage_only => shoal_models::models_dir().join(shoal_models::default_model().file),
+        // The cluster's model is picked by the head as members come (the models
+        // directory is where it looks, and fetches to).
+        Some(_) if auto && config.peer_addr.is_some() => {
+            let dir = shoal_models::models_dir();
+            config.auto_model = Some(auto_model(dir.clone(), a.auto_min_speed)?);
+            dir.join(shoal_models::default_model().file)
+        }
         given => resolve_model(given)?,
     };
     if let Some(draft) = config.model_draft.take() {
         config.model_draft = Some(resolve_model(Some(&draft)).context("--model-draft")?);
     }
     Ok(config)
+}
+
+/// How `--model auto` picks, fetching known models into `dir` when they are missing.
+fn auto_model(dir: PathBuf, min_tokens_per_s: f64) -> anyhow::Result<shoal_node::AutoModel> {
+    if !min_tokens_per_s.is_finite() || min_tokens_per_s < 0.0 {
+        anyhow::bail!("--auto-min-speed: {min_tokens_per_s} is not a speed in tokens/s");
+    }
+    let into = dir.clone();
+    Ok(shoal_node::AutoModel {
+        models_dir: dir,
+        min_tokens_per_s,
+        fetch: Some(std::sync::Arc::new(move |model| {
+            crate::models::pull(model, &into, shoal_models::Source::Auto)
+                .map_err(|e| format!("{e:#}"))
+        })),
+    })
 }
 
 /// A flag's seconds as a duration (not negative, not NaN).

@@ -180,3 +180,31 @@ fn detect_reports_this_machine_and_a_model_that_fits() {
         text(&table.stdout)
     );
 }
+
+/// `shoal models room`: what `--model auto` runs on clusters of 1 to N devices alike; a
+/// bigger cluster never runs a smaller model, and each fits in the memory of them all.
+#[test]
+fn models_room_shows_a_bigger_model_for_a_bigger_cluster() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["models", "room"])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, out, err) = run(&["--free-gib", "0.5", "--devices", "4", "--json"]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let models: Vec<&str> = rows.iter().map(|r| r["model"].as_str().unwrap()).collect();
+    assert_eq!(models, ["smollm2", "qwen05", "qwen05", "qwen15"]);
+    for r in &rows {
+        assert!(r["needs_bytes"].as_u64() <= r["free_bytes"].as_u64(), "{r}");
+    }
+    let (ok, table, err) = run(&["--free-gib", "0.01", "--devices", "2"]);
+    assert!(ok, "{err}");
+    assert!(table.contains("(none)"), "{table}");
+    let (ok, _, err) = run(&["--devices", "0"]);
+    assert!(!ok);
+    assert!(err.contains("--devices"), "{err}");
+}

@@ -1,0 +1,216 @@
+//! A pipeline head: the ring it plans (or is told), connects and answers through, and how
+//! it follows the cluster's members — and, with `--model auto`, picks the model for them
+//! ([`crate::auto_model`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use shoal_api::AppState;
+use shoal_cluster::Roster;
+use shoal_pipeline::{Pipeline, Replan, RingPlanner};
+use shoal_wire::Transport;
+use tokio::task::JoinHandle;
+
+use crate::membership;
+
+/// How often a head that plans over the members looks for members that joined.
+pub(crate) const FOLLOW_PERIOD: Duration = Duration::from_secs(2);
+
+/// A pipeline head's ring, before it is connected.
+pub(crate) struct PipelineHead {
+    /// The model (with `--model auto`, only where the models directory is).
+    pub(crate) model: PathBuf,
+    /// `auto`, or layers per stage.
+    pub(crate) split: String,
+    pub(crate) peers: Vec<String>,
+    /// The members: with `auto` and no `peers`, the ring is planned over those found.
+    pub(crate) roster: Arc<Roster>,
+    pub(crate) activations: shoal_wire::DType,
+    pub(crate) node_id: String,
+    /// Memory this node offers to an `auto` plan, if capped below what is free.
+    pub(crate) memory_cap: Option<u64>,
+    /// How the stages are reached (the swarm key).
+    pub(crate) transport: Transport,
+    /// The head's prompt cache.
+    pub(crate) prompt_cache_bytes: usize,
+    /// Where the ring goes once connected, so members see the head's own layers.
+    pub(crate) ring: membership::HeadRing,
+}
+
+/// Where a ring's layers go: the head's range first, then each peer's in ring order.
+pub(crate) struct Layout {
+    pub(crate) ranges: Vec<std::ops::Range<usize>>,
+    pub(crate) peers: Vec<String>,
+    /// With `auto`: the planner (it re-plans after a loss) and its plan.
+    pub(crate) planned: Option<(Arc<RingPlanner>, shoal_cluster::Plan)>,
+}
+
+impl PipelineHead {
+    /// Plans the ring (`auto`) or checks the given split, loads only the first stage, sets
+    /// up the peers' stages, then answers through the ring.
+    ///
+    /// Planned over the members found (`auto`, no `--peer`), the ring follows the cluster:
+    /// a plan that cannot be made yet (too little memory among the members so far) is
+    /// tried again when members join, and a member that joins a running ring is offered
+    /// to the planner, which moves the ring onto it from the next request on when that is
+    /// better (the planner still keeps the model on one device when it fits there and that
+    /// is fastest).
+    pub(crate) fn start(self, state: AppState) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let follows = self.split.trim() == "auto" && self.peers.is_empty();
+            loop {
+                let connected = match self.layout(&self.model, None).await {
+                    Ok(layout) => self.connect(&self.model, layout, &state).await,
+                    Err(e) => Err(e),
+                };
+                match connected {
+                    Ok((pipeline, planner)) => {
+                        state.set_ready(pipeline.clone());
+                        self.show(&self.model, &pipeline);
+                        if let Some(planner) = planner.filter(|_| follows) {
+                            follow_members(&self.roster, &pipeline, &planner).await;
+                        }
+                        return;
+                    }
+                    Err(e) if follows => {
+                        let known = membership::alive_peers(&self.roster);
+                        let message = format!("{e}; planning again when a member joins");
+                        tracing::warn!("{message}");
+                        state.set_waiting(message);
+                        membership::member_joins(&self.roster, &known).await;
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        state.set_failed(e);
+                        return;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Members see `pipeline` as the ring this node heads, of `model`.
+    pub(crate) fn show(&self, model: &Path, pipeline: &Arc<Pipeline>) {
+        *self.ring.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((file_name(model), pipeline.clone()));
+    }
+
+    /// Where `model`'s layers go: planned over the peers (`auto`; the `--peer`s, else
+    /// `candidates`, else the members found), or as the split says.
+    pub(crate) async fn layout(
+        &self,
+        model: &Path,
+        candidates: Option<Vec<String>>,
+    ) -> Result<Layout, String> {
+        if self.split.trim() != "auto" {
+            let n_layers = shoal_engine::GgufFile::open(model)
+                .map_err(|e| e.to_string())?
+                .config()
+                .n_layers;
+            let ranges = shoal_pipeline::check_split(&self.split, self.peers.len(), n_layers)
+                .map_err(|e| e.to_string())?;
+            return Ok(Layout {
+                ranges,
+                peers: self.peers.clone(),
+                planned: None,
+            });
+        }
+        let candidates = match candidates {
+            Some(given) => given,
+            None if !self.peers.is_empty() => self.peers.clone(),
+            None => {
+                let found = membership::discovered_peers(&self.roster).await;
+                tracing::info!(
+                    "planning {} over the members found: {found:?} and this node",
+                    file_name(model)
+                );
+                found
+            }
+        };
+        let planned = shoal_pipeline::plan_ring(
+            model,
+            &candidates,
+            &self.node_id,
+            self.memory_cap,
+            &self.transport,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(Layout {
+            ranges: planned.ranges,
+            peers: planned.peers,
+            planned: Some((Arc::new(planned.planner), planned.plan)),
+        })
+    }
+
+    /// Loads the head's stage of `model` and sets up the peers' as `layout` says.
+    pub(crate) async fn connect(
+        &self,
+        model: &Path,
+        layout: Layout,
+        state: &AppState,
+    ) -> Result<(Arc<Pipeline>, Option<Arc<RingPlanner>>), String> {
+        let shown: Vec<String> = layout
+            .ranges
+            .iter()
+            .map(|r| format!("{}-{}", r.start, r.end.saturating_sub(1)))
+            .collect();
+        let planner = layout.planned.map(|(planner, _)| planner);
+        let settings = shoal_pipeline::RingSettings {
+            activations: self.activations,
+            stats: state.batch_stats(),
+            replan: planner.clone().map(|p| p as Arc<dyn Replan>),
+            transport: self.transport.clone(),
+            prompt_cache_bytes: self.prompt_cache_bytes,
+        };
+        let peers = layout.peers;
+        let pipeline = shoal_pipeline::connect_ring(model, &peers, &layout.ranges, settings)
+            .await
+            .map_err(|e| format!("setting up the ring of stages: {e}"))?;
+        tracing::info!(
+            "pipeline ready: {} of {} over this node and {peers:?}",
+            shown.join(","),
+            file_name(model)
+        );
+        Ok((Arc::new(pipeline), planner))
+    }
+}
+
+/// A model's file name (what peers are asked for).
+pub(crate) fn file_name(model: &Path) -> String {
+    model
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Offers every member that joins to the ring's planner and re-plans, for as long as the
+/// node runs (the task ends with the node).
+async fn follow_members(roster: &Roster, pipeline: &Pipeline, planner: &RingPlanner) {
+    let mut tick = tokio::time::interval(FOLLOW_PERIOD);
+    loop {
+        tick.tick().await;
+        let joined = planner.add_candidates(&membership::alive_peers(roster));
+        if !joined.is_empty() {
+            replan(pipeline, &joined).await;
+        }
+    }
+}
+
+/// Re-plans `pipeline` once members `joined` are among the planner's candidates.
+pub(crate) async fn replan(pipeline: &Pipeline, joined: &[std::net::SocketAddr]) {
+    match pipeline.replan().await {
+        Ok(true) => {
+            let (head, peers) = pipeline.layout();
+            tracing::info!(
+                ?joined,
+                ?head,
+                ?peers,
+                "members joined: the ring moved to a new plan"
+            );
+        }
+        Ok(false) => tracing::info!(?joined, "members joined: the ring keeps its plan"),
+        Err(e) => tracing::warn!(?joined, error = %e, "members joined, but re-planning failed"),
+    }
+}
