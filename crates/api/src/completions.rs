@@ -645,27 +645,6 @@ pub(crate) async fn start(
         stop: prepared.stop,
         cache_prompt: prepared.cache_prompt,
     };
-    if let Backend::Ring(_) = &prepared.model {
-        let unsupported = if prepared.grammar.is_some() {
-            Some((
-                "response_format",
-                "`response_format` and a forced `tool_choice`",
-            ))
-        } else if prepared.ignore_eos {
-            Some(("ignore_eos", "`ignore_eos`"))
-        } else {
-            None
-        };
-        if let Some((param, what)) = unsupported {
-            return Err(ApiError::invalid_value(
-                param,
-                format!(
-                    "{what} need the whole model on this node; this node answers through a \
-                     pipeline of stages, which does not constrain answers yet"
-                ),
-            ));
-        }
-    }
     let answering = Answering {
         stream: prepared.stream,
         include_usage: prepared.include_usage,

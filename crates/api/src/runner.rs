@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_engine::{EngineError, FinishReason, GenerateParams, JsonGrammar, Model, TextStream};
-use shoal_pipeline::{Pipeline, RingRequest};
+use shoal_pipeline::{Pipeline, PipelineError, RingAnswer, RingRequest};
 use tokio::sync::mpsc;
 
 use crate::backend::Backend;
@@ -310,6 +310,8 @@ async fn run_ring(
         max_tokens: job.params.max_tokens,
         cache_prompt: job.params.cache_prompt,
         logprobs: job.logprobs,
+        json: job.grammar.as_ref(),
+        ignore_eos: job.ignore_eos,
     };
     let stop_ring = Arc::new(AtomicBool::new(false));
     let stopped = stop_ring.clone();
@@ -321,7 +323,7 @@ async fn run_ring(
     let mut text = TextStream::new(tokenizer, job.params.stop.clone());
     let mut generated = 0usize;
     let mut first_token_at = None;
-    let mut ended = None;
+    let mut ended: Option<Result<RingAnswer, PipelineError>> = None;
     // Ok(finish), Err(None) = the client left, Err(Some(message)) = the ring failed.
     let outcome: Result<FinishReason, Option<String>> = loop {
         tokio::select! {
@@ -332,6 +334,8 @@ async fn run_ring(
                     // The generation finished (its callback, holding the sender, is gone)
                     // and every token it produced has been handled.
                     break match &ended {
+                        // A constrained answer ends where its value is whole.
+                        Some(Ok(answer)) if answer.json_done => Ok(FinishReason::Stop),
                         Some(Ok(_)) => Ok(FinishReason::Length),
                         Some(Err(e)) => Err(Some(format!("the pipeline failed: {e}"))),
                         None => Err(Some("the pipeline ended without a result".to_owned())),
@@ -378,7 +382,10 @@ async fn run_ring(
     metrics.record_generation(prompt_tokens, cached_tokens, generated, generate_time);
     match outcome {
         Ok(finish) => {
-            if finish == FinishReason::Length {
+            // Text held back in case a stop string was starting is the answer's, unless a
+            // stop string did end it.
+            let json_done = matches!(&ended, Some(Ok(answer)) if answer.json_done);
+            if finish == FinishReason::Length || json_done {
                 let tail = text.flush();
                 if !tail.is_empty() && send(tx, Event::Text(tail), stall).await.is_err() {
                     metrics.cancelled.inc();

@@ -88,6 +88,9 @@ const BOOLEAN: NodeId = 9;
 pub struct JsonGrammar {
     nodes: Arc<Vec<Node>>,
     root: NodeId,
+    /// The schema it was compiled from, as JSON text; `None` for any object. What
+    /// [`JsonGrammar::wire_text`] sends to a pipeline's last stage.
+    source: Option<Arc<str>>,
 }
 
 impl JsonGrammar {
@@ -97,7 +100,25 @@ impl JsonGrammar {
         Self {
             nodes: Arc::new(base_nodes()),
             root: ANY_OBJECT,
+            source: None,
         }
+    }
+
+    /// The grammar as text another process compiles it from with
+    /// [`JsonGrammar::from_wire_text`]: the schema's JSON, or empty for any object.
+    pub fn wire_text(&self) -> &str {
+        self.source.as_deref().unwrap_or("")
+    }
+
+    /// The grammar [`JsonGrammar::wire_text`] describes.
+    pub fn from_wire_text(text: &str) -> Result<Self> {
+        if text.is_empty() {
+            return Ok(Self::any_object());
+        }
+        let schema: Value = serde_json::from_str(text).map_err(|e| {
+            EngineError::InvalidInput(format!("the JSON schema does not parse: {e}"))
+        })?;
+        Self::from_schema(&schema)
     }
 
     /// Compiles a JSON schema; fails with a message naming what is not supported.
@@ -111,6 +132,7 @@ impl JsonGrammar {
         Ok(Self {
             nodes: Arc::new(c.nodes),
             root,
+            source: Some(schema.to_string().into()),
         })
     }
 
@@ -757,24 +779,35 @@ impl JsonGrammar {
 }
 
 /// One generation's JSON constraint: the grammar, where the answer is in it, and the
-/// vocabulary's bytes.
+/// vocabulary's bytes. [`crate::Generation::constrain_json`] keeps one; a pipeline's last
+/// stage rebuilds one per step from the answer so far ([`JsonConstraint::after`]).
 #[derive(Debug)]
-pub(crate) struct JsonConstraint {
+pub struct JsonConstraint {
     state: MachineState,
     /// Each token's bytes; empty for control tokens, which never appear inside JSON.
     pieces: Arc<Vec<Vec<u8>>>,
 }
 
 impl JsonConstraint {
-    pub(crate) fn new(grammar: &JsonGrammar, tokenizer: &Tokenizer) -> Self {
+    /// At the start of the answer.
+    pub fn new(grammar: &JsonGrammar, tokenizer: &Tokenizer) -> Self {
         Self {
             state: grammar.start(),
             pieces: tokenizer.pieces(),
         }
     }
 
+    /// After the answer's tokens `answer` (each accepted in turn).
+    pub fn after(grammar: &JsonGrammar, tokenizer: &Tokenizer, answer: &[u32]) -> Self {
+        let mut constraint = Self::new(grammar, tokenizer);
+        for &token in answer {
+            constraint.accept(token, tokenizer);
+        }
+        constraint
+    }
+
     /// Whether `token` may come next (end-of-generation tokens once the value is whole).
-    pub(crate) fn allows(&self, token: u32, tokenizer: &Tokenizer) -> bool {
+    pub fn allows(&self, token: u32, tokenizer: &Tokenizer) -> bool {
         if tokenizer.is_eog(token) {
             return self.state.can_end();
         }
@@ -790,7 +823,7 @@ impl JsonConstraint {
     /// Draws a token that keeps the answer valid JSON: tries the sampler's own pick a few
     /// times, striking out each that does not fit, then masks every token that does not fit
     /// and draws once more. `None` when nothing fits (the answer cannot go on).
-    pub(crate) fn draw(
+    pub fn draw(
         &self,
         logits: &mut [f32],
         tokenizer: &Tokenizer,
@@ -830,7 +863,7 @@ impl JsonConstraint {
     }
 
     /// Moves past `token` (one [`JsonConstraint::allows`] accepted).
-    pub(crate) fn accept(&mut self, token: u32, tokenizer: &Tokenizer) {
+    pub fn accept(&mut self, token: u32, tokenizer: &Tokenizer) {
         if tokenizer.is_eog(token) {
             return;
         }
@@ -842,7 +875,7 @@ impl JsonConstraint {
     }
 
     /// The value is whole and nothing but blanks could follow: the answer is finished.
-    pub(crate) fn done(&self) -> bool {
+    pub fn done(&self) -> bool {
         self.state.done()
     }
 }
@@ -1008,5 +1041,28 @@ mod tests {
         let g = JsonGrammar::any_object();
         let deep = format!("{}{}", "{\"a\":".repeat(60), "}".repeat(60));
         assert!(!whole(&g, &deep));
+    }
+
+    #[test]
+    fn the_wire_text_compiles_to_the_same_grammar() {
+        let g = schema(json!({
+            "type": "object",
+            "properties": {"n": {"type": "integer"}, "s": {"enum": ["a", "b"]}},
+            "required": ["n"],
+            "additionalProperties": false
+        }));
+        let back = JsonGrammar::from_wire_text(g.wire_text()).unwrap();
+        for text in [
+            r#"{"n": 3}"#,
+            r#"{"n": 1, "s": "b"}"#,
+            r#"{"s": "a"}"#,
+            r#"{"n": 1.5}"#,
+        ] {
+            assert_eq!(whole(&g, text), whole(&back, text), "{text}");
+        }
+        let any = JsonGrammar::from_wire_text(JsonGrammar::any_object().wire_text()).unwrap();
+        assert!(whole(&any, r#"{"x": [1, {"y": null}]}"#));
+        assert!(!whole(&any, "[1]"));
+        assert!(JsonGrammar::from_wire_text("{not json").is_err());
     }
 }

@@ -61,6 +61,8 @@ pub fn sampling_spec(params: &SamplingParams, history: &[u32]) -> SamplingSpec {
         logprob: false,
         top_logprobs: 0,
         penalty_tokens,
+        ignore_eos: false,
+        json: None,
     }
 }
 

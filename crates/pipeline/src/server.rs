@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use shoal_engine::candle_core::Device;
 use shoal_engine::stage::{logits_row, BatchItem};
 use shoal_engine::{
-    EngineError, GgufFile, KvCache, Logits, Model, PrefixCache, Sampler, Stage, StageInput,
-    StageOutput, StageSpec,
+    EngineError, GgufFile, JsonConstraint, JsonGrammar, KvCache, Logits, Model, PrefixCache,
+    Sampler, Stage, StageInput, StageOutput, StageSpec,
 };
 use shoal_wire::{
     serve_peers, Capabilities, Connection, EndSession, ErrorCode, ErrorMessage, Forward,
@@ -177,6 +177,55 @@ struct Inner {
 struct Loaded {
     stage: Arc<Stage>,
     plan: LoadStage,
+    /// What constrained answers need on the last stage, built on first use.
+    constraints: Constraints,
+}
+
+/// The tokenizer (read from the stage's file, which keeps the model's metadata) and the
+/// JSON grammars heads asked for, compiled once each.
+struct Constraints {
+    path: PathBuf,
+    tokenizer: std::sync::OnceLock<std::result::Result<shoal_engine::Tokenizer, String>>,
+    grammars: Mutex<HashMap<String, JsonGrammar>>,
+}
+
+/// Most compiled grammars a stage keeps (they are small; heads send few distinct ones).
+const MAX_GRAMMARS: usize = 64;
+
+impl Constraints {
+    fn new(path: PathBuf) -> Self {
+        Constraints {
+            path,
+            tokenizer: std::sync::OnceLock::new(),
+            grammars: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn tokenizer(&self) -> Result<&shoal_engine::Tokenizer> {
+        self.tokenizer
+            .get_or_init(|| {
+                let file = GgufFile::open(&self.path).map_err(|e| e.to_string())?;
+                shoal_engine::Tokenizer::from_gguf_metadata(file.metadata())
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| PipelineError::Config(format!("the stage's tokenizer: {e}")))
+    }
+
+    /// The grammar `text` describes, compiled (or from the ones compiled before).
+    fn grammar(&self, text: &str) -> Result<JsonGrammar> {
+        let mut grammars = lock(&self.grammars);
+        if let Some(g) = grammars.get(text) {
+            return Ok(g.clone());
+        }
+        let grammar = JsonGrammar::from_wire_text(text)
+            .map_err(|e| PipelineError::InvalidRequest(format!("the JSON grammar: {e}")))?;
+        if grammars.len() >= MAX_GRAMMARS {
+            grammars.clear();
+        }
+        grammars.insert(text.to_owned(), grammar.clone());
+        Ok(grammar)
+    }
 }
 
 struct SessionState {
@@ -349,7 +398,7 @@ impl StageServer {
                 };
                 conn.write_frame(&reply).await?;
             }
-            Message::Forward(f) => self.enqueue(Work::Forward(f)).await,
+            Message::Forward(f) => self.enqueue(Work::Forward(Box::new(f))).await,
             Message::GetWeights(req) => self.send_weights(req, conn).await?,
             Message::EndSession(e) => self.end_session(e),
             // Queued behind the session's `Forward`s, so it cuts what they leave.
@@ -519,6 +568,7 @@ impl StageServer {
             .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Loaded {
             stage: Arc::new(stage),
             plan,
+            constraints: Constraints::new(path),
         }));
         // Caches of the previous stage have another shape.
         lock(&self.inner.sessions).clear();
@@ -730,7 +780,7 @@ impl StageServer {
         for q in queued {
             rooms.push(q.room);
             match q.work {
-                Work::Forward(f) => batch.push(f),
+                Work::Forward(f) => batch.push(*f),
                 Work::Truncate(t) => self.truncate(&t),
             }
         }
@@ -796,9 +846,8 @@ impl StageServer {
         if jobs.is_empty() {
             return;
         }
-        let stage = loaded.stage.clone();
-        let dtype = loaded.plan.activation_dtype;
-        let outcomes = tokio::task::spawn_blocking(move || compute(&stage, dtype, jobs)).await;
+        let running = loaded.clone();
+        let outcomes = tokio::task::spawn_blocking(move || compute(&running, jobs)).await;
         let outcomes = match outcomes {
             Ok(o) => o,
             Err(e) => {
@@ -882,7 +931,7 @@ impl StageServer {
 /// What the worker takes in order per session: a `Forward`, or a `Truncate`, which must cut
 /// the cache the session's earlier `Forward`s leave (it goes in the batch after theirs).
 enum Work {
-    Forward(Forward),
+    Forward(Box<Forward>),
     Truncate(Truncate),
 }
 
@@ -936,7 +985,8 @@ struct StageJob {
 
 /// The stage over a batch of sessions (blocking): one `forward_batch`, then per session
 /// the hidden states to send on or the token sampled. One result per job, in order.
-fn compute(stage: &Stage, dtype: shoal_wire::DType, jobs: Vec<StageJob>) -> Vec<Result<Outcome>> {
+fn compute(loaded: &Loaded, jobs: Vec<StageJob>) -> Vec<Result<Outcome>> {
+    let (stage, dtype) = (&loaded.stage, loaded.plan.activation_dtype);
     // Every session of a batch is a different one, so these are distinct locks.
     let mut guards: Vec<_> = jobs.iter().map(|j| lock(&j.state)).collect();
     let mut results: Vec<Option<Result<Outcome>>> = jobs.iter().map(|_| None).collect();
@@ -970,9 +1020,16 @@ fn compute(stage: &Stage, dtype: shoal_wire::DType, jobs: Vec<StageJob>) -> Vec<
     let outputs = stage.forward_batch(items);
     for ((i, sampler), output) in samplers.into_iter().zip(outputs) {
         let job = &jobs[i];
-        let outcome = output
-            .map_err(PipelineError::from)
-            .and_then(|out| finish(out, &job.want, &job.positions, sampler, dtype));
+        let outcome = output.map_err(PipelineError::from).and_then(|out| {
+            finish(
+                out,
+                &job.want,
+                &job.positions,
+                sampler,
+                dtype,
+                &loaded.constraints,
+            )
+        });
         results[i] = Some(outcome);
     }
     results
@@ -1007,6 +1064,7 @@ fn finish(
     positions: &[usize],
     sampler: &mut Option<Sampler>,
     dtype: shoal_wire::DType,
+    constraints: &Constraints,
 ) -> Result<Outcome> {
     match out {
         StageOutput::Hidden(h) => Ok(Outcome::Hidden(tensor_to_activations(&h, dtype)?)),
@@ -1022,7 +1080,23 @@ fn finish(
                 let sampler = sampler.get_or_insert_with(|| Sampler::new(params));
                 // The token drawn is the one after the last position fed.
                 let position = positions.last().map_or(0, |&p| p + 1);
-                let token = sampler.sample_at(&mut logits, &spec.penalty_tokens, position);
+                if spec.ignore_eos {
+                    crate::head::mask_eos(&mut logits, constraints.tokenizer()?);
+                }
+                let token = match &spec.json {
+                    None => sampler.sample_at(&mut logits, &spec.penalty_tokens, position),
+                    Some(json) => {
+                        // Where the answer is in the grammar, rebuilt from the answer so
+                        // far: nothing to lose when this stage replaces a lost one.
+                        let tokenizer = constraints.tokenizer()?;
+                        let grammar = constraints.grammar(&json.grammar)?;
+                        JsonConstraint::after(&grammar, tokenizer, &json.answer)
+                            .draw(&mut logits, tokenizer, |l| {
+                                sampler.sample_at(l, &spec.penalty_tokens, position)
+                            })
+                            .ok_or_else(crate::head::no_json_token)?
+                    }
+                };
                 let top = usize::from(spec.top_logprobs);
                 let lp = raw.and_then(|l| shoal_engine::token_logprob(&l, token, top));
                 Ok(Outcome::Token(token, lp))

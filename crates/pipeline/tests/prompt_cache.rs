@@ -93,12 +93,10 @@ fn single_process(model: &Model, prompt: &[u32]) -> Vec<u32> {
 }
 
 async fn ask(pipeline: &Pipeline, prompt: &[u32], cache_prompt: bool) -> (Vec<u32>, usize) {
+    let greedy = SamplingParams::greedy();
     let request = RingRequest {
-        prompt,
-        sampling: &SamplingParams::greedy(),
-        max_tokens: MAX_TOKENS,
         cache_prompt,
-        logprobs: None,
+        ..RingRequest::new(prompt, &greedy, MAX_TOKENS)
     };
     let answer = pipeline.run(request, |_, _| true).await.unwrap();
     (answer.tokens, answer.cached_tokens)

@@ -1084,12 +1084,12 @@ async fn logprobs_through_the_ring_are_the_single_process_ones() {
     let (pipeline, [(_s1, _, stop1), (_s2, _, stop2)]) = killable_ring().await;
     let ask = || async {
         let mut got = Vec::new();
+        let prompt = prompt();
+        let greedy = SamplingParams::greedy();
         let request = shoal_pipeline::RingRequest {
-            prompt: &prompt(),
-            sampling: &SamplingParams::greedy(),
-            max_tokens: MAX_TOKENS,
             cache_prompt: false,
             logprobs: Some(3),
+            ..shoal_pipeline::RingRequest::new(&prompt, &greedy, MAX_TOKENS)
         };
         pipeline
             .run(request, |t, lp| {
@@ -1105,6 +1105,94 @@ async fn logprobs_through_the_ring_are_the_single_process_ones() {
     stop2.notify_one();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ask().await, want, "drawn by the head alone");
+}
+
+/// Constrained answers — JSON of a schema (`response_format`, forced tool calls) and
+/// `ignore_eos` — drawn by the last stage (and by the head once it runs alone) are the
+/// single process's, token for token, and a JSON answer ends where its value is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constrained_answers_through_the_ring_are_the_single_process_ones() {
+    let m = reference();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 12},
+            "population": {"type": "integer"}
+        },
+        "required": ["city", "population"],
+        "additionalProperties": false
+    });
+    let grammar = shoal_engine::JsonGrammar::from_schema(&schema).unwrap();
+    let question = chat_prompt("Answer in JSON: which city is the capital of France?");
+    let max_tokens = 64;
+    let local = |json: bool, ignore_eos: bool| {
+        let mut g = m
+            .generate(
+                question.clone(),
+                GenerateParams {
+                    sampling: SamplingParams::greedy(),
+                    max_tokens,
+                    stop: Vec::new(),
+                    cache_prompt: false,
+                },
+            )
+            .unwrap();
+        if json {
+            g.constrain_json(&grammar).unwrap();
+        }
+        g.ignore_eos(ignore_eos);
+        while g.next_step().unwrap().is_some() {}
+        g.generated().to_vec()
+    };
+    let want_json = local(true, false);
+    let want_all = local(false, true);
+    let text = m.tokenizer().decode(&want_json, true).unwrap();
+    assert!(
+        grammar.accepts(&text),
+        "the single process's answer: {text}"
+    );
+    // The constraint matters: left alone, the model answers otherwise.
+    assert_ne!(local(false, false), want_json);
+    assert_eq!(want_all.len(), max_tokens, "ignore_eos runs to max_tokens");
+
+    let (pipeline, [(_s1, _, stop1), (_s2, _, stop2)]) = killable_ring().await;
+    let ask = |json: bool, ignore_eos: bool| {
+        let (pipeline, question, grammar) = (&pipeline, &question, &grammar);
+        async move {
+            let greedy = SamplingParams::greedy();
+            let request = shoal_pipeline::RingRequest {
+                cache_prompt: false,
+                json: json.then_some(grammar),
+                ignore_eos,
+                ..shoal_pipeline::RingRequest::new(question, &greedy, max_tokens)
+            };
+            let answer = pipeline.run(request, |_, _| true).await.unwrap();
+            (answer.tokens, answer.json_done)
+        }
+    };
+    assert_eq!(
+        ask(true, false).await,
+        (want_json.clone(), true),
+        "by the last stage"
+    );
+    assert_eq!(
+        ask(false, true).await,
+        (want_all.clone(), false),
+        "by the last stage"
+    );
+    stop1.notify_one();
+    stop2.notify_one();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        ask(true, false).await,
+        (want_json, true),
+        "by the head alone"
+    );
+    assert_eq!(
+        ask(false, true).await,
+        (want_all, false),
+        "by the head alone"
+    );
 }
 
 /// A stage that dies while the ring is idle is found out at the next request's first step

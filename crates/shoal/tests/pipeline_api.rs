@@ -347,24 +347,75 @@ fn a_node_that_runs_the_model_shares_its_layers_with_the_stage_it_serves() {
     let through_ring = lp(head.addr);
     assert_eq!(through_ring["content"].as_array().map(Vec::len), Some(12));
     assert_eq!(through_ring, lp(single.addr));
-    // What a ring cannot do yet is refused, not ignored.
-    for (extra, param) in [
-        (json!({"ignore_eos": true}), "ignore_eos"),
+    // Constrained answers — JSON of a schema, a forced tool call, `ignore_eos` — are drawn
+    // by the last stage as the single process draws them.
+    let weather = json!({
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"]
+            }
+        }
+    });
+    let schema = json!({
+        "type": "object",
+        "properties": {"haiku": {"type": "string", "maxLength": 60}},
+        "required": ["haiku"],
+        "additionalProperties": false
+    });
+    let weather_question = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    for (extra, max_tokens) in [
+        (json!({"ignore_eos": true}), 20),
         (
-            json!({"response_format": {"type": "json_object"}}),
-            "response_format",
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "h", "schema": schema}}}),
+            48,
+        ),
+        (json!({"response_format": {"type": "json_object"}}), 24),
+        (
+            json!({"tools": [weather], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+            40,
         ),
     ] {
-        let r = http(
-            head.addr,
-            "POST",
-            "/v1/chat/completions",
-            Some(&body(&messages, 8, extra)),
-        )
-        .unwrap();
-        assert_eq!(r.status, 400, "{}", r.body);
-        let e: Value = serde_json::from_str(&r.body).unwrap();
-        assert_eq!(e["error"]["param"], param, "{}", r.body);
+        let answer = |addr| {
+            let r = http(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                Some(&body(
+                    if extra.get("tools").is_some() {
+                        &weather_question
+                    } else {
+                        &messages
+                    },
+                    max_tokens,
+                    extra.clone(),
+                )),
+            )
+            .unwrap();
+            assert_eq!(r.status, 200, "{extra}: {}", r.body);
+            let v: Value = serde_json::from_str(&r.body).unwrap();
+            let choice = &v["choices"][0];
+            let mut message = choice["message"].clone();
+            // Tool call ids are fresh per answer.
+            for call in message["tool_calls"].as_array_mut().into_iter().flatten() {
+                call["id"] = Value::Null;
+            }
+            (message, choice["finish_reason"].clone(), v["usage"].clone())
+        };
+        let want = answer(single.addr);
+        assert_eq!(answer(head.addr), want, "{extra}");
+        if extra.get("tool_choice").is_some() {
+            assert_eq!(
+                want.0["tool_calls"][0]["function"]["name"], "get_weather",
+                "{want:?}"
+            );
+        }
+        if extra.get("ignore_eos").is_some() {
+            assert_eq!(want.2["completion_tokens"], max_tokens, "{want:?}");
+        }
     }
     let (whole, both) = (single.peak_rss_kib(), node.peak_rss_kib());
     eprintln!("peak RSS: whole model {whole} KiB, whole model and a stage {both} KiB");

@@ -105,6 +105,11 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
                 top_k: 40,
                 top_p: 0.9,
                 penalty_tokens: vec![1, 2],
+                ignore_eos: true,
+                json: Some(shoal_wire::JsonAnswer {
+                    grammar: r#"{"type":"object"}"#.to_owned(),
+                    answer: vec![90, 91],
+                }),
                 ..SamplingSpec::greedy()
             }),
             reply_to: "[::1]:7070".parse().unwrap_or(addr),

@@ -7,10 +7,10 @@ use shoal_wire::{
     check_frame, decode_activations, decode_frame, encode_activations, Activations, AgentCard,
     Answer, Ask, Capabilities, Chaos, ChatTurn, Connection, DType, Describe, EndSession, ErrorCode,
     ErrorMessage, Finish, Forward, GetProfile, GetWeights, Heartbeat, HeldStage, Hello, HelloAck,
-    KnownMember, Limits, LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo, Payload,
-    Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Want, WeightsChunk,
-    WeightsManifest, WeightsRegion, WireError, HEADER_LEN, MAX_CHAT_TURNS, MAX_CHOICES,
-    MAX_CHOICE_LEN, MAX_STOP, PROTOCOL_VERSION,
+    JsonAnswer, KnownMember, Limits, LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo,
+    Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Want,
+    WeightsChunk, WeightsManifest, WeightsRegion, WireError, HEADER_LEN, MAX_CHAT_TURNS,
+    MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP, PROTOCOL_VERSION,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use tokio::io::AsyncWriteExt;
@@ -87,6 +87,18 @@ impl Rng {
             logprob,
             top_logprobs: if logprob { self.below(21) as u8 } else { 0 },
             penalty_tokens: self.u32s(n),
+            ignore_eos: self.bool(),
+            json: self.bool().then(|| {
+                let answer = self.below(50) as usize;
+                JsonAnswer {
+                    grammar: if self.bool() {
+                        String::new()
+                    } else {
+                        r#"{"type":"object","properties":{"a":{"type":"integer"}}}"#.to_owned()
+                    },
+                    answer: self.u32s(answer),
+                }
+            }),
         }
     }
 }
@@ -548,12 +560,12 @@ fn ask() -> Ask {
 #[test]
 fn agent_message_frame_bytes() {
     let frame = Message::Describe(Describe).to_frame().unwrap();
-    assert_eq!(frame, [b'S', b'H', b'O', b'L', 4, 0, 0x30, 0, 0, 0, 0, 0]);
+    assert_eq!(frame, [b'S', b'H', b'O', b'L', 5, 0, 0x30, 0, 0, 0, 0, 0]);
 
     let frame = Message::AgentCard(card()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 4, 0, 0x31, 0, 55, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 5, 0, 0x31, 0, 55, 0, 0, 0,
         2, 0, 0, 0, b'a', b'1',                         // node_id
         6, 0, 0, 0, b'c', b'r', b'i', b't', b'i', b'c', // role
         6, 0, 0, 0, b'm', b'.', b'g', b'g', b'u', b'f', // model_id
@@ -570,7 +582,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Ask(ask()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 4, 0, 0x32, 0, 86, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 5, 0, 0x32, 0, 86, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 9, 0, 0, 0, b'B', b'e', b' ', b'b', b'r', b'i', b'e', b'f', b'.', // Some(system)
         1, 0, 0, 0,                                     // one turn
@@ -613,7 +625,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Answer(answer.clone()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 4, 0, 0x33, 0, 26, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 5, 0, 0x33, 0, 26, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 0, 0, 0, b'4',                               // text
         1,                                              // finish: length

@@ -27,12 +27,12 @@ use shoal_cluster::{Member, Membership};
 use shoal_engine::candle_core::Device;
 use shoal_engine::prefix_cache::{canonical_len, resume_point};
 use shoal_engine::{
-    GgufFile, KvCache, ModelConfig, PrefixCache, PromptFormat, Sampler, SamplingParams, Stage,
-    StageSpec, TokenLogprob, Tokenizer,
+    GgufFile, JsonConstraint, JsonGrammar, KvCache, ModelConfig, PrefixCache, PromptFormat,
+    Sampler, SamplingParams, Stage, StageSpec, TokenLogprob, Tokenizer,
 };
 use shoal_wire::{
-    Capabilities, EndSession, ErrorCode, Forward, LoadStage, Message, Payload, Resume, Want,
-    WireError, MAX_TOP_LOGPROBS,
+    Capabilities, EndSession, ErrorCode, Forward, JsonAnswer, LoadStage, Message, Payload, Resume,
+    Want, WireError, MAX_TOP_LOGPROBS,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -195,6 +195,28 @@ pub struct RingRequest<'a> {
     /// Report each token's log-probability with this many alternatives (OpenAI's
     /// `logprobs` / `top_logprobs`), computed where the token is drawn.
     pub logprobs: Option<usize>,
+    /// Keep the answer to this JSON grammar (`response_format`, a forced tool call): the
+    /// stage that draws each token masks what would break it, and the answer ends as soon
+    /// as the value is whole.
+    pub json: Option<&'a JsonGrammar>,
+    /// Never draw an end-of-generation token (llama-server's `ignore_eos`).
+    pub ignore_eos: bool,
+}
+
+impl<'a> RingRequest<'a> {
+    /// `max_tokens` of an answer to `prompt`, sampled as `sampling` says, with the prompt
+    /// cache on and nothing else asked for.
+    pub fn new(prompt: &'a [u32], sampling: &'a SamplingParams, max_tokens: usize) -> Self {
+        RingRequest {
+            prompt,
+            sampling,
+            max_tokens,
+            cache_prompt: true,
+            logprobs: None,
+            json: None,
+            ignore_eos: false,
+        }
+    }
 }
 
 /// What a [`Pipeline::run`] produced.
@@ -203,6 +225,8 @@ pub struct RingAnswer {
     pub tokens: Vec<u32>,
     /// Of the prompt's tokens, those resumed from a kept cache rather than computed.
     pub cached_tokens: usize,
+    /// The answer is a whole JSON value of the request's grammar (and ended there).
+    pub json_done: bool,
 }
 
 impl Drop for Pipeline {
@@ -499,13 +523,7 @@ impl Pipeline {
         max_tokens: usize,
         mut on_token: impl FnMut(u32) + Send,
     ) -> Result<Vec<u32>> {
-        let request = RingRequest {
-            prompt,
-            sampling,
-            max_tokens,
-            cache_prompt: true,
-            logprobs: None,
-        };
+        let request = RingRequest::new(prompt, sampling, max_tokens);
         let answer = self
             .run(request, |t, _| {
                 on_token(t);
@@ -541,6 +559,7 @@ impl Pipeline {
             return Ok(RingAnswer {
                 tokens: Vec::new(),
                 cached_tokens: 0,
+                json_done: false,
             });
         }
         let mut generated = Vec::new();
@@ -553,10 +572,15 @@ impl Pipeline {
                 .await;
             match attempt {
                 Ok(cached_tokens) => {
+                    let tokenizer = self.format.tokenizer();
+                    let json_done = request
+                        .json
+                        .is_some_and(|g| JsonConstraint::after(g, tokenizer, &generated).done());
                     return Ok(RingAnswer {
                         tokens: generated,
                         cached_tokens,
-                    })
+                        json_done,
+                    });
                 }
                 // A stage let the kept prompt go: run the session again from the start.
                 Err(e) if reuse && generated.is_empty() && e.is_prefix_gone() => {
@@ -621,6 +645,8 @@ impl Pipeline {
             max_tokens: request.max_tokens,
             resume,
             logprobs: request.logprobs,
+            json: request.json,
+            ignore_eos: request.ignore_eos,
         };
         let mut progress = Progress {
             cache: Some(cache),
@@ -727,6 +753,9 @@ impl Pipeline {
             .is_empty()
             .then(|| Sampler::new(session.sampling.clone()));
         let mut history = session.prompt.to_vec();
+        let tokenizer = self.format.tokenizer();
+        // Where the answer is in its grammar, for the head's own draws and for ending it.
+        let mut json = session.json.map(|g| JsonConstraint::new(g, tokenizer));
         let mut start = session.resume.map_or(0, |r| r.len as usize);
         let mut pending = session.prompt[start..].to_vec();
         let mut resume = session.resume;
@@ -752,7 +781,15 @@ impl Pipeline {
                         if wants_token {
                             if let Some(s) = local_sampler.as_mut() {
                                 let raw = session.logprobs.map(|top| (logits.clone(), top));
-                                let t = s.sample(&mut logits, &history);
+                                if session.ignore_eos {
+                                    mask_eos(&mut logits, tokenizer);
+                                }
+                                let t = match &json {
+                                    None => s.sample(&mut logits, &history),
+                                    Some(json) => json
+                                        .draw(&mut logits, tokenizer, |l| s.sample(l, &history))
+                                        .ok_or_else(no_json_token)?,
+                                };
                                 let lp = raw.and_then(|(raw, top)| {
                                     shoal_engine::token_logprob(&raw, t, top)
                                 });
@@ -768,6 +805,11 @@ impl Pipeline {
                                 spec.top_logprobs =
                                     u8::try_from(top.min(MAX_TOP_LOGPROBS)).unwrap_or(0);
                             }
+                            spec.ignore_eos = session.ignore_eos;
+                            spec.json = session.json.map(|g| JsonAnswer {
+                                grammar: g.wire_text().to_owned(),
+                                answer: history[session.prompt.len()..].to_vec(),
+                            });
                             Want::Token(spec)
                         } else {
                             Want::Nothing
@@ -805,8 +847,12 @@ impl Pipeline {
                 }
             };
             history.push(token);
+            if let Some(json) = &mut json {
+                json.accept(token, tokenizer);
+            }
             if !go_on
-                || self.format.tokenizer().is_eog(token)
+                || json.as_ref().is_some_and(JsonConstraint::done)
+                || tokenizer.is_eog(token)
                 || generated.len() >= session.max_tokens
                 || history.len() >= limit
             {
@@ -933,6 +979,22 @@ struct Session<'a> {
     resume: Option<Resume>,
     /// Log-probabilities asked for, with this many alternatives.
     logprobs: Option<usize>,
+    json: Option<&'a JsonGrammar>,
+    ignore_eos: bool,
+}
+
+/// Masks every end-of-generation token (`ignore_eos`).
+pub(crate) fn mask_eos(logits: &mut [f32], tokenizer: &Tokenizer) {
+    for &eog in tokenizer.eos_ids() {
+        if let Some(l) = logits.get_mut(eog as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// The error of a constrained answer no token can continue.
+pub(crate) fn no_json_token() -> PipelineError {
+    PipelineError::InvalidRequest("no token can continue the constrained JSON answer".into())
 }
 
 /// What a session attempt leaves for its end: the head's cache (gone if a step failed),

@@ -29,8 +29,8 @@ pub use membership::{
 };
 pub use profile::{GetProfile, Profile};
 pub use session::{
-    EndSession, Forward, LogitRows, Logits, Payload, Resume, SamplingSpec, Token, Truncate, Want,
-    MAX_PENALTY_TOKENS, MAX_TOKENS, MAX_TOP_LOGPROBS,
+    EndSession, Forward, JsonAnswer, LogitRows, Logits, Payload, Resume, SamplingSpec, Token,
+    Truncate, Want, MAX_GRAMMAR, MAX_PENALTY_TOKENS, MAX_TOKENS, MAX_TOP_LOGPROBS,
 };
 pub use stage::{LoadStage, StageReady, MAX_MODEL_ID};
 pub use weights::{

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use bytes::BufMut;
 
 use crate::activations::{Activations, DType, MAX_ROWS};
-use crate::codec::{bound, put_bool, put_len, put_socket_addr, put_u32_vec, Reader};
+use crate::codec::{bound, put_bool, put_len, put_socket_addr, put_string, put_u32_vec, Reader};
 use crate::error::WireError;
 use crate::message::finite;
 
@@ -22,6 +22,8 @@ pub const MAX_TOKENS: usize = MAX_ROWS as usize;
 pub const MAX_PENALTY_TOKENS: usize = 1 << 16;
 /// Most alternatives a `Token` reports (OpenAI's bound for `top_logprobs`).
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Most bytes of a JSON grammar (a schema) one sampling step carries.
+pub const MAX_GRAMMAR: usize = 1 << 20;
 
 /// `Forward` (`0x0020`): one step of one session moving down the ring.
 ///
@@ -134,6 +136,8 @@ pub enum LogitRows {
 /// | `logprob` | `u8` 0/1 |
 /// | `top_logprobs` | `u8` (≤ [`MAX_TOP_LOGPROBS`]; 0 unless `logprob`) |
 /// | `penalty_tokens` | `u32` count (≤ [`MAX_PENALTY_TOKENS`]), `u32` each |
+/// | `ignore_eos` | `u8` 0/1 |
+/// | `json` | `u8` option tag; then `grammar` (`u32` length ≤ [`MAX_GRAMMAR`], UTF-8) and `answer` (`u32` count ≤ [`MAX_TOKENS`], `u32` each) |
 ///
 /// Checked on both ends: every float finite, `temperature ≥ 0`, `top_p` and `min_p` in
 /// `[0, 1]`, `repeat_penalty > 0`.
@@ -163,6 +167,22 @@ pub struct SamplingSpec {
     /// The recent tokens the penalties look at. Only the head has the history, so it sends the
     /// window (its length is the repeat-last-n setting).
     pub penalty_tokens: Vec<u32>,
+    /// Never draw an end-of-generation token (llama-server's `ignore_eos`).
+    pub ignore_eos: bool,
+    /// Keep the answer to this JSON grammar (`response_format`, a forced tool call).
+    pub json: Option<JsonAnswer>,
+}
+
+/// A JSON answer the last stage keeps to. The stage holds no state for it: it rebuilds
+/// where the answer is in the grammar from `answer` at every step, so a stage that takes
+/// over after a loss needs nothing more than the head sends anyway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonAnswer {
+    /// The grammar as the engine's `JsonGrammar::wire_text` writes it: the JSON schema, or
+    /// empty for any JSON object.
+    pub grammar: String,
+    /// The answer's tokens so far.
+    pub answer: Vec<u32>,
 }
 
 impl SamplingSpec {
@@ -180,6 +200,8 @@ impl SamplingSpec {
             logprob: false,
             top_logprobs: 0,
             penalty_tokens: Vec::new(),
+            ignore_eos: false,
+            json: None,
         }
     }
 
@@ -196,6 +218,15 @@ impl SamplingSpec {
             logprob: r.bool("logprob")?,
             top_logprobs: r.u8("top_logprobs")?,
             penalty_tokens: r.u32_vec("penalty_tokens", MAX_PENALTY_TOKENS)?,
+            ignore_eos: r.bool("ignore_eos")?,
+            json: if r.present("json")? {
+                Some(JsonAnswer {
+                    grammar: r.string("json.grammar", MAX_GRAMMAR)?,
+                    answer: r.u32_vec("json.answer", MAX_TOKENS)?,
+                })
+            } else {
+                None
+            },
         })
     }
 
@@ -211,9 +242,22 @@ impl SamplingSpec {
         put_bool(out, self.logprob);
         out.put_u8(self.top_logprobs);
         put_u32_vec(out, &self.penalty_tokens);
+        put_bool(out, self.ignore_eos);
+        match &self.json {
+            None => out.put_u8(0),
+            Some(json) => {
+                out.put_u8(1);
+                put_string(out, &json.grammar);
+                put_u32_vec(out, &json.answer);
+            }
+        }
     }
 
     fn validate(&self, m: &'static str) -> Result<(), WireError> {
+        if let Some(json) = &self.json {
+            bound(m, "json.grammar", json.grammar.len() as u64, MAX_GRAMMAR)?;
+            bound(m, "json.answer", json.answer.len() as u64, MAX_TOKENS)?;
+        }
         if usize::from(self.top_logprobs) > MAX_TOP_LOGPROBS
             || (!self.logprob && self.top_logprobs != 0)
         {
@@ -645,7 +689,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 4, 0, 0x20, 0, 58, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 5, 0, 0x20, 0, 58, 0, 0, 0,
             0x11, 0, 0, 0, 0, 0, 0, 0,              // session_id
             0x22, 0, 0, 0, 0, 0, 0, 0,              // seq
             0x33, 0, 0, 0, 0, 0, 0, 0,              // plan_id
@@ -679,7 +723,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 4, 0, 0x20, 0, 57, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 5, 0, 0x20, 0, 57, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
@@ -709,6 +753,11 @@ mod tests {
             logprob: true,
             top_logprobs: 3,
             penalty_tokens: vec![5],
+            ignore_eos: true,
+            json: Some(JsonAnswer {
+                grammar: "{}".into(),
+                answer: vec![7],
+            }),
             ..SamplingSpec::greedy()
         };
         let msg = Message::Forward(Forward {
@@ -737,6 +786,10 @@ mod tests {
             1,                      // logprob
             3,                      // top_logprobs
             1, 0, 0, 0, 5, 0, 0, 0, // penalty_tokens [5]
+            1,                      // ignore_eos
+            1,                      // json: some
+            2, 0, 0, 0, b'{', b'}', // grammar
+            1, 0, 0, 0, 7, 0, 0, 0, // answer [7]
         ];
         assert_eq!(&frame[want_at..want_at + spec_bytes.len()], spec_bytes);
         // reply_to (7 bytes), no resume (1).
@@ -757,7 +810,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 4, 0, 0x21, 0, 37, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 5, 0, 0x21, 0, 37, 0, 0, 0,
             3, 0, 0, 0, 0, 0, 0, 0,
             4, 0, 0, 0, 0, 0, 0, 0,
             4, 3, 2, 1,
@@ -768,7 +821,7 @@ mod tests {
         let frame = Message::EndSession(EndSession::free(5)).to_frame().unwrap();
         assert_eq!(
             frame,
-            [b'S', b'H', b'O', b'L', 4, 0, 0x23, 0, 9, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0]
+            [b'S', b'H', b'O', b'L', 5, 0, 0x23, 0, 9, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0]
         );
         let frame = Message::EndSession(EndSession {
             session_id: 5,
@@ -788,7 +841,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 4, 0, 0x24, 0, 12, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 5, 0, 0x24, 0, 12, 0, 0, 0,
             5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0,
         ]);
     }
@@ -805,7 +858,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 4, 0, 0x22, 0, 29, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 5, 0, 0x22, 0, 29, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 1, 0, 0, 0, 2,
