@@ -13,7 +13,8 @@ Checks: the page loads with no console errors or page errors (collected for the 
 asserted at the end); with the API key entered it lists the three nodes alive, this node
 marked, and the ring's three stages head first; a greedy chat answer streams (its text
 grows); killing SHOAL_KILL_NODE while it streams shows that member suspect or dead within
-10 s while the answer goes on and finishes with no error; healing shows it alive again.
+10 s while the answer goes on and finishes with no error; then every stage of the ring
+shows its compute a token and every hop its latency; healing shows it alive again.
 
 Run by crates/shoal/tests/dashboard_e2e.rs; by hand:
   SHOAL_ROOT_URL=http://127.0.0.1:8080 SHOAL_API_KEY=KEY SHOAL_KILL_NODE=stage-b \\
@@ -196,6 +197,21 @@ def run(page, console_errors, page_errors):
     log(f"answer finished ({status}) {time.monotonic() - asked:.2f} s after asking, {final} chars; stats: "
         f"{page.locator('#chat-stats').inner_text() if page.locator('#chat-stats').count() else '-'}")
     check(error.count() == 0, f"the answer ended with an error after the kill: {error_text!r}")
+    # Every stage of the ring that answered shows its compute a token (the head's from its
+    # own passes, each peer's from its heartbeats), and every hop its latency.
+    wait_until(
+        page,
+        "() => { const p = [...document.querySelectorAll('#ring .stage-pass')]; "
+        "return p.length > 0 && p.every(e => Number(e.dataset.passMs) > 0); }",
+        None,
+        10,
+        "the ring's stages did not show their compute per token",
+    )
+    passes = page.evaluate("() => [...document.querySelectorAll('#ring .stage-pass')].map(e => e.dataset.passMs)")
+    hops = page.evaluate("() => [...document.querySelectorAll('#ring .hop')].map(e => e.textContent)")
+    log(f"compute a token per stage (ms): {passes}; hops: {hops}")
+    check(len(hops) == len(passes) and all(h.endswith(" ms") for h in hops),
+          f"the ring's hops do not show their latency: {hops} for {len(passes)} stages")
     check(status == "done", f"the answer did not finish cleanly: status {status!r}")
     check(final > at_kill, f"the answer did not go on after the kill ({at_kill} chars then, {final} at the end)")
     text = page.locator("#chat-output").inner_text()

@@ -4,6 +4,8 @@
 //! ```json
 //! {"self": "ID", "members": [{"id", "addr", "state": "alive"|"suspect"|"dead",
 //!   "last_seen_ms", "memory_total", "memory_free", "cores", "models", "role", "layers", …}],
+//!   (each of "layers" `{"model", "start", "end", "pass_ms"}`; "rtt_ms" the last heartbeat's
+//!   round trip)
 //!  "candidates": ["HOST:PORT", …]}
 //! ```
 //!
@@ -58,6 +60,8 @@ struct MemberJson {
     busy: u32,
     /// Its last answer's decode speed.
     tokens_per_s: f32,
+    /// The last heartbeat's round trip to it, ms (none for this node itself).
+    rtt_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
 }
@@ -68,6 +72,8 @@ struct LayersJson {
     model: String,
     start: u32,
     end: u32,
+    /// Its recent decode passes, ms on average (none before the first).
+    pass_ms: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -102,10 +108,12 @@ impl MemberJson {
                     model: s.model_id.clone(),
                     start: s.start,
                     end: s.end,
+                    pass_ms: (s.pass_us > 0).then(|| f64::from(s.pass_us) / 1e3),
                 })
                 .collect(),
             busy: info.busy,
             tokens_per_s: info.tokens_per_s,
+            rtt_ms: None,
             last_error: None,
         }
     }
@@ -113,6 +121,7 @@ impl MemberJson {
     fn member(m: &MemberView) -> Self {
         MemberJson {
             last_seen_ms: u64::try_from(m.since_seen.as_millis()).unwrap_or(u64::MAX),
+            rtt_ms: m.round_trip.map(|r| r.as_secs_f64() * 1e3),
             last_error: m.last_error.clone(),
             ..MemberJson::new(&m.info, Some(m.addr), m.state.as_str())
         }

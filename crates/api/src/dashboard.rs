@@ -83,29 +83,58 @@ fn snapshot(state: &AppState) -> Value {
                 .as_ref()
                 .map(|v| v.me.node_id.clone())
                 .unwrap_or_default();
+            let ms = |us: u32| (us > 0).then(|| f64::from(us) / 1e3);
             let mut stages = vec![json!({
                 "id": me,
                 "addr": view.as_ref().and_then(|v| v.my_addr).map(|a| a.to_string()),
                 "layers": [head_layers.start, head_layers.end],
                 "state": "alive",
                 "head": true,
+                "pass_ms": ms(pipeline.pass_us()),
             })];
-            for peer in peers {
+            // One-way time to each peer from the head: half the heartbeat's round trip. A
+            // hop between two peers, which the head cannot see, is taken as the mean of
+            // theirs (as the planner takes it).
+            let mut one_way = Vec::new();
+            for peer in &peers {
                 let member = view.as_ref().and_then(|v| {
                     v.members
                         .iter()
                         .find(|m| m.addr == peer.addr)
                         .or_else(|| v.members.iter().find(|m| same_machine(m.addr, peer.addr)))
                 });
+                let pass_us = member.and_then(|m| {
+                    m.info
+                        .stages
+                        .iter()
+                        .find(|s| {
+                            s.start as usize == peer.layers.start
+                                && s.end as usize == peer.layers.end
+                        })
+                        .map(|s| s.pass_us)
+                });
+                let half = member
+                    .and_then(|m| m.round_trip)
+                    .map(|r| r.as_secs_f64() * 1e3 / 2.0);
+                let hop_in = match (one_way.last(), half) {
+                    (None, h) => h,
+                    (Some(Some(before)), Some(h)) => Some((before + h) / 2.0),
+                    _ => None,
+                };
+                one_way.push(half);
                 stages.push(json!({
                     "id": member.map_or_else(|| peer.addr.to_string(), |m| m.info.node_id.clone()),
                     "addr": peer.addr.to_string(),
                     "layers": [peer.layers.start, peer.layers.end],
                     "state": member.map_or("unknown", |m| m.state.as_str()),
                     "head": false,
+                    "pass_ms": pass_us.and_then(ms),
+                    "hop_in_ms": hop_in,
                 }));
             }
-            json!({ "stages": stages })
+            // The token comes back from the last stage to the head.
+            let hop_back = one_way.last().copied().flatten();
+            json!({ "stages": stages, "hop_back_ms": hop_back })
         }
         _ => Value::Null,
     };

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use shoal_wire::{Chaos, ErrorCode, ErrorMessage, Heartbeat, Hello, Message, Transport};
 use tokio::task::JoinSet;
@@ -24,7 +24,17 @@ use tokio::time::MissedTickBehavior;
 use crate::roster::{MemberView, Roster, Source};
 
 /// A future that a [`Prober`] returns.
-pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<Heartbeat, String>> + Send + 'a>>;
+pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<Exchanged, String>> + Send + 'a>>;
+
+/// What one heartbeat exchange brought back.
+#[derive(Clone, Debug)]
+pub struct Exchanged {
+    /// The other node's heartbeat.
+    pub heartbeat: Heartbeat,
+    /// From sending ours to reading theirs, on a connection already set up: the link's
+    /// round trip, as `/v1/cluster` and the dashboard show it.
+    pub round_trip: Duration,
+}
 
 /// One heartbeat exchange: send `mine` to the node at `addr`, return its answer.
 pub trait Prober: Send + Sync + 'static {
@@ -47,11 +57,15 @@ impl Prober for WireProber {
                 .dial(addr, self.hello.clone())
                 .await
                 .map_err(|e| e.to_string())?;
+            let sent = Instant::now();
             conn.write_frame(&Message::Heartbeat(mine))
                 .await
                 .map_err(|e| e.to_string())?;
             match conn.read_frame().await.map_err(|e| e.to_string())? {
-                Some(Message::Heartbeat(theirs)) => Ok(theirs),
+                Some(Message::Heartbeat(theirs)) => Ok(Exchanged {
+                    heartbeat: theirs,
+                    round_trip: sent.elapsed(),
+                }),
                 Some(Message::Error(e)) => Err(e.message),
                 Some(other) => Err(format!("answered a heartbeat with {}", other.name())),
                 None => Err("closed the connection instead of answering".to_owned()),
@@ -177,8 +191,9 @@ pub async fn join(
         Err(_) => return failed(format!("no answer within {deadline:?}")),
     };
     roster
-        .record_heartbeat(addr, &theirs, now())
+        .record_heartbeat(addr, &theirs.heartbeat, now())
         .map_err(|e| e.to_string())?;
+    roster.record_round_trip(addr, theirs.round_trip);
     roster
         .view(now())
         .members
@@ -216,9 +231,13 @@ async fn probe(
 ) -> Result<(), String> {
     let deadline = roster.config().probe_timeout;
     match tokio::time::timeout(deadline, prober.exchange(addr, mine)).await {
-        Ok(Ok(theirs)) => roster
-            .record_heartbeat(addr, &theirs, now())
-            .map_err(|e| e.to_string()),
+        Ok(Ok(theirs)) => {
+            roster
+                .record_heartbeat(addr, &theirs.heartbeat, now())
+                .map_err(|e| e.to_string())?;
+            roster.record_round_trip(addr, theirs.round_trip);
+            Ok(())
+        }
         Ok(Err(e)) => {
             roster.record_failure(addr, &e);
             Ok(())
@@ -269,7 +288,10 @@ mod tests {
                 let target = self.net.nodes.lock().unwrap().get(&addr).cloned();
                 let target = target.ok_or("connection refused")?;
                 match answer_heartbeat(&target, self.me, &mine) {
-                    Message::Heartbeat(h) => Ok(h),
+                    Message::Heartbeat(h) => Ok(Exchanged {
+                        heartbeat: h,
+                        round_trip: Duration::from_millis(1),
+                    }),
                     other => Err(format!("{other:?}")),
                 }
             })

@@ -101,6 +101,8 @@ pub struct MemberView {
     pub since_seen: Duration,
     /// What it said about itself in its last heartbeat.
     pub info: NodeInfo,
+    /// The last heartbeat's round trip (on a connection already set up).
+    pub round_trip: Option<Duration>,
     /// Why the last heartbeat to it failed, while it is not alive.
     pub last_error: Option<String>,
 }
@@ -132,6 +134,8 @@ pub enum RosterError {
 struct Entry {
     addr: SocketAddr,
     info: NodeInfo,
+    /// The last heartbeat's round trip.
+    round_trip: Option<Duration>,
     last_seen: Instant,
     is_static: bool,
     last_error: Option<String>,
@@ -315,6 +319,7 @@ impl Roster {
             None => lists.members.push(Entry {
                 addr,
                 info: heartbeat.node.clone(),
+                round_trip: None,
                 last_seen: now,
                 is_static,
                 last_error: None,
@@ -340,6 +345,14 @@ impl Roster {
             }
         }
         Ok(())
+    }
+
+    /// The round trip of the last heartbeat exchanged with the member at `addr`.
+    pub fn record_round_trip(&self, addr: SocketAddr, round_trip: Duration) {
+        let mut lists = self.lock();
+        if let Some(m) = lists.members.iter_mut().find(|m| m.addr == addr) {
+            m.round_trip = Some(round_trip);
+        }
     }
 
     /// A heartbeat to `addr` failed with `error`.
@@ -386,6 +399,7 @@ impl Roster {
                     state,
                     since_seen: now.saturating_duration_since(m.last_seen),
                     info: m.info.clone(),
+                    round_trip: m.round_trip,
                     last_error: (state != Liveness::Alive)
                         .then(|| m.last_error.clone())
                         .flatten(),

@@ -165,12 +165,13 @@ pub(crate) fn start_refresh(
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .as_ref()
-                .and_then(StageServer::loaded_stage);
+                .and_then(|s| Some((s.loaded_stage()?, s.pass_us())))
+                .map(|((model_id, layers), pass_us)| (model_id, layers, pass_us));
             let headed = head
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .as_ref()
-                .map(|(model_id, ring)| (model_id.clone(), ring.layout().0));
+                .map(|(model_id, ring)| (model_id.clone(), ring.layout().0, ring.pass_us()));
             let held = headed.into_iter().chain(served);
             let (busy, tokens_per_s) = load();
             roster.update_me(|me| {
@@ -180,11 +181,12 @@ pub(crate) fn start_refresh(
                     me.memory_free = offered(free, memory_offer);
                 }
                 me.stages = held
-                    .filter_map(|(model_id, layers)| {
+                    .filter_map(|(model_id, layers, pass_us)| {
                         Some(HeldStage {
                             model_id: truncate(model_id, MAX_MODEL_ID),
                             start: u32::try_from(layers.start).ok()?,
                             end: u32::try_from(layers.end).ok()?,
+                            pass_us,
                         })
                     })
                     .collect();

@@ -149,6 +149,21 @@ async fn nodes_join_through_one_address_strangers_stay_out_and_the_dead_are_seen
         "b's peer port, reached from a"
     );
     assert!(b_in_a["last_seen_ms"].as_u64().unwrap() < 800);
+    // The round trip of a's next heartbeat to b (b may have become a member through its
+    // own heartbeat to a), timed on the set-up connection: well under the probe deadline on
+    // loopback; none for this node itself.
+    assert!(members[0]["rtt_ms"].is_null());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let view = cluster(&a).await;
+        let b_now = &view["members"][1];
+        if let Some(rtt) = b_now["rtt_ms"].as_f64() {
+            assert!(rtt > 0.0 && rtt < 1000.0, "{b_now}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no round trip to b: {b_now}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // c knows nobody; one join through a's HTTP API and it learns b too, and b learns c.
     let c = start(key, &[]).await;

@@ -276,3 +276,31 @@ mod tests {
         );
     }
 }
+
+/// The average time of a stage's recent decode passes (each session one row), in
+/// microseconds: the stage's compute per token, as members' heartbeats and the dashboard's
+/// ring show it. Prefill passes (several rows a session) are left out: they would swamp
+/// the figure.
+#[derive(Debug, Default)]
+pub(crate) struct PassTimer(std::sync::atomic::AtomicU32);
+
+impl PassTimer {
+    /// A pass of `rows` rows over `sessions` sessions took `took`.
+    pub(crate) fn record(&self, rows: usize, sessions: usize, took: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if rows == 0 || rows != sessions {
+            return;
+        }
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let old = u64::from(self.0.load(Relaxed));
+        // A moving average over about the last five passes.
+        let new = if old == 0 { us } else { (old * 4 + us) / 5 };
+        self.0
+            .store(u32::try_from(new).unwrap_or(u32::MAX).max(1), Relaxed);
+    }
+
+    /// The average, in microseconds; 0 before the first decode pass.
+    pub(crate) fn micros(&self) -> u32 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

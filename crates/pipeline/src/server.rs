@@ -36,7 +36,7 @@ use shoal_wire::{
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::batch::{default_batch_rows, spawn_worker, BatchStats, Job};
+use crate::batch::{default_batch_rows, spawn_worker, BatchStats, Job, PassTimer};
 use crate::convert::{activations_to_tensor, file_sha256, sampling_params, tensor_to_activations};
 use crate::error::{PipelineError, Result};
 use crate::idle::IdleMap;
@@ -172,6 +172,8 @@ struct Inner {
     /// reads its next frame, so a flood of `Forward`s slows its sender down (TCP
     /// backpressure) instead of growing this node's memory.
     queue_room: Arc<Semaphore>,
+    /// How long the stage's recent decode passes take.
+    pass_timer: PassTimer,
 }
 
 struct Loaded {
@@ -284,6 +286,7 @@ impl StageServer {
                 profiles: Mutex::new(HashMap::new()),
                 queue: OnceLock::new(),
                 queue_room,
+                pass_timer: PassTimer::default(),
             }),
         }
     }
@@ -323,6 +326,11 @@ impl StageServer {
     /// The layers of the loaded stage, if one is loaded.
     pub fn loaded_layers(&self) -> Option<Range<usize>> {
         self.loaded().map(|l| l.stage.spec().layers.clone())
+    }
+
+    /// Microseconds the stage's recent decode passes took, on average (0: none yet).
+    pub fn pass_us(&self) -> u32 {
+        self.inner.pass_timer.micros()
     }
 
     /// The model (as heads name it) and layers of the loaded stage, if one is loaded.
@@ -847,7 +855,12 @@ impl StageServer {
             return;
         }
         let running = loaded.clone();
+        let (rows, sessions) = (jobs.iter().map(|j| j.positions.len()).sum(), jobs.len());
+        let started = Instant::now();
         let outcomes = tokio::task::spawn_blocking(move || compute(&running, jobs)).await;
+        self.inner
+            .pass_timer
+            .record(rows, sessions, started.elapsed());
         let outcomes = match outcomes {
             Ok(o) => o,
             Err(e) => {

@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use shoal_wire::{
-    Activations, AgentCard, Answer, Ask, Capabilities, ChatTurn, DType, Describe, EndSession,
-    ErrorCode, ErrorMessage, Finish, Forward, GetProfile, GetWeights, Hello, HelloAck, LoadStage,
-    LogitRows, Logits, Message, Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady,
-    Token, Truncate, Want, WeightsChunk, WeightsManifest, WeightsRegion,
+    Activations, AgentCard, Answer, Ask, Capabilities, Chaos, ChatTurn, DType, Describe,
+    EndSession, ErrorCode, ErrorMessage, Finish, Forward, GetProfile, GetWeights, Heartbeat,
+    HeldStage, Hello, HelloAck, KnownMember, LoadStage, LogitRows, Logits, Message, NodeInfo,
+    Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Want,
+    WeightsChunk, WeightsManifest, WeightsRegion,
 };
 
 fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
@@ -148,6 +149,33 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             session_id: 9,
             len: 4,
         }),
+        Message::Heartbeat(Heartbeat {
+            node: NodeInfo {
+                node_id: "node-a".into(),
+                version: "0.1.0".into(),
+                peer_port: 7471,
+                http_port: 8080,
+                memory_total: 8 << 30,
+                memory_free: 5 << 30,
+                cores: 4,
+                accelerator: String::new(),
+                role: "stage".into(),
+                models: vec!["smollm2-135m-instruct-q4_1.gguf".into()],
+                stages: vec![HeldStage {
+                    model_id: "smollm2-135m-instruct-q4_1.gguf".into(),
+                    start: 10,
+                    end: 30,
+                    pass_us: 2_900,
+                }],
+                busy: 1,
+                tokens_per_s: 80.5,
+            },
+            known: vec![KnownMember {
+                node_id: "node-b".into(),
+                addr,
+            }],
+        }),
+        Message::Chaos(Chaos { down: true }),
         Message::Describe(Describe),
         Message::AgentCard(AgentCard {
             node_id: "agent-1".into(),

@@ -325,6 +325,7 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
                                 model_id: rng.string(40),
                                 start,
                                 end: start + 1 + rng.below(100) as u32,
+                                pass_us: rng.u32(),
                             }
                         })
                         .collect(),

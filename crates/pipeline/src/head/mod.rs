@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::batch::{spawn_worker, Active};
+use crate::batch::{spawn_worker, Active, PassTimer};
 use crate::convert::{file_sha256, sampling_spec};
 use crate::error::{PipelineError, Result};
 use crate::link::{dial, dial_with_ack, Link};
@@ -174,6 +174,8 @@ pub struct Pipeline {
     kept: Mutex<KeptPrompts>,
     /// [`Stage::rows_reusable_across_chunks`] of the model.
     reuse_by_rows: bool,
+    /// How long the head's own decode passes take.
+    pass_timer: Arc<PassTimer>,
 }
 
 /// Caches kept on the ring of `epoch`; a re-plan reloads every stage, so they go with it.
@@ -290,15 +292,26 @@ impl Pipeline {
             let router = router.clone();
             Box::new(move || router.len())
         };
+        let pass_timer = Arc::new(PassTimer::default());
+        let timer = pass_timer.clone();
         let batcher = spawn_worker(
             jobs,
             config.batch_rows,
             config.stats.clone(),
             Some(active),
-            |batch| async {
-                // A panic drops the batch's replies: its sessions fail, the worker goes on.
-                if let Err(e) = tokio::task::spawn_blocking(move || run_local_batch(batch)).await {
-                    tracing::error!(error = %e, "the head's stage failed");
+            move |batch: Vec<LocalJob>| {
+                let timer = timer.clone();
+                async move {
+                    let (rows, sessions) =
+                        (batch.iter().map(|j| j.positions.len()).sum(), batch.len());
+                    let started = std::time::Instant::now();
+                    // A panic drops the batch's replies: its sessions fail, the worker goes on.
+                    if let Err(e) =
+                        tokio::task::spawn_blocking(move || run_local_batch(batch)).await
+                    {
+                        tracing::error!(error = %e, "the head's stage failed");
+                    }
+                    timer.record(rows, sessions, started.elapsed());
                 }
             },
         );
@@ -326,6 +339,7 @@ impl Pipeline {
                 cache: PrefixCache::new(config.prompt_cache_bytes),
             }),
             reuse_by_rows,
+            pass_timer,
             config,
         })
     }
@@ -345,6 +359,11 @@ impl Pipeline {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Microseconds the head's own recent decode passes took, on average (0: none yet).
+    pub fn pass_us(&self) -> u32 {
+        self.pass_timer.micros()
     }
 
     /// The ring as it stands: the head's layers, then each peer's address and layers.

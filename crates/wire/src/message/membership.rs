@@ -71,12 +71,16 @@ pub struct NodeInfo {
 }
 
 /// One pipeline stage a node holds: `model_id` (`u32` length ≤ [`MAX_MODEL_ID`], UTF-8), then
-/// `start` and `end` (`u32` each, `start < end`): layers `[start, end)`.
+/// `start` and `end` (`u32` each, `start < end`): layers `[start, end)`; then `pass_us`
+/// (`u32`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeldStage {
     pub model_id: String,
     pub start: u32,
     pub end: u32,
+    /// Microseconds its recent decode passes took, on average (0: none yet): the stage's
+    /// compute per token, as the dashboard's ring shows it.
+    pub pass_us: u32,
 }
 
 /// Another member the sender knows: `node_id` (`u32` length 1..=[`MAX_NODE_ID`], UTF-8) and
@@ -183,6 +187,7 @@ impl NodeInfo {
                 model_id: r.string("stage model_id", MAX_MODEL_ID)?,
                 start: r.u32("stage start")?,
                 end: r.u32("stage end")?,
+                pass_us: r.u32("stage pass_us")?,
             };
             if stage.start >= stage.end {
                 return Err(r.invalid(
@@ -232,6 +237,7 @@ impl NodeInfo {
             put_string(out, &s.model_id);
             out.put_u32_le(s.start);
             out.put_u32_le(s.end);
+            out.put_u32_le(s.pass_us);
         }
         out.put_u32_le(self.busy);
         out.put_f32_le(self.tokens_per_s);
@@ -328,6 +334,7 @@ mod tests {
                     model_id: "qwen.gguf".into(),
                     start: 12,
                     end: 24,
+                    pass_us: 8_500,
                 }],
                 busy: 2,
                 tokens_per_s: 41.5,
