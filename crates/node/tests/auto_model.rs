@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::{http, loopback, model_path};
 use serde_json::Value;
-use shoal_cluster::DetectorConfig;
 use shoal_node::{AutoModel, Node, NodeConfig, AUTO_MODEL_ID};
 use shoal_wire::SwarmKey;
 
@@ -21,16 +20,6 @@ const QWEN05: &str = "qwen2.5-coder-0.5b-instruct.gguf";
 /// Memory each node offers: enough for SmolLM2 alone, not for Qwen 0.5B, which two hold
 /// together (`shoal_models::room`).
 const OFFER: u64 = 512 << 20;
-
-fn detector() -> DetectorConfig {
-    DetectorConfig {
-        interval: Duration::from_millis(200),
-        probe_timeout: Duration::from_millis(1000),
-        suspect_after: Duration::from_millis(800),
-        dead_after: Duration::from_millis(1600),
-        ..DetectorConfig::default()
-    }
-}
 
 async fn model_ids(node: &Node) -> Vec<String> {
     let (status, body) = http(node.http_addr(), "GET", "/v1/models", None).await;
@@ -81,7 +70,7 @@ async fn the_head_picks_the_model_the_room_holds_moves_up_when_a_member_joins_an
     head.peer_addr = Some(loopback());
     head.swarm_key = Some(SwarmKey::from_bytes(key));
     head.plan_memory_bytes = Some(OFFER);
-    head.cluster.detector = detector();
+    head.cluster.detector = common::fast_detector();
     head.cluster.mdns = false;
     let head = Node::start(head).await.unwrap();
 
@@ -113,7 +102,7 @@ async fn the_head_picks_the_model_the_room_holds_moves_up_when_a_member_joins_an
     member.swarm_key = Some(SwarmKey::from_bytes(key));
     member.peers = vec![head.peer_addr().unwrap().to_string()];
     member.plan_memory_bytes = Some(OFFER);
-    member.cluster.detector = detector();
+    member.cluster.detector = common::fast_detector();
     member.cluster.mdns = false;
     let member = Node::start(member).await.unwrap();
     runs(

@@ -12,20 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{http, loopback, model_path};
 use serde_json::{json, Value};
-use shoal_cluster::DetectorConfig;
 use shoal_node::{Node, NodeConfig};
 use shoal_wire::SwarmKey;
-
-/// Fast heartbeats, so the test takes seconds.
-fn detector() -> DetectorConfig {
-    DetectorConfig {
-        interval: Duration::from_millis(200),
-        probe_timeout: Duration::from_millis(1000),
-        suspect_after: Duration::from_millis(800),
-        dead_after: Duration::from_millis(1600),
-        ..DetectorConfig::default()
-    }
-}
 
 /// A stage-only node (no model in memory) with a peer port and `key`, knowing `peers`.
 async fn start(key: [u8; 32], peers: &[SocketAddr]) -> Node {
@@ -34,7 +22,7 @@ async fn start(key: [u8; 32], peers: &[SocketAddr]) -> Node {
     config.peer_addr = Some(loopback());
     config.swarm_key = Some(SwarmKey::from_bytes(key));
     config.peers = peers.iter().map(|p| p.to_string()).collect();
-    config.cluster.detector = detector();
+    config.cluster.detector = common::fast_detector();
     config.cluster.mdns = false;
     Node::start(config).await.unwrap()
 }
@@ -318,7 +306,7 @@ async fn the_dashboard_feed_and_kill_and_heal() {
     config.peer_addr = Some(loopback());
     config.swarm_key = Some(SwarmKey::from_bytes(key));
     config.api_key = Some("secret".into());
-    config.cluster.detector = detector();
+    config.cluster.detector = common::fast_detector();
     config.cluster.mdns = false;
     let a = Node::start(config).await.unwrap();
     let b = start(key, &[a.peer_addr().unwrap()]).await;
@@ -421,7 +409,7 @@ async fn a_node_heads_a_swarm_of_the_members_it_finds() {
         config.swarm_key = Some(SwarmKey::from_bytes(key));
         config.peers = peers;
         config.role = role;
-        config.cluster.detector = detector();
+        config.cluster.detector = common::fast_detector();
         config.cluster.mdns = false;
         config
     };
@@ -507,7 +495,7 @@ async fn a_ring_over_the_members_forms_when_one_joins_and_follows_later_joins() 
     head.split = Some("auto".into());
     // Less than SmolLM2 needs: the head cannot run it alone.
     head.plan_memory_bytes = Some(60 << 20);
-    head.cluster.detector = detector();
+    head.cluster.detector = common::fast_detector();
     head.cluster.mdns = false;
     let head = Node::start(head).await.unwrap();
     let head_peer = head.peer_addr().unwrap();
@@ -535,7 +523,7 @@ async fn a_ring_over_the_members_forms_when_one_joins_and_follows_later_joins() 
         config.peer_addr = Some(loopback());
         config.swarm_key = Some(SwarmKey::from_bytes(key));
         config.peers = vec![head_peer.to_string()];
-        config.cluster.detector = detector();
+        config.cluster.detector = common::fast_detector();
         config.cluster.mdns = false;
         config
     };

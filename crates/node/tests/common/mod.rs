@@ -25,6 +25,17 @@ pub(crate) fn model_path() -> PathBuf {
     p
 }
 
+/// Fast heartbeats, so the cluster tests take seconds.
+pub(crate) fn fast_detector() -> shoal_cluster::DetectorConfig {
+    shoal_cluster::DetectorConfig {
+        interval: Duration::from_millis(200),
+        probe_timeout: Duration::from_millis(1000),
+        suspect_after: Duration::from_millis(800),
+        dead_after: Duration::from_millis(1600),
+        ..shoal_cluster::DetectorConfig::default()
+    }
+}
+
 pub(crate) fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
