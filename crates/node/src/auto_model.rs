@@ -8,7 +8,7 @@
 //! current model's id, which `/v1/models` lists first).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use shoal_api::AppState;
@@ -175,7 +175,7 @@ async fn switch(
             }
             None => None,
         };
-        let id = stem(&path);
+        let id = crate::config::model_id_of(&path);
         match head.connect(&path, layout, state).await {
             Ok((pipeline, planner)) => {
                 state.set_ready_as(pipeline.clone(), id.clone());
@@ -225,11 +225,4 @@ async fn find_or_fetch(auto: &AutoModel, model: &'static ModelInfo) -> Result<Pa
     tokio::task::spawn_blocking(move || fetch(model))
         .await
         .map_err(|e| e.to_string())?
-}
-
-/// The id clients see for the model at `path`: its file's stem.
-fn stem(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".to_owned())
 }

@@ -235,13 +235,17 @@ impl NodeConfig {
 
     /// The model id clients send: the configured one, else the file's stem.
     pub(crate) fn model_id(&self) -> String {
-        self.model_id.clone().unwrap_or_else(|| {
-            self.model
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into())
-        })
+        self.model_id
+            .clone()
+            .unwrap_or_else(|| model_id_of(&self.model))
     }
+}
+
+/// The id clients send for the model in `file`: the file's stem.
+pub(crate) fn model_id_of(file: &std::path::Path) -> String {
+    file.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
 }
 
 /// What to do about a missing swarm key.

@@ -80,6 +80,11 @@ fn sampled() -> SamplingParams {
 async fn start_server(idle: Duration) -> (StageServer, SocketAddr) {
     let mut config = StageServerConfig::new(models_dir());
     config.session_idle_timeout = idle;
+    serve(config).await
+}
+
+/// A stage server with `config`, serving on a free loopback port.
+async fn serve(config: StageServerConfig) -> (StageServer, SocketAddr) {
     let server = StageServer::new(config);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1398,10 +1403,7 @@ async fn positions_must_continue_the_cache() {
 async fn sessions_per_stage_are_capped() {
     let mut config = StageServerConfig::new(models_dir());
     config.max_sessions = 2;
-    let server = StageServer::new(config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(server.clone().serve(listener, std::future::pending()));
+    let (_server, addr) = serve(config).await;
     let mut conn = dial(addr).await;
     load_last_stage(&mut conn, 6, DType::F32).await;
     let replies = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1461,10 +1463,7 @@ async fn sessions_per_head_are_capped() {
     let mut config = StageServerConfig::new(models_dir());
     config.max_sessions = 4;
     config.max_sessions_per_head = 2;
-    let server = StageServer::new(config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(server.clone().serve(listener, std::future::pending()));
+    let (server, addr) = serve(config).await;
     let mut conn = dial(addr).await;
     load_last_stage(&mut conn, 6, DType::F32).await;
     let (greedy_head, other_head) = (
@@ -1563,10 +1562,7 @@ async fn a_flood_of_forwards_is_held_back_by_the_queue_bound() {
     // Every frame is a new session of one head: no session cap may refuse them early.
     config.max_sessions = 10_000;
     config.max_sessions_per_head = 10_000;
-    let server = StageServer::new(config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(server.clone().serve(listener, std::future::pending()));
+    let (server, addr) = serve(config).await;
     let mut conn = dial(addr).await;
     load_last_stage(&mut conn, 9, DType::F32).await;
     // Nothing is asked back; a failure would be reported here, and drained.

@@ -454,11 +454,27 @@ impl Pipeline {
             peers = ?peers,
             "re-planned the ring on the nodes left"
         );
+        self.install(failed, local, &peers).await
+    }
+
+    /// Sets up the ring that follows `previous` (the next epoch, the head's stage cut from
+    /// the one it had) with these layers, and answers through it from now on.
+    async fn install(
+        &self,
+        previous: &Ring,
+        local: Range<usize>,
+        peers: &[PeerStage],
+    ) -> Result<()> {
         let ring = self
             .setup()
-            .build(failed.epoch + 1, Some(failed.stage.clone()), local, &peers)
+            .build(
+                previous.epoch + 1,
+                Some(previous.stage.clone()),
+                local,
+                peers,
+            )
             .await?;
-        for p in &peers {
+        for p in peers {
             self.members.seen(p.addr, None);
         }
         *self.ring.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(ring);
@@ -487,14 +503,7 @@ impl Pipeline {
             return Ok(false);
         }
         tracing::info!(head = ?local, peers = ?peers, "moving the ring to a new plan");
-        let new = self
-            .setup()
-            .build(ring.epoch + 1, Some(ring.stage.clone()), local, &peers)
-            .await?;
-        for p in &peers {
-            self.members.seen(p.addr, None);
-        }
-        *self.ring.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(new);
+        self.install(&ring, local, &peers).await?;
         Ok(true)
     }
 
