@@ -5,6 +5,7 @@
 //! the engine, then either stream SSE chunks or collect the whole text.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,11 +16,12 @@ use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
 use serde_json::Value;
 use shoal_engine::{ChatMessage, FinishReason, GenerateParams, JsonGrammar, SamplingParams};
+use shoal_swarm::agent::ApiRefusal;
 use tokio::sync::mpsc;
 
 use crate::backend::Backend;
 
-use crate::error::{ApiError, Json};
+use crate::error::{parse_json, ApiError, Json};
 use crate::runner::{self, Event, Job};
 use crate::state::{unix_now, AppState};
 use crate::tools::{argument_fragments, template_messages, Call, Format, StreamGate, ToolSet};
@@ -39,7 +41,7 @@ const DEFAULT_TOP_P: f32 = 0.95;
 const DEFAULT_MIN_P: f32 = 0.05;
 
 /// Every answer says it came from this backend.
-const SYSTEM_FINGERPRINT: &str = concat!("shoal-", env!("CARGO_PKG_VERSION"));
+pub(crate) const SYSTEM_FINGERPRINT: &str = concat!("shoal-", env!("CARGO_PKG_VERSION"));
 
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
@@ -53,6 +55,46 @@ pub(crate) async fn chat_completions(
     respond(state, prepared, prompt, received, Kind::Chat).await
 }
 
+/// Answers a whole chat request (JSON) with this node's own model, as `POST
+/// /v1/chat/completions` would but never streamed and never by the swarm: how this node,
+/// as a swarm agent, answers a head that passes a client's request on. The response's JSON,
+/// or the API's refusal.
+pub(crate) async fn answer_whole(state: AppState, body: String) -> Result<String, ApiRefusal> {
+    let refused = |e: ApiError| ApiRefusal {
+        status: e.status.as_u16(),
+        message: e.message,
+    };
+    let received = Instant::now();
+    let mut req: CompletionRequest = parse_json(body.as_bytes()).map_err(refused)?;
+    req.model = None;
+    req.stream = None;
+    req.stream_options = None;
+    let (prepared, prompt) = prepare_chat(&state, &req).await.map_err(refused)?;
+    let response = respond(state, prepared, prompt, received, Kind::Chat)
+        .await
+        .map_err(refused)?;
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), shoal_wire::MAX_API_JSON)
+        .await
+        .map_err(|e| ApiRefusal {
+            status: 500,
+            message: format!("cannot read this node's own answer: {e}"),
+        })?;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    if status.is_success() {
+        return Ok(text);
+    }
+    // An error body: `{"error": {"message": …}}`.
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_owned))
+        .unwrap_or(text);
+    Err(ApiRefusal {
+        status: status.as_u16(),
+        message,
+    })
+}
+
 /// A chat request checked and its prompt rendered and tokenized — everything before the
 /// engine, shared by every API that chats (OpenAI's, Anthropic's and Ollama's, which
 /// translate their requests into OpenAI's first).
@@ -61,19 +103,7 @@ pub(crate) async fn prepare_chat(
     req: &CompletionRequest,
 ) -> Result<(Prepared, Vec<u32>), ApiError> {
     let checked = check(state, req, "messages")?;
-    let tools = ToolSet::from_request(
-        req.tools.as_deref(),
-        req.tool_choice.as_ref(),
-        req.parallel_tool_calls,
-    )?;
-    let answer_format = response_format(req.response_format.as_ref())?;
-    if answer_format.is_some() && tools.as_ref().is_some_and(ToolSet::forced) {
-        return Err(ApiError::invalid_value(
-            "response_format",
-            "`response_format` and a forced `tool_choice` cannot be combined: the answer \
-             would have to be both",
-        ));
-    }
+    let (tools, answer_format) = answer_shape(req)?;
     let messages = chat_json(req.messages.as_deref())?;
     let mut prepared = checked.with_model(state.model()?);
     let backend = prepared.model.clone();
@@ -109,6 +139,27 @@ pub(crate) async fn prepare_chat(
     prepared.grammar = grammar;
     prepared.tools = tools.map(|t| (Arc::new(t), format));
     Ok((prepared, prompt))
+}
+
+/// The tools the answer may call and the JSON grammar it must follow, as the request asks;
+/// a 400 for what cannot be.
+pub(crate) fn answer_shape(
+    req: &CompletionRequest,
+) -> Result<(Option<ToolSet>, Option<JsonGrammar>), ApiError> {
+    let tools = ToolSet::from_request(
+        req.tools.as_deref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    let answer_format = response_format(req.response_format.as_ref())?;
+    if answer_format.is_some() && tools.as_ref().is_some_and(ToolSet::forced) {
+        return Err(ApiError::invalid_value(
+            "response_format",
+            "`response_format` and a forced `tool_choice` cannot be combined: the answer \
+             would have to be both",
+        ));
+    }
+    Ok((tools, answer_format))
 }
 
 /// `response_format`: `None` for plain text; the grammar JSON answers must follow.
@@ -1258,6 +1309,117 @@ impl Output {
         })
         .flat_map(|events| stream::iter(events.into_iter().map(Ok)))
     }
+}
+
+impl Output {
+    /// [`Output::replay`] of the answer `answer` gives, once it has come; an error event
+    /// if it fails. Dropping the stream drops `answer`.
+    pub(crate) fn replay_when_done(
+        self,
+        answer: impl Future<Output = Result<(Vec<Value>, Usage), ApiError>> + Send + 'static,
+    ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+        stream::once(answer).flat_map(move |answer| match answer {
+            Ok((choices, usage)) => self.clone().replay(&choices, usage).left_stream(),
+            Err(e) => stream::iter([Ok(sse_error(&e))]).right_stream(),
+        })
+    }
+
+    /// The SSE events of a finished chat answer (a `chat.completion` object's `choices`, as
+    /// a swarm agent's chat API gave them), streamed the way a live answer is: per choice,
+    /// the role, the content in word-sized pieces (in one piece with its log-probabilities
+    /// when it has them), each tool call as OpenAI streams it, the finish reason; then the
+    /// usage chunk (if asked) and `[DONE]`.
+    pub(crate) fn replay(
+        self,
+        choices: &[Value],
+        usage: Usage,
+    ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+        let mut events = Vec::new();
+        for (index, choice) in choices.iter().enumerate() {
+            let out = Output {
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                ..self.clone()
+            };
+            events.push(out.chunk(true, Some(String::new()), None));
+            let content = choice
+                .pointer("/message/content")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let logprobs = choice.get("logprobs").filter(|l| !l.is_null()).cloned();
+            if logprobs.is_some() {
+                events.push(out.chunk_with(false, Some(content.to_owned()), None, logprobs));
+            } else {
+                for piece in pieces(content) {
+                    events.push(out.chunk(false, Some(piece.to_owned()), None));
+                }
+            }
+            let calls = choice
+                .pointer("/message/tool_calls")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for (i, call) in calls.iter().enumerate() {
+                let name = call.pointer("/function/name").and_then(Value::as_str);
+                let arguments = call
+                    .pointer("/function/arguments")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                for (n, fragment) in argument_fragments(arguments).into_iter().enumerate() {
+                    let delta = if n == 0 {
+                        serde_json::json!({
+                            "index": i,
+                            "id": call.get("id"),
+                            "type": "function",
+                            "function": {"name": name, "arguments": fragment},
+                        })
+                    } else {
+                        serde_json::json!({"index": i, "function": {"arguments": fragment}})
+                    };
+                    events.push(out.delta_chunk(
+                        Delta {
+                            tool_calls: Some(vec![delta]),
+                            ..Delta::default()
+                        },
+                        None,
+                    ));
+                }
+            }
+            let finish = match choice.get("finish_reason").and_then(Value::as_str) {
+                Some("length") => "length",
+                Some("tool_calls") => "tool_calls",
+                _ => "stop",
+            };
+            events.push(out.chunk(false, None, Some(finish)));
+        }
+        if self.include_usage {
+            events.push(self.usage_chunk(usage));
+        }
+        events.push(SseEvent::default().data("[DONE]"));
+        stream::iter(events.into_iter().map(Ok))
+    }
+}
+
+/// `text` cut after each run of whitespace, so that the pieces join back to `text`: how an
+/// answer that came whole is streamed.
+pub(crate) fn pieces(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let word_end = rest
+            .char_indices()
+            .skip_while(|(_, c)| c.is_whitespace())
+            .find(|(_, c)| c.is_whitespace())
+            .map_or(rest.len(), |(i, _)| i);
+        let end = rest[word_end..]
+            .char_indices()
+            .find(|(_, c)| !c.is_whitespace())
+            .map_or(rest.len(), |(i, _)| word_end + i);
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 fn sse_json<T: Serialize>(value: &T) -> SseEvent {

@@ -49,6 +49,13 @@ pub use limits::HttpLimits;
 pub use serve::serve;
 pub use state::AppState;
 
+/// This node's chat API as its swarm agent answers with it: the whole client requests a
+/// swarm head passes on (tools, JSON answers…) are answered by this node's own model, as
+/// `POST /v1/chat/completions` would answer them.
+pub fn agent_chat_api(state: AppState) -> shoal_swarm::agent::ChatApi {
+    std::sync::Arc::new(move |body| Box::pin(completions::answer_whole(state.clone(), body)))
+}
+
 use types::{ModelList, ModelObject};
 
 /// The router of a node's HTTP API.

@@ -9,10 +9,11 @@ use axum::extract::State;
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use serde_json::Value;
 use shoal_engine::FinishReason;
 use shoal_swarm::routing::{parse_swarm_model, Strategy};
 use shoal_swarm::{SwarmError, SwarmOutcome, SwarmRequest};
-use shoal_wire::ChatTurn;
+use shoal_wire::{ChatTurn, MAX_API_JSON};
 use tokio::sync::mpsc;
 
 use crate::completions::{self, Kind, Output, Prepared};
@@ -69,7 +70,14 @@ pub(crate) async fn query(
         ),
     };
     let prepared = completions::check(&state, &req.rest, "messages")?;
-    let request = swarm_request(&req.rest, &prepared, strategy, timeout(req.timeout_s)?)?;
+    let whole = whole_request(&req.rest, &prepared)?;
+    let request = swarm_request(
+        &req.rest,
+        &prepared,
+        strategy,
+        timeout(req.timeout_s)?,
+        whole,
+    )?;
     let outcome = swarm.run(request).await.map_err(from_swarm)?;
     Ok(axum::Json(outcome).into_response())
 }
@@ -83,25 +91,9 @@ pub(crate) async fn chat(
 ) -> Result<Response, ApiError> {
     let swarm = state.swarm().ok_or_else(no_swarm)?;
     let prepared = completions::check(&state, &req, "messages")?;
-    // Not yet through the swarm: say so rather than answer as if they were not asked for.
-    for (param, given) in [
-        ("tools", req.tools.as_ref().is_some_and(|t| !t.is_empty())),
-        ("response_format", req.response_format.is_some()),
-        ("ignore_eos", req.ignore_eos == Some(true)),
-        ("logprobs", prepared.logprobs.is_some()),
-        ("n", prepared.n > 1),
-    ] {
-        if given {
-            return Err(ApiError::invalid_value(
-                param,
-                format!(
-                    "`{param}` is not supported by the swarm yet; ask the node's own model \
-                     (without `model: \"swarm…\"`)"
-                ),
-            ));
-        }
-    }
-    let request = swarm_request(&req, &prepared, strategy, None)?;
+    let whole = whole_request(&req, &prepared)?;
+    let request = swarm_request(&req, &prepared, strategy, None, whole)?;
+    let answers_whole = request.api_request.is_some();
     let model = match strategy {
         Some(s) => format!("swarm:{s}"),
         None => "swarm".to_owned(),
@@ -133,6 +125,38 @@ pub(crate) async fn chat(
         }
         outcome
     };
+    if answers_whole {
+        // The chosen agent's own API response, under this request's id and model.
+        let answer = async move {
+            let o = run.await.map_err(from_swarm)?;
+            let choices = o
+                .response
+                .as_ref()
+                .and_then(|r| r.get("choices"))
+                .and_then(Value::as_array)
+                .cloned()
+                .ok_or_else(|| ApiError::internal("the chosen agent's answer has no choices"))?;
+            Ok((choices, usage(&o), summary(&o)))
+        };
+        if stream {
+            let answer = async move { answer.await.map(|(choices, usage, _)| (choices, usage)) };
+            return Ok(Sse::new(out.replay_when_done(answer))
+                .keep_alive(KeepAlive::default())
+                .into_response());
+        }
+        let (choices, usage, summary) = answer.await?;
+        let body = serde_json::json!({
+            "id": out.id,
+            "object": "chat.completion",
+            "created": out.created,
+            "model": out.model,
+            "system_fingerprint": completions::SYSTEM_FINGERPRINT,
+            "choices": choices,
+            "usage": usage,
+            "swarm": summary,
+        });
+        return Ok(axum::Json(body).into_response());
+    }
     if stream {
         // The swarm decides on a whole answer; the stream carries it in word-sized pieces so
         // clients show it the way they show any model's.
@@ -144,7 +168,7 @@ pub(crate) async fn chat(
             };
             match event {
                 Ok(o) => {
-                    for piece in pieces(&o.final_answer) {
+                    for piece in completions::pieces(&o.final_answer) {
                         if tx.send(Event::Text(piece.to_owned())).await.is_err() {
                             return;
                         }
@@ -161,17 +185,63 @@ pub(crate) async fn chat(
             .into_response())
     } else {
         let o = run.await.map_err(from_swarm)?;
-        let summary = serde_json::json!({
-            "query_type": o.query_type,
-            "classified_by": o.classified_by,
-            "strategy": o.strategy,
-            "decided_by": o.decided_by,
-            "agents_responded": o.agents_responded,
-            "failed": o.failed,
-        });
-        let usage = usage(&o);
+        let (usage, summary) = (usage(&o), summary(&o));
         Ok(out.whole_with(o.final_answer, FinishReason::Stop, usage, Some(summary)))
     }
+}
+
+/// What the swarm did, as a swarm answer's extra `swarm` field says it.
+fn summary(o: &SwarmOutcome) -> Value {
+    serde_json::json!({
+        "query_type": o.query_type,
+        "classified_by": o.classified_by,
+        "strategy": o.strategy,
+        "decided_by": o.decided_by,
+        "agents_responded": o.agents_responded,
+        "failed": o.failed,
+    })
+}
+
+/// The request as a whole, for the agents' own chat APIs, when it asks for what a plain
+/// text answer cannot give: tools (or a history with tool calls), `response_format`,
+/// `ignore_eos`, log-probabilities, `n` > 1. `None` for a plain chat, which the swarm asks
+/// its agents as a conversation (with their role prompts). The answer's shape is checked
+/// here, as each agent would check it, so that a bad request is the client's 400 rather
+/// than every agent's refusal.
+fn whole_request(
+    req: &CompletionRequest,
+    prepared: &Prepared<()>,
+) -> Result<Option<Value>, ApiError> {
+    let (tools, answer_format) = completions::answer_shape(req)?;
+    let tool_history =
+        req.messages.iter().flatten().any(|m| {
+            m.role == "tool" || m.tool_calls.as_ref().is_some_and(|calls| !calls.is_empty())
+        });
+    let whole = tools.is_some()
+        || tool_history
+        || answer_format.is_some()
+        || req.ignore_eos == Some(true)
+        || prepared.logprobs.is_some()
+        || prepared.n > 1;
+    if !whole {
+        return Ok(None);
+    }
+    let mut value = serde_json::to_value(req)
+        .map_err(|e| ApiError::internal(format!("cannot pass the request on: {e}")))?;
+    if let Some(fields) = value.as_object_mut() {
+        fields.retain(|_, v| !v.is_null());
+        // The agent answers with its own model, whole; the head streams.
+        for key in ["model", "stream", "stream_options"] {
+            fields.remove(key);
+        }
+    }
+    if value.to_string().len() > MAX_API_JSON {
+        return Err(ApiError::invalid_request(format!(
+            "the request is larger than the swarm passes on to its agents ({} MiB)",
+            MAX_API_JSON >> 20
+        )));
+    }
+    Ok(Some(value))
 }
 
 fn usage(o: &SwarmOutcome) -> Usage {
@@ -189,33 +259,12 @@ fn done(o: &SwarmOutcome) -> Event {
     }
 }
 
-/// `text` cut after each run of whitespace, so that the pieces join back to `text`.
-fn pieces(text: &str) -> impl Iterator<Item = &str> {
-    let mut rest = text;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let word_end = rest
-            .char_indices()
-            .skip_while(|(_, c)| c.is_whitespace())
-            .find(|(_, c)| c.is_whitespace())
-            .map_or(rest.len(), |(i, _)| i);
-        let end = rest[word_end..]
-            .char_indices()
-            .find(|(_, c)| !c.is_whitespace())
-            .map_or(rest.len(), |(i, _)| word_end + i);
-        let (piece, tail) = rest.split_at(end);
-        rest = tail;
-        Some(piece)
-    })
-}
-
 fn swarm_request(
     req: &CompletionRequest,
     prepared: &Prepared<()>,
     strategy: Option<Strategy>,
     timeout: Option<Duration>,
+    api_request: Option<Value>,
 ) -> Result<SwarmRequest, ApiError> {
     let messages = completions::chat_messages(req.messages.as_deref())?
         .into_iter()
@@ -236,6 +285,7 @@ fn swarm_request(
         seed: prepared.sampling.seed,
         stop: prepared.stop.clone(),
         timeout,
+        api_request,
     })
 }
 

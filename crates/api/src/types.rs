@@ -7,8 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The body of a completion request (chat or plain).
-#[derive(Debug, Default, Deserialize)]
+/// The body of a completion request (chat or plain). Serialized to pass a whole request
+/// on to a swarm agent's own chat API.
+#[derive(Debug, Default, Deserialize, Serialize)]
 pub(crate) struct CompletionRequest {
     pub(crate) model: Option<String>,
     /// Chat only.
@@ -49,13 +50,13 @@ pub(crate) struct CompletionRequest {
     pub(crate) top_logprobs: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub(crate) struct StreamOptions {
     pub(crate) include_usage: Option<bool>,
 }
 
 /// `stop`: one string or several.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 pub(crate) enum Stop {
     One(String),
@@ -72,7 +73,7 @@ impl Stop {
 }
 
 /// `prompt`: a string, a batch of one string, or token ids.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 pub(crate) enum Prompt {
     Text(String),
@@ -81,7 +82,7 @@ pub(crate) enum Prompt {
     TokenBatches(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub(crate) struct MessageIn {
     pub(crate) role: String,
     /// Absent or null on assistant messages that only carried tool calls.
@@ -111,14 +112,14 @@ impl MessageIn {
 }
 
 /// A message's content: a string, or an array of typed parts of which we read the text.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 pub(crate) enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub(crate) struct ContentPart {
     #[serde(rename = "type")]
     pub(crate) kind: String,

@@ -99,6 +99,7 @@ impl PeerService for InstantAgent {
                     prompt_tokens: 1,
                     completion_tokens: 8,
                     elapsed_ms: 0,
+                    response: None,
                 });
                 self.asks.fetch_add(1, Ordering::Relaxed);
                 let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);

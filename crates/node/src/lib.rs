@@ -381,8 +381,14 @@ fn start_local_model(
             }
         };
         if let Some(a) = agent {
-            let service =
-                peer_port::make_agent(model.clone(), &a.node_id, &path, a.role, &a.prompts);
+            let service = peer_port::make_agent(
+                model.clone(),
+                &a.node_id,
+                &path,
+                a.role,
+                &a.prompts,
+                shoal_api::agent_chat_api(state.clone()),
+            );
             let _ = a.slot.set(service.clone());
             if let Some((config, members)) = swarm {
                 let _runtime = handle.enter();

@@ -10,7 +10,7 @@ use shoal_cluster::heartbeat::answer_heartbeat;
 use shoal_cluster::Roster;
 use shoal_engine::Model;
 use shoal_pipeline::{BatchStats, StageServer, StageServerConfig, WholeModel};
-use shoal_swarm::agent::{measure_decode_speed, AgentConfig, AgentService};
+use shoal_swarm::agent::{measure_decode_speed, AgentConfig, AgentService, ChatApi};
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::weight::thermal_penalty;
 use shoal_wire::{
@@ -25,13 +25,15 @@ use crate::membership;
 pub(crate) type AgentSlot = Arc<OnceLock<Arc<AgentService>>>;
 
 /// Wraps a loaded model as this node's agent: its role and role prompt, its measured decode
-/// speed, and its device's thermal penalty, as swarm heads will see them in its card.
+/// speed, and its device's thermal penalty, as swarm heads will see them in its card; the
+/// whole API requests heads pass on go to `chat_api` (the node's own chat API).
 pub(crate) fn make_agent(
     model: Arc<Model>,
     node_id: &str,
     model_path: &Path,
     role: Option<Role>,
     prompts: &RolePrompts,
+    chat_api: ChatApi,
 ) -> Arc<AgentService> {
     let model_id = model_path
         .file_name()
@@ -47,7 +49,7 @@ pub(crate) fn make_agent(
         tokens_per_s = config.tokens_per_s,
         "serving as a swarm agent"
     );
-    Arc::new(AgentService::new(model, config))
+    Arc::new(AgentService::new(model, config).with_chat_api(chat_api))
 }
 
 /// What the peer port serves, and how.

@@ -199,6 +199,7 @@ async fn a_keyed_swarm_asks_its_agent_in_ciphertext_and_strangers_get_nothing() 
             seed: 0,
             stop: Vec::new(),
             choices: Vec::new(),
+            request: None,
         }),
     ] {
         let _ = raw.write_all(&msg.to_frame().unwrap()).await;

@@ -4,7 +4,9 @@
 //! streamed, a tool's result answered, `json_schema` output that parses for twenty seeds,
 //! and a 32,000-token `max_tokens` clamped; then by the official `anthropic` client
 //! (tests/python/test_anthropic_client.py) on `POST /v1/messages`: whole and streamed
-//! answers, a tool use and its result, Anthropic-shaped errors.
+//! answers, a tool use and its result, Anthropic-shaped errors. Then the same through a
+//! swarm head with two agents (tests/python/test_swarm_api.py as well): every request goes
+//! to the agents whole and one agent's answer comes back.
 //!
 //! Needs `python3` with the `openai` and `anthropic` packages and the model
 //! (`scripts/fetch-models.sh`).
@@ -38,5 +40,47 @@ fn agent_api_end_to_end() {
     assert!(
         status.success(),
         "tests/python/test_anthropic_client.py failed"
+    );
+}
+
+#[test]
+fn agent_api_through_a_swarm() {
+    let model = model_path(QWEN05);
+    let agents: Vec<common::Server> = (0..2)
+        .map(|_| common::Server::start(&model, &["--peer-port", "0"]))
+        .collect();
+    for agent in &agents {
+        agent.wait_healthy();
+    }
+    let mut args = Vec::new();
+    for agent in &agents {
+        args.extend(["--peer".to_owned(), agent.peer()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let head = common::Server::start(&model, &args);
+    head.wait_healthy();
+
+    let base_url = format!("http://{}/v1", head.addr);
+    let status = Command::new("python3")
+        .arg("tests/python/test_swarm_api.py")
+        .current_dir(workspace_root())
+        .env("SHOAL_BASE_URL", &base_url)
+        .status()
+        .expect("python3 runs");
+    assert!(status.success(), "tests/python/test_swarm_api.py failed");
+
+    // The single-node suite, with the strongest agent answering each request (fewer
+    // seeds: each request also crosses the head).
+    let status = Command::new("python3")
+        .arg("tests/python/test_agent_api.py")
+        .current_dir(workspace_root())
+        .env("SHOAL_BASE_URL", &base_url)
+        .env("SHOAL_MODEL", "swarm:strongest")
+        .env("SHOAL_SEEDS", "5")
+        .status()
+        .expect("python3 runs");
+    assert!(
+        status.success(),
+        "tests/python/test_agent_api.py through the swarm failed"
     );
 }

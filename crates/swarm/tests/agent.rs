@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use shoal_engine::{ChatMessage, FinishReason, GenerateParams, Model, SamplingParams};
 use shoal_swarm::agent::{
-    ask, describe, measure_decode_speed, AgentConfig, AgentError, AgentService, Caller,
+    ask, describe, measure_decode_speed, AgentConfig, AgentError, AgentService, ApiRefusal, Caller,
+    ChatApi,
 };
 use shoal_wire::{
     client_handshake, server_handshake, Ask, Capabilities, ChatTurn, Connection, Describe,
@@ -102,6 +103,7 @@ fn user_ask(request_id: u64, content: &str, max_tokens: u32) -> Ask {
         seed: 0,
         stop: Vec::new(),
         choices: Vec::new(),
+        request: None,
     }
 }
 
@@ -522,6 +524,75 @@ async fn client_errors_say_what_to_check() {
     };
     let err = ask(addr, &head(), bad, LONG).await.unwrap_err();
     assert!(matches!(err, AgentError::InvalidRequest(_)), "{err}");
+}
+
+/// A stand-in for the node's chat API (which lives in the API crate, above this one): it
+/// records the requests it gets and answers a tool call, or refuses what asks for `"bad"`.
+fn recording_chat_api(seen: Arc<std::sync::Mutex<Vec<String>>>) -> ChatApi {
+    Arc::new(move |request: String| {
+        let seen = Arc::clone(&seen);
+        Box::pin(async move {
+            seen.lock().unwrap().push(request.clone());
+            if request.contains("bad") {
+                return Err(ApiRefusal {
+                    status: 400,
+                    message: "`tool_choice` names no tool".into(),
+                });
+            }
+            Ok(
+                r#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,
+                "tool_calls":[{"id":"call_1","type":"function","function":{"name":"f",
+                "arguments":"{}"}}]},"finish_reason":"tool_calls"}],
+                "usage":{"prompt_tokens":30,"completion_tokens":7,"total_tokens":37}}"#
+                    .to_owned(),
+            )
+        })
+    })
+}
+
+#[tokio::test]
+async fn whole_api_requests_go_to_the_chat_api_and_need_one() {
+    let whole = |request_id, request: &str| Ask {
+        request: Some(request.to_owned()),
+        ..user_ask(request_id, "weather?", 32)
+    };
+
+    // Without a chat API: refused, with the reason.
+    let agent = start(config()).await;
+    let err = ask(agent.addr, &head(), whole(1, "{}"), LONG)
+        .await
+        .unwrap_err();
+    match &err {
+        AgentError::Remote { code, message, .. } => {
+            assert_eq!(*code, ErrorCode::BAD_REQUEST);
+            assert!(message.contains("no whole API requests"), "{message}");
+        }
+        other => panic!("not a remote error: {other}"),
+    }
+
+    // With one: the request goes to it as sent, its response comes back whole, and the text
+    // is the summary the head compares answers by.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let service =
+        AgentService::new(model(), config()).with_chat_api(recording_chat_api(seen.clone()));
+    let local = Arc::new(service);
+    let request = r#"{"messages":[{"role":"user","content":"weather?"}],"tools":[]}"#;
+    let answer = local.answer_here(whole(2, request)).await.unwrap();
+    assert_eq!(seen.lock().unwrap().as_slice(), [request.to_owned()]);
+    let response = answer.response.expect("the API's response");
+    assert!(response.contains("call_1"), "{response}");
+    let summary: serde_json::Value = serde_json::from_str(&answer.text).unwrap();
+    assert_eq!(summary, serde_json::json!({"name": "f", "arguments": {}}));
+    assert_eq!((answer.prompt_tokens, answer.completion_tokens), (30, 7));
+    assert_eq!(answer.finish, Finish::Stop);
+    assert_eq!(local.busy(), 0);
+
+    // The API's refusal is the agent's, in its words.
+    let err = local
+        .answer_here(whole(3, r#"{"bad": true}"#))
+        .await
+        .unwrap_err();
+    assert!(err.contains("names no tool"), "{err}");
 }
 
 #[test]

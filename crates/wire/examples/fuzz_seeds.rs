@@ -211,6 +211,10 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             seed: 5,
             stop: vec!["\n\n".into(), "</s>".into()],
             choices: Vec::new(),
+            request: Some(
+                r#"{"messages":[{"role":"user","content":"weather?"}],"tools":[{"type":"function","function":{"name":"get_weather"}}],"tool_choice":"required"}"#
+                    .into(),
+            ),
         }),
         Message::Ask(Ask {
             request_id: 12,
@@ -225,6 +229,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             seed: 0,
             stop: Vec::new(),
             choices: vec!["CODE".into(), "MATH".into(), "SIMPLE_FACT".into()],
+            request: None,
         }),
         Message::Answer(Answer {
             request_id: 11,
@@ -233,6 +238,10 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             prompt_tokens: 40,
             completion_tokens: 9,
             elapsed_ms: 250,
+            response: Some(
+                r#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}"#
+                    .into(),
+            ),
         }),
         Message::GetProfile(GetProfile {
             model_id: "qwen2.5-coder-0.5b-instruct.gguf".into(),

@@ -9,8 +9,8 @@ use shoal_wire::{
     ErrorMessage, Finish, Forward, GetProfile, GetWeights, Heartbeat, HeldStage, Hello, HelloAck,
     JsonAnswer, KnownMember, Limits, LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo,
     Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Want,
-    WeightsChunk, WeightsManifest, WeightsRegion, WireError, HEADER_LEN, MAX_CHAT_TURNS,
-    MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP, PROTOCOL_VERSION,
+    WeightsChunk, WeightsManifest, WeightsRegion, WireError, HEADER_LEN, MAX_API_JSON,
+    MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP, PROTOCOL_VERSION,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use tokio::io::AsyncWriteExt;
@@ -258,6 +258,9 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
                 choices: (0..choices)
                     .map(|_| format!("c{}", rng.string(12)))
                     .collect(),
+                request: rng
+                    .bool()
+                    .then(|| format!("{{\"messages\":\"{}\"}}", rng.string(40))),
             })
         }
         MessageType::Answer => Message::Answer(Answer {
@@ -271,6 +274,9 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
             prompt_tokens: rng.u32(),
             completion_tokens: rng.u32(),
             elapsed_ms: rng.u32(),
+            response: rng
+                .bool()
+                .then(|| format!("{{\"choices\":\"{}\"}}", rng.string(40))),
         }),
         MessageType::Chaos => Message::Chaos(Chaos { down: rng.bool() }),
         MessageType::GetWeights => {
@@ -555,18 +561,19 @@ fn ask() -> Ask {
         seed: 3,
         stop: vec!["\n".into()],
         choices: vec!["A".into(), "BC".into()],
+        request: None,
     }
 }
 
 #[test]
 fn agent_message_frame_bytes() {
     let frame = Message::Describe(Describe).to_frame().unwrap();
-    assert_eq!(frame, [b'S', b'H', b'O', b'L', 5, 0, 0x30, 0, 0, 0, 0, 0]);
+    assert_eq!(frame, [b'S', b'H', b'O', b'L', 6, 0, 0x30, 0, 0, 0, 0, 0]);
 
     let frame = Message::AgentCard(card()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 5, 0, 0x31, 0, 55, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 6, 0, 0x31, 0, 55, 0, 0, 0,
         2, 0, 0, 0, b'a', b'1',                         // node_id
         6, 0, 0, 0, b'c', b'r', b'i', b't', b'i', b'c', // role
         6, 0, 0, 0, b'm', b'.', b'g', b'g', b'u', b'f', // model_id
@@ -583,7 +590,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Ask(ask()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 5, 0, 0x32, 0, 86, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 6, 0, 0x32, 0, 87, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 9, 0, 0, 0, b'B', b'e', b' ', b'b', b'r', b'i', b'e', b'f', b'.', // Some(system)
         1, 0, 0, 0,                                     // one turn
@@ -595,6 +602,7 @@ fn agent_message_frame_bytes() {
         3, 0, 0, 0, 0, 0, 0, 0,                         // seed
         1, 0, 0, 0, 1, 0, 0, 0, b'\n',                  // stop ["\n"]
         2, 0, 0, 0, 1, 0, 0, 0, b'A', 2, 0, 0, 0, b'B', b'C', // choices ["A", "BC"]
+        0,                                              // no request
     ];
     assert_eq!(frame, expected);
     assert_eq!(decode(&frame).unwrap(), Message::Ask(ask()));
@@ -614,6 +622,14 @@ fn agent_message_frame_bytes() {
     .unwrap();
     assert_eq!(&none[HEADER_LEN + 8..HEADER_LEN + 9], [0]);
     assert_eq!(&empty[HEADER_LEN + 8..HEADER_LEN + 13], [1, 0, 0, 0, 0]);
+    // A whole API request comes last, tagged.
+    let with_request = Ask {
+        request: Some("{}".into()),
+        ..ask()
+    };
+    let frame = Message::Ask(with_request.clone()).to_frame().unwrap();
+    assert_eq!(frame[frame.len() - 7..], [1, 2, 0, 0, 0, b'{', b'}']);
+    assert_eq!(decode(&frame).unwrap(), Message::Ask(with_request));
 
     let answer = Answer {
         request_id: 7,
@@ -622,20 +638,29 @@ fn agent_message_frame_bytes() {
         prompt_tokens: 20,
         completion_tokens: 1,
         elapsed_ms: 300,
+        response: None,
     };
     let frame = Message::Answer(answer.clone()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 5, 0, 0x33, 0, 26, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 6, 0, 0x33, 0, 27, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 0, 0, 0, b'4',                               // text
         1,                                              // finish: length
         20, 0, 0, 0,                                    // prompt_tokens
         1, 0, 0, 0,                                     // completion_tokens
         0x2C, 0x01, 0, 0,                               // elapsed_ms 300
+        0,                                              // no response
     ];
     assert_eq!(frame, expected);
-    assert_eq!(decode(&frame).unwrap(), Message::Answer(answer));
+    assert_eq!(decode(&frame).unwrap(), Message::Answer(answer.clone()));
+    let with_response = Answer {
+        response: Some("{}".into()),
+        ..answer
+    };
+    let frame = Message::Answer(with_response.clone()).to_frame().unwrap();
+    assert_eq!(frame[frame.len() - 7..], [1, 2, 0, 0, 0, b'{', b'}']);
+    assert_eq!(decode(&frame).unwrap(), Message::Answer(with_response));
 }
 
 #[test]
@@ -694,6 +719,10 @@ fn agent_messages_with_bad_values_are_refused_both_ways() {
             ..ask()
         },
         Ask {
+            request: Some("x".repeat(MAX_API_JSON + 1)),
+            ..ask()
+        },
+        Ask {
             choices: vec!["x".into(); MAX_CHOICES + 1],
             ..ask()
         },
@@ -726,7 +755,7 @@ fn agent_messages_with_bad_values_are_refused_both_ways() {
     );
 
     let mut frame = Message::Ask(ask()).to_frame().unwrap();
-    let temp_at = frame.len() - 15 - 9 - 8 - 4 - 4;
+    let temp_at = frame.len() - 1 - 15 - 9 - 8 - 4 - 4;
     frame[temp_at..temp_at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     let err = decode(&frame).unwrap_err();
     assert!(
@@ -745,6 +774,7 @@ fn answer_finish_must_be_stop_or_length() {
         prompt_tokens: 1,
         completion_tokens: 1,
         elapsed_ms: 1,
+        response: None,
     };
     let mut frame = Message::Answer(answer).to_frame().unwrap();
     let finish_at = HEADER_LEN + 8 + 4 + 2;
@@ -781,8 +811,9 @@ fn oversized_ask_counts_are_refused_on_the_count_alone() {
         decode(&bad).unwrap_err(),
         WireError::Truncated { .. } | WireError::Invalid { .. } | WireError::TooLong { .. }
     ));
-    // The stop count (before the 15 bytes of the two choices and their count).
-    let stop_at = frame.len() - 15 - 9;
+    // The stop count (before the 15 bytes of the two choices and their count, and the
+    // request's tag).
+    let stop_at = frame.len() - 1 - 15 - 9;
     let mut bad = frame.clone();
     bad[stop_at..stop_at + 4].copy_from_slice(&9u32.to_le_bytes());
     assert!(matches!(
@@ -794,7 +825,7 @@ fn oversized_ask_counts_are_refused_on_the_count_alone() {
         }
     ));
     // The choice count.
-    let choices_at = frame.len() - 15;
+    let choices_at = frame.len() - 1 - 15;
     let mut bad = frame.clone();
     bad[choices_at..choices_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(matches!(
@@ -828,6 +859,7 @@ fn agent_messages_refuse_leftover_bytes() {
             prompt_tokens: 0,
             completion_tokens: 0,
             elapsed_ms: 0,
+            response: None,
         }),
     ] {
         let mut frame = msg.to_frame().unwrap();

@@ -14,6 +14,10 @@
 //!      ◄──────── Answer or Error ──           Error.session_id = Ask.request_id
 //! ```
 //!
+//! An `Ask` may instead carry the client's whole chat API request (tools, JSON answers…):
+//! the agent answers it through its node's own chat API (`chat_api.rs`) and sends the
+//! API's response back in the `Answer`.
+//!
 //! [`AgentService`] is the agent side. Its model runs one generation at a time (a semaphore
 //! with one permit, fair, so requests queue in arrival order), on a blocking thread so the
 //! runtime keeps serving other connections. While an `Ask` runs the service keeps reading its
@@ -26,9 +30,11 @@
 //! stops the agent's work. A fresh TCP connection on a LAN costs well under a millisecond, far
 //! below one decode step.
 
+mod chat_api;
 mod client;
 mod service;
 
+pub use chat_api::{ApiRefusal, ChatApi};
 pub use client::{ask, describe, AgentError, Caller};
 pub use service::{measure_decode_speed, AgentConfig, AgentService};
 

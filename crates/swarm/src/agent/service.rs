@@ -9,12 +9,13 @@ use shoal_engine::{ChatMessage, EngineError, FinishReason, GenerateParams, Model
 use shoal_wire::{
     serve_peers, AgentCard, Answer, Ask, Capabilities, Connection, Describe, ErrorCode,
     ErrorMessage, Finish, Hello, HelloAck, Message, PeerService, Pong, ServeConfig, Transport,
-    WireError, MAX_CHAT_TEXT,
+    WireError, MAX_API_JSON, MAX_CHAT_TEXT,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use super::chat_api::{self, ChatApi};
 use super::SOFTWARE_VERSION;
 
 /// Prompt of [`measure_decode_speed`]: plain text (no chat template), so that a base
@@ -71,6 +72,8 @@ pub struct AgentService {
     engine: Arc<Semaphore>,
     /// Asks queued for the model or running on it.
     busy: Arc<AtomicU32>,
+    /// Answers the `Ask`s that carry a whole API request; without it they are refused.
+    chat_api: Option<ChatApi>,
 }
 
 /// An agent alone on a port (a node's peer port serves it among other things).
@@ -103,11 +106,19 @@ impl AgentService {
             thermal_penalty: AtomicU32::new(1.0f32.to_bits()),
             engine: Arc::new(Semaphore::new(1)),
             busy: Arc::new(AtomicU32::new(0)),
+            chat_api: None,
             config,
         };
         service.set_tokens_per_s(service.config.tokens_per_s);
         service.set_thermal_penalty(service.config.thermal_penalty);
         service
+    }
+
+    /// Answers `Ask`s that carry a whole chat API request with `api` (the node's own chat
+    /// API over the same model).
+    pub fn with_chat_api(mut self, api: ChatApi) -> Self {
+        self.chat_api = Some(api);
+        self
     }
 
     /// The model the agent answers with.
@@ -265,6 +276,11 @@ impl AgentService {
     async fn run(&self, ask: Ask, cancel: Arc<AtomicBool>) -> Result<Answer, AskFailure> {
         let received = Instant::now();
         let busy = BusyGuard::new(&self.busy);
+        if let Some(request) = ask.request {
+            return self
+                .run_request(ask.request_id, request, received, busy)
+                .await;
+        }
         let Ask {
             request_id,
             system,
@@ -275,6 +291,7 @@ impl AgentService {
             seed,
             stop,
             choices,
+            request: _,
         } = ask;
 
         let mut chat = Vec::with_capacity(messages.len() + 1);
@@ -353,13 +370,8 @@ impl AgentService {
 
         let mut text = generated.text;
         let mut finish = generated.finish;
-        if text.len() > MAX_CHAT_TEXT {
+        if cut_to(&mut text, MAX_CHAT_TEXT) {
             // Beyond what one Answer may carry; send what fits, marked as cut by length.
-            let mut end = MAX_CHAT_TEXT;
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            text.truncate(end);
             finish = Finish::Length;
         }
         Ok(Answer {
@@ -369,6 +381,54 @@ impl AgentService {
             prompt_tokens: saturate(generated.prompt_tokens),
             completion_tokens: saturate(generated.completion_tokens),
             elapsed_ms: u32::try_from(received.elapsed().as_millis()).unwrap_or(u32::MAX),
+            response: None,
+        })
+    }
+}
+
+impl AgentService {
+    /// Answers a whole chat API request through the node's chat API, in the model's turn
+    /// (the API's own queue comes after). Dropping the future stops the generation.
+    async fn run_request(
+        &self,
+        request_id: u64,
+        request: String,
+        received: Instant,
+        _busy: BusyGuard,
+    ) -> Result<Answer, AskFailure> {
+        let Some(api) = self.chat_api.clone() else {
+            return Err(AskFailure::Refused(
+                ErrorCode::BAD_REQUEST,
+                "this agent answers no whole API requests (it runs without a chat API)".to_owned(),
+            ));
+        };
+        let _permit = Arc::clone(&self.engine)
+            .acquire_owned()
+            .await
+            .map_err(|_| internal("the agent is shutting down"))?;
+        let response = api(request).await.map_err(|refusal| {
+            let code = if (400..500).contains(&refusal.status) {
+                ErrorCode::BAD_REQUEST
+            } else {
+                ErrorCode::INTERNAL
+            };
+            AskFailure::Refused(code, refusal.message)
+        })?;
+        if response.len() > MAX_API_JSON {
+            return Err(internal(
+                "the chat API's answer is larger than an Answer may carry",
+            ));
+        }
+        let mut summary = chat_api::summarize(&response).map_err(|e| internal(&e))?;
+        cut_to(&mut summary.text, MAX_CHAT_TEXT);
+        Ok(Answer {
+            request_id,
+            text: summary.text,
+            finish: summary.finish,
+            prompt_tokens: u32::try_from(summary.prompt_tokens).unwrap_or(u32::MAX),
+            completion_tokens: u32::try_from(summary.completion_tokens).unwrap_or(u32::MAX),
+            elapsed_ms: u32::try_from(received.elapsed().as_millis()).unwrap_or(u32::MAX),
+            response: Some(response),
         })
     }
 }
@@ -391,6 +451,19 @@ enum AskFailure {
 
 fn internal(message: &str) -> AskFailure {
     AskFailure::Refused(ErrorCode::INTERNAL, message.to_owned())
+}
+
+/// Cuts `text` to at most `max` bytes (at a character boundary); whether it cut.
+fn cut_to(text: &mut String, max: usize) -> bool {
+    if text.len() <= max {
+        return false;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    true
 }
 
 fn saturate(n: usize) -> u32 {

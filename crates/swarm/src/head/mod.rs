@@ -102,6 +102,12 @@ pub struct SwarmRequest {
     pub stop: Vec<String>,
     /// Overrides the query type's timeout.
     pub timeout: Option<Duration>,
+    /// The client's whole chat API request (a JSON object), for what plain text cannot
+    /// carry: tools, `response_format`, log-probabilities, `n`. Each agent answers it
+    /// through its own chat API (with the temperature and seed of its sample), and the
+    /// outcome's `response` is the chosen agent's answer. A whole answer cannot be merged,
+    /// so `moa` and `speed` choose among the agents' answers as `vote` does.
+    pub api_request: Option<serde_json::Value>,
 }
 
 /// The swarm as its head sees it.
@@ -316,7 +322,12 @@ impl Swarm {
             ),
         };
         let sizes: Vec<u64> = answerers.iter().map(Target::parameters).collect();
-        let strategy = requested.resolve(&sizes);
+        let mut strategy = requested.resolve(&sizes);
+        let mut merged_instead = None;
+        if request.api_request.is_some() && matches!(strategy, Strategy::Moa | Strategy::Speed) {
+            merged_instead = Some(strategy);
+            strategy = Strategy::Vote;
+        }
         let (final_answer, decided_by) = match strategy {
             Strategy::Moa => run.moa(&answerers, timeout).await?,
             // `resolve` never returns `Auto`; were it to, `auto`'s fallback is the vote.
@@ -326,10 +337,27 @@ impl Swarm {
             Strategy::Speed => run.speed(&answerers, timeout).await?,
             Strategy::Strongest => run.strongest(&answerers, timeout).await?,
         };
-        let decided_by = if requested == Strategy::Auto {
-            format!("auto chose {strategy}: {decided_by}")
-        } else {
-            decided_by
+        let decided_by = match merged_instead {
+            Some(s) => format!("{s} cannot merge whole API answers; vote: {decided_by}"),
+            None if requested == Strategy::Auto => format!("auto chose {strategy}: {decided_by}"),
+            None => decided_by,
+        };
+        // Every final answer of a run with an API request is one agent's answer as given
+        // (no strategy merges them): its response goes back to the client.
+        let response = match &request.api_request {
+            None => None,
+            Some(_) => Some(
+                run.answers
+                    .iter()
+                    .filter(|a| a.text == final_answer)
+                    .find_map(|a| a.response.as_deref())
+                    .and_then(|r| serde_json::from_str(r).ok())
+                    .ok_or_else(|| {
+                        SwarmError::NoAnswer(
+                            "the chosen answer came without the API's response".to_owned(),
+                        )
+                    })?,
+            ),
         };
         let mut agents_responded: Vec<String> = Vec::new();
         for a in &run.answers {
@@ -355,6 +383,7 @@ impl Swarm {
             elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             prompt_tokens,
             completion_tokens,
+            response,
         })
     }
 
@@ -378,6 +407,7 @@ impl Swarm {
             seed: job.seed,
             stop: job.stop,
             choices: job.choices,
+            request: job.api_request,
         };
         match job.target {
             Target::Remote { index, addr, .. } => {

@@ -126,6 +126,10 @@ pub struct AgentAnswer {
     pub elapsed_ms: u64,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// The chat API's response, when it was asked a whole API request (`text` is then a
+    /// plain summary of it); the run's `response` is the chosen one's.
+    #[serde(skip)]
+    pub response: Option<String>,
 }
 
 /// An agent that was asked and did not answer.
@@ -157,6 +161,9 @@ pub struct SwarmOutcome {
     /// Tokens of every prompt and answer of the run.
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// For a request with a whole API request: the chosen agent's chat API response.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<serde_json::Value>,
 }
 
 /// Why a swarm request got no answer at all.

@@ -38,6 +38,8 @@ pub(super) struct Job {
     pub(super) stop: Vec<String>,
     /// When not empty, the answer must be one of these (the spotter's labels).
     pub(super) choices: Vec<String>,
+    /// The client's whole chat API request, answered through the agent's chat API.
+    pub(super) api_request: Option<String>,
 }
 
 impl Run<'_> {
@@ -61,6 +63,7 @@ impl Run<'_> {
                     .iter()
                     .map(|q| q.as_str().to_owned())
                     .collect(),
+                api_request: None,
             };
             let timeout = self.swarm.config.timeouts.simple;
             if let Some(answer) = self.ask_one(job, timeout).await {
@@ -114,6 +117,14 @@ impl Run<'_> {
             seed,
             stop: self.request.stop.clone(),
             choices: Vec::new(),
+            api_request: self.request.api_request.as_ref().map(|request| {
+                let mut request = request.clone();
+                if let Some(fields) = request.as_object_mut() {
+                    fields.insert("temperature".to_owned(), temperature.into());
+                    fields.insert("seed".to_owned(), seed.into());
+                }
+                request.to_string()
+            }),
         }
     }
 
@@ -137,6 +148,7 @@ impl Run<'_> {
             seed: self.request.seed,
             stop: self.request.stop.clone(),
             choices: Vec::new(),
+            api_request: None,
         }
     }
 
@@ -494,6 +506,7 @@ impl Run<'_> {
             elapsed_ms: u64::from(answer.elapsed_ms),
             prompt_tokens: answer.prompt_tokens,
             completion_tokens: answer.completion_tokens,
+            response: answer.response,
         };
         self.answers.push(a.clone());
         a

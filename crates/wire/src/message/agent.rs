@@ -37,6 +37,9 @@ pub const MAX_STOP_LEN: usize = 256;
 pub const MAX_CHOICES: usize = 64;
 /// Longest choice, in bytes.
 pub const MAX_CHOICE_LEN: usize = 256;
+/// Longest chat API request an [`Ask`] may carry, or chat API response an [`Answer`], in
+/// bytes (JSON text).
+pub const MAX_API_JSON: usize = 4 << 20;
 
 /// `Describe` (`0x0030`): head → agent, "who are you". Empty payload; the agent answers with
 /// its [`AgentCard`].
@@ -180,6 +183,7 @@ pub struct ChatTurn {
 /// | `seed` | `u64` |
 /// | `stop` | `u32` count (≤ [`MAX_STOP`]), then per string `u32` length (≤ [`MAX_STOP_LEN`]), UTF-8 |
 /// | `choices` | `u32` count (≤ [`MAX_CHOICES`]), then per choice `u32` length (1..=[`MAX_CHOICE_LEN`]), UTF-8 |
+/// | `request` | `u8` tag (0 none, 1 some), then `u32` length (≤ [`MAX_API_JSON`]), UTF-8 JSON (protocol 6) |
 #[derive(Clone, Debug, PartialEq)]
 pub struct Ask {
     /// Chosen by the head; echoed in the [`Answer`] or `Error`.
@@ -203,6 +207,12 @@ pub struct Ask {
     /// When not empty, the answer must be exactly one of these texts (the agent's sampler
     /// can draw nothing else): how the head makes a spotter answer one label.
     pub choices: Vec<String>,
+    /// A whole OpenAI chat completion request (JSON) the agent answers through its own chat
+    /// API, as it would answer a client: tools, `response_format`, log-probabilities, `n`
+    /// and everything else the API serves go through the swarm this way. The fields above
+    /// then only describe the request to the head (the agent reads this instead); the
+    /// [`Answer`] carries the API's response.
+    pub request: Option<String>,
 }
 
 impl Ask {
@@ -239,6 +249,11 @@ impl Ask {
         for _ in 0..count {
             choices.push(r.string("choice", MAX_CHOICE_LEN)?);
         }
+        let request = if r.present("request")? {
+            Some(r.string("request", MAX_API_JSON)?)
+        } else {
+            None
+        };
         let msg = Ask {
             request_id,
             system,
@@ -249,6 +264,7 @@ impl Ask {
             seed,
             stop,
             choices,
+            request,
         };
         msg.validate()?;
         Ok(msg)
@@ -276,6 +292,10 @@ impl Ask {
         put_len(out, self.choices.len());
         for c in &self.choices {
             put_string(out, c);
+        }
+        put_bool(out, self.request.is_some());
+        if let Some(request) = &self.request {
+            put_string(out, request);
         }
     }
 
@@ -328,6 +348,9 @@ impl Ask {
             }
             bound(M, "choice", c.len() as u64, MAX_CHOICE_LEN)?;
         }
+        if let Some(request) = &self.request {
+            bound(M, "request", request.len() as u64, MAX_API_JSON)?;
+        }
         Ok(())
     }
 }
@@ -368,6 +391,7 @@ impl Finish {
 /// | `finish` | `u8` (0 stop, 1 length) |
 /// | `prompt_tokens`, `completion_tokens` | `u32`, `u32` |
 /// | `elapsed_ms` | `u32` |
+/// | `response` | `u8` tag (0 none, 1 some), then `u32` length (≤ [`MAX_API_JSON`]), UTF-8 JSON (protocol 6) |
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
     /// The `Ask`'s `request_id`.
@@ -382,6 +406,10 @@ pub struct Answer {
     pub completion_tokens: u32,
     /// Time the agent spent on the request, queueing for its model included.
     pub elapsed_ms: u32,
+    /// The chat API's response (JSON) to an [`Ask`] that carried a `request`; `text` is
+    /// then a plain summary of it (the content, and each tool call as a line of JSON) for
+    /// the head to compare answers by.
+    pub response: Option<String>,
 }
 
 impl Answer {
@@ -405,6 +433,11 @@ impl Answer {
             prompt_tokens: r.u32("prompt_tokens")?,
             completion_tokens: r.u32("completion_tokens")?,
             elapsed_ms: r.u32("elapsed_ms")?,
+            response: if r.present("response")? {
+                Some(r.string("response", MAX_API_JSON)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -415,10 +448,18 @@ impl Answer {
         out.put_u32_le(self.prompt_tokens);
         out.put_u32_le(self.completion_tokens);
         out.put_u32_le(self.elapsed_ms);
+        put_bool(out, self.response.is_some());
+        if let Some(response) = &self.response {
+            put_string(out, response);
+        }
     }
 
     pub(crate) fn validate(&self) -> Result<(), WireError> {
-        bound("Answer", "text", self.text.len() as u64, MAX_CHAT_TEXT)
+        bound("Answer", "text", self.text.len() as u64, MAX_CHAT_TEXT)?;
+        if let Some(response) = &self.response {
+            bound("Answer", "response", response.len() as u64, MAX_API_JSON)?;
+        }
+        Ok(())
     }
 }
 
@@ -462,7 +503,7 @@ mod tests {
     #[test]
     fn describe_is_an_empty_frame() {
         let frame = Message::Describe(Describe).to_frame().unwrap();
-        assert_eq!(frame, [b'S', b'H', b'O', b'L', 5, 0, 0x30, 0, 0, 0, 0, 0]);
+        assert_eq!(frame, [b'S', b'H', b'O', b'L', 6, 0, 0x30, 0, 0, 0, 0, 0]);
         assert_eq!(decode(&frame).unwrap(), Message::Describe(Describe));
     }
 
@@ -478,6 +519,7 @@ mod tests {
             seed: 0,
             stop: vec![],
             choices: vec![],
+            request: None,
         });
         assert!(ask.to_frame().is_err());
         let mut payload = Vec::new();
@@ -495,6 +537,7 @@ mod tests {
             prompt_tokens: 0,
             completion_tokens: 0,
             elapsed_ms: 0,
+            response: None,
         })
         .to_frame()
         .unwrap();

@@ -18,7 +18,7 @@ mod weights;
 use bytes::Bytes;
 
 pub use agent::{
-    AgentCard, Answer, Ask, ChatTurn, Describe, Finish, MAX_CHAT_ROLE, MAX_CHAT_TEXT,
+    AgentCard, Answer, Ask, ChatTurn, Describe, Finish, MAX_API_JSON, MAX_CHAT_ROLE, MAX_CHAT_TEXT,
     MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_MODEL_NAME, MAX_ROLE, MAX_STOP, MAX_STOP_LEN,
 };
 pub use control::{ErrorCode, ErrorMessage, Ping, Pong, MAX_ERROR_MESSAGE};
