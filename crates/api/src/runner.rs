@@ -375,7 +375,13 @@ async fn run_ring(
         ended = Some(generation.await);
     }
     let cached_tokens = match &ended {
-        Some(Ok(answer)) => answer.cached_tokens,
+        Some(Ok(answer)) => {
+            metrics.draft_tokens.inc_by(answer.drafted_tokens as u64);
+            metrics
+                .draft_accepted_tokens
+                .inc_by(answer.accepted_tokens as u64);
+            answer.cached_tokens
+        }
         _ => 0,
     };
     let generate_time = first_token_at.map(|t| t.elapsed()).unwrap_or_default();

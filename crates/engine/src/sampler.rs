@@ -51,6 +51,13 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
+
+    /// Whether any penalty changes the logits (each draw then depends on the history).
+    pub fn has_penalties(&self) -> bool {
+        (self.repeat_penalty != 1.0 && self.repeat_last_n > 0)
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
+    }
 }
 
 /// A sampler for one session. Its random draw for a token depends only on the seed and the
@@ -145,11 +152,11 @@ impl Sampler {
 
     fn apply_penalties(&self, logits: &mut [f32], history: &[u32]) {
         let p = &self.params;
-        let repeat = p.repeat_penalty != 1.0 && p.repeat_last_n > 0;
-        let openai = p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
-        if !repeat && !openai {
+        if !p.has_penalties() {
             return;
         }
+        let repeat = p.repeat_penalty != 1.0 && p.repeat_last_n > 0;
+        let openai = p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
         let window = &history[history.len().saturating_sub(p.repeat_last_n)..];
         let mut counts: HashMap<u32, u32> = HashMap::new();
         for &t in window {

@@ -169,13 +169,17 @@ impl NodeConfig {
         if self.stage_only && (self.split.is_some() || self.role.is_some()) {
             return bad("--stage-only serves stages for a head; it takes no --split or --role");
         }
-        if self.speculation.is_some()
-            && (self.split.is_some() || self.stage_only || self.auto_model.is_some())
-        {
+        if self.speculation.is_some() && self.stage_only {
             return bad(
-                "--lookup and --model-draft draft for the whole model on this node; through \
-                 a pipeline of stages they do not work yet (leave them off with --split or \
-                 --stage-only)",
+                "--lookup and --model-draft are for the node that answers (a whole model, or \
+                 a pipeline's head); a --stage-only node verifies what its head guesses",
+            );
+        }
+        let draft_model = self.speculation.is_some_and(|s| s.draft_model);
+        if draft_model && (self.split.is_some() || self.auto_model.is_some()) {
+            return bad(
+                "--model-draft drafts for a whole model on this node; a pipeline's head \
+                 guesses by --lookup only (a draft model does not draft for a ring yet)",
             );
         }
         if self.speculation.is_some_and(|s| s.draft_model) && self.model_draft.is_none() {
@@ -287,7 +291,7 @@ mod tests {
     }
 
     #[test]
-    fn speculation_is_for_a_whole_model_with_its_draft_model_given() {
+    fn speculation_is_for_the_answering_node_with_its_draft_model_given() {
         let mut config = NodeConfig::new("m.gguf", "127.0.0.1:0".parse().unwrap());
         config.speculation = Some(Speculation {
             draft_model: true,
@@ -300,6 +304,17 @@ mod tests {
         config.split = Some("0-9,10-19".into());
         let err = config.check().unwrap_err().to_string();
         assert!(err.contains("pipeline"), "{err}");
+        // A pipeline's head guesses by lookup; a stage-only node guesses nothing.
+        config.model_draft = None;
+        config.speculation = Some(Speculation {
+            lookup: Some(shoal_engine::Lookup::default()),
+            ..Speculation::default()
+        });
+        assert!(config.check().is_ok());
+        config.split = None;
+        config.stage_only = true;
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("stage-only"), "{err}");
     }
 
     #[test]

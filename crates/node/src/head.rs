@@ -34,6 +34,8 @@ pub(crate) struct PipelineHead {
     pub(crate) transport: Transport,
     /// The head's prompt cache.
     pub(crate) prompt_cache_bytes: usize,
+    /// Guessing ahead by prompt lookup (`--lookup`), verified by the ring.
+    pub(crate) speculation: Option<shoal_engine::Speculation>,
     /// Where the ring goes once connected, so members see the head's own layers.
     pub(crate) ring: membership::HeadRing,
 }
@@ -163,6 +165,7 @@ impl PipelineHead {
             replan: planner.clone().map(|p| p as Arc<dyn Replan>),
             transport: self.transport.clone(),
             prompt_cache_bytes: self.prompt_cache_bytes,
+            speculation: self.speculation,
         };
         let peers = layout.peers;
         let pipeline = shoal_pipeline::connect_ring(model, &peers, &layout.ranges, settings)

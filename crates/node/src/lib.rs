@@ -196,6 +196,7 @@ impl Node {
                 memory_cap: config.plan_memory_bytes,
                 transport: transport.clone(),
                 prompt_cache_bytes: config.prompt_cache_bytes,
+                speculation: config.speculation,
                 ring: head_ring.clone(),
             };
             background.push(match config.auto_model.clone() {

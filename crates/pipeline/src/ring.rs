@@ -94,6 +94,9 @@ pub struct RingSettings {
     pub transport: Transport,
     /// The head's prompt cache ([`PipelineConfig::prompt_cache_bytes`]).
     pub prompt_cache_bytes: usize,
+    /// Guessing ahead by prompt lookup, verified by the ring
+    /// ([`PipelineConfig::speculation`]).
+    pub speculation: Option<shoal_engine::Speculation>,
 }
 
 /// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`,
@@ -122,6 +125,7 @@ pub async fn connect_ring(
     config.replan = settings.replan;
     config.transport = settings.transport;
     config.prompt_cache_bytes = settings.prompt_cache_bytes;
+    config.speculation = settings.speculation;
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }

@@ -31,7 +31,8 @@ use shoal_engine::{
 use shoal_wire::{
     serve_peers, Capabilities, Connection, EndSession, ErrorCode, ErrorMessage, Forward,
     GetProfile, GetWeights, Hello, HelloAck, LoadStage, Message, Payload, PeerService, Pong,
-    Profile, Resume, ServeConfig, StageReady, Token, Transport, Truncate, Want, WireError,
+    Profile, Resume, ServeConfig, StageReady, Token, Transport, Truncate, Verified, Want,
+    WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -235,12 +236,18 @@ struct SessionState {
     /// Last stage only: created on the session's first sampled token, kept so the random
     /// stream continues exactly as in a single-process run.
     sampler: Option<Sampler>,
+    /// After a speculative verify: the first of its guessed rows. The session's next
+    /// `Forward` may start there or later (dropping the guesses the draws did not keep);
+    /// nothing else may be rolled back.
+    guessed_from: Option<usize>,
 }
 
 /// What running a `Forward` produced.
 enum Outcome {
     Hidden(shoal_wire::Activations),
     Token(u32, Option<shoal_engine::TokenLogprob>),
+    /// The draws of a verify.
+    Verified(Vec<u32>),
     Nothing,
 }
 
@@ -761,6 +768,7 @@ impl StageServer {
             let state = Arc::new(Mutex::new(SessionState {
                 cache,
                 sampler: None,
+                guessed_from: None,
             }));
             sessions.insert(session_id, (head, state.clone()));
             return Ok(Some(state));
@@ -769,6 +777,7 @@ impl StageServer {
             let state = Arc::new(Mutex::new(SessionState {
                 cache: loaded.stage.new_cache(),
                 sampler: None,
+                guessed_from: None,
             }));
             (head, state)
         });
@@ -911,6 +920,14 @@ impl StageServer {
                 });
                 self.inner.links.send(f.reply_to, &msg).await?;
             }
+            Outcome::Verified(tokens) => {
+                let msg = Message::Verified(Verified {
+                    session_id: f.session_id,
+                    seq: f.seq,
+                    tokens,
+                });
+                self.inner.links.send(f.reply_to, &msg).await?;
+            }
             Outcome::Nothing => {}
         }
         Ok(())
@@ -1017,17 +1034,29 @@ fn compute(loaded: &Loaded, jobs: Vec<StageJob>) -> Vec<Result<Outcome>> {
                 }
             },
         };
-        let SessionState { cache, sampler } = &mut **guard;
+        let SessionState {
+            cache,
+            sampler,
+            guessed_from,
+        } = &mut **guard;
+        drop_unkept_guesses(cache, guessed_from.take(), &job.positions);
         if let Err(e) = continues(cache, &job.positions) {
             results[i] = Some(Err(e));
             continue;
         }
+        let logits = match &job.want {
+            Want::Verify { .. } => {
+                *guessed_from = job.positions.first().map(|&p| p + 1);
+                Logits::Verify
+            }
+            _ => Logits::Last,
+        };
         samplers.push((i, sampler));
         items.push(BatchItem {
             input,
             positions: &job.positions,
             cache,
-            logits: Logits::Last,
+            logits,
         });
     }
     let outputs = stage.forward_batch(items);
@@ -1049,6 +1078,19 @@ fn compute(loaded: &Loaded, jobs: Vec<StageJob>) -> Vec<Result<Outcome>> {
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(PipelineError::Task("no result".into()))))
         .collect()
+}
+
+/// After a verify whose guessed rows start at `guessed_from`: when `positions` start among
+/// those rows (or at the end of the cache), the rows from there on are guesses the draws did
+/// not keep, and are dropped. Any other start is left for [`continues`] to judge.
+fn drop_unkept_guesses(cache: &mut KvCache, guessed_from: Option<usize>, positions: &[usize]) {
+    let (Some(from), Some(&first)) = (guessed_from, positions.first()) else {
+        return;
+    };
+    let next = cache.positions().last().map_or(0, |&p| p + 1);
+    if (from..next).contains(&first) {
+        cache.truncate(first);
+    }
 }
 
 /// Checks that `positions` continue the session's cache: the next position, then one
@@ -1113,6 +1155,38 @@ fn finish(
                 let top = usize::from(spec.top_logprobs);
                 let lp = raw.and_then(|l| shoal_engine::token_logprob(&l, token, top));
                 Ok(Outcome::Token(token, lp))
+            }
+            Want::Verify { spec, draft } => {
+                let params = sampling_params(spec);
+                if spec.json.is_some() || spec.logprob || params.has_penalties() {
+                    // The penalties' window would need the head's repeat-last-n.
+                    return Err(PipelineError::InvalidRequest(
+                        "a verify draws plain tokens: no JSON grammar, no log-probabilities, \
+                         no penalties"
+                            .into(),
+                    ));
+                }
+                if sampler.as_ref().is_some_and(|s| *s.params() != params) {
+                    *sampler = None;
+                }
+                let sampler = sampler.get_or_insert_with(|| Sampler::new(params));
+                let mut history = spec.penalty_tokens.clone();
+                let mut tokens = Vec::with_capacity(draft.len() + 1);
+                for (row, &position) in positions.iter().enumerate() {
+                    let mut logits = logits_row(&l, row)?;
+                    if spec.ignore_eos {
+                        crate::head::mask_eos(&mut logits, constraints.tokenizer()?);
+                    }
+                    // Drawn as a decode step after this row would draw it: at the next
+                    // position, with the guesses before it in the penalties' window.
+                    let token = sampler.sample_at(&mut logits, &history, position + 1);
+                    tokens.push(token);
+                    match draft.get(row) {
+                        Some(&guess) if guess == token => history.push(guess),
+                        _ => break,
+                    }
+                }
+                Ok(Outcome::Verified(tokens))
             }
             Want::Logits { .. } => Err(PipelineError::InvalidRequest(
                 "logits replies are not implemented yet; ask for a token".into(),

@@ -10,10 +10,12 @@ use std::time::Duration;
 use shoal_engine::sampler::argmax;
 use shoal_engine::stage::logits_row;
 use shoal_engine::{
-    ChatMessage, GenerateParams, Logits, Model, SamplingParams, StageInput, StageOutput,
+    ChatMessage, GenerateParams, Logits, Lookup, Model, SamplingParams, Speculation, StageInput,
+    StageOutput,
 };
 use shoal_pipeline::{
-    PeerStage, Pipeline, PipelineConfig, Replan, ReplanResult, StageServer, StageServerConfig,
+    PeerStage, Pipeline, PipelineConfig, Replan, ReplanResult, RingRequest, StageServer,
+    StageServerConfig,
 };
 use shoal_wire::{
     client_handshake, Activations, Capabilities, Connection, DType, Forward, Hello, Limits,
@@ -94,6 +96,15 @@ async fn serve(config: StageServerConfig) -> (StageServer, SocketAddr) {
 
 /// A head on `0..splits[0]` and one stage server per further range.
 async fn ring(splits: &[usize], dtype: DType) -> (Pipeline, Vec<StageServer>, Vec<SocketAddr>) {
+    ring_with(splits, dtype, None).await
+}
+
+/// [`ring`], guessing ahead as `speculation` says.
+async fn ring_with(
+    splits: &[usize],
+    dtype: DType,
+    speculation: Option<Speculation>,
+) -> (Pipeline, Vec<StageServer>, Vec<SocketAddr>) {
     let n = reference().config().n_layers;
     let mut bounds = vec![0];
     bounds.extend_from_slice(splits);
@@ -112,6 +123,7 @@ async fn ring(splits: &[usize], dtype: DType) -> (Pipeline, Vec<StageServer>, Ve
     }
     let mut config = PipelineConfig::new(model_path(), 0..bounds[1], peers);
     config.activation_dtype = dtype;
+    config.speculation = speculation;
     let pipeline = Pipeline::connect(config).await.unwrap();
     (pipeline, servers, addrs)
 }
@@ -1653,4 +1665,186 @@ async fn silent_connections_do_not_stop_a_ring() {
     assert_eq!(out, reference_tokens);
     all_sessions_ended(&[middle, last]).await;
     drop(silent);
+}
+
+/// Issue #17: guessing by prompt lookup, as a pipeline's head does with `--lookup`.
+fn lookup() -> Option<Speculation> {
+    Some(Speculation {
+        lookup: Some(Lookup::default()),
+        ..Speculation::default()
+    })
+}
+
+/// A prompt whose answer copies much of it, so that lookup guesses well.
+fn copy_prompt() -> Vec<u32> {
+    chat_prompt(
+        "Copy this Python code exactly:\ndef add(a, b):\n    return a + b\n\ndef sub(a, b):\n    \
+         return a - b",
+    )
+}
+
+/// Issue #17: the head guesses by lookup and the ring verifies the guesses in one pass per
+/// step — every stage runs the rows as decode steps alone, the last draws after each — and
+/// the answer is the single process's plain decode, token for token, greedy and sampled,
+/// over two and three stages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guesses_verified_by_the_ring_change_nothing() {
+    let prompt = copy_prompt();
+    for sampling in [SamplingParams::greedy(), sampled()] {
+        let want = single_process_for(&prompt, &sampling);
+        assert_eq!(
+            want.len(),
+            MAX_TOKENS,
+            "the reference should run the full length"
+        );
+        for splits in [&[15][..], &[10, 20][..]] {
+            let (pipeline, servers, _) = ring_with(splits, DType::F32, lookup()).await;
+            let mut streamed = Vec::new();
+            let answer = pipeline
+                .run(RingRequest::new(&prompt, &sampling, MAX_TOKENS), |t, _| {
+                    streamed.push(t);
+                    true
+                })
+                .await
+                .unwrap();
+            assert_eq!(answer.tokens, want, "splits {splits:?}, {sampling:?}");
+            assert_eq!(streamed, want);
+            assert!(
+                answer.accepted_tokens > 0 && answer.accepted_tokens <= answer.drafted_tokens,
+                "guesses were made and some kept: {answer:?}"
+            );
+            all_sessions_ended(&servers).await;
+        }
+    }
+}
+
+/// What cannot be verified by draws at the last stage alone is decoded plainly: penalties
+/// (their window is the head's), JSON grammars, log-probabilities. Same answer, no guesses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn penalized_answers_are_not_guessed() {
+    let prompt = copy_prompt();
+    let sampling = SamplingParams {
+        repeat_penalty: 1.3,
+        ..SamplingParams::greedy()
+    };
+    let want = single_process_for(&prompt, &sampling);
+    let (pipeline, _servers, _) = ring_with(&[15], DType::F32, lookup()).await;
+    let answer = pipeline
+        .run(RingRequest::new(&prompt, &sampling, MAX_TOKENS), |_, _| {
+            true
+        })
+        .await
+        .unwrap();
+    assert_eq!(answer.tokens, want);
+    assert_eq!(answer.drafted_tokens, 0);
+}
+
+/// A stage lost mid-answer while the ring guesses: the session is replayed on the new ring
+/// (one token per step, as first fed) and the answer is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_lost_while_guessing_changes_nothing() {
+    let prompt = copy_prompt();
+    let want = single_process_for(&prompt, &SamplingParams::greedy());
+    let n = reference().config().n_layers;
+    let first = start_killable_server().await;
+    let second = start_killable_server().await;
+    let peers = vec![
+        PeerStage {
+            addr: first.1,
+            layers: 10..20,
+        },
+        PeerStage {
+            addr: second.1,
+            layers: 20..n,
+        },
+    ];
+    let mut config = PipelineConfig::new(model_path(), 0..10, peers);
+    config.speculation = lookup();
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    let mut seen = 0;
+    let answer = pipeline
+        .run(
+            RingRequest::new(&prompt, &SamplingParams::greedy(), MAX_TOKENS),
+            |_, _| {
+                seen += 1;
+                if seen == 12 {
+                    second.2.notify_one();
+                }
+                true
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.tokens, want);
+    assert!(answer.drafted_tokens > 0, "{answer:?}");
+}
+
+/// Issue #17 with #14's rule: after a verify only its guessed rows may be rolled back — the
+/// next step may start at any of them (dropping it and those after) — never the rows before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_verifys_guesses_can_be_rolled_back() {
+    let (server, addr) = start_server(Duration::from_secs(600)).await;
+    let mut conn = dial(addr).await;
+    load_last_stage(&mut conn, 5, DType::F32).await;
+    let replies = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reply_to = replies.local_addr().unwrap();
+    let verify = |seq: u64, positions: Vec<u32>| {
+        let Message::Forward(mut f) = step(5, 1, seq, positions, reply_to) else {
+            unreachable!()
+        };
+        f.want = Want::Verify {
+            spec: shoal_wire::SamplingSpec::greedy(),
+            draft: vec![7; f.positions.len() - 1],
+        };
+        Message::Forward(f)
+    };
+    // Two plain rows, then a verify of rows 2..6 (four guesses).
+    conn.write_frame(&step(5, 1, 0, vec![0, 1], reply_to))
+        .await
+        .unwrap();
+    let mut head = accept_replies(&replies).await;
+    assert!(matches!(
+        head.read_frame().await.unwrap(),
+        Some(Message::Token(_))
+    ));
+    conn.write_frame(&verify(1, vec![2, 3, 4, 5, 6]))
+        .await
+        .unwrap();
+    let Some(Message::Verified(v)) = head.read_frame().await.unwrap() else {
+        panic!("a verify is answered with its draws")
+    };
+    assert_eq!(v.seq, 1);
+    assert!((1..=5).contains(&v.tokens.len()), "{v:?}");
+    assert_eq!(server.session_len(1), Some(7));
+    // Back into the verify's first row or before: refused, the cache as it was.
+    conn.write_frame(&step(5, 1, 2, vec![2], reply_to))
+        .await
+        .unwrap();
+    let Some(Message::Error(e)) = head.read_frame().await.unwrap() else {
+        panic!("rewinding past the guesses is an error")
+    };
+    assert!(e.message.contains("do not continue"), "{}", e.message);
+    assert_eq!(server.session_len(1), Some(7));
+    // The refusal spent the chance; a verify again, then its second guess dropped.
+    conn.write_frame(&verify(3, vec![7, 8, 9])).await.unwrap();
+    assert!(matches!(
+        head.read_frame().await.unwrap(),
+        Some(Message::Verified(_))
+    ));
+    assert_eq!(server.session_len(1), Some(10));
+    conn.write_frame(&step(5, 1, 4, vec![9], reply_to))
+        .await
+        .unwrap();
+    assert!(matches!(
+        head.read_frame().await.unwrap(),
+        Some(Message::Token(_))
+    ));
+    assert_eq!(server.session_len(1), Some(10), "row 9 replaced");
+    conn.write_frame(&step(5, 1, 5, vec![8], reply_to))
+        .await
+        .unwrap();
+    assert!(
+        matches!(head.read_frame().await.unwrap(), Some(Message::Error(_))),
+        "only once per verify"
+    );
 }

@@ -119,7 +119,7 @@ pub(crate) struct SpeculationArgs {
     /// Speculative decoding by prompt lookup: draft the tokens that followed the answer's
     /// latest words where they appeared before (code edits, agents' turns) and verify them
     /// in one pass. The answer is the same, token for token; only faster where the text
-    /// repeats. Whole model on this node only, for now.
+    /// repeats. On a pipeline's head (--split) the ring verifies the guesses.
     #[arg(long)]
     pub(crate) lookup: bool,
     /// Speculative decoding with a draft model (a file or a known name): a smaller model
@@ -289,8 +289,10 @@ fn stream_to_stdout(generation: &mut Generation<'_>) -> anyhow::Result<String> {
 
 fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
     let path = resolve_model(a.model.model.as_deref())?;
-    if a.split.is_some() && a.speculation.speculation().is_some() {
-        anyhow::bail!("--lookup and --model-draft do not work through a pipeline (--split) yet");
+    if a.split.is_some() && a.speculation.model_draft.is_some() {
+        anyhow::bail!(
+            "--model-draft does not draft through a pipeline (--split) yet; --lookup does"
+        );
     }
     let mut model = load_model(&path)?;
     let prompt = if a.raw {
@@ -308,14 +310,19 @@ fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
         let ranges = shoal_pipeline::check_split(split, a.peers.len(), model.config().n_layers)?;
         // The head loads its own stage; the whole model is not needed any more.
         drop(model);
+        let settings = shoal_pipeline::RingSettings {
+            activations: a.activations.dtype(),
+            transport: shoal_wire::Transport::with_key(a.key.key()?),
+            speculation: a.speculation.speculation(),
+            ..Default::default()
+        };
         run_ring(
             &path,
             &ids,
             &a.peers,
             &ranges,
             &a.sampling.params(),
-            a.activations.dtype(),
-            shoal_wire::Transport::with_key(a.key.key()?),
+            settings,
         )?;
         println!();
         return Ok(ExitCode::SUCCESS);
@@ -395,19 +402,13 @@ fn run_ring(
     peers: &[String],
     ranges: &[Range<usize>],
     params: &GenerateParams,
-    activations: DType,
-    transport: shoal_wire::Transport,
+    settings: shoal_pipeline::RingSettings,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let settings = shoal_pipeline::RingSettings {
-            activations,
-            transport,
-            ..Default::default()
-        };
         let pipeline = shoal_pipeline::connect_ring(model_path, peers, ranges, settings)
             .await
             .context("setting up the ring of stages")?;

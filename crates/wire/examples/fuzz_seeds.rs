@@ -12,8 +12,8 @@ use shoal_wire::{
     Activations, AgentCard, Answer, Ask, Capabilities, Chaos, ChatTurn, DType, Describe,
     EndSession, ErrorCode, ErrorMessage, Finish, Forward, GetProfile, GetWeights, Heartbeat,
     HeldStage, Hello, HelloAck, KnownMember, LoadStage, LogitRows, Logits, Message, NodeInfo,
-    Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Want,
-    WeightsChunk, WeightsManifest, WeightsRegion,
+    Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Verified,
+    Want, WeightsChunk, WeightsManifest, WeightsRegion,
 };
 
 fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
@@ -148,6 +148,24 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
         Message::Truncate(Truncate {
             session_id: 9,
             len: 4,
+        }),
+        Message::Forward(Forward {
+            session_id: 9,
+            seq: 4,
+            plan_id: 1,
+            positions: vec![6, 7, 8],
+            payload: Payload::Tokens(vec![4, 17, 23]),
+            want: Want::Verify {
+                spec: SamplingSpec::greedy(),
+                draft: vec![17, 23],
+            },
+            reply_to: addr,
+            resume: None,
+        }),
+        Message::Verified(Verified {
+            session_id: 9,
+            seq: 4,
+            tokens: vec![17, 29],
         }),
         Message::Heartbeat(Heartbeat {
             node: NodeInfo {

@@ -8,8 +8,8 @@ use shoal_wire::{
     Answer, Ask, Capabilities, Chaos, ChatTurn, Connection, DType, Describe, EndSession, ErrorCode,
     ErrorMessage, Finish, Forward, GetProfile, GetWeights, Heartbeat, HeldStage, Hello, HelloAck,
     JsonAnswer, KnownMember, Limits, LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo,
-    Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Want,
-    WeightsChunk, WeightsManifest, WeightsRegion, WireError, HEADER_LEN, MAX_API_JSON,
+    Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Verified,
+    Want, WeightsChunk, WeightsManifest, WeightsRegion, WireError, HEADER_LEN, MAX_API_JSON,
     MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP, PROTOCOL_VERSION,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -162,9 +162,13 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
                 } else {
                     Payload::Hidden(rng.activations(rows))
                 },
-                want: match rng.below(3) {
+                want: match rng.below(4) {
                     0 => Want::Nothing,
                     1 => Want::Token(rng.sampling()),
+                    2 => Want::Verify {
+                        spec: rng.sampling(),
+                        draft: rng.u32s(rows as usize - 1),
+                    },
                     _ => Want::Logits {
                         rows: if rng.bool() {
                             LogitRows::Last
@@ -213,6 +217,14 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
             session_id: rng.next(),
             len: rng.u32(),
         }),
+        MessageType::Verified => {
+            let n = rng.below(9) as usize + 1;
+            Message::Verified(Verified {
+                session_id: rng.next(),
+                seq: rng.next(),
+                tokens: rng.u32s(n),
+            })
+        }
         MessageType::Describe => Message::Describe(Describe),
         MessageType::GetProfile => Message::GetProfile(GetProfile {
             model_id: rng.string(40),

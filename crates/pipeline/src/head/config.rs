@@ -87,6 +87,11 @@ pub struct PipelineConfig {
     /// starts as an earlier one did resumes from it on every stage (the prompt cache;
     /// each peer bounds what it keeps by its own setting). 0 keeps none.
     pub prompt_cache_bytes: usize,
+    /// Speculative decoding across the ring: the head guesses the next tokens by prompt
+    /// lookup ([`shoal_engine::Speculation::lookup`], `draft_max`, `draft_min`) and the
+    /// ring verifies them in one pass. `None`, or no lookup: one token per pass. (A draft
+    /// model does not draft for a ring yet.)
+    pub speculation: Option<shoal_engine::Speculation>,
 }
 
 impl PipelineConfig {
@@ -121,6 +126,7 @@ impl PipelineConfig {
             batch_rows: default_batch_rows(),
             stats: BatchStats::default(),
             prompt_cache_bytes: 0,
+            speculation: None,
         }
     }
 }

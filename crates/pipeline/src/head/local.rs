@@ -24,6 +24,8 @@ pub(super) struct LocalJob {
     pub(super) tokens: Vec<u32>,
     pub(super) positions: Vec<usize>,
     pub(super) cache: KvCache,
+    /// `Verify` for a step of guesses: each row run as a decode step alone.
+    pub(super) logits: Logits,
     pub(super) dtype: DType,
     /// The cache back, with the step's output.
     pub(super) reply: oneshot::Sender<(KvCache, Result<LocalOut>)>,
@@ -56,7 +58,7 @@ pub(super) fn run_local_batch(mut batch: Vec<LocalJob>) {
             input: StageInput::Tokens(&j.tokens),
             positions: &j.positions,
             cache: &mut j.cache,
-            logits: Logits::Last,
+            logits: j.logits,
         })
         .collect();
     let outputs = stage.forward_batch(items);

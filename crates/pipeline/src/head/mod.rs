@@ -27,7 +27,7 @@ use shoal_cluster::{Member, Membership};
 use shoal_engine::candle_core::Device;
 use shoal_engine::prefix_cache::{canonical_len, resume_point};
 use shoal_engine::{
-    GgufFile, JsonConstraint, JsonGrammar, KvCache, ModelConfig, PrefixCache, PromptFormat,
+    GgufFile, JsonConstraint, JsonGrammar, KvCache, Logits, ModelConfig, PrefixCache, PromptFormat,
     Sampler, SamplingParams, Stage, StageSpec, TokenLogprob, Tokenizer,
 };
 use shoal_wire::{
@@ -229,6 +229,10 @@ pub struct RingAnswer {
     pub cached_tokens: usize,
     /// The answer is a whole JSON value of the request's grammar (and ended there).
     pub json_done: bool,
+    /// Tokens guessed ahead and verified by the ring ([`PipelineConfig::speculation`]),
+    /// and how many of them the answer kept.
+    pub drafted_tokens: usize,
+    pub accepted_tokens: usize,
 }
 
 impl Drop for Pipeline {
@@ -588,15 +592,25 @@ impl Pipeline {
                 tokens: Vec::new(),
                 cached_tokens: 0,
                 json_done: false,
+                drafted_tokens: 0,
+                accepted_tokens: 0,
             });
         }
         let mut generated = Vec::new();
+        let mut guessed = Guessed::default();
         let mut recoveries = 0;
         let mut reuse = request.cache_prompt;
         loop {
             let ring = self.current_ring();
             let attempt = self
-                .run_on(&ring, &request, reuse, &mut generated, &mut on_token)
+                .run_on(
+                    &ring,
+                    &request,
+                    reuse,
+                    &mut generated,
+                    &mut guessed,
+                    &mut on_token,
+                )
                 .await;
             match attempt {
                 Ok(cached_tokens) => {
@@ -608,6 +622,8 @@ impl Pipeline {
                         tokens: generated,
                         cached_tokens,
                         json_done,
+                        drafted_tokens: guessed.drafted,
+                        accepted_tokens: guessed.accepted,
                     });
                 }
                 // A stage let the kept prompt go: run the session again from the start.
@@ -645,6 +661,7 @@ impl Pipeline {
         request: &RingRequest<'_>,
         reuse: bool,
         generated: &mut Vec<u32>,
+        guessed: &mut Guessed,
         on_token: &mut (impl FnMut(u32, Option<TokenLogprob>) -> bool + Send),
     ) -> Result<usize> {
         let session_id = self.next_session.fetch_add(1, Ordering::Relaxed);
@@ -679,10 +696,13 @@ impl Pipeline {
         let mut progress = Progress {
             cache: Some(cache),
             prompt_done: false,
+            guessed: Guessed::default(),
         };
         let result = self
             .run_session(&session, &mut rx, generated, on_token, &mut progress)
             .await;
+        guessed.drafted += progress.guessed.drafted;
+        guessed.accepted += progress.guessed.accepted;
         self.router.unregister(session_id);
         let mut ends = vec![EndSession::free(session_id)];
         match (&result, progress.cache.take()) {
@@ -788,8 +808,54 @@ impl Pipeline {
         let mut pending = session.prompt[start..].to_vec();
         let mut resume = session.resume;
         let mut seq = 0u64;
-        for step in 0.. {
-            let replayed = replay.get(step).copied();
+        let mut guesser = Guesser::for_session(self.config.speculation, session);
+        loop {
+            // The answer's next token: replayed when a lost ring had drawn it already.
+            let replayed = replay.get(history.len() - session.prompt.len()).copied();
+            if let Some(g) = guesser.as_mut() {
+                // The last verify's guesses the draws did not keep, on the head's stage too.
+                if let Some(c) = cache.as_mut() {
+                    g.drop_unkept(c, start);
+                }
+                let replaying = history.len() - session.prompt.len() < replay.len();
+                let room = session
+                    .max_tokens
+                    .saturating_sub(generated.len())
+                    .min(limit.saturating_sub(history.len()));
+                let draft = match (replaying, pending.len()) {
+                    (false, 1) => g.draft(&history, room.min(chunk).saturating_sub(1)),
+                    _ => Vec::new(),
+                };
+                if !draft.is_empty() {
+                    let draws = self
+                        .verify(session, rx, cache, start, pending[0], &draft, &history, seq)
+                        .await?;
+                    seq += 1;
+                    progress.prompt_done = true;
+                    g.note(draft.len(), draws.len() - 1, start);
+                    progress.guessed.drafted += draft.len();
+                    progress.guessed.accepted += draws.len() - 1;
+                    let mut ended = false;
+                    for &t in &draws {
+                        generated.push(t);
+                        history.push(t);
+                        if !on_token(t, None)
+                            || tokenizer.is_eog(t)
+                            || generated.len() >= session.max_tokens
+                            || history.len() >= limit
+                        {
+                            ended = true;
+                            break;
+                        }
+                    }
+                    if ended {
+                        break;
+                    }
+                    start = history.len() - 1;
+                    pending = vec![history[start]];
+                    continue;
+                }
+            }
             let pieces = chunk_ends(start, start + pending.len(), chunk);
             let n_chunks = pieces.len();
             let mut token = None;
@@ -802,7 +868,14 @@ impl Pipeline {
                     .collect::<Result<_>>()?;
                 piece_start = piece_end;
                 let out = self
-                    .run_local(session.id, ring, cache, piece.to_vec(), &positions)
+                    .run_local(
+                        session.id,
+                        ring,
+                        cache,
+                        piece.to_vec(),
+                        &positions,
+                        Logits::Last,
+                    )
                     .await?;
                 match out {
                     LocalOut::Logits(mut logits) => {
@@ -854,7 +927,10 @@ impl Pipeline {
                         });
                         send_first(ring, msg).await?;
                         if wants_token {
-                            token = Some(self.wait_token(rx, seq).await?);
+                            token = match self.wait_reply(rx, seq).await? {
+                                Drawn::Token(t, lp) => Some((t, lp)),
+                                Drawn::Verified(_) => return Err(unasked_draws()),
+                            };
                         }
                         seq += 1;
                     }
@@ -892,6 +968,67 @@ impl Pipeline {
         Ok(())
     }
 
+    /// A step of guesses (issue #17): `last` (the answer's latest token, at `start`) and
+    /// `draft` after it, each row run as a decode step alone on every stage; the last stage
+    /// draws after each row and stops at the first draw that is not the next guess. Returns
+    /// the draws: the guesses that held, then one token of the ring's own.
+    #[allow(clippy::too_many_arguments)]
+    async fn verify(
+        &self,
+        session: &Session<'_>,
+        rx: &mut mpsc::UnboundedReceiver<Reply>,
+        cache: &mut Option<KvCache>,
+        start: usize,
+        last: u32,
+        draft: &[u32],
+        history: &[u32],
+        seq: u64,
+    ) -> Result<Vec<u32>> {
+        let ring = session.ring;
+        let mut tokens = Vec::with_capacity(draft.len() + 1);
+        tokens.push(last);
+        tokens.extend_from_slice(draft);
+        let positions: Vec<u32> = (start..start + tokens.len())
+            .map(to_u32)
+            .collect::<Result<_>>()?;
+        let out = self
+            .run_local(session.id, ring, cache, tokens, &positions, Logits::Verify)
+            .await?;
+        let LocalOut::Hidden(a) = out else {
+            return Err(PipelineError::Config(
+                "guesses are verified only by a ring with stages after the head".into(),
+            ));
+        };
+        let mut spec = sampling_spec(session.sampling, history);
+        spec.ignore_eos = session.ignore_eos;
+        let msg = Message::Forward(Forward {
+            session_id: session.id,
+            seq,
+            plan_id: ring.plan_id,
+            positions,
+            payload: Payload::Hidden(a),
+            want: Want::Verify {
+                spec,
+                draft: draft.to_vec(),
+            },
+            reply_to: self.reply_addr,
+            resume: None,
+        });
+        send_first(ring, msg).await?;
+        let draws = match self.wait_reply(rx, seq).await? {
+            Drawn::Verified(draws) => draws,
+            Drawn::Token(..) => return Err(unasked_draws()),
+        };
+        // The draws follow the guesses up to the last; anything else is not a verify.
+        let n = draws.len();
+        if n == 0 || n > draft.len() + 1 || draws[..n - 1] != draft[..n - 1] {
+            return Err(PipelineError::StageFailed(format!(
+                "the last stage's draws {draws:?} do not verify the guesses {draft:?}"
+            )));
+        }
+        Ok(draws)
+    }
+
     /// One step of the session on the head's own stage, batched with the other sessions'
     /// steps that meet it there. The cache travels with the step and comes back with it.
     async fn run_local(
@@ -901,6 +1038,7 @@ impl Pipeline {
         cache: &mut Option<KvCache>,
         tokens: Vec<u32>,
         positions: &[u32],
+        logits: Logits,
     ) -> Result<LocalOut> {
         let lost = || PipelineError::Task("the session's cache was lost".into());
         let c = cache.take().ok_or_else(lost)?;
@@ -911,6 +1049,7 @@ impl Pipeline {
             tokens,
             positions: positions.iter().map(|&p| p as usize).collect(),
             cache: c,
+            logits,
             dtype: self.config.activation_dtype,
             reply,
         };
@@ -920,13 +1059,9 @@ impl Pipeline {
         out
     }
 
-    /// The token the last stage drew for step `seq`, with its log-probabilities when they
-    /// were asked for.
-    async fn wait_token(
-        &self,
-        rx: &mut mpsc::UnboundedReceiver<Reply>,
-        seq: u64,
-    ) -> Result<(u32, Option<TokenLogprob>)> {
+    /// What the last stage drew for step `seq`: a token (with its log-probabilities when
+    /// they were asked for), or a verify's draws.
+    async fn wait_reply(&self, rx: &mut mpsc::UnboundedReceiver<Reply>, seq: u64) -> Result<Drawn> {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -947,10 +1082,16 @@ impl Pipeline {
                         logprob,
                         top: t.top,
                     });
-                    return Ok((t.token_id, lp));
+                    return Ok(Drawn::Token(t.token_id, lp));
+                }
+                Ok(Some(Reply::Verified(v))) if v.seq == seq => {
+                    return Ok(Drawn::Verified(v.tokens));
                 }
                 Ok(Some(Reply::Token(t))) => {
                     tracing::debug!(seq = t.seq, expected = seq, "stale token ignored");
+                }
+                Ok(Some(Reply::Verified(v))) => {
+                    tracing::debug!(seq = v.seq, expected = seq, "stale draws ignored");
                 }
                 Ok(Some(Reply::Error(m))) => return Err(PipelineError::StageFailed(m)),
                 // A stage that failed inside is lost, and so is one loaded again for
@@ -1026,10 +1167,94 @@ pub(crate) fn no_json_token() -> PipelineError {
 }
 
 /// What a session attempt leaves for its end: the head's cache (gone if a step failed),
-/// and whether the whole prompt has been through every stage.
+/// whether the whole prompt has been through every stage, and the guesses it verified.
 struct Progress {
     cache: Option<KvCache>,
     prompt_done: bool,
+    guessed: Guessed,
+}
+
+/// Tokens guessed ahead and verified, and those the answer kept.
+#[derive(Clone, Copy, Debug, Default)]
+struct Guessed {
+    drafted: usize,
+    accepted: usize,
+}
+
+/// What the last stage drew for one step.
+enum Drawn {
+    Token(u32, Option<TokenLogprob>),
+    /// A verify's draws.
+    Verified(Vec<u32>),
+}
+
+fn unasked_draws() -> PipelineError {
+    PipelineError::StageFailed("the last stage answered a step with the wrong kind of draw".into())
+}
+
+/// A session's guessing ahead (issue #17): prompt lookup's guesses, as many as the running
+/// acceptance earns (grown by two while guesses all hold, shrunk by one when one fails, as
+/// the engine's own speculation does), and which of the head's cache rows are guesses.
+struct Guesser {
+    lookup: shoal_engine::Lookup,
+    draft_max: usize,
+    draft_min: usize,
+    draft_len: usize,
+    /// After a verify at `start`: its guessed rows begin at `start + 1`.
+    guessed_from: Option<usize>,
+}
+
+impl Guesser {
+    /// A guesser when the session can verify guesses: a ring with stages after the head,
+    /// lookup on, and draws that depend only on the seed and the position (no penalties,
+    /// no JSON grammar, no log-probabilities).
+    fn for_session(spec: Option<shoal_engine::Speculation>, session: &Session<'_>) -> Option<Self> {
+        let spec = spec?;
+        let lookup = spec.lookup?;
+        let plain = session.json.is_none()
+            && session.logprobs.is_none()
+            && !session.sampling.has_penalties();
+        (plain && !session.ring.peers.is_empty()).then(|| Guesser {
+            lookup,
+            draft_max: spec.draft_max.max(1),
+            draft_min: spec.draft_min.max(1),
+            draft_len: spec.draft_max.div_ceil(2).max(1),
+            guessed_from: None,
+        })
+    }
+
+    /// Guesses after `history`, at most `room` of them; empty when fewer than `draft_min`.
+    fn draft(&self, history: &[u32], room: usize) -> Vec<u32> {
+        let max = self.draft_len.min(room);
+        if max < self.draft_min {
+            return Vec::new();
+        }
+        let draft = self.lookup.draft(history, max);
+        if draft.len() < self.draft_min {
+            return Vec::new();
+        }
+        draft
+    }
+
+    /// A verify at `start` kept `kept` of its `drafted` guesses.
+    fn note(&mut self, drafted: usize, kept: usize, start: usize) {
+        self.draft_len = if kept == drafted {
+            (self.draft_len + 2).min(self.draft_max)
+        } else {
+            self.draft_len.saturating_sub(1).max(1)
+        };
+        self.guessed_from = Some(start + 1);
+    }
+
+    /// Drops the rows of `cache` from `start` on when they are guesses of the last verify
+    /// (the next step starts at `start`).
+    fn drop_unkept(&mut self, cache: &mut KvCache, start: usize) {
+        if let Some(from) = self.guessed_from.take() {
+            if start >= from && start < cache.len() {
+                cache.truncate(start);
+            }
+        }
+    }
 }
 
 /// Where the chunks of positions `start..end` end: at multiples of `chunk` (so a prompt

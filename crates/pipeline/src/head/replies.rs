@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use shoal_wire::{
     serve_peers, Capabilities, Connection, ErrorCode, ErrorMessage, HelloAck, Message, PeerService,
-    ServeConfig, Token, Transport, WireError,
+    ServeConfig, Token, Transport, Verified, WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -14,6 +14,8 @@ use tokio::sync::mpsc;
 /// What the reply listener hands a waiting session.
 pub(super) enum Reply {
     Token(Token),
+    /// The draws of a speculative verify.
+    Verified(Verified),
     /// The session's ring broke (a link closed).
     Error(String),
     /// A stage refused the session's work, with its error code.
@@ -50,6 +52,14 @@ impl Router {
                 from,
                 session_id = t.session_id,
                 "dropped a token from a node that is not the ring's last stage"
+            ),
+            Message::Verified(v) if self.is_last_stage(from) => {
+                self.deliver(v.session_id, Reply::Verified(v))
+            }
+            Message::Verified(v) => tracing::warn!(
+                from,
+                session_id = v.session_id,
+                "dropped draws from a node that is not the ring's last stage"
             ),
             Message::Error(e) => match e.session_id {
                 Some(id) => self.deliver(id, Reply::Refused(e.code, e.message)),

@@ -30,7 +30,7 @@ pub use membership::{
 pub use profile::{GetProfile, Profile};
 pub use session::{
     EndSession, Forward, JsonAnswer, LogitRows, Logits, Payload, Resume, SamplingSpec, Token,
-    Truncate, Want, MAX_GRAMMAR, MAX_PENALTY_TOKENS, MAX_TOKENS, MAX_TOP_LOGPROBS,
+    Truncate, Verified, Want, MAX_GRAMMAR, MAX_PENALTY_TOKENS, MAX_TOKENS, MAX_TOP_LOGPROBS,
 };
 pub use stage::{LoadStage, StageReady, MAX_MODEL_ID};
 pub use weights::{
@@ -145,6 +145,8 @@ messages! {
     0x0023 EndSession(EndSession),
     /// Head → stages: roll the session's KV cache back to a length.
     0x0024 Truncate(Truncate),
+    /// Last stage → head: the draws of a speculative verify.
+    0x0025 Verified(Verified),
     /// Head → agent: who are you?
     0x0030 Describe(Describe),
     /// Agent → head: role, model, measured speed and load.

@@ -114,6 +114,14 @@ pub enum Want {
         /// Their encoding.
         dtype: DType,
     },
+    /// Speculative decoding (protocol 6): the rows after the first are guesses, `draft`
+    /// (row `i + 1` holds `draft[i]`). Every stage runs each row exactly as a decode step
+    /// would run it alone; the last stage draws a token after each row as a decode step
+    /// would draw it there (with `spec`, at that position), and stops at the first draw that
+    /// differs from the guess in the next row. It replies [`Verified`] with the draws. The
+    /// session's next `Forward` may start at any row after the first, dropping the rows
+    /// from there on: the guesses the draws did not keep.
+    Verify { spec: SamplingSpec, draft: Vec<u32> },
 }
 
 /// Which rows' logits a [`Want::Logits`] asks for.
@@ -365,10 +373,14 @@ impl Forward {
                     dtype: DType::parse(r, "logits dtype")?,
                 }
             }
+            3 => Want::Verify {
+                spec: SamplingSpec::parse(r)?,
+                draft: r.u32_vec("draft", MAX_TOKENS)?,
+            },
             t => {
                 return Err(r.invalid(
                     "want tag",
-                    format!("is {t}, expected 0 (nothing), 1 (token) or 2 (logits)"),
+                    format!("is {t}, expected 0 (nothing), 1 (token), 2 (logits) or 3 (verify)"),
                 ))
             }
         };
@@ -429,6 +441,11 @@ impl Forward {
                 });
                 out.put_u8(dtype.to_u8());
             }
+            Want::Verify { spec, draft } => {
+                out.put_u8(3);
+                spec.encode(out);
+                put_u32_vec(out, draft);
+            }
         }
         put_socket_addr(out, &self.reply_to);
         match self.resume {
@@ -463,8 +480,71 @@ impl Forward {
                 ),
             });
         }
-        if let Want::Token(s) = &self.want {
-            s.validate(M)?;
+        match &self.want {
+            Want::Token(s) => s.validate(M)?,
+            Want::Verify { spec, draft } => {
+                spec.validate(M)?;
+                if draft.len() + 1 != rows {
+                    return Err(WireError::Invalid {
+                        message: M,
+                        what: "draft",
+                        detail: format!(
+                            "has {} tokens for {rows} rows; a verify has one guess per row after \
+                             the first",
+                            draft.len()
+                        ),
+                    });
+                }
+            }
+            Want::Nothing | Want::Logits { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// `Verified` (`0x0025`, protocol 6): last stage → head, the draws of a [`Want::Verify`]:
+/// the token drawn after each row, up to and including the first that differs from the
+/// guess in the next row (or the draw after the last row, when every guess held).
+///
+/// | field | encoding |
+/// |---|---|
+/// | `session_id`, `seq` | `u64`, `u64` |
+/// | `tokens` | `u32` count (1..=[`MAX_TOKENS`]), then `u32` each |
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// The session.
+    pub session_id: u64,
+    /// The `seq` of the `Forward` this answers.
+    pub seq: u64,
+    /// The draws, one per row from the first, as far as the guesses held and one more.
+    pub tokens: Vec<u32>,
+}
+
+impl Verified {
+    pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
+        let msg = Verified {
+            session_id: r.u64("session_id")?,
+            seq: r.u64("seq")?,
+            tokens: r.u32_vec("tokens", MAX_TOKENS)?,
+        };
+        msg.validate()?;
+        Ok(msg)
+    }
+
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u64_le(self.session_id);
+        out.put_u64_le(self.seq);
+        put_u32_vec(out, &self.tokens);
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        bound("Verified", "tokens", self.tokens.len() as u64, MAX_TOKENS)?;
+        if self.tokens.is_empty() {
+            return Err(WireError::Invalid {
+                message: "Verified",
+                what: "tokens",
+                detail: "is empty; a verify draws at least one token".to_owned(),
+            });
         }
         Ok(())
     }
@@ -954,7 +1034,7 @@ mod tests {
         ));
         let mut bad = frame.clone();
         let want_at = payload_tag_at + 1 + 4 + 12;
-        bad[want_at] = 3;
+        bad[want_at] = 4;
         assert!(matches!(
             decode(&bad).unwrap_err(),
             WireError::Invalid {
@@ -962,6 +1042,41 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_verify_has_one_guess_per_row_after_the_first() {
+        let verify = |draft: Vec<u32>| {
+            Message::Forward(Forward {
+                session_id: 1,
+                seq: 2,
+                plan_id: 3,
+                positions: vec![7, 8, 9],
+                payload: Payload::Tokens(vec![1, 2, 3]),
+                want: Want::Verify {
+                    spec: SamplingSpec::greedy(),
+                    draft,
+                },
+                reply_to: addr(),
+                resume: None,
+            })
+        };
+        let good = verify(vec![2, 3]);
+        let frame = good.to_frame().unwrap();
+        assert_eq!(decode(&frame).unwrap(), good);
+        for bad in [vec![], vec![2], vec![2, 3, 4]] {
+            let err = verify(bad).to_frame().unwrap_err();
+            assert!(
+                matches!(err, WireError::Invalid { what: "draft", .. }),
+                "{err}"
+            );
+        }
+        let empty = Message::Verified(Verified {
+            session_id: 1,
+            seq: 2,
+            tokens: vec![],
+        });
+        assert!(empty.to_frame().is_err());
     }
 
     #[test]
