@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{chat_text, http, model_path, Server, QWEN05, SMOLLM2};
+use common::{chat_text, http, metric, model_path, Server, QWEN05, SMOLLM2};
 use serde_json::{json, Value};
 
 /// The golden chat conversations of a model (`tests/golden`, or `SHOAL_GOLDEN_DIR`).
@@ -100,10 +100,17 @@ fn streamed_text(server: &Server, body: &str) -> String {
         .collect()
 }
 
+/// The head guesses by prompt lookup (`--lookup`, issue #17) and the ring verifies the
+/// guesses: the answers are still the single process's.
 #[test]
 fn smollm2_three_stage_head_answers_like_a_single_process() {
     let single = Server::start(&model_path(SMOLLM2), &[]);
-    let (head, _nodes) = ring(SMOLLM2, "0-9,10-19,20-29");
+    let (head, _nodes) = ring_of(
+        SMOLLM2,
+        2,
+        &["--peer-port", "0"],
+        &["--peer-port", "0", "--split", "0-9,10-19,20-29", "--lookup"],
+    );
     single.wait_healthy();
     for messages in golden_chats("smollm2-135m-instruct-q4_1.json") {
         let b = body(&messages, 48, json!({}));
@@ -126,6 +133,16 @@ fn smollm2_three_stage_head_answers_like_a_single_process() {
     let want_stopped = chat_text(single.addr, &stopped);
     assert!(want_stopped.len() < want.len());
     assert_eq!(chat_text(head.addr, &stopped), want_stopped, "stop string");
+    // An answer that copies its prompt: the head's guesses were verified, and some kept.
+    let copy = json!([{"role": "user", "content":
+        "Copy this Python code exactly:\ndef add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b"}]);
+    let b = body(&copy, 48, json!({}));
+    assert_eq!(
+        chat_text(head.addr, &b),
+        chat_text(single.addr, &b),
+        "guessed"
+    );
+    assert!(metric(head.addr, "shoal_draft_accepted_tokens_total") > 0.0);
 }
 
 #[test]
