@@ -1,25 +1,26 @@
 #!/usr/bin/env python3
 """Speculative decoding across a ring (issue #17 item 4), measured with real processes.
 
-Starts two identical 2-stage rings of the model, each a `shoal serve --stage-only` node
-behind a `shoal relay --delay-ms D` (so every head→stage and stage→stage hop is delayed D
-ms) and a head (`shoal serve --peer RELAY --split …`, layers split evenly): one plain, one
-with `--lookup` (the head guesses by prompt lookup, the ring verifies the guesses in one
-pass). Then, in rounds (--runs; each workload on both rings in turn), it sends greedy,
-streamed chat completions through each head's API:
+Starts identical 2-stage rings of the model, each a `shoal serve --stage-only` node behind
+a `shoal relay --delay-ms D` (so every head→stage and stage→stage hop is delayed D ms) and a
+head (`shoal serve --peer RELAY --split …`, layers split evenly): one plain, one with
+`--lookup` (the head guesses by prompt lookup, the ring verifies the guesses in one pass),
+and with --model-draft PATH also one whose head guesses with that draft model and one with
+both (lookup first). Then, in rounds (--runs; each request on every ring in turn), it sends
+greedy, streamed chat completions through each head's API:
 
   edit       a Python module of ~600 tokens and "rename one function, answer with the whole
              file" (the edit workload of `shoal bench --workload edit`), max_tokens 400;
   humaneval  the first --prompts HumanEval prompts ("complete this function"), 300 tokens.
 
 Decode tok/s = (completion tokens - 1) / (last chunk - first token); per workload the
-median over its requests and rounds, and the ratio lookup/plain. The answers of the two
+median over its requests and rounds, and the ratio to the plain ring. The answers of all
 rings must be identical, request by request (greedy): the script fails otherwise. The
 speculation counters come from each head's /metrics (shoal_draft_tokens_total,
 shoal_draft_accepted_tokens_total).
 
-Usage: scripts/bench-ring-speculation.py [--model PATH] [--delay-ms D] [--runs N]
-                                         [--prompts N] [--layers N] [--no-build]
+Usage: scripts/bench-ring-speculation.py [--model PATH] [--model-draft PATH] [--delay-ms D]
+                                         [--runs N] [--prompts N] [--layers N] [--no-build]
 """
 
 import argparse
@@ -44,6 +45,7 @@ ap.add_argument("--model", default=os.path.join(REPO, "models", "qwen2.5-coder-1
 ap.add_argument("--delay-ms", type=float, default=5.0)
 ap.add_argument("--runs", type=int, default=1)
 ap.add_argument("--prompts", type=int, default=5)
+ap.add_argument("--model-draft", default="")
 ap.add_argument("--layers", type=int, default=0)
 ap.add_argument("--no-build", action="store_true")
 args = ap.parse_args()
@@ -147,15 +149,13 @@ def n_layers(model):
     sys.exit("give the model's layer count with --layers")
 
 
-def ring(tag, model, split, delay, lookup):
+def ring(tag, model, split, delay, guessing):
     stage = start(f"{tag}-stage", ["serve", "--model", model, "--host", "127.0.0.1", "--port",
                                    "0", "--peer-port", "0", "--stage-only"], ["http", "peer"])
     relay = start(f"{tag}-relay", ["relay", "--listen", "127.0.0.1:0", "--to", stage["peer"],
                                    "--delay-ms", f"{delay:g}"], ["relay"])
     argv = ["serve", "--model", model, "--host", "127.0.0.1", "--port", "0", "--split", split,
-            "--peer", relay["relay"]]
-    if lookup:
-        argv.append("--lookup")
+            "--peer", relay["relay"]] + guessing
     head = start(f"{tag}-head", argv, ["http"])
     wait_healthy(head["http"], tag)
     return head["http"]
@@ -210,31 +210,41 @@ half = layers // 2
 split = f"0-{half - 1},{half}-{layers - 1}"
 print(f"model {os.path.basename(args.model)}, {layers} layers, split {split}, "
       f"{args.delay_ms:g} ms per hop; logs in {WORK}", flush=True)
-plain = ring("plain", args.model, split, args.delay_ms, False)
-lookup = ring("lookup", args.model, split, args.delay_ms, True)
+kinds = {"plain": [], "lookup": ["--lookup"]}
+if args.model_draft:
+    kinds["draft"] = ["--model-draft", args.model_draft]
+    kinds["both"] = ["--lookup", "--model-draft", args.model_draft]
+heads = {name: ring(name, args.model, split, args.delay_ms, flags) for name, flags in kinds.items()}
 
 workloads = {"edit": ([edit_prompt()], 400), "humaneval": (humaneval_prompts(args.prompts), 300)}
-rates = {(w, r): [] for w in workloads for r in ("plain", "lookup")}
+rates = {(w, k): [] for w in workloads for k in kinds}
 for run in range(args.runs):
     for w, (prompts, max_tokens) in workloads.items():
         for i, prompt in enumerate(prompts):
             answers = {}
-            for name, addr in (("plain", plain), ("lookup", lookup)):
+            for name, addr in heads.items():
                 text, n, rate = stream_chat(addr, prompt, max_tokens)
                 answers[name] = text
                 rates[(w, name)].append(rate)
                 print(f"run {run + 1} {w} #{i}: {name} {n} tokens, {rate:.1f} tok/s", flush=True)
-            if answers["plain"] != answers["lookup"]:
-                sys.exit(f"{w} #{i}: the answers differ:\n--- plain\n{answers['plain']}\n"
-                         f"--- lookup\n{answers['lookup']}")
+            for name, text in answers.items():
+                if text != answers["plain"]:
+                    sys.exit(f"{w} #{i}: the answers differ:\n--- plain\n{answers['plain']}\n"
+                             f"--- {name}\n{text}")
 
-drafted = metric(lookup, "shoal_draft_tokens_total")
-kept = metric(lookup, "shoal_draft_accepted_tokens_total")
 print()
-print(f"| workload | plain tok/s | --lookup tok/s | ratio |")
-print(f"|---|---|---|---|")
+print("| workload | " + " | ".join(f"{k} tok/s" for k in kinds) + " |")
+print("|---|" + "---|" * len(kinds))
 for w in workloads:
-    p = statistics.median(rates[(w, "plain")])
-    l = statistics.median(rates[(w, "lookup")])
-    print(f"| {w} ({len(rates[(w, 'plain')])} requests) | {p:.1f} | {l:.1f} | {l / p:.2f}× |")
-print(f"\nguessed tokens kept: {kept:.0f} of {drafted:.0f}; answers identical in every request")
+    plain = statistics.median(rates[(w, "plain")])
+    cells = [f"{plain:.1f}"]
+    for k in list(kinds)[1:]:
+        r = statistics.median(rates[(w, k)])
+        cells.append(f"{r:.1f} ({r / plain:.2f}×)")
+    print(f"| {w} ({len(rates[(w, 'plain')])} requests) | " + " | ".join(cells) + " |")
+print()
+for k in list(kinds)[1:]:
+    drafted = metric(heads[k], "shoal_draft_tokens_total")
+    kept = metric(heads[k], "shoal_draft_accepted_tokens_total")
+    print(f"{k}: {kept:.0f} of {drafted:.0f} guessed tokens kept")
+print("answers identical in every request")

@@ -5,7 +5,7 @@
 //! loop, an HTTP handler's blocking task), so the engine owns no threads.
 
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -45,7 +45,16 @@ pub struct Model {
     speculation: Mutex<Option<Speculation>>,
     /// A smaller model of the same vocabulary that drafts for this one
     /// ([`Model::attach_draft`]).
-    draft: Option<Box<Model>>,
+    draft: Option<Arc<Model>>,
+}
+
+/// A model shows as its name (its weights are not for logs).
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Model {
@@ -81,7 +90,7 @@ impl Model {
     /// when its tokens are not this model's (ids meaning other text, other end tokens).
     pub fn attach_draft(&mut self, draft: Model) -> Result<()> {
         check_draft_vocabulary(self, &draft)?;
-        self.draft = Some(Box::new(draft));
+        self.draft = Some(Arc::new(draft));
         Ok(())
     }
 
@@ -258,7 +267,7 @@ pub struct Generation<'m> {
     /// How the generation guesses ahead, when it does.
     speculation: Option<Speculation>,
     /// The draft model's side of this generation, once it has drafted.
-    drafter: Option<Drafter<'m>>,
+    drafter: Option<Drafter>,
     /// Tokens a verification pass accepted that are not handed out yet.
     ready: std::collections::VecDeque<u32>,
     /// With logprobs asked for ([`Generation::want_logprobs`]): how many alternatives per
@@ -605,7 +614,7 @@ impl<'m> Generation<'m> {
         let Some(spec) = self.speculation else {
             return Ok(());
         };
-        let Some(draft_model) = self.model.draft.as_deref() else {
+        let Some(draft_model) = self.model.draft.clone() else {
             return Ok(());
         };
         if !spec.draft_model || self.choices.is_some() || self.json.is_some() {

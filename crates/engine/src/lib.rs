@@ -50,7 +50,7 @@ pub use pool::with_threads as with_kernel_threads;
 pub use prefix_cache::{PrefixCache, PrefixMatch};
 pub use prompt::PromptFormat;
 pub use sampler::{Sampler, SamplingParams};
-pub use speculation::{check_draft_vocabulary, Speculation};
+pub use speculation::{check_draft_tokenizer, check_draft_vocabulary, Drafter, Speculation};
 pub use stage::{Logits, Stage, StageInput, StageOutput, StageSpec};
 pub use stage_file::StageFile;
 pub use text_stream::TextStream;

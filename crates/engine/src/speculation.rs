@@ -10,6 +10,8 @@
 //! rejection rule (keep with probability p/q), gives up some acceptance under sampling but
 //! makes a seeded answer reproducible whether or not a draft model is attached.
 
+use std::sync::Arc;
+
 use crate::error::{EngineError, Result};
 use crate::generate::{keep_prompt, Model, PREFILL_CHUNK};
 use crate::kv_cache::KvCache;
@@ -17,6 +19,7 @@ use crate::lookup::Lookup;
 use crate::prefix_cache::{resume_point, shared_prefix};
 use crate::sampler::argmax;
 use crate::stage::{logits_row, Logits, StageInput, StageOutput};
+use crate::tokenizer::Tokenizer;
 
 /// How generations guess ahead ([`Model::set_speculation`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -49,12 +52,17 @@ impl Default for Speculation {
 
 /// Why a draft model cannot guess for a target: its tokens would mean other text.
 pub fn check_draft_vocabulary(target: &Model, draft: &Model) -> Result<()> {
-    let (t, d) = (target.tokenizer(), draft.tokenizer());
+    check_draft_tokenizer(target.tokenizer(), target.name(), draft)
+}
+
+/// [`check_draft_vocabulary`] against the target's tokenizer alone (a pipeline's head
+/// holds the target's tokenizer, not its whole model); `target` names it in the error.
+pub fn check_draft_tokenizer(t: &Tokenizer, target: &str, draft: &Model) -> Result<()> {
+    let d = draft.tokenizer();
     let refuse = |why: String| {
         Err(EngineError::InvalidInput(format!(
-            "the draft model {} cannot draft for {}: {why}",
+            "the draft model {} cannot draft for {target}: {why}",
             draft.name(),
-            target.name()
         )))
     };
     if d.vocab_size() > t.vocab_size() {
@@ -80,9 +88,10 @@ pub fn check_draft_vocabulary(target: &Model, draft: &Model) -> Result<()> {
 }
 
 /// A draft model's side of one generation: its own cache of the tokens so far, rolled back
-/// to what the target kept after each verification.
-pub(crate) struct Drafter<'m> {
-    model: &'m Model,
+/// to what the target kept after each verification. A pipeline's head drafts with one for
+/// its ring, as a generation does for its model.
+pub struct Drafter {
+    model: Arc<Model>,
     cache: KvCache,
     /// The tokens whose keys and values `cache` holds.
     fed: Vec<u32>,
@@ -95,8 +104,10 @@ pub(crate) struct Drafter<'m> {
     cache_prompt: bool,
 }
 
-impl<'m> Drafter<'m> {
-    pub(crate) fn new(model: &'m Model, prompt: &[u32], cache_prompt: bool) -> Self {
+impl Drafter {
+    /// The draft model `model`'s side of a generation of `prompt`, resumed from the longest
+    /// prompt it kept (with `cache_prompt`), which it keeps again when dropped.
+    pub fn new(model: Arc<Model>, prompt: &[u32], cache_prompt: bool) -> Self {
         let mut cache = None;
         if cache_prompt && prompt.len() > 1 {
             let mut kept = model.prompt_cache();
@@ -123,7 +134,7 @@ impl<'m> Drafter<'m> {
     /// tokens so far), stopping early where it doubts its pick (below `p_min`), at an
     /// end-of-generation token, or at a token the target has no row for.
     /// `interrupted` is asked between prompt chunks.
-    pub(crate) fn draft(
+    pub fn draft(
         &mut self,
         history: &[u32],
         max: usize,
@@ -167,7 +178,7 @@ impl<'m> Drafter<'m> {
     }
 
     /// Reads `tokens` (the prompt) into the cache.
-    pub(crate) fn read(&mut self, tokens: &[u32], interrupted: &dyn Fn() -> bool) -> Result<()> {
+    pub fn read(&mut self, tokens: &[u32], interrupted: &dyn Fn() -> bool) -> Result<()> {
         self.feed(tokens, interrupted).map(drop)
     }
 
@@ -213,14 +224,14 @@ impl<'m> Drafter<'m> {
     }
 }
 
-impl Drop for Drafter<'_> {
+impl Drop for Drafter {
     /// Keeps the draft model's prompt rows for the conversation's next turn, as the target
     /// keeps its own.
     fn drop(&mut self) {
         if self.cache_prompt && self.whole {
             let cache = std::mem::replace(&mut self.cache, KvCache::new(0));
             keep_prompt(
-                self.model,
+                &self.model,
                 &self.fed,
                 self.prompt_len,
                 self.computed_from,

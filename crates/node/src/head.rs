@@ -34,8 +34,10 @@ pub(crate) struct PipelineHead {
     pub(crate) transport: Transport,
     /// The head's prompt cache.
     pub(crate) prompt_cache_bytes: usize,
-    /// Guessing ahead by prompt lookup (`--lookup`), verified by the ring.
+    /// Guessing ahead (`--lookup`, `--model-draft`), verified by the ring.
     pub(crate) speculation: Option<shoal_engine::Speculation>,
+    /// The draft model's file (`--model-draft`), loaded whole on the head.
+    pub(crate) model_draft: Option<PathBuf>,
     /// Where the ring goes once connected, so members see the head's own layers.
     pub(crate) ring: membership::HeadRing,
 }
@@ -159,6 +161,15 @@ impl PipelineHead {
             .map(|r| format!("{}-{}", r.start, r.end.saturating_sub(1)))
             .collect();
         let planner = layout.planned.map(|(planner, _)| planner);
+        let draft_model = match self.model_draft.clone() {
+            Some(path) if self.speculation.is_some_and(|s| s.draft_model) => {
+                let loaded = tokio::task::spawn_blocking(move || crate::load_model(&path))
+                    .await
+                    .map_err(|e| format!("loading the draft model: {e}"))??;
+                Some(Arc::new(loaded))
+            }
+            _ => None,
+        };
         let settings = shoal_pipeline::RingSettings {
             activations: self.activations,
             stats: state.batch_stats(),
@@ -166,6 +177,7 @@ impl PipelineHead {
             transport: self.transport.clone(),
             prompt_cache_bytes: self.prompt_cache_bytes,
             speculation: self.speculation,
+            draft_model,
         };
         let peers = layout.peers;
         let pipeline = shoal_pipeline::connect_ring(model, &peers, &layout.ranges, settings)

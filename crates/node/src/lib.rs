@@ -197,6 +197,7 @@ impl Node {
                 transport: transport.clone(),
                 prompt_cache_bytes: config.prompt_cache_bytes,
                 speculation: config.speculation,
+                model_draft: config.model_draft.clone(),
                 ring: head_ring.clone(),
             };
             background.push(match config.auto_model.clone() {
@@ -453,7 +454,7 @@ impl LocalModelSettings {
     }
 }
 
-fn load_model(path: &Path) -> Result<Model, String> {
+pub(crate) fn load_model(path: &Path) -> Result<Model, String> {
     let started = Instant::now();
     let model =
         Model::load(path, |_, _| {}).map_err(|e| format!("loading {}: {e}", path.display()))?;

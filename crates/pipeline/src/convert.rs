@@ -1,8 +1,10 @@
 //! Between engine tensors and wire matrices, and between the engine's sampling parameters and
 //! the wire's `SamplingSpec`.
 
+use std::collections::HashMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use sha2::{Digest, Sha256};
 use shoal_engine::candle_core::{DType as TensorDType, Device, Tensor};
@@ -82,8 +84,30 @@ pub fn sampling_params(spec: &SamplingSpec) -> SamplingParams {
     }
 }
 
-/// SHA-256 of a file, read in 1 MiB pieces.
+/// SHA-256 of a file, read in 1 MiB pieces — once per file version in this process: a
+/// head hashes its model to plan the ring, to set it up and to set it up again after a
+/// loss or a move, and a gigabyte takes seconds. A file whose size or modification time
+/// changed is read again.
 pub fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
+    /// A file's size and modification time, and its hash then.
+    type Hashed = ((u64, Option<std::time::SystemTime>), [u8; 32]);
+    static KNOWN: OnceLock<Mutex<HashMap<PathBuf, Hashed>>> = OnceLock::new();
+    let known = KNOWN.get_or_init(Default::default);
+    let meta = std::fs::metadata(path)?;
+    let version = (meta.len(), meta.modified().ok());
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let lock = || known.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((v, sha)) = lock().get(&key) {
+        if *v == version {
+            return Ok(*sha);
+        }
+    }
+    let sha = read_sha256(path)?;
+    lock().insert(key, (version, sha));
+    Ok(sha)
+}
+
+fn read_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
     let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -100,6 +124,24 @@ pub fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_is_hashed_once_per_version() {
+        let dir = std::env::temp_dir().join(format!("shoal-sha-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.gguf");
+        std::fs::write(&path, b"first").unwrap();
+        let first = file_sha256(&path).unwrap();
+        assert_eq!(first, <[u8; 32]>::from(Sha256::digest(b"first")));
+        assert_eq!(file_sha256(&path).unwrap(), first);
+        // Another size: read again.
+        std::fs::write(&path, b"second!").unwrap();
+        assert_eq!(
+            file_sha256(&path).unwrap(),
+            <[u8; 32]>::from(Sha256::digest(b"second!"))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn spec_round_trip_keeps_the_penalty_window() {

@@ -94,9 +94,10 @@ pub struct RingSettings {
     pub transport: Transport,
     /// The head's prompt cache ([`PipelineConfig::prompt_cache_bytes`]).
     pub prompt_cache_bytes: usize,
-    /// Guessing ahead by prompt lookup, verified by the ring
-    /// ([`PipelineConfig::speculation`]).
+    /// Guessing ahead, verified by the ring ([`PipelineConfig::speculation`]).
     pub speculation: Option<shoal_engine::Speculation>,
+    /// The head's draft model ([`PipelineConfig::draft_model`]).
+    pub draft_model: Option<Arc<shoal_engine::Model>>,
 }
 
 /// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`,
@@ -126,6 +127,7 @@ pub async fn connect_ring(
     config.transport = settings.transport;
     config.prompt_cache_bytes = settings.prompt_cache_bytes;
     config.speculation = settings.speculation;
+    config.draft_model = settings.draft_model;
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }

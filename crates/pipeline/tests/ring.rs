@@ -1848,3 +1848,60 @@ async fn only_a_verifys_guesses_can_be_rolled_back() {
         "only once per verify"
     );
 }
+
+/// Issue #17: a draft model on the head guesses for the ring (here the model itself, the
+/// simplest draft model of the same tokenizer), lookup off: the answer is the single
+/// process's plain decode, greedy and sampled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draft_models_guesses_verified_by_the_ring_change_nothing() {
+    let prompt = chat_prompt("Write a short poem about the sea.");
+    let n = reference().config().n_layers;
+    let (server, addr) = start_server(Duration::from_secs(600)).await;
+    let mut config = PipelineConfig::new(
+        model_path(),
+        0..15,
+        vec![PeerStage {
+            addr,
+            layers: 15..n,
+        }],
+    );
+    config.speculation = Some(Speculation {
+        draft_model: true,
+        ..Speculation::default()
+    });
+    config.draft_model = Some(std::sync::Arc::new(
+        Model::load(model_path(), |_, _| {}).unwrap(),
+    ));
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    for sampling in [SamplingParams::greedy(), sampled()] {
+        let want = single_process_for(&prompt, &sampling);
+        let answer = pipeline
+            .run(RingRequest::new(&prompt, &sampling, MAX_TOKENS), |_, _| {
+                true
+            })
+            .await
+            .unwrap();
+        assert_eq!(answer.tokens, want, "{sampling:?}");
+        assert!(answer.accepted_tokens > 0, "{answer:?}");
+        all_sessions_ended(std::slice::from_ref(&server)).await;
+    }
+}
+
+/// A draft model whose tokens mean other text than the model's cannot draft for its ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draft_model_of_another_tokenizer_is_refused() {
+    let n = reference().config().n_layers;
+    let (_server, addr) = start_server(Duration::from_secs(600)).await;
+    let mut config = PipelineConfig::new(
+        model_path(),
+        0..15,
+        vec![PeerStage {
+            addr,
+            layers: 15..n,
+        }],
+    );
+    let qwen = models_dir().join("qwen2.5-coder-0.5b-instruct.gguf");
+    config.draft_model = Some(std::sync::Arc::new(Model::load(&qwen, |_, _| {}).unwrap()));
+    let err = Pipeline::connect(config).await.err().expect("refused");
+    assert!(err.to_string().contains("cannot draft"), "{err}");
+}

@@ -119,7 +119,8 @@ pub(crate) struct SpeculationArgs {
     /// Speculative decoding by prompt lookup: draft the tokens that followed the answer's
     /// latest words where they appeared before (code edits, agents' turns) and verify them
     /// in one pass. The answer is the same, token for token; only faster where the text
-    /// repeats. On a pipeline's head (--split) the ring verifies the guesses.
+    /// repeats. On a pipeline's head (--split) the ring verifies the guesses, as it does
+    /// --model-draft's.
     #[arg(long)]
     pub(crate) lookup: bool,
     /// Speculative decoding with a draft model (a file or a known name): a smaller model
@@ -289,11 +290,6 @@ fn stream_to_stdout(generation: &mut Generation<'_>) -> anyhow::Result<String> {
 
 fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
     let path = resolve_model(a.model.model.as_deref())?;
-    if a.split.is_some() && a.speculation.model_draft.is_some() {
-        anyhow::bail!(
-            "--model-draft does not draft through a pipeline (--split) yet; --lookup does"
-        );
-    }
     let mut model = load_model(&path)?;
     let prompt = if a.raw {
         a.prompt.clone()
@@ -310,10 +306,18 @@ fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
         let ranges = shoal_pipeline::check_split(split, a.peers.len(), model.config().n_layers)?;
         // The head loads its own stage; the whole model is not needed any more.
         drop(model);
+        let draft_model = match &a.speculation.model_draft {
+            Some(draft) => {
+                let path = resolve_model(Some(draft)).context("--model-draft")?;
+                Some(std::sync::Arc::new(load_model(&path)?))
+            }
+            None => None,
+        };
         let settings = shoal_pipeline::RingSettings {
             activations: a.activations.dtype(),
             transport: shoal_wire::Transport::with_key(a.key.key()?),
             speculation: a.speculation.speculation(),
+            draft_model,
             ..Default::default()
         };
         run_ring(

@@ -87,11 +87,15 @@ pub struct PipelineConfig {
     /// starts as an earlier one did resumes from it on every stage (the prompt cache;
     /// each peer bounds what it keeps by its own setting). 0 keeps none.
     pub prompt_cache_bytes: usize,
-    /// Speculative decoding across the ring: the head guesses the next tokens by prompt
-    /// lookup ([`shoal_engine::Speculation::lookup`], `draft_max`, `draft_min`) and the
-    /// ring verifies them in one pass. `None`, or no lookup: one token per pass. (A draft
-    /// model does not draft for a ring yet.)
+    /// Speculative decoding across the ring: the head guesses the next tokens — by prompt
+    /// lookup ([`shoal_engine::Speculation::lookup`]), with [`PipelineConfig::draft_model`]
+    /// (`draft_model`, `p_min`), or both, lookup first — up to `draft_max` at a time, and
+    /// the ring verifies them in one pass. `None`: one token per pass.
     pub speculation: Option<shoal_engine::Speculation>,
+    /// A smaller model of the same tokenizer, whole on the head, that guesses greedily for
+    /// the ring (with `speculation.draft_model`). Checked against the model's tokenizer
+    /// when the ring is set up.
+    pub draft_model: Option<Arc<shoal_engine::Model>>,
 }
 
 impl PipelineConfig {
@@ -127,6 +131,7 @@ impl PipelineConfig {
             stats: BatchStats::default(),
             prompt_cache_bytes: 0,
             speculation: None,
+            draft_model: None,
         }
     }
 }

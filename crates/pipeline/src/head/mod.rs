@@ -27,8 +27,8 @@ use shoal_cluster::{Member, Membership};
 use shoal_engine::candle_core::Device;
 use shoal_engine::prefix_cache::{canonical_len, resume_point};
 use shoal_engine::{
-    GgufFile, JsonConstraint, JsonGrammar, KvCache, Logits, ModelConfig, PrefixCache, PromptFormat,
-    Sampler, SamplingParams, Stage, StageSpec, TokenLogprob, Tokenizer,
+    Drafter, GgufFile, JsonConstraint, JsonGrammar, KvCache, Logits, ModelConfig, PrefixCache,
+    PromptFormat, Sampler, SamplingParams, Stage, StageSpec, TokenLogprob, Tokenizer,
 };
 use shoal_wire::{
     Capabilities, EndSession, ErrorCode, Forward, JsonAnswer, LoadStage, Message, Payload, Resume,
@@ -264,6 +264,11 @@ impl Pipeline {
             })
             .await??;
         check_ring(&config, &model)?;
+        if let Some(draft) = &config.draft_model {
+            let name = config.model_id.clone();
+            shoal_engine::check_draft_tokenizer(format.tokenizer(), &name, draft)
+                .map_err(|e| PipelineError::Config(e.to_string()))?;
+        }
 
         let listener = TcpListener::bind(config.reply_bind)
             .await
@@ -808,7 +813,12 @@ impl Pipeline {
         let mut pending = session.prompt[start..].to_vec();
         let mut resume = session.resume;
         let mut seq = 0u64;
-        let mut guesser = Guesser::for_session(self.config.speculation, session);
+        let mut guesser = Guesser::for_session(
+            self.config.speculation,
+            self.config.draft_model.as_ref(),
+            session,
+            self.model.vocab_size,
+        );
         loop {
             // The answer's next token: replayed when a lost ring had drawn it already.
             let replayed = replay.get(history.len() - session.prompt.len()).copied();
@@ -823,7 +833,7 @@ impl Pipeline {
                     .saturating_sub(generated.len())
                     .min(limit.saturating_sub(history.len()));
                 let draft = match (replaying, pending.len()) {
-                    (false, 1) => g.draft(&history, room.min(chunk).saturating_sub(1)),
+                    (false, 1) => g.draft(&history, room.min(chunk).saturating_sub(1)).await?,
                     _ => Vec::new(),
                 };
                 if !draft.is_empty() {
@@ -1192,11 +1202,17 @@ fn unasked_draws() -> PipelineError {
     PipelineError::StageFailed("the last stage answered a step with the wrong kind of draw".into())
 }
 
-/// A session's guessing ahead (issue #17): prompt lookup's guesses, as many as the running
-/// acceptance earns (grown by two while guesses all hold, shrunk by one when one fails, as
-/// the engine's own speculation does), and which of the head's cache rows are guesses.
+/// A session's guessing ahead (issue #17): prompt lookup's guesses first, else the draft
+/// model's, as many as the running acceptance earns (grown by two while guesses all hold,
+/// shrunk by one when one fails, as the engine's own speculation does), and which of the
+/// head's cache rows are guesses.
 struct Guesser {
-    lookup: shoal_engine::Lookup,
+    lookup: Option<shoal_engine::Lookup>,
+    /// The draft model's side of the session (taken while it drafts off the runtime).
+    drafter: Option<Drafter>,
+    p_min: f32,
+    /// The target's vocabulary: the draft model stops at a token it has no row for.
+    vocab: usize,
     draft_max: usize,
     draft_min: usize,
     draft_len: usize,
@@ -1206,16 +1222,25 @@ struct Guesser {
 
 impl Guesser {
     /// A guesser when the session can verify guesses: a ring with stages after the head,
-    /// lookup on, and draws that depend only on the seed and the position (no penalties,
-    /// no JSON grammar, no log-probabilities).
-    fn for_session(spec: Option<shoal_engine::Speculation>, session: &Session<'_>) -> Option<Self> {
+    /// lookup or a draft model on, and draws that depend only on the seed and the position
+    /// (no penalties, no JSON grammar, no log-probabilities).
+    fn for_session(
+        spec: Option<shoal_engine::Speculation>,
+        draft_model: Option<&Arc<shoal_engine::Model>>,
+        session: &Session<'_>,
+        vocab: usize,
+    ) -> Option<Self> {
         let spec = spec?;
-        let lookup = spec.lookup?;
+        let draft_model = draft_model.filter(|_| spec.draft_model);
         let plain = session.json.is_none()
             && session.logprobs.is_none()
             && !session.sampling.has_penalties();
-        (plain && !session.ring.peers.is_empty()).then(|| Guesser {
-            lookup,
+        let guesses = spec.lookup.is_some() || draft_model.is_some();
+        (plain && guesses && !session.ring.peers.is_empty()).then(|| Guesser {
+            lookup: spec.lookup,
+            drafter: draft_model.map(|m| Drafter::new(m.clone(), session.prompt, true)),
+            p_min: spec.p_min,
+            vocab,
             draft_max: spec.draft_max.max(1),
             draft_min: spec.draft_min.max(1),
             draft_len: spec.draft_max.div_ceil(2).max(1),
@@ -1224,16 +1249,32 @@ impl Guesser {
     }
 
     /// Guesses after `history`, at most `room` of them; empty when fewer than `draft_min`.
-    fn draft(&self, history: &[u32], room: usize) -> Vec<u32> {
+    /// The draft model runs off the runtime.
+    async fn draft(&mut self, history: &[u32], room: usize) -> Result<Vec<u32>> {
         let max = self.draft_len.min(room);
         if max < self.draft_min {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        let draft = self.lookup.draft(history, max);
+        let mut draft = self
+            .lookup
+            .map(|l| l.draft(history, max))
+            .unwrap_or_default();
         if draft.len() < self.draft_min {
-            return Vec::new();
+            if let Some(mut drafter) = self.drafter.take() {
+                let (history, p_min, vocab) = (history.to_vec(), self.p_min, self.vocab);
+                let (drafter, guessed) = tokio::task::spawn_blocking(move || {
+                    let guessed = drafter.draft(&history, max, p_min, vocab, &|| false);
+                    (drafter, guessed)
+                })
+                .await?;
+                self.drafter = Some(drafter);
+                draft = guessed?;
+            }
         }
-        draft
+        if draft.len() < self.draft_min {
+            return Ok(Vec::new());
+        }
+        Ok(draft)
     }
 
     /// A verify at `start` kept `kept` of its `drafted` guesses.
