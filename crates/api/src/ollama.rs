@@ -402,9 +402,9 @@ pub(crate) async fn generate(
 /// listed with what its name tells.
 pub(crate) async fn tags(State(state): State<AppState>) -> Response {
     let models = match state.model() {
-        Ok(backend) => vec![ModelFacts::of(&state, Some(&backend)).listing()],
+        Ok(backend) => vec![ModelFacts::of(&state, Some(&backend)).await.listing()],
         Err(_) if state.is_stage_only() => Vec::new(),
-        Err(_) => vec![ModelFacts::of(&state, None).listing()],
+        Err(_) => vec![ModelFacts::of(&state, None).await.listing()],
     };
     axum::Json(json!({ "models": models })).into_response()
 }
@@ -426,7 +426,7 @@ pub(crate) async fn show(
             .into());
     }
     let backend = state.model()?;
-    let facts = ModelFacts::of(&state, Some(&backend));
+    let facts = ModelFacts::of(&state, Some(&backend)).await;
     let config = backend.config();
     let arch = config.arch.name();
     let mut info = Map::new();
@@ -479,7 +479,7 @@ pub(crate) async fn show(
 pub(crate) async fn ps(State(state): State<AppState>) -> Response {
     let models = match state.model() {
         Ok(backend) => {
-            let facts = ModelFacts::of(&state, Some(&backend));
+            let facts = ModelFacts::of(&state, Some(&backend)).await;
             vec![json!({
                 "name": facts.name,
                 "model": facts.name,
@@ -526,8 +526,7 @@ struct ModelFacts {
     name: String,
     /// `general.parameter_count`; 0 while loading.
     parameters: u64,
-    /// The file's size is not known to the API (it sees the loaded model, not the file):
-    /// reported as 0.
+    /// The model file's size (0 when the node was given no file, e.g. in tests).
     size: u64,
     digest: String,
     modified_at: String,
@@ -535,7 +534,7 @@ struct ModelFacts {
 }
 
 impl ModelFacts {
-    fn of(state: &AppState, backend: Option<&Backend>) -> Self {
+    async fn of(state: &AppState, backend: Option<&Backend>) -> Self {
         let parameters = backend.map_or(0, parameter_count);
         let family = backend.map(|b| b.config().arch.name());
         let details = json!({
@@ -546,16 +545,26 @@ impl ModelFacts {
             "parameter_size": if parameters == 0 { String::new() } else { human_number(parameters) },
             "quantization_level": quantization_level(&state.model_id()),
         });
+        let file = match state.model_file() {
+            Some(path) => file_facts(path).await,
+            None => None,
+        };
+        let (size, digest, modified) = match file {
+            Some(f) => f,
+            // No file known: the id's hash (stable for a model, different between models)
+            // and the node's start.
+            None => (
+                0,
+                hex(&Sha256::digest(state.model_id().as_bytes())),
+                UNIX_EPOCH + Duration::from_secs(state.started()),
+            ),
+        };
         Self {
             name: listed_name(state),
             parameters,
-            size: 0,
-            // Ollama's digest is the sha256 of the model's manifest; the file's hash is not
-            // known here and too slow to compute per request, so this is the sha256 of the
-            // model id: stable for a model, different between models.
-            digest: hex(&Sha256::digest(state.model_id().as_bytes())),
-            // When the node started: the file's time is not known here.
-            modified_at: rfc3339(UNIX_EPOCH + Duration::from_secs(state.started())),
+            size,
+            digest,
+            modified_at: rfc3339(modified),
             details,
         }
     }
@@ -571,6 +580,19 @@ impl ModelFacts {
             "details": self.details,
         })
     }
+}
+
+/// The model file's size, SHA-256 (as Ollama's digests are; read once per file version, off
+/// the runtime) and modification time; `None` when it cannot be read.
+async fn file_facts(path: std::path::PathBuf) -> Option<(u64, String, std::time::SystemTime)> {
+    tokio::task::spawn_blocking(move || {
+        let meta = std::fs::metadata(&path).ok()?;
+        let sha = shoal_pipeline::file_sha256(&path).ok()?;
+        Some((meta.len(), hex(&sha), meta.modified().unwrap_or(UNIX_EPOCH)))
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// The model's parameter count: exact for a local model; for a ring, whose head holds

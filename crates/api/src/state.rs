@@ -60,6 +60,8 @@ struct Inner {
     swarm: std::sync::OnceLock<Arc<Swarm>>,
     /// The cluster's members as this node sees them.
     cluster: std::sync::OnceLock<ClusterHandle>,
+    /// The model's file, for what the Ollama API says of it (size, digest, time).
+    model_file: RwLock<Option<std::path::PathBuf>>,
     /// Unix time of start-up, reported as the model's `created`.
     started: u64,
     next_id: AtomicU64,
@@ -88,6 +90,7 @@ impl AppState {
                 registry,
                 swarm: std::sync::OnceLock::new(),
                 cluster: std::sync::OnceLock::new(),
+                model_file: RwLock::new(None),
                 started: unix_now(),
                 next_id: AtomicU64::new(0),
             }),
@@ -109,6 +112,23 @@ impl AppState {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = model_id;
         *load = Load::Ready(backend.into());
+    }
+
+    /// The model's file (set again when the node moves to another model).
+    pub fn set_model_file(&self, path: std::path::PathBuf) {
+        *self
+            .inner
+            .model_file
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(path);
+    }
+
+    pub(crate) fn model_file(&self) -> Option<std::path::PathBuf> {
+        self.inner
+            .model_file
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Clients may also send `alias` as the model (`auto`: whichever model the cluster

@@ -11,6 +11,7 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use serde_json::{json, Value};
+use sha2::Digest;
 use shoal_api::{app, AppState};
 
 const MODEL_ID: &str = "smollm2-135m-instruct-q4_1";
@@ -415,12 +416,21 @@ async fn chat_with_tools_and_a_tool_history() {
 
 #[tokio::test]
 async fn tags_show_and_ps_describe_the_model() {
-    let app = ready_app();
+    let (state, app) = common::ready_app(MODEL_ID);
+    let file = common::models_dir().join(common::MODEL_FILE);
+    state.set_model_file(file.clone());
     let tags = get(&app, "/api/tags").await.json();
     let listed = &tags["models"][0];
     assert_eq!(listed["name"], format!("{MODEL_ID}:latest"));
     assert_eq!(listed["model"], listed["name"]);
-    assert_eq!(listed["digest"].as_str().unwrap().len(), 64);
+    // The file's size and SHA-256, as Ollama reports its own.
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(listed["size"], bytes.len() as u64);
+    let sha: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(listed["digest"], sha);
     assert!(listed["modified_at"].as_str().unwrap().ends_with('Z'));
     let details = &listed["details"];
     assert_eq!(details["format"], "gguf");

@@ -178,6 +178,7 @@ async fn switch(
         let id = crate::config::model_id_of(&path);
         match head.connect(&path, layout, state).await {
             Ok((pipeline, planner)) => {
+                state.set_model_file(path.clone());
                 state.set_ready_as(pipeline.clone(), id.clone());
                 head.show(&path, &pipeline);
                 tracing::info!(

@@ -70,6 +70,7 @@ impl PipelineHead {
                 };
                 match connected {
                     Ok((pipeline, planner)) => {
+                        state.set_model_file(self.model.clone());
                         state.set_ready(pipeline.clone());
                         self.show(&self.model, &pipeline);
                         if let Some(planner) = planner.filter(|_| follows) {

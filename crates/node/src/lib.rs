@@ -407,6 +407,7 @@ fn start_local_model(
                 state.set_swarm(swarm);
             }
         }
+        state.set_model_file(path);
         state.set_ready(model);
     });
 }

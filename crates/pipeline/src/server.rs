@@ -162,10 +162,10 @@ struct Inner {
     kept: Mutex<PrefixCache>,
     /// Links to the next stage and to heads' reply listeners.
     links: LinkPool,
-    /// SHA-256 of model files already hashed, by path.
-    hashes: Mutex<HashMap<PathBuf, [u8; 32]>>,
     /// Measured profiles by model id.
     profiles: Mutex<HashMap<String, Profile>>,
+    /// The weight transfers this stage server sends to members.
+    senders: crate::weights::Senders,
     /// The queue of `Forward`s to the batching worker, started with the first one (it needs
     /// the runtime); the worker ends when this goes with the server.
     queue: OnceLock<mpsc::UnboundedSender<Queued>>,
@@ -289,8 +289,8 @@ impl StageServer {
                 ended: Mutex::new(IdleMap::default()),
                 kept: Mutex::new(PrefixCache::new(prompt_cache_bytes)),
                 links,
-                hashes: Mutex::new(HashMap::new()),
                 profiles: Mutex::new(HashMap::new()),
+                senders: crate::weights::Senders::new(),
                 queue: OnceLock::new(),
                 queue_room,
                 pass_timer: PassTimer::default(),
@@ -414,7 +414,7 @@ impl StageServer {
                 conn.write_frame(&reply).await?;
             }
             Message::Forward(f) => self.enqueue(Work::Forward(Box::new(f))).await,
-            Message::GetWeights(req) => self.send_weights(req, conn).await?,
+            Message::GetWeights(req) => self.send_weights(req, conn, peer).await?,
             Message::EndSession(e) => self.end_session(e),
             // Queued behind the session's `Forward`s, so it cuts what they leave.
             Message::Truncate(t) => self.enqueue(Work::Truncate(t)).await,
@@ -634,7 +634,12 @@ impl StageServer {
 
     /// Serves a member's `GetWeights` from this node's copy of the model (or a kept stage
     /// file that holds the share asked for).
-    async fn send_weights(&self, req: GetWeights, conn: &mut Connection) -> Result<(), WireError> {
+    async fn send_weights(
+        &self,
+        req: GetWeights,
+        conn: &mut Connection,
+        peer: &shoal_wire::RemotePeer,
+    ) -> Result<(), WireError> {
         let spec = StageSpec {
             layers: req.layer_start as usize..req.layer_end as usize,
             embed: req.embed,
@@ -652,7 +657,10 @@ impl StageServer {
             .model_file(&req.model_id, &req.model_sha256, &spec)
             .await
         {
-            Ok(path) => crate::weights::send_weights(conn, path, &req).await,
+            Ok(path) => {
+                let _turn = self.inner.senders.turn(&peer.node_id).await;
+                crate::weights::send_weights(conn, path, &req).await
+            }
             Err(e) => {
                 let e = ErrorMessage::new(error_code(&e), None, e.to_string());
                 conn.write_frame(&Message::Error(e)).await
@@ -1196,13 +1204,9 @@ fn finish(
 }
 
 impl Inner {
+    /// The SHA-256 of a model file (read once per file version, [`file_sha256`]).
     fn sha256_of(&self, path: &Path) -> Result<[u8; 32]> {
-        if let Some(sha) = lock(&self.hashes).get(path) {
-            return Ok(*sha);
-        }
-        let sha = file_sha256(path)?;
-        lock(&self.hashes).insert(path.to_path_buf(), sha);
-        Ok(sha)
+        Ok(file_sha256(path)?)
     }
 }
 

@@ -8,10 +8,11 @@
 //! that covers the layers asked for. Kept stage files are named by the model's SHA-256 and
 //! their layers, so a file of another version of the model is never taken for this one.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,7 +23,7 @@ use shoal_wire::{
     WeightsChunk, WeightsManifest, WeightsRegion, WireError,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{PipelineError, Result};
 use crate::link::dial;
@@ -40,6 +41,56 @@ const MANIFEST_DEADLINE: Duration = Duration::from_secs(600);
 
 /// Longest wait for each chunk once the transfer runs.
 const CHUNK_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Most transfers one holder sends at once: each reads its share of the file from disk and
+/// fills the link, and a node has only so much of both.
+const MAX_SENDS: usize = 4;
+
+/// The weight transfers a holder (a stage server, a head's reply listener) sends: at most
+/// [`MAX_SENDS`] at once, and one at a time to each node (a node fetches one stage at a
+/// time; a second request from it waits for the first to end rather than doubling the
+/// load). Waiting holds no transfer's deadline: the requester's clock starts at the
+/// manifest, [`MANIFEST_DEADLINE`] away.
+pub(crate) struct Senders {
+    all: Arc<Semaphore>,
+    per_node: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// A turn to send weights; the next waiting request goes when it is dropped.
+pub(crate) struct Turn {
+    _node: Option<OwnedSemaphorePermit>,
+    _all: Option<OwnedSemaphorePermit>,
+}
+
+impl Senders {
+    pub(crate) fn new() -> Self {
+        Senders {
+            all: Arc::new(Semaphore::new(MAX_SENDS)),
+            per_node: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for a turn to send weights to `node_id`.
+    pub(crate) async fn turn(&self, node_id: &str) -> Turn {
+        let node = {
+            let mut per_node = self.per_node.lock().unwrap_or_else(PoisonError::into_inner);
+            // Nodes nobody sends to or waits for are forgotten.
+            per_node.retain(|_, s| Arc::strong_count(s) > 1);
+            Arc::clone(
+                per_node
+                    .entry(node_id.to_owned())
+                    .or_insert_with(|| Arc::new(Semaphore::new(1))),
+            )
+        };
+        // The semaphores are never closed, so these always give a permit.
+        let node = node.acquire_owned().await.ok();
+        let all = Arc::clone(&self.all).acquire_owned().await.ok();
+        Turn {
+            _node: node,
+            _all: all,
+        }
+    }
+}
 
 /// The `GetWeights` for the stage a `LoadStage` describes.
 pub(crate) fn request_for(load: &LoadStage) -> GetWeights {
@@ -454,6 +505,43 @@ fn remove_covered(dir: &Path, new: &Kept) {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// `f`'s output if it is ready at its first poll.
+    fn now_or_never<F: std::future::Future>(f: F) -> Option<F::Output> {
+        let mut f = std::pin::pin!(f);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match f.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_transfer_per_node_and_a_few_in_all() {
+        let senders = Senders::new();
+        let first = senders.turn("pi").await;
+        assert!(
+            now_or_never(senders.turn("pi")).is_none(),
+            "a second transfer to the same node waits"
+        );
+        drop(first);
+        let again = now_or_never(senders.turn("pi"));
+        assert!(again.is_some(), "its turn comes when the first ends");
+        let mut others: Vec<Turn> = Vec::new();
+        for node in ["a", "b", "c"] {
+            others.push(now_or_never(senders.turn(node)).expect("room for four"));
+        }
+        assert!(
+            now_or_never(senders.turn("d")).is_none(),
+            "at most four at once"
+        );
+        others.pop();
+        assert!(now_or_never(senders.turn("d")).is_some());
+        // Nodes nobody sends to are not kept.
+        drop((again, others));
+        let _ = senders.turn("e").await;
+        assert_eq!(senders.per_node.lock().unwrap().len(), 1);
+    }
 
     fn spec(layers: Range<usize>, embed: bool, head: bool) -> StageSpec {
         StageSpec {

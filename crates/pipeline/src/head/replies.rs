@@ -133,6 +133,7 @@ pub(super) async fn serve_replies(
         node_id,
         router,
         weights,
+        senders: crate::weights::Senders::new(),
     };
     serve_peers(listener, config, Arc::new(replies), std::future::pending()).await;
 }
@@ -143,6 +144,8 @@ pub(super) struct ReplyListener {
     router: Arc<Router>,
     /// The head's model file and its SHA-256, served to peers without it.
     weights: Option<(PathBuf, [u8; 32])>,
+    /// The weight transfers it sends.
+    senders: crate::weights::Senders,
 }
 
 impl PeerService for ReplyListener {
@@ -163,6 +166,7 @@ impl PeerService for ReplyListener {
         match msg {
             Message::GetWeights(req) => match &self.weights {
                 Some((path, sha)) if *sha == req.model_sha256 => {
+                    let _turn = self.senders.turn(&peer.node_id).await;
                     crate::weights::send_weights(conn, path.clone(), &req).await
                 }
                 _ => {
