@@ -5,7 +5,10 @@
 //! nodes alive and the ring's three stages once the API key is entered, streams a greedy
 //! chat answer, kills `stage-b` while it streams (the member turns suspect, then dead, and
 //! the answer goes on and finishes on the re-planned ring), and heals it. It writes
-//! `docs/img/dashboard.png` and `docs/img/dashboard-killed.png`.
+//! `docs/img/dashboard.png` and `docs/img/dashboard-killed.png`. Then the swarm view: a
+//! swarm head with two agents of different roles, and tests/python/test_dashboard_swarm.py
+//! asks `swarm:vote` in the browser and checks every agent's answer, the chosen one and why
+//! (`docs/img/dashboard-swarm.png`).
 //!
 //! Needs `python3` with `playwright`, a Chromium at `/usr/bin/chromium` (or
 //! `SHOAL_CHROMIUM`) and the model: scripts/test.sh installs them.
@@ -102,4 +105,30 @@ fn dashboard_in_a_browser() {
         .expect("python3 runs");
     eprintln!("the browser test took {:?}", started.elapsed());
     assert!(status.success(), "tests/python/test_dashboard.py failed");
+}
+
+#[test]
+fn dashboard_swarm_view_in_a_browser() {
+    let chromium = browser();
+    let a = node("agent-a", &["--role", "reasoner"]);
+    let b = node("agent-b", &["--role", "concise"]);
+    let (pa, pb) = (a.peer(), b.peer());
+    let head = node("swarm-head", &["--peer", &pa, "--peer", &pb]);
+    for server in [&a, &b, &head] {
+        server.wait_healthy();
+    }
+    let status = Command::new("python3")
+        .arg("tests/python/test_dashboard_swarm.py")
+        .current_dir(workspace_root())
+        .env("SHOAL_ROOT_URL", format!("http://{}", head.addr))
+        .env("SHOAL_API_KEY", API_KEY)
+        .env("SHOAL_AGENTS", "agent-a,agent-b")
+        .env("SHOAL_SCREENSHOTS", workspace_root().join("docs/img"))
+        .env("SHOAL_CHROMIUM", &chromium)
+        .status()
+        .expect("python3 runs");
+    assert!(
+        status.success(),
+        "tests/python/test_dashboard_swarm.py failed"
+    );
 }
