@@ -188,8 +188,46 @@ fn moa_fans_out_and_aggregates_and_each_strategy_answers() {
     assert!(!out["final_answer"].as_str().unwrap().trim().is_empty());
     assert_eq!(strings(&out["agents_responded"]).len(), 3, "{out}");
 
+    // Cross-swarm vote: every member that answers queries, whatever the roles the query
+    // type routes to — the head's own model too, never the aggregator — and a vote.
+    let out = query(
+        &head,
+        json!({"query": "What is the capital of France?", "strategy": "cluster",
+               "max_tokens": 24, "temperature": 0, "timeout_s": 120}),
+    );
+    assert_eq!(out["strategy"], "cluster", "{out}");
+    let mut who: Vec<String> = out["answers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            format!(
+                "{}/{}",
+                a["role"].as_str().unwrap(),
+                a["task"].as_str().unwrap()
+            )
+        })
+        .collect();
+    who.sort();
+    assert_eq!(
+        who,
+        ["factchecker/answer", "reasoner/answer", "worker/answer"],
+        "{out}"
+    );
+    assert!(
+        strings(&out["agents_responded"]).contains(&"head".to_owned()),
+        "{out}"
+    );
+    assert!(
+        out["decided_by"]
+            .as_str()
+            .unwrap()
+            .contains("among the members' answers (3 of 3 answered)"),
+        "{out}"
+    );
+
     // Every strategy through the chat API, as a client sees it.
-    for strategy in ["moa", "vote", "confidence", "fastest", "speed"] {
+    for strategy in ["moa", "vote", "confidence", "fastest", "speed", "cluster"] {
         let body = json!({
             "model": format!("swarm:{strategy}"),
             "messages": [{"role": "user", "content": "What is the capital of France?"}],

@@ -73,6 +73,10 @@ pub enum Strategy {
     Speed,
     /// The agent with the largest model answers alone (the next largest if it fails).
     Strongest,
+    /// Cross-swarm vote (Local Swarm's federation): every member that answers queries —
+    /// whatever the query type's roles, the head's own model too — answers once, and they
+    /// vote. Any node can head it.
+    Cluster,
     /// The default: `strongest` when one agent's model is far larger than every other's,
     /// else `vote` — what measured best for each kind of swarm (docs/EVAL.md); see
     /// [`Strategy::resolve`].
@@ -81,13 +85,14 @@ pub enum Strategy {
 
 impl Strategy {
     /// Every strategy.
-    pub const ALL: [Strategy; 7] = [
+    pub const ALL: [Strategy; 8] = [
         Strategy::Moa,
         Strategy::Vote,
         Strategy::Confidence,
         Strategy::Fastest,
         Strategy::Speed,
         Strategy::Strongest,
+        Strategy::Cluster,
         Strategy::Auto,
     ];
 
@@ -100,6 +105,7 @@ impl Strategy {
             Strategy::Fastest => "fastest",
             Strategy::Speed => "speed",
             Strategy::Strongest => "strongest",
+            Strategy::Cluster => "cluster",
             Strategy::Auto => "auto",
         }
     }
@@ -148,7 +154,7 @@ impl fmt::Display for Strategy {
 /// A strategy name that is not one of [`Strategy::ALL`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown swarm strategy {given:?}; valid strategies: moa, vote, confidence, fastest, speed, strongest, auto"
+    "unknown swarm strategy {given:?}; valid strategies: moa, vote, confidence, fastest, speed, strongest, cluster, auto"
 )]
 pub struct UnknownStrategy {
     /// The name as given.

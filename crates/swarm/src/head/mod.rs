@@ -305,7 +305,10 @@ impl Swarm {
             failed: Vec::new(),
         };
         let (query_type, classified_by) = run.classify().await;
-        let answerers = run.answerers(query_type)?;
+        let answerers = match requested {
+            Strategy::Cluster => run.every_member()?,
+            _ => run.answerers(query_type)?,
+        };
         let timeout = match request.timeout {
             Some(t) => Wait {
                 enough: t,
@@ -336,6 +339,7 @@ impl Swarm {
             Strategy::Fastest => run.fastest(&answerers, timeout).await?,
             Strategy::Speed => run.speed(&answerers, timeout).await?,
             Strategy::Strongest => run.strongest(&answerers, timeout).await?,
+            Strategy::Cluster => run.cluster(&answerers, timeout).await?,
         };
         let decided_by = match merged_instead {
             Some(s) => format!("{s} cannot merge whole API answers; vote: {decided_by}"),

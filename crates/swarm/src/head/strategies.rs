@@ -99,6 +99,22 @@ impl Run<'_> {
             .ok_or(SwarmError::NoAgents)
     }
 
+    /// Every member that answers queries, whatever the query type's roles, and the head's
+    /// own model: who answers a cross-swarm vote.
+    pub(super) fn every_member(&self) -> Result<Vec<Target>, SwarmError> {
+        let mut all: Vec<Target> = self
+            .swarm
+            .targets()
+            .into_iter()
+            .filter(|t| t.role().is_none_or(Role::answers_queries))
+            .collect();
+        all.extend(self.swarm.local_target());
+        if all.is_empty() {
+            return Err(SwarmError::NoAgents);
+        }
+        Ok(all)
+    }
+
     pub(super) fn answer_job(
         &self,
         target: Target,
@@ -240,6 +256,42 @@ impl Run<'_> {
         let (winner, how) = self.vote_over(texts).await;
         let a = &got[winner].1;
         Ok((a.text.clone(), format!("{how}; answer of {}", a.agent)))
+    }
+
+    /// Cross-swarm vote: each of `members` answers once, at the request's temperature and
+    /// seed (its own best answer; greedy at temperature 0), then a vote over the answers.
+    pub(super) async fn cluster(
+        &mut self,
+        members: &[Target],
+        wait: Wait,
+    ) -> Result<(String, String), SwarmError> {
+        let jobs = members
+            .iter()
+            .map(|t| {
+                self.answer_job(
+                    t.clone(),
+                    "answer",
+                    self.request.temperature,
+                    self.request.seed,
+                )
+            })
+            .collect();
+        let got = self.ask_all(jobs, wait).await;
+        if got.is_empty() {
+            return Err(self.no_answer());
+        }
+        let texts: Vec<String> = got.iter().map(|(_, a)| a.text.clone()).collect();
+        let (winner, how) = self.vote_over(texts).await;
+        let a = &got[winner].1;
+        Ok((
+            a.text.clone(),
+            format!(
+                "{how} among the members' answers ({} of {} answered); answer of {}",
+                got.len(),
+                members.len(),
+                a.agent
+            ),
+        ))
     }
 
     /// Each agent samples `confidence_samples` times; the agent whose samples agree most
