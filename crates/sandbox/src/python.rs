@@ -1,7 +1,9 @@
 //! Running a Python program a model wrote, where it can do no harm.
 //!
 //! [`Isolation::Unshare`], the sandbox: `prlimit` sets the OS limits (address space 4 GiB,
-//! file size 16 MiB, CPU seconds just past the timeout, no core files, 256 open files),
+//! file size 16 MiB, CPU seconds just past the timeout, no core files, 256 open files, and
+//! inside the namespaces [`MAX_PROCESSES`] processes; a node running as root runs the
+//! program as nobody, since root ignores that limit),
 //! then `unshare` gives the program namespaces of its own (user, mount, PID, network, IPC,
 //! UTS) and a private root: a small tmpfs that holds the system's `/usr` (and `/lib*`,
 //! `/bin`, `/sbin`) and the interpreter's own prefix read-only, `/dev/{null,zero,random,
@@ -46,9 +48,10 @@ pub enum SandboxError {
     #[error("`{0}` is not Python 3.7 or newer")]
     OldPython(String),
     #[error(
-        "no sandbox here ({detail}); it needs `unshare`, `prlimit` and `chroot` (util-linux, \
-         coreutils) and unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, \
-         user.max_user_namespaces > 0)"
+        "no sandbox here ({detail}); it needs `unshare`, `prlimit`, `setpriv` and `chroot` \
+         (util-linux, coreutils) and unprivileged user namespaces \
+         (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0); run as \
+         root, programs run as nobody, so the interpreter must be readable by all"
     )]
     Unavailable { detail: String },
     #[error("cannot create the scratch directory {path}: {source}")]
@@ -109,8 +112,8 @@ const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sb
 /// `main.py` there, chrooted, with a clean environment. Read-only binds are also `nosuid`
 /// and `nodev`, which a container's mounts often require of a remount (locked flags).
 const SETUP: &str = r#"set -eu
-root=$1 scratch=$2 python=$3
-shift 3
+root=$1 scratch=$2 python=$3 nproc=$4
+shift 4
 mount -t tmpfs -o size=64m,mode=755,nosuid,nodev shoal-sandbox "$root"
 ro_bind() {
   mkdir -p "$root$1"
@@ -132,9 +135,24 @@ for n in null zero random urandom; do
   mount --bind "/dev/$n" "$root/dev/$n"
 done
 mount --bind "$scratch" "$root/work"
-exec chroot "$root" /bin/sh -c \
+exec prlimit --nproc="$nproc" -- chroot "$root" /bin/sh -c \
   'cd /work && exec env -i PATH=/usr/bin:/bin HOME=/work LANG=C.UTF-8 "$0" -I main.py' "$python"
 "#;
+
+/// Most processes (and threads) the program may have at once, itself included. Set inside
+/// its namespaces, so it counts only the program's own; the kernel enforces it for any
+/// user but root, which is why a node running as root runs the program as [`NOBODY`].
+pub const MAX_PROCESSES: u32 = 32;
+
+/// The user a node running as root runs programs as (`setpriv`): root ignores the
+/// process limit, and nobody owns nothing to harm.
+const NOBODY: u32 = 65534;
+
+/// Whether this process runs as root.
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
 
 /// The OS limits of a sandboxed program, as `prlimit` arguments.
 fn limits(timeout: Duration) -> Vec<String> {
@@ -220,7 +238,13 @@ pub struct Sandbox {
     isolation: Isolation,
     /// What the interpreter needs beyond `/usr`: its prefixes, bound read-only.
     python_dirs: Vec<String>,
+    /// The node runs as root, and programs run as [`NOBODY`] (held to [`MAX_PROCESSES`]).
+    as_nobody: bool,
 }
+
+/// Interpreters tried, as root, when the one given is private (pyenv under `/root`): one
+/// nobody can read runs programs under the process limit.
+const SYSTEM_PYTHONS: &[&str] = &["/usr/bin/python3", "/usr/local/bin/python3"];
 
 impl Sandbox {
     /// Checks that `python` runs (Python 3.7 or newer) and, for [`Isolation::Unshare`],
@@ -266,20 +290,50 @@ impl Sandbox {
         // Binding a directory and then one inside it again is harmless but wasteful.
         python_dirs.sort();
         python_dirs.dedup();
-        let sandbox = Sandbox {
+        let mut sandbox = Sandbox {
             python,
             isolation,
             python_dirs,
+            as_nobody: isolation == Isolation::Unshare && is_root(),
         };
         if isolation == Isolation::Unshare {
+            if sandbox.as_nobody && sandbox.prove().is_ok() {
+                return Ok(sandbox);
+            }
+            // As root with an interpreter nobody can read: root's own, without the
+            // process limit (which root ignores).
+            sandbox.as_nobody = false;
             sandbox.prove()?;
         }
         Ok(sandbox)
     }
 
-    /// The sandbox, or why there is none here.
+    /// The sandbox, or why there is none here. As root, when `python` is one nobody can
+    /// read, the system's interpreter is taken if it runs programs under the process limit.
     pub fn isolated(python: &str) -> Result<Self, SandboxError> {
-        Sandbox::new(python, Isolation::Unshare)
+        let sandbox = Sandbox::new(python, Isolation::Unshare)?;
+        if sandbox.limits_processes() {
+            return Ok(sandbox);
+        }
+        for system in SYSTEM_PYTHONS {
+            if let Ok(s) = Sandbox::new(system, Isolation::Unshare) {
+                if s.limits_processes() {
+                    return Ok(s);
+                }
+            }
+        }
+        Ok(sandbox)
+    }
+
+    /// Whether programs are held to [`MAX_PROCESSES`]: in the sandbox, unless the node
+    /// runs as root with an interpreter only root can read.
+    pub fn limits_processes(&self) -> bool {
+        self.isolation == Isolation::Unshare && (self.as_nobody || !is_root())
+    }
+
+    /// The interpreter programs run with.
+    pub fn python(&self) -> &str {
+        &self.python
     }
 
     pub fn isolation(&self) -> Isolation {
@@ -330,13 +384,23 @@ impl Sandbox {
         let mut cmd = match self.isolation {
             Isolation::Unshare => {
                 let mut c = Command::new("prlimit");
-                c.args(limits(timeout))
-                    .arg("unshare")
+                c.args(limits(timeout));
+                if self.as_nobody {
+                    c.args([
+                        "setpriv",
+                        &format!("--reuid={NOBODY}"),
+                        &format!("--regid={NOBODY}"),
+                        "--clear-groups",
+                        "--",
+                    ]);
+                }
+                c.arg("unshare")
                     .args(UNSHARE_ARGS)
                     .args(["/bin/sh", "-c", SETUP, "sh"])
                     .arg(root)
                     .arg(work)
                     .arg(&self.python)
+                    .arg(MAX_PROCESSES.to_string())
                     .args(&self.python_dirs);
                 c
             }
@@ -370,6 +434,12 @@ impl Sandbox {
         let root = dir.path().join("root");
         for d in [&work, &root] {
             std::fs::create_dir(d).map_err(io(d))?;
+        }
+        if self.as_nobody {
+            // The program runs as nobody: its scratch must be its to write.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o777))
+                .map_err(io(&work))?;
         }
         let script = work.join("main.py");
         std::fs::write(&script, self.script(program)).map_err(io(&script))?;

@@ -22,6 +22,8 @@ fn sandbox() -> Option<Sandbox> {
         eprintln!("SHOAL_NO_SANDBOX is set: skipped");
         return None;
     }
+    // As the swarm's vote takes it (as root, the system's interpreter if the first is
+    // private, so that programs run as nobody).
     match Sandbox::isolated("python3") {
         Ok(s) => Some(s),
         Err(e) => panic!("{e} (set SHOAL_NO_SANDBOX=1 where namespaces are off)"),
@@ -162,6 +164,52 @@ fn what_it_forks_dies_with_it_and_it_cannot_signal_the_host() {
     victim.kill().unwrap();
     let _ = victim.wait();
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A fork bomb gets at most `MAX_PROCESSES` processes (itself included), whoever runs the
+/// node (as root, the program runs as nobody, which the kernel holds to the limit), and the
+/// program itself goes on.
+#[test]
+fn a_fork_bomb_gets_a_few_processes() {
+    let Some(s) = sandbox() else { return };
+    assert!(
+        s.limits_processes(),
+        "{} is not held to a process limit here (root with a private interpreter)",
+        s.python()
+    );
+    let e = run(
+        &s,
+        "import ctypes, sys\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         made = 0\n\
+         for _ in range(200):\n    \
+             pid = libc.fork()\n    \
+             if pid == 0:\n        \
+                 libc.pause()\n        \
+                 libc._exit(0)\n    \
+             if pid < 0:\n        \
+                 break\n    \
+             made += 1\n\
+         sys.stderr.write(f'made {made} errno {ctypes.get_errno()}\\n')\n",
+    );
+    assert!(e.completed, "{}", e.stderr_tail);
+    let made: u32 = e
+        .stderr_tail
+        .split_whitespace()
+        .skip_while(|w| *w != "made")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count: {}", e.stderr_tail));
+    assert!(
+        made > 0 && made < shoal_sandbox::MAX_PROCESSES,
+        "{made} processes: {}",
+        e.stderr_tail
+    );
+    assert!(
+        e.stderr_tail.contains("errno 11"),
+        "EAGAIN: {}",
+        e.stderr_tail
+    );
 }
 
 #[test]

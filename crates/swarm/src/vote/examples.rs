@@ -279,10 +279,19 @@ pub fn sandbox() -> Result<&'static Sandbox, &'static str> {
     static SANDBOX: OnceLock<Result<Sandbox, String>> = OnceLock::new();
     SANDBOX
         .get_or_init(|| {
-            Sandbox::isolated("python3").map_err(|e| {
+            let sandbox = Sandbox::isolated("python3").map_err(|e| {
                 tracing::warn!(error = %e, "vote will not run code against examples");
                 e.to_string()
-            })
+            })?;
+            if !sandbox.limits_processes() {
+                tracing::warn!(
+                    python = sandbox.python(),
+                    "this node runs as root and no interpreter nobody can read was found: \
+                     checked code is not held to a process limit (install the system's \
+                     python3, or run shoal as a user)"
+                );
+            }
+            Ok(sandbox)
         })
         .as_ref()
         .map_err(String::as_str)
