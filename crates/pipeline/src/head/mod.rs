@@ -697,6 +697,7 @@ impl Pipeline {
             logprobs: request.logprobs,
             json: request.json,
             ignore_eos: request.ignore_eos,
+            cache_prompt: request.cache_prompt,
         };
         let mut progress = Progress {
             cache: Some(cache),
@@ -1160,6 +1161,8 @@ struct Session<'a> {
     logprobs: Option<usize>,
     json: Option<&'a JsonGrammar>,
     ignore_eos: bool,
+    /// Keep this prompt (the head's draft model keeps its rows of it too).
+    cache_prompt: bool,
 }
 
 /// Masks every end-of-generation token (`ignore_eos`).
@@ -1238,7 +1241,8 @@ impl Guesser {
         let guesses = spec.lookup.is_some() || draft_model.is_some();
         (plain && guesses && !session.ring.peers.is_empty()).then(|| Guesser {
             lookup: spec.lookup,
-            drafter: draft_model.map(|m| Drafter::new(m.clone(), session.prompt, true)),
+            drafter: draft_model
+                .map(|m| Drafter::new(m.clone(), session.prompt, session.cache_prompt)),
             p_min: spec.p_min,
             vocab,
             draft_max: spec.draft_max.max(1),
