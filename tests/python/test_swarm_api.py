@@ -11,7 +11,8 @@ Env:
                   agents run the same model, whose chat template renders tools
                   (Qwen2.5-Coder)
 
-The `openai` package is required (`pip install openai`).
+The `openai`, `anthropic` and `ollama` packages are required (`pip install openai anthropic
+ollama`): the swarm answers `swarm` models on the Anthropic and Ollama APIs too.
 """
 
 import json
@@ -21,9 +22,11 @@ import unittest
 import urllib.request
 
 try:
+    import anthropic
+    import ollama
     import openai
-except ImportError:
-    sys.stderr.write("FAILED: the `openai` Python package is not installed (pip install openai)\n")
+except ImportError as e:
+    sys.stderr.write(f"FAILED: {e} (pip install openai anthropic ollama)\n")
     sys.exit(1)
 
 BASE_URL = os.environ.get("SHOAL_BASE_URL", "").rstrip("/")
@@ -191,6 +194,54 @@ class JsonAndAlternativesThroughTheSwarm(unittest.TestCase):
         self.assertEqual(message["tool_calls"][0]["function"]["name"], "get_weather")
         # The answer's plain summary, as the head compared it: the call as a line of JSON.
         self.assertEqual(json.loads(outcome["final_answer"])["name"], "get_weather")
+
+
+class OtherApisAskTheSwarm(unittest.TestCase):
+    """`swarm` and `swarm:STRATEGY` as model names on the Anthropic and Ollama APIs."""
+
+    ROOT = BASE_URL[: -len("/v1")]
+    WEATHER = {
+        "name": "get_weather",
+        "description": "Get the current weather in a given city.",
+        "input_schema": WEATHER["function"]["parameters"],
+    }
+
+    def test_anthropic_messages_whole_streamed_and_a_tool_use(self):
+        client = anthropic.Anthropic(base_url=self.ROOT, api_key="sk-test", max_retries=0,
+                                     timeout=600)
+        m = client.messages.create(
+            model="swarm:strongest", max_tokens=30, extra_body={"temperature": 0},
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
+        self.assertEqual(m.model, "swarm:strongest")
+        self.assertTrue(m.content[0].text.strip(), m)
+        with client.messages.stream(
+            model="swarm:vote", max_tokens=60, extra_body={"temperature": 0},
+            tools=[self.WEATHER], tool_choice={"type": "tool", "name": "get_weather"},
+            messages=QUESTION,
+        ) as stream:
+            final = stream.get_final_message()
+        self.assertEqual(final.stop_reason, "tool_use", final)
+        use = [b for b in final.content if b.type == "tool_use"][0]
+        self.assertEqual(use.name, "get_weather")
+        self.assertIn("paris", use.input["city"].lower())
+
+    def test_ollama_lists_and_chats_with_the_swarm(self):
+        client = ollama.Client(host=self.ROOT, timeout=600)
+        names = {m.model for m in client.list().models}
+        self.assertTrue({"swarm:latest", "swarm:vote", "swarm:cluster"} <= names, names)
+        r = client.chat(model="swarm", messages=[{"role": "user", "content": "Name a color."}],
+                        options={"temperature": 0, "num_predict": 16})
+        self.assertTrue(r.message.content.strip(), r)
+        self.assertEqual(r.done_reason, "stop")
+        parts = list(client.chat(
+            model="swarm:strongest", messages=QUESTION, tools=[WEATHER], stream=True,
+            options={"temperature": 0, "num_predict": 60},
+        ))
+        calls = [c for p in parts for c in (p.message.tool_calls or [])]
+        self.assertTrue(parts[-1].done)
+        self.assertEqual([c.function.name for c in calls], ["get_weather"], parts)
+        self.assertIn("paris", calls[0].function.arguments["city"].lower())
 
 
 if __name__ == "__main__":

@@ -83,9 +83,18 @@ async fn answer(
     let received = Instant::now();
     let Json(req) = body?;
     let model = req.model.clone().unwrap_or_default();
-    let openai = translate(req, &state.model_id())?;
-    let (prepared, prompt) = completions::prepare_chat(&state, &openai).await?;
-    let (rx, answering) = completions::start(&state, prepared, prompt, received).await?;
+    let (rx, answering) = match crate::swarm::swarm_model(Some(&model))? {
+        // `swarm`, `swarm:vote`…: the swarm answers, as on the chat API.
+        Some(strategy) => {
+            let openai = translate(req, &model)?;
+            crate::swarm::start(&state, &openai, strategy, received).await?
+        }
+        None => {
+            let openai = translate(req, &state.model_id())?;
+            let (prepared, prompt) = completions::prepare_chat(&state, &openai).await?;
+            completions::start(&state, prepared, prompt, received).await?
+        }
+    };
     let out = Writer {
         id: format!("msg_{}", &new_call_id()[5..]),
         model: if model.is_empty() {

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use shoal_engine::FinishReason;
+use shoal_swarm::routing::Strategy;
 use tokio::sync::mpsc;
 
 use crate::backend::Backend;
@@ -317,17 +318,38 @@ pub(crate) async fn chat(
 ) -> Result<Response, OllamaError> {
     let received = Instant::now();
     let Json(req) = body?;
-    let name = served_model(&state, req.model.as_deref())?;
+    let swarm = swarm_strategy(req.model.as_deref())?;
+    let name = match (&swarm, req.model.as_deref()) {
+        (Some(_), Some(name)) => name.to_owned(),
+        _ => served_model(&state, req.model.as_deref())?,
+    };
     if req.messages.is_empty() {
         // Ollama's way to load a model: a chat with no messages.
-        state.model()?;
+        match swarm {
+            Some(_) => state
+                .swarm()
+                .map(drop)
+                .ok_or_else(|| model_not_found(&name))?,
+            None => drop(state.model()?),
+        }
         return Ok(load_reply(&name, Api::Chat));
     }
     let mut completion = completion_request(req.options, req.format.as_ref(), req.stream)?;
     completion.messages = Some(chat_messages(req.messages)?);
     completion.tools = req.tools;
+    if let Some(strategy) = swarm {
+        let (rx, answering) = crate::swarm::start(&state, &completion, strategy, received).await?;
+        return reply(rx, answering, received, name, Api::Chat).await;
+    }
     let (prepared, prompt) = completions::prepare_chat(&state, &completion).await?;
     answer(&state, prepared, prompt, received, name, Api::Chat).await
+}
+
+/// The swarm strategy a model name asks for (`swarm`, `swarm:vote`, with or without the
+/// `:latest` Ollama clients add), `None` when it names no swarm.
+fn swarm_strategy(name: Option<&str>) -> Result<Option<Option<Strategy>>, ApiError> {
+    let name = name.map(|n| n.strip_suffix(":latest").unwrap_or(n));
+    crate::swarm::swarm_model(name)
 }
 
 /// `POST /api/generate`.
@@ -401,11 +423,29 @@ pub(crate) async fn generate(
 /// `GET /api/tags`: the node's model (none on a stage-only node). While it loads, it is
 /// listed with what its name tells.
 pub(crate) async fn tags(State(state): State<AppState>) -> Response {
-    let models = match state.model() {
+    let mut models = match state.model() {
         Ok(backend) => vec![ModelFacts::of(&state, Some(&backend)).await.listing()],
         Err(_) if state.is_stage_only() => Vec::new(),
         Err(_) => vec![ModelFacts::of(&state, None).await.listing()],
     };
+    if state.swarm().is_some() {
+        // The swarm as models an Ollama client can pick: `swarm` (its default strategy,
+        // listed as `swarm:latest`) and `swarm:STRATEGY`.
+        let names = std::iter::once("latest".to_owned())
+            .chain(Strategy::ALL.iter().map(|s| s.as_str().to_owned()));
+        models.extend(names.map(|tag| {
+            let name = format!("swarm:{tag}");
+            json!({
+                "name": name,
+                "model": name,
+                "modified_at": rfc3339(UNIX_EPOCH + Duration::from_secs(state.started())),
+                "size": 0,
+                "digest": hex(&Sha256::digest(name.as_bytes())),
+                "details": {"format": "", "family": "swarm", "families": ["swarm"],
+                            "parameter_size": "", "quantization_level": ""},
+            })
+        }));
+    }
     axum::Json(json!({ "models": models })).into_response()
 }
 
@@ -793,6 +833,17 @@ async fn answer(
     api: Api,
 ) -> Result<Response, OllamaError> {
     let (rx, answering) = completions::start(state, prepared, prompt, received).await?;
+    reply(rx, answering, received, name, api).await
+}
+
+/// Answers a started generation (or the swarm's answer) the Ollama way, streamed or whole.
+async fn reply(
+    rx: mpsc::Receiver<Event>,
+    answering: completions::Answering,
+    received: Instant,
+    name: String,
+    api: Api,
+) -> Result<Response, OllamaError> {
     let reply = Reply {
         model: name,
         api,

@@ -3,6 +3,7 @@
 //! the swarm did (query type, each agent's answer with role, model and time, the final
 //! answer, `agents_responded`); `GET /v1/swarm/status` lists the agents.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -16,10 +17,11 @@ use shoal_swarm::{SwarmError, SwarmOutcome, SwarmRequest};
 use shoal_wire::{ChatTurn, MAX_API_JSON};
 use tokio::sync::mpsc;
 
-use crate::completions::{self, Kind, Output, Prepared};
+use crate::completions::{self, Answering, Kind, Output, Prepared};
 use crate::error::{ApiError, Json};
 use crate::runner::Event;
 use crate::state::AppState;
+use crate::tools::{Format, ToolSet};
 use crate::types::{CompletionRequest, Usage};
 
 /// The strategy a `model` names: `None` when it is not a swarm model, `Some(None)` for the
@@ -188,6 +190,106 @@ pub(crate) async fn chat(
         let (usage, summary) = (usage(&o), summary(&o));
         Ok(out.whole_with(o.final_answer, FinishReason::Stop, usage, Some(summary)))
     }
+}
+
+/// The swarm's answer to the chat request `req`, as a model's generation reports one: the
+/// events and how to answer them. For the APIs that translate their requests into OpenAI's
+/// (Anthropic's Messages, Ollama's chat). The answer comes whole (the swarm decides on
+/// whole answers) and is sent on in word-sized pieces; the chosen agent's tool calls are
+/// written back as the Hermes format writes them, which the answer's `tools` read back.
+pub(crate) async fn start(
+    state: &AppState,
+    req: &CompletionRequest,
+    strategy: Option<Strategy>,
+    received: Instant,
+) -> Result<(mpsc::Receiver<Event>, Answering), ApiError> {
+    let swarm = state.swarm().ok_or_else(no_swarm)?;
+    let prepared = completions::check(state, req, "messages")?;
+    let whole = whole_request(req, &prepared)?;
+    let request = swarm_request(req, &prepared, strategy, None, whole)?;
+    let (tools, _) = completions::answer_shape(req)?;
+    let forced = tools.as_ref().is_some_and(ToolSet::forced);
+    let answering = Answering {
+        stream: prepared.stream,
+        include_usage: prepared.include_usage,
+        tools: tools.map(|t| (Arc::new(t), Format::Hermes)),
+        logprobs: false,
+    };
+    let metrics = state.metrics().clone();
+    let (tx, rx) = mpsc::channel(32);
+    tokio::spawn(async move {
+        let outcome = tokio::select! {
+            outcome = swarm.run(request) => outcome,
+            () = tx.closed() => return,
+        };
+        let o = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = tx.send(Event::Failed(from_swarm(e))).await;
+                return;
+            }
+        };
+        metrics
+            .time_to_first_token
+            .observe(received.elapsed().as_secs_f64());
+        let (text, finish) = match &o.response {
+            Some(response) => written_back(response, forced),
+            None => (o.final_answer.clone(), FinishReason::Stop),
+        };
+        for piece in completions::pieces(&text) {
+            if tx.send(Event::Text(piece.to_owned())).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx
+            .send(Event::Done {
+                finish,
+                usage: usage(&o),
+                stop_sequence: None,
+            })
+            .await;
+    });
+    Ok((rx, answering))
+}
+
+/// A chat API response's first choice as the text a model in the Hermes format would have
+/// written: its content, then each tool call in `<tool_call>` tags — or, for a forced call,
+/// the call alone (its opening is taken as given).
+fn written_back(response: &Value, forced: bool) -> (String, FinishReason) {
+    let choice = response.pointer("/choices/0");
+    let mut text = choice
+        .and_then(|c| c.pointer("/message/content"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let calls = choice
+        .and_then(|c| c.pointer("/message/tool_calls"))
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for call in calls {
+        let arguments = call
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+            .and_then(|a| serde_json::from_str::<Value>(a).ok())
+            .unwrap_or_else(|| Value::Object(serde_json::Map::new()));
+        let json = serde_json::json!({
+            "name": call.pointer("/function/name"),
+            "arguments": arguments,
+        });
+        if forced {
+            return (json.to_string(), FinishReason::Stop);
+        }
+        text.push_str(&format!("<tool_call>\n{json}\n</tool_call>"));
+    }
+    let finish = match choice
+        .and_then(|c| c.get("finish_reason"))
+        .and_then(Value::as_str)
+    {
+        Some("length") => FinishReason::Length,
+        _ => FinishReason::Stop,
+    };
+    (text, finish)
 }
 
 /// What the swarm did, as a swarm answer's extra `swarm` field says it.
