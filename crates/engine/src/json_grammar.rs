@@ -14,10 +14,11 @@
 //! ([`JsonConstraint::mask`]). End-of-generation is allowed only once the value is whole.
 //!
 //! Supported schema keywords: `type` (one or several), `properties`, `required`,
-//! `additionalProperties`, `items`, `minItems`, `maxItems`, `enum`, `const`, `anyOf`,
-//! `oneOf`, a one-element `allOf`, and `$ref` into `$defs` / `definitions` (recursion
-//! included). String `pattern`, `format` and length limits, and numeric ranges, are not
-//! enforced: the text is valid JSON of the right type there, not more.
+//! `additionalProperties`, `items`, `minItems`, `maxItems`, `minLength`, `maxLength`
+//! (characters, an escape counting as one), `enum`, `const`, `anyOf`, `oneOf`, a
+//! one-element `allOf`, and `$ref` into `$defs` / `definitions` (recursion included).
+//! String `pattern` and `format`, and numeric ranges, are not enforced: the text is valid
+//! JSON of the right type there, not more.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,9 +35,11 @@ const MAX_DEPTH: usize = 48;
 const MAX_NODES: usize = 4096;
 /// Most alternatives followed at once; more are dropped (the first ones are kept).
 const MAX_ALTERNATIVES: usize = 64;
-/// Whitespace allowed in a row between tokens of the JSON: enough for pretty printing,
-/// not enough for a model to fill its whole answer with blanks.
-const MAX_WHITESPACE_RUN: u16 = 64;
+/// Whitespace allowed in a row between tokens of the JSON, of which one newline at most:
+/// enough for pretty printing (a newline and the indent of ten levels), not enough for a
+/// model to spend its answer on blanks (llama.cpp's JSON grammars allow a newline and 20
+/// blanks).
+const MAX_WHITESPACE_RUN: u16 = 24;
 /// Most digits of an integer: every such number fits in an `i64`.
 const MAX_INTEGER_DIGITS: u8 = 18;
 /// Draws tried and struck out before every token is checked.
@@ -59,7 +62,11 @@ enum Node {
         min: usize,
         max: Option<usize>,
     },
-    String,
+    /// A string of `min` to `max` characters.
+    String {
+        min: u32,
+        max: Option<u32>,
+    },
     Number {
         integer: bool,
     },
@@ -148,6 +155,7 @@ impl JsonGrammar {
             stacks: vec![Stack {
                 frames: vec![Frame::Value(self.root)],
                 blanks: 0,
+                newline: false,
             }],
         }
     }
@@ -168,7 +176,7 @@ fn base_nodes() -> Vec<Node> {
         min: 0,
         max: None,
     };
-    nodes[STRING] = Node::String;
+    nodes[STRING] = Node::String { min: 0, max: None };
     nodes[NUMBER] = Node::Number { integer: false };
     nodes[INTEGER] = Node::Number { integer: true };
     nodes[TRUE] = Node::Literal(b"true".to_vec());
@@ -284,7 +292,27 @@ impl<'s> Compiler<'s> {
         depth: usize,
     ) -> Result<NodeId> {
         match kind {
-            "string" => Ok(STRING),
+            "string" => {
+                let length = |key: &str| -> Result<Option<u32>> {
+                    match obj.get(key) {
+                        None => Ok(None),
+                        Some(v) => v
+                            .as_u64()
+                            .and_then(|n| u32::try_from(n).ok())
+                            .map(Some)
+                            .ok_or_else(|| unsupported(format!("`{key}` must be a count"))),
+                    }
+                };
+                let min = length("minLength")?.unwrap_or(0);
+                let max = length("maxLength")?;
+                if max.is_some_and(|max| max < min) {
+                    return Err(unsupported("`maxLength` is below `minLength`"));
+                }
+                if min == 0 && max.is_none() {
+                    return Ok(STRING);
+                }
+                self.push(Node::String { min, max })
+            }
             "number" => Ok(NUMBER),
             "integer" => Ok(INTEGER),
             "boolean" => Ok(BOOLEAN),
@@ -408,6 +436,9 @@ enum Str {
     Escape,
     /// Inside `\uXXXX`, this many hex digits still to come.
     Unicode(u8),
+    /// Inside a character of several UTF-8 bytes, this many still to come (JSON text is
+    /// UTF-8; a token may end mid-character).
+    Utf8(u8),
 }
 
 impl Str {
@@ -419,8 +450,18 @@ impl Str {
                 b'"' => Some(None),
                 b'\\' => Some(Some(Str::Escape)),
                 0..=0x1f => None,
-                _ => Some(Some(Str::Plain)),
+                0x20..=0x7f => Some(Some(Str::Plain)),
+                0xC2..=0xDF => Some(Some(Str::Utf8(1))),
+                0xE0..=0xEF => Some(Some(Str::Utf8(2))),
+                0xF0..=0xF4 => Some(Some(Str::Utf8(3))),
+                // A continuation byte with no character begun, or a byte UTF-8 never uses.
+                _ => None,
             },
+            Str::Utf8(n) => ((b & 0xC0) == 0x80).then_some(Some(if n == 1 {
+                Str::Plain
+            } else {
+                Str::Utf8(n - 1)
+            })),
             Str::Escape => match b {
                 b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(Some(Str::Plain)),
                 b'u' => Some(Some(Str::Unicode(4))),
@@ -509,7 +550,12 @@ enum Frame {
         count: usize,
         state: Arr,
     },
-    String(Str),
+    String {
+        node: NodeId,
+        state: Str,
+        /// Characters so far.
+        chars: u32,
+    },
     Number {
         integer: bool,
         state: Num,
@@ -526,6 +572,8 @@ struct Stack {
     frames: Vec<Frame>,
     /// Whitespace bytes in a row just read.
     blanks: u16,
+    /// Whether they held a newline.
+    newline: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -588,13 +636,15 @@ impl JsonGrammar {
             _ => false,
         };
         if between && is_blank(b) {
-            if stack.blanks < MAX_WHITESPACE_RUN {
+            if stack.blanks < MAX_WHITESPACE_RUN && !(b == b'\n' && stack.newline) {
                 stack.blanks += 1;
+                stack.newline |= b == b'\n';
                 out.push(stack);
             }
             return;
         }
         stack.blanks = 0;
+        stack.newline = false;
         let Some(top) = stack.frames.pop() else {
             return; // The value is whole: only whitespace may follow.
         };
@@ -623,8 +673,12 @@ impl JsonGrammar {
                     });
                     out.push(stack);
                 }
-                Node::String if b == b'"' => {
-                    stack.frames.push(Frame::String(Str::Plain));
+                Node::String { .. } if b == b'"' => {
+                    stack.frames.push(Frame::String {
+                        node,
+                        state: Str::Plain,
+                        chars: 0,
+                    });
                     out.push(stack);
                 }
                 Node::Number { integer } => {
@@ -648,14 +702,31 @@ impl JsonGrammar {
                 }
                 _ => {}
             },
-            Frame::String(state) => match state.step(b) {
-                None => {}
-                Some(None) => out.push(stack),
-                Some(Some(state)) => {
-                    stack.frames.push(Frame::String(state));
-                    out.push(stack);
+            Frame::String { node, state, chars } => {
+                let Node::String { min, max } = nodes[node] else {
+                    return;
+                };
+                match state.step(b) {
+                    None => {}
+                    Some(None) if chars >= min => out.push(stack),
+                    Some(None) => {}
+                    Some(Some(next)) => {
+                        // Every byte read between characters begins one (an escape is one
+                        // character from its backslash, a UTF-8 character from its lead).
+                        let begins = state == Str::Plain;
+                        let chars = chars + u32::from(begins);
+                        if max.is_some_and(|max| chars > max) {
+                            return;
+                        }
+                        stack.frames.push(Frame::String {
+                            node,
+                            state: next,
+                            chars,
+                        });
+                        out.push(stack);
+                    }
                 }
-            },
+            }
             Frame::Number { integer, state } => match state.step(b, integer) {
                 Some(state) => {
                     stack.frames.push(Frame::Number { integer, state });
@@ -1014,12 +1085,57 @@ mod tests {
     }
 
     #[test]
+    fn string_lengths_count_characters() {
+        let g = schema(json!({"type": "string", "minLength": 2, "maxLength": 4}));
+        assert!(!whole(&g, "\"a\""));
+        assert!(whole(&g, "\"ab\""));
+        assert!(whole(&g, "\"abcd\""));
+        assert!(!whole(&g, "\"abcde\""));
+        // A character of several bytes, and an escape, count once each.
+        assert!(whole(&g, "\"éé漢🐟\""));
+        assert!(whole(&g, "\"\\n\\u00e9ab\""));
+        assert!(!whole(&g, "\"\\n\\u00e9abc\""));
+        // Where a string may not go on, the machine says so at once.
+        let mut s = g.start();
+        assert!("\"abcd".bytes().all(|b| s.feed(b)));
+        assert!(!s.clone().feed(b'e'));
+        assert!(s.feed(b'"') && s.done());
+        assert!(JsonGrammar::from_schema(
+            &json!({"type": "string", "minLength": 3, "maxLength": 2})
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn strings_are_utf8() {
+        let g = JsonGrammar::any_object();
+        let fed = |bytes: &[u8]| {
+            let mut s = g.start();
+            bytes.iter().all(|&b| s.feed(b)) && s.done()
+        };
+        assert!(fed("{\"k\": \"é漢🐟\"}".as_bytes()));
+        // A character cut short, a stray continuation byte, a byte UTF-8 never uses.
+        assert!(!fed(b"{\"k\": \"\xC3\"}"));
+        assert!(!fed(b"{\"k\": \"\x80\"}"));
+        assert!(!fed(b"{\"k\": \"\xFF\"}"));
+        // A character split across feeds (tokens) is whole once its last byte comes.
+        let mut s = g.start();
+        assert!(b"{\"k\": \"\xE6\xBC".iter().all(|&b| s.feed(b)));
+        assert!(!s.clone().feed(b'"'));
+        assert!(s.feed(0xA2) && s.feed(b'"') && s.feed(b'}') && s.done());
+    }
+
+    #[test]
     fn blanks_are_bounded() {
         let g = JsonGrammar::any_object();
         let many = format!("{{{}}}", " ".repeat(MAX_WHITESPACE_RUN as usize));
         assert!(whole(&g, &many));
         let too_many = format!("{{{}}}", " ".repeat(MAX_WHITESPACE_RUN as usize + 1));
         assert!(!whole(&g, &too_many));
+        // Pretty printing: a newline and an indent between tokens; never two newlines.
+        assert!(whole(&g, "{\n  \"a\": [\n    1,\n    2\n  ]\r\n}"));
+        assert!(!whole(&g, "{\n\n  \"a\": 1}"));
+        assert!(!whole(&g, "{\"a\": 1 \n \n}"));
     }
 
     #[test]

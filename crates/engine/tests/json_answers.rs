@@ -43,10 +43,14 @@ fn schema_answers_always_parse_and_fit() {
     let schema = json!({
         "type": "object",
         "properties": {
-            "city": {"type": "string"},
+            "city": {"type": "string", "maxLength": 40},
             "population": {"type": "integer"},
             "coastal": {"type": "boolean"},
-            "districts": {"type": "array", "items": {"type": "string"}, "maxItems": 3}
+            "districts": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 40},
+                "maxItems": 3
+            }
         },
         "required": ["city", "population", "coastal"],
         "additionalProperties": false
@@ -64,6 +68,14 @@ fn schema_answers_always_parse_and_fit() {
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {text}"));
         let obj = value.as_object().unwrap();
         assert!(obj["city"].is_string(), "seed {seed}: {text}");
+        let short = |s: &Value| s.as_str().is_some_and(|s| s.chars().count() <= 40);
+        assert!(short(&obj["city"]), "{text}");
+        assert!(
+            obj.get("districts")
+                .and_then(Value::as_array)
+                .is_none_or(|d| d.iter().all(short)),
+            "{text}"
+        );
         assert!(
             obj["population"].is_i64() || obj["population"].is_u64(),
             "{text}"
