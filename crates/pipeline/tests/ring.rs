@@ -909,6 +909,13 @@ async fn killable_ring() -> (Pipeline, [Killable; 2]) {
 async fn killable_ring_with(
     replan: Option<std::sync::Arc<dyn Replan>>,
 ) -> (Pipeline, [Killable; 2]) {
+    killable_ring_configured(|config| config.replan = replan).await
+}
+
+/// [`killable_ring`], its head's config as `configure` leaves it.
+async fn killable_ring_configured(
+    configure: impl FnOnce(&mut PipelineConfig),
+) -> (Pipeline, [Killable; 2]) {
     let n = reference().config().n_layers;
     let first = start_killable_server().await;
     let second = start_killable_server().await;
@@ -924,7 +931,7 @@ async fn killable_ring_with(
     ];
     let mut config = PipelineConfig::new(model_path(), 0..10, peers);
     config.activation_dtype = DType::F32;
-    config.replan = replan;
+    configure(&mut config);
     (Pipeline::connect(config).await.unwrap(), [first, second])
 }
 
@@ -1745,22 +1752,8 @@ async fn penalized_answers_are_not_guessed() {
 async fn a_stage_lost_while_guessing_changes_nothing() {
     let prompt = copy_prompt();
     let want = single_process_for(&prompt, &SamplingParams::greedy());
-    let n = reference().config().n_layers;
-    let first = start_killable_server().await;
-    let second = start_killable_server().await;
-    let peers = vec![
-        PeerStage {
-            addr: first.1,
-            layers: 10..20,
-        },
-        PeerStage {
-            addr: second.1,
-            layers: 20..n,
-        },
-    ];
-    let mut config = PipelineConfig::new(model_path(), 0..10, peers);
-    config.speculation = lookup();
-    let pipeline = Pipeline::connect(config).await.unwrap();
+    let (pipeline, [_first, second]) =
+        killable_ring_configured(|config| config.speculation = lookup()).await;
     let mut seen = 0;
     let answer = pipeline
         .run(

@@ -144,6 +144,21 @@ impl Run<'_> {
         }
     }
 
+    /// Each of `targets` asked to answer, at the request's temperature and seed.
+    pub(super) fn answer_jobs(&self, targets: &[Target]) -> Vec<Job> {
+        targets
+            .iter()
+            .map(|t| {
+                self.answer_job(
+                    t.clone(),
+                    "answer",
+                    self.request.temperature,
+                    self.request.seed,
+                )
+            })
+            .collect()
+    }
+
     /// A job on the request's settings with one user message of the head's making
     /// (aggregate, correct): `system` replaces the agent's role prompt when given.
     pub(super) fn task_job(
@@ -176,18 +191,7 @@ impl Run<'_> {
         answerers: &[Target],
         wait: Wait,
     ) -> Result<(String, String), SwarmError> {
-        let jobs = answerers
-            .iter()
-            .map(|t| {
-                self.answer_job(
-                    t.clone(),
-                    "answer",
-                    self.request.temperature,
-                    self.request.seed,
-                )
-            })
-            .collect();
-        let got = self.ask_all(jobs, wait).await;
+        let got = self.ask_all(self.answer_jobs(answerers), wait).await;
         if got.is_empty() {
             return Err(self.no_answer());
         }
@@ -265,18 +269,7 @@ impl Run<'_> {
         members: &[Target],
         wait: Wait,
     ) -> Result<(String, String), SwarmError> {
-        let jobs = members
-            .iter()
-            .map(|t| {
-                self.answer_job(
-                    t.clone(),
-                    "answer",
-                    self.request.temperature,
-                    self.request.seed,
-                )
-            })
-            .collect();
-        let got = self.ask_all(jobs, wait).await;
+        let got = self.ask_all(self.answer_jobs(members), wait).await;
         if got.is_empty() {
             return Err(self.no_answer());
         }
