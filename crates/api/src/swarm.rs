@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::completions::{self, Answering, Kind, Output, Prepared};
 use crate::error::{ApiError, Json};
+use crate::metrics::Metrics;
 use crate::runner::Event;
 use crate::state::AppState;
 use crate::tools::{Format, ToolSet};
@@ -110,20 +111,20 @@ pub(crate) async fn chat(
         tools: None,
         logprobs: false,
     };
-    let metrics = state.metrics().clone();
     let stream = prepared.stream;
+    if stream && !answers_whole {
+        // The swarm decides on a whole answer; the stream carries it in word-sized pieces so
+        // clients show it the way they show any model's.
+        let (rx, _) = start(&state, &req, strategy, received).await?;
+        return Ok(Sse::new(out.stream(rx))
+            .keep_alive(KeepAlive::default())
+            .into_response());
+    }
+    let metrics = state.metrics().clone();
     let run = async move {
         let outcome = swarm.run(request).await;
         if let Ok(o) = &outcome {
-            metrics
-                .time_to_first_token
-                .observe(received.elapsed().as_secs_f64());
-            metrics.record_generation(
-                usize::try_from(o.prompt_tokens).unwrap_or(usize::MAX),
-                0,
-                usize::try_from(o.completion_tokens).unwrap_or(usize::MAX),
-                Duration::from_millis(o.elapsed_ms),
-            );
+            record(&metrics, received, o);
         }
         outcome
     };
@@ -159,37 +160,22 @@ pub(crate) async fn chat(
         });
         return Ok(axum::Json(body).into_response());
     }
-    if stream {
-        // The swarm decides on a whole answer; the stream carries it in word-sized pieces so
-        // clients show it the way they show any model's.
-        let (tx, rx) = mpsc::channel(32);
-        tokio::spawn(async move {
-            let event = tokio::select! {
-                outcome = run => outcome,
-                () = tx.closed() => return,
-            };
-            match event {
-                Ok(o) => {
-                    for piece in completions::pieces(&o.final_answer) {
-                        if tx.send(Event::Text(piece.to_owned())).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = tx.send(done(&o)).await;
-                }
-                Err(e) => {
-                    let _ = tx.send(Event::Failed(from_swarm(e))).await;
-                }
-            }
-        });
-        Ok(Sse::new(out.stream(rx))
-            .keep_alive(KeepAlive::default())
-            .into_response())
-    } else {
-        let o = run.await.map_err(from_swarm)?;
-        let (usage, summary) = (usage(&o), summary(&o));
-        Ok(out.whole_with(o.final_answer, FinishReason::Stop, usage, Some(summary)))
-    }
+    let o = run.await.map_err(from_swarm)?;
+    let (usage, summary) = (usage(&o), summary(&o));
+    Ok(out.whole_with(o.final_answer, FinishReason::Stop, usage, Some(summary)))
+}
+
+/// A swarm answer in the node's metrics: its time to the (whole) answer, its tokens.
+fn record(metrics: &Metrics, received: Instant, o: &SwarmOutcome) {
+    metrics
+        .time_to_first_token
+        .observe(received.elapsed().as_secs_f64());
+    metrics.record_generation(
+        usize::try_from(o.prompt_tokens).unwrap_or(usize::MAX),
+        0,
+        usize::try_from(o.completion_tokens).unwrap_or(usize::MAX),
+        Duration::from_millis(o.elapsed_ms),
+    );
 }
 
 /// The swarm's answer to the chat request `req`, as a model's generation reports one: the
@@ -229,9 +215,7 @@ pub(crate) async fn start(
                 return;
             }
         };
-        metrics
-            .time_to_first_token
-            .observe(received.elapsed().as_secs_f64());
+        record(&metrics, received, &o);
         let (text, finish) = match &o.response {
             Some(response) => written_back(response, forced),
             None => (o.final_answer.clone(), FinishReason::Stop),
@@ -351,14 +335,6 @@ fn usage(o: &SwarmOutcome) -> Usage {
         usize::try_from(o.prompt_tokens).unwrap_or(usize::MAX),
         usize::try_from(o.completion_tokens).unwrap_or(usize::MAX),
     )
-}
-
-fn done(o: &SwarmOutcome) -> Event {
-    Event::Done {
-        finish: FinishReason::Stop,
-        usage: usage(o),
-        stop_sequence: None,
-    }
 }
 
 fn swarm_request(
