@@ -606,9 +606,8 @@ impl StageServer {
         let missing = match whole {
             Ok(path) if unchecked => return Ok(path),
             Ok(path) => {
-                let inner = self.inner.clone();
                 let p = path.clone();
-                let found = tokio::task::spawn_blocking(move || inner.sha256_of(&p)).await??;
+                let found = tokio::task::spawn_blocking(move || file_sha256(&p)).await??;
                 if found == *sha {
                     return Ok(path);
                 }
@@ -1200,13 +1199,6 @@ fn finish(
                 "logits replies are not implemented yet; ask for a token".into(),
             )),
         },
-    }
-}
-
-impl Inner {
-    /// The SHA-256 of a model file (read once per file version, [`file_sha256`]).
-    fn sha256_of(&self, path: &Path) -> Result<[u8; 32]> {
-        Ok(file_sha256(path)?)
     }
 }
 

@@ -1842,22 +1842,24 @@ async fn only_a_verifys_guesses_can_be_rolled_back() {
     );
 }
 
+/// A stage server on layers 15.. and the config of a head on 0..15 in front of it.
+async fn head_and_one_stage() -> (StageServer, PipelineConfig) {
+    let n = reference().config().n_layers;
+    let (server, addr) = start_server(Duration::from_secs(600)).await;
+    let peers = vec![PeerStage {
+        addr,
+        layers: 15..n,
+    }];
+    (server, PipelineConfig::new(model_path(), 0..15, peers))
+}
+
 /// Issue #17: a draft model on the head guesses for the ring (here the model itself, the
 /// simplest draft model of the same tokenizer), lookup off: the answer is the single
 /// process's plain decode, greedy and sampled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draft_models_guesses_verified_by_the_ring_change_nothing() {
     let prompt = chat_prompt("Write a short poem about the sea.");
-    let n = reference().config().n_layers;
-    let (server, addr) = start_server(Duration::from_secs(600)).await;
-    let mut config = PipelineConfig::new(
-        model_path(),
-        0..15,
-        vec![PeerStage {
-            addr,
-            layers: 15..n,
-        }],
-    );
+    let (server, mut config) = head_and_one_stage().await;
     config.speculation = Some(Speculation {
         draft_model: true,
         ..Speculation::default()
@@ -1883,16 +1885,7 @@ async fn a_draft_models_guesses_verified_by_the_ring_change_nothing() {
 /// A draft model whose tokens mean other text than the model's cannot draft for its ring.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draft_model_of_another_tokenizer_is_refused() {
-    let n = reference().config().n_layers;
-    let (_server, addr) = start_server(Duration::from_secs(600)).await;
-    let mut config = PipelineConfig::new(
-        model_path(),
-        0..15,
-        vec![PeerStage {
-            addr,
-            layers: 15..n,
-        }],
-    );
+    let (_server, mut config) = head_and_one_stage().await;
     let qwen = models_dir().join("qwen2.5-coder-0.5b-instruct.gguf");
     config.draft_model = Some(std::sync::Arc::new(Model::load(&qwen, |_, _| {}).unwrap()));
     let err = Pipeline::connect(config).await.err().expect("refused");
