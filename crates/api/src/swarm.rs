@@ -49,7 +49,6 @@ pub(crate) struct QueryRequest {
     #[serde(flatten)]
     rest: CompletionRequest,
     strategy: Option<String>,
-    timeout_s: Option<f64>,
 }
 
 pub(crate) async fn query(
@@ -78,7 +77,7 @@ pub(crate) async fn query(
         &req.rest,
         &prepared,
         strategy,
-        timeout(req.timeout_s)?,
+        timeout(req.rest.timeout_s)?,
         whole,
     )?;
     let outcome = swarm.run(request).await.map_err(from_swarm)?;
@@ -95,7 +94,7 @@ pub(crate) async fn chat(
     let swarm = state.swarm().ok_or_else(no_swarm)?;
     let prepared = completions::check(&state, &req, "messages")?;
     let whole = whole_request(&req, &prepared)?;
-    let request = swarm_request(&req, &prepared, strategy, None, whole)?;
+    let request = swarm_request(&req, &prepared, strategy, timeout(req.timeout_s)?, whole)?;
     let answers_whole = request.api_request.is_some();
     let model = match strategy {
         Some(s) => format!("swarm:{s}"),
@@ -192,7 +191,7 @@ pub(crate) async fn start(
     let swarm = state.swarm().ok_or_else(no_swarm)?;
     let prepared = completions::check(state, req, "messages")?;
     let whole = whole_request(req, &prepared)?;
-    let request = swarm_request(req, &prepared, strategy, None, whole)?;
+    let request = swarm_request(req, &prepared, strategy, timeout(req.timeout_s)?, whole)?;
     let (tools, _) = completions::answer_shape(req)?;
     let forced = tools.as_ref().is_some_and(ToolSet::forced);
     let answering = Answering {

@@ -48,6 +48,9 @@ pub(crate) struct CompletionRequest {
     pub(crate) logprobs: Option<serde_json::Value>,
     /// Chat: how many alternatives per token, with `logprobs: true`.
     pub(crate) top_logprobs: Option<i64>,
+    /// Shoal's, for swarm models: the request's time budget in seconds (0 < s ≤ 3600); the
+    /// swarm answers with the best it has when it ends. Ignored by a single model.
+    pub(crate) timeout_s: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

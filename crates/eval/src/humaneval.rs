@@ -75,7 +75,7 @@ struct HumanevalArgs {
     #[arg(long)]
     model: Option<String>,
     /// `single` (one model), or a swarm strategy sent as `"model": "swarm:STRATEGY"`: moa,
-    /// vote, confidence, fastest, speed, strongest, cluster or auto.
+    /// vote, confidence, fastest, speed, strongest, cluster, verify or auto.
     #[arg(long, default_value = "single")]
     strategy: Strategy,
     /// Only this many problems (after --offset).

@@ -10,4 +10,6 @@ mod fence;
 mod python;
 
 pub use fence::{fenced_blocks, is_python, FencedBlock};
-pub use python::{Execution, Isolation, Sandbox, SandboxError, MAX_PROCESSES, TAIL_BYTES};
+pub use python::{
+    Execution, Isolation, Sandbox, SandboxError, MAX_PROCESSES, STDOUT_TAIL_BYTES, TAIL_BYTES,
+};

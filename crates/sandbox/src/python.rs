@@ -179,10 +179,16 @@ pub struct Execution {
     pub seconds: f64,
     /// The end of stderr (a traceback ends there), at most [`TAIL_BYTES`].
     pub stderr_tail: String,
+    /// The end of stdout, at most [`STDOUT_TAIL_BYTES`]: where a program that reports
+    /// results prints them last.
+    pub stdout_tail: String,
 }
 
 /// How much of stderr is kept.
 pub const TAIL_BYTES: u64 = 2000;
+
+/// How much of stdout is kept.
+pub const STDOUT_TAIL_BYTES: u64 = 256 << 10;
 
 const GUARD: &str = r#"def _shoal_guard():
     import resource
@@ -479,6 +485,7 @@ impl Sandbox {
             completed: status.is_some() && work.join(MARKER).is_file(),
             seconds: started.elapsed().as_secs_f64(),
             stderr_tail: read_tail(&stderr_path, TAIL_BYTES),
+            stdout_tail: read_tail(&stdout_path, STDOUT_TAIL_BYTES),
         })
     }
 }

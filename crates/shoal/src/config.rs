@@ -21,7 +21,7 @@
 //! swarm_key_file = "swarm.key"     # from `shoal key new`; relative to this file
 //!
 //! [swarm]
-//! strategy = "auto"               # or moa, vote, confidence, fastest, speed, strongest, cluster
+//! strategy = "auto"               # or moa, vote, confidence, fastest, speed, strongest, cluster, verify
 //! timeout_simple_s = 6
 //! timeout_complex_s = 12
 //! vote_samples = 5

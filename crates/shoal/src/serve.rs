@@ -101,7 +101,7 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     pub(crate) node_id: Option<String>,
     /// Swarm head: the strategy of `"model": "swarm"` (moa, vote, confidence, fastest, speed,
-    /// strongest, cluster, auto). `auto` asks the largest model alone when it has twice the
+    /// strongest, cluster, verify, auto). `auto` asks the largest model alone when it has twice the
     /// parameters of every other agent's, else votes: what measured best, docs/EVAL.md.
     #[arg(long, default_value = "auto")]
     pub(crate) swarm_strategy: String,

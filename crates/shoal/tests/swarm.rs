@@ -227,7 +227,15 @@ fn moa_fans_out_and_aggregates_and_each_strategy_answers() {
     );
 
     // Every strategy through the chat API, as a client sees it.
-    for strategy in ["moa", "vote", "confidence", "fastest", "speed", "cluster"] {
+    for strategy in [
+        "moa",
+        "vote",
+        "confidence",
+        "fastest",
+        "speed",
+        "cluster",
+        "verify",
+    ] {
         let body = json!({
             "model": format!("swarm:{strategy}"),
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -458,4 +466,106 @@ fn by_default_a_far_larger_model_answers_alone_and_peers_of_one_size_vote() {
             .starts_with("auto chose vote"),
         "{out}"
     );
+}
+
+/// HumanEval/0's prompt, as `shoal eval` asks it.
+const HAS_CLOSE_ELEMENTS: &str = "Complete this Python function:\n```python\nfrom typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    \"\"\" Check if in given list of numbers, are any two numbers closer to each other than\n    given threshold.\n    >>> has_close_elements([1.0, 2.0, 3.0], 0.5)\n    False\n    >>> has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3)\n    True\n    \"\"\"\n```";
+
+/// `verify` (issue #18) with real agents: every candidate runs against the prompt's
+/// examples and the tests the critic and fact-checker were asked for; the answer comes from
+/// the best group of behaviour, and when that group fails an example the failing agents are
+/// sent their failure and answer again. What the outcome claims about the chosen code is
+/// checked here by running it.
+#[test]
+fn verify_runs_candidates_against_examples_and_written_tests_and_repairs() {
+    let reasoner = agent("reasoner");
+    let factchecker = agent("factchecker");
+    let critic = agent("critic");
+    let head = head(&[&reasoner, &factchecker, &critic], &[]);
+    all_agents_healthy(&head);
+
+    let out = query(
+        &head,
+        json!({"query": HAS_CLOSE_ELEMENTS, "strategy": "verify", "max_tokens": 160,
+               "temperature": 0, "timeout_s": 300}),
+    );
+    assert_eq!(out["strategy"], "verify", "{out}");
+    let decided_by = out["decided_by"].as_str().unwrap();
+    assert!(
+        decided_by.starts_with("verify on `has_close_elements`: "),
+        "{out}"
+    );
+    let answers = out["answers"].as_array().unwrap();
+    let tasks_of = |task: &str| -> Vec<String> {
+        let mut roles: Vec<String> = answers
+            .iter()
+            .chain(out["failed"].as_array().unwrap())
+            .filter(|a| a["task"] == task)
+            .map(|a| a["role"].as_str().unwrap().to_owned())
+            .collect();
+        roles.sort();
+        roles
+    };
+    // Five samples round robin over the three routed agents; tests from two of them.
+    assert_eq!(
+        tasks_of("sample"),
+        [
+            "critic",
+            "factchecker",
+            "factchecker",
+            "reasoner",
+            "reasoner"
+        ],
+        "{out}"
+    );
+    assert_eq!(tasks_of("tests"), ["critic", "factchecker"], "{out}");
+
+    // What it says of the chosen code's examples is what running it gives.
+    let final_answer = out["final_answer"].as_str().unwrap();
+    let chosen = answers
+        .iter()
+        .find(|a| a["text"] == final_answer && a["task"] != "tests")
+        .unwrap_or_else(|| panic!("the answer is a candidate's: {out}"));
+    let code = shoal_swarm::vote::extract_code(final_answer).unwrap();
+    let passes =
+        shoal_swarm::vote::code_passes_examples(HAS_CLOSE_ELEMENTS, &code, Duration::from_secs(20));
+    if decided_by.contains("pass 2 of 2 of the prompt's examples") {
+        assert_eq!(passes, Some(true), "{out}");
+        assert!(!decided_by.contains("repair round"), "{out}");
+    } else {
+        assert_eq!(passes, Some(false), "{out}");
+        // The best failed an example: the agents were told, and answered again.
+        assert!(decided_by.contains("; repair round 1: "), "{out}");
+        assert!(!tasks_of("repair").is_empty(), "{out}");
+        if chosen["task"] == "repair" {
+            assert!(decided_by.contains("(repaired in round"), "{out}");
+        }
+    }
+
+    // Through the chat API with a time budget, and for a question with no code to run.
+    let body = json!({
+        "model": "swarm:verify",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 24,
+        "temperature": 0,
+        "timeout_s": 120,
+    });
+    let v = chat(head.addr, &body.to_string());
+    assert_eq!(v["model"], "swarm:verify");
+    let how = v["swarm"]["decided_by"].as_str().unwrap();
+    assert!(
+        how.starts_with("verify: no Python function in the question to run; vote: "),
+        "{v}"
+    );
+    let bad = json!({"model": "swarm:verify", "messages": [{"role": "user", "content": "x"}],
+                     "timeout_s": 0});
+    let r = http(
+        head.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&bad.to_string()),
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("timeout_s"), "{}", r.body);
 }

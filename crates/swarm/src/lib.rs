@@ -20,5 +20,6 @@ pub mod classify;
 pub mod head;
 pub mod roles;
 pub mod routing;
+pub mod verify;
 pub mod vote;
 pub mod weight;

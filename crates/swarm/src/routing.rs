@@ -77,6 +77,11 @@ pub enum Strategy {
     /// whatever the query type's roles, the head's own model too — answers once, and they
     /// vote. Any node can head it.
     Cluster,
+    /// Code chosen by running it (issue #18): the agents write candidates, the critic and
+    /// fact-checker write tests, candidates are grouped by behaviour and scored by the
+    /// prompt's examples and dual agreement with the tests; failing candidates are repaired
+    /// from their tracebacks (`crate::verify`). Not code, or no sandbox: `vote`.
+    Verify,
     /// The default: `strongest` when one agent's model is far larger than every other's,
     /// else `vote` — what measured best for each kind of swarm (docs/EVAL.md); see
     /// [`Strategy::resolve`].
@@ -85,7 +90,7 @@ pub enum Strategy {
 
 impl Strategy {
     /// Every strategy.
-    pub const ALL: [Strategy; 8] = [
+    pub const ALL: [Strategy; 9] = [
         Strategy::Moa,
         Strategy::Vote,
         Strategy::Confidence,
@@ -93,6 +98,7 @@ impl Strategy {
         Strategy::Speed,
         Strategy::Strongest,
         Strategy::Cluster,
+        Strategy::Verify,
         Strategy::Auto,
     ];
 
@@ -106,6 +112,7 @@ impl Strategy {
             Strategy::Speed => "speed",
             Strategy::Strongest => "strongest",
             Strategy::Cluster => "cluster",
+            Strategy::Verify => "verify",
             Strategy::Auto => "auto",
         }
     }
@@ -154,7 +161,7 @@ impl fmt::Display for Strategy {
 /// A strategy name that is not one of [`Strategy::ALL`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown swarm strategy {given:?}; valid strategies: moa, vote, confidence, fastest, speed, strongest, cluster, auto"
+    "unknown swarm strategy {given:?}; valid strategies: moa, vote, confidence, fastest, speed, strongest, cluster, verify, auto"
 )]
 pub struct UnknownStrategy {
     /// The name as given.

@@ -13,6 +13,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use shoal_swarm::verify::run_behaviours;
 use shoal_swarm::vote::{code_passes_examples, sandbox, vote, CodeChecks, VoteMethod};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -109,4 +110,42 @@ fn checks_off_run_nothing_and_the_outcome_says_so() {
     assert_eq!(on.method, VoteMethod::CodeExamples);
     assert_eq!(on.winner, 2, "the code that passes the example wins");
     assert_eq!(on.unchecked, None);
+}
+
+/// Tests written by agents run the same way (issue #18): a written test that writes a file
+/// on the head or opens a socket achieves nothing there, and its candidate's other checks
+/// still report.
+#[test]
+fn written_tests_that_write_a_file_or_open_a_socket_achieve_nothing() {
+    if !with_sandbox() {
+        return;
+    }
+    let target = host_path("written-test");
+    let _ = std::fs::remove_file(&target);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let checks = vec![
+        "assert f(1) == 1".to_owned(),
+        format!("assert f(open({target:?}, 'w').write('x')) == 1"),
+        format!(
+            "assert f(__import__('socket').create_connection(('127.0.0.1', {port}), timeout=2).send(b'x')) == 1"
+        ),
+        "assert f(2) == 3".to_owned(),
+    ];
+    let program = Some(IDENTITY.to_owned());
+    let behaviours = run_behaviours(&[program], &checks, TIMEOUT);
+    let b = behaviours[0].as_ref().expect("the candidate reports");
+    let got: Vec<(bool, &str)> = b.checks.iter().map(|c| (c.ok, c.out.as_str())).collect();
+    assert_eq!(got[0], (true, "1"));
+    // The write may succeed inside (a scratch of its own) or fail; the host's file is
+    // untouched either way.
+    assert!(!got[2].0 && got[2].1.starts_with("raise "), "{b:?}");
+    assert_eq!(got[3], (false, "2"));
+    assert!(
+        !target.exists(),
+        "a written test wrote {}",
+        target.display()
+    );
+    assert!(listener.accept().is_err(), "a written test connected");
 }

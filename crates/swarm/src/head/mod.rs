@@ -9,11 +9,13 @@
 //!
 //! Here: the swarm and its agents (`Swarm`, their health in a [`shoal_cluster::Membership`]);
 //! `report.rs`: what a run and `/v1/swarm/status` report; `target.rs`: who is asked;
-//! `strategies.rs`: one run, and each way of combining answers.
+//! `strategies.rs`: one run, and each way of combining answers; `verify.rs`: choosing code
+//! by running it.
 
 mod report;
 mod strategies;
 mod target;
+mod verify;
 mod wait;
 
 pub use report::{AgentAnswer, AgentFailure, AgentStatus, SwarmError, SwarmOutcome, SwarmStatus};
@@ -340,6 +342,7 @@ impl Swarm {
             Strategy::Speed => run.speed(&answerers, timeout).await?,
             Strategy::Strongest => run.strongest(&answerers, timeout).await?,
             Strategy::Cluster => run.cluster(&answerers, timeout).await?,
+            Strategy::Verify => run.verify(&answerers, timeout).await?,
         };
         let decided_by = match merged_instead {
             Some(s) => format!("{s} cannot merge whole API answers; vote: {decided_by}"),

@@ -227,32 +227,13 @@ impl Run<'_> {
         ))
     }
 
-    /// `vote_samples` answers across the agents (round robin; each agent's first at the
-    /// request's temperature, the rest at the sampling temperature), then a vote.
+    /// `vote_samples` answers across the agents ([`Run::sample_jobs`]), then a vote.
     pub(super) async fn vote(
         &mut self,
         answerers: &[Target],
         wait: Wait,
     ) -> Result<(String, String), SwarmError> {
-        let n = self.swarm.config.vote_samples.max(1);
-        let jobs = (0..n)
-            .filter_map(|i| {
-                let target = answerers.get(i % answerers.len().max(1))?.clone();
-                let first_of_agent = i < answerers.len();
-                let temperature = if first_of_agent {
-                    self.request.temperature
-                } else {
-                    self.swarm.config.sample_temperature
-                };
-                Some(self.answer_job(
-                    target,
-                    "sample",
-                    temperature,
-                    self.request.seed.wrapping_add(i as u64),
-                ))
-            })
-            .collect();
-        let got = self.ask_all(jobs, wait).await;
+        let got = self.ask_all(self.sample_jobs(answerers), wait).await;
         if got.is_empty() {
             return Err(self.no_answer());
         }
@@ -495,6 +476,17 @@ impl Run<'_> {
         jobs: Vec<Job>,
         wait: Wait,
     ) -> Vec<(Target, AgentAnswer)> {
+        self.ask_all_until(jobs, wait, |_| true).await
+    }
+
+    /// [`Run::ask_all`], where only the answers to jobs `counts` accepts (by task) end the
+    /// wait past `wait.enough`.
+    pub(super) async fn ask_all_until(
+        &mut self,
+        jobs: Vec<Job>,
+        wait: Wait,
+        counts: impl Fn(&'static str) -> bool,
+    ) -> Vec<(Target, AgentAnswer)> {
         let swarm = self.swarm;
         let asked: Vec<(Target, &'static str)> =
             jobs.iter().map(|j| (j.target.clone(), j.task)).collect();
@@ -502,7 +494,10 @@ impl Run<'_> {
             .into_iter()
             .map(|job| swarm.send(job, wait.limit))
             .collect();
-        let gathered = gather(sends, wait, |a: &Answer| !a.text.trim().is_empty()).await;
+        let gathered = gather(sends, wait, |i, a: &Answer| {
+            !a.text.trim().is_empty() && asked.get(i).is_some_and(|(_, task)| counts(task))
+        })
+        .await;
         let mut got = Vec::new();
         for ((target, task), result) in asked.into_iter().zip(gathered.results) {
             let result = result.unwrap_or_else(|| {

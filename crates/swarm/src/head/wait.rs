@@ -75,11 +75,12 @@ pub(super) struct Gathered<T> {
 }
 
 /// Runs `asks` together: all of them until `wait.enough`; past it, stops as soon as one
-/// has answered; with none by then, waits for the first up to `wait.limit`.
+/// has answered (a result `is_answer` accepts, given its index); with none by then, waits
+/// for the first up to `wait.limit`.
 pub(super) async fn gather<T, F>(
     asks: Vec<F>,
     wait: Wait,
-    is_answer: impl Fn(&T) -> bool,
+    is_answer: impl Fn(usize, &T) -> bool,
 ) -> Gathered<T>
 where
     F: Future<Output = Result<T, String>>,
@@ -97,7 +98,7 @@ where
         tokio::select! {
             next = pending.next() => {
                 let Some((i, result)) = next else { break };
-                answered |= result.as_ref().is_ok_and(&is_answer);
+                answered |= result.as_ref().is_ok_and(|answer| is_answer(i, answer));
                 results[i] = Some(result);
             }
             () = tokio::time::sleep_until(until) => break,
@@ -164,7 +165,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn everyone_who_answers_in_time_counts() {
         let asks = vec![answer(3, true), answer(5, true), answer(11, true)];
-        let g = gather(asks, wait(12, 100), |_| true).await;
+        let g = gather(asks, wait(12, 100), |_, _| true).await;
         let got: Vec<_> = g.results.into_iter().map(|r| r.map(|r| r.ok())).collect();
         assert_eq!(got, [Some(Some(3)), Some(Some(5)), Some(Some(11))]);
         assert_eq!(
@@ -177,7 +178,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn past_enough_the_head_stops_waiting_for_more() {
         let asks = vec![answer(3, true), answer(30, true)];
-        let g = gather(asks, wait(12, 100), |_| true).await;
+        let g = gather(asks, wait(12, 100), |_, _| true).await;
         assert!(g.answered);
         assert!(g.results[0].is_some() && g.results[1].is_none());
         assert_eq!(g.waited, Duration::from_secs(12));
@@ -188,13 +189,13 @@ mod tests {
         // Every agent is still generating at 12 s: the work is not thrown away; the first
         // complete answer (at 40 s) ends the wait, a failure before it does not.
         let asks = vec![answer(70, true), answer(40, true), answer(20, false)];
-        let g = gather(asks, wait(12, 100), |_| true).await;
+        let g = gather(asks, wait(12, 100), |_, _| true).await;
         assert_eq!(g.waited, Duration::from_secs(40));
         assert!(matches!(g.results[1], Some(Ok(40))));
         assert!(matches!(g.results[2], Some(Err(_))));
         assert!(g.results[0].is_none());
         // ... but never past the request's limit.
-        let g = gather(vec![answer(500, true)], wait(12, 100), |_| true).await;
+        let g = gather(vec![answer(500, true)], wait(12, 100), |_, _| true).await;
         assert!(!g.answered && g.results[0].is_none());
         assert_eq!(g.waited, Duration::from_secs(100));
     }
@@ -202,7 +203,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_answer_the_head_cannot_use_does_not_end_the_wait() {
         let asks = vec![answer(2, true), answer(50, true)];
-        let g = gather(asks, wait(12, 100), |secs| *secs > 2).await;
+        let g = gather(asks, wait(12, 100), |_, secs| *secs > 2).await;
         assert_eq!(g.waited, Duration::from_secs(50));
     }
 }

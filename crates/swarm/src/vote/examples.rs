@@ -10,9 +10,9 @@ use shoal_sandbox::Sandbox;
 /// `None` for a line without output (run for its effect; its errors are ignored, since
 /// prompts also use `>>>` loosely in prose).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct Example {
-    pub(super) source: String,
-    pub(super) expected: Option<String>,
+pub(crate) struct Example {
+    pub(crate) source: String,
+    pub(crate) expected: Option<String>,
 }
 
 /// The brackets of `text` outside string literals, each with its byte offset and the depth
@@ -50,7 +50,7 @@ fn brackets(text: &str) -> impl Iterator<Item = (usize, char, i32)> + '_ {
 }
 
 /// How many brackets `text` leaves open, outside string literals.
-pub(super) fn open_brackets(text: &str) -> i32 {
+pub(crate) fn open_brackets(text: &str) -> i32 {
     brackets(text).last().map_or(0, |(_, _, depth)| depth)
 }
 
@@ -186,12 +186,12 @@ pub(super) fn prose_examples(prompt: &str) -> Vec<Example> {
 }
 
 /// A Python string literal for `text` (a JSON string is one: same escapes).
-pub(super) fn python_literal(text: &str) -> String {
+pub(crate) fn python_literal(text: &str) -> String {
     serde_json::Value::String(text.to_string()).to_string()
 }
 
 /// The name of the function the first example calls (`fib` in `fib(10)`).
-pub(super) fn called_function(example: &Example) -> Option<&str> {
+pub(crate) fn called_function(example: &Example) -> Option<&str> {
     let name_end = example.source.find('(')?;
     let name = example.source[..name_end].trim();
     let valid = !name.is_empty()
@@ -315,7 +315,7 @@ pub(super) fn run_python(program: &str, timeout: Duration) -> Option<bool> {
 
 /// The examples of a prompt: its doctest examples when it has any with an expected value,
 /// else its prose examples.
-pub(super) fn prompt_examples(prompt: &str) -> Vec<Example> {
+pub(crate) fn prompt_examples(prompt: &str) -> Vec<Example> {
     let doctests = doctest_examples(prompt);
     if doctests.iter().any(|e| e.expected.is_some()) {
         doctests

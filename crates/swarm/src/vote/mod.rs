@@ -47,7 +47,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use examples::prompt_examples;
+pub(crate) use examples::{called_function, open_brackets, prompt_examples, python_literal};
 
 /// How the winner of a [`vote`] was chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -89,7 +89,7 @@ pub enum CodeChecks {
 
 impl CodeChecks {
     /// The time allowed to each run, or why nothing may run.
-    fn runnable(self) -> Result<Duration, &'static str> {
+    pub(crate) fn runnable(self) -> Result<Duration, &'static str> {
         match self {
             CodeChecks::Off => Err("code checks are off"),
             CodeChecks::On { timeout } => sandbox().map(|_| timeout),

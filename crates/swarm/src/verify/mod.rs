@@ -1,0 +1,224 @@
+//! Choosing code by running it (issue #18, the `verify` strategy): tests written by the
+//! swarm's own agents, candidates grouped by what they *do*, and CodeT's dual agreement.
+//!
+//! A coding task names a function ([`Task::from_question`]: the function the prompt's
+//! examples call, else the last one it defines). For it:
+//!
+//! 1. **Tests.** Agents with the critic and fact-checker roles write `assert` statements for
+//!    the function from the task alone, without seeing any candidate ([`tests_prompt`],
+//!    [`parse_tests`]); they are deduplicated. The prompt's own examples become checks too.
+//! 2. **Behaviour.** Every distinct candidate runs once in the sandbox against every check
+//!    ([`behaviour_program`], one process per candidate, each check under its own alarm): for
+//!    each check, whether it held and what the function returned (its `repr`, or the
+//!    exception it raised). Candidates with the same results on every check form one group,
+//!    however differently they are written.
+//! 3. **Selection** ([`choose`]): the groups passing the most of the prompt's examples (they
+//!    are the task's own words); among those, the largest `candidates × tests passed`
+//!    (CodeT's dual agreement: a wrong test rarely agrees with many candidates, a wrong
+//!    candidate rarely with many tests); ties to the group whose agents weigh most.
+//!
+//! The head (`head/verify.rs`) sends candidates that fail an example, or a test the chosen
+//! group passes, back to their agents with the failing check and its traceback, and runs
+//! what comes back through the same steps.
+//!
+//! Only Python runs: tasks in other languages fall back to the vote, which says so.
+
+mod program;
+mod select;
+mod written_tests;
+
+pub use program::{behaviour_program, parse_report, Behaviour, CheckResult, REPORT_MARKER};
+pub use select::{choose, Choice, Scored};
+pub use written_tests::{parse_tests, tests_prompt, MAX_TESTS, TESTER_SYSTEM};
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use shoal_sandbox::{fenced_blocks, is_python};
+
+use crate::vote::{called_function, prompt_examples, sandbox};
+
+/// A coding task as the checks see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// The function to write.
+    pub entry_point: String,
+    /// The task's own code (signature, docstring, helpers, imports): what a candidate's
+    /// code is appended to, so helpers the prompt defines and its imports are there.
+    pub prompt_code: String,
+    /// The prompt's examples as `assert` statements.
+    pub examples: Vec<String>,
+}
+
+impl Task {
+    /// The Python task in `question`: its code is its Python fenced blocks (or the whole
+    /// question when it has none and defines a function). `None` when it defines no function.
+    pub fn from_question(question: &str) -> Option<Task> {
+        let blocks: Vec<String> = fenced_blocks(question)
+            .into_iter()
+            .filter(|b| is_python(&b.lang) && b.code.contains("def "))
+            .map(|b| b.code)
+            .collect();
+        let prompt_code = if blocks.is_empty() {
+            question.to_owned()
+        } else {
+            blocks.join("\n\n")
+        };
+        let defined = defined_functions(&prompt_code);
+        let examples = prompt_examples(&prompt_code);
+        let entry_point = examples
+            .iter()
+            .filter_map(called_function)
+            .find(|name| defined.iter().any(|d| d == name))
+            .map(str::to_owned)
+            .or_else(|| defined.last().cloned())?;
+        let examples = examples
+            .iter()
+            .filter_map(|e| {
+                let expected = e.expected.as_deref()?;
+                Some(format!("assert ({}) == ({expected})", e.source))
+            })
+            .collect();
+        Some(Task {
+            entry_point,
+            prompt_code,
+            examples,
+        })
+    }
+
+    /// The program text of a candidate reply: its Python block that defines the entry point
+    /// (else its longest code block, else the whole reply), after the task's own code.
+    pub fn candidate_program(&self, reply: &str) -> Option<String> {
+        let define = format!("def {}(", self.entry_point);
+        let blocks = fenced_blocks(reply);
+        let code = blocks
+            .iter()
+            .filter(|b| is_python(&b.lang) && b.code.contains(&define))
+            .max_by_key(|b| b.code.len())
+            .map(|b| b.code.clone())
+            .or_else(|| crate::vote::extract_code(reply))
+            .unwrap_or_else(|| reply.to_owned());
+        if !code.contains(&define) {
+            return None;
+        }
+        Some(format!(
+            "{}\n\n{}\n",
+            self.prompt_code.trim_end(),
+            code.trim_end()
+        ))
+    }
+}
+
+/// The names of the top-level functions `code` defines, in order.
+fn defined_functions(code: &str) -> Vec<String> {
+    code.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("def ")?;
+            let name = rest[..rest.find('(')?].trim();
+            (!name.is_empty()).then(|| name.to_owned())
+        })
+        .collect()
+}
+
+/// Runs each distinct program of `programs` against `checks` in the sandbox, in parallel,
+/// each for at most `timeout` in all; the behaviour per program (`None` where there is no
+/// sandbox here, or the program ended without a report: it killed its interpreter).
+pub fn run_behaviours(
+    programs: &[Option<String>],
+    checks: &[String],
+    timeout: Duration,
+) -> Vec<Option<Behaviour>> {
+    let Ok(sandbox) = sandbox() else {
+        return programs.iter().map(|_| None).collect();
+    };
+    let mut distinct: HashMap<&str, Option<Behaviour>> = HashMap::new();
+    for program in programs.iter().flatten() {
+        distinct.entry(program.as_str()).or_insert(None);
+    }
+    let per_check = per_check_limit(timeout, checks.len());
+    let results: Vec<(&str, Option<Behaviour>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = distinct
+            .keys()
+            .map(|&program| {
+                let script = behaviour_program(program, checks, per_check);
+                let handle = scope.spawn(move || {
+                    let run = sandbox.run(&script, timeout).ok()?;
+                    parse_report(&run.stdout_tail)
+                });
+                (program, handle)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(program, handle)| (program, handle.join().ok().flatten()))
+            .collect()
+    });
+    distinct.extend(results);
+    programs
+        .iter()
+        .map(|p| {
+            p.as_deref()
+                .and_then(|p| distinct.get(p).cloned().flatten())
+        })
+        .collect()
+}
+
+/// Each check's own limit: an even share of the run's, between 0.2 and 2 seconds, so one
+/// check that never ends costs its own verdict and not the others'.
+fn per_check_limit(timeout: Duration, checks: usize) -> Duration {
+    let share = timeout.as_secs_f64() * 0.8 / checks.max(1) as f64;
+    Duration::from_secs_f64(share.clamp(0.2, 2.0))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    const QUESTION: &str = "Complete this Python function:\n```python\nfrom typing import List\n\n\ndef is_palindrome(s: str) -> bool:\n    return s == s[::-1]\n\n\ndef below_zero(operations: List[int]) -> bool:\n    \"\"\" Detect if the balance falls below zero.\n    >>> below_zero([1, 2, 3])\n    False\n    >>> below_zero([1, 2, -4, 5])\n    True\n    \"\"\"\n```";
+
+    #[test]
+    fn the_task_is_the_function_the_examples_call() {
+        let task = Task::from_question(QUESTION).unwrap();
+        assert_eq!(task.entry_point, "below_zero");
+        assert!(task.prompt_code.starts_with("from typing import List"));
+        assert_eq!(
+            task.examples,
+            [
+                "assert (below_zero([1, 2, 3])) == (False)",
+                "assert (below_zero([1, 2, -4, 5])) == (True)"
+            ]
+        );
+        // Without examples: the last function defined.
+        let task = Task::from_question(
+            "```python\ndef f(x):\n    pass\ndef g(y):\n    \"\"\"Twice y.\"\"\"\n```",
+        )
+        .unwrap();
+        assert_eq!(task.entry_point, "g");
+        assert!(task.examples.is_empty());
+        assert_eq!(Task::from_question("What is the capital of France?"), None);
+    }
+
+    #[test]
+    fn a_candidate_program_is_the_task_then_its_code() {
+        let task = Task::from_question(QUESTION).unwrap();
+        let reply = "Sure:\n```python\nprint('usage')\n```\n```python\ndef below_zero(operations):\n    return False\n```";
+        let program = task.candidate_program(reply).unwrap();
+        assert!(program.starts_with("from typing import List"));
+        assert!(program.ends_with("def below_zero(operations):\n    return False\n"));
+        assert_eq!(task.candidate_program("I cannot do that."), None);
+    }
+
+    #[test]
+    fn per_check_limits_stay_in_bounds() {
+        assert_eq!(
+            per_check_limit(Duration::from_secs(10), 1),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            per_check_limit(Duration::from_secs(1), 100),
+            Duration::from_millis(200)
+        );
+    }
+}
