@@ -11,5 +11,5 @@ mod python;
 
 pub use fence::{fenced_blocks, is_python, FencedBlock};
 pub use python::{
-    Execution, Isolation, Sandbox, SandboxError, MAX_PROCESSES, STDOUT_TAIL_BYTES, TAIL_BYTES,
+    Execution, Isolation, Node, Sandbox, SandboxError, MAX_PROCESSES, STDOUT_TAIL_BYTES, TAIL_BYTES,
 };

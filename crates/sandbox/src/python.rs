@@ -107,13 +107,14 @@ const UNSHARE_ARGS: &[&str] = &[
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The set-up inside the new namespaces, run by `/bin/sh` with the arguments ROOT SCRATCH
-/// PYTHON DIR...: a tmpfs on ROOT holding the system directories and each DIR read-only,
-/// four device nodes, an empty `/tmp`, SCRATCH read-write at `/work`; then PYTHON runs
-/// `main.py` there, chrooted, with a clean environment. Read-only binds are also `nosuid`
+/// INTERPRETER NPROC FLAG FILE DIR...: a tmpfs on ROOT holding the system directories and
+/// each DIR read-only, four device nodes, an empty `/tmp`, SCRATCH read-write at `/work`;
+/// then `INTERPRETER FLAG FILE` runs there (`python3 -I main.py`, `node -- main.js`),
+/// chrooted, with a clean environment. Read-only binds are also `nosuid`
 /// and `nodev`, which a container's mounts often require of a remount (locked flags).
 const SETUP: &str = r#"set -eu
-root=$1 scratch=$2 python=$3 nproc=$4
-shift 4
+root=$1 scratch=$2 interpreter=$3 nproc=$4 flag=$5 file=$6
+shift 6
 mount -t tmpfs -o size=64m,mode=755,nosuid,nodev shoal-sandbox "$root"
 ro_bind() {
   mkdir -p "$root$1"
@@ -136,7 +137,8 @@ for n in null zero random urandom; do
 done
 mount --bind "$scratch" "$root/work"
 exec prlimit --nproc="$nproc" -- chroot "$root" /bin/sh -c \
-  'cd /work && exec env -i PATH=/usr/bin:/bin HOME=/work LANG=C.UTF-8 "$0" -I main.py' "$python"
+  'cd /work && exec env -i PATH=/usr/bin:/bin HOME=/work LANG=C.UTF-8 "$0" "$1" "$2"' \
+  "$interpreter" "$flag" "$file"
 "#;
 
 /// Most processes (and threads) the program may have at once, itself included. Set inside
@@ -236,6 +238,29 @@ const NETWORK_GUARD: &str = r#"    import socket
 
 /// The file the last line of a program writes: the tests ran to their end.
 const MARKER: &str = ".shoal-tests-passed";
+
+/// How one program is started: `INTERPRETER FLAG FILE` in its scratch directory, with
+/// `dirs` (what the interpreter needs beyond `/usr`) bound read-only in the sandbox.
+struct Runner<'a> {
+    interpreter: &'a str,
+    dirs: &'a [String],
+    flag: &'static str,
+    file: &'static str,
+}
+
+/// A Node.js interpreter that runs in the sandbox ([`Sandbox::node`]).
+#[derive(Debug, Clone)]
+pub struct Node {
+    path: String,
+    dirs: Vec<String>,
+}
+
+impl Node {
+    /// The interpreter's resolved path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
 
 /// Runs programs: a checked Python interpreter and the way it is isolated.
 #[derive(Debug, Clone)]
@@ -386,7 +411,7 @@ impl Sandbox {
 
     /// The command that runs `main.py` in `work` (`root` is an empty directory for the
     /// sandbox's root to be mounted on).
-    fn command(&self, root: &Path, work: &Path, timeout: Duration) -> Command {
+    fn command(&self, runner: &Runner<'_>, root: &Path, work: &Path, timeout: Duration) -> Command {
         let mut cmd = match self.isolation {
             Isolation::Unshare => {
                 let mut c = Command::new("prlimit");
@@ -405,14 +430,15 @@ impl Sandbox {
                     .args(["/bin/sh", "-c", SETUP, "sh"])
                     .arg(root)
                     .arg(work)
-                    .arg(&self.python)
+                    .arg(runner.interpreter)
                     .arg(MAX_PROCESSES.to_string())
-                    .args(&self.python_dirs);
+                    .args([runner.flag, runner.file])
+                    .args(runner.dirs);
                 c
             }
             Isolation::PythonGuard => {
-                let mut c = Command::new(&self.python);
-                c.args(["-I", "main.py"]).current_dir(work);
+                let mut c = Command::new(runner.interpreter);
+                c.args([runner.flag, runner.file]).current_dir(work);
                 c
             }
         };
@@ -429,6 +455,104 @@ impl Sandbox {
     /// An error means the run could not happen here (no scratch directory, no process);
     /// whatever the program does is in the [`Execution`].
     pub fn run(&self, program: &str, timeout: Duration) -> Result<Execution, SandboxError> {
+        let runner = Runner {
+            interpreter: &self.python,
+            dirs: &self.python_dirs,
+            flag: "-I",
+            file: "main.py",
+        };
+        self.run_file(&runner, &self.script(program), timeout)
+    }
+
+    /// Node.js in this sandbox, proven by a trial run (it must find itself without network,
+    /// without the host's files and as PID 1); an error where there is no `node`, or it
+    /// cannot run in the sandbox. Only under [`Isolation::Unshare`]: there is no guard for
+    /// JavaScript.
+    pub fn node(&self) -> Result<Node, SandboxError> {
+        if self.isolation != Isolation::Unshare {
+            return Err(SandboxError::Unavailable {
+                detail: "JavaScript runs only in the namespace sandbox".to_owned(),
+            });
+        }
+        let probe = Command::new("node")
+            .args([
+                "-e",
+                "console.log(require('fs').realpathSync(process.execPath))",
+            ])
+            .env_clear()
+            .env("PATH", SYSTEM_PATH)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .map_err(|source| SandboxError::NoPython {
+                python: "node".to_owned(),
+                source,
+            })?;
+        let path = String::from_utf8_lossy(&probe.stdout).trim().to_owned();
+        if !probe.status.success() || !path.starts_with('/') {
+            return Err(SandboxError::Unavailable {
+                detail: "`node` did not run".to_owned(),
+            });
+        }
+        // Its installation prefix (the parent of its bin directory), unless under /usr.
+        let dirs = Path::new(&path)
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::to_str)
+            .filter(|prefix| *prefix != "/usr" && !prefix.starts_with("/usr/"))
+            .map(|prefix| vec![prefix.to_owned()])
+            .unwrap_or_default();
+        let node = Node { path, dirs };
+        let trial = "const fs = require('fs');\n\
+                     if (process.pid !== 1) throw new Error('not alone in its PID namespace');\n\
+                     if (process.cwd() !== '/work') throw new Error('not in /work');\n\
+                     if (fs.existsSync('/etc') || fs.existsSync('/proc/1/root')) throw new Error('host files');\n\
+                     const s = require('net').connect(9, '127.0.0.1');\n\
+                     s.on('connect', () => { process.exitCode = 7; s.destroy(); });\n\
+                     s.on('error', () => {});\n";
+        let run = self.run_javascript(&node, trial, Duration::from_secs(20))?;
+        if run.completed && run.exit_code == Some(0) {
+            return Ok(node);
+        }
+        let last = run
+            .stderr_tail
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or("no output")
+            .to_owned();
+        Err(SandboxError::Unavailable {
+            detail: format!("the node trial run failed: {last}"),
+        })
+    }
+
+    /// Runs `program` (JavaScript, a CommonJS script) with `node` for at most `timeout`; as
+    /// [`Sandbox::run`] does Python. Its last line writes the marker when the script's own
+    /// code (and whatever it left pending) is done.
+    pub fn run_javascript(
+        &self,
+        node: &Node,
+        program: &str,
+        timeout: Duration,
+    ) -> Result<Execution, SandboxError> {
+        let runner = Runner {
+            interpreter: &node.path,
+            dirs: &node.dirs,
+            flag: "--",
+            file: "main.js",
+        };
+        let script = format!(
+            "{program}\n;process.on('exit', () => require('fs').writeFileSync({MARKER:?}, 'ok'));\n"
+        );
+        self.run_file(&runner, &script, timeout)
+    }
+
+    fn run_file(
+        &self,
+        runner: &Runner<'_>,
+        script_text: &str,
+        timeout: Duration,
+    ) -> Result<Execution, SandboxError> {
         // dir/work: the program's scratch (its script, its marker); dir/root: where the
         // sandbox's root is mounted; its output goes to files beside them, out of its reach.
         let dir = TempDir::new()?;
@@ -447,13 +571,13 @@ impl Sandbox {
             std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o777))
                 .map_err(io(&work))?;
         }
-        let script = work.join("main.py");
-        std::fs::write(&script, self.script(program)).map_err(io(&script))?;
+        let script = work.join(runner.file);
+        std::fs::write(&script, script_text).map_err(io(&script))?;
         let stdout_path = dir.path().join("stdout");
         let stdout = File::create(&stdout_path).map_err(io(&stdout_path))?;
         let stderr_path = dir.path().join("stderr");
         let stderr = File::create(&stderr_path).map_err(io(&stderr_path))?;
-        let mut cmd = self.command(&root, &work, timeout);
+        let mut cmd = self.command(runner, &root, &work, timeout);
         cmd.stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

@@ -277,3 +277,66 @@ fn its_memory_file_size_and_cpu_are_limited_by_the_os() {
     );
     assert!(e.completed, "{}", e.stderr_tail);
 }
+
+/// JavaScript runs in the same sandbox (issue #18, item 4): `node` where the machine has
+/// it. A script that writes the host's files, connects out, or never ends achieves nothing
+/// and is killed at its deadline.
+#[test]
+fn javascript_runs_with_node_in_the_same_sandbox() {
+    let Some(s) = sandbox() else { return };
+    let node = match s.node() {
+        Ok(node) => node,
+        Err(e) if which_node().is_none() => {
+            eprintln!("no node on this machine: {e}");
+            return;
+        }
+        Err(e) => panic!("node is installed but does not run in the sandbox: {e}"),
+    };
+    let dir = host_dir("javascript");
+    let target = dir.join("pwned");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let program = format!(
+        "const fs = require('fs');\n\
+         let fails = 0;\n\
+         for (const path of [{target:?}, '/usr/pwned', '/usr/bin/pwned']) {{\n\
+           try {{ fs.writeFileSync(path, 'x'); }} catch (e) {{ fails += 1; }}\n\
+         }}\n\
+         fs.writeFileSync('mine.txt', 'fine');\n\
+         const s = require('net').connect({port}, '127.0.0.1');\n\
+         s.on('connect', () => {{ console.log('connected'); s.end('x'); }});\n\
+         s.on('error', () => console.log('no network'));\n\
+         console.log('fails', fails, process.pid);\n"
+    );
+    let e = s.run_javascript(&node, &program, SECONDS).unwrap();
+    assert!(e.completed && e.exit_code == Some(0), "{}", e.stderr_tail);
+    assert!(e.stdout_tail.contains("fails 3 1"), "{}", e.stdout_tail);
+    assert!(e.stdout_tail.contains("no network"), "{}", e.stdout_tail);
+    assert!(!target.exists());
+    assert!(listener.accept().is_err(), "the script connected");
+
+    let started = Instant::now();
+    let e = s
+        .run_javascript(&node, "while (true) {}", Duration::from_millis(800))
+        .unwrap();
+    assert!(e.timed_out && !e.completed);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let e = s
+        .run_javascript(&node, "throw new Error('boom');", SECONDS)
+        .unwrap();
+    assert!(!e.completed && e.exit_code == Some(1), "{e:?}");
+    assert!(e.stderr_tail.contains("boom"), "{}", e.stderr_tail);
+}
+
+fn which_node() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("node"))
+            .find(|p| p.is_file())
+    })
+}

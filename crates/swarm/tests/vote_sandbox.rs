@@ -13,7 +13,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use shoal_swarm::verify::run_behaviours;
+use shoal_swarm::verify::{run_behaviours, Language};
 use shoal_swarm::vote::{code_passes_examples, sandbox, vote, CodeChecks, VoteMethod};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -134,7 +134,7 @@ fn written_tests_that_write_a_file_or_open_a_socket_achieve_nothing() {
         "assert f(2) == 3".to_owned(),
     ];
     let program = Some(IDENTITY.to_owned());
-    let behaviours = run_behaviours(&[program], &checks, TIMEOUT);
+    let behaviours = run_behaviours(Language::Python, &[program], &checks, TIMEOUT);
     let b = behaviours[0].as_ref().expect("the candidate reports");
     let got: Vec<(bool, &str)> = b.checks.iter().map(|c| (c.ok, c.out.as_str())).collect();
     assert_eq!(got[0], (true, "1"));

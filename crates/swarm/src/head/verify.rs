@@ -9,7 +9,7 @@ use shoal_wire::ChatTurn;
 
 use crate::roles::Role;
 use crate::verify::{
-    choose, parse_tests, run_behaviours, tests_prompt, Behaviour, Choice, Task, TESTER_SYSTEM,
+    choose, run_behaviours, runnable, Behaviour, Choice, Language, Task, TESTER_SYSTEM,
 };
 
 use super::report::{AgentAnswer, SwarmError};
@@ -45,14 +45,27 @@ impl Run<'_> {
             let (text, how) = self.vote(answerers, wait).await?;
             return Ok((
                 text,
-                format!("verify: no Python function in the question to run; vote: {how}"),
+                format!(
+                    "verify: no Python or JavaScript function in the question to run; \
+                     vote: {how}"
+                ),
             ));
         };
-        let run_timeout = match self.swarm.config.code_checks.runnable() {
+        let run_timeout = match self
+            .swarm
+            .config
+            .code_checks
+            .runnable()
+            .and_then(|timeout| runnable(task.language).map(|()| timeout))
+        {
             Ok(timeout) => timeout,
             Err(why) => {
                 let (text, how) = self.vote(answerers, wait).await?;
-                return Ok((text, format!("verify: {why}; vote: {how}")));
+                let language = task.language.fence();
+                return Ok((
+                    text,
+                    format!("verify: {language} cannot run: {why}; vote: {how}"),
+                ));
             }
         };
 
@@ -67,7 +80,7 @@ impl Run<'_> {
                 target.clone(),
                 "tests",
                 Some(TESTER_SYSTEM.to_owned()),
-                tests_prompt(&task.prompt_code, &task.entry_point),
+                task.tests_prompt(),
             );
             job.max_tokens = job.max_tokens.min(TEST_TOKENS);
             job.stop = Vec::new();
@@ -83,7 +96,7 @@ impl Run<'_> {
         for (target, answer) in got {
             if answer.task == "tests" {
                 let mut added = 0;
-                for test in parse_tests(&answer.text, &task.entry_point) {
+                for test in task.parse_tests(&answer.text) {
                     let key = squeeze(&test);
                     if !seen.contains(&key) {
                         seen.push(key);
@@ -106,7 +119,7 @@ impl Run<'_> {
             return Err(self.no_answer());
         }
         let checks: Vec<String> = task.examples.iter().chain(&tests).cloned().collect();
-        run_pool(&mut pool, &checks, run_timeout).await;
+        run_pool(task.language, &mut pool, &checks, run_timeout).await;
         let mut choice = choose_from(&pool, task.examples.len());
 
         let mut repair_note = String::new();
@@ -161,7 +174,7 @@ impl Run<'_> {
                 // The agents gave their code back unchanged: another round would too.
                 break;
             }
-            run_pool(&mut pool[first_new..], &checks, run_timeout).await;
+            run_pool(task.language, &mut pool[first_new..], &checks, run_timeout).await;
             choice = choose_from(&pool, task.examples.len());
         }
 
@@ -177,6 +190,34 @@ impl Run<'_> {
                 format!("verify: no candidate's code ran{repair_note}; vote: {how}"),
             ));
         };
+        if checks.is_empty() {
+            // Nothing told the candidates apart but whether they run: vote among those that
+            // do (their code, by majority).
+            let ran: Vec<&Candidate> = pool
+                .iter()
+                .filter(|c| c.behaviour.as_ref().is_some_and(|b| b.defined))
+                .collect();
+            let texts: Vec<String> = ran.iter().map(|c| c.answer.text.clone()).collect();
+            let (winner, how) = self.vote_over(texts).await;
+            let text = ran
+                .get(winner)
+                .map(|c| c.answer.text.clone())
+                .unwrap_or_default();
+            return Ok((
+                text,
+                format!(
+                    "verify on `{}`: no examples in the prompt and no tests written by {}; \
+                     vote among the {} candidates whose code runs: {how}",
+                    task.entry_point,
+                    if wrote.is_empty() {
+                        "nobody".to_owned()
+                    } else {
+                        wrote.join(", ")
+                    },
+                    ran.len()
+                ),
+            ));
+        }
         let winner = &pool[choice.winner];
         let group = &choice.group;
         let repaired = if winner.round > 0 {
@@ -284,8 +325,9 @@ impl Run<'_> {
                 role: "user".to_owned(),
                 content: format!(
                     "{failure}\nFix the function `{}`. Reply with the complete corrected code \
-                     in one ```python block.",
-                    task.entry_point
+                     in one ```{} block.",
+                    task.entry_point,
+                    task.language.fence()
                 ),
             });
             jobs.push(job);
@@ -307,8 +349,9 @@ fn failure(
     let Some(behaviour) = &candidate.behaviour else {
         return candidate.program.is_none().then(|| {
             format!(
-                "Your reply has no Python definition of `{}`.",
-                task.entry_point
+                "Your reply has no definition of `{}` in a ```{} block.",
+                task.entry_point,
+                task.language.fence()
             )
         });
     };
@@ -323,7 +366,8 @@ fn failure(
         .find(|&i| behaviour.checks.get(i).is_some_and(|c| !c.ok))?;
     let check = behaviour.checks.get(failed)?;
     Some(format!(
-        "Your code fails this check:\n```python\n{}\n```\n{}",
+        "Your code fails this check:\n```{}\n{}\n```\n{}",
+        task.language.fence(),
         checks.get(failed)?,
         check.err.trim()
     ))
@@ -362,12 +406,18 @@ fn typical_answer_time(pool: &[Candidate]) -> Duration {
     Duration::from_millis(times.get(times.len() / 2).copied().unwrap_or(0))
 }
 
-/// Runs every candidate of `pool` against `checks` (off the runtime: it waits on Python).
-async fn run_pool(pool: &mut [Candidate], checks: &[String], timeout: Duration) {
+/// Runs every candidate of `pool` against `checks` (off the runtime: it waits on the
+/// interpreter).
+async fn run_pool(
+    language: Language,
+    pool: &mut [Candidate],
+    checks: &[String],
+    timeout: Duration,
+) {
     let programs: Vec<Option<String>> = pool.iter().map(|c| c.program.clone()).collect();
     let checks = checks.to_vec();
     let behaviours =
-        tokio::task::spawn_blocking(move || run_behaviours(&programs, &checks, timeout))
+        tokio::task::spawn_blocking(move || run_behaviours(language, &programs, &checks, timeout))
             .await
             .unwrap_or_default();
     for (candidate, behaviour) in pool.iter_mut().zip(behaviours) {
@@ -450,6 +500,7 @@ mod tests {
 
     fn task(examples: usize) -> Task {
         Task {
+            language: Language::Python,
             entry_point: "f".into(),
             prompt_code: "def f(x):\n    pass\n".into(),
             examples: (0..examples)
@@ -491,7 +542,7 @@ mod tests {
         let c = candidate(None, None, 1);
         assert!(failure(&c, &t, &checks, &[])
             .unwrap()
-            .contains("no Python definition of `f`"));
+            .contains("no definition of `f` in a ```python block"));
     }
 
     #[test]

@@ -21,8 +21,10 @@
 //! group passes, back to their agents with the failing check and its traceback, and runs
 //! what comes back through the same steps.
 //!
-//! Only Python runs: tasks in other languages fall back to the vote, which says so.
+//! Python and JavaScript (with `node`, where the machine has it; [`Language`]) run; a task in
+//! another language, or where nothing can run, falls back to the vote, which says so.
 
+mod javascript;
 mod program;
 mod select;
 mod written_tests;
@@ -32,28 +34,73 @@ pub use select::{choose, Choice, Scored};
 pub use written_tests::{parse_tests, tests_prompt, MAX_TESTS, TESTER_SYSTEM};
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use shoal_sandbox::{fenced_blocks, is_python};
+use shoal_sandbox::{fenced_blocks, is_python, Node};
 
 use crate::vote::{called_function, prompt_examples, sandbox};
+
+/// The languages whose code the checks run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Language {
+    Python,
+    /// With Node.js, in the same sandbox.
+    JavaScript,
+}
+
+impl Language {
+    /// The name of its fenced blocks.
+    pub fn fence(self) -> &'static str {
+        match self {
+            Language::Python => "python",
+            Language::JavaScript => "javascript",
+        }
+    }
+}
 
 /// A coding task as the checks see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Task {
+    pub language: Language,
     /// The function to write.
     pub entry_point: String,
     /// The task's own code (signature, docstring, helpers, imports): what a candidate's
     /// code is appended to, so helpers the prompt defines and its imports are there.
     pub prompt_code: String,
-    /// The prompt's examples as `assert` statements.
+    /// The prompt's examples as `assert` statements (Python only: JavaScript prompts write
+    /// their examples too many ways; their tests are the agents').
     pub examples: Vec<String>,
 }
 
 impl Task {
+    /// The task in `question`: a Python function ([`Task::python`]), else a JavaScript one
+    /// ([`Task::javascript`]). `None` when it names no function in either.
+    pub fn from_question(question: &str) -> Option<Task> {
+        Task::python(question).or_else(|| Task::javascript(question))
+    }
+
+    /// The JavaScript task in `question`: its code is its JavaScript fenced blocks; the
+    /// function is the last one they define.
+    pub fn javascript(question: &str) -> Option<Task> {
+        let blocks: Vec<String> = fenced_blocks(question)
+            .into_iter()
+            .filter(|b| javascript::is_javascript(&b.lang))
+            .map(|b| b.code)
+            .collect();
+        let prompt_code = blocks.join("\n\n");
+        let entry_point = javascript::defined_functions(&prompt_code).pop()?;
+        Some(Task {
+            language: Language::JavaScript,
+            entry_point,
+            prompt_code,
+            examples: Vec::new(),
+        })
+    }
+
     /// The Python task in `question`: its code is its Python fenced blocks (or the whole
     /// question when it has none and defines a function). `None` when it defines no function.
-    pub fn from_question(question: &str) -> Option<Task> {
+    pub fn python(question: &str) -> Option<Task> {
         let blocks: Vec<String> = fenced_blocks(question)
             .into_iter()
             .filter(|b| is_python(&b.lang) && b.code.contains("def "))
@@ -80,15 +127,60 @@ impl Task {
             })
             .collect();
         Some(Task {
+            language: Language::Python,
             entry_point,
             prompt_code,
             examples,
         })
     }
 
-    /// The program text of a candidate reply: its Python block that defines the entry point
-    /// (else its longest code block, else the whole reply), after the task's own code.
+    /// What a test writer is asked.
+    pub fn tests_prompt(&self) -> String {
+        match self.language {
+            Language::Python => tests_prompt(&self.prompt_code, &self.entry_point),
+            Language::JavaScript => javascript::tests_prompt(&self.prompt_code, &self.entry_point),
+        }
+    }
+
+    /// The tests in a test writer's reply (see [`parse_tests`]).
+    pub fn parse_tests(&self, reply: &str) -> Vec<String> {
+        match self.language {
+            Language::Python => parse_tests(reply, &self.entry_point),
+            Language::JavaScript => {
+                let blocks = fenced_blocks(reply);
+                let text = if blocks.is_empty() {
+                    reply.to_owned()
+                } else {
+                    blocks
+                        .into_iter()
+                        .filter(|b| javascript::is_javascript(&b.lang) || b.lang.is_empty())
+                        .map(|b| b.code)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                };
+                let lines: Vec<&str> = text.lines().collect();
+                let mut tests = javascript::parse_statements(&lines, &self.entry_point);
+                tests.truncate(MAX_TESTS);
+                tests
+            }
+        }
+    }
+
+    /// The program text of a candidate reply: for Python, its Python block that defines the
+    /// entry point (else its longest code block, else the whole reply) after the task's own
+    /// code; for JavaScript, its JavaScript block that defines it, alone (the task's stub
+    /// would clash with a `const` of the same name). `None` when it does not define it.
     pub fn candidate_program(&self, reply: &str) -> Option<String> {
+        if self.language == Language::JavaScript {
+            return fenced_blocks(reply)
+                .into_iter()
+                .filter(|b| {
+                    (javascript::is_javascript(&b.lang) || b.lang.is_empty())
+                        && javascript::defines(&b.code, &self.entry_point)
+                })
+                .max_by_key(|b| b.code.len())
+                .map(|b| format!("{}\n", b.code.trim_end()));
+        }
         let define = format!("def {}(", self.entry_point);
         let blocks = fenced_blocks(reply);
         let code = blocks
@@ -120,16 +212,47 @@ fn defined_functions(code: &str) -> Vec<String> {
         .collect()
 }
 
-/// Runs each distinct program of `programs` against `checks` in the sandbox, in parallel,
-/// each for at most `timeout` in all; the behaviour per program (`None` where there is no
-/// sandbox here, or the program ended without a report: it killed its interpreter).
+/// Node.js in the sandbox, set up (and proven) on first use; else why there is none.
+pub fn node() -> Result<&'static Node, &'static str> {
+    static NODE: OnceLock<Result<Node, String>> = OnceLock::new();
+    NODE.get_or_init(|| {
+        let sandbox = sandbox().map_err(str::to_owned)?;
+        sandbox.node().map_err(|e| {
+            tracing::warn!(error = %e, "verify will not run JavaScript");
+            e.to_string()
+        })
+    })
+    .as_ref()
+    .map_err(String::as_str)
+}
+
+/// Whether code in `language` can run here; else why not.
+pub fn runnable(language: Language) -> Result<(), &'static str> {
+    match language {
+        Language::Python => sandbox().map(|_| ()),
+        Language::JavaScript => node().map(|_| ()),
+    }
+}
+
+/// Runs each distinct program of `programs` (in `language`) against `checks` in the
+/// sandbox, in parallel, each for at most `timeout` in all; the behaviour per program
+/// (`None` where it cannot run here, or the program ended without a report: it killed its
+/// interpreter).
 pub fn run_behaviours(
+    language: Language,
     programs: &[Option<String>],
     checks: &[String],
     timeout: Duration,
 ) -> Vec<Option<Behaviour>> {
     let Ok(sandbox) = sandbox() else {
         return programs.iter().map(|_| None).collect();
+    };
+    let node = match language {
+        Language::Python => None,
+        Language::JavaScript => match node() {
+            Ok(node) => Some(node),
+            Err(_) => return programs.iter().map(|_| None).collect(),
+        },
     };
     let mut distinct: HashMap<&str, Option<Behaviour>> = HashMap::new();
     for program in programs.iter().flatten() {
@@ -140,10 +263,18 @@ pub fn run_behaviours(
         let handles: Vec<_> = distinct
             .keys()
             .map(|&program| {
-                let script = behaviour_program(program, checks, per_check);
                 let handle = scope.spawn(move || {
-                    let run = sandbox.run(&script, timeout).ok()?;
-                    parse_report(&run.stdout_tail)
+                    let run = match node {
+                        None => {
+                            sandbox.run(&behaviour_program(program, checks, per_check), timeout)
+                        }
+                        Some(node) => sandbox.run_javascript(
+                            node,
+                            &javascript::behaviour_program(program, checks, per_check),
+                            timeout,
+                        ),
+                    };
+                    parse_report(&run.ok()?.stdout_tail)
                 });
                 (program, handle)
             })
