@@ -536,6 +536,32 @@ fn verify_runs_candidates_against_examples_and_written_tests_and_repairs() {
         }
     }
 
+    // A time budget: the answer (the best verified so far) or a clear failure when it ends,
+    // not after every sample, test and repair is done.
+    let started = Instant::now();
+    let body = json!({"query": HAS_CLOSE_ELEMENTS, "strategy": "verify", "max_tokens": 400,
+                      "temperature": 0, "timeout_s": 3});
+    let r = http(
+        head.addr,
+        "POST",
+        "/v1/swarm/query",
+        Some(&body.to_string()),
+    )
+    .unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "{took:?}: {}", r.body);
+    match r.status {
+        200 => assert!(
+            r.json()["decided_by"]
+                .as_str()
+                .unwrap()
+                .starts_with("verify"),
+            "{}",
+            r.body
+        ),
+        _ => assert!(r.body.contains("did not answer in time"), "{}", r.body),
+    }
+
     // JavaScript runs too, with node in the same sandbox (CI installs node).
     let js = "Complete this JavaScript function:\n```javascript\n/** Returns the sum of the numbers in the array xs. */\nfunction sum(xs) {\n}\n```";
     let out = query(

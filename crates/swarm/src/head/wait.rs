@@ -201,6 +201,16 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn only_the_answers_counted_by_index_end_the_wait() {
+        // `verify`: a test writer's answer (index 1) does not end the wait; a candidate's
+        // (index 0) does.
+        let asks = vec![answer(40, true), answer(2, true), answer(60, true)];
+        let g = gather(asks, wait(12, 100), |i, _| i == 0).await;
+        assert_eq!(g.waited, Duration::from_secs(40));
+        assert!(g.results[1].is_some() && g.results[2].is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_answer_the_head_cannot_use_does_not_end_the_wait() {
         let asks = vec![answer(2, true), answer(50, true)];
         let g = gather(asks, wait(12, 100), |_, secs| *secs > 2).await;
