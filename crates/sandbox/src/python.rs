@@ -527,8 +527,8 @@ impl Sandbox {
     }
 
     /// Runs `program` (JavaScript, a CommonJS script) with `node` for at most `timeout`; as
-    /// [`Sandbox::run`] does Python. Its last line writes the marker when the script's own
-    /// code (and whatever it left pending) is done.
+    /// [`Sandbox::run`] does Python: a line after it writes the marker, so a script that
+    /// throws or calls `process.exit` first is not [`Execution::completed`].
     pub fn run_javascript(
         &self,
         node: &Node,
@@ -541,9 +541,7 @@ impl Sandbox {
             flag: "--",
             file: "main.js",
         };
-        let script = format!(
-            "{program}\n;process.on('exit', () => require('fs').writeFileSync({MARKER:?}, 'ok'));\n"
-        );
+        let script = format!("{program}\n;require('fs').writeFileSync({MARKER:?}, 'ok');\n");
         self.run_file(&runner, &script, timeout)
     }
 

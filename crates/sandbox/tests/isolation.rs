@@ -331,6 +331,13 @@ fn javascript_runs_with_node_in_the_same_sandbox() {
         .unwrap();
     assert!(!e.completed && e.exit_code == Some(1), "{e:?}");
     assert!(e.stderr_tail.contains("boom"), "{}", e.stderr_tail);
+    let e = s
+        .run_javascript(&node, "process.exit(0);", SECONDS)
+        .unwrap();
+    assert!(
+        !e.completed && e.exit_code == Some(0),
+        "an early exit: {e:?}"
+    );
 }
 
 fn which_node() -> Option<PathBuf> {

@@ -311,8 +311,12 @@ impl Run<'_> {
                 .seed
                 .wrapping_add((100 * round + 2 * jobs.len()) as u64);
             let temperature = self.swarm.config.sample_temperature;
-            let mut fresh =
-                self.answer_job(candidate.target.clone(), "resample", temperature, seed + 1);
+            let mut fresh = self.answer_job(
+                candidate.target.clone(),
+                "resample",
+                temperature,
+                seed.wrapping_add(1),
+            );
             fresh.system = Some(String::new());
             fresh.api_request = None;
             let mut job = self.answer_job(candidate.target.clone(), "repair", temperature, seed);
