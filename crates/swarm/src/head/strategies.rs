@@ -227,6 +227,28 @@ impl Run<'_> {
         ))
     }
 
+    /// `vote_samples` answers across `answerers`, round robin: each agent's first at the
+    /// request's temperature, the rest at the sampling temperature.
+    pub(super) fn sample_jobs(&self, answerers: &[Target]) -> Vec<Job> {
+        let n = self.swarm.config.vote_samples.max(1);
+        (0..n)
+            .filter_map(|i| {
+                let target = answerers.get(i % answerers.len().max(1))?.clone();
+                let temperature = if i < answerers.len() {
+                    self.request.temperature
+                } else {
+                    self.swarm.config.sample_temperature
+                };
+                Some(self.answer_job(
+                    target,
+                    "sample",
+                    temperature,
+                    self.request.seed.wrapping_add(i as u64),
+                ))
+            })
+            .collect()
+    }
+
     /// `vote_samples` answers across the agents ([`Run::sample_jobs`]), then a vote.
     pub(super) async fn vote(
         &mut self,

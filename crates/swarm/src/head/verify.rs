@@ -69,7 +69,9 @@ impl Run<'_> {
             }
         };
 
-        // Candidates and tests at once; past `enough`, one candidate ends the wait.
+        // Candidates and tests at once; past `enough`, one candidate ends the wait. The first
+        // candidate is asked without its agent's role prompt: the model's own answer to the
+        // request is always in the pool.
         let mut jobs = self.sample_jobs(answerers);
         if let Some(first) = jobs.first_mut() {
             first.system = Some(String::new());
@@ -179,12 +181,7 @@ impl Run<'_> {
         }
 
         let Some(choice) = choice else {
-            let texts: Vec<String> = pool.iter().map(|c| c.answer.text.clone()).collect();
-            let (winner, how) = self.vote_over(texts).await;
-            let text = pool
-                .get(winner)
-                .map(|c| c.answer.text.clone())
-                .unwrap_or_default();
+            let (text, how) = self.vote_among(pool.iter()).await;
             return Ok((
                 text,
                 format!("verify: no candidate's code ran{repair_note}; vote: {how}"),
@@ -193,16 +190,11 @@ impl Run<'_> {
         if checks.is_empty() {
             // Nothing told the candidates apart but whether they run: vote among those that
             // do (their code, by majority).
-            let ran: Vec<&Candidate> = pool
+            let ran = pool
                 .iter()
-                .filter(|c| c.behaviour.as_ref().is_some_and(|b| b.defined))
-                .collect();
-            let texts: Vec<String> = ran.iter().map(|c| c.answer.text.clone()).collect();
-            let (winner, how) = self.vote_over(texts).await;
-            let text = ran
-                .get(winner)
-                .map(|c| c.answer.text.clone())
-                .unwrap_or_default();
+                .filter(|c| c.behaviour.as_ref().is_some_and(|b| b.defined));
+            let runs = ran.clone().count();
+            let (text, how) = self.vote_among(ran).await;
             return Ok((
                 text,
                 format!(
@@ -214,7 +206,7 @@ impl Run<'_> {
                     } else {
                         wrote.join(", ")
                     },
-                    ran.len()
+                    runs
                 ),
             ));
         }
@@ -248,27 +240,12 @@ impl Run<'_> {
         Ok((winner.answer.text.clone(), decided_by))
     }
 
-    /// `vote_samples` answers across `answerers`, round robin: each agent's first at the
-    /// request's temperature, the rest at the sampling temperature. (`verify` asks its first
-    /// without the agent's role prompt: the model's own answer to the request is a candidate.)
-    pub(super) fn sample_jobs(&self, answerers: &[Target]) -> Vec<super::strategies::Job> {
-        let n = self.swarm.config.vote_samples.max(1);
-        (0..n)
-            .filter_map(|i| {
-                let target = answerers.get(i % answerers.len().max(1))?.clone();
-                let temperature = if i < answerers.len() {
-                    self.request.temperature
-                } else {
-                    self.swarm.config.sample_temperature
-                };
-                Some(self.answer_job(
-                    target,
-                    "sample",
-                    temperature,
-                    self.request.seed.wrapping_add(i as u64),
-                ))
-            })
-            .collect()
+    /// The plain vote ([`Run::vote_over`]) among `candidates`' answers: the winner's text and
+    /// how it won.
+    async fn vote_among(&self, candidates: impl Iterator<Item = &Candidate>) -> (String, String) {
+        let texts: Vec<String> = candidates.map(|c| c.answer.text.clone()).collect();
+        let (winner, how) = self.vote_over(texts.clone()).await;
+        (texts.into_iter().nth(winner).unwrap_or_default(), how)
     }
 
     /// Two jobs per agent whose latest candidate fails: a repair (the conversation, its

@@ -3,7 +3,7 @@
 
 use shoal_sandbox::{fenced_blocks, is_python};
 
-use crate::vote::open_brackets;
+use crate::vote::{open_brackets, outside_strings};
 
 /// At most this many tests are taken from one reply.
 pub const MAX_TESTS: usize = 12;
@@ -88,27 +88,10 @@ pub fn parse_tests(reply: &str, entry_point: &str) -> Vec<String> {
 
 /// `statement` without a trailing `# comment` outside string literals.
 fn strip_comment(statement: &str) -> &str {
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
-    for (at, c) in statement.char_indices() {
-        match quote {
-            Some(q) => {
-                if escaped {
-                    escaped = false;
-                } else if c == '\\' {
-                    escaped = true;
-                } else if c == q {
-                    quote = None;
-                }
-            }
-            None => match c {
-                '\'' | '"' => quote = Some(c),
-                '#' => return statement[..at].trim_end(),
-                _ => {}
-            },
-        }
-    }
-    statement.trim_end()
+    let end = outside_strings(statement)
+        .find(|&(_, c)| c == '#')
+        .map_or(statement.len(), |(at, _)| at);
+    statement[..end].trim_end()
 }
 
 #[cfg(test)]

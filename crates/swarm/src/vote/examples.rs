@@ -15,13 +15,12 @@ pub(crate) struct Example {
     pub(crate) expected: Option<String>,
 }
 
-/// The brackets of `text` outside string literals, each with its byte offset and the depth
-/// after it (a closing bracket with depth 0 closes the first one opened).
-fn brackets(text: &str) -> impl Iterator<Item = (usize, char, i32)> + '_ {
-    let mut depth = 0;
+/// The characters of `text` outside string literals (`'…'` or `"…"`, with backslash
+/// escapes), each with its byte offset; the quotes themselves are left out.
+pub(crate) fn outside_strings(text: &str) -> impl Iterator<Item = (usize, char)> + '_ {
     let mut quote: Option<char> = None;
     let mut escaped = false;
-    text.char_indices().filter_map(move |(at, c)| {
+    text.char_indices().filter(move |&(_, c)| {
         match quote {
             Some(q) => {
                 if escaped {
@@ -32,20 +31,24 @@ fn brackets(text: &str) -> impl Iterator<Item = (usize, char, i32)> + '_ {
                     quote = None;
                 }
             }
-            None => match c {
-                '\'' | '"' => quote = Some(c),
-                '(' | '[' | '{' => {
-                    depth += 1;
-                    return Some((at, c, depth));
-                }
-                ')' | ']' | '}' => {
-                    depth -= 1;
-                    return Some((at, c, depth));
-                }
-                _ => {}
-            },
+            None if matches!(c, '\'' | '"') => quote = Some(c),
+            None => return true,
         }
-        None
+        false
+    })
+}
+
+/// The brackets of `text` outside string literals, each with its byte offset and the depth
+/// after it (a closing bracket with depth 0 closes the first one opened).
+fn brackets(text: &str) -> impl Iterator<Item = (usize, char, i32)> + '_ {
+    let mut depth = 0;
+    outside_strings(text).filter_map(move |(at, c)| {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            _ => return None,
+        }
+        Some((at, c, depth))
     })
 }
 

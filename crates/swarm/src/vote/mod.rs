@@ -47,7 +47,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub(crate) use examples::{called_function, open_brackets, prompt_examples, python_literal};
+pub(crate) use examples::{
+    called_function, open_brackets, outside_strings, prompt_examples, python_literal,
+};
 
 /// How the winner of a [`vote`] was chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
