@@ -24,9 +24,10 @@ if ! command -v chromium >/dev/null 2>&1; then
     || { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null; }
 fi
 
-# The opencode test installs the agent from npm (into target/opencode) itself.
+# The opencode test installs the agent from npm (into target/opencode) itself; the node that
+# comes with npm also runs verify's JavaScript checks in the sandbox (their tests need it).
 if ! command -v npm >/dev/null 2>&1; then
-  echo "== installing npm (used by the opencode test)"
+  echo "== installing node and npm (the opencode test, verify's JavaScript checks)"
   if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm >/dev/null \
     || { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm >/dev/null; }
