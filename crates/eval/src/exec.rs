@@ -2,7 +2,7 @@
 //! runs in (`shoal-sandbox`: no network, limits, its own process group, a timeout).
 //!
 //! The verdict: passed when the process exits with status 0 *and* the line after
-//! `check(ENTRY_POINT)` ran, so a program that calls `sys.exit(0)` before the tests does not
+//! tests ran, so a program that calls `sys.exit(0)` before the tests does not
 //! pass.
 
 use std::time::Duration;
@@ -54,17 +54,13 @@ impl Checker {
         self.sandbox.isolation()
     }
 
-    /// Runs `program` with the problem's `test` code and `check(entry_point)`.
+    /// Runs `program`, then `tests` (the code that tests it: HumanEval's `check` function
+    /// and `check(ENTRY_POINT)`, or MBPP's asserts).
     ///
     /// An error means the run could not happen here (no temporary directory, no process);
     /// whatever the program does is a [`Verdict`].
-    pub(crate) fn run_check(
-        &self,
-        program: &str,
-        test: &str,
-        entry_point: &str,
-    ) -> anyhow::Result<CheckRun> {
-        let script = format!("{program}\n\n{test}\n\ncheck({entry_point})");
+    pub(crate) fn run_check(&self, program: &str, tests: &str) -> anyhow::Result<CheckRun> {
+        let script = format!("{program}\n\n{tests}");
         let run = self.sandbox.run(&script, self.timeout)?;
         let verdict = if run.timed_out {
             Verdict::TimedOut
@@ -90,7 +86,7 @@ mod tests {
     use super::*;
 
     const PROGRAM: &str = "def add(a, b):\n    return a + b\n";
-    const TEST: &str = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n";
+    const TEST: &str = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n\ncheck(add)";
 
     fn sandboxes(timeout: Duration) -> Vec<Checker> {
         let mut v =
@@ -104,7 +100,7 @@ mod tests {
     }
 
     fn verdict(checker: &Checker, program: &str) -> CheckRun {
-        checker.run_check(program, TEST, "add").unwrap()
+        checker.run_check(program, TEST).unwrap()
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! `shoal eval`: measured quality. `shoal eval humaneval` asks a running Shoal API (one
-//! model, or a swarm strategy) to solve HumanEval's problems, runs each answer with the
-//! problem's own tests in a subprocess (timeout, no network) and reports pass@1.
-//! `--check-harness` runs the canonical solutions instead, with no server: all 164 must
-//! pass, which proves the extraction and the execution. See docs/EVAL.md.
+//! `shoal eval`: measured quality. `shoal eval humaneval` (and `shoal eval mbpp`, the same
+//! run over MBPP's problems, `crate::mbpp`) asks a running Shoal API (one model, or a swarm
+//! strategy) to solve the benchmark's problems, runs each answer with the problem's own
+//! tests in the sandbox (timeout, no network) and reports pass@1. `--check-harness` runs
+//! the reference solutions instead, with no server: all must pass, which proves the
+//! extraction and the execution. See docs/EVAL.md.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -18,7 +19,7 @@ use serde_json::{json, Value};
 
 use crate::client::{Client, RequestError};
 use crate::exec::{Checker, Verdict};
-use crate::{client, cluster, extract, ResolveModel};
+use crate::{client, cluster, extract, mbpp, ResolveModel};
 use shoal_sandbox::Isolation;
 use shoal_swarm::routing::Strategy as SwarmStrategy;
 
@@ -31,8 +32,79 @@ pub struct EvalArgs {
 #[derive(Subcommand)]
 enum Benchmark {
     /// HumanEval's 164 Python problems: pass@1 against a running Shoal API, each answer run
-    /// with the problem's tests in a subprocess with a timeout and no network.
-    Humaneval(HumanevalArgs),
+    /// with the problem's tests in the sandbox, with a timeout and no network.
+    Humaneval(BenchmarkArgs),
+    /// MBPP's 500 test problems (a sentence and one of its three asserts shown; all three
+    /// must pass), the same way.
+    Mbpp(BenchmarkArgs),
+}
+
+/// Which benchmark a run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    HumanEval,
+    Mbpp,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::HumanEval => "humaneval",
+            Kind::Mbpp => "mbpp",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Kind::HumanEval => "HumanEval",
+            Kind::Mbpp => "MBPP",
+        }
+    }
+
+    fn default_data_path(self) -> PathBuf {
+        match self {
+            Kind::HumanEval => default_data_path(),
+            Kind::Mbpp => mbpp::default_data_path(),
+        }
+    }
+
+    fn load(self, path: &Path) -> anyhow::Result<Vec<Case>> {
+        match self {
+            Kind::HumanEval => Ok(load_problems(path)?.into_iter().map(Case::from).collect()),
+            Kind::Mbpp => mbpp::load_cases(path),
+        }
+    }
+}
+
+/// One problem as a run asks and checks it.
+#[derive(Debug, Clone)]
+pub(crate) struct Case {
+    pub(crate) task_id: String,
+    pub(crate) system: &'static str,
+    pub(crate) user: String,
+    /// The code a reply's code joins ([`extract::build_program`]): HumanEval's prompt (its
+    /// imports, helpers and the function's stub); nothing for MBPP.
+    pub(crate) prompt: String,
+    /// The reference solution, as a reply would give it.
+    pub(crate) canonical: String,
+    /// The code run after the program that tests it: HumanEval's `check` and
+    /// `check(ENTRY_POINT)`; MBPP's asserts.
+    pub(crate) test: String,
+    pub(crate) entry_point: String,
+}
+
+impl From<Problem> for Case {
+    fn from(p: Problem) -> Case {
+        Case {
+            user: user_message(&p.prompt),
+            task_id: p.task_id,
+            system: SYSTEM_PROMPT,
+            prompt: p.prompt,
+            canonical: p.canonical_solution,
+            test: format!("{}\n\ncheck({})", p.test, p.entry_point),
+            entry_point: p.entry_point,
+        }
+    }
 }
 
 /// How the API is asked: one model, or one of the swarm head's strategies.
@@ -67,7 +139,7 @@ impl std::str::FromStr for Strategy {
 }
 
 #[derive(Args)]
-struct HumanevalArgs {
+struct BenchmarkArgs {
     /// The Shoal API (`/v1` may be included).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
@@ -110,7 +182,8 @@ struct HumanevalArgs {
     /// the harness, which must pass every problem.
     #[arg(long)]
     check_harness: bool,
-    /// HumanEval.jsonl(.gz) (default: HumanEval.jsonl.gz in $SHOAL_MODELS_DIR or ./models).
+    /// The problems, JSON lines, gzipped or not (default: HumanEval.jsonl.gz or
+    /// mbpp.jsonl.gz in $SHOAL_MODELS_DIR or ./models).
     #[arg(long)]
     data: Option<PathBuf>,
     /// The Python 3 interpreter that runs the programs.
@@ -149,7 +222,8 @@ enum IsolationArg {
 /// Runs `shoal eval`; `resolve` finds the models `--agents` names.
 pub fn run(a: EvalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<ExitCode> {
     match a.benchmark {
-        Benchmark::Humaneval(h) => humaneval(h, resolve),
+        Benchmark::Humaneval(args) => evaluate(Kind::HumanEval, args, resolve),
+        Benchmark::Mbpp(args) => evaluate(Kind::Mbpp, args, resolve),
     }
 }
 
@@ -233,12 +307,12 @@ pub(crate) fn user_message(prompt: &str) -> String {
 }
 
 /// The chat completion request for one problem.
-fn request_body(model: &str, prompt: &str, max_tokens: usize, temperature: f32) -> Value {
+fn request_body(model: &str, case: &Case, max_tokens: usize, temperature: f32) -> Value {
     json!({
         "model": model,
         "messages": [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": user_message(prompt)},
+            {"role": "system", "content": case.system},
+            {"role": "user", "content": case.user},
         ],
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -327,7 +401,7 @@ fn seconds(what: &str, s: f64) -> anyhow::Result<Duration> {
 /// After this many request errors in a row the run stops: the server is not well.
 const MAX_CONSECUTIVE_ERRORS: usize = 3;
 
-fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<ExitCode> {
+fn evaluate(kind: Kind, a: BenchmarkArgs, resolve: ResolveModel<'_>) -> anyhow::Result<ExitCode> {
     let exec_timeout = seconds("--timeout-s", a.timeout_s)?;
     let request_timeout = seconds("--request-timeout-s", a.request_timeout_s)?;
     let wait = seconds("--wait-s", a.wait_s)?;
@@ -341,8 +415,8 @@ fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<Exit
             a.strategy.as_str()
         );
     }
-    let data = a.data.clone().unwrap_or_else(default_data_path);
-    let all = load_problems(&data)?;
+    let data = a.data.clone().unwrap_or_else(|| kind.default_data_path());
+    let all = kind.load(&data)?;
     if a.offset >= all.len() {
         bail!(
             "--offset {} is past the last of the {} problems",
@@ -417,7 +491,7 @@ fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<Exit
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    bar.set_message("humaneval: 0 passed");
+    bar.set_message(format!("{}: 0 passed", kind.as_str()));
 
     let started = Instant::now();
     let (mut passed, mut failed, mut timed_out, mut request_errors) = (0, 0, 0, 0);
@@ -428,11 +502,11 @@ fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<Exit
         let asked = Instant::now();
         let reply = match &api {
             None => Ok(client::ChatReply {
-                content: p.canonical_solution.clone(),
+                content: p.canonical.clone(),
                 ..Default::default()
             }),
             Some((client, model)) => {
-                client.chat(&request_body(model, &p.prompt, a.max_tokens, a.temperature))
+                client.chat(&request_body(model, p, a.max_tokens, a.temperature))
             }
         };
         let request_s = if api.is_some() {
@@ -446,7 +520,7 @@ fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<Exit
                 consecutive_errors = 0;
                 let program = extract::build_program(&p.prompt, &reply.content, &p.entry_point);
                 let run = sandbox
-                    .run_check(&program.source, &p.test, &p.entry_point)
+                    .run_check(&program.source, &p.test)
                     .with_context(|| format!("running {}", p.task_id))?;
                 exec_total += run.seconds;
                 let outcome = match run.verdict {
@@ -541,14 +615,14 @@ fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<Exit
             w.write_all(b"\n")?;
             w.flush()?;
         }
-        bar.set_message(format!("humaneval: {passed} passed"));
+        bar.set_message(format!("{}: {passed} passed", kind.as_str()));
         bar.inc(1);
     }
     bar.finish_and_clear();
     let wall_s = started.elapsed().as_secs_f64();
     let n = problems.len();
     let summary = Summary {
-        benchmark: "humaneval",
+        benchmark: kind.as_str(),
         strategy: if a.check_harness {
             "canonical".into()
         } else {
@@ -577,7 +651,7 @@ fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<Exit
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print_table(&summary, a.check_harness);
+        print_table(kind, &summary, a.check_harness);
     }
     if a.check_harness && summary.passed < n {
         eprintln!(
@@ -590,17 +664,16 @@ fn humaneval(a: HumanevalArgs, resolve: ResolveModel<'_>) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_table(s: &Summary, check_harness: bool) {
-    let title = if check_harness {
-        "HumanEval harness check (canonical solutions)"
+fn print_table(kind: Kind, s: &Summary, check_harness: bool) {
+    if check_harness {
+        println!("{} harness check (reference solutions)", kind.title());
     } else {
-        "HumanEval"
-    };
-    println!("{title}");
+        println!("{}", kind.title());
+    }
     let rows: Vec<(&str, String)> = vec![
         (
             "problems",
-            format!("{} (HumanEval/{}..)", s.problems, s.offset),
+            format!("{} (from number {} of the file)", s.problems, s.offset),
         ),
         ("strategy", s.strategy.clone()),
         ("model", s.model.clone().unwrap_or_else(|| "-".into())),
@@ -645,7 +718,14 @@ mod tests {
 
     #[test]
     fn the_request_asks_for_one_fenced_block() {
-        let b = request_body("m", "def f():\n    \"\"\"x\"\"\"\n", 64, 0.0);
+        let problem = Problem {
+            task_id: "T/0".into(),
+            prompt: "def f():\n    \"\"\"x\"\"\"\n".into(),
+            canonical_solution: "    return 1\n".into(),
+            test: String::new(),
+            entry_point: "f".into(),
+        };
+        let b = request_body("m", &Case::from(problem), 64, 0.0);
         assert_eq!(b["model"], "m");
         assert_eq!(b["stream"], false);
         assert_eq!(b["max_tokens"], 64);

@@ -3,7 +3,8 @@
 //!
 //! - [`engine_bench`]: `shoal bench`, prefill and decode speed and peak memory of one model.
 //! - [`humaneval`]: `shoal eval humaneval`, pass@1 on HumanEval against a running Shoal API
-//!   (or a local swarm it starts), every answer run with the problem's tests in a sandbox.
+//!   (or a local swarm it starts), every answer run with the problem's tests in a sandbox;
+//!   `shoal eval mbpp` the same over MBPP's problems.
 //! - [`spec_bench`]: `shoal bench --lookup` / `--model-draft`, speculative decoding on an
 //!   edit or on HumanEval prompts, against plain decoding.
 //! - [`prompt_cache_bench`]: `shoal bench --prompt-cache`, a conversation's next turn with
@@ -29,6 +30,7 @@ mod client;
 mod cluster;
 mod exec;
 mod extract;
+mod mbpp;
 
 use std::path::{Path, PathBuf};
 

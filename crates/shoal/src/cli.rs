@@ -46,7 +46,7 @@ pub(crate) enum Command {
     Models(crate::models::ModelsArgs),
     /// Where a model's layers would go across devices, with predicted speed, and why.
     Plan(shoal_eval::plan::PlanArgs),
-    /// Measure answer quality against a running API (`eval humaneval`: pass@1).
+    /// Measure answer quality against a running API (`eval humaneval`, `eval mbpp`: pass@1).
     Eval(shoal_eval::humaneval::EvalArgs),
     /// This device's CPU, memory, GPUs, temperatures and battery, and the model it would run.
     Detect(crate::detect::DetectArgs),

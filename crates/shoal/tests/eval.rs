@@ -4,7 +4,7 @@
 //! server), a short run against a real `shoal serve` with the SmolLM2-135M test model on
 //! 127.0.0.1:0, and the errors a user meets (no server, unknown model, no data).
 //!
-//! Needs `python3`, the model and the data (`scripts/fetch-models.sh smollm2 humaneval`).
+//! Needs `python3`, the model and the data (`scripts/fetch-models.sh smollm2 humaneval mbpp`).
 
 mod common;
 
@@ -63,6 +63,21 @@ fn the_harness_passes_all_164_canonical_solutions() {
     assert_eq!(r["problems"], 164);
     assert_eq!(r["passed"], 164, "{r:#}");
     assert!(r["not_passed"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn the_mbpp_harness_passes_all_500_reference_solutions() {
+    let o = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["eval", "mbpp", "--check-harness", "--json", "--data"])
+        .arg(common::model_path("mbpp.jsonl.gz"))
+        .env("SHOAL_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let r = report(&o);
+    assert_eq!(r["benchmark"], "mbpp");
+    assert_eq!(r["problems"], 500);
+    assert_eq!(r["passed"], 500, "{r:#}");
 }
 
 #[test]

@@ -471,11 +471,11 @@ fn by_default_a_far_larger_model_answers_alone_and_peers_of_one_size_vote() {
 /// HumanEval/0's prompt, as `shoal eval` asks it.
 const HAS_CLOSE_ELEMENTS: &str = "Complete this Python function:\n```python\nfrom typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    \"\"\" Check if in given list of numbers, are any two numbers closer to each other than\n    given threshold.\n    >>> has_close_elements([1.0, 2.0, 3.0], 0.5)\n    False\n    >>> has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3)\n    True\n    \"\"\"\n```";
 
-/// `verify` (issue #18) with real agents: every candidate runs against the prompt's
-/// examples and the tests the critic and fact-checker were asked for; the answer comes from
-/// the best group of behaviour, and when that group fails an example the failing agents are
-/// sent their failure and answer again. What the outcome claims about the chosen code is
-/// checked here by running it.
+/// `verify` (issue #18) with real agents: one candidate per agent runs against the prompt's
+/// examples and the tests one writer per model was asked for; the answer comes from the
+/// best group of behaviour; when the candidates disagree or fail, the rest of the samples
+/// come and the failing agents are sent their failure and answer again. What the outcome
+/// claims about the chosen code is checked here by running it.
 #[test]
 fn verify_runs_candidates_against_examples_and_written_tests_and_repairs() {
     let reasoner = agent("reasoner");
@@ -506,13 +506,24 @@ fn verify_runs_candidates_against_examples_and_written_tests_and_repairs() {
         roles.sort();
         roles
     };
-    // Five samples round robin over the three routed agents (best weight first: two each
-    // for the first two); tests from two of them.
-    let mut sampled = tasks_of("sample");
-    assert_eq!(sampled.len(), 5, "{out}");
-    sampled.dedup();
-    assert_eq!(sampled, ["critic", "factchecker", "reasoner"], "{out}");
-    assert_eq!(tasks_of("tests"), ["critic", "factchecker"], "{out}");
+    // First one sample from each of the three routed agents; tests from the critic or the
+    // fact-checker, not both: they serve one model, and would write the same tests.
+    let sampled = tasks_of("sample");
+    let writers = tasks_of("tests");
+    assert_eq!(writers.len(), 1, "{out}");
+    assert!(
+        ["critic", "factchecker"].contains(&writers[0].as_str()),
+        "{out}"
+    );
+    let settled = decided_by.contains("the first 3 candidates settled it, no more asked");
+    if settled {
+        assert_eq!(sampled, ["critic", "factchecker", "reasoner"], "{out}");
+        assert!(tasks_of("repair").is_empty(), "{out}");
+    } else {
+        // The rest of the five samples (less the fresh ones that came with repairs).
+        assert!((3..=5).contains(&sampled.len()), "{out}");
+        assert!(decided_by.contains("; round 1: "), "{out}");
+    }
 
     // What it says of the chosen code's examples is what running it gives.
     let final_answer = out["final_answer"].as_str().unwrap();
@@ -525,15 +536,14 @@ fn verify_runs_candidates_against_examples_and_written_tests_and_repairs() {
         shoal_swarm::vote::code_passes_examples(HAS_CLOSE_ELEMENTS, &code, Duration::from_secs(20));
     if decided_by.contains("pass 2 of 2 of the prompt's examples") {
         assert_eq!(passes, Some(true), "{out}");
-        assert!(!decided_by.contains("repair round"), "{out}");
     } else {
         assert_eq!(passes, Some(false), "{out}");
         // The best failed an example: the agents were told, and answered again.
-        assert!(decided_by.contains("; repair round 1: "), "{out}");
+        assert!(!settled, "{out}");
         assert!(!tasks_of("repair").is_empty(), "{out}");
-        if chosen["task"] == "repair" {
-            assert!(decided_by.contains("(repaired in round"), "{out}");
-        }
+    }
+    if chosen["task"] == "repair" {
+        assert!(decided_by.contains("(repaired in round 1)"), "{out}");
     }
 
     // A time budget: the answer (the best verified so far) or a clear failure when it ends,
@@ -571,6 +581,22 @@ fn verify_runs_candidates_against_examples_and_written_tests_and_repairs() {
     );
     let decided_by = out["decided_by"].as_str().unwrap();
     assert!(decided_by.starts_with("verify on `sum`: "), "{out}");
+
+    // A task told in words with an assert, as `shoal eval mbpp` asks MBPP/11: the assert
+    // is the example every candidate is run against.
+    let mbpp = "Write a python function to remove first and last occurrence of a given character from the string.\nYour code should pass this test:\n```python\nassert remove_Occ(\"hello\",\"l\") == \"heo\"\n```";
+    let out = query(
+        &head,
+        json!({"query": mbpp, "strategy": "verify", "max_tokens": 120, "temperature": 0,
+               "timeout_s": 300}),
+    );
+    let decided_by = out["decided_by"].as_str().unwrap();
+    assert!(decided_by.starts_with("verify on `remove_Occ`: "), "{out}");
+    assert!(
+        decided_by.contains("of 1 of the prompt's examples")
+            || decided_by.contains("no candidate's code ran"),
+        "{out}"
+    );
 
     // Through the chat API with a time budget, and for a question with no code to run.
     let body = json!({

@@ -1,5 +1,6 @@
 //! One request in progress, and each way of combining the agents' answers.
 
+use std::ops::Range;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -227,11 +228,12 @@ impl Run<'_> {
         ))
     }
 
-    /// `vote_samples` answers across `answerers`, round robin: each agent's first at the
-    /// request's temperature, the rest at the sampling temperature.
-    pub(super) fn sample_jobs(&self, answerers: &[Target]) -> Vec<Job> {
-        let n = self.swarm.config.vote_samples.max(1);
-        (0..n)
+    /// Samples `indices` of the `vote_samples` answers spread over `answerers`, round robin:
+    /// each agent's first at the request's temperature, the rest at the sampling temperature
+    /// (sample `i` is seeded with the request's seed + `i`, so asking for them in parts asks
+    /// for the same answers as asking at once).
+    pub(super) fn sample_jobs(&self, answerers: &[Target], indices: Range<usize>) -> Vec<Job> {
+        indices
             .filter_map(|i| {
                 let target = answerers.get(i % answerers.len().max(1))?.clone();
                 let temperature = if i < answerers.len() {
@@ -255,7 +257,8 @@ impl Run<'_> {
         answerers: &[Target],
         wait: Wait,
     ) -> Result<(String, String), SwarmError> {
-        let got = self.ask_all(self.sample_jobs(answerers), wait).await;
+        let all = 0..self.swarm.config.vote_samples.max(1);
+        let got = self.ask_all(self.sample_jobs(answerers, all), wait).await;
         if got.is_empty() {
             return Err(self.no_answer());
         }

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use shoal_sandbox::{fenced_blocks, is_python, Node};
 
-use crate::vote::{called_function, prompt_examples, sandbox};
+use crate::vote::{called_function, outside_strings, prompt_examples, sandbox};
 
 /// The languages whose code the checks run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +71,9 @@ pub struct Task {
     /// The prompt's examples as `assert` statements (Python only: JavaScript prompts write
     /// their examples too many ways; their tests are the agents').
     pub examples: Vec<String>,
+    /// A task told in words, whose function is known only from the `assert` lines it shows
+    /// (MBPP's form), has no code of its own: the test writers are shown the question.
+    pub told_in_words: Option<String>,
 }
 
 impl Task {
@@ -95,11 +98,13 @@ impl Task {
             entry_point,
             prompt_code,
             examples: Vec::new(),
+            told_in_words: None,
         })
     }
 
     /// The Python task in `question`: its code is its Python fenced blocks (or the whole
-    /// question when it has none and defines a function). `None` when it defines no function.
+    /// question when it has none and defines a function); else a task told in words with
+    /// `assert` examples ([`Task::told_by_asserts`]). `None` when it has neither.
     pub fn python(question: &str) -> Option<Task> {
         let blocks: Vec<String> = fenced_blocks(question)
             .into_iter()
@@ -118,7 +123,10 @@ impl Task {
             .filter_map(called_function)
             .find(|name| defined.iter().any(|d| d == name))
             .map(str::to_owned)
-            .or_else(|| defined.last().cloned())?;
+            .or_else(|| defined.last().cloned());
+        let Some(entry_point) = entry_point else {
+            return Task::told_by_asserts(question);
+        };
         let examples = examples
             .iter()
             .filter_map(|e| {
@@ -131,13 +139,49 @@ impl Task {
             entry_point,
             prompt_code,
             examples,
+            told_in_words: None,
+        })
+    }
+
+    /// A Python task told in words with the `assert` lines its function must pass, as MBPP
+    /// states its problems ("Write a function to find the shared elements of two lists." and
+    /// `assert set(similar_elements((3, 4), (4, 5))) == set((4,))`): the function is the
+    /// first one an assert calls that is not a builtin (else the first it calls: MBPP/126
+    /// writes its own `sum`), those asserts are the examples, and there is no code to append
+    /// candidates to.
+    pub fn told_by_asserts(question: &str) -> Option<Task> {
+        let entry_point = question.lines().find_map(|line| {
+            let condition = line.trim_start().strip_prefix("assert ")?;
+            let names = called_names(condition);
+            names
+                .iter()
+                .find(|name| !PYTHON_BUILTINS.contains(name))
+                .or(names.first())
+                .map(|name| (*name).to_owned())
+        })?;
+        let examples = parse_tests(question, &entry_point);
+        if examples.is_empty() {
+            return None;
+        }
+        Some(Task {
+            language: Language::Python,
+            entry_point,
+            prompt_code: String::new(),
+            examples,
+            told_in_words: Some(question.trim().to_owned()),
         })
     }
 
     /// What a test writer is asked.
     pub fn tests_prompt(&self) -> String {
         match self.language {
-            Language::Python => tests_prompt(&self.prompt_code, &self.entry_point),
+            Language::Python => match &self.told_in_words {
+                Some(question) => tests_prompt(question, &self.entry_point),
+                None => tests_prompt(
+                    &format!("```python\n{}\n```", self.prompt_code.trim_end()),
+                    &self.entry_point,
+                ),
+            },
             Language::JavaScript => javascript::tests_prompt(&self.prompt_code, &self.entry_point),
         }
     }
@@ -199,6 +243,71 @@ impl Task {
             code.trim_end()
         ))
     }
+}
+
+/// Functions an `assert` may wrap the function under test in.
+const PYTHON_BUILTINS: &[&str] = &[
+    "abs",
+    "all",
+    "any",
+    "bool",
+    "dict",
+    "float",
+    "frozenset",
+    "int",
+    "isinstance",
+    "len",
+    "list",
+    "max",
+    "min",
+    "repr",
+    "reversed",
+    "round",
+    "set",
+    "sorted",
+    "str",
+    "sum",
+    "tuple",
+    "type",
+];
+
+/// Words that may stand before a `(` without calling anything.
+const PYTHON_KEYWORDS: &[&str] = &[
+    "and", "assert", "else", "for", "if", "in", "is", "lambda", "not", "or", "return",
+];
+
+/// The plain names `code` calls (`f` in `f(x)` or `f (x)`; not `isclose` in
+/// `math.isclose(x)`), in order, outside string literals.
+fn called_names(code: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    // The last word read (its start and end), while only spaces followed it.
+    let mut word: Option<(usize, usize)> = None;
+    let mut before_word = ' ';
+    let mut previous = ' ';
+    for (at, c) in outside_strings(code) {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word = match word {
+                // The word goes on only where no space (or string) came between.
+                Some((start, end)) if end == at => Some((start, at + 1)),
+                _ => {
+                    before_word = previous;
+                    Some((at, at + 1))
+                }
+            };
+        } else if c != ' ' {
+            if let Some((start, end)) = word.take() {
+                let name = &code[start..end];
+                let plain = before_word != '.'
+                    && !name.starts_with(|d: char| d.is_ascii_digit())
+                    && !PYTHON_KEYWORDS.contains(&name);
+                if c == '(' && plain {
+                    names.push(name);
+                }
+            }
+        }
+        previous = c;
+    }
+    names
 }
 
 /// The names of the top-level functions `code` defines, in order.
@@ -329,6 +438,48 @@ mod tests {
         assert_eq!(task.entry_point, "g");
         assert!(task.examples.is_empty());
         assert_eq!(Task::from_question("What is the capital of France?"), None);
+    }
+
+    #[test]
+    fn a_task_told_in_words_is_known_by_its_asserts() {
+        // MBPP/14, and MBPP/2's assert that wraps the function in a builtin.
+        let question = "Write a python function to find the volume of a triangular prism.\n\
+            Your code should pass this test:\n```python\nassert find_Volume(10,8,6) == 240\n```";
+        let task = Task::from_question(question).unwrap();
+        assert_eq!(task.language, Language::Python);
+        assert_eq!(task.entry_point, "find_Volume");
+        assert_eq!(task.examples, ["assert find_Volume(10,8,6) == 240"]);
+        assert_eq!(task.prompt_code, "");
+        let asked = task.tests_prompt();
+        assert!(
+            asked.starts_with("Write a python function to find the volume"),
+            "{asked}"
+        );
+        assert!(asked.contains("`assert find_Volume(...) == ...`"));
+        let program = task
+            .candidate_program(
+                "```python\ndef find_Volume(l, b, h):\n    return l * b * h / 2\n```",
+            )
+            .unwrap();
+        assert!(
+            program.trim_start().starts_with("def find_Volume("),
+            "{program}"
+        );
+
+        let wrapped = "Write a function to find the shared elements from the given two lists.\n\
+            assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))\n\
+            assert math.isclose(other(1), 2)";
+        let task = Task::from_question(wrapped).unwrap();
+        assert_eq!(task.entry_point, "similar_elements");
+        assert_eq!(task.examples.len(), 1);
+        // A call inside a string, or a method, is no function to write.
+        assert_eq!(called_names("x.isclose(g(1), 'h(2)')"), ["g"]);
+        assert_eq!(called_names("f (1) + 2(3) + _g(4) and (5)"), ["f", "_g"]);
+        // A builtin only when nothing else is called (MBPP/126 defines its own `sum`).
+        let own_sum =
+            Task::from_question("Write a function `sum`.\nassert sum(10,15) == 6").unwrap();
+        assert_eq!(own_sum.entry_point, "sum");
+        assert_eq!(Task::from_question("assert x == 2, 'f(1)'"), None);
     }
 
     #[test]

@@ -16,18 +16,18 @@ const MAX_TEST_CHARS: usize = 600;
 pub const TESTER_SYSTEM: &str = "You are a software tester. You write unit tests as plain \
     assert statements. You never implement the function under test.";
 
-/// What a test writer is asked: asserts for `entry_point`, from the task alone (the task
-/// first, the instruction last).
-pub fn tests_prompt(prompt_code: &str, entry_point: &str) -> String {
+/// What a test writer is asked: asserts for `entry_point`, from the task alone (`task`: its
+/// code in a fenced block, or its words; the task first, the instruction last).
+pub fn tests_prompt(task: &str, entry_point: &str) -> String {
     format!(
-        "```python\n{}\n```\n\n\
+        "{}\n\n\
          Do not implement `{entry_point}`: it is written elsewhere. Write 6 to 10 assert \
          statements that test it, one per line, each calling `{entry_point}` with concrete \
          arguments and comparing the result with the exact expected value, like \
          `assert {entry_point}(...) == ...`. Work out each expected value carefully from the \
          description and its examples. Cover typical cases and edge cases.\n\
          Answer with only the assert statements, in one ```python block.",
-        prompt_code.trim_end()
+        task.trim_end()
     )
 }
 
@@ -124,7 +124,7 @@ mod tests {
 
     #[test]
     fn the_prompt_names_the_function_and_holds_the_task() {
-        let prompt = tests_prompt("def f(x):\n    \"\"\"Twice x.\"\"\"\n", "f");
+        let prompt = tests_prompt("```python\ndef f(x):\n    \"\"\"Twice x.\"\"\"\n```\n", "f");
         assert!(prompt.contains("`assert f(...) == ...`"));
         assert!(prompt.starts_with("```python\ndef f(x):\n    \"\"\"Twice x.\"\"\"\n```\n\n"));
     }
