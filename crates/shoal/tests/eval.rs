@@ -190,6 +190,36 @@ fn two_problems_against_a_real_server() {
         passed
     );
 
+    // MBPP the same way: its first problem, asked as a task in words with one assert.
+    let mbpp_out = dir.path().join("mbpp.jsonl");
+    let o = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "eval",
+            "mbpp",
+            "--limit",
+            "1",
+            "--max-tokens",
+            "64",
+            "--json",
+        ])
+        .args(["--url", &url, "--data"])
+        .arg(common::model_path("mbpp.jsonl.gz"))
+        .arg("--out")
+        .arg(&mbpp_out)
+        .env("SHOAL_LOG", "warn")
+        .env_remove("SHOAL_API_KEY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let r = report(&o);
+    assert_eq!(r["benchmark"], "mbpp");
+    assert_eq!(r["problems"], 1, "{r:#}");
+    assert_eq!(r["request_errors"], 0, "{r:#}");
+    let line: Value =
+        serde_json::from_str(std::fs::read_to_string(&mbpp_out).unwrap().trim()).unwrap();
+    assert_eq!(line["task_id"], "MBPP/11");
+    assert_eq!(line["passed"], r["passed"] == 1);
+
     // A model the server does not have: the API's own message, and a failure.
     let err = failure(&eval(&["--url", &url, "--limit", "1", "--model", "gpt-9"]));
     assert!(err.contains("404"), "{err}");
