@@ -62,6 +62,35 @@ impl Drop for LocalCluster {
     }
 }
 
+/// Makes the child end when this process does, however it ends: `Drop` covers a normal end
+/// and errors, but a run stopped with SIGTERM or SIGKILL (a long eval cut short) would
+/// leave its servers running. The kernel sends the signal when the *thread* that started
+/// the child ends; clusters are started from the main thread, which lives as long as the
+/// run.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn end_with_this_process(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // Safety: the closure runs in the child between fork and exec; it only calls `prctl`
+    // and `getppid`, which are async-signal-safe, and allocates nothing (the errors are
+    // bare OS codes).
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have ended before the call: then nobody would signal.
+            if libc::getppid() == 1 {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn end_with_this_process(_: &mut Command) {}
+
 /// This very program, which the cluster's processes run.
 fn shoal_exe() -> anyhow::Result<PathBuf> {
     std::env::current_exe().context("cannot find the shoal executable")
@@ -183,7 +212,9 @@ impl LocalCluster {
         args: Vec<OsString>,
         wants_peer: bool,
     ) -> anyhow::Result<Started> {
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        end_with_this_process(&mut command);
+        let mut child = command
             .arg("serve")
             .args(args)
             .args(["--host", "127.0.0.1", "--port", "0"])

@@ -163,6 +163,12 @@ struct BenchmarkArgs {
     /// Sampling temperature (0 = greedy, the pass@1 convention here).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// The seed every request carries. A swarm samples beyond greedy answers even at
+    /// `--temperature 0` (`vote`'s extra samples, `verify`'s fresh samples and repairs, at
+    /// 0.7) from the request's seed; without one the server draws a new seed per request,
+    /// and two runs of one swarm differ by a few problems.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Seconds each program may run with its tests before it is killed.
     #[arg(long, default_value_t = 10.0)]
     timeout_s: f64,
@@ -320,8 +326,14 @@ pub(crate) fn user_message(prompt: &str) -> String {
 }
 
 /// The chat completion request for one problem.
-fn request_body(model: &str, case: &Case, max_tokens: usize, temperature: f32) -> Value {
-    json!({
+fn request_body(
+    model: &str,
+    case: &Case,
+    max_tokens: usize,
+    temperature: f32,
+    seed: Option<u64>,
+) -> Value {
+    let mut body = json!({
         "model": model,
         "messages": [
             {"role": "system", "content": case.system},
@@ -330,7 +342,11 @@ fn request_body(model: &str, case: &Case, max_tokens: usize, temperature: f32) -
         "max_tokens": max_tokens,
         "temperature": temperature,
         "stream": false,
-    })
+    });
+    if let Some(seed) = seed {
+        body["seed"] = json!(seed);
+    }
+    body
 }
 
 /// What happened to one problem.
@@ -397,6 +413,8 @@ struct Summary {
     mean_exec_s: f64,
     max_tokens: usize,
     temperature: f32,
+    /// `None`: each request's seed was the server's choice.
+    seed: Option<u64>,
     exec_timeout_s: f64,
     isolation: &'static str,
     data: String,
@@ -519,7 +537,7 @@ fn evaluate(kind: Kind, a: BenchmarkArgs, resolve: ResolveModel<'_>) -> anyhow::
                 ..Default::default()
             }),
             Some((client, model)) => {
-                client.chat(&request_body(model, p, a.max_tokens, a.temperature))
+                client.chat(&request_body(model, p, a.max_tokens, a.temperature, a.seed))
             }
         };
         let request_s = if api.is_some() {
@@ -656,6 +674,7 @@ fn evaluate(kind: Kind, a: BenchmarkArgs, resolve: ResolveModel<'_>) -> anyhow::
         mean_exec_s: exec_total / n as f64,
         max_tokens: a.max_tokens,
         temperature: a.temperature,
+        seed: a.seed,
         exec_timeout_s: a.timeout_s,
         isolation: sandbox.isolation().as_str(),
         data: data.display().to_string(),
@@ -712,7 +731,16 @@ fn print_table(kind: Kind, s: &Summary, check_harness: bool) {
         ),
         (
             "sampling",
-            format!("max_tokens {}, temperature {}", s.max_tokens, s.temperature),
+            match s.seed {
+                Some(seed) => format!(
+                    "max_tokens {}, temperature {}, seed {seed}",
+                    s.max_tokens, s.temperature
+                ),
+                None => format!(
+                    "max_tokens {}, temperature {}, seed the server's",
+                    s.max_tokens, s.temperature
+                ),
+            },
         ),
         (
             "sandbox",
@@ -738,7 +766,12 @@ mod tests {
             test: String::new(),
             entry_point: "f".into(),
         };
-        let b = request_body("m", &Case::from(problem), 64, 0.0);
+        let b = request_body("m", &Case::from(problem.clone()), 64, 0.0, None);
+        assert!(b.get("seed").is_none(), "the server chooses: {b}");
+        assert_eq!(
+            request_body("m", &Case::from(problem), 64, 0.0, Some(7))["seed"],
+            7
+        );
         assert_eq!(b["model"], "m");
         assert_eq!(b["stream"], false);
         assert_eq!(b["max_tokens"], 64);

@@ -149,11 +149,14 @@ fn two_problems_against_a_real_server() {
         "2",
         "--max-tokens",
         "64",
+        "--seed",
+        "11",
         "--json",
         "--out",
         out.to_str().unwrap(),
     ]));
     assert_eq!(r["problems"], 2, "{r:#}");
+    assert_eq!(r["seed"], 11, "{r:#}");
     let passed = r["passed"].as_u64().unwrap();
     assert!(passed <= 2);
     assert_eq!(r["request_errors"], 0, "{r:#}");
@@ -274,4 +277,87 @@ fn agents_start_the_swarm_that_is_measured() {
         .as_array()
         .expect("the head's report");
     assert_eq!(responded.len(), 2, "both started agents answered: {line}");
+}
+
+/// The `shoal` processes whose parent is `pid`, from /proc: (pid, state).
+#[cfg(target_os = "linux")]
+fn children_of(pid: u32) -> Vec<(u32, char)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID …": COMM may hold spaces, so split after its ')'.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let (Some(state), Some(ppid)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if ppid == pid.to_string() && head.contains("(shoal") {
+            let child: u32 = head.split(' ').next().unwrap().parse().unwrap();
+            found.push((child, state.chars().next().unwrap()));
+        }
+    }
+    found
+}
+
+/// Whether process `pid` has ended (gone, or a zombie nobody reaped yet).
+#[cfg(target_os = "linux")]
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Err(_) => true,
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_killed_eval_takes_its_servers_with_it() {
+    use std::time::{Duration, Instant};
+    let mut run = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["eval", "humaneval", "--data"])
+        .arg(data())
+        .args(["--agents"])
+        .arg(model())
+        .args(["--strategy", "single", "--max-tokens", "48", "--json"])
+        .env("SHOAL_LOG", "warn")
+        .env_remove("SHOAL_API_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let servers = loop {
+        let servers = children_of(run.id());
+        if !servers.is_empty() {
+            break servers;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the eval started no server"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // SIGTERM, as a user's `kill` or a CI timeout sends it: no destructor runs.
+    let killed = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    run.wait().unwrap();
+    let stopped = Instant::now();
+    for (server, _) in servers {
+        while !ended(server) {
+            assert!(
+                stopped.elapsed() < Duration::from_secs(20),
+                "server {server} outlived its eval"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }

@@ -335,14 +335,14 @@ impl Swarm {
         }
         let (final_answer, decided_by) = match strategy {
             Strategy::Moa => run.moa(&answerers, timeout).await?,
-            // `resolve` never returns `Auto`; were it to, `auto`'s fallback is the vote.
-            Strategy::Vote | Strategy::Auto => run.vote(&answerers, timeout).await?,
+            Strategy::Vote => run.vote(&answerers, timeout).await?,
             Strategy::Confidence => run.confidence(&answerers, timeout).await?,
             Strategy::Fastest => run.fastest(&answerers, timeout).await?,
             Strategy::Speed => run.speed(&answerers, timeout).await?,
             Strategy::Strongest => run.strongest(&answerers, timeout).await?,
             Strategy::Cluster => run.cluster(&answerers, timeout).await?,
-            Strategy::Verify => run.verify(&answerers, timeout).await?,
+            // `resolve` never returns `Auto`; were it to, `auto`'s fallback is `verify`.
+            Strategy::Verify | Strategy::Auto => run.verify(&answerers, timeout).await?,
         };
         let decided_by = match merged_instead {
             Some(s) => format!("{s} cannot merge whole API answers; vote: {decided_by}"),

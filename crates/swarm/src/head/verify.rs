@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use shoal_wire::ChatTurn;
 
 use crate::roles::Role;
@@ -13,15 +14,10 @@ use crate::verify::{
 };
 
 use super::report::{AgentAnswer, SwarmError};
-use super::strategies::Run;
+use super::strategies::{Job, Run};
 use super::target::Target;
 use super::wait::Wait;
 
-/// Rounds after the first candidates at most. The first also asks for the rest of the
-/// samples; each sends every failing agent its failure once. On all 164 HumanEval problems
-/// (docs/EVAL.md) a second round won 2 problems for about 30 that went to it, each at up
-/// to six answers more: not where the time pays.
-const REPAIR_ROUNDS: usize = 1;
 /// Tokens a test writer may use: ten asserts fit; small models that loop on one stop.
 const TEST_TOKENS: u32 = 320;
 
@@ -33,8 +29,8 @@ struct Candidate {
     /// reply defines no entry point.
     program: Option<String>,
     behaviour: Option<Behaviour>,
-    /// Which repair round wrote it (0: an original answer).
-    round: usize,
+    /// Asked in the repair round (false: one of the first candidates).
+    late: bool,
 }
 
 impl Run<'_> {
@@ -74,8 +70,8 @@ impl Run<'_> {
 
         // First one candidate per agent and the tests, at once; past `enough`, one candidate
         // ends the wait. The first candidate is asked without its agent's role prompt: the
-        // model's own answer to the request is always in the pool. The rest of the samples
-        // come only when these do not settle the task (`settled`).
+        // model's own answer to the request is always in the pool. When these do not settle
+        // the task (`settled`), one repair round follows (`Run::repair_round`).
         let samples = self.swarm.config.vote_samples.max(1);
         let first_samples = answerers.len().min(samples);
         let mut jobs = self.sample_jobs(answerers, 0..first_samples);
@@ -119,7 +115,7 @@ impl Run<'_> {
                     target,
                     answer,
                     behaviour: None,
-                    round: 0,
+                    late: false,
                 });
             }
         }
@@ -130,92 +126,78 @@ impl Run<'_> {
         run_pool(task.language, &mut pool, &checks, run_timeout).await;
         let mut choice = choose_from(&pool, task.examples.len());
 
-        let mut repair_note = String::new();
-        for round in 1..=REPAIR_ROUNDS {
-            let more_samples = if round == 1 {
-                first_samples..samples
-            } else {
-                samples..samples
-            };
-            let go_on = if round == 1 {
-                !settled(choice.as_ref(), &task, tests.len())
-            } else {
-                needs_repair(choice.as_ref(), &task, tests.len())
-            };
-            if !go_on {
-                if round == 1 && !more_samples.is_empty() {
-                    repair_note = format!(
-                        "; the first {} candidates settled it, no more asked",
-                        pool.len()
-                    );
-                }
-                break;
-            }
+        let round_note = if settled(choice.as_ref(), &task, tests.len()) {
+            format!(
+                "; the first {} candidates settled it, nothing more asked",
+                pool.len()
+            )
+        } else {
             let remaining = wait.limit.saturating_sub(started.elapsed());
             if remaining < typical_answer_time(&pool) {
-                repair_note = format!(
-                    "; no time left for round {round} ({} ms of the request's {} ms)",
+                format!(
+                    "; no time left for a repair round ({} ms of the request's {} ms)",
                     remaining.as_millis(),
                     wait.limit.as_millis()
-                );
-                break;
-            }
-            let repairs = if self.request.api_request.is_none() {
-                self.repair_jobs(&pool, choice.as_ref(), &task, &checks, round)
+                )
             } else {
-                repair_note = "; whole API answers are not repaired".to_owned();
-                Vec::new()
-            };
-            // The fresh samples that come with repairs count among the samples still due.
-            let fresh = repairs.iter().filter(|j| j.task == "resample").count();
-            let more_samples = more_samples.start..more_samples.end.saturating_sub(fresh);
-            let mut jobs = self.sample_jobs(answerers, more_samples);
-            let sampled = jobs.len();
-            jobs.extend(repairs);
-            if jobs.is_empty() {
-                break;
-            }
-            let asked = jobs.len();
-            let budget = Wait {
-                enough: remaining,
-                limit: remaining,
-            };
-            let got = self.ask_all(jobs, budget).await;
-            let first_new = pool.len();
-            let mut changed = 0;
-            for (target, answer) in got {
-                let program = task.candidate_program(&answer.text);
-                if program.is_some() && pool.iter().all(|c| c.program != program) {
-                    changed += 1;
+                // Whole API answers (tool calls, JSON) are not repaired: the rest of the
+                // samples instead.
+                let trusted = trusted_checks(&pool, choice.as_ref(), &task);
+                let (jobs, what) = if self.request.api_request.is_none() {
+                    let jobs = self.repair_jobs(&pool, &task, &checks, &trusted);
+                    (jobs, "repairs and fresh samples")
+                } else {
+                    let jobs = self.sample_jobs(answerers, first_samples..samples);
+                    (jobs, "more samples (whole API answers are not repaired)")
+                };
+                if jobs.is_empty() {
+                    "; no candidate fails an example or a test the chosen group passes: \
+                     nothing to repair"
+                        .to_owned()
+                } else {
+                    let asked = jobs.len();
+                    let round = self
+                        .repair_round(
+                            jobs,
+                            remaining,
+                            &mut pool,
+                            &task,
+                            &checks,
+                            &trusted,
+                            run_timeout,
+                        )
+                        .await;
+                    if round.new_code > 0 {
+                        choice = choose_from(&pool, task.examples.len());
+                    }
+                    let ended = match round.passed_all {
+                        Some(i) if round.dropped > 0 => format!(
+                            "; it ended when the answer of {} passed every example{} and \
+                             agreed with another, {} more no longer awaited",
+                            pool[i].answer.agent,
+                            if trusted.len() > task.examples.len() {
+                                " and every test the chosen group passed"
+                            } else {
+                                ""
+                            },
+                            round.dropped
+                        ),
+                        _ => String::new(),
+                    };
+                    format!(
+                        "; repair round: {} of {asked} {what} came back, {} with new code{ended}",
+                        round.came_back, round.new_code,
+                    )
                 }
-                pool.push(Candidate {
-                    program,
-                    target,
-                    answer,
-                    behaviour: None,
-                    round,
-                });
             }
-            repair_note.push_str(&format!(
-                "; round {round}: {} of {asked} answers came back ({sampled} more samples, {} \
-                 repairs and fresh samples asked), {changed} with new code",
-                pool.len() - first_new,
-                asked - sampled,
-            ));
-            if changed == 0 {
-                // The agents gave their code back unchanged: another round would too.
-                break;
-            }
-            run_pool(task.language, &mut pool[first_new..], &checks, run_timeout).await;
-            choice = choose_from(&pool, task.examples.len());
-        }
+        };
 
         let Some(choice) = choice else {
             let (text, how) = self.vote_among(pool.iter()).await;
             return Ok((
                 text,
                 format!(
-                    "verify on `{}`: no candidate's code ran{repair_note}; vote: {how}",
+                    "verify on `{}`: no candidate's code ran{round_note}; vote: {how}",
                     task.entry_point
                 ),
             ));
@@ -245,11 +227,11 @@ impl Run<'_> {
         }
         let winner = &pool[choice.winner];
         let group = &choice.group;
-        let repaired = match (winner.round, winner.answer.task) {
-            (0, _) => String::new(),
-            (round, "repair") => format!(" (repaired in round {round})"),
-            (round, "resample") => format!(" (a fresh sample in round {round})"),
-            (round, _) => format!(" (a sample of round {round})"),
+        let repaired = match (winner.late, winner.answer.task) {
+            (false, _) => "",
+            (true, "repair") => " (repaired)",
+            (true, "resample") => " (a fresh sample of the repair round)",
+            (true, _) => " (a sample of the repair round)",
         };
         let writers = if wrote.is_empty() {
             "nobody".to_owned()
@@ -259,7 +241,7 @@ impl Run<'_> {
         let decided_by = format!(
             "verify on `{entry}`: {size} of {ran} candidates that ran behave alike ({groups} \
              behaviours); they pass {ex} of {n_ex} of the prompt's examples and {t} of {n_t} \
-             tests written by {writers}; dual agreement {size} × {t}{repair_note}; answer of \
+             tests written by {writers}; dual agreement {size} × {t}{round_note}; answer of \
              {agent}{repaired}",
             entry = task.entry_point,
             size = group.members.len(),
@@ -291,36 +273,27 @@ impl Run<'_> {
     fn repair_jobs(
         &self,
         pool: &[Candidate],
-        choice: Option<&Choice>,
         task: &Task,
         checks: &[String],
-        round: usize,
-    ) -> Vec<super::strategies::Job> {
-        let consensus: Vec<usize> = choice
-            .and_then(|c| pool[c.winner].behaviour.as_ref())
-            .map(|b| {
-                (task.examples.len()..b.checks.len())
-                    .filter(|&i| b.checks[i].ok)
-                    .collect()
-            })
-            .unwrap_or_default();
+        trusted: &[usize],
+    ) -> Vec<Job> {
         let mut agents: Vec<String> = Vec::new();
         let mut jobs = Vec::new();
-        // Each agent's latest own candidate (not a fresh sample): a repaired one is repaired
-        // again (not its original), and an agent whose latest passes is left alone.
-        for candidate in pool.iter().rev().filter(|c| c.answer.task != "resample") {
+        // Each agent's candidate (an agent asked for several samples is told of its last);
+        // an agent whose candidate passes what is trusted is left alone.
+        for candidate in pool.iter().rev() {
             let agent = candidate.answer.agent.clone();
             if agents.contains(&agent) {
                 continue;
             }
             agents.push(agent);
-            let Some(failure) = failure(candidate, task, checks, &consensus) else {
+            let Some(failure) = failure(candidate, task, checks, trusted) else {
                 continue;
             };
             let seed = self
                 .request
                 .seed
-                .wrapping_add((100 * round + 2 * jobs.len()) as u64);
+                .wrapping_add((100 + 2 * jobs.len()) as u64);
             let temperature = self.swarm.config.sample_temperature;
             let mut fresh = self.answer_job(
                 candidate.target.clone(),
@@ -350,16 +323,149 @@ impl Run<'_> {
         }
         jobs
     }
+
+    /// The repair round: `jobs` together, each answer joining the pool and run as it comes.
+    /// The round ends at `limit`, or as soon as an answer passes every trusted check and
+    /// another candidate behaves exactly as it does ([`agreed_and_passed`]): the answers
+    /// still coming are dropped, which stops their agents' work. The round's answers come
+    /// one after another from agents that share the cores; those after such an answer could
+    /// only join its group or form a smaller one.
+    #[allow(clippy::too_many_arguments)]
+    async fn repair_round(
+        &mut self,
+        jobs: Vec<Job>,
+        limit: Duration,
+        pool: &mut Vec<Candidate>,
+        task: &Task,
+        checks: &[String],
+        trusted: &[usize],
+        run_timeout: Duration,
+    ) -> Round {
+        let swarm = self.swarm;
+        let deadline = tokio::time::Instant::now() + limit;
+        let asked: Vec<(Target, &'static str)> =
+            jobs.iter().map(|j| (j.target.clone(), j.task)).collect();
+        let mut pending: FuturesUnordered<_> = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, job)| async move { (i, swarm.send(job, limit).await) })
+            .collect();
+        let mut answered = vec![false; asked.len()];
+        let mut round = Round::default();
+        while round.passed_all.is_none() {
+            let next = tokio::select! {
+                next = pending.next() => next,
+                () = tokio::time::sleep_until(deadline) => None,
+            };
+            let Some((i, result)) = next else { break };
+            answered[i] = true;
+            let (target, job) = &asked[i];
+            let Some(answer) = self.accept(target, job, result) else {
+                continue;
+            };
+            round.came_back += 1;
+            let program = task.candidate_program(&answer.text);
+            let same = pool.iter().find(|c| c.program == program);
+            let mut candidate = Candidate {
+                behaviour: same.and_then(|c| c.behaviour.clone()),
+                program,
+                target: target.clone(),
+                answer,
+                late: true,
+            };
+            if same.is_none() && candidate.program.is_some() {
+                round.new_code += 1;
+                run_pool(
+                    task.language,
+                    std::slice::from_mut(&mut candidate),
+                    checks,
+                    run_timeout,
+                )
+                .await;
+            }
+            if agreed_and_passed(&candidate, pool, trusted) {
+                round.passed_all = Some(pool.len());
+            }
+            pool.push(candidate);
+        }
+        drop(pending);
+        let why = if round.passed_all.is_some() {
+            "not needed: an answer of the repair round passed every trusted check, and another \
+             candidate behaved as it did"
+        } else {
+            "did not answer in time: the request's limit"
+        };
+        for ((target, job), _) in asked.iter().zip(answered).filter(|(_, a)| !a) {
+            self.record_failure(target, job, why.to_owned());
+            round.dropped += 1;
+        }
+        round
+    }
+}
+
+/// What a repair round got.
+#[derive(Default)]
+struct Round {
+    /// Answers that came back (not empty, not failed).
+    came_back: usize,
+    /// Those whose code no candidate had.
+    new_code: usize,
+    /// The pool index of the answer that passed every trusted check and ended the round.
+    passed_all: Option<usize>,
+    /// Answers no longer awaited when the round ended.
+    dropped: usize,
+}
+
+/// The checks a candidate is held to (their indices in the checks): the prompt's examples,
+/// and the written tests that the chosen group passes (consensus tests).
+fn trusted_checks(pool: &[Candidate], choice: Option<&Choice>, task: &Task) -> Vec<usize> {
+    let consensus = choice
+        .and_then(|c| pool[c.winner].behaviour.as_ref())
+        .map(|b| {
+            (task.examples.len()..b.checks.len())
+                .filter(|&i| b.checks[i].ok)
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    (0..task.examples.len()).chain(consensus).collect()
+}
+
+/// Whether `candidate` ends a repair round: it passes every trusted check and another
+/// candidate of `pool` behaves exactly as it does. One alone is not enough: with a prompt's
+/// one example and a few written tests, a single passing answer is often wrong (on
+/// HumanEval/9 the first such fresh sample failed the hidden tests, where the three that
+/// would have come and agreed passed).
+fn agreed_and_passed(candidate: &Candidate, pool: &[Candidate], trusted: &[usize]) -> bool {
+    let Some(behaviour) = candidate.behaviour.as_ref() else {
+        return false;
+    };
+    passes_trusted(Some(behaviour), trusted)
+        && pool.iter().any(|c| {
+            c.behaviour
+                .as_ref()
+                .is_some_and(|b| b.signature() == behaviour.signature())
+        })
+}
+
+/// Whether `behaviour` passes every trusted check (and there is one).
+fn passes_trusted(behaviour: Option<&Behaviour>, trusted: &[usize]) -> bool {
+    behaviour.is_some_and(|b| {
+        b.defined
+            && !trusted.is_empty()
+            && trusted
+                .iter()
+                .all(|&i| b.checks.get(i).is_some_and(|c| c.ok))
+    })
 }
 
 /// What is wrong with `candidate`, told the way its agent can act on: its code does not
-/// run, or the first example it fails, or the first consensus test (one the chosen group
-/// passes) it fails. `None` when nothing is known to be wrong.
+/// run, or the first trusted check ([`trusted_checks`]) it fails. `None` when nothing is
+/// known to be wrong.
 fn failure(
     candidate: &Candidate,
     task: &Task,
     checks: &[String],
-    consensus: &[usize],
+    trusted: &[usize],
 ) -> Option<String> {
     let Some(behaviour) = &candidate.behaviour else {
         return candidate.program.is_none().then(|| {
@@ -376,8 +482,9 @@ fn failure(
             behaviour.error.trim()
         ));
     }
-    let failed = (0..task.examples.len())
-        .chain(consensus.iter().copied())
+    let failed = trusted
+        .iter()
+        .copied()
         .find(|&i| behaviour.checks.get(i).is_some_and(|c| !c.ok))?;
     let check = behaviour.checks.get(failed)?;
     Some(format!(
@@ -510,7 +617,7 @@ mod tests {
             },
             program: program.map(str::to_owned),
             behaviour,
-            round: 0,
+            late: false,
         }
     }
 
@@ -555,18 +662,18 @@ mod tests {
         let t = task(1);
         // Fails the example: that is what it is told.
         let c = candidate(Some("p"), Some(ran(&[false, true, false])), 1);
-        let told = failure(&c, &t, &checks, &[2]).unwrap();
+        let told = failure(&c, &t, &checks, &[0, 2]).unwrap();
         assert!(
             told.contains("assert f(0) == 0") && told.contains("got 1, expected 2"),
             "{told}"
         );
         // Passes the example, fails a consensus test.
         let c = candidate(Some("p"), Some(ran(&[true, true, false])), 1);
-        assert!(failure(&c, &t, &checks, &[2])
+        assert!(failure(&c, &t, &checks, &[0, 2])
             .unwrap()
             .contains("assert f(7) == 8"));
         // A test nobody agreed on is no reason to repair.
-        assert_eq!(failure(&c, &t, &checks, &[1]), None);
+        assert_eq!(failure(&c, &t, &checks, &[0, 1]), None);
         // Code that does not run; a reply without the function.
         let broken = Behaviour {
             defined: false,
@@ -581,6 +688,40 @@ mod tests {
         assert!(failure(&c, &t, &checks, &[])
             .unwrap()
             .contains("no definition of `f` in a ```python block"));
+    }
+
+    #[test]
+    fn trusted_checks_are_the_examples_and_the_tests_the_chosen_group_passes() {
+        let t = task(1);
+        let pool = [
+            candidate(Some("a"), Some(ran(&[true, true, false])), 1),
+            candidate(Some("b"), Some(ran(&[true, true, false])), 1),
+            candidate(Some("c"), Some(ran(&[false, false, true])), 1),
+        ];
+        let choice = choose_from(&pool, 1);
+        let trusted = trusted_checks(&pool, choice.as_ref(), &t);
+        assert_eq!(trusted, [0, 1]);
+        assert_eq!(trusted_checks(&pool, None, &t), [0]);
+        // What ends a repair round: every trusted check passed, by code that runs.
+        assert!(passes_trusted(Some(&ran(&[true, true, false])), &trusted));
+        assert!(!passes_trusted(Some(&ran(&[true, false, true])), &trusted));
+        assert!(!passes_trusted(None, &trusted));
+        let broken = Behaviour {
+            defined: false,
+            ..Behaviour::default()
+        };
+        assert!(!passes_trusted(Some(&broken), &trusted));
+        // Nothing trusted: nothing can say a candidate is right.
+        assert!(!passes_trusted(Some(&ran(&[true, true, true])), &[]));
+        // A repair round ends on a passing answer only when another candidate agrees.
+        let passing = candidate(Some("d"), Some(ran(&[true, true, false])), 1);
+        assert!(agreed_and_passed(&passing, &pool, &trusted));
+        let alone = candidate(Some("e"), Some(ran(&[true, true, true])), 1);
+        assert!(!agreed_and_passed(&alone, &pool, &trusted));
+        let with_it = [candidate(Some("f"), Some(ran(&[true, true, true])), 1)];
+        assert!(agreed_and_passed(&alone, &with_it, &trusted));
+        let failing = candidate(Some("g"), Some(ran(&[false, false, true])), 1);
+        assert!(!agreed_and_passed(&failing, &pool, &trusted));
     }
 
     #[test]
