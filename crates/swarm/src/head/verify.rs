@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use futures::stream::{FuturesUnordered, StreamExt};
 use shoal_wire::ChatTurn;
 
 use crate::roles::Role;
@@ -16,7 +15,7 @@ use crate::verify::{
 use super::report::{AgentAnswer, SwarmError};
 use super::strategies::{Job, Run};
 use super::target::Target;
-use super::wait::Wait;
+use super::wait::{gathering, Wait};
 
 /// Tokens a test writer may use: ten asserts fit; small models that loop on one stop.
 const TEST_TOKENS: u32 = 320;
@@ -167,7 +166,9 @@ impl Run<'_> {
                             run_timeout,
                         )
                         .await;
-                    if round.new_code > 0 {
+                    // Answers with known code join its group too (they carry its
+                    // behaviour), so any answer may change the choice.
+                    if round.came_back > 0 {
                         choice = choose_from(&pool, task.examples.len());
                     }
                     let ended = match round.passed_all {
@@ -342,23 +343,19 @@ impl Run<'_> {
         run_timeout: Duration,
     ) -> Round {
         let swarm = self.swarm;
-        let deadline = tokio::time::Instant::now() + limit;
         let asked: Vec<(Target, &'static str)> =
             jobs.iter().map(|j| (j.target.clone(), j.task)).collect();
-        let mut pending: FuturesUnordered<_> = jobs
-            .into_iter()
-            .enumerate()
-            .map(|(i, job)| async move { (i, swarm.send(job, limit).await) })
-            .collect();
-        let mut answered = vec![false; asked.len()];
+        let sends = jobs.into_iter().map(|job| swarm.send(job, limit)).collect();
+        let everyone = Wait {
+            enough: limit,
+            limit,
+        };
+        let mut answers = gathering(sends, everyone, |_, _| true);
         let mut round = Round::default();
         while round.passed_all.is_none() {
-            let next = tokio::select! {
-                next = pending.next() => next,
-                () = tokio::time::sleep_until(deadline) => None,
+            let Some((i, result)) = answers.next().await else {
+                break;
             };
-            let Some((i, result)) = next else { break };
-            answered[i] = true;
             let (target, job) = &asked[i];
             let Some(answer) = self.accept(target, job, result) else {
                 continue;
@@ -388,14 +385,16 @@ impl Run<'_> {
             }
             pool.push(candidate);
         }
-        drop(pending);
+        let unanswered = answers.unanswered();
+        drop(answers);
         let why = if round.passed_all.is_some() {
             "not needed: an answer of the repair round passed every trusted check, and another \
              candidate behaved as it did"
         } else {
             "did not answer in time: the request's limit"
         };
-        for ((target, job), _) in asked.iter().zip(answered).filter(|(_, a)| !a) {
+        for i in unanswered {
+            let (target, job) = &asked[i];
             self.record_failure(target, job, why.to_owned());
             round.dropped += 1;
         }

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::time::Instant;
 
 use super::target::Target;
 
@@ -85,29 +86,90 @@ pub(super) async fn gather<T, F>(
 where
     F: Future<Output = Result<T, String>>,
 {
-    let started = tokio::time::Instant::now();
     let mut results: Vec<Option<Result<T, String>>> = asks.iter().map(|_| None).collect();
-    let mut pending: FuturesUnordered<_> = asks
-        .into_iter()
-        .enumerate()
-        .map(|(i, ask)| async move { (i, ask.await) })
-        .collect();
-    let mut answered = false;
-    while !pending.is_empty() {
-        let until = started + if answered { wait.enough } else { wait.limit };
-        tokio::select! {
-            next = pending.next() => {
-                let Some((i, result)) = next else { break };
-                answered |= result.as_ref().is_ok_and(|answer| is_answer(i, answer));
-                results[i] = Some(result);
-            }
-            () = tokio::time::sleep_until(until) => break,
-        }
+    let mut answers = gathering(asks, wait, is_answer);
+    while let Some((i, result)) = answers.next().await {
+        results[i] = Some(result);
     }
     Gathered {
         results,
-        answered,
-        waited: started.elapsed(),
+        answered: answers.answered,
+        waited: answers.started.elapsed(),
+    }
+}
+
+/// Results as they come, under [`gather`]'s deadlines, for a caller that acts on each one
+/// before the next (and may stop taking them: the asks still running are dropped with it,
+/// which stops their work).
+pub(super) struct Gathering<Fut, P> {
+    pending: FuturesUnordered<Fut>,
+    came: Vec<bool>,
+    started: Instant,
+    wait: Wait,
+    is_answer: P,
+    answered: bool,
+    over: bool,
+}
+
+/// Starts `asks` together, their results to be taken with [`Gathering::next`].
+pub(super) fn gathering<T, F, P>(
+    asks: Vec<F>,
+    wait: Wait,
+    is_answer: P,
+) -> Gathering<impl Future<Output = (usize, Result<T, String>)>, P>
+where
+    F: Future<Output = Result<T, String>>,
+    P: Fn(usize, &T) -> bool,
+{
+    Gathering {
+        came: vec![false; asks.len()],
+        pending: asks
+            .into_iter()
+            .enumerate()
+            .map(|(i, ask)| async move { (i, ask.await) })
+            .collect(),
+        started: Instant::now(),
+        wait,
+        is_answer,
+        answered: false,
+        over: false,
+    }
+}
+
+impl<T, Fut, P> Gathering<Fut, P>
+where
+    Fut: Future<Output = (usize, Result<T, String>)>,
+    P: Fn(usize, &T) -> bool,
+{
+    /// The next result and the index of its ask; `None` once the wait is over (every ask
+    /// came back, or a deadline passed).
+    pub(super) async fn next(&mut self) -> Option<(usize, Result<T, String>)> {
+        if self.over {
+            return None;
+        }
+        let wait = if self.answered {
+            self.wait.enough
+        } else {
+            self.wait.limit
+        };
+        let next = tokio::select! {
+            next = self.pending.next() => next,
+            () = tokio::time::sleep_until(self.started + wait) => None,
+        };
+        let Some((i, result)) = next else {
+            self.over = true;
+            return None;
+        };
+        self.came[i] = true;
+        self.answered |= result
+            .as_ref()
+            .is_ok_and(|answer| (self.is_answer)(i, answer));
+        Some((i, result))
+    }
+
+    /// The asks whose results have not come (yet).
+    pub(super) fn unanswered(&self) -> Vec<usize> {
+        (0..self.came.len()).filter(|&i| !self.came[i]).collect()
     }
 }
 
@@ -215,5 +277,42 @@ mod tests {
         let asks = vec![answer(2, true), answer(50, true)];
         let g = gather(asks, wait(12, 100), |_, secs| *secs > 2).await;
         assert_eq!(g.waited, Duration::from_secs(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_stops_taking_results_leaves_the_rest_unanswered() {
+        // The repair round: it acts on each answer as it comes and stops at the one that
+        // settles the question; those still running are dropped with the gathering.
+        let asks = vec![
+            answer(30, true),
+            answer(5, true),
+            answer(9, true),
+            answer(7, false),
+        ];
+        let mut answers = gathering(asks, wait(100, 100), |_, _| true);
+        let started = tokio::time::Instant::now();
+        let mut came = Vec::new();
+        while let Some((i, result)) = answers.next().await {
+            came.push(i);
+            if result == Ok(9) {
+                break;
+            }
+        }
+        assert_eq!(came, [1, 3, 2], "in the order they came, failures included");
+        assert_eq!(answers.unanswered(), [0]);
+        assert_eq!(started.elapsed(), Duration::from_secs(9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gathering_ends_at_its_deadline_and_stays_ended() {
+        let asks = vec![answer(3, true), answer(50, true)];
+        let mut answers = gathering(asks, wait(12, 100), |_, _| true);
+        assert!(matches!(answers.next().await, Some((0, Ok(3)))));
+        assert!(
+            answers.next().await.is_none(),
+            "past enough, with an answer"
+        );
+        assert!(answers.next().await.is_none());
+        assert_eq!(answers.unanswered(), [1]);
     }
 }
