@@ -52,6 +52,103 @@ pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], act: &Q8Row) -> f32 {
     unsafe { vec_dot_q4_1_q8_1_avx512(w, act) }
 }
 
+/// Q4_K single row in llama.cpp's repacked-GEMV order (`Order::Q4kBlocks`, a decode
+/// step's): per super-block `acc = fma(sum, d_w·d_a, acc)` and `acc_min = fma(min_sum,
+/// dmin_w·d_a, acc_min)`, the result `acc - acc_min` — `kquant::q4k_blocks` bit for bit
+/// (tested), with a pair of sub-blocks (64 nibbles) per zmm register.
+pub(super) fn vec_dot_q4_k_blocks(w: &[u8], act: &Q8Row) -> f32 {
+    // Safety: only selected by `kquant::dot_for` after `available()`.
+    unsafe { vec_dot_q4_k_avx512::<false>(w, act) }
+}
+
+/// The same in the repacked-GEMM order (`Order::Q4kPairs`): the float steps per pair of
+/// sub-blocks (`kquant::q4k_pairs` bit for bit).
+pub(super) fn vec_dot_q4_k_pairs(w: &[u8], act: &Q8Row) -> f32 {
+    // Safety: as above.
+    unsafe { vec_dot_q4_k_avx512::<true>(w, act) }
+}
+
+/// The i16 lane indices that spread sub-block `2p`'s scale over lanes 0..16 and `2p + 1`'s
+/// over 16..32 (`vpermw`).
+#[target_feature(enable = "avx2,avx512f")]
+#[inline]
+unsafe fn pair_scale_index(p: i16) -> __m512i {
+    _mm512_inserti64x4::<1>(
+        _mm512_castsi256_si512(_mm256_set1_epi16(2 * p)),
+        _mm256_set1_epi16(2 * p + 1),
+    )
+}
+
+/// Per pair of sub-blocks: the packed bytes' low nibbles (sub-block `2p`) and high nibbles
+/// (`2p + 1`) side by side in one zmm, times the 64 activation bytes (`maddubs`: at most
+/// 2 · 15 · 128 in 16 bits, no saturation), times each sub-block's 6-bit scale (`madd`,
+/// exact in 32 bits). The integer sums are exact, so their grouping is free; the float
+/// steps are `kquant::q4k_repacked`'s.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+unsafe fn vec_dot_q4_k_avx512<const PAIRS: bool>(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q4_K_BLOCK_BYTES;
+    assert!(act.d.len() >= nb && act.qs.len() >= nb * QK_K && act.bsums.len() >= nb * 16);
+    let low = _mm512_set1_epi8(0x0f);
+    // The upper half of a register shifted down by 4: the high nibbles.
+    let shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+    let scale_indices = [
+        pair_scale_index(0),
+        pair_scale_index(1),
+        pair_scale_index(2),
+        pair_scale_index(3),
+    ];
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for b in 0..nb {
+        let block = w.as_ptr().add(b * Q4_K_BLOCK_BYTES);
+        // `d` and `dmin` (F16C: the same conversion as `kquant::f16_bits_to_f32`).
+        let d_dmin = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+        let d = _mm_cvtss_f32(d_dmin) * act.d[b];
+        let dmin = _mm_cvtss_f32(_mm_movehdup_ps(d_dmin)) * act.d[b];
+        // 16 lanes of i16: the 8 scales, then the 8 minimums.
+        let scales_mins = _mm256_cvtepu8_epi16(super::x86::q4_k_scales_mins(block.add(4)));
+        let scales = _mm512_castsi256_si512(scales_mins);
+        // Each sub-block's activation sum (pairs of 16-sums), times its minimum, in pairs.
+        let bsums = _mm256_loadu_si256(act.bsums.as_ptr().add(b * 16) as *const __m256i);
+        let sub_sums = _mm_hadd_epi16(
+            _mm256_castsi256_si128(bsums),
+            _mm256_extracti128_si256::<1>(bsums),
+        );
+        let mins = _mm_madd_epi16(_mm256_extracti128_si256::<1>(scales_mins), sub_sums);
+        let q8 = act.qs.as_ptr().add(b * QK_K);
+        let mut total = _mm512_setzero_si512();
+        for (p, index) in scale_indices.iter().enumerate() {
+            let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                block.add(16 + 32 * p) as *const __m256i,
+            ));
+            let nibbles = _mm512_and_si512(_mm512_srlv_epi64(packed, shifts), low);
+            let a = _mm512_loadu_si512(q8.add(64 * p) as *const _);
+            let sums = _mm512_madd_epi16(
+                _mm512_maddubs_epi16(nibbles, a),
+                _mm512_permutexvar_epi16(*index, scales),
+            );
+            if PAIRS {
+                let min = match p {
+                    0 => _mm_extract_epi32::<0>(mins),
+                    1 => _mm_extract_epi32::<1>(mins),
+                    2 => _mm_extract_epi32::<2>(mins),
+                    _ => _mm_extract_epi32::<3>(mins),
+                };
+                acc = (_mm512_reduce_add_epi32(sums) as f32).mul_add(d, acc);
+                acc_min = (min as f32).mul_add(dmin, acc_min);
+            } else {
+                total = _mm512_add_epi32(total, sums);
+            }
+        }
+        if !PAIRS {
+            let min = _mm_add_epi32(mins, _mm_unpackhi_epi64(mins, mins));
+            let min = _mm_cvtsi128_si32(_mm_add_epi32(min, _mm_shuffle_epi32::<0b01>(min)));
+            acc = (_mm512_reduce_add_epi32(total) as f32).mul_add(d, acc);
+            acc_min = (min as f32).mul_add(dmin, acc_min);
+        }
+    }
+    acc - acc_min
+}
+
 /// The 16 packed bytes of a 32-element block as 32 nibbles, low nibbles first: the bytes
 /// in both halves, the upper half shifted down by 4, masked.
 #[inline(always)]
@@ -729,36 +826,95 @@ unsafe fn tile_q6_k_lanes_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
     for b in 0..nb {
         let block = &w[b * Q6_K_BLOCK_BYTES..][..Q6_K_BLOCK_BYTES];
         let (values, sc) = q6_k_unpack(block);
-        // The 16 sub-block scales, ×32 (the values are stored + 32).
-        let scales32 = _mm512_slli_epi32::<5>(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-            block.as_ptr().add(192) as *const __m128i,
-        )));
+        let scales32 = q6_k_scales32(block);
         let d_w = kquant::f16_bits_to_f32(u16::from_le_bytes([block[208], block[209]]));
         for (r, acc) in acc.iter_mut().enumerate().take(t.n) {
-            let sum = q6_k_row_lanes(&values, &sc, t.qs[r].as_ptr().add(b * QK_K));
-            // Register lane L holds elements 4L..4L+4 of a 64: llama.cpp's lane L % 8.
-            let folded = _mm256_add_epi32(
-                _mm512_castsi512_si256(sum),
-                _mm512_extracti64x4_epi64::<1>(sum),
+            let lanes = q6_k_lane_totals(
+                &values,
+                &sc,
+                scales32,
+                t.qs[r].as_ptr().add(b * QK_K),
+                t.row_bsums[r].as_ptr().add(b * 16),
             );
-            // Lane n's offset: sub-blocks 2n and 2n + 1, each sum times 32 × its scale.
-            let bs = _mm512_cvtepi16_epi32(_mm256_loadu_si256(
-                t.row_bsums[r].as_ptr().add(b * 16) as *const __m256i
-            ));
-            let scaled = _mm512_mullo_epi32(bs, scales32);
-            let pairs = _mm512_add_epi32(scaled, _mm512_srli_epi64::<32>(scaled));
-            let offset = _mm512_cvtepi64_epi32(pairs);
-            let lanes = _mm256_cvtepi32_ps(_mm256_sub_epi32(folded, offset));
             let d = t.d[b * KQ_TILE + r] * d_w;
-            *acc = _mm256_fmadd_ps(lanes, _mm256_set1_ps(d), *acc);
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(d), *acc);
         }
     }
     for (r, acc) in acc.iter().enumerate().take(t.n) {
-        let mut a = [0f32; 8];
-        _mm256_storeu_ps(a.as_mut_ptr(), *acc);
-        // hsum_float_8: the halves, then pairs, then the last two.
-        out[r] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+        out[r] = hsum_float_8(*acc);
     }
+}
+
+/// Q6_K single row in `ggml_vec_dot_q6_K_q8_K`'s order (`Order::Q6kLanes`, a decode
+/// step's): `kquant::q6k_lanes` bit for bit (tested), one super-block per pass.
+pub(super) fn vec_dot_q6_k_lanes(w: &[u8], act: &Q8Row) -> f32 {
+    // Safety: only selected by `kquant::dot_for` after `available()`.
+    unsafe { vec_dot_q6_k_lanes_avx512(w, act) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+unsafe fn vec_dot_q6_k_lanes_avx512(w: &[u8], act: &Q8Row) -> f32 {
+    let nb = w.len() / Q6_K_BLOCK_BYTES;
+    assert!(act.d.len() >= nb && act.qs.len() >= nb * QK_K && act.bsums.len() >= nb * 16);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        let block = &w[b * Q6_K_BLOCK_BYTES..][..Q6_K_BLOCK_BYTES];
+        let (values, sc) = q6_k_unpack(block);
+        let lanes = q6_k_lane_totals(
+            &values,
+            &sc,
+            q6_k_scales32(block),
+            act.qs.as_ptr().add(b * QK_K),
+            act.bsums.as_ptr().add(b * 16),
+        );
+        let d_w = kquant::f16_bits_to_f32(u16::from_le_bytes([block[208], block[209]]));
+        let d = act.d[b] * d_w;
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(d), acc);
+    }
+    hsum_float_8(acc)
+}
+
+/// llama.cpp's `hsum_float_8`: the halves, then pairs, then the last two.
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn hsum_float_8(v: __m256) -> f32 {
+    let mut a = [0f32; 8];
+    _mm256_storeu_ps(a.as_mut_ptr(), v);
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// A Q6_K super-block's 16 sub-block scales, ×32 (its values are stored + 32).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn q6_k_scales32(block: &[u8]) -> __m512i {
+    _mm512_slli_epi32::<5>(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+        block.as_ptr().add(192) as *const __m128i,
+    )))
+}
+
+/// One activation row's integer totals with an unpacked Q6_K super-block in llama.cpp's 8
+/// lanes (`x86::q6_k_lane_totals`'s): lane n holds elements `4n..4n+4` of every 32,
+/// times their scales, less 32 × the scaled sums of sub-blocks `2n` and `2n + 1`.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512dq,avx512vnni")]
+#[inline]
+unsafe fn q6_k_lane_totals(
+    values: &[__m512i; 4],
+    sc: &[__m512i; 4],
+    scales32: __m512i,
+    q: *const i8,
+    bsums: *const i16,
+) -> __m256i {
+    let sum = q6_k_row_lanes(values, sc, q);
+    // Register lane L holds elements 4L..4L+4 of a 64: llama.cpp's lane L % 8.
+    let folded = _mm256_add_epi32(
+        _mm512_castsi512_si256(sum),
+        _mm512_extracti64x4_epi64::<1>(sum),
+    );
+    // Lane n's offset: sub-blocks 2n and 2n + 1, each sum times 32 × its scale.
+    let bs = _mm512_cvtepi16_epi32(_mm256_loadu_si256(bsums as *const __m256i));
+    let scaled = _mm512_mullo_epi32(bs, scales32);
+    let pairs = _mm512_add_epi32(scaled, _mm512_srli_epi64::<32>(scaled));
+    _mm256_sub_epi32(folded, _mm512_cvtepi64_epi32(pairs))
 }
 
 /// One row's scaled integer products with a Q6_K super-block: 16 lanes, lane L of the sum

@@ -51,9 +51,25 @@ pub(super) fn order(format: Format, rows: usize, m: usize, i: usize) -> Option<O
     })
 }
 
-/// The dot product function for an order (`VecDot` gives the format's own kernel): the
-/// FMA-compiled copy where the CPU has it (`fma`), else the plain one.
+/// The dot product function for an order (`VecDot` gives the format's own kernel): Q4_K's
+/// AVX-512 single rows where the CPU has them, else [`portable`]'s. Every choice gives the
+/// same bits.
 pub(super) fn dot_for(order: Order, vec_dot: VecDot) -> VecDot {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::available() && super::tiles_setting() != "avx2" {
+        match order {
+            Order::Q4kBlocks => return super::avx512::vec_dot_q4_k_blocks,
+            Order::Q4kPairs => return super::avx512::vec_dot_q4_k_pairs,
+            Order::Q6kLanes => return super::avx512::vec_dot_q6_k_lanes,
+            _ => {}
+        }
+    }
+    portable(order, vec_dot)
+}
+
+/// [`dot_for`] without the AVX-512 single rows: the FMA-compiled copy where the CPU has it
+/// (`fma`; its integer parts in AVX2), else the plain one.
+pub(super) fn portable(order: Order, vec_dot: VecDot) -> VecDot {
     let (plain, fused): (VecDot, VecDot) = match order {
         Order::Q6kLanes => (q6k_lanes, fma::q6k_lanes),
         Order::Q6kTiled => (q6k_tiled, fma::q6k_tiled),

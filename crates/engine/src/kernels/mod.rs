@@ -640,7 +640,7 @@ fn k_tiles<'a>(
 /// For measurements: `SHOAL_KERNEL_TILES=pairwise` sends prompts one (weight row,
 /// activation row) pair at a time (the path before tiles), `avx2` keeps the AVX-512 tiles
 /// out; unset, the fastest this CPU has. Every setting gives the same bits.
-fn tiles_setting() -> &'static str {
+pub(super) fn tiles_setting() -> &'static str {
     static SETTING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SETTING.get_or_init(|| std::env::var("SHOAL_KERNEL_TILES").unwrap_or_default())
 }
@@ -917,6 +917,24 @@ mod tests {
                     let act = quantize_for(format, &random_f32(cols, seed * 100 + row + 50));
                     let (got, want) = (fast(&w, &act), avx2(&w, &act));
                     assert_eq!(got.to_bits(), want.to_bits(), "{format:?} cols {cols}");
+                }
+            }
+        }
+        // The k-quants in llama.cpp's orders of a single row, against the AVX2 integer parts.
+        use kquant::Order;
+        for (format, order) in [
+            (Format::Q4K, Order::Q4kBlocks),
+            (Format::Q4K, Order::Q4kPairs),
+            (Format::Q6K, Order::Q6kLanes),
+        ] {
+            let fast = kquant::dot_for(order, x86::vec_dot_q4_k_q8_k);
+            let avx2 = kquant::portable(order, x86::vec_dot_q4_k_q8_k);
+            for (cols, seed) in [(256usize, 15), (1536, 16), (8960, 17)] {
+                for row in 0..8u64 {
+                    let w = random_blocks(format, 1, cols, seed * 100 + row);
+                    let act = quantize_for(format, &random_f32(cols, seed * 100 + row + 50));
+                    let (got, want) = (fast(&w, &act), avx2(&w, &act));
+                    assert_eq!(got.to_bits(), want.to_bits(), "{order:?} cols {cols}");
                 }
             }
         }

@@ -232,7 +232,7 @@ pub(super) fn vec_dot_q4_k_q8_k(w: &[u8], act: &Q8Row) -> f32 {
 /// The 8 scales then the 8 minimums of a Q4_K super-block as bytes, unpacked from their
 /// 12 bytes of 6-bit fields with llama.cpp's masks.
 #[inline(always)]
-unsafe fn q4_k_scales_mins(p: *const u8) -> __m128i {
+pub(super) unsafe fn q4_k_scales_mins(p: *const u8) -> __m128i {
     const KMASK1: u32 = 0x3f3f3f3f;
     const KMASK2: u32 = 0x0f0f0f0f;
     const KMASK3: u32 = 0x03030303;
