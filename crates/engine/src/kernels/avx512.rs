@@ -118,7 +118,7 @@ unsafe fn vec_dot_q4_k_avx512<const PAIRS: bool>(w: &[u8], act: &Q8Row) -> f32 {
         let mut total = _mm512_setzero_si512();
         for (p, index) in scale_indices.iter().enumerate() {
             let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                block.add(16 + 32 * p) as *const __m256i,
+                block.add(16 + 32 * p) as *const __m256i
             ));
             let nibbles = _mm512_and_si512(_mm512_srlv_epi64(packed, shifts), low);
             let a = _mm512_loadu_si512(q8.add(64 * p) as *const _);
@@ -778,6 +778,182 @@ unsafe fn tile_q4_k_avx512<const PAIRS: bool>(w: &[u8], t: &KTile, out: &mut [f3
         }
     }
     store_lanes(_mm512_sub_ps(acc, acc_min), t.n, out);
+}
+
+/// Weight rows per Q4_K panel: one per f32 lane, as many as a work chunk has.
+pub(super) const PANEL: usize = 16;
+
+/// 16 weight rows times a tile's rows at once (`Order::Q4kPairs`): `out[j * KQ_TILE + r]`
+/// is weight row `j` times tile row `r`, bit for bit `tile_q4_k_pairs`. Where a tile puts
+/// a weight block's 64 values in the lanes of a register and must add 16 lanes per row
+/// afterwards, a panel puts 16 weight rows in the lanes: each `vpdpbusd` adds 4 products
+/// to each row's own sum, and the sums need no adding across lanes.
+pub(super) fn panel_q4_k_pairs(rows: &[u8], row_bytes: usize, t: &KTile, out: &mut [f32]) {
+    // Safety: only selected after `available()`; the sizes are checked inside.
+    unsafe { panel_q4_k_avx512::<true>(rows, row_bytes, t, out) }
+}
+
+/// The same in the GEMV order (`Order::Q4kBlocks`), bit for bit `tile_q4_k_blocks`.
+pub(super) fn panel_q4_k_blocks(rows: &[u8], row_bytes: usize, t: &KTile, out: &mut [f32]) {
+    // Safety: as above.
+    unsafe { panel_q4_k_avx512::<false>(rows, row_bytes, t, out) }
+}
+
+/// `PAIRS`: the float step per pair of sub-blocks, else per super-block (as in
+/// `tile_q4_k_avx512`). Lane `j` of every register is weight row `j`: its nibbles four at
+/// a time (`vpgatherdd` across the rows), its scales and minimums, its `d` and `dmin`;
+/// each tile row's activation bytes are broadcast four at a time.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+unsafe fn panel_q4_k_avx512<const PAIRS: bool>(
+    rows: &[u8],
+    row_bytes: usize,
+    t: &KTile,
+    out: &mut [f32],
+) {
+    let nb = row_bytes / Q4_K_BLOCK_BYTES;
+    assert!(row_bytes == nb * Q4_K_BLOCK_BYTES && rows.len() >= PANEL * row_bytes);
+    assert!(i32::try_from(PANEL * row_bytes).is_ok() && out.len() >= PANEL * KQ_TILE);
+    assert!(t.d.len() >= nb * KQ_TILE && t.n <= KQ_TILE);
+    assert!(t.qs.iter().all(|q| q.len() >= nb * QK_K));
+    assert!(t.row_bsums.iter().all(|s| s.len() >= nb * 16));
+    let zero = _mm512_setzero_si512();
+    let low = _mm512_set1_epi8(0x0f);
+    let lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    let row_starts = _mm512_mullo_epi32(lane, _mm512_set1_epi32(row_bytes as i32));
+    let sm_rows = _mm512_mullo_epi32(lane, _mm512_set1_epi32(16));
+    let byte = _mm512_set1_epi32(0xff);
+    let high_byte = _mm512_set1_epi32(0x00ff_0000);
+    let mut acc = [_mm512_setzero_ps(); KQ_TILE];
+    let mut acc_min = [_mm512_setzero_ps(); KQ_TILE];
+    for b in 0..nb {
+        let base = rows.as_ptr().add(b * Q4_K_BLOCK_BYTES);
+        // Each row's `d`, `dmin` and unpacked scales and minimums, then across the rows.
+        let mut d_dmin = [0i32; PANEL];
+        let mut scales_mins = [[0u8; 16]; PANEL];
+        for (j, (dd, sm)) in d_dmin.iter_mut().zip(&mut scales_mins).enumerate() {
+            let block = base.add(j * row_bytes);
+            *dd = (block as *const i32).read_unaligned();
+            let unpacked = super::x86::q4_k_scales_mins(block.add(4));
+            _mm_storeu_si128(sm.as_mut_ptr() as *mut __m128i, unpacked);
+        }
+        let dd = _mm512_loadu_si512(d_dmin.as_ptr() as *const _);
+        let d_w = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+        let dmin_w = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+        // Dword k of every row's 16 bytes (scales 4k..4k+4; for k = 2, 3 minimums).
+        let table = scales_mins.as_ptr() as *const i32;
+        let sm0 = _mm512_i32gather_epi32::<1>(sm_rows, table);
+        let sm1 =
+            _mm512_i32gather_epi32::<1>(_mm512_add_epi32(sm_rows, _mm512_set1_epi32(4)), table);
+        let sm2 =
+            _mm512_i32gather_epi32::<1>(_mm512_add_epi32(sm_rows, _mm512_set1_epi32(8)), table);
+        let sm3 =
+            _mm512_i32gather_epi32::<1>(_mm512_add_epi32(sm_rows, _mm512_set1_epi32(12)), table);
+        let scales = [
+            _mm512_and_si512(sm0, byte),
+            _mm512_and_si512(_mm512_srli_epi32::<8>(sm0), byte),
+            _mm512_and_si512(_mm512_srli_epi32::<16>(sm0), byte),
+            _mm512_srli_epi32::<24>(sm0),
+            _mm512_and_si512(sm1, byte),
+            _mm512_and_si512(_mm512_srli_epi32::<8>(sm1), byte),
+            _mm512_and_si512(_mm512_srli_epi32::<16>(sm1), byte),
+            _mm512_srli_epi32::<24>(sm1),
+        ];
+        // A pair's two minimums as the 16-bit halves of a lane: bytes 0, 1 or 2, 3.
+        let mins = [
+            _mm512_or_si512(
+                _mm512_and_si512(sm2, byte),
+                _mm512_and_si512(_mm512_slli_epi32::<8>(sm2), high_byte),
+            ),
+            _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi32::<16>(sm2), byte),
+                _mm512_and_si512(_mm512_srli_epi32::<8>(sm2), high_byte),
+            ),
+            _mm512_or_si512(
+                _mm512_and_si512(sm3, byte),
+                _mm512_and_si512(_mm512_slli_epi32::<8>(sm3), high_byte),
+            ),
+            _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi32::<16>(sm3), byte),
+                _mm512_and_si512(_mm512_srli_epi32::<8>(sm3), high_byte),
+            ),
+        ];
+        let mut block_sums = [zero; KQ_TILE];
+        let mut block_mins = [zero; KQ_TILE];
+        for p in 0..4 {
+            // Dword k of the pair's 32 packed bytes, in every row: its low nibbles are
+            // elements 4k..4k+4 of sub-block 2p, its high nibbles those of 2p + 1.
+            let mut lo = [zero; 8];
+            let mut hi = [zero; 8];
+            for k in 0..8 {
+                let at =
+                    _mm512_add_epi32(row_starts, _mm512_set1_epi32((16 + 32 * p + 4 * k) as i32));
+                let packed = _mm512_i32gather_epi32::<1>(at, base as *const i32);
+                lo[k] = _mm512_and_si512(packed, low);
+                hi[k] = _mm512_and_si512(_mm512_srli_epi32::<4>(packed), low);
+            }
+            for r in 0..t.n {
+                let q = t.qs[r].as_ptr().add(b * QK_K + 64 * p) as *const i32;
+                let (mut s_lo, mut s_hi) = (zero, zero);
+                for k in 0..8 {
+                    s_lo = _mm512_dpbusd_epi32(
+                        s_lo,
+                        lo[k],
+                        _mm512_set1_epi32(q.add(k).read_unaligned()),
+                    );
+                    s_hi = _mm512_dpbusd_epi32(
+                        s_hi,
+                        hi[k],
+                        _mm512_set1_epi32(q.add(8 + k).read_unaligned()),
+                    );
+                }
+                let sums = _mm512_add_epi32(
+                    _mm512_mullo_epi32(s_lo, scales[2 * p]),
+                    _mm512_mullo_epi32(s_hi, scales[2 * p + 1]),
+                );
+                // The pair's two sub-block sums of activations (as `_mm_hadd_epi16` adds
+                // them), times the row's two minimums.
+                let bs = &t.row_bsums[r][b * 16 + 4 * p..][..4];
+                let sub0 = bs[0].wrapping_add(bs[1]) as u16 as i32;
+                let sub1 = bs[2].wrapping_add(bs[3]) as u16 as i32;
+                let min_sums = _mm512_madd_epi16(mins[p], _mm512_set1_epi32(sub0 | sub1 << 16));
+                if PAIRS {
+                    let da = _mm512_set1_ps(t.d[b * KQ_TILE + r]);
+                    acc[r] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(d_w, da), acc[r]);
+                    acc_min[r] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(min_sums),
+                        _mm512_mul_ps(dmin_w, da),
+                        acc_min[r],
+                    );
+                } else {
+                    block_sums[r] = _mm512_add_epi32(block_sums[r], sums);
+                    block_mins[r] = _mm512_add_epi32(block_mins[r], min_sums);
+                }
+            }
+        }
+        if !PAIRS {
+            for r in 0..t.n {
+                let da = _mm512_set1_ps(t.d[b * KQ_TILE + r]);
+                acc[r] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(block_sums[r]),
+                    _mm512_mul_ps(d_w, da),
+                    acc[r],
+                );
+                acc_min[r] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(block_mins[r]),
+                    _mm512_mul_ps(dmin_w, da),
+                    acc_min[r],
+                );
+            }
+        }
+    }
+    let mut by_row = [0f32; PANEL];
+    for r in 0..t.n {
+        _mm512_storeu_ps(by_row.as_mut_ptr(), _mm512_sub_ps(acc[r], acc_min[r]));
+        for (j, v) in by_row.iter().enumerate() {
+            out[j * KQ_TILE + r] = *v;
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]

@@ -475,6 +475,9 @@ impl QuantMatrix {
         // it is in cache. The result comes out transposed ([rows, m]) and is turned around
         // at the end when m > 1.
         const CHUNK: usize = 16;
+        // A chunk is a whole k-quant panel.
+        #[cfg(target_arch = "x86_64")]
+        const _: () = assert!(CHUNK == avx512::PANEL);
         let work = |(c, dst): (usize, &mut [f32])| {
             let weight = |j: usize| &data[(c * CHUNK + j) * row_bytes..][..row_bytes];
             // Activation tiles outside, the chunk's weight rows (in cache) inside.
@@ -503,14 +506,31 @@ impl QuantMatrix {
             }
             #[cfg(target_arch = "x86_64")]
             if let Some((tiles, tiled_rows)) = &k_tiles {
+                let weight_rows = dst.len() / m;
                 let mut lanes = [0f32; avx512::KQ_TILE];
-                for (j, dst_row) in dst.chunks_mut(m).enumerate() {
-                    for (kernel, tile, rows) in tiles {
+                let mut panel_out = [0f32; avx512::PANEL * avx512::KQ_TILE];
+                for (kernel, panel, tile, rows) in tiles {
+                    if let Some(panel) = panel.filter(|_| weight_rows == avx512::PANEL) {
+                        let chunk = &data[c * CHUNK * row_bytes..][..CHUNK * row_bytes];
+                        panel(chunk, row_bytes, tile, &mut panel_out);
+                        for (dst_row, by_tile_row) in dst
+                            .chunks_mut(m)
+                            .zip(panel_out.chunks_exact(avx512::KQ_TILE))
+                        {
+                            for (&i, &v) in rows.iter().zip(by_tile_row) {
+                                dst_row[i] = v;
+                            }
+                        }
+                        continue;
+                    }
+                    for (j, dst_row) in dst.chunks_mut(m).enumerate() {
                         kernel(weight(j), tile, &mut lanes);
                         for (&i, &v) in rows.iter().zip(&lanes) {
                             dst_row[i] = v;
                         }
                     }
+                }
+                for (j, dst_row) in dst.chunks_mut(m).enumerate() {
                     for (i, out) in dst_row.iter_mut().enumerate() {
                         if !tiled_rows[i] {
                             *out = dots[i](weight(j), &acts[i]);
@@ -578,28 +598,46 @@ impl OutPtr {
 #[cfg(target_arch = "x86_64")]
 type KTileDot = fn(&[u8], &avx512::KTile, &mut [f32]);
 
+/// A k-quant panel kernel: `avx512::PANEL` whole weight rows (of the given length) times a
+/// tile's rows, weight row `j` times tile row `r` into `out[j * KQ_TILE + r]`; bit for bit
+/// its tile kernel.
+#[cfg(target_arch = "x86_64")]
+type KPanelDot = fn(&[u8], usize, &avx512::KTile, &mut [f32]);
+
+/// A tile of activation rows with its kernels (a panel kernel where the format has one)
+/// and the indices of its rows.
+#[cfg(target_arch = "x86_64")]
+type KTileJob<'a> = (KTileDot, Option<KPanelDot>, avx512::KTile<'a>, Vec<usize>);
+
 /// K-quant rows whose order (`kquant::order`, from the row's own segment) has a tile
 /// kernel on this CPU — a prompt's, or several decode steps' (a verification pass, sessions
 /// batched) — in tiles of up to 16 rows of one order: per tile its kernel and the indices
 /// of its rows, and which rows are tiled. `None` where nothing is tiled.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::type_complexity)]
 fn k_tiles<'a>(
     acts: &'a [Q8Row],
     segments: &[usize],
     format: Format,
     n: usize,
     tiled: bool,
-) -> Option<(Vec<(KTileDot, avx512::KTile<'a>, Vec<usize>)>, Vec<bool>)> {
+) -> Option<(Vec<KTileJob<'a>>, Vec<bool>)> {
     use kquant::Order;
-    let kernels: &[(Order, KTileDot)] = match format {
+    let kernels: &[(Order, KTileDot, Option<KPanelDot>)] = match format {
         Format::Q4K => &[
-            (Order::Q4kPairs, avx512::tile_q4_k_pairs),
-            (Order::Q4kBlocks, avx512::tile_q4_k_blocks),
+            (
+                Order::Q4kPairs,
+                avx512::tile_q4_k_pairs,
+                Some(avx512::panel_q4_k_pairs),
+            ),
+            (
+                Order::Q4kBlocks,
+                avx512::tile_q4_k_blocks,
+                Some(avx512::panel_q4_k_blocks),
+            ),
         ],
         Format::Q6K => &[
-            (Order::Q6kTiled, avx512::tile_q6_k_tiled),
-            (Order::Q6kLanes, avx512::tile_q6_k_lanes),
+            (Order::Q6kTiled, avx512::tile_q6_k_tiled, None),
+            (Order::Q6kLanes, avx512::tile_q6_k_lanes, None),
         ],
         _ => return None,
     };
@@ -611,12 +649,12 @@ fn k_tiles<'a>(
     for &len in segments {
         for i in 0..len {
             let order = kquant::order(format, n, len, i);
-            by_row.push(kernels.iter().position(|(o, _)| Some(*o) == order));
+            by_row.push(kernels.iter().position(|(o, _, _)| Some(*o) == order));
         }
     }
     let mut tiled_rows = vec![false; acts.len()];
     let mut tiles = Vec::new();
-    for (k, &(_, kernel)) in kernels.iter().enumerate() {
+    for (k, &(_, kernel, panel)) in kernels.iter().enumerate() {
         let rows: Vec<usize> = (0..acts.len()).filter(|&i| by_row[i] == Some(k)).collect();
         // One row alone: the single-row kernel is faster than a tile (measured on Qwen 1.5B
         // decode, 30 against 21 tok/s: the tile's set-up and transposition are not shared).
@@ -625,7 +663,7 @@ fn k_tiles<'a>(
         }
         for idx in rows.chunks(avx512::KQ_TILE) {
             let group: Vec<&Q8Row> = idx.iter().map(|&i| &acts[i]).collect();
-            tiles.push((kernel, avx512::KTile::new(&group), idx.to_vec()));
+            tiles.push((kernel, panel, avx512::KTile::new(&group), idx.to_vec()));
             for &i in idx {
                 tiled_rows[i] = true;
             }
