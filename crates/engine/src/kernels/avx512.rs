@@ -956,6 +956,140 @@ unsafe fn panel_q4_k_avx512<const PAIRS: bool>(
     }
 }
 
+/// 16 weight rows times a tile's rows in llama.cpp's tiled order (`Order::Q6kTiled`): per
+/// super-block `acc = fma(total·d_w, d_a, acc)`, bit for bit `tile_q6_k_tiled` (see
+/// `panel_q4_k_pairs` for the layout).
+pub(super) fn panel_q6_k_tiled(rows: &[u8], row_bytes: usize, t: &KTile, out: &mut [f32]) {
+    // Safety: only selected after `available()`; the sizes are checked inside.
+    unsafe { panel_q6_k_tiled_avx512(rows, row_bytes, t, out) }
+}
+
+/// Dword `offset` of 16 rows: lane `j` reads `base + row_starts[j] + offset`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn gather_rows(row_starts: __m512i, base: *const u8, offset: usize) -> __m512i {
+    _mm512_i32gather_epi32::<1>(
+        _mm512_add_epi32(row_starts, _mm512_set1_epi32(offset as i32)),
+        base as *const i32,
+    )
+}
+
+/// Each row's 256 values as stored (6-bit, + 32) four at a time (`values[g]`: elements
+/// `4g..4g+4`), the integer total per super-block as `Σ scale · (stored · a)` less
+/// `32 · Σ scale · (16-sum of a)` (exact), then the float step.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+unsafe fn panel_q6_k_tiled_avx512(rows: &[u8], row_bytes: usize, t: &KTile, out: &mut [f32]) {
+    let nb = row_bytes / Q6_K_BLOCK_BYTES;
+    assert!(row_bytes == nb * Q6_K_BLOCK_BYTES && rows.len() >= PANEL * row_bytes);
+    assert!(i32::try_from(PANEL * row_bytes).is_ok() && out.len() >= PANEL * KQ_TILE);
+    assert!(t.d.len() >= nb * KQ_TILE && t.n <= KQ_TILE);
+    assert!(t.qs.iter().all(|q| q.len() >= nb * QK_K));
+    assert!(t.row_bsums.iter().all(|s| s.len() >= nb * 16));
+    let zero = _mm512_setzero_si512();
+    let lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    let row_starts = _mm512_mullo_epi32(lane, _mm512_set1_epi32(row_bytes as i32));
+    let nibble = _mm512_set1_epi32(0x0f0f_0f0f);
+    let two = _mm512_set1_epi32(0x0303_0303);
+    let mut acc = [_mm512_setzero_ps(); KQ_TILE];
+    let mut values = [zero; QK_K / 4];
+    for b in 0..nb {
+        let base = rows.as_ptr().add(b * Q6_K_BLOCK_BYTES);
+        // Per half of 128: `ql` dwords k and k + 8 hold elements 4k.. and 32 + 4k.. (low
+        // nibbles) and 64 + 4k.., 96 + 4k.. (high nibbles); `qh` dword k their top bits.
+        for h in 0..2 {
+            for k in 0..8 {
+                let ql_a = gather_rows(row_starts, base, 64 * h + 4 * k);
+                let ql_b = gather_rows(row_starts, base, 64 * h + 32 + 4 * k);
+                let qh = gather_rows(row_starts, base, 128 + 32 * h + 4 * k);
+                let g = 32 * h + k;
+                values[g] = _mm512_or_si512(
+                    _mm512_and_si512(ql_a, nibble),
+                    _mm512_slli_epi32::<4>(_mm512_and_si512(qh, two)),
+                );
+                values[g + 8] = _mm512_or_si512(
+                    _mm512_and_si512(ql_b, nibble),
+                    _mm512_slli_epi32::<2>(_mm512_and_si512(qh, _mm512_slli_epi32::<2>(two))),
+                );
+                values[g + 16] = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi32::<4>(ql_a), nibble),
+                    _mm512_and_si512(qh, _mm512_slli_epi32::<4>(two)),
+                );
+                values[g + 24] = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi32::<4>(ql_b), nibble),
+                    _mm512_srli_epi32::<2>(_mm512_and_si512(qh, _mm512_slli_epi32::<6>(two))),
+                );
+            }
+        }
+        // The 16 signed scales (bytes 192..208), each sign-extended to 32 bits, and in
+        // pairs as 16-bit halves for the offsets.
+        let sc = [
+            gather_rows(row_starts, base, 192),
+            gather_rows(row_starts, base, 196),
+            gather_rows(row_starts, base, 200),
+            gather_rows(row_starts, base, 204),
+        ];
+        let scales = [
+            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(sc[0])),
+            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(sc[0])),
+            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(sc[0])),
+            _mm512_srai_epi32::<24>(sc[0]),
+            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(sc[1])),
+            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(sc[1])),
+            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(sc[1])),
+            _mm512_srai_epi32::<24>(sc[1]),
+            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(sc[2])),
+            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(sc[2])),
+            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(sc[2])),
+            _mm512_srai_epi32::<24>(sc[2]),
+            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(sc[3])),
+            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(sc[3])),
+            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(sc[3])),
+            _mm512_srai_epi32::<24>(sc[3]),
+        ];
+        let halves = _mm512_set1_epi32(0xffff);
+        let mut scale_pairs = [zero; 8];
+        for (u, pair) in scale_pairs.iter_mut().enumerate() {
+            *pair = _mm512_or_si512(
+                _mm512_and_si512(scales[2 * u], halves),
+                _mm512_slli_epi32::<16>(scales[2 * u + 1]),
+            );
+        }
+        // `d`: the upper half of the dword at 206 (so no read past the block).
+        let d_w = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(gather_rows(
+            row_starts, base, 206,
+        ))));
+        for (r, acc) in acc.iter_mut().enumerate().take(t.n) {
+            let q = t.qs[r].as_ptr().add(b * QK_K) as *const i32;
+            let mut total = zero;
+            for (s, scale) in scales.iter().enumerate() {
+                let mut sum = zero;
+                for (g, v) in values.iter().enumerate().skip(4 * s).take(4) {
+                    let a = _mm512_set1_epi32(q.add(g).read_unaligned());
+                    sum = _mm512_dpbusd_epi32(sum, *v, a);
+                }
+                total = _mm512_add_epi32(total, _mm512_mullo_epi32(sum, *scale));
+            }
+            let bs = &t.row_bsums[r][b * 16..][..16];
+            let mut offset = zero;
+            for (u, pair) in scale_pairs.iter().enumerate() {
+                let sums = bs[2 * u] as u16 as i32 | (bs[2 * u + 1] as i32) << 16;
+                offset =
+                    _mm512_add_epi32(offset, _mm512_madd_epi16(*pair, _mm512_set1_epi32(sums)));
+            }
+            let total = _mm512_sub_epi32(total, _mm512_slli_epi32::<5>(offset));
+            let da = _mm512_set1_ps(t.d[b * KQ_TILE + r]);
+            *acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(total), d_w), da, *acc);
+        }
+    }
+    let mut by_row = [0f32; PANEL];
+    for r in 0..t.n {
+        _mm512_storeu_ps(by_row.as_mut_ptr(), acc[r]);
+        for (j, v) in by_row.iter().enumerate() {
+            out[j * KQ_TILE + r] = *v;
+        }
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
 unsafe fn tile_q6_k_tiled_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
     let nb = w.len() / Q6_K_BLOCK_BYTES;

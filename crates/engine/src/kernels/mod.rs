@@ -636,7 +636,11 @@ fn k_tiles<'a>(
             ),
         ],
         Format::Q6K => &[
-            (Order::Q6kTiled, avx512::tile_q6_k_tiled, None),
+            (
+                Order::Q6kTiled,
+                avx512::tile_q6_k_tiled,
+                Some(avx512::panel_q6_k_tiled),
+            ),
             (Order::Q6kLanes, avx512::tile_q6_k_lanes, None),
         ],
         _ => return None,
