@@ -1255,6 +1255,8 @@ mod tests {
                 (40, 13, 76),
                 (33, 64, 77),
                 (17, 30, 78),
+                // Whole chunks of 16 weight rows and several tiles: panels.
+                (32, 40, 79),
             ] {
                 let data = random_blocks(format, rows, cols, seed);
                 let w = QuantMatrix::from_bytes(format, rows, cols, data.clone()).unwrap();
@@ -1297,6 +1299,7 @@ mod tests {
                 (40, vec![1, 1, 4, 1, 8, 2, 1], 92),
                 (37, vec![1; 17], 93),
                 (24, vec![3, 1, 1], 94),
+                (48, vec![1; 20], 95),
             ] {
                 let m: usize = segments.iter().sum();
                 let data = random_blocks(format, rows, cols, seed);
