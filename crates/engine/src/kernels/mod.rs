@@ -23,7 +23,10 @@
 //! and the same f32 operations in the same order per pair), so results do not depend on
 //! the tiling or the threads. The k-quants are the exception by design: llama.cpp sums
 //! them in a float order that depends on the shape of the product, and `kquant.rs`
-//! follows it (one pair at a time, no tiles yet), so that our numbers stay its numbers.
+//! follows it, so that our numbers stay its numbers; their tiles (`avx512.rs`) keep one
+//! activation row per f32 lane and run that row's float steps in its order, and their
+//! panels (Q4_K, Q6_K) put 16 weight rows in the lanes instead, for a whole work chunk of
+//! weight rows times a tile — bit for bit the same results either way.
 
 #![allow(unsafe_code)]
 
