@@ -69,10 +69,11 @@ unsafe fn head_avx512(
     let g = h / (n_heads / n_kv_heads);
     let padded = total.div_ceil(STEP) * STEP;
     let scale = 1.0 / (hd as f32).sqrt();
-    // A prompt sums in tinyBLAS's order (one bank of 16 lanes), one token in
-    // `ggml_vec_dot_f16`'s (four banks).
-    let prompt = query_pos.len() > 1;
-    let banks = if prompt { 1 } else { 4 };
+    if query_pos.len() > 1 {
+        return prompt_head(heads, h, q, k, v, query_pos, key_pos, out);
+    }
+    // One token sums in `ggml_vec_dot_f16`'s order (four banks of 16 lanes).
+    let banks = 4;
     let mut probs = vec![0f32; padded];
     let mut slots = vec![0f32; banks * LANES * hd];
     let mut qh = vec![0f32; hd];
@@ -88,11 +89,7 @@ unsafe fn head_avx512(
             *p = if j < total && key_pos[j] <= pos {
                 visible_end = j + 1;
                 let kj = k.as_ptr().add((j * n_kv_heads + g) * hd);
-                if prompt {
-                    score_lanes(&qh, kj, hd)
-                } else {
-                    score_steps(&qh, kj, hd)
-                }
+                score_steps(&qh, kj, hd)
             } else {
                 f32::NEG_INFINITY
             };
@@ -112,17 +109,173 @@ unsafe fn head_avx512(
     }
 }
 
-/// `dot_lanes(q, k)` (tinyBLAS): one 16-lane accumulator over the row, then the lanes
-/// pairwise. `k` is f16.
+/// Query head `h` of a prompt (tinyBLAS's orders, as `head_avx512`'s prompt branch was):
+/// the head's keys and values converted to f32 once for all its queries, each query's
+/// scores 16 keys at a time with the 16 accumulators reduced together (`reduce16x16`, the
+/// same pairwise sums per key), and each value slot summed in registers.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,f16c,fma,avx2")]
-#[inline]
-unsafe fn score_lanes(q: &[f32], k: *const f16, hd: usize) -> f32 {
-    let mut acc = _mm512_setzero_ps();
-    for c in (0..hd).step_by(LANES) {
-        let kv = _mm512_cvtph_ps(_mm256_loadu_si256(k.add(c) as *const __m256i));
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(c)), kv, acc);
+unsafe fn prompt_head(
+    heads: Heads,
+    h: usize,
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    query_pos: &[usize],
+    key_pos: &[usize],
+    out: &mut [f32],
+) {
+    let Heads {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = heads;
+    let total = key_pos.len();
+    let g = h / (n_heads / n_kv_heads);
+    let padded = total.div_ceil(LANES) * LANES;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // This head's keys and values as f32, [padded, hd], the padding zero.
+    let mut kf = vec![0f32; padded * hd];
+    let mut vf = vec![0f32; padded * hd];
+    for j in 0..total {
+        for c in 0..hd / LANES {
+            let at = (j * n_kv_heads + g) * hd + c * LANES;
+            let kx = _mm512_cvtph_ps(_mm256_loadu_si256(k.as_ptr().add(at) as *const __m256i));
+            let vx = _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(at) as *const __m256i));
+            _mm512_storeu_ps(kf.as_mut_ptr().add(j * hd + c * LANES), kx);
+            _mm512_storeu_ps(vf.as_mut_ptr().add(j * hd + c * LANES), vx);
+        }
     }
-    reduce16(acc)
+    let mut probs = vec![0f32; padded];
+    let mut slots = vec![0f32; LANES * hd];
+    let mut qh = vec![0f32; hd];
+    for (i, &pos) in query_pos.iter().enumerate() {
+        for c in 0..hd / LANES {
+            let x = _mm512_loadu_ps(q.as_ptr().add((i * n_heads + h) * hd + c * LANES));
+            let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+            _mm512_storeu_ps(qh.as_mut_ptr().add(c * LANES), r);
+        }
+        let mut visible_end = 0;
+        let pos_v = _mm512_set1_epi64(pos as i64);
+        for (b, chunk) in probs.chunks_exact_mut(LANES).enumerate() {
+            let j0 = b * LANES;
+            // Which of the 16 keys this query sees (past `total`: none).
+            let n = (total - j0).min(LANES);
+            let valid = (u32::MAX >> (32 - n)) as u16;
+            let at = key_pos.as_ptr().add(j0) as *const i64;
+            let low = _mm512_maskz_loadu_epi64(valid as u8, at);
+            let high = _mm512_maskz_loadu_epi64((valid >> 8) as u8, at.add(8));
+            let visible = valid
+                & (u16::from(_mm512_cmple_epu64_mask(low, pos_v))
+                    | u16::from(_mm512_cmple_epu64_mask(high, pos_v)) << 8);
+            if visible != 0 {
+                visible_end = j0 + LANES - visible.leading_zeros() as usize;
+            }
+            if visible == 0 {
+                chunk.fill(f32::NEG_INFINITY);
+                continue;
+            }
+            let mut acc = [_mm512_setzero_ps(); LANES];
+            for c in 0..hd / LANES {
+                let qc = _mm512_loadu_ps(qh.as_ptr().add(c * LANES));
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let kx = _mm512_loadu_ps(kf.as_ptr().add((j0 + l) * hd + c * LANES));
+                    *a = _mm512_fmadd_ps(qc, kx, *a);
+                }
+            }
+            let scores =
+                _mm512_mask_blend_ps(visible, _mm512_set1_ps(f32::NEG_INFINITY), reduce16x16(acc));
+            _mm512_storeu_ps(chunk.as_mut_ptr(), scores);
+        }
+        let live = visible_end.div_ceil(LANES) * LANES;
+        softmax(&mut probs[..live], scale);
+        prompt_values(&probs[..live.min(total)], &vf, hd, &mut slots);
+        reduce_slots(&slots, 1, hd, &mut out[i * hd..][..hd]);
+    }
+}
+
+/// `reduce16` of 16 registers at once: lane `l` of the result is `reduce16(v[l])`, bit for
+/// bit — each level adds the same pairs of lanes (8 apart, then 4, 2, 1), for several
+/// registers per instruction.
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+unsafe fn reduce16x16(v: [__m512; LANES]) -> __m512 {
+    // Lanes i and i + 8 of two registers: [v_a's 8 sums | v_b's 8 sums].
+    let mut eights = [_mm512_setzero_ps(); 8];
+    for (i, e) in eights.iter_mut().enumerate() {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        *e = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+        );
+    }
+    // Lanes i and i + 4 of each: four registers' 4 sums in each 128-bit chunk.
+    let mut fours = [_mm512_setzero_ps(); 4];
+    for (i, f) in fours.iter_mut().enumerate() {
+        let (a, b) = (eights[2 * i], eights[2 * i + 1]);
+        *f = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+        );
+    }
+    // Lanes i and i + 2 (as 64-bit pairs), then i and i + 1.
+    let mut twos = [_mm512_setzero_ps(); 2];
+    for (i, t) in twos.iter_mut().enumerate() {
+        let (a, b) = (
+            _mm512_castps_pd(fours[2 * i]),
+            _mm512_castps_pd(fours[2 * i + 1]),
+        );
+        *t = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+        );
+    }
+    let ones = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b10_00_10_00>(twos[0], twos[1]),
+        _mm512_shuffle_ps::<0b11_01_11_01>(twos[0], twos[1]),
+    );
+    // Lane L now holds register (L % 4) * 4 + L / 4: back in register order.
+    _mm512_permutexvar_ps(
+        _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0),
+        ones,
+    )
+}
+
+/// `values` for a prompt (one bank): slot `l` sums `fma(p, v, acc)` over keys `l, l + 16,
+/// …` in order, 64 elements at a time in registers, four slots at once (16 independent
+/// sums in flight, where one slot's four wait on each other); `vf` the head's values as
+/// f32.
+#[target_feature(enable = "avx512f,fma,avx2")]
+#[inline]
+unsafe fn prompt_values(probs: &[f32], vf: &[f32], hd: usize, slots: &mut [f32]) {
+    const TOGETHER: usize = 4;
+    for first in (0..LANES).step_by(TOGETHER) {
+        for c in (0..hd).step_by(STEP) {
+            let mut acc = [[_mm512_setzero_ps(); 4]; TOGETHER];
+            let mut j0 = 0;
+            while j0 < probs.len() {
+                for (s, acc) in acc.iter_mut().enumerate() {
+                    let j = j0 + first + s;
+                    let p = match probs.get(j) {
+                        Some(&p) if p != 0.0 => p,
+                        _ => continue,
+                    };
+                    let pv = _mm512_set1_ps(p);
+                    let row = vf.as_ptr().add(j * hd + c);
+                    for (x, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(pv, _mm512_loadu_ps(row.add(x * LANES)), *a);
+                    }
+                }
+                j0 += LANES;
+            }
+            for (s, acc) in acc.iter().enumerate() {
+                let slot = &mut slots[(first + s) * hd..][..hd];
+                for (x, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(slot.as_mut_ptr().add(c + x * LANES), *a);
+                }
+            }
+        }
+    }
 }
 
 /// `dot_steps(q, k)` (`ggml_vec_dot_f16`): four 16-lane accumulators over each 64 elements, then
