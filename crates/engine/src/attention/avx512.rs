@@ -41,16 +41,22 @@ pub(super) fn attend(
     let run_head = |h: usize| -> Vec<f32> {
         let mut out = vec![0f32; seq * hd];
         // Safety: `available()` was checked by the caller; the sizes above.
-        unsafe { head_avx512(heads, h, q, k, v, query_pos, key_pos, &mut out) };
+        unsafe {
+            if seq > 1 {
+                prompt_head(heads, h, q, k, v, query_pos, key_pos, &mut out);
+            } else {
+                token_head(heads, h, q, k, v, query_pos, key_pos, &mut out);
+            }
+        }
         out
     };
     super::by_head(heads, seq, total, run_head)
 }
 
-/// Query head `h` for every query: `out` [seq, hd].
+/// Query head `h` for one query (a decode step): `out` [1, hd].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,f16c,fma,avx2")]
-unsafe fn head_avx512(
+unsafe fn token_head(
     heads: Heads,
     h: usize,
     q: &[f32],
@@ -69,21 +75,13 @@ unsafe fn head_avx512(
     let g = h / (n_heads / n_kv_heads);
     let padded = total.div_ceil(STEP) * STEP;
     let scale = 1.0 / (hd as f32).sqrt();
-    if query_pos.len() > 1 {
-        return prompt_head(heads, h, q, k, v, query_pos, key_pos, out);
-    }
     // One token sums in `ggml_vec_dot_f16`'s order (four banks of 16 lanes).
     let banks = 4;
     let mut probs = vec![0f32; padded];
     let mut slots = vec![0f32; banks * LANES * hd];
     let mut qh = vec![0f32; hd];
     for (i, &pos) in query_pos.iter().enumerate() {
-        // Q rounded to f16, as llama.cpp stores it for the product.
-        for c in 0..hd / LANES {
-            let x = _mm512_loadu_ps(q.as_ptr().add((i * n_heads + h) * hd + c * LANES));
-            let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
-            _mm512_storeu_ps(qh.as_mut_ptr().add(c * LANES), r);
-        }
+        round_query(&q[(i * n_heads + h) * hd..][..hd], &mut qh);
         let mut visible_end = 0;
         for (j, p) in probs.iter_mut().enumerate() {
             *p = if j < total && key_pos[j] <= pos {
@@ -109,7 +107,7 @@ unsafe fn head_avx512(
     }
 }
 
-/// Query head `h` of a prompt (tinyBLAS's orders, as `head_avx512`'s prompt branch was):
+/// Query head `h` of a prompt (tinyBLAS's orders; `token_head` has a decode step's):
 /// each query's scores 16 keys at a time with the 16 accumulators reduced together
 /// (`reduce16x16`, the same pairwise sums per key), and the value slots summed in
 /// registers, four at a time. Keys and values are read as f16 (converting them to f32
@@ -142,11 +140,7 @@ unsafe fn prompt_head(
     let mut slots = vec![0f32; LANES * hd];
     let mut qh = vec![0f32; hd];
     for (i, &pos) in query_pos.iter().enumerate() {
-        for c in 0..hd / LANES {
-            let x = _mm512_loadu_ps(q.as_ptr().add((i * n_heads + h) * hd + c * LANES));
-            let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
-            _mm512_storeu_ps(qh.as_mut_ptr().add(c * LANES), r);
-        }
+        round_query(&q[(i * n_heads + h) * hd..][..hd], &mut qh);
         let mut visible_end = 0;
         let pos_v = _mm512_set1_epi64(pos as i64);
         for (b, chunk) in probs.chunks_exact_mut(LANES).enumerate() {
@@ -190,6 +184,17 @@ unsafe fn prompt_head(
             &mut slots,
         );
         reduce_slots(&slots, 1, hd, &mut out[i * hd..][..hd]);
+    }
+}
+
+/// A query row rounded to f16 (as llama.cpp stores it for the product), into `qh`.
+#[target_feature(enable = "avx512f,f16c,avx2")]
+#[inline]
+unsafe fn round_query(q: &[f32], qh: &mut [f32]) {
+    for (x, r) in q.chunks_exact(LANES).zip(qh.chunks_exact_mut(LANES)) {
+        let x = _mm512_loadu_ps(x.as_ptr());
+        let rounded = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+        _mm512_storeu_ps(r.as_mut_ptr(), rounded);
     }
 }
 

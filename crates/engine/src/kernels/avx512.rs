@@ -1028,24 +1028,12 @@ unsafe fn panel_q6_k_tiled_avx512(rows: &[u8], row_bytes: usize, t: &KTile, out:
             gather_rows(row_starts, base, 200),
             gather_rows(row_starts, base, 204),
         ];
-        let scales = [
-            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(sc[0])),
-            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(sc[0])),
-            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(sc[0])),
-            _mm512_srai_epi32::<24>(sc[0]),
-            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(sc[1])),
-            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(sc[1])),
-            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(sc[1])),
-            _mm512_srai_epi32::<24>(sc[1]),
-            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(sc[2])),
-            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(sc[2])),
-            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(sc[2])),
-            _mm512_srai_epi32::<24>(sc[2]),
-            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(sc[3])),
-            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(sc[3])),
-            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(sc[3])),
-            _mm512_srai_epi32::<24>(sc[3]),
-        ];
+        // Byte s % 4 of dword s / 4, to the top, then back down with its sign.
+        let mut scales = [zero; 16];
+        for (s, scale) in scales.iter_mut().enumerate() {
+            let up = _mm512_set1_epi32(24 - 8 * (s % 4) as i32);
+            *scale = _mm512_srai_epi32::<24>(_mm512_sllv_epi32(sc[s / 4], up));
+        }
         let halves = _mm512_set1_epi32(0xffff);
         let mut scale_pairs = [zero; 8];
         for (u, pair) in scale_pairs.iter_mut().enumerate() {
