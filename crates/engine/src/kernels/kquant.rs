@@ -51,9 +51,9 @@ pub(super) fn order(format: Format, rows: usize, m: usize, i: usize) -> Option<O
     })
 }
 
-/// The dot product function for an order (`VecDot` gives the format's own kernel): Q4_K's
-/// AVX-512 single rows where the CPU has them, else [`portable`]'s. Every choice gives the
-/// same bits.
+/// The dot product function for an order (`VecDot` gives the format's own kernel): the
+/// AVX-512 single rows (Q4_K in both repacked orders, Q6_K in lanes) where the CPU has
+/// them, else [`portable`]'s. Every choice gives the same bits.
 pub(super) fn dot_for(order: Order, vec_dot: VecDot) -> VecDot {
     #[cfg(target_arch = "x86_64")]
     if super::avx512::available() && super::tiles_setting() != "avx2" {

@@ -683,8 +683,9 @@ fn k_tiles<'a>(
 }
 
 /// For measurements: `SHOAL_KERNEL_TILES=pairwise` sends prompts one (weight row,
-/// activation row) pair at a time (the path before tiles), `avx2` keeps the AVX-512 tiles
-/// out; unset, the fastest this CPU has. Every setting gives the same bits.
+/// activation row) pair at a time (the path before tiles), `avx2` keeps every AVX-512
+/// kernel out (tiles, panels, single rows); unset, the fastest this CPU has. Every setting
+/// gives the same bits.
 pub(super) fn tiles_setting() -> &'static str {
     static SETTING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SETTING.get_or_init(|| std::env::var("SHOAL_KERNEL_TILES").unwrap_or_default())
