@@ -780,7 +780,7 @@ unsafe fn tile_q4_k_avx512<const PAIRS: bool>(w: &[u8], t: &KTile, out: &mut [f3
     store_lanes(_mm512_sub_ps(acc, acc_min), t.n, out);
 }
 
-/// Weight rows per Q4_K panel: one per f32 lane, as many as a work chunk has.
+/// Weight rows per k-quant panel: one per f32 lane, as many as a work chunk has.
 pub(super) const PANEL: usize = 16;
 
 /// 16 weight rows times a tile's rows at once (`Order::Q4kPairs`): `out[j * KQ_TILE + r]`
