@@ -52,6 +52,22 @@ pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], act: &Q8Row) -> f32 {
     unsafe { vec_dot_q4_1_q8_1_avx512(w, act) }
 }
 
+/// How far ahead of the block it works on a single-row kernel asks for weights. A decode
+/// step reads every weight once, and on the Intel Xeon the hardware alone kept the loads
+/// waiting: Qwen2.5-Coder-1.5B decoded 6.3 tok/s without, 10.1–10.8 with
+/// (docs/PERFORMANCE.md).
+const PREFETCH_AHEAD: usize = 1024;
+
+/// Asks for the `lines` cache lines `PREFETCH_AHEAD` bytes past `block` (past the end of
+/// the weights it asks for nothing that matters: a prefetch never faults).
+#[inline(always)]
+unsafe fn prefetch_ahead(block: *const u8, lines: usize) {
+    for line in 0..lines {
+        let at = block.wrapping_add(PREFETCH_AHEAD + 64 * line);
+        _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+    }
+}
+
 /// Q4_K single row in llama.cpp's repacked-GEMV order (`Order::Q4kBlocks`, a decode
 /// step's): per super-block `acc = fma(sum, d_w·d_a, acc)` and `acc_min = fma(min_sum,
 /// dmin_w·d_a, acc_min)`, the result `acc - acc_min` — `kquant::q4k_blocks` bit for bit
@@ -100,6 +116,7 @@ unsafe fn vec_dot_q4_k_avx512<const PAIRS: bool>(w: &[u8], act: &Q8Row) -> f32 {
     let (mut acc, mut acc_min) = (0f32, 0f32);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q4_K_BLOCK_BYTES);
+        prefetch_ahead(block, 3);
         // `d` and `dmin` (F16C: the same conversion as `kquant::f16_bits_to_f32`).
         let d_dmin = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
         let d = _mm_cvtss_f32(d_dmin) * act.d[b];
@@ -178,6 +195,7 @@ unsafe fn vec_dot_q5_0_q8_0_avx512(w: &[u8], act: &Q8Row) -> f32 {
     let minus_16 = _mm256_set1_epi8(0xf0u8 as i8);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q5_0_BLOCK_BYTES);
+        prefetch_ahead(block, 1);
         let d = super::x86::block_scale(block);
         let high_bits: __mmask32 = (block.add(2) as *const u32).read_unaligned();
         let low = nibbles(block.add(6));
@@ -198,6 +216,7 @@ unsafe fn vec_dot_q4_1_q8_1_avx512(w: &[u8], act: &Q8Row) -> f32 {
     let mut summs = 0f32;
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q4_1_BLOCK_BYTES);
+        prefetch_ahead(block, 1);
         let (d, m) = super::x86::block_scale_min(block);
         summs += m * *act.s.get_unchecked(b);
         let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
@@ -220,6 +239,7 @@ unsafe fn vec_dot_q8_0_q8_0_avx512(w: &[u8], act: &Q8Row) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q8_0_BLOCK_BYTES);
+        prefetch_ahead(block, 1);
         let d = super::x86::block_scale(block);
         let qx = _mm256_loadu_si256(block.add(2) as *const __m256i);
         let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
@@ -1157,6 +1177,7 @@ unsafe fn vec_dot_q6_k_lanes_avx512(w: &[u8], act: &Q8Row) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for b in 0..nb {
         let block = &w[b * Q6_K_BLOCK_BYTES..][..Q6_K_BLOCK_BYTES];
+        prefetch_ahead(block.as_ptr(), 4);
         let (values, sc) = q6_k_unpack(block);
         let lanes = q6_k_lane_totals(
             &values,
