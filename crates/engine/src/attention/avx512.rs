@@ -40,12 +40,21 @@ pub(super) fn attend(
     assert!(k.len() == total * n_kv_heads * hd && v.len() == k.len());
     let run_head = |h: usize| -> Vec<f32> {
         let mut out = vec![0f32; seq * hd];
+        let call = HeadCall {
+            heads,
+            h,
+            q,
+            k,
+            v,
+            query_pos,
+            key_pos,
+        };
         // Safety: `available()` was checked by the caller; the sizes above.
         unsafe {
             if seq > 1 {
-                prompt_head(heads, h, q, k, v, query_pos, key_pos, &mut out);
+                prompt_head(&call, &mut out);
             } else {
-                token_head(heads, h, q, k, v, query_pos, key_pos, &mut out);
+                token_head(&call, &mut out);
             }
         }
         out
@@ -53,35 +62,63 @@ pub(super) fn attend(
     super::by_head(heads, seq, total, run_head)
 }
 
-/// Query head `h` for one query (a decode step): `out` [1, hd].
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,f16c,fma,avx2")]
-unsafe fn token_head(
+/// What one query head's attention reads (`attend`'s arguments and the head `h`).
+#[derive(Clone, Copy)]
+struct HeadCall<'a> {
     heads: Heads,
     h: usize,
-    q: &[f32],
-    k: &[f16],
-    v: &[f16],
-    query_pos: &[usize],
-    key_pos: &[usize],
-    out: &mut [f32],
-) {
-    let Heads {
-        n_heads,
-        n_kv_heads,
-        head_dim: hd,
-    } = heads;
-    let total = key_pos.len();
-    let g = h / (n_heads / n_kv_heads);
+    q: &'a [f32],
+    k: &'a [f16],
+    v: &'a [f16],
+    query_pos: &'a [usize],
+    key_pos: &'a [usize],
+}
+
+impl HeadCall<'_> {
+    /// The key/value head this query head reads.
+    fn group(&self) -> usize {
+        self.h / (self.heads.n_heads / self.heads.n_kv_heads)
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.heads.head_dim as f32).sqrt()
+    }
+
+    /// Query `i`'s row of this head rounded to f16 (as llama.cpp stores it for the
+    /// product), into `qh`.
+    #[target_feature(enable = "avx512f,f16c,avx2")]
+    #[inline]
+    unsafe fn round_query(&self, i: usize, qh: &mut [f32]) {
+        let hd = self.heads.head_dim;
+        let q = &self.q[(i * self.heads.n_heads + self.h) * hd..][..hd];
+        for (x, r) in q.chunks_exact(LANES).zip(qh.chunks_exact_mut(LANES)) {
+            let x = _mm512_loadu_ps(x.as_ptr());
+            let rounded = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+            _mm512_storeu_ps(r.as_mut_ptr(), rounded);
+        }
+    }
+}
+
+/// Query head `h` for one query (a decode step): `out` [1, hd].
+#[target_feature(enable = "avx512f,f16c,fma,avx2")]
+unsafe fn token_head(call: &HeadCall, out: &mut [f32]) {
+    let HeadCall {
+        k,
+        v,
+        query_pos,
+        key_pos,
+        ..
+    } = *call;
+    let (total, hd, n_kv_heads) = (key_pos.len(), call.heads.head_dim, call.heads.n_kv_heads);
+    let g = call.group();
     let padded = total.div_ceil(STEP) * STEP;
-    let scale = 1.0 / (hd as f32).sqrt();
     // One token sums in `ggml_vec_dot_f16`'s order (four banks of 16 lanes).
     let banks = 4;
     let mut probs = vec![0f32; padded];
     let mut slots = vec![0f32; banks * LANES * hd];
     let mut qh = vec![0f32; hd];
     for (i, &pos) in query_pos.iter().enumerate() {
-        round_query(&q[(i * n_heads + h) * hd..][..hd], &mut qh);
+        call.round_query(i, &mut qh);
         let mut visible_end = 0;
         for (j, p) in probs.iter_mut().enumerate() {
             *p = if j < total && key_pos[j] <= pos {
@@ -95,7 +132,7 @@ unsafe fn token_head(
         // Chunks of 16 with no visible key would be all -inf: their probabilities are
         // exactly 0 and add exactly 0 to the softmax sum, so they are left out.
         let live = visible_end.div_ceil(LANES) * LANES;
-        softmax(&mut probs[..live], scale);
+        softmax(&mut probs[..live], call.scale());
         values(
             &probs[..live.min(total)],
             v,
@@ -107,95 +144,144 @@ unsafe fn token_head(
     }
 }
 
-/// Query head `h` of a prompt (tinyBLAS's orders; `token_head` has a decode step's):
-/// each query's scores 16 keys at a time with the 16 accumulators reduced together
-/// (`reduce16x16`, the same pairwise sums per key), and the value slots summed in
-/// registers, four at a time. Keys and values are read as f16 (converting them to f32
-/// once per head was faster up to 2,048 tokens and slower at 4,096, where the f32 copies
-/// outgrow the core's cache).
-#[allow(clippy::too_many_arguments)]
+/// How many rows ahead `prompt_values` asks for values.
+const AHEAD: usize = 4;
+
+/// Queries whose scores are computed together: each key row converted from f16 once for
+/// all of them.
+const QUERIES: usize = 4;
+/// Keys per tile of scores: `QUERIES * KEYS` accumulators, the 16 `reduce16x16` takes.
+const KEYS: usize = LANES / QUERIES;
+
+/// Query head `h` of a prompt (tinyBLAS's orders; `token_head` has a decode step's).
+/// Scores come in tiles of 4 queries × 4 keys, as tinyBLAS tiles its product: each key's
+/// 16-element pieces converted once and multiplied into four queries' accumulators, each
+/// (query, key) sum in its own register in the same order as one at a time, the 16 sums of
+/// a tile reduced together (`reduce16x16`, the same pairwise sums per key). The value
+/// slots are summed in registers, four at a time. Keys and values are read as f16
+/// (converting them to f32 once per head was faster up to 2,048 tokens and slower at
+/// 4,096, where the f32 copies outgrow the core's cache).
 #[target_feature(enable = "avx512f,f16c,fma,avx2")]
-unsafe fn prompt_head(
-    heads: Heads,
-    h: usize,
-    q: &[f32],
-    k: &[f16],
-    v: &[f16],
-    query_pos: &[usize],
-    key_pos: &[usize],
-    out: &mut [f32],
-) {
-    let Heads {
-        n_heads,
-        n_kv_heads,
-        head_dim: hd,
-    } = heads;
-    let total = key_pos.len();
-    let g = h / (n_heads / n_kv_heads);
+unsafe fn prompt_head(call: &HeadCall, out: &mut [f32]) {
+    let HeadCall { k, key_pos, .. } = *call;
+    let (seq, total, hd) = (call.query_pos.len(), key_pos.len(), call.heads.head_dim);
     let padded = total.div_ceil(LANES) * LANES;
-    let scale = 1.0 / (hd as f32).sqrt();
     // Key or value `j` of this head, f16.
+    let (g, n_kv_heads) = (call.group(), call.heads.n_kv_heads);
     let row = |cache: &[f16], j: usize| cache.as_ptr().add((j * n_kv_heads + g) * hd);
-    let mut probs = vec![0f32; padded];
-    let mut slots = vec![0f32; LANES * hd];
-    let mut qh = vec![0f32; hd];
-    for (i, &pos) in query_pos.iter().enumerate() {
-        round_query(&q[(i * n_heads + h) * hd..][..hd], &mut qh);
-        let mut visible_end = 0;
-        let pos_v = _mm512_set1_epi64(pos as i64);
-        for (b, chunk) in probs.chunks_exact_mut(LANES).enumerate() {
-            let j0 = b * LANES;
-            // Which of the 16 keys this query sees (past `total`: none).
+    let mut probs = vec![0f32; QUERIES * padded];
+    let mut slots = vec![0f32; QUERIES * LANES * hd];
+    let mut qh = vec![0f32; QUERIES * hd];
+    for first in (0..seq).step_by(QUERIES) {
+        let count = (seq - first).min(QUERIES);
+        // A group short of 4 repeats its last query (scored, never used).
+        let mut pos_v = [_mm512_setzero_si512(); QUERIES];
+        for (a, (qa, pos)) in qh.chunks_exact_mut(hd).zip(&mut pos_v).enumerate() {
+            let i = first + a.min(count - 1);
+            call.round_query(i, qa);
+            *pos = _mm512_set1_epi64(call.query_pos[i] as i64);
+        }
+        let mut visible_end = [0usize; QUERIES];
+        for j0 in (0..padded).step_by(LANES) {
+            // Which of the 16 keys each query sees (past `total`: none).
             let n = (total - j0).min(LANES);
             let valid = (u32::MAX >> (32 - n)) as u16;
             let at = key_pos.as_ptr().add(j0) as *const i64;
             let low = _mm512_maskz_loadu_epi64(valid as u8, at);
             let high = _mm512_maskz_loadu_epi64((valid >> 8) as u8, at.add(8));
-            let visible = valid
-                & (u16::from(_mm512_cmple_epu64_mask(low, pos_v))
-                    | u16::from(_mm512_cmple_epu64_mask(high, pos_v)) << 8);
-            if visible != 0 {
-                visible_end = j0 + LANES - visible.leading_zeros() as usize;
-            }
-            if visible == 0 {
-                chunk.fill(f32::NEG_INFINITY);
-                continue;
-            }
-            // Keys past `total` keep zeros (their scores are masked).
-            let mut acc = [_mm512_setzero_ps(); LANES];
-            for c in 0..hd / LANES {
-                let qc = _mm512_loadu_ps(qh.as_ptr().add(c * LANES));
-                for (l, a) in acc.iter_mut().enumerate().take(n) {
-                    let kx = row(k, j0 + l).add(c * LANES) as *const __m256i;
-                    *a = _mm512_fmadd_ps(qc, _mm512_cvtph_ps(_mm256_loadu_si256(kx)), *a);
+            let mut visible = [0u16; QUERIES];
+            for a in 0..QUERIES {
+                visible[a] = valid
+                    & (u16::from(_mm512_cmple_epu64_mask(low, pos_v[a]))
+                        | u16::from(_mm512_cmple_epu64_mask(high, pos_v[a])) << 8);
+                if visible[a] != 0 {
+                    visible_end[a] = j0 + LANES - visible[a].leading_zeros() as usize;
                 }
             }
-            let scores =
-                _mm512_mask_blend_ps(visible, _mm512_set1_ps(f32::NEG_INFINITY), reduce16x16(acc));
-            _mm512_storeu_ps(chunk.as_mut_ptr(), scores);
+            let probs_at = probs.as_mut_ptr();
+            let chunk = |a: usize| probs_at.add(a * padded + j0);
+            if visible == [0; QUERIES] {
+                for a in 0..QUERIES {
+                    _mm512_storeu_ps(chunk(a), _mm512_set1_ps(f32::NEG_INFINITY));
+                }
+                continue;
+            }
+            let mut tiles = [_mm512_setzero_ps(); KEYS];
+            for (t, tile) in tiles.iter_mut().enumerate() {
+                // Keys past `total` are scored as the last one (and masked).
+                let mut keys = [k.as_ptr(); KEYS];
+                for (b, key) in keys.iter_mut().enumerate() {
+                    *key = row(k, (j0 + t * KEYS + b).min(total - 1));
+                }
+                *tile = score_tile(qh.as_ptr(), hd, keys);
+            }
+            let scores = by_query(tiles);
+            for a in 0..QUERIES {
+                let masked = _mm512_set1_ps(f32::NEG_INFINITY);
+                _mm512_storeu_ps(
+                    chunk(a),
+                    _mm512_mask_blend_ps(visible[a], masked, scores[a]),
+                );
+            }
         }
-        let live = visible_end.div_ceil(LANES) * LANES;
-        softmax(&mut probs[..live], scale);
+        // Every query's probabilities up to the group's last visible key: zeros past its
+        // own (they add nothing to its sums).
+        let live = visible_end.map(|end| end.div_ceil(LANES) * LANES);
+        let group_live = live.into_iter().max().unwrap_or(0);
+        for (a, probs) in probs.chunks_exact_mut(padded).enumerate() {
+            softmax(&mut probs[..live[a]], call.scale());
+            probs[live[a]..group_live].fill(0.0);
+        }
         prompt_values(
-            &probs[..live.min(total)],
-            row(v, 0),
-            n_kv_heads * hd,
-            hd,
+            &probs,
+            padded,
+            group_live.min(total),
+            (row(call.v, 0), n_kv_heads * hd, hd),
             &mut slots,
         );
-        reduce_slots(&slots, 1, hd, &mut out[i * hd..][..hd]);
+        for (a, slots) in slots.chunks_exact(LANES * hd).take(count).enumerate() {
+            reduce_slots(slots, 1, hd, &mut out[(first + a) * hd..][..hd]);
+        }
     }
 }
 
-/// A query row rounded to f16 (as llama.cpp stores it for the product), into `qh`.
-#[target_feature(enable = "avx512f,f16c,avx2")]
+/// One tile of scores: lane `a * KEYS + b` is `reduce16` of query `a`'s (rows of `qh`,
+/// `hd` apart) products with key `b`, summed 16 elements at a time in order.
+#[target_feature(enable = "avx512f,f16c,fma,avx2")]
 #[inline]
-unsafe fn round_query(q: &[f32], qh: &mut [f32]) {
-    for (x, r) in q.chunks_exact(LANES).zip(qh.chunks_exact_mut(LANES)) {
-        let x = _mm512_loadu_ps(x.as_ptr());
-        let rounded = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
-        _mm512_storeu_ps(r.as_mut_ptr(), rounded);
+unsafe fn score_tile(qh: *const f32, hd: usize, keys: [*const f16; KEYS]) -> __m512 {
+    let mut acc = [_mm512_setzero_ps(); QUERIES * KEYS];
+    for c in (0..hd).step_by(LANES) {
+        let mut kv = [_mm512_setzero_ps(); KEYS];
+        for (x, key) in kv.iter_mut().zip(keys) {
+            *x = _mm512_cvtph_ps(_mm256_loadu_si256(key.add(c) as *const __m256i));
+        }
+        for a in 0..QUERIES {
+            let qv = _mm512_loadu_ps(qh.add(a * hd + c));
+            for (b, x) in kv.iter().enumerate() {
+                acc[a * KEYS + b] = _mm512_fmadd_ps(qv, *x, acc[a * KEYS + b]);
+            }
+        }
     }
+    reduce16x16(acc)
+}
+
+/// Four tiles of 4 × 4 scores (tile `t`: keys `4t..4t + 4`, lanes by query) as each query's
+/// 16 keys: a 4 × 4 transpose of 128-bit blocks.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn by_query(t: [__m512; KEYS]) -> [__m512; QUERIES] {
+    // Blocks 0, 1 (queries 0, 1) and 2, 3 of tiles 0 and 1, and of tiles 2 and 3.
+    let low01 = _mm512_shuffle_f32x4::<0b01_00_01_00>(t[0], t[1]);
+    let low23 = _mm512_shuffle_f32x4::<0b01_00_01_00>(t[2], t[3]);
+    let high01 = _mm512_shuffle_f32x4::<0b11_10_11_10>(t[0], t[1]);
+    let high23 = _mm512_shuffle_f32x4::<0b11_10_11_10>(t[2], t[3]);
+    [
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(low01, low23),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(low01, low23),
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(high01, high23),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(high01, high23),
+    ]
 }
 
 /// `reduce16` of 16 registers at once: lane `l` of the result is `reduce16(v[l])`, bit for
@@ -245,38 +331,50 @@ unsafe fn reduce16x16(v: [__m512; LANES]) -> __m512 {
     )
 }
 
-/// `values` for a prompt (one bank): slot `l` sums `fma(p, v, acc)` over keys `l, l + 16,
-/// …` in order, 64 elements at a time in registers, four slots at once (16 independent
-/// sums in flight, where one slot's four wait on each other). `v` points at the head's
-/// first value (f16), the next `stride` elements on; one per key of `probs`.
+/// `values` for a prompt's group of queries (one bank each): query `a`'s slot `l` sums
+/// `fma(p, v, acc)` over keys `l, l + 16, …` below `len` in order, 64 elements at a time in
+/// registers, each value converted from f16 once for the four queries. `probs` holds the
+/// queries' probabilities `padded` apart; `slots` gets each query's 16 slots, `16 * hd`
+/// apart. `v` points at the head's first value (f16), the next `stride` elements on.
+///
+/// Keys a query gives probability 0 are multiplied in, not skipped as `run_body` and
+/// `values` skip them: with finite values that adds exactly +0 to a sum that starts at +0
+/// and so can never be -0, which leaves it as it was (and tinyBLAS multiplies them too).
 #[target_feature(enable = "avx512f,f16c,fma,avx2")]
 #[inline]
-unsafe fn prompt_values(probs: &[f32], v: *const f16, stride: usize, hd: usize, slots: &mut [f32]) {
-    const TOGETHER: usize = 4;
-    for first in (0..LANES).step_by(TOGETHER) {
+unsafe fn prompt_values(
+    probs: &[f32],
+    padded: usize,
+    len: usize,
+    (v, stride, hd): (*const f16, usize, usize),
+    slots: &mut [f32],
+) {
+    for slot in 0..LANES {
         for c in (0..hd).step_by(STEP) {
-            let mut acc = [[_mm512_setzero_ps(); 4]; TOGETHER];
-            let mut j0 = 0;
-            while j0 < probs.len() {
-                for (s, acc) in acc.iter_mut().enumerate() {
-                    let j = j0 + first + s;
-                    let p = match probs.get(j) {
-                        Some(&p) if p != 0.0 => p,
-                        _ => continue,
-                    };
-                    let pv = _mm512_set1_ps(p);
-                    let row = v.add(j * stride + c);
-                    for (x, a) in acc.iter_mut().enumerate() {
-                        let vx = _mm256_loadu_si256(row.add(x * LANES) as *const __m256i);
-                        *a = _mm512_fmadd_ps(pv, _mm512_cvtph_ps(vx), *a);
+            let mut acc = [[_mm512_setzero_ps(); 4]; QUERIES];
+            for j in (slot..len).step_by(LANES) {
+                let row = v.add(j * stride + c);
+                // Rows 16 keys apart are pages apart, where the hardware's prefetchers
+                // stop: ask for the piece four rows on.
+                let ahead = row.wrapping_add(AHEAD * LANES * stride) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                let mut vx = [_mm512_setzero_ps(); 4];
+                for (x, value) in vx.iter_mut().enumerate() {
+                    let at = row.add(x * LANES) as *const __m256i;
+                    *value = _mm512_cvtph_ps(_mm256_loadu_si256(at));
+                }
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let pv = _mm512_set1_ps(*probs.get_unchecked(a * padded + j));
+                    for (sum, value) in acc.iter_mut().zip(vx) {
+                        *sum = _mm512_fmadd_ps(pv, value, *sum);
                     }
                 }
-                j0 += LANES;
             }
-            for (s, acc) in acc.iter().enumerate() {
-                let slot = &mut slots[(first + s) * hd..][..hd];
-                for (x, a) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(slot.as_mut_ptr().add(c + x * LANES), *a);
+            for (a, acc) in acc.iter().enumerate() {
+                let at = slots.as_mut_ptr().add((a * LANES + slot) * hd + c);
+                for (x, sum) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(at.add(x * LANES), *sum);
                 }
             }
         }

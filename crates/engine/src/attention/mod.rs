@@ -418,7 +418,8 @@ mod tests {
                     n_kv_heads,
                     head_dim: hd,
                 };
-                let q: Vec<f32> = (0..n_heads * hd).map(|_| r() * 4.0).collect();
+                // A row per query (the prompt path scores queries four at a time).
+                let q: Vec<f32> = (0..total * n_heads * hd).map(|_| r() * 4.0).collect();
                 let kv = |r: &mut dyn FnMut() -> f32| -> Vec<f16> {
                     (0..total * n_kv_heads * hd)
                         .map(|_| f16::from_f32(r() * 3.0))
@@ -428,13 +429,14 @@ mod tests {
                 // Positions with a gap, as after a truncated turn; the last is the query.
                 let key_pos: Vec<usize> =
                     (0..total).map(|j| j + usize::from(j > total / 2)).collect();
-                // One token (the last position), and prompts of the last tokens.
-                for seq in [1, 2, 5, total] {
+                // One token (the last position), and prompts of the last tokens: whole
+                // groups of four queries and groups short by one to three.
+                for seq in [1, 2, 3, 4, 5, 8, 11, total] {
                     let seq = seq.min(total);
                     let query = &key_pos[total - seq..];
-                    let q: Vec<f32> = q.iter().cycle().take(seq * n_heads * hd).copied().collect();
-                    let fast = avx512::attend(heads, &q, &k, &v, query, &key_pos);
-                    let portable = attend_portable(heads, &q, &k, &v, query, &key_pos);
+                    let q = &q[..seq * n_heads * hd];
+                    let fast = avx512::attend(heads, q, &k, &v, query, &key_pos);
+                    let portable = attend_portable(heads, q, &k, &v, query, &key_pos);
                     let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&fast),
