@@ -149,16 +149,24 @@ impl Q8Row {
         Self::quantize_body(x, with_sums)
     }
 
-    /// The same code compiled for AVX2: `round` becomes an inline (exact) instruction
-    /// sequence instead of a call to `roundf` per element.
+    /// The same code compiled for AVX2, the rounding 32 values at a time
+    /// (`x86::round_to_i8`).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn quantize_avx2(x: &[f32], with_sums: bool) -> Self {
-        Self::quantize_body(x, with_sums)
+        // Safety: AVX2 is there (the caller checked).
+        Self::quantize_with(x, with_sums, |block, id, qs| unsafe {
+            x86::round_to_i8(block, id, qs)
+        })
     }
 
-    #[inline(always)]
     fn quantize_body(x: &[f32], with_sums: bool) -> Self {
+        Self::quantize_with(x, with_sums, round_to_i8)
+    }
+
+    /// `quantize` with `round` turning a block into its 8-bit values.
+    #[inline(always)]
+    fn quantize_with(x: &[f32], with_sums: bool, round: impl Fn(&[f32], f32, &mut [i8])) -> Self {
         let nb = x.len() / QK;
         let mut row = Self {
             d: Vec::with_capacity(nb),
@@ -167,16 +175,14 @@ impl Q8Row {
             bsums: Vec::new(),
         };
         for (b, block) in x.chunks_exact(QK).enumerate() {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let amax = largest_magnitude(block);
             let d = amax / 127.0;
             // As llama.cpp's x86 code: multiply by 127/amax (not 1/d) and round half to
             // even (`_mm256_round_ps`), so the 8-bit values are its values.
             let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in row.qs[b * QK..(b + 1) * QK].iter_mut().zip(block) {
-                *q = (v * id).round_ties_even() as i8;
-                sum += *q as i32;
-            }
+            let qs = &mut row.qs[b * QK..(b + 1) * QK];
+            round(block, id, qs);
+            let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
             row.d.push(f16::from_f32(d).to_f32());
             if with_sums {
                 row.s.push(f16::from_f32(d * sum as f32).to_f32());
@@ -197,15 +203,24 @@ impl Q8Row {
         Self::quantize_k_body(x)
     }
 
-    /// The same code compiled for AVX2 (inline rounding).
+    /// The same code compiled for AVX2, the rounding 32 values at a time
+    /// (`x86::round_to_i8`: the scalar cast checks every value for NaN on its own).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn quantize_k_avx2(x: &[f32]) -> Self {
-        Self::quantize_k_body(x)
+        // Safety: AVX2 is there (the caller checked).
+        Self::quantize_k_with(x, |block, iscale, qs| unsafe {
+            x86::round_to_i8(block, iscale, qs)
+        })
     }
 
-    #[inline(always)]
     fn quantize_k_body(x: &[f32]) -> Self {
+        Self::quantize_k_with(x, round_to_i8)
+    }
+
+    /// `quantize_k` with `round` turning a block into its 8-bit values.
+    #[inline(always)]
+    fn quantize_k_with(x: &[f32], round: impl Fn(&[f32], f32, &mut [i8])) -> Self {
         let nb = x.len() / QK_K;
         let mut row = Self {
             d: Vec::with_capacity(nb),
@@ -214,13 +229,14 @@ impl Q8Row {
             bsums: Vec::with_capacity(nb * QK_K / 16),
         };
         for (b, block) in x.chunks_exact(QK_K).enumerate() {
-            let (mut amax, mut max) = (0f32, 0f32);
-            for &v in block {
-                if v.abs() > amax {
-                    amax = v.abs();
-                    max = v;
-                }
-            }
+            // `max` is the first value of the largest magnitude, as the reference's strict
+            // `>` keeps the first.
+            let amax = largest_magnitude(block);
+            let max = block
+                .iter()
+                .copied()
+                .find(|v| v.abs() == amax)
+                .unwrap_or(0.0);
             let qs = &mut row.qs[b * QK_K..(b + 1) * QK_K];
             if amax == 0.0 {
                 row.d.push(0.0);
@@ -228,9 +244,7 @@ impl Q8Row {
                 continue;
             }
             let iscale = -127.0 / max;
-            for (q, &v) in qs.iter_mut().zip(block) {
-                *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
-            }
+            round(block, iscale, qs);
             row.bsums.extend(
                 qs.chunks_exact(16)
                     .map(|c| c.iter().map(|&q| q as i16).sum::<i16>()),
@@ -247,6 +261,30 @@ impl Q8Row {
             Activation::Q8K => Self::quantize_k(x),
         }
     }
+}
+
+/// A block's 8-bit values: `scale * x` rounded to nearest, ties to even, and kept within
+/// -128..=127 (NaN, which no model should produce, becomes 0). The scale makes the
+/// largest magnitude 127 (Q8_0, Q8_1: `127 / amax`; Q8_K: `-127 / max`, llama.cpp's
+/// `nearest_int` with `MIN(127, …)`, the same values in that range).
+#[inline(always)]
+fn round_to_i8(block: &[f32], scale: f32, qs: &mut [i8]) {
+    for (q, &v) in qs.iter_mut().zip(block) {
+        *q = (scale * v).round_ties_even() as i8;
+    }
+}
+
+/// The largest `|x|` of a block (0 for an empty or all-NaN one), 16 lanes at a time: a
+/// maximum is the same in any order, and written as selects it vectorizes.
+#[inline(always)]
+fn largest_magnitude(block: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    for chunk in block.chunks_exact(16) {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = if v.abs() > *m { v.abs() } else { *m };
+        }
+    }
+    lanes.iter().fold(0f32, |m, &v| if v > m { v } else { m })
 }
 
 /// The activation rows of one tile of the AVX-512 kernels, interleaved by chunks of 32:
@@ -508,7 +546,7 @@ impl QuantMatrix {
                 None => {}
             }
             #[cfg(target_arch = "x86_64")]
-            if let Some((tiles, tiled_rows)) = &k_tiles {
+            if let Some((tiles, untiled)) = &k_tiles {
                 let weight_rows = dst.len() / m;
                 let mut lanes = [0f32; avx512::KQ_TILE];
                 let mut panel_out = [0f32; avx512::PANEL * avx512::KQ_TILE];
@@ -534,10 +572,8 @@ impl QuantMatrix {
                     }
                 }
                 for (j, dst_row) in dst.chunks_mut(m).enumerate() {
-                    for (i, out) in dst_row.iter_mut().enumerate() {
-                        if !tiled_rows[i] {
-                            *out = dots[i](weight(j), &acts[i]);
-                        }
+                    for &i in untiled {
+                        dst_row[i] = dots[i](weight(j), &acts[i]);
                     }
                 }
                 return;
@@ -615,7 +651,7 @@ type KTileJob<'a> = (KTileDot, Option<KPanelDot>, avx512::KTile<'a>, Vec<usize>)
 /// K-quant rows whose order (`kquant::order`, from the row's own segment) has a tile
 /// kernel on this CPU — a prompt's, or several decode steps' (a verification pass, sessions
 /// batched) — in tiles of up to 16 rows of one order: per tile its kernel and the indices
-/// of its rows, and which rows are tiled. `None` where nothing is tiled.
+/// of its rows, and the rows left to the single-row kernels. `None` where nothing is tiled.
 #[cfg(target_arch = "x86_64")]
 fn k_tiles<'a>(
     acts: &'a [Q8Row],
@@ -623,7 +659,7 @@ fn k_tiles<'a>(
     format: Format,
     n: usize,
     tiled: bool,
-) -> Option<(Vec<KTileJob<'a>>, Vec<bool>)> {
+) -> Option<(Vec<KTileJob<'a>>, Vec<usize>)> {
     use kquant::Order;
     let kernels: &[(Order, KTileDot, Option<KPanelDot>)] = match format {
         Format::Q4K => &[
@@ -679,7 +715,8 @@ fn k_tiles<'a>(
     if tiles.is_empty() {
         return None;
     }
-    Some((tiles, tiled_rows))
+    let untiled = (0..acts.len()).filter(|&i| !tiled_rows[i]).collect();
+    Some((tiles, untiled))
 }
 
 /// For measurements: `SHOAL_KERNEL_TILES=pairwise` sends prompts one (weight row,
@@ -1108,6 +1145,7 @@ mod tests {
     fn q8_k_quantization_follows_llama_cpp_rules() {
         let mut x = random_f32(3 * QK_K, 11);
         x[700] = -3.0; // the largest magnitude of block 2 is negative
+        x[720] = 3.0; // and comes first: it sets the scale's sign
         x[256..512].iter_mut().for_each(|v| *v = 0.0);
         let q = Q8Row::quantize_k(&x);
         assert_eq!((q.d.len(), q.qs.len(), q.bsums.len()), (3, 3 * QK_K, 48));
@@ -1141,6 +1179,30 @@ mod tests {
         t[2] = -3.5;
         let q = Q8Row::quantize_k(&t);
         assert_eq!(&q.qs[..3], &[-127, -2, 4]);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn rounding_to_8_bits_with_avx2_equals_the_scalar_rounding() {
+        if !x86::available() {
+            return;
+        }
+        // As quantize_k calls it: the block's largest magnitude times `iscale` is 127.
+        let x = random_f32(QK_K, 5);
+        let max = x
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        // Values near the limits: ties both ways, the cap, past either end (a scale
+        // that overshot), NaN.
+        let mut near_cap: Vec<f32> = x.iter().map(|v| v * 127.0 / max.abs()).collect();
+        near_cap[..7].copy_from_slice(&[2.5, -3.5, 126.5, 127.0, 127.4, 128.6, f32::NAN]);
+        for (x, iscale) in [(&x, -127.0 / max), (&near_cap, 1.0), (&near_cap, -1.0)] {
+            let (mut scalar, mut avx2) = (vec![0i8; QK_K], vec![0i8; QK_K]);
+            round_to_i8(x, iscale, &mut scalar);
+            // Safety: AVX2 is there.
+            unsafe { x86::round_to_i8(x, iscale, &mut avx2) };
+            assert_eq!(scalar, avx2, "iscale {iscale}");
+        }
     }
 
     #[test]

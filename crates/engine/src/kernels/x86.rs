@@ -765,3 +765,30 @@ unsafe fn tile_q5_k_q8_k<const N: usize>(w: &[u8], acts: &[Q8Row], out: &mut [f3
         out[i] = hsum(acc[i]) + summs[i];
     }
 }
+
+/// `super::round_to_i8`, 32 values at a time: the same products, rounded to nearest even
+/// (`_mm256_round_ps`), kept within -128..=127 and NaN made 0 as the scalar cast does,
+/// then packed to bytes. `block` and `qs` are whole multiples of 32.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn round_to_i8(block: &[f32], scale: f32, qs: &mut [i8]) {
+    let scale = _mm256_set1_ps(scale);
+    let (low, high) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+    for (x, q) in block.chunks_exact(32).zip(qs.chunks_exact_mut(32)) {
+        let mut ints = [_mm256_setzero_si256(); 4];
+        for (i, int) in ints.iter_mut().enumerate() {
+            let v = _mm256_mul_ps(scale, _mm256_loadu_ps(x.as_ptr().add(i * 8)));
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            // `min_ps(r, high)` would give 127 for NaN: these keep NaN, zeroed next.
+            let r = _mm256_max_ps(low, _mm256_min_ps(high, r));
+            let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r));
+            *int = _mm256_cvtps_epi32(r);
+        }
+        // Packing works within 128-bit halves: [0 1 2 3 | 4 5 6 7] of each group of four
+        // come out as 0-3 of every register, then 4-7; put them back in order.
+        let words01 = _mm256_packs_epi32(ints[0], ints[1]);
+        let words23 = _mm256_packs_epi32(ints[2], ints[3]);
+        let bytes = _mm256_packs_epi16(words01, words23);
+        let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, ordered);
+    }
+}
