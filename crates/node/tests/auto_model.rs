@@ -3,7 +3,9 @@
 //! alone picks the largest known model its free memory holds; when a member joins and the
 //! two hold a bigger one together, the head moves up to it between requests, says so in
 //! `/v1/models`, and answers through the new ring exactly as one process with that model
-//! does; when the member goes, the head moves back down.
+//! does; an answer running when it decides to move ends as it would have, and requests
+//! that come meanwhile are turned away (503); when the member goes, the head moves back
+//! down.
 
 mod common;
 
@@ -11,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{http, loopback, model_path};
-use serde_json::Value;
+use serde_json::{json, Value};
 use shoal_node::{AutoModel, Node, NodeConfig, AUTO_MODEL_ID};
 use shoal_wire::SwarmKey;
 
@@ -91,7 +93,32 @@ async fn the_head_picks_the_model_the_room_holds_moves_up_when_a_member_joins_an
         common::ask(&head, AUTO_MODEL_ID, small_question, 16).await,
         small_answer
     );
+    // A long answer, to be running on the head when the member joins.
+    let long_request = |model: &str| {
+        json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "Count from 1 to 2000, one number per line."}],
+            "max_tokens": 1500,
+            "ignore_eos": true,
+            "temperature": 0,
+        })
+    };
+    let (status, body) = http(
+        single.http_addr(),
+        "POST",
+        "/v1/chat/completions",
+        Some(&long_request("smollm2-135m-instruct-q4_1")),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let long_alone = serde_json::from_str::<Value>(&body).unwrap()["choices"][0]["message"]
+        ["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     single.shutdown().await.unwrap();
+    let running = common::open_stream(head.http_addr(), &long_request(AUTO_MODEL_ID)).await;
+    let reading = tokio::spawn(running.finish());
 
     // A stage-only member with an empty models directory joins, offering as much: the two
     // hold Qwen 0.5B together, and the head moves up to it.
@@ -105,6 +132,32 @@ async fn the_head_picks_the_model_the_room_holds_moves_up_when_a_member_joins_an
     member.cluster.detector = common::fast_detector();
     member.cluster.mdns = false;
     let member = Node::start(member).await.unwrap();
+    // The head decides to move while the long answer runs: new requests are told to come
+    // back later, and the answer goes on to its end on SmolLM2, as one process gives it.
+    let mut turned_away = None;
+    while !reading.is_finished() {
+        let question = json!({
+            "model": AUTO_MODEL_ID,
+            "messages": [{"role": "user", "content": small_question}],
+            "max_tokens": 4,
+        });
+        let (status, body) = http(
+            head.http_addr(),
+            "POST",
+            "/v1/chat/completions",
+            Some(&question),
+        )
+        .await;
+        if status == 503 && body.contains("moving up to qwen05") {
+            turned_away = Some(body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(reading.await.unwrap(), long_alone);
+    assert!(
+        turned_away.is_some(),
+        "the head began to move while the answer ran"
+    );
     runs(
         &head,
         "qwen2.5-coder-0.5b-instruct",

@@ -104,3 +104,70 @@ pub(crate) async fn ask(node: &Node, model: &str, question: &str, max_tokens: u3
         .expect("an answer")
         .to_owned()
 }
+
+/// A streamed chat answer being read: the connection, past the first content token.
+pub(crate) struct OpenStream {
+    lines: tokio::io::Lines<tokio::io::BufReader<TcpStream>>,
+    pub(crate) text: String,
+}
+
+/// Sends `request` with `"stream": true` and reads until the first piece of content has
+/// come: the answer is then running on the node.
+pub(crate) async fn open_stream(addr: SocketAddr, request: &Value) -> OpenStream {
+    use tokio::io::AsyncBufReadExt;
+    let mut request = request.clone();
+    request["stream"] = json!(true);
+    let body = request.to_string();
+    let mut stream = TcpStream::connect(addr).await.expect("node accepts");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut open = OpenStream {
+        lines: tokio::io::BufReader::new(stream).lines(),
+        text: String::new(),
+    };
+    let status = open
+        .lines
+        .next_line()
+        .await
+        .unwrap()
+        .expect("a status line");
+    assert!(status.contains(" 200 "), "{status}");
+    while open.text.is_empty() {
+        assert!(
+            open.next_event().await,
+            "the stream ended before any content"
+        );
+    }
+    open
+}
+
+impl OpenStream {
+    /// Reads up to the next `data:` event (chunk-size lines and headers are skipped), adding
+    /// its content; `false` at the end of the stream.
+    async fn next_event(&mut self) -> bool {
+        while let Some(line) = self.lines.next_line().await.unwrap() {
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            if data.trim() == "[DONE]" {
+                return false;
+            }
+            let event: Value = serde_json::from_str(data).expect("an SSE event of JSON");
+            if let Some(piece) = event["choices"][0]["delta"]["content"].as_str() {
+                self.text.push_str(piece);
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Reads the rest of the answer; its whole text.
+    pub(crate) async fn finish(mut self) -> String {
+        while self.next_event().await {}
+        self.text
+    }
+}
