@@ -830,16 +830,9 @@ unsafe fn panel_q4_k_avx512<const PAIRS: bool>(
     t: &KTile,
     out: &mut [f32],
 ) {
-    let nb = row_bytes / Q4_K_BLOCK_BYTES;
-    assert!(row_bytes == nb * Q4_K_BLOCK_BYTES && rows.len() >= PANEL * row_bytes);
-    assert!(i32::try_from(PANEL * row_bytes).is_ok() && out.len() >= PANEL * KQ_TILE);
-    assert!(t.d.len() >= nb * KQ_TILE && t.n <= KQ_TILE);
-    assert!(t.qs.iter().all(|q| q.len() >= nb * QK_K));
-    assert!(t.row_bsums.iter().all(|s| s.len() >= nb * 16));
+    let (nb, lane, row_starts) = panel_setup(rows, row_bytes, Q4_K_BLOCK_BYTES, t, out);
     let zero = _mm512_setzero_si512();
     let low = _mm512_set1_epi8(0x0f);
-    let lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    let row_starts = _mm512_mullo_epi32(lane, _mm512_set1_epi32(row_bytes as i32));
     let sm_rows = _mm512_mullo_epi32(lane, _mm512_set1_epi32(16));
     let byte = _mm512_set1_epi32(0xff);
     let high_byte = _mm512_set1_epi32(0x00ff_0000);
@@ -984,6 +977,29 @@ pub(super) fn panel_q6_k_tiled(rows: &[u8], row_bytes: usize, t: &KTile, out: &m
     unsafe { panel_q6_k_tiled_avx512(rows, row_bytes, t, out) }
 }
 
+/// What every panel checks and sets up: the super-blocks per row (`nb`, of `block_bytes`
+/// each), and per lane `j` its index and its row's offset, `j * row_bytes` (checked to fit
+/// the gathers' 32-bit offsets).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn panel_setup(
+    rows: &[u8],
+    row_bytes: usize,
+    block_bytes: usize,
+    t: &KTile,
+    out: &[f32],
+) -> (usize, __m512i, __m512i) {
+    let nb = row_bytes / block_bytes;
+    assert!(row_bytes == nb * block_bytes && rows.len() >= PANEL * row_bytes);
+    assert!(i32::try_from(PANEL * row_bytes).is_ok() && out.len() >= PANEL * KQ_TILE);
+    assert!(t.d.len() >= nb * KQ_TILE && t.n <= KQ_TILE);
+    assert!(t.qs.iter().all(|q| q.len() >= nb * QK_K));
+    assert!(t.row_bsums.iter().all(|s| s.len() >= nb * 16));
+    let lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    let row_starts = _mm512_mullo_epi32(lane, _mm512_set1_epi32(row_bytes as i32));
+    (nb, lane, row_starts)
+}
+
 /// Dword `offset` of 16 rows: lane `j` reads `base + row_starts[j] + offset`.
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -999,15 +1015,8 @@ unsafe fn gather_rows(row_starts: __m512i, base: *const u8, offset: usize) -> __
 /// `32 · Σ scale · (16-sum of a)` (exact), then the float step.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
 unsafe fn panel_q6_k_tiled_avx512(rows: &[u8], row_bytes: usize, t: &KTile, out: &mut [f32]) {
-    let nb = row_bytes / Q6_K_BLOCK_BYTES;
-    assert!(row_bytes == nb * Q6_K_BLOCK_BYTES && rows.len() >= PANEL * row_bytes);
-    assert!(i32::try_from(PANEL * row_bytes).is_ok() && out.len() >= PANEL * KQ_TILE);
-    assert!(t.d.len() >= nb * KQ_TILE && t.n <= KQ_TILE);
-    assert!(t.qs.iter().all(|q| q.len() >= nb * QK_K));
-    assert!(t.row_bsums.iter().all(|s| s.len() >= nb * 16));
+    let (nb, _, row_starts) = panel_setup(rows, row_bytes, Q6_K_BLOCK_BYTES, t, out);
     let zero = _mm512_setzero_si512();
-    let lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    let row_starts = _mm512_mullo_epi32(lane, _mm512_set1_epi32(row_bytes as i32));
     let nibble = _mm512_set1_epi32(0x0f0f_0f0f);
     let two = _mm512_set1_epi32(0x0303_0303);
     let mut acc = [_mm512_setzero_ps(); KQ_TILE];
