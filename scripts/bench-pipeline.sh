@@ -237,6 +237,9 @@ def stream_chat(addr, prompt, max_tokens):
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens, "temperature": 0, "stream": True,
         "stream_options": {"include_usage": True},
+        # Every round computes the whole prompt: the prompt cache would otherwise serve
+        # rounds 2 and on from the first round's keys and values.
+        "cache_prompt": False,
     }).encode()
     s = socket.create_connection(hostport(addr), timeout=600)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
