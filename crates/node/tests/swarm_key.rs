@@ -184,7 +184,7 @@ async fn a_keyed_swarm_asks_its_agent_in_ciphertext_and_strangers_get_nothing() 
             activation_dtype: shoal_wire::DType::F32,
             max_context: 64,
             next: None,
-            weights_from: None,
+            weights_from: Vec::new(),
         }),
         Message::Ask(Ask {
             request_id: 1,

@@ -108,7 +108,8 @@ pub async fn probe_peer(
                 Some(Message::Profile(profile)) => return Ok(PeerProfile { addr, profile, rtt }),
                 Some(Message::GetWeights(req)) => match &model.weights {
                     Some((path, sha)) if *sha == req.model_sha256 => {
-                        crate::weights::send_weights(&mut conn, path.clone(), &req).await?
+                        let sent = std::sync::atomic::AtomicU64::new(0);
+                        crate::weights::send_weights(&mut conn, path.clone(), &req, &sent).await?
                     }
                     _ => {
                         let e = ErrorMessage::new(

@@ -19,6 +19,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -166,6 +167,8 @@ struct Inner {
     profiles: Mutex<HashMap<String, Profile>>,
     /// The weight transfers this stage server sends to members.
     senders: crate::weights::Senders,
+    /// Bytes of weights it has sent them.
+    weights_sent: AtomicU64,
     /// The queue of `Forward`s to the batching worker, started with the first one (it needs
     /// the runtime); the worker ends when this goes with the server.
     queue: OnceLock<mpsc::UnboundedSender<Queued>>,
@@ -291,6 +294,7 @@ impl StageServer {
                 links,
                 profiles: Mutex::new(HashMap::new()),
                 senders: crate::weights::Senders::new(),
+                weights_sent: AtomicU64::new(0),
                 queue: OnceLock::new(),
                 queue_room,
                 pass_timer: PassTimer::default(),
@@ -323,6 +327,11 @@ impl StageServer {
         let state = lock(&self.inner.sessions).get(session_id)?.1.clone();
         let len = lock(&state).cache.len();
         Some(len)
+    }
+
+    /// Bytes of weights this server has sent to members that lacked them.
+    pub fn weights_sent_bytes(&self) -> u64 {
+        self.inner.weights_sent.load(Ordering::Relaxed)
     }
 
     /// Counts of the batches this server has run.
@@ -513,22 +522,19 @@ impl StageServer {
             .await
         {
             Ok(path) => path,
-            // Not here: fetch the stage's share from the member the head named.
-            Err(missing) => match plan.weights_from {
-                Some(from) if plan.model_sha256 != [0; 32] => {
-                    let request = crate::weights::request_for(&plan);
-                    let config = &self.inner.config;
-                    crate::weights::fetch(
-                        from,
-                        &config.node_id,
-                        &config.transport,
-                        request,
-                        &config.models_dir,
-                    )
-                    .await?
-                }
-                _ => return Err(missing),
-            },
+            // Not here: fetch the stage's share from the members the head named.
+            Err(_) if plan.model_sha256 != [0; 32] && !plan.weights_from.is_empty() => {
+                let config = &self.inner.config;
+                crate::weights::fetch_from_any(
+                    &plan.weights_from,
+                    &config.node_id,
+                    &config.transport,
+                    crate::weights::request_for(&plan),
+                    &config.models_dir,
+                )
+                .await?
+            }
+            Err(missing) => return Err(missing),
         };
         let p = plan.clone();
         let from = path.clone();
@@ -658,7 +664,7 @@ impl StageServer {
         {
             Ok(path) => {
                 let _turn = self.inner.senders.turn(&peer.node_id).await;
-                crate::weights::send_weights(conn, path, &req).await
+                crate::weights::send_weights(conn, path, &req, &self.inner.weights_sent).await
             }
             Err(e) => {
                 let e = ErrorMessage::new(error_code(&e), None, e.to_string());

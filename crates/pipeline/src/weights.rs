@@ -3,15 +3,20 @@
 //! ([`shoal_engine::StageFile`]) — from a member that has it, checks every region against the
 //! SHA-256 the holder computed, and keeps it under `<models dir>/stages/` for next time.
 //!
-//! The holder is the ring's head (every `LoadStage` names it in `weights_from`; its reply
-//! listener serves `GetWeights`) or any stage server that holds the model, or a stage file
-//! that covers the layers asked for. Kept stage files are named by the model's SHA-256 and
+//! The holder is any member the head names in the `LoadStage`'s `weights_from`
+//! ([`sources_for`]), asked in turn: the node before the stage in the ring first, then
+//! the others backwards round the ring (the head among them: its reply listener serves
+//! `GetWeights`). Any stage server that holds the model, or a kept stage file that covers
+//! the layers asked for, serves them; one that does not says so and the next is asked. So
+//! where several devices hold the model file, each sends the layers of the stage after it,
+//! and the head's uplink is not the one source of every transfer. Kept stage files are named by the model's SHA-256 and
 //! their layers, so a file of another version of the model is never taken for this one.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -200,6 +205,7 @@ pub(crate) async fn send_weights(
     conn: &mut Connection,
     model: PathBuf,
     req: &GetWeights,
+    sent: &AtomicU64,
 ) -> std::result::Result<(), WireError> {
     let spec = spec_of(req);
     let planned = tokio::task::spawn_blocking(move || plan_and_hash(&model, &spec)).await;
@@ -242,8 +248,10 @@ pub(crate) async fn send_weights(
     while let Some(chunk) = rx.recv().await {
         match chunk {
             Ok(data) => {
+                let bytes = data.len() as u64;
                 conn.write_frame(&Message::WeightsChunk(WeightsChunk { data }))
-                    .await?
+                    .await?;
+                sent.fetch_add(bytes, Ordering::Relaxed);
             }
             Err(e) => {
                 // Closing the connection tells the receiver at once that the transfer
@@ -312,6 +320,46 @@ pub(crate) async fn fetch(
 ) -> Result<PathBuf> {
     let mut conn = dial(from, node_id, Capabilities::STAGE, transport).await?;
     fetch_over(&mut conn, &from.to_string(), req, models_dir).await
+}
+
+/// Whom the stage at `index` of `peers` (the ring after the head, in order) asks for its
+/// layers: the node before it first, then backwards round the ring — `head` (the head's
+/// reply listener) in its place before the first stage — and never itself.
+pub(crate) fn sources_for(index: usize, peers: &[SocketAddr], head: SocketAddr) -> Vec<SocketAddr> {
+    // The ring as head, peers…; the stage is at `index + 1` of it.
+    let ring: Vec<SocketAddr> = std::iter::once(head).chain(peers.iter().copied()).collect();
+    let at = index + 1;
+    (1..ring.len())
+        .map(|back| ring[(at + ring.len() - back) % ring.len()])
+        .filter(|&addr| addr != ring[at])
+        .take(shoal_wire::MAX_WEIGHT_SOURCES)
+        .collect()
+}
+
+/// [`fetch`] from the first of `sources` that serves the share, in order: one that lacks
+/// the model, cannot be reached or fails mid-transfer costs a try (nothing of a failed
+/// transfer is kept), and the next is asked. The last one's error when none served it.
+pub(crate) async fn fetch_from_any(
+    sources: &[SocketAddr],
+    node_id: &str,
+    transport: &Transport,
+    req: GetWeights,
+    models_dir: &Path,
+) -> Result<PathBuf> {
+    let mut last = None;
+    for &from in sources {
+        match fetch(from, node_id, transport, req.clone(), models_dir).await {
+            Ok(path) => return Ok(path),
+            Err(e) => {
+                tracing::info!(%from, "layers {}..{} not from there: {e}", req.layer_start, req.layer_end);
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| PipelineError::ModelUnavailable {
+        model_id: req.model_id.clone(),
+        reason: "no member was named to send its layers".into(),
+    }))
 }
 
 /// [`fetch`] over a connection already open to the holder (`holder` names it in errors):
@@ -514,6 +562,17 @@ mod tests {
             std::task::Poll::Ready(v) => Some(v),
             std::task::Poll::Pending => None,
         }
+    }
+
+    #[test]
+    fn each_stage_asks_the_node_before_it_first_then_backwards_round_the_ring() {
+        let addr = |port: u16| SocketAddr::from(([10, 0, 0, 1], port));
+        let (head, peers) = (addr(1), [addr(2), addr(3), addr(4)]);
+        assert_eq!(sources_for(0, &peers, head), [head, addr(4), addr(3)]);
+        assert_eq!(sources_for(1, &peers, head), [addr(2), head, addr(4)]);
+        assert_eq!(sources_for(2, &peers, head), [addr(3), addr(2), head]);
+        // One peer: the head alone.
+        assert_eq!(sources_for(0, &peers[..1], head), [head]);
     }
 
     #[tokio::test]

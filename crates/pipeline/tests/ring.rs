@@ -355,7 +355,7 @@ async fn end_session_and_idle_eviction_free_the_cache() {
         activation_dtype: DType::F16,
         max_context: 2048,
         next: None,
-        weights_from: None,
+        weights_from: Vec::new(),
     }))
     .await
     .unwrap();
@@ -685,7 +685,7 @@ async fn load_last_stage(conn: &mut Connection, plan_id: u64, dtype: DType) {
         activation_dtype: dtype,
         max_context: 2048,
         next: None,
-        weights_from: None,
+        weights_from: Vec::new(),
     }))
     .await
     .unwrap();
@@ -725,7 +725,7 @@ async fn a_wrong_model_hash_is_refused() {
         activation_dtype: DType::F16,
         max_context: 2048,
         next: None,
-        weights_from: None,
+        weights_from: Vec::new(),
     }))
     .await
     .unwrap();

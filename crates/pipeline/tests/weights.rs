@@ -2,7 +2,8 @@
 //! Weights over the LAN (issue #15 item 4), on real sockets: stage servers whose models
 //! directories are empty get their layers from the head, answer token for token as the
 //! single process does, keep the stage files for next time, and refuse a transfer whose
-//! bytes do not match the holder's hashes — keeping nothing of it.
+//! bytes do not match the holder's hashes — keeping nothing of it. Where a member before a
+//! stage in the ring holds the model, the stage gets its layers from that member.
 
 mod common;
 
@@ -27,11 +28,16 @@ use tokio::net::TcpListener;
 use common::{model_path, SMOLLM2};
 
 async fn start_server(models_dir: &Path) -> SocketAddr {
+    serve(models_dir).await.1
+}
+
+/// A stage server on `models_dir` (a handle to it, and its address).
+async fn serve(models_dir: &Path) -> (StageServer, SocketAddr) {
     let server = StageServer::new(StageServerConfig::new(models_dir));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(server.serve(listener, std::future::pending()));
-    addr
+    tokio::spawn(server.clone().serve(listener, std::future::pending()));
+    (server, addr)
 }
 
 /// The stage files a models directory keeps.
@@ -180,6 +186,45 @@ async fn stages_with_empty_model_directories_get_their_layers_and_answer_exactly
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_gets_its_layers_from_the_member_before_it_when_that_member_holds_the_model() {
+    // B holds the model file; C's models directory is empty. C asks B (the node before it
+    // in the ring) first, then the head.
+    let (dir_b, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::os::unix::fs::symlink(model_path(), dir_b.path().join(SMOLLM2)).unwrap();
+    let (server_b, b) = serve(dir_b.path()).await;
+    let (server_c, c) = serve(dir_c.path()).await;
+    let layout = vec![
+        PeerStage {
+            addr: b,
+            layers: 10..20,
+        },
+        PeerStage {
+            addr: c,
+            layers: 20..30,
+        },
+    ];
+    let prompt = chat_prompt("What is the capital of France?");
+    let pipeline = Pipeline::connect(PipelineConfig::new(model_path(), 0..10, layout))
+        .await
+        .unwrap();
+    let out = pipeline
+        .generate(&prompt, &SamplingParams::greedy(), 24)
+        .await
+        .unwrap();
+    assert_eq!(out, single_process(&prompt));
+
+    // C keeps its share, every byte of it sent by B; B fetched nothing (it runs from its
+    // own file) and C sent nothing.
+    let files = kept(dir_c.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    let share = std::fs::metadata(&files[0]).unwrap().len();
+    let sent = server_b.weights_sent_bytes();
+    assert_eq!(sent, share, "B sent the whole share");
+    assert!(kept(dir_b.path()).is_empty());
+    assert_eq!(server_c.weights_sent_bytes(), 0);
+}
+
 /// A holder at the edge of the test (a fake: no real member sends bad bytes) that answers
 /// every `GetWeights` with the manifest and bytes it was built with, then closes.
 struct FakeHolder {
@@ -256,7 +301,7 @@ async fn load_from(stage: SocketAddr, holder: SocketAddr) -> Message {
         activation_dtype: DType::F32,
         max_context: 2048,
         next: Some(holder),
-        weights_from: Some(holder),
+        weights_from: vec![holder],
     }))
     .await
     .unwrap();

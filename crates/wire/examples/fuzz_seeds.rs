@@ -49,7 +49,21 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             activation_dtype: DType::F16,
             max_context: 4096,
             next: Some(addr),
-            weights_from: None,
+            weights_from: Vec::new(),
+        }),
+        // A stage told whom to ask for its layers (version 7: a list).
+        Message::LoadStage(LoadStage {
+            plan_id: 2,
+            model_id: "qwen2.5-0.5b".into(),
+            model_sha256: [7; 32],
+            layer_start: 12,
+            layer_end: 24,
+            embed: false,
+            head: true,
+            activation_dtype: DType::F32,
+            max_context: 4096,
+            next: None,
+            weights_from: vec![addr, "[::1]:7001".parse().unwrap_or(addr)],
         }),
         Message::GetWeights(GetWeights {
             model_id: "qwen2.5-0.5b".into(),

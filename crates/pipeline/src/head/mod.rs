@@ -70,8 +70,9 @@ struct RingSetup<'a> {
     model: &'a ModelConfig,
     sha: [u8; 32],
     router: &'a Arc<Router>,
-    /// Where peers without the model get their layers: the head's reply listener, which
-    /// serves them from the head's file (`None` without a SHA-256 to check them by).
+    /// The head's reply listener, which serves peers without the model their layers from
+    /// the head's file (`None` without a SHA-256 to check them by: then no peer is sent
+    /// layers, by the head or by one another).
     weights_from: Option<SocketAddr>,
 }
 
@@ -120,7 +121,10 @@ impl RingSetup<'_> {
                 activation_dtype: self.config.activation_dtype,
                 max_context: to_u32(self.model.context_length)?,
                 next,
-                weights_from: self.weights_from,
+                weights_from: self.weights_from.map_or_else(Vec::new, |head| {
+                    let ring: Vec<SocketAddr> = peers.iter().map(|q| q.addr).collect();
+                    crate::weights::sources_for(i, &ring, head)
+                }),
             };
             let (link, node_id) = tokio::time::timeout(
                 self.config.load_timeout,

@@ -167,7 +167,8 @@ impl PeerService for ReplyListener {
             Message::GetWeights(req) => match &self.weights {
                 Some((path, sha)) if *sha == req.model_sha256 => {
                     let _turn = self.senders.turn(&peer.node_id).await;
-                    crate::weights::send_weights(conn, path.clone(), &req).await
+                    let sent = std::sync::atomic::AtomicU64::new(0);
+                    crate::weights::send_weights(conn, path.clone(), &req, &sent).await
                 }
                 _ => {
                     let e = ErrorMessage::new(

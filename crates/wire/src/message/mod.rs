@@ -32,7 +32,7 @@ pub use session::{
     EndSession, Forward, JsonAnswer, LogitRows, Logits, Payload, Resume, SamplingSpec, Token,
     Truncate, Verified, Want, MAX_GRAMMAR, MAX_PENALTY_TOKENS, MAX_TOKENS, MAX_TOP_LOGPROBS,
 };
-pub use stage::{LoadStage, StageReady, MAX_MODEL_ID};
+pub use stage::{LoadStage, StageReady, MAX_MODEL_ID, MAX_WEIGHT_SOURCES};
 pub use weights::{
     GetWeights, WeightsChunk, WeightsManifest, WeightsRegion, MAX_STAGE_FILE, MAX_WEIGHTS_CHUNK,
     MAX_WEIGHT_REGIONS,

@@ -11,6 +11,9 @@ use crate::error::WireError;
 /// Longest model id, in bytes.
 pub const MAX_MODEL_ID: usize = 256;
 
+/// Most members one `LoadStage` names as sources of weights.
+pub const MAX_WEIGHT_SOURCES: usize = 16;
+
 /// `LoadStage` (`0x0010`): head → node, "run layers `[layer_start, layer_end)` of this model
 /// as a stage of plan `plan_id`". The node answers [`StageReady`] or an `Error`
 /// (`model_unavailable`, `out_of_memory`, `bad_request`).
@@ -25,7 +28,7 @@ pub const MAX_MODEL_ID: usize = 256;
 /// | `activation_dtype` | `u8` (0 f16, 1 bf16, 2 f32) |
 /// | `max_context` | `u32` |
 /// | `next` | `u8` tag, then socket address (`u8` family 4/6, 4 or 16 octets, `u16` port) |
-/// | `weights_from` | `u8` tag, then socket address |
+/// | `weights_from` | `u8` count (≤ [`MAX_WEIGHT_SOURCES`]), then that many socket addresses (with 0 or 1, the same bytes as version 6's option tag and address) |
 ///
 /// Rules checked on both ends: `layer_start ≤ layer_end`; a stage with no layers has `embed`
 /// or `head`; `next` is present exactly when the stage is not the last (`head` false) — the
@@ -53,9 +56,10 @@ pub struct LoadStage {
     pub max_context: u32,
     /// The next stage's wire address; `None` for the last stage.
     pub next: Option<SocketAddr>,
-    /// A member that holds the model file and serves its stages' shares (`GetWeights`): a
-    /// node without the file fetches its layers from there. `None`: the node must have it.
-    pub weights_from: Option<SocketAddr>,
+    /// Members that may hold the model file and serve its stages' shares (`GetWeights`),
+    /// in the order to ask them: a node without the file fetches its layers from the
+    /// first that serves them. Empty: the node must have the file.
+    pub weights_from: Vec<SocketAddr>,
 }
 
 impl LoadStage {
@@ -74,11 +78,11 @@ impl LoadStage {
         } else {
             None
         };
-        let weights_from = if r.present("weights_from")? {
-            Some(r.socket_addr("weights_from")?)
-        } else {
-            None
-        };
+        let sources = r.u8("weights_from")?;
+        r.bound("weights_from", u64::from(sources), MAX_WEIGHT_SOURCES)?;
+        let weights_from = (0..sources)
+            .map(|_| r.socket_addr("weights_from"))
+            .collect::<Result<_, _>>()?;
         let msg = LoadStage {
             plan_id,
             model_id,
@@ -110,8 +114,9 @@ impl LoadStage {
         if let Some(addr) = &self.next {
             put_socket_addr(out, addr);
         }
-        put_bool(out, self.weights_from.is_some());
-        if let Some(addr) = &self.weights_from {
+        // `validate` keeps the count within a byte.
+        out.put_u8(self.weights_from.len().min(MAX_WEIGHT_SOURCES) as u8);
+        for addr in self.weights_from.iter().take(MAX_WEIGHT_SOURCES) {
             put_socket_addr(out, addr);
         }
     }
@@ -119,6 +124,12 @@ impl LoadStage {
     pub(crate) fn validate(&self) -> Result<(), WireError> {
         const M: &str = "LoadStage";
         bound(M, "model_id", self.model_id.len() as u64, MAX_MODEL_ID)?;
+        bound(
+            M,
+            "weights_from",
+            self.weights_from.len() as u64,
+            MAX_WEIGHT_SOURCES,
+        )?;
         check_layers(M, self.layer_start, self.layer_end)?;
         if self.layer_start == self.layer_end && !self.embed && !self.head {
             return Err(invalid(
@@ -229,14 +240,14 @@ mod tests {
             activation_dtype: DType::F16,
             max_context: 4096,
             next: Some("127.0.0.1:9000".parse().unwrap()),
-            weights_from: None,
+            weights_from: Vec::new(),
         }
     }
 
     #[test]
     fn load_stage_frame_bytes() {
         let frame = Message::LoadStage(load()).to_frame().unwrap();
-        let mut expected = vec![b'S', b'H', b'O', b'L', 6, 0, 0x10, 0, 69, 0, 0, 0];
+        let mut expected = vec![b'S', b'H', b'O', b'L', 7, 0, 0x10, 0, 69, 0, 0, 0];
         expected.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]); // plan_id
         expected.extend_from_slice(&[1, 0, 0, 0, b'm']); // model_id
         expected.extend_from_slice(&[0xAB; 32]); // sha256
@@ -244,12 +255,41 @@ mod tests {
         expected.extend_from_slice(&[0, 0, 0]); // embed, head, f16
         expected.extend_from_slice(&[0x00, 0x10, 0, 0]); // max_context 4096
         expected.extend_from_slice(&[1, 4, 127, 0, 0, 1, 0x28, 0x23]); // Some(127.0.0.1:9000)
-        expected.push(0); // weights_from: None
+        expected.push(0); // weights_from: none
         assert_eq!(frame, expected);
         assert_eq!(
             decode_frame(&frame, &Limits::default()).unwrap().unwrap().0,
             Message::LoadStage(load())
         );
+    }
+
+    #[test]
+    fn weight_sources_are_a_counted_list() {
+        let (a, b) = ("127.0.0.1:7000", "[::1]:7001");
+        let two = LoadStage {
+            weights_from: vec![a.parse().unwrap(), b.parse().unwrap()],
+            ..load()
+        };
+        let frame = Message::LoadStage(two.clone()).to_frame().unwrap();
+        let mut tail = vec![2, 4, 127, 0, 0, 1, 0x58, 0x1b, 6];
+        tail.extend_from_slice(&[0; 15]);
+        tail.extend_from_slice(&[1, 0x59, 0x1b]);
+        assert!(frame.ends_with(&tail), "{frame:?}");
+        assert_eq!(
+            decode_frame(&frame, &Limits::default()).unwrap().unwrap().0,
+            Message::LoadStage(two)
+        );
+        // More than the most, sent or received, is refused.
+        let many = LoadStage {
+            weights_from: vec![a.parse().unwrap(); MAX_WEIGHT_SOURCES + 1],
+            ..load()
+        };
+        assert!(Message::LoadStage(many).to_frame().is_err());
+        let mut frame = Message::LoadStage(load()).to_frame().unwrap();
+        let count_at = frame.len() - 1;
+        frame[count_at] = MAX_WEIGHT_SOURCES as u8 + 1;
+        let err = decode_frame(&frame, &Limits::default()).unwrap_err();
+        assert!(err.to_string().contains("weights_from"), "{err}");
     }
 
     #[test]
@@ -306,7 +346,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 6, 0, 0x11, 0, 28, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 7, 0, 0x11, 0, 28, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             0, 0, 0, 0, 12, 0, 0, 0,
             0, 0, 0, 0, 1, 0, 0, 0,
