@@ -322,6 +322,17 @@ async fn api_key_is_enforced_except_on_health() {
         StatusCode::OK
     );
     assert_eq!(get(&app, "/health").await.status, StatusCode::OK);
+    // Anthropic's clients send the key as `x-api-key`: it counts like the bearer token.
+    let x_api_key = |key: &str| {
+        Request::get("/v1/models")
+            .header("x-api-key", key)
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(send(&app, x_api_key("sesame")).await.status, StatusCode::OK);
+    send(&app, x_api_key("wrong"))
+        .await
+        .error(StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]

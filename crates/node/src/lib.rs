@@ -109,6 +109,10 @@ impl Node {
                 key_id = %key.id(),
                 "peer connections are authenticated and encrypted with the swarm key"
             ),
+            None if config.insecure_peers => tracing::warn!(
+                "no swarm key and --insecure-peers: peer connections are plain and anyone who \
+                 reaches the peer port can use this node; `shoal key new` makes a key"
+            ),
             None => {
                 tracing::info!("no swarm key: peer connections are plain, on this machine only")
             }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use shoal_wire::{
     Capabilities, Connection, Hello, HelloAck, Message, PeerWriter, Transport, WireError,
@@ -82,6 +83,26 @@ impl Link {
     /// Whether the peer closed the link or it broke.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Writes `msg` within `deadline`: a peer that stops reading cannot hold the link (and
+    /// whoever waits for its lock) for longer. Past the deadline half a frame may be on the
+    /// link, so it is marked closed: the next sender finds it so and recovers.
+    pub(crate) async fn write_within(
+        &mut self,
+        msg: &Message,
+        deadline: Duration,
+    ) -> Result<(), WireError> {
+        match tokio::time::timeout(deadline, self.writer.write_frame(msg)).await {
+            Ok(written) => written,
+            Err(_) => {
+                self.closed.store(true, Ordering::Release);
+                Err(WireError::Timeout {
+                    what: "writing to a stage that stopped reading",
+                    after: deadline,
+                })
+            }
+        }
     }
 }
 
@@ -169,5 +190,46 @@ impl LinkPool {
         Err(last_err.unwrap_or(WireError::Closed {
             expected: "a writable link",
         }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use shoal_wire::{Forward, Limits, Payload, Want};
+    use tokio::net::{TcpListener, TcpStream};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_to_a_peer_that_stops_reading_ends_at_its_deadline_and_closes_the_link() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        // The peer never reads: the socket buffers fill, then a write waits.
+        let _peer = accepted.unwrap().0;
+        let conn = Connection::new(client.unwrap(), Limits::default()).unwrap();
+        let mut link = Link::new(conn, addr, |_| {}, || {});
+        let n = 4096;
+        let msg = Message::Forward(Forward {
+            session_id: 1,
+            seq: 1,
+            plan_id: 1,
+            positions: (0..n).collect(),
+            payload: Payload::Tokens(vec![1; n as usize]),
+            want: Want::Nothing,
+            reply_to: addr,
+            resume: None,
+        });
+        let deadline = Duration::from_secs(5);
+        let mut written = 0;
+        let result = loop {
+            match link.write_within(&msg, deadline).await {
+                Ok(()) => written += 1,
+                Err(e) => break e,
+            }
+            assert!(written < 100_000, "the socket never filled");
+        };
+        assert!(matches!(result, WireError::Timeout { .. }), "{result:?}");
+        assert!(link.is_closed(), "a link with half a frame on it is closed");
     }
 }

@@ -1361,9 +1361,10 @@ fn step(
     })
 }
 
-/// Issue #14: a session's positions must continue its cache; a peer that skips, repeats or
-/// rewinds them gets an error for that session and the cache stays as it was (no unbounded
-/// growth, no corrupted attention).
+/// Issue #14: a session's positions must continue its cache and stay within the context; a
+/// peer that skips, repeats or rewinds them, or runs past the context, gets an error for
+/// that session and the cache stays as it was (no unbounded growth, no corrupted
+/// attention).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn positions_must_continue_the_cache() {
     let (server, addr) = start_server(Duration::from_secs(600)).await;
@@ -1414,6 +1415,20 @@ async fn positions_must_continue_the_cache() {
         Some(Message::Token(_))
     ));
     assert_eq!(server.session_len(1), Some(3));
+
+    // A new session whose positions run past the model's context (one row more than it
+    // allows, in one frame): refused before any work, nothing cached.
+    let context = reference().config().context_length as u32;
+    conn.write_frame(&step(5, 2, 0, (0..=context).collect(), reply_to))
+        .await
+        .unwrap();
+    let Some(Message::Error(e)) = head.read_frame().await.unwrap() else {
+        panic!("past the context: expected an error")
+    };
+    assert_eq!(e.session_id, Some(2));
+    assert_eq!(e.code, shoal_wire::ErrorCode::BAD_REQUEST);
+    assert!(e.message.contains("context is full"), "{}", e.message);
+    assert!(server.session_len(2).unwrap_or(0) == 0);
 }
 
 /// Issue #14: a stage holds at most `max_sessions` caches; a new session past that is

@@ -50,6 +50,9 @@ use replies::{serve_replies, Reply, Router};
 struct Peer {
     addr: SocketAddr,
     link: tokio::sync::Mutex<Link>,
+    /// Longest a write to it may take (the transport's stall deadline): every session
+    /// shares the link's lock, so a stage that stops reading must not hold it for longer.
+    write_deadline: Duration,
 }
 
 /// The stages sessions run on now: the head's own and the peers', in ring order.
@@ -138,6 +141,7 @@ impl RingSetup<'_> {
             links.push(Peer {
                 addr: p.addr,
                 link: tokio::sync::Mutex::new(link),
+                write_deadline: self.config.transport.stall_timeout,
             });
             last_stage = Some(node_id);
         }
@@ -1146,7 +1150,7 @@ async fn send_first(ring: &Ring, msg: Message) -> Result<()> {
                 expected: "a live link to the ring's first stage",
             });
         }
-        link.writer.write_frame(&msg).await
+        link.write_within(&msg, peer.write_deadline).await
     })
     .await?
     .map_err(PipelineError::from)
@@ -1357,7 +1361,7 @@ async fn end_sessions(peers: Arc<Vec<Peer>>, ends: Vec<EndSession>) {
             let mut link = peer.link.lock().await;
             for end in &ends {
                 let msg = Message::EndSession(*end);
-                if let Err(e) = link.writer.write_frame(&msg).await {
+                if let Err(e) = link.write_within(&msg, peer.write_deadline).await {
                     tracing::warn!(peer = %peer.addr, error = %e, "EndSession was not delivered");
                     break;
                 }
