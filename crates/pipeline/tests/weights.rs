@@ -8,6 +8,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -69,6 +70,35 @@ fn single_process(prompt: &[u32]) -> Vec<u32> {
     g.generated().to_vec()
 }
 
+/// The head keeps layers 0..10, `b` runs 10..20 and `c` 20..30.
+fn split_over(b: SocketAddr, c: SocketAddr) -> Vec<PeerStage> {
+    vec![
+        PeerStage {
+            addr: b,
+            layers: 10..20,
+        },
+        PeerStage {
+            addr: c,
+            layers: 20..30,
+        },
+    ]
+}
+
+/// The greedy answer to `prompt` of a ring with the head's `head_layers` and `layout`.
+async fn ring_answer(
+    head_layers: Range<usize>,
+    layout: Vec<PeerStage>,
+    prompt: &[u32],
+) -> Vec<u32> {
+    let pipeline = Pipeline::connect(PipelineConfig::new(model_path(), head_layers, layout))
+        .await
+        .unwrap();
+    pipeline
+        .generate(prompt, &SamplingParams::greedy(), 24)
+        .await
+        .unwrap()
+}
+
 fn chat_prompt(text: &str) -> Vec<u32> {
     let model = Model::load(model_path(), |_, _| {}).unwrap();
     let rendered = model
@@ -87,27 +117,13 @@ async fn stages_with_empty_model_directories_get_their_layers_and_answer_exactly
         start_server(dir_b.path()).await,
         start_server(dir_c.path()).await,
     );
-    let layout = vec![
-        PeerStage {
-            addr: b,
-            layers: 10..20,
-        },
-        PeerStage {
-            addr: c,
-            layers: 20..30,
-        },
-    ];
     let prompt = chat_prompt("What is the capital of France?");
     let expected = single_process(&prompt);
-
-    let pipeline = Pipeline::connect(PipelineConfig::new(model_path(), 0..10, layout.clone()))
-        .await
-        .unwrap();
-    let out = pipeline
-        .generate(&prompt, &SamplingParams::greedy(), 24)
-        .await
-        .unwrap();
-    assert_eq!(out, expected, "the ring must answer as one process does");
+    assert_eq!(
+        ring_answer(0..10, split_over(b, c), &prompt).await,
+        expected,
+        "the ring must answer as one process does"
+    );
 
     let model_bytes = std::fs::metadata(model_path()).unwrap().len();
     let sha = file_sha256(&model_path()).unwrap();
@@ -129,17 +145,12 @@ async fn stages_with_empty_model_directories_get_their_layers_and_answer_exactly
         );
         inodes.push(std::fs::metadata(&files[0]).unwrap().ino());
     }
-    drop(pipeline);
 
     // A second ring over the same nodes loads the kept files: nothing is fetched again.
-    let again = Pipeline::connect(PipelineConfig::new(model_path(), 0..10, layout))
-        .await
-        .unwrap();
-    let out = again
-        .generate(&prompt, &SamplingParams::greedy(), 24)
-        .await
-        .unwrap();
-    assert_eq!(out, expected);
+    assert_eq!(
+        ring_answer(0..10, split_over(b, c), &prompt).await,
+        expected
+    );
     for (dir, inode) in [&dir_b, &dir_c].into_iter().zip(inodes) {
         let files = kept(dir.path());
         assert_eq!(files.len(), 1);
@@ -162,14 +173,7 @@ async fn stages_with_empty_model_directories_get_their_layers_and_answer_exactly
             layers: 18..30,
         },
     ];
-    let moved = Pipeline::connect(PipelineConfig::new(model_path(), 0..12, moved))
-        .await
-        .unwrap();
-    let out = moved
-        .generate(&prompt, &SamplingParams::greedy(), 24)
-        .await
-        .unwrap();
-    assert_eq!(out, expected);
+    assert_eq!(ring_answer(0..12, moved, &prompt).await, expected);
     let names = |dir: &Path| -> Vec<String> {
         kept(dir)
             .iter()
@@ -194,25 +198,11 @@ async fn a_stage_gets_its_layers_from_the_member_before_it_when_that_member_hold
     std::os::unix::fs::symlink(model_path(), dir_b.path().join(SMOLLM2)).unwrap();
     let (server_b, b) = serve(dir_b.path()).await;
     let (server_c, c) = serve(dir_c.path()).await;
-    let layout = vec![
-        PeerStage {
-            addr: b,
-            layers: 10..20,
-        },
-        PeerStage {
-            addr: c,
-            layers: 20..30,
-        },
-    ];
     let prompt = chat_prompt("What is the capital of France?");
-    let pipeline = Pipeline::connect(PipelineConfig::new(model_path(), 0..10, layout))
-        .await
-        .unwrap();
-    let out = pipeline
-        .generate(&prompt, &SamplingParams::greedy(), 24)
-        .await
-        .unwrap();
-    assert_eq!(out, single_process(&prompt));
+    assert_eq!(
+        ring_answer(0..10, split_over(b, c), &prompt).await,
+        single_process(&prompt)
+    );
 
     // C keeps its share, every byte of it sent by B; B fetched nothing (it runs from its
     // own file) and C sent nothing.
