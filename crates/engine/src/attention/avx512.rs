@@ -157,10 +157,10 @@ const KEYS: usize = LANES / QUERIES;
 /// Scores come in tiles of 4 queries × 4 keys, as tinyBLAS tiles its product: each key's
 /// 16-element pieces converted once and multiplied into four queries' accumulators, each
 /// (query, key) sum in its own register in the same order as one at a time, the 16 sums of
-/// a tile reduced together (`reduce16x16`, the same pairwise sums per key). The value
-/// slots are summed in registers, four at a time. Keys and values are read as f16
-/// (converting them to f32 once per head was faster up to 2,048 tokens and slower at
-/// 4,096, where the f32 copies outgrow the core's cache).
+/// a tile reduced together (`reduce16x16`, the same pairwise sums per key). The four
+/// queries' value sums then share each value's conversion too (`prompt_values`). Keys and
+/// values are read as f16 (converting them to f32 once per head was faster up to 2,048
+/// tokens and slower at 4,096, where the f32 copies outgrow the core's cache).
 #[target_feature(enable = "avx512f,f16c,fma,avx2")]
 unsafe fn prompt_head(call: &HeadCall, out: &mut [f32]) {
     let HeadCall { k, key_pos, .. } = *call;
@@ -349,6 +349,9 @@ unsafe fn prompt_values(
     (v, stride, hd): (*const f16, usize, usize),
     slots: &mut [f32],
 ) {
+    // What the unchecked reads below rely on.
+    assert!(len <= padded && probs.len() >= QUERIES * padded);
+    assert!(slots.len() >= QUERIES * LANES * hd);
     for slot in 0..LANES {
         for c in (0..hd).step_by(STEP) {
             let mut acc = [[_mm512_setzero_ps(); 4]; QUERIES];
