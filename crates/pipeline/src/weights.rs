@@ -9,8 +9,9 @@
 //! `GetWeights`). Any stage server that holds the model, or a kept stage file that covers
 //! the layers asked for, serves them; one that does not says so and the next is asked. So
 //! where several devices hold the model file, each sends the layers of the stage after it,
-//! and the head's uplink is not the one source of every transfer. Kept stage files are named by the model's SHA-256 and
-//! their layers, so a file of another version of the model is never taken for this one.
+//! and the head's uplink is not the one source of every transfer. Kept stage files are
+//! named by the model's SHA-256 and their layers, so a file of another version of the
+//! model is never taken for this one.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -324,16 +325,23 @@ pub(crate) async fn fetch(
 
 /// Whom the stage at `index` of `peers` (the ring after the head, in order) asks for its
 /// layers: the node before it first, then backwards round the ring — `head` (the head's
-/// reply listener) in its place before the first stage — and never itself.
+/// reply listener) in its place before the first stage — and never itself. At most
+/// `MAX_WEIGHT_SOURCES`, the head always among them (it surely holds the model).
 pub(crate) fn sources_for(index: usize, peers: &[SocketAddr], head: SocketAddr) -> Vec<SocketAddr> {
     // The ring as head, peers…; the stage is at `index + 1` of it.
     let ring: Vec<SocketAddr> = std::iter::once(head).chain(peers.iter().copied()).collect();
     let at = index + 1;
-    (1..ring.len())
+    let mut sources: Vec<SocketAddr> = (1..ring.len())
         .map(|back| ring[(at + ring.len() - back) % ring.len()])
         .filter(|&addr| addr != ring[at])
-        .take(shoal_wire::MAX_WEIGHT_SOURCES)
-        .collect()
+        .collect();
+    sources.truncate(shoal_wire::MAX_WEIGHT_SOURCES);
+    if !sources.contains(&head) {
+        if let Some(last) = sources.last_mut() {
+            *last = head;
+        }
+    }
+    sources
 }
 
 /// [`fetch`] from the first of `sources` that serves the share, in order: one that lacks
@@ -351,7 +359,8 @@ pub(crate) async fn fetch_from_any(
         match fetch(from, node_id, transport, req.clone(), models_dir).await {
             Ok(path) => return Ok(path),
             Err(e) => {
-                tracing::info!(%from, "layers {}..{} not from there: {e}", req.layer_start, req.layer_end);
+                let layers = req.layer_start..req.layer_end;
+                tracing::info!(%from, ?layers, "the layers are not to be had there: {e}");
                 last = Some(e);
             }
         }
@@ -573,6 +582,12 @@ mod tests {
         assert_eq!(sources_for(2, &peers, head), [addr(3), addr(2), head]);
         // One peer: the head alone.
         assert_eq!(sources_for(0, &peers[..1], head), [head]);
+        // A ring longer than the list: the nearest before the stage, and the head last.
+        let long: Vec<SocketAddr> = (2..40).map(addr).collect();
+        let sources = sources_for(30, &long, head);
+        assert_eq!(sources.len(), shoal_wire::MAX_WEIGHT_SOURCES);
+        assert_eq!(sources[..3], [addr(31), addr(30), addr(29)]);
+        assert_eq!(sources.last(), Some(&head));
     }
 
     #[tokio::test]
