@@ -103,19 +103,11 @@ async fn the_head_picks_the_model_the_room_holds_moves_up_when_a_member_joins_an
             "temperature": 0,
         })
     };
-    let (status, body) = http(
+    let long_alone = common::answer(
         single.http_addr(),
-        "POST",
-        "/v1/chat/completions",
-        Some(&long_request("smollm2-135m-instruct-q4_1")),
+        &long_request("smollm2-135m-instruct-q4_1"),
     )
     .await;
-    assert_eq!(status, 200, "{body}");
-    let long_alone = serde_json::from_str::<Value>(&body).unwrap()["choices"][0]["message"]
-        ["content"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     single.shutdown().await.unwrap();
     let running = common::open_stream(head.http_addr(), &long_request(AUTO_MODEL_ID)).await;
     let reading = tokio::spawn(running.finish());

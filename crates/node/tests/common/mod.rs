@@ -90,13 +90,12 @@ pub(crate) async fn ask(node: &Node, model: &str, question: &str, max_tokens: u3
         "max_tokens": max_tokens,
         "temperature": 0,
     });
-    let (status, body) = http(
-        node.http_addr(),
-        "POST",
-        "/v1/chat/completions",
-        Some(&request),
-    )
-    .await;
+    answer(node.http_addr(), &request).await
+}
+
+/// The answer's text to a whole (not streamed) chat `request`, which must succeed.
+pub(crate) async fn answer(addr: SocketAddr, request: &Value) -> String {
+    let (status, body) = http(addr, "POST", "/v1/chat/completions", Some(request)).await;
     assert_eq!(status, 200, "{body}");
     let reply: Value = serde_json::from_str(&body).unwrap();
     reply["choices"][0]["message"]["content"]
