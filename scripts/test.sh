@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need (the Python
-# `openai`, `anthropic`, `ollama` and `mcp` clients, Playwright and Chromium for the
-# dashboard, npm for the opencode agent, the models), checks formatting and lints, then
+# `openai`, `anthropic`, `ollama` and `mcp` clients, Jinja2 as the reference renderer of
+# chat templates, Playwright and Chromium for the dashboard, npm for the opencode agent,
+# the models), checks formatting and lints, then
 # runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 py=$(command -v python3 || command -v python)
-# The official clients the API tests drive, pinned; each installed only where missing.
-for pkg in openai==3.54.0 anthropic==2.16.0 ollama==0.6.3 mcp==2.3.0 playwright==1.65.2; do
+# The official clients the API tests drive (and Jinja2, which renders chat templates as
+# transformers does), pinned; each installed only where missing.
+for pkg in openai==3.54.0 anthropic==2.16.0 ollama==0.6.3 mcp==2.3.0 playwright==1.65.2 jinja2==3.1.6; do
   if ! "$py" -c "import ${pkg%%==*}" 2>/dev/null; then
     echo "== installing the ${pkg%%==*} Python client (used by the API tests)"
     "$py" -m pip install --quiet --disable-pip-version-check "$pkg"

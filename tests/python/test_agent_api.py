@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What coding agents need from a Shoal node, seen through the official `openai` client:
-tool calls (asked for, forced, streamed, answered with the tool's result) and JSON output
-that always parses. Meant for a model whose chat template renders tools (Qwen2.5-Coder).
+tool calls (asked for, forced, streamed, two in one answer, answered with the tool's
+result) and JSON output that always parses. Meant for a model whose chat template renders tools (Qwen2.5-Coder).
 
 Usage: SHOAL_BASE_URL=http://127.0.0.1:PORT/v1 python3 tests/python/test_agent_api.py
 
@@ -73,6 +73,27 @@ def check_call(test, call, name="get_weather"):
     return args
 
 
+def streamed_calls(**ask):
+    """The calls of a streamed answer, joined from their deltas by index, and its finish."""
+    calls = {}
+    finish = None
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        for tc in delta.tool_calls or []:
+            entry = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            if tc.id:
+                entry["id"] = tc.id
+            if tc.function and tc.function.name:
+                entry["name"] += tc.function.name
+            if tc.function and tc.function.arguments:
+                entry["arguments"] += tc.function.arguments
+        if chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    return calls, finish
+
+
 class ToolCalls(unittest.TestCase):
     def test_the_model_calls_the_tool_it_is_offered(self):
         r = client.chat.completions.create(
@@ -88,32 +109,46 @@ class ToolCalls(unittest.TestCase):
         whole = client.chat.completions.create(
             model=MODEL, messages=QUESTION, tools=[WEATHER], temperature=0, max_tokens=100
         )
-        stream = client.chat.completions.create(
-            model=MODEL, messages=QUESTION, tools=[WEATHER], temperature=0, max_tokens=100,
-            stream=True,
+        calls, finish = streamed_calls(
+            model=MODEL, messages=QUESTION, tools=[WEATHER], temperature=0, max_tokens=100
         )
-        calls = {}
-        finish = None
-        for chunk in stream:
-            if not chunk.choices:
-                continue
-            delta = chunk.choices[0].delta
-            for tc in delta.tool_calls or []:
-                entry = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
-                if tc.id:
-                    entry["id"] = tc.id
-                if tc.function and tc.function.name:
-                    entry["name"] += tc.function.name
-                if tc.function and tc.function.arguments:
-                    entry["arguments"] += tc.function.arguments
-            if chunk.choices[0].finish_reason:
-                finish = chunk.choices[0].finish_reason
         self.assertEqual(finish, "tool_calls")
         self.assertEqual(len(calls), 1)
         expected = whole.choices[0].message.tool_calls[0]
         self.assertEqual(calls[0]["name"], expected.function.name)
         self.assertEqual(json.loads(calls[0]["arguments"]), json.loads(expected.function.arguments))
         self.assertTrue(calls[0]["id"].startswith("call_"))
+
+    def test_two_calls_in_one_answer(self):
+        # At temperature 0 the 0.5B model answers this with two calls, one per line and
+        # without tags; each becomes a call of its own, with its own id and index.
+        chat = [
+            {"role": "system", "content": "The tools take one city each. When the user names "
+             "several cities, call the tool once for each city, every call in its own "
+             "<tool_call></tool_call> block, all in one answer."},
+            {"role": "user", "content": "What is the weather in Paris and what time is it there?"},
+        ]
+        ask = dict(model=MODEL, messages=chat, tools=[WEATHER, TIME], temperature=0, max_tokens=150)
+        whole = client.chat.completions.create(**ask)
+        choice = whole.choices[0]
+        self.assertEqual(choice.finish_reason, "tool_calls", choice.message)
+        calls = choice.message.tool_calls
+        self.assertEqual([c.function.name for c in calls], ["get_weather", "get_time"], calls)
+        for call, name in zip(calls, ["get_weather", "get_time"]):
+            self.assertIn("paris", check_call(self, call, name)["city"].lower())
+        self.assertNotEqual(calls[0].id, calls[1].id)
+
+        streamed, finish = streamed_calls(**ask)
+        self.assertEqual(finish, "tool_calls")
+        self.assertEqual(sorted(streamed), [0, 1])
+        for i, call in enumerate(calls):
+            self.assertEqual(streamed[i]["name"], call.function.name)
+            self.assertEqual(json.loads(streamed[i]["arguments"]), json.loads(call.function.arguments))
+        self.assertNotEqual(streamed[0]["id"], streamed[1]["id"])
+
+        one = client.chat.completions.create(**ask, parallel_tool_calls=False).choices[0]
+        self.assertEqual(one.finish_reason, "tool_calls")
+        self.assertEqual([c.function.name for c in one.message.tool_calls], ["get_weather"])
 
     def test_the_tool_result_is_answered(self):
         # The simplest tool: with a choice of units the 0.5B model asks again and again.

@@ -15,7 +15,9 @@ use axum::response::{IntoResponse, Response};
 use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
 use serde_json::Value;
-use shoal_engine::{ChatMessage, FinishReason, GenerateParams, JsonGrammar, SamplingParams};
+use shoal_engine::{
+    ChatMessage, FinishReason, GenerateParams, JsonGrammar, PromptFormat, SamplingParams,
+};
 use shoal_swarm::agent::ApiRefusal;
 use tokio::sync::mpsc;
 
@@ -110,24 +112,9 @@ pub(crate) async fn prepare_chat(
     let format = Format::of(backend.prompt_format());
     let ((prompt, tools), grammar) = blocking(move || {
         let prompt_format = backend.prompt_format();
-        let renders_tools = prompt_format.template().is_some_and(|t| t.renders_tools());
-        let mut messages = template_messages(messages, renders_tools || tools.is_none());
-        let rendered_tools = match &tools {
-            Some(t) if renders_tools => Some(t.rendered().clone()),
-            Some(t) => {
-                describe_tools(&mut messages, &t.description());
-                None
-            }
-            None => None,
-        };
-        let mut text = prompt_format
-            .render_conversation(&Value::Array(messages), rendered_tools.as_ref())
-            .map_err(|e| ApiError::from_engine(e, "messages"))?;
+        let text = chat_prompt(prompt_format, messages, tools.as_ref())?;
         let grammar = match &tools {
-            Some(t) if t.forced() => {
-                text.push_str(format.opening());
-                Some(t.call_grammar(format)?)
-            }
+            Some(t) if t.forced() => Some(t.call_grammar(format)?),
             _ => answer_format,
         };
         let ids = prompt_format
@@ -139,6 +126,48 @@ pub(crate) async fn prepare_chat(
     prepared.grammar = grammar;
     prepared.tools = tools.map(|t| (Arc::new(t), format));
     Ok((prepared, prompt))
+}
+
+/// The text a chat's messages and tools become for the model: its chat template's
+/// rendering (the tools described in the system message when the template renders none),
+/// with a forced call's opening at the end.
+fn chat_prompt(
+    prompt_format: &PromptFormat,
+    messages: Vec<Value>,
+    tools: Option<&ToolSet>,
+) -> Result<String, ApiError> {
+    let renders_tools = prompt_format.template().is_some_and(|t| t.renders_tools());
+    let mut messages = template_messages(messages, renders_tools || tools.is_none());
+    let rendered_tools = match tools {
+        Some(t) if renders_tools => Some(t.rendered().clone()),
+        Some(t) => {
+            describe_tools(&mut messages, &t.description());
+            None
+        }
+        None => None,
+    };
+    let mut text = prompt_format
+        .render_conversation(&Value::Array(messages), rendered_tools.as_ref())
+        .map_err(|e| ApiError::from_engine(e, "messages"))?;
+    if tools.is_some_and(ToolSet::forced) {
+        text.push_str(Format::of(prompt_format).opening());
+    }
+    Ok(text)
+}
+
+/// `POST /apply-template` (llama-server's endpoint): the prompt a chat request's messages
+/// and tools become, exactly as the model is given it — to see how an agent's tools look
+/// to the model, or to check a `--chat-template-file`.
+pub(crate) async fn apply_template(
+    State(state): State<AppState>,
+    Json(req): Json<CompletionRequest>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let (tools, _) = answer_shape(&req)?;
+    let messages = chat_json(req.messages.as_deref())?;
+    let backend = state.model()?;
+    let prompt =
+        blocking(move || chat_prompt(backend.prompt_format(), messages, tools.as_ref())).await?;
+    Ok(axum::Json(serde_json::json!({ "prompt": prompt })))
 }
 
 /// The tools the answer may call and the JSON grammar it must follow, as the request asks;

@@ -334,8 +334,8 @@ impl ToolSet {
                     .unwrap_or(whole)
                     .trim();
                 if opens_bare && bare.starts_with('{') {
-                    if let Some(call) = self.call(bare, format, &mut new_id) {
-                        calls.push(call);
+                    if let Some(bare_calls) = self.bare_calls(bare, format, &mut new_id) {
+                        calls = bare_calls;
                         content.clear();
                     }
                 }
@@ -350,6 +350,25 @@ impl ToolSet {
         Parsed { content, calls }
     }
 
+    /// Call objects written one after another with nothing else between them (small models
+    /// make several calls that way, one per line, without tags); `None` unless every object
+    /// is a call that fits and the text holds nothing else.
+    fn bare_calls(
+        &self,
+        text: &str,
+        format: Format,
+        new_id: &mut impl FnMut() -> String,
+    ) -> Option<Vec<Call>> {
+        let mut objects = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+        let mut calls = Vec::new();
+        for object in objects.by_ref() {
+            let object = object.ok()?;
+            calls.push(self.call_value(&object, format, new_id)?);
+        }
+        // The iterator stops at the end or at the first error, which `?` took above.
+        (objects.byte_offset() == text.len() && !calls.is_empty()).then_some(calls)
+    }
+
     /// One call object, when it names a tool and its arguments fit.
     fn call(
         &self,
@@ -358,6 +377,16 @@ impl ToolSet {
         new_id: &mut impl FnMut() -> String,
     ) -> Option<Call> {
         let value: Value = serde_json::from_str(text.trim()).ok()?;
+        self.call_value(&value, format, new_id)
+    }
+
+    /// [`Self::call`] of a parsed object.
+    fn call_value(
+        &self,
+        value: &Value,
+        format: Format,
+        new_id: &mut impl FnMut() -> String,
+    ) -> Option<Call> {
         let obj = value.as_object()?;
         let name = obj.get("name")?.as_str()?;
         let tool = self.tools.iter().find(|t| t.name == name)?;
@@ -629,6 +658,32 @@ mod tests {
         let p = t.parse("{\"answer\": 42}", Format::Hermes, ids());
         assert!(p.calls.is_empty());
         assert_eq!(p.content, "{\"answer\": 42}");
+    }
+
+    #[test]
+    fn several_bare_calls_one_per_line_are_all_read() {
+        let t = weather();
+        let two = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n\
+                   {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Tokyo\"}}";
+        let p = t.parse(two, Format::Hermes, ids());
+        let cities: Vec<&str> = p.calls.iter().map(|c| c.arguments.as_str()).collect();
+        assert_eq!(cities, [r#"{"city":"Paris"}"#, r#"{"city":"Tokyo"}"#]);
+        assert_ne!(p.calls[0].id, p.calls[1].id);
+        assert_eq!(p.content, "");
+        // In one fence too.
+        let fenced = format!("```json\n{two}\n```");
+        assert_eq!(t.parse(&fenced, Format::Hermes, ids()).calls.len(), 2);
+
+        // One that is not a call, or text after the objects: all of it stays text.
+        for mixed in [
+            format!("{two}\n{{\"answer\": 42}}"),
+            format!("{two}\nThat is all."),
+            format!("{two}\n{{\"name\": \"get_weather\""),
+        ] {
+            let p = t.parse(&mixed, Format::Hermes, ids());
+            assert!(p.calls.is_empty(), "{mixed}");
+            assert_eq!(p.content, mixed);
+        }
     }
 
     #[test]

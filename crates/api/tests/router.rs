@@ -1009,3 +1009,39 @@ async fn a_conversations_next_turn_reuses_its_prompt() {
     assert!(read >= cached, "{usage}");
     assert!(usage["input_tokens"].as_u64().unwrap() > 0, "{usage}");
 }
+
+#[tokio::test]
+async fn apply_template_shows_the_prompt_the_model_is_given() {
+    let (_, app) = ready_app();
+    let weather = json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+    let r = post(
+        &app,
+        "/apply-template",
+        json!({"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [weather]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let prompt = r.body_json()["prompt"].as_str().unwrap().to_owned();
+    // SmolLM2's template renders no tools: they are described in a system message, in
+    // the tool's own key order, and the turn of the assistant is opened.
+    assert!(
+        prompt.contains("<tools>\n{\"type\":\"function\",\"function\":{\"name\":\"get_weather\""),
+        "{prompt}"
+    );
+    assert!(prompt.contains("Weather in Paris?"), "{prompt}");
+    assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
+
+    let error = post(&app, "/apply-template", json!({"tools": [weather]}))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "messages");
+    let error = post(
+        &app,
+        "/apply-template",
+        json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "tools[0].function");
+}

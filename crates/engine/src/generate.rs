@@ -86,6 +86,12 @@ impl Model {
             .unwrap_or_else(PoisonError::into_inner) = speculation;
     }
 
+    /// Uses `source` as the chat template instead of the file's own
+    /// ([`PromptFormat::set_template`]).
+    pub fn set_chat_template(&mut self, source: &str) -> Result<()> {
+        self.format.set_template(source)
+    }
+
     /// Makes `draft` this model's draft model (for [`Speculation::draft_model`]). Refused
     /// when its tokens are not this model's (ids meaning other text, other end tokens).
     pub fn attach_draft(&mut self, draft: Model) -> Result<()> {

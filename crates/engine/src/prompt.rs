@@ -27,6 +27,20 @@ impl PromptFormat {
         })
     }
 
+    /// Uses `source` as the chat template instead of the file's own (llama-server's
+    /// `--chat-template-file`: a GGUF whose template renders no tools, or renders them
+    /// wrongly, gets one that does). `bos_token` and `eos_token` are the tokenizer's.
+    pub fn set_template(&mut self, source: &str) -> Result<()> {
+        let text = |id: Option<u32>| {
+            id.and_then(|id| self.tokenizer.token_text(id))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let (bos, eos) = (text(self.tokenizer.bos_id()), text(self.tokenizer.eos_id()));
+        self.template = Some(ChatTemplate::from_source(source, &bos, &eos)?);
+        Ok(())
+    }
+
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }

@@ -68,6 +68,10 @@ pub struct NodeConfig {
     pub speculation: Option<Speculation>,
     /// The draft model's GGUF file, for [`Speculation::draft_model`].
     pub model_draft: Option<PathBuf>,
+    /// A chat template (Jinja source) used instead of the model file's own
+    /// (`--chat-template-file`), by whatever this node answers with: its whole model or
+    /// the head of a ring.
+    pub chat_template: Option<String>,
 }
 
 /// How a head picks the model for the room (`--model auto`): the largest known model the
@@ -159,6 +163,7 @@ impl NodeConfig {
             prompt_cache_bytes: DEFAULT_PROMPT_CACHE_BYTES,
             speculation: None,
             model_draft: None,
+            chat_template: None,
         }
     }
 

@@ -38,6 +38,8 @@ pub(crate) struct PipelineHead {
     pub(crate) speculation: Option<shoal_engine::Speculation>,
     /// The draft model's file (`--model-draft`), loaded whole on the head.
     pub(crate) model_draft: Option<PathBuf>,
+    /// The chat template used instead of the model's own (`--chat-template-file`).
+    pub(crate) chat_template: Option<String>,
     /// Where the ring goes once connected, so members see the head's own layers.
     pub(crate) ring: membership::HeadRing,
 }
@@ -179,6 +181,7 @@ impl PipelineHead {
             prompt_cache_bytes: self.prompt_cache_bytes,
             speculation: self.speculation,
             draft_model,
+            chat_template: self.chat_template.clone(),
         };
         let peers = layout.peers;
         let pipeline = shoal_pipeline::connect_ring(model, &peers, &layout.ranges, settings)

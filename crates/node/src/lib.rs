@@ -202,6 +202,7 @@ impl Node {
                 prompt_cache_bytes: config.prompt_cache_bytes,
                 speculation: config.speculation,
                 model_draft: config.model_draft.clone(),
+                chat_template: config.chat_template.clone(),
                 ring: head_ring.clone(),
             };
             background.push(match config.auto_model.clone() {
@@ -230,6 +231,7 @@ impl Node {
                     prompt_cache_bytes: config.prompt_cache_bytes,
                     speculation: config.speculation,
                     model_draft: config.model_draft.clone(),
+                    chat_template: config.chat_template.clone(),
                 },
                 setup,
                 swarm,
@@ -437,16 +439,21 @@ fn adopt_members(swarm: Arc<Swarm>, roster: Arc<Roster>) -> JoinHandle<()> {
     })
 }
 
-/// Loads the whole model, logging how long it took.
 /// What a node's whole model is set up with once loaded.
 struct LocalModelSettings {
     prompt_cache_bytes: usize,
     speculation: Option<shoal_engine::Speculation>,
     model_draft: Option<PathBuf>,
+    chat_template: Option<String>,
 }
 
 impl LocalModelSettings {
     fn apply(self, mut model: Model) -> Result<Model, String> {
+        if let Some(source) = &self.chat_template {
+            model
+                .set_chat_template(source)
+                .map_err(|e| format!("the chat template file: {e}"))?;
+        }
         model.set_prompt_cache_bytes(self.prompt_cache_bytes);
         if let Some(path) = &self.model_draft {
             let draft = load_model(path)?;
@@ -459,6 +466,7 @@ impl LocalModelSettings {
     }
 }
 
+/// Loads the whole model, logging how long it took.
 pub(crate) fn load_model(path: &Path) -> Result<Model, String> {
     let started = Instant::now();
     let model =

@@ -98,6 +98,8 @@ pub struct RingSettings {
     pub speculation: Option<shoal_engine::Speculation>,
     /// The head's draft model ([`PipelineConfig::draft_model`]).
     pub draft_model: Option<Arc<shoal_engine::Model>>,
+    /// The chat template instead of the model's own ([`PipelineConfig::chat_template`]).
+    pub chat_template: Option<String>,
 }
 
 /// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`,
@@ -128,6 +130,7 @@ pub async fn connect_ring(
     config.prompt_cache_bytes = settings.prompt_cache_bytes;
     config.speculation = settings.speculation;
     config.draft_model = settings.draft_model;
+    config.chat_template = settings.chat_template;
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }

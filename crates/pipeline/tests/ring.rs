@@ -857,6 +857,32 @@ async fn a_ring_of_one_is_the_whole_model_on_the_head() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_renders_with_the_chat_template_it_is_given() {
+    let n = reference().config().n_layers;
+    let mut config = PipelineConfig::new(model_path(), 0..n, Vec::new());
+    config.chat_template =
+        Some("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}".into());
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    let hi = [shoal_engine::ChatMessage {
+        role: "user".into(),
+        content: "hi".into(),
+    }];
+    assert_eq!(
+        pipeline.prompt_format().render_chat(&hi).unwrap(),
+        "[user] hi\n"
+    );
+    // The file's own otherwise.
+    let n = reference().config().n_layers;
+    let own = Pipeline::connect(PipelineConfig::new(model_path(), 0..n, Vec::new()))
+        .await
+        .unwrap();
+    assert_eq!(
+        own.prompt_format().render_chat(&hi).unwrap(),
+        reference().render_chat(&hi).unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_generation_ends_its_session_and_spares_the_ring() {
     let greedy_ref = single_process(&SamplingParams::greedy());
     let (pipeline, servers, _) = ring(&[10, 20], DType::F32).await;

@@ -6,6 +6,7 @@
 //!
 //! ```toml
 //! model = "models/qwen2.5-coder-0.5b-instruct.gguf"   # or "auto": the cluster chooses
+//! # chat_template_file = "tool-calls.jinja"   # instead of the model's own template
 //! host = "0.0.0.0"
 //! port = 8080
 //! peer_port = 7070
@@ -47,6 +48,7 @@ use crate::serve::ServeArgs;
 pub(crate) struct ConfigFile {
     model: Option<PathBuf>,
     model_id: Option<String>,
+    chat_template_file: Option<PathBuf>,
     host: Option<String>,
     port: Option<u16>,
     api_key: Option<String>,
@@ -162,6 +164,11 @@ pub(crate) fn apply(
         }
     }
     take!(model_id);
+    take!(
+        chat_template_file,
+        file.chat_template_file
+            .map(|f| if f.is_relative() { base.join(f) } else { f })
+    );
     take!(host);
     take!(port);
     take!(api_key);
@@ -250,6 +257,7 @@ mod tests {
             role = "critic"
             lookup = true
             model_draft = "qwen05"
+            chat_template_file = "tools.jinja"
             draft_max = 12
             draft_p_min = 0.5
             [swarm]
@@ -269,6 +277,11 @@ mod tests {
         assert_eq!(
             a.speculation.model_draft.as_deref(),
             Some(std::path::Path::new("qwen05"))
+        );
+        let template = a.chat_template_file.as_deref().unwrap();
+        assert!(
+            template.ends_with("tools.jinja") && template.is_absolute(),
+            "relative to the file: {template:?}"
         );
         assert_eq!(
             (a.speculation.draft_max, a.speculation.draft_p_min),

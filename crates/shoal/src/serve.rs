@@ -42,6 +42,10 @@ pub(crate) struct ServeArgs {
     /// The model id clients send (default: the file's stem).
     #[arg(long)]
     pub(crate) model_id: Option<String>,
+    /// Render chats with this Jinja chat template instead of the model file's own (as
+    /// llama-server's flag: for a GGUF whose template lacks tool calls, or has none).
+    #[arg(long)]
+    pub(crate) chat_template_file: Option<PathBuf>,
     /// Require this bearer token on API requests.
     #[arg(long, env = "SHOAL_API_KEY")]
     pub(crate) api_key: Option<String>,
@@ -181,6 +185,17 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
         .map_err(|e| anyhow::anyhow!("--swarm-strategy: {e}"))?;
     let mut config = NodeConfig::new(PathBuf::new(), bind_addr(&a.host, a.port)?);
     config.model_id = a.model_id;
+    config.chat_template = a
+        .chat_template_file
+        .as_deref()
+        .map(|path| -> anyhow::Result<String> {
+            let what = || format!("--chat-template-file {}", path.display());
+            let source = std::fs::read_to_string(path).with_context(what)?;
+            // A template that does not compile is refused now, not when the model is up.
+            shoal_engine::ChatTemplate::from_source(&source, "", "").with_context(what)?;
+            Ok(source)
+        })
+        .transpose()?;
     config.prompt_cache_bytes = a.cache_ram.saturating_mul(1 << 20);
     config.speculation = a.speculation.speculation();
     // Resolved (perhaps fetched) after the checks below.

@@ -96,6 +96,9 @@ pub struct PipelineConfig {
     /// the ring (with `speculation.draft_model`). Checked against the model's tokenizer
     /// when the ring is set up.
     pub draft_model: Option<Arc<shoal_engine::Model>>,
+    /// A chat template (Jinja source) the head renders prompts with instead of the model
+    /// file's own; `None`: the file's.
+    pub chat_template: Option<String>,
 }
 
 impl PipelineConfig {
@@ -132,6 +135,7 @@ impl PipelineConfig {
             prompt_cache_bytes: 0,
             speculation: None,
             draft_model: None,
+            chat_template: None,
         }
     }
 }

@@ -262,10 +262,14 @@ impl Pipeline {
     pub async fn connect(config: PipelineConfig) -> Result<Pipeline> {
         let path = config.model_path.clone();
         let verify = config.verify_sha256;
+        let template = config.chat_template.clone();
         let (format, model, sha, reuse_by_rows) =
             tokio::task::spawn_blocking(move || -> Result<_> {
                 let file = GgufFile::open(&path)?;
-                let format = PromptFormat::from_gguf(&file)?;
+                let mut format = PromptFormat::from_gguf(&file)?;
+                if let Some(source) = &template {
+                    format.set_template(source)?;
+                }
                 let sha = if verify { file_sha256(&path)? } else { [0; 32] };
                 let by_rows = Stage::rows_reusable_across_chunks(&file);
                 Ok((format, file.config().clone(), sha, by_rows))
