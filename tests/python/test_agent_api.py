@@ -9,6 +9,8 @@ Env:
   SHOAL_BASE_URL  the server's OpenAI base URL, ending in /v1 (required)
   SHOAL_MODEL     the model id to send (default: the first id /v1/models lists)
   SHOAL_SEEDS     how many seeds the JSON-schema check runs (default 20)
+  SHOAL_TWO_CALLS set to run the two-calls-in-one-answer test (a model that makes them:
+                  Qwen2.5-Coder-1.5B does, the 0.5B makes one call at a time)
 
 The `openai` package is required (`pip install openai`).
 """
@@ -29,6 +31,7 @@ if not BASE_URL:
     sys.stderr.write("FAILED: set SHOAL_BASE_URL, e.g. http://127.0.0.1:8080/v1\n")
     sys.exit(1)
 SEEDS = int(os.environ.get("SHOAL_SEEDS", "20"))
+TWO_CALLS = bool(os.environ.get("SHOAL_TWO_CALLS"))
 
 client = openai.OpenAI(base_url=BASE_URL, api_key="sk-test", max_retries=0, timeout=600)
 MODEL = os.environ.get("SHOAL_MODEL") or client.models.list().data[0].id
@@ -119,14 +122,15 @@ class ToolCalls(unittest.TestCase):
         self.assertEqual(json.loads(calls[0]["arguments"]), json.loads(expected.function.arguments))
         self.assertTrue(calls[0]["id"].startswith("call_"))
 
+    @unittest.skipUnless(TWO_CALLS, "set SHOAL_TWO_CALLS for a model that makes two calls here")
     def test_two_calls_in_one_answer(self):
-        # At temperature 0 the 0.5B model answers this with two calls, one per line and
-        # without tags; each becomes a call of its own, with its own id and index.
+        # At temperature 0 Qwen2.5-Coder-1.5B answers this with two calls (the 0.5B with
+        # one); each becomes a call of its own, with its own id and index.
         chat = [
-            {"role": "system", "content": "The tools take one city each. When the user names "
-             "several cities, call the tool once for each city, every call in its own "
-             "<tool_call></tool_call> block, all in one answer."},
-            {"role": "user", "content": "What is the weather in Paris and what time is it there?"},
+            {"role": "system", "content": "Call every tool the question needs, all in one "
+             "answer, each call in its own <tool_call></tool_call> block."},
+            {"role": "user", "content": "I need two things: the weather in Paris, and the "
+             "local time in Paris."},
         ]
         ask = dict(model=MODEL, messages=chat, tools=[WEATHER, TIME], temperature=0, max_tokens=150)
         whole = client.chat.completions.create(**ask)

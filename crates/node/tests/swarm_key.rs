@@ -1,8 +1,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The swarm key between real nodes (in-process, real sockets, the real SmolLM2): a keyed
 //! ring answers exactly as one node does and a keyed swarm head asks its agent, while a
-//! recording relay in the middle sees neither the prompt, nor the model's name, nor a frame
-//! header in plaintext; and strangers — no key, another key — can neither load a stage, ask
+//! recording relay in the middle sees neither the prompt, nor the model's name, nor the
+//! head's activations (checked against the bytes the same layers give here, which a
+//! plaintext ring does show), nor a frame header in plaintext; and strangers — no key, another key — can neither load a stage, ask
 //! the agent, nor head a ring of the swarm's nodes.
 
 mod common;
@@ -22,6 +23,47 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const MODEL_ID: &str = "smollm2-135m-instruct-q4_1";
+
+/// 32 bytes of the hidden states the head of a `0-11,12-29` SmolLM2 ring sends its stage for
+/// `question` (its third prompt row, as f32 little-endian, as they go on the wire): what an
+/// eavesdropper would find in plaintext traffic.
+fn head_activation_bytes(question: &str) -> Vec<u8> {
+    use shoal_engine::candle_core::{DType, Device};
+    use shoal_engine::{ChatMessage, GgufFile, Logits, Model, Stage, StageInput, StageOutput};
+    let model = Model::load(model_path(), |_, _| {}).unwrap();
+    let text = model
+        .render_chat(&[ChatMessage {
+            role: "user".into(),
+            content: question.into(),
+        }])
+        .unwrap();
+    let tokens = model.encode_prompt(&text).unwrap();
+    let file = GgufFile::open(model_path()).unwrap();
+    let n = file.config().n_layers;
+    let spec = shoal_engine::StageSpec::range(0..12, n);
+    let stage = Stage::load(&file, spec, &Device::Cpu, |_, _| {}).unwrap();
+    let positions: Vec<usize> = (0..tokens.len()).collect();
+    let mut cache = stage.new_cache();
+    let StageOutput::Hidden(hidden) = stage
+        .forward(
+            StageInput::Tokens(&tokens),
+            &positions,
+            &mut cache,
+            Logits::All,
+        )
+        .unwrap()
+    else {
+        panic!("a first stage gives hidden states")
+    };
+    let row: Vec<f32> = hidden
+        .to_dtype(DType::F32)
+        .unwrap()
+        .get(2)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    row[..8].iter().flat_map(|x| x.to_le_bytes()).collect()
+}
 
 /// A relay to `upstream` that records every byte of every connection, both ways.
 async fn recording_relay(upstream: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
@@ -114,6 +156,11 @@ async fn a_keyed_ring_answers_as_one_node_and_shows_nothing_on_the_wire() {
     // the prompt; none of it readable.
     let seen = seen.lock().unwrap().clone();
     assert_sealed(&seen, &[SMOLLM2, MODEL_ID]);
+    let activations = head_activation_bytes(question);
+    assert!(
+        !contains(&seen, &activations),
+        "the head's activations crossed in plaintext"
+    );
 
     // A head with another key cannot use the stage: its ring fails, and says why.
     let mut stranger = keyed(

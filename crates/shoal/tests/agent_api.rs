@@ -6,9 +6,10 @@
 //! (tests/python/test_anthropic_client.py) on `POST /v1/messages`: whole and streamed
 //! answers, a tool use and its result, Anthropic-shaped errors. Then the same through a
 //! swarm head with two agents (tests/python/test_swarm_api.py as well): every request goes
-//! to the agents whole and one agent's answer comes back.
+//! to the agents whole and one agent's answer comes back. And Qwen2.5-Coder-1.5B's two
+//! calls in one answer, each a call of its own (with `parallel_tool_calls: false`, one).
 //!
-//! Needs `python3` with the `openai` and `anthropic` packages and the model
+//! Needs `python3` with the `openai` and `anthropic` packages and the models
 //! (`scripts/fetch-models.sh`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -41,6 +42,25 @@ fn agent_api_end_to_end() {
         status.success(),
         "tests/python/test_anthropic_client.py failed"
     );
+}
+
+#[test]
+fn two_calls_in_one_answer_each_come_back_as_a_call() {
+    // The 0.5B model makes one call at a time; Qwen2.5-Coder-1.5B makes two when asked for
+    // two things.
+    let server = common::Server::start(&model_path("qwen2.5-coder-1.5b-instruct.gguf"), &[]);
+    server.wait_healthy();
+    let status = Command::new("python3")
+        .args([
+            "tests/python/test_agent_api.py",
+            "ToolCalls.test_two_calls_in_one_answer",
+        ])
+        .current_dir(workspace_root())
+        .env("SHOAL_BASE_URL", format!("http://{}/v1", server.addr))
+        .env("SHOAL_TWO_CALLS", "1")
+        .status()
+        .expect("python3 runs");
+    assert!(status.success(), "the two-call test failed");
 }
 
 #[test]

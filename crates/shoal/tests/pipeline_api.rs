@@ -2,7 +2,8 @@
 //! (`shoal serve --peer-port 0`) and a head (`shoal serve --peer … --split …`) that answers
 //! chat completions through the ring. Every answer must equal the single-process server's
 //! (f32 activations, the default, are exact): greedy on the golden chat cases of both test
-//! models, and sampled with a fixed seed.
+//! models, and sampled with a fixed seed; tool calls, `n` > 1 and the agents' Python suite
+//! (tests/python/test_agent_api.py) through a Qwen ring.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -189,6 +190,37 @@ fn qwen_two_stage_head_answers_like_a_single_process() {
     assert_eq!(call(&head, json!({})), call(&single, json!({})));
     let forced = json!({"tool_choice": "required"});
     assert_eq!(call(&head, forced.clone()), call(&single, forced));
+
+    // `n` > 1: each choice as the single process draws it (the i-th with seed + i).
+    let choices = |server: &Server| {
+        let b = json!({"messages": [{"role": "user", "content": "Name a colour."}],
+                       "max_tokens": 12, "temperature": 0.9, "seed": 7, "n": 3});
+        let v = common::chat(server.addr, &b.to_string());
+        let texts: Vec<Value> = v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["message"]["content"].clone())
+            .collect();
+        assert_eq!(texts.len(), 3, "{v}");
+        texts
+    };
+    assert_eq!(choices(&head), choices(&single));
+
+    // What agents need, through the ring, seen by the official `openai` client: streamed
+    // tool calls, two calls in one answer, a tool's result answered, forced calls,
+    // json_schema output, a clamped max_tokens (tests/python/test_agent_api.py).
+    let status = std::process::Command::new("python3")
+        .arg("tests/python/test_agent_api.py")
+        .current_dir(common::workspace_root())
+        .env("SHOAL_BASE_URL", format!("http://{}/v1", head.addr))
+        .env("SHOAL_SEEDS", "5")
+        .status()
+        .expect("python3 runs");
+    assert!(
+        status.success(),
+        "tests/python/test_agent_api.py through a ring failed"
+    );
 }
 
 #[test]

@@ -330,6 +330,47 @@ fn a_hung_agent_times_out_and_a_killed_one_is_left_out() {
 }
 
 #[test]
+fn agents_slower_than_every_timeout_still_answer() {
+    // Per-type timeouts of 10 ms: every agent (the head's own included) is still generating
+    // when they pass. They are where the head stops waiting for *more* answers, not a reason
+    // to throw away the work: with no `timeout_s`, it waits for the first whole answer.
+    let reasoner = agent("reasoner");
+    let critic = agent("critic");
+    let head = head(
+        &[&reasoner, &critic],
+        &[
+            "--swarm-timeout-simple",
+            "0.01",
+            "--swarm-timeout-complex",
+            "0.01",
+        ],
+    );
+    all_agents_healthy(&head);
+    for strategy in ["moa", "vote"] {
+        let started = Instant::now();
+        let out = query(
+            &head,
+            json!({"query": CODE_QUESTION, "strategy": strategy, "max_tokens": 48,
+                   "temperature": 0}),
+        );
+        assert!(
+            started.elapsed() > Duration::from_millis(100),
+            "an answer this fast was not slower than the timeouts: {out}"
+        );
+        assert!(
+            !out["final_answer"].as_str().unwrap().trim().is_empty(),
+            "{strategy}: {out}"
+        );
+        assert!(!strings(&out["agents_responded"]).is_empty(), "{out}");
+    }
+    let answer = common::chat_text(
+        head.addr,
+        &common::chat_body("swarm", CODE_QUESTION, 24, false),
+    );
+    assert!(!answer.trim().is_empty());
+}
+
+#[test]
 fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
     let reasoner = agent("reasoner");
     let critic = agent("critic");
