@@ -108,9 +108,9 @@ TWO_CALL_HISTORY = [
 ]
 
 
-def reference(messages, tools):
+def reference(messages, tools, **variables):
     """The prompt transformers' apply_chat_template renders, from the messages as
-    llama-server passes them to the template."""
+    llama-server passes them to the template, with more of the template's `variables`."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
@@ -133,12 +133,13 @@ def reference(messages, tools):
     with open(TEMPLATE, encoding="utf-8") as f:
         source = f.read()
     return env.from_string(source).render(
-        messages=shaped, tools=tools, add_generation_prompt=True, bos_token=BOS, eos_token=EOS
+        messages=shaped, tools=tools, add_generation_prompt=True, bos_token=BOS, eos_token=EOS,
+        **variables,
     )
 
 
-def applied(messages, tools):
-    body = json.dumps({"messages": messages, "tools": tools}).encode()
+def applied(messages, tools, kwargs=None):
+    body = json.dumps({"messages": messages, "tools": tools, "chat_template_kwargs": kwargs}).encode()
     req = urllib.request.Request(
         ROOT_URL + "/apply-template", body, {"Content-Type": "application/json"}
     )
@@ -155,6 +156,15 @@ class Rendering(unittest.TestCase):
 
     def test_a_history_with_a_call_and_its_result(self):
         self.check(ONE_CALL_HISTORY, [WEATHER])
+
+    def test_chat_template_kwargs_add_variables_but_replace_none(self):
+        # Llama 3.1's `date_string` (the Llama-style template's "Today Date"); the others
+        # ignore it. `messages` and `bos_token` among them change nothing.
+        kwargs = {"date_string": "26 Jul 2024", "messages": [], "bos_token": "<oops>"}
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        self.assertEqual(
+            applied(messages, [WEATHER], kwargs), reference(messages, [WEATHER], date_string="26 Jul 2024")
+        )
 
     def test_a_history_with_two_calls_in_one_turn(self):
         if ONE_CALL:

@@ -107,12 +107,13 @@ pub(crate) async fn prepare_chat(
     let checked = check(state, req, "messages")?;
     let (tools, answer_format) = answer_shape(req)?;
     let messages = chat_json(req.messages.as_deref())?;
+    let variables = template_variables(req)?;
     let mut prepared = checked.with_model(state.model()?);
     let backend = prepared.model.clone();
     let format = Format::of(backend.prompt_format());
     let ((prompt, tools), grammar) = blocking(move || {
         let prompt_format = backend.prompt_format();
-        let text = chat_prompt(prompt_format, messages, tools.as_ref())?;
+        let text = chat_prompt(prompt_format, messages, tools.as_ref(), variables.as_ref())?;
         let grammar = match &tools {
             Some(t) if t.forced() => Some(t.call_grammar(format)?),
             _ => answer_format,
@@ -135,6 +136,7 @@ fn chat_prompt(
     prompt_format: &PromptFormat,
     messages: Vec<Value>,
     tools: Option<&ToolSet>,
+    variables: Option<&Value>,
 ) -> Result<String, ApiError> {
     let renders_tools = prompt_format.template().is_some_and(|t| t.renders_tools());
     let mut messages = template_messages(messages, renders_tools || tools.is_none());
@@ -147,12 +149,24 @@ fn chat_prompt(
         None => None,
     };
     let mut text = prompt_format
-        .render_conversation(&Value::Array(messages), rendered_tools.as_ref())
+        .render_conversation(&Value::Array(messages), rendered_tools.as_ref(), variables)
         .map_err(|e| ApiError::from_engine(e, "messages"))?;
     if tools.is_some_and(ToolSet::forced) {
         text.push_str(Format::of(prompt_format).opening());
     }
     Ok(text)
+}
+
+/// `chat_template_kwargs`, checked: a JSON object.
+fn template_variables(req: &CompletionRequest) -> Result<Option<Value>, ApiError> {
+    match &req.chat_template_kwargs {
+        None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::Object(_)) => Ok(Some(v.clone())),
+        Some(_) => Err(ApiError::invalid_value(
+            "chat_template_kwargs",
+            "`chat_template_kwargs` must be an object of the template's variables",
+        )),
+    }
 }
 
 /// `POST /apply-template` (llama-server's endpoint): the prompt a chat request's messages
@@ -164,9 +178,17 @@ pub(crate) async fn apply_template(
 ) -> Result<axum::Json<Value>, ApiError> {
     let (tools, _) = answer_shape(&req)?;
     let messages = chat_json(req.messages.as_deref())?;
+    let variables = template_variables(&req)?;
     let backend = state.model()?;
-    let prompt =
-        blocking(move || chat_prompt(backend.prompt_format(), messages, tools.as_ref())).await?;
+    let prompt = blocking(move || {
+        chat_prompt(
+            backend.prompt_format(),
+            messages,
+            tools.as_ref(),
+            variables.as_ref(),
+        )
+    })
+    .await?;
     Ok(axum::Json(serde_json::json!({ "prompt": prompt })))
 }
 
@@ -677,7 +699,7 @@ fn prompt_in(prompt: Option<Prompt>) -> Result<PromptIn, ApiError> {
 }
 
 /// Runs CPU work (templates, tokenizing) off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)

@@ -31,6 +31,7 @@ mod runner;
 mod serve;
 mod state;
 mod swarm;
+mod tokens;
 mod tools;
 mod types;
 
@@ -64,6 +65,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/apply-template", post(completions::apply_template))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(list_models))
         .route("/v1/swarm/status", get(swarm::status))

@@ -41,6 +41,8 @@ pub(crate) struct CompletionRequest {
     pub(crate) tools: Option<Vec<serde_json::Value>>,
     pub(crate) tool_choice: Option<serde_json::Value>,
     pub(crate) parallel_tool_calls: Option<bool>,
+    /// llama-server's: more variables for the chat template (`{"enable_thinking": false}`).
+    pub(crate) chat_template_kwargs: Option<serde_json::Value>,
     /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
     pub(crate) response_format: Option<serde_json::Value>,
     /// Chat: `true` for each token's log-probability; completions: how many alternatives

@@ -1044,4 +1044,88 @@ async fn apply_template_shows_the_prompt_the_model_is_given() {
     .await
     .error(StatusCode::BAD_REQUEST);
     assert_eq!(error["param"], "tools[0].function");
+    let error = post(
+        &app,
+        "/apply-template",
+        json!({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": 3}),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "chat_template_kwargs");
+}
+
+/// Every case of the model's tokenizer golden file (llama.cpp's ids, tests/golden).
+fn tokenizer_golden() -> Vec<Value> {
+    let dir = std::env::var_os("SHOAL_GOLDEN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/golden").into());
+    let path = dir.join("smollm2-135m-instruct-q4_1.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let golden: Value = serde_json::from_str(&text).unwrap();
+    golden["tokenize"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn tokenize_answers_llama_cpp_ids_and_detokenize_gives_the_text_back() {
+    let (_, app) = ready_app();
+    for case in tokenizer_golden() {
+        let text = case["text"].as_str().unwrap();
+        let r = post(
+            &app,
+            "/tokenize",
+            json!({"content": text, "parse_special": case["parse_special"]}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let tokens = r.body_json()["tokens"].clone();
+        assert_eq!(tokens, case["ids"], "{text:?}");
+
+        let r = post(&app, "/detokenize", json!({"tokens": tokens})).await;
+        assert_eq!(r.body_json()["content"], text, "{text:?}");
+
+        // Pieces: each token's text (or bytes, for part of a character), in order.
+        let r = post(
+            &app,
+            "/tokenize",
+            json!({"content": text, "parse_special": case["parse_special"], "with_pieces": true}),
+        )
+        .await;
+        let mut bytes = Vec::new();
+        for (piece, id) in r.body_json()["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["ids"].as_array().unwrap())
+        {
+            assert_eq!(&piece["id"], id);
+            match &piece["piece"] {
+                Value::String(s) => bytes.extend_from_slice(s.as_bytes()),
+                Value::Array(b) => bytes.extend(b.iter().map(|x| x.as_u64().unwrap() as u8)),
+                other => panic!("a piece is text or bytes: {other}"),
+            }
+        }
+        assert_eq!(String::from_utf8(bytes).unwrap(), text);
+    }
+}
+
+#[tokio::test]
+async fn tokenize_and_detokenize_refuse_what_is_not_text_or_ids() {
+    let (_, app) = ready_app();
+    let error = post(&app, "/tokenize", json!({"text": "hi"}))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(error["param"], "content");
+    for (bad, param) in [
+        (json!([1, -1]), "tokens[1]"),
+        (json!([49152]), "tokens[0]"),
+        (json!([4294967296_i64]), "tokens[0]"),
+    ] {
+        let error = post(&app, "/detokenize", json!({"tokens": bad}))
+            .await
+            .error(StatusCode::BAD_REQUEST);
+        assert_eq!(error["param"], param, "{bad}");
+    }
+    post(&app, "/detokenize", json!({"tokens": "12"}))
+        .await
+        .error(StatusCode::BAD_REQUEST);
 }

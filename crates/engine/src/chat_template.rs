@@ -115,24 +115,30 @@ impl ChatTemplate {
             Value::from_serialize(messages),
             Value::from(()),
             add_generation_prompt,
+            None,
         )
     }
 
     /// Renders messages given as JSON objects in OpenAI's shape — with `tool_calls` on
     /// assistant messages and `tool_call_id` on tool results — and the `tools` the model may
     /// call (`[{"type": "function", "function": {...}}]`, what transformers passes), for
-    /// templates that render tools themselves.
+    /// templates that render tools themselves. `variables` (a JSON object) are more of the
+    /// template's variables — llama-server's `chat_template_kwargs`, such as Qwen3's
+    /// `enable_thinking` or Llama 3.1's `date_string`; they cannot replace the messages,
+    /// tools or special tokens.
     pub fn render_json(
         &self,
         messages: &serde_json::Value,
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
+        variables: Option<&serde_json::Value>,
     ) -> Result<String, ChatTemplateError> {
         let tools = tools.map_or(Value::from(()), Value::from_serialize);
         self.render_with(
             Value::from_serialize(messages),
             tools,
             add_generation_prompt,
+            variables.map(Value::from_serialize),
         )
     }
 
@@ -152,20 +158,26 @@ impl ChatTemplate {
         messages: Value,
         tools: Value,
         add_generation_prompt: bool,
+        variables: Option<Value>,
     ) -> Result<String, ChatTemplateError> {
         let tmpl = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(ChatTemplateError::Compile)?;
-        tmpl.render(minijinja::context! {
+        let ours = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
             tools => tools,
             documents => Value::from(()),
-        })
-        .map_err(ChatTemplateError::Render)
+        };
+        // The last map's keys win: a caller's variables add to ours, never replace them.
+        let context = match variables {
+            Some(more) => minijinja::value::merge_maps([more, ours]),
+            None => ours,
+        };
+        tmpl.render(context).map_err(ChatTemplateError::Render)
     }
 
     /// The BOS token string the template sees.
@@ -571,6 +583,24 @@ mod tests {
             t.render(&[], false)?,
             "{\"a\": [1, 2.5, \"é\\\"\"], \"b\": null, \"c\": true}|[1e+20, 0.0001, 1.0]|{\n  \"x\": 1\n}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn variables_add_to_the_context_and_replace_nothing() -> Result<(), ChatTemplateError> {
+        let t = ChatTemplate::from_source(
+            "{{ x }}|{{ messages | length }}|{{ bos_token }}|{{ add_generation_prompt }}",
+            "<s>",
+            "</s>",
+        )?;
+        let messages = serde_json::json!([{"role": "user", "content": "hi"}]);
+        let variables = serde_json::json!({"x": 5, "messages": [], "bos_token": "no",
+                                           "add_generation_prompt": false});
+        assert_eq!(
+            t.render_json(&messages, None, true, Some(&variables))?,
+            "5|1|<s>|True"
+        );
+        assert_eq!(t.render_json(&messages, None, true, None)?, "|1|<s>|True");
         Ok(())
     }
 

@@ -75,14 +75,16 @@ impl PromptFormat {
 
     /// Renders a conversation given as OpenAI-shaped JSON messages (tool calls and tool
     /// results included) with the `tools` the model may call, ready for the assistant's
-    /// turn. Models without a template get the plain layout of [`Self::render_chat`].
+    /// turn, with more of the template's `variables` ([`ChatTemplate::render_json`]).
+    /// Models without a template get the plain layout of [`Self::render_chat`].
     pub fn render_conversation(
         &self,
         messages: &serde_json::Value,
         tools: Option<&serde_json::Value>,
+        variables: Option<&serde_json::Value>,
     ) -> Result<String> {
         match &self.template {
-            Some(t) => Ok(t.render_json(messages, tools, true)?),
+            Some(t) => Ok(t.render_json(messages, tools, true, variables)?),
             None => {
                 let plain: Vec<ChatMessage> = messages
                     .as_array()
