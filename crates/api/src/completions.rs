@@ -192,6 +192,36 @@ pub(crate) async fn apply_template(
     Ok(axum::Json(serde_json::json!({ "prompt": prompt })))
 }
 
+/// `GET /props` (llama-server's): what this node answers with — the model file, the chat
+/// template in effect (the file's own or `--chat-template-file`'s), the context length and
+/// the sampling defaults a request that names none gets.
+pub(crate) async fn props(State(state): State<AppState>) -> Result<axum::Json<Value>, ApiError> {
+    let backend = state.model()?;
+    let template = backend.prompt_format().template();
+    let n_ctx = backend.config().context_length;
+    Ok(axum::Json(serde_json::json!({
+        "model_path": state.model_file(),
+        "model_alias": state.model_id(),
+        "chat_template": template.map(|t| t.source()),
+        "bos_token": template.map(|t| t.bos_token()),
+        "eos_token": template.map(|t| t.eos_token()),
+        "n_ctx": n_ctx,
+        "total_slots": 1,
+        "default_generation_settings": {
+            "n_ctx": n_ctx,
+            "params": {
+                "temperature": DEFAULT_TEMPERATURE,
+                "top_k": DEFAULT_TOP_K,
+                "top_p": DEFAULT_TOP_P,
+                "min_p": DEFAULT_MIN_P,
+                "n_predict": DEFAULT_MAX_TOKENS,
+            },
+        },
+        "modalities": {"vision": false, "audio": false},
+        "build_info": SYSTEM_FINGERPRINT,
+    })))
+}
+
 /// The tools the answer may call and the JSON grammar it must follow, as the request asks;
 /// a 400 for what cannot be.
 pub(crate) fn answer_shape(

@@ -65,6 +65,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/apply-template", post(completions::apply_template))
+        .route("/props", get(completions::props))
         .route("/tokenize", post(tokens::tokenize))
         .route("/detokenize", post(tokens::detokenize))
         .route("/v1/messages", post(anthropic::messages))

@@ -1129,3 +1129,19 @@ async fn tokenize_and_detokenize_refuse_what_is_not_text_or_ids() {
         .await
         .error(StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn props_show_the_template_context_and_defaults_in_effect() {
+    let (_, app) = ready_app();
+    let props = get(&app, "/props").await.json();
+    let model = model();
+    let template = model.prompt_format().template().unwrap();
+    assert_eq!(props["chat_template"], template.source());
+    assert_eq!(props["eos_token"], template.eos_token());
+    assert_eq!(props["n_ctx"], model.config().context_length);
+    assert_eq!(
+        props["default_generation_settings"]["params"]["n_predict"],
+        shoal_api::DEFAULT_MAX_TOKENS
+    );
+    assert_eq!(props["model_alias"], MODEL_ID);
+}

@@ -72,6 +72,14 @@ fn templates_given_on_the_command_line_render_and_read_calls_back() {
             &["--chat-template-file", template.to_str().unwrap()],
         );
         server.wait_healthy();
+        // The template in effect is the file's, as `GET /props` shows.
+        let props = common::http(server.addr, "GET", "/props", None)
+            .unwrap()
+            .json();
+        assert_eq!(
+            props["chat_template"],
+            std::fs::read_to_string(&template).unwrap()
+        );
         check_rendering(&server, &template, &own, one_call);
     }
 }
