@@ -86,30 +86,26 @@ fn templates_given_on_the_command_line_render_and_read_calls_back() {
 
 #[test]
 fn a_template_that_does_not_compile_stops_serve_at_once() {
+    // What `shoal serve` prints when it stops (it must stop) with `template`.
+    let refused = |template: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(model_path(SMOLLM2))
+            .arg("--chat-template-file")
+            .arg(template)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.jinja");
     std::fs::write(&bad, "{% for m in messages %}{{ m.content }}").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["serve", "--port", "0", "--model"])
-        .arg(model_path(SMOLLM2))
-        .arg("--chat-template-file")
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&bad);
     assert!(
         err.contains("--chat-template-file") && err.contains("bad.jinja"),
         "{err}"
     );
-    let missing = dir.path().join("missing.jinja");
-    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["serve", "--port", "0", "--model"])
-        .arg(model_path(SMOLLM2))
-        .arg("--chat-template-file")
-        .arg(&missing)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.jinja"));
+    let err = refused(&dir.path().join("missing.jinja"));
+    assert!(err.contains("missing.jinja"), "{err}");
 }
