@@ -289,7 +289,7 @@ fn summary(o: &SwarmOutcome) -> Value {
 
 /// The request as a whole, for the agents' own chat APIs, when it asks for what a plain
 /// text answer cannot give: tools (or a history with tool calls), `response_format`,
-/// `ignore_eos`, log-probabilities, `n` > 1. `None` for a plain chat, which the swarm asks
+/// `ignore_eos`, `chat_template_kwargs`, log-probabilities, `n` > 1. `None` for a plain chat, which the swarm asks
 /// its agents as a conversation (with their role prompts). The answer's shape is checked
 /// here, as each agent would check it, so that a bad request is the client's 400 rather
 /// than every agent's refusal.
@@ -306,6 +306,7 @@ fn whole_request(
         || tool_history
         || answer_format.is_some()
         || req.ignore_eos == Some(true)
+        || req.chat_template_kwargs.is_some()
         || prepared.logprobs.is_some()
         || prepared.n > 1;
     if !whole {

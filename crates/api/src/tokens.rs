@@ -85,7 +85,10 @@ pub(crate) async fn detokenize(
                 _ => {
                     return Err(ApiError::invalid_value(
                         &format!("tokens[{i}]"),
-                        format!("{t} is not a token id of this model (0 to {})", vocab - 1),
+                        format!(
+                            "{t} is not a token id of this model (0 to {})",
+                            vocab.saturating_sub(1)
+                        ),
                     ))
                 }
             }

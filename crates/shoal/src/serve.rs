@@ -250,6 +250,17 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
     // Refuse a contradiction before a model is fetched for it.
     config.check()?;
     let auto = a.model.model.as_deref() == Some(std::path::Path::new(shoal_node::AUTO_MODEL_ID));
+    if config.chat_template.is_some() && (config.stage_only || auto) {
+        anyhow::bail!(
+            "--chat-template-file has no use with {}: {}",
+            if auto { "--model auto" } else { "--stage-only" },
+            if auto {
+                "the cluster picks the model, and a template is written for one model's format"
+            } else {
+                "a stage renders no prompts; give the template to the head"
+            }
+        );
+    }
     config.model = match a.model.model.as_deref() {
         // A stage-only node needs no model file: heads send it the layers it is to run
         // (weights over the LAN), kept in its models directory for next time.

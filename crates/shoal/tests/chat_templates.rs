@@ -108,4 +108,21 @@ fn a_template_that_does_not_compile_stops_serve_at_once() {
     );
     let err = refused(&dir.path().join("missing.jinja"));
     assert!(err.contains("missing.jinja"), "{err}");
+
+    // Nor where no prompt is rendered with it.
+    let template = workspace_root().join("tests/templates/hermes-tools.jinja");
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--stage-only",
+            "--chat-template-file",
+        ])
+        .arg(&template)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--stage-only"), "{err}");
 }

@@ -57,12 +57,14 @@ pub(crate) fn summarize(response: &str) -> Result<ResponseSummary, String> {
             .pointer("/function/name")
             .cloned()
             .unwrap_or(Value::Null);
-        // Arguments come as a JSON string; compared parsed, so spacing does not split votes.
-        let arguments = call
+        // Arguments come as a JSON string; compared parsed, with their keys sorted, so
+        // neither spacing nor key order splits votes (JSON objects keep their order).
+        let mut arguments = call
             .pointer("/function/arguments")
             .and_then(Value::as_str)
             .map(|a| serde_json::from_str(a).unwrap_or_else(|_| Value::from(a)))
             .unwrap_or(Value::Null);
+        arguments.sort_all_objects();
         if !text.is_empty() {
             text.push('\n');
         }
@@ -104,6 +106,19 @@ mod tests {
         );
         assert_eq!(summary.finish, Finish::Stop);
         assert_eq!((summary.prompt_tokens, summary.completion_tokens), (90, 21));
+    }
+
+    #[test]
+    fn the_same_call_reads_the_same_whatever_its_key_order_and_spacing() {
+        let answer = |arguments: &str| {
+            let response = serde_json::json!({"choices": [{"message": {"content": null,
+                "tool_calls": [{"function": {"name": "f", "arguments": arguments}}]}}]});
+            summarize(&response.to_string()).unwrap().text
+        };
+        assert_eq!(
+            answer(r#"{"city": "Paris", "days": {"from": 1, "to": 2}}"#),
+            answer(r#"{"days":{"to":2,"from":1},"city":"Paris"}"#)
+        );
     }
 
     #[test]
