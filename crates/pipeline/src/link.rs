@@ -11,6 +11,7 @@ use shoal_wire::{
     Capabilities, Connection, Hello, HelloAck, Message, PeerWriter, Transport, WireError,
 };
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// Dials `addr` (swarm key and deadlines from `transport`) and says hello.
 pub(crate) async fn dial(
@@ -47,6 +48,9 @@ pub(crate) struct Link {
     /// (the kernel takes the bytes before the peer's reset comes back), so a sender asks
     /// this first instead of waiting for an answer that cannot come.
     closed: Arc<AtomicBool>,
+    /// When a frame was last written: the peer closes a connection silent for its idle
+    /// timeout, so a link unused for long is dialled afresh or kept alive.
+    written_at: Instant,
 }
 
 impl Link {
@@ -77,7 +81,13 @@ impl Link {
             writer,
             drain,
             closed,
+            written_at: Instant::now(),
         }
+    }
+
+    /// How long since a frame was last written on the link (or since it was dialled).
+    pub(crate) fn unused_for(&self) -> Duration {
+        self.written_at.elapsed()
     }
 
     /// Whether the peer closed the link or it broke.
@@ -94,7 +104,10 @@ impl Link {
         deadline: Duration,
     ) -> Result<(), WireError> {
         match tokio::time::timeout(deadline, self.writer.write_frame(msg)).await {
-            Ok(written) => written,
+            Ok(written) => {
+                self.written_at = Instant::now();
+                written
+            }
             Err(_) => {
                 self.closed.store(true, Ordering::Release);
                 Err(WireError::Timeout {
@@ -112,8 +125,9 @@ impl Drop for Link {
     }
 }
 
-/// Links by address, dialled on first use and re-dialled once when a write fails (the peer
-/// restarted, or dropped an idle connection).
+/// Links by address, dialled on first use, dialled afresh when unused for the transport's
+/// [`Transport::redial_after`] (before the peer closes it as idle), and re-dialled once
+/// when a write fails (the peer restarted).
 ///
 /// Each address has its own slot: the map is locked only to find the slot, and the slot is
 /// locked over its own dial and write (frames to one peer must not interleave). A peer that
@@ -143,14 +157,19 @@ impl LinkPool {
             Arc::clone(slots.entry(addr).or_default())
         };
         let mut link = slot.lock().await;
-        // A link the peer closed may still take a write into the void: dial afresh.
-        if link.as_ref().is_some_and(Link::is_closed) {
+        // A link the peer closed may still take a write into the void, and one unused for
+        // long may be closed by the peer while this frame is on its way: dial afresh.
+        let redial_after = self.transport.redial_after();
+        if link
+            .as_ref()
+            .is_some_and(|l| l.is_closed() || l.unused_for() >= redial_after)
+        {
             *link = None;
         }
         let mut last_err = None;
         for _ in 0..2 {
-            let writer = match link.as_mut() {
-                Some(l) => &mut l.writer,
+            let l = match link.as_mut() {
+                Some(l) => l,
                 None => {
                     let conn =
                         dial(addr, &self.node_id, self.capabilities, &self.transport).await?;
@@ -165,12 +184,15 @@ impl LinkPool {
                         // The next write finds out and re-dials.
                         || {},
                     ));
-                    &mut l.writer
+                    l
                 }
             };
             let after = self.transport.stall_timeout;
-            match tokio::time::timeout(after, writer.write_frame(msg)).await {
-                Ok(Ok(())) => return Ok(()),
+            match tokio::time::timeout(after, l.writer.write_frame(msg)).await {
+                Ok(Ok(())) => {
+                    l.written_at = Instant::now();
+                    return Ok(());
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %addr, error = %e, "write failed; re-dialling");
                     *link = None;
@@ -231,5 +253,54 @@ mod tests {
         };
         assert!(matches!(result, WireError::Timeout { .. }), "{result:?}");
         assert!(link.is_closed(), "a link with half a frame on it is closed");
+    }
+
+    /// A link unused for the transport's `redial_after` is dialled afresh before the next
+    /// frame (its peer may be closing it as idle just then); a link in use is kept.
+    #[tokio::test(start_paused = true)]
+    async fn a_link_unused_for_long_is_dialled_afresh() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                // Counted before the handshake, so a dial has been counted when it returns.
+                let _ = accepted_tx.send(());
+                let mut conn = Connection::new(tcp, Limits::default()).unwrap();
+                shoal_wire::server_handshake(&mut conn, |h| {
+                    Ok(HelloAck {
+                        node_id: format!("peer-of-{}", h.node_id),
+                        software_version: "test".into(),
+                        capabilities: Capabilities::STAGE,
+                    })
+                })
+                .await
+                .unwrap();
+                // Keep reading so the writer never stalls.
+                tokio::spawn(async move { while let Ok(Some(_)) = conn.read_frame().await {} });
+            }
+        });
+        let transport = Transport::default();
+        let pool = LinkPool::new("stage".into(), Capabilities::STAGE, transport.clone());
+        let ping = Message::Ping(shoal_wire::Ping { nonce: 1 });
+        pool.send(addr, &ping).await.unwrap();
+        assert_eq!(accepted.try_recv(), Ok(()));
+        // Used often enough: the same link.
+        for _ in 0..4 {
+            tokio::time::sleep(transport.redial_after() / 2).await;
+            pool.send(addr, &ping).await.unwrap();
+        }
+        assert!(
+            accepted.try_recv().is_err(),
+            "a link in use was dialled again"
+        );
+        // Unused for long: a new one.
+        tokio::time::sleep(transport.redial_after()).await;
+        pool.send(addr, &ping).await.unwrap();
+        assert_eq!(
+            accepted.try_recv(),
+            Ok(()),
+            "a link unused for long was written on"
+        );
     }
 }

@@ -19,7 +19,7 @@ use shoal_pipeline::{
 };
 use shoal_wire::{
     client_handshake, Activations, Capabilities, Connection, DType, Forward, Hello, Limits,
-    Message, Payload, Want,
+    Message, Payload, Transport, Want,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1713,6 +1713,68 @@ async fn silent_connections_do_not_stop_a_ring() {
     assert_eq!(out, reference_tokens);
     all_sessions_ended(&[middle, last]).await;
     drop(silent);
+}
+
+/// Issue #14: peer ports close connections silent for their idle timeout (so connections
+/// whose other end vanished without a word free their slots), yet a ring idle between
+/// requests keeps working without a re-plan: the head pings its links, and a stage dials its
+/// next stage afresh rather than write on a link the peer is about to close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_idle_past_the_idle_timeout_answers_without_a_replan() {
+    let reference_tokens = single_process(&SamplingParams::greedy());
+    let transport = Transport {
+        idle_timeout: Duration::from_millis(1200),
+        ..Transport::default()
+    };
+    let mut servers = Vec::new();
+    let mut peers = Vec::new();
+    for layers in [10..20, 20..30] {
+        let mut config = StageServerConfig::new(models_dir());
+        config.transport = transport.clone();
+        let (server, addr) = serve(config).await;
+        servers.push(server);
+        peers.push(PeerStage { addr, layers });
+    }
+    let mut config = PipelineConfig::new(model_path(), 0..10, peers.clone());
+    config.transport = transport.clone();
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    // A member that connects and says nothing more loses its connection.
+    let (mut silent, _) = transport
+        .dial(
+            peers[1].addr,
+            Hello {
+                node_id: "silent".into(),
+                software_version: "test".into(),
+                capabilities: Capabilities::HEAD,
+            },
+        )
+        .await
+        .unwrap();
+    for round in 0..2 {
+        let out = pipeline
+            .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+            .await
+            .unwrap();
+        assert_eq!(out, reference_tokens, "round {round}");
+        all_sessions_ended(&servers).await;
+        // Idle for more than three idle timeouts.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    assert_eq!(pipeline.replans(), 0, "the idle ring lost a link");
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match silent.read_frame().await {
+                Ok(Some(Message::Error(_))) => continue,
+                Ok(Some(other)) => panic!("a silent member was sent {}", other.name()),
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a silent connection was kept past the idle timeout"
+    );
 }
 
 /// Issue #17: guessing by prompt lookup, as a pipeline's head does with `--lookup`.

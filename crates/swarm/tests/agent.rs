@@ -290,6 +290,33 @@ async fn greedy_answers_are_the_engines_own() {
     assert_eq!(agent.service.busy(), 0);
 }
 
+/// Issue #14: the peer port closes connections silent between requests for its idle
+/// timeout, but a head waiting in silence for a long answer is not one of them.
+#[tokio::test]
+async fn an_answer_longer_than_the_idle_timeout_still_comes_back() {
+    let mut config = config();
+    config.transport.idle_timeout = Duration::from_millis(300);
+    let agent = start(config).await;
+    let mut conn = dial(agent.addr).await;
+    let started = Instant::now();
+    conn.write_frame(&Message::Ask(user_ask(1, STORY, 256)))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(LONG, conn.read_frame()).await.unwrap();
+    let Ok(Some(Message::Answer(answer))) = reply else {
+        panic!("no answer: {reply:?}");
+    };
+    assert!(
+        started.elapsed() > Duration::from_millis(600),
+        "the answer came too fast to show anything ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(answer.completion_tokens, 256);
+    // Silent after it: closed.
+    let after = tokio::time::timeout(LONG, conn.read_frame()).await.unwrap();
+    assert!(matches!(after, Ok(None) | Err(_)), "{after:?}");
+}
+
 #[tokio::test]
 async fn a_dropped_connection_frees_the_agent() {
     let agent = start(config()).await;

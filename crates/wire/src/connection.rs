@@ -39,6 +39,8 @@ struct ReadState {
     limits: Limits,
     /// Longest wait for more bytes of a frame that has started to arrive.
     stall_timeout: Option<Duration>,
+    /// Longest wait between frames, for the first byte of the next.
+    idle_timeout: Option<Duration>,
 }
 
 impl ReadState {
@@ -47,6 +49,7 @@ impl ReadState {
             buffer: BytesMut::with_capacity(MIN_READ),
             limits,
             stall_timeout: None,
+            idle_timeout: None,
         }
     }
 
@@ -89,16 +92,18 @@ impl ReadState {
                 .reserve(self.missing().clamp(MIN_READ, READ_CHUNK));
             let mid_frame = !self.buffer.is_empty();
             let read = stream.read_buf(&mut self.buffer);
-            let n = match self.stall_timeout {
-                Some(after) if mid_frame => {
-                    tokio::time::timeout(after, read)
-                        .await
-                        .map_err(|_| WireError::Timeout {
-                            what: "waiting for the rest of a frame",
-                            after,
-                        })??
-                }
-                _ => read.await?,
+            // Mid-frame the stall deadline applies (a big frame on a slow link takes as long as
+            // it takes, while bytes keep coming); between frames, the idle one.
+            let (deadline, what) = if mid_frame {
+                (self.stall_timeout, "waiting for the rest of a frame")
+            } else {
+                (self.idle_timeout, "idle, with no message from the peer")
+            };
+            let n = match deadline {
+                Some(after) => tokio::time::timeout(after, read)
+                    .await
+                    .map_err(|_| WireError::Timeout { what, after })??,
+                None => read.await?,
             };
             if n == 0 {
                 return if self.buffer.is_empty() {
@@ -196,10 +201,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Ends the connection with [`WireError::Timeout`] when a frame that has begun to arrive
-    /// stalls for longer than `after` (`None`: wait for ever). Between frames there is no limit
-    /// here; an idle connection is the server's to close.
+    /// stalls for longer than `after` (`None`: wait for ever).
     pub fn set_stall_timeout(&mut self, after: Option<Duration>) {
         self.read.stall_timeout = after;
+    }
+
+    /// Ends the connection with [`WireError::Timeout`] when no frame begins to arrive for
+    /// `after` (`None`, the default: wait for ever). A server sets it on the connections it
+    /// accepted; a dialer keeps its links busy instead (see [`crate::Transport::idle_timeout`]).
+    pub fn set_idle_timeout(&mut self, after: Option<Duration>) {
+        self.read.idle_timeout = after;
+    }
+
+    /// The idle timeout in effect (see [`Connection::set_idle_timeout`]).
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.read.idle_timeout
     }
 
     /// Reads the next message. `Ok(None)` when the peer closed the connection cleanly between

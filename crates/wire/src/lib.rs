@@ -108,7 +108,7 @@ pub use message::{
 };
 pub use secure::PeerStream;
 pub use server::{serve_peers, PeerService, RemotePeer, ServeConfig};
-pub use transport::{Transport, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, STALL_TIMEOUT};
+pub use transport::{Transport, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, STALL_TIMEOUT};
 
 /// The reading half of a split peer connection.
 pub type PeerReader = FrameReader<tokio::io::ReadHalf<PeerStream>>;

@@ -39,9 +39,6 @@ pub struct ServeConfig {
     pub max_per_address: usize,
     /// Most connections in their handshake at once; a new one past this drops the oldest.
     pub max_handshakes: usize,
-    /// A connection with no message for this long is closed (`None`: kept while the peer
-    /// keeps it; ring links are long-lived and may idle between requests).
-    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for ServeConfig {
@@ -51,7 +48,6 @@ impl Default for ServeConfig {
             max_connections: 256,
             max_per_address: 64,
             max_handshakes: 64,
-            idle_timeout: None,
         }
     }
 }
@@ -269,7 +265,9 @@ async fn serve_one<S: PeerService>(
         addr: peer,
         node_id: hello.node_id,
     };
-    serve_messages(service, conn, &peer, config.idle_timeout).await
+    let mut conn = conn;
+    conn.set_idle_timeout(Some(config.transport.idle_timeout));
+    serve_messages(service, conn, &peer).await
 }
 
 /// The swarm-key handshake, then the `Hello` answered by `service`.
@@ -286,27 +284,15 @@ async fn open<S: PeerService>(
 }
 
 /// Every message of an open connection to `service`, until the peer closes it, something
-/// fails, or (with `idle_timeout`) it stays silent too long.
+/// fails, or it stays silent between messages for the connection's idle timeout (the time
+/// a message takes to handle does not count: the wait is for the next one).
 async fn serve_messages<S: PeerService>(
     service: &S,
     mut conn: Connection,
     peer: &RemotePeer,
-    idle_timeout: Option<Duration>,
 ) -> Result<(), WireError> {
     loop {
-        let read = match idle_timeout {
-            Some(after) => match tokio::time::timeout(after, conn.read_frame()).await {
-                Ok(read) => read,
-                Err(_) => {
-                    return Err(WireError::Timeout {
-                        what: "idle, with no message from the peer",
-                        after,
-                    })
-                }
-            },
-            None => conn.read_frame().await,
-        };
-        let msg = match read {
+        let msg = match conn.read_frame().await {
             Ok(Some(msg)) => msg,
             Ok(None) => return Ok(()),
             Err(e) => return Err(conn.fail(e).await),

@@ -20,6 +20,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default longest stall inside a frame, either way.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default longest silence on an accepted connection past its handshake.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Everything about peer connections that both sides must agree on, or that bounds how long
 /// this node waits for a peer.
@@ -36,6 +38,13 @@ pub struct Transport {
     pub handshake_timeout: Duration,
     /// Longest stall inside a frame, reading one that has begun to arrive or writing one.
     pub stall_timeout: Duration,
+    /// An accepted connection with no message for this long is closed, so connections whose
+    /// other end went away without a word (a laptop put to sleep, a cable pulled: TCP never
+    /// learns of it) do not hold their slots for ever. Dialers keep the links they hold
+    /// open: a head pings its stages every [`Transport::keepalive_interval`], and a link
+    /// pool dials afresh rather than write on a link unused for
+    /// [`Transport::redial_after`]. Both sides must use the same value.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Transport {
@@ -47,6 +56,7 @@ impl Default for Transport {
             connect_timeout: CONNECT_TIMEOUT,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             stall_timeout: STALL_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
         }
     }
 }
@@ -58,6 +68,18 @@ impl Transport {
             key,
             ..Transport::default()
         }
+    }
+
+    /// How often a dialer that holds a link open pings it: a quarter of the idle timeout,
+    /// so a ping or two may be late without the link being closed.
+    pub fn keepalive_interval(&self) -> Duration {
+        self.idle_timeout / 4
+    }
+
+    /// A link unused for this long (half the idle timeout) may be closed by its peer soon,
+    /// perhaps while a frame is on its way: a dialer dials afresh instead of writing on it.
+    pub fn redial_after(&self) -> Duration {
+        self.idle_timeout / 2
     }
 
     /// Dials `addr`, runs the swarm-key handshake (when there is a key) and says `hello`;

@@ -331,3 +331,52 @@ async fn shutdown_stops_accepting_and_closes_connections() {
     // ...and nobody listens any more.
     assert!(TcpStream::connect(server.addr).await.is_err());
 }
+
+/// Issue #14: a connection past its handshake that says nothing for the transport's idle
+/// timeout is closed (its other end may be gone without a word), while one that keeps
+/// talking — a head pinging its stages — stays open however long it lives.
+#[tokio::test(start_paused = true)]
+async fn a_silent_connection_is_closed_after_the_idle_timeout_and_a_talking_one_is_kept() {
+    let server = start().await;
+    let idle = shoal_wire::IDLE_TIMEOUT;
+    let mut silent = good_client(server.addr, "silent").await;
+    let mut talking = good_client(server.addr, "talking").await;
+    for nonce in 0..12 {
+        tokio::time::sleep(idle / 3).await;
+        ping(&mut talking, nonce).await;
+    }
+    // Four idle timeouts later the silent one was closed: its read ends at once.
+    assert!(matches!(
+        within(silent.read_frame()).await,
+        Ok(None) | Err(_)
+    ));
+    ping(&mut talking, 99).await;
+}
+
+/// A frame that has begun to arrive is under the stall deadline, not the idle one: a big
+/// frame on a slow link may take longer than the idle timeout, while its bytes keep coming.
+#[tokio::test(start_paused = true)]
+async fn a_frame_arriving_slowly_is_not_cut_off_by_the_idle_timeout() {
+    let server = start().await;
+    let mut conn = good_client(server.addr, "slow").await;
+    let mut frame = Vec::new();
+    Message::Ping(Ping { nonce: 7 })
+        .encode_frame(&mut frame, &Limits::default())
+        .unwrap();
+    // One byte every tenth of the idle timeout: the frame takes longer than the idle
+    // timeout to arrive, but never stalls for the stall deadline.
+    let step = shoal_wire::IDLE_TIMEOUT / 10;
+    assert!(step < shoal_wire::STALL_TIMEOUT);
+    assert!(step * frame.len() as u32 > shoal_wire::IDLE_TIMEOUT);
+    for byte in &frame {
+        conn.get_mut()
+            .write_all(std::slice::from_ref(byte))
+            .await
+            .unwrap();
+        tokio::time::sleep(step).await;
+    }
+    assert_eq!(
+        conn.read_frame().await.unwrap(),
+        Some(Message::Pong(Pong { nonce: 7 }))
+    );
+}

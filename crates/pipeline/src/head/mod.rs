@@ -31,8 +31,8 @@ use shoal_engine::{
     PromptFormat, Sampler, SamplingParams, Stage, StageSpec, TokenLogprob, Tokenizer,
 };
 use shoal_wire::{
-    Capabilities, EndSession, ErrorCode, Forward, JsonAnswer, LoadStage, Message, Payload, Resume,
-    Want, WireError, MAX_TOP_LOGPROBS,
+    Capabilities, EndSession, ErrorCode, Forward, JsonAnswer, LoadStage, Message, Payload, Ping,
+    Resume, Want, WireError, MAX_TOP_LOGPROBS,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -147,14 +147,45 @@ impl RingSetup<'_> {
         }
         // From now on only this ring's last stage is heard for tokens.
         self.router.set_last_stage(last_stage);
+        let links = Arc::new(links);
+        keep_alive(&links, self.config.transport.keepalive_interval());
         Ok(Ring {
             epoch,
             plan_id,
             stage,
-            peers: Arc::new(links),
+            peers: links,
             peer_layers: peers.iter().map(|p| p.layers.clone()).collect(),
         })
     }
+}
+
+/// Pings each of a ring's links that has been unused for `every`, every `every`, while the
+/// ring lives: a stage closes a connection silent for its idle timeout (four times this), and
+/// a ring idle between requests must not find its links closed and re-plan. The task holds
+/// the links weakly, so it ends with the ring.
+fn keep_alive(peers: &Arc<Vec<Peer>>, every: Duration) {
+    let peers = Arc::downgrade(peers);
+    tokio::spawn(async move {
+        let mut nonce = 0u64;
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(peers) = peers.upgrade() else {
+                return;
+            };
+            for peer in peers.iter() {
+                let mut link = peer.link.lock().await;
+                if link.is_closed() || link.unused_for() < every {
+                    continue;
+                }
+                nonce = nonce.wrapping_add(1);
+                let ping = Message::Ping(Ping { nonce });
+                if let Err(e) = link.write_within(&ping, peer.write_deadline).await {
+                    // The next request finds the link closed and recovers.
+                    tracing::info!(peer = %peer.addr, error = %e, "keep-alive ping failed");
+                }
+            }
+        }
+    });
 }
 
 /// The head of a ring of stages.
@@ -380,6 +411,12 @@ impl Pipeline {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// How many times the ring was laid out again, after losing a stage or finding its plan
+    /// gone.
+    pub fn replans(&self) -> u64 {
+        self.current_ring().epoch
     }
 
     /// Microseconds the head's own recent decode passes took, on average (0: none yet).

@@ -240,6 +240,10 @@ impl AgentService {
         let cancel = CancelOnDrop::default();
         let work = self.run(ask, Arc::clone(&cancel.0));
         tokio::pin!(work);
+        // The head waits in silence while the answer is made, however long that takes: the
+        // port's idle timeout is for the wait between requests.
+        let idle_timeout = conn.idle_timeout();
+        conn.set_idle_timeout(None);
         let outcome = loop {
             tokio::select! {
                 outcome = &mut work => break outcome,
@@ -261,6 +265,7 @@ impl AgentService {
                 },
             }
         };
+        conn.set_idle_timeout(idle_timeout);
         let reply = match outcome {
             Ok(answer) => Message::Answer(answer),
             Err(AskFailure::Cancelled) => return Ok(()),
