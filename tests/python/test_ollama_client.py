@@ -225,6 +225,29 @@ class Generate(unittest.TestCase):
         self.assertEqual(r.done_reason, "load")
 
 
+class Embed(unittest.TestCase):
+    def test_embed_and_embeddings(self):
+        texts = ["The quick brown fox jumps over the lazy dog.", "def add(a, b): return a + b"]
+        r = client.embed(model=MODEL, input=texts)
+        self.assertEqual(len(r.embeddings), 2)
+        first, second = r.embeddings
+        self.assertEqual(len(first), len(second))
+        self.assertAlmostEqual(sum(v * v for v in first), 1.0, places=4)
+        self.assertNotEqual(first, second)
+        self.assertGreater(r.prompt_eval_count, 0)
+        # One text alone, and through the older endpoint: the same vector.
+        self.assertEqual(client.embed(model=MODEL, input=texts[0]).embeddings[0], first)
+        old = client.embeddings(model=MODEL, prompt=texts[0])
+        self.assertEqual(list(old.embedding), first)
+
+    def test_long_input_is_refused_without_truncate(self):
+        # (Cut to the context by default: crates/api/tests/router.rs checks that.)
+        long = "word " * 9000
+        with self.assertRaises(ollama.ResponseError) as e:
+            client.embed(model=MODEL, input=long, truncate=False)
+        self.assertEqual(e.exception.status_code, 400)
+
+
 class Errors(unittest.TestCase):
     def assertError(self, status, body, expected_status):
         self.assertEqual(status, expected_status, body)

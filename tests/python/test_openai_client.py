@@ -372,6 +372,31 @@ class Completions(unittest.TestCase):
         self.assertEqual(r.choices[0].finish_reason, "stop")
 
 
+class Embeddings(unittest.TestCase):
+    def test_create(self):
+        texts = ["The quick brown fox jumps over the lazy dog.", "def add(a, b): return a + b"]
+        # The client asks for base64 and decodes it; ask for floats too: the same vectors.
+        r = client.embeddings.create(model=MODEL, input=texts)
+        self.assertEqual([d.index for d in r.data], [0, 1])
+        floats = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+        for a, b in zip(r.data, floats.data):
+            self.assertEqual(len(a.embedding), len(b.embedding))
+            for x, y in zip(a.embedding, b.embedding):
+                self.assertAlmostEqual(x, y, places=6)
+        first = floats.data[0].embedding
+        self.assertAlmostEqual(sum(v * v for v in first), 1.0, places=4)
+        self.assertGreater(r.usage.prompt_tokens, 10)
+        self.assertEqual(r.usage.total_tokens, r.usage.prompt_tokens)
+        self.assertEqual(r.model, MODEL)
+
+    def test_bad_input(self):
+        with self.assertRaises(openai.BadRequestError) as e:
+            client.embeddings.create(model=MODEL, input=[])
+        self.assertEqual(e.exception.body["param"], "input")
+        with self.assertRaises(openai.BadRequestError):
+            client.embeddings.create(model=MODEL, input="hi", dimensions=3)
+
+
 class Errors(unittest.TestCase):
     def assertError(self, status, body, expected_status, code=None, param=None):
         self.assertEqual(status, expected_status, body)

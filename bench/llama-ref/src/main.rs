@@ -35,7 +35,7 @@ const TEXT: &str =
     "The quick brown fox jumps over the lazy dog while the sun sets slowly behind the hills. ";
 
 const USAGE: &str = "usage: llama-ref --model PATH [--threads N] [--prompt-tokens P] \
-[--decode-tokens D] [--repeat R] [--json] [--verbose]\n  --verbose  keep llama.cpp's log on stderr and print the greedy continuation";
+[--decode-tokens D] [--repeat R] [--json] [--verbose] [--embed TEXT]\n  --verbose  keep llama.cpp's log on stderr and print the greedy continuation\n  --embed TEXT  instead of timing: print TEXT's ids and its embedding (mean pooling, unit length) as JSON";
 
 struct Args {
     model: PathBuf,
@@ -45,6 +45,7 @@ struct Args {
     repeat: usize,
     json: bool,
     verbose: bool,
+    embed: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -55,6 +56,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut repeat = 3;
     let mut json = false;
     let mut verbose = false;
+    let mut embed = None;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let (key, inline) = match arg.split_once('=') {
@@ -78,6 +80,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--repeat" => repeat = number(&key, value(&key)?)?,
             "--json" => json = true,
             "--verbose" | "-v" => verbose = true,
+            "--embed" => embed = Some(value("--embed")?),
             "--help" | "-h" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -99,6 +102,7 @@ fn parse_args() -> anyhow::Result<Args> {
         repeat,
         json,
         verbose,
+        embed,
     })
 }
 
@@ -127,6 +131,9 @@ fn run() -> anyhow::Result<ExitCode> {
     let model = LlamaModel::load_from_file(&backend, &a.model, &LlamaModelParams::default())
         .with_context(|| format!("loading {}", a.model.display()))?;
     let load_s = started.elapsed().as_secs_f64();
+    if let Some(text) = &a.embed {
+        return embed(&backend, &model, text, a.threads);
+    }
 
     let vocab = model.vocab();
     let mut ids = vocab.tokenize(TEXT.repeat(1 + a.prompt_tokens / 8).as_bytes(), false, false);
@@ -235,6 +242,48 @@ fn run() -> anyhow::Result<ExitCode> {
             a.threads, a.decode_tokens
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The reference for `shoal`'s embeddings: `text` tokenized as llama-server tokenizes an
+/// embeddings input (special tokens added and parsed), one `llama_decode` with mean
+/// pooling, scaled to unit length as llama-server's `/v1/embeddings` does.
+fn embed(
+    backend: &LlamaBackend,
+    model: &LlamaModel,
+    text: &str,
+    threads: usize,
+) -> anyhow::Result<ExitCode> {
+    let ids = model.vocab().tokenize(text.as_bytes(), true, true);
+    let n = u32::try_from(ids.len()).context("text too long")?;
+    let threads = i32::try_from(threads).context("too many threads")?;
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n.max(64)))
+        .with_n_batch(n.max(64))
+        .with_n_ubatch(n.max(64))
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
+        .with_embeddings(true)
+        .with_pooling_type(llama_cpp_2::context::params::LlamaPoolingType::Mean);
+    let mut ctx = model
+        .new_context(backend, params)
+        .context("creating the llama.cpp context")?;
+    let mut batch = LlamaBatch::new(ids.len(), 1);
+    batch.add_sequence(&ids, 0, false)?;
+    ctx.decode(&mut batch).context("embedding decode")?;
+    let pooled = ctx.embeddings_seq_ith(0).context("pooled embedding")?;
+    let norm = pooled
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt();
+    let embedding: Vec<f64> = pooled.iter().map(|&v| f64::from(v) / norm).collect();
+    let out = serde_json::json!({
+        "text": text,
+        "ids": ids.iter().map(|t| t.0).collect::<Vec<_>>(),
+        "embedding": embedding,
+    });
+    println!("{}", serde_json::to_string(&out)?);
     Ok(ExitCode::SUCCESS)
 }
 

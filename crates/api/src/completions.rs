@@ -28,8 +28,8 @@ use crate::runner::{self, Event, Job};
 use crate::state::{unix_now, AppState};
 use crate::tools::{argument_fragments, template_messages, Call, Format, StreamGate, ToolSet};
 use crate::types::{
-    ChatChoice, ChatChunkChoice, CompletionObject, CompletionRequest, Content, Delta, MessageIn,
-    MessageOut, Prompt, TextChoice, Usage,
+    ChatChoice, ChatChunkChoice, CompletionObject, CompletionRequest, Content, Delta, Infill,
+    MessageIn, MessageOut, Prompt, TextChoice, Usage,
 };
 
 /// Tokens generated when the request does not say (and the context has room).
@@ -310,17 +310,39 @@ pub(crate) async fn prepare_text(
 ) -> Result<(Prepared, Vec<u32>), ApiError> {
     let checked = check(state, req, "prompt")?;
     let prompt = prompt_in(req.prompt.take())?;
+    let infill = req.infill.take().or_else(|| {
+        req.suffix
+            .take()
+            .filter(|s| !s.is_empty())
+            .map(|suffix| Infill {
+                suffix,
+                files: Vec::new(),
+                limits: None,
+            })
+    });
     let prepared = checked.with_model(state.model()?);
     let backend = prepared.model.clone();
     let prompt = match prompt {
         PromptIn::Text(text) => {
             blocking(move || {
-                backend
-                    .prompt_format()
-                    .encode_prompt(&text)
-                    .map_err(|e| ApiError::from_engine(e, "prompt"))
+                let format = backend.prompt_format();
+                match &infill {
+                    // Fill in the middle: the prompt is the code before the gap.
+                    Some(infill) => format
+                        .infill_prompt(&text, &infill.suffix, &infill.files, infill.limits)
+                        .map_err(|e| ApiError::from_engine(e, "suffix")),
+                    None => format
+                        .encode_prompt(&text)
+                        .map_err(|e| ApiError::from_engine(e, "prompt")),
+                }
             })
             .await?
+        }
+        PromptIn::Tokens(_) if infill.is_some() => {
+            return Err(ApiError::invalid_value(
+                "suffix",
+                "`suffix` needs a text prompt (the code before the gap), not token ids",
+            ))
         }
         PromptIn::Tokens(ids) => {
             let vocab = prepared.model.config().vocab_size;

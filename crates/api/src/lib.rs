@@ -23,7 +23,9 @@ mod backend;
 mod cluster;
 mod completions;
 mod dashboard;
+mod embeddings;
 mod error;
+mod infill;
 mod limits;
 mod metrics;
 mod ollama;
@@ -68,6 +70,8 @@ pub fn app(state: AppState) -> Router {
         .route("/props", get(completions::props))
         .route("/tokenize", post(tokens::tokenize))
         .route("/detokenize", post(tokens::detokenize))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/infill", post(infill::infill))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(list_models))
         .route("/v1/swarm/status", get(swarm::status))
@@ -84,8 +88,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/show", post(ollama::show))
         .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
-        .route("/api/embed", post(ollama::unsupported))
-        .route("/api/embeddings", post(ollama::unsupported))
+        .route("/api/embed", post(ollama::embed))
+        .route("/api/embeddings", post(ollama::embeddings))
         .route("/api/pull", post(ollama::unsupported))
         .route("/api/push", post(ollama::unsupported))
         .route("/api/create", post(ollama::unsupported))

@@ -352,6 +352,92 @@ fn swarm_strategy(name: Option<&str>) -> Result<Option<Option<Strategy>>, ApiErr
     crate::swarm::swarm_model(name)
 }
 
+#[derive(Debug, Deserialize)]
+pub(crate) struct EmbedRequest {
+    model: Option<String>,
+    /// A string or an array of strings.
+    input: Option<Value>,
+    /// Cut an input longer than the context to it (the default, as Ollama) rather than
+    /// refuse it.
+    truncate: Option<bool>,
+    /// Only the model's own width is possible.
+    dimensions: Option<u64>,
+}
+
+/// `POST /api/embed`: unit-length vectors, one per input.
+pub(crate) async fn embed(
+    State(state): State<AppState>,
+    body: Result<Json<EmbedRequest>, ApiError>,
+) -> Result<Response, OllamaError> {
+    let received = Instant::now();
+    let Json(req) = body?;
+    let name = served_model(&state, req.model.as_deref())?;
+    let bad =
+        || ApiError::invalid_value("input", "`input` must be a string or an array of strings");
+    let inputs = match req.input.unwrap_or(Value::Null) {
+        // Ollama's way to load an embedding model: nothing to embed, an empty answer.
+        Value::Null => Vec::new(),
+        Value::String(s) if s.is_empty() => Vec::new(),
+        Value::String(s) => vec![crate::embeddings::Input::Text(s)],
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(crate::embeddings::Input::Text(s)),
+                _ => Err(bad()),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(bad().into()),
+    };
+    if let Some(dimensions) = req.dimensions {
+        let width = state.model()?.config().hidden as u64;
+        if dimensions != width {
+            return Err(ApiError::invalid_value(
+                "dimensions",
+                format!("this model's embeddings have {width} dimensions, not {dimensions}"),
+            )
+            .into());
+        }
+    }
+    if inputs.is_empty() {
+        state.model()?;
+        return Ok(axum::Json(json!({"model": name, "embeddings": []})).into_response());
+    }
+    let (vectors, tokens) =
+        crate::embeddings::embed(&state, inputs, req.truncate.unwrap_or(true)).await?;
+    Ok(axum::Json(json!({
+        "model": name,
+        "embeddings": vectors,
+        "total_duration": received.elapsed().as_nanos() as u64,
+        "load_duration": 0,
+        "prompt_eval_count": tokens,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct EmbeddingsRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+}
+
+/// `POST /api/embeddings` (Ollama's older endpoint): one prompt's vector.
+pub(crate) async fn embeddings(
+    State(state): State<AppState>,
+    body: Result<Json<EmbeddingsRequest>, ApiError>,
+) -> Result<Response, OllamaError> {
+    let Json(req) = body?;
+    served_model(&state, req.model.as_deref())?;
+    let prompt = req.prompt.unwrap_or_default();
+    if prompt.is_empty() {
+        // A load request, as for Ollama: an empty answer.
+        state.model()?;
+        return Ok(axum::Json(json!({ "embedding": [] })).into_response());
+    }
+    let inputs = vec![crate::embeddings::Input::Text(prompt)];
+    let (mut vectors, _) = crate::embeddings::embed(&state, inputs, true).await?;
+    Ok(axum::Json(json!({ "embedding": vectors.pop().unwrap_or_default() })).into_response())
+}
+
 /// `POST /api/generate`.
 pub(crate) async fn generate(
     State(state): State<AppState>,
@@ -366,13 +452,6 @@ pub(crate) async fn generate(
             "template",
             "`template` is not supported: prompts use the model's own chat template, or none \
              with `raw: true`",
-        )
-        .into());
-    }
-    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid_value(
-            "suffix",
-            "`suffix` (fill-in-the-middle) is not supported",
         )
         .into());
     }
@@ -399,8 +478,18 @@ pub(crate) async fn generate(
         return Ok(load_reply(&name, Api::Generate));
     }
     let mut completion = completion_request(req.options, req.format.as_ref(), req.stream)?;
-    let (prepared, tokens) = if raw {
+    let suffix = req.suffix.filter(|s| !s.is_empty());
+    if suffix.is_some() && response_format(req.format.as_ref())?.is_some() {
+        // Code filled in the middle is not a JSON answer.
+        return Err(
+            ApiError::invalid_value("format", "`format` cannot be combined with `suffix`").into(),
+        );
+    }
+    let (prepared, tokens) = if raw || suffix.is_some() {
+        // With a suffix, the model fills in the middle between the prompt and it, as
+        // Ollama's templates for code models do (no chat template, no system prompt).
         completion.prompt = Some(Prompt::Text(prompt));
+        completion.suffix = suffix;
         completions::prepare_text(&state, &mut completion).await?
     } else {
         let mut messages = Vec::with_capacity(2);
@@ -501,15 +590,19 @@ pub(crate) async fn show(
         .template()
         .map(|t| t.source().to_owned())
         .unwrap_or_default();
+    // Every model takes tools here: a template without them gets them described in the
+    // system message. "insert": a `suffix` is filled in the middle (FIM tokens).
+    let mut capabilities = vec!["completion", "tools"];
+    if backend.prompt_format().tokenizer().fim().is_some() {
+        capabilities.push("insert");
+    }
     Ok(axum::Json(json!({
         "modelfile": "",
         "parameters": "",
         "template": template,
         "details": facts.details,
         "model_info": info,
-        // Every model takes tools here: a template without them gets them described
-        // in the system message.
-        "capabilities": ["completion", "tools"],
+        "capabilities": capabilities,
         "modified_at": facts.modified_at,
     }))
     .into_response())
@@ -546,7 +639,6 @@ pub(crate) async fn version() -> Response {
 /// reads like a typo.
 pub(crate) async fn unsupported(uri: Uri) -> OllamaError {
     let what = match uri.path() {
-        "/api/embed" | "/api/embeddings" => "compute embeddings",
         "/api/pull" | "/api/push" | "/api/create" | "/api/copy" | "/api/delete" => {
             "manage models (pull, push, create, copy, delete): it serves the one model it was \
              started with (`shoal serve --model …`)"

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use shoal_engine::{EngineError, FinishReason, GenerateParams, JsonGrammar, Model, TextStream};
 use shoal_pipeline::{Pipeline, PipelineError, RingAnswer, RingRequest};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::backend::Backend;
 use crate::error::ApiError;
@@ -94,34 +94,9 @@ pub(crate) enum Event {
 /// task driving the ring for a pipeline. Dropping the future while it waits leaves the
 /// queue; dropping the receiver stops the generation.
 pub(crate) async fn start(state: &AppState, job: Job) -> Result<mpsc::Receiver<Event>, ApiError> {
+    let permit = admit(state, &job.backend).await?;
     let metrics = state.metrics();
-    let limits: &HttpLimits = state.limits();
-    let engine = state.admission(&job.backend);
-    let permit = match engine.clone().try_acquire_owned() {
-        Ok(permit) => permit,
-        Err(_) => {
-            let waiting = usize::try_from(metrics.queued.get()).unwrap_or(0);
-            if waiting >= limits.max_queue {
-                metrics.rejected.inc();
-                return Err(ApiError::queue_full(waiting, RETRY_AFTER_S));
-            }
-            let _queued = GaugeGuard::new(&metrics.queued);
-            engine
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| ApiError::unavailable("the server is shutting down"))?
-        }
-    };
-    if !state.is_current(&job.backend) {
-        // The node moved to another model while this request waited: its prompt was
-        // tokenized for the old one.
-        return Err(ApiError::unavailable(
-            "the node moved to another model while this request waited; send it again",
-        )
-        .retry_in(0));
-    }
-    let stall = limits.client_stall_timeout;
+    let stall = state.limits().client_stall_timeout;
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     let metrics = metrics.clone();
     match job.backend.clone() {
@@ -153,6 +128,42 @@ pub(crate) async fn start(state: &AppState, job: Job) -> Result<mpsc::Receiver<E
         }
     }
     Ok(rx)
+}
+
+/// Waits for `backend`'s engine in the bounded queue (`429` when it is full), as every
+/// request that computes does; the permit is the engine until it is dropped.
+pub(crate) async fn admit(
+    state: &AppState,
+    backend: &Backend,
+) -> Result<OwnedSemaphorePermit, ApiError> {
+    let metrics = state.metrics();
+    let limits: &HttpLimits = state.limits();
+    let engine = state.admission(backend);
+    let permit = match engine.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => {
+            let waiting = usize::try_from(metrics.queued.get()).unwrap_or(0);
+            if waiting >= limits.max_queue {
+                metrics.rejected.inc();
+                return Err(ApiError::queue_full(waiting, RETRY_AFTER_S));
+            }
+            let _queued = GaugeGuard::new(&metrics.queued);
+            engine
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| ApiError::unavailable("the server is shutting down"))?
+        }
+    };
+    if !state.is_current(backend) {
+        // The node moved to another model while this request waited: its prompt was
+        // tokenized for the old one.
+        return Err(ApiError::unavailable(
+            "the node moved to another model while this request waited; send it again",
+        )
+        .retry_in(0));
+    }
+    Ok(permit)
 }
 
 /// Hands `event` to the client's handler, waiting at most `stall` for room; `Err` when the

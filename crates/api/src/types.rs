@@ -16,6 +16,13 @@ pub(crate) struct CompletionRequest {
     pub(crate) messages: Option<Vec<MessageIn>>,
     /// Completions only.
     pub(crate) prompt: Option<Prompt>,
+    /// Completions only: the text after the gap, for fill-in-the-middle (`prompt` is the
+    /// text before it).
+    pub(crate) suffix: Option<String>,
+    /// Set by llama-server's `/infill` (never read from a body): fill in the middle between
+    /// `prompt` and this, with other files for context.
+    #[serde(skip)]
+    pub(crate) infill: Option<Infill>,
     pub(crate) max_tokens: Option<i64>,
     /// The chat API's newer name for `max_tokens`; wins when both are present.
     pub(crate) max_completion_tokens: Option<i64>,
@@ -53,6 +60,15 @@ pub(crate) struct CompletionRequest {
     /// Shoal's, for swarm models: the request's time budget in seconds (0 < s ≤ 3600); the
     /// swarm answers with the best it has when it ends. Ignored by a single model.
     pub(crate) timeout_s: Option<f64>,
+}
+
+/// A fill-in-the-middle request: the text after the gap, other files (name, text), and
+/// how much of each part to keep (`None`: all, or the context refuses it).
+#[derive(Debug, Default)]
+pub(crate) struct Infill {
+    pub(crate) suffix: String,
+    pub(crate) files: Vec<(String, String)>,
+    pub(crate) limits: Option<shoal_engine::InfillLimits>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

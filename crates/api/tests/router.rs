@@ -1145,3 +1145,246 @@ async fn props_show_the_template_context_and_defaults_in_effect() {
     );
     assert_eq!(props["model_alias"], MODEL_ID);
 }
+
+/// The golden embedding (llama.cpp's, `tests/golden/embeddings.json`) of the model's first
+/// case: its text and vector.
+fn embedding_golden() -> (String, Vec<f64>) {
+    let dir = std::env::var_os("SHOAL_GOLDEN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/golden").into());
+    let text = std::fs::read_to_string(dir.join("embeddings.json")).unwrap();
+    let golden: Value = serde_json::from_str(&text).unwrap();
+    let case = &golden["models"]["smollm2-135m-instruct-q4_1.gguf"][0];
+    let vector = case["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    (case["text"].as_str().unwrap().to_owned(), vector)
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// A JSON array of an answer's f32 values (each read back as the f32 it was written from).
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| f64::from(x.as_f64().unwrap() as f32))
+        .collect()
+}
+
+#[tokio::test]
+async fn embeddings_answer_llama_cpp_vectors_in_every_shape() {
+    let (_, app) = ready_app();
+    let (text, want) = embedding_golden();
+    let r = post(
+        &app,
+        "/v1/embeddings",
+        json!({"model": MODEL_ID, "input": [text.clone(), "something else entirely"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let body = r.json();
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["model"], MODEL_ID);
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[1]["index"], 1);
+    assert_eq!(data[0]["object"], "embedding");
+    let first = floats(&data[0]["embedding"]);
+    assert_eq!(first.len(), want.len());
+    assert!(cosine(&first, &want) > 0.999, "{}", cosine(&first, &want));
+    let second = floats(&data[1]["embedding"]);
+    assert!(cosine(&first, &second) < 0.99, "two texts, one vector");
+    let tokens = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(tokens > 10);
+    assert_eq!(body["usage"]["total_tokens"], tokens);
+
+    // The same text as token ids, and base64 (little-endian f32s): the same vector.
+    let ids = post(&app, "/tokenize", json!({"content": text}))
+        .await
+        .json()["tokens"]
+        .clone();
+    let r = post(
+        &app,
+        "/v1/embeddings",
+        json!({"input": ids, "encoding_format": "base64"}),
+    )
+    .await;
+    let b64 = r.json()["data"][0]["embedding"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bytes = base64_decode(&b64);
+    let decoded: Vec<f64> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+        .collect();
+    assert!(decoded == first, "base64 gives other values");
+
+    // Ollama's endpoints: the same vectors.
+    let r = post(
+        &app,
+        "/api/embed",
+        json!({"model": format!("{MODEL_ID}:latest"), "input": text.clone()}),
+    )
+    .await
+    .json();
+    assert!(floats(&r["embeddings"][0]) == first);
+    assert!(r["prompt_eval_count"].as_u64().unwrap() > 0);
+    let r = post(
+        &app,
+        "/api/embeddings",
+        json!({"model": MODEL_ID, "prompt": text}),
+    )
+    .await
+    .json();
+    assert!(floats(&r["embedding"]) == first);
+}
+
+#[tokio::test]
+async fn bad_embedding_requests_get_clear_errors() {
+    let (_, app) = ready_app();
+    for (body, param) in [
+        (json!({}), "input"),
+        (json!({"input": []}), "input"),
+        (json!({"input": ""}), "input"),
+        (json!({"input": [[]]}), "input"),
+        (json!({"input": [99999999]}), "input"),
+        (
+            json!({"input": "hi", "encoding_format": "int8"}),
+            "encoding_format",
+        ),
+        (json!({"input": "hi", "dimensions": 3}), "dimensions"),
+    ] {
+        let e = post(&app, "/v1/embeddings", body.clone())
+            .await
+            .error(StatusCode::BAD_REQUEST);
+        assert_eq!(e["param"], param, "{body}");
+    }
+    let e = post(
+        &app,
+        "/v1/embeddings",
+        json!({"model": "gpt-9", "input": "hi"}),
+    )
+    .await
+    .error(StatusCode::NOT_FOUND);
+    assert_eq!(e["code"], "model_not_found");
+    // Longer than the context: refused by OpenAI's endpoint, cut by Ollama's.
+    let long = vec![1; 8193];
+    let e = post(&app, "/v1/embeddings", json!({"input": long}))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(e["code"], "context_length_exceeded");
+    let r = post(&app, "/api/embed", json!({"model": MODEL_ID, "input": 7})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.json()["error"].as_str().unwrap().contains("input"));
+    let long = "word ".repeat(9000);
+    let r = post(
+        &app,
+        "/api/embed",
+        json!({"model": MODEL_ID, "input": long, "truncate": false}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.json()["error"].as_str().unwrap().contains("context"));
+    // Too many tokens in all: refused before the engine is asked.
+    let many = vec![vec![1; 8000]; 9];
+    let e = post(&app, "/v1/embeddings", json!({"input": many}))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert!(e["message"].as_str().unwrap().contains("65536"), "{e}");
+    // Nothing to embed is Ollama's load request: an empty answer.
+    let r = post(&app, "/api/embed", json!({"model": MODEL_ID})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["embeddings"], json!([]));
+    let r = post(
+        &app,
+        "/api/embeddings",
+        json!({"model": MODEL_ID, "prompt": ""}),
+    )
+    .await;
+    assert_eq!(r.json()["embedding"], json!([]));
+    // Ollama's default: cut to the context (8,192 tokens here), then embedded.
+    let r = post(
+        &app,
+        "/api/embed",
+        json!({"model": MODEL_ID, "input": long}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["prompt_eval_count"], 8192);
+}
+
+/// RFC 4648 base64, decoded here so the test does not share the server's encoder.
+fn base64_decode(s: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.bytes().filter(|&c| c != b'=') {
+        let v = ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// SmolLM2 has no fill-in-the-middle tokens: a `suffix` gets a clear 400 (what a code
+/// model writes into the gap is tested in crates/shoal/tests/agent_api.rs).
+#[tokio::test]
+async fn a_suffix_for_a_model_without_fim_tokens_is_refused() {
+    let (_, app) = ready_app();
+    let e = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "def f(x):\n    ", "suffix": "\nprint(f(1))", "max_tokens": 4}),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST);
+    assert_eq!(e["param"], "suffix");
+    assert!(e["message"]
+        .as_str()
+        .unwrap()
+        .contains("fill-in-the-middle"));
+    let e = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": [1, 2, 3], "suffix": "x", "max_tokens": 4}),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST);
+    assert_eq!(e["param"], "suffix");
+    let e = post(
+        &app,
+        "/infill",
+        json!({"input_prefix": "def f(x):\n    ", "input_suffix": "\n", "n_predict": 4}),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST);
+    assert_eq!(e["param"], "suffix");
+    let r = post(
+        &app,
+        "/api/generate",
+        json!({"model": MODEL_ID, "prompt": "def f(x):", "suffix": "\n", "format": "json"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.json()["error"].as_str().unwrap().contains("suffix"));
+    // An empty suffix is no suffix.
+    let r = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "Hello", "suffix": "", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}

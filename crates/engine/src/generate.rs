@@ -169,6 +169,47 @@ impl Model {
         self.format.render_chat(messages)
     }
 
+    /// An embedding of `tokens`, as llama.cpp makes one from a generative model with mean
+    /// pooling: every token's hidden state after the final norm, averaged, then scaled to
+    /// unit length (as llama-server's `/v1/embeddings` and Ollama's `/api/embed` give them).
+    /// Runs in prompt chunks on a cache of its own, so it touches no generation's state;
+    /// `interrupted` is asked between chunks.
+    pub fn embed(&self, tokens: &[u32], interrupted: impl Fn() -> bool) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidInput("nothing to embed".into()));
+        }
+        let mut cache = self.stage.new_cache();
+        let mut sums = vec![0f64; self.config().hidden];
+        for (chunk, ids) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            if chunk > 0 && interrupted() {
+                return Err(EngineError::Interrupted);
+            }
+            let start = chunk * PREFILL_CHUNK;
+            let positions: Vec<usize> = (start..start + ids.len()).collect();
+            let out = self.stage.forward(
+                StageInput::Tokens(ids),
+                &positions,
+                &mut cache,
+                Logits::Normed,
+            )?;
+            let StageOutput::Hidden(h) = out else {
+                return Err(EngineError::InvalidInput(
+                    "no hidden states produced".into(),
+                ));
+            };
+            for row in h.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()? {
+                for (sum, v) in sums.iter_mut().zip(row) {
+                    *sum += f64::from(v);
+                }
+            }
+        }
+        let n = tokens.len() as f64;
+        let norm = sums.iter().map(|s| (s / n) * (s / n)).sum::<f64>().sqrt();
+        // A zero vector stays zero rather than becoming NaNs.
+        let scale = if norm > 0.0 { 1.0 / (n * norm) } else { 0.0 };
+        Ok(sums.iter().map(|s| (s * scale) as f32).collect())
+    }
+
     /// Starts generating after `prompt`. Nothing runs until the first `next()`.
     pub fn generate(&self, prompt: Vec<u32>, params: GenerateParams) -> Result<Generation<'_>> {
         Generation::new(self, prompt, params)

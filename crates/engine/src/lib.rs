@@ -48,13 +48,13 @@ pub use logprobs::{token_logprob, TokenLogprob, MAX_TOP_LOGPROBS};
 pub use lookup::Lookup;
 pub use pool::with_threads as with_kernel_threads;
 pub use prefix_cache::{PrefixCache, PrefixMatch};
-pub use prompt::PromptFormat;
+pub use prompt::{InfillLimits, PromptFormat};
 pub use sampler::{Sampler, SamplingParams};
 pub use speculation::{check_draft_tokenizer, check_draft_vocabulary, Drafter, Speculation};
 pub use stage::{Logits, Stage, StageInput, StageOutput, StageSpec};
 pub use stage_file::StageFile;
 pub use text_stream::TextStream;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{FimIds, Tokenizer};
 
 /// Re-exported so callers can build devices and tensors without naming candle.
 pub use candle_core;

@@ -69,6 +69,9 @@ pub enum Logits {
     /// each weight matrix is still read once for all rows. Speculative decoding verifies
     /// drafted tokens so, and its output is then the plain decode's, token for token.
     Verify,
+    /// No logits: every token's hidden state after the final norm, as
+    /// [`StageOutput::Hidden`] (what embeddings are pooled from, as llama.cpp's are).
+    Normed,
 }
 
 /// The output of a stage: logits `[n, vocab]` from a head stage, hidden states
@@ -901,7 +904,9 @@ impl Stage {
                 .collect();
         };
         // The rows each session wants logits for: its last, or all of them (one by one
-        // for `Verify`: the LM head's product too is a decode step's).
+        // for `Verify`: the LM head's product too is a decode step's). A session that
+        // wants its normed hidden states gets them here, and no logits.
+        let mut outputs: Vec<Option<StageOutput>> = Vec::with_capacity(segments.len());
         let mut picked = Vec::with_capacity(segments.len());
         let mut counts = Vec::with_capacity(segments.len());
         let mut products = Vec::with_capacity(segments.len());
@@ -910,7 +915,14 @@ impl Stage {
             let (first, count) = match logits {
                 Logits::Last => (start + n - 1, 1),
                 Logits::All | Logits::Verify => (start, n),
+                Logits::Normed => {
+                    let h = norm.forward(&x.narrow(0, start, n)?)?;
+                    outputs.push(Some(StageOutput::Hidden(h)));
+                    start += n;
+                    continue;
+                }
             };
+            outputs.push(None);
             picked.push(x.narrow(0, first, count)?);
             counts.push(count);
             match logits {
@@ -919,22 +931,26 @@ impl Stage {
             }
             start += n;
         }
-        let x = if picked.len() == 1 {
-            picked
-                .pop()
-                .ok_or_else(|| EngineError::InvalidInput("no rows".into()))?
-        } else {
-            Tensor::cat(&picked, 0)?
-        };
-        let logits = head.forward(&norm.forward(&x)?, &products)?;
-        let mut start = 0;
-        counts
-            .iter()
-            .map(|&n| {
-                let l = logits.narrow(0, start, n)?;
+        if !picked.is_empty() {
+            let x = if picked.len() == 1 {
+                picked
+                    .pop()
+                    .ok_or_else(|| EngineError::InvalidInput("no rows".into()))?
+            } else {
+                Tensor::cat(&picked, 0)?
+            };
+            let logits = head.forward(&norm.forward(&x)?, &products)?;
+            let mut start = 0;
+            let mut counts = counts.into_iter();
+            for slot in outputs.iter_mut().filter(|o| o.is_none()) {
+                let n = counts.next().unwrap_or(0);
+                *slot = Some(StageOutput::Logits(logits.narrow(0, start, n)?));
                 start += n;
-                Ok(StageOutput::Logits(l))
-            })
+            }
+        }
+        outputs
+            .into_iter()
+            .map(|o| o.ok_or_else(|| EngineError::InvalidInput("no output".into())))
             .collect()
     }
 }

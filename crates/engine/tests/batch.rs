@@ -208,7 +208,8 @@ fn check_round(
 /// The rounds of steps the random-model test feeds: prompts of lengths that take each of
 /// the k-quants' orders (1, 3, 4 and 9 rows: Q6_K's lanes and tiles, Q4_K's pairs,
 /// blocks and tiles), one of them after a history and away from position 0; then single
-/// tokens; then a round with a session whose token is outside the vocabulary.
+/// tokens; then a round with a session whose token is outside the vocabulary. Some
+/// sessions want normed hidden states (embeddings) among others' logits.
 fn random_rounds() -> Vec<Vec<Step>> {
     let t = |v: &[u32]| v.to_vec();
     vec![
@@ -219,14 +220,15 @@ fn random_rounds() -> Vec<Vec<Step>> {
         ],
         vec![
             Step::tokens(t(&[6]), 5, Logits::Last),
-            Step::tokens(t(&[10, 11, 12]), 12, Logits::All),
+            // Embeddings' rows (the final norm's output, no logits) among logits rows.
+            Step::tokens(t(&[10, 11, 12]), 12, Logits::Normed),
             Step::tokens(t(&[3, 1, 4, 1, 5, 9, 2, 6, 5]), 0, Logits::Last),
             Step::tokens(t(&[7, 7, 8, 8]), 30, Logits::All),
         ],
         vec![
             Step::tokens(t(&[13]), 6, Logits::Last),
             Step::tokens(t(&[14]), 15, Logits::Last),
-            Step::tokens(t(&[15]), 9, Logits::All),
+            Step::tokens(t(&[15]), 9, Logits::Normed),
             Step::tokens(t(&[16]), 34, Logits::Last),
         ],
         vec![

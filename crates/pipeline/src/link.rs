@@ -105,7 +105,9 @@ impl Link {
     ) -> Result<(), WireError> {
         match tokio::time::timeout(deadline, self.writer.write_frame(msg)).await {
             Ok(written) => {
-                self.written_at = Instant::now();
+                if written.is_ok() {
+                    self.written_at = Instant::now();
+                }
                 written
             }
             Err(_) => {

@@ -479,8 +479,13 @@ impl StageServer {
                     head: false,
                 };
                 let dir = &self.inner.config.models_dir;
-                let path = crate::weights::fetch_over(conn, "the head", request, dir).await?;
-                (path, true)
+                // The head may hash the layers for minutes before the manifest comes (the
+                // fetch has its own deadlines): the port's idle timeout is not for this wait.
+                let idle_timeout = conn.idle_timeout();
+                conn.set_idle_timeout(None);
+                let fetched = crate::weights::fetch_over(conn, "the head", request, dir).await;
+                conn.set_idle_timeout(idle_timeout);
+                (fetched?, true)
             }
             Err(e) => return Err(e),
         };

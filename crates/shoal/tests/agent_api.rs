@@ -18,7 +18,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{model_path, workspace_root, QWEN05};
+use common::{http, model_path, workspace_root, QWEN05};
 
 #[test]
 fn agent_api_end_to_end() {
@@ -42,6 +42,100 @@ fn agent_api_end_to_end() {
         status.success(),
         "tests/python/test_anthropic_client.py failed"
     );
+
+    // Fill in the middle, as editors' code completion asks: OpenAI's `suffix`, then
+    // Ollama's. The model writes the body between the signature and the call.
+    let body = serde_json::json!({
+        "prompt": "def add(a, b):\n    ",
+        "suffix": "\n\nprint(add(2, 3))\n",
+        "max_tokens": 24,
+        "temperature": 0,
+    });
+    let r = http(
+        server.addr,
+        "POST",
+        "/v1/completions",
+        Some(&body.to_string()),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let answer: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let text = answer["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("return a + b"), "{text:?}");
+    let body = serde_json::json!({
+        "model": "qwen2.5-coder-0.5b-instruct",
+        "prompt": "def is_even(n):\n    ",
+        "suffix": "\n\nassert is_even(4)\n",
+        "stream": false,
+        "options": {"temperature": 0, "num_predict": 24},
+    });
+    let r = http(
+        server.addr,
+        "POST",
+        "/api/generate",
+        Some(&body.to_string()),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let answer: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let text = answer["response"].as_str().unwrap();
+    assert!(text.starts_with("return n % 2 == 0"), "{text:?}");
+    let body = r#"{"model": "qwen2.5-coder-0.5b-instruct"}"#;
+    let r = http(server.addr, "POST", "/api/show", Some(body)).unwrap();
+    let shown: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(
+        shown["capabilities"],
+        serde_json::json!(["completion", "tools", "insert"])
+    );
+
+    // llama-server's `/infill` (llama.vscode, llama.vim): whole, then streamed in its
+    // chunks, which add up to the same text; another file given for context.
+    let request = |stream: bool| {
+        serde_json::json!({
+            "input_prefix": "def add(a, b):\n",
+            "prompt": "    ",
+            "input_suffix": "\n\nprint(add(2, 3))\n",
+            "input_extra": [{"filename": "util.py", "text": "def one():\n    return 1\n"}],
+            "n_predict": 12,
+            "temperature": 0,
+            "stream": stream,
+        })
+        .to_string()
+    };
+    let r = http(server.addr, "POST", "/infill", Some(&request(false))).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let whole: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let content = whole["content"].as_str().unwrap();
+    assert!(content.starts_with("return a + b"), "{content:?}");
+    assert_eq!(whole["stop"], true);
+    assert!(["eos", "limit"].contains(&whole["stop_type"].as_str().unwrap()));
+    assert!(whole["tokens_predicted"].as_u64().unwrap() > 0);
+    let r = http(server.addr, "POST", "/infill", Some(&request(true))).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let chunks: Vec<serde_json::Value> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .map(|c| c["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, content);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["stop"], true);
+    assert_eq!(last["tokens_predicted"], whole["tokens_predicted"]);
+    assert!(chunks[..chunks.len() - 1]
+        .iter()
+        .all(|c| c["stop"] == false));
+    // `n_predict: 0`, as editors send context ahead to warm the cache: no text.
+    let warm = serde_json::json!({"input_prefix": "x = 1\n", "input_suffix": "", "n_predict": 0});
+    let r = http(server.addr, "POST", "/infill", Some(&warm.to_string())).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let warmed: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(warmed["content"], "");
+    assert_eq!(warmed["tokens_predicted"], 0);
 }
 
 #[test]

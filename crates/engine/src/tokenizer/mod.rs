@@ -124,6 +124,19 @@ fn byte_to_cpt_table() -> [char; 256] {
     table
 }
 
+/// A model's fill-in-the-middle tokens (as llama.cpp finds them: by metadata, else by their
+/// text), for code completion between a prefix and a suffix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FimIds {
+    pub prefix: u32,
+    pub suffix: u32,
+    pub middle: u32,
+    /// The repository-name token of repo-level prompts (Qwen2.5-Coder's `<|repo_name|>`).
+    pub repo: Option<u32>,
+    /// The file separator of repo-level prompts (`<|file_sep|>`).
+    pub file_sep: Option<u32>,
+}
+
 #[derive(Debug)]
 struct Inner {
     tokens: Vec<String>,
@@ -150,6 +163,8 @@ struct Inner {
     pad: Option<u32>,
     add_bos: bool,
     eog: Vec<u32>,
+    /// The fill-in-the-middle tokens, when the model has the three that a prompt needs.
+    fim: Option<FimIds>,
     /// Each token's bytes (empty for control tokens), built the first time a constrained
     /// answer needs them.
     pieces: OnceLock<Arc<Vec<Vec<u8>>>>,
@@ -361,6 +376,16 @@ impl Tokenizer {
                 pad: sp.pad,
                 add_bos,
                 eog,
+                fim: match (sp.fim_pre, sp.fim_suf, sp.fim_mid) {
+                    (Some(prefix), Some(suffix), Some(middle)) => Some(FimIds {
+                        prefix,
+                        suffix,
+                        middle,
+                        repo: sp.fim_rep,
+                        file_sep: sp.fim_sep,
+                    }),
+                    _ => None,
+                },
                 pieces: OnceLock::new(),
             }),
         })
@@ -450,6 +475,11 @@ impl Tokenizer {
     /// `<|im_end|>`, `<|endoftext|>`, `<|eot_id|>` and the FIM pad/repo/separator tokens.
     pub fn eos_ids(&self) -> &[u32] {
         &self.inner.eog
+    }
+
+    /// The fill-in-the-middle tokens, when the model has them.
+    pub fn fim(&self) -> Option<FimIds> {
+        self.inner.fim
     }
 
     /// Whether `id` ends generation.
