@@ -112,6 +112,22 @@ class Messages(unittest.TestCase):
         self.assertIsNone(client.messages.create(**args).stop_sequence)
 
 
+class CountTokens(unittest.TestCase):
+    def test_the_count_is_the_answers_input_tokens(self):
+        args = dict(
+            model=MODEL, system="You answer in one short sentence.",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
+        counted = client.messages.count_tokens(**args)
+        m = client.messages.create(max_tokens=4, extra_body=GREEDY, **args)
+        # What the answer read from the prompt cache counts apart, as Anthropic's does.
+        read = m.usage.cache_read_input_tokens or 0
+        self.assertEqual(counted.input_tokens, m.usage.input_tokens + read)
+        # Tools are part of the prompt.
+        with_tools = client.messages.count_tokens(tools=[WEATHER], **args)
+        self.assertGreater(with_tools.input_tokens, counted.input_tokens)
+
+
 class ToolUse(unittest.TestCase):
     def test_a_tool_use_and_its_result(self):
         m = client.messages.create(

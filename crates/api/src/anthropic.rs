@@ -76,6 +76,29 @@ pub(crate) async fn messages(
     }
 }
 
+/// `POST /v1/messages/count_tokens`: how many tokens a Messages request's prompt is (its
+/// system prompt, messages and tools as the model's template renders them), as Anthropic
+/// answers it — clients such as Claude Code ask before they send. A swarm name is counted
+/// with the head's model.
+pub(crate) async fn count_tokens(
+    State(state): State<AppState>,
+    body: Result<Json<MessagesRequest>, ApiError>,
+) -> Response {
+    let counted = async {
+        let Json(mut req) = body?;
+        // Counting asks for no answer: any limit renders the same prompt.
+        req.max_tokens.get_or_insert(1);
+        req.stream = None;
+        let openai = translate(req, &state.model_id())?;
+        let (_, prompt) = completions::prepare_chat(&state, &openai).await?;
+        Ok::<_, ApiError>(prompt.len())
+    };
+    match counted.await {
+        Ok(n) => axum::Json(json!({ "input_tokens": n })).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
 async fn answer(
     state: AppState,
     body: Result<Json<MessagesRequest>, ApiError>,

@@ -204,6 +204,22 @@ async fn tokenize(
     .await
 }
 
+/// `dimensions`, where a request gives it: only the model's own width (its vectors cannot
+/// be shortened).
+pub(crate) fn check_dimensions(state: &AppState, dimensions: Option<u64>) -> Result<(), ApiError> {
+    let Some(dimensions) = dimensions else {
+        return Ok(());
+    };
+    let width = state.model()?.config().hidden as u64;
+    if dimensions != width {
+        return Err(ApiError::invalid_value(
+            "dimensions",
+            format!("this model's embeddings have {width} dimensions, not {dimensions}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Raises its flag when dropped: the handler's future was dropped (the client left).
 struct SetOnDrop(Arc<AtomicBool>);
 
@@ -234,15 +250,7 @@ pub(crate) async fn embeddings(
         }
     };
     let inputs = openai_inputs(req.input)?;
-    if let Some(dimensions) = req.dimensions {
-        let width = state.model()?.config().hidden as u64;
-        if dimensions != width {
-            return Err(ApiError::invalid_value(
-                "dimensions",
-                format!("this model's embeddings have {width} dimensions, not {dimensions}"),
-            ));
-        }
-    }
+    check_dimensions(&state, req.dimensions)?;
     let (vectors, tokens) = embed(&state, inputs, false).await?;
     let data: Vec<Value> = vectors
         .iter()

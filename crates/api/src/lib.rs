@@ -73,6 +73,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/infill", post(infill::infill))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(list_models))
         .route("/v1/swarm/status", get(swarm::status))
         .route("/v1/swarm/query", post(swarm::query))

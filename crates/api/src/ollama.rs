@@ -388,16 +388,7 @@ pub(crate) async fn embed(
             .collect::<Result<_, _>>()?,
         _ => return Err(bad().into()),
     };
-    if let Some(dimensions) = req.dimensions {
-        let width = state.model()?.config().hidden as u64;
-        if dimensions != width {
-            return Err(ApiError::invalid_value(
-                "dimensions",
-                format!("this model's embeddings have {width} dimensions, not {dimensions}"),
-            )
-            .into());
-        }
-    }
+    crate::embeddings::check_dimensions(&state, req.dimensions)?;
     if inputs.is_empty() {
         state.model()?;
         return Ok(axum::Json(json!({"model": name, "embeddings": []})).into_response());

@@ -1388,3 +1388,31 @@ async fn a_suffix_for_a_model_without_fim_tokens_is_refused() {
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }
+
+/// Anthropic's `count_tokens`: the prompt a Messages request renders to, counted; the
+/// same as the `/v1/messages` answer's input (plus what it read from the prompt cache).
+#[tokio::test]
+async fn count_tokens_counts_the_messages_prompt() {
+    let (_, app) = ready_app();
+    let request = json!({
+        "model": "claude-sonnet-4-5",
+        "system": "Be brief.",
+        "messages": [{"role": "user", "content": "Name a colour."}],
+    });
+    let r = post(&app, "/v1/messages/count_tokens", request.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let counted = r.json()["input_tokens"].as_u64().unwrap();
+    let mut asked = request.clone();
+    asked["max_tokens"] = json!(2);
+    let answer = post(&app, "/v1/messages", asked).await.json();
+    let usage = &answer["usage"];
+    assert_eq!(
+        counted,
+        usage["input_tokens"].as_u64().unwrap()
+            + usage["cache_read_input_tokens"].as_u64().unwrap_or(0)
+    );
+    // Anthropic-shaped errors for a bad body.
+    let r = post(&app, "/v1/messages/count_tokens", json!({"model": "x"})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.json()["type"], "error");
+}

@@ -51,15 +51,7 @@ fn agent_api_end_to_end() {
         "max_tokens": 24,
         "temperature": 0,
     });
-    let r = http(
-        server.addr,
-        "POST",
-        "/v1/completions",
-        Some(&body.to_string()),
-    )
-    .unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    let answer: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let answer = post_json(server.addr, "/v1/completions", &body);
     let text = answer["choices"][0]["text"].as_str().unwrap();
     assert!(text.starts_with("return a + b"), "{text:?}");
     let body = serde_json::json!({
@@ -69,20 +61,15 @@ fn agent_api_end_to_end() {
         "stream": false,
         "options": {"temperature": 0, "num_predict": 24},
     });
-    let r = http(
-        server.addr,
-        "POST",
-        "/api/generate",
-        Some(&body.to_string()),
-    )
-    .unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    let answer: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let answer = post_json(server.addr, "/api/generate", &body);
     let text = answer["response"].as_str().unwrap();
     assert!(text.starts_with("return n % 2 == 0"), "{text:?}");
     let body = r#"{"model": "qwen2.5-coder-0.5b-instruct"}"#;
-    let r = http(server.addr, "POST", "/api/show", Some(body)).unwrap();
-    let shown: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let shown = post_json(
+        server.addr,
+        "/api/show",
+        &serde_json::from_str(body).unwrap(),
+    );
     assert_eq!(
         shown["capabilities"],
         serde_json::json!(["completion", "tools", "insert"])
@@ -100,17 +87,20 @@ fn agent_api_end_to_end() {
             "temperature": 0,
             "stream": stream,
         })
-        .to_string()
     };
-    let r = http(server.addr, "POST", "/infill", Some(&request(false))).unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    let whole: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let whole = post_json(server.addr, "/infill", &request(false));
     let content = whole["content"].as_str().unwrap();
     assert!(content.starts_with("return a + b"), "{content:?}");
     assert_eq!(whole["stop"], true);
     assert!(["eos", "limit"].contains(&whole["stop_type"].as_str().unwrap()));
     assert!(whole["tokens_predicted"].as_u64().unwrap() > 0);
-    let r = http(server.addr, "POST", "/infill", Some(&request(true))).unwrap();
+    let r = http(
+        server.addr,
+        "POST",
+        "/infill",
+        Some(&request(true).to_string()),
+    )
+    .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     let chunks: Vec<serde_json::Value> = r
         .body
@@ -131,11 +121,20 @@ fn agent_api_end_to_end() {
         .all(|c| c["stop"] == false));
     // `n_predict: 0`, as editors send context ahead to warm the cache: no text.
     let warm = serde_json::json!({"input_prefix": "x = 1\n", "input_suffix": "", "n_predict": 0});
-    let r = http(server.addr, "POST", "/infill", Some(&warm.to_string())).unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    let warmed: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let warmed = post_json(server.addr, "/infill", &warm);
     assert_eq!(warmed["content"], "");
     assert_eq!(warmed["tokens_predicted"], 0);
+}
+
+/// POSTs `body` to `path`; the answer, which must be a 200 with a JSON body.
+fn post_json(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let r = http(addr, "POST", path, Some(&body.to_string())).unwrap();
+    assert_eq!(r.status, 200, "{path}: {}", r.body);
+    serde_json::from_str(&r.body).unwrap()
 }
 
 #[test]
