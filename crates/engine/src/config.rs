@@ -60,6 +60,8 @@ pub struct ModelConfig {
     pub rope_dim: usize,
     pub context_length: usize,
     pub vocab_size: usize,
+    /// How an embedding is pooled from the hidden states (`{arch}.pooling_type`).
+    pub pooling: Pooling,
 }
 
 impl ModelConfig {
@@ -100,6 +102,7 @@ impl ModelConfig {
             rope_dim,
             context_length: get_usize_or(md, &p("context_length"), 4096)?,
             vocab_size,
+            pooling: Pooling::from_type(get_usize_opt(md, &p("pooling_type"))?),
         })
     }
 }
@@ -130,6 +133,33 @@ fn get_usize_opt(md: &HashMap<String, Value>, key: &str) -> Result<Option<usize>
             found: v.to_string(),
         })
     })
+}
+
+/// How an embedding is made from a text's hidden states after the final norm, as
+/// llama.cpp's pooling types: embedding models name theirs in the GGUF
+/// (`{arch}.pooling_type`: Qwen3-Embedding takes the last token's); a generative model
+/// names none and gets the mean.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pooling {
+    /// The mean over every token.
+    #[default]
+    Mean,
+    /// The first token's (BERT's `[CLS]`).
+    First,
+    /// The last token's.
+    Last,
+}
+
+impl Pooling {
+    /// llama.cpp's `LLAMA_POOLING_TYPE`: 2 is CLS, 3 is LAST; MEAN (1), NONE (0, no
+    /// single vector — a request for one gets the mean), RANK and none given are the mean.
+    pub fn from_type(pooling_type: Option<usize>) -> Self {
+        match pooling_type {
+            Some(2) => Pooling::First,
+            Some(3) => Pooling::Last,
+            _ => Pooling::Mean,
+        }
+    }
 }
 
 fn get_usize(md: &HashMap<String, Value>, key: &str) -> Result<usize> {

@@ -12,7 +12,7 @@ use candle_core::Device;
 
 use crate::chat_template::ChatMessage;
 use crate::choices::Choices;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Pooling};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::json_grammar::{JsonConstraint, JsonGrammar};
@@ -169,17 +169,30 @@ impl Model {
         self.format.render_chat(messages)
     }
 
-    /// An embedding of `tokens`, as llama.cpp makes one from a generative model with mean
-    /// pooling: every token's hidden state after the final norm, averaged, then scaled to
-    /// unit length (as llama-server's `/v1/embeddings` and Ollama's `/api/embed` give them).
-    /// Runs in prompt chunks on a cache of its own, so it touches no generation's state;
-    /// `interrupted` is asked between chunks.
+    /// An embedding of `tokens`, as llama.cpp makes one: the hidden states after the final
+    /// norm pooled as the model's file says ([`crate::Pooling`]: the mean for a generative
+    /// model, the last token's for Qwen3-Embedding), then scaled to unit length (as
+    /// llama-server's `/v1/embeddings` and Ollama's `/api/embed` give them). Runs in prompt
+    /// chunks on a cache of its own, so it touches no generation's state; `interrupted` is
+    /// asked between chunks.
     pub fn embed(&self, tokens: &[u32], interrupted: impl Fn() -> bool) -> Result<Vec<f32>> {
+        self.embed_pooled(tokens, self.config().pooling, interrupted)
+    }
+
+    /// [`Model::embed`] with `pooling` instead of the file's.
+    pub fn embed_pooled(
+        &self,
+        tokens: &[u32],
+        pooling: Pooling,
+        interrupted: impl Fn() -> bool,
+    ) -> Result<Vec<f32>> {
         if tokens.is_empty() {
             return Err(EngineError::InvalidInput("nothing to embed".into()));
         }
         let mut cache = self.stage.new_cache();
         let mut sums = vec![0f64; self.config().hidden];
+        // The pooled rows so far: all of them summed, or the first or the last alone.
+        let mut rows = 0usize;
         for (chunk, ids) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             if chunk > 0 && interrupted() {
                 return Err(EngineError::Interrupted);
@@ -198,12 +211,26 @@ impl Model {
                 ));
             };
             for row in h.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()? {
-                for (sum, v) in sums.iter_mut().zip(row) {
-                    *sum += f64::from(v);
+                let take = match pooling {
+                    Pooling::Mean => true,
+                    Pooling::First => rows == 0,
+                    Pooling::Last => {
+                        sums.iter_mut().for_each(|s| *s = 0.0);
+                        true
+                    }
+                };
+                if take {
+                    for (sum, v) in sums.iter_mut().zip(row) {
+                        *sum += f64::from(v);
+                    }
                 }
+                rows += 1;
             }
         }
-        let n = tokens.len() as f64;
+        let n = match pooling {
+            Pooling::Mean => tokens.len() as f64,
+            Pooling::First | Pooling::Last => 1.0,
+        };
         let norm = sums.iter().map(|s| (s / n) * (s / n)).sum::<f64>().sqrt();
         // A zero vector stays zero rather than becoming NaNs.
         let scale = if norm > 0.0 { 1.0 / (n * norm) } else { 0.0 };

@@ -38,7 +38,7 @@ pub mod text_stream;
 pub mod tokenizer;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, ModelConfig, Pooling};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateParams, Generation, Model, Step, Timings};
 pub use gguf::GgufFile;

@@ -85,3 +85,54 @@ fn chunks_all_count_and_bad_inputs_are_refused() {
     // Asked to stop, it stops between chunks.
     assert!(model.embed(&ids, || true).is_err());
 }
+
+/// The pooling a file names (`{arch}.pooling_type`, llama.cpp's numbers): the first or
+/// the last token's normed state, scaled to unit length; the mean otherwise.
+#[test]
+fn first_and_last_token_pooling_take_that_row() {
+    use shoal_engine::{Logits, Pooling, StageInput, StageOutput};
+    assert_eq!(Pooling::from_type(None), Pooling::Mean);
+    assert_eq!(Pooling::from_type(Some(0)), Pooling::Mean);
+    assert_eq!(Pooling::from_type(Some(1)), Pooling::Mean);
+    assert_eq!(Pooling::from_type(Some(2)), Pooling::First);
+    assert_eq!(Pooling::from_type(Some(3)), Pooling::Last);
+
+    let model = Model::load(model_path(SMOLLM2), |_, _| {}).unwrap();
+    // SmolLM2's file names no pooling: the mean.
+    assert_eq!(model.config().pooling, Pooling::Mean);
+    let ids = model
+        .encode_prompt("The quick brown fox jumps over the lazy dog.")
+        .unwrap();
+    let positions: Vec<usize> = (0..ids.len()).collect();
+    let mut cache = model.stage().new_cache();
+    let StageOutput::Hidden(h) = model
+        .stage()
+        .forward(
+            StageInput::Tokens(&ids),
+            &positions,
+            &mut cache,
+            Logits::Normed,
+        )
+        .unwrap()
+    else {
+        panic!("normed hidden states expected");
+    };
+    let rows = h.to_vec2::<f32>().unwrap();
+    let unit = |row: &[f32]| {
+        let norm = row
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt();
+        row.iter()
+            .map(|&v| (f64::from(v) / norm) as f32)
+            .collect::<Vec<_>>()
+    };
+    let first = model.embed_pooled(&ids, Pooling::First, || false).unwrap();
+    let last = model.embed_pooled(&ids, Pooling::Last, || false).unwrap();
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+    assert!(close(&first, &unit(&rows[0])));
+    assert!(close(&last, &unit(&rows[rows.len() - 1])));
+    assert!(!close(&first, &last));
+    assert_ne!(last, model.embed(&ids, || false).unwrap());
+}
