@@ -293,21 +293,22 @@ pub(crate) async fn completions(
     Json(mut req): Json<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
+    let (prepared, prompt) = prepare_text(&state, &mut req).await?;
+    respond(state, prepared, prompt, received, Kind::Text).await
+}
+
+/// A raw-prompt request (`prompt`, text or token ids) checked and tokenized, no template.
+/// The swarm takes chats only: a swarm model name is refused here for every raw-prompt API.
+pub(crate) async fn prepare_text(
+    state: &AppState,
+    req: &mut CompletionRequest,
+) -> Result<(Prepared, Vec<u32>), ApiError> {
     if crate::swarm::swarm_model(req.model.as_deref())?.is_some() {
         return Err(ApiError::invalid_value(
             "model",
             "the swarm answers chat completions only: use /v1/chat/completions",
         ));
     }
-    let (prepared, prompt) = prepare_text(&state, &mut req).await?;
-    respond(state, prepared, prompt, received, Kind::Text).await
-}
-
-/// A raw-prompt request (`prompt`, text or token ids) checked and tokenized, no template.
-pub(crate) async fn prepare_text(
-    state: &AppState,
-    req: &mut CompletionRequest,
-) -> Result<(Prepared, Vec<u32>), ApiError> {
     let checked = check(state, req, "prompt")?;
     let prompt = prompt_in(req.prompt.take())?;
     let infill = req.infill.take().or_else(|| {

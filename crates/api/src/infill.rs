@@ -111,12 +111,6 @@ pub(crate) async fn infill(
         stream: Some(req.stream && !warm_only),
         ..CompletionRequest::default()
     };
-    if crate::swarm::swarm_model(completion.model.as_deref())?.is_some() {
-        return Err(ApiError::invalid_value(
-            "model",
-            "the swarm answers chat completions only: use /v1/chat/completions",
-        ));
-    }
     let (prepared, prompt) = prepare_text(&state, &mut completion).await?;
     let stream = prepared.stream;
     let prompt_n = prompt.len();
