@@ -151,16 +151,22 @@ class ToolUse(unittest.TestCase):
         r = client.messages.create(
             model=MODEL, max_tokens=80, extra_body=GREEDY, tools=[WEATHER], messages=history
         )
-        self.assertEqual(r.stop_reason, "end_turn")
+        # The result reached the model: its answer uses it. (Qwen2.5-Coder-0.5B repeats
+        # its call before it; see test_agent_api.py.)
+        self.assertIn(r.stop_reason, ("end_turn", "tool_use"))
         text = "".join(b.text for b in r.content if b.type == "text")
-        self.assertTrue("17" in text or "rain" in text.lower(), text)
+        self.assertTrue("17" in text or "rain" in text.lower(), r.content)
 
     def test_a_streamed_tool_use(self):
         with client.messages.stream(
             model=MODEL, max_tokens=100, extra_body=GREEDY, tools=[WEATHER], messages=QUESTION,
             tool_choice={"type": "tool", "name": "get_weather"},
         ) as stream:
+            partials = [e.delta.partial_json for e in stream
+                        if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
             final = stream.get_final_message()
+        # The input streamed as it was written, a token or so at a time.
+        self.assertGreaterEqual(len(partials), 4, partials)
         self.assertEqual(final.stop_reason, "tool_use")
         use = [b for b in final.content if b.type == "tool_use"][0]
         self.assertEqual(use.name, "get_weather")

@@ -33,7 +33,7 @@ use crate::completions::{self, new_call_id, Answering};
 use crate::error::{ApiError, Json};
 use crate::runner::{self, Event};
 use crate::state::AppState;
-use crate::tools::{argument_fragments, Parsed, StreamGate};
+use crate::tools::{argument_fragments, CallDelta, Parsed, StreamGate};
 use crate::types::{CompletionRequest, Content, MessageIn, Stop, Usage};
 
 /// The body of `POST /v1/messages`.
@@ -458,8 +458,7 @@ impl Writer {
         struct Run {
             rx: mpsc::Receiver<Event>,
             gate: StreamGate,
-            /// Whether the text block (index 0) is open.
-            text_open: bool,
+            blocks: Blocks,
             started: bool,
             finished: bool,
         }
@@ -467,8 +466,8 @@ impl Writer {
         let answering = Arc::new(answering);
         let run = Run {
             rx,
-            gate: StreamGate::default(),
-            text_open: false,
+            gate: StreamGate::for_tools(answering.tools.as_ref().map(|(t, _)| &**t)),
+            blocks: Blocks::default(),
             started: false,
             finished: false,
         };
@@ -499,13 +498,17 @@ impl Writer {
                 let events = match run.rx.recv().await {
                     // Not asked for through this API.
                     Some(Event::Logprob(_)) => Vec::new(),
-                    Some(Event::Text(text)) => {
-                        let text = match &answering.tools {
-                            Some(_) => run.gate.push(&text),
-                            None => text,
-                        };
-                        text_events(&mut run.text_open, text)
-                    }
+                    Some(Event::Text(text)) => match &answering.tools {
+                        Some((tools, _)) => {
+                            let text = run.gate.push(&text);
+                            let mut events = run.blocks.text(text);
+                            for delta in run.gate.calls(tools, new_tool_id) {
+                                events.extend(run.blocks.call(&delta));
+                            }
+                            events
+                        }
+                        None => run.blocks.text(text),
+                    },
                     Some(Event::Done {
                         finish,
                         usage,
@@ -514,51 +517,38 @@ impl Writer {
                         run.finished = true;
                         let mut events = Vec::new();
                         let parsed = read_back(run.gate.seen(), &answering);
-                        if answering.tools.is_some() {
-                            events.extend(text_events(&mut run.text_open, run.gate.rest(&parsed)));
+                        if answering.tools.is_some() && !run.gate.call_cut() {
+                            events.extend(run.blocks.text(run.gate.rest(&parsed)));
                         }
-                        let mut index = 0;
-                        if run.text_open {
-                            events.push(named(
-                                "content_block_stop",
-                                &json!({"type": "content_block_stop", "index": 0}),
-                            ));
-                            index = 1;
-                        } else if parsed.calls.is_empty() {
-                            // An empty answer still has its (empty) text block.
-                            events.extend(text_events(&mut run.text_open, String::new()));
-                            events.push(named(
-                                "content_block_stop",
-                                &json!({"type": "content_block_stop", "index": 0}),
-                            ));
-                        }
-                        for call in &parsed.calls {
-                            let mut block = tool_use_block(call);
-                            block["input"] = json!({});
-                            events.push(named(
-                                "content_block_start",
-                                &json!({"type": "content_block_start", "index": index,
-                                        "content_block": block}),
-                            ));
-                            for fragment in argument_fragments(&call.arguments) {
-                                events.push(named(
-                                    "content_block_delta",
-                                    &json!({"type": "content_block_delta", "index": index,
-                                            "delta": {"type": "input_json_delta",
-                                                      "partial_json": fragment}}),
-                                ));
+                        // Calls sent as they were written are the answer's first calls; the
+                        // rest go now, read from the whole answer.
+                        let live = run.gate.sent_calls();
+                        {
+                            let rest = parsed.calls.get(live..).unwrap_or_default();
+                            for (index, call) in (live..).zip(rest) {
+                                let fragments = argument_fragments(&call.arguments);
+                                for (n, fragment) in fragments.into_iter().enumerate() {
+                                    events.extend(run.blocks.call(&CallDelta {
+                                        index,
+                                        opening:
+                                            (n == 0).then(|| (call.id.clone(), call.name.clone())),
+                                        arguments: fragment.to_owned(),
+                                    }));
+                                }
                             }
-                            events.push(named(
-                                "content_block_stop",
-                                &json!({"type": "content_block_stop", "index": index}),
-                            ));
-                            index += 1;
                         }
+                        let calls = live > 0 || !parsed.calls.is_empty();
+                        if run.blocks.next == 0 {
+                            // An empty answer still has its (empty) text block.
+                            events
+                                .extend(run.blocks.open(json!({"type": "text", "text": ""}), true));
+                        }
+                        events.extend(run.blocks.close());
                         events.push(named(
                             "message_delta",
                             &json!({
                                 "type": "message_delta",
-                                "delta": {"stop_reason": stop_reason(finish, !parsed.calls.is_empty(),
+                                "delta": {"stop_reason": stop_reason(finish, calls,
                                                                      stop_sequence.as_deref()),
                                           "stop_sequence": stop_sequence},
                                 "usage": anthropic_usage(&usage),
@@ -583,28 +573,78 @@ impl Writer {
     }
 }
 
-/// A text delta, opening the text block first if it is not open yet.
-fn text_events(open: &mut bool, text: String) -> Vec<SseEvent> {
-    let mut events = Vec::new();
-    if !*open {
+/// A streamed message's content blocks: text and tool uses, one open at a time, numbered
+/// in order.
+#[derive(Default)]
+struct Blocks {
+    /// The open block: its index, and whether it is text.
+    open: Option<(usize, bool)>,
+    /// The next block's index.
+    next: usize,
+}
+
+impl Blocks {
+    /// A text delta, opening a text block first if none is open.
+    fn text(&mut self, text: String) -> Vec<SseEvent> {
         if text.is_empty() {
-            return events;
+            return Vec::new();
         }
-        *open = true;
-        events.push(named(
-            "content_block_start",
-            &json!({"type": "content_block_start", "index": 0,
-                    "content_block": {"type": "text", "text": ""}}),
-        ));
-    }
-    if !text.is_empty() {
+        let mut events = Vec::new();
+        if !matches!(self.open, Some((_, true))) {
+            events.extend(self.open(json!({"type": "text", "text": ""}), true));
+        }
+        let index = self.next - 1;
         events.push(named(
             "content_block_delta",
-            &json!({"type": "content_block_delta", "index": 0,
+            &json!({"type": "content_block_delta", "index": index,
                     "delta": {"type": "text_delta", "text": text}}),
         ));
+        events
     }
-    events
+
+    /// A piece of a tool call: its block opens with the call's id and name, and its
+    /// arguments follow as `input_json_delta`s.
+    fn call(&mut self, delta: &CallDelta) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        if let Some((id, name)) = &delta.opening {
+            events.extend(self.open(
+                json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
+                false,
+            ));
+        }
+        if !delta.arguments.is_empty() {
+            events.push(named(
+                "content_block_delta",
+                &json!({"type": "content_block_delta", "index": self.next - 1,
+                        "delta": {"type": "input_json_delta",
+                                  "partial_json": delta.arguments}}),
+            ));
+        }
+        events
+    }
+
+    /// Closes the open block and opens `block`.
+    fn open(&mut self, block: Value, text: bool) -> Vec<SseEvent> {
+        let mut events = self.close();
+        events.push(named(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": self.next,
+                    "content_block": block}),
+        ));
+        self.open = Some((self.next, text));
+        self.next += 1;
+        events
+    }
+
+    fn close(&mut self) -> Vec<SseEvent> {
+        match self.open.take() {
+            Some((index, _)) => vec![named(
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": index}),
+            )],
+            None => Vec::new(),
+        }
+    }
 }
 
 fn named(event: &str, data: &Value) -> SseEvent {

@@ -16,7 +16,7 @@ use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
 use serde_json::Value;
 use shoal_engine::{
-    ChatMessage, FinishReason, GenerateParams, JsonGrammar, PromptFormat, SamplingParams,
+    ChatMessage, FinishReason, GenerateParams, JsonGrammar, JsonRule, PromptFormat, SamplingParams,
 };
 use shoal_swarm::agent::ApiRefusal;
 use tokio::sync::mpsc;
@@ -26,7 +26,9 @@ use crate::backend::Backend;
 use crate::error::{parse_json, ApiError, Json};
 use crate::runner::{self, Event, Job};
 use crate::state::{unix_now, AppState};
-use crate::tools::{argument_fragments, template_messages, Call, Format, StreamGate, ToolSet};
+use crate::tools::{
+    argument_fragments, template_messages, Call, CallDelta, Format, StreamGate, ToolSet,
+};
 use crate::types::{
     ChatChoice, ChatChunkChoice, CompletionObject, CompletionRequest, Content, Delta, Infill,
     MessageIn, MessageOut, Prompt, TextChoice, Usage,
@@ -112,11 +114,12 @@ pub(crate) async fn prepare_chat(
     let backend = prepared.model.clone();
     let format = Format::of(backend.prompt_format());
     let ((prompt, tools), grammar) = blocking(move || {
+        let mut tools = tools;
         let prompt_format = backend.prompt_format();
         let text = chat_prompt(prompt_format, messages, tools.as_ref(), variables.as_ref())?;
-        let grammar = match &tools {
-            Some(t) if t.forced() => Some(t.call_grammar(format)?),
-            _ => answer_format,
+        let grammar = match tools.as_mut() {
+            Some(t) if t.forced() || answer_format.is_none() => t.call_rule(format)?,
+            _ => answer_format.map(JsonRule::whole),
         };
         let ids = prompt_format
             .encode_prompt(&text)
@@ -383,8 +386,8 @@ pub(crate) struct Prepared<M = Backend> {
     pub(crate) logprobs: Option<usize>,
     /// How many choices to answer (`n`).
     pub(crate) n: usize,
-    /// The JSON the answer must be (`response_format`, a forced tool call).
-    grammar: Option<JsonGrammar>,
+    /// The JSON the answer must be (`response_format`), or its calls (tools).
+    grammar: Option<JsonRule>,
     /// The tools the answer may call, and how the model writes calls.
     tools: Option<(Arc<ToolSet>, Format)>,
     /// The request field the prompt came from, for error messages.
@@ -1201,22 +1204,49 @@ impl Output {
     }
 
     /// A piece of streamed text: sent as it comes, or, when the answer may hold tool calls,
-    /// only as far as the gate lets content out.
+    /// only as far as the gate lets content out, and the calls as they are written when
+    /// they are drawn under the grammar.
     fn text_events(
         &self,
         gate: &mut StreamGate,
         text: String,
         logprobs: &mut Logprobs,
     ) -> Vec<SseEvent> {
-        let text = match &self.tools {
-            Some(_) => gate.push(&text),
-            None => text,
+        let Some((tools, _)) = &self.tools else {
+            let lp = logprobs.take(self);
+            return vec![self.chunk_with(false, Some(text), None, lp)];
         };
-        if text.is_empty() && self.tools.is_some() {
-            return Vec::new();
+        let text = gate.push(&text);
+        let mut events = Vec::new();
+        if !text.is_empty() {
+            let lp = logprobs.take(self);
+            events.push(self.chunk_with(false, Some(text), None, lp));
         }
-        let lp = logprobs.take(self);
-        vec![self.chunk_with(false, Some(text), None, lp)]
+        for delta in gate.calls(tools, new_call_id) {
+            events.push(self.call_delta(&delta));
+        }
+        events
+    }
+
+    /// One piece of a call as OpenAI streams it: id, type and name first, then fragments
+    /// of the arguments.
+    fn call_delta(&self, delta: &CallDelta) -> SseEvent {
+        let call = match &delta.opening {
+            Some((id, name)) => serde_json::json!({
+                "index": delta.index, "id": id, "type": "function",
+                "function": {"name": name, "arguments": delta.arguments},
+            }),
+            None => serde_json::json!({
+                "index": delta.index, "function": {"arguments": delta.arguments},
+            }),
+        };
+        self.delta_chunk(
+            Delta {
+                tool_calls: Some(vec![call]),
+                ..Delta::default()
+            },
+            None,
+        )
     }
 
     /// The end of a streamed answer: content the gate held back, the tool calls as OpenAI
@@ -1233,10 +1263,20 @@ impl Output {
         if let Some((tools, format)) = &self.tools {
             let parsed = tools.parse(gate.seen(), *format, new_call_id);
             let rest = gate.rest(&parsed);
-            if !rest.is_empty() {
+            if !rest.is_empty() && !gate.call_cut() {
                 events.push(self.chunk(false, Some(rest), None));
             }
-            for (i, call) in parsed.calls.iter().enumerate() {
+            // Calls sent as they were written are the answer's first calls; the rest (a
+            // small model's untagged second call) go now, read from the whole answer.
+            let live = gate.sent_calls();
+            if live > 0 {
+                finish_reason = match finish {
+                    FinishReason::Length => "length",
+                    _ => "tool_calls",
+                };
+            }
+            let at_end = parsed.calls.get(live..).unwrap_or_default();
+            for (i, call) in (live..).zip(at_end) {
                 let mut first = true;
                 for fragment in argument_fragments(&call.arguments) {
                     let call = if first {
@@ -1254,7 +1294,7 @@ impl Output {
                     ));
                 }
             }
-            if !parsed.calls.is_empty() {
+            if !at_end.is_empty() {
                 finish_reason = "tool_calls";
             }
         }
@@ -1332,7 +1372,7 @@ impl Output {
                     index: u32::try_from(i).unwrap_or(u32::MAX),
                     ..self.clone()
                 },
-                gate: StreamGate::default(),
+                gate: StreamGate::for_tools(self.tools.as_ref().map(|(t, _)| &**t)),
                 logprobs: Logprobs::default(),
                 started: false,
             })

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shoal_engine::{EngineError, FinishReason, GenerateParams, JsonGrammar, Model, TextStream};
+use shoal_engine::{EngineError, FinishReason, GenerateParams, JsonRule, Model, TextStream};
 use shoal_pipeline::{Pipeline, PipelineError, RingAnswer, RingRequest};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
@@ -35,8 +35,8 @@ pub(crate) struct Job {
     pub(crate) params: GenerateParams,
     /// When the request arrived, for time-to-first-token.
     pub(crate) received: Instant,
-    /// The JSON the answer must be (local models only).
-    pub(crate) grammar: Option<JsonGrammar>,
+    /// Where the answer's JSON must keep to a grammar (`response_format`, tool calls).
+    pub(crate) grammar: Option<JsonRule>,
     pub(crate) ignore_eos: bool,
     /// Report each token's log-probability with this many alternatives (local models).
     pub(crate) logprobs: Option<usize>,
@@ -206,8 +206,8 @@ fn run(
         Ok(g) => g,
         Err(e) => return Some(Event::Failed(ApiError::from_engine(e, "prompt"))),
     };
-    if let Some(grammar) = &job.grammar {
-        if let Err(e) = generation.constrain_json(grammar) {
+    if let Some(rule) = &job.grammar {
+        if let Err(e) = generation.constrain_json_rule(rule) {
             return Some(Event::Failed(ApiError::from_engine(e, "response_format")));
         }
     }

@@ -9,13 +9,17 @@
 //! format; a call is passed on only when its name is one of the tools and its arguments fit
 //! that tool's parameter schema — anything else stays text, so nothing is lost.
 //!
-//! `tool_choice: "required"` or a named function forces a call: the opening of a call is
-//! put at the start of the assistant's turn and the rest is drawn under a JSON grammar made
-//! from the tools' schemas, so the call always parses and fits (llama-server does the
-//! same with a GBNF grammar).
+//! Calls are drawn under a JSON grammar made from the tools' schemas, so they always parse
+//! and fit (llama-server does the same with a GBNF grammar). Under `tool_choice: "auto"`
+//! the grammar holds from each `<tool_call>` the model writes (a "lazy" grammar: the text
+//! around calls stays free); `"required"` or a named function forces a call: its opening is
+//! put at the start of the assistant's turn and the grammar holds from the first token (and
+//! from each further opening, with parallel calls; the answer ends at the first text that
+//! is not a call). Because such calls cannot go wrong, a stream sends them as they are
+//! written: the name as soon as it is whole, then the arguments in fragments.
 
 use serde_json::{json, Map, Value};
-use shoal_engine::{JsonGrammar, PromptFormat};
+use shoal_engine::{JsonGrammar, JsonRule, PromptFormat};
 
 use crate::error::ApiError;
 
@@ -90,6 +94,9 @@ pub(crate) struct ToolSet {
     rendered: Value,
     choice: Choice,
     parallel: bool,
+    /// The answer's calls are drawn under the tools' grammar ([`ToolSet::call_rule`]), so a
+    /// stream may send them as they come.
+    live: bool,
 }
 
 /// One call the model made.
@@ -228,6 +235,7 @@ impl ToolSet {
             rendered: Value::Array(rendered),
             choice,
             parallel: parallel.unwrap_or(true),
+            live: false,
         }))
     }
 
@@ -265,6 +273,51 @@ impl ToolSet {
             .map_err(|e| ApiError::from_engine(e, "tools"))
     }
 
+    /// The rule the answer's calls are drawn under, when the model writes them in a form the
+    /// engine can hold to a grammar: a forced answer from its start (and, with parallel
+    /// calls, from each further `<tool_call>`, ending at the first text that is not a
+    /// call); an `auto` Hermes answer from each `<tool_call>` it writes, and from its
+    /// start when it opens as a bare call (`{"name": "<a tool>"`). `None` when calls
+    /// are read back unconstrained: Llama 3's bare calls under `auto`, or tools whose
+    /// schemas the grammar cannot compile (a forced call then fails instead). Marks the set
+    /// live when its calls come tagged and constrained.
+    pub(crate) fn call_rule(&mut self, format: Format) -> Result<Option<JsonRule>, ApiError> {
+        let engine_error = |e| ApiError::from_engine(e, "tools");
+        let rule = match (self.forced(), format) {
+            (true, Format::Hermes) if self.parallel => Some(
+                JsonRule::after_trigger(self.call_grammar(format)?, TAG_OPEN)
+                    .map_err(engine_error)?
+                    .from_start()
+                    .only_between(TAG_CLOSE),
+            ),
+            (true, _) => Some(JsonRule::whole(self.call_grammar(format)?)),
+            (false, Format::Hermes) => match self.call_grammar(format) {
+                Ok(grammar) => Some(
+                    JsonRule::after_trigger(grammar, TAG_OPEN)
+                        .map_err(engine_error)?
+                        .or_bare(
+                            self.tools
+                                .iter()
+                                .map(|t| format!("{{\"name\":{}", Value::String(t.name.clone()))),
+                        ),
+                ),
+                Err(e) => {
+                    tracing::debug!(error = %e.message, "tool calls read back unconstrained");
+                    None
+                }
+            },
+            (false, Format::Llama3) => None,
+        };
+        self.live = rule.is_some() && format == Format::Hermes;
+        Ok(rule)
+    }
+
+    /// Whether the answer's calls are drawn under the grammar and come tagged, so a stream
+    /// may send them as they are written.
+    pub(crate) fn live(&self) -> bool {
+        self.live
+    }
+
     /// A system message describing the tools, for templates that render none (the Hermes
     /// wording Qwen2.5's template uses).
     pub(crate) fn description(&self) -> String {
@@ -295,17 +348,25 @@ impl ToolSet {
         let mut new_id = new_id;
         let mut calls = Vec::new();
         let mut content = String::new();
-        if self.forced() {
-            let inside = text.split("</tool_call>").next().unwrap_or(text);
-            match self.call(inside, format, &mut new_id) {
-                Some(call) => calls.push(call),
-                None => content.push_str(text),
-            }
+        // A forced answer is the inside of a call whose opening was in the prompt.
+        let opened = if self.forced() {
+            format!("{}{text}", format.opening())
         } else {
-            let mut rest = text;
+            String::new()
+        };
+        {
+            let mut rest = if self.forced() { opened.as_str() } else { text };
             while let Some(open) = rest.find(TAG_OPEN) {
                 content.push_str(&rest[..open]);
                 let after = &rest[open + TAG_OPEN.len()..];
+                // The call is the first JSON value after the tag (what the grammar holds
+                // and a stream sends), whatever comes before the closing tag, or without one.
+                if let Some((call, end)) = self.first_call(after, format, &mut new_id) {
+                    calls.push(call);
+                    let tail = after[end..].trim_start();
+                    rest = tail.strip_prefix(TAG_CLOSE).unwrap_or(tail);
+                    continue;
+                }
                 let (inside, next) = match after.find(TAG_CLOSE) {
                     Some(close) => (&after[..close], &after[close + TAG_CLOSE.len()..]),
                     None => (after, ""),
@@ -334,9 +395,9 @@ impl ToolSet {
                     .unwrap_or(whole)
                     .trim();
                 if opens_bare && bare.starts_with('{') {
-                    if let Some(bare_calls) = self.bare_calls(bare, format, &mut new_id) {
+                    if let Some((bare_calls, after)) = self.bare_calls(bare, format, &mut new_id) {
                         calls = bare_calls;
-                        content.clear();
+                        content = after.to_owned();
                     }
                 }
             }
@@ -344,29 +405,51 @@ impl ToolSet {
         if !self.parallel {
             calls.truncate(1);
         }
+        if self.forced() {
+            // The answer is its calls: text around them (a small model's chatter) goes;
+            // without a call, the text stays, so nothing is lost.
+            content = if calls.is_empty() {
+                text.to_owned()
+            } else {
+                String::new()
+            };
+        }
         if !calls.is_empty() && content.trim().is_empty() {
             content.clear();
         }
         Parsed { content, calls }
     }
 
-    /// Call objects written one after another with nothing else between them (small models
-    /// make several calls that way, one per line, without tags); `None` unless every object
-    /// is a call that fits and the text holds nothing else.
-    fn bare_calls(
+    /// The call `text` starts with (blanks aside), and where its JSON ends.
+    fn first_call(
         &self,
         text: &str,
         format: Format,
         new_id: &mut impl FnMut() -> String,
-    ) -> Option<Vec<Call>> {
-        let mut objects = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+    ) -> Option<(Call, usize)> {
+        let mut values = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+        let value = values.next()?.ok()?;
+        let end = values.byte_offset();
+        let call = self.call_value(&value, format, new_id)?;
+        Some((as_written(call, text.get(..end)?, format), end))
+    }
+
+    /// Call objects written one after another at the start of `text` with nothing but
+    /// blanks between them (small models make several calls that way, one per line,
+    /// without tags), and the text after them; `None` unless `text` starts with a call.
+    fn bare_calls<'t>(
+        &self,
+        text: &'t str,
+        format: Format,
+        new_id: &mut impl FnMut() -> String,
+    ) -> Option<(Vec<Call>, &'t str)> {
         let mut calls = Vec::new();
-        for object in objects.by_ref() {
-            let object = object.ok()?;
-            calls.push(self.call_value(&object, format, new_id)?);
+        let mut rest = text;
+        while let Some((call, end)) = self.first_call(rest, format, new_id) {
+            calls.push(call);
+            rest = rest.get(end..).unwrap_or_default();
         }
-        // The iterator stops at the end or at the first error, which `?` took above.
-        (objects.byte_offset() == text.len() && !calls.is_empty()).then_some(calls)
+        (!calls.is_empty()).then_some((calls, rest))
     }
 
     /// One call object, when it names a tool and its arguments fit.
@@ -377,7 +460,8 @@ impl ToolSet {
         new_id: &mut impl FnMut() -> String,
     ) -> Option<Call> {
         let value: Value = serde_json::from_str(text.trim()).ok()?;
-        self.call_value(&value, format, new_id)
+        let call = self.call_value(&value, format, new_id)?;
+        Some(as_written(call, text, format))
     }
 
     /// [`Self::call`] of a parsed object.
@@ -418,6 +502,21 @@ impl ToolSet {
     }
 }
 
+/// `call` with its arguments as the model wrote them in `object` (the call object's text),
+/// as a stream sends them while they are written (and as OpenAI returns them), when they
+/// are that same object.
+fn as_written(mut call: Call, object: &str, format: Format) -> Call {
+    let raw = scan_call(object, format.arguments_key()).arguments;
+    let same = serde_json::from_str::<Value>(raw)
+        .ok()
+        .zip(serde_json::from_str::<Value>(&call.arguments).ok())
+        .is_some_and(|(a, b)| a.is_object() && a == b);
+    if same {
+        call.arguments = raw.to_owned();
+    }
+    call
+}
+
 /// An answer read back: into text and calls when tools were offered, else all text.
 pub(crate) fn read_back(
     tools: Option<&(std::sync::Arc<ToolSet>, Format)>,
@@ -443,14 +542,137 @@ const TAG_CLOSE: &str = "</tool_call>";
 /// the answer is whole: everything before a tool call's opening. Text that might be the
 /// start of a call is held back until it is clear; an answer that opens like a bare call
 /// (`{`, a code fence) is held back entirely, and read at the end.
+///
+/// A live gate ([`StreamGate::live`]) also reads the calls as they are written
+/// ([`StreamGate::calls`]), for answers whose calls are drawn under the tools' grammar.
 #[derive(Debug, Default)]
 pub(crate) struct StreamGate {
     seen: String,
     sent: usize,
     closed: bool,
+    /// Calls are read as they come: tagged ones, and one the answer opens with.
+    live: bool,
+    /// Where the call being written starts in `seen` (after its opening tag).
+    call_at: Option<usize>,
+    /// Where to look for the next call's opening, once a call is whole.
+    next_from: Option<usize>,
+    /// The calls sent so far.
+    calls: Vec<LiveCall>,
+}
+
+/// A call sent while it was written.
+#[derive(Debug)]
+struct LiveCall {
+    /// Bytes of its arguments' text sent.
+    sent: usize,
+    whole: bool,
+}
+
+/// A piece of a call being written, as a stream sends it: the first with the call's id and
+/// name, then fragments of its arguments' text.
+#[derive(Debug, PartialEq)]
+pub(crate) struct CallDelta {
+    pub(crate) index: usize,
+    /// `(id, name)` on a call's first delta.
+    pub(crate) opening: Option<(String, String)>,
+    pub(crate) arguments: String,
 }
 
 impl StreamGate {
+    /// A gate for an answer under `tools`: live when their calls are drawn under the
+    /// grammar; a forced answer is a call from its first token.
+    pub(crate) fn for_tools(tools: Option<&ToolSet>) -> Self {
+        let live = tools.is_some_and(ToolSet::live);
+        let forced = tools.is_some_and(ToolSet::forced);
+        Self {
+            live,
+            // A forced answer is all calls: no content goes out as it comes.
+            closed: forced,
+            call_at: (live && forced).then_some(0),
+            ..Self::default()
+        }
+    }
+
+    /// The calls' pieces written since the last call of this (live gates only; call after
+    /// [`StreamGate::push`]). A call goes out once its name is whole and one of `tools`.
+    pub(crate) fn calls(
+        &mut self,
+        tools: &ToolSet,
+        mut new_id: impl FnMut() -> String,
+    ) -> Vec<CallDelta> {
+        let mut out = Vec::new();
+        if !self.live {
+            return out;
+        }
+        loop {
+            if self.call_at.is_none() {
+                let Some(from) = self.next_from else { break };
+                let Some(open) = self.seen[from..].find(TAG_OPEN) else {
+                    break;
+                };
+                self.call_at = Some(from + open + TAG_OPEN.len());
+                self.next_from = None;
+            }
+            let Some(at) = self.call_at else { break };
+            let scan = scan_call(&self.seen[at..], Format::Hermes.arguments_key());
+            let Some(name) = scan
+                .name
+                .filter(|n| tools.tools.iter().any(|t| &t.name == n))
+            else {
+                break;
+            };
+            let index = self.calls.len() - usize::from(self.calls.last().is_some_and(|c| !c.whole));
+            if index == self.calls.len() {
+                // `parallel_tool_calls: false` keeps the first call.
+                if index > 0 && !tools.parallel {
+                    break;
+                }
+                out.push(CallDelta {
+                    index,
+                    opening: Some((new_id(), name)),
+                    arguments: String::new(),
+                });
+                self.calls.push(LiveCall {
+                    sent: 0,
+                    whole: false,
+                });
+            }
+            let Some(call) = self.calls.last_mut() else {
+                break;
+            };
+            // Under the grammar the arguments only grow; text that was not held to it
+            // (a rejected opening) could start them over, and then sends nothing more.
+            if let Some(more) = scan.arguments.get(call.sent..).filter(|m| !m.is_empty()) {
+                out.push(CallDelta {
+                    index,
+                    opening: None,
+                    arguments: more.to_owned(),
+                });
+                call.sent = scan.arguments.len();
+            }
+            match scan.end {
+                Some(end) => {
+                    call.whole = true;
+                    self.call_at = None;
+                    self.next_from = Some(at + end);
+                }
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// How many calls went out while they were written.
+    pub(crate) fn sent_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Whether a call that went out is unfinished (`max_tokens` cut it): the rest of the
+    /// answer is that call's text, already sent as a call.
+    pub(crate) fn call_cut(&self) -> bool {
+        self.calls.last().is_some_and(|c| !c.whole)
+    }
+
     /// Takes the next piece; returns the content that may be sent now.
     pub(crate) fn push(&mut self, piece: &str) -> String {
         self.seen.push_str(piece);
@@ -463,6 +685,10 @@ impl StreamGate {
             // still too short to tell waits.
             if BARE_OPENINGS.iter().any(|o| start.starts_with(o)) {
                 self.closed = true;
+                // A bare call is drawn under the grammar too (`JsonRule::or_bare`).
+                if self.live && start.starts_with('{') {
+                    self.call_at = Some(self.seen.len() - start.len());
+                }
                 return String::new();
             }
             if start.is_empty() || BARE_OPENINGS.iter().any(|o| o.starts_with(start)) {
@@ -473,6 +699,9 @@ impl StreamGate {
         let until = match open {
             Some(i) => {
                 self.closed = true;
+                if self.live {
+                    self.call_at = Some(i + TAG_OPEN.len());
+                }
                 i
             }
             // Hold back a tail that could be the start of the tag.
@@ -514,11 +743,122 @@ impl StreamGate {
     }
 }
 
-/// The `arguments` text of a call, cut into the few pieces a streamed answer sends (OpenAI
-/// streams arguments as fragments; clients join them).
+/// How far a call object's text has come: `{"name": …, "arguments": {…}}`, keys in either
+/// order, possibly unfinished.
+#[derive(Debug, Default, PartialEq)]
+struct CallScan<'a> {
+    /// The name, once its string is whole.
+    name: Option<String>,
+    /// The arguments' text so far (without blanks that may trail it).
+    arguments: &'a str,
+    /// Just past the object's closing brace, once it is whole.
+    end: Option<usize>,
+}
+
+/// Reads a call object's text as far as it goes (`text` may start with blanks).
+fn scan_call<'a>(text: &'a str, arguments_key: &str) -> CallScan<'a> {
+    #[derive(PartialEq)]
+    enum Expect {
+        Key,
+        Colon,
+        Value,
+        Comma,
+    }
+    let mut scan = CallScan::default();
+    let bytes = text.as_bytes();
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut expect = Expect::Key;
+    let mut key = "";
+    // The value of the outer object being read: its start, and where its key string began.
+    let mut value_at: Option<usize> = None;
+    let mut key_at = 0;
+    let value_ends = |scan: &mut CallScan<'a>, key: &str, value: &'a str| {
+        if key == "name" {
+            scan.name = serde_json::from_str::<String>(value).ok();
+        } else if key == arguments_key {
+            scan.arguments = value;
+        }
+    };
+    for (i, &b) in bytes.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+                if depth == 1 {
+                    match expect {
+                        Expect::Key => {
+                            key = text.get(key_at + 1..i).unwrap_or_default();
+                            expect = Expect::Colon;
+                        }
+                        Expect::Value => {
+                            if let Some(at) = value_at.take() {
+                                value_ends(&mut scan, key, &text[at..=i]);
+                            }
+                            expect = Expect::Comma;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            continue;
+        }
+        if b.is_ascii_whitespace() {
+            continue;
+        }
+        if depth == 1 && expect == Expect::Value && value_at.is_none() {
+            value_at = Some(i);
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                if depth == 1 && expect == Expect::Key {
+                    key_at = i;
+                }
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                if depth == 1 && expect == Expect::Value {
+                    if let Some(at) = value_at.take() {
+                        value_ends(&mut scan, key, &text[at..=i]);
+                    }
+                    expect = Expect::Comma;
+                } else if depth == 0 {
+                    if let Some(at) = value_at.take() {
+                        value_ends(&mut scan, key, text[at..i].trim_end());
+                    }
+                    scan.end = Some(i + 1);
+                    return scan;
+                }
+            }
+            b':' if depth == 1 && expect == Expect::Colon => expect = Expect::Value,
+            b',' if depth == 1 => {
+                if let Some(at) = value_at.take() {
+                    value_ends(&mut scan, key, text[at..i].trim_end());
+                }
+                expect = Expect::Key;
+            }
+            _ => {}
+        }
+    }
+    // Unfinished: the arguments so far, when they are being written.
+    if let Some(at) = value_at {
+        if key == arguments_key {
+            scan.arguments = text[at..].trim_end();
+        }
+    }
+    scan
+}
+
+/// The `arguments` text of a call that came whole, cut into the few pieces a streamed
+/// answer sends: first none (the delta with the call's id and name, as OpenAI's first one
+/// and a live call's), then fragments (clients join them).
 pub(crate) fn argument_fragments(arguments: &str) -> Vec<&str> {
     const PIECE: usize = 32;
-    let mut out = Vec::new();
+    let mut out = vec![""];
     let mut rest = arguments;
     while !rest.is_empty() {
         let mut cut = rest.len().min(PIECE);
@@ -528,9 +868,6 @@ pub(crate) fn argument_fragments(arguments: &str) -> Vec<&str> {
         let (a, b) = rest.split_at(cut);
         out.push(a);
         rest = b;
-    }
-    if out.is_empty() {
-        out.push("");
     }
     out
 }
@@ -589,7 +926,13 @@ mod tests {
     use super::*;
 
     fn weather() -> ToolSet {
-        let tools = [json!({
+        ToolSet::from_request(Some(&[weather_json()]), None, None)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn weather_json() -> Value {
+        json!({
             "type": "function",
             "function": {
                 "name": "get_weather",
@@ -600,10 +943,7 @@ mod tests {
                     "required": ["city"]
                 }
             }
-        })];
-        ToolSet::from_request(Some(&tools), None, None)
-            .unwrap()
-            .unwrap()
+        })
     }
 
     fn ids() -> impl FnMut() -> String {
@@ -625,7 +965,7 @@ mod tests {
         assert_eq!(p.content, "Let me look.\n");
         assert_eq!(p.calls.len(), 1);
         assert_eq!(p.calls[0].name, "get_weather");
-        assert_eq!(p.calls[0].arguments, r#"{"city":"Paris"}"#);
+        assert_eq!(p.calls[0].arguments, r#"{"city": "Paris"}"#, "as written");
 
         // Wrong argument type, unknown tool, broken JSON: not calls; the text stays.
         for bad in [
@@ -647,7 +987,7 @@ mod tests {
             Format::Llama3,
             ids(),
         );
-        assert_eq!(p.calls[0].arguments, r#"{"city":"Oslo","days":2}"#);
+        assert_eq!(p.calls[0].arguments, r#"{"city": "Oslo", "days": 2}"#);
         assert_eq!(p.content, "");
         let p = t.parse(
             "```json\n{\"name\": \"get_weather\", \"arguments\": \"{\\\"city\\\": \\\"Rome\\\"}\"}\n```",
@@ -667,23 +1007,28 @@ mod tests {
                    {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Tokyo\"}}";
         let p = t.parse(two, Format::Hermes, ids());
         let cities: Vec<&str> = p.calls.iter().map(|c| c.arguments.as_str()).collect();
-        assert_eq!(cities, [r#"{"city":"Paris"}"#, r#"{"city":"Tokyo"}"#]);
+        assert_eq!(cities, [r#"{"city": "Paris"}"#, r#"{"city": "Tokyo"}"#]);
         assert_ne!(p.calls[0].id, p.calls[1].id);
         assert_eq!(p.content, "");
         // In one fence too.
         let fenced = format!("```json\n{two}\n```");
         assert_eq!(t.parse(&fenced, Format::Hermes, ids()).calls.len(), 2);
 
-        // One that is not a call, or text after the objects: all of it stays text.
-        for mixed in [
-            format!("{two}\n{{\"answer\": 42}}"),
-            format!("{two}\nThat is all."),
-            format!("{two}\n{{\"name\": \"get_weather\""),
+        // Text after the calls (an object that is no call, words, a call cut short) is
+        // the answer's content; an answer that does not open with a call is all text.
+        for after in [
+            "\n{\"answer\": 42}",
+            "\nThat is all.",
+            "\n{\"name\": \"get_weather\"",
         ] {
-            let p = t.parse(&mixed, Format::Hermes, ids());
-            assert!(p.calls.is_empty(), "{mixed}");
-            assert_eq!(p.content, mixed);
+            let p = t.parse(&format!("{two}{after}"), Format::Hermes, ids());
+            assert_eq!(p.calls.len(), 2, "{after}");
+            assert_eq!(p.content, after);
         }
+        let mixed = format!("{{\"answer\": 42}}\n{two}");
+        let p = t.parse(&mixed, Format::Hermes, ids());
+        assert!(p.calls.is_empty());
+        assert_eq!(p.content, mixed);
     }
 
     #[test]
@@ -774,6 +1119,155 @@ mod tests {
         assert_eq!(gate.push("a < b"), "a < b");
         assert_eq!(gate.push(" and <t"), " and ");
         assert_eq!(gate.push("ag>"), "<tag>");
+    }
+
+    #[test]
+    fn a_call_is_scanned_as_it_is_written() {
+        let whole = "\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa\\\"ris\", \"days\": [1, {\"x\": 2}]}}\n</tool_call>";
+        let end = whole.find("}}").unwrap() + 2;
+        let mut named_at = None;
+        for cut in 0..=whole.len() {
+            let s = scan_call(&whole[..cut], "arguments");
+            if s.name.is_some() && named_at.is_none() {
+                named_at = Some(cut);
+            }
+            // What is read of the arguments is always the start of what they will be.
+            assert!(
+                "{\"city\": \"Pa\\\"ris\", \"days\": [1, {\"x\": 2}]}".starts_with(s.arguments),
+                "{cut}: {:?}",
+                s.arguments
+            );
+            assert_eq!(s.end, (cut >= end).then_some(end), "{cut}");
+        }
+        assert_eq!(named_at, Some(whole.find("get_weather").unwrap() + 12));
+        let s = scan_call(whole, "arguments");
+        assert_eq!(s.name.as_deref(), Some("get_weather"));
+        let v: Value = serde_json::from_str(s.arguments).unwrap();
+        assert_eq!(v["city"], "Pa\"ris");
+
+        // Arguments first; scalar arguments; not a call at all.
+        let s = scan_call(r#"{"arguments": {}, "name": "f"}"#, "arguments");
+        assert_eq!(
+            (s.name.as_deref(), s.arguments, s.end),
+            (Some("f"), "{}", Some(30))
+        );
+        let s = scan_call(r#"{"name": "f", "arguments": 12 }"#, "arguments");
+        assert_eq!(s.arguments, "12");
+        assert_eq!(scan_call("Sure, here", "arguments"), CallScan::default());
+    }
+
+    #[test]
+    fn a_live_gate_sends_calls_as_they_are_written() {
+        let mut t = weather();
+        assert!(t.call_rule(Format::Hermes).unwrap().is_some());
+        assert!(t.live());
+        let mut gate = StreamGate::for_tools(Some(&t));
+        let pieces = [
+            "Checking. <tool_call>",
+            "\n{\"name\": \"get_wea",
+            "ther\", \"arguments\": {\"ci",
+            "ty\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"arguments\": {\"city\": \"Rome\"},",
+            " \"name\": \"get_weather\"}\n</tool_call>",
+        ];
+        let mut content = String::new();
+        let mut deltas = Vec::new();
+        for p in pieces {
+            content.push_str(&gate.push(p));
+            deltas.extend(gate.calls(&t, ids()));
+        }
+        assert_eq!(content, "Checking. ");
+        // The first call opens once its name is whole, before its arguments are.
+        assert_eq!(
+            deltas[0],
+            CallDelta {
+                index: 0,
+                opening: Some(("call_1".into(), "get_weather".into())),
+                arguments: String::new()
+            }
+        );
+        let args = |i: usize| -> String {
+            deltas
+                .iter()
+                .filter(|d| d.index == i)
+                .map(|d| d.arguments.as_str())
+                .collect()
+        };
+        assert!(
+            deltas.iter().filter(|d| d.index == 0).count() >= 3,
+            "{deltas:?}"
+        );
+        assert_eq!(args(0), r#"{"city": "Paris"}"#);
+        assert_eq!(args(1), r#"{"city": "Rome"}"#);
+        assert_eq!(gate.sent_calls(), 2);
+        // With `parallel_tool_calls: false`, only the first.
+        let mut live = ToolSet::from_request(Some(&[weather_json()]), None, Some(false))
+            .unwrap()
+            .unwrap();
+        live.call_rule(Format::Hermes).unwrap();
+        let mut gate = StreamGate::for_tools(Some(&live));
+        let mut sent = Vec::new();
+        for p in pieces {
+            gate.push(p);
+            sent.extend(gate.calls(&live, ids()));
+        }
+        assert_eq!(gate.sent_calls(), 1, "{sent:?}");
+
+        // A forced answer is a call from its first token; a name that is no tool's is not
+        // sent.
+        let tools = [json!({"type": "function", "function": {"name": "f"}})];
+        let mut forced = ToolSet::from_request(Some(&tools), Some(&json!("required")), None)
+            .unwrap()
+            .unwrap();
+        forced.call_rule(Format::Hermes).unwrap();
+        let mut gate = StreamGate::for_tools(Some(&forced));
+        assert_eq!(gate.push("{\"name\": \"g\", "), "");
+        assert!(gate.calls(&forced, ids()).is_empty());
+        let mut gate = StreamGate::for_tools(Some(&forced));
+        assert_eq!(gate.push("{\"name\": \"f\", \"arguments\": {}}"), "");
+        assert_eq!(gate.calls(&forced, ids()).len(), 2);
+
+        // Llama 3's bare calls under `auto` are not drawn under a grammar: not live.
+        let mut bare = weather();
+        assert!(bare.call_rule(Format::Llama3).unwrap().is_none());
+        assert!(!bare.live());
+    }
+
+    #[test]
+    fn a_call_is_the_first_value_after_its_tag() {
+        let t = weather();
+        let call = r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#;
+        // No closing tag (cut, or a model that leaves it out); text before the closing tag;
+        // a bare call with words after it.
+        for (text, content) in [
+            (format!("<tool_call>\n{call}"), ""),
+            (
+                format!("<tool_call>\n{call} done</tool_call>\nOK"),
+                "done</tool_call>\nOK",
+            ),
+            (format!("{call}\nThat is the call."), "\nThat is the call."),
+        ] {
+            let p = t.parse(&text, Format::Hermes, ids());
+            assert_eq!(p.calls.len(), 1, "{text}");
+            assert_eq!(p.calls[0].arguments, r#"{"city": "Oslo"}"#);
+            assert_eq!(p.content.trim(), content.trim(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_forced_answer_with_parallel_calls_is_all_its_calls() {
+        let tools = [json!({"type": "function", "function": {"name": "f"}})];
+        let t = ToolSet::from_request(Some(&tools), Some(&json!("required")), None)
+            .unwrap()
+            .unwrap();
+        let p = t.parse(
+            "{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\nBye",
+            Format::Hermes,
+            ids(),
+        );
+        assert_eq!(p.calls.len(), 2);
+        assert_eq!(p.content, "");
+        let p = t.parse("not a call", Format::Hermes, ids());
+        assert_eq!((p.calls.len(), p.content.as_str()), (0, "not a call"));
     }
 
     #[test]

@@ -15,7 +15,8 @@ use crate::choices::Choices;
 use crate::config::{ModelConfig, Pooling};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use crate::json_grammar::{JsonConstraint, JsonGrammar};
+use crate::json_grammar::JsonGrammar;
+use crate::json_rule::{JsonRule, JsonTracker};
 use crate::kv_cache::KvCache;
 use crate::logprobs::{token_logprob, TokenLogprob};
 use crate::prefix_cache::{canonical_len, resume_point, PrefixCache};
@@ -46,6 +47,8 @@ pub struct Model {
     /// A smaller model of the same vocabulary that drafts for this one
     /// ([`Model::attach_draft`]).
     draft: Option<Arc<Model>>,
+    /// How [`Model::embed`] pools: the file's, unless [`Model::set_pooling`] says otherwise.
+    pooling: Pooling,
 }
 
 /// A model shows as its name (its weights are not for logs).
@@ -73,7 +76,18 @@ impl Model {
             prompt_cache: Mutex::new(PrefixCache::new(0)),
             speculation: Mutex::new(None),
             draft: None,
+            pooling: file.config().pooling,
         })
+    }
+
+    /// Pools embeddings this way instead of as the file says (llama-server's `--pooling`).
+    pub fn set_pooling(&mut self, pooling: Pooling) {
+        self.pooling = pooling;
+    }
+
+    /// How [`Model::embed`] pools.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
     }
 
     /// Guesses tokens ahead (by prompt lookup, with the attached draft model, or both) and
@@ -171,12 +185,12 @@ impl Model {
 
     /// An embedding of `tokens`, as llama.cpp makes one: the hidden states after the final
     /// norm pooled as the model's file says ([`crate::Pooling`]: the mean for a generative
-    /// model, the last token's for Qwen3-Embedding), then scaled to unit length (as
+    /// model, the last token's for Qwen3-Embedding) or [`Model::set_pooling`], then scaled to unit length (as
     /// llama-server's `/v1/embeddings` and Ollama's `/api/embed` give them). Runs in prompt
     /// chunks on a cache of its own, so it touches no generation's state; `interrupted` is
     /// asked between chunks.
     pub fn embed(&self, tokens: &[u32], interrupted: impl Fn() -> bool) -> Result<Vec<f32>> {
-        self.embed_pooled(tokens, self.config().pooling, interrupted)
+        self.embed_pooled(tokens, self.pooling, interrupted)
     }
 
     /// [`Model::embed`] with `pooling` instead of the file's.
@@ -328,8 +342,9 @@ pub struct Generation<'m> {
     interrupt: Option<Box<dyn Fn() -> bool + Send + 'm>>,
     /// When set, the answer is one of these token sequences ([`Generation::constrain_to`]).
     choices: Option<Choices>,
-    /// When set, the answer is JSON of this grammar ([`Generation::constrain_json`]).
-    json: Option<JsonConstraint>,
+    /// When set, the answer is, or holds, JSON of a grammar ([`Generation::constrain_json`],
+    /// [`Generation::constrain_json_rule`]).
+    json: Option<JsonTracker>,
     /// End-of-generation tokens are never drawn ([`Generation::ignore_eos`]).
     ignore_eos: bool,
     /// Whether `cache` holds exactly the keys and values of `tokens[..cache.len()]`: false
@@ -485,12 +500,20 @@ impl<'m> Generation<'m> {
     /// whole (unless `max_tokens` cuts it first, leaving it unfinished). Call before the
     /// first step.
     pub fn constrain_json(&mut self, grammar: &JsonGrammar) -> Result<()> {
+        self.constrain_json_rule(&JsonRule::whole(grammar.clone()))
+    }
+
+    /// Keeps the answer's JSON values to `rule`'s grammar where the rule says: from the
+    /// start, after each trigger, or both (tool calls: the model writes freely until it
+    /// opens a call, and the call is drawn under the tools' grammar). Call before the first
+    /// step. Guessing ahead (prompt lookup) goes on between values; the draft model's is off.
+    pub fn constrain_json_rule(&mut self, rule: &JsonRule) -> Result<()> {
         if self.tokens.len() > self.prompt_len {
             return Err(EngineError::InvalidInput(
                 "an answer can only be constrained before it starts".into(),
             ));
         }
-        self.json = Some(JsonConstraint::new(grammar, self.model.tokenizer()));
+        self.json = Some(JsonTracker::new(rule, self.model.tokenizer()));
         Ok(())
     }
 
@@ -563,6 +586,17 @@ impl<'m> Generation<'m> {
         };
         let logprob = self.ready_logprobs.pop_front();
         self.tokens.push(token);
+        if let Some(json) = &mut self.json {
+            let was_open = json.constraint().is_some();
+            json.accept(token, self.model.tokenizer());
+            if !was_open && json.constraint().is_some() && !self.ready.is_empty() {
+                // A value opened inside a verified guess: the guesses after it were drawn
+                // without the grammar. They go, with their keys and values.
+                self.ready.clear();
+                self.ready_logprobs.clear();
+                self.cache.truncate(self.tokens.len() - 1);
+            }
+        }
         if first {
             // The draft model reads the prompt now, as part of the prompt's time.
             self.drafter_prompt()?;
@@ -579,7 +613,7 @@ impl<'m> Generation<'m> {
             self.choices
                 .as_ref()
                 .is_some_and(|c| c.is_finished(&self.tokens[self.prompt_len..]))
-                || self.json.as_ref().is_some_and(JsonConstraint::done)
+                || self.json.as_ref().is_some_and(JsonTracker::finished)
         };
         if ended {
             self.finish = Some(FinishReason::Stop);
@@ -609,7 +643,14 @@ impl<'m> Generation<'m> {
             return Ok(None);
         };
         let n = self.tokens.len();
-        if self.choices.is_some() || self.json.is_some() || self.cache.len() + 1 != n {
+        // Guesses are drawn without a grammar: none while a JSON value is open (between
+        // values they are free text, and a value opening inside them is handled in
+        // `next_step`).
+        let constrained = self
+            .json
+            .as_ref()
+            .is_some_and(|j| j.constraint().is_some() || j.finished());
+        if self.choices.is_some() || constrained || self.cache.len() + 1 != n {
             return Ok(None);
         }
         // Guessed tokens past what the answer may still hold would be thrown away.
@@ -729,7 +770,7 @@ impl<'m> Generation<'m> {
         }
         self.mask_eos(&mut logits);
         let tokenizer = self.model.tokenizer();
-        let token = match &self.json {
+        let token = match self.json.as_ref().and_then(JsonTracker::constraint) {
             None => self.sampler.sample(&mut logits, &self.tokens),
             Some(json) => {
                 let (sampler, history) = (&mut self.sampler, &self.tokens);
@@ -741,9 +782,6 @@ impl<'m> Generation<'m> {
                     })?
             }
         };
-        if let Some(json) = &mut self.json {
-            json.accept(token, tokenizer);
-        }
         self.note_logprob(raw.as_deref(), token);
         Ok(token)
     }

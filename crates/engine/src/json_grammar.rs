@@ -877,6 +877,30 @@ impl JsonConstraint {
         constraint
     }
 
+    /// After the bytes `lead`, then the tokens `answer`: a value that opened inside a token
+    /// (see [`crate::JsonTracker::segment`]). `None` when the grammar does not allow `lead`.
+    pub fn after_lead(
+        grammar: &JsonGrammar,
+        tokenizer: &Tokenizer,
+        lead: &[u8],
+        answer: &[u32],
+    ) -> Option<Self> {
+        let mut constraint = Self::new(grammar, tokenizer);
+        if !constraint.feed(lead) {
+            return None;
+        }
+        for &token in answer {
+            constraint.accept(token, tokenizer);
+        }
+        Some(constraint)
+    }
+
+    /// Reads `bytes` as part of the value; `false` (and the constraint unusable) when the
+    /// grammar does not allow them here.
+    pub fn feed(&mut self, bytes: &[u8]) -> bool {
+        bytes.iter().all(|&b| self.state.feed(b))
+    }
+
     /// Whether `token` may come next (end-of-generation tokens once the value is whole).
     pub fn allows(&self, token: u32, tokenizer: &Tokenizer) -> bool {
         if tokenizer.is_eog(token) {

@@ -135,4 +135,10 @@ fn first_and_last_token_pooling_take_that_row() {
     assert!(close(&last, &unit(&rows[rows.len() - 1])));
     assert!(!close(&first, &last));
     assert_ne!(last, model.embed(&ids, || false).unwrap());
+
+    // `--pooling last` in place of the file's.
+    let mut model = model;
+    model.set_pooling(Pooling::Last);
+    assert_eq!(model.pooling(), Pooling::Last);
+    assert_eq!(model.embed(&ids, || false).unwrap(), last);
 }

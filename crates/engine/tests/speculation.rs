@@ -268,3 +268,36 @@ fn verify_rows_are_decode_steps_bit_for_bit() {
         assert_eq!(same, equal, "{mode:?}");
     }
 }
+
+/// A JSON value that opens after a trigger (tool calls under `auto`) in an answer that
+/// lookup guesses through: the guesses after the trigger are dropped and the value is
+/// drawn under the grammar, so the answer is plain decoding's, token for token.
+#[test]
+fn a_value_opening_inside_verified_guesses_is_drawn_under_its_grammar() {
+    let model = Model::load(model_path(QWEN05), |_, _| {}).unwrap();
+    let prompt = edit_prompt(&model);
+    let rule = shoal_engine::JsonRule::after_trigger(
+        shoal_engine::JsonGrammar::any_object(),
+        "def describe",
+    )
+    .unwrap();
+    let run = |speculation: Option<Speculation>| {
+        model.set_speculation(speculation);
+        let params = GenerateParams {
+            sampling: SamplingParams::greedy(),
+            max_tokens: 90,
+            ..GenerateParams::default()
+        };
+        let mut g = model.generate(prompt.clone(), params).unwrap();
+        g.constrain_json_rule(&rule).unwrap();
+        while g.next_step().unwrap().is_some() {}
+        (g.text().to_owned(), g.timings().drafted_tokens)
+    };
+    let (plain, _) = run(None);
+    let (fast, drafted) = run(Some(lookup()));
+    model.set_speculation(None);
+    assert_eq!(fast, plain);
+    assert!(drafted > 0, "lookup guessed nothing");
+    let after = plain.split_once("def describe").expect("the trigger").1;
+    assert!(after.trim_start().starts_with('{'), "{plain}");
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use shoal_api::HttpLimits;
-use shoal_engine::Speculation;
+use shoal_engine::{Pooling, Speculation};
 use shoal_swarm::roles::{Role, RolePrompts};
 use shoal_swarm::routing::Strategy;
 use shoal_wire::{DType, SwarmKey};
@@ -72,7 +72,16 @@ pub struct NodeConfig {
     /// (`--chat-template-file`), by whatever this node answers with: its whole model or
     /// the head of a ring.
     pub chat_template: Option<String>,
+    /// How embeddings are pooled, instead of as the model file says (`--pooling`).
+    pub pooling: Option<Pooling>,
+    /// A peer connection silent this long is closed ([`Transport::idle_timeout`]); every
+    /// node of a cluster must use the same value.
+    pub peer_idle_timeout: Duration,
 }
+
+/// The shortest [`NodeConfig::peer_idle_timeout`]: heads ping their links every quarter of
+/// it, which must stay well above a round trip.
+pub(crate) const MIN_PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How a head picks the model for the room (`--model auto`): the largest known model the
 /// members' free memory holds together, if the planner predicts at least
@@ -164,6 +173,8 @@ impl NodeConfig {
             speculation: None,
             model_draft: None,
             chat_template: None,
+            pooling: None,
+            peer_idle_timeout: shoal_wire::IDLE_TIMEOUT,
         }
     }
 
@@ -173,6 +184,12 @@ impl NodeConfig {
         // A stage-only node's --peers only introduce it to the cluster.
         if self.stage_only && (self.split.is_some() || self.role.is_some()) {
             return bad("--stage-only serves stages for a head; it takes no --split or --role");
+        }
+        if self.peer_idle_timeout < MIN_PEER_IDLE_TIMEOUT {
+            return bad(&format!(
+                "--peer-idle-timeout-s must be at least {} s",
+                MIN_PEER_IDLE_TIMEOUT.as_secs()
+            ));
         }
         if self.speculation.is_some() && self.stage_only {
             return bad(
@@ -279,6 +296,15 @@ fn is_loopback_peer(peer: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_idle_timeout_too_short_to_ping_within_is_refused() {
+        let mut config = NodeConfig::new(PathBuf::from("m.gguf"), "127.0.0.1:0".parse().unwrap());
+        assert!(config.check().is_ok());
+        config.peer_idle_timeout = Duration::from_millis(1500);
+        let e = config.check().unwrap_err().to_string();
+        assert!(e.contains("--peer-idle-timeout-s"), "{e}");
+    }
 
     #[test]
     fn loopback_peers_are_told_apart_from_remote_ones() {

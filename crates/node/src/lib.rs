@@ -103,7 +103,10 @@ impl Node {
             .node_id
             .clone()
             .unwrap_or_else(|| peer_port::default_node_id(None));
-        let transport = Transport::with_key(config.swarm_key.clone());
+        let transport = Transport {
+            idle_timeout: config.peer_idle_timeout,
+            ..Transport::with_key(config.swarm_key.clone())
+        };
         match &config.swarm_key {
             Some(key) => tracing::info!(
                 key_id = %key.id(),
@@ -232,6 +235,7 @@ impl Node {
                     speculation: config.speculation,
                     model_draft: config.model_draft.clone(),
                     chat_template: config.chat_template.clone(),
+                    pooling: config.pooling,
                 },
                 setup,
                 swarm,
@@ -445,6 +449,7 @@ struct LocalModelSettings {
     speculation: Option<shoal_engine::Speculation>,
     model_draft: Option<PathBuf>,
     chat_template: Option<String>,
+    pooling: Option<shoal_engine::Pooling>,
 }
 
 impl LocalModelSettings {
@@ -455,6 +460,9 @@ impl LocalModelSettings {
                 .map_err(|e| format!("the chat template file: {e}"))?;
         }
         model.set_prompt_cache_bytes(self.prompt_cache_bytes);
+        if let Some(pooling) = self.pooling {
+            model.set_pooling(pooling);
+        }
         if let Some(path) = &self.model_draft {
             let draft = load_model(path)?;
             // The draft keeps its own rows of the same prompts, within the same budget.

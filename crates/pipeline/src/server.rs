@@ -1163,7 +1163,8 @@ fn finish(
                         // far: nothing to lose when this stage replaces a lost one.
                         let tokenizer = constraints.tokenizer()?;
                         let grammar = constraints.grammar(&json.grammar)?;
-                        JsonConstraint::after(&grammar, tokenizer, &json.answer)
+                        JsonConstraint::after_lead(&grammar, tokenizer, &json.lead, &json.answer)
+                            .ok_or_else(crate::head::no_json_token)?
                             .draw(&mut logits, tokenizer, |l| {
                                 sampler.sample_at(l, &spec.penalty_tokens, position)
                             })

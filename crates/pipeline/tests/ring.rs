@@ -1157,9 +1157,10 @@ async fn logprobs_through_the_ring_are_the_single_process_ones() {
     assert_eq!(ask().await, want, "drawn by the head alone");
 }
 
-/// Constrained answers — JSON of a schema (`response_format`, forced tool calls) and
-/// `ignore_eos` — drawn by the last stage (and by the head once it runs alone) are the
-/// single process's, token for token, and a JSON answer ends where its value is whole.
+/// Constrained answers — JSON of a schema (`response_format`, forced tool calls), JSON
+/// that opens after a trigger text (tool calls under `auto`) and `ignore_eos` — drawn by
+/// the last stage (and by the head once it runs alone) are the single process's, token for
+/// token, and a JSON answer ends where its value is whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn constrained_answers_through_the_ring_are_the_single_process_ones() {
     let m = reference();
@@ -1173,9 +1174,10 @@ async fn constrained_answers_through_the_ring_are_the_single_process_ones() {
         "additionalProperties": false
     });
     let grammar = shoal_engine::JsonGrammar::from_schema(&schema).unwrap();
+    let whole = shoal_engine::JsonRule::whole(grammar.clone());
     let question = chat_prompt("Answer in JSON: which city is the capital of France?");
     let max_tokens = 64;
-    let local = |json: bool, ignore_eos: bool| {
+    let local_with = |rule: Option<&shoal_engine::JsonRule>, ignore_eos: bool| {
         let mut g = m
             .generate(
                 question.clone(),
@@ -1187,13 +1189,30 @@ async fn constrained_answers_through_the_ring_are_the_single_process_ones() {
                 },
             )
             .unwrap();
-        if json {
-            g.constrain_json(&grammar).unwrap();
+        if let Some(rule) = rule {
+            g.constrain_json_rule(rule).unwrap();
         }
         g.ignore_eos(ignore_eos);
         while g.next_step().unwrap().is_some() {}
         g.generated().to_vec()
     };
+    let local_rule = |rule: Option<&shoal_engine::JsonRule>| local_with(rule, false);
+    // A trigger the free answer writes early on: the value after it is held to the
+    // grammar, and the answer goes on free after the value.
+    let free = local_rule(None);
+    let trigger = m.tokenizer().decode(&free[..3], true).unwrap();
+    let lazy = shoal_engine::JsonRule::after_trigger(grammar.clone(), &trigger).unwrap();
+    let want_lazy = local_rule(Some(&lazy));
+    let lazy_text = m.tokenizer().decode(&want_lazy, true).unwrap();
+    let after = lazy_text.split_once(trigger.as_str()).unwrap().1;
+    let value = serde_json::Deserializer::from_str(after)
+        .into_iter::<serde_json::Value>()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert!(grammar.accepts(&value.to_string()), "{lazy_text}");
+    assert_ne!(want_lazy, free);
+    let local = |json: bool, ignore_eos: bool| local_with(json.then_some(&whole), ignore_eos);
     let want_json = local(true, false);
     let want_all = local(false, true);
     let text = m.tokenizer().decode(&want_json, true).unwrap();
@@ -1206,13 +1225,14 @@ async fn constrained_answers_through_the_ring_are_the_single_process_ones() {
     assert_eq!(want_all.len(), max_tokens, "ignore_eos runs to max_tokens");
 
     let (pipeline, [(_s1, _, stop1), (_s2, _, stop2)]) = killable_ring().await;
-    let ask = |json: bool, ignore_eos: bool| {
-        let (pipeline, question, grammar) = (&pipeline, &question, &grammar);
+    let ask_rule = |rule: Option<&shoal_engine::JsonRule>, ignore_eos: bool| {
+        let (pipeline, question) = (&pipeline, &question);
+        let rule = rule.cloned();
         async move {
             let greedy = SamplingParams::greedy();
             let request = shoal_pipeline::RingRequest {
                 cache_prompt: false,
-                json: json.then_some(grammar),
+                json: rule.as_ref(),
                 ignore_eos,
                 ..shoal_pipeline::RingRequest::new(question, &greedy, max_tokens)
             };
@@ -1220,10 +1240,16 @@ async fn constrained_answers_through_the_ring_are_the_single_process_ones() {
             (answer.tokens, answer.json_done)
         }
     };
+    let ask = |json: bool, ignore_eos: bool| ask_rule(json.then_some(&whole), ignore_eos);
     assert_eq!(
         ask(true, false).await,
         (want_json.clone(), true),
         "by the last stage"
+    );
+    assert_eq!(
+        ask_rule(Some(&lazy), false).await,
+        (want_lazy.clone(), false),
+        "after a trigger, by the last stage"
     );
     assert_eq!(
         ask(false, true).await,
@@ -1242,6 +1268,11 @@ async fn constrained_answers_through_the_ring_are_the_single_process_ones() {
         ask(false, true).await,
         (want_all, false),
         "by the head alone"
+    );
+    assert_eq!(
+        ask_rule(Some(&lazy), false).await,
+        (want_lazy, false),
+        "after a trigger, by the head alone"
     );
 }
 

@@ -212,6 +212,28 @@ pub(crate) enum ActivationsArg {
     F32,
 }
 
+/// How embeddings are pooled from a text's hidden states (llama-server's `--pooling`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum PoolingArg {
+    /// The mean over every token (what a generative model's file implies).
+    Mean,
+    /// The first token's (BERT's `[CLS]`).
+    Cls,
+    /// The last token's (Qwen3-Embedding's).
+    Last,
+}
+
+impl PoolingArg {
+    pub(crate) fn pooling(self) -> shoal_engine::Pooling {
+        match self {
+            PoolingArg::Mean => shoal_engine::Pooling::Mean,
+            PoolingArg::Cls => shoal_engine::Pooling::First,
+            PoolingArg::Last => shoal_engine::Pooling::Last,
+        }
+    }
+}
+
 /// A setting that is on or off (`--swarm-code-checks on|off`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

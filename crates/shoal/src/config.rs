@@ -13,9 +13,11 @@
 //! peers = ["192.168.1.20:7070", "192.168.1.21:7070"]   # found by mDNS anyway, where it passes
 //! # mdns = "off"
 //! # dead_after_s = 6                # heartbeat_interval_s = 1, suspect_after_s = 3
+//! # peer_idle_timeout_s = 120       # silent peer connections close; the same on every node
 //! # split = "0-7,8-15,16-23"      # pipeline mode; without it the peers form a swarm
 //! # plan_memory_gib = 2            # memory offered to pipeline plans; auto_min_speed = 4
 //! # cache_ram = 1024               # MiB of prompt cache (0: off)
+//! # pooling = "last"               # how /v1/embeddings pools: mean, cls, last
 //! # lookup = true                  # speculative decoding by prompt lookup; draft_max = 12
 //! # model_draft = "qwen05"         # ... or with a draft model (and lookup first, if on)
 //! role = "reasoner"
@@ -58,6 +60,7 @@ pub(crate) struct ConfigFile {
     heartbeat_interval_s: Option<f64>,
     suspect_after_s: Option<f64>,
     dead_after_s: Option<f64>,
+    peer_idle_timeout_s: Option<f64>,
     peers: Option<Vec<String>>,
     split: Option<String>,
     plan_memory_gib: Option<f64>,
@@ -71,6 +74,7 @@ pub(crate) struct ConfigFile {
     insecure_peers: Option<bool>,
     max_queue: Option<usize>,
     cache_ram: Option<usize>,
+    pooling: Option<crate::cli::PoolingArg>,
     lookup: Option<bool>,
     model_draft: Option<PathBuf>,
     draft_max: Option<usize>,
@@ -178,6 +182,7 @@ pub(crate) fn apply(
     take!(heartbeat_interval_s);
     take!(suspect_after_s);
     take!(dead_after_s);
+    take!(peer_idle_timeout_s);
     take!(split);
     take!(plan_memory_gib);
     take!(auto_min_speed);
@@ -198,6 +203,7 @@ pub(crate) fn apply(
     take!(peers);
     take!(max_queue);
     take!(cache_ram);
+    take!(pooling);
     take!(speculation.lookup, file.lookup);
     take!(speculation.draft_max, file.draft_max);
     take!(speculation.draft_min, file.draft_min);
@@ -260,6 +266,8 @@ mod tests {
             chat_template_file = "tools.jinja"
             draft_max = 12
             draft_p_min = 0.5
+            pooling = "last"
+            peer_idle_timeout_s = 30
             [swarm]
             strategy = "vote"
             vote_samples = 7
@@ -287,6 +295,8 @@ mod tests {
             (a.speculation.draft_max, a.speculation.draft_p_min),
             (12, 0.5)
         );
+        assert_eq!(a.pooling, Some(crate::cli::PoolingArg::Last));
+        assert_eq!(a.peer_idle_timeout_s, 30.0);
         assert_eq!(a.swarm_strategy, "vote");
         assert_eq!(a.swarm_samples, 7);
         assert_eq!(a.swarm_code_checks, crate::cli::Switch::Off);

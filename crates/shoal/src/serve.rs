@@ -61,6 +61,10 @@ pub(crate) struct ServeArgs {
     /// (with a peer port beyond loopback).
     #[arg(long, value_enum, default_value_t = Switch::On)]
     pub(crate) mdns: Switch,
+    /// Seconds a peer connection may stay silent before it is closed (heads ping the links
+    /// they hold every quarter of it). Every node of a cluster must use the same value.
+    #[arg(long, default_value_t = shoal_wire::IDLE_TIMEOUT.as_secs_f64())]
+    pub(crate) peer_idle_timeout_s: f64,
     /// Seconds between heartbeats to every member.
     #[arg(long, default_value_t = 1.0)]
     pub(crate) heartbeat_interval_s: f64,
@@ -142,6 +146,11 @@ pub(crate) struct ServeArgs {
     /// Seconds a client may take to send a request's headers, and then its body.
     #[arg(long, default_value_t = 30.0)]
     pub(crate) request_timeout_s: f64,
+    /// How `/v1/embeddings` pools a text's hidden states into one vector: `mean`, `cls`
+    /// (the first token's) or `last`; by default as the model file says (the mean for a
+    /// generative model).
+    #[arg(long, value_enum)]
+    pub(crate) pooling: Option<crate::cli::PoolingArg>,
     /// Stop strings per request at most.
     #[arg(long, default_value_t = HttpLimits::default().max_stop)]
     pub(crate) max_stop: usize,
@@ -198,6 +207,7 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
         .transpose()?;
     config.prompt_cache_bytes = a.cache_ram.saturating_mul(1 << 20);
     config.speculation = a.speculation.speculation();
+    config.pooling = a.pooling.map(crate::cli::PoolingArg::pooling);
     // Resolved (perhaps fetched) after the checks below.
     config.model_draft = a.speculation.model_draft.clone();
     config.api_key = a.api_key;
@@ -236,6 +246,7 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
         code_checks: a.swarm_code_checks == Switch::On,
         prompts,
     };
+    config.peer_idle_timeout = secs(a.peer_idle_timeout_s, "peer-idle-timeout-s")?;
     let interval = secs(a.heartbeat_interval_s, "heartbeat-interval-s")?;
     config.cluster = ClusterSettings {
         detector: DetectorConfig {

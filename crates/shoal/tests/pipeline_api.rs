@@ -144,6 +144,15 @@ fn smollm2_three_stage_head_answers_like_a_single_process() {
         "guessed"
     );
     assert!(metric(head.addr, "shoal_draft_accepted_tokens_total") > 0.0);
+    // Embeddings need the whole model on one node: the head says so (OpenAI and Ollama).
+    let models: Value =
+        serde_json::from_str(&http(head.addr, "GET", "/v1/models", None).unwrap().body).unwrap();
+    let input = json!({"model": models["data"][0]["id"], "input": "hello"}).to_string();
+    for path in ["/v1/embeddings", "/api/embed"] {
+        let r = http(head.addr, "POST", path, Some(&input)).unwrap();
+        assert_eq!(r.status, 400, "{path}: {}", r.body);
+        assert!(r.body.contains("whole model"), "{path}: {}", r.body);
+    }
 }
 
 #[test]

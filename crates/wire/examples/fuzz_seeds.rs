@@ -123,6 +123,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
                 ignore_eos: true,
                 json: Some(shoal_wire::JsonAnswer {
                     grammar: r#"{"type":"object"}"#.to_owned(),
+                    lead: b" {".to_vec(),
                     answer: vec![90, 91],
                 }),
                 ..SamplingSpec::greedy()

@@ -16,7 +16,7 @@
 //! | offset | size | field | value |
 //! |---:|---:|---|---|
 //! | 0 | 4 | magic | `b"SHOL"` ([`MAGIC`]) |
-//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 6 (2: `Forward` carries its `plan_id`; 3: the prompt cache's `Forward.resume` and `EndSession.keep`; 4: weights over the LAN, `LoadStage.weights_from`; 5: constrained answers, `SamplingSpec.ignore_eos` and `.json`; 6: whole API requests through the swarm, `Ask.request` and `Answer.response`; speculative decoding through the ring, `Want::Verify` and `Verified`; 7: several sources of weights, `LoadStage.weights_from` a list) |
+//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 8 (2: `Forward` carries its `plan_id`; 3: the prompt cache's `Forward.resume` and `EndSession.keep`; 4: weights over the LAN, `LoadStage.weights_from`; 5: constrained answers, `SamplingSpec.ignore_eos` and `.json`; 6: whole API requests through the swarm, `Ask.request` and `Answer.response`; speculative decoding through the ring, `Want::Verify` and `Verified`; 7: several sources of weights, `LoadStage.weights_from` a list; 8: constraints that open after a trigger, `JsonAnswer.lead`) |
 //! | 6 | 2 | type | `u16`, a [`MessageType`] id (table below) |
 //! | 8 | 4 | length | `u32`, payload bytes that follow, ≤ [`Limits::max_payload`] (default 64 MiB) |
 //! | 12 | length | payload | the message's fields, in the layout its type documents |
@@ -102,9 +102,10 @@ pub use message::{
     Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Verified, Want,
     WeightsChunk, WeightsManifest, WeightsRegion, MAX_ACCELERATOR, MAX_API_JSON, MAX_CHAT_ROLE,
     MAX_CHAT_TEXT, MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_ERROR_MESSAGE, MAX_GRAMMAR,
-    MAX_HELD_STAGES, MAX_KNOWN_MEMBERS, MAX_MODELS, MAX_MODEL_ID, MAX_MODEL_NAME, MAX_NODE_ID,
-    MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION, MAX_STAGE_FILE, MAX_STOP, MAX_STOP_LEN,
-    MAX_TOKENS, MAX_TOP_LOGPROBS, MAX_WEIGHTS_CHUNK, MAX_WEIGHT_REGIONS, MAX_WEIGHT_SOURCES,
+    MAX_HELD_STAGES, MAX_KNOWN_MEMBERS, MAX_LEAD, MAX_MODELS, MAX_MODEL_ID, MAX_MODEL_NAME,
+    MAX_NODE_ID, MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION, MAX_STAGE_FILE, MAX_STOP,
+    MAX_STOP_LEN, MAX_TOKENS, MAX_TOP_LOGPROBS, MAX_WEIGHTS_CHUNK, MAX_WEIGHT_REGIONS,
+    MAX_WEIGHT_SOURCES,
 };
 pub use secure::PeerStream;
 pub use server::{serve_peers, PeerService, RemotePeer, ServeConfig};

@@ -248,7 +248,7 @@ async fn a_newer_peer_is_told_which_versions_this_node_speaks() {
     assert_eq!(e.code, ErrorCode::UNSUPPORTED_VERSION);
     assert_eq!(
         e.message,
-        "peer speaks wire protocol version 9, this node speaks version(s) 7; \
+        "peer speaks wire protocol version 9, this node speaks version(s) 8; \
          run the same shoal release on every node"
     );
 }

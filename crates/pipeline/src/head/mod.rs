@@ -27,7 +27,7 @@ use shoal_cluster::{Member, Membership};
 use shoal_engine::candle_core::Device;
 use shoal_engine::prefix_cache::{canonical_len, resume_point};
 use shoal_engine::{
-    Drafter, GgufFile, JsonConstraint, JsonGrammar, KvCache, Logits, ModelConfig, PrefixCache,
+    Drafter, GgufFile, JsonRule, JsonTracker, KvCache, Logits, ModelConfig, PrefixCache,
     PromptFormat, Sampler, SamplingParams, Stage, StageSpec, TokenLogprob, Tokenizer,
 };
 use shoal_wire::{
@@ -236,10 +236,10 @@ pub struct RingRequest<'a> {
     /// Report each token's log-probability with this many alternatives (OpenAI's
     /// `logprobs` / `top_logprobs`), computed where the token is drawn.
     pub logprobs: Option<usize>,
-    /// Keep the answer to this JSON grammar (`response_format`, a forced tool call): the
-    /// stage that draws each token masks what would break it, and the answer ends as soon
-    /// as the value is whole.
-    pub json: Option<&'a JsonGrammar>,
+    /// Keep the answer's JSON to this rule (`response_format`, tool calls): while a value
+    /// is open, the stage that draws each token masks what would break it; a rule that
+    /// ends the answer with its value ends it as soon as the value is whole.
+    pub json: Option<&'a JsonRule>,
     /// Never draw an end-of-generation token (llama-server's `ignore_eos`).
     pub ignore_eos: bool,
 }
@@ -671,7 +671,7 @@ impl Pipeline {
                     let tokenizer = self.format.tokenizer();
                     let json_done = request
                         .json
-                        .is_some_and(|g| JsonConstraint::after(g, tokenizer, &generated).done());
+                        .is_some_and(|r| JsonTracker::after(r, tokenizer, &generated).finished());
                     return Ok(RingAnswer {
                         tokens: generated,
                         cached_tokens,
@@ -858,7 +858,7 @@ impl Pipeline {
         let mut history = session.prompt.to_vec();
         let tokenizer = self.format.tokenizer();
         // Where the answer is in its grammar, for the head's own draws and for ending it.
-        let mut json = session.json.map(|g| JsonConstraint::new(g, tokenizer));
+        let mut json = session.json.map(|r| JsonTracker::new(r, tokenizer));
         let mut start = session.resume.map_or(0, |r| r.len as usize);
         let mut pending = session.prompt[start..].to_vec();
         let mut resume = session.resume;
@@ -945,7 +945,7 @@ impl Pipeline {
                                 if session.ignore_eos {
                                     mask_eos(&mut logits, tokenizer);
                                 }
-                                let t = match &json {
+                                let t = match json.as_ref().and_then(JsonTracker::constraint) {
                                     None => s.sample(&mut logits, &history),
                                     Some(json) => json
                                         .draw(&mut logits, tokenizer, |l| s.sample(l, &history))
@@ -967,9 +967,13 @@ impl Pipeline {
                                     u8::try_from(top.min(MAX_TOP_LOGPROBS)).unwrap_or(0);
                             }
                             spec.ignore_eos = session.ignore_eos;
-                            spec.json = session.json.map(|g| JsonAnswer {
-                                grammar: g.wire_text().to_owned(),
-                                answer: history[session.prompt.len()..].to_vec(),
+                            spec.json = session.json.zip(json.as_ref()).and_then(|(r, t)| {
+                                let (lead, answer) = t.segment()?;
+                                Some(JsonAnswer {
+                                    grammar: r.grammar().wire_text().to_owned(),
+                                    lead: lead.to_vec(),
+                                    answer: answer.to_vec(),
+                                })
                             });
                             Want::Token(spec)
                         } else {
@@ -1015,7 +1019,7 @@ impl Pipeline {
                 json.accept(token, tokenizer);
             }
             if !go_on
-                || json.as_ref().is_some_and(JsonConstraint::done)
+                || json.as_ref().is_some_and(JsonTracker::finished)
                 || tokenizer.is_eog(token)
                 || generated.len() >= session.max_tokens
                 || history.len() >= limit
@@ -1208,7 +1212,7 @@ struct Session<'a> {
     resume: Option<Resume>,
     /// Log-probabilities asked for, with this many alternatives.
     logprobs: Option<usize>,
-    json: Option<&'a JsonGrammar>,
+    json: Option<&'a JsonRule>,
     ignore_eos: bool,
     /// Keep this prompt (the head's draft model keeps its rows of it too).
     cache_prompt: bool,

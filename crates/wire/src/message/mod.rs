@@ -30,7 +30,8 @@ pub use membership::{
 pub use profile::{GetProfile, Profile};
 pub use session::{
     EndSession, Forward, JsonAnswer, LogitRows, Logits, Payload, Resume, SamplingSpec, Token,
-    Truncate, Verified, Want, MAX_GRAMMAR, MAX_PENALTY_TOKENS, MAX_TOKENS, MAX_TOP_LOGPROBS,
+    Truncate, Verified, Want, MAX_GRAMMAR, MAX_LEAD, MAX_PENALTY_TOKENS, MAX_TOKENS,
+    MAX_TOP_LOGPROBS,
 };
 pub use stage::{LoadStage, StageReady, MAX_MODEL_ID, MAX_WEIGHT_SOURCES};
 pub use weights::{

@@ -24,6 +24,8 @@ pub const MAX_PENALTY_TOKENS: usize = 1 << 16;
 pub const MAX_TOP_LOGPROBS: usize = 20;
 /// Most bytes of a JSON grammar (a schema) one sampling step carries.
 pub const MAX_GRAMMAR: usize = 1 << 20;
+/// Most bytes of a JSON value that came in the token that opened it ([`JsonAnswer::lead`]).
+pub const MAX_LEAD: usize = 256;
 
 /// `Forward` (`0x0020`): one step of one session moving down the ring.
 ///
@@ -145,7 +147,7 @@ pub enum LogitRows {
 /// | `top_logprobs` | `u8` (≤ [`MAX_TOP_LOGPROBS`]; 0 unless `logprob`) |
 /// | `penalty_tokens` | `u32` count (≤ [`MAX_PENALTY_TOKENS`]), `u32` each |
 /// | `ignore_eos` | `u8` 0/1 |
-/// | `json` | `u8` option tag; then `grammar` (`u32` length ≤ [`MAX_GRAMMAR`], UTF-8) and `answer` (`u32` count ≤ [`MAX_TOKENS`], `u32` each) |
+/// | `json` | `u8` option tag; then `grammar` (`u32` length ≤ [`MAX_GRAMMAR`], UTF-8), `lead` (`u32` length ≤ [`MAX_LEAD`], bytes) and `answer` (`u32` count ≤ [`MAX_TOKENS`], `u32` each) |
 ///
 /// Checked on both ends: every float finite, `temperature ≥ 0`, `top_p` and `min_p` in
 /// `[0, 1]`, `repeat_penalty > 0`.
@@ -189,7 +191,10 @@ pub struct JsonAnswer {
     /// The grammar as the engine's `JsonGrammar::wire_text` writes it: the JSON schema, or
     /// empty for any JSON object.
     pub grammar: String,
-    /// The answer's tokens so far.
+    /// The value's bytes that came in the token that opened it: a value that starts after
+    /// a trigger text (a tool call's opening tag) may start inside a token. Usually empty.
+    pub lead: Vec<u8>,
+    /// The value's tokens so far (after the lead's token).
     pub answer: Vec<u32>,
 }
 
@@ -230,6 +235,11 @@ impl SamplingSpec {
             json: if r.present("json")? {
                 Some(JsonAnswer {
                     grammar: r.string("json.grammar", MAX_GRAMMAR)?,
+                    lead: {
+                        let len = r.u32("json.lead")?;
+                        r.bound("json.lead", u64::from(len), MAX_LEAD)?;
+                        r.bytes(u64::from(len), "json.lead")?.to_vec()
+                    },
                     answer: r.u32_vec("json.answer", MAX_TOKENS)?,
                 })
             } else {
@@ -256,6 +266,8 @@ impl SamplingSpec {
             Some(json) => {
                 out.put_u8(1);
                 put_string(out, &json.grammar);
+                put_len(out, json.lead.len());
+                out.extend_from_slice(&json.lead);
                 put_u32_vec(out, &json.answer);
             }
         }
@@ -264,6 +276,7 @@ impl SamplingSpec {
     fn validate(&self, m: &'static str) -> Result<(), WireError> {
         if let Some(json) = &self.json {
             bound(m, "json.grammar", json.grammar.len() as u64, MAX_GRAMMAR)?;
+            bound(m, "json.lead", json.lead.len() as u64, MAX_LEAD)?;
             bound(m, "json.answer", json.answer.len() as u64, MAX_TOKENS)?;
         }
         if usize::from(self.top_logprobs) > MAX_TOP_LOGPROBS
@@ -769,7 +782,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 7, 0, 0x20, 0, 58, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 8, 0, 0x20, 0, 58, 0, 0, 0,
             0x11, 0, 0, 0, 0, 0, 0, 0,              // session_id
             0x22, 0, 0, 0, 0, 0, 0, 0,              // seq
             0x33, 0, 0, 0, 0, 0, 0, 0,              // plan_id
@@ -803,7 +816,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 7, 0, 0x20, 0, 57, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 8, 0, 0x20, 0, 57, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
@@ -836,6 +849,7 @@ mod tests {
             ignore_eos: true,
             json: Some(JsonAnswer {
                 grammar: "{}".into(),
+                lead: b"\n".to_vec(),
                 answer: vec![7],
             }),
             ..SamplingSpec::greedy()
@@ -869,6 +883,7 @@ mod tests {
             1,                      // ignore_eos
             1,                      // json: some
             2, 0, 0, 0, b'{', b'}', // grammar
+            1, 0, 0, 0, b'\n',      // lead
             1, 0, 0, 0, 7, 0, 0, 0, // answer [7]
         ];
         assert_eq!(&frame[want_at..want_at + spec_bytes.len()], spec_bytes);
@@ -890,7 +905,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 7, 0, 0x21, 0, 37, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 8, 0, 0x21, 0, 37, 0, 0, 0,
             3, 0, 0, 0, 0, 0, 0, 0,
             4, 0, 0, 0, 0, 0, 0, 0,
             4, 3, 2, 1,
@@ -901,7 +916,7 @@ mod tests {
         let frame = Message::EndSession(EndSession::free(5)).to_frame().unwrap();
         assert_eq!(
             frame,
-            [b'S', b'H', b'O', b'L', 7, 0, 0x23, 0, 9, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0]
+            [b'S', b'H', b'O', b'L', 8, 0, 0x23, 0, 9, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0]
         );
         let frame = Message::EndSession(EndSession {
             session_id: 5,
@@ -921,7 +936,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 7, 0, 0x24, 0, 12, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 8, 0, 0x24, 0, 12, 0, 0, 0,
             5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0,
         ]);
     }
@@ -938,7 +953,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 7, 0, 0x22, 0, 29, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 8, 0, 0x22, 0, 29, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 1, 0, 0, 0, 2,
