@@ -277,7 +277,7 @@ impl ToolSet {
     /// engine can hold to a grammar: a forced answer from its start (and, with parallel
     /// calls, from each further `<tool_call>`, ending at the first text that is not a
     /// call); an `auto` Hermes answer from each `<tool_call>` it writes, and from its
-    /// start when it opens as a bare call (`{"name": "<a tool>"`). `None` when calls
+    /// start when it opens with `{` (a bare call). `None` when calls
     /// are read back unconstrained: Llama 3's bare calls under `auto`, or tools whose
     /// schemas the grammar cannot compile (a forced call then fails instead). Marks the set
     /// live when its calls come tagged and constrained.
@@ -295,11 +295,11 @@ impl ToolSet {
                 Ok(grammar) => Some(
                     JsonRule::after_trigger(grammar, TAG_OPEN)
                         .map_err(engine_error)?
-                        .or_bare(
-                            self.tools
-                                .iter()
-                                .map(|t| format!("{{\"name\":{}", Value::String(t.name.clone()))),
-                        ),
+                        // An answer with tools that opens with `{` is a call (small models
+                        // drop the tags; llama.cpp waits for `{"name"`, but then a slip like
+                        // `{{` is past mending). A JSON reply asked for with
+                        // `response_format` is not under this rule.
+                        .or_bare(["{".to_owned()]),
                 ),
                 Err(e) => {
                     tracing::debug!(error = %e.message, "tool calls read back unconstrained");
