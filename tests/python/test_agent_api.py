@@ -172,9 +172,12 @@ class ToolCalls(unittest.TestCase):
             self.assertEqual(json.loads(streamed[i]["arguments"]), json.loads(call.function.arguments))
         self.assertNotEqual(streamed[0]["id"], streamed[1]["id"])
 
-        one = client.chat.completions.create(**ask, parallel_tool_calls=False).choices[0]
+        single = client.chat.completions.create(**ask, parallel_tool_calls=False)
+        one = single.choices[0]
         self.assertEqual(one.finish_reason, "tool_calls")
         self.assertEqual([c.function.name for c in one.message.tool_calls], ["get_weather"])
+        # The answer ends with its one call: the second is not generated to be dropped.
+        self.assertLess(single.usage.completion_tokens, whole.usage.completion_tokens, single.usage)
 
     def test_the_tool_result_is_answered(self):
         # The simplest tool: with a choice of units the 0.5B model asks again and again.

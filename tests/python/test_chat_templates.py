@@ -17,6 +17,7 @@ Env:
   SHOAL_TEMPLATE   the template file the node renders with (required)
   SHOAL_BOS, SHOAL_EOS  the model's BOS and EOS token texts (default empty)
   SHOAL_ONE_CALL   set when the template takes one call per assistant turn (Llama 3.1's)
+  SHOAL_AUTO_CALLS set to run AutoCalls (a model that writes calls under `auto`)
 
 The `jinja2` and `openai` packages are required.
 """
@@ -204,6 +205,47 @@ class ForcedCalls(unittest.TestCase):
         self.assertEqual(finish, "tool_calls")
         self.assertEqual(name, whole[0].function.name)
         self.assertEqual(json.loads(arguments), json.loads(whole[0].function.arguments))
+
+
+class AutoCalls(unittest.TestCase):
+    """Under `tool_choice: "auto"`, a Llama-3.x-format answer that opens with `{`, or with a
+    code fence and `{"name"` (Qwen2.5-Coder-0.5B fences its calls in this format), is a call
+    drawn under the tools' grammar (there is no tag to wait for): it parses, fits and ends
+    the answer; streamed, it goes out as it is written, the arguments in several fragments.
+    Run with SHOAL_AUTO_CALLS=1 (SmolLM2 never writes a call in this format)."""
+
+    ask = dict(
+        messages=[
+            {"role": "system", "content": "Answer only with a JSON function call."},
+            {"role": "user", "content": "What time is it in Paris?"},
+        ],
+        tools=[TIME], temperature=0, max_tokens=60,
+    )
+
+    def setUp(self):
+        if not os.environ.get("SHOAL_AUTO_CALLS"):
+            self.skipTest("set SHOAL_AUTO_CALLS=1 against a model that writes calls")
+
+    def test_a_bare_call_under_auto_is_a_call_and_streams_as_written(self):
+        whole = client.chat.completions.create(model=MODEL, **self.ask).choices[0]
+        self.assertEqual(whole.finish_reason, "tool_calls", whole.message)
+        self.assertEqual(len(whole.message.tool_calls), 1)
+        self.assertEqual(whole.message.tool_calls[0].function.name, "get_time")
+        self.assertIsInstance(json.loads(whole.message.tool_calls[0].function.arguments)["city"], str)
+        name, fragments, finish = "", [], None
+        for chunk in client.chat.completions.create(model=MODEL, stream=True, **self.ask):
+            if not chunk.choices:
+                continue
+            self.assertFalse(chunk.choices[0].delta.content, "a call is no content")
+            for tc in chunk.choices[0].delta.tool_calls or []:
+                self.assertEqual(tc.index, 0)
+                name += (tc.function and tc.function.name) or ""
+                if tc.function and tc.function.arguments:
+                    fragments.append(tc.function.arguments)
+            finish = chunk.choices[0].finish_reason or finish
+        self.assertEqual((name, finish), ("get_time", "tool_calls"))
+        self.assertEqual("".join(fragments), whole.message.tool_calls[0].function.arguments)
+        self.assertGreaterEqual(len(fragments), 2, fragments)
 
 
 if __name__ == "__main__":

@@ -466,7 +466,7 @@ impl Writer {
         let answering = Arc::new(answering);
         let run = Run {
             rx,
-            gate: StreamGate::for_tools(answering.tools.as_ref().map(|(t, _)| &**t)),
+            gate: StreamGate::for_tools(answering.tools.as_ref().map(|(t, f)| (&**t, *f))),
             blocks: Blocks::default(),
             started: false,
             finished: false,

@@ -1372,7 +1372,7 @@ impl Output {
                     index: u32::try_from(i).unwrap_or(u32::MAX),
                     ..self.clone()
                 },
-                gate: StreamGate::for_tools(self.tools.as_ref().map(|(t, _)| &**t)),
+                gate: StreamGate::for_tools(self.tools.as_ref().map(|(t, f)| (&**t, *f))),
                 logprobs: Logprobs::default(),
                 started: false,
             })

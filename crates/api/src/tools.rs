@@ -15,7 +15,8 @@
 //! around calls stays free); `"required"` or a named function forces a call: its opening is
 //! put at the start of the assistant's turn and the grammar holds from the first token (and
 //! from each further opening, with parallel calls; the answer ends at the first text that
-//! is not a call). Because such calls cannot go wrong, a stream sends them as they are
+//! is not a call). Llama 3.x's calls have no tag: under `auto` the grammar holds when the
+//! answer opens with `{`, and the answer is that one call. Because such calls cannot go wrong, a stream sends them as they are
 //! written: the name as soon as it is whole, then the arguments in fragments.
 
 use serde_json::{json, Map, Value};
@@ -277,10 +278,10 @@ impl ToolSet {
     /// engine can hold to a grammar: a forced answer from its start (and, with parallel
     /// calls, from each further `<tool_call>`, ending at the first text that is not a
     /// call); an `auto` Hermes answer from each `<tool_call>` it writes, and from its
-    /// start when it opens with `{` (a bare call). `None` when calls
-    /// are read back unconstrained: Llama 3's bare calls under `auto`, or tools whose
-    /// schemas the grammar cannot compile (a forced call then fails instead). Marks the set
-    /// live when its calls come tagged and constrained.
+    /// start when it opens with `{` (a bare call); an `auto` Llama 3.x answer when it opens
+    /// with `{`. `None` when calls are read back unconstrained: tools whose schemas the
+    /// grammar cannot compile (a forced call then fails instead). Marks the set live when
+    /// its calls are constrained.
     pub(crate) fn call_rule(&mut self, format: Format) -> Result<Option<JsonRule>, ApiError> {
         let engine_error = |e| ApiError::from_engine(e, "tools");
         let rule = match (self.forced(), format) {
@@ -292,28 +293,42 @@ impl ToolSet {
             ),
             (true, _) => Some(JsonRule::whole(self.call_grammar(format)?)),
             (false, Format::Hermes) => match self.call_grammar(format) {
-                Ok(grammar) => Some(
-                    JsonRule::after_trigger(grammar, TAG_OPEN)
+                Ok(grammar) => {
+                    let rule = JsonRule::after_trigger(grammar, TAG_OPEN)
                         .map_err(engine_error)?
                         // An answer with tools that opens with `{` is a call (small models
                         // drop the tags; llama.cpp waits for `{"name"`, but then a slip like
                         // `{{` is past mending). A JSON reply asked for with
                         // `response_format` is not under this rule.
-                        .or_bare(["{".to_owned()]),
-                ),
+                        .or_bare(bare_call_openings());
+                    // `parallel_tool_calls: false` keeps one call: the answer ends with it.
+                    Some(if self.parallel {
+                        rule
+                    } else {
+                        rule.ending_after_value()
+                    })
+                }
                 Err(e) => {
                     tracing::debug!(error = %e.message, "tool calls read back unconstrained");
                     None
                 }
             },
-            (false, Format::Llama3) => None,
+            // Llama 3.x writes a call as the whole answer, bare JSON: held from an opening
+            // `{`, and the answer ends with the call.
+            (false, Format::Llama3) => match self.call_grammar(format) {
+                Ok(grammar) => Some(JsonRule::bare(grammar, bare_call_openings())),
+                Err(e) => {
+                    tracing::debug!(error = %e.message, "tool calls read back unconstrained");
+                    None
+                }
+            },
         };
-        self.live = rule.is_some() && format == Format::Hermes;
+        self.live = rule.is_some();
         Ok(rule)
     }
 
-    /// Whether the answer's calls are drawn under the grammar and come tagged, so a stream
-    /// may send them as they are written.
+    /// Whether the answer's calls are drawn under the grammar, so a stream may send them as
+    /// they are written.
     pub(crate) fn live(&self) -> bool {
         self.live
     }
@@ -384,19 +399,10 @@ impl ToolSet {
                 // Only the openings a stream holds back (so nothing sent as text turns out
                 // to have been a call).
                 let opens_bare = BARE_OPENINGS.iter().any(|o| whole.starts_with(o));
-                let bare = whole
-                    .strip_prefix("<|python_tag|>")
-                    .or_else(|| {
-                        whole
-                            .strip_prefix("```")
-                            .and_then(|b| b.strip_suffix("```"))
-                            .map(|b| b.strip_prefix("json").unwrap_or(b))
-                    })
-                    .unwrap_or(whole)
-                    .trim();
-                if opens_bare && bare.starts_with('{') {
-                    if let Some((bare_calls, after)) = self.bare_calls(bare, format, &mut new_id) {
-                        calls = bare_calls;
+                if opens_bare {
+                    if let Some((untagged, after)) = self.untagged_calls(whole, format, &mut new_id)
+                    {
+                        calls = untagged;
                         content = after.to_owned();
                     }
                 }
@@ -448,6 +454,40 @@ impl ToolSet {
         while let Some((call, end)) = self.first_call(rest, format, new_id) {
             calls.push(call);
             rest = rest.get(end..).unwrap_or_default();
+        }
+        (!calls.is_empty()).then_some((calls, rest))
+    }
+
+    /// Untagged calls at the start of `text`: bare, after Llama's python tag, or in code
+    /// fences (whose closing fence may be missing: a call under the grammar can end the
+    /// answer where its object closes), and the text after them; `None` unless `text`
+    /// starts with a call.
+    fn untagged_calls<'t>(
+        &self,
+        text: &'t str,
+        format: Format,
+        new_id: &mut impl FnMut() -> String,
+    ) -> Option<(Vec<Call>, &'t str)> {
+        let mut calls = Vec::new();
+        let mut rest = text;
+        loop {
+            let start = rest.trim_start();
+            let (body, fenced) = match start.strip_prefix("```") {
+                Some(b) => (b.strip_prefix("json").unwrap_or(b), true),
+                None => (start.strip_prefix("<|python_tag|>").unwrap_or(start), false),
+            };
+            let body = body.trim_start();
+            if !body.starts_with('{') {
+                break;
+            }
+            let Some((more, after)) = self.bare_calls(body, format, new_id) else {
+                break;
+            };
+            calls.extend(more);
+            rest = match after.trim_start().strip_prefix("```") {
+                Some(closed) if fenced => closed,
+                _ => after,
+            };
         }
         (!calls.is_empty()).then_some((calls, rest))
     }
@@ -536,6 +576,14 @@ const TAG_OPEN: &str = "<tool_call>";
 /// How an answer that is a call without the tags may open: bare JSON, JSON in a code
 /// fence, Llama's python tag. (Other fenced code, a coding agent's daily bread, streams.)
 const BARE_OPENINGS: [&str; 5] = ["{", "```json", "```\n{", "```{", "<|python_tag|>"];
+/// The openings of an untagged call (blanks aside) from which the tools' grammar holds under
+/// `auto`: bare JSON, and a fenced object once its first key is `"name"` (small models
+/// fence their calls; other fenced JSON stays free).
+const BARE_CALL_OPENINGS: [&str; 3] = ["{", "```json{\"name\"", "```{\"name\""];
+
+fn bare_call_openings() -> Vec<String> {
+    BARE_CALL_OPENINGS.iter().map(|o| (*o).to_owned()).collect()
+}
 const TAG_CLOSE: &str = "</tool_call>";
 
 /// Decides, piece by piece, which text of a streamed answer can go out as content before
@@ -552,8 +600,13 @@ pub(crate) struct StreamGate {
     closed: bool,
     /// Calls are read as they come: tagged ones, and one the answer opens with.
     live: bool,
+    /// The key of a call's arguments in the model's format.
+    arguments_key: &'static str,
     /// Where the call being written starts in `seen` (after its opening tag).
     call_at: Option<usize>,
+    /// Where an answer that opens like an untagged call starts in `seen`, until it is clear
+    /// whether the grammar holds it ([`BARE_CALL_OPENINGS`]).
+    opening_at: Option<usize>,
     /// Where to look for the next call's opening, once a call is whole.
     next_from: Option<usize>,
     /// The calls sent so far.
@@ -579,13 +632,14 @@ pub(crate) struct CallDelta {
 }
 
 impl StreamGate {
-    /// A gate for an answer under `tools`: live when their calls are drawn under the
-    /// grammar; a forced answer is a call from its first token.
-    pub(crate) fn for_tools(tools: Option<&ToolSet>) -> Self {
-        let live = tools.is_some_and(ToolSet::live);
-        let forced = tools.is_some_and(ToolSet::forced);
+    /// A gate for an answer under `tools`, written in `format`: live when their calls are
+    /// drawn under the grammar; a forced answer is a call from its first token.
+    pub(crate) fn for_tools(tools: Option<(&ToolSet, Format)>) -> Self {
+        let live = tools.is_some_and(|(t, _)| t.live());
+        let forced = tools.is_some_and(|(t, _)| t.forced());
         Self {
             live,
+            arguments_key: tools.map_or("", |(_, f)| f.arguments_key()),
             // A forced answer is all calls: no content goes out as it comes.
             closed: forced,
             call_at: (live && forced).then_some(0),
@@ -604,6 +658,19 @@ impl StreamGate {
         if !self.live {
             return out;
         }
+        if let Some(at) = self.opening_at {
+            let compact: String = self.seen[at..]
+                .chars()
+                .filter(|c| !c.is_ascii_whitespace())
+                .collect();
+            if BARE_CALL_OPENINGS.iter().any(|o| compact.starts_with(o)) {
+                // The call is the value from its first brace (after a fence, if any).
+                self.call_at = self.seen[at..].find('{').map(|i| at + i);
+                self.opening_at = None;
+            } else if !BARE_CALL_OPENINGS.iter().any(|o| o.starts_with(&compact)) {
+                self.opening_at = None;
+            }
+        }
         loop {
             if self.call_at.is_none() {
                 let Some(from) = self.next_from else { break };
@@ -614,7 +681,7 @@ impl StreamGate {
                 self.next_from = None;
             }
             let Some(at) = self.call_at else { break };
-            let scan = scan_call(&self.seen[at..], Format::Hermes.arguments_key());
+            let scan = scan_call(&self.seen[at..], self.arguments_key);
             let Some(name) = scan
                 .name
                 .filter(|n| tools.tools.iter().any(|t| &t.name == n))
@@ -685,9 +752,10 @@ impl StreamGate {
             // still too short to tell waits.
             if BARE_OPENINGS.iter().any(|o| start.starts_with(o)) {
                 self.closed = true;
-                // A bare call is drawn under the grammar too (`JsonRule::or_bare`).
-                if self.live && start.starts_with('{') {
-                    self.call_at = Some(self.seen.len() - start.len());
+                // A bare call is drawn under the grammar too (`JsonRule::or_bare`), from the
+                // openings `calls` looks for.
+                if self.live {
+                    self.opening_at = Some(self.seen.len() - start.len());
                 }
                 return String::new();
             }
@@ -1161,7 +1229,7 @@ mod tests {
         let mut t = weather();
         assert!(t.call_rule(Format::Hermes).unwrap().is_some());
         assert!(t.live());
-        let mut gate = StreamGate::for_tools(Some(&t));
+        let mut gate = StreamGate::for_tools(Some((&t, Format::Hermes)));
         let pieces = [
             "Checking. <tool_call>",
             "\n{\"name\": \"get_wea",
@@ -1204,7 +1272,7 @@ mod tests {
             .unwrap()
             .unwrap();
         live.call_rule(Format::Hermes).unwrap();
-        let mut gate = StreamGate::for_tools(Some(&live));
+        let mut gate = StreamGate::for_tools(Some((&live, Format::Hermes)));
         let mut sent = Vec::new();
         for p in pieces {
             gate.push(p);
@@ -1219,17 +1287,62 @@ mod tests {
             .unwrap()
             .unwrap();
         forced.call_rule(Format::Hermes).unwrap();
-        let mut gate = StreamGate::for_tools(Some(&forced));
+        let mut gate = StreamGate::for_tools(Some((&forced, Format::Hermes)));
         assert_eq!(gate.push("{\"name\": \"g\", "), "");
         assert!(gate.calls(&forced, ids()).is_empty());
-        let mut gate = StreamGate::for_tools(Some(&forced));
+        let mut gate = StreamGate::for_tools(Some((&forced, Format::Hermes)));
         assert_eq!(gate.push("{\"name\": \"f\", \"arguments\": {}}"), "");
         assert_eq!(gate.calls(&forced, ids()).len(), 2);
 
-        // Llama 3's bare calls under `auto` are not drawn under a grammar: not live.
+        // Llama 3's bare calls under `auto` are drawn under the grammar from their `{`, and
+        // sent as they come, with their `parameters` as the arguments; an answer that opens
+        // otherwise is content.
         let mut bare = weather();
-        assert!(bare.call_rule(Format::Llama3).unwrap().is_none());
-        assert!(!bare.live());
+        assert!(bare.call_rule(Format::Llama3).unwrap().is_some());
+        assert!(bare.live());
+        let mut gate = StreamGate::for_tools(Some((&bare, Format::Llama3)));
+        let mut deltas = Vec::new();
+        for p in [
+            "{\"name\": \"get_weather\", \"para",
+            "meters\": {\"city",
+            "\": \"Oslo\"}}",
+        ] {
+            assert_eq!(gate.push(p), "");
+            deltas.extend(gate.calls(&bare, ids()));
+        }
+        assert_eq!(
+            deltas[0].opening,
+            Some(("call_1".into(), "get_weather".into()))
+        );
+        let args: String = deltas.iter().map(|d| d.arguments.as_str()).collect();
+        assert_eq!(args, r#"{"city": "Oslo"}"#);
+        assert!(deltas.len() >= 3, "{deltas:?}");
+        let mut gate = StreamGate::for_tools(Some((&bare, Format::Llama3)));
+        assert_eq!(gate.push("Oslo is "), "Oslo is ");
+        assert!(gate.calls(&bare, ids()).is_empty());
+
+        // A fenced call (small models fence them) is held from its `"name"` on: live too,
+        // and read back without its closing fence (the grammar ended the answer there).
+        let mut gate = StreamGate::for_tools(Some((&bare, Format::Llama3)));
+        let mut deltas = Vec::new();
+        for p in [
+            "```",
+            "json\n{\n  \"na",
+            "me\": \"get_weather\", \"parameters\": {\"city",
+            "\": \"Oslo\"}}",
+        ] {
+            assert_eq!(gate.push(p), "");
+            deltas.extend(gate.calls(&bare, ids()));
+        }
+        let args: String = deltas.iter().map(|d| d.arguments.as_str()).collect();
+        assert_eq!(args, r#"{"city": "Oslo"}"#);
+        let parsed = bare.parse(gate.seen(), Format::Llama3, ids());
+        assert_eq!((parsed.calls.len(), parsed.content.as_str()), (1, ""));
+        // Other fenced JSON is not a call, and goes out whole at the end.
+        let mut gate = StreamGate::for_tools(Some((&bare, Format::Llama3)));
+        gate.push("```json\n{\"cities\": [");
+        assert!(gate.calls(&bare, ids()).is_empty());
+        assert!(gate.opening_at.is_none(), "no longer looked for");
     }
 
     #[test]
@@ -1238,16 +1351,24 @@ mod tests {
         let call = r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#;
         // No closing tag (cut, or a model that leaves it out); text before the closing tag;
         // a bare call with words after it.
-        for (text, content) in [
-            (format!("<tool_call>\n{call}"), ""),
+        // Fenced calls, closed or not (the grammar may end the answer at the object's end).
+        for (text, content, n) in [
+            (format!("<tool_call>\n{call}"), "", 1),
             (
                 format!("<tool_call>\n{call} done</tool_call>\nOK"),
                 "done</tool_call>\nOK",
+                1,
             ),
-            (format!("{call}\nThat is the call."), "\nThat is the call."),
+            (
+                format!("{call}\nThat is the call."),
+                "\nThat is the call.",
+                1,
+            ),
+            (format!("```json\n{call}\n```\nDone."), "\nDone.", 1),
+            (format!("```json\n{call}\n```\n```json\n{call}"), "", 2),
         ] {
             let p = t.parse(&text, Format::Hermes, ids());
-            assert_eq!(p.calls.len(), 1, "{text}");
+            assert_eq!(p.calls.len(), n, "{text}");
             assert_eq!(p.calls[0].arguments, r#"{"city": "Oslo"}"#);
             assert_eq!(p.content.trim(), content.trim(), "{text}");
         }

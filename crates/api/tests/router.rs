@@ -187,17 +187,33 @@ async fn swarm_requests_without_a_swarm_are_clear_errors() {
         .as_str()
         .unwrap()
         .contains("valid strategies"));
-    let error = post(
-        &app,
-        "/v1/completions",
-        json!({"model": "swarm", "prompt": "hi"}),
-    )
-    .await
-    .error(StatusCode::BAD_REQUEST);
-    assert!(error["message"]
-        .as_str()
-        .unwrap()
-        .contains("chat completions only"));
+    // Raw prompts, plain or fill-in-the-middle, are refused in one place for both routes
+    // (`/infill` reads the model's context first: a node with its model loaded).
+    let (_, ready) = ready_app();
+    for (app, path, request) in [
+        (
+            &app,
+            "/v1/completions",
+            json!({"model": "swarm", "prompt": "hi"}),
+        ),
+        (
+            &ready,
+            "/infill",
+            json!({"model": "swarm:vote", "input_prefix": "def f():", "input_suffix": "\n"}),
+        ),
+    ] {
+        let error = post(app, path, request)
+            .await
+            .error(StatusCode::BAD_REQUEST);
+        assert_eq!(error["param"], "model", "{path}");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("chat completions only"),
+            "{path}: {error}"
+        );
+    }
     let error = get(&app, "/v1/swarm/status")
         .await
         .error(StatusCode::NOT_FOUND);

@@ -65,10 +65,32 @@ impl JsonRule {
         })
     }
 
+    /// The answer is free unless it opens with one of `openings` (see
+    /// [`JsonRule::or_bare`]); then it is one value of `grammar`, and ends when that is
+    /// whole (Llama 3.x's tool calls: the whole answer is the call, bare JSON).
+    pub fn bare(grammar: JsonGrammar, openings: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            grammar,
+            trigger: None,
+            from_start: false,
+            ends_answer: true,
+            between: None,
+            bare: Vec::new(),
+        }
+        .or_bare(openings)
+    }
+
     /// Also holds from the answer's first token (a forced call whose opening the prompt
     /// wrote), and lets go when that value is whole.
     pub fn from_start(mut self) -> Self {
         self.from_start = true;
+        self
+    }
+
+    /// The answer ends when a value is whole (one call where only one is wanted: the
+    /// model's further calls would be dropped, so they are not generated).
+    pub fn ending_after_value(mut self) -> Self {
+        self.ends_answer = true;
         self
     }
 
@@ -90,8 +112,9 @@ impl JsonRule {
     /// Also holds when the answer opens with one of `openings` (blanks aside and ignored
     /// inside them, e.g. `{"name": "get_weather"`): small models often write a call as
     /// bare JSON, without its opening tag, and llama.cpp triggers on that too. The value
-    /// starts at the opening's first byte; an answer that opens otherwise (a JSON reply
-    /// that is no call) stays free.
+    /// starts at the opening's first `{` or `[` (so an opening may begin with a code fence
+    /// that is not part of the value: ```` ```json{"name" ````); an answer that opens
+    /// otherwise (a JSON reply that is no call) stays free.
     pub fn or_bare(mut self, openings: impl IntoIterator<Item = String>) -> Self {
         self.bare = openings
             .into_iter()
@@ -141,6 +164,8 @@ pub struct JsonTracker {
     /// The answer so far, while it may still open with a bare value ([`JsonRule::or_bare`]);
     /// `None` once it cannot.
     opening: Option<Vec<u8>>,
+    /// The bytes of the token being read (kept to spare an allocation per token).
+    piece: Vec<u8>,
 }
 
 impl JsonTracker {
@@ -158,6 +183,7 @@ impl JsonTracker {
             finished: false,
             gap: None,
             opening: (!rule.from_start && !rule.bare.is_empty()).then(Vec::new),
+            piece: Vec::new(),
         }
     }
 
@@ -203,15 +229,27 @@ impl JsonTracker {
             return;
         }
         // Special tokens (Qwen's `<tool_call>`) are matched by their text too.
-        let bytes = tokenizer.token_bytes(token, false).unwrap_or_default();
-        if let Some(lead) = self.bare_opening(&bytes) {
+        let mut bytes = std::mem::take(&mut self.piece);
+        if tokenizer
+            .token_bytes_into(token, false, &mut bytes)
+            .is_err()
+        {
+            bytes.clear();
+        }
+        self.read_free(&bytes, tokenizer);
+        self.piece = bytes;
+    }
+
+    /// Reads the bytes of a token written while no value is open.
+    fn read_free(&mut self, bytes: &[u8], tokenizer: &Tokenizer) {
+        if let Some(lead) = self.bare_opening(bytes) {
             self.open(lead, tokenizer);
             return;
         }
         let Some(trigger) = self.rule.trigger.as_deref() else {
             return;
         };
-        self.tail.extend_from_slice(&bytes);
+        self.tail.extend_from_slice(bytes);
         let lead =
             find(&self.tail, trigger.as_bytes()).map(|at| self.tail[at + trigger.len()..].to_vec());
         // Between values only the allowed text may come, up to the trigger's end (what
@@ -255,7 +293,12 @@ impl JsonTracker {
             .collect();
         let openings = self.rule.bare.iter().map(String::as_bytes);
         if openings.clone().any(|o| compact.starts_with(o)) {
-            let value = so_far[start..].to_vec();
+            // The value starts at its first brace or bracket (after a fence, if any).
+            let value_at = so_far[start..]
+                .iter()
+                .position(|b| matches!(b, b'{' | b'['))
+                .map_or(start, |at| start + at);
+            let value = so_far[value_at..].to_vec();
             self.opening = None;
             return Some(value);
         }

@@ -224,6 +224,39 @@ fn a_trigger_opens_the_grammar_and_a_whole_value_closes_it() {
     assert!(!opened("Hello {\"name\": \"get_weather\", \"arguments\""));
     assert!(!opened("{\"answer\": 42, \"name\": \"get_weather\""));
 
+    // Without a trigger (Llama 3.x's calls are the whole answer): an answer that opens
+    // with `{` is one value and ends with it; any other answer stays free to its end.
+    let llama = JsonRule::bare(weather_call(), ["{".to_owned()]);
+    let call = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}";
+    let t = JsonTracker::after(&llama, tokenizer, &tokenizer.encode(call, false).unwrap());
+    assert!(
+        t.finished() && t.constraint().is_none(),
+        "a whole call ends it"
+    );
+    let half = JsonTracker::after(
+        &llama,
+        tokenizer,
+        &tokenizer.encode(" {\"na", false).unwrap(),
+    );
+    assert!(half.constraint().is_some() && !half.finished());
+    let text = "Oslo is cold. {\"name\": \"get_weather\", \"arguments\": {";
+    let free = JsonTracker::after(&llama, tokenizer, &tokenizer.encode(text, false).unwrap());
+    assert!(free.constraint().is_none() && !free.finished());
+    // An opening may start with a code fence that is not part of the value: the value is
+    // from its brace on.
+    let fenced = JsonRule::bare(weather_call(), ["```json{\"name\"".to_owned()]);
+    let text = "```json\n{\n  \"name\": \"get_";
+    let t = JsonTracker::after(&fenced, tokenizer, &tokenizer.encode(text, false).unwrap());
+    let (lead, after) = t.segment().expect("held from the fence's brace");
+    let mut value = lead.to_vec();
+    for &token in after {
+        value.extend(tokenizer.token_bytes(token, false).unwrap());
+    }
+    assert_eq!(value, b"{\n  \"name\": \"get_");
+    let text = "```json\n{\"cities\": [";
+    let t = JsonTracker::after(&fenced, tokenizer, &tokenizer.encode(text, false).unwrap());
+    assert!(t.segment().is_none(), "other fenced JSON stays free");
+
     // A forced answer's second call opens after the closing and opening tags, also when
     // the opening tag's last token carries the call's first bytes; other text ends it.
     let forced = JsonRule::after_trigger(weather_call(), "<tool_call>")

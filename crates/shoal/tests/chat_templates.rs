@@ -3,7 +3,9 @@
 //! tests/python/test_chat_templates.py), and forced calls read back in each template's
 //! format — for Qwen2.5-Coder's own template, and for a Llama-3.1-style and a
 //! Hermes-style template given with `--chat-template-file` to SmolLM2 (whose own template
-//! renders no tools). A template that does not compile stops `shoal serve` at once.
+//! renders no tools); a call under `tool_choice: "auto"` in the Llama format (Qwen2.5-Coder
+//! with that template), drawn under the tools' grammar and streamed as it is written. A
+//! template that does not compile stops `shoal serve` at once.
 //!
 //! Needs `python3` with the `jinja2` and `openai` packages and the models
 //! (`scripts/fetch-models.sh`).
@@ -82,6 +84,27 @@ fn templates_given_on_the_command_line_render_and_read_calls_back() {
         );
         check_rendering(&server, &template, &own, one_call);
     }
+}
+
+#[test]
+fn a_llama_format_call_under_auto_is_drawn_under_the_grammar() {
+    // Qwen2.5-Coder-0.5B with the Llama-3.1-style template answers a question a tool can
+    // answer with a call in a code fence, which the grammar holds from its `"name"` on.
+    let template = workspace_root().join("tests/templates/llama3-json-tools.jinja");
+    let server = common::Server::start(
+        &model_path(QWEN05),
+        &["--chat-template-file", template.to_str().unwrap()],
+    );
+    server.wait_healthy();
+    let status = Command::new("python3")
+        .args(["tests/python/test_chat_templates.py", "AutoCalls"])
+        .current_dir(workspace_root())
+        .env("SHOAL_ROOT_URL", format!("http://{}", server.addr))
+        .env("SHOAL_TEMPLATE", &template)
+        .env("SHOAL_AUTO_CALLS", "1")
+        .status()
+        .expect("python3 runs");
+    assert!(status.success(), "AutoCalls failed");
 }
 
 #[test]

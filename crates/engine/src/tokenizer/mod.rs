@@ -433,6 +433,18 @@ impl Tokenizer {
         Ok(bytes)
     }
 
+    /// [`Tokenizer::token_bytes`] into `out` (cleared first), for callers that read a
+    /// token at a time and keep their buffer.
+    pub(crate) fn token_bytes_into(
+        &self,
+        id: u32,
+        skip_special: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), TokenizerError> {
+        out.clear();
+        self.inner.piece(id, !skip_special, out)
+    }
+
     /// Every token's bytes, by id; empty for control tokens (`<|im_end|>` and the like),
     /// which constrained answers never draw as text. Built once per tokenizer.
     pub(crate) fn pieces(&self) -> Arc<Vec<Vec<u8>>> {
