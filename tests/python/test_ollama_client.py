@@ -164,6 +164,23 @@ class Chat(unittest.TestCase):
         else:
             self.assertTrue(r.message.content.lstrip().startswith("{"))
 
+    def test_format_schema_takes_only_its_properties(self):
+        # As Ollama (llama.cpp's schema converter): without `additionalProperties`, the
+        # properties listed are the only keys; the bounded string lets the object close.
+        schema = {
+            "type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"}},
+            "required": ["name", "age"],
+        }
+        r = client.chat(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Tell me about Ada Lovelace as JSON, with many details."}],
+            format=schema,
+            options={"temperature": 0, "num_predict": 96},
+        )
+        self.assertEqual(r.done_reason, "stop", r.message.content)
+        self.assertEqual(sorted(json.loads(r.message.content)), ["age", "name"])
+
     def test_tools(self):
         messages = [{"role": "user", "content": "What is the weather in Paris?"}]
         for stream in (False, True):

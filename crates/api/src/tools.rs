@@ -72,7 +72,8 @@ impl Format {
 #[derive(Debug)]
 struct Tool {
     name: String,
-    /// The parameters' JSON schema (`{"type": "object"}` when the request gives none).
+    /// The parameters' JSON schema (`{"type": "object", "properties": {}}`, no arguments,
+    /// when the request gives none).
     parameters: Value,
     /// The schema compiled, to check arguments; `None` when it uses what the grammar does
     /// not support, and then any JSON object is taken.
@@ -300,7 +301,7 @@ impl ToolSet {
                         // drop the tags; llama.cpp waits for `{"name"`, but then a slip like
                         // `{{` is past mending). A JSON reply asked for with
                         // `response_format` is not under this rule.
-                        .or_bare(bare_call_openings());
+                        .or_bare(self.bare_call_openings());
                     // `parallel_tool_calls: false` keeps one call: the answer ends with it.
                     Some(if self.parallel {
                         rule
@@ -316,7 +317,7 @@ impl ToolSet {
             // Llama 3.x writes a call as the whole answer, bare JSON: held from an opening
             // `{`, and the answer ends with the call.
             (false, Format::Llama3) => match self.call_grammar(format) {
-                Ok(grammar) => Some(JsonRule::bare(grammar, bare_call_openings())),
+                Ok(grammar) => Some(JsonRule::bare(grammar, self.bare_call_openings())),
                 Err(e) => {
                     tracing::debug!(error = %e.message, "tool calls read back unconstrained");
                     None
@@ -325,6 +326,21 @@ impl ToolSet {
         };
         self.live = rule.is_some();
         Ok(rule)
+    }
+
+    /// The openings of an untagged call (blanks removed) from which the tools' grammar holds
+    /// under `auto`: a bare `{` (which mends a small model's `{{` slip), Llama's python tag
+    /// and `{`, and an object in a code fence once it names one of the tools (small models
+    /// fence their calls; other fenced JSON, a `package.json`, stays free).
+    fn bare_call_openings(&self) -> Vec<String> {
+        let mut openings = vec!["{".to_owned(), "<|python_tag|>{".to_owned()];
+        for tool in &self.tools {
+            let name = Value::String(tool.name.clone()).to_string();
+            for fence in ["```json", "```"] {
+                openings.push(compact(&format!("{fence}{{\"name\":{name}"), usize::MAX));
+            }
+        }
+        openings
     }
 
     /// Whether the answer's calls are drawn under the grammar, so a stream may send them as
@@ -398,8 +414,7 @@ impl ToolSet {
                 let whole = content.trim();
                 // Only the openings a stream holds back (so nothing sent as text turns out
                 // to have been a call).
-                let opens_bare = BARE_OPENINGS.iter().any(|o| whole.starts_with(o));
-                if opens_bare {
+                if opens_bare(whole) == Some(true) {
                     if let Some((untagged, after)) = self.untagged_calls(whole, format, &mut new_id)
                     {
                         calls = untagged;
@@ -473,7 +488,10 @@ impl ToolSet {
         loop {
             let start = rest.trim_start();
             let (body, fenced) = match start.strip_prefix("```") {
-                Some(b) => (b.strip_prefix("json").unwrap_or(b), true),
+                Some(b) => {
+                    let b = b.trim_start();
+                    (b.strip_prefix("json").unwrap_or(b), true)
+                }
                 None => (start.strip_prefix("<|python_tag|>").unwrap_or(start), false),
             };
             let body = body.trim_start();
@@ -575,14 +593,28 @@ pub(crate) fn read_back(
 const TAG_OPEN: &str = "<tool_call>";
 /// How an answer that is a call without the tags may open: bare JSON, JSON in a code
 /// fence, Llama's python tag. (Other fenced code, a coding agent's daily bread, streams.)
-const BARE_OPENINGS: [&str; 5] = ["{", "```json", "```\n{", "```{", "<|python_tag|>"];
-/// The openings of an untagged call (blanks aside) from which the tools' grammar holds under
-/// `auto`: bare JSON, and a fenced object once its first key is `"name"` (small models
-/// fence their calls; other fenced JSON stays free).
-const BARE_CALL_OPENINGS: [&str; 3] = ["{", "```json{\"name\"", "```{\"name\""];
+/// Matched without blanks ([`compact`]), as the engine matches a rule's bare openings.
+const BARE_OPENINGS: [&str; 4] = ["{", "```json", "```{", "<|python_tag|>"];
 
-fn bare_call_openings() -> Vec<String> {
-    BARE_CALL_OPENINGS.iter().map(|o| (*o).to_owned()).collect()
+/// `text` without ASCII blanks, as far as its first `n` characters.
+fn compact(text: &str, n: usize) -> String {
+    text.chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .take(n)
+        .collect()
+}
+
+/// Whether `text` (blanks aside) opens like an untagged call: `Some(true)`, `Some(false)`,
+/// or `None` while it is too short to tell.
+fn opens_bare(text: &str) -> Option<bool> {
+    let start = compact(text, 16);
+    if BARE_OPENINGS.iter().any(|o| start.starts_with(o)) {
+        Some(true)
+    } else if start.is_empty() || BARE_OPENINGS.iter().any(|o| o.starts_with(&start)) {
+        None
+    } else {
+        Some(false)
+    }
 }
 const TAG_CLOSE: &str = "</tool_call>";
 
@@ -605,7 +637,7 @@ pub(crate) struct StreamGate {
     /// Where the call being written starts in `seen` (after its opening tag).
     call_at: Option<usize>,
     /// Where an answer that opens like an untagged call starts in `seen`, until it is clear
-    /// whether the grammar holds it ([`BARE_CALL_OPENINGS`]).
+    /// whether the grammar holds it ([`ToolSet::bare_call_openings`]).
     opening_at: Option<usize>,
     /// Where to look for the next call's opening, once a call is whole.
     next_from: Option<usize>,
@@ -659,15 +691,17 @@ impl StreamGate {
             return out;
         }
         if let Some(at) = self.opening_at {
-            let compact: String = self.seen[at..]
-                .chars()
-                .filter(|c| !c.is_ascii_whitespace())
-                .collect();
-            if BARE_CALL_OPENINGS.iter().any(|o| compact.starts_with(o)) {
+            // As the engine decides (`JsonTracker`): an opening whole within its first
+            // `MAX_LEAD` bytes.
+            let openings = tools.bare_call_openings();
+            let start = compact(&self.seen[at..], usize::MAX);
+            if self.seen.len() > shoal_engine::MAX_LEAD {
+                self.opening_at = None;
+            } else if openings.iter().any(|o| start.starts_with(o.as_str())) {
                 // The call is the value from its first brace (after a fence, if any).
                 self.call_at = self.seen[at..].find('{').map(|i| at + i);
                 self.opening_at = None;
-            } else if !BARE_CALL_OPENINGS.iter().any(|o| o.starts_with(&compact)) {
+            } else if !openings.iter().any(|o| o.starts_with(&start)) {
                 self.opening_at = None;
             }
         }
@@ -747,20 +781,23 @@ impl StreamGate {
             return String::new();
         }
         if self.sent == 0 {
-            let start = self.seen.trim_start();
             // An answer that opens like a bare call is read whole at the end; one that is
             // still too short to tell waits.
-            if BARE_OPENINGS.iter().any(|o| start.starts_with(o)) {
-                self.closed = true;
-                // A bare call is drawn under the grammar too (`JsonRule::or_bare`), from the
-                // openings `calls` looks for.
-                if self.live {
-                    self.opening_at = Some(self.seen.len() - start.len());
+            match opens_bare(&self.seen) {
+                Some(true) => {
+                    self.closed = true;
+                    // A bare call is drawn under the grammar too (`JsonRule::or_bare`), from
+                    // the openings `calls` looks for.
+                    if self.live {
+                        let start = self
+                            .seen
+                            .trim_start_matches(|c: char| c.is_ascii_whitespace());
+                        self.opening_at = Some(self.seen.len() - start.len());
+                    }
+                    return String::new();
                 }
-                return String::new();
-            }
-            if start.is_empty() || BARE_OPENINGS.iter().any(|o| o.starts_with(start)) {
-                return String::new();
+                None => return String::new(),
+                Some(false) => {}
             }
         }
         let open = self.seen[self.sent..].find(TAG_OPEN).map(|i| self.sent + i);
@@ -1339,10 +1376,34 @@ mod tests {
         let parsed = bare.parse(gate.seen(), Format::Llama3, ids());
         assert_eq!((parsed.calls.len(), parsed.content.as_str()), (1, ""));
         // Other fenced JSON is not a call, and goes out whole at the end.
+        for other in [
+            "```json\n{\"cities\": [",
+            "```json\n{\n  \"name\": \"my-app\",",
+        ] {
+            let mut gate = StreamGate::for_tools(Some((&bare, Format::Llama3)));
+            gate.push(other);
+            assert!(gate.calls(&bare, ids()).is_empty());
+            assert!(gate.opening_at.is_none(), "{other}: no longer looked for");
+        }
+        // Blanks inside the fence, and Llama's python tag where the text keeps it.
+        for opening in [
+            "``` json\n\n{ \"name\" :\"get_weather\"",
+            "<|python_tag|>{\"name\": \"get_weather\"",
+        ] {
+            let mut gate = StreamGate::for_tools(Some((&bare, Format::Llama3)));
+            assert_eq!(gate.push(opening), "");
+            assert_eq!(gate.push(", \"parameters\": {\"city\": \"Oslo\"}}"), "");
+            assert_eq!(gate.calls(&bare, ids()).len(), 2, "{opening}");
+            assert_eq!(
+                bare.parse(gate.seen(), Format::Llama3, ids()).calls.len(),
+                1
+            );
+        }
+        // An opening must be whole within the engine's MAX_LEAD bytes, as there.
         let mut gate = StreamGate::for_tools(Some((&bare, Format::Llama3)));
-        gate.push("```json\n{\"cities\": [");
+        gate.push(&" ".repeat(shoal_engine::MAX_LEAD));
+        gate.push("{\"name\": \"get_weather\", \"parameters\": {}}");
         assert!(gate.calls(&bare, ids()).is_empty());
-        assert!(gate.opening_at.is_none(), "no longer looked for");
     }
 
     #[test]
@@ -1381,7 +1442,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let p = t.parse(
-            "{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\nBye",
+            "{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\nBye",
             Format::Hermes,
             ids(),
         );

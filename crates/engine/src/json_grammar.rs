@@ -14,7 +14,7 @@
 //! ([`JsonConstraint::mask`]). End-of-generation is allowed only once the value is whole.
 //!
 //! Supported schema keywords: `type` (one or several), `properties`, `required`,
-//! `additionalProperties`, `items`, `minItems`, `maxItems`, `minLength`, `maxLength`
+//! `additionalProperties` (absent beside `properties`: none, as in llama.cpp), `items`, `minItems`, `maxItems`, `minLength`, `maxLength`
 //! (characters, an escape counting as one), `enum`, `const`, `anyOf`, `oneOf`, a
 //! one-element `allOf`, and `$ref` into `$defs` / `definitions` (recursion included).
 //! String `pattern` and `format`, and numeric ranges, are not enforced: the text is valid
@@ -350,6 +350,11 @@ impl<'s> Compiler<'s> {
                     }
                 }
                 let additional = match obj.get("additionalProperties") {
+                    // As llama.cpp's schema converter does (so Ollama's `format` and
+                    // llama-server's `json_schema` answer the same): an object that lists its
+                    // properties takes no others unless the schema says so. JSON Schema would
+                    // allow any, and a small model then pads the answer with keys of its own.
+                    None if obj.contains_key("properties") => None,
                     None | Some(Value::Bool(true)) => Some(ANY),
                     Some(Value::Bool(false)) => None,
                     Some(s) => Some(self.compile(s, depth + 1)?),
@@ -1066,6 +1071,25 @@ mod tests {
         // An unknown key is refused at its first byte that no allowed key shares.
         assert_eq!(reach(&g, r#"{"nick": 1}"#), 3);
         assert_eq!(reach(&g, r#"{"name": "A", "ag": 1}"#), 17);
+
+        // Without `additionalProperties`, listed properties are the only ones (llama.cpp's
+        // reading, which Ollama's `format` and llama-server share); `true` or a schema lets
+        // others in, and an object that lists none takes any keys.
+        let listed = json!({"type": "object", "properties": {"name": {"type": "string"}}});
+        assert!(whole(&schema(listed.clone()), r#"{"name": "Ann"}"#));
+        assert!(!whole(
+            &schema(listed.clone()),
+            r#"{"name": "Ann", "age": 3}"#
+        ));
+        let mut open = listed.clone();
+        open["additionalProperties"] = json!(true);
+        assert!(whole(&schema(open), r#"{"name": "Ann", "age": 3}"#));
+        let mut typed = listed;
+        typed["additionalProperties"] = json!({"type": "integer"});
+        assert!(whole(&schema(typed.clone()), r#"{"age": 3}"#));
+        assert!(!whole(&schema(typed), r#"{"age": "3"}"#));
+        let any = json!({"type": "object", "required": ["id"]});
+        assert!(whole(&schema(any), r#"{"id": 1, "more": [true]}"#));
     }
 
     #[test]

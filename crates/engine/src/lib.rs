@@ -44,7 +44,7 @@ pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateParams, Generation, Model, Step, Timings};
 pub use gguf::GgufFile;
 pub use json_grammar::{JsonConstraint, JsonGrammar};
-pub use json_rule::{JsonRule, JsonTracker};
+pub use json_rule::{JsonRule, JsonTracker, MAX_LEAD};
 pub use kv_cache::KvCache;
 pub use logprobs::{token_logprob, TokenLogprob, MAX_TOP_LOGPROBS};
 pub use lookup::Lookup;

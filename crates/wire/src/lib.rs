@@ -16,7 +16,7 @@
 //! | offset | size | field | value |
 //! |---:|---:|---|---|
 //! | 0 | 4 | magic | `b"SHOL"` ([`MAGIC`]) |
-//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 8 (2: `Forward` carries its `plan_id`; 3: the prompt cache's `Forward.resume` and `EndSession.keep`; 4: weights over the LAN, `LoadStage.weights_from`; 5: constrained answers, `SamplingSpec.ignore_eos` and `.json`; 6: whole API requests through the swarm, `Ask.request` and `Answer.response`; speculative decoding through the ring, `Want::Verify` and `Verified`; 7: several sources of weights, `LoadStage.weights_from` a list; 8: constraints that open after a trigger, `JsonAnswer.lead`) |
+//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 9 (2: `Forward` carries its `plan_id`; 3: the prompt cache's `Forward.resume` and `EndSession.keep`; 4: weights over the LAN, `LoadStage.weights_from`; 5: constrained answers, `SamplingSpec.ignore_eos` and `.json`; 6: whole API requests through the swarm, `Ask.request` and `Answer.response`; speculative decoding through the ring, `Want::Verify` and `Verified`; 7: several sources of weights, `LoadStage.weights_from` a list; 8: constraints that open after a trigger, `JsonAnswer.lead`; 9: no new bytes, but a JSON schema's object that lists `properties` without `additionalProperties` takes no other keys, so both ends of a ring must read schemas alike) |
 //! | 6 | 2 | type | `u16`, a [`MessageType`] id (table below) |
 //! | 8 | 4 | length | `u32`, payload bytes that follow, ≤ [`Limits::max_payload`] (default 64 MiB) |
 //! | 12 | length | payload | the message's fields, in the layout its type documents |

@@ -585,12 +585,12 @@ fn ask() -> Ask {
 #[test]
 fn agent_message_frame_bytes() {
     let frame = Message::Describe(Describe).to_frame().unwrap();
-    assert_eq!(frame, [b'S', b'H', b'O', b'L', 8, 0, 0x30, 0, 0, 0, 0, 0]);
+    assert_eq!(frame, [b'S', b'H', b'O', b'L', 9, 0, 0x30, 0, 0, 0, 0, 0]);
 
     let frame = Message::AgentCard(card()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 8, 0, 0x31, 0, 55, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 9, 0, 0x31, 0, 55, 0, 0, 0,
         2, 0, 0, 0, b'a', b'1',                         // node_id
         6, 0, 0, 0, b'c', b'r', b'i', b't', b'i', b'c', // role
         6, 0, 0, 0, b'm', b'.', b'g', b'g', b'u', b'f', // model_id
@@ -607,7 +607,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Ask(ask()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 8, 0, 0x32, 0, 87, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 9, 0, 0x32, 0, 87, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 9, 0, 0, 0, b'B', b'e', b' ', b'b', b'r', b'i', b'e', b'f', b'.', // Some(system)
         1, 0, 0, 0,                                     // one turn
@@ -660,7 +660,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Answer(answer.clone()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 8, 0, 0x33, 0, 27, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 9, 0, 0x33, 0, 27, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 0, 0, 0, b'4',                               // text
         1,                                              // finish: length

@@ -231,7 +231,7 @@ async fn hostile_frames_each_close_their_connection_and_nothing_else() {
 async fn a_newer_peer_is_told_which_versions_this_node_speaks() {
     let server = start().await;
     let mut frame = Message::Ping(Ping { nonce: 0 }).to_frame().unwrap();
-    frame[4..6].copy_from_slice(&9u16.to_le_bytes());
+    frame[4..6].copy_from_slice(&10u16.to_le_bytes());
     frame.truncate(HEADER_LEN);
     let mut s = TcpStream::connect(server.addr).await.unwrap();
     s.write_all(&frame).await.unwrap();
@@ -248,7 +248,7 @@ async fn a_newer_peer_is_told_which_versions_this_node_speaks() {
     assert_eq!(e.code, ErrorCode::UNSUPPORTED_VERSION);
     assert_eq!(
         e.message,
-        "peer speaks wire protocol version 9, this node speaks version(s) 8; \
+        "peer speaks wire protocol version 10, this node speaks version(s) 9; \
          run the same shoal release on every node"
     );
 }
