@@ -75,8 +75,9 @@ struct Tool {
     /// The parameters' JSON schema (`{"type": "object", "properties": {}}`, no arguments,
     /// when the request gives none).
     parameters: Value,
-    /// The schema compiled, to check arguments; `None` when it uses what the grammar does
-    /// not support, and then any JSON object is taken.
+    /// The schema compiled as JSON Schema reads it ([`open_objects`]), to check arguments
+    /// read back; `None` when it uses what the grammar does not support, and then any JSON
+    /// object is taken.
     grammar: Option<JsonGrammar>,
 }
 
@@ -214,7 +215,11 @@ impl ToolSet {
                     ))
                 }
             };
-            let grammar = JsonGrammar::from_schema(&parameters).ok();
+            let grammar = {
+                let mut open = parameters.clone();
+                open_objects(&mut open);
+                JsonGrammar::from_schema(&open).ok()
+            };
             let mut function = function.clone();
             function.insert("parameters".to_owned(), parameters.clone());
             rendered.push(json!({"type": "function", "function": function}));
@@ -259,12 +264,20 @@ impl ToolSet {
             _ => true,
         });
         let alternatives: Vec<Value> = allowed
-            .map(|t| {
+            .enumerate()
+            .map(|(i, t)| {
+                // The tool's own `$ref`s ("#/$defs/…", "#") point into its parameters,
+                // which sit inside this schema at `anyOf/i/properties/KEY`.
+                let mut parameters = t.parameters.clone();
+                rebase_refs(
+                    &mut parameters,
+                    &format!("#/anyOf/{i}/properties/{}", format.arguments_key()),
+                );
                 json!({
                     "type": "object",
                     "properties": {
                         "name": {"const": t.name},
-                        format.arguments_key(): t.parameters,
+                        format.arguments_key(): parameters,
                     },
                     "required": ["name", format.arguments_key()],
                     "additionalProperties": false,
@@ -411,7 +424,8 @@ impl ToolSet {
             content.push_str(rest);
             if calls.is_empty() {
                 // Small models often drop the tags, or fence the call as code.
-                let whole = content.trim();
+                // Blanks as the engine and the stream gate count them (ASCII).
+                let whole = content.trim_matches(|c: char| c.is_ascii_whitespace());
                 // Only the openings a stream holds back (so nothing sent as text turns out
                 // to have been a call).
                 if opens_bare(whole) == Some(true) {
@@ -557,6 +571,58 @@ impl ToolSet {
             name: name.to_owned(),
             arguments,
         })
+    }
+}
+
+/// Points the local `$ref`s of `schema` ("#…") at `base`, the JSON pointer of where
+/// `schema` sits inside the schema compiled.
+fn rebase_refs(schema: &mut Value, base: &str) {
+    match schema {
+        Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                match value {
+                    Value::String(r) if key == "$ref" => {
+                        if let Some(rest) = r.strip_prefix('#') {
+                            *r = format!("{base}{rest}");
+                        }
+                    }
+                    // Literal values are data, not schemas.
+                    _ if key == "const" || key == "enum" || key == "default" => {}
+                    _ => rebase_refs(value, base),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| rebase_refs(v, base)),
+        _ => {}
+    }
+}
+
+/// `schema` read as JSON Schema reads it, for checking calls read back unconstrained: an
+/// object that lists `properties` and says nothing of others takes others too (the grammar
+/// a call is drawn under keeps to the listed ones, as llama.cpp's does).
+fn open_objects(schema: &mut Value) {
+    let Value::Object(map) = schema else {
+        return;
+    };
+    if map.contains_key("properties") && !map.contains_key("additionalProperties") {
+        map.insert("additionalProperties".to_owned(), Value::Bool(true));
+    }
+    for (key, value) in map.iter_mut() {
+        match (key.as_str(), value) {
+            // Maps of names to schemas.
+            ("properties" | "$defs" | "definitions" | "patternProperties", Value::Object(m)) => {
+                m.values_mut().for_each(open_objects);
+            }
+            // Lists of schemas.
+            ("anyOf" | "oneOf" | "allOf" | "prefixItems", Value::Array(items)) => {
+                items.iter_mut().for_each(open_objects);
+            }
+            // One schema.
+            ("items" | "additionalProperties" | "not" | "if" | "then" | "else", v) => {
+                open_objects(v);
+            }
+            _ => {}
+        }
     }
 }
 
@@ -1433,6 +1499,69 @@ mod tests {
             assert_eq!(p.calls[0].arguments, r#"{"city": "Oslo"}"#);
             assert_eq!(p.content.trim(), content.trim(), "{text}");
         }
+    }
+
+    #[test]
+    fn tool_schemas_with_refs_compile_into_the_call_grammar() {
+        // Pydantic's nested models: `$defs` and references into them, and recursion to the
+        // parameters' own root.
+        let tools = [
+            json!({"type": "function", "function": {"name": "move", "parameters": {
+                "type": "object",
+                "properties": {"to": {"$ref": "#/$defs/Point"}, "via": {"type": "array", "items": {"$ref": "#/$defs/Point"}}},
+                "required": ["to"],
+                "$defs": {"Point": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"]}}
+            }}}),
+            json!({"type": "function", "function": {"name": "tree", "parameters": {
+                "type": "object",
+                "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
+                "required": ["v"]
+            }}}),
+        ];
+        let t = ToolSet::from_request(Some(&tools), Some(&json!("required")), None)
+            .unwrap()
+            .unwrap();
+        let g = t
+            .call_grammar(Format::Hermes)
+            .expect("the references resolve");
+        assert!(g.accepts(
+            r#"{"name": "move", "arguments": {"to": {"x": 1, "y": 2}, "via": [{"x": 0, "y": 0}]}}"#
+        ));
+        assert!(!g.accepts(r#"{"name": "move", "arguments": {"to": {"x": "1", "y": 2}}}"#));
+        assert!(
+            g.accepts(r#"{"name": "tree", "arguments": {"v": 1, "kids": [{"v": 2, "kids": []}]}}"#)
+        );
+        assert!(!g.accepts(r#"{"name": "tree", "arguments": {"v": 1, "kids": [{"w": 2}]}}"#));
+    }
+
+    #[test]
+    fn calls_read_back_unconstrained_are_checked_as_json_schema_reads_them() {
+        // A tool whose schema the grammar cannot compile leaves every call unconstrained; a
+        // call with an argument its schema does not list still fits (JSON Schema allows it).
+        let tools = [
+            weather_json(),
+            json!({"type": "function", "function": {"name": "g", "parameters": {"allOf": [{}, {}]}}}),
+        ];
+        let mut t = ToolSet::from_request(Some(&tools), None, None)
+            .unwrap()
+            .unwrap();
+        assert!(
+            t.call_rule(Format::Hermes).unwrap().is_none(),
+            "unconstrained"
+        );
+        let p = t.parse(
+            r#"<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}</tool_call>"#,
+            Format::Hermes,
+            ids(),
+        );
+        assert_eq!(p.calls.len(), 1);
+        // Still checked: a wrong type is not a call.
+        let p = t.parse(
+            r#"<tool_call>{"name": "get_weather", "arguments": {"city": 3}}</tool_call>"#,
+            Format::Hermes,
+            ids(),
+        );
+        assert!(p.calls.is_empty());
     }
 
     #[test]

@@ -255,7 +255,9 @@ impl<'s> Compiler<'s> {
                 return self.push(Node::OneOf(alts));
             }
         }
-        if let Some(list) = obj.get("allOf") {
+        // Beside `properties`, an `allOf` is not read (llama.cpp's order: the listed
+        // properties make the object).
+        if let (Some(list), false) = (obj.get("allOf"), obj.contains_key("properties")) {
             return match list {
                 Value::Array(list) if list.len() == 1 => self.compile(&list[0], depth + 1),
                 _ => Err(unsupported(
@@ -403,7 +405,13 @@ impl<'s> Compiler<'s> {
         } else {
             path.strip_prefix("#/").and_then(|p| {
                 p.split('/').try_fold(self.root, |v, part| {
-                    v.get(part.replace("~1", "/").replace("~0", "~"))
+                    let part = part.replace("~1", "/").replace("~0", "~");
+                    match v {
+                        Value::Array(items) => {
+                            part.parse::<usize>().ok().and_then(|i| items.get(i))
+                        }
+                        _ => v.get(part),
+                    }
                 })
             })
         };
@@ -1112,6 +1120,19 @@ mod tests {
         ));
         assert!(!whole(&g, r#""lea""#));
         assert!(!whole(&g, r#"{"v": 1, "kids": [{"w": 2}]}"#));
+
+        // A reference may step through arrays by index (a tool's parameters inside the call
+        // grammar's `anyOf`).
+        let g = schema(json!({"anyOf": [{"type": "object", "properties": {
+            "a": {"$ref": "#/anyOf/0/$defs/n"}}, "$defs": {"n": {"type": "integer"}}}]}));
+        assert!(whole(&g, r#"{"a": 3}"#));
+        assert!(!whole(&g, r#"{"a": "3"}"#));
+        // `properties` beside an `allOf` make the object (llama.cpp's order).
+        let g = schema(
+            json!({"type": "object", "properties": {"id": {"type": "integer"}},
+            "required": ["id"], "allOf": [{"properties": {"name": {"type": "string"}}}]}),
+        );
+        assert!(whole(&g, r#"{"id": 1}"#));
     }
 
     #[test]
