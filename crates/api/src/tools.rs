@@ -15,9 +15,11 @@
 //! around calls stays free); `"required"` or a named function forces a call: its opening is
 //! put at the start of the assistant's turn and the grammar holds from the first token (and
 //! from each further opening, with parallel calls; the answer ends at the first text that
-//! is not a call). Llama 3.x's calls have no tag: under `auto` the grammar holds when the
-//! answer opens with `{`, and the answer is that one call. Because such calls cannot go wrong, a stream sends them as they are
-//! written: the name as soon as it is whole, then the arguments in fragments.
+//! is not a call). An answer may also open with an untagged call — bare, fenced, after
+//! Llama's python tag ([`ToolSet::bare_call_openings`]) — and is held from there; Llama
+//! 3.x's calls have no tag at all, and such an answer is that one call. Because such calls
+//! cannot go wrong, a stream sends them as they are written: the name as soon as it is
+//! whole, then the arguments in fragments.
 
 use serde_json::{json, Map, Value};
 use shoal_engine::{JsonGrammar, JsonRule, PromptFormat};

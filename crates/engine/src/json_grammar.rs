@@ -14,9 +14,11 @@
 //! ([`JsonConstraint::mask`]). End-of-generation is allowed only once the value is whole.
 //!
 //! Supported schema keywords: `type` (one or several), `properties`, `required`,
-//! `additionalProperties` (absent beside `properties`: none, as in llama.cpp), `items`, `minItems`, `maxItems`, `minLength`, `maxLength`
-//! (characters, an escape counting as one), `enum`, `const`, `anyOf`, `oneOf`, a
-//! one-element `allOf`, and `$ref` into `$defs` / `definitions` (recursion included).
+//! `additionalProperties` (absent beside `properties`: no other keys, as llama.cpp reads
+//! it), `items`, `minItems`, `maxItems`, `minLength`, `maxLength` (characters, an escape
+//! counting as one), `enum`, `const`, `anyOf`, `oneOf`, a one-element `allOf` (not read
+//! beside `properties`, as in llama.cpp), and `$ref` (any JSON pointer into the schema,
+//! array indices included; recursion too).
 //! String `pattern` and `format`, and numeric ranges, are not enforced: the text is valid
 //! JSON of the right type there, not more.
 
@@ -356,7 +358,12 @@ impl<'s> Compiler<'s> {
                     // llama-server's `json_schema` answer the same): an object that lists its
                     // properties takes no others unless the schema says so. JSON Schema would
                     // allow any, and a small model then pads the answer with keys of its own.
-                    None if obj.contains_key("properties") => None,
+                    // (`patternProperties`, which is not enforced, keeps others allowed.)
+                    None if obj.contains_key("properties")
+                        && !obj.contains_key("patternProperties") =>
+                    {
+                        None
+                    }
                     None | Some(Value::Bool(true)) => Some(ANY),
                     Some(Value::Bool(false)) => None,
                     Some(s) => Some(self.compile(s, depth + 1)?),
@@ -1096,6 +1103,9 @@ mod tests {
         typed["additionalProperties"] = json!({"type": "integer"});
         assert!(whole(&schema(typed.clone()), r#"{"age": 3}"#));
         assert!(!whole(&schema(typed), r#"{"age": "3"}"#));
+        let patterned = json!({"type": "object", "properties": {"name": {"type": "string"}},
+            "patternProperties": {"^x-": {"type": "string"}}});
+        assert!(whole(&schema(patterned), r#"{"name": "Ann", "x-id": "7"}"#));
         let any = json!({"type": "object", "required": ["id"]});
         assert!(whole(&schema(any), r#"{"id": 1, "more": [true]}"#));
     }
