@@ -471,28 +471,11 @@ impl ToolSet {
         Some((as_written(call, text.get(..end)?, format), end))
     }
 
-    /// Call objects written one after another at the start of `text` with nothing but
-    /// blanks between them (small models make several calls that way, one per line,
-    /// without tags), and the text after them; `None` unless `text` starts with a call.
-    fn bare_calls<'t>(
-        &self,
-        text: &'t str,
-        format: Format,
-        new_id: &mut impl FnMut() -> String,
-    ) -> Option<(Vec<Call>, &'t str)> {
-        let mut calls = Vec::new();
-        let mut rest = text;
-        while let Some((call, end)) = self.first_call(rest, format, new_id) {
-            calls.push(call);
-            rest = rest.get(end..).unwrap_or_default();
-        }
-        (!calls.is_empty()).then_some((calls, rest))
-    }
-
-    /// Untagged calls at the start of `text`: bare, after Llama's python tag, or in code
-    /// fences (whose closing fence may be missing: a call under the grammar can end the
-    /// answer where its object closes), and the text after them; `None` unless `text`
-    /// starts with a call.
+    /// Untagged calls at the start of `text`, with nothing but blanks between them (small
+    /// models make several calls that way, one per line): bare, after Llama's python tag,
+    /// or in code fences, one or several to a fence (whose closing fence may be missing: a
+    /// call under the grammar can end the answer where its object closes); and the text
+    /// after them. `None` unless `text` starts with a call.
     fn untagged_calls<'t>(
         &self,
         text: &'t str,
@@ -501,27 +484,31 @@ impl ToolSet {
     ) -> Option<(Vec<Call>, &'t str)> {
         let mut calls = Vec::new();
         let mut rest = text;
+        let mut in_fence = false;
         loop {
             let start = rest.trim_start();
-            let (body, fenced) = match start.strip_prefix("```") {
-                Some(b) => {
-                    let b = b.trim_start();
-                    (b.strip_prefix("json").unwrap_or(b), true)
+            let body = match start.strip_prefix("```") {
+                Some(closed) if in_fence => {
+                    rest = closed;
+                    in_fence = false;
+                    continue;
                 }
-                None => (start.strip_prefix("<|python_tag|>").unwrap_or(start), false),
+                Some(opened) => {
+                    in_fence = true;
+                    let b = opened.trim_start();
+                    b.strip_prefix("json").unwrap_or(b)
+                }
+                None => start.strip_prefix("<|python_tag|>").unwrap_or(start),
             };
             let body = body.trim_start();
             if !body.starts_with('{') {
                 break;
             }
-            let Some((more, after)) = self.bare_calls(body, format, new_id) else {
+            let Some((call, end)) = self.first_call(body, format, new_id) else {
                 break;
             };
-            calls.extend(more);
-            rest = match after.trim_start().strip_prefix("```") {
-                Some(closed) if fenced => closed,
-                _ => after,
-            };
+            calls.push(call);
+            rest = body.get(end..).unwrap_or_default();
         }
         (!calls.is_empty()).then_some((calls, rest))
     }
@@ -705,8 +692,10 @@ pub(crate) struct StreamGate {
     /// Where the call being written starts in `seen` (after its opening tag).
     call_at: Option<usize>,
     /// Where an answer that opens like an untagged call starts in `seen`, until it is clear
-    /// whether the grammar holds it ([`ToolSet::bare_call_openings`]).
+    /// whether the grammar holds it (from one of `openings`).
     opening_at: Option<usize>,
+    /// The openings of an untagged call that the grammar holds ([`ToolSet::bare_call_openings`]).
+    openings: Vec<String>,
     /// Where to look for the next call's opening, once a call is whole.
     next_from: Option<usize>,
     /// The calls sent so far.
@@ -740,6 +729,9 @@ impl StreamGate {
         Self {
             live,
             arguments_key: tools.map_or("", |(_, f)| f.arguments_key()),
+            openings: tools
+                .filter(|_| live)
+                .map_or_else(Vec::new, |(t, _)| t.bare_call_openings()),
             // A forced answer is all calls: no content goes out as it comes.
             closed: forced,
             call_at: (live && forced).then_some(0),
@@ -761,15 +753,14 @@ impl StreamGate {
         if let Some(at) = self.opening_at {
             // As the engine decides (`JsonTracker`): an opening whole within its first
             // `MAX_LEAD` bytes.
-            let openings = tools.bare_call_openings();
             let start = compact(&self.seen[at..], usize::MAX);
             if self.seen.len() > shoal_engine::MAX_LEAD {
                 self.opening_at = None;
-            } else if openings.iter().any(|o| start.starts_with(o.as_str())) {
+            } else if self.openings.iter().any(|o| start.starts_with(o.as_str())) {
                 // The call is the value from its first brace (after a fence, if any).
                 self.call_at = self.seen[at..].find('{').map(|i| at + i);
                 self.opening_at = None;
-            } else if !openings.iter().any(|o| o.starts_with(&start)) {
+            } else if !self.openings.iter().any(|o| o.starts_with(&start)) {
                 self.opening_at = None;
             }
         }
@@ -1254,6 +1245,24 @@ mod tests {
         assert!(ToolSet::from_request(Some(&nameless), None, None).is_err());
     }
 
+    /// `pieces` of an answer under `tools` through a gate, as a stream sends them: the gate,
+    /// the content it let out, and the calls' pieces.
+    fn stream(
+        tools: &ToolSet,
+        format: Format,
+        pieces: &[&str],
+    ) -> (StreamGate, String, Vec<CallDelta>) {
+        let mut gate = StreamGate::for_tools(Some((tools, format)));
+        let mut new_id = ids();
+        let mut content = String::new();
+        let mut deltas = Vec::new();
+        for piece in pieces {
+            content.push_str(&gate.push(piece));
+            deltas.extend(gate.calls(tools, &mut new_id));
+        }
+        (gate, content, deltas)
+    }
+
     #[test]
     fn the_stream_gate_holds_back_calls() {
         let t = weather();
@@ -1334,7 +1343,6 @@ mod tests {
         let mut t = weather();
         assert!(t.call_rule(Format::Hermes).unwrap().is_some());
         assert!(t.live());
-        let mut gate = StreamGate::for_tools(Some((&t, Format::Hermes)));
         let pieces = [
             "Checking. <tool_call>",
             "\n{\"name\": \"get_wea",
@@ -1342,12 +1350,7 @@ mod tests {
             "ty\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"arguments\": {\"city\": \"Rome\"},",
             " \"name\": \"get_weather\"}\n</tool_call>",
         ];
-        let mut content = String::new();
-        let mut deltas = Vec::new();
-        for p in pieces {
-            content.push_str(&gate.push(p));
-            deltas.extend(gate.calls(&t, ids()));
-        }
+        let (gate, content, deltas) = stream(&t, Format::Hermes, &pieces);
         assert_eq!(content, "Checking. ");
         // The first call opens once its name is whole, before its arguments are.
         assert_eq!(
@@ -1377,12 +1380,7 @@ mod tests {
             .unwrap()
             .unwrap();
         live.call_rule(Format::Hermes).unwrap();
-        let mut gate = StreamGate::for_tools(Some((&live, Format::Hermes)));
-        let mut sent = Vec::new();
-        for p in pieces {
-            gate.push(p);
-            sent.extend(gate.calls(&live, ids()));
-        }
+        let (gate, _, sent) = stream(&live, Format::Hermes, &pieces);
         assert_eq!(gate.sent_calls(), 1, "{sent:?}");
 
         // A forced answer is a call from its first token; a name that is no tool's is not
@@ -1405,16 +1403,13 @@ mod tests {
         let mut bare = weather();
         assert!(bare.call_rule(Format::Llama3).unwrap().is_some());
         assert!(bare.live());
-        let mut gate = StreamGate::for_tools(Some((&bare, Format::Llama3)));
-        let mut deltas = Vec::new();
-        for p in [
+        let pieces = [
             "{\"name\": \"get_weather\", \"para",
             "meters\": {\"city",
             "\": \"Oslo\"}}",
-        ] {
-            assert_eq!(gate.push(p), "");
-            deltas.extend(gate.calls(&bare, ids()));
-        }
+        ];
+        let (_, content, deltas) = stream(&bare, Format::Llama3, &pieces);
+        assert_eq!(content, "");
         assert_eq!(
             deltas[0].opening,
             Some(("call_1".into(), "get_weather".into()))
@@ -1428,17 +1423,14 @@ mod tests {
 
         // A fenced call (small models fence them) is held from its `"name"` on: live too,
         // and read back without its closing fence (the grammar ended the answer there).
-        let mut gate = StreamGate::for_tools(Some((&bare, Format::Llama3)));
-        let mut deltas = Vec::new();
-        for p in [
+        let pieces = [
             "```",
             "json\n{\n  \"na",
             "me\": \"get_weather\", \"parameters\": {\"city",
             "\": \"Oslo\"}}",
-        ] {
-            assert_eq!(gate.push(p), "");
-            deltas.extend(gate.calls(&bare, ids()));
-        }
+        ];
+        let (gate, content, deltas) = stream(&bare, Format::Llama3, &pieces);
+        assert_eq!(content, "");
         let args: String = deltas.iter().map(|d| d.arguments.as_str()).collect();
         assert_eq!(args, r#"{"city": "Oslo"}"#);
         let parsed = bare.parse(gate.seen(), Format::Llama3, ids());
@@ -1495,6 +1487,26 @@ mod tests {
             ),
             (format!("```json\n{call}\n```\nDone."), "\nDone.", 1),
             (format!("```json\n{call}\n```\n```json\n{call}"), "", 2),
+            // Several calls in one fence, closed or not, and text after them.
+            (format!("```json\n{call}\n{call}\n```\nDone."), "\nDone.", 2),
+            (format!("```\n{call}\n{call}\nDone."), "\nDone.", 2),
+            // The python tag inside a fence, and a fence after it.
+            (
+                format!("```json\n{call}\n<|python_tag|>{call}\n```\n```json\n{call}\n```"),
+                "",
+                3,
+            ),
+            // A fence or tag with no call in it ends the calls, and is content.
+            (
+                format!("{call}\n```python\nprint(1)\n```"),
+                "```python\nprint(1)\n```",
+                1,
+            ),
+            (
+                format!("{call}\n<|python_tag|>print(1)"),
+                "<|python_tag|>print(1)",
+                1,
+            ),
         ] {
             let p = t.parse(&text, Format::Hermes, ids());
             assert_eq!(p.calls.len(), n, "{text}");

@@ -71,6 +71,7 @@ impl PeerService for InstantAgent {
             node_id: format!("instant-{}", self.role),
             software_version: env!("CARGO_PKG_VERSION").to_owned(),
             capabilities: Capabilities::AGENT,
+            idle_timeout: None,
         })
     }
 

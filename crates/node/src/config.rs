@@ -74,13 +74,14 @@ pub struct NodeConfig {
     pub chat_template: Option<String>,
     /// How embeddings are pooled, instead of as the model file says (`--pooling`).
     pub pooling: Option<Pooling>,
-    /// A peer connection silent this long is closed ([`Transport::idle_timeout`]); every
-    /// node of a cluster must use the same value.
+    /// A peer connection silent this long is closed ([`Transport::idle_timeout`]). Nodes
+    /// announce it when they answer a dial, and diallers keep their links alive by it, so
+    /// the nodes of a cluster may differ.
     pub peer_idle_timeout: Duration,
 }
 
-/// The shortest [`NodeConfig::peer_idle_timeout`]: heads ping their links every quarter of
-/// it, which must stay well above a round trip.
+/// The shortest [`NodeConfig::peer_idle_timeout`]: diallers ping their links every quarter
+/// of it, which must stay well above a round trip.
 pub(crate) const MIN_PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How a head picks the model for the room (`--model auto`): the largest known model the

@@ -203,6 +203,7 @@ impl PeerService for DeadPort {
             node_id: self.node_id.clone(),
             software_version: env!("CARGO_PKG_VERSION").to_owned(),
             capabilities: Capabilities::NONE,
+            idle_timeout: None,
         })
     }
 

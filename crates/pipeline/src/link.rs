@@ -51,12 +51,16 @@ pub(crate) struct Link {
     /// When a frame was last written: the peer closes a connection silent for its idle
     /// timeout, so a link unused for long is dialled afresh or kept alive.
     written_at: Instant,
+    /// How long the link may stay unused before its peer may close it
+    /// ([`Transport::link_idle_timeout`]).
+    idle_timeout: Duration,
 }
 
 impl Link {
     pub(crate) fn new(
         conn: Connection,
         addr: SocketAddr,
+        idle_timeout: Duration,
         on_message: impl Fn(Message) + Send + 'static,
         on_close: impl FnOnce() + Send + 'static,
     ) -> Self {
@@ -82,7 +86,20 @@ impl Link {
             drain,
             closed,
             written_at: Instant::now(),
+            idle_timeout,
         }
+    }
+
+    /// How often a dialler that holds the link open pings it: a quarter of the link's idle
+    /// timeout, so a ping or two may be late without the peer closing it.
+    pub(crate) fn keepalive_interval(&self) -> Duration {
+        self.idle_timeout / 4
+    }
+
+    /// A link unused for this long (half its idle timeout) may be closed by its peer soon,
+    /// perhaps while a frame is on its way: a dialler dials afresh instead of writing on it.
+    pub(crate) fn redial_after(&self) -> Duration {
+        self.idle_timeout / 2
     }
 
     /// How long since a frame was last written on the link (or since it was dialled).
@@ -127,8 +144,8 @@ impl Drop for Link {
     }
 }
 
-/// Links by address, dialled on first use, dialled afresh when unused for the transport's
-/// [`Transport::redial_after`] (before the peer closes it as idle), and re-dialled once
+/// Links by address, dialled on first use, dialled afresh when unused for their
+/// [`Link::redial_after`] (before the peer closes it as idle), and re-dialled once
 /// when a write fails (the peer restarted).
 ///
 /// Each address has its own slot: the map is locked only to find the slot, and the slot is
@@ -161,10 +178,9 @@ impl LinkPool {
         let mut link = slot.lock().await;
         // A link the peer closed may still take a write into the void, and one unused for
         // long may be closed by the peer while this frame is on its way: dial afresh.
-        let redial_after = self.transport.redial_after();
         if link
             .as_ref()
-            .is_some_and(|l| l.is_closed() || l.unused_for() >= redial_after)
+            .is_some_and(|l| l.is_closed() || l.unused_for() >= l.redial_after())
         {
             *link = None;
         }
@@ -173,11 +189,13 @@ impl LinkPool {
             let l = match link.as_mut() {
                 Some(l) => l,
                 None => {
-                    let conn =
-                        dial(addr, &self.node_id, self.capabilities, &self.transport).await?;
+                    let (conn, ack) =
+                        dial_with_ack(addr, &self.node_id, self.capabilities, &self.transport)
+                            .await?;
                     let l = link.insert(Link::new(
                         conn,
                         addr,
+                        self.transport.link_idle_timeout(&ack),
                         move |m| {
                             if let Message::Error(e) = m {
                                 tracing::warn!(peer = %addr, error = %e.message, "peer reported an error");
@@ -221,7 +239,7 @@ impl LinkPool {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use shoal_wire::{Forward, Limits, Payload, Want};
+    use shoal_wire::{Forward, Limits, Payload, Want, IDLE_TIMEOUT};
     use tokio::net::{TcpListener, TcpStream};
 
     #[tokio::test(start_paused = true)]
@@ -232,7 +250,7 @@ mod tests {
         // The peer never reads: the socket buffers fill, then a write waits.
         let _peer = accepted.unwrap().0;
         let conn = Connection::new(client.unwrap(), Limits::default()).unwrap();
-        let mut link = Link::new(conn, addr, |_| {}, || {});
+        let mut link = Link::new(conn, addr, IDLE_TIMEOUT, |_| {}, || {});
         let n = 4096;
         let msg = Message::Forward(Forward {
             session_id: 1,
@@ -257,10 +275,13 @@ mod tests {
         assert!(link.is_closed(), "a link with half a frame on it is closed");
     }
 
-    /// A link unused for the transport's `redial_after` is dialled afresh before the next
-    /// frame (its peer may be closing it as idle just then); a link in use is kept.
+    /// A link unused for half its peer's idle timeout is dialled afresh before the next
+    /// frame (its peer may be closing it as idle just then); a link in use is kept. The
+    /// peer's timeout, announced in its `HelloAck`, counts where it is shorter than this
+    /// node's own.
     #[tokio::test(start_paused = true)]
     async fn a_link_unused_for_long_is_dialled_afresh() {
+        let peers_idle = Duration::from_secs(20);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
@@ -274,6 +295,7 @@ mod tests {
                         node_id: format!("peer-of-{}", h.node_id),
                         software_version: "test".into(),
                         capabilities: Capabilities::STAGE,
+                        idle_timeout: Some(peers_idle),
                     })
                 })
                 .await
@@ -283,13 +305,15 @@ mod tests {
             }
         });
         let transport = Transport::default();
+        assert!(transport.idle_timeout > peers_idle);
+        let redial_after = peers_idle / 2;
         let pool = LinkPool::new("stage".into(), Capabilities::STAGE, transport.clone());
         let ping = Message::Ping(shoal_wire::Ping { nonce: 1 });
         pool.send(addr, &ping).await.unwrap();
         assert_eq!(accepted.try_recv(), Ok(()));
         // Used often enough: the same link.
         for _ in 0..4 {
-            tokio::time::sleep(transport.redial_after() / 2).await;
+            tokio::time::sleep(redial_after / 2).await;
             pool.send(addr, &ping).await.unwrap();
         }
         assert!(
@@ -297,7 +321,7 @@ mod tests {
             "a link in use was dialled again"
         );
         // Unused for long: a new one.
-        tokio::time::sleep(transport.redial_after()).await;
+        tokio::time::sleep(redial_after).await;
         pool.send(addr, &ping).await.unwrap();
         assert_eq!(
             accepted.try_recv(),

@@ -399,6 +399,7 @@ impl StageServer {
             node_id: self.inner.config.node_id.clone(),
             software_version: env!("CARGO_PKG_VERSION").to_owned(),
             capabilities,
+            idle_timeout: None,
         }
     }
 

@@ -586,6 +586,7 @@ async fn a_bad_forward_in_a_batch_fails_only_its_session() {
             node_id: "head".into(),
             software_version: "test".into(),
             capabilities: Capabilities::HEAD,
+            idle_timeout: None,
         })
     })
     .await
@@ -826,6 +827,7 @@ async fn a_failing_forward_is_reported_to_the_head() {
             node_id: "head".into(),
             software_version: "test".into(),
             capabilities: Capabilities::HEAD,
+            idle_timeout: None,
         })
     })
     .await
@@ -1386,6 +1388,7 @@ async fn accept_replies(replies: &TcpListener) -> Connection {
             node_id: "head".into(),
             software_version: "test".into(),
             capabilities: Capabilities::HEAD,
+            idle_timeout: None,
         })
     })
     .await
@@ -1749,28 +1752,32 @@ async fn silent_connections_do_not_stop_a_ring() {
 /// Issue #14: peer ports close connections silent for their idle timeout (so connections
 /// whose other end vanished without a word free their slots), yet a ring idle between
 /// requests keeps working without a re-plan: the head pings its links, and a stage dials its
-/// next stage afresh rather than write on a link the peer is about to close.
+/// next stage afresh rather than write on a link the peer is about to close. Nodes may be set
+/// differently: each stage announces its idle timeout, and the head (at the default, 100
+/// times longer) keeps its links by the stages' figures (the link pools' side of it:
+/// `link::tests::a_link_unused_for_long_is_dialled_afresh`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ring_idle_past_the_idle_timeout_answers_without_a_replan() {
     let reference_tokens = single_process(&SamplingParams::greedy());
-    let transport = Transport {
-        idle_timeout: Duration::from_millis(1200),
+    let stage_transport = |millis| Transport {
+        idle_timeout: Duration::from_millis(millis),
         ..Transport::default()
     };
     let mut servers = Vec::new();
     let mut peers = Vec::new();
-    for layers in [10..20, 20..30] {
+    for (layers, idle_ms) in [(10..20, 1600), (20..30, 1200)] {
         let mut config = StageServerConfig::new(models_dir());
-        config.transport = transport.clone();
+        config.transport = stage_transport(idle_ms);
         let (server, addr) = serve(config).await;
         servers.push(server);
         peers.push(PeerStage { addr, layers });
     }
-    let mut config = PipelineConfig::new(model_path(), 0..10, peers.clone());
-    config.transport = transport.clone();
+    let config = PipelineConfig::new(model_path(), 0..10, peers.clone());
+    assert!(config.transport.idle_timeout >= Duration::from_secs(100));
     let pipeline = Pipeline::connect(config).await.unwrap();
     // A member that connects and says nothing more loses its connection.
-    let (mut silent, _) = transport
+    let transport = stage_transport(1200);
+    let (mut silent, ack) = transport
         .dial(
             peers[1].addr,
             Hello {
@@ -1781,6 +1788,7 @@ async fn a_ring_idle_past_the_idle_timeout_answers_without_a_replan() {
         )
         .await
         .unwrap();
+    assert_eq!(ack.idle_timeout, Some(Duration::from_millis(1200)));
     for round in 0..2 {
         let out = pipeline
             .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
@@ -1788,7 +1796,7 @@ async fn a_ring_idle_past_the_idle_timeout_answers_without_a_replan() {
             .unwrap();
         assert_eq!(out, reference_tokens, "round {round}");
         all_sessions_ended(&servers).await;
-        // Idle for more than three idle timeouts.
+        // Idle for more than two of either stage's idle timeouts.
         tokio::time::sleep(Duration::from_secs(4)).await;
     }
     assert_eq!(pipeline.replans(), 0, "the idle ring lost a link");
@@ -1806,6 +1814,66 @@ async fn a_ring_idle_past_the_idle_timeout_answers_without_a_replan() {
         closed.is_ok(),
         "a silent connection was kept past the idle timeout"
     );
+}
+
+/// A TCP relay to `target` that holds back everything `target` sends until `until`: a
+/// stage slow to answer its `LoadStage` (its weights on their way, a slow disk).
+async fn slow_to_answer(target: SocketAddr, until: tokio::time::Instant) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let outbound = TcpStream::connect(target).await.unwrap();
+            tokio::spawn(async move {
+                let (mut from_dialler, mut to_dialler) = inbound.into_split();
+                let (mut from_target, mut to_target) = outbound.into_split();
+                let up = tokio::io::copy(&mut from_dialler, &mut to_target);
+                let down = async {
+                    tokio::time::sleep_until(until).await;
+                    tokio::io::copy(&mut from_target, &mut to_dialler).await
+                };
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    addr
+}
+
+/// Issue #14: while a later stage of a ring takes long to load, the links to those loaded
+/// before it are kept alive: here the second stage answers 3 s late (inside the head's
+/// handshake deadline), and the first closes connections silent for 1.2 s. Without the
+/// pings the head found its first link closed at the first request and re-planned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_loaded_first_is_kept_while_the_next_loads() {
+    let reference_tokens = single_process(&SamplingParams::greedy());
+    let mut first = StageServerConfig::new(models_dir());
+    first.transport = Transport {
+        idle_timeout: Duration::from_millis(1200),
+        ..Transport::default()
+    };
+    let (first, first_addr) = serve(first).await;
+    let (second, second_addr) = serve(StageServerConfig::new(models_dir())).await;
+    let late = tokio::time::Instant::now() + Duration::from_secs(3);
+    let peers = vec![
+        PeerStage {
+            addr: first_addr,
+            layers: 10..20,
+        },
+        PeerStage {
+            addr: slow_to_answer(second_addr, late).await,
+            layers: 20..30,
+        },
+    ];
+    let config = PipelineConfig::new(model_path(), 0..10, peers);
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    assert!(tokio::time::Instant::now() >= late);
+    let out = pipeline
+        .generate(&prompt(), &SamplingParams::greedy(), MAX_TOKENS)
+        .await
+        .unwrap();
+    assert_eq!(out, reference_tokens);
+    assert_eq!(pipeline.replans(), 0, "the first stage's link was lost");
+    all_sessions_ended(&[first, second]).await;
 }
 
 /// Issue #17: guessing by prompt lookup, as a pipeline's head does with `--lookup`.

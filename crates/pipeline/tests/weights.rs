@@ -228,6 +228,7 @@ impl PeerService for FakeHolder {
             node_id: "fake-holder".into(),
             software_version: "test".into(),
             capabilities: Capabilities::HEAD,
+            idle_timeout: None,
         })
     }
 

@@ -13,7 +13,7 @@
 //! peers = ["192.168.1.20:7070", "192.168.1.21:7070"]   # found by mDNS anyway, where it passes
 //! # mdns = "off"
 //! # dead_after_s = 6                # heartbeat_interval_s = 1, suspect_after_s = 3
-//! # peer_idle_timeout_s = 120       # silent peer connections close; the same on every node
+//! # peer_idle_timeout_s = 120       # silent peer connections close (announced to diallers)
 //! # split = "0-7,8-15,16-23"      # pipeline mode; without it the peers form a swarm
 //! # plan_memory_gib = 2            # memory offered to pipeline plans; auto_min_speed = 4
 //! # cache_ram = 1024               # MiB of prompt cache (0: off)

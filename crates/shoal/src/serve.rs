@@ -61,8 +61,9 @@ pub(crate) struct ServeArgs {
     /// (with a peer port beyond loopback).
     #[arg(long, value_enum, default_value_t = Switch::On)]
     pub(crate) mdns: Switch,
-    /// Seconds a peer connection may stay silent before it is closed (heads ping the links
-    /// they hold every quarter of it). Every node of a cluster must use the same value.
+    /// Seconds a peer connection may stay silent before it is closed. Announced to whoever
+    /// dials this node, who keeps the link by the shorter of it and its own (heads ping
+    /// their links every quarter of it), so nodes of one cluster may use different values.
     #[arg(long, default_value_t = shoal_wire::IDLE_TIMEOUT.as_secs_f64())]
     pub(crate) peer_idle_timeout_s: f64,
     /// Seconds between heartbeats to every member.

@@ -532,6 +532,7 @@ async fn client_errors_say_what_to_check() {
                 node_id: "stage-1".into(),
                 software_version: "0.1.0".into(),
                 capabilities: Capabilities::STAGE,
+                idle_timeout: None,
             })
         })
         .await

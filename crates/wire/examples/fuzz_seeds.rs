@@ -30,6 +30,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             node_id: "node-b".into(),
             software_version: "0.1.0".into(),
             capabilities: Capabilities::STAGE,
+            idle_timeout: Some(std::time::Duration::from_secs(120)),
         }),
         Message::Error(ErrorMessage::new(
             ErrorCode::UNKNOWN_SESSION,

@@ -89,6 +89,7 @@ mod tests {
             node_id: format!("ack-{}", h.node_id),
             software_version: "0.1.0".into(),
             capabilities: Capabilities::HEAD,
+            idle_timeout: None,
         }
     }
 

@@ -16,7 +16,7 @@
 //! | offset | size | field | value |
 //! |---:|---:|---|---|
 //! | 0 | 4 | magic | `b"SHOL"` ([`MAGIC`]) |
-//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 9 (2: `Forward` carries its `plan_id`; 3: the prompt cache's `Forward.resume` and `EndSession.keep`; 4: weights over the LAN, `LoadStage.weights_from`; 5: constrained answers, `SamplingSpec.ignore_eos` and `.json`; 6: whole API requests through the swarm, `Ask.request` and `Answer.response`; speculative decoding through the ring, `Want::Verify` and `Verified`; 7: several sources of weights, `LoadStage.weights_from` a list; 8: constraints that open after a trigger, `JsonAnswer.lead`; 9: no new bytes, but a JSON schema's object that lists `properties` without `additionalProperties` takes no other keys, so both ends of a ring must read schemas alike) |
+//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 10 (2: `Forward` carries its `plan_id`; 3: the prompt cache's `Forward.resume` and `EndSession.keep`; 4: weights over the LAN, `LoadStage.weights_from`; 5: constrained answers, `SamplingSpec.ignore_eos` and `.json`; 6: whole API requests through the swarm, `Ask.request` and `Answer.response`; speculative decoding through the ring, `Want::Verify` and `Verified`; 7: several sources of weights, `LoadStage.weights_from` a list; 8: constraints that open after a trigger, `JsonAnswer.lead`; 9: no new bytes, but a JSON schema's object that lists `properties` without `additionalProperties` takes no other keys, so both ends of a ring must read schemas alike; 10: `HelloAck.idle_timeout`, so a dialler keeps a link alive by its peer's idle timeout) |
 //! | 6 | 2 | type | `u16`, a [`MessageType`] id (table below) |
 //! | 8 | 4 | length | `u32`, payload bytes that follow, ≤ [`Limits::max_payload`] (default 64 MiB) |
 //! | 12 | length | payload | the message's fields, in the layout its type documents |
@@ -34,7 +34,7 @@
 //! | id | message | direction | purpose |
 //! |---|---|---|---|
 //! | `0x0001` | [`Hello`] | dialler → acceptor | who is calling (node id, release, [`Capabilities`]) |
-//! | `0x0002` | [`HelloAck`] | acceptor → dialler | who answered |
+//! | `0x0002` | [`HelloAck`] | acceptor → dialler | who answered, and how long it lets a silent connection live (protocol 10) |
 //! | `0x0003` | [`ErrorMessage`] | any | a failure with an [`ErrorCode`], optionally for one session |
 //! | `0x0004` | [`Ping`] | any | round-trip probe (`nonce`) |
 //! | `0x0005` | [`Pong`] | any | answer with the same `nonce` |
@@ -109,7 +109,10 @@ pub use message::{
 };
 pub use secure::PeerStream;
 pub use server::{serve_peers, PeerService, RemotePeer, ServeConfig};
-pub use transport::{Transport, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, STALL_TIMEOUT};
+pub use transport::{
+    Transport, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MIN_LINK_IDLE_TIMEOUT,
+    STALL_TIMEOUT,
+};
 
 /// The reading half of a split peer connection.
 pub type PeerReader = FrameReader<tokio::io::ReadHalf<PeerStream>>;

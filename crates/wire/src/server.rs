@@ -277,7 +277,14 @@ async fn open<S: PeerService>(
     stream: TcpStream,
 ) -> Result<(Connection, Hello), WireError> {
     let mut conn = transport.accept(stream).await?;
-    match server_handshake(&mut conn, |hello| service.accept(hello)).await {
+    // The dialler keeps the link alive by this node's idle timeout (`serve_one` sets it).
+    let answer = |hello: &Hello| {
+        service.accept(hello).map(|ack| HelloAck {
+            idle_timeout: Some(transport.idle_timeout),
+            ..ack
+        })
+    };
+    match server_handshake(&mut conn, answer).await {
         Ok(hello) => Ok((conn, hello)),
         Err(e) => Err(conn.fail(e).await),
     }

@@ -22,6 +22,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default longest silence on an accepted connection past its handshake.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The shortest idle timeout a dialler believes of its peer ([`Transport::link_idle_timeout`]).
+pub const MIN_LINK_IDLE_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Everything about peer connections that both sides must agree on, or that bounds how long
 /// this node waits for a peer.
@@ -40,10 +42,11 @@ pub struct Transport {
     pub stall_timeout: Duration,
     /// An accepted connection with no message for this long is closed, so connections whose
     /// other end went away without a word (a laptop put to sleep, a cable pulled: TCP never
-    /// learns of it) do not hold their slots for ever. Dialers keep the links they hold
-    /// open: a head pings its stages every [`Transport::keepalive_interval`], and a link
-    /// pool dials afresh rather than write on a link unused for
-    /// [`Transport::redial_after`]. Both sides must use the same value.
+    /// learns of it) do not hold their slots for ever. This node announces it in its
+    /// [`HelloAck`], and a dialler keeps each link it holds open by the shorter of its own
+    /// and its peer's ([`Transport::link_idle_timeout`]): a head pings its stages every
+    /// quarter of that, and a link pool dials afresh rather than write on a link unused for
+    /// half of it. Nodes of one cluster may so be set differently.
     pub idle_timeout: Duration,
 }
 
@@ -70,16 +73,15 @@ impl Transport {
         }
     }
 
-    /// How often a dialer that holds a link open pings it: a quarter of the idle timeout,
-    /// so a ping or two may be late without the link being closed.
-    pub fn keepalive_interval(&self) -> Duration {
-        self.idle_timeout / 4
-    }
-
-    /// A link unused for this long (half the idle timeout) may be closed by its peer soon,
-    /// perhaps while a frame is on its way: a dialer dials afresh instead of writing on it.
-    pub fn redial_after(&self) -> Duration {
-        self.idle_timeout / 2
+    /// How long a link dialled to the peer that answered `ack` may stay unused before the
+    /// peer may close it: the shorter of the peer's announced idle timeout and this node's
+    /// own (which a dialler keeps to even with a peer that never closes: firewalls and NATs
+    /// forget quiet connections too). A peer's figure under [`MIN_LINK_IDLE_TIMEOUT`] counts
+    /// as that, so a peer cannot make this node ping it in a busy loop.
+    pub fn link_idle_timeout(&self, ack: &HelloAck) -> Duration {
+        ack.idle_timeout.map_or(self.idle_timeout, |theirs| {
+            theirs.max(MIN_LINK_IDLE_TIMEOUT).min(self.idle_timeout)
+        })
     }
 
     /// Dials `addr`, runs the swarm-key handshake (when there is a key) and says `hello`;
@@ -131,4 +133,34 @@ impl Transport {
 enum Side {
     Dialler,
     Acceptor,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Capabilities;
+
+    fn ack(idle_timeout: Option<Duration>) -> HelloAck {
+        HelloAck {
+            node_id: "peer".into(),
+            software_version: String::new(),
+            capabilities: Capabilities::STAGE,
+            idle_timeout,
+        }
+    }
+
+    /// A link is kept by the shorter of the two ends' idle timeouts; a peer that closes
+    /// nothing still gets this node's own, and one announcing next to nothing the floor.
+    #[test]
+    fn a_link_is_kept_alive_by_the_shorter_idle_timeout() {
+        let mine = Transport::default();
+        let secs = Duration::from_secs;
+        assert_eq!(mine.link_idle_timeout(&ack(Some(secs(20)))), secs(20));
+        assert_eq!(mine.link_idle_timeout(&ack(Some(secs(600)))), IDLE_TIMEOUT);
+        assert_eq!(mine.link_idle_timeout(&ack(None)), IDLE_TIMEOUT);
+        assert_eq!(
+            mine.link_idle_timeout(&ack(Some(Duration::from_millis(1)))),
+            MIN_LINK_IDLE_TIMEOUT
+        );
+    }
 }

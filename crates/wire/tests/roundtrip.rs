@@ -13,6 +13,7 @@ use shoal_wire::{
     MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP, PROTOCOL_VERSION,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 /// SplitMix64: tiny, seeded, good enough to drive tests.
@@ -119,6 +120,11 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
             node_id: rng.node_id(),
             software_version: rng.string(10),
             capabilities: Capabilities(rng.next()),
+            // Whole milliseconds from 1 to u32::MAX travel exactly (0 is "none").
+            idle_timeout: rng
+                .next()
+                .is_multiple_of(2)
+                .then(|| Duration::from_millis(1 + rng.next() % u64::from(u32::MAX))),
         }),
         MessageType::Error => Message::Error(ErrorMessage::new(
             ErrorCode(rng.next() as u16),
@@ -585,12 +591,12 @@ fn ask() -> Ask {
 #[test]
 fn agent_message_frame_bytes() {
     let frame = Message::Describe(Describe).to_frame().unwrap();
-    assert_eq!(frame, [b'S', b'H', b'O', b'L', 9, 0, 0x30, 0, 0, 0, 0, 0]);
+    assert_eq!(frame, [b'S', b'H', b'O', b'L', 10, 0, 0x30, 0, 0, 0, 0, 0]);
 
     let frame = Message::AgentCard(card()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 9, 0, 0x31, 0, 55, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 10, 0, 0x31, 0, 55, 0, 0, 0,
         2, 0, 0, 0, b'a', b'1',                         // node_id
         6, 0, 0, 0, b'c', b'r', b'i', b't', b'i', b'c', // role
         6, 0, 0, 0, b'm', b'.', b'g', b'g', b'u', b'f', // model_id
@@ -607,7 +613,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Ask(ask()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 9, 0, 0x32, 0, 87, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 10, 0, 0x32, 0, 87, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 9, 0, 0, 0, b'B', b'e', b' ', b'b', b'r', b'i', b'e', b'f', b'.', // Some(system)
         1, 0, 0, 0,                                     // one turn
@@ -660,7 +666,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Answer(answer.clone()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 9, 0, 0x33, 0, 27, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 10, 0, 0x33, 0, 27, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 0, 0, 0, b'4',                               // text
         1,                                              // finish: length

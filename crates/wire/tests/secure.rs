@@ -31,6 +31,7 @@ impl PeerService for Echo {
             node_id: format!("echo-for-{}", h.node_id),
             software_version: "test".into(),
             capabilities: Capabilities::STAGE,
+            idle_timeout: None,
         })
     }
 

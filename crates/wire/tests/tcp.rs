@@ -31,6 +31,7 @@ impl PeerService for ToyStage {
             node_id: format!("stage-for-{}", h.node_id),
             software_version: "test".into(),
             capabilities: Capabilities::STAGE,
+            idle_timeout: None,
         })
     }
 
@@ -108,6 +109,9 @@ async fn good_client(addr: SocketAddr, name: &str) -> Connection {
     .await
     .unwrap();
     assert_eq!(ack.node_id, format!("stage-for-{name}"));
+    // `serve_peers` announces its transport's idle timeout, whatever the service said, so
+    // the dialler keeps the link alive by this listener's clock.
+    assert_eq!(ack.idle_timeout, Some(shoal_wire::IDLE_TIMEOUT));
     conn
 }
 
@@ -231,7 +235,8 @@ async fn hostile_frames_each_close_their_connection_and_nothing_else() {
 async fn a_newer_peer_is_told_which_versions_this_node_speaks() {
     let server = start().await;
     let mut frame = Message::Ping(Ping { nonce: 0 }).to_frame().unwrap();
-    frame[4..6].copy_from_slice(&10u16.to_le_bytes());
+    let newer = shoal_wire::PROTOCOL_VERSION + 1;
+    frame[4..6].copy_from_slice(&newer.to_le_bytes());
     frame.truncate(HEADER_LEN);
     let mut s = TcpStream::connect(server.addr).await.unwrap();
     s.write_all(&frame).await.unwrap();
@@ -248,8 +253,11 @@ async fn a_newer_peer_is_told_which_versions_this_node_speaks() {
     assert_eq!(e.code, ErrorCode::UNSUPPORTED_VERSION);
     assert_eq!(
         e.message,
-        "peer speaks wire protocol version 10, this node speaks version(s) 9; \
-         run the same shoal release on every node"
+        format!(
+            "peer speaks wire protocol version {newer}, this node speaks version(s) {}; \
+             run the same shoal release on every node",
+            shoal_wire::PROTOCOL_VERSION
+        )
     );
 }
 

@@ -50,6 +50,9 @@ use replies::{serve_replies, Reply, Router};
 struct Peer {
     addr: SocketAddr,
     link: tokio::sync::Mutex<Link>,
+    /// How often the link is pinged while unused ([`Link::keepalive_interval`]: each stage
+    /// announces its own idle timeout).
+    keepalive_interval: Duration,
     /// Longest a write to it may take (the transport's stall deadline): every session
     /// shares the link's lock, so a stage that stops reading must not hold it for longer.
     write_deadline: Duration,
@@ -129,17 +132,22 @@ impl RingSetup<'_> {
                     crate::weights::sources_for(i, &ring, head)
                 }),
             };
-            let (link, node_id) = tokio::time::timeout(
+            // The stages load one after another; those loaded first must not be closed as
+            // idle while a later one fetches or loads its weights.
+            let loading = tokio::time::timeout(
                 self.config.load_timeout,
                 load_peer(p.addr, self.config, load, self.router.clone()),
-            )
-            .await
-            .map_err(|_| PipelineError::Timeout {
-                what: "StageReady",
-                after: self.config.load_timeout,
-            })??;
+            );
+            let (link, node_id) =
+                keeping_alive(&links, loading)
+                    .await
+                    .map_err(|_| PipelineError::Timeout {
+                        what: "StageReady",
+                        after: self.config.load_timeout,
+                    })??;
             links.push(Peer {
                 addr: p.addr,
+                keepalive_interval: link.keepalive_interval(),
                 link: tokio::sync::Mutex::new(link),
                 write_deadline: self.config.transport.stall_timeout,
             });
@@ -148,7 +156,7 @@ impl RingSetup<'_> {
         // From now on only this ring's last stage is heard for tokens.
         self.router.set_last_stage(last_stage);
         let links = Arc::new(links);
-        keep_alive(&links, self.config.transport.keepalive_interval());
+        keep_alive(&links);
         Ok(Ring {
             epoch,
             plan_id,
@@ -159,11 +167,15 @@ impl RingSetup<'_> {
     }
 }
 
-/// Pings each of a ring's links that has been unused for `every`, every `every`, while the
-/// ring lives: a stage closes a connection silent for its idle timeout (four times this), and
-/// a ring idle between requests must not find its links closed and re-plan. The task holds
-/// the links weakly, so it ends with the ring.
-fn keep_alive(peers: &Arc<Vec<Peer>>, every: Duration) {
+/// Pings each of a ring's links that has been unused for its keep-alive interval, while the
+/// ring lives: a stage closes a connection silent for its idle timeout (four times that),
+/// and a ring idle between requests must not find its links closed and re-plan. Stages may
+/// differ, so the task wakes at the shortest interval. It holds the links weakly, so it
+/// ends with the ring.
+fn keep_alive(peers: &Arc<Vec<Peer>>) {
+    let Some(every) = shortest_keepalive(peers) else {
+        return;
+    };
     let peers = Arc::downgrade(peers);
     tokio::spawn(async move {
         let mut nonce = 0u64;
@@ -172,20 +184,44 @@ fn keep_alive(peers: &Arc<Vec<Peer>>, every: Duration) {
             let Some(peers) = peers.upgrade() else {
                 return;
             };
-            for peer in peers.iter() {
-                let mut link = peer.link.lock().await;
-                if link.is_closed() || link.unused_for() < every {
-                    continue;
-                }
-                nonce = nonce.wrapping_add(1);
-                let ping = Message::Ping(Ping { nonce });
-                if let Err(e) = link.write_within(&ping, peer.write_deadline).await {
-                    // The next request finds the link closed and recovers.
-                    tracing::info!(peer = %peer.addr, error = %e, "keep-alive ping failed");
-                }
-            }
+            ping_unused(&peers, &mut nonce).await;
         }
     });
+}
+
+/// `work`, keeping `peers` alive meanwhile as [`keep_alive`] does.
+async fn keeping_alive<T>(peers: &[Peer], work: impl std::future::Future<Output = T>) -> T {
+    let Some(every) = shortest_keepalive(peers) else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            () = tokio::time::sleep(every) => ping_unused(peers, &mut nonce).await,
+        }
+    }
+}
+
+fn shortest_keepalive(peers: &[Peer]) -> Option<Duration> {
+    peers.iter().map(|p| p.keepalive_interval).min()
+}
+
+/// Pings each of `peers` unused for its keep-alive interval.
+async fn ping_unused(peers: &[Peer], nonce: &mut u64) {
+    for peer in peers {
+        let mut link = peer.link.lock().await;
+        if link.is_closed() || link.unused_for() < peer.keepalive_interval {
+            continue;
+        }
+        *nonce = nonce.wrapping_add(1);
+        let ping = Message::Ping(Ping { nonce: *nonce });
+        if let Err(e) = link.write_within(&ping, peer.write_deadline).await {
+            // The next request finds the link closed and recovers.
+            tracing::info!(peer = %peer.addr, error = %e, "keep-alive ping failed");
+        }
+    }
 }
 
 /// The head of a ring of stages.
@@ -1459,7 +1495,11 @@ async fn load_peer(
     // A stage that vanishes answers no session: tell every waiting one now rather than
     // after the token timeout.
     let on_close = move || router.fail_all(&format!("lost the link to the stage at {addr}"));
-    Ok((Link::new(conn, addr, on_message, on_close), ack.node_id))
+    let idle_timeout = config.transport.link_idle_timeout(&ack);
+    Ok((
+        Link::new(conn, addr, idle_timeout, on_message, on_close),
+        ack.node_id,
+    ))
 }
 
 fn to_u32(v: usize) -> Result<u32> {

@@ -154,6 +154,7 @@ impl PeerService for ReplyListener {
             node_id: self.node_id.clone(),
             software_version: env!("CARGO_PKG_VERSION").to_owned(),
             capabilities: Capabilities::HEAD,
+            idle_timeout: None,
         })
     }
 

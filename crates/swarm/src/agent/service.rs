@@ -213,6 +213,7 @@ impl AgentService {
             node_id: self.config.node_id.clone(),
             software_version: SOFTWARE_VERSION.to_owned(),
             capabilities: Capabilities::AGENT,
+            idle_timeout: None,
         }
     }
 

@@ -1,16 +1,19 @@
 //! `Hello` and `HelloAck`: the first exchange on every connection.
 //!
-//! Both carry the same three fields, so they share one layout:
+//! Both carry the same three fields, so they share one layout; `HelloAck` adds one:
 //!
 //! | field | encoding |
 //! |---|---|
 //! | `node_id` | `u32` length (1..=[`MAX_NODE_ID`]), UTF-8 |
 //! | `software_version` | `u32` length (≤ [`MAX_SOFTWARE_VERSION`]), UTF-8 |
 //! | `capabilities` | `u64` bit set ([`Capabilities`]) |
+//! | `idle_timeout` (`HelloAck` only) | `u32` milliseconds, 0 for none |
 //!
 //! The swarm key is deliberately *not* a field here: authentication and encryption will wrap
 //! the byte stream under [`crate::Connection`] (see [`crate::handshake`]), so that nothing —
 //! not even a `Hello` — is read from a peer that has not proved it holds the key.
+
+use std::time::Duration;
 
 use bytes::BufMut;
 
@@ -75,6 +78,11 @@ pub struct HelloAck {
     pub software_version: String,
     /// What the answering node can do.
     pub capabilities: Capabilities,
+    /// How long the answering node lets this connection stay silent before closing it
+    /// (`None`: never), so the dialler keeps the link alive by the answerer's clock, not
+    /// its own (nodes may be set differently). [`crate::serve_peers`] fills it in from its
+    /// transport; a service's own answer leaves it `None`. Carried in whole milliseconds.
+    pub idle_timeout: Option<Duration>,
 }
 
 fn parse_identity(r: &mut Reader) -> Result<(String, String, Capabilities), WireError> {
@@ -108,39 +116,67 @@ fn validate_identity(message: &'static str, node_id: &str, version: &str) -> Res
     )
 }
 
-/// `Hello` and `HelloAck` carry the same identity; one body of parse, encode and validate.
-macro_rules! identity_message {
-    ($($ty:ident),+) => {$(
-        impl $ty {
-            pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
-                let (node_id, software_version, capabilities) = parse_identity(r)?;
-                Ok($ty {
-                    node_id,
-                    software_version,
-                    capabilities,
-                })
-            }
+impl Hello {
+    pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
+        let (node_id, software_version, capabilities) = parse_identity(r)?;
+        Ok(Hello {
+            node_id,
+            software_version,
+            capabilities,
+        })
+    }
 
-            pub(crate) fn encode(&self, out: &mut Vec<u8>) {
-                encode_identity(
-                    out,
-                    &self.node_id,
-                    &self.software_version,
-                    self.capabilities,
-                );
-            }
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        encode_identity(
+            out,
+            &self.node_id,
+            &self.software_version,
+            self.capabilities,
+        );
+    }
 
-            pub(crate) fn validate(&self) -> Result<(), WireError> {
-                validate_identity(stringify!($ty), &self.node_id, &self.software_version)
-            }
-        }
-    )+};
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        validate_identity("Hello", &self.node_id, &self.software_version)
+    }
 }
 
-identity_message!(Hello, HelloAck);
+impl HelloAck {
+    pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
+        let (node_id, software_version, capabilities) = parse_identity(r)?;
+        let idle_ms = r.u32("idle_timeout")?;
+        Ok(HelloAck {
+            node_id,
+            software_version,
+            capabilities,
+            idle_timeout: (idle_ms > 0).then(|| Duration::from_millis(idle_ms.into())),
+        })
+    }
+
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        encode_identity(
+            out,
+            &self.node_id,
+            &self.software_version,
+            self.capabilities,
+        );
+        out.put_u32_le(self.idle_timeout.map_or(0, idle_millis));
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        validate_identity("HelloAck", &self.node_id, &self.software_version)
+    }
+}
+
+/// An idle timeout in whole milliseconds, at least 1 (0 means none on the wire) and at
+/// most `u32::MAX` (49 days, as good as none).
+fn idle_millis(after: Duration) -> u32 {
+    u32::try_from(after.as_millis()).unwrap_or(u32::MAX).max(1)
+}
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use crate::frame::{decode_frame, Limits};
     use crate::message::*;
 
@@ -154,7 +190,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 9, 0, 0x01, 0x00, 23, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 10, 0, 0x01, 0x00, 23, 0, 0, 0,
             2, 0, 0, 0, b'a', b'1',
             5, 0, 0, 0, b'0', b'.', b'1', b'.', b'0',
             3, 0, 0, 0, 0, 0, 0, 0,
@@ -167,11 +203,45 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_ack_carries_its_idle_timeout_in_milliseconds() {
+        let ack = |idle_timeout| {
+            Message::HelloAck(HelloAck {
+                node_id: "b".into(),
+                software_version: String::new(),
+                capabilities: Capabilities::STAGE,
+                idle_timeout,
+            })
+        };
+        let frame = ack(Some(Duration::from_millis(120_000)))
+            .to_frame()
+            .unwrap();
+        assert_eq!(frame[frame.len() - 4..], 120_000u32.to_le_bytes());
+        for (sent, read) in [
+            (None, None),
+            (Some(Duration::from_secs(2)), Some(Duration::from_secs(2))),
+            // Under a millisecond is not "none".
+            (
+                Some(Duration::from_micros(10)),
+                Some(Duration::from_millis(1)),
+            ),
+            (
+                Some(Duration::MAX),
+                Some(Duration::from_millis(u32::MAX.into())),
+            ),
+        ] {
+            let frame = ack(sent).to_frame().unwrap();
+            let (decoded, _) = decode_frame(&frame, &Limits::default()).unwrap().unwrap();
+            assert_eq!(decoded, ack(read), "{sent:?}");
+        }
+    }
+
+    #[test]
     fn empty_node_id_is_refused_both_ways() {
         let msg = Message::HelloAck(HelloAck {
             node_id: String::new(),
             software_version: String::new(),
             capabilities: Capabilities::NONE,
+            idle_timeout: None,
         });
         assert!(msg.to_frame().is_err());
         let mut payload = Vec::new();
