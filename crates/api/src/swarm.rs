@@ -354,6 +354,17 @@ fn swarm_request(
     let max_tokens = prepared
         .max_tokens
         .unwrap_or(completions::DEFAULT_MAX_TOKENS);
+    // Agents are asked over the wire, which carries fewer stop strings than one node takes.
+    if prepared.stop.len() > shoal_wire::MAX_STOP {
+        return Err(ApiError::invalid_value(
+            "stop",
+            format!(
+                "{} stop strings; a swarm passes at most {} to its agents",
+                prepared.stop.len(),
+                shoal_wire::MAX_STOP
+            ),
+        ));
+    }
     Ok(SwarmRequest {
         messages,
         strategy,
@@ -388,6 +399,8 @@ fn no_swarm() -> ApiError {
 fn from_swarm(e: SwarmError) -> ApiError {
     match e {
         SwarmError::NoQuestion => ApiError::invalid_value("messages", e.to_string()),
+        // Streamed requests have begun (200) by then: the error comes in the stream.
+        SwarmError::Refused(_) => ApiError::invalid_request(e.to_string()),
         SwarmError::NoAgents | SwarmError::NoAnswer(_) => ApiError::unavailable(e.to_string()),
     }
 }

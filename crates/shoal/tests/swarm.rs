@@ -394,6 +394,43 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
     );
     assert!(!out["final_answer"].as_str().unwrap().is_empty());
 
+    // A request every agent refuses as invalid (longer than every model's context) is the
+    // client's to mend: a 400 with the agents' reason, as one node gives, not a 503.
+    let too_long = "hello ".repeat(12_000);
+    for model in ["swarm", "swarm:vote", "swarm:moa"] {
+        let body = common::chat_body(model, &too_long, 8, false);
+        let r = http(head.addr, "POST", "/v1/chat/completions", Some(&body)).unwrap();
+        assert_eq!(r.status, 400, "{model}: {}", r.body);
+        assert!(r.body.contains("every agent asked refused"), "{}", r.body);
+        assert!(r.body.contains("context"), "{}", r.body);
+    }
+    let single = http(
+        reasoner.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&common::chat_body(
+            "smollm2-135m-instruct-q4_1",
+            &too_long,
+            8,
+            false,
+        )),
+    )
+    .unwrap();
+    assert_eq!(single.status, 400, "one node alike: {}", single.body);
+    // More stop strings than the wire carries to agents: refused up front, by name.
+    let stops: Vec<String> = (0..9).map(|i| format!("STOP{i}")).collect();
+    let body = json!({"model": "swarm", "messages": [{"role": "user", "content": "hi"}],
+                      "stop": stops, "max_tokens": 4});
+    let r = http(
+        head.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains(r#""param":"stop""#), "{}", r.body);
+
     // A head with no swarm says so.
     let plain = Server::start(&model_path(SMOLLM2), &[]);
     plain.wait_healthy();

@@ -567,6 +567,12 @@ fn recording_chat_api(seen: Arc<std::sync::Mutex<Vec<String>>>) -> ChatApi {
                     message: "`tool_choice` names no tool".into(),
                 });
             }
+            if request.contains("busy") {
+                return Err(ApiRefusal {
+                    status: 429,
+                    message: "the queue is full".into(),
+                });
+            }
             Ok(
                 r#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,
                 "tool_calls":[{"id":"call_1","type":"function","function":{"name":"f",
@@ -585,14 +591,16 @@ async fn whole_api_requests_go_to_the_chat_api_and_need_one() {
         ..user_ask(request_id, "weather?", 32)
     };
 
-    // Without a chat API: refused, with the reason.
+    // Without a chat API: refused, with the reason (the agent's set-up, not the request's
+    // fault: not a refusal of the request).
     let agent = start(config()).await;
     let err = ask(agent.addr, &head(), whole(1, "{}"), LONG)
         .await
         .unwrap_err();
+    assert!(!err.refused_request());
     match &err {
         AgentError::Remote { code, message, .. } => {
-            assert_eq!(*code, ErrorCode::BAD_REQUEST);
+            assert_eq!(*code, ErrorCode::MODEL_UNAVAILABLE);
             assert!(message.contains("no whole API requests"), "{message}");
         }
         other => panic!("not a remote error: {other}"),
@@ -620,7 +628,14 @@ async fn whole_api_requests_go_to_the_chat_api_and_need_one() {
         .answer_here(whole(3, r#"{"bad": true}"#))
         .await
         .unwrap_err();
-    assert!(err.contains("names no tool"), "{err}");
+    assert!(err.message.contains("names no tool"), "{err}");
+    assert_eq!(err.code, ErrorCode::BAD_REQUEST);
+    // A full queue is the agent's state, not a refusal of the request.
+    let err = local
+        .answer_here(whole(4, r#"{"busy": true}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::OVERLOADED, "{err}");
 }
 
 #[test]

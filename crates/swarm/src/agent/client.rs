@@ -94,6 +94,14 @@ pub enum AgentError {
     InvalidRequest(#[source] WireError),
 }
 
+impl AgentError {
+    /// Whether the agent judged the request itself invalid (longer than its model's
+    /// context, a field it cannot take): asked again, it would refuse again.
+    pub fn refused_request(&self) -> bool {
+        matches!(self, AgentError::Remote { code, .. } if *code == ErrorCode::BAD_REQUEST)
+    }
+}
+
 /// How the head reaches its agents: its node id (for the handshake) and the transport (the
 /// swarm key and deadlines).
 #[derive(Clone, Debug)]

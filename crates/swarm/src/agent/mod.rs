@@ -36,7 +36,7 @@ mod service;
 
 pub use chat_api::{ApiRefusal, ChatApi};
 pub use client::{ask, describe, AgentError, Caller};
-pub use service::{measure_decode_speed, AgentConfig, AgentService};
+pub use service::{measure_decode_speed, AgentConfig, AgentService, Refused};
 
 /// This build's release, sent in handshakes.
 const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -220,13 +220,16 @@ impl AgentService {
     /// Answers `ask` with this node's own model, without a connection: the head asking
     /// itself (its own agent, or the aggregator of last resort). Waits in the same queue as
     /// the agent's remote requests; dropping the future stops the generation. The error says
-    /// why the request was refused.
-    pub async fn answer_here(&self, ask: Ask) -> Result<Answer, String> {
+    /// why the request was refused, with the code a remote agent would send.
+    pub async fn answer_here(&self, ask: Ask) -> Result<Answer, Refused> {
         let cancel = CancelOnDrop::default();
         match self.run(ask, Arc::clone(&cancel.0)).await {
             Ok(answer) => Ok(answer),
-            Err(AskFailure::Cancelled) => Err("the request was cancelled".to_owned()),
-            Err(AskFailure::Refused(_, message)) => Err(message),
+            Err(AskFailure::Cancelled) => Err(Refused {
+                code: ErrorCode::INTERNAL,
+                message: "the request was cancelled".to_owned(),
+            }),
+            Err(AskFailure::Refused(code, message)) => Err(Refused { code, message }),
         }
     }
 
@@ -404,7 +407,7 @@ impl AgentService {
     ) -> Result<Answer, AskFailure> {
         let Some(api) = self.chat_api.clone() else {
             return Err(AskFailure::Refused(
-                ErrorCode::BAD_REQUEST,
+                ErrorCode::MODEL_UNAVAILABLE,
                 "this agent answers no whole API requests (it runs without a chat API)".to_owned(),
             ));
         };
@@ -413,10 +416,11 @@ impl AgentService {
             .await
             .map_err(|_| internal("the agent is shutting down"))?;
         let response = api(request).await.map_err(|refusal| {
-            let code = if (400..500).contains(&refusal.status) {
-                ErrorCode::BAD_REQUEST
-            } else {
-                ErrorCode::INTERNAL
+            // A full queue is the agent's state, not the request's fault.
+            let code = match refusal.status {
+                429 => ErrorCode::OVERLOADED,
+                400..=499 => ErrorCode::BAD_REQUEST,
+                _ => ErrorCode::INTERNAL,
             };
             AskFailure::Refused(code, refusal.message)
         })?;
@@ -445,6 +449,14 @@ struct Generated {
     finish: Finish,
     prompt_tokens: usize,
     completion_tokens: usize,
+}
+
+/// Why [`AgentService::answer_here`] gave no answer: what a remote agent's `Error` would say.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    pub code: ErrorCode,
+    pub message: String,
 }
 
 /// Why an `Ask` got no `Answer`.

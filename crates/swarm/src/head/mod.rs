@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use shoal_cluster::{Member, MemberState, Membership};
-use shoal_wire::{Answer, Ask, ChatTurn, Transport};
+use shoal_wire::{Answer, Ask, ChatTurn, ErrorCode, Transport};
 
 use crate::agent::{self, AgentService};
 use crate::roles::{Role, RolePrompts};
@@ -34,6 +34,7 @@ use crate::routing::{Strategy, Timeouts};
 use crate::vote::CodeChecks;
 use crate::weight::agent_weight;
 
+use report::Failure;
 use strategies::{Job, Run};
 use target::Target;
 use wait::Wait;
@@ -403,7 +404,7 @@ impl Swarm {
 
 impl Swarm {
     /// Sends one job to its target and waits at most `timeout` (the request's limit).
-    async fn send(&self, job: Job, timeout: Duration) -> Result<Answer, String> {
+    async fn send(&self, job: Job, timeout: Duration) -> Result<Answer, Failure> {
         let ask = Ask {
             request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
             system: job.system,
@@ -427,16 +428,22 @@ impl Swarm {
                     ) {
                         self.mark_unhealthy(index, &e.to_string());
                     }
-                    e.to_string()
+                    Failure {
+                        refused_request: e.refused_request(),
+                        message: e.to_string(),
+                    }
                 })
             }
             Target::Local { service, .. } => {
                 match tokio::time::timeout(timeout, service.answer_here(ask)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(format!(
+                    Ok(result) => result.map_err(|refused| Failure {
+                        refused_request: refused.code == ErrorCode::BAD_REQUEST,
+                        message: refused.message,
+                    }),
+                    Err(_) => Err(Failure::from(format!(
                         "the head's own model did not answer within {} ms",
                         timeout.as_millis()
-                    )),
+                    ))),
                 }
             }
         }

@@ -140,6 +140,30 @@ pub struct AgentFailure {
     pub role: String,
     pub task: &'static str,
     pub error: String,
+    /// The agent judged the request itself invalid ([`Failure::refused_request`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub refused_request: bool,
+}
+
+/// Why one job got no answer from its agent.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) message: String,
+    /// The agent judged the request itself invalid (longer than its model's context, a
+    /// field it cannot take): asked again it would refuse again. When every agent asked
+    /// says so, the client gets a `400`, as from one node, not a `503`.
+    pub(crate) refused_request: bool,
+}
+
+impl From<String> for Failure {
+    /// A failure that is not the request's fault (a timeout, a lost connection, an empty
+    /// answer).
+    fn from(message: String) -> Self {
+        Failure {
+            message,
+            refused_request: false,
+        }
+    }
 }
 
 /// The result of a swarm request (`/v1/swarm/query` returns it as JSON).
@@ -175,4 +199,8 @@ pub enum SwarmError {
     NoAgents,
     #[error("no agent answered: {0}")]
     NoAnswer(String),
+    /// Every agent the request was put to judged it invalid (too long for its model's
+    /// context, say).
+    #[error("every agent asked refused the request: {0}")]
+    Refused(String),
 }

@@ -11,7 +11,7 @@ use crate::roles::{aggregator_prompt, correction_prompt, spotter_prompt, Role};
 use crate::routing::{pick, Candidate};
 use crate::vote::{self_agreement, vote, VoteMethod};
 
-use super::report::{AgentAnswer, AgentFailure, SwarmError};
+use super::report::{AgentAnswer, AgentFailure, Failure, SwarmError};
 use super::target::{billions, Target};
 use super::wait::{gather, Wait};
 use super::{Swarm, SwarmRequest};
@@ -526,7 +526,7 @@ impl Run<'_> {
         let mut got = Vec::new();
         for ((target, task), result) in asked.into_iter().zip(gathered.results) {
             let result = result.unwrap_or_else(|| {
-                Err(format!(
+                Err(Failure::from(format!(
                     "did not answer in time: the head stopped waiting after {} ms ({})",
                     gathered.waited.as_millis(),
                     if gathered.answered {
@@ -534,7 +534,7 @@ impl Run<'_> {
                     } else {
                         "the request's limit"
                     }
-                ))
+                )))
             });
             if let Some(a) = self.accept(&target, task, result) {
                 got.push((target, a));
@@ -583,7 +583,7 @@ impl Run<'_> {
         &mut self,
         target: &Target,
         task: &'static str,
-        result: Result<Answer, String>,
+        result: Result<Answer, Failure>,
     ) -> Option<AgentAnswer> {
         match result {
             Ok(answer) if !answer.text.trim().is_empty() => Some(self.record(target, task, answer)),
@@ -598,7 +598,16 @@ impl Run<'_> {
         }
     }
 
-    pub(super) fn record_failure(&mut self, target: &Target, task: &'static str, error: String) {
+    pub(super) fn record_failure(
+        &mut self,
+        target: &Target,
+        task: &'static str,
+        failure: impl Into<Failure>,
+    ) {
+        let Failure {
+            message: error,
+            refused_request,
+        } = failure.into();
         tracing::info!(agent = %target.name(), task, %error, "swarm agent left out");
         self.failed.push(AgentFailure {
             agent: target.name(),
@@ -606,10 +615,16 @@ impl Run<'_> {
             role: target.role_name(),
             task,
             error,
+            refused_request,
         });
     }
 
+    /// Why nothing came back: a refusal of the request itself when every agent it was put
+    /// to refused it (the client's to mend), else everyone's reasons.
     pub(super) fn no_answer(&self) -> SwarmError {
+        if let Some(refused) = refusal(&self.failed) {
+            return SwarmError::Refused(format!("{}: {}", refused.agent, refused.error));
+        }
         let why: Vec<String> = self
             .failed
             .iter()
@@ -621,6 +636,22 @@ impl Run<'_> {
             why.join("; ")
         })
     }
+}
+
+/// The tasks of jobs that put the client's own conversation to an agent
+/// ([`Run::answer_job`]); the others (a spotter's label, written tests, an aggregation)
+/// carry a prompt of the head's making, which may fit where the request does not.
+const REQUEST_TASKS: [&str; 5] = ["answer", "draft", "sample", "resample", "repair"];
+
+/// The first refusal, when the client's request was put to some agent and every one of
+/// them refused it as invalid ([`AgentFailure::refused_request`]).
+fn refusal(failed: &[AgentFailure]) -> Option<&AgentFailure> {
+    let mut asked = failed
+        .iter()
+        .filter(|f| REQUEST_TASKS.contains(&f.task))
+        .peekable();
+    let first = *asked.peek()?;
+    asked.all(|f| f.refused_request).then_some(first)
 }
 
 /// The index of the answer whose agent has the highest weight (the first on ties).
@@ -638,5 +669,53 @@ pub(super) fn user(content: String) -> ChatTurn {
     ChatTurn {
         role: "user".to_owned(),
         content,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(task: &'static str, refused_request: bool) -> AgentFailure {
+        AgentFailure {
+            agent: format!("{task}-{refused_request}"),
+            addr: String::new(),
+            role: String::new(),
+            task,
+            error: String::new(),
+            refused_request,
+        }
+    }
+
+    /// A request is refused when every job that carried it was refused as invalid; the
+    /// head's own prompts (a spotter's, a test writer's) do not count either way.
+    #[test]
+    fn a_request_is_refused_when_every_agent_it_went_to_refused_it() {
+        let refused = |failed: &[AgentFailure]| refusal(failed).map(|f| f.agent.clone());
+        assert_eq!(refused(&[]), None);
+        assert_eq!(
+            refused(&[failure("sample", true), failure("sample", true)]),
+            Some("sample-true".into())
+        );
+        // One agent that timed out (or answered nothing) might have answered.
+        assert_eq!(
+            refused(&[failure("answer", true), failure("answer", false)]),
+            None
+        );
+        // A spotter or test writer that failed otherwise does not hide the refusal.
+        assert_eq!(
+            refused(&[
+                failure("classify", false),
+                failure("answer", true),
+                failure("tests", false)
+            ]),
+            Some("answer-true".into())
+        );
+        // Only the head's own prompts failed: the request itself was never refused.
+        assert_eq!(refused(&[failure("classify", true)]), None);
+        assert_eq!(
+            refused(&[failure("draft", true)]),
+            Some("draft-true".into())
+        );
     }
 }

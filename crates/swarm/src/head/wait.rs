@@ -65,10 +65,10 @@ impl Wait {
 }
 
 /// What [`gather`] collected.
-pub(super) struct Gathered<T> {
+pub(super) struct Gathered<T, E> {
     /// Each future's result, in the order given; `None` for those still running when the
     /// wait ended (they were dropped, which stops their work).
-    pub(super) results: Vec<Option<Result<T, String>>>,
+    pub(super) results: Vec<Option<Result<T, E>>>,
     /// Whether an answer (a result `is_answer` accepts) had come.
     pub(super) answered: bool,
     /// How long the wait took.
@@ -78,15 +78,15 @@ pub(super) struct Gathered<T> {
 /// Runs `asks` together: all of them until `wait.enough`; past it, stops as soon as one
 /// has answered (a result `is_answer` accepts, given its index); with none by then, waits
 /// for the first up to `wait.limit`.
-pub(super) async fn gather<T, F>(
+pub(super) async fn gather<T, E, F>(
     asks: Vec<F>,
     wait: Wait,
     is_answer: impl Fn(usize, &T) -> bool,
-) -> Gathered<T>
+) -> Gathered<T, E>
 where
-    F: Future<Output = Result<T, String>>,
+    F: Future<Output = Result<T, E>>,
 {
-    let mut results: Vec<Option<Result<T, String>>> = asks.iter().map(|_| None).collect();
+    let mut results: Vec<Option<Result<T, E>>> = asks.iter().map(|_| None).collect();
     let mut answers = gathering(asks, wait, is_answer);
     while let Some((i, result)) = answers.next().await {
         results[i] = Some(result);
@@ -112,13 +112,13 @@ pub(super) struct Gathering<Fut, P> {
 }
 
 /// Starts `asks` together, their results to be taken with [`Gathering::next`].
-pub(super) fn gathering<T, F, P>(
+pub(super) fn gathering<T, E, F, P>(
     asks: Vec<F>,
     wait: Wait,
     is_answer: P,
-) -> Gathering<impl Future<Output = (usize, Result<T, String>)>, P>
+) -> Gathering<impl Future<Output = (usize, Result<T, E>)>, P>
 where
-    F: Future<Output = Result<T, String>>,
+    F: Future<Output = Result<T, E>>,
     P: Fn(usize, &T) -> bool,
 {
     Gathering {
@@ -136,14 +136,14 @@ where
     }
 }
 
-impl<T, Fut, P> Gathering<Fut, P>
+impl<T, E, Fut, P> Gathering<Fut, P>
 where
-    Fut: Future<Output = (usize, Result<T, String>)>,
+    Fut: Future<Output = (usize, Result<T, E>)>,
     P: Fn(usize, &T) -> bool,
 {
     /// The next result and the index of its ask; `None` once the wait is over (every ask
     /// came back, or a deadline passed).
-    pub(super) async fn next(&mut self) -> Option<(usize, Result<T, String>)> {
+    pub(super) async fn next(&mut self) -> Option<(usize, Result<T, E>)> {
         if self.over {
             return None;
         }
