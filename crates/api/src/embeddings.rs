@@ -1,7 +1,8 @@
 //! `POST /v1/embeddings` (OpenAI's, as llama-server answers it) and the embeddings behind
-//! Ollama's `/api/embed`: a text's vector from the node's own model — every token's hidden
-//! state after the final norm, mean-pooled and scaled to unit length, as llama.cpp makes
-//! one from a generative model. Retrieval front ends (Open WebUI's documents, Continue's
+//! Ollama's `/api/embed`: a text's vector from the node's model, whole or a ring of stages it
+//! heads (the last stage sends the normed rows back) — every token's hidden state after the
+//! final norm, mean-pooled and scaled to unit length, as llama.cpp makes one from a
+//! generative model. Retrieval front ends (Open WebUI's documents, Continue's
 //! codebase index) ask for these.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use shoal_engine::Model;
+use shoal_pipeline::PipelineError;
 
 use crate::backend::Backend;
 use crate::completions::blocking;
@@ -106,51 +107,70 @@ pub(crate) async fn embed(
             ),
         ));
     }
-    let model =
-        match state.model()? {
-            Backend::Local(model) => model,
-            Backend::Ring(_) => return Err(ApiError::invalid_request(
-                "embeddings are computed by a node that holds the whole model; this node heads \
-                 a pipeline whose layers are spread over several devices",
-            )),
-        };
-    let ids = tokenize(&model, inputs, truncate).await?;
+    let backend = state.model()?;
+    let ids = tokenize(&backend, inputs, truncate).await?;
     let tokens: usize = ids.iter().map(Vec::len).sum();
-    let permit = admit(state, &Backend::Local(model.clone())).await?;
-    let left = Arc::new(AtomicBool::new(false));
-    let _leaving = SetOnDrop(left.clone());
+    let permit = admit(state, &backend).await?;
     let metrics = state.metrics().clone();
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let _in_flight = GaugeGuard::new(&metrics.in_flight);
-        let mut vectors = Vec::with_capacity(ids.len());
-        for ids in ids {
-            if left.load(Ordering::Relaxed) {
-                return Err(ApiError::internal("the client left"));
-            }
-            let vector = model
-                .embed(&ids, || left.load(Ordering::Relaxed))
-                .map_err(|e| ApiError::from_engine(e, "input"))?;
-            vectors.push(vector);
+    let vectors = match backend {
+        Backend::Local(model) => {
+            let left = Arc::new(AtomicBool::new(false));
+            let _leaving = SetOnDrop(left.clone());
+            let metrics = metrics.clone();
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let _in_flight = GaugeGuard::new(&metrics.in_flight);
+                let mut vectors = Vec::with_capacity(ids.len());
+                for ids in ids {
+                    if left.load(Ordering::Relaxed) {
+                        return Err(ApiError::internal("the client left"));
+                    }
+                    let vector = model
+                        .embed(&ids, || left.load(Ordering::Relaxed))
+                        .map_err(|e| ApiError::from_engine(e, "input"))?;
+                    vectors.push(vector);
+                }
+                Ok(vectors)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("embedding failed: {e}")))??
         }
-        metrics.prompt_tokens.inc_by(tokens as u64);
-        Ok((vectors, tokens))
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("embedding failed: {e}")))?
+        // A client that leaves drops this future, which ends the ring's session.
+        Backend::Ring(pipeline) => {
+            let _permit = permit;
+            let _in_flight = GaugeGuard::new(&metrics.in_flight);
+            let mut vectors = Vec::with_capacity(ids.len());
+            for ids in ids {
+                let vector = pipeline.embed(&ids, || false).await.map_err(ring_error)?;
+                vectors.push(vector);
+            }
+            vectors
+        }
+    };
+    metrics.prompt_tokens.inc_by(tokens as u64);
+    Ok((vectors, tokens))
+}
+
+/// A ring's failure as the client sees it: its own input's fault, or ours.
+fn ring_error(e: PipelineError) -> ApiError {
+    match e {
+        PipelineError::InvalidRequest(message) => ApiError::invalid_value("input", message),
+        PipelineError::Engine(e) => ApiError::from_engine(e, "input"),
+        e => ApiError::internal(format!("the pipeline failed: {e}")),
+    }
 }
 
 /// Each input's token ids, checked (and cut to the context with `truncate`); off the
 /// async threads, and before the engine is waited for.
 async fn tokenize(
-    model: &Arc<Model>,
+    backend: &Backend,
     inputs: Vec<Input>,
     truncate: bool,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
-    let model = model.clone();
+    let backend = backend.clone();
     blocking(move || {
-        let context = model.config().context_length;
-        let vocab = model.config().vocab_size;
+        let context = backend.config().context_length;
+        let vocab = backend.config().vocab_size;
         let mut all = Vec::with_capacity(inputs.len());
         let mut tokens = 0;
         for (i, input) in inputs.into_iter().enumerate() {
@@ -161,7 +181,8 @@ async fn tokenize(
                         format!("input {i} is empty"),
                     ))
                 }
-                Input::Text(text) => model
+                Input::Text(text) => backend
+                    .prompt_format()
                     .encode_prompt(&text)
                     .map_err(|e| ApiError::from_engine(e, "input"))?,
                 Input::Ids(ids) => ids,

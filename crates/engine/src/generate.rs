@@ -19,6 +19,7 @@ use crate::json_grammar::JsonGrammar;
 use crate::json_rule::{JsonRule, JsonTracker};
 use crate::kv_cache::KvCache;
 use crate::logprobs::{token_logprob, TokenLogprob};
+use crate::pooler::Pooler;
 use crate::prefix_cache::{canonical_len, resume_point, PrefixCache};
 use crate::prompt::PromptFormat;
 use crate::sampler::{Sampler, SamplingParams};
@@ -204,9 +205,7 @@ impl Model {
             return Err(EngineError::InvalidInput("nothing to embed".into()));
         }
         let mut cache = self.stage.new_cache();
-        let mut sums = vec![0f64; self.config().hidden];
-        // The pooled rows so far: all of them summed, or the first or the last alone.
-        let mut rows = 0usize;
+        let mut pooler = Pooler::new(pooling, self.config().hidden);
         for (chunk, ids) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             if chunk > 0 && interrupted() {
                 return Err(EngineError::Interrupted);
@@ -225,30 +224,10 @@ impl Model {
                 ));
             };
             for row in h.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()? {
-                let take = match pooling {
-                    Pooling::Mean => true,
-                    Pooling::First => rows == 0,
-                    Pooling::Last => {
-                        sums.iter_mut().for_each(|s| *s = 0.0);
-                        true
-                    }
-                };
-                if take {
-                    for (sum, v) in sums.iter_mut().zip(row) {
-                        *sum += f64::from(v);
-                    }
-                }
-                rows += 1;
+                pooler.push(&row);
             }
         }
-        let n = match pooling {
-            Pooling::Mean => tokens.len() as f64,
-            Pooling::First | Pooling::Last => 1.0,
-        };
-        let norm = sums.iter().map(|s| (s / n) * (s / n)).sum::<f64>().sqrt();
-        // A zero vector stays zero rather than becoming NaNs.
-        let scale = if norm > 0.0 { 1.0 / (n * norm) } else { 0.0 };
-        Ok(sums.iter().map(|s| (s * scale) as f32).collect())
+        Ok(pooler.finish())
     }
 
     /// Starts generating after `prompt`. Nothing runs until the first `next()`.

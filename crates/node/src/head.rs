@@ -40,6 +40,8 @@ pub(crate) struct PipelineHead {
     pub(crate) model_draft: Option<PathBuf>,
     /// The chat template used instead of the model's own (`--chat-template-file`).
     pub(crate) chat_template: Option<String>,
+    /// How embeddings are pooled, instead of as the model file says (`--pooling`).
+    pub(crate) pooling: Option<shoal_engine::Pooling>,
     /// Where the ring goes once connected, so members see the head's own layers.
     pub(crate) ring: membership::HeadRing,
 }
@@ -182,6 +184,7 @@ impl PipelineHead {
             speculation: self.speculation,
             draft_model,
             chat_template: self.chat_template.clone(),
+            pooling: self.pooling,
         };
         let peers = layout.peers;
         let pipeline = shoal_pipeline::connect_ring(model, &peers, &layout.ranges, settings)

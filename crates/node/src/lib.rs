@@ -206,6 +206,7 @@ impl Node {
                 speculation: config.speculation,
                 model_draft: config.model_draft.clone(),
                 chat_template: config.chat_template.clone(),
+                pooling: config.pooling,
                 ring: head_ring.clone(),
             };
             background.push(match config.auto_model.clone() {

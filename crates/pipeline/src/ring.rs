@@ -100,6 +100,8 @@ pub struct RingSettings {
     pub draft_model: Option<Arc<shoal_engine::Model>>,
     /// The chat template instead of the model's own ([`PipelineConfig::chat_template`]).
     pub chat_template: Option<String>,
+    /// How embeddings are pooled ([`PipelineConfig::pooling`]).
+    pub pooling: Option<shoal_engine::Pooling>,
 }
 
 /// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`,
@@ -131,6 +133,7 @@ pub async fn connect_ring(
     config.speculation = settings.speculation;
     config.draft_model = settings.draft_model;
     config.chat_template = settings.chat_template;
+    config.pooling = settings.pooling;
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }

@@ -30,10 +30,10 @@ use shoal_engine::{
     Sampler, Stage, StageInput, StageOutput, StageSpec,
 };
 use shoal_wire::{
-    serve_peers, Capabilities, Connection, EndSession, ErrorCode, ErrorMessage, Forward,
-    GetProfile, GetWeights, Hello, HelloAck, LoadStage, Message, Payload, PeerService, Pong,
-    Profile, Resume, ServeConfig, StageReady, Token, Transport, Truncate, Verified, Want,
-    WireError,
+    serve_peers, Capabilities, Connection, DType, EndSession, ErrorCode, ErrorMessage, Forward,
+    GetProfile, GetWeights, Hello, HelloAck, LoadStage, LogitRows, Logits as LogitsReply, Message,
+    Payload, PeerService, Pong, Profile, Resume, ServeConfig, StageReady, Token, Transport,
+    Truncate, Verified, Want, WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -251,6 +251,8 @@ enum Outcome {
     Token(u32, Option<shoal_engine::TokenLogprob>),
     /// The draws of a verify.
     Verified(Vec<u32>),
+    /// The last stage's normed hidden states, for an embedding.
+    Normed(shoal_wire::Activations),
     Nothing,
 }
 
@@ -947,6 +949,14 @@ impl StageServer {
                 });
                 self.inner.links.send(f.reply_to, &msg).await?;
             }
+            Outcome::Normed(rows) => {
+                let msg = Message::Logits(LogitsReply {
+                    session_id: f.session_id,
+                    seq: f.seq,
+                    logits: rows,
+                });
+                self.inner.links.send(f.reply_to, &msg).await?;
+            }
             Outcome::Nothing => {}
         }
         Ok(())
@@ -1036,6 +1046,7 @@ struct StageJob {
 /// the hidden states to send on or the token sampled. One result per job, in order.
 fn compute(loaded: &Loaded, jobs: Vec<StageJob>) -> Vec<Result<Outcome>> {
     let (stage, dtype) = (&loaded.stage, loaded.plan.activation_dtype);
+    let last_stage = loaded.plan.head;
     // Every session of a batch is a different one, so these are distinct locks.
     let mut guards: Vec<_> = jobs.iter().map(|j| lock(&j.state)).collect();
     let mut results: Vec<Option<Result<Outcome>>> = jobs.iter().map(|_| None).collect();
@@ -1068,6 +1079,7 @@ fn compute(loaded: &Loaded, jobs: Vec<StageJob>) -> Vec<Result<Outcome>> {
                 *guessed_from = job.positions.first().map(|&p| p + 1);
                 Logits::Verify
             }
+            Want::Normed { .. } => Logits::Normed,
             _ => Logits::Last,
         };
         samplers.push((i, sampler));
@@ -1088,6 +1100,7 @@ fn compute(loaded: &Loaded, jobs: Vec<StageJob>) -> Vec<Result<Outcome>> {
                 &job.positions,
                 sampler,
                 dtype,
+                last_stage,
                 &loaded.constraints,
             )
         });
@@ -1131,16 +1144,29 @@ fn continues(cache: &KvCache, positions: &[usize]) -> Result<()> {
 
 /// What one session's stage output becomes: hidden states to send on, or (last stage) the
 /// token drawn with the session's sampler, which carries its random state from token to
-/// token as in a single-process run.
+/// token as in a single-process run, or the normed rows an embedding wants.
 fn finish(
     out: StageOutput,
     want: &Want,
     positions: &[usize],
     sampler: &mut Option<Sampler>,
-    dtype: shoal_wire::DType,
+    dtype: DType,
+    last_stage: bool,
     constraints: &Constraints,
 ) -> Result<Outcome> {
     match out {
+        // The last stage's normed rows (a stage before it has no final norm and sends its
+        // hidden states on, whatever the `Forward` wants).
+        StageOutput::Hidden(h) if last_stage && matches!(want, Want::Normed { .. }) => {
+            let n = h.dims().first().copied().unwrap_or(0);
+            let rows = match want {
+                Want::Normed {
+                    rows: LogitRows::Last,
+                } if n > 1 => h.narrow(0, n - 1, 1).map_err(EngineError::from)?,
+                _ => h,
+            };
+            Ok(Outcome::Normed(tensor_to_activations(&rows, DType::F32)?))
+        }
         StageOutput::Hidden(h) => Ok(Outcome::Hidden(tensor_to_activations(&h, dtype)?)),
         StageOutput::Logits(l) => match want {
             Want::Nothing => Ok(Outcome::Nothing),
@@ -1210,6 +1236,10 @@ fn finish(
             }
             Want::Logits { .. } => Err(PipelineError::InvalidRequest(
                 "logits replies are not implemented yet; ask for a token".into(),
+            )),
+            // The engine gives normed rows, not logits, to a session that wants them.
+            Want::Normed { .. } => Err(PipelineError::Task(
+                "the stage computed logits for a session that wants its normed rows".into(),
             )),
         },
     }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use shoal_engine::sampler::argmax;
 use shoal_engine::stage::logits_row;
 use shoal_engine::{
-    ChatMessage, GenerateParams, Logits, Lookup, Model, SamplingParams, Speculation, StageInput,
-    StageOutput,
+    ChatMessage, GenerateParams, Logits, Lookup, Model, Pooling, SamplingParams, Speculation,
+    StageInput, StageOutput,
 };
 use shoal_pipeline::{
     PeerStage, Pipeline, PipelineConfig, Replan, ReplanResult, RingRequest, StageServer,
@@ -105,27 +105,35 @@ async fn ring_with(
     dtype: DType,
     speculation: Option<Speculation>,
 ) -> (Pipeline, Vec<StageServer>, Vec<SocketAddr>) {
+    let (mut config, servers) = ring_config(splits).await;
+    let addrs = config.peers.iter().map(|p| p.addr).collect();
+    config.activation_dtype = dtype;
+    config.speculation = speculation;
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    (pipeline, servers, addrs)
+}
+
+/// The head's config for a ring on `0..splits[0]` and one stage server (started here) per
+/// further range.
+async fn ring_config(splits: &[usize]) -> (PipelineConfig, Vec<StageServer>) {
     let n = reference().config().n_layers;
     let mut bounds = vec![0];
     bounds.extend_from_slice(splits);
     bounds.push(n);
     let mut servers = Vec::new();
     let mut peers = Vec::new();
-    let mut addrs = Vec::new();
     for w in bounds.windows(2).skip(1) {
         let (server, addr) = start_server(Duration::from_secs(600)).await;
         servers.push(server);
-        addrs.push(addr);
         peers.push(PeerStage {
             addr,
             layers: w[0]..w[1],
         });
     }
-    let mut config = PipelineConfig::new(model_path(), 0..bounds[1], peers);
-    config.activation_dtype = dtype;
-    config.speculation = speculation;
-    let pipeline = Pipeline::connect(config).await.unwrap();
-    (pipeline, servers, addrs)
+    (
+        PipelineConfig::new(model_path(), 0..bounds[1], peers),
+        servers,
+    )
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -1314,6 +1322,64 @@ async fn a_stage_lost_between_requests_is_recovered_from_at_once() {
         started.elapsed() < Duration::from_secs(30),
         "the answer waited {:?}: a token timeout (60 s) for a stage already gone?",
         started.elapsed()
+    );
+    assert_eq!(pipeline.layout().0, 0..n, "the head runs everything now");
+}
+
+/// Embeddings through the ring (wire protocol 11): the last stage sends back the rows after
+/// the final norm and the head pools them, so with f32 activations each pooling gives the
+/// whole model's vector bit for bit, for a text of one prompt chunk and of two (the mean
+/// over both, the first row from the first, the last row from the last). The stages'
+/// sessions end. A stage lost between requests is replaced (here the head takes every
+/// layer and pools its own normed rows) and the vector is still the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_through_the_ring_are_the_whole_models() {
+    let m = reference();
+    let n = m.config().n_layers;
+    let short = prompt();
+    let long = chat_prompt(&"The quick brown fox jumps over the lazy dog. ".repeat(70));
+    assert!(long.len() > shoal_engine::generate::PREFILL_CHUNK);
+    let want = |tokens: &[u32], pooling| m.embed_pooled(tokens, pooling, || false).unwrap();
+    for pooling in [Pooling::Mean, Pooling::First, Pooling::Last] {
+        let (config, servers) = ring_config(&[10, 20]).await;
+        let pipeline = Pipeline::connect(PipelineConfig {
+            pooling: Some(pooling),
+            ..config
+        })
+        .await
+        .unwrap();
+        for tokens in [&short, &long] {
+            let got = pipeline.embed(tokens, || false).await.unwrap();
+            assert_eq!(
+                got,
+                want(tokens, pooling),
+                "{pooling:?}, {} tokens",
+                tokens.len()
+            );
+        }
+        all_sessions_ended(&servers).await;
+        let err = pipeline.embed(&[], || false).await.unwrap_err();
+        assert!(err.to_string().contains("nothing to embed"), "{err}");
+    }
+
+    let (_server, addr, stop) = start_killable_server().await;
+    let config = PipelineConfig::new(
+        model_path(),
+        0..10,
+        vec![PeerStage {
+            addr,
+            layers: 10..n,
+        }],
+    );
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    let mean = want(&long, Pooling::Mean);
+    assert_eq!(pipeline.embed(&long, || false).await.unwrap(), mean);
+    stop.notify_one();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        pipeline.embed(&long, || false).await.unwrap(),
+        mean,
+        "after the loss"
     );
     assert_eq!(pipeline.layout().0, 0..n, "the head runs everything now");
 }

@@ -144,14 +144,37 @@ fn smollm2_three_stage_head_answers_like_a_single_process() {
         "guessed"
     );
     assert!(metric(head.addr, "shoal_draft_accepted_tokens_total") > 0.0);
-    // Embeddings need the whole model on one node: the head says so (OpenAI and Ollama).
+    // Embeddings through the ring (wire protocol 11): the last stage sends the normed rows
+    // back and the head pools them, so the vectors are the single process's, bit for bit —
+    // a short text, and one of more than one prompt chunk (512 tokens), OpenAI's and
+    // Ollama's endpoints alike.
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(70);
     let models: Value =
         serde_json::from_str(&http(head.addr, "GET", "/v1/models", None).unwrap().body).unwrap();
-    let input = json!({"model": models["data"][0]["id"], "input": "hello"}).to_string();
+    let input = json!({"model": models["data"][0]["id"], "input": ["hello", long]}).to_string();
     for path in ["/v1/embeddings", "/api/embed"] {
-        let r = http(head.addr, "POST", path, Some(&input)).unwrap();
-        assert_eq!(r.status, 400, "{path}: {}", r.body);
-        assert!(r.body.contains("whole model"), "{path}: {}", r.body);
+        let embed = |server: &Server| {
+            let r = http(server.addr, "POST", path, Some(&input)).unwrap();
+            assert_eq!(r.status, 200, "{path}: {}", r.body);
+            serde_json::from_str::<Value>(&r.body).unwrap()
+        };
+        let (want, got) = (embed(&single), embed(&head));
+        let vectors = |v: &Value| match path {
+            "/api/embed" => v["embeddings"].clone(),
+            _ => json!(v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["embedding"].clone())
+                .collect::<Vec<_>>()),
+        };
+        assert_eq!(vectors(&got), vectors(&want), "{path}");
+        assert_eq!(vectors(&got).as_array().unwrap().len(), 2);
+        let tokens = match path {
+            "/api/embed" => got["prompt_eval_count"].as_u64().unwrap(),
+            _ => got["usage"]["prompt_tokens"].as_u64().unwrap(),
+        };
+        assert!(tokens > 512, "{path}: the long text is {tokens} tokens");
     }
 }
 

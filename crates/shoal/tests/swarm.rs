@@ -404,6 +404,15 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
         assert!(r.body.contains("every agent asked refused"), "{}", r.body);
         assert!(r.body.contains("context"), "{}", r.body);
     }
+    // `verify` on a coding task refused alike: its test writers (given a shorter prompt of
+    // the head's making) are not waited for once every candidate has been refused.
+    let task = format!(
+        "Write a Python function `add(a, b)` that returns their sum.\n>>> add(1, 2)\n3\n{too_long}"
+    );
+    let body = common::chat_body("swarm:verify", &task, 8, false);
+    let r = http(head.addr, "POST", "/v1/chat/completions", Some(&body)).unwrap();
+    assert_eq!(r.status, 400, "verify: {}", r.body);
+    assert!(r.body.contains("every agent asked refused"), "{}", r.body);
     let single = http(
         reasoner.addr,
         "POST",

@@ -183,6 +183,18 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             seq: 4,
             tokens: vec![17, 29],
         }),
+        Message::Forward(Forward {
+            session_id: 10,
+            seq: 0,
+            plan_id: 1,
+            positions: vec![0, 1],
+            payload: Payload::Tokens(vec![1, 2]),
+            want: Want::Normed {
+                rows: LogitRows::All,
+            },
+            reply_to: addr,
+            resume: None,
+        }),
         Message::Heartbeat(Heartbeat {
             node: NodeInfo {
                 node_id: "node-a".into(),

@@ -16,7 +16,7 @@
 //! | offset | size | field | value |
 //! |---:|---:|---|---|
 //! | 0 | 4 | magic | `b"SHOL"` ([`MAGIC`]) |
-//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 10 (2: `Forward` carries its `plan_id`; 3: the prompt cache's `Forward.resume` and `EndSession.keep`; 4: weights over the LAN, `LoadStage.weights_from`; 5: constrained answers, `SamplingSpec.ignore_eos` and `.json`; 6: whole API requests through the swarm, `Ask.request` and `Answer.response`; speculative decoding through the ring, `Want::Verify` and `Verified`; 7: several sources of weights, `LoadStage.weights_from` a list; 8: constraints that open after a trigger, `JsonAnswer.lead`; 9: no new bytes, but a JSON schema's object that lists `properties` without `additionalProperties` takes no other keys, so both ends of a ring must read schemas alike; 10: `HelloAck.idle_timeout`, so a dialler keeps a link alive by its peer's idle timeout) |
+//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 11 (2: `Forward` carries its `plan_id`; 3: the prompt cache's `Forward.resume` and `EndSession.keep`; 4: weights over the LAN, `LoadStage.weights_from`; 5: constrained answers, `SamplingSpec.ignore_eos` and `.json`; 6: whole API requests through the swarm, `Ask.request` and `Answer.response`; speculative decoding through the ring, `Want::Verify` and `Verified`; 7: several sources of weights, `LoadStage.weights_from` a list; 8: constraints that open after a trigger, `JsonAnswer.lead`; 9: no new bytes, but a JSON schema's object that lists `properties` without `additionalProperties` takes no other keys, so both ends of a ring must read schemas alike; 10: `HelloAck.idle_timeout`, so a dialler keeps a link alive by its peer's idle timeout; 11: embeddings through the ring, `Want::Normed`) |
 //! | 6 | 2 | type | `u16`, a [`MessageType`] id (table below) |
 //! | 8 | 4 | length | `u32`, payload bytes that follow, ≤ [`Limits::max_payload`] (default 64 MiB) |
 //! | 12 | length | payload | the message's fields, in the layout its type documents |
@@ -42,7 +42,7 @@
 //! | `0x0011` | [`StageReady`] | node → head | the stage is loaded |
 //! | `0x0020` | [`Forward`] | head → stage → … → last stage | tokens or hidden states, the plan, positions, sampling, `reply_to` |
 //! | `0x0021` | [`Token`] | last stage → head | the sampled token (+ its logprob and the likeliest alternatives, when asked) |
-//! | `0x0022` | [`Logits`] | last stage → head | logits for the last or every row (speculative verify) |
+//! | `0x0022` | [`Logits`] | last stage → head | logits for the last or every row, or the normed hidden states an embedding is pooled from (protocol 11) |
 //! | `0x0023` | [`EndSession`] | head → stages | drop a session's KV cache |
 //! | `0x0024` | [`Truncate`] | head → stages | roll a session's KV cache back to a length |
 //! | `0x0030` | [`Describe`] | head → agent | who are you (empty payload) |

@@ -173,12 +173,19 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
                 } else {
                     Payload::Hidden(rng.activations(rows))
                 },
-                want: match rng.below(4) {
+                want: match rng.below(5) {
                     0 => Want::Nothing,
                     1 => Want::Token(rng.sampling()),
                     2 => Want::Verify {
                         spec: rng.sampling(),
                         draft: rng.u32s(rows as usize - 1),
+                    },
+                    3 => Want::Normed {
+                        rows: if rng.bool() {
+                            LogitRows::Last
+                        } else {
+                            LogitRows::All
+                        },
                     },
                     _ => Want::Logits {
                         rows: if rng.bool() {
@@ -591,12 +598,12 @@ fn ask() -> Ask {
 #[test]
 fn agent_message_frame_bytes() {
     let frame = Message::Describe(Describe).to_frame().unwrap();
-    assert_eq!(frame, [b'S', b'H', b'O', b'L', 10, 0, 0x30, 0, 0, 0, 0, 0]);
+    assert_eq!(frame, [b'S', b'H', b'O', b'L', 11, 0, 0x30, 0, 0, 0, 0, 0]);
 
     let frame = Message::AgentCard(card()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 10, 0, 0x31, 0, 55, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 11, 0, 0x31, 0, 55, 0, 0, 0,
         2, 0, 0, 0, b'a', b'1',                         // node_id
         6, 0, 0, 0, b'c', b'r', b'i', b't', b'i', b'c', // role
         6, 0, 0, 0, b'm', b'.', b'g', b'g', b'u', b'f', // model_id
@@ -613,7 +620,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Ask(ask()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 10, 0, 0x32, 0, 87, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 11, 0, 0x32, 0, 87, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 9, 0, 0, 0, b'B', b'e', b' ', b'b', b'r', b'i', b'e', b'f', b'.', // Some(system)
         1, 0, 0, 0,                                     // one turn
@@ -666,7 +673,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Answer(answer.clone()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 10, 0, 0x33, 0, 27, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 11, 0, 0x33, 0, 27, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 0, 0, 0, b'4',                               // text
         1,                                              // finish: length

@@ -99,6 +99,8 @@ pub struct PipelineConfig {
     /// A chat template (Jinja source) the head renders prompts with instead of the model
     /// file's own; `None`: the file's.
     pub chat_template: Option<String>,
+    /// How [`crate::Pipeline::embed`] pools; `None`: as the model file says.
+    pub pooling: Option<shoal_engine::Pooling>,
 }
 
 impl PipelineConfig {
@@ -136,6 +138,7 @@ impl PipelineConfig {
             speculation: None,
             draft_model: None,
             chat_template: None,
+            pooling: None,
         }
     }
 }

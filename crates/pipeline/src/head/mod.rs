@@ -11,6 +11,7 @@
 //! `layout.rs`: the layer arithmetic of a ring and of a re-plan.
 
 mod config;
+mod embed;
 mod layout;
 mod local;
 mod replies;
@@ -31,8 +32,8 @@ use shoal_engine::{
     PromptFormat, Sampler, SamplingParams, Stage, StageSpec, TokenLogprob, Tokenizer,
 };
 use shoal_wire::{
-    Capabilities, EndSession, ErrorCode, Forward, JsonAnswer, LoadStage, Message, Payload, Ping,
-    Resume, Want, WireError, MAX_TOP_LOGPROBS,
+    Activations, Capabilities, EndSession, ErrorCode, Forward, JsonAnswer, LoadStage, Message,
+    Payload, Ping, Resume, Want, WireError, MAX_TOP_LOGPROBS,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -1029,7 +1030,7 @@ impl Pipeline {
                         if wants_token {
                             token = match self.wait_reply(rx, seq).await? {
                                 Drawn::Token(t, lp) => Some((t, lp)),
-                                Drawn::Verified(_) => return Err(unasked_draws()),
+                                Drawn::Verified(_) | Drawn::Rows(_) => return Err(unasked_draws()),
                             };
                         }
                         seq += 1;
@@ -1117,7 +1118,7 @@ impl Pipeline {
         send_first(ring, msg).await?;
         let draws = match self.wait_reply(rx, seq).await? {
             Drawn::Verified(draws) => draws,
-            Drawn::Token(..) => return Err(unasked_draws()),
+            Drawn::Token(..) | Drawn::Rows(_) => return Err(unasked_draws()),
         };
         // The draws follow the guesses up to the last; anything else is not a verify.
         let n = draws.len();
@@ -1150,7 +1151,12 @@ impl Pipeline {
             positions: positions.iter().map(|&p| p as usize).collect(),
             cache: c,
             logits,
-            dtype: self.config.activation_dtype,
+            // Normed rows are an embedding's product: not rounded on the way.
+            dtype: if logits == Logits::Normed {
+                shoal_wire::DType::F32
+            } else {
+                self.config.activation_dtype
+            },
             reply,
         };
         self.local.send(job).map_err(|_| lost())?;
@@ -1160,7 +1166,7 @@ impl Pipeline {
     }
 
     /// What the last stage drew for step `seq`: a token (with its log-probabilities when
-    /// they were asked for), or a verify's draws.
+    /// they were asked for), a verify's draws, or an embedding's rows.
     async fn wait_reply(&self, rx: &mut mpsc::UnboundedReceiver<Reply>, seq: u64) -> Result<Drawn> {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         loop {
@@ -1186,6 +1192,10 @@ impl Pipeline {
                 }
                 Ok(Some(Reply::Verified(v))) if v.seq == seq => {
                     return Ok(Drawn::Verified(v.tokens));
+                }
+                Ok(Some(Reply::Rows(l))) if l.seq == seq => return Ok(Drawn::Rows(l.logits)),
+                Ok(Some(Reply::Rows(l))) => {
+                    tracing::debug!(seq = l.seq, expected = seq, "stale rows ignored");
                 }
                 Ok(Some(Reply::Token(t))) => {
                     tracing::debug!(seq = t.seq, expected = seq, "stale token ignored");
@@ -1288,6 +1298,8 @@ enum Drawn {
     Token(u32, Option<TokenLogprob>),
     /// A verify's draws.
     Verified(Vec<u32>),
+    /// The rows an embedding asked for.
+    Rows(Activations),
 }
 
 fn unasked_draws() -> PipelineError {

@@ -1,12 +1,13 @@
-//! The head's reply listener: the last stage's tokens and errors, routed to their sessions.
+//! The head's reply listener: the last stage's tokens, rows and errors, routed to their
+//! sessions.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use shoal_wire::{
-    serve_peers, Capabilities, Connection, ErrorCode, ErrorMessage, HelloAck, Message, PeerService,
-    ServeConfig, Token, Transport, Verified, WireError,
+    serve_peers, Capabilities, Connection, ErrorCode, ErrorMessage, HelloAck, Logits, Message,
+    PeerService, ServeConfig, Token, Transport, Verified, WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -16,6 +17,8 @@ pub(super) enum Reply {
     Token(Token),
     /// The draws of a speculative verify.
     Verified(Verified),
+    /// Rows an embedding asked for (the last stage's normed hidden states).
+    Rows(Logits),
     /// The session's ring broke (a link closed).
     Error(String),
     /// A stage refused the session's work, with its error code.
@@ -60,6 +63,14 @@ impl Router {
                 from,
                 session_id = v.session_id,
                 "dropped draws from a node that is not the ring's last stage"
+            ),
+            Message::Logits(l) if self.is_last_stage(from) => {
+                self.deliver(l.session_id, Reply::Rows(l))
+            }
+            Message::Logits(l) => tracing::warn!(
+                from,
+                session_id = l.session_id,
+                "dropped rows from a node that is not the ring's last stage"
             ),
             Message::Error(e) => match e.session_id {
                 Some(id) => self.deliver(id, Reply::Refused(e.code, e.message)),
@@ -207,7 +218,7 @@ mod tests {
     /// stage, a stage of an earlier ring, any node with the key) cannot inject one. Errors
     /// are heard from every stage, since any of them may fail a session's work.
     #[test]
-    fn tokens_count_only_from_the_last_stage() {
+    fn tokens_and_rows_count_only_from_the_last_stage() {
         let router = Router::default();
         let mut rx = router.register(1);
         router.route(token(1), "last");
@@ -218,6 +229,18 @@ mod tests {
         assert!(rx.try_recv().is_err(), "a token from a middle stage counts");
         router.route(token(1), "last");
         assert!(matches!(rx.try_recv(), Ok(Reply::Token(t)) if t.token_id == 42));
+        let rows = || {
+            Message::Logits(Logits {
+                session_id: 1,
+                seq: 3,
+                logits: shoal_wire::Activations::from_f32(1, 1, &[0.5], shoal_wire::DType::F32)
+                    .unwrap(),
+            })
+        };
+        router.route(rows(), "middle");
+        assert!(rx.try_recv().is_err(), "rows from a middle stage count");
+        router.route(rows(), "last");
+        assert!(matches!(rx.try_recv(), Ok(Reply::Rows(l)) if l.seq == 3));
 
         let error = ErrorMessage::new(ErrorCode::BAD_REQUEST, Some(1), "no");
         router.route(Message::Error(error), "middle");

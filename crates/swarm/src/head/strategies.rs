@@ -519,9 +519,12 @@ impl Run<'_> {
             .into_iter()
             .map(|job| swarm.send(job, wait.limit))
             .collect();
-        let gathered = gather(sends, wait, |i, a: &Answer| {
-            !a.text.trim().is_empty() && asked.get(i).is_some_and(|(_, task)| counts(task))
-        })
+        let gathered = gather(
+            sends,
+            wait,
+            |i| asked.get(i).is_some_and(|(_, task)| counts(task)),
+            |a: &Answer| !a.text.trim().is_empty(),
+        )
         .await;
         let mut got = Vec::new();
         for ((target, task), result) in asked.into_iter().zip(gathered.results) {
@@ -531,6 +534,8 @@ impl Run<'_> {
                     gathered.waited.as_millis(),
                     if gathered.answered {
                         "others had answered"
+                    } else if gathered.hopeless {
+                        "every ask that could answer had failed"
                     } else {
                         "the request's limit"
                     }

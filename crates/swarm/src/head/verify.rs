@@ -350,7 +350,7 @@ impl Run<'_> {
             enough: limit,
             limit,
         };
-        let mut answers = gathering(sends, everyone, |_, _| true);
+        let mut answers = gathering(sends, everyone, |_| true, |_| true);
         let mut round = Round::default();
         while round.passed_all.is_none() {
             let Some((i, result)) = answers.next().await else {

@@ -71,29 +71,37 @@ pub(super) struct Gathered<T, E> {
     pub(super) results: Vec<Option<Result<T, E>>>,
     /// Whether an answer (a result `is_answer` accepts) had come.
     pub(super) answered: bool,
+    /// Whether the wait ended because every ask that counts had come back without an
+    /// answer (the rest could not give one).
+    pub(super) hopeless: bool,
     /// How long the wait took.
     pub(super) waited: Duration,
 }
 
 /// Runs `asks` together: all of them until `wait.enough`; past it, stops as soon as one
-/// has answered (a result `is_answer` accepts, given its index); with none by then, waits
-/// for the first up to `wait.limit`.
+/// has answered (a result of an ask that `counts`, given its index, which `is_answer`
+/// accepts); with none by then, waits for the first up to `wait.limit`. When every ask that
+/// counts has come back without an answer, the others cannot give one and the wait ends
+/// there (`verify`: every candidate failed, so the tests written for them are not waited
+/// for).
 pub(super) async fn gather<T, E, F>(
     asks: Vec<F>,
     wait: Wait,
-    is_answer: impl Fn(usize, &T) -> bool,
+    counts: impl Fn(usize) -> bool,
+    is_answer: impl Fn(&T) -> bool,
 ) -> Gathered<T, E>
 where
     F: Future<Output = Result<T, E>>,
 {
     let mut results: Vec<Option<Result<T, E>>> = asks.iter().map(|_| None).collect();
-    let mut answers = gathering(asks, wait, is_answer);
+    let mut answers = gathering(asks, wait, counts, is_answer);
     while let Some((i, result)) = answers.next().await {
         results[i] = Some(result);
     }
     Gathered {
         results,
         answered: answers.answered,
+        hopeless: answers.hopeful == 0 && !answers.answered,
         waited: answers.started.elapsed(),
     }
 }
@@ -104,6 +112,10 @@ where
 pub(super) struct Gathering<Fut, P> {
     pending: FuturesUnordered<Fut>,
     came: Vec<bool>,
+    /// Whether each ask's answer counts.
+    counts: Vec<bool>,
+    /// Asks that count and have not come back.
+    hopeful: usize,
     started: Instant,
     wait: Wait,
     is_answer: P,
@@ -115,14 +127,18 @@ pub(super) struct Gathering<Fut, P> {
 pub(super) fn gathering<T, E, F, P>(
     asks: Vec<F>,
     wait: Wait,
+    counts: impl Fn(usize) -> bool,
     is_answer: P,
 ) -> Gathering<impl Future<Output = (usize, Result<T, E>)>, P>
 where
     F: Future<Output = Result<T, E>>,
-    P: Fn(usize, &T) -> bool,
+    P: Fn(&T) -> bool,
 {
+    let counts: Vec<bool> = (0..asks.len()).map(counts).collect();
     Gathering {
         came: vec![false; asks.len()],
+        hopeful: counts.iter().filter(|&&c| c).count(),
+        counts,
         pending: asks
             .into_iter()
             .enumerate()
@@ -139,7 +155,7 @@ where
 impl<T, E, Fut, P> Gathering<Fut, P>
 where
     Fut: Future<Output = (usize, Result<T, E>)>,
-    P: Fn(usize, &T) -> bool,
+    P: Fn(&T) -> bool,
 {
     /// The next result and the index of its ask; `None` once the wait is over (every ask
     /// came back, or a deadline passed).
@@ -161,9 +177,12 @@ where
             return None;
         };
         self.came[i] = true;
-        self.answered |= result
-            .as_ref()
-            .is_ok_and(|answer| (self.is_answer)(i, answer));
+        if self.counts[i] {
+            self.hopeful -= 1;
+            self.answered |= result.as_ref().is_ok_and(|answer| (self.is_answer)(answer));
+        }
+        // Nothing left that could answer: the rest are not waited for.
+        self.over = self.hopeful == 0 && !self.answered;
         Some((i, result))
     }
 
@@ -227,7 +246,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn everyone_who_answers_in_time_counts() {
         let asks = vec![answer(3, true), answer(5, true), answer(11, true)];
-        let g = gather(asks, wait(12, 100), |_, _| true).await;
+        let g = gather(asks, wait(12, 100), |_| true, |_| true).await;
         let got: Vec<_> = g.results.into_iter().map(|r| r.map(|r| r.ok())).collect();
         assert_eq!(got, [Some(Some(3)), Some(Some(5)), Some(Some(11))]);
         assert_eq!(
@@ -240,7 +259,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn past_enough_the_head_stops_waiting_for_more() {
         let asks = vec![answer(3, true), answer(30, true)];
-        let g = gather(asks, wait(12, 100), |_, _| true).await;
+        let g = gather(asks, wait(12, 100), |_| true, |_| true).await;
         assert!(g.answered);
         assert!(g.results[0].is_some() && g.results[1].is_none());
         assert_eq!(g.waited, Duration::from_secs(12));
@@ -251,13 +270,13 @@ mod tests {
         // Every agent is still generating at 12 s: the work is not thrown away; the first
         // complete answer (at 40 s) ends the wait, a failure before it does not.
         let asks = vec![answer(70, true), answer(40, true), answer(20, false)];
-        let g = gather(asks, wait(12, 100), |_, _| true).await;
+        let g = gather(asks, wait(12, 100), |_| true, |_| true).await;
         assert_eq!(g.waited, Duration::from_secs(40));
         assert!(matches!(g.results[1], Some(Ok(40))));
         assert!(matches!(g.results[2], Some(Err(_))));
         assert!(g.results[0].is_none());
         // ... but never past the request's limit.
-        let g = gather(vec![answer(500, true)], wait(12, 100), |_, _| true).await;
+        let g = gather(vec![answer(500, true)], wait(12, 100), |_| true, |_| true).await;
         assert!(!g.answered && g.results[0].is_none());
         assert_eq!(g.waited, Duration::from_secs(100));
     }
@@ -267,15 +286,31 @@ mod tests {
         // `verify`: a test writer's answer (index 1) does not end the wait; a candidate's
         // (index 0) does.
         let asks = vec![answer(40, true), answer(2, true), answer(60, true)];
-        let g = gather(asks, wait(12, 100), |i, _| i == 0).await;
+        let g = gather(asks, wait(12, 100), |i| i == 0, |_| true).await;
         assert_eq!(g.waited, Duration::from_secs(40));
         assert!(g.results[1].is_some() && g.results[2].is_none());
     }
 
     #[tokio::test(start_paused = true)]
+    async fn when_every_ask_that_counts_has_failed_the_rest_are_not_waited_for() {
+        // `verify`: both candidates (indices 0 and 1) fail — a request every agent refused —
+        // while the test writer (index 2) is still writing tests for them.
+        let asks = vec![answer(3, false), answer(5, false), answer(60, true)];
+        let g = gather(asks, wait(12, 100), |i| i < 2, |_| true).await;
+        assert_eq!(g.waited, Duration::from_secs(5));
+        assert!(g.hopeless && !g.answered);
+        assert!(g.results[2].is_none());
+        // One candidate that answers: the tests are waited for as before.
+        let asks = vec![answer(3, false), answer(5, true), answer(10, true)];
+        let g = gather(asks, wait(12, 100), |i| i < 2, |_| true).await;
+        assert_eq!(g.waited, Duration::from_secs(10));
+        assert!(!g.hopeless && g.answered);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_answer_the_head_cannot_use_does_not_end_the_wait() {
         let asks = vec![answer(2, true), answer(50, true)];
-        let g = gather(asks, wait(12, 100), |_, secs| *secs > 2).await;
+        let g = gather(asks, wait(12, 100), |_| true, |secs| *secs > 2).await;
         assert_eq!(g.waited, Duration::from_secs(50));
     }
 
@@ -289,7 +324,7 @@ mod tests {
             answer(9, true),
             answer(7, false),
         ];
-        let mut answers = gathering(asks, wait(100, 100), |_, _| true);
+        let mut answers = gathering(asks, wait(100, 100), |_| true, |_| true);
         let started = tokio::time::Instant::now();
         let mut came = Vec::new();
         while let Some((i, result)) = answers.next().await {
@@ -306,7 +341,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_gathering_ends_at_its_deadline_and_stays_ended() {
         let asks = vec![answer(3, true), answer(50, true)];
-        let mut answers = gathering(asks, wait(12, 100), |_, _| true);
+        let mut answers = gathering(asks, wait(12, 100), |_| true, |_| true);
         assert!(matches!(answers.next().await, Some((0, Ok(3)))));
         assert!(
             answers.next().await.is_none(),

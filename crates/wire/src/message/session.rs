@@ -43,7 +43,7 @@ pub const MAX_LEAD: usize = 256;
 /// | `plan_id` | `u64` |
 /// | `positions` | `u32` count (1..=[`MAX_TOKENS`]), then `u32` each |
 /// | `payload` | `u8` tag: 0 tokens: `u32` count, `u32` each; 1 hidden: activations (`u32` rows, `u32` cols, `u8` dtype, data) |
-/// | `want` | `u8` tag: 0 nothing; 1 token: [`SamplingSpec`]; 2 logits: `u8` rows (0 last, 1 all), `u8` dtype |
+/// | `want` | `u8` tag: 0 nothing; 1 token: [`SamplingSpec`]; 2 logits: `u8` rows (0 last, 1 all), `u8` dtype; 3 verify: [`SamplingSpec`], `u32` count, `u32` each; 4 normed: `u8` rows (0 last, 1 all) |
 /// | `reply_to` | socket address (`u8` family 4/6, 4 or 16 octets, `u16` port) |
 /// | `resume` | `u8` tag: 0 none; 1: `u64` from_session, `u32` len |
 ///
@@ -124,15 +124,37 @@ pub enum Want {
     /// session's next `Forward` may start at any row after the first, dropping the rows
     /// from there on: the guesses the draws did not keep.
     Verify { spec: SamplingSpec, draft: Vec<u32> },
+    /// Embeddings (protocol 11): no logits; reply [`Logits`] holding the hidden states after
+    /// the model's final norm (what an embedding is pooled from), `cols` = the hidden size,
+    /// as `f32` (an embedding is the product, so it is not rounded on the way), for the
+    /// last row or for every row.
+    Normed { rows: LogitRows },
 }
 
-/// Which rows' logits a [`Want::Logits`] asks for.
+/// Which rows a [`Want::Logits`] or [`Want::Normed`] asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitRows {
     /// The last row only.
     Last,
     /// Every row (speculative verify: one row per draft token).
     All,
+}
+
+impl LogitRows {
+    fn parse(r: &mut Reader) -> Result<Self, WireError> {
+        match r.u8("rows")? {
+            0 => Ok(LogitRows::Last),
+            1 => Ok(LogitRows::All),
+            t => Err(r.invalid("rows", format!("is {t}, expected 0 (last) or 1 (all)"))),
+        }
+    }
+
+    fn encode(self, out: &mut Vec<u8>) {
+        out.put_u8(match self {
+            LogitRows::Last => 0,
+            LogitRows::All => 1,
+        });
+    }
 }
 
 /// How the last stage samples. The head owns these and sends them with every sampling
@@ -370,30 +392,24 @@ impl Forward {
         let want = match r.u8("want tag")? {
             0 => Want::Nothing,
             1 => Want::Token(SamplingSpec::parse(r)?),
-            2 => {
-                let rows = match r.u8("logit rows")? {
-                    0 => LogitRows::Last,
-                    1 => LogitRows::All,
-                    t => {
-                        return Err(r.invalid(
-                            "logit rows",
-                            format!("is {t}, expected 0 (last) or 1 (all)"),
-                        ))
-                    }
-                };
-                Want::Logits {
-                    rows,
-                    dtype: DType::parse(r, "logits dtype")?,
-                }
-            }
+            2 => Want::Logits {
+                rows: LogitRows::parse(r)?,
+                dtype: DType::parse(r, "logits dtype")?,
+            },
             3 => Want::Verify {
                 spec: SamplingSpec::parse(r)?,
                 draft: r.u32_vec("draft", MAX_TOKENS)?,
             },
+            4 => Want::Normed {
+                rows: LogitRows::parse(r)?,
+            },
             t => {
                 return Err(r.invalid(
                     "want tag",
-                    format!("is {t}, expected 0 (nothing), 1 (token), 2 (logits) or 3 (verify)"),
+                    format!(
+                        "is {t}, expected 0 (nothing), 1 (token), 2 (logits), 3 (verify) or \
+                         4 (normed)"
+                    ),
                 ))
             }
         };
@@ -448,16 +464,17 @@ impl Forward {
             }
             Want::Logits { rows, dtype } => {
                 out.put_u8(2);
-                out.put_u8(match rows {
-                    LogitRows::Last => 0,
-                    LogitRows::All => 1,
-                });
+                rows.encode(out);
                 out.put_u8(dtype.to_u8());
             }
             Want::Verify { spec, draft } => {
                 out.put_u8(3);
                 spec.encode(out);
                 put_u32_vec(out, draft);
+            }
+            Want::Normed { rows } => {
+                out.put_u8(4);
+                rows.encode(out);
             }
         }
         put_socket_addr(out, &self.reply_to);
@@ -509,7 +526,7 @@ impl Forward {
                     });
                 }
             }
-            Want::Nothing | Want::Logits { .. } => {}
+            Want::Nothing | Want::Logits { .. } | Want::Normed { .. } => {}
         }
         Ok(())
     }
@@ -646,8 +663,9 @@ impl Token {
     }
 }
 
-/// `Logits` (`0x0022`): last stage → head, logits for `(session_id, seq)`, one row per
-/// requested token, `cols` = vocabulary size.
+/// `Logits` (`0x0022`): last stage → head, the rows a [`Want::Logits`] or [`Want::Normed`]
+/// asked for `(session_id, seq)`: one row per requested token, `cols` = the vocabulary size
+/// (logits) or the hidden size (normed hidden states).
 ///
 /// | field | encoding |
 /// |---|---|
@@ -659,7 +677,7 @@ pub struct Logits {
     pub session_id: u64,
     /// The `seq` of the `Forward` this answers.
     pub seq: u64,
-    /// `rows × vocab` logits.
+    /// `rows × vocab` logits, or `rows × hidden` normed hidden states.
     pub logits: Activations,
 }
 
@@ -782,7 +800,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 10, 0, 0x20, 0, 58, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 11, 0, 0x20, 0, 58, 0, 0, 0,
             0x11, 0, 0, 0, 0, 0, 0, 0,              // session_id
             0x22, 0, 0, 0, 0, 0, 0, 0,              // seq
             0x33, 0, 0, 0, 0, 0, 0, 0,              // plan_id
@@ -816,7 +834,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 10, 0, 0x20, 0, 57, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 11, 0, 0x20, 0, 57, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
@@ -905,7 +923,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 10, 0, 0x21, 0, 37, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 11, 0, 0x21, 0, 37, 0, 0, 0,
             3, 0, 0, 0, 0, 0, 0, 0,
             4, 0, 0, 0, 0, 0, 0, 0,
             4, 3, 2, 1,
@@ -916,7 +934,7 @@ mod tests {
         let frame = Message::EndSession(EndSession::free(5)).to_frame().unwrap();
         assert_eq!(
             frame,
-            [b'S', b'H', b'O', b'L', 10, 0, 0x23, 0, 9, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0]
+            [b'S', b'H', b'O', b'L', 11, 0, 0x23, 0, 9, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0]
         );
         let frame = Message::EndSession(EndSession {
             session_id: 5,
@@ -936,7 +954,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 10, 0, 0x24, 0, 12, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 11, 0, 0x24, 0, 12, 0, 0, 0,
             5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0,
         ]);
     }
@@ -953,12 +971,42 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 10, 0, 0x22, 0, 29, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 11, 0, 0x22, 0, 29, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 1, 0, 0, 0, 2,
             0, 0, 0, 0x40,
         ]);
+    }
+
+    #[test]
+    fn a_normed_want_is_its_tag_and_rows_and_other_rows_are_refused() {
+        let msg = Message::Forward(Forward {
+            session_id: 1,
+            seq: 0,
+            plan_id: 1,
+            positions: vec![0],
+            payload: Payload::Tokens(vec![5]),
+            want: Want::Normed {
+                rows: LogitRows::All,
+            },
+            reply_to: addr(),
+            resume: None,
+        });
+        let mut frame = msg.to_frame().unwrap();
+        // header, ids, one position, one token; then the want, reply_to (7) and resume (1).
+        let want = frame.len() - 8 - 2;
+        assert_eq!(frame[want..want + 2], [4, 1]);
+        assert_eq!(decode(&frame).unwrap(), msg);
+        frame[want + 1] = 2;
+        let err = decode(&frame).unwrap_err().to_string();
+        assert!(err.contains("rows") && err.contains("is 2"), "{err}");
+        frame[want] = 5;
+        let err = decode(&frame).unwrap_err().to_string();
+        assert!(
+            err.contains("want tag") && err.contains("4 (normed)"),
+            "{err}"
+        );
     }
 
     fn tokens_forward() -> Vec<u8> {
@@ -1049,7 +1097,7 @@ mod tests {
         ));
         let mut bad = frame.clone();
         let want_at = payload_tag_at + 1 + 4 + 12;
-        bad[want_at] = 4;
+        bad[want_at] = 5;
         assert!(matches!(
             decode(&bad).unwrap_err(),
             WireError::Invalid {

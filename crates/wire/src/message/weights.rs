@@ -256,7 +256,7 @@ mod tests {
     #[test]
     fn get_weights_frame_bytes() {
         let frame = Message::GetWeights(get()).to_frame().unwrap();
-        let mut expected = vec![b'S', b'H', b'O', b'L', 10, 0, 0x60, 0, 52, 0, 0, 0];
+        let mut expected = vec![b'S', b'H', b'O', b'L', 11, 0, 0x60, 0, 52, 0, 0, 0];
         expected.extend_from_slice(&[6, 0, 0, 0]);
         expected.extend_from_slice(b"m.gguf");
         expected.extend_from_slice(&[7; 32]);

@@ -1,0 +1,181 @@
+//! Embeddings through the ring: a text runs down the ring as a prompt does, in the chunks a
+//! whole model embeds in; the last stage sends back the hidden states after the final norm
+//! (`Want::Normed`, protocol 11) and the head pools them as a whole model would
+//! ([`Pooler`]), so a node heading a ring answers `/v1/embeddings` with the vector one
+//! device would give.
+
+use shoal_engine::generate::PREFILL_CHUNK;
+use shoal_engine::{EngineError, Logits, Pooler, Pooling};
+use shoal_wire::{Activations, EndSession, Forward, LogitRows, Message, Payload, Want};
+use tokio::sync::mpsc;
+
+use super::{
+    chunk_ends, end_sessions, send_first, to_u32, unasked_draws, Drawn, LocalOut, Pipeline, Reply,
+    Ring, SessionGuard, MAX_RECOVERIES,
+};
+use crate::error::{PipelineError, Result};
+
+impl Pipeline {
+    /// An embedding of `tokens`: pooled as [`crate::PipelineConfig::pooling`] or the model
+    /// file says, at unit length — with f32 activations (the default) the very vector
+    /// `shoal_engine::Model::embed` gives on one device. Runs as a session of its own, so no
+    /// generation's cache is touched; `interrupted` is asked between chunks. A stage lost on
+    /// the way is replaced as for a generation, and the text run again on the new ring.
+    pub async fn embed(
+        &self,
+        tokens: &[u32],
+        interrupted: impl Fn() -> bool + Send + Sync,
+    ) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(PipelineError::InvalidRequest("nothing to embed".into()));
+        }
+        let limit = self.model.context_length;
+        if tokens.len() > limit {
+            return Err(PipelineError::InvalidRequest(format!(
+                "the text has {} tokens and the context holds {limit}",
+                tokens.len()
+            )));
+        }
+        let pooling = self.config.pooling.unwrap_or(self.model.pooling);
+        let mut recoveries = 0;
+        loop {
+            let ring = self.current_ring();
+            match self.embed_on(&ring, tokens, pooling, &interrupted).await {
+                Err(e)
+                    if self.config.recover
+                        && e.is_stage_loss()
+                        && !ring.peers.is_empty()
+                        && recoveries < MAX_RECOVERIES =>
+                {
+                    recoveries += 1;
+                    tracing::warn!(error = %e, "lost a stage mid-embedding; re-planning and running it again");
+                    self.recover(&ring).await?;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// One attempt at an embedding, on `ring`, as a session of its own.
+    async fn embed_on(
+        &self,
+        ring: &Ring,
+        tokens: &[u32],
+        pooling: Pooling,
+        interrupted: &(impl Fn() -> bool + Send + Sync),
+    ) -> Result<Vec<f32>> {
+        let session_id = self
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut rx = self.router.register(session_id);
+        let mut guard = SessionGuard {
+            id: session_id,
+            router: self.router.clone(),
+            peers: ring.peers.clone(),
+            ended: false,
+        };
+        let result = self
+            .pool_rows(ring, session_id, &mut rx, tokens, pooling, interrupted)
+            .await;
+        self.router.unregister(session_id);
+        end_sessions(ring.peers.clone(), vec![EndSession::free(session_id)]).await;
+        guard.ended = true;
+        result
+    }
+
+    /// Sends every chunk down the ring (the head's stage runs the next while the peers run
+    /// this one), asking the last stage for the rows `pooling` needs — every row for the
+    /// mean, the first chunk's for the first row, the last row of the last chunk — then
+    /// pools them in order.
+    async fn pool_rows(
+        &self,
+        ring: &Ring,
+        session_id: u64,
+        rx: &mut mpsc::UnboundedReceiver<Reply>,
+        tokens: &[u32],
+        pooling: Pooling,
+        interrupted: &(impl Fn() -> bool + Send + Sync),
+    ) -> Result<Vec<f32>> {
+        let hidden = self.model.hidden;
+        let alone = ring.peers.is_empty();
+        let mut pooler = Pooler::new(pooling, hidden);
+        let mut cache = Some(ring.stage.new_cache());
+        let pieces = chunk_ends(0, tokens.len(), PREFILL_CHUNK);
+        let n_chunks = pieces.len();
+        // The steps whose rows the last stage sends back, and how many rows each.
+        let mut asked = Vec::new();
+        let mut start = 0;
+        for (i, end) in pieces.into_iter().enumerate() {
+            if i > 0 && interrupted() {
+                return Err(EngineError::Interrupted.into());
+            }
+            let rows = match pooling {
+                Pooling::Mean => Some(LogitRows::All),
+                Pooling::First => (i == 0).then_some(LogitRows::All),
+                Pooling::Last => (i + 1 == n_chunks).then_some(LogitRows::Last),
+            };
+            let positions: Vec<u32> = (start..end).map(to_u32).collect::<Result<_>>()?;
+            // A head alone holds the final norm itself.
+            let logits = if alone { Logits::Normed } else { Logits::Last };
+            let piece = tokens[start..end].to_vec();
+            let out = self
+                .run_local(session_id, ring, &mut cache, piece, &positions, logits)
+                .await?;
+            let LocalOut::Hidden(a) = out else {
+                return Err(PipelineError::Task(
+                    "the head's stage computed logits for an embedding".into(),
+                ));
+            };
+            if alone {
+                if rows.is_some() {
+                    push_rows(&mut pooler, &a, a.rows() as usize, hidden)?;
+                }
+            } else {
+                let seq = i as u64;
+                let msg = Message::Forward(Forward {
+                    session_id,
+                    seq,
+                    plan_id: ring.plan_id,
+                    positions,
+                    payload: Payload::Hidden(a),
+                    want: rows.map_or(Want::Nothing, |rows| Want::Normed { rows }),
+                    reply_to: self.reply_addr,
+                    resume: None,
+                });
+                send_first(ring, msg).await?;
+                if let Some(rows) = rows {
+                    let expected = match rows {
+                        LogitRows::All => end - start,
+                        LogitRows::Last => 1,
+                    };
+                    asked.push((seq, expected));
+                }
+            }
+            start = end;
+        }
+        for (seq, expected) in asked {
+            match self.wait_reply(rx, seq).await? {
+                Drawn::Rows(a) => push_rows(&mut pooler, &a, expected, hidden)?,
+                Drawn::Token(..) | Drawn::Verified(_) => return Err(unasked_draws()),
+            }
+        }
+        Ok(pooler.finish())
+    }
+}
+
+/// Pools `a`'s rows, which must be `rows` rows of `hidden` values: a last stage that sends
+/// another shape is not answering this embedding.
+fn push_rows(pooler: &mut Pooler, a: &Activations, rows: usize, hidden: usize) -> Result<()> {
+    if a.rows() as usize != rows || a.cols() as usize != hidden {
+        return Err(PipelineError::StageFailed(format!(
+            "the last stage sent {} rows of {} values for an embedding step of {rows} rows of \
+             {hidden}",
+            a.rows(),
+            a.cols()
+        )));
+    }
+    for row in a.to_f32().chunks_exact(hidden.max(1)) {
+        pooler.push(row);
+    }
+    Ok(())
+}
