@@ -66,6 +66,7 @@ pub(crate) async fn chat_completions(
 pub(crate) async fn answer_whole(state: AppState, body: String) -> Result<String, ApiRefusal> {
     let refused = |e: ApiError| ApiRefusal {
         status: e.status.as_u16(),
+        code: e.code.map(str::to_owned),
         message: e.message,
     };
     let received = Instant::now();
@@ -82,20 +83,24 @@ pub(crate) async fn answer_whole(state: AppState, body: String) -> Result<String
         .await
         .map_err(|e| ApiRefusal {
             status: 500,
+            code: None,
             message: format!("cannot read this node's own answer: {e}"),
         })?;
     let text = String::from_utf8_lossy(&bytes).into_owned();
     if status.is_success() {
         return Ok(text);
     }
-    // An error body: `{"error": {"message": …}}`.
-    let message = serde_json::from_str::<Value>(&text)
-        .ok()
-        .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_owned))
-        .unwrap_or(text);
+    // An error body: `{"error": {"message": …, "code": …}}`.
+    let error = serde_json::from_str::<Value>(&text).ok();
+    let field = |name: &str| {
+        error
+            .as_ref()
+            .and_then(|v| v.get("error")?.get(name)?.as_str().map(str::to_owned))
+    };
     Err(ApiRefusal {
         status: status.as_u16(),
-        message,
+        code: field("code"),
+        message: field("message").unwrap_or(text),
     })
 }
 

@@ -1,8 +1,8 @@
 //! `POST /v1/embeddings` (OpenAI's, as llama-server answers it) and the embeddings behind
 //! Ollama's `/api/embed`: a text's vector from the node's model, whole or a ring of stages it
 //! heads (the last stage sends the normed rows back) — every token's hidden state after the
-//! final norm, mean-pooled and scaled to unit length, as llama.cpp makes one from a
-//! generative model. Retrieval front ends (Open WebUI's documents, Continue's
+//! final norm, pooled as the model file or `--pooling` says (the mean for a generative
+//! model) and scaled to unit length, as llama.cpp makes one. Retrieval front ends (Open WebUI's documents, Continue's
 //! codebase index) ask for these.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -156,7 +156,8 @@ fn ring_error(e: PipelineError) -> ApiError {
     match e {
         PipelineError::InvalidRequest(message) => ApiError::invalid_value("input", message),
         PipelineError::Engine(e) => ApiError::from_engine(e, "input"),
-        e => ApiError::internal(format!("the pipeline failed: {e}")),
+        // A lost or busy stage, a timeout: as for a generation through the ring.
+        e => ApiError::unavailable(format!("the pipeline failed: {e}")),
     }
 }
 

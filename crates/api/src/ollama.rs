@@ -1,6 +1,6 @@
 //! The Ollama API, for the clients that speak it (Open WebUI, Continue, the `ollama`
-//! packages): `POST /api/chat`, `POST /api/generate`, `GET /api/tags`, `POST /api/show`,
-//! `GET /api/ps`, `GET /api/version`.
+//! packages): `POST /api/chat`, `POST /api/generate`, `POST /api/embed`, `POST
+//! /api/embeddings`, `GET /api/tags`, `POST /api/show`, `GET /api/ps`, `GET /api/version`.
 //!
 //! Requests are translated into OpenAI's [`CompletionRequest`] and go the same way as
 //! `/v1/chat/completions` (`prepare_chat` / `prepare_text`, then `start`), so checks,
@@ -8,7 +8,7 @@
 //! differs. Ollama streams by default, as newline-delimited JSON (one object a line, the
 //! last with `"done": true` and the totals), and its errors are `{"error": "message"}`.
 //!
-//! Not supported: images (a 400), embeddings, and managing models (pull, push, create,
+//! Not supported: images (a 400) and managing models (pull, push, create,
 //! copy, delete: a 501 saying so) — a node serves the one model it was started with.
 
 use std::convert::Infallible;

@@ -400,7 +400,11 @@ fn from_swarm(e: SwarmError) -> ApiError {
     match e {
         SwarmError::NoQuestion => ApiError::invalid_value("messages", e.to_string()),
         // Streamed requests have begun (200) by then: the error comes in the stream.
-        SwarmError::Refused(_) => ApiError::invalid_request(e.to_string()),
+        SwarmError::Refused {
+            context_length: true,
+            ..
+        } => ApiError::context_length_exceeded("messages", e.to_string()),
+        SwarmError::Refused { .. } => ApiError::invalid_request(e.to_string()),
         SwarmError::NoAgents | SwarmError::NoAnswer(_) => ApiError::unavailable(e.to_string()),
     }
 }

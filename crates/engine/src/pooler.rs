@@ -45,11 +45,6 @@ impl Pooler {
         self.rows += 1;
     }
 
-    /// Rows taken so far.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// The embedding: the pooled rows at unit length (a zero vector stays zero).
     pub fn finish(self) -> Vec<f32> {
         let n = match self.pooling {

@@ -4,7 +4,8 @@
 //! and answers `StageReady`. Then `Forward`s arrive: the server runs its stage on the
 //! session's KV cache and either forwards the hidden states to the next stage (ring, not star:
 //! design §3) or, as the last stage, samples and sends the `Token` to the `reply_to` address of
-//! the head. Stages hold only KV caches and, on the last stage, the session's sampler (its
+//! the head (or, for an embedding, sends back the rows after the final norm as `Logits`).
+//! Stages hold only KV caches and, on the last stage, the session's sampler (its
 //! random state must carry from token to token to match a single-process run with the same
 //! seed); the head owns everything else.
 //!

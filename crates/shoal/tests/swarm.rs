@@ -395,14 +395,24 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
     assert!(!out["final_answer"].as_str().unwrap().is_empty());
 
     // A request every agent refuses as invalid (longer than every model's context) is the
-    // client's to mend: a 400 with the agents' reason, as one node gives, not a 503.
+    // client's to mend: a 400 with the agents' reason and, as one node gives it, OpenAI's
+    // `context_length_exceeded` (agents compact their history on it), not a 503.
     let too_long = "hello ".repeat(12_000);
+    let code = |body: &str| {
+        let v: Value = serde_json::from_str(body).unwrap();
+        v["error"]["code"].as_str().map(str::to_owned)
+    };
     for model in ["swarm", "swarm:vote", "swarm:moa"] {
         let body = common::chat_body(model, &too_long, 8, false);
         let r = http(head.addr, "POST", "/v1/chat/completions", Some(&body)).unwrap();
         assert_eq!(r.status, 400, "{model}: {}", r.body);
         assert!(r.body.contains("every agent asked refused"), "{}", r.body);
         assert!(r.body.contains("context"), "{}", r.body);
+        assert_eq!(
+            code(&r.body).as_deref(),
+            Some("context_length_exceeded"),
+            "{model}"
+        );
     }
     // `verify` on a coding task refused alike: its test writers (given a shorter prompt of
     // the head's making) are not waited for once every candidate has been refused.
@@ -413,6 +423,7 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
     let r = http(head.addr, "POST", "/v1/chat/completions", Some(&body)).unwrap();
     assert_eq!(r.status, 400, "verify: {}", r.body);
     assert!(r.body.contains("every agent asked refused"), "{}", r.body);
+    assert_eq!(code(&r.body).as_deref(), Some("context_length_exceeded"));
     let single = http(
         reasoner.addr,
         "POST",
@@ -426,6 +437,10 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
     )
     .unwrap();
     assert_eq!(single.status, 400, "one node alike: {}", single.body);
+    assert_eq!(
+        code(&single.body).as_deref(),
+        Some("context_length_exceeded")
+    );
     // More stop strings than the wire carries to agents: refused up front, by name.
     let stops: Vec<String> = (0..9).map(|i| format!("STOP{i}")).collect();
     let body = json!({"model": "swarm", "messages": [{"role": "user", "content": "hi"}],

@@ -478,7 +478,7 @@ async fn a_prompt_beyond_the_context_is_refused_and_the_connection_stays() {
     let Some(Message::Error(e)) = conn.read_frame().await.unwrap() else {
         panic!("no Error frame")
     };
-    assert_eq!(e.code, ErrorCode::BAD_REQUEST);
+    assert_eq!(e.code, ErrorCode::CONTEXT_LENGTH);
     assert_eq!(e.session_id, Some(11), "the error names the request");
     assert!(e.message.contains("context"), "{}", e.message);
 
@@ -504,11 +504,12 @@ async fn a_prompt_beyond_the_context_is_refused_and_the_connection_stays() {
         .unwrap_err();
     match &err {
         AgentError::Remote { code, message, .. } => {
-            assert_eq!(*code, ErrorCode::BAD_REQUEST);
+            assert_eq!(*code, ErrorCode::CONTEXT_LENGTH);
             assert!(message.contains("context of"), "{message}");
         }
         other => panic!("not a remote error: {other}"),
     }
+    assert!(err.refused_request() && err.context_length());
 }
 
 #[tokio::test]
@@ -564,12 +565,14 @@ fn recording_chat_api(seen: Arc<std::sync::Mutex<Vec<String>>>) -> ChatApi {
             if request.contains("bad") {
                 return Err(ApiRefusal {
                     status: 400,
+                    code: Some("invalid_value".into()),
                     message: "`tool_choice` names no tool".into(),
                 });
             }
             if request.contains("busy") {
                 return Err(ApiRefusal {
                     status: 429,
+                    code: Some("queue_full".into()),
                     message: "the queue is full".into(),
                 });
             }

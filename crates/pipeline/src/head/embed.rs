@@ -4,6 +4,8 @@
 //! ([`Pooler`]), so a node heading a ring answers `/v1/embeddings` with the vector one
 //! device would give.
 
+use std::collections::VecDeque;
+
 use shoal_engine::generate::PREFILL_CHUNK;
 use shoal_engine::{EngineError, Logits, Pooler, Pooling};
 use shoal_wire::{Activations, EndSession, Forward, LogitRows, Message, Payload, Want};
@@ -83,10 +85,11 @@ impl Pipeline {
         result
     }
 
-    /// Sends every chunk down the ring (the head's stage runs the next while the peers run
+    /// Sends the chunks down the ring (the head's stage runs the next while the peers run
     /// this one), asking the last stage for the rows `pooling` needs — every row for the
-    /// mean, the first chunk's for the first row, the last row of the last chunk — then
-    /// pools them in order.
+    /// mean, the first chunk's for the first row, the last row of the last chunk — and pools
+    /// them in order, at most [`ROWS_IN_FLIGHT`] chunks behind: a long text holds a few
+    /// chunks' rows at a time, not all of them, and a stage's error is seen early.
     async fn pool_rows(
         &self,
         ring: &Ring,
@@ -102,8 +105,9 @@ impl Pipeline {
         let mut cache = Some(ring.stage.new_cache());
         let pieces = chunk_ends(0, tokens.len(), PREFILL_CHUNK);
         let n_chunks = pieces.len();
-        // The steps whose rows the last stage sends back, and how many rows each.
-        let mut asked = Vec::new();
+        // The steps whose rows the last stage sends back and are not pooled yet, and how
+        // many rows each.
+        let mut asked = VecDeque::new();
         let mut start = 0;
         for (i, end) in pieces.into_iter().enumerate() {
             if i > 0 && interrupted() {
@@ -148,20 +152,40 @@ impl Pipeline {
                         LogitRows::All => end - start,
                         LogitRows::Last => 1,
                     };
-                    asked.push((seq, expected));
+                    asked.push_back((seq, expected));
                 }
             }
             start = end;
-        }
-        for (seq, expected) in asked {
-            match self.wait_reply(rx, seq).await? {
-                Drawn::Rows(a) => push_rows(&mut pooler, &a, expected, hidden)?,
-                Drawn::Token(..) | Drawn::Verified(_) => return Err(unasked_draws()),
+            while asked.len() > ROWS_IN_FLIGHT {
+                if let Some((seq, expected)) = asked.pop_front() {
+                    self.pool_reply(rx, seq, expected, &mut pooler).await?;
+                }
             }
+        }
+        while let Some((seq, expected)) = asked.pop_front() {
+            self.pool_reply(rx, seq, expected, &mut pooler).await?;
         }
         Ok(pooler.finish())
     }
+
+    /// Waits for the rows of step `seq` and pools them. One session's steps run in order on
+    /// every stage and its replies come back over one link, so they arrive in `seq` order.
+    async fn pool_reply(
+        &self,
+        rx: &mut mpsc::UnboundedReceiver<Reply>,
+        seq: u64,
+        expected: usize,
+        pooler: &mut Pooler,
+    ) -> Result<()> {
+        match self.wait_reply(rx, seq).await? {
+            Drawn::Rows(a) => push_rows(pooler, &a, expected, self.model.hidden),
+            Drawn::Token(..) | Drawn::Verified(_) => Err(unasked_draws()),
+        }
+    }
 }
+
+/// Chunks whose rows may be on their way back while the head sends the next.
+const ROWS_IN_FLIGHT: usize = 2;
 
 /// Pools `a`'s rows, which must be `rows` rows of `hidden` values: a last stage that sends
 /// another shape is not answering this embedding.
@@ -178,4 +202,30 @@ fn push_rows(pooler: &mut Pooler, a: &Activations, rows: usize, hidden: usize) -
         pooler.push(row);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_wire::DType;
+
+    #[test]
+    fn rows_of_another_shape_are_not_pooled() {
+        let mut pooler = Pooler::new(Pooling::Mean, 2);
+        let rows = Activations::from_f32(2, 2, &[1.0, 0.0, 0.0, 1.0], DType::F32).unwrap();
+        push_rows(&mut pooler, &rows, 2, 2).unwrap();
+        for (count, hidden) in [(3, 2), (1, 2), (2, 3)] {
+            let err = push_rows(&mut pooler, &rows, count, hidden).unwrap_err();
+            assert!(
+                err.to_string().contains("the last stage sent 2 rows of 2"),
+                "{err}"
+            );
+        }
+        let s = 0.5f32.sqrt();
+        assert_eq!(
+            pooler.finish(),
+            vec![s, s],
+            "only the rows of the right shape"
+        );
+    }
 }

@@ -7,7 +7,8 @@
 //!
 //! Here: the pipeline, its ring and recovery, its sessions; `config.rs`: how a pipeline is
 //! described (peers, layers, the re-plan hook); `replies.rs`: the reply listener and the
-//! router that hands tokens to their sessions; `local.rs`: the head's own stage, batched;
+//! router that hands tokens (and an embedding's rows) to their sessions; `embed.rs`:
+//! embeddings through the ring; `local.rs`: the head's own stage, batched;
 //! `layout.rs`: the layer arithmetic of a ring and of a re-plan.
 
 mod config;

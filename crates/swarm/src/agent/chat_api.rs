@@ -21,6 +21,8 @@ pub type ChatApi =
 pub struct ApiRefusal {
     /// The HTTP status it answered with (4xx: the request; 5xx: this node).
     pub status: u16,
+    /// Its error's `code` (OpenAI's, e.g. `context_length_exceeded`), if it gave one.
+    pub code: Option<String>,
     pub message: String,
 }
 

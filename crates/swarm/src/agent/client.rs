@@ -98,8 +98,19 @@ impl AgentError {
     /// Whether the agent judged the request itself invalid (longer than its model's
     /// context, a field it cannot take): asked again, it would refuse again.
     pub fn refused_request(&self) -> bool {
-        matches!(self, AgentError::Remote { code, .. } if *code == ErrorCode::BAD_REQUEST)
+        matches!(self, AgentError::Remote { code, .. } if refuses_request(*code))
     }
+
+    /// Whether the refusal was that the request is longer than the agent's context.
+    pub fn context_length(&self) -> bool {
+        matches!(self, AgentError::Remote { code, .. } if *code == ErrorCode::CONTEXT_LENGTH)
+    }
+}
+
+/// Whether an agent's error code says the request itself is at fault: asked again, or of
+/// another agent of the same kind, it would be refused again.
+pub fn refuses_request(code: ErrorCode) -> bool {
+    code == ErrorCode::BAD_REQUEST || code == ErrorCode::CONTEXT_LENGTH
 }
 
 /// How the head reaches its agents: its node id (for the handshake) and the transport (the

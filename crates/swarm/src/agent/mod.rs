@@ -35,7 +35,7 @@ mod client;
 mod service;
 
 pub use chat_api::{ApiRefusal, ChatApi};
-pub use client::{ask, describe, AgentError, Caller};
+pub use client::{ask, describe, refuses_request, AgentError, Caller};
 pub use service::{measure_decode_speed, AgentConfig, AgentService, Refused};
 
 /// This build's release, sent in handshakes.

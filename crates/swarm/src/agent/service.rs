@@ -335,7 +335,7 @@ impl AgentService {
             let limit = model.config().context_length;
             if prompt.len() >= limit {
                 return Err(AskFailure::Refused(
-                    ErrorCode::BAD_REQUEST,
+                    ErrorCode::CONTEXT_LENGTH,
                     format!(
                         "the prompt is {} tokens but this agent's model has a context of {limit}; \
                          shorten the conversation or ask an agent with a longer context",
@@ -419,6 +419,9 @@ impl AgentService {
             // A full queue is the agent's state, not the request's fault.
             let code = match refusal.status {
                 429 => ErrorCode::OVERLOADED,
+                400 if refusal.code.as_deref() == Some("context_length_exceeded") => {
+                    ErrorCode::CONTEXT_LENGTH
+                }
                 400..=499 => ErrorCode::BAD_REQUEST,
                 _ => ErrorCode::INTERNAL,
             };
@@ -498,9 +501,10 @@ fn generate(
 ) -> Result<Generated, AskFailure> {
     let prompt_tokens = prompt.len();
     let refused = |e: EngineError| match e {
-        EngineError::ContextFull { .. } | EngineError::InvalidInput(_) => {
-            AskFailure::Refused(ErrorCode::BAD_REQUEST, e.to_string())
+        EngineError::ContextFull { .. } => {
+            AskFailure::Refused(ErrorCode::CONTEXT_LENGTH, e.to_string())
         }
+        EngineError::InvalidInput(_) => AskFailure::Refused(ErrorCode::BAD_REQUEST, e.to_string()),
         e => AskFailure::Refused(ErrorCode::INTERNAL, format!("generation failed: {e}")),
     };
     let mut generation = model.generate(prompt, params).map_err(refused)?;

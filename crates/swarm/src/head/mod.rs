@@ -430,6 +430,7 @@ impl Swarm {
                     }
                     Failure {
                         refused_request: e.refused_request(),
+                        context_length: e.context_length(),
                         message: e.to_string(),
                     }
                 })
@@ -437,7 +438,8 @@ impl Swarm {
             Target::Local { service, .. } => {
                 match tokio::time::timeout(timeout, service.answer_here(ask)).await {
                     Ok(result) => result.map_err(|refused| Failure {
-                        refused_request: refused.code == ErrorCode::BAD_REQUEST,
+                        refused_request: agent::refuses_request(refused.code),
+                        context_length: refused.code == ErrorCode::CONTEXT_LENGTH,
                         message: refused.message,
                     }),
                     Err(_) => Err(Failure::from(format!(

@@ -143,6 +143,9 @@ pub struct AgentFailure {
     /// The agent judged the request itself invalid ([`Failure::refused_request`]).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub refused_request: bool,
+    /// ... because it is longer than the agent's context ([`Failure::context_length`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub context_length: bool,
 }
 
 /// Why one job got no answer from its agent.
@@ -153,6 +156,8 @@ pub(crate) struct Failure {
     /// field it cannot take): asked again it would refuse again. When every agent asked
     /// says so, the client gets a `400`, as from one node, not a `503`.
     pub(crate) refused_request: bool,
+    /// The refusal was that the request is longer than the agent's model's context.
+    pub(crate) context_length: bool,
 }
 
 impl From<String> for Failure {
@@ -162,6 +167,7 @@ impl From<String> for Failure {
         Failure {
             message,
             refused_request: false,
+            context_length: false,
         }
     }
 }
@@ -200,7 +206,10 @@ pub enum SwarmError {
     #[error("no agent answered: {0}")]
     NoAnswer(String),
     /// Every agent the request was put to judged it invalid (too long for its model's
-    /// context, say).
-    #[error("every agent asked refused the request: {0}")]
-    Refused(String),
+    /// context, say: then `context_length`, and a client hears it as from one node).
+    #[error("every agent asked refused the request: {message}")]
+    Refused {
+        message: String,
+        context_length: bool,
+    },
 }

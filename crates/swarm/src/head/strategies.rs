@@ -529,17 +529,22 @@ impl Run<'_> {
         let mut got = Vec::new();
         for ((target, task), result) in asked.into_iter().zip(gathered.results) {
             let result = result.unwrap_or_else(|| {
-                Err(Failure::from(format!(
-                    "did not answer in time: the head stopped waiting after {} ms ({})",
-                    gathered.waited.as_millis(),
-                    if gathered.answered {
-                        "others had answered"
-                    } else if gathered.hopeless {
-                        "every ask that could answer had failed"
-                    } else {
-                        "the request's limit"
-                    }
-                )))
+                let waited = gathered.waited.as_millis();
+                Err(Failure::from(if gathered.hopeless {
+                    format!(
+                        "not waited for: after {waited} ms every ask that could give an \
+                         answer had failed"
+                    )
+                } else {
+                    format!(
+                        "did not answer in time: the head stopped waiting after {waited} ms ({})",
+                        if gathered.answered {
+                            "others had answered"
+                        } else {
+                            "the request's limit"
+                        }
+                    )
+                }))
             });
             if let Some(a) = self.accept(&target, task, result) {
                 got.push((target, a));
@@ -612,6 +617,7 @@ impl Run<'_> {
         let Failure {
             message: error,
             refused_request,
+            context_length,
         } = failure.into();
         tracing::info!(agent = %target.name(), task, %error, "swarm agent left out");
         self.failed.push(AgentFailure {
@@ -621,6 +627,7 @@ impl Run<'_> {
             task,
             error,
             refused_request,
+            context_length,
         });
     }
 
@@ -628,7 +635,10 @@ impl Run<'_> {
     /// to refused it (the client's to mend), else everyone's reasons.
     pub(super) fn no_answer(&self) -> SwarmError {
         if let Some(refused) = refusal(&self.failed) {
-            return SwarmError::Refused(format!("{}: {}", refused.agent, refused.error));
+            return SwarmError::Refused {
+                message: format!("{}: {}", refused.agent, refused.error),
+                context_length: refused.context_length,
+            };
         }
         let why: Vec<String> = self
             .failed
@@ -648,15 +658,23 @@ impl Run<'_> {
 /// carry a prompt of the head's making, which may fit where the request does not.
 const REQUEST_TASKS: [&str; 5] = ["answer", "draft", "sample", "resample", "repair"];
 
-/// The first refusal, when the client's request was put to some agent and every one of
-/// them refused it as invalid ([`AgentFailure::refused_request`]).
+/// The refusal to report, when the client's request was put to some agent and every one of
+/// them refused it as invalid ([`AgentFailure::refused_request`]): the first for being
+/// longer than the agent's context, if any was (the request is too long for at least that
+/// agent's model, which is what a client can mend), else the first.
 fn refusal(failed: &[AgentFailure]) -> Option<&AgentFailure> {
-    let mut asked = failed
+    let asked: Vec<&AgentFailure> = failed
         .iter()
         .filter(|f| REQUEST_TASKS.contains(&f.task))
-        .peekable();
-    let first = *asked.peek()?;
-    asked.all(|f| f.refused_request).then_some(first)
+        .collect();
+    if asked.is_empty() || !asked.iter().all(|f| f.refused_request) {
+        return None;
+    }
+    asked
+        .iter()
+        .find(|f| f.context_length)
+        .or(asked.first())
+        .copied()
 }
 
 /// The index of the answer whose agent has the highest weight (the first on ties).
@@ -689,6 +707,7 @@ mod tests {
             task,
             error: String::new(),
             refused_request,
+            context_length: false,
         }
     }
 
@@ -722,5 +741,15 @@ mod tests {
             refused(&[failure("draft", true)]),
             Some("draft-true".into())
         );
+        // Too long for one agent's context, refused otherwise by another: the length is
+        // what the client can mend, so that is the refusal reported.
+        let too_long = AgentFailure {
+            agent: "small".into(),
+            context_length: true,
+            ..failure("sample", true)
+        };
+        let failed = [failure("sample", true), too_long];
+        let got = refusal(&failed).unwrap();
+        assert!(got.context_length && got.agent == "small");
     }
 }

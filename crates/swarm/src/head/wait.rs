@@ -101,7 +101,7 @@ where
     Gathered {
         results,
         answered: answers.answered,
-        hopeless: answers.hopeful == 0 && !answers.answered,
+        hopeless: answers.hopeless(),
         waited: answers.started.elapsed(),
     }
 }
@@ -158,7 +158,7 @@ where
     P: Fn(&T) -> bool,
 {
     /// The next result and the index of its ask; `None` once the wait is over (every ask
-    /// came back, or a deadline passed).
+    /// came back, a deadline passed, or every ask that counts came back without an answer).
     pub(super) async fn next(&mut self) -> Option<(usize, Result<T, E>)> {
         if self.over {
             return None;
@@ -182,8 +182,13 @@ where
             self.answered |= result.as_ref().is_ok_and(|answer| (self.is_answer)(answer));
         }
         // Nothing left that could answer: the rest are not waited for.
-        self.over = self.hopeful == 0 && !self.answered;
+        self.over = self.hopeless();
         Some((i, result))
+    }
+
+    /// Whether every ask that counts (there being some) came back without an answer.
+    fn hopeless(&self) -> bool {
+        self.hopeful == 0 && !self.answered && self.counts.contains(&true)
     }
 
     /// The asks whose results have not come (yet).
@@ -305,6 +310,11 @@ mod tests {
         let g = gather(asks, wait(12, 100), |i| i < 2, |_| true).await;
         assert_eq!(g.waited, Duration::from_secs(10));
         assert!(!g.hopeless && g.answered);
+        // No ask counts: nothing ends the wait early.
+        let asks = vec![answer(3, false), answer(5, true)];
+        let g = gather(asks, wait(12, 100), |_| false, |_| true).await;
+        assert_eq!(g.waited, Duration::from_secs(5));
+        assert!(!g.hopeless && g.results.iter().all(Option::is_some));
     }
 
     #[tokio::test(start_paused = true)]

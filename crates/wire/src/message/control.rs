@@ -38,6 +38,10 @@ impl ErrorCode {
     /// A `Forward` resumed a kept cache (`Forward::resume`) the stage no longer holds: the
     /// head runs the session again from the start.
     pub const PREFIX_GONE: ErrorCode = ErrorCode(11);
+    /// The request is longer than the model's context (protocol 11): the client's to
+    /// shorten, as [`ErrorCode::BAD_REQUEST`] is, and named so that an API can say so
+    /// (OpenAI's `context_length_exceeded`, which agents compact their history on).
+    pub const CONTEXT_LENGTH: ErrorCode = ErrorCode(12);
     /// A bug or an unexpected failure on the sending node.
     pub const INTERNAL: ErrorCode = ErrorCode(0xFFFF);
 
@@ -55,6 +59,7 @@ impl ErrorCode {
             ErrorCode::UNAUTHORIZED => "unauthorized",
             ErrorCode::STALE_PLAN => "stale_plan",
             ErrorCode::PREFIX_GONE => "prefix_gone",
+            ErrorCode::CONTEXT_LENGTH => "context_length",
             ErrorCode::INTERNAL => "internal",
             _ => return None,
         })
