@@ -186,6 +186,17 @@ class Errors(unittest.TestCase):
         self.assertEqual(body["type"], "error")
         self.assertEqual(body["error"]["type"], "invalid_request_error")
 
+    def test_a_prompt_too_long_is_said_as_anthropic_says_it(self):
+        # Claude Code compacts its history when it reads these words.
+        with self.assertRaises(anthropic.BadRequestError) as caught:
+            client.messages.create(
+                model=MODEL, max_tokens=10,
+                messages=[{"role": "user", "content": "hello " * 40000}],
+            )
+        error = caught.exception.body["error"]
+        self.assertEqual(error["type"], "invalid_request_error")
+        self.assertTrue(error["message"].startswith("prompt is too long: "), error["message"])
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -666,6 +666,10 @@ fn error_type(e: &ApiError) -> &'static str {
 
 fn error_body(e: &ApiError) -> Value {
     let message = match &e.param {
+        // Anthropic's own words for it, which clients (Claude Code) compact their history on.
+        _ if e.code == Some("context_length_exceeded") => {
+            format!("prompt is too long: {}", e.message)
+        }
         Some(p) => format!("{p}: {}", e.message),
         None => e.message.clone(),
     };
@@ -693,6 +697,19 @@ mod tests {
 
     fn request(v: Value) -> MessagesRequest {
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_prompt_too_long_is_said_in_anthropics_words() {
+        let e = ApiError::context_length_exceeded("messages", "4000 tokens; the context is 2048");
+        let body = error_body(&e);
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(
+            body["error"]["message"],
+            "prompt is too long: 4000 tokens; the context is 2048"
+        );
+        let other = error_body(&ApiError::invalid_value("max_tokens", "must be positive"));
+        assert_eq!(other["error"]["message"], "max_tokens: must be positive");
     }
 
     #[test]

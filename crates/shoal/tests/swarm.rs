@@ -414,6 +414,26 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
             "{model}"
         );
     }
+    // With tools, as coding agents send them, each agent gets the request whole through its
+    // chat API; that API's `context_length_exceeded` comes back as the same code.
+    let mut with_tools: Value =
+        serde_json::from_str(&common::chat_body("swarm", &too_long, 8, false)).unwrap();
+    with_tools["tools"] = json!([{"type": "function", "function": {"name": "get_time",
+        "parameters": {"type": "object", "properties": {}}}}]);
+    let r = http(
+        head.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&with_tools.to_string()),
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "with tools: {}", r.body);
+    assert_eq!(
+        code(&r.body).as_deref(),
+        Some("context_length_exceeded"),
+        "{}",
+        r.body
+    );
     // `verify` on a coding task refused alike: its test writers (given a shorter prompt of
     // the head's making) are not waited for once every candidate has been refused.
     let task = format!(

@@ -569,6 +569,13 @@ fn recording_chat_api(seen: Arc<std::sync::Mutex<Vec<String>>>) -> ChatApi {
                     message: "`tool_choice` names no tool".into(),
                 });
             }
+            if request.contains("long") {
+                return Err(ApiRefusal {
+                    status: 400,
+                    code: Some("context_length_exceeded".into()),
+                    message: "the prompt is longer than the context".into(),
+                });
+            }
             if request.contains("busy") {
                 return Err(ApiRefusal {
                     status: 429,
@@ -633,6 +640,12 @@ async fn whole_api_requests_go_to_the_chat_api_and_need_one() {
         .unwrap_err();
     assert!(err.message.contains("names no tool"), "{err}");
     assert_eq!(err.code, ErrorCode::BAD_REQUEST);
+    // Longer than the context, as the API's code says: the wire's own code for it.
+    let err = local
+        .answer_here(whole(5, r#"{"long": true}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::CONTEXT_LENGTH, "{err}");
     // A full queue is the agent's state, not a refusal of the request.
     let err = local
         .answer_here(whole(4, r#"{"busy": true}"#))

@@ -88,8 +88,9 @@ impl Pipeline {
     /// Sends the chunks down the ring (the head's stage runs the next while the peers run
     /// this one), asking the last stage for the rows `pooling` needs — every row for the
     /// mean, the first chunk's for the first row, the last row of the last chunk — and pools
-    /// them in order, at most [`ROWS_IN_FLIGHT`] chunks behind: a long text holds a few
-    /// chunks' rows at a time, not all of them, and a stage's error is seen early.
+    /// them in order, at most [`ROWS_IN_FLIGHT`] chunks behind the one sent: a long text
+    /// holds a few chunks' rows at a time, not all of them (and under the mean, a stage's
+    /// error is seen within a few chunks).
     async fn pool_rows(
         &self,
         ring: &Ring,
@@ -169,7 +170,9 @@ impl Pipeline {
     }
 
     /// Waits for the rows of step `seq` and pools them. One session's steps run in order on
-    /// every stage and its replies come back over one link, so they arrive in `seq` order.
+    /// every stage and its replies come back over one link, so they arrive in `seq` order
+    /// (rows out of order — a link dialled again mid-text — are dropped as stale, the wait
+    /// times out as for a lost stage, and the text is run again: never pooled wrong).
     async fn pool_reply(
         &self,
         rx: &mut mpsc::UnboundedReceiver<Reply>,

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use shoal_cluster::{Member, MemberState, Membership};
-use shoal_wire::{Answer, Ask, ChatTurn, ErrorCode, Transport};
+use shoal_wire::{Answer, Ask, ChatTurn, Transport};
 
 use crate::agent::{self, AgentService};
 use crate::roles::{Role, RolePrompts};
@@ -428,20 +428,19 @@ impl Swarm {
                     ) {
                         self.mark_unhealthy(index, &e.to_string());
                     }
-                    Failure {
-                        refused_request: e.refused_request(),
-                        context_length: e.context_length(),
-                        message: e.to_string(),
+                    match e {
+                        agent::AgentError::Remote { code, .. } => {
+                            Failure::refused(code, e.to_string())
+                        }
+                        e => Failure::from(e.to_string()),
                     }
                 })
             }
             Target::Local { service, .. } => {
                 match tokio::time::timeout(timeout, service.answer_here(ask)).await {
-                    Ok(result) => result.map_err(|refused| Failure {
-                        refused_request: agent::refuses_request(refused.code),
-                        context_length: refused.code == ErrorCode::CONTEXT_LENGTH,
-                        message: refused.message,
-                    }),
+                    Ok(result) => {
+                        result.map_err(|refused| Failure::refused(refused.code, refused.message))
+                    }
                     Err(_) => Err(Failure::from(format!(
                         "the head's own model did not answer within {} ms",
                         timeout.as_millis()

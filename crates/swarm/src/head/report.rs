@@ -160,6 +160,18 @@ pub(crate) struct Failure {
     pub(crate) context_length: bool,
 }
 
+impl Failure {
+    /// An agent's refusal with its wire error code: of the request itself (the code says
+    /// so, [`crate::agent::refuses_request`]), or not.
+    pub(crate) fn refused(code: shoal_wire::ErrorCode, message: String) -> Self {
+        Failure {
+            message,
+            refused_request: crate::agent::refuses_request(code),
+            context_length: code == shoal_wire::ErrorCode::CONTEXT_LENGTH,
+        }
+    }
+}
+
 impl From<String> for Failure {
     /// A failure that is not the request's fault (a timeout, a lost connection, an empty
     /// answer).
