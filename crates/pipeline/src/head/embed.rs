@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::{
     chunk_ends, end_sessions, send_first, to_u32, unasked_draws, Drawn, LocalOut, Pipeline, Reply,
-    Ring, SessionGuard, MAX_RECOVERIES,
+    Ring, SessionGuard,
 };
 use crate::error::{PipelineError, Result};
 
@@ -43,12 +43,7 @@ impl Pipeline {
         loop {
             let ring = self.current_ring();
             match self.embed_on(&ring, tokens, pooling, &interrupted).await {
-                Err(e)
-                    if self.config.recover
-                        && e.is_stage_loss()
-                        && !ring.peers.is_empty()
-                        && recoveries < MAX_RECOVERIES =>
-                {
+                Err(e) if self.recoverable(&e, &ring, recoveries) => {
                     recoveries += 1;
                     tracing::warn!(error = %e, "lost a stage mid-embedding; re-planning and running it again");
                     self.recover(&ring).await?;

@@ -723,12 +723,7 @@ impl Pipeline {
                     tracing::info!(error = %e, "a kept prompt is gone from a stage; computing it");
                     reuse = false;
                 }
-                Err(e)
-                    if self.config.recover
-                        && e.is_stage_loss()
-                        && !ring.peers.is_empty()
-                        && recoveries < MAX_RECOVERIES =>
-                {
+                Err(e) if self.recoverable(&e, &ring, recoveries) => {
                     recoveries += 1;
                     tracing::warn!(
                         error = %e,
@@ -740,6 +735,15 @@ impl Pipeline {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Whether a request that failed with `e` on `ring` goes on on a new ring (re-planned
+    /// without the lost stage) after `recoveries` such re-plans.
+    fn recoverable(&self, e: &PipelineError, ring: &Ring, recoveries: usize) -> bool {
+        self.config.recover
+            && e.is_stage_loss()
+            && !ring.peers.is_empty()
+            && recoveries < MAX_RECOVERIES
     }
 
     /// Runs one session on `ring`; returns how many prompt tokens it resumed from a kept
