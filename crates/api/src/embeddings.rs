@@ -13,8 +13,6 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use shoal_pipeline::PipelineError;
-
 use crate::backend::Backend;
 use crate::completions::blocking;
 use crate::error::{ApiError, Json};
@@ -141,7 +139,10 @@ pub(crate) async fn embed(
             let _in_flight = GaugeGuard::new(&metrics.in_flight);
             let mut vectors = Vec::with_capacity(ids.len());
             for ids in ids {
-                let vector = pipeline.embed(&ids, || false).await.map_err(ring_error)?;
+                let vector = pipeline
+                    .embed(&ids)
+                    .await
+                    .map_err(|e| ApiError::from_pipeline(e, "input"))?;
                 vectors.push(vector);
             }
             vectors
@@ -149,16 +150,6 @@ pub(crate) async fn embed(
     };
     metrics.prompt_tokens.inc_by(tokens as u64);
     Ok((vectors, tokens))
-}
-
-/// A ring's failure as the client sees it: its own input's fault, or ours.
-fn ring_error(e: PipelineError) -> ApiError {
-    match e {
-        PipelineError::InvalidRequest(message) => ApiError::invalid_value("input", message),
-        PipelineError::Engine(e) => ApiError::from_engine(e, "input"),
-        // A lost or busy stage, a timeout: as for a generation through the ring.
-        e => ApiError::unavailable(format!("the pipeline failed: {e}")),
-    }
 }
 
 /// Each input's token ids, checked (and cut to the context with `truncate`); off the
@@ -299,6 +290,7 @@ pub(crate) async fn embeddings(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use shoal_pipeline::PipelineError;
 
     fn shapes(v: Value) -> Result<Vec<String>, ApiError> {
         openai_inputs(Some(v)).map(|inputs| {
@@ -341,6 +333,7 @@ mod tests {
     /// stage is a 503, as for a generation through the ring.
     #[test]
     fn ring_failures_are_the_clients_only_for_its_input() {
+        let ring_error = |e: PipelineError| ApiError::from_pipeline(e, "input");
         let status = |e: PipelineError| ring_error(e).status.as_u16();
         assert_eq!(status(PipelineError::InvalidRequest("empty".into())), 400);
         let too_long = ring_error(PipelineError::Engine(
@@ -356,5 +349,11 @@ mod tests {
             message: "too many sessions".into(),
         };
         assert_eq!(status(busy), 503);
+        let stage_too_short = ring_error(PipelineError::Rejected {
+            code: shoal_wire::ErrorCode::CONTEXT_LENGTH,
+            message: "the context is full".into(),
+        });
+        assert_eq!(stage_too_short.status.as_u16(), 400);
+        assert_eq!(stage_too_short.code, Some("context_length_exceeded"));
     }
 }

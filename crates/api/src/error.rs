@@ -209,6 +209,23 @@ impl ApiError {
         }
     }
 
+    /// A ring's failure as the client sees it: its own request's fault (empty, longer than
+    /// the context — the head's check, or a stage's shorter context), or ours: a lost or busy
+    /// stage, a timeout, a 503 the client may retry.
+    pub(crate) fn from_pipeline(err: shoal_pipeline::PipelineError, param: &str) -> Self {
+        use shoal_pipeline::PipelineError;
+        match err {
+            PipelineError::InvalidRequest(message) => Self::invalid_value(param, message),
+            PipelineError::Engine(e) => Self::from_engine(e, param),
+            PipelineError::Rejected { code, message }
+                if code == shoal_wire::ErrorCode::CONTEXT_LENGTH =>
+            {
+                Self::context_length_exceeded(param, message)
+            }
+            e => Self::unavailable(format!("the pipeline failed: {e}")),
+        }
+    }
+
     /// The error object, for SSE streams that fail after their 200 was sent.
     pub(crate) fn object(&self) -> ErrorObject<'_> {
         ErrorObject {

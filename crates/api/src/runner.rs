@@ -335,8 +335,8 @@ async fn run_ring(
     let mut generated = 0usize;
     let mut first_token_at = None;
     let mut ended: Option<Result<RingAnswer, PipelineError>> = None;
-    // Ok(finish), Err(None) = the client left, Err(Some(message)) = the ring failed.
-    let outcome: Result<FinishReason, Option<String>> = loop {
+    // Ok(finish), Err(None) = the client left, Err(Some(error)) = the ring failed.
+    let outcome: Result<FinishReason, Option<ApiError>> = loop {
         tokio::select! {
             biased;
             () = tx.closed() => break Err(None),
@@ -344,12 +344,21 @@ async fn run_ring(
                 let Some((token, logprob)) = token else {
                     // The generation finished (its callback, holding the sender, is gone)
                     // and every token it produced has been handled.
-                    break match &ended {
-                        // A constrained answer ends where its value is whole.
-                        Some(Ok(answer)) if answer.json_done => Ok(FinishReason::Stop),
-                        Some(Ok(_)) => Ok(FinishReason::Length),
-                        Some(Err(e)) => Err(Some(format!("the pipeline failed: {e}"))),
-                        None => Err(Some("the pipeline ended without a result".to_owned())),
+                    break match ended.take() {
+                        Some(Ok(answer)) => {
+                            // A constrained answer ends where its value is whole.
+                            let finish = if answer.json_done {
+                                FinishReason::Stop
+                            } else {
+                                FinishReason::Length
+                            };
+                            ended = Some(Ok(answer));
+                            Ok(finish)
+                        }
+                        Some(Err(e)) => Err(Some(ApiError::from_pipeline(e, "prompt"))),
+                        None => Err(Some(ApiError::unavailable(
+                            "the pipeline ended without a result",
+                        ))),
                     };
                 };
                 generated += 1;
@@ -367,7 +376,7 @@ async fn run_ring(
                 }
                 let (piece, stop) = match text.push_generated(token) {
                     Ok(pushed) => pushed,
-                    Err(e) => break Err(Some(format!("decoding failed: {e}"))),
+                    Err(e) => break Err(Some(ApiError::internal(format!("decoding failed: {e}")))),
                 };
                 if !piece.is_empty() && send(tx, Event::Text(piece), stall).await.is_err() {
                     break Err(None);
@@ -420,9 +429,9 @@ async fn run_ring(
             tracing::debug!(generated, "client went away; ring generation stopped");
             None
         }
-        Err(Some(message)) => {
-            tracing::warn!(error = %message, "ring generation failed");
-            Some(Event::Failed(ApiError::unavailable(message)))
+        Err(Some(error)) => {
+            tracing::warn!(error = %error.message, "ring generation failed");
+            Some(Event::Failed(error))
         }
     }
 }

@@ -1287,13 +1287,14 @@ fn error_code(e: &PipelineError) -> ErrorCode {
         PipelineError::Overloaded(_) => ErrorCode::OVERLOADED,
         PipelineError::StalePlan { .. } => ErrorCode::STALE_PLAN,
         PipelineError::PrefixGone { .. } => ErrorCode::PREFIX_GONE,
+        // A ring's head checks a prompt's length first; a stage loaded with a shorter
+        // context than the head's says so in the code an API reads as the client's to shorten.
+        PipelineError::Engine(EngineError::ContextFull { .. }) => ErrorCode::CONTEXT_LENGTH,
         PipelineError::Config(_)
         | PipelineError::InvalidRequest(_)
-        | PipelineError::Engine(
-            EngineError::InvalidInput(_)
-            | EngineError::InvalidStage(_)
-            | EngineError::ContextFull { .. },
-        ) => ErrorCode::BAD_REQUEST,
+        | PipelineError::Engine(EngineError::InvalidInput(_) | EngineError::InvalidStage(_)) => {
+            ErrorCode::BAD_REQUEST
+        }
         _ => ErrorCode::INTERNAL,
     }
 }
@@ -1320,6 +1321,17 @@ mod tests {
         }
         let err = resolve_model(&dir, "surely-not-a-model-here").unwrap_err();
         assert!(err.to_string().contains(".gguf"), "{err}");
+    }
+
+    #[test]
+    fn a_context_overflow_is_the_context_length_code() {
+        let full = PipelineError::Engine(EngineError::ContextFull {
+            needed: 9,
+            limit: 8,
+        });
+        assert_eq!(error_code(&full), ErrorCode::CONTEXT_LENGTH);
+        let bad = PipelineError::InvalidRequest("no".into());
+        assert_eq!(error_code(&bad), ErrorCode::BAD_REQUEST);
     }
 
     #[test]

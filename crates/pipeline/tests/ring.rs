@@ -1349,7 +1349,7 @@ async fn embeddings_through_the_ring_are_the_whole_models() {
         .await
         .unwrap();
         for tokens in [&short, &long] {
-            let got = pipeline.embed(tokens, || false).await.unwrap();
+            let got = pipeline.embed(tokens).await.unwrap();
             assert_eq!(
                 got,
                 want(tokens, pooling),
@@ -1358,7 +1358,7 @@ async fn embeddings_through_the_ring_are_the_whole_models() {
             );
         }
         all_sessions_ended(&servers).await;
-        let err = pipeline.embed(&[], || false).await.unwrap_err();
+        let err = pipeline.embed(&[]).await.unwrap_err();
         assert!(err.to_string().contains("nothing to embed"), "{err}");
     }
 
@@ -1373,15 +1373,52 @@ async fn embeddings_through_the_ring_are_the_whole_models() {
     );
     let pipeline = Pipeline::connect(config).await.unwrap();
     let mean = want(&long, Pooling::Mean);
-    assert_eq!(pipeline.embed(&long, || false).await.unwrap(), mean);
+    assert_eq!(pipeline.embed(&long).await.unwrap(), mean);
     stop.notify_one();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        pipeline.embed(&long, || false).await.unwrap(),
-        mean,
-        "after the loss"
-    );
+    assert_eq!(pipeline.embed(&long).await.unwrap(), mean, "after the loss");
     assert_eq!(pipeline.layout().0, 0..n, "the head runs everything now");
+}
+
+/// A stage lost in the middle of an embedding: the head re-plans and runs the text again on
+/// the new ring, and the vector is the whole model's. The text is six prompt chunks, and
+/// the middle stage dies once the first chunk has reached the last stage: the head, at most
+/// two chunks ahead of the rows it has back, cannot have sent the last chunks by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_lost_mid_embedding_is_replaced_and_the_vector_is_the_same() {
+    let long = chat_prompt(&"The quick brown fox jumps over the lazy dog. ".repeat(300));
+    assert!(long.len() > 5 * shoal_engine::generate::PREFILL_CHUNK);
+    let want = reference()
+        .embed_pooled(&long, Pooling::Mean, || false)
+        .unwrap();
+    let (pipeline, [(_s1, a1, stop1), (s2, _a2, _stop2)]) =
+        killable_ring_configured(|config| config.pooling = Some(Pooling::Mean)).await;
+    let pipeline = std::sync::Arc::new(pipeline);
+    let embedding = tokio::spawn({
+        let pipeline = pipeline.clone();
+        let long = long.clone();
+        async move { pipeline.embed(&long).await }
+    });
+    let started = std::time::Instant::now();
+    while s2.session_count() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the text never reached the last stage"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(!embedding.is_finished(), "killed after the embedding ended");
+    stop1.notify_one();
+    let got = embedding.await.unwrap().unwrap();
+    assert_eq!(got, want);
+    assert_eq!(
+        pipeline.replans(),
+        1,
+        "the loss was recovered from mid-text"
+    );
+    let (_, peers) = pipeline.layout();
+    assert!(peers.iter().all(|p| p.addr != a1), "{peers:?}");
+    all_sessions_ended(&[s2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1543,7 +1580,8 @@ async fn positions_must_continue_the_cache() {
     assert_eq!(server.session_len(1), Some(3));
 
     // A new session whose positions run past the model's context (one row more than it
-    // allows, in one frame): refused before any work, nothing cached.
+    // allows, in one frame): refused before any work, with the code that says so, nothing
+    // cached.
     let context = reference().config().context_length as u32;
     conn.write_frame(&step(5, 2, 0, (0..=context).collect(), reply_to))
         .await
@@ -1552,7 +1590,7 @@ async fn positions_must_continue_the_cache() {
         panic!("past the context: expected an error")
     };
     assert_eq!(e.session_id, Some(2));
-    assert_eq!(e.code, shoal_wire::ErrorCode::BAD_REQUEST);
+    assert_eq!(e.code, shoal_wire::ErrorCode::CONTEXT_LENGTH);
     assert!(e.message.contains("context is full"), "{}", e.message);
     assert!(server.session_len(2).unwrap_or(0) == 0);
 }

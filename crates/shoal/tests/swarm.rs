@@ -66,6 +66,11 @@ fn query(head: &Server, body: Value) -> Value {
     r.json()
 }
 
+/// A POST to the chat completions endpoint at `addr`, whatever its answer.
+fn post_chat(addr: std::net::SocketAddr, body: &str) -> common::HttpResponse {
+    http(addr, "POST", "/v1/chat/completions", Some(body)).unwrap()
+}
+
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .unwrap()
@@ -260,13 +265,7 @@ fn moa_fans_out_and_aggregates_and_each_strategy_answers() {
         "temperature": 0,
         "stream": true,
     });
-    let r = http(
-        head.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&body.to_string()),
-    )
-    .unwrap();
+    let r = post_chat(head.addr, &body.to_string());
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body.trim_end().ends_with("data: [DONE]"), "{}", r.body);
     assert!(r.body.matches("data: ").count() >= 4, "{}", r.body);
@@ -404,7 +403,7 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
     };
     for model in ["swarm", "swarm:vote", "swarm:moa"] {
         let body = common::chat_body(model, &too_long, 8, false);
-        let r = http(head.addr, "POST", "/v1/chat/completions", Some(&body)).unwrap();
+        let r = post_chat(head.addr, &body);
         assert_eq!(r.status, 400, "{model}: {}", r.body);
         assert!(r.body.contains("every agent asked refused"), "{}", r.body);
         assert!(r.body.contains("context"), "{}", r.body);
@@ -420,13 +419,7 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
         serde_json::from_str(&common::chat_body("swarm", &too_long, 8, false)).unwrap();
     with_tools["tools"] = json!([{"type": "function", "function": {"name": "get_time",
         "parameters": {"type": "object", "properties": {}}}}]);
-    let r = http(
-        head.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&with_tools.to_string()),
-    )
-    .unwrap();
+    let r = post_chat(head.addr, &with_tools.to_string());
     assert_eq!(r.status, 400, "with tools: {}", r.body);
     assert_eq!(
         code(&r.body).as_deref(),
@@ -440,22 +433,14 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
         "Write a Python function `add(a, b)` that returns their sum.\n>>> add(1, 2)\n3\n{too_long}"
     );
     let body = common::chat_body("swarm:verify", &task, 8, false);
-    let r = http(head.addr, "POST", "/v1/chat/completions", Some(&body)).unwrap();
+    let r = post_chat(head.addr, &body);
     assert_eq!(r.status, 400, "verify: {}", r.body);
     assert!(r.body.contains("every agent asked refused"), "{}", r.body);
     assert_eq!(code(&r.body).as_deref(), Some("context_length_exceeded"));
-    let single = http(
+    let single = post_chat(
         reasoner.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&common::chat_body(
-            "smollm2-135m-instruct-q4_1",
-            &too_long,
-            8,
-            false,
-        )),
-    )
-    .unwrap();
+        &common::chat_body("smollm2-135m-instruct-q4_1", &too_long, 8, false),
+    );
     assert_eq!(single.status, 400, "one node alike: {}", single.body);
     assert_eq!(
         code(&single.body).as_deref(),
@@ -465,13 +450,7 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
     let stops: Vec<String> = (0..9).map(|i| format!("STOP{i}")).collect();
     let body = json!({"model": "swarm", "messages": [{"role": "user", "content": "hi"}],
                       "stop": stops, "max_tokens": 4});
-    let r = http(
-        head.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&body.to_string()),
-    )
-    .unwrap();
+    let r = post_chat(head.addr, &body.to_string());
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains(r#""param":"stop""#), "{}", r.body);
 
@@ -481,16 +460,11 @@ fn a_missing_aggregator_falls_back_and_no_agents_is_a_clear_error() {
     let r = http(plain.addr, "GET", "/v1/swarm/status", None).unwrap();
     assert_eq!(r.status, 404, "{}", r.body);
     assert!(r.body.contains("--peer"), "{}", r.body);
-    let r = http(
+    let r = post_chat(
         head.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(
-            &json!({"model": "swarm:bogus", "messages": [{"role": "user", "content": "hi"}]})
-                .to_string(),
-        ),
-    )
-    .unwrap();
+        &json!({"model": "swarm:bogus", "messages": [{"role": "user", "content": "hi"}]})
+            .to_string(),
+    );
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("valid strategies"), "{}", r.body);
 }
@@ -756,13 +730,7 @@ fn verify_runs_candidates_against_examples_and_written_tests_and_repairs() {
     );
     let bad = json!({"model": "swarm:verify", "messages": [{"role": "user", "content": "x"}],
                      "timeout_s": 0});
-    let r = http(
-        head.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&bad.to_string()),
-    )
-    .unwrap();
+    let r = post_chat(head.addr, &bad.to_string());
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("timeout_s"), "{}", r.body);
 }

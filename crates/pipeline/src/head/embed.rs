@@ -7,13 +7,12 @@
 use std::collections::VecDeque;
 
 use shoal_engine::generate::PREFILL_CHUNK;
-use shoal_engine::{EngineError, Logits, Pooler, Pooling};
+use shoal_engine::{Logits, Pooler, Pooling};
 use shoal_wire::{Activations, EndSession, Forward, LogitRows, Message, Payload, Want};
 use tokio::sync::mpsc;
 
 use super::{
-    chunk_ends, end_sessions, send_first, to_u32, unasked_draws, Drawn, LocalOut, Pipeline, Reply,
-    Ring, SessionGuard,
+    chunk_ends, send_first, to_u32, unasked_draws, Drawn, LocalOut, Pipeline, Reply, Ring,
 };
 use crate::error::{PipelineError, Result};
 
@@ -21,13 +20,10 @@ impl Pipeline {
     /// An embedding of `tokens`: pooled as [`crate::PipelineConfig::pooling`] or the model
     /// file says, at unit length — with f32 activations (the default) the very vector
     /// `shoal_engine::Model::embed` gives on one device. Runs as a session of its own, so no
-    /// generation's cache is touched; `interrupted` is asked between chunks. A stage lost on
-    /// the way is replaced as for a generation, and the text run again on the new ring.
-    pub async fn embed(
-        &self,
-        tokens: &[u32],
-        interrupted: impl Fn() -> bool + Send + Sync,
-    ) -> Result<Vec<f32>> {
+    /// generation's cache is touched (a caller that stops waiting drops the future, which
+    /// ends the session on every stage). A stage lost on the way is replaced as for a
+    /// generation, and the text run again on the new ring.
+    pub async fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         if tokens.is_empty() {
             return Err(PipelineError::InvalidRequest("nothing to embed".into()));
         }
@@ -42,7 +38,7 @@ impl Pipeline {
         let mut recoveries = 0;
         loop {
             let ring = self.current_ring();
-            match self.embed_on(&ring, tokens, pooling, &interrupted).await {
+            match self.embed_on(&ring, tokens, pooling).await {
                 Err(e) if self.recoverable(&e, &ring, recoveries) => {
                     recoveries += 1;
                     tracing::warn!(error = %e, "lost a stage mid-embedding; re-planning and running it again");
@@ -54,29 +50,13 @@ impl Pipeline {
     }
 
     /// One attempt at an embedding, on `ring`, as a session of its own.
-    async fn embed_on(
-        &self,
-        ring: &Ring,
-        tokens: &[u32],
-        pooling: Pooling,
-        interrupted: &(impl Fn() -> bool + Send + Sync),
-    ) -> Result<Vec<f32>> {
-        let session_id = self
-            .next_session
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut rx = self.router.register(session_id);
-        let mut guard = SessionGuard {
-            id: session_id,
-            router: self.router.clone(),
-            peers: ring.peers.clone(),
-            ended: false,
-        };
+    async fn embed_on(&self, ring: &Ring, tokens: &[u32], pooling: Pooling) -> Result<Vec<f32>> {
+        let (guard, mut rx) = self.open_session(ring);
         let result = self
-            .pool_rows(ring, session_id, &mut rx, tokens, pooling, interrupted)
+            .pool_rows(ring, guard.id, &mut rx, tokens, pooling)
             .await;
-        self.router.unregister(session_id);
-        end_sessions(ring.peers.clone(), vec![EndSession::free(session_id)]).await;
-        guard.ended = true;
+        let ends = vec![EndSession::free(guard.id)];
+        guard.end(ends).await;
         result
     }
 
@@ -93,7 +73,6 @@ impl Pipeline {
         rx: &mut mpsc::UnboundedReceiver<Reply>,
         tokens: &[u32],
         pooling: Pooling,
-        interrupted: &(impl Fn() -> bool + Send + Sync),
     ) -> Result<Vec<f32>> {
         let hidden = self.model.hidden;
         let alone = ring.peers.is_empty();
@@ -106,9 +85,6 @@ impl Pipeline {
         let mut asked = VecDeque::new();
         let mut start = 0;
         for (i, end) in pieces.into_iter().enumerate() {
-            if i > 0 && interrupted() {
-                return Err(EngineError::Interrupted.into());
-            }
             let rows = match pooling {
                 Pooling::Mean => Some(LogitRows::All),
                 Pooling::First => (i == 0).then_some(LogitRows::All),

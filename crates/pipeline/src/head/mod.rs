@@ -760,14 +760,8 @@ impl Pipeline {
         guessed: &mut Guessed,
         on_token: &mut (impl FnMut(u32, Option<TokenLogprob>) -> bool + Send),
     ) -> Result<usize> {
-        let session_id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let mut rx = self.router.register(session_id);
-        let mut guard = SessionGuard {
-            id: session_id,
-            router: self.router.clone(),
-            peers: ring.peers.clone(),
-            ended: false,
-        };
+        let (guard, mut rx) = self.open_session(ring);
+        let session_id = guard.id;
         let resumed = if reuse && generated.is_empty() {
             self.resume_prompt(ring, request.prompt)
         } else {
@@ -800,7 +794,6 @@ impl Pipeline {
             .await;
         guessed.drafted += progress.guessed.drafted;
         guessed.accepted += progress.guessed.accepted;
-        self.router.unregister(session_id);
         let mut ends = vec![EndSession::free(session_id)];
         match (&result, progress.cache.take()) {
             (Ok(()), Some(cache)) if request.cache_prompt && progress.prompt_done => {
@@ -814,9 +807,22 @@ impl Pipeline {
             }
             _ => {}
         }
-        end_sessions(ring.peers.clone(), ends).await;
-        guard.ended = true;
+        guard.end(ends).await;
         result.map(|()| from)
+    }
+
+    /// A session of its own on `ring`: the guard that ends it on every stage however the
+    /// caller stops (its id is `guard.id`), and the route its replies come by.
+    fn open_session(&self, ring: &Ring) -> (SessionGuard, mpsc::UnboundedReceiver<Reply>) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let rx = self.router.register(id);
+        let guard = SessionGuard {
+            id,
+            router: self.router.clone(),
+            peers: ring.peers.clone(),
+            ended: false,
+        };
+        (guard, rx)
     }
 
     /// The head's copy of the longest kept prompt `prompt` starts with, cut where a resumed
@@ -1431,6 +1437,16 @@ struct SessionGuard {
     router: Arc<Router>,
     peers: Arc<Vec<Peer>>,
     ended: bool,
+}
+
+impl SessionGuard {
+    /// Ends the session as its caller chose: the reply route goes and the stages get `ends`
+    /// (a plain end, or one that keeps the prompt).
+    async fn end(mut self, ends: Vec<EndSession>) {
+        self.router.unregister(self.id);
+        end_sessions(self.peers.clone(), ends).await;
+        self.ended = true;
+    }
 }
 
 impl Drop for SessionGuard {
