@@ -46,3 +46,13 @@ cargo clippy --locked --release --workspace --all-targets -- -D warnings
 
 echo "== cargo test"
 cargo test --locked --release --workspace
+
+# On a CPU with AMX int8 tiles, `--amx` puts prompt products on them (other numbers than
+# llama.cpp's by design: docs/PERFORMANCE.md). The engine's own equalities must still
+# hold there — prompts in chunks and from the cache, batches, speculation, recovery, a
+# ring against one process — so the suites that check them run again with SHOAL_AMX=1.
+if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+  echo "== cargo test, prompt products on AMX tiles (SHOAL_AMX=1)"
+  SHOAL_AMX=1 cargo test --locked --release -p shoal-engine --test prefix_cache --test speculation --test batch
+  SHOAL_AMX=1 cargo test --locked --release -p shoal-pipeline --test ring --test prompt_cache
+fi

@@ -6,88 +6,24 @@ mod common;
 
 use common::*;
 use shoal_engine::candle_core::Device;
-use shoal_engine::sampler::argmax;
 use shoal_engine::stage::logits_row;
 use shoal_engine::{
     GenerateParams, GgufFile, Logits, Model, Stage, StageInput, StageOutput, StageSpec,
 };
 
-fn logits(out: StageOutput) -> shoal_engine::candle_core::Tensor {
-    match out {
-        StageOutput::Logits(l) => l,
-        StageOutput::Hidden(_) => panic!("expected logits"),
-    }
-}
-
-/// Teacher-forced: at every position our argmax is compared with llama.cpp's, and our max
-/// logit with its. `min_agreement` and `max_diff` (the largest difference allowed at any
-/// position) are the bars.
+/// Teacher-forced against llama.cpp ([`common::teacher_forced`]): `min_agreement` and
+/// `max_diff` (the largest max-logit difference allowed at any position) are the bars.
 fn teacher_forced(file: &str, min_agreement: f64, max_diff: f64) {
-    let g = golden(file);
-    let tf = &g["teacher_forced"];
-    let ids = ids(&tf["ids"]);
-    let want_argmax = common::ids(&tf["argmax"]);
-    let want_max: Vec<f64> = tf["max_logit"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
-    let (_, stage) = whole_stage(file);
-    let mut cache = stage.new_cache();
-    let positions: Vec<usize> = (0..ids.len()).collect();
-    let l = logits(
-        stage
-            .forward(
-                StageInput::Tokens(&ids),
-                &positions,
-                &mut cache,
-                Logits::All,
-            )
-            .unwrap(),
-    );
-    let mut agree = 0;
-    let mut worst = 0f64;
-    let mut sum_diff = 0f64;
-    let mut signed = 0f64;
-    for (i, (&want, &want_max)) in want_argmax.iter().zip(&want_max).enumerate() {
-        let row = logits_row(&l, i).unwrap();
-        let got = argmax(&row);
-        if got == want {
-            agree += 1;
-        } else {
-            let mut sorted = row.clone();
-            sorted.sort_by(|a, b| b.total_cmp(a));
-            eprintln!(
-                "position {i}: ours {got} ({:.3}), llama.cpp {want} ({:.3} here), margin {:.3}",
-                row[got as usize],
-                row[want as usize],
-                sorted[0] - sorted[1]
-            );
-        }
-        let max = row[got as usize] as f64;
-        worst = worst.max((max - want_max).abs());
-        sum_diff += (max - want_max).abs();
-        signed += max - want_max;
-    }
-    let frac = agree as f64 / want_argmax.len() as f64;
-    eprintln!(
-        "{file}: teacher-forced argmax agreement {agree}/{} = {:.2}%, largest max-logit difference {worst:.4}",
-        want_argmax.len(),
-        frac * 100.0
-    );
-    let mean_diff = sum_diff / want_argmax.len() as f64;
-    eprintln!(
-        "{file}: mean max-logit difference {mean_diff:.4} (signed {:.4})",
-        signed / want_argmax.len() as f64
+    let tf = common::teacher_forced(file);
+    assert!(
+        tf.agreement >= min_agreement,
+        "argmax agreement {} < {min_agreement}",
+        tf.agreement
     );
     assert!(
-        frac >= min_agreement,
-        "argmax agreement {frac} < {min_agreement}"
-    );
-    assert!(
-        worst <= max_diff,
-        "max logit differs by {worst} (bar {max_diff})"
+        tf.worst <= max_diff,
+        "max logit differs by {} (bar {max_diff})",
+        tf.worst
     );
 }
 

@@ -2005,10 +2005,11 @@ async fn guesses_verified_by_the_ring_change_nothing() {
     let prompt = copy_prompt();
     for sampling in [SamplingParams::greedy(), sampled()] {
         let want = single_process_for(&prompt, &sampling);
-        assert_eq!(
-            want.len(),
-            MAX_TOKENS,
-            "the reference should run the full length"
+        // Room for guesses (with AMX prompt products, SHOAL_AMX=1, the greedy copy ends
+        // after 27 tokens instead of running to 32).
+        assert!(
+            want.len() >= MAX_TOKENS * 3 / 4,
+            "the reference should answer at length: {want:?}"
         );
         for splits in [&[15][..], &[10, 20][..]] {
             let (pipeline, servers, _) = ring_with(splits, DType::F32, lookup()).await;

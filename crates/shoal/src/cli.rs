@@ -27,6 +27,13 @@ pub(crate) struct Cli {
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long, global = true)]
     pub(crate) threads: Option<usize>,
+    /// Prompt products on AMX int8 tiles where the CPU has them (Intel Xeon, Sapphire
+    /// Rapids and later): prompt products of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights 2-4x faster
+    /// (whole prompts about 1.6-2.2x), one byte per such weight more memory, and numbers
+    /// that differ from llama.cpp's in the last bits (docs/PERFORMANCE.md). Same as
+    /// SHOAL_AMX=1.
+    #[arg(long, global = true)]
+    pub(crate) amx: bool,
     /// More logging (-v info, -vv debug). SHOAL_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub(crate) verbose: u8,

@@ -27,6 +27,10 @@ fn main() -> ExitCode {
         // must be set before anything touches a tensor.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    if args.amx {
+        // Read once by the engine's kernels, at the first prompt product.
+        std::env::set_var("SHOAL_AMX", "1");
+    }
     match cli::run(args, &matches) {
         Ok(code) => code,
         Err(e) => {

@@ -64,6 +64,47 @@ pub fn prefill_tiled_against_pairwise(only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// The prompt matmul of the 32-value formats on AMX int8 tiles (`amx.rs`) against the
+/// engine's AVX-512 VNNI tiles, on the shapes of Qwen2.5-Coder-0.5B's layers, fastest of a
+/// few runs. Both include quantizing the activations; the AMX weights are repacked before
+/// the first run (as the first prompt does once per matrix), which is timed apart.
+#[cfg(target_arch = "x86_64")]
+pub fn prefill_amx_against_tiled() -> Result<()> {
+    if !super::amx::available() {
+        println!("this CPU (or OS) offers no AMX-INT8 tiles: nothing to measure");
+        return Ok(());
+    }
+    for format in [Format::Q4_0, Format::Q4_1, Format::Q5_0, Format::Q8_0] {
+        for (rows, cols) in [(896usize, 896usize), (4864, 896), (896, 4864)] {
+            let data = random_blocks(format, rows, cols, 91);
+            let w = QuantMatrix::from_bytes(format, rows, cols, data)?;
+            let started = Instant::now();
+            w.products_on_amx(&random_f32(16 * cols, 93), &[16])?;
+            let repack = started.elapsed().as_secs_f64();
+            for m in [64, 512] {
+                let x = random_f32(m * cols, 92);
+                let runs = if m == 64 { 5 } else { 3 };
+                let tiled = fastest(runs, || w.products(&x, &[m], true).map(drop))?;
+                let on_amx = fastest(runs, || w.products_on_amx(&x, &[m]).map(drop))?;
+                let gmacs = (m * rows * cols) as f64 / 1e9;
+                println!(
+                    "{format:?} {rows}x{cols} m={m} threads={}: tiled {:.2} ms ({:.1} GMAC/s), \
+                     amx {:.2} ms ({:.1} GMAC/s), speed-up {:.2}; repack and first 16 rows \
+                     {:.1} ms",
+                    pool::threads(),
+                    tiled * 1e3,
+                    gmacs / tiled,
+                    on_amx * 1e3,
+                    gmacs / on_amx,
+                    tiled / on_amx,
+                    repack * 1e3,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The fastest of `runs` runs of `f`, in seconds.
 fn fastest(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let mut best = f64::INFINITY;

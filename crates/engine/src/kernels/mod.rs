@@ -27,9 +27,15 @@
 //! activation row per f32 lane and run that row's float steps in its order, and their
 //! panels (Q4_K, Q6_K) put 16 weight rows in the lanes instead, for a whole work chunk of
 //! weight rows times a tile — bit for bit the same results either way.
+//!
+//! One opt-in exception to llama.cpp's bits: with `--amx` (`SHOAL_AMX=1`) on a CPU with
+//! AMX, products of at least 8 rows of the 32-value formats run on AMX int8 tiles
+//! (`amx.rs`), their f32 steps in an order of their own.
 
 #![allow(unsafe_code)]
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(feature = "bench")]
@@ -349,6 +355,10 @@ pub(crate) struct QuantMatrix {
     cols: usize,
     /// The GGUF bytes of the whole matrix.
     data: Vec<u8>,
+    /// The weights repacked for AMX tiles, made at the first product that takes them
+    /// (amx.rs; only when the node asks for them).
+    #[cfg(target_arch = "x86_64")]
+    amx: std::sync::OnceLock<amx::Packed>,
 }
 
 fn check_size(format: Format, rows: usize, cols: usize, len: usize) -> Result<()> {
@@ -394,6 +404,8 @@ impl QuantMatrix {
             rows,
             cols,
             data,
+            #[cfg(target_arch = "x86_64")]
+            amx: std::sync::OnceLock::new(),
         })
     }
 
@@ -460,13 +472,78 @@ impl QuantMatrix {
 
     /// `xs [m, cols] -> [m, rows]`. `tiled` multiplies each weight row by `TILE` activation
     /// rows at a time (bit for bit the same numbers); without it, one pair at a time.
+    /// Never on AMX tiles, which give other numbers (amx.rs has their tests).
     #[cfg(any(test, feature = "bench"))]
     fn matmul_f32(&self, xs: &[f32], m: usize, tiled: bool) -> Result<Vec<f32>> {
-        self.matmul_segments_f32(xs, &[m], tiled)
+        self.products(xs, &[m], tiled)
     }
 
-    /// `matmul_f32` of stacked products of `segments` rows each (see `matmul_segments`).
+    /// `matmul_f32` of stacked products of `segments` rows each (see `matmul_segments`):
+    /// on AMX tiles where the node asked for them and some product is long enough
+    /// (amx.rs), else on the kernels below.
     fn matmul_segments_f32(&self, xs: &[f32], segments: &[usize], tiled: bool) -> Result<Vec<f32>> {
+        #[cfg(target_arch = "x86_64")]
+        if tiled
+            && amx::enabled()
+            && amx::supports(self)
+            && segments.iter().any(|&len| len >= amx::MIN_ROWS)
+        {
+            return self.products_on_amx(xs, segments);
+        }
+        self.products(xs, segments, tiled)
+    }
+
+    /// [`Self::products`], with the rows of products of at least [`amx::MIN_ROWS`] rows on
+    /// AMX tiles; the rows of shorter ones (a decode batch's, a verification's single rows)
+    /// gathered and multiplied as without AMX, so they keep their bits.
+    #[cfg(target_arch = "x86_64")]
+    fn products_on_amx(&self, xs: &[f32], segments: &[usize]) -> Result<Vec<f32>> {
+        let (k, n) = (self.cols, self.rows);
+        let m: usize = segments.iter().sum();
+        let mut out = vec![0f32; m * n];
+        let (mut short, mut short_segments, mut long) = (Vec::new(), Vec::new(), Vec::new());
+        let mut start = 0;
+        for &len in segments {
+            if len >= amx::MIN_ROWS {
+                long.push((start, len));
+            } else if len > 0 {
+                short_segments.push(len);
+                short.extend(start..start + len);
+            }
+            start += len;
+        }
+        if !short.is_empty() {
+            let gathered: Vec<f32> = short
+                .iter()
+                .flat_map(|&r| &xs[r * k..][..k])
+                .copied()
+                .collect();
+            let got = self.products(&gathered, &short_segments, true)?;
+            for (row, &r) in got.chunks_exact(n).zip(&short) {
+                out[r * n..][..n].copy_from_slice(row);
+            }
+        }
+        let kind = self.format.activation();
+        let (mut tiles, mut placement) = (Vec::new(), Vec::new());
+        for (first, len) in long {
+            let mut acts: Vec<Q8Row> = (0..len).map(|_| Q8Row::default()).collect();
+            pool::for_each_chunk_mut(&mut acts, 1, |i, act| {
+                act[0] = Q8Row::quantize_as(&xs[(first + i) * k..][..k], kind);
+            });
+            for (g, group) in acts.chunks(amx::ROWS).enumerate() {
+                tiles.push(Q8Tile::new(group, amx::ROWS));
+                placement.push((first + g * amx::ROWS, group.len()));
+            }
+        }
+        let packed = self.amx.get_or_init(|| amx::Packed::new(self));
+        packed.matmul(&tiles, &placement, &mut out);
+        Ok(out)
+    }
+
+    /// The products of [`Self::matmul_segments_f32`] on the kernels that give every entry
+    /// the bits of its pair's single-row dot product (or of llama.cpp's order for its
+    /// shape, for the k-quants).
+    fn products(&self, xs: &[f32], segments: &[usize], tiled: bool) -> Result<Vec<f32>> {
         let k = self.cols;
         let m: usize = segments.iter().sum();
         let data: &[u8] = &self.data;

@@ -11,6 +11,28 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
+/// A block of a 32-value format as integers, its scale and its minimum (0 for the formats
+/// without one): what the AMX tiles multiply (amx.rs). `None` for the k-quants.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn block_values(format: Format, block: &[u8]) -> Option<([i32; QK], f32, f32)> {
+    let d = f16_at(block, 0);
+    Some(match format {
+        Format::Q4_0 => (q4_0_values(block), d, 0.0),
+        Format::Q5_0 => (q5_0_values(block), d, 0.0),
+        Format::Q5_1 => (q5_1_values(block), d, f16_at(block, 2)),
+        Format::Q8_0 => (std::array::from_fn(|j| block[2 + j] as i8 as i32), d, 0.0),
+        Format::Q4_1 => {
+            let qs = &block[4..];
+            let values = std::array::from_fn(|j| match j < QK / 2 {
+                true => (qs[j] & 0x0f) as i32,
+                false => (qs[j - QK / 2] >> 4) as i32,
+            });
+            (values, d, f16_at(block, 2))
+        }
+        Format::Q4K | Format::Q5K | Format::Q6K => return None,
+    })
+}
+
 /// The 32 signed 4-bit values of a Q4_0 block: nibble minus 8, low nibbles first.
 fn q4_0_values(block: &[u8]) -> [i32; QK] {
     let qs = &block[2..];

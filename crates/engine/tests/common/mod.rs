@@ -35,6 +35,94 @@ pub fn chat_prompt(model: &shoal_engine::Model, text: &str) -> Vec<u32> {
     model.encode_prompt(&text).unwrap()
 }
 
+/// The stage's logits (a test that asked for them).
+pub fn logits(out: shoal_engine::StageOutput) -> shoal_engine::candle_core::Tensor {
+    match out {
+        shoal_engine::StageOutput::Logits(l) => l,
+        shoal_engine::StageOutput::Hidden(_) => panic!("expected logits"),
+    }
+}
+
+/// How a model's logits on its golden teacher-forced text compare with llama.cpp's.
+pub struct TeacherForced {
+    /// The share of positions where both choose the same token.
+    pub agreement: f64,
+    /// The largest and the mean difference of the chosen token's logit from llama.cpp's.
+    pub worst: f64,
+    pub mean: f64,
+}
+
+/// Teacher-forced: the golden text's every position run as one prompt, our argmax compared
+/// with llama.cpp's and our max logit with its (each disagreement and the totals printed).
+pub fn teacher_forced(file: &str) -> TeacherForced {
+    use shoal_engine::sampler::argmax;
+    use shoal_engine::stage::logits_row;
+    use shoal_engine::{Logits, StageInput};
+    let g = golden(file);
+    let tf = &g["teacher_forced"];
+    let ids = ids(&tf["ids"]);
+    let want_argmax = self::ids(&tf["argmax"]);
+    let want_max: Vec<f64> = tf["max_logit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let (_, stage) = whole_stage(file);
+    let mut cache = stage.new_cache();
+    let positions: Vec<usize> = (0..ids.len()).collect();
+    let l = logits(
+        stage
+            .forward(
+                StageInput::Tokens(&ids),
+                &positions,
+                &mut cache,
+                Logits::All,
+            )
+            .unwrap(),
+    );
+    let mut agree = 0;
+    let mut worst = 0f64;
+    let mut sum_diff = 0f64;
+    let mut signed = 0f64;
+    for (i, (&want, &want_max)) in want_argmax.iter().zip(&want_max).enumerate() {
+        let row = logits_row(&l, i).unwrap();
+        let got = argmax(&row);
+        if got == want {
+            agree += 1;
+        } else {
+            let mut sorted = row.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            eprintln!(
+                "position {i}: ours {got} ({:.3}), llama.cpp {want} ({:.3} here), margin {:.3}",
+                row[got as usize],
+                row[want as usize],
+                sorted[0] - sorted[1]
+            );
+        }
+        let max = row[got as usize] as f64;
+        worst = worst.max((max - want_max).abs());
+        sum_diff += (max - want_max).abs();
+        signed += max - want_max;
+    }
+    let frac = agree as f64 / want_argmax.len() as f64;
+    eprintln!(
+        "{file}: teacher-forced argmax agreement {agree}/{} = {:.2}%, largest max-logit difference {worst:.4}",
+        want_argmax.len(),
+        frac * 100.0
+    );
+    let mean_diff = sum_diff / want_argmax.len() as f64;
+    eprintln!(
+        "{file}: mean max-logit difference {mean_diff:.4} (signed {:.4})",
+        signed / want_argmax.len() as f64
+    );
+    TeacherForced {
+        agreement: frac,
+        worst,
+        mean: mean_diff,
+    }
+}
+
 /// A real model's file and its whole stack of layers as one stage.
 pub fn whole_stage(file: &str) -> (shoal_engine::GgufFile, shoal_engine::Stage) {
     let gguf = shoal_engine::GgufFile::open(model_path(file)).unwrap();

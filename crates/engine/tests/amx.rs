@@ -1,0 +1,36 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+//! `SHOAL_AMX=1` (what `shoal --amx` sets): on a CPU with AMX int8 tiles, prompt products
+//! take the tiles (kernels/amx.rs). This binary sets the variable for its own process
+//! before any product, so it checks that the switch is real — the prompt's logits are no
+//! longer llama.cpp's bit for bit, yet close to them — and, on a CPU without AMX, that the
+//! variable changes nothing. The engine's own equalities under AMX are checked by the
+//! equality suites rerun with `SHOAL_AMX=1` (scripts/test.sh does on an AMX CPU).
+
+mod common;
+
+#[test]
+fn with_amx_asked_for_prompts_take_the_tiles_where_the_cpu_has_them() {
+    // The kernels read it once, at the first prompt product; nothing has run yet.
+    std::env::set_var("SHOAL_AMX", "1");
+    let has_amx = std::fs::read_to_string("/proc/cpuinfo")
+        .is_ok_and(|info| info.split_whitespace().any(|flag| flag == "amx_int8"));
+    let tf = common::teacher_forced(common::SMOLLM2);
+    if has_amx {
+        assert!(
+            tf.worst > 1e-3,
+            "with AMX asked for on an AMX CPU the logits are still llama.cpp's bit for bit \
+             (largest difference {}): the tiles were not used",
+            tf.worst
+        );
+        assert!(
+            tf.agreement >= 0.9 && tf.mean < 0.5,
+            "AMX products should differ from llama.cpp's only in float order: agreement {}, \
+             mean difference {}",
+            tf.agreement,
+            tf.mean
+        );
+    } else {
+        eprintln!("this CPU has no AMX: the variable must change nothing");
+        assert!(tf.agreement == 1.0 && tf.worst <= 1e-3);
+    }
+}
