@@ -290,7 +290,6 @@ pub(crate) async fn embeddings(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use shoal_pipeline::PipelineError;
 
     fn shapes(v: Value) -> Result<Vec<String>, ApiError> {
         openai_inputs(Some(v)).map(|inputs| {
@@ -327,33 +326,5 @@ mod tests {
             assert_eq!(e.status.as_u16(), 400, "{bad}");
         }
         assert_eq!(openai_inputs(None).unwrap_err().status.as_u16(), 400);
-    }
-
-    /// A ring's failure is the client's only when its input is at fault; a lost or busy
-    /// stage is a 503, as for a generation through the ring.
-    #[test]
-    fn ring_failures_are_the_clients_only_for_its_input() {
-        let ring_error = |e: PipelineError| ApiError::from_pipeline(e, "input");
-        let status = |e: PipelineError| ring_error(e).status.as_u16();
-        assert_eq!(status(PipelineError::InvalidRequest("empty".into())), 400);
-        let too_long = ring_error(PipelineError::Engine(
-            shoal_engine::EngineError::ContextFull {
-                needed: 5000,
-                limit: 2048,
-            },
-        ));
-        assert_eq!(too_long.code, Some("context_length_exceeded"));
-        assert_eq!(status(PipelineError::StageFailed("gone".into())), 503);
-        let busy = PipelineError::Rejected {
-            code: shoal_wire::ErrorCode::OVERLOADED,
-            message: "too many sessions".into(),
-        };
-        assert_eq!(status(busy), 503);
-        let stage_too_short = ring_error(PipelineError::Rejected {
-            code: shoal_wire::ErrorCode::CONTEXT_LENGTH,
-            message: "the context is full".into(),
-        });
-        assert_eq!(stage_too_short.status.as_u16(), 400);
-        assert_eq!(stage_too_short.code, Some("context_length_exceeded"));
     }
 }

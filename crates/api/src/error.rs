@@ -209,18 +209,24 @@ impl ApiError {
         }
     }
 
-    /// A ring's failure as the client sees it: its own request's fault (empty, longer than
-    /// the context — the head's check, or a stage's shorter context), or ours: a lost or busy
-    /// stage, a timeout, a 503 the client may retry.
+    /// A ring's failure as the client sees it: its own request's fault — empty, longer than
+    /// the context (`context_length_exceeded`), or refused by a stage as a bad request (a
+    /// JSON schema no token can continue, drawn at the last stage) — or ours: a lost or busy
+    /// stage, a timeout, the head's own engine failing, a 503 the client may retry.
     pub(crate) fn from_pipeline(err: shoal_pipeline::PipelineError, param: &str) -> Self {
         use shoal_pipeline::PipelineError;
+        use shoal_wire::ErrorCode;
         match err {
             PipelineError::InvalidRequest(message) => Self::invalid_value(param, message),
-            PipelineError::Engine(e) => Self::from_engine(e, param),
-            PipelineError::Rejected { code, message }
-                if code == shoal_wire::ErrorCode::CONTEXT_LENGTH =>
-            {
+            PipelineError::Engine(e @ EngineError::ContextFull { .. }) => {
+                Self::from_engine(e, param)
+            }
+            PipelineError::Rejected { code, message } if code == ErrorCode::CONTEXT_LENGTH => {
                 Self::context_length_exceeded(param, message)
+            }
+            PipelineError::Rejected { code, message } if code == ErrorCode::BAD_REQUEST => {
+                Self::invalid_request(format!("a stage refused the request: {message}"))
+                    .param(param)
             }
             e => Self::unavailable(format!("the pipeline failed: {e}")),
         }
@@ -341,6 +347,49 @@ mod tests {
     struct Req {
         messages: Vec<String>,
         n: Option<u32>,
+    }
+
+    /// A ring's failure is the client's only when its request is at fault; a lost or busy
+    /// stage, a timeout or the head's own engine failing is a 503, which clients retry.
+    #[test]
+    fn ring_failures_are_the_clients_only_for_its_request() {
+        use shoal_pipeline::PipelineError;
+        use shoal_wire::ErrorCode;
+        let ring = |e: PipelineError| ApiError::from_pipeline(e, "prompt");
+        let empty = ring(PipelineError::InvalidRequest("the prompt is empty".into()));
+        assert_eq!(
+            (empty.status.as_u16(), empty.param),
+            (400, Some("prompt".into()))
+        );
+        let too_long = |e| {
+            let e = ring(e);
+            assert_eq!(e.status.as_u16(), 400, "{e:?}");
+            assert_eq!(e.code, Some("context_length_exceeded"), "{e:?}");
+        };
+        too_long(PipelineError::Engine(EngineError::ContextFull {
+            needed: 5000,
+            limit: 2048,
+        }));
+        too_long(PipelineError::Rejected {
+            code: ErrorCode::CONTEXT_LENGTH,
+            message: "the context is full".into(),
+        });
+        let dead_end = ring(PipelineError::Rejected {
+            code: ErrorCode::BAD_REQUEST,
+            message: "no token can continue the constrained JSON answer".into(),
+        });
+        assert_eq!(dead_end.status.as_u16(), 400);
+        assert!(dead_end.message.contains("JSON"), "{}", dead_end.message);
+        for ours in [
+            PipelineError::StageFailed("gone".into()),
+            PipelineError::Rejected {
+                code: ErrorCode::OVERLOADED,
+                message: "too many sessions".into(),
+            },
+            PipelineError::Engine(EngineError::InvalidInput("no output".into())),
+        ] {
+            assert_eq!(ring(ours).status.as_u16(), 503);
+        }
     }
 
     #[test]

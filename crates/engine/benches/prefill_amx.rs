@@ -1,5 +1,5 @@
-//! The prompt matmul on AMX int8 tiles against the engine's AVX-512 VNNI tiles, for Q8_0
-//! and Q4_1 weights on the shapes of Qwen2.5-Coder-0.5B (issue #17, item 5). Not a test: a
+//! The prompt matmul on AMX int8 tiles against the engine's AVX-512 VNNI tiles, for the
+//! 32-value formats on the shapes of Qwen2.5-Coder-0.5B (issue #17, item 5). Not a test: a
 //! measurement; on a CPU without AMX it says so and measures nothing.
 //!
 //! `RAYON_NUM_THREADS=1 cargo bench -p shoal-engine --features bench --bench prefill_amx`

@@ -60,6 +60,8 @@ pub use stage_file::StageFile;
 pub use text_stream::TextStream;
 pub use tokenizer::{FimIds, Tokenizer};
 
+pub use kernels::amx_tiles_available;
+
 /// Re-exported so callers can build devices and tensors without naming candle.
 pub use candle_core;
 #[cfg(feature = "bench")]

@@ -1287,8 +1287,8 @@ fn error_code(e: &PipelineError) -> ErrorCode {
         PipelineError::Overloaded(_) => ErrorCode::OVERLOADED,
         PipelineError::StalePlan { .. } => ErrorCode::STALE_PLAN,
         PipelineError::PrefixGone { .. } => ErrorCode::PREFIX_GONE,
-        // A ring's head checks a prompt's length first; a stage loaded with a shorter
-        // context than the head's says so in the code an API reads as the client's to shorten.
+        // Positions past the model's context. A head checks a prompt's length first, so only
+        // a faulty head gets this; it is said in the code an API reads as a prompt too long.
         PipelineError::Engine(EngineError::ContextFull { .. }) => ErrorCode::CONTEXT_LENGTH,
         PipelineError::Config(_)
         | PipelineError::InvalidRequest(_)

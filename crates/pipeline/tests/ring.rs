@@ -1381,9 +1381,10 @@ async fn embeddings_through_the_ring_are_the_whole_models() {
 }
 
 /// A stage lost in the middle of an embedding: the head re-plans and runs the text again on
-/// the new ring, and the vector is the whole model's. The text is six prompt chunks, and
-/// the middle stage dies once the first chunk has reached the last stage: the head, at most
-/// two chunks ahead of the rows it has back, cannot have sent the last chunks by then.
+/// the new ring, and the vector is the whole model's. The text is at least six prompt
+/// chunks, and the middle stage dies once the first chunk has reached the last stage: the
+/// head, with at most three chunks' rows outstanding, cannot have sent the last chunks by
+/// then (and had the kill come after the end, nothing would have re-planned).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_lost_mid_embedding_is_replaced_and_the_vector_is_the_same() {
     let long = chat_prompt(&"The quick brown fox jumps over the lazy dog. ".repeat(300));
@@ -2005,10 +2006,12 @@ async fn guesses_verified_by_the_ring_change_nothing() {
     let prompt = copy_prompt();
     for sampling in [SamplingParams::greedy(), sampled()] {
         let want = single_process_for(&prompt, &sampling);
-        // Room for guesses (with AMX prompt products, SHOAL_AMX=1, the greedy copy ends
-        // after 27 tokens instead of running to 32).
+        // Room for guesses. With AMX prompt products (SHOAL_AMX=1, scripts/test.sh on an AMX
+        // CPU) the greedy copy ends after 27 tokens instead of running to 32.
+        let amx = std::env::var("SHOAL_AMX").is_ok_and(|v| v == "1");
+        let least = if amx { MAX_TOKENS * 3 / 4 } else { MAX_TOKENS };
         assert!(
-            want.len() >= MAX_TOKENS * 3 / 4,
+            want.len() >= least,
             "the reference should answer at length: {want:?}"
         );
         for splits in [&[15][..], &[10, 20][..]] {

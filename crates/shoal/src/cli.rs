@@ -28,8 +28,8 @@ pub(crate) struct Cli {
     #[arg(long, global = true)]
     pub(crate) threads: Option<usize>,
     /// Prompt products on AMX int8 tiles where the CPU has them (Intel Xeon, Sapphire
-    /// Rapids and later): prompt products of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights 2-4x faster
-    /// (whole prompts about 1.6-2.2x), one byte per such weight more memory, and numbers
+    /// Rapids and later): products of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights 3-4.5x faster (whole
+    /// prompts about 1.6-2.1x), about 1.1 bytes per such weight more memory, and numbers
     /// that differ from llama.cpp's in the last bits (docs/PERFORMANCE.md). Same as
     /// SHOAL_AMX=1.
     #[arg(long, global = true)]

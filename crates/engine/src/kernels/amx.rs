@@ -20,8 +20,11 @@
 //! the threads, and only rows of products of at least [`MIN_ROWS`] rows take this path —
 //! the same shape rule Q6_K's llama.cpp order already has, which the prefix cache, batches
 //! and speculation allow for — so prompts in chunks, cached prompts, recovery replays and
-//! rings still give what one process gives. It costs memory: the repacked weights, one
-//! byte per weight, kept beside the file's for the decode kernels.
+//! rings still give what one process gives (when every node uses the tiles). It costs
+//! memory: the repacked weights, one byte per weight and an f32 scale (and minimum) per
+//! block — 1.125 bytes per weight, 1.25 with minimums — kept beside the file's for the
+//! decode kernels, made at a matrix's first long product (an LM head's only where a
+//! prompt asks for every row's logits).
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -37,10 +40,19 @@ pub(super) const ROWS: usize = 16;
 pub(super) const MIN_ROWS: usize = crate::prefix_cache::MIN_CHUNK_ROWS;
 /// Bytes of one block's B tile: 16 weight rows × 32 values.
 const B_TILE: usize = ROWS * QK;
+/// Bytes per row of a B tile: four consecutive values of each of the 16 weight rows.
+const B_ROW_BYTES: usize = ROWS * 4;
+/// Bytes per row of a C tile: 16 int32 sums.
+const C_ROW_BYTES: usize = ROWS * std::mem::size_of::<i32>();
 
 /// Whether prompt products take AMX tiles: asked for (`SHOAL_AMX=1`), and the CPU and OS
 /// offer them.
 pub(super) fn enabled() -> bool {
+    // The crate's unit tests check the other kernels bit for bit (an exported SHOAL_AMX
+    // must not change them); this file's tests call the tiles themselves.
+    if cfg!(test) {
+        return false;
+    }
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
         let asked = std::env::var("SHOAL_AMX").is_ok_and(|v| v == "1");
@@ -73,7 +85,10 @@ fn cpu_has_amx_int8() -> bool {
     // CPUID leaf 7, sub-leaf 0: EDX bit 24 is AMX-TILE, bit 25 AMX-INT8.
     #[allow(unused_unsafe)]
     // Safety: CPUID is on every x86-64 CPU.
-    let leaf = unsafe { __cpuid_count(7, 0) };
+    let (max_leaf, leaf) = unsafe { (__get_cpuid_max(0).0, __cpuid_count(7, 0)) };
+    if max_leaf < 7 {
+        return false;
+    }
     leaf.edx & (1 << 24) != 0 && leaf.edx & (1 << 25) != 0
 }
 
@@ -107,7 +122,7 @@ fn ask_for_tiles() -> bool {
 }
 
 /// A matrix repacked for the tiles: per panel of 16 rows, per block, its B tile and the
-/// rows' scales `d` and minimums `m` (zero for the formats without one).
+/// rows' scales `d` and (Q4_1, Q5_1) minimums `m`.
 pub(super) struct Packed {
     /// Whether the weights are unsigned (the formats with a minimum).
     unsigned: bool,
@@ -115,6 +130,7 @@ pub(super) struct Packed {
     blocks: usize,
     tiles: Vec<u8>,
     d: Vec<f32>,
+    /// Empty for the formats without a minimum.
     m: Vec<f32>,
 }
 
@@ -123,13 +139,14 @@ impl Packed {
     pub(super) fn new(w: &QuantMatrix) -> Packed {
         assert!(supports(w));
         let blocks = w.cols / QK;
+        let unsigned = matches!(w.format, Format::Q4_1 | Format::Q5_1);
         let mut p = Packed {
-            unsigned: matches!(w.format, Format::Q4_1 | Format::Q5_1),
+            unsigned,
             rows: w.rows,
             blocks,
             tiles: vec![0; w.rows / ROWS * blocks * B_TILE],
             d: vec![0.0; w.rows * blocks],
-            m: vec![0.0; w.rows * blocks],
+            m: vec![0.0; if unsigned { w.rows * blocks } else { 0 }],
         };
         let (row_bytes, block_bytes) = (w.row_bytes(), w.format.block_bytes());
         for r in 0..w.rows {
@@ -140,11 +157,14 @@ impl Packed {
                     unreachable!("supports() takes only the 32-value formats")
                 };
                 let at = (panel * blocks + b) * ROWS + n;
-                (p.d[at], p.m[at]) = (d, m);
+                p.d[at] = d;
+                if unsigned {
+                    p.m[at] = m;
+                }
                 let tile = &mut p.tiles[(panel * blocks + b) * B_TILE..][..B_TILE];
                 for (k, &v) in values.iter().enumerate() {
                     // Signed values as two's complement bytes, unsigned ones (< 32) as they are.
-                    tile[(k / 4) * ROWS * 4 + n * 4 + k % 4] = v as u8;
+                    tile[(k / 4) * B_ROW_BYTES + n * 4 + k % 4] = v as u8;
                 }
             }
         }
@@ -207,8 +227,8 @@ impl Packed {
                     "tdpbsud tmm2, tmm0, tmm1",
                     "tilestored [{c} + {c_stride} * 1], tmm2",
                     a = in(reg) a, a_stride = in(reg) QK,
-                    w = in(reg) w, w_stride = in(reg) ROWS * 4,
-                    c = in(reg) c, c_stride = in(reg) ROWS * 4,
+                    w = in(reg) w, w_stride = in(reg) B_ROW_BYTES,
+                    c = in(reg) c, c_stride = in(reg) C_ROW_BYTES,
                     options(nostack),
                 );
             } else {
@@ -219,19 +239,21 @@ impl Packed {
                     "tdpbssd tmm2, tmm0, tmm1",
                     "tilestored [{c} + {c_stride} * 1], tmm2",
                     a = in(reg) a, a_stride = in(reg) QK,
-                    w = in(reg) w, w_stride = in(reg) ROWS * 4,
-                    c = in(reg) c, c_stride = in(reg) ROWS * 4,
+                    w = in(reg) w, w_stride = in(reg) B_ROW_BYTES,
+                    c = in(reg) c, c_stride = in(reg) C_ROW_BYTES,
                     options(nostack),
                 );
             }
             let at = (panel * self.blocks + b) * ROWS;
             let dw = _mm512_loadu_ps(self.d.as_ptr().add(at));
-            let mw = _mm512_loadu_ps(self.m.as_ptr().add(at));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let sum = _mm512_cvtepi32_ps(_mm512_load_si512(c.add(r * ROWS).cast()));
                 let dd = _mm512_mul_ps(dw, _mm512_set1_ps(t.d[b * ROWS + r]));
                 *acc = _mm512_fmadd_ps(sum, dd, *acc);
-                if self.unsigned {
+            }
+            if self.unsigned {
+                let mw = _mm512_loadu_ps(self.m.as_ptr().add(at));
+                for (r, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(t.s[b * ROWS + r]), *acc);
                 }
             }
@@ -262,8 +284,8 @@ impl TileConfig {
             c[48 + i] = rows as u8;
         };
         tile(0, ROWS, QK);
-        tile(1, QK / 4, ROWS * 4);
-        tile(2, ROWS, ROWS * 4);
+        tile(1, QK / 4, B_ROW_BYTES);
+        tile(2, ROWS, C_ROW_BYTES);
         TileConfig(c)
     }
 }
@@ -272,6 +294,88 @@ impl TileConfig {
 mod tests {
     use super::super::sample::{random_blocks, random_f32};
     use super::*;
+
+    const FORMATS: [Format; 5] = [
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Q5_0,
+        Format::Q5_1,
+        Format::Q8_0,
+    ];
+
+    impl Packed {
+        /// What [`Packed::panel_times_tile`] computes, in plain Rust from the repacked
+        /// tiles (read as `tdpbssd`/`tdpbsud` read them) and the same f32 steps in the same
+        /// order: so the repacking is checked on any CPU, and the tiles against it bit for
+        /// bit where there are tiles.
+        fn panel_times_tile_in_rust(&self, panel: usize, t: &Q8Tile) -> [f32; ROWS * ROWS] {
+            let mut out = [0f32; ROWS * ROWS];
+            for b in 0..self.blocks {
+                let tile = &self.tiles[(panel * self.blocks + b) * B_TILE..][..B_TILE];
+                let at = (panel * self.blocks + b) * ROWS;
+                for r in 0..ROWS {
+                    let a = &t.qs[(b * ROWS + r) * QK..][..QK];
+                    for n in 0..ROWS {
+                        let sum: i32 = (0..QK)
+                            .map(|k| {
+                                let w = tile[(k / 4) * B_ROW_BYTES + n * 4 + k % 4];
+                                let w = if self.unsigned {
+                                    w as i32
+                                } else {
+                                    w as i8 as i32
+                                };
+                                a[k] as i32 * w
+                            })
+                            .sum();
+                        let acc = &mut out[r * ROWS + n];
+                        *acc = (sum as f32).mul_add(self.d[at + n] * t.d[b * ROWS + r], *acc);
+                        if self.unsigned {
+                            *acc = self.m[at + n].mul_add(t.s[b * ROWS + r], *acc);
+                        }
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    /// The repacked weights, multiplied as the tiles multiply them, give the engine's
+    /// products up to the order of the f32 steps (on any CPU); where the CPU has tiles,
+    /// they give exactly that, bit for bit.
+    #[test]
+    fn repacked_weights_multiply_as_the_engines_and_the_tiles_as_the_rust() {
+        for format in FORMATS {
+            let (rows, cols, m) = (32, 256, 16);
+            let data = random_blocks(format, rows, cols, 7);
+            let w = QuantMatrix::from_bytes(format, rows, cols, data).unwrap();
+            let xs = random_f32(m * cols, 8);
+            let plain = w.products(&xs, &[m], true).unwrap();
+            let acts = super::super::Q8Row::quantize_rows(&xs, cols, format.activation(), true);
+            let tile = Q8Tile::new(&acts, ROWS);
+            let packed = Packed::new(&w);
+            let scale = plain.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for panel in 0..rows / ROWS {
+                let rust = packed.panel_times_tile_in_rust(panel, &tile);
+                for r in 0..m {
+                    for n in 0..ROWS {
+                        let (got, want) = (rust[r * ROWS + n], plain[r * rows + panel * ROWS + n]);
+                        assert!(
+                            (got - want).abs() <= scale * 1e-5,
+                            "{format:?} row {r}, weight row {}: {got} against {want}",
+                            panel * ROWS + n
+                        );
+                    }
+                }
+                if available() {
+                    let mut tiles = [0f32; ROWS * ROWS];
+                    // Safety: the CPU has AMX-INT8 and AVX-512 (`available()`).
+                    unsafe { packed.panel_times_tile(panel, &tile, &mut tiles) };
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&tiles), bits(&rust), "{format:?} panel {panel}");
+                }
+            }
+        }
+    }
 
     /// The engine's products with AMX: rows of products of at least [`MIN_ROWS`] rows are
     /// the other kernels' up to the order of their f32 steps, and do not depend on their
@@ -283,13 +387,7 @@ mod tests {
             eprintln!("skipped: this CPU (or OS) offers no AMX-INT8 tiles");
             return;
         }
-        for format in [
-            Format::Q4_0,
-            Format::Q4_1,
-            Format::Q5_0,
-            Format::Q5_1,
-            Format::Q8_0,
-        ] {
+        for format in FORMATS {
             let (rows, cols) = (48, 256);
             let data = random_blocks(format, rows, cols, 5);
             let w = QuantMatrix::from_bytes(format, rows, cols, data).unwrap();

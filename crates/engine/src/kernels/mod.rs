@@ -197,6 +197,22 @@ impl Q8Row {
         row
     }
 
+    /// Each `k`-long row of `xs`, quantized as `kind` — on the pool's threads unless
+    /// `serial`.
+    fn quantize_rows(xs: &[f32], k: usize, kind: Activation, serial: bool) -> Vec<Self> {
+        if serial {
+            return xs
+                .chunks(k)
+                .map(|row| Self::quantize_as(row, kind))
+                .collect();
+        }
+        let mut acts: Vec<Self> = (0..xs.len() / k).map(|_| Self::default()).collect();
+        pool::for_each_chunk_mut(&mut acts, 1, |i, act| {
+            act[0] = Self::quantize_as(&xs[i * k..][..k], kind);
+        });
+        acts
+    }
+
     /// llama.cpp's `quantize_row_q8_K_ref`: per block of 256, `max` the value of largest
     /// magnitude, `q = nearest_int(-127 / max * x)` (ties to even, as its float trick
     /// rounds), `d = 1 / (-127 / max)` in f32, and the sums of each 16 `q`.
@@ -526,10 +542,7 @@ impl QuantMatrix {
         let kind = self.format.activation();
         let (mut tiles, mut placement) = (Vec::new(), Vec::new());
         for (first, len) in long {
-            let mut acts: Vec<Q8Row> = (0..len).map(|_| Q8Row::default()).collect();
-            pool::for_each_chunk_mut(&mut acts, 1, |i, act| {
-                act[0] = Q8Row::quantize_as(&xs[(first + i) * k..][..k], kind);
-            });
+            let acts = Q8Row::quantize_rows(&xs[first * k..][..len * k], k, kind, false);
             for (g, group) in acts.chunks(amx::ROWS).enumerate() {
                 tiles.push(Q8Tile::new(group, amx::ROWS));
                 placement.push((first + g * amx::ROWS, group.len()));
@@ -551,17 +564,7 @@ impl QuantMatrix {
         // Even a cheap hand-off to the pool's threads costs more than the smallest
         // products: those run on the caller.
         let serial = pool::threads() <= 1 || m * self.rows * k < SERIAL_BELOW;
-        let acts: Vec<Q8Row> = if serial || m == 1 {
-            xs.chunks(k)
-                .map(|row| Q8Row::quantize_as(row, kind))
-                .collect()
-        } else {
-            let mut acts: Vec<Q8Row> = (0..m).map(|_| Q8Row::default()).collect();
-            pool::for_each_chunk_mut(&mut acts, 1, |i, act| {
-                act[0] = Q8Row::quantize_as(&xs[i * k..][..k], kind);
-            });
-            acts
-        };
+        let acts = Q8Row::quantize_rows(xs, k, kind, serial || m == 1);
         let n = self.rows;
         // One dot product per activation row: the k-quants follow llama.cpp's order,
         // which depends on the shape of the product (kquant.rs): that of the row's own
@@ -796,10 +799,19 @@ fn k_tiles<'a>(
     Some((tiles, untiled))
 }
 
+/// Whether this CPU and OS offer the AMX int8 tiles `--amx` asks for (amx.rs); false off
+/// x86-64.
+pub fn amx_tiles_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// For measurements: `SHOAL_KERNEL_TILES=pairwise` sends prompts one (weight row,
 /// activation row) pair at a time (the path before tiles), `avx2` keeps every AVX-512
 /// kernel out (tiles, panels, single rows); unset, the fastest this CPU has. Every setting
-/// gives the same bits.
+/// gives the same bits. `pairwise` also keeps AMX tiles out (`--amx`, amx.rs).
 pub(super) fn tiles_setting() -> &'static str {
     static SETTING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SETTING.get_or_init(|| std::env::var("SHOAL_KERNEL_TILES").unwrap_or_default())

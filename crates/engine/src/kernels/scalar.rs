@@ -21,14 +21,7 @@ pub(super) fn block_values(format: Format, block: &[u8]) -> Option<([i32; QK], f
         Format::Q5_0 => (q5_0_values(block), d, 0.0),
         Format::Q5_1 => (q5_1_values(block), d, f16_at(block, 2)),
         Format::Q8_0 => (std::array::from_fn(|j| block[2 + j] as i8 as i32), d, 0.0),
-        Format::Q4_1 => {
-            let qs = &block[4..];
-            let values = std::array::from_fn(|j| match j < QK / 2 {
-                true => (qs[j] & 0x0f) as i32,
-                false => (qs[j - QK / 2] >> 4) as i32,
-            });
-            (values, d, f16_at(block, 2))
-        }
+        Format::Q4_1 => (q4_1_values(block), d, f16_at(block, 2)),
         Format::Q4K | Format::Q5K | Format::Q6K => return None,
     })
 }
@@ -92,19 +85,29 @@ pub(super) fn vec_dot_q5_1_q8_1(w: &[u8], act: &Q8Row) -> f32 {
     sum
 }
 
+/// The 32 unsigned 4-bit values of a Q4_1 block, low nibbles first.
+fn q4_1_values(block: &[u8]) -> [i32; QK] {
+    let qs = &block[4..];
+    let mut v = [0i32; QK];
+    for j in 0..QK / 2 {
+        v[j] = (qs[j] & 0x0f) as i32;
+        v[j + QK / 2] = (qs[j] >> 4) as i32;
+    }
+    v
+}
+
 /// Dot product of one Q4_1 row (GGUF bytes) with one Q8_1 activation row, as
 /// llama.cpp's `ggml_vec_dot_q4_1_q8_1`: `sum_b d_x d_y sum(q_x q_y) + m_x s_y`.
 pub(super) fn vec_dot_q4_1_q8_1(w: &[u8], act: &Q8Row) -> f32 {
     let mut sum = 0f32;
     for (b, block) in w.chunks_exact(Q4_1_BLOCK_BYTES).enumerate() {
         let (d, m) = (f16_at(block, 0), f16_at(block, 2));
-        let qs = &block[4..];
         let y = &act.qs[b * QK..(b + 1) * QK];
-        let mut sumi = 0i32;
-        for j in 0..QK / 2 {
-            sumi += (qs[j] & 0x0f) as i32 * y[j] as i32;
-            sumi += (qs[j] >> 4) as i32 * y[j + QK / 2] as i32;
-        }
+        let sumi: i32 = q4_1_values(block)
+            .iter()
+            .zip(y)
+            .map(|(x, y)| x * *y as i32)
+            .sum();
         sum += sumi as f32 * d * act.d[b] + m * act.s[b];
     }
     sum

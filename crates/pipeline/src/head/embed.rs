@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 
 use shoal_engine::generate::PREFILL_CHUNK;
-use shoal_engine::{Logits, Pooler, Pooling};
+use shoal_engine::{EngineError, Logits, Pooler, Pooling};
 use shoal_wire::{Activations, EndSession, Forward, LogitRows, Message, Payload, Want};
 use tokio::sync::mpsc;
 
@@ -29,10 +29,11 @@ impl Pipeline {
         }
         let limit = self.model.context_length;
         if tokens.len() > limit {
-            return Err(PipelineError::InvalidRequest(format!(
-                "the text has {} tokens and the context holds {limit}",
-                tokens.len()
-            )));
+            return Err(EngineError::ContextFull {
+                needed: tokens.len(),
+                limit,
+            }
+            .into());
         }
         let pooling = self.config.pooling.unwrap_or(self.model.pooling);
         let mut recoveries = 0;

@@ -29,8 +29,8 @@ use shoal_cluster::{Member, Membership};
 use shoal_engine::candle_core::Device;
 use shoal_engine::prefix_cache::{canonical_len, resume_point};
 use shoal_engine::{
-    Drafter, GgufFile, JsonRule, JsonTracker, KvCache, Logits, ModelConfig, PrefixCache,
-    PromptFormat, Sampler, SamplingParams, Stage, StageSpec, TokenLogprob, Tokenizer,
+    Drafter, EngineError, GgufFile, JsonRule, JsonTracker, KvCache, Logits, ModelConfig,
+    PrefixCache, PromptFormat, Sampler, SamplingParams, Stage, StageSpec, TokenLogprob, Tokenizer,
 };
 use shoal_wire::{
     Activations, Capabilities, EndSession, ErrorCode, Forward, JsonAnswer, LoadStage, Message,
@@ -674,10 +674,12 @@ impl Pipeline {
         }
         let limit = self.model.context_length;
         if prompt.len() >= limit {
-            return Err(PipelineError::InvalidRequest(format!(
-                "the prompt has {} tokens and the context holds {limit}",
-                prompt.len()
-            )));
+            // At least one position past the prompt, for the first token.
+            return Err(EngineError::ContextFull {
+                needed: prompt.len() + 1,
+                limit,
+            }
+            .into());
         }
         if max_tokens == 0 {
             return Ok(RingAnswer {

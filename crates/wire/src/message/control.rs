@@ -41,8 +41,8 @@ impl ErrorCode {
     /// The request is longer than the model's context (protocol 11): the client's to
     /// shorten, as [`ErrorCode::BAD_REQUEST`] is, and named so that an API can say so
     /// (OpenAI's `context_length_exceeded`, which agents compact their history on). Swarm
-    /// agents answer with it, and a stage whose context is shorter than its ring's head's
-    /// (a ring's head checks a prompt's length before any stage sees it).
+    /// agents answer with it, and a stage asked to run positions past the model's context
+    /// (a ring's head checks a prompt's length first, so only a faulty head sees that).
     pub const CONTEXT_LENGTH: ErrorCode = ErrorCode(12);
     /// A bug or an unexpected failure on the sending node.
     pub const INTERNAL: ErrorCode = ErrorCode(0xFFFF);
