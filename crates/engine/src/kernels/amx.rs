@@ -30,7 +30,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::{pool, scalar, Format, OutPtr, Q8Tile, QuantMatrix, QK};
+use super::{pool, scalar, Format, OutPtr, Q8Tile, QuantMatrix, BLOCK_FORMATS, QK};
 
 /// Weight rows per panel, activation rows per tile: AMX's 16 rows.
 pub(super) const ROWS: usize = 16;
@@ -75,10 +75,7 @@ pub(super) fn available() -> bool {
 
 /// Whether products of `w` can run on the tiles: a 32-value block format, whole panels.
 pub(super) fn supports(w: &QuantMatrix) -> bool {
-    matches!(
-        w.format,
-        Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0
-    ) && w.rows.is_multiple_of(ROWS)
+    BLOCK_FORMATS.contains(&w.format) && w.rows.is_multiple_of(ROWS)
 }
 
 fn cpu_has_amx_int8() -> bool {
@@ -219,30 +216,27 @@ impl Packed {
             let w = self.tiles.as_ptr().add((panel * self.blocks + b) * B_TILE);
             let c = sums.0.as_mut_ptr();
             // tmm0: the activations (signed); tmm1: the weights; tmm2: their 16 × 16 sums.
+            // The same steps but for the product: the unsigned nibbles of Q4_1 and Q5_1
+            // take `tdpbsud` (signed × unsigned), the signed values `tdpbssd`.
+            macro_rules! block_product {
+                ($product:literal) => {
+                    asm!(
+                        "tilezero tmm2",
+                        "tileloadd tmm0, [{a} + {a_stride} * 1]",
+                        "tileloadd tmm1, [{w} + {w_stride} * 1]",
+                        $product,
+                        "tilestored [{c} + {c_stride} * 1], tmm2",
+                        a = in(reg) a, a_stride = in(reg) QK,
+                        w = in(reg) w, w_stride = in(reg) B_ROW_BYTES,
+                        c = in(reg) c, c_stride = in(reg) C_ROW_BYTES,
+                        options(nostack),
+                    )
+                };
+            }
             if self.unsigned {
-                asm!(
-                    "tilezero tmm2",
-                    "tileloadd tmm0, [{a} + {a_stride} * 1]",
-                    "tileloadd tmm1, [{w} + {w_stride} * 1]",
-                    "tdpbsud tmm2, tmm0, tmm1",
-                    "tilestored [{c} + {c_stride} * 1], tmm2",
-                    a = in(reg) a, a_stride = in(reg) QK,
-                    w = in(reg) w, w_stride = in(reg) B_ROW_BYTES,
-                    c = in(reg) c, c_stride = in(reg) C_ROW_BYTES,
-                    options(nostack),
-                );
+                block_product!("tdpbsud tmm2, tmm0, tmm1");
             } else {
-                asm!(
-                    "tilezero tmm2",
-                    "tileloadd tmm0, [{a} + {a_stride} * 1]",
-                    "tileloadd tmm1, [{w} + {w_stride} * 1]",
-                    "tdpbssd tmm2, tmm0, tmm1",
-                    "tilestored [{c} + {c_stride} * 1], tmm2",
-                    a = in(reg) a, a_stride = in(reg) QK,
-                    w = in(reg) w, w_stride = in(reg) B_ROW_BYTES,
-                    c = in(reg) c, c_stride = in(reg) C_ROW_BYTES,
-                    options(nostack),
-                );
+                block_product!("tdpbssd tmm2, tmm0, tmm1");
             }
             let at = (panel * self.blocks + b) * ROWS;
             let dw = _mm512_loadu_ps(self.d.as_ptr().add(at));
@@ -295,14 +289,6 @@ mod tests {
     use super::super::sample::{random_blocks, random_f32};
     use super::*;
 
-    const FORMATS: [Format; 5] = [
-        Format::Q4_0,
-        Format::Q4_1,
-        Format::Q5_0,
-        Format::Q5_1,
-        Format::Q8_0,
-    ];
-
     impl Packed {
         /// What [`Packed::panel_times_tile`] computes, in plain Rust from the repacked
         /// tiles (read as `tdpbssd`/`tdpbsud` read them) and the same f32 steps in the same
@@ -344,7 +330,7 @@ mod tests {
     /// they give exactly that, bit for bit.
     #[test]
     fn repacked_weights_multiply_as_the_engines_and_the_tiles_as_the_rust() {
-        for format in FORMATS {
+        for format in BLOCK_FORMATS {
             let (rows, cols, m) = (32, 256, 16);
             let data = random_blocks(format, rows, cols, 7);
             let w = QuantMatrix::from_bytes(format, rows, cols, data).unwrap();
@@ -387,7 +373,7 @@ mod tests {
             eprintln!("skipped: this CPU (or OS) offers no AMX-INT8 tiles");
             return;
         }
-        for format in FORMATS {
+        for format in BLOCK_FORMATS {
             let (rows, cols) = (48, 256);
             let data = random_blocks(format, rows, cols, 5);
             let w = QuantMatrix::from_bytes(format, rows, cols, data).unwrap();

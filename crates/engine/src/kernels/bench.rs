@@ -74,13 +74,7 @@ pub fn prefill_amx_against_tiled() -> Result<()> {
         println!("this CPU (or OS) offers no AMX-INT8 tiles: nothing to measure");
         return Ok(());
     }
-    for format in [
-        Format::Q4_0,
-        Format::Q4_1,
-        Format::Q5_0,
-        Format::Q5_1,
-        Format::Q8_0,
-    ] {
+    for format in super::BLOCK_FORMATS {
         for (rows, cols) in [(896usize, 896usize), (4864, 896), (896, 4864)] {
             let data = random_blocks(format, rows, cols, 91);
             let w = QuantMatrix::from_bytes(format, rows, cols, data)?;

@@ -92,6 +92,16 @@ pub(crate) enum Format {
     Q6K,
 }
 
+/// The formats of 32-value blocks (one scale, and for some a minimum, per block).
+#[cfg(any(target_arch = "x86_64", test))]
+pub(crate) const BLOCK_FORMATS: [Format; 5] = [
+    Format::Q4_0,
+    Format::Q4_1,
+    Format::Q5_0,
+    Format::Q5_1,
+    Format::Q8_0,
+];
+
 /// How a format wants its activation rows quantized (llama.cpp's `vec_dot_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Activation {
@@ -1124,13 +1134,7 @@ mod tests {
             eprintln!("no SIMD kernels on this CPU: nothing to compare");
             return;
         }
-        for format in [
-            Format::Q4_0,
-            Format::Q4_1,
-            Format::Q5_0,
-            Format::Q5_1,
-            Format::Q8_0,
-        ] {
+        for format in BLOCK_FORMATS {
             for (cols, seed) in [(32usize, 21), (96, 22), (576, 23), (4864, 24)] {
                 for row in 0..6u64 {
                     let w = random_blocks(format, 1, cols, seed * 100 + row);
