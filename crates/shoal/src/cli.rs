@@ -28,10 +28,10 @@ pub(crate) struct Cli {
     #[arg(long, global = true)]
     pub(crate) threads: Option<usize>,
     /// Prompt products on AMX int8 tiles where the CPU has them (Intel Xeon, Sapphire
-    /// Rapids and later): products of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights 3-4.5x faster (whole
-    /// prompts about 1.6-2.1x), about 1.1 bytes per such weight more memory, and numbers
-    /// that differ from llama.cpp's in the last bits (docs/PERFORMANCE.md). Same as
-    /// SHOAL_AMX=1.
+    /// Rapids and later): products of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights 3-4.5x faster, of
+    /// Q4_K/Q6_K 1.5-2.2x (Q5_K too, not measured; whole prompts about 1.3-2.5x), about 1.1 bytes
+    /// per weight more memory, and numbers that differ from llama.cpp's in the last bits
+    /// (docs/PERFORMANCE.md). Same as SHOAL_AMX=1.
     #[arg(long, global = true)]
     pub(crate) amx: bool,
     /// More logging (-v info, -vv debug). SHOAL_LOG overrides.

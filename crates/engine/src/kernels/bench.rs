@@ -64,18 +64,27 @@ pub fn prefill_tiled_against_pairwise(only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// The prompt matmul of the 32-value formats on AMX int8 tiles (`amx.rs`) against the
-/// engine's AVX-512 VNNI tiles, on the shapes of Qwen2.5-Coder-0.5B's layers, fastest of a
-/// few runs. Both include quantizing the activations; the AMX weights are repacked before
-/// the first run (as the first prompt does once per matrix), which is timed apart.
+/// The prompt matmul on AMX int8 tiles (`amx.rs`) against the engine's AVX-512 tiles, on
+/// the shapes of Qwen2.5-Coder-0.5B's layers (the k-quants on 1.5B's), fastest of a few
+/// runs; `only` names one format (`Q4K`, …). Both include quantizing the activations; the
+/// AMX weights are repacked before the first run (as the first prompt does once per
+/// matrix), which is timed apart.
 #[cfg(target_arch = "x86_64")]
-pub fn prefill_amx_against_tiled() -> Result<()> {
+pub fn prefill_amx_against_tiled(only: Option<&str>) -> Result<()> {
     if !super::amx::available() {
         println!("this CPU (or OS) offers no AMX-INT8 tiles: nothing to measure");
         return Ok(());
     }
-    for format in super::BLOCK_FORMATS {
-        for (rows, cols) in [(896usize, 896usize), (4864, 896), (896, 4864)] {
+    for format in FORMATS {
+        if only.is_some_and(|f| f != format!("{format:?}")) {
+            continue;
+        }
+        let shapes = if format.block_len() == super::QK_K {
+            [(1536usize, 1536usize), (8960, 1536), (1536, 8960)]
+        } else {
+            [(896, 896), (4864, 896), (896, 4864)]
+        };
+        for (rows, cols) in shapes {
             let data = random_blocks(format, rows, cols, 91);
             let w = QuantMatrix::from_bytes(format, rows, cols, data)?;
             let started = Instant::now();

@@ -29,8 +29,8 @@
 //! weight rows times a tile — bit for bit the same results either way.
 //!
 //! One opt-in exception to llama.cpp's bits: with `--amx` (`SHOAL_AMX=1`) on a CPU with
-//! AMX, products of at least 8 rows of the 32-value formats run on AMX int8 tiles
-//! (`amx.rs`), their f32 steps in an order of their own.
+//! AMX, products of at least 8 rows of every format of ours (the k-quants included) run
+//! on AMX int8 tiles (`amx.rs`), their f32 steps in an order of their own.
 
 #![allow(unsafe_code)]
 
@@ -93,7 +93,7 @@ pub(crate) enum Format {
 }
 
 /// The formats of 32-value blocks (one scale, and for some a minimum, per block).
-#[cfg(any(target_arch = "x86_64", test))]
+#[cfg(test)]
 pub(crate) const BLOCK_FORMATS: [Format; 5] = [
     Format::Q4_0,
     Format::Q4_1,

@@ -308,6 +308,52 @@ pub(super) fn q4_k_pair_totals(block: &[u8], q8: &[i8], bsums: &[i16]) -> ([i32;
     (sums, mins)
 }
 
+/// A k-quant super-block read out for the AMX tiles (amx.rs): its 256 values (unsigned
+/// for Q4_K and Q5_K, signed for Q6_K), each sub-block's integer scale (Q6_K's 16
+/// sub-blocks of 16; the first 8 for the others' sub-blocks of 32) and (Q4_K, Q5_K)
+/// minimum (0 for Q6_K), `d` and `dmin` (0 for Q6_K).
+#[cfg(target_arch = "x86_64")]
+pub(super) struct SuperBlock {
+    pub(super) values: [i32; QK_K],
+    pub(super) scales: [i8; 16],
+    pub(super) mins: [i8; 8],
+    pub(super) d: f32,
+    pub(super) dmin: f32,
+}
+
+/// A k-quant super-block as [`SuperBlock`]; `None` for the 32-value formats.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn super_block(format: Format, block: &[u8]) -> Option<SuperBlock> {
+    let widen = |v: [u8; QK_K]| v.map(i32::from);
+    let values = match format {
+        Format::Q4K => widen(q4_k_values(block)),
+        Format::Q5K => widen(q5_k_values(block)),
+        Format::Q6K => {
+            return Some(SuperBlock {
+                values: q6_k_values(block),
+                scales: std::array::from_fn(|j| block[192 + j] as i8),
+                mins: [0; 8],
+                d: f16_at(block, 208),
+                dmin: 0.0,
+            })
+        }
+        _ => return None,
+    };
+    // Q4_K and Q5_K: 6-bit scales and minimums, so they fit in i8.
+    let (mut scales, mut mins) = ([0i8; 16], [0i8; 8]);
+    for j in 0..QK_K / 32 {
+        let (sc, m) = scale_min_k4(j, &block[4..16]);
+        (scales[j], mins[j]) = (sc as i8, m as i8);
+    }
+    Some(SuperBlock {
+        values,
+        scales,
+        mins,
+        d: f16_at(block, 0),
+        dmin: f16_at(block, 2),
+    })
+}
+
 /// Dot product of one Q6_K row with one Q8_K activation row, as llama.cpp's
 /// `ggml_vec_dot_q6_K_q8_K`: per super-block `d_x d_y sum_j sc_j sum(q_x q_y)` over the
 /// 16 sub-blocks of 16, the inner sum exact in integers.
