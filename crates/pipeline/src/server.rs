@@ -481,13 +481,16 @@ impl StageServer {
                     layer_end: sample.layers.end as u32,
                     embed: false,
                     head: false,
+                    resume_from: 0,
                 };
                 let dir = &self.inner.config.models_dir;
                 // The head may hash the layers for minutes before the manifest comes (the
                 // fetch has its own deadlines): the port's idle timeout is not for this wait.
                 let idle_timeout = conn.idle_timeout();
                 conn.set_idle_timeout(None);
-                let fetched = crate::weights::fetch_over(conn, "the head", request, dir).await;
+                let mut partial = crate::weights::Partial::default();
+                let fetched =
+                    crate::weights::fetch_over(conn, "the head", request, dir, &mut partial).await;
                 conn.set_idle_timeout(idle_timeout);
                 (fetched?, true)
             }
@@ -1164,6 +1167,9 @@ fn finish(
                 Want::Normed {
                     rows: LogitRows::Last,
                 } if n > 1 => h.narrow(0, n - 1, 1).map_err(EngineError::from)?,
+                Want::Normed {
+                    rows: LogitRows::First,
+                } if n > 1 => h.narrow(0, 0, 1).map_err(EngineError::from)?,
                 _ => h,
             };
             Ok(Outcome::Normed(tensor_to_activations(&rows, DType::F32)?))

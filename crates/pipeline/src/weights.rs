@@ -28,7 +28,7 @@ use shoal_wire::{
     Capabilities, Connection, ErrorCode, ErrorMessage, GetWeights, LoadStage, Message, Transport,
     WeightsChunk, WeightsManifest, WeightsRegion, WireError,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{PipelineError, Result};
@@ -107,6 +107,7 @@ pub(crate) fn request_for(load: &LoadStage) -> GetWeights {
         layer_end: load.layer_end,
         embed: load.embed,
         head: load.head,
+        resume_from: 0,
     }
 }
 
@@ -221,17 +222,31 @@ pub(crate) async fn send_weights(
             return conn.write_frame(&Message::Error(error)).await;
         }
     };
+    if req.resume_from > layout.len() {
+        let error = ErrorMessage::new(
+            ErrorCode::BAD_REQUEST,
+            None,
+            format!(
+                "asked to resume at byte {} of a stage file of {}",
+                req.resume_from,
+                layout.len()
+            ),
+        );
+        return conn.write_frame(&Message::Error(error)).await;
+    }
     tracing::info!(
         layers = ?req.layer_start..req.layer_end,
-        bytes = layout.len(),
+        bytes = layout.len() - req.resume_from,
+        resume_from = req.resume_from,
         "sending a stage's weights"
     );
     conn.write_frame(&Message::WeightsManifest(manifest))
         .await?;
     // A reader thread stays two chunks ahead of the socket, no more.
     let (tx, mut rx) = mpsc::channel::<std::result::Result<Bytes, String>>(2);
+    let resume_from = req.resume_from;
     let reader = tokio::task::spawn_blocking(move || {
-        let mut offset = 0u64;
+        let mut offset = resume_from;
         while offset < layout.len() {
             let n = (CHUNK as u64).min(layout.len() - offset) as usize;
             let mut buf = vec![0u8; n];
@@ -309,18 +324,20 @@ fn plan_and_hash(
 }
 
 /// Gets the stage file `req` asks for from the holder at `from` into
-/// `<models_dir>/stages/`, checking every region's SHA-256 as it arrives; nothing is kept
-/// of a transfer that fails. Stage files of the same model that the new one covers are
-/// removed (they would never be chosen again). Returns the stage file's path.
+/// `<models_dir>/stages/`, checking every region's SHA-256 as it arrives, and from where
+/// `partial` says an earlier holder's transfer ended (see [`fetch_over`]). Stage files of
+/// the same model that the new one covers are removed (they would never be chosen again).
+/// Returns the stage file's path.
 pub(crate) async fn fetch(
     from: SocketAddr,
     node_id: &str,
     transport: &Transport,
     req: GetWeights,
     models_dir: &Path,
+    partial: &mut Partial,
 ) -> Result<PathBuf> {
     let mut conn = dial(from, node_id, Capabilities::STAGE, transport).await?;
-    fetch_over(&mut conn, &from.to_string(), req, models_dir).await
+    fetch_over(&mut conn, &from.to_string(), req, models_dir, partial).await
 }
 
 /// Whom the stage at `index` of `peers` (the ring after the head, in order) asks for its
@@ -345,8 +362,11 @@ pub(crate) fn sources_for(index: usize, peers: &[SocketAddr], head: SocketAddr) 
 }
 
 /// [`fetch`] from the first of `sources` that serves the share, in order: one that lacks
-/// the model, cannot be reached or fails mid-transfer costs a try (nothing of a failed
-/// transfer is kept), and the next is asked. The last one's error when none served it.
+/// the model or cannot be reached costs a try, and the next is asked; one that fails
+/// mid-transfer leaves the regions it sent whole and checked, and the next is asked for the
+/// rest only (`GetWeights.resume_from`) — or, if its file lays the share out otherwise
+/// (another manifest), asked again from the first byte. The last one's error when none
+/// served it; nothing of a transfer that did not end is kept.
 pub(crate) async fn fetch_from_any(
     sources: &[SocketAddr],
     node_id: &str,
@@ -355,13 +375,30 @@ pub(crate) async fn fetch_from_any(
     models_dir: &Path,
 ) -> Result<PathBuf> {
     let mut last = None;
+    let mut partial = Partial::default();
     for &from in sources {
-        match fetch(from, node_id, transport, req.clone(), models_dir).await {
-            Ok(path) => return Ok(path),
-            Err(e) => {
-                let layers = req.layer_start..req.layer_end;
-                tracing::info!(%from, ?layers, "the layers are not to be had there: {e}");
-                last = Some(e);
+        for _ in 0..2 {
+            match fetch(
+                from,
+                node_id,
+                transport,
+                req.clone(),
+                models_dir,
+                &mut partial,
+            )
+            .await
+            {
+                Ok(path) => return Ok(path),
+                Err(e) => {
+                    let layers = req.layer_start..req.layer_end;
+                    tracing::info!(%from, ?layers, "the layers are not to be had there: {e}");
+                    last = Some(e);
+                }
+            }
+            // Asked to resume, and the holder's file lays the share out otherwise: ask it
+            // once more, from the first byte.
+            if !std::mem::take(&mut partial.laid_out_otherwise) {
+                break;
             }
         }
     }
@@ -371,14 +408,53 @@ pub(crate) async fn fetch_from_any(
     }))
 }
 
+/// What a node holds of a stage file whose transfer has not ended: the `.part` file, the
+/// holder's manifest, and how many of its first bytes make whole regions that matched
+/// their hashes. The next holder is asked for the bytes after those. Dropped before the
+/// transfer ends (the fetch failed everywhere), it deletes the `.part` file.
+#[derive(Default)]
+pub(crate) struct Partial {
+    path: Option<PathBuf>,
+    manifest: Option<WeightsManifest>,
+    verified: u64,
+    /// The last holder asked to resume lays the share out otherwise (another manifest, or
+    /// a file shorter than the bytes held): what was held is forgotten, and that holder
+    /// can be asked again from the first byte.
+    laid_out_otherwise: bool,
+}
+
+impl Partial {
+    /// Forgets what was received (another holder's bytes do not continue it).
+    fn clear(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(path);
+        }
+        self.manifest = None;
+        self.verified = 0;
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 /// [`fetch`] over a connection already open to the holder (`holder` names it in errors):
 /// a node without the model that a planning head asks for its profile gets the layers it
-/// measures on from that head, on the head's own connection.
+/// measures on from that head, on the head's own connection. Asks for the bytes after
+/// those `partial` holds when it holds some; a holder whose manifest differs from the one
+/// they came with (or that refuses to resume) clears `partial` and fails, marking it
+/// `laid_out_otherwise` (its bytes would not continue them). A transfer that fails after
+/// some whole regions leaves them in `partial` (those before a region that fails its hash
+/// too: each matched its own); a local file error, or a file that is not the stage asked
+/// for, clears it. One fetch of a stage file at a time per process: a second waits.
 pub(crate) async fn fetch_over(
     conn: &mut Connection,
     holder: &str,
     req: GetWeights,
     models_dir: &Path,
+    partial: &mut Partial,
 ) -> Result<PathBuf> {
     let from = holder;
     let started = std::time::Instant::now();
@@ -387,7 +463,25 @@ pub(crate) async fn fetch_over(
     let dir = models_dir.join(STAGES_DIR);
     tokio::fs::create_dir_all(&dir).await?;
     let path = dir.join(kept.file_name());
-    let partial = dir.join(format!("{}.part", kept.file_name()));
+    let part = dir.join(format!("{}.part", kept.file_name()));
+    let _only_fetch = fetching(&part).lock_owned().await;
+    if partial.path.as_ref().is_some_and(|p| *p != part) {
+        partial.clear();
+    }
+    // Resume only over the bytes really there (a write that failed may have left fewer).
+    let on_disk = match &partial.path {
+        Some(p) => tokio::fs::metadata(p).await.map_or(0, |m| m.len()),
+        None => 0,
+    };
+    if on_disk < partial.verified {
+        partial.clear();
+    }
+    let resume_from = if partial.manifest.is_some() {
+        partial.verified
+    } else {
+        0
+    };
+    let req = GetWeights { resume_from, ..req };
     let unavailable = |reason: String| PipelineError::ModelUnavailable {
         model_id: req.model_id.clone(),
         reason,
@@ -396,10 +490,15 @@ pub(crate) async fn fetch_over(
     let manifest = match read_within(conn, MANIFEST_DEADLINE, "WeightsManifest").await? {
         Message::WeightsManifest(m) => m,
         Message::Error(e) => {
+            // A holder whose stage file is shorter than the bytes held refuses to resume.
+            if resume_from > 0 && e.code == ErrorCode::BAD_REQUEST {
+                partial.clear();
+                partial.laid_out_otherwise = true;
+            }
             return Err(unavailable(format!(
                 "the holder at {from} cannot send it: {}",
                 e.message
-            )))
+            )));
         }
         other => {
             return Err(WireError::UnexpectedMessage {
@@ -409,17 +508,33 @@ pub(crate) async fn fetch_over(
             .into())
         }
     };
-    let mut received = receive(conn, &manifest, &partial).await;
+    if resume_from > 0 && partial.manifest.as_ref() != Some(&manifest) {
+        partial.clear();
+        partial.laid_out_otherwise = true;
+        return Err(unavailable(format!(
+            "the holder at {from} lays the share out otherwise than the holder before it: \
+             its bytes do not continue those received"
+        )));
+    }
+    partial.path = Some(part.clone());
+    partial.manifest = Some(manifest.clone());
+    let mut received = receive(conn, &manifest, &part, &mut partial.verified).await;
+    if let Err(PipelineError::Io(_)) = &received {
+        // This node's disk failed it: nothing written can be trusted to be there.
+        partial.clear();
+    }
     if received.is_ok() {
         // Bytes that match their hashes are still checked to be the stage asked for.
-        let (file, spec) = (partial.clone(), spec.clone());
+        let (file, spec) = (part.clone(), spec.clone());
         received = tokio::task::spawn_blocking(move || check_stage_file(&file, &spec))
             .await
             .map_err(|e| PipelineError::Task(e.to_string()))
             .and_then(|checked| checked);
+        if received.is_err() {
+            partial.clear();
+        }
     }
     if let Err(e) = received {
-        let _ = tokio::fs::remove_file(&partial).await;
         return Err(match e {
             PipelineError::Wire(WireError::Closed { .. }) => {
                 unavailable(format!("the holder at {from} ended the transfer early"))
@@ -427,26 +542,79 @@ pub(crate) async fn fetch_over(
             e => e,
         });
     }
-    tokio::fs::rename(&partial, &path).await?;
+    tokio::fs::rename(&part, &path).await?;
+    // Received whole: nothing left to resume, and the `.part` file is the stage file now.
+    partial.path = None;
+    *partial = Partial::default();
     remove_covered(&dir, &kept);
     tracing::info!(
         %from,
         layers = ?spec.layers,
-        bytes = manifest.file_len,
+        bytes = manifest.file_len - resume_from,
+        resume_from,
         seconds = started.elapsed().as_secs_f64(),
         "received a stage's weights"
     );
     Ok(path)
 }
 
-/// Reads the stage file's chunks into `partial`, checking each region as it completes.
-async fn receive(conn: &mut Connection, manifest: &WeightsManifest, partial: &Path) -> Result<()> {
-    let mut out = tokio::fs::File::create(partial).await?;
-    let mut regions = manifest.regions.iter().enumerate();
+/// The lock of the stage file whose partial transfer is at `part`: two fetches of one
+/// stage (a head that timed out and asked again) must not write one file at once.
+fn fetching(part: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    static FETCHING: Mutex<Vec<(PathBuf, std::sync::Weak<tokio::sync::Mutex<()>>)>> =
+        Mutex::new(Vec::new());
+    let mut all = FETCHING.lock().unwrap_or_else(PoisonError::into_inner);
+    all.retain(|(_, lock)| lock.strong_count() > 0);
+    if let Some(lock) = all
+        .iter()
+        .find(|(p, _)| p == part)
+        .and_then(|(_, l)| l.upgrade())
+    {
+        return lock;
+    }
+    let lock = Arc::new(tokio::sync::Mutex::new(()));
+    all.push((part.to_path_buf(), Arc::downgrade(&lock)));
+    lock
+}
+
+/// Reads the stage file's chunks into `part` from byte `*verified` on (the end of the
+/// regions already there and checked; the file holds at least that many bytes), checking
+/// each region as it completes and moving `*verified` past it once its bytes are written
+/// and flushed. A region whose bytes fail their hash is an error (nothing after the
+/// regions before it counts).
+async fn receive(
+    conn: &mut Connection,
+    manifest: &WeightsManifest,
+    part: &Path,
+    verified: &mut u64,
+) -> Result<()> {
+    // The regions after those already checked; `*verified` is the end of one of them.
+    let mut first = 0;
+    let mut at = 0u64;
+    while at < *verified && first < manifest.regions.len() {
+        at += manifest.regions[first].len;
+        first += 1;
+    }
+    if at != *verified {
+        *verified = 0;
+        return Err(PipelineError::Weights(
+            "the bytes received do not end at a region of the manifest".into(),
+        ));
+    }
+    let mut out = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(part)
+        .await?;
+    // Whatever followed the checked regions (a region cut short) goes.
+    out.set_len(*verified).await?;
+    out.seek(std::io::SeekFrom::Start(*verified)).await?;
+    let mut regions = manifest.regions.iter().enumerate().skip(first);
     let mut current = regions.next();
     let mut left_in_region = current.map_or(0, |(_, r)| r.len);
     let mut hasher = Sha256::new();
-    let mut got = 0u64;
+    let mut got = *verified;
     while got < manifest.file_len {
         let data = match read_within(conn, CHUNK_DEADLINE, "WeightsChunk").await? {
             Message::WeightsChunk(c) => c.data,
@@ -465,6 +633,9 @@ async fn receive(conn: &mut Connection, manifest: &WeightsManifest, partial: &Pa
             )));
         }
         let mut rest: &[u8] = &data;
+        // The end of the last region this chunk completes, if any.
+        let mut checked_to = None;
+        let mut offset = got;
         while !rest.is_empty() {
             let Some((index, region)) = current else {
                 break;
@@ -472,21 +643,29 @@ async fn receive(conn: &mut Connection, manifest: &WeightsManifest, partial: &Pa
             let take = (left_in_region.min(rest.len() as u64)) as usize;
             hasher.update(&rest[..take]);
             rest = &rest[take..];
+            offset += take as u64;
             left_in_region -= take as u64;
             if left_in_region == 0 {
                 let sha: [u8; 32] = std::mem::take(&mut hasher).finalize().into();
                 if sha != region.sha256 {
                     return Err(PipelineError::Weights(format!(
                         "region {index} of the stage file does not match its SHA-256 \
-                         (corrupted or altered on the way); nothing was kept"
+                         (corrupted or altered on the way)"
                     )));
                 }
+                checked_to = Some(offset);
                 current = regions.next();
                 left_in_region = current.map_or(0, |(_, r)| r.len);
             }
         }
         out.write_all(&data).await?;
         got += data.len() as u64;
+        if let Some(end) = checked_to {
+            // Written for certain (tokio writes in the background until a flush) before
+            // it counts as held.
+            out.flush().await?;
+            *verified = end;
+        }
     }
     out.sync_all().await?;
     Ok(())

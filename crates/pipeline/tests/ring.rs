@@ -1329,7 +1329,8 @@ async fn a_stage_lost_between_requests_is_recovered_from_at_once() {
 /// Embeddings through the ring (wire protocol 11): the last stage sends back the rows after
 /// the final norm and the head pools them, so with f32 activations each pooling gives the
 /// whole model's vector bit for bit, for a text of one prompt chunk and of two (the mean
-/// over both, the first row from the first, the last row from the last). The stages'
+/// over both, the first row from the first — only that row comes back, protocol 12: the
+/// head refuses any other count — the last row from the last). The stages'
 /// sessions end. A stage lost between requests is replaced (here the head takes every
 /// layer and pools its own normed rows) and the vector is still the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -215,11 +215,14 @@ async fn a_stage_gets_its_layers_from_the_member_before_it_when_that_member_hold
     assert_eq!(server_c.weights_sent_bytes(), 0);
 }
 
-/// A holder at the edge of the test (a fake: no real member sends bad bytes) that answers
-/// every `GetWeights` with the manifest and bytes it was built with, then closes.
+/// A holder at the edge of the test (a fake: no real member sends bad bytes, or stops
+/// mid-transfer on cue) that answers every `GetWeights` with the manifest it was built
+/// with and its bytes from the one asked for, then closes; it notes where each request
+/// asked to start.
 struct FakeHolder {
     manifest: WeightsManifest,
     bytes: Vec<u8>,
+    asked_from: Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
 impl PeerService for FakeHolder {
@@ -238,10 +241,12 @@ impl PeerService for FakeHolder {
         conn: &mut Connection,
         _peer: &RemotePeer,
     ) -> Result<(), WireError> {
-        if let Message::GetWeights(_) = msg {
+        if let Message::GetWeights(req) = msg {
+            self.asked_from.lock().unwrap().push(req.resume_from);
             conn.write_frame(&Message::WeightsManifest(self.manifest.clone()))
                 .await?;
-            for piece in self.bytes.chunks(1000) {
+            let from = (req.resume_from as usize).min(self.bytes.len());
+            for piece in self.bytes[from..].chunks(64 * 1024) {
                 conn.write_frame(&Message::WeightsChunk(WeightsChunk {
                     data: piece.to_vec().into(),
                 }))
@@ -255,21 +260,39 @@ impl PeerService for FakeHolder {
 }
 
 async fn start_fake_holder(manifest: WeightsManifest, bytes: Vec<u8>) -> SocketAddr {
+    start_noting_holder(manifest, bytes).await.0
+}
+
+/// [`start_fake_holder`], and where each request to it asked to start.
+async fn start_noting_holder(
+    manifest: WeightsManifest,
+    bytes: Vec<u8>,
+) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u64>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let holder = Arc::new(FakeHolder { manifest, bytes });
+    let asked_from = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holder = Arc::new(FakeHolder {
+        manifest,
+        bytes,
+        asked_from: asked_from.clone(),
+    });
     tokio::spawn(serve_peers(
         listener,
         ServeConfig::default(),
         holder,
         std::future::pending(),
     ));
-    addr
+    (addr, asked_from)
 }
 
 /// Sends a `LoadStage` for layers 10..20 of SmolLM2 that names `holder`, and returns the
 /// stage server's answer.
 async fn load_from(stage: SocketAddr, holder: SocketAddr) -> Message {
+    load_from_any(stage, &[holder]).await
+}
+
+/// [`load_from`] naming `holders`, asked in that order.
+async fn load_from_any(stage: SocketAddr, holders: &[SocketAddr]) -> Message {
     let mut conn = Connection::connect(stage, Limits::default()).await.unwrap();
     client_handshake(
         &mut conn,
@@ -291,8 +314,8 @@ async fn load_from(stage: SocketAddr, holder: SocketAddr) -> Message {
         head: false,
         activation_dtype: DType::F32,
         max_context: 2048,
-        next: Some(holder),
-        weights_from: vec![holder],
+        next: Some(holders[0]),
+        weights_from: holders.to_vec(),
     }))
     .await
     .unwrap();
@@ -374,4 +397,121 @@ async fn altered_or_short_transfers_are_refused_and_nothing_is_kept() {
         .unwrap();
     assert_eq!(out, single_process(&prompt));
     assert_eq!(kept(dir.path()).len(), 1);
+}
+
+/// The share of layers 10..20 of SmolLM2 as a holder sends it: the stage file's bytes and
+/// its manifest (a region per tensor, each with its SHA-256).
+fn real_share() -> (Vec<u8>, WeightsManifest) {
+    let file = shoal_engine::GgufFile::open(model_path()).unwrap();
+    let spec = shoal_engine::StageSpec {
+        layers: 10..20,
+        embed: false,
+        head: false,
+    };
+    let layout = shoal_engine::StageFile::plan(&file, &spec).unwrap();
+    let mut bytes = vec![0u8; layout.len() as usize];
+    layout.read(&file, 0, &mut bytes).unwrap();
+    let regions = layout
+        .regions()
+        .into_iter()
+        .map(|r| WeightsRegion {
+            len: r.end - r.start,
+            sha256: Sha256::digest(&bytes[r.start as usize..r.end as usize]).into(),
+        })
+        .collect();
+    let manifest = WeightsManifest {
+        file_len: layout.len(),
+        regions,
+    };
+    (bytes, manifest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_cut_short_is_finished_by_the_next_holder_from_where_it_stopped() {
+    let (bytes, manifest) = real_share();
+    // A sends 60 % of the share and vanishes; B (a stage server with the model) is next.
+    let cut = bytes.len() * 6 / 10;
+    let (a, a_asked) = start_noting_holder(manifest.clone(), bytes[..cut].to_vec()).await;
+    let dir_b = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(model_path(), dir_b.path().join(SMOLLM2)).unwrap();
+    let (server_b, b) = serve(dir_b.path()).await;
+    let dir_c = tempfile::tempdir().unwrap();
+    let c = start_server(dir_c.path()).await;
+    let reply = load_from_any(c, &[a, b]).await;
+    assert!(matches!(reply, Message::StageReady(_)), "{reply:?}");
+
+    // C keeps the share byte for byte (and no `.part` file); B sent only what follows the
+    // last region A sent whole.
+    let files = kept(dir_c.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(
+        std::fs::read(&files[0]).unwrap() == bytes,
+        "the share as received"
+    );
+    let whole = whole_regions(&manifest, cut);
+    assert!(
+        whole > 0 && whole < cut as u64,
+        "A sent {whole} bytes of whole regions"
+    );
+    assert_eq!(*a_asked.lock().unwrap(), vec![0]);
+    assert_eq!(server_b.weights_sent_bytes(), bytes.len() as u64 - whole);
+
+    // A holder whose manifest cuts the share otherwise (its first two regions as one):
+    // the next holder's bytes cannot continue its, so the next is asked again from byte 0.
+    let mut other = manifest.clone();
+    let (first, second) = (other.regions[0], other.regions[1]);
+    let len = (first.len + second.len) as usize;
+    other.regions.splice(
+        0..2,
+        [WeightsRegion {
+            len: len as u64,
+            sha256: Sha256::digest(&bytes[..len]).into(),
+        }],
+    );
+    let whole_other = whole_regions(&other, cut);
+    let (a2, _) = start_noting_holder(other, bytes[..cut].to_vec()).await;
+    let (b2, b2_asked) = start_noting_holder(manifest.clone(), bytes.clone()).await;
+    let dir_d = tempfile::tempdir().unwrap();
+    let d = start_server(dir_d.path()).await;
+    let reply = load_from_any(d, &[a2, b2]).await;
+    assert!(matches!(reply, Message::StageReady(_)), "{reply:?}");
+    let files = kept(dir_d.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(
+        std::fs::read(&files[0]).unwrap() == bytes,
+        "the share as received"
+    );
+    assert_eq!(*b2_asked.lock().unwrap(), vec![whole_other, 0]);
+
+    // Every holder fails: nothing is kept, not even the regions received.
+    let (a3, _) = start_noting_holder(manifest.clone(), bytes[..cut].to_vec()).await;
+    let (a4, a4_asked) = start_noting_holder(manifest, bytes[..cut + 1000].to_vec()).await;
+    let dir_e = tempfile::tempdir().unwrap();
+    let e = start_server(dir_e.path()).await;
+    let Message::Error(err) = load_from_any(e, &[a3, a4]).await else {
+        panic!("a share no holder sent whole was loaded")
+    };
+    assert!(
+        err.message.contains("ended the transfer early"),
+        "{}",
+        err.message
+    );
+    assert_eq!(
+        *a4_asked.lock().unwrap(),
+        vec![whole],
+        "the second resumed the first"
+    );
+    assert!(kept(dir_e.path()).is_empty(), "{:?}", kept(dir_e.path()));
+}
+
+/// The bytes of the whole regions of `manifest` within its first `len` bytes.
+fn whole_regions(manifest: &WeightsManifest, len: usize) -> u64 {
+    let mut whole = 0u64;
+    for region in &manifest.regions {
+        if whole + region.len > len as u64 {
+            break;
+        }
+        whole += region.len;
+    }
+    whole
 }

@@ -73,6 +73,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             layer_end: 24,
             embed: false,
             head: true,
+            resume_from: 4096,
         }),
         Message::WeightsManifest(WeightsManifest {
             file_len: 4096 + 1000,
@@ -190,7 +191,7 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             positions: vec![0, 1],
             payload: Payload::Tokens(vec![1, 2]),
             want: Want::Normed {
-                rows: LogitRows::All,
+                rows: LogitRows::First,
             },
             reply_to: addr,
             resume: None,

@@ -33,6 +33,9 @@ impl Rng {
     fn u32(&mut self) -> u32 {
         self.next() as u32
     }
+    fn logit_rows(&mut self) -> LogitRows {
+        [LogitRows::Last, LogitRows::All, LogitRows::First][self.below(3) as usize]
+    }
     fn bool(&mut self) -> bool {
         self.next() & 1 == 1
     }
@@ -181,18 +184,10 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
                         draft: rng.u32s(rows as usize - 1),
                     },
                     3 => Want::Normed {
-                        rows: if rng.bool() {
-                            LogitRows::Last
-                        } else {
-                            LogitRows::All
-                        },
+                        rows: rng.logit_rows(),
                     },
                     _ => Want::Logits {
-                        rows: if rng.bool() {
-                            LogitRows::Last
-                        } else {
-                            LogitRows::All
-                        },
+                        rows: rng.logit_rows(),
                         dtype: rng.dtype(),
                     },
                 },
@@ -318,6 +313,7 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
                 layer_end: start + 1 + rng.below(40) as u32,
                 embed: rng.bool(),
                 head: rng.bool(),
+                resume_from: rng.next() % (shoal_wire::MAX_STAGE_FILE + 1),
             })
         }
         MessageType::WeightsManifest => {
@@ -598,12 +594,12 @@ fn ask() -> Ask {
 #[test]
 fn agent_message_frame_bytes() {
     let frame = Message::Describe(Describe).to_frame().unwrap();
-    assert_eq!(frame, [b'S', b'H', b'O', b'L', 11, 0, 0x30, 0, 0, 0, 0, 0]);
+    assert_eq!(frame, [b'S', b'H', b'O', b'L', 12, 0, 0x30, 0, 0, 0, 0, 0]);
 
     let frame = Message::AgentCard(card()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 11, 0, 0x31, 0, 55, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 12, 0, 0x31, 0, 55, 0, 0, 0,
         2, 0, 0, 0, b'a', b'1',                         // node_id
         6, 0, 0, 0, b'c', b'r', b'i', b't', b'i', b'c', // role
         6, 0, 0, 0, b'm', b'.', b'g', b'g', b'u', b'f', // model_id
@@ -620,7 +616,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Ask(ask()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 11, 0, 0x32, 0, 87, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 12, 0, 0x32, 0, 87, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 9, 0, 0, 0, b'B', b'e', b' ', b'b', b'r', b'i', b'e', b'f', b'.', // Some(system)
         1, 0, 0, 0,                                     // one turn
@@ -673,7 +669,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Answer(answer.clone()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 11, 0, 0x33, 0, 27, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 12, 0, 0x33, 0, 27, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 0, 0, 0, b'4',                               // text
         1,                                              // finish: length

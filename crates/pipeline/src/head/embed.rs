@@ -1,6 +1,7 @@
 //! Embeddings through the ring: a text runs down the ring as a prompt does, in the chunks a
 //! whole model embeds in; the last stage sends back the hidden states after the final norm
-//! (`Want::Normed`, protocol 11) and the head pools them as a whole model would
+//! (`Want::Normed`, protocol 11; only the first row for CLS pooling, protocol 12) and the
+//! head pools them as a whole model would
 //! ([`Pooler`]), so a node heading a ring answers `/v1/embeddings` with the vector one
 //! device would give.
 
@@ -63,7 +64,7 @@ impl Pipeline {
 
     /// Sends the chunks down the ring (the head's stage runs the next while the peers run
     /// this one), asking the last stage for the rows `pooling` needs — every row for the
-    /// mean, the first chunk's for the first row, the last row of the last chunk — and pools
+    /// mean, the first chunk's first row, the last row of the last chunk — and pools
     /// them in order, at most [`ROWS_IN_FLIGHT`] chunks behind the one sent: a long text
     /// holds a few chunks' rows at a time, not all of them (and under the mean, a stage's
     /// error is seen within a few chunks).
@@ -88,7 +89,7 @@ impl Pipeline {
         for (i, end) in pieces.into_iter().enumerate() {
             let rows = match pooling {
                 Pooling::Mean => Some(LogitRows::All),
-                Pooling::First => (i == 0).then_some(LogitRows::All),
+                Pooling::First => (i == 0).then_some(LogitRows::First),
                 Pooling::Last => (i + 1 == n_chunks).then_some(LogitRows::Last),
             };
             let positions: Vec<u32> = (start..end).map(to_u32).collect::<Result<_>>()?;
@@ -123,7 +124,7 @@ impl Pipeline {
                 if let Some(rows) = rows {
                     let expected = match rows {
                         LogitRows::All => end - start,
-                        LogitRows::Last => 1,
+                        LogitRows::Last | LogitRows::First => 1,
                     };
                     asked.push_back((seq, expected));
                 }

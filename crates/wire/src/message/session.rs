@@ -127,7 +127,7 @@ pub enum Want {
     /// Embeddings (protocol 11): no logits; reply [`Logits`] holding the hidden states after
     /// the model's final norm (what an embedding is pooled from), `cols` = the hidden size,
     /// as `f32` (an embedding is the product, so it is not rounded on the way), for the
-    /// last row or for every row.
+    /// last row, every row, or (protocol 12) the first row.
     Normed { rows: LogitRows },
 }
 
@@ -138,6 +138,9 @@ pub enum LogitRows {
     Last,
     /// Every row (speculative verify: one row per draft token).
     All,
+    /// The first row only (protocol 12: an embedding pooled from its first token, CLS
+    /// pooling, needs no other).
+    First,
 }
 
 impl LogitRows {
@@ -145,7 +148,11 @@ impl LogitRows {
         match r.u8("rows")? {
             0 => Ok(LogitRows::Last),
             1 => Ok(LogitRows::All),
-            t => Err(r.invalid("rows", format!("is {t}, expected 0 (last) or 1 (all)"))),
+            2 => Ok(LogitRows::First),
+            t => Err(r.invalid(
+                "rows",
+                format!("is {t}, expected 0 (last), 1 (all) or 2 (first)"),
+            )),
         }
     }
 
@@ -153,6 +160,7 @@ impl LogitRows {
         out.put_u8(match self {
             LogitRows::Last => 0,
             LogitRows::All => 1,
+            LogitRows::First => 2,
         });
     }
 }
@@ -800,7 +808,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 11, 0, 0x20, 0, 58, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 12, 0, 0x20, 0, 58, 0, 0, 0,
             0x11, 0, 0, 0, 0, 0, 0, 0,              // session_id
             0x22, 0, 0, 0, 0, 0, 0, 0,              // seq
             0x33, 0, 0, 0, 0, 0, 0, 0,              // plan_id
@@ -834,7 +842,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 11, 0, 0x20, 0, 57, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 12, 0, 0x20, 0, 57, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
@@ -923,7 +931,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 11, 0, 0x21, 0, 37, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 12, 0, 0x21, 0, 37, 0, 0, 0,
             3, 0, 0, 0, 0, 0, 0, 0,
             4, 0, 0, 0, 0, 0, 0, 0,
             4, 3, 2, 1,
@@ -934,7 +942,7 @@ mod tests {
         let frame = Message::EndSession(EndSession::free(5)).to_frame().unwrap();
         assert_eq!(
             frame,
-            [b'S', b'H', b'O', b'L', 11, 0, 0x23, 0, 9, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0]
+            [b'S', b'H', b'O', b'L', 12, 0, 0x23, 0, 9, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0]
         );
         let frame = Message::EndSession(EndSession {
             session_id: 5,
@@ -954,7 +962,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 11, 0, 0x24, 0, 12, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 12, 0, 0x24, 0, 12, 0, 0, 0,
             5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0,
         ]);
     }
@@ -971,7 +979,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 11, 0, 0x22, 0, 29, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 12, 0, 0x22, 0, 29, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 1, 0, 0, 0, 2,
@@ -998,9 +1006,20 @@ mod tests {
         let want = frame.len() - 8 - 2;
         assert_eq!(frame[want..want + 2], [4, 1]);
         assert_eq!(decode(&frame).unwrap(), msg);
+        // 2: the first row only (protocol 12).
         frame[want + 1] = 2;
+        let Message::Forward(first) = decode(&frame).unwrap() else {
+            panic!("not a Forward")
+        };
+        assert_eq!(
+            first.want,
+            Want::Normed {
+                rows: LogitRows::First
+            }
+        );
+        frame[want + 1] = 3;
         let err = decode(&frame).unwrap_err().to_string();
-        assert!(err.contains("rows") && err.contains("is 2"), "{err}");
+        assert!(err.contains("rows") && err.contains("is 3"), "{err}");
         frame[want] = 5;
         let err = decode(&frame).unwrap_err().to_string();
         assert!(

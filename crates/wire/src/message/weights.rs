@@ -23,9 +23,10 @@ pub const MAX_WEIGHTS_CHUNK: usize = 8 << 20;
 pub const MAX_STAGE_FILE: u64 = 1 << 40;
 
 /// `GetWeights` (`0x0060`): node → holder, "send me the stage file of layers
-/// `[layer_start, layer_end)` of this model". The holder answers a [`WeightsManifest`] and
-/// the chunks, or an `Error` (`model_unavailable` when it lacks the model or its file has
-/// another SHA-256).
+/// `[layer_start, layer_end)` of this model, from byte `resume_from` on". The holder
+/// answers the whole file's [`WeightsManifest`] and the chunks from that byte, or an
+/// `Error` (`model_unavailable` when it lacks the model or its file has another SHA-256;
+/// `bad_request` when `resume_from` is past the file's end).
 ///
 /// | field | encoding |
 /// |---|---|
@@ -33,6 +34,7 @@ pub const MAX_STAGE_FILE: u64 = 1 << 40;
 /// | `model_sha256` | 32 bytes |
 /// | `layer_start`, `layer_end` | `u32`, `u32` |
 /// | `embed`, `head` | `u8` 0/1 each |
+/// | `resume_from` | `u64` (≤ [`MAX_STAGE_FILE`]; since protocol 12) |
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GetWeights {
     /// Model id as the holder resolves it (the file name).
@@ -47,6 +49,9 @@ pub struct GetWeights {
     pub embed: bool,
     /// The stage applies the final norm and LM head.
     pub head: bool,
+    /// The first byte of the stage file wanted: 0, or where a transfer from another holder
+    /// ended (the asker holds the bytes before it, checked against the same manifest).
+    pub resume_from: u64,
 }
 
 impl GetWeights {
@@ -58,6 +63,7 @@ impl GetWeights {
             layer_end: r.u32("layer_end")?,
             embed: r.bool("embed")?,
             head: r.bool("head")?,
+            resume_from: r.u64("resume_from")?,
         };
         msg.validate()?;
         Ok(msg)
@@ -70,11 +76,22 @@ impl GetWeights {
         out.put_u32_le(self.layer_end);
         put_bool(out, self.embed);
         put_bool(out, self.head);
+        out.put_u64_le(self.resume_from);
     }
 
     pub(crate) fn validate(&self) -> Result<(), WireError> {
         const M: &str = "GetWeights";
         bound(M, "model_id", self.model_id.len() as u64, MAX_MODEL_ID)?;
+        if self.resume_from > MAX_STAGE_FILE {
+            return Err(WireError::Invalid {
+                message: M,
+                what: "resume_from",
+                detail: format!(
+                    "is byte {}, past the largest stage file ({MAX_STAGE_FILE} bytes)",
+                    self.resume_from
+                ),
+            });
+        }
         check_layers(M, self.layer_start, self.layer_end)?;
         if self.layer_start == self.layer_end && !self.embed && !self.head {
             return Err(WireError::Invalid {
@@ -250,17 +267,19 @@ mod tests {
             layer_end: 9,
             embed: false,
             head: true,
+            resume_from: 0x0102,
         }
     }
 
     #[test]
     fn get_weights_frame_bytes() {
         let frame = Message::GetWeights(get()).to_frame().unwrap();
-        let mut expected = vec![b'S', b'H', b'O', b'L', 11, 0, 0x60, 0, 52, 0, 0, 0];
+        let mut expected = vec![b'S', b'H', b'O', b'L', 12, 0, 0x60, 0, 60, 0, 0, 0];
         expected.extend_from_slice(&[6, 0, 0, 0]);
         expected.extend_from_slice(b"m.gguf");
         expected.extend_from_slice(&[7; 32]);
         expected.extend_from_slice(&[3, 0, 0, 0, 9, 0, 0, 0, 0, 1]);
+        expected.extend_from_slice(&[2, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(frame, expected);
         round_trip(Message::GetWeights(get()));
         let nothing = GetWeights {
@@ -269,6 +288,11 @@ mod tests {
             ..get()
         };
         assert!(Message::GetWeights(nothing).to_frame().is_err());
+        let past_any_file = GetWeights {
+            resume_from: MAX_STAGE_FILE + 1,
+            ..get()
+        };
+        assert!(Message::GetWeights(past_any_file).to_frame().is_err());
     }
 
     #[test]
