@@ -488,7 +488,7 @@ impl StageServer {
                 // fetch has its own deadlines): the port's idle timeout is not for this wait.
                 let idle_timeout = conn.idle_timeout();
                 conn.set_idle_timeout(None);
-                let mut partial = crate::weights::Partial::default();
+                let mut partial = crate::weights::Partial::locked(dir, &request).await;
                 let fetched =
                     crate::weights::fetch_over(conn, "the head", request, dir, &mut partial).await;
                 conn.set_idle_timeout(idle_timeout);

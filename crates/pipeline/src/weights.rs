@@ -271,7 +271,7 @@ pub(crate) async fn send_weights(
             }
             Err(e) => {
                 // Closing the connection tells the receiver at once that the transfer
-                // ended short; it keeps nothing of it.
+                // ended short (it asks the next holder for the rest).
                 tracing::warn!(error = %e, "reading a stage's weights failed");
                 return Err(WireError::Io(std::io::Error::other(e)));
             }
@@ -375,7 +375,12 @@ pub(crate) async fn fetch_from_any(
     models_dir: &Path,
 ) -> Result<PathBuf> {
     let mut last = None;
-    let mut partial = Partial::default();
+    let mut partial = Partial::locked(models_dir, &req).await;
+    // A fetch of the same stage that held the lock before this one may have got it.
+    let done = stage_path(models_dir, &req);
+    if tokio::fs::try_exists(&done).await.unwrap_or(false) {
+        return Ok(done);
+    }
     for &from in sources {
         for _ in 0..2 {
             match fetch(
@@ -410,10 +415,13 @@ pub(crate) async fn fetch_from_any(
 
 /// What a node holds of a stage file whose transfer has not ended: the `.part` file, the
 /// holder's manifest, and how many of its first bytes make whole regions that matched
-/// their hashes. The next holder is asked for the bytes after those. Dropped before the
-/// transfer ends (the fetch failed everywhere), it deletes the `.part` file.
+/// their hashes. The next holder is asked for the bytes after those. It holds the stage
+/// file's lock from [`Partial::locked`] until the transfer ends, so no other fetch of the
+/// same stage in this process writes the file meanwhile. Dropped before the transfer ends
+/// (the fetch failed everywhere), it deletes the `.part` file, then lets the lock go.
 #[derive(Default)]
 pub(crate) struct Partial {
+    _lock: Option<tokio::sync::OwnedMutexGuard<()>>,
     path: Option<PathBuf>,
     manifest: Option<WeightsManifest>,
     verified: u64,
@@ -424,6 +432,16 @@ pub(crate) struct Partial {
 }
 
 impl Partial {
+    /// An empty transfer of the stage file `req` asks for, holding its lock: one fetch of a
+    /// stage file at a time per process (a head that timed out and sent its `LoadStage`
+    /// again starts a second); the second waits for the first to end.
+    pub(crate) async fn locked(models_dir: &Path, req: &GetWeights) -> Partial {
+        let part = part_path(models_dir, req);
+        let mut partial = Partial::default();
+        partial._lock = Some(fetching(&part).lock_owned().await);
+        partial
+    }
+
     /// Forgets what was received (another holder's bytes do not continue it).
     fn clear(&mut self) {
         if let Some(path) = self.path.take() {
@@ -448,7 +466,7 @@ impl Drop for Partial {
 /// `laid_out_otherwise` (its bytes would not continue them). A transfer that fails after
 /// some whole regions leaves them in `partial` (those before a region that fails its hash
 /// too: each matched its own); a local file error, or a file that is not the stage asked
-/// for, clears it. One fetch of a stage file at a time per process: a second waits.
+/// for, clears it. The caller holds the stage file's lock ([`Partial::locked`]).
 pub(crate) async fn fetch_over(
     conn: &mut Connection,
     holder: &str,
@@ -462,9 +480,7 @@ pub(crate) async fn fetch_over(
     let kept = Kept::of(&req.model_sha256, &spec);
     let dir = models_dir.join(STAGES_DIR);
     tokio::fs::create_dir_all(&dir).await?;
-    let path = dir.join(kept.file_name());
-    let part = dir.join(format!("{}.part", kept.file_name()));
-    let _only_fetch = fetching(&part).lock_owned().await;
+    let (path, part) = (stage_path(models_dir, &req), part_path(models_dir, &req));
     if partial.path.as_ref().is_some_and(|p| *p != part) {
         partial.clear();
     }
@@ -558,6 +574,19 @@ pub(crate) async fn fetch_over(
     Ok(path)
 }
 
+/// Where the stage file `req` asks for is kept once received.
+fn stage_path(models_dir: &Path, req: &GetWeights) -> PathBuf {
+    let kept = Kept::of(&req.model_sha256, &spec_of(req));
+    models_dir.join(STAGES_DIR).join(kept.file_name())
+}
+
+/// Where the stage file `req` asks for is written while it arrives.
+fn part_path(models_dir: &Path, req: &GetWeights) -> PathBuf {
+    let mut path = stage_path(models_dir, req).into_os_string();
+    path.push(".part");
+    PathBuf::from(path)
+}
+
 /// The lock of the stage file whose partial transfer is at `part`: two fetches of one
 /// stage (a head that timed out and asked again) must not write one file at once.
 fn fetching(part: &Path) -> Arc<tokio::sync::Mutex<()>> {
@@ -601,15 +630,33 @@ async fn receive(
             "the bytes received do not end at a region of the manifest".into(),
         ));
     }
+    // A file resumed must still be there (not made anew, which would read as zeros).
     let mut out = tokio::fs::OpenOptions::new()
         .write(true)
-        .create(true)
+        .create(*verified == 0)
         .truncate(false)
         .open(part)
         .await?;
     // Whatever followed the checked regions (a region cut short) goes.
     out.set_len(*verified).await?;
     out.seek(std::io::SeekFrom::Start(*verified)).await?;
+    let received = receive_into(conn, manifest, &mut out, first, verified).await;
+    if received.is_err() {
+        // No write of this handle may land after the next holder's (tokio writes in the
+        // background until a flush).
+        let _ = out.flush().await;
+    }
+    received
+}
+
+/// [`receive`]'s loop: the chunks into `out`, from region `first` on.
+async fn receive_into(
+    conn: &mut Connection,
+    manifest: &WeightsManifest,
+    out: &mut tokio::fs::File,
+    first: usize,
+    verified: &mut u64,
+) -> Result<()> {
     let mut regions = manifest.regions.iter().enumerate().skip(first);
     let mut current = regions.next();
     let mut left_in_region = current.map_or(0, |(_, r)| r.len);

@@ -42,7 +42,7 @@
 //! | `0x0011` | [`StageReady`] | node → head | the stage is loaded |
 //! | `0x0020` | [`Forward`] | head → stage → … → last stage | tokens or hidden states, the plan, positions, sampling, `reply_to` |
 //! | `0x0021` | [`Token`] | last stage → head | the sampled token (+ its logprob and the likeliest alternatives, when asked) |
-//! | `0x0022` | [`Logits`] | last stage → head | logits for the last or every row, or the normed hidden states an embedding is pooled from (protocol 11) |
+//! | `0x0022` | [`Logits`] | last stage → head | logits for the last or every row, or the normed hidden states an embedding is pooled from (protocol 11; only the first row for CLS pooling, protocol 12) |
 //! | `0x0023` | [`EndSession`] | head → stages | drop a session's KV cache |
 //! | `0x0024` | [`Truncate`] | head → stages | roll a session's KV cache back to a length |
 //! | `0x0030` | [`Describe`] | head → agent | who are you (empty payload) |
@@ -53,9 +53,9 @@
 //! | `0x0041` | [`Profile`] | node → head | decode and prefill ms per layer, free memory |
 //! | `0x0050` | [`Heartbeat`] | member ↔ member | who the sender is ([`NodeInfo`]) and the members it knows |
 //! | `0x0051` | [`Chaos`] | member → member | play dead, or stop (the dashboard's kill and heal); answered in kind |
-//! | `0x0060` | [`GetWeights`] | node → holder | send me the share of a model (by id and sha256) that these layers need |
+//! | `0x0060` | [`GetWeights`] | node → holder | send me the share of a model (by id and sha256) that these layers need, from byte `resume_from` on (protocol 12: the rest of a transfer another holder cut short) |
 //! | `0x0061` | [`WeightsManifest`] | holder → node | the stage file's length and its regions' SHA-256 |
-//! | `0x0062` | [`WeightsChunk`] | holder → node | the stage file's next bytes |
+//! | `0x0062` | [`WeightsChunk`] | holder → node | the stage file's next bytes (from `resume_from` on) |
 //!
 //! Shared field encodings: `bool` and option tags are one byte, 0 or 1; strings are a `u32`
 //! byte length then UTF-8; vectors of `u32` are a `u32` count then the elements; a socket

@@ -43,7 +43,7 @@ pub const MAX_LEAD: usize = 256;
 /// | `plan_id` | `u64` |
 /// | `positions` | `u32` count (1..=[`MAX_TOKENS`]), then `u32` each |
 /// | `payload` | `u8` tag: 0 tokens: `u32` count, `u32` each; 1 hidden: activations (`u32` rows, `u32` cols, `u8` dtype, data) |
-/// | `want` | `u8` tag: 0 nothing; 1 token: [`SamplingSpec`]; 2 logits: `u8` rows (0 last, 1 all), `u8` dtype; 3 verify: [`SamplingSpec`], `u32` count, `u32` each; 4 normed: `u8` rows (0 last, 1 all) |
+/// | `want` | `u8` tag: 0 nothing; 1 token: [`SamplingSpec`]; 2 logits: `u8` rows (0 last, 1 all, 2 first), `u8` dtype; 3 verify: [`SamplingSpec`], `u32` count, `u32` each; 4 normed: `u8` rows (0 last, 1 all, 2 first) |
 /// | `reply_to` | socket address (`u8` family 4/6, 4 or 16 octets, `u16` port) |
 /// | `resume` | `u8` tag: 0 none; 1: `u64` from_session, `u32` len |
 ///
@@ -109,7 +109,8 @@ pub enum Want {
     Nothing,
     /// Sample one token from the last row with these parameters and reply [`Token`].
     Token(SamplingSpec),
-    /// Reply [`Logits`] for the last row or for every row, encoded as `dtype`.
+    /// Reply [`Logits`] for the last row or for every row, encoded as `dtype` (no stage
+    /// serves it yet: refused with `bad_request`; the first row is for [`Want::Normed`]).
     Logits {
         /// Which rows.
         rows: LogitRows,

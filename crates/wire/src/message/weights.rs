@@ -114,7 +114,8 @@ pub struct WeightsRegion {
 }
 
 /// `WeightsManifest` (`0x0061`): holder → node, the stage file to come, cut into regions
-/// that follow each other from byte 0; then the file's bytes follow as [`WeightsChunk`]s.
+/// that follow each other from byte 0 (the whole file's, even for a transfer resumed);
+/// then the file's bytes from `GetWeights.resume_from` on follow as [`WeightsChunk`]s.
 ///
 /// | field | encoding |
 /// |---|---|
