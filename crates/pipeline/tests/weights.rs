@@ -223,6 +223,8 @@ struct FakeHolder {
     manifest: WeightsManifest,
     bytes: Vec<u8>,
     asked_from: Arc<std::sync::Mutex<Vec<u64>>>,
+    /// A pause after each chunk: a slow link.
+    pause: Duration,
 }
 
 impl PeerService for FakeHolder {
@@ -251,6 +253,7 @@ impl PeerService for FakeHolder {
                     data: piece.to_vec().into(),
                 }))
                 .await?;
+                tokio::time::sleep(self.pause).await;
             }
         }
         Err(WireError::Closed {
@@ -268,6 +271,15 @@ async fn start_noting_holder(
     manifest: WeightsManifest,
     bytes: Vec<u8>,
 ) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u64>>>) {
+    start_slow_holder(manifest, bytes, Duration::ZERO).await
+}
+
+/// [`start_noting_holder`] over a slow link: `pause` after each chunk.
+async fn start_slow_holder(
+    manifest: WeightsManifest,
+    bytes: Vec<u8>,
+    pause: Duration,
+) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u64>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let asked_from = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -275,6 +287,7 @@ async fn start_noting_holder(
         manifest,
         bytes,
         asked_from: asked_from.clone(),
+        pause,
     });
     tokio::spawn(serve_peers(
         listener,
@@ -502,6 +515,30 @@ async fn a_transfer_cut_short_is_finished_by_the_next_holder_from_where_it_stopp
         "the second resumed the first"
     );
     assert!(kept(dir_e.path()).is_empty(), "{:?}", kept(dir_e.path()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_asked_for_twice_at_once_is_fetched_once() {
+    // A head that timed out sends its `LoadStage` again while the first still fetches: one
+    // transfer, and both answered when it ends (before, both fetches wrote one `.part`).
+    let (bytes, manifest) = real_share();
+    let (a, a_asked) = start_slow_holder(manifest, bytes.clone(), Duration::from_millis(2)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start_server(dir.path()).await;
+    let holders = [a];
+    let (first, second) = tokio::join!(load_from_any(c, &holders), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        load_from_any(c, &holders).await
+    });
+    assert!(matches!(first, Message::StageReady(_)), "{first:?}");
+    assert!(matches!(second, Message::StageReady(_)), "{second:?}");
+    assert_eq!(*a_asked.lock().unwrap(), vec![0], "one transfer");
+    let files = kept(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(
+        std::fs::read(&files[0]).unwrap() == bytes,
+        "the share as received"
+    );
 }
 
 /// The bytes of the whole regions of `manifest` within its first `len` bytes.
