@@ -179,17 +179,17 @@ impl Packed {
     /// core for a 1.5B model's matrices, at each matrix's first long product).
     pub(super) fn new(w: &QuantMatrix) -> Packed {
         assert!(supports(w));
+        let block_len = if w.format == Format::Q6K { 16 } else { QK };
         let mut p = Packed {
             rows: w.rows,
-            block_len: if w.format == Format::Q6K { 16 } else { QK },
-            blocks: 0,
+            block_len,
+            blocks: w.cols / block_len,
             unsigned: matches!(
                 w.format,
                 Format::Q4_1 | Format::Q5_1 | Format::Q4K | Format::Q5K
             ),
             panels: Vec::new(),
         };
-        p.blocks = w.cols / p.block_len;
         let mut panels: Vec<Panel> = (0..w.rows / ROWS).map(|_| Panel::default()).collect();
         pool::for_each_chunk_mut(&mut panels, 1, |i, panel| panel[0] = p.panel(w, i));
         p.panels = panels;
