@@ -17,6 +17,17 @@ use crate::membership;
 /// How often a head that plans over the members looks for members that joined.
 pub(crate) const FOLLOW_PERIOD: Duration = Duration::from_secs(2);
 
+/// The longest a head waits before it tries again to set up a ring of given peers.
+const MOST_BETWEEN_TRIES: Duration = Duration::from_secs(30);
+
+/// How long a head waits after its `failures`-th failed try to set up a ring of given
+/// peers (1 s, doubling, at most [`MOST_BETWEEN_TRIES`]): a peer that is still starting
+/// or restarting is there within seconds, one that is down costs a try every 30 s.
+fn retry_after(failures: u32) -> Duration {
+    let doubled = 1u64 << failures.saturating_sub(1).min(16);
+    Duration::from_secs(doubled).min(MOST_BETWEEN_TRIES)
+}
+
 /// A pipeline head's ring, before it is connected.
 pub(crate) struct PipelineHead {
     /// The model (with `--model auto`, only where the models directory is).
@@ -64,12 +75,25 @@ impl PipelineHead {
     /// to the planner, which moves the ring onto it from the next request on when that is
     /// better (the planner still keeps the model on one device when it fits there and that
     /// is fastest).
+    ///
+    /// Over given peers (`--peer`), a ring that cannot be set up — a peer not up yet, one
+    /// that restarted while it loaded its layers, one that could not get its weights — is
+    /// tried again, after 1 s and then twice as long each time (at most 30 s), and
+    /// `/health` and every request say why meanwhile; only a split that does not fit the
+    /// model or the peers fails for good.
     pub(crate) fn start(self, state: AppState) -> JoinHandle<()> {
         tokio::spawn(async move {
             let follows = self.split.trim() == "auto" && self.peers.is_empty();
+            let mut failures = 0;
             loop {
                 let connected = match self.layout(&self.model, None).await {
                     Ok(layout) => self.connect(&self.model, layout, &state).await,
+                    // A split given that does not fit will not fit later either.
+                    Err(e) if self.split.trim() != "auto" => {
+                        tracing::error!("{e}");
+                        state.set_failed(e);
+                        return;
+                    }
                     Err(e) => Err(e),
                 };
                 match connected {
@@ -90,9 +114,12 @@ impl PipelineHead {
                         membership::member_joins(&self.roster, &known).await;
                     }
                     Err(e) => {
-                        tracing::error!("{e}");
-                        state.set_failed(e);
-                        return;
+                        failures += 1;
+                        let wait = retry_after(failures);
+                        let message = format!("{e}; trying again in {} s", wait.as_secs().max(1));
+                        tracing::warn!("{message}");
+                        state.set_waiting(message);
+                        tokio::time::sleep(wait).await;
                     }
                 }
             }
@@ -234,5 +261,17 @@ pub(crate) async fn replan(pipeline: &Pipeline, joined: &[std::net::SocketAddr])
         }
         Ok(false) => tracing::info!(?joined, "members joined: the ring keeps its plan"),
         Err(e) => tracing::warn!(?joined, error = %e, "members joined, but re-planning failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tries_again_after_one_second_then_twice_as_long_up_to_thirty() {
+        let waits: Vec<u64> = (1..=8).map(|n| retry_after(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_after(u32::MAX), MOST_BETWEEN_TRIES);
     }
 }

@@ -73,6 +73,14 @@ pub enum PipelineError {
         #[source]
         source: Box<PipelineError>,
     },
+    /// A stage of a ring being set up did not get ready (unreachable, refused, vanished,
+    /// or silent past the load timeout).
+    #[error("setting up the stage at {peer}: {source}")]
+    Loading {
+        peer: SocketAddr,
+        #[source]
+        source: Box<PipelineError>,
+    },
     /// The planner found no ring for the model on these nodes.
     #[error(transparent)]
     Plan(#[from] shoal_cluster::PlanError),
@@ -96,6 +104,7 @@ impl PipelineError {
             PipelineError::StageFailed(_)
             | PipelineError::Timeout { .. }
             | PipelineError::Refused { .. } => true,
+            PipelineError::Loading { source, .. } => source.is_stage_loss(),
             _ => false,
         }
     }

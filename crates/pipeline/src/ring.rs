@@ -165,6 +165,7 @@ where
 fn not_listening_yet(e: &PipelineError) -> bool {
     let io = match e {
         PipelineError::Wire(WireError::Io(io)) | PipelineError::Io(io) => io,
+        PipelineError::Loading { source, .. } => return not_listening_yet(source),
         _ => return false,
     };
     io.kind() == std::io::ErrorKind::ConnectionRefused

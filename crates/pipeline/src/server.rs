@@ -486,9 +486,9 @@ impl StageServer {
                 let dir = &self.inner.config.models_dir;
                 // The head may hash the layers for minutes before the manifest comes (the
                 // fetch has its own deadlines): the port's idle timeout is not for this wait.
+                let mut partial = crate::weights::Partial::locked(dir, &request).await?;
                 let idle_timeout = conn.idle_timeout();
                 conn.set_idle_timeout(None);
-                let mut partial = crate::weights::Partial::locked(dir, &request).await;
                 let fetched =
                     crate::weights::fetch_over(conn, "the head", request, dir, &mut partial).await;
                 conn.set_idle_timeout(idle_timeout);

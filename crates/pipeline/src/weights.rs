@@ -11,7 +11,9 @@
 //! where several devices hold the model file, each sends the layers of the stage after it,
 //! and the head's uplink is not the one source of every transfer. Kept stage files are
 //! named by the model's SHA-256 and their layers, so a file of another version of the
-//! model is never taken for this one.
+//! model is never taken for this one. A transfer that no holder finishes leaves its whole
+//! regions on disk with the manifest they came with, and the next fetch of the stage —
+//! after a restart too — checks them again and asks for the rest only ([`Partial`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -366,7 +368,8 @@ pub(crate) fn sources_for(index: usize, peers: &[SocketAddr], head: SocketAddr) 
 /// mid-transfer leaves the regions it sent whole and checked, and the next is asked for the
 /// rest only (`GetWeights.resume_from`) — or, if its file lays the share out otherwise
 /// (another manifest), asked again from the first byte. The last one's error when none
-/// served it; nothing of a transfer that did not end is kept.
+/// served it; the whole regions of a transfer that did not end are kept for the next fetch
+/// of the stage ([`Partial`]).
 pub(crate) async fn fetch_from_any(
     sources: &[SocketAddr],
     node_id: &str,
@@ -375,7 +378,7 @@ pub(crate) async fn fetch_from_any(
     models_dir: &Path,
 ) -> Result<PathBuf> {
     let mut last = None;
-    let mut partial = Partial::locked(models_dir, &req).await;
+    let mut partial = Partial::locked(models_dir, &req).await?;
     // A fetch of the same stage that held the lock before this one may have got it.
     let done = stage_path(models_dir, &req);
     if tokio::fs::try_exists(&done).await.unwrap_or(false) {
@@ -414,14 +417,19 @@ pub(crate) async fn fetch_from_any(
 }
 
 /// What a node holds of a stage file whose transfer has not ended: the `.part` file, the
-/// holder's manifest, and how many of its first bytes make whole regions that matched
-/// their hashes. The next holder is asked for the bytes after those. It holds the stage
-/// file's lock from [`Partial::locked`] until the transfer ends, so no other fetch of the
-/// same stage in this process writes the file meanwhile. Dropped before the transfer ends
-/// (the fetch failed everywhere), it deletes the `.part` file, then lets the lock go.
+/// holder's manifest (also on disk beside it, `.part.manifest`), and how many of its first
+/// bytes make whole regions that matched their hashes. The next holder is asked for the
+/// bytes after those. It holds the stage file's locks from [`Partial::locked`] until it is
+/// dropped, so no other fetch of the same stage — in this process, or in another node
+/// that shares the models directory — writes the file meanwhile.
+///
+/// Regions held outlive the transfer: dropped before the transfer ends (every holder
+/// failed, or the node was stopped), it leaves the `.part` file and its manifest, and the
+/// next fetch of the stage — after a restart too — checks their regions again and asks for
+/// the rest only. What holds no whole region is deleted.
 #[derive(Default)]
 pub(crate) struct Partial {
-    _lock: Option<tokio::sync::OwnedMutexGuard<()>>,
+    lock: Option<StageLock>,
     path: Option<PathBuf>,
     manifest: Option<WeightsManifest>,
     verified: u64,
@@ -431,21 +439,75 @@ pub(crate) struct Partial {
     laid_out_otherwise: bool,
 }
 
+/// The locks of one stage file's transfer: the process's (a tokio mutex, so a second fetch
+/// waits without a thread) and the file system's (an OS lock on `<stage file>.lock`, for
+/// nodes that share a models directory).
+struct StageLock {
+    _in_process: tokio::sync::OwnedMutexGuard<()>,
+    file: std::fs::File,
+    path: PathBuf,
+}
+
 impl Partial {
-    /// An empty transfer of the stage file `req` asks for, holding its lock: one fetch of a
-    /// stage file at a time per process (a head that timed out and sent its `LoadStage`
-    /// again starts a second); the second waits for the first to end.
-    pub(crate) async fn locked(models_dir: &Path, req: &GetWeights) -> Partial {
+    /// The transfer of the stage file `req` asks for, holding its locks (one fetch of a
+    /// stage file at a time: a head that timed out and sent its `LoadStage` again starts a
+    /// second, and the second waits for the first to end), with the whole regions an
+    /// earlier transfer left: each is hashed again against the manifest kept with it, and
+    /// the bytes from the first that fails on are not held.
+    pub(crate) async fn locked(models_dir: &Path, req: &GetWeights) -> Result<Partial> {
         let part = part_path(models_dir, req);
+        let in_process = fetching(&part).lock_owned().await;
+        tokio::fs::create_dir_all(models_dir.join(STAGES_DIR)).await?;
+        let lock_at = lock_path(models_dir, req);
+        let locking = lock_at.clone();
+        let (file, held) = tokio::task::spawn_blocking(move || {
+            let file = lock_file(&locking)?;
+            let held = held_regions(&part);
+            Ok::<_, std::io::Error>((file, held))
+        })
+        .await
+        .map_err(|e| PipelineError::Task(e.to_string()))??;
         let mut partial = Partial::default();
-        partial._lock = Some(fetching(&part).lock_owned().await);
-        partial
+        partial.lock = Some(StageLock {
+            _in_process: in_process,
+            file,
+            path: lock_at,
+        });
+        let part = part_path(models_dir, req);
+        match held {
+            Some((manifest, verified)) if verified > 0 => {
+                tracing::info!(
+                    layers = ?req.layer_start..req.layer_end,
+                    bytes = verified,
+                    "resuming a stage's weights from the regions an earlier transfer left"
+                );
+                partial.path = Some(part);
+                partial.manifest = Some(manifest);
+                partial.verified = verified;
+            }
+            _ => {
+                // Nothing whole there: whatever was is forgotten.
+                partial.path = Some(part);
+                partial.clear();
+            }
+        }
+        Ok(partial)
     }
 
     /// Forgets what was received (another holder's bytes do not continue it).
     fn clear(&mut self) {
         if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(manifest_path(&path));
             let _ = std::fs::remove_file(path);
+        }
+        self.manifest = None;
+        self.verified = 0;
+    }
+
+    /// The transfer ended: the `.part` file became the stage file.
+    fn finished(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(manifest_path(&path));
         }
         self.manifest = None;
         self.verified = 0;
@@ -454,8 +516,79 @@ impl Partial {
 
 impl Drop for Partial {
     fn drop(&mut self) {
+        if let Some(part) = self.path.as_ref().filter(|_| self.verified > 0) {
+            // Whole regions: kept for the next fetch of the stage, with the lock file, and
+            // nothing after them.
+            let cut = std::fs::OpenOptions::new()
+                .write(true)
+                .open(part)
+                .and_then(|f| f.set_len(self.verified));
+            if cut.is_ok() {
+                return;
+            }
+        }
         self.clear();
+        if let Some(lock) = &self.lock {
+            // Removed while held; a node that waits for it finds the file gone once it
+            // gets the lock, and takes a new one (see [`lock_file`]).
+            let _ = std::fs::remove_file(&lock.path);
+            let _ = lock.file.unlock();
+        }
     }
+}
+
+/// Opens `path` (made if missing) and takes its OS lock, waiting for another process's. A
+/// file that is no longer at `path` once locked (its holder removed it, having finished)
+/// is let go and the one there now taken instead.
+fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(path)?;
+        file.lock()?;
+        let locked = file.metadata()?;
+        match std::fs::metadata(path) {
+            Ok(there) if there.ino() == locked.ino() && there.dev() == locked.dev() => {
+                return Ok(file)
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// The manifest kept beside the `.part` file at `part`, and how many of the part's first
+/// bytes make whole regions that match their hashes; `None` when there is no manifest (or
+/// it does not read as one) or no `.part` file.
+fn held_regions(part: &Path) -> Option<(WeightsManifest, u64)> {
+    use std::io::Read;
+    let bytes = std::fs::read(manifest_path(part)).ok()?;
+    let manifest = match shoal_wire::decode_frame(&bytes, &shoal_wire::Limits::default()) {
+        Ok(Some((Message::WeightsManifest(m), _))) => m,
+        _ => return None,
+    };
+    let mut file = std::fs::File::open(part).ok()?;
+    let mut verified = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    for region in &manifest.regions {
+        let mut hasher = Sha256::new();
+        let mut left = region.len;
+        while left > 0 {
+            let n = (CHUNK as u64).min(left) as usize;
+            if file.read_exact(&mut buf[..n]).is_err() {
+                return Some((manifest, verified));
+            }
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        if <[u8; 32]>::from(hasher.finalize()) != region.sha256 {
+            break;
+        }
+        verified += region.len;
+    }
+    Some((manifest, verified))
 }
 
 /// [`fetch`] over a connection already open to the holder (`holder` names it in errors):
@@ -532,6 +665,18 @@ pub(crate) async fn fetch_over(
              its bytes do not continue those received"
         )));
     }
+    if resume_from == 0 {
+        // Kept beside the bytes, so that a fetch after this one (after a restart too) can
+        // check what they hold and resume.
+        let mut encoded = Vec::new();
+        Message::WeightsManifest(manifest.clone())
+            .encode_frame(&mut encoded, &shoal_wire::Limits::default())?;
+        partial.path = Some(part.clone());
+        if let Err(e) = tokio::fs::write(manifest_path(&part), &encoded).await {
+            partial.clear();
+            return Err(e.into());
+        }
+    }
     partial.path = Some(part.clone());
     partial.manifest = Some(manifest.clone());
     let mut received = receive(conn, &manifest, &part, &mut partial.verified).await;
@@ -560,8 +705,7 @@ pub(crate) async fn fetch_over(
     }
     tokio::fs::rename(&part, &path).await?;
     // Received whole: nothing left to resume, and the `.part` file is the stage file now.
-    partial.path = None;
-    *partial = Partial::default();
+    partial.finished();
     remove_covered(&dir, &kept);
     tracing::info!(
         %from,
@@ -584,6 +728,20 @@ fn stage_path(models_dir: &Path, req: &GetWeights) -> PathBuf {
 fn part_path(models_dir: &Path, req: &GetWeights) -> PathBuf {
     let mut path = stage_path(models_dir, req).into_os_string();
     path.push(".part");
+    PathBuf::from(path)
+}
+
+/// The manifest kept beside the `.part` file at `part`.
+fn manifest_path(part: &Path) -> PathBuf {
+    let mut path = part.as_os_str().to_owned();
+    path.push(".manifest");
+    PathBuf::from(path)
+}
+
+/// The file whose OS lock a fetch of the stage file `req` asks for holds.
+fn lock_path(models_dir: &Path, req: &GetWeights) -> PathBuf {
+    let mut path = stage_path(models_dir, req).into_os_string();
+    path.push(".lock");
     PathBuf::from(path)
 }
 
@@ -683,6 +841,7 @@ async fn receive_into(
         // The end of the last region this chunk completes, if any.
         let mut checked_to = None;
         let mut offset = got;
+        let mut altered = None;
         while !rest.is_empty() {
             let Some((index, region)) = current else {
                 break;
@@ -695,15 +854,25 @@ async fn receive_into(
             if left_in_region == 0 {
                 let sha: [u8; 32] = std::mem::take(&mut hasher).finalize().into();
                 if sha != region.sha256 {
-                    return Err(PipelineError::Weights(format!(
-                        "region {index} of the stage file does not match its SHA-256 \
-                         (corrupted or altered on the way)"
-                    )));
+                    altered = Some(index);
+                    break;
                 }
                 checked_to = Some(offset);
                 current = regions.next();
                 left_in_region = current.map_or(0, |(_, r)| r.len);
             }
+        }
+        if let Some(index) = altered {
+            // The regions of this chunk before the altered one are whole: kept.
+            if let Some(end) = checked_to {
+                out.write_all(&data[..(end - got) as usize]).await?;
+                out.flush().await?;
+                *verified = end;
+            }
+            return Err(PipelineError::Weights(format!(
+                "region {index} of the stage file does not match its SHA-256 \
+                 (corrupted or altered on the way)"
+            )));
         }
         out.write_all(&data).await?;
         got += data.len() as u64;
@@ -764,15 +933,57 @@ async fn read_within(
     }
 }
 
-/// Removes the kept stage files of the same model that `new` covers.
+/// Removes what an unfinished transfer of the stage file at `stage` left (`.part`, its
+/// manifest and its lock file), unless a fetch holds its lock now.
+fn remove_unfinished(stage: &Path) {
+    let with = |suffix: &str| {
+        let mut path = stage.as_os_str().to_owned();
+        path.push(suffix);
+        PathBuf::from(path)
+    };
+    let lock = with(".lock");
+    // Removed while this holds the lock (a fetch that waits for it then finds its file
+    // gone, as in [`lock_file`]).
+    let file = std::fs::OpenOptions::new().write(true).open(&lock).ok();
+    if file.as_ref().is_some_and(|f| f.try_lock().is_err()) {
+        return;
+    }
+    let part = with(".part");
+    let _ = std::fs::remove_file(manifest_path(&part));
+    let _ = std::fs::remove_file(part);
+    let _ = std::fs::remove_file(lock);
+    drop(file);
+}
+
+/// Removes the kept stage files of the same model that `new` covers, and the regions kept
+/// of their unfinished transfers (those no fetch holds the lock of).
 fn remove_covered(dir: &Path, new: &Kept) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for e in entries.filter_map(|e| e.ok()) {
-        let Some(old) = e.file_name().to_str().and_then(Kept::parse) else {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else {
             continue;
         };
+        let (stage_name, unfinished) = match name.strip_suffix(".part") {
+            Some(stage_name) => (stage_name, true),
+            None => (name, false),
+        };
+        let Some(old) = Kept::parse(stage_name) else {
+            continue;
+        };
+        if unfinished {
+            let spec = StageSpec {
+                layers: old.layers.clone(),
+                embed: old.embed,
+                head: old.head,
+            };
+            if old.sha_hex == new.sha_hex && new.covers(&spec) {
+                remove_unfinished(&dir.join(stage_name));
+            }
+            continue;
+        }
         let spec = StageSpec {
             layers: old.layers.clone(),
             embed: old.embed,
@@ -920,5 +1131,74 @@ mod tests {
             2,
             "the covered file of the same model went, the other model's stayed"
         );
+    }
+
+    #[test]
+    fn unfinished_transfers_a_new_stage_file_covers_go_unless_a_fetch_holds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let stages = dir.path().join(STAGES_DIR);
+        std::fs::create_dir_all(&stages).unwrap();
+        let sha = [1; 32];
+        let leave = |k: &StageSpec| {
+            let name = Kept::of(&sha, k).file_name();
+            for suffix in [".part", ".part.manifest", ".lock"] {
+                std::fs::write(stages.join(format!("{name}{suffix}")), b"x").unwrap();
+            }
+            stages.join(format!("{name}.lock"))
+        };
+        leave(&spec(5..10, false, false));
+        let held = lock_file(&leave(&spec(10..15, false, false))).unwrap();
+        leave(&spec(20..30, false, true));
+        remove_covered(&stages, &Kept::of(&sha, &spec(0..20, true, false)));
+        let mut left: Vec<String> = std::fs::read_dir(&stages)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let names = |k: &StageSpec| {
+            let name = Kept::of(&sha, k).file_name();
+            [".lock", ".part", ".part.manifest"].map(|s| format!("{name}{s}"))
+        };
+        let mut expected = names(&spec(10..15, false, false)).to_vec();
+        expected.extend(names(&spec(20..30, false, true)));
+        assert_eq!(
+            left, expected,
+            "5..10 went; 10..15 is being fetched; 20..30 is not covered"
+        );
+        drop(held);
+    }
+
+    #[test]
+    fn a_lock_file_keeps_a_second_fetch_out_until_the_first_lets_go() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stage.gguf.lock");
+        let first = lock_file(&path).unwrap();
+        // Another open file (another process's, as far as the OS lock goes) cannot take it.
+        let other = std::fs::File::open(&path).unwrap();
+        assert!(other.try_lock().is_err());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = path.clone();
+        let second = std::thread::spawn(move || {
+            let file = lock_file(&waiting).unwrap();
+            tx.send(()).unwrap();
+            file
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "it waits"
+        );
+        // The first finishes: removes its lock file while holding it, then lets go. The
+        // second takes the file at the path now (a new one), not the one removed.
+        std::fs::remove_file(&path).unwrap();
+        drop(first);
+        let second = second.join().unwrap();
+        assert_eq!(
+            second.metadata().unwrap().ino(),
+            std::fs::metadata(&path).unwrap().ino()
+        );
+        assert!(std::fs::File::open(&path).unwrap().try_lock().is_err());
+        drop(second);
+        assert!(std::fs::File::open(&path).unwrap().try_lock().is_ok());
     }
 }

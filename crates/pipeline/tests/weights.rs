@@ -363,10 +363,11 @@ async fn altered_or_short_transfers_are_refused_and_nothing_is_kept() {
     assert_eq!(e.code, ErrorCode::MODEL_UNAVAILABLE);
     assert!(e.message.contains("region 1"), "{}", e.message);
     assert!(e.message.contains("SHA-256"), "{}", e.message);
-    assert!(kept(dir.path()).is_empty(), "{:?}", kept(dir.path()));
+    // No stage file; the first region, whole and checked, is kept to resume from.
+    assert_eq!(unfinished(dir.path()), Some(2000));
 
-    // The holder stops short.
-    let holder = start_fake_holder(manifest.clone(), bytes[..4000].to_vec()).await;
+    // The holder stops short: asked for what follows the region held, it sends part of it.
+    let (holder, asked) = start_noting_holder(manifest.clone(), bytes[..4000].to_vec()).await;
     let Message::Error(e) = load_from(stage, holder).await else {
         panic!("a short transfer was accepted")
     };
@@ -375,10 +376,11 @@ async fn altered_or_short_transfers_are_refused_and_nothing_is_kept() {
         "{}",
         e.message
     );
-    assert!(kept(dir.path()).is_empty(), "{:?}", kept(dir.path()));
+    assert_eq!(*asked.lock().unwrap(), vec![2000]);
+    assert_eq!(unfinished(dir.path()), Some(2000));
 
-    // Bytes that match their hashes but are no GGUF file: refused at loading, and the stage
-    // server still serves (a real load after it works).
+    // Bytes that match their hashes but are no GGUF file: refused at loading, nothing kept,
+    // and the stage server still serves (a real load after it works).
     let holder = start_fake_holder(manifest, bytes.clone()).await;
     let Message::Error(e) = load_from(stage, holder).await else {
         panic!("a file that is no GGUF was loaded")
@@ -496,9 +498,9 @@ async fn a_transfer_cut_short_is_finished_by_the_next_holder_from_where_it_stopp
     );
     assert_eq!(*b2_asked.lock().unwrap(), vec![whole_other, 0]);
 
-    // Every holder fails: nothing is kept, not even the regions received.
+    // Every holder fails: the whole regions received are kept (no stage file).
     let (a3, _) = start_noting_holder(manifest.clone(), bytes[..cut].to_vec()).await;
-    let (a4, a4_asked) = start_noting_holder(manifest, bytes[..cut + 1000].to_vec()).await;
+    let (a4, a4_asked) = start_noting_holder(manifest.clone(), bytes[..cut + 1000].to_vec()).await;
     let dir_e = tempfile::tempdir().unwrap();
     let e = start_server(dir_e.path()).await;
     let Message::Error(err) = load_from_any(e, &[a3, a4]).await else {
@@ -514,7 +516,44 @@ async fn a_transfer_cut_short_is_finished_by_the_next_holder_from_where_it_stopp
         vec![whole],
         "the second resumed the first"
     );
-    assert!(kept(dir_e.path()).is_empty(), "{:?}", kept(dir_e.path()));
+    let held = whole_regions(&manifest, cut + 1000);
+    assert_eq!(unfinished(dir_e.path()), Some(held));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_regions_a_transfer_left_are_checked_again_and_resumed_after_a_restart() {
+    let (bytes, manifest) = real_share();
+    let cut = bytes.len() * 7 / 10;
+    let (a, _) = start_noting_holder(manifest.clone(), bytes[..cut].to_vec()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = start_server(dir.path()).await;
+    assert!(matches!(load_from(first, a).await, Message::Error(_)));
+    let held = whole_regions(&manifest, cut);
+    assert_eq!(unfinished(dir.path()), Some(held));
+
+    // A byte of the kept regions goes bad on disk while the node is down: the regions from
+    // the one it falls in are not held.
+    let part = part_file(dir.path()).unwrap();
+    let bad = (held / 2) as usize;
+    let mut on_disk = std::fs::read(&part).unwrap();
+    on_disk[bad] ^= 0x40;
+    std::fs::write(&part, &on_disk).unwrap();
+
+    // A new stage server on the same directory (a node restarted: nothing in memory) asked
+    // for the stage again resumes from the last region still whole.
+    let (b, b_asked) = start_noting_holder(manifest.clone(), bytes.clone()).await;
+    let restarted = start_server(dir.path()).await;
+    let reply = load_from(restarted, b).await;
+    assert!(matches!(reply, Message::StageReady(_)), "{reply:?}");
+    let good = whole_regions(&manifest, bad);
+    assert!(good > 0 && good < held, "{good} of {held}");
+    assert_eq!(*b_asked.lock().unwrap(), vec![good]);
+    let files = kept(dir.path());
+    assert_eq!(files.len(), 1, "only the stage file: {files:?}");
+    assert!(
+        std::fs::read(&files[0]).unwrap() == bytes,
+        "the share as received"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -539,6 +578,33 @@ async fn a_stage_asked_for_twice_at_once_is_fetched_once() {
         std::fs::read(&files[0]).unwrap() == bytes,
         "the share as received"
     );
+}
+
+/// The `.part` file in `dir`'s stages directory, if there is one.
+fn part_file(dir: &Path) -> Option<PathBuf> {
+    kept(dir)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "part"))
+}
+
+/// The length of the unfinished transfer `dir` keeps — its `.part` file, beside its
+/// manifest and lock file and no stage file — or `None` when it keeps none.
+fn unfinished(dir: &Path) -> Option<u64> {
+    let part = part_file(dir)?;
+    let names: Vec<String> = kept(dir)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
+        .collect();
+    let stage = part.file_stem().unwrap().to_str().unwrap().to_owned();
+    assert_eq!(
+        names,
+        [
+            format!("{stage}.lock"),
+            format!("{stage}.part"),
+            format!("{stage}.part.manifest")
+        ]
+    );
+    Some(std::fs::metadata(part).unwrap().len())
 }
 
 /// The bytes of the whole regions of `manifest` within its first `len` bytes.

@@ -288,6 +288,65 @@ fn head_reports_a_bad_split_on_health_and_requests() {
     assert!(r.body.contains("--split has 3 ranges"), "{}", r.body);
 }
 
+#[test]
+fn a_head_started_before_its_stage_keeps_trying_and_answers_once_the_stage_is_up() {
+    // The head's peer is not a stage yet: at its address something that accepts and hangs
+    // up (a fake at the edge: a node restarting, or another program on the port), so every
+    // try to set the ring up fails — and the head must not give up on it.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    let peer = format!("127.0.0.1:{port}");
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let hanging_up = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for conn in squatter.incoming() {
+                drop(conn);
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+        })
+    };
+    let head = Server::start(
+        &model_path(SMOLLM2),
+        &["--peer", peer.as_str(), "--split", "0-14,15-29"],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let waiting = loop {
+        let r = http(head.addr, "GET", "/health", None).unwrap();
+        assert_eq!(r.status, 503, "{}", r.body);
+        if r.body.contains("trying again in") {
+            break r.body;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", r.body);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(waiting.contains(&peer), "says which peer: {waiting}");
+    let messages = json!([{"role": "user", "content": "Name three colours."}]);
+    let b = body(&messages, 24, json!({}));
+    let r = http(head.addr, "POST", "/v1/chat/completions", Some(&b)).unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("trying again in"), "{}", r.body);
+
+    // The port is let go and a stage comes up on it (a few tries later): the head sets the
+    // ring up and answers as a single process does.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    let _ = std::net::TcpStream::connect(&peer);
+    hanging_up.join().unwrap();
+    let port = port.to_string();
+    let _stage = Server::start(
+        &model_path(SMOLLM2),
+        &["--peer-port", port.as_str(), "--stage-only"],
+    );
+    let single = Server::start(&model_path(SMOLLM2), &[]);
+    head.wait_healthy();
+    single.wait_healthy();
+    assert_eq!(chat_text(head.addr, &b), chat_text(single.addr, &b));
+}
+
 /// Streams a chat completion; after `after` content chunks calls `midway` once; returns the
 /// whole streamed text.
 fn stream_with(server: &Server, body: &str, after: usize, midway: impl FnOnce()) -> String {

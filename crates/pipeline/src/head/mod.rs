@@ -140,13 +140,19 @@ impl RingSetup<'_> {
                 self.config.load_timeout,
                 load_peer(p.addr, self.config, load, self.router.clone()),
             );
-            let (link, node_id) =
-                keeping_alive(&links, loading)
-                    .await
-                    .map_err(|_| PipelineError::Timeout {
+            let at = |source| PipelineError::Loading {
+                peer: p.addr,
+                source: Box::new(source),
+            };
+            let (link, node_id) = keeping_alive(&links, loading)
+                .await
+                .map_err(|_| {
+                    at(PipelineError::Timeout {
                         what: "StageReady",
                         after: self.config.load_timeout,
-                    })??;
+                    })
+                })?
+                .map_err(at)?;
             links.push(Peer {
                 addr: p.addr,
                 keepalive_interval: link.keepalive_interval(),
