@@ -79,8 +79,9 @@ impl PipelineHead {
     /// Over given peers (`--peer`), a ring that cannot be set up — a peer not up yet, one
     /// that restarted while it loaded its layers, one that could not get its weights — is
     /// tried again, after 1 s and then twice as long each time (at most 30 s), and
-    /// `/health` and every request say why meanwhile; only a split that does not fit the
-    /// model or the peers fails for good.
+    /// `/health` and every request say why meanwhile. What trying again cannot mend fails
+    /// for good: a split that does not fit the model or the peers, and faults of this
+    /// node's own (its model file, its stage, the draft model, the chat template).
     pub(crate) fn start(self, state: AppState) -> JoinHandle<()> {
         tokio::spawn(async move {
             let follows = self.split.trim() == "auto" && self.peers.is_empty();
@@ -94,7 +95,10 @@ impl PipelineHead {
                         state.set_failed(e);
                         return;
                     }
-                    Err(e) => Err(e),
+                    Err(e) => Err(SetupFailed {
+                        message: e,
+                        local: false,
+                    }),
                 };
                 match connected {
                     Ok((pipeline, planner)) => {
@@ -104,6 +108,11 @@ impl PipelineHead {
                         if let Some(planner) = planner.filter(|_| follows) {
                             follow_members(&self.roster, &pipeline, &planner).await;
                         }
+                        return;
+                    }
+                    Err(e) if e.local => {
+                        tracing::error!("{e}");
+                        state.set_failed(e.message);
                         return;
                     }
                     Err(e) if follows => {
@@ -186,7 +195,7 @@ impl PipelineHead {
         model: &Path,
         layout: Layout,
         state: &AppState,
-    ) -> Result<(Arc<Pipeline>, Option<Arc<RingPlanner>>), String> {
+    ) -> Result<(Arc<Pipeline>, Option<Arc<RingPlanner>>), SetupFailed> {
         let shown: Vec<String> = layout
             .ranges
             .iter()
@@ -197,7 +206,12 @@ impl PipelineHead {
             Some(path) if self.speculation.is_some_and(|s| s.draft_model) => {
                 let loaded = tokio::task::spawn_blocking(move || crate::load_model(&path))
                     .await
-                    .map_err(|e| format!("loading the draft model: {e}"))??;
+                    .map_err(|e| format!("loading the draft model: {e}"))
+                    .and_then(|loaded| loaded)
+                    .map_err(|message| SetupFailed {
+                        message,
+                        local: true,
+                    })?;
                 Some(Arc::new(loaded))
             }
             _ => None,
@@ -216,13 +230,31 @@ impl PipelineHead {
         let peers = layout.peers;
         let pipeline = shoal_pipeline::connect_ring(model, &peers, &layout.ranges, settings)
             .await
-            .map_err(|e| format!("setting up the ring of stages: {e}"))?;
+            .map_err(|e| SetupFailed {
+                message: format!("setting up the ring of stages: {e}"),
+                local: e.is_local(),
+            })?;
         tracing::info!(
             "pipeline ready: {} of {} over this node and {peers:?}",
             shown.join(","),
             file_name(model)
         );
         Ok((Arc::new(pipeline), planner))
+    }
+}
+
+/// Why a ring could not be set up.
+#[derive(Debug)]
+pub(crate) struct SetupFailed {
+    pub(crate) message: String,
+    /// The fault is this node's own (its model file, its stage, its settings), not a
+    /// peer's or a link's: trying again cannot mend it.
+    pub(crate) local: bool,
+}
+
+impl std::fmt::Display for SetupFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 

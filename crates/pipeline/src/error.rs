@@ -109,6 +109,20 @@ impl PipelineError {
         }
     }
 
+    /// True when the error is this node's own (its model file, its stage, its settings):
+    /// setting up a ring again cannot help until someone changes something here. Errors of
+    /// peers, links and plans are not.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            PipelineError::Engine(_)
+                | PipelineError::Io(_)
+                | PipelineError::Config(_)
+                | PipelineError::InvalidRequest(_)
+                | PipelineError::Task(_)
+        )
+    }
+
     /// True when a stage no longer holds the kept cache a session was to resume from.
     pub fn is_prefix_gone(&self) -> bool {
         matches!(

@@ -499,6 +499,29 @@ mod tests {
         PipelineError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
     }
 
+    #[test]
+    fn a_stage_that_failed_to_set_up_is_named_and_its_error_still_classified() {
+        let at = |source| PipelineError::Loading {
+            peer: "10.0.0.7:7471".parse().unwrap(),
+            source: Box::new(source),
+        };
+        let refused_there = at(refused());
+        assert!(not_listening_yet(&refused_there));
+        assert!(refused_there.to_string().contains("10.0.0.7:7471"));
+        assert!(!refused_there.is_local());
+        let silent = at(PipelineError::Timeout {
+            what: "StageReady",
+            after: Duration::from_secs(1),
+        });
+        assert!(silent.is_stage_loss() && !not_listening_yet(&silent));
+        assert!(!at(PipelineError::Config("x".into())).is_stage_loss());
+        // Faults of the head's own are lasting; a peer's (wrapped) never are.
+        assert!(PipelineError::Config("a bad template".into()).is_local());
+        assert!(PipelineError::Io(std::io::Error::other("no file")).is_local());
+        assert!(!at(PipelineError::Io(std::io::Error::other("x"))).is_local());
+        assert!(!PipelineError::Address("no such host".into()).is_local());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_peer_not_listening_yet_is_waited_for_until_the_patience_runs_out() {
         let started = Instant::now();

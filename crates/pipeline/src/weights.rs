@@ -382,6 +382,8 @@ pub(crate) async fn fetch_from_any(
     // A fetch of the same stage that held the lock before this one may have got it.
     let done = stage_path(models_dir, &req);
     if tokio::fs::try_exists(&done).await.unwrap_or(false) {
+        // Whatever an unfinished transfer of it left is of no use now.
+        partial.clear();
         return Ok(done);
     }
     for &from in sources {
@@ -444,7 +446,7 @@ pub(crate) struct Partial {
 /// nodes that share a models directory).
 struct StageLock {
     _in_process: tokio::sync::OwnedMutexGuard<()>,
-    file: std::fs::File,
+    file: Option<std::fs::File>,
     path: PathBuf,
 }
 
@@ -461,12 +463,22 @@ impl Partial {
         let lock_at = lock_path(models_dir, req);
         let locking = lock_at.clone();
         let (file, held) = tokio::task::spawn_blocking(move || {
-            let file = lock_file(&locking)?;
-            let held = held_regions(&part);
-            Ok::<_, std::io::Error>((file, held))
+            let file = match lock_file(&locking) {
+                Ok(file) => Some(file),
+                // A file system without locks (some network shares): the process's own
+                // lock still keeps this node's fetches apart.
+                Err(e) => {
+                    tracing::warn!(
+                        path = %locking.display(),
+                        "cannot lock the stage file for other processes: {e}"
+                    );
+                    None
+                }
+            };
+            (file, held_regions(&part))
         })
         .await
-        .map_err(|e| PipelineError::Task(e.to_string()))??;
+        .map_err(|e| PipelineError::Task(e.to_string()))?;
         let mut partial = Partial::default();
         partial.lock = Some(StageLock {
             _in_process: in_process,
@@ -495,7 +507,7 @@ impl Partial {
     }
 
     /// Forgets what was received (another holder's bytes do not continue it).
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         if let Some(path) = self.path.take() {
             let _ = std::fs::remove_file(manifest_path(&path));
             let _ = std::fs::remove_file(path);
@@ -528,11 +540,16 @@ impl Drop for Partial {
             }
         }
         self.clear();
-        if let Some(lock) = &self.lock {
+        if let Some(StageLock {
+            file: Some(file),
+            path,
+            ..
+        }) = &self.lock
+        {
             // Removed while held; a node that waits for it finds the file gone once it
             // gets the lock, and takes a new one (see [`lock_file`]).
-            let _ = std::fs::remove_file(&lock.path);
-            let _ = lock.file.unlock();
+            let _ = std::fs::remove_file(path);
+            let _ = file.unlock();
         }
     }
 }
@@ -563,13 +580,21 @@ fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
 /// bytes make whole regions that match their hashes; `None` when there is no manifest (or
 /// it does not read as one) or no `.part` file.
 fn held_regions(part: &Path) -> Option<(WeightsManifest, u64)> {
-    use std::io::Read;
     let bytes = std::fs::read(manifest_path(part)).ok()?;
     let manifest = match shoal_wire::decode_frame(&bytes, &shoal_wire::Limits::default()) {
         Ok(Some((Message::WeightsManifest(m), _))) => m,
         _ => return None,
     };
-    let mut file = std::fs::File::open(part).ok()?;
+    let file = std::fs::File::open(part).ok()?;
+    let verified = whole_regions_in(file, &manifest);
+    Some((manifest, verified))
+}
+
+/// How many of `file`'s first bytes make whole regions of `manifest` that match their
+/// hashes (up to the first region that is short or does not match).
+fn whole_regions_in(file: std::fs::File, manifest: &WeightsManifest) -> u64 {
+    use std::io::Read;
+    let mut file = std::io::BufReader::with_capacity(CHUNK, file);
     let mut verified = 0u64;
     let mut buf = vec![0u8; CHUNK];
     for region in &manifest.regions {
@@ -578,7 +603,7 @@ fn held_regions(part: &Path) -> Option<(WeightsManifest, u64)> {
         while left > 0 {
             let n = (CHUNK as u64).min(left) as usize;
             if file.read_exact(&mut buf[..n]).is_err() {
-                return Some((manifest, verified));
+                return verified;
             }
             hasher.update(&buf[..n]);
             left -= n as u64;
@@ -588,7 +613,7 @@ fn held_regions(part: &Path) -> Option<(WeightsManifest, u64)> {
         }
         verified += region.len;
     }
-    Some((manifest, verified))
+    verified
 }
 
 /// [`fetch`] over a connection already open to the holder (`holder` names it in errors):
@@ -685,12 +710,22 @@ pub(crate) async fn fetch_over(
         partial.clear();
     }
     if received.is_ok() {
-        // Bytes that match their hashes are still checked to be the stage asked for.
-        let (file, spec) = (part.clone(), spec.clone());
-        received = tokio::task::spawn_blocking(move || check_stage_file(&file, &spec))
-            .await
-            .map_err(|e| PipelineError::Task(e.to_string()))
-            .and_then(|checked| checked);
+        // The file as it lies on disk is checked once more, whole, against the manifest
+        // (no write of an earlier, cancelled fetch may have landed in it), and is checked
+        // to be the stage asked for.
+        let (file, spec, manifest) = (part.clone(), spec.clone(), manifest.clone());
+        received = tokio::task::spawn_blocking(move || {
+            let whole = whole_regions_in(std::fs::File::open(&file)?, &manifest);
+            if whole != manifest.file_len {
+                return Err(PipelineError::Weights(format!(
+                    "the stage file received does not match its manifest from byte {whole}"
+                )));
+            }
+            check_stage_file(&file, &spec)
+        })
+        .await
+        .map_err(|e| PipelineError::Task(e.to_string()))
+        .and_then(|checked| checked);
         if received.is_err() {
             partial.clear();
         }
@@ -706,7 +741,7 @@ pub(crate) async fn fetch_over(
     tokio::fs::rename(&part, &path).await?;
     // Received whole: nothing left to resume, and the `.part` file is the stage file now.
     partial.finished();
-    remove_covered(&dir, &kept);
+    let _ = tokio::task::spawn_blocking(move || remove_covered(&dir, &kept)).await;
     tracing::info!(
         %from,
         layers = ?spec.layers,
@@ -934,25 +969,46 @@ async fn read_within(
 }
 
 /// Removes what an unfinished transfer of the stage file at `stage` left (`.part`, its
-/// manifest and its lock file), unless a fetch holds its lock now.
+/// manifest and its lock file), unless a fetch — of this process or another — holds its
+/// locks now.
 fn remove_unfinished(stage: &Path) {
     let with = |suffix: &str| {
         let mut path = stage.as_os_str().to_owned();
         path.push(suffix);
         PathBuf::from(path)
     };
+    let part = with(".part");
+    // This process's fetches first (on a file system whose locks are per process, the OS
+    // lock below would not see them).
+    let in_process = fetching(&part);
+    let Ok(_fetching) = in_process.try_lock() else {
+        return;
+    };
     let lock = with(".lock");
+    let Some(file) = try_lock_file(&lock) else {
+        return;
+    };
     // Removed while this holds the lock (a fetch that waits for it then finds its file
     // gone, as in [`lock_file`]).
-    let file = std::fs::OpenOptions::new().write(true).open(&lock).ok();
-    if file.as_ref().is_some_and(|f| f.try_lock().is_err()) {
-        return;
-    }
-    let part = with(".part");
     let _ = std::fs::remove_file(manifest_path(&part));
     let _ = std::fs::remove_file(part);
     let _ = std::fs::remove_file(lock);
     drop(file);
+}
+
+/// [`lock_file`] without waiting: `None` when another holds the lock (or the file cannot
+/// be had).
+fn try_lock_file(path: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .ok()?;
+    file.try_lock().ok()?;
+    let (locked, there) = (file.metadata().ok()?, std::fs::metadata(path).ok()?);
+    (there.ino() == locked.ino() && there.dev() == locked.dev()).then_some(file)
 }
 
 /// Removes the kept stage files of the same model that `new` covers, and the regions kept
@@ -966,7 +1022,12 @@ fn remove_covered(dir: &Path, new: &Kept) {
         let Some(name) = name.to_str() else {
             continue;
         };
-        let (stage_name, unfinished) = match name.strip_suffix(".part") {
+        // An unfinished transfer's files: `.part`, its manifest, its lock file (each may
+        // be left alone, by a node stopped between removing one and the next).
+        let unfinished_of = [".part", ".part.manifest", ".lock"]
+            .into_iter()
+            .find_map(|suffix| name.strip_suffix(suffix));
+        let (stage_name, unfinished) = match unfinished_of {
             Some(stage_name) => (stage_name, true),
             None => (name, false),
         };
@@ -1149,6 +1210,10 @@ mod tests {
         leave(&spec(5..10, false, false));
         let held = lock_file(&leave(&spec(10..15, false, false))).unwrap();
         leave(&spec(20..30, false, true));
+        // A node stopped between removing the `.part` and the rest leaves those alone.
+        let orphan = Kept::of(&sha, &spec(15..20, false, false)).file_name();
+        std::fs::write(stages.join(format!("{orphan}.part.manifest")), b"x").unwrap();
+        std::fs::write(stages.join(format!("{orphan}.lock")), b"").unwrap();
         remove_covered(&stages, &Kept::of(&sha, &spec(0..20, true, false)));
         let mut left: Vec<String> = std::fs::read_dir(&stages)
             .unwrap()
@@ -1163,9 +1228,47 @@ mod tests {
         expected.extend(names(&spec(20..30, false, true)));
         assert_eq!(
             left, expected,
-            "5..10 went; 10..15 is being fetched; 20..30 is not covered"
+            "5..10 and 15..20 went; 10..15 is being fetched; 20..30 is not covered"
         );
         drop(held);
+    }
+
+    #[test]
+    fn the_regions_held_are_those_whole_and_matching_from_the_start_of_the_part_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("stage.gguf.part");
+        let bytes: Vec<u8> = (0..300u32).map(|i| (i * 7 % 251) as u8).collect();
+        let manifest = WeightsManifest {
+            file_len: 300,
+            regions: (0..3)
+                .map(|r| WeightsRegion {
+                    len: 100,
+                    sha256: Sha256::digest(&bytes[r * 100..(r + 1) * 100]).into(),
+                })
+                .collect(),
+        };
+        let mut frame = Vec::new();
+        Message::WeightsManifest(manifest.clone())
+            .encode_frame(&mut frame, &shoal_wire::Limits::default())
+            .unwrap();
+        let held = |part_bytes: &[u8]| {
+            std::fs::write(&part, part_bytes).unwrap();
+            held_regions(&part).map(|(m, n)| (m == manifest, n))
+        };
+        assert_eq!(held(&bytes), None, "no manifest beside it");
+        std::fs::write(manifest_path(&part), &frame).unwrap();
+        assert_eq!(held(&bytes), Some((true, 300)));
+        // A node killed mid-region leaves a region cut short after the whole ones.
+        assert_eq!(held(&bytes[..250]), Some((true, 200)));
+        let mut bad = bytes.clone();
+        bad[150] ^= 1;
+        assert_eq!(held(&bad), Some((true, 100)), "from the region changed on");
+        bad[3] ^= 1;
+        assert_eq!(held(&bad), Some((true, 0)));
+        std::fs::remove_file(&part).unwrap();
+        assert_eq!(held_regions(&part).map(|(_, n)| n), None, "no .part");
+        std::fs::write(manifest_path(&part), b"not a frame").unwrap();
+        assert_eq!(held(&bytes), None, "a manifest that does not read");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! Weights over the LAN (issue #15 item 4), on real sockets: stage servers whose models
 //! directories are empty get their layers from the head, answer token for token as the
 //! single process does, keep the stage files for next time, and refuse a transfer whose
-//! bytes do not match the holder's hashes — keeping nothing of it. Where a member before a
-//! stage in the ring holds the model, the stage gets its layers from that member.
+//! bytes do not match the holder's hashes — keeping only the regions that matched, checked
+//! again before they are resumed (after a restart too). Where a member before a stage in
+//! the ring holds the model, the stage gets its layers from that member.
 
 mod common;
 
@@ -340,7 +341,7 @@ async fn load_from_any(stage: SocketAddr, holders: &[SocketAddr]) -> Message {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn altered_or_short_transfers_are_refused_and_nothing_is_kept() {
+async fn altered_or_short_transfers_are_refused_and_only_whole_regions_are_kept() {
     let dir = tempfile::tempdir().unwrap();
     let stage = start_server(dir.path()).await;
     let bytes = vec![0x5A_u8; 5000];
@@ -605,6 +606,41 @@ fn unfinished(dir: &Path) -> Option<u64> {
         ]
     );
     Some(std::fs::metadata(part).unwrap().len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_another_node_on_the_directory_is_fetching_is_waited_for_not_fetched_twice() {
+    // Another node that shares the models directory is fetching layers 10..20: as far as
+    // the OS lock goes, another open file holds `<stage file>.lock` (this test). This
+    // node's fetch waits for it, and then loads the file it kept without asking a holder.
+    let (bytes, manifest) = real_share();
+    let dir = tempfile::tempdir().unwrap();
+    let stages = dir.path().join(STAGES_DIR);
+    std::fs::create_dir_all(&stages).unwrap();
+    let sha: String = file_sha256(&model_path())
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name = format!("{sha}.layers-10-20.gguf");
+    let other_node = std::fs::File::create(stages.join(format!("{name}.lock"))).unwrap();
+    other_node.lock().unwrap();
+    let (holder, asked) = start_noting_holder(manifest, bytes.clone()).await;
+    let stage = start_server(dir.path()).await;
+    let loading = tokio::spawn(load_from(stage, holder));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!loading.is_finished(), "it waits for the other node");
+    assert!(
+        asked.lock().unwrap().is_empty(),
+        "and asks no holder meanwhile"
+    );
+
+    // The other node is done: its stage file is there, and it lets go.
+    std::fs::write(stages.join(&name), &bytes).unwrap();
+    drop(other_node);
+    let reply = loading.await.unwrap();
+    assert!(matches!(reply, Message::StageReady(_)), "{reply:?}");
+    assert!(asked.lock().unwrap().is_empty(), "no second transfer");
 }
 
 /// The bytes of the whole regions of `manifest` within its first `len` bytes.

@@ -379,9 +379,18 @@ impl Pipeline {
             router: &router,
             weights_from: (sha != [0; 32]).then_some(reply_addr),
         };
-        let ring = setup
+        let ring = match setup
             .build(0, None, config.local_layers.clone(), &config.peers)
-            .await?;
+            .await
+        {
+            Ok(ring) => ring,
+            Err(e) => {
+                // No pipeline will own it: its port would stay open for good (a head that
+                // tries its ring again opens one per try).
+                listener.abort();
+                return Err(e);
+            }
+        };
         let (local, jobs) = mpsc::unbounded_channel();
         // The sessions generating now are those the head's stage may wait for.
         let active: Active = {
