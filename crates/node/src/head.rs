@@ -79,9 +79,10 @@ impl PipelineHead {
     /// Over given peers (`--peer`), a ring that cannot be set up — a peer not up yet, one
     /// that restarted while it loaded its layers, one that could not get its weights — is
     /// tried again, after 1 s and then twice as long each time (at most 30 s), and
-    /// `/health` and every request say why meanwhile. What trying again cannot mend fails
-    /// for good: a split that does not fit the model or the peers, and faults of this
-    /// node's own (its model file, its stage, the draft model, the chat template).
+    /// `/health` and every request say why meanwhile (a peer with another swarm key too:
+    /// its key may be changed). What trying again cannot mend fails for good: a split that
+    /// does not fit the model or the peers, a `--peer` that is not `HOST:PORT`, and faults
+    /// of this node's own (its model file, its stage, the draft model, the chat template).
     pub(crate) fn start(self, state: AppState) -> JoinHandle<()> {
         tokio::spawn(async move {
             let follows = self.split.trim() == "auto" && self.peers.is_empty();
@@ -89,16 +90,7 @@ impl PipelineHead {
             loop {
                 let connected = match self.layout(&self.model, None).await {
                     Ok(layout) => self.connect(&self.model, layout, &state).await,
-                    // A split given that does not fit will not fit later either.
-                    Err(e) if self.split.trim() != "auto" => {
-                        tracing::error!("{e}");
-                        state.set_failed(e);
-                        return;
-                    }
-                    Err(e) => Err(SetupFailed {
-                        message: e,
-                        local: false,
-                    }),
+                    Err(e) => Err(e),
                 };
                 match connected {
                     Ok((pipeline, planner)) => {
@@ -147,14 +139,15 @@ impl PipelineHead {
         &self,
         model: &Path,
         candidates: Option<Vec<String>>,
-    ) -> Result<Layout, String> {
+    ) -> Result<Layout, SetupFailed> {
         if self.split.trim() != "auto" {
+            // A split given that does not fit will not fit later either: local.
             let n_layers = shoal_engine::GgufFile::open(model)
-                .map_err(|e| e.to_string())?
+                .map_err(|e| SetupFailed::local(e.to_string()))?
                 .config()
                 .n_layers;
             let ranges = shoal_pipeline::check_split(&self.split, self.peers.len(), n_layers)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| SetupFailed::local(e.to_string()))?;
             return Ok(Layout {
                 ranges,
                 peers: self.peers.clone(),
@@ -181,7 +174,10 @@ impl PipelineHead {
             &self.transport,
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| SetupFailed {
+            message: e.to_string(),
+            local: e.is_local(),
+        })?;
         Ok(Layout {
             ranges: planned.ranges,
             peers: planned.peers,
@@ -208,10 +204,7 @@ impl PipelineHead {
                     .await
                     .map_err(|e| format!("loading the draft model: {e}"))
                     .and_then(|loaded| loaded)
-                    .map_err(|message| SetupFailed {
-                        message,
-                        local: true,
-                    })?;
+                    .map_err(SetupFailed::local)?;
                 Some(Arc::new(loaded))
             }
             _ => None,
@@ -250,6 +243,15 @@ pub(crate) struct SetupFailed {
     /// The fault is this node's own (its model file, its stage, its settings), not a
     /// peer's or a link's: trying again cannot mend it.
     pub(crate) local: bool,
+}
+
+impl SetupFailed {
+    fn local(message: String) -> SetupFailed {
+        SetupFailed {
+            message,
+            local: true,
+        }
+    }
 }
 
 impl std::fmt::Display for SetupFailed {

@@ -23,9 +23,13 @@ use crate::BatchStats;
 pub fn resolve_addr(text: &str) -> Result<SocketAddr> {
     text.to_socket_addrs()
         .map_err(|e| {
-            PipelineError::Address(format!(
-                "cannot resolve peer `{text}` (expected HOST:PORT): {e}"
-            ))
+            let message = format!("cannot resolve peer `{text}` (expected HOST:PORT): {e}");
+            if e.kind() == std::io::ErrorKind::InvalidInput {
+                // Not `HOST:PORT` at all: no later try will read it otherwise.
+                PipelineError::Config(message)
+            } else {
+                PipelineError::Address(message)
+            }
         })?
         .next()
         .ok_or_else(|| PipelineError::Address(format!("peer `{text}` resolves to no address")))

@@ -309,6 +309,14 @@ impl StageServer {
     /// sends a malformed or hostile frame loses its connection and nothing else.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let evictor = self.spawn_evictor();
+        let stages = self
+            .inner
+            .config
+            .models_dir
+            .join(crate::weights::STAGES_DIR);
+        tokio::task::spawn_blocking(move || {
+            crate::weights::remove_stale(&stages, crate::weights::STALE_AFTER)
+        });
         let config = ServeConfig::over(self.inner.config.transport.clone());
         serve_peers(listener, config, Arc::new(self), shutdown).await;
         evictor.abort();

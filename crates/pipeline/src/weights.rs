@@ -463,22 +463,20 @@ impl Partial {
         let lock_at = lock_path(models_dir, req);
         let locking = lock_at.clone();
         let (file, held) = tokio::task::spawn_blocking(move || {
-            let file = match lock_file(&locking) {
-                Ok(file) => Some(file),
-                // A file system without locks (some network shares): the process's own
-                // lock still keeps this node's fetches apart.
-                Err(e) => {
-                    tracing::warn!(
-                        path = %locking.display(),
-                        "cannot lock the stage file for other processes: {e}"
-                    );
-                    None
-                }
-            };
-            (file, held_regions(&part))
+            let file = lock_file(&locking)?;
+            if file.is_none() {
+                // The process's own lock still keeps this node's fetches apart.
+                tracing::warn!(
+                    path = %locking.display(),
+                    "the file system has no locks: other nodes on this models directory \
+                     may fetch the same stage at once"
+                );
+            }
+            Ok::<_, std::io::Error>((file, held_regions(&part)))
         })
         .await
-        .map_err(|e| PipelineError::Task(e.to_string()))?;
+        .map_err(|e| PipelineError::Task(e.to_string()))?
+        .map_err(|e| PipelineError::Weights(format!("locking the stage file: {e}")))?;
         let mut partial = Partial::default();
         partial.lock = Some(StageLock {
             _in_process: in_process,
@@ -556,8 +554,9 @@ impl Drop for Partial {
 
 /// Opens `path` (made if missing) and takes its OS lock, waiting for another process's. A
 /// file that is no longer at `path` once locked (its holder removed it, having finished)
-/// is let go and the one there now taken instead.
-fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+/// is let go and the one there now taken instead. `None` where the file system has no such
+/// locks (the file made for it is removed again).
+fn lock_file(path: &Path) -> std::io::Result<Option<std::fs::File>> {
     use std::os::unix::fs::MetadataExt;
     loop {
         let file = std::fs::OpenOptions::new()
@@ -565,15 +564,27 @@ fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
             .write(true)
             .truncate(false)
             .open(path)?;
-        file.lock()?;
+        if let Err(e) = file.lock() {
+            if no_locks_here(&e) {
+                let _ = std::fs::remove_file(path);
+                return Ok(None);
+            }
+            return Err(e);
+        }
         let locked = file.metadata()?;
         match std::fs::metadata(path) {
             Ok(there) if there.ino() == locked.ino() && there.dev() == locked.dev() => {
-                return Ok(file)
+                return Ok(Some(file))
             }
             _ => continue,
         }
     }
+}
+
+/// The file system has no `flock` (some network shares).
+fn no_locks_here(e: &std::io::Error) -> bool {
+    const ENOLCK: i32 = 37;
+    e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error() == Some(ENOLCK)
 }
 
 /// The manifest kept beside the `.part` file at `part`, and how many of the part's first
@@ -968,6 +979,38 @@ async fn read_within(
     }
 }
 
+/// How long the regions of an unfinished transfer are kept for a fetch of the same stage
+/// to resume from, after its last byte arrived.
+pub(crate) const STALE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Removes the unfinished transfers in `dir` (a models directory's stages) whose last byte
+/// arrived longer than `after` ago and that no fetch holds: a stage that is never asked for
+/// again would otherwise keep its regions on disk for good. A stage server does this as it
+/// starts.
+pub(crate) fn remove_stale(dir: &Path, after: Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name();
+        let Some(stage_name) = name.to_str().and_then(|n| n.strip_suffix(".part")) else {
+            continue;
+        };
+        let age = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if Kept::parse(stage_name).is_some() && age.is_some_and(|age| age > after) {
+            tracing::info!(
+                file = stage_name,
+                "removing an unfinished transfer left unused"
+            );
+            remove_unfinished(&dir.join(stage_name));
+        }
+    }
+}
+
 /// Removes what an unfinished transfer of the stage file at `stage` left (`.part`, its
 /// manifest and its lock file), unless a fetch — of this process or another — holds its
 /// locks now.
@@ -997,7 +1040,7 @@ fn remove_unfinished(stage: &Path) {
 }
 
 /// [`lock_file`] without waiting: `None` when another holds the lock (or the file cannot
-/// be had).
+/// be had); the file unlocked where the file system has no locks.
 fn try_lock_file(path: &Path) -> Option<std::fs::File> {
     use std::os::unix::fs::MetadataExt;
     let file = std::fs::OpenOptions::new()
@@ -1006,7 +1049,11 @@ fn try_lock_file(path: &Path) -> Option<std::fs::File> {
         .truncate(false)
         .open(path)
         .ok()?;
-    file.try_lock().ok()?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::Error(e)) if no_locks_here(&e) => return Some(file),
+        Err(_) => return None,
+    }
     let (locked, there) = (file.metadata().ok()?, std::fs::metadata(path).ok()?);
     (there.ino() == locked.ino() && there.dev() == locked.dev()).then_some(file)
 }
@@ -1208,7 +1255,9 @@ mod tests {
             stages.join(format!("{name}.lock"))
         };
         leave(&spec(5..10, false, false));
-        let held = lock_file(&leave(&spec(10..15, false, false))).unwrap();
+        let held = lock_file(&leave(&spec(10..15, false, false)))
+            .unwrap()
+            .unwrap();
         leave(&spec(20..30, false, true));
         // A node stopped between removing the `.part` and the rest leaves those alone.
         let orphan = Kept::of(&sha, &spec(15..20, false, false)).file_name();
@@ -1272,18 +1321,50 @@ mod tests {
     }
 
     #[test]
+    fn unfinished_transfers_unused_for_long_are_removed_and_recent_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, recent) = (
+            Kept::of(&[1; 32], &spec(0..10, true, false)).file_name(),
+            Kept::of(&[1; 32], &spec(10..20, false, false)).file_name(),
+        );
+        for name in [&old, &recent] {
+            for suffix in [".part", ".part.manifest", ".lock"] {
+                std::fs::write(dir.path().join(format!("{name}{suffix}")), b"x").unwrap();
+            }
+        }
+        let eight_days_ago = std::time::SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join(format!("{old}.part")))
+            .unwrap()
+            .set_modified(eight_days_ago)
+            .unwrap();
+        remove_stale(dir.path(), STALE_AFTER);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let expected: Vec<String> = [".lock", ".part", ".part.manifest"]
+            .iter()
+            .map(|s| format!("{recent}{s}"))
+            .collect();
+        assert_eq!(left, expected);
+    }
+
+    #[test]
     fn a_lock_file_keeps_a_second_fetch_out_until_the_first_lets_go() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stage.gguf.lock");
-        let first = lock_file(&path).unwrap();
+        let first = lock_file(&path).unwrap().unwrap();
         // Another open file (another process's, as far as the OS lock goes) cannot take it.
         let other = std::fs::File::open(&path).unwrap();
         assert!(other.try_lock().is_err());
         let (tx, rx) = std::sync::mpsc::channel();
         let waiting = path.clone();
         let second = std::thread::spawn(move || {
-            let file = lock_file(&waiting).unwrap();
+            let file = lock_file(&waiting).unwrap().unwrap();
             tx.send(()).unwrap();
             file
         });

@@ -347,6 +347,38 @@ fn a_head_started_before_its_stage_keeps_trying_and_answers_once_the_stage_is_up
     assert_eq!(chat_text(head.addr, &b), chat_text(single.addr, &b));
 }
 
+#[test]
+fn a_peer_that_is_no_address_fails_for_good_and_says_so() {
+    // No later try can read `stage-one` as HOST:PORT: the head fails (it does not say
+    // "trying again"). With a swarm key: without one, a peer that is not on this machine is
+    // refused before anything starts.
+    let key = "11".repeat(32);
+    let head = Server::start(
+        &model_path(SMOLLM2),
+        &[
+            "--peer",
+            "stage-one",
+            "--split",
+            "0-14,15-29",
+            "--swarm-key",
+            key.as_str(),
+            "--peer-port",
+            "0",
+        ],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = http(head.addr, "GET", "/health", None).unwrap();
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(!r.body.contains("trying again"), "{}", r.body);
+        if r.body.contains("expected HOST:PORT") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", r.body);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// Streams a chat completion; after `after` content chunks calls `midway` once; returns the
 /// whole streamed text.
 fn stream_with(server: &Server, body: &str, after: usize, midway: impl FnOnce()) -> String {

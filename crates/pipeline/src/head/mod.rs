@@ -325,6 +325,28 @@ impl Drop for Pipeline {
     }
 }
 
+/// A task aborted when this is dropped, unless taken first.
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl AbortOnDrop {
+    /// The task, no longer aborted on drop.
+    fn take(&mut self) -> JoinHandle<()> {
+        match self.0.take() {
+            Some(task) => task,
+            // Taken once, by construction; an empty task stands in otherwise.
+            None => tokio::spawn(async {}),
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
 /// Most re-plans one generation makes before it gives up.
 const MAX_RECOVERIES: usize = 3;
 
@@ -365,13 +387,13 @@ impl Pipeline {
         // With a SHA-256 to check them by, the reply listener also serves the head's
         // model to peers that lack it (crate::weights).
         let weights = (sha != [0; 32]).then(|| (config.model_path.clone(), sha));
-        let listener = tokio::spawn(serve_replies(
+        let mut listener = AbortOnDrop(Some(tokio::spawn(serve_replies(
             listener,
             config.node_id.clone(),
             config.transport.clone(),
             router.clone(),
             weights,
-        ));
+        ))));
         let setup = RingSetup {
             config: &config,
             model: &model,
@@ -379,18 +401,11 @@ impl Pipeline {
             router: &router,
             weights_from: (sha != [0; 32]).then_some(reply_addr),
         };
-        let ring = match setup
+        // Until the pipeline owns the listener, a failure (or this future dropped) ends it:
+        // its port would stay open for good, one per try of a head that tries again.
+        let ring = setup
             .build(0, None, config.local_layers.clone(), &config.peers)
-            .await
-        {
-            Ok(ring) => ring,
-            Err(e) => {
-                // No pipeline will own it: its port would stay open for good (a head that
-                // tries its ring again opens one per try).
-                listener.abort();
-                return Err(e);
-            }
-        };
+            .await?;
         let (local, jobs) = mpsc::unbounded_channel();
         // The sessions generating now are those the head's stage may wait for.
         let active: Active = {
@@ -433,7 +448,7 @@ impl Pipeline {
             replan: tokio::sync::Mutex::new(()),
             router,
             reply_addr,
-            listener,
+            listener: listener.take(),
             local,
             batcher,
             // Stages key caches by session id, and several heads may share a stage: start
