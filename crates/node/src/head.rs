@@ -219,6 +219,7 @@ impl PipelineHead {
             draft_model,
             chat_template: self.chat_template.clone(),
             pooling: self.pooling,
+            weight_holders: membership::holders_of(&self.roster, &file_name(model), &layout.peers),
         };
         let peers = layout.peers;
         let pipeline = shoal_pipeline::connect_ring(model, &peers, &layout.ranges, settings)

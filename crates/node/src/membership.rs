@@ -254,6 +254,20 @@ pub(crate) fn alive_peers(roster: &Roster) -> Vec<SocketAddr> {
     roster.alive(now()).into_iter().map(|m| m.addr).collect()
 }
 
+/// The alive members outside `ring` (peer addresses as given) whose models directory holds
+/// a file named `model`, as their heartbeats said: they may send a stage without the model
+/// its layers (each holder checks the SHA-256 the stage asks for; one whose file of that
+/// name differs answers so, and the next is asked).
+pub(crate) fn holders_of(roster: &Roster, model: &str, ring: &[String]) -> Vec<SocketAddr> {
+    roster
+        .alive(now())
+        .into_iter()
+        .filter(|m| m.info.models.iter().any(|name| name == model))
+        .filter(|m| !ring.iter().any(|p| *p == m.addr.to_string()))
+        .map(|m| m.addr)
+        .collect()
+}
+
 /// Returns once an alive member is listed that is not among `known`.
 pub(crate) async fn member_joins(roster: &Roster, known: &[SocketAddr]) {
     loop {
@@ -293,4 +307,45 @@ pub(crate) fn start_mdns(
 
 pub(crate) fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use shoal_wire::Heartbeat;
+
+    #[test]
+    fn holders_are_the_alive_members_outside_the_ring_with_a_file_of_that_name() {
+        let me = NodeInfo {
+            node_id: "head".into(),
+            ..NodeInfo::default()
+        };
+        let roster = Roster::new(me, None, DetectorConfig::default());
+        let addr = |n: u8| SocketAddr::from(([10, 0, 0, n], 7471));
+        for (n, models) in [
+            (2, vec!["smollm2.gguf", "qwen.gguf"]),
+            (3, vec!["qwen.gguf"]),
+            (4, vec!["smollm2.gguf"]),
+        ] {
+            let beat = Heartbeat {
+                node: NodeInfo {
+                    node_id: format!("node-{n}"),
+                    models: models.into_iter().map(String::from).collect(),
+                    ..NodeInfo::default()
+                },
+                known: Vec::new(),
+            };
+            roster.record_heartbeat(addr(n), &beat, now()).unwrap();
+        }
+        // Node 4 is in the ring: it is a stage, not a holder to ask.
+        let ring = vec![addr(4).to_string()];
+        assert_eq!(holders_of(&roster, "smollm2.gguf", &ring), vec![addr(2)]);
+        assert_eq!(
+            holders_of(&roster, "qwen.gguf", &ring).len(),
+            2,
+            "nodes 2 and 3"
+        );
+        assert!(holders_of(&roster, "other.gguf", &ring).is_empty());
+    }
 }

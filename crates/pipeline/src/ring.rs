@@ -106,6 +106,8 @@ pub struct RingSettings {
     pub chat_template: Option<String>,
     /// How embeddings are pooled ([`PipelineConfig::pooling`]).
     pub pooling: Option<shoal_engine::Pooling>,
+    /// Members outside the ring said to hold the model ([`PipelineConfig::weight_holders`]).
+    pub weight_holders: Vec<SocketAddr>,
 }
 
 /// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`,
@@ -138,6 +140,7 @@ pub async fn connect_ring(
     config.draft_model = settings.draft_model;
     config.chat_template = settings.chat_template;
     config.pooling = settings.pooling;
+    config.weight_holders = settings.weight_holders;
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }

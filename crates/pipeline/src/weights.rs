@@ -6,7 +6,8 @@
 //! The holder is any member the head names in the `LoadStage`'s `weights_from`
 //! ([`sources_for`]), asked in turn: the node before the stage in the ring first, then
 //! the others backwards round the ring (the head among them: its reply listener serves
-//! `GetWeights`). Any stage server that holds the model, or a kept stage file that covers
+//! `GetWeights`), with members outside the ring said to hold the model just before the head
+//! ([`with_holders`]). Any stage server that holds the model, or a kept stage file that covers
 //! the layers asked for, serves them; one that does not says so and the next is asked. So
 //! where several devices hold the model file, each sends the layers of the stage after it,
 //! and the head's uplink is not the one source of every transfer. Kept stage files are
@@ -361,6 +362,35 @@ pub(crate) fn sources_for(index: usize, peers: &[SocketAddr], head: SocketAddr) 
         }
     }
     sources
+}
+
+/// `sources` (from [`sources_for`]) with `holders` — members outside the ring said to hold
+/// the model file — asked just before `head`: a member that runs no stage has its uplink
+/// free, the head's carries the ring. Never the stage itself (`stage`), never twice, at
+/// most `MAX_WEIGHT_SOURCES` in all, the head always among them.
+pub(crate) fn with_holders(
+    sources: Vec<SocketAddr>,
+    holders: &[SocketAddr],
+    stage: SocketAddr,
+    head: SocketAddr,
+) -> Vec<SocketAddr> {
+    let at = sources
+        .iter()
+        .position(|&s| s == head)
+        .unwrap_or(sources.len());
+    let mut all: Vec<SocketAddr> = sources[..at].to_vec();
+    for &holder in holders {
+        if holder != stage && !sources.contains(&holder) && !all.contains(&holder) {
+            all.push(holder);
+        }
+    }
+    all.extend_from_slice(&sources[at..]);
+    if all.len() > shoal_wire::MAX_WEIGHT_SOURCES {
+        all.retain(|&s| s != head);
+        all.truncate(shoal_wire::MAX_WEIGHT_SOURCES - 1);
+        all.push(head);
+    }
+    all
 }
 
 /// [`fetch`] from the first of `sources` that serves the share, in order: one that lacks
@@ -1168,6 +1198,29 @@ mod tests {
             embed,
             head,
         }
+    }
+
+    #[test]
+    fn holders_outside_the_ring_are_asked_just_before_the_head() {
+        let a = |n: u8| SocketAddr::from(([10, 0, 0, n], 7471));
+        let head = a(1);
+        // Stage 3 of the ring head, 2, 3, 4 asks 2 (before it), the head, then 4.
+        let sources = sources_for(1, &[a(2), a(3), a(4)], head);
+        assert_eq!(sources, vec![a(2), head, a(4)]);
+        assert_eq!(
+            with_holders(sources, &[a(9), a(2), a(3), a(9), a(8)], a(3), head),
+            vec![a(2), a(9), a(8), head, a(4)],
+            "before the head; not itself, nor twice"
+        );
+        // The first stage asks the head first, so holders go before it.
+        let first = sources_for(0, &[a(2)], head);
+        assert_eq!(with_holders(first, &[a(9)], a(2), head), vec![a(9), head]);
+        // Never more than the wire carries, and the head stays.
+        let many: Vec<SocketAddr> = (20..60).map(a).collect();
+        let all = with_holders(vec![head], &many, a(2), head);
+        assert_eq!(all.len(), shoal_wire::MAX_WEIGHT_SOURCES);
+        assert_eq!(all.last(), Some(&head));
+        assert_eq!(all[0], a(20));
     }
 
     #[test]

@@ -216,6 +216,42 @@ async fn a_stage_gets_its_layers_from_the_member_before_it_when_that_member_hold
     assert_eq!(server_c.weights_sent_bytes(), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_outside_the_ring_that_holds_the_model_sends_the_layers_not_the_head() {
+    // D holds the model file and runs no stage; C's models directory is empty. Named to the
+    // head as a holder, D sends C its layers, and the head's uplink stays with the ring.
+    let (dir_c, dir_d) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::os::unix::fs::symlink(model_path(), dir_d.path().join(SMOLLM2)).unwrap();
+    let (server_c, c) = serve(dir_c.path()).await;
+    let (server_d, d) = serve(dir_d.path()).await;
+    let mut config = PipelineConfig::new(
+        model_path(),
+        0..15,
+        vec![PeerStage {
+            addr: c,
+            layers: 15..30,
+        }],
+    );
+    config.weight_holders = vec![d];
+    let pipeline = Pipeline::connect(config).await.unwrap();
+    let prompt = chat_prompt("What is the capital of France?");
+    let out = pipeline
+        .generate(&prompt, &SamplingParams::greedy(), 24)
+        .await
+        .unwrap();
+    assert_eq!(out, single_process(&prompt));
+    let files = kept(dir_c.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    let share = std::fs::metadata(&files[0]).unwrap().len();
+    assert_eq!(
+        server_d.weights_sent_bytes(),
+        share,
+        "D sent the whole share"
+    );
+    assert_eq!(server_c.weights_sent_bytes(), 0);
+    assert!(kept(dir_d.path()).is_empty(), "D runs from its own file");
+}
+
 /// A holder at the edge of the test (a fake: no real member sends bad bytes, or stops
 /// mid-transfer on cue) that answers every `GetWeights` with the manifest it was built
 /// with and its bytes from the one asked for, then closes; it notes where each request

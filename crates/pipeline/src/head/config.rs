@@ -101,6 +101,10 @@ pub struct PipelineConfig {
     pub chat_template: Option<String>,
     /// How [`crate::Pipeline::embed`] pools; `None`: as the model file says.
     pub pooling: Option<shoal_engine::Pooling>,
+    /// Members outside the ring said to hold the model file (their peer addresses): a stage
+    /// without the model asks them for its layers before the head, whose uplink is busy
+    /// with the ring ([`crate::weights`]).
+    pub weight_holders: Vec<SocketAddr>,
 }
 
 impl PipelineConfig {
@@ -139,6 +143,7 @@ impl PipelineConfig {
             draft_model: None,
             chat_template: None,
             pooling: None,
+            weight_holders: Vec::new(),
         }
     }
 }

@@ -131,7 +131,12 @@ impl RingSetup<'_> {
                 next,
                 weights_from: self.weights_from.map_or_else(Vec::new, |head| {
                     let ring: Vec<SocketAddr> = peers.iter().map(|q| q.addr).collect();
-                    crate::weights::sources_for(i, &ring, head)
+                    crate::weights::with_holders(
+                        crate::weights::sources_for(i, &ring, head),
+                        &self.config.weight_holders,
+                        p.addr,
+                        head,
+                    )
                 }),
             };
             // The stages load one after another; those loaded first must not be closed as
