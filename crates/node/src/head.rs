@@ -219,7 +219,13 @@ impl PipelineHead {
             draft_model,
             chat_template: self.chat_template.clone(),
             pooling: self.pooling,
-            weight_holders: membership::holders_of(&self.roster, &file_name(model), &layout.peers),
+            weight_holders: {
+                let (roster, model, ring) =
+                    (self.roster.clone(), file_name(model), layout.peers.clone());
+                shoal_pipeline::WeightHolders::new(move || {
+                    membership::holders_of(&roster, &model, &ring)
+                })
+            },
         };
         let peers = layout.peers;
         let pipeline = shoal_pipeline::connect_ring(model, &peers, &layout.ranges, settings)

@@ -55,6 +55,7 @@ pub use convert::{file_sha256, sampling_params, sampling_spec};
 pub use error::{PipelineError, Result};
 pub use head::{
     PeerStage, Pipeline, PipelineConfig, Replan, ReplanResult, RingAnswer, RingRequest,
+    WeightHolders,
 };
 pub use profile::{available_memory_bytes, measure_profile, probe_peer, PeerProfile, ProbedModel};
 pub use ring::{

@@ -107,7 +107,7 @@ pub struct RingSettings {
     /// How embeddings are pooled ([`PipelineConfig::pooling`]).
     pub pooling: Option<shoal_engine::Pooling>,
     /// Members outside the ring said to hold the model ([`PipelineConfig::weight_holders`]).
-    pub weight_holders: Vec<SocketAddr>,
+    pub weight_holders: crate::WeightHolders,
 }
 
 /// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`,

@@ -232,7 +232,7 @@ async fn a_member_outside_the_ring_that_holds_the_model_sends_the_layers_not_the
             layers: 15..30,
         }],
     );
-    config.weight_holders = vec![d];
+    config.weight_holders = shoal_pipeline::WeightHolders::new(move || vec![d]);
     let pipeline = Pipeline::connect(config).await.unwrap();
     let prompt = chat_prompt("What is the capital of France?");
     let out = pipeline

@@ -101,10 +101,33 @@ pub struct PipelineConfig {
     pub chat_template: Option<String>,
     /// How [`crate::Pipeline::embed`] pools; `None`: as the model file says.
     pub pooling: Option<shoal_engine::Pooling>,
-    /// Members outside the ring said to hold the model file (their peer addresses): a stage
-    /// without the model asks them for its layers before the head, whose uplink is busy
-    /// with the ring ([`crate::weights`]).
-    pub weight_holders: Vec<SocketAddr>,
+    /// Members outside the ring said to hold the model file (their peer addresses), asked
+    /// anew each time the ring is set up: a stage without the model asks them for its
+    /// layers before the head, whose uplink is busy with the ring ([`crate::weights`]).
+    pub weight_holders: WeightHolders,
+}
+
+/// Who outside the ring holds the model file, asked each time a ring is set up (members
+/// come and go: a list taken once, at start, would be empty or stale).
+#[derive(Clone, Default)]
+pub struct WeightHolders(Option<Arc<dyn Fn() -> Vec<SocketAddr> + Send + Sync>>);
+
+impl WeightHolders {
+    /// Holders as `now` says when asked.
+    pub fn new(now: impl Fn() -> Vec<SocketAddr> + Send + Sync + 'static) -> Self {
+        WeightHolders(Some(Arc::new(now)))
+    }
+
+    /// The holders now.
+    pub fn now(&self) -> Vec<SocketAddr> {
+        self.0.as_ref().map_or_else(Vec::new, |now| now())
+    }
+}
+
+impl std::fmt::Debug for WeightHolders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.now()).finish()
+    }
 }
 
 impl PipelineConfig {
@@ -143,7 +166,7 @@ impl PipelineConfig {
             draft_model: None,
             chat_template: None,
             pooling: None,
-            weight_holders: Vec::new(),
+            weight_holders: WeightHolders::default(),
         }
     }
 }

@@ -17,7 +17,7 @@ mod layout;
 mod local;
 mod replies;
 
-pub use config::{PeerStage, PipelineConfig, Replan, ReplanResult};
+pub use config::{PeerStage, PipelineConfig, Replan, ReplanResult, WeightHolders};
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -114,6 +114,7 @@ impl RingSetup<'_> {
             }
         };
         let plan_id = fresh_id();
+        let holders = self.config.weight_holders.now();
         let mut links = Vec::with_capacity(peers.len());
         let mut last_stage = None;
         for (i, p) in peers.iter().enumerate() {
@@ -133,7 +134,7 @@ impl RingSetup<'_> {
                     let ring: Vec<SocketAddr> = peers.iter().map(|q| q.addr).collect();
                     crate::weights::with_holders(
                         crate::weights::sources_for(i, &ring, head),
-                        &self.config.weight_holders,
+                        &holders,
                         p.addr,
                         head,
                     )
