@@ -587,13 +587,8 @@ impl Drop for Partial {
 /// is let go and the one there now taken instead. `None` where the file system has no such
 /// locks (the file made for it is removed again).
 fn lock_file(path: &Path) -> std::io::Result<Option<std::fs::File>> {
-    use std::os::unix::fs::MetadataExt;
     loop {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(path)?;
+        let file = open_lock_file(path)?;
         if let Err(e) = file.lock() {
             if no_locks_here(&e) {
                 let _ = std::fs::remove_file(path);
@@ -601,13 +596,27 @@ fn lock_file(path: &Path) -> std::io::Result<Option<std::fs::File>> {
             }
             return Err(e);
         }
-        let locked = file.metadata()?;
-        match std::fs::metadata(path) {
-            Ok(there) if there.ino() == locked.ino() && there.dev() == locked.dev() => {
-                return Ok(Some(file))
-            }
-            _ => continue,
+        if still_at(path, &file) {
+            return Ok(Some(file));
         }
+    }
+}
+
+/// Opens the lock file at `path`, made if missing.
+fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+}
+
+/// Whether `file` is still the file at `path` (not removed, or replaced, since opened).
+fn still_at(path: &Path, file: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(opened), Ok(there)) => opened.ino() == there.ino() && opened.dev() == there.dev(),
+        _ => false,
     }
 }
 
@@ -731,19 +740,18 @@ pub(crate) async fn fetch_over(
              its bytes do not continue those received"
         )));
     }
+    partial.path = Some(part.clone());
     if resume_from == 0 {
         // Kept beside the bytes, so that a fetch after this one (after a restart too) can
         // check what they hold and resume.
         let mut encoded = Vec::new();
         Message::WeightsManifest(manifest.clone())
             .encode_frame(&mut encoded, &shoal_wire::Limits::default())?;
-        partial.path = Some(part.clone());
         if let Err(e) = tokio::fs::write(manifest_path(&part), &encoded).await {
             partial.clear();
             return Err(e.into());
         }
     }
-    partial.path = Some(part.clone());
     partial.manifest = Some(manifest.clone());
     let mut received = receive(conn, &manifest, &part, &mut partial.verified).await;
     if let Err(PipelineError::Io(_)) = &received {
@@ -802,23 +810,24 @@ fn stage_path(models_dir: &Path, req: &GetWeights) -> PathBuf {
 
 /// Where the stage file `req` asks for is written while it arrives.
 fn part_path(models_dir: &Path, req: &GetWeights) -> PathBuf {
-    let mut path = stage_path(models_dir, req).into_os_string();
-    path.push(".part");
+    with_suffix(&stage_path(models_dir, req), ".part")
+}
+
+/// `path` with `suffix` after its whole name (`a.gguf` → `a.gguf.part`).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut path = path.as_os_str().to_owned();
+    path.push(suffix);
     PathBuf::from(path)
 }
 
 /// The manifest kept beside the `.part` file at `part`.
 fn manifest_path(part: &Path) -> PathBuf {
-    let mut path = part.as_os_str().to_owned();
-    path.push(".manifest");
-    PathBuf::from(path)
+    with_suffix(part, ".manifest")
 }
 
 /// The file whose OS lock a fetch of the stage file `req` asks for holds.
 fn lock_path(models_dir: &Path, req: &GetWeights) -> PathBuf {
-    let mut path = stage_path(models_dir, req).into_os_string();
-    path.push(".lock");
-    PathBuf::from(path)
+    with_suffix(&stage_path(models_dir, req), ".lock")
 }
 
 /// The lock of the stage file whose partial transfer is at `part`: two fetches of one
@@ -1045,19 +1054,14 @@ pub(crate) fn remove_stale(dir: &Path, after: Duration) {
 /// manifest and its lock file), unless a fetch — of this process or another — holds its
 /// locks now.
 fn remove_unfinished(stage: &Path) {
-    let with = |suffix: &str| {
-        let mut path = stage.as_os_str().to_owned();
-        path.push(suffix);
-        PathBuf::from(path)
-    };
-    let part = with(".part");
+    let part = with_suffix(stage, ".part");
     // This process's fetches first (on a file system whose locks are per process, the OS
     // lock below would not see them).
     let in_process = fetching(&part);
     let Ok(_fetching) = in_process.try_lock() else {
         return;
     };
-    let lock = with(".lock");
+    let lock = with_suffix(stage, ".lock");
     let Some(file) = try_lock_file(&lock) else {
         return;
     };
@@ -1072,20 +1076,13 @@ fn remove_unfinished(stage: &Path) {
 /// [`lock_file`] without waiting: `None` when another holds the lock (or the file cannot
 /// be had); the file unlocked where the file system has no locks.
 fn try_lock_file(path: &Path) -> Option<std::fs::File> {
-    use std::os::unix::fs::MetadataExt;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(path)
-        .ok()?;
+    let file = open_lock_file(path).ok()?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::Error(e)) if no_locks_here(&e) => return Some(file),
         Err(_) => return None,
     }
-    let (locked, there) = (file.metadata().ok()?, std::fs::metadata(path).ok()?);
-    (there.ino() == locked.ino() && there.dev() == locked.dev()).then_some(file)
+    still_at(path, &file).then_some(file)
 }
 
 /// Removes the kept stage files of the same model that `new` covers, and the regions kept
@@ -1111,23 +1108,17 @@ fn remove_covered(dir: &Path, new: &Kept) {
         let Some(old) = Kept::parse(stage_name) else {
             continue;
         };
-        if unfinished {
-            let spec = StageSpec {
-                layers: old.layers.clone(),
-                embed: old.embed,
-                head: old.head,
-            };
-            if old.sha_hex == new.sha_hex && new.covers(&spec) {
-                remove_unfinished(&dir.join(stage_name));
-            }
-            continue;
-        }
         let spec = StageSpec {
             layers: old.layers.clone(),
             embed: old.embed,
             head: old.head,
         };
-        if old != *new && old.sha_hex == new.sha_hex && new.covers(&spec) {
+        if old.sha_hex != new.sha_hex || !new.covers(&spec) {
+            continue;
+        }
+        if unfinished {
+            remove_unfinished(&dir.join(stage_name));
+        } else if old != *new {
             let _ = std::fs::remove_file(e.path());
         }
     }
