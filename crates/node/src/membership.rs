@@ -1,9 +1,10 @@
 //! This node as a member of its cluster (issue #15): what it says about itself, the roster
 //! of the others, and the loops that keep both current — heartbeats to every member and
-//! candidate, and a refresh of this node's own figures (free memory, stages held).
+//! candidate, and a refresh of this node's own figures (free memory, stages held, models on
+//! disk).
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -13,7 +14,8 @@ use shoal_cluster::{DetectorConfig, Roster, Source};
 use shoal_pipeline::StageServer;
 use shoal_wire::{Capabilities, HeldStage, Hello, NodeInfo, Transport, MAX_MODELS, MAX_MODEL_ID};
 
-/// How often this node re-reads its free memory, load and the stage it holds.
+/// How often this node re-reads its free memory, load, the stage it holds and the models
+/// beside its model file.
 const REFRESH_PERIOD: Duration = Duration::from_secs(1);
 
 /// The peer port's stage server, while it has one (none while playing dead).
@@ -46,7 +48,8 @@ impl Default for ClusterSettings {
 }
 
 /// What this node says about itself: read once at start (memory, cores, accelerator,
-/// models next to its model file); free memory and stages are refreshed later.
+/// models next to its model file); free memory, stages and models are refreshed later
+/// ([`start_refresh`]).
 pub(crate) fn describe_me(
     node_id: &str,
     model: &Path,
@@ -143,9 +146,12 @@ pub(crate) fn prober(roster: &Roster, transport: Transport) -> Arc<WireProber> {
 }
 
 /// Keeps this node's own figures current until `stop`: free memory, load, the stage it
-/// holds, and — when it listens on every interface — the address members reach it at.
+/// holds, the models beside `model` (a file pulled or copied there while the node runs is
+/// listed from the next heartbeat on, so members outside a ring can be asked for its
+/// layers), and — when it listens on every interface — the address members reach it at.
 pub(crate) fn start_refresh(
     roster: Arc<Roster>,
+    model: PathBuf,
     stages: CurrentStages,
     head: HeadRing,
     load: LoadFigures,
@@ -161,6 +167,10 @@ pub(crate) fn start_refresh(
                 _ = tick.tick() => {}
             }
             let free = shoal_pipeline::available_memory_bytes();
+            let model = model.clone();
+            let models = tokio::task::spawn_blocking(move || models_beside(&model))
+                .await
+                .ok();
             let served = stages
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -179,6 +189,9 @@ pub(crate) fn start_refresh(
                 me.tokens_per_s = tokens_per_s;
                 if let Some(free) = free {
                     me.memory_free = offered(free, memory_offer);
+                }
+                if let Some(models) = models {
+                    me.models = models;
                 }
                 me.stages = held
                     .filter_map(|(model_id, layers, pass_us)| {

@@ -114,6 +114,7 @@ pub(crate) async fn serve_peer_port(
     let (stop_refresh, refresh_stopped) = tokio::sync::oneshot::channel::<()>();
     let refresh = membership::start_refresh(
         setup.roster.clone(),
+        setup.model_path.clone(),
         current.clone(),
         setup.head.clone(),
         setup.load.clone(),

@@ -237,6 +237,69 @@ async fn nodes_join_through_one_address_strangers_stay_out_and_the_dead_are_seen
     b.shutdown().await.unwrap();
 }
 
+/// The models a member lists are those beside its model file now, not when it started: a
+/// file pulled or copied there while it runs is in every other member's view of it within
+/// a few heartbeats (members outside a ring are asked for layers by the files they list),
+/// and one removed leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_file_added_while_a_node_runs_is_listed_by_the_others() {
+    let key = [5; 32];
+    let a = start(key, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::new(dir.path().join("absent.gguf"), loopback());
+    config.stage_only = true;
+    config.peer_addr = Some(loopback());
+    config.swarm_key = Some(SwarmKey::from_bytes(key));
+    config.peers = vec![a.peer_addr().unwrap().to_string()];
+    config.cluster.detector = common::fast_detector();
+    config.cluster.mdns = false;
+    let b = Node::start(config).await.unwrap();
+    let both = expect(&[(&a, "alive"), (&b, "alive")]);
+    converge(&[&a, &b], &both, Duration::from_secs(5)).await;
+
+    let listed_on_a = |view: &Value| -> Vec<String> {
+        view["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == b.node_id())
+            .map(|m| {
+                m["models"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let wait_for = |want: Vec<String>| {
+        let a = &a;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let view = cluster(a).await;
+                if listed_on_a(&view) == want {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "b lists {view} on a, not {want:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for(Vec::new()).await;
+    std::fs::write(dir.path().join("pulled.gguf"), b"GGUF").unwrap();
+    std::fs::write(dir.path().join("notes.txt"), b"not a model").unwrap();
+    wait_for(vec!["pulled.gguf".to_owned()]).await;
+    std::fs::remove_file(dir.path().join("pulled.gguf")).unwrap();
+    wait_for(Vec::new()).await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_peer_port_lists_itself_and_cannot_join() {
     let node = Node::start(NodeConfig::new(model_path(), loopback()))
