@@ -489,16 +489,11 @@ impl StageServer {
                     layer_end: sample.layers.end as u32,
                     embed: false,
                     head: false,
-                    resume_from: 0,
                 };
                 let dir = &self.inner.config.models_dir;
                 // The head may hash the layers for minutes before the manifest comes (the
                 // fetch has its own deadlines): the port's idle timeout is not for this wait.
                 let mut partial = crate::weights::Partial::locked(dir, &request).await?;
-                // From the first byte: the head streams its chunks right after its
-                // manifest, so a kept transfer laid out otherwise could not be asked again
-                // on this connection (and the sample is small).
-                partial.clear();
                 let idle_timeout = conn.idle_timeout();
                 conn.set_idle_timeout(None);
                 let fetched =

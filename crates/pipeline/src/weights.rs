@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use shoal_engine::{GgufFile, StageFile, StageSpec};
 use shoal_wire::{
     Capabilities, Connection, ErrorCode, ErrorMessage, GetWeights, LoadStage, Message, Transport,
-    WeightsChunk, WeightsManifest, WeightsRegion, WireError,
+    WeightsChunk, WeightsManifest, WeightsRegion, WeightsWant, WireError,
 };
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -47,6 +47,10 @@ const CHUNK: usize = 4 << 20;
 /// Longest wait for the manifest: the holder reads and hashes the whole share first (a
 /// gigabyte takes seconds on a laptop, longer on a Raspberry Pi's SD card).
 const MANIFEST_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Longest wait for the node's `WeightsWant` after the manifest: it first checks the regions
+/// it holds already against the manifest's hashes, as long as hashing a share takes.
+const WANT_DEADLINE: Duration = MANIFEST_DEADLINE;
 
 /// Longest wait for each chunk once the transfer runs.
 const CHUNK_DEADLINE: Duration = Duration::from_secs(60);
@@ -110,7 +114,6 @@ pub(crate) fn request_for(load: &LoadStage) -> GetWeights {
         layer_end: load.layer_end,
         embed: load.embed,
         head: load.head,
-        resume_from: 0,
     }
 }
 
@@ -205,7 +208,8 @@ pub(crate) fn find_kept(models_dir: &Path, sha: &[u8; 32], spec: &StageSpec) -> 
 
 /// Serves a `GetWeights` on `conn` from `model` (a model file or a stage file that holds the
 /// share asked for; the caller has checked it is the very model asked for): the manifest,
-/// then the stage file's bytes. A share the file cannot give is answered with an `Error`.
+/// then — once the node has said which regions it lacks (`WeightsWant`) — those regions'
+/// bytes. A share the file cannot give is answered with an `Error`.
 pub(crate) async fn send_weights(
     conn: &mut Connection,
     model: PathBuf,
@@ -225,43 +229,69 @@ pub(crate) async fn send_weights(
             return conn.write_frame(&Message::Error(error)).await;
         }
     };
-    if req.resume_from > layout.len() {
+    let regions = layout.regions();
+    conn.write_frame(&Message::WeightsManifest(manifest))
+        .await?;
+    let want = match tokio::time::timeout(WANT_DEADLINE, conn.read_frame()).await {
+        Ok(Ok(Some(Message::WeightsWant(want)))) => want,
+        // The node went away (it may have found nothing it needs after all).
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(other))) => {
+            return Err(WireError::UnexpectedMessage {
+                expected: "WeightsWant",
+                got: other.name(),
+            })
+        }
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(WireError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no WeightsWant after the manifest",
+            )))
+        }
+    };
+    if let Some(past) = want.regions.iter().find(|r| r.end as usize > regions.len()) {
         let error = ErrorMessage::new(
             ErrorCode::BAD_REQUEST,
             None,
             format!(
-                "asked to resume at byte {} of a stage file of {}",
-                req.resume_from,
-                layout.len()
+                "asked for regions {past:?} of a stage file of {} regions",
+                regions.len()
             ),
         );
         return conn.write_frame(&Message::Error(error)).await;
     }
+    // Each run of regions wanted is one run of bytes.
+    let runs: Vec<Range<u64>> = want
+        .regions
+        .iter()
+        .map(|r| regions[r.start as usize].start..regions[r.end as usize - 1].end)
+        .collect();
     tracing::info!(
         layers = ?req.layer_start..req.layer_end,
-        bytes = layout.len() - req.resume_from,
-        resume_from = req.resume_from,
+        bytes = runs.iter().map(|r| r.end - r.start).sum::<u64>(),
+        regions = want.count(),
+        of = regions.len(),
         "sending a stage's weights"
     );
-    conn.write_frame(&Message::WeightsManifest(manifest))
-        .await?;
     // A reader thread stays two chunks ahead of the socket, no more.
     let (tx, mut rx) = mpsc::channel::<std::result::Result<Bytes, String>>(2);
-    let resume_from = req.resume_from;
     let reader = tokio::task::spawn_blocking(move || {
-        let mut offset = resume_from;
-        while offset < layout.len() {
-            let n = (CHUNK as u64).min(layout.len() - offset) as usize;
-            let mut buf = vec![0u8; n];
-            let read = layout
-                .read(&file, offset, &mut buf)
-                .map(|()| Bytes::from(buf))
-                .map_err(|e| e.to_string());
-            let failed = read.is_err();
-            if tx.blocking_send(read).is_err() || failed {
-                return;
+        for run in runs {
+            let mut offset = run.start;
+            while offset < run.end {
+                let n = (CHUNK as u64).min(run.end - offset) as usize;
+                let mut buf = vec![0u8; n];
+                let read = layout
+                    .read(&file, offset, &mut buf)
+                    .map(|()| Bytes::from(buf))
+                    .map_err(|e| e.to_string());
+                let failed = read.is_err();
+                if tx.blocking_send(read).is_err() || failed {
+                    return;
+                }
+                offset += n as u64;
             }
-            offset += n as u64;
         }
     });
     while let Some(chunk) = rx.recv().await {
@@ -396,10 +426,9 @@ pub(crate) fn with_holders(
 /// [`fetch`] from the first of `sources` that serves the share, in order: one that lacks
 /// the model or cannot be reached costs a try, and the next is asked; one that fails
 /// mid-transfer leaves the regions it sent whole and checked, and the next is asked for the
-/// rest only (`GetWeights.resume_from`) — or, if its file lays the share out otherwise
-/// (another manifest), asked again from the first byte. The last one's error when none
-/// served it; the whole regions of a transfer that did not end are kept for the next fetch
-/// of the stage ([`Partial`]).
+/// others only (if its file lays the share out otherwise — another manifest — for all of
+/// them). The last one's error when none served it; the whole regions of a transfer that
+/// did not end are kept for the next fetch of the stage ([`Partial`]).
 pub(crate) async fn fetch_from_any(
     sources: &[SocketAddr],
     node_id: &str,
@@ -417,28 +446,21 @@ pub(crate) async fn fetch_from_any(
         return Ok(done);
     }
     for &from in sources {
-        for _ in 0..2 {
-            match fetch(
-                from,
-                node_id,
-                transport,
-                req.clone(),
-                models_dir,
-                &mut partial,
-            )
-            .await
-            {
-                Ok(path) => return Ok(path),
-                Err(e) => {
-                    let layers = req.layer_start..req.layer_end;
-                    tracing::info!(%from, ?layers, "the layers are not to be had there: {e}");
-                    last = Some(e);
-                }
-            }
-            // Asked to resume, and the holder's file lays the share out otherwise: ask it
-            // once more, from the first byte.
-            if !std::mem::take(&mut partial.laid_out_otherwise) {
-                break;
+        match fetch(
+            from,
+            node_id,
+            transport,
+            req.clone(),
+            models_dir,
+            &mut partial,
+        )
+        .await
+        {
+            Ok(path) => return Ok(path),
+            Err(e) => {
+                let layers = req.layer_start..req.layer_end;
+                tracing::info!(%from, ?layers, "the layers are not to be had there: {e}");
+                last = Some(e);
             }
         }
     }
@@ -449,26 +471,24 @@ pub(crate) async fn fetch_from_any(
 }
 
 /// What a node holds of a stage file whose transfer has not ended: the `.part` file, the
-/// holder's manifest (also on disk beside it, `.part.manifest`), and how many of its first
-/// bytes make whole regions that matched their hashes. The next holder is asked for the
-/// bytes after those. It holds the stage file's locks from [`Partial::locked`] until it is
-/// dropped, so no other fetch of the same stage — in this process, or in another node
-/// that shares the models directory — writes the file meanwhile.
+/// holder's manifest (also on disk beside it, `.part.manifest`), and which of its regions
+/// are there whole, written at their place in the `.part` file and matched against their
+/// hashes. The next holder is asked for the others. It holds the stage file's locks from
+/// [`Partial::locked`] until it is dropped, so no other fetch of the same stage — in this
+/// process, or in another node that shares the models directory — writes the file
+/// meanwhile.
 ///
 /// Regions held outlive the transfer: dropped before the transfer ends (every holder
 /// failed, or the node was stopped), it leaves the `.part` file and its manifest, and the
 /// next fetch of the stage — after a restart too — checks their regions again and asks for
-/// the rest only. What holds no whole region is deleted.
+/// the others only. What holds no whole region is deleted.
 #[derive(Default)]
 pub(crate) struct Partial {
     lock: Option<StageLock>,
     path: Option<PathBuf>,
     manifest: Option<WeightsManifest>,
-    verified: u64,
-    /// The last holder asked to resume lays the share out otherwise (another manifest, or
-    /// a file shorter than the bytes held): what was held is forgotten, and that holder
-    /// can be asked again from the first byte.
-    laid_out_otherwise: bool,
+    /// Per region of `manifest`: whole and checked in the `.part` file.
+    held: Vec<bool>,
 }
 
 /// The locks of one stage file's transfer: the process's (a tokio mutex, so a second fetch
@@ -485,13 +505,14 @@ impl Partial {
     /// stage file at a time: a head that timed out and sent its `LoadStage` again starts a
     /// second, and the second waits for the first to end), with the whole regions an
     /// earlier transfer left: each is hashed again against the manifest kept with it, and
-    /// the bytes from the first that fails on are not held.
+    /// those that do not match are not held.
     pub(crate) async fn locked(models_dir: &Path, req: &GetWeights) -> Result<Partial> {
         let part = part_path(models_dir, req);
         let in_process = fetching(&part).lock_owned().await;
         tokio::fs::create_dir_all(models_dir.join(STAGES_DIR)).await?;
         let lock_at = lock_path(models_dir, req);
         let locking = lock_at.clone();
+        let reading = part.clone();
         let (file, held) = tokio::task::spawn_blocking(move || {
             let file = lock_file(&locking)?;
             if file.is_none() {
@@ -502,7 +523,7 @@ impl Partial {
                      may fetch the same stage at once"
                 );
             }
-            Ok::<_, std::io::Error>((file, held_regions(&part)))
+            Ok::<_, std::io::Error>((file, held_regions(&reading)))
         })
         .await
         .map_err(|e| PipelineError::Task(e.to_string()))?
@@ -513,25 +534,33 @@ impl Partial {
             file,
             path: lock_at,
         });
-        let part = part_path(models_dir, req);
+        partial.path = Some(part);
         match held {
-            Some((manifest, verified)) if verified > 0 => {
+            Some((manifest, held)) if held.contains(&true) => {
+                partial.manifest = Some(manifest);
+                partial.held = held;
                 tracing::info!(
                     layers = ?req.layer_start..req.layer_end,
-                    bytes = verified,
+                    bytes = partial.held_bytes(),
                     "resuming a stage's weights from the regions an earlier transfer left"
                 );
-                partial.path = Some(part);
-                partial.manifest = Some(manifest);
-                partial.verified = verified;
             }
-            _ => {
-                // Nothing whole there: whatever was is forgotten.
-                partial.path = Some(part);
-                partial.clear();
-            }
+            // Nothing whole there: whatever was is forgotten.
+            _ => partial.clear(),
         }
         Ok(partial)
+    }
+
+    /// Bytes of the regions held.
+    fn held_bytes(&self) -> u64 {
+        self.manifest.as_ref().map_or(0, |m| {
+            m.regions
+                .iter()
+                .zip(&self.held)
+                .filter(|(_, &held)| held)
+                .map(|(r, _)| r.len)
+                .sum()
+        })
     }
 
     /// Forgets what was received (another holder's bytes do not continue it).
@@ -541,7 +570,7 @@ impl Partial {
             let _ = std::fs::remove_file(path);
         }
         self.manifest = None;
-        self.verified = 0;
+        self.held.clear();
     }
 
     /// The transfer ended: the `.part` file became the stage file.
@@ -550,22 +579,16 @@ impl Partial {
             let _ = std::fs::remove_file(manifest_path(&path));
         }
         self.manifest = None;
-        self.verified = 0;
+        self.held.clear();
     }
 }
 
 impl Drop for Partial {
     fn drop(&mut self) {
-        if let Some(part) = self.path.as_ref().filter(|_| self.verified > 0) {
-            // Whole regions: kept for the next fetch of the stage, with the lock file, and
-            // nothing after them.
-            let cut = std::fs::OpenOptions::new()
-                .write(true)
-                .open(part)
-                .and_then(|f| f.set_len(self.verified));
-            if cut.is_ok() {
-                return;
-            }
+        if self.path.is_some() && self.held.contains(&true) {
+            // Whole regions: kept for the next fetch of the stage, with the lock file (the
+            // bytes between them are checked again before anything counts as held).
+            return;
         }
         self.clear();
         if let Some(StageLock {
@@ -626,55 +649,54 @@ fn no_locks_here(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error() == Some(ENOLCK)
 }
 
-/// The manifest kept beside the `.part` file at `part`, and how many of the part's first
-/// bytes make whole regions that match their hashes; `None` when there is no manifest (or
-/// it does not read as one) or no `.part` file.
-fn held_regions(part: &Path) -> Option<(WeightsManifest, u64)> {
+/// The manifest kept beside the `.part` file at `part`, and which of its regions the part
+/// holds whole and matching their hashes; `None` when there is no manifest (or it does not
+/// read as one) or no `.part` file.
+fn held_regions(part: &Path) -> Option<(WeightsManifest, Vec<bool>)> {
     let bytes = std::fs::read(manifest_path(part)).ok()?;
     let manifest = match shoal_wire::decode_frame(&bytes, &shoal_wire::Limits::default()) {
         Ok(Some((Message::WeightsManifest(m), _))) => m,
         _ => return None,
     };
     let file = std::fs::File::open(part).ok()?;
-    let verified = whole_regions_in(file, &manifest);
-    Some((manifest, verified))
+    let held = regions_in(file, &manifest);
+    Some((manifest, held))
 }
 
-/// How many of `file`'s first bytes make whole regions of `manifest` that match their
-/// hashes (up to the first region that is short or does not match).
-fn whole_regions_in(file: std::fs::File, manifest: &WeightsManifest) -> u64 {
+/// Which regions of `manifest` `file` holds at their place, whole and matching their
+/// hashes.
+fn regions_in(file: std::fs::File, manifest: &WeightsManifest) -> Vec<bool> {
     use std::io::Read;
     let mut file = std::io::BufReader::with_capacity(CHUNK, file);
-    let mut verified = 0u64;
+    let mut held = Vec::with_capacity(manifest.regions.len());
     let mut buf = vec![0u8; CHUNK];
-    for region in &manifest.regions {
+    'regions: for region in &manifest.regions {
         let mut hasher = Sha256::new();
         let mut left = region.len;
         while left > 0 {
             let n = (CHUNK as u64).min(left) as usize;
             if file.read_exact(&mut buf[..n]).is_err() {
-                return verified;
+                // The file ends here: no region from this one on is there.
+                break 'regions;
             }
             hasher.update(&buf[..n]);
             left -= n as u64;
         }
-        if <[u8; 32]>::from(hasher.finalize()) != region.sha256 {
-            break;
-        }
-        verified += region.len;
+        held.push(<[u8; 32]>::from(hasher.finalize()) == region.sha256);
     }
-    verified
+    held.resize(manifest.regions.len(), false);
+    held
 }
 
 /// [`fetch`] over a connection already open to the holder (`holder` names it in errors):
 /// a node without the model that a planning head asks for its profile gets the layers it
-/// measures on from that head, on the head's own connection. Asks for the bytes after
-/// those `partial` holds when it holds some; a holder whose manifest differs from the one
-/// they came with (or that refuses to resume) clears `partial` and fails, marking it
-/// `laid_out_otherwise` (its bytes would not continue them). A transfer that fails after
-/// some whole regions leaves them in `partial` (those before a region that fails its hash
-/// too: each matched its own); a local file error, or a file that is not the stage asked
-/// for, clears it. The caller holds the stage file's lock ([`Partial::locked`]).
+/// measures on from that head, on the head's own connection. Takes the regions `partial`
+/// holds (when the holder's manifest is the one they came with; else they are forgotten)
+/// and those a stage file of the same model kept here holds ([`copy_kept_regions`]: a share
+/// that grew by a few layers keeps the tensors it had), and asks the holder for the others
+/// only. A transfer that fails after some whole regions leaves them in `partial`; a local
+/// file error, or a file that is not the stage asked for, clears it. The caller holds the
+/// stage file's lock ([`Partial::locked`]).
 pub(crate) async fn fetch_over(
     conn: &mut Connection,
     holder: &str,
@@ -692,20 +714,6 @@ pub(crate) async fn fetch_over(
     if partial.path.as_ref().is_some_and(|p| *p != part) {
         partial.clear();
     }
-    // Resume only over the bytes really there (a write that failed may have left fewer).
-    let on_disk = match &partial.path {
-        Some(p) => tokio::fs::metadata(p).await.map_or(0, |m| m.len()),
-        None => 0,
-    };
-    if on_disk < partial.verified {
-        partial.clear();
-    }
-    let resume_from = if partial.manifest.is_some() {
-        partial.verified
-    } else {
-        0
-    };
-    let req = GetWeights { resume_from, ..req };
     let unavailable = |reason: String| PipelineError::ModelUnavailable {
         model_id: req.model_id.clone(),
         reason,
@@ -714,11 +722,6 @@ pub(crate) async fn fetch_over(
     let manifest = match read_within(conn, MANIFEST_DEADLINE, "WeightsManifest").await? {
         Message::WeightsManifest(m) => m,
         Message::Error(e) => {
-            // A holder whose stage file is shorter than the bytes held refuses to resume.
-            if resume_from > 0 && e.code == ErrorCode::BAD_REQUEST {
-                partial.clear();
-                partial.laid_out_otherwise = true;
-            }
             return Err(unavailable(format!(
                 "the holder at {from} cannot send it: {}",
                 e.message
@@ -732,28 +735,55 @@ pub(crate) async fn fetch_over(
             .into())
         }
     };
-    if resume_from > 0 && partial.manifest.as_ref() != Some(&manifest) {
+    if partial.manifest.as_ref().is_some_and(|m| *m != manifest) {
+        tracing::info!(
+            %from,
+            "this holder lays the share out otherwise than the one the regions held came \
+             from: they are let go"
+        );
         partial.clear();
-        partial.laid_out_otherwise = true;
-        return Err(unavailable(format!(
-            "the holder at {from} lays the share out otherwise than the holder before it: \
-             its bytes do not continue those received"
-        )));
     }
     partial.path = Some(part.clone());
-    if resume_from == 0 {
+    if partial.manifest.is_none() {
         // Kept beside the bytes, so that a fetch after this one (after a restart too) can
-        // check what they hold and resume.
+        // check what they hold and resume. A `.part` file of another manifest goes.
         let mut encoded = Vec::new();
         Message::WeightsManifest(manifest.clone())
             .encode_frame(&mut encoded, &shoal_wire::Limits::default())?;
+        let _ = tokio::fs::remove_file(&part).await;
         if let Err(e) = tokio::fs::write(manifest_path(&part), &encoded).await {
             partial.clear();
             return Err(e.into());
         }
+        partial.manifest = Some(manifest.clone());
+        partial.held = vec![false; manifest.regions.len()];
     }
-    partial.manifest = Some(manifest.clone());
-    let mut received = receive(conn, &manifest, &part, &mut partial.verified).await;
+    let resumed = partial.held_bytes();
+    let copied = {
+        let (dir, kept, part, manifest) =
+            (dir.clone(), kept.clone(), part.clone(), manifest.clone());
+        let mut held = partial.held.clone();
+        let copied = tokio::task::spawn_blocking(move || {
+            let copied = copy_kept_regions(&dir, &kept, &part, &manifest, &mut held);
+            (copied, held)
+        })
+        .await
+        .map_err(|e| PipelineError::Task(e.to_string()))?;
+        partial.held = copied.1;
+        copied.0
+    };
+    let want = WeightsWant {
+        regions: missing(&partial.held),
+    };
+    let asked: u64 = want
+        .regions
+        .iter()
+        .flat_map(|r| r.start as usize..r.end as usize)
+        .map(|i| manifest.regions[i].len)
+        .sum();
+    conn.write_frame(&Message::WeightsWant(want.clone()))
+        .await?;
+    let mut received = receive(conn, &manifest, &part, &mut partial.held, &want).await;
     if let Err(PipelineError::Io(_)) = &received {
         // This node's disk failed it: nothing written can be trusted to be there.
         partial.clear();
@@ -764,10 +794,10 @@ pub(crate) async fn fetch_over(
         // to be the stage asked for.
         let (file, spec, manifest) = (part.clone(), spec.clone(), manifest.clone());
         received = tokio::task::spawn_blocking(move || {
-            let whole = whole_regions_in(std::fs::File::open(&file)?, &manifest);
-            if whole != manifest.file_len {
+            let held = regions_in(std::fs::File::open(&file)?, &manifest);
+            if let Some(bad) = held.iter().position(|&h| !h) {
                 return Err(PipelineError::Weights(format!(
-                    "the stage file received does not match its manifest from byte {whole}"
+                    "the stage file received does not match its manifest at region {bad}"
                 )));
             }
             check_stage_file(&file, &spec)
@@ -794,12 +824,137 @@ pub(crate) async fn fetch_over(
     tracing::info!(
         %from,
         layers = ?spec.layers,
-        bytes = manifest.file_len - resume_from,
-        resume_from,
+        bytes = asked,
+        held_before = resumed,
+        copied_from_kept_files = copied,
         seconds = started.elapsed().as_secs_f64(),
         "received a stage's weights"
     );
     Ok(path)
+}
+
+/// The regions not `held`, as runs of indices.
+fn missing(held: &[bool]) -> Vec<Range<u32>> {
+    let mut runs: Vec<Range<u32>> = Vec::new();
+    for (i, _) in held.iter().enumerate().filter(|(_, &h)| !h) {
+        let i = i as u32;
+        match runs.last_mut() {
+            Some(run) if run.end == i => run.end = i + 1,
+            _ => runs.push(i..i + 1),
+        }
+    }
+    runs
+}
+
+/// Copies into the `.part` file at `part` the regions of `manifest` not `held` that a stage
+/// file of the same model kept in `dir` holds — a share that grew or moved by a few layers
+/// (a member joined or left, and the ring was planned again) keeps the tensors it had. Each
+/// kept file that may share tensors with `new` is laid out and hashed as a holder would;
+/// a region of the same length and SHA-256 is copied, hashed again as it is written, and
+/// held. Returns the bytes copied. A kept file that cannot be read is passed over (the
+/// holder sends those regions).
+fn copy_kept_regions(
+    dir: &Path,
+    new: &Kept,
+    part: &Path,
+    manifest: &WeightsManifest,
+    held: &mut [bool],
+) -> u64 {
+    let mut wanted: HashMap<[u8; 32], Vec<usize>> = HashMap::new();
+    for (i, region) in manifest.regions.iter().enumerate() {
+        if !held[i] {
+            wanted.entry(region.sha256).or_default().push(i);
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let offsets: Vec<u64> = manifest
+        .regions
+        .iter()
+        .scan(0u64, |at, r| {
+            let start = *at;
+            *at += r.len;
+            Some(start)
+        })
+        .collect();
+    let mut copied = 0u64;
+    for entry in entries.filter_map(|e| e.ok()) {
+        if wanted.is_empty() {
+            break;
+        }
+        let Some(old) = entry.file_name().to_str().and_then(Kept::parse) else {
+            continue;
+        };
+        // Layers in common, or both with an end's tensors (the embedding table, the output
+        // norm, a tied head).
+        let layers_meet = old.layers.start < new.layers.end && new.layers.start < old.layers.end;
+        let ends_meet = (old.embed || old.head) && (new.embed || new.head);
+        if old.sha_hex != new.sha_hex || old == *new || !(layers_meet || ends_meet) {
+            continue;
+        }
+        let spec = StageSpec {
+            layers: old.layers.clone(),
+            embed: old.embed,
+            head: old.head,
+        };
+        let Ok((file, layout, old_manifest)) = plan_and_hash(&entry.path(), &spec) else {
+            continue;
+        };
+        for (range, region) in layout.regions().into_iter().zip(&old_manifest.regions) {
+            let Some(indices) = wanted.get(&region.sha256) else {
+                continue;
+            };
+            let indices: Vec<usize> = indices
+                .iter()
+                .copied()
+                .filter(|&i| manifest.regions[i].len == region.len)
+                .collect();
+            for i in indices {
+                match copy_region(&file, &layout, range.clone(), part, offsets[i]) {
+                    Ok(sha) if sha == manifest.regions[i].sha256 => {
+                        held[i] = true;
+                        copied += region.len;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "copying a region of a kept stage file failed");
+                    }
+                }
+            }
+            wanted.remove(&region.sha256);
+        }
+    }
+    copied
+}
+
+/// Copies the bytes `range` of the stage file `layout` lays out of `file` to `part` at
+/// `to`, returning their SHA-256.
+fn copy_region(
+    file: &GgufFile,
+    layout: &StageFile,
+    range: Range<u64>,
+    part: &Path,
+    to: u64,
+) -> Result<[u8; 32]> {
+    use std::os::unix::fs::FileExt;
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(part)?;
+    let mut hasher = Sha256::new();
+    let mut buf = Vec::new();
+    let mut at = range.start;
+    while at < range.end {
+        let n = (CHUNK as u64).min(range.end - at) as usize;
+        buf.resize(n, 0);
+        layout.read(file, at, &mut buf)?;
+        hasher.update(&buf);
+        out.write_all_at(&buf, to + (at - range.start))?;
+        at += n as u64;
+    }
+    Ok(hasher.finalize().into())
 }
 
 /// Where the stage file `req` asks for is kept once received.
@@ -849,41 +1004,28 @@ fn fetching(part: &Path) -> Arc<tokio::sync::Mutex<()>> {
     lock
 }
 
-/// Reads the stage file's chunks into `part` from byte `*verified` on (the end of the
-/// regions already there and checked; the file holds at least that many bytes), checking
-/// each region as it completes and moving `*verified` past it once its bytes are written
-/// and flushed. A region whose bytes fail their hash is an error (nothing after the
-/// regions before it counts).
+/// Reads the regions `want` names into `part`, each at its place, as the holder sends them
+/// one after another, checking each as it completes and marking it `held` once its bytes
+/// are written and flushed. A region whose bytes fail their hash is an error (the regions
+/// before it are held).
 async fn receive(
     conn: &mut Connection,
     manifest: &WeightsManifest,
     part: &Path,
-    verified: &mut u64,
+    held: &mut [bool],
+    want: &WeightsWant,
 ) -> Result<()> {
-    // The regions after those already checked; `*verified` is the end of one of them.
-    let mut first = 0;
-    let mut at = 0u64;
-    while at < *verified && first < manifest.regions.len() {
-        at += manifest.regions[first].len;
-        first += 1;
-    }
-    if at != *verified {
-        *verified = 0;
-        return Err(PipelineError::Weights(
-            "the bytes received do not end at a region of the manifest".into(),
-        ));
-    }
     // A file resumed must still be there (not made anew, which would read as zeros).
     let mut out = tokio::fs::OpenOptions::new()
         .write(true)
-        .create(*verified == 0)
+        .create(!held.contains(&true))
         .truncate(false)
         .open(part)
         .await?;
-    // Whatever followed the checked regions (a region cut short) goes.
-    out.set_len(*verified).await?;
-    out.seek(std::io::SeekFrom::Start(*verified)).await?;
-    let received = receive_into(conn, manifest, &mut out, first, verified).await;
+    if out.metadata().await?.len() > manifest.file_len {
+        out.set_len(manifest.file_len).await?;
+    }
+    let received = receive_into(conn, manifest, &mut out, held, want).await;
     if received.is_err() {
         // No write of this handle may land after the next holder's (tokio writes in the
         // background until a flush).
@@ -892,20 +1034,35 @@ async fn receive(
     received
 }
 
-/// [`receive`]'s loop: the chunks into `out`, from region `first` on.
+/// [`receive`]'s loop.
 async fn receive_into(
     conn: &mut Connection,
     manifest: &WeightsManifest,
     out: &mut tokio::fs::File,
-    first: usize,
-    verified: &mut u64,
+    held: &mut [bool],
+    want: &WeightsWant,
 ) -> Result<()> {
-    let mut regions = manifest.regions.iter().enumerate().skip(first);
-    let mut current = regions.next();
-    let mut left_in_region = current.map_or(0, |(_, r)| r.len);
+    let mut offsets = Vec::with_capacity(manifest.regions.len());
+    let mut at = 0u64;
+    for region in &manifest.regions {
+        offsets.push(at);
+        at += region.len;
+    }
+    let wanted: Vec<usize> = want
+        .regions
+        .iter()
+        .flat_map(|r| r.start as usize..r.end as usize)
+        .collect();
+    let total: u64 = wanted.iter().map(|&i| manifest.regions[i].len).sum();
+    let mut next = 0;
+    let mut left_in_region = wanted.first().map_or(0, |&i| manifest.regions[i].len);
     let mut hasher = Sha256::new();
-    let mut got = *verified;
-    while got < manifest.file_len {
+    let mut got = 0u64;
+    // Where the file's cursor is: after the last byte written.
+    let mut cursor = None;
+    // Regions completed and checked, held once flushed.
+    let mut completed = Vec::new();
+    while got < total {
         let data = match read_within(conn, CHUNK_DEADLINE, "WeightsChunk").await? {
             Message::WeightsChunk(c) => c.data,
             other => {
@@ -916,56 +1073,50 @@ async fn receive_into(
                 .into())
             }
         };
-        if got + data.len() as u64 > manifest.file_len {
+        if got + data.len() as u64 > total {
             return Err(PipelineError::Weights(format!(
-                "the holder sent more than the {} bytes it announced",
-                manifest.file_len
+                "the holder sent more than the {total} bytes of the regions asked for"
             )));
         }
         let mut rest: &[u8] = &data;
-        // The end of the last region this chunk completes, if any.
-        let mut checked_to = None;
-        let mut offset = got;
-        let mut altered = None;
         while !rest.is_empty() {
-            let Some((index, region)) = current else {
-                break;
-            };
-            let take = (left_in_region.min(rest.len() as u64)) as usize;
+            let index = wanted[next];
+            let region = &manifest.regions[index];
+            let place = offsets[index] + (region.len - left_in_region);
+            let take = left_in_region.min(rest.len() as u64) as usize;
+            if cursor != Some(place) {
+                out.seek(std::io::SeekFrom::Start(place)).await?;
+            }
+            out.write_all(&rest[..take]).await?;
+            cursor = Some(place + take as u64);
             hasher.update(&rest[..take]);
             rest = &rest[take..];
-            offset += take as u64;
+            got += take as u64;
             left_in_region -= take as u64;
             if left_in_region == 0 {
                 let sha: [u8; 32] = std::mem::take(&mut hasher).finalize().into();
                 if sha != region.sha256 {
-                    altered = Some(index);
-                    break;
+                    out.flush().await?;
+                    for i in completed.drain(..) {
+                        held[i] = true;
+                    }
+                    return Err(PipelineError::Weights(format!(
+                        "region {index} of the stage file does not match its SHA-256 \
+                         (corrupted or altered on the way)"
+                    )));
                 }
-                checked_to = Some(offset);
-                current = regions.next();
-                left_in_region = current.map_or(0, |(_, r)| r.len);
+                completed.push(index);
+                next += 1;
+                left_in_region = wanted.get(next).map_or(0, |&i| manifest.regions[i].len);
             }
         }
-        if let Some(index) = altered {
-            // The regions of this chunk before the altered one are whole: kept.
-            if let Some(end) = checked_to {
-                out.write_all(&data[..(end - got) as usize]).await?;
-                out.flush().await?;
-                *verified = end;
-            }
-            return Err(PipelineError::Weights(format!(
-                "region {index} of the stage file does not match its SHA-256 \
-                 (corrupted or altered on the way)"
-            )));
-        }
-        out.write_all(&data).await?;
-        got += data.len() as u64;
-        if let Some(end) = checked_to {
+        if !completed.is_empty() {
             // Written for certain (tokio writes in the background until a flush) before
             // it counts as held.
             out.flush().await?;
-            *verified = end;
+            for i in completed.drain(..) {
+                held[i] = true;
+            }
         }
     }
     out.sync_all().await?;
@@ -1327,7 +1478,7 @@ mod tests {
     }
 
     #[test]
-    fn the_regions_held_are_those_whole_and_matching_from_the_start_of_the_part_file() {
+    fn the_regions_held_are_those_whole_and_matching_at_their_place_in_the_part_file() {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("stage.gguf.part");
         let bytes: Vec<u8> = (0..300u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -1350,14 +1501,25 @@ mod tests {
         };
         assert_eq!(held(&bytes), None, "no manifest beside it");
         std::fs::write(manifest_path(&part), &frame).unwrap();
-        assert_eq!(held(&bytes), Some((true, 300)));
-        // A node killed mid-region leaves a region cut short after the whole ones.
-        assert_eq!(held(&bytes[..250]), Some((true, 200)));
+        assert_eq!(held(&bytes), Some((true, vec![true; 3])));
+        // A node killed mid-region leaves a region cut short.
+        assert_eq!(held(&bytes[..250]), Some((true, vec![true, true, false])));
         let mut bad = bytes.clone();
         bad[150] ^= 1;
-        assert_eq!(held(&bad), Some((true, 100)), "from the region changed on");
+        assert_eq!(
+            held(&bad),
+            Some((true, vec![true, false, true])),
+            "all but the region changed"
+        );
         bad[3] ^= 1;
-        assert_eq!(held(&bad), Some((true, 0)));
+        assert_eq!(held(&bad), Some((true, vec![false, false, true])));
+        // Regions written out of order, with a hole between them (zeros on disk).
+        let mut holed = bytes.clone();
+        holed[100..200].fill(0);
+        assert_eq!(held(&holed), Some((true, vec![true, false, true])));
+        assert_eq!(missing(&[true, false, true]), vec![1..2]);
+        assert_eq!(missing(&[false, false, true, false]), vec![0..2, 3..4]);
+        assert!(missing(&[true, true]).is_empty());
         std::fs::remove_file(&part).unwrap();
         assert_eq!(held_regions(&part).map(|(_, n)| n), None, "no .part");
         std::fs::write(manifest_path(&part), b"not a frame").unwrap();

@@ -1,4 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// Lists of region ranges (`WeightsWant`) often hold one range.
+#![allow(clippy::single_range_in_vec_init)]
 //! Weights over the LAN (issue #15 item 4), on real sockets: stage servers whose models
 //! directories are empty get their layers from the head, answer token for token as the
 //! single process does, keep the stage files for next time, and refuse a transfer whose
@@ -252,14 +254,18 @@ async fn a_member_outside_the_ring_that_holds_the_model_sends_the_layers_not_the
     assert!(kept(dir_d.path()).is_empty(), "D runs from its own file");
 }
 
+/// The regions each request to a holder asked for (`WeightsWant`), one list per request.
+type Asked = Arc<std::sync::Mutex<Vec<Vec<Range<u32>>>>>;
+
 /// A holder at the edge of the test (a fake: no real member sends bad bytes, or stops
 /// mid-transfer on cue) that answers every `GetWeights` with the manifest it was built
-/// with and its bytes from the one asked for, then closes; it notes where each request
-/// asked to start.
+/// with, then sends the regions the node wants from the bytes it has (the file's first
+/// `bytes.len()`), one after another, and closes when those run out; it notes the regions
+/// each request wanted.
 struct FakeHolder {
     manifest: WeightsManifest,
     bytes: Vec<u8>,
-    asked_from: Arc<std::sync::Mutex<Vec<u64>>>,
+    asked: Asked,
     /// A pause after each chunk: a slow link.
     pause: Duration,
 }
@@ -280,12 +286,28 @@ impl PeerService for FakeHolder {
         conn: &mut Connection,
         _peer: &RemotePeer,
     ) -> Result<(), WireError> {
-        if let Message::GetWeights(req) = msg {
-            self.asked_from.lock().unwrap().push(req.resume_from);
+        if let Message::GetWeights(_) = msg {
             conn.write_frame(&Message::WeightsManifest(self.manifest.clone()))
                 .await?;
-            let from = (req.resume_from as usize).min(self.bytes.len());
-            for piece in self.bytes[from..].chunks(64 * 1024) {
+            let Some(Message::WeightsWant(want)) = conn.read_frame().await? else {
+                panic!("no WeightsWant after the manifest");
+            };
+            self.asked.lock().unwrap().push(want.regions.clone());
+            let offsets = offsets(&self.manifest);
+            let mut sent: Vec<u8> = Vec::new();
+            for i in want
+                .regions
+                .iter()
+                .flat_map(|r| r.start as usize..r.end as usize)
+            {
+                let (start, len) = (offsets[i] as usize, self.manifest.regions[i].len as usize);
+                let end = (start + len).min(self.bytes.len());
+                sent.extend_from_slice(&self.bytes[start.min(end)..end]);
+                if end < start + len {
+                    break;
+                }
+            }
+            for piece in sent.chunks(64 * 1024) {
                 conn.write_frame(&Message::WeightsChunk(WeightsChunk {
                     data: piece.to_vec().into(),
                 }))
@@ -299,15 +321,25 @@ impl PeerService for FakeHolder {
     }
 }
 
+/// Where each region of `manifest` starts.
+fn offsets(manifest: &WeightsManifest) -> Vec<u64> {
+    let mut at = 0;
+    manifest
+        .regions
+        .iter()
+        .map(|r| {
+            at += r.len;
+            at - r.len
+        })
+        .collect()
+}
+
 async fn start_fake_holder(manifest: WeightsManifest, bytes: Vec<u8>) -> SocketAddr {
     start_noting_holder(manifest, bytes).await.0
 }
 
-/// [`start_fake_holder`], and where each request to it asked to start.
-async fn start_noting_holder(
-    manifest: WeightsManifest,
-    bytes: Vec<u8>,
-) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u64>>>) {
+/// [`start_fake_holder`], and the regions each request to it wanted.
+async fn start_noting_holder(manifest: WeightsManifest, bytes: Vec<u8>) -> (SocketAddr, Asked) {
     start_slow_holder(manifest, bytes, Duration::ZERO).await
 }
 
@@ -316,14 +348,14 @@ async fn start_slow_holder(
     manifest: WeightsManifest,
     bytes: Vec<u8>,
     pause: Duration,
-) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u64>>>) {
+) -> (SocketAddr, Asked) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let asked_from = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let asked = Asked::default();
     let holder = Arc::new(FakeHolder {
         manifest,
         bytes,
-        asked_from: asked_from.clone(),
+        asked: asked.clone(),
         pause,
     });
     tokio::spawn(serve_peers(
@@ -332,7 +364,7 @@ async fn start_slow_holder(
         holder,
         std::future::pending(),
     ));
-    (addr, asked_from)
+    (addr, asked)
 }
 
 /// Sends a `LoadStage` for layers 10..20 of SmolLM2 that names `holder`, and returns the
@@ -343,6 +375,11 @@ async fn load_from(stage: SocketAddr, holder: SocketAddr) -> Message {
 
 /// [`load_from`] naming `holders`, asked in that order.
 async fn load_from_any(stage: SocketAddr, holders: &[SocketAddr]) -> Message {
+    load_layers(stage, 10..20, holders).await
+}
+
+/// [`load_from_any`] for `layers` (within 1..29: no end of the model).
+async fn load_layers(stage: SocketAddr, layers: Range<u32>, holders: &[SocketAddr]) -> Message {
     let mut conn = Connection::connect(stage, Limits::default()).await.unwrap();
     client_handshake(
         &mut conn,
@@ -358,8 +395,8 @@ async fn load_from_any(stage: SocketAddr, holders: &[SocketAddr]) -> Message {
         plan_id: 1,
         model_id: SMOLLM2.into(),
         model_sha256: file_sha256(&model_path()).unwrap(),
-        layer_start: 10,
-        layer_end: 20,
+        layer_start: layers.start,
+        layer_end: layers.end,
         embed: false,
         head: false,
         activation_dtype: DType::F32,
@@ -392,7 +429,8 @@ async fn altered_or_short_transfers_are_refused_and_only_whole_regions_are_kept(
         regions: vec![region(0..2000, &bytes), region(2000..5000, &bytes)],
     };
     let mut altered = bytes.clone();
-    altered[3333] ^= 1;
+    // (Past the 4,000 bytes the short holder below sends, so that region stays bad on disk.)
+    altered[4500] ^= 1;
     let holder = start_fake_holder(manifest.clone(), altered).await;
     let Message::Error(e) = load_from(stage, holder).await else {
         panic!("an altered transfer was accepted")
@@ -403,7 +441,7 @@ async fn altered_or_short_transfers_are_refused_and_only_whole_regions_are_kept(
     // No stage file; the first region, whole and checked, is kept to resume from.
     assert_eq!(unfinished(dir.path()), Some(2000));
 
-    // The holder stops short: asked for what follows the region held, it sends part of it.
+    // The holder stops short: asked for the region not held, it sends part of it.
     let (holder, asked) = start_noting_holder(manifest.clone(), bytes[..4000].to_vec()).await;
     let Message::Error(e) = load_from(stage, holder).await else {
         panic!("a short transfer was accepted")
@@ -413,7 +451,7 @@ async fn altered_or_short_transfers_are_refused_and_only_whole_regions_are_kept(
         "{}",
         e.message
     );
-    assert_eq!(*asked.lock().unwrap(), vec![2000]);
+    assert_eq!(*asked.lock().unwrap(), vec![vec![1..2]]);
     assert_eq!(unfinished(dir.path()), Some(2000));
 
     // Bytes that match their hashes but are no GGUF file: refused at loading, nothing kept,
@@ -454,9 +492,14 @@ async fn altered_or_short_transfers_are_refused_and_only_whole_regions_are_kept(
 /// The share of layers 10..20 of SmolLM2 as a holder sends it: the stage file's bytes and
 /// its manifest (a region per tensor, each with its SHA-256).
 fn real_share() -> (Vec<u8>, WeightsManifest) {
+    share_of(10..20)
+}
+
+/// [`real_share`] of `layers`.
+fn share_of(layers: Range<usize>) -> (Vec<u8>, WeightsManifest) {
     let file = shoal_engine::GgufFile::open(model_path()).unwrap();
     let spec = shoal_engine::StageSpec {
-        layers: 10..20,
+        layers,
         embed: false,
         head: false,
     };
@@ -505,11 +548,12 @@ async fn a_transfer_cut_short_is_finished_by_the_next_holder_from_where_it_stopp
         whole > 0 && whole < cut as u64,
         "A sent {whole} bytes of whole regions"
     );
-    assert_eq!(*a_asked.lock().unwrap(), vec![0]);
+    let all = 0..manifest.regions.len() as u32;
+    assert_eq!(*a_asked.lock().unwrap(), vec![vec![all.clone()]]);
     assert_eq!(server_b.weights_sent_bytes(), bytes.len() as u64 - whole);
 
     // A holder whose manifest cuts the share otherwise (its first two regions as one):
-    // the next holder's bytes cannot continue its, so the next is asked again from byte 0.
+    // its regions are not the next holder's, so the next is asked for all of them.
     let mut other = manifest.clone();
     let (first, second) = (other.regions[0], other.regions[1]);
     let len = (first.len + second.len) as usize;
@@ -520,7 +564,6 @@ async fn a_transfer_cut_short_is_finished_by_the_next_holder_from_where_it_stopp
             sha256: Sha256::digest(&bytes[..len]).into(),
         }],
     );
-    let whole_other = whole_regions(&other, cut);
     let (a2, _) = start_noting_holder(other, bytes[..cut].to_vec()).await;
     let (b2, b2_asked) = start_noting_holder(manifest.clone(), bytes.clone()).await;
     let dir_d = tempfile::tempdir().unwrap();
@@ -533,7 +576,7 @@ async fn a_transfer_cut_short_is_finished_by_the_next_holder_from_where_it_stopp
         std::fs::read(&files[0]).unwrap() == bytes,
         "the share as received"
     );
-    assert_eq!(*b2_asked.lock().unwrap(), vec![whole_other, 0]);
+    assert_eq!(*b2_asked.lock().unwrap(), vec![vec![all.clone()]]);
 
     // Every holder fails: the whole regions received are kept (no stage file).
     let (a3, _) = start_noting_holder(manifest.clone(), bytes[..cut].to_vec()).await;
@@ -550,7 +593,7 @@ async fn a_transfer_cut_short_is_finished_by_the_next_holder_from_where_it_stopp
     );
     assert_eq!(
         *a4_asked.lock().unwrap(),
-        vec![whole],
+        vec![vec![whole_count(&manifest, cut)..all.end]],
         "the second resumed the first"
     );
     let held = whole_regions(&manifest, cut + 1000);
@@ -568,8 +611,8 @@ async fn the_regions_a_transfer_left_are_checked_again_and_resumed_after_a_resta
     let held = whole_regions(&manifest, cut);
     assert_eq!(unfinished(dir.path()), Some(held));
 
-    // A byte of the kept regions goes bad on disk while the node is down: the regions from
-    // the one it falls in are not held.
+    // A byte of the kept regions goes bad on disk while the node is down: the region it
+    // falls in is not held.
     let part = part_file(dir.path()).unwrap();
     let bad = (held / 2) as usize;
     let mut on_disk = std::fs::read(&part).unwrap();
@@ -577,14 +620,20 @@ async fn the_regions_a_transfer_left_are_checked_again_and_resumed_after_a_resta
     std::fs::write(&part, &on_disk).unwrap();
 
     // A new stage server on the same directory (a node restarted: nothing in memory) asked
-    // for the stage again resumes from the last region still whole.
+    // for the stage again asks for the regions not held only: the one gone bad and those
+    // the first holder never sent.
     let (b, b_asked) = start_noting_holder(manifest.clone(), bytes.clone()).await;
     let restarted = start_server(dir.path()).await;
     let reply = load_from(restarted, b).await;
     assert!(matches!(reply, Message::StageReady(_)), "{reply:?}");
-    let good = whole_regions(&manifest, bad);
-    assert!(good > 0 && good < held, "{good} of {held}");
-    assert_eq!(*b_asked.lock().unwrap(), vec![good]);
+    let gone_bad = whole_count(&manifest, bad);
+    let sent = whole_count(&manifest, cut);
+    assert!(gone_bad + 1 < sent, "region {gone_bad} of {sent}");
+    let n = manifest.regions.len() as u32;
+    assert_eq!(
+        *b_asked.lock().unwrap(),
+        vec![vec![gone_bad..gone_bad + 1, sent..n]]
+    );
     let files = kept(dir.path());
     assert_eq!(files.len(), 1, "only the stage file: {files:?}");
     assert!(
@@ -608,12 +657,54 @@ async fn a_stage_asked_for_twice_at_once_is_fetched_once() {
     });
     assert!(matches!(first, Message::StageReady(_)), "{first:?}");
     assert!(matches!(second, Message::StageReady(_)), "{second:?}");
-    assert_eq!(*a_asked.lock().unwrap(), vec![0], "one transfer");
+    assert_eq!(a_asked.lock().unwrap().len(), 1, "one transfer");
     let files = kept(dir.path());
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(
         std::fs::read(&files[0]).unwrap() == bytes,
         "the share as received"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_that_grows_keeps_the_tensors_it_had_and_is_sent_the_rest_only() {
+    // C ran layers 12..20 (sent by B, which holds the model); a member left and the ring
+    // was planned again: C is asked for 10..20. It copies layers 12..19 from the stage file
+    // it kept, and B sends the header and layers 10 and 11 only.
+    let dir_b = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(model_path(), dir_b.path().join(SMOLLM2)).unwrap();
+    let (server_b, b) = serve(dir_b.path()).await;
+    let dir_c = tempfile::tempdir().unwrap();
+    let c = start_server(dir_c.path()).await;
+    let reply = load_layers(c, 12..20, &[b]).await;
+    assert!(matches!(reply, Message::StageReady(_)), "{reply:?}");
+    let (old, old_manifest) = share_of(12..20);
+    assert_eq!(server_b.weights_sent_bytes(), old.len() as u64);
+
+    let reply = load_layers(c, 10..20, &[b]).await;
+    assert!(matches!(reply, Message::StageReady(_)), "{reply:?}");
+    let (bytes, manifest) = share_of(10..20);
+    let kept_before: Vec<[u8; 32]> = old_manifest.regions.iter().map(|r| r.sha256).collect();
+    let not_kept: u64 = manifest
+        .regions
+        .iter()
+        .filter(|r| !kept_before.contains(&r.sha256))
+        .map(|r| r.len)
+        .sum();
+    let sent = server_b.weights_sent_bytes() - old.len() as u64;
+    assert_eq!(sent, not_kept, "B sent what C did not keep");
+    assert!(
+        sent < bytes.len() as u64 / 3,
+        "{sent} of {} bytes sent",
+        bytes.len()
+    );
+    // The new share, byte for byte; the file it covers is gone.
+    let files = kept(dir_c.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].to_str().unwrap().ends_with(".layers-10-20.gguf"));
+    assert!(
+        std::fs::read(&files[0]).unwrap() == bytes,
+        "the share as assembled"
     );
 }
 
@@ -624,8 +715,9 @@ fn part_file(dir: &Path) -> Option<PathBuf> {
         .find(|p| p.extension().is_some_and(|e| e == "part"))
 }
 
-/// The length of the unfinished transfer `dir` keeps — its `.part` file, beside its
-/// manifest and lock file and no stage file — or `None` when it keeps none.
+/// The bytes of the whole regions of the unfinished transfer `dir` keeps — its `.part` file,
+/// beside its manifest and lock file and no stage file — (each region checked against the
+/// manifest kept beside it), or `None` when it keeps none.
 fn unfinished(dir: &Path) -> Option<u64> {
     let part = part_file(dir)?;
     let names: Vec<String> = kept(dir)
@@ -641,7 +733,26 @@ fn unfinished(dir: &Path) -> Option<u64> {
             format!("{stage}.part.manifest")
         ]
     );
-    Some(std::fs::metadata(part).unwrap().len())
+    let frame = std::fs::read(format!("{}.manifest", part.display())).unwrap();
+    let Some((Message::WeightsManifest(manifest), _)) =
+        shoal_wire::decode_frame(&frame, &Limits::default()).unwrap()
+    else {
+        panic!("no manifest beside the .part file");
+    };
+    let on_disk = std::fs::read(&part).unwrap();
+    let held = manifest
+        .regions
+        .iter()
+        .zip(offsets(&manifest))
+        .filter(|(r, at)| {
+            let range = *at as usize..(*at + r.len) as usize;
+            on_disk
+                .get(range)
+                .is_some_and(|b| Sha256::digest(b)[..] == r.sha256[..])
+        })
+        .map(|(r, _)| r.len)
+        .sum();
+    Some(held)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -677,6 +788,20 @@ async fn a_stage_another_node_on_the_directory_is_fetching_is_waited_for_not_fet
     let reply = loading.await.unwrap();
     assert!(matches!(reply, Message::StageReady(_)), "{reply:?}");
     assert!(asked.lock().unwrap().is_empty(), "no second transfer");
+}
+
+/// How many of `manifest`'s regions lie whole within its first `len` bytes.
+fn whole_count(manifest: &WeightsManifest, len: usize) -> u32 {
+    let mut whole = 0u64;
+    let mut count = 0;
+    for region in &manifest.regions {
+        if whole + region.len > len as u64 {
+            break;
+        }
+        whole += region.len;
+        count += 1;
+    }
+    count
 }
 
 /// The bytes of the whole regions of `manifest` within its first `len` bytes.

@@ -13,7 +13,7 @@ use shoal_wire::{
     EndSession, ErrorCode, ErrorMessage, Finish, Forward, GetProfile, GetWeights, Heartbeat,
     HeldStage, Hello, HelloAck, KnownMember, LoadStage, LogitRows, Logits, Message, NodeInfo,
     Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Verified,
-    Want, WeightsChunk, WeightsManifest, WeightsRegion,
+    Want, WeightsChunk, WeightsManifest, WeightsRegion, WeightsWant,
 };
 
 fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
@@ -73,7 +73,9 @@ fn seeds() -> Result<Vec<Message>, shoal_wire::WireError> {
             layer_end: 24,
             embed: false,
             head: true,
-            resume_from: 4096,
+        }),
+        Message::WeightsWant(WeightsWant {
+            regions: vec![0..1, 5..9],
         }),
         Message::WeightsManifest(WeightsManifest {
             file_len: 4096 + 1000,

@@ -14,7 +14,7 @@ use crate::message::{Message, MessageType};
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"SHOL";
 /// The protocol version this build writes.
-pub const PROTOCOL_VERSION: u16 = 12;
+pub const PROTOCOL_VERSION: u16 = 13;
 /// The protocol versions this build reads.
 pub const SUPPORTED_VERSIONS: &[u16] = &[PROTOCOL_VERSION];
 /// Bytes in a frame header.
@@ -153,7 +153,7 @@ mod tests {
             ping_frame(),
             [
                 b'S', b'H', b'O', b'L', // magic
-                0x0C, 0x00, // version 12
+                0x0D, 0x00, // version 13
                 0x04, 0x00, // type Ping
                 0x08, 0x00, 0x00, 0x00, // payload length 8
                 0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, // nonce
@@ -232,7 +232,7 @@ mod tests {
         ));
         assert_eq!(
             err.to_string(),
-            "peer speaks wire protocol version 1, this node speaks version(s) 12; \
+            "peer speaks wire protocol version 1, this node speaks version(s) 13; \
              run the same shoal release on every node"
         );
     }
@@ -282,7 +282,7 @@ mod tests {
         };
         assert_eq!(
             h.to_bytes(),
-            [b'S', b'H', b'O', b'L', 12, 0, 0x20, 0, 0x0D, 0x0C, 0x0B, 0x0A]
+            [b'S', b'H', b'O', b'L', 13, 0, 0x20, 0, 0x0D, 0x0C, 0x0B, 0x0A]
         );
         let limits = Limits {
             max_payload: u32::MAX,

@@ -16,7 +16,7 @@
 //! | offset | size | field | value |
 //! |---:|---:|---|---|
 //! | 0 | 4 | magic | `b"SHOL"` ([`MAGIC`]) |
-//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 12 (2: `Forward` carries its `plan_id`; 3: the prompt cache's `Forward.resume` and `EndSession.keep`; 4: weights over the LAN, `LoadStage.weights_from`; 5: constrained answers, `SamplingSpec.ignore_eos` and `.json`; 6: whole API requests through the swarm, `Ask.request` and `Answer.response`; speculative decoding through the ring, `Want::Verify` and `Verified`; 7: several sources of weights, `LoadStage.weights_from` a list; 8: constraints that open after a trigger, `JsonAnswer.lead`; 9: no new bytes, but a JSON schema's object that lists `properties` without `additionalProperties` takes no other keys, so both ends of a ring must read schemas alike; 10: `HelloAck.idle_timeout`, so a dialler keeps a link alive by its peer's idle timeout; 11: embeddings through the ring, `Want::Normed`, and the error code 12, `context_length`; 12: a weight transfer resumed from another holder, `GetWeights.resume_from`; `LogitRows` 2, the first row only) |
+//! | 4 | 2 | version | `u16`, [`PROTOCOL_VERSION`] = 13 (2: `Forward` carries its `plan_id`; 3: the prompt cache's `Forward.resume` and `EndSession.keep`; 4: weights over the LAN, `LoadStage.weights_from`; 5: constrained answers, `SamplingSpec.ignore_eos` and `.json`; 6: whole API requests through the swarm, `Ask.request` and `Answer.response`; speculative decoding through the ring, `Want::Verify` and `Verified`; 7: several sources of weights, `LoadStage.weights_from` a list; 8: constraints that open after a trigger, `JsonAnswer.lead`; 9: no new bytes, but a JSON schema's object that lists `properties` without `additionalProperties` takes no other keys, so both ends of a ring must read schemas alike; 10: `HelloAck.idle_timeout`, so a dialler keeps a link alive by its peer's idle timeout; 11: embeddings through the ring, `Want::Normed`, and the error code 12, `context_length`; 12: a weight transfer resumed from another holder, `GetWeights.resume_from`; `LogitRows` 2, the first row only; 13: the node names the regions it lacks after the manifest, `WeightsWant`, in place of `GetWeights.resume_from`) |
 //! | 6 | 2 | type | `u16`, a [`MessageType`] id (table below) |
 //! | 8 | 4 | length | `u32`, payload bytes that follow, ≤ [`Limits::max_payload`] (default 64 MiB) |
 //! | 12 | length | payload | the message's fields, in the layout its type documents |
@@ -53,9 +53,10 @@
 //! | `0x0041` | [`Profile`] | node → head | decode and prefill ms per layer, free memory |
 //! | `0x0050` | [`Heartbeat`] | member ↔ member | who the sender is ([`NodeInfo`]) and the members it knows |
 //! | `0x0051` | [`Chaos`] | member → member | play dead, or stop (the dashboard's kill and heal); answered in kind |
-//! | `0x0060` | [`GetWeights`] | node → holder | send me the share of a model (by id and sha256) that these layers need, from byte `resume_from` on (protocol 12: the rest of a transfer another holder cut short) |
+//! | `0x0060` | [`GetWeights`] | node → holder | send me the share of a model (by id and sha256) that these layers need |
 //! | `0x0061` | [`WeightsManifest`] | holder → node | the stage file's length and its regions' SHA-256 |
-//! | `0x0062` | [`WeightsChunk`] | holder → node | the stage file's next bytes (from `resume_from` on) |
+//! | `0x0063` | [`WeightsWant`] | node → holder | the regions I lack (protocol 13: the rest of a transfer another holder cut short, or what a stage file kept before does not hold) |
+//! | `0x0062` | [`WeightsChunk`] | holder → node | the next bytes of the regions wanted |
 //!
 //! Shared field encodings: `bool` and option tags are one byte, 0 or 1; strings are a `u32`
 //! byte length then UTF-8; vectors of `u32` are a `u32` count then the elements; a socket
@@ -100,12 +101,12 @@ pub use message::{
     ErrorMessage, Finish, Forward, GetProfile, GetWeights, Heartbeat, HeldStage, Hello, HelloAck,
     JsonAnswer, KnownMember, LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo, Payload,
     Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Verified, Want,
-    WeightsChunk, WeightsManifest, WeightsRegion, MAX_ACCELERATOR, MAX_API_JSON, MAX_CHAT_ROLE,
-    MAX_CHAT_TEXT, MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_ERROR_MESSAGE, MAX_GRAMMAR,
-    MAX_HELD_STAGES, MAX_KNOWN_MEMBERS, MAX_LEAD, MAX_MODELS, MAX_MODEL_ID, MAX_MODEL_NAME,
-    MAX_NODE_ID, MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION, MAX_STAGE_FILE, MAX_STOP,
-    MAX_STOP_LEN, MAX_TOKENS, MAX_TOP_LOGPROBS, MAX_WEIGHTS_CHUNK, MAX_WEIGHT_REGIONS,
-    MAX_WEIGHT_SOURCES,
+    WeightsChunk, WeightsManifest, WeightsRegion, WeightsWant, MAX_ACCELERATOR, MAX_API_JSON,
+    MAX_CHAT_ROLE, MAX_CHAT_TEXT, MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_ERROR_MESSAGE,
+    MAX_GRAMMAR, MAX_HELD_STAGES, MAX_KNOWN_MEMBERS, MAX_LEAD, MAX_MODELS, MAX_MODEL_ID,
+    MAX_MODEL_NAME, MAX_NODE_ID, MAX_PENALTY_TOKENS, MAX_ROLE, MAX_SOFTWARE_VERSION,
+    MAX_STAGE_FILE, MAX_STOP, MAX_STOP_LEN, MAX_TOKENS, MAX_TOP_LOGPROBS, MAX_WEIGHTS_CHUNK,
+    MAX_WEIGHT_REGIONS, MAX_WEIGHT_SOURCES,
 };
 pub use secure::PeerStream;
 pub use server::{serve_peers, PeerService, RemotePeer, ServeConfig};

@@ -9,8 +9,8 @@ use shoal_wire::{
     ErrorMessage, Finish, Forward, GetProfile, GetWeights, Heartbeat, HeldStage, Hello, HelloAck,
     JsonAnswer, KnownMember, Limits, LoadStage, LogitRows, Logits, Message, MessageType, NodeInfo,
     Payload, Ping, Pong, Profile, Resume, SamplingSpec, StageReady, Token, Truncate, Verified,
-    Want, WeightsChunk, WeightsManifest, WeightsRegion, WireError, HEADER_LEN, MAX_API_JSON,
-    MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP, PROTOCOL_VERSION,
+    Want, WeightsChunk, WeightsManifest, WeightsRegion, WeightsWant, WireError, HEADER_LEN,
+    MAX_API_JSON, MAX_CHAT_TURNS, MAX_CHOICES, MAX_CHOICE_LEN, MAX_STOP, PROTOCOL_VERSION,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -313,8 +313,18 @@ fn random_message(rng: &mut Rng, ty: MessageType) -> Message {
                 layer_end: start + 1 + rng.below(40) as u32,
                 embed: rng.bool(),
                 head: rng.bool(),
-                resume_from: rng.next() % (shoal_wire::MAX_STAGE_FILE + 1),
             })
+        }
+        MessageType::WeightsWant => {
+            let mut at = 0u32;
+            let regions = (0..rng.below(6))
+                .map(|_| {
+                    let start = at + rng.below(50) as u32;
+                    at = start + 1 + rng.below(50) as u32;
+                    start..at
+                })
+                .collect();
+            Message::WeightsWant(WeightsWant { regions })
         }
         MessageType::WeightsManifest => {
             let regions: Vec<WeightsRegion> = (0..1 + rng.below(20))
@@ -594,12 +604,12 @@ fn ask() -> Ask {
 #[test]
 fn agent_message_frame_bytes() {
     let frame = Message::Describe(Describe).to_frame().unwrap();
-    assert_eq!(frame, [b'S', b'H', b'O', b'L', 12, 0, 0x30, 0, 0, 0, 0, 0]);
+    assert_eq!(frame, [b'S', b'H', b'O', b'L', 13, 0, 0x30, 0, 0, 0, 0, 0]);
 
     let frame = Message::AgentCard(card()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 12, 0, 0x31, 0, 55, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 13, 0, 0x31, 0, 55, 0, 0, 0,
         2, 0, 0, 0, b'a', b'1',                         // node_id
         6, 0, 0, 0, b'c', b'r', b'i', b't', b'i', b'c', // role
         6, 0, 0, 0, b'm', b'.', b'g', b'g', b'u', b'f', // model_id
@@ -616,7 +626,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Ask(ask()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 12, 0, 0x32, 0, 87, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 13, 0, 0x32, 0, 87, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 9, 0, 0, 0, b'B', b'e', b' ', b'b', b'r', b'i', b'e', b'f', b'.', // Some(system)
         1, 0, 0, 0,                                     // one turn
@@ -669,7 +679,7 @@ fn agent_message_frame_bytes() {
     let frame = Message::Answer(answer.clone()).to_frame().unwrap();
     #[rustfmt::skip]
     let expected = [
-        b'S', b'H', b'O', b'L', 12, 0, 0x33, 0, 27, 0, 0, 0,
+        b'S', b'H', b'O', b'L', 13, 0, 0x33, 0, 27, 0, 0, 0,
         7, 0, 0, 0, 0, 0, 0, 0,                         // request_id
         1, 0, 0, 0, b'4',                               // text
         1,                                              // finish: length

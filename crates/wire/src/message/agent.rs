@@ -503,7 +503,7 @@ mod tests {
     #[test]
     fn describe_is_an_empty_frame() {
         let frame = Message::Describe(Describe).to_frame().unwrap();
-        assert_eq!(frame, [b'S', b'H', b'O', b'L', 12, 0, 0x30, 0, 0, 0, 0, 0]);
+        assert_eq!(frame, [b'S', b'H', b'O', b'L', 13, 0, 0x30, 0, 0, 0, 0, 0]);
         assert_eq!(decode(&frame).unwrap(), Message::Describe(Describe));
     }
 

@@ -211,7 +211,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 12, 0, 0x03, 0x00, 19, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 13, 0, 0x03, 0x00, 19, 0, 0, 0,
             0x05, 0x00,                 // code 5
             1, 7, 0, 0, 0, 0, 0, 0, 0,  // Some(7)
             4, 0, 0, 0, b'g', b'o', b'n', b'e',
@@ -228,7 +228,7 @@ mod tests {
         let frame = Message::Pong(Pong { nonce: 1 }).to_frame().unwrap();
         assert_eq!(
             frame,
-            [b'S', b'H', b'O', b'L', 12, 0, 5, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+            [b'S', b'H', b'O', b'L', 13, 0, 5, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
         );
     }
 

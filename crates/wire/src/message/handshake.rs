@@ -190,7 +190,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 12, 0, 0x01, 0x00, 23, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 13, 0, 0x01, 0x00, 23, 0, 0, 0,
             2, 0, 0, 0, b'a', b'1',
             5, 0, 0, 0, b'0', b'.', b'1', b'.', b'0',
             3, 0, 0, 0, 0, 0, 0, 0,

@@ -35,8 +35,8 @@ pub use session::{
 };
 pub use stage::{LoadStage, StageReady, MAX_MODEL_ID, MAX_WEIGHT_SOURCES};
 pub use weights::{
-    GetWeights, WeightsChunk, WeightsManifest, WeightsRegion, MAX_STAGE_FILE, MAX_WEIGHTS_CHUNK,
-    MAX_WEIGHT_REGIONS,
+    GetWeights, WeightsChunk, WeightsManifest, WeightsRegion, WeightsWant, MAX_STAGE_FILE,
+    MAX_WEIGHTS_CHUNK, MAX_WEIGHT_REGIONS,
 };
 
 use crate::codec::Reader;
@@ -168,8 +168,10 @@ messages! {
     0x0060 GetWeights(GetWeights),
     /// Holder → node: the stage file to come, its regions and their SHA-256.
     0x0061 WeightsManifest(WeightsManifest),
-    /// Holder → node: the next bytes of the stage file.
+    /// Holder → node: the next bytes of the regions wanted.
     0x0062 WeightsChunk(WeightsChunk),
+    /// Node → holder: the regions of the manifest it lacks.
+    0x0063 WeightsWant(WeightsWant),
 }
 
 impl MessageType {

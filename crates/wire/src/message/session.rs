@@ -809,7 +809,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 12, 0, 0x20, 0, 58, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 13, 0, 0x20, 0, 58, 0, 0, 0,
             0x11, 0, 0, 0, 0, 0, 0, 0,              // session_id
             0x22, 0, 0, 0, 0, 0, 0, 0,              // seq
             0x33, 0, 0, 0, 0, 0, 0, 0,              // plan_id
@@ -843,7 +843,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 12, 0, 0x20, 0, 57, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 13, 0, 0x20, 0, 57, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
@@ -932,7 +932,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 12, 0, 0x21, 0, 37, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 13, 0, 0x21, 0, 37, 0, 0, 0,
             3, 0, 0, 0, 0, 0, 0, 0,
             4, 0, 0, 0, 0, 0, 0, 0,
             4, 3, 2, 1,
@@ -943,7 +943,7 @@ mod tests {
         let frame = Message::EndSession(EndSession::free(5)).to_frame().unwrap();
         assert_eq!(
             frame,
-            [b'S', b'H', b'O', b'L', 12, 0, 0x23, 0, 9, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0]
+            [b'S', b'H', b'O', b'L', 13, 0, 0x23, 0, 9, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0]
         );
         let frame = Message::EndSession(EndSession {
             session_id: 5,
@@ -963,7 +963,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 12, 0, 0x24, 0, 12, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 13, 0, 0x24, 0, 12, 0, 0, 0,
             5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0,
         ]);
     }
@@ -980,7 +980,7 @@ mod tests {
         .unwrap();
         #[rustfmt::skip]
         assert_eq!(frame, [
-            b'S', b'H', b'O', b'L', 12, 0, 0x22, 0, 29, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 13, 0, 0x22, 0, 29, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             2, 0, 0, 0, 0, 0, 0, 0,
             1, 0, 0, 0, 1, 0, 0, 0, 2,

@@ -247,7 +247,7 @@ mod tests {
     #[test]
     fn load_stage_frame_bytes() {
         let frame = Message::LoadStage(load()).to_frame().unwrap();
-        let mut expected = vec![b'S', b'H', b'O', b'L', 12, 0, 0x10, 0, 69, 0, 0, 0];
+        let mut expected = vec![b'S', b'H', b'O', b'L', 13, 0, 0x10, 0, 69, 0, 0, 0];
         expected.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]); // plan_id
         expected.extend_from_slice(&[1, 0, 0, 0, b'm']); // model_id
         expected.extend_from_slice(&[0xAB; 32]); // sha256
@@ -346,7 +346,7 @@ mod tests {
         let frame = msg.to_frame().unwrap();
         #[rustfmt::skip]
         let expected = [
-            b'S', b'H', b'O', b'L', 12, 0, 0x11, 0, 28, 0, 0, 0,
+            b'S', b'H', b'O', b'L', 13, 0, 0x11, 0, 28, 0, 0, 0,
             1, 0, 0, 0, 0, 0, 0, 0,
             0, 0, 0, 0, 12, 0, 0, 0,
             0, 0, 0, 0, 1, 0, 0, 0,

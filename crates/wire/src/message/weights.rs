@@ -1,12 +1,18 @@
-//! `GetWeights`, `WeightsManifest` and `WeightsChunk`: a node that lacks a model gets just
-//! its stage's share of it from a member that has the file (issue #15 item 4).
+//! `GetWeights`, `WeightsManifest`, `WeightsWant` and `WeightsChunk`: a node that lacks a
+//! model gets just its stage's share of it from a member that has the file (issue #15
+//! item 4).
 //!
-//! The share travels as one byte stream: a GGUF file of its own, with every metadata entry of
-//! the model and only the stage's tensors. The holder first sends a [`WeightsManifest`] that
-//! cuts that file into regions (the header, then each tensor with its padding) with the
-//! SHA-256 it computed of each, then the file's bytes in order as [`WeightsChunk`]s. The
-//! receiver hashes each region as it arrives and gives up at the first that does not match,
-//! so a corrupt or altered tensor is never loaded.
+//! The share is a GGUF file of its own, with every metadata entry of the model and only the
+//! stage's tensors. The holder first sends a [`WeightsManifest`] that cuts that file into
+//! regions (the header, then each tensor with its padding) with the SHA-256 it computed of
+//! each; the node answers with the regions it still lacks ([`WeightsWant`]: it may hold
+//! some already — from a transfer cut short, or in a stage file of the same model it kept
+//! before — and checks those against the same hashes); then the holder sends those
+//! regions' bytes in order as [`WeightsChunk`]s. The receiver hashes each region as it
+//! arrives and gives up at the first that does not match, so a corrupt or altered tensor is
+//! never loaded.
+
+use std::ops::Range;
 
 use bytes::{BufMut, Bytes};
 
@@ -23,10 +29,9 @@ pub const MAX_WEIGHTS_CHUNK: usize = 8 << 20;
 pub const MAX_STAGE_FILE: u64 = 1 << 40;
 
 /// `GetWeights` (`0x0060`): node → holder, "send me the stage file of layers
-/// `[layer_start, layer_end)` of this model, from byte `resume_from` on". The holder
-/// answers the whole file's [`WeightsManifest`] and the chunks from that byte, or an
-/// `Error` (`model_unavailable` when it lacks the model or its file has another SHA-256;
-/// `bad_request` when `resume_from` is past the file's end).
+/// `[layer_start, layer_end)` of this model". The holder answers the file's
+/// [`WeightsManifest`], or an `Error` (`model_unavailable` when it lacks the model or its
+/// file has another SHA-256).
 ///
 /// | field | encoding |
 /// |---|---|
@@ -34,7 +39,6 @@ pub const MAX_STAGE_FILE: u64 = 1 << 40;
 /// | `model_sha256` | 32 bytes |
 /// | `layer_start`, `layer_end` | `u32`, `u32` |
 /// | `embed`, `head` | `u8` 0/1 each |
-/// | `resume_from` | `u64` (≤ [`MAX_STAGE_FILE`]; since protocol 12) |
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GetWeights {
     /// Model id as the holder resolves it (the file name).
@@ -49,9 +53,6 @@ pub struct GetWeights {
     pub embed: bool,
     /// The stage applies the final norm and LM head.
     pub head: bool,
-    /// The first byte of the stage file wanted: 0, or where a transfer from another holder
-    /// ended (the asker holds the bytes before it, checked against the same manifest).
-    pub resume_from: u64,
 }
 
 impl GetWeights {
@@ -63,7 +64,6 @@ impl GetWeights {
             layer_end: r.u32("layer_end")?,
             embed: r.bool("embed")?,
             head: r.bool("head")?,
-            resume_from: r.u64("resume_from")?,
         };
         msg.validate()?;
         Ok(msg)
@@ -76,22 +76,11 @@ impl GetWeights {
         out.put_u32_le(self.layer_end);
         put_bool(out, self.embed);
         put_bool(out, self.head);
-        out.put_u64_le(self.resume_from);
     }
 
     pub(crate) fn validate(&self) -> Result<(), WireError> {
         const M: &str = "GetWeights";
         bound(M, "model_id", self.model_id.len() as u64, MAX_MODEL_ID)?;
-        if self.resume_from > MAX_STAGE_FILE {
-            return Err(WireError::Invalid {
-                message: M,
-                what: "resume_from",
-                detail: format!(
-                    "is byte {}, past the largest stage file ({MAX_STAGE_FILE} bytes)",
-                    self.resume_from
-                ),
-            });
-        }
         check_layers(M, self.layer_start, self.layer_end)?;
         if self.layer_start == self.layer_end && !self.embed && !self.head {
             return Err(WireError::Invalid {
@@ -113,9 +102,8 @@ pub struct WeightsRegion {
     pub sha256: [u8; 32],
 }
 
-/// `WeightsManifest` (`0x0061`): holder → node, the stage file to come, cut into regions
-/// that follow each other from byte 0 (the whole file's, even for a transfer resumed);
-/// then the file's bytes from `GetWeights.resume_from` on follow as [`WeightsChunk`]s.
+/// `WeightsManifest` (`0x0061`): holder → node, the stage file, cut into regions that
+/// follow each other from byte 0; the holder then waits for the node's [`WeightsWant`].
 ///
 /// | field | encoding |
 /// |---|---|
@@ -201,14 +189,88 @@ impl WeightsManifest {
     }
 }
 
-/// `WeightsChunk` (`0x0062`): holder → node, the next bytes of the stage file.
+/// `WeightsWant` (`0x0063`, since protocol 13): node → holder, the regions of the
+/// manifest to send, as ranges of region indices, in order and not overlapping (none: the
+/// node holds them all). The holder sends the bytes of those regions, one after another, as
+/// [`WeightsChunk`]s, or an `Error` (`bad_request`) when a range is past its manifest.
+///
+/// | field | encoding |
+/// |---|---|
+/// | `regions` | `u32` count (≤ [`MAX_WEIGHT_REGIONS`]), then per range `u32` first, `u32` end (first < end ≤ [`MAX_WEIGHT_REGIONS`], first ≥ the previous end) |
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightsWant {
+    /// The regions wanted, by index in the manifest.
+    pub regions: Vec<Range<u32>>,
+}
+
+impl WeightsWant {
+    pub(crate) fn parse(r: &mut Reader) -> Result<Self, WireError> {
+        let count = r.u32("regions")?;
+        bound(
+            "WeightsWant",
+            "regions",
+            u64::from(count),
+            MAX_WEIGHT_REGIONS,
+        )?;
+        // 8 bytes per range must be there before anything is allocated for them.
+        r.check(u64::from(count) * 8, "regions")?;
+        let mut regions = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            regions.push(r.u32("first region")?..r.u32("region end")?);
+        }
+        let msg = WeightsWant { regions };
+        msg.validate()?;
+        Ok(msg)
+    }
+
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        put_len(out, self.regions.len());
+        for range in &self.regions {
+            out.put_u32_le(range.start);
+            out.put_u32_le(range.end);
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        const M: &str = "WeightsWant";
+        bound(M, "regions", self.regions.len() as u64, MAX_WEIGHT_REGIONS)?;
+        let mut previous_end = 0;
+        for range in &self.regions {
+            if range.start >= range.end
+                || range.start < previous_end
+                || range.end as usize > MAX_WEIGHT_REGIONS
+            {
+                return Err(WireError::Invalid {
+                    message: M,
+                    what: "regions",
+                    detail: format!(
+                        "{range:?} is empty, out of order, overlaps the one before or is past \
+                         the last region a manifest may have"
+                    ),
+                });
+            }
+            previous_end = range.end;
+        }
+        Ok(())
+    }
+
+    /// How many regions are wanted.
+    pub fn count(&self) -> usize {
+        self.regions
+            .iter()
+            .map(|r| (r.end - r.start) as usize)
+            .sum()
+    }
+}
+
+/// `WeightsChunk` (`0x0062`): holder → node, the next bytes of the regions wanted.
 ///
 /// | field | encoding |
 /// |---|---|
 /// | `data` | `u32` length (1 ..= [`MAX_WEIGHTS_CHUNK`]), the bytes |
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WeightsChunk {
-    /// The next bytes of the file.
+    /// The next bytes of the regions wanted.
     pub data: Bytes,
 }
 
@@ -268,19 +330,17 @@ mod tests {
             layer_end: 9,
             embed: false,
             head: true,
-            resume_from: 0x0102,
         }
     }
 
     #[test]
     fn get_weights_frame_bytes() {
         let frame = Message::GetWeights(get()).to_frame().unwrap();
-        let mut expected = vec![b'S', b'H', b'O', b'L', 12, 0, 0x60, 0, 60, 0, 0, 0];
+        let mut expected = vec![b'S', b'H', b'O', b'L', 13, 0, 0x60, 0, 52, 0, 0, 0];
         expected.extend_from_slice(&[6, 0, 0, 0]);
         expected.extend_from_slice(b"m.gguf");
         expected.extend_from_slice(&[7; 32]);
         expected.extend_from_slice(&[3, 0, 0, 0, 9, 0, 0, 0, 0, 1]);
-        expected.extend_from_slice(&[2, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(frame, expected);
         round_trip(Message::GetWeights(get()));
         let nothing = GetWeights {
@@ -289,11 +349,46 @@ mod tests {
             ..get()
         };
         assert!(Message::GetWeights(nothing).to_frame().is_err());
-        let past_any_file = GetWeights {
-            resume_from: MAX_STAGE_FILE + 1,
-            ..get()
+    }
+
+    #[test]
+    // Lists of one range, and a range backwards, are the point here.
+    #[allow(clippy::single_range_in_vec_init, clippy::reversed_empty_ranges)]
+    fn wanted_regions_are_in_order_apart_and_bounded() {
+        let want = WeightsWant {
+            regions: vec![0..1, 3..7],
         };
-        assert!(Message::GetWeights(past_any_file).to_frame().is_err());
+        let frame = Message::WeightsWant(want.clone()).to_frame().unwrap();
+        let mut expected = vec![b'S', b'H', b'O', b'L', 13, 0, 0x63, 0, 20, 0, 0, 0];
+        expected.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]);
+        expected.extend_from_slice(&[3, 0, 0, 0, 7, 0, 0, 0]);
+        assert_eq!(frame, expected);
+        assert_eq!(want.count(), 5);
+        round_trip(Message::WeightsWant(want));
+        round_trip(Message::WeightsWant(WeightsWant { regions: vec![] }));
+        let end = MAX_WEIGHT_REGIONS as u32;
+        round_trip(Message::WeightsWant(WeightsWant {
+            regions: vec![0..2, 2..end],
+        }));
+        for bad in [
+            vec![2..2],
+            vec![3..2],
+            vec![0..4, 3..5],
+            vec![4..5, 0..1],
+            vec![0..end + 1],
+        ] {
+            let want = WeightsWant { regions: bad };
+            assert!(Message::WeightsWant(want).to_frame().is_err());
+        }
+        // A count that promises more ranges than the payload holds is refused before any
+        // allocation.
+        let mut frame = Message::WeightsWant(WeightsWant {
+            regions: vec![0..1],
+        })
+        .to_frame()
+        .unwrap();
+        frame[12..16].copy_from_slice(&(16u32 * 1024).to_le_bytes());
+        assert!(decode_frame(&frame, &Limits::default()).is_err());
     }
 
     #[test]
