@@ -13,7 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use shoal_pipeline::BatchStats;
+use shoal_pipeline::{BatchStats, WeightStats};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RequestLabels {
@@ -45,6 +45,9 @@ pub(crate) struct Metrics {
     pub(crate) draft_accepted_tokens: Counter,
     /// Batches of stage work run on this node (pipeline mode), read at each scrape.
     pub(crate) batches: BatchStats,
+    /// Bytes of weights this node sent members and received (weights over the LAN), read at
+    /// each scrape.
+    pub(crate) weights: WeightStats,
 }
 
 impl Metrics {
@@ -69,6 +72,7 @@ impl Metrics {
             draft_tokens: Counter::default(),
             draft_accepted_tokens: Counter::default(),
             batches: BatchStats::default(),
+            weights: WeightStats::default(),
         };
         let mut registry = Registry::with_prefix("shoal");
         registry.register(
@@ -150,6 +154,7 @@ impl Metrics {
             metrics.draft_accepted_tokens.clone(),
         );
         registry.register_collector(Box::new(BatchCollector(metrics.batches.clone())));
+        registry.register_collector(Box::new(WeightCollector(metrics.weights.clone())));
         (metrics, registry)
     }
 
@@ -245,6 +250,45 @@ impl Collector for BatchCollector {
             None,
             largest.metric_type(),
         )?)?;
+        Ok(())
+    }
+}
+
+/// The bytes of weights moved over the LAN as metrics: `weights_sent_bytes_total` and the
+/// others below.
+#[derive(Debug)]
+struct WeightCollector(WeightStats);
+
+impl Collector for WeightCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self.0.counts();
+        let counters = [
+            (
+                "weights_sent",
+                "Bytes of stage files this node sent members that lacked the layers",
+                c.sent,
+            ),
+            (
+                "weights_received",
+                "Bytes of stage files this node received from members (transfers cut short too)",
+                c.received,
+            ),
+            (
+                "weights_reused",
+                "Bytes of stage files fetched whole that this node held already instead of \
+                 receiving them (regions an earlier transfer left, tensors of a stage file it kept)",
+                c.reused,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                Some(&Unit::Bytes),
+                counter.metric_type(),
+            )?)?;
+        }
         Ok(())
     }
 }

@@ -292,6 +292,12 @@ impl AppState {
         self.inner.metrics.batches.clone()
     }
 
+    /// Where this node counts the bytes of weights it sends and receives (for `/metrics`):
+    /// hand it to the stage server and the pipeline head this node runs.
+    pub fn weight_stats(&self) -> shoal_pipeline::WeightStats {
+        self.inner.metrics.weights.clone()
+    }
+
     /// Requests being answered now, and the last answer's decode speed (tokens/s): what this
     /// node tells its cluster about its load.
     pub fn load_figures(&self) -> (u32, f32) {

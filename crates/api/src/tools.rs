@@ -457,18 +457,38 @@ impl ToolSet {
         Parsed { content, calls }
     }
 
-    /// The call `text` starts with (blanks aside), and where its JSON ends.
+    /// The call `text` starts with (blanks aside), and where its JSON ends. A small model's
+    /// doubled brace (`{{"name": …}}`, one token in Qwen's vocabulary, so the grammar can
+    /// only hold the call from the second) is read past: the call is the inner object, and
+    /// the extra closing brace after it, if any, is the call's too.
     fn first_call(
         &self,
         text: &str,
         format: Format,
         new_id: &mut impl FnMut() -> String,
     ) -> Option<(Call, usize)> {
-        let mut values = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+        let start = text.len() - text.trim_start().len();
+        let doubled = text[start..]
+            .strip_prefix('{')
+            .filter(|inner| inner.trim_start().starts_with('{'));
+        let from = match doubled {
+            Some(inner) => text.len() - inner.trim_start().len(),
+            None => 0,
+        };
+        let object = &text[from..];
+        let mut values = serde_json::Deserializer::from_str(object).into_iter::<Value>();
         let value = values.next()?.ok()?;
         let end = values.byte_offset();
         let call = self.call_value(&value, format, new_id)?;
-        Some((as_written(call, text.get(..end)?, format), end))
+        let call = as_written(call, object.get(..end)?, format);
+        let mut end = from + end;
+        if doubled.is_some() {
+            let after = &text[end..];
+            if let Some(closed) = after.trim_start().strip_prefix('}') {
+                end = text.len() - closed.len();
+            }
+        }
+        Some((call, end))
     }
 
     /// Untagged calls at the start of `text`, with nothing but blanks between them (small
@@ -1162,6 +1182,35 @@ mod tests {
         let p = t.parse("{\"answer\": 42}", Format::Hermes, ids());
         assert!(p.calls.is_empty());
         assert_eq!(p.content, "{\"answer\": 42}");
+    }
+
+    #[test]
+    fn a_doubled_brace_around_a_call_is_read_past() {
+        // Qwen2.5-Coder under opencode wrote `{{…}}` (one token opens it, so the grammar
+        // could hold the call only from the second brace).
+        let t = weather();
+        let call = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}";
+        for text in [
+            format!("{{{call}}}"),
+            format!("{{ {call} }}\n"),
+            // Under the grammar the answer ends where the inner object closes.
+            format!("{{{call}"),
+            format!("<tool_call>\n{{{call}}}\n</tool_call>"),
+        ] {
+            let p = t.parse(&text, Format::Hermes, ids());
+            assert_eq!(p.calls.len(), 1, "{text}");
+            assert_eq!(p.calls[0].arguments, r#"{"city": "Oslo"}"#, "{text}");
+            assert_eq!(p.content, "", "{text}");
+        }
+        // Two calls, each doubled, one per line; and text after a doubled call stays.
+        let p = t.parse(&format!("{{{call}}}\n{{{call}}}"), Format::Hermes, ids());
+        assert_eq!(p.calls.len(), 2);
+        let p = t.parse(&format!("{{{call}}} Done."), Format::Hermes, ids());
+        assert_eq!((p.calls.len(), p.content.trim()), (1, "Done."));
+        // A doubled brace around what is no call is text.
+        let p = t.parse("{{\"answer\": 42}}", Format::Hermes, ids());
+        assert!(p.calls.is_empty());
+        assert_eq!(p.content, "{{\"answer\": 42}}");
     }
 
     #[test]

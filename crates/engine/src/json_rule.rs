@@ -309,12 +309,28 @@ impl JsonTracker {
     }
 
     /// Opens a value whose first bytes, `lead`, came with the token just read.
-    fn open(&mut self, lead: Vec<u8>, tokenizer: &Tokenizer) {
-        let mut constraint = JsonConstraint::new(&self.rule.grammar, tokenizer);
-        // A token that ran past the trigger into something the grammar cannot start with
-        // leaves this one unconstrained (the caller's parse of the answer still decides).
-        if lead.len() > MAX_LEAD || !constraint.feed(&lead) {
+    fn open(&mut self, mut lead: Vec<u8>, tokenizer: &Tokenizer) {
+        if lead.len() > MAX_LEAD {
             return;
+        }
+        let mut constraint = JsonConstraint::new(&self.rule.grammar, tokenizer);
+        if !constraint.feed(&lead) {
+            // A small model's slip: a doubled opening brace (`{{"name": …`, one token in
+            // Qwen's vocabulary). The value is held from the second brace, so the rest is
+            // still drawn under the grammar (the caller's parse reads past the extra one).
+            let first = lead.iter().position(|b| !b.is_ascii_whitespace());
+            let doubled = first.filter(|&at| lead[at..].starts_with(b"{{"));
+            let Some(at) = doubled else {
+                // A token that ran past the trigger into something the grammar cannot
+                // start with leaves this one unconstrained (the caller's parse of the
+                // answer still decides).
+                return;
+            };
+            lead.remove(at);
+            constraint = JsonConstraint::new(&self.rule.grammar, tokenizer);
+            if !constraint.feed(&lead) {
+                return;
+            }
         }
         let done = constraint.done();
         self.gap = None;

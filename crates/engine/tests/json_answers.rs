@@ -369,3 +369,39 @@ fn a_forced_answer_is_calls_and_ends_at_the_first_text_that_is_not_one() {
         );
     }
 }
+
+#[test]
+fn a_doubled_opening_brace_in_one_token_is_held_from_the_second() {
+    // Qwen2.5-Coder writes `{{` as one token now and then, opening a bare call (seen under
+    // opencode). The grammar cannot start with `{{`; it holds the call from the second
+    // brace, so the rest of the call is still drawn under it.
+    let model = Model::load(common::model_path(common::QWEN05), |_, _| {}).unwrap();
+    let tokenizer = model.tokenizer();
+    let doubled = tokenizer.encode("{{", false).unwrap();
+    assert_eq!(doubled.len(), 1, "`{{{{` is one token in Qwen's vocabulary");
+    let rule = JsonRule::after_trigger(weather_call(), "<tool_call>")
+        .unwrap()
+        .or_bare(["{".to_owned()]);
+    let mut answer = doubled.clone();
+    answer.extend(
+        tokenizer
+            .encode("\"name\": \"get_weather\", \"arguments\": {\"ci", false)
+            .unwrap(),
+    );
+    let t = JsonTracker::after(&rule, tokenizer, &answer);
+    let (lead, _) = t.segment().expect("held from the second brace");
+    assert_eq!(lead, b"{");
+    let constraint = t.constraint().unwrap();
+    let ty = tokenizer.encode("ty", false).unwrap();
+    let other = tokenizer.encode("xyz", false).unwrap();
+    assert!(constraint.allows(ty[0], tokenizer), "\"city\" goes on");
+    assert!(!constraint.allows(other[0], tokenizer), "no other key");
+    // After a tag the grammar holds before the brace comes, so the slip cannot happen.
+    let tagged = tokenizer.encode("<tool_call>\n", false).unwrap();
+    let t = JsonTracker::after(&rule, tokenizer, &tagged);
+    let held = t.constraint().expect("held after the tag");
+    assert!(!held.allows(doubled[0], tokenizer));
+    // Another token the grammar cannot start with still leaves the answer free.
+    let t = JsonTracker::after(&rule, tokenizer, &tokenizer.encode("{]", false).unwrap());
+    assert!(t.segment().is_none());
+}

@@ -55,6 +55,8 @@ pub(crate) struct PipelineHead {
     pub(crate) pooling: Option<shoal_engine::Pooling>,
     /// Where the ring goes once connected, so members see the head's own layers.
     pub(crate) ring: membership::HeadRing,
+    /// Where the weights the head sends stages are counted (the node's metrics).
+    pub(crate) weight_stats: shoal_pipeline::WeightStats,
 }
 
 /// Where a ring's layers go: the head's range first, then each peer's in ring order.
@@ -172,6 +174,7 @@ impl PipelineHead {
             &self.node_id,
             self.memory_cap,
             &self.transport,
+            &self.weight_stats,
         )
         .await
         .map_err(|e| SetupFailed {
@@ -212,6 +215,7 @@ impl PipelineHead {
         let settings = shoal_pipeline::RingSettings {
             activations: self.activations,
             stats: state.batch_stats(),
+            weight_stats: self.weight_stats.clone(),
             replan: planner.clone().map(|p| p as Arc<dyn Replan>),
             transport: self.transport.clone(),
             prompt_cache_bytes: self.prompt_cache_bytes,

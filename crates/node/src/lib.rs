@@ -161,6 +161,7 @@ impl Node {
                 node_id: node_id.clone(),
                 agent: agent.clone(),
                 stats: state.batch_stats(),
+                weight_stats: state.weight_stats(),
                 transport: transport.clone(),
                 roster: roster.clone(),
                 prompt_cache_bytes: config.prompt_cache_bytes,
@@ -208,6 +209,7 @@ impl Node {
                 chat_template: config.chat_template.clone(),
                 pooling: config.pooling,
                 ring: head_ring.clone(),
+                weight_stats: state.weight_stats(),
             };
             background.push(match config.auto_model.clone() {
                 Some(auto) => auto_model::start(head, auto, state.clone()),

@@ -61,6 +61,7 @@ pub(crate) struct PeerPortSetup {
     pub(crate) agent: AgentSlot,
     /// Where stage batches are counted.
     pub(crate) stats: BatchStats,
+    pub(crate) weight_stats: shoal_pipeline::WeightStats,
     /// The swarm key, limits and deadlines, for peers in and stage links out.
     pub(crate) transport: Transport,
     /// The cluster's members: heartbeats from peers go here.
@@ -98,6 +99,7 @@ pub(crate) async fn serve_peer_port(
         let mut config = StageServerConfig::new(dir.clone());
         config.node_id = setup.node_id.clone();
         config.stats = setup.stats.clone();
+        config.weight_stats = setup.weight_stats.clone();
         config.transport = setup.transport.clone();
         config.prompt_cache_bytes = setup.prompt_cache_bytes;
         config.memory_offer = setup.memory_offer;

@@ -321,6 +321,18 @@ async fn a_node_without_a_peer_port_lists_itself_and_cannot_join() {
     node.shutdown().await.unwrap();
 }
 
+/// The value of the counter `name` on `node`'s `/metrics`.
+async fn metric(node: &Node, name: &str) -> u64 {
+    let (status, body) = http(node.http_addr(), "GET", "/metrics", None).await;
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// One HTTP/1.1 request with a bearer token; the status and the body (read up to `limit`
 /// bytes, for a stream that does not end).
 async fn http_keyed(
@@ -597,13 +609,24 @@ async fn a_ring_over_the_members_forms_when_one_joins_and_follows_later_joins() 
     let question = "What is the capital of France?";
     let alone = common::ask(&single, id, question, 24).await;
     assert_eq!(common::ask(&head, id, question, 24).await, alone);
-    assert!(
-        std::fs::read_dir(empty.path().join("stages"))
-            .unwrap()
-            .count()
-            == 1,
+    let stage_files: Vec<std::path::PathBuf> = std::fs::read_dir(empty.path().join("stages"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        stage_files.len(),
+        1,
         "the member got its layers from the head"
     );
+    // Each side counts the bytes in its metrics: the head sent the member's share (and the
+    // layers the member measured itself on while planning), the member received them.
+    let share = std::fs::metadata(&stage_files[0]).unwrap().len();
+    let sent = metric(&head, "shoal_weights_sent_bytes_total").await;
+    let received = metric(&first, "shoal_weights_received_bytes_total").await;
+    assert_eq!(sent, received, "what the head sent is what the member got");
+    assert!(sent > share, "{sent} bytes sent for a share of {share}");
+    assert_eq!(metric(&first, "shoal_weights_sent_bytes_total").await, 0);
+    assert_eq!(metric(&head, "shoal_weights_received_bytes_total").await, 0);
     // Every member shows the layers it holds, the head its own.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

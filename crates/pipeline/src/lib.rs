@@ -66,4 +66,4 @@ pub use server::{
     StageServer, StageServerConfig, WholeModel, DEFAULT_MAX_SESSIONS,
     DEFAULT_MAX_SESSIONS_PER_HEAD, DEFAULT_QUEUE_KIB,
 };
-pub use weights::STAGES_DIR;
+pub use weights::{WeightCounts, WeightStats, STAGES_DIR};

@@ -36,6 +36,8 @@ pub struct ProbedModel {
     /// The head's copy and its SHA-256, served to a peer without the model so it can
     /// measure itself; `None`: peers must have the model.
     pub weights: Option<(PathBuf, [u8; 32])>,
+    /// Where the bytes of those layers are counted.
+    pub weight_stats: crate::WeightStats,
 }
 
 /// Measures this node on the model at `path`: a few middle layers (no embedding or head, so
@@ -108,8 +110,8 @@ pub async fn probe_peer(
                 Some(Message::Profile(profile)) => return Ok(PeerProfile { addr, profile, rtt }),
                 Some(Message::GetWeights(req)) => match &model.weights {
                     Some((path, sha)) if *sha == req.model_sha256 => {
-                        let sent = std::sync::atomic::AtomicU64::new(0);
-                        crate::weights::send_weights(&mut conn, path.clone(), &req, &sent).await?
+                        let stats = &model.weight_stats;
+                        crate::weights::send_weights(&mut conn, path.clone(), &req, stats).await?
                     }
                     _ => {
                         let e = ErrorMessage::new(

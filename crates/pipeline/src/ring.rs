@@ -108,6 +108,8 @@ pub struct RingSettings {
     pub pooling: Option<shoal_engine::Pooling>,
     /// Members outside the ring said to hold the model ([`PipelineConfig::weight_holders`]).
     pub weight_holders: crate::WeightHolders,
+    /// Where the weights the head sends are counted ([`PipelineConfig::weight_stats`]).
+    pub weight_stats: crate::WeightStats,
 }
 
 /// Sets up a ring as its head: this node runs `ranges[0]`, `peers[i]` runs `ranges[i + 1]`,
@@ -141,6 +143,7 @@ pub async fn connect_ring(
     config.chat_template = settings.chat_template;
     config.pooling = settings.pooling;
     config.weight_holders = settings.weight_holders;
+    config.weight_stats = settings.weight_stats;
     if let Some(last) = addrs.last() {
         config.reply_bind = SocketAddr::new(local_ip_towards(*last), 0);
     }
@@ -194,17 +197,20 @@ pub struct PlannedRing {
 
 /// `--split auto`: asks every peer for its profile on the model (time per layer, free
 /// memory) and times the round trip to it, measures this node, and lets the planner place
-/// the layers for one stream.
+/// the layers for one stream. The layers sent to peers without the model to measure on are
+/// counted in `weight_stats`.
 pub async fn plan_ring(
     model_path: &Path,
     peers: &[String],
     node_id: &str,
     memory_cap: Option<u64>,
     transport: &Transport,
+    weight_stats: &crate::WeightStats,
 ) -> Result<PlannedRing> {
     let addrs = resolve_all(peers)?;
-    let planner =
+    let mut planner =
         RingPlanner::measure(model_path, node_id, memory_cap, addrs.clone(), transport).await?;
+    planner.model.weight_stats = weight_stats.clone();
     let mut probed = Vec::with_capacity(peers.len());
     for (p, &addr) in peers.iter().zip(&addrs) {
         let probe = until_listening(|| {
@@ -316,6 +322,7 @@ impl RingPlanner {
             model: crate::ProbedModel {
                 id: model_id,
                 weights: Some((model_path.to_path_buf(), sha)),
+                weight_stats: crate::WeightStats::default(),
             },
             node_id: node_id.to_owned(),
             peers: std::sync::Mutex::new(peers),

@@ -20,7 +20,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -83,6 +82,8 @@ pub struct StageServerConfig {
     pub queue_kib: u32,
     /// Where the batches run are counted (the node's metrics).
     pub stats: BatchStats,
+    /// Where the bytes of weights sent and received are counted (the node's metrics).
+    pub weight_stats: crate::WeightStats,
     /// Bytes of ended sessions' caches kept for heads to resume later sessions from
     /// (`EndSession::keep`, `Forward::resume`: the prompt cache); 0 keeps none.
     pub prompt_cache_bytes: usize,
@@ -136,6 +137,7 @@ impl StageServerConfig {
             max_sessions_per_head: DEFAULT_MAX_SESSIONS_PER_HEAD,
             queue_kib: DEFAULT_QUEUE_KIB,
             stats: BatchStats::default(),
+            weight_stats: crate::WeightStats::default(),
             prompt_cache_bytes: 0,
             whole_model: None,
             memory_offer: None,
@@ -168,8 +170,6 @@ struct Inner {
     profiles: Mutex<HashMap<String, Profile>>,
     /// The weight transfers this stage server sends to members.
     senders: crate::weights::Senders,
-    /// Bytes of weights it has sent them.
-    weights_sent: AtomicU64,
     /// The queue of `Forward`s to the batching worker, started with the first one (it needs
     /// the runtime); the worker ends when this goes with the server.
     queue: OnceLock<mpsc::UnboundedSender<Queued>>,
@@ -297,7 +297,6 @@ impl StageServer {
                 links,
                 profiles: Mutex::new(HashMap::new()),
                 senders: crate::weights::Senders::new(),
-                weights_sent: AtomicU64::new(0),
                 queue: OnceLock::new(),
                 queue_room,
                 pass_timer: PassTimer::default(),
@@ -342,7 +341,13 @@ impl StageServer {
 
     /// Bytes of weights this server has sent to members that lacked them.
     pub fn weights_sent_bytes(&self) -> u64 {
-        self.inner.weights_sent.load(Ordering::Relaxed)
+        self.weight_counts().sent
+    }
+
+    /// Bytes of weights this server has sent, received and held already (see
+    /// [`crate::WeightStats`]).
+    pub fn weight_counts(&self) -> crate::WeightCounts {
+        self.inner.config.weight_stats.counts()
     }
 
     /// Counts of the batches this server has run.
@@ -496,8 +501,15 @@ impl StageServer {
                 let mut partial = crate::weights::Partial::locked(dir, &request).await?;
                 let idle_timeout = conn.idle_timeout();
                 conn.set_idle_timeout(None);
-                let fetched =
-                    crate::weights::fetch_over(conn, "the head", request, dir, &mut partial).await;
+                let fetched = crate::weights::fetch_over(
+                    conn,
+                    "the head",
+                    request,
+                    dir,
+                    &mut partial,
+                    &self.inner.config.weight_stats,
+                )
+                .await;
                 conn.set_idle_timeout(idle_timeout);
                 (fetched?, true)
             }
@@ -550,6 +562,7 @@ impl StageServer {
                     &config.transport,
                     crate::weights::request_for(&plan),
                     &config.models_dir,
+                    &config.weight_stats,
                 )
                 .await?
             }
@@ -683,7 +696,8 @@ impl StageServer {
         {
             Ok(path) => {
                 let _turn = self.inner.senders.turn(&peer.node_id).await;
-                crate::weights::send_weights(conn, path, &req, &self.inner.weights_sent).await
+                let stats = &self.inner.config.weight_stats;
+                crate::weights::send_weights(conn, path, &req, stats).await
             }
             Err(e) => {
                 let e = ErrorMessage::new(error_code(&e), None, e.to_string());

@@ -48,8 +48,8 @@ const CHUNK: usize = 4 << 20;
 /// gigabyte takes seconds on a laptop, longer on a Raspberry Pi's SD card).
 const MANIFEST_DEADLINE: Duration = Duration::from_secs(600);
 
-/// Longest wait for the node's `WeightsWant` after the manifest: it first checks the regions
-/// it holds already against the manifest's hashes, as long as hashing a share takes.
+/// Longest wait for the node's `WeightsWant` after the manifest: it first copies the regions
+/// that stage files it kept hold (reading, hashing and writing them: up to a share's worth).
 const WANT_DEADLINE: Duration = MANIFEST_DEADLINE;
 
 /// Longest wait for each chunk once the transfer runs.
@@ -58,6 +58,42 @@ const CHUNK_DEADLINE: Duration = Duration::from_secs(60);
 /// Most transfers one holder sends at once: each reads its share of the file from disk and
 /// fills the link, and a node has only so much of both.
 const MAX_SENDS: usize = 4;
+
+/// Bytes of weights a node moved over the LAN, for its metrics: sent to members that lacked
+/// them, received, and taken from what it held instead of being sent them (the regions an
+/// earlier fetch left whole, the tensors of a stage file it kept). Cheap to clone; clones
+/// share the counts.
+#[derive(Clone, Debug, Default)]
+pub struct WeightStats(Arc<WeightCounters>);
+
+#[derive(Debug, Default)]
+struct WeightCounters {
+    sent: AtomicU64,
+    received: AtomicU64,
+    reused: AtomicU64,
+}
+
+/// [`WeightStats`] as read at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WeightCounts {
+    /// Bytes of stage files sent to members.
+    pub sent: u64,
+    /// Bytes of stage files received from members (a transfer cut short too).
+    pub received: u64,
+    /// Bytes of stage files fetched whole that were not received but held already.
+    pub reused: u64,
+}
+
+impl WeightStats {
+    /// The counts now.
+    pub fn counts(&self) -> WeightCounts {
+        WeightCounts {
+            sent: self.0.sent.load(Ordering::Relaxed),
+            received: self.0.received.load(Ordering::Relaxed),
+            reused: self.0.reused.load(Ordering::Relaxed),
+        }
+    }
+}
 
 /// The weight transfers a holder (a stage server, a head's reply listener) sends: at most
 /// [`MAX_SENDS`] at once, and one at a time to each node (a node fetches one stage at a
@@ -214,7 +250,7 @@ pub(crate) async fn send_weights(
     conn: &mut Connection,
     model: PathBuf,
     req: &GetWeights,
-    sent: &AtomicU64,
+    stats: &WeightStats,
 ) -> std::result::Result<(), WireError> {
     let spec = spec_of(req);
     let planned = tokio::task::spawn_blocking(move || plan_and_hash(&model, &spec)).await;
@@ -232,7 +268,13 @@ pub(crate) async fn send_weights(
     let regions = layout.regions();
     conn.write_frame(&Message::WeightsManifest(manifest))
         .await?;
-    let want = match tokio::time::timeout(WANT_DEADLINE, conn.read_frame()).await {
+    // The node copies what it holds before it answers: [`WANT_DEADLINE`] bounds that wait,
+    // not the connection's idle timeout.
+    let idle_timeout = conn.idle_timeout();
+    conn.set_idle_timeout(None);
+    let asked = tokio::time::timeout(WANT_DEADLINE, conn.read_frame()).await;
+    conn.set_idle_timeout(idle_timeout);
+    let want = match asked {
         Ok(Ok(Some(Message::WeightsWant(want)))) => want,
         // The node went away (it may have found nothing it needs after all).
         Ok(Ok(None)) => return Ok(()),
@@ -300,7 +342,7 @@ pub(crate) async fn send_weights(
                 let bytes = data.len() as u64;
                 conn.write_frame(&Message::WeightsChunk(WeightsChunk { data }))
                     .await?;
-                sent.fetch_add(bytes, Ordering::Relaxed);
+                stats.0.sent.fetch_add(bytes, Ordering::Relaxed);
             }
             Err(e) => {
                 // Closing the connection tells the receiver at once that the transfer
@@ -357,8 +399,9 @@ fn plan_and_hash(
 }
 
 /// Gets the stage file `req` asks for from the holder at `from` into
-/// `<models_dir>/stages/`, checking every region's SHA-256 as it arrives, and from where
-/// `partial` says an earlier holder's transfer ended (see [`fetch_over`]). Stage files of
+/// `<models_dir>/stages/`, checking every region's SHA-256 as it arrives, asking only for
+/// the regions `partial` and the stage files kept here do not hold (see [`fetch_over`]).
+/// Stage files of
 /// the same model that the new one covers are removed (they would never be chosen again).
 /// Returns the stage file's path.
 pub(crate) async fn fetch(
@@ -368,9 +411,18 @@ pub(crate) async fn fetch(
     req: GetWeights,
     models_dir: &Path,
     partial: &mut Partial,
+    stats: &WeightStats,
 ) -> Result<PathBuf> {
     let mut conn = dial(from, node_id, Capabilities::STAGE, transport).await?;
-    fetch_over(&mut conn, &from.to_string(), req, models_dir, partial).await
+    fetch_over(
+        &mut conn,
+        &from.to_string(),
+        req,
+        models_dir,
+        partial,
+        stats,
+    )
+    .await
 }
 
 /// Whom the stage at `index` of `peers` (the ring after the head, in order) asks for its
@@ -435,6 +487,7 @@ pub(crate) async fn fetch_from_any(
     transport: &Transport,
     req: GetWeights,
     models_dir: &Path,
+    stats: &WeightStats,
 ) -> Result<PathBuf> {
     let mut last = None;
     let mut partial = Partial::locked(models_dir, &req).await?;
@@ -453,6 +506,7 @@ pub(crate) async fn fetch_from_any(
             req.clone(),
             models_dir,
             &mut partial,
+            stats,
         )
         .await
         {
@@ -489,6 +543,21 @@ pub(crate) struct Partial {
     manifest: Option<WeightsManifest>,
     /// Per region of `manifest`: whole and checked in the `.part` file.
     held: Vec<bool>,
+    /// Bytes of the regions held that no holder of this fetch sent: left by an earlier
+    /// fetch, or copied from a kept stage file.
+    reused: u64,
+    /// The regions of the stage files kept here that the share may take (read once per
+    /// fetch, before the first holder is asked: [`kept_regions`]).
+    kept_files: Option<Arc<Vec<KeptFile>>>,
+}
+
+/// A stage file kept here, laid out and hashed as a holder would: its regions may be
+/// copied into a new share instead of being sent.
+struct KeptFile {
+    file: Arc<GgufFile>,
+    layout: StageFile,
+    /// Each region: its bytes in the file, its length and SHA-256.
+    regions: Vec<(Range<u64>, WeightsRegion)>,
 }
 
 /// The locks of one stage file's transfer: the process's (a tokio mutex, so a second fetch
@@ -539,6 +608,7 @@ impl Partial {
             Some((manifest, held)) if held.contains(&true) => {
                 partial.manifest = Some(manifest);
                 partial.held = held;
+                partial.reused = partial.held_bytes();
                 tracing::info!(
                     layers = ?req.layer_start..req.layer_end,
                     bytes = partial.held_bytes(),
@@ -571,6 +641,7 @@ impl Partial {
         }
         self.manifest = None;
         self.held.clear();
+        self.reused = 0;
     }
 
     /// The transfer ended: the `.part` file became the stage file.
@@ -580,6 +651,7 @@ impl Partial {
         }
         self.manifest = None;
         self.held.clear();
+        self.reused = 0;
     }
 }
 
@@ -703,6 +775,7 @@ pub(crate) async fn fetch_over(
     req: GetWeights,
     models_dir: &Path,
     partial: &mut Partial,
+    stats: &WeightStats,
 ) -> Result<PathBuf> {
     let from = holder;
     let started = std::time::Instant::now();
@@ -717,6 +790,17 @@ pub(crate) async fn fetch_over(
     let unavailable = |reason: String| PipelineError::ModelUnavailable {
         model_id: req.model_id.clone(),
         reason,
+    };
+    // Hashed before the holder is asked, so it does not wait on this node's disk.
+    let kept_files = match &partial.kept_files {
+        Some(files) => files.clone(),
+        None => {
+            let (dir, kept) = (dir.clone(), kept.clone());
+            let files = tokio::task::spawn_blocking(move || kept_regions(&dir, &kept))
+                .await
+                .map_err(|e| PipelineError::Task(e.to_string()))?;
+            partial.kept_files.insert(Arc::new(files)).clone()
+        }
     };
     conn.write_frame(&Message::GetWeights(req.clone())).await?;
     let manifest = match read_within(conn, MANIFEST_DEADLINE, "WeightsManifest").await? {
@@ -760,16 +844,16 @@ pub(crate) async fn fetch_over(
     }
     let resumed = partial.held_bytes();
     let copied = {
-        let (dir, kept, part, manifest) =
-            (dir.clone(), kept.clone(), part.clone(), manifest.clone());
+        let (part, manifest) = (part.clone(), manifest.clone());
         let mut held = partial.held.clone();
         let copied = tokio::task::spawn_blocking(move || {
-            let copied = copy_kept_regions(&dir, &kept, &part, &manifest, &mut held);
+            let copied = copy_kept_regions(&kept_files, &part, &manifest, &mut held);
             (copied, held)
         })
         .await
         .map_err(|e| PipelineError::Task(e.to_string()))?;
         partial.held = copied.1;
+        partial.reused += copied.0;
         copied.0
     };
     let want = WeightsWant {
@@ -783,7 +867,7 @@ pub(crate) async fn fetch_over(
         .sum();
     conn.write_frame(&Message::WeightsWant(want.clone()))
         .await?;
-    let mut received = receive(conn, &manifest, &part, &mut partial.held, &want).await;
+    let mut received = receive(conn, &manifest, &part, &mut partial.held, &want, stats).await;
     if let Err(PipelineError::Io(_)) = &received {
         // This node's disk failed it: nothing written can be trusted to be there.
         partial.clear();
@@ -818,6 +902,7 @@ pub(crate) async fn fetch_over(
         });
     }
     tokio::fs::rename(&part, &path).await?;
+    stats.0.reused.fetch_add(partial.reused, Ordering::Relaxed);
     // Received whole: nothing left to resume, and the `.part` file is the stage file now.
     partial.finished();
     let _ = tokio::task::spawn_blocking(move || remove_covered(&dir, &kept)).await;
@@ -846,48 +931,19 @@ fn missing(held: &[bool]) -> Vec<Range<u32>> {
     runs
 }
 
-/// Copies into the `.part` file at `part` the regions of `manifest` not `held` that a stage
-/// file of the same model kept in `dir` holds — a share that grew or moved by a few layers
-/// (a member joined or left, and the ring was planned again) keeps the tensors it had. Each
-/// kept file that may share tensors with `new` is laid out and hashed as a holder would;
-/// a region of the same length and SHA-256 is copied, hashed again as it is written, and
-/// held. Returns the bytes copied. A kept file that cannot be read is passed over (the
-/// holder sends those regions).
-fn copy_kept_regions(
-    dir: &Path,
-    new: &Kept,
-    part: &Path,
-    manifest: &WeightsManifest,
-    held: &mut [bool],
-) -> u64 {
-    let mut wanted: HashMap<[u8; 32], Vec<usize>> = HashMap::new();
-    for (i, region) in manifest.regions.iter().enumerate() {
-        if !held[i] {
-            wanted.entry(region.sha256).or_default().push(i);
-        }
-    }
+/// The stage files of the same model kept in `dir` that may share tensors with the share
+/// `new` (layers in common, or both with an end's tensors: the embedding table, the output
+/// norm, a tied head), each laid out and hashed as a holder would. A file that cannot be
+/// read is passed over (the holder sends those regions).
+fn kept_regions(dir: &Path, new: &Kept) -> Vec<KeptFile> {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+        return Vec::new();
     };
-    let offsets: Vec<u64> = manifest
-        .regions
-        .iter()
-        .scan(0u64, |at, r| {
-            let start = *at;
-            *at += r.len;
-            Some(start)
-        })
-        .collect();
-    let mut copied = 0u64;
+    let mut files = Vec::new();
     for entry in entries.filter_map(|e| e.ok()) {
-        if wanted.is_empty() {
-            break;
-        }
         let Some(old) = entry.file_name().to_str().and_then(Kept::parse) else {
             continue;
         };
-        // Layers in common, or both with an end's tensors (the embedding table, the output
-        // norm, a tied head).
         let layers_meet = old.layers.start < new.layers.end && new.layers.start < old.layers.end;
         let ends_meet = (old.embed || old.head) && (new.embed || new.head);
         if old.sha_hex != new.sha_hex || old == *new || !(layers_meet || ends_meet) {
@@ -898,31 +954,79 @@ fn copy_kept_regions(
             embed: old.embed,
             head: old.head,
         };
-        let Ok((file, layout, old_manifest)) = plan_and_hash(&entry.path(), &spec) else {
-            continue;
-        };
-        for (range, region) in layout.regions().into_iter().zip(&old_manifest.regions) {
-            let Some(indices) = wanted.get(&region.sha256) else {
+        match plan_and_hash(&entry.path(), &spec) {
+            Ok((file, layout, manifest)) => {
+                let regions = layout.regions().into_iter().zip(manifest.regions).collect();
+                files.push(KeptFile {
+                    file,
+                    layout,
+                    regions,
+                });
+            }
+            Err(e) => tracing::warn!(
+                file = %entry.path().display(),
+                "a kept stage file could not be read: {e}"
+            ),
+        }
+    }
+    files
+}
+
+/// Copies into the `.part` file at `part` the regions of `manifest` not `held` that a stage
+/// file kept here holds (`kept`, from [`kept_regions`]) — a share that grew or moved by a
+/// few layers (a member joined or left, and the ring was planned again) keeps the tensors
+/// it had. A region of the same length and SHA-256 is copied, hashed again as it is
+/// written, and held. Returns the bytes copied.
+fn copy_kept_regions(
+    kept: &[KeptFile],
+    part: &Path,
+    manifest: &WeightsManifest,
+    held: &mut [bool],
+) -> u64 {
+    let mut wanted: HashMap<[u8; 32], Vec<usize>> = HashMap::new();
+    for (i, region) in manifest.regions.iter().enumerate() {
+        if !held[i] {
+            wanted.entry(region.sha256).or_default().push(i);
+        }
+    }
+    let offsets: Vec<u64> = manifest
+        .regions
+        .iter()
+        .scan(0u64, |at, r| {
+            let start = *at;
+            *at += r.len;
+            Some(start)
+        })
+        .collect();
+    let mut copied = 0u64;
+    for file in kept {
+        for (range, region) in &file.regions {
+            let Some(indices) = wanted.get_mut(&region.sha256) else {
                 continue;
             };
-            let indices: Vec<usize> = indices
-                .iter()
-                .copied()
-                .filter(|&i| manifest.regions[i].len == region.len)
-                .collect();
-            for i in indices {
-                match copy_region(&file, &layout, range.clone(), part, offsets[i]) {
+            indices.retain(|&i| {
+                if manifest.regions[i].len != region.len {
+                    return true;
+                }
+                match copy_region(&file.file, &file.layout, range.clone(), part, offsets[i]) {
                     Ok(sha) if sha == manifest.regions[i].sha256 => {
                         held[i] = true;
                         copied += region.len;
+                        false
                     }
-                    Ok(_) => {}
+                    Ok(_) => {
+                        tracing::warn!("a kept stage file changed on disk while it was copied");
+                        true
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "copying a region of a kept stage file failed");
+                        true
                     }
                 }
+            });
+            if indices.is_empty() {
+                wanted.remove(&region.sha256);
             }
-            wanted.remove(&region.sha256);
         }
     }
     copied
@@ -1014,6 +1118,7 @@ async fn receive(
     part: &Path,
     held: &mut [bool],
     want: &WeightsWant,
+    stats: &WeightStats,
 ) -> Result<()> {
     // A file resumed must still be there (not made anew, which would read as zeros).
     let mut out = tokio::fs::OpenOptions::new()
@@ -1025,7 +1130,7 @@ async fn receive(
     if out.metadata().await?.len() > manifest.file_len {
         out.set_len(manifest.file_len).await?;
     }
-    let received = receive_into(conn, manifest, &mut out, held, want).await;
+    let received = receive_into(conn, manifest, &mut out, held, want, stats).await;
     if received.is_err() {
         // No write of this handle may land after the next holder's (tokio writes in the
         // background until a flush).
@@ -1041,6 +1146,7 @@ async fn receive_into(
     out: &mut tokio::fs::File,
     held: &mut [bool],
     want: &WeightsWant,
+    stats: &WeightStats,
 ) -> Result<()> {
     let mut offsets = Vec::with_capacity(manifest.regions.len());
     let mut at = 0u64;
@@ -1065,6 +1171,12 @@ async fn receive_into(
     while got < total {
         let data = match read_within(conn, CHUNK_DEADLINE, "WeightsChunk").await? {
             Message::WeightsChunk(c) => c.data,
+            Message::Error(e) => {
+                return Err(PipelineError::Weights(format!(
+                    "the holder stopped: {}",
+                    e.message
+                )))
+            }
             other => {
                 return Err(WireError::UnexpectedMessage {
                     expected: "WeightsChunk",
@@ -1078,6 +1190,10 @@ async fn receive_into(
                 "the holder sent more than the {total} bytes of the regions asked for"
             )));
         }
+        stats
+            .0
+            .received
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut rest: &[u8] = &data;
         while !rest.is_empty() {
             let index = wanted[next];

@@ -675,7 +675,7 @@ async fn a_share_that_grows_keeps_the_tensors_it_had_and_is_sent_the_rest_only()
     std::os::unix::fs::symlink(model_path(), dir_b.path().join(SMOLLM2)).unwrap();
     let (server_b, b) = serve(dir_b.path()).await;
     let dir_c = tempfile::tempdir().unwrap();
-    let c = start_server(dir_c.path()).await;
+    let (server_c, c) = serve(dir_c.path()).await;
     let reply = load_layers(c, 12..20, &[b]).await;
     assert!(matches!(reply, Message::StageReady(_)), "{reply:?}");
     let (old, old_manifest) = share_of(12..20);
@@ -698,6 +698,12 @@ async fn a_share_that_grows_keeps_the_tensors_it_had_and_is_sent_the_rest_only()
         "{sent} of {} bytes sent",
         bytes.len()
     );
+    // C's counts: both shares' bytes received, and the rest of the new one taken from the
+    // file it kept.
+    let counts = server_c.weight_counts();
+    assert_eq!(counts.received, old.len() as u64 + not_kept);
+    assert_eq!(counts.reused, bytes.len() as u64 - not_kept);
+    assert_eq!(counts.sent, 0);
     // The new share, byte for byte; the file it covers is gone.
     let files = kept(dir_c.path());
     assert_eq!(files.len(), 1, "{files:?}");
@@ -706,6 +712,97 @@ async fn a_share_that_grows_keeps_the_tensors_it_had_and_is_sent_the_rest_only()
         std::fs::read(&files[0]).unwrap() == bytes,
         "the share as assembled"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_sends_the_regions_wanted_waits_for_them_past_its_idle_timeout_and_checks_them() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(model_path(), dir.path().join(SMOLLM2)).unwrap();
+    let mut config = StageServerConfig::new(dir.path());
+    config.transport.idle_timeout = Duration::from_secs(1);
+    let server = StageServer::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let holder = listener.local_addr().unwrap();
+    tokio::spawn(server.clone().serve(listener, std::future::pending()));
+    let (bytes, manifest) = real_share();
+    let n = manifest.regions.len() as u32;
+
+    // A node that asks, then takes 2 s to say what it wants (copying regions it kept):
+    // past the holder's 1 s idle timeout, it still gets them, and exactly them.
+    let mut conn = Connection::connect(holder, Limits::default())
+        .await
+        .unwrap();
+    client_handshake(
+        &mut conn,
+        Hello {
+            node_id: "test-node".into(),
+            software_version: "test".into(),
+            capabilities: Capabilities::STAGE,
+        },
+    )
+    .await
+    .unwrap();
+    let ask = Message::GetWeights(shoal_wire::GetWeights {
+        model_id: SMOLLM2.into(),
+        model_sha256: file_sha256(&model_path()).unwrap(),
+        layer_start: 10,
+        layer_end: 20,
+        embed: false,
+        head: false,
+    });
+    conn.write_frame(&ask).await.unwrap();
+    let Some(Message::WeightsManifest(got)) = conn.read_frame().await.unwrap() else {
+        panic!("no manifest");
+    };
+    assert_eq!(got, manifest);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let want = shoal_wire::WeightsWant {
+        regions: vec![1..3, n - 1..n],
+    };
+    conn.write_frame(&Message::WeightsWant(want)).await.unwrap();
+    let at = offsets(&manifest);
+    let mut expected = bytes[at[1] as usize..at[3] as usize].to_vec();
+    expected.extend_from_slice(&bytes[at[n as usize - 1] as usize..]);
+    let mut received = Vec::new();
+    while received.len() < expected.len() {
+        match conn.read_frame().await.unwrap() {
+            Some(Message::WeightsChunk(c)) => received.extend_from_slice(&c.data),
+            other => panic!("{other:?} after {} bytes", received.len()),
+        }
+    }
+    assert!(received == expected, "the regions wanted, in order");
+    assert_eq!(server.weights_sent_bytes(), expected.len() as u64);
+
+    // Nothing wanted: nothing sent (the next frame answers a ping). Regions past the
+    // manifest: refused.
+    conn.write_frame(&ask).await.unwrap();
+    assert!(matches!(
+        conn.read_frame().await.unwrap(),
+        Some(Message::WeightsManifest(_))
+    ));
+    let none = shoal_wire::WeightsWant { regions: vec![] };
+    conn.write_frame(&Message::WeightsWant(none)).await.unwrap();
+    conn.write_frame(&Message::Ping(shoal_wire::Ping { nonce: 7 }))
+        .await
+        .unwrap();
+    assert!(matches!(
+        conn.read_frame().await.unwrap(),
+        Some(Message::Pong(p)) if p.nonce == 7
+    ));
+    conn.write_frame(&ask).await.unwrap();
+    assert!(matches!(
+        conn.read_frame().await.unwrap(),
+        Some(Message::WeightsManifest(_))
+    ));
+    let past = shoal_wire::WeightsWant {
+        regions: vec![0..n + 1],
+    };
+    conn.write_frame(&Message::WeightsWant(past)).await.unwrap();
+    let Some(Message::Error(e)) = conn.read_frame().await.unwrap() else {
+        panic!("regions past the manifest were not refused");
+    };
+    assert_eq!(e.code, ErrorCode::BAD_REQUEST);
+    assert_eq!(server.weights_sent_bytes(), expected.len() as u64);
 }
 
 /// The `.part` file in `dir`'s stages directory, if there is one.

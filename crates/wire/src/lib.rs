@@ -55,8 +55,8 @@
 //! | `0x0051` | [`Chaos`] | member → member | play dead, or stop (the dashboard's kill and heal); answered in kind |
 //! | `0x0060` | [`GetWeights`] | node → holder | send me the share of a model (by id and sha256) that these layers need |
 //! | `0x0061` | [`WeightsManifest`] | holder → node | the stage file's length and its regions' SHA-256 |
-//! | `0x0063` | [`WeightsWant`] | node → holder | the regions I lack (protocol 13: the rest of a transfer another holder cut short, or what a stage file kept before does not hold) |
 //! | `0x0062` | [`WeightsChunk`] | holder → node | the next bytes of the regions wanted |
+//! | `0x0063` | [`WeightsWant`] | node → holder | the regions I lack, sent after the manifest (protocol 13: the rest of a transfer another holder cut short, or what a stage file kept before does not hold) |
 //!
 //! Shared field encodings: `bool` and option tags are one byte, 0 or 1; strings are a `u32`
 //! byte length then UTF-8; vectors of `u32` are a `u32` count then the elements; a socket

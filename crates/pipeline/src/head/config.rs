@@ -83,6 +83,9 @@ pub struct PipelineConfig {
     pub batch_rows: usize,
     /// Where the head's batches are counted (the node's metrics).
     pub stats: BatchStats,
+    /// Where the bytes of weights its reply listener sends stages are counted (the node's
+    /// metrics).
+    pub weight_stats: crate::WeightStats,
     /// Bytes of the head's own stage's caches kept from ended sessions, so a prompt that
     /// starts as an earlier one did resumes from it on every stage (the prompt cache;
     /// each peer bounds what it keeps by its own setting). 0 keeps none.
@@ -161,6 +164,7 @@ impl PipelineConfig {
             transport: Transport::default(),
             batch_rows: default_batch_rows(),
             stats: BatchStats::default(),
+            weight_stats: crate::WeightStats::default(),
             prompt_cache_bytes: 0,
             speculation: None,
             draft_model: None,

@@ -399,6 +399,7 @@ impl Pipeline {
             config.transport.clone(),
             router.clone(),
             weights,
+            config.weight_stats.clone(),
         ))));
         let setup = RingSetup {
             config: &config,

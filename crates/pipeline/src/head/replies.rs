@@ -138,6 +138,7 @@ pub(super) async fn serve_replies(
     transport: Transport,
     router: Arc<Router>,
     weights: Option<(PathBuf, [u8; 32])>,
+    weight_stats: crate::WeightStats,
 ) {
     let config = ServeConfig::over(transport);
     let replies = ReplyListener {
@@ -145,6 +146,7 @@ pub(super) async fn serve_replies(
         router,
         weights,
         senders: crate::weights::Senders::new(),
+        weight_stats,
     };
     serve_peers(listener, config, Arc::new(replies), std::future::pending()).await;
 }
@@ -157,6 +159,8 @@ pub(super) struct ReplyListener {
     weights: Option<(PathBuf, [u8; 32])>,
     /// The weight transfers it sends.
     senders: crate::weights::Senders,
+    /// Where their bytes are counted.
+    weight_stats: crate::WeightStats,
 }
 
 impl PeerService for ReplyListener {
@@ -179,8 +183,8 @@ impl PeerService for ReplyListener {
             Message::GetWeights(req) => match &self.weights {
                 Some((path, sha)) if *sha == req.model_sha256 => {
                     let _turn = self.senders.turn(&peer.node_id).await;
-                    let sent = std::sync::atomic::AtomicU64::new(0);
-                    crate::weights::send_weights(conn, path.clone(), &req, &sent).await
+                    let stats = &self.weight_stats;
+                    crate::weights::send_weights(conn, path.clone(), &req, stats).await
                 }
                 _ => {
                     let e = ErrorMessage::new(
