@@ -275,8 +275,8 @@ impl Collector for WeightCollector {
             ),
             (
                 "weights_reused",
-                "Bytes of stage files fetched whole that this node held already instead of \
-                 receiving them (regions an earlier transfer left, tensors of a stage file it kept)",
+                "Bytes of stage files fetched whole that this node copied from a stage file it \
+                 kept (a share that grew) instead of receiving them",
                 c.reused,
             ),
         ];

@@ -777,8 +777,15 @@ impl StreamGate {
             if self.seen.len() > shoal_engine::MAX_LEAD {
                 self.opening_at = None;
             } else if self.openings.iter().any(|o| start.starts_with(o.as_str())) {
-                // The call is the value from its first brace (after a fence, if any).
-                self.call_at = self.seen[at..].find('{').map(|i| at + i);
+                // The call is the value from its first brace (after a fence, if any), or
+                // from the second of a doubled one (as the engine holds it).
+                self.call_at = self.seen[at..].find('{').map(|i| {
+                    let after = &self.seen[at + i + 1..];
+                    match after.trim_start().strip_prefix('{') {
+                        Some(inner) => self.seen.len() - inner.len() - 1,
+                        None => at + i,
+                    }
+                });
                 self.opening_at = None;
             } else if !self.openings.iter().any(|o| o.starts_with(&start)) {
                 self.opening_at = None;
@@ -1431,6 +1438,19 @@ mod tests {
         live.call_rule(Format::Hermes).unwrap();
         let (gate, _, sent) = stream(&live, Format::Hermes, &pieces);
         assert_eq!(gate.sent_calls(), 1, "{sent:?}");
+
+        // A bare call opened with a doubled brace (one Qwen token) goes out as it is
+        // written too, from the second brace.
+        let doubled = [
+            "{{",
+            "\"name\": \"get_weather\", \"arg",
+            "uments\": {\"city\": \"Oslo\"}}",
+        ];
+        let (gate, content, deltas) = stream(&t, Format::Hermes, &doubled);
+        assert_eq!(content, "");
+        assert_eq!(gate.sent_calls(), 1, "{deltas:?}");
+        let sent: String = deltas.iter().map(|d| d.arguments.as_str()).collect();
+        assert_eq!(sent, r#"{"city": "Oslo"}"#);
 
         // A forced answer is a call from its first token; a name that is no tool's is not
         // sent.

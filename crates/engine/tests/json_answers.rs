@@ -402,6 +402,8 @@ fn a_doubled_opening_brace_in_one_token_is_held_from_the_second() {
     let held = t.constraint().expect("held after the tag");
     assert!(!held.allows(doubled[0], tokenizer));
     // Another token the grammar cannot start with still leaves the answer free.
-    let t = JsonTracker::after(&rule, tokenizer, &tokenizer.encode("{]", false).unwrap());
+    let empty = tokenizer.encode("{}", false).unwrap();
+    assert_eq!(empty.len(), 1, "`{{}}` is one token too");
+    let t = JsonTracker::after(&rule, tokenizer, &empty);
     assert!(t.segment().is_none());
 }

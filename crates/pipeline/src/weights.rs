@@ -60,9 +60,8 @@ const CHUNK_DEADLINE: Duration = Duration::from_secs(60);
 const MAX_SENDS: usize = 4;
 
 /// Bytes of weights a node moved over the LAN, for its metrics: sent to members that lacked
-/// them, received, and taken from what it held instead of being sent them (the regions an
-/// earlier fetch left whole, the tensors of a stage file it kept). Cheap to clone; clones
-/// share the counts.
+/// them, received, and copied from a stage file it kept instead of being sent them. Cheap
+/// to clone; clones share the counts.
 #[derive(Clone, Debug, Default)]
 pub struct WeightStats(Arc<WeightCounters>);
 
@@ -80,7 +79,8 @@ pub struct WeightCounts {
     pub sent: u64,
     /// Bytes of stage files received from members (a transfer cut short too).
     pub received: u64,
-    /// Bytes of stage files fetched whole that were not received but held already.
+    /// Bytes of stage files fetched whole that were copied from a stage file kept here
+    /// instead of being received.
     pub reused: u64,
 }
 
@@ -413,6 +413,16 @@ pub(crate) async fn fetch(
     partial: &mut Partial,
     stats: &WeightStats,
 ) -> Result<PathBuf> {
+    // The stage files kept here are hashed before the holder is dialled: it does not wait
+    // on this node's disk (once per fetch, whichever holders are asked).
+    if partial.kept_files.is_none() {
+        let dir = models_dir.join(STAGES_DIR);
+        let kept = Kept::of(&req.model_sha256, &spec_of(&req));
+        let files = tokio::task::spawn_blocking(move || kept_regions(&dir, &kept))
+            .await
+            .map_err(|e| PipelineError::Task(e.to_string()))?;
+        partial.kept_files = Some(Arc::new(files));
+    }
     let mut conn = dial(from, node_id, Capabilities::STAGE, transport).await?;
     fetch_over(
         &mut conn,
@@ -543,8 +553,7 @@ pub(crate) struct Partial {
     manifest: Option<WeightsManifest>,
     /// Per region of `manifest`: whole and checked in the `.part` file.
     held: Vec<bool>,
-    /// Bytes of the regions held that no holder of this fetch sent: left by an earlier
-    /// fetch, or copied from a kept stage file.
+    /// Bytes of the regions copied from a kept stage file.
     reused: u64,
     /// The regions of the stage files kept here that the share may take (read once per
     /// fetch, before the first holder is asked: [`kept_regions`]).
@@ -608,7 +617,6 @@ impl Partial {
             Some((manifest, held)) if held.contains(&true) => {
                 partial.manifest = Some(manifest);
                 partial.held = held;
-                partial.reused = partial.held_bytes();
                 tracing::info!(
                     layers = ?req.layer_start..req.layer_end,
                     bytes = partial.held_bytes(),
@@ -791,17 +799,9 @@ pub(crate) async fn fetch_over(
         model_id: req.model_id.clone(),
         reason,
     };
-    // Hashed before the holder is asked, so it does not wait on this node's disk.
-    let kept_files = match &partial.kept_files {
-        Some(files) => files.clone(),
-        None => {
-            let (dir, kept) = (dir.clone(), kept.clone());
-            let files = tokio::task::spawn_blocking(move || kept_regions(&dir, &kept))
-                .await
-                .map_err(|e| PipelineError::Task(e.to_string()))?;
-            partial.kept_files.insert(Arc::new(files)).clone()
-        }
-    };
+    // Hashed before the holder was dialled ([`fetch`]); none on a connection a head opened
+    // to have this node measure itself (it waits for the answer, and the sample is small).
+    let kept_files = partial.kept_files.clone().unwrap_or_default();
     conn.write_frame(&Message::GetWeights(req.clone())).await?;
     let manifest = match read_within(conn, MANIFEST_DEADLINE, "WeightsManifest").await? {
         Message::WeightsManifest(m) => m,
