@@ -234,15 +234,7 @@ impl Collector for BatchCollector {
                 c.shared,
             ),
         ];
-        for (name, help, value) in counters {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                counter.metric_type(),
-            )?)?;
-        }
+        encode_counters(&mut encoder, None, &counters)?;
         let largest = ConstGauge::new(i64::try_from(c.largest).unwrap_or(i64::MAX));
         largest.encode(encoder.encode_descriptor(
             "stage_batch_sessions_max",
@@ -280,15 +272,19 @@ impl Collector for WeightCollector {
                 c.reused,
             ),
         ];
-        for (name, help, value) in counters {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                Some(&Unit::Bytes),
-                counter.metric_type(),
-            )?)?;
-        }
-        Ok(())
+        encode_counters(&mut encoder, Some(&Unit::Bytes), &counters)
     }
+}
+
+/// Counters read at a scrape, as `(name, help, value)`, all in `unit`.
+fn encode_counters(
+    encoder: &mut DescriptorEncoder,
+    unit: Option<&Unit>,
+    counters: &[(&str, &str, u64)],
+) -> Result<(), std::fmt::Error> {
+    for &(name, help, value) in counters {
+        let counter = ConstCounter::new(value);
+        counter.encode(encoder.encode_descriptor(name, help, unit, counter.metric_type())?)?;
+    }
+    Ok(())
 }

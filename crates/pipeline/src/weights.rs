@@ -918,6 +918,19 @@ pub(crate) async fn fetch_over(
     Ok(path)
 }
 
+/// Where each region of `manifest` starts in its file.
+fn region_offsets(manifest: &WeightsManifest) -> Vec<u64> {
+    let mut at = 0u64;
+    manifest
+        .regions
+        .iter()
+        .map(|r| {
+            at += r.len;
+            at - r.len
+        })
+        .collect()
+}
+
 /// The regions not `held`, as runs of indices.
 fn missing(held: &[bool]) -> Vec<Range<u32>> {
     let mut runs: Vec<Range<u32>> = Vec::new();
@@ -989,15 +1002,7 @@ fn copy_kept_regions(
             wanted.entry(region.sha256).or_default().push(i);
         }
     }
-    let offsets: Vec<u64> = manifest
-        .regions
-        .iter()
-        .scan(0u64, |at, r| {
-            let start = *at;
-            *at += r.len;
-            Some(start)
-        })
-        .collect();
+    let offsets = region_offsets(manifest);
     let mut copied = 0u64;
     for file in kept {
         for (range, region) in &file.regions {
@@ -1148,12 +1153,7 @@ async fn receive_into(
     want: &WeightsWant,
     stats: &WeightStats,
 ) -> Result<()> {
-    let mut offsets = Vec::with_capacity(manifest.regions.len());
-    let mut at = 0u64;
-    for region in &manifest.regions {
-        offsets.push(at);
-        at += region.len;
-    }
+    let offsets = region_offsets(manifest);
     let wanted: Vec<usize> = want
         .regions
         .iter()
