@@ -112,9 +112,10 @@ impl JsonRule {
     /// Also holds when the answer opens with one of `openings` (blanks aside and ignored
     /// inside them, e.g. `{"name": "get_weather"`): small models often write a call as
     /// bare JSON, without its opening tag, and llama.cpp triggers on that too. The value
-    /// starts at the opening's first `{` or `[` (so an opening may begin with a code fence
-    /// that is not part of the value: ```` ```json{"name" ````); an answer that opens
-    /// otherwise (a JSON reply that is no call) stays free.
+    /// starts at the opening's first `{` or `[`, so an opening may begin with a code fence
+    /// that is not part of the value (```` ```json{"name" ````) — or at the second brace of
+    /// a doubled `{{`, a small model's slip; an answer that opens otherwise (a JSON reply
+    /// that is no call) stays free.
     pub fn or_bare(mut self, openings: impl IntoIterator<Item = String>) -> Self {
         self.bare = openings
             .into_iter()

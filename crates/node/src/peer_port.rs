@@ -61,6 +61,7 @@ pub(crate) struct PeerPortSetup {
     pub(crate) agent: AgentSlot,
     /// Where stage batches are counted.
     pub(crate) stats: BatchStats,
+    /// Where the stage server counts the weights it sends and receives (the metrics).
     pub(crate) weight_stats: shoal_pipeline::WeightStats,
     /// The swarm key, limits and deadlines, for peers in and stage links out.
     pub(crate) transport: Transport,

@@ -339,13 +339,14 @@ impl StageServer {
         Some(len)
     }
 
-    /// Bytes of weights this server has sent to members that lacked them.
+    /// Bytes of weights sent to members that lacked them, as counted in this server's
+    /// [`StageServerConfig::weight_stats`] (a node shares those with its pipeline head).
     pub fn weights_sent_bytes(&self) -> u64 {
         self.weight_counts().sent
     }
 
-    /// Bytes of weights this server has sent, received and held already (see
-    /// [`crate::WeightStats`]).
+    /// Bytes of weights sent, received and copied from kept stage files, as counted in this
+    /// server's [`StageServerConfig::weight_stats`] (see [`crate::WeightStats`]).
     pub fn weight_counts(&self) -> crate::WeightCounts {
         self.inner.config.weight_stats.counts()
     }

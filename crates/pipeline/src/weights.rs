@@ -98,8 +98,9 @@ impl WeightStats {
 /// The weight transfers a holder (a stage server, a head's reply listener) sends: at most
 /// [`MAX_SENDS`] at once, and one at a time to each node (a node fetches one stage at a
 /// time; a second request from it waits for the first to end rather than doubling the
-/// load). Waiting holds no transfer's deadline: the requester's clock starts at the
-/// manifest, [`MANIFEST_DEADLINE`] away.
+/// load). A turn lasts from the hashing of the share to its last byte, the wait for the
+/// node's `WeightsWant` included ([`WANT_DEADLINE`] at most: the node only copies regions
+/// then); a request that waits for a turn waits within its own [`MANIFEST_DEADLINE`].
 pub(crate) struct Senders {
     all: Arc<Semaphore>,
     per_node: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -276,8 +277,15 @@ pub(crate) async fn send_weights(
     conn.set_idle_timeout(idle_timeout);
     let want = match asked {
         Ok(Ok(Some(Message::WeightsWant(want)))) => want,
-        // The node went away (it may have found nothing it needs after all).
+        // The node went away.
         Ok(Ok(None)) => return Ok(()),
+        // The node gave up (its disk failed it): its reason goes to whoever reads ours.
+        Ok(Ok(Some(Message::Error(e)))) => {
+            return Err(WireError::Remote {
+                code: e.code,
+                message: e.message,
+            })
+        }
         Ok(Ok(Some(other))) => {
             return Err(WireError::UnexpectedMessage {
                 expected: "WeightsWant",
@@ -401,8 +409,8 @@ fn plan_and_hash(
 /// Gets the stage file `req` asks for from the holder at `from` into
 /// `<models_dir>/stages/`, checking every region's SHA-256 as it arrives, asking only for
 /// the regions `partial` and the stage files kept here do not hold (see [`fetch_over`]).
-/// Stage files of
-/// the same model that the new one covers are removed (they would never be chosen again).
+/// Stage files of the same model that the new one covers are removed (they would never be
+/// chosen again).
 /// Returns the stage file's path.
 pub(crate) async fn fetch(
     from: SocketAddr,
@@ -846,15 +854,15 @@ pub(crate) async fn fetch_over(
     let copied = {
         let (part, manifest) = (part.clone(), manifest.clone());
         let mut held = partial.held.clone();
-        let copied = tokio::task::spawn_blocking(move || {
+        let (copied, held) = tokio::task::spawn_blocking(move || {
             let copied = copy_kept_regions(&kept_files, &part, &manifest, &mut held);
             (copied, held)
         })
         .await
         .map_err(|e| PipelineError::Task(e.to_string()))?;
-        partial.held = copied.1;
-        partial.reused += copied.0;
-        copied.0
+        partial.held = held;
+        partial.reused += copied;
+        copied
     };
     let want = WeightsWant {
         regions: missing(&partial.held),
@@ -1125,7 +1133,8 @@ async fn receive(
     want: &WeightsWant,
     stats: &WeightStats,
 ) -> Result<()> {
-    // A file resumed must still be there (not made anew, which would read as zeros).
+    // A file with regions held (resumed, or copied from a kept file) must still be there,
+    // not made anew (it would read as zeros where they were).
     let mut out = tokio::fs::OpenOptions::new()
         .write(true)
         .create(!held.contains(&true))

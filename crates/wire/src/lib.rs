@@ -56,7 +56,7 @@
 //! | `0x0060` | [`GetWeights`] | node → holder | send me the share of a model (by id and sha256) that these layers need |
 //! | `0x0061` | [`WeightsManifest`] | holder → node | the stage file's length and its regions' SHA-256 |
 //! | `0x0062` | [`WeightsChunk`] | holder → node | the next bytes of the regions wanted |
-//! | `0x0063` | [`WeightsWant`] | node → holder | the regions I lack, sent after the manifest (protocol 13: the rest of a transfer another holder cut short, or what a stage file kept before does not hold) |
+//! | `0x0063` | [`WeightsWant`] | node → holder | the regions I lack, sent after every manifest (protocol 13): all of them for a fresh transfer, else those neither a transfer another holder cut short nor a stage file kept before holds |
 //!
 //! Shared field encodings: `bool` and option tags are one byte, 0 or 1; strings are a `u32`
 //! byte length then UTF-8; vectors of `u32` are a `u32` count then the elements; a socket

@@ -258,7 +258,7 @@ impl WeightsWant {
     pub fn count(&self) -> usize {
         self.regions
             .iter()
-            .map(|r| (r.end - r.start) as usize)
+            .map(|r| r.end.saturating_sub(r.start) as usize)
             .sum()
     }
 }
