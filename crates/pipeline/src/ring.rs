@@ -208,9 +208,15 @@ pub async fn plan_ring(
     weight_stats: &crate::WeightStats,
 ) -> Result<PlannedRing> {
     let addrs = resolve_all(peers)?;
-    let mut planner =
-        RingPlanner::measure(model_path, node_id, memory_cap, addrs.clone(), transport).await?;
-    planner.model.weight_stats = weight_stats.clone();
+    let planner = RingPlanner::measure(
+        model_path,
+        node_id,
+        memory_cap,
+        addrs.clone(),
+        transport,
+        weight_stats,
+    )
+    .await?;
     let mut probed = Vec::with_capacity(peers.len());
     for (p, &addr) in peers.iter().zip(&addrs) {
         let probe = until_listening(|| {
@@ -298,6 +304,7 @@ impl RingPlanner {
         memory_cap: Option<u64>,
         peers: Vec<SocketAddr>,
         transport: &Transport,
+        weight_stats: &crate::WeightStats,
     ) -> Result<Self> {
         let model_id = model_path
             .file_name()
@@ -322,7 +329,7 @@ impl RingPlanner {
             model: crate::ProbedModel {
                 id: model_id,
                 weights: Some((model_path.to_path_buf(), sha)),
-                weight_stats: crate::WeightStats::default(),
+                weight_stats: weight_stats.clone(),
             },
             node_id: node_id.to_owned(),
             peers: std::sync::Mutex::new(peers),

@@ -383,20 +383,10 @@ fn plan_and_hash(
     }
     let layout = StageFile::plan(&file, spec)?;
     let mut regions = Vec::new();
-    let mut buf = Vec::new();
     for region in layout.regions() {
-        let mut hasher = Sha256::new();
-        let mut at = region.start;
-        while at < region.end {
-            let n = (CHUNK as u64).min(region.end - at) as usize;
-            buf.resize(n, 0);
-            layout.read(&file, at, &mut buf)?;
-            hasher.update(&buf);
-            at += n as u64;
-        }
         regions.push(WeightsRegion {
             len: region.end - region.start,
-            sha256: hasher.finalize().into(),
+            sha256: read_region(&file, &layout, region, |_, _| Ok(()))?,
         });
     }
     let manifest = WeightsManifest {
@@ -1060,6 +1050,21 @@ fn copy_region(
         .create(true)
         .truncate(false)
         .open(part)?;
+    let start = range.start;
+    read_region(file, layout, range, |at, bytes| {
+        out.write_all_at(bytes, to + (at - start))
+    })
+}
+
+/// Reads the bytes `range` of the stage file `layout` lays out of `file`, a chunk at a time
+/// (never a whole tensor in memory), handing each to `each` with its offset in the stage
+/// file; returns their SHA-256.
+fn read_region(
+    file: &GgufFile,
+    layout: &StageFile,
+    range: Range<u64>,
+    mut each: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> Result<[u8; 32]> {
     let mut hasher = Sha256::new();
     let mut buf = Vec::new();
     let mut at = range.start;
@@ -1068,7 +1073,7 @@ fn copy_region(
         buf.resize(n, 0);
         layout.read(file, at, &mut buf)?;
         hasher.update(&buf);
-        out.write_all_at(&buf, to + (at - range.start))?;
+        each(at, &buf)?;
         at += n as u64;
     }
     Ok(hasher.finalize().into())
