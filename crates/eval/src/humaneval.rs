@@ -757,6 +757,78 @@ fn print_table(kind: Kind, s: &Summary, check_harness: bool) {
 mod tests {
     use super::*;
 
+    /// The swarm's `verify` reads each problem's examples from the question the eval sends
+    /// (`shoal_swarm::verify::Task`). The canonical solutions must pass them all, but for
+    /// the four prompts whose own examples are wrong: an example misread costs every
+    /// candidate a check and sends the problem to a repair round with the misreading as the
+    /// failure to fix. Needs the data (`scripts/fetch-models.sh humaneval`, or in
+    /// `$SHOAL_MODELS_DIR`) and the sandbox.
+    #[test]
+    fn the_canonical_solutions_pass_the_examples_the_swarm_reads() {
+        use shoal_swarm::verify::{run_behaviours, Task};
+        let models = std::env::var_os("SHOAL_MODELS_DIR").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"),
+            PathBuf::from,
+        );
+        let problems =
+            load_problems(&models.join("HumanEval.jsonl.gz")).expect("HumanEval's problems");
+        let (mut with_examples, mut examples) = (0, 0);
+        let mut dropped: Vec<(String, usize)> = Vec::new();
+        let mut failing: Vec<String> = Vec::new();
+        for p in &problems {
+            let mut task = Task::from_question(&user_message(&p.prompt)).expect("a task");
+            assert_eq!(task.entry_point, p.entry_point, "{}", p.task_id);
+            let left_out = task.drop_unsound_examples(Duration::from_secs(10));
+            if left_out > 0 {
+                dropped.push((p.task_id.clone(), left_out));
+            }
+            if task.examples.is_empty() {
+                continue;
+            }
+            with_examples += 1;
+            examples += task.examples.len();
+            let reply = format!("```python\n{}{}\n```", p.prompt, p.canonical_solution);
+            let program = task.candidate_program(&reply);
+            let behaviour = run_behaviours(
+                task.language,
+                &[program],
+                &task.examples,
+                Duration::from_secs(10),
+            )
+            .remove(0)
+            .expect("the sandbox runs the canonical solution");
+            assert!(behaviour.defined, "{}: {}", p.task_id, behaviour.error);
+            assert_eq!(behaviour.checks.len(), task.examples.len(), "{}", p.task_id);
+            for (example, check) in task.examples.iter().zip(&behaviour.checks) {
+                if !check.ok && !failing.contains(&p.task_id) {
+                    eprintln!("{}: {example}: {}", p.task_id, check.err.trim());
+                    failing.push(p.task_id.clone());
+                }
+            }
+        }
+        assert_eq!(
+            failing,
+            [
+                "HumanEval/47",
+                "HumanEval/116",
+                "HumanEval/130",
+                "HumanEval/148"
+            ],
+            "the prompts whose own examples are wrong, and no more"
+        );
+        // /80's six unquoted calls, two of /130's recurrences in words, /158's typo.
+        let dropped: Vec<(&str, usize)> = dropped.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+        assert_eq!(
+            dropped,
+            [
+                ("HumanEval/80", 6),
+                ("HumanEval/130", 2),
+                ("HumanEval/158", 1)
+            ]
+        );
+        assert_eq!((with_examples, examples), (135, 384));
+    }
+
     #[test]
     fn the_request_asks_for_one_fenced_block() {
         let problem = Problem {

@@ -39,7 +39,7 @@ impl Run<'_> {
         wait: Wait,
     ) -> Result<(String, String), SwarmError> {
         let started = tokio::time::Instant::now();
-        let Some(task) = Task::from_question(&self.question) else {
+        let Some(mut task) = Task::from_question(&self.question) else {
             let (text, how) = self.vote(answerers, wait).await?;
             return Ok((
                 text,
@@ -66,6 +66,14 @@ impl Run<'_> {
                 ));
             }
         };
+        // Off the runtime: it waits on the interpreter (tens of milliseconds).
+        let original = task.clone();
+        let (task, unsound) = tokio::task::spawn_blocking(move || {
+            let unsound = task.drop_unsound_examples(run_timeout);
+            (task, unsound)
+        })
+        .await
+        .unwrap_or((original, 0));
 
         // First one candidate per agent and the tests, at once; past `enough`, one candidate
         // ends the wait. The first candidate is asked without its agent's role prompt: the
@@ -141,7 +149,7 @@ impl Run<'_> {
             } else {
                 // Whole API answers (tool calls, JSON) are not repaired: the rest of the
                 // samples instead.
-                let trusted = trusted_checks(&pool, choice.as_ref(), &task);
+                let trusted = trusted_checks(&pool, choice.as_ref(), &task, tests.len());
                 let (jobs, what) = if self.request.api_request.is_none() {
                     let jobs = self.repair_jobs(&pool, &task, &checks, &trusted);
                     (jobs, "repairs and fresh samples")
@@ -149,10 +157,11 @@ impl Run<'_> {
                     let jobs = self.sample_jobs(answerers, first_samples..samples);
                     (jobs, "more samples (whole API answers are not repaired)")
                 };
+                let every_test =
+                    task.examples.is_empty() && needs_repair(choice.as_ref(), &task, tests.len());
+                let held_to = held_to(&task, &trusted, every_test);
                 if jobs.is_empty() {
-                    "; no candidate fails an example or a test the chosen group passes: \
-                     nothing to repair"
-                        .to_owned()
+                    format!("; no candidate fails {held_to}: nothing to repair")
                 } else {
                     let asked = jobs.len();
                     let round = self
@@ -173,15 +182,9 @@ impl Run<'_> {
                     }
                     let ended = match round.passed_all {
                         Some(i) if round.dropped > 0 => format!(
-                            "; it ended when the answer of {} passed every example{} and \
-                             agreed with another, {} more no longer awaited",
-                            pool[i].answer.agent,
-                            if trusted.len() > task.examples.len() {
-                                " and every test the chosen group passed"
-                            } else {
-                                ""
-                            },
-                            round.dropped
+                            "; it ended when the answer of {} passed {held_to} and agreed \
+                             with another, {} more no longer awaited",
+                            pool[i].answer.agent, round.dropped
                         ),
                         _ => String::new(),
                     };
@@ -214,9 +217,17 @@ impl Run<'_> {
             return Ok((
                 text,
                 format!(
-                    "verify on `{}`: no examples in the prompt and no tests written by {}; \
+                    "verify on `{}`: no examples in the prompt{} and no tests written by {}; \
                      vote among the {} candidates whose code runs: {how}",
                     task.entry_point,
+                    if unsound > 0 {
+                        format!(
+                            " ({unsound} left out: they do not parse, or name what the prompt \
+                             does not define)"
+                        )
+                    } else {
+                        String::new()
+                    },
                     if wrote.is_empty() {
                         "nobody".to_owned()
                     } else {
@@ -241,9 +252,9 @@ impl Run<'_> {
         };
         let decided_by = format!(
             "verify on `{entry}`: {size} of {ran} candidates that ran behave alike ({groups} \
-             behaviours); they pass {ex} of {n_ex} of the prompt's examples and {t} of {n_t} \
-             tests written by {writers}; dual agreement {size} × {t}{round_note}; answer of \
-             {agent}{repaired}",
+             behaviours); they pass {ex} of {n_ex} of the prompt's examples{left_out} and {t} \
+             of {n_t} tests written by {writers}; dual agreement {size} × {t}{round_note}; \
+             answer of {agent}{repaired}",
             entry = task.entry_point,
             size = group.members.len(),
             ran = choice.ran,
@@ -253,6 +264,14 @@ impl Run<'_> {
             t = group.tests_passed,
             n_t = tests.len(),
             agent = winner.answer.agent,
+            left_out = if unsound > 0 {
+                format!(
+                    " ({unsound} more left out: they do not parse, or name what the prompt \
+                     does not define)"
+                )
+            } else {
+                String::new()
+            },
         );
         Ok((winner.answer.text.clone(), decided_by))
     }
@@ -416,8 +435,22 @@ struct Round {
 }
 
 /// The checks a candidate is held to (their indices in the checks): the prompt's examples,
-/// and the written tests that the chosen group passes (consensus tests).
-fn trusted_checks(pool: &[Candidate], choice: Option<&Choice>, task: &Task) -> Vec<usize> {
+/// and the written tests that the chosen group passes (consensus tests). Where the prompt
+/// has no examples and the chosen group passes under half of the `tests` written
+/// ([`needs_repair`]), no test has the candidates' consensus and every written test is held
+/// to: each agent is told the first it fails, and only an answer that passes them all ends
+/// the round early. (Held to the tests the group passes, every candidate passed what it was
+/// held to and nothing was repaired: HumanEval/38 and /50, `decode_cyclic` and
+/// `decode_shift` with their encoders' code copied, failing every written test.)
+fn trusted_checks(
+    pool: &[Candidate],
+    choice: Option<&Choice>,
+    task: &Task,
+    tests: usize,
+) -> Vec<usize> {
+    if task.examples.is_empty() && needs_repair(choice, task, tests) {
+        return (0..tests).collect();
+    }
     let consensus = choice
         .and_then(|c| pool[c.winner].behaviour.as_ref())
         .map(|b| {
@@ -427,6 +460,20 @@ fn trusted_checks(pool: &[Candidate], choice: Option<&Choice>, task: &Task) -> V
         })
         .unwrap_or_default();
     (0..task.examples.len()).chain(consensus).collect()
+}
+
+/// What the candidates are held to ([`trusted_checks`]), in words for `decided_by`.
+fn held_to(task: &Task, trusted: &[usize], every_test: bool) -> &'static str {
+    let examples = task.examples.len();
+    if every_test {
+        "every written test (the chosen group passes under half)"
+    } else if trusted.len() > examples && examples > 0 {
+        "every example and every test the chosen group passes"
+    } else if trusted.len() > examples {
+        "every test the chosen group passes"
+    } else {
+        "every example"
+    }
 }
 
 /// Whether `candidate` ends a repair round: it passes every trusted check and another
@@ -698,9 +745,34 @@ mod tests {
             candidate(Some("c"), Some(ran(&[false, false, true])), 1),
         ];
         let choice = choose_from(&pool, 1);
-        let trusted = trusted_checks(&pool, choice.as_ref(), &t);
+        let trusted = trusted_checks(&pool, choice.as_ref(), &t, 2);
         assert_eq!(trusted, [0, 1]);
-        assert_eq!(trusted_checks(&pool, None, &t), [0]);
+        assert_eq!(trusted_checks(&pool, None, &t, 2), [0]);
+        // No examples: the tests the chosen group passes, when it passes half or more;
+        // otherwise every test (none has the candidates' consensus).
+        let untold = task(0);
+        let untold_pool = [
+            candidate(Some("a"), Some(ran(&[true, true, false])), 1),
+            candidate(Some("b"), Some(ran(&[true, true, false])), 1),
+            candidate(Some("c"), Some(ran(&[false, false, true])), 1),
+        ];
+        let choice = choose_from(&untold_pool, 0);
+        assert_eq!(
+            trusted_checks(&untold_pool, choice.as_ref(), &untold, 3),
+            [0, 1]
+        );
+        let untold_pool = [
+            candidate(Some("a"), Some(ran(&[true, false, false])), 1),
+            candidate(Some("b"), Some(ran(&[true, false, false])), 1),
+            candidate(Some("c"), Some(ran(&[false, false, true])), 1),
+        ];
+        let choice = choose_from(&untold_pool, 0);
+        assert_eq!(choice.as_ref().unwrap().group.tests_passed, 1);
+        assert_eq!(
+            trusted_checks(&untold_pool, choice.as_ref(), &untold, 3),
+            [0, 1, 2]
+        );
+        assert_eq!(trusted_checks(&untold_pool, None, &untold, 3), [0, 1, 2]);
         // What ends a repair round: every trusted check passed, by code that runs.
         assert!(passes_trusted(Some(&ran(&[true, true, false])), &trusted));
         assert!(!passes_trusted(Some(&ran(&[true, false, true])), &trusted));

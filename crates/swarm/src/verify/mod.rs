@@ -29,7 +29,9 @@ mod program;
 mod select;
 mod written_tests;
 
-pub use program::{behaviour_program, parse_report, Behaviour, CheckResult, REPORT_MARKER};
+pub use program::{
+    behaviour_program, parse_report, sound_examples_program, Behaviour, CheckResult, REPORT_MARKER,
+};
 pub use select::{choose, Choice, Scored};
 pub use written_tests::{parse_tests, tests_prompt, MAX_TESTS, TESTER_SYSTEM};
 
@@ -170,6 +172,41 @@ impl Task {
             examples,
             told_in_words: Some(question.trim().to_owned()),
         })
+    }
+
+    /// Leaves out the prompt's examples that cannot hold for any code: they do not parse,
+    /// or read a name the prompt neither defines nor imports (HumanEval/80 writes
+    /// `is_happy(a) => False` for `is_happy("a")`). Such an example fails every candidate
+    /// alike, so it tells none apart, yet it sent every task that had one to a repair round,
+    /// with the broken example as the failure to fix. Checked by parsing in the sandbox
+    /// ([`sound_examples_program`]); where that cannot run, or for a task told in words
+    /// (its asserts are the task's code), every example stays. Returns how many were left
+    /// out.
+    pub fn drop_unsound_examples(&mut self, timeout: Duration) -> usize {
+        if self.language != Language::Python
+            || self.told_in_words.is_some()
+            || self.examples.is_empty()
+        {
+            return 0;
+        }
+        let Ok(sandbox) = sandbox() else { return 0 };
+        let program = sound_examples_program(&self.prompt_code, &self.examples);
+        let Ok(run) = sandbox.run(&program, timeout) else {
+            return 0;
+        };
+        let sound: Option<Vec<bool>> = run
+            .stdout_tail
+            .rfind(REPORT_MARKER)
+            .and_then(|at| {
+                let line = run.stdout_tail[at + REPORT_MARKER.len()..].lines().next()?;
+                serde_json::from_str(line).ok()
+            })
+            .filter(|sound: &Vec<bool>| sound.len() == self.examples.len());
+        let Some(sound) = sound else { return 0 };
+        let before = self.examples.len();
+        let mut verdicts = sound.into_iter();
+        self.examples.retain(|_| verdicts.next().unwrap_or(true));
+        before - self.examples.len()
     }
 
     /// What a test writer is asked.
@@ -438,6 +475,32 @@ mod tests {
         assert_eq!(task.entry_point, "g");
         assert!(task.examples.is_empty());
         assert_eq!(Task::from_question("What is the capital of France?"), None);
+    }
+
+    #[test]
+    fn examples_that_cannot_hold_for_any_code_are_left_out() {
+        // Unquoted strings (HumanEval/80), a recurrence in words (HumanEval/130), a typo
+        // (HumanEval/158); beside examples that read the prompt's imports, its helpers and
+        // their own comprehension and lambda variables.
+        let question = "```python\nimport math\nfrom typing import List as L\nLIMIT = 3\n\
+            def helper(x):\n    return x\n\ndef f(s):\n    \"\"\"\n    f(a) => False\n    \
+            f(n) = 1 + n / 2, if n is even\n    f(\"x\") => \"\"x\"\n    f(\"ab\") => True\n    \
+            f([helper(i) for i in range(LIMIT)]) => math.pi\n    f(lambda y: y) => L\n    \"\"\"\n```";
+        let mut task = Task::from_question(question).unwrap();
+        assert_eq!(task.examples.len(), 6, "{:?}", task.examples);
+        assert_eq!(task.drop_unsound_examples(Duration::from_secs(20)), 3);
+        assert_eq!(
+            task.examples,
+            [
+                "assert (f(\"ab\")) == (True)",
+                "assert (f([helper(i) for i in range(LIMIT)])) == (math.pi)",
+                "assert (f(lambda y: y)) == (L)",
+            ]
+        );
+        // A task told in words keeps its asserts: they are its code.
+        let mut told = Task::from_question("Write `g`.\nassert g(x) == 1").unwrap();
+        assert_eq!(told.drop_unsound_examples(Duration::from_secs(20)), 0);
+        assert_eq!(told.examples.len(), 1);
     }
 
     #[test]

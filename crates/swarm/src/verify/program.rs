@@ -76,6 +76,61 @@ pub fn parse_report(stdout: &str) -> Option<Behaviour> {
     serde_json::from_str(line).ok()
 }
 
+/// The program that tells which of `examples` (`assert` statements) are sound: each parses,
+/// and every name it reads is a builtin, a name `prompt_code` binds anywhere (a function,
+/// class, import, assignment or argument), or one bound inside the example itself (a
+/// comprehension's variable, a lambda's argument). It prints a JSON list of booleans after
+/// [`REPORT_MARKER`]; it only parses, it runs nothing of the prompt's. Where the prompt's
+/// code does not parse, or star-imports, every example that parses counts as sound.
+pub fn sound_examples_program(prompt_code: &str, examples: &[String]) -> String {
+    let mut program = format!(
+        "__shoal_prompt = {}\n__shoal_marker = {}\n__shoal_examples = [\n",
+        python_literal(prompt_code),
+        python_literal(REPORT_MARKER)
+    );
+    for example in examples {
+        program.push_str(&format!("    {},\n", python_literal(example)));
+    }
+    program.push_str("]\n");
+    program.push_str(SOUND_EXAMPLES_TAIL);
+    program
+}
+
+const SOUND_EXAMPLES_TAIL: &str = r#"import ast, builtins, json
+
+# Every name the prompt's code binds anywhere (over-counting only keeps an example).
+__shoal_known = set(dir(builtins))
+try:
+    for __shoal_node in ast.walk(ast.parse(__shoal_prompt)):
+        if isinstance(__shoal_node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            __shoal_known.add(__shoal_node.name)
+        elif isinstance(__shoal_node, (ast.Import, ast.ImportFrom)):
+            for __shoal_alias in __shoal_node.names:
+                if __shoal_alias.name == "*":
+                    raise ValueError("a star import binds names unknown here")
+                __shoal_known.add((__shoal_alias.asname or __shoal_alias.name).split(".")[0])
+        elif isinstance(__shoal_node, ast.Name) and not isinstance(__shoal_node.ctx, ast.Load):
+            __shoal_known.add(__shoal_node.id)
+        elif isinstance(__shoal_node, ast.arg):
+            __shoal_known.add(__shoal_node.arg)
+except Exception:
+    __shoal_known = None
+__shoal_sound = []
+for __shoal_source in __shoal_examples:
+    try:
+        __shoal_nodes = list(ast.walk(ast.parse(__shoal_source)))
+    except Exception:
+        __shoal_sound.append(False)
+        continue
+    __shoal_bound = {n.id for n in __shoal_nodes
+                     if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    __shoal_bound |= {n.arg for n in __shoal_nodes if isinstance(n, ast.arg)}
+    __shoal_sound.append(__shoal_known is None or all(
+        n.id in __shoal_known or n.id in __shoal_bound
+        for n in __shoal_nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)))
+print("\n" + __shoal_marker + json.dumps(__shoal_sound), flush=True)
+"#;
+
 const PROGRAM_HEAD: &str = r#"import ast, json, math, signal, sys, traceback
 
 

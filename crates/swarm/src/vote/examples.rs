@@ -78,7 +78,7 @@ pub(super) fn doctest_examples(prompt: &str) -> Vec<Example> {
         let Some(source) = line.trim_start().strip_prefix(">>>") else {
             continue;
         };
-        let source = source.trim();
+        let source = without_comment(source.trim());
         if source.is_empty() {
             continue;
         }
@@ -101,6 +101,84 @@ pub(super) fn doctest_examples(prompt: &str) -> Vec<Example> {
         });
     }
     examples
+}
+
+/// `text` up to its first `#` outside string literals (a comment: `f(5) # because…`).
+fn without_comment(text: &str) -> &str {
+    let end = outside_strings(text)
+        .find(|&(_, c)| c == '#')
+        .map_or(text.len(), |(at, _)| at);
+    text[..end].trim_end()
+}
+
+/// An expected value as prose examples write it, made a Python expression: without a
+/// trailing comment; the last step of a worked sum (`19 - 5 - 6 = 8` → `8`: the text after
+/// the last `=` that is no comparison, outside brackets and strings, where only arithmetic
+/// comes before it); and JavaScript's or JSON's `true`, `false`, `null` as `True`, `False`,
+/// `None` (HumanEval/76 writes `is_simple_power(1, 4) => true`). Doctest outputs are
+/// Python's own and are left as they are.
+fn python_value(text: &str) -> String {
+    let text = without_comment(text);
+    let mut depth = 0;
+    let mut last_assign = None;
+    let bytes = text.as_bytes();
+    for (at, c) in outside_strings(text) {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            '=' if depth == 0 => {
+                let before = at.checked_sub(1).map(|i| bytes[i]);
+                let after = bytes.get(at + 1).copied();
+                let comparison =
+                    matches!(before, Some(b'=' | b'<' | b'>' | b'!' | b':')) || after == Some(b'=');
+                if !comparison {
+                    last_assign = Some(at);
+                }
+            }
+            _ => {}
+        }
+    }
+    // `5, where n = 3` is no worked sum: its value does not evaluate and the check skips it.
+    let arithmetic = |steps: &str| {
+        steps
+            .chars()
+            .all(|c| c.is_ascii_digit() || " +-*/%().=".contains(c))
+    };
+    let text = match last_assign {
+        Some(at) if !text[at + 1..].trim().is_empty() && arithmetic(&text[..at]) => {
+            text[at + 1..].trim()
+        }
+        _ => text,
+    };
+    // Words outside strings, replaced where JavaScript spells a Python constant.
+    let outside: Vec<usize> = outside_strings(text).map(|(at, _)| at).collect();
+    let mut value = String::with_capacity(text.len());
+    let mut word_start: Option<usize> = None;
+    let flush = |value: &mut String, word: &str| {
+        value.push_str(match word {
+            "true" => "True",
+            "false" => "False",
+            "null" => "None",
+            other => other,
+        })
+    };
+    for (at, c) in text.char_indices() {
+        let in_word = (c.is_ascii_alphanumeric() || c == '_') && outside.binary_search(&at).is_ok();
+        match (word_start, in_word) {
+            (None, true) => word_start = Some(at),
+            (Some(start), false) => {
+                flush(&mut value, &text[start..at]);
+                word_start = None;
+                value.push(c);
+            }
+            (Some(_), true) => {}
+            (None, false) => value.push(c),
+        }
+    }
+    if let Some(start) = word_start {
+        flush(&mut value, &text[start..]);
+    }
+    value
 }
 
 /// Where the call at the start of `text` ends: the byte after the `)` that closes its first
@@ -177,12 +255,13 @@ pub(super) fn prose_examples(prompt: &str) -> Vec<Example> {
             Some(stripped) if !stripped.ends_with(|c: char| c.is_ascii_digit()) => stripped,
             _ => value,
         };
+        let value = python_value(value.trim_end_matches("\"\"\"").trim());
         if value.is_empty() {
             continue;
         }
         examples.push(Example {
-            source: text[..end].trim().to_string(),
-            expected: Some(value.trim_end_matches("\"\"\"").trim().to_string()),
+            source: without_comment(text[..end].trim()).to_string(),
+            expected: Some(value),
         });
     }
     examples
@@ -341,7 +420,7 @@ pub(crate) fn prompt_examples(prompt: &str) -> Vec<Example> {
 ///
 /// Known limits: a prompt whose own examples are wrong or ambiguous (HumanEval/47, /116,
 /// /130, /148) fails correct code; code that calls `os._exit(0)` passes. Of HumanEval's 164
-/// canonical solutions, 129 pass, 4 fail that way and 31 prompts have no checkable examples.
+/// canonical solutions, 131 pass, 4 fail that way and 29 prompts have no checkable examples.
 ///
 /// The prompt's top-level imports (`from typing import List`) are prepended to the code, and
 /// when the code does not define the function the examples call, the prompt is prepended

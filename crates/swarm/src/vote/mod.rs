@@ -713,6 +713,35 @@ mod tests {
     }
 
     #[test]
+    fn examples_written_loosely_become_python() {
+        // HumanEval/67, /76, /123 and /32's ways of writing an example.
+        let prompt = "def f(s, n):\n    \"\"\"\n    f(\"5 apples\", 19) ->19 - 5 = 14\n    f(1, 4) => true\n    f(2, 2) => false # not 'true'\n    f(5, 1) returns [1, 5] # the odd ones: 1, and 5.\n    f(\"a=b\", 0) == \"true = x\"\n    f(1, 2) == (a >= b) != c\n    f(3) = 5, where n = 3\n    f(4) => # nothing\n    f(5) => (y := 2)\n    \"\"\"\n";
+        let pairs: Vec<(String, String)> = prose_examples(prompt)
+            .into_iter()
+            .map(|e| (e.source, e.expected.unwrap()))
+            .collect();
+        let want = [
+            ("f(\"5 apples\", 19)", "14"),
+            ("f(1, 4)", "True"),
+            ("f(2, 2)", "False"),
+            ("f(5, 1)", "[1, 5]"),
+            ("f(\"a=b\", 0)", "\"true = x\""),
+            ("f(1, 2)", "(a >= b) != c"),
+            ("f(3)", "5, where n = 3"),
+            ("f(5)", "(y := 2)"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(s, e)| (s.to_string(), e.to_string()))
+            .collect();
+        assert_eq!(pairs, want);
+        let doctest = "def g(x):\n    \"\"\"\n    >>> round(g([1, 2]), 2) # g(x) = 1 + 2x\n    -0.5\n    \"\"\"\n";
+        let examples = doctest_examples(doctest);
+        assert_eq!(examples[0].source, "round(g([1, 2]), 2)");
+        assert_eq!(examples[0].expected.as_deref(), Some("-0.5"));
+    }
+
+    #[test]
     fn python_checks_prose_examples() {
         let prompt = "def solve(s):\n    \"\"\"Reverse the case of letters.\n    Examples\n    solve(\"ab\") = \"AB\"\n    solve(\"#a@C\") = \"#A@c\"\n    \"\"\"\n";
         let right = "def solve(s):\n    return s.swapcase()\n";
