@@ -77,8 +77,9 @@ pub fn parse_report(stdout: &str) -> Option<Behaviour> {
 }
 
 /// The program that tells which of `examples` (`assert` statements) are sound: each parses,
-/// and every name it reads is a builtin, a name `prompt_code` binds anywhere (a function,
-/// class, import, assignment or argument), or one bound inside the example itself (a
+/// and every name it reads is a builtin, a name `prompt_code` binds at module level (a
+/// function, class, import or assignment, in compound statements too; not a function's
+/// parameter or local), or one bound inside the example itself (a
 /// comprehension's variable, a lambda's argument). It prints a JSON list of booleans after
 /// [`REPORT_MARKER`]; it only parses, it runs nothing of the prompt's. Where the prompt's
 /// code does not parse, or star-imports, every example that parses counts as sound.
@@ -98,21 +99,39 @@ pub fn sound_examples_program(prompt_code: &str, examples: &[String]) -> String 
 
 const SOUND_EXAMPLES_TAIL: &str = r#"import ast, builtins, json
 
-# Every name the prompt's code binds anywhere (over-counting only keeps an example).
-__shoal_known = set(dir(builtins))
+# The names the prompt's code binds at module level, in compound statements too (`try:
+# import numpy as np`), but not inside functions, classes or lambdas: a parameter `a` does
+# not make an example's bare `a` sound.
+class __ShoalModuleNames(ast.NodeVisitor):
+    def __init__(self):
+        self.names = set(dir(builtins))
+
+    def visit_FunctionDef(self, node):
+        self.names.add(node.name)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+    visit_ClassDef = visit_FunctionDef
+
+    def visit_Lambda(self, node):
+        pass
+
+    def visit_Import(self, node):
+        for alias in node.names:
+            if alias.name == "*":
+                raise ValueError("a star import binds names unknown here")
+            self.names.add((alias.asname or alias.name).split(".")[0])
+
+    visit_ImportFrom = visit_Import
+
+    def visit_Name(self, node):
+        if not isinstance(node.ctx, ast.Load):
+            self.names.add(node.id)
+
+
 try:
-    for __shoal_node in ast.walk(ast.parse(__shoal_prompt)):
-        if isinstance(__shoal_node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            __shoal_known.add(__shoal_node.name)
-        elif isinstance(__shoal_node, (ast.Import, ast.ImportFrom)):
-            for __shoal_alias in __shoal_node.names:
-                if __shoal_alias.name == "*":
-                    raise ValueError("a star import binds names unknown here")
-                __shoal_known.add((__shoal_alias.asname or __shoal_alias.name).split(".")[0])
-        elif isinstance(__shoal_node, ast.Name) and not isinstance(__shoal_node.ctx, ast.Load):
-            __shoal_known.add(__shoal_node.id)
-        elif isinstance(__shoal_node, ast.arg):
-            __shoal_known.add(__shoal_node.arg)
+    __shoal_visitor = __ShoalModuleNames()
+    __shoal_visitor.visit(ast.parse(__shoal_prompt))
+    __shoal_known = __shoal_visitor.names
 except Exception:
     __shoal_known = None
 __shoal_sound = []
