@@ -157,8 +157,7 @@ impl Run<'_> {
                     let jobs = self.sample_jobs(answerers, first_samples..samples);
                     (jobs, "more samples (whole API answers are not repaired)")
                 };
-                let every_test =
-                    task.examples.is_empty() && needs_repair(choice.as_ref(), &task, tests.len());
+                let every_test = every_test_held(choice.as_ref(), &task, tests.len());
                 let held_to = held_to(&task, &trusted, every_test);
                 if jobs.is_empty() {
                     format!("; no candidate fails {held_to}: nothing to repair")
@@ -220,14 +219,7 @@ impl Run<'_> {
                     "verify on `{}`: no examples in the prompt{} and no tests written by {}; \
                      vote among the {} candidates whose code runs: {how}",
                     task.entry_point,
-                    if unsound > 0 {
-                        format!(
-                            " ({unsound} left out: they do not parse, or name what the prompt \
-                             does not define)"
-                        )
-                    } else {
-                        String::new()
-                    },
+                    left_out_note(unsound, ""),
                     if wrote.is_empty() {
                         "nobody".to_owned()
                     } else {
@@ -264,14 +256,7 @@ impl Run<'_> {
             t = group.tests_passed,
             n_t = tests.len(),
             agent = winner.answer.agent,
-            left_out = if unsound > 0 {
-                format!(
-                    " ({unsound} more left out: they do not parse, or name what the prompt \
-                     does not define)"
-                )
-            } else {
-                String::new()
-            },
+            left_out = left_out_note(unsound, " more"),
         );
         Ok((winner.answer.text.clone(), decided_by))
     }
@@ -448,7 +433,7 @@ fn trusted_checks(
     task: &Task,
     tests: usize,
 ) -> Vec<usize> {
-    if task.examples.is_empty() && needs_repair(choice, task, tests) {
+    if every_test_held(choice, task, tests) {
         return (0..tests).collect();
     }
     let consensus = choice
@@ -460,6 +445,22 @@ fn trusted_checks(
         })
         .unwrap_or_default();
     (0..task.examples.len()).chain(consensus).collect()
+}
+
+/// Whether every one of the `tests` written is held to ([`trusted_checks`]): the prompt has
+/// no examples and the chosen group passes under half of them.
+fn every_test_held(choice: Option<&Choice>, task: &Task, tests: usize) -> bool {
+    task.examples.is_empty() && needs_repair(choice, task, tests)
+}
+
+/// How many of the prompt's examples were left out, for `decided_by` (empty when none).
+fn left_out_note(unsound: usize, more: &str) -> String {
+    if unsound == 0 {
+        return String::new();
+    }
+    format!(
+        " ({unsound}{more} left out: they do not parse, or name what the prompt does not define)"
+    )
 }
 
 /// What the candidates are held to ([`trusted_checks`]), in words for `decided_by`.

@@ -194,14 +194,8 @@ impl Task {
         let Ok(run) = sandbox.run(&program, timeout) else {
             return 0;
         };
-        let sound: Option<Vec<bool>> = run
-            .stdout_tail
-            .rfind(REPORT_MARKER)
-            .and_then(|at| {
-                let line = run.stdout_tail[at + REPORT_MARKER.len()..].lines().next()?;
-                serde_json::from_str(line).ok()
-            })
-            .filter(|sound: &Vec<bool>| sound.len() == self.examples.len());
+        let sound = parse_report::<Vec<bool>>(&run.stdout_tail)
+            .filter(|sound| sound.len() == self.examples.len());
         let Some(sound) = sound else { return 0 };
         let before = self.examples.len();
         let mut verdicts = sound.into_iter();

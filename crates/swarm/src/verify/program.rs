@@ -68,9 +68,11 @@ pub fn behaviour_program(code: &str, checks: &[String], per_check: Duration) -> 
     program
 }
 
-/// The report in a run's stdout: the JSON after the last [`REPORT_MARKER`]. `None` when
-/// there is none (the program was killed, or killed its interpreter) or it does not parse.
-pub fn parse_report(stdout: &str) -> Option<Behaviour> {
+/// The report in a run's stdout: the JSON after the last [`REPORT_MARKER`] (a [`Behaviour`]
+/// from [`behaviour_program`], the list of verdicts from [`sound_examples_program`]). `None`
+/// when there is none (the program was killed, or killed its interpreter) or it does not
+/// parse as a `T`.
+pub fn parse_report<T: serde::de::DeserializeOwned>(stdout: &str) -> Option<T> {
     let at = stdout.rfind(REPORT_MARKER)?;
     let line = stdout[at + REPORT_MARKER.len()..].lines().next()?;
     serde_json::from_str(line).ok()
@@ -306,9 +308,12 @@ mod tests {
 
     #[test]
     fn reports_are_parsed_from_the_end() {
-        assert_eq!(parse_report("nothing here"), None);
-        assert_eq!(parse_report(&format!("{REPORT_MARKER}{{not json")), None);
-        let b = parse_report(&format!(
+        assert_eq!(parse_report::<Behaviour>("nothing here"), None);
+        assert_eq!(
+            parse_report::<Behaviour>(&format!("{REPORT_MARKER}{{not json")),
+            None
+        );
+        let b = parse_report::<Behaviour>(&format!(
             "x\n{REPORT_MARKER}{{\"defined\": false, \"error\": \"e\", \"checks\": []}}\n"
         ))
         .unwrap();
