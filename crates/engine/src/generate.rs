@@ -24,7 +24,7 @@ use crate::prefix_cache::{canonical_len, resume_point, PrefixCache};
 use crate::prompt::PromptFormat;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::speculation::{check_draft_vocabulary, Drafter, Speculation};
-use crate::stage::{logits_row, Logits, Stage, StageInput, StageOutput, StageSpec};
+use crate::stage::{logits_row, BatchItem, Logits, Stage, StageInput, StageOutput, StageSpec};
 use crate::text_stream::TextStream;
 use crate::tokenizer::Tokenizer;
 
@@ -236,6 +236,96 @@ impl Model {
     }
 }
 
+/// One step of each of `generations`, each exactly what its own
+/// [`Generation::next_step`] gives, in order. The steps that are one row through the model
+/// (a token to decode, not a prompt to read or guesses to verify) of generations of the
+/// same model run as one batched pass ([`Stage::forward_batch`]), which reads every weight
+/// matrix once for all of them and gives each row the numbers it would get alone; the
+/// other steps run one after another. How a server answers several requests on one model
+/// at about the cost of one: a decode step is bound by reading the weights, not by the
+/// arithmetic on a few rows.
+pub fn step_together(generations: &mut [&mut Generation<'_>]) -> StepsTogether {
+    let mut results: Vec<Option<Result<Option<Step>>>> = generations.iter().map(|_| None).collect();
+    let model = generations
+        .iter()
+        .find(|g| g.next_is_one_row())
+        .map(|g| g.model as *const Model);
+    let shared: Vec<bool> = generations
+        .iter()
+        .map(|g| g.next_is_one_row() && model == Some(g.model as *const Model))
+        .collect();
+    let mut in_pass = shared.iter().filter(|&&s| s).count();
+    if in_pass < 2 {
+        in_pass = 0;
+    } else {
+        if let Some(first) = generations.iter().zip(&shared).find(|(_, &s)| s) {
+            let stage = &first.0.model.stage;
+            let positions: Vec<[usize; 1]> = generations
+                .iter()
+                .zip(&shared)
+                .filter(|(_, &s)| s)
+                .map(|(g, _)| [g.tokens.len() - 1])
+                .collect();
+            let started = Instant::now();
+            let items: Vec<BatchItem<'_>> = generations
+                .iter_mut()
+                .zip(&shared)
+                .filter(|(_, &s)| s)
+                .zip(&positions)
+                .map(|((g, _), at)| {
+                    let Generation {
+                        tokens,
+                        cache,
+                        cache_whole,
+                        ..
+                    } = &mut **g;
+                    *cache_whole = false;
+                    BatchItem {
+                        input: StageInput::Tokens(&tokens[at[0]..]),
+                        positions: at,
+                        cache,
+                        logits: Logits::Last,
+                    }
+                })
+                .collect();
+            let outputs = stage.forward_batch(items);
+            let spent = started.elapsed();
+            let chosen = (0..generations.len()).filter(|&i| shared[i]);
+            for (i, output) in chosen.zip(outputs) {
+                let g = &mut *generations[i];
+                let logits = output.and_then(|out| match out {
+                    StageOutput::Logits(l) => logits_row(&l, 0),
+                    StageOutput::Hidden(_) => {
+                        Err(EngineError::InvalidInput("no logits produced".into()))
+                    }
+                });
+                match logits {
+                    Ok(logits) => {
+                        g.cache_whole = true;
+                        g.computed = Some(logits);
+                        g.computed_time = spent;
+                    }
+                    Err(e) => results[i] = Some(Err(e)),
+                }
+            }
+        }
+    }
+    let steps = generations
+        .iter_mut()
+        .zip(results)
+        .map(|(g, done)| done.unwrap_or_else(|| g.next_step()))
+        .collect();
+    StepsTogether { steps, in_pass }
+}
+
+/// What [`step_together`] did.
+pub struct StepsTogether {
+    /// Each generation's step, in order, as its [`Generation::next_step`] gives it.
+    pub steps: Vec<Result<Option<Step>>>,
+    /// How many of them shared one pass of the model (0: none did).
+    pub in_pass: usize,
+}
+
 /// What to generate.
 #[derive(Clone, Debug)]
 pub struct GenerateParams {
@@ -347,6 +437,10 @@ pub struct Generation<'m> {
     /// How many tokens the next draft may have: grown while drafts are kept whole, shrunk
     /// when one is cut short (the running acceptance decides what a pass is worth).
     draft_len: usize,
+    /// The logits of the next token, already computed by a pass shared with other
+    /// generations ([`step_together`]), and that pass's time.
+    computed: Option<Vec<f32>>,
+    computed_time: Duration,
 }
 
 impl Drop for Generation<'_> {
@@ -456,6 +550,8 @@ impl<'m> Generation<'m> {
             logprobs: None,
             ready_logprobs: std::collections::VecDeque::new(),
             draft_len: 0,
+            computed: None,
+            computed_time: Duration::ZERO,
         })
     }
 
@@ -558,11 +654,14 @@ impl<'m> Generation<'m> {
         let first = self.tokens.len() == self.prompt_len;
         let token = match self.ready.pop_front() {
             Some(token) => token,
+            None if self.computed.is_some() => self.decode_one()?,
             None => match self.speculate()? {
                 Some(token) => token,
                 None => self.decode_one()?,
             },
         };
+        // A shared pass computed this step's logits: its time is this step's too.
+        let spent = std::mem::take(&mut self.computed_time);
         let logprob = self.ready_logprobs.pop_front();
         self.tokens.push(token);
         if let Some(json) = &mut self.json {
@@ -580,9 +679,9 @@ impl<'m> Generation<'m> {
             // The draft model reads the prompt now, as part of the prompt's time.
             self.drafter_prompt()?;
             self.timings.prompt_tokens = self.prompt_len;
-            self.timings.prompt_time += started.elapsed();
+            self.timings.prompt_time += started.elapsed() + spent;
         } else {
-            self.timings.generate_time += started.elapsed();
+            self.timings.generate_time += started.elapsed() + spent;
         }
         self.timings.generated_tokens += 1;
 
@@ -741,7 +840,10 @@ impl<'m> Generation<'m> {
 
     /// Runs the model for the pending tokens and draws one.
     fn decode_one(&mut self) -> Result<u32> {
-        let mut logits = self.run_pending()?;
+        let mut logits = match self.computed.take() {
+            Some(logits) => logits,
+            None => self.run_pending()?,
+        };
         let raw = self.logprobs.map(|_| logits.clone());
         if let Some(choices) = &self.choices {
             let answer = &self.tokens[self.prompt_len..];
@@ -773,6 +875,18 @@ impl<'m> Generation<'m> {
                 self.ready_logprobs.push_back(entry);
             }
         }
+    }
+
+    /// Whether the next step is one row through the model and a draw from its logits: the
+    /// prompt is in the cache, no verified guesses wait, and nothing guesses ahead — the
+    /// steps [`step_together`] runs in a shared pass.
+    fn next_is_one_row(&self) -> bool {
+        self.finish.is_none()
+            && self.params.max_tokens > 0
+            && self.ready.is_empty()
+            && self.speculation.is_none()
+            && self.computed.is_none()
+            && self.cache.len() + 1 == self.tokens.len()
     }
 
     /// Feeds every token not yet in the cache and returns the logits of the last one.

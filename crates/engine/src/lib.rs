@@ -42,7 +42,9 @@ pub mod tokenizer;
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, Pooling};
 pub use error::{EngineError, Result};
-pub use generate::{FinishReason, GenerateParams, Generation, Model, Step, Timings};
+pub use generate::{
+    step_together, FinishReason, GenerateParams, Generation, Model, Step, StepsTogether, Timings,
+};
 pub use gguf::GgufFile;
 pub use json_grammar::{JsonConstraint, JsonGrammar};
 pub use json_rule::{JsonRule, JsonTracker, MAX_LEAD};

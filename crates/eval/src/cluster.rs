@@ -1,6 +1,8 @@
-//! `--agents`: the eval starts the swarm it measures — one `shoal serve` agent process per
-//! `MODEL[:ROLE]` and a head with `--peer` for each — on 127.0.0.1, and stops them all
-//! when it is done (or fails).
+//! `--agents`: the eval starts the swarm it measures — `shoal serve` agent processes for the
+//! `MODEL[:ROLE]`s and a head with `--peer` for each — on 127.0.0.1, and stops them all
+//! when it is done (or fails). Agents of one model share one process (`--role a,b,…`), as
+//! one device would serve them: the weights once, the roles' answers in shared passes;
+//! `--process-per-agent` starts one process each, as if each had a device of its own.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
@@ -42,6 +44,26 @@ pub(crate) fn parse_agents(text: &str) -> anyhow::Result<Vec<AgentSpec>> {
         bail!("--agents: expected MODEL[:ROLE],… (e.g. qwen05:reasoner,smollm2:critic)");
     }
     Ok(specs)
+}
+
+/// The agent processes for `agents`: the roles of each process, by model. Agents of one
+/// model with distinct roles share a process (with `one_each`, never); an agent without a
+/// role, or with a role its model's process already has, gets another.
+fn agent_processes(agents: &[AgentSpec], one_each: bool) -> Vec<(PathBuf, Vec<String>)> {
+    let mut processes: Vec<(PathBuf, Vec<String>)> = Vec::new();
+    for a in agents {
+        let joins = |(model, roles): &&mut (PathBuf, Vec<String>)| {
+            !one_each
+                && *model == a.model
+                && !roles.is_empty()
+                && a.role.as_ref().is_some_and(|r| !roles.contains(r))
+        };
+        match (processes.iter_mut().find(joins), &a.role) {
+            (Some((_, roles)), Some(role)) => roles.push(role.clone()),
+            _ => processes.push((a.model.clone(), a.role.iter().cloned().collect())),
+        }
+    }
+    processes
 }
 
 /// The processes of a local swarm (or of one server); all killed when dropped.
@@ -104,13 +126,15 @@ struct Started {
 
 impl LocalCluster {
     /// `single`: one server for `agents[0]` (exactly one agent allowed). Otherwise: the
-    /// agents with their roles, and a head on `head_model` (default: the first agent's
-    /// model) with `--peer` for each, whose swarm timeouts are `swarm_timeout` (`None`:
+    /// agents with their roles (those of one model in one process unless
+    /// `process_per_agent`), and a head on `head_model` (default: the first agent's model)
+    /// with `--peer` for each process, whose swarm timeouts are `swarm_timeout` (`None`:
     /// serve's defaults); `timeout` bounds the wait for each agent's API.
     pub(crate) fn start(
         agents: &[AgentSpec],
         head_model: Option<&Path>,
         single: bool,
+        process_per_agent: bool,
         timeout: Duration,
         swarm_timeout: Option<Duration>,
         resolve_model: ResolveModel<'_>,
@@ -128,16 +152,16 @@ impl LocalCluster {
             return Ok(cluster);
         }
         let mut peers = Vec::new();
-        for a in agents {
-            let model = resolve(&a.model)?;
+        for (model, roles) in agent_processes(agents, process_per_agent) {
+            let model = resolve(&model)?;
             let mut args: Vec<OsString> = vec![
                 "--model".into(),
                 model.into(),
                 "--peer-port".into(),
                 "0".into(),
             ];
-            if let Some(role) = &a.role {
-                args.extend(["--role".into(), role.into()]);
+            if !roles.is_empty() {
+                args.extend(["--role".into(), roles.join(",").into()]);
             }
             let s = cluster.spawn(&exe, args, true)?;
             cluster.agent_urls.push(format!("http://{}", s.http));
@@ -271,5 +295,29 @@ mod tests {
         assert_eq!(a[1].model, PathBuf::from("models/x.gguf"));
         assert_eq!(a[1].role, None);
         assert!(parse_agents(" , ").is_err());
+    }
+
+    #[test]
+    fn agents_of_one_model_share_a_process_with_distinct_roles() {
+        let a = parse_agents(
+            "qwen05:reasoner,qwen05:critic,smollm2:critic,qwen05,qwen05:critic,qwen05:writer",
+        )
+        .unwrap();
+        let p = |model: &str, roles: &[&str]| {
+            (
+                PathBuf::from(model),
+                roles.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            agent_processes(&a, false),
+            vec![
+                p("qwen05", &["reasoner", "critic", "writer"]),
+                p("smollm2", &["critic"]),
+                p("qwen05", &[]),
+                p("qwen05", &["critic"]),
+            ]
+        );
+        assert_eq!(agent_processes(&a, true).len(), 6);
     }
 }

@@ -205,11 +205,16 @@ struct BenchmarkArgs {
     /// Bearer token for the API.
     #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Start the swarm to measure instead of using --url: one agent process per
-    /// `MODEL[:ROLE]` (a file or a known model's name) and a head over them, on 127.0.0.1;
-    /// all stopped at the end. With --strategy single: one server for the one MODEL.
+    /// Start the swarm to measure instead of using --url: the agents `MODEL[:ROLE]` (a file
+    /// or a known model's name; the roles of one model served by one process, as one device
+    /// serves them) and a head over them, on 127.0.0.1; all stopped at the end. With
+    /// --strategy single: one server for the one MODEL.
     #[arg(long, value_name = "MODEL[:ROLE],…")]
     agents: Option<String>,
+    /// With --agents: one process per agent, as if each had a device of its own (on one
+    /// machine they then share its cores, each with its own copy of the weights).
+    #[arg(long, requires = "agents")]
+    process_per_agent: bool,
     /// With --agents: the head's own model (default: the first agent's).
     #[arg(long, requires = "agents")]
     head_model: Option<PathBuf>,
@@ -485,6 +490,7 @@ fn evaluate(kind: Kind, a: BenchmarkArgs, resolve: ResolveModel<'_>) -> anyhow::
             &cluster::parse_agents(list)?,
             a.head_model.as_deref(),
             a.strategy == Strategy::Single,
+            a.process_per_agent,
             request_timeout,
             (!a.swarm_defaults).then_some(request_timeout),
             resolve,

@@ -48,8 +48,9 @@ pub struct NodeConfig {
     pub activations: DType,
     /// Serve only pipeline stages on the peer port: no whole model, no answers of its own.
     pub stage_only: bool,
-    /// This node's swarm role as an agent (`None`: a plain worker).
-    pub role: Option<Role>,
+    /// This node's swarm roles as an agent (none: a plain worker). With several, its one
+    /// model answers as each of them, and heads send each role's prompt.
+    pub roles: Vec<Role>,
     /// This node's id on the peer protocol (default: host name and peer port).
     pub node_id: Option<String>,
     /// How this node heads a swarm (with `peers` and no `split`).
@@ -164,7 +165,7 @@ impl NodeConfig {
             auto_model: None,
             activations: DType::F32,
             stage_only: false,
-            role: None,
+            roles: Vec::new(),
             node_id: None,
             swarm: SwarmSettings::default(),
             swarm_key: None,
@@ -183,8 +184,14 @@ impl NodeConfig {
     pub fn check(&self) -> Result<(), NodeError> {
         let bad = |msg: &str| Err(NodeError::Config(msg.to_owned()));
         // A stage-only node's --peers only introduce it to the cluster.
-        if self.stage_only && (self.split.is_some() || self.role.is_some()) {
+        if self.stage_only && (self.split.is_some() || !self.roles.is_empty()) {
             return bad("--stage-only serves stages for a head; it takes no --split or --role");
+        }
+        if shoal_swarm::roles::roles_text(&self.roles).len() > shoal_wire::MAX_ROLE {
+            return bad(&format!(
+                "--role lists more roles than an agent's card carries ({} characters at most)",
+                shoal_wire::MAX_ROLE
+            ));
         }
         if self.peer_idle_timeout < MIN_PEER_IDLE_TIMEOUT {
             return bad(&format!(

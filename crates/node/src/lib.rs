@@ -135,10 +135,10 @@ impl Node {
             let (id, model) = (node_id.clone(), config.model.clone());
             // A stage-only node says so: it holds no whole model, so swarm heads do not
             // take it for an agent.
-            let role = match config.role {
-                Some(r) => Some(r.as_str().to_owned()),
-                None if config.stage_only => Some(STAGE_ONLY_ROLE.to_owned()),
-                None => None,
+            let role = if config.stage_only {
+                Some(STAGE_ONLY_ROLE.to_owned())
+            } else {
+                Some(shoal_swarm::roles::roles_text(&config.roles)).filter(|r| !r.is_empty())
             };
             let (http_port, peer_port) = (http_addr.port(), peer_addr.map_or(0, |a| a.port()));
             let offer = config.plan_memory_bytes;
@@ -226,7 +226,7 @@ impl Node {
             let setup = (config.peer_addr.is_some() || swarm.is_some()).then(|| AgentSetup {
                 slot: agent,
                 node_id: node_id.clone(),
-                role: config.role,
+                roles: config.roles.clone(),
                 prompts: config.swarm.prompts.clone(),
             });
             let swarm = swarm.map(|config| (config, members));
@@ -369,7 +369,7 @@ struct AgentSetup {
     /// Where the peer port finds the agent once the model has loaded.
     slot: AgentSlot,
     node_id: String,
-    role: Option<shoal_swarm::roles::Role>,
+    roles: Vec<shoal_swarm::roles::Role>,
     prompts: shoal_swarm::roles::RolePrompts,
 }
 
@@ -400,7 +400,7 @@ fn start_local_model(
                 model.clone(),
                 &a.node_id,
                 &path,
-                a.role,
+                &a.roles,
                 &a.prompts,
                 shoal_api::agent_chat_api(state.clone()),
             );

@@ -31,7 +31,7 @@ pub(crate) fn make_agent(
     model: Arc<Model>,
     node_id: &str,
     model_path: &Path,
-    role: Option<Role>,
+    roles: &[Role],
     prompts: &RolePrompts,
     chat_api: ChatApi,
 ) -> Arc<AgentService> {
@@ -40,8 +40,12 @@ pub(crate) fn make_agent(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut config = AgentConfig::new(node_id, model_id);
-    config.role = role.map(|r| r.as_str().to_owned()).unwrap_or_default();
-    config.system_prompt = role.map(|r| prompts.get(r).to_owned());
+    config.role = shoal_swarm::roles::roles_text(roles);
+    // An agent of several roles has no one prompt: its heads send the role's.
+    config.system_prompt = match roles {
+        [role] => Some(prompts.get(*role).to_owned()),
+        _ => None,
+    };
     config.tokens_per_s = measure_decode_speed(&model);
     config.thermal_penalty = thermal_penalty();
     tracing::info!(

@@ -82,7 +82,7 @@ async fn a_swarm_head_in_one_process_asks_its_peer() {
     let model = model_path();
     let mut agent = NodeConfig::new(&model, loopback());
     agent.peer_addr = Some(loopback());
-    agent.role = Some("concise".parse().unwrap());
+    agent.roles = vec!["concise".parse().unwrap()];
     agent.node_id = Some("agent-one".into());
     let agent = Node::start(agent).await.unwrap();
     wait_ready(&agent).await;
@@ -121,6 +121,73 @@ async fn a_swarm_head_in_one_process_asks_its_peer() {
     );
     let answer = ask(&head, "swarm:fastest", "What is 2 + 2?", 24).await;
     assert!(!answer.is_empty());
+
+    head.shutdown().await.unwrap();
+    agent.shutdown().await.unwrap();
+}
+
+/// One node serving several roles: its one model answers as each (heads list one agent per
+/// role and send each role's prompt), and each answer is the model's own under that prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_answers_as_each_of_its_roles() {
+    use shoal_swarm::roles::{Role, RolePrompts};
+    let model = model_path();
+    let mut agent = NodeConfig::new(&model, loopback());
+    agent.peer_addr = Some(loopback());
+    agent.roles = vec![Role::Reasoner, Role::Factchecker, Role::Aggregator];
+    agent.node_id = Some("agent-many".into());
+    let agent = Node::start(agent).await.unwrap();
+    wait_ready(&agent).await;
+    let mut head = NodeConfig::new(&model, loopback());
+    head.peers = vec![agent.peer_addr().unwrap().to_string()];
+    let head = Node::start(head).await.unwrap();
+    wait_ready(&head).await;
+
+    let question = "Write a Python function add(a, b) that returns the sum of a and b.";
+    let request = json!({"query": question, "strategy": "moa", "max_tokens": 24,
+                         "temperature": 0, "timeout_s": 120});
+    let (status, body) = http(head.http_addr(), "POST", "/v1/swarm/query", Some(&request)).await;
+    assert_eq!(status, 200, "{body}");
+    let out: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(out["query_type"], "CODE", "{out}");
+    let answers = out["answers"].as_array().expect("answers");
+    let by = |agent: &str, task: &str| {
+        answers
+            .iter()
+            .find(|a| a["agent"] == agent && a["task"] == task)
+            .unwrap_or_else(|| panic!("no {task} by {agent}: {out}"))
+    };
+    by("agent-many/aggregator", "aggregate");
+
+    // The engine's own greedy answer under each role's prompt.
+    let engine = shoal_engine::Model::load(&model, |_, _| {}).unwrap();
+    let prompts = RolePrompts::new();
+    for role in [Role::Reasoner, Role::Factchecker] {
+        let answer = by(&format!("agent-many/{role}"), "answer");
+        assert_eq!(answer["role"], role.as_str(), "{out}");
+        let chat = [
+            shoal_engine::ChatMessage {
+                role: "system".into(),
+                content: prompts.get(role).into(),
+            },
+            shoal_engine::ChatMessage {
+                role: "user".into(),
+                content: question.into(),
+            },
+        ];
+        let prompt = engine
+            .encode_prompt(&engine.render_chat(&chat).unwrap())
+            .unwrap();
+        let params = shoal_engine::GenerateParams {
+            max_tokens: 24,
+            ..Default::default()
+        };
+        let mut generation = engine.generate(prompt, params).unwrap();
+        while generation.next_step().unwrap().is_some() {}
+        assert_eq!(answer["text"], generation.text(), "{role}: {out}");
+    }
+    let (_, body) = http(head.http_addr(), "GET", "/v1/swarm/status", None).await;
+    assert!(body.contains("reasoner,factchecker,aggregator"), "{body}");
 
     head.shutdown().await.unwrap();
     agent.shutdown().await.unwrap();

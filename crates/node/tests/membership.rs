@@ -483,7 +483,7 @@ async fn a_node_heads_a_swarm_of_the_members_it_finds() {
         config.peer_addr = Some(loopback());
         config.swarm_key = Some(SwarmKey::from_bytes(key));
         config.peers = peers;
-        config.role = role;
+        config.roles = role.into_iter().collect();
         config.cluster.detector = common::fast_detector();
         config.cluster.mdns = false;
         config

@@ -10,7 +10,7 @@ use clap::Args;
 use shoal_api::HttpLimits;
 use shoal_cluster::DetectorConfig;
 use shoal_node::{ClusterSettings, Node, NodeConfig, SwarmSettings};
-use shoal_swarm::roles::{Role, RolePrompts};
+use shoal_swarm::roles::RolePrompts;
 use shoal_swarm::routing::Strategy;
 
 use crate::cli::{ActivationsArg, ModelArg, Switch};
@@ -103,7 +103,9 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     pub(crate) stage_only: bool,
     /// Swarm role of this node as an agent: reasoner, writer, concise, critic, factchecker,
-    /// drafter, spotter or aggregator (none: a plain worker).
+    /// drafter, spotter or aggregator (none: a plain worker). Several, separated by commas
+    /// (`reasoner,critic`), make one model answer as each: one device holds the weights
+    /// once, and the roles' answers share its passes.
     #[arg(long)]
     pub(crate) role: Option<String>,
     /// This node's id on the peer protocol (default: host name and peer port).
@@ -183,11 +185,7 @@ pub(crate) fn serve(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<ExitCo
 
 /// The node `serve`'s flags describe; the model is found (or fetched) here.
 fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig> {
-    let role = a
-        .role
-        .as_deref()
-        .map(str::parse::<Role>)
-        .transpose()
+    let roles = shoal_swarm::roles::parse_roles(a.role.as_deref().unwrap_or_default())
         .map_err(|e| anyhow::anyhow!("--role: {e}"))?;
     let strategy = a
         .swarm_strategy
@@ -235,7 +233,7 @@ fn node_config(a: ServeArgs, prompts: RolePrompts) -> anyhow::Result<NodeConfig>
         .map(|g| (g * 1024.0 * 1024.0 * 1024.0) as u64);
     config.activations = a.activations.dtype();
     config.stage_only = a.stage_only;
-    config.role = role;
+    config.roles = roles;
     config.node_id = a.node_id;
     config.swarm_key = key;
     config.insecure_peers = a.key.insecure_peers;

@@ -113,6 +113,30 @@ impl FromStr for Role {
     }
 }
 
+/// The roles of one agent, as a card or a command line lists them: names separated by
+/// commas (`"reasoner,critic"`), each once. An agent with several roles answers as each of
+/// them, one model serving them all: its head sends each role's prompt with its request.
+/// Empty text is no role (a plain worker).
+pub fn parse_roles(text: &str) -> Result<Vec<Role>, UnknownRole> {
+    let mut roles = Vec::new();
+    for name in text.split(',').filter(|n| !n.trim().is_empty()) {
+        let role: Role = name.parse()?;
+        if !roles.contains(&role) {
+            roles.push(role);
+        }
+    }
+    Ok(roles)
+}
+
+/// `roles` as [`parse_roles`] reads them.
+pub fn roles_text(roles: &[Role]) -> String {
+    roles
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl<'de> Deserialize<'de> for Role {
     /// From the same names [`FromStr`] accepts, so config files are as lenient as the CLI.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

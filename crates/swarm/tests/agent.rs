@@ -290,6 +290,64 @@ async fn greedy_answers_are_the_engines_own() {
     assert_eq!(agent.service.busy(), 0);
 }
 
+/// Asks that arrive together run together (their decode steps share the model's passes),
+/// and each answer is still exactly the engine's own for its conversation alone: different
+/// prompts, lengths and system prompts, one joining while the others run.
+#[tokio::test]
+async fn answers_made_together_are_each_the_engines_own() {
+    let agent = start(config()).await;
+    let questions = [
+        ("What is the capital of France?", 24, None),
+        ("Name a prime number.", 12, Some("")),
+        (
+            "Write a haiku about the sea.",
+            40,
+            Some("You answer in French."),
+        ),
+        ("What is two plus two?", 8, None),
+    ];
+    let asks = questions
+        .iter()
+        .enumerate()
+        .map(|(i, &(question, max_tokens, system))| {
+            let addr = agent.addr;
+            async move {
+                // The last joins while the others are half way.
+                if i == 3 {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                }
+                let ask = Ask {
+                    system: system.map(str::to_owned),
+                    ..user_ask(i as u64 + 1, question, max_tokens)
+                };
+                ask_agent(addr, ask).await
+            }
+        });
+    let answers = futures::future::join_all(asks).await;
+    for (answer, &(question, max_tokens, system)) in answers.iter().zip(&questions) {
+        let mut conversation = Vec::new();
+        match system {
+            None => conversation.push(chat("system", SYSTEM)),
+            Some("") => {}
+            Some(other) => conversation.push(chat("system", other)),
+        }
+        conversation.push(chat("user", question));
+        let (text, prompt_tokens, completion_tokens, _) =
+            reference(&conversation, max_tokens as usize);
+        assert_eq!(answer.text, text, "{question}");
+        assert_eq!(answer.prompt_tokens as usize, prompt_tokens, "{question}");
+        assert_eq!(
+            answer.completion_tokens as usize, completion_tokens,
+            "{question}"
+        );
+    }
+    assert_eq!(agent.service.busy(), 0);
+}
+
+async fn ask_agent(addr: SocketAddr, ask_: Ask) -> shoal_wire::Answer {
+    ask(addr, &head(), ask_, LONG).await.unwrap()
+}
+
 /// Issue #14: the peer port closes connections silent between requests for its idle
 /// timeout, but a head waiting in silence for a long answer is not one of them.
 #[tokio::test]

@@ -18,12 +18,14 @@
 //! the agent answers it through its node's own chat API (`chat_api.rs`) and sends the
 //! API's response back in the `Answer`.
 //!
-//! [`AgentService`] is the agent side. Its model runs one generation at a time (a semaphore
-//! with one permit, fair, so requests queue in arrival order), on a blocking thread so the
-//! runtime keeps serving other connections. While an `Ask` runs the service keeps reading its
-//! connection: if the head closes it (it timed out, was killed, or dropped the request) the
-//! generation stops between prefill chunks or decode steps, and the model is free for the
-//! next request. A killed head must not keep an agent busy for `max_tokens` of nobody's text.
+//! [`AgentService`] is the agent side. Its model runs the `Ask`s it has together on a thread
+//! of its own (`generator.rs`): their decode steps share each pass of the model, so several
+//! answers at once cost little more than one. While an `Ask` runs the service keeps reading
+//! its connection: if the head closes it (it timed out, was killed, or dropped the request)
+//! the generation stops between prefill chunks or decode steps and leaves the others. A
+//! killed head must not keep an agent busy for `max_tokens` of nobody's text. `Ask`s that
+//! carry a whole chat API request go through the node's API one at a time (a semaphore with
+//! one permit, fair, so they queue in arrival order).
 //!
 //! [`describe`] and [`ask`] are the head's side: each dials a fresh connection, so that
 //! dropping the call — or its timeout firing — closes that connection, which is exactly what
@@ -32,6 +34,7 @@
 
 mod chat_api;
 mod client;
+mod generator;
 mod service;
 
 pub use chat_api::{ApiRefusal, ChatApi};

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use shoal_engine::{ChatMessage, EngineError, FinishReason, GenerateParams, Model, SamplingParams};
+use shoal_engine::{ChatMessage, EngineError, GenerateParams, Model, SamplingParams};
 use shoal_wire::{
     serve_peers, AgentCard, Answer, Ask, Capabilities, Connection, Describe, ErrorCode,
     ErrorMessage, Finish, Hello, HelloAck, Message, PeerService, Pong, ServeConfig, Transport,
@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::chat_api::{self, ChatApi};
+use super::generator::{Generator, Request};
 use super::SOFTWARE_VERSION;
 
 /// Prompt of [`measure_decode_speed`]: plain text (no chat template), so that a base
@@ -68,7 +69,9 @@ pub struct AgentService {
     /// `f32` bits; updated by the binary as it re-measures speed and temperature.
     tokens_per_s: AtomicU32,
     thermal_penalty: AtomicU32,
-    /// One permit: the model runs one generation at a time.
+    /// Runs the `Ask`s' generations, several at once.
+    generator: Generator,
+    /// One permit: the chat API answers one whole request of the agent's at a time.
     engine: Arc<Semaphore>,
     /// Asks queued for the model or running on it.
     busy: Arc<AtomicU32>,
@@ -101,6 +104,7 @@ impl AgentService {
     /// the wire accepts (speed finite ≥ 0, penalty in `[0, 1]`).
     pub fn new(model: Arc<Model>, config: AgentConfig) -> Self {
         let service = AgentService {
+            generator: Generator::start(Arc::clone(&model)),
             model,
             tokens_per_s: AtomicU32::new(0),
             thermal_penalty: AtomicU32::new(1.0f32.to_bits()),
@@ -348,13 +352,6 @@ impl AgentService {
         .await
         .map_err(|_| internal("preparing the prompt failed unexpectedly"))??;
 
-        let permit = Arc::clone(&self.engine)
-            .acquire_owned()
-            .await
-            .map_err(|_| internal("the agent is shutting down"))?;
-        if cancel.load(Ordering::Relaxed) {
-            return Err(AskFailure::Cancelled);
-        }
         let params = GenerateParams {
             sampling: SamplingParams {
                 temperature,
@@ -366,16 +363,16 @@ impl AgentService {
             stop,
             cache_prompt: true,
         };
-        let model = Arc::clone(&self.model);
-        let generated = tokio::task::spawn_blocking(move || {
-            // The model and the busy count are released before the head hears the answer, so
-            // a head that asks again at once finds the agent free.
-            let _permit = permit;
-            let _busy = busy;
-            generate(&model, prompt, params, &choices, &cancel)
-        })
-        .await
-        .map_err(|_| internal("generation ended unexpectedly"))??;
+        let generated = self
+            .generator
+            .generate(Request {
+                prompt,
+                params,
+                choices,
+                cancel,
+                busy,
+            })
+            .await?;
 
         let mut text = generated.text;
         let mut finish = generated.finish;
@@ -447,11 +444,11 @@ impl AgentService {
 }
 
 /// The text of one finished generation.
-struct Generated {
-    text: String,
-    finish: Finish,
-    prompt_tokens: usize,
-    completion_tokens: usize,
+pub(super) struct Generated {
+    pub(super) text: String,
+    pub(super) finish: Finish,
+    pub(super) prompt_tokens: usize,
+    pub(super) completion_tokens: usize,
 }
 
 /// Why [`AgentService::answer_here`] gave no answer: what a remote agent's `Error` would say.
@@ -463,14 +460,14 @@ pub struct Refused {
 }
 
 /// Why an `Ask` got no `Answer`.
-enum AskFailure {
+pub(super) enum AskFailure {
     /// The head went away; nobody to answer.
     Cancelled,
     /// Answer with this `Error`.
     Refused(ErrorCode, String),
 }
 
-fn internal(message: &str) -> AskFailure {
+pub(super) fn internal(message: &str) -> AskFailure {
     AskFailure::Refused(ErrorCode::INTERNAL, message.to_owned())
 }
 
@@ -491,61 +488,10 @@ fn saturate(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// Runs a generation to its end, checking `cancel` between prefill chunks and decode steps.
-fn generate(
-    model: &Model,
-    prompt: Vec<u32>,
-    params: GenerateParams,
-    choices: &[String],
-    cancel: &Arc<AtomicBool>,
-) -> Result<Generated, AskFailure> {
-    let prompt_tokens = prompt.len();
-    let refused = |e: EngineError| match e {
-        EngineError::ContextFull { .. } => {
-            AskFailure::Refused(ErrorCode::CONTEXT_LENGTH, e.to_string())
-        }
-        EngineError::InvalidInput(_) => AskFailure::Refused(ErrorCode::BAD_REQUEST, e.to_string()),
-        e => AskFailure::Refused(ErrorCode::INTERNAL, format!("generation failed: {e}")),
-    };
-    let mut generation = model.generate(prompt, params).map_err(refused)?;
-    if !choices.is_empty() {
-        generation.constrain_to(choices).map_err(refused)?;
-    }
-    let watch = Arc::clone(cancel);
-    generation.set_interrupt(move || watch.load(Ordering::Relaxed));
-    loop {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(AskFailure::Cancelled);
-        }
-        match generation.next_step() {
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(EngineError::Interrupted) => return Err(AskFailure::Cancelled),
-            Err(e) => {
-                tracing::warn!(error = %e, "agent generation failed");
-                return Err(AskFailure::Refused(
-                    ErrorCode::INTERNAL,
-                    format!("generation failed: {e}"),
-                ));
-            }
-        }
-    }
-    let finish = match generation.finish_reason() {
-        Some(FinishReason::Length) => Finish::Length,
-        Some(FinishReason::Stop) | None => Finish::Stop,
-    };
-    Ok(Generated {
-        text: generation.text().to_owned(),
-        finish,
-        prompt_tokens,
-        completion_tokens: generation.generated().len(),
-    })
-}
-
 /// Counts one request in `busy` for as long as it lives: created when an `Ask` arrives, moved
 /// into the blocking task once it runs, so it counts queued and running requests and is
 /// released however the request ends.
-struct BusyGuard(Arc<AtomicU32>);
+pub(super) struct BusyGuard(Arc<AtomicU32>);
 
 impl BusyGuard {
     fn new(busy: &Arc<AtomicU32>) -> Self {

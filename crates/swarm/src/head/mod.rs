@@ -237,29 +237,40 @@ impl Swarm {
         self.agents.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The healthy agents as targets.
+    /// The healthy agents as targets: one per role of an agent that serves several (named
+    /// `node/role`, asked with the role's prompt from this head), one per agent otherwise.
     fn targets(&self) -> Vec<Target> {
         let addrs = self.agent_addrs();
-        self.lock_agents()
-            .iter()
-            .enumerate()
-            .filter(|&(index, _)| {
-                let addr = addrs.get(index);
-                addr.is_some_and(|&a| self.members.is_alive(a))
-            })
-            .filter_map(|(index, s)| {
-                Some(Target::Remote {
+        let mut targets = Vec::new();
+        for (index, s) in self.lock_agents().iter().enumerate() {
+            let alive = addrs.get(index).is_some_and(|&a| self.members.is_alive(a));
+            let Some(addr) = s.addr.parse().ok().filter(|_| alive) else {
+                continue;
+            };
+            let name = s.node_id.clone().unwrap_or_else(|| s.addr.clone());
+            let roles = s.parsed_roles();
+            let target =
+                |role: Option<Role>, name: String, role_prompt: Option<String>| Target::Remote {
                     index,
-                    addr: s.addr.parse().ok()?,
-                    name: s.node_id.clone().unwrap_or_else(|| s.addr.clone()),
-                    role: s.parsed_role(),
+                    addr,
+                    name,
+                    role,
+                    role_prompt,
                     model: s.model.clone().unwrap_or_default(),
                     weight: s.weight,
                     parameters: s.parameters,
                     tokens_per_s: s.tokens_per_s,
-                })
-            })
-            .collect()
+                };
+            match roles.as_slice() {
+                [] => targets.push(target(None, name, None)),
+                [role] => targets.push(target(Some(*role), name, None)),
+                several => targets.extend(several.iter().map(|&role| {
+                    let prompt = self.config.prompts.get(role).to_owned();
+                    target(Some(role), format!("{name}/{role}"), Some(prompt))
+                })),
+            }
+        }
+        targets
     }
 
     /// The healthy agent with `role` and the highest weight, other than the one named
@@ -405,9 +416,14 @@ impl Swarm {
 impl Swarm {
     /// Sends one job to its target and waits at most `timeout` (the request's limit).
     async fn send(&self, job: Job, timeout: Duration) -> Result<Answer, Failure> {
+        // An agent of several roles is told which one it answers as.
+        let role_prompt = match &job.target {
+            Target::Remote { role_prompt, .. } => role_prompt.clone(),
+            Target::Local { .. } => None,
+        };
         let ask = Ask {
             request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
-            system: job.system,
+            system: job.system.or(role_prompt),
             messages: job.messages,
             max_tokens: job.max_tokens,
             temperature: job.temperature,

@@ -98,8 +98,13 @@ impl AgentStatus {
         self.parameters = card.parameters;
     }
 
-    pub(super) fn parsed_role(&self) -> Option<Role> {
-        self.role.as_deref().and_then(|r| r.parse().ok())
+    /// The roles the card names (none for a plain worker, or when it names one this head
+    /// does not know).
+    pub(super) fn parsed_roles(&self) -> Vec<Role> {
+        self.role
+            .as_deref()
+            .and_then(|r| crate::roles::parse_roles(r).ok())
+            .unwrap_or_default()
     }
 }
 

@@ -14,6 +14,9 @@ pub(super) enum Target {
         addr: SocketAddr,
         name: String,
         role: Option<Role>,
+        /// The role's prompt, sent with every request that does not bring its own, for an
+        /// agent that serves several roles (it has no one prompt of its own).
+        role_prompt: Option<String>,
         model: String,
         weight: f32,
         parameters: u64,

@@ -640,6 +640,7 @@ mod tests {
             addr: "127.0.0.1:1".parse().unwrap(),
             name: name.into(),
             role,
+            role_prompt: None,
             model: model.into(),
             weight: 1.0,
             parameters: 0,

@@ -207,6 +207,7 @@ mod tests {
             addr: "127.0.0.1:1".parse().unwrap(),
             name: "a".into(),
             role: None,
+            role_prompt: None,
             model: "m".into(),
             weight: 1.0,
             parameters: 0,
