@@ -651,6 +651,8 @@ impl<'m> Generation<'m> {
             return Ok(None);
         }
         let started = Instant::now();
+        // A shared pass computed this step's logits: its time is this step's too.
+        let spent = std::mem::take(&mut self.computed_time);
         let first = self.tokens.len() == self.prompt_len;
         let token = match self.ready.pop_front() {
             Some(token) => token,
@@ -660,8 +662,6 @@ impl<'m> Generation<'m> {
                 None => self.decode_one()?,
             },
         };
-        // A shared pass computed this step's logits: its time is this step's too.
-        let spent = std::mem::take(&mut self.computed_time);
         let logprob = self.ready_logprobs.pop_front();
         self.tokens.push(token);
         if let Some(json) = &mut self.json {

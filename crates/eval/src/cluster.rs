@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use shoal_swarm::roles::Role;
+
 use crate::ResolveModel;
 
 /// One agent to start: its model (a file or a known model's name) and role.
@@ -50,13 +52,21 @@ pub(crate) fn parse_agents(text: &str) -> anyhow::Result<Vec<AgentSpec>> {
 /// model with distinct roles share a process (with `one_each`, never); an agent without a
 /// role, or with a role its model's process already has, gets another.
 fn agent_processes(agents: &[AgentSpec], one_each: bool) -> Vec<(PathBuf, Vec<String>)> {
+    // As `serve` reads them (`fact-checker` is `factchecker`).
+    let same = |a: &str, b: &str| match (a.parse::<Role>(), b.parse::<Role>()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
     let mut processes: Vec<(PathBuf, Vec<String>)> = Vec::new();
     for a in agents {
         let joins = |(model, roles): &&mut (PathBuf, Vec<String>)| {
             !one_each
                 && *model == a.model
                 && !roles.is_empty()
-                && a.role.as_ref().is_some_and(|r| !roles.contains(r))
+                && a.role.as_ref().is_some_and(|r| {
+                    !roles.iter().any(|had| same(had, r))
+                        && roles.join(",").len() + 1 + r.len() <= shoal_wire::MAX_ROLE
+                })
         };
         match (processes.iter_mut().find(joins), &a.role) {
             (Some((_, roles)), Some(role)) => roles.push(role.clone()),
@@ -300,7 +310,7 @@ mod tests {
     #[test]
     fn agents_of_one_model_share_a_process_with_distinct_roles() {
         let a = parse_agents(
-            "qwen05:reasoner,qwen05:critic,smollm2:critic,qwen05,qwen05:critic,qwen05:writer",
+            "qwen05:reasoner,qwen05:critic,smollm2:critic,qwen05,qwen05:Critic,qwen05:writer",
         )
         .unwrap();
         let p = |model: &str, roles: &[&str]| {
@@ -315,9 +325,19 @@ mod tests {
                 p("qwen05", &["reasoner", "critic", "writer"]),
                 p("smollm2", &["critic"]),
                 p("qwen05", &[]),
-                p("qwen05", &["critic"]),
+                p("qwen05", &["Critic"]),
             ]
         );
         assert_eq!(agent_processes(&a, true).len(), 6);
+        // A card carries at most MAX_ROLE bytes of roles: the rest go to another process.
+        let all = parse_agents(
+            "m:reasoner,m:writer,m:concise,m:critic,m:factchecker,m:drafter,m:spotter,m:aggregator",
+        )
+        .unwrap();
+        let processes = agent_processes(&all, false);
+        assert_eq!(processes.len(), 2);
+        assert!(processes
+            .iter()
+            .all(|(_, roles)| roles.join(",").len() <= shoal_wire::MAX_ROLE));
     }
 }

@@ -20,7 +20,7 @@
 //! # pooling = "last"               # how /v1/embeddings pools: mean, cls, last
 //! # lookup = true                  # speculative decoding by prompt lookup; draft_max = 12
 //! # model_draft = "qwen05"         # ... or with a draft model (and lookup first, if on)
-//! role = "reasoner"
+//! role = "reasoner"                # or several: "reasoner,critic" (one model answers as each)
 //! swarm_key_file = "swarm.key"     # from `shoal key new`; relative to this file
 //!
 //! [swarm]

@@ -342,6 +342,10 @@ async fn answers_made_together_are_each_the_engines_own() {
         );
     }
     assert_eq!(agent.service.busy(), 0);
+    assert!(
+        agent.service.largest_pass() >= 2,
+        "the answers never shared a pass"
+    );
 }
 
 async fn ask_agent(addr: SocketAddr, ask_: Ask) -> shoal_wire::Answer {

@@ -15,7 +15,8 @@
 //! before the next step, and its prompt stops between chunks. The thread parks while there
 //! is nothing to do, and ends when the agent is dropped.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 
@@ -53,22 +54,35 @@ struct Work {
 pub(super) struct Generator {
     /// `None` when the thread could not be started (every request is refused, saying so).
     queue: Option<SyncSender<Work>>,
+    /// The most generations that have shared one pass of the model.
+    largest_pass: Arc<AtomicUsize>,
 }
 
 impl Generator {
     /// Starts the thread that runs `model`'s generations.
     pub(super) fn start(model: Arc<Model>) -> Self {
         let (queue, work) = mpsc::sync_channel(MAX_QUEUED);
+        let largest_pass = Arc::new(AtomicUsize::new(0));
+        let largest = Arc::clone(&largest_pass);
         let started = std::thread::Builder::new()
             .name("shoal-agent".into())
-            .spawn(move || run(&model, &work));
-        match started {
-            Ok(_) => Generator { queue: Some(queue) },
+            .spawn(move || run(&model, &work, &largest));
+        let queue = match started {
+            Ok(_) => Some(queue),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the agent's generation thread");
-                Generator { queue: None }
+                None
             }
+        };
+        Generator {
+            queue,
+            largest_pass,
         }
+    }
+
+    /// The most generations that have shared one pass of the model so far.
+    pub(super) fn largest_pass(&self) -> usize {
+        self.largest_pass.load(Ordering::Relaxed)
     }
 
     /// Runs `request` with the others and waits for its answer.
@@ -108,9 +122,27 @@ struct Running<'m> {
     reply: oneshot::Sender<Result<Generated, AskFailure>>,
 }
 
+impl Running<'_> {
+    /// Ends the generation and sends `outcome` (if its head still waits).
+    fn answer(self, outcome: Result<Generated, AskFailure>) {
+        let Running {
+            generation,
+            busy,
+            reply,
+            ..
+        } = self;
+        // The cache goes back to the prompt cache, and the agent counts one request fewer,
+        // before the head hears.
+        drop(generation);
+        drop(busy);
+        let _ = reply.send(outcome);
+    }
+}
+
 /// The thread: takes new work between steps, steps every running generation together,
-/// answers those that end.
-fn run(model: &Model, work: &Receiver<Work>) {
+/// answers those that end. A panic in the engine fails the answers then running, not the
+/// agent: the thread goes on with the next.
+fn run(model: &Model, work: &Receiver<Work>, largest_pass: &AtomicUsize) {
     let mut running: Vec<Running<'_>> = Vec::new();
     loop {
         if running.is_empty() {
@@ -135,7 +167,24 @@ fn run(model: &Model, work: &Receiver<Work>) {
         }
         let mut generations: Vec<&mut Generation<'_>> =
             running.iter_mut().map(|r| &mut r.generation).collect();
-        let steps = step_together(&mut generations).steps;
+        let stepped =
+            std::panic::catch_unwind(AssertUnwindSafe(|| step_together(&mut generations)));
+        let steps = match stepped {
+            Ok(together) => {
+                largest_pass.fetch_max(together.in_pass, Ordering::Relaxed);
+                together.steps
+            }
+            Err(_) => {
+                tracing::error!(
+                    answers = running.len(),
+                    "the engine panicked; the answers in progress fail"
+                );
+                for r in running.drain(..) {
+                    r.answer(Err(internal("generation failed inside the engine")));
+                }
+                continue;
+            }
+        };
         let ended: Vec<Option<Result<Generated, AskFailure>>> = running
             .iter()
             .zip(steps)
@@ -153,18 +202,7 @@ fn run(model: &Model, work: &Receiver<Work>) {
         for (r, end) in running.into_iter().zip(ended) {
             match end {
                 None => still.push(r),
-                Some(outcome) => {
-                    let Running {
-                        generation,
-                        busy,
-                        reply,
-                        ..
-                    } = r;
-                    // The cache goes back to the prompt cache before the head hears.
-                    drop(generation);
-                    drop(busy);
-                    let _ = reply.send(outcome);
-                }
+                Some(outcome) => r.answer(outcome),
             }
         }
         running = still;
@@ -187,12 +225,19 @@ fn admit<'m>(model: &'m Model, w: Work, running: &mut Vec<Running<'m>>) {
     if cancel.load(Ordering::Relaxed) {
         return;
     }
-    let started = model.generate(prompt, params).and_then(|mut generation| {
-        if !choices.is_empty() {
-            generation.constrain_to(&choices)?;
-        }
-        Ok(generation)
-    });
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        model.generate(prompt, params).and_then(|mut generation| {
+            if !choices.is_empty() {
+                generation.constrain_to(&choices)?;
+            }
+            Ok(generation)
+        })
+    }));
+    let Ok(started) = started else {
+        drop(busy);
+        let _ = reply.send(Err(internal("the engine failed while starting the answer")));
+        return;
+    };
     match started {
         Ok(mut generation) => {
             let watch = Arc::clone(&cancel);

@@ -33,7 +33,8 @@ pub struct AgentConfig {
     pub node_id: String,
     /// The model file's name, e.g. `"smollm2-135m-instruct-q4_1.gguf"`.
     pub model_id: String,
-    /// The agent's role (`"reasoner"`, `"critic"`...); empty for a plain worker.
+    /// The agent's role (`"reasoner"`, `"critic"`...), or roles separated by commas (its
+    /// heads then send each role's prompt); empty for a plain worker.
     pub role: String,
     /// The role's system prompt (the binary resolves role → prompt); used when an `Ask` does
     /// not bring its own. `None` or empty: no system prompt.
@@ -153,6 +154,11 @@ impl AgentService {
             penalty.clamp(0.0, 1.0)
         };
         self.thermal_penalty.store(v.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The most answers that have shared one pass of the model so far.
+    pub fn largest_pass(&self) -> usize {
+        self.generator.largest_pass()
     }
 
     /// Asks queued for the model or running on it.
@@ -393,8 +399,9 @@ impl AgentService {
 }
 
 impl AgentService {
-    /// Answers a whole chat API request through the node's chat API, in the model's turn
-    /// (the API's own queue comes after). Dropping the future stops the generation.
+    /// Answers a whole chat API request through the node's chat API, one such request of
+    /// the agent's at a time (the API's own queue comes after; plain `Ask`s run beside it
+    /// on the generation thread). Dropping the future stops the generation.
     async fn run_request(
         &self,
         request_id: u64,
@@ -489,8 +496,8 @@ fn saturate(n: usize) -> u32 {
 }
 
 /// Counts one request in `busy` for as long as it lives: created when an `Ask` arrives, moved
-/// into the blocking task once it runs, so it counts queued and running requests and is
-/// released however the request ends.
+/// with it to the generation thread (or kept by a chat API request), so it counts queued and
+/// running requests and is released however the request ends.
 pub(super) struct BusyGuard(Arc<AtomicU32>);
 
 impl BusyGuard {

@@ -273,12 +273,12 @@ impl Swarm {
         targets
     }
 
-    /// The healthy agent with `role` and the highest weight, other than the one named
-    /// `except`.
+    /// The healthy agent with `role` and the highest weight, other than those at the
+    /// address `except` (an agent of several roles is at one address).
     fn best_with_role(&self, role: Role, except: Option<&str>) -> Option<Target> {
         self.targets()
             .into_iter()
-            .filter(|t| t.role() == Some(role) && except != Some(t.name().as_str()))
+            .filter(|t| t.role() == Some(role) && except != Some(t.addr().as_str()))
             .max_by(|a, b| a.weight().total_cmp(&b.weight()))
     }
 

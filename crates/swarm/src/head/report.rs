@@ -98,13 +98,17 @@ impl AgentStatus {
         self.parameters = card.parameters;
     }
 
-    /// The roles the card names (none for a plain worker, or when it names one this head
-    /// does not know).
+    /// The roles the card names that this head knows (a newer agent may name more); none
+    /// for a plain worker.
     pub(super) fn parsed_roles(&self) -> Vec<Role> {
-        self.role
-            .as_deref()
-            .and_then(|r| crate::roles::parse_roles(r).ok())
-            .unwrap_or_default()
+        let mut roles = Vec::new();
+        for name in self.role.as_deref().unwrap_or_default().split(',') {
+            match name.parse::<Role>() {
+                Ok(role) if !roles.contains(&role) => roles.push(role),
+                _ => {}
+            }
+        }
+        roles
     }
 }
 

@@ -101,13 +101,16 @@ impl Run<'_> {
     }
 
     /// Every member that answers queries, whatever the query type's roles, and the head's
-    /// own model: who answers a cross-swarm vote.
+    /// own model: who answers a cross-swarm vote. A member of several roles answers once
+    /// (as its first role that answers queries): it is one model.
     pub(super) fn every_member(&self) -> Result<Vec<Target>, SwarmError> {
+        let mut seen = std::collections::HashSet::new();
         let mut all: Vec<Target> = self
             .swarm
             .targets()
             .into_iter()
             .filter(|t| t.role().is_none_or(Role::answers_queries))
+            .filter(|t| seen.insert(t.addr()))
             .collect();
         all.extend(self.swarm.local_target());
         if all.is_empty() {
@@ -437,14 +440,15 @@ impl Run<'_> {
         let Some(draft) = self.ask_one(job, wait.limit).await else {
             return Err(self.no_answer());
         };
-        let drafter_name = drafter.name();
+        // Another device checks: not the drafter's model under another of its roles.
+        let drafter_addr = drafter.addr();
         let checker = self
             .swarm
-            .best_with_role(Role::Reasoner, Some(&drafter_name))
+            .best_with_role(Role::Reasoner, Some(&drafter_addr))
             .or_else(|| {
                 answerers
                     .iter()
-                    .filter(|t| t.name() != drafter_name)
+                    .filter(|t| t.addr() != drafter_addr)
                     .max_by(by_weight)
                     .cloned()
             })

@@ -17,7 +17,8 @@ use crate::codec::{bound, put_bool, put_len, put_string, Reader};
 use crate::error::WireError;
 use crate::message::{finite, MAX_MODEL_ID, MAX_NODE_ID};
 
-/// Longest agent role name, in bytes (`"factchecker"` and friends; empty = plain worker).
+/// Longest agent role text, in bytes: one role name (`"factchecker"` and friends), or
+/// several separated by commas (`"reasoner,critic"`); empty = plain worker.
 pub const MAX_ROLE: usize = 64;
 /// Longest human-readable model name in an [`AgentCard`], in bytes.
 pub const MAX_MODEL_NAME: usize = 256;
@@ -79,7 +80,8 @@ impl Describe {
 pub struct AgentCard {
     /// The agent's node id.
     pub node_id: String,
-    /// The agent's role (`"reasoner"`, `"critic"`...); empty for a plain worker.
+    /// The agent's role (`"reasoner"`, `"critic"`...), or roles separated by commas when
+    /// its one model answers as each (`"reasoner,critic"`); empty for a plain worker.
     pub role: String,
     /// The model file's name, e.g. `"smollm2-135m-instruct-q4_1.gguf"`.
     pub model_id: String,
