@@ -246,67 +246,60 @@ impl Model {
 /// arithmetic on a few rows.
 pub fn step_together(generations: &mut [&mut Generation<'_>]) -> StepsTogether {
     let mut results: Vec<Option<Result<Option<Step>>>> = generations.iter().map(|_| None).collect();
-    let model = generations
+    // The model of the first generation whose step is one row: its peers share the pass.
+    let model: Option<&Model> = generations
         .iter()
         .find(|g| g.next_is_one_row())
-        .map(|g| g.model as *const Model);
+        .map(|g| g.model);
     let shared: Vec<bool> = generations
         .iter()
-        .map(|g| g.next_is_one_row() && model == Some(g.model as *const Model))
+        .map(|g| g.next_is_one_row() && model.is_some_and(|m| std::ptr::eq(m, g.model)))
         .collect();
     let mut in_pass = shared.iter().filter(|&&s| s).count();
     if in_pass < 2 {
         in_pass = 0;
-    } else {
-        if let Some(first) = generations.iter().zip(&shared).find(|(_, &s)| s) {
-            let stage = &first.0.model.stage;
-            let positions: Vec<[usize; 1]> = generations
-                .iter()
-                .zip(&shared)
-                .filter(|(_, &s)| s)
-                .map(|(g, _)| [g.tokens.len() - 1])
-                .collect();
-            let started = Instant::now();
-            let items: Vec<BatchItem<'_>> = generations
-                .iter_mut()
-                .zip(&shared)
-                .filter(|(_, &s)| s)
-                .zip(&positions)
-                .map(|((g, _), at)| {
-                    let Generation {
-                        tokens,
-                        cache,
-                        cache_whole,
-                        ..
-                    } = &mut **g;
-                    *cache_whole = false;
-                    BatchItem {
-                        input: StageInput::Tokens(&tokens[at[0]..]),
-                        positions: at,
-                        cache,
-                        logits: Logits::Last,
-                    }
-                })
-                .collect();
-            let outputs = stage.forward_batch(items);
-            let spent = started.elapsed();
-            let chosen = (0..generations.len()).filter(|&i| shared[i]);
-            for (i, output) in chosen.zip(outputs) {
-                let g = &mut *generations[i];
-                let logits = output.and_then(|out| match out {
-                    StageOutput::Logits(l) => logits_row(&l, 0),
-                    StageOutput::Hidden(_) => {
-                        Err(EngineError::InvalidInput("no logits produced".into()))
-                    }
-                });
-                match logits {
-                    Ok(logits) => {
-                        g.cache_whole = true;
-                        g.computed = Some(logits);
-                        g.computed_time = spent;
-                    }
-                    Err(e) => results[i] = Some(Err(e)),
+    } else if let Some(model) = model {
+        let stage = &model.stage;
+        let positions: Vec<[usize; 1]> = generations
+            .iter()
+            .zip(&shared)
+            .filter(|(_, &s)| s)
+            .map(|(g, _)| [g.tokens.len() - 1])
+            .collect();
+        let started = Instant::now();
+        let items: Vec<BatchItem<'_>> = generations
+            .iter_mut()
+            .zip(&shared)
+            .filter(|(_, &s)| s)
+            .zip(&positions)
+            .map(|((g, _), at)| {
+                let Generation {
+                    tokens,
+                    cache,
+                    cache_whole,
+                    ..
+                } = &mut **g;
+                *cache_whole = false;
+                BatchItem {
+                    input: StageInput::Tokens(&tokens[at[0]..]),
+                    positions: at,
+                    cache,
+                    logits: Logits::Last,
                 }
+            })
+            .collect();
+        let outputs = stage.forward_batch(items);
+        let spent = started.elapsed();
+        let chosen = (0..generations.len()).filter(|&i| shared[i]);
+        for (i, output) in chosen.zip(outputs) {
+            let g = &mut *generations[i];
+            match output.and_then(|out| last_logits(Some(out))) {
+                Ok(logits) => {
+                    g.cache_whole = true;
+                    g.computed = Some(logits);
+                    g.computed_time = spent;
+                }
+                Err(e) => results[i] = Some(Err(e)),
             }
         }
     }
@@ -913,9 +906,14 @@ impl<'m> Generation<'m> {
             last = Some(out);
             start = stop;
         }
-        match last {
-            Some(StageOutput::Logits(l)) => logits_row(&l, 0),
-            _ => Err(EngineError::InvalidInput("no logits produced".into())),
-        }
+        last_logits(last)
+    }
+}
+
+/// The logits of the first (for a one-row step: the only) row of a whole model's output.
+fn last_logits(out: Option<StageOutput>) -> Result<Vec<f32>> {
+    match out {
+        Some(StageOutput::Logits(l)) => logits_row(&l, 0),
+        _ => Err(EngineError::InvalidInput("no logits produced".into())),
     }
 }
