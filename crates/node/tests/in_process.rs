@@ -77,20 +77,25 @@ async fn a_two_node_pipeline_in_one_process_answers_as_one_node() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_swarm_head_in_one_process_asks_its_peer() {
+/// An agent node `node_id` with `roles` and a swarm head with it as its peer, both ready.
+async fn agent_and_head(node_id: &str, roles: Vec<shoal_swarm::roles::Role>) -> (Node, Node) {
     let model = model_path();
     let mut agent = NodeConfig::new(&model, loopback());
     agent.peer_addr = Some(loopback());
-    agent.roles = vec!["concise".parse().unwrap()];
-    agent.node_id = Some("agent-one".into());
+    agent.roles = roles;
+    agent.node_id = Some(node_id.into());
     let agent = Node::start(agent).await.unwrap();
     wait_ready(&agent).await;
-
     let mut head = NodeConfig::new(&model, loopback());
     head.peers = vec![agent.peer_addr().unwrap().to_string()];
     let head = Node::start(head).await.unwrap();
     wait_ready(&head).await;
+    (agent, head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swarm_head_in_one_process_asks_its_peer() {
+    let (agent, head) = agent_and_head("agent-one", vec!["concise".parse().unwrap()]).await;
 
     // Ready means the model is loaded; the head's first look at its peers runs beside it.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -131,17 +136,9 @@ async fn a_swarm_head_in_one_process_asks_its_peer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_answers_as_each_of_its_roles() {
     use shoal_swarm::roles::{Role, RolePrompts};
+    let roles = vec![Role::Reasoner, Role::Factchecker, Role::Aggregator];
+    let (agent, head) = agent_and_head("agent-many", roles).await;
     let model = model_path();
-    let mut agent = NodeConfig::new(&model, loopback());
-    agent.peer_addr = Some(loopback());
-    agent.roles = vec![Role::Reasoner, Role::Factchecker, Role::Aggregator];
-    agent.node_id = Some("agent-many".into());
-    let agent = Node::start(agent).await.unwrap();
-    wait_ready(&agent).await;
-    let mut head = NodeConfig::new(&model, loopback());
-    head.peers = vec![agent.peer_addr().unwrap().to_string()];
-    let head = Node::start(head).await.unwrap();
-    wait_ready(&head).await;
 
     let question = "Write a Python function add(a, b) that returns the sum of a and b.";
     let request = json!({"query": question, "strategy": "moa", "max_tokens": 24,
