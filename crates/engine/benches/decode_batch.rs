@@ -2,7 +2,9 @@
 //! Qwen2.5-Coder-0.5B (fastest of a few runs). Not a test: a measurement.
 //!
 //! `cargo bench -p shoal-engine --bench decode_batch` (the model from
-//! `scripts/fetch-models.sh qwen05`; `RAYON_NUM_THREADS=1` or `2` for the thread count).
+//! `scripts/fetch-models.sh qwen05`; `RAYON_NUM_THREADS=1` or `2` for the thread count;
+//! `BENCH_SESSIONS="2 8"` for some of the cases and `BENCH_STEPS=60` for more steps, as a
+//! profile under `perf record` wants).
 
 use std::path::PathBuf;
 
@@ -21,7 +23,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let gguf = GgufFile::open(model_path())?;
     let n_layers = gguf.config().n_layers;
     let stage = Stage::load(&gguf, StageSpec::whole(n_layers), &Device::Cpu, |_, _| {})?;
-    for sessions in [1usize, 2, 4, 8] {
+    // `BENCH_SESSIONS="2 8"` measures only those (to profile one case).
+    let counts: Vec<usize> = std::env::var("BENCH_SESSIONS")
+        .ok()
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_else(|| vec![1, 2, 4, 8]);
+    for sessions in counts {
         let mut caches: Vec<KvCache> = (0..sessions).map(|_| stage.new_cache()).collect();
         let prompt: Vec<u32> = (0..64u32).map(|i| 100 + i * 37).collect();
         let positions: Vec<usize> = (0..64).collect();
@@ -29,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             stage.forward(StageInput::Tokens(&prompt), &positions, c, Logits::Last)?;
         }
         let (mut alone, mut together) = (f64::MAX, f64::MAX);
-        for step in 0..6 {
+        for step in 0..steps() {
             let pos = [64 + 2 * step];
             let t = std::time::Instant::now();
             for c in caches.iter_mut() {
@@ -61,4 +72,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// Steps measured per case (`BENCH_STEPS`, default 6; more for a profile).
+fn steps() -> usize {
+    std::env::var("BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6)
 }

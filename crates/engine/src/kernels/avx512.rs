@@ -17,7 +17,7 @@ use super::{
 };
 
 /// Activation rows per tile (two per register): at most 16, and a short last tile is
-/// padded to a multiple of 4 (`Q8Tile::rows_for`).
+/// padded to a whole register, an even count (`Q8Tile::rows_for`).
 pub(super) const TILE: usize = 16;
 /// Activation rows per tile of the k-quants.
 pub(super) const K_TILE: usize = 8;
@@ -268,9 +268,13 @@ macro_rules! tile_fn {
                 unsafe {
                     match t.rows {
                         16 => $tile::<8>(row, t, out),
+                        14 => $tile::<7>(row, t, out),
                         12 => $tile::<6>(row, t, out),
+                        10 => $tile::<5>(row, t, out),
                         8 => $tile::<4>(row, t, out),
+                        6 => $tile::<3>(row, t, out),
                         4 => $tile::<2>(row, t, out),
+                        2 => $tile::<1>(row, t, out),
                         r => panic!("a tile of {r} rows"),
                     }
                 }
@@ -345,6 +349,7 @@ unsafe fn tile_q4_1_q8_1_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
     let rows_mask = ((1u32 << (2 * P)) - 1) as u16;
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q4_1_BLOCK_BYTES);
+        prefetch_ahead(block, 1);
         let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
         let d = _mm_cvtss_f32(dm);
         let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
@@ -378,6 +383,7 @@ unsafe fn tile_q5_1_q8_1_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
     let rows_mask = ((1u32 << (2 * P)) - 1) as u16;
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q5_1_BLOCK_BYTES);
+        prefetch_ahead(block, 1);
         let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
         let d = _mm_cvtss_f32(dm);
         let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
@@ -424,35 +430,22 @@ unsafe fn signed_block<const P: usize>(
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
 unsafe fn tile_q5_0_q8_0_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut [f32]) {
     let nb = w.len() / Q5_0_BLOCK_BYTES;
     check::<P>(t, nb, out, false);
     let spread = pair_spread::<P>();
     let mut acc = [_mm512_setzero_ps(); P];
-    let low_mask = _mm_set1_epi8(0x0f);
-    let shuf = _mm256_set_epi64x(
-        0x0303030303030303,
-        0x0202020202020202,
-        0x0101010101010101,
-        0x0000000000000000,
-    );
-    let bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
-    let all_ones = _mm256_set1_epi64x(-1);
-    let high_nibble = _mm256_set1_epi8(0xf0u8 as i8);
+    let minus_16 = _mm256_set1_epi8(0xf0u8 as i8);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q5_0_BLOCK_BYTES);
+        prefetch_ahead(block, 1);
         let d = super::x86::block_scale(block);
-        let qh = (block.add(2) as *const i32).read_unaligned();
-        let packed = _mm_loadu_si128(block.add(6) as *const __m128i);
-        let lo = _mm_and_si128(packed, low_mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_mask);
-        let nibbles = _mm256_set_m128i(hi, lo);
-        let bits = _mm256_cmpeq_epi8(
-            _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit_mask),
-            all_ones,
-        );
-        let qx = _mm256_or_si256(nibbles, _mm256_andnot_si256(bits, high_nibble));
+        // The single-row kernel's unpacking: the 32 high bits as a mask register, the
+        // nibble - 16 where a bit is clear.
+        let high_bits: __mmask32 = (block.add(2) as *const u32).read_unaligned();
+        let low = nibbles(block.add(6));
+        let qx = _mm256_mask_blend_epi8(high_bits, _mm256_or_si256(low, minus_16), low);
         signed_block::<P>(qx, d, t, b, &spread, &mut acc);
     }
     store::<P>(&acc, out, None);
@@ -466,6 +459,7 @@ unsafe fn tile_q4_0_q8_0_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
     let mut acc = [_mm512_setzero_ps(); P];
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q4_0_BLOCK_BYTES);
+        prefetch_ahead(block, 1);
         let d = super::x86::block_scale(block);
         signed_block::<P>(super::x86::q4_0_block(block), d, t, b, &spread, &mut acc);
     }
@@ -480,6 +474,7 @@ unsafe fn tile_q8_0_q8_0_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
     let mut acc = [_mm512_setzero_ps(); P];
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q8_0_BLOCK_BYTES);
+        prefetch_ahead(block, 1);
         let d = super::x86::block_scale(block);
         let qx = _mm256_loadu_si256(block.add(2) as *const __m256i);
         signed_block::<P>(qx, d, t, b, &spread, &mut acc);
@@ -728,6 +723,7 @@ unsafe fn tile_q4_k_avx512<const PAIRS: bool>(w: &[u8], t: &KTile, out: &mut [f3
     let low = _mm256_set1_epi8(0x0f);
     for b in 0..nb {
         let block = &w[b * Q4_K_BLOCK_BYTES..][..Q4_K_BLOCK_BYTES];
+        prefetch_ahead(block.as_ptr(), 3);
         let da = _mm512_loadu_ps(t.d.as_ptr().add(b * KQ_TILE));
         let d = _mm512_mul_ps(
             _mm512_set1_ps(kquant::f16_bits_to_f32(u16::from_le_bytes([
@@ -1115,6 +1111,7 @@ unsafe fn tile_q6_k_tiled_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
     let mut acc = _mm512_setzero_ps();
     for b in 0..nb {
         let block = &w[b * Q6_K_BLOCK_BYTES..][..Q6_K_BLOCK_BYTES];
+        prefetch_ahead(block.as_ptr(), 4);
         let scale = |j: usize| block[192 + j] as i8 as i32;
         let (values, sc) = q6_k_unpack(block);
         let zero = _mm512_setzero_si512();
@@ -1152,6 +1149,7 @@ unsafe fn tile_q6_k_lanes_avx512(w: &[u8], t: &KTile, out: &mut [f32]) {
     let mut acc = [_mm256_setzero_ps(); KQ_TILE];
     for b in 0..nb {
         let block = &w[b * Q6_K_BLOCK_BYTES..][..Q6_K_BLOCK_BYTES];
+        prefetch_ahead(block.as_ptr(), 4);
         let (values, sc) = q6_k_unpack(block);
         let scales32 = q6_k_scales32(block);
         let d_w = kquant::f16_bits_to_f32(u16::from_le_bytes([block[208], block[209]]));

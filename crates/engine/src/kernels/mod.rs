@@ -336,9 +336,11 @@ pub(crate) struct Q8Tile {
 
 impl Q8Tile {
     /// The rows of a tile (at most `tile`) holding `n` activation rows: `n` rounded up to
-    /// a multiple of 4, so a short last tile runs a narrower kernel.
+    /// an even count (the AVX-512 kernels hold two rows per register), so a short tile —
+    /// the few answers of a batched decode step, a prompt's last rows — runs a narrower
+    /// kernel instead of multiplying rows of zeros.
     fn rows_for(n: usize, tile: usize) -> usize {
-        n.div_ceil(4).clamp(1, tile / 4) * 4
+        n.div_ceil(2).clamp(1, tile / 2) * 2
     }
 
     fn new(group: &[Q8Row], rows: usize) -> Self {
