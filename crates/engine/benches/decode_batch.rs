@@ -29,8 +29,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|s| {
             s.split_whitespace()
                 .filter_map(|n| n.parse().ok())
-                .collect()
+                .collect::<Vec<usize>>()
         })
+        .filter(|counts| !counts.is_empty())
         .unwrap_or_else(|| vec![1, 2, 4, 8]);
     for sessions in counts {
         let mut caches: Vec<KvCache> = (0..sessions).map(|_| stage.new_cache()).collect();

@@ -263,7 +263,7 @@ macro_rules! tile_fn {
             for (j, row) in w.chunks_exact(row_bytes).enumerate() {
                 let out = &mut out[j * stride..][..n];
                 // Safety: only selected by `multi_dot_fn` after `available()` confirmed
-                // AVX-512 F/BW/DQ/VNNI (and AVX2, FMA, F16C); the kernel checks the
+                // AVX-512 F/BW/DQ/VL/VNNI (and AVX2, FMA, F16C); the kernel checks the
                 // tile's sizes.
                 unsafe {
                     match t.rows {
@@ -525,6 +525,7 @@ unsafe fn tile_q5_k_q8_k_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
     let mut summs = [0f32; 16];
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q5_K_BLOCK_BYTES);
+        prefetch_ahead(block, 3);
         let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
         let dx = _mm_cvtss_f32(dm);
         let dminx = _mm_cvtss_f32(_mm_movehdup_ps(dm));
