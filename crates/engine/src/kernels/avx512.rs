@@ -177,6 +177,19 @@ unsafe fn nibbles(packed: *const u8) -> __m256i {
     )
 }
 
+/// A Q5_0 block's 32 signed values (-16..=15): the 32 high bits as a mask register, the
+/// nibble - 16 (the nibble with 0xF0 set) where a bit is clear, else the nibble.
+#[inline(always)]
+unsafe fn q5_0_values(block: *const u8) -> __m256i {
+    let high_bits: __mmask32 = (block.add(2) as *const u32).read_unaligned();
+    let low = nibbles(block.add(6));
+    _mm256_mask_blend_epi8(
+        high_bits,
+        _mm256_or_si256(low, _mm256_set1_epi8(0xf0u8 as i8)),
+        low,
+    )
+}
+
 /// `|x| * sign(x) y` summed 4 bytes to an i32 lane in one instruction: the exact sums that
 /// `x86::mul_sum_i8_pairs` forms in two (its 16-bit pair sums cannot saturate: |x| <= 128
 /// and |y| <= 127).
@@ -192,15 +205,11 @@ unsafe fn vec_dot_q5_0_q8_0_avx512(w: &[u8], act: &Q8Row) -> f32 {
     let nb = w.len() / Q5_0_BLOCK_BYTES;
     assert!(act.d.len() >= nb && act.qs.len() >= nb * QK);
     let mut acc = _mm256_setzero_ps();
-    let minus_16 = _mm256_set1_epi8(0xf0u8 as i8);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q5_0_BLOCK_BYTES);
         prefetch_ahead(block, 1);
         let d = super::x86::block_scale(block);
-        let high_bits: __mmask32 = (block.add(2) as *const u32).read_unaligned();
-        let low = nibbles(block.add(6));
-        // nibble - 16 where the high bit is clear (the nibble with 0xF0 set), else nibble.
-        let qx = _mm256_mask_blend_epi8(high_bits, _mm256_or_si256(low, minus_16), low);
+        let qx = q5_0_values(block);
         let qy = _mm256_loadu_si256(act.qs.as_ptr().add(b * QK) as *const __m256i);
         let dd = _mm256_set1_ps(d * *act.d.get_unchecked(b));
         acc = _mm256_fmadd_ps(dd, dot_i8_lanes(qx, qy), acc);
@@ -436,17 +445,12 @@ unsafe fn tile_q5_0_q8_0_avx512<const P: usize>(w: &[u8], t: &Q8Tile, out: &mut 
     check::<P>(t, nb, out, false);
     let spread = pair_spread::<P>();
     let mut acc = [_mm512_setzero_ps(); P];
-    let minus_16 = _mm256_set1_epi8(0xf0u8 as i8);
     for b in 0..nb {
         let block = w.as_ptr().add(b * Q5_0_BLOCK_BYTES);
         prefetch_ahead(block, 1);
         let d = super::x86::block_scale(block);
-        // The single-row kernel's unpacking: the 32 high bits as a mask register, the
-        // nibble - 16 where a bit is clear.
-        let high_bits: __mmask32 = (block.add(2) as *const u32).read_unaligned();
-        let low = nibbles(block.add(6));
-        let qx = _mm256_mask_blend_epi8(high_bits, _mm256_or_si256(low, minus_16), low);
-        signed_block::<P>(qx, d, t, b, &spread, &mut acc);
+        // The single-row kernel's unpacking.
+        signed_block::<P>(q5_0_values(block), d, t, b, &spread, &mut acc);
     }
     store::<P>(&acc, out, None);
 }
