@@ -613,18 +613,20 @@ fn verify_runs_candidates_against_examples_and_written_tests_and_repairs() {
         ["critic", "factchecker"].contains(&writers[0].as_str()),
         "{out}"
     );
-    // No more samples after those: failing agents get a repair and a fresh sample.
+    // No more samples after those: each failing agent gets a fresh sample and one told what
+    // failed (hinted with the check, or a repair of code that did not run).
     assert_eq!(sampled, ["critic", "factchecker", "reasoner"], "{out}");
     let settled = decided_by.contains("the first 3 candidates settled it, nothing more asked");
     if settled {
         assert!(tasks_of("repair").is_empty(), "{out}");
+        assert!(tasks_of("hinted").is_empty(), "{out}");
     } else {
         assert!(
             decided_by.contains("; repair round: ") || decided_by.contains("nothing to repair"),
             "{out}"
         );
         assert_eq!(
-            tasks_of("repair").len(),
+            tasks_of("repair").len() + tasks_of("hinted").len(),
             tasks_of("resample").len(),
             "{out}"
         );
@@ -655,10 +657,16 @@ fn verify_runs_candidates_against_examples_and_written_tests_and_repairs() {
         assert_eq!(passes, Some(false), "{out}");
         // The best failed an example: the agents were told, and answered again.
         assert!(!settled, "{out}");
-        assert!(!tasks_of("repair").is_empty(), "{out}");
+        assert!(
+            !tasks_of("repair").is_empty() || !tasks_of("hinted").is_empty(),
+            "{out}"
+        );
     }
     if chosen["task"] == "repair" {
         assert!(decided_by.contains("(repaired)"), "{out}");
+    }
+    if chosen["task"] == "hinted" {
+        assert!(decided_by.contains("told the check to pass"), "{out}");
     }
 
     // A time budget: the answer (the best verified so far) or a clear failure when it ends,

@@ -660,7 +660,7 @@ impl Run<'_> {
 /// The tasks of jobs that put the client's own conversation to an agent
 /// ([`Run::answer_job`]); the others (a spotter's label, written tests, an aggregation)
 /// carry a prompt of the head's making, which may fit where the request does not.
-const REQUEST_TASKS: [&str; 5] = ["answer", "draft", "sample", "resample", "repair"];
+const REQUEST_TASKS: [&str; 6] = ["answer", "draft", "sample", "resample", "repair", "hinted"];
 
 /// The refusal to report, when the client's request was put to some agent and every one of
 /// them refused it as invalid ([`AgentFailure::refused_request`]): the first for being
