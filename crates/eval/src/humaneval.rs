@@ -164,7 +164,7 @@ struct BenchmarkArgs {
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
     /// The seed every request carries. A swarm samples beyond greedy answers even at
-    /// `--temperature 0` (`vote`'s extra samples, `verify`'s fresh samples and repairs, at
+    /// `--temperature 0` (`vote`'s extra samples, `verify`'s hinted and fresh samples, at
     /// 0.7) from the request's seed; without one the server draws a new seed per request,
     /// and two runs of one swarm differ by a few problems.
     #[arg(long)]

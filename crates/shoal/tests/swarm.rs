@@ -661,6 +661,12 @@ fn verify_runs_candidates_against_examples_and_written_tests_and_repairs() {
             !tasks_of("repair").is_empty() || !tasks_of("hinted").is_empty(),
             "{out}"
         );
+        // A first candidate whose code ran and failed an example: its agent was told the
+        // check (a hinted sample), not shown its code to repair.
+        if chosen["task"] == "sample" {
+            let role = chosen["role"].as_str().unwrap().to_owned();
+            assert!(tasks_of("hinted").contains(&role), "{out}");
+        }
     }
     if chosen["task"] == "repair" {
         assert!(decided_by.contains("(repaired)"), "{out}");

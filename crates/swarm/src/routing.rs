@@ -79,8 +79,9 @@ pub enum Strategy {
     Cluster,
     /// Code chosen by running it (issue #18): the agents write candidates, the critic and
     /// fact-checker write tests, candidates are grouped by behaviour and scored by the
-    /// prompt's examples and dual agreement with the tests; failing candidates are repaired
-    /// from their tracebacks (`crate::verify`). Not code, or no sandbox: `vote`.
+    /// prompt's examples and dual agreement with the tests; the agents of failing candidates
+    /// answer again, told the check to pass (`crate::verify`). Not code, or no sandbox:
+    /// `vote`.
     Verify,
     /// The default: `strongest` when one agent's model is far larger than every other's,
     /// else `vote` — what measured best for each kind of swarm (docs/EVAL.md); see

@@ -6,7 +6,7 @@
 //! bound by reading the weights, so a few answers at once cost little more than one
 //! (`cargo bench -p shoal-engine --bench decode_batch`), where answers one after another
 //! cost one each — and a swarm asks its agents for several answers at once (a candidate and
-//! tests, a repair and a fresh sample, several roles on one device). Each answer is exactly
+//! tests, a hinted and a fresh sample, several roles on one device). Each answer is exactly
 //! what it would be alone (the engine's batched pass gives each row its own numbers).
 //!
 //! A new `Ask` joins at the next step (its prompt is read in that step, while the others

@@ -129,7 +129,8 @@ pub struct AgentAnswer {
     pub addr: String,
     pub role: String,
     pub model: String,
-    /// What it was asked to do: `answer`, `sample`, `aggregate`, `correct`, `draft`, `classify`.
+    /// What it was asked to do: `answer`, `sample`, `aggregate`, `correct`, `draft`, `classify`;
+    /// for `verify`, `tests`, `hinted`, `repair`, `resample`.
     pub task: &'static str,
     pub text: String,
     pub elapsed_ms: u64,

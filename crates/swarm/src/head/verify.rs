@@ -1,7 +1,8 @@
 //! The `verify` strategy (issue #18): candidates from the answering agents, tests from the
 //! critic and fact-checker, every candidate run against every check, the best group of
-//! behaviour chosen (`crate::verify`), and failing candidates repaired from their
-//! tracebacks while the request's time lasts.
+//! behaviour chosen (`crate::verify`), and the agents of failing candidates asked again,
+//! told the check they fail (their code repaired only where it does not run), while the
+//! request's time lasts.
 
 use std::time::Duration;
 
@@ -152,13 +153,14 @@ impl Run<'_> {
                 let trusted = trusted_checks(&pool, choice.as_ref(), &task, tests.len());
                 let (jobs, what) = if self.request.api_request.is_none() {
                     let jobs = self.repair_jobs(&pool, &task, &checks, &trusted);
-                    (
-                        jobs,
-                        "hinted and fresh samples (repairs where code did not run)",
-                    )
+                    let what = round_jobs_named(&jobs);
+                    (jobs, what)
                 } else {
                     let jobs = self.sample_jobs(answerers, first_samples..samples);
-                    (jobs, "more samples (whole API answers are not repaired)")
+                    (
+                        jobs,
+                        "more samples (whole API answers are not repaired)".to_owned(),
+                    )
                 };
                 let every_test = every_test_held(choice.as_ref(), &task, tests.len());
                 let held_to = held_to(&task, &trusted, every_test);
@@ -317,31 +319,9 @@ impl Run<'_> {
             );
             fresh.system = Some(String::new());
             fresh.api_request = None;
-            let job = match failure {
-                Failure::Check { check, got } => {
-                    let mut job =
-                        self.answer_job(candidate.target.clone(), "hinted", temperature, seed);
-                    job.api_request = None;
-                    add_hint(&mut job.messages, task.language, &check, &got);
-                    job
-                }
-                Failure::Code(told) => {
-                    let mut job =
-                        self.answer_job(candidate.target.clone(), "repair", temperature, seed);
-                    job.api_request = None;
-                    job.messages.push(ChatTurn {
-                        role: "assistant".to_owned(),
-                        content: candidate.answer.text.clone(),
-                    });
-                    job.messages.push(user(format!(
-                        "{told}\nFix the function `{}`. Reply with the complete corrected \
-                         code in one ```{} block.",
-                        task.entry_point,
-                        task.language.fence()
-                    )));
-                    job
-                }
-            };
+            let mut job = self.answer_job(candidate.target.clone(), "hinted", temperature, seed);
+            job.api_request = None;
+            job.task = tell_failure(&mut job.messages, failure, &candidate.answer.text, task);
             jobs.push(job);
             jobs.push(fresh);
         }
@@ -524,6 +504,60 @@ fn passes_trusted(behaviour: Option<&Behaviour>, trusted: &[usize]) -> bool {
     })
 }
 
+/// `messages` (the request's conversation) told what failed, for the agent whose candidate
+/// it is ([`Run::repair_jobs`]); returns the job's task. A failed check makes a hinted
+/// sample ([`add_hint`]: the check and what was got, not the code); code that is missing or
+/// does not run makes a repair: the candidate's `answer` as the assistant's turn, then the
+/// error and the request to fix it.
+fn tell_failure(
+    messages: &mut Vec<ChatTurn>,
+    failure: Failure,
+    answer: &str,
+    task: &Task,
+) -> &'static str {
+    match failure {
+        Failure::Check { check, got } => {
+            add_hint(messages, task.language, &check, &got);
+            "hinted"
+        }
+        Failure::Code(told) => {
+            messages.push(ChatTurn {
+                role: "assistant".to_owned(),
+                content: answer.to_owned(),
+            });
+            messages.push(user(format!(
+                "{told}\nFix the function `{}`. Reply with the complete corrected code in one \
+                 ```{} block.",
+                task.entry_point,
+                task.language.fence()
+            )));
+            "repair"
+        }
+    }
+}
+
+/// The repair round's jobs in words for `decided_by`: `2 hinted samples, 1 repair and 3
+/// fresh samples`.
+fn round_jobs_named(jobs: &[Job]) -> String {
+    let count = |task: &str| jobs.iter().filter(|j| j.task == task).count();
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let parts: Vec<String> = [
+        (count("hinted"), "hinted sample", "hinted samples"),
+        (count("repair"), "repair", "repairs"),
+        (count("resample"), "fresh sample", "fresh samples"),
+    ]
+    .into_iter()
+    .filter(|(n, ..)| *n > 0)
+    .map(|(n, one, many)| plural(n, one, many))
+    .collect();
+    match parts.as_slice() {
+        [] => "nothing".to_owned(),
+        [only] => only.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
 /// The request told the check its code must pass, after its last user message: a hinted
 /// sample ([`Run::repair_jobs`]). The earlier attempt's code is not shown; what it got is.
 fn add_hint(messages: &mut Vec<ChatTurn>, language: Language, check: &str, got: &str) {
@@ -579,9 +613,15 @@ fn failure(
         .copied()
         .find(|&i| behaviour.checks.get(i).is_some_and(|c| !c.ok))?;
     let result = behaviour.checks.get(failed)?;
-    // A traceback's last line names the exception; its frames are of code the hinted
-    // agent does not see.
-    let got = result.err.trim().lines().last().unwrap_or("").trim();
+    // The line that names the exception: a Python traceback's last, a JavaScript stack's
+    // first; the frames are of code the hinted agent does not see.
+    let mut lines = result.err.trim().lines();
+    let got = match task.language {
+        Language::Python => lines.next_back(),
+        Language::JavaScript => lines.next(),
+    }
+    .unwrap_or("")
+    .trim();
     Some(Failure::Check {
         check: checks.get(failed)?.clone(),
         got: if got.is_empty() {
@@ -789,6 +829,24 @@ mod tests {
                 "ZeroDivisionError: division by zero"
             ))
         );
+        // A JavaScript stack names the error on its first line; the rest are frames.
+        let mut thrown = ran(&[false]);
+        thrown.checks[0].err =
+            "TypeError: s.split is not a function\n    at f (check.js:3:9)\n    \
+                                at Script.runInThisContext (node:vm:129:12)"
+                .into();
+        let c = candidate(Some("p"), Some(thrown), 1);
+        let js = Task {
+            language: Language::JavaScript,
+            ..task(1)
+        };
+        assert_eq!(
+            failure(&c, &js, &checks, &[0]),
+            Some(fails(
+                "assert f(0) == 0",
+                "TypeError: s.split is not a function"
+            ))
+        );
         // Code that does not run; a reply without the function: told with the code.
         let broken = Behaviour {
             defined: false,
@@ -810,31 +868,89 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_hint_follows_the_last_user_message_without_the_earlier_code() {
-        let turn = |role: &str, content: &str| ChatTurn {
+    fn turn(role: &str, content: &str) -> ChatTurn {
+        ChatTurn {
             role: role.into(),
             content: content.into(),
-        };
-        let mut messages = vec![
+        }
+    }
+
+    #[test]
+    fn a_failed_check_is_hinted_without_the_code_and_code_that_does_not_run_repaired() {
+        let conversation = vec![
             turn("system", "Be brief."),
+            turn("user", "Write f."),
+            turn("assistant", "What should f do?"),
             turn("user", "Complete this Python function: def f(x): ..."),
         ];
-        add_hint(
-            &mut messages,
-            Language::Python,
-            "assert f(3) == 4",
-            "got 2, expected 4",
-        );
-        assert_eq!(messages.len(), 2);
-        assert_eq!(messages[0].content, "Be brief.");
+        let answer = "```python\ndef f(x):\n    return x - 1\n```";
+        let t = task(1);
+        // A failed check: the last user turn gets the hint; nothing else changes, and the
+        // earlier answer's code is nowhere in the conversation.
+        let mut messages = conversation.clone();
+        let check = Failure::Check {
+            check: "assert f(3) == 4".into(),
+            got: "got 2, expected 4".into(),
+        };
+        assert_eq!(tell_failure(&mut messages, check, answer, &t), "hinted");
+        assert_eq!(messages.len(), 4);
+        assert_eq!(messages[..3], conversation[..3]);
         assert_eq!(
-            messages[1].content,
+            messages[3].content,
             "Complete this Python function: def f(x): ...\n\nYour code must pass this \
              check:\n```python\nassert f(3) == 4\n```\n(An earlier attempt failed it: got 2, \
              expected 4.)"
         );
-        // A conversation without a user message gets the hint as one.
+        assert!(messages.iter().all(|m| !m.content.contains("x - 1")));
+        // Code that does not run: a repair, the answer then the error after the conversation.
+        let mut messages = conversation.clone();
+        let broken = Failure::Code("Your code does not run:\nSyntaxError".into());
+        assert_eq!(tell_failure(&mut messages, broken, answer, &t), "repair");
+        assert_eq!(messages[..4], conversation[..]);
+        assert_eq!(messages[4], turn("assistant", answer));
+        assert_eq!(messages[5].role, "user");
+        assert!(
+            messages[5].content.starts_with(
+                "Your code does not run:\nSyntaxError\nFix the \
+                                              function `f`."
+            ),
+            "{}",
+            messages[5].content
+        );
+    }
+
+    #[test]
+    fn the_round_says_what_it_asked() {
+        let job = |task: &'static str| Job {
+            target: target("a", None),
+            task,
+            system: None,
+            messages: Vec::new(),
+            max_tokens: 1,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+            choices: Vec::new(),
+            api_request: None,
+        };
+        let named = |tasks: &[&'static str]| {
+            round_jobs_named(&tasks.iter().map(|&t| job(t)).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            named(&["hinted", "resample", "repair", "resample", "hinted", "resample"]),
+            "2 hinted samples, 1 repair and 3 fresh samples"
+        );
+        assert_eq!(
+            named(&["hinted", "resample"]),
+            "1 hinted sample and 1 fresh sample"
+        );
+        assert_eq!(named(&["repair"]), "1 repair");
+        assert_eq!(named(&[]), "nothing");
+    }
+
+    #[test]
+    fn a_conversation_without_a_user_message_gets_the_hint_as_one() {
         let mut alone = vec![turn("system", "s")];
         add_hint(
             &mut alone,
