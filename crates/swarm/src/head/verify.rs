@@ -282,8 +282,8 @@ impl Run<'_> {
     /// code. Small models shown their code and asked to repair it mostly give it back
     /// unchanged (Olausson et al., "Is self-repair a silver bullet for code generation?":
     /// resampling matches self-repair for small models at equal cost; on all 164 HumanEval
-    /// problems a repair gave the chosen answer once in 36 won rounds, a fresh sample 8
-    /// times). Where the code does not run or is missing, the error is about that code, so
+    /// problems, before hinted samples, a repair gave the chosen answer once in 36 won
+    /// rounds, a fresh sample 8 times). Where the code does not run or is missing, the error is about that code, so
     /// the agent gets the conversation, its answer and the error: a repair. The pool gets
     /// both answers, and the checks judge.
     fn repair_jobs(
@@ -580,8 +580,8 @@ fn add_hint(messages: &mut Vec<ChatTurn>, language: Language, check: &str, got: 
 enum Failure {
     /// Its code is missing or does not run: told to its agent in these words, with its code.
     Code(String),
-    /// It fails this trusted check; `got` is the last line of what failed (`got 3, expected
-    /// 4`, or the exception).
+    /// It fails this trusted check; `got` is the line that says how (`got 3, expected 4`,
+    /// or the exception's name and message).
     Check { check: String, got: String },
 }
 
