@@ -622,7 +622,8 @@ fn verify_runs_candidates_against_examples_and_written_tests_and_repairs() {
         assert!(tasks_of("hinted").is_empty(), "{out}");
     } else {
         assert!(
-            decided_by.contains("; repair round: ") || decided_by.contains("nothing to repair"),
+            decided_by.contains("; repair round asked ")
+                || decided_by.contains("nothing to repair"),
             "{out}"
         );
         assert_eq!(

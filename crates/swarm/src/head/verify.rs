@@ -193,7 +193,8 @@ impl Run<'_> {
                         _ => String::new(),
                     };
                     format!(
-                        "; repair round: {} of {asked} {what} came back, {} with new code{ended}",
+                        "; repair round asked {what}: {} of {asked} came back, {} with new \
+                         code{ended}",
                         round.came_back, round.new_code,
                     )
                 }
