@@ -540,17 +540,19 @@ fn tell_failure(
 /// The repair round's jobs in words for `decided_by`: `2 hinted samples, 1 repair and 3
 /// fresh samples`.
 fn round_jobs_named(jobs: &[Job]) -> String {
-    let count = |task: &str| jobs.iter().filter(|j| j.task == task).count();
-    let plural =
-        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let parts: Vec<String> = [
-        (count("hinted"), "hinted sample", "hinted samples"),
-        (count("repair"), "repair", "repairs"),
-        (count("resample"), "fresh sample", "fresh samples"),
+        ("hinted", "hinted sample", "hinted samples"),
+        ("repair", "repair", "repairs"),
+        ("resample", "fresh sample", "fresh samples"),
     ]
     .into_iter()
-    .filter(|(n, ..)| *n > 0)
-    .map(|(n, one, many)| plural(n, one, many))
+    .filter_map(
+        |(task, one, many)| match jobs.iter().filter(|j| j.task == task).count() {
+            0 => None,
+            1 => Some(format!("1 {one}")),
+            n => Some(format!("{n} {many}")),
+        },
+    )
     .collect();
     match parts.as_slice() {
         [] => "nothing".to_owned(),
