@@ -13,9 +13,11 @@
 //!    exception it raised). Candidates with the same results on every check form one group,
 //!    however differently they are written.
 //! 3. **Selection** ([`choose`]): the groups passing the most of the prompt's examples (they
-//!    are the task's own words); among those, the largest `candidates × tests passed`
-//!    (CodeT's dual agreement: a wrong test rarely agrees with many candidates, a wrong
-//!    candidate rarely with many tests); ties to the group whose agents weigh most.
+//!    are the task's own words); among those, the largest `candidates × tests passed²`
+//!    (CodeT's dual agreement — a wrong test rarely agrees with many candidates, a wrong
+//!    candidate rarely with many tests — with the candidates counted as their square root:
+//!    candidates of one model share its mistakes); then the group passing more tests, then
+//!    the larger, then the one whose agents weigh most.
 //!
 //! The head (`head/verify.rs`) sends candidates that fail an example, or a test the chosen
 //! group passes, back to their agents with the failing check and its traceback, and runs

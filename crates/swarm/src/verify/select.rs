@@ -24,9 +24,28 @@ impl Scored {
         self.members.len() * self.tests_passed
     }
 
-    /// The order of groups: examples passed, then dual agreement, then size, then weight.
+    /// Dual agreement with the candidates counted as their square root, squared to stay in
+    /// integers: candidates × tests². Candidates of one model share its mistakes, so each
+    /// more that agrees is weaker evidence than a test more passed. Replayed on the recorded
+    /// pools of all 164 HumanEval problems (docs/EVAL.md, "Every candidate recorded"), this
+    /// chose a right answer in 3 more problems than candidates × tests and a wrong one in
+    /// none (HumanEval/68: one fresh sample passing all four written tests, right, against two
+    /// first candidates passing two, wrong: 16 against 8, where plain agreement ties 4 to 4).
+    pub fn score(&self) -> usize {
+        self.members.len() * self.tests_passed * self.tests_passed
+    }
+
+    /// The order of groups: examples passed, then [`Scored::score`], then tests passed,
+    /// then size, then weight.
     fn better_than(&self, other: &Scored) -> bool {
-        let key = |s: &Scored| (s.examples_passed, s.agreement(), s.members.len());
+        let key = |s: &Scored| {
+            (
+                s.examples_passed,
+                s.score(),
+                s.tests_passed,
+                s.members.len(),
+            )
+        };
         match key(self).cmp(&key(other)) {
             std::cmp::Ordering::Equal => self.weight > other.weight,
             order => order.is_gt(),
@@ -163,6 +182,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(choice.group.members, [2]);
+    }
+
+    #[test]
+    fn tests_weigh_more_than_agreeing_candidates() {
+        // A pair passing two of four tests and a lone candidate passing all four: 2 × 2²
+        // against 1 × 4². The lone one wins, though the pair comes first and is larger.
+        let pair = did(&[(true, "1"), (true, "2"), (false, "0"), (false, "0")]);
+        let lone = did(&[(true, "1"), (true, "2"), (true, "3"), (true, "4")]);
+        let choice = choose(
+            &[(Some(&pair), 1.0), (Some(&pair), 1.0), (Some(&lone), 1.0)],
+            0,
+        )
+        .unwrap();
+        assert_eq!(choice.group.members, [2]);
+        assert_eq!((choice.group.agreement(), choice.group.score()), (4, 16));
+        // Agreement still counts: five passing two (5 × 2² = 20) beat one passing four (16).
+        let mut five = vec![(Some(&pair), 1.0); 5];
+        five.push((Some(&lone), 1.0));
+        let choice = choose(&five, 0).unwrap();
+        assert_eq!(choice.group.members, [0, 1, 2, 3, 4]);
+        // Equal scores go to more tests passed: four passing one (4) and one passing two (4).
+        let one = did(&[(true, "1"), (false, "0")]);
+        let two = did(&[(true, "1"), (true, "2")]);
+        let mut four = vec![(Some(&one), 1.0); 4];
+        four.push((Some(&two), 1.0));
+        assert_eq!(choose(&four, 0).unwrap().group.members, [4]);
     }
 
     #[test]
