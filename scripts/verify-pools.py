@@ -204,6 +204,42 @@ def report(pools, replayed):
               f"({100 * right_by_task[task] / count:.0f} %)")
 
 
+# Other ways to order the groups of behaviour, for comparison: each takes a group's
+# (examples passed, candidates, tests passed) and returns its sort key; the first group wins
+# ties, as in `choose` (where the agents' weights, all equal here, come last).
+SCORES = {
+    "candidates x tests (CodeT)": lambda e, m, t: (e, m * t, m),
+    "candidates x tests^2 (this build)": lambda e, m, t: (e, m * t * t, t, m),
+    "tests, then candidates": lambda e, m, t: (e, t, m),
+    "candidates, then tests": lambda e, m, t: (e, m, t),
+}
+
+
+def other_scores(replayed):
+    """How many problems each of SCORES chooses right over the whole recorded pools."""
+    right = Counter()
+    for r in replayed.values():
+        examples = len(r["examples"])
+        groups = {}
+        for c in r["candidates"]:
+            if not c["defined"]:
+                continue
+            g = groups.setdefault(tuple(c["outs"]), {
+                "members": 0, "right": bool(c["passes_judge"]),
+                "examples": sum(c["oks"][:examples]), "tests": sum(c["oks"][examples:])})
+            g["members"] += 1
+        for name, key in SCORES.items():
+            best = None
+            for g in groups.values():
+                k = key(g["examples"], g["members"], g["tests"])
+                if best is None or k > best[0]:
+                    best = (k, g)
+            right[name] += best is not None and best[1]["right"]
+    print("the groups' order replayed (right answers chosen):")
+    for name in SCORES:
+        print(f"  {name:34} {right[name]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,6 +261,7 @@ def main():
         record(args, chosen)
     pools, replayed = replay(args, {p["task_id"]: p for p in every})
     report(pools, replayed)
+    other_scores(replayed)
 
 
 if __name__ == "__main__":
