@@ -87,6 +87,8 @@ def wait_for(url, what):
 
 def start_swarm(model, timeout_s):
     """An agent serving three roles and a head, as `shoal eval --agents` starts them."""
+    if not os.path.exists(SHOAL):
+        sys.exit(f"{SHOAL} is missing: cargo build --release -p shoal")
     agent, agent_url, peer = serve(["--model", model, "--peer-port", "0",
                                     "--role", "reasoner,factchecker,critic"])
     # The head counts only agents that answer its first Describe: wait for the model.
@@ -158,12 +160,17 @@ def replay(args, by_id):
             "answers": pool["answers"], "final_answer": pool.get("final_answer", ""),
             "judge": problem["test"] + f"\ncheck({problem['entry_point']})",
         }))
+    if not lines:
+        sys.exit("no recorded pool has answers")
+    if not os.path.exists(REPLAY):
+        sys.exit(f"{REPLAY} is missing: cargo build --release -p shoal-swarm --example verify_replay")
     run = subprocess.run([REPLAY], input="\n".join(lines) + "\n", capture_output=True,
                          text=True, check=True)
     replayed = {}
     for line in run.stdout.splitlines():
         r = json.loads(line)
-        replayed[r["id"]] = r
+        if "candidates" in r:  # not a problem the head reads as a task: left out
+            replayed[r["id"]] = r
     with open(os.path.join(args.out, "replayed.jsonl"), "w") as f:
         f.write(run.stdout)
     return pools, replayed

@@ -9,7 +9,8 @@
 //! candidate's behaviour on them (its `out` per check, which groups candidates, and whether
 //! each check held), the candidate [`choose`] picks from the whole pool now
 //! (`replayed_choice`), and with `judge`, whether each candidate and the final answer pass it.
-//! Everything runs in the sandbox, as the head runs its checks.
+//! Everything runs in the sandbox, as the head runs its checks; `judge` is Python (a
+//! JavaScript task's candidates are grouped, but not judged right).
 //!
 //! ```sh
 //! cargo run --release -p shoal-swarm --example verify_replay < pools.jsonl > replayed.jsonl
@@ -24,7 +25,7 @@ use serde_json::{json, Value};
 use shoal_sandbox::Sandbox;
 use shoal_swarm::verify::{choose, run_behaviours, Task};
 
-/// The head's default limit for one candidate's run (`--code-check-timeout-ms`).
+/// The head's default limit for one candidate's run (`SwarmConfig::default`'s code checks).
 const RUN_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -41,7 +42,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for line in std::io::stdin().lock().lines() {
-        let record: Value = serde_json::from_str(&line?)?;
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: Value = serde_json::from_str(&line)?;
         let id = record.get("id").cloned().unwrap_or(Value::Null);
         let question = record.get("question").and_then(Value::as_str).unwrap_or("");
         let Some(mut task) = Task::from_question(question) else {

@@ -252,8 +252,9 @@ impl Run<'_> {
         let decided_by = format!(
             "verify on `{entry}`: {size} of {ran} candidates that ran behave alike ({groups} \
              behaviours); they pass {ex} of {n_ex} of the prompt's examples{left_out} and {t} \
-             of {n_t} tests written by {writers}; dual agreement {size} × {t}{round_note}; \
+             of {n_t} tests written by {writers}; score {size} × {t}² = {score}{round_note}; \
              answer of {agent}{repaired}",
+            score = group.score(),
             entry = task.entry_point,
             size = group.members.len(),
             ran = choice.ran,

@@ -28,8 +28,8 @@ impl Scored {
     /// integers: candidates × tests². Candidates of one model share its mistakes, so each
     /// more that agrees is weaker evidence than a test more passed. Replayed on the recorded
     /// pools of all 164 HumanEval problems (docs/EVAL.md, "Every candidate recorded"), this
-    /// chose a right answer in 3 more problems than candidates × tests and a wrong one in
-    /// none (HumanEval/68: one fresh sample passing all four written tests, right, against two
+    /// chose a right answer in 3 more problems than candidates × tests and lost none
+    /// (HumanEval/68: one fresh sample passing all four written tests, right, against two
     /// first candidates passing two, wrong: 16 against 8, where plain agreement ties 4 to 4).
     pub fn score(&self) -> usize {
         self.members.len() * self.tests_passed * self.tests_passed
@@ -170,7 +170,8 @@ mod tests {
         assert_eq!(choice.groups, 3);
         assert_eq!(choice.ran, 4);
         // Counted as a test, the example no longer comes first: the pair passing three
-        // (2 × 3) beats b passing three alone (1 × 3) — agreement among candidates counts.
+        // (2 × 3² = 18) beats b passing three alone (1 × 3² = 9) — agreement among
+        // candidates counts.
         let choice = choose(&candidates, 0).unwrap();
         assert_eq!(choice.group.members, [0, 2]);
         // A lone candidate passing every test beats a pair passing none.
